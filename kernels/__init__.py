@@ -1,0 +1,60 @@
+"""Memory-layer kernels: product-key top-k and the weighted embedding bag.
+
+Knows nothing of training. `backend` picks the implementation: "auto" uses Triton for
+CUDA tensors (when Triton is importable) and the PyTorch reference otherwise;
+"triton" and "torch" force one. All paths are differentiable.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """Map "auto" to a concrete backend for `tensor`'s device; validate the name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is not one of {BACKENDS} (config key memory.kernel)")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
+    return backend
+
+
+def pkm_topk(query, keys1, keys2, k: int, backend: str = "auto"):
+    """Top-k product-key search with softmax weights.
+
+    query (T, H, k_dim), keys1/keys2 (H, n_keys, k_dim // 2) -> weights (T, H, k), indices (T, H, k).
+    """
+    if query.shape[-1] != 2 * keys1.shape[-1] or keys1.shape != keys2.shape:
+        raise ValueError(
+            f"query dim {query.shape[-1]} must equal twice the half-key dim; keys1 {tuple(keys1.shape)}, "
+            f"keys2 {tuple(keys2.shape)}"
+        )
+    if k > keys1.shape[1]:
+        raise ValueError(f"k={k} exceeds n_keys={keys1.shape[1]} (config key memory.k)")
+    if resolve_backend(backend, query) == "triton":
+        from kernels import pkm_triton
+
+        return pkm_triton.pkm_topk(query, keys1, keys2, k)
+    return reference.pkm_topk(query, keys1, keys2, k)
+
+
+def embedding_bag(values, indices, weights, backend: str = "auto"):
+    """Weighted bag over value rows: values (N, d), indices/weights (T, H, k) -> (T, d)."""
+    if indices.shape != weights.shape:
+        raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
+    if resolve_backend(backend, values) == "triton":
+        from kernels import bag_triton
+
+        return bag_triton.embedding_bag(values, indices, weights)
+    return reference.embedding_bag(values, indices, weights)

@@ -1,0 +1,175 @@
+"""Run configuration: typed dataclasses loaded from YAML with OmegaConf, dot-list overrides.
+
+`load_config("configs/tiny.yaml", ["optim.lr=1e-3"])` returns a validated `RunConfig`.
+Unknown keys fail with the nearest valid key; invalid values and combinations fail here,
+before any heavy work. No config string is ever evaluated.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from pretrain.model.config import ConfigError, ModelConfig
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded fact-world corpus (pretrain.data.synthetic)."""
+
+    num_entities: int = 2000
+    docs_per_entity: int = 4
+    new_fact_fraction: float = 0.1  # entities held out as "new facts" for finetuning studies
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # prepared shards (tools/prepare_data); "" = build the embedded corpus under cache_dir
+    cache_dir: str = ".cache/data"
+    seq_len: int = 128
+    num_workers: int = 0
+    shuffle_buffer: int = 0
+    on_corrupt: str = "error"  # error | skip
+    vocab_size: int = 512  # tokenizer trained for the embedded corpus
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    value_lr: float = 1e-3  # the anchor's fixed learning rate for memory values
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    max_steps: int = 300
+    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 16  # sequences per rank per forward
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    probe_limit: int = 200  # fact probes answered per evaluation
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    nan_policy: str = "stop"  # stop (save and exit) | skip (drop the step, count it)
+    max_skipped_steps: int = 20
+
+
+@dataclass
+class SlotsConfig:
+    enabled: bool = True
+    granularity: str = "document"  # document | sequence | chunk:<n_tokens>
+    sample_batches: int = 0  # raw slot indices of this many batches kept (reservoir)
+    log_every: int = 50
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    slots: SlotsConfig = field(default_factory=SlotsConfig)
+
+
+def _nearest_key_message(bad_key: str, schema) -> str:
+    valid = sorted(_all_keys(OmegaConf.to_container(schema)))
+    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{bad_key}'{hint}"
+
+
+def _all_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, dict):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (optional) and `key.sub=value` overrides into a validated RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist (pass --config configs/tiny.yaml)")
+            layers.append(OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key.sub=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        key = getattr(err, "full_key", None) or str(err)
+        raise ConfigError(_nearest_key_message(str(key), schema)) from None
+    except ValidationError as err:
+        raise ConfigError(f"invalid value for config key '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    return validate(cfg)
+
+
+def validate(cfg: RunConfig, world_size: int = 1, device_type: str = "cpu") -> RunConfig:
+    """Check values and combinations; raise ConfigError naming the key and the fix."""
+    cfg.model.validate("model")
+    t, d = cfg.train, cfg.data
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    if t.dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.dtype={t.dtype!r} must be fp32, bf16 or fp16")
+    if t.dtype == "fp16" and device_type == "cpu":
+        raise ConfigError("train.dtype=fp16 is not supported on CPU (DeepSpeed refuses it): use bf16 or fp32")
+    if t.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"train.nan_policy={t.nan_policy!r} must be 'stop' or 'skip'")
+    if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
+        raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
+    if t.global_batch % (t.micro_batch * world_size):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
+            f"world size {world_size}: choose global_batch as a multiple of {t.micro_batch * world_size}"
+        )
+    if world_size % cfg.model.memory.parallel_size:
+        raise ConfigError(
+            f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
+        )
+    if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}")
+    if d.on_corrupt not in ("error", "skip"):
+        raise ConfigError(f"data.on_corrupt={d.on_corrupt!r} must be 'error' or 'skip'")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+    g = cfg.slots.granularity
+    if not (g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and int(g[6:]) > 0)):
+        raise ConfigError(f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64)")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)
+
+
+def config_to_dict(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,74 @@
+"""Parameter counts and FLOPs per token, split into dense and memory parts.
+
+FLOPs count multiply-adds as 2 and backward as twice the forward (so training is 3x
+forward), the convention behind MFU. Per token, forward:
+  dense matmuls: 2 * (attention projections + SwiGLU FFNs + output layer) params
+  attention scores: 2 * 2 * seq_len * dim per layer (QK^T and AV, causal mask not discounted)
+  memory layer: query projection 2*dim*H*k_dim, half-key scoring 2*H*n_keys*k_dim,
+                bag 2*H*k*v_dim, gate 2*dim*v_dim, output 2*v_dim*dim.
+The value table is sparse: a token touches H*k of its N rows, so its parameters do not
+count as active.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from pretrain.model.config import ModelConfig
+
+
+@dataclass
+class ParameterCount:
+    dense: int  # everything but the memory layers' own parameters
+    memory_values: int  # value tables
+    memory_keys: int  # product half-keys
+    memory_other: int  # query projections, query norms, gates, output projections
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.memory_values + self.memory_keys + self.memory_other
+
+    @property
+    def active(self) -> int:
+        """Parameters every token uses (values excluded: each token reads H*k rows)."""
+        return self.dense + self.memory_keys + self.memory_other
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Count a built model's parameters (works on the meta device; tied weights once)."""
+    counts = {"dense": 0, "memory_values": 0, "memory_keys": 0, "memory_other": 0}
+    for name, p in model.named_parameters():  # named_parameters de-duplicates tied weights
+        if name.startswith("values."):
+            counts["memory_values"] += p.numel()
+        elif name.endswith(".keys1") or name.endswith(".keys2"):
+            counts["memory_keys"] += p.numel()
+        elif ".ffn." in name and _is_memory_param(model, name):
+            counts["memory_other"] += p.numel()
+        else:
+            counts["dense"] += p.numel()
+    return ParameterCount(**counts)
+
+
+def _is_memory_param(model: nn.Module, name: str) -> bool:
+    layer_id = int(name.split(".")[1])
+    return layer_id in model.cfg.memory.layers
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward), split into dense and memory parts."""
+    m, d, L = cfg.memory, cfg.dim, cfg.n_layers
+    hd, kv = cfg.head_dim, cfg.kv_heads
+    attn_params = d * cfg.n_heads * hd * 2 + d * kv * hd * 2  # wq, wo, wk, wv
+    ffn_params = 3 * d * cfg.hidden_dim
+    n_mem = len(m.layers)
+    dense_fwd = 2 * (L * attn_params + (L - n_mem) * ffn_params + d * cfg.vocab_size)
+    dense_fwd += L * 2 * 2 * seq_len * d
+    memory_fwd = 0
+    if n_mem:
+        v = cfg.value_dim
+        per_layer = 2 * d * m.heads * m.k_dim + 2 * m.heads * m.n_keys * m.k_dim
+        per_layer += 2 * m.heads * m.k * v + 2 * d * v + 2 * v * d
+        memory_fwd = n_mem * per_layer
+    dense, memory = 3 * dense_fwd, 3 * memory_fwd
+    return {"dense": float(dense), "memory": float(memory), "total": float(dense + memory)}

@@ -1,0 +1,116 @@
+"""Model hyper-parameters: the transformer and its product-key memory layers.
+
+These dataclasses are the only thing the model code reads. They are plain data,
+validated by `validate()` with errors that name the config key to fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class MemoryConfig:
+    """Product-key memory ("Memory+") settings, shared by every memory layer."""
+
+    layers: list[int] = field(default_factory=list)  # which blocks' FFNs become memory layers
+    n_keys: int = 128  # half-keys per set; N = n_keys**2 slots
+    heads: int = 4
+    k: int = 32  # slots read per head
+    k_dim: int = 256  # query/key dimension (each half-key has k_dim // 2)
+    v_dim: int = 0  # value dimension; 0 means "model dim"
+    qk_norm: bool = True
+    shared_values: bool = True  # one value table for all memory layers (the anchor's default)
+    kernel: str = "auto"  # auto | triton | torch
+    parallel_size: int = 1  # memory-parallel group size (columns of the value table)
+
+    @property
+    def num_slots(self) -> int:
+        return self.n_keys * self.n_keys
+
+    @property
+    def enabled(self) -> bool:
+        return len(self.layers) > 0
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer; some blocks' FFNs may be memory layers."""
+
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 means n_heads (no grouped-query attention)
+    ffn_hidden: int = 0  # 0 means the SwiGLU default: 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 32
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        hidden = int(8 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def value_dim(self) -> int:
+        return self.memory.v_dim or self.dim
+
+    def validate(self, prefix: str = "model") -> "ModelConfig":
+        """Raise ConfigError naming the offending key; return self when valid."""
+        m, p = self.memory, prefix
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{p}.{key} must be positive, got {getattr(self, key)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"{p}.dim={self.dim} must be divisible by {p}.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{p}.dim / {p}.n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"{p}.n_heads={self.n_heads} must be divisible by {p}.n_kv_heads={self.kv_heads}")
+        bad = [i for i in m.layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ConfigError(
+                f"{p}.memory.layers={list(m.layers)} names layer(s) {bad} outside the model "
+                f"({p}.n_layers={self.n_layers}: valid indices are 0..{self.n_layers - 1})"
+            )
+        if len(set(m.layers)) != len(m.layers):
+            raise ConfigError(f"{p}.memory.layers={list(m.layers)} lists a layer twice")
+        if not m.enabled:
+            return self
+        if m.n_keys <= 0 or m.heads <= 0 or m.k <= 0:
+            raise ConfigError(f"{p}.memory.n_keys, heads and k must be positive")
+        if m.k > m.n_keys:
+            raise ConfigError(
+                f"{p}.memory.k={m.k} exceeds {p}.memory.n_keys={m.n_keys}: top-k per half-key set "
+                f"needs k <= n_keys (lower k or raise n_keys)"
+            )
+        if m.k_dim <= 0 or m.k_dim % 2:
+            raise ConfigError(f"{p}.memory.k_dim={m.k_dim} must be a positive even number (two half-keys)")
+        if m.v_dim < 0:
+            raise ConfigError(f"{p}.memory.v_dim={m.v_dim} must be >= 0 (0 means {p}.dim)")
+        if m.kernel not in ("auto", "triton", "torch"):
+            raise ConfigError(f"{p}.memory.kernel={m.kernel!r} must be one of auto, triton, torch")
+        if m.parallel_size <= 0 or self.value_dim % m.parallel_size:
+            raise ConfigError(
+                f"{p}.memory.parallel_size={m.parallel_size} must be positive and divide the value dim "
+                f"({self.value_dim}, from {p}.memory.v_dim or {p}.dim)"
+            )
+        return self

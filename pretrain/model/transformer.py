@@ -1,0 +1,139 @@
+"""A decoder-only transformer (RMSNorm, RoPE, SDPA attention, SwiGLU) with memory layers.
+
+Plain nn.Modules: no process groups, kernels chosen by `kernels`' dispatch, parallelism
+applied from outside (pretrain/parallel). Blocks listed in `cfg.memory.layers` use a
+`MemoryPlus` layer in place of the FFN; the value tables live on the model in
+`self.values` (one shared table, or one per memory layer).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.model.config import ModelConfig
+from pretrain.model.memory import MemoryPlus, ValueTable
+
+
+def rotary_frequencies(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """cos/sin tables of shape (max_seq_len, head_dim // 2, 2)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of x (B, S, heads, head_dim) by the angles in freqs (S, head_dim // 2, 2)."""
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]
+    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = apply_rotary(self.wq(x).view(B, S, self.n_heads, self.head_dim), freqs)
+        k = apply_rotary(self.wk(x).view(B, S, self.kv_heads, self.head_dim), freqs)
+        v = self.wv(x).view(B, S, self.kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.is_memory = layer_id in cfg.memory.layers
+        self.ffn = MemoryPlus(cfg) if self.is_memory else SwiGLU(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, values: nn.Module | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), freqs)
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, values) if self.is_memory else self.ffn(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        m = cfg.memory
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        n_tables = (1 if m.shared_values else len(m.layers)) if m.enabled else 0
+        self.values = nn.ModuleList(ValueTable(m.num_slots, cfg.value_dim, m.kernel) for _ in range(n_tables))
+        # Not a buffer: DeepSpeed's bf16 cast of the module must not round the angles.
+        self._freqs: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+        # values and keys keep their own (the anchor's) initialisation
+        for table in self.values:
+            table.reset_parameters()
+        for layer in self.memory_layers():
+            layer.reset_keys()
+
+    def memory_layers(self) -> list[MemoryPlus]:
+        return [block.ffn for block in self.layers if block.is_memory]
+
+    def value_table_for(self, memory_index: int) -> nn.Module:
+        return self.values[0 if self.cfg.memory.shared_values else memory_index]
+
+    def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        if self._freqs is None or self._freqs.device != device:
+            cfg = self.cfg
+            self._freqs = rotary_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
+        return self._freqs[:seq_len]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S) int64 -> logits (B, S, vocab)."""
+        S = tokens.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.tok_embeddings(tokens)
+        freqs = self.rotary(S, x.device)
+        memory_index = 0
+        for block in self.layers:
+            values = None
+            if block.is_memory:
+                values = self.value_table_for(memory_index)
+                memory_index += 1
+            x = block(x, freqs, values)
+        return self.output(self.norm(x))
+
+
+def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
