@@ -76,5 +76,5 @@ class MemoryPlus(nn.Module):
             )
         weights, indices = self.search(x)
         self.last_indices, self.last_weights = indices.detach(), weights.detach()
-        bag = values(indices, weights).reshape(*x.shape[:-1], self.v_dim)
+        bag = values(indices, weights).reshape(*x.shape[:-1], self.v_dim).to(x.dtype)
         return self.out_proj(bag * F.silu(self.gate_proj(x)))
