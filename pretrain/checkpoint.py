@@ -1,0 +1,184 @@
+"""Checkpoints: DeepSpeed engine state + value shards + per-rank train state, atomically.
+
+Layout under `<run_dir>/checkpoints/`:
+  step_00000100/                 one complete checkpoint (a DeepSpeed tag)
+    <DeepSpeed files>            dense params, ZeRO shards, optimizer, LR scheduler, client state
+    values_*.safetensors         memory value shards + their optimizer state (pretrain.parallel)
+    rank_00000.pt                per-rank state: data loader position, RNG states, slot counters
+    slot_frequencies.safetensors the reduced slot-frequency table (pretrain.slots)
+    config.yaml                  the resolved run config
+  latest                         the tag of the newest complete checkpoint
+
+A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only when every rank
+has finished; `latest` is replaced last. A crash mid-write leaves the previous
+checkpoint and `latest` untouched; stale temporary folders are removed at the next save.
+Per-rank files hold tensors and plain Python values only, loaded with weights_only=True.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.config import ConfigError, RunConfig, config_to_dict, save_config
+
+TMP_PREFIX = ".tmp-"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / f"rank_{rank:05d}.pt"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint folder under `root`, or None."""
+    root = Path(root)
+    latest = root / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    path = root / tag
+    if not path.is_dir():
+        raise FileNotFoundError(f"{latest} names checkpoint {tag!r} but {path} is missing")
+    return path
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(value):
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def model_fingerprint(cfg: RunConfig) -> dict:
+    """The parts of the config a checkpoint's tensors depend on."""
+    return config_to_dict(cfg.model)
+
+
+def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
+    """Refuse a checkpoint whose model config differs (the tensors would not fit)."""
+    current = model_fingerprint(cfg)
+    if saved == current:
+        return
+    diffs = _diff(saved, current, "model")
+    raise ConfigError(
+        f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(diffs[:5])}); "
+        f"use the original config, or a new train.run_dir to start afresh"
+    )
+
+
+def _diff(a, b, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}.{key}")
+        return out
+    if a != b:
+        # memory.parallel_size may change: value shards are re-sharded on load
+        if prefix.endswith("memory.parallel_size"):
+            return []
+        return [f"{prefix}: checkpoint {a!r} vs config {b!r}"]
+    return []
+
+
+class Checkpointer:
+    """Saves and restores complete training checkpoints under `<run_dir>/checkpoints`."""
+
+    def __init__(self, run_dir: str | Path, rank: int, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank, self.keep = rank, keep
+
+    def save(self, step: int, engine, memory_parallel, client_state: dict, rank_state: dict,
+             cfg: RunConfig, write_extra=None) -> Path:
+        """Write a checkpoint for `step` on every rank; return its final folder."""
+        tag = tag_for(step)
+        tmp_tag = TMP_PREFIX + tag
+        tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
+        if self.rank == 0:
+            self._remove_stale_temporaries()
+            self.root.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        client_state = dict(client_state, model_config=model_fingerprint(cfg))
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        memory_parallel.save(tmp_dir)
+        _atomic_torch_save(rank_state, rank_file(tmp_dir, self.rank))
+        if self.rank == 0:
+            save_config(cfg, tmp_dir / "config.yaml")
+        if write_extra is not None:
+            write_extra(tmp_dir)
+        _barrier()
+        if self.rank == 0:
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            tmp_dir.rename(final_dir)
+            _atomic_write_text(self.root / "latest", tag)
+            self._prune()
+        _barrier()
+        return final_dir
+
+    def load(self, ckpt_dir: Path, engine, memory_parallel, cfg: RunConfig) -> tuple[dict, dict]:
+        """Restore engine and value shards; return (client_state, this rank's state)."""
+        _, client_state = engine.load_checkpoint(
+            str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if client_state is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {ckpt_dir} (missing files?)")
+        check_compatible(client_state.get("model_config", {}), cfg, ckpt_dir)
+        memory_parallel.load(ckpt_dir)
+        path = rank_file(ckpt_dir, self.rank)
+        rank_state = torch.load(path, weights_only=True) if path.is_file() else {}
+        return client_state, rank_state
+
+    def _remove_stale_temporaries(self) -> None:
+        if self.root.is_dir():
+            for stale in self.root.glob(TMP_PREFIX + "*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _prune(self) -> None:
+        tags = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

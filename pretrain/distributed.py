@@ -1,0 +1,64 @@
+"""Process start-up: rank/world from torchrun, the deepspeed launcher, SLURM or nothing.
+
+`init_distributed()` always leaves torch.distributed initialised (world 1 included,
+because DeepSpeed's engine needs a process group) and returns where this rank runs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_environment() -> None:
+    """Set RANK/WORLD_SIZE/... from SLURM when a launcher did not; defaults for one process."""
+    if "RANK" not in os.environ:
+        from pretrain.slurm import distributed_env_from_slurm
+
+        for key, value in distributed_env_from_slurm(os.environ).items():
+            os.environ.setdefault(key, str(value))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"] if os.environ["WORLD_SIZE"] == "1" else "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run: launch with torchrun or srun")
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
+    import deepspeed
+
+    _fill_environment()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)

@@ -1,0 +1,83 @@
+"""Evaluation: validation loss/perplexity and fact recall on the synthetic probes.
+
+Fact recall is greedy exact match: the model, fed "<eos> question answer" with teacher
+forcing, must predict every answer token as its argmax. Under teacher forcing that is
+exactly the condition for greedy decoding to produce the answer, computed in one
+batched forward instead of a token-by-token loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pretrain.model import language_model_loss
+
+
+@dataclass
+class ProbeBatch:
+    tokens: torch.Tensor  # (P, L) input ids, right-padded
+    answer_mask: torch.Tensor  # (P, L) True where the *target* is an answer token
+    targets: torch.Tensor  # (P, L)
+    chance: torch.Tensor  # (P,)
+
+
+def encode_probes(probes, tokenizer, max_len: int) -> ProbeBatch | None:
+    """Tokenise question/answer pairs; answers are the tokens the question+answer adds."""
+    rows, chances = [], []
+    for probe in probes:
+        question = tokenizer.encode(probe.question)
+        full = tokenizer.encode(f"{probe.question} {probe.answer}")
+        if full[: len(question)] != question or len(full) == len(question):
+            full = question + tokenizer.encode(probe.answer)
+        seq = [tokenizer.eos_id] + full
+        if len(seq) - 1 > max_len:
+            continue
+        rows.append((seq, len(question) + 1))
+        chances.append(probe.chance)
+    if not rows:
+        return None
+    length = max(len(seq) for seq, _ in rows) - 1
+    tokens = torch.zeros(len(rows), length, dtype=torch.long)
+    targets = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, (seq, answer_start) in enumerate(rows):
+        n = len(seq) - 1
+        tokens[i, :n] = torch.tensor(seq[:-1])
+        targets[i, :n] = torch.tensor(seq[1:])
+        mask[i, answer_start - 1 : n] = True
+    return ProbeBatch(tokens, mask, targets, torch.tensor(chances, dtype=torch.float64))
+
+
+@torch.no_grad()
+def fact_recall(model: nn.Module, batch: ProbeBatch, device: torch.device, micro_batch: int = 64) -> dict:
+    """Fraction of probes whose answer is the greedy continuation, and the chance level."""
+    correct = []
+    for start in range(0, batch.tokens.shape[0], micro_batch):
+        tokens = batch.tokens[start : start + micro_batch].to(device)
+        targets = batch.targets[start : start + micro_batch].to(device)
+        mask = batch.answer_mask[start : start + micro_batch].to(device)
+        predicted = model(tokens).argmax(dim=-1)
+        hit = (predicted == targets) | ~mask
+        correct.append(hit.all(dim=-1).cpu())
+    correct = torch.cat(correct).double()
+    return {"fact_recall": correct.mean().item(), "fact_recall_chance": batch.chance.mean().item()}
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, batches, device: torch.device) -> dict:
+    """Mean loss over the given validation batches, averaged over ranks."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        logits = model(batch.tokens.to(device))
+        loss = language_model_loss(logits, batch.targets.to(device))
+        total += torch.stack([loss.double() * batch.tokens.numel(), torch.tensor(batch.tokens.numel(), device=device, dtype=torch.float64)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    if total[1] == 0:
+        return {}
+    loss = (total[0] / total[1]).item()
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,85 @@
+"""Training metrics: TensorBoard scalars (rank 0), console progress lines, MFU.
+
+MFU = achieved model FLOP/s / the device's peak dense bf16 FLOP/s (no sparsity
+figures), from `PEAK_BF16_FLOPS`; unknown devices and CPUs report n/a.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (not 2:4 sparse) bf16 tensor-core peaks, FLOP/s.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if all(part in name for part in key.split()):
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def memory_allocated(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    except (ImportError, OSError):
+        return float("nan")
+
+
+class MetricsLogger:
+    """Writes scalars to TensorBoard and prints a one-line summary; only on rank 0."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.start = time.time()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(key, value, step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values, step)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            elapsed = time.time() - self.start
+            print(f"[{elapsed:7.1f}s] {text}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, world_size: int, peak: float | None) -> float | None:
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_second / (peak * world_size)

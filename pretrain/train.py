@@ -1,0 +1,351 @@
+"""The training loop: `python -m pretrain.train --config configs/tiny.yaml key=value ...`.
+
+Reads top to bottom: build (model, value pool, DeepSpeed engine, data, slot counters),
+resume from the run directory's latest checkpoint, then while step < max_steps:
+batch, forward, backward, step, count slot accesses, log, evaluate, checkpoint, check
+the stop signal. No callback framework.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate
+from pretrain.distributed import DistInfo, init_distributed
+from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu
+from pretrain.model import Transformer, flops_per_token, language_model_loss
+from pretrain.optim import build_dense_optimizer, build_scheduler, lr_multiplier
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss under nan_policy=stop (or too many skipped steps); a checkpoint was saved."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    skipped_steps: int
+    losses: list[float] = field(default_factory=list)  # per step, in order, this run only
+    first_loss: float | None = None
+    eval: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    slot_table: str | None = None
+    stopped_by_signal: bool = False
+    requeued: bool = False
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": t.dtype == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_dataset(cfg: RunConfig, info: DistInfo) -> Path:
+    """The prepared dataset folder: `data.dir`, or the embedded corpus (built by rank 0)."""
+    from pretrain.data import prepare_embedded_dataset
+
+    if cfg.data.dir:
+        path = Path(cfg.data.dir)
+        if not (path / "manifest.json").is_file():
+            raise ConfigError(
+                f"data.dir={cfg.data.dir} holds no manifest.json: prepare it with tools/prepare_data.py "
+                f"or leave data.dir empty to use the embedded corpus"
+            )
+        return path
+    if info.is_main:
+        path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
+    _barrier()
+    if not info.is_main:
+        path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
+    return path
+
+
+def build_loader(cfg: RunConfig, dataset_dir: Path, split: str, rank: int, world_size: int, loop: bool):
+    from pretrain.data import ShardLoader
+
+    return ShardLoader(
+        dataset_dir, split=split, batch_size=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+        rank=rank, world_size=world_size, num_workers=cfg.data.num_workers if split == "train" else 0,
+        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer if split == "train" else 0,
+        on_corrupt=cfg.data.on_corrupt, loop=loop,
+    )
+
+
+def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.device):
+    if not (cfg.slots.enabled and cfg.model.memory.enabled):
+        return None
+    from pretrain.slots import SlotStatistics
+
+    return SlotStatistics(
+        num_slots=cfg.model.memory.num_slots,
+        layer_names=[f"layers.{i}" for i in cfg.model.memory.layers],
+        granularity=cfg.slots.granularity, device=device,
+        sample_batches=cfg.slots.sample_batches, seed=cfg.train.seed,
+    )
+
+
+def nonfinite_anywhere(loss: torch.Tensor) -> bool:
+    """True when any rank's loss is NaN/inf (one small all-reduce, the step's only sync)."""
+    flag = (~torch.isfinite(loss)).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    # ---- build -------------------------------------------------------------------------
+    info = init_distributed()
+    validate(cfg, world_size=info.world_size, device_type=info.device.type)
+    import deepspeed
+
+    from pretrain.data import Tokenizer, load_probes
+    from pretrain.evaluate import encode_probes, fact_recall, validation_loss
+    from pretrain.parallel import MemoryParallel, init_memory_groups
+    from pretrain.slurm import StopSignal, requeue_job
+
+    t, device = cfg.train, info.device
+    run_dir = Path(t.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dataset_dir = prepare_dataset(cfg, info)
+    tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer in {dataset_dir} has {tokenizer.vocab_size} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
+        )
+
+    seed_everything(t.seed)  # identical initialisation on every rank: nothing is broadcast
+    model = Transformer(cfg.model).to(device)
+    groups = init_memory_groups(cfg.model.memory.parallel_size)
+    values = MemoryParallel(model, groups, cfg.optim, kernel=cfg.model.memory.kernel, device=device)
+    optimizer = build_dense_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, info.world_size)
+    )
+    memory_layers = model.memory_layers()
+    train_loader = build_loader(cfg, dataset_dir, "train", info.rank, info.world_size, loop=True)
+    stats = build_slot_statistics(cfg, model, device)
+    probes = encode_probes(load_probes(dataset_dir)[: t.probe_limit], tokenizer, cfg.data.seq_len)
+    checkpointer = Checkpointer(run_dir, info.rank, t.keep_checkpoints)
+    metrics = MetricsLogger(run_dir / "tensorboard", enabled=info.is_main)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+    peak = device_peak_flops(device)
+    tokens_per_step = t.global_batch * cfg.data.seq_len
+    gas = t.global_batch // (t.micro_batch * info.world_size)
+    result = TrainResult(step=0, tokens_seen=0, skipped_steps=0)
+
+    # ---- resume --------------------------------------------------------------------------
+    resume_from = latest_checkpoint(checkpointer.root)
+    if resume_from is not None:
+        client, rank_state = checkpointer.load(resume_from, engine, values, cfg)
+        result.step, result.tokens_seen = client["step"], client["tokens_seen"]
+        result.skipped_steps = client.get("skipped_steps", 0)
+        train_loader.load_state_dict(rank_state["data"])
+        if stats is not None and "slots" in rank_state:
+            stats.load_state_dict(rank_state["slots"])
+        set_rng_state(rank_state["rng"])
+        metrics.line(f"resumed from {resume_from} at step {result.step}")
+
+    def evaluate() -> dict:
+        engine.eval()
+        val_loader = build_loader(cfg, dataset_dir, "val", 0, 1, loop=True)
+        batches = [batch for batch, _ in zip(val_loader, range(t.eval_batches))]
+        out = validation_loss(engine, batches, device)
+        if probes is not None:
+            out.update(fact_recall(engine, probes, device))
+        engine.train()
+        return out
+
+    def save_checkpoint() -> Path:
+        rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
+        if stats is not None:
+            rank_state["slots"] = stats.state_dict()
+        client = {"step": result.step, "tokens_seen": result.tokens_seen, "skipped_steps": result.skipped_steps}
+        path = checkpointer.save(result.step, engine, values, client, rank_state, cfg, write_extra=save_slot_table)
+        result.checkpoint = str(path)
+        if stats is not None:
+            result.slot_table = str(path / "slot_frequencies.safetensors")
+        return path
+
+    def save_slot_table(folder: Path) -> None:
+        if stats is None:
+            return
+        from pretrain.slots import model_config_hash, save_table
+
+        reduced = stats.reduce()
+        if info.is_main:
+            save_table(folder / "slot_frequencies.safetensors", reduced, {
+                "step": result.step, "model_config_hash": model_config_hash(cfg.model),
+                "tokenizer_hash": tokenizer.sha256,
+            })
+
+    # ---- loop ----------------------------------------------------------------------------
+    stop = StopSignal()
+    train_iter = iter(train_loader)
+    interval_start, interval_steps = time.perf_counter(), 0
+    try:
+        while result.step < t.max_steps:
+            step_start = time.perf_counter()
+            multiplier = lr_multiplier(result.step, cfg.optim, t.max_steps)
+            losses = []
+            for _ in range(gas):
+                batch = next(train_iter)
+                logits = engine(batch.tokens.to(device))
+                loss = language_model_loss(logits, batch.targets.to(device))
+                engine.backward(loss)
+                losses.append(loss.detach())
+                if stats is not None:
+                    stats.update([layer.last_indices for layer in memory_layers], batch.doc_ids.to(device))
+            step_loss = torch.stack(losses).float().mean()
+            bad_step = nonfinite_anywhere(step_loss)
+            values.reduce_gradients()
+            value_grad_norm = values.clip_grad_norm(cfg.optim.grad_clip)
+            if bad_step:
+                optimizer.skip_next = True
+            engine.step()
+            if not bad_step:
+                values.step(multiplier)
+            values.zero_grad()
+            if stats is not None:
+                stats.end_step(result.step)
+            result.step += 1
+            result.tokens_seen += tokens_per_step
+            interval_steps += 1
+
+            if bad_step:
+                result.skipped_steps += 1
+                metrics.line(f"step {result.step}: non-finite loss ({step_loss.item()}); update skipped "
+                             f"({result.skipped_steps} so far)")
+                metrics.scalars({"train/skipped_steps": result.skipped_steps}, result.step)
+                if t.nan_policy == "stop" or result.skipped_steps > t.max_skipped_steps:
+                    save_checkpoint()
+                    raise TrainingDiverged(
+                        f"non-finite loss at step {result.step} (train.nan_policy={t.nan_policy}, "
+                        f"{result.skipped_steps} skipped); checkpoint saved in {result.checkpoint}"
+                    )
+            else:
+                result.losses.append(step_loss.item())
+                if result.first_loss is None:
+                    result.first_loss = result.losses[-1]
+
+            if result.step % t.log_every == 0 or result.step == t.max_steps:
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_s = interval_steps * tokens_per_step / max(elapsed, 1e-9)
+                utilisation = mfu(flops, tokens_per_s, info.world_size, peak)
+                grad_norm = engine.get_global_grad_norm()
+                scalars = {
+                    "train/loss": result.losses[-1] if result.losses else float("nan"),
+                    "train/lr_dense": cfg.optim.lr * multiplier,
+                    "train/lr_values": cfg.optim.value_lr * multiplier,
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "train/value_grad_norm": float(value_grad_norm),
+                    "perf/tokens_per_s": tokens_per_s,
+                    "perf/step_time_s": time.perf_counter() - step_start,
+                    "perf/mfu": utilisation,
+                    "perf/memory_bytes": memory_allocated(device),
+                    "train/tokens_seen": result.tokens_seen,
+                }
+                metrics.scalars(scalars, result.step)
+                mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
+                metrics.line(
+                    f"step {result.step}/{t.max_steps} loss {scalars['train/loss']:.4f} "
+                    f"lr {scalars['train/lr_dense']:.2e} grad_norm {scalars['train/grad_norm'] or float('nan'):.3f} "
+                    f"tok/s {tokens_per_s:,.0f} mfu {mfu_text}"
+                )
+                interval_start, interval_steps = time.perf_counter(), 0
+
+            if stats is not None and result.step % cfg.slots.log_every == 0:
+                log_slot_statistics(stats, metrics, result.step)
+
+            if result.step % t.eval_every == 0 or result.step == t.max_steps:
+                result.eval = evaluate()
+                metrics.scalars({f"eval/{k}": v for k, v in result.eval.items()}, result.step)
+                metrics.line("eval " + " ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
+
+            if result.step % t.checkpoint_every == 0 or result.step == t.max_steps:
+                save_checkpoint()
+
+            if stop.should_stop():
+                if result.checkpoint is None or not result.checkpoint.endswith(f"{result.step:08d}"):
+                    save_checkpoint()
+                result.stopped_by_signal = True
+                metrics.line(f"stop signal: checkpoint saved at step {result.step}")
+                result.requeued = requeue_job()
+                break
+    finally:
+        stop.close()
+        metrics.close()
+    return result
+
+
+def log_slot_statistics(stats, metrics: MetricsLogger, step: int) -> None:
+    for interval in (True, False):
+        prefix = "slots_interval" if interval else "slots_total"
+        metrics.scalars({f"{prefix}/{k}": v for k, v in stats.summary(interval=interval).items()}, step)
+    for name, hist in stats.histograms().items():
+        metrics.histogram(f"slots/{name}", hist, step)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def parse_args(argv=None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def main(argv=None) -> int:
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg = load_config(config_path, overrides)
+        result = train(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"training stopped: {err}", file=sys.stderr)
+        return 1
+    if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
+        print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
