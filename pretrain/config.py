@@ -24,6 +24,7 @@ class SyntheticConfig:
     docs_per_entity: int = 4
     new_fact_fraction: float = 0.1  # entities held out as "new facts" for finetuning studies
     seed: int = 1234
+    qa_docs_per_entity: int = 2  # question/answer documents per entity, phrased like the probes
 
 
 @dataclass
@@ -35,6 +36,9 @@ class DataConfig:
     shuffle_buffer: int = 0
     on_corrupt: str = "error"  # error | skip
     vocab_size: int = 512  # tokenizer trained for the embedded corpus
+    val_fraction: float = 0.05  # documents of the embedded corpus held out for validation
+    min_shards: int = 8  # the embedded corpus has at least this many shards per split
+    sequences_per_shard: int = 1024  # upper bound on sequences per shard of the embedded corpus
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

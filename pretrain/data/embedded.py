@@ -1,0 +1,86 @@
+"""The embedded default dataset: the fact world, tokenized and sharded once, then cached.
+
+`prepare_embedded_dataset(data_cfg, seq_len)` returns a directory holding manifest.json,
+tokenizer.model, probes.jsonl, new_facts.jsonl, train/*.tar and val/*.tar. The directory
+name carries a hash of every parameter that shapes it; an existing directory whose
+manifest records the same parameters is reused. A file lock lets several ranks call it
+at once: one builds, the others wait and reuse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from pretrain.data.errors import DataError
+from pretrain.data.prepare import is_validation, write_dataset
+from pretrain.data.shards import FORMAT, read_manifest
+from pretrain.data.synthetic import build_fact_world, write_probes
+from pretrain.data.tokenizer import train_tokenizer
+
+
+def embedded_parameters(data_cfg, seq_len: int) -> dict:
+    return {
+        "kind": "embedded-fact-world", "format": FORMAT, "seq_len": seq_len, "vocab_size": data_cfg.vocab_size,
+        "val_fraction": data_cfg.val_fraction, "min_shards": data_cfg.min_shards,
+        "sequences_per_shard": data_cfg.sequences_per_shard,
+        "synthetic": dataclasses.asdict(data_cfg.synthetic),
+    }
+
+
+def _matches(directory: Path, params: dict) -> bool:
+    try:
+        return read_manifest(directory).get("creation") == params
+    except DataError:
+        return False
+
+
+def prepare_embedded_dataset(data_cfg, seq_len: int, show_progress: bool = True) -> Path:
+    """Build (once) or reuse the embedded fact corpus; with `data_cfg.dir` set, check and return that."""
+    if data_cfg.dir:
+        manifest = read_manifest(data_cfg.dir)
+        if manifest["seq_len"] != seq_len:
+            raise DataError(f"data.dir={data_cfg.dir} was prepared with seq_len={manifest['seq_len']}, "
+                            f"but data.seq_len={seq_len}: set them equal or re-run tools/prepare_data.py")
+        return Path(data_cfg.dir)
+    if data_cfg.val_fraction <= 0 or data_cfg.min_shards <= 0:
+        raise DataError(f"data.val_fraction={data_cfg.val_fraction} and data.min_shards={data_cfg.min_shards} "
+                        "must be positive for the embedded corpus")
+    params = embedded_parameters(data_cfg, seq_len)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(data_cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"embedded-{key}"
+    with open(cache / f".embedded-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _matches(out, params):
+            return out
+        _build(data_cfg, seq_len, params, out, show_progress)
+    return out
+
+
+def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool) -> None:
+    syn = data_cfg.synthetic
+    world = build_fact_world(syn.num_entities, syn.docs_per_entity, syn.qa_docs_per_entity,
+                             syn.new_fact_fraction, syn.seed)
+    with tempfile.TemporaryDirectory(prefix="embedded-", dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        tok = train_tokenizer(world.train_documents, tmp / "tokenizer.model", data_cfg.vocab_size)
+        token_docs = tok.encode_batch(world.train_documents)
+        # Size shards so that each split has at least min_shards (ranks x workers need one each).
+        tokens = {"train": 0, "val": 0}
+        for doc_id, ids in enumerate(token_docs):
+            tokens["val" if is_validation(doc_id, syn.seed, data_cfg.val_fraction) else "train"] += len(ids) + 1
+        per_shard = {s: max(1, min(data_cfg.sequences_per_shard, math.ceil(n / (seq_len + 1) / data_cfg.min_shards)))
+                     for s, n in tokens.items()}
+        write_probes(world.probes, tmp / "probes.jsonl")
+        (tmp / "new_facts.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in world.new_fact_documents))
+        write_dataset(token_docs, out, tok, seq_len, val_fraction=data_cfg.val_fraction, seed=syn.seed,
+                      sequences_per_shard=per_shard, rows_per_block=min(256, min(per_shard.values())),
+                      creation=params, extra_files={"probes.jsonl": tmp / "probes.jsonl",
+                                                    "new_facts.jsonl": tmp / "new_facts.jsonl"},
+                      show_progress=show_progress, overwrite=True)

@@ -1,0 +1,168 @@
+"""From documents to a prepared dataset: tokenize (several processes), split, pack, shard.
+
+`write_dataset` consumes token lists in order, numbers documents (global ids, input
+order, empty ones skipped and counted), assigns each document to train or val by a hash
+of (seed, doc id), and writes both splits plus `manifest.json` and `tokenizer.model`
+into a temporary directory that is renamed to the output at the end.
+`prepare_corpus` is the whole path for real corpora (what tools/prepare_data.py runs).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import tempfile
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+from pretrain.data.corpus import CorpusStats, iter_documents, resolve_files
+from pretrain.data.errors import DataError
+from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
+from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+
+_MASK64 = (1 << 64) - 1
+_worker_tokenizer: Tokenizer | None = None
+
+
+def is_validation(doc_id: int, seed: int, val_fraction: float) -> bool:
+    """A fixed pseudo-random draw per (seed, doc id) (splitmix64), independent of order."""
+    z = (doc_id * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z / 2**64 < val_fraction
+
+
+def _init_worker(path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(path)
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    return _worker_tokenizer.encode_batch(texts)
+
+
+def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(documents)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer, workers: int = 1,
+                       chunk_docs: int = 256) -> Iterator[list[int]]:
+    """Token ids per document, in input order; `workers` > 1 tokenizes in that many processes."""
+    if workers <= 1:
+        for chunk in _chunks(documents, chunk_docs):
+            yield from tokenizer.encode_batch(chunk)
+        return
+    ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+        for ids in pool.imap(_encode_chunk, _chunks(documents, chunk_docs), chunksize=1):
+            yield from ids
+
+
+def write_dataset(
+    token_docs: Iterable[list[int]],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    *,
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    sequences_per_shard: int | dict[str, int] = 4096,
+    rows_per_block: int = 256,
+    creation: dict | None = None,
+    corpus_stats: CorpusStats | None = None,
+    extra_files: dict[str, Path] | None = None,
+    show_progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Write train/ and val/ shards, tokenizer.model and manifest.json; return the manifest."""
+    out_dir = Path(out_dir)
+    if seq_len <= 0:
+        raise DataError(f"seq_len={seq_len} must be positive")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"output directory {out_dir} is not empty: choose another --output or pass --overwrite")
+    per_split = sequences_per_shard if isinstance(sequences_per_shard, dict) else {
+        "train": sequences_per_shard, "val": sequences_per_shard}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        dtype = token_dtype_for(tokenizer.vocab_size)
+        writers = {s: ShardWriter(tmp, s, seq_len, tokenizer.eos_id, dtype, per_split[s], rows_per_block)
+                   for s in ("train", "val")}
+        empty_after_tokenizing = 0
+        doc_id = 0
+        bar = tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress)
+        for ids in token_docs:
+            if not ids:
+                empty_after_tokenizing += 1
+                continue
+            split = "val" if is_validation(doc_id, seed, val_fraction) else "train"
+            writers[split].add(ids, doc_id)
+            doc_id += 1
+            bar.update(len(ids) + 1)
+        bar.close()
+        if doc_id == 0:
+            raise DataError("the corpus holds no non-empty document: check --input and --format/--text-field")
+        splits = {s: w.close() for s, w in writers.items()}
+        stats = dict(vars(corpus_stats)) if corpus_stats is not None else {}
+        stats["empty_documents"] = stats.get("empty_documents", 0) + empty_after_tokenizing
+        shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        manifest = {
+            "format": FORMAT, "seq_len": seq_len, "token_dtype": dtype, "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.eos_id,
+            "tokenizer_sha256": tokenizer.sha256, "seed": seed, "val_fraction": val_fraction,
+            "rows_per_block": rows_per_block, "documents": doc_id, "splits": splits, "stats": stats,
+            "creation": creation or {},
+        }
+        write_manifest(tmp, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.replace(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def prepare_corpus(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    seq_len: int,
+    *,
+    tokenizer_path: str | Path | None = None,
+    vocab_size: int = 32000,
+    fmt: str = "auto",
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    sequences_per_shard: int = 4096,
+    workers: int = 1,
+    show_progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Real corpus -> dataset. Trains a tokenizer on a sample when `tokenizer_path` is None."""
+    resolve_files(inputs)  # missing paths fail here, before any work
+    probe = CorpusStats()
+    if next(iter_documents(inputs, fmt, text_field, probe), None) is None:
+        raise DataError(f"the corpus {[str(p) for p in inputs]} holds no non-empty document "
+                        f"({probe.empty_documents} empty): check --input, --format and --text-field")
+    if tokenizer_path is None:
+        model = Path(tempfile.mkdtemp(prefix="tokenizer-")) / "tokenizer.model"
+        tokenizer = train_tokenizer(iter_documents(inputs, fmt, text_field), model, vocab_size)
+    else:
+        tokenizer = Tokenizer(tokenizer_path)
+    stats = CorpusStats()
+    creation = {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
+                "sequences_per_shard": sequences_per_shard}
+    docs = tokenize_documents(iter_documents(inputs, fmt, text_field, stats), tokenizer, workers)
+    return write_dataset(docs, out_dir, tokenizer, seq_len, val_fraction=val_fraction, seed=seed,
+                         sequences_per_shard=sequences_per_shard, creation=creation, corpus_stats=stats,
+                         show_progress=show_progress, overwrite=overwrite)

@@ -1,0 +1,112 @@
+"""SentencePiece tokenizer: training on a corpus sample and a small loading wrapper.
+
+Fixed special ids: 0 = <pad>, 1 = <unk>, 2 = <s> (BOS), 3 = </s> (EOS). Byte fallback is
+on, so every input encodes without <unk>. `Tokenizer.sha256` is the hash of the model
+file, recorded in shard manifests to catch a mismatched tokenizer.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from pretrain.data.errors import DataError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MAX_SENTENCE_BYTES = 4096
+
+
+class Tokenizer:
+    """Load a sentencepiece model file; encode/decode without adding BOS/EOS."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer model {path} does not exist: train one with tools/train_tokenizer.py")
+        self.path = path
+        blob = path.read_bytes()
+        self.sha256 = hashlib.sha256(blob).hexdigest()
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(blob)
+        except RuntimeError as err:
+            raise DataError(f"{path} is not a sentencepiece model ({err})") from None
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        self.pad_id = self._sp.pad_id()
+        self.vocab_size = self._sp.get_piece_size()
+        if self.eos_id < 0:
+            raise DataError(f"tokenizer {path} has no EOS piece: train it with tools/train_tokenizer.py")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def __getstate__(self):  # picklable into worker processes: reload from the file
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+def _sentences(documents: Iterable[str], max_sentences: int) -> Iterator[str]:
+    n = 0
+    for doc in documents:
+        for line in doc.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
+            n += 1
+            if n >= max_sentences:
+                return
+
+
+def train_tokenizer(
+    documents: Iterable[str],
+    out_path: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    max_sentences: int = 200_000,
+    num_threads: int = 1,
+) -> Tokenizer:
+    """Train on the first `max_sentences` lines of `documents`; write the model to `out_path`.
+
+    Deterministic for the same input (single-threaded by default, no sampling).
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"model_type={model_type!r} must be 'bpe' or 'unigram'")
+    if vocab_size < 260:
+        raise DataError(f"vocab_size={vocab_size} is too small: byte fallback needs >= 260 (256 bytes + 4 specials)")
+    sentences = list(_sentences(documents, max_sentences))
+    if not sentences:
+        raise DataError("the tokenizer corpus is empty: no non-blank line to train on")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=1.0 if model_type == "bpe" else 0.9995,
+        hard_vocab_limit=False,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return Tokenizer(out_path)
