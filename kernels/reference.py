@@ -35,7 +35,9 @@ def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tenso
 def pkm_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
     """Product-key search followed by a softmax over the k selected scores."""
     scores, indices = pkm_scores_topk(query, keys1, keys2, k)
-    return scores.float().softmax(dim=-1).to(query.dtype), indices
+    # at least fp32 (bf16/fp16 upcast), but never below the input's precision (float64 stays)
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    return scores.to(acc).softmax(dim=-1).to(query.dtype), indices
 
 
 def brute_force_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
