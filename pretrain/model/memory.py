@@ -19,16 +19,47 @@ from pretrain.model.config import ConfigError, ModelConfig
 
 
 class ValueTable(nn.Module):
-    """N value rows of width v_dim, read by a weighted embedding bag."""
+    """N value rows of width v_dim, read by a weighted embedding bag.
 
-    def __init__(self, num_slots: int, v_dim: int, kernel: str = "auto"):
+    Initialisation is sharding-invariant: the table is cut into tiles of
+    INIT_ROW_BLOCK x INIT_COL_BLOCK, each drawn from its own CPU generator seeded by
+    (seed, column block, row block). Any column slice of the table can therefore be
+    generated alone (`init_columns`) and equals the same slice of the full table, so a
+    memory-parallel rank initialises only its own shard, for any group size.
+    """
+
+    INIT_COL_BLOCK = 64
+    INIT_ROW_BLOCK = 65536
+
+    def __init__(self, num_slots: int, v_dim: int, kernel: str = "auto", *, seed: int = 0):
         super().__init__()
-        self.num_slots, self.v_dim, self.kernel = num_slots, v_dim, kernel
+        self.num_slots, self.v_dim, self.kernel, self.seed = num_slots, v_dim, kernel, seed
         self.weight = nn.Parameter(torch.empty(num_slots, v_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.v_dim**-0.5)
+        if self.weight.device.type != "meta":
+            self.init_columns(self.weight, self.v_dim, 0, self.seed)
+
+    @classmethod
+    def init_columns(cls, out: torch.Tensor, v_dim: int, col_start: int, seed: int) -> None:
+        """Fill `out` (N, width) with columns [col_start, col_start + width) of the table
+        of width v_dim seeded by `seed`; normal with std v_dim**-0.5."""
+        num_slots, width = out.shape
+        col_end, std = col_start + width, v_dim**-0.5
+        if not 0 <= col_start <= col_end <= v_dim:
+            raise ValueError(f"columns [{col_start}, {col_end}) lie outside a table of width {v_dim}")
+        cb, rb = cls.INIT_COL_BLOCK, cls.INIT_ROW_BLOCK
+        with torch.no_grad():
+            for block in range(col_start // cb, (col_end + cb - 1) // cb):
+                b0, b1 = block * cb, min((block + 1) * cb, v_dim)
+                lo, hi = max(b0, col_start), min(b1, col_end)
+                for r0 in range(0, num_slots, rb):
+                    r1 = min(r0 + rb, num_slots)
+                    # a fixed, sharding-independent tile: the same numbers whoever draws it
+                    gen = torch.Generator().manual_seed(((seed * 1_000_003 + block) * 1_000_003 + r0 // rb) % 2**63)
+                    tile = torch.randn(r1 - r0, b1 - b0, generator=gen).mul_(std)
+                    out[r0:r1, lo - col_start : hi - col_start].copy_(tile[:, lo - b0 : hi - b0])
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return kernels.embedding_bag(self.weight, indices, weights, backend=self.kernel)

@@ -1,0 +1,51 @@
+"""Memory parallelism: each value table split by columns over a memory-parallel group.
+
+A 1024^2 x 2048 value pool is 2B parameters; replicating it (or ZeRO-3 gathering it
+every layer) does not scale. Instead the table is cut into P column shards over a
+memory group of P consecutive ranks, and only slot indices, weights and bag outputs
+move (see `values.PartitionedValueTable`). Groups: `groups.init_memory_groups`.
+
+Why the value shards live outside the DeepSpeed engine, for every P (P = 1 included),
+with their own torch AdamW (lr = optim.value_lr x the trainer's schedule multiplier,
+no weight decay), gradient reduction and clipping (`MemoryParallel`):
+  * DeepSpeed broadcasts every module parameter from rank 0 at initialize; the
+    shards of one group are different tensors and must not be overwritten.
+  * ZeRO partitions and all-gathers module parameters; gathering the pool is exactly
+    the traffic memory parallelism avoids.
+  * DeepSpeed averages gradients over the data-parallel world; inside a memory group
+    the shard gradient already covers all of the group's tokens, so only a sum over
+    replicas (ranks with the same shard) is right.
+  * DeepSpeed's MoE expert-parallel mechanism (parameters with allreduce=False and a
+    group_name, reduced over expert-data-parallel groups) was considered: it needs
+    DeepSpeed's expert groups, set up for expert layers and their gating, and its
+    bookkeeping (checkpoint naming, ZeRO handling) assumes experts; it does not fit a
+    column-sharded table read by an embedding bag.
+  * One code path for all P makes P = 1 vs P = 2 equivalence exact by construction.
+The shards are plain leaf tensors not registered on the model, so module.parameters(),
+state_dict(), dtype casts and the engine never see them. Initialisation is
+sharding-invariant (`ValueTable.init_columns`): each rank draws only its own columns,
+never the full table, and never receives a broadcast.
+
+Gradient semantics: each rank's loss is its local mean and DeepSpeed averages dense
+gradients over the world; `MemoryParallel.reduce_gradients` sums the shard gradients
+over the replica group and divides by the world size, which reproduces world-1
+training exactly. Clipping uses the norm of the full logical tables (all-reduced over
+the memory group) with optim.grad_clip, separately from the dense parameters' norm.
+
+Checkpoints: `MemoryParallel.save` writes one safetensors file per (table, shard)
+with the AdamW state; `load` re-shards to any P dividing v_dim; `consolidate`
+assembles full tables for export (`shard_files`).
+"""
+from pretrain.parallel.groups import MemoryGroups, init_memory_groups
+from pretrain.parallel.memory_parallel import MemoryParallel
+from pretrain.parallel.shard_files import ShardFileError
+from pretrain.parallel.values import PartitionedValueTable, parallelize_memory
+
+__all__ = [
+    "MemoryGroups",
+    "MemoryParallel",
+    "PartitionedValueTable",
+    "ShardFileError",
+    "init_memory_groups",
+    "parallelize_memory",
+]

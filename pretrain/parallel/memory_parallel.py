@@ -1,0 +1,197 @@
+"""MemoryParallel: the value shards' optimizer, gradient reduction, clipping, checkpoints.
+
+The trainer builds the model, calls `MemoryParallel(model, groups, optim_cfg)` (which
+swaps the value tables for partitioned ones), then hands the remaining (dense)
+parameters to DeepSpeed. Per optimizer step: `zero_grad()`, forward/backward of
+every micro-batch, `reduce_gradients()`, `clip_grad_norm(max_norm)`,
+`step(lr_multiplier)`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pretrain.parallel import accounting, shard_files
+from pretrain.parallel.groups import MemoryGroups
+from pretrain.parallel.values import PartitionedValueTable, parallelize_memory
+
+
+class MemoryParallel:
+    """The partitioned value tables of one model on this rank, and their AdamW optimizer."""
+
+    def __init__(self, model: nn.Module, groups: MemoryGroups, optim_cfg, kernel: str = "auto",
+                 device: torch.device | str | None = None, seed: int | None = None):
+        self.groups, self.optim_cfg = groups, optim_cfg
+        self.tables: list[PartitionedValueTable] = parallelize_memory(
+            model, groups, kernel=kernel, device=device, seed=seed
+        )
+        self._step_bytes = 0
+        self._lookups: list[tuple[int, int, int, int]] = []  # (tokens, H*k, weight bytes, out bytes)
+        for table in self.tables:
+            table.register_forward_pre_hook(self._record_lookup)
+        self.optimizer = None
+        if self.tables:
+            self.optimizer = torch.optim.AdamW(
+                self.parameters(), lr=optim_cfg.value_lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                eps=optim_cfg.eps, weight_decay=0.0,
+            )
+
+    def _record_lookup(self, table, args) -> None:
+        indices, weights = args
+        self._lookups.append((indices.shape[0], indices[0].numel() if indices.shape[0] else 0,
+                              weights.element_size(), table.shard.element_size()))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's value shards (leaf tensors outside the model's parameters)."""
+        return [t.shard for t in self.tables]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def reduce_gradients(self) -> None:
+        """Sum shard gradients over the replica group and divide by the world size.
+
+        Each shard's gradient already covers every token of its memory group (each rank's
+        loss being its local mean); DeepSpeed averages dense gradients over the world, so
+        this makes the value gradient that of the world-mean loss too.
+        """
+        g = self.groups
+        for p in self.parameters():
+            if p.grad is None:  # keep collectives matched across ranks
+                p.grad = torch.zeros_like(p)
+            if g.replica_group is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=g.replica_group)
+            p.grad.div_(g.world_size)
+        self._step_bytes += accounting.step_reduction_bytes(self.shard_bytes(), 1, g.num_replicas)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip by the L2 norm of the full (logical) tables' gradients; return that norm."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        P = self.groups.parallel_size
+        if P > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.memory_group)
+            self._step_bytes += accounting.step_reduction_bytes(0, P, 1)
+        norm = sq.sqrt()
+        if max_norm and max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+        return norm
+
+    def step(self, lr_multiplier: float = 1.0) -> None:
+        """AdamW step with lr = optim.value_lr * lr_multiplier; closes the step's traffic count."""
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.optim_cfg.value_lr * lr_multiplier
+            self.optimizer.step()
+        self.last_step_comm_bytes = self._step_bytes + sum(t.counter.take() for t in self.tables)
+        self.last_step_lookups, self._lookups, self._step_bytes = self._lookups, [], 0
+
+    # ----------------------------------------------------------------- accounting
+    def shard_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def accounting(self) -> dict:
+        """Per-rank memory of the value shards and their AdamW state, and traffic per step."""
+        P, g = self.groups.parallel_size, self.groups
+        shard = self.shard_bytes()
+        expected = sum(t.num_slots * t.v_dim // P * t.shard.element_size() for t in self.tables)
+        assert shard == expected, f"value shards hold {shard} bytes, expected N*d/P*elem = {expected}"
+        state = self.optimizer.state if self.optimizer is not None else {}
+        opt = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
+        lookups = getattr(self, "last_step_lookups", [])
+        estimate = sum(
+            accounting.lookup_bytes(T, hk, 1, self.tables[0].v_dim, P, wb, ob) for T, hk, wb, ob in lookups
+        ) + accounting.step_reduction_bytes(shard, P, g.num_replicas)  # assumes clip_grad_norm ran
+        return {
+            "parallel_size": P,
+            "num_replicas": g.num_replicas,
+            "position": g.position,
+            "value_shard_bytes": shard,
+            "value_table_bytes_full": shard * P,
+            "value_grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in self.parameters() if p.grad is not None),
+            "optimizer_state_bytes": opt,
+            "comm_bytes_last_step": getattr(self, "last_step_comm_bytes", 0),
+            "comm_bytes_last_step_estimate": estimate if lookups else 0,
+            "lookups_last_step": len(lookups),
+        }
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """This rank's shards and their AdamW state (in memory, for the same P)."""
+        return {
+            "parallel_size": self.groups.parallel_size,
+            "position": self.groups.position,
+            "shards": [p.detach().clone() for p in self.parameters()],
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["parallel_size"] != self.groups.parallel_size or sd["position"] != self.groups.position:
+            raise ValueError(
+                f"state dict holds shard {sd['position']} of {sd['parallel_size']}, this rank holds shard "
+                f"{self.groups.position} of {self.groups.parallel_size}: use save/load to re-shard"
+            )
+        shards = sd["shards"]
+        if [tuple(s.shape) for s in shards] != [tuple(p.shape) for p in self.parameters()]:
+            raise ValueError("state dict shard shapes do not match this model's value tables")
+        with torch.no_grad():
+            for p, s in zip(self.parameters(), shards):
+                p.copy_(s)
+        if self.optimizer is not None and sd["optimizer"] is not None:
+            self.optimizer.load_state_dict(sd["optimizer"])
+
+    def save(self, checkpoint_dir: str | Path) -> list[Path]:
+        """Write this rank's shard files (replica 0 only); return the paths written."""
+        g = self.groups
+        if g.group_index != 0:
+            return []
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, t in enumerate(self.tables):
+            st = self.optimizer.state.get(t.shard, {}) if self.optimizer is not None else {}
+            exp_avg = st.get("exp_avg", torch.zeros_like(t.shard))
+            exp_avg_sq = st.get("exp_avg_sq", torch.zeros_like(t.shard))
+            step = float(st["step"]) if "step" in st else 0.0
+            path = checkpoint_dir / shard_files.shard_file_name(i, g.position, g.parallel_size)
+            meta = dict(table=i, shard=g.position, parallel_size=g.parallel_size, num_slots=t.num_slots,
+                        v_dim=t.v_dim, col_start=t.col_start, col_end=t.col_end, seed=t.seed)
+            shard_files.write_shard(path, t.shard, exp_avg, exp_avg_sq, step, meta)
+            written.append(path)
+        return written
+
+    def load(self, checkpoint_dir: str | Path) -> None:
+        """Load this rank's columns (and AdamW state) from shard files saved with any P."""
+        checkpoint_dir = Path(checkpoint_dir)
+        saved_p = shard_files.saved_parallel_size(checkpoint_dir, len(self.tables))
+        for i, t in enumerate(self.tables):
+            cols, step, meta = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end)
+            if int(meta["num_slots"]) != t.num_slots or int(meta["v_dim"]) != t.v_dim:
+                raise shard_files.ShardFileError(
+                    f"value table {i} in {checkpoint_dir} is {meta['num_slots']} x {meta['v_dim']}, the model's is "
+                    f"{t.num_slots} x {t.v_dim} (model.memory.n_keys / v_dim differ from the checkpoint's)"
+                )
+            with torch.no_grad():
+                t.shard.copy_(cols["weight"])
+            if self.optimizer is None:
+                continue
+            self.optimizer.state.pop(t.shard, None)
+            if step > 0:
+                self.optimizer.state[t.shard] = {
+                    "step": torch.tensor(step, dtype=torch.float32),
+                    "exp_avg": cols["exp_avg"].to(t.shard.device, t.shard.dtype),
+                    "exp_avg_sq": cols["exp_avg_sq"].to(t.shard.device, t.shard.dtype),
+                }
+
+    @staticmethod
+    def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+        """Full value tables {"values.{i}.weight": (N, v_dim)} for export, streamed shard by shard."""
+        return shard_files.consolidate(checkpoint_dir)

@@ -1,0 +1,133 @@
+"""Value-shard checkpoint files: write, read with re-sharding, consolidate.
+
+One safetensors file per (table, shard) holds the shard's columns and their AdamW
+state: `values.t{table}.s{shard}-of-{P}.safetensors` with tensors weight, exp_avg,
+exp_avg_sq (N, v_dim / P) and step (1,), and metadata naming the table width, seed
+and column range. Files are written to a temporary name and renamed. Reading a
+column range [c0, c1) streams the overlapping columns of whichever shards hold them,
+so a checkpoint saved with P shards loads into any P' that divides v_dim.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FILE_RE = re.compile(r"^values\.t(\d+)\.s(\d+)-of-(\d+)\.safetensors$")
+TENSORS = ("weight", "exp_avg", "exp_avg_sq")
+FORMAT = "memlayers-value-shard-1"
+
+
+class ShardFileError(RuntimeError):
+    """A value-shard checkpoint file is missing, truncated or inconsistent."""
+
+
+def shard_file_name(table: int, shard: int, parallel_size: int) -> str:
+    return f"values.t{table}.s{shard}-of-{parallel_size}.safetensors"
+
+
+def write_shard(
+    path: Path, weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float, meta: dict
+) -> None:
+    tensors = {
+        "weight": weight.detach().contiguous().cpu(),
+        "exp_avg": exp_avg.detach().contiguous().cpu(),
+        "exp_avg_sq": exp_avg_sq.detach().contiguous().cpu(),
+        "step": torch.tensor([float(step)], dtype=torch.float32),
+    }
+    metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def saved_parallel_size(checkpoint_dir: Path, num_tables: int) -> int:
+    """The P the checkpoint's value shards were saved with; checks every file is present."""
+    found: dict[int, set[tuple[int, int]]] = {}
+    for entry in Path(checkpoint_dir).iterdir() if Path(checkpoint_dir).is_dir() else []:
+        m = FILE_RE.match(entry.name)
+        if m:
+            t, s, p = map(int, m.groups())
+            found.setdefault(p, set()).add((t, s))
+    if not found:
+        raise ShardFileError(
+            f"no value-shard files (values.t<table>.s<shard>-of-<P>.safetensors) in {checkpoint_dir}: "
+            "was this checkpoint saved with MemoryParallel.save?"
+        )
+    if len(found) > 1:
+        raise ShardFileError(
+            f"{checkpoint_dir} mixes value shards saved with different group sizes {sorted(found)}: "
+            "remove the stale files"
+        )
+    (P, have), = found.items()
+    for t in range(num_tables):
+        for s in range(P):
+            if (t, s) not in have:
+                raise ShardFileError(f"missing value-shard file {Path(checkpoint_dir) / shard_file_name(t, s, P)}")
+    return P
+
+
+def read_columns(
+    checkpoint_dir: Path, table: int, saved_p: int, col_start: int, col_end: int, names=TENSORS
+) -> tuple[dict[str, torch.Tensor], float, dict]:
+    """Columns [col_start, col_end) of `names` of one table, and the AdamW step."""
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    steps, meta = set(), {}
+    for s in range(saved_p):
+        path = Path(checkpoint_dir) / shard_file_name(table, s, saved_p)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ShardFileError(f"{path} is not a value-shard file (format {meta.get('format')!r})")
+                s0, s1 = int(meta["col_start"]), int(meta["col_end"])
+                lo, hi = max(s0, col_start), min(s1, col_end)
+                if lo >= hi:
+                    continue
+                for n in names:
+                    parts[n].append(f.get_slice(n)[:, lo - s0 : hi - s0])
+                steps.add(float(f.get_tensor("step")[0]))
+        except ShardFileError:
+            raise
+        except Exception as err:  # safetensors reports truncation as assorted errors
+            raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+    if len(steps) > 1:
+        raise ShardFileError(f"value shards of table {table} in {checkpoint_dir} disagree on the AdamW step {steps}")
+    out = {n: torch.cat(p, dim=1) for n, p in parts.items()}
+    for n, t in out.items():
+        if t.shape[1] != col_end - col_start:
+            raise ShardFileError(
+                f"value shards of table {table} in {checkpoint_dir} cover {t.shape[1]} of columns "
+                f"[{col_start}, {col_end}) for {n}"
+            )
+    return out, steps.pop() if steps else 0.0, meta
+
+
+def consolidate(checkpoint_dir: str | Path, num_tables: int | None = None) -> dict[str, torch.Tensor]:
+    """Full value tables {"values.{i}.weight": (N, v_dim)}, filled shard by shard."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if num_tables is None:
+        names = [FILE_RE.match(e.name) for e in checkpoint_dir.iterdir()] if checkpoint_dir.is_dir() else []
+        num_tables = 1 + max((int(m.group(1)) for m in names if m), default=-1)
+    P = saved_parallel_size(checkpoint_dir, num_tables)
+    out = {}
+    for t in range(num_tables):
+        full = None
+        for s in range(P):
+            path = checkpoint_dir / shard_file_name(t, s, P)
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    shard = f.get_tensor("weight")
+            except Exception as err:
+                raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+            if full is None:
+                full = torch.empty(shard.shape[0], int(meta["v_dim"]), dtype=shard.dtype)
+            full[:, int(meta["col_start"]) : int(meta["col_end"])] = shard
+            del shard
+        out[f"values.{t}.weight"] = full
+    return out

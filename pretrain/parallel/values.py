@@ -1,0 +1,120 @@
+"""The value table split by columns over a memory group, and the swap into a built model.
+
+`PartitionedValueTable` holds this rank's column shard (N, v_dim / P) as a leaf
+tensor that is NOT a registered parameter: module.parameters(), state_dict(),
+.to()/.bfloat16() and DeepSpeed never see it (MemoryParallel owns its optimizer,
+gradient reduction and checkpoints). Forward, for tokens (T, H, k) on each rank:
+
+  all-gather the group's indices and weights  (T_all, H, k), weights keep autograd
+  bag over this rank's columns for all tokens  (T_all, v_dim / P)
+  all-to-all: each token's slice to its rank   (P * T, v_dim / P) -> (T, v_dim)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import kernels
+from pretrain.model.config import ConfigError
+from pretrain.model.memory import ValueTable
+from pretrain.parallel.comm import CommCounter, all_to_all_rows, exchange_counts, gather_tokens
+from pretrain.parallel.groups import MemoryGroups
+
+
+def shard_columns(v_dim: int, parallel_size: int, position: int) -> tuple[int, int]:
+    """[start, end) columns of shard `position` out of `parallel_size`."""
+    width = v_dim // parallel_size
+    return position * width, (position + 1) * width
+
+
+class PartitionedValueTable(nn.Module):
+    """This rank's columns of a value table of N rows and width v_dim (the logical table)."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        v_dim: int,
+        groups: MemoryGroups,
+        *,
+        seed: int = 0,
+        kernel: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        P = groups.parallel_size
+        if v_dim % P:
+            raise ConfigError(
+                f"model.memory.parallel_size={P} does not divide the value dim {v_dim} "
+                "(model.memory.v_dim, or model.dim when v_dim=0): choose a divisor of it"
+            )
+        self.num_slots, self.v_dim, self.kernel, self.seed, self.groups = num_slots, v_dim, kernel, seed, groups
+        self.col_start, self.col_end = shard_columns(v_dim, P, groups.position)
+        self.counter = CommCounter()
+        shard = nn.Parameter(torch.empty(num_slots, self.col_end - self.col_start, device=device, dtype=dtype))
+        object.__setattr__(self, "shard", shard)  # bypass nn.Module registration on purpose
+        self.reset_parameters()
+
+    @property
+    def parallel_size(self) -> int:
+        return self.groups.parallel_size
+
+    def reset_parameters(self) -> None:
+        """Draw this rank's columns of the sharding-invariant initialisation (no full table)."""
+        if self.shard.device.type == "cpu":
+            ValueTable.init_columns(self.shard.data, self.v_dim, self.col_start, self.seed)
+            return
+        cpu = torch.empty(self.shard.shape, dtype=self.shard.dtype)
+        ValueTable.init_columns(cpu, self.v_dim, self.col_start, self.seed)
+        self.shard.data.copy_(cpu)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_slots={self.num_slots}, v_dim={self.v_dim}, columns=[{self.col_start}, {self.col_end}), "
+            f"parallel_size={self.parallel_size}"
+        )
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """indices, weights (T, H, k) -> bag (T, v_dim), in the shard's dtype."""
+        if indices.shape != weights.shape:
+            raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
+        group, P = self.groups.memory_group, self.parallel_size
+        if P == 1:
+            return kernels.embedding_bag(self.shard, indices, weights, backend=self.kernel)
+        T = indices.shape[0]
+        counts = exchange_counts(T, group, self.counter, indices.device)
+        all_idx = gather_tokens(indices, counts, group, self.counter)
+        all_w = gather_tokens(weights, counts, group, self.counter)
+        part = kernels.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)
+        mine = all_to_all_rows(part, counts, [T] * P, group, self.counter)  # (P * T, v_dim / P)
+        return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
+
+
+def parallelize_memory(
+    model: nn.Module,
+    groups: MemoryGroups,
+    *,
+    kernel: str = "auto",
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+) -> list[PartitionedValueTable]:
+    """Replace every `model.values[i]` by its partitioned version; return the new tables.
+
+    Table i is initialised with seed base + i, where base is `seed` or, when None, the
+    seed of the model's first table (ValueTable's default is 0).
+    """
+    values = getattr(model, "values", None)
+    if values is None:
+        return []
+    base = seed if seed is not None else getattr(values[0], "seed", 0) if len(values) else 0
+    tables = []
+    for i, table in enumerate(values):
+        if isinstance(table, PartitionedValueTable):
+            raise ValueError(f"model.values[{i}] is already partitioned: call parallelize_memory once per model")
+        dtype = table.weight.dtype if hasattr(table, "weight") else torch.float32
+        new = PartitionedValueTable(
+            table.num_slots, table.v_dim, groups, seed=base + i, kernel=kernel, device=device, dtype=dtype
+        )
+        values[i] = new
+        tables.append(new)
+    return tables
