@@ -1,0 +1,294 @@
+"""Weighted embedding bag in Triton: forward, value gradient (sorted or atomic, dense
+or sparse) and per-weight gradient, wrapped in an autograd Function.
+
+Shapes: values (N, d) fp32/bf16/fp16 with unit column stride (a column slice
+`values[:, a:b]` of a partitioned pool is read in place), indices/weights (T, H, k)
+-> out (T, d) = sum over heads h and slots j of weights[t,h,j] * values[indices[t,h,j]].
+Let M = T*H*k entries, U = unique rows among them, e = element size of values.
+
+Forward: one program per (BLOCK_T tokens, BLOCK_D columns). It walks the token's M/T
+entries BLOCK_J at a time, gathering a (BLOCK_T, BLOCK_J, BLOCK_D) tile of rows with
+contiguous, vectorisable column loads, and accumulates in fp32 registers; the output
+is written once. Bytes: M*d*e gathered + M*(8 + w) for indices and weights + T*d*e out.
+
+Per-weight gradient: one program per (BLOCK_T tokens, BLOCK_J entries), looping over
+the columns: dweights[t,h,j] = <grad_out[t], values[indices[t,h,j]]>. Bytes: M*d*e
+gathered + T*d*e of grad_out + M*(8 + w).
+
+Value gradient, "sorted" (the default, deterministic): the M entries are sorted by
+row (stable torch.sort); one program per (unique row, BLOCK_D columns) sums
+weight * grad_out[token] over its segment in a fixed order with fp32 accumulation and
+writes its row once. No atomics, so repeated runs are bitwise identical. Bytes:
+M*d*e' of grad_out rows read (e' = grad element size) + U*d*e written (+ N*d*e of
+zero fill for the dense form; the sparse form returns only the U rows).
+
+Value gradient, "atomic": one program per (BLOCK_E entries, BLOCK_D columns) does
+`tl.atomic_add` of weight * grad_out[token] into an fp32 (N, d) buffer, cast at the end
+(bf16 atomics would lose precision, and the interpreter cannot do them). Faster when
+rows repeat little, but the float addition order varies between runs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import INTERPRETING, check_same_device, next_pow2
+
+VALUE_GRADS = ("sorted", "atomic", "sparse")
+
+
+@triton.jit
+def _bag_fwd_kernel(values_ptr, idx_ptr, w_ptr, out_ptr, T, M_T, D, stride_v, stride_o,
+                    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tmask = toks < T
+    cmask = cols < D
+    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    for j0 in range(0, M_T, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        emask = tmask[:, None] & (js < M_T)[None, :]
+        entry = toks[:, None].to(tl.int64) * M_T + js[None, :]
+        rows = tl.load(idx_ptr + entry, mask=emask, other=0).to(tl.int64)
+        w = tl.load(w_ptr + entry, mask=emask, other=0.0).to(tl.float32)
+        vals = tl.load(values_ptr + rows[:, :, None] * stride_v + cols[None, None, :],
+                       mask=emask[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(vals * w[:, :, None], axis=1)
+    out = out_ptr + toks[:, None].to(tl.int64) * stride_o + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _bag_weight_grad_kernel(values_ptr, idx_ptr, g_ptr, gw_ptr, T, M_T, D, stride_v, stride_g,
+                            BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    tmask = toks < T
+    emask = tmask[:, None] & (js < M_T)[None, :]
+    entry = toks[:, None].to(tl.int64) * M_T + js[None, :]
+    rows = tl.load(idx_ptr + entry, mask=emask, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_J), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        g = tl.load(g_ptr + toks[:, None].to(tl.int64) * stride_g + cols[None, :],
+                    mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        vals = tl.load(values_ptr + rows[:, :, None] * stride_v + cols[None, None, :],
+                       mask=emask[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(vals * g[:, None, :], axis=2)
+    tl.store(gw_ptr + entry, acc.to(gw_ptr.dtype.element_ty), mask=emask)
+
+
+@triton.jit
+def _bag_value_grad_sorted_kernel(g_ptr, w_ptr, perm_ptr, seg_ptr, rows_ptr, out_ptr, M_T, D, stride_g, stride_o,
+                                  DENSE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    u = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    start = tl.load(seg_ptr + u)
+    end = tl.load(seg_ptr + u + 1)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        emask = es < end
+        entry = tl.load(perm_ptr + es, mask=emask, other=0)
+        w = tl.load(w_ptr + entry, mask=emask, other=0.0).to(tl.float32)
+        tok = entry // M_T
+        g = tl.load(g_ptr + tok[:, None] * stride_g + cols[None, :],
+                    mask=emask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(g * w[:, None], axis=0)
+    if DENSE:
+        row = tl.load(rows_ptr + u).to(tl.int64)
+    else:
+        row = u.to(tl.int64)
+    tl.store(out_ptr + row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _bag_value_grad_atomic_kernel(g_ptr, w_ptr, idx_ptr, buf_ptr, M, M_T, D, stride_g,
+                                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    emask = es < M
+    mask = emask[:, None] & (cols < D)[None, :]
+    rows = tl.load(idx_ptr + es, mask=emask, other=0).to(tl.int64)
+    w = tl.load(w_ptr + es, mask=emask, other=0.0).to(tl.float32)
+    tok = es.to(tl.int64) // M_T
+    g = tl.load(g_ptr + tok[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_add(buf_ptr + rows[:, None] * D + cols[None, :], g * w[:, None], mask=mask)
+
+
+def _configs(*triples):
+    return [triton.Config(dict(zip(("BLOCK_T", "BLOCK_J", "BLOCK_D"), t[:3])), num_warps=t[3]) for t in triples]
+
+
+if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
+    _bag_fwd, _bag_weight_grad = _bag_fwd_kernel, _bag_weight_grad_kernel
+else:
+    # Memory-bound gathers: many rows in flight per program, 16-byte column vectors.
+    _bag_fwd = triton.autotune(
+        _configs((1, 16, 512, 4), (1, 32, 256, 4), (2, 16, 256, 4), (4, 8, 256, 8), (1, 16, 1024, 8), (1, 8, 1024, 4)),
+        key=["M_T", "D"])(_bag_fwd_kernel)
+    _bag_weight_grad = triton.autotune(
+        _configs((1, 32, 128, 4), (1, 16, 256, 4), (2, 16, 128, 4), (1, 64, 64, 4), (1, 32, 256, 8)),
+        key=["M_T", "D"])(_bag_weight_grad_kernel)
+
+
+def _block_d(D: int, cap: int) -> int:
+    return min(cap, max(16, next_pow2(D)))
+
+
+def _flat(indices: torch.Tensor, weights: torch.Tensor):
+    T = indices.shape[0]
+    return indices.reshape(T, -1).contiguous(), weights.reshape(T, -1).contiguous()
+
+
+def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    check_same_device(values=values, indices=indices, weights=weights)
+    if values.dim() != 2 or values.stride(1) != 1:
+        raise ValueError(f"values must be a 2-D (N, d) tensor with unit column stride, got shape "
+                         f"{tuple(values.shape)} strides {values.stride()}")
+    if indices.shape != weights.shape or indices.dim() < 2:
+        raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be (T, H, k)")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    if indices.numel():
+        lo, hi = torch.aminmax(indices)
+        if lo.item() < 0 or hi.item() >= values.shape[0]:
+            raise ValueError(f"indices span [{lo.item()}, {hi.item()}] outside the value table's "
+                             f"{values.shape[0]} rows (check memory.n_keys against the value table)")
+
+
+def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out (T, d) in values.dtype; no autograd."""
+    _check(values, indices, weights)
+    idx, w = _flat(indices, weights)
+    T, M_T = idx.shape
+    D = values.shape[1]
+    out = torch.empty(T, D, dtype=values.dtype, device=values.device)
+    if T == 0 or D == 0:
+        return out
+    if INTERPRETING:
+        bt, bj, bd = 4, 8, _block_d(D, 64)
+        _bag_fwd[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
+            values, idx, w, out, T, M_T, D, values.stride(0), out.stride(0), BLOCK_T=bt, BLOCK_J=bj, BLOCK_D=bd)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+        _bag_fwd[grid](values, idx, w, out, T, M_T, D, values.stride(0), out.stride(0))
+    return out
+
+
+def bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                    weights_dtype: torch.dtype) -> torch.Tensor:
+    """dweights (T, H, k): dot of grad_out[t] with each selected row, fp32 accumulation."""
+    idx = indices.reshape(indices.shape[0], -1).contiguous()
+    T, M_T = idx.shape
+    D = values.shape[1]
+    grad_out = grad_out.contiguous()
+    gw = torch.empty(T, M_T, dtype=weights_dtype, device=values.device)
+    if INTERPRETING:
+        bt, bj, bd = 4, 8, _block_d(D, 64)
+        _bag_weight_grad[(triton.cdiv(T, bt), triton.cdiv(M_T, bj))](
+            values, idx, grad_out, gw, T, M_T, D, values.stride(0), grad_out.stride(0),
+            BLOCK_T=bt, BLOCK_J=bj, BLOCK_D=bd)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(M_T, meta["BLOCK_J"]))  # noqa: E731
+        _bag_weight_grad[grid](values, idx, grad_out, gw, T, M_T, D, values.stride(0), grad_out.stride(0))
+    return gw.reshape(indices.shape)
+
+
+def _segments(indices: torch.Tensor):
+    """Stable sort of the flat entries by row: (unique rows, segment offsets (U+1), entry order)."""
+    flat = indices.reshape(-1)
+    sorted_rows, perm = torch.sort(flat, stable=True)
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=seg[1:])
+    return rows, seg, perm
+
+
+def _value_grad_sorted(grad_out, indices, weights, out, rows, seg, perm, dense: bool):
+    M_T = indices[0].numel() if indices.shape[0] else 1
+    D = grad_out.shape[1]
+    grad_out = grad_out.contiguous()
+    w = weights.reshape(-1).contiguous()
+    if rows.numel() == 0 or D == 0:
+        return out
+    bd = _block_d(D, 64 if INTERPRETING else 256)
+    be = 8 if INTERPRETING else 16
+    _bag_value_grad_sorted_kernel[(rows.numel(), triton.cdiv(D, bd))](
+        grad_out, w, perm, seg, rows, out, M_T, D, grad_out.stride(0), out.stride(0),
+        DENSE=dense, BLOCK_E=be, BLOCK_D=bd, num_warps=4)
+    return out
+
+
+def bag_value_grad_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                          num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense dvalues (num_rows, d), deterministic: sort + per-row segment reduction."""
+    rows, seg, perm = _segments(indices)
+    out = torch.zeros(num_rows, grad_out.shape[1], dtype=dtype, device=grad_out.device)
+    return _value_grad_sorted(grad_out, indices, weights, out, rows, seg, perm, dense=True)
+
+
+def bag_value_grad_sparse(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                          dtype: torch.dtype):
+    """Touched rows only: (unique rows (U,) int64 ascending, their gradient rows (U, d))."""
+    rows, seg, perm = _segments(indices)
+    out = torch.empty(rows.numel(), grad_out.shape[1], dtype=dtype, device=grad_out.device)
+    return rows, _value_grad_sorted(grad_out, indices, weights, out, rows, seg, perm, dense=False)
+
+
+def bag_value_grad_atomic(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                          num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense dvalues (num_rows, d) by fp32 atomics; addition order (last bits) varies by run."""
+    idx, w = _flat(indices, weights)
+    T, M_T = idx.shape
+    D = grad_out.shape[1]
+    grad_out = grad_out.contiguous()
+    buf = torch.zeros(num_rows, D, dtype=torch.float32, device=grad_out.device)
+    M = idx.numel()
+    if M and D:
+        bd = _block_d(D, 64 if INTERPRETING else 256)
+        be = 8 if INTERPRETING else 16
+        _bag_value_grad_atomic_kernel[(triton.cdiv(M, be), triton.cdiv(D, bd))](
+            grad_out, w, idx, buf, M, M_T, D, grad_out.stride(0), BLOCK_E=be, BLOCK_D=bd, num_warps=4)
+    return buf if dtype == torch.float32 else buf.to(dtype)
+
+
+class EmbeddingBag(torch.autograd.Function):
+    """Triton forward and backward; `value_grad` picks the value-gradient algorithm."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, value_grad):
+        out = bag_forward(values, indices, weights)
+        ctx.save_for_backward(values, indices, weights)
+        ctx.value_grad = value_grad
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        grad_values = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            N, dtype = values.shape[0], values.dtype
+            if ctx.value_grad == "sorted":
+                grad_values = bag_value_grad_sorted(grad_out, indices, weights, N, dtype)
+            elif ctx.value_grad == "atomic":
+                grad_values = bag_value_grad_atomic(grad_out, indices, weights, N, dtype)
+            else:
+                rows, grad_rows = bag_value_grad_sparse(grad_out, indices, weights, dtype)
+                grad_values = torch.sparse_coo_tensor(rows[None], grad_rows, values.shape,
+                                                      is_coalesced=True, check_invariants=False)
+        if ctx.needs_input_grad[2]:
+            grad_weights = bag_weight_grad(grad_out, values, indices, weights.dtype)
+        return grad_values, None, grad_weights, None
+
+
+def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                  value_grad: str = "sorted") -> torch.Tensor:
+    """Differentiable weighted bag (T, d). value_grad: "sorted" (deterministic, default),
+    "atomic" (fp32 atomics) or "sparse" (a sparse COO gradient holding only touched rows)."""
+    if value_grad not in VALUE_GRADS:
+        raise ValueError(f"value_grad={value_grad!r} must be one of {VALUE_GRADS}")
+    return EmbeddingBag.apply(values, indices, weights, value_grad)

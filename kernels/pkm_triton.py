@@ -1,0 +1,220 @@
+"""Fused product-key search in Triton: half-key scores, top-k per half, the k*k
+candidate sums, the final top-k and the softmax, in one kernel.
+
+Shapes (see kernels/reference.py): query (T, H, k_dim); keys1/keys2 (H, n, k_dim // 2);
+returns weights (T, H, k) in the query's dtype and int64 indices (T, H, k), i1 * n + i2.
+
+Design (forward, one program per (block of BLOCK_T tokens, head)):
+  * The program loads its BLOCK_T half-queries once and streams the head's half-keys
+    in tiles of BLOCK_N rows; each tile is scored with `tl.dot` (fp32 accumulation;
+    fp32 inputs use IEEE precision so results match the reference to ~1e-6).
+  * Each score is packed with its key index into one int64 (order-preserving float
+    bits in the high word, the bit-inverted index in the low word), so a plain row
+    max carries the argument along and keys are unique (ties go to the lower index).
+  * Selection is k rounds of row-max + knock-out over the running top-k and the new
+    tile together (`_extract_topk`): k*(k + BLOCK_N) compares per row and tile, all
+    in registers, written out in descending order (so k need not be a power of two;
+    register tiles are padded to KP, the next power of two). Triton's bitonic
+    `tl.topk` was the first design, but its xor-reductions run element by element in
+    the interpreter (~1 s per program), which made it untestable on CPU.
+  * The KP*KP candidate sums v1[a] + v2[b] are formed in registers, packed with the
+    slot id i1 * n + i2, and reduced by the same k-round extraction; the softmax
+    over the k winners runs in registers too. Taking the top k per half is exact:
+    the top k of all n*n sums always lies in top-k(half 1) x top-k(half 2).
+  Nothing of size N = n*n or k*k per token touches global memory.
+
+Bytes moved (forward, the model the benchmark counts): query T*H*k_dim*e, keys
+2*H*n*(k_dim/2)*e (each read once), weights T*H*k*e and indices T*H*k*8 written
+(e = element size). FLOPs: 2*T*H*n*k_dim (two half-key matmuls). The kernel rereads
+keys once per token block (from L2), which this model does not count.
+
+Backward (PyTorch on the saved indices): with ds = w * (dw - sum(dw * w)), the
+half-score gradients are scattered into dense (T, H, n) matrices D1, D2 (the size of
+the reference's own score tensor, not N), then dq = [D1 @ keys1, D2 @ keys2] and
+dkeys = D^T @ q run as dense matmuls. This reuses cuBLAS and is deterministic up to
+`scatter_add_` on CUDA (float atomics; the bag's value gradient is the part that
+must be bitwise reproducible, not this one).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import INTERPRETING, check_same_device, next_pow2
+
+_LOW_MAX = tl.constexpr(2147483647)  # low word = _LOW_MAX - index: larger for lower indices
+
+
+@triton.jit
+def _pack(score, index):
+    """int64 key ordered like `score` (fp32), ties broken toward the lower index."""
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) + (index.to(tl.int64) * -1 + _LOW_MAX)
+
+
+@triton.jit
+def _unpack(key):
+    hi = (key >> 32).to(tl.int32)
+    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+    low = key - ((key >> 32) << 32)
+    return bits.to(tl.float32, bitcast=True), low * -1 + _LOW_MAX
+
+
+@triton.jit
+def _extract_topk(a, b, K: tl.constexpr, KP: tl.constexpr):
+    """Top K of the union of packed keys a (R, A) and b (R, B), largest first, as (R, KP).
+
+    K rounds of row max + knock-out. Keys are unique (they carry their index), so
+    `== m` removes exactly the extracted key. Columns K..KP-1 stay at the sentinel.
+    """
+    neg = _pack(tl.full((1, 1), float("-inf"), tl.float32), tl.full((1, 1), _LOW_MAX, tl.int64))
+    cols = tl.arange(0, KP)[None, :]
+    out = tl.zeros((a.shape[0], KP), tl.int64) + neg
+    for j in range(K):
+        m = tl.maximum(tl.max(a, axis=1), tl.max(b, axis=1))[:, None]
+        out = tl.where(cols == j, m, out)
+        a = tl.where(a == m, neg, a)
+        b = tl.where(b == m, neg, b)
+    return out
+
+
+@triton.jit
+def _half_topk(q, keys_ptr, n_keys, half, stride_kn,
+               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HALF_P: tl.constexpr,
+               K: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr):
+    """Packed top-K keys (BLOCK_T, KP) of q (BLOCK_T, HALF_P) against one head's half-keys."""
+    dims = tl.arange(0, HALF_P)
+    dmask = dims < half
+    best = _pack(tl.full((BLOCK_T, KP), float("-inf"), tl.float32), tl.full((BLOCK_T, KP), _LOW_MAX, tl.int64))
+    for n0 in range(0, n_keys, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nmask = ns < n_keys
+        kt = tl.load(keys_ptr + dims[:, None] + ns[None, :].to(tl.int64) * stride_kn,
+                     mask=dmask[:, None] & nmask[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        best = _extract_topk(best, _pack(s, ns[None, :] + tl.zeros((BLOCK_T, BLOCK_N), tl.int32)), K, KP)
+    return best
+
+
+@triton.jit
+def _pkm_fwd_kernel(q_ptr, k1_ptr, k2_ptr, w_ptr, i_ptr,
+                    T, H, n_keys, half, stride_qt, stride_qh, stride_kh, stride_kn,
+                    K: tl.constexpr, KP: tl.constexpr, HALF_P: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    dims = tl.arange(0, HALF_P)
+    qmask = tmask[:, None] & (dims < half)[None, :]
+    q_base = q_ptr + toks[:, None].to(tl.int64) * stride_qt + h * stride_qh + dims[None, :]
+    q1 = tl.load(q_base, mask=qmask, other=0.0)
+    q2 = tl.load(q_base + half, mask=qmask, other=0.0)
+    best1 = _half_topk(q1, k1_ptr + h * stride_kh, n_keys, half, stride_kn, BLOCK_T, BLOCK_N, HALF_P, K, KP, IEEE)
+    best2 = _half_topk(q2, k2_ptr + h * stride_kh, n_keys, half, stride_kn, BLOCK_T, BLOCK_N, HALF_P, K, KP, IEEE)
+    v1, j1 = _unpack(best1)
+    v2, j2 = _unpack(best2)
+    cand = v1[:, :, None] + v2[:, None, :]
+    slot = j1[:, :, None] * n_keys + j2[:, None, :]
+    none = _pack(tl.full((BLOCK_T, KP), float("-inf"), tl.float32), tl.full((BLOCK_T, KP), _LOW_MAX, tl.int64))
+    top = _extract_topk(tl.reshape(_pack(cand, slot), (BLOCK_T, KP * KP)), none, K, KP)
+    score, slot = _unpack(top)
+    cols = tl.arange(0, KP)
+    valid = cols[None, :] < K
+    score = tl.where(valid, score, float("-inf"))
+    e = tl.exp(score - tl.max(score, axis=1)[:, None])
+    e = tl.where(valid, e, 0.0)
+    w = e / tl.sum(e, axis=1)[:, None]
+    out = toks[:, None].to(tl.int64) * (H * K) + h * K + cols[None, :]
+    omask = tmask[:, None] & valid
+    tl.store(w_ptr + out, w.to(w_ptr.dtype.element_ty), mask=omask)
+    tl.store(i_ptr + out, slot, mask=omask)
+
+
+def _launch_config(T: int, n_keys: int, kp: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_N, num_warps). tl.dot needs M, N, K >= 16 when compiled."""
+    block_n = max(kp, 16, min(128, next_pow2(n_keys)))
+    if INTERPRETING:
+        return 16, block_n, 4
+    # The KP*KP candidate tile lives in registers: keep BLOCK_T small when it is big.
+    block_t = 16 if kp >= 32 else 32
+    return block_t, block_n, 8 if kp >= 32 else 4
+
+
+def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
+    """Kernel launch without autograd: weights (T, H, k) in query.dtype, int64 indices."""
+    check_same_device(query=query, keys1=keys1, keys2=keys2)
+    T, H, k_dim = query.shape
+    n_keys, half = keys1.shape[1], keys1.shape[2]
+    if k_dim != 2 * half or keys1.shape != keys2.shape or keys1.shape[0] != H:
+        raise ValueError(f"shapes query {tuple(query.shape)}, keys1 {tuple(keys1.shape)}, keys2 {tuple(keys2.shape)} "
+                         "do not match (T, H, 2*half) / (H, n_keys, half)")
+    if not 0 < k <= n_keys:
+        raise ValueError(f"k={k} must be in 1..n_keys={n_keys} (config key memory.k)")
+    if n_keys * n_keys >= 2**31:
+        raise ValueError(f"n_keys={n_keys} gives more than 2**31 slots; the packed top-k keys hold 31-bit slot ids")
+    query = query.contiguous()
+    keys1, keys2 = keys1.to(query.dtype).contiguous(), keys2.to(query.dtype).contiguous()
+    weights = torch.empty(T, H, k, dtype=query.dtype, device=query.device)
+    indices = torch.empty(T, H, k, dtype=torch.int64, device=query.device)
+    if T == 0:
+        return weights, indices
+    kp = next_pow2(k)
+    block_t, block_n, warps = _launch_config(T, n_keys, kp)
+    grid = (triton.cdiv(T, block_t), H)
+    _pkm_fwd_kernel[grid](
+        query, keys1, keys2, weights, indices, T, H, n_keys, half,
+        query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1),
+        K=k, KP=kp, HALF_P=max(16, next_pow2(half)), BLOCK_T=block_t, BLOCK_N=block_n,
+        IEEE=query.dtype == torch.float32, num_warps=warps,
+    )
+    return weights, indices
+
+
+def pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices):
+    """Gradients (dquery, dkeys1, dkeys2) of the softmax weights, from saved indices."""
+    n_keys, half = keys1.shape[1], keys1.shape[2]
+    w = weights.float()
+    g = grad_weights.float()
+    ds = w * (g - (g * w).sum(-1, keepdim=True))
+    T, H, _ = w.shape
+    dense1 = torch.zeros(T, H, n_keys, dtype=torch.float32, device=w.device)
+    dense2 = torch.zeros_like(dense1)
+    dense1.scatter_add_(2, indices // n_keys, ds)
+    dense2.scatter_add_(2, indices % n_keys, ds)
+    qf = query.float()
+    q1, q2 = qf[..., :half], qf[..., half:]
+    dq = torch.cat([torch.einsum("thn,hnd->thd", dense1, keys1.float()),
+                    torch.einsum("thn,hnd->thd", dense2, keys2.float())], dim=-1)
+    dk1 = torch.einsum("thn,thd->hnd", dense1, q1)
+    dk2 = torch.einsum("thn,thd->hnd", dense2, q2)
+    return dq.to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
+
+
+class PKMTopK(torch.autograd.Function):
+    """Autograd wrapper: Triton forward, PyTorch backward on the saved indices."""
+
+    @staticmethod
+    def forward(ctx, query, keys1, keys2, k):
+        weights, indices = pkm_topk_forward(query, keys1, keys2, k)
+        ctx.save_for_backward(query, keys1, keys2, weights, indices)
+        ctx.mark_non_differentiable(indices)
+        return weights, indices
+
+    @staticmethod
+    def backward(ctx, grad_weights, grad_indices):
+        query, keys1, keys2, weights, indices = ctx.saved_tensors
+        dq, dk1, dk2 = pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices)
+        return (dq if ctx.needs_input_grad[0] else None, dk1 if ctx.needs_input_grad[1] else None,
+                dk2 if ctx.needs_input_grad[2] else None, None)
+
+
+def pkm_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
+    """Differentiable fused product-key top-k: weights (T, H, k), indices (T, H, k)."""
+    return PKMTopK.apply(query, keys1, keys2, k)
