@@ -1,0 +1,372 @@
+"""Submitting training runs to Slurm: Slurm options, the rendered sbatch script, the run
+directory (resolved config, optional code snapshot, log folder) and the `sbatch` call.
+
+`tools/submit.py` is the command line over this module. Every value inserted into the
+script is validated and shell-quoted; `sbatch` is called with an argument list.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import string
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.config import ConfigError, load_config, save_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE_DIR = REPO_ROOT / "slurm"
+SNAPSHOT_DIRS = ("pretrain", "kernels", "tools", "configs")
+CONFIG_NAME = "config.yaml"
+SCRIPT_NAME = "train.sbatch"
+LOG_DIR = "logs"
+
+
+class SubmitError(RuntimeError):
+    """Submission refused or failed; the message says why and what to do."""
+
+
+@dataclass
+class SlurmOptions:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # CPU variant only; GPU jobs run one task per GPU
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str | None = None
+    signal_seconds: int = 180  # USR1 this long before the time limit: time to checkpoint
+    extra_sbatch: list[str] = field(default_factory=list)
+    cpu: bool = False
+
+
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and the words below).
+_TIME_FORMS = [
+    (re.compile(r"^(\d+)$"), ("minutes",)),
+    (re.compile(r"^(\d+):(\d+)$"), ("minutes", "seconds")),
+    (re.compile(r"^(\d+):(\d+):(\d+)$"), ("hours", "minutes", "seconds")),
+    (re.compile(r"^(\d+)-(\d+)$"), ("days", "hours")),
+    (re.compile(r"^(\d+)-(\d+):(\d+)$"), ("days", "hours", "minutes")),
+    (re.compile(r"^(\d+)-(\d+):(\d+):(\d+)$"), ("days", "hours", "minutes", "seconds")),
+]
+_TIME_LIMITS = {"hours": 24, "minutes": 60, "seconds": 60}
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """Seconds in a Slurm --time string (None for UNLIMITED); SubmitError if malformed."""
+    value = value.strip()
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    for pattern, units in _TIME_FORMS:
+        m = pattern.match(value)
+        if not m:
+            continue
+        parts = dict(zip(units, (int(x) for x in m.groups())))
+        # The leading field may be as large as it likes ("90" minutes); later fields wrap.
+        for unit in units[1:]:
+            if parts[unit] >= _TIME_LIMITS[unit]:
+                raise SubmitError(
+                    f"--time {value!r}: {unit} must be below {_TIME_LIMITS[unit]} (formats: M, M:S, H:M:S, D-H, "
+                    "D-H:M, D-H:M:S, e.g. --time 2-00:00:00)"
+                )
+        seconds = (
+            parts.get("days", 0) * 86400 + parts.get("hours", 0) * 3600 + parts.get("minutes", 0) * 60
+            + parts.get("seconds", 0)
+        )
+        if seconds == 0:
+            raise SubmitError(f"--time {value!r} is zero: give a positive time limit, e.g. --time 04:00:00")
+        return seconds
+    raise SubmitError(
+        f"--time {value!r} is not a Slurm time: use M, M:S, H:M:S, D-H, D-H:M or D-H:M:S (e.g. --time 04:00:00)"
+    )
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.,:&|+=@-]+$")
+
+
+def _directive_value(what: str, value: str) -> str:
+    """A value for an #SBATCH line: sbatch reads quotes there, but not escapes or newlines."""
+    if not value or any(c in value for c in "\n\r'\"\\"):
+        raise SubmitError(f"{what}={value!r}: #SBATCH values must be non-empty without quotes, backslashes or newlines")
+    return shlex.quote(value)
+
+
+def _path_value(what: str, path: Path, suffix: str = "") -> str:
+    """A path for an #SBATCH line; `suffix` may carry Slurm's %-patterns, the path may not."""
+    text = str(path)
+    if "%" in text:
+        raise SubmitError(f"{what}={text!r} contains '%', which Slurm expands in file names: choose another path")
+    return _directive_value(what, text + suffix)
+
+
+def _check_options(opts: SlurmOptions) -> None:
+    for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_seconds"):
+        value = getattr(opts, name)
+        if not isinstance(value, int) or value < (0 if name == "gpus_per_node" else 1):
+            raise SubmitError(f"--{name.replace('_', '-')}={value!r} must be a positive integer")
+    if opts.cpu:
+        if opts.tasks_per_node is not None and opts.tasks_per_node < 1:
+            raise SubmitError(f"--tasks-per-node={opts.tasks_per_node} must be a positive integer")
+    else:
+        if opts.gpus_per_node < 1:
+            raise SubmitError("--gpus-per-node must be >= 1 for a GPU job (use --cpu for a CPU-only job)")
+        if opts.tasks_per_node not in (None, opts.gpus_per_node):
+            raise SubmitError(
+                f"--tasks-per-node={opts.tasks_per_node} differs from --gpus-per-node={opts.gpus_per_node}: "
+                "GPU jobs run one task per GPU (drop --tasks-per-node)"
+            )
+    limit = time_limit_seconds(opts.time)
+    if limit is not None and opts.signal_seconds >= limit:
+        raise SubmitError(
+            f"--signal-seconds={opts.signal_seconds} is not shorter than --time {opts.time} ({limit} s): "
+            "the stop signal would come before the job starts working"
+        )
+    for name in ("partition", "account", "qos", "constraint", "job_name"):
+        value = getattr(opts, name)
+        if value is not None and not _NAME.match(value):
+            raise SubmitError(f"--{name.replace('_', '-')}={value!r} has characters Slurm does not accept there")
+    for line in opts.extra_sbatch:
+        if not line.startswith("-") or "\n" in line or "\r" in line:
+            raise SubmitError(f"--sbatch {line!r} must be one sbatch option such as --mem=64G or --exclusive")
+
+
+def world_size(opts: SlurmOptions) -> int:
+    return opts.nodes * tasks_per_node(opts)
+
+
+def tasks_per_node(opts: SlurmOptions) -> int:
+    if opts.cpu:
+        return opts.tasks_per_node or 1
+    return opts.gpus_per_node
+
+
+class _SbatchTemplate(string.Template):
+    delimiter = "@"  # "$" belongs to the shell in these scripts
+
+
+def render_script(
+    opts: SlurmOptions,
+    run_dir: Path,
+    config_path: Path,
+    workdir: Path,
+    code_dir: Path,
+    python: str,
+    snapshot: bool,
+    template_dir: Path = TEMPLATE_DIR,
+) -> str:
+    """The sbatch script text for these options; paths should be absolute."""
+    _check_options(opts)
+    template_file = template_dir / ("train_cpu.sbatch" if opts.cpu else "train_gpu.sbatch")
+    site = []
+    for name in ("partition", "account", "qos", "constraint"):
+        value = getattr(opts, name)
+        if value is not None:
+            site.append(f"#SBATCH --{name}={shlex.quote(value)}")
+    for line in opts.extra_sbatch:
+        site.append("#SBATCH " + " ".join(_directive_value("--sbatch", tok) for tok in shlex.split(line)))
+    values = {
+        "job_name": _directive_value("--job-name", opts.job_name or f"memlayers-{run_dir.name}"),
+        "nodes": str(opts.nodes),
+        "tasks_per_node": str(tasks_per_node(opts)),
+        "gpus_per_node": str(opts.gpus_per_node),
+        "cpus_per_task": str(opts.cpus_per_task),
+        "time": opts.time.strip(),
+        "signal": f"USR1@{opts.signal_seconds}",
+        # %j: Slurm's job id, so every job (and its requeued runs, appended) has its own log.
+        "log_path": _path_value("train.run_dir", run_dir, suffix=f"/{LOG_DIR}/slurm-%j.out"),
+        "workdir": _path_value("working directory", workdir),
+        "site_options": "\n".join(site),
+        "code_dir": shlex.quote(str(code_dir)),
+        # A snapshot must win over the working directory that `python -m` puts first on sys.path.
+        "python_env": "export PYTHONSAFEPATH=1" if snapshot else "",
+        "python": shlex.quote(python),
+        "config_path": shlex.quote(str(config_path)),
+    }
+    text = template_file.read_text()
+    for key, value in values.items():
+        if value == "":
+            text = text.replace(f"@{{{key}}}\n", "")
+    return _SbatchTemplate(text).substitute(values)
+
+
+@dataclass
+class PreparedRun:
+    run_dir: Path
+    config_path: Path
+    script_path: Path
+    script: str
+    config_text: str
+    code_dir: Path
+    created_dir: bool = False  # run_dir did not exist before
+    created_paths: list[Path] = field(default_factory=list)
+    replaced_code: Path | None = None  # previous snapshot kept until the submission succeeds
+
+
+def _resolved_config_text(cfg) -> str:
+    """The YAML that save_config writes, produced through save_config itself."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_NAME
+        save_config(cfg, path)
+        return path.read_text()
+
+
+def plan_run(
+    config: str | Path,
+    overrides: list[str],
+    opts: SlurmOptions,
+    *,
+    workdir: Path | None = None,
+    python: str | None = None,
+    snapshot: bool = False,
+    resume: bool = False,
+) -> PreparedRun:
+    """Validate everything and render the script, touching nothing on disk."""
+    workdir = Path(workdir or Path.cwd()).resolve()
+    python = python or sys.executable
+    _check_options(opts)
+    if snapshot and sys.version_info < (3, 11):
+        raise SubmitError("--snapshot-code needs Python >= 3.11 (PYTHONSAFEPATH) in the job's environment")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        raise SubmitError(f"config {config}: {err}") from None
+    run_dir = Path(cfg.train.run_dir)
+    if not run_dir.is_absolute():
+        run_dir = workdir / run_dir
+    run_dir = run_dir.resolve()
+    # The job may start in another directory: the saved config names the run dir absolutely.
+    cfg.train.run_dir = str(run_dir)
+    config_text = _resolved_config_text(cfg)
+    config_path = run_dir / CONFIG_NAME
+    code_dir = run_dir / "code" if snapshot else REPO_ROOT
+    script = render_script(opts, run_dir, config_path, workdir, code_dir, python, snapshot)
+
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise SubmitError(f"train.run_dir={run_dir} exists and is not a directory: choose another train.run_dir")
+        existing = config_path.read_text() if config_path.is_file() else None
+        if resume:
+            if existing is None:
+                raise SubmitError(
+                    f"--resume: {run_dir} holds no {CONFIG_NAME}, so it is not a run directory made by this tool"
+                )
+            if existing != config_text:
+                raise SubmitError(
+                    f"--resume: the resolved config differs from {config_path} (a different run): resubmit with "
+                    "the same config and overrides, or choose a new train.run_dir"
+                )
+        elif any(run_dir.iterdir()):
+            raise SubmitError(
+                f"train.run_dir={run_dir} already exists and is not empty (another run's directory): pass --resume "
+                "to continue that run with the same config, or set train.run_dir=<new path>"
+            )
+    elif resume:
+        raise SubmitError(f"--resume: {run_dir} does not exist: submit without --resume to start this run")
+    return PreparedRun(
+        run_dir=run_dir,
+        config_path=config_path,
+        script_path=run_dir / SCRIPT_NAME,
+        script=script,
+        config_text=config_text,
+        code_dir=code_dir,
+    )
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _copy_code(dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", ".*")
+    for name in SNAPSHOT_DIRS:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name, ignore=ignore)
+    tmp.rename(dest)
+
+
+def materialise(plan: PreparedRun) -> None:
+    """Create the run directory, resolved config, log folder, code snapshot and script."""
+    if not plan.run_dir.exists():
+        plan.run_dir.mkdir(parents=True)
+        plan.created_dir = True
+    logs = plan.run_dir / LOG_DIR
+    if not logs.exists():
+        logs.mkdir()
+        plan.created_paths.append(logs)
+    if not plan.config_path.exists():
+        plan.created_paths.append(plan.config_path)
+    _write_text(plan.config_path, plan.config_text)
+    if plan.code_dir != REPO_ROOT:
+        if plan.code_dir.exists():
+            plan.replaced_code = plan.code_dir.with_name("code.previous")
+            plan.code_dir.rename(plan.replaced_code)
+        plan.created_paths.append(plan.code_dir)
+        _copy_code(plan.code_dir)
+    if not plan.script_path.exists():
+        plan.created_paths.append(plan.script_path)
+    _write_text(plan.script_path, plan.script)
+
+
+def rollback(plan: PreparedRun) -> None:
+    """Remove what materialise() created (all of it for a new run directory)."""
+    if plan.created_dir:
+        shutil.rmtree(plan.run_dir, ignore_errors=True)
+        return
+    for path in reversed(plan.created_paths):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if plan.replaced_code is not None and plan.replaced_code.exists():
+        plan.replaced_code.rename(plan.code_dir)
+
+
+def commit(plan: PreparedRun) -> None:
+    if plan.replaced_code is not None:
+        shutil.rmtree(plan.replaced_code, ignore_errors=True)
+
+
+def sbatch(script_path: Path, sbatch_bin: str = "sbatch") -> str:
+    """Submit a script; return the job id. SubmitError carries sbatch's own message."""
+    exe = shutil.which(sbatch_bin)
+    if exe is None:
+        raise SubmitError(
+            f"sbatch not found on PATH ({sbatch_bin!r}): run on a Slurm login node, or use --dry-run to see the script"
+        )
+    result = subprocess.run(
+        [exe, "--parsable", str(script_path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    if result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip() or "(no output)")
+        raise SubmitError(f"sbatch refused the job (exit {result.returncode}): {message}")
+    # --parsable prints "<jobid>" or "<jobid>;<cluster>".
+    job_id = result.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SubmitError(f"sbatch printed {result.stdout.strip()!r}, not a job id")
+    return job_id
+
+
+def submit(plan: PreparedRun, sbatch_bin: str = "sbatch") -> str:
+    """Write the run directory and submit; on any failure leave nothing half-created."""
+    try:
+        materialise(plan)
+        job_id = sbatch(plan.script_path, sbatch_bin)
+    except BaseException:
+        rollback(plan)
+        raise
+    commit(plan)
+    return job_id

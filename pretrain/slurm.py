@@ -1,0 +1,266 @@
+"""Running inside a Slurm job: rank/world/rendezvous derived from SLURM_* variables, the
+stop signal (USR1/SIGTERM) agreed on by every rank, and requeueing the job.
+
+The trainer uses it like this:
+
+    env = distributed_env_from_slurm()           # {} outside a Slurm task
+    for key, value in env.items():
+        os.environ.setdefault(key, value)         # never override torchrun's values
+    stop = StopSignal()
+    while step < max_steps:
+        ...
+        if stop.should_stop():                    # same answer on every rank, same step
+            save_checkpoint(...)
+            if rank == 0:
+                requeue_job()                     # last: Slurm cancels the job at once
+            break
+    stop.close()
+
+Slurm delivers `--signal=USR1@<seconds>` (and `scancel --signal=USR1`) to every process of
+the job's steps, so each rank's handler fires; a rank that misses it still stops at the
+same step because the flag is all-reduced with MAX.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+
+# The rendezvous port lives in 10000..29999: above the well-known and common service ports,
+# below Linux's ephemeral range (32768+), so it does not collide with outgoing connections.
+PORT_BASE = 10000
+PORT_SPAN = 20000
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class SlurmEnvError(RuntimeError):
+    """A SLURM_* variable is missing or malformed; the message names it."""
+
+
+def in_slurm_task(environ: Mapping[str, str] | None = None) -> bool:
+    """True inside a task launched by srun (a job step), not in the batch shell itself."""
+    environ = os.environ if environ is None else environ
+    return "SLURM_JOB_ID" in environ and "SLURM_STEP_ID" in environ and "SLURM_PROCID" in environ
+
+
+def master_port_for_job(job_id: int | str) -> int:
+    """A rendezvous port derived from the job id: the same on every node of the job."""
+    try:
+        job = int(job_id)
+    except ValueError:
+        raise SlurmEnvError(f"SLURM_JOB_ID={job_id!r} is not an integer") from None
+    return PORT_BASE + job % PORT_SPAN
+
+
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def first_host_python(nodelist: str) -> str:
+    """First host of a Slurm hostlist expression ("gpu[003-010,012],cpu1" -> "gpu003").
+
+    Pure-Python fallback used only where `scontrol` is not installed: it expands just the
+    first entry of every bracket group, keeping zero padding.
+    """
+    nodelist = nodelist.strip()
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end]
+    if not first or depth < 0 or first.count("[") != first.count("]"):
+        raise SlurmEnvError(f"SLURM_JOB_NODELIST={nodelist!r} is not a valid Slurm hostlist")
+
+    def lowest(match: re.Match) -> str:
+        item = match.group(1).split(",")[0]
+        start = item.split("-")[0]
+        if not start.isdigit():
+            raise SlurmEnvError(f"SLURM_JOB_NODELIST={nodelist!r} is not a valid Slurm hostlist")
+        return start
+
+    return _BRACKET.sub(lowest, first)
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a nodelist, expanded by `scontrol show hostnames` (Slurm's own parser)."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return first_host_python(nodelist)
+    result = subprocess.run(
+        [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60, check=False
+    )
+    hosts = result.stdout.split()
+    if result.returncode != 0 or not hosts:
+        # scontrol needs a readable slurm.conf; the job must still start without one.
+        host = first_host_python(nodelist)
+        print(
+            f"`scontrol show hostnames {nodelist}` failed (exit {result.returncode}: {result.stderr.strip()}); "
+            f"using {host} from the node list itself",
+            file=sys.stderr,
+            flush=True,
+        )
+        return host
+    return hosts[0]
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    value = environ.get(name)
+    if value is None:
+        raise SlurmEnvError(f"{name} is not set inside the Slurm task (launch the trainer with srun)")
+    try:
+        return int(value)
+    except ValueError:
+        raise SlurmEnvError(f"{name}={value!r} is not an integer") from None
+
+
+def distributed_env_from_slurm(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT for a task launched by srun.
+
+    Returns {} outside a Slurm task (no SLURM_JOB_ID/SLURM_STEP_ID), including the batch
+    shell itself, where a plain `python -m pretrain.train` is a single process.
+    """
+    environ = os.environ if environ is None else environ
+    if not in_slurm_task(environ):
+        return {}
+    rank = _int_var(environ, "SLURM_PROCID")
+    local_rank = _int_var(environ, "SLURM_LOCALID")
+    # srun sets SLURM_STEP_NUM_TASKS for the step; SLURM_NTASKS may describe the allocation.
+    world_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+    world_size = _int_var(environ, world_var)
+    if not 0 <= rank < world_size:
+        raise SlurmEnvError(f"SLURM_PROCID={rank} is outside 0..{world_var}-1={world_size - 1}")
+    if local_rank < 0 or local_rank > rank:
+        raise SlurmEnvError(f"SLURM_LOCALID={local_rank} must be in 0..SLURM_PROCID={rank}")
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise SlurmEnvError("SLURM_JOB_NODELIST is not set inside the Slurm task")
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": first_host(nodelist),
+        "MASTER_PORT": str(master_port_for_job(environ["SLURM_JOB_ID"])),
+    }
+
+
+class StopSignal:
+    """A flag set by SIGUSR1/SIGTERM, agreed on by all ranks at a step boundary.
+
+    The handler only sets the flag (no I/O, no locks), and calls a previously installed
+    Python handler after it. `close()` restores the previous handlers. Must be created in
+    the main thread (Python delivers signals there only).
+    """
+
+    def __init__(self, signals=STOP_SIGNALS, group=None, check_every: int = 1):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("StopSignal() must be created in the main thread (signal handlers live there)")
+        if check_every < 1:
+            raise ValueError(f"check_every={check_every} must be >= 1")
+        self.group = group
+        self.check_every = check_every
+        self.received: int | None = None  # number of the first stop signal received locally
+        self._agreed = False
+        self._calls = 0
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    @property
+    def local_flag(self) -> bool:
+        return self.received is not None
+
+    def should_stop(self) -> bool:
+        """Call once per step on every rank; True on all ranks at the same call once any rank
+        received a stop signal. Collective when torch.distributed is initialised."""
+        if self._agreed:
+            return True
+        self._calls += 1
+        if self._calls % self.check_every:
+            return False
+        flag = self.local_flag
+        dist = _initialised_dist()
+        if dist is not None:
+            import torch
+
+            device = "cpu"
+            if dist.get_backend(self.group) == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            flag = bool(t.item())
+        self._agreed = flag
+        return flag
+
+    def close(self) -> None:
+        """Restore the handlers that were installed before (idempotent)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _initialised_dist():
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _job_rank() -> int:
+    dist = _initialised_dist()
+    if dist is not None:
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def requeue_job(environ: Mapping[str, str] | None = None) -> bool:
+    """Requeue this Slurm job (`scontrol requeue <id>`) from rank 0; True if it was requeued.
+
+    Outside Slurm, or on any other rank, it does nothing and returns False. Slurm cancels
+    the running job as soon as the requeue is accepted, so call this after the checkpoint
+    is complete and everything else is flushed.
+    """
+    environ = os.environ if environ is None else environ
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id or _job_rank() != 0:
+        return False
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        print(f"requeue of job {job_id} skipped: scontrol is not on PATH", file=sys.stderr, flush=True)
+        return False
+    print(f"requeueing Slurm job {job_id}", file=sys.stderr, flush=True)
+    result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        print(
+            f"`scontrol requeue {job_id}` failed (exit {result.returncode}): {result.stderr.strip()} "
+            "(was the job submitted with --requeue?)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True

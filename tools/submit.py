@@ -1,0 +1,90 @@
+"""Submit a pretraining run to Slurm: `memlayers-submit --config configs/tiny.yaml
+train.max_steps=1000 --nodes 4 --gpus-per-node 8 --time 2-00:00:00 --partition gpu`.
+
+Creates the run directory (resolved config, logs/, the rendered train.sbatch, optionally a
+code snapshot), calls sbatch and prints the job id and the TensorBoard command.
+`--dry-run` prints the script and writes nothing. Logic lives in pretrain.launch.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.launch import SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memlayers-submit",
+        description="Render an sbatch script for a training run and submit it.",
+        epilog="Positional key=value arguments override config fields, e.g. train.max_steps=1000.",
+    )
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU")
+    p.add_argument("--cpu", action="store_true", help="CPU-only variant (gloo, DS_ACCELERATOR=cpu), for testing")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node for --cpu (default 1)")
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--time", default="24:00:00", help="Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--job-name")
+    p.add_argument("--signal-seconds", type=int, default=180, help="send USR1 this long before the time limit")
+    p.add_argument(
+        "--sbatch", action="append", default=[], metavar="OPTION", dest="extra_sbatch",
+        help="extra sbatch option line, repeatable, e.g. --sbatch=--mem=64G",
+    )
+    p.add_argument("--snapshot-code", action="store_true", help="run from a copy of the code in <run_dir>/code")
+    p.add_argument("--resume", action="store_true", help="resubmit an existing run directory (same resolved config)")
+    p.add_argument("--workdir", type=Path, default=None, help="job working directory (default: current)")
+    p.add_argument("--python", default=None, help="python executable for the job (default: this one)")
+    p.add_argument("--dry-run", action="store_true", help="print the script; create nothing, submit nothing")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = SlurmOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        job_name=args.job_name,
+        signal_seconds=args.signal_seconds,
+        extra_sbatch=args.extra_sbatch,
+        cpu=args.cpu,
+    )
+    try:
+        plan = plan_run(
+            args.config, args.overrides, opts,
+            workdir=args.workdir, python=args.python, snapshot=args.snapshot_code, resume=args.resume,
+        )
+        if args.dry_run:
+            sys.stdout.write(plan.script)
+            return 0
+        job_id = submit(plan)
+    except SubmitError as err:
+        print(f"memlayers-submit: error: {err}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job_id}")
+    print(f"run directory: {plan.run_dir}")
+    print(f"log: {plan.run_dir / 'logs' / f'slurm-{job_id}.out'}")
+    print(f"tensorboard --logdir {shlex.quote(str(plan.run_dir / 'tensorboard'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
