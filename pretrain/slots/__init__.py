@@ -1,0 +1,23 @@
+"""Slot access statistics: counters, reduction, background sample, table file, TF-IDF.
+
+Trainer use: `SlotStatistics.update` once per micro-batch with each memory layer's
+`last_indices` and the batch's doc ids; `reduce()` at log/checkpoint time; `save_table`
+next to every checkpoint. Format of the table: see pretrain/slots/table.py.
+"""
+from pretrain.slots.counters import SlotStatistics
+from pretrain.slots.granularity import parse_granularity
+from pretrain.slots.sample import SampleData, recompute_doc_freq
+from pretrain.slots.table import (
+    FORMAT_VERSION, TABLE_FILENAME, SlotTable, find_table, load_table, model_config_hash, save_table, tokenizer_hash,
+)
+from pretrain.slots.tfidf import (
+    RankedSlot, TableMismatchError, check_table_matches, load_export_for_tfidf, load_model_for_tfidf,
+    memory_layer_names, rank_slots, tfidf_scores,
+)
+
+__all__ = [
+    "FORMAT_VERSION", "RankedSlot", "SampleData", "SlotStatistics", "SlotTable", "TABLE_FILENAME",
+    "TableMismatchError", "check_table_matches", "find_table", "load_export_for_tfidf", "load_model_for_tfidf",
+    "load_table", "memory_layer_names", "model_config_hash", "parse_granularity", "rank_slots",
+    "recompute_doc_freq", "save_table", "tfidf_scores", "tokenizer_hash",
+]

@@ -1,0 +1,161 @@
+"""The slot-frequency table file (`slot_frequencies.safetensors`): write, read, hashes.
+
+Format (version 1), a safetensors file readable without this codebase:
+  tensors
+    <layer>.counts             int64 (N,)  top-k hits per slot (tokens x heads x k)
+    <layer>.doc_freq           int64 (N,)  units (see `granularity`) that selected the slot
+    history.step               int64 (P,)  steps at which coverage was recorded
+    history.<layer>.used       int64 (P,)  slots used so far, at each history step
+    history.<layer>.interval_used int64 (P,) slots used within the interval ending there
+    sample.<layer>.indices     int32 (M, B*S, H, k)  background sample (optional)
+    sample.doc_ids             int64 (M, B, S)       its doc ids (negative = padding)
+    sample.batch_index         int64 (M,)            micro-batch index of each entry
+  header metadata (all strings)
+    format_version "1", layers (JSON list of layer names), num_slots, num_documents,
+    num_tokens, granularity (document | sequence | chunk:<n>), step,
+    model_config_hash (see model_config_hash), tokenizer_hash (sha256 of tokenizer.model),
+    plus any caller-supplied keys (JSON-encoded unless strings).
+Written to a temporary name in the same directory and renamed, so readers never see a
+partial file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pretrain.slots.sample import SampleData
+
+FORMAT_VERSION = 1
+TABLE_FILENAME = "slot_frequencies.safetensors"
+# Execution choices that do not change the function the model computes.
+_HASH_EXCLUDED = {"memory": ("kernel", "parallel_size")}
+_RESERVED = ("format_version", "layers", "num_slots", "num_documents", "num_tokens", "granularity", "step")
+
+
+def model_config_hash(model_cfg) -> str:
+    """sha256 of the canonical JSON of a ModelConfig (kernel backend and parallel size left out)."""
+    d = dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+    d = json.loads(json.dumps(d))
+    for section, keys in _HASH_EXCLUDED.items():
+        for key in keys:
+            d.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """sha256 of a tokenizer model file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class SlotTable:
+    path: Path
+    layers: list[str]
+    num_slots: int
+    counts: dict[str, torch.Tensor]
+    doc_freq: dict[str, torch.Tensor]
+    num_documents: int
+    num_tokens: int
+    granularity: str
+    step: int
+    metadata: dict[str, str]
+    history: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample: SampleData | None = None
+
+
+def save_table(path: str | Path, stats_or_state, metadata: dict | None = None) -> Path:
+    """Write a table from a SlotStatistics (ideally a reduce() copy) or its state_dict."""
+    sd = stats_or_state.state_dict() if hasattr(stats_or_state, "state_dict") else stats_or_state
+    meta = sd["meta"]
+    layers = meta["layer_names"]
+    tensors = {}
+    for n in layers:
+        tensors[f"{n}.counts"] = sd[f"{n}.counts"].to(torch.int64).contiguous()
+        tensors[f"{n}.doc_freq"] = sd[f"{n}.doc_freq"].to(torch.int64).contiguous()
+    hist = meta.get("history", {})
+    if hist.get("step"):
+        tensors["history.step"] = torch.tensor(hist["step"], dtype=torch.int64)
+        for n in layers:
+            tensors[f"history.{n}.used"] = torch.tensor(hist[f"{n}.used"], dtype=torch.int64)
+            tensors[f"history.{n}.interval_used"] = torch.tensor(hist[f"{n}.interval_used"], dtype=torch.int64)
+    if "sample.doc_ids" in sd:
+        filled = sd["sample.batch_index"] >= 0
+        tensors["sample.batch_index"] = sd["sample.batch_index"][filled].to(torch.int64).contiguous()
+        tensors["sample.doc_ids"] = sd["sample.doc_ids"][filled].to(torch.int64).contiguous()
+        for n in layers:
+            tensors[f"sample.{n}.indices"] = sd[f"sample.{n}.indices"][filled].to(torch.int32).contiguous()
+    header = {
+        "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers), "num_slots": str(meta["num_slots"]),
+        "num_documents": str(int(sd["totals"][0])), "num_tokens": str(int(sd["totals"][1])),
+        "granularity": meta["granularity"], "step": str(meta["step"]),
+        "model_config_hash": "", "tokenizer_hash": "",
+    }
+    for key, value in (metadata or {}).items():
+        if key in _RESERVED:
+            raise ValueError(f"table metadata key {key!r} is reserved (it is computed from the statistics)")
+        header[key] = value if isinstance(value, str) else json.dumps(value)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, path)
+    return path
+
+
+def find_table(path: str | Path) -> Path:
+    """A table file, or the table inside a checkpoint/export directory (newest if several)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        latest = path / "latest"
+        if latest.is_file() and (path / latest.read_text().strip() / TABLE_FILENAME).is_file():
+            return path / latest.read_text().strip() / TABLE_FILENAME
+        found = sorted(path.rglob(TABLE_FILENAME), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+        raise FileNotFoundError(f"no {TABLE_FILENAME} under directory {path} (pass the table file or a "
+                                f"checkpoint/export directory that holds one)")
+    raise FileNotFoundError(f"slot table path {path} does not exist")
+
+
+def load_table(path: str | Path) -> SlotTable:
+    """Read and validate a table (or the table in a directory); clear errors on bad files."""
+    path = find_table(path)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path} is not a readable safetensors slot table: {err}") from None
+    with handle as f:
+        meta = dict(f.metadata() or {})
+        version = meta.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise ValueError(f"{path}: slot table format_version={version!r}, this code reads {FORMAT_VERSION} "
+                             f"(regenerate the table or use a matching memlayers version)")
+        layers, n = json.loads(meta["layers"]), int(meta["num_slots"])
+        names = set(f.keys())
+        counts, doc_freq = {}, {}
+        for layer in layers:
+            for kind, store in (("counts", counts), ("doc_freq", doc_freq)):
+                key = f"{layer}.{kind}"
+                if key not in names:
+                    raise ValueError(f"{path}: missing tensor {key!r}")
+                t = f.get_tensor(key)
+                if t.dtype != torch.int64 or t.shape != (n,):
+                    raise ValueError(f"{path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected int64 ({n},)")
+                store[layer] = t
+        history = {k[len("history."):]: f.get_tensor(k) for k in names if k.startswith("history.")}
+        sample = None
+        if "sample.doc_ids" in names:
+            sample = SampleData({l: f.get_tensor(f"sample.{l}.indices") for l in layers},
+                                f.get_tensor("sample.doc_ids"), f.get_tensor("sample.batch_index"))
+    return SlotTable(path, layers, n, counts, doc_freq, int(meta["num_documents"]), int(meta["num_tokens"]),
+                     meta["granularity"], int(meta["step"]), meta, history, sample)

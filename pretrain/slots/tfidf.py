@@ -1,0 +1,148 @@
+"""TF-IDF ranking of memory slots for a batch of text (Lin et al., 2025, sparse memory finetuning).
+
+For slot i and a batch: tf(i) = c(i) / sum_j c(j) (its share of the batch's accesses),
+idf(i) = log((|B| + 1) / (df(i) + 1)), with df and |B| (number of background units)
+from a slot-frequency table. Also: loading an exported model for ranking, and refusing
+a table that was counted with a different model config or tokenizer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from pretrain.model import MemoryConfig, MemoryPlus, ModelConfig, Transformer
+from pretrain.slots.table import TABLE_FILENAME, SlotTable, load_table, model_config_hash, tokenizer_hash
+
+
+class TableMismatchError(ValueError):
+    """A slot table does not belong to the model or tokenizer it is used with."""
+
+
+class RankedSlot(NamedTuple):
+    slot: int
+    score: float
+    tokens: list[int]  # token ids at the positions that selected the slot (any head), in order
+
+
+def tfidf_scores(batch_counts: torch.Tensor, doc_freq: torch.Tensor, num_documents: int) -> torch.Tensor:
+    """float64 (N,) scores: c(i)/sum_j c(j) * log((num_documents + 1) / (df(i) + 1))."""
+    if batch_counts.shape != doc_freq.shape:
+        raise ValueError(f"batch counts {tuple(batch_counts.shape)} and doc_freq {tuple(doc_freq.shape)} differ")
+    c = batch_counts.to(torch.float64)
+    total = c.sum()
+    if total <= 0:
+        raise ValueError("the batch has no slot accesses (empty text, or every position is padding)")
+    idf = torch.log((num_documents + 1.0) / (doc_freq.to(torch.float64) + 1.0))
+    return c / total * idf
+
+
+def memory_layer_names(model: Transformer) -> list[str]:
+    """Canonical layer names for statistics and tables: 'layers.<i>' for each memory block."""
+    return [f"layers.{i}" for i, block in enumerate(model.layers) if block.is_memory]
+
+
+def resolve_memory_layer(model: torch.nn.Module, layer: str) -> MemoryPlus:
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        module = None
+    module = getattr(module, "ffn", module)
+    if not isinstance(module, MemoryPlus):
+        names = memory_layer_names(model) if isinstance(model, Transformer) else []
+        raise ValueError(f"{layer!r} is not a memory layer of this model (memory layers: {names})")
+    return module
+
+
+@torch.no_grad()
+def rank_slots(model: Transformer, token_ids: torch.Tensor, table: SlotTable, layer: str, top: int = 500,
+               pad_id: int | None = None) -> list[RankedSlot]:
+    """Run the model on token_ids ((S,) or (B, S)), count `layer`'s accesses at non-padding
+    positions and return the `top` accessed slots by TF-IDF against `table`, best first."""
+    if layer not in table.counts:
+        raise ValueError(f"layer {layer!r} is not in the table {table.path} (layers: {table.layers})")
+    memory = resolve_memory_layer(model, layer)
+    n = memory.n_keys**2
+    if n != table.num_slots:
+        raise TableMismatchError(f"model layer {layer} has {n} slots but the table {table.path} has {table.num_slots}")
+    tokens = token_ids if token_ids.dim() == 2 else token_ids[None]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    model(tokens.to(device))
+    model.train(was_training)
+    idx = memory.last_indices.reshape(tokens.numel(), -1).cpu()  # (B*S, H*k)
+    flat_tokens = tokens.reshape(-1).cpu()
+    keep = torch.ones_like(flat_tokens, dtype=torch.bool) if pad_id is None else flat_tokens != pad_id
+    counts = torch.bincount(idx[keep].reshape(-1), minlength=n)
+    scores = tfidf_scores(counts, table.doc_freq[layer], table.num_documents)
+    hit = counts > 0
+    order = torch.argsort(torch.where(hit, scores, torch.full_like(scores, -torch.inf)), descending=True, stable=True)
+    order = order[: min(top, int(hit.sum()))]
+    ranked = []
+    for slot in order.tolist():
+        positions = ((idx == slot).any(dim=1) & keep).nonzero().flatten()
+        ranked.append(RankedSlot(slot, float(scores[slot]), flat_tokens[positions].tolist()))
+    return ranked
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """ModelConfig from its asdict() form; unknown keys are an error naming them."""
+    d = dict(d)
+    mem = dict(d.pop("memory", {}))
+    for cls, values, prefix in ((ModelConfig, d, "model"), (MemoryConfig, mem, "model.memory")):
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"config.json: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
+    return ModelConfig(**d, memory=MemoryConfig(**mem))
+
+
+def load_model_for_tfidf(export_dir: str | Path):
+    """(model on CPU in eval mode, its ModelConfig) from an export directory holding
+    config.json ({"model": <ModelConfig dict>, ...}) and model.safetensors (state_dict keys)."""
+    from safetensors.torch import load_file
+
+    export_dir = Path(export_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (export_dir / name).is_file():
+            raise FileNotFoundError(f"export directory {export_dir} has no {name} (write it with tools/export.py)")
+    raw = json.loads((export_dir / "config.json").read_text())
+    if "model" not in raw:
+        raise ValueError(f"{export_dir / 'config.json'} has no 'model' section")
+    cfg = model_config_from_dict(raw["model"])
+    cfg.memory.kernel = "torch"
+    model = Transformer(cfg)
+    model.load_state_dict(load_file(str(export_dir / "model.safetensors")), strict=True)
+    return model.eval(), cfg
+
+
+def check_table_matches(table: SlotTable, model_cfg: ModelConfig, tokenizer_path: str | Path | None) -> None:
+    """Refuse a table counted with another model config or tokenizer (TableMismatchError)."""
+    want = model_config_hash(model_cfg)
+    have = table.metadata.get("model_config_hash", "")
+    if have != want:
+        raise TableMismatchError(
+            f"slot table {table.path} was counted with model config hash {have or '<none>'} but the exported "
+            f"model's config.json hashes to {want}: the table belongs to a different model; use the "
+            f"{TABLE_FILENAME} exported with this model"
+        )
+    if tokenizer_path is not None:
+        want = tokenizer_hash(tokenizer_path)
+        have = table.metadata.get("tokenizer_hash", "")
+        if have != want:
+            raise TableMismatchError(
+                f"slot table {table.path} was counted with tokenizer hash {have or '<none>'} but {tokenizer_path} "
+                f"hashes to {want}: the table belongs to a different tokenizer; use the matching export"
+            )
+
+
+def load_export_for_tfidf(export_dir: str | Path, table_path: str | Path | None = None):
+    """(model, cfg, table, tokenizer path) from an export dir, with the table checked against both."""
+    export_dir = Path(export_dir)
+    table = load_table(table_path or export_dir / TABLE_FILENAME)
+    model, cfg = load_model_for_tfidf(export_dir)
+    tok = export_dir / "tokenizer.model"
+    check_table_matches(table, cfg, tok if tok.is_file() else None)
+    return model, cfg, table, tok
