@@ -1,0 +1,74 @@
+"""Two gloo ranks on 127.0.0.1: reduce() sums counts and doc freqs; replicated indices count once."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pretrain.slots import SlotStatistics, load_table, save_table
+from slot_streams import brute_force, make_stream
+
+N, H, K, B, S, LAYERS = 16, 2, 3, 3, 8, 2
+NAMES = ["layers.0", "layers.2"]
+
+
+def stream_of(rank: int):
+    return make_stream(20 + rank, 5, B, S, H, K, N, LAYERS, first_doc_id=10_000 * rank, max_doc_len=30, pad_tail=2)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # data parallel (P = 1): each rank counts its own tokens
+        dp = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
+        for step, (idx, doc_ids) in enumerate(stream_of(rank)):
+            dp.update(idx, doc_ids)
+            dp.end_step(step + 1)
+        reduced = dp.reduce()
+        # memory parallel (P = 2): both ranks hold the same (replicated) indices; count on one
+        mp_stats = SlotStatistics(N, NAMES, granularity="sequence")
+        for idx, doc_ids in stream_of(0):
+            mp_stats.update(idx, doc_ids, count_this_rank=rank == 0)
+        mp_reduced = mp_stats.reduce()
+        if rank == 0:
+            save_table(os.path.join(out_dir, "dp.safetensors"), reduced, {"model_config_hash": "x"})
+            save_table(os.path.join(out_dir, "mp.safetensors"), mp_reduced, {})
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_reduce(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    dp = load_table(tmp_path / "dp.safetensors")
+    streams = {"r0": stream_of(0), "r1": stream_of(1)}
+    counts, doc_freq, num_docs, tokens = brute_force(streams, "document", N, LAYERS)
+    assert dp.num_tokens == tokens and dp.num_documents == num_docs
+    for layer, name in enumerate(NAMES):
+        assert dp.counts[name].tolist() == counts[layer]
+        assert dp.doc_freq[name].tolist() == doc_freq[layer]
+        assert int(dp.counts[name].sum()) == tokens * H * K
+        assert int(dp.doc_freq[name].max()) <= dp.num_documents
+    assert dp.step == 5 and dp.history["step"].tolist() == [5]
+    # both ranks sampled the same micro-batch indices: the gathered sample holds 2 x 2 entries
+    assert len(dp.sample.batch_index) == 4
+    assert sorted(dp.sample.batch_index.tolist()[:2]) == sorted(dp.sample.batch_index.tolist()[2:])
+    for j, item in enumerate(dp.sample.batch_index.tolist()):
+        assert torch.equal(dp.sample.doc_ids[j], streams[f"r{j // 2}"][item][1])
+
+    mpt = load_table(tmp_path / "mp.safetensors")
+    counts, doc_freq, num_units, tokens = brute_force({"r0": stream_of(0)}, "sequence", N, LAYERS)
+    assert mpt.num_tokens == tokens and mpt.num_documents == num_units
+    for layer, name in enumerate(NAMES):
+        assert mpt.counts[name].tolist() == counts[layer]
+        assert mpt.doc_freq[name].tolist() == doc_freq[layer]
