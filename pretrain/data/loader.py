@@ -153,6 +153,7 @@ class ShardLoader:
         if tokenizer is not None:
             check_tokenizer(manifest, tokenizer, self.root)
         self.shards = manifest["splits"][split]["shards"]
+        self.doc_id_offset = manifest["splits"][split]["doc_id_offset"]
         self.workers = max(1, num_workers)
         consumers = world_size * self.workers
         if len(self.shards) < consumers:
@@ -221,7 +222,7 @@ class ShardLoader:
     def _make_batch(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         rows = np.concatenate([p[0] for p in pieces])
         meta = np.concatenate([p[1] for p in pieces])
-        docs = row_doc_ids(rows, meta[:, 0], meta[:, 1], self.eos_id)
+        docs = row_doc_ids(rows, meta[:, 0] + self.doc_id_offset, meta[:, 1], self.eos_id)
         targets = rows[:, 1:].copy()
         targets[docs[:, 1:] < 0] = IGNORE_INDEX
         return {"tokens": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])), "targets": torch.from_numpy(targets),

@@ -1,8 +1,8 @@
 """From documents to a prepared dataset: tokenize (several processes), split, pack, shard.
 
-`write_dataset` consumes token lists in order, numbers documents (global ids, input
-order, empty ones skipped and counted), assigns each document to train or val by a hash
-of (seed, doc id), and writes both splits plus `manifest.json` and `tokenizer.model`
+`write_dataset` consumes token lists in order, skips (and counts) empty ones, assigns
+each document to train or val by a hash of (seed, its index among non-empty documents),
+numbers documents train first then val, in input order, and writes both splits plus `manifest.json` and `tokenizer.model`
 into a temporary directory that is renamed to the output at the end.
 `prepare_corpus` is the whole path for real corpora (what tools/prepare_data.py runs).
 """
@@ -103,13 +103,14 @@ def write_dataset(
                 empty_after_tokenizing += 1
                 continue
             split = "val" if is_validation(doc_id, seed, val_fraction) else "train"
-            writers[split].add(ids, doc_id)
+            writers[split].add(ids)
             doc_id += 1
             bar.update(len(ids) + 1)
         bar.close()
         if doc_id == 0:
             raise DataError("the corpus holds no non-empty document: check --input and --format/--text-field")
         splits = {s: w.close() for s, w in writers.items()}
+        splits["train"]["doc_id_offset"], splits["val"]["doc_id_offset"] = 0, splits["train"]["documents"]
         stats = dict(vars(corpus_stats)) if corpus_stats is not None else {}
         stats["empty_documents"] = stats.get("empty_documents", 0) + empty_after_tokenizing
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
@@ -154,15 +155,16 @@ def prepare_corpus(
     if next(iter_documents(inputs, fmt, text_field, probe), None) is None:
         raise DataError(f"the corpus {[str(p) for p in inputs]} holds no non-empty document "
                         f"({probe.empty_documents} empty): check --input, --format and --text-field")
-    if tokenizer_path is None:
-        model = Path(tempfile.mkdtemp(prefix="tokenizer-")) / "tokenizer.model"
-        tokenizer = train_tokenizer(iter_documents(inputs, fmt, text_field), model, vocab_size)
-    else:
-        tokenizer = Tokenizer(tokenizer_path)
-    stats = CorpusStats()
-    creation = {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
-                "sequences_per_shard": sequences_per_shard}
-    docs = tokenize_documents(iter_documents(inputs, fmt, text_field, stats), tokenizer, workers)
-    return write_dataset(docs, out_dir, tokenizer, seq_len, val_fraction=val_fraction, seed=seed,
-                         sequences_per_shard=sequences_per_shard, creation=creation, corpus_stats=stats,
-                         show_progress=show_progress, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+        if tokenizer_path is None:
+            tokenizer = train_tokenizer(iter_documents(inputs, fmt, text_field), Path(tmp) / "tokenizer.model",
+                                        vocab_size)
+        else:
+            tokenizer = Tokenizer(tokenizer_path)
+        stats = CorpusStats()
+        creation = {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
+                    "sequences_per_shard": sequences_per_shard}
+        docs = tokenize_documents(iter_documents(inputs, fmt, text_field, stats), tokenizer, workers)
+        return write_dataset(docs, out_dir, tokenizer, seq_len, val_fraction=val_fraction, seed=seed,
+                             sequences_per_shard=sequences_per_shard, creation=creation, corpus_stats=stats,
+                             show_progress=show_progress, overwrite=overwrite)

@@ -5,10 +5,12 @@ sequences of `seq_len + 1` tokens; each block is three tar members sharing a key
 
   <key>.json    {"rows": n, "crc32": crc of tokens+meta}
   <key>.tokens  n x (seq_len+1) tokens, little-endian uint16 (vocab <= 65536) or uint32
-  <key>.meta    n x 2 little-endian int64: [doc id of the row's first token, valid tokens]
+  <key>.meta    n x 2 little-endian int64: [doc index of the row's first token, valid tokens]
 
-Documents end with EOS, so a row's per-token document ids follow from its first doc id
-and its EOS positions (`row_doc_ids`). Only the last row of a split is padded (with EOS
+Documents are numbered consecutively within a split and end with EOS, so a row's
+per-token document ids follow from its first doc index and its EOS positions
+(`row_doc_ids`); adding the split's `doc_id_offset` (manifest) makes them unique over
+the dataset (train documents first, then val). Only the last row of a split is padded (with EOS
 tokens beyond `valid`, doc id -1). Tar members have fixed mtime/uid/mode, so the same
 input gives byte-identical shards. Files are written under a temporary name, then renamed.
 """
@@ -85,7 +87,8 @@ class ShardWriter:
         self._block_meta: list[np.ndarray] = []
         self._block_rows = 0
 
-    def add(self, ids: np.ndarray | list[int], doc_id: int) -> None:
+    def add(self, ids: np.ndarray | list[int]) -> None:
+        doc_id = self.documents
         tokens = np.empty(len(ids) + 1, dtype=np.int64)
         tokens[:-1], tokens[-1] = ids, self.eos_id
         self._pending_tokens.append(tokens)

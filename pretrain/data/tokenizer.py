@@ -89,6 +89,11 @@ def train_tokenizer(
     sentences = list(_sentences(documents, max_sentences))
     if not sentences:
         raise DataError("the tokenizer corpus is empty: no non-blank line to train on")
+    if model_type == "bpe":  # every distinct character becomes a piece, beside 256 bytes + 4 specials
+        needed = len(set().union(*map(set, sentences))) + 260
+        if vocab_size < needed:
+            raise DataError(f"vocab_size={vocab_size} is too small for this corpus: it has "
+                            f"{needed - 260} distinct characters, so pass --vocab-size >= {needed}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),

@@ -1,0 +1,2 @@
+"""Constants shared by the data-pipeline tests (conftest.py is not importable by name)."""
+SEQ_LEN = 32

@@ -1,0 +1,192 @@
+"""ShardLoader: conservation over ranks x workers, exact resume, epochs, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.data import CorruptShardError, DataError, ShardLoader, read_manifest, train_tokenizer
+from pretrain.data.prepare import is_validation
+
+from data_helpers import SEQ_LEN
+
+
+def full_rows(batch) -> np.ndarray:
+    """The stored rows (seq_len + 1 tokens) behind a batch: inputs plus the last target."""
+    last = batch.targets[:, -1:].clone()
+    last[last == -100] = -1
+    return torch.cat([batch.tokens, last], dim=1).numpy()
+
+
+def collect_epoch(dataset, split, world_size, num_workers, batch_size=4, shuffle_buffer=0):
+    """Every (token, doc id) pair of one epoch over all simulated ranks."""
+    per_doc: dict[int, Counter] = {}
+    rows = 0
+    for rank in range(world_size):
+        loader = ShardLoader(dataset, split, batch_size=batch_size, seq_len=SEQ_LEN, rank=rank,
+                             world_size=world_size, num_workers=num_workers, seed=5,
+                             shuffle_buffer=shuffle_buffer, loop=False)
+        for b in loader:
+            rows += len(b.tokens)
+            toks = b.tokens.numpy()
+            docs = b.doc_ids.numpy()
+            for t, d in zip(toks.ravel(), docs.ravel()):
+                if d >= 0:
+                    per_doc.setdefault(int(d), Counter())[int(t)] += 1
+            # the final token of each row is only visible as a target
+            last_t, last_d = b.targets[:, -1].numpy(), docs[:, -1]
+            eos_last = toks[:, -1] == loader.eos_id
+            last_doc = np.where(eos_last, last_d + 1, last_d)
+            for t, d in zip(last_t, last_doc):
+                if t != -100:
+                    per_doc.setdefault(int(d), Counter())[int(t)] += 1
+    return per_doc, rows
+
+
+def direct(documents, tokenizer, split, seed=3, val_fraction=0.2):
+    """Per-document token multisets of a split, by direct tokenization; ids: train first, then val."""
+    in_val = [is_validation(i, seed, val_fraction) for i in range(len(documents))]
+    order = [i for i in range(len(documents)) if not in_val[i]] + [i for i in range(len(documents)) if in_val[i]]
+    want_val = split == "val"
+    return {new_id: Counter(tokenizer.encode(documents[i]) + [tokenizer.eos_id])
+            for new_id, i in enumerate(order) if in_val[i] == want_val}
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_conservation_two_ranks_two_workers(dataset, documents, tokenizer, split):
+    manifest = read_manifest(dataset)
+    workers = 2 if split == "train" else 0
+    if len(manifest["splits"][split]["shards"]) < 2 * max(1, workers):
+        pytest.skip("not enough val shards for this layout")
+    per_doc, rows = collect_epoch(dataset, split, world_size=2, num_workers=workers, shuffle_buffer=5)
+    assert rows == manifest["splits"][split]["sequences"]
+    assert per_doc == direct(documents, tokenizer, split)
+
+
+def test_conservation_train_plus_val_is_the_whole_corpus(dataset, documents, tokenizer):
+    train, _ = collect_epoch(dataset, "train", 1, 0)
+    val, _ = collect_epoch(dataset, "val", 1, 0)
+    assert not set(train) & set(val)
+    assert sorted({**train, **val}) == list(range(len(documents)))
+    whole = {**direct(documents, tokenizer, "train"), **direct(documents, tokenizer, "val")}
+    assert {**train, **val} == whole
+
+
+def test_doc_ids_change_exactly_at_eos(dataset):
+    loader = ShardLoader(dataset, "train", batch_size=8, seq_len=SEQ_LEN, seed=1, loop=False)
+    starts = Counter()
+    for b in loader:
+        toks, docs = b.tokens.numpy(), b.doc_ids.numpy()
+        for row_t, row_d in zip(toks, docs):
+            valid = row_d >= 0
+            for t in range(SEQ_LEN - 1):
+                if valid[t + 1]:
+                    assert (row_d[t + 1] != row_d[t]) == (row_t[t] == loader.eos_id)
+                    if row_d[t + 1] != row_d[t]:
+                        assert row_d[t + 1] == row_d[t] + 1
+                        starts[int(row_d[t + 1])] += 1
+    # a document starts at most once in the whole split: ids are unique across shards
+    assert max(starts.values()) == 1
+
+
+def run_batches(dataset, n, world_size, rank, workers, state=None, shuffle=0):
+    loader = ShardLoader(dataset, "train", batch_size=8, seq_len=SEQ_LEN, rank=rank, world_size=world_size,
+                         num_workers=workers, seed=7, shuffle_buffer=shuffle, loop=True)
+    if state is not None:
+        loader.load_state_dict(json.loads(json.dumps(state)))  # the state survives JSON
+    got = [(b.tokens.clone(), b.targets.clone(), b.doc_ids.clone()) for b in islice(loader, n)]
+    return got, loader.state_dict()
+
+
+@pytest.mark.parametrize("world_size,workers,shuffle", [(1, 0, 0), (1, 2, 5), (2, 0, 5), (2, 2, 0)])
+def test_exact_resume(dataset, world_size, workers, shuffle):
+    n = 23  # 2n batches of 8 rows cross epochs (272 rows per epoch over all consumers) and windows
+    for rank in range(world_size):
+        whole, _ = run_batches(dataset, 2 * n, world_size, rank, workers, shuffle=shuffle)
+        first, state = run_batches(dataset, n, world_size, rank, workers, shuffle=shuffle)
+        second, _ = run_batches(dataset, n, world_size, rank, workers, state=state, shuffle=shuffle)
+        assert len(whole) == 2 * n
+        for a, b in zip(whole, first + second):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+        assert len(json.dumps(state)) < 2000
+
+
+def test_epochs_reshuffle_shards_and_cover_everything(dataset):
+    loader = ShardLoader(dataset, "train", batch_size=4, seq_len=SEQ_LEN, seed=2, loop=False)
+    epochs = [np.concatenate([full_rows(b) for b in loader]) for _ in range(3)]
+    as_set = [sorted(row.tobytes() for row in e) for e in epochs]
+    assert as_set[0] == as_set[1] == as_set[2]
+    assert not (np.array_equal(epochs[0], epochs[1]) and np.array_equal(epochs[1], epochs[2]))
+    assert loader.stats["epoch"] == 3
+
+
+def test_too_few_shards_for_ranks_and_workers(dataset):
+    n = len(read_manifest(dataset)["splits"]["train"]["shards"])
+    with pytest.raises(DataError, match=rf"has {n} shards but 4 ranks x {n} workers"):
+        ShardLoader(dataset, "train", batch_size=2, rank=0, world_size=4, num_workers=n)
+
+
+def test_seq_len_and_state_mismatch(dataset):
+    with pytest.raises(DataError, match="seq_len=64.*seq_len=32"):
+        ShardLoader(dataset, "train", seq_len=64)
+    state = ShardLoader(dataset, "train", batch_size=2, seed=1).state_dict()
+    with pytest.raises(DataError, match="batch_size=2 vs 4"):
+        ShardLoader(dataset, "train", batch_size=4, seed=1).load_state_dict(state)
+
+
+def copy_dataset(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tokenizer_hash_mismatch(dataset, tmp_path, documents):
+    other = train_tokenizer(documents[:20], tmp_path / "other.model", vocab_size=390)
+    with pytest.raises(DataError, match="differs from the one .*manifest.json"):
+        ShardLoader(dataset, "train", tokenizer=other)
+    broken = copy_dataset(dataset, tmp_path / "ds")
+    shutil.copyfile(other.path, broken / "tokenizer.model")
+    with pytest.raises(DataError, match="differs"):
+        ShardLoader(broken, "train")
+
+
+def first_shard_in_order(ds, seed):
+    loader = ShardLoader(ds, "train", batch_size=2, seed=seed)
+    return loader._epoch_shards(0, 0)[0]["path"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_shard_error_and_skip(dataset, tmp_path, damage):
+    ds = copy_dataset(dataset, tmp_path / "ds")
+    manifest = read_manifest(ds)
+    name = first_shard_in_order(ds, 0)
+    path = ds / name
+    blob = bytearray(path.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2 + 100]
+    else:
+        blob[3 * 512 + 600] ^= 0xFF  # inside the second block's token payload
+    path.write_bytes(bytes(blob))
+    loader = ShardLoader(ds, "train", batch_size=2, seed=0, loop=False)
+    with pytest.raises(CorruptShardError, match=rf"{name}.* at byte offset \d+"):
+        list(loader)
+
+    skipping = ShardLoader(ds, "train", batch_size=2, seed=0, loop=False, on_corrupt="skip")
+    with pytest.warns(UserWarning, match="skipping the rest of a shard"):
+        rows = sum(len(b.tokens) for b in skipping)
+    total = manifest["splits"]["train"]["sequences"]
+    bad = next(s["sequences"] for s in manifest["splits"]["train"]["shards"] if s["path"] == name)
+    assert total - bad <= rows < total
+    assert skipping.stats["corrupt_shards_skipped"] == 1
+
+
+def test_missing_dataset_dir(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        ShardLoader(tmp_path / "nope", "train")
+    with pytest.raises(DataError, match="manifest.json is missing"):
+        ShardLoader(tmp_path, "train")

@@ -1,0 +1,66 @@
+"""Tokenize a corpus into packed webdataset shards (train/ and val/) with a manifest.
+
+  python tools/prepare_data.py --input corpus/ --output data/mycorpus --seq-len 1024 --vocab-size 32000
+  python tools/prepare_data.py --input a.jsonl.gz --text-field content --tokenizer tok.model --output out
+  python tools/prepare_data.py --embedded --config configs/tiny.yaml     # the embedded fact corpus
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", nargs="+", help="files or directories (text, .jsonl, .jsonl.gz)")
+    ap.add_argument("--output", help="dataset directory to create")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--tokenizer", help="an existing sentencepiece model; default: train one on the corpus")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="when training the tokenizer")
+    ap.add_argument("--format", default="auto", choices=["auto", "text", "blocks", "jsonl"])
+    ap.add_argument("--text-field", default="text", help="JSONL field holding the document")
+    ap.add_argument("--val-fraction", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sequences-per-shard", type=int, default=4096)
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--embedded", action="store_true", help="build the embedded fact corpus of --config")
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (with --embedded)")
+    args = ap.parse_args(argv)
+    try:
+        if args.embedded:
+            from pretrain.config import load_config
+
+            cfg = load_config(args.config, args.overrides)
+            out = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=not args.no_progress)
+            manifest = read_manifest(out)
+        else:
+            if not args.input or not args.output:
+                ap.error("--input and --output are required (or pass --embedded)")
+            manifest = prepare_corpus(
+                args.input, args.output, args.seq_len, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
+                fmt=args.format, text_field=args.text_field, val_fraction=args.val_fraction, seed=args.seed,
+                sequences_per_shard=args.sequences_per_shard, workers=args.workers,
+                show_progress=not args.no_progress, overwrite=args.overwrite,
+            )
+            out = args.output
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    splits = manifest["splits"]
+    print(f"{out}: " + "; ".join(
+        f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['sequences']} sequences, {len(v['shards'])} shards"
+        for s, v in splits.items()) + f"; stats {manifest['stats']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
