@@ -1,0 +1,171 @@
+"""Table file round trip, TF-IDF vs an independent float64 implementation, the tools."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pretrain.model import Transformer
+from pretrain.slots import (
+    SlotStatistics, TableMismatchError, check_table_matches, load_table, model_config_hash, rank_slots,
+    save_table, tfidf_scores, tokenizer_hash,
+)
+from slot_streams import make_stream
+from tools import slot_report, tfidf as tfidf_tool
+
+
+def reference_tfidf(counts: list[int], df: list[int], num_docs: int) -> list[float]:
+    total = math.fsum(counts)
+    return [c / total * math.log((num_docs + 1) / (d + 1)) for c, d in zip(counts, df)]
+
+
+def test_tfidf_matches_float64_reference():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(1, 300)
+        num_docs = rng.randint(0, 10_000)
+        counts = [rng.choice([0, 0, rng.randint(1, 10**6)]) for _ in range(n)]
+        counts[rng.randrange(n)] += 1
+        df = [rng.randint(0, num_docs) for _ in range(n)]
+        got = tfidf_scores(torch.tensor(counts), torch.tensor(df), num_docs)
+        assert got.dtype == torch.float64
+        for g, w in zip(got.tolist(), reference_tfidf(counts, df, num_docs)):
+            assert g == pytest.approx(w, rel=1e-12, abs=1e-300)
+    with pytest.raises(ValueError, match="no slot accesses"):
+        tfidf_scores(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), 3)
+
+
+def small_stats(num_slots: int = 16, names=("layers.1",)) -> SlotStatistics:
+    stats = SlotStatistics(num_slots, list(names), granularity="document", sample_batches=2)
+    for step, (idx, doc_ids) in enumerate(make_stream(0, 4, 2, 5, 2, 3, num_slots, len(names), 0, 7)):
+        stats.update(idx, doc_ids)
+        stats.end_step(step + 1)
+        if step % 2:
+            stats.reduce()
+    return stats.reduce(close_interval=False)
+
+
+def test_table_round_trip_and_validation(tmp_path):
+    stats = small_stats()
+    path = save_table(tmp_path / "t" / "slot_frequencies.safetensors", stats,
+                      {"model_config_hash": "abc", "tokenizer_hash": "def", "run": {"seed": 1}})
+    assert [p.name for p in path.parent.iterdir()] == ["slot_frequencies.safetensors"]  # no temp left
+    table = load_table(tmp_path / "t")  # a directory works too
+    assert torch.equal(table.counts["layers.1"], stats.counts["layers.1"])
+    assert torch.equal(table.doc_freq["layers.1"], stats.doc_freq["layers.1"])
+    assert (table.num_documents, table.num_tokens, table.step) == (stats.num_documents, stats.num_tokens, 4)
+    assert table.granularity == "document" and table.metadata["model_config_hash"] == "abc"
+    assert json.loads(table.metadata["run"]) == {"seed": 1}
+    assert table.history["step"].tolist() == [2, 4]
+    assert torch.equal(table.sample.doc_ids, stats.sample_data().doc_ids)
+
+    with pytest.raises(ValueError, match="reserved"):
+        save_table(tmp_path / "x.safetensors", stats, {"num_documents": 3})
+    bad = tmp_path / "bad.safetensors"
+    save_file({"layers.1.counts": torch.zeros(16, dtype=torch.int64)}, str(bad), metadata={"format_version": "9"})
+    with pytest.raises(ValueError, match="format_version"):
+        load_table(bad)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a table")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_table(tmp_path / "junk.safetensors")
+
+
+def test_rank_slots_against_brute_force(make_model_config, tmp_path):
+    torch.manual_seed(0)
+    cfg = make_model_config()
+    model = Transformer(cfg)
+    n = cfg.memory.num_slots
+    rng = random.Random(1)
+    df = torch.tensor([rng.randint(0, 50) for _ in range(n)])
+    stats = SlotStatistics(n, ["layers.1"])
+    sd = stats.state_dict()
+    sd["layers.1.doc_freq"], sd["totals"] = df, torch.tensor([50, 0])
+    table = load_table(save_table(tmp_path / "t.safetensors", sd, {}))
+    pad = 0
+    tokens = torch.tensor([[5, 9, 12, 9, 33, pad, pad], [7, 7, 1, 2, 3, 4, pad]])
+    ranked = rank_slots(model, tokens, table, "layers.1", top=1000, pad_id=pad)
+
+    model(tokens)
+    idx = model.layers[1].ffn.last_indices.reshape(tokens.numel(), -1).tolist()
+    flat = tokens.reshape(-1).tolist()
+    counts = Counter(s for t, row in zip(flat, idx) if t != pad for s in row)
+    want = reference_tfidf([counts.get(i, 0) for i in range(n)], df.tolist(), 50)
+    assert {r.slot for r in ranked} == set(counts)
+    for r in ranked:
+        assert r.score == pytest.approx(want[r.slot], rel=1e-12)
+        assert r.tokens == [t for t, row in zip(flat, idx) if t != pad and r.slot in row]
+    assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
+    assert len(rank_slots(model, tokens, table, "layers.1", top=3, pad_id=pad)) == 3
+    with pytest.raises(ValueError, match="not in the table"):
+        rank_slots(model, tokens, table, "layers.0")
+
+
+@pytest.fixture
+def export_dir(tmp_path, make_model_config):
+    spm = pytest.importorskip("sentencepiece")
+    torch.manual_seed(0)
+    cfg = make_model_config()
+    model = Transformer(cfg)
+    out = tmp_path / "export"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
+    sentences = ["the cat sat on the mat", "ada was born in paris", "where was ada born"] * 20
+    model_io = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model_io, vocab_size=40,
+                                   hard_vocab_limit=False, model_type="unigram")
+    (out / "tokenizer.model").write_bytes(model_io.getvalue())
+    n = cfg.memory.num_slots
+    stats = SlotStatistics(n, ["layers.1"])
+    for idx, doc_ids in make_stream(0, 2, 2, 5, cfg.memory.heads, cfg.memory.k, n, 1, 0, 4):
+        stats.update(idx, doc_ids)
+    meta = {"model_config_hash": model_config_hash(cfg), "tokenizer_hash": tokenizer_hash(out / "tokenizer.model")}
+    save_table(out / "slot_frequencies.safetensors", stats, meta)
+    return out, cfg, stats, meta
+
+
+def test_tfidf_tool_prints_ranking(export_dir, capsys):
+    out, *_ = export_dir
+    assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born", "--top", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("# layers.1") and lines[1].startswith("rank")
+    assert len(lines) == 2 + 5
+    scores = [float(line.split("\t")[2]) for line in lines[2:]]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("wrong", ["model_config_hash", "tokenizer_hash"])
+def test_tfidf_tool_refuses_table_from_other_model_or_tokenizer(export_dir, capsys, wrong):
+    out, cfg, stats, meta = export_dir
+    if wrong == "model_config_hash":
+        other = dataclasses.replace(cfg, dim=cfg.dim * 2)
+        meta = {**meta, wrong: model_config_hash(other)}
+    else:
+        meta = {**meta, wrong: tokenizer_hash(__file__)}
+    save_table(out / "slot_frequencies.safetensors", stats, meta)
+    assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born"]) == 2
+    err = capsys.readouterr().err
+    assert "different " + ("model" if wrong == "model_config_hash" else "tokenizer") in err
+    with pytest.raises(TableMismatchError):
+        check_table_matches(load_table(out), cfg, out / "tokenizer.model")
+
+
+def test_model_config_hash_ignores_execution_choices(make_model_config):
+    a = make_model_config()
+    assert model_config_hash(a) == model_config_hash(make_model_config(memory={"kernel": "torch", "parallel_size": 2}))
+    assert model_config_hash(a) != model_config_hash(make_model_config(memory={"n_keys": 16}))
+
+
+def test_slot_report_writes_png(tmp_path):
+    save_table(tmp_path / "ckpt" / "step_4" / "slot_frequencies.safetensors", small_stats(), {})
+    out = tmp_path / "report.png"
+    assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert slot_report.main(["--table", str(tmp_path / "missing"), "--out", str(out)]) == 2

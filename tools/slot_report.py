@@ -1,0 +1,35 @@
+"""Render a slot-frequency table as a PNG: sorted counts (log-log) and coverage over steps.
+
+`memlayers-slot-report --table runs/tiny/checkpoints --out report.png` accepts a table
+file or a checkpoint/export directory holding slot_frequencies.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.slots.report import render_report  # noqa: E402
+from pretrain.slots.table import load_table  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", required=True, help="slot_frequencies.safetensors or a directory holding one")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    args = p.parse_args(argv)
+    try:
+        table = load_table(args.table)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = render_report(table, args.out)
+    print(f"wrote {out} (table {table.path}, step {table.step})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Rank memory slots for a text by TF-IDF against the export's slot-frequency table.
+
+`memlayers-tfidf --export DIR --text "Where was Ada born?" --top 500` prints, per memory
+layer (or --layer), the top slots, their scores and the tokens that selected them. The
+table (DIR/slot_frequencies.safetensors, or --table) must have been counted with this
+export's model config and tokenizer; otherwise the tool refuses with exit status 2.
+Logic lives in pretrain.slots.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--export", required=True, help="export directory (model.safetensors, config.json, "
+                   "tokenizer.model, slot_frequencies.safetensors)")
+    p.add_argument("--text", required=True, help="text whose memory accesses are ranked")
+    p.add_argument("--top", type=int, default=500)
+    p.add_argument("--layer", default=None, help="memory layer name, e.g. layers.2 (default: all)")
+    p.add_argument("--table", default=None, help="slot table to use instead of the export's")
+    args = p.parse_args(argv)
+    if args.top <= 0:
+        p.error(f"--top must be positive, got {args.top}")
+    try:
+        model, _cfg, table, tok_path = load_export_for_tfidf(args.export, args.table)
+    except (TableMismatchError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not tok_path.is_file():
+        print(f"error: {tok_path} missing: the export needs its tokenizer to encode --text", file=sys.stderr)
+        return 2
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    ids = sp.encode(args.text)
+    if not ids:
+        print("error: --text encodes to no tokens", file=sys.stderr)
+        return 2
+    ids = ids[-model.cfg.max_seq_len:]
+    layers = [args.layer] if args.layer else [n for n in memory_layer_names(model) if n in table.counts]
+    for layer in layers:
+        ranked = rank_slots(model, torch.tensor(ids), table, layer, top=args.top)
+        print(f"# {layer}: {len(ranked)} slots (table step {table.step}, {table.num_documents} "
+              f"{table.granularity} units)")
+        print("rank\tslot\tscore\ttokens")
+        for r, (slot, score, tokens) in enumerate(ranked, 1):
+            pieces = " ".join(sp.id_to_piece(t) for t in tokens)
+            print(f"{r}\t{slot}\t{score:.6g}\t{pieces}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
