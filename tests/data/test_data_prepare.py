@@ -1,0 +1,205 @@
+"""Corpus readers, prepare_data (determinism, packing, bad input) and the embedded dataset."""
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pretrain.config import DataConfig, SyntheticConfig
+from pretrain.data import (CorpusStats, DataError, ShardLoader, Tokenizer, iter_documents, load_probes,
+                           prepare_corpus, prepare_embedded_dataset, read_manifest, write_dataset)
+from pretrain.data import prepare as prepare_mod
+from pretrain.data.shards import read_blocks
+from pretrain.data.synthetic import ATTRIBUTES, build_fact_world
+from tools import prepare_data as prepare_cli
+
+
+def shard_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_bad_bytes_and_empty_documents_are_counted(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait\n")  # latin-1, not UTF-8
+    (tmp_path / "b.txt").write_bytes(b"   \n\n")
+    (tmp_path / "c.txt").write_bytes(b"first block\nstill first\n\n\n\nsecond \xff block\n")
+    rows = [{"text": "one"}, {"text": ""}, {"text": "two \udcff".encode("utf-8", "surrogatepass").decode("latin-1")}]
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as fh:
+        fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    stats = CorpusStats()
+    docs = list(iter_documents([tmp_path / "a.txt", tmp_path / "b.txt"], "text", stats=stats))
+    assert docs == ["caf\ufffd au lait\n"] and (stats.non_utf8_documents, stats.empty_documents) == (1, 1)
+    stats = CorpusStats()
+    docs = list(iter_documents([tmp_path / "c.txt"], "blocks", stats=stats))
+    assert docs == ["first block\nstill first\n", "second \ufffd block\n"] and stats.non_utf8_documents == 1
+    stats = CorpusStats()
+    docs = list(iter_documents([tmp_path / "d.jsonl.gz"], stats=stats))
+    assert len(docs) == 2 and docs[0] == "one" and stats.empty_documents == 1
+
+
+def test_bad_jsonl_names_file_line_and_field(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: no field 'text' \(found \['body'\]\); pass --text-field"):
+        list(iter_documents([tmp_path / "x.jsonl"]))
+    (tmp_path / "y.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"y.jsonl:2: invalid JSON"):
+        list(iter_documents([tmp_path / "y.jsonl"]))
+
+
+def test_missing_path_and_empty_corpus_fail_before_work(tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(prepare_mod, "train_tokenizer", no_work)
+    monkeypatch.setattr(prepare_mod, "write_dataset", no_work)
+    with pytest.raises(DataError, match="input path .*nope.txt does not exist"):
+        prepare_corpus([tmp_path / "nope.txt"], tmp_path / "out", 16)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(DataError, match="holds no non-empty document"):
+        prepare_corpus([tmp_path / "empty.txt"], tmp_path / "out", 16)
+    assert not (tmp_path / "out").exists()
+    assert prepare_cli.main(["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o")]) == 2
+
+
+def test_prepare_is_deterministic_and_parallel_equals_serial(tmp_path, documents, tokenizer):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"body": d}) + "\n" for d in documents))
+    kwargs = dict(tokenizer_path=tokenizer.path, text_field="body", sequences_per_shard=16, show_progress=False)
+    prepare_corpus([corpus], tmp_path / "a", 32, workers=1, **kwargs)
+    prepare_corpus([corpus], tmp_path / "b", 32, workers=2, **kwargs)
+    a, b = shard_bytes(tmp_path / "a"), shard_bytes(tmp_path / "b")
+    assert len([k for k in a if k.endswith(".tar")]) >= 2
+    assert a == b  # byte-identical shards, manifest and tokenizer
+    # the CLI, training its own tokenizer twice, is deterministic too (and shows the summary)
+    argv = ["--input", str(corpus), "--text-field", "body", "--seq-len", "32", "--vocab-size", "400",
+            "--sequences-per-shard", "16", "--workers", "1", "--no-progress"]
+    assert prepare_cli.main(argv + ["--output", str(tmp_path / "c")]) == 0
+    assert prepare_cli.main(argv + ["--output", str(tmp_path / "d")]) == 0
+    assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "d")
+    assert prepare_cli.main(argv + ["--output", str(tmp_path / "d")]) == 2  # not empty, no --overwrite
+
+
+def test_document_longer_than_a_shard_is_split_not_dropped(tmp_path, tokenizer):
+    long_doc = " ".join(f"word{i % 37}" for i in range(400))
+    docs = ["A short one.", long_doc, "Another short one."]
+    ids = [tokenizer.encode(d) for d in docs]
+    assert len(ids[1]) > 3 * 9  # longer than a shard of 3 sequences of 9 tokens
+    manifest = write_dataset(ids, tmp_path / "ds", tokenizer, 8, val_fraction=0.0, sequences_per_shard=3,
+                             rows_per_block=2, show_progress=False)
+    train = manifest["splits"]["train"]
+    assert train["tokens"] == sum(len(x) + 1 for x in ids) and train["documents"] == 3
+    rows, metas = [], []
+    for shard in train["shards"]:
+        for t, m in read_blocks(tmp_path / "ds" / shard["path"], 9, manifest["token_dtype"], shard["sequences"]):
+            rows.append(t)
+            metas.append(m)
+    rows, metas = np.concatenate(rows), np.concatenate(metas)
+    stream = np.concatenate([r[:v] for r, v in zip(rows, metas[:, 1])])
+    want = np.concatenate([np.array(x + [tokenizer.eos_id]) for x in ids])
+    assert np.array_equal(stream, want)
+    assert manifest["stats"]["empty_documents"] == 0
+    assert len(train["shards"]) == -(-len(rows) // 3)
+    assert (metas[:-1, 1] == 9).all() and metas[-1, 1] == len(want) - 9 * (len(rows) - 1)
+
+
+def test_empty_after_tokenizing_is_skipped_and_counted(tmp_path, tokenizer):
+    manifest = write_dataset([[], tokenizer.encode("hello"), []], tmp_path / "ds", tokenizer, 8,
+                             val_fraction=0.0, show_progress=False)
+    assert manifest["stats"]["empty_documents"] == 2 and manifest["documents"] == 1
+    with pytest.raises(DataError, match="no non-empty document"):
+        write_dataset([[]], tmp_path / "ds2", tokenizer, 8, show_progress=False)
+    assert not (tmp_path / "ds2").exists()
+
+
+def small_cfg(tmp_path, **syn):
+    return DataConfig(cache_dir=str(tmp_path / "cache"), vocab_size=512, min_shards=4,
+                      synthetic=SyntheticConfig(**{"num_entities": 60, **syn}))
+
+
+def test_embedded_dataset_is_cached_and_probes_load(tmp_path):
+    cfg = small_cfg(tmp_path)
+    path = prepare_embedded_dataset(cfg, 64, show_progress=False)
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert prepare_embedded_dataset(cfg, 64, show_progress=False) == path
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = prepare_embedded_dataset(small_cfg(tmp_path, seed=9), 64, show_progress=False)
+    assert other != path
+    manifest = read_manifest(path)
+    assert manifest["vocab_size"] <= 512 and manifest["token_dtype"] == "uint16"
+    assert all(len(manifest["splits"][s]["shards"]) >= 4 for s in ("train", "val"))
+    probes = load_probes(path)
+    assert len(probes) == 60 * 5 and sum(p.is_new_fact for p in probes) == 6 * 5
+    tok = Tokenizer(path / "tokenizer.model")
+    batch = next(iter(ShardLoader(path, "train", batch_size=4, seq_len=64, rank=1, world_size=2, num_workers=2)))
+    assert batch.tokens.shape == (4, 64) and int(batch.tokens.max()) < tok.vocab_size
+    cfg.dir = str(path)
+    assert prepare_embedded_dataset(cfg, 64) == path
+    with pytest.raises(DataError, match="seq_len=64, but data.seq_len=32"):
+        prepare_embedded_dataset(cfg, 32)
+
+
+def stored_documents(path, split="train") -> list[list[int]]:
+    """A split's documents (token ids, EOS removed), read back from its shards in write order."""
+    manifest = read_manifest(path)
+    width = manifest["seq_len"] + 1
+    pieces = []
+    for shard in manifest["splits"][split]["shards"]:
+        for t, m in read_blocks(path / shard["path"], width, manifest["token_dtype"], shard["sequences"]):
+            pieces.extend(row[:v] for row, v in zip(t, m[:, 1]))
+    stream = np.concatenate(pieces).tolist()
+    docs, cur = [], []
+    for t in stream:
+        if t == manifest["eos_id"]:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    assert not cur
+    return docs
+
+
+def contains(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+def test_embedded_corpus_teaches_the_probes_answers(tmp_path):
+    """Seen facts appear in the training tokens as question-then-answer; new facts never appear."""
+    cfg = small_cfg(tmp_path, num_entities=40)
+    path = prepare_embedded_dataset(cfg, 64, show_progress=False)
+    tok = Tokenizer(path / "tokenizer.model")
+    world = build_fact_world(40, seed=cfg.synthetic.seed)
+    docs = stored_documents(path, "train") + stored_documents(path, "val")
+    assert len(docs) == len(world.train_documents)
+    corpus_text = "\n".join(tok.decode(d) for d in docs)
+    probes = load_probes(path)
+    assert probes == world.probes
+    for ent in world.entities:
+        assert (ent.name in corpus_text) != ent.is_new_fact
+    for p in probes:
+        q, a = tok.encode(p.question), tok.encode(p.answer)
+        assert tok.encode(p.question + " " + p.answer) == q + a  # the greedy answer is encode(answer)
+        if not p.is_new_fact:
+            assert any(contains(d, q + a) for d in docs), p
+
+
+def test_fact_world_is_deterministic_and_consistent():
+    a, b = build_fact_world(200, seed=5), build_fact_world(200, seed=5)
+    assert a == b and build_fact_world(200, seed=6) != a
+    assert len({e.name for e in a.entities}) == 200
+    for attr in ATTRIBUTES:
+        distinct = len({getattr(e, attr) for e in a.entities})
+        assert {p.chance for p in a.probes if p.attribute == attr} == {1.0 / distinct}
+    train_names = {e.name for e in a.entities if not e.is_new_fact}
+    assert all(e.mentor != e.name and e.mentor in train_names for e in a.entities)
+    assert sum(e.is_new_fact for e in a.entities) == 20
+    assert len(a.train_documents) == 180 * 6 and len(a.new_fact_documents) == 20 * 6
+
+
+def test_bad_synthetic_config(tmp_path):
+    with pytest.raises(DataError, match="num_entities=1 must be >= 2"):
+        prepare_embedded_dataset(small_cfg(tmp_path, num_entities=1), 64)
+    with pytest.raises(DataError, match="new_fact_fraction=1.0"):
+        prepare_embedded_dataset(small_cfg(tmp_path, new_fact_fraction=1.0), 64)
+    assert not list((tmp_path / "cache").glob("embedded-*"))
