@@ -1,0 +1,133 @@
+"""Config loading and validation: every shipped config loads; bad keys and values are named."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pretrain.config import RunConfig, load_config, save_config, validate
+from pretrain.model import ConfigError, MemoryPlus, Transformer, ValueTable
+
+
+def config_files(repo_root):
+    return sorted((repo_root / "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_loads_and_builds_on_meta(repo_root):
+    paths = config_files(repo_root)
+    assert {"tiny.yaml", "tiny_dense.yaml", "memory_373m.yaml", "smf_1p3b.yaml"} <= {p.name for p in paths}
+    for path in paths:
+        cfg = load_config(path)
+        assert isinstance(cfg, RunConfig)
+        with torch.device("meta"):
+            Transformer(cfg.model)
+
+
+def test_overrides_are_typed_and_applied(repo_root):
+    cfg = load_config(repo_root / "configs/tiny.yaml", ["model.memory.k=8", "optim.lr=1e-3", "model.memory.layers=[0,3]"])
+    assert cfg.model.memory.k == 8 and cfg.optim.lr == 1e-3 and cfg.model.memory.layers == [0, 3]
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_save_and_load_round_trip(repo_root, tmp_path):
+    cfg = load_config(repo_root / "configs/tiny.yaml", ["model.memory.layers=[1,2]", "train.max_steps=7"])
+    out = tmp_path / "config.yaml"
+    save_config(cfg, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left behind
+    assert dataclasses.asdict(load_config(out)) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,unknown,suggestion",
+    [
+        ("model.memory.n_key=3", "model.memory.n_key", "model.memory.n_keys"),
+        ("model.dimm=64", "model.dimm", "model.dim"),
+        ("trian.max_steps=3", "trian", "train"),
+        ("optim.zzzzzz=1", "optim.zzzzzz", None),
+    ],
+)
+def test_unknown_override_key_suggests_the_nearest_valid_key(repo_root, override, unknown, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(repo_root / "configs/tiny.yaml", [override])
+    message = str(err.value)
+    assert f"unknown config key '{unknown}'" in message
+    if suggestion:
+        assert f"did you mean '{suggestion}'" in message
+
+
+def test_unknown_key_in_a_yaml_file_suggests_the_nearest_valid_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  dim: 64\n  memory:\n    heds: 2\n")
+    with pytest.raises(ConfigError, match=r"model\.memory\.heds.*did you mean 'model\.memory\.heads'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.dim=abc", "model.dim"),
+        ("model.tie_embeddings=maybe", "model.tie_embeddings"),
+        ("train.dtype=fp8", "train.dtype"),
+        ("model.memory.kernel=cuda", "model.memory.kernel"),
+        ("train.zero_stage=4", "train.zero_stage"),
+        ("data.seq_len=4096", "data.seq_len"),
+        ("model.n_layers=0", "model.n_layers"),
+    ],
+)
+def test_bad_values_name_their_key(repo_root, override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(repo_root / "configs/tiny.yaml", [override])
+    assert key in str(err.value)
+
+
+def test_malformed_override_and_missing_file_are_explained(repo_root, tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(repo_root / "configs/tiny.yaml", ["model.dim"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+INVALID_SHAPES = [  # (overrides on configs/tiny.yaml, the key the message must name)
+    (["model.memory.k=129"], "model.memory.k="),  # k > n_keys (128)
+    (["model.memory.k_dim=63"], "model.memory.k_dim"),
+    (["model.memory.layers=[4]"], "model.memory.layers"),  # 4 layers: indices 0..3
+    (["model.memory.layers=[-1]"], "model.memory.layers"),
+    (["model.memory.layers=[1,1]"], "model.memory.layers"),
+    (["model.memory.v_dim=96", "model.memory.parallel_size=5"], "model.memory.parallel_size"),
+    (["model.memory.v_dim=-8"], "model.memory.v_dim"),
+    (["model.memory.n_keys=0"], "model.memory.n_keys"),
+    (["model.n_heads=3"], "model.n_heads"),  # 128 % 3
+    (["model.n_kv_heads=3"], "model.n_kv_heads"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", INVALID_SHAPES)
+def test_invalid_shapes_name_the_config_key(repo_root, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(repo_root / "configs/tiny.yaml", overrides)
+    assert key in str(err.value)
+
+
+def test_model_validation_runs_before_any_allocation(make_model_config):
+    # 2**20 half-keys would be a 2**40-row value table: the shape error must come first
+    cfg = make_model_config(memory=dict(n_keys=2**20, k_dim=7))
+    with pytest.raises(ConfigError, match="model.memory.k_dim=7"):
+        Transformer(cfg)
+
+
+def test_value_table_width_must_match_the_memory_layer(make_model_config):
+    cfg = make_model_config(memory=dict(v_dim=16))
+    layer = MemoryPlus(cfg)
+    wrong = ValueTable(cfg.memory.num_slots, 24)
+    with pytest.raises(ConfigError, match=r"model\.memory\.v_dim=16") as err:
+        layer(torch.randn(1, 3, cfg.dim), wrong)
+    assert "24" in str(err.value)
+
+
+def test_memory_parallel_size_must_divide_the_world_size(repo_root):
+    cfg = load_config(repo_root / "configs/tiny.yaml", ["train.micro_batch=4", "train.global_batch=48"])
+    cfg.model.memory.parallel_size = 2
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="model.memory.parallel_size=2"):
+        validate(cfg, world_size=3)
