@@ -5,23 +5,14 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig
-from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
+from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
 from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel import MemoryParallel, PartitionedValueTable, ShardFileError, init_memory_groups
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.shard_files import shard_file_name
 from kernels import reference
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def tiny_cfg(v_dim: int = 0, shared: bool = False) -> ModelConfig:
-    mem = MemoryConfig(layers=[0, 2], n_keys=16, heads=2, k=4, k_dim=16, v_dim=v_dim, shared_values=shared,
-                       kernel="torch")
-    return ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=16, memory=mem)
+from parallel_helpers import rel_err, reference_world1, tiny_cfg
 
 
 def fake_groups(P: int, position: int) -> MemoryGroups:
@@ -74,35 +65,10 @@ def test_p1_forward_matches_the_reference_bag():
     torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=1e-6)
 
 
-def reference_world1(cfg, batches, optim, steps):
-    """Plain torch: full ValueTables seeded 0..n-1, dense AdamW, value AdamW, separate clipping."""
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    for i in range(len(model.values)):
-        model.values[i] = ValueTable(cfg.memory.num_slots, cfg.value_dim, "torch", seed=i)
-    dense = [p for n, p in model.named_parameters() if not n.startswith("values.")]
-    values = list(model.values.parameters())
-    opt_d = torch.optim.AdamW(dense, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                              weight_decay=optim.weight_decay)
-    opt_v = torch.optim.AdamW(values, lr=optim.value_lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                              weight_decay=0.0)
-    losses = []
-    for step in range(steps):
-        tokens = batches[step]
-        loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        opt_d.zero_grad(), opt_v.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dense, optim.grad_clip)
-        torch.nn.utils.clip_grad_norm_(values, optim.grad_clip)
-        opt_d.step(), opt_v.step()
-        losses.append(loss.item())
-    return model, losses
-
-
 def test_memory_parallel_p1_trains_like_plain_torch():
     cfg, optim = tiny_cfg(), OptimConfig(grad_clip=0.003)
     batches = torch.randint(0, 64, (3, 4, 9), generator=torch.Generator().manual_seed(1))
-    ref, ref_losses = reference_world1(cfg, batches, optim, 3)
+    ref, ref_losses = reference_world1(cfg, batches, optim)
 
     torch.manual_seed(0)
     model = Transformer(cfg)

@@ -1,0 +1,51 @@
+"""Shared pieces of the memory-parallel tests: the tiny model, batches, the world-1 reference."""
+from __future__ import annotations
+
+import torch
+
+from pretrain.config import OptimConfig
+from pretrain.model.config import MemoryConfig, ModelConfig
+from pretrain.model.memory import ValueTable
+from pretrain.model.transformer import Transformer, language_model_loss
+
+OPTIM = OptimConfig(lr=3e-3, value_lr=1e-2, weight_decay=0.1, grad_clip=0.003)
+GLOBAL_BATCH, SEQ, STEPS = 4, 9, 3
+
+
+def tiny_cfg(v_dim: int = 0, shared: bool = False) -> ModelConfig:
+    """dim 32, 3 layers, two memory layers (layers 0 and 2) with their own 256-slot tables."""
+    mem = MemoryConfig(layers=[0, 2], n_keys=16, heads=2, k=4, k_dim=16, v_dim=v_dim, shared_values=shared,
+                       kernel="torch")
+    return ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=16, memory=mem)
+
+
+def batches(steps: int = STEPS) -> torch.Tensor:
+    return torch.randint(0, 64, (steps, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference_world1(cfg: ModelConfig, data: torch.Tensor, optim: OptimConfig = OPTIM):
+    """Plain torch, one process: full ValueTables seeded 0..n-1, dense AdamW, value AdamW
+    (no weight decay), each group clipped by its own norm. Returns (model, losses)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    for i in range(len(model.values)):
+        model.values[i] = ValueTable(cfg.memory.num_slots, cfg.value_dim, "torch", seed=i)
+    dense = [p for n, p in model.named_parameters() if not n.startswith("values.")]
+    values = list(model.values.parameters())
+    betas = (optim.beta1, optim.beta2)
+    opt_d = torch.optim.AdamW(dense, lr=optim.lr, betas=betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    opt_v = torch.optim.AdamW(values, lr=optim.value_lr, betas=betas, eps=optim.eps, weight_decay=0.0)
+    losses = []
+    for tokens in data:
+        loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        opt_d.zero_grad(), opt_v.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dense, optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(values, optim.grad_clip)
+        opt_d.step(), opt_v.step()
+        losses.append(loss.item())
+    return model, losses
