@@ -49,12 +49,18 @@ def pkm_topk(query, keys1, keys2, k: int, backend: str = "auto"):
     return reference.pkm_topk(query, keys1, keys2, k)
 
 
-def embedding_bag(values, indices, weights, backend: str = "auto"):
-    """Weighted bag over value rows: values (N, d), indices/weights (T, H, k) -> (T, d)."""
+def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: str = "sorted"):
+    """Weighted bag over value rows: values (N, d), indices/weights (T, H, k) -> (T, d).
+
+    value_grad (Triton backend only): "sorted" (deterministic, default), "atomic"
+    (fp32 atomics) or "sparse" (a sparse COO gradient of the touched rows).
+    """
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
+    if value_grad not in ("sorted", "atomic", "sparse"):
+        raise ValueError(f"value_grad={value_grad!r} must be one of sorted, atomic, sparse")
     if resolve_backend(backend, values) == "triton":
         from kernels import bag_triton
 
-        return bag_triton.embedding_bag(values, indices, weights)
+        return bag_triton.embedding_bag(values, indices, weights, value_grad=value_grad)
     return reference.embedding_bag(values, indices, weights)

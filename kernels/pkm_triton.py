@@ -94,7 +94,7 @@ def _half_topk(q, keys_ptr, n_keys, half, stride_kn,
         kt = tl.load(keys_ptr + dims[:, None] + ns[None, :].to(tl.int64) * stride_kn,
                      mask=dmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, kt)
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -148,7 +148,11 @@ def _launch_config(T: int, n_keys: int, kp: int) -> tuple[int, int, int]:
 
 
 def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
-    """Kernel launch without autograd: weights (T, H, k) in query.dtype, int64 indices."""
+    """Kernel launch without autograd: fp32 weights (T, H, k) and int64 indices.
+
+    Weights stay fp32 here (the backward needs them at full precision, as the
+    reference's autograd keeps its fp32 softmax); `pkm_topk` casts the output.
+    """
     check_same_device(query=query, keys1=keys1, keys2=keys2)
     T, H, k_dim = query.shape
     n_keys, half = keys1.shape[1], keys1.shape[2]
@@ -161,7 +165,7 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
         raise ValueError(f"n_keys={n_keys} gives more than 2**31 slots; the packed top-k keys hold 31-bit slot ids")
     query = query.contiguous()
     keys1, keys2 = keys1.to(query.dtype).contiguous(), keys2.to(query.dtype).contiguous()
-    weights = torch.empty(T, H, k, dtype=query.dtype, device=query.device)
+    weights = torch.empty(T, H, k, dtype=torch.float32, device=query.device)
     indices = torch.empty(T, H, k, dtype=torch.int64, device=query.device)
     if T == 0:
         return weights, indices
@@ -172,7 +176,8 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
         query, keys1, keys2, weights, indices, T, H, n_keys, half,
         query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1),
         K=k, KP=kp, HALF_P=max(16, next_pow2(half)), BLOCK_T=block_t, BLOCK_N=block_n,
-        IEEE=query.dtype == torch.float32, num_warps=warps,
+        # The interpreter's tl.dot multiplies bf16/fp16 bit patterns as integers: upcast there.
+        IEEE=query.dtype == torch.float32 or INTERPRETING, num_warps=warps,
     )
     return weights, indices
 
@@ -205,7 +210,7 @@ class PKMTopK(torch.autograd.Function):
         weights, indices = pkm_topk_forward(query, keys1, keys2, k)
         ctx.save_for_backward(query, keys1, keys2, weights, indices)
         ctx.mark_non_differentiable(indices)
-        return weights, indices
+        return weights.to(query.dtype), indices
 
     @staticmethod
     def backward(ctx, grad_weights, grad_indices):

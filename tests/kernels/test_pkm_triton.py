@@ -1,0 +1,75 @@
+"""Fused product-key top-k (kernels.pkm_triton) against the float64 PyTorch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import BF16_TOL, FP32_TOL, assert_close
+
+from kernels import pkm_triton, reference
+
+# (T, H, k_dim, n_keys, k): k not a power of two, n_keys not a multiple of the tile,
+# a half dim that is not a power of two, a single token, the largest test shape.
+CASES = [(20, 2, 16, 40, 5), (17, 1, 24, 33, 8), (1, 3, 16, 16, 3), (16, 1, 32, 128, 32), (9, 2, 8, 7, 7)]
+
+
+def _inputs(T, H, k_dim, n, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, k_dim, generator=g)
+    k1 = torch.randn(H, n, k_dim // 2, generator=g)
+    k2 = torch.randn(H, n, k_dim // 2, generator=g)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k1, k2)]
+
+
+def _grads(weights, inputs, probe):
+    return torch.autograd.grad((weights.float() * probe).sum(), inputs)
+
+
+@pytest.mark.parametrize("T,H,k_dim,n,k", CASES)
+def test_matches_reference_fp32(T, H, k_dim, n, k, device):
+    inputs = _inputs(T, H, k_dim, n, device, seed=T * 1000 + n)
+    w, idx = pkm_triton.pkm_topk(*inputs, k)
+    ref_inputs = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    w_ref, idx_ref = reference.pkm_topk(*ref_inputs, k)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(idx.cpu(), idx_ref), "selected slots differ from the reference"
+    assert_close(w, w_ref, FP32_TOL, "weights")
+    probe = torch.randn(T, H, k, dtype=torch.float64)
+    for name, got, want in zip(("dquery", "dkeys1", "dkeys2"), _grads(w, inputs, probe.to(device)),
+                               _grads(w_ref, ref_inputs, probe)):
+        assert_close(got, want, FP32_TOL, name)
+
+
+def test_indices_are_exact_topk_over_all_slots(device):
+    """Independent of the product-key reference: brute force over all n*n slots."""
+    q, k1, k2 = _inputs(12, 2, 16, 24, device, seed=7)
+    w, idx = pkm_triton.pkm_topk(q, k1, k2, 6)
+    w_bf, idx_bf = reference.brute_force_topk(q.detach().cpu().double(), k1.detach().cpu().double(),
+                                              k2.detach().cpu().double(), 6)
+    assert torch.equal(idx.cpu(), idx_bf)
+    assert_close(w, w_bf, FP32_TOL, "weights vs brute force")
+
+
+def test_bf16_storage(device):
+    T, H, k_dim, n, k = 16, 2, 32, 48, 8
+    inputs = _inputs(T, H, k_dim, n, device, dtype=torch.bfloat16, seed=3)
+    w, idx = pkm_triton.pkm_topk(*inputs, k)
+    assert w.dtype == torch.bfloat16
+    # The kernel accumulates bf16 products in fp32: compare with the float64 reference
+    # on the same (bf16-representable) inputs.
+    ref_inputs = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    w_ref, idx_ref = reference.pkm_topk(*ref_inputs, k)
+    assert torch.equal(idx.cpu(), idx_ref)
+    assert_close(w, w_ref, BF16_TOL, "bf16 weights")
+    probe = torch.randn(T, H, k, dtype=torch.float64)
+    for name, got, want in zip(("dquery", "dkeys1", "dkeys2"), _grads(w, inputs, probe.to(device)),
+                               _grads(w_ref, ref_inputs, probe)):
+        assert got.dtype == torch.bfloat16
+        assert_close(got, want, BF16_TOL, name)
+
+
+def test_bad_shapes_are_refused(device):
+    q, k1, k2 = _inputs(4, 2, 16, 8, device)
+    with pytest.raises(ValueError, match="k=9"):
+        pkm_triton.pkm_topk_forward(q, k1, k2, 9)
+    with pytest.raises(ValueError, match="do not match"):
+        pkm_triton.pkm_topk_forward(q[..., :8], k1, k2, 2)
