@@ -1,0 +1,87 @@
+"""Print a config's model size: parameter counts and training FLOPs per token.
+
+The model is built on the meta device, so paper-scale configs cost no memory:
+
+  python tools/model_info.py --config configs/memory_373m.yaml [key.sub=value ...] [--json]
+  memlayers-model-info --config configs/tiny.yaml model.memory.layers=[]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pretrain.config import RunConfig, load_config  # noqa: E402
+from pretrain.model import ConfigError, Transformer, count_parameters, flops_per_token  # noqa: E402
+
+PARAMETER_ROWS = [
+    ("dense", "everything outside the memory layers"),
+    ("memory_values", "value tables (sparse: not active)"),
+    ("memory_keys", "product half-keys"),
+    ("memory_other", "query projections and norms, gates, output projections"),
+    ("active", "used by every token: all but the values"),
+    ("total", ""),
+]
+
+
+def model_info(cfg: RunConfig, seq_len: int | None = None) -> dict:
+    """Parameter counts (built on the meta device) and training FLOPs per token of cfg's model."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    counts = count_parameters(model)
+    seq_len = seq_len or cfg.data.seq_len
+    parameters = {name: getattr(counts, name) for name, _ in PARAMETER_ROWS}
+    return {"parameters": parameters, "seq_len": seq_len, "flops_per_token": flops_per_token(cfg.model, seq_len)}
+
+
+def human(n: float, billion: str = "B") -> str:
+    """1.44B parameters, 2.59G FLOPs."""
+    for scale, suffix in ((1e12, "T"), (1e9, billion), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n:g}"
+
+
+def format_info(info: dict, cfg: RunConfig, title: str) -> str:
+    m, model = cfg.model.memory, cfg.model
+    shape = f"{model.n_layers} layers, dim {model.dim}, {model.n_heads} heads, vocab {model.vocab_size}"
+    if m.enabled:
+        shape += (
+            f"; memory in layers {list(m.layers)}: {m.num_slots:,} slots, k={m.k}, {m.heads} heads, "
+            f"value dim {model.value_dim}, {'shared' if m.shared_values else 'per-layer'} values"
+        )
+    lines = [title, f"  {shape}", "parameters"]
+    for name, note in PARAMETER_ROWS:
+        n = info["parameters"][name]
+        lines.append(f"  {name:<14}{n:>16,}  {human(n):>8}  {note}".rstrip())
+    lines.append(f"training FLOPs per token (forward + backward, seq_len {info['seq_len']})")
+    for name, n in info["flops_per_token"].items():
+        lines.append(f"  {name:<14}{int(n):>16,}  {human(n, billion='G'):>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--seq-len", type=int, default=None, help="for FLOPs (default: data.seq_len)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.seq_len is not None and args.seq_len <= 0:
+        parser.error(f"--seq-len={args.seq_len} must be positive")
+    info = model_info(cfg, args.seq_len)
+    print(json.dumps(info) if args.json else format_info(info, cfg, args.config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
