@@ -1,0 +1,130 @@
+"""Kernel benchmark library behind tools/bench_kernels.py: inputs, timing, bytes model.
+
+Bytes moved (each input read once, each output written once; e = value element size,
+q = query element size, M = T*H*k entries, n = n_keys, N = n*n):
+  scoring fwd   T*H*k_dim*q + 2*H*n*(k_dim/2)*q + M*(q + 8)            FLOPs 2*T*H*n*k_dim
+  scoring bwd   the forward's bytes + grads of query and keys (same sizes) FLOPs 2x forward
+  bag fwd       M*d*e (gathered rows) + M*(8 + e) + T*d*e (output)
+  bag bwd       M*d*e (rows for dweights) + M*d*e (grad_out rows per entry)
+                + U*d*e (touched dvalue rows; U unique rows) + M*(8 + 2e)
+Gathered rows count once per entry, not once per unique row: duplicates may hit in L2,
+so a kernel can exceed the counted bandwidth slightly; unique rows and the largest
+multiplicity are reported beside each bag shape.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+from kernels.devices import PEAK_BANDWIDTH_TBS, sku_for
+
+
+@dataclass
+class Shape:
+    tokens: int
+    heads: int
+    k: int
+    n_keys: int
+    k_dim: int
+    v_dim: int
+    dtype: torch.dtype
+
+
+def make_inputs(s: Shape, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(s.tokens, s.heads, s.k_dim, generator=g).to(device, s.dtype)
+    k1 = (torch.randn(s.heads, s.n_keys, s.k_dim // 2, generator=g) / s.k_dim**0.5).to(device, s.dtype)
+    k2 = (torch.randn(s.heads, s.n_keys, s.k_dim // 2, generator=g) / s.k_dim**0.5).to(device, s.dtype)
+    values = (torch.randn(s.n_keys**2, s.v_dim, generator=g) * s.v_dim**-0.5).to(device, s.dtype)
+    return q, k1, k2, values
+
+
+def time_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
+    """Per-call milliseconds: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def percentiles(times: list[float]) -> dict:
+    t = torch.tensor(times, dtype=torch.float64)
+    return {f"p{p}": torch.quantile(t, p / 100).item() for p in (20, 50, 80)}
+
+
+def scoring_bytes(s: Shape) -> int:
+    q = torch.finfo(s.dtype).bits // 8
+    M = s.tokens * s.heads * s.k
+    return s.tokens * s.heads * s.k_dim * q + s.heads * s.n_keys * s.k_dim * q + M * (q + 8)
+
+
+def scoring_flops(s: Shape) -> float:
+    return 2.0 * s.tokens * s.heads * s.n_keys * s.k_dim
+
+
+def bag_bytes(s: Shape, unique_rows: int, backward: bool) -> int:
+    e = torch.finfo(s.dtype).bits // 8
+    M = s.tokens * s.heads * s.k
+    if backward:
+        return 2 * M * s.v_dim * e + unique_rows * s.v_dim * e + M * (8 + 2 * e)
+    return M * s.v_dim * e + M * (8 + e) + s.tokens * s.v_dim * e
+
+
+def row_stats(indices: torch.Tensor) -> dict:
+    _, counts = torch.unique(indices.reshape(-1), return_counts=True)
+    return {"unique_rows": int(counts.numel()), "max_row_multiplicity": int(counts.max())}
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"device": "cpu", "sku": None, "peak_tbs": None}
+    name = torch.cuda.get_device_name(device)
+    sku = sku_for(name)
+    return {"device": name, "sku": sku, "peak_tbs": PEAK_BANDWIDTH_TBS.get(sku)}
+
+
+def record(name: str, times: list[float], nbytes: int | None, peak_tbs: float | None, flops: float | None = None,
+           baseline_ms: float | None = None, **extra) -> dict:
+    row = {"name": name, **percentiles(times), **extra}
+    p50_s = row["p50"] / 1e3
+    if nbytes is not None:
+        row["bytes"] = nbytes
+        row["gb_s"] = nbytes / p50_s / 1e9
+        row["pct_peak"] = 100 * row["gb_s"] / (peak_tbs * 1e3) if peak_tbs else None
+    if flops is not None:
+        row["tflop_s"] = flops / p50_s / 1e12
+    if baseline_ms is not None:
+        row["speedup"] = baseline_ms / row["p50"]
+    return row
+
+
+def sweep_scoring(tokens: int, heads: int, k: int, k_dim: int, n_keys_list, device, repeats: int, progress=None):
+    """Time per token of product-key vs brute-force scoring as N = n_keys**2 grows."""
+    rows = []
+    for n in n_keys_list:
+        s = Shape(tokens, heads, k, n, k_dim, 1, torch.float32)
+        q, k1, k2, _ = make_inputs(Shape(tokens, heads, k, n, k_dim, 1, torch.float32), "cpu")
+        q, k1, k2 = q.to(device), k1.to(device), k2.to(device)
+        with torch.no_grad():
+            pk = percentiles(time_ms(lambda: reference.pkm_scores_topk(q, k1, k2, s.k), device, repeats))["p50"]
+            bf = percentiles(time_ms(lambda: reference.brute_force_topk(q, k1, k2, s.k), device, repeats))["p50"]
+        rows.append({"n_keys": n, "slots": n * n, "product_key_us_per_token": 1e3 * pk / tokens,
+                     "brute_force_us_per_token": 1e3 * bf / tokens, "brute_over_product": bf / pk})
+        if progress is not None:
+            progress.update(1)
+    return rows

@@ -1,0 +1,177 @@
+"""Benchmark the memory-layer kernels against their PyTorch baselines (see kernels/benchmark.py
+for the bytes model). Without a GPU only the PyTorch paths are timed, at smaller shapes.
+
+  python tools/bench_kernels.py --json out.json            # paper shapes on CUDA
+  python tools/bench_kernels.py --sweep --plot sweep.png   # product-key vs brute force
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from kernels import benchmark as kb  # noqa: E402
+from kernels import reference  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8 * 4096 if cuda else 256, help="T (paper: 8x4096)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--n-keys", type=int, default=1024 if cuda else 256)
+    p.add_argument("--k-dim", type=int, default=256)
+    p.add_argument("--v-dims", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--repeats", type=int, default=20 if cuda else 5)
+    p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
+    p.add_argument("--sweep-tokens", type=int, default=1024 if cuda else 16)
+    p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
+    args = p.parse_args(argv)
+    for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
+        if getattr(args, key) <= 0:
+            p.error(f"--{key.replace('_', '-')} must be positive")
+    if args.k > args.n_keys or args.k_dim % 2:
+        p.error("need --k <= --n-keys and an even --k-dim")
+    return args
+
+
+def bench_shapes(args, device, info, progress) -> list[dict]:
+    use_triton = device.type == "cuda"
+    if use_triton:
+        from kernels import bag_triton, pkm_triton
+    rows, peak, reps = [], info["peak_tbs"], args.repeats
+    dtype = DTYPES[args.dtype]
+    for v_dim in args.v_dims:
+        s = kb.Shape(args.tokens, args.heads, args.k, args.n_keys, args.k_dim, v_dim, dtype)
+        q, k1, k2, values = kb.make_inputs(s, device)
+        shape = {"tokens": s.tokens, "heads": s.heads, "k": s.k, "n_keys": s.n_keys, "k_dim": s.k_dim,
+                 "v_dim": v_dim, "dtype": args.dtype}
+        with torch.no_grad():
+            weights, indices = reference.pkm_topk(q, k1, k2, s.k)
+        stats = kb.row_stats(indices)
+        sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
+        if v_dim == args.v_dims[0]:  # scoring does not depend on the value dim
+            with torch.no_grad():
+                t = kb.time_ms(lambda: reference.pkm_topk(q, k1, k2, s.k), device, reps)
+            base = kb.percentiles(t)["p50"]
+            rows.append(kb.record("scoring_fwd_torch", t, sb, peak, fl, **shape))
+            if use_triton:
+                with torch.no_grad():
+                    t = kb.time_ms(lambda: pkm_triton.pkm_topk(q, k1, k2, s.k), device, reps)
+                rows.append(kb.record("scoring_fwd_triton", t, sb, peak, fl, base, **shape))
+            qg, k1g, k2g = (x.detach().requires_grad_() for x in (q, k1, k2))
+            probe = torch.randn(s.tokens, s.heads, s.k, device=device, dtype=dtype)
+
+            def fwd_bwd(fn):
+                return lambda: torch.autograd.backward(fn(qg, k1g, k2g, s.k)[0], probe)
+            t = kb.time_ms(fwd_bwd(reference.pkm_topk), device, reps)
+            base = kb.percentiles(t)["p50"]
+            rows.append(kb.record("scoring_fwd_bwd_torch", t, 2 * sb, peak, 3 * fl, **shape))
+            if use_triton:
+                t = kb.time_ms(fwd_bwd(pkm_triton.pkm_topk), device, reps)
+                rows.append(kb.record("scoring_fwd_bwd_triton", t, 2 * sb, peak, 3 * fl, base, **shape))
+            progress.update(1)
+        fb = kb.bag_bytes(s, stats["unique_rows"], backward=False)
+        with torch.no_grad():
+            t = kb.time_ms(lambda: reference.embedding_bag(values, indices, weights), device, reps)
+            base = kb.percentiles(t)["p50"]
+            rows.append(kb.record("bag_fwd_torch_embedding_bag", t, fb, peak, **shape, **stats))
+            t = kb.time_ms(lambda: reference.embedding_bag_gather(values, indices, weights), device, reps)
+            rows.append(kb.record("bag_fwd_torch_gather_sum", t, fb, peak, None, base, **shape, **stats))
+            if use_triton:
+                t = kb.time_ms(lambda: bag_triton.bag_forward(values, indices, weights), device, reps)
+                rows.append(kb.record("bag_fwd_triton", t, fb, peak, None, base, **shape, **stats))
+        bb = kb.bag_bytes(s, stats["unique_rows"], backward=True)
+        grad_out = torch.randn(s.tokens, v_dim, device=device, dtype=dtype)
+        vg, wg = values.detach().requires_grad_(), weights.detach().float().requires_grad_()
+        out = F.embedding_bag(indices.reshape(s.tokens, -1), vg, per_sample_weights=wg.reshape(s.tokens, -1).to(dtype),
+                              mode="sum")
+        t = kb.time_ms(lambda: torch.autograd.grad(out, [vg, wg], grad_out, retain_graph=True), device, reps)
+        base = kb.percentiles(t)["p50"]
+        rows.append(kb.record("bag_bwd_torch_embedding_bag", t, bb, peak, **shape, **stats))
+        if use_triton:
+            for variant in ("sorted", "atomic", "sparse"):
+                o = bag_triton.embedding_bag(vg, indices, wg, value_grad=variant)
+                t = kb.time_ms(lambda: torch.autograd.grad(o, [vg, wg], grad_out, retain_graph=True), device, reps)
+                rows.append(kb.record(f"bag_bwd_triton_{variant}", t, bb, peak, None, base, **shape, **stats))
+        del values, vg, out
+        progress.update(1)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'kernel':32s} {'v_dim':>6s} {'p20':>9s} {'p50':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} "
+          f"{'TFLOP/s':>8s} {'speedup':>8s}")
+    for r in rows:
+        def f(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+        print(f"{r['name']:32s} {r['v_dim']:>6d} {f('p20', '9.3f')} {f('p50', '9.3f')} {f('p80', '9.3f')} "
+              f"{f('gb_s', '8.1f')} {f('pct_peak', '6.1f')} {f('tflop_s', '8.2f')} {f('speedup', '8.2f')}")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = kb.device_info(device)
+    payload = {**info, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    if device.type != "cuda":
+        print("no CUDA device: timing the PyTorch paths only; Triton timing skipped")
+        payload["triton_skipped"] = True
+    if args.sweep:
+        n_list = [64, 128, 256, 512, 1024]
+        with tqdm(total=len(n_list), desc="sweep") as bar:
+            rows = kb.sweep_scoring(args.sweep_tokens, args.heads, args.k, args.k_dim, n_list, device,
+                                    args.repeats, bar)
+        payload["sweep"] = rows
+        print(f"{'n_keys':>7s} {'slots':>9s} {'product-key us/tok':>19s} {'brute-force us/tok':>19s} {'ratio':>7s}")
+        for r in rows:
+            print(f"{r['n_keys']:7d} {r['slots']:9d} {r['product_key_us_per_token']:19.2f} "
+                  f"{r['brute_force_us_per_token']:19.2f} {r['brute_over_product']:7.1f}")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        slots = [r["slots"] for r in rows]
+        ax.loglog(slots, [r["product_key_us_per_token"] for r in rows], "o-", label="product keys")
+        ax.loglog(slots, [r["brute_force_us_per_token"] for r in rows], "s-", label="brute force")
+        ax.set_xlabel("slots N"), ax.set_ylabel("us per token"), ax.legend(), ax.set_title(info["device"])
+        fig.tight_layout()
+        tmp = args.plot.with_name(args.plot.name + ".tmp.png")
+        fig.savefig(tmp)
+        os.replace(tmp, args.plot)
+        print(f"plot written to {args.plot}")
+    else:
+        with tqdm(total=2 * len(args.v_dims), desc="kernels") as bar:
+            rows = bench_shapes(args, device, info, bar)
+        payload["results"] = rows
+        print(f"device: {info['device']} (SKU {info['sku']}, peak {info['peak_tbs']} TB/s)")
+        print_table(rows)
+    if args.json:
+        write_json(args.json, payload)
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
