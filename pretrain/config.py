@@ -72,6 +72,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     nan_policy: str = "stop"  # stop (save and exit) | skip (drop the step, count it)
     max_skipped_steps: int = 20
+    stop_after: int = 0  # checkpoint and exit after this step (a time slice); 0 = run to max_steps
 
 
 @dataclass
@@ -132,8 +133,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(cfg)
 
 
-def validate(cfg: RunConfig, world_size: int = 1, device_type: str = "cpu") -> RunConfig:
+def validate(cfg: RunConfig, world_size: int = 1, device_type: str | None = None) -> RunConfig:
     """Check values and combinations; raise ConfigError naming the key and the fix."""
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.model.validate("model")
     t, d = cfg.train, cfg.data
     if t.zero_stage not in (0, 1, 2, 3):

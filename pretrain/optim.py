@@ -61,5 +61,7 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
+def set_learning_rate(optimizer, lr: float) -> None:
+    """Set every group's lr (DeepSpeed's ZeRO wrappers expose the inner optimizer's groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

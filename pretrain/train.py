@@ -19,10 +19,11 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate
+from pretrain.data.errors import DataError
 from pretrain.distributed import DistInfo, init_distributed
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu
 from pretrain.model import Transformer, flops_per_token, language_model_loss
-from pretrain.optim import build_dense_optimizer, build_scheduler, lr_multiplier
+from pretrain.optim import build_dense_optimizer, lr_multiplier, set_learning_rate
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,12 +114,17 @@ def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.devi
     )
 
 
-def nonfinite_anywhere(loss: torch.Tensor) -> bool:
-    """True when any rank's loss is NaN/inf (one small all-reduce, the step's only sync)."""
-    flag = (~torch.isfinite(loss)).to(torch.float32).reshape(1)
+def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
+    """The step's loss averaged over ranks, and whether every rank's loss was finite.
+
+    One small all-reduce: the step's only host synchronisation.
+    """
+    both = torch.stack([loss.float(), (~torch.isfinite(loss)).float()])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        dist.all_reduce(both)
+        both[0] /= dist.get_world_size()
+    value, nonfinite = both.tolist()
+    return value, nonfinite == 0
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -150,9 +156,8 @@ def train(cfg: RunConfig) -> TrainResult:
     groups = init_memory_groups(cfg.model.memory.parallel_size)
     values = MemoryParallel(model, groups, cfg.optim, kernel=cfg.model.memory.kernel, device=device)
     optimizer = build_dense_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, info.world_size)
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
     )
     memory_layers = model.memory_layers()
     train_loader = build_loader(cfg, dataset_dir, "train", info.rank, info.world_size, loop=True)
@@ -228,12 +233,19 @@ def train(cfg: RunConfig) -> TrainResult:
                 losses.append(loss.detach())
                 if stats is not None:
                     stats.update([layer.last_indices for layer in memory_layers], batch.doc_ids.to(device))
-            step_loss = torch.stack(losses).float().mean()
-            bad_step = nonfinite_anywhere(step_loss)
+            step_loss, finite = global_mean_loss(torch.stack(losses).float().mean())
+            bad_step = not finite
             values.reduce_gradients()
             value_grad_norm = values.clip_grad_norm(cfg.optim.grad_clip)
+            dense_grad_norm = None
+            if t.zero_stage == 0 and result.step % t.log_every == t.log_every - 1:
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                dense_grad_norm = float(torch.nn.utils.get_total_norm(grads))  # stage 0 records none
             if bad_step:
                 optimizer.skip_next = True
+            # The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not
+            # advance its scheduler on steps it skips itself, which would shift the schedule.
+            set_learning_rate(engine.optimizer, cfg.optim.lr * multiplier)
             engine.step()
             if not bad_step:
                 values.step(multiplier)
@@ -246,7 +258,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
             if bad_step:
                 result.skipped_steps += 1
-                metrics.line(f"step {result.step}: non-finite loss ({step_loss.item()}); update skipped "
+                metrics.line(f"step {result.step}: non-finite loss ({step_loss}); update skipped "
                              f"({result.skipped_steps} so far)")
                 metrics.scalars({"train/skipped_steps": result.skipped_steps}, result.step)
                 if t.nan_policy == "stop" or result.skipped_steps > t.max_skipped_steps:
@@ -256,7 +268,7 @@ def train(cfg: RunConfig) -> TrainResult:
                         f"{result.skipped_steps} skipped); checkpoint saved in {result.checkpoint}"
                     )
             else:
-                result.losses.append(step_loss.item())
+                result.losses.append(step_loss)
                 if result.first_loss is None:
                     result.first_loss = result.losses[-1]
 
@@ -264,7 +276,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = interval_steps * tokens_per_step / max(elapsed, 1e-9)
                 utilisation = mfu(flops, tokens_per_s, info.world_size, peak)
-                grad_norm = engine.get_global_grad_norm()
+                grad_norm = dense_grad_norm if dense_grad_norm is not None else engine.get_global_grad_norm()
                 scalars = {
                     "train/loss": result.losses[-1] if result.losses else float("nan"),
                     "train/lr_dense": cfg.optim.lr * multiplier,
@@ -281,7 +293,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
                 metrics.line(
                     f"step {result.step}/{t.max_steps} loss {scalars['train/loss']:.4f} "
-                    f"lr {scalars['train/lr_dense']:.2e} grad_norm {scalars['train/grad_norm'] or float('nan'):.3f} "
+                    f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
                     f"tok/s {tokens_per_s:,.0f} mfu {mfu_text}"
                 )
                 interval_start, interval_steps = time.perf_counter(), 0
@@ -297,17 +309,24 @@ def train(cfg: RunConfig) -> TrainResult:
             if result.step % t.checkpoint_every == 0 or result.step == t.max_steps:
                 save_checkpoint()
 
-            if stop.should_stop():
+            signalled = stop.should_stop()
+            if signalled or result.step == t.stop_after:
                 if result.checkpoint is None or not result.checkpoint.endswith(f"{result.step:08d}"):
                     save_checkpoint()
-                result.stopped_by_signal = True
-                metrics.line(f"stop signal: checkpoint saved at step {result.step}")
-                result.requeued = requeue_job()
+                metrics.line(f"stopping at step {result.step} ({'signal' if signalled else 'train.stop_after'}); "
+                             f"checkpoint {result.checkpoint}")
+                result.stopped_by_signal = signalled
+                if signalled:
+                    result.requeued = requeue_job()  # last: a requeue cancels this job at once
                 break
     finally:
         stop.close()
         metrics.close()
     return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def log_slot_statistics(stats, metrics: MetricsLogger, step: int) -> None:
@@ -336,8 +355,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         result = train(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)

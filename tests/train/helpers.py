@@ -1,0 +1,109 @@
+"""Shared pieces of the trainer tests: a tiny config, a fixed-global-batch loader, rank spawning."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from pretrain.config import load_config
+
+TINY = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+    "model.memory.layers=[1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.k=4",
+    "model.memory.k_dim=16", "data.seq_len=32", "data.vocab_size=320",
+    "data.synthetic.num_entities=40", "model.vocab_size=320",
+    "train.global_batch=8", "train.micro_batch=4", "train.log_every=1", "train.eval_every=1000",
+    "train.eval_batches=2", "train.probe_limit=8", "train.checkpoint_every=1000", "optim.warmup_steps=2",
+    "slots.log_every=2",
+]
+
+
+def tiny_config(run_dir: Path, cache_dir: Path, *overrides: str):
+    return load_config(None, [*TINY, f"train.run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides])
+
+
+class FixedGlobalBatches:
+    """The same global batch sequence for any world size: rank r reads rows of its slice.
+
+    Stands in for ShardLoader so that world 1 and world 2 see identical global batches
+    (the real loader splits by shard, so their batches differ by design).
+    """
+
+    def __init__(self, rank: int, world_size: int, micro_batch: int, global_batch: int, seq_len: int,
+                 vocab: int, seed: int = 7):
+        self.rank, self.world, self.micro = rank, world_size, micro_batch
+        self.global_batch, self.seq_len, self.vocab, self.seed = global_batch, seq_len, vocab, seed
+        self.position = 0  # micro-batches consumed by this rank
+
+    def _global(self, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
+        return torch.randint(0, self.vocab, (self.global_batch, self.seq_len + 1), generator=gen)
+
+    def __iter__(self):
+        from pretrain.data import Batch
+
+        per_rank = self.global_batch // self.world
+        gas = per_rank // self.micro
+        while True:
+            step, micro = divmod(self.position, gas)
+            first_row = self.rank * per_rank + micro * self.micro
+            rows = self._global(step)[first_row:][: self.micro]
+            # globally unique, contiguous documents of 5 tokens
+            global_rows = torch.arange(first_row, first_row + self.micro).unsqueeze(1)
+            doc_ids = step * 100_000 + global_rows * 100 + torch.arange(self.seq_len) // 5
+            self.position += 1
+            yield Batch(tokens=rows[:, :-1], targets=rows[:, 1:], doc_ids=doc_ids)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def use_fixed_batches(monkeypatch_target) -> None:
+    """Replace pretrain.train.build_loader's train split by FixedGlobalBatches."""
+    import pretrain.train as train_module
+
+    real = train_module.build_loader
+
+    def build_loader(cfg, dataset_dir, split, rank, world_size, loop):
+        if split != "train":
+            return real(cfg, dataset_dir, split, rank, world_size, loop)
+        return FixedGlobalBatches(rank, world_size, cfg.train.micro_batch, cfg.train.global_batch,
+                                  cfg.data.seq_len, cfg.model.vocab_size)
+
+    monkeypatch_target.setattr(train_module, "build_loader", build_loader)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        result = fn(rank, *args)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    except BaseException:
+        Path(out_dir, f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
+    """Run fn(rank, *args) in `world` spawned processes (gloo on 127.0.0.1); return their JSON results."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.spawn(_worker, args=(world, free_port(), fn, args, str(out_dir)), nprocs=world, join=True)
+    except Exception:
+        errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.error")))
+        raise AssertionError(f"a rank failed:\n{errors}") from None
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]

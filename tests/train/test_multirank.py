@@ -1,0 +1,72 @@
+"""The trainer on 2 gloo ranks: exact resume (ZeRO 1, 2) and equivalence with world 1 (ZeRO 0-3)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.helpers import run_ranks, tiny_config
+from tests.train.test_trainer import final_parameters
+
+STEPS = 5
+
+
+def _run(rank: int, run_dir: str, cache: str, overrides: list[str]) -> list[float]:
+    import pytest as _pytest
+
+    from pretrain.train import train
+    from tests.train.helpers import use_fixed_batches
+
+    with _pytest.MonkeyPatch.context() as mp:
+        use_fixed_batches(mp)
+        return train(tiny_config(Path(run_dir), Path(cache), *overrides)).losses
+
+
+def _world2_suite(rank: int, root: str, cache: str) -> dict:
+    """Everything the world-2 tests need, in one process pair (start-up is the slow part)."""
+    out = {}
+    for stage in (0, 1, 2, 3):
+        out[f"equiv{stage}"] = _run(rank, f"{root}/equiv{stage}", cache,
+                                    [f"train.zero_stage={stage}", f"train.max_steps={STEPS}"])
+    for stage in (1, 2):
+        out[f"straight{stage}"] = _run(rank, f"{root}/straight{stage}", cache,
+                                       [f"train.zero_stage={stage}", "train.max_steps=4"])
+        first = _run(rank, f"{root}/split{stage}", cache,
+                     [f"train.zero_stage={stage}", "train.max_steps=4", "train.stop_after=2"])
+        second = _run(rank, f"{root}/split{stage}", cache, [f"train.zero_stage={stage}", "train.max_steps=4"])
+        out[f"split{stage}"] = first + second
+    return out
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("world2")
+    results = run_ranks(2, _world2_suite, (str(root), str(data_cache)), root / "results")
+    assert results[0] == results[1]  # every rank logs the same (all-reduced) loss
+    return root, results[0]
+
+
+def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache, monkeypatch):
+    from tests.train.helpers import use_fixed_batches
+
+    from pretrain.train import train
+
+    use_fixed_batches(monkeypatch)
+    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}")).losses
+    _, results = world2
+    for stage in (0, 1, 2, 3):
+        got = results[f"equiv{stage}"]
+        assert len(got) == STEPS
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(reference), rtol=1e-5, atol=0,
+                                   msg=f"ZeRO stage {stage}")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_world2_resume_is_exact(world2, stage):
+    root, results = world2
+    assert results[f"split{stage}"] == results[f"straight{stage}"]
+    a, b = final_parameters(root / f"straight{stage}"), final_parameters(root / f"split{stage}")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

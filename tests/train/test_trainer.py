@@ -1,0 +1,128 @@
+"""The training loop in one process: resume exactness, NaN policies, interrupted checkpoints."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain.train as train_module
+from pretrain.checkpoint import latest_checkpoint
+from pretrain.config import ConfigError, load_config, validate
+from pretrain.train import TrainingDiverged, train
+from tests.train.helpers import tiny_config
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Dense weights (DeepSpeed model states) + value shards of the latest checkpoint."""
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    params = {k: v.float() for k, v in states["module"].items()}
+    for shard in sorted(ckpt.glob("values*.safetensors")):
+        params.update({f"{shard.name}:{k}": v for k, v in load_file(shard).items()})
+    return params
+
+
+def test_resume_is_exact(tmp_path, data_cache):
+    straight = train(tiny_config(tmp_path / "a", data_cache, "train.max_steps=6"))
+    first = train(tiny_config(tmp_path / "b", data_cache, "train.max_steps=6", "train.stop_after=3"))
+    assert first.step == 3 and latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000003"
+    second = train(tiny_config(tmp_path / "b", data_cache, "train.max_steps=6"))
+    assert second.step == 6
+    assert first.losses + second.losses == straight.losses  # bitwise: same floats
+    a, b = final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    table_a = (tmp_path / "a" / "checkpoints" / "step_00000006" / "slot_frequencies.safetensors").read_bytes()
+    assert table_a
+
+
+def test_loss_falls_on_embedded_corpus(tmp_path, data_cache):
+    result = train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=30", "optim.lr=1e-2"))
+    assert result.step == 30
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.5
+    assert set(result.eval) >= {"val_loss", "val_perplexity", "fact_recall", "fact_recall_chance"}
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_loss(tmp_path, data_cache, monkeypatch, policy):
+    real_loss = train_module.language_model_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real_loss(logits, targets)
+        return loss * float("nan") if calls["n"] == 5 else loss  # step 3, first micro-batch (gas=2)
+
+    monkeypatch.setattr(train_module, "language_model_loss", poisoned)
+    cfg = tiny_config(tmp_path / policy, data_cache, "train.max_steps=5", f"train.nan_policy={policy}")
+    if policy == "skip":
+        result = train(cfg)
+        assert result.step == 5 and result.skipped_steps == 1
+        assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    else:
+        with pytest.raises(TrainingDiverged, match="non-finite loss at step 3"):
+            train(cfg)
+        ckpt = latest_checkpoint(tmp_path / policy / "checkpoints")
+        assert ckpt.name == "step_00000003"
+        params = final_parameters(tmp_path / policy)
+        assert all(torch.isfinite(v.float()).all() for v in params.values())
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, data_cache, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_config(run, data_cache, "train.max_steps=2"))
+    before = latest_checkpoint(run / "checkpoints")
+    assert before.name == "step_00000002"
+    before_params = final_parameters(run)
+
+    from pretrain.checkpoint import Checkpointer
+
+    real_save = Checkpointer.save
+
+    def crash_midway(self, step, engine, memory_parallel, *args, **kwargs):
+        def boom(folder):
+            raise OSError("disk full (simulated)")
+
+        kwargs["write_extra"] = boom
+        return real_save(self, step, engine, memory_parallel, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_config(run, data_cache, "train.max_steps=4"))
+    assert latest_checkpoint(run / "checkpoints") == before
+    after_params = final_parameters(run)
+    assert all(torch.equal(before_params[k], after_params[k]) for k in before_params)
+    monkeypatch.undo()
+    resumed = train(tiny_config(run, data_cache, "train.max_steps=4"))  # resumes from step 2
+    assert resumed.step == 4 and len(resumed.losses) == 2
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path, data_cache):
+    run = tmp_path / "run"
+    train(tiny_config(run, data_cache, "train.max_steps=1"))
+    with pytest.raises(ConfigError, match="model.dim"):
+        train(tiny_config(run, data_cache, "train.max_steps=2", "model.dim=64"))
+
+
+def test_config_errors_before_heavy_work(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        load_config("configs/tiny.yaml", ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="train.zero_stage=4"):
+        load_config("configs/tiny.yaml", ["train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="model.memory.layers"):
+        load_config("configs/tiny.yaml", ["model.memory.layers=[9]"])
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        load_config("configs/tiny.yaml", ["train.dtype=fp16"])
+    cfg = load_config("configs/tiny.yaml", ["train.global_batch=16", "train.micro_batch=16"])
+    with pytest.raises(ConfigError, match="not divisible by train.micro_batch=16 x world size 3"):
+        validate(cfg, world_size=3)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
