@@ -37,7 +37,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=20 if cuda else 5)
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
-    p.add_argument("--sweep-tokens", type=int, default=1024 if cuda else 16)
+    p.add_argument("--sweep-tokens", type=int, default=256 if cuda else 64)
     p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
     args = p.parse_args(argv)
     for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
