@@ -80,7 +80,7 @@ def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool)
         write_probes(world.probes, tmp / "probes.jsonl")
         (tmp / "new_facts.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in world.new_fact_documents))
         write_dataset(token_docs, out, tok, seq_len, val_fraction=data_cfg.val_fraction, seed=syn.seed,
-                      sequences_per_shard=per_shard, rows_per_block=min(256, min(per_shard.values())),
+                      sequences_per_shard=per_shard, rows_per_block=256,
                       creation=params, extra_files={"probes.jsonl": tmp / "probes.jsonl",
                                                     "new_facts.jsonl": tmp / "new_facts.jsonl"},
                       show_progress=show_progress, overwrite=True)

@@ -29,7 +29,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from pretrain.data.errors import DataError
 
-FORMAT = "memlayers-shards-v1"
+FORMAT = "memlayers-shards-v2"
 
 
 class CorruptShardError(DataError):

@@ -1,0 +1,110 @@
+"""Data-pipeline throughput, side by side in one run.
+
+Reports (1) tokenization throughput of prepare_data (sentencepiece encode, and the whole
+tokenize+pack+write path), (2) ShardLoader tokens/s on one core from prepared shards,
+(3) tokens/s a tiny-model CPU training step consumes (forward + backward + AdamW of
+configs/tiny.yaml's model at micro_batch x seq_len), and the loader/training ratio.
+
+  python tools/bench_data.py [--entities 2000] [--seconds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pretrain.config import DataConfig, SyntheticConfig, load_config  # noqa: E402
+from pretrain.data import ShardLoader, Tokenizer, build_fact_world, prepare_embedded_dataset  # noqa: E402
+from pretrain.data.prepare import write_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def loader_tokens_per_s(path: Path, batch: int, seq_len: int, seconds: float, shuffle_buffer: int) -> float:
+    loader = ShardLoader(path, "train", batch_size=batch, seq_len=seq_len, seed=0,
+                         shuffle_buffer=shuffle_buffer, loop=True)
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            b = next(it)
+            n += b.tokens.numel()
+    return n / (time.perf_counter() - start)
+
+
+def training_tokens_per_s(config: Path, batch: int, seq_len: int, steps: int) -> float:
+    from pretrain.model.transformer import Transformer, language_model_loss
+
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1))
+
+    def step():
+        loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch * seq_len / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs/tiny.yaml"))
+    ap.add_argument("--entities", type=int, default=2000, help="fact-world size of the benchmark corpus")
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seconds", type=float, default=3.0, help="loader measuring time")
+    ap.add_argument("--train-steps", type=int, default=3)
+    args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg = DataConfig(cache_dir=str(tmp / "cache"), synthetic=SyntheticConfig(num_entities=args.entities))
+        path = prepare_embedded_dataset(cfg, args.seq_len, show_progress=False)
+        tok = Tokenizer(path / "tokenizer.model")
+        docs = build_fact_world(args.entities, seed=cfg.synthetic.seed).train_documents
+        start = time.perf_counter()
+        ids = tok.encode_batch(docs)
+        encode_s = time.perf_counter() - start
+        n_tokens = sum(len(x) + 1 for x in ids)
+        start = time.perf_counter()
+        write_dataset(tok.encode_batch(docs), tmp / "again", tok, args.seq_len, val_fraction=0.05,
+                      sequences_per_shard=1024, show_progress=False)
+        prepare_s = time.perf_counter() - start
+
+        torch.set_num_threads(1)
+        plain = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 0)
+        shuffled = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 1024)
+    torch.set_num_threads(threads)
+    train = training_tokens_per_s(Path(args.config), args.micro_batch, args.seq_len, args.train_steps)
+
+    loader = min(plain, shuffled)
+    ratio = loader / train
+    print(f"corpus: {len(docs)} documents, {n_tokens} tokens (fact world, {args.entities} entities)")
+    print(f"tokenization (sentencepiece encode, 1 process):    {n_tokens / encode_s / 1e6:8.2f} M tokens/s")
+    print(f"prepare_data (encode + pack + write shards):        {n_tokens / prepare_s / 1e6:8.2f} M tokens/s")
+    print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, no shuffle:      {plain / 1e6:8.2f} M tokens/s")
+    print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, shuffle 1024:    {shuffled / 1e6:8.2f} M tokens/s")
+    print(f"training step (tiny.yaml, fwd+bwd+AdamW, {threads} threads): {train / 1e6:8.4f} M tokens/s")
+    print(f"loader / training: {ratio:.0f}x (need >= 20x); loader >= 5M tokens/s: {loader >= 5e6}")
+    return 0 if ratio >= 20 and loader >= 5e6 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
