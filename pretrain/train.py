@@ -162,7 +162,8 @@ def train(cfg: RunConfig) -> TrainResult:
     memory_layers = model.memory_layers()
     train_loader = build_loader(cfg, dataset_dir, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, device)
-    probes = encode_probes(load_probes(dataset_dir)[: t.probe_limit], tokenizer, cfg.data.seq_len)
+    seen_facts = [p for p in load_probes(dataset_dir) if not p.is_new_fact]  # new facts are never trained on
+    probes = encode_probes(seen_facts[: t.probe_limit], tokenizer, cfg.data.seq_len)
     checkpointer = Checkpointer(run_dir, info.rank, t.keep_checkpoints)
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=info.is_main)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
