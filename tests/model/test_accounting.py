@@ -97,10 +97,17 @@ def test_tiny_flops_per_token_hand_count(repo_root):
     assert got == {"dense": want_dense, "memory": want_memory, "total": want_dense + want_memory}
 
 
-def test_tiny_flops_match_a_measured_count(repo_root):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.memory.layers=[0,3]", "model.memory.v_dim=64"],
+    ],
+)
+def test_tiny_flops_match_a_measured_count(repo_root, overrides):
     """torch's FlopCounterMode on a real forward+backward sees every matmul (attention through the
     math backend); the only counted term it cannot see is the embedding bag, not a matmul."""
-    cfg = load_config(repo_root / "configs/tiny.yaml").model
+    cfg = load_config(repo_root / "configs/tiny.yaml", overrides).model
     torch.manual_seed(0)
     model = Transformer(cfg)
     B, S = 1, 64
