@@ -5,7 +5,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import torch
 
 from pretrain.model.config import MemoryConfig, ModelConfig
 
@@ -31,9 +30,3 @@ def make_model_config():
 
     return make
 
-
-@pytest.fixture
-def seeded() -> torch.Generator:
-    """A fixed-seed generator (also seeds torch's global RNG used by module init)."""
-    torch.manual_seed(0)
-    return torch.Generator().manual_seed(0)
