@@ -8,6 +8,9 @@ gradient reduction and checkpoints). Forward, for tokens (T, H, k) on each rank:
   all-gather the group's indices and weights  (T_all, H, k), weights keep autograd
   bag over this rank's columns for all tokens  (T_all, v_dim / P)
   all-to-all: each token's slice to its rank   (P * T, v_dim / P) -> (T, v_dim)
+
+Every rank of a memory group must run the same lookups in the same order (forward
+and backward), as the collectives pair up across ranks; token counts may differ.
 """
 from __future__ import annotations
 
