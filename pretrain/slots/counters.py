@@ -60,7 +60,7 @@ class SlotStatistics:
         self.totals = z(2)  # [num_documents, num_tokens]
         self.interval_start_totals = z(2)
         is_doc = self.granularity.kind == "document"
-        self.last_doc = {n: z(streams, num_slots, fill=-1) for n in self.layer_names} if is_doc else {}
+        self.last_doc = {n: z(streams, num_slots + 1, fill=-1) for n in self.layer_names} if is_doc else {}
         self.stream_tail = z(streams, fill=-1)  # doc id at the end of each stream's last micro-batch
         self.micro_batches, self.step = 0, 0
         self.history: dict[str, list[int]] = {"step": [], **{f"{n}.used": [] for n in self.layer_names},
@@ -116,26 +116,25 @@ class SlotStatistics:
         N, T = self.num_slots, flat.numel()
         sentinel = T * N  # sorts after every real key
         key_dtype = torch.int32 if sentinel < 2**31 else torch.int64
-        slots = idx.reshape(T, -1).to(key_dtype)
-        keys = unit.to(key_dtype)[:, None] * N + slots
+        # slot-major keys: each slot's pairs are contiguous, its latest unit last
+        keys = idx.reshape(T, -1).to(key_dtype) * T + unit.to(key_dtype)[:, None]
         keys = torch.where(valid[:, None], keys, torch.full_like(keys, sentinel)).reshape(-1)
         s = keys.sort().values
         ok = s < sentinel
         first = ok.clone()
         first[1:] &= s[1:] != s[:-1]
-        slot_of = (s % N).long()
-        self.counts[name].index_add_(0, slot_of, ok.long())
+        slot_of = (s // T).long().clamp_(max=N)  # sentinel -> N, a dummy slot
+        self.counts[name].index_add_(0, slot_of.clamp(max=N - 1), ok.long())
         if self.granularity.kind != "document":
-            self.doc_freq[name].index_add_(0, slot_of, first.long())
+            self.doc_freq[name].index_add_(0, slot_of.clamp(max=N - 1), first.long())
             return
-        unit_of = torch.where(ok, s // N, torch.zeros_like(s)).long()
-        doc_of = flat[unit_of]
-        last = self.last_doc[name][stream]
+        doc_of = flat[(s % T).long()]
+        last = self.last_doc[name][stream]  # (N + 1,): column N absorbs writes that must not land
         new = first & (last[slot_of] != doc_of)
-        self.doc_freq[name].index_add_(0, slot_of, new.long())
-        latest_unit = torch.full((N,), -1, dtype=torch.int64, device=self.device)
-        latest_unit.scatter_reduce_(0, slot_of, torch.where(ok, unit_of, -1), "amax")
-        last.copy_(torch.where(latest_unit >= 0, flat[latest_unit.clamp(min=0)], last))
+        self.doc_freq[name].index_add_(0, slot_of.clamp(max=N - 1), new.long())
+        is_last = ok.clone()
+        is_last[:-1] &= slot_of[1:] != slot_of[:-1]
+        last.scatter_(0, torch.where(is_last, slot_of, N), doc_of)
 
     def end_step(self, step: int) -> None:
         """Mark an optimizer-step boundary; `step` is recorded in history and tables."""

@@ -1,0 +1,82 @@
+"""Overhead of slot statistics: step time (forward + backward) with statistics on vs off.
+
+Measured side by side in one run, alternating on/off steps so that drift hits both
+equally, for configs/tiny.yaml's model and for the same model with a 1024^2-slot memory
+(`--n-keys 1024`). Prints median step times and the ratio (goal: <= 1.05x tiny,
+<= 1.02x 1M slots). Pure timing: nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.model import Transformer, language_model_loss  # noqa: E402
+from pretrain.slots import SlotStatistics, memory_layer_names  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench(n_keys: int | None, steps: int, warmup: int, granularity: str, device: str) -> tuple[float, float]:
+    overrides = [f"model.memory.n_keys={n_keys}"] if n_keys else []
+    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).to(device)
+    B, S = cfg.train.micro_batch, cfg.data.seq_len
+    names = memory_layer_names(model)
+    stats = SlotStatistics(cfg.model.memory.num_slots, names, granularity=granularity, device=device)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=gen).to(device)
+    doc_ids = torch.cumsum(torch.rand(B, S, generator=gen) < 0.01, dim=1).add(torch.arange(B)[:, None] * S)
+    doc_ids = doc_ids.to(device)
+    times = {True: [], False: []}
+
+    def step(on: bool) -> float:
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        if on:
+            stats.update([m.last_indices for m in model.memory_layers()], doc_ids)
+        sync()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for i in range(warmup):
+        step(i % 2 == 0)
+    for i in tqdm(range(2 * steps), desc=f"n_keys={cfg.model.memory.n_keys}", leave=False):
+        on = i % 2 == 0
+        times[on].append(step(on))
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting (each on and off)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--granularity", default="document")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n-keys", type=int, nargs="*", default=[0, 1024], help="0 = the config's n_keys")
+    args = p.parse_args(argv)
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"granularity {args.granularity}")
+    print("slots\toff_ms\ton_ms\tratio")
+    for n_keys in args.n_keys:
+        off, on = bench(n_keys or None, args.steps, args.warmup, args.granularity, args.device)
+        slots = (n_keys or load_config(REPO / "configs/tiny.yaml").model.memory.n_keys) ** 2
+        print(f"{slots}\t{off * 1e3:.1f}\t{on * 1e3:.1f}\t{on / off:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
