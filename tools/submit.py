@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU")
     p.add_argument("--cpu", action="store_true", help="CPU-only variant (gloo, DS_ACCELERATOR=cpu), for testing")
     p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node for --cpu (default 1)")
-    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--cpus-per-task", type=int, default=None, help="default 8 (1 with --cpu)")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S")
     p.add_argument("--partition")
     p.add_argument("--account")
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task,
+        cpus_per_task=args.cpus_per_task if args.cpus_per_task is not None else (1 if args.cpu else 8),
         time=args.time,
         partition=args.partition,
         account=args.account,

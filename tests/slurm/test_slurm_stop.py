@@ -1,0 +1,145 @@
+"""StopSignal (flag set by USR1/SIGTERM, agreed on by all ranks) and requeue_job."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.slurm import StopSignal, requeue_job
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_sets_the_flag_only(sig):
+    stop = StopSignal()
+    try:
+        assert not stop.should_stop()
+        os.kill(os.getpid(), sig)  # delivered to the main thread before kill() returns here
+        assert stop.local_flag and stop.received == sig
+        assert stop.should_stop() and stop.should_stop()
+    finally:
+        stop.close()
+    assert signal.getsignal(sig) is signal.SIG_DFL
+
+
+def test_previous_python_handler_is_chained_and_restored():
+    calls = []
+
+    def previous(signum, frame):
+        calls.append(signum)
+
+    original = signal.signal(signal.SIGUSR1, previous)
+    try:
+        with StopSignal() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.should_stop()
+        assert calls == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR1) is previous
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert calls == [signal.SIGUSR1, signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, original)
+
+
+def test_check_every_defers_the_answer_to_a_multiple():
+    stop = StopSignal(check_every=4)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert [stop.should_stop() for _ in range(5)] == [False, False, False, True, True]
+    finally:
+        stop.close()
+
+
+def test_outside_main_thread_is_refused():
+    import threading
+
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(_try_create()))
+    t.start()
+    t.join()
+    assert "main thread" in errors[0]
+
+
+def _try_create():
+    try:
+        StopSignal().close()
+    except RuntimeError as err:
+        return str(err)
+    return "created"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_stop_at_the_same_step():
+    signal_rank = 1  # only rank 1 is signalled; rank 0 must stop at the same step anyway
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, str(HERE / "stop_ranks.py"), str(r), "2", str(signal_rank), "3"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["stopped_at"] for r in results] == [3, 3]
+    assert [r["local_flag"] for r in results] == [r == signal_rank for r in range(2)]
+
+
+def _fake_scontrol(tmp_path, exit_code=0):
+    """A stand-in scontrol on PATH that records its arguments."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "scontrol"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/args\necho refused >&2\nexit {exit_code}\n')
+    script.chmod(0o755)
+    return bindir
+
+
+def test_requeue_outside_slurm_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    assert requeue_job({}) is False
+    assert not (tmp_path / "args").exists()
+
+
+def test_requeue_from_rank_zero_calls_scontrol(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    assert requeue_job({"SLURM_JOB_ID": "77"}) is True
+    assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "77"]
+
+
+def test_requeue_array_task_names_the_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    env = {"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "8"}
+    assert requeue_job(env) is True
+    assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "70_8"]
+
+
+def test_requeue_on_other_ranks_does_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    monkeypatch.setenv("RANK", "1")
+    assert requeue_job({"SLURM_JOB_ID": "77"}) is False
+    assert not (tmp_path / "args").exists()
+
+
+def test_requeue_failure_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path, exit_code=1)))
+    monkeypatch.setenv("RANK", "0")
+    assert requeue_job({"SLURM_JOB_ID": "79"}) is False
+    assert "scontrol requeue 79` failed (exit 1): refused" in capsys.readouterr().err
