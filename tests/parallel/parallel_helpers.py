@@ -29,7 +29,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def reference_world1(cfg: ModelConfig, data: torch.Tensor, optim: OptimConfig = OPTIM):
     """Plain torch, one process: full ValueTables seeded 0..n-1, dense AdamW, value AdamW
-    (no weight decay), each group clipped by its own norm. Returns (model, losses)."""
+    (no weight decay), each group clipped by its own norm.
+    Returns (model, losses, value-gradient norms before clipping)."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     for i in range(len(model.values)):
@@ -39,13 +40,13 @@ def reference_world1(cfg: ModelConfig, data: torch.Tensor, optim: OptimConfig = 
     betas = (optim.beta1, optim.beta2)
     opt_d = torch.optim.AdamW(dense, lr=optim.lr, betas=betas, eps=optim.eps, weight_decay=optim.weight_decay)
     opt_v = torch.optim.AdamW(values, lr=optim.value_lr, betas=betas, eps=optim.eps, weight_decay=0.0)
-    losses = []
+    losses, norms = [], []
     for tokens in data:
         loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
         opt_d.zero_grad(), opt_v.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dense, optim.grad_clip)
-        torch.nn.utils.clip_grad_norm_(values, optim.grad_clip)
+        norms.append(torch.nn.utils.clip_grad_norm_(values, optim.grad_clip).item())
         opt_d.step(), opt_v.step()
         losses.append(loss.item())
-    return model, losses
+    return model, losses, norms

@@ -47,20 +47,21 @@ def ds_train(cfg, groups, stage: int, rank: int, world: int) -> dict[str, torch.
         expect = ValueTable(cfg.memory.num_slots, cfg.value_dim, seed=i).weight.detach()[:, t.col_start : t.col_end]
         out[f"init_ok.{i}"] = torch.tensor([float(torch.equal(t.shard.detach(), expect))])
     per_rank = GLOBAL_BATCH // world
-    losses = []
+    losses, norms = [], []
     for tokens in batches():
         local = tokens[rank * per_rank : (rank + 1) * per_rank]
         mp.zero_grad()
         loss = language_model_loss(engine(local[:, :-1]), local[:, 1:])
         engine.backward(loss)
         mp.reduce_gradients()
-        mp.clip_grad_norm(OPTIM.grad_clip)
+        norms.append(mp.clip_grad_norm(OPTIM.grad_clip))  # catches a wrong gradient scale (Adam would not)
         engine.step()
         mp.step(1.0)
         mean = loss.detach().clone()
         torch.distributed.all_reduce(mean)
         losses.append(mean / world)
     out["losses"] = torch.stack(losses)
+    out["value_norms"] = torch.stack(norms)
     acc = mp.accounting()
     out["comm"] = torch.tensor([acc["comm_bytes_last_step"], acc["comm_bytes_last_step_estimate"],
                                 acc["value_shard_bytes"]], dtype=torch.float64)
@@ -167,13 +168,15 @@ def world4(dirs, world2):  # world 4 re-shards the P = 2 checkpoint world 2 wrot
 
 
 def check_equivalence(results, reference, P: int, world: int):
-    ref_model, ref_losses = reference
+    ref_model, ref_losses, ref_norms = reference
     cfg = tiny_cfg()
     for stage in STAGES:
         pre = f"P{P}.z{stage}."
         for r in range(world):
             torch.testing.assert_close(results[r][pre + "losses"].double(), torch.tensor(ref_losses, dtype=torch.float64),
                                        rtol=1e-5, atol=0)
+            torch.testing.assert_close(results[r][pre + "value_norms"].double(),
+                                       torch.tensor(ref_norms, dtype=torch.float64), rtol=1e-5, atol=0)
             for name, p in ref_model.named_parameters():
                 if not name.startswith("values."):
                     assert rel_err(results[r][pre + "dense." + name], p.detach()) <= 1e-5, (stage, r, name)

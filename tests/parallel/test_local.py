@@ -68,7 +68,7 @@ def test_p1_forward_matches_the_reference_bag():
 def test_memory_parallel_p1_trains_like_plain_torch():
     cfg, optim = tiny_cfg(), OptimConfig(grad_clip=0.003)
     batches = torch.randint(0, 64, (3, 4, 9), generator=torch.Generator().manual_seed(1))
-    ref, ref_losses = reference_world1(cfg, batches, optim)
+    ref, ref_losses, ref_norms = reference_world1(cfg, batches, optim)
 
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -85,6 +85,7 @@ def test_memory_parallel_p1_trains_like_plain_torch():
         mp.reduce_gradients()
         norm = mp.clip_grad_norm(optim.grad_clip)
         assert norm.item() > optim.grad_clip  # clipping is exercised
+        assert norm.item() == pytest.approx(ref_norms[step], rel=1e-6)
         opt_d.step(), mp.step(1.0)
         assert loss.item() == pytest.approx(ref_losses[step], rel=1e-6)
     # the clip norms are summed in a different order than torch's clip_grad_norm_ (ulp-level)
