@@ -114,16 +114,16 @@ class SlotStatistics:
 
     def _update_layer(self, name, idx, unit, flat, valid, stream) -> None:
         N, T = self.num_slots, flat.numel()
-        sentinel = T * N  # sorts after every real key
-        key_dtype = torch.int32 if sentinel < 2**31 else torch.int64
-        # slot-major keys: each slot's pairs are contiguous, its latest unit last
+        key_dtype = torch.int32 if N * T <= 2**31 else torch.int64
+        # slot-major keys: each slot's pairs are contiguous, its latest unit last; padding
+        # gets key -1 and sorts first
         keys = idx.reshape(T, -1).to(key_dtype) * T + unit.to(key_dtype)[:, None]
-        keys = torch.where(valid[:, None], keys, torch.full_like(keys, sentinel)).reshape(-1)
+        keys = torch.where(valid[:, None], keys, torch.full_like(keys, -1)).reshape(-1)
         s = keys.sort().values
-        ok = s < sentinel
+        ok = s >= 0
         first = ok.clone()
         first[1:] &= s[1:] != s[:-1]
-        slot_of = (s // T).long().clamp_(max=N)  # sentinel -> N, a dummy slot
+        slot_of = torch.where(ok, s // T, N).long()  # padding -> N, a dummy slot
         self.counts[name].index_add_(0, slot_of.clamp(max=N - 1), ok.long())
         if self.granularity.kind != "document":
             self.doc_freq[name].index_add_(0, slot_of.clamp(max=N - 1), first.long())
