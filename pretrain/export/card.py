@@ -1,0 +1,77 @@
+"""The export's README.md: what was trained, on what, and the weight names and shapes."""
+from __future__ import annotations
+
+from pretrain.config import RunConfig
+
+ROLES = {
+    "tok_embeddings.weight": "token embeddings (vocab, dim)",
+    "attention_norm.weight": "RMSNorm before attention",
+    "attention.wq.weight": "query projection (n_heads * head_dim, dim)",
+    "attention.wk.weight": "key projection (n_kv_heads * head_dim, dim)",
+    "attention.wv.weight": "value projection (n_kv_heads * head_dim, dim)",
+    "attention.wo.weight": "attention output (dim, n_heads * head_dim)",
+    "ffn_norm.weight": "RMSNorm before the FFN / memory layer",
+    "ffn.w1.weight": "SwiGLU gate (hidden, dim)",
+    "ffn.w3.weight": "SwiGLU up (hidden, dim)",
+    "ffn.w2.weight": "SwiGLU down (dim, hidden)",
+    "ffn.query_proj.weight": "memory query projection (heads * k_dim, dim)",
+    "ffn.query_norm.weight": "RMSNorm of each half-query (k_dim / 2)",
+    "ffn.keys1": "first half-key set (heads, n_keys, k_dim / 2)",
+    "ffn.keys2": "second half-key set (heads, n_keys, k_dim / 2)",
+    "ffn.gate_proj.weight": "Memory+ gate W1 (v_dim, dim)",
+    "ffn.out_proj.weight": "Memory+ output W2 (dim, v_dim)",
+    "norm.weight": "final RMSNorm",
+    "output.weight": "output head (vocab, dim)",
+    "values": "value pool (n_keys^2 slots, v_dim), slot id = i1 * n_keys + i2",
+}
+
+
+def role(name: str) -> str:
+    if name.startswith("values."):
+        return ROLES["values"]
+    return next((text for suffix, text in ROLES.items() if name == suffix or name.endswith("." + suffix)), "")
+
+
+def weight_table(specs) -> str:
+    """A Markdown table of (name, shape, dtype, role), one row per tensor."""
+    lines = ["| name | shape | dtype | role |", "|---|---|---|---|"]
+    for name, shape, dtype in specs:
+        lines.append(f"| `{name}` | {tuple(shape)} | {str(dtype).replace('torch.', '')} | {role(name)} |")
+    return "\n".join(lines)
+
+
+def render_card(cfg: RunConfig, step: int, tokens: int, manifest_hash: str, dtype: str, specs, nbytes: int) -> str:
+    m = cfg.model
+    params = sum(_numel(shape) for _, shape, _ in specs)
+    memory = (f"memory layers in blocks {list(m.memory.layers)}: {m.memory.n_keys}^2 = {m.memory.num_slots:,} slots, "
+              f"{m.memory.heads} heads x top-{m.memory.k}, value dim {m.value_dim}"
+              if m.memory.enabled else "no memory layers (dense baseline)")
+    return f"""# memlayers export
+
+A decoder-only transformer with product-key memory layers (Memory+), exported from a
+memlayers training checkpoint.
+
+- training step: {step}
+- tokens seen: {tokens:,}
+- data manifest sha256: `{manifest_hash}`
+- model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, vocab {m.vocab_size}; {memory}
+- parameters: {params:,} ({nbytes / 2**20:.1f} MiB of {dtype} in model.safetensors)
+
+## Loading
+
+With memlayers: `pretrain.export.load("<this folder>")`.
+Without it: `transformers.AutoModelForCausalLM.from_pretrained("<this folder>", trust_remote_code=True)`
+(modeling code in modeling_memlayers.py; generation recomputes the whole sequence each step).
+Tokenizer: sentencepiece `tokenizer.model`. Slot access counts: `slot_frequencies.safetensors`.
+
+## Weights (model.safetensors)
+
+{weight_table(specs)}
+"""
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

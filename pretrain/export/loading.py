@@ -1,0 +1,42 @@
+"""`load(dir)`: an export directory -> a `Transformer`, with no DeepSpeed or process group."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pretrain.config import config_to_dict
+from pretrain.export.errors import ExportError
+from pretrain.model import Transformer
+from pretrain.model.config import MemoryConfig, ModelConfig
+
+
+def model_config_from_json(path: Path) -> ModelConfig:
+    try:
+        raw = json.loads(path.read_text())["model"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ExportError(f"{path} is not an export config.json with a 'model' section ({err})") from None
+    known = set(config_to_dict(ModelConfig()))
+    unknown = set(raw) - known
+    if unknown:
+        raise ExportError(f"{path}: unknown model keys {sorted(unknown)} (written by a newer memlayers?)")
+    memory = MemoryConfig(**raw.pop("memory", {}))
+    return ModelConfig(**raw, memory=memory).validate()
+
+
+def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """The exported model in eval mode on `device`, weights loaded strictly (in the file's dtype)."""
+    export_dir = Path(export_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (export_dir / name).is_file():
+            raise ExportError(f"{export_dir} has no {name}: is it an export directory (written by tools/export.py)?")
+    cfg = model_config_from_json(export_dir / "config.json")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = load_file(str(export_dir / "model.safetensors"), device=str(device))
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()

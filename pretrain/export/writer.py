@@ -1,0 +1,177 @@
+"""`export_checkpoint`: a training checkpoint -> a self-contained export directory.
+
+Writes, into a temporary folder renamed at the end:
+  model.safetensors             every `Transformer.state_dict()` tensor; the value tables
+                                assembled from their column shards, row block by row block
+  config.json                   {"model": ModelConfig} + the fields transformers reads
+  configuration_memlayers.py,   standalone modeling code (pretrain/hf) for
+  modeling_memlayers.py         AutoModelForCausalLM(..., trust_remote_code=True)
+  tokenizer.model, probes.jsonl (when the dataset has probes), slot_frequencies.safetensors
+  README.md                     model card: step, tokens, data manifest hash, weight table
+
+Peak host memory: the dense weights (held whole, they are small next to the pool) plus
+one row block of one value table; the pool itself is never held whole.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pretrain.export.dense import dense_state_dict
+from pretrain.export.errors import ExportError
+from pretrain.export.safetensors_io import StreamWriter, read_header, read_rows
+from pretrain.export.source import SLOT_TABLE, CheckpointSource, file_sha256, inspect
+from pretrain.model import Transformer
+from pretrain.model.config import ModelConfig
+
+WEIGHTS = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROW_BLOCK_BYTES = 64 << 20  # one value-table row block across all shards
+
+
+def weight_specs(model_cfg: ModelConfig, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every state-dict tensor, in order, from a meta-device model."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    return [(name, tuple(t.shape), dtype) for name, t in model.state_dict().items()]
+
+
+def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
+    from pretrain.data import Tokenizer
+    from pretrain.hf import CONFIG_CLASS, MODEL_CLASS, MODEL_TYPE
+
+    tok = Tokenizer(src.tokenizer)
+    model = asdict(src.cfg.model)
+    return {
+        "model": model,
+        "model_type": MODEL_TYPE,
+        "architectures": [MODEL_CLASS],
+        "auto_map": {
+            "AutoConfig": f"configuration_memlayers.{CONFIG_CLASS}",
+            "AutoModelForCausalLM": f"modeling_memlayers.{MODEL_CLASS}",
+        },
+        "vocab_size": model["vocab_size"],
+        "hidden_size": model["dim"],
+        "num_hidden_layers": model["n_layers"],
+        "num_attention_heads": model["n_heads"],
+        "max_position_embeddings": model["max_seq_len"],
+        "torch_dtype": "float32" if dtype_name == "fp32" else "bfloat16",
+        "bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.eos_id,
+        "use_cache": False,
+        "tie_word_embeddings": False,
+        "memlayers": {"step": src.step, "tokens_seen": src.tokens_seen, "tokenizer_sha256": tok.sha256},
+    }
+
+
+def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str = "fp32", force: bool = False,
+                      show_progress: bool = True, dataset_dir: str | Path | None = None) -> Path:
+    """Export the checkpoint at `source` (run dir, checkpoints/ or a step folder) to `out_dir`; return it."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r} must be one of {sorted(DTYPES)} (--dtype)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists: choose another output folder or pass force=True (--force) "
+                          "to replace it")
+    src = inspect(source, dataset_dir)  # every input checked before any weight is read
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write_weights(src, tmp / WEIGHTS, DTYPES[dtype], show_progress)
+        (tmp / "config.json").write_text(json.dumps(hf_config(src, dtype), indent=2) + "\n")
+        from pretrain.hf import HF_DIR, SOURCE_FILES
+
+        for name in SOURCE_FILES:
+            shutil.copyfile(HF_DIR / name, tmp / name)
+        shutil.copyfile(src.tokenizer, tmp / "tokenizer.model")
+        if (src.dataset_dir / "probes.jsonl").is_file():
+            shutil.copyfile(src.dataset_dir / "probes.jsonl", tmp / "probes.jsonl")
+        if src.slot_table is not None:
+            shutil.copyfile(src.slot_table, tmp / SLOT_TABLE)
+        (tmp / "README.md").write_text(model_card(src, dtype, tmp / WEIGHTS))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_weights(src: CheckpointSource, path: Path, dtype: torch.dtype, show_progress: bool) -> None:
+    specs = weight_specs(src.cfg.model, dtype)
+    dense = dense_state_dict(src)
+    if src.cfg.model.tie_embeddings:
+        dense.setdefault("output.weight", dense.get("tok_embeddings.weight"))
+    expected_dense = {n for n, _, _ in specs if not n.startswith("values.")}
+    missing, extra = expected_dense - set(dense), set(dense) - expected_dense
+    if missing or extra:
+        raise ExportError(f"the checkpoint in {src.checkpoint_dir} does not match its config.yaml's model: "
+                          f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+    total = sum(_nbytes(shape, dtype) for _, shape, _ in specs)
+    writer = StreamWriter(path, specs, metadata={"format": "pt", "step": src.step})
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not show_progress)
+    try:
+        for name, shape, _ in specs:
+            if name.startswith("values."):
+                table = int(name.split(".")[1])
+                for block in value_row_blocks(src, table, shape):
+                    writer.write(block.to(dtype))
+                    bar.update(_nbytes(block.shape, dtype))
+                continue
+            tensor = dense.pop(name)
+            if tuple(tensor.shape) != shape:
+                raise ExportError(f"{name} in {src.checkpoint_dir} has shape {tuple(tensor.shape)}, the config's "
+                                  f"model needs {shape}")
+            writer.write(tensor.to(dtype))
+            bar.update(_nbytes(shape, dtype))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+
+
+def value_row_blocks(src: CheckpointSource, table: int, shape: tuple[int, ...]):
+    """Row blocks (rows, v_dim) of value table `table`, each assembled from every column shard."""
+    num_slots, v_dim = shape
+    shards = [f for f in src.value_files if f.name.startswith(f"values.t{table}.")]
+    headers = []
+    for path in shards:
+        header, start = read_header(path)
+        meta = header.get("__metadata__", {})
+        if int(meta.get("num_slots", -1)) != num_slots or int(meta.get("v_dim", -1)) != v_dim:
+            raise ExportError(f"{path} holds a {meta.get('num_slots')} x {meta.get('v_dim')} table, the config's "
+                              f"model needs {num_slots} x {v_dim}")
+        headers.append((path, header, start, int(meta["col_start"]), int(meta["col_end"])))
+    headers.sort(key=lambda h: h[3])
+    if [h[3] for h in headers] + [v_dim] != [0] + [h[4] for h in headers]:
+        raise ExportError(f"the value shards of table {table} in {src.checkpoint_dir} do not cover columns 0..{v_dim}")
+    rows = max(1, ROW_BLOCK_BYTES // (v_dim * 4))
+    for r0 in range(0, num_slots, rows):
+        r1 = min(r0 + rows, num_slots)
+        yield torch.cat([read_rows(p, h, s, "weight", r0, r1) for p, h, s, _, _ in headers], dim=1)
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def model_card(src: CheckpointSource, dtype: str, weights: Path) -> str:
+    from pretrain.export.card import render_card
+
+    manifest = src.dataset_dir / "manifest.json"
+    manifest_hash = file_sha256(manifest) if manifest.is_file() else "(no manifest.json)"
+    return render_card(src.cfg, src.step, src.tokens_seen, manifest_hash, dtype,
+                       weight_specs(src.cfg.model, DTYPES[dtype]), weights.stat().st_size)

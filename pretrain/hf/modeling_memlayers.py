@@ -1,0 +1,207 @@
+"""A memlayers decoder (RMSNorm, RoPE, SDPA attention, SwiGLU, Memory+ product-key
+memory layers) for Hugging Face transformers, in plain torch.
+
+Self-contained: an independent implementation of the training model's forward that
+imports torch and transformers only, reading the same weight names as
+`pretrain.model.Transformer.state_dict()`. Generation recomputes the whole sequence at
+every step (no key/value cache): the memory lookup of every position is recomputed too,
+which keeps this file short and exactly equal to the training forward.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_memlayers import MemlayersConfig
+
+
+def rotary_table(head_dim, max_seq_len, theta):
+    """(max_seq_len, head_dim // 2, 2) cos/sin of position * theta^(-2i / head_dim)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def rotate(x, table):
+    """Rotate consecutive pairs of x (B, S, heads, head_dim) by the angles of table (S, head_dim // 2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size, eps, affine=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size)) if affine else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.heads, self.kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+
+    def forward(self, x, table):
+        B, S, _ = x.shape
+        q = rotate(self.wq(x).view(B, S, self.heads, self.head_dim), table).transpose(1, 2)
+        k = rotate(self.wk(x).view(B, S, self.kv_heads, self.head_dim), table).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_heads != self.heads:
+            repeat = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ValueTable(nn.Module):
+    def __init__(self, num_slots, v_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_slots, v_dim))
+
+
+class MemoryPlus(nn.Module):
+    """out = out_proj(sum_j w_j * values[slot_j] * silu(gate_proj(x))), slots from product keys."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.heads, self.k, self.k_dim, self.n_keys = c.memory_heads, c.memory_k, c.memory_k_dim, c.memory_n_keys
+        self.v_dim, self.qk_norm = c.memory_v_dim, c.memory_qk_norm
+        half = self.k_dim // 2
+        self.query_proj = nn.Linear(c.dim, self.heads * self.k_dim, bias=False)
+        if self.qk_norm:
+            self.query_norm = RMSNorm(half, c.norm_eps)
+        self.keys1 = nn.Parameter(torch.zeros(self.heads, self.n_keys, half))
+        self.keys2 = nn.Parameter(torch.zeros(self.heads, self.n_keys, half))
+        self.gate_proj = nn.Linear(c.dim, self.v_dim, bias=False)
+        self.out_proj = nn.Linear(self.v_dim, c.dim, bias=False)
+
+    def select(self, x):
+        """(weights, slots), each (tokens, heads, k), for x (B, S, dim)."""
+        half = self.k_dim // 2
+        q = self.query_proj(x).reshape(-1, self.heads, 2, half)
+        keys1, keys2 = self.keys1, self.keys2
+        if self.qk_norm:
+            q = self.query_norm(q)
+            keys1 = F.rms_norm(keys1, (half,))
+            keys2 = F.rms_norm(keys2, (half,))
+        keys1, keys2 = keys1.to(q.dtype), keys2.to(q.dtype)
+        scores1 = torch.einsum("thd,hnd->thn", q[:, :, 0], keys1)  # (T, heads, n_keys)
+        scores2 = torch.einsum("thd,hnd->thn", q[:, :, 1], keys2)
+        best1, idx1 = scores1.topk(self.k, dim=-1)
+        best2, idx2 = scores2.topk(self.k, dim=-1)
+        pairs = (best1[..., :, None] + best2[..., None, :]).flatten(-2)  # (T, heads, k * k)
+        scores, flat = pairs.topk(self.k, dim=-1)
+        slots = idx1.gather(-1, flat // self.k) * self.n_keys + idx2.gather(-1, flat % self.k)
+        weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(q.dtype)
+        return weights, slots
+
+    def forward(self, x, values):
+        weights, slots = self.select(x)
+        T = slots.shape[0]
+        table = values.weight
+        compute = table.float() if table.dtype in (torch.bfloat16, torch.float16) else table
+        bag = F.embedding_bag(slots.reshape(T, -1), compute, per_sample_weights=weights.reshape(T, -1).to(compute.dtype),
+                              mode="sum")
+        bag = bag.to(table.dtype).reshape(*x.shape[:-1], self.v_dim).to(x.dtype)
+        return self.out_proj(bag * F.silu(self.gate_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config, index):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.is_memory = index in config.memory_layers
+        self.ffn = MemoryPlus(config) if self.is_memory else FeedForward(config.dim, config.ffn_hidden)
+
+    def forward(self, x, table, values):
+        x = x + self.attention(self.attention_norm(x), table)
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, values) if self.is_memory else self.ffn(h))
+
+
+class MemlayersPreTrainedModel(PreTrainedModel):
+    config_class = MemlayersConfig
+    base_model_prefix = "memlayers"
+    _no_split_modules = ["Block"]
+
+    def _init_weights(self, module):
+        # Every weight comes from model.safetensors; this only gives fresh models finite values.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+
+class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        num_slots = c.memory_n_keys * c.memory_n_keys
+        self.values = nn.ModuleList(ValueTable(num_slots, c.memory_v_dim) for _ in range(c.num_value_tables))
+        self._rotary = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def rotary(self, length, device):
+        if self._rotary is None or self._rotary.device != device:
+            c = self.config
+            self._rotary = rotary_table(c.head_dim, c.max_seq_len, c.rope_theta).to(device)
+        return self._rotary[:length]
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # No cache: every step sees the whole sequence.
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs):
+        if input_ids is None:
+            raise ValueError("MemlayersForCausalLM needs input_ids (inputs_embeds are not supported)")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("padded batches are not supported: pass unpadded prompts of equal length")
+        B, S = input_ids.shape
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        x = self.tok_embeddings(input_ids)
+        table = self.rotary(S, x.device)
+        memory_index = 0
+        for block in self.layers:
+            values = None
+            if block.is_memory:
+                values = self.values[0 if self.config.memory_shared_values else memory_index]
+                memory_index += 1
+            x = block(x, table, values)
+        logits = self.output(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None)
