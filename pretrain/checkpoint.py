@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, RunConfig, config_to_dict, save_config
 
@@ -144,12 +145,15 @@ class Checkpointer:
 
     def load(self, ckpt_dir: Path, engine, memory_parallel, cfg: RunConfig) -> tuple[dict, dict]:
         """Restore engine and value shards; return (client_state, this rank's state)."""
+        saved_config = ckpt_dir / "config.yaml"
+        if not saved_config.is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt_dir} has no config.yaml: it is incomplete")
+        check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
         _, client_state = engine.load_checkpoint(
             str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if client_state is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {ckpt_dir} (missing files?)")
-        check_compatible(client_state.get("model_config", {}), cfg, ckpt_dir)
         memory_parallel.load(ckpt_dir)
         path = rank_file(ckpt_dir, self.rank)
         rank_state = torch.load(path, weights_only=True) if path.is_file() else {}

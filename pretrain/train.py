@@ -151,10 +151,16 @@ def train(cfg: RunConfig) -> TrainResult:
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
         )
 
-    seed_everything(t.seed)  # identical initialisation on every rank: nothing is broadcast
-    model = Transformer(cfg.model).to(device)
+    # Built on the meta device so that no rank ever holds the full value pool: the
+    # value tables are replaced by this rank's column shards, then the dense part is
+    # materialised. Same seed on every rank: identical dense weights, nothing broadcast.
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
     groups = init_memory_groups(cfg.model.memory.parallel_size)
     values = MemoryParallel(model, groups, cfg.optim, kernel=cfg.model.memory.kernel, device=device)
+    model.to_empty(device=device)
+    seed_everything(t.seed)
+    model.reset_parameters()
     optimizer = build_dense_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
@@ -213,7 +219,7 @@ def train(cfg: RunConfig) -> TrainResult:
         reduced = stats.reduce()
         if info.is_main:
             save_table(folder / "slot_frequencies.safetensors", reduced, {
-                "step": result.step, "model_config_hash": model_config_hash(cfg.model),
+                "model_config_hash": model_config_hash(cfg.model),
                 "tokenizer_hash": tokenizer.sha256,
             })
 
@@ -226,7 +232,7 @@ def train(cfg: RunConfig) -> TrainResult:
             step_start = time.perf_counter()
             multiplier = lr_multiplier(result.step, cfg.optim, t.max_steps)
             losses = []
-            for _ in range(gas):
+            for micro_step in range(gas):
                 batch = next(train_iter)
                 logits = engine(batch.tokens.to(device))
                 loss = language_model_loss(logits, batch.targets.to(device))
@@ -234,6 +240,9 @@ def train(cfg: RunConfig) -> TrainResult:
                 losses.append(loss.detach())
                 if stats is not None:
                     stats.update([layer.last_indices for layer in memory_layers], batch.doc_ids.to(device))
+                if micro_step < gas - 1:
+                    engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
+            assert engine.is_gradient_accumulation_boundary()
             step_loss, finite = global_mean_loss(torch.stack(losses).float().mean())
             bad_step = not finite
             values.reduce_gradients()

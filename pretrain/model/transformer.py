@@ -89,16 +89,19 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         n_tables = (1 if m.shared_values else len(m.layers)) if m.enabled else 0
-        self.values = nn.ModuleList(ValueTable(m.num_slots, cfg.value_dim, m.kernel) for _ in range(n_tables))
+        self.values = nn.ModuleList(ValueTable(m.num_slots, cfg.value_dim, m.kernel, seed=i) for i in range(n_tables))
         # Not a buffer: DeepSpeed's bf16 cast of the module must not round the angles.
         self._freqs: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """(Re-)initialise every weight; also materialises a model built on the meta device."""
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
         # values and keys keep their own (the anchor's) initialisation
         for table in self.values:
             table.reset_parameters()

@@ -15,8 +15,8 @@ from pretrain.config import load_config
 TINY = [
     "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
     "model.memory.layers=[1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.k=4",
-    "model.memory.k_dim=16", "data.seq_len=32", "data.vocab_size=320",
-    "data.synthetic.num_entities=40", "model.vocab_size=320",
+    "model.memory.k_dim=16", "data.seq_len=32", "data.vocab_size=384",
+    "data.synthetic.num_entities=40", "model.vocab_size=384",
     "train.global_batch=8", "train.micro_batch=4", "train.log_every=1", "train.eval_every=1000",
     "train.eval_batches=2", "train.probe_limit=8", "train.checkpoint_every=1000", "optim.warmup_steps=2",
     "slots.log_every=2",
