@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import RunConfig, load_config
+from pretrain.config import RunConfig
 from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.safetensors_io import read_header
 from pretrain.parallel import shard_files
@@ -89,6 +89,20 @@ def _load_small(path: Path) -> dict:
         raise IncompleteFileError(f"cannot read {path} ({err})") from None
 
 
+def load_run_config(path: Path) -> RunConfig:
+    """The saved run config, with the model part validated. Not `load_config`: that also checks
+    the world size (1 by default), which refuses a run saved with memory.parallel_size > 1."""
+    from omegaconf import OmegaConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except Exception as err:  # omegaconf raises assorted errors for bad YAML and unknown keys
+        raise IncompleteFileError(f"cannot read the run config {path} ({err})") from None
+    cfg.model.validate("model")
+    return cfg
+
+
 def find_dataset_dir(cfg: RunConfig, dataset_dir: str | Path | None) -> Path:
     """The dataset folder the run trained on (for tokenizer.model, manifest.json, probes)."""
     if dataset_dir is not None:
@@ -112,7 +126,7 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
     config_path = ckpt / "config.yaml"
     if not config_path.is_file():
         raise IncompleteFileError(f"incomplete checkpoint: missing file {config_path}")
-    cfg = load_config(config_path)
+    cfg = load_run_config(config_path)
     candidates = [ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
     model_states = next((p for p in candidates if p.is_file()), None)
     if model_states is None:

@@ -1,0 +1,94 @@
+"""Round trip: an exported model's logits equal the training model's, for ZeRO 0-3 at P = 1 and
+ZeRO 1-3 at P = 2 (two gloo ranks); bf16 exports are the fp32 weights rounded."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.export import export_checkpoint, load, weight_specs
+from tests.export.export_helpers import assert_relative_close, fixed_tokens, training_logits
+from tests.train.helpers import run_ranks
+
+P2_STAGES = (1, 2, 3)
+
+
+def _p2_suite(rank: int, root: str, cache: str) -> dict:
+    from tests.export.export_helpers import train_and_record
+
+    for stage in P2_STAGES:
+        train_and_record(rank, f"{root}/zero{stage}", cache, [f"train.zero_stage={stage}"], parallel_size=2)
+    return {}
+
+
+@pytest.fixture(scope="module")
+def trained_p2(tmp_path_factory, export_data_cache):
+    root = tmp_path_factory.mktemp("export-p2")
+    run_ranks(2, _p2_suite, (str(root), str(export_data_cache)), root / "results")
+    return {stage: root / f"zero{stage}" for stage in P2_STAGES}
+
+
+def _exported_logits(run_dir, out_dir) -> torch.Tensor:
+    export_checkpoint(run_dir, out_dir, show_progress=False)
+    model = load(out_dir)
+    with torch.no_grad():
+        return model(fixed_tokens())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_export_matches_training_model_p1(trained, tmp_path, stage):
+    got = _exported_logits(trained[stage], tmp_path / "export")
+    assert_relative_close(got, training_logits(trained[stage]))
+
+
+@pytest.mark.parametrize("stage", P2_STAGES)
+def test_export_matches_training_model_p2(trained_p2, tmp_path, stage):
+    run = trained_p2[stage]
+    shards = sorted(p.name for p in (run / "checkpoints").glob("step_*/values.*.safetensors"))
+    assert shards == ["values.t0.s0-of-2.safetensors", "values.t0.s1-of-2.safetensors"]
+    got = _exported_logits(run, tmp_path / "export")
+    assert_relative_close(got, training_logits(run))
+
+
+def test_export_contents_and_names(trained, tmp_path):
+    out = export_checkpoint(trained[1], tmp_path / "export", show_progress=False)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["README.md", "config.json", "configuration_memlayers.py", "model.safetensors",
+                            "modeling_memlayers.py", "probes.jsonl", "slot_frequencies.safetensors",
+                            "tokenizer.model"])
+    weights = load_file(str(out / "model.safetensors"))
+    model = load(out)
+    assert list(weights) == list(model.state_dict())  # names and order = Transformer.state_dict()
+    specs = weight_specs(model.cfg, torch.float32)
+    assert [(n, s) for n, s, _ in specs] == [(n, tuple(t.shape)) for n, t in weights.items()]
+    n = model.cfg.memory.num_slots
+    assert weights["values.0.weight"].shape == (n, model.cfg.value_dim)
+    # slot table and tokenizer are byte copies of the checkpoint's / dataset's
+    ckpt = next((trained[1] / "checkpoints").glob("step_*"))
+    assert (out / "slot_frequencies.safetensors").read_bytes() == (ckpt / "slot_frequencies.safetensors").read_bytes()
+    card = (out / "README.md").read_text()
+    assert "training step: 2" in card and "manifest sha256" in card and "`values.0.weight`" in card
+    assert not list(tmp_path.glob(".export.tmp-*"))  # the temporary folder was renamed away
+
+
+def test_value_pool_is_the_concatenation_of_its_shards(trained_p2, tmp_path):
+    """The consolidated pool equals MemoryParallel.consolidate (an independent assembly)."""
+    from pretrain.parallel import MemoryParallel
+
+    run = trained_p2[3]
+    out = export_checkpoint(run, tmp_path / "export", show_progress=False)
+    ckpt = next((run / "checkpoints").glob("step_*"))
+    assert torch.equal(load_file(str(out / "model.safetensors"))["values.0.weight"],
+                       MemoryParallel.consolidate(ckpt)["values.0.weight"])
+
+
+def test_bf16_export_is_the_rounded_fp32_export(trained, tmp_path):
+    fp32 = load_file(str(export_checkpoint(trained[2], tmp_path / "a", show_progress=False) / "model.safetensors"))
+    bf16 = load_file(str(export_checkpoint(trained[2], tmp_path / "b", dtype="bf16", show_progress=False)
+                         / "model.safetensors"))
+    assert fp32.keys() == bf16.keys()
+    for name in fp32:
+        assert bf16[name].dtype == torch.bfloat16
+        assert torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
+    model = load(tmp_path / "b")
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
