@@ -106,7 +106,7 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=5
 SlurmUser={user}
 SlurmdUser={user}
 StateSaveLocation={r}/state
@@ -125,6 +125,8 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
+# A requeued job becomes eligible by the clock alone: poll often so it starts at once.
+SchedulerParameters=sched_interval=1,bf_interval=1
 EnforcePartLimits=ALL
 KillWait=5
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
@@ -167,7 +169,7 @@ PartitionName=short Nodes={self.node} Default=NO MaxTime=1 State=UP
         return result.stdout
 
     def job_info(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job -o` fields (JobState, RestartCnt, ExitCode, Reason, ...)."""
+        """`scontrol show job -o` fields (JobState, Restarts, ExitCode, Reason, ...)."""
         out = self.cmd(["scontrol", "show", "job", "-o", str(job_id)], check=False)
         return dict(re.findall(r"(\w+)=(\S*)", out))
 

@@ -1,0 +1,225 @@
+"""End to end on a real one-node Slurm cluster (tests/slurm/local_cluster.py): submit with
+tools/submit.py, 2 CPU tasks (gloo); preemption by `scancel --signal=USR1` -> checkpoint,
+requeue, resume, finish.
+
+The protocol test runs a stand-in trainer (fake_trainer.py) through the real template; the
+slow tests run the real trainer (`python -m pretrain.train`) on a shrunken tiny config and
+compare the preempted run bitwise with an uninterrupted one.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+SIGUSR1 = 10
+
+
+def submit(cluster, run_dir: Path, overrides=(), extra=()) -> str:
+    """`tools/submit.py --cpu` with 2 tasks; returns the job id."""
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "submit.py"), "--config", str(REPO_ROOT / "configs/tiny.yaml"),
+           f"train.run_dir={run_dir}", *overrides, "--cpu", "--tasks-per-node", "2", "--cpus-per-task", "1",
+           "--time", "20", "--workdir", str(REPO_ROOT), *extra]
+    result = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"^submitted job (\d+)$", result.stdout, re.M)
+    assert match, result.stdout
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in result.stdout
+    return match.group(1)
+
+
+def log_path(run_dir: Path, job_id: str) -> Path:
+    return run_dir / "logs" / f"slurm-{job_id}.out"
+
+
+def read_log(run_dir: Path, job_id: str) -> str:
+    path = log_path(run_dir, job_id)
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_log(cluster, run_dir: Path, job_id: str, pattern: str, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, read_log(run_dir, job_id), re.M)
+        if match:
+            return match
+        state = cluster.job_info(job_id).get("JobState")
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(0.1)
+    pytest.fail(f"job {job_id} never logged /{pattern}/ ({cluster.job_info(job_id).get('JobState')}):\n"
+                f"{read_log(run_dir, job_id)[-4000:]}")
+
+
+def preempt(cluster, job_id: str) -> None:
+    """USR1 to the job's tasks, then wait until the job has requeued itself.
+
+    A requeued job becomes eligible after the credential lifetime (`cred_expire`, 120 s by
+    default, 5 s on the test cluster). `scontrol update jobid=<id> StartTime=now` does not
+    help: a start before the old credential expires is refused by slurmd ("Job credential
+    revoked") and the job ends FAILED."""
+    cluster.cmd(["scancel", "--signal=USR1", job_id])
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        info = cluster.job_info(job_id)
+        if info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING"):
+            print(f"job {job_id} requeued: {info.get('JobState')} eligible {info.get('EligibleTime')}")
+            return
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.1)
+    pytest.fail(f"job {job_id} was not requeued after USR1 ({cluster.job_info(job_id)})")
+
+
+def wait_completed(cluster, run_dir: Path, job_id: str, timeout: float) -> dict:
+    info = cluster.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        f"{info}\n{read_log(run_dir, job_id)[-6000:]}"
+    )
+    return info
+
+
+def test_preemption_protocol_with_stand_in_trainer(slurm_cluster, tmp_path):
+    """Template + pretrain.slurm on real srun tasks: env derivation, USR1 reaching both tasks,
+    the same stop step on both ranks, requeue, appended log, resume, code snapshot."""
+    run_dir = tmp_path / "fake"
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    job = submit(slurm_cluster, run_dir, extra=["--python", str(wrapper), "--snapshot-code"])
+    wait_for_log(slurm_cluster, run_dir, job, r"^0: rank 0 step 10$", timeout=120)
+    preempt(slurm_cluster, job)
+    info = wait_completed(slurm_cluster, run_dir, job, timeout=180)
+    assert info["Restarts"] == "1"
+    log = read_log(run_dir, job)
+
+    host = slurm_cluster.node
+    port = 10000 + int(job) % 20000
+    for restart in (0, 1):
+        assert f"job {job} start" in log and f"restart {restart} nodes {host}" in log
+        for rank in (0, 1):
+            assert f"{rank}: task {rank}/2 local {rank} on {host}" in log
+            assert f"{rank}: rank {rank}/2 local {rank} master {host}:{port} restart {restart} allreduce 3" in log
+    stops = re.findall(r"^(\d): rank \d stopping at step (\d+) on signal (\d+)$", log, re.M)
+    assert len(stops) == 2 and {r for r, _, _ in stops} == {"0", "1"}, stops
+    assert len({s for _, s, _ in stops}) == 1, f"ranks stopped at different steps: {stops}"
+    stop_step = int(stops[0][1])
+    assert 10 <= stop_step < 60
+    # USR1 reached both python tasks (not only the batch shell).
+    assert {sig for _, _, sig in stops} == {str(SIGUSR1)}
+    for rank in (0, 1):
+        assert f"{rank}: rank {rank} resumed at step {stop_step}" in log
+        assert f"{rank}: rank {rank} finished at step 60" in log
+    assert (run_dir / "code" / "pretrain" / "slurm.py").read_text() == (REPO_ROOT / "pretrain/slurm.py").read_text()
+
+
+# ---- the real trainer ---------------------------------------------------------------------
+MAX_STEPS = 40
+# configs/tiny.yaml shrunk to ~0.1 s per step on 2 cores: a few dozen steps in seconds.
+SMALL = [
+    "model.dim=64", "model.n_layers=2", "model.memory.layers=[1]", "model.memory.n_keys=32",
+    "model.memory.heads=2", "model.memory.k=8", "data.seq_len=32", "train.global_batch=4",
+    "train.micro_batch=2", f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.eval_every=1000",
+    "train.eval_batches=1", "train.probe_limit=8", "train.checkpoint_every=1000",
+]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory, data_cache):
+    """An uninterrupted 2-task run of the small config, submitted with tools/submit.py."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    job = submit(slurm_cluster, run_dir, [*SMALL, f"data.cache_dir={data_cache}"])
+    info = wait_completed(slurm_cluster, run_dir, job, timeout=600)
+    return run_dir, job, info
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    root = run_dir / "checkpoints"
+    tag = (root / "latest").read_text().strip()
+    assert tag == f"step_{MAX_STEPS:08d}", tag
+    return root / tag
+
+
+@pytest.mark.slow
+def test_submit_two_cpu_tasks_runs_to_completion(reference_run):
+    run_dir, job, info = reference_run
+    assert info["Restarts"] == "0"
+    ckpt = final_checkpoint(run_dir)
+    assert (ckpt / "slot_frequencies.safetensors").is_file()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    log = read_log(run_dir, job)
+    for rank in (0, 1):
+        assert f"{rank}: task {rank}/2 local {rank} on" in log
+    assert re.search(rf"^0: .*step {MAX_STEPS}/{MAX_STEPS} loss", log, re.M), log[-3000:]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "train.sbatch").is_file()
+
+
+def _tensors(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def _state_tensors(obj, prefix=""):
+    """Every tensor in a nested checkpoint dict, by dotted key."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_state_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_state_tensors(v, f"{prefix}.{i}"))
+    return out
+
+
+def assert_bitwise_equal(a: dict, b: dict, what: str) -> None:
+    assert sorted(a) == sorted(b), f"{what}: different keys"
+    assert a, f"{what}: no tensors"
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, f"{what}: {key}"
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+
+
+@pytest.mark.slow
+def test_preempted_run_resumes_and_matches_uninterrupted_run(slurm_cluster, reference_run, tmp_path, data_cache):
+    ref_dir, _, _ = reference_run
+    run_dir = tmp_path / "preempted"
+    job = submit(slurm_cluster, run_dir, [*SMALL, f"data.cache_dir={data_cache}"])
+    wait_for_log(slurm_cluster, run_dir, job, rf"^0: .*step 5/{MAX_STEPS} loss", timeout=300)
+    preempt(slurm_cluster, job)
+    info = wait_completed(slurm_cluster, run_dir, job, timeout=600)
+    assert info["Restarts"] == "1"
+    log = read_log(run_dir, job)
+    stop = re.search(r"stopping at step (\d+) \(signal\)", log)
+    assert stop, log[-4000:]
+    stop_step = int(stop.group(1))
+    assert 5 <= stop_step < MAX_STEPS, f"the signal must land mid-run (stopped at {stop_step})"
+    assert re.search(rf"resumed from \S+step_{stop_step:08d} at step {stop_step}", log), log[-4000:]
+
+    ours, ref = final_checkpoint(run_dir), final_checkpoint(ref_dir)
+    names = sorted(p.name for p in ref.iterdir())
+    assert names == sorted(p.name for p in ours.iterdir())
+    for name in names:
+        if name.endswith(".safetensors"):
+            (ta, ma), (tb, mb) = _tensors(ours / name), _tensors(ref / name)
+            assert_bitwise_equal(ta, tb, name)
+            assert ma == mb, f"{name}: metadata differs"
+        elif name.endswith("model_states.pt"):
+            a = torch.load(ours / name, weights_only=True, map_location="cpu")
+            b = torch.load(ref / name, weights_only=True, map_location="cpu")
+            assert_bitwise_equal(_state_tensors(a["module"]), _state_tensors(b["module"]), f"{name} parameters")
+            assert_bitwise_equal(_state_tensors(a), _state_tensors(b), f"{name} (all tensors)")
