@@ -150,6 +150,10 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
         for path in src.optim_files:
             check_torch_zip(path)
     if src.num_value_tables:
+        if not any(shard_files.FILE_RE.match(p.name) for p in ckpt.iterdir()):
+            expected = shard_files.shard_file_name(0, 0, cfg.model.memory.parallel_size)
+            raise IncompleteFileError(f"incomplete checkpoint: missing value-shard file {ckpt / expected} "
+                                      "(no values.t*.s*-of-*.safetensors at all)")
         try:
             P = shard_files.saved_parallel_size(ckpt, src.num_value_tables)
         except shard_files.ShardFileError as err:

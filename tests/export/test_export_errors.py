@@ -1,0 +1,92 @@
+"""Bad sources, existing outputs and incomplete checkpoints fail before any weight is read,
+with messages naming the file or option; nothing is left behind."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pretrain.export import ExportError, IncompleteFileError, export_checkpoint, load
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    """A private copy of a finished ZeRO-1 run, free to damage."""
+    dst = tmp_path / "run"
+    shutil.copytree(trained[1], dst)
+    return dst
+
+
+def _ckpt(run: Path) -> Path:
+    return next((run / "checkpoints").glob("step_*"))
+
+
+def _export_fails(source, out: Path, match: str, error=ExportError):
+    with pytest.raises(error, match=match):
+        export_checkpoint(source, out, show_progress=False)
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_wrong_paths(tmp_path, trained):
+    _export_fails(tmp_path / "nope", tmp_path / "out", "no such run directory or checkpoint")
+    (tmp_path / "empty").mkdir()
+    _export_fails(tmp_path / "empty", tmp_path / "out", "neither a run directory")
+    _export_fails(trained[1] / "config.yaml", tmp_path / "out", "is a file")
+    with pytest.raises(ExportError, match="no config.json"):
+        load(tmp_path / "empty")
+    with pytest.raises(ExportError, match="dtype='fp16'"):
+        export_checkpoint(trained[1], tmp_path / "out", dtype="fp16", show_progress=False)
+
+
+def test_refuses_to_overwrite_without_force(trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists.*--force"):
+        export_checkpoint(trained[1], out, show_progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_checkpoint(trained[1], out, force=True, show_progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_accepts_run_dir_checkpoints_root_and_step_folder(trained, tmp_path):
+    a = export_checkpoint(trained[1], tmp_path / "a", show_progress=False)
+    b = export_checkpoint(_ckpt(trained[1]), tmp_path / "b", show_progress=False)
+    c = export_checkpoint(trained[1] / "checkpoints", tmp_path / "c", show_progress=False)
+    weights = [(d / "model.safetensors").read_bytes() for d in (a, b, c)]
+    assert weights[0] == weights[1] == weights[2]
+
+
+def test_missing_value_shard(run_copy, tmp_path):
+    shard = _ckpt(run_copy) / "values.t0.s0-of-1.safetensors"
+    shard.unlink()
+    _export_fails(run_copy, tmp_path / "out", f"missing value-shard file .*{shard.name}", IncompleteFileError)
+
+
+def test_truncated_value_shard(run_copy, tmp_path):
+    shard = _ckpt(run_copy) / "values.t0.s0-of-1.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _export_fails(run_copy, tmp_path / "out", f"{shard.name} is truncated", IncompleteFileError)
+
+
+def test_truncated_zero_partition(run_copy, tmp_path):
+    optim = _ckpt(run_copy) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
+    _export_fails(run_copy, tmp_path / "out", f"{optim.name} is truncated", IncompleteFileError)
+
+
+def test_missing_model_states_config_and_slot_table(run_copy, tmp_path):
+    ckpt = _ckpt(run_copy)
+    (ckpt / "slot_frequencies.safetensors").unlink()
+    _export_fails(run_copy, tmp_path / "out", "missing file .*slot_frequencies.safetensors", IncompleteFileError)
+    (ckpt / "mp_rank_00_model_states.pt").unlink()
+    _export_fails(run_copy, tmp_path / "out", "missing file .*mp_rank_00_model_states.pt", IncompleteFileError)
+    (ckpt / "config.yaml").unlink()
+    _export_fails(run_copy, tmp_path / "out", "missing file .*config.yaml", IncompleteFileError)
+
+
+def test_latest_naming_a_missing_checkpoint(run_copy, tmp_path):
+    (run_copy / "checkpoints" / "latest").write_text("step_00000099")
+    _export_fails(run_copy, tmp_path / "out", "names checkpoint 'step_00000099'")

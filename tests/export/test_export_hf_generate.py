@@ -1,0 +1,137 @@
+"""The export loads in transformers without this repository (offline) with the same logits and
+generates; tools/generate.py samples and answers the fact probes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.export import export_checkpoint, load
+from tests.export.export_helpers import assert_relative_close, fixed_tokens, training_logits
+
+HF_SCRIPT = r"""
+import json, sys
+import torch
+from safetensors.torch import save_file
+# the repository may be pip-installed in this environment: make its packages unimportable
+for name in ("pretrain", "kernels", "tools"):
+    sys.modules[name] = None
+from transformers import AutoModelForCausalLM
+export_dir, tokens_path, out_path = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32).eval()
+tokens = torch.load(tokens_path, weights_only=True)
+with torch.no_grad():
+    logits = model(tokens).logits
+greedy = model.generate(tokens[:1, :6], max_new_tokens=10, do_sample=False)
+sampled = model.generate(tokens[:1, :6], max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.8)
+save_file({"logits": logits.contiguous(), "greedy": greedy, "sampled": sampled}, out_path)
+print(json.dumps({"class": type(model).__name__}))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    return export_checkpoint(trained[1], tmp_path_factory.mktemp("hf") / "export", show_progress=False)
+
+
+def test_transformers_loads_the_export_offline_without_this_repo(exported, trained, tmp_path):
+    tokens = fixed_tokens()
+    torch.save(tokens, tmp_path / "tokens.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    proc = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(exported), str(tmp_path / "tokens.pt"),
+                           str(tmp_path / "out.safetensors")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["class"] == "MemlayersForCausalLM"
+    out = load_file(str(tmp_path / "out.safetensors"))
+    model = load(exported)
+    with torch.no_grad():
+        ours = model(tokens)
+    assert_relative_close(out["logits"], ours)
+    assert_relative_close(out["logits"], training_logits(trained[1]))
+    # greedy generate() equals a greedy loop over pretrain.export.load's model
+    seq = tokens[:1, :6]
+    for _ in range(10):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out["greedy"], seq)
+    sampled = out["sampled"]
+    assert sampled.shape[1] > 6 and torch.equal(sampled[:, :6], tokens[:1, :6])
+    assert int(sampled.max()) < model.cfg.vocab_size
+
+
+def test_generate_tool_samples_and_answers_probes(exported, capsys):
+    from pretrain.data import Tokenizer, load_probes
+    from pretrain.evaluate import encode_probes, fact_recall
+    from tools.generate import main
+
+    assert main([str(exported), "--prompt", "The", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert main([str(exported), "--prompt", "The", "--max-new-tokens", "5", "--temperature", "0.8",
+                 "--top-p", "0.9", "--seed", "3"]) == 0
+    capsys.readouterr()
+    assert main([str(exported), "--probes", "12"]) == 0
+    printed = capsys.readouterr().out
+    accuracy = float(printed.strip().splitlines()[-1].split()[1])
+    # reference: teacher-forced greedy exact match (pretrain.evaluate), an independent formulation
+    tok = Tokenizer(exported / "tokenizer.model")
+    model = load(exported)
+    batch = encode_probes(load_probes(exported)[:12], tok, model.cfg.max_seq_len)
+    want = fact_recall(model, batch, torch.device("cpu"))["fact_recall"]
+    assert accuracy == pytest.approx(want, abs=1e-3)
+
+
+def test_nucleus_sampling_keeps_the_top_p_mass():
+    from pretrain.export.generation import next_token
+
+    logits = torch.tensor([3.0, 2.0, 1.0, -5.0])
+    probs = torch.softmax(logits.double(), 0)
+    gen = torch.Generator().manual_seed(0)
+    draws = [next_token(logits, 1.0, 0.8, gen) for _ in range(400)]
+    # top_p=0.8: tokens 0 (p=.66) and 1 (p=.24) form the smallest prefix reaching 0.8
+    assert set(draws) == {0, 1}
+    share = draws.count(0) / len(draws)
+    assert abs(share - probs[0] / (probs[0] + probs[1])) < 0.07
+    assert next_token(logits, 0.0, 1.0, gen) == 0
+    with pytest.raises(ValueError, match="top_p"):
+        next_token(logits, 1.0, 0.0, gen)
+
+
+class OracleModel(torch.nn.Module):
+    """Predicts the next token of whichever known sequence the context is a prefix of."""
+
+    def __init__(self, sequences: list[list[int]], vocab: int, max_seq_len: int = 256):
+        super().__init__()
+        self.sequences, self.vocab = sequences, vocab
+        self.cfg = type("Cfg", (), {"max_seq_len": max_seq_len})()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens):
+        context = tokens[0].tolist()
+        logits = torch.zeros(1, len(context), self.vocab)
+        for seq in self.sequences:
+            if seq[: len(context)] == context and len(seq) > len(context):
+                logits[0, -1, seq[len(context)]] = 10.0
+        return logits
+
+
+def test_answer_probes_scores_exact_greedy_answers(exported):
+    from pretrain.data import Tokenizer, load_probes
+    from pretrain.export.generation import answer_probes
+
+    tok = Tokenizer(exported / "tokenizer.model")
+    probes = load_probes(exported)[:6]
+    sequences = []
+    for i, probe in enumerate(probes):
+        answer = probe.answer if i % 2 == 0 else "zzz" + probe.answer  # odd probes: the oracle knows a wrong answer
+        sequences.append([tok.eos_id] + tok.encode(f"{probe.question} {answer}"))
+    result = answer_probes(OracleModel(sequences, 384), tok, probes)
+    assert [row["correct"] for row in result["rows"]] == [True, False] * 3
+    assert result["accuracy"] == 0.5 and result["count"] == 6

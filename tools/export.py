@@ -1,0 +1,44 @@
+"""Export a training checkpoint (run dir or checkpoint folder) to a portable model folder.
+
+  python tools/export.py runs/tiny exports/tiny [--dtype bf16] [--force] [--report-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="run directory, its checkpoints/ folder, or one checkpoints/step_XXXXXXXX")
+    parser.add_argument("out_dir", help="export folder to create")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--force", action="store_true", help="replace an existing out_dir")
+    parser.add_argument("--dataset-dir", default=None, help="the prepared dataset the run used (for tokenizer.model); "
+                                                           "default: from the run's config")
+    parser.add_argument("--report-memory", action="store_true", help="print peak RSS against the weights' size")
+    args = parser.parse_args(argv)
+
+    from pretrain.export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.source, args.out_dir, dtype=args.dtype, force=args.force,
+                                dataset_dir=args.dataset_dir)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    weights = (out / "model.safetensors").stat().st_size
+    print(f"exported to {out} (model.safetensors {weights / 2**20:.1f} MiB)")
+    if args.report_memory:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        print(f"peak RSS {peak / 2**20:.1f} MiB = {peak / weights:.2f} x the exported weights")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

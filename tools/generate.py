@@ -1,0 +1,57 @@
+"""Sample text from an export, or quiz it on the synthetic fact probes.
+
+  python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9]
+  python tools/generate.py EXPORT_DIR --probes 50
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export_dir", help="a folder written by tools/export.py")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probes", type=int, default=0, help="answer the first N fact probes and print accuracy")
+    parser.add_argument("--probes-dir", default=None,
+                        help="folder holding probes.jsonl (default: the export; or the embedded dataset folder)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    from pretrain.data import DataError, Tokenizer, load_probes
+    from pretrain.export import ExportError, load
+    from pretrain.export.generation import answer_probes, generate
+
+    export_dir = Path(args.export_dir)
+    try:
+        model = load(export_dir, device=args.device)
+        tokenizer = Tokenizer(export_dir / "tokenizer.model")
+        if args.probes:
+            probes = load_probes(args.probes_dir or export_dir)[: args.probes]
+            result = answer_probes(model, tokenizer, probes)
+            for row in result["rows"]:
+                mark = "ok " if row["correct"] else "   "
+                print(f"{mark} {row['question']} -> {row['generated']!r} (answer {row['answer']!r})")
+            print(f"accuracy {result['accuracy']:.3f} on {result['count']} probes (chance {result['chance']:.3f})")
+            return 0
+        prompt = tokenizer.encode(args.prompt) if args.prompt else []
+        ids = generate(model, [tokenizer.eos_id] + prompt, args.max_new_tokens, args.temperature, args.top_p,
+                       eos_id=tokenizer.eos_id, seed=args.seed)
+        print(args.prompt + tokenizer.decode(ids))
+    except (ExportError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
