@@ -107,11 +107,23 @@ def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.devi
     from pretrain.slots import SlotStatistics
 
     return SlotStatistics(
-        num_slots=cfg.model.memory.num_slots,
-        layer_names=[f"layers.{i}" for i in cfg.model.memory.layers],
-        granularity=cfg.slots.granularity, device=device,
-        sample_batches=cfg.slots.sample_batches, seed=cfg.train.seed,
+        num_slots=cfg.model.memory.num_slots, layer_names=slot_stream_names(cfg),
+        granularity=cfg.slots.granularity, device=device, sample_batches=cfg.slots.sample_batches,
+        seed=cfg.train.seed, streams=max(1, cfg.data.num_workers),  # one open-document table per worker
     )
+
+
+def slot_stream_names(cfg: RunConfig) -> list[str]:
+    """One counter per memory layer, plus one for a value table shared by several layers."""
+    m = cfg.model.memory
+    names = [f"layers.{i}" for i in m.layers]
+    return names + (["values.0"] if m.shared_values and len(m.layers) > 1 else [])
+
+
+def slot_indices(memory_layers, with_shared_table: bool) -> list[torch.Tensor]:
+    """The last forward's slot indices per layer (and all layers joined for a shared table)."""
+    per_layer = [layer.last_indices for layer in memory_layers]
+    return per_layer + ([torch.cat(per_layer, dim=1)] if with_shared_table else [])
 
 
 def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
@@ -166,6 +178,7 @@ def train(cfg: RunConfig) -> TrainResult:
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
     )
     memory_layers = model.memory_layers()
+    shared_table_stream = len(slot_stream_names(cfg)) > len(memory_layers)
     train_loader = build_loader(cfg, dataset_dir, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, device)
     seen_facts = [p for p in load_probes(dataset_dir) if not p.is_new_fact]  # new facts are never trained on
@@ -216,7 +229,7 @@ def train(cfg: RunConfig) -> TrainResult:
             return
         from pretrain.slots import model_config_hash, save_table
 
-        reduced = stats.reduce()
+        reduced = stats.reduce(close_interval=False)
         if info.is_main:
             save_table(folder / "slot_frequencies.safetensors", reduced, {
                 "model_config_hash": model_config_hash(cfg.model),
@@ -239,7 +252,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 engine.backward(loss)
                 losses.append(loss.detach())
                 if stats is not None:
-                    stats.update([layer.last_indices for layer in memory_layers], batch.doc_ids.to(device))
+                    stats.update(slot_indices(memory_layers, shared_table_stream), batch.doc_ids.to(device))
                 if micro_step < gas - 1:
                     engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
             assert engine.is_gradient_accumulation_boundary()
@@ -340,11 +353,11 @@ def _fmt(value: float | None) -> str:
 
 
 def log_slot_statistics(stats, metrics: MetricsLogger, step: int) -> None:
-    for interval in (True, False):
-        prefix = "slots_interval" if interval else "slots_total"
-        metrics.scalars({f"{prefix}/{k}": v for k, v in stats.summary(interval=interval).items()}, step)
-    for name, hist in stats.histograms().items():
-        metrics.histogram(f"slots/{name}", hist, step)
+    """Slot usage over all ranks, cumulative and since the last call (a collective)."""
+    reduced = stats.reduce(close_interval=True)
+    metrics.scalars(reduced.summary(interval=True), step)
+    for name, hist in reduced.histograms().items():
+        metrics.histogram(name, hist, step)
 
 
 def _barrier() -> None:
