@@ -105,7 +105,9 @@ class MemoryPlus(nn.Module):
             raise ConfigError(
                 f"value table width {values.v_dim} does not match model.memory.v_dim={self.v_dim}"
             )
-        weights, indices = self.search(x)
+        with torch.profiler.record_function("memory/scoring"):  # names read by pretrain/profiling.py
+            weights, indices = self.search(x)
         self.last_indices, self.last_weights = indices.detach(), weights.detach()
-        bag = values(indices, weights).reshape(*x.shape[:-1], self.v_dim).to(x.dtype)
+        with torch.profiler.record_function("memory/bag_forward"):
+            bag = values(indices, weights).reshape(*x.shape[:-1], self.v_dim).to(x.dtype)
         return self.out_proj(bag * F.silu(self.gate_proj(x)))

@@ -85,11 +85,13 @@ class PartitionedValueTable(nn.Module):
         if P == 1:
             return kernels.embedding_bag(self.shard, indices, weights, backend=self.kernel)
         T = indices.shape[0]
-        counts = exchange_counts(T, group, self.counter, indices.device)
-        all_idx = gather_tokens(indices, counts, group, self.counter)
-        all_w = gather_tokens(weights, counts, group, self.counter)
+        with torch.profiler.record_function("memory/communication"):  # named for pretrain/profiling.py
+            counts = exchange_counts(T, group, self.counter, indices.device)
+            all_idx = gather_tokens(indices, counts, group, self.counter)
+            all_w = gather_tokens(weights, counts, group, self.counter)
         part = kernels.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)
-        mine = all_to_all_rows(part, counts, [T] * P, group, self.counter)  # (P * T, v_dim / P)
+        with torch.profiler.record_function("memory/communication"):
+            mine = all_to_all_rows(part, counts, [T] * P, group, self.counter)  # (P * T, v_dim / P)
         return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
 
 

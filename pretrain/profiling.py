@@ -1,0 +1,167 @@
+"""Profile a few training steps: a trace for Perfetto/Chrome/TensorBoard and where the time goes.
+
+`profile_training(cfg, steps)` runs `pretrain.train.train` for `steps` steps under
+torch.profiler (CPU, plus CUDA when present; memory on), with the engine's forward,
+backward and step wrapped in "train/*" regions, and writes
+`<run_dir>/profile/<host>_<pid>.pt.trace.json` (Chrome trace format: Perfetto and
+chrome://tracing open it, and TensorBoard's profiler plugin finds it under
+`--logdir <run_dir>/profile`).
+
+Memory-layer regions come from record_function names in the model code:
+  memory/scoring        MemoryPlus.search (query projection, product-key top-k, softmax)
+  memory/bag_forward    the value-table read (for P > 1 it contains the communication)
+  memory/communication  the forward collectives of the partitioned table (P > 1)
+  bag backward          autograd nodes named *EmbeddingBagBackward* (reference and Triton)
+Shares are of the summed train/forward + train/backward + train/step time; evaluation
+(wrapped in an "eval" region) and checkpointing are left out of the tables.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+REGIONS = {"scoring": "memory/scoring", "bag_forward": "memory/bag_forward",
+           "communication": "memory/communication"}
+STEP_REGIONS = ("train/forward", "train/backward", "train/step")
+EVAL_REGION = "eval"
+
+
+@dataclass
+class ProfileReport:
+    trace: Path
+    step_time_s: float  # summed train/* regions over the profiled steps
+    memory_time_s: dict[str, float]  # scoring, bag_forward, bag_backward, communication
+    top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, self time s, calls)
+
+    def share(self, part: str) -> float:
+        return self.memory_time_s[part] / self.step_time_s if self.step_time_s else 0.0
+
+
+def _wrap_engine(engine) -> None:
+    """Name the engine's forward, backward and step in the trace (instance attributes only)."""
+    for attr, name in (("forward", "train/forward"), ("backward", "train/backward"), ("step", "train/step")):
+        method = getattr(engine, attr)
+
+        def wrapped(*args, _method=method, _name=name, **kwargs):
+            with record_function(_name):
+                return _method(*args, **kwargs)
+
+        setattr(engine, attr, wrapped)
+
+
+def _is_bag_backward(name: str) -> bool:
+    return "EmbeddingBagBackward" in name or (name.startswith("aten::_embedding_bag") and "backward" in name)
+
+
+def _intervals_total(events) -> float:
+    """Total time (s) covered by the union of the events' [start, end) intervals (nested ones count once)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    total, cur_start, cur_end = 0, None, None
+    for start, end in spans:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total / 1e6  # microseconds
+
+
+def _within(event, spans: list[tuple[int, int]]) -> bool:
+    start = event.time_range.start
+    return any(lo <= start < hi for lo, hi in spans)
+
+
+def summarize(events, trace: Path, top: int = 15) -> ProfileReport:
+    """Attribute the events of the training steps (evaluation excluded) to operators and memory regions."""
+    evals = [(e.time_range.start, e.time_range.end) for e in events if e.name == EVAL_REGION]
+    steps = [e for e in events if e.name in STEP_REGIONS and not _within(e, evals)]
+    spans = [(e.time_range.start, e.time_range.end) for e in steps]
+    inside = [e for e in events if _within(e, spans) and not _within(e, evals)]
+    by_name: dict[str, list] = {}
+    for e in inside:
+        by_name.setdefault(e.name, []).append(e)
+    memory = {part: _intervals_total(by_name.get(region, [])) for part, region in REGIONS.items()}
+    memory["bag_backward"] = _intervals_total([e for e in inside if _is_bag_backward(e.name)])
+    ops: dict[str, list[float]] = {}
+    for e in inside:
+        if e.name.startswith(("train/", "memory/")):
+            continue
+        entry = ops.setdefault(e.name, [0.0, 0])
+        entry[0] += e.self_cpu_time_total / 1e6
+        entry[1] += 1
+    top_ops = sorted(((n, t, c) for n, (t, c) in ops.items()), key=lambda r: -r[1])[:top]
+    return ProfileReport(trace, _intervals_total(steps), memory, top_ops)
+
+
+def _mark_evaluation(mp_target) -> None:
+    """Wrap pretrain.evaluate's functions in an "eval" region so that evaluation is left out."""
+    import pretrain.evaluate as evaluate
+
+    for name in ("validation_loss", "fact_recall"):
+        real = getattr(evaluate, name)
+
+        def wrapped(*args, _real=real, **kwargs):
+            with record_function(EVAL_REGION):
+                return _real(*args, **kwargs)
+
+        mp_target.append((evaluate, name, real))
+        setattr(evaluate, name, wrapped)
+
+
+def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None) -> ProfileReport:
+    """Train `steps` steps of `cfg` (from scratch, in cfg.train.run_dir) under the profiler."""
+    import deepspeed
+
+    import pretrain.train as train_module
+
+    if steps <= 0:
+        raise ValueError(f"steps={steps} must be positive")
+    cfg.train.max_steps = steps
+    cfg.train.checkpoint_every = max(cfg.train.checkpoint_every, steps + 1)
+    cfg.train.eval_every = max(cfg.train.eval_every, steps + 1)
+    run_dir = Path(cfg.train.run_dir)
+    if (run_dir / "checkpoints" / "latest").exists():
+        raise ValueError(f"train.run_dir={run_dir} holds checkpoints (a run would resume): profile into a new "
+                         "run_dir, e.g. train.run_dir=runs/profile")
+    real_initialize = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        out = real_initialize(*args, **kwargs)
+        _wrap_engine(out[0])
+        return out
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    patched = [(deepspeed, "initialize", real_initialize)]
+    deepspeed.initialize = initialize
+    _mark_evaluation(patched)
+    try:
+        with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
+            train_module.train(cfg)
+    finally:
+        for module, name, original in patched:
+            setattr(module, name, original)
+    trace_dir = Path(trace_dir) if trace_dir else run_dir / "profile"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    trace = trace_dir / f"{socket.gethostname()}_{os.getpid()}.pt.trace.json"
+    tmp = trace.with_name(trace.name + ".tmp")
+    prof.export_chrome_trace(str(tmp))
+    tmp.replace(trace)
+    return summarize(prof.events(), trace)
+
+
+def format_report(report: ProfileReport) -> str:
+    lines = [f"trace: {report.trace}", "", f"{'operator':<60} {'self s':>9} {'calls':>7}"]
+    lines += [f"{name[:60]:<60} {t:>9.4f} {c:>7}" for name, t, c in report.top_ops]
+    lines += ["", f"memory layers, share of the step time ({report.step_time_s:.3f} s in train/forward+backward+step):"]
+    for part in ("scoring", "bag_forward", "bag_backward", "communication"):
+        lines.append(f"  {part:<14} {report.memory_time_s[part]:>9.4f} s  {100 * report.share(part):6.2f}%")
+    lines.append("  (communication is nested inside bag_forward when memory.parallel_size > 1)")
+    return "\n".join(lines)
