@@ -133,8 +133,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(cfg)
 
 
-def validate(cfg: RunConfig, world_size: int = 1, device_type: str | None = None) -> RunConfig:
-    """Check values and combinations; raise ConfigError naming the key and the fix."""
+def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | None = None) -> RunConfig:
+    """Check values and combinations; raise ConfigError naming the key and the fix.
+
+    World-size checks run only when `world_size` is given (the trainer passes it once
+    the processes are up); everything else is checked at load time.
+    """
     if device_type is None:
         import torch
 
@@ -151,15 +155,20 @@ def validate(cfg: RunConfig, world_size: int = 1, device_type: str | None = None
         raise ConfigError(f"train.nan_policy={t.nan_policy!r} must be 'stop' or 'skip'")
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
-    if t.global_batch % (t.micro_batch * world_size):
+    if t.global_batch % t.micro_batch:
         raise ConfigError(
-            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
-            f"world size {world_size}: choose global_batch as a multiple of {t.micro_batch * world_size}"
+            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
         )
-    if world_size % cfg.model.memory.parallel_size:
-        raise ConfigError(
-            f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
-        )
+    if world_size is not None:  # checks that need the launched world
+        if t.global_batch % (t.micro_batch * world_size):
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
+                f"world size {world_size}: choose global_batch as a multiple of {t.micro_batch * world_size}"
+            )
+        if world_size % cfg.model.memory.parallel_size:
+            raise ConfigError(
+                f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
+            )
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}")
     if d.on_corrupt not in ("error", "skip"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.train.helpers import run_ranks, tiny_config
-from tests.train.test_trainer import final_parameters
+from tests.train.test_trainer import assert_same_tables, final_parameters
 
 STEPS = 5
 
@@ -29,6 +29,8 @@ def _world2_suite(rank: int, root: str, cache: str) -> dict:
     for stage in (0, 1, 2, 3):
         out[f"equiv{stage}"] = _run(rank, f"{root}/equiv{stage}", cache,
                                     [f"train.zero_stage={stage}", f"train.max_steps={STEPS}"])
+    out["p2"] = _run(rank, f"{root}/p2", cache, ["train.zero_stage=1", f"train.max_steps={STEPS}",
+                                                 "model.memory.parallel_size=2"])
     for stage in (1, 2):
         out[f"straight{stage}"] = _run(rank, f"{root}/straight{stage}", cache,
                                        [f"train.zero_stage={stage}", "train.max_steps=4"])
@@ -62,6 +64,33 @@ def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache
                                    msg=f"ZeRO stage {stage}")
 
 
+def test_world2_memory_parallel_matches_world1(world2, tmp_path, data_cache, monkeypatch):
+    from tests.train.helpers import use_fixed_batches
+
+    from pretrain.train import train
+
+    use_fixed_batches(monkeypatch)
+    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}")).losses
+    torch.testing.assert_close(torch.tensor(world2[1]["p2"]), torch.tensor(reference), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("run", ["equiv1", "p2"])
+def test_world2_slot_counts_are_conserved(world2, run):
+    """Every token's accesses are counted exactly once over both ranks (P = 1 and P = 2)."""
+    from pretrain.slots import load_table
+    from tests.train.helpers import TINY
+
+    root, _ = world2
+    table = load_table(root / run / "checkpoints")
+    opts = dict(o.split("=") for o in TINY)
+    tokens = STEPS * int(opts["train.global_batch"]) * int(opts["data.seq_len"])
+    per_layer = tokens * int(opts["model.memory.heads"]) * int(opts["model.memory.k"])
+    assert table.num_tokens == tokens
+    for layer, counts in table.counts.items():
+        assert int(counts.sum()) == per_layer, layer
+        assert int(table.doc_freq[layer].max()) <= table.num_documents
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_world2_resume_is_exact(world2, stage):
     root, results = world2
@@ -70,3 +99,4 @@ def test_world2_resume_is_exact(world2, stage):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    assert_same_tables(root / f"straight{stage}", root / f"split{stage}")
