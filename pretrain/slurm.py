@@ -1,7 +1,9 @@
 """Running inside a Slurm job: rank/world/rendezvous derived from SLURM_* variables, the
 stop signal (USR1/SIGTERM) agreed on by every rank, and requeueing the job.
 
-The trainer uses it like this:
+USR1 means "checkpoint and requeue"; SIGTERM (`scancel <job>`, the time limit itself, or
+Slurm's own preemption) means "checkpoint and exit": requeue_job() then declines, so that a
+cancelled job stays cancelled. The trainer uses it like this:
 
     env = distributed_env_from_slurm()           # {} outside a Slurm task
     for key, value in env.items():
@@ -13,6 +15,7 @@ The trainer uses it like this:
             save_checkpoint(...)
             if rank == 0:
                 requeue_job()                     # last: Slurm cancels the job at once
+                                                  # (no-op after SIGTERM; see stop.requeue)
             break
     stop.close()
 
@@ -37,6 +40,12 @@ PORT_BASE = 10000
 PORT_SPAN = 20000
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+# What the ranks agree on, ordered so that MAX picks the stronger request: SIGUSR1 is the
+# time-limit/preemption warning (checkpoint, requeue); any other stop signal is SIGTERM from
+# `scancel` or Slurm's own preemption (checkpoint, exit: requeueing would undo the cancel).
+_NONE, _REQUEUE, _EXIT = 0, 1, 2
+_agreed_stop_kind = _NONE  # the last stop agreed on in this process; read by requeue_job
 
 
 class SlurmEnvError(RuntimeError):
@@ -166,10 +175,13 @@ class StopSignal:
             raise RuntimeError("StopSignal() must be created in the main thread (signal handlers live there)")
         if check_every < 1:
             raise ValueError(f"check_every={check_every} must be >= 1")
+        global _agreed_stop_kind
+        _agreed_stop_kind = _NONE  # a new run: an earlier run's SIGTERM no longer applies
         self.group = group
         self.check_every = check_every
         self.received: int | None = None  # number of the first stop signal received locally
-        self._agreed = False
+        self._local_kind = _NONE
+        self._agreed = _NONE
         self._calls = 0
         self._previous = {}
         for sig in signals:
@@ -178,6 +190,7 @@ class StopSignal:
     def _handle(self, signum, frame):
         if self.received is None:
             self.received = signum
+        self._local_kind = max(self._local_kind, _REQUEUE if signum == signal.SIGUSR1 else _EXIT)
         previous = self._previous.get(signum)
         if callable(previous):
             previous(signum, frame)
@@ -189,12 +202,13 @@ class StopSignal:
     def should_stop(self) -> bool:
         """Call once per step on every rank; True on all ranks at the same call once any rank
         received a stop signal. Collective when torch.distributed is initialised."""
+        global _agreed_stop_kind
         if self._agreed:
             return True
         self._calls += 1
         if self._calls % self.check_every:
             return False
-        flag = self.local_flag
+        kind = self._local_kind
         dist = _initialised_dist()
         if dist is not None:
             import torch
@@ -202,11 +216,19 @@ class StopSignal:
             device = "cpu"
             if dist.get_backend(self.group) == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+            t = torch.tensor([kind], dtype=torch.int32, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-            flag = bool(t.item())
-        self._agreed = flag
-        return flag
+            kind = int(t.item())
+        self._agreed = kind
+        if kind:
+            _agreed_stop_kind = kind
+        return bool(kind)
+
+    @property
+    def requeue(self) -> bool:
+        """After should_stop() returned True: whether the job should be requeued (the ranks
+        agreed on USR1, and none received SIGTERM)."""
+        return self._agreed == _REQUEUE
 
     def close(self) -> None:
         """Restore the handlers that were installed before (idempotent)."""
@@ -239,13 +261,19 @@ def _job_rank() -> int:
 def requeue_job(environ: Mapping[str, str] | None = None) -> bool:
     """Requeue this Slurm job (`scontrol requeue <id>`) from rank 0; True if it was requeued.
 
-    Outside Slurm, or on any other rank, it does nothing and returns False. Slurm cancels
-    the running job as soon as the requeue is accepted, so call this after the checkpoint
-    is complete and everything else is flushed.
+    Outside Slurm, or on any other rank, it does nothing and returns False. It also declines
+    when this process's StopSignal agreed on SIGTERM: the job was cancelled (`scancel`) or
+    preempted by Slurm itself, and a requeue would bring back a job its owner cancelled.
+    Slurm cancels the running job as soon as the requeue is accepted, so call this after the
+    checkpoint is complete and everything else is flushed.
     """
     environ = os.environ if environ is None else environ
     job_id = environ.get("SLURM_JOB_ID")
     if not job_id or _job_rank() != 0:
+        return False
+    if _agreed_stop_kind == _EXIT:
+        print(f"not requeueing Slurm job {job_id}: stopped by SIGTERM (scancel or Slurm preemption)",
+              file=sys.stderr, flush=True)
         return False
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
         job_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"

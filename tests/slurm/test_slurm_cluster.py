@@ -122,6 +122,29 @@ def test_preemption_protocol_with_stand_in_trainer(slurm_cluster, tmp_path):
     assert (run_dir / "code" / "pretrain" / "slurm.py").read_text() == (REPO_ROOT / "pretrain/slurm.py").read_text()
 
 
+@pytest.mark.slow
+def test_scancel_stops_without_requeue(slurm_cluster, tmp_path):
+    """`scancel <job>` (SIGTERM to the tasks) checkpoints and exits; the job stays cancelled."""
+    run_dir = tmp_path / "cancelled"
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    job = submit(slurm_cluster, run_dir, extra=["--python", str(wrapper)])
+    wait_for_log(slurm_cluster, run_dir, job, r"^0: rank 0 step 5$", timeout=120)
+    slurm_cluster.cmd(["scancel", job])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "not requeueing" not in read_log(run_dir, job):
+        time.sleep(0.1)
+    log = read_log(run_dir, job)
+    assert f"0: not requeueing Slurm job {job}: stopped by SIGTERM" in log, log[-3000:]
+    stops = re.findall(r"^(\d): rank \d stopping at step (\d+) on signal (\d+)$", log, re.M)
+    assert sorted(r for r, _, _ in stops) == ["0", "1"] and len({s for _, s, _ in stops}) == 1, stops
+    assert (run_dir / "fake_state.json").is_file()  # the checkpoint was written before exiting
+    time.sleep(7)  # longer than the test cluster's credential lifetime: a requeued job would be back
+    info = slurm_cluster.job_info(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+
+
 # ---- the real trainer ---------------------------------------------------------------------
 MAX_STEPS = 40
 # configs/tiny.yaml shrunk to ~0.1 s per step on 2 cores: a few dozen steps in seconds.

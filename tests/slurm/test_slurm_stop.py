@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import pretrain.slurm
 from pretrain.slurm import StopSignal, requeue_job
 
 HERE = Path(__file__).resolve().parent
@@ -25,6 +26,7 @@ def test_signal_sets_the_flag_only(sig):
         os.kill(os.getpid(), sig)  # delivered to the main thread before kill() returns here
         assert stop.local_flag and stop.received == sig
         assert stop.should_stop() and stop.should_stop()
+        assert stop.requeue == (sig == signal.SIGUSR1)
     finally:
         stop.close()
     assert signal.getsignal(sig) is signal.SIG_DFL
@@ -83,11 +85,10 @@ def _free_port():
 
 
 def test_two_gloo_ranks_stop_at_the_same_step():
-    signal_rank = 1  # only rank 1 is signalled; rank 0 must stop at the same step anyway
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "stop_ranks.py"), str(r), "2", str(signal_rank), "3"],
+        subprocess.Popen([sys.executable, str(HERE / "stop_ranks.py"), str(r), "2"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r in range(2)
     ]
@@ -96,8 +97,38 @@ def test_two_gloo_ranks_stop_at_the_same_step():
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
-    assert [r["stopped_at"] for r in results] == [3, 3]
-    assert [r["local_flag"] for r in results] == [r == signal_rank for r in range(2)]
+    phase1 = [r[0] for r in results]
+    # Only rank 1 was signalled; rank 0 stops at the same step anyway, and both requeue.
+    assert [r["stopped_at"] for r in phase1] == [3, 3]
+    assert [r["received"] for r in phase1] == [None, signal.SIGUSR1]
+    assert [r["requeue"] for r in phase1] == [True, True]
+    phase2 = [r[1] for r in results]
+    # SIGTERM on any rank outweighs USR1 elsewhere: every rank stops without requeueing.
+    assert [r["stopped_at"] for r in phase2] == [2, 2]
+    assert [r["received"] for r in phase2] == [signal.SIGTERM, signal.SIGUSR1]
+    assert [r["requeue"] for r in phase2] == [False, False]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stop_state(monkeypatch):
+    """requeue_job reads the last agreed stop of this process: start each test without one."""
+    monkeypatch.setattr(pretrain.slurm, "_agreed_stop_kind", 0)
+
+
+def test_usr1_asks_for_requeue_sigterm_does_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop() and stop.requeue
+        assert requeue_job({"SLURM_JOB_ID": "5"}) is True
+    (tmp_path / "args").unlink()
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # scancel after the warning: the cancel wins
+        assert stop.should_stop() and not stop.requeue
+        assert requeue_job({"SLURM_JOB_ID": "5"}) is False
+    assert not (tmp_path / "args").exists()
 
 
 def _fake_scontrol(tmp_path, exit_code=0):
