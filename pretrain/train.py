@@ -36,6 +36,7 @@ class TrainResult:
     tokens_seen: int
     skipped_steps: int
     losses: list[float] = field(default_factory=list)  # per step, in order, this run only
+    step_times: list[float] = field(default_factory=list)  # seconds per step (batch to update), this run
     first_loss: float | None = None
     eval: dict = field(default_factory=dict)
     checkpoint: str | None = None
@@ -275,6 +276,7 @@ def train(cfg: RunConfig) -> TrainResult:
             values.zero_grad()
             if stats is not None:
                 stats.end_step(result.step)
+            result.step_times.append(time.perf_counter() - step_start)
             result.step += 1
             result.tokens_seen += tokens_per_step
             interval_steps += 1
