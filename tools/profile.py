@@ -8,13 +8,18 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script, this file's folder comes first on sys.path and "profile.py" would
-    # shadow the standard library's `profile` module (imported by cProfile, hence torch).
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-    sys.modules.pop("profile", None)
+if __name__ == "profile":
+    # Any script run from tools/ puts this folder first on sys.path, where this file shadows the
+    # standard library's `profile` (imported by cProfile, hence by torch). Load the real one in its place.
+    import importlib.util
+    import sysconfig
+
+    _spec = importlib.util.spec_from_file_location("profile", Path(sysconfig.get_paths()["stdlib"]) / "profile.py")
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["profile"] = _real
+    _spec.loader.exec_module(_real)
+elif __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:

@@ -38,8 +38,13 @@ def weights_only_loads():
 
 def dense_state_dict(src: CheckpointSource) -> dict[str, torch.Tensor]:
     """{name: fp32 tensor} for every module parameter DeepSpeed saved (value tables excluded)."""
-    if src.zero_stage == 0 and not src.bf16:
-        states = torch.load(src.model_states, map_location="cpu", weights_only=True)
+    if src.zero_stage == 0:
+        try:
+            states = torch.load(src.model_states, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise IncompleteFileError(f"cannot read {src.model_states} ({err})") from None
+        if src.bf16:
+            return _stage0_bf16_masters(src, states)
         return {k: v.float() for k, v in states["module"].items()}
     import io
     from contextlib import redirect_stdout
@@ -53,3 +58,27 @@ def dense_state_dict(src: CheckpointSource) -> dict[str, torch.Tensor]:
             return {k: (v.contiguous() if hasattr(v, "contiguous") else v).float() for k, v in lazy.items()}
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise IncompleteFileError(f"cannot read the ZeRO stage-{src.zero_stage} weights in {ckpt}: {err}") from err
+
+
+def _stage0_bf16_masters(src: CheckpointSource, states: dict) -> dict[str, torch.Tensor]:
+    """bf16 without ZeRO: DeepSpeed keeps fp32 copies as lists per optimizer group, in the order
+    the trainer's dense_param_groups built them; rebuild that order on a meta-device model."""
+    import torch.nn as nn
+
+    from pretrain.model import Transformer
+    from pretrain.optim import dense_param_groups
+
+    with torch.device("meta"):
+        model = Transformer(src.cfg.model)
+    model.values = nn.ModuleList()  # the value tables are not engine parameters
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = dense_param_groups(model, src.cfg.optim)
+    masters = states["optimizer"]["fp32_groups"]
+    out = {}
+    for group, tensors in zip(groups, masters, strict=True):
+        for param, tensor in zip(group["params"], tensors, strict=True):
+            if tensor.shape != param.shape:
+                raise IncompleteFileError(f"{src.model_states}: fp32 copy of {names[id(param)]} has shape "
+                                          f"{tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            out[names[id(param)]] = tensor.float()
+    return out

@@ -144,8 +144,11 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
     if stage == 3:
         for r in range(world):
             check_torch_zip(ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
-    if stage > 0 or bf16:
-        prefix = "bf16_" if stage == 0 else ""
+    if stage > 0:
+        # DeepSpeed names them bf16_zero_pp_rank_* under bf16 with ZeRO 1/2, zero_pp_rank_* otherwise
+        tail = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        found = sorted(ckpt.glob("*" + tail))
+        prefix = found[0].name[: -len(tail)] if found else ("bf16_" if bf16 and stage < 3 else "")
         src.optim_files = [ckpt / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
         for path in src.optim_files:
             check_torch_zip(path)

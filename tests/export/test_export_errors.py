@@ -90,3 +90,16 @@ def test_missing_model_states_config_and_slot_table(run_copy, tmp_path):
 def test_latest_naming_a_missing_checkpoint(run_copy, tmp_path):
     (run_copy / "checkpoints" / "latest").write_text("step_00000099")
     _export_fails(run_copy, tmp_path / "out", "names checkpoint 'step_00000099'")
+
+
+def test_export_tool_runs_as_a_script_and_reports_errors(tmp_path):
+    """`python tools/export.py` (tools/ first on sys.path, where tools/profile.py would shadow the
+    standard library's profile module) reports a bad source with exit code 2."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "tools" / "export.py"), str(tmp_path / "nope"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no such run directory or checkpoint" in proc.stderr

@@ -92,3 +92,22 @@ def test_bf16_export_is_the_rounded_fp32_export(trained, tmp_path):
         assert torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
     model = load(tmp_path / "b")
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_training_exports_the_fp32_masters(tmp_path, export_data_cache, stage):
+    """Under bf16 the engine's module holds bf16 weights; the export holds DeepSpeed's fp32 master
+    copies, which must round to exactly those bf16 weights."""
+    from tests.export.export_helpers import train_and_record
+
+    run = tmp_path / "run"
+    train_and_record(0, str(run), str(export_data_cache), ["train.dtype=bf16", f"train.zero_stage={stage}"])
+    out = export_checkpoint(run, tmp_path / "export", show_progress=False)
+    exported = load_file(str(out / "model.safetensors"))
+    module = torch.load(next((run / "checkpoints").glob("step_*")) / "mp_rank_00_model_states.pt",
+                        weights_only=True)["module"]
+    assert module and all(v.dtype == torch.bfloat16 for v in module.values())
+    for name, weight in module.items():
+        assert exported[name].dtype == torch.float32
+        assert torch.equal(exported[name].to(torch.bfloat16), weight), name
+    assert any(not torch.equal(exported[n], module[n].float()) for n in module)  # masters carry more bits
