@@ -93,8 +93,7 @@ def test_latest_naming_a_missing_checkpoint(run_copy, tmp_path):
 
 
 def test_export_tool_runs_as_a_script_and_reports_errors(tmp_path):
-    """`python tools/export.py` (tools/ first on sys.path, where tools/profile.py would shadow the
-    standard library's profile module) reports a bad source with exit code 2."""
+    """`python tools/export.py` reports a bad source with exit code 2."""
     import subprocess
     import sys
 
@@ -103,3 +102,15 @@ def test_export_tool_runs_as_a_script_and_reports_errors(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no such run directory or checkpoint" in proc.stderr
+
+
+def test_tools_profile_does_not_shadow_the_stdlib_profile_module():
+    """Scripts in tools/ have tools/ first on sys.path; `import profile` (done by cProfile, which
+    torch imports) must still give the standard library's module."""
+    import subprocess
+    import sys
+
+    tools = Path(__file__).resolve().parents[2] / "tools"
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import cProfile, profile; assert callable(profile.run)"
+    proc = subprocess.run([sys.executable, "-c", code, str(tools)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
