@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config, save_config
+from pretrain.config import ConfigError, load_config, save_config, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = REPO_ROOT / "slurm"
@@ -137,6 +137,7 @@ def _check_options(opts: SlurmOptions) -> None:
 
 
 def world_size(opts: SlurmOptions) -> int:
+    """Ranks in the job: one task per GPU, or --tasks-per-node tasks per node on CPU."""
     return opts.nodes * tasks_per_node(opts)
 
 
@@ -236,8 +237,11 @@ def plan_run(
         raise SubmitError("--snapshot-code needs Python >= 3.11 (PYTHONSAFEPATH) in the job's environment")
     try:
         cfg = load_config(config, overrides)
+        # What the job itself would refuse at start-up (batch vs world size, memory-parallel
+        # size, fp16 on CPU) is refused now, not after hours in the queue.
+        validate(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
     except ConfigError as err:
-        raise SubmitError(f"config {config}: {err}") from None
+        raise SubmitError(f"config {config} on {world_size(opts)} ranks: {err}") from None
     run_dir = Path(cfg.train.run_dir)
     if not run_dir.is_absolute():
         run_dir = workdir / run_dir

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after options
     opts = SlurmOptions(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
