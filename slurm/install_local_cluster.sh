@@ -18,10 +18,4 @@ if ! command -v apt-get >/dev/null; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-# Debian may start the packaged services; the tests run their own daemons on other ports.
-for service in slurmctld slurmd munge; do
-  if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
-    systemctl stop "$service" || true
-  fi
-done
+apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
