@@ -95,7 +95,7 @@ def test_preemption_protocol_with_stand_in_trainer(slurm_cluster, tmp_path):
     wrapper = tmp_path / "python-wrapper"
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
     wrapper.chmod(0o755)
-    job = submit(slurm_cluster, run_dir, extra=["--python", str(wrapper), "--snapshot-code"])
+    job = submit(slurm_cluster, run_dir, ["train.micro_batch=8"], extra=["--python", str(wrapper), "--snapshot-code"])
     wait_for_log(slurm_cluster, run_dir, job, r"^0: rank 0 step 10$", timeout=120)
     preempt(slurm_cluster, job)
     info = wait_completed(slurm_cluster, run_dir, job, timeout=180)
@@ -129,7 +129,7 @@ def test_scancel_stops_without_requeue(slurm_cluster, tmp_path):
     wrapper = tmp_path / "python-wrapper"
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
     wrapper.chmod(0o755)
-    job = submit(slurm_cluster, run_dir, extra=["--python", str(wrapper)])
+    job = submit(slurm_cluster, run_dir, ["train.micro_batch=8"], extra=["--python", str(wrapper)])
     wait_for_log(slurm_cluster, run_dir, job, r"^0: rank 0 step 5$", timeout=120)
     slurm_cluster.cmd(["scancel", job])
     deadline = time.monotonic() + 30
