@@ -141,6 +141,19 @@ def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
 
 
 def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the training described by `cfg`; every rank calls it."""
+    from pretrain.slurm import StopSignal
+
+    # Installed first: a preemption signal during start-up must not kill the task, and
+    # data-loader workers started later inherit the handler.
+    stop = StopSignal()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.close()
+
+
+def _train(cfg: RunConfig, stop) -> TrainResult:
     # ---- build -------------------------------------------------------------------------
     info = init_distributed()
     validate(cfg, world_size=info.world_size, device_type=info.device.type)
@@ -149,7 +162,7 @@ def train(cfg: RunConfig) -> TrainResult:
     from pretrain.data import Tokenizer, load_probes
     from pretrain.evaluate import encode_probes, fact_recall, validation_loss
     from pretrain.parallel import MemoryParallel, init_memory_groups
-    from pretrain.slurm import StopSignal, requeue_job
+    from pretrain.slurm import requeue_job
 
     t, device = cfg.train, info.device
     run_dir = Path(t.run_dir)
@@ -238,7 +251,6 @@ def train(cfg: RunConfig) -> TrainResult:
             })
 
     # ---- loop ----------------------------------------------------------------------------
-    stop = StopSignal()
     train_iter = iter(train_loader)
     interval_start, interval_steps = time.perf_counter(), 0
     try:
@@ -341,11 +353,10 @@ def train(cfg: RunConfig) -> TrainResult:
                 metrics.line(f"stopping at step {result.step} ({'signal' if signalled else 'train.stop_after'}); "
                              f"checkpoint {result.checkpoint}")
                 result.stopped_by_signal = signalled
-                if signalled:
+                if signalled and stop.requeue:  # USR1 (preemption); SIGTERM means cancel
                     result.requeued = requeue_job()  # last: a requeue cancels this job at once
                 break
     finally:
-        stop.close()
         metrics.close()
     return result
 
@@ -386,8 +397,12 @@ def main(argv=None) -> int:
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
-        print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if result.stopped_by_signal:
+            print(f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "
+                  f"{'requeued' if result.requeued else 'not requeued'}")
+        else:
+            print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
 

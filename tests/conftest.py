@@ -1,10 +1,17 @@
-"""Shared test fixtures: the repository root and small model configurations."""
+"""Shared test fixtures: the repository root, small model configurations, process isolation."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed JIT-builds a small comm op on first init (~40 s); the cache makes it once per machine.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/memlayers/torch_extensions"))
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCH_ENV_AT_START = {k: os.environ[k] for k in _LAUNCH_VARS if k in os.environ}
 
 from pretrain.model.config import MemoryConfig, ModelConfig
 
@@ -30,3 +37,26 @@ def make_model_config():
 
     return make
 
+
+
+@pytest.fixture(autouse=True)
+def isolated_launch_environment():
+    """Tests that train in-process set RANK/MASTER_PORT/...; remove them afterwards so later
+    tests (and Slurm jobs they submit, which inherit the environment) start clean. The
+    world-1 process group itself stays: DeepSpeed caches it and cannot be re-initialised."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    for key in _LAUNCH_VARS:  # also what a session-scoped fixture's in-process run left behind
+        os.environ.pop(key, None)
+    os.environ.update(_LAUNCH_ENV_AT_START)
+
+
+@pytest.fixture
+def without_process_group(monkeypatch):
+    """Behave as a process where torch.distributed was never initialised (even if an
+    earlier in-process training run initialised a world-1 group)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)

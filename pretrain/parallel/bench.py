@@ -22,7 +22,7 @@ from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel.groups import init_memory_groups
-from pretrain.parallel.launch import run_gloo
+from pretrain.spawn import run_gloo
 from pretrain.parallel.memory_parallel import MemoryParallel
 
 

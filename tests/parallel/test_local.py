@@ -169,7 +169,7 @@ def test_missing_and_truncated_files_name_the_file(tmp_path):
         mp.load(tmp_path / "nowhere")
 
 
-def test_bad_configuration_messages():
+def test_bad_configuration_messages(without_process_group):
     with pytest.raises(ConfigError, match="parallel_size=2 needs torch.distributed initialised"):
         init_memory_groups(2)
     with pytest.raises(ConfigError, match="positive integer"):

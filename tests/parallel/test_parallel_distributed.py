@@ -17,7 +17,7 @@ from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
 from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel import MemoryParallel, init_memory_groups
-from pretrain.parallel.launch import run_gloo
+from pretrain.spawn import run_gloo
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

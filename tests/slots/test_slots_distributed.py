@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.distributed import free_port
 from pretrain.slots import SlotStatistics, load_table, save_table
 from slot_streams import brute_force, make_stream
 
@@ -41,14 +41,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_reduce(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
     dp = load_table(tmp_path / "dp.safetensors")
     streams = {"r0": stream_of(0), "r1": stream_of(1)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import pretrain.slurm
+from pretrain.distributed import free_port
 from pretrain.slurm import StopSignal, requeue_job
 
 HERE = Path(__file__).resolve().parent
@@ -78,14 +78,8 @@ def _try_create():
     return "created"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_stop_at_the_same_step():
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen([sys.executable, str(HERE / "stop_ranks.py"), str(r), "2"],
@@ -162,7 +156,7 @@ def test_requeue_array_task_names_the_task(tmp_path, monkeypatch):
     assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "70_8"]
 
 
-def test_requeue_on_other_ranks_does_nothing(tmp_path, monkeypatch):
+def test_requeue_on_other_ranks_does_nothing(tmp_path, monkeypatch, without_process_group):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "1")
     assert requeue_job({"SLURM_JOB_ID": "77"}) is False

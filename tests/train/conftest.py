@@ -1,9 +1,5 @@
-import os
-
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/memlayers/torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import traceback
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from pretrain.config import load_config
+from pretrain.spawn import run_gloo
 
 TINY = [
     "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
@@ -81,29 +78,12 @@ def use_fixed_batches(monkeypatch_target) -> None:
     monkeypatch_target.setattr(train_module, "build_loader", build_loader)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        result = fn(rank, *args)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        Path(out_dir, f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
+def _record(rank: int, world: int, fn, args: tuple, out_dir: str) -> None:
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(fn(rank, *args)))
 
 
 def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
-    """Run fn(rank, *args) in `world` spawned processes (gloo on 127.0.0.1); return their JSON results."""
+    """Run fn(rank, *args) on `world` spawned gloo ranks (127.0.0.1); return their JSON results."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        mp.spawn(_worker, args=(world, free_port(), fn, args, str(out_dir)), nprocs=world, join=True)
-    except Exception:
-        errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.error")))
-        raise AssertionError(f"a rank failed:\n{errors}") from None
+    run_gloo(_record, world, fn, args, str(out_dir), deepspeed_comm=True)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pretrain.distributed import free_port
 
 
 def _entry(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args: tuple) -> None:
