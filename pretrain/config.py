@@ -171,6 +171,11 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
             )
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}")
+    if d.dir and not (Path(d.dir) / "manifest.json").is_file():
+        raise ConfigError(
+            f"data.dir={d.dir} holds no manifest.json: prepare it with tools/prepare_data.py, "
+            f"or leave data.dir empty to use the embedded corpus"
+        )
     if d.on_corrupt not in ("error", "skip"):
         raise ConfigError(f"data.on_corrupt={d.on_corrupt!r} must be 'error' or 'skip'")
     if d.num_workers < 0:

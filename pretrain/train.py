@@ -72,21 +72,13 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_dataset(cfg: RunConfig, info: DistInfo) -> Path:
-    """The prepared dataset folder: `data.dir`, or the embedded corpus (built by rank 0)."""
+    """The prepared dataset: `data.dir` (checked), or the embedded corpus, built once by rank 0."""
     from pretrain.data import prepare_embedded_dataset
 
-    if cfg.data.dir:
-        path = Path(cfg.data.dir)
-        if not (path / "manifest.json").is_file():
-            raise ConfigError(
-                f"data.dir={cfg.data.dir} holds no manifest.json: prepare it with tools/prepare_data.py "
-                f"or leave data.dir empty to use the embedded corpus"
-            )
-        return path
     if info.is_main:
         path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
     _barrier()
-    if not info.is_main:
+    if not info.is_main:  # finds rank 0's cached build
         path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
     return path
 

@@ -1,4 +1,7 @@
-"""Overhead of slot statistics: step time (forward + backward) with statistics on vs off.
+"""Overhead of slot statistics: training-step time with statistics on vs off.
+
+A step is forward + backward + AdamW update of all parameters (values included), as in
+training; `--no-optimizer` times forward + backward only (a stricter denominator).
 
 Measured side by side in one run, alternating on/off steps so that drift hits both
 equally, for configs/tiny.yaml's model and for the same model with a 1024^2-slot memory
@@ -27,7 +30,8 @@ from pretrain.slots import SlotStatistics, memory_layer_names  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-def bench(n_keys: int | None, steps: int, warmup: int, granularity: str, device: str) -> tuple[float, float]:
+def bench(n_keys: int | None, steps: int, warmup: int, granularity: str, device: str,
+          with_optimizer: bool = True) -> tuple[float, float]:
     overrides = [f"model.memory.n_keys={n_keys}"] if n_keys else []
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     torch.manual_seed(0)
@@ -40,6 +44,7 @@ def bench(n_keys: int | None, steps: int, warmup: int, granularity: str, device:
     doc_ids = torch.cumsum(torch.rand(B, S, generator=gen) < 0.01, dim=1).add(torch.arange(B)[:, None] * S)
     doc_ids = doc_ids.to(device)
     times = {True: [], False: []}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if with_optimizer else None
 
     def step(on: bool) -> float:
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -49,6 +54,8 @@ def bench(n_keys: int | None, steps: int, warmup: int, granularity: str, device:
         loss.backward()
         if on:
             stats.update([m.last_indices for m in model.memory_layers()], doc_ids)
+        if optimizer is not None:
+            optimizer.step()
         sync()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
@@ -68,12 +75,15 @@ def main(argv=None) -> int:
     p.add_argument("--granularity", default="document")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n-keys", type=int, nargs="*", default=[0, 1024], help="0 = the config's n_keys")
+    p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     args = p.parse_args(argv)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"granularity {args.granularity}")
+          f"granularity {args.granularity}, step = forward + backward"
+          f"{'' if args.no_optimizer else ' + AdamW'}")
     print("slots\tstat\toff_ms\ton_ms\tratio")
     for n_keys in args.n_keys:
-        result = bench(n_keys or None, args.steps, args.warmup, args.granularity, args.device)
+        result = bench(n_keys or None, args.steps, args.warmup, args.granularity, args.device,
+                       with_optimizer=not args.no_optimizer)
         slots = (n_keys or load_config(REPO / "configs/tiny.yaml").model.memory.n_keys) ** 2
         for stat, (off, on) in result.items():
             print(f"{slots}\t{stat}\t{off * 1e3:.1f}\t{on * 1e3:.1f}\t{on / off:.3f}x")

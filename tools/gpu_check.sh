@@ -30,4 +30,9 @@ unset TRITON_INTERPRET
 MEMLAYERS_KERNEL_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/tests.log" || status=1
 timeout 240 python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log" || status=1
 timeout 60 python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png" --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || status=1
+# A short bf16 training run through the Triton path (needs the deepspeed/omegaconf/webdataset wheels).
+timeout 240 python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
+    train.max_steps=60 train.eval_every=60 train.log_every=10 "train.run_dir=$OUT/train" \
+    "data.cache_dir=$OUT/data" 2>&1 | tee "$OUT/train.log" || status=1
+timeout 120 python3 tools/bench_slots.py 2>&1 | tee "$OUT/bench_slots.log" || status=1
 exit $status

@@ -137,3 +137,8 @@ def test_config_errors_before_heavy_work(tmp_path):
         validate(cfg, world_size=3)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_missing_data_dir_fails_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="data.dir=.*holds no manifest.json"):
+        load_config("configs/tiny.yaml", [f"data.dir={tmp_path / 'nowhere'}"])
