@@ -52,9 +52,12 @@ def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path
 
     cfg, optim = spec.model_config(), OptimConfig()
     groups = init_memory_groups(parallel_size)
-    torch.manual_seed(0)
-    model = Transformer(cfg)  # builds the full table once; swapped for the shard below
+    with torch.device("meta"):  # as the trainer does: no rank ever holds the full table
+        model = Transformer(cfg)
     mp = MemoryParallel(model, groups, optim, kernel="torch")
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.reset_parameters()
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     per_rank = spec.global_batch // world
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
