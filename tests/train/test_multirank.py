@@ -100,3 +100,28 @@ def test_world2_resume_is_exact(world2, stage):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert_same_tables(root / f"straight{stage}", root / f"split{stage}")
+
+
+def test_torchrun_two_ranks_memory_parallel(tmp_path, data_cache):
+    """The real launcher: `torchrun --nproc-per-node 2 -m pretrain.train` with P = 2 and ZeRO 2."""
+    import os
+    import subprocess
+    import sys
+
+    from pretrain.distributed import free_port
+    from tests.train.helpers import TINY
+
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "pretrain.train", *TINY, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}",
+           "train.max_steps=3", "train.zero_stage=2", "model.memory.parallel_size=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished at step 3" in proc.stdout
+    ckpt = run_dir / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in ckpt.glob("values.*")) == ["values.t0.s0-of-2.safetensors",
+                                                            "values.t0.s1-of-2.safetensors"]
+    assert (ckpt / "slot_frequencies.safetensors").is_file()
