@@ -26,6 +26,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, RunConfig, config_to_dict, save_config
+from pretrain.files import atomic_write_text
 
 TMP_PREFIX = ".tmp-"
 
@@ -138,7 +139,7 @@ class Checkpointer:
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             tmp_dir.rename(final_dir)
-            _atomic_write_text(self.root / "latest", tag)
+            atomic_write_text(self.root / "latest", tag)
             self._prune()
         _barrier()
         return final_dir
@@ -174,12 +175,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     tmp.replace(path)
 
 

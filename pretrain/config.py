@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from pretrain.files import atomic_write_text
 from pretrain.model.config import ConfigError, ModelConfig
 
 
@@ -188,10 +189,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def config_to_dict(cfg) -> dict:

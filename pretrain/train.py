@@ -8,7 +8,6 @@ the stop signal. No callback framework.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass, field

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from pretrain.data.corpus import CorpusStats, iter_documents, resolve_files
+from pretrain.files import atomic_directory
 from pretrain.data.errors import DataError
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
@@ -89,9 +90,7 @@ def write_dataset(
         raise DataError(f"output directory {out_dir} is not empty: choose another --output or pass --overwrite")
     per_split = sequences_per_shard if isinstance(sequences_per_shard, dict) else {
         "train": sequences_per_shard, "val": sequences_per_shard}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         dtype = token_dtype_for(tokenizer.vocab_size)
         writers = {s: ShardWriter(tmp, s, seq_len, tokenizer.eos_id, dtype, per_split[s], rows_per_block)
                    for s in ("train", "val")}
@@ -124,12 +123,6 @@ def write_dataset(
             "creation": creation or {},
         }
         write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

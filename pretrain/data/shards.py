@@ -16,7 +16,6 @@ input gives byte-identical shards. Files are written under a temporary name, the
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -28,6 +27,7 @@ import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
 from pretrain.data.errors import DataError
+from pretrain.files import file_sha256
 
 FORMAT = "memlayers-shards-v2"
 
@@ -55,14 +55,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardWriter:

@@ -7,7 +7,6 @@ truncated file is reported, by name, before any weight is read.
 """
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,9 +176,3 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
     return src
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

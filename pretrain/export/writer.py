@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from tqdm import tqdm
 from pretrain.export.dense import dense_state_dict
 from pretrain.export.errors import ExportError
 from pretrain.export.safetensors_io import StreamWriter, read_header, read_rows
-from pretrain.export.source import SLOT_TABLE, CheckpointSource, file_sha256, inspect
+from pretrain.export.source import SLOT_TABLE, CheckpointSource, inspect
+from pretrain.files import atomic_directory, file_sha256
 from pretrain.model import Transformer
 from pretrain.model.config import ModelConfig
 
@@ -81,9 +81,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str = "fp3
         raise ExportError(f"{out_dir} already exists: choose another output folder or pass force=True (--force) "
                           "to replace it")
     src = inspect(source, dataset_dir)  # every input checked before any weight is read
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         write_weights(src, tmp / WEIGHTS, DTYPES[dtype], show_progress)
         (tmp / "config.json").write_text(json.dumps(hf_config(src, dtype), indent=2) + "\n")
         from pretrain.hf import HF_DIR, SOURCE_FILES
@@ -96,12 +94,6 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str = "fp3
         if src.slot_table is not None:
             shutil.copyfile(src.slot_table, tmp / SLOT_TABLE)
         (tmp / "README.md").write_text(model_card(src, dtype, tmp / WEIGHTS))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

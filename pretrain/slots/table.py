@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pretrain.slots.sample import SampleData
+from pretrain.files import file_sha256
 
 FORMAT_VERSION = 1
 TABLE_FILENAME = "slot_frequencies.safetensors"
@@ -52,7 +53,7 @@ def model_config_hash(model_cfg) -> str:
 
 def tokenizer_hash(path: str | Path) -> str:
     """sha256 of a tokenizer model file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 @dataclass

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections import Counter
 
 import numpy as np
 import pytest

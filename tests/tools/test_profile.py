@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 SMALL = [
     "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.vocab_size=384",

@@ -1,7 +1,6 @@
 """The training loop in one process: resume exactness, NaN policies, interrupted checkpoints."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
