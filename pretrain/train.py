@@ -277,10 +277,10 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             if not bad_step:
                 values.step(multiplier)
             values.zero_grad()
-            if stats is not None:
-                stats.end_step(result.step)
             result.step_times.append(time.perf_counter() - step_start)
             result.step += 1
+            if stats is not None:
+                stats.end_step(result.step)  # steps completed, as in checkpoint tags
             result.tokens_seen += tokens_per_step
             interval_steps += 1
 
