@@ -146,8 +146,8 @@ def test_scancel_stops_without_requeue(slurm_cluster, tmp_path):
 
 
 # ---- the real trainer ---------------------------------------------------------------------
-MAX_STEPS = 40
-# configs/tiny.yaml shrunk to ~0.1 s per step on 2 cores: a few dozen steps in seconds.
+MAX_STEPS = 80  # long enough that the signal sent after step 3 lands mid-run on a loaded machine
+# configs/tiny.yaml shrunk to ~0.1 s per step on 2 cores: the whole run takes seconds.
 SMALL = [
     "model.dim=64", "model.n_layers=2", "model.memory.layers=[1]", "model.memory.n_keys=32",
     "model.memory.heads=2", "model.memory.k=8", "data.seq_len=32", "train.global_batch=4",
