@@ -1,8 +1,7 @@
 """Profile a few training steps: a trace for Perfetto/Chrome/TensorBoard and where the time goes.
 
 `profile_training(cfg, steps)` runs `pretrain.train.train` for `steps` steps under
-torch.profiler (CPU, plus CUDA when present; memory on), with the engine's forward,
-backward and step wrapped in "train/*" regions, and writes
+torch.profiler (CPU, plus CUDA when present; memory on) and writes
 `<run_dir>/profile/<host>_<pid>.pt.trace.json` (Chrome trace format: Perfetto and
 chrome://tracing open it, and TensorBoard's profiler plugin finds it under
 `--logdir <run_dir>/profile`).
@@ -12,8 +11,8 @@ Memory-layer regions come from record_function names in the model code:
   memory/bag_forward    the value-table read (for P > 1 it contains the communication)
   memory/communication  the forward collectives of the partitioned table (P > 1)
   bag backward          autograd nodes named *EmbeddingBagBackward* (reference and Triton)
-Shares are of the summed train/forward + train/backward + train/step time; evaluation
-(wrapped in an "eval" region) and checkpointing are left out of the tables.
+Shares are of the summed train/forward + train/backward + train/step regions (named in
+pretrain/train.py); evaluation (its "eval" region) and checkpointing are left out.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 REGIONS = {"scoring": "memory/scoring", "bag_forward": "memory/bag_forward",
            "communication": "memory/communication"}
@@ -40,18 +39,6 @@ class ProfileReport:
 
     def share(self, part: str) -> float:
         return self.memory_time_s[part] / self.step_time_s if self.step_time_s else 0.0
-
-
-def _wrap_engine(engine) -> None:
-    """Name the engine's forward, backward and step in the trace (instance attributes only)."""
-    for attr, name in (("forward", "train/forward"), ("backward", "train/backward"), ("step", "train/step")):
-        method = getattr(engine, attr)
-
-        def wrapped(*args, _method=method, _name=name, **kwargs):
-            with record_function(_name):
-                return _method(*args, **kwargs)
-
-        setattr(engine, attr, wrapped)
 
 
 def _is_bag_backward(name: str) -> bool:
@@ -101,25 +88,8 @@ def summarize(events, trace: Path, top: int = 15) -> ProfileReport:
     return ProfileReport(trace, _intervals_total(steps), memory, top_ops)
 
 
-def _mark_evaluation(mp_target) -> None:
-    """Wrap pretrain.evaluate's functions in an "eval" region so that evaluation is left out."""
-    import pretrain.evaluate as evaluate
-
-    for name in ("validation_loss", "fact_recall"):
-        real = getattr(evaluate, name)
-
-        def wrapped(*args, _real=real, **kwargs):
-            with record_function(EVAL_REGION):
-                return _real(*args, **kwargs)
-
-        mp_target.append((evaluate, name, real))
-        setattr(evaluate, name, wrapped)
-
-
 def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None) -> ProfileReport:
     """Train `steps` steps of `cfg` (from scratch, in cfg.train.run_dir) under the profiler."""
-    import deepspeed
-
     import pretrain.train as train_module
 
     if steps <= 0:
@@ -131,23 +101,9 @@ def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None) -
     if (run_dir / "checkpoints" / "latest").exists():
         raise ValueError(f"train.run_dir={run_dir} holds checkpoints (a run would resume): profile into a new "
                          "run_dir, e.g. train.run_dir=runs/profile")
-    real_initialize = deepspeed.initialize
-
-    def initialize(*args, **kwargs):
-        out = real_initialize(*args, **kwargs)
-        _wrap_engine(out[0])
-        return out
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    patched = [(deepspeed, "initialize", real_initialize)]
-    deepspeed.initialize = initialize
-    _mark_evaluation(patched)
-    try:
-        with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
-            train_module.train(cfg)
-    finally:
-        for module, name, original in patched:
-            setattr(module, name, original)
+    with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
+        train_module.train(cfg)
     trace_dir = Path(trace_dir) if trace_dir else run_dir / "profile"
     trace_dir.mkdir(parents=True, exist_ok=True)
     trace = trace_dir / f"{socket.gethostname()}_{os.getpid()}.pt.trace.json"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from pretrain.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate
@@ -208,6 +209,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
         set_rng_state(rank_state["rng"])
         metrics.line(f"resumed from {resume_from} at step {result.step}")
 
+    @record_function("eval")
     def evaluate() -> dict:
         engine.eval()
         val_loader = build_loader(cfg, dataset_dir, "val", 0, 1, loop=True)
@@ -251,14 +253,17 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             losses = []
             for micro_step in range(gas):
                 batch = next(train_iter)
-                logits = engine(batch.tokens.to(device))
-                loss = language_model_loss(logits, batch.targets.to(device))
-                engine.backward(loss)
+                with record_function("train/forward"):  # named regions for tools/profile.py
+                    logits = engine(batch.tokens.to(device))
+                    loss = language_model_loss(logits, batch.targets.to(device))
+                with record_function("train/backward"):
+                    engine.backward(loss)
                 losses.append(loss.detach())
                 if stats is not None:
                     stats.update(slot_indices(memory_layers, shared_table_stream), batch.doc_ids.to(device))
                 if micro_step < gas - 1:
-                    engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
+                    with record_function("train/step"):
+                        engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
             assert engine.is_gradient_accumulation_boundary()
             step_loss, finite = global_mean_loss(torch.stack(losses).float().mean())
             bad_step = not finite
@@ -273,10 +278,11 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             # The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not
             # advance its scheduler on steps it skips itself, which would shift the schedule.
             set_learning_rate(engine.optimizer, cfg.optim.lr * multiplier)
-            engine.step()
-            if not bad_step:
-                values.step(multiplier)
-            values.zero_grad()
+            with record_function("train/step"):
+                engine.step()
+                if not bad_step:
+                    values.step(multiplier)
+                values.zero_grad()
             result.step_times.append(time.perf_counter() - step_start)
             result.step += 1
             if stats is not None:

@@ -90,7 +90,7 @@ def _load_small(path: Path) -> dict:
 
 def load_run_config(path: Path) -> RunConfig:
     """The saved run config, with the model part validated. Not `load_config`: that also checks
-    the world size (1 by default), which refuses a run saved with memory.parallel_size > 1."""
+    that data.dir exists, which it need not where the export runs (see --dataset-dir)."""
     from omegaconf import OmegaConf
 
     try:
