@@ -394,7 +394,15 @@ def main(argv=None) -> int:
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if dist.is_initialized():
+        # A clean shutdown: a rank that exits while the process group's threads still run
+        # can abort in C++ ("terminate called without an active exception"), failing the job.
+        dist.barrier()
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+    else:
+        rank = 0
+    if rank == 0:
         if result.stopped_by_signal:
             print(f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "
                   f"{'requeued' if result.requeued else 'not requeued'}")
