@@ -37,11 +37,13 @@ def assert_same_tables(run_a: Path, run_b: Path) -> None:
         assert torch.equal(a.doc_freq[layer], b.doc_freq[layer]), layer
 
 
-def test_resume_is_exact(tmp_path, data_cache):
-    straight = train(tiny_config(tmp_path / "a", data_cache, "train.max_steps=6"))
-    first = train(tiny_config(tmp_path / "b", data_cache, "train.max_steps=6", "train.stop_after=3"))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact(tmp_path, data_cache, workers):
+    opts = ("train.max_steps=6", f"data.num_workers={workers}")
+    straight = train(tiny_config(tmp_path / "a", data_cache, *opts))
+    first = train(tiny_config(tmp_path / "b", data_cache, *opts, "train.stop_after=3"))
     assert first.step == 3 and latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000003"
-    second = train(tiny_config(tmp_path / "b", data_cache, "train.max_steps=6"))
+    second = train(tiny_config(tmp_path / "b", data_cache, *opts))
     assert second.step == 6
     assert first.losses + second.losses == straight.losses  # bitwise: same floats
     a, b = final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b")
