@@ -58,8 +58,19 @@ def test_loss_falls_on_embedded_corpus(tmp_path, data_cache):
     assert result.step == 30
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.5
     assert set(result.eval) >= {"val_loss", "val_perplexity", "fact_recall", "fact_recall_chance"}
-    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = set(board.Tags()["scalars"])
+    expected = {"train/loss", "train/lr_dense", "train/lr_values", "train/grad_norm", "train/value_grad_norm",
+                "perf/tokens_per_s", "perf/step_time_s", "perf/memory_bytes", "eval/val_loss",
+                "eval/val_perplexity", "eval/fact_recall", "slots/layers.1/used_fraction",
+                "slots/layers.1/interval/entropy", "slots/layers.1/kl_uniform", "slots/layers.1/top1pct_share"}
+    assert expected <= scalars, expected - scalars
+    assert "perf/mfu" not in scalars  # n/a on CPU: not logged rather than a made-up number
+    assert any(tag.startswith("slots/layers.1/") for tag in board.Tags()["histograms"])
+    losses = [e.value for e in board.Scalars("train/loss")]
+    assert losses == pytest.approx(result.losses[: len(losses)])
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
