@@ -152,6 +152,11 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
         raise ConfigError(f"train.dtype={t.dtype!r} must be fp32, bf16 or fp16")
     if t.dtype == "fp16" and device_type == "cpu":
         raise ConfigError("train.dtype=fp16 is not supported on CPU (DeepSpeed refuses it): use bf16 or fp32")
+    if t.dtype == "fp16" and cfg.model.memory.enabled:
+        raise ConfigError(
+            "train.dtype=fp16 is not supported with memory layers: the value pool is optimised outside "
+            "DeepSpeed and would receive loss-scaled gradients; use bf16 (no loss scaling) or fp32"
+        )
     if t.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"train.nan_policy={t.nan_policy!r} must be 'stop' or 'skip'")
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:

@@ -154,3 +154,12 @@ def test_config_errors_before_heavy_work(tmp_path):
 def test_missing_data_dir_fails_at_load(tmp_path):
     with pytest.raises(ConfigError, match="data.dir=.*holds no manifest.json"):
         load_config("configs/tiny.yaml", [f"data.dir={tmp_path / 'nowhere'}"])
+
+
+def test_fp16_with_memory_layers_is_refused_on_any_device():
+    cfg = load_config("configs/tiny.yaml")
+    cfg.train.dtype = "fp16"
+    with pytest.raises(ConfigError, match="fp16 is not supported with memory layers"):
+        validate(cfg, device_type="cuda")
+    cfg.model.memory.layers = []
+    validate(cfg, device_type="cuda")  # a dense model may use DeepSpeed's fp16 loss scaling
