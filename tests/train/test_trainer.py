@@ -18,7 +18,7 @@ def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
     params = {k: v.float() for k, v in states["module"].items()}
     for shard in sorted(ckpt.glob("values*.safetensors")):
         params.update({f"{shard.name}:{k}": v for k, v in load_file(shard).items()})
