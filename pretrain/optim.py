@@ -47,7 +47,7 @@ def dense_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 def build_dense_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
     return SkippableAdamW(
-        dense_param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        dense_param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True
     )
 
 
