@@ -308,28 +308,11 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
 
             if result.step % t.log_every == 0 or result.step == t.max_steps:
                 elapsed = time.perf_counter() - interval_start
-                tokens_per_s = interval_steps * tokens_per_step / max(elapsed, 1e-9)
-                utilisation = mfu(flops, tokens_per_s, info.world_size, peak)
                 grad_norm = dense_grad_norm if dense_grad_norm is not None else engine.get_global_grad_norm()
-                scalars = {
-                    "train/loss": result.losses[-1] if result.losses else float("nan"),
-                    "train/lr_dense": cfg.optim.lr * multiplier,
-                    "train/lr_values": cfg.optim.value_lr * multiplier,
-                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "train/value_grad_norm": float(value_grad_norm),
-                    "perf/tokens_per_s": tokens_per_s,
-                    "perf/step_time_s": time.perf_counter() - step_start,
-                    "perf/mfu": utilisation,
-                    "perf/memory_bytes": memory_allocated(device),
-                    "train/tokens_seen": result.tokens_seen,
-                }
-                metrics.scalars(scalars, result.step)
-                mfu_text = f"{100 * utilisation:.1f}%" if utilisation is not None else "n/a"
-                metrics.line(
-                    f"step {result.step}/{t.max_steps} loss {scalars['train/loss']:.4f} "
-                    f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
-                    f"tok/s {tokens_per_s:,.0f} mfu {mfu_text}"
-                )
+                log_progress(metrics, cfg, result, multiplier, grad_norm, value_grad_norm,
+                             tokens_per_s=interval_steps * tokens_per_step / max(elapsed, 1e-9),
+                             step_time=time.perf_counter() - step_start, flops=flops, peak=peak,
+                             world_size=info.world_size, device=device)
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if stats is not None and result.step % cfg.slots.log_every == 0:
@@ -358,8 +341,35 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     return result
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def log_progress(metrics: MetricsLogger, cfg: RunConfig, result: TrainResult, multiplier: float, grad_norm,
+                 value_grad_norm, tokens_per_s: float, step_time: float, flops: float, peak: float | None,
+                 world_size: int, device: torch.device) -> None:
+    """TensorBoard scalars and the one-line console summary of the last logging interval."""
+    utilisation = mfu(flops, tokens_per_s, world_size, peak)
+    scalars = {
+        "train/loss": result.losses[-1] if result.losses else float("nan"),
+        "train/lr_dense": cfg.optim.lr * multiplier,
+        "train/lr_values": cfg.optim.value_lr * multiplier,
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "train/value_grad_norm": float(value_grad_norm),
+        "perf/tokens_per_s": tokens_per_s,
+        "perf/step_time_s": step_time,
+        "perf/mfu": utilisation,
+        "perf/memory_bytes": memory_allocated(device),
+        "train/tokens_seen": result.tokens_seen,
+    }
+    metrics.scalars(scalars, result.step)
+    metrics.line(
+        f"step {result.step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4f} "
+        f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
+        f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}"
+    )
+
+
+def _fmt(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
 
 
 def log_slot_statistics(stats, metrics: MetricsLogger, step: int) -> None:
