@@ -47,6 +47,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = 3e-3
     value_lr: float = 1e-3  # the anchor's fixed learning rate for memory values
+    value_lr_schedule: str = "cosine"  # cosine: same warmup/decay as the dense lr | constant: value_lr throughout
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -182,6 +183,8 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
             f"data.dir={d.dir} holds no manifest.json: prepare it with tools/prepare_data.py, "
             f"or leave data.dir empty to use the embedded corpus"
         )
+    if cfg.optim.value_lr_schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.value_lr_schedule={cfg.optim.value_lr_schedule!r} must be 'cosine' or 'constant'")
     if d.on_corrupt not in ("error", "skip"):
         raise ConfigError(f"data.on_corrupt={d.on_corrupt!r} must be 'error' or 'skip'")
     if d.num_workers < 0:

@@ -281,7 +281,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             with record_function("train/step"):
                 engine.step()
                 if not bad_step:
-                    values.step(multiplier)
+                    values.step(value_lr_multiplier(cfg, multiplier))
                 values.zero_grad()
             result.step_times.append(time.perf_counter() - step_start)
             result.step += 1
@@ -349,7 +349,7 @@ def log_progress(metrics: MetricsLogger, cfg: RunConfig, result: TrainResult, mu
     scalars = {
         "train/loss": result.losses[-1] if result.losses else float("nan"),
         "train/lr_dense": cfg.optim.lr * multiplier,
-        "train/lr_values": cfg.optim.value_lr * multiplier,
+        "train/lr_values": cfg.optim.value_lr * value_lr_multiplier(cfg, multiplier),
         "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
         "train/value_grad_norm": float(value_grad_norm),
         "perf/tokens_per_s": tokens_per_s,
@@ -364,6 +364,11 @@ def log_progress(metrics: MetricsLogger, cfg: RunConfig, result: TrainResult, mu
         f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
         f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}"
     )
+
+
+def value_lr_multiplier(cfg: RunConfig, dense_multiplier: float) -> float:
+    """The value pool follows the dense schedule, or keeps optim.value_lr fixed."""
+    return dense_multiplier if cfg.optim.value_lr_schedule == "cosine" else 1.0
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

@@ -163,3 +163,16 @@ def test_fp16_with_memory_layers_is_refused_on_any_device():
         validate(cfg, device_type="cuda")
     cfg.model.memory.layers = []
     validate(cfg, device_type="cuda")  # a dense model may use DeepSpeed's fp16 loss scaling
+
+
+def test_constant_value_learning_rate(tmp_path, data_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "optim.value_lr_schedule=constant",
+                      "optim.value_lr=2e-3"))
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.value for e in board.Scalars("train/lr_values")] == pytest.approx([2e-3] * 4)
+    dense = [e.value for e in board.Scalars("train/lr_dense")]
+    assert dense[0] < dense[1]  # the dense lr still warms up
+    with pytest.raises(ConfigError, match="optim.value_lr_schedule"):
+        load_config("configs/tiny.yaml", ["optim.value_lr_schedule=linear"])
