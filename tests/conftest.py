@@ -39,6 +39,19 @@ def make_model_config():
 
 
 
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One tiny embedded dataset shared by the trainer and export tests."""
+    from tests.train.helpers import tiny_config
+
+    from pretrain.data import prepare_embedded_dataset
+
+    cache = tmp_path_factory.mktemp("data-cache")
+    cfg = tiny_config(cache / "unused", cache)
+    prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
+    return cache
+
+
 @pytest.fixture(autouse=True)
 def isolated_launch_environment():
     """Tests that train in-process set RANK/MASTER_PORT/...; remove them afterwards so later

@@ -31,9 +31,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.top <= 0:
         p.error(f"--top must be positive, got {args.top}")
+    from pretrain.export import ExportError
+
     try:
         model, _cfg, table, tok_path = load_export_for_tfidf(args.export, args.table)
-    except (TableMismatchError, FileNotFoundError, ValueError) as err:
+    except (TableMismatchError, ExportError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not tok_path.is_file():

@@ -7,13 +7,12 @@ a table that was counted with a different model config or tokenizer.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from pretrain.model import MemoryConfig, MemoryPlus, ModelConfig, Transformer
+from pretrain.model import MemoryPlus, ModelConfig, Transformer
 from pretrain.slots.table import TABLE_FILENAME, SlotTable, load_table, model_config_hash, tokenizer_hash
 
 
@@ -88,34 +87,12 @@ def rank_slots(model: Transformer, token_ids: torch.Tensor, table: SlotTable, la
     return ranked
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
-    """ModelConfig from its asdict() form; unknown keys are an error naming them."""
-    d = dict(d)
-    mem = dict(d.pop("memory", {}))
-    for cls, values, prefix in ((ModelConfig, d, "model"), (MemoryConfig, mem, "model.memory")):
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"config.json: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
-    return ModelConfig(**d, memory=MemoryConfig(**mem))
-
-
 def load_model_for_tfidf(export_dir: str | Path):
-    """(model on CPU in eval mode, its ModelConfig) from an export directory holding
-    config.json ({"model": <ModelConfig dict>, ...}) and model.safetensors (state_dict keys)."""
-    from safetensors.torch import load_file
+    """(model on CPU in eval mode, its ModelConfig) from an export directory (pretrain.export.load)."""
+    from pretrain.export import load
 
-    export_dir = Path(export_dir)
-    for name in ("config.json", "model.safetensors"):
-        if not (export_dir / name).is_file():
-            raise FileNotFoundError(f"export directory {export_dir} has no {name} (write it with tools/export.py)")
-    raw = json.loads((export_dir / "config.json").read_text())
-    if "model" not in raw:
-        raise ValueError(f"{export_dir / 'config.json'} has no 'model' section")
-    cfg = model_config_from_dict(raw["model"])
-    cfg.memory.kernel = "torch"
-    model = Transformer(cfg)
-    model.load_state_dict(load_file(str(export_dir / "model.safetensors")), strict=True)
-    return model.eval(), cfg
+    model = load(export_dir)
+    return model, model.cfg
 
 
 def check_table_matches(table: SlotTable, model_cfg: ModelConfig, tokenizer_path: str | Path | None) -> None:

@@ -15,7 +15,7 @@ LOGITS = "train_logits.safetensors"
 
 def config(run_dir: Path, cache: Path, *overrides: str, parallel_size: int = 1):
     cfg = tiny_config(Path(run_dir), Path(cache), *OVERRIDES, *overrides)
-    # set after load_config, whose validation assumes world size 1
+    # set after load_config: the world-size check belongs to the launched run
     cfg.model.memory.parallel_size = parallel_size
     return cfg
 

@@ -22,9 +22,9 @@ def _p2_suite(rank: int, root: str, cache: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained_p2(tmp_path_factory, export_data_cache):
+def trained_p2(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("export-p2")
-    run_ranks(2, _p2_suite, (str(root), str(export_data_cache)), root / "results")
+    run_ranks(2, _p2_suite, (str(root), str(data_cache)), root / "results")
     return {stage: root / f"zero{stage}" for stage in P2_STAGES}
 
 
@@ -95,13 +95,13 @@ def test_bf16_export_is_the_rounded_fp32_export(trained, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_bf16_training_exports_the_fp32_masters(tmp_path, export_data_cache, stage):
+def test_bf16_training_exports_the_fp32_masters(tmp_path, data_cache, stage):
     """Under bf16 the engine's module holds bf16 weights; the export holds DeepSpeed's fp32 master
     copies, which must round to exactly those bf16 weights."""
     from tests.export.export_helpers import train_and_record
 
     run = tmp_path / "run"
-    train_and_record(0, str(run), str(export_data_cache), ["train.dtype=bf16", f"train.zero_stage={stage}"])
+    train_and_record(0, str(run), str(data_cache), ["train.dtype=bf16", f"train.zero_stage={stage}"])
     out = export_checkpoint(run, tmp_path / "export", show_progress=False)
     exported = load_file(str(out / "model.safetensors"))
     module = torch.load(next((run / "checkpoints").glob("step_*")) / "mp_rank_00_model_states.pt",
