@@ -11,13 +11,13 @@ from pretrain.slots.table import (
     FORMAT_VERSION, TABLE_FILENAME, SlotTable, find_table, load_table, model_config_hash, save_table, tokenizer_hash,
 )
 from pretrain.slots.tfidf import (
-    RankedSlot, TableMismatchError, check_table_matches, load_export_for_tfidf, load_model_for_tfidf,
-    memory_layer_names, rank_slots, tfidf_scores,
+    RankedSlot, TableMismatchError, check_table_matches, layer_slot_counts, load_export_for_tfidf,
+    load_model_for_tfidf, memory_layer_names, rank_slots, tfidf_scores, top_tfidf_slots,
 )
 
 __all__ = [
     "FORMAT_VERSION", "RankedSlot", "SampleData", "SlotStatistics", "SlotTable", "TABLE_FILENAME",
-    "TableMismatchError", "check_table_matches", "find_table", "load_export_for_tfidf", "load_model_for_tfidf",
+    "TableMismatchError", "check_table_matches", "find_table", "layer_slot_counts", "load_export_for_tfidf", "load_model_for_tfidf",
     "load_table", "memory_layer_names", "model_config_hash", "parse_granularity", "rank_slots",
-    "recompute_doc_freq", "save_table", "tfidf_scores", "tokenizer_hash",
+    "recompute_doc_freq", "save_table", "tfidf_scores", "tokenizer_hash", "top_tfidf_slots",
 ]

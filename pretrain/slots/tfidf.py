@@ -38,6 +38,21 @@ def tfidf_scores(batch_counts: torch.Tensor, doc_freq: torch.Tensor, num_documen
     return c / total * idf
 
 
+def layer_slot_counts(indices: torch.Tensor, keep: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """int64 (num_slots,) accesses of one layer: indices (B*S, heads, k) at the positions where keep
+    (B*S or (B, S)) is True."""
+    flat = indices.reshape(keep.numel(), -1)[keep.reshape(-1).to(indices.device)]
+    return torch.bincount(flat.reshape(-1), minlength=num_slots).cpu()
+
+
+def top_tfidf_slots(counts: torch.Tensor, doc_freq: torch.Tensor, num_documents: int, top: int) -> torch.Tensor:
+    """The (at most) `top` accessed slots with the highest TF-IDF, best first (ties: lower slot first)."""
+    scores = tfidf_scores(counts, doc_freq, num_documents)
+    accessed = counts > 0
+    scores = torch.where(accessed, scores, torch.full_like(scores, -torch.inf))
+    return torch.argsort(scores, descending=True, stable=True)[: min(top, int(accessed.sum()))]
+
+
 def memory_layer_names(model: Transformer) -> list[str]:
     """Canonical layer names for statistics and tables: 'layers.<i>' for each memory block."""
     return [f"layers.{i}" for i, block in enumerate(model.layers) if block.is_memory]
@@ -75,11 +90,9 @@ def rank_slots(model: Transformer, token_ids: torch.Tensor, table: SlotTable, la
     idx = memory.last_indices.reshape(tokens.numel(), -1).cpu()  # (B*S, H*k)
     flat_tokens = tokens.reshape(-1).cpu()
     keep = torch.ones_like(flat_tokens, dtype=torch.bool) if pad_id is None else flat_tokens != pad_id
-    counts = torch.bincount(idx[keep].reshape(-1), minlength=n)
+    counts = layer_slot_counts(idx, keep, n)
     scores = tfidf_scores(counts, table.doc_freq[layer], table.num_documents)
-    hit = counts > 0
-    order = torch.argsort(torch.where(hit, scores, torch.full_like(scores, -torch.inf)), descending=True, stable=True)
-    order = order[: min(top, int(hit.sum()))]
+    order = top_tfidf_slots(counts, table.doc_freq[layer], table.num_documents, top)
     ranked = []
     for slot in order.tolist():
         positions = ((idx == slot).any(dim=1) & keep).nonzero().flatten()
