@@ -1,0 +1,89 @@
+"""The learning-vs-forgetting sweep: every method and setting finetuned from one export.
+
+Each run starts from a fresh load of the export, finetunes on the new facts and is
+evaluated after every epoch (new-fact recall = learning; old-fact recall and validation
+loss = forgetting), so every run contributes a trajectory to the frontier. Results are
+rewritten (atomically) after each run: a crash keeps what was measured.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pretrain.data import Tokenizer
+from pretrain.export import load
+from pretrain.files import atomic_write_text
+from pretrain.slots import check_table_matches, load_table
+from pretrain.smf.dataset import FinetuneSet
+from pretrain.smf.evaluation import LearningForgettingEval
+from pretrain.smf.finetune import finetune
+from pretrain.smf.methods import build_method
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    lr: float
+    top_t: int = 0  # sparse only
+    lora_rank: int = 0  # lora only
+
+    @property
+    def label(self) -> str:
+        extra = {"sparse": f" t={self.top_t}", "lora": f" r={self.lora_rank}"}.get(self.method, "")
+        return f"{self.method} lr={self.lr:g}{extra}"
+
+
+@dataclass
+class SweepSettings:
+    epochs: int = 6
+    batch_size: int = 6
+    shuffle: bool = False
+    seed: int = 0
+
+
+def default_grid() -> list[RunSpec]:
+    """Sparse: t x lr; full: lr; LoRA: rank x lr. Sized for a CPU run of the tiny fact world."""
+    runs = [RunSpec("sparse", lr, top_t=t) for t in (100, 500, 2000) for lr in (10.0, 40.0)]
+    runs += [RunSpec("full", lr) for lr in (1e-4, 3e-4, 1e-3)]
+    runs += [RunSpec("lora", lr, lora_rank=r) for r in (4, 32) for lr in (1e-3, 3e-3)]
+    return runs
+
+
+def run_sweep(export_dir: str | Path, finetune_files: list[str | Path], runs: list[RunSpec],
+              settings: SweepSettings, out_json: str | Path, dataset_dir: str | Path | None = None,
+              show_progress: bool = True) -> dict:
+    export_dir = Path(export_dir)
+    tokenizer = Tokenizer(export_dir / "tokenizer.model")
+    table = load_table(export_dir)
+    base = load(export_dir)
+    check_table_matches(table, base.cfg, export_dir / "tokenizer.model")
+    data = FinetuneSet(finetune_files, tokenizer, base.cfg.max_seq_len)
+    evaluate = LearningForgettingEval(export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir)
+    report = {"export": str(export_dir), "finetune_files": [str(p) for p in finetune_files],
+              "finetune_rows": len(data), "finetune_tokens": data.num_tokens, "settings": asdict(settings),
+              "before": evaluate(base), "runs": []}
+    del base
+    bar = tqdm(runs, desc="smf sweep", unit="run", disable=not show_progress)
+    for spec in bar:
+        bar.set_postfix_str(spec.label)
+        torch.manual_seed(settings.seed)
+        model = load(export_dir)
+        method = build_method(spec.method, model, lr=spec.lr, table=table, top_t=spec.top_t or 500,
+                              lora_rank=spec.lora_rank or 8)
+        start = time.perf_counter()
+        history = finetune(method, data, settings.epochs, settings.batch_size, settings.shuffle, settings.seed,
+                           evaluate, log=None)
+        record = {**asdict(spec), "label": spec.label, "seconds": time.perf_counter() - start, "history": history}
+        if spec.method == "sparse":
+            record["rows_updated"] = method.rows_updated
+        report["runs"].append(record)
+        atomic_write_text(out_json, json.dumps(report, indent=1) + "\n")
+        last = history[-1]
+        bar.write(f"{spec.label}: new {last['new_fact_recall']:.3f} old {last.get('old_fact_recall', float('nan')):.3f}"
+                  f" val {last.get('val_loss', float('nan')):.3f} ({record['seconds']:.0f} s)")
+    return report

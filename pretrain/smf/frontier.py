@@ -1,0 +1,121 @@
+"""The sweep's frontier: a plot (learning vs forgetting) and the comparison the issue asks for.
+
+Points are (run, epoch) pairs. Learning = new-fact recall; forgetting = the drop in
+old-fact recall from the pretrained model (percentage points), and the rise in
+validation loss. `compare` takes full finetuning's best-learning point as the reference
+(recall F, drop D) and, for each other method, the least-forgetting point that learns
+within `margin` of F; sparse memory finetuning meets the bar when its drop <= D / 3.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+COLORS = {"sparse": "tab:blue", "full": "tab:red", "lora": "tab:green"}
+NAMES = {"sparse": "sparse memory finetuning", "full": "full finetuning", "lora": "LoRA"}
+
+
+def points(report: dict) -> list[dict]:
+    """Every (run, epoch) with learning and forgetting measured against the pretrained model."""
+    before = report["before"]
+    out = []
+    for run in report["runs"]:
+        for h in run["history"]:
+            p = {"method": run["method"], "label": run["label"], "epoch": h["epoch"],
+                 "new_fact_recall": h["new_fact_recall"]}
+            if "old_fact_recall" in h:
+                p["old_fact_drop"] = before["old_fact_recall"] - h["old_fact_recall"]
+            if "val_loss" in h:
+                p["val_loss_rise"] = h["val_loss"] - before["val_loss"]
+            out.append(p)
+    return out
+
+
+def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3) -> dict:
+    pts = [p for p in points(report) if "old_fact_drop" in p]
+    full = [p for p in pts if p["method"] == "full"]
+    if not full:
+        return {"reference": None, "methods": {}, "sparse_meets_bar": None}
+    ref = max(full, key=lambda p: (p["new_fact_recall"], -p["old_fact_drop"]))
+    verdict = {"reference": ref, "margin": margin, "forgetting_ratio": forgetting_ratio, "methods": {}}
+    for method in sorted({p["method"] for p in pts} - {"full"}):
+        ok = [p for p in pts if p["method"] == method and p["new_fact_recall"] >= ref["new_fact_recall"] - margin]
+        best = min(ok, key=lambda p: p["old_fact_drop"]) if ok else max(
+            (p for p in pts if p["method"] == method), key=lambda p: p["new_fact_recall"])
+        verdict["methods"][method] = {"point": best, "learns_within_margin": bool(ok),
+                                      "forgets_at_most_ratio": best["old_fact_drop"] <= forgetting_ratio * max(ref["old_fact_drop"], 0.0)}
+    sparse = verdict["methods"].get("sparse")
+    verdict["sparse_meets_bar"] = None if sparse is None else sparse["learns_within_margin"] and sparse["forgets_at_most_ratio"]
+    return verdict
+
+
+def plot_frontier(report: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = points(report)
+    has_val = any("val_loss_rise" in p for p in pts)
+    fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(12 if has_val else 6.5, 5), squeeze=False)
+    panels = [("old_fact_drop", "drop in old-fact recall (points)", 100.0)]
+    if has_val:
+        panels.append(("val_loss_rise", "rise in validation loss (nats)", 1.0))
+    for ax, (key, ylabel, scale) in zip(axes[0], panels):
+        for label in dict.fromkeys(p["label"] for p in pts):
+            run = [p for p in pts if p["label"] == label and key in p]
+            if not run:
+                continue
+            color = COLORS.get(run[0]["method"], "gray")
+            xs = [100 * p["new_fact_recall"] for p in run]
+            ys = [scale * p[key] for p in run]
+            ax.plot(xs, ys, "-", color=color, alpha=0.35, lw=1)
+            ax.plot(xs[-1], ys[-1], "o", color=color, ms=5)
+            ax.annotate(label.split(" ", 1)[1], (xs[-1], ys[-1]), fontsize=6, alpha=0.7,
+                        xytext=(3, 2), textcoords="offset points")
+        for method, color in COLORS.items():
+            if any(p["method"] == method for p in pts):
+                ax.plot([], [], "o-", color=color, label=NAMES[method])
+        ax.set_xlabel("new-fact recall (%) — learning")
+        ax.set_ylabel(f"{ylabel} — forgetting")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    before = report["before"]
+    fig.suptitle(f"Learning vs forgetting on the fact world (pretrained: old-fact recall "
+                 f"{100 * before['old_fact_recall']:.1f}%, new {100 * before['new_fact_recall']:.1f}%; "
+                 f"lines = epochs, dot = last)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def summary_markdown(report: dict, verdict: dict) -> str:
+    before = report["before"]
+    lines = ["# Sparse memory finetuning: learning vs forgetting", "",
+             f"Pretrained model: new-fact recall {100 * before['new_fact_recall']:.1f}%, old-fact recall "
+             f"{100 * before.get('old_fact_recall', float('nan')):.1f}%, validation loss "
+             f"{before.get('val_loss', float('nan')):.3f}. Finetuning set: {report['finetune_rows']} rows, "
+             f"{report['finetune_tokens']} tokens; {report['settings']}.", "",
+             "| run | new-fact recall | old-fact recall | val loss | seconds |", "|---|---|---|---|---|"]
+    for run in report["runs"]:
+        last = run["history"][-1]
+        lines.append(f"| {run['label']} | {100 * last['new_fact_recall']:.1f}% | "
+                     f"{100 * last.get('old_fact_recall', float('nan')):.1f}% | {last.get('val_loss', float('nan')):.3f} "
+                     f"| {run['seconds']:.0f} |")
+    ref = verdict.get("reference")
+    if ref:
+        lines += ["", f"Reference (full finetuning, best learning): {ref['label']} epoch {ref['epoch']}: new-fact "
+                  f"recall {100 * ref['new_fact_recall']:.1f}%, old-fact drop {100 * ref['old_fact_drop']:.1f} points."]
+        for method, v in verdict["methods"].items():
+            p = v["point"]
+            lines.append(f"- {NAMES.get(method, method)}: {p['label']} epoch {p['epoch']}: new-fact recall "
+                         f"{100 * p['new_fact_recall']:.1f}% ({'within' if v['learns_within_margin'] else 'NOT within'} "
+                         f"{100 * verdict['margin']:.0f} points), old-fact drop {100 * p['old_fact_drop']:.1f} points "
+                         f"({'at most' if v['forgets_at_most_ratio'] else 'more than'} 1/3 of full's).")
+        lines.append("")
+        lines.append(f"Sparse memory finetuning meets the bar: **{'yes' if verdict['sparse_meets_bar'] else 'no'}**.")
+    return "\n".join(lines) + "\n"

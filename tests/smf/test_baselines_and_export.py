@@ -1,0 +1,116 @@
+"""Full finetuning and LoRA baselines, the finetuned export, and the finetuning set."""
+import json
+
+import pytest
+import torch
+
+from pretrain.data import Tokenizer
+from pretrain.export import ExportError, load
+from pretrain.slots import load_table
+from pretrain.smf import FinetuneSet, build_method, finetune, save_finetuned_export
+from pretrain.smf.dataset import collate
+from pretrain.smf.methods import LORA_TARGETS
+
+
+@pytest.fixture
+def data(smf_export):
+    export, dataset = smf_export
+    return FinetuneSet([dataset / "new_facts.jsonl"], Tokenizer(export / "tokenizer.model"), 32)
+
+
+def probe_tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def test_full_finetuning_moves_every_trained_weight(smf_export, data):
+    export, _ = smf_export
+    model = load(export)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = build_method("full", model, lr=1e-3)
+    for batch in data.batches(4):
+        method.step(batch)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.ffn.keys1"} <= changed
+
+
+def test_lora_trains_adapters_only_and_merges_exactly(smf_export, data, tmp_path):
+    export, _ = smf_export
+    model = load(export)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = build_method("lora", model, lr=1e-2, lora_rank=4)
+    batches = list(data.batches(4))
+    for batch in batches[:3]:
+        method.step(batch)
+    tokens = probe_tokens(model.cfg.vocab_size)
+    with torch.no_grad():
+        adapted = method.model(tokens)
+    merged = method.finished_model()
+    assert type(merged).__name__ == "Transformer"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), adapted, rtol=1e-5, atol=1e-5)
+    after = merged.state_dict()
+    assert set(after) == set(before)
+    for key in before:
+        targeted = key.rsplit(".", 2)[-2] in LORA_TARGETS
+        assert torch.equal(before[key], after[key]) != targeted, key  # exactly the targeted projections move
+
+    out = save_finetuned_export(export, merged, tmp_path / "lora", {"method": "lora", "lora_rank": 4})
+    reloaded = load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens), adapted, rtol=1e-5, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["memlayers"]["finetune"]["method"] == "lora"
+    assert (out / "slot_frequencies.safetensors").read_bytes() == (export / "slot_frequencies.safetensors").read_bytes()
+
+
+def test_finetuned_export_refuses_to_overwrite(smf_export, tmp_path):
+    export, _ = smf_export
+    model = load(export)
+    with pytest.raises(ExportError, match="source export"):
+        save_finetuned_export(export, model, export, {})
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="--force"):
+        save_finetuned_export(export, model, tmp_path / "taken", {})
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_finetune_loop_records_every_epoch(smf_export, data):
+    export, _ = smf_export
+    model = load(export)
+    method = build_method("sparse", model, lr=1.0, table=load_table(export), top_t=8)
+    calls = []
+    history = finetune(method, data, epochs=2, batch_size=8, evaluate=lambda m: calls.append(m) or {"x": 1.0},
+                       log=None)
+    steps_per_epoch = -(-len(data) // 8)
+    assert [h["steps"] for h in history] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert len(calls) == 2 and all(h["x"] == 1.0 for h in history)
+    assert method.rows_updated <= 8 * 2 * steps_per_epoch
+
+
+def test_finetune_set_windows_cover_every_token_once(tmp_path, smf_export):
+    export, _ = smf_export
+    tok = Tokenizer(export / "tokenizer.model")
+    long_text = " ".join(["Ada was born in Aldmere."] * 40)
+    (tmp_path / "ft.jsonl").write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "Hi."}) + "\n")
+    data = FinetuneSet([tmp_path / "ft.jsonl"], tok, max_seq_len=16)
+    ids = [tok.eos_id] + tok.encode(long_text)
+    windows = data.rows[:-1]
+    assert all(len(w) <= 17 for w in data.rows)
+    # consecutive windows overlap by one token: concatenating their targets gives the document
+    assert sum((w[1:] for w in windows), []) == ids[1:]
+    assert data.num_tokens == len(ids) - 1 + len(data.rows[-1]) - 1
+    batch = collate([[1, 2, 3], [4, 5]])
+    assert batch.tokens.tolist() == [[1, 2], [4, 0]]
+    assert batch.targets.tolist() == [[2, 3], [5, -100]]
+    assert batch.keep.tolist() == [[True, True], [True, False]]
+
+
+def test_empty_finetune_set_is_refused(tmp_path, smf_export):
+    export, _ = smf_export
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "   "}) + "\n")
+    from pretrain.data import DataError
+
+    with pytest.raises(DataError, match="no document"):
+        FinetuneSet([tmp_path / "empty.jsonl"], Tokenizer(export / "tokenizer.model"), 16)

@@ -1,0 +1,98 @@
+"""Sparse memory finetuning changes exactly the TF-IDF-selected value rows, by exactly SGD."""
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from pretrain.data import Tokenizer
+from pretrain.export import load
+from pretrain.model import language_model_loss
+from pretrain.slots import TableMismatchError, load_table
+from pretrain.smf import FinetuneSet, SlotSelector, SparseMemoryFinetuning
+
+
+@pytest.fixture
+def setup(smf_export):
+    export, dataset = smf_export
+    model = load(export)
+    data = FinetuneSet([dataset / "new_facts.jsonl"], Tokenizer(export / "tokenizer.model"), model.cfg.max_seq_len)
+    return model, load_table(export), next(data.batches(4))
+
+
+def brute_force_top(counts, doc_freq, num_documents, t):
+    """Independent TF-IDF ranking in plain Python floats (the paper's formula)."""
+    total = sum(counts)
+    scored = [(c / total * math.log((num_documents + 1) / (d + 1)), -slot)
+              for slot, (c, d) in enumerate(zip(counts, doc_freq)) if c > 0]
+    return sorted(-s for _, s in sorted(scored, reverse=True)[:t])
+
+
+def test_update_changes_exactly_the_selected_rows_bitwise(setup):
+    model, table, batch = setup
+    before = copy.deepcopy(model.state_dict())
+    reference = copy.deepcopy(model)  # the expected update, computed from a full dense gradient
+    lr, top_t = 0.5, 7
+    method = SparseMemoryFinetuning(model, table, top_t=top_t, lr=lr)
+    method.step(batch)
+
+    (rows,) = method.last_rows.values()
+    assert 0 < rows.numel() <= top_t
+    # the selected rows are the brute-force TF-IDF top-t of the batch's accesses at non-padding positions
+    layer = reference.memory_layers()[0]
+    loss = language_model_loss(reference(batch.tokens), batch.targets)
+    flat = layer.last_indices.reshape(batch.keep.numel(), -1)[batch.keep.reshape(-1)]
+    counts = torch.bincount(flat.reshape(-1), minlength=table.num_slots).tolist()
+    name = table.layers[0]
+    assert rows.tolist() == brute_force_top(counts, table.doc_freq[name].tolist(), table.num_documents, top_t)
+
+    grad = torch.autograd.grad(loss, reference.values[0].weight)[0]
+    after = model.state_dict()
+    for key, value in before.items():
+        if key != "values.0.weight":
+            assert torch.equal(after[key], value), f"{key} changed"
+    untouched = torch.ones(table.num_slots, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(after["values.0.weight"][untouched], value_rows := before["values.0.weight"][untouched])
+    assert value_rows.numel() > 0
+    expected = before["values.0.weight"][rows] - lr * grad[rows]
+    torch.testing.assert_close(after["values.0.weight"][rows], expected, rtol=0, atol=1e-6)
+    assert not torch.equal(after["values.0.weight"][rows], before["values.0.weight"][rows])
+
+
+def test_selection_follows_the_exported_table(setup):
+    """With a uniform table (every df equal) TF-IDF ranks by batch counts alone: a different selection."""
+    model, table, batch = setup
+    name = table.layers[0]
+    uniform = dataclasses.replace(table, doc_freq={name: torch.full_like(table.doc_freq[name], 5)})
+    model(batch.tokens)
+    real = SlotSelector(model, table, top_t=20).select(batch.keep)[0]
+    flat = SlotSelector(model, uniform, top_t=20).select(batch.keep)[0]
+    assert not torch.equal(real, flat)
+    counts = torch.bincount(model.memory_layers()[0].last_indices.reshape(batch.keep.numel(), -1)[
+        batch.keep.reshape(-1)].reshape(-1), minlength=table.num_slots)
+    by_count = torch.argsort(counts, descending=True, stable=True)[:20]
+    assert torch.equal(flat, torch.sort(by_count).values)
+
+
+def test_only_kept_positions_count(setup):
+    """With every position but three masked out, all-slots selection is exactly what those three read."""
+    model, table, batch = setup
+    model(batch.tokens)
+    keep = torch.zeros_like(batch.keep)
+    keep[0, :3] = True
+    rows = SlotSelector(model, table, top_t=10**6).select(keep)[0]
+    seq = batch.tokens.shape[1]
+    read = model.memory_layers()[0].last_indices[:3]  # positions 0..2 of row 0 (flattened B*S order)
+    assert seq > 3
+    assert rows.tolist() == sorted(set(read.reshape(-1).tolist()))
+
+
+def test_a_table_of_another_model_is_refused(setup):
+    model, table, _ = setup
+    wrong = dataclasses.replace(table, num_slots=table.num_slots * 4)
+    with pytest.raises(TableMismatchError, match="slots"):
+        SlotSelector(model, wrong, top_t=5)
+    with pytest.raises(ValueError, match="top_t"):
+        SlotSelector(model, table, top_t=0)
