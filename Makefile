@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/memlayers/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench smf-report clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tools/bench_train.py
+
+smf-report: $(STAMP)
+	$(PY) tools/smf_report.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -1,8 +1,10 @@
 """The three ways to finetune an exported model on new data, behind one `step(batch)`.
 
-- `SparseMemoryFinetuning` (Lin et al., 2025): every parameter is frozen except the value
-  tables, and of those only the rows of the batch's top-t TF-IDF slots change, by plain
-  SGD (w[rows] -= lr * grad[rows]); every other row stays bitwise identical.
+- `SparseMemoryFinetuning` (Lin et al., 2025): every parameter is frozen and only the
+  value rows of the batch's top-t TF-IDF slots change, by plain SGD
+  (w[rows] -= lr * grad[rows]); every other row stays bitwise identical. The gradient of
+  just those rows is computed from dL/dbag (`BagGradientCapture`), so a step never
+  holds an (N, v_dim) gradient: the cost scales with the batch, not the pool.
 - `FullFinetuning`: AdamW on every parameter.
 - `LoRAFinetuning`: low-rank adapters (peft) on the attention and dense-FFN projections,
   trained with AdamW and merged back into the weights by `finished_model()`.
@@ -25,6 +27,42 @@ def batch_loss(model: torch.nn.Module, batch: FinetuneBatch) -> torch.Tensor:
     return language_model_loss(model(batch.tokens.to(device)), batch.targets.to(device))
 
 
+class BagGradientCapture(torch.nn.Module):
+    """Stands in for a value table during a sparse step: computes the bag without autograd
+    through the table and keeps, per call, (indices, weights, dL/dbag), from which the
+    gradient of any chosen rows follows without an (N, v_dim) gradient tensor."""
+
+    def __init__(self, table: torch.nn.Module):
+        super().__init__()
+        self.table, self.v_dim = table, table.v_dim
+        self.calls: list[list] = []
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            bag = self.table(indices, weights)
+        bag.requires_grad_(True)
+        call = [indices, weights.detach(), None]
+        bag.register_hook(lambda grad: call.__setitem__(2, grad))
+        self.calls.append(call)
+        return bag
+
+    def row_gradient(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), v_dim) gradient of the loss w.r.t. the table's `rows` (sorted, unique)."""
+        weight = self.table.weight
+        position = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        position[rows] = torch.arange(rows.numel(), device=weight.device)
+        grad = torch.zeros(rows.numel(), self.v_dim, dtype=torch.float32, device=weight.device)
+        for indices, weights, bag_grad in self.calls:
+            if bag_grad is None:
+                continue
+            flat = indices.reshape(indices.shape[0], -1)  # (tokens, heads * k)
+            pos = position[flat]
+            token, slot = (pos >= 0).nonzero(as_tuple=True)
+            contribution = weights.reshape(flat.shape)[token, slot, None].float() * bag_grad[token].float()
+            grad.index_add_(0, pos[token, slot], contribution)
+        return grad.to(weight.dtype)
+
+
 class SparseMemoryFinetuning:
     name = "sparse"
 
@@ -33,26 +71,28 @@ class SparseMemoryFinetuning:
             raise ValueError(f"lr={lr} must be positive (the paper uses SGD with lr about 2 to 5)")
         self.model, self.lr = model, lr
         self.selector = SlotSelector(model, table, top_t)
-        for p in model.parameters():
+        for p in model.parameters():  # nothing is trained through autograd; the rows are updated by hand
             p.requires_grad_(False)
-        for values in model.values:
-            values.weight.requires_grad_(True)
         self.last_rows: dict[int, torch.Tensor] = {}
         self.rows_updated = 0  # over all steps, with repeats
 
     def step(self, batch: FinetuneBatch) -> float:
-        loss = batch_loss(self.model, batch)
-        rows = self.selector.select(batch.keep)
-        for values in self.model.values:
-            values.weight.grad = None
-        loss.backward()
+        tables = self.model.values
+        captures = [BagGradientCapture(t) for t in tables]
+        for i, capture in enumerate(captures):
+            tables[i] = capture
+        try:
+            loss = batch_loss(self.model, batch)
+            rows = self.selector.select(batch.keep)
+            loss.backward()
+        finally:
+            for i, capture in enumerate(captures):
+                tables[i] = capture.table
         with torch.no_grad():
-            for table, r in rows.items():
-                weight = self.model.values[table].weight
+            for t, r in rows.items():
+                weight = tables[t].weight
                 r = r.to(weight.device)
-                weight.index_add_(0, r, weight.grad.index_select(0, r), alpha=-self.lr)
-        for values in self.model.values:
-            values.weight.grad = None
+                weight.index_add_(0, r, captures[t].row_gradient(r), alpha=-self.lr)
         self.last_rows = rows
         self.rows_updated += sum(int(r.numel()) for r in rows.values())
         return loss.item()
