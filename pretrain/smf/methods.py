@@ -101,14 +101,15 @@ class SparseMemoryFinetuning:
         return self.model
 
 
-class FullFinetuning:
-    name = "full"
+class AdamWFinetuning:
+    """AdamW on the parameters of `model` that require grad (the baselines' shared step)."""
 
-    def __init__(self, model: Transformer, lr: float, weight_decay: float = 0.0):
+    name = "adamw"
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0):
         self.model = model
-        for p in model.parameters():
-            p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def step(self, batch: FinetuneBatch) -> float:
         loss = batch_loss(self.model, batch)
@@ -121,7 +122,16 @@ class FullFinetuning:
         return self.model
 
 
-class LoRAFinetuning:
+class FullFinetuning(AdamWFinetuning):
+    name = "full"
+
+    def __init__(self, model: Transformer, lr: float, weight_decay: float = 0.0):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        super().__init__(model, lr, weight_decay)
+
+
+class LoRAFinetuning(AdamWFinetuning):
     name = "lora"
 
     def __init__(self, model: Transformer, rank: int, lr: float, alpha: float | None = None,
@@ -132,21 +142,11 @@ class LoRAFinetuning:
             raise ValueError(f"LoRA rank={rank} must be positive")
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
                             target_modules=list(targets), lora_dropout=0.0, bias="none")
-        self.peft_model = get_peft_model(model, config)
-        params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        self.model = self.peft_model
-
-    def step(self, batch: FinetuneBatch) -> float:
-        loss = batch_loss(self.peft_model, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        super().__init__(get_peft_model(model, config), lr)  # peft freezes everything but the adapters
 
     def finished_model(self) -> Transformer:
         """The plain Transformer with the adapters merged into its weights."""
-        return self.peft_model.merge_and_unload()
+        return self.model.merge_and_unload()
 
 
 def build_method(name: str, model: Transformer, *, lr: float, table: SlotTable | None = None, top_t: int = 500,
