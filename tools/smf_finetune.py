@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-t", type=int, default=500, help="sparse: value rows updated per batch")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--batch-size", type=int, default=8, help="documents per step")
     p.add_argument("--shuffle", action="store_true", help="reshuffle documents every epoch (default: file order)")
     p.add_argument("--seed", type=int, default=0)
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
-    for name in ("top_t", "lora_rank", "epochs", "batch_size"):
+    for name in ("top_t", "lora_rank", "epochs", "eval_every", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.lr is None:
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         print("before " + " ".join(f"{k} {v:.4g}" for k, v in before.items()), flush=True)
     method = build_method(args.method, model, lr=args.lr, table=table, top_t=args.top_t, lora_rank=args.lora_rank)
     history = finetune(method, data, args.epochs, args.batch_size, args.shuffle, args.seed, evaluate,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True), eval_every=args.eval_every)
     record = {"method": args.method, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
               "shuffle": args.shuffle, "seed": args.seed, "data": [str(p) for p in args.data],
               "before": before, "history": history}

@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default: the config's")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (and after the last)")
     p.add_argument("--runs", default=None, help="JSON list of runs instead of the default grid, e.g. "
                    "'[{\"method\": \"sparse\", \"lr\": 10, \"top_t\": 500}]'")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the pretraining config")
@@ -45,7 +46,7 @@ def parse_runs(text: str | None):
         items = json.loads(text)
         runs = [RunSpec(**item) for item in items]
     except (ValueError, TypeError) as err:
-        raise ValueError(f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank ({err})") from None
+        raise ValueError(f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank, epochs ({err})") from None
     for run in runs:
         if run.method not in METHODS or run.lr <= 0:
             raise ValueError(f"--runs: {run} needs method in {METHODS} and lr > 0")
@@ -75,10 +76,11 @@ def main(argv=None) -> int:
         settings = SweepSettings()
         if args.epochs is not None:
             settings.epochs = args.epochs
-        if args.batch_size is not None:
-            settings.batch_size = args.batch_size
-        if settings.epochs <= 0 or settings.batch_size <= 0:
-            raise ValueError(f"--epochs {settings.epochs} and --batch-size {settings.batch_size} must be positive")
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(args, name) is not None:
+                if getattr(args, name) <= 0:
+                    raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+                setattr(settings, name, getattr(args, name))
         cfg = None
         if args.export is None or args.dataset_dir is None:
             cfg = load_config(args.config, [f"train.run_dir={out / 'pretrain'}", *args.overrides])

@@ -1,7 +1,7 @@
 """The learning-vs-forgetting sweep: every method and setting finetuned from one export.
 
 Each run starts from a fresh load of the export, finetunes on the new facts and is
-evaluated after every epoch (new-fact recall = learning; old-fact recall and validation
+evaluated every few epochs (new-fact recall = learning; old-fact recall and validation
 loss = forgetting), so every run contributes a trajectory to the frontier. Results are
 rewritten (atomically) after each run: a crash keeps what was measured.
 """
@@ -31,17 +31,19 @@ class RunSpec:
     lr: float
     top_t: int = 0  # sparse only
     lora_rank: int = 0  # lora only
+    epochs: int = 0  # 0: the sweep's default
 
     @property
     def label(self) -> str:
         extra = {"sparse": f" t={self.top_t}", "lora": f" r={self.lora_rank}"}.get(self.method, "")
-        return f"{self.method} lr={self.lr:g}{extra}"
+        return f"{self.method} lr={self.lr:g}{extra}" + (f" {self.epochs}ep" if self.epochs else "")
 
 
 @dataclass
 class SweepSettings:
     epochs: int = 6
     batch_size: int = 6
+    eval_every: int = 1
     shuffle: bool = False
     seed: int = 0
 
@@ -76,8 +78,8 @@ def run_sweep(export_dir: str | Path, finetune_files: list[str | Path], runs: li
         method = build_method(spec.method, model, lr=spec.lr, table=table, top_t=spec.top_t or 500,
                               lora_rank=spec.lora_rank or 8)
         start = time.perf_counter()
-        history = finetune(method, data, settings.epochs, settings.batch_size, settings.shuffle, settings.seed,
-                           evaluate, log=None)
+        history = finetune(method, data, spec.epochs or settings.epochs, settings.batch_size, settings.shuffle,
+                           settings.seed, evaluate, log=None, eval_every=settings.eval_every)
         record = {**asdict(spec), "label": spec.label, "seconds": time.perf_counter() - start, "history": history}
         if spec.method == "sparse":
             record["rows_updated"] = method.rows_updated

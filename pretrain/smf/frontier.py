@@ -20,6 +20,8 @@ def points(report: dict) -> list[dict]:
     out = []
     for run in report["runs"]:
         for h in run["history"]:
+            if "new_fact_recall" not in h:
+                continue  # an epoch without evaluation
             p = {"method": run["method"], "label": run["label"], "epoch": h["epoch"],
                  "new_fact_recall": h["new_fact_recall"]}
             if "old_fact_recall" in h:

@@ -87,6 +87,10 @@ def test_finetune_loop_records_every_epoch(smf_export, data):
     assert [h["steps"] for h in history] == [steps_per_epoch, 2 * steps_per_epoch]
     assert len(calls) == 2 and all(h["x"] == 1.0 for h in history)
     assert method.rows_updated <= 8 * 2 * steps_per_epoch
+    calls.clear()
+    history = finetune(method, data, epochs=3, batch_size=8, evaluate=lambda m: calls.append(m) or {"x": 1.0},
+                       log=None, eval_every=2)
+    assert ["x" in h for h in history] == [False, True, True]  # every 2nd epoch and the last
 
 
 def test_finetune_set_windows_cover_every_token_once(tmp_path, smf_export):
