@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=["sparse", "full", "lora"], default="sparse")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEFAULT_LR})")
     p.add_argument("--top-t", type=int, default=500, help="sparse: value rows updated per batch")
+    p.add_argument("--max-grad-norm", type=float, default=0.0,
+                   help="sparse: clip the norm of the selected rows' gradient per step (0 = off)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
@@ -49,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lr = DEFAULT_LR[args.method]
     if args.lr <= 0:
         p.error(f"--lr must be positive, got {args.lr}")
+    if args.max_grad_norm < 0:
+        p.error(f"--max-grad-norm must be >= 0, got {args.max_grad_norm}")
     return args
 
 
@@ -84,14 +88,15 @@ def main(argv=None) -> int:
     before = evaluate(model) if evaluate else {}
     if before:
         print("before " + " ".join(f"{k} {v:.4g}" for k, v in before.items()), flush=True)
-    method = build_method(args.method, model, lr=args.lr, table=table, top_t=args.top_t, lora_rank=args.lora_rank)
+    method = build_method(args.method, model, lr=args.lr, table=table, top_t=args.top_t, lora_rank=args.lora_rank,
+                          max_grad_norm=args.max_grad_norm)
     history = finetune(method, data, args.epochs, args.batch_size, args.shuffle, args.seed, evaluate,
                        log=lambda line: print(line, flush=True), eval_every=args.eval_every)
     record = {"method": args.method, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
               "shuffle": args.shuffle, "seed": args.seed, "data": [str(p) for p in args.data],
               "before": before, "history": history}
     if args.method == "sparse":
-        record["top_t"] = args.top_t
+        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm)
     if args.method == "lora":
         record["lora_rank"] = args.lora_rank
     save_finetuned_export(export, method.finished_model(), out, record, force=args.force)

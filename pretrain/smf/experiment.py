@@ -32,10 +32,12 @@ class RunSpec:
     top_t: int = 0  # sparse only
     lora_rank: int = 0  # lora only
     epochs: int = 0  # 0: the sweep's default
+    max_grad_norm: float = 0.0  # sparse only: clip the selected rows' gradient norm (0 = off)
 
     @property
     def label(self) -> str:
-        extra = {"sparse": f" t={self.top_t}", "lora": f" r={self.lora_rank}"}.get(self.method, "")
+        extra = {"sparse": f" t={self.top_t}" + (f" clip={self.max_grad_norm:g}" if self.max_grad_norm else ""),
+                 "lora": f" r={self.lora_rank}"}.get(self.method, "")
         return f"{self.method} lr={self.lr:g}{extra}" + (f" {self.epochs}ep" if self.epochs else "")
 
 
@@ -76,7 +78,7 @@ def run_sweep(export_dir: str | Path, finetune_files: list[str | Path], runs: li
         torch.manual_seed(settings.seed)
         model = load(export_dir)
         method = build_method(spec.method, model, lr=spec.lr, table=table, top_t=spec.top_t or 500,
-                              lora_rank=spec.lora_rank or 8)
+                              lora_rank=spec.lora_rank or 8, max_grad_norm=spec.max_grad_norm)
         start = time.perf_counter()
         history = finetune(method, data, spec.epochs or settings.epochs, settings.batch_size, settings.shuffle,
                            settings.seed, evaluate, log=None, eval_every=settings.eval_every)

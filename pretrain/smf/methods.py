@@ -66,14 +66,17 @@ class BagGradientCapture(torch.nn.Module):
 class SparseMemoryFinetuning:
     name = "sparse"
 
-    def __init__(self, model: Transformer, table: SlotTable, top_t: int, lr: float):
+    def __init__(self, model: Transformer, table: SlotTable, top_t: int, lr: float, max_grad_norm: float = 0.0):
         if lr <= 0:
             raise ValueError(f"lr={lr} must be positive (the paper uses SGD with lr about 2 to 5)")
-        self.model, self.lr = model, lr
+        if max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm} must be >= 0 (0 = no clipping)")
+        self.model, self.lr, self.max_grad_norm = model, lr, max_grad_norm
         self.selector = SlotSelector(model, table, top_t)
         for p in model.parameters():  # nothing is trained through autograd; the rows are updated by hand
             p.requires_grad_(False)
         self.last_rows: dict[int, torch.Tensor] = {}
+        self.last_grad_norm = 0.0
         self.rows_updated = 0  # over all steps, with repeats
 
     def step(self, batch: FinetuneBatch) -> float:
@@ -89,10 +92,14 @@ class SparseMemoryFinetuning:
             for i, capture in enumerate(captures):
                 tables[i] = capture.table
         with torch.no_grad():
+            grads = {t: captures[t].row_gradient(r.to(tables[t].weight.device)) for t, r in rows.items()}
+            self.last_grad_norm = float(sum(g.float().square().sum() for g in grads.values()) ** 0.5)
+            scale = 1.0
+            if self.max_grad_norm and self.last_grad_norm > self.max_grad_norm:
+                scale = self.max_grad_norm / self.last_grad_norm
             for t, r in rows.items():
                 weight = tables[t].weight
-                r = r.to(weight.device)
-                weight.index_add_(0, r, captures[t].row_gradient(r), alpha=-self.lr)
+                weight.index_add_(0, r.to(weight.device), grads[t], alpha=-self.lr * scale)
         self.last_rows = rows
         self.rows_updated += sum(int(r.numel()) for r in rows.values())
         return loss.item()
@@ -150,12 +157,12 @@ class LoRAFinetuning(AdamWFinetuning):
 
 
 def build_method(name: str, model: Transformer, *, lr: float, table: SlotTable | None = None, top_t: int = 500,
-                 lora_rank: int = 8, weight_decay: float = 0.0):
+                 lora_rank: int = 8, weight_decay: float = 0.0, max_grad_norm: float = 0.0):
     if name == "sparse":
         if table is None:
             raise ValueError("sparse memory finetuning needs the pretraining slot table (the export's "
                              "slot_frequencies.safetensors)")
-        return SparseMemoryFinetuning(model, table, top_t, lr)
+        return SparseMemoryFinetuning(model, table, top_t, lr, max_grad_norm)
     if name == "full":
         return FullFinetuning(model, lr, weight_decay)
     if name == "lora":

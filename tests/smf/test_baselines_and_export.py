@@ -118,3 +118,31 @@ def test_empty_finetune_set_is_refused(tmp_path, smf_export):
 
     with pytest.raises(DataError, match="no document"):
         FinetuneSet([tmp_path / "empty.jsonl"], Tokenizer(export / "tokenizer.model"), 16)
+
+
+def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_path, capsys):
+    from tools.smf_finetune import main
+
+    export, dataset = smf_export
+    data = str(dataset / "new_facts.jsonl")
+    out = tmp_path / "sparse"
+    assert main(["--export", str(export), "--data", data, "--out", str(out), "--method", "sparse", "--lr", "5",
+                 "--top-t", "16", "--epochs", "1", "--max-grad-norm", "1"]) == 0
+    record = json.loads((out / "config.json").read_text())["memlayers"]["finetune"]
+    assert record["method"] == "sparse" and record["top_t"] == 16 and "new_fact_recall" in record["history"][-1]
+    assert not torch.equal(load(out).values[0].weight, load(export).values[0].weight)
+    assert main(["--export", str(export), "--data", data, "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"  # a table counted for another model: refused before any training
+    from pretrain.slots import save_table
+
+    table = load_table(export)
+    state = {"meta": {"layer_names": table.layers, "num_slots": table.num_slots, "granularity": "document",
+                      "step": 1}, "totals": torch.tensor([1, 1])}
+    for layer in table.layers:
+        state[f"{layer}.counts"] = table.counts[layer]
+        state[f"{layer}.doc_freq"] = table.doc_freq[layer]
+    save_table(other, state, {"model_config_hash": "0" * 64})
+    assert main(["--export", str(export), "--data", data, "--out", str(tmp_path / "x"), "--table", str(other)]) == 2
+    assert "different model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

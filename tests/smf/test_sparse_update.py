@@ -96,3 +96,21 @@ def test_a_table_of_another_model_is_refused(setup):
         SlotSelector(model, wrong, top_t=5)
     with pytest.raises(ValueError, match="top_t"):
         SlotSelector(model, table, top_t=0)
+
+
+def test_clipping_scales_the_update_to_the_norm_bound(setup):
+    model, table, batch = setup
+    start = model.values[0].weight.detach().clone()
+    free = SparseMemoryFinetuning(copy.deepcopy(model), table, top_t=9, lr=2.0)
+    free.step(batch)
+    bound = free.last_grad_norm / 4
+    clipped = SparseMemoryFinetuning(model, table, top_t=9, lr=2.0, max_grad_norm=bound)
+    clipped.step(batch)
+    assert clipped.last_grad_norm == pytest.approx(free.last_grad_norm, rel=1e-6)
+    free_delta = free.model.values[0].weight.detach() - start
+    clipped_delta = model.values[0].weight.detach() - start
+    torch.testing.assert_close(clipped_delta, free_delta / 4, rtol=1e-4, atol=1e-7)
+    # the applied gradient's norm is the bound: |delta| / lr
+    assert (clipped_delta.norm() / 2.0).item() == pytest.approx(bound, rel=1e-4)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        SparseMemoryFinetuning(model, table, top_t=9, lr=2.0, max_grad_norm=-1)
