@@ -81,7 +81,7 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
         ax.set_ylabel(f"{ylabel} — forgetting")
         ax.axhline(0, color="black", lw=0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="best")
     before = report["before"]
     fig.suptitle(f"Learning vs forgetting on the fact world (pretrained: old-fact recall "
                  f"{100 * before['old_fact_recall']:.1f}%, new {100 * before['new_fact_recall']:.1f}%; "
