@@ -58,8 +58,9 @@ def pretrained_export(cfg, out: Path) -> Path:
     from pretrain.export import export_checkpoint
     from pretrain.train import train
 
-    result = train(cfg)
-    print(f"pretrained to step {result.step}: {result.eval}", flush=True)
+    result = train(cfg)  # resumes an interrupted run; returns at once when it is already finished
+    metrics = " ".join(f"{k} {v:.4g}" for k, v in result.eval.items())
+    print(f"pretrained model: step {result.step} {metrics}".rstrip(), flush=True)
     return export_checkpoint(cfg.train.run_dir, out / "export", force=True, show_progress=False)
 
 
