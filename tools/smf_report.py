@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pretrain.config import ConfigError, load_config
     from pretrain.data import DataError, prepare_embedded_dataset
+    from pretrain.files import atomic_write_text
     from pretrain.smf.experiment import SweepSettings, run_sweep
     from pretrain.smf.frontier import compare, plot_frontier, summary_markdown
 
@@ -98,10 +99,10 @@ def main(argv=None) -> int:
     report = run_sweep(export, [new_facts], runs, settings, out / "results.json", dataset_dir)
     verdict = compare(report)
     report["verdict"] = verdict
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
     plot_frontier(report, out / "frontier.png")
     summary = summary_markdown(report, verdict)
-    (out / "summary.md").write_text(summary)
+    atomic_write_text(out / "summary.md", summary)
     print(summary)
     print(f"wrote {out / 'results.json'}, {out / 'frontier.png'}, {out / 'summary.md'}")
     return 0

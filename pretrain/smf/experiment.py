@@ -69,6 +69,7 @@ def default_grid() -> list[RunSpec]:
 def run_sweep(export_dir: str | Path, finetune_files: list[str | Path], runs: list[RunSpec],
               settings: SweepSettings, out_json: str | Path, dataset_dir: str | Path | None = None,
               show_progress: bool = True) -> dict:
+    """Finetune a fresh copy of the export for every run; return (and keep writing to `out_json`) the report."""
     export_dir = Path(export_dir)
     tokenizer = Tokenizer(export_dir / "tokenizer.model")
     table = load_table(export_dir)
