@@ -53,13 +53,14 @@ class SweepSettings:
 def default_grid() -> list[RunSpec]:
     """Sized for a CPU run of the tiny fact world (configs/smf_tiny.yaml).
 
-    Sparse: t in {300, 1000, 3000} at lr 100 with the update's gradient norm clipped to
-    0.05 (the first epoch's gradients are ~5x the later ones; unclipped, that first jump
-    does most of the forgetting), plus the unclipped t=300 run to show it; 40 epochs,
-    since only the batch's rows learn. Full finetuning: lr in {1e-4, 3e-4, 1e-3}. LoRA:
+    Sparse: t in {300, 1000, 3000} at lr 100 and lr in {30, 300} at t=1000, with the
+    update's gradient norm clipped to 0.05 (the first epoch's gradients are ~5x the later
+    ones; unclipped, that first jump does most of the forgetting), plus the unclipped
+    t=300 run to show it; 40 epochs, since only the batch's rows learn. Full finetuning: lr in {1e-4, 3e-4, 1e-3}. LoRA:
     rank 4 at lr 1e-3, rank 32 at 1e-3 and 3e-3. Baselines run the sweep's default epochs.
     """
     runs = [RunSpec("sparse", 100.0, top_t=t, epochs=40, max_grad_norm=0.05) for t in (300, 1000, 3000)]
+    runs += [RunSpec("sparse", lr, top_t=1000, epochs=40, max_grad_norm=0.05) for lr in (30.0, 300.0)]
     runs.append(RunSpec("sparse", 100.0, top_t=300, epochs=40))
     runs += [RunSpec("full", lr) for lr in (1e-4, 3e-4, 1e-3)]
     runs += [RunSpec("lora", lr, lora_rank=r) for r, lr in ((4, 1e-3), (32, 1e-3), (32, 3e-3))]
