@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from pretrain.model import Transformer, language_model_loss
 from pretrain.slots import SlotTable
 from pretrain.smf.dataset import FinetuneBatch
@@ -28,8 +29,8 @@ def batch_loss(model: torch.nn.Module, batch: FinetuneBatch) -> torch.Tensor:
 
 
 class BagGradientCapture(torch.nn.Module):
-    """Stands in for a value table during a sparse step: computes the bag without autograd
-    through the table and keeps, per call, (indices, weights, dL/dbag), from which the
+    """Stands in for a `ValueTable` during a sparse step: computes the bag without autograd
+    through the table's rows and keeps, per call, (indices, weights, dL/dbag), from which the
     gradient of any chosen rows follows without an (N, v_dim) gradient tensor."""
 
     def __init__(self, table: torch.nn.Module):
@@ -38,9 +39,11 @@ class BagGradientCapture(torch.nn.Module):
         self.calls: list[list] = []
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            bag = self.table(indices, weights)
-        bag.requires_grad_(True)
+        # Detached rows, live weights: with several memory layers, an earlier layer's rows
+        # also reach the loss through this layer's query and softmax weights.
+        bag = kernels.embedding_bag(self.table.weight.detach(), indices, weights, backend=self.table.kernel)
+        if not bag.requires_grad:
+            bag.requires_grad_(True)
         call = [indices, weights.detach(), None]
         bag.register_hook(lambda grad: call.__setitem__(2, grad))
         self.calls.append(call)
@@ -51,14 +54,15 @@ class BagGradientCapture(torch.nn.Module):
         weight = self.table.weight
         position = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
         position[rows] = torch.arange(rows.numel(), device=weight.device)
-        grad = torch.zeros(rows.numel(), self.v_dim, dtype=torch.float32, device=weight.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation for bf16 tables
+        grad = torch.zeros(rows.numel(), self.v_dim, dtype=acc, device=weight.device)
         for indices, weights, bag_grad in self.calls:
             if bag_grad is None:
                 continue
             flat = indices.reshape(indices.shape[0], -1)  # (tokens, heads * k)
             pos = position[flat]
             token, slot = (pos >= 0).nonzero(as_tuple=True)
-            contribution = weights.reshape(flat.shape)[token, slot, None].float() * bag_grad[token].float()
+            contribution = weights.reshape(flat.shape)[token, slot, None].to(acc) * bag_grad[token].to(acc)
             grad.index_add_(0, pos[token, slot], contribution)
         return grad.to(weight.dtype)
 

@@ -114,3 +114,39 @@ def test_clipping_scales_the_update_to_the_norm_bound(setup):
     assert (clipped_delta.norm() / 2.0).item() == pytest.approx(bound, rel=1e-4)
     with pytest.raises(ValueError, match="max_grad_norm"):
         SparseMemoryFinetuning(model, table, top_t=9, lr=2.0, max_grad_norm=-1)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_several_memory_layers_in_float64(make_model_config, shared):
+    """Two memory layers, one shared or two separate tables: the rows' gradient assembled from
+    dL/dbag equals float64 autograd's, and each table's selection is its layers' union."""
+    from pretrain.model import Transformer
+    from pretrain.slots import SlotTable
+    from pretrain.smf import FinetuneBatch
+
+    torch.manual_seed(0)
+    cfg = make_model_config(memory=dict(layers=[0, 1], n_keys=6, k=3, shared_values=shared, kernel="torch"))
+    model = Transformer(cfg).double()
+    n = cfg.memory.num_slots
+    gen = torch.Generator().manual_seed(1)
+    doc_freq = {f"layers.{i}": torch.randint(0, 50, (n,), generator=gen) for i in (0, 1)}
+    table = SlotTable(path="synthetic", layers=list(doc_freq), num_slots=n, counts=dict(doc_freq),
+                      doc_freq=doc_freq, num_documents=60, num_tokens=1000, granularity="document", step=1,
+                      metadata={})
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=gen)
+    batch = FinetuneBatch(tokens[:, :-1], tokens[:, 1:], torch.ones(2, 8, dtype=torch.bool))
+    reference = copy.deepcopy(model)
+    loss = language_model_loss(reference(batch.tokens), batch.targets)
+    grads = torch.autograd.grad(loss, [t.weight for t in reference.values])
+
+    method = SparseMemoryFinetuning(model, table, top_t=5, lr=1.0)
+    method.step(batch)
+    assert sorted(method.last_rows) == ([0] if shared else [0, 1])
+    for i, layer in enumerate(reference.memory_layers()):
+        counts = torch.bincount(layer.last_indices.reshape(-1), minlength=n).tolist()
+        want = set(brute_force_top(counts, doc_freq[f"layers.{i}"].tolist(), 60, 5))
+        assert want <= set(method.last_rows[0 if shared else i].tolist())
+    for t, rows in method.last_rows.items():
+        expected = reference.values[t].weight.detach().clone()
+        expected[rows] -= grads[t][rows]
+        torch.testing.assert_close(model.values[t].weight, expected, rtol=0, atol=1e-12)
