@@ -74,19 +74,18 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
             ax.plot(xs[-1], ys[-1], "o", color=color, ms=5)
             ax.annotate(label.split(" ", 1)[1], (xs[-1], ys[-1]), fontsize=6, alpha=0.7,
                         xytext=(3, 2), textcoords="offset points")
-        for method, color in COLORS.items():
-            if any(p["method"] == method for p in pts):
-                ax.plot([], [], "o-", color=color, label=NAMES[method])
         ax.set_xlabel("new-fact recall (%) — learning")
         ax.set_ylabel(f"{ylabel} — forgetting")
         ax.axhline(0, color="black", lw=0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+    handles = [plt.Line2D([], [], marker="o", color=color, label=NAMES[method])
+               for method, color in COLORS.items() if any(p["method"] == method for p in pts)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     before = report["before"]
     fig.suptitle(f"Learning vs forgetting on the fact world (pretrained: old-fact recall "
                  f"{100 * before['old_fact_recall']:.1f}%, new {100 * before['new_fact_recall']:.1f}%; "
                  f"lines = epochs, dot = last)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=130)
