@@ -28,7 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, nargs="+", help="finetuning text / JSONL files or directories")
     p.add_argument("--out", required=True, help="folder for the finetuned export")
     p.add_argument("--method", choices=["sparse", "full", "lora"], default="sparse")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEFAULT_LR})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {DEFAULT_LR}; sparse: the paper's SGD lr. On configs/smf_tiny.yaml "
+                        "100 with --max-grad-norm 0.05 learns best: see README, Sparse memory finetuning)")
     p.add_argument("--top-t", type=int, default=500, help="sparse: value rows updated per batch")
     p.add_argument("--max-grad-norm", type=float, default=0.0,
                    help="sparse: clip the norm of the selected rows' gradient per step (0 = off)")
