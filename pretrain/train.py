@@ -8,6 +8,7 @@ the stop signal. No callback framework.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -426,5 +427,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """`python -m pretrain.train` / `memlayers-train`: main(), then exit without interpreter teardown.
+
+    By then the process group is destroyed and every checkpoint, table and event file is
+    closed; what teardown would still do is destroy C++ objects of gloo and DeepSpeed's
+    shared-memory op, where a rank occasionally aborts ("terminate called without an
+    active exception"), failing a finished job under srun.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
