@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     from pretrain.data import DataError, Tokenizer
     from pretrain.export import ExportError, load
-    from pretrain.slots import TableMismatchError, check_table_matches, load_table
+    from pretrain.slots import TableMismatchError, load_export_for_tfidf
     from pretrain.smf import FinetuneSet, LearningForgettingEval, build_method, finetune, save_finetuned_export
 
     export = Path(args.export)
@@ -72,12 +72,12 @@ def main(argv=None) -> int:
     try:
         if out.exists() and not args.force:
             raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
-        model = load(export, device=args.device)
+        if args.method == "sparse":  # the model with its slot table, checked against each other
+            model, _, table, _ = load_export_for_tfidf(export, args.table)
+            model = model.to(args.device)
+        else:
+            model, table = load(export, device=args.device), None
         tokenizer = Tokenizer(export / "tokenizer.model")
-        table = None
-        if args.method == "sparse":
-            table = load_table(args.table or export)
-            check_table_matches(table, model.cfg, export / "tokenizer.model")
         data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, text_field=args.text_field)
         evaluate = None
         if (export / "probes.jsonl").is_file():

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pretrain.data import Tokenizer
 from pretrain.export import load
 from pretrain.files import atomic_write_text
-from pretrain.slots import check_table_matches, load_table
+from pretrain.slots import load_export_for_tfidf
 from pretrain.smf.dataset import FinetuneSet
 from pretrain.smf.evaluation import LearningForgettingEval
 from pretrain.smf.finetune import finetune
@@ -73,9 +73,7 @@ def run_sweep(export_dir: str | Path, finetune_files: list[str | Path], runs: li
     """Finetune a fresh copy of the export for every run; return (and keep writing to `out_json`) the report."""
     export_dir = Path(export_dir)
     tokenizer = Tokenizer(export_dir / "tokenizer.model")
-    table = load_table(export_dir)
-    base = load(export_dir)
-    check_table_matches(table, base.cfg, export_dir / "tokenizer.model")
+    base, _, table, _ = load_export_for_tfidf(export_dir)  # the table checked against model and tokenizer
     data = FinetuneSet(finetune_files, tokenizer, base.cfg.max_seq_len)
     evaluate = LearningForgettingEval(export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir)
     report = {"export": str(export_dir), "finetune_files": [str(p) for p in finetune_files],

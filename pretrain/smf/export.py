@@ -39,11 +39,7 @@ def save_finetuned_export(source: str | Path, model: torch.nn.Module, out_dir: s
         raise ExportError(f"--out {out_dir} is the source export: write the finetuned model to a new folder")
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists: choose another --out or pass --force to replace it")
-    from safetensors import safe_open
-
-    with safe_open(str(source / WEIGHTS), framework="pt") as f:
-        dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
-    dtype = {"F32": torch.float32, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    dtype = next(model.parameters()).dtype  # pretrain.export.load keeps the source file's dtype
     with atomic_directory(out_dir) as tmp:
         for item in source.iterdir():
             if item.is_file() and item.name != WEIGHTS:

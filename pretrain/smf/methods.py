@@ -96,14 +96,14 @@ class SparseMemoryFinetuning:
             for i, capture in enumerate(captures):
                 tables[i] = capture.table
         with torch.no_grad():
-            grads = {t: captures[t].row_gradient(r.to(tables[t].weight.device)) for t, r in rows.items()}
+            rows = {t: r.to(tables[t].weight.device) for t, r in rows.items()}
+            grads = {t: captures[t].row_gradient(r) for t, r in rows.items()}
             self.last_grad_norm = float(sum(g.float().square().sum() for g in grads.values()) ** 0.5)
             scale = 1.0
             if self.max_grad_norm and self.last_grad_norm > self.max_grad_norm:
                 scale = self.max_grad_norm / self.last_grad_norm
             for t, r in rows.items():
-                weight = tables[t].weight
-                weight.index_add_(0, r.to(weight.device), grads[t], alpha=-self.lr * scale)
+                tables[t].weight.index_add_(0, r, grads[t], alpha=-self.lr * scale)
         self.last_rows = rows
         self.rows_updated += sum(int(r.numel()) for r in rows.values())
         return loss.item()
