@@ -34,11 +34,18 @@ class Shape:
 
 
 def make_inputs(s: Shape, device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(s.tokens, s.heads, s.k_dim, generator=g).to(device, s.dtype)
-    k1 = (torch.randn(s.heads, s.n_keys, s.k_dim // 2, generator=g) / s.k_dim**0.5).to(device, s.dtype)
-    k2 = (torch.randn(s.heads, s.n_keys, s.k_dim // 2, generator=g) / s.k_dim**0.5).to(device, s.dtype)
-    values = (torch.randn(s.n_keys**2, s.v_dim, generator=g) * s.v_dim**-0.5).to(device, s.dtype)
+    """Random query, half-keys and value table, drawn on `device` (a 1M x 2048 table is
+    2G numbers: drawing it on the CPU would take longer than the whole benchmark)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(s.dtype)
+
+    q = randn(s.tokens, s.heads, s.k_dim)
+    k1 = randn(s.heads, s.n_keys, s.k_dim // 2, scale=s.k_dim**-0.5)
+    k2 = randn(s.heads, s.n_keys, s.k_dim // 2, scale=s.k_dim**-0.5)
+    values = randn(s.n_keys**2, s.v_dim, scale=s.v_dim**-0.5)
     return q, k1, k2, values
 
 
@@ -118,8 +125,7 @@ def sweep_scoring(tokens: int, heads: int, k: int, k_dim: int, n_keys_list, devi
     rows = []
     for n in n_keys_list:
         s = Shape(tokens, heads, k, n, k_dim, 1, torch.float32)
-        q, k1, k2, _ = make_inputs(Shape(tokens, heads, k, n, k_dim, 1, torch.float32), "cpu")
-        q, k1, k2 = q.to(device), k1.to(device), k2.to(device)
+        q, k1, k2, _ = make_inputs(s, device)
         with torch.no_grad():
             pk = percentiles(time_ms(lambda: reference.pkm_scores_topk(q, k1, k2, s.k), device, repeats))["p50"]
             bf = percentiles(time_ms(lambda: reference.brute_force_topk(q, k1, k2, s.k), device, repeats))["p50"]

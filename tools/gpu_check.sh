@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # GPU check for the Triton kernels, for a session that has a device machine (the
-# `device` tool): compiled (not interpreted) kernel tests on CUDA, then bench_kernels
-# at the paper's shapes. Writes logs and JSON under $OUT (default ./gpu_check_out).
+# `device` tool): the kernel tests compiled (not interpreted) on CUDA, bench_kernels at
+# the paper's shapes and its N sweep, then a short bf16 training run through the Triton
+# path. Writes at most 8 files under $OUT (default ./gpu_check_out): env.txt, tests.log,
+# bench.log, bench_kernels.json, sweep.json, sweep.png, train.log, summary.txt.
 #
-# Prepare here first (the GPU image lacks deepspeed/omegaconf/webdataset; the kernel
-# tests need only torch, triton, pytest, but tests/conftest.py imports pretrain):
+# Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
 #   echo /.whl/ >> .git/info/exclude; pip download ... -d .whl <wheels>   (see ENVIRONMENT.md)
-# then: run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# then: run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# Stage time limits (seconds) can be overridden: TESTS_S, BENCH_S, SWEEP_S, TRAIN_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
-mkdir -p "$OUT"
+WORK="${TMPDIR:-/tmp}/memlayers_gpu_check"
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -19,20 +22,35 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    git rev-parse HEAD 2>/dev/null || true
+    git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
+    git status --short 2>/dev/null | head -20
     date -u +%Y-%m-%dT%H:%M:%SZ
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+summary() { echo "$1: $2 ($(date -u +%H:%M:%S))" | tee -a "$OUT/summary.txt"; }
+stage() {  # stage NAME SECONDS LOG CMD...: run CMD with a time limit, log appended, result in summary.txt
+    local name=$1 limit=$2 log=$3; shift 3
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    summary "$name" "exit $rc after $((SECONDS - t0)) s (limit $limit s)"
+    [ "$rc" -eq 0 ] || status=1
+}
 status=0
 unset TRITON_INTERPRET
-MEMLAYERS_KERNEL_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/tests.log" || status=1
-timeout 240 python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log" || status=1
-timeout 60 python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png" --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || status=1
-# A short bf16 training run through the Triton path (needs the deepspeed/omegaconf/webdataset wheels).
-timeout 240 python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
-    train.max_steps=60 train.eval_every=60 train.log_every=10 "train.run_dir=$OUT/train" \
-    "data.cache_dir=$OUT/data" 2>&1 | tee "$OUT/train.log" || status=1
-timeout 120 python3 tools/bench_slots.py 2>&1 | tee "$OUT/bench_slots.log" || status=1
+export MEMLAYERS_KERNEL_DEVICE=cuda
+# Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
+XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
+stage tests "${TESTS_S:-150}" "$OUT/tests.log" \
+    python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
+stage bench "${BENCH_S:-120}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json"
+stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png" --json "$OUT/sweep.json"
+stage train "${TRAIN_S:-100}" "$OUT/train.log" \
+    python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
+    train.max_steps=100 train.eval_every=100 train.log_every=10 train.checkpoint_every=100 \
+    "train.run_dir=$WORK/train" "data.cache_dir=$WORK/data"
 exit $status
