@@ -147,8 +147,12 @@ def _launch_config(T: int, n_keys: int, kp: int) -> tuple[int, int, int]:
     return block_t, block_n, 8 if kp >= 32 else 4
 
 
-def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
+def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int,
+                     launch: tuple[int, int, int] | None = None):
     """Kernel launch without autograd: fp32 weights (T, H, k) and int64 indices.
+
+    `launch` = (BLOCK_T, BLOCK_N, num_warps) overrides the default configuration
+    (tools/bench_kernels.py --scoring-configs times several).
 
     Weights stay fp32 here (the backward needs them at full precision, as the
     reference's autograd keeps its fp32 softmax); `pkm_topk` casts the output.
@@ -170,7 +174,7 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
     if T == 0:
         return weights, indices
     kp = next_pow2(k)
-    block_t, block_n, warps = _launch_config(T, n_keys, kp)
+    block_t, block_n, warps = launch or _launch_config(T, n_keys, kp)
     grid = (triton.cdiv(T, block_t), H)
     _pkm_fwd_kernel[grid](
         query, keys1, keys2, weights, indices, T, H, n_keys, half,

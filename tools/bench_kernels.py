@@ -38,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
     p.add_argument("--sweep-tokens", type=int, default=256 if cuda else 64)
+    p.add_argument("--scoring-configs", action="store_true",
+                   help="time the fused scoring forward under several (BLOCK_T, BLOCK_N, num_warps) launches")
     p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
     args = p.parse_args(argv)
     for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
@@ -52,7 +54,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
     use_triton = device.type == "cuda"
     if use_triton:
         from kernels import bag_triton, pkm_triton
-    rows, peak, reps = [], info["peak_tbs"], args.repeats
+    rows, peak, reps = StreamedRows(), info["peak_tbs"], args.repeats
     dtype = DTYPES[args.dtype]
     for v_dim in args.v_dims:
         s = kb.Shape(args.tokens, args.heads, args.k, args.n_keys, args.k_dim, v_dim, dtype)
@@ -85,8 +87,12 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                 rows.append(kb.record("scoring_fwd_bwd_triton", t, 2 * sb, peak, 3 * fl, base, **shape))
             progress.update(1)
         fb = kb.bag_bytes(s, stats["unique_rows"], backward=False)
+        flat_idx, flat_w = indices.reshape(s.tokens, -1), weights.reshape(s.tokens, -1)
         with torch.no_grad():
-            t = kb.time_ms(lambda: reference.embedding_bag(values, indices, weights), device, reps)
+            # F.embedding_bag in the table's own dtype (the reference path upcasts bf16 tables
+            # to fp32 first, which would make the baseline pay for a whole-table copy).
+            t = kb.time_ms(lambda: F.embedding_bag(flat_idx, values, per_sample_weights=flat_w, mode="sum"),
+                           device, reps)
             base = kb.percentiles(t)["p50"]
             rows.append(kb.record("bag_fwd_torch_embedding_bag", t, fb, peak, **shape, **stats))
             t = kb.time_ms(lambda: reference.embedding_bag_gather(values, indices, weights), device, reps)
@@ -96,30 +102,76 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                 rows.append(kb.record("bag_fwd_triton", t, fb, peak, None, base, **shape, **stats))
         bb = kb.bag_bytes(s, stats["unique_rows"], backward=True)
         grad_out = torch.randn(s.tokens, v_dim, device=device, dtype=dtype)
-        vg, wg = values.detach().requires_grad_(), weights.detach().float().requires_grad_()
-        out = F.embedding_bag(indices.reshape(s.tokens, -1), vg, per_sample_weights=wg.reshape(s.tokens, -1).to(dtype),
-                              mode="sum")
-        t = kb.time_ms(lambda: torch.autograd.grad(out, [vg, wg], grad_out, retain_graph=True), device, reps)
+        vg, wg = values.detach().requires_grad_(), flat_w.detach().requires_grad_()
+        out = F.embedding_bag(flat_idx, vg, per_sample_weights=wg, mode="sum")
+        note = None
+        try:
+            torch.autograd.grad(out, [vg, wg], grad_out, retain_graph=True)
+            inputs = [vg, wg]
+        except (NotImplementedError, RuntimeError) as err:  # CUDA has no bf16 per-sample-weight backward
+            note = f"value gradient only: the per-sample-weight gradient failed ({str(err).splitlines()[0]})"
+            inputs = [vg]
+        t = kb.time_ms(lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), device, reps)
         base = kb.percentiles(t)["p50"]
-        rows.append(kb.record("bag_bwd_torch_embedding_bag", t, bb, peak, **shape, **stats))
+        rows.append(kb.record("bag_bwd_torch_embedding_bag", t, bb, peak, **shape, **stats, note=note))
+        wg3 = weights.detach().requires_grad_()
+        out_g = reference.embedding_bag_gather(vg, indices, wg3)
+        t = kb.time_ms(lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True), device, reps)
+        rows.append(kb.record("bag_bwd_torch_gather_sum", t, bb, peak, None, base, **shape, **stats))
+        del out_g
         if use_triton:
             for variant in ("sorted", "atomic", "sparse"):
-                o = bag_triton.embedding_bag(vg, indices, wg, value_grad=variant)
-                t = kb.time_ms(lambda: torch.autograd.grad(o, [vg, wg], grad_out, retain_graph=True), device, reps)
+                o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
+                t = kb.time_ms(lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True), device, reps)
                 rows.append(kb.record(f"bag_bwd_triton_{variant}", t, bb, peak, None, base, **shape, **stats))
         del values, vg, out
         progress.update(1)
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'kernel':32s} {'v_dim':>6s} {'p20':>9s} {'p50':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} "
-          f"{'TFLOP/s':>8s} {'speedup':>8s}")
-    for r in rows:
-        def f(key, fmt):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
-        print(f"{r['name']:32s} {r['v_dim']:>6d} {f('p20', '9.3f')} {f('p50', '9.3f')} {f('p80', '9.3f')} "
-              f"{f('gb_s', '8.1f')} {f('pct_peak', '6.1f')} {f('tflop_s', '8.2f')} {f('speedup', '8.2f')}")
+SCORING_LAUNCHES = [(16, 128, 8), (16, 64, 4), (16, 128, 4), (32, 64, 8), (8, 128, 4), (16, 256, 8), (32, 128, 8)]
+
+
+def bench_scoring_configs(args, device) -> list[dict]:
+    """Fused scoring forward at the first shape under each launch of SCORING_LAUNCHES."""
+    from kernels import pkm_triton
+
+    s = kb.Shape(args.tokens, args.heads, args.k, args.n_keys, args.k_dim, 1, DTYPES[args.dtype])
+    q, k1, k2, _ = kb.make_inputs(s, device)
+    with torch.no_grad():
+        want = reference.pkm_topk(q, k1, k2, s.k)[1]
+    rows = []
+    for block_t, block_n, warps in tqdm(SCORING_LAUNCHES, desc="scoring configs"):
+        fn = lambda: pkm_triton.pkm_topk_forward(q, k1, k2, s.k, launch=(block_t, block_n, warps))  # noqa: E731
+        agree = (fn()[1] == want).float().mean().item()
+        t = kb.time_ms(fn, device, args.repeats)
+        row = {"block_t": block_t, "block_n": block_n, "num_warps": warps, "index_agreement": agree, **kb.percentiles(t)}
+        tqdm.write(f"BLOCK_T {block_t:3d} BLOCK_N {block_n:4d} warps {warps}: p50 {row['p50']:.3f} ms "
+                   f"(p20 {row['p20']:.3f}, p80 {row['p80']:.3f}); indices equal to PyTorch's: {100 * agree:.2f}%")
+        rows.append(row)
+    return rows
+
+
+def format_row(r: dict) -> str:
+    def f(key, fmt):
+        return format(r[key], fmt) if r.get(key) is not None else "-"
+    line = (f"{r['name']:32s} {r['v_dim']:>6d} {f('p20', '9.3f')} {f('p50', '9.3f')} {f('p80', '9.3f')} "
+            f"{f('gb_s', '8.1f')} {f('pct_peak', '6.1f')} {f('tflop_s', '8.2f')} {f('speedup', '8.2f')}")
+    return line + (f"\n    note: {r['note']}" if r.get("note") else "")
+
+
+TABLE_HEADER = (f"{'kernel':32s} {'v_dim':>6s} {'p20':>9s} {'p50':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} "
+                f"{'TFLOP/s':>8s} {'speedup':>8s}   (ms; speedup vs the PyTorch row above it)")
+
+
+class StreamedRows(list):
+    """Result rows, each printed as it is measured, so a failure later keeps what came before."""
+
+    def append(self, row: dict) -> None:
+        if not self:
+            tqdm.write(TABLE_HEADER)
+        tqdm.write(format_row(row))
+        super().append(row)
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -136,7 +188,12 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         print("no CUDA device: timing the PyTorch paths only; Triton timing skipped")
         payload["triton_skipped"] = True
-    if args.sweep:
+    if args.scoring_configs:
+        if device.type != "cuda":
+            print("--scoring-configs needs a CUDA device")
+            return 2
+        payload["scoring_configs"] = bench_scoring_configs(args, device)
+    elif args.sweep:
         n_list = [64, 128, 256, 512, 1024]
         with tqdm(total=len(n_list), desc="sweep") as bar:
             rows = kb.sweep_scoring(args.sweep_tokens, args.heads, args.k, args.k_dim, n_list, device,
@@ -166,7 +223,6 @@ def main(argv=None) -> int:
             rows = bench_shapes(args, device, info, bar)
         payload["results"] = rows
         print(f"device: {info['device']} (SKU {info['sku']}, peak {info['peak_tbs']} TB/s)")
-        print_table(rows)
     if args.json:
         write_json(args.json, payload)
         print(f"results written to {args.json}")

@@ -3,12 +3,14 @@
 # `device` tool): the kernel tests compiled (not interpreted) on CUDA, bench_kernels at
 # the paper's shapes and its N sweep, then a short bf16 training run through the Triton
 # path. Writes at most 8 files under $OUT (default ./gpu_check_out): env.txt, tests.log,
-# bench.log, bench_kernels.json, sweep.json, sweep.png, train.log, summary.txt.
+# bench.log, bench_kernels.json, sweep.json, sweep.png, train.log, summary.txt
+# (scoring_configs.json with the configs stage).
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
 #   echo /.whl/ >> .git/info/exclude; pip download ... -d .whl <wheels>   (see ENVIRONMENT.md)
 # then: run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
-# Stage time limits (seconds) can be overridden: TESTS_S, BENCH_S, SWEEP_S, TRAIN_S.
+# STAGES picks stages (default "tests bench sweep train"; "configs" times the fused scoring
+# under several launch configurations). Time limits (seconds): TESTS_S, BENCH_S, SWEEP_S, TRAIN_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -39,17 +41,21 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD with a time limit, log appen
     [ "$rc" -eq 0 ] || status=1
 }
 status=0
+STAGES=" ${STAGES:-tests bench sweep train} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
 # Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-stage tests "${TESTS_S:-150}" "$OUT/tests.log" \
+want tests && stage tests "${TESTS_S:-150}" "$OUT/tests.log" \
     python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
-stage bench "${BENCH_S:-120}" "$OUT/bench.log" \
+want bench && stage bench "${BENCH_S:-120}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json"
-stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
+want configs && stage configs "${CONFIGS_S:-90}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --scoring-configs --json "$OUT/scoring_configs.json"
+want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png" --json "$OUT/sweep.json"
-stage train "${TRAIN_S:-100}" "$OUT/train.log" \
+want train && stage train "${TRAIN_S:-100}" "$OUT/train.log" \
     python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
     train.max_steps=100 train.eval_every=100 train.log_every=10 train.checkpoint_every=100 \
     "train.run_dir=$WORK/train" "data.cache_dir=$WORK/data"
