@@ -15,12 +15,19 @@ Per-weight gradient: one program per (BLOCK_T tokens, BLOCK_J entries), looping 
 the columns: dweights[t,h,j] = <grad_out[t], values[indices[t,h,j]]>. Bytes: M*d*e
 gathered + T*d*e of grad_out + M*(8 + w).
 
-Value gradient, "sorted" (the default, deterministic): the M entries are sorted by
-row (stable torch.sort); one program per (unique row, BLOCK_D columns) sums
-weight * grad_out[token] over its segment in a fixed order with fp32 accumulation and
-writes its row once. No atomics, so repeated runs are bitwise identical. Bytes:
-M*d*e' of grad_out rows read (e' = grad element size) + U*d*e written (+ N*d*e of
-zero fill for the dense form; the sparse form returns only the U rows).
+Backward, "sorted" (the default, deterministic): the M entries are sorted by row
+(stable radix sort of int32 row ids); one program per (unique row, BLOCK_D columns)
+walks its segment in a fixed order, BLOCK_E entries at a time, and from the same
+loaded grad_out[token] rows computes both gradients: dvalues[row] = sum of
+weight * grad_out[token] (fp32 accumulation, the row written once) and, for each
+entry, dweight = <grad_out[token], values[row]> with the value row loaded once per
+unique row rather than once per entry. No atomics: repeated runs are bitwise
+identical. When d spans several column tiles each tile writes partial dweights to its
+own buffer row, summed afterwards in a fixed order. Bytes: M*d*e' of grad_out rows
+(e' = grad element size) + U*d*e of value rows read + U*d*e written + M*(8 + 2w)
+(+ N*d*e of zero fill for the dense form; the sparse form returns only the U rows).
+The unfused alternative (the weight-gradient kernel above plus a value-gradient pass)
+reads the M gathered value rows and the M grad_out rows separately.
 
 Value gradient, "atomic": one program per (BLOCK_E entries, BLOCK_D columns) does
 `tl.atomic_add` of weight * grad_out[token] into an fp32 (N, d) buffer, cast at the end
@@ -81,13 +88,18 @@ def _bag_weight_grad_kernel(values_ptr, idx_ptr, g_ptr, gw_ptr, T, M_T, D, strid
 
 
 @triton.jit
-def _bag_value_grad_sorted_kernel(g_ptr, w_ptr, perm_ptr, seg_ptr, rows_ptr, out_ptr, M_T, D, stride_g, stride_o,
-                                  DENSE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, seg_ptr, rows_ptr, out_ptr, gw_ptr, M, M_T, D,
+                           stride_g, stride_v, stride_o,
+                           DENSE: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     u = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     start = tl.load(seg_ptr + u)
     end = tl.load(seg_ptr + u + 1)
+    row = tl.load(rows_ptr + u).to(tl.int64)
+    if NEED_DW:
+        v = tl.load(v_ptr + row * stride_v + cols, mask=cmask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for e0 in range(start, end, BLOCK_E):
         es = e0 + tl.arange(0, BLOCK_E)
@@ -98,11 +110,13 @@ def _bag_value_grad_sorted_kernel(g_ptr, w_ptr, perm_ptr, seg_ptr, rows_ptr, out
         g = tl.load(g_ptr + tok[:, None] * stride_g + cols[None, :],
                     mask=emask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(g * w[:, None], axis=0)
+        if NEED_DW:  # partial dot over this column tile, at the entry's sorted position
+            tl.store(gw_ptr + cb.to(tl.int64) * M + es, tl.sum(g * v[None, :], axis=1), mask=emask)
     if DENSE:
-        row = tl.load(rows_ptr + u).to(tl.int64)
+        dest = row
     else:
-        row = u.to(tl.int64)
-    tl.store(out_ptr + row * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+        dest = u.to(tl.int64)
+    tl.store(out_ptr + dest * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -201,42 +215,67 @@ def bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch
 def _segments(indices: torch.Tensor):
     """Stable sort of the flat entries by row: (unique rows, segment offsets (U+1), entry order)."""
     flat = indices.reshape(-1)
-    sorted_rows, perm = torch.sort(flat, stable=True)
+    # 32-bit keys sort about twice as fast; row ids fit (the packed top-k caps N below 2**31).
+    keys = flat.to(torch.int32) if flat.numel() and flat.max().item() < 2**31 else flat
+    sorted_rows, perm = torch.sort(keys, stable=True)
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(counts, 0, out=seg[1:])
     return rows, seg, perm
 
 
-def _value_grad_sorted(grad_out, indices, weights, out, rows, seg, perm, dense: bool):
+def _sorted_launch(D: int) -> tuple[int, int, int]:
+    """(BLOCK_E, BLOCK_D, num_warps): a whole value row per program up to 2048 columns."""
+    if INTERPRETING:
+        return 8, _block_d(D, 64), 4
+    bd = _block_d(D, 2048)
+    return max(2, min(16, 8192 // bd)), bd, 8 if bd >= 2048 else 4
+
+
+def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_rows: int,
+                        dtype: torch.dtype, values: torch.Tensor | None = None, dense: bool = True):
+    """Deterministic fused backward: (dvalues, dweights), dweights only when `values` is given.
+
+    dvalues is (num_rows, d) in `dtype` when `dense`, else the pair (unique rows (U,)
+    ascending, their gradient rows (U, d)).
+    """
+    need_dweights = values is not None
+    rows, seg, perm = _segments(indices)
+    M = indices.numel()
     M_T = indices[0].numel() if indices.shape[0] else 1
     D = grad_out.shape[1]
     grad_out = grad_out.contiguous()
     w = weights.reshape(-1).contiguous()
-    if rows.numel() == 0 or D == 0:
-        return out
-    bd = _block_d(D, 64 if INTERPRETING else 256)
-    be = 8 if INTERPRETING else 16
-    _bag_value_grad_sorted_kernel[(rows.numel(), triton.cdiv(D, bd))](
-        grad_out, w, perm, seg, rows, out, M_T, D, grad_out.stride(0), out.stride(0),
-        DENSE=dense, BLOCK_E=be, BLOCK_D=bd, num_warps=4)
-    return out
+    out = torch.zeros(num_rows, D, dtype=dtype, device=grad_out.device) if dense else \
+        torch.empty(rows.numel(), D, dtype=dtype, device=grad_out.device)
+    table = values if need_dweights else grad_out  # the kernel reads no value row without NEED_DW
+    be, bd, warps = _sorted_launch(D)
+    n_cb = triton.cdiv(D, bd) if D else 0
+    partial = torch.zeros(max(n_cb, 1), M if need_dweights else 1, dtype=torch.float32, device=grad_out.device)
+    if rows.numel() and D:
+        _bag_bwd_sorted_kernel[(rows.numel(), n_cb)](
+            grad_out, w, table, perm, seg, rows, out, partial, M, M_T, D,
+            grad_out.stride(0), table.stride(0), out.stride(0),
+            DENSE=dense, NEED_DW=need_dweights, BLOCK_E=be, BLOCK_D=bd, num_warps=warps)
+    dvalues = out if dense else (rows.to(torch.int64), out)
+    if not need_dweights:
+        return dvalues, None
+    sorted_dw = partial[0] if n_cb <= 1 else partial.sum(0)  # fixed order: deterministic
+    dweights = torch.empty(M, dtype=torch.float32, device=grad_out.device)
+    dweights[perm] = sorted_dw
+    return dvalues, dweights.to(weights.dtype).reshape(indices.shape)
 
 
 def bag_value_grad_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                           num_rows: int, dtype: torch.dtype) -> torch.Tensor:
     """Dense dvalues (num_rows, d), deterministic: sort + per-row segment reduction."""
-    rows, seg, perm = _segments(indices)
-    out = torch.zeros(num_rows, grad_out.shape[1], dtype=dtype, device=grad_out.device)
-    return _value_grad_sorted(grad_out, indices, weights, out, rows, seg, perm, dense=True)
+    return bag_backward_sorted(grad_out, indices, weights, num_rows, dtype)[0]
 
 
 def bag_value_grad_sparse(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                           dtype: torch.dtype):
     """Touched rows only: (unique rows (U,) int64 ascending, their gradient rows (U, d))."""
-    rows, seg, perm = _segments(indices)
-    out = torch.empty(rows.numel(), grad_out.shape[1], dtype=dtype, device=grad_out.device)
-    return rows, _value_grad_sorted(grad_out, indices, weights, out, rows, seg, perm, dense=False)
+    return bag_backward_sorted(grad_out, indices, weights, 0, dtype, dense=False)[0]
 
 
 def bag_value_grad_atomic(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -269,18 +308,19 @@ class EmbeddingBag(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, weights = ctx.saved_tensors
+        need_dv, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_values = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            N, dtype = values.shape[0], values.dtype
-            if ctx.value_grad == "sorted":
-                grad_values = bag_value_grad_sorted(grad_out, indices, weights, N, dtype)
-            elif ctx.value_grad == "atomic":
-                grad_values = bag_value_grad_atomic(grad_out, indices, weights, N, dtype)
-            else:
-                rows, grad_rows = bag_value_grad_sparse(grad_out, indices, weights, dtype)
+        if need_dv and ctx.value_grad in ("sorted", "sparse"):
+            dense = ctx.value_grad == "sorted"
+            grad_values, grad_weights = bag_backward_sorted(grad_out, indices, weights, values.shape[0], values.dtype,
+                                                            values if need_dw else None, dense)
+            if not dense:
+                rows, grad_rows = grad_values
                 grad_values = torch.sparse_coo_tensor(rows[None], grad_rows, values.shape,
                                                       is_coalesced=True, check_invariants=False)
-        if ctx.needs_input_grad[2]:
+        elif need_dv:
+            grad_values = bag_value_grad_atomic(grad_out, indices, weights, values.shape[0], values.dtype)
+        if need_dw and grad_weights is None:
             grad_weights = bag_weight_grad(grad_out, values, indices, weights.dtype)
         return grad_values, None, grad_weights, None
 

@@ -1,15 +1,20 @@
 """Kernel benchmark library behind tools/bench_kernels.py: inputs, timing, bytes model.
 
 Bytes moved (each input read once, each output written once; e = value element size,
-q = query element size, M = T*H*k entries, n = n_keys, N = n*n):
+q = query element size, M = T*H*k entries, n = n_keys, N = n*n, U = unique rows):
   scoring fwd   T*H*k_dim*q + 2*H*n*(k_dim/2)*q + M*(q + 8)            FLOPs 2*T*H*n*k_dim
   scoring bwd   the forward's bytes + grads of query and keys (same sizes) FLOPs 2x forward
   bag fwd       M*d*e (gathered rows) + M*(8 + e) + T*d*e (output)
-  bag bwd       M*d*e (rows for dweights) + M*d*e (grad_out rows per entry)
-                + U*d*e (touched dvalue rows; U unique rows) + M*(8 + 2e)
-Gathered rows count once per entry, not once per unique row: duplicates may hit in L2,
-so a kernel can exceed the counted bandwidth slightly; unique rows and the largest
-multiplicity are reported beside each bag shape.
+  bag bwd       M*d*e (grad_out rows, one per entry) + U*d*e (value rows, for dweights)
+                + U*d*e (touched dvalue rows written) + M*(8 + 2e)
+A gathered row counts once per entry that reads it: the table is far larger than L2 and
+rows repeat only a few times, so that is what leaves HBM (duplicates may hit in L2, so
+a kernel can exceed the counted bandwidth slightly; unique rows and the largest
+multiplicity are reported beside each bag shape). Some M*d term is unavoidable in the
+backward: either grad_out rows are gathered per entry or dvalue partials are scattered
+per entry. Value rows count once per unique row, what the fused sorted backward reads;
+the unfused variants (atomic) read them once per entry, M*d*e more than counted. The
+dense form's zero fill of untouched rows (N - U)*d*e is not counted.
 """
 from __future__ import annotations
 
@@ -88,7 +93,7 @@ def bag_bytes(s: Shape, unique_rows: int, backward: bool) -> int:
     e = torch.finfo(s.dtype).bits // 8
     M = s.tokens * s.heads * s.k
     if backward:
-        return 2 * M * s.v_dim * e + unique_rows * s.v_dim * e + M * (8 + 2 * e)
+        return M * s.v_dim * e + 2 * unique_rows * s.v_dim * e + M * (8 + 2 * e)
     return M * s.v_dim * e + M * (8 + e) + s.tokens * s.v_dim * e
 
 

@@ -1,5 +1,5 @@
-"""Fused product-key search in Triton: half-key scores, top-k per half, the k*k
-candidate sums, the final top-k and the softmax, in one kernel.
+"""Fused product-key search in Triton: half-key scores, top-k per half, the candidate
+sums, the final top-k and the softmax, in one kernel.
 
 Shapes (see kernels/reference.py): query (T, H, k_dim); keys1/keys2 (H, n, k_dim // 2);
 returns weights (T, H, k) in the query's dtype and int64 indices (T, H, k), i1 * n + i2.
@@ -11,17 +11,22 @@ Design (forward, one program per (block of BLOCK_T tokens, head)):
   * Each score is packed with its key index into one int64 (order-preserving float
     bits in the high word, the bit-inverted index in the low word), so a plain row
     max carries the argument along and keys are unique (ties go to the lower index).
-  * Selection is k rounds of row-max + knock-out over the running top-k and the new
-    tile together (`_extract_topk`): k*(k + BLOCK_N) compares per row and tile, all
-    in registers, written out in descending order (so k need not be a power of two;
-    register tiles are padded to KP, the next power of two). Triton's bitonic
-    `tl.topk` was the first design, but its xor-reductions run element by element in
-    the interpreter (~1 s per program), which made it untestable on CPU.
-  * The KP*KP candidate sums v1[a] + v2[b] are formed in registers, packed with the
-    slot id i1 * n + i2, and reduced by the same k-round extraction; the softmax
-    over the k winners runs in registers too. Taking the top k per half is exact:
-    the top k of all n*n sums always lies in top-k(half 1) x top-k(half 2).
-  Nothing of size N = n*n or k*k per token touches global memory.
+  * Per half, the running top-k (unordered, KP register columns, KP = next power of
+    two of k) is merged with each tile by threshold: only tile scores above the
+    running k-th best can enter, so a tile costs as many rounds (row max, knock-out,
+    replace the row minimum) as the most such scores in any row of the block, at most
+    k. On random data that is k for the first tile and about k/j + a few for the j-th:
+    roughly half the rounds of merging every tile in full.
+  * Candidates: with both halves sorted (descending), a pair (a, b) can only be in
+    the top k of the sums v1[a] + v2[b] if (a+1)(b+1) <= k (the (a+1)(b+1) - 1 pairs
+    that dominate it are at least as large). That is ~k ln k pairs (119 for k=32)
+    instead of k*k (1024); the host passes their (a, b) list and the kernel gathers
+    them (`tl.gather`), packs sum and slot id i1 * n + i2, and extracts the top k in
+    order. The softmax over the k winners runs in registers.
+  Selection is always k rounds of row-max + knock-out (never Triton's bitonic
+  `tl.topk`/`tl.sort`, whose xor-reductions run element by element in the
+  interpreter and made CPU testing impractical). Nothing of size N = n*n or k*k per
+  token touches global memory.
 
 Bytes moved (forward, the model the benchmark counts): query T*H*k_dim*e, keys
 2*H*n*(k_dim/2)*e (each read once), weights T*H*k*e and indices T*H*k*8 written
@@ -29,13 +34,16 @@ Bytes moved (forward, the model the benchmark counts): query T*H*k_dim*e, keys
 keys once per token block (from L2), which this model does not count.
 
 Backward (PyTorch on the saved indices): with ds = w * (dw - sum(dw * w)), the
-half-score gradients are scattered into dense (T, H, n) matrices D1, D2 (the size of
-the reference's own score tensor, not N), then dq = [D1 @ keys1, D2 @ keys2] and
-dkeys = D^T @ q run as dense matmuls. This reuses cuBLAS and is deterministic up to
-`scatter_add_` on CUDA (float atomics; the bag's value gradient is the part that
-must be bitwise reproducible, not this one).
+half-score gradients are scattered (fp32) into dense (T, H, n) matrices D1, D2 (the
+size of the reference's own score tensor, not N), then dq = [D1 @ keys1, D2 @ keys2]
+and dkeys = D^T @ q run as dense matmuls in the inputs' dtype (bf16 tensor cores for
+bf16 models, as the reference's autograd does). Deterministic up to `scatter_add_` on
+CUDA (float atomics; the bag's value gradient is the part that must be bitwise
+reproducible, not this one).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -44,6 +52,7 @@ import triton.language as tl
 from kernels.triton_common import INTERPRETING, check_same_device, next_pow2
 
 _LOW_MAX = tl.constexpr(2147483647)  # low word = _LOW_MAX - index: larger for lower indices
+_TOP = tl.constexpr(9223372036854775807)  # above every packed key: padding columns of the running top-k
 
 
 @triton.jit
@@ -63,20 +72,25 @@ def _unpack(key):
 
 
 @triton.jit
-def _extract_topk(a, b, K: tl.constexpr, KP: tl.constexpr):
-    """Top K of the union of packed keys a (R, A) and b (R, B), largest first, as (R, KP).
+def _neg_key():
+    """The smallest key: -inf with the largest index. Knocked-out entries become this."""
+    return _pack(tl.full((1, 1), float("-inf"), tl.float32), tl.full((1, 1), _LOW_MAX, tl.int64))
+
+
+@triton.jit
+def _extract_topk(a, K: tl.constexpr, KP: tl.constexpr):
+    """Top K of the packed keys a (R, A), largest first, as (R, KP).
 
     K rounds of row max + knock-out. Keys are unique (they carry their index), so
-    `== m` removes exactly the extracted key. Columns K..KP-1 stay at the sentinel.
+    `== m` removes exactly the extracted key. Columns K..KP-1 hold the smallest key.
     """
-    neg = _pack(tl.full((1, 1), float("-inf"), tl.float32), tl.full((1, 1), _LOW_MAX, tl.int64))
+    neg = _neg_key()
     cols = tl.arange(0, KP)[None, :]
     out = tl.zeros((a.shape[0], KP), tl.int64) + neg
     for j in range(K):
-        m = tl.maximum(tl.max(a, axis=1), tl.max(b, axis=1))[:, None]
+        m = tl.max(a, axis=1)[:, None]
         out = tl.where(cols == j, m, out)
         a = tl.where(a == m, neg, a)
-        b = tl.where(b == m, neg, b)
     return out
 
 
@@ -84,10 +98,16 @@ def _extract_topk(a, b, K: tl.constexpr, KP: tl.constexpr):
 def _half_topk(q, keys_ptr, n_keys, half, stride_kn,
                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HALF_P: tl.constexpr,
                K: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr):
-    """Packed top-K keys (BLOCK_T, KP) of q (BLOCK_T, HALF_P) against one head's half-keys."""
+    """Packed top-K keys (BLOCK_T, KP), descending, of q (BLOCK_T, HALF_P) against one head's half-keys."""
     dims = tl.arange(0, HALF_P)
     dmask = dims < half
-    best = _pack(tl.full((BLOCK_T, KP), float("-inf"), tl.float32), tl.full((BLOCK_T, KP), _LOW_MAX, tl.int64))
+    cols = tl.arange(0, KP)[None, :]
+    neg = _neg_key()
+    # Running top-K, unordered. Real columns start at distinct sentinels just above `neg`
+    # (low words past _LOW_MAX) so "replace the row minimum" replaces exactly one;
+    # padding columns hold _TOP so they are never the minimum.
+    sentinels = _pack(tl.full((BLOCK_T, KP), float("-inf"), tl.float32), -1 - cols + tl.zeros((BLOCK_T, KP), tl.int32))
+    best = tl.where(cols < K, sentinels, _TOP)
     for n0 in range(0, n_keys, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < n_keys
@@ -98,14 +118,24 @@ def _half_topk(q, keys_ptr, n_keys, half, stride_kn,
         else:
             s = tl.dot(q, kt)
         s = tl.where(nmask[None, :], s, float("-inf"))
-        best = _extract_topk(best, _pack(s, ns[None, :] + tl.zeros((BLOCK_T, BLOCK_N), tl.int32)), K, KP)
-    return best
+        tile = _pack(s, ns[None, :] + tl.zeros((BLOCK_T, BLOCK_N), tl.int32))
+        threshold = tl.min(best, axis=1)[:, None]
+        above = tile > threshold
+        tile = tl.where(above, tile, neg)
+        # Tile keys enter in descending order; after K rounds none can enter any more.
+        rounds = tl.minimum(tl.max(tl.sum(above.to(tl.int32), axis=1)), K)
+        for _ in range(rounds):
+            m = tl.max(tile, axis=1)[:, None]
+            tile = tl.where(tile == m, neg, tile)
+            low = tl.min(best, axis=1)[:, None]
+            best = tl.where((best == low) & (m > low), m, best)
+    return _extract_topk(tl.where(cols < K, best, neg), K, KP)
 
 
 @triton.jit
-def _pkm_fwd_kernel(q_ptr, k1_ptr, k2_ptr, w_ptr, i_ptr,
+def _pkm_fwd_kernel(q_ptr, k1_ptr, k2_ptr, pairs_ptr, w_ptr, i_ptr,
                     T, H, n_keys, half, stride_qt, stride_qh, stride_kh, stride_kn,
-                    K: tl.constexpr, KP: tl.constexpr, HALF_P: tl.constexpr,
+                    K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, HALF_P: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -120,11 +150,14 @@ def _pkm_fwd_kernel(q_ptr, k1_ptr, k2_ptr, w_ptr, i_ptr,
     best2 = _half_topk(q2, k2_ptr + h * stride_kh, n_keys, half, stride_kn, BLOCK_T, BLOCK_N, HALF_P, K, KP, IEEE)
     v1, j1 = _unpack(best1)
     v2, j2 = _unpack(best2)
-    cand = v1[:, :, None] + v2[:, None, :]
-    slot = j1[:, :, None] * n_keys + j2[:, None, :]
-    none = _pack(tl.full((BLOCK_T, KP), float("-inf"), tl.float32), tl.full((BLOCK_T, KP), _LOW_MAX, tl.int64))
-    top = _extract_topk(tl.reshape(_pack(cand, slot), (BLOCK_T, KP * KP)), none, K, KP)
-    score, slot = _unpack(top)
+    # The candidate pairs (a, b) with (a+1)(b+1) <= K; padding entries have a = -1.
+    pa = tl.load(pairs_ptr + tl.arange(0, P))
+    pb = tl.load(pairs_ptr + P + tl.arange(0, P))
+    ia = tl.zeros((BLOCK_T, P), tl.int32) + tl.maximum(pa, 0)[None, :]
+    ib = tl.zeros((BLOCK_T, P), tl.int32) + tl.maximum(pb, 0)[None, :]
+    cand = tl.where((pa >= 0)[None, :], tl.gather(v1, ia, axis=1) + tl.gather(v2, ib, axis=1), float("-inf"))
+    slot = tl.gather(j1, ia, axis=1) * n_keys + tl.gather(j2, ib, axis=1)
+    score, slot = _unpack(_extract_topk(_pack(cand, slot), K, KP))
     cols = tl.arange(0, KP)
     valid = cols[None, :] < K
     score = tl.where(valid, score, float("-inf"))
@@ -137,14 +170,22 @@ def _pkm_fwd_kernel(q_ptr, k1_ptr, k2_ptr, w_ptr, i_ptr,
     tl.store(i_ptr + out, slot, mask=omask)
 
 
+@functools.lru_cache(maxsize=None)
+def _candidate_pairs(k: int, device: torch.device) -> torch.Tensor:
+    """int32 (2, P): the (a, b) with (a+1)(b+1) <= k, padded with a = b = -1 to a power of two."""
+    pairs = [(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
+    table = torch.full((2, max(16, next_pow2(len(pairs)))), -1, dtype=torch.int32)
+    table[:, : len(pairs)] = torch.tensor(pairs, dtype=torch.int32).T
+    return table.to(device)
+
+
 def _launch_config(T: int, n_keys: int, kp: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_N, num_warps). tl.dot needs M, N, K >= 16 when compiled."""
     block_n = max(kp, 16, min(128, next_pow2(n_keys)))
     if INTERPRETING:
         return 16, block_n, 4
-    # The KP*KP candidate tile lives in registers: keep BLOCK_T small when it is big.
-    block_t = 16 if kp >= 32 else 32
-    return block_t, block_n, 8 if kp >= 32 else 4
+    # Measured on an H100 at the paper's shape (tools/bench_kernels.py --scoring-configs).
+    return 16, block_n, 4
 
 
 def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int,
@@ -175,11 +216,12 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
         return weights, indices
     kp = next_pow2(k)
     block_t, block_n, warps = launch or _launch_config(T, n_keys, kp)
+    pairs = _candidate_pairs(k, query.device)
     grid = (triton.cdiv(T, block_t), H)
     _pkm_fwd_kernel[grid](
-        query, keys1, keys2, weights, indices, T, H, n_keys, half,
+        query, keys1, keys2, pairs, weights, indices, T, H, n_keys, half,
         query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1),
-        K=k, KP=kp, HALF_P=max(16, next_pow2(half)), BLOCK_T=block_t, BLOCK_N=block_n,
+        K=k, KP=kp, P=pairs.shape[1], HALF_P=max(16, next_pow2(half)), BLOCK_T=block_t, BLOCK_N=block_n,
         # The interpreter's tl.dot multiplies bf16/fp16 bit patterns as integers: upcast there.
         IEEE=query.dtype == torch.float32 or INTERPRETING, num_warps=warps,
     )
@@ -197,10 +239,12 @@ def pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices):
     dense2 = torch.zeros_like(dense1)
     dense1.scatter_add_(2, indices // n_keys, ds)
     dense2.scatter_add_(2, indices % n_keys, ds)
-    qf = query.float()
-    q1, q2 = qf[..., :half], qf[..., half:]
-    dq = torch.cat([torch.einsum("thn,hnd->thd", dense1, keys1.float()),
-                    torch.einsum("thn,hnd->thd", dense2, keys2.float())], dim=-1)
+    # Accumulate the scatter in fp32, multiply in the inputs' dtype (fp32 stays fp32).
+    dtype = torch.promote_types(query.dtype, keys1.dtype)
+    dense1, dense2 = dense1.to(dtype), dense2.to(dtype)
+    q1, q2 = query[..., :half].to(dtype), query[..., half:].to(dtype)
+    dq = torch.cat([torch.einsum("thn,hnd->thd", dense1, keys1.to(dtype)),
+                    torch.einsum("thn,hnd->thd", dense2, keys2.to(dtype))], dim=-1)
     dk1 = torch.einsum("thn,thd->hnd", dense1, q1)
     dk2 = torch.einsum("thn,thd->hnd", dense2, q2)
     return dq.to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)

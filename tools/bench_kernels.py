@@ -124,12 +124,17 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                 o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
                 t = kb.time_ms(lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True), device, reps)
                 rows.append(kb.record(f"bag_bwd_triton_{variant}", t, bb, peak, None, base, **shape, **stats))
+            # Where the sorted backward's time goes: the sort alone, and the unfused weight gradient.
+            t = kb.time_ms(lambda: bag_triton._segments(indices), device, reps)
+            rows.append(kb.record("bag_bwd_part_sort_segments", t, None, peak, **shape))
+            t = kb.time_ms(lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype), device, reps)
+            rows.append(kb.record("bag_bwd_part_weight_grad_unfused", t, None, peak, **shape))
         del values, vg, out
         progress.update(1)
     return rows
 
 
-SCORING_LAUNCHES = [(16, 128, 8), (16, 64, 4), (16, 128, 4), (32, 64, 8), (8, 128, 4), (16, 256, 8), (32, 128, 8)]
+SCORING_LAUNCHES = [(16, 128, 4), (16, 64, 4), (16, 256, 4), (16, 128, 8), (16, 64, 2), (32, 128, 4), (32, 64, 8)]
 
 
 def bench_scoring_configs(args, device) -> list[dict]:

@@ -49,6 +49,35 @@ def test_indices_are_exact_topk_over_all_slots(device):
     assert_close(w, w_bf, FP32_TOL, "weights vs brute force")
 
 
+@pytest.mark.parametrize("block_n,k", [(16, 8), (16, 12), (32, 3)])
+def test_running_topk_across_many_key_tiles(block_n, k, device):
+    """Small key tiles: the threshold merge of the running top-k runs over 4-7 tiles."""
+    q, k1, k2 = (t.detach() for t in _inputs(16, 2, 16, 100, device, seed=11 + k))
+    w, idx = pkm_triton.pkm_topk_forward(q, k1, k2, k, launch=(16, block_n, 4))
+    w_bf, idx_bf = reference.brute_force_topk(q.cpu().double(), k1.cpu().double(), k2.cpu().double(), k)
+    assert torch.equal(idx.cpu(), idx_bf)
+    assert_close(w, w_bf, FP32_TOL, "weights vs brute force")
+
+
+def test_candidate_pairs_cover_every_winner():
+    """The pruned pair list holds the top k of all k*k sums of two sorted lists (random
+    trials, including many ties), and has sum_i floor(k / i) pairs, not k*k."""
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 3, 5, 16, 32):
+        pairs = pkm_triton._candidate_pairs(k, torch.device("cpu"))
+        got = {(a, b) for a, b in pairs.T.tolist() if a >= 0}
+        assert len(got) == sum(k // i for i in range(1, k + 1))
+        for trial in range(50):
+            v1, v2 = (torch.randn(k, generator=g, dtype=torch.float64).sort(descending=True).values for _ in "ab")
+            if trial % 5 == 0:
+                v1, v2 = v1.round(), v2.round()  # ties
+            sums = (v1[:, None] + v2[None, :]).flatten()
+            kth = sums.topk(k).values[-1]
+            # every sum strictly above the k-th largest must be a listed pair
+            winners = {(i // k, i % k) for i in torch.nonzero(sums > kth).flatten().tolist()}
+            assert winners <= got, f"k={k}: winners {sorted(winners - got)} not in the pair list"
+
+
 def test_bf16_storage(device):
     T, H, k_dim, n, k = 16, 2, 32, 48, 8
     inputs = _inputs(T, H, k_dim, n, device, dtype=torch.bfloat16, seed=3)
