@@ -138,7 +138,7 @@ def _configs(*triples):
 
 
 if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
-    _bag_fwd, _bag_weight_grad = _bag_fwd_kernel, _bag_weight_grad_kernel
+    _bag_fwd, _bag_weight_grad, _bag_bwd_sorted = _bag_fwd_kernel, _bag_weight_grad_kernel, _bag_bwd_sorted_kernel
 else:
     # Memory-bound gathers: many rows in flight per program, 16-byte column vectors.
     _bag_fwd = triton.autotune(
@@ -147,6 +147,12 @@ else:
     _bag_weight_grad = triton.autotune(
         _configs((1, 32, 128, 4), (1, 16, 256, 4), (2, 16, 128, 4), (1, 64, 64, 4), (1, 32, 256, 8)),
         key=["M_T", "D"])(_bag_weight_grad_kernel)
+    # Entries per step x warps. Rows repeat ~M/U times (about 4 at the paper's shape), so
+    # few entries per step keep registers low and many rows in flight; reruns during
+    # tuning are harmless (every written element is overwritten with the same value).
+    _bag_bwd_sorted = triton.autotune(
+        [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((4, 4), (4, 8), (8, 4), (8, 8), (2, 4), (16, 8))],
+        key=["D", "DENSE", "NEED_DW"])(_bag_bwd_sorted_kernel)
 
 
 def _block_d(D: int, cap: int) -> int:
@@ -224,12 +230,9 @@ def _segments(indices: torch.Tensor):
     return rows, seg, perm
 
 
-def _sorted_launch(D: int) -> tuple[int, int, int]:
-    """(BLOCK_E, BLOCK_D, num_warps): a whole value row per program up to 2048 columns."""
-    if INTERPRETING:
-        return 8, _block_d(D, 64), 4
-    bd = _block_d(D, 2048)
-    return max(2, min(16, 8192 // bd)), bd, 8 if bd >= 2048 else 4
+def _sorted_block_d(D: int) -> int:
+    """A whole value row per program up to 2048 columns (dweights then need no second pass)."""
+    return _block_d(D, 64 if INTERPRETING else 2048)
 
 
 def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_rows: int,
@@ -249,14 +252,15 @@ def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: 
     out = torch.zeros(num_rows, D, dtype=dtype, device=grad_out.device) if dense else \
         torch.empty(rows.numel(), D, dtype=dtype, device=grad_out.device)
     table = values if need_dweights else grad_out  # the kernel reads no value row without NEED_DW
-    be, bd, warps = _sorted_launch(D)
+    bd = _sorted_block_d(D)
     n_cb = triton.cdiv(D, bd) if D else 0
     partial = torch.zeros(max(n_cb, 1), M if need_dweights else 1, dtype=torch.float32, device=grad_out.device)
     if rows.numel() and D:
-        _bag_bwd_sorted_kernel[(rows.numel(), n_cb)](
+        extra = dict(BLOCK_E=8, num_warps=4) if INTERPRETING else {}
+        _bag_bwd_sorted[(rows.numel(), n_cb)](
             grad_out, w, table, perm, seg, rows, out, partial, M, M_T, D,
             grad_out.stride(0), table.stride(0), out.stride(0),
-            DENSE=dense, NEED_DW=need_dweights, BLOCK_E=be, BLOCK_D=bd, num_warps=warps)
+            DENSE=dense, NEED_DW=need_dweights, BLOCK_D=bd, **extra)
     dvalues = out if dense else (rows.to(torch.int64), out)
     if not need_dweights:
         return dvalues, None

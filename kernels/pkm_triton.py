@@ -179,21 +179,33 @@ def _candidate_pairs(k: int, device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
-def _launch_config(T: int, n_keys: int, kp: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_N, num_warps). tl.dot needs M, N, K >= 16 when compiled."""
-    block_n = max(kp, 16, min(128, next_pow2(n_keys)))
-    if INTERPRETING:
-        return 16, block_n, 4
-    # Measured on an H100 at the paper's shape (tools/bench_kernels.py --scoring-configs).
-    return 16, block_n, 4
+def _prune_launches(configs, named_args, **kwargs):
+    """Drop key tiles much wider than the key set (all-masked columns are pure waste)."""
+    cap = max(16, next_pow2(named_args["n_keys"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
+# (BLOCK_T, BLOCK_N, num_warps). tl.dot needs M, N, K >= 16 when compiled. Measured on an
+# H100 at the paper's shape (tools/bench_kernels.py --scoring-configs): few warps and
+# narrow key tiles win, because each merge round is a chain of short row reductions.
+LAUNCHES = [(16, 64, 2), (16, 32, 2), (16, 128, 2), (16, 32, 1), (16, 64, 4), (32, 64, 4), (16, 16, 1)]
+if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
+    _pkm_fwd = _pkm_fwd_kernel
+else:
+    _pkm_fwd = triton.autotune(
+        [triton.Config({"BLOCK_T": t, "BLOCK_N": n}, num_warps=w) for t, n, w in LAUNCHES],
+        key=["n_keys", "K", "HALF_P", "IEEE"], prune_configs_by={"early_config_prune": _prune_launches},
+    )(_pkm_fwd_kernel)
 
 
 def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int,
                      launch: tuple[int, int, int] | None = None):
     """Kernel launch without autograd: fp32 weights (T, H, k) and int64 indices.
 
-    `launch` = (BLOCK_T, BLOCK_N, num_warps) overrides the default configuration
-    (tools/bench_kernels.py --scoring-configs times several).
+    Compiled, the launch configuration is autotuned over LAUNCHES (once per key-set
+    shape); `launch` = (BLOCK_T, BLOCK_N, num_warps) forces one instead
+    (tools/bench_kernels.py --scoring-configs times each).
 
     Weights stay fp32 here (the backward needs them at full precision, as the
     reference's autograd keeps its fp32 softmax); `pkm_topk` casts the output.
@@ -214,17 +226,23 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
     indices = torch.empty(T, H, k, dtype=torch.int64, device=query.device)
     if T == 0:
         return weights, indices
-    kp = next_pow2(k)
-    block_t, block_n, warps = launch or _launch_config(T, n_keys, kp)
+    # At least 8 columns: Triton 3.6 fails to compile (an assertion in its gather
+    # lowering) when the gathered running top-k is only 4 wide.
+    kp = max(8, next_pow2(k))
     pairs = _candidate_pairs(k, query.device)
-    grid = (triton.cdiv(T, block_t), H)
-    _pkm_fwd_kernel[grid](
-        query, keys1, keys2, pairs, weights, indices, T, H, n_keys, half,
-        query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1),
-        K=k, KP=kp, P=pairs.shape[1], HALF_P=max(16, next_pow2(half)), BLOCK_T=block_t, BLOCK_N=block_n,
-        # The interpreter's tl.dot multiplies bf16/fp16 bit patterns as integers: upcast there.
-        IEEE=query.dtype == torch.float32 or INTERPRETING, num_warps=warps,
-    )
+    args = (query, keys1, keys2, pairs, weights, indices, T, H, n_keys, half,
+            query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1))
+    consts = dict(K=k, KP=kp, P=pairs.shape[1], HALF_P=max(16, next_pow2(half)),
+                  # The interpreter's tl.dot multiplies bf16/fp16 bit patterns as integers: upcast there.
+                  IEEE=query.dtype == torch.float32 or INTERPRETING)
+    if INTERPRETING and launch is None:
+        launch = (16, max(16, min(128, next_pow2(n_keys))), 4)
+    if launch is not None:
+        block_t, block_n, warps = launch
+        _pkm_fwd_kernel[(triton.cdiv(T, block_t), H)](*args, **consts, BLOCK_T=block_t, BLOCK_N=block_n,
+                                                      num_warps=warps)
+    else:
+        _pkm_fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), H)](*args, **consts)
     return weights, indices
 
 

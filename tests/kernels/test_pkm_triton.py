@@ -49,7 +49,7 @@ def test_indices_are_exact_topk_over_all_slots(device):
     assert_close(w, w_bf, FP32_TOL, "weights vs brute force")
 
 
-@pytest.mark.parametrize("block_n,k", [(16, 8), (16, 12), (32, 3)])
+@pytest.mark.parametrize("block_n,k", [(16, 8), (16, 12), (32, 3), (16, 1), (16, 2)])
 def test_running_topk_across_many_key_tiles(block_n, k, device):
     """Small key tiles: the threshold merge of the running top-k runs over 4-7 tiles."""
     q, k1, k2 = (t.detach() for t in _inputs(16, 2, 16, 100, device, seed=11 + k))
