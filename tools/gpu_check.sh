@@ -2,14 +2,16 @@
 # GPU check for the Triton kernels, for a session that has a device machine (the
 # `device` tool): the kernel tests compiled (not interpreted) on CUDA, bench_kernels at
 # the paper's shapes and its N sweep, then a short bf16 training run through the Triton
-# path. Writes at most 8 files under $OUT (default ./gpu_check_out): env.txt, tests.log,
-# bench.log, bench_kernels.json, sweep.json, sweep.png, train.log, summary.txt
-# (scoring_configs.json with the configs stage).
+# path. Writes at most 8 files (the device tool returns no more) under $OUT (default
+# ./gpu_check_out): summary.txt (machine, versions, commit, each stage's exit status and
+# time), tests.log, bench.log, bench_kernels.json, scoring_configs.json, sweep.json,
+# sweep.png, train.log.
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
 #   echo /.whl/ >> .git/info/exclude; pip download ... -d .whl <wheels>   (see ENVIRONMENT.md)
-# then: run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
-# STAGES picks stages (default "tests bench sweep train"; "configs" times the fused scoring
+# then: run(command="COMMIT=<git rev-parse HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=300)
+# (COMMIT: the device copy's .git may be stale, so name the commit that is being sent.)
+# STAGES picks stages (default all: "tests bench configs sweep train"; "configs" times the fused scoring
 # under several launch configurations). Time limits (seconds): TESTS_S, BENCH_S, SWEEP_S, TRAIN_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,11 +28,10 @@ fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
-    git status --short 2>/dev/null | head -20
+    echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown) (from the .git that travelled; may be stale)}"
     date -u +%Y-%m-%dT%H:%M:%SZ
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} > "$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
 summary() { echo "$1: $2 ($(date -u +%H:%M:%S))" | tee -a "$OUT/summary.txt"; }
 stage() {  # stage NAME SECONDS LOG CMD...: run CMD with a time limit, log appended, result in summary.txt
     local name=$1 limit=$2 log=$3; shift 3
@@ -41,7 +42,7 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD with a time limit, log appen
     [ "$rc" -eq 0 ] || status=1
 }
 status=0
-STAGES=" ${STAGES:-tests bench sweep train} "
+STAGES=" ${STAGES:-tests bench configs sweep train} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
