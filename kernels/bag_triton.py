@@ -25,7 +25,7 @@ unique row rather than once per entry. No atomics: repeated runs are bitwise
 identical. When d spans several column tiles each tile writes partial dweights to its
 own buffer row, summed afterwards in a fixed order. Bytes: M*d*e' of grad_out rows
 (e' = grad element size) + U*d*e of value rows read + U*d*e written + M*(8 + 2w)
-(+ N*d*e of zero fill for the dense form; the sparse form returns only the U rows).
+(+ (N - U)*d*e of zeros, written by the same kernel for untouched rows in the dense form, which launches one program per table row; the sparse form returns only the U rows).
 The unfused alternative (the weight-gradient kernel above plus a value-gradient pass)
 reads the M gathered value rows and the M grad_out rows separately.
 
@@ -97,9 +97,13 @@ def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, seg_ptr, rows_ptr, out
     cmask = cols < D
     start = tl.load(seg_ptr + u)
     end = tl.load(seg_ptr + u + 1)
-    row = tl.load(rows_ptr + u).to(tl.int64)
+    if DENSE:  # one program per table row; untouched rows write their zeros
+        row = u.to(tl.int64)
+    else:  # one program per touched row
+        row = tl.load(rows_ptr + u).to(tl.int64)
     if NEED_DW:
-        v = tl.load(v_ptr + row * stride_v + cols, mask=cmask, other=0.0).to(tl.float32)
+        touched = (cols * 0 + end) > start  # a block mask (a scalar one breaks the interpreter): no read if untouched
+        v = tl.load(v_ptr + row * stride_v + cols, mask=cmask & touched, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for e0 in range(start, end, BLOCK_E):
         es = e0 + tl.arange(0, BLOCK_E)
@@ -112,11 +116,7 @@ def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, seg_ptr, rows_ptr, out
         acc += tl.sum(g * w[:, None], axis=0)
         if NEED_DW:  # partial dot over this column tile, at the entry's sorted position
             tl.store(gw_ptr + cb.to(tl.int64) * M + es, tl.sum(g * v[None, :], axis=1), mask=emask)
-    if DENSE:
-        dest = row
-    else:
-        dest = u.to(tl.int64)
-    tl.store(out_ptr + dest * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+    tl.store(out_ptr + u.to(tl.int64) * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -218,14 +218,21 @@ def bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch
     return gw.reshape(indices.shape)
 
 
-def _segments(indices: torch.Tensor):
-    """Stable sort of the flat entries by row: (unique rows, segment offsets (U+1), entry order)."""
+def _segments(indices: torch.Tensor, num_rows: int | None = None):
+    """Stable sort of the flat entries by row: (rows, segment offsets, entry order).
+
+    With `num_rows` every table row gets a (possibly empty) segment, offsets (num_rows+1,)
+    and rows None; without, only the U touched rows, ascending, offsets (U+1,).
+    """
     flat = indices.reshape(-1)
     # 32-bit keys sort about twice as fast; row ids fit (the packed top-k caps N below 2**31).
     keys = flat.to(torch.int32) if flat.numel() and flat.max().item() < 2**31 else flat
     sorted_rows, perm = torch.sort(keys, stable=True)
-    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=flat.device)
+    if num_rows is not None:
+        rows, counts = None, torch.bincount(sorted_rows, minlength=num_rows)
+    else:
+        rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(counts, 0, out=seg[1:])
     return rows, seg, perm
 
@@ -243,22 +250,23 @@ def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: 
     ascending, their gradient rows (U, d)).
     """
     need_dweights = values is not None
-    rows, seg, perm = _segments(indices)
+    rows, seg, perm = _segments(indices, num_rows if dense else None)
+    programs = seg.numel() - 1
     M = indices.numel()
     M_T = indices[0].numel() if indices.shape[0] else 1
     D = grad_out.shape[1]
     grad_out = grad_out.contiguous()
     w = weights.reshape(-1).contiguous()
-    out = torch.zeros(num_rows, D, dtype=dtype, device=grad_out.device) if dense else \
-        torch.empty(rows.numel(), D, dtype=dtype, device=grad_out.device)
+    # Every row of `out` is written by its program (zeros where untouched): no separate fill.
+    out = torch.empty(programs, D, dtype=dtype, device=grad_out.device)
     table = values if need_dweights else grad_out  # the kernel reads no value row without NEED_DW
     bd = _sorted_block_d(D)
     n_cb = triton.cdiv(D, bd) if D else 0
     partial = torch.zeros(max(n_cb, 1), M if need_dweights else 1, dtype=torch.float32, device=grad_out.device)
-    if rows.numel() and D:
+    if programs and D:
         extra = dict(BLOCK_E=8, num_warps=4) if INTERPRETING else {}
-        _bag_bwd_sorted[(rows.numel(), n_cb)](
-            grad_out, w, table, perm, seg, rows, out, partial, M, M_T, D,
+        _bag_bwd_sorted[(programs, n_cb)](
+            grad_out, w, table, perm, seg, seg if rows is None else rows, out, partial, M, M_T, D,
             grad_out.stride(0), table.stride(0), out.stride(0),
             DENSE=dense, NEED_DW=need_dweights, BLOCK_D=bd, **extra)
     dvalues = out if dense else (rows.to(torch.int64), out)
