@@ -156,6 +156,16 @@ def bench_scoring_configs(args, device) -> list[dict]:
     return rows
 
 
+def autotuned_configs() -> dict:
+    """The launch configuration each autotuned kernel chose, per tuning key (for the JSON)."""
+    from kernels import bag_triton, pkm_triton
+
+    tuners = {"pkm_fwd": pkm_triton._pkm_fwd, "bag_fwd": bag_triton._bag_fwd,
+              "bag_weight_grad": bag_triton._bag_weight_grad, "bag_bwd_sorted": bag_triton._bag_bwd_sorted}
+    return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+            for name, tuner in tuners.items()}
+
+
 def format_row(r: dict) -> str:
     def f(key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
@@ -226,6 +236,11 @@ def main(argv=None) -> int:
         with tqdm(total=2 * len(args.v_dims), desc="kernels") as bar:
             rows = bench_shapes(args, device, info, bar)
         payload["results"] = rows
+        if device.type == "cuda":
+            payload["autotuned"] = autotuned_configs()
+            for name, chosen in payload["autotuned"].items():
+                for key, config in chosen.items():
+                    print(f"autotuned {name} {key}: {config}")
         print(f"device: {info['device']} (SKU {info['sku']}, peak {info['peak_tbs']} TB/s)")
     if args.json:
         write_json(args.json, payload)
