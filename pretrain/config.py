@@ -158,6 +158,14 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
             "train.dtype=fp16 is not supported with memory layers: the value pool is optimised outside "
             "DeepSpeed and would receive loss-scaled gradients; use bf16 (no loss scaling) or fp32"
         )
+    if cfg.model.memory.enabled and cfg.model.memory.kernel == "triton" and device_type == "cpu":
+        from kernels.triton_common import INTERPRETING
+
+        if not INTERPRETING:
+            raise ConfigError(
+                "model.memory.kernel=triton needs a CUDA device (this run is on CPU): use "
+                "model.memory.kernel=auto or torch, or set TRITON_INTERPRET=1 to interpret the kernels (slow)"
+            )
     if t.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"train.nan_policy={t.nan_policy!r} must be 'stop' or 'skip'")
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:

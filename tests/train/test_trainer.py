@@ -135,6 +135,19 @@ def test_incompatible_checkpoint_is_refused(tmp_path, data_cache):
         train(tiny_config(run, data_cache, "train.max_steps=2", "model.dim=64"))
 
 
+def test_triton_kernel_on_cpu_is_refused_at_load(monkeypatch):
+    import kernels.triton_common
+
+    monkeypatch.setattr(kernels.triton_common, "INTERPRETING", False)
+    cfg = load_config("configs/tiny.yaml")
+    cfg.model.memory.kernel = "triton"
+    validate(cfg, device_type="cuda")
+    with pytest.raises(ConfigError, match="model.memory.kernel=triton needs a CUDA device"):
+        validate(cfg, device_type="cpu")
+    monkeypatch.setattr(kernels.triton_common, "INTERPRETING", True)  # TRITON_INTERPRET=1: allowed
+    validate(cfg, device_type="cpu")
+
+
 def test_config_errors_before_heavy_work(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
         load_config("configs/tiny.yaml", ["train.max_step=3"])
