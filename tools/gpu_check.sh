@@ -8,7 +8,7 @@
 # sweep.png, train.log.
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
-#   echo /.whl/ >> .git/info/exclude; pip download ... -d .whl <wheels>   (see ENVIRONMENT.md)
+#   bash tools/fetch_gpu_wheels.sh        (writes .whl/, ~5 MB)
 # then: run(command="COMMIT=<git rev-parse HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=300)
 # (COMMIT: the device copy's .git may be stale, so name the commit that is being sent.)
 # STAGES picks stages (default all: "tests bench configs sweep train"; "configs" times the fused scoring
