@@ -27,7 +27,10 @@ own buffer row, summed afterwards in a fixed order. Bytes: M*d*e' of grad_out ro
 (e' = grad element size) + U*d*e of value rows read + U*d*e written + M*(8 + 2w)
 (+ (N - U)*d*e of zeros, written by the same kernel for untouched rows in the dense form, which launches one program per table row; the sparse form returns only the U rows).
 The unfused alternative (the weight-gradient kernel above plus a value-gradient pass)
-reads the M gathered value rows and the M grad_out rows separately.
+reads the M gathered value rows and the M grad_out rows separately. A row read more than
+ROW_CHUNK times (a hot slot) would make its one program the tail of the launch: such rows
+are cut into chunks, each chunk's fp32 partial row is written by the same kernel, and a
+second launch of it sums each row's chunks in order, so the result stays deterministic.
 
 Value gradient, "atomic": one program per (BLOCK_E entries, BLOCK_D columns) does
 `tl.atomic_add` of weight * grad_out[token] into an fp32 (N, d) buffer, cast at the end
@@ -88,15 +91,15 @@ def _bag_weight_grad_kernel(values_ptr, idx_ptr, g_ptr, gw_ptr, T, M_T, D, strid
 
 
 @triton.jit
-def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, seg_ptr, rows_ptr, out_ptr, gw_ptr, M, M_T, D,
+def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, starts_ptr, ends_ptr, rows_ptr, out_ptr, gw_ptr, M, M_T, D,
                            stride_g, stride_v, stride_o,
                            DENSE: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     u = tl.program_id(0)
     cb = tl.program_id(1)
     cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    start = tl.load(seg_ptr + u)
-    end = tl.load(seg_ptr + u + 1)
+    start = tl.load(starts_ptr + u)
+    end = tl.load(ends_ptr + u)
     if DENSE:  # one program per table row; untouched rows write their zeros
         row = u.to(tl.int64)
     else:  # one program per touched row
@@ -242,6 +245,22 @@ def _sorted_block_d(D: int) -> int:
     return _block_d(D, 64 if INTERPRETING else 2048)
 
 
+# The most entries one program reduces. A row read more often (a hot slot of a trained
+# memory can take a large share of a batch) is split into chunks whose fp32 partial rows
+# are then summed in order, so one row never serialises the whole launch.
+ROW_CHUNK = 1024
+
+
+def _launch_sorted(g, w, table, perm, starts, ends, rows, out, dw_parts, M, M_T, dense, need_dw):
+    programs, D = starts.numel(), g.shape[1]
+    bd = _sorted_block_d(D)
+    if programs and D:
+        extra = dict(BLOCK_E=8, num_warps=4) if INTERPRETING else {}
+        _bag_bwd_sorted[(programs, triton.cdiv(D, bd))](
+            g, w, table, perm, starts, ends, rows, out, dw_parts, M, M_T, D, g.stride(0), table.stride(0),
+            out.stride(0), DENSE=dense, NEED_DW=need_dw, BLOCK_D=bd, **extra)
+
+
 def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_rows: int,
                         dtype: torch.dtype, values: torch.Tensor | None = None, dense: bool = True):
     """Deterministic fused backward: (dvalues, dweights), dweights only when `values` is given.
@@ -249,31 +268,50 @@ def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: 
     dvalues is (num_rows, d) in `dtype` when `dense`, else the pair (unique rows (U,)
     ascending, their gradient rows (U, d)).
     """
-    need_dweights = values is not None
+    need_dw = values is not None
     rows, seg, perm = _segments(indices, num_rows if dense else None)
     programs = seg.numel() - 1
     M = indices.numel()
     M_T = indices[0].numel() if indices.shape[0] else 1
     D = grad_out.shape[1]
+    dev = grad_out.device
     grad_out = grad_out.contiguous()
     w = weights.reshape(-1).contiguous()
+    table = values if need_dw else grad_out  # the kernel reads no value row without NEED_DW
+    rows_arg = seg if rows is None else rows  # dense: program u is table row u
     # Every row of `out` is written by its program (zeros where untouched): no separate fill.
-    out = torch.empty(programs, D, dtype=dtype, device=grad_out.device)
-    table = values if need_dweights else grad_out  # the kernel reads no value row without NEED_DW
-    bd = _sorted_block_d(D)
-    n_cb = triton.cdiv(D, bd) if D else 0
-    partial = torch.zeros(max(n_cb, 1), M if need_dweights else 1, dtype=torch.float32, device=grad_out.device)
-    if programs and D:
-        extra = dict(BLOCK_E=8, num_warps=4) if INTERPRETING else {}
-        _bag_bwd_sorted[(programs, n_cb)](
-            grad_out, w, table, perm, seg, seg if rows is None else rows, out, partial, M, M_T, D,
-            grad_out.stride(0), table.stride(0), out.stride(0),
-            DENSE=dense, NEED_DW=need_dweights, BLOCK_D=bd, **extra)
+    out = torch.empty(programs, D, dtype=dtype, device=dev)
+    n_cb = triton.cdiv(D, _sorted_block_d(D)) if D else 0
+    dw_parts = torch.empty(max(n_cb, 1), M if need_dw else 1, dtype=torch.float32, device=dev)
+    starts, ends = seg[:-1], seg[1:]
+    hot = (ends - starts) > ROW_CHUNK
+    any_hot = programs > 0 and bool(hot.any())
+    # Hot rows get an empty segment here (a placeholder row) and are done in chunks below.
+    _launch_sorted(grad_out, w, table, perm, starts, torch.where(hot, starts, ends) if any_hot else ends,
+                   rows_arg, out, dw_parts, M, M_T, dense, need_dw)
+    if any_hot:
+        hot_ids = torch.nonzero(hot).flatten()
+        hot_rows = hot_ids if rows is None else rows[hot_ids].to(torch.int64)
+        n_chunks = (ends[hot_ids] - starts[hot_ids] + ROW_CHUNK - 1) // ROW_CHUNK
+        first = torch.cumsum(n_chunks, 0) - n_chunks
+        owner = torch.repeat_interleave(torch.arange(hot_ids.numel(), device=dev), n_chunks)
+        c_starts = starts[hot_ids][owner] + (torch.arange(owner.numel(), device=dev) - first[owner]) * ROW_CHUNK
+        c_ends = torch.minimum(c_starts + ROW_CHUNK, ends[hot_ids][owner])
+        parts = torch.empty(owner.numel(), D, dtype=torch.float32, device=dev)
+        _launch_sorted(grad_out, w, table, perm, c_starts, c_ends, hot_rows[owner], parts, dw_parts, M, M_T,
+                       False, need_dw)
+        # Sum each hot row's chunk rows in order: the same kernel over `parts` as the
+        # "grad_out", with the identity as entry order and unit weights.
+        chunk_ids = torch.arange(owner.numel(), device=dev)
+        sums = torch.empty(hot_ids.numel(), D, dtype=dtype, device=dev)
+        _launch_sorted(parts, torch.ones(owner.numel(), device=dev), parts, chunk_ids, first, first + n_chunks,
+                       first, sums, dw_parts, owner.numel(), 1, False, False)
+        out[hot_ids] = sums
     dvalues = out if dense else (rows.to(torch.int64), out)
-    if not need_dweights:
+    if not need_dw:
         return dvalues, None
-    sorted_dw = partial[0] if n_cb <= 1 else partial.sum(0)  # fixed order: deterministic
-    dweights = torch.empty(M, dtype=torch.float32, device=grad_out.device)
+    sorted_dw = dw_parts[0] if n_cb <= 1 else dw_parts.sum(0)  # fixed order: deterministic
+    dweights = torch.empty(M, dtype=torch.float32, device=dev)
     dweights[perm] = sorted_dw
     return dvalues, dweights.to(weights.dtype).reshape(indices.shape)
 

@@ -54,6 +54,16 @@ def make_inputs(s: Shape, device, seed: int = 0):
     return q, k1, k2, values
 
 
+def zipf_indices(shape, num_slots: int, exponent: float, device, seed: int = 1) -> torch.Tensor:
+    """Slot ids drawn with P(rank r) ~ r**-exponent over all slots, ranks scattered over
+    the table by a random permutation: a few hot slots, as a trained memory has."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    probs = torch.arange(1, num_slots + 1, device=device, dtype=torch.float64).pow(-exponent)
+    ranks = torch.multinomial(probs.float(), int(torch.Size(shape).numel()), replacement=True, generator=g)
+    slot_of_rank = torch.randperm(num_slots, device=device, generator=g)
+    return slot_of_rank[ranks].reshape(shape)
+
+
 def time_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
     """Per-call milliseconds: CUDA events on GPU, perf_counter on CPU."""
     for _ in range(warmup):

@@ -38,6 +38,9 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
     p.add_argument("--sweep-tokens", type=int, default=256 if cuda else 64)
+    p.add_argument("--index-skew", type=float, default=0.0,
+                   help="bag rows drawn from a Zipf law with this exponent over all slots (hot slots, as in a "
+                        "trained memory) instead of the slots the scoring selects; 0 = the scoring's")
     p.add_argument("--scoring-configs", action="store_true",
                    help="time the fused scoring forward under several (BLOCK_T, BLOCK_N, num_warps) launches")
     p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
@@ -45,6 +48,8 @@ def parse_args(argv):
     for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
         if getattr(args, key) <= 0:
             p.error(f"--{key.replace('_', '-')} must be positive")
+    if args.index_skew < 0:
+        p.error("--index-skew must be >= 0")
     if args.k > args.n_keys or args.k_dim % 2:
         p.error("need --k <= --n-keys and an even --k-dim")
     return args
@@ -63,6 +68,9 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                  "v_dim": v_dim, "dtype": args.dtype}
         with torch.no_grad():
             weights, indices = reference.pkm_topk(q, k1, k2, s.k)
+        if args.index_skew > 0:
+            indices = kb.zipf_indices(indices.shape, s.n_keys**2, args.index_skew, device)
+            shape["index_skew"] = args.index_skew
         stats = kb.row_stats(indices)
         sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
         if v_dim == args.v_dims[0]:  # scoring does not depend on the value dim
