@@ -4,15 +4,16 @@
 # the paper's shapes and its N sweep, then a short bf16 training run through the Triton
 # path. Writes at most 8 files (the device tool returns no more) under $OUT (default
 # ./gpu_check_out): summary.txt (machine, versions, commit, each stage's exit status and
-# time), tests.log, bench.log, bench_kernels.json, scoring_configs.json, sweep.json,
-# sweep.png, train.log.
+# time), tests.log, bench.log (all benchmark tables), bench_kernels.json,
+# scoring_configs.json, bench_skew.json, sweep.png, train.log.
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
 #   bash tools/fetch_gpu_wheels.sh        (writes .whl/, ~5 MB)
 # then: run(command="COMMIT=<git rev-parse HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=300)
 # (COMMIT: the device copy's .git may be stale, so name the commit that is being sent.)
-# STAGES picks stages (default all: "tests bench configs sweep train"; "configs" times the fused scoring
-# under several launch configurations). Time limits (seconds): TESTS_S, BENCH_S, SWEEP_S, TRAIN_S.
+# STAGES picks stages (default all: "tests bench configs skew sweep train"; "configs" times the
+# fused scoring under each launch its autotuner considers, "skew" the bag with Zipf-distributed
+# rows). Time limits (seconds): TESTS_S, BENCH_S, CONFIGS_S, SKEW_S, SWEEP_S, TRAIN_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -42,7 +43,7 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD with a time limit, log appen
     [ "$rc" -eq 0 ] || status=1
 }
 status=0
-STAGES=" ${STAGES:-tests bench configs sweep train} "
+STAGES=" ${STAGES:-tests bench configs skew sweep train} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
@@ -54,8 +55,11 @@ want bench && stage bench "${BENCH_S:-120}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json"
 want configs && stage configs "${CONFIGS_S:-90}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --scoring-configs --json "$OUT/scoring_configs.json"
+# Hot slots (Zipf-distributed rows, as a trained memory reads them): the chunked sorted backward.
+want skew && stage skew "${SKEW_S:-90}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$OUT/bench_skew.json"
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png" --json "$OUT/sweep.json"
+    python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png"
 want train && stage train "${TRAIN_S:-100}" "$OUT/train.log" \
     python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
     train.max_steps=100 train.eval_every=100 train.log_every=10 train.checkpoint_every=100 \
