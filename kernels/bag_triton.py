@@ -16,21 +16,22 @@ the columns: dweights[t,h,j] = <grad_out[t], values[indices[t,h,j]]>. Bytes: M*d
 gathered + T*d*e of grad_out + M*(8 + w).
 
 Backward, "sorted" (the default, deterministic): the M entries are sorted by row
-(stable radix sort of int32 row ids); one program per (unique row, BLOCK_D columns)
-walks its segment in a fixed order, BLOCK_E entries at a time, and from the same
-loaded grad_out[token] rows computes both gradients: dvalues[row] = sum of
-weight * grad_out[token] (fp32 accumulation, the row written once) and, for each
-entry, dweight = <grad_out[token], values[row]> with the value row loaded once per
-unique row rather than once per entry. No atomics: repeated runs are bitwise
-identical. When d spans several column tiles each tile writes partial dweights to its
-own buffer row, summed afterwards in a fixed order. Bytes: M*d*e' of grad_out rows
-(e' = grad element size) + U*d*e of value rows read + U*d*e written + M*(8 + 2w)
-(+ (N - U)*d*e of zeros, written by the same kernel for untouched rows in the dense form, which launches one program per table row; the sparse form returns only the U rows).
-The unfused alternative (the weight-gradient kernel above plus a value-gradient pass)
-reads the M gathered value rows and the M grad_out rows separately. A row read more than
-ROW_CHUNK times (a hot slot) would make its one program the tail of the launch: such rows
-are cut into chunks, each chunk's fp32 partial row is written by the same kernel, and a
-second launch of it sums each row's chunks in order, so the result stays deterministic.
+(stable radix sort of int32 row ids). One program per (row, BLOCK_D columns) -- every
+table row for the dense form, the U touched rows for the sparse form -- walks the row's
+segment in a fixed order, BLOCK_E entries at a time, and from the same loaded
+grad_out[token] rows computes both gradients: dvalues[row] = sum of weight *
+grad_out[token] (fp32 accumulation; the row written once, zeros if untouched, so the
+dense form needs no separate fill) and, per entry, dweight = <grad_out[token],
+values[row]> with the value row loaded once per row rather than once per entry. No
+atomics: repeated runs are bitwise identical. When d spans several column tiles, each
+tile writes partial dweights to its own buffer row, summed afterwards in a fixed order.
+A row read more than ROW_CHUNK times (a hot slot) would make its one program the tail
+of the launch: such rows are cut into chunks, each chunk's fp32 partial row is written
+by the same kernel, and a second launch of it sums each row's chunks in order.
+Bytes: M*d*e' of grad_out rows (e' = grad element size) + U*d*e of value rows read +
+U*d*e written + M*(8 + 2w), plus (N - U)*d*e of zeros in the dense form. The unfused
+alternative (the per-weight kernel above plus a value-gradient pass) reads the M
+gathered value rows and the M grad_out rows separately.
 
 Value gradient, "atomic": one program per (BLOCK_E entries, BLOCK_D columns) does
 `tl.atomic_add` of weight * grad_out[token] into an fp32 (N, d) buffer, cast at the end
