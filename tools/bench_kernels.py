@@ -126,7 +126,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         out_g = reference.embedding_bag_gather(vg, indices, wg3)
         t = kb.time_ms(lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True), device, reps)
         rows.append(kb.record("bag_bwd_torch_gather_sum", t, bb, peak, None, base, **shape, **stats))
-        del out_g
+        out_g = None
         if use_triton:
             for variant in ("sorted", "atomic", "sparse"):
                 o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
@@ -137,7 +137,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             rows.append(kb.record("bag_bwd_part_sort_segments", t, None, peak, **shape))
             t = kb.time_ms(lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype), device, reps)
             rows.append(kb.record("bag_bwd_part_weight_grad_unfused", t, None, peak, **shape))
-        del values, vg, out
+        values = vg = out = None  # free the table (up to 4 GB) before the next shape
         progress.update(1)
     return rows
 
