@@ -179,7 +179,13 @@ def format_row(r: dict) -> str:
         return format(r[key], fmt) if r.get(key) is not None else "-"
     line = (f"{r['name']:32s} {r['v_dim']:>6d} {f('p20', '9.3f')} {f('p50', '9.3f')} {f('p80', '9.3f')} "
             f"{f('gb_s', '8.1f')} {f('pct_peak', '6.1f')} {f('tflop_s', '8.2f')} {f('speedup', '8.2f')}")
-    return line + (f"\n    note: {r['note']}" if r.get("note") else "")
+    notes = [r["note"]] if r.get("note") else []
+    if r["p80"] > UNSTEADY * r["p20"]:
+        notes.append(f"unsteady: p80 is {r['p80'] / r['p20']:.2f}x p20 (bimodal or disturbed); rerun before quoting p50")
+    return line + "".join(f"\n    note: {n}" for n in notes)
+
+
+UNSTEADY = 1.15  # p80 / p20 above this flags a row whose median should not be quoted alone
 
 
 TABLE_HEADER = (f"{'kernel':32s} {'v_dim':>6s} {'p20':>9s} {'p50':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} "

@@ -39,3 +39,12 @@ def test_cpu_run_writes_json_with_skewed_indices(tmp_path, capsys):
     assert {r["name"] for r in bag} >= {"bag_fwd_torch_embedding_bag", "bag_bwd_torch_embedding_bag"}
     assert all(r["index_skew"] == 1.5 and r["max_row_multiplicity"] >= 1 for r in bag)
     assert "Triton timing skipped" in capsys.readouterr().out
+
+
+def test_unsteady_rows_are_flagged():
+    from tools.bench_kernels import format_row
+
+    steady = {"name": "bag_fwd_triton", "v_dim": 2048, "p20": 5.949, "p50": 6.013, "p80": 6.046}
+    bimodal = {"name": "bag_fwd_triton", "v_dim": 1024, "p20": 3.003, "p50": 3.902, "p80": 4.002}  # H100, 17b4615
+    assert "unsteady" not in format_row(steady)
+    assert "unsteady: p80 is 1.33x p20" in format_row(bimodal)
