@@ -222,17 +222,17 @@ def bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch
     return gw.reshape(indices.shape)
 
 
-def _segments(indices: torch.Tensor, num_rows: int | None = None):
+def _segments(indices: torch.Tensor, num_rows: int, every_row: bool):
     """Stable sort of the flat entries by row: (rows, segment offsets, entry order).
 
-    With `num_rows` every table row gets a (possibly empty) segment, offsets (num_rows+1,)
-    and rows None; without, only the U touched rows, ascending, offsets (U+1,).
+    `num_rows` bounds the row ids (the value table's size, already checked by the
+    forward). With `every_row` each table row gets a (possibly empty) segment, offsets
+    (num_rows+1,) and rows None; without, only the U touched rows, ascending, offsets (U+1,).
     """
     flat = indices.reshape(-1)
     # 32-bit keys sort about twice as fast; row ids fit (the packed top-k caps N below 2**31).
-    keys = flat.to(torch.int32) if flat.numel() and flat.max().item() < 2**31 else flat
-    sorted_rows, perm = torch.sort(keys, stable=True)
-    if num_rows is not None:
+    sorted_rows, perm = torch.sort(flat.to(torch.int32) if num_rows <= 2**31 else flat, stable=True)
+    if every_row:
         rows, counts = None, torch.bincount(sorted_rows, minlength=num_rows)
     else:
         rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
@@ -266,11 +266,11 @@ def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: 
                         dtype: torch.dtype, values: torch.Tensor | None = None, dense: bool = True):
     """Deterministic fused backward: (dvalues, dweights), dweights only when `values` is given.
 
-    dvalues is (num_rows, d) in `dtype` when `dense`, else the pair (unique rows (U,)
-    ascending, their gradient rows (U, d)).
+    num_rows is the value table's size (row ids lie below it). dvalues is (num_rows, d) in
+    `dtype` when `dense`, else the pair (unique rows (U,) ascending, their gradient rows (U, d)).
     """
     need_dw = values is not None
-    rows, seg, perm = _segments(indices, num_rows if dense else None)
+    rows, seg, perm = _segments(indices, num_rows, every_row=dense)
     programs = seg.numel() - 1
     M = indices.numel()
     M_T = indices[0].numel() if indices.shape[0] else 1
@@ -326,7 +326,8 @@ def bag_value_grad_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights
 def bag_value_grad_sparse(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                           dtype: torch.dtype):
     """Touched rows only: (unique rows (U,) int64 ascending, their gradient rows (U, d))."""
-    return bag_backward_sorted(grad_out, indices, weights, 0, dtype, dense=False)[0]
+    num_rows = int(indices.max()) + 1 if indices.numel() else 0
+    return bag_backward_sorted(grad_out, indices, weights, num_rows, dtype, dense=False)[0]
 
 
 def bag_value_grad_atomic(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,

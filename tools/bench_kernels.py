@@ -133,7 +133,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                 t = kb.time_ms(lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True), device, reps)
                 rows.append(kb.record(f"bag_bwd_triton_{variant}", t, bb, peak, None, base, **shape, **stats))
             # Where the sorted backward's time goes: the sort alone, and the unfused weight gradient.
-            t = kb.time_ms(lambda: bag_triton._segments(indices), device, reps)
+            t = kb.time_ms(lambda: bag_triton._segments(indices, s.n_keys**2, every_row=True), device, reps)
             rows.append(kb.record("bag_bwd_part_sort_segments", t, None, peak, **shape))
             t = kb.time_ms(lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype), device, reps)
             rows.append(kb.record("bag_bwd_part_weight_grad_unfused", t, None, peak, **shape))
@@ -174,6 +174,9 @@ def autotuned_configs() -> dict:
             for name, tuner in tuners.items()}
 
 
+UNSTEADY = 1.15  # p80 / p20 above this flags a row whose median should not be quoted alone
+
+
 def format_row(r: dict) -> str:
     def f(key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
@@ -183,9 +186,6 @@ def format_row(r: dict) -> str:
     if r["p80"] > UNSTEADY * r["p20"]:
         notes.append(f"unsteady: p80 is {r['p80'] / r['p20']:.2f}x p20 (bimodal or disturbed); rerun before quoting p50")
     return line + "".join(f"\n    note: {n}" for n in notes)
-
-
-UNSTEADY = 1.15  # p80 / p20 above this flags a row whose median should not be quoted alone
 
 
 TABLE_HEADER = (f"{'kernel':32s} {'v_dim':>6s} {'p20':>9s} {'p50':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} "
