@@ -123,7 +123,8 @@ def slot_indices(memory_layers, with_shared_table: bool) -> list[torch.Tensor]:
 def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
     """The step's loss averaged over ranks, and whether every rank's loss was finite.
 
-    One small all-reduce: the step's only host synchronisation.
+    One small all-reduce read on the host (the stop check and the Triton bag's index range
+    check synchronise too).
     """
     both = torch.stack([loss.float(), (~torch.isfinite(loss)).float()])
     if dist.is_available() and dist.is_initialized():

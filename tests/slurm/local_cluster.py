@@ -162,8 +162,9 @@ PartitionName=short Nodes={self.node} Default=NO MaxTime=1 State=UP
     # ---- client helpers
     def cmd(self, args: list[str], check: bool = True) -> str:
         exe = _which(args[0]) or args[0]
-        result = subprocess.run([exe, *args[1:]], env=self.env, capture_output=True, text=True, timeout=60,
-                                check=False)
+        # cwd: a job without --output writes slurm-<id>.out there, not into the checkout.
+        result = subprocess.run([exe, *args[1:]], env=self.env, cwd=self.root, capture_output=True, text=True,
+                                timeout=60, check=False)
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed (exit {result.returncode}): {result.stderr.strip()}")
         return result.stdout
