@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/memlayers/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install bench smf-report clean
+.PHONY: demo test lint install bench smf-report clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) tools/bench_train.py

@@ -13,7 +13,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/memla
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _LAUNCH_ENV_AT_START = {k: os.environ[k] for k in _LAUNCH_VARS if k in os.environ}
 
-from pretrain.model.config import MemoryConfig, ModelConfig
+from pretrain.model.config import MemoryConfig, ModelConfig  # noqa: E402 (after the environment defaults)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +42,8 @@ def make_model_config():
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """One tiny embedded dataset shared by the trainer and export tests."""
-    from tests.train.helpers import tiny_config
-
     from pretrain.data import prepare_embedded_dataset
+    from tests.train.helpers import tiny_config
 
     cache = tmp_path_factory.mktemp("data-cache")
     cfg = tiny_config(cache / "unused", cache)

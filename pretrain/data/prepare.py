@@ -18,10 +18,10 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from pretrain.data.corpus import CorpusStats, iter_documents, resolve_files
-from pretrain.files import atomic_directory
 from pretrain.data.errors import DataError
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.files import atomic_directory
 
 _MASK64 = (1 << 64) - 1
 _worker_tokenizer: Tokenizer | None = None

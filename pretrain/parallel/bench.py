@@ -22,8 +22,8 @@ from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel.groups import init_memory_groups
-from pretrain.spawn import run_gloo
 from pretrain.parallel.memory_parallel import MemoryParallel
+from pretrain.spawn import run_gloo
 
 
 @dataclass

@@ -8,11 +8,26 @@ from pretrain.slots.counters import SlotStatistics
 from pretrain.slots.granularity import parse_granularity
 from pretrain.slots.sample import SampleData, recompute_doc_freq
 from pretrain.slots.table import (
-    FORMAT_VERSION, TABLE_FILENAME, SlotTable, find_table, load_table, model_config_hash, save_table, tokenizer_hash,
+    FORMAT_VERSION,
+    TABLE_FILENAME,
+    SlotTable,
+    find_table,
+    load_table,
+    model_config_hash,
+    save_table,
+    tokenizer_hash,
 )
 from pretrain.slots.tfidf import (
-    RankedSlot, TableMismatchError, check_table_matches, layer_slot_counts, load_export_for_tfidf,
-    load_model_for_tfidf, memory_layer_names, rank_slots, tfidf_scores, top_tfidf_slots,
+    RankedSlot,
+    TableMismatchError,
+    check_table_matches,
+    layer_slot_counts,
+    load_export_for_tfidf,
+    load_model_for_tfidf,
+    memory_layer_names,
+    rank_slots,
+    tfidf_scores,
+    top_tfidf_slots,
 )
 
 __all__ = [

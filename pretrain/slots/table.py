@@ -31,8 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pretrain.slots.sample import SampleData
 from pretrain.files import file_sha256
+from pretrain.slots.sample import SampleData
 
 FORMAT_VERSION = 1
 TABLE_FILENAME = "slot_frequencies.safetensors"
@@ -156,7 +156,7 @@ def load_table(path: str | Path) -> SlotTable:
         history = {k[len("history."):]: f.get_tensor(k) for k in names if k.startswith("history.")}
         sample = None
         if "sample.doc_ids" in names:
-            sample = SampleData({l: f.get_tensor(f"sample.{l}.indices") for l in layers},
+            sample = SampleData({layer: f.get_tensor(f"sample.{layer}.indices") for layer in layers},
                                 f.get_tensor("sample.doc_ids"), f.get_tensor("sample.batch_index"))
     return SlotTable(path, layers, n, counts, doc_freq, int(meta["num_documents"]), int(meta["num_tokens"]),
                      meta["granularity"], int(meta["step"]), meta, history, sample)

@@ -12,7 +12,11 @@ from pretrain.smf.evaluation import LearningForgettingEval
 from pretrain.smf.export import save_finetuned_export
 from pretrain.smf.finetune import finetune
 from pretrain.smf.methods import (
-    METHODS, FullFinetuning, LoRAFinetuning, SparseMemoryFinetuning, build_method,
+    METHODS,
+    FullFinetuning,
+    LoRAFinetuning,
+    SparseMemoryFinetuning,
+    build_method,
 )
 from pretrain.smf.selection import SlotSelector
 

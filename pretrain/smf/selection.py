@@ -13,7 +13,11 @@ import torch
 
 from pretrain.model import Transformer
 from pretrain.slots import (
-    SlotTable, TableMismatchError, layer_slot_counts, memory_layer_names, top_tfidf_slots,
+    SlotTable,
+    TableMismatchError,
+    layer_slot_counts,
+    memory_layer_names,
+    top_tfidf_slots,
 )
 
 

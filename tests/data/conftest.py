@@ -5,10 +5,9 @@ import random
 
 import pytest
 
+from data_helpers import SEQ_LEN
 from pretrain.data import Tokenizer, train_tokenizer, write_dataset
 from pretrain.data.synthetic import build_fact_world
-
-from data_helpers import SEQ_LEN  # noqa: E402
 
 
 def make_documents(n: int = 80, seed: int = 0) -> list[str]:

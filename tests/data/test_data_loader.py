@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_helpers import SEQ_LEN
 from pretrain.data import CorruptShardError, DataError, ShardLoader, read_manifest, train_tokenizer
 from pretrain.data.prepare import is_validation
-
-from data_helpers import SEQ_LEN
 
 
 def full_rows(batch) -> np.ndarray:

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from pretrain.config import DataConfig, SyntheticConfig
-from pretrain.data import (CorpusStats, DataError, ShardLoader, Tokenizer, iter_documents, load_probes,
-                           prepare_corpus, prepare_embedded_dataset, read_manifest, write_dataset)
+from pretrain.data import (
+    CorpusStats,
+    DataError,
+    ShardLoader,
+    Tokenizer,
+    iter_documents,
+    load_probes,
+    prepare_corpus,
+    prepare_embedded_dataset,
+    read_manifest,
+    write_dataset,
+)
 from pretrain.data import prepare as prepare_mod
 from pretrain.data.shards import read_blocks
 from pretrain.data.synthetic import ATTRIBUTES, build_fact_world

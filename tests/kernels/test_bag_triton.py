@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import BF16_TOL, FP32_TOL, assert_close
 
+from kernel_checks import BF16_TOL, FP32_TOL, assert_close
 from kernels import bag_triton, reference
 
 # (N rows, d, T, H, k): d not a power of two, k not a power of two, few rows (many

@@ -4,8 +4,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from kernel_checks import FP32_TOL, assert_close
 
+from kernel_checks import FP32_TOL, assert_close
 from pretrain.model.memory import MemoryPlus, ValueTable
 
 

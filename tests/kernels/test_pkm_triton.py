@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import BF16_TOL, FP32_TOL, assert_close
 
+from kernel_checks import BF16_TOL, FP32_TOL, assert_close
 from kernels import pkm_triton, reference
 
 # (T, H, k_dim, n_keys, k): k not a power of two, n_keys not a multiple of the tile,

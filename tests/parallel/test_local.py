@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import reference
+from parallel_helpers import reference_world1, rel_err, tiny_cfg
 from pretrain.config import OptimConfig
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
@@ -11,8 +13,6 @@ from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel import MemoryParallel, PartitionedValueTable, ShardFileError, init_memory_groups
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.shard_files import shard_file_name
-from kernels import reference
-from parallel_helpers import rel_err, reference_world1, tiny_cfg
 
 
 def fake_groups(P: int, position: int) -> MemoryGroups:

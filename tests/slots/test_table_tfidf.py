@@ -14,11 +14,19 @@ from safetensors.torch import save_file
 
 from pretrain.model import Transformer
 from pretrain.slots import (
-    SlotStatistics, TableMismatchError, check_table_matches, load_table, model_config_hash, rank_slots,
-    save_table, tfidf_scores, tokenizer_hash,
+    SlotStatistics,
+    TableMismatchError,
+    check_table_matches,
+    load_table,
+    model_config_hash,
+    rank_slots,
+    save_table,
+    tfidf_scores,
+    tokenizer_hash,
 )
 from slot_streams import make_stream
-from tools import slot_report, tfidf as tfidf_tool
+from tools import slot_report
+from tools import tfidf as tfidf_tool
 
 
 def reference_tfidf(counts: list[int], df: list[int], num_docs: int) -> list[float]:

@@ -50,9 +50,8 @@ def world2(tmp_path_factory, data_cache):
 
 
 def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache, monkeypatch):
-    from tests.train.helpers import use_fixed_batches
-
     from pretrain.train import train
+    from tests.train.helpers import use_fixed_batches
 
     use_fixed_batches(monkeypatch)
     reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}")).losses
@@ -65,9 +64,8 @@ def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache
 
 
 def test_world2_memory_parallel_matches_world1(world2, tmp_path, data_cache, monkeypatch):
-    from tests.train.helpers import use_fixed_batches
-
     from pretrain.train import train
+    from tests.train.helpers import use_fixed_batches
 
     use_fixed_batches(monkeypatch)
     reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}")).losses
