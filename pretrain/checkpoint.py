@@ -26,7 +26,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, RunConfig, config_to_dict, save_config
-from pretrain.files import atomic_write_text
+from pretrain.files import atomic_write, atomic_write_text, replace_with
 
 TMP_PREFIX = ".tmp-"
 
@@ -136,9 +136,7 @@ class Checkpointer:
             write_extra(tmp_dir)
         _barrier()
         if self.rank == 0:
-            if final_dir.exists():
-                shutil.rmtree(final_dir)
-            tmp_dir.rename(final_dir)
+            replace_with(tmp_dir, final_dir)
             atomic_write_text(self.root / "latest", tag)
             self._prune()
         _barrier()
@@ -172,10 +170,7 @@ class Checkpointer:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _barrier() -> None:

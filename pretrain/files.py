@@ -1,17 +1,23 @@
 """File helpers shared by every writer: atomic files and folders, content hashes.
 
 Everything the framework writes (configs, manifests, checkpoints' small files, shard
-folders, exports) appears under its final name only when complete: it is written under
-a temporary name beside it and renamed, so a crash leaves the previous version intact.
+folders, exports, plots) appears under its final name only when complete: it is written
+under a temporary name beside it and renamed, so a crash leaves the previous version
+intact. This module is the one implementation of that: `atomic_write` for a whole file or
+folder, `atomic_path` when the caller writes the temporary itself, and the three steps
+(`temp_path_beside`, `replace_with`, `discard`) for writers that stay open across calls.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+TEMP_MARK = ".tmp-"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -23,25 +29,79 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+def temp_path_beside(path: str | Path) -> Path:
+    """A fresh hidden name in `path`'s folder: `.<name>.tmp-<pid>-<random><suffix>`.
+
+    Same folder, so the final rename stays on one filesystem; unique per writer, so two
+    processes never share a temporary; the suffix is kept for writers that read the
+    format from it (matplotlib's savefig). Nothing is created.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+def replace_with(tmp: Path, path: str | Path) -> None:
+    """Move the finished `tmp` (file or folder) onto `path`.
+
+    A file is swapped in one rename. A folder cannot replace a non-empty folder in one
+    step: the old one is removed first (a crash in between leaves `tmp`, complete).
+    """
+    path = Path(path)
+    if Path(tmp).is_dir() and path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def discard(tmp: Path) -> None:
+    """Remove an unfinished temporary file or folder, if it exists."""
+    tmp = Path(tmp)
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on error it is removed."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (an empty folder if `directory`) for the caller
+    to write; on success it replaces `path`, on error it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(path)
+    if directory:
+        tmp.mkdir()
     try:
         yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_with(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
+
+
+def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], object], directory: bool = False) -> Path:
+    """Write `path` whole or not at all; return it.
+
+    `content` is the file's bytes, its text, or a callable given the temporary path to
+    write (e.g. `lambda tmp: torch.save(obj, tmp)`), or with `directory=True` to fill
+    as a folder.
+    """
+    if directory and not callable(content):
+        raise TypeError("atomic_write(directory=True) needs a callable that fills the folder")
+    with atomic_path(path, directory) as tmp:
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        elif isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(tmp)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` for text (the name config, checkpoint and report writers use)."""
+    atomic_write(path, text)
+
+
+def atomic_directory(out_dir: str | Path):
+    """Context manager: an empty temporary folder beside `out_dir` that replaces it on success."""
+    return atomic_path(out_dir, directory=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config, save_config, validate
+from pretrain.files import atomic_directory, atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = REPO_ROOT / "slurm"
@@ -284,22 +285,13 @@ def plan_run(
     )
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _copy_code(dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", ".*")
-    for name in SNAPSHOT_DIRS:
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp / name, ignore=ignore)
-    tmp.rename(dest)
+    with atomic_directory(dest) as tmp:
+        for name in SNAPSHOT_DIRS:
+            src = REPO_ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name, ignore=ignore)
 
 
 def materialise(plan: PreparedRun) -> None:
@@ -313,7 +305,7 @@ def materialise(plan: PreparedRun) -> None:
         plan.created_paths.append(logs)
     if not plan.config_path.exists():
         plan.created_paths.append(plan.config_path)
-    _write_text(plan.config_path, plan.config_text)
+    atomic_write(plan.config_path, plan.config_text)
     if plan.code_dir != REPO_ROOT:
         if plan.code_dir.exists():
             plan.replaced_code = plan.code_dir.with_name("code.previous")
@@ -322,7 +314,7 @@ def materialise(plan: PreparedRun) -> None:
         _copy_code(plan.code_dir)
     if not plan.script_path.exists():
         plan.created_paths.append(plan.script_path)
-    _write_text(plan.script_path, plan.script)
+    atomic_write(plan.script_path, plan.script)
 
 
 def rollback(plan: PreparedRun) -> None:

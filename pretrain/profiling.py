@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pretrain.files import atomic_write
+
 REGIONS = {"scoring": "memory/scoring", "bag_forward": "memory/bag_forward",
            "communication": "memory/communication"}
 STEP_REGIONS = ("train/forward", "train/backward", "train/step")
@@ -107,9 +109,7 @@ def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None) -
     trace_dir = Path(trace_dir) if trace_dir else run_dir / "profile"
     trace_dir.mkdir(parents=True, exist_ok=True)
     trace = trace_dir / f"{socket.gethostname()}_{os.getpid()}.pt.trace.json"
-    tmp = trace.with_name(trace.name + ".tmp")
-    prof.export_chrome_trace(str(tmp))
-    tmp.replace(trace)
+    atomic_write(trace, lambda tmp: prof.export_chrome_trace(str(tmp)))
     return summarize(prof.events(), trace)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tqdm import tqdm  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from kernels import reference  # noqa: E402
+from pretrain.files import atomic_write  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -203,9 +203,7 @@ class StreamedRows(list):
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2))
 
 
 def main(argv=None) -> int:
@@ -242,9 +240,7 @@ def main(argv=None) -> int:
         ax.loglog(slots, [r["brute_force_us_per_token"] for r in rows], "s-", label="brute force")
         ax.set_xlabel("slots N"), ax.set_ylabel("us per token"), ax.legend(), ax.set_title(info["device"])
         fig.tight_layout()
-        tmp = args.plot.with_name(args.plot.name + ".tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, args.plot)
+        atomic_write(args.plot, fig.savefig)
         print(f"plot written to {args.plot}")
     else:
         with tqdm(total=2 * len(args.v_dims), desc="kernels") as bar:

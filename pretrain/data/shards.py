@@ -27,7 +27,7 @@ import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
 from pretrain.data.errors import DataError
-from pretrain.files import file_sha256
+from pretrain.files import atomic_write, file_sha256, replace_with, temp_path_beside
 
 FORMAT = "memlayers-shards-v2"
 
@@ -140,7 +140,7 @@ class ShardWriter:
     def _open_shard(self) -> None:
         name = f"{self.split}/shard-{len(self.shards):06d}.tar"
         self._path = self.root / name
-        self._tmp = self._path.with_name(self._path.name + ".tmp")
+        self._tmp = temp_path_beside(self._path)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._name = name
         self._shard_rows = self._shard_tokens = self._blocks = 0
@@ -163,7 +163,7 @@ class ShardWriter:
             return
         self._tar.close()
         self._tar = None
-        self._tmp.replace(self._path)
+        replace_with(self._tmp, self._path)
         self.shards.append({
             "path": self._name, "sequences": self._shard_rows, "tokens": self._shard_tokens,
             "sha256": file_sha256(self._path),
@@ -232,9 +232,7 @@ def read_blocks(path: Path, width: int, token_dtype: str, expected_rows: int) ->
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    tmp = root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    tmp.replace(root / "manifest.json")
+    atomic_write(root / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pretrain.data.errors import DataError
+from pretrain.files import atomic_write
 
 CITIES = [
     "Aldmere", "Brightwater", "Carrowick", "Dunmore", "Eastvale", "Fairhaven", "Glenbrook",
@@ -186,9 +187,7 @@ def build_fact_world(
 
 
 def write_probes(probes: list[Probe], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(asdict(p), sort_keys=True) + "\n" for p in probes))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(asdict(p), sort_keys=True) + "\n" for p in probes))
 
 
 def load_probes(dataset_dir: str | Path) -> list[Probe]:

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from pretrain.data.errors import DataError
+from pretrain.files import atomic_write
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 4096
@@ -109,9 +110,4 @@ def train_tokenizer(
         num_threads=num_threads,
         minloglevel=2,
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
-    return Tokenizer(out_path)
+    return Tokenizer(atomic_write(out_path, model.getvalue()))

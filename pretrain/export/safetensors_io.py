@@ -9,13 +9,13 @@ up front, one tensor (or row block) at a time, to a temporary name renamed on cl
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 
 from pretrain.export.errors import IncompleteFileError
+from pretrain.files import discard, replace_with, temp_path_beside
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
@@ -70,7 +70,7 @@ class StreamWriter:
     def __init__(self, path: str | Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.tmp = temp_path_beside(self.path)
         header, offset, self._order = {}, 0, []
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -114,9 +114,9 @@ class StreamWriter:
             self.abort()
             raise ValueError(f"tensor {self._order[self._index][0]} was not written completely")
         self._fh.close()
-        os.replace(self.tmp, self.path)
+        replace_with(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         self._fh.close()
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)

@@ -9,13 +9,14 @@ so a checkpoint saved with P shards loads into any P' that divides v_dim.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from pretrain.files import atomic_write
 
 FILE_RE = re.compile(r"^values\.t(\d+)\.s(\d+)-of-(\d+)\.safetensors$")
 TENSORS = ("weight", "exp_avg", "exp_avg_sq")
@@ -40,9 +41,7 @@ def write_shard(
         "step": torch.tensor([float(step)], dtype=torch.float32),
     }
     metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def saved_parallel_size(checkpoint_dir: Path, num_tables: int) -> int:

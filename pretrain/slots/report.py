@@ -1,9 +1,9 @@
 """A PNG report of a slot table: sorted counts on log-log axes, coverage over steps."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from pretrain.files import atomic_write
 from pretrain.slots.table import SlotTable
 
 
@@ -35,10 +35,7 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
     fig.suptitle(f"{table.path.name}: {table.num_slots} slots, {table.num_tokens} tokens, "
                  f"{table.num_documents} {table.granularity} units")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)

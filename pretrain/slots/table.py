@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pretrain.files import file_sha256
+from pretrain.files import atomic_write, file_sha256
 from pretrain.slots.sample import SampleData
 
 FORMAT_VERSION = 1
@@ -103,12 +102,7 @@ def save_table(path: str | Path, stats_or_state, metadata: dict | None = None) -
         if key in _RESERVED:
             raise ValueError(f"table metadata key {key!r} is reserved (it is computed from the statistics)")
         header[key] = value if isinstance(value, str) else json.dumps(value)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def find_table(path: str | Path) -> Path:

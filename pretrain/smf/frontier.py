@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pretrain.files import atomic_write
+
 COLORS = {"sparse": "tab:blue", "full": "tab:red", "lora": "tab:green"}
 NAMES = {"sparse": "sparse memory finetuning", "full": "full finetuning", "lora": "LoRA"}
 
@@ -86,12 +88,10 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
                  f"{100 * before['old_fact_recall']:.1f}%, new {100 * before['new_fact_recall']:.1f}%; "
                  f"lines = epochs, dot = last)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130))
+    finally:
+        plt.close(fig)
 
 
 def summary_markdown(report: dict, verdict: dict) -> str:

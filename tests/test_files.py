@@ -1,0 +1,125 @@
+"""pretrain.files: the one write-to-temporary-then-rename helper, for files and folders."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pretrain.files import atomic_directory, atomic_path, atomic_write, file_sha256, temp_path_beside
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_bytes_text_and_callback_land_whole(tmp_path):
+    blob = os.urandom(3 << 20)  # several of file_sha256's 1 MiB blocks
+    assert atomic_write(tmp_path / "a.bin", blob) == tmp_path / "a.bin"
+    assert (tmp_path / "a.bin").read_bytes() == blob
+    assert file_sha256(tmp_path / "a.bin") == hashlib.sha256(blob).hexdigest()
+    atomic_write(tmp_path / "sub" / "b.txt", "héllo\n")  # missing parent folders are made
+    assert (tmp_path / "sub" / "b.txt").read_text() == "héllo\n"
+    seen = []
+    atomic_write(tmp_path / "c.png", lambda tmp: (seen.append(tmp), tmp.write_bytes(b"png")))
+    assert (tmp_path / "c.png").read_bytes() == b"png"
+    # The callback writes a hidden sibling that keeps the suffix (savefig reads the format from it).
+    (tmp,) = seen
+    assert tmp.parent == tmp_path and tmp.name.startswith(".c.png.tmp-") and tmp.suffix == ".png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "c.png", "sub"]
+
+
+@pytest.mark.parametrize("error", [Crash, KeyboardInterrupt])
+def test_failure_mid_write_keeps_old_file_and_leaves_no_temporary(tmp_path, error):
+    target = tmp_path / "state.json"
+    target.write_text("old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("new but incomp")
+        raise error()
+
+    with pytest.raises(error):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_killed_writer_leaves_old_file_intact(tmp_path):
+    """A process killed mid-write (no exception handler runs) never exposes a partial file."""
+    target = tmp_path / "table.bin"
+    target.write_bytes(b"old contents")
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {REPO_ROOT!r})
+        from pretrain.files import atomic_write
+        def die_halfway(tmp):
+            with open(tmp, "wb") as fh:
+                fh.write(b"new")
+                fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write({str(target)!r}, die_halfway)
+    """)
+    result = subprocess.run([sys.executable, "-c", child], timeout=60, check=False)
+    assert result.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"old contents"
+    # What remains is a hidden temporary that no reader of table.bin looks at.
+    leftovers = [p.name for p in tmp_path.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".table.bin.tmp-")
+
+
+def test_directory_replaces_old_folder_only_when_complete(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def fill_then_fail(tmp):
+        (tmp / "new.txt").write_text("new")
+        raise Crash()
+
+    with pytest.raises(Crash):
+        atomic_write(out, fill_then_fail, directory=True)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+    atomic_write(out, lambda tmp: (tmp / "new.txt").write_text("new"), directory=True)
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    with atomic_directory(out) as tmp:
+        (tmp / "nested").mkdir()
+        (tmp / "nested" / "x").write_bytes(b"x")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["nested", "nested/x"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_directory_needs_a_callback(tmp_path):
+    with pytest.raises(TypeError, match="callable"):
+        atomic_write(tmp_path / "d", b"bytes", directory=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_concurrent_writers_use_distinct_temporaries_and_last_commit_wins(tmp_path):
+    target = tmp_path / "latest"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second
+        first.write_text("first")
+        second.write_text("second")
+    # Contexts exit inner first: `second` is committed, then `first` replaces it.
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+    assert temp_path_beside(target) != temp_path_beside(target)
+
+
+def test_permissions_follow_the_umask_like_a_plain_write(tmp_path):
+    """Temporaries are not made with mkstemp/mkdtemp's private 0600/0700 modes."""
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    atomic_write(tmp_path / "atomic", "x")
+    atomic_write(tmp_path / "atomic_dir", lambda tmp: None, directory=True)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("atomic") == mode("plain")
+    assert mode("atomic_dir") == mode("plain_dir")
