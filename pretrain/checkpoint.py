@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, RunConfig, config_to_dict, save_config
+from pretrain.distributed import barrier
 from pretrain.files import atomic_write, atomic_write_text, replace_with
 
 TMP_PREFIX = ".tmp-"
@@ -125,7 +125,7 @@ class Checkpointer:
         if self.rank == 0:
             self._remove_stale_temporaries()
             self.root.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        barrier()
         client_state = dict(client_state, model_config=model_fingerprint(cfg))
         engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
         memory_parallel.save(tmp_dir)
@@ -134,12 +134,12 @@ class Checkpointer:
             save_config(cfg, tmp_dir / "config.yaml")
         if write_extra is not None:
             write_extra(tmp_dir)
-        _barrier()
+        barrier()
         if self.rank == 0:
             replace_with(tmp_dir, final_dir)
             atomic_write_text(self.root / "latest", tag)
             self._prune()
-        _barrier()
+        barrier()
         return final_dir
 
     def load(self, ckpt_dir: Path, engine, memory_parallel, cfg: RunConfig) -> tuple[dict, dict]:
@@ -171,8 +171,3 @@ class Checkpointer:
 
 def _atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

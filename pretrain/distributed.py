@@ -62,3 +62,9 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing to wait for without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

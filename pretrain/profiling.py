@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pretrain import profiler_regions as regions
 from pretrain.files import atomic_write
 
-REGIONS = {"scoring": "memory/scoring", "bag_forward": "memory/bag_forward",
-           "communication": "memory/communication"}
-STEP_REGIONS = ("train/forward", "train/backward", "train/step")
-EVAL_REGION = "eval"
+REGIONS = regions.MEMORY_REGIONS
+STEP_REGIONS = regions.STEP_REGIONS
+EVAL_REGION = regions.EVAL
 
 
 @dataclass

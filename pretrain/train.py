@@ -18,13 +18,16 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from pretrain import profiler_regions as regions
 from pretrain.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate
 from pretrain.data.errors import DataError
-from pretrain.distributed import DistInfo, init_distributed
+from pretrain.distributed import DistInfo, barrier, init_distributed
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu
 from pretrain.model import Transformer, flops_per_token, language_model_loss
+from pretrain.model import names as model_names
 from pretrain.optim import build_dense_optimizer, lr_multiplier, set_learning_rate
+from pretrain.slots.table import TABLE_FILENAME
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,7 +81,7 @@ def prepare_dataset(cfg: RunConfig, info: DistInfo) -> Path:
 
     if info.is_main:
         path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
-    _barrier()
+    barrier()
     if not info.is_main:  # finds rank 0's cached build
         path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
     return path
@@ -109,9 +112,7 @@ def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.devi
 
 def slot_stream_names(cfg: RunConfig) -> list[str]:
     """One counter per memory layer, plus one for a value table shared by several layers."""
-    m = cfg.model.memory
-    names = [f"layers.{i}" for i in m.layers]
-    return names + (["values.0"] if m.shared_values and len(m.layers) > 1 else [])
+    return model_names.slot_stream_names(cfg.model.memory)
 
 
 def slot_indices(memory_layers, with_shared_table: bool) -> list[torch.Tensor]:
@@ -211,7 +212,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
         set_rng_state(rank_state["rng"])
         metrics.line(f"resumed from {resume_from} at step {result.step}")
 
-    @record_function("eval")
+    @record_function(regions.EVAL)
     def evaluate() -> dict:
         engine.eval()
         val_loader = build_loader(cfg, dataset_dir, "val", 0, 1, loop=True)
@@ -230,7 +231,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
         path = checkpointer.save(result.step, engine, values, client, rank_state, cfg, write_extra=save_slot_table)
         result.checkpoint = str(path)
         if stats is not None:
-            result.slot_table = str(path / "slot_frequencies.safetensors")
+            result.slot_table = str(path / TABLE_FILENAME)
         return path
 
     def save_slot_table(folder: Path) -> None:
@@ -240,7 +241,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
 
         reduced = stats.reduce(close_interval=False)
         if info.is_main:
-            save_table(folder / "slot_frequencies.safetensors", reduced, {
+            save_table(folder / TABLE_FILENAME, reduced, {
                 "model_config_hash": model_config_hash(cfg.model),
                 "tokenizer_hash": tokenizer.sha256,
             })
@@ -255,16 +256,16 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             losses = []
             for micro_step in range(gas):
                 batch = next(train_iter)
-                with record_function("train/forward"):  # named regions for tools/profile.py
+                with record_function(regions.FORWARD):
                     logits = engine(batch.tokens.to(device))
                     loss = language_model_loss(logits, batch.targets.to(device))
-                with record_function("train/backward"):
+                with record_function(regions.BACKWARD):
                     engine.backward(loss)
                 losses.append(loss.detach())
                 if stats is not None:
                     stats.update(slot_indices(memory_layers, shared_table_stream), batch.doc_ids.to(device))
                 if micro_step < gas - 1:
-                    with record_function("train/step"):
+                    with record_function(regions.STEP):
                         engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
             assert engine.is_gradient_accumulation_boundary()
             step_loss, finite = global_mean_loss(torch.stack(losses).float().mean())
@@ -280,7 +281,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             # The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not
             # advance its scheduler on steps it skips itself, which would shift the schedule.
             set_learning_rate(engine.optimizer, cfg.optim.lr * multiplier)
-            with record_function("train/step"):
+            with record_function(regions.STEP):
                 engine.step()
                 if not bad_step:
                     values.step(value_lr_multiplier(cfg, multiplier))
@@ -385,11 +386,6 @@ def log_slot_statistics(stats, metrics: MetricsLogger, step: int) -> None:
     metrics.scalars(reduced.summary(interval=True), step)
     for name, hist in reduced.histograms().items():
         metrics.histogram(name, hist, step)
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def parse_args(argv=None) -> tuple[str | None, list[str]]:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint import latest_checkpoint
 from pretrain.config import RunConfig
 from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.safetensors_io import read_header
 from pretrain.parallel import shard_files
+from pretrain.slots.table import TABLE_FILENAME
 
-SLOT_TABLE = "slot_frequencies.safetensors"
+SLOT_TABLE = TABLE_FILENAME
 
 
 @dataclass
@@ -40,8 +42,7 @@ class CheckpointSource:
 
     @property
     def num_value_tables(self) -> int:
-        m = self.cfg.model.memory
-        return (1 if m.shared_values else len(m.layers)) if m.enabled else 0
+        return self.cfg.model.memory.num_value_tables
 
 
 def resolve_checkpoint_dir(source: str | Path) -> Path:
@@ -53,12 +54,12 @@ def resolve_checkpoint_dir(source: str | Path) -> Path:
         raise ExportError(f"{path} is a file: pass a run directory (holding checkpoints/latest) or a checkpoint "
                           "folder (checkpoints/step_XXXXXXXX)")
     for root in (path / "checkpoints", path):
-        latest = root / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if not (root / tag).is_dir():
-                raise ExportError(f"{latest} names checkpoint {tag!r} but {root / tag} is missing")
-            return root / tag
+        try:
+            newest = latest_checkpoint(root)
+        except FileNotFoundError as err:
+            raise ExportError(str(err)) from err
+        if newest is not None:
+            return newest
     if (path / "config.yaml").is_file() or any(path.glob("*model_states.pt")):
         return path
     raise ExportError(f"{path} is neither a run directory (with checkpoints/latest) nor a checkpoint folder "

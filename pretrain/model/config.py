@@ -35,6 +35,11 @@ class MemoryConfig:
     def enabled(self) -> bool:
         return len(self.layers) > 0
 
+    @property
+    def num_value_tables(self) -> int:
+        """One table shared by every memory layer, or one per layer; none without memory layers."""
+        return (1 if self.shared_values else len(self.layers)) if self.enabled else 0
+
 
 @dataclass
 class ModelConfig:

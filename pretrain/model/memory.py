@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from pretrain import profiler_regions as regions
 from pretrain.model.config import ConfigError, ModelConfig
 
 
@@ -105,9 +106,9 @@ class MemoryPlus(nn.Module):
             raise ConfigError(
                 f"value table width {values.v_dim} does not match model.memory.v_dim={self.v_dim}"
             )
-        with torch.profiler.record_function("memory/scoring"):  # names read by pretrain/profiling.py
+        with torch.profiler.record_function(regions.SCORING):
             weights, indices = self.search(x)
         self.last_indices, self.last_weights = indices.detach(), weights.detach()
-        with torch.profiler.record_function("memory/bag_forward"):
+        with torch.profiler.record_function(regions.BAG_FORWARD):
             bag = values(indices, weights).reshape(*x.shape[:-1], self.v_dim).to(x.dtype)
         return self.out_proj(bag * F.silu(self.gate_proj(x)))

@@ -88,8 +88,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        n_tables = (1 if m.shared_values else len(m.layers)) if m.enabled else 0
-        self.values = nn.ModuleList(ValueTable(m.num_slots, cfg.value_dim, m.kernel, seed=i) for i in range(n_tables))
+        self.values = nn.ModuleList(
+            ValueTable(m.num_slots, cfg.value_dim, m.kernel, seed=i) for i in range(m.num_value_tables)
+        )
         # Not a buffer: DeepSpeed's bf16 cast of the module must not round the angles.
         self._freqs: torch.Tensor | None = None
         self.reset_parameters()

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pretrain.files import atomic_write
+from pretrain.model.names import value_table_name
 
 FILE_RE = re.compile(r"^values\.t(\d+)\.s(\d+)-of-(\d+)\.safetensors$")
 TENSORS = ("weight", "exp_avg", "exp_avg_sq")
@@ -128,5 +129,5 @@ def consolidate(checkpoint_dir: str | Path, num_tables: int | None = None) -> di
                 full = torch.empty(shard.shape[0], int(meta["v_dim"]), dtype=shard.dtype)
             full[:, int(meta["col_start"]) : int(meta["col_end"])] = shard
             del shard
-        out[f"values.{t}.weight"] = full
+        out[f"{value_table_name(t)}.weight"] = full
     return out

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from pretrain import profiler_regions as regions
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
 from pretrain.parallel.comm import CommCounter, all_to_all_rows, exchange_counts, gather_tokens
@@ -85,12 +86,12 @@ class PartitionedValueTable(nn.Module):
         if P == 1:
             return kernels.embedding_bag(self.shard, indices, weights, backend=self.kernel)
         T = indices.shape[0]
-        with torch.profiler.record_function("memory/communication"):  # named for pretrain/profiling.py
+        with torch.profiler.record_function(regions.COMMUNICATION):
             counts = exchange_counts(T, group, self.counter, indices.device)
             all_idx = gather_tokens(indices, counts, group, self.counter)
             all_w = gather_tokens(weights, counts, group, self.counter)
         part = kernels.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)
-        with torch.profiler.record_function("memory/communication"):
+        with torch.profiler.record_function(regions.COMMUNICATION):
             mine = all_to_all_rows(part, counts, [T] * P, group, self.counter)  # (P * T, v_dim / P)
         return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
 

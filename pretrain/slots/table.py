@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pretrain.checkpoint import latest_checkpoint
 from pretrain.files import atomic_write, file_sha256
 from pretrain.slots.sample import SampleData
 
@@ -111,9 +112,12 @@ def find_table(path: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        latest = path / "latest"
-        if latest.is_file() and (path / latest.read_text().strip() / TABLE_FILENAME).is_file():
-            return path / latest.read_text().strip() / TABLE_FILENAME
+        try:
+            newest = latest_checkpoint(path)
+        except FileNotFoundError:  # a dangling pointer: fall back to the newest table found
+            newest = None
+        if newest is not None and (newest / TABLE_FILENAME).is_file():
+            return newest / TABLE_FILENAME
         found = sorted(path.rglob(TABLE_FILENAME), key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from pretrain.model import MemoryPlus, ModelConfig, Transformer
+from pretrain.model.names import memory_layer_name
 from pretrain.slots.table import TABLE_FILENAME, SlotTable, load_table, model_config_hash, tokenizer_hash
 
 
@@ -55,7 +56,7 @@ def top_tfidf_slots(counts: torch.Tensor, doc_freq: torch.Tensor, num_documents:
 
 def memory_layer_names(model: Transformer) -> list[str]:
     """Canonical layer names for statistics and tables: 'layers.<i>' for each memory block."""
-    return [f"layers.{i}" for i, block in enumerate(model.layers) if block.is_memory]
+    return [memory_layer_name(i) for i, block in enumerate(model.layers) if block.is_memory]
 
 
 def resolve_memory_layer(model: torch.nn.Module, layer: str) -> MemoryPlus:

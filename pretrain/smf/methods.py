@@ -15,7 +15,7 @@ import torch
 
 import kernels
 from pretrain.model import Transformer, language_model_loss
-from pretrain.slots import SlotTable
+from pretrain.slots import TABLE_FILENAME, SlotTable
 from pretrain.smf.dataset import FinetuneBatch
 from pretrain.smf.selection import SlotSelector
 
@@ -164,8 +164,8 @@ def build_method(name: str, model: Transformer, *, lr: float, table: SlotTable |
                  lora_rank: int = 8, weight_decay: float = 0.0, max_grad_norm: float = 0.0):
     if name == "sparse":
         if table is None:
-            raise ValueError("sparse memory finetuning needs the pretraining slot table (the export's "
-                             "slot_frequencies.safetensors)")
+            raise ValueError(f"sparse memory finetuning needs the pretraining slot table (the export's "
+                             f"{TABLE_FILENAME})")
         return SparseMemoryFinetuning(model, table, top_t, lr, max_grad_norm)
     if name == "full":
         return FullFinetuning(model, lr, weight_decay)
