@@ -1,0 +1,10 @@
+"""The package list, which pyproject.toml cannot express: `tools/` is installed under the
+import name `memlayers_tools`, because a top-level `tools` package exists on PyPI and two
+distributions owning one top-level folder overwrite each other's files. In a checkout the
+folder is still imported as `tools` (tests, `python tools/<name>.py`)."""
+from setuptools import find_packages, setup
+
+setup(
+    packages=find_packages(include=["pretrain", "pretrain.*", "kernels", "kernels.*"]) + ["memlayers_tools"],
+    package_dir={"memlayers_tools": "tools"},
+)
