@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain.files import atomic_write
 from pretrain.slurm import StopSignal, distributed_env_from_slurm, requeue_job
 
 MAX_STEPS = 60
@@ -39,9 +40,7 @@ def main():
         print(f"rank {rank} step {step}", flush=True)
         if stop.should_stop():
             if rank == 0:
-                tmp = state_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"step": step}))
-                tmp.replace(state_file)
+                atomic_write(state_file, json.dumps({"step": step}))
             dist.barrier()
             print(f"rank {rank} stopping at step {step} on signal {stop.received}", flush=True)
             if rank == 0:
