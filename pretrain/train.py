@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from pretrain.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from pretrain.checkpoint import CheckpointError, Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate
 from pretrain.data.errors import DataError
 from pretrain.distributed import DistInfo, init_distributed
@@ -159,9 +159,6 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
 
     t, device = cfg.train, info.device
     run_dir = Path(t.run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     dataset_dir = prepare_dataset(cfg, info)
     tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -169,6 +166,14 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             f"the tokenizer in {dataset_dir} has {tokenizer.vocab_size} tokens but model.vocab_size="
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
         )
+    checkpointer = Checkpointer(run_dir, info.rank, t.keep_checkpoints)
+    # Checked before anything is written or built: a damaged checkpoint is refused, naming the file.
+    resume_from = latest_checkpoint(checkpointer.root)
+    if resume_from is not None:
+        checkpointer.verify(resume_from, cfg, info.world_size, dataset_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
 
     # Built on the meta device so that no rank ever holds the full value pool: the
     # value tables are replaced by this rank's column shards, then the dense part is
@@ -190,7 +195,6 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     stats = build_slot_statistics(cfg, model, device)
     seen_facts = [p for p in load_probes(dataset_dir) if not p.is_new_fact]  # new facts are never trained on
     probes = encode_probes(seen_facts[: t.probe_limit], tokenizer, cfg.data.seq_len)
-    checkpointer = Checkpointer(run_dir, info.rank, t.keep_checkpoints)
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=info.is_main)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = device_peak_flops(device)
@@ -199,7 +203,6 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     result = TrainResult(step=0, tokens_seen=0, skipped_steps=0)
 
     # ---- resume --------------------------------------------------------------------------
-    resume_from = latest_checkpoint(checkpointer.root)
     if resume_from is not None:
         client, rank_state = checkpointer.load(resume_from, engine, values, cfg)
         result.step, result.tokens_seen = client["step"], client["tokens_seen"]
@@ -404,7 +407,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         result = train(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
