@@ -14,17 +14,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.profiler import record_function
+from pretrain.slurm import SlurmEnvError, StopSignal  # the standard library only
 
-from pretrain.checkpoint import CheckpointError, Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate
-from pretrain.data.errors import DataError
-from pretrain.distributed import DistInfo, init_distributed
-from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu
-from pretrain.model import Transformer, flops_per_token, language_model_loss
-from pretrain.optim import build_dense_optimizer, lr_multiplier, set_learning_rate
+# `python -m pretrain.train` (the sbatch templates): the stop handler is installed before the
+# heavy imports below (seconds), so a USR1/SIGTERM during start-up is recorded, not fatal;
+# train() takes it over.
+_STARTUP_STOP = StopSignal() if __name__ == "__main__" else None
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
+
+from pretrain.checkpoint import CheckpointError, Checkpointer, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
+from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate  # noqa: E402
+from pretrain.data.errors import DataError  # noqa: E402
+from pretrain.distributed import DistInfo, init_distributed  # noqa: E402
+from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
+from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
+from pretrain.optim import build_dense_optimizer, lr_multiplier, set_learning_rate  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,13 +140,12 @@ def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
     return value, nonfinite == 0
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) the training described by `cfg`; every rank calls it."""
-    from pretrain.slurm import StopSignal
-
+def train(cfg: RunConfig, stop: StopSignal | None = None) -> TrainResult:
+    """Run (or resume) the training described by `cfg`; every rank calls it. `stop`: a handler
+    installed earlier (it keeps any signal already received), else one is installed now."""
     # Installed first: a preemption signal during start-up must not kill the task, and
     # data-loader workers started later inherit the handler.
-    stop = StopSignal()
+    stop = stop if stop is not None else StopSignal()
     try:
         return _train(cfg, stop)
     finally:
@@ -402,12 +408,12 @@ def parse_args(argv=None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def main(argv=None) -> int:
+def main(argv=None, stop: StopSignal | None = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
         cfg = load_config(config_path, overrides)
-        result = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as err:
+        result = train(cfg, stop)
+    except (ConfigError, DataError, CheckpointError, SlurmEnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
@@ -438,7 +444,7 @@ def cli() -> None:
     shared-memory op, where a rank occasionally aborts ("terminate called without an
     active exception"), failing a finished job under srun.
     """
-    code = main()
+    code = main(stop=_STARTUP_STOP)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
