@@ -159,6 +159,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     import deepspeed
 
     from pretrain.data import Tokenizer, load_probes
+    from pretrain.data.checks import check_trainable
     from pretrain.evaluate import encode_probes, fact_recall, validation_loss
     from pretrain.parallel import MemoryParallel, init_memory_groups
     from pretrain.slurm import requeue_job
@@ -166,6 +167,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     t, device = cfg.train, info.device
     run_dir = Path(t.run_dir)
     dataset_dir = prepare_dataset(cfg, info)
+    check_trainable(dataset_dir)
     tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
