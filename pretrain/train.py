@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,11 +210,13 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     tokens_per_step = t.global_batch * cfg.data.seq_len
     gas = t.global_batch // (t.micro_batch * info.world_size)
     result = TrainResult(step=0, tokens_seen=0, skipped_steps=0)
+    run_id = uuid.uuid4().hex  # identifies this run's slot tables and exports; kept across resumes
 
     # ---- resume --------------------------------------------------------------------------
     if resume_from is not None:
         client, rank_state = checkpointer.load(resume_from, engine, values, cfg)
         result.step, result.tokens_seen = client["step"], client["tokens_seen"]
+        run_id = client.get("run_id", run_id)
         result.skipped_steps = client.get("skipped_steps", 0)
         train_loader.load_state_dict(rank_state["data"])
         if stats is not None and "slots" in rank_state:
@@ -236,7 +239,8 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
         rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
         if stats is not None:
             rank_state["slots"] = stats.state_dict()
-        client = {"step": result.step, "tokens_seen": result.tokens_seen, "skipped_steps": result.skipped_steps}
+        client = {"step": result.step, "tokens_seen": result.tokens_seen, "skipped_steps": result.skipped_steps,
+                  "run_id": run_id}
         path = checkpointer.save(result.step, engine, values, client, rank_state, cfg, write_extra=save_slot_table)
         result.checkpoint = str(path)
         if stats is not None:
@@ -253,6 +257,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             save_table(folder / "slot_frequencies.safetensors", reduced, {
                 "model_config_hash": model_config_hash(cfg.model),
                 "tokenizer_hash": tokenizer.sha256,
+                "run_id": run_id,
             })
 
     # ---- loop ----------------------------------------------------------------------------
