@@ -299,7 +299,7 @@ def _catches_usr1(pid: str) -> bool:
 
 def _trainer_pids(job: str) -> list[str]:
     """Process ids of the job's `python -m pretrain.train` tasks (the cluster is this machine)."""
-    out = subprocess.run(["pgrep", "-f", "-m", "pretrain.train --config"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", "pretrain.train --config"], capture_output=True, text=True).stdout
     pids = []
     for pid in out.split():
         try:
