@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from pretrain.data import DataError, ShardLoader, iter_documents, write_dataset
-from pretrain.data.checks import check_trainable
 from pretrain.data.shards import CorruptShardError, read_manifest
 from tools import prepare_data as prepare_cli
 from tools import train_tokenizer as tokenizer_cli
@@ -73,6 +72,8 @@ def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, d
 
 
 def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents):
+    from pretrain.data.checks import check_trainable
+
     with pytest.warns(UserWarning):
         write_dataset(tokenizer.encode_batch(documents), tmp_path / "ds", tokenizer, SEQ_LEN, val_fraction=0.0,
                       show_progress=False)
