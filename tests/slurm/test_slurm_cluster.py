@@ -268,12 +268,16 @@ def test_preempted_run_resumes_and_matches_uninterrupted_run(slurm_cluster, refe
     assert re.search(rf"resumed from \S+step_{stop_step:08d} at step {stop_step}", log), log[-4000:]
 
     ours, ref = final_checkpoint(run_dir), final_checkpoint(ref_dir)
+    at_stop = run_dir / "checkpoints" / f"step_{stop_step:08d}" / "slot_frequencies.safetensors"
+    assert _tensors(at_stop)[1]["run_id"] == _tensors(ours / "slot_frequencies.safetensors")[1]["run_id"]
     names = sorted(p.name for p in ref.iterdir())
     assert names == sorted(p.name for p in ours.iterdir())
     for name in names:
         if name.endswith(".safetensors"):
             (ta, ma), (tb, mb) = _tensors(ours / name), _tensors(ref / name)
             assert_bitwise_equal(ta, tb, name)
+            # Each run has its own id (kept across the requeue); everything else is equal.
+            assert ma.pop("run_id") != mb.pop("run_id")
             assert ma == mb, f"{name}: metadata differs"
         elif name.endswith("model_states.pt"):
             a = torch.load(ours / name, weights_only=True, map_location="cpu")
