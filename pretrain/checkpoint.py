@@ -169,7 +169,7 @@ class Checkpointer:
         (CheckpointError naming the file and the newest complete checkpoint) or whose model
         config differs (ConfigError). Loads nothing into the model."""
         try:
-            verify(ckpt_dir, world_size, dataset_dir)
+            verify(ckpt_dir, world_size, dataset_dir, self.rank)
         except CheckpointError as err:
             raise CheckpointError(_refusal(ckpt_dir, str(err), world_size, dataset_dir)) from None
         saved_config = ckpt_dir / "config.yaml"
@@ -202,22 +202,24 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None) -> None:
+def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, rank: int | None = None) -> None:
     """Check every file a resume with `world_size` ranks reads: present, whole, readable with
-    the weights-only unpickler. Raises CheckpointError naming the first bad file."""
+    the weights-only unpickler (`rank`'s own per-rank file is read in full, the others' are
+    checked for completeness). Raises CheckpointError naming the first bad file."""
     from pretrain.export.errors import ExportError
     from pretrain.export.source import check_torch_zip, inspect
 
     try:
         inspect(ckpt_dir, dataset_dir)  # config, DeepSpeed files (model states read weights-only), value shards, table
-        for rank in range(world_size):
-            path = rank_file(ckpt_dir, rank)
-            check_torch_zip(path)
+        for other in range(world_size):
+            check_torch_zip(rank_file(ckpt_dir, other))
+        if rank is not None:
+            torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
     except ExportError as err:
         raise CheckpointError(str(err)) from None
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"a file of {ckpt_dir} holds objects other than tensors and plain values "
-                              f"(refused, never executed): {err}") from None
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        raise CheckpointError(f"{rank_file(ckpt_dir, rank)} cannot be read as tensors and plain values "
+                              f"(refused, nothing in it executed): {err}") from None
 
 
 def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:

@@ -60,6 +60,19 @@ def test_planted_pickle_payload_is_refused_not_executed(run_copy, data_cache, tm
     assert_nothing_lost(before, run_copy)
 
 
+def test_planted_payload_in_a_rank_file_is_refused(run_copy, data_cache, tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = run_copy / "checkpoints" / "step_00000002" / "rank_00000.pt"
+    state = torch.load(path, weights_only=True)
+    state["data"] = Payload(marker)
+    torch.save(state, path)
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match=r"rank_00000\.pt cannot be read as tensors") as err:
+        resume(run_copy, data_cache)
+    assert not marker.exists() and "step_00000001" in str(err.value)
+    assert_nothing_lost(before, run_copy)
+
+
 @pytest.mark.parametrize("damage", ["remove", "truncate"])
 @pytest.mark.parametrize("name", ["rank_00000.pt", "mp_rank_00_model_states.pt", "values.t0.s0-of-1.safetensors"])
 def test_damaged_checkpoint_file_is_named(run_copy, data_cache, name, damage):
