@@ -21,8 +21,9 @@ cancelled job stays cancelled. The trainer uses it like this:
 
 Slurm delivers `--signal=USR1@<seconds>` (and `scancel --signal=USR1`) to every process of
 the job's steps, so each rank's handler fires; a rank that misses it still stops at the
-same step because the flag is all-reduced with MAX. The sbatch templates trap USR1/SIGTERM
-in the batch shell and pass them on to the training step (`scancel --signal=USR1 --batch`).
+same step because the flag is all-reduced with MAX. The sbatch templates trap USR1 in the
+batch shell and pass it on to the training step (`scancel --signal=USR1 --batch`), and wait
+through SIGTERM, which Slurm delivers to the tasks itself.
 
 The rendezvous port is MASTER_PORT when set (the templates choose a free one on the batch
 host, or take `tools/submit.py --master-port`), else derived from the job id; rank 0 checks
