@@ -13,10 +13,19 @@ A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only when ever
 has finished; `latest` is replaced last. A crash mid-write leaves the previous
 checkpoint and `latest` untouched; stale temporary folders are removed at the next save.
 Per-rank files hold tensors and plain Python values only, loaded with weights_only=True.
+
+Resume trusts no file of a checkpoint: before anything is loaded, `verify` checks that every
+file the resume will read is present, whole and readable (the export's checks plus the
+per-rank files), and DeepSpeed's own loads run under torch's weights-only unpickler, so a
+pickle payload planted in a checkpoint is refused, never executed. A damaged newest
+checkpoint is refused with a message naming the file and the newest checkpoint that passes
+the same checks (no silent fallback: the user decides; see the README's "Resuming").
 """
 from __future__ import annotations
 
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +38,12 @@ from pretrain.distributed import barrier
 from pretrain.files import atomic_write, atomic_write_text, replace_with
 
 TMP_PREFIX = ".tmp-"
+_TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from (missing, truncated, unreadable or unsafe file); the
+    message names the file and what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -46,9 +61,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if not tag:
+        raise CheckpointError(f"{latest} is empty (it should name a checkpoint folder such as {tag_for(100)}): "
+                              f"write the newest complete folder's name into it, or delete it to start afresh")
+    if not _TAG.match(tag) or tag in (".", ".."):
+        raise CheckpointError(f"{latest} names {tag!r}, which is not a checkpoint folder name under {root}")
     path = root / tag
     if not path.is_dir():
-        raise FileNotFoundError(f"{latest} names checkpoint {tag!r} but {path} is missing")
+        raise CheckpointError(f"{latest} names checkpoint {tag!r} but {path} is missing")
     return path
 
 
@@ -142,20 +162,31 @@ class Checkpointer:
         barrier()
         return final_dir
 
-    def load(self, ckpt_dir: Path, engine, memory_parallel, cfg: RunConfig) -> tuple[dict, dict]:
-        """Restore engine and value shards; return (client_state, this rank's state)."""
+    def verify(self, ckpt_dir: Path, cfg: RunConfig, world_size: int, dataset_dir: Path | None = None) -> None:
+        """Refuse a checkpoint that a resume with `world_size` ranks could not read whole
+        (CheckpointError naming the file and the newest complete checkpoint) or whose model
+        config differs (ConfigError). Loads nothing into the model."""
+        try:
+            verify(ckpt_dir, world_size, dataset_dir, self.rank)
+        except CheckpointError as err:
+            raise CheckpointError(_refusal(ckpt_dir, str(err), world_size, dataset_dir)) from None
         saved_config = ckpt_dir / "config.yaml"
-        if not saved_config.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt_dir} has no config.yaml: it is incomplete")
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
-        _, client_state = engine.load_checkpoint(
-            str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+
+    def load(self, ckpt_dir: Path, engine, memory_parallel, cfg: RunConfig) -> tuple[dict, dict]:
+        """Restore engine and value shards; return (client_state, this rank's state).
+
+        Call `verify` first. Every file is read with the weights-only unpickler, DeepSpeed's too."""
+        rank_state = torch.load(rank_file(ckpt_dir, self.rank), map_location="cpu", weights_only=True)
+        from pretrain.export.dense import weights_only_loads
+
+        with weights_only_loads():  # DeepSpeed's own torch.load passes weights_only=False
+            _, client_state = engine.load_checkpoint(
+                str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if client_state is None:
-            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {ckpt_dir} (missing files?)")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {ckpt_dir} (missing files?)")
         memory_parallel.load(ckpt_dir)
-        path = rank_file(ckpt_dir, self.rank)
-        rank_state = torch.load(path, weights_only=True) if path.is_file() else {}
         return client_state, rank_state
 
     def _remove_stale_temporaries(self) -> None:
@@ -167,6 +198,45 @@ class Checkpointer:
         tags = sorted(p for p in self.root.glob("step_*") if p.is_dir())
         for old in tags[: max(0, len(tags) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, rank: int | None = None) -> None:
+    """Check every file a resume with `world_size` ranks reads: present, whole, readable with
+    the weights-only unpickler (`rank`'s own per-rank file is read in full, the others' are
+    checked for completeness). Raises CheckpointError naming the first bad file."""
+    from pretrain.export.errors import ExportError
+    from pretrain.export.source import check_torch_zip, inspect
+
+    try:
+        inspect(ckpt_dir, dataset_dir)  # config, DeepSpeed files (model states read weights-only), value shards, table
+        for other in range(world_size):
+            check_torch_zip(rank_file(ckpt_dir, other))
+        if rank is not None:
+            torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
+    except ExportError as err:
+        raise CheckpointError(str(err)) from None
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        raise CheckpointError(f"{rank_file(ckpt_dir, rank)} cannot be read as tensors and plain values "
+                              f"(refused, nothing in it executed): {err}") from None
+
+
+def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:
+    """The message for a damaged checkpoint: the file, and the newest earlier checkpoint that passes."""
+    older = sorted((p for p in ckpt_dir.parent.glob("step_*") if p.is_dir() and p.name < ckpt_dir.name), reverse=True)
+    usable = None
+    for candidate in older:
+        try:
+            verify(candidate, world_size, dataset_dir)
+            usable = candidate
+            break
+        except CheckpointError:
+            continue
+    if usable is not None:
+        fix = (f"to resume from the previous complete checkpoint, move {ckpt_dir} aside and write "
+               f"'{usable.name}' into {ckpt_dir.parent / 'latest'}")
+    else:
+        fix = f"no earlier complete checkpoint exists: restore {ckpt_dir} from a copy, or use a new train.run_dir"
+    return f"cannot resume from checkpoint {ckpt_dir}: {problem}. Nothing was loaded or changed; {fix}"
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

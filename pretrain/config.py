@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from pretrain.files import atomic_write_text
@@ -120,7 +120,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist (pass --config configs/tiny.yaml)")
-            layers.append(OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(
+                    f"config file {path} holds a YAML {type(loaded).__name__.removesuffix('Config').lower()}, "
+                    "not a mapping: write it as `section:` blocks (model:, data:, train: ...), e.g. configs/tiny.yaml"
+                )
+            layers.append(loaded)
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -170,6 +176,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
         raise ConfigError(f"train.nan_policy={t.nan_policy!r} must be 'stop' or 'skip'")
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
+    _check_cadences(cfg)
     if t.global_batch % t.micro_batch:
         raise ConfigError(
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
@@ -201,6 +208,26 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
     if not (g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and int(g[6:]) > 0)):
         raise ConfigError(f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64)")
     return cfg
+
+
+def _check_cadences(cfg: RunConfig) -> None:
+    """Every "every N steps" setting is used as a modulus and must be positive; keeping no
+    checkpoint would delete the one just written."""
+    cadences = {
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "slots.log_every": cfg.slots.log_every,
+    }
+    for key, value in cadences.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be >= 1 (a number of steps); to do it rarely, set it above "
+                              f"train.max_steps={cfg.train.max_steps}")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints} would delete every checkpoint, "
+                          "including the one just written: keep at least 1")
+    if cfg.train.eval_batches < 1:
+        raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} must be >= 1")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

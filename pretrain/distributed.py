@@ -36,8 +36,13 @@ def _fill_environment() -> None:
     if "RANK" not in os.environ:
         from pretrain.slurm import distributed_env_from_slurm
 
-        for key, value in distributed_env_from_slurm(os.environ).items():
+        slurm_env = distributed_env_from_slurm(os.environ)
+        for key, value in slurm_env.items():
             os.environ.setdefault(key, str(value))
+        if slurm_env.get("RANK") == "0" and slurm_env["WORLD_SIZE"] != "1":
+            from pretrain.slurm import check_port_free
+
+            check_port_free(int(os.environ["MASTER_PORT"]), os.environ["MASTER_ADDR"])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"] if os.environ["WORLD_SIZE"] == "1" else "0")

@@ -43,6 +43,7 @@ class SlurmOptions:
     constraint: str | None = None
     job_name: str | None = None
     signal_seconds: int = 180  # USR1 this long before the time limit: time to checkpoint
+    master_port: int | None = None  # rendezvous port; None: the job's default or the next free one
     extra_sbatch: list[str] = field(default_factory=list)
     cpu: bool = False
 
@@ -122,6 +123,8 @@ def _check_options(opts: SlurmOptions) -> None:
                 f"--tasks-per-node={opts.tasks_per_node} differs from --gpus-per-node={opts.gpus_per_node}: "
                 "GPU jobs run one task per GPU (drop --tasks-per-node)"
             )
+    if opts.master_port is not None and not (isinstance(opts.master_port, int) and 1024 <= opts.master_port <= 65535):
+        raise SubmitError(f"--master-port={opts.master_port!r} must be a port number in 1024..65535")
     limit = time_limit_seconds(opts.time)
     if limit is not None and opts.signal_seconds >= limit:
         raise SubmitError(
@@ -184,6 +187,7 @@ def render_script(
         "log_path": _path_value("train.run_dir", run_dir, suffix=f"/{LOG_DIR}/slurm-%j.out"),
         "workdir": _path_value("working directory", workdir),
         "site_options": "\n".join(site),
+        "master_port": f"MASTER_PORT={opts.master_port}" if opts.master_port is not None else "",
         "code_dir": shlex.quote(str(code_dir)),
         # A snapshot must win over the working directory that `python -m` puts first on sys.path.
         "python_env": "export PYTHONSAFEPATH=1" if snapshot else "",

@@ -21,14 +21,22 @@ cancelled job stays cancelled. The trainer uses it like this:
 
 Slurm delivers `--signal=USR1@<seconds>` (and `scancel --signal=USR1`) to every process of
 the job's steps, so each rank's handler fires; a rank that misses it still stops at the
-same step because the flag is all-reduced with MAX.
+same step because the flag is all-reduced with MAX. The sbatch templates trap USR1 in the
+batch shell and pass it on to the training step (`scancel --signal=USR1 --batch`), and wait
+through SIGTERM, which Slurm delivers to the tasks itself.
+
+The rendezvous port is MASTER_PORT when set (the templates choose a free one on the batch
+host, or take `tools/submit.py --master-port`), else derived from the job id; rank 0 checks
+that it can listen there before anything else and names the port and the override if not.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,6 +73,36 @@ def master_port_for_job(job_id: int | str) -> int:
     except ValueError:
         raise SlurmEnvError(f"SLURM_JOB_ID={job_id!r} is not an integer") from None
     return PORT_BASE + job % PORT_SPAN
+
+
+def master_port_from_env(environ: Mapping[str, str]) -> int:
+    """An explicit MASTER_PORT (validated), else the port derived from SLURM_JOB_ID."""
+    value = environ.get("MASTER_PORT")
+    if value is None or value == "":
+        return master_port_for_job(environ["SLURM_JOB_ID"])
+    if not value.isdigit() or not 1024 <= int(value) <= 65535:
+        raise SlurmEnvError(f"MASTER_PORT={value!r} must be a port number in 1024..65535 "
+                            "(tools/submit.py --master-port, or unset it for the job-derived default)")
+    return int(value)
+
+
+def check_port_free(port: int, host: str) -> None:
+    """On the rendezvous host before the process group starts: raise SlurmEnvError naming the
+    port and the override if another process (another job on the node) already listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # With SO_REUSEADDR (as the store binds) TIME_WAIT leftovers of an earlier run are no clash
+        # but a listening socket is; no listen() here, so no other rank connects to this probe.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise SlurmEnvError(
+                f"rendezvous port {port} on {host} is already in use by another process (another job on this "
+                f"node?): submit with `tools/submit.py --master-port <free port>`, or export MASTER_PORT=<free "
+                f"port> before srun in your batch script"
+            ) from None
 
 
 _BRACKET = re.compile(r"\[([^\]]*)\]")
@@ -158,7 +196,7 @@ def distributed_env_from_slurm(environ: Mapping[str, str] | None = None) -> dict
         "LOCAL_RANK": str(local_rank),
         "WORLD_SIZE": str(world_size),
         "MASTER_ADDR": first_host(nodelist),
-        "MASTER_PORT": str(master_port_for_job(environ["SLURM_JOB_ID"])),
+        "MASTER_PORT": str(master_port_from_env(environ)),
     }
 
 

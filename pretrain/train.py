@@ -11,23 +11,31 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.profiler import record_function
+from pretrain.slurm import SlurmEnvError, StopSignal  # the standard library only
 
-from pretrain import profiler_regions as regions
-from pretrain.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate
-from pretrain.data.errors import DataError
-from pretrain.distributed import DistInfo, barrier, init_distributed
-from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu
-from pretrain.model import Transformer, flops_per_token, language_model_loss
-from pretrain.model import names as model_names
-from pretrain.optim import build_dense_optimizer, lr_multiplier, set_learning_rate
-from pretrain.slots.table import TABLE_FILENAME
+# `python -m pretrain.train` (the sbatch templates): the stop handler is installed before the
+# heavy imports below (seconds), so a USR1/SIGTERM during start-up is recorded, not fatal;
+# train() takes it over.
+_STARTUP_STOP = StopSignal() if __name__ == "__main__" else None
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
+
+from pretrain import profiler_regions as regions  # noqa: E402
+from pretrain.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
+from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate  # noqa: E402
+from pretrain.data.errors import DataError  # noqa: E402
+from pretrain.distributed import DistInfo, barrier, init_distributed  # noqa: E402
+from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
+from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
+from pretrain.model import names as model_names  # noqa: E402
+from pretrain.optim import build_dense_optimizer, lr_multiplier, set_learning_rate  # noqa: E402
+from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
@@ -135,13 +143,12 @@ def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
     return value, nonfinite == 0
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) the training described by `cfg`; every rank calls it."""
-    from pretrain.slurm import StopSignal
-
+def train(cfg: RunConfig, stop: StopSignal | None = None) -> TrainResult:
+    """Run (or resume) the training described by `cfg`; every rank calls it. `stop`: a handler
+    installed earlier (it keeps any signal already received), else one is installed now."""
     # Installed first: a preemption signal during start-up must not kill the task, and
     # data-loader workers started later inherit the handler.
-    stop = StopSignal()
+    stop = stop if stop is not None else StopSignal()
     try:
         return _train(cfg, stop)
     finally:
@@ -155,22 +162,29 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     import deepspeed
 
     from pretrain.data import Tokenizer, load_probes
+    from pretrain.data.checks import check_trainable
     from pretrain.evaluate import encode_probes, fact_recall, validation_loss
     from pretrain.parallel import MemoryParallel, init_memory_groups
     from pretrain.slurm import requeue_job
 
     t, device = cfg.train, info.device
     run_dir = Path(t.run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     dataset_dir = prepare_dataset(cfg, info)
+    check_trainable(dataset_dir)
     tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the tokenizer in {dataset_dir} has {tokenizer.vocab_size} tokens but model.vocab_size="
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
         )
+    checkpointer = Checkpointer(run_dir, info.rank, t.keep_checkpoints)
+    # Checked before anything is written or built: a damaged checkpoint is refused, naming the file.
+    resume_from = latest_checkpoint(checkpointer.root)
+    if resume_from is not None:
+        checkpointer.verify(resume_from, cfg, info.world_size, dataset_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
 
     # Built on the meta device so that no rank ever holds the full value pool: the
     # value tables are replaced by this rank's column shards, then the dense part is
@@ -192,19 +206,19 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     stats = build_slot_statistics(cfg, model, device)
     seen_facts = [p for p in load_probes(dataset_dir) if not p.is_new_fact]  # new facts are never trained on
     probes = encode_probes(seen_facts[: t.probe_limit], tokenizer, cfg.data.seq_len)
-    checkpointer = Checkpointer(run_dir, info.rank, t.keep_checkpoints)
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=info.is_main)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = device_peak_flops(device)
     tokens_per_step = t.global_batch * cfg.data.seq_len
     gas = t.global_batch // (t.micro_batch * info.world_size)
     result = TrainResult(step=0, tokens_seen=0, skipped_steps=0)
+    run_id = uuid.uuid4().hex  # identifies this run's slot tables and exports; kept across resumes
 
     # ---- resume --------------------------------------------------------------------------
-    resume_from = latest_checkpoint(checkpointer.root)
     if resume_from is not None:
         client, rank_state = checkpointer.load(resume_from, engine, values, cfg)
         result.step, result.tokens_seen = client["step"], client["tokens_seen"]
+        run_id = client.get("run_id", run_id)
         result.skipped_steps = client.get("skipped_steps", 0)
         train_loader.load_state_dict(rank_state["data"])
         if stats is not None and "slots" in rank_state:
@@ -227,7 +241,8 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
         rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
         if stats is not None:
             rank_state["slots"] = stats.state_dict()
-        client = {"step": result.step, "tokens_seen": result.tokens_seen, "skipped_steps": result.skipped_steps}
+        client = {"step": result.step, "tokens_seen": result.tokens_seen, "skipped_steps": result.skipped_steps,
+                  "run_id": run_id}
         path = checkpointer.save(result.step, engine, values, client, rank_state, cfg, write_extra=save_slot_table)
         result.checkpoint = str(path)
         if stats is not None:
@@ -244,6 +259,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             save_table(folder / TABLE_FILENAME, reduced, {
                 "model_config_hash": model_config_hash(cfg.model),
                 "tokenizer_hash": tokenizer.sha256,
+                "run_id": run_id,
             })
 
     # ---- loop ----------------------------------------------------------------------------
@@ -396,12 +412,12 @@ def parse_args(argv=None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def main(argv=None) -> int:
+def main(argv=None, stop: StopSignal | None = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
         cfg = load_config(config_path, overrides)
-        result = train(cfg)
-    except (ConfigError, DataError) as err:
+        result = train(cfg, stop)
+    except (ConfigError, DataError, CheckpointError, SlurmEnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
@@ -432,7 +448,7 @@ def cli() -> None:
     shared-memory op, where a rank occasionally aborts ("terminate called without an
     active exception"), failing a finished job under srun.
     """
-    code = main()
+    code = main(stop=_STARTUP_STOP)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--table", default=None, help="slot table to rank against instead of the export's")
+    p.add_argument("--allow-other-run", action="store_true",
+                   help="accept a --table counted in another training run (same config and tokenizer) than the export's")
     p.add_argument("--dataset-dir", default=None, help="pretraining dataset, for validation loss after each epoch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
         if out.exists() and not args.force:
             raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
         if args.method == "sparse":  # the model with its slot table, checked against each other
-            model, _, table, _ = load_export_for_tfidf(export, args.table)
+            model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)
             model = model.to(args.device)
         else:
             model, table = load(export, device=args.device), None

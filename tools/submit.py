@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint")
     p.add_argument("--job-name")
     p.add_argument("--signal-seconds", type=int, default=180, help="send USR1 this long before the time limit")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port (default: 10000 + job id %% 20000, or the next free one on the node)")
     p.add_argument(
         "--sbatch", action="append", default=[], metavar="OPTION", dest="extra_sbatch",
         help="extra sbatch option line, repeatable, e.g. --sbatch=--mem=64G",
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
         constraint=args.constraint,
         job_name=args.job_name,
         signal_seconds=args.signal_seconds,
+        master_port=args.master_port,
         extra_sbatch=args.extra_sbatch,
         cpu=args.cpu,
     )

@@ -28,13 +28,15 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=500)
     p.add_argument("--layer", default=None, help="memory layer name, e.g. layers.2 (default: all)")
     p.add_argument("--table", default=None, help="slot table to use instead of the export's")
+    p.add_argument("--allow-other-run", action="store_true",
+                   help="accept a --table counted in another training run (same config and tokenizer) than the export's")
     args = p.parse_args(argv)
     if args.top <= 0:
         p.error(f"--top must be positive, got {args.top}")
     from pretrain.export import ExportError
 
     try:
-        model, _cfg, table, tok_path = load_export_for_tfidf(args.export, args.table)
+        model, _cfg, table, tok_path = load_export_for_tfidf(args.export, args.table, args.allow_other_run)
     except (TableMismatchError, ExportError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -88,7 +89,17 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
                 f"{path}:{lineno}: no field {text_field!r} (found {keys}); pass --text-field <name>"
             )
         text = record[text_field]
-        yield text if isinstance(text, str) else str(text)
+        if not isinstance(text, str):
+            raise DataError(
+                f"{path}:{lineno}: field {text_field!r} is {type(text).__name__} {_preview(text)}, not a string; "
+                f"fix or remove that line, or pass --text-field <name> of the field holding the text"
+            )
+        yield text
+
+
+def _preview(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def iter_documents(
@@ -104,14 +115,20 @@ def iter_documents(
     def raw_docs() -> Iterator[str]:
         for path in files:
             kind = _format_of(path, fmt)
-            with _open_binary(path) as fh:
-                if kind == "jsonl":
-                    yield from _iter_jsonl(path, fh, text_field, stats)
-                elif kind == "blocks":
-                    for block in _iter_blocks(fh):
-                        yield _decode(block, stats)
-                else:
-                    yield _decode(fh.read(), stats)
+            try:
+                with _open_binary(path) as fh:
+                    if kind == "jsonl":
+                        yield from _iter_jsonl(path, fh, text_field, stats)
+                    elif kind == "blocks":
+                        for block in _iter_blocks(fh):
+                            yield _decode(block, stats)
+                    else:
+                        yield _decode(fh.read(), stats)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+                raise DataError(
+                    f"{path} is not a complete gzip file ({type(err).__name__}: {err}): re-copy or re-compress it "
+                    "(`gzip -t` checks it), or drop the .gz suffix if it is not compressed"
+                ) from None
 
     for text in raw_docs():
         if not text.strip():

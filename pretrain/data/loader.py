@@ -71,7 +71,8 @@ class _Cursor:
     def _open(self, skip: int) -> None:
         shard = self.shards[self.i]
         self._blocks = read_blocks(self.loader.root / shard["path"], self.loader.width,
-                                   self.loader.token_dtype, shard["sequences"])
+                                   self.loader.token_dtype, shard["sequences"], sha256=shard.get("sha256"),
+                                   vocab_size=self.loader.vocab_size)
         self._tok = None
         while skip > 0:
             if not self._next_block():
@@ -164,6 +165,7 @@ class ShardLoader:
             )
         self.split, self.batch_size, self.seq_len = split, batch_size, manifest["seq_len"]
         self.width, self.token_dtype, self.eos_id = manifest["seq_len"] + 1, manifest["token_dtype"], manifest["eos_id"]
+        self.vocab_size = manifest["vocab_size"]
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer, self.on_corrupt, self.loop = seed, shuffle_buffer, on_corrupt, loop
         self.window = shuffle_buffer if shuffle_buffer > 0 else batch_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import shutil
 import tempfile
+import warnings
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -109,6 +110,7 @@ def write_dataset(
         if doc_id == 0:
             raise DataError("the corpus holds no non-empty document: check --input and --format/--text-field")
         splits = {s: w.close() for s, w in writers.items()}
+        _check_validation_split(splits, doc_id, val_fraction)
         splits["train"]["doc_id_offset"], splits["val"]["doc_id_offset"] = 0, splits["train"]["documents"]
         stats = dict(vars(corpus_stats)) if corpus_stats is not None else {}
         stats["empty_documents"] = stats.get("empty_documents", 0) + empty_after_tokenizing
@@ -124,6 +126,21 @@ def write_dataset(
         }
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _check_validation_split(splits: dict, documents: int, val_fraction: float) -> None:
+    """Training evaluates on the val split: refuse a preparation that left it empty by chance
+    (nothing is written), and warn when it is empty by request (val_fraction=0)."""
+    if splits["val"]["shards"]:
+        return
+    if val_fraction > 0:
+        raise DataError(
+            f"the validation split is empty: none of the {documents} documents fell into it at "
+            f"--val-fraction={val_fraction} (about {documents * val_fraction:.2g} expected); raise --val-fraction "
+            "or add documents. Nothing was written"
+        )
+    warnings.warn("--val-fraction=0: the dataset has no validation split, so training on it will be refused "
+                  "(the trainer evaluates on val); use it for other purposes only", stacklevel=3)
 
 
 def prepare_corpus(

@@ -16,6 +16,7 @@ input gives byte-identical shards. Files are written under a temporary name, the
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -171,22 +172,33 @@ class ShardWriter:
 
 
 class _CountingReader:
-    """A read-only file wrapper that remembers how far it has read (for error offsets)."""
+    """A read-only file wrapper that remembers how far it has read (for error offsets) and
+    hashes what it read (to compare with the manifest's sha256 at the end)."""
 
     def __init__(self, fh: BinaryIO):
         self.fh, self.offset = fh, 0
+        self.digest = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
         data = self.fh.read(n)
         self.offset += len(data)
+        self.digest.update(data)
         return data
 
+    def rest_digest(self) -> str:
+        """sha256 of the whole file: what was read plus what remains (tar padding)."""
+        for _block in iter(lambda: self.read(1 << 20), b""):
+            pass
+        return self.digest.hexdigest()
 
-def read_blocks(path: Path, width: int, token_dtype: str, expected_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+
+def read_blocks(path: Path, width: int, token_dtype: str, expected_rows: int, *, sha256: str | None = None,
+                vocab_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens (n, width) int64, meta (n, 2) int64) per block of one shard.
 
     Any unreadable, inconsistent or missing part raises CorruptShardError naming the
-    shard and the byte offset reached.
+    shard and the byte offset reached; so do token ids >= `vocab_size` and, once the whole
+    shard is read, bytes whose sha256 differs from the manifest's `sha256`.
     """
     dtype = np.dtype(token_dtype).newbyteorder("<")
     rows_seen = 0
@@ -225,8 +237,17 @@ def read_blocks(path: Path, width: int, token_dtype: str, expected_rows: int) ->
             if zlib.crc32(meta_bytes, zlib.crc32(tok_bytes)) != header.get("crc32"):
                 raise corrupt(f"block {key} checksum mismatch")
             rows_seen += n
-            yield (np.frombuffer(tok_bytes, dtype=dtype).reshape(n, width).astype(np.int64),
-                   np.frombuffer(meta_bytes, dtype="<i8").reshape(n, 2))
+            tokens = np.frombuffer(tok_bytes, dtype=dtype).reshape(n, width).astype(np.int64)
+            if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
+                raise corrupt(f"block {key} holds token id {int(tokens.max())} >= the dataset's vocab_size "
+                              f"{vocab_size} (tokenized with another tokenizer?): re-create it with tools/prepare_data.py")
+            yield tokens, np.frombuffer(meta_bytes, dtype="<i8").reshape(n, 2)
+        if rows_seen == expected_rows and sha256 is not None and reader.rest_digest() != sha256:
+            raise CorruptShardError(
+                f"shard {path} is not the file its manifest.json lists (sha256 {reader.digest.hexdigest()[:12]}, "
+                f"manifest {sha256[:12]}): it was written by another preparation; re-create the dataset with "
+                "tools/prepare_data.py instead of mixing shards"
+            )
     if rows_seen != expected_rows:
         raise corrupt(f"holds {rows_seen} sequences, the manifest says {expected_rows} (truncated?)")
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from pretrain.config import config_to_dict
 from pretrain.export.errors import ExportError
+from pretrain.export.safetensors_io import read_header
 from pretrain.model import Transformer
 from pretrain.model.config import MemoryConfig, ModelConfig
 
@@ -35,6 +36,7 @@ def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transfor
     cfg = model_config_from_json(export_dir / "config.json")
     with torch.device("meta"):
         model = Transformer(cfg)
+    read_header(export_dir / "model.safetensors")  # a truncated file is named, before any weight is read
     state = load_file(str(export_dir / "model.safetensors"), device=str(device))
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:

@@ -39,6 +39,7 @@ class CheckpointSource:
     slot_table: Path | None = None
     dataset_dir: Path | None = None
     tokenizer: Path | None = None
+    run_id: str = ""  # the training run (its slot tables carry the same id); "" before run ids existed
 
     @property
     def num_value_tables(self) -> int:
@@ -140,6 +141,7 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     src = CheckpointSource(ckpt, cfg, stage, world, bf16, int(states.get("step", 0)),
                            int(states.get("tokens_seen", 0)), model_states)
+    src.run_id = str(states.get("run_id", ""))
     del states
     if stage == 3:
         for r in range(world):

@@ -67,7 +67,8 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
         "pad_token_id": tok.eos_id,
         "use_cache": False,
         "tie_word_embeddings": False,
-        "memlayers": {"step": src.step, "tokens_seen": src.tokens_seen, "tokenizer_sha256": tok.sha256},
+        "memlayers": {"step": src.step, "tokens_seen": src.tokens_seen, "tokenizer_sha256": tok.sha256,
+                      "run_id": src.run_id},
     }
 
 

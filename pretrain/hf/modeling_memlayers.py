@@ -167,6 +167,14 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         self._rotary = None
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, refusing a checkpoint that lacks weights (see check_loaded_weights)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded_weights(info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return (model, info) if want_info else model
+
     def get_input_embeddings(self):
         return self.tok_embeddings
 
@@ -205,3 +213,15 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def check_loaded_weights(info: dict, source) -> None:
+    """transformers only warns when model.safetensors lacks a weight (it stays randomly
+    initialised, so the logits are silently wrong): raise instead, naming the weights."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [f"{name} (file {tuple(a)}, model {tuple(b)})" for name, a, b in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        problems = ([f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []) + (
+            [f"wrong shape {', '.join(mismatched[:4])}"] if mismatched else [])
+        raise ValueError(f"{source}/model.safetensors does not hold every weight of the model ({'; '.join(problems)}): "
+                         "re-export the checkpoint with tools/export.py")

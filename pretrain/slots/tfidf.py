@@ -7,6 +7,7 @@ a table that was counted with a different model config or tokenizer.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,11 +130,34 @@ def check_table_matches(table: SlotTable, model_cfg: ModelConfig, tokenizer_path
             )
 
 
-def load_export_for_tfidf(export_dir: str | Path, table_path: str | Path | None = None):
-    """(model, cfg, table, tokenizer path) from an export dir, with the table checked against both."""
+def load_export_for_tfidf(export_dir: str | Path, table_path: str | Path | None = None,
+                          allow_other_run: bool = False):
+    """(model, cfg, table, tokenizer path) from an export dir, with the table checked against both
+    and, unless `allow_other_run`, against the training run the export came from."""
     export_dir = Path(export_dir)
     table = load_table(table_path or export_dir / TABLE_FILENAME)
     model, cfg = load_model_for_tfidf(export_dir)
     tok = export_dir / "tokenizer.model"
     check_table_matches(table, cfg, tok if tok.is_file() else None)
+    if not allow_other_run:
+        check_table_run(table, export_dir)
     return model, cfg, table, tok
+
+
+def check_table_run(table: SlotTable, export_dir: Path) -> None:
+    """Refuse a table counted in another training run than the export's (same config, another
+    seed or data: its frequencies describe other weights). Both carry the run's id."""
+    try:
+        export_run = json.loads((export_dir / "config.json").read_text()).get("memlayers", {}).get("run_id", "")
+    except (OSError, ValueError):
+        export_run = ""
+    table_run = table.metadata.get("run_id", "")
+    if export_run == table_run:
+        return
+    if export_run and table_run:
+        why = f"was counted in training run {table_run} but {export_dir} was exported from run {export_run}"
+    else:
+        why = (f"carries run id {table_run or '<none>'} and {export_dir}/config.json {export_run or '<none>'}, "
+               "so it cannot be told whether they come from the same training run")
+    raise TableMismatchError(f"slot table {table.path} {why}: use the table exported with this model, or pass "
+                             "--allow-other-run if you mean to use another run's frequencies")

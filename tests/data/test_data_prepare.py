@@ -75,7 +75,8 @@ def test_missing_path_and_empty_corpus_fail_before_work(tmp_path, monkeypatch):
 def test_prepare_is_deterministic_and_parallel_equals_serial(tmp_path, documents, tokenizer):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"body": d}) + "\n" for d in documents))
-    kwargs = dict(tokenizer_path=tokenizer.path, text_field="body", sequences_per_shard=16, show_progress=False)
+    kwargs = dict(tokenizer_path=tokenizer.path, text_field="body", sequences_per_shard=16, show_progress=False,
+                  val_fraction=0.1)  # 82 documents: the default 0.01 would leave val empty (refused)
     prepare_corpus([corpus], tmp_path / "a", 32, workers=1, **kwargs)
     prepare_corpus([corpus], tmp_path / "b", 32, workers=2, **kwargs)
     a, b = shard_bytes(tmp_path / "a"), shard_bytes(tmp_path / "b")
@@ -83,7 +84,7 @@ def test_prepare_is_deterministic_and_parallel_equals_serial(tmp_path, documents
     assert a == b  # byte-identical shards, manifest and tokenizer
     # the CLI, training its own tokenizer twice, is deterministic too (and shows the summary)
     argv = ["--input", str(corpus), "--text-field", "body", "--seq-len", "32", "--vocab-size", "400",
-            "--sequences-per-shard", "16", "--workers", "1", "--no-progress"]
+            "--sequences-per-shard", "16", "--workers", "1", "--no-progress", "--val-fraction", "0.1"]
     assert prepare_cli.main(argv + ["--output", str(tmp_path / "c")]) == 0
     assert prepare_cli.main(argv + ["--output", str(tmp_path / "d")]) == 0
     assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "d")

@@ -177,3 +177,36 @@ def test_slot_report_writes_png(tmp_path):
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert slot_report.main(["--table", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def _set_export_run(out, run_id: str) -> None:
+    config = json.loads((out / "config.json").read_text())
+    config["memlayers"] = {"run_id": run_id}
+    (out / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("table_run", ["b" * 32, None])
+def test_table_from_another_run_is_refused_unless_allowed(export_dir, capsys, tmp_path, table_run):
+    """Same model config and tokenizer, another training run (e.g. another seed): the run ids differ
+    (or the table has none), so both tools refuse it; --allow-other-run accepts it on purpose."""
+    out, _cfg, stats, meta = export_dir
+    _set_export_run(out, "a" * 32)
+    save_table(out / "slot_frequencies.safetensors", stats, meta if table_run is None else {**meta, "run_id": table_run})
+    argv = ["--export", str(out), "--text", "where was ada born", "--top", "3"]
+    assert tfidf_tool.main(argv) == 2
+    assert "--allow-other-run" in capsys.readouterr().err
+    assert tfidf_tool.main([*argv, "--allow-other-run"]) == 0
+    from tools.smf_finetune import main as smf_main
+
+    data = tmp_path / "facts.txt"
+    data.write_text("ada was born in paris\n")
+    assert smf_main(["--export", str(out), "--data", str(data), "--out", str(tmp_path / "ft")]) == 2
+    assert "training run" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_table_of_the_same_run_is_accepted(export_dir, capsys):
+    out, _cfg, stats, meta = export_dir
+    _set_export_run(out, "c" * 32)
+    save_table(out / "slot_frequencies.safetensors", stats, {**meta, "run_id": "c" * 32})
+    assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born", "--top", "3"]) == 0

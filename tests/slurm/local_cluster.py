@@ -18,6 +18,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
 SBIN = ("/usr/sbin", "/sbin")
+# Job ids of a fresh test cluster start at 1, so their default rendezvous ports are 10001...:
+# the session holds these (see conftest.slurm_cluster) as another job on the node would.
+HELD_DEFAULT_PORTS = range(10000, 10064)
 
 
 def _which(name: str) -> str | None:

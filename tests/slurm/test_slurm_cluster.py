@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from local_cluster import HELD_DEFAULT_PORTS
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 SIGUSR1 = 10
@@ -59,14 +61,15 @@ def wait_for_log(cluster, run_dir: Path, job_id: str, pattern: str, timeout: flo
                 f"{read_log(run_dir, job_id)[-4000:]}")
 
 
-def preempt(cluster, job_id: str) -> None:
-    """USR1 to the job's tasks, then wait until the job has requeued itself.
+def preempt(cluster, job_id: str, batch: bool = False) -> None:
+    """USR1 to the job's tasks (to the batch shell alone with `batch`), then wait until the job
+    has requeued itself.
 
     A requeued job becomes eligible after the credential lifetime (`cred_expire`, 120 s by
     default, 5 s on the test cluster). `scontrol update jobid=<id> StartTime=now` does not
     help: a start before the old credential expires is refused by slurmd ("Job credential
     revoked") and the job ends FAILED."""
-    cluster.cmd(["scancel", "--signal=USR1", job_id])
+    cluster.cmd(["scancel", "--signal=USR1", *(["--batch"] if batch else []), job_id])
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         info = cluster.job_info(job_id)
@@ -103,8 +106,12 @@ def test_preemption_protocol_with_stand_in_trainer(slurm_cluster, tmp_path):
     log = read_log(run_dir, job)
 
     host = slurm_cluster.node
-    port = 10000 + int(job) % 20000
     for restart in (0, 1):
+        ports = set(re.findall(rf"^\d: rank \d/2 local \d master {host}:(\d+) restart {restart} ", log, re.M))
+        assert len(ports) == 1, ports  # one rendezvous port for both ranks
+        port = int(ports.pop())
+        # The default port is held by this test session: the batch shell took the next free one.
+        assert port != 10000 + int(job) % 20000 and port not in HELD_DEFAULT_PORTS
         assert f"job {job} start" in log and f"restart {restart} nodes {host}" in log
         for rank in (0, 1):
             assert f"{rank}: task {rank}/2 local {rank} on {host}" in log
@@ -120,6 +127,33 @@ def test_preemption_protocol_with_stand_in_trainer(slurm_cluster, tmp_path):
         assert f"{rank}: rank {rank} resumed at step {stop_step}" in log
         assert f"{rank}: rank {rank} finished at step 60" in log
     assert (run_dir / "code" / "pretrain" / "slurm.py").read_text() == (REPO_ROOT / "pretrain/slurm.py").read_text()
+
+
+def fake_trainer_job(cluster, tmp_path: Path, name: str) -> tuple[Path, str]:
+    run_dir = tmp_path / name
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return run_dir, submit(cluster, run_dir, ["train.micro_batch=8"], extra=["--python", str(wrapper)])
+
+
+@pytest.mark.slow
+def test_usr1_to_the_batch_shell_requeues(slurm_cluster, tmp_path):
+    """`scancel --signal=USR1 --batch` (what --signal=B:USR1 sites send): the batch shell passes
+    it on to the tasks, which checkpoint; the job is requeued and resumes (it used to end FAILED)."""
+    run_dir, job = fake_trainer_job(slurm_cluster, tmp_path, "batch-usr1")
+    wait_for_log(slurm_cluster, run_dir, job, r"^0: rank 0 step 10$", timeout=120)
+    preempt(slurm_cluster, job, batch=True)
+    info = wait_completed(slurm_cluster, run_dir, job, timeout=180)
+    assert info["Restarts"] == "1"
+    log = read_log(run_dir, job)
+    assert "batch shell: USR1 received, passing it on to the training step" in log
+    stops = re.findall(r"^(\d): rank \d stopping at step (\d+) on signal (\d+)$", log, re.M)
+    assert sorted(r for r, _, _ in stops) == ["0", "1"] and {sig for _, _, sig in stops} == {str(SIGUSR1)}, stops
+    stop_step = stops[0][1]
+    for rank in (0, 1):
+        assert f"{rank}: rank {rank} resumed at step {stop_step}" in log
+        assert f"{rank}: rank {rank} finished at step 60" in log
 
 
 @pytest.mark.slow
@@ -235,12 +269,16 @@ def test_preempted_run_resumes_and_matches_uninterrupted_run(slurm_cluster, refe
     assert re.search(rf"resumed from \S+step_{stop_step:08d} at step {stop_step}", log), log[-4000:]
 
     ours, ref = final_checkpoint(run_dir), final_checkpoint(ref_dir)
+    at_stop = run_dir / "checkpoints" / f"step_{stop_step:08d}" / "slot_frequencies.safetensors"
+    assert _tensors(at_stop)[1]["run_id"] == _tensors(ours / "slot_frequencies.safetensors")[1]["run_id"]
     names = sorted(p.name for p in ref.iterdir())
     assert names == sorted(p.name for p in ours.iterdir())
     for name in names:
         if name.endswith(".safetensors"):
             (ta, ma), (tb, mb) = _tensors(ours / name), _tensors(ref / name)
             assert_bitwise_equal(ta, tb, name)
+            if name == "slot_frequencies.safetensors":  # each run has its own id (kept across the requeue)
+                assert ma.pop("run_id") != mb.pop("run_id")
             assert ma == mb, f"{name}: metadata differs"
         elif name.endswith("model_states.pt"):
             a = torch.load(ours / name, weights_only=True, map_location="cpu")
@@ -252,3 +290,60 @@ def test_preempted_run_resumes_and_matches_uninterrupted_run(slurm_cluster, refe
             a = torch.load(ours / name, weights_only=True)
             b = torch.load(ref / name, weights_only=True)
             assert_bitwise_equal(_state_tensors(a), _state_tensors(b), name)
+
+
+def _catches_usr1(pid: str) -> bool:
+    """Whether process `pid` has a handler installed for SIGUSR1 (/proc's SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(mask >> (SIGUSR1 - 1) & 1)
+
+
+def _trainer_pids(job: str) -> list[str]:
+    """Process ids of the job's `python -m pretrain.train` tasks (the cluster is this machine)."""
+    out = subprocess.run(["pgrep", "-f", "pretrain.train --config"], capture_output=True, text=True).stdout
+    pids = []
+    for pid in out.split():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        is_python = argv[1:3] == [b"-m", b"pretrain.train"]  # not srun, nor the bash before its exec
+        if is_python and f"SLURM_JOB_ID={job}".encode() in environ and b"SLURM_STEP_ID=0" in environ:
+            pids.append(pid)
+    return pids
+
+
+@pytest.mark.slow
+def test_usr1_during_start_up_requeues_and_resumes(slurm_cluster, tmp_path, data_cache):
+    """USR1 while the trainer's tasks are still importing torch (before any step): both tasks
+    survive it, checkpoint after their first step, the job is requeued and resumes from that
+    checkpoint (it used to end FAILED: the signal killed the tasks)."""
+    run_dir = tmp_path / "startup"
+    job = submit(slurm_cluster, run_dir, [*SMALL, "train.max_steps=4", f"data.cache_dir={data_cache}"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pids = _trainer_pids(job)
+        if len(pids) == 2 and all(_catches_usr1(pid) for pid in pids):
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"the trainer tasks of job {job} never installed a USR1 handler:\n{read_log(run_dir, job)[-3000:]}")
+    assert "step 1/" not in read_log(run_dir, job)  # still starting up
+    slurm_cluster.cmd(["scancel", "--signal=USR1", job])
+    preempt_deadline = time.monotonic() + 180
+    while time.monotonic() < preempt_deadline:
+        info = slurm_cluster.job_info(job)
+        if info.get("Restarts") == "1" or info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.1)
+    info = wait_completed(slurm_cluster, run_dir, job, timeout=600)
+    assert info["Restarts"] == "1"
+    log = read_log(run_dir, job)
+    assert re.search(r"stopping at step 1 \(signal\)", log), log[-4000:]
+    assert re.search(r"resumed from \S+step_00000001 at step 1", log), log[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"

@@ -30,7 +30,7 @@ GOLDEN_CASES = {
         "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "16", "--time", "2-00:00:00",
         "--partition", "gpu", "--account", "proj42", "--qos", "high", "--constraint", "h100",
         "--signal-seconds", "300", "--sbatch=--exclusive", "--sbatch=--mem=0", "--snapshot-code",
-        "--job-name", "mem-4x8", *FIXED,
+        "--job-name", "mem-4x8", "--master-port", "29123", *FIXED,
     ],
 }
 
@@ -109,8 +109,10 @@ def test_tasks_are_launched_with_srun_and_the_resolved_config(capsys, tmp_path):
                                    "--python", "/opt/py/bin/python3"])
     assert rc == 0
     argv = _run_rendered_script(out, tmp_path)
-    assert argv == ["--label", "--kill-on-bad-exit=1", "--cpus-per-task=4", "/opt/py/bin/python3", "-m",
-                    "pretrain.train", "--config", f"{tmp_path}/run/config.yaml"]
+    # srun runs a bash that prints where the task runs, then execs the trainer with the rest.
+    assert argv[:5] == ["--label", "--kill-on-bad-exit=1", "--cpus-per-task=4", "bash", "-c"]
+    assert argv[5].endswith('; exec "$@"') and argv[6] == "task"
+    assert argv[7:] == ["/opt/py/bin/python3", "-m", "pretrain.train", "--config", f"{tmp_path}/run/config.yaml"]
 
 
 @pytest.mark.parametrize(

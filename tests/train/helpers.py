@@ -87,3 +87,19 @@ def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     run_gloo(_record, world, fn, args, str(out_dir), deepspeed_comm=True)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root`."""
+    from pretrain.files import file_sha256
+
+    root = Path(root)
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_nothing_lost(before: dict[str, str], root: Path) -> None:
+    """Every file recorded in `before` is still under `root` with the same bytes."""
+    after = file_hashes(root)
+    lost = sorted(set(before) - set(after))
+    changed = sorted(k for k in before if k in after and before[k] != after[k])
+    assert not lost and not changed, f"lost {lost}, changed {changed}"

@@ -1,0 +1,111 @@
+"""Hostile or broken inputs to the data tools and the loader: each is refused with the file
+named, nothing half-written; foreign shards and out-of-vocabulary ids are caught."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from data_helpers import SEQ_LEN  # noqa: E402
+from pretrain.data import DataError, ShardLoader, iter_documents, write_dataset
+from pretrain.data.shards import CorruptShardError, read_manifest
+from tools import prepare_data as prepare_cli
+from tools import train_tokenizer as tokenizer_cli
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("bad", [None, ["a", "list"], 123, {"nested": "x"}])
+def test_jsonl_text_that_is_not_a_string_is_refused(tmp_path, bad, capsys):
+    corpus = tmp_path / "c.jsonl"
+    write_jsonl(corpus, [{"text": "fine words here"}, {"text": bad}, {"text": "more words"}])
+    with pytest.raises(DataError, match=rf"c.jsonl:2: field 'text' is {type(bad).__name__}"):
+        list(iter_documents([corpus]))
+    assert tokenizer_cli.main(["--input", str(corpus), "--output", str(tmp_path / "t.model"),
+                               "--vocab-size", "300"]) == 2
+    assert "c.jsonl:2" in capsys.readouterr().err and not (tmp_path / "t.model").exists()
+    out = tmp_path / "ds"
+    assert prepare_cli.main(["--input", str(corpus), "--output", str(out), "--vocab-size", "300",
+                             "--no-progress", "--workers", "1"]) == 2
+    assert "c.jsonl:2" in capsys.readouterr().err and not out.exists()
+
+
+def truncated_gzip(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200)).encode())
+    path.write_bytes(whole[: len(whole) // 2])
+    return path
+
+
+def not_gzip(tmp_path):
+    path = tmp_path / "plain.jsonl.gz"
+    write_jsonl(path, [{"text": "not compressed at all"}])
+    return path
+
+
+@pytest.mark.parametrize("make", [truncated_gzip, not_gzip])
+def test_broken_gzip_is_named(tmp_path, make, capsys):
+    path = make(tmp_path)
+    with pytest.raises(DataError, match=rf"{path.name} is not a complete gzip file"):
+        list(iter_documents([path]))
+    assert tokenizer_cli.main(["--input", str(path), "--output", str(tmp_path / "t.model"),
+                               "--vocab-size", "300"]) == 2
+    assert path.name in capsys.readouterr().err
+    assert prepare_cli.main(["--input", str(path), "--output", str(tmp_path / "ds"), "--vocab-size", "300",
+                             "--no-progress", "--workers", "1"]) == 2
+    assert f"{path} is not a complete gzip file" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+
+
+def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, documents):
+    ids = tokenizer.encode_batch(documents[:3])
+    with pytest.raises(DataError, match="validation split is empty"):
+        write_dataset(ids, tmp_path / "ds", tokenizer, SEQ_LEN, val_fraction=1e-9, show_progress=False)
+    assert not (tmp_path / "ds").exists()
+    with pytest.warns(UserWarning, match="no validation split"):
+        write_dataset(ids, tmp_path / "ds0", tokenizer, SEQ_LEN, val_fraction=0.0, show_progress=False)
+
+
+def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents):
+    from pretrain.data.checks import check_trainable
+
+    with pytest.warns(UserWarning):
+        write_dataset(tokenizer.encode_batch(documents), tmp_path / "ds", tokenizer, SEQ_LEN, val_fraction=0.0,
+                      show_progress=False)
+    with pytest.raises(DataError, match="'val' split of .* has no shard"):
+        check_trainable(tmp_path / "ds")
+
+
+def read_all(dataset, split="train"):
+    loader = ShardLoader(dataset, split=split, batch_size=2, seq_len=SEQ_LEN, loop=False)
+    return [b for b in loader]
+
+
+def test_shards_of_another_preparation_are_refused(tmp_path, dataset, documents, tokenizer):
+    """Same names and row counts, other bytes (another seed's shuffle): the manifest's hashes catch it."""
+    other = tmp_path / "other"
+    write_dataset(tokenizer.encode_batch(documents[::-1]), other, tokenizer, SEQ_LEN, val_fraction=0.2, seed=3,
+                  sequences_per_shard=8, rows_per_block=3, show_progress=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(dataset, mixed)
+    ours, theirs = read_manifest(mixed)["splits"]["train"]["shards"], read_manifest(other)["splits"]["train"]["shards"]
+    same_rows = [(a, b) for a, b in zip(ours, theirs) if a["sequences"] == b["sequences"] and a["sha256"] != b["sha256"]]
+    assert same_rows
+    a, b = same_rows[0]
+    shutil.copyfile(other / b["path"], mixed / a["path"])
+    with pytest.raises(CorruptShardError, match=rf"{a['path']} is not the file its manifest.json lists"):
+        read_all(mixed)
+    read_all(dataset)  # the untouched dataset reads through
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, tokenizer, documents):
+    ids = tokenizer.encode_batch(documents[:20])
+    ids[5] = ids[5][:3] + [tokenizer.vocab_size + 7] + ids[5][3:]
+    write_dataset(ids, tmp_path / "ds", tokenizer, SEQ_LEN, val_fraction=0.2, seed=3, show_progress=False)
+    with pytest.raises(CorruptShardError, match=rf"token id {tokenizer.vocab_size + 7} >= the dataset's vocab_size"):
+        read_all(tmp_path / "ds")
+    assert np.iinfo(np.dtype(read_manifest(tmp_path / "ds")["token_dtype"])).max >= tokenizer.vocab_size + 7

@@ -1,0 +1,123 @@
+"""Resuming from a damaged or planted checkpoint: refused before anything is loaded, naming
+the file and the newest checkpoint that is complete; no code in a checkpoint ever runs; the
+run directory is left as it was."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import CheckpointError, latest_checkpoint
+from pretrain.config import ConfigError
+from pretrain.train import main, train
+from tests.train.helpers import assert_nothing_lost, file_hashes, tiny_config
+
+OPTS = ("train.max_steps=2", "train.checkpoint_every=1")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_cache):
+    """A run with two complete checkpoints (steps 1 and 2); tests damage copies of it."""
+    run = tmp_path_factory.mktemp("resume-faults") / "run"
+    train(tiny_config(run, data_cache, *OPTS))
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run
+
+
+def resume(run: Path, data_cache: Path):
+    return train(tiny_config(run, data_cache, "train.max_steps=3", "train.checkpoint_every=1"))
+
+
+class Payload:
+    """Unpickling this runs `open(marker, 'w')` under the general unpickler."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_payload_is_refused_not_executed(run_copy, data_cache, tmp_path):
+    marker = tmp_path / "payload-ran"
+    ckpt = run_copy / "checkpoints" / "step_00000002"
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)
+    states["payload"] = Payload(marker)
+    torch.save(states, ckpt / "mp_rank_00_model_states.pt")
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt") as err:
+        resume(run_copy, data_cache)
+    assert not marker.exists()
+    assert "step_00000001" in str(err.value)  # the complete checkpoint to fall back to
+    assert_nothing_lost(before, run_copy)
+
+
+def test_planted_payload_in_a_rank_file_is_refused(run_copy, data_cache, tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = run_copy / "checkpoints" / "step_00000002" / "rank_00000.pt"
+    state = torch.load(path, weights_only=True)
+    state["data"] = Payload(marker)
+    torch.save(state, path)
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match=r"rank_00000\.pt cannot be read as tensors") as err:
+        resume(run_copy, data_cache)
+    assert not marker.exists() and "step_00000001" in str(err.value)
+    assert_nothing_lost(before, run_copy)
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate"])
+@pytest.mark.parametrize("name", ["rank_00000.pt", "mp_rank_00_model_states.pt", "values.t0.s0-of-1.safetensors"])
+def test_damaged_checkpoint_file_is_named(run_copy, data_cache, name, damage):
+    path = run_copy / "checkpoints" / "step_00000002" / name
+    if damage == "remove":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError) as err:
+        resume(run_copy, data_cache)
+    message = str(err.value)
+    assert name in message and "step_00000001" in message and "latest" in message
+    assert_nothing_lost(before, run_copy)
+
+
+def test_following_the_message_resumes(run_copy, data_cache):
+    """The fix the refusal names (move the damaged folder aside, point latest at the previous) works."""
+    root = run_copy / "checkpoints"
+    (root / "step_00000002" / "rank_00000.pt").unlink()
+    shutil.move(root / "step_00000002", run_copy / "damaged")
+    (root / "latest").write_text("step_00000001")
+    result = resume(run_copy, data_cache)
+    assert result.step == 3 and len(result.losses) == 2
+
+
+def test_empty_latest_is_named(run_copy, data_cache, capsys):
+    (run_copy / "checkpoints" / "latest").write_text("")
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match="latest is empty"):
+        latest_checkpoint(run_copy / "checkpoints")
+    code = main(["train.max_steps=3", *tiny_args(run_copy, data_cache)])
+    assert code == 2 and "latest is empty" in capsys.readouterr().err
+    assert_nothing_lost(before, run_copy)
+
+
+def tiny_args(run: Path, cache: Path) -> list[str]:
+    from tests.train.helpers import TINY
+
+    return [*TINY, f"train.run_dir={run}", f"data.cache_dir={cache}"]
+
+
+def test_keep_zero_checkpoints_is_refused(run_copy, data_cache):
+    before = file_hashes(run_copy)
+    with pytest.raises(ConfigError, match="keep_checkpoints=0"):
+        train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.keep_checkpoints=0"))
+    assert_nothing_lost(before, run_copy)
+    assert latest_checkpoint(run_copy / "checkpoints").is_dir()
