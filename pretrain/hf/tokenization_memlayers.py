@@ -55,11 +55,21 @@ class MemlayersTokenizer(PreTrainedTokenizer):
         return self.sp.decode_pieces(list(tokens))
 
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
+        """sentencepiece's decoding of each run of ordinary ids; special ids as their text ("</s>")
+        unless skipped, as transformers tokenizers do (lm-eval stops generation on that text)."""
         ids = [int(token_ids)] if isinstance(token_ids, int) else [int(i) for i in token_ids]
-        if skip_special_tokens:
-            special = set(self.all_special_ids)
-            ids = [i for i in ids if i not in special]
-        return self.sp.decode(ids)
+        special = set(self.all_special_ids)
+        parts, run = [], []
+        for i in ids:
+            if i not in special:
+                run.append(i)
+                continue
+            parts.append(self.sp.decode(run))
+            run = []
+            if not skip_special_tokens:
+                parts.append(self.sp.id_to_piece(i))
+        parts.append(self.sp.decode(run))
+        return "".join(parts)
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         return list(token_ids_0) + list(token_ids_1 or [])
