@@ -18,10 +18,20 @@ def trained(tmp_path_factory, data_cache):
 
 @pytest.fixture(scope="session")
 def inference_export(trained, tmp_path_factory):
-    """An fp32 export of the ZeRO-1 run, for the inference and evaluation tests."""
+    """An fp32 export of the ZeRO-1 run, for the inference and evaluation tests, with its query and
+    key projections scaled up: after 2 training steps attention is nearly uniform, so positions and
+    masks would barely move the logits and a wrong position id or mask could pass unnoticed."""
+    from safetensors.torch import load_file, save_file
+
     from pretrain.export import export_checkpoint
 
-    return export_checkpoint(trained[1], tmp_path_factory.mktemp("inference") / "export", show_progress=False)
+    out = export_checkpoint(trained[1], tmp_path_factory.mktemp("inference") / "export", show_progress=False)
+    weights = load_file(str(out / "model.safetensors"))
+    for name in weights:
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            weights[name] = weights[name] * 6.0
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 @pytest.fixture(scope="session")
