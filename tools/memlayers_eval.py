@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     print("+ " + shlex.join(cmd), file=sys.stderr)
     try:
-        return subprocess.run(cmd, env=env).returncode
+        return subprocess.run(cmd, env=env, check=False).returncode
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)

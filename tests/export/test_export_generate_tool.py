@@ -3,27 +3,8 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-import torch
-
 from pretrain.data import Tokenizer
-
-
-class ContinueWith(torch.nn.Module):
-    """Greedy-predicts `sequence` wherever the context is one of its prefixes."""
-
-    def __init__(self, sequence: list[int], vocab: int, max_seq_len: int = 32):
-        super().__init__()
-        self.sequence, self.vocab = sequence, vocab
-        self.cfg = type("Cfg", (), {"max_seq_len": max_seq_len})()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, tokens):
-        context = tokens[0].tolist()
-        logits = torch.zeros(1, len(context), self.vocab)
-        if self.sequence[: len(context)] == context and len(context) < len(self.sequence):
-            logits[0, -1, self.sequence[len(context)]] = 10.0
-        return logits
+from tests.export.export_helpers import OracleModel
 
 
 def test_generate_prints_prompt_and_continuation_decoded_together(inference_export, monkeypatch, capsys):
@@ -36,7 +17,7 @@ def test_generate_prints_prompt_and_continuation_decoded_together(inference_expo
     continuation = full[1 + len(tok.encode(prompt)):]
     assert tok._sp.id_to_piece(continuation[0]).startswith("\u2581")  # the continuation starts a new word
     assert prompt + tok.decode(continuation) != text  # the old print would glue the words together
-    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: ContinueWith(full, tok.vocab_size))
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: OracleModel([full], tok.vocab_size))
     assert main([str(inference_export), "--prompt", prompt, "--max-new-tokens", str(len(continuation))]) == 0
     assert capsys.readouterr().out.strip() == text
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +18,12 @@ from pretrain.data import Probe, Tokenizer, load_probes
 from pretrain.evaluate import encode_probes, fact_recall
 from pretrain.export import ExportError, load
 from pretrain.export.generation import fits
-from pretrain.export.lm_eval_tasks import GROUP, MC_TASK, check_task_dir, write_fact_tasks
+from pretrain.export.lm_eval_tasks import (
+    GROUP,
+    MC_TASK,
+    check_task_dir,
+    write_fact_tasks,
+)
 
 
 def teach_half(export: Path, out: Path, probes: list[Probe], tokenizer: Tokenizer) -> Path:
@@ -59,7 +64,7 @@ def run_lm_eval(export: Path, task_dir: Path, out: Path, tmp: Path) -> dict:
         "--model", "hf", "--model_args", f"pretrained={export},trust_remote_code=True,dtype=float32",
         "--tasks", f"{GROUP},{MC_TASK}", "--include_path", str(task_dir), "--device", "cpu",
         "--batch_size", "4", "--output_path", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp, check=False)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     found = sorted(out.rglob("results*.json"))
     assert found, proc.stdout[-2000:]
