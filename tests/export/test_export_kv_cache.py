@@ -84,6 +84,8 @@ def test_hf_logits_equal_load_with_and_without_cache(hf_model, inference_export)
         pieces.append(hf_model(tokens[:, 24:], cache=cache).logits)
         assert cache.get_seq_length() == tokens.shape[1]
         assert max_err(torch.cat(pieces, dim=1), want) <= ATOL
+        with pytest.raises(ValueError, match=r"sequence length 33 \(cached 32 \+ new 1\) exceeds the model's max_seq_len=32"):
+            hf_model(tokens[:, :1], cache=cache)
 
 
 def test_training_model_cache_equals_full_forward(inference_export):

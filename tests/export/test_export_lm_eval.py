@@ -112,7 +112,7 @@ def test_lm_eval_fact_tasks_agree_with_fact_recall(inference_export, tmp_path):
     assert results[MC_TASK]["acc,none"] == pytest.approx(hits / len(rows), abs=1e-9)
 
 
-def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path):
+def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path, capsys):
     bad = tmp_path / "probes"
     bad.mkdir()
     (bad / "probes.jsonl").write_text('{"question": "Q: x? A:"}\n')
@@ -129,6 +129,10 @@ def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path):
     (task_dir / f"{MC_TASK}.yaml").write_text("task: [unclosed\n")
     with pytest.raises(ExportError, match=rf"{MC_TASK}.yaml is not valid YAML"):
         check_task_dir(task_dir)
+    from tools.memlayers_eval import main  # the wrapper refuses the folder before starting lm_eval
+
+    assert main([str(inference_export), "--task-dir", str(task_dir)]) == 2
+    assert f"{MC_TASK}.yaml is not valid YAML" in capsys.readouterr().err
     no_tok = tmp_path / "no-tokenizer"
     no_tok.mkdir()
     (no_tok / "config.json").write_text((inference_export / "config.json").read_text())
