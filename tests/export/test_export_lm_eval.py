@@ -24,6 +24,7 @@ from pretrain.export.lm_eval_tasks import (
     check_task_dir,
     write_fact_tasks,
 )
+from tools.memlayers_eval import main as memlayers_eval
 
 
 def teach_half(export: Path, out: Path, probes: list[Probe], tokenizer: Tokenizer) -> Path:
@@ -129,9 +130,8 @@ def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path, ca
     (task_dir / f"{MC_TASK}.yaml").write_text("task: [unclosed\n")
     with pytest.raises(ExportError, match=rf"{MC_TASK}.yaml is not valid YAML"):
         check_task_dir(task_dir)
-    from tools.memlayers_eval import main  # the wrapper refuses the folder before starting lm_eval
-
-    assert main([str(inference_export), "--task-dir", str(task_dir)]) == 2
+    # the wrapper refuses the folder before starting lm_eval
+    assert memlayers_eval([str(inference_export), "--task-dir", str(task_dir)]) == 2
     assert f"{MC_TASK}.yaml is not valid YAML" in capsys.readouterr().err
     no_tok = tmp_path / "no-tokenizer"
     no_tok.mkdir()
