@@ -25,16 +25,21 @@ def main(argv=None) -> int:
     parser.add_argument("--probes-dir", default=None,
                         help="folder holding probes.jsonl (default: the export; or the embedded dataset folder)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = parser.parse_args(argv)
 
-    from pretrain.data import DataError, Tokenizer, load_probes
+    from pretrain.data import DataError, load_probes
     from pretrain.export import ExportError, load
-    from pretrain.export.generation import answer_probes, generate
+    from pretrain.export.generation import answer_probes, check_length, generate
+    from pretrain.export.loading import export_tokenizer, model_config_from_json
 
     export_dir = Path(args.export_dir)
     try:
+        tokenizer = export_tokenizer(export_dir)
+        prompt = [tokenizer.eos_id] + (tokenizer.encode(args.prompt) if args.prompt else [])
+        if not args.probes and (export_dir / "config.json").is_file():  # before the weights load
+            check_length(len(prompt), args.max_new_tokens, model_config_from_json(export_dir / "config.json").max_seq_len)
         model = load(export_dir, device=args.device)
-        tokenizer = Tokenizer(export_dir / "tokenizer.model")
         if args.probes:
             probes = load_probes(args.probes_dir or export_dir)[: args.probes]
             result = answer_probes(model, tokenizer, probes)
@@ -43,10 +48,10 @@ def main(argv=None) -> int:
                 print(f"{mark} {row['question']} -> {row['generated']!r} (answer {row['answer']!r})")
             print(f"accuracy {result['accuracy']:.3f} on {result['count']} probes (chance {result['chance']:.3f})")
             return 0
-        prompt = tokenizer.encode(args.prompt) if args.prompt else []
-        ids = generate(model, [tokenizer.eos_id] + prompt, args.max_new_tokens, args.temperature, args.top_p,
-                       eos_id=tokenizer.eos_id, seed=args.seed)
-        print(args.prompt + tokenizer.decode(ids))
+        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, eos_id=tokenizer.eos_id,
+                       seed=args.seed, use_cache=not args.no_cache)
+        # decoded together: a continuation's first piece may carry the space that starts a new word
+        print(tokenizer.decode(prompt + ids))
     except (ExportError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

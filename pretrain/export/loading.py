@@ -1,4 +1,5 @@
-"""`load(dir)`: an export directory -> a `Transformer`, with no DeepSpeed or process group."""
+"""`load(dir)`: an export directory -> a `Transformer`, with no DeepSpeed or process group;
+`export_tokenizer(dir)`: its tokenizer, checked to be there."""
 from __future__ import annotations
 
 import json
@@ -42,3 +43,19 @@ def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transfor
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def export_tokenizer_path(export_dir: str | Path) -> Path:
+    """The export's tokenizer.model, or an error saying how to get one (checked before any model loads)."""
+    path = Path(export_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise ExportError(f"{export_dir} has no tokenizer.model, which generation and evaluation need: re-export "
+                          "with tools/export.py (it copies the run's tokenizer), or copy the tokenizer.model the "
+                          "model was trained with into the folder")
+    return path
+
+
+def export_tokenizer(export_dir: str | Path):
+    from pretrain.data import Tokenizer
+
+    return Tokenizer(export_tokenizer_path(export_dir))

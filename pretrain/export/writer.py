@@ -5,7 +5,9 @@ Writes, into a temporary folder renamed at the end:
                                 assembled from their column shards, row block by row block
   config.json                   {"model": ModelConfig} + the fields transformers reads
   configuration_memlayers.py,   standalone modeling code (pretrain/hf) for
-  modeling_memlayers.py         AutoModelForCausalLM(..., trust_remote_code=True)
+  modeling_memlayers.py,        AutoModelForCausalLM / AutoTokenizer(..., trust_remote_code=True)
+  tokenization_memlayers.py,
+  tokenizer_config.json
   tokenizer.model, probes.jsonl (when the dataset has probes), slot_frequencies.safetensors
   README.md                     model card: step, tokens, data manifest hash, weight table
 
@@ -44,7 +46,7 @@ def weight_specs(model_cfg: ModelConfig, dtype: torch.dtype) -> list[tuple[str, 
 
 def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
     from pretrain.data import Tokenizer
-    from pretrain.hf import CONFIG_CLASS, MODEL_CLASS, MODEL_TYPE
+    from pretrain.hf import CONFIG_CLASS, MODEL_CLASS, MODEL_TYPE, TOKENIZER_AUTO_MAP
 
     tok = Tokenizer(src.tokenizer)
     model = asdict(src.cfg.model)
@@ -55,6 +57,7 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
         "auto_map": {
             "AutoConfig": f"configuration_memlayers.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"modeling_memlayers.{MODEL_CLASS}",
+            **TOKENIZER_AUTO_MAP,
         },
         "vocab_size": model["vocab_size"],
         "hidden_size": model["dim"],
@@ -65,11 +68,18 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
         "bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
         "eos_token_id": tok.eos_id,
         "pad_token_id": tok.eos_id,
-        "use_cache": False,
+        "use_cache": True,
         "tie_word_embeddings": False,
         "memlayers": {"step": src.step, "tokens_seen": src.tokens_seen, "tokenizer_sha256": tok.sha256,
                       "run_id": src.run_id},
     }
+
+
+def hf_tokenizer_config() -> dict:
+    """tokenizer_config.json: AutoTokenizer loads tokenizer.model through tokenization_memlayers.py."""
+    from pretrain.hf import TOKENIZER_AUTO_MAP, TOKENIZER_CLASS
+
+    return {"tokenizer_class": TOKENIZER_CLASS, "auto_map": TOKENIZER_AUTO_MAP, "padding_side": "left"}
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str = "fp32", force: bool = False,
@@ -90,6 +100,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str = "fp3
         for name in SOURCE_FILES:
             shutil.copyfile(HF_DIR / name, tmp / name)
         shutil.copyfile(src.tokenizer, tmp / "tokenizer.model")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(), indent=2) + "\n")
         if (src.dataset_dir / "probes.jsonl").is_file():
             shutil.copyfile(src.dataset_dir / "probes.jsonl", tmp / "probes.jsonl")
         if src.slot_table is not None:

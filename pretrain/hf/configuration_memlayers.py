@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 class MemlayersConfig(PretrainedConfig):
     model_type = "memlayers"
 
-    def __init__(self, model=None, use_cache=False, **kwargs):
+    def __init__(self, model=None, use_cache=True, **kwargs):
         model = dict(model or {})
         memory = dict(model.get("memory") or {})
         model["memory"] = memory
@@ -40,8 +40,9 @@ class MemlayersConfig(PretrainedConfig):
         self.memory_v_dim = int(memory.get("v_dim", 0)) or self.dim
         self.memory_qk_norm = bool(memory.get("qk_norm", True))
         self.memory_shared_values = bool(memory.get("shared_values", True))
+        self.use_cache = use_cache  # transformers 5 reads it from the model config, not the base class
         kwargs.setdefault("tie_word_embeddings", False)  # both matrices are stored; loading keeps them equal
-        super().__init__(use_cache=use_cache, **kwargs)
+        super().__init__(**kwargs)
 
     @property
     def num_value_tables(self) -> int:

@@ -3,14 +3,18 @@ memory layers) for Hugging Face transformers, in plain torch.
 
 Self-contained: an independent implementation of the training model's forward that
 imports torch and transformers only, reading the same weight names as
-`pretrain.model.Transformer.state_dict()`. Generation recomputes the whole sequence at
-every step (no key/value cache): the memory lookup of every position is recomputed too,
-which keeps this file short and exactly equal to the training forward.
+`pretrain.model.Transformer.state_dict()`.
+
+Inference follows transformers' conventions: a `Cache` (DynamicCache by default) holds
+every layer's rotated keys and values, so `generate()` feeds only the new tokens and each
+token's memory lookup runs once. Batches may be left-padded: the 2-D `attention_mask`
+hides padding from attention and `position_ids` (from the mask when not given) start at
+0 on each row's first real token, so a padded row computes what it computes alone.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_memlayers import MemlayersConfig
@@ -24,9 +28,9 @@ def rotary_table(head_dim, max_seq_len, theta):
 
 
 def rotate(x, table):
-    """Rotate consecutive pairs of x (B, S, heads, head_dim) by the angles of table (S, head_dim // 2, 2)."""
+    """Rotate consecutive pairs of x (B, S, heads, head_dim) by the angles of table (B or 1, S, head_dim // 2, 2)."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
     even, odd = pairs[..., 0], pairs[..., 1]
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
 
@@ -51,15 +55,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x, table):
+    def forward(self, x, table, mask, cache, layer_index):
+        """mask: None (plain causal over x alone), or bool (B, 1, S, past + S), True = may attend."""
         B, S, _ = x.shape
         q = rotate(self.wq(x).view(B, S, self.heads, self.head_dim), table).transpose(1, 2)
         k = rotate(self.wk(x).view(B, S, self.kv_heads, self.head_dim), table).transpose(1, 2)
         v = self.wv(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_index)
         if self.kv_heads != self.heads:
             repeat = self.heads // self.kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -137,8 +144,8 @@ class Block(nn.Module):
         self.is_memory = index in config.memory_layers
         self.ffn = MemoryPlus(config) if self.is_memory else FeedForward(config.dim, config.ffn_hidden)
 
-    def forward(self, x, table, values):
-        x = x + self.attention(self.attention_norm(x), table)
+    def forward(self, x, table, values, mask=None, cache=None, layer_index=0):
+        x = x + self.attention(self.attention_norm(x), table, mask, cache, layer_index)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, values) if self.is_memory else self.ffn(h))
 
@@ -181,38 +188,67 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.output
 
-    def rotary(self, length, device):
-        if self._rotary is None or self._rotary.device != device:
+    def rotary(self, positions):
+        """Angles for positions (B or 1, S) -> (B or 1, S, head_dim // 2, 2)."""
+        if self._rotary is None or self._rotary.device != positions.device:
             c = self.config
-            self._rotary = rotary_table(c.head_dim, c.max_seq_len, c.rope_theta).to(device)
-        return self._rotary[:length]
+            self._rotary = rotary_table(c.head_dim, c.max_seq_len, c.rope_theta).to(positions.device)
+        return self._rotary[positions]
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # No cache: every step sees the whole sequence.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                labels=None, return_dict=None, past_key_values=None, logits_to_keep=0, **kwargs):
+        """Logits for input_ids (B, S), continuing `cache` (its keys/values are extended in place).
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs):
+        attention_mask (B, past + S), 1 = real token, may mark left padding; position_ids (B, S)
+        default to the count of real tokens before each one.
+        """
         if input_ids is None:
             raise ValueError("MemlayersForCausalLM needs input_ids (inputs_embeds are not supported)")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("padded batches are not supported: pass unpadded prompts of equal length")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         B, S = input_ids.shape
-        if S > self.config.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        past = cache.get_seq_length() if cache is not None else 0
+        limit = self.config.max_seq_len
+        if past + S > limit:
+            raise ValueError(f"sequence length {past + S} (cached {past} + new {S}) exceeds the model's "
+                             f"max_seq_len={limit}: shorten the prompt or lower max_new_tokens")
+        if attention_mask is not None and attention_mask.shape != (B, past + S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + S)} "
+                             "(one entry per cached and new token)")
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        if position_ids is None:
+            if padded:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + S, device=input_ids.device)[None]
+        if int(position_ids.max()) >= limit:
+            raise ValueError(f"position {int(position_ids.max())} exceeds the model's max_seq_len={limit}")
+        mask = None
+        if padded or (past > 0 and S > 1):
+            query = torch.arange(past, past + S, device=input_ids.device)[:, None]
+            key = torch.arange(past + S, device=input_ids.device)[None, :]
+            mask = (key <= query)[None, None].expand(B, 1, S, past + S)
+            if padded:
+                # a padding query still sees itself: no all-masked row (NaN) enters the cache
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | (key == query)[None, None]
         x = self.tok_embeddings(input_ids)
-        table = self.rotary(S, x.device)
+        table = self.rotary(position_ids)
         memory_index = 0
-        for block in self.layers:
+        for layer_index, block in enumerate(self.layers):
             values = None
             if block.is_memory:
                 values = self.values[0 if self.config.memory_shared_values else memory_index]
                 memory_index += 1
-            x = block(x, table, values)
+            x = block(x, table, values, mask, cache, layer_index)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.output(self.norm(x))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
 
 def check_loaded_weights(info: dict, source) -> None:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.kv_cache import KVCache, LayerKV
 from pretrain.model.memory import MemoryPlus, ValueTable
 
 
@@ -39,14 +40,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, kv: LayerKV | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """kv (optional): this layer's cache, extended in place; mask: from `KVCache.causal_mask`."""
         B, S, _ = x.shape
         q = apply_rotary(self.wq(x).view(B, S, self.n_heads, self.head_dim), freqs)
         k = apply_rotary(self.wk(x).view(B, S, self.kv_heads, self.head_dim), freqs)
         v = self.wv(x).view(B, S, self.kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        causal = True
+        if kv is not None:
+            causal = kv.keys is None and S > 1  # prefill; later steps: `mask` or one query seeing all
+            k, v = kv.extend(k, v)
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.kv_heads != self.n_heads
         )
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -71,8 +78,9 @@ class Block(nn.Module):
         self.is_memory = layer_id in cfg.memory.layers
         self.ffn = MemoryPlus(cfg) if self.is_memory else SwiGLU(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, values: nn.Module | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), freqs)
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, values: nn.Module | None,
+                kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), freqs, kv, mask)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, values) if self.is_memory else self.ffn(h))
 
@@ -121,20 +129,28 @@ class Transformer(nn.Module):
             self._freqs = rotary_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
         return self._freqs[:seq_len]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, S) int64 -> logits (B, S, vocab)."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (B, S) int64 -> logits (B, S, vocab). With `cache` (inference), tokens continue
+        the cached ones and their keys/values are appended to it."""
         S = tokens.shape[1]
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        past = cache.length if cache is not None else 0
+        if past + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_embeddings(tokens)
-        freqs = self.rotary(S, x.device)
+        freqs = self.rotary(past + S, x.device)[past:]
+        mask = cache.causal_mask(S, x.device) if cache is not None else None
         memory_index = 0
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             values = None
             if block.is_memory:
                 values = self.value_table_for(memory_index)
                 memory_index += 1
-            x = block(x, freqs, values)
+            if cache is None:
+                x = block(x, freqs, values)
+            else:
+                x = block(x, freqs, values, cache.layers[i], mask)
+        if cache is not None:
+            cache.length += S
         return self.output(self.norm(x))
 
 

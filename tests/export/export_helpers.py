@@ -62,3 +62,21 @@ def assert_relative_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1
     err = (got.float() - want.float()).abs().max().item()
     scale = want.float().abs().max().item()
     assert err <= rtol * scale, f"max abs error {err:.3e} exceeds {rtol} x max |logit| {scale:.3e}"
+
+
+class OracleModel(torch.nn.Module):
+    """Predicts the next token of whichever known sequence the context is a prefix of."""
+
+    def __init__(self, sequences: list[list[int]], vocab: int, max_seq_len: int = 256):
+        super().__init__()
+        self.sequences, self.vocab = sequences, vocab
+        self.cfg = type("Cfg", (), {"max_seq_len": max_seq_len})()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens):
+        context = tokens[0].tolist()
+        logits = torch.zeros(1, len(context), self.vocab)
+        for seq in self.sequences:
+            if seq[: len(context)] == context and len(seq) > len(context):
+                logits[0, -1, seq[len(context)]] = 10.0
+        return logits

@@ -12,7 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.export import export_checkpoint, load
-from tests.export.export_helpers import assert_relative_close, fixed_tokens, training_logits
+from tests.export.export_helpers import (
+    OracleModel,
+    assert_relative_close,
+    fixed_tokens,
+    training_logits,
+)
 
 HF_SCRIPT = r"""
 import json, sys
@@ -101,24 +106,6 @@ def test_nucleus_sampling_keeps_the_top_p_mass():
     assert next_token(logits, 0.0, 1.0, gen) == 0
     with pytest.raises(ValueError, match="top_p"):
         next_token(logits, 1.0, 0.0, gen)
-
-
-class OracleModel(torch.nn.Module):
-    """Predicts the next token of whichever known sequence the context is a prefix of."""
-
-    def __init__(self, sequences: list[list[int]], vocab: int, max_seq_len: int = 256):
-        super().__init__()
-        self.sequences, self.vocab = sequences, vocab
-        self.cfg = type("Cfg", (), {"max_seq_len": max_seq_len})()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, tokens):
-        context = tokens[0].tolist()
-        logits = torch.zeros(1, len(context), self.vocab)
-        for seq in self.sequences:
-            if seq[: len(context)] == context and len(seq) > len(context):
-                logits[0, -1, seq[len(context)]] = 10.0
-        return logits
 
 
 def test_answer_probes_scores_exact_greedy_answers(exported):

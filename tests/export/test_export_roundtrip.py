@@ -55,7 +55,7 @@ def test_export_contents_and_names(trained, tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["README.md", "config.json", "configuration_memlayers.py", "model.safetensors",
                             "modeling_memlayers.py", "probes.jsonl", "slot_frequencies.safetensors",
-                            "tokenizer.model"])
+                            "tokenization_memlayers.py", "tokenizer.model", "tokenizer_config.json"])
     weights = load_file(str(out / "model.safetensors"))
     model = load(out)
     assert list(weights) == list(model.state_dict())  # names and order = Transformer.state_dict()

@@ -1,0 +1,152 @@
+"""lm-evaluation-harness task definitions for the fact world's probes, written for one export.
+
+`write_fact_tasks(export_dir, out_dir)` writes YAML task files plus their JSONL data (no hub
+download; `lm_eval --include_path out_dir` reads them offline):
+
+  memlayers_facts      group, exact-match generation: the greedy continuation of
+                       "</s>question" must be the answer. One subtask per answer length in
+                       tokens (memlayers_facts_len<n>, max_gen_toks = n), so generation stops
+                       exactly after the answer's tokens; the group's exact_match is the mean
+                       over all probes, the quantity `pretrain.evaluate.fact_recall` measures.
+  memlayers_facts_mc   multiple choice by log-likelihood among the answer and up to
+                       `choices - 1` other values of the same attribute (metric acc).
+
+Prompts start with the tokenizer's EOS piece as text ("</s>"): training documents follow an
+EOS, and the export's tokenizer turns that text into the EOS id. Probes whose question and
+answer do not fit the model's max_seq_len are left out (as fact_recall leaves them out).
+`check_task_dir` validates a written folder before lm_eval runs.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from pretrain.data import load_probes
+from pretrain.export.errors import ExportError
+from pretrain.export.generation import answer_tokens
+from pretrain.export.loading import export_tokenizer, model_config_from_json
+
+GROUP = "memlayers_facts"
+MC_TASK = "memlayers_facts_mc"
+DATA_KEYS = {"question", "answer"}
+
+
+def eos_piece(tokenizer_path: Path) -> str:
+    """The EOS piece's text ("</s>"), which the export's HF tokenizer reads back as the EOS id."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    return sp.id_to_piece(sp.eos_id())
+
+
+def _task_yaml(name: str, data: Path, **fields) -> str:
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+        "test_split": "test",
+        **fields,
+        "metadata": {"version": 1.0},
+    }
+    return json.dumps(config, indent=2) + "\n"  # JSON is YAML: no quoting surprises in questions
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_fact_tasks(export_dir: str | Path, out_dir: str | Path, probes_dir: str | Path | None = None,
+                     limit: int | None = None, choices: int = 4, seed: int = 0) -> dict:
+    """Write the task folder; returns {"tasks": [...], "probes": kept, "skipped": too long}."""
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    tokenizer = export_tokenizer(export_dir)
+    max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
+    probes = load_probes(probes_dir or export_dir)[:limit]
+    prefix = eos_piece(tokenizer.path)
+    by_length: dict[int, list[dict]] = {}
+    kept, skipped = [], 0
+    for probe in probes:
+        question = tokenizer.encode(probe.question)
+        n = len(answer_tokens(probe, tokenizer, question))
+        # lm_eval keeps context + max_gen_toks within max_length: "</s>" + question + answer
+        if 1 + len(question) + n > max_seq_len:
+            skipped += 1
+            continue
+        row = {"question": probe.question, "answer": probe.answer, "attribute": probe.attribute}
+        by_length.setdefault(n, []).append(row)
+        kept.append(row)
+    if not kept:
+        raise ExportError(f"no probe of {probes_dir or export_dir}/probes.jsonl fits the model's max_seq_len="
+                          f"{max_seq_len} with its answer: nothing to evaluate")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = f"{prefix}{{{{question}}}}"
+    subtasks = []
+    for n, rows in sorted(by_length.items()):
+        name = f"{GROUP}_len{n}"
+        _write_jsonl(out_dir / f"{name}.jsonl", rows)
+        (out_dir / f"{name}.yaml").write_text(_task_yaml(
+            name, out_dir / f"{name}.jsonl", output_type="generate_until", doc_to_text=text,
+            doc_to_target="{{answer}}", generation_kwargs={"until": [], "max_gen_toks": n, "do_sample": False},
+            metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]))
+        subtasks.append(name)
+    (out_dir / f"{GROUP}.yaml").write_text(json.dumps({
+        "group": GROUP, "task": subtasks,
+        "aggregate_metric_list": [{"metric": "exact_match", "aggregation": "mean", "weight_by_size": True}],
+        "metadata": {"version": 1.0}}, indent=2) + "\n")
+
+    rng = random.Random(seed)
+    values: dict[str, list[str]] = {}
+    for row in kept:
+        values.setdefault(row["attribute"], [])
+        if row["answer"] not in values[row["attribute"]]:
+            values[row["attribute"]].append(row["answer"])
+    mc_rows = []
+    for row in kept:
+        others = [v for v in values[row["attribute"]] if v != row["answer"]]
+        options = rng.sample(others, min(choices - 1, len(others))) + [row["answer"]]
+        rng.shuffle(options)
+        mc_rows.append({**row, "choices": options, "label": options.index(row["answer"])})
+    _write_jsonl(out_dir / f"{MC_TASK}.jsonl", mc_rows)
+    (out_dir / f"{MC_TASK}.yaml").write_text(_task_yaml(
+        MC_TASK, out_dir / f"{MC_TASK}.jsonl", output_type="multiple_choice", doc_to_text=text,
+        doc_to_choice="{{choices}}", doc_to_target="{{label}}",
+        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]))
+    return {"tasks": [GROUP, MC_TASK], "subtasks": subtasks, "probes": len(kept), "skipped": skipped}
+
+
+def check_task_dir(task_dir: str | Path) -> None:
+    """Every task YAML parses and its data file exists with question/answer records, or an error
+    naming the file (and line) and how to re-create it."""
+    import yaml
+
+    task_dir = Path(task_dir)
+    fix = "re-write the folder with `memlayers-eval EXPORT --write-tasks DIR` (pretrain.export.lm_eval_tasks)"
+    files = sorted(task_dir.glob("*.yaml"))
+    if not files:
+        raise ExportError(f"{task_dir} holds no task .yaml files: {fix}")
+    for path in files:
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ExportError(f"{path} is not valid YAML ({err}): {fix}") from None
+        if not isinstance(config, dict) or not ("task" in config or "group" in config):
+            raise ExportError(f"{path} is not a task definition (no 'task' or 'group' key): {fix}")
+        if "group" in config:
+            continue
+        try:
+            data = Path(config["dataset_kwargs"]["data_files"]["test"])
+        except (KeyError, TypeError):
+            raise ExportError(f"{path} names no dataset_kwargs.data_files.test file: {fix}") from None
+        if not data.is_file():
+            raise ExportError(f"{path}: its data file {data} does not exist: {fix}")
+        for lineno, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ExportError(f"{data}:{lineno}: not a JSON line ({err}): {fix}") from None
+            missing = DATA_KEYS - set(record) if isinstance(record, dict) else DATA_KEYS
+            if missing:
+                raise ExportError(f"{data}:{lineno}: record lacks {sorted(missing)}: {fix}")

@@ -1,0 +1,40 @@
+"""Batched log-likelihood of continuations through a Hugging Face causal LM (the exported model).
+
+What lm-evaluation-harness's `loglikelihood` requests compute: for each (context ids,
+continuation ids) pair, sum log p(continuation | context) and whether every continuation
+token is the argmax (greedy). Rows are left-padded to a common length with an attention
+mask, so the continuation's predictions sit in the last columns of every row; the model
+derives position ids from the mask, so a padded row scores as it does alone.
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
+                          pad_id: int = 0) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities, is greedy) per (context, continuation) pair, in input order."""
+    for i, (context, continuation) in enumerate(pairs):
+        if not context or not continuation:
+            raise ValueError(f"pair {i}: context and continuation must both be non-empty token lists")
+    device = next(model.parameters()).device
+    results: list[tuple[float, bool]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        rows = [(context + continuation)[:-1] for context, continuation in chunk]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logprobs = torch.log_softmax(logits.double(), dim=-1).cpu()
+        for r, (_, continuation) in enumerate(chunk):
+            n = len(continuation)
+            target = torch.tensor(continuation)
+            tail = logprobs[r, width - n :]
+            total = tail.gather(-1, target[:, None]).sum().item()
+            results.append((total, bool((tail.argmax(-1) == target).all())))
+    return results

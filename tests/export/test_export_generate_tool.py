@@ -1,0 +1,37 @@
+"""tools/generate.py: prints decode(prompt + continuation) and refuses bad input before loading."""
+from __future__ import annotations
+
+import shutil
+
+from pretrain.data import Tokenizer
+from tests.export.export_helpers import OracleModel
+
+
+def test_generate_prints_prompt_and_continuation_decoded_together(inference_export, monkeypatch, capsys):
+    import pretrain.export
+    from tools.generate import main
+
+    tok = Tokenizer(inference_export / "tokenizer.model")
+    prompt, text = "The list", "The list type is used"
+    full = [tok.eos_id] + tok.encode(text)
+    continuation = full[1 + len(tok.encode(prompt)):]
+    assert tok._sp.id_to_piece(continuation[0]).startswith("\u2581")  # the continuation starts a new word
+    assert prompt + tok.decode(continuation) != text  # the old print would glue the words together
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: OracleModel([full], tok.vocab_size))
+    assert main([str(inference_export), "--prompt", prompt, "--max-new-tokens", str(len(continuation))]) == 0
+    assert capsys.readouterr().out.strip() == text
+
+
+def test_generate_errors_name_the_problem_and_fix(inference_export, tmp_path, capsys):
+    from tools.generate import main
+
+    no_tokenizer = tmp_path / "export"
+    shutil.copytree(inference_export, no_tokenizer)
+    (no_tokenizer / "tokenizer.model").unlink()
+    assert main([str(no_tokenizer), "--prompt", "The"]) == 2
+    err = capsys.readouterr().err
+    assert f"{no_tokenizer} has no tokenizer.model" in err and "tools/export.py" in err
+
+    assert main([str(inference_export), "--prompt", "The city of Aldmere " * 8, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "max_seq_len is 32: shorten the prompt or lower --max-new-tokens" in err

@@ -1,0 +1,140 @@
+"""lm-evaluation-harness on an export, offline: the shipped fact-probe tasks give the same
+exact-match accuracy as pretrain.evaluate.fact_recall and the same multiple-choice accuracy as
+scoring the choices with the training model (independent implementations agreeing)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.data import Probe, Tokenizer, load_probes
+from pretrain.evaluate import encode_probes, fact_recall
+from pretrain.export import ExportError, load
+from pretrain.export.generation import fits
+from pretrain.export.lm_eval_tasks import (
+    GROUP,
+    MC_TASK,
+    check_task_dir,
+    write_fact_tasks,
+)
+from tools.memlayers_eval import main as memlayers_eval
+
+
+def teach_half(export: Path, out: Path, probes: list[Probe], tokenizer: Tokenizer) -> Path:
+    """A copy of `export` whose model was fitted to the answers of the even probes (about half of
+    the probes are then answered right): exact-match agreement is only telling between 0 and 1."""
+    from safetensors.torch import save_file
+
+    from pretrain.model import language_model_loss
+
+    shutil.copytree(export, out)
+    model = load(export)
+    batch = encode_probes(probes[::2], tokenizer, model.cfg.max_seq_len)
+    targets = batch.targets.masked_fill(~batch.answer_mask, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        language_model_loss(model(batch.tokens), targets).backward()
+        optimizer.step()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def lm_eval_command() -> list[str]:
+    script = Path(sys.executable).parent / "lm_eval"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lm_eval"]
+
+
+def run_lm_eval(export: Path, task_dir: Path, out: Path, tmp: Path) -> dict:
+    # without the launch variables the in-process training fixtures leave (lm_eval would join their group)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME=str(tmp / "hf-home"), TOKENIZERS_PARALLELISM="false")
+    cmd = lm_eval_command() + [
+        "--model", "hf", "--model_args", f"pretrained={export},trust_remote_code=True,dtype=float32",
+        "--tasks", f"{GROUP},{MC_TASK}", "--include_path", str(task_dir), "--device", "cpu",
+        "--batch_size", "4", "--output_path", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp, check=False)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    found = sorted(out.rglob("results*.json"))
+    assert found, proc.stdout[-2000:]
+    return json.loads(found[-1].read_text())["results"]
+
+
+@pytest.mark.slow
+def test_lm_eval_fact_tasks_agree_with_fact_recall(inference_export, tmp_path):
+    tokenizer = Tokenizer(inference_export / "tokenizer.model")
+    # probes that fit lm_eval's context + max_gen_toks (one token less than fact_recall needs)
+    probes = [p for p in load_probes(inference_export) if fits(p, tokenizer, 31)][:16]
+    export = teach_half(inference_export, tmp_path / "export", probes, tokenizer)
+    model = load(export)
+    probes_dir = tmp_path / "probes"
+    probes_dir.mkdir()
+    (probes_dir / "probes.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in probes))
+    task_dir = tmp_path / "tasks"
+    written = write_fact_tasks(export, task_dir, probes_dir=probes_dir)
+    assert written["skipped"] == 0
+    check_task_dir(task_dir)
+    results = run_lm_eval(export, task_dir, tmp_path / "out", tmp_path)
+
+    kept = [json.loads(line) for f in sorted(task_dir.glob(f"{GROUP}_len*.jsonl")) for line in f.read_text().splitlines()]
+    assert len(kept) == written["probes"] > 0
+    kept_probes = [Probe(r["question"], r["answer"], r["attribute"], 0.0, False) for r in kept]
+    batch = encode_probes(kept_probes, tokenizer, model.cfg.max_seq_len)
+    assert batch.tokens.shape[0] == len(kept)  # fact_recall scores exactly the task's probes
+    want = fact_recall(model, batch, torch.device("cpu"))["fact_recall"]
+    assert 0 < want < 1  # a comparison that can tell right from wrong answers
+    assert results[GROUP]["exact_match,none"] == pytest.approx(want, abs=1e-9)
+
+    # multiple choice: the choice with the highest log-likelihood under the training model
+    rows = [json.loads(line) for line in (task_dir / f"{MC_TASK}.jsonl").read_text().splitlines()]
+    hits = 0
+    for row in rows:
+        context = [tokenizer.eos_id] + tokenizer.encode(row["question"])
+        scores = []
+        for choice in row["choices"]:
+            full = [tokenizer.eos_id] + tokenizer.encode(f"{row['question']} {choice}")
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([full[:-1]]))[0].double(), -1)
+            cont = torch.tensor(full[len(context):])
+            scores.append(logp[len(context) - 1 :].gather(-1, cont[:, None]).sum().item())
+        hits += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
+    assert results[MC_TASK]["acc,none"] == pytest.approx(hits / len(rows), abs=1e-9)
+
+
+def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path, capsys):
+    bad = tmp_path / "probes"
+    bad.mkdir()
+    (bad / "probes.jsonl").write_text('{"question": "Q: x? A:"}\n')
+    with pytest.raises(Exception, match=r"probes.jsonl:1: not a probe record"):
+        write_fact_tasks(inference_export, tmp_path / "t0", probes_dir=bad)
+    task_dir = tmp_path / "tasks"
+    write_fact_tasks(inference_export, task_dir, limit=10)
+    check_task_dir(task_dir)
+    data = task_dir / f"{MC_TASK}.jsonl"
+    data.write_text(data.read_text() + '{"question": "Q: y? A:"}\n')
+    lines = len(data.read_text().splitlines())
+    with pytest.raises(ExportError, match=rf"{MC_TASK}.jsonl:{lines}: record lacks \['answer'\].*memlayers-eval"):
+        check_task_dir(task_dir)
+    (task_dir / f"{MC_TASK}.yaml").write_text("task: [unclosed\n")
+    with pytest.raises(ExportError, match=rf"{MC_TASK}.yaml is not valid YAML"):
+        check_task_dir(task_dir)
+    # the wrapper refuses the folder before starting lm_eval
+    assert memlayers_eval([str(inference_export), "--task-dir", str(task_dir)]) == 2
+    assert f"{MC_TASK}.yaml is not valid YAML" in capsys.readouterr().err
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((inference_export / "config.json").read_text())
+    with pytest.raises(ExportError, match="has no tokenizer.model.*tools/export.py"):
+        write_fact_tasks(no_tok, tmp_path / "t1")

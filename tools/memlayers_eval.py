@@ -1,0 +1,95 @@
+"""Evaluate an export with lm-evaluation-harness: write the fact-probe tasks, then run lm_eval.
+
+  memlayers-eval EXPORT_DIR                       # memlayers_facts + memlayers_facts_mc, offline
+  memlayers-eval EXPORT_DIR --write-tasks DIR     # only write the task folder (for a plain lm_eval run)
+  memlayers-eval EXPORT_DIR --tasks triviaqa,nq_open --online   # hub tasks, on a machine that can fetch
+
+A thin wrapper: it prints and runs the plain command
+  lm_eval --model hf --model_args pretrained=EXPORT_DIR,trust_remote_code=True \
+          --tasks memlayers_facts,memlayers_facts_mc --include_path TASK_DIR ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def lm_eval_command(export_dir: Path, tasks: str, task_dir: Path | None, batch_size: str, device: str,
+                    output: Path | None, limit: int | None) -> list[str]:
+    script = Path(sys.executable).parent / "lm_eval"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "lm_eval"]
+    cmd += ["--model", "hf", "--model_args", f"pretrained={export_dir},trust_remote_code=True",
+            "--tasks", tasks, "--batch_size", batch_size, "--device", device]
+    if task_dir is not None:
+        cmd += ["--include_path", str(task_dir)]
+    if output is not None:
+        cmd += ["--output_path", str(output)]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    return cmd
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export_dir", help="a folder written by tools/export.py")
+    parser.add_argument("--tasks", default="memlayers_facts,memlayers_facts_mc")
+    parser.add_argument("--write-tasks", metavar="DIR", default=None,
+                        help="write the fact-probe task folder to DIR and stop")
+    parser.add_argument("--task-dir", default=None, help="use an already written task folder")
+    parser.add_argument("--probes-dir", default=None, help="folder with probes.jsonl (default: the export)")
+    parser.add_argument("--probes", type=int, default=None, help="only the first N probes")
+    parser.add_argument("--batch-size", default="8")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", default=None, help="lm_eval --output_path")
+    parser.add_argument("--limit", type=int, default=None, help="lm_eval --limit (examples per task)")
+    parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")
+    args = parser.parse_args(argv)
+
+    from pretrain.data import DataError
+    from pretrain.export import ExportError
+    from pretrain.export.lm_eval_tasks import check_task_dir, write_fact_tasks
+    from pretrain.export.loading import export_tokenizer_path
+
+    export_dir = Path(args.export_dir).resolve()
+    scratch = None
+    try:
+        if not (export_dir / "config.json").is_file():
+            raise ExportError(f"{export_dir} has no config.json: is it an export directory (tools/export.py)?")
+        export_tokenizer_path(export_dir)
+        task_dir = Path(args.task_dir) if args.task_dir else None
+        if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
+            task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))
+            info = write_fact_tasks(export_dir, task_dir, args.probes_dir, limit=args.probes)
+            print(f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {info['skipped']} longer than the "
+                  f"model's context left out) to {task_dir}", file=sys.stderr)
+            if args.write_tasks:
+                return 0
+        if task_dir is not None:
+            check_task_dir(task_dir)
+    except (ExportError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cmd = lm_eval_command(export_dir, args.tasks, task_dir, args.batch_size, args.device,
+                          Path(args.output) if args.output else None, args.limit)
+    env = dict(os.environ)
+    if not args.online:
+        env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    print("+ " + shlex.join(cmd), file=sys.stderr)
+    try:
+        return subprocess.run(cmd, env=env, check=False).returncode
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
