@@ -1,0 +1,192 @@
+"""Backward of the fused product-key scoring in Triton, from the forward's saved indices
+and fp32 softmax weights: gradients of the query (both halves) and of both half-key sets.
+
+Forward recap (kernels/pkm_triton.py): slot = i1 * n + i2 and its score is
+q1 . keys1[h, i1] + q2 . keys2[h, i2]; the k winners are softmaxed. With g the weights'
+gradient, ds = w * (g - sum(g * w)) is the gradient of each winner's score, and it flows
+to the half scores of its i1 and its i2.
+
+Pass 1, one program per (BLOCK_T tokens, head):
+  * ds in registers; per half, the k winners share few distinct half-key ids (on random
+    data about a third of k), so each row's ds of equal ids are summed (a k x k compare in
+    registers) into the id's first occurrence;
+  * dq_half = sum over distinct ids of their summed ds times the half-key row (a gather
+    from the L2-resident key set), written once in the query's dtype;
+  * per entry and half, the summed ds and a sort key (half*H + h)*n + id (or, for a
+    repeated id, a sentinel past every real key) go to global memory for pass 2.
+Between the passes, a stable sort of the 2*T*H*k sort keys (int16 when 2*H*n fits, so
+two radix passes) and a count per key give each half-key row its segment of entries.
+Pass 2, one program per half-key row (2*H*n programs): walks its segment in sorted
+order, BLOCK_E entries at a time, gathering the entries' query half-rows, and writes
+dkeys[row] = sum of ds * q_half once (zeros for a row no token selected, so no fill).
+
+No atomics and no (T, H, n) matrix: every output element is written by one program
+after reductions in a fixed order, so repeated runs are bitwise identical. fp32
+accumulation throughout; dq in the query's dtype, dkeys in the keys' dtype.
+
+Bytes (paper shape, bf16): pass 1 reads w, g, indices (M*(4 + e + 8), M = T*H*k) and
+writes dq (T*H*k_dim*e) plus 2*M*(4 + 4); key rows are gathered from L2. The sort moves
+2*M keys and int64 positions a few times. Pass 2 gathers one query half-row per
+distinct (token, head, id): about 2*M/3 rows of k_dim/2*e bytes. The PyTorch backward it
+replaces (pkm_triton.pkm_topk_backward_torch) zero-fills, scatters into, casts and
+multiplies two fp32 (T, H, n) matrices: 2*T*H*n*(4 + 4 + 2 + 2*2) bytes, about 3.7 GB.
+
+Hot half-keys (one id chosen by many tokens) make long segments; one program walks
+each, so a key chosen by most of a batch becomes the tail of pass 2 (not split in
+chunks, unlike the bag's sorted backward).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch_configs import pinned_autotune
+from kernels.triton_common import INTERPRETING, next_pow2
+
+
+@triton.jit
+def _column(x, cols, j):
+    """Column j of a (R, C) register tensor as (R,): the only non-zero term of a row sum."""
+    return tl.sum(tl.where(cols[None, :] == j, x, tl.zeros_like(x)), axis=1)
+
+
+@triton.jit
+def _dedup_half(ids, ds, valid, cols):
+    """Per row, the ds of equal ids summed at the id's first occurrence.
+
+    Returns (summed ds (R, KP), first (R, KP)): summed is 0 where not first.
+    """
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :] & valid[:, :, None]
+    summed = tl.sum(tl.where(same, ds[:, None, :], 0.0), axis=2)
+    earlier = same & (cols[None, None, :] < cols[None, :, None])
+    first = (tl.sum(earlier.to(tl.int32), axis=2) == 0) & valid
+    return tl.where(first, summed, 0.0), first
+
+
+@triton.jit
+def _score_grad_rows_kernel(g_ptr, w_ptr, i_ptr, k1_ptr, k2_ptr, dq_ptr, ent_ds_ptr, ent_key_ptr,
+                            T, H, n_keys, half, M, stride_kh, stride_kn,
+                            K: tl.constexpr, KP: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = toks < T
+    cols = tl.arange(0, KP)
+    valid = tmask[:, None] & (cols < K)[None, :]
+    entry = (toks[:, None].to(tl.int64) * H + h) * K + cols[None, :]
+    w = tl.load(w_ptr + entry, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + entry, mask=valid, other=0.0).to(tl.float32)
+    slot = tl.load(i_ptr + entry, mask=valid, other=0)
+    ds = w * (g - tl.sum(g * w, axis=1)[:, None])
+    i1 = (slot // n_keys).to(tl.int32)
+    i2 = (slot - (slot // n_keys) * n_keys).to(tl.int32)
+    ds1, first1 = _dedup_half(i1, ds, valid, cols)
+    ds2, first2 = _dedup_half(i2, ds, valid, cols)
+    sentinel = 2 * H * n_keys
+    tl.store(ent_ds_ptr + entry, ds1, mask=valid)
+    tl.store(ent_ds_ptr + M + entry, ds2, mask=valid)
+    tl.store(ent_key_ptr + entry, tl.where(first1, h * n_keys + i1, sentinel), mask=valid)
+    tl.store(ent_key_ptr + M + entry, tl.where(first2, (H + h) * n_keys + i2, sentinel), mask=valid)
+    # dq: one gathered half-key row per distinct id, in a fixed order (j ascending).
+    dims = tl.arange(0, HALF_P)
+    dmask = dims < half
+    row1 = tl.where(first1, i1, -1)
+    row2 = tl.where(first2, i2, -1)
+    acc1 = tl.zeros((BLOCK_T, HALF_P), tl.float32)
+    acc2 = tl.zeros((BLOCK_T, HALF_P), tl.float32)
+    base1 = k1_ptr + h * stride_kh + dims[None, :]
+    base2 = k2_ptr + h * stride_kh + dims[None, :]
+    for j in range(K):
+        r1 = _column(row1, cols, j)
+        r2 = _column(row2, cols, j)
+        m1 = (r1 >= 0)[:, None] & dmask[None, :]
+        m2 = (r2 >= 0)[:, None] & dmask[None, :]
+        key1 = tl.load(base1 + r1[:, None].to(tl.int64) * stride_kn, mask=m1, other=0.0).to(tl.float32)
+        key2 = tl.load(base2 + r2[:, None].to(tl.int64) * stride_kn, mask=m2, other=0.0).to(tl.float32)
+        acc1 += _column(ds1, cols, j)[:, None] * key1
+        acc2 += _column(ds2, cols, j)[:, None] * key2
+    out = dq_ptr + (toks[:, None].to(tl.int64) * H + h) * (2 * half) + dims[None, :]
+    omask = tmask[:, None] & dmask[None, :]
+    tl.store(out, acc1.to(dq_ptr.dtype.element_ty), mask=omask)
+    tl.store(out + half, acc2.to(dq_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _key_grad_kernel(q_ptr, perm_ptr, seg_ptr, ent_ds_ptr, dk_ptr, H, n_keys, half, M,
+                     K: tl.constexpr, HALF_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    u = tl.program_id(0)  # half-key row (a*H + h)*n + i of the (2, H, n, half) gradient
+    a = u // (H * n_keys)
+    start = tl.load(seg_ptr + u)
+    end = tl.load(seg_ptr + u + 1)
+    dims = tl.arange(0, HALF_P)
+    dmask = dims < half
+    acc = tl.zeros((HALF_P,), tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        emask = es < end
+        entry = tl.load(perm_ptr + es, mask=emask, other=0)
+        ds = tl.load(ent_ds_ptr + entry, mask=emask, other=0.0)
+        token_head = (entry - a * M) // K  # t*H + h: the query row, contiguous (T, H, 2*half)
+        q = tl.load(q_ptr + token_head[:, None] * (2 * half) + a * half + dims[None, :],
+                    mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(ds[:, None] * q, axis=0)
+    tl.store(dk_ptr + u.to(tl.int64) * half + dims, acc.to(dk_ptr.dtype.element_ty), mask=dmask)
+
+
+if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
+    _score_grad_rows, _key_grad = _score_grad_rows_kernel, _key_grad_kernel
+else:
+    # Pass 1 holds (BLOCK_T, k, k) compare tiles: few tokens per program. Pass 2 gathers
+    # BLOCK_E query half-rows per step; segments average 2*T*k/(3*n) entries.
+    _score_grad_rows = pinned_autotune(
+        "pkm_bwd_rows", [triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in ((4, 2), (8, 4), (16, 4), (16, 8))],
+        key=["n_keys", "K", "HALF_P"])(_score_grad_rows_kernel)
+    _key_grad = pinned_autotune(
+        "pkm_bwd_keys", [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((8, 2), (16, 4), (32, 4), (64, 8))],
+        key=["n_keys", "K", "HALF_P"])(_key_grad_kernel)
+
+
+def _sort_dtype(num_keys: int) -> torch.dtype:
+    """int16 radix keys (two passes) when the key range fits, else int32."""
+    return torch.int16 if num_keys < 2**15 else torch.int32
+
+
+def score_backward(grad_weights: torch.Tensor, query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
+                   weights: torch.Tensor, indices: torch.Tensor):
+    """(dquery, dkeys1, dkeys2) of the softmax weights from the saved fp32 weights and indices.
+
+    query (T, H, 2*half); keys (H, n, half); weights/indices/grad_weights (T, H, k).
+    """
+    T, H, k = indices.shape
+    n_keys, half = keys1.shape[1], keys1.shape[2]
+    dev = query.device
+    query = query.contiguous()
+    kdtype = query.dtype  # the forward multiplied the keys in the query's dtype
+    k1, k2 = keys1.to(kdtype).contiguous(), keys2.to(kdtype).contiguous()
+    dq = torch.empty(T, H, 2 * half, dtype=query.dtype, device=dev)
+    dk = torch.empty(2, H, n_keys, half, dtype=torch.promote_types(keys1.dtype, keys2.dtype), device=dev)
+    if T == 0:
+        dk.zero_()
+        return dq, dk[0].to(keys1.dtype), dk[1].to(keys2.dtype)
+    M = T * H * k
+    ent_ds = torch.empty(2 * M, dtype=torch.float32, device=dev)
+    num_keys = 2 * H * n_keys  # sort keys 0..num_keys-1; num_keys marks a repeated id
+    ent_key = torch.empty(2 * M, dtype=torch.int32, device=dev)
+    consts = dict(K=k, HALF_P=max(16, next_pow2(half)))
+    args = (grad_weights.contiguous(), weights.contiguous(), indices.contiguous(), k1, k2, dq, ent_ds, ent_key,
+            T, H, n_keys, half, M, k1.stride(0), k1.stride(1))
+    if INTERPRETING:
+        _score_grad_rows[(triton.cdiv(T, 16), H)](*args, KP=max(8, next_pow2(k)), BLOCK_T=16, **consts)
+    else:
+        _score_grad_rows[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), H)](*args, KP=max(8, next_pow2(k)), **consts)
+    sorted_keys, perm = torch.sort(ent_key.to(_sort_dtype(num_keys + 1)), stable=True)
+    counts = torch.bincount(sorted_keys.to(torch.int32), minlength=num_keys + 1)[:num_keys]
+    seg = torch.zeros(num_keys + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(counts, 0, out=seg[1:])
+    kargs = (query, perm, seg, ent_ds, dk, H, n_keys, half, M)
+    if INTERPRETING:
+        _key_grad[(num_keys,)](*kargs, BLOCK_E=8, **consts)
+    else:
+        _key_grad[(num_keys,)](*kargs, **consts)
+    return dq, dk[0].to(keys1.dtype), dk[1].to(keys2.dtype)
