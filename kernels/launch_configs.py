@@ -13,10 +13,12 @@ tuning results where this Triton has one, so later processes on the same machine
 the first one's choice.
 
 MEMLAYERS_AUTOTUNE=all ignores the pins (to re-measure them); the tuning key is the
-kernel's `key` arguments followed by the dtype of its first tensor argument.
+kernel's `key` arguments followed by the dtype of its first tensor argument. Triton 3.9
+runs a single surviving configuration without timing it; 3.6 times it once per key.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -72,8 +74,11 @@ def table_entry(kernel: str, key: tuple, config) -> str:
     return f"({key!r}): {spec!r},  # kernel {kernel}"
 
 
-# Which tuning keys were served from PINNED in this process (for the benchmark's JSON).
+# Per kernel: its autotuner, the tuning keys served from PINNED in this process, and the
+# last tuning key it met (tools/bench_kernels.py --configs reads all three).
+TUNERS: dict = {}
 PINNED_HITS: dict[str, list] = {}
+LAST_KEY: dict[str, tuple] = {}
 
 
 def pinned_autotune(kernel: str, configs, key, prune=None):
@@ -87,6 +92,7 @@ def pinned_autotune(kernel: str, configs, key, prune=None):
         tensors = [v for v in named_args.values() if hasattr(v, "data_ptr")]
         index = tensors[0].device.index if tensors and tensors[0].device.index is not None else 0
         tkey = tuning_key(key, args)
+        LAST_KEY[kernel] = tkey
         pinned = pinned_config(kernel, tkey, index)
         if pinned is not None:
             PINNED_HITS.setdefault(kernel, []).append(str(tkey))
@@ -94,4 +100,22 @@ def pinned_autotune(kernel: str, configs, key, prune=None):
         return prune(candidates, named_args, **kwargs) if prune else candidates
 
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune}, **extra)
+    decorate = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune}, **extra)
+
+    def register(fn):
+        TUNERS[kernel] = decorate(fn)
+        return TUNERS[kernel]
+    return register
+
+
+@contextlib.contextmanager
+def forced(kernel: str, config):
+    """Launch `kernel` with `config` only while inside (an autotuner holding a single
+    configuration runs it without tuning or caching)."""
+    tuner = TUNERS[kernel]
+    saved = tuner.configs
+    tuner.configs = [config]
+    try:
+        yield
+    finally:
+        tuner.configs = saved
