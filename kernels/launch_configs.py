@@ -68,10 +68,14 @@ def pinned_config(kernel: str, key: tuple, device_index: int) -> triton.Config |
     return triton.Config(entry, num_warps=warps, **({} if stages is None else {"num_stages": stages}))
 
 
-def table_entry(kernel: str, key: tuple, config) -> str:
-    """One PINNED line for a measured winner (printed by tools/bench_kernels.py)."""
-    spec = {**config.kwargs, "num_warps": config.num_warps}
-    return f"({key!r}): {spec!r},  # kernel {kernel}"
+def launch_spec(config) -> dict:
+    """A configuration as a PINNED value: its block sizes and num_warps."""
+    return {**config.kwargs, "num_warps": config.num_warps}
+
+
+def table_entry(sku: str | None, kernel: str, key: tuple, config) -> str:
+    """A measured winner as a line to paste (printed by tools/bench_kernels.py --configs)."""
+    return f"PINNED[({sku!r}, {kernel!r})][{key!r}] = {launch_spec(config)!r}"
 
 
 # Per kernel: its autotuner, the tuning keys served from PINNED in this process, and the

@@ -204,20 +204,21 @@ def bench_launch_configs(args, device) -> dict:
     rows, pins = [], {}
     for kernel, v_dim, fn in tqdm(cases, desc="launch configs"):
         lc.LAST_KEY.pop(kernel, None)
+        lc.TUNERS[kernel].cache.clear()  # so the pruning hook runs again and records the tuning key
         with torch.no_grad():
             first = None
-            fn()  # the autotuned (or pinned) launch: records the tuning key
+            fn()  # the autotuned (or pinned) launch
             key = lc.LAST_KEY.get(kernel)
             timed = []
             for config in lc.TUNERS[kernel].configs:
-                row = {"kernel": kernel, "v_dim": v_dim, "key": str(key), "config": str(config)}
+                row = {"kernel": kernel, "v_dim": v_dim, "key": str(key), "config": lc.launch_spec(config)}
                 try:
                     with lc.forced(kernel, config):
                         out = fn()
                         row.update(kb.percentiles(kb.time_ms(fn, device, args.repeats)))
                 except Exception as err:  # a launch this GPU cannot run (registers, shared memory)
                     row["error"] = str(err).splitlines()[0][:200]
-                    tqdm.write(f"{kernel} {config}: failed: {row['error']}")
+                    tqdm.write(f"{kernel} {row['config']}: failed: {row['error']}")
                     rows.append(row)
                     continue
                 if first is None:
@@ -228,7 +229,7 @@ def bench_launch_configs(args, device) -> dict:
                     a, b = out.reshape(-1)[: 2**24].float(), first.reshape(-1)[: 2**24].float()
                     row["rel_diff_to_first"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                 row["spread"] = row["p80"] / row["p20"]
-                tqdm.write(f"{kernel:15s} d={v_dim or '-'} {config}: p50 {row['p50']:.3f} ms "
+                tqdm.write(f"{kernel:15s} d={v_dim or '-'} {row['config']}: p50 {row['p50']:.3f} ms "
                            f"(p20 {row['p20']:.3f}, p80 {row['p80']:.3f})")
                 rows.append(row)
                 timed.append((row, config))
@@ -237,8 +238,8 @@ def bench_launch_configs(args, device) -> dict:
             best_row, best = (min(steady, key=lambda rc: rc[0]["p50"]) if steady
                               else min(timed, key=lambda rc: rc[0]["p80"]))
             best_row["winner"] = True
-            pins.setdefault(kernel, {})[str(key)] = {**best.kwargs, "num_warps": best.num_warps}
-            tqdm.write(f"winner {kernel}: ({sku!r}, {kernel!r}): {{{lc.table_entry(kernel, key, best)}}}")
+            pins.setdefault(kernel, {})[str(key)] = lc.launch_spec(best)
+            tqdm.write(f"winner: {lc.table_entry(sku, kernel, key, best)}")
     return {"sku": sku, "launch_configs": rows, "pins": pins}
 
 

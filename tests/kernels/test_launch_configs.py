@@ -73,3 +73,12 @@ def test_pins_name_known_gpus_and_candidate_launches():
         if kernel == "pkm_fwd":
             for spec in entries.values():
                 assert (spec["BLOCK_T"], spec["BLOCK_N"], spec["num_warps"]) in pkm_triton.LAUNCHES
+
+
+def test_a_measured_winner_round_trips_through_the_table(tuner, monkeypatch):
+    """What --configs prints for a winner is a PINNED entry that yields that launch."""
+    key = (65, "torch.float32")
+    line = lc.table_entry("TEST GPU", "copy", key, CANDIDATES[2])
+    assert line == "PINNED[('TEST GPU', 'copy')][(65, 'torch.float32')] = {'BLOCK': 64, 'num_warps': 4}"
+    monkeypatch.setitem(lc.PINNED[("TEST GPU", "copy")], key, lc.launch_spec(CANDIDATES[2]))
+    assert _launches(_prune(tuner, 65)) == _launches(CANDIDATES[2:])
