@@ -31,9 +31,10 @@ distinct (token, head, id): about 2*M/3 rows of k_dim/2*e bytes. The PyTorch bac
 replaces (pkm_triton.pkm_topk_backward_torch) zero-fills, scatters into, casts and
 multiplies two fp32 (T, H, n) matrices: 2*T*H*n*(4 + 4 + 2 + 2*2) bytes, about 3.7 GB.
 
-Hot half-keys (one id chosen by many tokens) make long segments; one program walks
-each, so a key chosen by most of a batch becomes the tail of pass 2 (not split in
-chunks, unlike the bag's sorted backward).
+Hot half-keys (one id chosen by much of a batch, as in a trained memory) make long
+segments: a segment longer than KEY_CHUNK entries is cut into chunks, reduced by a second
+launch of the same kernel into fp32 partial rows, and the chunks of each hot row are
+summed in a fixed order, so one hot key does not become the tail of pass 2.
 """
 from __future__ import annotations
 
@@ -113,12 +114,18 @@ def _score_grad_rows_kernel(g_ptr, w_ptr, i_ptr, k1_ptr, k2_ptr, dq_ptr, ent_ds_
 
 
 @triton.jit
-def _key_grad_kernel(q_ptr, perm_ptr, seg_ptr, ent_ds_ptr, dk_ptr, H, n_keys, half, M,
-                     K: tl.constexpr, HALF_P: tl.constexpr, BLOCK_E: tl.constexpr):
-    u = tl.program_id(0)  # half-key row (a*H + h)*n + i of the (2, H, n, half) gradient
-    a = u // (H * n_keys)
-    start = tl.load(seg_ptr + u)
-    end = tl.load(seg_ptr + u + 1)
+def _key_grad_kernel(q_ptr, perm_ptr, starts_ptr, ends_ptr, key_of_ptr, ent_ds_ptr, out_ptr, H, n_keys, half, M,
+                     K: tl.constexpr, HALF_P: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program u reduces the sorted entries [starts[u], ends[u]) into out row u. Unchunked,
+    u is the half-key row (a*H + h)*n + i itself; chunked, key_of[u] names it."""
+    u = tl.program_id(0)
+    if CHUNKED:
+        key = tl.load(key_of_ptr + u)
+    else:
+        key = u
+    a = key // (H * n_keys)  # which half: its query columns
+    start = tl.load(starts_ptr + u)
+    end = tl.load(ends_ptr + u)
     dims = tl.arange(0, HALF_P)
     dmask = dims < half
     acc = tl.zeros((HALF_P,), tl.float32)
@@ -131,7 +138,7 @@ def _key_grad_kernel(q_ptr, perm_ptr, seg_ptr, ent_ds_ptr, dk_ptr, H, n_keys, ha
         q = tl.load(q_ptr + token_head[:, None] * (2 * half) + a * half + dims[None, :],
                     mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(ds[:, None] * q, axis=0)
-    tl.store(dk_ptr + u.to(tl.int64) * half + dims, acc.to(dk_ptr.dtype.element_ty), mask=dmask)
+    tl.store(out_ptr + u.to(tl.int64) * half + dims, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
@@ -144,7 +151,7 @@ else:
         key=["n_keys", "K", "HALF_P"])(_score_grad_rows_kernel)
     _key_grad = pinned_autotune(
         "pkm_bwd_keys", [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((8, 2), (16, 4), (32, 4), (64, 8))],
-        key=["n_keys", "K", "HALF_P"])(_key_grad_kernel)
+        key=["n_keys", "K", "HALF_P", "CHUNKED"])(_key_grad_kernel)
 
 
 def _sort_dtype(num_keys: int) -> torch.dtype:
@@ -184,9 +191,42 @@ def score_backward(grad_weights: torch.Tensor, query: torch.Tensor, keys1: torch
     counts = torch.bincount(sorted_keys.to(torch.int32), minlength=num_keys + 1)[:num_keys]
     seg = torch.zeros(num_keys + 1, dtype=torch.int64, device=dev)
     torch.cumsum(counts, 0, out=seg[1:])
-    kargs = (query, perm, seg, ent_ds, dk, H, n_keys, half, M)
-    if INTERPRETING:
-        _key_grad[(num_keys,)](*kargs, BLOCK_E=8, **consts)
-    else:
-        _key_grad[(num_keys,)](*kargs, **consts)
+    starts, ends = seg[:-1], seg[1:]
+    hot = (ends - starts) > KEY_CHUNK
+    any_hot = bool(hot.any())
+    # Hot key rows get an empty segment here (zeros, overwritten below) and are reduced in chunks.
+    _launch_key_grad(query, perm, starts, torch.where(hot, starts, ends) if any_hot else ends, None, ent_ds,
+                     dk, H, n_keys, half, M, consts)
+    if any_hot:
+        dk_rows = dk.view(num_keys, half)
+        hot_ids = torch.nonzero(hot).flatten()
+        n_chunks = (ends[hot_ids] - starts[hot_ids] + KEY_CHUNK - 1) // KEY_CHUNK
+        first = torch.cumsum(n_chunks, 0) - n_chunks
+        owner = torch.repeat_interleave(torch.arange(hot_ids.numel(), device=dev), n_chunks)
+        c_starts = starts[hot_ids][owner] + (torch.arange(owner.numel(), device=dev) - first[owner]) * KEY_CHUNK
+        c_ends = torch.minimum(c_starts + KEY_CHUNK, ends[hot_ids][owner])
+        # Row n_chunks of `parts` stays zero: the padding of the (hot rows, most chunks) sum below.
+        parts = torch.zeros(owner.numel() + 1, half, dtype=torch.float32, device=dev)
+        _launch_key_grad(query, perm, c_starts, c_ends, hot_ids[owner], ent_ds, parts, H, n_keys, half, M, consts)
+        slots = first[:, None] + torch.arange(int(n_chunks.max()), device=dev)[None, :]
+        slots = torch.where(slots < (first + n_chunks)[:, None], slots, owner.numel())
+        dk_rows[hot_ids] = parts[slots].sum(1).to(dk.dtype)  # a fixed-shape sum: deterministic order
     return dq, dk[0].to(keys1.dtype), dk[1].to(keys2.dtype)
+
+
+# The most entries one program of pass 2 reduces. A half-key chosen by much of a batch
+# (a hot key of a trained memory) is cut into chunks whose fp32 partial rows are summed
+# in order, so one key never makes the tail of the launch.
+KEY_CHUNK = 2048
+
+
+def _launch_key_grad(query, perm, starts, ends, key_of, ent_ds, out, H, n_keys, half, M, consts):
+    programs = starts.numel()
+    if programs == 0:
+        return
+    chunked = key_of is not None
+    args = (query, perm, starts, ends, key_of if chunked else starts, ent_ds, out, H, n_keys, half, M)
+    if INTERPRETING:
+        _key_grad[(programs,)](*args, CHUNKED=chunked, BLOCK_E=8, **consts)
+    else:
+        _key_grad[(programs,)](*args, CHUNKED=chunked, **consts)

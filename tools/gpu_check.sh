@@ -15,7 +15,7 @@
 #   bash tools/fetch_gpu_wheels.sh        (writes .whl/, ~5 MB)
 # then: run(command="COMMIT=<git rev-parse HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # (COMMIT: the device copy's .git may be stale, so name the commit that is being sent.)
-# STAGES picks stages (default "tests bench configs skew layer", at most ~9 minutes with
+# STAGES picks stages (default "tests bench configs skew layer", at most 560 s with
 # the limits below and typically about half; "sweep" and "train" are extra stages of the
 # first kernel round). Time limits (seconds): TESTS_S, BENCH_S, CONFIGS_S, SKEW_S, LAYER_S,
 # SWEEP_S, TRAIN_S. A second run that only needs the winners pinned: STAGES="bench layer".
@@ -54,13 +54,13 @@ unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
 # Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-want tests && stage tests "${TESTS_S:-120}" "$OUT/tests.log" \
+want tests && stage tests "${TESTS_S:-150}" "$OUT/tests.log" \
     python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
 want bench && stage bench "${BENCH_S:-130}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json"
 # Every launch candidate with p20/p50/p80; the steady winners print as PINNED lines for
 # kernels/launch_configs.py (and sit under "pins" in the JSON).
-want configs && stage configs "${CONFIGS_S:-140}" "$OUT/bench.log" \
+want configs && stage configs "${CONFIGS_S:-130}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --configs --json "$OUT/launch_configs.json"
 # Hot slots (Zipf-distributed rows, as a trained memory reads them): the chunked sorted backward.
 want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \

@@ -141,3 +141,23 @@ def test_agrees_with_the_torch_backward(device):
 def test_sort_keys_fit_int16_only_when_the_range_does():
     assert pkm_bwd_triton._sort_dtype(2 * 4 * 1024 + 1) == torch.int16
     assert pkm_bwd_triton._sort_dtype(2**15) == torch.int32
+
+
+@pytest.mark.parametrize("T,H,k_dim,n,k", [(16, 1, 24, 12, 5), (12, 2, 8, 10, 12)])
+def test_hot_keys_are_reduced_in_chunks(T, H, k_dim, n, k, device, monkeypatch):
+    """A half-key chosen by many tokens is cut into chunks of KEY_CHUNK entries whose
+    partial rows are summed in order: same gradients as float64, bitwise repeatable.
+    With chunks of 3, the crowded ids 0..2 span several chunks (checked)."""
+    monkeypatch.setattr(pkm_bwd_triton, "KEY_CHUNK", 3)
+    q, k1, k2 = _inputs(T, H, k_dim, n, device, seed=T + k)
+    indices = _crowded_indices(T, H, k, n, seed=k + 1)
+    rows_per_id = torch.bincount(torch.cat([torch.unique(r // n) for r in indices.view(-1, k)]), minlength=n)
+    assert rows_per_id.max() > 2 * 3, "no key spans three chunks"
+    probe = torch.randn(T, H, k, dtype=torch.float64)
+    w64, *want = _score_grads_ref(q, k1, k2, indices, probe)
+    args = (probe.float().to(device), q, k1, k2, w64.float().to(device), indices.to(device))
+    got = pkm_bwd_triton.score_backward(*args)
+    for name, a, b in zip(("dquery", "dkeys1", "dkeys2"), got, want):
+        assert_close(a, b, FP32_TOL, name)
+    again = pkm_bwd_triton.score_backward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
