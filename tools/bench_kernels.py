@@ -116,10 +116,11 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             if use_triton:
                 add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), 2 * sb, 3 * fl, base, **shape)
                 # The backward alone, on the forward's saved fp32 weights and indices: the
-                # earlier PyTorch scatter + matmuls against the Triton backward.
+                # earlier PyTorch scatter + matmuls against the Triton backward. With
+                # --index-skew the slots are the Zipf ones (hot half-keys: the chunked path).
                 with torch.no_grad():
                     w32, idx = pkm_triton.pkm_topk_forward(q, k1, k2, s.k)
-                saved = (probe, q, k1, k2, w32, idx)
+                saved = (probe, q, k1, k2, w32, indices if args.index_skew > 0 else idx)
                 base = add("scoring_bwd_torch_on_saved", lambda: pkm_triton.pkm_topk_backward_torch(*saved),
                            sb, 2 * fl, **shape)
                 add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb, 2 * fl, base, **shape)

@@ -62,7 +62,8 @@ want bench && stage bench "${BENCH_S:-130}" "$OUT/bench.log" \
 # kernels/launch_configs.py (and sit under "pins" in the JSON).
 want configs && stage configs "${CONFIGS_S:-130}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --configs --json "$OUT/launch_configs.json"
-# Hot slots (Zipf-distributed rows, as a trained memory reads them): the chunked sorted backward.
+# Hot slots (Zipf-distributed rows, as a trained memory reads them): the bag's chunked sorted
+# backward, and the scoring backward on the same slots (its hot-key chunks).
 want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$OUT/bench_skew.json"
 # The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
