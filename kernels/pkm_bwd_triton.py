@@ -8,8 +8,8 @@ to the half scores of its i1 and its i2.
 
 Pass 1, one program per (BLOCK_T tokens, head):
   * ds in registers; per half, the k winners share few distinct half-key ids (on random
-    data about a third of k), so each row's ds of equal ids are summed (a k x k compare in
-    registers) into the id's first occurrence;
+    data about a third of k), so, column by column, each row's ds of equal ids are summed
+    into the id's first occurrence (k row compares of (BLOCK_T, k) tiles: no k x k tile);
   * dq_half = sum over distinct ids of their summed ds times the half-key row (a gather
     from the L2-resident key set), written once in the query's dtype;
   * per entry and half, the summed ds and a sort key (half*H + h)*n + id (or, for a
@@ -53,16 +53,14 @@ def _column(x, cols, j):
 
 
 @triton.jit
-def _dedup_half(ids, ds, valid, cols):
-    """Per row, the ds of equal ids summed at the id's first occurrence.
-
-    Returns (summed ds (R, KP), first (R, KP)): summed is 0 where not first.
-    """
-    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :] & valid[:, :, None]
-    summed = tl.sum(tl.where(same, ds[:, None, :], 0.0), axis=2)
-    earlier = same & (cols[None, None, :] < cols[None, :, None])
-    first = (tl.sum(earlier.to(tl.int32), axis=2) == 0) & valid
-    return tl.where(first, summed, 0.0), first
+def _distinct_id(ids, ds, cols, j):
+    """For column j of each row: its id, whether it is the id's first column, the ds of
+    every column holding that id summed (the id's whole score gradient), as (R,) each.
+    Padding columns hold id -1 and ds 0."""
+    id_j = _column(ids, cols, j)
+    same = ids == id_j[:, None]
+    first = (tl.min(tl.where(same, cols[None, :], 2**30), axis=1) == j) & (id_j >= 0)
+    return id_j, first, tl.sum(tl.where(same, ds, 0.0), axis=1)
 
 
 @triton.jit
@@ -80,33 +78,39 @@ def _score_grad_rows_kernel(g_ptr, w_ptr, i_ptr, k1_ptr, k2_ptr, dq_ptr, ent_ds_
     g = tl.load(g_ptr + entry, mask=valid, other=0.0).to(tl.float32)
     slot = tl.load(i_ptr + entry, mask=valid, other=0)
     ds = w * (g - tl.sum(g * w, axis=1)[:, None])
-    i1 = (slot // n_keys).to(tl.int32)
-    i2 = (slot - (slot // n_keys) * n_keys).to(tl.int32)
-    ds1, first1 = _dedup_half(i1, ds, valid, cols)
-    ds2, first2 = _dedup_half(i2, ds, valid, cols)
+    i1 = tl.where(valid, (slot // n_keys).to(tl.int32), -1)
+    i2 = tl.where(valid, (slot - (slot // n_keys) * n_keys).to(tl.int32), -1)
     sentinel = 2 * H * n_keys
-    tl.store(ent_ds_ptr + entry, ds1, mask=valid)
-    tl.store(ent_ds_ptr + M + entry, ds2, mask=valid)
-    tl.store(ent_key_ptr + entry, tl.where(first1, h * n_keys + i1, sentinel), mask=valid)
-    tl.store(ent_key_ptr + M + entry, tl.where(first2, (H + h) * n_keys + i2, sentinel), mask=valid)
-    # dq: one gathered half-key row per distinct id, in a fixed order (j ascending).
     dims = tl.arange(0, HALF_P)
     dmask = dims < half
-    row1 = tl.where(first1, i1, -1)
-    row2 = tl.where(first2, i2, -1)
-    acc1 = tl.zeros((BLOCK_T, HALF_P), tl.float32)
-    acc2 = tl.zeros((BLOCK_T, HALF_P), tl.float32)
     base1 = k1_ptr + h * stride_kh + dims[None, :]
     base2 = k2_ptr + h * stride_kh + dims[None, :]
+    acc1 = tl.zeros((BLOCK_T, HALF_P), tl.float32)
+    acc2 = tl.zeros((BLOCK_T, HALF_P), tl.float32)
+    ds1 = tl.zeros((BLOCK_T, KP), tl.float32)
+    ds2 = tl.zeros((BLOCK_T, KP), tl.float32)
+    key1 = tl.zeros((BLOCK_T, KP), tl.int32) + sentinel
+    key2 = tl.zeros((BLOCK_T, KP), tl.int32) + sentinel
+    # Column by column (a fixed order): each distinct id's summed ds, one gathered key row per
+    # distinct id for dq, and the per-entry sort keys and ds for pass 2 (at first occurrences).
     for j in range(K):
-        r1 = _column(row1, cols, j)
-        r2 = _column(row2, cols, j)
-        m1 = (r1 >= 0)[:, None] & dmask[None, :]
-        m2 = (r2 >= 0)[:, None] & dmask[None, :]
-        key1 = tl.load(base1 + r1[:, None].to(tl.int64) * stride_kn, mask=m1, other=0.0).to(tl.float32)
-        key2 = tl.load(base2 + r2[:, None].to(tl.int64) * stride_kn, mask=m2, other=0.0).to(tl.float32)
-        acc1 += _column(ds1, cols, j)[:, None] * key1
-        acc2 += _column(ds2, cols, j)[:, None] * key2
+        id1, first1, sum1 = _distinct_id(i1, ds, cols, j)
+        id2, first2, sum2 = _distinct_id(i2, ds, cols, j)
+        row1 = tl.load(base1 + id1[:, None].to(tl.int64) * stride_kn, mask=first1[:, None] & dmask[None, :],
+                       other=0.0).to(tl.float32)
+        row2 = tl.load(base2 + id2[:, None].to(tl.int64) * stride_kn, mask=first2[:, None] & dmask[None, :],
+                       other=0.0).to(tl.float32)
+        acc1 += tl.where(first1, sum1, 0.0)[:, None] * row1
+        acc2 += tl.where(first2, sum2, 0.0)[:, None] * row2
+        at_j = cols[None, :] == j
+        ds1 = tl.where(at_j & first1[:, None], sum1[:, None], ds1)
+        ds2 = tl.where(at_j & first2[:, None], sum2[:, None], ds2)
+        key1 = tl.where(at_j & first1[:, None], (h * n_keys + id1)[:, None], key1)
+        key2 = tl.where(at_j & first2[:, None], ((H + h) * n_keys + id2)[:, None], key2)
+    tl.store(ent_ds_ptr + entry, ds1, mask=valid)
+    tl.store(ent_ds_ptr + M + entry, ds2, mask=valid)
+    tl.store(ent_key_ptr + entry, key1, mask=valid)
+    tl.store(ent_key_ptr + M + entry, key2, mask=valid)
     out = dq_ptr + (toks[:, None].to(tl.int64) * H + h) * (2 * half) + dims[None, :]
     omask = tmask[:, None] & dmask[None, :]
     tl.store(out, acc1.to(dq_ptr.dtype.element_ty), mask=omask)
@@ -144,10 +148,11 @@ def _key_grad_kernel(q_ptr, perm_ptr, starts_ptr, ends_ptr, key_of_ptr, ent_ds_p
 if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
     _score_grad_rows, _key_grad = _score_grad_rows_kernel, _key_grad_kernel
 else:
-    # Pass 1 holds (BLOCK_T, k, k) compare tiles: few tokens per program. Pass 2 gathers
-    # BLOCK_E query half-rows per step; segments average 2*T*k/(3*n) entries.
+    # Pass 1 holds two (BLOCK_T, half) fp32 accumulators and a few (BLOCK_T, k) tiles.
+    # Pass 2 gathers BLOCK_E query half-rows per step; segments average ~0.37*T*k/n entries.
     _score_grad_rows = pinned_autotune(
-        "pkm_bwd_rows", [triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in ((4, 2), (8, 4), (16, 4), (16, 8))],
+        "pkm_bwd_rows",
+        [triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in ((4, 2), (8, 2), (8, 4), (16, 8), (32, 8))],
         key=["n_keys", "K", "HALF_P"])(_score_grad_rows_kernel)
     _key_grad = pinned_autotune(
         "pkm_bwd_keys", [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((8, 2), (16, 4), (32, 4), (64, 8))],
