@@ -15,10 +15,14 @@ Pass 1, one program per (BLOCK_T tokens, head):
   * per entry and half, the summed ds and a sort key (half*H + h)*n + id (or, for a
     repeated id, a sentinel past every real key) go to global memory for pass 2.
 Between the passes, a stable sort of the 2*T*H*k sort keys (int16 when 2*H*n fits, so
-two radix passes) and a count per key give each half-key row its segment of entries.
-Pass 2, one program per half-key row (2*H*n programs): walks its segment in sorted
-order, BLOCK_E entries at a time, gathering the entries' query half-rows, and writes
-dkeys[row] = sum of ds * q_half once (zeros for a row no token selected, so no fill).
+two radix passes) and a binary search give each half-key row its segment of entries.
+Pass 2, one program per chunk of at most KEY_CHUNK entries of a segment (one chunk for
+almost every row; a hot half-key, chosen by much of a batch as in a trained memory, gets
+several, so it does not become the tail of the launch): walks the chunk in sorted order,
+BLOCK_E entries at a time, gathering the entries' query half-rows, into an fp32 partial
+row. A last launch sums each row's chunks in chunk order and writes dkeys[row] once
+(zeros for a row no token selected, so no fill). The grid is an upper bound on the
+number of chunks known on the host: the backward never waits on the device.
 
 No atomics and no (T, H, n) matrix: every output element is written by one program
 after reductions in a fixed order, so repeated runs are bitwise identical. fp32
@@ -27,14 +31,10 @@ accumulation throughout; dq in the query's dtype, dkeys in the keys' dtype.
 Bytes (paper shape, bf16): pass 1 reads w, g, indices (M*(4 + e + 8), M = T*H*k) and
 writes dq (T*H*k_dim*e) plus 2*M*(4 + 4); key rows are gathered from L2. The sort moves
 2*M keys and int64 positions a few times. Pass 2 gathers one query half-row per
-distinct (token, head, id): about 2*M/3 rows of k_dim/2*e bytes. The PyTorch backward it
+distinct (token, head, id): about 0.37*2*M rows of k_dim/2*e bytes, and writes and
+rereads 2*H*n (+ 2*M/KEY_CHUNK) fp32 partial rows. The PyTorch backward it
 replaces (pkm_triton.pkm_topk_backward_torch) zero-fills, scatters into, casts and
 multiplies two fp32 (T, H, n) matrices: 2*T*H*n*(4 + 4 + 2 + 2*2) bytes, about 3.7 GB.
-
-Hot half-keys (one id chosen by much of a batch, as in a trained memory) make long
-segments: a segment longer than KEY_CHUNK entries is cut into chunks, reduced by a second
-launch of the same kernel into fp32 partial rows, and the chunks of each hot row are
-summed in a fixed order, so one hot key does not become the tail of pass 2.
 """
 from __future__ import annotations
 
@@ -118,18 +118,16 @@ def _score_grad_rows_kernel(g_ptr, w_ptr, i_ptr, k1_ptr, k2_ptr, dq_ptr, ent_ds_
 
 
 @triton.jit
-def _key_grad_kernel(q_ptr, perm_ptr, starts_ptr, ends_ptr, key_of_ptr, ent_ds_ptr, out_ptr, H, n_keys, half, M,
-                     K: tl.constexpr, HALF_P: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Program u reduces the sorted entries [starts[u], ends[u]) into out row u. Unchunked,
-    u is the half-key row (a*H + h)*n + i itself; chunked, key_of[u] names it."""
+def _key_grad_kernel(q_ptr, perm_ptr, seg_ptr, first_ptr, key_of_ptr, ent_ds_ptr, parts_ptr, H, n_keys, half, M,
+                     CHUNK, K: tl.constexpr, HALF_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program u reduces chunk u (the (u - first[key])-th run of CHUNK entries of its key's
+    sorted segment) into the fp32 row parts[u]. Programs past the last chunk find an
+    empty range and write a row nobody reads."""
     u = tl.program_id(0)
-    if CHUNKED:
-        key = tl.load(key_of_ptr + u)
-    else:
-        key = u
+    key = tl.load(key_of_ptr + u)  # half-key row (a*H + h)*n + i
     a = key // (H * n_keys)  # which half: its query columns
-    start = tl.load(starts_ptr + u)
-    end = tl.load(ends_ptr + u)
+    start = tl.load(seg_ptr + key) + (u - tl.load(first_ptr + key)) * CHUNK
+    end = tl.minimum(start + CHUNK, tl.load(seg_ptr + key + 1))
     dims = tl.arange(0, HALF_P)
     dmask = dims < half
     acc = tl.zeros((HALF_P,), tl.float32)
@@ -142,11 +140,24 @@ def _key_grad_kernel(q_ptr, perm_ptr, starts_ptr, ends_ptr, key_of_ptr, ent_ds_p
         q = tl.load(q_ptr + token_head[:, None] * (2 * half) + a * half + dims[None, :],
                     mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(ds[:, None] * q, axis=0)
-    tl.store(out_ptr + u.to(tl.int64) * half + dims, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(parts_ptr + u.to(tl.int64) * half + dims, acc, mask=dmask)
+
+
+@triton.jit
+def _sum_chunks_kernel(parts_ptr, first_ptr, n_chunks_ptr, out_ptr, half, HALF_P: tl.constexpr):
+    """out[key] = its chunks' partial rows summed in chunk order (one chunk for most keys)."""
+    key = tl.program_id(0)
+    first = tl.load(first_ptr + key)
+    dims = tl.arange(0, HALF_P)
+    dmask = dims < half
+    acc = tl.zeros((HALF_P,), tl.float32)
+    for c in range(first, first + tl.load(n_chunks_ptr + key)):
+        acc += tl.load(parts_ptr + c * half + dims, mask=dmask, other=0.0)  # c is int64 (first is)
+    tl.store(out_ptr + key.to(tl.int64) * half + dims, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
-    _score_grad_rows, _key_grad = _score_grad_rows_kernel, _key_grad_kernel
+    _score_grad_rows, _key_grad, _sum_chunks = _score_grad_rows_kernel, _key_grad_kernel, _sum_chunks_kernel
 else:
     # Pass 1 holds two (BLOCK_T, half) fp32 accumulators and a few (BLOCK_T, k) tiles.
     # Pass 2 gathers BLOCK_E query half-rows per step; segments average ~0.37*T*k/n entries.
@@ -156,7 +167,9 @@ else:
         key=["n_keys", "K", "HALF_P"])(_score_grad_rows_kernel)
     _key_grad = pinned_autotune(
         "pkm_bwd_keys", [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((8, 2), (16, 4), (32, 4), (64, 8))],
-        key=["n_keys", "K", "HALF_P", "CHUNKED"])(_key_grad_kernel)
+        key=["n_keys", "K", "HALF_P"])(_key_grad_kernel)
+    _sum_chunks = pinned_autotune("pkm_bwd_sum_chunks", [triton.Config({}, num_warps=1)], key=["HALF_P"])(
+        _sum_chunks_kernel)
 
 
 def _sort_dtype(num_keys: int) -> torch.dtype:
@@ -193,29 +206,24 @@ def score_backward(grad_weights: torch.Tensor, query: torch.Tensor, keys1: torch
     else:
         _score_grad_rows[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), H)](*args, KP=max(8, next_pow2(k)), **consts)
     sorted_keys, perm = torch.sort(ent_key.to(_sort_dtype(num_keys + 1)), stable=True)
-    counts = torch.bincount(sorted_keys.to(torch.int32), minlength=num_keys + 1)[:num_keys]
-    seg = torch.zeros(num_keys + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(counts, 0, out=seg[1:])
-    starts, ends = seg[:-1], seg[1:]
-    hot = (ends - starts) > KEY_CHUNK
-    any_hot = bool(hot.any())
-    # Hot key rows get an empty segment here (zeros, overwritten below) and are reduced in chunks.
-    _launch_key_grad(query, perm, starts, torch.where(hot, starts, ends) if any_hot else ends, None, ent_ds,
-                     dk, H, n_keys, half, M, consts)
-    if any_hot:
-        dk_rows = dk.view(num_keys, half)
-        hot_ids = torch.nonzero(hot).flatten()
-        n_chunks = (ends[hot_ids] - starts[hot_ids] + KEY_CHUNK - 1) // KEY_CHUNK
-        first = torch.cumsum(n_chunks, 0) - n_chunks
-        owner = torch.repeat_interleave(torch.arange(hot_ids.numel(), device=dev), n_chunks)
-        c_starts = starts[hot_ids][owner] + (torch.arange(owner.numel(), device=dev) - first[owner]) * KEY_CHUNK
-        c_ends = torch.minimum(c_starts + KEY_CHUNK, ends[hot_ids][owner])
-        # Row n_chunks of `parts` stays zero: the padding of the (hot rows, most chunks) sum below.
-        parts = torch.zeros(owner.numel() + 1, half, dtype=torch.float32, device=dev)
-        _launch_key_grad(query, perm, c_starts, c_ends, hot_ids[owner], ent_ds, parts, H, n_keys, half, M, consts)
-        slots = first[:, None] + torch.arange(int(n_chunks.max()), device=dev)[None, :]
-        slots = torch.where(slots < (first + n_chunks)[:, None], slots, owner.numel())
-        dk_rows[hot_ids] = parts[slots].sum(1).to(dk.dtype)  # a fixed-shape sum: deterministic order
+    # Segment offsets by binary search (no bincount: its output size needs a device sync).
+    seg = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, device=dev, dtype=sorted_keys.dtype))
+    # Every key row is cut into chunks of at most KEY_CHUNK entries (at least one chunk,
+    # so untouched rows are written as zeros). The grid is an upper bound on the number
+    # of chunks known on the host: no device sync anywhere in the backward.
+    chunk = KEY_CHUNK
+    n_chunks = torch.clamp_min((seg[1:] - seg[:-1] + chunk - 1) // chunk, 1)
+    chunk_ends = torch.cumsum(n_chunks, 0)
+    first = chunk_ends - n_chunks
+    bound = num_keys + triton.cdiv(2 * M, chunk)
+    key_of = torch.searchsorted(chunk_ends, torch.arange(bound, device=dev), right=True).clamp_max_(num_keys - 1)
+    parts = torch.empty(bound, half, dtype=torch.float32, device=dev)
+    kargs = (query, perm, seg, first, key_of, ent_ds, parts, H, n_keys, half, M, chunk)
+    if INTERPRETING:
+        _key_grad[(bound,)](*kargs, BLOCK_E=8, **consts)
+    else:
+        _key_grad[(bound,)](*kargs, **consts)
+    _sum_chunks[(num_keys,)](parts, first, n_chunks, dk, half, HALF_P=consts["HALF_P"])
     return dq, dk[0].to(keys1.dtype), dk[1].to(keys2.dtype)
 
 
@@ -223,15 +231,3 @@ def score_backward(grad_weights: torch.Tensor, query: torch.Tensor, keys1: torch
 # (a hot key of a trained memory) is cut into chunks whose fp32 partial rows are summed
 # in order, so one key never makes the tail of the launch.
 KEY_CHUNK = 2048
-
-
-def _launch_key_grad(query, perm, starts, ends, key_of, ent_ds, out, H, n_keys, half, M, consts):
-    programs = starts.numel()
-    if programs == 0:
-        return
-    chunked = key_of is not None
-    args = (query, perm, starts, ends, key_of if chunked else starts, ent_ds, out, H, n_keys, half, M)
-    if INTERPRETING:
-        _key_grad[(programs,)](*args, CHUNKED=chunked, BLOCK_E=8, **consts)
-    else:
-        _key_grad[(programs,)](*args, CHUNKED=chunked, **consts)

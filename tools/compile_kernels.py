@@ -54,11 +54,12 @@ def _variants() -> list[tuple[str, str, object, dict, dict]]:
             dict(g_ptr=bf16, w_ptr=f32, i_ptr=i64, k1_ptr=bf16, k2_ptr=bf16, dq_ptr=bf16, ent_ds_ptr=f32,
                  ent_key_ptr=i32),
             dict(K=K, KP=K, HALF_P=HALF))]
-    for chunked in (False, True):
-        out.append(("pkm_bwd_keys", "chunked" if chunked else "rows", pkm_bwd_triton._key_grad_kernel,
-                    dict(q_ptr=bf16, perm_ptr=i64, starts_ptr=i64, ends_ptr=i64, key_of_ptr=i64, ent_ds_ptr=f32,
-                         out_ptr=f32 if chunked else bf16),
-                    dict(K=K, HALF_P=HALF, CHUNKED=chunked)))
+    out.append(("pkm_bwd_keys", "bf16", pkm_bwd_triton._key_grad_kernel,
+                dict(q_ptr=bf16, perm_ptr=i64, seg_ptr=i64, first_ptr=i64, key_of_ptr=i64, ent_ds_ptr=f32,
+                     parts_ptr=f32),
+                dict(K=K, HALF_P=HALF)))
+    out.append(("pkm_bwd_sum_chunks", "bf16", pkm_bwd_triton._sum_chunks_kernel,
+                dict(parts_ptr=f32, first_ptr=i64, n_chunks_ptr=i64, out_ptr=bf16), dict(HALF_P=HALF)))
     for d in (1024, 2048):
         out.append(("bag_fwd", f"d{d}", bag_triton._bag_fwd_kernel,
                     dict(values_ptr=bf16, idx_ptr=i64, w_ptr=bf16, out_ptr=bf16), {}))

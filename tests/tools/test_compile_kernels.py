@@ -11,20 +11,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_scoring_backward_compiles_for_sm90_without_spills(tmp_path):
-    """Every launch candidate of the scoring backward's key pass compiles to a cubin, and
-    the resource usage read back from it is plausible and spill-free."""
+    """Every launch candidate of the scoring backward's key pass and chunk sum compiles to
+    a cubin, and the resource usage read back from it is plausible and spill-free."""
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run([sys.executable, "tools/compile_kernels.py", "--kernels", "pkm_bwd_keys",
-                             "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                             "pkm_bwd_sum_chunks", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     launches = json.loads(out.read_text())["launches"]
-    assert len(launches) == 8  # 4 candidates x (one row per key, chunked)
+    assert len(launches) == 5  # the key pass's 4 candidates, the chunk sum's 1
     for launch in launches:
         assert "error" not in launch, launch
         assert 0 < launch["registers"] <= 255 and launch["stack_bytes"] == 0, launch
-    assert "8 of 8 launches compiled" in result.stdout
+    assert "5 of 5 launches compiled" in result.stdout
 
 
 def test_refuses_to_run_interpreted():
