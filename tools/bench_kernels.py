@@ -244,7 +244,7 @@ def bench_launch_configs(args, device) -> dict:
     return {"sku": sku, "launch_configs": rows, "pins": pins}
 
 
-def bench_layer(args, device, info) -> list[dict]:
+def bench_layer(args, device) -> list[dict]:
     """A whole MemoryPlus layer (query projection, scoring, bag, gate, output projection)
     forward+backward, and the whole model's forward+backward on one micro-batch, each
     with the memory on the Triton and on the PyTorch path (same weights, same inputs).
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
             return 2
         payload.update(bench_launch_configs(args, device))
     elif args.layer is not None:
-        payload["layer"] = bench_layer(args, device, info)
+        payload["layer"] = bench_layer(args, device)
     elif args.sweep:
         n_list = [64, 128, 256, 512, 1024]
         with tqdm(total=len(n_list), desc="sweep") as bar:

@@ -54,9 +54,9 @@ unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
 # Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-want tests && stage tests "${TESTS_S:-150}" "$OUT/tests.log" \
+want tests && stage tests "${TESTS_S:-140}" "$OUT/tests.log" \
     python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
-want bench && stage bench "${BENCH_S:-130}" "$OUT/bench.log" \
+want bench && stage bench "${BENCH_S:-120}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json"
 # Every launch candidate with p20/p50/p80; the steady winners print as PINNED lines for
 # kernels/launch_configs.py (and sit under "pins" in the JSON).
@@ -67,7 +67,7 @@ want configs && stage configs "${CONFIGS_S:-130}" "$OUT/bench.log" \
 want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$OUT/bench_skew.json"
 # The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
-want layer && stage layer "${LAYER_S:-90}" "$OUT/bench.log" \
+want layer && stage layer "${LAYER_S:-110}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$OUT/bench_layer.json"
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png"
