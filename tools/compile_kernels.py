@@ -40,12 +40,13 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels import bag_triton, pkm_bwd_triton, pkm_triton  # noqa: E402
 from kernels import launch_configs as lc  # noqa: E402
 
-K, N_KEYS, HALF, P = 32, 1024, 128, 128  # P: the candidate-pair table for k=32 (119 pairs, padded)
+K, P = 32, 128  # P: the candidate-pair table for k=32 (119 pairs, padded)
 HINTED = ("stride", "half", "D", "M_T", "M")  # integer arguments that are multiples of 16 at the paper's shape
 
 
-def _variants() -> list[tuple[str, str, object, dict, dict]]:
-    """(kernel, variant, jit function, argument types, fixed constexprs) at the paper's shapes."""
+def _variants(HALF: int) -> list[tuple[str, str, object, dict, dict]]:
+    """(kernel, variant, jit function, argument types, fixed constexprs) at the paper's shapes,
+    half-key dim HALF (128 in the kernel benchmark, 256 in configs/memory_373m.yaml)."""
     i32, i64, f32, bf16 = "*i32", "*i64", "*fp32", "*bf16"
     out = [("pkm_fwd", "bf16", pkm_triton._pkm_fwd_kernel,
             dict(q_ptr=bf16, k1_ptr=bf16, k2_ptr=bf16, pairs_ptr=i32, w_ptr=f32, i_ptr=i64),
@@ -114,11 +115,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     p.add_argument("--kernels", nargs="+", choices=kernels, default=kernels)
+    p.add_argument("--half-dim", type=int, default=128, choices=(64, 128, 256, 512),
+                   help="half-key dim of the scoring kernels (k_dim / 2)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     rows, failed = [], 0
-    print(f"triton {triton.__version__}, sm_{args.arch}")
-    for kernel, variant, fn, pointers, constexprs in _variants():
+    print(f"triton {triton.__version__}, sm_{args.arch}, half-key dim {args.half_dim}")
+    for kernel, variant, fn, pointers, constexprs in _variants(args.half_dim):
         if kernel not in args.kernels:
             continue
         for config in lc.TUNERS[kernel].configs:
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
             rows.append(row)
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "launches": rows}, indent=2))
+        tmp.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "half_dim": args.half_dim,
+                                   "launches": rows}, indent=2))
         os.replace(tmp, args.json)
     print(f"{len(rows) - failed} of {len(rows)} launches compiled")
     return 1 if failed else 0
