@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch_configs import pinned_autotune
 from kernels.triton_common import INTERPRETING, check_same_device, next_pow2
 
 VALUE_GRADS = ("sorted", "atomic", "sparse")
@@ -145,16 +146,19 @@ if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune ove
     _bag_fwd, _bag_weight_grad, _bag_bwd_sorted = _bag_fwd_kernel, _bag_weight_grad_kernel, _bag_bwd_sorted_kernel
 else:
     # Memory-bound gathers: many rows in flight per program, 16-byte column vectors.
-    _bag_fwd = triton.autotune(
+    # Pinned winners per GPU live in kernels/launch_configs.py; other shapes autotune.
+    _bag_fwd = pinned_autotune(
+        "bag_fwd",
         _configs((1, 16, 512, 4), (1, 32, 256, 4), (2, 16, 256, 4), (4, 8, 256, 8), (1, 16, 1024, 8), (1, 8, 1024, 4)),
         key=["M_T", "D"])(_bag_fwd_kernel)
-    _bag_weight_grad = triton.autotune(
-        _configs((1, 32, 128, 4), (1, 16, 256, 4), (2, 16, 128, 4), (1, 64, 64, 4), (1, 32, 256, 8)),
+    _bag_weight_grad = pinned_autotune(
+        "bag_weight_grad", _configs((1, 32, 128, 4), (1, 16, 256, 4), (2, 16, 128, 4), (1, 64, 64, 4), (1, 32, 256, 8)),
         key=["M_T", "D"])(_bag_weight_grad_kernel)
     # Entries per step x warps. Rows repeat ~M/U times (about 4 at the paper's shape), so
     # few entries per step keep registers low and many rows in flight; reruns during
     # tuning are harmless (every written element is overwritten with the same value).
-    _bag_bwd_sorted = triton.autotune(
+    _bag_bwd_sorted = pinned_autotune(
+        "bag_bwd_sorted",
         [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((4, 4), (4, 8), (8, 4), (8, 8), (2, 4), (16, 8))],
         key=["D", "DENSE", "NEED_DW"])(_bag_bwd_sorted_kernel)
 

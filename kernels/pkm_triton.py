@@ -33,13 +33,10 @@ Bytes moved (forward, the model the benchmark counts): query T*H*k_dim*e, keys
 (e = element size). FLOPs: 2*T*H*n*k_dim (two half-key matmuls). The kernel rereads
 keys once per token block (from L2), which this model does not count.
 
-Backward (PyTorch on the saved indices): with ds = w * (dw - sum(dw * w)), the
-half-score gradients are scattered (fp32) into dense (T, H, n) matrices D1, D2 (the
-size of the reference's own score tensor, not N), then dq = [D1 @ keys1, D2 @ keys2]
-and dkeys = D^T @ q run as dense matmuls in the inputs' dtype (bf16 tensor cores for
-bf16 models, as the reference's autograd does). Deterministic up to `scatter_add_` on
-CUDA (float atomics; the bag's value gradient is the part that must be bitwise
-reproducible, not this one).
+Backward: kernels/pkm_bwd_triton.py (Triton, deterministic, from the saved indices
+and fp32 weights). `pkm_topk_backward_torch` keeps the earlier PyTorch backward (an fp32
+scatter into dense (T, H, n) matrices, then matmuls in the inputs' dtype) as the
+benchmark's comparison; its `scatter_add_` uses float atomics on CUDA.
 """
 from __future__ import annotations
 
@@ -49,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pkm_bwd_triton
+from kernels.launch_configs import pinned_autotune
 from kernels.triton_common import INTERPRETING, check_same_device, next_pow2
 
 _LOW_MAX = tl.constexpr(2147483647)  # low word = _LOW_MAX - index: larger for lower indices
@@ -193,9 +192,9 @@ LAUNCHES = [(16, 64, 2), (16, 32, 2), (16, 128, 2), (16, 32, 1), (16, 64, 4), (3
 if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune over several
     _pkm_fwd = _pkm_fwd_kernel
 else:
-    _pkm_fwd = triton.autotune(
-        [triton.Config({"BLOCK_T": t, "BLOCK_N": n}, num_warps=w) for t, n, w in LAUNCHES],
-        key=["n_keys", "K", "HALF_P", "IEEE"], prune_configs_by={"early_config_prune": _prune_launches},
+    _pkm_fwd = pinned_autotune(
+        "pkm_fwd", [triton.Config({"BLOCK_T": t, "BLOCK_N": n}, num_warps=w) for t, n, w in LAUNCHES],
+        key=["n_keys", "K", "HALF_P", "IEEE"], prune=_prune_launches,
     )(_pkm_fwd_kernel)
 
 
@@ -247,7 +246,12 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
 
 
 def pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices):
-    """Gradients (dquery, dkeys1, dkeys2) of the softmax weights, from saved indices."""
+    """Gradients (dquery, dkeys1, dkeys2) of the softmax weights, from saved indices (Triton)."""
+    return pkm_bwd_triton.score_backward(grad_weights, query, keys1, keys2, weights, indices)
+
+
+def pkm_topk_backward_torch(grad_weights, query, keys1, keys2, weights, indices):
+    """The same gradients in PyTorch: fp32 scatter into (T, H, n), then matmuls (the benchmark's baseline)."""
     n_keys, half = keys1.shape[1], keys1.shape[2]
     w = weights.float()
     g = grad_weights.float()
@@ -269,7 +273,7 @@ def pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices):
 
 
 class PKMTopK(torch.autograd.Function):
-    """Autograd wrapper: Triton forward, PyTorch backward on the saved indices."""
+    """Autograd wrapper: Triton forward, Triton backward on the saved indices."""
 
     @staticmethod
     def forward(ctx, query, keys1, keys2, k):

@@ -2,7 +2,12 @@
 for the bytes model). Without a GPU only the PyTorch paths are timed, at smaller shapes.
 
   python tools/bench_kernels.py --json out.json            # paper shapes on CUDA
+  python tools/bench_kernels.py --configs --json c.json    # every launch candidate; winners to pin
+  python tools/bench_kernels.py --layer configs/memory_373m.yaml --json l.json  # whole memory layer
   python tools/bench_kernels.py --sweep --plot sweep.png   # product-key vs brute force
+
+A row whose p80/p20 exceeds 1.15 is timed again (up to --reruns times); the steadiest
+attempt is reported, with every attempt's percentiles in the JSON ("attempts").
 """
 from __future__ import annotations
 
@@ -41,13 +46,24 @@ def parse_args(argv):
     p.add_argument("--index-skew", type=float, default=0.0,
                    help="bag rows drawn from a Zipf law with this exponent over all slots (hot slots, as in a "
                         "trained memory) instead of the slots the scoring selects; 0 = the scoring's")
-    p.add_argument("--scoring-configs", action="store_true",
-                   help="time the fused scoring forward under several (BLOCK_T, BLOCK_N, num_warps) launches")
+    p.add_argument("--configs", action="store_true",
+                   help="time every launch candidate of each autotuned kernel at these shapes and print the "
+                        "steady winners as kernels/launch_configs.py PINNED entries")
+    p.add_argument("--layer", type=Path, default=None, metavar="CONFIG",
+                   help="whole MemoryPlus layer and whole-model forward+backward of this config, Triton vs "
+                        "PyTorch path (batch train.micro_batch x data.seq_len unless --layer-batch/--layer-seq)")
+    p.add_argument("--layer-batch", type=int, default=0, help="sequences for --layer (0: the config's micro_batch)")
+    p.add_argument("--layer-seq", type=int, default=0, help="sequence length for --layer (0: the config's seq_len)")
+    p.add_argument("--reruns", type=int, default=2, help="extra timings of a row whose p80/p20 > 1.15")
     p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
     args = p.parse_args(argv)
     for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
         if getattr(args, key) <= 0:
             p.error(f"--{key.replace('_', '-')} must be positive")
+    if args.reruns < 0 or args.layer_batch < 0 or args.layer_seq < 0:
+        p.error("--reruns, --layer-batch and --layer-seq must be >= 0")
+    if args.layer is not None and not args.layer.is_file():
+        p.error(f"--layer {args.layer}: no such config file (e.g. configs/memory_373m.yaml)")
     if args.index_skew < 0:
         p.error("--index-skew must be >= 0")
     if args.k > args.n_keys or args.k_dim % 2:
@@ -55,12 +71,25 @@ def parse_args(argv):
     return args
 
 
+def steady_timer(device, repeats: int, reruns: int):
+    """time(fn) -> (per-call times of the steadiest attempt, every attempt's percentiles)."""
+    return lambda fn: kb.time_steady(lambda: kb.time_ms(fn, device, repeats), reruns)
+
+
 def bench_shapes(args, device, info, progress) -> list[dict]:
     use_triton = device.type == "cuda"
     if use_triton:
         from kernels import bag_triton, pkm_triton
-    rows, peak, reps = StreamedRows(), info["peak_tbs"], args.repeats
+    rows, peak = StreamedRows(), info["peak_tbs"]
+    timed = steady_timer(device, args.repeats, args.reruns)
     dtype = DTYPES[args.dtype]
+
+    def add(name, fn, nbytes=None, flops=None, baseline=None, **extra) -> float:
+        """Time fn, append its row, return its p50 (the baseline of the rows after it)."""
+        t, attempts = timed(fn)
+        rows.append(kb.record(name, t, nbytes, peak, flops, baseline, attempts=attempts, **extra))
+        return rows[-1]["p50"]
+
     for v_dim in args.v_dims:
         s = kb.Shape(args.tokens, args.heads, args.k, args.n_keys, args.k_dim, v_dim, dtype)
         q, k1, k2, values = kb.make_inputs(s, device)
@@ -75,39 +104,41 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
         if v_dim == args.v_dims[0]:  # scoring does not depend on the value dim
             with torch.no_grad():
-                t = kb.time_ms(lambda: reference.pkm_topk(q, k1, k2, s.k), device, reps)
-            base = kb.percentiles(t)["p50"]
-            rows.append(kb.record("scoring_fwd_torch", t, sb, peak, fl, **shape))
-            if use_triton:
-                with torch.no_grad():
-                    t = kb.time_ms(lambda: pkm_triton.pkm_topk(q, k1, k2, s.k), device, reps)
-                rows.append(kb.record("scoring_fwd_triton", t, sb, peak, fl, base, **shape))
+                base = add("scoring_fwd_torch", lambda: reference.pkm_topk(q, k1, k2, s.k), sb, fl, **shape)
+                if use_triton:
+                    add("scoring_fwd_triton", lambda: pkm_triton.pkm_topk(q, k1, k2, s.k), sb, fl, base, **shape)
             qg, k1g, k2g = (x.detach().requires_grad_() for x in (q, k1, k2))
             probe = torch.randn(s.tokens, s.heads, s.k, device=device, dtype=dtype)
 
             def fwd_bwd(fn):
-                return lambda: torch.autograd.backward(fn(qg, k1g, k2g, s.k)[0], probe)
-            t = kb.time_ms(fwd_bwd(reference.pkm_topk), device, reps)
-            base = kb.percentiles(t)["p50"]
-            rows.append(kb.record("scoring_fwd_bwd_torch", t, 2 * sb, peak, 3 * fl, **shape))
+                return lambda: torch.autograd.grad(fn(qg, k1g, k2g, s.k)[0], [qg, k1g, k2g], probe)
+            base = add("scoring_fwd_bwd_torch", fwd_bwd(reference.pkm_topk), 2 * sb, 3 * fl, **shape)
             if use_triton:
-                t = kb.time_ms(fwd_bwd(pkm_triton.pkm_topk), device, reps)
-                rows.append(kb.record("scoring_fwd_bwd_triton", t, 2 * sb, peak, 3 * fl, base, **shape))
+                add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), 2 * sb, 3 * fl, base, **shape)
+                # The backward alone, on the forward's saved fp32 weights and indices: the
+                # earlier PyTorch scatter + matmuls against the Triton backward. With
+                # --index-skew the slots are the Zipf ones (hot half-keys: the chunked path).
+                with torch.no_grad():
+                    w32, idx = pkm_triton.pkm_topk_forward(q, k1, k2, s.k)
+                saved = (probe, q, k1, k2, w32, indices if args.index_skew > 0 else idx)
+                base = add("scoring_bwd_torch_on_saved", lambda: pkm_triton.pkm_topk_backward_torch(*saved),
+                           sb, 2 * fl, **shape)
+                add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb, 2 * fl, base, **shape)
+                w32 = idx = saved = None
             progress.update(1)
         fb = kb.bag_bytes(s, stats["unique_rows"], backward=False)
         flat_idx, flat_w = indices.reshape(s.tokens, -1), weights.reshape(s.tokens, -1)
         with torch.no_grad():
             # F.embedding_bag in the table's own dtype (the reference path upcasts bf16 tables
             # to fp32 first, which would make the baseline pay for a whole-table copy).
-            t = kb.time_ms(lambda: F.embedding_bag(flat_idx, values, per_sample_weights=flat_w, mode="sum"),
-                           device, reps)
-            base = kb.percentiles(t)["p50"]
-            rows.append(kb.record("bag_fwd_torch_embedding_bag", t, fb, peak, **shape, **stats))
-            t = kb.time_ms(lambda: reference.embedding_bag_gather(values, indices, weights), device, reps)
-            rows.append(kb.record("bag_fwd_torch_gather_sum", t, fb, peak, None, base, **shape, **stats))
+            base = add("bag_fwd_torch_embedding_bag",
+                       lambda: F.embedding_bag(flat_idx, values, per_sample_weights=flat_w, mode="sum"),
+                       fb, **shape, **stats)
+            add("bag_fwd_torch_gather_sum", lambda: reference.embedding_bag_gather(values, indices, weights),
+                fb, None, base, **shape, **stats)
             if use_triton:
-                t = kb.time_ms(lambda: bag_triton.bag_forward(values, indices, weights), device, reps)
-                rows.append(kb.record("bag_fwd_triton", t, fb, peak, None, base, **shape, **stats))
+                add("bag_fwd_triton", lambda: bag_triton.bag_forward(values, indices, weights), fb, None, base,
+                    **shape, **stats)
         bb = kb.bag_bytes(s, stats["unique_rows"], backward=True)
         grad_out = torch.randn(s.tokens, v_dim, device=device, dtype=dtype)
         vg, wg = values.detach().requires_grad_(), flat_w.detach().requires_grad_()
@@ -119,62 +150,193 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         except (NotImplementedError, RuntimeError) as err:  # CUDA has no bf16 per-sample-weight backward
             note = f"value gradient only: the per-sample-weight gradient failed ({str(err).splitlines()[0]})"
             inputs = [vg]
-        t = kb.time_ms(lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), device, reps)
-        base = kb.percentiles(t)["p50"]
-        rows.append(kb.record("bag_bwd_torch_embedding_bag", t, bb, peak, **shape, **stats, note=note))
+        base = add("bag_bwd_torch_embedding_bag",
+                   lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), bb,
+                   **shape, **stats, note=note)
         wg3 = weights.detach().requires_grad_()
         out_g = reference.embedding_bag_gather(vg, indices, wg3)
-        t = kb.time_ms(lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True), device, reps)
-        rows.append(kb.record("bag_bwd_torch_gather_sum", t, bb, peak, None, base, **shape, **stats))
+        add("bag_bwd_torch_gather_sum", lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True),
+            bb, None, base, **shape, **stats)
         out_g = None
         if use_triton:
             for variant in ("sorted", "atomic", "sparse"):
                 o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
-                t = kb.time_ms(lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True), device, reps)
-                rows.append(kb.record(f"bag_bwd_triton_{variant}", t, bb, peak, None, base, **shape, **stats))
+                add(f"bag_bwd_triton_{variant}", lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
+                    bb, None, base, **shape, **stats)
             # Where the sorted backward's time goes: the sort alone, and the unfused weight gradient.
-            t = kb.time_ms(lambda: bag_triton._segments(indices, s.n_keys**2, every_row=True), device, reps)
-            rows.append(kb.record("bag_bwd_part_sort_segments", t, None, peak, **shape))
-            t = kb.time_ms(lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype), device, reps)
-            rows.append(kb.record("bag_bwd_part_weight_grad_unfused", t, None, peak, **shape))
-        values = vg = out = None  # free the table (up to 4 GB) before the next shape
+            add("bag_bwd_part_sort_segments", lambda: bag_triton._segments(indices, s.n_keys**2, every_row=True),
+                **shape)
+            add("bag_bwd_part_weight_grad_unfused",
+                lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype), **shape)
+        values = vg = out = o = None  # free the table (up to 4 GB) before the next shape
         progress.update(1)
     return rows
 
 
+def bench_launch_configs(args, device) -> dict:
+    """Every launch candidate of each autotuned kernel at the first shape (bag kernels at
+    each value dim), with p20/p50/p80; the winner per kernel and tuning key is the fastest
+    p50 among steady candidates (p80/p20 <= 1.15), or the lowest p80 when none is steady.
+    Each candidate's output is compared with the first candidate's (index agreement for
+    the scoring forward, relative difference otherwise), so a launch that computes wrongly
+    is seen, not pinned."""
+    from kernels import bag_triton, pkm_bwd_triton, pkm_triton
+    from kernels import launch_configs as lc
 
-
-def bench_scoring_configs(args, device) -> list[dict]:
-    """Fused scoring forward at the first shape under each launch the autotuner considers."""
-    from kernels import pkm_triton
-
-    s = kb.Shape(args.tokens, args.heads, args.k, args.n_keys, args.k_dim, 1, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
+    s = kb.Shape(args.tokens, args.heads, args.k, args.n_keys, args.k_dim, 1, dtype)
     q, k1, k2, _ = kb.make_inputs(s, device)
-    with torch.no_grad():  # fp32 on the same bf16 values: the kernel's own arithmetic, up to summation order
-        want = reference.pkm_topk(q.float(), k1.float(), k2.float(), s.k)[1].sort(-1).values
-    rows = []
-    for block_t, block_n, warps in tqdm(pkm_triton.LAUNCHES, desc="scoring configs"):
-        fn = lambda: pkm_triton.pkm_topk_forward(q, k1, k2, s.k, launch=(block_t, block_n, warps))  # noqa: E731
-        agree = (fn()[1].sort(-1).values == want).all(-1).float().mean().item()
-        t = kb.time_ms(fn, device, args.repeats)
-        row = {"block_t": block_t, "block_n": block_n, "num_warps": warps, "index_agreement": agree, **kb.percentiles(t)}
-        tqdm.write(f"BLOCK_T {block_t:3d} BLOCK_N {block_n:4d} warps {warps}: p50 {row['p50']:.3f} ms "
-                   f"(p20 {row['p20']:.3f}, p80 {row['p80']:.3f}); slot sets equal to fp32 PyTorch's: {100 * agree:.2f}%")
-        rows.append(row)
-    return rows
+    with torch.no_grad():
+        w32, idx = pkm_triton.pkm_topk_forward(q, k1, k2, s.k)
+    g = torch.randn(s.tokens, s.heads, s.k, device=device, dtype=dtype)
+    cases = [("pkm_fwd", None, lambda: pkm_triton.pkm_topk_forward(q, k1, k2, s.k)[1].sort(-1).values),
+             ("pkm_bwd_rows", None, lambda: pkm_bwd_triton.score_backward(g, q, k1, k2, w32, idx)[0]),
+             ("pkm_bwd_keys", None, lambda: pkm_bwd_triton.score_backward(g, q, k1, k2, w32, idx)[1])]
+    weights = w32.to(dtype)
+    tables = {}
+    for v_dim in args.v_dims:
+        values = kb.make_inputs(kb.Shape(1, 1, 1, s.n_keys, 2, v_dim, dtype), device)[3]
+        grad_out = torch.randn(s.tokens, v_dim, device=device, dtype=dtype)
+        tables[v_dim] = (values, grad_out)
+        cases += [("bag_fwd", v_dim, lambda v=v_dim: bag_triton.bag_forward(tables[v][0], idx, weights)),
+                  ("bag_bwd_sorted", v_dim, lambda v=v_dim: bag_triton.bag_backward_sorted(
+                      tables[v][1], idx, weights, s.n_keys**2, dtype, tables[v][0])[0])]
+    sku = kb.device_info(device)["sku"]
+    rows, pins = [], {}
+    for kernel, v_dim, fn in tqdm(cases, desc="launch configs"):
+        lc.LAST_KEY.pop(kernel, None)
+        lc.TUNERS[kernel].cache.clear()  # so the pruning hook runs again and records the tuning key
+        with torch.no_grad():
+            first = None
+            fn()  # the autotuned (or pinned) launch
+            key = lc.LAST_KEY.get(kernel)
+            timed = []
+            for config in lc.TUNERS[kernel].configs:
+                row = {"kernel": kernel, "v_dim": v_dim, "key": str(key), "config": lc.launch_spec(config)}
+                try:
+                    with lc.forced(kernel, config):
+                        out = fn()
+                        row.update(kb.percentiles(kb.time_ms(fn, device, args.repeats)))
+                except Exception as err:  # a launch this GPU cannot run (registers, shared memory)
+                    row["error"] = str(err).splitlines()[0][:200]
+                    tqdm.write(f"{kernel} {row['config']}: failed: {row['error']}")
+                    rows.append(row)
+                    continue
+                if first is None:
+                    first = out
+                if kernel == "pkm_fwd":
+                    row["agreement_with_first"] = (out == first).all(-1).float().mean().item()
+                else:  # on the first 2**24 elements: a 1M x 2048 gradient would need 16 GB in fp32
+                    a, b = out.reshape(-1)[: 2**24].float(), first.reshape(-1)[: 2**24].float()
+                    row["rel_diff_to_first"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                row["spread"] = row["p80"] / row["p20"]
+                tqdm.write(f"{kernel:15s} d={v_dim or '-'} {row['config']}: p50 {row['p50']:.3f} ms "
+                           f"(p20 {row['p20']:.3f}, p80 {row['p80']:.3f})")
+                rows.append(row)
+                timed.append((row, config))
+        steady = [rc for rc in timed if rc[0]["spread"] <= kb.UNSTEADY]
+        if timed and key is not None:
+            best_row, best = (min(steady, key=lambda rc: rc[0]["p50"]) if steady
+                              else min(timed, key=lambda rc: rc[0]["p80"]))
+            best_row["winner"] = True
+            pins.setdefault(kernel, {})[str(key)] = lc.launch_spec(best)
+            tqdm.write(f"winner: {lc.table_entry(sku, kernel, key, best)}")
+    return {"sku": sku, "launch_configs": rows, "pins": pins}
+
+
+def bench_layer(args, device) -> list[dict]:
+    """A whole MemoryPlus layer (query projection, scoring, bag, gate, output projection)
+    forward+backward, and the whole model's forward+backward on one micro-batch, each
+    with the memory on the Triton and on the PyTorch path (same weights, same inputs).
+
+    The layer's share of a training step is estimated as (memory layers x one layer's
+    time) / the model's forward+backward: the optimizer step and the data-parallel
+    communication are not in the denominator (tools/bench_train.py measures whole steps).
+    """
+    from pretrain.config import load_config
+    from pretrain.model import MemoryPlus, Transformer, ValueTable, language_model_loss
+
+    cfg = load_config(args.layer)
+    model_cfg = cfg.model
+    if not model_cfg.memory.enabled:
+        raise SystemExit(f"--layer {args.layer}: model.memory.layers is empty; pick a config with memory layers")
+    batch, seq = args.layer_batch or cfg.train.micro_batch, args.layer_seq or cfg.data.seq_len
+    dtype = DTYPES[args.dtype]
+    paths = ("triton", "torch") if device.type == "cuda" else ("torch",)
+    timed = steady_timer(device, args.repeats, args.reruns)
+    m = model_cfg.memory
+    shape = {"config": str(args.layer), "batch": batch, "seq": seq, "dim": model_cfg.dim, "heads": m.heads,
+             "k": m.k, "n_keys": m.n_keys, "k_dim": m.k_dim, "v_dim": model_cfg.value_dim, "dtype": args.dtype}
+
+    def materialise(module):
+        """Built on the meta device, then drawn on `device` (a 1M-row table drawn on the CPU takes long)."""
+        module = module.to_empty(device=device)
+        for name, p in module.named_parameters():
+            if name.endswith("keys1") or name.endswith("keys2"):
+                continue
+            torch.nn.init.normal_(p, std=model_cfg.value_dim**-0.5 if p.shape[0] == m.num_slots else 0.02)
+        for layer in module.modules():
+            if isinstance(layer, MemoryPlus):
+                layer.reset_keys()
+            elif isinstance(layer, torch.nn.RMSNorm):
+                layer.reset_parameters()
+        return module.to(dtype)
+
+    def set_path(module, path):
+        for sub in module.modules():
+            if isinstance(sub, (MemoryPlus, ValueTable)):
+                sub.kernel = path
+
+    rows = StreamedRows()
+    with torch.device("meta"):
+        layer, table = MemoryPlus(model_cfg), ValueTable(m.num_slots, model_cfg.value_dim)
+    layer, table = materialise(layer), materialise(table)
+    x = torch.randn(batch, seq, model_cfg.dim, device=device, dtype=dtype, requires_grad=True)
+    probe = torch.randn_like(x)
+    inputs = [x, *layer.parameters(), table.weight]
+    layer_ms = {}
+    for path in paths:
+        set_path(layer, path)
+        set_path(table, path)
+        t, attempts = timed(lambda: torch.autograd.grad(layer(x, table), inputs, probe))
+        layer_ms[path] = kb.percentiles(t)["p50"]
+        rows.append(kb.record(f"memory_layer_fwd_bwd_{path}", t, None, None, attempts=attempts, **shape))
+    layer = table = x = probe = inputs = None
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model = materialise(model)
+    tokens = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model_ms = {}
+    for path in paths:
+        set_path(model, path)
+        t, attempts = timed(lambda: torch.autograd.grad(
+            language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]), params))
+        model_ms[path] = kb.percentiles(t)["p50"]
+        share = len(m.layers) * layer_ms[path] / model_ms[path]
+        rows.append(kb.record(f"model_fwd_bwd_{path}", t, None, None, attempts=attempts,
+                              memory_layers=len(m.layers), memory_share_estimate=share, **shape))
+    model = None
+    if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
+        for row in rows:
+            if row["name"].endswith("_triton"):
+                row["speedup"] = (layer_ms if row["name"].startswith("memory_") else model_ms)["torch"] / row["p50"]
+    for path in paths:
+        tqdm.write(f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
+                   f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it")
+    return list(rows)
 
 
 def autotuned_configs() -> dict:
     """The launch configuration each autotuned kernel chose, per tuning key (for the JSON)."""
-    from kernels import bag_triton, pkm_triton
+    from kernels import bag_triton, pkm_triton  # noqa: F401  (importing registers the tuners)
+    from kernels.launch_configs import TUNERS
 
-    tuners = {"pkm_fwd": pkm_triton._pkm_fwd, "bag_fwd": bag_triton._bag_fwd,
-              "bag_weight_grad": bag_triton._bag_weight_grad, "bag_bwd_sorted": bag_triton._bag_bwd_sorted}
     return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
-            for name, tuner in tuners.items()}
+            for name, tuner in TUNERS.items()}
 
 
-UNSTEADY = 1.15  # p80 / p20 above this flags a row whose median should not be quoted alone
+UNSTEADY = kb.UNSTEADY
 
 
 def format_row(r: dict) -> str:
@@ -183,6 +345,10 @@ def format_row(r: dict) -> str:
     line = (f"{r['name']:32s} {r['v_dim']:>6d} {f('p20', '9.3f')} {f('p50', '9.3f')} {f('p80', '9.3f')} "
             f"{f('gb_s', '8.1f')} {f('pct_peak', '6.1f')} {f('tflop_s', '8.2f')} {f('speedup', '8.2f')}")
     notes = [r["note"]] if r.get("note") else []
+    attempts = r.get("attempts") or []
+    if len(attempts) > 1:
+        notes.append(f"timed {len(attempts)} times (p80/p20 of each: "
+                     + ", ".join(f"{a['p80'] / a['p20']:.2f}" for a in attempts) + "); the steadiest is shown")
     if r["p80"] > UNSTEADY * r["p20"]:
         notes.append(f"unsteady: p80 is {r['p80'] / r['p20']:.2f}x p20 (bimodal or disturbed); rerun before quoting p50")
     return line + "".join(f"\n    note: {n}" for n in notes)
@@ -214,11 +380,13 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         print("no CUDA device: timing the PyTorch paths only; Triton timing skipped")
         payload["triton_skipped"] = True
-    if args.scoring_configs:
+    if args.configs:
         if device.type != "cuda":
-            print("--scoring-configs needs a CUDA device")
+            print("--configs needs a CUDA device (the interpreter runs one fixed launch)")
             return 2
-        payload["scoring_configs"] = bench_scoring_configs(args, device)
+        payload.update(bench_launch_configs(args, device))
+    elif args.layer is not None:
+        payload["layer"] = bench_layer(args, device)
     elif args.sweep:
         n_list = [64, 128, 256, 512, 1024]
         with tqdm(total=len(n_list), desc="sweep") as bar:
@@ -247,7 +415,10 @@ def main(argv=None) -> int:
             rows = bench_shapes(args, device, info, bar)
         payload["results"] = rows
         if device.type == "cuda":
+            from kernels import launch_configs
+
             payload["autotuned"] = autotuned_configs()
+            payload["pinned_hits"] = launch_configs.PINNED_HITS
             for name, chosen in payload["autotuned"].items():
                 for key, config in chosen.items():
                     print(f"autotuned {name} {key}: {config}")

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # GPU check for the Triton kernels, for a session that has a device machine (the
-# `device` tool): the kernel tests compiled (not interpreted) on CUDA, bench_kernels at
-# the paper's shapes and its N sweep, then a short bf16 training run through the Triton
-# path. Writes at most 8 files (the device tool returns no more) under $OUT (default
+# `device` tool): the kernel tests compiled (not interpreted) on CUDA, then
+# tools/bench_kernels.py at the paper's shapes: every kernel against its PyTorch baseline
+# (scoring forward and backward, bag forward and backward), every launch candidate of the
+# autotuned kernels (the winners to pin), the bag with Zipf(1.0) rows (the hot-row
+# chunked backward), and the whole MemoryPlus layer and the 373M model, Triton vs PyTorch.
+# Writes at most 8 files (the device tool returns no more) under $OUT (default
 # ./gpu_check_out): summary.txt (machine, versions, commit, each stage's exit status and
-# time), tests.log, bench.log (all benchmark tables), bench_kernels.json,
-# scoring_configs.json, bench_skew.json, sweep.png, train.log.
+# time), tests.log, bench.log (every table, and the train stage's log),
+# bench_kernels.json, launch_configs.json, bench_skew.json, bench_layer.json, and
+# sweep.png when the sweep stage runs.
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
 #   bash tools/fetch_gpu_wheels.sh        (writes .whl/, ~5 MB)
-# then: run(command="COMMIT=<git rev-parse HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=300)
+# then: run(command="COMMIT=<git rev-parse HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # (COMMIT: the device copy's .git may be stale, so name the commit that is being sent.)
-# STAGES picks stages (default all: "tests bench configs skew sweep train"; "configs" times the
-# fused scoring under each launch its autotuner considers, "skew" the bag with Zipf-distributed
-# rows). Time limits (seconds): TESTS_S, BENCH_S, CONFIGS_S, SKEW_S, SWEEP_S, TRAIN_S.
+# STAGES picks stages (default "tests bench configs skew layer", at most 560 s with
+# the limits below and typically about half; "sweep" and "train" are extra stages of the
+# first kernel round). Time limits (seconds): TESTS_S, BENCH_S, CONFIGS_S, SKEW_S, LAYER_S,
+# SWEEP_S, TRAIN_S. A second run that only needs the winners pinned: STAGES="bench layer".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -43,24 +48,30 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD with a time limit, log appen
     [ "$rc" -eq 0 ] || status=1
 }
 status=0
-STAGES=" ${STAGES:-tests bench configs skew sweep train} "
+STAGES=" ${STAGES:-tests bench configs skew layer} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
 # Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-want tests && stage tests "${TESTS_S:-150}" "$OUT/tests.log" \
+want tests && stage tests "${TESTS_S:-140}" "$OUT/tests.log" \
     python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
 want bench && stage bench "${BENCH_S:-120}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json"
-want configs && stage configs "${CONFIGS_S:-90}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --scoring-configs --json "$OUT/scoring_configs.json"
-# Hot slots (Zipf-distributed rows, as a trained memory reads them): the chunked sorted backward.
-want skew && stage skew "${SKEW_S:-90}" "$OUT/bench.log" \
+# Every launch candidate with p20/p50/p80; the steady winners print as PINNED lines for
+# kernels/launch_configs.py (and sit under "pins" in the JSON).
+want configs && stage configs "${CONFIGS_S:-130}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --configs --json "$OUT/launch_configs.json"
+# Hot slots (Zipf-distributed rows, as a trained memory reads them): the bag's chunked sorted
+# backward, and the scoring backward on the same slots (its hot-key chunks).
+want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$OUT/bench_skew.json"
+# The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
+want layer && stage layer "${LAYER_S:-110}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$OUT/bench_layer.json"
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png"
-want train && stage train "${TRAIN_S:-100}" "$OUT/train.log" \
+want train && stage train "${TRAIN_S:-100}" "$OUT/bench.log" \
     python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
     train.max_steps=100 train.eval_every=100 train.log_every=10 train.checkpoint_every=100 \
     "train.run_dir=$WORK/train" "data.cache_dir=$WORK/data"

@@ -29,7 +29,7 @@ def _import_kernels(interpret: bool):
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        names = ("kernels.triton_common", "kernels.pkm_triton", "kernels.bag_triton")
+        names = ("kernels.triton_common", "kernels.pkm_bwd_triton", "kernels.pkm_triton", "kernels.bag_triton")
         for name in names:
             module = sys.modules.get(name)
             if module is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from kernels import benchmark as kb
@@ -48,3 +49,43 @@ def test_unsteady_rows_are_flagged():
     bimodal = {"name": "bag_fwd_triton", "v_dim": 1024, "p20": 3.003, "p50": 3.902, "p80": 4.002}  # H100, 17b4615
     assert "unsteady" not in format_row(steady)
     assert "unsteady: p80 is 1.33x p20" in format_row(bimodal)
+
+
+def test_unsteady_timings_are_rerun_and_the_steadiest_kept():
+    """A measurement whose p80/p20 exceeds 1.15 is repeated; the steadiest attempt is kept
+    and every attempt is reported; a steady first attempt is not repeated."""
+    bimodal, noisy, steady = [1.0, 1.0, 2.0, 2.0, 1.0, 2.0], [1.0, 1.3, 1.0, 1.3, 1.1], [3.0, 3.1, 3.0, 3.05, 3.0]
+    script = iter([bimodal, noisy, steady, [9.0] * 5])
+    times, attempts = kb.time_steady(lambda: next(script), reruns=3)
+    assert times == steady and len(attempts) == 3
+    assert attempts[0]["p80"] / attempts[0]["p20"] > kb.UNSTEADY >= attempts[2]["p80"] / attempts[2]["p20"]
+    script = iter([bimodal, noisy])
+    times, attempts = kb.time_steady(lambda: next(script), reruns=1)
+    assert times == noisy and len(attempts) == 2  # none steady: the least unsteady, after 1 + reruns tries
+    times, attempts = kb.time_steady(lambda: steady, reruns=2)
+    assert len(attempts) == 1
+    assert "attempts" not in kb.record("x", times, None, None, attempts=attempts)
+
+
+def test_layer_rows_on_cpu(tmp_path):
+    """--layer: the memory layer and the whole model, forward+backward, on the PyTorch path
+    (no CUDA here), with the memory layers' estimated share of the model's time."""
+    from tools.bench_kernels import main
+
+    out = tmp_path / "layer.json"
+    assert main(["--layer", "configs/tiny.yaml", "--layer-batch", "1", "--layer-seq", "8", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["layer"]}
+    assert set(rows) == {"memory_layer_fwd_bwd_torch", "model_fwd_bwd_torch"}
+    model = rows["model_fwd_bwd_torch"]
+    assert model["memory_layers"] == 1 and model["batch"] == 1 and model["seq"] == 8
+    assert model["memory_share_estimate"] == rows["memory_layer_fwd_bwd_torch"]["p50"] / model["p50"]
+
+
+def test_layer_needs_a_memory_config(tmp_path):
+    from tools.bench_kernels import main
+
+    with pytest.raises(SystemExit, match="model.memory.layers is empty"):
+        main(["--layer", "configs/tiny_dense.yaml", "--layer-batch", "1", "--layer-seq", "8", "--repeats", "1"])
+    with pytest.raises(SystemExit):
+        main(["--layer", str(tmp_path / "missing.yaml")])
