@@ -37,3 +37,12 @@ def dataset(tmp_path_factory, documents, tokenizer):
     write_dataset(tokenizer.encode_batch(documents), out, tokenizer, SEQ_LEN, val_fraction=0.2, seed=3,
                   sequences_per_shard=8, rows_per_block=3, show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def second_dataset(tmp_path_factory, tokenizer):
+    """Other documents than `dataset`, the same tokenizer: the second source of a mixture."""
+    out = tmp_path_factory.mktemp("ds2") / "data"
+    write_dataset(tokenizer.encode_batch(make_documents(60, seed=9)), out, tokenizer, SEQ_LEN, val_fraction=0.2,
+                  seed=5, sequences_per_shard=8, rows_per_block=3, show_progress=False)
+    return out

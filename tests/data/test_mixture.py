@@ -22,15 +22,6 @@ def data_cfg(*sources, dir=""):
     return SimpleNamespace(dir=dir, sources=[dict(dir=str(d), weight=w, name=n) for d, w, n in sources])
 
 
-@pytest.fixture(scope="module")
-def second_dataset(tmp_path_factory, tokenizer):
-    """Other documents, the same tokenizer."""
-    out = tmp_path_factory.mktemp("ds2") / "data"
-    write_dataset(tokenizer.encode_batch(make_documents(60, seed=9)), out, tokenizer, SEQ_LEN, val_fraction=0.2,
-                  seed=5, sequences_per_shard=8, rows_per_block=3, show_progress=False)
-    return out
-
-
 def mixture(sources, **kw):
     kw.setdefault("batch_size", 4)
     return MixtureLoader(sources, **kw)
