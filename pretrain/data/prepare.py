@@ -126,6 +126,12 @@ def write_dataset(
     return manifest
 
 
+def creation_record(inputs: list, fmt: str, text_field: str, sequences_per_shard: int) -> dict:
+    """The manifest's record of how a real corpus was prepared (one process or merged slices)."""
+    return {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
+            "sequences_per_shard": sequences_per_shard}
+
+
 def prepare_corpus(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -155,8 +161,7 @@ def prepare_corpus(
         else:
             tokenizer = Tokenizer(tokenizer_path)
         stats = CorpusStats()
-        creation = {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
-                    "sequences_per_shard": sequences_per_shard}
+        creation = creation_record(inputs, fmt, text_field, sequences_per_shard)
         docs = tokenize_documents(iter_documents(inputs, fmt, text_field, stats), tokenizer, workers)
         return write_dataset(docs, out_dir, tokenizer, seq_len, val_fraction=val_fraction, seed=seed,
                              sequences_per_shard=sequences_per_shard, creation=creation, corpus_stats=stats,
