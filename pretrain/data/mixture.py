@@ -43,8 +43,11 @@ class MixtureLoader:
         self.seq_len = self.loaders[0].seq_len
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.probabilities = weights / weights.sum()
+        self._cumulative = np.cumsum(self.probabilities)[:-1]  # source = number of bounds below a uniform draw
         docs = [int(s.manifest["documents"]) for s in sources]
         self.doc_offsets = [sum(docs[:i]) for i in range(len(docs))]
+        self._doc_offsets = np.asarray(self.doc_offsets, dtype=np.int64)
+        self._offsets_needed = any(self.doc_offsets)
         self.reset()
 
     def reset(self) -> None:
@@ -121,28 +124,29 @@ class MixtureLoader:
             count -= take
         return pieces
 
-    def _gather(self, i: int, count: int) -> dict[str, torch.Tensor]:
-        pieces = self._rows(i, count)
-        out = {k: torch.cat([getattr(b, k)[s] for b, s in pieces]) for k in ("tokens", "targets", "doc_ids")}
-        if self.doc_offsets[i]:
+    def _gather(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """counts[i] next rows of each source i, sources in order; document ids made unique.
+
+        numpy rather than torch: on arrays this small, per-call overhead is the cost."""
+        pieces = [(i, batch, rows) for i in np.flatnonzero(counts) for batch, rows in self._rows(int(i), int(counts[i]))]
+        out = {k: np.concatenate([getattr(b, k).numpy()[rows] for _, b, rows in pieces])
+               for k in ("tokens", "targets", "doc_ids")}
+        if self._offsets_needed:
             docs = out["doc_ids"]
-            out["doc_ids"] = torch.where(docs >= 0, docs + self.doc_offsets[i], docs)
+            offsets = np.repeat(self._doc_offsets, counts)[:, None]
+            out["doc_ids"] = np.where(docs >= 0, docs + offsets, docs)
         return out
 
     def __iter__(self) -> Iterator[Batch]:
+        n = len(self.loaders)
         while True:
-            draws = self._rng.choice(len(self.loaders), size=self.batch_size, p=self.probabilities)
-            if len(self.loaders) == 1:
-                part = self._gather(0, self.batch_size)
-                self.sequences[0] += self.batch_size
-                yield Batch(**part)
-                continue
-            batch = {k: torch.empty(self.batch_size, self.seq_len, dtype=torch.int64)
-                     for k in ("tokens", "targets", "doc_ids")}
-            for i in np.unique(draws):
-                rows = torch.from_numpy(np.flatnonzero(draws == i))
-                part = self._gather(int(i), len(rows))
-                for key, value in part.items():
-                    batch[key][rows] = value
-                self.sequences[int(i)] += len(rows)
-            yield Batch(**batch)
+            draws = np.searchsorted(self._cumulative, self._rng.random(self.batch_size), side="right")
+            counts = np.bincount(draws, minlength=n)
+            by_source = self._gather(counts)  # rows grouped by source, in draw order within each
+            for i, c in enumerate(counts):
+                self.sequences[i] += int(c)
+            if n > 1:  # row r of the batch is the next row of source draws[r]: undo the grouping
+                where = np.empty(self.batch_size, dtype=np.int64)
+                where[np.argsort(draws, kind="stable")] = np.arange(self.batch_size)
+                by_source = {k: v[where] for k, v in by_source.items()}
+            yield Batch(**{k: torch.from_numpy(v) for k, v in by_source.items()})
