@@ -11,8 +11,8 @@ always yields the same corpus, with no download and no hand-made file.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pretrain.data.errors import DataError
 from pretrain.files import atomic_write_text

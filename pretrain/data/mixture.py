@@ -15,7 +15,7 @@ its `ShardLoader`.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -1,23 +1,11 @@
 """Tiny corpora and prepared datasets shared by the data-pipeline tests."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from pretrain.data import Tokenizer, train_tokenizer, write_dataset
-from pretrain.data.synthetic import build_fact_world
 
-from data_helpers import SEQ_LEN  # noqa: E402
-
-
-def make_documents(n: int = 80, seed: int = 0) -> list[str]:
-    """Fact-world documents plus a few of very different lengths (one longer than a shard)."""
-    docs = build_fact_world(max(2, n // 6), docs_per_entity=4, qa_docs_per_entity=2, seed=seed).train_documents[:n]
-    rng = random.Random(seed)
-    docs.insert(3, " ".join(rng.choice(docs).split()[0] for _ in range(700)))  # ~> 8 sequences of 33 tokens
-    docs.insert(10, "Short.")
-    return docs
+from data_helpers import SEQ_LEN, make_documents  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ from pretrain.data import DataError, ShardLoader, train_tokenizer, write_dataset
 from pretrain.data.mixture import MixtureLoader
 from pretrain.data.sources import resolve_sources
 
-from conftest import make_documents
-from data_helpers import SEQ_LEN
+from data_helpers import SEQ_LEN, make_documents
 
 
 def data_cfg(*sources, dir=""):
