@@ -231,7 +231,9 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
                 f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
             )
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}")
+        raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"
+                          + (f": set model.max_seq_len={d.seq_len} (data.seq_len follows the prepared dataset)"
+                             if d.seq_len > cfg.model.max_seq_len and (d.dir or d.sources) else ""))
     if d.dir and not (Path(d.dir) / "manifest.json").is_file():
         raise ConfigError(
             f"data.dir={d.dir} holds no manifest.json: prepare it with tools/prepare_data.py, "

@@ -54,6 +54,8 @@ def test_explicit_vocab_size_smaller_than_the_tokenizer_is_refused(dataset):
     assert cfg.model.vocab_size == 1000  # larger is allowed (unused rows)
     with pytest.raises(ConfigError, match=rf"seq_len={SEQ_LEN} but data.seq_len=16"):
         load_config(None, [*OWN, f"data.dir={dataset}", "data.seq_len=16"])
+    with pytest.raises(ConfigError, match=rf"data.seq_len={SEQ_LEN} must be .*: set model.max_seq_len={SEQ_LEN}"):
+        load_config(None, [*OWN, f"data.dir={dataset}", "model.max_seq_len=16"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
