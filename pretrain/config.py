@@ -29,10 +29,20 @@ class SyntheticConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One prepared dataset of a weighted mixture (pretrain.data.mixture)."""
+
+    dir: str = ""
+    weight: float = 1.0  # sequences are drawn in proportion to the weights
+    name: str = ""  # for logs and per-source metrics; "" = the directory's name
+
+
+@dataclass
 class DataConfig:
     dir: str = ""  # prepared shards (tools/prepare_data); "" = build the embedded corpus under cache_dir
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture instead of data.dir
     cache_dir: str = ".cache/data"
-    seq_len: int = 128
+    seq_len: int = 128  # with data.dir/data.sources: the datasets' seq_len unless set explicitly
     num_workers: int = 0
     shuffle_buffer: int = 0
     on_corrupt: str = "error"  # error | skip
@@ -138,7 +148,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as err:
         raise ConfigError(f"invalid value for config key '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
     cfg: RunConfig = OmegaConf.to_object(merged)
+    explicit = {k for k in DATASET_KEYS if any(OmegaConf.select(layer, k, default=None) is not None
+                                               for layer in layers[1:])}
+    follow_dataset(cfg, explicit)
     return validate(cfg)
+
+
+DATASET_KEYS = ("model.vocab_size", "data.vocab_size", "data.seq_len")  # values a dataset records
+
+
+def follow_dataset(cfg: RunConfig, explicit: set[str]) -> None:
+    """Set the values the prepared datasets record, unless the YAML or an override sets them.
+
+    model.vocab_size becomes the tokenizer's size padded up to a multiple of 64; an explicit
+    value smaller than the tokenizer is refused, a larger one is kept.
+    """
+    from pretrain.data.errors import DataError
+    from pretrain.data.sources import dataset_values, padded_vocab_size, resolve_sources
+
+    try:
+        sources = resolve_sources(cfg.data, cfg.data.seq_len if "data.seq_len" in explicit else None)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    if not sources:  # the embedded corpus: its tokenizer is trained with data.vocab_size pieces at most
+        if "model.vocab_size" not in explicit:
+            cfg.model.vocab_size = padded_vocab_size(cfg.data.vocab_size)
+        return
+    values = dataset_values(sources)
+    tokens = values["data.vocab_size"]
+    if "model.vocab_size" in explicit and cfg.model.vocab_size < tokens:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer of {sources[0].dir} "
+            f"({tokens} tokens): drop the setting to follow the dataset (model.vocab_size="
+            f"{values['model.vocab_size']}) or set model.vocab_size >= {tokens}")
+    for key, value in values.items():
+        if key not in explicit or key == "data.vocab_size":  # data.vocab_size only shapes the embedded corpus
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
 
 
 def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | None = None) -> RunConfig:
@@ -192,12 +238,22 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
                 f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
             )
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}")
+        raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"
+                          + (f": set model.max_seq_len={d.seq_len} (data.seq_len follows the prepared dataset)"
+                             if d.seq_len > cfg.model.max_seq_len and (d.dir or d.sources) else ""))
     if d.dir and not (Path(d.dir) / "manifest.json").is_file():
         raise ConfigError(
             f"data.dir={d.dir} holds no manifest.json: prepare it with tools/prepare_data.py, "
             f"or leave data.dir empty to use the embedded corpus"
         )
+    if d.dir or d.sources:
+        from pretrain.data.errors import DataError
+        from pretrain.data.sources import resolve_sources
+
+        try:
+            resolve_sources(d, d.seq_len)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
     if cfg.optim.value_lr_schedule not in ("cosine", "constant"):
         raise ConfigError(f"optim.value_lr_schedule={cfg.optim.value_lr_schedule!r} must be 'cosine' or 'constant'")
     if d.on_corrupt not in ("error", "skip"):

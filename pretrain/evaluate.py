@@ -1,4 +1,4 @@
-"""Evaluation: validation loss/perplexity and fact recall on the synthetic probes.
+"""Evaluation: validation loss/perplexity (per mixture source and weighted), fact recall on probes.
 
 Fact recall is greedy exact match: the model, fed "<eos> question answer" with teacher
 forcing, must predict every answer token as its argmax. Under teacher forcing that is
@@ -81,3 +81,24 @@ def validation_loss(model: nn.Module, batches, device: torch.device) -> dict:
         return {}
     loss = (total[0] / total[1]).item()
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def weighted_validation(per_source: dict[str, tuple[float, dict]]) -> dict:
+    """Combine `validation_loss` results {name: (weight, result)} of a mixture's sources.
+
+    Each source's loss is reported as val_loss/<name>; val_loss is their mean weighted by the
+    mixture weights (renormalised over the sources that have a result), val_perplexity its exp.
+    A single source reports only val_loss and val_perplexity, as before mixtures.
+    """
+    scored = {name: (weight, out["val_loss"]) for name, (weight, out) in per_source.items() if "val_loss" in out}
+    if not scored:
+        return {}
+    if len(scored) == 1:
+        loss = next(iter(scored.values()))[1]
+    else:
+        total_weight = sum(w for w, _ in scored.values())
+        loss = sum(w * v for w, v in scored.values()) / total_weight
+    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    if len(per_source) > 1:
+        out.update({f"val_loss/{name}": v for name, (_, v) in scored.items()})
+    return out

@@ -83,25 +83,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_dataset(cfg: RunConfig, info: DistInfo) -> Path:
-    """The prepared dataset: `data.dir` (checked), or the embedded corpus, built once by rank 0."""
+def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
+    """The run's data sources: `data.sources` / `data.dir` (checked), or the embedded corpus, built
+    once by rank 0, as a mixture of one."""
     from pretrain.data import prepare_embedded_dataset
+    from pretrain.data.sources import resolve_sources
 
+    sources = resolve_sources(cfg.data, cfg.data.seq_len)
+    if sources:
+        return sources
     if info.is_main:
         path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
     barrier()
     if not info.is_main:  # finds rank 0's cached build
         path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
-    return path
+    from pretrain.data.shards import read_manifest
+    from pretrain.data.sources import Source
+
+    return [Source("embedded", path, 1.0, read_manifest(path))]
 
 
-def build_loader(cfg: RunConfig, dataset_dir: Path, split: str, rank: int, world_size: int, loop: bool):
+def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool):
+    """Train: a `MixtureLoader` over the sources (a list); val: a `ShardLoader` of one dataset dir."""
     from pretrain.data import ShardLoader
+    from pretrain.data.mixture import MixtureLoader
 
+    if split == "train":
+        return MixtureLoader(dataset, batch_size=cfg.train.micro_batch, rank=rank, world_size=world_size,
+                             num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                             shuffle_buffer=cfg.data.shuffle_buffer, on_corrupt=cfg.data.on_corrupt,
+                             seq_len=cfg.data.seq_len)
     return ShardLoader(
-        dataset_dir, split=split, batch_size=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
-        rank=rank, world_size=world_size, num_workers=cfg.data.num_workers if split == "train" else 0,
-        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer if split == "train" else 0,
+        dataset, split=split, batch_size=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+        rank=rank, world_size=world_size, num_workers=0, seed=cfg.train.seed, shuffle_buffer=0,
         on_corrupt=cfg.data.on_corrupt, loop=loop,
     )
 
@@ -169,8 +183,9 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
 
     t, device = cfg.train, info.device
     run_dir = Path(t.run_dir)
-    dataset_dir = prepare_dataset(cfg, info)
-    check_trainable(dataset_dir)
+    sources = prepare_dataset(cfg, info)
+    check_trainable(sources)
+    dataset_dir = sources[0].dir
     tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -202,11 +217,21 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     )
     memory_layers = model.memory_layers()
     shared_table_stream = len(slot_stream_names(cfg)) > len(memory_layers)
-    train_loader = build_loader(cfg, dataset_dir, "train", info.rank, info.world_size, loop=True)
+    train_loader = build_loader(cfg, sources, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, device)
-    seen_facts = [p for p in load_probes(dataset_dir) if not p.is_new_fact]  # new facts are never trained on
-    probes = encode_probes(seen_facts[: t.probe_limit], tokenizer, cfg.data.seq_len)
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=info.is_main)
+    metrics.line(describe_data(cfg, sources, tokenizer))
+    probes = None
+    with_probes = [s for s in sources if s.has_probes]
+    if with_probes:  # new facts are never trained on
+        seen_facts = [p for p in load_probes(with_probes[0].dir) if not p.is_new_fact]
+        probes = encode_probes(seen_facts[: t.probe_limit], tokenizer, cfg.data.seq_len)
+    else:
+        metrics.line("data: no probes.jsonl in the data: fact recall is not evaluated (validation loss is)")
+    validated = [s for s in sources if s.has_validation]
+    for s in sources:
+        if not s.has_validation:
+            metrics.line(f"data: source {s.name} ({s.dir}) has no validation sequences: not evaluated")
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = device_peak_flops(device)
     tokens_per_step = t.global_batch * cfg.data.seq_len
@@ -229,9 +254,12 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     @record_function(regions.EVAL)
     def evaluate() -> dict:
         engine.eval()
-        val_loader = build_loader(cfg, dataset_dir, "val", 0, 1, loop=True)
-        batches = [batch for batch, _ in zip(val_loader, range(t.eval_batches))]
-        out = validation_loss(engine, batches, device)
+        per_source = {}
+        for source in validated:
+            val_loader = build_loader(cfg, source.dir, "val", 0, 1, loop=True)
+            batches = [batch for batch, _ in zip(val_loader, range(t.eval_batches))]
+            per_source[source] = validation_loss(engine, batches, device)
+        out = mixture_validation(per_source)
         if probes is not None:
             out.update(fact_recall(engine, probes, device))
         engine.train()
@@ -331,7 +359,8 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
                 log_progress(metrics, cfg, result, multiplier, grad_norm, value_grad_norm,
                              tokens_per_s=interval_steps * tokens_per_step / max(elapsed, 1e-9),
                              step_time=time.perf_counter() - step_start, flops=flops, peak=peak,
-                             world_size=info.world_size, device=device)
+                             world_size=info.world_size, device=device,
+                             tokens_by_source=tokens_seen_per_source(train_loader))
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if stats is not None and result.step % cfg.slots.log_every == 0:
@@ -362,7 +391,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
 
 def log_progress(metrics: MetricsLogger, cfg: RunConfig, result: TrainResult, multiplier: float, grad_norm,
                  value_grad_norm, tokens_per_s: float, step_time: float, flops: float, peak: float | None,
-                 world_size: int, device: torch.device) -> None:
+                 world_size: int, device: torch.device, tokens_by_source: dict | None = None) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval."""
     utilisation = mfu(flops, tokens_per_s, world_size, peak)
     scalars = {
@@ -377,12 +406,45 @@ def log_progress(metrics: MetricsLogger, cfg: RunConfig, result: TrainResult, mu
         "perf/memory_bytes": memory_allocated(device),
         "train/tokens_seen": result.tokens_seen,
     }
+    if tokens_by_source:
+        scalars.update({f"data/tokens_seen/{name}": n for name, n in tokens_by_source.items()})
     metrics.scalars(scalars, result.step)
     metrics.line(
         f"step {result.step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4f} "
         f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
         f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}"
     )
+
+
+def describe_data(cfg: RunConfig, sources: list, tokenizer) -> str:
+    """One log line: the sources with their share, the tokenizer and the model's vocabulary."""
+    total = sum(s.weight for s in sources)
+    parts = [f"{s.name} ({s.dir}, {s.train_sequences} train sequences, weight {s.weight / total:.3f})"
+             for s in sources]
+    padding = cfg.model.vocab_size - tokenizer.vocab_size
+    vocab = f"model.vocab_size {cfg.model.vocab_size}" + (f" ({padding} rows beyond the tokenizer)" if padding else "")
+    return f"data: {'; '.join(parts)}; tokenizer {tokenizer.vocab_size} tokens, {vocab}, seq_len {cfg.data.seq_len}"
+
+
+def mixture_validation(per_source: dict) -> dict:
+    """val_loss/<source> for each source and their weighted mean as val_loss (one source: its own)."""
+    from pretrain.evaluate import weighted_validation
+
+    return weighted_validation({s.name: (s.weight, out) for s, out in per_source.items()})
+
+
+def tokens_seen_per_source(loader) -> dict[str, int] | None:
+    """Training tokens drawn from each source, summed over ranks (a collective); None for one source."""
+    counts = getattr(loader, "tokens_per_source", None)
+    if counts is None:
+        return None
+    counts = counts()
+    if len(counts) < 2:
+        return None
+    values = torch.tensor(list(counts.values()), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    return {name: int(v) for name, v in zip(counts, values.tolist())}
 
 
 def value_lr_multiplier(cfg: RunConfig, dense_multiplier: float) -> float:

@@ -3,6 +3,10 @@
   python tools/prepare_data.py --input corpus/ --output data/mycorpus --seq-len 1024 --vocab-size 32000
   python tools/prepare_data.py --input a.jsonl.gz --text-field content --tokenizer tok.model --output out
   python tools/prepare_data.py --embedded --config configs/tiny.yaml     # the embedded fact corpus
+
+In slices (one job each, e.g. a Slurm array), then one merge (same --output and --tokenizer):
+  python tools/prepare_data.py --input 'shards/*.jsonl.gz' --tokenizer tok.model --output data/big --slice 3/8
+  python tools/prepare_data.py --merge --tokenizer tok.model --output data/big --seq-len 1024
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, r
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", help="files or directories (text, .jsonl, .jsonl.gz)")
+    ap.add_argument("--input", nargs="+", help="files, directories or glob patterns (text, .jsonl, .jsonl.gz)")
     ap.add_argument("--output", help="dataset directory to create")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--tokenizer", help="an existing sentencepiece model; default: train one on the corpus")
@@ -31,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--slice", help="i/N: tokenize only slice i of N (contiguous ranges of the sorted input files) "
+                                     "into OUTPUT.slices/; needs --tokenizer")
+    ap.add_argument("--merge", action="store_true", help="combine all slices of OUTPUT.slices/ into OUTPUT")
     ap.add_argument("--embedded", action="store_true", help="build the embedded fact corpus of --config")
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (with --embedded)")
@@ -42,6 +49,25 @@ def main(argv=None) -> int:
             cfg = load_config(args.config, args.overrides)
             out = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=not args.no_progress)
             manifest = read_manifest(out)
+        elif args.slice:
+            from pretrain.data.slices import parse_slice, prepare_slice
+
+            if not args.input or not args.output:
+                ap.error("--slice needs --input and --output")
+            i, n = parse_slice(args.slice)
+            done = prepare_slice(args.input, args.output, args.tokenizer, i, n, fmt=args.format,
+                                 text_field=args.text_field, workers=args.workers)
+            print(f"{done}: slice {i} of {n} tokenized; run --merge --output {args.output} when all are done")
+            return 0
+        elif args.merge:
+            from pretrain.data.slices import merge_slices
+
+            if not args.output or not args.tokenizer:
+                ap.error("--merge needs --output and --tokenizer (the ones the slices used)")
+            manifest = merge_slices(args.output, args.tokenizer, args.seq_len, val_fraction=args.val_fraction,
+                                    seed=args.seed, sequences_per_shard=args.sequences_per_shard,
+                                    show_progress=not args.no_progress, overwrite=args.overwrite)
+            out = args.output
         else:
             if not args.input or not args.output:
                 ap.error("--input and --output are required (or pass --embedded)")

@@ -15,13 +15,15 @@ from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E4
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help="files or directories (text, .jsonl, .jsonl.gz)")
+    ap.add_argument("--input", nargs="+", required=True,
+                    help="files, directories or glob patterns (text, .jsonl, .jsonl.gz)")
     ap.add_argument("--output", required=True, help="where to write the .model file")
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     ap.add_argument("--format", default="auto", choices=["auto", "text", "blocks", "jsonl"])
     ap.add_argument("--text-field", default="text")
-    ap.add_argument("--max-sentences", type=int, default=200_000, help="lines of the corpus sampled (from its start)")
+    ap.add_argument("--max-sentences", type=int, default=200_000,
+                    help="at most this many lines, a seeded uniform sample of the whole corpus (memory bound)")
     ap.add_argument("--threads", type=int, default=1, help="more is faster but may not be bit-reproducible")
     args = ap.parse_args(argv)
     try:

@@ -8,14 +8,20 @@ from pretrain.data.errors import DataError
 from pretrain.data.shards import read_manifest
 
 
-def check_trainable(dataset_dir: str | Path) -> None:
-    """Raise DataError naming the dataset and the fix if the trainer cannot use it: an empty
-    train split, or an empty validation split (the trainer evaluates on it)."""
-    manifest = read_manifest(dataset_dir)
-    splits = manifest["splits"]
-    for split, fix in (("train", "check --input"), ("val", "raise --val-fraction")):
-        if split not in splits or not splits[split]["shards"]:
-            raise DataError(
-                f"the {split!r} split of {dataset_dir} has no shard ({splits.get(split, {}).get('documents', 0)} "
-                f"documents): re-run tools/prepare_data.py ({fix}), or set data.dir to another dataset"
-            )
+def check_trainable(sources: list) -> None:
+    """Raise DataError naming the dataset and the fix if the trainer cannot use the sources: a
+    source with an empty train split, or no validation split in any source (the trainer
+    evaluates on them; a mixture's source without one is skipped at evaluation, and said so)."""
+    for source in sources:
+        _check_split(source.dir, "train", "check --input")
+    if not any(source.has_validation for source in sources):
+        _check_split(sources[0].dir, "val", "raise --val-fraction")
+
+
+def _check_split(dataset_dir: str | Path, split: str, fix: str) -> None:
+    splits = read_manifest(dataset_dir)["splits"]
+    if split not in splits or not splits[split]["shards"]:
+        raise DataError(
+            f"the {split!r} split of {dataset_dir} has no shard ({splits.get(split, {}).get('documents', 0)} "
+            f"documents): re-run tools/prepare_data.py ({fix}), or set data.dir to another dataset"
+        )

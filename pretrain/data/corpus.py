@@ -7,6 +7,7 @@ and counted, in a `CorpusStats` the caller passes in.
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import zlib
@@ -35,12 +36,17 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
 
 
 def resolve_files(paths: list[str | Path]) -> list[Path]:
-    """Expand directories (sorted, recursive) and check that every path exists."""
+    """Expand directories (sorted, recursive) and glob patterns (sorted); check that every path exists."""
     if not paths:
         raise DataError("no input paths given: pass --input <file or directory> ...")
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if not p.exists() and glob.has_magic(str(p)):
+            matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            if not matched:
+                raise DataError(f"input pattern {p} matches no file: check --input")
+            files.extend(matched)
+        elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
             if not found:
                 raise DataError(f"input directory {p} holds no files: point --input at your corpus")

@@ -143,6 +143,12 @@ def _check_validation_split(splits: dict, documents: int, val_fraction: float) -
                   "(the trainer evaluates on val); use it for other purposes only", stacklevel=3)
 
 
+def creation_record(inputs: list, fmt: str, text_field: str, sequences_per_shard: int) -> dict:
+    """The manifest's record of how a real corpus was prepared (one process or merged slices)."""
+    return {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
+            "sequences_per_shard": sequences_per_shard}
+
+
 def prepare_corpus(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -172,8 +178,7 @@ def prepare_corpus(
         else:
             tokenizer = Tokenizer(tokenizer_path)
         stats = CorpusStats()
-        creation = {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
-                    "sequences_per_shard": sequences_per_shard}
+        creation = creation_record(inputs, fmt, text_field, sequences_per_shard)
         docs = tokenize_documents(iter_documents(inputs, fmt, text_field, stats), tokenizer, workers)
         return write_dataset(docs, out_dir, tokenizer, seq_len, val_fraction=val_fraction, seed=seed,
                              sequences_per_shard=sequences_per_shard, creation=creation, corpus_stats=stats,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -58,17 +59,30 @@ class Tokenizer:
         self.__init__(state["path"])
 
 
-def _sentences(documents: Iterable[str], max_sentences: int) -> Iterator[str]:
-    n = 0
+def _lines(documents: Iterable[str]) -> Iterator[str]:
     for doc in documents:
         for line in doc.splitlines():
             line = line.strip()
-            if not line:
-                continue
-            yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
-            n += 1
-            if n >= max_sentences:
-                return
+            if line:
+                yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
+
+
+def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0) -> list[str]:
+    """At most `max_sentences` non-blank lines, a uniform sample over the whole stream.
+
+    Reservoir sampling (seeded, so reproducible): memory stays bounded by `max_sentences`
+    lines however large the corpus; a corpus with fewer lines is kept whole and in order.
+    """
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    for seen, line in enumerate(_lines(documents)):
+        if seen < max_sentences:
+            reservoir.append(line)
+        else:
+            slot = rng.randrange(seen + 1)
+            if slot < max_sentences:
+                reservoir[slot] = line
+    return reservoir
 
 
 def train_tokenizer(
@@ -79,15 +93,18 @@ def train_tokenizer(
     max_sentences: int = 200_000,
     num_threads: int = 1,
 ) -> Tokenizer:
-    """Train on the first `max_sentences` lines of `documents`; write the model to `out_path`.
+    """Train on a seeded uniform sample of at most `max_sentences` lines of `documents`
+    (all of them when fewer); write the model to `out_path`.
 
-    Deterministic for the same input (single-threaded by default, no sampling).
+    Deterministic for the same input (single-threaded by default, seeded sample).
     """
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"model_type={model_type!r} must be 'bpe' or 'unigram'")
     if vocab_size < 260:
         raise DataError(f"vocab_size={vocab_size} is too small: byte fallback needs >= 260 (256 bytes + 4 specials)")
-    sentences = list(_sentences(documents, max_sentences))
+    if max_sentences <= 0:
+        raise DataError(f"max_sentences={max_sentences} must be positive (e.g. 200000)")
+    sentences = sample_sentences(documents, max_sentences)
     if not sentences:
         raise DataError("the tokenizer corpus is empty: no non-blank line to train on")
     if model_type == "bpe":  # every distinct character becomes a piece, beside 256 bytes + 4 specials

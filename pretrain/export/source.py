@@ -110,6 +110,8 @@ def find_dataset_dir(cfg: RunConfig, dataset_dir: str | Path | None) -> Path:
         path = Path(dataset_dir)
     elif cfg.data.dir:
         path = Path(cfg.data.dir)
+    elif cfg.data.sources:  # a mixture: every source has the same tokenizer (checked at training start)
+        path = Path(cfg.data.sources[0].dir)
     else:
         from pretrain.data import prepare_embedded_dataset
 

@@ -1,22 +1,10 @@
 """Tiny corpora and prepared datasets shared by the data-pipeline tests."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from data_helpers import SEQ_LEN
+from data_helpers import SEQ_LEN, make_documents
 from pretrain.data import Tokenizer, train_tokenizer, write_dataset
-from pretrain.data.synthetic import build_fact_world
-
-
-def make_documents(n: int = 80, seed: int = 0) -> list[str]:
-    """Fact-world documents plus a few of very different lengths (one longer than a shard)."""
-    docs = build_fact_world(max(2, n // 6), docs_per_entity=4, qa_docs_per_entity=2, seed=seed).train_documents[:n]
-    rng = random.Random(seed)
-    docs.insert(3, " ".join(rng.choice(docs).split()[0] for _ in range(700)))  # ~> 8 sequences of 33 tokens
-    docs.insert(10, "Short.")
-    return docs
 
 
 @pytest.fixture(scope="session")
@@ -35,4 +23,13 @@ def dataset(tmp_path_factory, documents, tokenizer):
     out = tmp_path_factory.mktemp("ds") / "data"
     write_dataset(tokenizer.encode_batch(documents), out, tokenizer, SEQ_LEN, val_fraction=0.2, seed=3,
                   sequences_per_shard=8, rows_per_block=3, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def second_dataset(tmp_path_factory, tokenizer):
+    """Other documents than `dataset`, the same tokenizer: the second source of a mixture."""
+    out = tmp_path_factory.mktemp("ds2") / "data"
+    write_dataset(tokenizer.encode_batch(make_documents(60, seed=9)), out, tokenizer, SEQ_LEN, val_fraction=0.2,
+                  seed=5, sequences_per_shard=8, rows_per_block=3, show_progress=False)
     return out

@@ -72,12 +72,14 @@ def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, d
 
 def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents):
     from pretrain.data.checks import check_trainable
+    from pretrain.data.shards import read_manifest
+    from pretrain.data.sources import Source
 
     with pytest.warns(UserWarning):
         write_dataset(tokenizer.encode_batch(documents), tmp_path / "ds", tokenizer, SEQ_LEN, val_fraction=0.0,
                       show_progress=False)
     with pytest.raises(DataError, match="'val' split of .* has no shard"):
-        check_trainable(tmp_path / "ds")
+        check_trainable([Source("only", tmp_path / "ds", 1.0, read_manifest(tmp_path / "ds"))])
 
 
 def read_all(dataset, split="train"):

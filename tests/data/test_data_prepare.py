@@ -213,3 +213,63 @@ def test_bad_synthetic_config(tmp_path):
     with pytest.raises(DataError, match="new_fact_fraction=1.0"):
         prepare_embedded_dataset(small_cfg(tmp_path, new_fact_fraction=1.0), 64)
     assert not list((tmp_path / "cache").glob("embedded-*"))
+
+
+def test_slices_then_merge_equal_a_single_process_preparation(tmp_path, documents, tokenizer):
+    """5 input files prepared as 3 slices + merge == one prepare_corpus run: same shards, same manifest."""
+    import json as _json
+
+    from pretrain.data import prepare_corpus, read_manifest
+    from pretrain.data.slices import merge_slices, prepare_slice
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(5):  # uneven files, one .gz, one plain text
+        part = documents[k * 17 : (k + 1) * 17]
+        if k == 2:
+            (corpus / f"part{k}.txt").write_text(part[0])
+        elif k == 4:
+            with gzip.open(corpus / f"part{k}.jsonl.gz", "wt") as fh:
+                fh.writelines(_json.dumps({"text": d}) + "\n" for d in part)
+        else:
+            (corpus / f"part{k}.jsonl").write_text("".join(_json.dumps({"text": d}) + "\n" for d in part))
+    inputs = [str(corpus / "part*")]  # a glob
+    opts = dict(val_fraction=0.2, seed=7, sequences_per_shard=8)
+    single = prepare_corpus(inputs, tmp_path / "single", 32, tokenizer_path=tokenizer.path, show_progress=False,
+                            **opts)
+    for i in range(3):
+        prepare_slice(inputs, tmp_path / "merged", tokenizer.path, i, 3)
+    merged = merge_slices(tmp_path / "merged", tokenizer.path, 32, show_progress=False, **opts)
+    assert merged == single == read_manifest(tmp_path / "merged")
+    expected_docs = 17 * 3 + 1 + len(documents[68:85])  # the .txt file is one document
+    assert single["documents"] == expected_docs and single["stats"]["documents"] == expected_docs
+    for split in ("train", "val"):
+        for shard in single["splits"][split]["shards"]:
+            a = (tmp_path / "single" / shard["path"]).read_bytes()
+            assert a == (tmp_path / "merged" / shard["path"]).read_bytes(), shard["path"]
+
+
+def test_merge_refuses_missing_or_mismatched_slices(tmp_path, documents, tokenizer):
+    from pretrain.data.slices import merge_slices, parse_slice, prepare_slice
+
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(documents[:10]))
+    prepare_slice([src], tmp_path / "out", tokenizer.path, 0, 2)
+    with pytest.raises(DataError, match=r"lacks slice\(s\) \[1\] of 2: run tools/prepare_data.py --slice 1/2"):
+        merge_slices(tmp_path / "out", tokenizer.path, 32)
+    with pytest.raises(DataError, match="must be i/N"):
+        parse_slice("2/2")
+    with pytest.raises(DataError, match="--slice needs --tokenizer"):
+        prepare_slice([src], tmp_path / "out", None, 1, 2)
+
+
+def test_tokenizer_sample_is_bounded_uniform_and_whole_when_small():
+    from pretrain.data.tokenizer import sample_sentences
+
+    lines = [f"line {k}" for k in range(10_000)]
+    assert sample_sentences(["\n".join(lines[:50])], 100) == lines[:50]  # small corpus: all, in order
+    sample = sample_sentences(("\n".join(lines[k : k + 100]) for k in range(0, 10_000, 100)), 1000, seed=1)
+    assert len(sample) == 1000 and len(set(sample)) == 1000 and set(sample) <= set(lines)
+    assert sample == sample_sentences(["\n".join(lines)], 1000, seed=1)  # reproducible
+    late = sum(int(s.split()[1]) >= 5000 for s in sample)  # uniform over the stream, not its start
+    assert abs(late - 500) <= 4 * (1000 * 0.25) ** 0.5

@@ -1,0 +1,152 @@
+"""A weighted mixture of prepared datasets, as one resumable iterator of batches.
+
+Each source is read by its own `ShardLoader` (its own shard order, workers and position).
+For every row of a batch, a generator seeded by (seed, rank) draws the source in
+proportion to the weights; the row is the next unread sequence of that source. A source
+loader hands over whole batches, so the mixture keeps, per source, the batch it is
+reading from, how many of its rows are used, and the source loader's state from *before*
+that batch. `state_dict()` is the generator state plus those per-source (state, offset)
+pairs: a rebuilt mixture reloads each source, re-reads its current batch and skips the
+rows already used, so resumed batches are bitwise those of an uninterrupted run.
+
+Document ids are made unique across sources by offsetting each source's ids by the
+documents of the sources before it. A mixture of one source yields exactly the batches of
+its `ShardLoader`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pretrain.data.errors import DataError
+from pretrain.data.loader import Batch, ShardLoader
+from pretrain.data.sources import Source
+
+STATE_VERSION = 1
+_MIXTURE_STREAM = 0x6D6978  # keeps the source draws apart from any other use of (seed, rank)
+
+
+class MixtureLoader:
+    """Batches of `batch_size` rows drawn from `sources` by weight; one per rank."""
+
+    def __init__(self, sources: list[Source], batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 0, on_corrupt: str = "error",
+                 seq_len: int | None = None):
+        if not sources:
+            raise DataError("a mixture needs at least one source: set data.dir or data.sources")
+        self.sources = sources
+        self.loaders = [ShardLoader(s.dir, "train", batch_size, seq_len, rank, world_size, num_workers, seed,
+                                    shuffle_buffer, on_corrupt, loop=True) for s in sources]
+        self.batch_size, self.rank, self.seed = batch_size, rank, seed
+        self.seq_len = self.loaders[0].seq_len
+        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        self.probabilities = weights / weights.sum()
+        self._cumulative = np.cumsum(self.probabilities)[:-1]  # source = number of bounds below a uniform draw
+        docs = [int(s.manifest["documents"]) for s in sources]
+        self.doc_offsets = [sum(docs[:i]) for i in range(len(docs))]
+        self._doc_offsets = np.asarray(self.doc_offsets, dtype=np.int64)
+        self._offsets_needed = any(self.doc_offsets)
+        self.reset()
+
+    def reset(self) -> None:
+        self._rng = np.random.default_rng([self.seed, self.rank, _MIXTURE_STREAM])
+        for loader in self.loaders:
+            loader.reset()
+        n = len(self.loaders)
+        self._iters: list[Iterator[Batch] | None] = [None] * n
+        self._current: list[Batch | None] = [None] * n  # the batch each source is being read from
+        self._used = [0] * n  # rows of that batch already handed out
+        self._state_before = [loader.state_dict() for loader in self.loaders]
+        self.sequences = [0] * n  # rows drawn from each source by this rank
+
+    # ---- state -------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        return {"sources": [s.name for s in self.sources], "weights": [s.weight for s in self.sources],
+                "batch_size": self.batch_size, "rank": self.rank, "seed": self.seed}
+
+    def state_dict(self) -> dict:
+        rng = self._rng.bit_generator.state
+        return {"version": STATE_VERSION, "settings": self._settings(),
+                "rng": {"state": str(rng["state"]["state"]), "inc": str(rng["state"]["inc"]),
+                        "has_uint32": int(rng["has_uint32"]), "uinteger": int(rng["uinteger"])},
+                "sources": [{"loader": before, "used": used} for before, used in zip(self._state_before, self._used)],
+                "sequences": list(self.sequences)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "positions" in state and "sources" not in state:  # a checkpoint of a plain ShardLoader run
+            if len(self.loaders) != 1:
+                raise DataError("the checkpoint was written by a single-dataset run; resume it with that "
+                                "dataset alone (data.dir) or start a new run directory for the mixture")
+            state = {"version": STATE_VERSION, "settings": self._settings(), "rng": None,
+                     "sources": [{"loader": state, "used": 0}], "sequences": [0]}
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"mixture state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine, theirs = self._settings(), state.get("settings", {})
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise DataError("the saved data state was made with another mixture (saved, now): "
+                            + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+                            + "; resume with the same data.sources (names, weights), batch size and seed")
+        self.reset()
+        if state["rng"] is not None:
+            r = state["rng"]
+            self._rng.bit_generator.state = {
+                "bit_generator": "PCG64", "state": {"state": int(r["state"]), "inc": int(r["inc"])},
+                "has_uint32": int(r["has_uint32"]), "uinteger": int(r["uinteger"])}
+        for i, (loader, saved) in enumerate(zip(self.loaders, state["sources"])):
+            loader.load_state_dict(saved["loader"])
+            self._state_before[i] = saved["loader"]
+            self._used[i] = int(saved["used"])
+        self.sequences = [int(n) for n in state["sequences"]]
+
+    def tokens_per_source(self) -> dict[str, int]:
+        """Training tokens this rank has drawn from each source."""
+        return {s.name: n * self.seq_len for s, n in zip(self.sources, self.sequences)}
+
+    # ---- reading -----------------------------------------------------------------------
+    def _rows(self, i: int, count: int) -> list[tuple[Batch, slice]]:
+        """The next `count` rows of source i, as slices of its batches."""
+        pieces = []
+        while count > 0:
+            current = self._current[i]
+            if current is None or self._used[i] >= current.tokens.shape[0]:
+                if current is not None:  # that batch is used up: the state before the next one
+                    self._state_before[i], self._used[i] = self.loaders[i].state_dict(), 0
+                if self._iters[i] is None:
+                    self._iters[i] = iter(self.loaders[i])
+                current = self._current[i] = next(self._iters[i])
+                continue  # a resumed source re-reads its batch and skips the rows already used
+            take = min(count, current.tokens.shape[0] - self._used[i])
+            pieces.append((current, slice(self._used[i], self._used[i] + take)))
+            self._used[i] += take
+            count -= take
+        return pieces
+
+    def _gather(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """counts[i] next rows of each source i, sources in order; document ids made unique.
+
+        numpy rather than torch: on arrays this small, per-call overhead is the cost."""
+        pieces = [(i, batch, rows) for i in np.flatnonzero(counts) for batch, rows in self._rows(int(i), int(counts[i]))]
+        out = {k: np.concatenate([getattr(b, k).numpy()[rows] for _, b, rows in pieces])
+               for k in ("tokens", "targets", "doc_ids")}
+        if self._offsets_needed:
+            docs = out["doc_ids"]
+            offsets = np.repeat(self._doc_offsets, counts)[:, None]
+            out["doc_ids"] = np.where(docs >= 0, docs + offsets, docs)
+        return out
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.loaders)
+        while True:
+            draws = np.searchsorted(self._cumulative, self._rng.random(self.batch_size), side="right")
+            counts = np.bincount(draws, minlength=n)
+            by_source = self._gather(counts)  # rows grouped by source, in draw order within each
+            for i, c in enumerate(counts):
+                self.sequences[i] += int(c)
+            if n > 1:  # row r of the batch is the next row of source draws[r]: undo the grouping
+                where = np.empty(self.batch_size, dtype=np.int64)
+                where[np.argsort(draws, kind="stable")] = np.arange(self.batch_size)
+                by_source = {k: v[where] for k, v in by_source.items()}
+            yield Batch(**{k: torch.from_numpy(v) for k, v in by_source.items()})

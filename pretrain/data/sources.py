@@ -1,0 +1,120 @@
+"""Which prepared datasets a run trains on, checked before any heavy work.
+
+`resolve_sources(data_cfg)` turns `data.sources` (a list of {dir, weight, name}) or a single
+`data.dir` (a mixture of one) into `Source`s and refuses bad input with the source named
+and the fix: a missing directory or manifest, a weight <= 0, a source without training
+sequences, sources made with different seq_len or different tokenizers (both files named).
+Only manifests are read, so this is cheap enough for config loading.
+
+`dataset_values(sources)` are the values a dataset already records (vocabulary size,
+sequence length) that the config follows unless the user sets them explicitly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.data.errors import DataError
+from pretrain.data.shards import read_manifest
+
+VOCAB_MULTIPLE = 64  # model.vocab_size follows the tokenizer, padded up to this multiple (faster matmuls)
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity
+class Source:
+    name: str
+    dir: Path
+    weight: float
+    manifest: dict
+
+    @property
+    def train_sequences(self) -> int:
+        return int(self.manifest["splits"]["train"]["sequences"])
+
+    @property
+    def has_validation(self) -> bool:
+        val = self.manifest["splits"].get("val", {})
+        return bool(val.get("shards")) and int(val.get("sequences", 0)) > 0
+
+    @property
+    def has_probes(self) -> bool:
+        return (self.dir / "probes.jsonl").is_file()
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return multiple * math.ceil(tokenizer_vocab / multiple)
+
+
+def _label(index: int, name: str, many: bool, directory: Path) -> str:
+    return f"data.sources[{index}] ({name})" if many else f"data.dir={directory}"
+
+
+def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
+    """The configured datasets as checked `Source`s; [] when the embedded corpus is used."""
+    specs = list(data_cfg.sources or [])
+    if specs and data_cfg.dir:
+        raise DataError(f"data.dir={data_cfg.dir} and data.sources are both set: use data.sources alone "
+                        "(a single dataset is a mixture of one)")
+    if not specs:
+        if not data_cfg.dir:
+            return []
+        specs = [{"dir": data_cfg.dir, "weight": 1.0, "name": ""}]
+    many = bool(data_cfg.sources)
+    sources: list[Source] = []
+    for i, spec in enumerate(specs):
+        get = spec.get if isinstance(spec, dict) else lambda k, s=spec: getattr(s, k)
+        directory = Path(str(get("dir") or ""))
+        name = str(get("name") or directory.name or f"source{i}")
+        label = _label(i, name, many, directory)
+        if not str(get("dir") or ""):
+            raise DataError(f"{label}: no dir given: set data.sources[{i}].dir to a prepared dataset")
+        weight = float(get("weight"))
+        if not math.isfinite(weight) or weight <= 0:
+            raise DataError(f"{label}: weight={weight} must be a positive number "
+                            f"(set data.sources[{i}].weight, e.g. 1.0, or remove the source)")
+        if not (directory / "manifest.json").is_file():
+            missing = "" if directory.exists() else " (the directory does not exist)"
+            raise DataError(f"{label}: {directory} holds no manifest.json{missing}: prepare it with "
+                            f"tools/prepare_data.py --input <corpus> --output {directory}")
+        manifest = read_manifest(directory)
+        source = Source(name, directory, weight, manifest)
+        if source.train_sequences <= 0:
+            raise DataError(f"{label}: {directory} has no training sequences: re-run tools/prepare_data.py "
+                            "on a non-empty corpus (or a smaller --val-fraction), or remove the source")
+        sources.append(source)
+    _check_consistent(sources, many, seq_len)
+    return sources
+
+
+def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) -> None:
+    names = [s.name for s in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"data.sources: the name(s) {repeated} are used twice: give each source its own name")
+    first = sources[0]
+    for i, src in enumerate(sources):
+        label = _label(i, src.name, many, src.dir)
+        if seq_len is not None and src.manifest["seq_len"] != seq_len:
+            raise DataError(f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
+                            f"data.seq_len={seq_len}: set data.seq_len={src.manifest['seq_len']} (or drop the "
+                            "override to follow the dataset), or re-run tools/prepare_data.py --seq-len "
+                            f"{seq_len}")
+        if src.manifest["seq_len"] != first.manifest["seq_len"]:
+            raise DataError(f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
+                            f"{first.dir} with seq_len={first.manifest['seq_len']}: re-run tools/prepare_data.py "
+                            f"--seq-len {first.manifest['seq_len']} for {src.dir}")
+        if src.manifest.get("tokenizer_sha256") != first.manifest.get("tokenizer_sha256"):
+            raise DataError(
+                f"{label}: {src.dir / 'tokenizer.model'} (sha256 {str(src.manifest.get('tokenizer_sha256'))[:12]})"
+                f" differs from {first.dir / 'tokenizer.model'} (sha256 "
+                f"{str(first.manifest.get('tokenizer_sha256'))[:12]}): every source must use one tokenizer; "
+                f"re-run tools/prepare_data.py --tokenizer {first.dir / 'tokenizer.model'} for {src.dir}"
+            )
+
+
+def dataset_values(sources: list[Source]) -> dict[str, int]:
+    """Config values the datasets already record: {"model.vocab_size", "data.vocab_size", "data.seq_len"}."""
+    manifest = sources[0].manifest
+    return {"model.vocab_size": padded_vocab_size(int(manifest["vocab_size"])),
+            "data.vocab_size": int(manifest["vocab_size"]), "data.seq_len": int(manifest["seq_len"])}

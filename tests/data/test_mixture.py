@@ -1,0 +1,147 @@
+"""Weighted mixtures of prepared datasets: proportions, exact resume, bad input refused early."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import SEQ_LEN, make_documents
+from pretrain.data import DataError, ShardLoader, train_tokenizer, write_dataset
+from pretrain.data.mixture import MixtureLoader
+from pretrain.data.sources import resolve_sources
+
+
+def data_cfg(*sources, dir=""):
+    return SimpleNamespace(dir=dir, sources=[dict(dir=str(d), weight=w, name=n) for d, w, n in sources])
+
+
+def mixture(sources, **kw):
+    kw.setdefault("batch_size", 4)
+    return MixtureLoader(sources, **kw)
+
+
+def take(loader_iter, n):
+    return [next(loader_iter) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.targets, y.targets)
+        assert torch.equal(x.doc_ids, y.doc_ids)
+
+
+def test_proportions_follow_the_weights(dataset, second_dataset):
+    weights = {"a": 1.0, "b": 3.0, "c": 0.5}
+    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 3.0, "b"), (dataset, 0.5, "c")))
+    mix = mixture(sources, batch_size=64, seed=11)
+    it = iter(mix)
+    for _ in range(320):  # 20,480 drawn sequences
+        next(it)
+    n = sum(mix.sequences)
+    assert n == 20_480
+    total = sum(weights.values())
+    for name, count in zip(["a", "b", "c"], mix.sequences):
+        p = weights[name] / total
+        assert abs(count - n * p) <= 4 * math.sqrt(n * p * (1 - p)), (name, count, n * p)
+    assert mix.tokens_per_source() == {k: c * SEQ_LEN for k, c in zip("abc", mix.sequences)}
+
+
+def test_rows_are_the_sources_own_sequences_in_order(dataset, second_dataset):
+    """Each source's rows, concatenated in draw order, are exactly that source's ShardLoader stream."""
+    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
+    mix = mixture(sources, batch_size=4, seed=3)
+    draws_rng = np.random.default_rng([3, 0, 0x6D6978])
+    got = {0: [], 1: []}
+    for batch in take(iter(mix), 12):
+        draws = (draws_rng.random(4) >= 1 / 3).astype(int)  # source 1 with probability 2/3
+        for row, src in zip(batch.tokens, draws):
+            got[int(src)].append(row)
+    for i, src in enumerate(sources):
+        alone = torch.cat([b.tokens for b in take(iter(ShardLoader(src.dir, batch_size=4, seed=3)), 12)])
+        assert torch.equal(torch.stack(got[i]), alone[: len(got[i])])
+
+
+def test_single_source_is_its_shard_loader(dataset):
+    mix = mixture(resolve_sources(data_cfg(dir=dataset)), batch_size=4, seed=2, num_workers=2)
+    assert_same_batches(take(iter(mix), 7), take(iter(ShardLoader(dataset, batch_size=4, seed=2, num_workers=2)), 7))
+
+
+def test_document_ids_are_unique_across_sources(dataset, second_dataset):
+    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 1.0, "b")))
+    mix = mixture(sources, batch_size=8)
+    first_docs = sources[0].manifest["documents"]
+    ids = torch.cat([b.doc_ids for b in take(iter(mix), 20)])
+    assert int(ids.max()) >= first_docs  # the second source's documents come after the first's
+    assert int(ids[ids >= 0].min()) >= 0
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2)])
+def test_resume_is_exact(dataset, second_dataset, world, workers):
+    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
+    for rank in range(world):
+        kw = dict(batch_size=3, rank=rank, world_size=world, num_workers=workers, seed=4, shuffle_buffer=5)
+        uninterrupted = mixture(sources, **kw)
+        straight = take(iter(uninterrupted), 14)
+        first = mixture(sources, **kw)
+        head = take(iter(first), 7)
+        buf = io.BytesIO()
+        torch.save(first.state_dict(), buf)
+        buf.seek(0)
+        resumed = mixture(sources, **kw)
+        resumed.load_state_dict(torch.load(buf, weights_only=True))
+        assert_same_batches(head + take(iter(resumed), 7), straight)
+        assert resumed.sequences == uninterrupted.sequences and sum(resumed.sequences) == 14 * 3
+
+
+def test_resume_refuses_another_mixture(dataset, second_dataset):
+    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
+    state = mixture(sources).state_dict()
+    other = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 3.0, "b")))
+    with pytest.raises(DataError, match="weights=.*same data.sources"):
+        mixture(other).load_state_dict(state)
+
+
+def test_mismatched_tokenizers_are_refused_naming_both(tmp_path, dataset, documents):
+    other_tok = train_tokenizer(documents[:40], tmp_path / "other.model", vocab_size=350)
+    other = tmp_path / "other"
+    write_dataset(other_tok.encode_batch(documents), other, other_tok, SEQ_LEN, val_fraction=0.2,
+                  sequences_per_shard=8, show_progress=False)
+    with pytest.raises(DataError) as err:
+        resolve_sources(data_cfg((dataset, 1.0, "a"), (other, 1.0, "b")))
+    msg = str(err.value)
+    assert str(other / "tokenizer.model") in msg and str(dataset / "tokenizer.model") in msg
+    assert "data.sources[1] (b)" in msg and "--tokenizer" in msg
+
+
+def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
+    with pytest.raises(DataError, match=r"data.sources\[1\] \(b\): weight=0.0 must be a positive"):
+        resolve_sources(data_cfg((dataset, 1.0, "a"), (dataset, 0.0, "b")))
+    with pytest.raises(DataError, match=r"weight=-1.0"):
+        resolve_sources(data_cfg((dataset, -1.0, "a")))
+    with pytest.raises(DataError, match=r"data.sources\[1\] \(gone\): .*gone holds no manifest.json \(the "
+                                        r"directory does not exist\): prepare it with tools/prepare_data.py"):
+        resolve_sources(data_cfg((dataset, 1.0, "a"), (tmp_path / "gone", 1.0, "gone")))
+    long = tmp_path / "long"
+    write_dataset(tokenizer.encode_batch(make_documents(30)), long, tokenizer, SEQ_LEN * 2,
+                  sequences_per_shard=8, show_progress=False)
+    with pytest.raises(DataError, match=rf"data.sources\[1\] \(long\): .* seq_len={SEQ_LEN * 2} but .* "
+                                        rf"seq_len={SEQ_LEN}: re-run tools/prepare_data.py --seq-len {SEQ_LEN}"):
+        resolve_sources(data_cfg((dataset, 1.0, "a"), (long, 1.0, "long")))
+    with pytest.raises(DataError, match=rf"seq_len={SEQ_LEN * 2} but data.seq_len={SEQ_LEN}"):
+        resolve_sources(data_cfg((long, 1.0, "long")), seq_len=SEQ_LEN)
+    empty = tmp_path / "empty"  # every document went to validation: no training sequence
+    write_dataset([[5, 6, 7]], empty, tokenizer, SEQ_LEN, val_fraction=0.999, seed=0, show_progress=False)
+    manifest = json.loads((empty / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["sequences"] == 0
+    with pytest.raises(DataError, match=r"data.sources\[1\] \(empty\): .* has no training sequences"):
+        resolve_sources(data_cfg((dataset, 1.0, "a"), (empty, 1.0, "empty")))
+    with pytest.raises(DataError, match="name.*used twice"):
+        resolve_sources(data_cfg((dataset, 1.0, "a"), (dataset, 1.0, "a")))
+    with pytest.raises(DataError, match="both set"):
+        resolve_sources(data_cfg((dataset, 1.0, "a"), dir=dataset))

@@ -1,0 +1,63 @@
+"""The README's "Train on your own text" recipe, run command by command as written, on the real
+English text that ships with the machine; then the trained runs are checked."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+# Appended to the recipe's training commands only: a few small steps instead of 200.
+QUICK_TRAINING = ["train.max_steps=16", "train.micro_batch=4", "train.global_batch=4", "train.log_every=1",
+                  "train.eval_every=16", "train.eval_batches=2", "optim.warmup_steps=2"]
+
+
+def recipe_commands() -> list[list[str]]:
+    text = (REPO_ROOT / "README.md").read_text()
+    block = text.split("<!-- recipe:begin -->", 1)[1].split("<!-- recipe:end -->", 1)[0]
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("python ")]
+    assert len(commands) >= 8, "the recipe lost its commands"
+    return commands
+
+
+def run(argv: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def losses(log: str) -> list[float]:
+    return [float(x) for x in re.findall(r"step \d+/\d+ loss (\S+)", log)]
+
+
+@pytest.mark.slow
+def test_readme_recipe_trains_exports_and_generates(tmp_path):
+    for folder in ("tools", "configs"):  # the commands are written for the repository root
+        (tmp_path / folder).symlink_to(REPO_ROOT / folder)
+    outputs = []
+    for argv in recipe_commands():
+        if argv[1:3] == ["-m", "pretrain.train"]:
+            argv = argv + QUICK_TRAINING
+        outputs.append((argv, run(argv, tmp_path)))
+    trainings = [out for argv, out in outputs if argv[1:3] == ["-m", "pretrain.train"]]
+    assert len(trainings) == 2
+    for log in trainings:
+        steps = losses(log)
+        assert len(steps) == 16
+        assert sum(steps[-4:]) / 4 < sum(steps[:4]) / 4 - 0.3, steps  # the loss falls
+        assert re.search(r"eval val_loss \d+\.\d+ val_perplexity", log)
+        assert "no probes.jsonl" in log and "fact_recall" not in log
+        assert "tokenizer 4096 tokens, model.vocab_size 4096" in log
+    assert re.search(r"val_loss/pydocs \d", trainings[1]) and re.search(r"val_loss/licenses \d", trainings[1])
+    generated = next(out for argv, out in outputs if argv[1] == "tools/generate.py")
+    assert generated.startswith("The license") and len(generated.strip()) > len("The license")
+    assert (tmp_path / "exports/english/model.safetensors").is_file()

@@ -1,0 +1,94 @@
+"""Training on prepared datasets that are not the fact world: no probes, the dataset's vocabulary,
+mixtures of sources with exact resume on 1 and 2 ranks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_helpers import SEQ_LEN
+from pretrain.config import ConfigError, load_config
+from pretrain.data import Tokenizer
+from pretrain.data.sources import padded_vocab_size
+from pretrain.train import train
+from tests.train.helpers import TINY, run_ranks
+from tests.train.test_trainer import final_parameters
+
+# The trainer tests' tiny model, without the values a dataset records (vocab size, seq len).
+OWN = [o for o in TINY if not o.startswith(("model.vocab_size=", "data.vocab_size=", "data.seq_len="))]
+
+
+def own_config(run_dir: Path, *overrides: str):
+    return load_config(None, [*OWN, f"train.run_dir={run_dir}", *overrides])
+
+
+def sources(a: Path, b: Path) -> str:
+    return f"data.sources=[{{dir: {a}, weight: 1.0, name: a}}, {{dir: {b}, weight: 2.0, name: b}}]"
+
+
+def test_dataset_without_probes_trains_and_exports(tmp_path, dataset, capsys):
+    from pretrain.export import export_checkpoint
+
+    tok = Tokenizer(dataset / "tokenizer.model")
+    cfg = own_config(tmp_path / "run", f"data.dir={dataset}", "train.max_steps=3", "train.eval_every=3")
+    assert cfg.model.vocab_size == padded_vocab_size(tok.vocab_size) and cfg.model.vocab_size % 64 == 0
+    assert cfg.data.seq_len == SEQ_LEN and cfg.data.vocab_size == tok.vocab_size
+    result = train(cfg)
+    assert result.step == 3
+    assert set(result.eval) == {"val_loss", "val_perplexity"}  # no fact recall without probes
+    log = capsys.readouterr().out
+    assert log.count("no probes.jsonl") == 1
+    assert f"tokenizer {tok.vocab_size} tokens, model.vocab_size {cfg.model.vocab_size}" in log
+    out = export_checkpoint(tmp_path / "run", tmp_path / "export", show_progress=False)
+    assert (out / "model.safetensors").is_file() and not (out / "probes.jsonl").exists()
+
+
+def test_explicit_vocab_size_smaller_than_the_tokenizer_is_refused(dataset):
+    tok = Tokenizer(dataset / "tokenizer.model")
+    with pytest.raises(ConfigError, match=rf"model.vocab_size=256 is smaller than the tokenizer of .* "
+                                          rf"\({tok.vocab_size} tokens\): drop the setting"):
+        load_config(None, [*OWN, f"data.dir={dataset}", "model.vocab_size=256"])
+    cfg = load_config(None, [*OWN, f"data.dir={dataset}", "model.vocab_size=1000"])
+    assert cfg.model.vocab_size == 1000  # larger is allowed (unused rows)
+    with pytest.raises(ConfigError, match=rf"seq_len={SEQ_LEN} but data.seq_len=16"):
+        load_config(None, [*OWN, f"data.dir={dataset}", "data.seq_len=16"])
+    with pytest.raises(ConfigError, match=rf"data.seq_len={SEQ_LEN} must be .*: set model.max_seq_len={SEQ_LEN}"):
+        load_config(None, [*OWN, f"data.dir={dataset}", "model.max_seq_len=16"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixture_resume_is_exact(tmp_path, dataset, second_dataset, workers):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = (sources(dataset, second_dataset), "train.max_steps=4", "train.eval_every=2", f"data.num_workers={workers}")
+    straight = train(own_config(tmp_path / "a", *opts))
+    first = train(own_config(tmp_path / "b", *opts, "train.stop_after=2"))
+    second = train(own_config(tmp_path / "b", *opts))
+    assert first.losses + second.losses == straight.losses  # bitwise
+    a, b = final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(straight.eval) == {"val_loss", "val_perplexity", "val_loss/a", "val_loss/b"}
+    mean = (1 * straight.eval["val_loss/a"] + 2 * straight.eval["val_loss/b"]) / 3
+    assert straight.eval["val_loss"] == pytest.approx(mean, rel=1e-12)
+    board = EventAccumulator(str(tmp_path / "a" / "tensorboard")).Reload()
+    seen = {n: board.Scalars(f"data/tokens_seen/{n}")[-1].value for n in "ab"}
+    assert seen["a"] + seen["b"] == straight.tokens_seen  # every trained token is some source's
+    assert {"eval/val_loss/a", "eval/val_loss/b"} <= set(board.Tags()["scalars"])
+
+
+def _mixture_runs(rank: int, root: str, opts: list[str]) -> dict:
+    straight = train(own_config(Path(root) / "straight", *opts)).losses
+    first = train(own_config(Path(root) / "split", *opts, "train.stop_after=2")).losses
+    second = train(own_config(Path(root) / "split", *opts)).losses
+    return {"straight": straight, "split": first + second}
+
+
+@pytest.mark.slow
+def test_mixture_resume_is_exact_on_two_ranks(tmp_path, dataset, second_dataset):
+    opts = [sources(dataset, second_dataset), "train.max_steps=4", "train.zero_stage=1"]
+    results = run_ranks(2, _mixture_runs, (str(tmp_path), opts), tmp_path / "results")
+    assert results[0] == results[1]
+    assert results[0]["split"] == results[0]["straight"]
+    a, b = final_parameters(tmp_path / "straight"), final_parameters(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
