@@ -128,7 +128,7 @@ def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
                                         r"directory does not exist\): prepare it with tools/prepare_data.py"):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (tmp_path / "gone", 1.0, "gone")))
     long = tmp_path / "long"
-    write_dataset(tokenizer.encode_batch(make_documents(30)), long, tokenizer, SEQ_LEN * 2,
+    write_dataset(tokenizer.encode_batch(make_documents(30)), long, tokenizer, SEQ_LEN * 2, val_fraction=0.2,
                   sequences_per_shard=8, show_progress=False)
     with pytest.raises(DataError, match=rf"data.sources\[1\] \(long\): .* seq_len={SEQ_LEN * 2} but .* "
                                         rf"seq_len={SEQ_LEN}: re-run tools/prepare_data.py --seq-len {SEQ_LEN}"):
