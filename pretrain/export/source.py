@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import latest_checkpoint
+from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.config import RunConfig
 from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.safetensors_io import read_header
@@ -57,7 +57,7 @@ def resolve_checkpoint_dir(source: str | Path) -> Path:
     for root in (path / "checkpoints", path):
         try:
             newest = latest_checkpoint(root)
-        except FileNotFoundError as err:
+        except CheckpointError as err:
             raise ExportError(str(err)) from err
         if newest is not None:
             return newest
