@@ -25,7 +25,6 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 import kernels
 
@@ -164,10 +163,42 @@ def _bag_backward(ctx, grad_out):
 _embedding_bag.register_autograd(_bag_backward, setup_context=_bag_setup)
 
 
+# ------------------------------------------------------------------ FLOPs, for torch's FlopCounterMode
+# An opaque op hides its matmuls from the counter; these formulas state them with the
+# convention of pretrain/model/accounting.py (multiply-add = 2, backward = 2x forward).
+# The bag is a gather, not a matmul, and is left uncounted here as it is for aten ops.
+# Registered on the first eager call: torch.utils.flop_counter imports triton, which must
+# not happen at import time (the kernel tests choose interpreted or compiled Triton first).
+_flop_formulas_registered = False
+
+
+def _scoring_flops(query_shape, keys_shape) -> int:
+    T, H, k_dim = query_shape
+    return 2 * T * H * keys_shape[1] * k_dim  # both half-key sets: 2 * T * H * n_keys * (k_dim / 2) each
+
+
+def _register_flop_formulas() -> None:
+    global _flop_formulas_registered
+    if _flop_formulas_registered:
+        return
+    _flop_formulas_registered = True
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.memlayers.pkm_topk)
+    def _pkm_topk_flops(query_shape, keys1_shape, keys2_shape, *args, out_shape=None, **kwargs) -> int:
+        return _scoring_flops(query_shape, keys1_shape)
+
+    @register_flop_formula(torch.ops.memlayers.pkm_topk_backward)
+    def _pkm_topk_backward_flops(grad_shape, query_shape, keys1_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * _scoring_flops(query_shape, keys1_shape)
+
+
 # ------------------------------------------------------------------ public entry points
 def pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str = "auto"):
     """`kernels.pkm_topk` as one custom op (same arguments, checks and result)."""
     kernels.resolve_backend(backend, query)  # a bad name fails here, before any tracing
+    if not torch.compiler.is_compiling():
+        _register_flop_formulas()
     return torch.ops.memlayers.pkm_topk(query, keys1, keys2, k, backend)
 
 
@@ -178,22 +209,3 @@ def embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, backend: str
     if value_grad == "sparse":
         return kernels.embedding_bag(values, indices, weights, backend=backend, value_grad=value_grad)
     return torch.ops.memlayers.embedding_bag(values, indices, weights, backend, value_grad)
-
-
-# ------------------------------------------------------------------ FLOPs, for torch's FlopCounterMode
-# An opaque op hides its matmuls from the counter; these formulas state them with the
-# convention of pretrain/model/accounting.py (multiply-add = 2, backward = 2x forward).
-# The bag is a gather, not a matmul, and is left uncounted here as it is for aten ops.
-def _scoring_flops(query_shape, keys_shape) -> int:
-    T, H, k_dim = query_shape
-    return 2 * T * H * keys_shape[1] * k_dim  # both half-key sets: 2 * T * H * n_keys * (k_dim / 2) each
-
-
-@register_flop_formula(torch.ops.memlayers.pkm_topk)
-def _pkm_topk_flops(query_shape, keys1_shape, keys2_shape, *args, out_shape=None, **kwargs) -> int:
-    return _scoring_flops(query_shape, keys1_shape)
-
-
-@register_flop_formula(torch.ops.memlayers.pkm_topk_backward)
-def _pkm_topk_backward_flops(grad_shape, query_shape, keys1_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _scoring_flops(query_shape, keys1_shape)
