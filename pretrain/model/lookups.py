@@ -29,13 +29,13 @@ class LookupRecorder:
 
     def take(self, with_shared_table: bool = False) -> list[torch.Tensor]:
         """Per-layer indices of the forward since the last take (and all layers joined, for
-        a value table shared by several layers); clears the record."""
+        a value table shared by several layers); clears the record (also when it raises)."""
         counts = [len(p) for p in self._pending]
+        pending, self._pending = self._pending, [[] for _ in self.layers]
         if any(c != 1 for c in counts):
             raise RuntimeError(f"memory layers handed over {counts} lookups since the last take; expected one "
                                "each (a forward without take, or a lookup recorded twice)")
-        per_layer = [p[0] for p in self._pending]
-        self._pending = [[] for _ in self.layers]
+        per_layer = [p[0] for p in pending]
         return per_layer + ([torch.cat(per_layer, dim=1)] if with_shared_table else [])
 
     def remove(self) -> None:
