@@ -14,8 +14,9 @@ The forward ops call the public dispatch in `kernels` (Triton on CUDA, the refer
 otherwise), so they follow whatever the kernel modules do. The backward ops are ops too
 (so AOTAutograd can trace the backward graph around them):
   * Triton backend: the Triton modules' own backward functions on the saved tensors.
-  * torch backend: closed-form gradients on the saved indices (gathers of the selected
-    key and value rows), checked against the reference's autograd in float64.
+  * torch backend: the scoring's closed-form gradient on the saved indices (a gather of
+    the selected half-key rows), checked against the reference's autograd in float64;
+    the bag's backward is the aten kernels the reference's autograd calls (bitwise).
 `value_grad="sparse"` (a sparse COO gradient whose size depends on the data) has no
 fake implementation; it keeps the plain `kernels.embedding_bag` path.
 """
@@ -52,18 +53,28 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
 
 
-def _embedding_bag_backward_gathered(grad_out, values, indices, weights, need_values, need_weights):
-    """out_t = sum_j w_tj values[i_tj]: d values[i] += w_tj g_t; d w_tj = values[i_tj] . g_t."""
-    acc = torch.promote_types(values.dtype, torch.float32)
-    g = grad_out.to(acc)
-    flat_idx, flat_w = indices.reshape(indices.shape[0], -1), weights.reshape(indices.shape[0], -1).to(acc)
+def _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values, need_weights):
+    """The reference bag's backward: the aten kernels F.embedding_bag's autograd calls, fed the
+    bag layout of a 2-D input (T bags of H*k rows), so the gradients are the reference's bit
+    for bit and no (T, H*k, d) gather is materialised."""
+    T = indices.shape[0]
+    flat = indices.reshape(-1)
+    per_bag = flat.numel() // T if T else 0
+    acc = torch.float32 if values.dtype in (torch.bfloat16, torch.float16) else values.dtype  # as the reference
+    g, table = grad_out.to(acc), values.to(acc)
+    device = values.device
+    offsets = torch.arange(0, flat.numel(), max(per_bag, 1), device=device)[:T]
+    offset2bag = torch.arange(T, device=device).repeat_interleave(per_bag)
     dv = dw = None
     if need_values:
-        rows = (flat_w[..., None] * g[:, None, :]).reshape(-1, values.shape[1])
-        dv = torch.zeros(values.shape, dtype=acc, device=values.device).index_add_(0, flat_idx.reshape(-1), rows)
-        dv = dv.to(values.dtype)
+        bag_size = torch.full((T,), per_bag, dtype=torch.int64, device=device)
+        unused_max = torch.zeros(T, values.shape[1], dtype=torch.int64, device=device)  # mode sum reads none
+        dv = torch.ops.aten._embedding_bag_backward(
+            g, flat, offsets, offset2bag, bag_size, unused_max, values.shape[0], False, 0, False,
+            weights.reshape(-1).to(acc), -1).to(values.dtype)
     if need_weights:
-        dw = torch.einsum("tjd,td->tj", values[flat_idx].to(acc), g).reshape(weights.shape).to(weights.dtype)
+        dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, table, flat, offsets, offset2bag, 0, -1).reshape(weights.shape).to(weights.dtype)
     return dv, dw
 
 
@@ -135,7 +146,7 @@ def _embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tensor, w
                               needs_input_grad=(need_values, False, need_weights, False))
         dv, _, dw, _ = bag_triton.EmbeddingBag.backward(ctx, grad_out)
     else:
-        dv, dw = _embedding_bag_backward_gathered(grad_out, values, indices, weights, need_values, need_weights)
+        dv, dw = _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values, need_weights)
     # an op returns tensors only: an unneeded gradient comes back empty and is dropped
     return (dv if dv is not None else values.new_empty(0)), (dw if dw is not None else weights.new_empty(0))
 

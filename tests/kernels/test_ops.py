@@ -59,3 +59,15 @@ def test_triton_ops_equal_the_triton_autograd_functions(device):
     assert torch.equal(idx_op, idx) and torch.equal(out_op, out)
     for name, a, b in zip(("query", "keys1", "keys2", "values"), grads_op, grads):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_bag_backward_is_the_references_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(64, 6, generator=g).to(dtype).requires_grad_()
+    indices = torch.randint(0, 64, (10, 2, 4), generator=g)
+    weights = torch.rand(10, 2, 4, generator=g).to(dtype).requires_grad_()
+    probe = torch.randn(10, 6, generator=g).to(dtype)
+    got = torch.autograd.grad((ops.embedding_bag(values, indices, weights, "torch") * probe).sum(), (values, weights))
+    want = torch.autograd.grad((reference.embedding_bag(values, indices, weights) * probe).sum(), (values, weights))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

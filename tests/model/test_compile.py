@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -27,6 +28,7 @@ def _train(model, batches, recorder):
     return losses, grads, slots
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager_without_graph_breaks(make_model_config):
     torch._dynamo.reset()
     cfg = make_model_config(memory=dict(kernel="torch"), n_layers=2)  # block 1 is a memory block
