@@ -178,8 +178,10 @@ _embedding_bag.register_autograd(_bag_backward, setup_context=_bag_setup)
 # An opaque op hides its matmuls from the counter; these formulas state them with the
 # convention of pretrain/model/accounting.py (multiply-add = 2, backward = 2x forward).
 # The bag is a gather, not a matmul, and is left uncounted here as it is for aten ops.
-# Registered on the first eager call: torch.utils.flop_counter imports triton, which must
+# Registered by `register_flop_formulas()` (called when a memory layer is built, and on the
+# first eager op call), not at import: torch.utils.flop_counter imports triton, which must
 # not happen at import time (the kernel tests choose interpreted or compiled Triton first).
+# A FlopCounterMode copies the registry when it is created, so register before that.
 _flop_formulas_registered = False
 
 
@@ -188,7 +190,8 @@ def _scoring_flops(query_shape, keys_shape) -> int:
     return 2 * T * H * keys_shape[1] * k_dim  # both half-key sets: 2 * T * H * n_keys * (k_dim / 2) each
 
 
-def _register_flop_formulas() -> None:
+def register_flop_formulas() -> None:
+    """Tell torch's FlopCounterMode the scoring ops' FLOPs (idempotent)."""
     global _flop_formulas_registered
     if _flop_formulas_registered:
         return
@@ -209,7 +212,7 @@ def pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str =
     """`kernels.pkm_topk` as one custom op (same arguments, checks and result)."""
     kernels.resolve_backend(backend, query)  # a bad name fails here, before any tracing
     if not torch.compiler.is_compiling():
-        _register_flop_formulas()
+        register_flop_formulas()
     return torch.ops.memlayers.pkm_topk(query, keys1, keys2, k, backend)
 
 

@@ -98,6 +98,7 @@ class MemoryPlus(nn.Module):
         self.last_indices: torch.Tensor | None = None  # (B*S, H, k), for slot statistics
         self.last_weights: torch.Tensor | None = None
         self._lookup_hooks: OrderedDict[int, LookupHook] = OrderedDict()
+        kernels.ops.register_flop_formulas()  # so that a FlopCounterMode created later sees the scoring
         self.reset_keys()
 
     def register_lookup_hook(self, hook: LookupHook) -> torch.utils.hooks.RemovableHandle:
