@@ -118,7 +118,7 @@ def run_variant(v: dict, args, tmp: Path, round_index: int) -> dict:
     out_file = tmp / "worker.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", str(out_file)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"error: variant {name_of(v)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out_file.read_text())

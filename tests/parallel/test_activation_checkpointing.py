@@ -3,17 +3,19 @@ gradients and handed-over slots equal mode none, for world 1 and for world 2 wit
 (where a recomputation must replay, not repeat, the value-pool collectives)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-
 from parallel_helpers import GLOBAL_BATCH, OPTIM, batches, tiny_cfg
+
 from pretrain.model.lookups import LookupRecorder
 from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel import MemoryParallel, init_memory_groups
-from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing, checkpointed_layers
+from pretrain.parallel.activation_checkpointing import (
+    apply_activation_checkpointing,
+    checkpointed_layers,
+)
 from pretrain.spawn import run_gloo
 
 MODES = ("full", "memory", "selective")
