@@ -2,7 +2,8 @@
 
 Knows nothing of training. `backend` picks the implementation: "auto" uses Triton for
 CUDA tensors (when Triton is importable) and the PyTorch reference otherwise;
-"triton" and "torch" force one. All paths are differentiable.
+"triton" and "torch" force one. All paths are differentiable. `kernels.ops` wraps both
+functions as `torch.library` custom ops (fake + autograd), the form torch.compile keeps whole.
 """
 from __future__ import annotations
 

@@ -85,6 +85,10 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop (save and exit) | skip (drop the step, count it)
     max_skipped_steps: int = 20
     stop_after: int = 0  # checkpoint and exit after this step (a time slice); 0 = run to max_steps
+    # none | full | memory | selective (pretrain/parallel/activation_checkpointing.py says what each keeps)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_layers: list[int] = field(default_factory=list)  # selective: these blocks
+    compile: bool = False  # torch.compile each block (pretrain/parallel/compile.py)
 
 
 @dataclass
@@ -218,6 +222,16 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
                 "model.memory.kernel=triton needs a CUDA device (this run is on CPU): use "
                 "model.memory.kernel=auto or torch, or set TRITON_INTERPRET=1 to interpret the kernels (slow)"
             )
+    if t.activation_checkpointing not in ("none", "full", "memory", "selective"):
+        raise ConfigError(f"train.activation_checkpointing={t.activation_checkpointing!r} must be none, full, "
+                          "memory or selective")
+    if t.activation_checkpointing_layers and t.activation_checkpointing != "selective":
+        raise ConfigError("train.activation_checkpointing_layers is only read with "
+                          "train.activation_checkpointing=selective: set that mode or drop the list")
+    bad = [i for i in t.activation_checkpointing_layers if not 0 <= i < cfg.model.n_layers]
+    if bad:
+        raise ConfigError(f"train.activation_checkpointing_layers={list(t.activation_checkpointing_layers)} "
+                          f"names blocks {bad} outside 0..{cfg.model.n_layers - 1} (model.n_layers)")
     if t.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"train.nan_policy={t.nan_policy!r} must be 'stop' or 'skip'")
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:

@@ -10,7 +10,8 @@ Memory-layer regions come from record_function names in the model code:
   memory/scoring        MemoryPlus.search (query projection, product-key top-k, softmax)
   memory/bag_forward    the value-table read (for P > 1 it contains the communication)
   memory/communication  the forward collectives of the partitioned table (P > 1)
-  bag backward          autograd nodes named *EmbeddingBagBackward* (reference and Triton)
+  bag backward          autograd nodes named *EmbeddingBagBackward* (reference and Triton), or
+                        the custom op memlayers::embedding_bag_backward (kernels/ops.py)
 Shares are of the summed train/forward + train/backward + train/step regions (named in
 pretrain/train.py); evaluation (its "eval" region) and checkpointing are left out.
 """
@@ -44,7 +45,8 @@ class ProfileReport:
 
 
 def _is_bag_backward(name: str) -> bool:
-    return "EmbeddingBagBackward" in name or (name.startswith("aten::_embedding_bag") and "backward" in name)
+    return ("EmbeddingBagBackward" in name or name == "memlayers::embedding_bag_backward"  # the custom op
+            or (name.startswith("aten::_embedding_bag") and "backward" in name))
 
 
 def _intervals_total(events) -> float:

@@ -137,12 +137,6 @@ def slot_stream_names(cfg: RunConfig) -> list[str]:
     return model_names.slot_stream_names(cfg.model.memory)
 
 
-def slot_indices(memory_layers, with_shared_table: bool) -> list[torch.Tensor]:
-    """The last forward's slot indices per layer (and all layers joined for a shared table)."""
-    per_layer = [layer.last_indices for layer in memory_layers]
-    return per_layer + ([torch.cat(per_layer, dim=1)] if with_shared_table else [])
-
-
 def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
     """The step's loss averaged over ranks, and whether every rank's loss was finite.
 
@@ -178,7 +172,10 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     from pretrain.data import Tokenizer, load_probes
     from pretrain.data.checks import check_trainable
     from pretrain.evaluate import encode_probes, fact_recall, validation_loss
+    from pretrain.model.lookups import LookupRecorder
     from pretrain.parallel import MemoryParallel, init_memory_groups
+    from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
+    from pretrain.parallel.compile import apply_compile
     from pretrain.slurm import requeue_job
 
     t, device = cfg.train, info.device
@@ -211,12 +208,16 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     model.to_empty(device=device)
     seed_everything(t.seed)
     model.reset_parameters()
+    if t.compile:
+        apply_compile(model)
+    apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_checkpointing_layers)
     optimizer = build_dense_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
     )
     memory_layers = model.memory_layers()
     shared_table_stream = len(slot_stream_names(cfg)) > len(memory_layers)
+    lookups = LookupRecorder(memory_layers) if cfg.slots.enabled else None
     train_loader = build_loader(cfg, sources, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, device)
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=info.is_main)
@@ -307,7 +308,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
                     engine.backward(loss)
                 losses.append(loss.detach())
                 if stats is not None:
-                    stats.update(slot_indices(memory_layers, shared_table_stream), batch.doc_ids.to(device))
+                    stats.update(lookups.take(shared_table_stream), batch.doc_ids.to(device))
                 if micro_step < gas - 1:
                     with record_function(regions.STEP):
                         engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary

@@ -1,75 +1,232 @@
-"""CPU training throughput: the tiny memory model vs its dense baseline, side by side.
+"""Training throughput, MFU and peak memory: a memory model vs its dense baseline, side by side.
 
-Runs the real trainer (DeepSpeed engine, value pool, slot counters) in this process on
-the embedded corpus, alternating the two configs for several rounds so both see the same
-machine load, and reports median tokens/s of each and their ratio.
+Every variant (model x compile x activation checkpointing) runs the real trainer
+(DeepSpeed engine, value pool, slot counters) for a few steps in its own fresh
+process, so that each peak memory is its own (CUDA max allocated; peak RSS on CPU)
+and no compile cache is shared. Rounds alternate the variants so that all of them
+see the same machine load; the report takes medians and prints the ratios of one run:
 
-    python tools/bench_train.py --steps 20 --rounds 3
+    python tools/bench_train.py --config configs/tiny.yaml --compile both --ac none,full \
+        --steps 10 --rounds 2 --json bench.json --markdown bench.md
+    python tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile on   # GPU
+
+The dense baseline defaults to configs/<name>_dense.yaml (same active parameters).
+
+FLOPs and MFU. `flops_per_token` (pretrain/model/accounting.py) counts training FLOPs
+(multiply-add = 2, backward = 2 x forward) of every matmul, attention's QK^T and AV,
+and, in a memory layer, the query projection, the half-key scoring (2 H n_keys k_dim),
+the bag as H k v_dim multiply-adds, the gate and the output projection; value rows
+are read, not multiplied, so the table's size does not count. Reported per variant:
+  tflops_counted   counted FLOPs x tokens/s (what the trainer logs as MFU's numerator)
+  mfu              tflops_counted / the device's dense bf16 peak
+  mfu_dense_equiv  the dense baseline's FLOPs per token x this variant's tokens/s / peak:
+                   the MFU a memory model earns for doing its dense twin's work; equal to
+                   the baseline's MFU exactly when both train equally fast.
+CPU runs have no peak (MFU n/a); the ratios still hold.
+
+Each timed run skips its first --warmup steps (compilation happens there) and writes
+no checkpoint (the trainer's save is replaced by a no-op in the worker process: a
+paper-scale checkpoint would cost minutes of disk, outside the timed steps anyway).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.train import train  # noqa: E402
 
-WARMUP_STEPS = 3
+# ----------------------------------------------------------------------------- worker
+def run_worker(spec: dict) -> dict:
+    """One variant in this process: train spec['steps'] steps, return times and memory."""
+    import resource
+
+    import torch
+
+    import pretrain.train as train_module
+    from pretrain.config import load_config
+    from pretrain.metrics import device_peak_flops
+    from pretrain.model import flops_per_token
+
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cfg = load_config(spec["config"], [
+        f"train.run_dir={spec['run_dir']}", f"train.max_steps={spec['steps']}",
+        f"data.cache_dir={spec['data_cache']}", f"train.dtype={spec['dtype']}",
+        f"train.compile={str(spec['compile']).lower()}", f"train.activation_checkpointing={spec['ac']}",
+        "train.eval_every=1000000000", "train.checkpoint_every=1000000000", "train.log_every=1000000000",
+        "train.eval_batches=1", "train.probe_limit=1", *spec["overrides"],
+    ])
+    train_module.Checkpointer.save = lambda self, step, *args, **kwargs: Path(self.root) / f"step_{step:08d}"
+    result = train_module.train(cfg)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    return {
+        "step_times": result.step_times[spec["warmup"]:],
+        "tokens_per_step": cfg.train.global_batch * cfg.data.seq_len,
+        "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)["total"],
+        "peak_flops": device_peak_flops(device),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
+        "rss_at_start_bytes": rss_start,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "final_loss": result.losses[-1] if result.losses else None,
+    }
 
 
-def measure(config: str, overrides: list[str], steps: int, run_dir: Path) -> list[float]:
-    """Seconds per step of a fresh run (the first steps excluded as warm-up)."""
-    cfg = load_config(config, [f"train.run_dir={run_dir}", f"train.max_steps={steps + WARMUP_STEPS}",
-                               "train.eval_every=100000", "train.checkpoint_every=100000",
-                               "train.log_every=100000", *overrides])
-    result = train(cfg)
-    return result.step_times[WARMUP_STEPS:]
+# ----------------------------------------------------------------------------- driver
+def dense_config_for(config: str) -> str:
+    path = Path(config)
+    dense = path.with_name(f"{path.stem}_dense{path.suffix}")
+    if not dense.is_file():
+        raise SystemExit(f"error: no dense baseline {dense} for {config}: pass --dense-config")
+    return str(dense)
+
+
+def variants(args) -> list[dict]:
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    modes = [m.strip() for m in args.ac.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("none", "full", "memory", "selective")]
+    if bad:
+        raise SystemExit(f"error: --ac {args.ac}: {bad} not among none, full, memory, selective")
+    models = {"memory": args.config, "dense": args.dense_config or dense_config_for(args.config)}
+    out = []
+    for (model, config), compile_on, mode in itertools.product(models.items(), compiles, modes):
+        if model == "dense" and mode == "memory":
+            continue  # no memory block to checkpoint
+        out.append({"model": model, "config": config, "compile": compile_on, "ac": mode})
+    return out
+
+
+def name_of(v: dict) -> str:
+    return f"{v['model']}/{'compiled' if v['compile'] else 'eager'}/ac={v['ac']}"
+
+
+def run_variant(v: dict, args, tmp: Path, round_index: int) -> dict:
+    spec = dict(v, steps=args.steps + args.warmup, warmup=args.warmup, dtype=args.dtype,
+                run_dir=str(tmp / f"{name_of(v).replace('/', '-')}-{round_index}"),
+                data_cache=str(args.data_cache), overrides=args.overrides)
+    out_file = tmp / "worker.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", str(out_file)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: variant {name_of(v)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out_file.read_text())
+
+
+def summarise(v: dict, runs: list[dict]) -> dict:
+    times = [t for r in runs for t in r["step_times"]]
+    first = runs[0]
+    median = statistics.median(times)
+    tokens_per_s = first["tokens_per_step"] / median
+    peak = first["peak_flops"]
+    return {
+        "variant": name_of(v), **v, "median_step_s": median, "tokens_per_s": tokens_per_s,
+        "steps_measured": len(times),
+        "tflops_counted": first["flops_per_token"] * tokens_per_s / 1e12,
+        "mfu": first["flops_per_token"] * tokens_per_s / peak if peak else None,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "memory_kind": first["memory_kind"],
+        "rss_at_start_bytes": first["rss_at_start_bytes"], "flops_per_token": first["flops_per_token"],
+        "device": first["device"], "peak_flops": peak,
+    }
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """mfu_dense_equiv per row; memory/dense, compiled/eager and AC/none ratios."""
+    by_key = {(r["model"], r["compile"], r["ac"]): r for r in rows}
+    ratios = []
+    for r in rows:
+        dense = by_key.get(("dense", r["compile"], r["ac"] if r["ac"] != "memory" else "none"))
+        if dense is not None and r["peak_flops"]:
+            r["mfu_dense_equiv"] = dense["flops_per_token"] * r["tokens_per_s"] / r["peak_flops"]
+        else:
+            r["mfu_dense_equiv"] = None
+        if r["model"] == "memory" and dense is not None and dense["ac"] == r["ac"]:
+            ratios.append({"ratio": f"memory/dense step time ({'compiled' if r['compile'] else 'eager'}, ac={r['ac']})",
+                           "value": r["median_step_s"] / dense["median_step_s"]})
+        eager = by_key.get((r["model"], False, r["ac"]))
+        if r["compile"] and eager is not None:
+            ratios.append({"ratio": f"compiled/eager step time ({r['model']}, ac={r['ac']})",
+                           "value": r["median_step_s"] / eager["median_step_s"]})
+        none = by_key.get((r["model"], r["compile"], "none"))
+        if r["ac"] != "none" and none is not None:
+            tag = f"({r['model']}, {'compiled' if r['compile'] else 'eager'}, ac={r['ac']} / none)"
+            ratios.append({"ratio": f"peak memory {tag}", "value": r["peak_memory_bytes"] / none["peak_memory_bytes"]})
+            ratios.append({"ratio": f"step time {tag}", "value": r["median_step_s"] / none["median_step_s"]})
+    return ratios
+
+
+def table(rows: list[dict], ratios: list[dict]) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    lines = ["| variant | ms/step | tokens/s | TFLOP/s counted | MFU | MFU dense-equiv | peak memory |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops_counted']:.3f} | {pct(r['mfu'])} | {pct(r['mfu_dense_equiv'])} | "
+                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['memory_kind']}) |")
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {q['ratio']} | {q['value']:.3f} |" for q in ratios]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory-config", default="configs/tiny.yaml")
-    parser.add_argument("--dense-config", default="configs/tiny_dense.yaml")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to both configs")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="the memory model's config")
+    parser.add_argument("--dense-config", default=None, help="default: configs/<name>_dense.yaml")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", default="off", choices=["off", "on", "both"])
+    parser.add_argument("--ac", default="none", help="comma-separated train.activation_checkpointing modes")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps per run (compilation)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data-cache", type=Path, default=Path(tempfile.gettempdir()) / "memlayers-bench-data")
+    parser.add_argument("--json", type=Path, default=None, help="write rows, ratios and settings here")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     args = parser.parse_args(argv)
+    if args.worker:
+        Path(args.worker_out).write_text(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        raise SystemExit("error: --steps and --rounds must be >= 1, --warmup >= 0")
 
-    times: dict[str, list[float]] = {"memory": [], "dense": []}
-    configs = {"memory": args.memory_config, "dense": args.dense_config}
-    tokens_per_step = {}
+    todo = variants(args)
+    runs: dict[str, list[dict]] = {name_of(v): [] for v in todo}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for round_index in range(args.rounds):
-            for name, config in configs.items():
-                run_dir = Path(tmp) / f"{name}-{round_index}"
-                times[name] += measure(config, args.overrides, args.steps, run_dir)
-                cfg = load_config(config, args.overrides)
-                tokens_per_step[name] = cfg.train.global_batch * cfg.data.seq_len
-                print(f"round {round_index + 1}/{args.rounds} {name}: "
-                      f"median {statistics.median(times[name]) * 1e3:.1f} ms/step", flush=True)
-    report = {}
-    for name in configs:
-        median = statistics.median(times[name])
-        report[name] = {"median_step_s": median, "tokens_per_s": tokens_per_step[name] / median,
-                        "steps_measured": len(times[name])}
-    report["memory_over_dense_time"] = report["memory"]["median_step_s"] / report["dense"]["median_step_s"]
-    print(f"\n{'model':8} {'ms/step':>9} {'tokens/s':>10}")
-    for name in configs:
-        r = report[name]
-        print(f"{name:8} {r['median_step_s'] * 1e3:9.1f} {r['tokens_per_s']:10,.0f}")
-    print(f"memory / dense step time: {report['memory_over_dense_time']:.2f}x "
-          f"(same active parameters; threads: {os.environ.get('OMP_NUM_THREADS', 'default')})")
+            for i, v in enumerate(todo):
+                runs[name_of(v)].append(run_variant(v, args, Path(tmp), round_index))
+                r = runs[name_of(v)][-1]
+                print(f"round {round_index + 1}/{args.rounds} [{i + 1}/{len(todo)}] {name_of(v)}: "
+                      f"median {statistics.median(r['step_times']) * 1e3:.1f} ms/step, "
+                      f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+    rows = [summarise(v, runs[name_of(v)]) for v in todo]
+    ratios = add_ratios(rows)
+    text = table(rows, ratios)
+    print()
+    print(text)
+    print(f"\n{rows[0]['device']}, dtype {args.dtype}, {args.steps} timed steps x {args.rounds} rounds, "
+          f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios, "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("worker", "worker_out")}}, indent=2))
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
     return 0
 
 

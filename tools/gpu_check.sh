@@ -75,4 +75,19 @@ want train && stage train "${TRAIN_S:-100}" "$OUT/bench.log" \
     python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
     train.max_steps=100 train.eval_every=100 train.log_every=10 train.checkpoint_every=100 \
     "train.run_dir=$WORK/train" "data.cache_dir=$WORK/data"
+# Training throughput at real sizes on one GPU (issue 16): memory model vs its dense baseline
+# of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
+# (tools/bench_train.py). Its own call, as the kernel stages already fill the 8 files that come back:
+#   run(command="COMMIT=<sha> STAGES='train373 train1p3b' bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# Writes bench_train_373m.{json,md} and bench_train_1p3b.{json,md}; copy them with summary.txt
+# into benchmarks/train-<device>/ (README "Activation checkpointing and compile" says what to read).
+# 373M: eager vs compiled, no checkpointing; 1.3B: compiled, checkpointing none vs full.
+want train373 && stage train373 "${TRAIN373_S:-200}" "$OUT/trainbench.log" \
+    python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile both --ac none \
+    --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$OUT/bench_train_373m.json" \
+    --markdown "$OUT/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
+want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
+    python3 tools/bench_train.py --config configs/smf_1p3b.yaml --dtype bf16 --compile on --ac none,full \
+    --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$OUT/bench_train_1p3b.json" \
+    --markdown "$OUT/bench_train_1p3b.md" model.memory.kernel=triton train.global_batch=4 train.micro_batch=4
 exit $status

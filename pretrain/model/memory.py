@@ -9,13 +9,17 @@ without touching this code.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+import kernels.ops
 from pretrain import profiler_regions as regions
+from pretrain.model import recompute
 from pretrain.model.config import ConfigError, ModelConfig
 
 
@@ -63,11 +67,22 @@ class ValueTable(nn.Module):
                     out[r0:r1, lo - col_start : hi - col_start].copy_(tile[:, lo - b0 : hi - b0])
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return kernels.embedding_bag(self.weight, indices, weights, backend=self.kernel)
+        return kernels.ops.embedding_bag(self.weight, indices, weights, backend=self.kernel)
+
+
+LookupHook = Callable[["MemoryPlus", torch.Tensor, torch.Tensor], None]
 
 
 class MemoryPlus(nn.Module):
-    """Memory+: out = W2(bag(values; topk(q, product keys)) * silu(W1 x))."""
+    """Memory+: out = W2(bag(values; topk(q, product keys)) * silu(W1 x)).
+
+    Slot hand-over: `register_lookup_hook(hook)` makes every real forward call
+    hook(layer, indices, weights) with the detached (B*S, heads, k) slot indices and
+    weights; an activation checkpoint's recomputation calls no hook (see
+    pretrain/model/recompute.py), so readers such as the slot counters see each lookup
+    once. `last_indices` / `last_weights` hold the same tensors for interactive readers
+    (export, finetuning, tools), also set on real forwards only.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -83,7 +98,15 @@ class MemoryPlus(nn.Module):
         self.out_proj = nn.Linear(self.v_dim, cfg.dim, bias=False)  # W2
         self.last_indices: torch.Tensor | None = None  # (B*S, H, k), for slot statistics
         self.last_weights: torch.Tensor | None = None
+        self._lookup_hooks: OrderedDict[int, LookupHook] = OrderedDict()
+        kernels.ops.register_flop_formulas()  # so that a FlopCounterMode created later sees the scoring
         self.reset_keys()
+
+    def register_lookup_hook(self, hook: LookupHook) -> torch.utils.hooks.RemovableHandle:
+        """Call hook(layer, indices, weights) once per real forward; returns a removable handle."""
+        handle = torch.utils.hooks.RemovableHandle(self._lookup_hooks)
+        self._lookup_hooks[handle.id] = hook
+        return handle
 
     def reset_keys(self) -> None:
         bound = 1.0 / math.sqrt(self.k_dim)
@@ -99,7 +122,7 @@ class MemoryPlus(nn.Module):
             keys1 = F.rms_norm(keys1, (keys1.shape[-1],))
             keys2 = F.rms_norm(keys2, (keys2.shape[-1],))
         q = q.flatten(-2)
-        return kernels.pkm_topk(q, keys1.to(q.dtype), keys2.to(q.dtype), self.k, backend=self.kernel)
+        return kernels.ops.pkm_topk(q, keys1.to(q.dtype), keys2.to(q.dtype), self.k, backend=self.kernel)
 
     def forward(self, x: torch.Tensor, values: nn.Module) -> torch.Tensor:
         if getattr(values, "v_dim", self.v_dim) != self.v_dim:
@@ -108,7 +131,10 @@ class MemoryPlus(nn.Module):
             )
         with torch.profiler.record_function(regions.SCORING):
             weights, indices = self.search(x)
-        self.last_indices, self.last_weights = indices.detach(), weights.detach()
+        if not recompute.recomputing():
+            self.last_indices, self.last_weights = indices.detach(), weights.detach()
+            for hook in self._lookup_hooks.values():
+                hook(self, self.last_indices, self.last_weights)
         with torch.profiler.record_function(regions.BAG_FORWARD):
             bag = values(indices, weights).reshape(*x.shape[:-1], self.v_dim).to(x.dtype)
         return self.out_proj(bag * F.silu(self.gate_proj(x)))

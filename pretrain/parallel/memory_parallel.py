@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pretrain.model import recompute
 from pretrain.parallel import accounting, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.values import PartitionedValueTable, parallelize_memory
@@ -41,6 +42,8 @@ class MemoryParallel:
             )
 
     def _record_lookup(self, table, args) -> None:
+        if recompute.recomputing():  # an activation checkpoint's replay moves no bytes
+            return
         indices, weights = args
         self._lookups.append((indices.shape[0], indices[0].numel() if indices.shape[0] else 0,
                               weights.element_size(), table.shard.element_size()))

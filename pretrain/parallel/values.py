@@ -11,14 +11,21 @@ gradient reduction and checkpoints). Forward, for tokens (T, H, k) on each rank:
 
 Every rank of a memory group must run the same lookups in the same order (forward
 and backward), as the collectives pair up across ranks; token counts may differ.
+
+Under activation checkpointing the collectives run once, on the real forward: the
+gathered indices/weights and the exchanged output are recorded on the region's
+`LookupTape` and replayed by the recomputation, which only re-runs the local bag (to
+rebuild the tensors its backward saves). The output kept per lookup is (T, v_dim), the
+size of one hidden state; the gathered indices/weights are (P * T, H, k).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-import kernels
+import kernels.ops
 from pretrain import profiler_regions as regions
+from pretrain.model import recompute
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
 from pretrain.parallel.comm import CommCounter, all_to_all_rows, exchange_counts, gather_tokens
@@ -84,15 +91,24 @@ class PartitionedValueTable(nn.Module):
             raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
         group, P = self.groups.memory_group, self.parallel_size
         if P == 1:
-            return kernels.embedding_bag(self.shard, indices, weights, backend=self.kernel)
+            return kernels.ops.embedding_bag(self.shard, indices, weights, backend=self.kernel)
         T = indices.shape[0]
-        with torch.profiler.record_function(regions.COMMUNICATION):
+        tape = recompute.current_tape()
+        if tape is not None and tape.replaying:
+            # leaves with the real forward's requires_grad, so that the ops after the lookup
+            # save the same tensors as they did then (their gradients are never taken)
+            all_idx, all_w, mine = (t.requires_grad_(flag) for t, flag in tape.replay())
+            kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)  # its saved tensors only
+            return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
+        with torch.profiler.record_function(regions.COMMUNICATION):  # named for pretrain/profiling.py
             counts = exchange_counts(T, group, self.counter, indices.device)
             all_idx = gather_tokens(indices, counts, group, self.counter)
             all_w = gather_tokens(weights, counts, group, self.counter)
-        part = kernels.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)
+        part = kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)
         with torch.profiler.record_function(regions.COMMUNICATION):
             mine = all_to_all_rows(part, counts, [T] * P, group, self.counter)  # (P * T, v_dim / P)
+        if tape is not None:
+            tape.record(tuple((t.detach(), t.requires_grad) for t in (all_idx, all_w, mine)))
         return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
 
 

@@ -1,0 +1,225 @@
+"""The memory kernels as `torch.library` custom ops: one opaque op per lookup step.
+
+`torch.compile` cannot trace into a Triton launch wrapped in an `autograd.Function`
+nor through the reference's data-dependent top-k without breaking the graph at every
+memory layer. Registered as custom ops with fake (meta) implementations and autograd
+formulas, each lookup is one node that dynamo/inductor keep whole:
+
+  memlayers::pkm_topk            (query, keys1, keys2, k, backend) -> (weights, indices)
+  memlayers::pkm_topk_backward   -> (dquery, dkeys1, dkeys2)
+  memlayers::embedding_bag       (values, indices, weights, backend, value_grad) -> (T, d)
+  memlayers::embedding_bag_backward -> (dvalues, dweights)
+
+The forward ops call the public dispatch in `kernels` (Triton on CUDA, the reference
+otherwise), so they follow whatever the kernel modules do. The backward ops are ops too
+(so AOTAutograd can trace the backward graph around them):
+  * Triton backend: the Triton modules' own backward functions on the saved tensors.
+  * torch backend: the scoring's closed-form gradient on the saved indices (a gather of
+    the selected half-key rows), checked against the reference's autograd in float64;
+    the bag's backward is the aten kernels the reference's autograd calls (bitwise).
+`value_grad="sparse"` (a sparse COO gradient whose size depends on the data) has no
+fake implementation; it keeps the plain `kernels.embedding_bag` path.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+import kernels
+
+
+# ------------------------------------------------------------------ PyTorch backward formulas
+def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indices):
+    """d(softmax weights)/d(query, keys) through the selected half-key rows only.
+
+    score_j = q1 . keys1[h, i1_j] + q2 . keys2[h, i2_j] (i1 = index // n, i2 = index % n);
+    the softmax backward gives d score; each selected half-key row receives d score x q.
+    """
+    n, half = keys1.shape[1], keys1.shape[2]
+    acc = torch.promote_types(query.dtype, torch.float32)
+    w, g = weights.to(acc), grad_weights.to(acc)
+    dscore = w * (g - (g * w).sum(-1, keepdim=True))  # (T, H, k)
+    heads = torch.arange(keys1.shape[0], device=query.device)[None, :, None].expand_as(indices)
+    grads = []
+    for part, keys, rows in ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n)):
+        part, keys = part.to(acc), keys.to(acc)
+        dpart = torch.einsum("thj,thjd->thd", dscore, keys[heads, rows])
+        dkeys = torch.zeros_like(keys).index_put_((heads, rows), dscore[..., None] * part[:, :, None, :],
+                                                   accumulate=True)
+        grads.append((dpart, dkeys))
+    (dq1, dk1), (dq2, dk2) = grads
+    return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
+
+
+def _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values, need_weights):
+    """The reference bag's backward: the aten kernels F.embedding_bag's autograd calls, fed the
+    bag layout of a 2-D input (T bags of H*k rows), so the gradients are the reference's bit
+    for bit and no (T, H*k, d) gather is materialised."""
+    T = indices.shape[0]
+    flat = indices.reshape(-1)
+    per_bag = flat.numel() // T if T else 0
+    acc = torch.float32 if values.dtype in (torch.bfloat16, torch.float16) else values.dtype  # as the reference
+    g, table = grad_out.to(acc), values.to(acc)
+    device = values.device
+    offsets = torch.arange(0, flat.numel(), max(per_bag, 1), device=device)[:T]
+    offset2bag = torch.arange(T, device=device).repeat_interleave(per_bag)
+    dv = dw = None
+    if need_values:
+        bag_size = torch.full((T,), per_bag, dtype=torch.int64, device=device)
+        unused_max = torch.zeros(T, values.shape[1], dtype=torch.int64, device=device)  # mode sum reads none
+        dv = torch.ops.aten._embedding_bag_backward(
+            g, flat, offsets, offset2bag, bag_size, unused_max, values.shape[0], False, 0, False,
+            weights.reshape(-1).to(acc), -1).to(values.dtype)
+    if need_weights:
+        dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, table, flat, offsets, offset2bag, 0, -1).reshape(weights.shape).to(weights.dtype)
+    return dv, dw
+
+
+# ------------------------------------------------------------------ product-key top-k
+@torch.library.custom_op("memlayers::pkm_topk", mutates_args=())
+def _pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
+    weights, indices = kernels.pkm_topk(query, keys1, keys2, k, backend=backend)
+    return weights, indices
+
+
+@_pkm_topk.register_fake
+def _pkm_topk_fake(query, keys1, keys2, k, backend):
+    T, H = query.shape[0], query.shape[1]
+    return query.new_empty(T, H, k), query.new_empty(T, H, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("memlayers::pkm_topk_backward", mutates_args=())
+def _pkm_topk_backward(grad_weights: Tensor, query: Tensor, keys1: Tensor, keys2: Tensor, weights: Tensor,
+                       indices: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if kernels.resolve_backend(backend, query) == "triton":
+        from kernels import pkm_triton
+
+        return pkm_triton.pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices)
+    return _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indices)
+
+
+@_pkm_topk_backward.register_fake
+def _pkm_topk_backward_fake(grad_weights, query, keys1, keys2, weights, indices, k, backend):
+    return torch.empty_like(query), torch.empty_like(keys1), torch.empty_like(keys2)
+
+
+def _pkm_setup(ctx, inputs, output):
+    query, keys1, keys2, k, backend = inputs
+    weights, indices = output
+    ctx.save_for_backward(query, keys1, keys2, weights, indices)
+    ctx.k, ctx.backend = k, backend
+
+
+def _pkm_backward(ctx, grad_weights, grad_indices):
+    query, keys1, keys2, weights, indices = ctx.saved_tensors
+    if grad_weights is None:
+        grad_weights = torch.zeros_like(weights)
+    dq, dk1, dk2 = _pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices, ctx.k, ctx.backend)
+    return dq, dk1, dk2, None, None
+
+
+_pkm_topk.register_autograd(_pkm_backward, setup_context=_pkm_setup)
+
+
+# ------------------------------------------------------------------ weighted embedding bag
+@torch.library.custom_op("memlayers::embedding_bag", mutates_args=())
+def _embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, backend: str, value_grad: str) -> Tensor:
+    return kernels.embedding_bag(values, indices, weights, backend=backend, value_grad=value_grad)
+
+
+@_embedding_bag.register_fake
+def _embedding_bag_fake(values, indices, weights, backend, value_grad):
+    return values.new_empty(indices.shape[0], values.shape[1])
+
+
+@torch.library.custom_op("memlayers::embedding_bag_backward", mutates_args=())
+def _embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor, backend: str,
+                            value_grad: str, need_values: bool, need_weights: bool) -> tuple[Tensor, Tensor]:
+    if kernels.resolve_backend(backend, values) == "triton":
+        from kernels import bag_triton
+
+        # the Triton autograd function's own backward, on the tensors its forward would have saved
+        ctx = SimpleNamespace(saved_tensors=(values, indices, weights), value_grad=value_grad,
+                              needs_input_grad=(need_values, False, need_weights, False))
+        dv, _, dw, _ = bag_triton.EmbeddingBag.backward(ctx, grad_out)
+    else:
+        dv, dw = _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values, need_weights)
+    # an op returns tensors only: an unneeded gradient comes back empty and is dropped
+    return (dv if dv is not None else values.new_empty(0)), (dw if dw is not None else weights.new_empty(0))
+
+
+@_embedding_bag_backward.register_fake
+def _embedding_bag_backward_fake(grad_out, values, indices, weights, backend, value_grad, need_values, need_weights):
+    return (torch.empty_like(values) if need_values else values.new_empty(0),
+            torch.empty_like(weights) if need_weights else weights.new_empty(0))
+
+
+def _bag_setup(ctx, inputs, output):
+    values, indices, weights, backend, value_grad = inputs
+    ctx.save_for_backward(values, indices, weights)
+    ctx.backend, ctx.value_grad = backend, value_grad
+
+
+def _bag_backward(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dv, dw = _embedding_bag_backward(grad_out.contiguous(), values, indices, weights, ctx.backend, ctx.value_grad,
+                                     need_values, need_weights)
+    return (dv if need_values else None), None, (dw if need_weights else None), None, None
+
+
+_embedding_bag.register_autograd(_bag_backward, setup_context=_bag_setup)
+
+
+# ------------------------------------------------------------------ FLOPs, for torch's FlopCounterMode
+# An opaque op hides its matmuls from the counter; these formulas state them with the
+# convention of pretrain/model/accounting.py (multiply-add = 2, backward = 2x forward).
+# The bag is a gather, not a matmul, and is left uncounted here as it is for aten ops.
+# Registered by `register_flop_formulas()` (called when a memory layer is built, and on the
+# first eager op call), not at import: torch.utils.flop_counter imports triton, which must
+# not happen at import time (the kernel tests choose interpreted or compiled Triton first).
+# A FlopCounterMode copies the registry when it is created, so register before that.
+_flop_formulas_registered = False
+
+
+def _scoring_flops(query_shape, keys_shape) -> int:
+    T, H, k_dim = query_shape
+    return 2 * T * H * keys_shape[1] * k_dim  # both half-key sets: 2 * T * H * n_keys * (k_dim / 2) each
+
+
+def register_flop_formulas() -> None:
+    """Tell torch's FlopCounterMode the scoring ops' FLOPs (idempotent)."""
+    global _flop_formulas_registered
+    if _flop_formulas_registered:
+        return
+    _flop_formulas_registered = True
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.memlayers.pkm_topk)
+    def _pkm_topk_flops(query_shape, keys1_shape, keys2_shape, *args, out_shape=None, **kwargs) -> int:
+        return _scoring_flops(query_shape, keys1_shape)
+
+    @register_flop_formula(torch.ops.memlayers.pkm_topk_backward)
+    def _pkm_topk_backward_flops(grad_shape, query_shape, keys1_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * _scoring_flops(query_shape, keys1_shape)
+
+
+# ------------------------------------------------------------------ public entry points
+def pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str = "auto"):
+    """`kernels.pkm_topk` as one custom op (same arguments, checks and result)."""
+    kernels.resolve_backend(backend, query)  # a bad name fails here, before any tracing
+    if not torch.compiler.is_compiling():
+        register_flop_formulas()
+    return torch.ops.memlayers.pkm_topk(query, keys1, keys2, k, backend)
+
+
+def embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto",
+                  value_grad: str = "sorted") -> Tensor:
+    """`kernels.embedding_bag` as one custom op; value_grad="sparse" keeps the plain path."""
+    kernels.resolve_backend(backend, values)
+    if value_grad == "sparse":
+        return kernels.embedding_bag(values, indices, weights, backend=backend, value_grad=value_grad)
+    return torch.ops.memlayers.embedding_bag(values, indices, weights, backend, value_grad)

@@ -1,0 +1,73 @@
+"""The custom ops (kernels/ops.py): schema, fake and autograd registrations (opcheck), the
+PyTorch backward formulas against the reference's float64 autograd, and the Triton path
+bit-for-bit equal to calling the Triton autograd functions directly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import ops, reference
+
+
+def _lookup_inputs(device, dtype, T=12, H=2, k_dim=16, n=8, k=4, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k1, k2 = torch.randn(T, H, k_dim, generator=g), torch.randn(H, n, k_dim // 2, generator=g), \
+        torch.randn(H, n, k_dim // 2, generator=g)
+    values = torch.randn(n * n, d, generator=g)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k1, k2, values)] + [k]
+
+
+def _all_grads(q, k1, k2, values, k, backend, via_ops: bool):
+    topk = ops.pkm_topk if via_ops else __import__("kernels").pkm_topk
+    bag = ops.embedding_bag if via_ops else __import__("kernels").embedding_bag
+    w, idx = topk(q, k1, k2, k, backend=backend)
+    out = bag(values, idx, w, backend=backend)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    return out, idx, torch.autograd.grad((out * probe).sum(), (q, k1, k2, values))
+
+
+def test_torch_backward_formulas_match_reference_autograd_float64():
+    q, k1, k2, values, k = _lookup_inputs("cpu", torch.float64)
+    out, idx, got = _all_grads(q, k1, k2, values, k, "torch", via_ops=True)
+    w_ref, idx_ref = reference.pkm_topk(q, k1, k2, k)
+    out_ref = reference.embedding_bag(values, idx_ref, w_ref)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    want = torch.autograd.grad((out_ref * probe).sum(), (q, k1, k2, values))
+    assert torch.equal(idx, idx_ref) and torch.equal(out, out_ref)
+    for name, a, b in zip(("query", "keys1", "keys2", "values"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_opcheck_schema_fake_and_autograd():
+    q, k1, k2, values, k = _lookup_inputs("cpu", torch.float32)
+    torch.library.opcheck(torch.ops.memlayers.pkm_topk, (q, k1, k2, k, "torch"))
+    w, idx = ops.pkm_topk(q, k1, k2, k, "torch")
+    torch.library.opcheck(torch.ops.memlayers.embedding_bag, (values, idx, w.detach().requires_grad_(), "torch",
+                                                              "sorted"))
+
+
+def test_bad_backend_is_refused_before_the_op():
+    q, k1, k2, values, k = _lookup_inputs("cpu", torch.float32)
+    with pytest.raises(ValueError, match="memory.kernel"):
+        ops.pkm_topk(q, k1, k2, k, backend="cuda")
+
+
+def test_triton_ops_equal_the_triton_autograd_functions(device):
+    q, k1, k2, values, k = _lookup_inputs(device, torch.float32, seed=1)
+    out_op, idx_op, grads_op = _all_grads(q, k1, k2, values, k, "triton", via_ops=True)
+    out, idx, grads = _all_grads(q, k1, k2, values, k, "triton", via_ops=False)
+    assert torch.equal(idx_op, idx) and torch.equal(out_op, out)
+    for name, a, b in zip(("query", "keys1", "keys2", "values"), grads_op, grads):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_bag_backward_is_the_references_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(64, 6, generator=g).to(dtype).requires_grad_()
+    indices = torch.randint(0, 64, (10, 2, 4), generator=g)
+    weights = torch.rand(10, 2, 4, generator=g).to(dtype).requires_grad_()
+    probe = torch.randn(10, 6, generator=g).to(dtype)
+    got = torch.autograd.grad((ops.embedding_bag(values, indices, weights, "torch") * probe).sum(), (values, weights))
+    want = torch.autograd.grad((reference.embedding_bag(values, indices, weights) * probe).sum(), (values, weights))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
