@@ -53,7 +53,7 @@ def format_sweep(records: list[dict]) -> str:
     by = {(r["slots"], r["variant"]): r for r in records}
     for slots in sorted({r["slots"] for r in records}):
         d, s = by.get((slots, "adamw")), by.get((slots, "sparse_adamw"))
-        if d and s:
+        if d and s and d["step_extra"]:
             lines.append(f"N={slots}: sparse/dense step time {s['step_s'] / d['step_s']:.2f}x (cpu "
                          f"{s['step_cpu_s'] / d['step_cpu_s']:.2f}x), peak memory "
                          f"{s['step_peak'] / d['step_peak']:.2f}x, step allocation {s['step_extra'] / d['step_extra']:.2f}x")

@@ -218,8 +218,8 @@ class MemoryParallel:
         written = []
         for i, t in enumerate(self.tables):
             st = self.optimizer.state.get(t.shard, {}) if self.optimizer is not None else {}
-            exp_avg = st.get("exp_avg", torch.zeros_like(t.shard))
-            exp_avg_sq = st.get("exp_avg_sq", torch.zeros_like(t.shard))
+            # missing moments (no step yet) are written as zeros by write_shard, never allocated whole
+            exp_avg, exp_avg_sq = st.get("exp_avg"), st.get("exp_avg_sq")
             step = float(st["step"]) if "step" in st else 0.0
             path = checkpoint_dir / shard_files.shard_file_name(i, g.position, g.parallel_size)
             meta = dict(table=i, shard=g.position, parallel_size=g.parallel_size, num_slots=t.num_slots,

@@ -25,12 +25,16 @@ The cost of the choice: a row read rarely has moments that decay only when it is
 so its effective step is larger than dense Adam's would be after a long gap (as with
 any lazy Adam). Weight decay is refused: decaying only the rows read would make the
 decay depend on how often a row is read.
+
+Implementation: gather the rows of the weights and both moments, apply torch's fused
+AdamW kernel to the gathered (U, width) block with step t, scatter them back. The
+arithmetic per element is the dense optimizer's, so a row read at every step matches
+`adamw` bitwise.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+from torch.optim.adamw import adamw as adamw_rows  # torch's functional AdamW
 
 from pretrain.parallel import row_grads
 
@@ -58,20 +62,19 @@ class SparseAdamW(torch.optim.Optimizer):
                 rows, grad = row_grads.rows_of(p.grad, p.shape[1], p)
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 if rows.numel() == 0:
                     continue
-                t = float(state["step"])
+                # gather the rows, run torch's fused AdamW kernel on them (the dense optimizer's
+                # arithmetic, in one pass), scatter them back; rows are unique, so each copy
+                # writes its row once (deterministic)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                grad = grad.to(p.dtype)
-                m = exp_avg.index_select(0, rows).lerp_(grad, 1 - beta1)
-                v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                x = p.index_select(0, rows).addcdiv_(m, denom, value=-lr / (1 - beta1**t))
-                # rows are unique, so each copy writes its row once (deterministic)
+                x, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+                adamw_rows([x], [grad.to(p.dtype)], [m], [v], [], [state["step"] - 1], fused=True, amsgrad=False,
+                           beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0, eps=eps, maximize=False)
                 exp_avg.index_copy_(0, rows, m)
                 exp_avg_sq.index_copy_(0, rows, v)
                 p.index_copy_(0, rows, x)
