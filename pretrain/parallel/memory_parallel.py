@@ -233,23 +233,26 @@ class MemoryParallel:
         checkpoint_dir = Path(checkpoint_dir)
         saved_p = shard_files.saved_parallel_size(checkpoint_dir, len(self.tables))
         for i, t in enumerate(self.tables):
-            cols, step, meta = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end)
+            # one tensor at a time, so that at most one shard-sized copy is in flight
+            cols, step, meta = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end,
+                                                        names=("weight",))
             if int(meta["num_slots"]) != t.num_slots or int(meta["v_dim"]) != t.v_dim:
                 raise shard_files.ShardFileError(
                     f"value table {i} in {checkpoint_dir} is {meta['num_slots']} x {meta['v_dim']}, the model's is "
                     f"{t.num_slots} x {t.v_dim} (model.memory.n_keys / v_dim differ from the checkpoint's)"
                 )
             with torch.no_grad():
-                t.shard.copy_(cols["weight"])
+                t.shard.copy_(cols.pop("weight"))
             if self.optimizer is None:
                 continue
             self.optimizer.state.pop(t.shard, None)
             if step > 0:
-                self.optimizer.state[t.shard] = {
-                    "step": torch.tensor(step, dtype=torch.float32, device=t.shard.device),
-                    "exp_avg": cols["exp_avg"].to(t.shard.device, t.shard.dtype),
-                    "exp_avg_sq": cols["exp_avg_sq"].to(t.shard.device, t.shard.dtype),
-                }
+                state = {"step": torch.tensor(step, dtype=torch.float32, device=t.shard.device)}
+                for name in ("exp_avg", "exp_avg_sq"):
+                    moment = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end,
+                                                      names=(name,))[0][name]
+                    state[name] = moment.to(t.shard.device, t.shard.dtype)
+                self.optimizer.state[t.shard] = state
 
     @staticmethod
     def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -110,7 +110,7 @@ def read_columns(
             raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
     if len(steps) > 1:
         raise ShardFileError(f"value shards of table {table} in {checkpoint_dir} disagree on the AdamW step {steps}")
-    out = {n: torch.cat(p, dim=1) for n, p in parts.items()}
+    out = {n: p[0] if len(p) == 1 else torch.cat(p, dim=1) for n, p in parts.items()}  # one part: no copy
     for n, t in out.items():
         if t.shape[1] != col_end - col_start:
             raise ShardFileError(
