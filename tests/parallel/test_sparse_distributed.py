@@ -75,6 +75,14 @@ def values_only(cfg, groups, optim, steps: int = 2):
     return model, mp
 
 
+def record_state(res: dict, prefix: str, mp: MemoryParallel) -> None:
+    """Each shard's weight and optimizer state under `prefix`.<table>.<name>."""
+    for i, p in enumerate(mp.parameters()):
+        st = mp.optimizer.state[p]
+        res[f"{prefix}.{i}.weight"], res[f"{prefix}.{i}.exp_avg"] = p.detach(), st["exp_avg"]
+        res[f"{prefix}.{i}.exp_avg_sq"], res[f"{prefix}.{i}.step"] = st["exp_avg_sq"], st["step"].reshape(1)
+
+
 def worker(rank: int, world: int, out_dir: str, ckpt_dir: str) -> None:
     import torch.distributed as dist
 
@@ -90,10 +98,7 @@ def worker(rank: int, world: int, out_dir: str, ckpt_dir: str) -> None:
     model, mp = values_only(cfg, init_memory_groups(2), SPARSE)
     with torch.no_grad():
         res["reshard.p2_logits"] = model(PROBE[:, :-1])
-    for i, p in enumerate(mp.parameters()):
-        st = mp.optimizer.state[p]
-        res[f"reshard.p2.{i}.weight"], res[f"reshard.p2.{i}.exp_avg"] = p.detach(), st["exp_avg"]
-        res[f"reshard.p2.{i}.exp_avg_sq"], res[f"reshard.p2.{i}.step"] = st["exp_avg_sq"], st["step"].reshape(1)
+    record_state(res, "reshard.p2", mp)
     mp.save(ckpt_dir)
     dist.barrier()
     torch.manual_seed(0)
@@ -102,10 +107,7 @@ def worker(rank: int, world: int, out_dir: str, ckpt_dir: str) -> None:
     mp1.load(ckpt_dir)
     with torch.no_grad():
         res["reshard.p1_logits"] = model1(PROBE[:, :-1])
-    for i, p in enumerate(mp1.parameters()):
-        st = mp1.optimizer.state[p]
-        res[f"reshard.p1.{i}.weight"], res[f"reshard.p1.{i}.exp_avg"] = p.detach(), st["exp_avg"]
-        res[f"reshard.p1.{i}.exp_avg_sq"], res[f"reshard.p1.{i}.step"] = st["exp_avg_sq"], st["step"].reshape(1)
+    record_state(res, "reshard.p1", mp1)
     save_file({k: v.contiguous() for k, v in res.items()}, str(Path(out_dir) / f"rank{rank}.safetensors"))
 
 
