@@ -13,6 +13,7 @@ The 16.7M-slot pool with v_dim 64 holds 4.3 GB of values + 8.6 GB of Adam moment
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -74,18 +75,19 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for variant in ("adamw", "sparse_adamw"):
-        rows = sorted((r["slots"], r["step_s"], r["step_peak"], r["step_extra"]) for r in records
-                      if r["variant"] == variant)
+    for variant, color in (("adamw", "tab:blue"), ("sparse_adamw", "tab:orange")):
+        rows = sorted((r["slots"], r) for r in records if r["variant"] == variant)
         if not rows:
             continue
-        n = [r[0] for r in rows]
-        a.loglog(n, [1e3 * r[1] for r in rows], "o-", label=variant)
-        b.loglog(n, [r[2] / MIB for r in rows], "o-", label=f"{variant}: peak")
-        b.loglog(n, [max(r[3], 1) / MIB for r in rows], "s--", label=f"{variant}: step allocation")
-    a.set(xlabel="value slots N", ylabel="training step (ms)", title="step time")
+        n = [slots for slots, _ in rows]
+        a.loglog(n, [1e3 * r["step_cpu_s"] for _, r in rows], "o-", color=color, label=f"{variant}: cpu")
+        a.loglog(n, [1e3 * r["step_s"] for _, r in rows], "o:", color=color, alpha=0.5, label=f"{variant}: wall")
+        b.loglog(n, [r["step_peak"] / MIB for _, r in rows], "o-", color=color, label=f"{variant}: peak")
+        b.loglog(n, [max(r["step_extra"] / MIB, 0.1) for _, r in rows], "s--", color=color,
+                 label=f"{variant}: step allocation (floor 0.1)")
+    a.set(xlabel="value slots N", ylabel="training step (ms)", title="step time (median)")
     b.set(xlabel="value slots N", ylabel="MiB", title="memory")
-    a.legend(), b.legend(fontsize=8)
+    a.legend(fontsize=8), b.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
         f"  N={r['slots']} {r['variant']}: {1e3 * r['step_s']:.0f} ms", file=sys.stderr, flush=True))
     print(format_sweep(records))
     plot(records, args.plot)
-    print(f"wrote {args.plot}")
+    args.plot.with_suffix(".json").write_text(json.dumps(records, indent=1))
+    print(f"wrote {args.plot} and {args.plot.with_suffix('.json')}")
     if args.layer_n_keys:
         layer = LayerSpec(n_keys=args.layer_n_keys, dim=args.layer_dim)
         print(f"\none memory layer, forward+backward: N={layer.n_keys ** 2}, dim = value dim {layer.dim}, "
