@@ -3,6 +3,8 @@
   python tools/bench_values.py                       # N = 4K, 64K, 1M, 16.7M slots, v_dim 64; PNG
   python tools/bench_values.py --n-keys 64,256 --layer-n-keys 256   # quick look
   PYTHONPATH=/tmp/pkm python tools/bench_values.py    # + lucidrains' product-key-memory 0.3.0
+  python tools/bench_values.py --device cuda --v-dim 1024 --batch 16 --seq-len 2048 --n-keys 256,1024,2048 \
+      --dense-max-slots 4194304 --layer-n-keys 0          # GPU, the paper's v_dim and a large batch
 
 Prints a full training step's median time and memory per N and variant, the
 sparse/dense ratios, then one memory layer's forward+backward against
@@ -39,6 +41,8 @@ def parse_args(argv):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(step, name))
     p.add_argument("--layer-n-keys", type=int, default=layer.n_keys, help="pool of the layer comparison; 0 skips it")
     p.add_argument("--layer-dim", type=int, default=layer.dim)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: Triton kernels, CUDA allocator memory (the layer comparison stays on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 steadies a shared machine")
     p.add_argument("--plot", type=Path, default=Path("bench_values.png"))
     return p.parse_args(argv)
@@ -54,10 +58,11 @@ def format_sweep(records: list[dict]) -> str:
     by = {(r["slots"], r["variant"]): r for r in records}
     for slots in sorted({r["slots"] for r in records}):
         d, s = by.get((slots, "adamw")), by.get((slots, "sparse_adamw"))
-        if d and s and d["step_extra"]:
+        if d and s:
+            alloc = f"{s['step_extra'] / d['step_extra']:.2f}x" if d["step_extra"] else "n/a (dense allocated none)"
             lines.append(f"N={slots}: sparse/dense step time {s['step_s'] / d['step_s']:.2f}x (cpu "
                          f"{s['step_cpu_s'] / d['step_cpu_s']:.2f}x), peak memory "
-                         f"{s['step_peak'] / d['step_peak']:.2f}x, step allocation {s['step_extra'] / d['step_extra']:.2f}x")
+                         f"{s['step_peak'] / d['step_peak']:.2f}x, step allocation {alloc}")
     sparse = sorted((r["slots"], r["step_cpu_s"]) for r in records if r["variant"] == "sparse_adamw")
     if len(sparse) > 1:
         lines.append("sparse step cpu time relative to the smallest N: " + ", ".join(
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
     except ValueError:
         raise SystemExit(f"--n-keys {args.n_keys!r} must be comma-separated integers, e.g. 64,256,1024") from None
     spec = StepSpec(n_keys=n_keys, **{k: getattr(args, k) for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch",
-                                                                      "seq_len", "repeats", "dense_max_slots")})
+                                                                      "seq_len", "repeats", "dense_max_slots", "device")})
     print(f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
           f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {torch_threads()} threads", flush=True)
     records = step_sweep(spec, progress=lambda r: print(

@@ -11,6 +11,8 @@ shared, noisy machine (the variants alternate, and each reports the median):
   the process's peak resident memory during the step, `step_extra` that peak minus the
   resident memory just before the step (what the step itself allocates: gradients,
   temporaries), `resident` the memory held between steps (table + optimizer state).
+  With device "cuda" the kernels are Triton's and the memory is torch.cuda's allocator
+  peak above what was allocated before the step.
 * `layer_compare`: forward + backward of one memory layer at N slots, memlayers' dense
   and sparse value gradients and, when importable, lucidrains' `product-key-memory`
   0.3.0 `PKM` at the same shapes (install it outside the project's environment).
@@ -48,6 +50,7 @@ class StepSpec:
     seq_len: int = 256
     repeats: int = 3
     dense_max_slots: int = 1 << 20  # the dense path needs another N x v_dim gradient: skip it above this
+    device: str = "cpu"  # "cuda": Triton kernels, memory from torch.cuda's allocator statistics
 
 
 def memory_status() -> dict[str, int]:
@@ -65,6 +68,21 @@ def reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
+def _start_memory(device: str) -> int:
+    """Reset the peak counter; return the memory in use now (process RSS, or CUDA allocated)."""
+    if device == "cpu":
+        before = memory_status()["VmRSS"]
+        reset_peak()
+        return before
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_memory(device: str) -> int:
+    return memory_status()["VmHWM"] if device == "cpu" else torch.cuda.max_memory_allocated()
+
+
 def _model_config(spec: StepSpec, n_keys: int) -> ModelConfig:
     mem = MemoryConfig(layers=[0], n_keys=n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, v_dim=spec.v_dim,
                        kernel="torch")
@@ -80,13 +98,14 @@ class _StepRunner:
         self.optim = dataclasses.replace(OptimConfig(), value_optimizer=variant)
         with torch.device("meta"):  # as the trainer builds it: the pool exists only as the shard
             self.model = Transformer(cfg)
-        self.values = MemoryParallel(self.model, init_memory_groups(1), self.optim, kernel="torch", device="cpu")
-        self.model.to_empty(device="cpu")
+        kernel = "torch" if spec.device == "cpu" else "auto"
+        self.values = MemoryParallel(self.model, init_memory_groups(1), self.optim, kernel=kernel, device=spec.device)
+        self.model.to_empty(device=spec.device)
         torch.manual_seed(0)
         self.model.reset_parameters()
         self.dense = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr, weight_decay=0.1)
         gen = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, cfg.vocab_size, (spec.batch, spec.seq_len + 1), generator=gen)
+        self.tokens = torch.randint(0, cfg.vocab_size, (spec.batch, spec.seq_len + 1), generator=gen).to(spec.device)
 
     def resident_bytes(self) -> int:
         """Weights, value shards and both optimizers' states: what stays allocated between steps."""
@@ -126,13 +145,14 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
         for _ in range(spec.repeats):
             for variant, runner in runners.items():
                 gc.collect()
-                before = memory_status()["VmRSS"]
-                reset_peak()
+                before = _start_memory(spec.device)
                 w0, c0 = time.perf_counter(), time.process_time()
                 runner.step()
+                if spec.device != "cpu":
+                    torch.cuda.synchronize()
                 walls[variant].append(time.perf_counter() - w0)
                 cpus[variant].append(time.process_time() - c0)
-                extras[variant].append(max(memory_status()["VmHWM"] - before, 0))
+                extras[variant].append(max(_peak_memory(spec.device) - before, 0))
         for variant, runner in runners.items():
             resident = runner.resident_bytes()
             extra = statistics.median(extras[variant])
