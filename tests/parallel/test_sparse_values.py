@@ -195,3 +195,21 @@ def test_unknown_value_optimizer_is_refused():
                        dataclasses.replace(OPTIM, value_optimizer="sgd"))
     with pytest.raises(ValueError, match="no weight decay"):
         SparseAdamW([torch.nn.Parameter(torch.zeros(2, 2))], weight_decay=0.1)
+
+
+def test_shard_file_before_any_step_streams_zero_moments(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from pretrain.parallel import shard_files
+
+    monkeypatch.setattr(shard_files, "ZERO_ROW_BLOCK", 100)  # 256 rows: three blocks of zeros
+    torch.manual_seed(0)
+    mp = MemoryParallel(Transformer(tiny_cfg()), init_memory_groups(1), SPARSE, kernel="torch")
+    (path, _) = mp.save(tmp_path)
+    saved = load_file(str(path))
+    assert torch.equal(saved["weight"], mp.parameters()[0].detach())
+    assert saved["exp_avg"].shape == saved["exp_avg_sq"].shape == (256, 32)
+    assert not saved["exp_avg"].any() and not saved["exp_avg_sq"].any() and saved["step"].item() == 0
+    assert not list(tmp_path.glob(".*tmp*"))
+    mp.load(tmp_path)
+    assert not mp.optimizer.state  # step 0: no optimizer state, as before the first step
