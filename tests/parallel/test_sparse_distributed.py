@@ -94,6 +94,9 @@ def worker(rank: int, world: int, out_dir: str, ckpt_dir: str) -> None:
                 res[f"P{P}.z{stage}.sparse.{k}"] = v
         for k, v in train_values(cfg, groups, OPTIM, 1, rank, world).items():
             res[f"P{P}.z1.dense.{k}"] = v
+    shared, groups = tiny_cfg(shared=True), init_memory_groups(2)  # one table read by both memory layers
+    for name, optim in (("dense", OPTIM), ("sparse", SPARSE)):
+        res[f"shared.{name}.grad0"] = train_values(shared, groups, optim, 3, rank, world)["grad0.0"]
     # re-shard 2 -> 1 of a sparse-optimizer checkpoint
     model, mp = values_only(cfg, init_memory_groups(2), SPARSE)
     with torch.no_grad():
@@ -155,6 +158,13 @@ def test_sparse_gradients_equal_dense_nonzero_rows(world2, P):
             torch.testing.assert_close(sparse[read], dense[read], rtol=0, atol=1e-6)
             if P == 1:  # two replicas of the whole table: the reduced gradients agree bitwise
                 assert torch.equal(world2[0][f"P1.z{stage}.sparse.grad0.{i}"], world2[1][f"P1.z{stage}.sparse.grad0.{i}"])
+
+
+def test_shared_table_sparse_gradient_equals_dense_at_p2_zero3(world2):
+    dense, sparse = full_table(world2, "shared.dense.grad0", 2), full_table(world2, "shared.sparse.grad0", 2)
+    read = dense.abs().sum(1) > 0
+    assert 0 < read.sum() < dense.shape[0] and not sparse[~read].any()
+    torch.testing.assert_close(sparse[read], dense[read], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("P", [1, 2])
