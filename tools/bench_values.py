@@ -22,7 +22,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.parallel.value_bench import PKM_INSTALL, LayerSpec, StepSpec, layer_compare, step_sweep  # noqa: E402
+from pretrain.parallel.value_bench import (
+    PKM_INSTALL,
+    LayerSpec,
+    StepSpec,
+    layer_compare,
+    step_sweep,
+)
 
 MIB = 2**20
 
@@ -49,8 +55,8 @@ def parse_args(argv):
 
 
 def format_sweep(records: list[dict]) -> str:
-    lines = [f"{'slots':>10} {'variant':>13} {'rows read':>9} {'step ms':>9} {'cpu ms':>8} {'peak MiB':>9} "
-             f"{'step-alloc MiB':>14} {'resident MiB':>12}"]
+    lines = [(f"{'slots':>10} {'variant':>13} {'rows read':>9} {'step ms':>9} {'cpu ms':>8} {'peak MiB':>9} "
+             f"{'step-alloc MiB':>14} {'resident MiB':>12}")]
     for r in records:
         lines.append(f"{r['slots']:>10} {r['variant']:>13} {r['rows_read']:>9} {1e3 * r['step_s']:>9.1f} "
                      f"{1e3 * r['step_cpu_s']:>8.1f} {r['step_peak'] / MIB:>9.0f} {r['step_extra'] / MIB:>14.0f} "

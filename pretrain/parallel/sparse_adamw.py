@@ -48,7 +48,7 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"SparseAdamW takes no weight decay (got {weight_decay}): the value pool has none")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas {betas} must lie in [0, 1) (optim.beta1 / optim.beta2)")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -156,9 +156,11 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
         for variant, runner in runners.items():
             resident = runner.resident_bytes()
             extra = statistics.median(extras[variant])
-            records.append(dict(slots=slots, n_keys=n, variant=variant, step_s=statistics.median(walls[variant]),
-                                step_cpu_s=statistics.median(cpus[variant]), step_peak=resident + extra,
-                                step_extra=extra, resident=resident, rows_read=_rows_read(runner)))
+            records.append({
+                "slots": slots, "n_keys": n, "variant": variant, "step_s": statistics.median(walls[variant]),
+                "step_cpu_s": statistics.median(cpus[variant]), "step_peak": resident + extra,
+                "step_extra": extra, "resident": resident, "rows_read": _rows_read(runner),
+            })
             if progress is not None:
                 progress(records[-1])
         del runners
@@ -224,5 +226,5 @@ def layer_compare(spec: LayerSpec) -> list[dict]:
             if rep:  # the first round warms up
                 walls[name].append(time.perf_counter() - w0)
                 cpus[name].append(time.process_time() - c0)
-    return [dict(layer=name, fwd_bwd_s=statistics.median(walls[name]), fwd_bwd_cpu_s=statistics.median(cpus[name]))
+    return [{"layer": name, "fwd_bwd_s": statistics.median(walls[name]), "fwd_bwd_cpu_s": statistics.median(cpus[name])}
             for name in runs]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from parallel_helpers import GLOBAL_BATCH, OPTIM, batches, rel_err, tiny_cfg
 from safetensors.torch import load_file, save_file
 
-from parallel_helpers import GLOBAL_BATCH, OPTIM, batches, rel_err, tiny_cfg
 from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel import MemoryParallel, init_memory_groups
 from pretrain.spawn import run_gloo

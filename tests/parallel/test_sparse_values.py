@@ -9,9 +9,9 @@ import dataclasses
 
 import pytest
 import torch
+from parallel_helpers import OPTIM, rel_err, tiny_cfg
 
 import kernels
-from parallel_helpers import OPTIM, rel_err, tiny_cfg
 from pretrain.model.config import ConfigError
 from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel import MemoryParallel, init_memory_groups
