@@ -53,8 +53,9 @@ def pkm_topk(query, keys1, keys2, k: int, backend: str = "auto"):
 def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: str = "sorted"):
     """Weighted bag over value rows: values (N, d), indices/weights (T, H, k) -> (T, d).
 
-    value_grad (Triton backend only): "sorted" (deterministic, default), "atomic"
-    (fp32 atomics) or "sparse" (a sparse COO gradient of the touched rows).
+    value_grad: "sorted" (deterministic, default), "atomic" (fp32 atomics; Triton only)
+    or "sparse" (a coalesced sparse COO gradient of the touched rows, on either backend;
+    the torch backend's dense gradient ignores sorted/atomic).
     """
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
@@ -64,4 +65,6 @@ def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: s
         from kernels import bag_triton
 
         return bag_triton.embedding_bag(values, indices, weights, value_grad=value_grad)
+    if value_grad == "sparse":
+        return reference.embedding_bag_sparse(values, indices, weights)
     return reference.embedding_bag(values, indices, weights)

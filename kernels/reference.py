@@ -68,3 +68,67 @@ def embedding_bag_gather(values: torch.Tensor, indices: torch.Tensor, weights: t
     """The same bag as gather + weighted sum (a second, independent formulation)."""
     rows = values[indices.reshape(indices.shape[0], -1)]  # (T, H*K, d)
     return (rows * weights.reshape(indices.shape[0], -1, 1).to(rows.dtype)).sum(dim=1)
+
+
+def sorted_segment_sum(keys: torch.Tensor, source: torch.Tensor, source_rows: torch.Tensor | None = None,
+                       weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum rows sharing a key: (unique keys ascending (U,), summed rows (U, d)), never (N, d).
+
+    Entry e contributes weights[e] * source[source_rows[e]] (source_rows defaults to e,
+    weights to 1) to the row of keys[e]. The entries are stably sorted by key and each
+    key's segment is one bag of `F.embedding_bag`, so the summation order is fixed (the
+    entries' order within a key): the same inputs give bitwise the same sums. Sums are
+    accumulated in fp32 at least (bf16/fp16 upcast) and returned in source's dtype.
+    """
+    keys = keys.reshape(-1)
+    if keys.numel() == 0:
+        return keys.new_empty(0), source.new_empty(0, *source.shape[1:])
+    if source_rows is None:
+        source_rows = torch.arange(keys.numel(), device=keys.device)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    unique = sorted_keys[starts]
+    table = source.float() if source.dtype in (torch.bfloat16, torch.float16) else source
+    w = None if weights is None else weights.reshape(-1)[order].to(table.dtype)
+    summed = F.embedding_bag(source_rows.reshape(-1)[order], table, starts.nonzero().squeeze(1),
+                             per_sample_weights=w, mode="sum")
+    return unique, summed.to(source.dtype)
+
+
+class _SparseGradBag(torch.autograd.Function):
+    """`embedding_bag` whose value gradient is a coalesced sparse COO tensor of the read rows."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights):
+        ctx.save_for_backward(values, indices, weights)
+        return embedding_bag(values, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        T = indices.shape[0]
+        flat_idx = indices.reshape(T, -1)
+        grad_values = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            tokens = torch.arange(T, device=indices.device).repeat_interleave(flat_idx.shape[1])
+            rows, grad_rows = sorted_segment_sum(flat_idx, grad_out, tokens, weights)
+            grad_values = torch.sparse_coo_tensor(rows[None], grad_rows.to(values.dtype), values.shape,
+                                                  is_coalesced=True, check_invariants=False)
+        if ctx.needs_input_grad[2]:
+            # torch's own per-sample-weights derivative of F.embedding_bag: one dot product
+            # <grad_out[t], values[row]> per entry, without gathering the (T*H*k, d) rows
+            table = values.float() if values.dtype in (torch.bfloat16, torch.float16) else values
+            M = flat_idx.shape[1]
+            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out.to(table.dtype).contiguous(), table, flat_idx.reshape(-1),
+                torch.arange(0, T * M, M, device=indices.device),
+                torch.arange(T, device=indices.device).repeat_interleave(M), 0, -1,
+            ).reshape(weights.shape).to(weights.dtype)
+        return grad_values, None, grad_weights
+
+
+def embedding_bag_sparse(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The same bag as `embedding_bag`; its value gradient holds only the U rows read
+    (a coalesced sparse COO tensor: unique rows ascending + their (U, d) gradient rows)."""
+    return _SparseGradBag.apply(values, indices, weights)

@@ -58,6 +58,9 @@ class OptimConfig:
     lr: float = 3e-3
     value_lr: float = 1e-3  # the anchor's fixed learning rate for memory values
     value_lr_schedule: str = "cosine"  # cosine: same warmup/decay as the dense lr | constant: value_lr throughout
+    # adamw: dense value gradients + AdamW over whole shards | sparse_adamw: only the rows read
+    # this step (row-sparse gradients, lazy Adam; pretrain/parallel/sparse_adamw.py)
+    value_optimizer: str = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -270,6 +273,11 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
             raise ConfigError(str(err)) from None
     if cfg.optim.value_lr_schedule not in ("cosine", "constant"):
         raise ConfigError(f"optim.value_lr_schedule={cfg.optim.value_lr_schedule!r} must be 'cosine' or 'constant'")
+    if cfg.optim.value_optimizer not in ("adamw", "sparse_adamw"):
+        raise ConfigError(
+            f"optim.value_optimizer={cfg.optim.value_optimizer!r} must be 'adamw' (dense) or 'sparse_adamw' "
+            "(lazy Adam on the rows read)"
+        )
     if d.on_corrupt not in ("error", "skip"):
         raise ConfigError(f"data.on_corrupt={d.on_corrupt!r} must be 'error' or 'skip'")
     if d.num_workers < 0:

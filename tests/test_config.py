@@ -73,6 +73,7 @@ def test_unknown_key_in_a_yaml_file_suggests_the_nearest_valid_key(tmp_path):
         ("train.zero_stage=4", "train.zero_stage"),
         ("data.seq_len=4096", "data.seq_len"),
         ("model.n_layers=0", "model.n_layers"),
+        ("optim.value_optimizer=sgd", "optim.value_optimizer"),
     ],
 )
 def test_bad_values_name_their_key(repo_root, override, key):

@@ -71,6 +71,11 @@ want layer && stage layer "${LAYER_S:-110}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$OUT/bench_layer.json"
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png"
+# Opt-in (STAGES="values"; 2 more files): dense vs row-sparse value update at v_dim 1024,
+# training on the Triton path with sparse_adamw is the "train" stage + optim.value_optimizer=sparse_adamw.
+want values && stage values "${VALUES_S:-200}" "$OUT/bench.log" \
+    python3 tools/bench_values.py --device cuda --v-dim 1024 --batch 16 --seq-len 2048 --n-keys 256,1024,2048 \
+    --dense-max-slots 1048576 --repeats 5 --layer-n-keys 0 --plot "$OUT/values.png"
 want train && stage train "${TRAIN_S:-100}" "$OUT/bench.log" \
     python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
     train.max_steps=100 train.eval_every=100 train.log_every=10 train.checkpoint_every=100 \

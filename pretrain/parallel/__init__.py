@@ -32,6 +32,10 @@ over the replica group and divides by the world size, which reproduces world-1
 training exactly. Clipping uses the norm of the full logical tables (all-reduced over
 the memory group) with optim.grad_clip, separately from the dense parameters' norm.
 
+Row-sparse updates: with optim.value_optimizer=sparse_adamw the shards' gradients are
+the rows read (sparse COO, `row_grads`) and `sparse_adamw.SparseAdamW` (lazy Adam)
+updates only those rows; the calls above are unchanged.
+
 Checkpoints: `MemoryParallel.save` writes one safetensors file per (table, shard)
 with the AdamW state; `load` re-shards to any P dividing v_dim; `consolidate`
 assembles full tables for export (`shard_files`).

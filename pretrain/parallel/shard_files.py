@@ -3,8 +3,8 @@
 One safetensors file per (table, shard) holds the shard's columns and their AdamW
 state: `values.t{table}.s{shard}-of-{P}.safetensors` with tensors weight, exp_avg,
 exp_avg_sq (N, v_dim / P) and step (1,), and metadata naming the table width, seed
-and column range. Files are written to a temporary name and renamed. Reading a
-column range [c0, c1) streams the overlapping columns of whichever shards hold them,
+and column range. Files are streamed (no copy of the shard) to a temporary name and
+renamed. Reading a column range [c0, c1) streams the overlapping columns of whichever shards hold them,
 so a checkpoint saved with P shards loads into any P' that divides v_dim.
 """
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from pretrain.files import atomic_write
+from pretrain.export.safetensors_io import StreamWriter
 from pretrain.model.names import value_table_name
 
 FILE_RE = re.compile(r"^values\.t(\d+)\.s(\d+)-of-(\d+)\.safetensors$")
 TENSORS = ("weight", "exp_avg", "exp_avg_sq")
 FORMAT = "memlayers-value-shard-1"
+ZERO_ROW_BLOCK = 1 << 20  # rows of zeros written at a time for missing moments
 
 
 class ShardFileError(RuntimeError):
@@ -33,16 +33,30 @@ def shard_file_name(table: int, shard: int, parallel_size: int) -> str:
 
 
 def write_shard(
-    path: Path, weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float, meta: dict
+    path: Path, weight: torch.Tensor, exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor | None, step: float,
+    meta: dict,
 ) -> None:
-    tensors = {
-        "weight": weight.detach().contiguous().cpu(),
-        "exp_avg": exp_avg.detach().contiguous().cpu(),
-        "exp_avg_sq": exp_avg_sq.detach().contiguous().cpu(),
-        "step": torch.tensor([float(step)], dtype=torch.float32),
-    }
+    """Stream one shard file: each tensor is written from its own memory (a CPU shard is
+    not copied; safetensors' save_file would first copy all of them into bytes, twice
+    the shard). Missing moments (no step taken yet) are written as zeros, row block by
+    row block."""
+    tensors = {"weight": weight, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    specs = [(name, tuple(weight.shape), weight.dtype) for name in TENSORS] + [("step", (1,), torch.float32)]
     metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    writer = StreamWriter(path, specs, metadata)
+    try:
+        for name in TENSORS:
+            if tensors[name] is not None:
+                writer.write(tensors[name].detach())
+                continue
+            for r0 in range(0, weight.shape[0], ZERO_ROW_BLOCK):
+                rows = min(ZERO_ROW_BLOCK, weight.shape[0] - r0)
+                writer.write(torch.zeros(rows, *weight.shape[1:], dtype=weight.dtype))
+        writer.write(torch.tensor([float(step)], dtype=torch.float32))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
 
 
 def saved_parallel_size(checkpoint_dir: Path, num_tables: int) -> int:
@@ -97,7 +111,7 @@ def read_columns(
             raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
     if len(steps) > 1:
         raise ShardFileError(f"value shards of table {table} in {checkpoint_dir} disagree on the AdamW step {steps}")
-    out = {n: torch.cat(p, dim=1) for n, p in parts.items()}
+    out = {n: p[0] if len(p) == 1 else torch.cat(p, dim=1) for n, p in parts.items()}  # one part: no copy
     for n, t in out.items():
         if t.shape[1] != col_end - col_start:
             raise ShardFileError(

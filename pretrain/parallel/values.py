@@ -51,6 +51,7 @@ class PartitionedValueTable(nn.Module):
         kernel: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        value_grad: str = "sorted",
     ):
         super().__init__()
         P = groups.parallel_size
@@ -60,6 +61,7 @@ class PartitionedValueTable(nn.Module):
                 "(model.memory.v_dim, or model.dim when v_dim=0): choose a divisor of it"
             )
         self.num_slots, self.v_dim, self.kernel, self.seed, self.groups = num_slots, v_dim, kernel, seed, groups
+        self.value_grad = value_grad  # "sparse": the shard's gradient holds only the rows read
         self.col_start, self.col_end = shard_columns(v_dim, P, groups.position)
         self.counter = CommCounter()
         shard = nn.Parameter(torch.empty(num_slots, self.col_end - self.col_start, device=device, dtype=dtype))
@@ -91,20 +93,21 @@ class PartitionedValueTable(nn.Module):
             raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
         group, P = self.groups.memory_group, self.parallel_size
         if P == 1:
-            return kernels.ops.embedding_bag(self.shard, indices, weights, backend=self.kernel)
+            return kernels.ops.embedding_bag(self.shard, indices, weights, backend=self.kernel, value_grad=self.value_grad)
         T = indices.shape[0]
         tape = recompute.current_tape()
         if tape is not None and tape.replaying:
             # leaves with the real forward's requires_grad, so that the ops after the lookup
             # save the same tensors as they did then (their gradients are never taken)
             all_idx, all_w, mine = (t.requires_grad_(flag) for t, flag in tape.replay())
-            kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)  # its saved tensors only
+            kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel,  # its saved tensors only
+                                      value_grad=self.value_grad)
             return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
         with torch.profiler.record_function(regions.COMMUNICATION):  # named for pretrain/profiling.py
             counts = exchange_counts(T, group, self.counter, indices.device)
             all_idx = gather_tokens(indices, counts, group, self.counter)
             all_w = gather_tokens(weights, counts, group, self.counter)
-        part = kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel)
+        part = kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel, value_grad=self.value_grad)
         with torch.profiler.record_function(regions.COMMUNICATION):
             mine = all_to_all_rows(part, counts, [T] * P, group, self.counter)  # (P * T, v_dim / P)
         if tape is not None:
@@ -119,11 +122,13 @@ def parallelize_memory(
     kernel: str = "auto",
     device: torch.device | str | None = None,
     seed: int | None = None,
+    value_grad: str = "sorted",
 ) -> list[PartitionedValueTable]:
     """Replace every `model.values[i]` by its partitioned version; return the new tables.
 
     Table i is initialised with seed base + i, where base is `seed` or, when None, the
-    seed of the model's first table (ValueTable's default is 0).
+    seed of the model's first table (ValueTable's default is 0). value_grad="sparse"
+    makes each shard's gradient a coalesced sparse COO tensor of the rows read.
     """
     values = getattr(model, "values", None)
     if values is None:
@@ -135,7 +140,8 @@ def parallelize_memory(
             raise ValueError(f"model.values[{i}] is already partitioned: call parallelize_memory once per model")
         dtype = table.weight.dtype if hasattr(table, "weight") else torch.float32
         new = PartitionedValueTable(
-            table.num_slots, table.v_dim, groups, seed=base + i, kernel=kernel, device=device, dtype=dtype
+            table.num_slots, table.v_dim, groups, seed=base + i, kernel=kernel, device=device, dtype=dtype,
+            value_grad=value_grad,
         )
         values[i] = new
         tables.append(new)

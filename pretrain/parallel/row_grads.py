@@ -1,0 +1,66 @@
+"""Row-sparse value gradients: merge, replica reduction and norm, never an (N, v_dim) tensor.
+
+With `optim.value_optimizer=sparse_adamw` the embedding bag's backward hands each value
+shard a coalesced sparse COO gradient: the U unique rows read by one lookup and their
+(U, v_dim / P) gradient rows. Autograd adds the gradients of several lookups (several
+memory layers on a shared table, gradient-accumulation micro-batches) by concatenating
+their entries; `merge` sums rows that repeat, in a fixed order, so that the result is
+bitwise reproducible and identical on every rank that merges the same entries.
+
+The data-parallel replicas of a shard read different rows, so their sum is not an
+all-reduce of equal-sized tensors: `reduce_over_replicas` all-gathers every replica's
+(rows, gradient rows) and merges them in replica order, which gives each replica the
+same bits (the sum a dense all-reduce would give, up to fp32 addition order).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernels.reference import sorted_segment_sum
+
+
+def rows_of(grad: torch.Tensor | None, num_cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows ascending (U,), gradient rows (U, num_cols)) of a sparse gradient, merged; empty if None."""
+    if grad is None:
+        return torch.empty(0, dtype=torch.int64, device=like.device), like.new_empty(0, num_cols)
+    if not grad.is_sparse:
+        raise TypeError(
+            "optim.value_optimizer=sparse_adamw expects row-sparse value gradients, got a dense one: the value "
+            "tables must be read with value_grad='sparse' (MemoryParallel sets this up)"
+        )
+    if grad.is_coalesced():
+        return grad._indices()[0], grad._values()
+    return merge(grad._indices()[0], grad._values())
+
+
+def merge(rows: torch.Tensor, grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum gradient rows that share a row id, in entry order: (unique rows, summed rows)."""
+    return sorted_segment_sum(rows, grad_rows)
+
+
+def as_sparse(rows: torch.Tensor, grad_rows: torch.Tensor, shape) -> torch.Tensor:
+    """A coalesced sparse COO gradient of `shape` holding `grad_rows` at (unique, ascending) `rows`."""
+    return torch.sparse_coo_tensor(rows[None], grad_rows, tuple(shape), is_coalesced=True, check_invariants=False)
+
+
+def reduce_over_replicas(rows: torch.Tensor, grad_rows: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sum the row gradients of every rank in `group`; return (rows, summed rows, bytes received)."""
+    size = dist.get_world_size(group)
+    counts = torch.empty(size, dtype=torch.int64, device=rows.device)
+    dist.all_gather_into_tensor(counts, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device),
+                                group=group)
+    counts = counts.tolist()
+    longest, width = max(counts), grad_rows.shape[1]
+    pad = longest - rows.numel()
+    padded_rows = torch.cat([rows, rows.new_zeros(pad)])
+    padded_grads = torch.cat([grad_rows, grad_rows.new_zeros(pad, width)])
+    all_rows = rows.new_empty(size * longest)
+    all_grads = grad_rows.new_empty(size * longest, width)
+    dist.all_gather_into_tensor(all_rows, padded_rows, group=group)
+    dist.all_gather_into_tensor(all_grads, padded_grads, group=group)
+    keep = [slice(r * longest, r * longest + c) for r, c in enumerate(counts)]
+    merged = merge(torch.cat([all_rows[s] for s in keep]), torch.cat([all_grads[s] for s in keep]))
+    # padded to the longest replica's row count: the bytes all_gather moves, not the useful ones
+    received = (size - 1) * (8 + longest * (8 + width * grad_rows.element_size()))
+    return merged[0], merged[1], received

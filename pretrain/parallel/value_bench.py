@@ -1,0 +1,230 @@
+"""Benchmark of the value-pool update: dense (adamw) vs row-sparse (sparse_adamw) against N.
+
+Two measurements, each side by side in one process so that their ratios hold even on a
+shared, noisy machine (the variants alternate, and each reports the median):
+
+* `step_sweep`: one full training step -- forward, backward, the value path
+  (reduce_gradients, clip_grad_norm, step, zero_grad) and plain AdamW on the dense
+  weights -- of a one-layer memory model, for each pool size N at a fixed batch.
+  Memory is read from the kernel (Linux /proc/self/status, VmRSS and VmHWM, the
+  high-water mark reset through /proc/self/clear_refs before each step): `step_peak` is
+  the process's peak resident memory during the step, `step_extra` that peak minus the
+  resident memory just before the step (what the step itself allocates: gradients,
+  temporaries), `resident` the memory held between steps (table + optimizer state).
+  With device "cuda" the kernels are Triton's and the memory is torch.cuda's allocator
+  peak above what was allocated before the step.
+* `layer_compare`: forward + backward of one memory layer at N slots, memlayers' dense
+  and sparse value gradients and, when importable, lucidrains' `product-key-memory`
+  0.3.0 `PKM` at the same shapes (install it outside the project's environment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.config import OptimConfig
+from pretrain.model.config import MemoryConfig, ModelConfig
+from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.parallel.groups import init_memory_groups
+from pretrain.parallel.memory_parallel import MemoryParallel
+
+VARIANTS = ("adamw", "sparse_adamw")
+PKM_INSTALL = ("pip install --no-deps --target /tmp/pkm product-key-memory==0.3.0 colt5-attention local-attention "
+               "hyper-connections  (einops must be importable), then run with PYTHONPATH=/tmp/pkm")
+
+
+@dataclass
+class StepSpec:
+    n_keys: tuple[int, ...] = (64, 256, 1024, 4096)  # N = n_keys**2: 4K, 64K, 1M, 16.7M slots
+    v_dim: int = 64
+    dim: int = 256
+    heads: int = 4
+    k: int = 32
+    k_dim: int = 64
+    batch: int = 4
+    seq_len: int = 256
+    repeats: int = 3
+    dense_max_slots: int = 1 << 20  # the dense path needs another N x v_dim gradient: skip it above this
+    device: str = "cpu"  # "cuda": Triton kernels, memory from torch.cuda's allocator statistics
+
+
+def memory_status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _start_memory(device: str) -> int:
+    """Reset the peak counter; return the memory in use now (process RSS, or CUDA allocated)."""
+    if device == "cpu":
+        before = memory_status()["VmRSS"]
+        reset_peak()
+        return before
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_memory(device: str) -> int:
+    return memory_status()["VmHWM"] if device == "cpu" else torch.cuda.max_memory_allocated()
+
+
+def _model_config(spec: StepSpec, n_keys: int) -> ModelConfig:
+    mem = MemoryConfig(layers=[0], n_keys=n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, v_dim=spec.v_dim,
+                       kernel="torch")
+    return ModelConfig(vocab_size=512, dim=spec.dim, n_layers=1, n_heads=4, max_seq_len=spec.seq_len,
+                       memory=mem).validate()
+
+
+class _StepRunner:
+    """One model + optimizers for one (N, variant); `step()` runs one full training step."""
+
+    def __init__(self, spec: StepSpec, n_keys: int, variant: str):
+        cfg = _model_config(spec, n_keys)
+        self.optim = dataclasses.replace(OptimConfig(), value_optimizer=variant)
+        with torch.device("meta"):  # as the trainer builds it: the pool exists only as the shard
+            self.model = Transformer(cfg)
+        kernel = "torch" if spec.device == "cpu" else "auto"
+        self.values = MemoryParallel(self.model, init_memory_groups(1), self.optim, kernel=kernel, device=spec.device)
+        self.model.to_empty(device=spec.device)
+        torch.manual_seed(0)
+        self.model.reset_parameters()
+        self.dense = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, cfg.vocab_size, (spec.batch, spec.seq_len + 1), generator=gen).to(spec.device)
+
+    def resident_bytes(self) -> int:
+        """Weights, value shards and both optimizers' states: what stays allocated between steps."""
+        tensors = [*self.model.parameters(), *self.values.parameters()]
+        for opt in (self.dense, self.values.optimizer):
+            tensors += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def step(self) -> None:
+        loss = language_model_loss(self.model(self.tokens[:, :-1]), self.tokens[:, 1:])
+        loss.backward()
+        self.values.reduce_gradients()
+        self.values.clip_grad_norm(self.optim.grad_clip)
+        self.dense.step()
+        self.values.step(1.0)
+        self.dense.zero_grad(set_to_none=True)
+        self.values.zero_grad()
+
+
+def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
+    """One record per (N, variant): median step wall and CPU seconds, memory in bytes.
+
+    For each N the variants are built together and their steps alternate, so that load
+    from other processes hits both alike. Memory per variant: `resident` is the bytes of
+    its tensors held between steps (weights, value shards, optimizer states),
+    `step_extra` the rise of the process's resident memory during its step above the
+    level before it (gradients and temporaries), `step_peak` their sum.
+    """
+    records = []
+    for n in spec.n_keys:
+        slots = n * n
+        variants = [v for v in VARIANTS if v != "adamw" or slots <= spec.dense_max_slots]
+        runners = {v: _StepRunner(spec, n, v) for v in variants}
+        for runner in runners.values():
+            runner.step()  # warm-up: allocates the optimizer state
+        walls, cpus, extras = ({v: [] for v in variants} for _ in range(3))
+        for _ in range(spec.repeats):
+            for variant, runner in runners.items():
+                gc.collect()
+                before = _start_memory(spec.device)
+                w0, c0 = time.perf_counter(), time.process_time()
+                runner.step()
+                if spec.device != "cpu":
+                    torch.cuda.synchronize()
+                walls[variant].append(time.perf_counter() - w0)
+                cpus[variant].append(time.process_time() - c0)
+                extras[variant].append(max(_peak_memory(spec.device) - before, 0))
+        for variant, runner in runners.items():
+            resident = runner.resident_bytes()
+            extra = statistics.median(extras[variant])
+            records.append({
+                "slots": slots, "n_keys": n, "variant": variant, "step_s": statistics.median(walls[variant]),
+                "step_cpu_s": statistics.median(cpus[variant]), "step_peak": resident + extra,
+                "step_extra": extra, "resident": resident, "rows_read": _rows_read(runner),
+            })
+            if progress is not None:
+                progress(records[-1])
+        del runners
+        gc.collect()
+    return records
+
+
+def _rows_read(runner: _StepRunner) -> int:
+    return sum(layer.last_indices.unique().numel() for layer in runner.model.memory_layers())
+
+
+@dataclass
+class LayerSpec:
+    n_keys: int = 1024
+    dim: int = 256  # the value width too: product-key-memory's values are model-dim wide
+    heads: int = 4
+    k: int = 32
+    k_dim: int = 256  # product-key-memory's dim_head (128) is the half-key width
+    batch: int = 4
+    seq_len: int = 256
+    repeats: int = 5
+
+
+def _memlayers_layer(spec: LayerSpec, value_grad: str):
+    from pretrain.model.memory import MemoryPlus
+    from pretrain.parallel.values import PartitionedValueTable
+
+    mem = MemoryConfig(layers=[0], n_keys=spec.n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, kernel="torch")
+    cfg = ModelConfig(vocab_size=512, dim=spec.dim, n_layers=1, n_heads=4, memory=mem).validate()
+    layer = MemoryPlus(cfg)
+    table = PartitionedValueTable(spec.n_keys**2, spec.dim, init_memory_groups(1), kernel="torch",
+                                  value_grad=value_grad)
+    return (lambda x: layer(x, table)), [*layer.parameters(), table.shard]
+
+
+def _pkm_layer(spec: LayerSpec):
+    try:
+        from product_key_memory import PKM
+    except ImportError:
+        return None
+    layer = PKM(spec.dim, heads=spec.heads, num_keys=spec.n_keys, topk=spec.k, dim_head=spec.k_dim // 2)
+    return layer, list(layer.parameters())
+
+
+def layer_compare(spec: LayerSpec) -> list[dict]:
+    """Median forward+backward wall and CPU seconds of one memory layer per implementation,
+    the implementations interleaved (gradients set to None before each, as an optimizer would)."""
+    torch.manual_seed(0)
+    runs = {"memlayers dense": _memlayers_layer(spec, "sorted"), "memlayers sparse": _memlayers_layer(spec, "sparse")}
+    pkm = _pkm_layer(spec)
+    if pkm is not None:
+        runs["product-key-memory 0.3.0"] = pkm
+    x = torch.randn(spec.batch, spec.seq_len, spec.dim, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn_like(x)
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(spec.repeats + 1):
+        for name, (fn, params) in runs.items():
+            for p in params:
+                p.grad = None
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn(x).backward(grad)
+            if rep:  # the first round warms up
+                walls[name].append(time.perf_counter() - w0)
+                cpus[name].append(time.process_time() - c0)
+    return [{"layer": name, "fwd_bwd_s": statistics.median(walls[name]), "fwd_bwd_cpu_s": statistics.median(cpus[name])}
+            for name in runs]

@@ -1,0 +1,215 @@
+"""Row-sparse value gradients and lazy Adam (optim.value_optimizer=sparse_adamw), one process.
+
+References: a float64 lazy Adam written here from its definition, the dense path's
+gradients (adamw), and the trainer's own straight run for resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import kernels
+from parallel_helpers import OPTIM, rel_err, tiny_cfg
+from pretrain.model.config import ConfigError
+from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.parallel import MemoryParallel, init_memory_groups
+from pretrain.parallel.sparse_adamw import SparseAdamW
+
+SPARSE = dataclasses.replace(OPTIM, value_optimizer="sparse_adamw")
+
+
+def lazy_adam_float64(weight, exp_avg, exp_avg_sq, rows, grad_rows, t, lr, betas, eps):
+    """One lazy Adam step in float64 on the (unique) rows; global step t for bias correction."""
+    b1, b2 = betas
+    m = b1 * exp_avg[rows] + (1 - b1) * grad_rows
+    v = b2 * exp_avg_sq[rows] + (1 - b2) * grad_rows**2
+    exp_avg[rows], exp_avg_sq[rows] = m, v
+    weight[rows] -= lr / (1 - b1**t) * m / (v.sqrt() / (1 - b2**t) ** 0.5 + eps)
+
+
+def test_bag_sparse_gradient_equals_dense_with_duplicate_rows():
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(40, 12, generator=gen, requires_grad=True)
+    indices = torch.randint(0, 9, (7, 2, 5), generator=gen)  # 70 entries over 9 rows: many repeats
+    indices[0, 0, :] = 4  # one token reading the same row in every slot
+    weights = torch.rand(7, 2, 5, generator=gen, requires_grad=True)
+    grad_out = torch.randn(7, 12, generator=gen)
+    kernels.embedding_bag(values, indices, weights, backend="torch").backward(grad_out)
+    dense_v, dense_w = values.grad, weights.grad
+    values.grad = weights.grad = None
+    kernels.embedding_bag(values, indices, weights, backend="torch", value_grad="sparse").backward(grad_out)
+    sparse = values.grad.coalesce()
+    rows = sparse.indices()[0]
+    assert torch.equal(rows, indices.unique())  # exactly the rows read, once each
+    assert torch.equal(dense_v.abs().sum(1).nonzero().squeeze(1), rows)
+    torch.testing.assert_close(sparse.values(), dense_v[rows], rtol=0, atol=1e-6)
+    torch.testing.assert_close(weights.grad, dense_w, rtol=0, atol=1e-6)
+
+
+def test_sparse_adamw_three_steps_equal_float64_lazy_adam():
+    gen = torch.Generator().manual_seed(0)
+    N, width, lr, betas, eps = 50, 6, 1e-2, (0.9, 0.95), 1e-8
+    p = torch.nn.Parameter(torch.randn(N, width, generator=gen))
+    opt = SparseAdamW([p], lr=lr, betas=betas, eps=eps)
+    ref_w, ref_m, ref_v = p.detach().double().clone(), torch.zeros(N, width, dtype=torch.float64), None
+    ref_v = torch.zeros_like(ref_m)
+    touched = torch.zeros(N, dtype=torch.bool)
+    for t in (1, 2, 3):
+        before = {"w": p.detach().clone()}
+        if opt.state:
+            before.update(m=opt.state[p]["exp_avg"].clone(), v=opt.state[p]["exp_avg_sq"].clone())
+        rows = torch.randint(0, 20, (30,), generator=gen)  # uncoalesced, with repeats; rows >= 20 never read
+        grads = torch.randn(30, width, generator=gen)
+        p.grad = torch.sparse_coo_tensor(rows[None], grads, (N, width), check_invariants=True)
+        opt.step()
+        unique = rows.unique()
+        summed = torch.zeros(N, width, dtype=torch.float64).index_add_(0, rows, grads.double())[unique]
+        lazy_adam_float64(ref_w, ref_m, ref_v, unique, summed, t, lr, betas, eps)
+        touched[unique] = True
+        unread = torch.ones(N, dtype=torch.bool)
+        unread[unique] = False
+        st = opt.state[p]
+        assert torch.equal(p.detach()[unread], before["w"][unread])  # bitwise
+        if "m" in before:
+            assert torch.equal(st["exp_avg"][unread], before["m"][unread])
+            assert torch.equal(st["exp_avg_sq"][unread], before["v"][unread])
+        assert float(st["step"]) == t
+    st = opt.state[p]
+    torch.testing.assert_close(p.detach().double(), ref_w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(st["exp_avg"].double(), ref_m, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(st["exp_avg_sq"].double(), ref_v, rtol=1e-5, atol=1e-12)
+    assert not st["exp_avg"][~touched].any() and not st["exp_avg_sq"][~touched].any()
+
+
+def test_row_read_every_step_gets_dense_adamw_update():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.nn.Parameter(torch.randn(8, 4, generator=gen))
+    b = torch.nn.Parameter(a.detach().clone())
+    dense = torch.optim.AdamW([a], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    sparse = SparseAdamW([b], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for _ in range(3):
+        g = torch.randn(8, 4, generator=gen)
+        a.grad, b.grad = g.clone(), g.to_sparse(sparse_dim=1)
+        dense.step(), sparse.step()
+    assert torch.equal(b.detach(), a.detach())  # the same fused kernel, row by row
+
+
+def micro_batches(n: int = 2, seed: int = 4) -> torch.Tensor:
+    return torch.randint(0, 64, (n, 2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def accumulated_gradients(cfg, optim, data):
+    """MemoryParallel's value gradients after backward of every micro-batch and reduce_gradients."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
+    for tokens in data:
+        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    mp.reduce_gradients()
+    return mp
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_gradients_equal_dense_nonzero_rows_with_accumulation(shared):
+    cfg, data = tiny_cfg(shared=shared), micro_batches()
+    dense, sparse = accumulated_gradients(cfg, OPTIM, data), accumulated_gradients(cfg, SPARSE, data)
+    assert len(sparse.parameters()) == (1 if shared else 2)
+    for p, q in zip(dense.parameters(), sparse.parameters()):
+        assert q.grad.is_sparse and q.grad.is_coalesced()
+        rows = q.grad._indices()[0]
+        assert torch.equal(rows, p.grad.abs().sum(1).nonzero().squeeze(1))  # the same row set
+        torch.testing.assert_close(q.grad._values(), p.grad[rows], rtol=0, atol=1e-6)
+        assert sparse.grad_bytes() < dense.grad_bytes()
+    torch.testing.assert_close(sparse.clip_grad_norm(0.0), dense.clip_grad_norm(0.0), rtol=1e-6, atol=0)
+
+
+def read_rows(model) -> list[torch.Tensor]:
+    return [layer.last_indices.reshape(-1) for layer in model.memory_layers()]
+
+
+def test_values_after_three_steps_equal_float64_lazy_adam_and_unread_rows_keep_their_bits():
+    """Values-only training (dense weights fixed) with global-norm clipping, against float64."""
+    cfg = tiny_cfg(shared=True)  # one table read by two memory layers
+    data = micro_batches(3, seed=6)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    mp = MemoryParallel(model, init_memory_groups(1), SPARSE, kernel="torch")
+    init = [p.detach().clone() for p in mp.parameters()]
+    torch.manual_seed(0)
+    ref = Transformer(cfg).double()
+    ref_table = ref.values[0].weight
+    with torch.no_grad():
+        ref_table.copy_(init[0].double())
+    m, v = torch.zeros_like(ref_table, dtype=torch.float64), torch.zeros_like(ref_table, dtype=torch.float64)
+    ever = torch.zeros(cfg.memory.num_slots, dtype=torch.bool)
+    for t, tokens in enumerate(data, start=1):
+        mp.zero_grad()
+        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        mp.reduce_gradients()
+        norm = mp.clip_grad_norm(SPARSE.grad_clip)
+        mp.step(1.0)
+        ref_table.grad = None
+        language_model_loss(ref(tokens[:, :-1]), tokens[:, 1:]).backward()
+        rows = torch.cat(read_rows(ref)).unique()
+        ever[rows] = True
+        g = ref_table.grad[rows]
+        ref_norm = ref_table.grad.norm()
+        assert norm.item() == pytest.approx(ref_norm.item(), rel=1e-5)
+        g = g * min(1.0, SPARSE.grad_clip / (ref_norm.item() + 1e-6))
+        with torch.no_grad():
+            lazy_adam_float64(ref_table, m, v, rows, g, t, SPARSE.value_lr, (SPARSE.beta1, SPARSE.beta2), SPARSE.eps)
+    (p,) = mp.parameters()
+    st = mp.optimizer.state[p]
+    assert 0 < ever.sum() < cfg.memory.num_slots
+    assert rel_err(p.detach()[ever], ref_table.detach()[ever]) < 1e-5
+    assert rel_err(st["exp_avg"][ever], m[ever]) < 1e-4
+    assert torch.equal(p.detach()[~ever], init[0][~ever])
+    assert not st["exp_avg"][~ever].any() and not st["exp_avg_sq"][~ever].any()
+
+
+def test_sparse_checkpoint_round_trip_and_interchangeable_state(tmp_path):
+    cfg, data = tiny_cfg(), micro_batches(2, seed=8)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    mp = MemoryParallel(model, init_memory_groups(1), SPARSE, kernel="torch")
+    for tokens in data:
+        mp.zero_grad()
+        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+    mp.save(tmp_path)
+    for optim in (SPARSE, OPTIM):  # a sparse checkpoint loads into either optimizer
+        torch.manual_seed(0)
+        other = MemoryParallel(Transformer(cfg), init_memory_groups(1), optim, kernel="torch")
+        other.load(tmp_path)
+        for p, q in zip(mp.parameters(), other.parameters()):
+            s, t = mp.optimizer.state[p], other.optimizer.state[q]
+            assert torch.equal(p, q) and torch.equal(s["exp_avg"], t["exp_avg"])
+            assert torch.equal(s["exp_avg_sq"], t["exp_avg_sq"]) and float(s["step"]) == float(t["step"]) == 2
+
+
+def test_unknown_value_optimizer_is_refused():
+    with pytest.raises(ConfigError, match="optim.value_optimizer='sgd'"):
+        MemoryParallel(Transformer(tiny_cfg()), init_memory_groups(1),
+                       dataclasses.replace(OPTIM, value_optimizer="sgd"))
+    with pytest.raises(ValueError, match="no weight decay"):
+        SparseAdamW([torch.nn.Parameter(torch.zeros(2, 2))], weight_decay=0.1)
+
+
+def test_shard_file_before_any_step_streams_zero_moments(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from pretrain.parallel import shard_files
+
+    monkeypatch.setattr(shard_files, "ZERO_ROW_BLOCK", 100)  # 256 rows: three blocks of zeros
+    torch.manual_seed(0)
+    mp = MemoryParallel(Transformer(tiny_cfg()), init_memory_groups(1), SPARSE, kernel="torch")
+    (path, _) = mp.save(tmp_path)
+    saved = load_file(str(path))
+    assert torch.equal(saved["weight"], mp.parameters()[0].detach())
+    assert saved["exp_avg"].shape == saved["exp_avg_sq"].shape == (256, 32)
+    assert not saved["exp_avg"].any() and not saved["exp_avg_sq"].any() and saved["step"].item() == 0
+    assert not list(tmp_path.glob(".*tmp*"))
+    mp.load(tmp_path)
+    assert not mp.optimizer.state  # step 0: no optimizer state, as before the first step
