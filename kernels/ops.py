@@ -97,7 +97,12 @@ def _pkm_topk_backward(grad_weights: Tensor, query: Tensor, keys1: Tensor, keys2
     if kernels.resolve_backend(backend, query) == "triton":
         from kernels import pkm_triton
 
-        return pkm_triton.pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices)
+        dq, dk1, dk2 = pkm_triton.pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices)
+        # The Triton backward writes both half-key gradients into one buffer; a custom op's
+        # outputs may not alias each other (the copy is H * n * half elements, small).
+        if dk2.untyped_storage().data_ptr() == dk1.untyped_storage().data_ptr():
+            dk2 = dk2.clone()
+        return dq, dk1, dk2
     return _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indices)
 
 
