@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config, save_config, validate
+from pretrain.config import ConfigError, check_runtime, load_config, save_config
 from pretrain.files import atomic_directory, atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ def plan_run(
         cfg = load_config(config, overrides)
         # What the job itself would refuse at start-up (batch vs world size, memory-parallel
         # size, fp16 on CPU) is refused now, not after hours in the queue.
-        validate(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
+        check_runtime(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
     except ConfigError as err:
         raise SubmitError(f"config {config} on {world_size(opts)} ranks: {err}") from None
     run_dir = Path(cfg.train.run_dir)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import pretrain.slurm
 from pretrain.distributed import free_port
 from pretrain.slurm import StopSignal, requeue_job
 
@@ -103,25 +102,19 @@ def test_two_gloo_ranks_stop_at_the_same_step():
     assert [r["requeue"] for r in phase2] == [False, False]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stop_state(monkeypatch):
-    """requeue_job reads the last agreed stop of this process: start each test without one."""
-    monkeypatch.setattr(pretrain.slurm, "_agreed_stop_kind", 0)
-
-
 def test_usr1_asks_for_requeue_sigterm_does_not(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "0")
     with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.should_stop() and stop.requeue
-        assert requeue_job({"SLURM_JOB_ID": "5"}) is True
+        assert requeue_job({"SLURM_JOB_ID": "5"}, stop=stop) is True
     (tmp_path / "args").unlink()
     with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # scancel after the warning: the cancel wins
         assert stop.should_stop() and not stop.requeue
-        assert requeue_job({"SLURM_JOB_ID": "5"}) is False
+        assert requeue_job({"SLURM_JOB_ID": "5"}, stop=stop) is False
     assert not (tmp_path / "args").exists()
 
 
