@@ -2,7 +2,7 @@
 stop signal (USR1/SIGTERM) agreed on by every rank, and requeueing the job.
 
 USR1 means "checkpoint and requeue"; SIGTERM (`scancel <job>`, the time limit itself, or
-Slurm's own preemption) means "checkpoint and exit": requeue_job() then declines, so that a
+Slurm's own preemption) means "checkpoint and exit": requeue_job(stop=...) then declines, so that a
 cancelled job stays cancelled. The trainer uses it like this:
 
     env = distributed_env_from_slurm()           # {} outside a Slurm task
@@ -296,12 +296,13 @@ def _job_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def requeue_job(environ: Mapping[str, str] | None = None, stop: StopSignal | None = None) -> bool:
+def requeue_job(environ: Mapping[str, str] | None = None, *, stop: StopSignal | None) -> bool:
     """Requeue this Slurm job (`scontrol requeue <id>`) from rank 0; True if it was requeued.
 
     Outside Slurm, or on any other rank, it does nothing and returns False. It also declines
     when `stop` (the run's StopSignal) agreed on SIGTERM: the job was cancelled (`scancel`) or
     preempted by Slurm itself, and a requeue would bring back a job its owner cancelled.
+    `stop` is required so that no caller forgets it: None only for a requeue no signal decided.
     Slurm cancels the running job as soon as the requeue is accepted, so call this after the
     checkpoint is complete and everything else is flushed.
     """

@@ -128,16 +128,33 @@ def _fake_scontrol(tmp_path, exit_code=0):
     return bindir
 
 
+def test_requeue_reads_the_stop_it_is_given(tmp_path, monkeypatch):
+    """The agreed stop is the StopSignal's own state: an earlier run's SIGTERM does not leak
+    into a later one, and each answer comes from the object passed."""
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    with StopSignal() as cancelled:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert cancelled.should_stop() and cancelled.cancelled
+    with StopSignal() as warned:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert warned.should_stop() and not warned.cancelled
+    assert requeue_job({"SLURM_JOB_ID": "6"}, stop=cancelled) is False
+    assert not (tmp_path / "args").exists()
+    assert requeue_job({"SLURM_JOB_ID": "6"}, stop=warned) is True
+    assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "6"]
+
+
 def test_requeue_outside_slurm_is_a_no_op(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
-    assert requeue_job({}) is False
+    assert requeue_job({}, stop=None) is False
     assert not (tmp_path / "args").exists()
 
 
 def test_requeue_from_rank_zero_calls_scontrol(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "0")
-    assert requeue_job({"SLURM_JOB_ID": "77"}) is True
+    assert requeue_job({"SLURM_JOB_ID": "77"}, stop=None) is True
     assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "77"]
 
 
@@ -145,19 +162,19 @@ def test_requeue_array_task_names_the_task(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "0")
     env = {"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "8"}
-    assert requeue_job(env) is True
+    assert requeue_job(env, stop=None) is True
     assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "70_8"]
 
 
 def test_requeue_on_other_ranks_does_nothing(tmp_path, monkeypatch, without_process_group):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "1")
-    assert requeue_job({"SLURM_JOB_ID": "77"}) is False
+    assert requeue_job({"SLURM_JOB_ID": "77"}, stop=None) is False
     assert not (tmp_path / "args").exists()
 
 
 def test_requeue_failure_is_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path, exit_code=1)))
     monkeypatch.setenv("RANK", "0")
-    assert requeue_job({"SLURM_JOB_ID": "79"}) is False
+    assert requeue_job({"SLURM_JOB_ID": "79"}, stop=None) is False
     assert "scontrol requeue 79` failed (exit 1): refused" in capsys.readouterr().err
