@@ -3,18 +3,29 @@
 `load_config("configs/tiny.yaml", ["optim.lr=1e-3"])` returns a validated `RunConfig`.
 Unknown keys fail with the nearest valid key; invalid values and combinations fail here,
 before any heavy work. No config string is ever evaluated.
+
+Three kinds of checks, so that tools which only read a config need no environment:
+- `validate(cfg)`: values and combinations, a pure function of the config (export calls it);
+- `check_datasets(cfg)`: the prepared datasets named by data.dir / data.sources exist and
+  agree (reads their manifests; `load_config` runs it);
+- `check_runtime(cfg, world_size, device_type)`: what depends on where the run starts (world
+  size, device, kernels available); the trainer and tools/submit call it.
+String choices are `Literal` types, checked from the annotation (model/config.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from pretrain.files import atomic_write_text
-from pretrain.model.config import ConfigError, ModelConfig
+from pretrain.model.config import ConfigError, ModelConfig, check_choices, choices_message, literal_fields
 
 
 @dataclass
@@ -45,7 +56,7 @@ class DataConfig:
     seq_len: int = 128  # with data.dir/data.sources: the datasets' seq_len unless set explicitly
     num_workers: int = 0
     shuffle_buffer: int = 0
-    on_corrupt: str = "error"  # error | skip
+    on_corrupt: Literal["error", "skip"] = "error"
     vocab_size: int = 512  # tokenizer trained for the embedded corpus
     val_fraction: float = 0.05  # documents of the embedded corpus held out for validation
     min_shards: int = 8  # the embedded corpus has at least this many shards per split
@@ -57,10 +68,11 @@ class DataConfig:
 class OptimConfig:
     lr: float = 3e-3
     value_lr: float = 1e-3  # the anchor's fixed learning rate for memory values
-    value_lr_schedule: str = "cosine"  # cosine: same warmup/decay as the dense lr | constant: value_lr throughout
+    # cosine: same warmup/decay as the dense lr | constant: value_lr throughout
+    value_lr_schedule: Literal["cosine", "constant"] = "cosine"
     # adamw: dense value gradients + AdamW over whole shards | sparse_adamw: only the rows read
     # this step (row-sparse gradients, lazy Adam; pretrain/parallel/sparse_adamw.py)
-    value_optimizer: str = "adamw"
+    value_optimizer: Literal["adamw", "sparse_adamw"] = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -77,7 +89,7 @@ class TrainConfig:
     max_steps: int = 300
     global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch: int = 16  # sequences per rank per forward
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -85,11 +97,11 @@ class TrainConfig:
     probe_limit: int = 200  # fact probes answered per evaluation
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    nan_policy: str = "stop"  # stop (save and exit) | skip (drop the step, count it)
+    nan_policy: Literal["stop", "skip"] = "stop"  # stop (save and exit) | skip (drop the step, count it)
     max_skipped_steps: int = 20
     stop_after: int = 0  # checkpoint and exit after this step (a time slice); 0 = run to max_steps
     # none | full | memory | selective (pretrain/parallel/activation_checkpointing.py says what each keeps)
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Literal["none", "full", "memory", "selective"] = "none"
     activation_checkpointing_layers: list[int] = field(default_factory=list)  # selective: these blocks
     compile: bool = False  # torch.compile each block (pretrain/parallel/compile.py)
 
@@ -153,12 +165,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key = getattr(err, "full_key", None) or str(err)
         raise ConfigError(_nearest_key_message(str(key), schema)) from None
     except ValidationError as err:
+        choices = _literal_choices(str(err.full_key))
+        if choices is not None:
+            raise ConfigError(choices_message(str(err.full_key), err.value, choices)) from None
         raise ConfigError(f"invalid value for config key '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
     cfg: RunConfig = OmegaConf.to_object(merged)
     explicit = {k for k in DATASET_KEYS if any(OmegaConf.select(layer, k, default=None) is not None
                                                for layer in layers[1:])}
     follow_dataset(cfg, explicit)
-    return validate(cfg)
+    return check_datasets(validate(cfg))
+
+
+def _literal_choices(key: str) -> tuple | None:
+    """The allowed values of a Literal-typed config key ("train.dtype"), else None."""
+    *path, name = key.split(".")
+    cls = RunConfig
+    for part in path:
+        field_type = typing.get_type_hints(cls).get(part)
+        if not dataclasses.is_dataclass(field_type):
+            return None
+        cls = field_type
+    return literal_fields(cls).get(name)
 
 
 DATASET_KEYS = ("model.vocab_size", "data.vocab_size", "data.seq_len")  # values a dataset records
@@ -194,40 +221,22 @@ def follow_dataset(cfg: RunConfig, explicit: set[str]) -> None:
             setattr(getattr(cfg, section), name, value)
 
 
-def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | None = None) -> RunConfig:
+def validate(cfg: RunConfig) -> RunConfig:
     """Check values and combinations; raise ConfigError naming the key and the fix.
 
-    World-size checks run only when `world_size` is given (the trainer passes it once
-    the processes are up); everything else is checked at load time.
+    A pure function of the config: no environment, no file system (see `check_datasets`
+    and `check_runtime` for those).
     """
-    if device_type is None:
-        import torch
-
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.model.validate("model")
+    check_choices(cfg)
     t, d = cfg.train, cfg.data
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
-    if t.dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.dtype={t.dtype!r} must be fp32, bf16 or fp16")
-    if t.dtype == "fp16" and device_type == "cpu":
-        raise ConfigError("train.dtype=fp16 is not supported on CPU (DeepSpeed refuses it): use bf16 or fp32")
     if t.dtype == "fp16" and cfg.model.memory.enabled:
         raise ConfigError(
             "train.dtype=fp16 is not supported with memory layers: the value pool is optimised outside "
             "DeepSpeed and would receive loss-scaled gradients; use bf16 (no loss scaling) or fp32"
         )
-    if cfg.model.memory.enabled and cfg.model.memory.kernel == "triton" and device_type == "cpu":
-        from kernels.triton_common import INTERPRETING
-
-        if not INTERPRETING:
-            raise ConfigError(
-                "model.memory.kernel=triton needs a CUDA device (this run is on CPU): use "
-                "model.memory.kernel=auto or torch, or set TRITON_INTERPRET=1 to interpret the kernels (slow)"
-            )
-    if t.activation_checkpointing not in ("none", "full", "memory", "selective"):
-        raise ConfigError(f"train.activation_checkpointing={t.activation_checkpointing!r} must be none, full, "
-                          "memory or selective")
     if t.activation_checkpointing_layers and t.activation_checkpointing != "selective":
         raise ConfigError("train.activation_checkpointing_layers is only read with "
                           "train.activation_checkpointing=selective: set that mode or drop the list")
@@ -235,8 +244,6 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
     if bad:
         raise ConfigError(f"train.activation_checkpointing_layers={list(t.activation_checkpointing_layers)} "
                           f"names blocks {bad} outside 0..{cfg.model.n_layers - 1} (model.n_layers)")
-    if t.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"train.nan_policy={t.nan_policy!r} must be 'stop' or 'skip'")
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
     _check_cadences(cfg)
@@ -244,20 +251,24 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
         raise ConfigError(
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
         )
-    if world_size is not None:  # checks that need the launched world
-        if t.global_batch % (t.micro_batch * world_size):
-            raise ConfigError(
-                f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
-                f"world size {world_size}: choose global_batch as a multiple of {t.micro_batch * world_size}"
-            )
-        if world_size % cfg.model.memory.parallel_size:
-            raise ConfigError(
-                f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
-            )
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"
                           + (f": set model.max_seq_len={d.seq_len} (data.seq_len follows the prepared dataset)"
                              if d.seq_len > cfg.model.max_seq_len and (d.dir or d.sources) else ""))
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+    g = cfg.slots.granularity  # a pattern, not a fixed set of choices: checked here, parsed by slots/granularity.py
+    if not (g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and int(g[6:]) > 0)):
+        raise ConfigError(f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64)")
+    return cfg
+
+
+def check_datasets(cfg: RunConfig) -> RunConfig:
+    """The prepared datasets the config names (data.dir, data.sources) exist and fit data.seq_len.
+
+    Reads only those folders' manifests; the embedded corpus (no data.dir/sources) needs nothing.
+    """
+    d = cfg.data
     if d.dir and not (Path(d.dir) / "manifest.json").is_file():
         raise ConfigError(
             f"data.dir={d.dir} holds no manifest.json: prepare it with tools/prepare_data.py, "
@@ -271,20 +282,40 @@ def validate(cfg: RunConfig, world_size: int | None = None, device_type: str | N
             resolve_sources(d, d.seq_len)
         except DataError as err:
             raise ConfigError(str(err)) from None
-    if cfg.optim.value_lr_schedule not in ("cosine", "constant"):
-        raise ConfigError(f"optim.value_lr_schedule={cfg.optim.value_lr_schedule!r} must be 'cosine' or 'constant'")
-    if cfg.optim.value_optimizer not in ("adamw", "sparse_adamw"):
-        raise ConfigError(
-            f"optim.value_optimizer={cfg.optim.value_optimizer!r} must be 'adamw' (dense) or 'sparse_adamw' "
-            "(lazy Adam on the rows read)"
-        )
-    if d.on_corrupt not in ("error", "skip"):
-        raise ConfigError(f"data.on_corrupt={d.on_corrupt!r} must be 'error' or 'skip'")
-    if d.num_workers < 0:
-        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
-    g = cfg.slots.granularity
-    if not (g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and int(g[6:]) > 0)):
-        raise ConfigError(f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64)")
+    return cfg
+
+
+def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: str | None = None) -> RunConfig:
+    """What depends on where the run starts: the device (fp16 and the Triton kernels on CPU)
+    and, when `world_size` is given, the launched world (batch and memory-parallel divisibility).
+
+    `device_type` None: this machine's (cuda if available, else cpu).
+    """
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    t = cfg.train
+    if t.dtype == "fp16" and device_type == "cpu":
+        raise ConfigError("train.dtype=fp16 is not supported on CPU (DeepSpeed refuses it): use bf16 or fp32")
+    if cfg.model.memory.enabled and cfg.model.memory.kernel == "triton" and device_type == "cpu":
+        from kernels.triton_common import INTERPRETING
+
+        if not INTERPRETING:
+            raise ConfigError(
+                "model.memory.kernel=triton needs a CUDA device (this run is on CPU): use "
+                "model.memory.kernel=auto or torch, or set TRITON_INTERPRET=1 to interpret the kernels (slow)"
+            )
+    if world_size is not None:
+        if t.global_batch % (t.micro_batch * world_size):
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
+                f"world size {world_size}: choose global_batch as a multiple of {t.micro_batch * world_size}"
+            )
+        if world_size % cfg.model.memory.parallel_size:
+            raise ConfigError(
+                f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
+            )
     return cfg
 
 

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config, save_config, validate
+from pretrain.config import ConfigError, check_runtime, load_config, save_config
 from pretrain.files import atomic_directory, atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ def plan_run(
         cfg = load_config(config, overrides)
         # What the job itself would refuse at start-up (batch vs world size, memory-parallel
         # size, fp16 on CPU) is refused now, not after hours in the queue.
-        validate(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
+        check_runtime(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
     except ConfigError as err:
         raise SubmitError(f"config {config} on {world_size(opts)} ranks: {err}") from None
     run_dir = Path(cfg.train.run_dir)
@@ -257,7 +257,20 @@ def plan_run(
     config_path = run_dir / CONFIG_NAME
     code_dir = run_dir / "code" if snapshot else REPO_ROOT
     script = render_script(opts, run_dir, config_path, workdir, code_dir, python, snapshot)
+    _check_run_dir(run_dir, config_path, config_text, resume)
+    return PreparedRun(
+        run_dir=run_dir,
+        config_path=config_path,
+        script_path=run_dir / SCRIPT_NAME,
+        script=script,
+        config_text=config_text,
+        code_dir=code_dir,
+    )
 
+
+def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: bool) -> None:
+    """A new run needs an absent or empty run dir; --resume needs this tool's run dir with the
+    same resolved config."""
     if run_dir.exists():
         if not run_dir.is_dir():
             raise SubmitError(f"train.run_dir={run_dir} exists and is not a directory: choose another train.run_dir")
@@ -279,14 +292,6 @@ def plan_run(
             )
     elif resume:
         raise SubmitError(f"--resume: {run_dir} does not exist: submit without --resume to start this run")
-    return PreparedRun(
-        run_dir=run_dir,
-        config_path=config_path,
-        script_path=run_dir / SCRIPT_NAME,
-        script=script,
-        config_text=config_text,
-        code_dir=code_dir,
-    )
 
 
 def _copy_code(dest: Path) -> None:

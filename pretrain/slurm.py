@@ -2,7 +2,7 @@
 stop signal (USR1/SIGTERM) agreed on by every rank, and requeueing the job.
 
 USR1 means "checkpoint and requeue"; SIGTERM (`scancel <job>`, the time limit itself, or
-Slurm's own preemption) means "checkpoint and exit": requeue_job() then declines, so that a
+Slurm's own preemption) means "checkpoint and exit": requeue_job(stop=...) then declines, so that a
 cancelled job stays cancelled. The trainer uses it like this:
 
     env = distributed_env_from_slurm()           # {} outside a Slurm task
@@ -14,7 +14,7 @@ cancelled job stays cancelled. The trainer uses it like this:
         if stop.should_stop():                    # same answer on every rank, same step
             save_checkpoint(...)
             if rank == 0:
-                requeue_job()                     # last: Slurm cancels the job at once
+                requeue_job(stop=stop)            # last: Slurm cancels the job at once
                                                   # (no-op after SIGTERM; see stop.requeue)
             break
     stop.close()
@@ -53,7 +53,6 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # time-limit/preemption warning (checkpoint, requeue); any other stop signal is SIGTERM from
 # `scancel` or Slurm's own preemption (checkpoint, exit: requeueing would undo the cancel).
 _NONE, _REQUEUE, _EXIT = 0, 1, 2
-_agreed_stop_kind = _NONE  # the last stop agreed on in this process; read by requeue_job
 
 
 class SlurmEnvError(RuntimeError):
@@ -213,13 +212,11 @@ class StopSignal:
             raise RuntimeError("StopSignal() must be created in the main thread (signal handlers live there)")
         if check_every < 1:
             raise ValueError(f"check_every={check_every} must be >= 1")
-        global _agreed_stop_kind
-        _agreed_stop_kind = _NONE  # a new run: an earlier run's SIGTERM no longer applies
         self.group = group
         self.check_every = check_every
         self.received: int | None = None  # number of the first stop signal received locally
         self._local_kind = _NONE
-        self._agreed = _NONE
+        self._agreed = _NONE  # what the ranks agreed on at the last check: the state requeue_job reads
         self._calls = 0
         self._previous = {}
         for sig in signals:
@@ -240,7 +237,6 @@ class StopSignal:
     def should_stop(self) -> bool:
         """Call once per step on every rank; True on all ranks at the same call once any rank
         received a stop signal. Collective when torch.distributed is initialised."""
-        global _agreed_stop_kind
         if self._agreed:
             return True
         self._calls += 1
@@ -258,8 +254,6 @@ class StopSignal:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
             kind = int(t.item())
         self._agreed = kind
-        if kind:
-            _agreed_stop_kind = kind
         return bool(kind)
 
     @property
@@ -267,6 +261,12 @@ class StopSignal:
         """After should_stop() returned True: whether the job should be requeued (the ranks
         agreed on USR1, and none received SIGTERM)."""
         return self._agreed == _REQUEUE
+
+    @property
+    def cancelled(self) -> bool:
+        """After should_stop() returned True: some rank received SIGTERM (scancel or Slurm's own
+        preemption), so the job must not be requeued."""
+        return self._agreed == _EXIT
 
     def close(self) -> None:
         """Restore the handlers that were installed before (idempotent)."""
@@ -296,12 +296,13 @@ def _job_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def requeue_job(environ: Mapping[str, str] | None = None) -> bool:
+def requeue_job(environ: Mapping[str, str] | None = None, *, stop: StopSignal | None) -> bool:
     """Requeue this Slurm job (`scontrol requeue <id>`) from rank 0; True if it was requeued.
 
     Outside Slurm, or on any other rank, it does nothing and returns False. It also declines
-    when this process's StopSignal agreed on SIGTERM: the job was cancelled (`scancel`) or
+    when `stop` (the run's StopSignal) agreed on SIGTERM: the job was cancelled (`scancel`) or
     preempted by Slurm itself, and a requeue would bring back a job its owner cancelled.
+    `stop` is required so that no caller forgets it: None only for a requeue no signal decided.
     Slurm cancels the running job as soon as the requeue is accepted, so call this after the
     checkpoint is complete and everything else is flushed.
     """
@@ -309,7 +310,7 @@ def requeue_job(environ: Mapping[str, str] | None = None) -> bool:
     job_id = environ.get("SLURM_JOB_ID")
     if not job_id or _job_rank() != 0:
         return False
-    if _agreed_stop_kind == _EXIT:
+    if stop is not None and stop.cancelled:
         print(f"not requeueing Slurm job {job_id}: stopped by SIGTERM (scancel or Slurm preemption)",
               file=sys.stderr, flush=True)
         return False

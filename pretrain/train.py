@@ -28,7 +28,7 @@ from torch.profiler import record_function  # noqa: E402
 
 from pretrain import profiler_regions as regions  # noqa: E402
 from pretrain.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
-from pretrain.config import ConfigError, RunConfig, load_config, save_config, validate  # noqa: E402
+from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.distributed import DistInfo, barrier, init_distributed  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
@@ -166,7 +166,7 @@ def train(cfg: RunConfig, stop: StopSignal | None = None) -> TrainResult:
 def _train(cfg: RunConfig, stop) -> TrainResult:
     # ---- build -------------------------------------------------------------------------
     info = init_distributed()
-    validate(cfg, world_size=info.world_size, device_type=info.device.type)
+    check_runtime(validate(cfg), world_size=info.world_size, device_type=info.device.type)
     import deepspeed
 
     from pretrain.data import Tokenizer, load_probes
@@ -383,7 +383,7 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
                              f"checkpoint {result.checkpoint}")
                 result.stopped_by_signal = signalled
                 if signalled and stop.requeue:  # USR1 (preemption); SIGTERM means cancel
-                    result.requeued = requeue_job()  # last: a requeue cancels this job at once
+                    result.requeued = requeue_job(stop=stop)  # last: a requeue cancels this job at once
                 break
     finally:
         metrics.close()

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from pretrain.config import RunConfig, load_config, save_config, validate
+from pretrain.config import RunConfig, check_runtime, load_config, save_config, validate
 from pretrain.model import ConfigError, MemoryPlus, Transformer, ValueTable
 
 
@@ -129,6 +129,31 @@ def test_value_table_width_must_match_the_memory_layer(make_model_config):
 def test_memory_parallel_size_must_divide_the_world_size(repo_root):
     cfg = load_config(repo_root / "configs/tiny.yaml", ["train.micro_batch=4", "train.global_batch=48"])
     cfg.model.memory.parallel_size = 2
-    validate(cfg, world_size=4)
+    check_runtime(cfg, world_size=4)
     with pytest.raises(ConfigError, match="model.memory.parallel_size=2"):
-        validate(cfg, world_size=3)
+        check_runtime(cfg, world_size=3)
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("train.dtype", "fp8", "fp32, bf16 or fp16"),
+    ("train.nan_policy", "ignore", "stop or skip"),
+    ("optim.value_lr_schedule", "linear", "cosine or constant"),
+    ("optim.value_optimizer", "sgd", "adamw or sparse_adamw"),
+    ("data.on_corrupt", "warn", "error or skip"),
+    ("model.memory.kernel", "cuda", "auto, triton or torch"),
+])
+def test_a_string_choice_outside_its_literal_names_key_value_and_choices(repo_root, key, value, allowed):
+    message = rf"{key}='{value}' must be {allowed}$"
+    with pytest.raises(ConfigError, match=message):  # from the YAML/override (OmegaConf checks the Literal)
+        load_config(repo_root / "configs/tiny.yaml", [f"{key}={value}"])
+    cfg = load_config(repo_root / "configs/tiny.yaml")
+    section, name = key.rsplit(".", 1)
+    setattr(_section(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=message):  # set in code: validate checks the annotation
+        validate(cfg)
+
+
+def _section(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

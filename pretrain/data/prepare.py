@@ -95,18 +95,7 @@ def write_dataset(
         dtype = token_dtype_for(tokenizer.vocab_size)
         writers = {s: ShardWriter(tmp, s, seq_len, tokenizer.eos_id, dtype, per_split[s], rows_per_block)
                    for s in ("train", "val")}
-        empty_after_tokenizing = 0
-        doc_id = 0
-        bar = tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress)
-        for ids in token_docs:
-            if not ids:
-                empty_after_tokenizing += 1
-                continue
-            split = "val" if is_validation(doc_id, seed, val_fraction) else "train"
-            writers[split].add(ids)
-            doc_id += 1
-            bar.update(len(ids) + 1)
-        bar.close()
+        doc_id, empty_after_tokenizing = _write_documents(token_docs, writers, seed, val_fraction, show_progress)
         if doc_id == 0:
             raise DataError("the corpus holds no non-empty document: check --input and --format/--text-field")
         splits = {s: w.close() for s, w in writers.items()}
@@ -126,6 +115,22 @@ def write_dataset(
         }
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _write_documents(token_docs: Iterable[list[int]], writers: dict, seed: int, val_fraction: float,
+                     show_progress: bool) -> tuple[int, int]:
+    """Route each non-empty document to its split's writer; return (documents written, empty ones)."""
+    documents = empty = 0
+    with tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress) as bar:
+        for ids in token_docs:
+            if not ids:
+                empty += 1
+                continue
+            split = "val" if is_validation(documents, seed, val_fraction) else "train"
+            writers[split].add(ids)
+            documents += 1
+            bar.update(len(ids) + 1)
+    return documents, empty
 
 
 def _check_validation_split(splits: dict, documents: int, val_fraction: float) -> None:

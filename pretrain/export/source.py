@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import CheckpointError, latest_checkpoint
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, validate
 from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.safetensors_io import read_header
 from pretrain.parallel import shard_files
@@ -91,8 +91,8 @@ def _load_small(path: Path) -> dict:
 
 
 def load_run_config(path: Path) -> RunConfig:
-    """The saved run config, with the model part validated. Not `load_config`: that also checks
-    that data.dir exists, which it need not where the export runs (see --dataset-dir)."""
+    """The saved run config, validated (`validate`: values only). Not `load_config`: that also
+    checks that data.dir exists, which it need not where the export runs (see --dataset-dir)."""
     from omegaconf import OmegaConf
 
     try:
@@ -100,8 +100,7 @@ def load_run_config(path: Path) -> RunConfig:
         cfg: RunConfig = OmegaConf.to_object(merged)
     except Exception as err:  # omegaconf raises assorted errors for bad YAML and unknown keys
         raise IncompleteFileError(f"cannot read the run config {path} ({err})") from None
-    cfg.model.validate("model")
-    return cfg
+    return validate(cfg)
 
 
 def find_dataset_dir(cfg: RunConfig, dataset_dir: str | Path | None) -> Path:

@@ -2,14 +2,49 @@
 
 These dataclasses are the only thing the model code reads. They are plain data,
 validated by `validate()` with errors that name the config key to fix.
+
+String choices are `Literal` types: `check_choices` validates every such field of a config
+dataclass from its annotation, so a new choice is added in one place (the Literal).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
+
+
+def choices_message(key: str, value, choices: tuple) -> str:
+    """'train.dtype='fp8' must be fp32, bf16 or fp16': the key, the value and the allowed choices."""
+    names = [str(c) for c in choices]
+    allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return f"{key}={value!r} must be {allowed}"
+
+
+@functools.cache
+def literal_fields(cls: type) -> dict[str, tuple]:
+    """The fields of dataclass `cls` typed `Literal[...]`, with their allowed values."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is Literal}
+
+
+def check_choices(section, prefix: str = "") -> None:
+    """Raise ConfigError if a Literal-typed field of the dataclass `section` (or of a nested
+    section) holds a value outside its choices."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        choices = literal_fields(type(section)).get(f.name)
+        if choices is not None and value not in choices:
+            raise ConfigError(choices_message(key, value, choices))
+        if dataclasses.is_dataclass(value):
+            check_choices(value, key)
 
 
 @dataclass
@@ -24,7 +59,7 @@ class MemoryConfig:
     v_dim: int = 0  # value dimension; 0 means "model dim"
     qk_norm: bool = True
     shared_values: bool = True  # one value table for all memory layers (the anchor's default)
-    kernel: str = "auto"  # auto | triton | torch
+    kernel: Literal["auto", "triton", "torch"] = "auto"
     parallel_size: int = 1  # memory-parallel group size (columns of the value table)
 
     @property
@@ -79,8 +114,10 @@ class ModelConfig:
         return self.memory.v_dim or self.dim
 
     def validate(self, prefix: str = "model") -> "ModelConfig":
-        """Raise ConfigError naming the offending key; return self when valid."""
+        """Raise ConfigError naming the offending key; return self when valid. Pure: reads
+        nothing but the config (the device and kernels are checked by the trainer at start)."""
         m, p = self.memory, prefix
+        check_choices(self, p)
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{p}.{key} must be positive, got {getattr(self, key)}")
@@ -111,8 +148,6 @@ class ModelConfig:
             raise ConfigError(f"{p}.memory.k_dim={m.k_dim} must be a positive even number (two half-keys)")
         if m.v_dim < 0:
             raise ConfigError(f"{p}.memory.v_dim={m.v_dim} must be >= 0 (0 means {p}.dim)")
-        if m.kernel not in ("auto", "triton", "torch"):
-            raise ConfigError(f"{p}.memory.kernel={m.kernel!r} must be one of auto, triton, torch")
         if m.parallel_size <= 0 or self.value_dim % m.parallel_size:
             raise ConfigError(
                 f"{p}.memory.parallel_size={m.parallel_size} must be positive and divide the value dim "

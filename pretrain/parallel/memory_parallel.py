@@ -22,14 +22,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pretrain.config import OptimConfig
 from pretrain.model import recompute
-from pretrain.model.config import ConfigError
+from pretrain.model.config import ConfigError, choices_message, literal_fields
 from pretrain.parallel import accounting, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.sparse_adamw import SparseAdamW
 from pretrain.parallel.values import PartitionedValueTable, parallelize_memory
 
-VALUE_OPTIMIZERS = ("adamw", "sparse_adamw")
+VALUE_OPTIMIZERS = literal_fields(OptimConfig)["value_optimizer"]  # the config's Literal: one list of choices
 
 
 class MemoryParallel:
@@ -40,9 +41,7 @@ class MemoryParallel:
         self.groups, self.optim_cfg = groups, optim_cfg
         self.value_optimizer = getattr(optim_cfg, "value_optimizer", "adamw")
         if self.value_optimizer not in VALUE_OPTIMIZERS:
-            raise ConfigError(
-                f"optim.value_optimizer={self.value_optimizer!r} must be one of {', '.join(VALUE_OPTIMIZERS)}"
-            )
+            raise ConfigError(choices_message("optim.value_optimizer", self.value_optimizer, VALUE_OPTIMIZERS))
         self.sparse = self.value_optimizer == "sparse_adamw"
         self.tables: list[PartitionedValueTable] = parallelize_memory(
             model, groups, kernel=kernel, device=device, seed=seed, value_grad="sparse" if self.sparse else "sorted"

@@ -44,7 +44,7 @@ def main():
             dist.barrier()
             print(f"rank {rank} stopping at step {step} on signal {stop.received}", flush=True)
             if rank == 0:
-                requeue_job()
+                requeue_job(stop=stop)
             stop.close()
             dist.destroy_process_group()
             return

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import pretrain.slurm
 from pretrain.distributed import free_port
 from pretrain.slurm import StopSignal, requeue_job
 
@@ -103,25 +102,19 @@ def test_two_gloo_ranks_stop_at_the_same_step():
     assert [r["requeue"] for r in phase2] == [False, False]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_stop_state(monkeypatch):
-    """requeue_job reads the last agreed stop of this process: start each test without one."""
-    monkeypatch.setattr(pretrain.slurm, "_agreed_stop_kind", 0)
-
-
 def test_usr1_asks_for_requeue_sigterm_does_not(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "0")
     with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.should_stop() and stop.requeue
-        assert requeue_job({"SLURM_JOB_ID": "5"}) is True
+        assert requeue_job({"SLURM_JOB_ID": "5"}, stop=stop) is True
     (tmp_path / "args").unlink()
     with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # scancel after the warning: the cancel wins
         assert stop.should_stop() and not stop.requeue
-        assert requeue_job({"SLURM_JOB_ID": "5"}) is False
+        assert requeue_job({"SLURM_JOB_ID": "5"}, stop=stop) is False
     assert not (tmp_path / "args").exists()
 
 
@@ -135,16 +128,33 @@ def _fake_scontrol(tmp_path, exit_code=0):
     return bindir
 
 
+def test_requeue_reads_the_stop_it_is_given(tmp_path, monkeypatch):
+    """The agreed stop is the StopSignal's own state: an earlier run's SIGTERM does not leak
+    into a later one, and each answer comes from the object passed."""
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    with StopSignal() as cancelled:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert cancelled.should_stop() and cancelled.cancelled
+    with StopSignal() as warned:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert warned.should_stop() and not warned.cancelled
+    assert requeue_job({"SLURM_JOB_ID": "6"}, stop=cancelled) is False
+    assert not (tmp_path / "args").exists()
+    assert requeue_job({"SLURM_JOB_ID": "6"}, stop=warned) is True
+    assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "6"]
+
+
 def test_requeue_outside_slurm_is_a_no_op(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
-    assert requeue_job({}) is False
+    assert requeue_job({}, stop=None) is False
     assert not (tmp_path / "args").exists()
 
 
 def test_requeue_from_rank_zero_calls_scontrol(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "0")
-    assert requeue_job({"SLURM_JOB_ID": "77"}) is True
+    assert requeue_job({"SLURM_JOB_ID": "77"}, stop=None) is True
     assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "77"]
 
 
@@ -152,19 +162,19 @@ def test_requeue_array_task_names_the_task(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "0")
     env = {"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "8"}
-    assert requeue_job(env) is True
+    assert requeue_job(env, stop=None) is True
     assert (tmp_path / "args").read_text().split("\n")[:2] == ["requeue", "70_8"]
 
 
 def test_requeue_on_other_ranks_does_nothing(tmp_path, monkeypatch, without_process_group):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
     monkeypatch.setenv("RANK", "1")
-    assert requeue_job({"SLURM_JOB_ID": "77"}) is False
+    assert requeue_job({"SLURM_JOB_ID": "77"}, stop=None) is False
     assert not (tmp_path / "args").exists()
 
 
 def test_requeue_failure_is_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path, exit_code=1)))
     monkeypatch.setenv("RANK", "0")
-    assert requeue_job({"SLURM_JOB_ID": "79"}) is False
+    assert requeue_job({"SLURM_JOB_ID": "79"}, stop=None) is False
     assert "scontrol requeue 79` failed (exit 1): refused" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 
 import pretrain.train as train_module
 from pretrain.checkpoint import latest_checkpoint
-from pretrain.config import ConfigError, load_config, validate
+from pretrain.config import ConfigError, check_runtime, load_config, validate
 from pretrain.train import TrainingDiverged, train
 from tests.train.helpers import tiny_config
 
@@ -135,17 +135,18 @@ def test_incompatible_checkpoint_is_refused(tmp_path, data_cache):
         train(tiny_config(run, data_cache, "train.max_steps=2", "model.dim=64"))
 
 
-def test_triton_kernel_on_cpu_is_refused_at_load(monkeypatch):
+def test_triton_kernel_on_cpu_is_refused_at_start(monkeypatch):
     import kernels.triton_common
 
     monkeypatch.setattr(kernels.triton_common, "INTERPRETING", False)
     cfg = load_config("configs/tiny.yaml")
     cfg.model.memory.kernel = "triton"
-    validate(cfg, device_type="cuda")
+    validate(cfg)  # a value check: the kernel is a valid choice anywhere
+    check_runtime(cfg, device_type="cuda")
     with pytest.raises(ConfigError, match="model.memory.kernel=triton needs a CUDA device"):
-        validate(cfg, device_type="cpu")
+        check_runtime(cfg, device_type="cpu")
     monkeypatch.setattr(kernels.triton_common, "INTERPRETING", True)  # TRITON_INTERPRET=1: allowed
-    validate(cfg, device_type="cpu")
+    check_runtime(cfg, device_type="cpu")
 
 
 def test_config_errors_before_heavy_work(tmp_path):
@@ -155,11 +156,12 @@ def test_config_errors_before_heavy_work(tmp_path):
         load_config("configs/tiny.yaml", ["train.zero_stage=4"])
     with pytest.raises(ConfigError, match="model.memory.layers"):
         load_config("configs/tiny.yaml", ["model.memory.layers=[9]"])
+    dense_fp16 = load_config("configs/tiny.yaml", ["train.dtype=fp16", "model.memory.layers=[]"])
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
-        load_config("configs/tiny.yaml", ["train.dtype=fp16"])
+        check_runtime(dense_fp16, device_type="cpu")
     cfg = load_config("configs/tiny.yaml", ["train.global_batch=16", "train.micro_batch=16"])
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch=16 x world size 3"):
-        validate(cfg, world_size=3)
+        check_runtime(cfg, world_size=3)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 
@@ -173,9 +175,9 @@ def test_fp16_with_memory_layers_is_refused_on_any_device():
     cfg = load_config("configs/tiny.yaml")
     cfg.train.dtype = "fp16"
     with pytest.raises(ConfigError, match="fp16 is not supported with memory layers"):
-        validate(cfg, device_type="cuda")
+        validate(cfg)
     cfg.model.memory.layers = []
-    validate(cfg, device_type="cuda")  # a dense model may use DeepSpeed's fp16 loss scaling
+    check_runtime(validate(cfg), device_type="cuda")  # a dense model may use DeepSpeed's fp16 loss scaling
 
 
 def test_constant_value_learning_rate(tmp_path, data_cache):
