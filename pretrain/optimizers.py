@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
+from pretrain import profiler_regions as regions
 from pretrain.config import OptimConfig
 from pretrain.optim import set_learning_rate
 
@@ -37,9 +39,11 @@ class Optimizers:
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate the micro-batch's gradients. DeepSpeed counts micro-steps in its `step()`,
         which updates nothing before the accumulation boundary; the boundary's call is `step`'s."""
-        self.engine.backward(loss)
+        with record_function(regions.BACKWARD):
+            self.engine.backward(loss)
         if not last_micro_batch:
-            self.engine.step()
+            with record_function(regions.STEP):
+                self.engine.step()
 
     def clip(self, measure_dense: bool) -> GradNorms:
         """Reduce the value gradients over ranks and clip them; `measure_dense`: also take the
