@@ -163,7 +163,7 @@ def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
 LoaderFactory = Callable[..., Any]  # build_loader's signature: (cfg, dataset, split, rank, world_size, loop)
 
 
-def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory = None) -> TrainResult:
+def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory | None = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; every rank calls it. `stop`: a handler
     installed earlier (it keeps any signal already received), else one is installed now.
     `loaders`: builds the data loaders (default `build_loader`; tests pass their own)."""
