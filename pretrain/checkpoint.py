@@ -94,6 +94,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class RNGState:
+    """The process's RNG states as a checkpoint item (`rng_state` / `set_rng_state`)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
 def _to_tuple(value):
     return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -135,10 +145,20 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, rank: int, keep: int):
         self.root = Path(run_dir) / "checkpoints"
         self.rank, self.keep = rank, keep
+        self.saved_step: int | None = None  # the step of this process's last complete save
+        self.engine = self.memory_parallel = self.train_state = self.rank_state = None
+        self.writers: list = []
 
-    def save(self, step: int, engine, memory_parallel, client_state: dict, rank_state: dict,
-             cfg: RunConfig, write_extra=None) -> Path:
-        """Write a checkpoint for `step` on every rank; return its final folder."""
+    def track(self, engine, memory_parallel, train_state, rank_state, writers=()) -> None:
+        """Declare what every checkpoint holds: the DeepSpeed engine, the value shards, the run's
+        `train_state` (saved as DeepSpeed's client state), this rank's `rank_state` (one file per
+        rank) and `writers`, objects whose `write(folder)` adds files of their own (a collective:
+        every rank calls it, between the save's barriers)."""
+        self.engine, self.memory_parallel = engine, memory_parallel
+        self.train_state, self.rank_state, self.writers = train_state, rank_state, list(writers)
+
+    def save(self, step: int, cfg: RunConfig) -> Path:
+        """Write a checkpoint of the tracked items for `step` on every rank; return its final folder."""
         tag = tag_for(step)
         tmp_tag = TMP_PREFIX + tag
         tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
@@ -146,20 +166,21 @@ class Checkpointer:
             self._remove_stale_temporaries()
             self.root.mkdir(parents=True, exist_ok=True)
         barrier()
-        client_state = dict(client_state, model_config=model_fingerprint(cfg))
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
-        memory_parallel.save(tmp_dir)
-        _atomic_torch_save(rank_state, rank_file(tmp_dir, self.rank))
+        client_state = dict(self.train_state.state_dict(), model_config=model_fingerprint(cfg))
+        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        self.memory_parallel.save(tmp_dir)
+        _atomic_torch_save(self.rank_state.state_dict(), rank_file(tmp_dir, self.rank))
         if self.rank == 0:
             save_config(cfg, tmp_dir / "config.yaml")
-        if write_extra is not None:
-            write_extra(tmp_dir)
+        for writer in self.writers:
+            writer.write(tmp_dir)
         barrier()
         if self.rank == 0:
             replace_with(tmp_dir, final_dir)
             atomic_write_text(self.root / "latest", tag)
             self._prune()
         barrier()
+        self.saved_step = step
         return final_dir
 
     def verify(self, ckpt_dir: Path, cfg: RunConfig, world_size: int, dataset_dir: Path | None = None) -> None:
@@ -173,21 +194,22 @@ class Checkpointer:
         saved_config = ckpt_dir / "config.yaml"
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
 
-    def load(self, ckpt_dir: Path, engine, memory_parallel, cfg: RunConfig) -> tuple[dict, dict]:
-        """Restore engine and value shards; return (client_state, this rank's state).
+    def load(self, ckpt_dir: Path) -> None:
+        """Restore every tracked item from `ckpt_dir`.
 
         Call `verify` first. Every file is read with the weights-only unpickler, DeepSpeed's too."""
         rank_state = torch.load(rank_file(ckpt_dir, self.rank), map_location="cpu", weights_only=True)
         from pretrain.export.dense import weights_only_loads
 
         with weights_only_loads():  # DeepSpeed's own torch.load passes weights_only=False
-            _, client_state = engine.load_checkpoint(
+            _, client_state = self.engine.load_checkpoint(
                 str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
         if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {ckpt_dir} (missing files?)")
-        memory_parallel.load(ckpt_dir)
-        return client_state, rank_state
+        self.memory_parallel.load(ckpt_dir)
+        self.train_state.load_state_dict(client_state)
+        self.rank_state.load_state_dict(rank_state)
 
     def _remove_stale_temporaries(self) -> None:
         if self.root.is_dir():

@@ -1,9 +1,11 @@
 """The training loop: `python -m pretrain.train --config configs/tiny.yaml key=value ...`.
 
-Reads top to bottom: build (model, value pool, DeepSpeed engine, data, slot counters),
-resume from the run directory's latest checkpoint, then while step < max_steps:
-batch, forward, backward, step, count slot accesses, log, evaluate, checkpoint, check
-the stop signal. No callback framework.
+`train` = `build` (data, run directory, model + DeepSpeed engine + `Optimizers`, loaders,
+slot counters, metrics, evaluation; the checkpoint's items declared) -> `Trainer.resume` ->
+`Trainer.fit`, the loop: `train_step` (micro-batches: forward, backward, count slot
+accesses; then clip and one `Optimizers.step`, skipped on a non-finite loss), `count`
+(the `TrainState`), the periodic work each due by its own `Every` cadence (log, slot
+statistics, evaluate, checkpoint), and the stop check. No callback framework.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import argparse
 import os
 import sys
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pretrain.slurm import SlurmEnvError, StopSignal  # the standard library only
 
@@ -27,15 +30,18 @@ import torch.distributed as dist  # noqa: E402
 from torch.profiler import record_function  # noqa: E402
 
 from pretrain import profiler_regions as regions  # noqa: E402
-from pretrain.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
+from pretrain.cadence import Every  # noqa: E402
+from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.distributed import DistInfo, barrier, init_distributed  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
 from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
-from pretrain.optim import build_dense_optimizer, lr_multiplier, set_learning_rate  # noqa: E402
+from pretrain.optim import build_dense_optimizer, lr_multiplier  # noqa: E402
+from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
+from pretrain.train_state import RankState, TrainState  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,6 +50,9 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What `train` returns: where the run ended and this run's record (the loop's own state
+    is the `TrainState`)."""
+
     step: int
     tokens_seen: int
     skipped_steps: int
@@ -151,35 +160,260 @@ def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
     return value, nonfinite == 0
 
 
-def train(cfg: RunConfig, stop: StopSignal | None = None) -> TrainResult:
+LoaderFactory = Callable[..., Any]  # build_loader's signature: (cfg, dataset, split, rank, world_size, loop)
+
+
+def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory | None = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; every rank calls it. `stop`: a handler
-    installed earlier (it keeps any signal already received), else one is installed now."""
+    installed earlier (it keeps any signal already received), else one is installed now.
+    `loaders`: builds the data loaders (default `build_loader`; tests pass their own)."""
     # Installed first: a preemption signal during start-up must not kill the task, and
     # data-loader workers started later inherit the handler.
     stop = stop if stop is not None else StopSignal()
     try:
-        return _train(cfg, stop)
+        trainer = build(cfg, loaders or build_loader)
+        try:
+            trainer.resume()
+            return trainer.fit(stop)
+        finally:
+            trainer.metrics.close()
     finally:
         stop.close()
 
 
-def _train(cfg: RunConfig, stop) -> TrainResult:
-    # ---- build -------------------------------------------------------------------------
+@dataclass
+class StepOutput:
+    """What one optimizer step reports: the rank-mean loss, whether it was finite (else the
+    update was skipped), the gradient norms, the schedule's multiplier, its start and duration."""
+
+    loss: float
+    finite: bool
+    norms: GradNorms
+    multiplier: float  # of the learning-rate schedule
+    start: float
+    seconds: float
+
+
+class Evaluator:
+    """Validation loss per source (and their weighted mean) plus fact recall on the probes."""
+
+    def __init__(self, cfg: RunConfig, sources: list, probes, loaders: LoaderFactory, device: torch.device):
+        self.cfg, self.probes, self.loaders, self.device = cfg, probes, loaders, device
+        self.sources = [s for s in sources if s.has_validation]
+
+    @record_function(regions.EVAL)
+    def __call__(self, engine) -> dict:
+        from pretrain.evaluate import fact_recall, validation_loss
+
+        engine.eval()
+        per_source = {}
+        for source in self.sources:
+            val_loader = self.loaders(self.cfg, source.dir, "val", 0, 1, loop=True)
+            batches = [batch for batch, _ in zip(val_loader, range(self.cfg.train.eval_batches))]
+            per_source[source] = validation_loss(engine, batches, self.device)
+        out = mixture_validation(per_source)
+        if self.probes is not None:
+            out.update(fact_recall(engine, self.probes, self.device))
+        engine.train()
+        return out
+
+
+@dataclass
+class Trainer:
+    """What `build` made for one run, and the run's progress (`state`, saved with checkpoints)."""
+
+    cfg: RunConfig
+    info: DistInfo
+    engine: Any  # the DeepSpeed engine around the model's dense part
+    optimizers: Optimizers
+    train_loader: Any
+    stats: Any  # SlotStatistics, or None when slot statistics are off
+    lookups: Any  # LookupRecorder handing each micro-batch's slot indices to `stats`
+    shared_table_stream: bool
+    checkpointer: Checkpointer
+    resume_from: Path | None
+    metrics: MetricsLogger
+    evaluate_now: Evaluator
+    state: TrainState
+    flops: float
+    peak: float | None
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    last_eval: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
+    stopped_by_signal: bool = False
+    requeued: bool = False
+
+    def __post_init__(self):
+        t = self.cfg.train
+        self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
+        self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
+        self.measure_dense_norm = Every(t.log_every)  # the step before a log line (ZeRO stage 0)
+        self.periodic = [(Every(t.log_every, t.max_steps), self.log)]  # in this order after each step
+        if self.stats is not None:
+            self.periodic.append((Every(self.cfg.slots.log_every), self.log_slots))
+        self.periodic += [(Every(t.eval_every, t.max_steps), self.evaluate),
+                          (Every(t.checkpoint_every, t.max_steps), self.save_checkpoint)]
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.last_step: StepOutput | None = None
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self, stop) -> TrainResult:
+        batches = iter(self.train_loader)
+        while self.state.step < self.cfg.train.max_steps:
+            self.last_step = self.train_step(batches)
+            self.count(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
+            for every, action in self.periodic:  # log, slot statistics, evaluate, checkpoint
+                if every.due(self.state.step):
+                    action()
+            if self.stop_requested(stop):
+                break
+        return self.result()
+
+    def train_step(self, batches) -> StepOutput:
+        """One optimizer step over the step's micro-batches; the update is skipped if any
+        rank's loss is not finite."""
+        start = time.perf_counter()
+        multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
+        losses = [self.forward_backward(next(batches), last_micro_batch=i == self.micro_batches - 1)
+                  for i in range(self.micro_batches)]
+        loss, finite = global_mean_loss(torch.stack(losses).float().mean())
+        norms = self.optimizers.clip(measure_dense=self.measure_dense_norm.due(self.state.step + 1))
+        with record_function(regions.STEP):
+            self.optimizers.step(multiplier, skip=not finite)
+        return StepOutput(loss, finite, norms, multiplier, start, time.perf_counter() - start)
+
+    def forward_backward(self, batch, last_micro_batch: bool) -> torch.Tensor:
+        with record_function(regions.FORWARD):
+            logits = self.engine(batch.tokens.to(self.info.device))
+            loss = language_model_loss(logits, batch.targets.to(self.info.device))
+        self.optimizers.backward(loss, last_micro_batch)
+        if self.stats is not None:
+            self.stats.update(self.lookups.take(self.shared_table_stream), batch.doc_ids.to(self.info.device))
+        return loss.detach()
+
+    def count(self, out: StepOutput) -> None:
+        """Advance the train state by the step; a skipped step is logged, and past the policy's
+        limit a checkpoint is saved and TrainingDiverged raised."""
+        t, state = self.cfg.train, self.state
+        self.step_times.append(out.seconds)
+        state.step += 1
+        if self.stats is not None:
+            self.stats.end_step(state.step)  # steps completed, as in checkpoint tags
+        state.tokens_seen += self.tokens_per_step
+        self.interval_steps += 1
+        if out.finite:
+            self.losses.append(out.loss)
+            return
+        state.skipped_steps += 1
+        self.metrics.line(f"step {state.step}: non-finite loss ({out.loss}); update skipped "
+                          f"({state.skipped_steps} so far)")
+        self.metrics.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
+        if t.nan_policy == "stop" or state.skipped_steps > t.max_skipped_steps:
+            self.save_checkpoint()
+            raise TrainingDiverged(
+                f"non-finite loss at step {state.step} (train.nan_policy={t.nan_policy}, "
+                f"{state.skipped_steps} skipped); checkpoint saved in {self.checkpoint}"
+            )
+
+    # ---- periodic work ---------------------------------------------------------------------
+    def log(self) -> None:
+        out, now = self.last_step, time.perf_counter()
+        tokens_per_s = self.interval_steps * self.tokens_per_step / max(now - self.interval_start, 1e-9)
+        log_progress(self.metrics, self.cfg, self.state, self.losses, self.optimizers.lrs(out.multiplier),
+                     self.optimizers.dense_grad_norm(out.norms), out.norms.values,
+                     tokens_per_s=tokens_per_s, step_time=now - out.start, flops=self.flops, peak=self.peak,
+                     world_size=self.info.world_size, device=self.info.device,
+                     tokens_by_source=tokens_seen_per_source(self.train_loader))
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+    def log_slots(self) -> None:
+        log_slot_statistics(self.stats, self.metrics, self.state.step)
+
+    def evaluate(self) -> None:
+        self.last_eval = self.evaluate_now(self.engine)
+        self.metrics.scalars({f"eval/{k}": v for k, v in self.last_eval.items()}, self.state.step)
+        self.metrics.line("eval " + " ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
+
+    def save_checkpoint(self) -> None:
+        self.checkpoint = self.checkpointer.save(self.state.step, self.cfg)
+
+    def stop_requested(self, stop) -> bool:
+        """A stop signal or train.stop_after: checkpoint (unless this step's is saved), then
+        requeue on a preemption signal. True when the loop should end."""
+        signalled = stop.should_stop()
+        if not (signalled or self.state.step == self.cfg.train.stop_after):
+            return False
+        if self.checkpointer.saved_step != self.state.step:
+            self.save_checkpoint()
+        self.metrics.line(f"stopping at step {self.state.step} ({'signal' if signalled else 'train.stop_after'}); "
+                          f"checkpoint {self.checkpoint}")
+        self.stopped_by_signal = signalled
+        if signalled and stop.requeue:  # USR1 (preemption); SIGTERM means cancel
+            from pretrain.slurm import requeue_job
+
+            self.requeued = requeue_job(stop=stop)  # last: a requeue cancels this job at once
+        return True
+
+    def resume(self) -> None:
+        """Restore every checkpointed item from the run directory's latest checkpoint, if any."""
+        if self.resume_from is not None:
+            self.checkpointer.load(self.resume_from)
+            self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
+
+    def result(self) -> TrainResult:
+        s = self.state
+        return TrainResult(
+            step=s.step, tokens_seen=s.tokens_seen, skipped_steps=s.skipped_steps, losses=self.losses,
+            step_times=self.step_times, first_loss=self.losses[0] if self.losses else None, eval=self.last_eval,
+            checkpoint=str(self.checkpoint) if self.checkpoint is not None else None,
+            slot_table=str(self.checkpoint / TABLE_FILENAME) if self.checkpoint and self.stats is not None else None,
+            stopped_by_signal=self.stopped_by_signal, requeued=self.requeued,
+        )
+
+
+# ---- build ------------------------------------------------------------------------------------
+def build(cfg: RunConfig, loaders: LoaderFactory) -> Trainer:
+    """Everything a run needs, checked before anything heavy: data, run directory, model,
+    optimizers, loaders, slot statistics, metrics, evaluation; the checkpoint items declared."""
+    from pretrain.slots.checkpoint_item import SlotTableWriter
+
     info = init_distributed()
     check_runtime(validate(cfg), world_size=info.world_size, device_type=info.device.type)
-    import deepspeed
+    sources, tokenizer = build_data(cfg, info)
+    checkpointer, resume_from = open_run_dir(cfg, info, sources[0].dir)
+    model, engine, optimizers = build_model(cfg, info)
+    train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
+    stats = build_slot_statistics(cfg, model, info.device)
+    metrics = MetricsLogger(Path(cfg.train.run_dir) / "tensorboard", enabled=info.is_main)
+    metrics.line(describe_data(cfg, sources, tokenizer))
+    state = TrainState()
+    rank_items = {"data": train_loader, "rng": RNGState()}
+    writers = []
+    if stats is not None:
+        rank_items["slots"] = stats
+        writers.append(SlotTableWriter(stats, cfg.model, tokenizer.sha256, state, info.is_main))
+    checkpointer.track(engine, optimizers.values, state, RankState(rank_items, optional=("slots",)), writers)
+    lookups = None
+    if cfg.slots.enabled:
+        from pretrain.model.lookups import LookupRecorder
 
-    from pretrain.data import Tokenizer, load_probes
+        lookups = LookupRecorder(model.memory_layers())
+    return Trainer(
+        cfg=cfg, info=info, engine=engine, optimizers=optimizers, train_loader=train_loader, stats=stats,
+        lookups=lookups, shared_table_stream=len(slot_stream_names(cfg)) > len(model.memory_layers()),
+        checkpointer=checkpointer, resume_from=resume_from, metrics=metrics,
+        evaluate_now=Evaluator(cfg, sources, load_seen_probes(cfg, sources, tokenizer, metrics), loaders, info.device),
+        state=state, flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
+        peak=device_peak_flops(info.device),
+    )
+
+
+def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
+    """The checked data sources and the tokenizer, which must fit model.vocab_size."""
+    from pretrain.data import Tokenizer
     from pretrain.data.checks import check_trainable
-    from pretrain.evaluate import encode_probes, fact_recall, validation_loss
-    from pretrain.model.lookups import LookupRecorder
-    from pretrain.parallel import MemoryParallel, init_memory_groups
-    from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
-    from pretrain.parallel.compile import apply_compile
-    from pretrain.slurm import requeue_job
 
-    t, device = cfg.train, info.device
-    run_dir = Path(t.run_dir)
     sources = prepare_dataset(cfg, info)
     check_trainable(sources)
     dataset_dir = sources[0].dir
@@ -189,18 +423,36 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
             f"the tokenizer in {dataset_dir} has {tokenizer.vocab_size} tokens but model.vocab_size="
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
         )
-    checkpointer = Checkpointer(run_dir, info.rank, t.keep_checkpoints)
-    # Checked before anything is written or built: a damaged checkpoint is refused, naming the file.
+    return sources, tokenizer
+
+
+def open_run_dir(cfg: RunConfig, info: DistInfo, dataset_dir: Path) -> tuple[Checkpointer, Path | None]:
+    """The run's checkpointer and the checkpoint to resume from (checked before anything is
+    written or built: a damaged checkpoint is refused, naming the file); saves the config."""
+    run_dir = Path(cfg.train.run_dir)
+    checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints)
     resume_from = latest_checkpoint(checkpointer.root)
     if resume_from is not None:
         checkpointer.verify(resume_from, cfg, info.world_size, dataset_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    return checkpointer, resume_from
 
-    # Built on the meta device so that no rank ever holds the full value pool: the
-    # value tables are replaced by this rank's column shards, then the dense part is
-    # materialised. Same seed on every rank: identical dense weights, nothing broadcast.
+
+def build_model(cfg: RunConfig, info: DistInfo) -> tuple[Transformer, Any, Optimizers]:
+    """The model, its DeepSpeed engine and the optimizers of its dense part and value shards.
+
+    Built on the meta device so that no rank ever holds the full value pool: the value
+    tables are replaced by this rank's column shards, then the dense part is materialised.
+    Same seed on every rank: identical dense weights, nothing broadcast."""
+    import deepspeed
+
+    from pretrain.parallel import MemoryParallel, init_memory_groups
+    from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
+    from pretrain.parallel.compile import apply_compile
+
+    t, device = cfg.train, info.device
     with torch.device("meta"):
         model = Transformer(cfg.model)
     groups = init_memory_groups(cfg.model.memory.parallel_size)
@@ -211,207 +463,53 @@ def _train(cfg: RunConfig, stop) -> TrainResult:
     if t.compile:
         apply_compile(model)
     apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_checkpointing_layers)
-    optimizer = build_dense_optimizer(model, cfg.optim)
+    dense_optimizer = build_dense_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size)
+        model=model, optimizer=dense_optimizer, config=deepspeed_config(cfg, info.world_size)
     )
-    memory_layers = model.memory_layers()
-    shared_table_stream = len(slot_stream_names(cfg)) > len(memory_layers)
-    lookups = LookupRecorder(memory_layers) if cfg.slots.enabled else None
-    train_loader = build_loader(cfg, sources, "train", info.rank, info.world_size, loop=True)
-    stats = build_slot_statistics(cfg, model, device)
-    metrics = MetricsLogger(run_dir / "tensorboard", enabled=info.is_main)
-    metrics.line(describe_data(cfg, sources, tokenizer))
+    return model, engine, Optimizers(engine, dense_optimizer, values, cfg.optim, t.zero_stage)
+
+
+def load_seen_probes(cfg: RunConfig, sources: list, tokenizer, metrics: MetricsLogger):
+    """The fact-recall probes of the first source that has them (new facts are never trained
+    on, so left out), encoded; None if no source has probes."""
+    from pretrain.data import load_probes
+    from pretrain.evaluate import encode_probes
+
     probes = None
     with_probes = [s for s in sources if s.has_probes]
-    if with_probes:  # new facts are never trained on
+    if with_probes:
         seen_facts = [p for p in load_probes(with_probes[0].dir) if not p.is_new_fact]
-        probes = encode_probes(seen_facts[: t.probe_limit], tokenizer, cfg.data.seq_len)
+        probes = encode_probes(seen_facts[: cfg.train.probe_limit], tokenizer, cfg.data.seq_len)
     else:
         metrics.line("data: no probes.jsonl in the data: fact recall is not evaluated (validation loss is)")
-    validated = [s for s in sources if s.has_validation]
     for s in sources:
         if not s.has_validation:
             metrics.line(f"data: source {s.name} ({s.dir}) has no validation sequences: not evaluated")
-    flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
-    peak = device_peak_flops(device)
-    tokens_per_step = t.global_batch * cfg.data.seq_len
-    gas = t.global_batch // (t.micro_batch * info.world_size)
-    result = TrainResult(step=0, tokens_seen=0, skipped_steps=0)
-    run_id = uuid.uuid4().hex  # identifies this run's slot tables and exports; kept across resumes
-
-    # ---- resume --------------------------------------------------------------------------
-    if resume_from is not None:
-        client, rank_state = checkpointer.load(resume_from, engine, values, cfg)
-        result.step, result.tokens_seen = client["step"], client["tokens_seen"]
-        run_id = client.get("run_id", run_id)
-        result.skipped_steps = client.get("skipped_steps", 0)
-        train_loader.load_state_dict(rank_state["data"])
-        if stats is not None and "slots" in rank_state:
-            stats.load_state_dict(rank_state["slots"])
-        set_rng_state(rank_state["rng"])
-        metrics.line(f"resumed from {resume_from} at step {result.step}")
-
-    @record_function(regions.EVAL)
-    def evaluate() -> dict:
-        engine.eval()
-        per_source = {}
-        for source in validated:
-            val_loader = build_loader(cfg, source.dir, "val", 0, 1, loop=True)
-            batches = [batch for batch, _ in zip(val_loader, range(t.eval_batches))]
-            per_source[source] = validation_loss(engine, batches, device)
-        out = mixture_validation(per_source)
-        if probes is not None:
-            out.update(fact_recall(engine, probes, device))
-        engine.train()
-        return out
-
-    def save_checkpoint() -> Path:
-        rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
-        if stats is not None:
-            rank_state["slots"] = stats.state_dict()
-        client = {"step": result.step, "tokens_seen": result.tokens_seen, "skipped_steps": result.skipped_steps,
-                  "run_id": run_id}
-        path = checkpointer.save(result.step, engine, values, client, rank_state, cfg, write_extra=save_slot_table)
-        result.checkpoint = str(path)
-        if stats is not None:
-            result.slot_table = str(path / TABLE_FILENAME)
-        return path
-
-    def save_slot_table(folder: Path) -> None:
-        if stats is None:
-            return
-        from pretrain.slots import model_config_hash, save_table
-
-        reduced = stats.reduce(close_interval=False)
-        if info.is_main:
-            save_table(folder / TABLE_FILENAME, reduced, {
-                "model_config_hash": model_config_hash(cfg.model),
-                "tokenizer_hash": tokenizer.sha256,
-                "run_id": run_id,
-            })
-
-    # ---- loop ----------------------------------------------------------------------------
-    train_iter = iter(train_loader)
-    interval_start, interval_steps = time.perf_counter(), 0
-    try:
-        while result.step < t.max_steps:
-            step_start = time.perf_counter()
-            multiplier = lr_multiplier(result.step, cfg.optim, t.max_steps)
-            losses = []
-            for micro_step in range(gas):
-                batch = next(train_iter)
-                with record_function(regions.FORWARD):
-                    logits = engine(batch.tokens.to(device))
-                    loss = language_model_loss(logits, batch.targets.to(device))
-                with record_function(regions.BACKWARD):
-                    engine.backward(loss)
-                losses.append(loss.detach())
-                if stats is not None:
-                    stats.update(lookups.take(shared_table_stream), batch.doc_ids.to(device))
-                if micro_step < gas - 1:
-                    with record_function(regions.STEP):
-                        engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
-            assert engine.is_gradient_accumulation_boundary()
-            step_loss, finite = global_mean_loss(torch.stack(losses).float().mean())
-            bad_step = not finite
-            values.reduce_gradients()
-            value_grad_norm = values.clip_grad_norm(cfg.optim.grad_clip)
-            dense_grad_norm = None
-            if t.zero_stage == 0 and result.step % t.log_every == t.log_every - 1:
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                dense_grad_norm = float(torch.nn.utils.get_total_norm(grads))  # stage 0 records none
-            if bad_step:
-                optimizer.skip_next = True
-            # The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not
-            # advance its scheduler on steps it skips itself, which would shift the schedule.
-            set_learning_rate(engine.optimizer, cfg.optim.lr * multiplier)
-            with record_function(regions.STEP):
-                engine.step()
-                if not bad_step:
-                    values.step(value_lr_multiplier(cfg, multiplier))
-                values.zero_grad()
-            result.step_times.append(time.perf_counter() - step_start)
-            result.step += 1
-            if stats is not None:
-                stats.end_step(result.step)  # steps completed, as in checkpoint tags
-            result.tokens_seen += tokens_per_step
-            interval_steps += 1
-
-            if bad_step:
-                result.skipped_steps += 1
-                metrics.line(f"step {result.step}: non-finite loss ({step_loss}); update skipped "
-                             f"({result.skipped_steps} so far)")
-                metrics.scalars({"train/skipped_steps": result.skipped_steps}, result.step)
-                if t.nan_policy == "stop" or result.skipped_steps > t.max_skipped_steps:
-                    save_checkpoint()
-                    raise TrainingDiverged(
-                        f"non-finite loss at step {result.step} (train.nan_policy={t.nan_policy}, "
-                        f"{result.skipped_steps} skipped); checkpoint saved in {result.checkpoint}"
-                    )
-            else:
-                result.losses.append(step_loss)
-                if result.first_loss is None:
-                    result.first_loss = result.losses[-1]
-
-            if result.step % t.log_every == 0 or result.step == t.max_steps:
-                elapsed = time.perf_counter() - interval_start
-                grad_norm = dense_grad_norm if dense_grad_norm is not None else engine.get_global_grad_norm()
-                log_progress(metrics, cfg, result, multiplier, grad_norm, value_grad_norm,
-                             tokens_per_s=interval_steps * tokens_per_step / max(elapsed, 1e-9),
-                             step_time=time.perf_counter() - step_start, flops=flops, peak=peak,
-                             world_size=info.world_size, device=device,
-                             tokens_by_source=tokens_seen_per_source(train_loader))
-                interval_start, interval_steps = time.perf_counter(), 0
-
-            if stats is not None and result.step % cfg.slots.log_every == 0:
-                log_slot_statistics(stats, metrics, result.step)
-
-            if result.step % t.eval_every == 0 or result.step == t.max_steps:
-                result.eval = evaluate()
-                metrics.scalars({f"eval/{k}": v for k, v in result.eval.items()}, result.step)
-                metrics.line("eval " + " ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
-
-            if result.step % t.checkpoint_every == 0 or result.step == t.max_steps:
-                save_checkpoint()
-
-            signalled = stop.should_stop()
-            if signalled or result.step == t.stop_after:
-                if result.checkpoint is None or not result.checkpoint.endswith(f"{result.step:08d}"):
-                    save_checkpoint()
-                metrics.line(f"stopping at step {result.step} ({'signal' if signalled else 'train.stop_after'}); "
-                             f"checkpoint {result.checkpoint}")
-                result.stopped_by_signal = signalled
-                if signalled and stop.requeue:  # USR1 (preemption); SIGTERM means cancel
-                    result.requeued = requeue_job(stop=stop)  # last: a requeue cancels this job at once
-                break
-    finally:
-        metrics.close()
-    return result
+    return probes
 
 
-def log_progress(metrics: MetricsLogger, cfg: RunConfig, result: TrainResult, multiplier: float, grad_norm,
-                 value_grad_norm, tokens_per_s: float, step_time: float, flops: float, peak: float | None,
+def log_progress(metrics: MetricsLogger, cfg: RunConfig, state: TrainState, losses: list[float], lrs: dict,
+                 grad_norm, value_grad_norm, tokens_per_s: float, step_time: float, flops: float, peak: float | None,
                  world_size: int, device: torch.device, tokens_by_source: dict | None = None) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval."""
     utilisation = mfu(flops, tokens_per_s, world_size, peak)
     scalars = {
-        "train/loss": result.losses[-1] if result.losses else float("nan"),
-        "train/lr_dense": cfg.optim.lr * multiplier,
-        "train/lr_values": cfg.optim.value_lr * value_lr_multiplier(cfg, multiplier),
+        "train/loss": losses[-1] if losses else float("nan"),
+        **lrs,
         "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
         "train/value_grad_norm": float(value_grad_norm),
         "perf/tokens_per_s": tokens_per_s,
         "perf/step_time_s": step_time,
         "perf/mfu": utilisation,
         "perf/memory_bytes": memory_allocated(device),
-        "train/tokens_seen": result.tokens_seen,
+        "train/tokens_seen": state.tokens_seen,
     }
     if tokens_by_source:
         scalars.update({f"data/tokens_seen/{name}": n for name, n in tokens_by_source.items()})
-    metrics.scalars(scalars, result.step)
+    metrics.scalars(scalars, state.step)
     metrics.line(
-        f"step {result.step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4f} "
+        f"step {state.step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4f} "
         f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
         f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}"
     )
@@ -446,11 +544,6 @@ def tokens_seen_per_source(loader) -> dict[str, int] | None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
     return {name: int(v) for name, v in zip(counts, values.tolist())}
-
-
-def value_lr_multiplier(cfg: RunConfig, dense_multiplier: float) -> float:
-    """The value pool follows the dense schedule, or keeps optim.value_lr fixed."""
-    return dense_multiplier if cfg.optim.value_lr_schedule == "cosine" else 1.0
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

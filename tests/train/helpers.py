@@ -63,19 +63,15 @@ class FixedGlobalBatches:
         self.position = state["position"]
 
 
-def use_fixed_batches(monkeypatch_target) -> None:
-    """Replace pretrain.train.build_loader's train split by FixedGlobalBatches."""
-    import pretrain.train as train_module
+def fixed_batches(cfg, dataset, split, rank, world_size, loop):
+    """A loader factory for `train(..., loaders=fixed_batches)`: FixedGlobalBatches for the train
+    split, the real loader for validation."""
+    from pretrain.train import build_loader
 
-    real = train_module.build_loader
-
-    def build_loader(cfg, dataset_dir, split, rank, world_size, loop):
-        if split != "train":
-            return real(cfg, dataset_dir, split, rank, world_size, loop)
-        return FixedGlobalBatches(rank, world_size, cfg.train.micro_batch, cfg.train.global_batch,
-                                  cfg.data.seq_len, cfg.model.vocab_size)
-
-    monkeypatch_target.setattr(train_module, "build_loader", build_loader)
+    if split != "train":
+        return build_loader(cfg, dataset, split, rank, world_size, loop)
+    return FixedGlobalBatches(rank, world_size, cfg.train.micro_batch, cfg.train.global_batch,
+                              cfg.data.seq_len, cfg.model.vocab_size)
 
 
 def _record(rank: int, world: int, fn, args: tuple, out_dir: str) -> None:

@@ -17,20 +17,16 @@ STAGES = (1, 3)
 
 
 def _suite(rank: int, root: str, cache: str) -> dict:
-    import pytest as _pytest
-
     from pretrain.train import train
-    from tests.train.helpers import use_fixed_batches
+    from tests.train.helpers import fixed_batches
 
     out = {}
-    with _pytest.MonkeyPatch.context() as mp:
-        use_fixed_batches(mp)
-        for stage in STAGES:
-            for mode in MODES:
-                cfg = tiny_config(Path(root) / f"z{stage}-{mode}", Path(cache), f"train.zero_stage={stage}",
-                                  f"train.max_steps={STEPS}", "train.micro_batch=2",  # 2 micro-batches per step
-                                  "model.memory.parallel_size=2", f"train.activation_checkpointing={mode}")
-                out[f"z{stage}-{mode}"] = train(cfg).losses
+    for stage in STAGES:
+        for mode in MODES:
+            cfg = tiny_config(Path(root) / f"z{stage}-{mode}", Path(cache), f"train.zero_stage={stage}",
+                              f"train.max_steps={STEPS}", "train.micro_batch=2",  # 2 micro-batches per step
+                              "model.memory.parallel_size=2", f"train.activation_checkpointing={mode}")
+            out[f"z{stage}-{mode}"] = train(cfg, loaders=fixed_batches).losses
     return out
 
 

@@ -13,14 +13,10 @@ STEPS = 5
 
 
 def _run(rank: int, run_dir: str, cache: str, overrides: list[str]) -> list[float]:
-    import pytest as _pytest
-
     from pretrain.train import train
-    from tests.train.helpers import use_fixed_batches
+    from tests.train.helpers import fixed_batches
 
-    with _pytest.MonkeyPatch.context() as mp:
-        use_fixed_batches(mp)
-        return train(tiny_config(Path(run_dir), Path(cache), *overrides)).losses
+    return train(tiny_config(Path(run_dir), Path(cache), *overrides), loaders=fixed_batches).losses
 
 
 def _world2_suite(rank: int, root: str, cache: str) -> dict:
@@ -49,12 +45,12 @@ def world2(tmp_path_factory, data_cache):
     return root, results[0]
 
 
-def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache, monkeypatch):
+def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache):
     from pretrain.train import train
-    from tests.train.helpers import use_fixed_batches
+    from tests.train.helpers import fixed_batches
 
-    use_fixed_batches(monkeypatch)
-    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}")).losses
+    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"),
+                      loaders=fixed_batches).losses
     _, results = world2
     for stage in (0, 1, 2, 3):
         got = results[f"equiv{stage}"]
@@ -63,12 +59,12 @@ def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache
                                    msg=f"ZeRO stage {stage}")
 
 
-def test_world2_memory_parallel_matches_world1(world2, tmp_path, data_cache, monkeypatch):
+def test_world2_memory_parallel_matches_world1(world2, tmp_path, data_cache):
     from pretrain.train import train
-    from tests.train.helpers import use_fixed_batches
+    from tests.train.helpers import fixed_batches
 
-    use_fixed_batches(monkeypatch)
-    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}")).losses
+    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"),
+                      loaders=fixed_batches).losses
     torch.testing.assert_close(torch.tensor(world2[1]["p2"]), torch.tensor(reference), rtol=1e-5, atol=0)
 
 

@@ -1,0 +1,84 @@
+"""The two optimizers of a step, driven as one: the dense parameters' (inside the DeepSpeed
+engine) and the memory value shards' (`pretrain.parallel.MemoryParallel`).
+
+The trainer calls `backward` once per micro-batch and `step` once per optimizer step;
+the learning rates are set and the skip of a non-finite step applied here only.
+Clipping keeps the two norms apart, as before this object existed: DeepSpeed clips the
+dense gradients (its `gradient_clipping`), `clip` the value gradients, both to optim.grad_clip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+
+from pretrain import profiler_regions as regions
+from pretrain.config import OptimConfig
+from pretrain.optim import set_learning_rate
+
+
+@dataclass
+class GradNorms:
+    values: torch.Tensor  # the value tables' gradient norm, before clipping
+    dense: float | None  # measured here at ZeRO stage 0 (DeepSpeed records none there); else None
+
+
+def value_lr_multiplier(cfg: OptimConfig, dense_multiplier: float) -> float:
+    """The value pool follows the dense schedule, or keeps optim.value_lr fixed."""
+    return dense_multiplier if cfg.value_lr_schedule == "cosine" else 1.0
+
+
+class Optimizers:
+    """Backward, clip, step and zero_grad over the DeepSpeed engine and the value shards."""
+
+    def __init__(self, engine, dense_optimizer, values, cfg: OptimConfig, zero_stage: int):
+        self.engine, self.dense_optimizer, self.values = engine, dense_optimizer, values
+        self.cfg, self.zero_stage = cfg, zero_stage
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Accumulate the micro-batch's gradients. DeepSpeed counts micro-steps in its `step()`,
+        which updates nothing before the accumulation boundary; the boundary's call is `step`'s."""
+        with record_function(regions.BACKWARD):
+            self.engine.backward(loss)
+        if not last_micro_batch:
+            with record_function(regions.STEP):
+                self.engine.step()
+
+    def clip(self, measure_dense: bool) -> GradNorms:
+        """Reduce the value gradients over ranks and clip them; `measure_dense`: also take the
+        dense gradients' norm where DeepSpeed does not (ZeRO stage 0)."""
+        assert self.engine.is_gradient_accumulation_boundary()
+        self.values.reduce_gradients()
+        value_norm = self.values.clip_grad_norm(self.cfg.grad_clip)
+        dense = None
+        if measure_dense and self.zero_stage == 0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            dense = float(torch.nn.utils.get_total_norm(grads))
+        return GradNorms(values=value_norm, dense=dense)
+
+    def step(self, lr_multiplier: float, skip: bool) -> None:
+        """Update both parameter sets with the schedule's `lr_multiplier`, or neither if `skip`;
+        the gradients are cleared either way.
+
+        The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not advance
+        its scheduler on steps it skips itself, which would shift the schedule."""
+        if skip:
+            self.dense_optimizer.skip_next = True
+        set_learning_rate(self.engine.optimizer, self.cfg.lr * lr_multiplier)
+        self.engine.step()  # the boundary: DeepSpeed clips, steps (unless skipped) and zeroes the dense grads
+        if not skip:
+            self.values.step(value_lr_multiplier(self.cfg, lr_multiplier))
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        """The value gradients (DeepSpeed zeroes the dense ones at its step)."""
+        self.values.zero_grad()
+
+    def dense_grad_norm(self, norms: GradNorms):
+        """The dense gradients' norm of the last step: measured in `clip`, else DeepSpeed's."""
+        return norms.dense if norms.dense is not None else self.engine.get_global_grad_norm()
+
+    def lrs(self, lr_multiplier: float) -> dict[str, float]:
+        return {"train/lr_dense": self.cfg.lr * lr_multiplier,
+                "train/lr_values": self.cfg.value_lr * value_lr_multiplier(self.cfg, lr_multiplier)}

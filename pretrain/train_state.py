@@ -1,0 +1,53 @@
+"""What a checkpoint records of the training run itself, beyond weights and optimizer states.
+
+`TrainState` is the run-wide progress (identical on every rank), saved as DeepSpeed's
+client state. `RankState` is the per-rank part (data loader position, RNG states, slot
+counters), declared as named stateful items and saved as one file per rank.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Steps completed, tokens trained on, updates skipped, and the run's id (kept across resumes)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names the run's slot tables and exports
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)  # checkpoints before skipped steps were counted
+        self.run_id = state.get("run_id", self.run_id)  # checkpoints before run ids: a new one
+
+
+class RankState:
+    """This rank's stateful items by name; optional ones may be missing from older checkpoints."""
+
+    def __init__(self, items: dict[str, Stateful], optional: tuple[str, ...] = ()):
+        self.items, self.optional = items, set(optional)
+
+    def state_dict(self) -> dict:
+        return {name: item.state_dict() for name, item in self.items.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, item in self.items.items():
+            if name in state:
+                item.load_state_dict(state[name])
+            elif name not in self.optional:
+                raise KeyError(f"the per-rank checkpoint state has no {name!r} (it has {sorted(state)})")
