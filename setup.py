@@ -2,6 +2,7 @@
 import name `memlayers_tools`, because a top-level `tools` package exists on PyPI and two
 distributions owning one top-level folder overwrite each other's files. In a checkout the
 folder is still imported as `tools` (tests, `python tools/<name>.py`)."""
+
 from setuptools import find_packages, setup
 
 setup(

@@ -5,6 +5,7 @@ CUDA tensors (when Triton is importable) and the PyTorch reference otherwise;
 "triton" and "torch" force one. All paths are differentiable. `kernels.ops` wraps both
 functions as `torch.library` custom ops (fake + autograd), the form torch.compile keeps whole.
 """
+
 from __future__ import annotations
 
 import torch

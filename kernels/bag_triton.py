@@ -38,6 +38,7 @@ Value gradient, "atomic": one program per (BLOCK_E entries, BLOCK_D columns) doe
 (bf16 atomics would lose precision, and the interpreter cannot do them). Faster when
 rows repeat little, but the float addition order varies between runs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,20 @@ VALUE_GRADS = ("sorted", "atomic", "sparse")
 
 
 @triton.jit
-def _bag_fwd_kernel(values_ptr, idx_ptr, w_ptr, out_ptr, T, M_T, D, stride_v, stride_o,
-                    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bag_fwd_kernel(
+    values_ptr,
+    idx_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    M_T,
+    D,
+    stride_v,
+    stride_o,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tmask = toks < T
@@ -64,16 +77,31 @@ def _bag_fwd_kernel(values_ptr, idx_ptr, w_ptr, out_ptr, T, M_T, D, stride_v, st
         entry = toks[:, None].to(tl.int64) * M_T + js[None, :]
         rows = tl.load(idx_ptr + entry, mask=emask, other=0).to(tl.int64)
         w = tl.load(w_ptr + entry, mask=emask, other=0.0).to(tl.float32)
-        vals = tl.load(values_ptr + rows[:, :, None] * stride_v + cols[None, None, :],
-                       mask=emask[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)
+        vals = tl.load(
+            values_ptr + rows[:, :, None] * stride_v + cols[None, None, :],
+            mask=emask[:, :, None] & cmask[None, None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(vals * w[:, :, None], axis=1)
     out = out_ptr + toks[:, None].to(tl.int64) * stride_o + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _bag_weight_grad_kernel(values_ptr, idx_ptr, g_ptr, gw_ptr, T, M_T, D, stride_v, stride_g,
-                            BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bag_weight_grad_kernel(
+    values_ptr,
+    idx_ptr,
+    g_ptr,
+    gw_ptr,
+    T,
+    M_T,
+    D,
+    stride_v,
+    stride_g,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     tmask = toks < T
@@ -84,18 +112,42 @@ def _bag_weight_grad_kernel(values_ptr, idx_ptr, g_ptr, gw_ptr, T, M_T, D, strid
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        g = tl.load(g_ptr + toks[:, None].to(tl.int64) * stride_g + cols[None, :],
-                    mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        vals = tl.load(values_ptr + rows[:, :, None] * stride_v + cols[None, None, :],
-                       mask=emask[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)
+        g = tl.load(
+            g_ptr + toks[:, None].to(tl.int64) * stride_g + cols[None, :],
+            mask=tmask[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        vals = tl.load(
+            values_ptr + rows[:, :, None] * stride_v + cols[None, None, :],
+            mask=emask[:, :, None] & cmask[None, None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(vals * g[:, None, :], axis=2)
     tl.store(gw_ptr + entry, acc.to(gw_ptr.dtype.element_ty), mask=emask)
 
 
 @triton.jit
-def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, starts_ptr, ends_ptr, rows_ptr, out_ptr, gw_ptr, M, M_T, D,
-                           stride_g, stride_v, stride_o,
-                           DENSE: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bag_bwd_sorted_kernel(
+    g_ptr,
+    w_ptr,
+    v_ptr,
+    perm_ptr,
+    starts_ptr,
+    ends_ptr,
+    rows_ptr,
+    out_ptr,
+    gw_ptr,
+    M,
+    M_T,
+    D,
+    stride_g,
+    stride_v,
+    stride_o,
+    DENSE: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     u = tl.program_id(0)
     cb = tl.program_id(1)
     cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -116,8 +168,9 @@ def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, starts_ptr, ends_ptr, 
         entry = tl.load(perm_ptr + es, mask=emask, other=0)
         w = tl.load(w_ptr + entry, mask=emask, other=0.0).to(tl.float32)
         tok = entry // M_T
-        g = tl.load(g_ptr + tok[:, None] * stride_g + cols[None, :],
-                    mask=emask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        g = tl.load(
+            g_ptr + tok[:, None] * stride_g + cols[None, :], mask=emask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(g * w[:, None], axis=0)
         if NEED_DW:  # partial dot over this column tile, at the entry's sorted position
             tl.store(gw_ptr + cb.to(tl.int64) * M + es, tl.sum(g * v[None, :], axis=1), mask=emask)
@@ -125,8 +178,9 @@ def _bag_bwd_sorted_kernel(g_ptr, w_ptr, v_ptr, perm_ptr, starts_ptr, ends_ptr, 
 
 
 @triton.jit
-def _bag_value_grad_atomic_kernel(g_ptr, w_ptr, idx_ptr, buf_ptr, M, M_T, D, stride_g,
-                                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bag_value_grad_atomic_kernel(
+    g_ptr, w_ptr, idx_ptr, buf_ptr, M, M_T, D, stride_g, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr
+):
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     emask = es < M
@@ -150,17 +204,21 @@ else:
     _bag_fwd = pinned_autotune(
         "bag_fwd",
         _configs((1, 16, 512, 4), (1, 32, 256, 4), (2, 16, 256, 4), (4, 8, 256, 8), (1, 16, 1024, 8), (1, 8, 1024, 4)),
-        key=["M_T", "D"])(_bag_fwd_kernel)
+        key=["M_T", "D"],
+    )(_bag_fwd_kernel)
     _bag_weight_grad = pinned_autotune(
-        "bag_weight_grad", _configs((1, 32, 128, 4), (1, 16, 256, 4), (2, 16, 128, 4), (1, 64, 64, 4), (1, 32, 256, 8)),
-        key=["M_T", "D"])(_bag_weight_grad_kernel)
+        "bag_weight_grad",
+        _configs((1, 32, 128, 4), (1, 16, 256, 4), (2, 16, 128, 4), (1, 64, 64, 4), (1, 32, 256, 8)),
+        key=["M_T", "D"],
+    )(_bag_weight_grad_kernel)
     # Entries per step x warps. Rows repeat ~M/U times (about 4 at the paper's shape), so
     # few entries per step keep registers low and many rows in flight; reruns during
     # tuning are harmless (every written element is overwritten with the same value).
     _bag_bwd_sorted = pinned_autotune(
         "bag_bwd_sorted",
         [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((4, 4), (4, 8), (8, 4), (8, 8), (2, 4), (16, 8))],
-        key=["D", "DENSE", "NEED_DW"])(_bag_bwd_sorted_kernel)
+        key=["D", "DENSE", "NEED_DW"],
+    )(_bag_bwd_sorted_kernel)
 
 
 def _block_d(D: int, cap: int) -> int:
@@ -175,8 +233,10 @@ def _flat(indices: torch.Tensor, weights: torch.Tensor):
 def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
     check_same_device(values=values, indices=indices, weights=weights)
     if values.dim() != 2 or values.stride(1) != 1:
-        raise ValueError(f"values must be a 2-D (N, d) tensor with unit column stride, got shape "
-                         f"{tuple(values.shape)} strides {values.stride()}")
+        raise ValueError(
+            f"values must be a 2-D (N, d) tensor with unit column stride, got shape "
+            f"{tuple(values.shape)} strides {values.stride()}"
+        )
     if indices.shape != weights.shape or indices.dim() < 2:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be (T, H, k)")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -184,8 +244,10 @@ def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -
     if indices.numel():
         lo, hi = torch.aminmax(indices)
         if lo.item() < 0 or hi.item() >= values.shape[0]:
-            raise ValueError(f"indices span [{lo.item()}, {hi.item()}] outside the value table's "
-                             f"{values.shape[0]} rows (check memory.n_keys against the value table)")
+            raise ValueError(
+                f"indices span [{lo.item()}, {hi.item()}] outside the value table's "
+                f"{values.shape[0]} rows (check memory.n_keys against the value table)"
+            )
 
 
 def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -200,15 +262,17 @@ def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     if INTERPRETING:
         bt, bj, bd = 4, 8, _block_d(D, 64)
         _bag_fwd[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
-            values, idx, w, out, T, M_T, D, values.stride(0), out.stride(0), BLOCK_T=bt, BLOCK_J=bj, BLOCK_D=bd)
+            values, idx, w, out, T, M_T, D, values.stride(0), out.stride(0), BLOCK_T=bt, BLOCK_J=bj, BLOCK_D=bd
+        )
     else:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
         _bag_fwd[grid](values, idx, w, out, T, M_T, D, values.stride(0), out.stride(0))
     return out
 
 
-def bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                    weights_dtype: torch.dtype) -> torch.Tensor:
+def bag_weight_grad(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights_dtype: torch.dtype
+) -> torch.Tensor:
     """dweights (T, H, k): dot of grad_out[t] with each selected row, fp32 accumulation."""
     idx = indices.reshape(indices.shape[0], -1).contiguous()
     T, M_T = idx.shape
@@ -218,8 +282,19 @@ def bag_weight_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch
     if INTERPRETING:
         bt, bj, bd = 4, 8, _block_d(D, 64)
         _bag_weight_grad[(triton.cdiv(T, bt), triton.cdiv(M_T, bj))](
-            values, idx, grad_out, gw, T, M_T, D, values.stride(0), grad_out.stride(0),
-            BLOCK_T=bt, BLOCK_J=bj, BLOCK_D=bd)
+            values,
+            idx,
+            grad_out,
+            gw,
+            T,
+            M_T,
+            D,
+            values.stride(0),
+            grad_out.stride(0),
+            BLOCK_T=bt,
+            BLOCK_J=bj,
+            BLOCK_D=bd,
+        )
     else:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(M_T, meta["BLOCK_J"]))  # noqa: E731
         _bag_weight_grad[grid](values, idx, grad_out, gw, T, M_T, D, values.stride(0), grad_out.stride(0))
@@ -262,12 +337,37 @@ def _launch_sorted(g, w, table, perm, starts, ends, rows, out, dw_parts, M, M_T,
     if programs and D:
         extra = dict(BLOCK_E=8, num_warps=4) if INTERPRETING else {}
         _bag_bwd_sorted[(programs, triton.cdiv(D, bd))](
-            g, w, table, perm, starts, ends, rows, out, dw_parts, M, M_T, D, g.stride(0), table.stride(0),
-            out.stride(0), DENSE=dense, NEED_DW=need_dw, BLOCK_D=bd, **extra)
+            g,
+            w,
+            table,
+            perm,
+            starts,
+            ends,
+            rows,
+            out,
+            dw_parts,
+            M,
+            M_T,
+            D,
+            g.stride(0),
+            table.stride(0),
+            out.stride(0),
+            DENSE=dense,
+            NEED_DW=need_dw,
+            BLOCK_D=bd,
+            **extra,
+        )
 
 
-def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_rows: int,
-                        dtype: torch.dtype, values: torch.Tensor | None = None, dense: bool = True):
+def bag_backward_sorted(
+    grad_out: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    num_rows: int,
+    dtype: torch.dtype,
+    values: torch.Tensor | None = None,
+    dense: bool = True,
+):
     """Deterministic fused backward: (dvalues, dweights), dweights only when `values` is given.
 
     num_rows is the value table's size (row ids lie below it). dvalues is (num_rows, d) in
@@ -292,8 +392,21 @@ def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: 
     hot = (ends - starts) > ROW_CHUNK
     any_hot = programs > 0 and bool(hot.any())
     # Hot rows get an empty segment here (a placeholder row) and are done in chunks below.
-    _launch_sorted(grad_out, w, table, perm, starts, torch.where(hot, starts, ends) if any_hot else ends,
-                   rows_arg, out, dw_parts, M, M_T, dense, need_dw)
+    _launch_sorted(
+        grad_out,
+        w,
+        table,
+        perm,
+        starts,
+        torch.where(hot, starts, ends) if any_hot else ends,
+        rows_arg,
+        out,
+        dw_parts,
+        M,
+        M_T,
+        dense,
+        need_dw,
+    )
     if any_hot:
         hot_ids = torch.nonzero(hot).flatten()
         hot_rows = hot_ids if rows is None else rows[hot_ids].to(torch.int64)
@@ -303,14 +416,28 @@ def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: 
         c_starts = starts[hot_ids][owner] + (torch.arange(owner.numel(), device=dev) - first[owner]) * ROW_CHUNK
         c_ends = torch.minimum(c_starts + ROW_CHUNK, ends[hot_ids][owner])
         parts = torch.empty(owner.numel(), D, dtype=torch.float32, device=dev)
-        _launch_sorted(grad_out, w, table, perm, c_starts, c_ends, hot_rows[owner], parts, dw_parts, M, M_T,
-                       False, need_dw)
+        _launch_sorted(
+            grad_out, w, table, perm, c_starts, c_ends, hot_rows[owner], parts, dw_parts, M, M_T, False, need_dw
+        )
         # Sum each hot row's chunk rows in order: the same kernel over `parts` as the
         # "grad_out", with the identity as entry order and unit weights.
         chunk_ids = torch.arange(owner.numel(), device=dev)
         sums = torch.empty(hot_ids.numel(), D, dtype=dtype, device=dev)
-        _launch_sorted(parts, torch.ones(owner.numel(), device=dev), parts, chunk_ids, first, first + n_chunks,
-                       first, sums, dw_parts, owner.numel(), 1, False, False)
+        _launch_sorted(
+            parts,
+            torch.ones(owner.numel(), device=dev),
+            parts,
+            chunk_ids,
+            first,
+            first + n_chunks,
+            first,
+            sums,
+            dw_parts,
+            owner.numel(),
+            1,
+            False,
+            False,
+        )
         out[hot_ids] = sums
     dvalues = out if dense else (rows.to(torch.int64), out)
     if not need_dw:
@@ -321,21 +448,22 @@ def bag_backward_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: 
     return dvalues, dweights.to(weights.dtype).reshape(indices.shape)
 
 
-def bag_value_grad_sorted(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                          num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+def bag_value_grad_sorted(
+    grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_rows: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Dense dvalues (num_rows, d), deterministic: sort + per-row segment reduction."""
     return bag_backward_sorted(grad_out, indices, weights, num_rows, dtype)[0]
 
 
-def bag_value_grad_sparse(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                          dtype: torch.dtype):
+def bag_value_grad_sparse(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype):
     """Touched rows only: (unique rows (U,) int64 ascending, their gradient rows (U, d))."""
     num_rows = int(indices.max()) + 1 if indices.numel() else 0
     return bag_backward_sorted(grad_out, indices, weights, num_rows, dtype, dense=False)[0]
 
 
-def bag_value_grad_atomic(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                          num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+def bag_value_grad_atomic(
+    grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, num_rows: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Dense dvalues (num_rows, d) by fp32 atomics; addition order (last bits) varies by run."""
     idx, w = _flat(indices, weights)
     T, M_T = idx.shape
@@ -347,7 +475,8 @@ def bag_value_grad_atomic(grad_out: torch.Tensor, indices: torch.Tensor, weights
         bd = _block_d(D, 64 if INTERPRETING else 256)
         be = 8 if INTERPRETING else 16
         _bag_value_grad_atomic_kernel[(triton.cdiv(M, be), triton.cdiv(D, bd))](
-            grad_out, w, idx, buf, M, M_T, D, grad_out.stride(0), BLOCK_E=be, BLOCK_D=bd, num_warps=4)
+            grad_out, w, idx, buf, M, M_T, D, grad_out.stride(0), BLOCK_E=be, BLOCK_D=bd, num_warps=4
+        )
     return buf if dtype == torch.float32 else buf.to(dtype)
 
 
@@ -368,12 +497,14 @@ class EmbeddingBag(torch.autograd.Function):
         grad_values = grad_weights = None
         if need_dv and ctx.value_grad in ("sorted", "sparse"):
             dense = ctx.value_grad == "sorted"
-            grad_values, grad_weights = bag_backward_sorted(grad_out, indices, weights, values.shape[0], values.dtype,
-                                                            values if need_dw else None, dense)
+            grad_values, grad_weights = bag_backward_sorted(
+                grad_out, indices, weights, values.shape[0], values.dtype, values if need_dw else None, dense
+            )
             if not dense:
                 rows, grad_rows = grad_values
-                grad_values = torch.sparse_coo_tensor(rows[None], grad_rows, values.shape,
-                                                      is_coalesced=True, check_invariants=False)
+                grad_values = torch.sparse_coo_tensor(
+                    rows[None], grad_rows, values.shape, is_coalesced=True, check_invariants=False
+                )
         elif need_dv:
             grad_values = bag_value_grad_atomic(grad_out, indices, weights, values.shape[0], values.dtype)
         if need_dw and grad_weights is None:
@@ -381,8 +512,9 @@ class EmbeddingBag(torch.autograd.Function):
         return grad_values, None, grad_weights, None
 
 
-def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                  value_grad: str = "sorted") -> torch.Tensor:
+def embedding_bag(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, value_grad: str = "sorted"
+) -> torch.Tensor:
     """Differentiable weighted bag (T, d). value_grad: "sorted" (deterministic, default),
     "atomic" (fp32 atomics) or "sparse" (a sparse COO gradient holding only touched rows)."""
     if value_grad not in VALUE_GRADS:

@@ -16,6 +16,7 @@ per entry. Value rows count once per unique row, what the fused sorted backward 
 the unfused variants (atomic) read them once per entry, M*d*e more than counted. The
 dense form's zero fill of untouched rows (N - U)*d*e is not counted.
 """
+
 from __future__ import annotations
 
 import time
@@ -143,8 +144,15 @@ def device_info(device: torch.device) -> dict:
     return {"device": name, "sku": sku, "peak_tbs": PEAK_BANDWIDTH_TBS.get(sku)}
 
 
-def record(name: str, times: list[float], nbytes: int | None, peak_tbs: float | None, flops: float | None = None,
-           baseline_ms: float | None = None, **extra) -> dict:
+def record(
+    name: str,
+    times: list[float],
+    nbytes: int | None,
+    peak_tbs: float | None,
+    flops: float | None = None,
+    baseline_ms: float | None = None,
+    **extra,
+) -> dict:
     row = {"name": name, **percentiles(times), **extra}
     p50_s = row["p50"] / 1e3
     if nbytes is not None:
@@ -169,8 +177,15 @@ def sweep_scoring(tokens: int, heads: int, k: int, k_dim: int, n_keys_list, devi
         with torch.no_grad():
             pk = percentiles(time_ms(lambda: reference.pkm_scores_topk(q, k1, k2, s.k), device, repeats))["p50"]
             bf = percentiles(time_ms(lambda: reference.brute_force_topk(q, k1, k2, s.k), device, repeats))["p50"]
-        rows.append({"n_keys": n, "slots": n * n, "product_key_us_per_token": 1e3 * pk / tokens,
-                     "brute_force_us_per_token": 1e3 * bf / tokens, "brute_over_product": bf / pk})
+        rows.append(
+            {
+                "n_keys": n,
+                "slots": n * n,
+                "product_key_us_per_token": 1e3 * pk / tokens,
+                "brute_force_us_per_token": 1e3 * bf / tokens,
+                "brute_over_product": bf / pk,
+            }
+        )
         if progress is not None:
             progress.update(1)
     return rows

@@ -1,4 +1,5 @@
 """Peak memory bandwidth of the GPU SKUs the benchmarks report against."""
+
 from __future__ import annotations
 
 PEAK_BANDWIDTH_TBS = {"H100 SXM": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "A100 80GB": 2.0}

@@ -16,6 +16,7 @@ MEMLAYERS_AUTOTUNE=all ignores the pins (to re-measure them); the tuning key is 
 kernel's `key` arguments followed by the dtype of its first tensor argument. Triton 3.9
 runs a single surviving configuration without timing it; 3.6 times it once per key.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,6 +92,7 @@ def pinned_autotune(kernel: str, configs, key, prune=None):
     `prune(configs, named_args, **kwargs)` is an optional further early pruning step for
     unpinned keys.
     """
+
     def early_prune(candidates, named_args, **kwargs):
         args = {**named_args, **kwargs}
         tensors = [v for v in named_args.values() if hasattr(v, "data_ptr")]
@@ -109,6 +111,7 @@ def pinned_autotune(kernel: str, configs, key, prune=None):
     def register(fn):
         TUNERS[kernel] = decorate(fn)
         return TUNERS[kernel]
+
     return register
 
 

@@ -20,6 +20,7 @@ otherwise), so they follow whatever the kernel modules do. The backward ops are 
 `value_grad="sparse"` (a sparse COO gradient whose size depends on the data) has no
 fake implementation; it keeps the plain `kernels.embedding_bag` path.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -46,8 +47,9 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     for part, keys, rows in ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n)):
         part, keys = part.to(acc), keys.to(acc)
         dpart = torch.einsum("thj,thjd->thd", dscore, keys[heads, rows])
-        dkeys = torch.zeros_like(keys).index_put_((heads, rows), dscore[..., None] * part[:, :, None, :],
-                                                   accumulate=True)
+        dkeys = torch.zeros_like(keys).index_put_(
+            (heads, rows), dscore[..., None] * part[:, :, None, :], accumulate=True
+        )
         grads.append((dpart, dkeys))
     (dq1, dk1), (dq2, dk2) = grads
     return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
@@ -70,11 +72,25 @@ def _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values
         bag_size = torch.full((T,), per_bag, dtype=torch.int64, device=device)
         unused_max = torch.zeros(T, values.shape[1], dtype=torch.int64, device=device)  # mode sum reads none
         dv = torch.ops.aten._embedding_bag_backward(
-            g, flat, offsets, offset2bag, bag_size, unused_max, values.shape[0], False, 0, False,
-            weights.reshape(-1).to(acc), -1).to(values.dtype)
+            g,
+            flat,
+            offsets,
+            offset2bag,
+            bag_size,
+            unused_max,
+            values.shape[0],
+            False,
+            0,
+            False,
+            weights.reshape(-1).to(acc),
+            -1,
+        ).to(values.dtype)
     if need_weights:
-        dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            g, table, flat, offsets, offset2bag, 0, -1).reshape(weights.shape).to(weights.dtype)
+        dw = (
+            torch.ops.aten._embedding_bag_per_sample_weights_backward(g, table, flat, offsets, offset2bag, 0, -1)
+            .reshape(weights.shape)
+            .to(weights.dtype)
+        )
     return dv, dw
 
 
@@ -92,8 +108,16 @@ def _pkm_topk_fake(query, keys1, keys2, k, backend):
 
 
 @torch.library.custom_op("memlayers::pkm_topk_backward", mutates_args=())
-def _pkm_topk_backward(grad_weights: Tensor, query: Tensor, keys1: Tensor, keys2: Tensor, weights: Tensor,
-                       indices: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _pkm_topk_backward(
+    grad_weights: Tensor,
+    query: Tensor,
+    keys1: Tensor,
+    keys2: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    k: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     if kernels.resolve_backend(backend, query) == "triton":
         from kernels import pkm_triton
 
@@ -141,14 +165,25 @@ def _embedding_bag_fake(values, indices, weights, backend, value_grad):
 
 
 @torch.library.custom_op("memlayers::embedding_bag_backward", mutates_args=())
-def _embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor, backend: str,
-                            value_grad: str, need_values: bool, need_weights: bool) -> tuple[Tensor, Tensor]:
+def _embedding_bag_backward(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    backend: str,
+    value_grad: str,
+    need_values: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor]:
     if kernels.resolve_backend(backend, values) == "triton":
         from kernels import bag_triton
 
         # the Triton autograd function's own backward, on the tensors its forward would have saved
-        ctx = SimpleNamespace(saved_tensors=(values, indices, weights), value_grad=value_grad,
-                              needs_input_grad=(need_values, False, need_weights, False))
+        ctx = SimpleNamespace(
+            saved_tensors=(values, indices, weights),
+            value_grad=value_grad,
+            needs_input_grad=(need_values, False, need_weights, False),
+        )
         dv, _, dw, _ = bag_triton.EmbeddingBag.backward(ctx, grad_out)
     else:
         dv, dw = _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values, need_weights)
@@ -158,8 +193,10 @@ def _embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tensor, w
 
 @_embedding_bag_backward.register_fake
 def _embedding_bag_backward_fake(grad_out, values, indices, weights, backend, value_grad, need_values, need_weights):
-    return (torch.empty_like(values) if need_values else values.new_empty(0),
-            torch.empty_like(weights) if need_weights else weights.new_empty(0))
+    return (
+        torch.empty_like(values) if need_values else values.new_empty(0),
+        torch.empty_like(weights) if need_weights else weights.new_empty(0),
+    )
 
 
 def _bag_setup(ctx, inputs, output):
@@ -171,8 +208,9 @@ def _bag_setup(ctx, inputs, output):
 def _bag_backward(ctx, grad_out):
     values, indices, weights = ctx.saved_tensors
     need_values, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dv, dw = _embedding_bag_backward(grad_out.contiguous(), values, indices, weights, ctx.backend, ctx.value_grad,
-                                     need_values, need_weights)
+    dv, dw = _embedding_bag_backward(
+        grad_out.contiguous(), values, indices, weights, ctx.backend, ctx.value_grad, need_values, need_weights
+    )
     return (dv if need_values else None), None, (dw if need_weights else None), None, None
 
 
@@ -221,8 +259,9 @@ def pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str =
     return torch.ops.memlayers.pkm_topk(query, keys1, keys2, k, backend)
 
 
-def embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto",
-                  value_grad: str = "sorted") -> Tensor:
+def embedding_bag(
+    values: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto", value_grad: str = "sorted"
+) -> Tensor:
     """`kernels.embedding_bag` as one custom op; value_grad="sparse" keeps the plain path."""
     kernels.resolve_backend(backend, values)
     if value_grad == "sparse":

@@ -36,6 +36,7 @@ rereads 2*H*n (+ 2*M/KEY_CHUNK) fp32 partial rows. The PyTorch backward it
 replaces (pkm_triton.pkm_topk_backward_torch) zero-fills, scatters into, casts and
 multiplies two fp32 (T, H, n) matrices: 2*T*H*n*(4 + 4 + 2 + 2*2) bytes, about 3.7 GB.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,9 +65,27 @@ def _distinct_id(ids, ds, cols, j):
 
 
 @triton.jit
-def _score_grad_rows_kernel(g_ptr, w_ptr, i_ptr, k1_ptr, k2_ptr, dq_ptr, ent_ds_ptr, ent_key_ptr,
-                            T, H, n_keys, half, M, stride_kh, stride_kn,
-                            K: tl.constexpr, KP: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr):
+def _score_grad_rows_kernel(
+    g_ptr,
+    w_ptr,
+    i_ptr,
+    k1_ptr,
+    k2_ptr,
+    dq_ptr,
+    ent_ds_ptr,
+    ent_key_ptr,
+    T,
+    H,
+    n_keys,
+    half,
+    M,
+    stride_kh,
+    stride_kn,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    HALF_P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -96,10 +115,12 @@ def _score_grad_rows_kernel(g_ptr, w_ptr, i_ptr, k1_ptr, k2_ptr, dq_ptr, ent_ds_
     for j in range(K):
         id1, first1, sum1 = _distinct_id(i1, ds, cols, j)
         id2, first2, sum2 = _distinct_id(i2, ds, cols, j)
-        row1 = tl.load(base1 + id1[:, None].to(tl.int64) * stride_kn, mask=first1[:, None] & dmask[None, :],
-                       other=0.0).to(tl.float32)
-        row2 = tl.load(base2 + id2[:, None].to(tl.int64) * stride_kn, mask=first2[:, None] & dmask[None, :],
-                       other=0.0).to(tl.float32)
+        row1 = tl.load(
+            base1 + id1[:, None].to(tl.int64) * stride_kn, mask=first1[:, None] & dmask[None, :], other=0.0
+        ).to(tl.float32)
+        row2 = tl.load(
+            base2 + id2[:, None].to(tl.int64) * stride_kn, mask=first2[:, None] & dmask[None, :], other=0.0
+        ).to(tl.float32)
         acc1 += tl.where(first1, sum1, 0.0)[:, None] * row1
         acc2 += tl.where(first2, sum2, 0.0)[:, None] * row2
         at_j = cols[None, :] == j
@@ -118,8 +139,23 @@ def _score_grad_rows_kernel(g_ptr, w_ptr, i_ptr, k1_ptr, k2_ptr, dq_ptr, ent_ds_
 
 
 @triton.jit
-def _key_grad_kernel(q_ptr, perm_ptr, seg_ptr, first_ptr, key_of_ptr, ent_ds_ptr, parts_ptr, H, n_keys, half, M,
-                     CHUNK, K: tl.constexpr, HALF_P: tl.constexpr, BLOCK_E: tl.constexpr):
+def _key_grad_kernel(
+    q_ptr,
+    perm_ptr,
+    seg_ptr,
+    first_ptr,
+    key_of_ptr,
+    ent_ds_ptr,
+    parts_ptr,
+    H,
+    n_keys,
+    half,
+    M,
+    CHUNK,
+    K: tl.constexpr,
+    HALF_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """Program u reduces chunk u (the (u - first[key])-th run of CHUNK entries of its key's
     sorted segment) into the fp32 row parts[u]. Programs past the last chunk find an
     empty range and write a row nobody reads."""
@@ -137,8 +173,11 @@ def _key_grad_kernel(q_ptr, perm_ptr, seg_ptr, first_ptr, key_of_ptr, ent_ds_ptr
         entry = tl.load(perm_ptr + es, mask=emask, other=0)
         ds = tl.load(ent_ds_ptr + entry, mask=emask, other=0.0)
         token_head = (entry - a * M) // K  # t*H + h: the query row, contiguous (T, H, 2*half)
-        q = tl.load(q_ptr + token_head[:, None] * (2 * half) + a * half + dims[None, :],
-                    mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        q = tl.load(
+            q_ptr + token_head[:, None] * (2 * half) + a * half + dims[None, :],
+            mask=emask[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(ds[:, None] * q, axis=0)
     tl.store(parts_ptr + u.to(tl.int64) * half + dims, acc, mask=dmask)
 
@@ -164,12 +203,16 @@ else:
     _score_grad_rows = pinned_autotune(
         "pkm_bwd_rows",
         [triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in ((4, 2), (8, 2), (8, 4), (16, 8), (32, 8))],
-        key=["n_keys", "K", "HALF_P"])(_score_grad_rows_kernel)
+        key=["n_keys", "K", "HALF_P"],
+    )(_score_grad_rows_kernel)
     _key_grad = pinned_autotune(
-        "pkm_bwd_keys", [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((8, 2), (16, 4), (32, 4), (64, 8))],
-        key=["n_keys", "K", "HALF_P"])(_key_grad_kernel)
+        "pkm_bwd_keys",
+        [triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in ((8, 2), (16, 4), (32, 4), (64, 8))],
+        key=["n_keys", "K", "HALF_P"],
+    )(_key_grad_kernel)
     _sum_chunks = pinned_autotune("pkm_bwd_sum_chunks", [triton.Config({}, num_warps=1)], key=["HALF_P"])(
-        _sum_chunks_kernel)
+        _sum_chunks_kernel
+    )
 
 
 def _sort_dtype(num_keys: int) -> torch.dtype:
@@ -177,8 +220,14 @@ def _sort_dtype(num_keys: int) -> torch.dtype:
     return torch.int16 if num_keys < 2**15 else torch.int32
 
 
-def score_backward(grad_weights: torch.Tensor, query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
-                   weights: torch.Tensor, indices: torch.Tensor):
+def score_backward(
+    grad_weights: torch.Tensor,
+    query: torch.Tensor,
+    keys1: torch.Tensor,
+    keys2: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+):
     """(dquery, dkeys1, dkeys2) of the softmax weights from the saved fp32 weights and indices.
 
     query (T, H, 2*half); keys (H, n, half); weights/indices/grad_weights (T, H, k).
@@ -199,8 +248,23 @@ def score_backward(grad_weights: torch.Tensor, query: torch.Tensor, keys1: torch
     num_keys = 2 * H * n_keys  # sort keys 0..num_keys-1; num_keys marks a repeated id
     ent_key = torch.empty(2 * M, dtype=torch.int32, device=dev)
     consts = dict(K=k, HALF_P=max(16, next_pow2(half)))
-    args = (grad_weights.contiguous(), weights.contiguous(), indices.contiguous(), k1, k2, dq, ent_ds, ent_key,
-            T, H, n_keys, half, M, k1.stride(0), k1.stride(1))
+    args = (
+        grad_weights.contiguous(),
+        weights.contiguous(),
+        indices.contiguous(),
+        k1,
+        k2,
+        dq,
+        ent_ds,
+        ent_key,
+        T,
+        H,
+        n_keys,
+        half,
+        M,
+        k1.stride(0),
+        k1.stride(1),
+    )
     if INTERPRETING:
         _score_grad_rows[(triton.cdiv(T, 16), H)](*args, KP=max(8, next_pow2(k)), BLOCK_T=16, **consts)
     else:

@@ -38,6 +38,7 @@ and fp32 weights). `pkm_topk_backward_torch` keeps the earlier PyTorch backward 
 scatter into dense (T, H, n) matrices, then matmuls in the inputs' dtype) as the
 benchmark's comparison; its `scatter_add_` uses float atomics on CUDA.
 """
+
 from __future__ import annotations
 
 import functools
@@ -94,9 +95,19 @@ def _extract_topk(a, K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _half_topk(q, keys_ptr, n_keys, half, stride_kn,
-               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HALF_P: tl.constexpr,
-               K: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr):
+def _half_topk(
+    q,
+    keys_ptr,
+    n_keys,
+    half,
+    stride_kn,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HALF_P: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Packed top-K keys (BLOCK_T, KP), descending, of q (BLOCK_T, HALF_P) against one head's half-keys."""
     dims = tl.arange(0, HALF_P)
     dmask = dims < half
@@ -110,8 +121,11 @@ def _half_topk(q, keys_ptr, n_keys, half, stride_kn,
     for n0 in range(0, n_keys, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < n_keys
-        kt = tl.load(keys_ptr + dims[:, None] + ns[None, :].to(tl.int64) * stride_kn,
-                     mask=dmask[:, None] & nmask[None, :], other=0.0)
+        kt = tl.load(
+            keys_ptr + dims[:, None] + ns[None, :].to(tl.int64) * stride_kn,
+            mask=dmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
         if IEEE:
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
@@ -132,10 +146,29 @@ def _half_topk(q, keys_ptr, n_keys, half, stride_kn,
 
 
 @triton.jit
-def _pkm_fwd_kernel(q_ptr, k1_ptr, k2_ptr, pairs_ptr, w_ptr, i_ptr,
-                    T, H, n_keys, half, stride_qt, stride_qh, stride_kh, stride_kn,
-                    K: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, HALF_P: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _pkm_fwd_kernel(
+    q_ptr,
+    k1_ptr,
+    k2_ptr,
+    pairs_ptr,
+    w_ptr,
+    i_ptr,
+    T,
+    H,
+    n_keys,
+    half,
+    stride_qt,
+    stride_qh,
+    stride_kh,
+    stride_kn,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    P: tl.constexpr,
+    HALF_P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -193,13 +226,16 @@ if INTERPRETING:  # one fixed configuration; the interpreter cannot autotune ove
     _pkm_fwd = _pkm_fwd_kernel
 else:
     _pkm_fwd = pinned_autotune(
-        "pkm_fwd", [triton.Config({"BLOCK_T": t, "BLOCK_N": n}, num_warps=w) for t, n, w in LAUNCHES],
-        key=["n_keys", "K", "HALF_P", "IEEE"], prune=_prune_launches,
+        "pkm_fwd",
+        [triton.Config({"BLOCK_T": t, "BLOCK_N": n}, num_warps=w) for t, n, w in LAUNCHES],
+        key=["n_keys", "K", "HALF_P", "IEEE"],
+        prune=_prune_launches,
     )(_pkm_fwd_kernel)
 
 
-def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int,
-                     launch: tuple[int, int, int] | None = None):
+def pkm_topk_forward(
+    query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int, launch: tuple[int, int, int] | None = None
+):
     """Kernel launch without autograd: fp32 weights (T, H, k) and int64 indices.
 
     Compiled, the launch configuration is autotuned over LAUNCHES (once per key-set
@@ -213,8 +249,10 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
     T, H, k_dim = query.shape
     n_keys, half = keys1.shape[1], keys1.shape[2]
     if k_dim != 2 * half or keys1.shape != keys2.shape or keys1.shape[0] != H:
-        raise ValueError(f"shapes query {tuple(query.shape)}, keys1 {tuple(keys1.shape)}, keys2 {tuple(keys2.shape)} "
-                         "do not match (T, H, 2*half) / (H, n_keys, half)")
+        raise ValueError(
+            f"shapes query {tuple(query.shape)}, keys1 {tuple(keys1.shape)}, keys2 {tuple(keys2.shape)} "
+            "do not match (T, H, 2*half) / (H, n_keys, half)"
+        )
     if not 0 < k <= n_keys:
         raise ValueError(f"k={k} must be in 1..n_keys={n_keys} (config key memory.k)")
     if n_keys * n_keys >= 2**31:
@@ -229,17 +267,37 @@ def pkm_topk_forward(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
     # lowering) when the gathered running top-k is only 4 wide.
     kp = max(8, next_pow2(k))
     pairs = _candidate_pairs(k, query.device)
-    args = (query, keys1, keys2, pairs, weights, indices, T, H, n_keys, half,
-            query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1))
-    consts = dict(K=k, KP=kp, P=pairs.shape[1], HALF_P=max(16, next_pow2(half)),
-                  # The interpreter's tl.dot multiplies bf16/fp16 bit patterns as integers: upcast there.
-                  IEEE=query.dtype == torch.float32 or INTERPRETING)
+    args = (
+        query,
+        keys1,
+        keys2,
+        pairs,
+        weights,
+        indices,
+        T,
+        H,
+        n_keys,
+        half,
+        query.stride(0),
+        query.stride(1),
+        keys1.stride(0),
+        keys1.stride(1),
+    )
+    consts = dict(
+        K=k,
+        KP=kp,
+        P=pairs.shape[1],
+        HALF_P=max(16, next_pow2(half)),
+        # The interpreter's tl.dot multiplies bf16/fp16 bit patterns as integers: upcast there.
+        IEEE=query.dtype == torch.float32 or INTERPRETING,
+    )
     if INTERPRETING and launch is None:
         launch = (16, max(16, min(128, next_pow2(n_keys))), 4)
     if launch is not None:
         block_t, block_n, warps = launch
-        _pkm_fwd_kernel[(triton.cdiv(T, block_t), H)](*args, **consts, BLOCK_T=block_t, BLOCK_N=block_n,
-                                                      num_warps=warps)
+        _pkm_fwd_kernel[(triton.cdiv(T, block_t), H)](
+            *args, **consts, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=warps
+        )
     else:
         _pkm_fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), H)](*args, **consts)
     return weights, indices
@@ -265,8 +323,10 @@ def pkm_topk_backward_torch(grad_weights, query, keys1, keys2, weights, indices)
     dtype = torch.promote_types(query.dtype, keys1.dtype)
     dense1, dense2 = dense1.to(dtype), dense2.to(dtype)
     q1, q2 = query[..., :half].to(dtype), query[..., half:].to(dtype)
-    dq = torch.cat([torch.einsum("thn,hnd->thd", dense1, keys1.to(dtype)),
-                    torch.einsum("thn,hnd->thd", dense2, keys2.to(dtype))], dim=-1)
+    dq = torch.cat(
+        [torch.einsum("thn,hnd->thd", dense1, keys1.to(dtype)), torch.einsum("thn,hnd->thd", dense2, keys2.to(dtype))],
+        dim=-1,
+    )
     dk1 = torch.einsum("thn,thd->hnd", dense1, q1)
     dk2 = torch.einsum("thn,thd->hnd", dense2, q2)
     return dq.to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
@@ -286,8 +346,12 @@ class PKMTopK(torch.autograd.Function):
     def backward(ctx, grad_weights, grad_indices):
         query, keys1, keys2, weights, indices = ctx.saved_tensors
         dq, dk1, dk2 = pkm_topk_backward(grad_weights, query, keys1, keys2, weights, indices)
-        return (dq if ctx.needs_input_grad[0] else None, dk1 if ctx.needs_input_grad[1] else None,
-                dk2 if ctx.needs_input_grad[2] else None, None)
+        return (
+            dq if ctx.needs_input_grad[0] else None,
+            dk1 if ctx.needs_input_grad[1] else None,
+            dk2 if ctx.needs_input_grad[2] else None,
+            None,
+        )
 
 
 def pkm_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):

@@ -11,6 +11,7 @@ Shapes (T tokens, H memory heads, K slots read per head, n = n_keys, N = n**2 sl
 Gradients flow through autograd: `topk` and `gather` route them to the selected
 half-key scores, hence to the query and the keys.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,8 +71,12 @@ def embedding_bag_gather(values: torch.Tensor, indices: torch.Tensor, weights: t
     return (rows * weights.reshape(indices.shape[0], -1, 1).to(rows.dtype)).sum(dim=1)
 
 
-def sorted_segment_sum(keys: torch.Tensor, source: torch.Tensor, source_rows: torch.Tensor | None = None,
-                       weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_segment_sum(
+    keys: torch.Tensor,
+    source: torch.Tensor,
+    source_rows: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum rows sharing a key: (unique keys ascending (U,), summed rows (U, d)), never (N, d).
 
     Entry e contributes weights[e] * source[source_rows[e]] (source_rows defaults to e,
@@ -91,8 +96,9 @@ def sorted_segment_sum(keys: torch.Tensor, source: torch.Tensor, source_rows: to
     unique = sorted_keys[starts]
     table = source.float() if source.dtype in (torch.bfloat16, torch.float16) else source
     w = None if weights is None else weights.reshape(-1)[order].to(table.dtype)
-    summed = F.embedding_bag(source_rows.reshape(-1)[order], table, starts.nonzero().squeeze(1),
-                             per_sample_weights=w, mode="sum")
+    summed = F.embedding_bag(
+        source_rows.reshape(-1)[order], table, starts.nonzero().squeeze(1), per_sample_weights=w, mode="sum"
+    )
     return unique, summed.to(source.dtype)
 
 
@@ -113,18 +119,27 @@ class _SparseGradBag(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             tokens = torch.arange(T, device=indices.device).repeat_interleave(flat_idx.shape[1])
             rows, grad_rows = sorted_segment_sum(flat_idx, grad_out, tokens, weights)
-            grad_values = torch.sparse_coo_tensor(rows[None], grad_rows.to(values.dtype), values.shape,
-                                                  is_coalesced=True, check_invariants=False)
+            grad_values = torch.sparse_coo_tensor(
+                rows[None], grad_rows.to(values.dtype), values.shape, is_coalesced=True, check_invariants=False
+            )
         if ctx.needs_input_grad[2]:
             # torch's own per-sample-weights derivative of F.embedding_bag: one dot product
             # <grad_out[t], values[row]> per entry, without gathering the (T*H*k, d) rows
             table = values.float() if values.dtype in (torch.bfloat16, torch.float16) else values
             M = flat_idx.shape[1]
-            grad_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_out.to(table.dtype).contiguous(), table, flat_idx.reshape(-1),
-                torch.arange(0, T * M, M, device=indices.device),
-                torch.arange(T, device=indices.device).repeat_interleave(M), 0, -1,
-            ).reshape(weights.shape).to(weights.dtype)
+            grad_weights = (
+                torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad_out.to(table.dtype).contiguous(),
+                    table,
+                    flat_idx.reshape(-1),
+                    torch.arange(0, T * M, M, device=indices.device),
+                    torch.arange(T, device=indices.device).repeat_interleave(M),
+                    0,
+                    -1,
+                )
+                .reshape(weights.shape)
+                .to(weights.dtype)
+            )
         return grad_values, None, grad_weights
 
 

@@ -5,6 +5,7 @@ decoration time whether an `@triton.jit` function is compiled or interpreted.
 Under the interpreter, kernels launch with one fixed configuration (the interpreter
 cannot autotune over several).
 """
+
 from __future__ import annotations
 
 import os

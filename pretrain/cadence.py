@@ -1,4 +1,5 @@
 """When a periodic component is due: every n steps, and at the run's last step."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

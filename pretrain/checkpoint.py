@@ -21,6 +21,7 @@ pickle payload planted in a checkpoint is refused, never executed. A damaged new
 checkpoint is refused with a message naming the file and the newest checkpoint that passes
 the same checks (no silent fallback: the user decides; see the README's "Resuming").
 """
+
 from __future__ import annotations
 
 import pickle
@@ -62,8 +63,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         return None
     tag = latest.read_text().strip()
     if not tag:
-        raise CheckpointError(f"{latest} is empty (it should name a checkpoint folder such as {tag_for(100)}): "
-                              f"write the newest complete folder's name into it, or delete it to start afresh")
+        raise CheckpointError(
+            f"{latest} is empty (it should name a checkpoint folder such as {tag_for(100)}): "
+            f"write the newest complete folder's name into it, or delete it to start afresh"
+        )
     if not _TAG.match(tag) or tag in (".", ".."):
         raise CheckpointError(f"{latest} names {tag!r}, which is not a checkpoint folder name under {root}")
     path = root / tag
@@ -238,8 +241,10 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
     except ExportError as err:
         raise CheckpointError(str(err)) from None
     except (pickle.UnpicklingError, RuntimeError) as err:
-        raise CheckpointError(f"{rank_file(ckpt_dir, rank)} cannot be read as tensors and plain values "
-                              f"(refused, nothing in it executed): {err}") from None
+        raise CheckpointError(
+            f"{rank_file(ckpt_dir, rank)} cannot be read as tensors and plain values "
+            f"(refused, nothing in it executed): {err}"
+        ) from None
 
 
 def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:
@@ -254,8 +259,10 @@ def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | 
         except CheckpointError:
             continue
     if usable is not None:
-        fix = (f"to resume from the previous complete checkpoint, move {ckpt_dir} aside and write "
-               f"'{usable.name}' into {ckpt_dir.parent / 'latest'}")
+        fix = (
+            f"to resume from the previous complete checkpoint, move {ckpt_dir} aside and write "
+            f"'{usable.name}' into {ckpt_dir.parent / 'latest'}"
+        )
     else:
         fix = f"no earlier complete checkpoint exists: restore {ckpt_dir} from a copy, or use a new train.run_dir"
     return f"cannot resume from checkpoint {ckpt_dir}: {problem}. Nothing was loaded or changed; {fix}"

@@ -12,6 +12,7 @@ Three kinds of checks, so that tools which only read a config need no environmen
   size, device, kernels available); the trainer and tools/submit call it.
 String choices are `Literal` types, checked from the annotation (model/config.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -170,8 +171,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(choices_message(str(err.full_key), err.value, choices)) from None
         raise ConfigError(f"invalid value for config key '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
     cfg: RunConfig = OmegaConf.to_object(merged)
-    explicit = {k for k in DATASET_KEYS if any(OmegaConf.select(layer, k, default=None) is not None
-                                               for layer in layers[1:])}
+    explicit = {
+        k for k in DATASET_KEYS if any(OmegaConf.select(layer, k, default=None) is not None for layer in layers[1:])
+    }
     follow_dataset(cfg, explicit)
     return check_datasets(validate(cfg))
 
@@ -214,7 +216,8 @@ def follow_dataset(cfg: RunConfig, explicit: set[str]) -> None:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer of {sources[0].dir} "
             f"({tokens} tokens): drop the setting to follow the dataset (model.vocab_size="
-            f"{values['model.vocab_size']}) or set model.vocab_size >= {tokens}")
+            f"{values['model.vocab_size']}) or set model.vocab_size >= {tokens}"
+        )
     for key, value in values.items():
         if key not in explicit or key == "data.vocab_size":  # data.vocab_size only shapes the embedded corpus
             section, name = key.split(".")
@@ -238,23 +241,30 @@ def validate(cfg: RunConfig) -> RunConfig:
             "DeepSpeed and would receive loss-scaled gradients; use bf16 (no loss scaling) or fp32"
         )
     if t.activation_checkpointing_layers and t.activation_checkpointing != "selective":
-        raise ConfigError("train.activation_checkpointing_layers is only read with "
-                          "train.activation_checkpointing=selective: set that mode or drop the list")
+        raise ConfigError(
+            "train.activation_checkpointing_layers is only read with "
+            "train.activation_checkpointing=selective: set that mode or drop the list"
+        )
     bad = [i for i in t.activation_checkpointing_layers if not 0 <= i < cfg.model.n_layers]
     if bad:
-        raise ConfigError(f"train.activation_checkpointing_layers={list(t.activation_checkpointing_layers)} "
-                          f"names blocks {bad} outside 0..{cfg.model.n_layers - 1} (model.n_layers)")
+        raise ConfigError(
+            f"train.activation_checkpointing_layers={list(t.activation_checkpointing_layers)} "
+            f"names blocks {bad} outside 0..{cfg.model.n_layers - 1} (model.n_layers)"
+        )
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
     _check_cadences(cfg)
     if t.global_batch % t.micro_batch:
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
-        )
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}")
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"
-                          + (f": set model.max_seq_len={d.seq_len} (data.seq_len follows the prepared dataset)"
-                             if d.seq_len > cfg.model.max_seq_len and (d.dir or d.sources) else ""))
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"
+            + (
+                f": set model.max_seq_len={d.seq_len} (data.seq_len follows the prepared dataset)"
+                if d.seq_len > cfg.model.max_seq_len and (d.dir or d.sources)
+                else ""
+            )
+        )
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
     g = cfg.slots.granularity  # a pattern, not a fixed set of choices: checked here, parsed by slots/granularity.py
@@ -330,11 +340,15 @@ def _check_cadences(cfg: RunConfig) -> None:
     }
     for key, value in cadences.items():
         if value <= 0:
-            raise ConfigError(f"{key}={value} must be >= 1 (a number of steps); to do it rarely, set it above "
-                              f"train.max_steps={cfg.train.max_steps}")
+            raise ConfigError(
+                f"{key}={value} must be >= 1 (a number of steps); to do it rarely, set it above "
+                f"train.max_steps={cfg.train.max_steps}"
+            )
     if cfg.train.keep_checkpoints < 1:
-        raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints} would delete every checkpoint, "
-                          "including the one just written: keep at least 1")
+        raise ConfigError(
+            f"train.keep_checkpoints={cfg.train.keep_checkpoints} would delete every checkpoint, "
+            "including the one just written: keep at least 1"
+        )
     if cfg.train.eval_batches < 1:
         raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} must be >= 1")
 

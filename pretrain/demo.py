@@ -5,6 +5,7 @@ data.cache_dir), trains from scratch in `runs/demo` (replaced on each run; pass
 `--resume` to continue instead), then prints where the checkpoint, TensorBoard logs and
 slot-frequency table are, the loss before and after, and validation loss / fact recall.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ def summarise(result, run_dir: Path) -> str:
     tail = result.losses[-10:]
     lines = ["", "=== demo finished ==="]
     if head and tail:
-        lines.append(f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
-                     f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)")
+        lines.append(
+            f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
+            f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)"
+        )
     ev = result.eval
     if "val_loss" in ev:
         lines.append(f"validation loss {ev['val_loss']:.3f} (perplexity {ev['val_perplexity']:.1f})")

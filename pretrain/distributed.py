@@ -3,6 +3,7 @@
 `init_distributed()` always leaves torch.distributed initialised (world 1 included,
 because DeepSpeed's engine needs a process group) and returns where this rank runs.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ forcing, must predict every answer token as its argmax. Under teacher forcing th
 exactly the condition for greedy decoding to produce the answer, computed in one
 batched forward instead of a token-by-token loop.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,12 @@ def validation_loss(model: nn.Module, batches, device: torch.device) -> dict:
     for batch in batches:
         logits = model(batch.tokens.to(device))
         loss = language_model_loss(logits, batch.targets.to(device))
-        total += torch.stack([loss.double() * batch.tokens.numel(), torch.tensor(batch.tokens.numel(), device=device, dtype=torch.float64)])
+        total += torch.stack(
+            [
+                loss.double() * batch.tokens.numel(),
+                torch.tensor(batch.tokens.numel(), device=device, dtype=torch.float64),
+            ]
+        )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     if total[1] == 0:

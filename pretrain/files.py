@@ -7,6 +7,7 @@ intact. This module is the one implementation of that: `atomic_write` for a whol
 folder, `atomic_path` when the caller writes the temporary itself, and the three steps
 (`temp_path_beside`, `replace_with`, `discard`) for writers that stay open across calls.
 """
+
 from __future__ import annotations
 
 import hashlib

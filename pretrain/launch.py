@@ -4,6 +4,7 @@ directory (resolved config, optional code snapshot, log folder) and the `sbatch`
 `tools/submit.py` is the command line over this module. Every value inserted into the
 script is validated and shell-quoted; `sbatch` is called with an argument list.
 """
+
 from __future__ import annotations
 
 import re
@@ -78,7 +79,9 @@ def time_limit_seconds(value: str) -> int | None:
                     "D-H:M, D-H:M:S, e.g. --time 2-00:00:00)"
                 )
         seconds = (
-            parts.get("days", 0) * 86400 + parts.get("hours", 0) * 3600 + parts.get("minutes", 0) * 60
+            parts.get("days", 0) * 86400
+            + parts.get("hours", 0) * 3600
+            + parts.get("minutes", 0) * 60
             + parts.get("seconds", 0)
         )
         if seconds == 0:
@@ -356,7 +359,7 @@ def sbatch(script_path: Path, sbatch_bin: str = "sbatch") -> str:
         [exe, "--parsable", str(script_path)], capture_output=True, text=True, timeout=300, check=False
     )
     if result.returncode != 0:
-        message = (result.stderr.strip() or result.stdout.strip() or "(no output)")
+        message = result.stderr.strip() or result.stdout.strip() or "(no output)"
         raise SubmitError(f"sbatch refused the job (exit {result.returncode}): {message}")
     # --parsable prints "<jobid>" or "<jobid>;<cluster>".
     job_id = result.stdout.strip().split(";")[0]

@@ -3,6 +3,7 @@
 MFU = achieved model FLOP/s / the device's peak dense bf16 FLOP/s (no sparsity
 figures), from `PEAK_BF16_FLOPS`; unknown devices and CPUs report n/a.
 """
+
 from __future__ import annotations
 
 import time

@@ -5,6 +5,7 @@ norms/biases/1-D tensors without. Memory values are not here: pretrain.parallel 
 them outside the engine with their own optimizer at `optim.value_lr`, following the
 same schedule multiplier.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def dense_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and not name.endswith("keys1") and not name.endswith("keys2") else no_decay).append(param)
+        (decay if param.ndim >= 2 and not name.endswith("keys1") and not name.endswith("keys2") else no_decay).append(
+            param
+        )
     return [
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},

@@ -6,6 +6,7 @@ the learning rates are set and the skip of a non-finite step applied here only.
 Clipping keeps the two norms apart, as before this object existed: DeepSpeed clips the
 dense gradients (its `gradient_clipping`), `clip` the value gradients, both to optim.grad_clip.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,5 +81,7 @@ class Optimizers:
         return norms.dense if norms.dense is not None else self.engine.get_global_grad_norm()
 
     def lrs(self, lr_multiplier: float) -> dict[str, float]:
-        return {"train/lr_dense": self.cfg.lr * lr_multiplier,
-                "train/lr_values": self.cfg.value_lr * value_lr_multiplier(self.cfg, lr_multiplier)}
+        return {
+            "train/lr_dense": self.cfg.lr * lr_multiplier,
+            "train/lr_values": self.cfg.value_lr * value_lr_multiplier(self.cfg, lr_multiplier),
+        }

@@ -2,6 +2,7 @@
 the memory layer and the value-table communication; read by pretrain/profiling.py (and so
 tools/profile.py) to attribute step time. Marking and reading code import them from here.
 """
+
 from __future__ import annotations
 
 FORWARD = "train/forward"

@@ -15,6 +15,7 @@ Memory-layer regions come from record_function names in the model code:
 Shares are of the summed train/forward + train/backward + train/step regions (named in
 pretrain/train.py); evaluation (its "eval" region) and checkpointing are left out.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,11 @@ class ProfileReport:
 
 
 def _is_bag_backward(name: str) -> bool:
-    return ("EmbeddingBagBackward" in name or name == "memlayers::embedding_bag_backward"  # the custom op
-            or (name.startswith("aten::_embedding_bag") and "backward" in name))
+    return (
+        "EmbeddingBagBackward" in name
+        or name == "memlayers::embedding_bag_backward"  # the custom op
+        or (name.startswith("aten::_embedding_bag") and "backward" in name)
+    )
 
 
 def _intervals_total(events) -> float:
@@ -103,8 +107,10 @@ def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None) -
     cfg.train.eval_every = max(cfg.train.eval_every, steps + 1)
     run_dir = Path(cfg.train.run_dir)
     if (run_dir / "checkpoints" / "latest").exists():
-        raise ValueError(f"train.run_dir={run_dir} holds checkpoints (a run would resume): profile into a new "
-                         "run_dir, e.g. train.run_dir=runs/profile")
+        raise ValueError(
+            f"train.run_dir={run_dir} holds checkpoints (a run would resume): profile into a new "
+            "run_dir, e.g. train.run_dir=runs/profile"
+        )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
         train_module.train(cfg)

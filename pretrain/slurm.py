@@ -29,6 +29,7 @@ The rendezvous port is MASTER_PORT when set (the templates choose a free one on 
 host, or take `tools/submit.py --master-port`), else derived from the job id; rank 0 checks
 that it can listen there before anything else and names the port and the override if not.
 """
+
 from __future__ import annotations
 
 import errno
@@ -80,8 +81,10 @@ def master_port_from_env(environ: Mapping[str, str]) -> int:
     if value is None or value == "":
         return master_port_for_job(environ["SLURM_JOB_ID"])
     if not value.isdigit() or not 1024 <= int(value) <= 65535:
-        raise SlurmEnvError(f"MASTER_PORT={value!r} must be a port number in 1024..65535 "
-                            "(tools/submit.py --master-port, or unset it for the job-derived default)")
+        raise SlurmEnvError(
+            f"MASTER_PORT={value!r} must be a port number in 1024..65535 "
+            "(tools/submit.py --master-port, or unset it for the job-derived default)"
+        )
     return int(value)
 
 
@@ -311,8 +314,11 @@ def requeue_job(environ: Mapping[str, str] | None = None, *, stop: StopSignal | 
     if not job_id or _job_rank() != 0:
         return False
     if stop is not None and stop.cancelled:
-        print(f"not requeueing Slurm job {job_id}: stopped by SIGTERM (scancel or Slurm preemption)",
-              file=sys.stderr, flush=True)
+        print(
+            f"not requeueing Slurm job {job_id}: stopped by SIGTERM (scancel or Slurm preemption)",
+            file=sys.stderr,
+            flush=True,
+        )
         return False
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
         job_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"

@@ -1,4 +1,5 @@
 """Run a function on W local gloo ranks (127.0.0.1), for tests and CPU benchmarks."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,12 @@ from pretrain.distributed import free_port
 
 def _entry(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args: tuple) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch

@@ -7,6 +7,7 @@ accesses; then clip and one `Optimizers.step`, skipped on a non-finite loss), `c
 (the `TrainState`), the periodic work each due by its own `Every` cadence (log, slot
 statistics, evaluate, checkpoint), and the stop check. No callback framework.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,14 +119,29 @@ def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int
     from pretrain.data.mixture import MixtureLoader
 
     if split == "train":
-        return MixtureLoader(dataset, batch_size=cfg.train.micro_batch, rank=rank, world_size=world_size,
-                             num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                             shuffle_buffer=cfg.data.shuffle_buffer, on_corrupt=cfg.data.on_corrupt,
-                             seq_len=cfg.data.seq_len)
+        return MixtureLoader(
+            dataset,
+            batch_size=cfg.train.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            on_corrupt=cfg.data.on_corrupt,
+            seq_len=cfg.data.seq_len,
+        )
     return ShardLoader(
-        dataset, split=split, batch_size=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
-        rank=rank, world_size=world_size, num_workers=0, seed=cfg.train.seed, shuffle_buffer=0,
-        on_corrupt=cfg.data.on_corrupt, loop=loop,
+        dataset,
+        split=split,
+        batch_size=cfg.train.micro_batch,
+        seq_len=cfg.data.seq_len,
+        rank=rank,
+        world_size=world_size,
+        num_workers=0,
+        seed=cfg.train.seed,
+        shuffle_buffer=0,
+        on_corrupt=cfg.data.on_corrupt,
+        loop=loop,
     )
 
 
@@ -135,9 +151,13 @@ def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.devi
     from pretrain.slots import SlotStatistics
 
     return SlotStatistics(
-        num_slots=cfg.model.memory.num_slots, layer_names=slot_stream_names(cfg),
-        granularity=cfg.slots.granularity, device=device, sample_batches=cfg.slots.sample_batches,
-        seed=cfg.train.seed, streams=max(1, cfg.data.num_workers),  # one open-document table per worker
+        num_slots=cfg.model.memory.num_slots,
+        layer_names=slot_stream_names(cfg),
+        granularity=cfg.slots.granularity,
+        device=device,
+        sample_batches=cfg.slots.sample_batches,
+        seed=cfg.train.seed,
+        streams=max(1, cfg.data.num_workers),  # one open-document table per worker
     )
 
 
@@ -252,8 +272,10 @@ class Trainer:
         self.periodic = [(Every(t.log_every, t.max_steps), self.log)]  # in this order after each step
         if self.stats is not None:
             self.periodic.append((Every(self.cfg.slots.log_every), self.log_slots))
-        self.periodic += [(Every(t.eval_every, t.max_steps), self.evaluate),
-                          (Every(t.checkpoint_every, t.max_steps), self.save_checkpoint)]
+        self.periodic += [
+            (Every(t.eval_every, t.max_steps), self.evaluate),
+            (Every(t.checkpoint_every, t.max_steps), self.save_checkpoint),
+        ]
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.last_step: StepOutput | None = None
 
@@ -275,8 +297,10 @@ class Trainer:
         rank's loss is not finite."""
         start = time.perf_counter()
         multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
-        losses = [self.forward_backward(next(batches), last_micro_batch=i == self.micro_batches - 1)
-                  for i in range(self.micro_batches)]
+        losses = [
+            self.forward_backward(next(batches), last_micro_batch=i == self.micro_batches - 1)
+            for i in range(self.micro_batches)
+        ]
         loss, finite = global_mean_loss(torch.stack(losses).float().mean())
         norms = self.optimizers.clip(measure_dense=self.measure_dense_norm.due(self.state.step + 1))
         with record_function(regions.STEP):
@@ -306,8 +330,9 @@ class Trainer:
             self.losses.append(out.loss)
             return
         state.skipped_steps += 1
-        self.metrics.line(f"step {state.step}: non-finite loss ({out.loss}); update skipped "
-                          f"({state.skipped_steps} so far)")
+        self.metrics.line(
+            f"step {state.step}: non-finite loss ({out.loss}); update skipped ({state.skipped_steps} so far)"
+        )
         self.metrics.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
         if t.nan_policy == "stop" or state.skipped_steps > t.max_skipped_steps:
             self.save_checkpoint()
@@ -320,11 +345,22 @@ class Trainer:
     def log(self) -> None:
         out, now = self.last_step, time.perf_counter()
         tokens_per_s = self.interval_steps * self.tokens_per_step / max(now - self.interval_start, 1e-9)
-        log_progress(self.metrics, self.cfg, self.state, self.losses, self.optimizers.lrs(out.multiplier),
-                     self.optimizers.dense_grad_norm(out.norms), out.norms.values,
-                     tokens_per_s=tokens_per_s, step_time=now - out.start, flops=self.flops, peak=self.peak,
-                     world_size=self.info.world_size, device=self.info.device,
-                     tokens_by_source=tokens_seen_per_source(self.train_loader))
+        log_progress(
+            self.metrics,
+            self.cfg,
+            self.state,
+            self.losses,
+            self.optimizers.lrs(out.multiplier),
+            self.optimizers.dense_grad_norm(out.norms),
+            out.norms.values,
+            tokens_per_s=tokens_per_s,
+            step_time=now - out.start,
+            flops=self.flops,
+            peak=self.peak,
+            world_size=self.info.world_size,
+            device=self.info.device,
+            tokens_by_source=tokens_seen_per_source(self.train_loader),
+        )
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
     def log_slots(self) -> None:
@@ -346,8 +382,10 @@ class Trainer:
             return False
         if self.checkpointer.saved_step != self.state.step:
             self.save_checkpoint()
-        self.metrics.line(f"stopping at step {self.state.step} ({'signal' if signalled else 'train.stop_after'}); "
-                          f"checkpoint {self.checkpoint}")
+        self.metrics.line(
+            f"stopping at step {self.state.step} ({'signal' if signalled else 'train.stop_after'}); "
+            f"checkpoint {self.checkpoint}"
+        )
         self.stopped_by_signal = signalled
         if signalled and stop.requeue:  # USR1 (preemption); SIGTERM means cancel
             from pretrain.slurm import requeue_job
@@ -364,11 +402,17 @@ class Trainer:
     def result(self) -> TrainResult:
         s = self.state
         return TrainResult(
-            step=s.step, tokens_seen=s.tokens_seen, skipped_steps=s.skipped_steps, losses=self.losses,
-            step_times=self.step_times, first_loss=self.losses[0] if self.losses else None, eval=self.last_eval,
+            step=s.step,
+            tokens_seen=s.tokens_seen,
+            skipped_steps=s.skipped_steps,
+            losses=self.losses,
+            step_times=self.step_times,
+            first_loss=self.losses[0] if self.losses else None,
+            eval=self.last_eval,
             checkpoint=str(self.checkpoint) if self.checkpoint is not None else None,
             slot_table=str(self.checkpoint / TABLE_FILENAME) if self.checkpoint and self.stats is not None else None,
-            stopped_by_signal=self.stopped_by_signal, requeued=self.requeued,
+            stopped_by_signal=self.stopped_by_signal,
+            requeued=self.requeued,
         )
 
 
@@ -400,11 +444,20 @@ def build(cfg: RunConfig, loaders: LoaderFactory) -> Trainer:
 
         lookups = LookupRecorder(model.memory_layers())
     return Trainer(
-        cfg=cfg, info=info, engine=engine, optimizers=optimizers, train_loader=train_loader, stats=stats,
-        lookups=lookups, shared_table_stream=len(slot_stream_names(cfg)) > len(model.memory_layers()),
-        checkpointer=checkpointer, resume_from=resume_from, metrics=metrics,
+        cfg=cfg,
+        info=info,
+        engine=engine,
+        optimizers=optimizers,
+        train_loader=train_loader,
+        stats=stats,
+        lookups=lookups,
+        shared_table_stream=len(slot_stream_names(cfg)) > len(model.memory_layers()),
+        checkpointer=checkpointer,
+        resume_from=resume_from,
+        metrics=metrics,
         evaluate_now=Evaluator(cfg, sources, load_seen_probes(cfg, sources, tokenizer, metrics), loaders, info.device),
-        state=state, flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
+        state=state,
+        flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         peak=device_peak_flops(info.device),
     )
 
@@ -489,9 +542,22 @@ def load_seen_probes(cfg: RunConfig, sources: list, tokenizer, metrics: MetricsL
     return probes
 
 
-def log_progress(metrics: MetricsLogger, cfg: RunConfig, state: TrainState, losses: list[float], lrs: dict,
-                 grad_norm, value_grad_norm, tokens_per_s: float, step_time: float, flops: float, peak: float | None,
-                 world_size: int, device: torch.device, tokens_by_source: dict | None = None) -> None:
+def log_progress(
+    metrics: MetricsLogger,
+    cfg: RunConfig,
+    state: TrainState,
+    losses: list[float],
+    lrs: dict,
+    grad_norm,
+    value_grad_norm,
+    tokens_per_s: float,
+    step_time: float,
+    flops: float,
+    peak: float | None,
+    world_size: int,
+    device: torch.device,
+    tokens_by_source: dict | None = None,
+) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval."""
     utilisation = mfu(flops, tokens_per_s, world_size, peak)
     scalars = {
@@ -518,8 +584,7 @@ def log_progress(metrics: MetricsLogger, cfg: RunConfig, state: TrainState, loss
 def describe_data(cfg: RunConfig, sources: list, tokenizer) -> str:
     """One log line: the sources with their share, the tokenizer and the model's vocabulary."""
     total = sum(s.weight for s in sources)
-    parts = [f"{s.name} ({s.dir}, {s.train_sequences} train sequences, weight {s.weight / total:.3f})"
-             for s in sources]
+    parts = [f"{s.name} ({s.dir}, {s.train_sequences} train sequences, weight {s.weight / total:.3f})" for s in sources]
     padding = cfg.model.vocab_size - tokenizer.vocab_size
     vocab = f"model.vocab_size {cfg.model.vocab_size}" + (f" ({padding} rows beyond the tokenizer)" if padding else "")
     return f"data: {'; '.join(parts)}; tokenizer {tokenizer.vocab_size} tokens, {vocab}, seq_len {cfg.data.seq_len}"
@@ -589,8 +654,10 @@ def main(argv=None, stop: StopSignal | None = None) -> int:
         rank = 0
     if rank == 0:
         if result.stopped_by_signal:
-            print(f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "
-                  f"{'requeued' if result.requeued else 'not requeued'}")
+            print(
+                f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "
+                f"{'requeued' if result.requeued else 'not requeued'}"
+            )
         else:
             print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0

@@ -4,6 +4,7 @@
 client state. `RankState` is the per-rank part (data loader position, RNG states, slot
 counters), declared as named stateful items and saved as one file per rank.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -27,8 +28,12 @@ class TrainState:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names the run's slot tables and exports
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                "run_id": self.run_id}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "run_id": self.run_id,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]

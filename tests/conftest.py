@@ -1,4 +1,5 @@
 """Shared test fixtures: the repository root, small model configurations, process isolation."""
+
 from __future__ import annotations
 
 import copy
@@ -36,7 +37,6 @@ def make_model_config():
         return ModelConfig(**base)
 
     return make
-
 
 
 @pytest.fixture(scope="session")

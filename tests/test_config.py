@@ -1,4 +1,5 @@
 """Config loading and validation: every shipped config loads; bad keys and values are named."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,9 @@ def test_every_shipped_config_loads_and_builds_on_meta(repo_root):
 
 
 def test_overrides_are_typed_and_applied(repo_root):
-    cfg = load_config(repo_root / "configs/tiny.yaml", ["model.memory.k=8", "optim.lr=1e-3", "model.memory.layers=[0,3]"])
+    cfg = load_config(
+        repo_root / "configs/tiny.yaml", ["model.memory.k=8", "optim.lr=1e-3", "model.memory.layers=[0,3]"]
+    )
     assert cfg.model.memory.k == 8 and cfg.optim.lr == 1e-3 and cfg.model.memory.layers == [0, 3]
     assert isinstance(cfg.optim.lr, float)
 
@@ -134,14 +137,17 @@ def test_memory_parallel_size_must_divide_the_world_size(repo_root):
         check_runtime(cfg, world_size=3)
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("train.dtype", "fp8", "fp32, bf16 or fp16"),
-    ("train.nan_policy", "ignore", "stop or skip"),
-    ("optim.value_lr_schedule", "linear", "cosine or constant"),
-    ("optim.value_optimizer", "sgd", "adamw or sparse_adamw"),
-    ("data.on_corrupt", "warn", "error or skip"),
-    ("model.memory.kernel", "cuda", "auto, triton or torch"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("train.dtype", "fp8", "fp32, bf16 or fp16"),
+        ("train.nan_policy", "ignore", "stop or skip"),
+        ("optim.value_lr_schedule", "linear", "cosine or constant"),
+        ("optim.value_optimizer", "sgd", "adamw or sparse_adamw"),
+        ("data.on_corrupt", "warn", "error or skip"),
+        ("model.memory.kernel", "cuda", "auto, triton or torch"),
+    ],
+)
 def test_a_string_choice_outside_its_literal_names_key_value_and_choices(repo_root, key, value, allowed):
     message = rf"{key}='{value}' must be {allowed}$"
     with pytest.raises(ConfigError, match=message):  # from the YAML/override (OmegaConf checks the Literal)

@@ -1,5 +1,6 @@
 """Config values that used to fail only after start-up (ZeroDivisionError) or with an
 omegaconf traceback are refused when the config loads, naming the key and the fix."""
+
 from __future__ import annotations
 
 import pytest

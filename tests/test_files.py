@@ -1,4 +1,5 @@
 """pretrain.files: the one write-to-temporary-then-rename helper, for files and folders."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """The wheel: the top-level import names it installs and the console scripts it declares."""
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,24 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         else:
             shutil.copy2(REPO_ROOT / name, src / name)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out),
-         str(src)], capture_output=True, text=True, timeout=600, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = out.glob("memlayers-*.whl")
     return zipfile.ZipFile(path)

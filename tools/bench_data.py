@@ -8,6 +8,7 @@ configs/tiny.yaml's model at micro_batch x seq_len), and the loader/training rat
 
   python tools/bench_data.py [--entities 2000] [--seconds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,25 @@ from pretrain.data.prepare import write_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loader_tokens_per_s(path: Path, batch: int, seq_len: int, seconds: float, shuffle_buffer: int,
-                        mixture_with: Path | None = None) -> float:
+def loader_tokens_per_s(
+    path: Path, batch: int, seq_len: int, seconds: float, shuffle_buffer: int, mixture_with: Path | None = None
+) -> float:
     """ShardLoader of `path`, or with `mixture_with` a MixtureLoader of both (weights 3:1)."""
     if mixture_with is None:
-        loader = ShardLoader(path, "train", batch_size=batch, seq_len=seq_len, seed=0,
-                             shuffle_buffer=shuffle_buffer, loop=True)
+        loader = ShardLoader(
+            path, "train", batch_size=batch, seq_len=seq_len, seed=0, shuffle_buffer=shuffle_buffer, loop=True
+        )
     else:
         from pretrain.data.mixture import MixtureLoader
         from pretrain.data.sources import resolve_sources
 
-        spec = SimpleNamespace(dir="", sources=[{"dir": str(path), "weight": 3.0, "name": "a"},
-                                                {"dir": str(mixture_with), "weight": 1.0, "name": "b"}])
+        spec = SimpleNamespace(
+            dir="",
+            sources=[
+                {"dir": str(path), "weight": 3.0, "name": "a"},
+                {"dir": str(mixture_with), "weight": 1.0, "name": "b"},
+            ],
+        )
         loader = MixtureLoader(resolve_sources(spec), batch, seed=0, shuffle_buffer=shuffle_buffer)
     it = iter(loader)
     for _ in range(5):
@@ -97,8 +105,15 @@ def main(argv=None) -> int:
         encode_s = time.perf_counter() - start
         n_tokens = sum(len(x) + 1 for x in ids)
         start = time.perf_counter()
-        write_dataset(tok.encode_batch(docs), tmp / "again", tok, args.seq_len, val_fraction=0.05,
-                      sequences_per_shard=1024, show_progress=False)
+        write_dataset(
+            tok.encode_batch(docs),
+            tmp / "again",
+            tok,
+            args.seq_len,
+            val_fraction=0.05,
+            sequences_per_shard=1024,
+            show_progress=False,
+        )
         prepare_s = time.perf_counter() - start
 
         torch.set_num_threads(1)
@@ -108,8 +123,11 @@ def main(argv=None) -> int:
         single_rounds, mixed_rounds = [], []
         for _ in range(4):
             single_rounds.append(loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds / 2, 0))
-            mixed_rounds.append(loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds / 2, 0,
-                                                    mixture_with=tmp / "again"))
+            mixed_rounds.append(
+                loader_tokens_per_s(
+                    path, args.micro_batch, args.seq_len, args.seconds / 2, 0, mixture_with=tmp / "again"
+                )
+            )
         single, mixed = statistics.median(single_rounds), statistics.median(mixed_rounds)
     torch.set_num_threads(threads)
     train = training_tokens_per_s(Path(args.config), args.micro_batch, args.seq_len, args.train_steps)
@@ -121,8 +139,10 @@ def main(argv=None) -> int:
     print(f"prepare_data (encode + pack + write shards):        {n_tokens / prepare_s / 1e6:8.2f} M tokens/s")
     print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, no shuffle:      {plain / 1e6:8.2f} M tokens/s")
     print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, shuffle 1024:    {shuffled / 1e6:8.2f} M tokens/s")
-    print(f"single dataset vs mixture (2 sources, 3:1), alternating rounds, no shuffle: "
-          f"{single / 1e6:.2f} vs {mixed / 1e6:.2f} M tokens/s ({mixed / single:.2f}x)")
+    print(
+        f"single dataset vs mixture (2 sources, 3:1), alternating rounds, no shuffle: "
+        f"{single / 1e6:.2f} vs {mixed / 1e6:.2f} M tokens/s ({mixed / single:.2f}x)"
+    )
     print(f"training step (tiny.yaml, fwd+bwd+AdamW, {threads} threads): {train / 1e6:8.4f} M tokens/s")
     print(f"loader / training: {ratio:.0f}x (need >= 20x); loader >= 5M tokens/s: {loader >= 5e6}")
     return 0 if ratio >= 20 and loader >= 5e6 else 1

@@ -10,6 +10,7 @@ this process's CPU time (the fairer measure on a shared machine; pair it with --
 
     python tools/bench_generate.py [--rounds 3] [--lm-eval EXPORT_DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,15 @@ def time_hf(hf, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> tuple
 
 def _hf_generate(hf, prompt: torch.Tensor, new_tokens: int, use_cache: bool) -> None:
     with torch.no_grad():
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=0)
+        out = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+        )
     assert out.shape[1] == prompt.shape[1] + new_tokens
 
 
@@ -74,16 +82,27 @@ def time_pretrain(model, prompt: list[int], new_tokens: int, use_cache: bool) ->
 def time_lm_eval(export_dir: Path, probes: int) -> dict:
     """Wall time of memlayers-eval (task writing + lm_eval in a subprocess) on the fact tasks."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(Path(__file__).with_name("memlayers_eval.py")), str(export_dir),
-               "--probes", str(probes), "--output", out]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("memlayers_eval.py")),
+            str(export_dir),
+            "--probes",
+            str(probes),
+            "--output",
+            out,
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"memlayers-eval failed:\n{proc.stderr[-3000:]}")
         results = json.loads(max(Path(out).rglob("results*.json")).read_text())["results"]
-    return {"seconds": elapsed, "probes": probes,
-            "exact_match": results["memlayers_facts"]["exact_match,none"], "mc_acc": results["memlayers_facts_mc"]["acc,none"]}
+    return {
+        "seconds": elapsed,
+        "probes": probes,
+        "exact_match": results["memlayers_facts"]["exact_match,none"],
+        "mc_acc": results["memlayers_facts_mc"]["acc,none"],
+    }
 
 
 def main(argv=None) -> int:
@@ -109,8 +128,13 @@ def main(argv=None) -> int:
         prompt = torch.randint(4, vocab, (batch, args.prompt_tokens), generator=gen)
         cases.append((f"hf generate() batch {batch}", batch, partial(time_hf, hf, prompt, args.new_tokens)))
         if batch == 1:
-            cases.append(("pretrain.export generate batch 1", 1,
-                          partial(time_pretrain, model, prompt[0].tolist(), args.new_tokens)))
+            cases.append(
+                (
+                    "pretrain.export generate batch 1",
+                    1,
+                    partial(time_pretrain, model, prompt[0].tolist(), args.new_tokens),
+                )
+            )
     rows = []
     for name, batch, run in cases:
         run(True)  # warm-up
@@ -118,30 +142,45 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for cached in (True, False):
                 times[cached].append(run(cached))
-            print(f"[{name}] round {r + 1}/{args.rounds}: cached {times[True][-1][0]:.2f} s, "
-                  f"uncached {times[False][-1][0]:.2f} s (wall)", file=sys.stderr, flush=True)
+            print(
+                f"[{name}] round {r + 1}/{args.rounds}: cached {times[True][-1][0]:.2f} s, "
+                f"uncached {times[False][-1][0]:.2f} s (wall)",
+                file=sys.stderr,
+                flush=True,
+            )
         tokens = batch * args.new_tokens
         row = {"case": name, "batch": batch}
         for i, clock in enumerate(("wall", "cpu")):
             cached_s = statistics.median(t[i] for t in times[True])
             uncached_s = statistics.median(t[i] for t in times[False])
-            row.update({f"cached_tok_s_{clock}": tokens / cached_s, f"uncached_tok_s_{clock}": tokens / uncached_s,
-                        f"speedup_{clock}": uncached_s / cached_s})
+            row.update(
+                {
+                    f"cached_tok_s_{clock}": tokens / cached_s,
+                    f"uncached_tok_s_{clock}": tokens / uncached_s,
+                    f"speedup_{clock}": uncached_s / cached_s,
+                }
+            )
         rows.append(row)
 
-    print(f"\n{args.new_tokens} new tokens from a {args.prompt_tokens}-token prompt, {args.config} model, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds}")
+    print(
+        f"\n{args.new_tokens} new tokens from a {args.prompt_tokens}-token prompt, {args.config} model, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds}"
+    )
     print(f"{'case':34s} {'cached tok/s':>13s} {'uncached tok/s':>15s} {'speedup':>8s}   (wall | CPU time)")
     for row in rows:
-        print(f"{row['case']:34s} {row['cached_tok_s_wall']:6.0f} | {row['cached_tok_s_cpu']:4.0f} "
-              f"{row['uncached_tok_s_wall']:7.0f} | {row['uncached_tok_s_cpu']:5.0f} "
-              f"{row['speedup_wall']:5.1f}x | {row['speedup_cpu']:.1f}x")
+        print(
+            f"{row['case']:34s} {row['cached_tok_s_wall']:6.0f} | {row['cached_tok_s_cpu']:4.0f} "
+            f"{row['uncached_tok_s_wall']:7.0f} | {row['uncached_tok_s_cpu']:5.0f} "
+            f"{row['speedup_wall']:5.1f}x | {row['speedup_cpu']:.1f}x"
+        )
     report = {"generation": rows}
     if args.lm_eval:
         report["lm_eval"] = time_lm_eval(Path(args.lm_eval), args.lm_eval_probes)
         le = report["lm_eval"]
-        print(f"memlayers-eval on {le['probes']} probes: {le['seconds']:.1f} s wall "
-              f"(exact_match {le['exact_match']:.3f}, mc acc {le['mc_acc']:.3f})")
+        print(
+            f"memlayers-eval on {le['probes']} probes: {le['seconds']:.1f} s wall "
+            f"(exact_match {le['exact_match']:.3f}, mc acc {le['mc_acc']:.3f})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -9,6 +9,7 @@ for the bytes model). Without a GPU only the PyTorch paths are timed, at smaller
 A row whose p80/p20 exceeds 1.15 is timed again (up to --reruns times); the steadiest
 attempt is reported, with every attempt's percentiles in the JSON ("attempts").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,15 +44,27 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
     p.add_argument("--sweep-tokens", type=int, default=256 if cuda else 64)
-    p.add_argument("--index-skew", type=float, default=0.0,
-                   help="bag rows drawn from a Zipf law with this exponent over all slots (hot slots, as in a "
-                        "trained memory) instead of the slots the scoring selects; 0 = the scoring's")
-    p.add_argument("--configs", action="store_true",
-                   help="time every launch candidate of each autotuned kernel at these shapes and print the "
-                        "steady winners as kernels/launch_configs.py PINNED entries")
-    p.add_argument("--layer", type=Path, default=None, metavar="CONFIG",
-                   help="whole MemoryPlus layer and whole-model forward+backward of this config, Triton vs "
-                        "PyTorch path (batch train.micro_batch x data.seq_len unless --layer-batch/--layer-seq)")
+    p.add_argument(
+        "--index-skew",
+        type=float,
+        default=0.0,
+        help="bag rows drawn from a Zipf law with this exponent over all slots (hot slots, as in a "
+        "trained memory) instead of the slots the scoring selects; 0 = the scoring's",
+    )
+    p.add_argument(
+        "--configs",
+        action="store_true",
+        help="time every launch candidate of each autotuned kernel at these shapes and print the "
+        "steady winners as kernels/launch_configs.py PINNED entries",
+    )
+    p.add_argument(
+        "--layer",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="whole MemoryPlus layer and whole-model forward+backward of this config, Triton vs "
+        "PyTorch path (batch train.micro_batch x data.seq_len unless --layer-batch/--layer-seq)",
+    )
     p.add_argument("--layer-batch", type=int, default=0, help="sequences for --layer (0: the config's micro_batch)")
     p.add_argument("--layer-seq", type=int, default=0, help="sequence length for --layer (0: the config's seq_len)")
     p.add_argument("--reruns", type=int, default=2, help="extra timings of a row whose p80/p20 > 1.15")
@@ -93,8 +106,15 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
     for v_dim in args.v_dims:
         s = kb.Shape(args.tokens, args.heads, args.k, args.n_keys, args.k_dim, v_dim, dtype)
         q, k1, k2, values = kb.make_inputs(s, device)
-        shape = {"tokens": s.tokens, "heads": s.heads, "k": s.k, "n_keys": s.n_keys, "k_dim": s.k_dim,
-                 "v_dim": v_dim, "dtype": args.dtype}
+        shape = {
+            "tokens": s.tokens,
+            "heads": s.heads,
+            "k": s.k,
+            "n_keys": s.n_keys,
+            "k_dim": s.k_dim,
+            "v_dim": v_dim,
+            "dtype": args.dtype,
+        }
         with torch.no_grad():
             weights, indices = reference.pkm_topk(q, k1, k2, s.k)
         if args.index_skew > 0:
@@ -112,6 +132,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
 
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(qg, k1g, k2g, s.k)[0], [qg, k1g, k2g], probe)
+
             base = add("scoring_fwd_bwd_torch", fwd_bwd(reference.pkm_topk), 2 * sb, 3 * fl, **shape)
             if use_triton:
                 add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), 2 * sb, 3 * fl, base, **shape)
@@ -121,8 +142,13 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                 with torch.no_grad():
                     w32, idx = pkm_triton.pkm_topk_forward(q, k1, k2, s.k)
                 saved = (probe, q, k1, k2, w32, indices if args.index_skew > 0 else idx)
-                base = add("scoring_bwd_torch_on_saved", lambda: pkm_triton.pkm_topk_backward_torch(*saved),
-                           sb, 2 * fl, **shape)
+                base = add(
+                    "scoring_bwd_torch_on_saved",
+                    lambda: pkm_triton.pkm_topk_backward_torch(*saved),
+                    sb,
+                    2 * fl,
+                    **shape,
+                )
                 add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb, 2 * fl, base, **shape)
                 w32 = idx = saved = None
             progress.update(1)
@@ -131,14 +157,32 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         with torch.no_grad():
             # F.embedding_bag in the table's own dtype (the reference path upcasts bf16 tables
             # to fp32 first, which would make the baseline pay for a whole-table copy).
-            base = add("bag_fwd_torch_embedding_bag",
-                       lambda: F.embedding_bag(flat_idx, values, per_sample_weights=flat_w, mode="sum"),
-                       fb, **shape, **stats)
-            add("bag_fwd_torch_gather_sum", lambda: reference.embedding_bag_gather(values, indices, weights),
-                fb, None, base, **shape, **stats)
+            base = add(
+                "bag_fwd_torch_embedding_bag",
+                lambda: F.embedding_bag(flat_idx, values, per_sample_weights=flat_w, mode="sum"),
+                fb,
+                **shape,
+                **stats,
+            )
+            add(
+                "bag_fwd_torch_gather_sum",
+                lambda: reference.embedding_bag_gather(values, indices, weights),
+                fb,
+                None,
+                base,
+                **shape,
+                **stats,
+            )
             if use_triton:
-                add("bag_fwd_triton", lambda: bag_triton.bag_forward(values, indices, weights), fb, None, base,
-                    **shape, **stats)
+                add(
+                    "bag_fwd_triton",
+                    lambda: bag_triton.bag_forward(values, indices, weights),
+                    fb,
+                    None,
+                    base,
+                    **shape,
+                    **stats,
+                )
         bb = kb.bag_bytes(s, stats["unique_rows"], backward=True)
         grad_out = torch.randn(s.tokens, v_dim, device=device, dtype=dtype)
         vg, wg = values.detach().requires_grad_(), flat_w.detach().requires_grad_()
@@ -150,24 +194,49 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         except (NotImplementedError, RuntimeError) as err:  # CUDA has no bf16 per-sample-weight backward
             note = f"value gradient only: the per-sample-weight gradient failed ({str(err).splitlines()[0]})"
             inputs = [vg]
-        base = add("bag_bwd_torch_embedding_bag",
-                   lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), bb,
-                   **shape, **stats, note=note)
+        base = add(
+            "bag_bwd_torch_embedding_bag",
+            lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True),
+            bb,
+            **shape,
+            **stats,
+            note=note,
+        )
         wg3 = weights.detach().requires_grad_()
         out_g = reference.embedding_bag_gather(vg, indices, wg3)
-        add("bag_bwd_torch_gather_sum", lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True),
-            bb, None, base, **shape, **stats)
+        add(
+            "bag_bwd_torch_gather_sum",
+            lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True),
+            bb,
+            None,
+            base,
+            **shape,
+            **stats,
+        )
         out_g = None
         if use_triton:
             for variant in ("sorted", "atomic", "sparse"):
                 o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
-                add(f"bag_bwd_triton_{variant}", lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
-                    bb, None, base, **shape, **stats)
+                add(
+                    f"bag_bwd_triton_{variant}",
+                    lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
+                    bb,
+                    None,
+                    base,
+                    **shape,
+                    **stats,
+                )
             # Where the sorted backward's time goes: the sort alone, and the unfused weight gradient.
-            add("bag_bwd_part_sort_segments", lambda: bag_triton._segments(indices, s.n_keys**2, every_row=True),
-                **shape)
-            add("bag_bwd_part_weight_grad_unfused",
-                lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype), **shape)
+            add(
+                "bag_bwd_part_sort_segments",
+                lambda: bag_triton._segments(indices, s.n_keys**2, every_row=True),
+                **shape,
+            )
+            add(
+                "bag_bwd_part_weight_grad_unfused",
+                lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype),
+                **shape,
+            )
         values = vg = out = o = None  # free the table (up to 4 GB) before the next shape
         progress.update(1)
     return rows
@@ -189,18 +258,27 @@ def bench_launch_configs(args, device) -> dict:
     with torch.no_grad():
         w32, idx = pkm_triton.pkm_topk_forward(q, k1, k2, s.k)
     g = torch.randn(s.tokens, s.heads, s.k, device=device, dtype=dtype)
-    cases = [("pkm_fwd", None, lambda: pkm_triton.pkm_topk_forward(q, k1, k2, s.k)[1].sort(-1).values),
-             ("pkm_bwd_rows", None, lambda: pkm_bwd_triton.score_backward(g, q, k1, k2, w32, idx)[0]),
-             ("pkm_bwd_keys", None, lambda: pkm_bwd_triton.score_backward(g, q, k1, k2, w32, idx)[1])]
+    cases = [
+        ("pkm_fwd", None, lambda: pkm_triton.pkm_topk_forward(q, k1, k2, s.k)[1].sort(-1).values),
+        ("pkm_bwd_rows", None, lambda: pkm_bwd_triton.score_backward(g, q, k1, k2, w32, idx)[0]),
+        ("pkm_bwd_keys", None, lambda: pkm_bwd_triton.score_backward(g, q, k1, k2, w32, idx)[1]),
+    ]
     weights = w32.to(dtype)
     tables = {}
     for v_dim in args.v_dims:
         values = kb.make_inputs(kb.Shape(1, 1, 1, s.n_keys, 2, v_dim, dtype), device)[3]
         grad_out = torch.randn(s.tokens, v_dim, device=device, dtype=dtype)
         tables[v_dim] = (values, grad_out)
-        cases += [("bag_fwd", v_dim, lambda v=v_dim: bag_triton.bag_forward(tables[v][0], idx, weights)),
-                  ("bag_bwd_sorted", v_dim, lambda v=v_dim: bag_triton.bag_backward_sorted(
-                      tables[v][1], idx, weights, s.n_keys**2, dtype, tables[v][0])[0])]
+        cases += [
+            ("bag_fwd", v_dim, lambda v=v_dim: bag_triton.bag_forward(tables[v][0], idx, weights)),
+            (
+                "bag_bwd_sorted",
+                v_dim,
+                lambda v=v_dim: bag_triton.bag_backward_sorted(
+                    tables[v][1], idx, weights, s.n_keys**2, dtype, tables[v][0]
+                )[0],
+            ),
+        ]
     sku = kb.device_info(device)["sku"]
     rows, pins = [], {}
     for kernel, v_dim, fn in tqdm(cases, desc="launch configs"):
@@ -230,14 +308,17 @@ def bench_launch_configs(args, device) -> dict:
                     a, b = out.reshape(-1)[: 2**24].float(), first.reshape(-1)[: 2**24].float()
                     row["rel_diff_to_first"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                 row["spread"] = row["p80"] / row["p20"]
-                tqdm.write(f"{kernel:15s} d={v_dim or '-'} {row['config']}: p50 {row['p50']:.3f} ms "
-                           f"(p20 {row['p20']:.3f}, p80 {row['p80']:.3f})")
+                tqdm.write(
+                    f"{kernel:15s} d={v_dim or '-'} {row['config']}: p50 {row['p50']:.3f} ms "
+                    f"(p20 {row['p20']:.3f}, p80 {row['p80']:.3f})"
+                )
                 rows.append(row)
                 timed.append((row, config))
         steady = [rc for rc in timed if rc[0]["spread"] <= kb.UNSTEADY]
         if timed and key is not None:
-            best_row, best = (min(steady, key=lambda rc: rc[0]["p50"]) if steady
-                              else min(timed, key=lambda rc: rc[0]["p80"]))
+            best_row, best = (
+                min(steady, key=lambda rc: rc[0]["p50"]) if steady else min(timed, key=lambda rc: rc[0]["p80"])
+            )
             best_row["winner"] = True
             pins.setdefault(kernel, {})[str(key)] = lc.launch_spec(best)
             tqdm.write(f"winner: {lc.table_entry(sku, kernel, key, best)}")
@@ -265,8 +346,18 @@ def bench_layer(args, device) -> list[dict]:
     paths = ("triton", "torch") if device.type == "cuda" else ("torch",)
     timed = steady_timer(device, args.repeats, args.reruns)
     m = model_cfg.memory
-    shape = {"config": str(args.layer), "batch": batch, "seq": seq, "dim": model_cfg.dim, "heads": m.heads,
-             "k": m.k, "n_keys": m.n_keys, "k_dim": m.k_dim, "v_dim": model_cfg.value_dim, "dtype": args.dtype}
+    shape = {
+        "config": str(args.layer),
+        "batch": batch,
+        "seq": seq,
+        "dim": model_cfg.dim,
+        "heads": m.heads,
+        "k": m.k,
+        "n_keys": m.n_keys,
+        "k_dim": m.k_dim,
+        "v_dim": model_cfg.value_dim,
+        "dtype": args.dtype,
+    }
 
     def materialise(module):
         """Built on the meta device, then drawn on `device` (a 1M-row table drawn on the CPU takes long)."""
@@ -310,20 +401,33 @@ def bench_layer(args, device) -> list[dict]:
     model_ms = {}
     for path in paths:
         set_path(model, path)
-        t, attempts = timed(lambda: torch.autograd.grad(
-            language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]), params))
+        t, attempts = timed(
+            lambda: torch.autograd.grad(language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]), params)
+        )
         model_ms[path] = kb.percentiles(t)["p50"]
         share = len(m.layers) * layer_ms[path] / model_ms[path]
-        rows.append(kb.record(f"model_fwd_bwd_{path}", t, None, None, attempts=attempts,
-                              memory_layers=len(m.layers), memory_share_estimate=share, **shape))
+        rows.append(
+            kb.record(
+                f"model_fwd_bwd_{path}",
+                t,
+                None,
+                None,
+                attempts=attempts,
+                memory_layers=len(m.layers),
+                memory_share_estimate=share,
+                **shape,
+            )
+        )
     model = None
     if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
         for row in rows:
             if row["name"].endswith("_triton"):
                 row["speedup"] = (layer_ms if row["name"].startswith("memory_") else model_ms)["torch"] / row["p50"]
     for path in paths:
-        tqdm.write(f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
-                   f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it")
+        tqdm.write(
+            f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
+            f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
+        )
     return list(rows)
 
 
@@ -332,8 +436,10 @@ def autotuned_configs() -> dict:
     from kernels import bag_triton, pkm_triton  # noqa: F401  (importing registers the tuners)
     from kernels.launch_configs import TUNERS
 
-    return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
-            for name, tuner in TUNERS.items()}
+    return {
+        name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+        for name, tuner in TUNERS.items()
+    }
 
 
 UNSTEADY = kb.UNSTEADY
@@ -342,20 +448,30 @@ UNSTEADY = kb.UNSTEADY
 def format_row(r: dict) -> str:
     def f(key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
-    line = (f"{r['name']:32s} {r['v_dim']:>6d} {f('p20', '9.3f')} {f('p50', '9.3f')} {f('p80', '9.3f')} "
-            f"{f('gb_s', '8.1f')} {f('pct_peak', '6.1f')} {f('tflop_s', '8.2f')} {f('speedup', '8.2f')}")
+
+    line = (
+        f"{r['name']:32s} {r['v_dim']:>6d} {f('p20', '9.3f')} {f('p50', '9.3f')} {f('p80', '9.3f')} "
+        f"{f('gb_s', '8.1f')} {f('pct_peak', '6.1f')} {f('tflop_s', '8.2f')} {f('speedup', '8.2f')}"
+    )
     notes = [r["note"]] if r.get("note") else []
     attempts = r.get("attempts") or []
     if len(attempts) > 1:
-        notes.append(f"timed {len(attempts)} times (p80/p20 of each: "
-                     + ", ".join(f"{a['p80'] / a['p20']:.2f}" for a in attempts) + "); the steadiest is shown")
+        notes.append(
+            f"timed {len(attempts)} times (p80/p20 of each: "
+            + ", ".join(f"{a['p80'] / a['p20']:.2f}" for a in attempts)
+            + "); the steadiest is shown"
+        )
     if r["p80"] > UNSTEADY * r["p20"]:
-        notes.append(f"unsteady: p80 is {r['p80'] / r['p20']:.2f}x p20 (bimodal or disturbed); rerun before quoting p50")
+        notes.append(
+            f"unsteady: p80 is {r['p80'] / r['p20']:.2f}x p20 (bimodal or disturbed); rerun before quoting p50"
+        )
     return line + "".join(f"\n    note: {n}" for n in notes)
 
 
-TABLE_HEADER = (f"{'kernel':32s} {'v_dim':>6s} {'p20':>9s} {'p50':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} "
-                f"{'TFLOP/s':>8s} {'speedup':>8s}   (ms; speedup vs the PyTorch row above it)")
+TABLE_HEADER = (
+    f"{'kernel':32s} {'v_dim':>6s} {'p20':>9s} {'p50':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} "
+    f"{'TFLOP/s':>8s} {'speedup':>8s}   (ms; speedup vs the PyTorch row above it)"
+)
 
 
 class StreamedRows(list):
@@ -390,13 +506,16 @@ def main(argv=None) -> int:
     elif args.sweep:
         n_list = [64, 128, 256, 512, 1024]
         with tqdm(total=len(n_list), desc="sweep") as bar:
-            rows = kb.sweep_scoring(args.sweep_tokens, args.heads, args.k, args.k_dim, n_list, device,
-                                    args.repeats, bar)
+            rows = kb.sweep_scoring(
+                args.sweep_tokens, args.heads, args.k, args.k_dim, n_list, device, args.repeats, bar
+            )
         payload["sweep"] = rows
         print(f"{'n_keys':>7s} {'slots':>9s} {'product-key us/tok':>19s} {'brute-force us/tok':>19s} {'ratio':>7s}")
         for r in rows:
-            print(f"{r['n_keys']:7d} {r['slots']:9d} {r['product_key_us_per_token']:19.2f} "
-                  f"{r['brute_force_us_per_token']:19.2f} {r['brute_over_product']:7.1f}")
+            print(
+                f"{r['n_keys']:7d} {r['slots']:9d} {r['product_key_us_per_token']:19.2f} "
+                f"{r['brute_force_us_per_token']:19.2f} {r['brute_over_product']:7.1f}"
+            )
         import matplotlib
 
         matplotlib.use("Agg")

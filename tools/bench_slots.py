@@ -9,6 +9,7 @@ equally, for configs/tiny.yaml's model and for the same model with a 1024^2-slot
 less noisy estimate on a shared machine) (goal: <= 1.05x tiny,
 <= 1.02x 1M slots). Pure timing: nothing is asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ from pretrain.slots import SlotStatistics, memory_layer_names  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-def bench(n_keys: int | None, steps: int, warmup: int, granularity: str, device: str,
-          with_optimizer: bool = True) -> tuple[float, float]:
+def bench(
+    n_keys: int | None, steps: int, warmup: int, granularity: str, device: str, with_optimizer: bool = True
+) -> tuple[float, float]:
     overrides = [f"model.memory.n_keys={n_keys}"] if n_keys else []
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     torch.manual_seed(0)
@@ -65,7 +67,7 @@ def bench(n_keys: int | None, steps: int, warmup: int, granularity: str, device:
     for i in tqdm(range(2 * steps), desc=f"n_keys={cfg.model.memory.n_keys}", leave=False):
         on = i % 2 == 0
         times[on].append(step(on))
-    return {stat: (fn(times[False]), fn(times[True])) for stat, fn in (('median', statistics.median), ('min', min))}
+    return {stat: (fn(times[False]), fn(times[True])) for stat, fn in (("median", statistics.median), ("min", min))}
 
 
 def main(argv=None) -> int:
@@ -77,13 +79,16 @@ def main(argv=None) -> int:
     p.add_argument("--n-keys", type=int, nargs="*", default=[0, 1024], help="0 = the config's n_keys")
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     args = p.parse_args(argv)
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"granularity {args.granularity}, step = forward + backward"
-          f"{'' if args.no_optimizer else ' + AdamW'}")
+    print(
+        f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"granularity {args.granularity}, step = forward + backward"
+        f"{'' if args.no_optimizer else ' + AdamW'}"
+    )
     print("slots\tstat\toff_ms\ton_ms\tratio")
     for n_keys in args.n_keys:
-        result = bench(n_keys or None, args.steps, args.warmup, args.granularity, args.device,
-                       with_optimizer=not args.no_optimizer)
+        result = bench(
+            n_keys or None, args.steps, args.warmup, args.granularity, args.device, with_optimizer=not args.no_optimizer
+        )
         slots = (n_keys or load_config(REPO / "configs/tiny.yaml").model.memory.n_keys) ** 2
         for stat, (off, on) in result.items():
             print(f"{slots}\t{stat}\t{off * 1e3:.1f}\t{on * 1e3:.1f}\t{on / off:.3f}x")

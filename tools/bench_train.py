@@ -28,6 +28,7 @@ Each timed run skips its first --warmup steps (compilation happens there) and wr
 no checkpoint (the trainer's save is replaced by a no-op in the worker process: a
 paper-scale checkpoint would cost minutes of disk, outside the timed steps anyway).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,24 +59,35 @@ def run_worker(spec: dict) -> dict:
     from pretrain.model import flops_per_token
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    cfg = load_config(spec["config"], [
-        f"train.run_dir={spec['run_dir']}", f"train.max_steps={spec['steps']}",
-        f"data.cache_dir={spec['data_cache']}", f"train.dtype={spec['dtype']}",
-        f"train.compile={str(spec['compile']).lower()}", f"train.activation_checkpointing={spec['ac']}",
-        "train.eval_every=1000000000", "train.checkpoint_every=1000000000", "train.log_every=1000000000",
-        "train.eval_batches=1", "train.probe_limit=1", *spec["overrides"],
-    ])
+    cfg = load_config(
+        spec["config"],
+        [
+            f"train.run_dir={spec['run_dir']}",
+            f"train.max_steps={spec['steps']}",
+            f"data.cache_dir={spec['data_cache']}",
+            f"train.dtype={spec['dtype']}",
+            f"train.compile={str(spec['compile']).lower()}",
+            f"train.activation_checkpointing={spec['ac']}",
+            "train.eval_every=1000000000",
+            "train.checkpoint_every=1000000000",
+            "train.log_every=1000000000",
+            "train.eval_batches=1",
+            "train.probe_limit=1",
+            *spec["overrides"],
+        ],
+    )
     train_module.Checkpointer.save = lambda self, step, *args, **kwargs: Path(self.root) / f"step_{step:08d}"
     result = train_module.train(cfg)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     return {
-        "step_times": result.step_times[spec["warmup"]:],
+        "step_times": result.step_times[spec["warmup"] :],
         "tokens_per_step": cfg.train.global_batch * cfg.data.seq_len,
         "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         "peak_flops": device_peak_flops(device),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
         "rss_at_start_bytes": rss_start,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -112,9 +124,15 @@ def name_of(v: dict) -> str:
 
 
 def run_variant(v: dict, args, tmp: Path, round_index: int) -> dict:
-    spec = dict(v, steps=args.steps + args.warmup, warmup=args.warmup, dtype=args.dtype,
-                run_dir=str(tmp / f"{name_of(v).replace('/', '-')}-{round_index}"),
-                data_cache=str(args.data_cache), overrides=args.overrides)
+    spec = dict(
+        v,
+        steps=args.steps + args.warmup,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        run_dir=str(tmp / f"{name_of(v).replace('/', '-')}-{round_index}"),
+        data_cache=str(args.data_cache),
+        overrides=args.overrides,
+    )
     out_file = tmp / "worker.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", str(out_file)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -131,13 +149,19 @@ def summarise(v: dict, runs: list[dict]) -> dict:
     tokens_per_s = first["tokens_per_step"] / median
     peak = first["peak_flops"]
     return {
-        "variant": name_of(v), **v, "median_step_s": median, "tokens_per_s": tokens_per_s,
+        "variant": name_of(v),
+        **v,
+        "median_step_s": median,
+        "tokens_per_s": tokens_per_s,
         "steps_measured": len(times),
         "tflops_counted": first["flops_per_token"] * tokens_per_s / 1e12,
         "mfu": first["flops_per_token"] * tokens_per_s / peak if peak else None,
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "memory_kind": first["memory_kind"],
-        "rss_at_start_bytes": first["rss_at_start_bytes"], "flops_per_token": first["flops_per_token"],
-        "device": first["device"], "peak_flops": peak,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
+        "memory_kind": first["memory_kind"],
+        "rss_at_start_bytes": first["rss_at_start_bytes"],
+        "flops_per_token": first["flops_per_token"],
+        "device": first["device"],
+        "peak_flops": peak,
     }
 
 
@@ -152,12 +176,20 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         else:
             r["mfu_dense_equiv"] = None
         if r["model"] == "memory" and dense is not None and dense["ac"] == r["ac"]:
-            ratios.append({"ratio": f"memory/dense step time ({'compiled' if r['compile'] else 'eager'}, ac={r['ac']})",
-                           "value": r["median_step_s"] / dense["median_step_s"]})
+            ratios.append(
+                {
+                    "ratio": f"memory/dense step time ({'compiled' if r['compile'] else 'eager'}, ac={r['ac']})",
+                    "value": r["median_step_s"] / dense["median_step_s"],
+                }
+            )
         eager = by_key.get((r["model"], False, r["ac"]))
         if r["compile"] and eager is not None:
-            ratios.append({"ratio": f"compiled/eager step time ({r['model']}, ac={r['ac']})",
-                           "value": r["median_step_s"] / eager["median_step_s"]})
+            ratios.append(
+                {
+                    "ratio": f"compiled/eager step time ({r['model']}, ac={r['ac']})",
+                    "value": r["median_step_s"] / eager["median_step_s"],
+                }
+            )
         none = by_key.get((r["model"], r["compile"], "none"))
         if r["ac"] != "none" and none is not None:
             tag = f"({r['model']}, {'compiled' if r['compile'] else 'eager'}, ac={r['ac']} / none)"
@@ -170,12 +202,16 @@ def table(rows: list[dict], ratios: list[dict]) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
-    lines = ["| variant | ms/step | tokens/s | TFLOP/s counted | MFU | MFU dense-equiv | peak memory |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | ms/step | tokens/s | TFLOP/s counted | MFU | MFU dense-equiv | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tflops_counted']:.3f} | {pct(r['mfu'])} | {pct(r['mfu_dense_equiv'])} | "
-                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['memory_kind']}) |")
+        lines.append(
+            f"| {r['variant']} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tflops_counted']:.3f} | {pct(r['mfu'])} | {pct(r['mfu_dense_equiv'])} | "
+            f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['memory_kind']}) |"
+        )
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {q['ratio']} | {q['value']:.3f} |" for q in ratios]
     return "\n".join(lines)
@@ -211,20 +247,36 @@ def main(argv=None) -> int:
             for i, v in enumerate(todo):
                 runs[name_of(v)].append(run_variant(v, args, Path(tmp), round_index))
                 r = runs[name_of(v)][-1]
-                print(f"round {round_index + 1}/{args.rounds} [{i + 1}/{len(todo)}] {name_of(v)}: "
-                      f"median {statistics.median(r['step_times']) * 1e3:.1f} ms/step, "
-                      f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+                print(
+                    f"round {round_index + 1}/{args.rounds} [{i + 1}/{len(todo)}] {name_of(v)}: "
+                    f"median {statistics.median(r['step_times']) * 1e3:.1f} ms/step, "
+                    f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB",
+                    flush=True,
+                )
     rows = [summarise(v, runs[name_of(v)]) for v in todo]
     ratios = add_ratios(rows)
     text = table(rows, ratios)
     print()
     print(text)
-    print(f"\n{rows[0]['device']}, dtype {args.dtype}, {args.steps} timed steps x {args.rounds} rounds, "
-          f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(
+        f"\n{rows[0]['device']}, dtype {args.dtype}, {args.steps} timed steps x {args.rounds} rounds, "
+        f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios, "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("worker", "worker_out")}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "ratios": ratios,
+                    "settings": {
+                        k: (str(v) if isinstance(v, Path) else v)
+                        for k, v in vars(args).items()
+                        if k not in ("worker", "worker_out")
+                    },
+                },
+                indent=2,
+            )
+        )
     if args.markdown:
         args.markdown.write_text(text + "\n")
     return 0

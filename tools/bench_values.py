@@ -12,6 +12,7 @@ product-key-memory 0.3.0 when it is importable (never a project dependency: inst
 with `pip install --no-deps --target /tmp/pkm ...`, see --help of the layer section).
 The 16.7M-slot pool with v_dim 64 holds 4.3 GB of values + 8.6 GB of Adam moments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,35 +48,52 @@ def parse_args(argv):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(step, name))
     p.add_argument("--layer-n-keys", type=int, default=layer.n_keys, help="pool of the layer comparison; 0 skips it")
     p.add_argument("--layer-dim", type=int, default=layer.dim)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="cuda: Triton kernels, CUDA allocator memory (the layer comparison stays on CPU)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 steadies a shared machine")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cuda: Triton kernels, CUDA allocator memory (the layer comparison stays on CPU)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 steadies a shared machine"
+    )
     p.add_argument("--plot", type=Path, default=Path("bench_values.png"))
     return p.parse_args(argv)
 
 
 def format_sweep(records: list[dict]) -> str:
-    lines = [(f"{'slots':>10} {'variant':>13} {'rows read':>9} {'step ms':>9} {'cpu ms':>8} {'peak MiB':>9} "
-             f"{'step-alloc MiB':>14} {'resident MiB':>12}")]
+    lines = [
+        (
+            f"{'slots':>10} {'variant':>13} {'rows read':>9} {'step ms':>9} {'cpu ms':>8} {'peak MiB':>9} "
+            f"{'step-alloc MiB':>14} {'resident MiB':>12}"
+        )
+    ]
     for r in records:
-        lines.append(f"{r['slots']:>10} {r['variant']:>13} {r['rows_read']:>9} {1e3 * r['step_s']:>9.1f} "
-                     f"{1e3 * r['step_cpu_s']:>8.1f} {r['step_peak'] / MIB:>9.0f} {r['step_extra'] / MIB:>14.0f} "
-                     f"{r['resident'] / MIB:>12.0f}")
+        lines.append(
+            f"{r['slots']:>10} {r['variant']:>13} {r['rows_read']:>9} {1e3 * r['step_s']:>9.1f} "
+            f"{1e3 * r['step_cpu_s']:>8.1f} {r['step_peak'] / MIB:>9.0f} {r['step_extra'] / MIB:>14.0f} "
+            f"{r['resident'] / MIB:>12.0f}"
+        )
     by = {(r["slots"], r["variant"]): r for r in records}
     for slots in sorted({r["slots"] for r in records}):
         d, s = by.get((slots, "adamw")), by.get((slots, "sparse_adamw"))
         if d and s:
             alloc = f"{s['step_extra'] / d['step_extra']:.2f}x" if d["step_extra"] else "n/a (dense allocated none)"
-            lines.append(f"N={slots}: sparse/dense step time {s['step_s'] / d['step_s']:.2f}x (cpu "
-                         f"{s['step_cpu_s'] / d['step_cpu_s']:.2f}x), peak memory "
-                         f"{s['step_peak'] / d['step_peak']:.2f}x, step allocation {alloc}")
+            lines.append(
+                f"N={slots}: sparse/dense step time {s['step_s'] / d['step_s']:.2f}x (cpu "
+                f"{s['step_cpu_s'] / d['step_cpu_s']:.2f}x), peak memory "
+                f"{s['step_peak'] / d['step_peak']:.2f}x, step allocation {alloc}"
+            )
     sparse = sorted((r["slots"], r["step_cpu_s"]) for r in records if r["variant"] == "sparse_adamw")
     if len(sparse) > 1:
-        lines.append("sparse step cpu time relative to the smallest N: " + ", ".join(
-            f"N={n}: {t / sparse[0][1]:.2f}x" for n, t in sparse))
+        lines.append(
+            "sparse step cpu time relative to the smallest N: "
+            + ", ".join(f"N={n}: {t / sparse[0][1]:.2f}x" for n, t in sparse)
+        )
         if 65536 in dict(sparse):
-            lines.append(f"sparse step cpu time {sparse[-1][0]} / 65536 slots: "
-                         f"{sparse[-1][1] / dict(sparse)[65536]:.2f}x")
+            lines.append(
+                f"sparse step cpu time {sparse[-1][0]} / 65536 slots: {sparse[-1][1] / dict(sparse)[65536]:.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -94,8 +112,13 @@ def plot(records: list[dict], path: Path) -> None:
         a.loglog(n, [1e3 * r["step_cpu_s"] for _, r in rows], "o-", color=color, label=f"{variant}: cpu")
         a.loglog(n, [1e3 * r["step_s"] for _, r in rows], "o:", color=color, alpha=0.5, label=f"{variant}: wall")
         b.loglog(n, [r["step_peak"] / MIB for _, r in rows], "o-", color=color, label=f"{variant}: peak")
-        b.loglog(n, [max(r["step_extra"] / MIB, 0.1) for _, r in rows], "s--", color=color,
-                 label=f"{variant}: step allocation (floor 0.1)")
+        b.loglog(
+            n,
+            [max(r["step_extra"] / MIB, 0.1) for _, r in rows],
+            "s--",
+            color=color,
+            label=f"{variant}: step allocation (floor 0.1)",
+        )
     a.set(xlabel="value slots N", ylabel="training step (ms)", title="step time (median)")
     b.set(xlabel="value slots N", ylabel="MiB", title="memory")
     a.legend(fontsize=8), b.legend(fontsize=8)
@@ -115,28 +138,44 @@ def main(argv=None) -> int:
         n_keys = tuple(int(x) for x in args.n_keys.split(","))
     except ValueError:
         raise SystemExit(f"--n-keys {args.n_keys!r} must be comma-separated integers, e.g. 64,256,1024") from None
-    spec = StepSpec(n_keys=n_keys, **{k: getattr(args, k) for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch",
-                                                                      "seq_len", "repeats", "dense_max_slots", "device")})
-    print(f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
-          f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {torch_threads()} threads", flush=True)
-    records = step_sweep(spec, progress=lambda r: print(
-        f"  N={r['slots']} {r['variant']}: {1e3 * r['step_s']:.0f} ms", file=sys.stderr, flush=True))
+    spec = StepSpec(
+        n_keys=n_keys,
+        **{
+            k: getattr(args, k)
+            for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots", "device")
+        },
+    )
+    print(
+        f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
+        f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {torch_threads()} threads",
+        flush=True,
+    )
+    records = step_sweep(
+        spec,
+        progress=lambda r: print(
+            f"  N={r['slots']} {r['variant']}: {1e3 * r['step_s']:.0f} ms", file=sys.stderr, flush=True
+        ),
+    )
     print(format_sweep(records))
     plot(records, args.plot)
     args.plot.with_suffix(".json").write_text(json.dumps(records, indent=1))
     print(f"wrote {args.plot} and {args.plot.with_suffix('.json')}")
     if args.layer_n_keys:
         layer = LayerSpec(n_keys=args.layer_n_keys, dim=args.layer_dim)
-        print(f"\none memory layer, forward+backward: N={layer.n_keys ** 2}, dim = value dim {layer.dim}, "
-              f"batch {layer.batch} x {layer.seq_len}, {layer.heads} heads x k={layer.k}, k_dim {layer.k_dim}")
+        print(
+            f"\none memory layer, forward+backward: N={layer.n_keys**2}, dim = value dim {layer.dim}, "
+            f"batch {layer.batch} x {layer.seq_len}, {layer.heads} heads x k={layer.k}, k_dim {layer.k_dim}"
+        )
         rows = layer_compare(layer)
         for r in rows:
             print(f"  {r['layer']:>26}: {1e3 * r['fwd_bwd_s']:8.1f} ms wall, {1e3 * r['fwd_bwd_cpu_s']:8.1f} ms cpu")
         by = {r["layer"]: r for r in rows}
         if "product-key-memory 0.3.0" in by:
             s, p = by["memlayers sparse"], by["product-key-memory 0.3.0"]
-            print(f"  memlayers sparse / product-key-memory: {s['fwd_bwd_s'] / p['fwd_bwd_s']:.2f}x wall, "
-                  f"{s['fwd_bwd_cpu_s'] / p['fwd_bwd_cpu_s']:.2f}x cpu")
+            print(
+                f"  memlayers sparse / product-key-memory: {s['fwd_bwd_s'] / p['fwd_bwd_s']:.2f}x wall, "
+                f"{s['fwd_bwd_cpu_s'] / p['fwd_bwd_cpu_s']:.2f}x cpu"
+            )
         else:
             print(f"  product-key-memory is not importable; to compare: {PKM_INSTALL}")
     return 0

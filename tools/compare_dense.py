@@ -10,6 +10,7 @@ its chance level) as mean +- standard deviation over seeds, side by side:
 
 Each run is the real trainer (the demo's 1000 steps of tiny take ~3 min on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for name, config in (("memory", args.config), ("dense", args.dense_config)):
                 results[name].append(run_one(config, seed, Path(tmp) / f"{name}-{seed}", args.overrides))
-                print(f"seed {seed} {name}: " + " ".join(f"{k} {v:.4f}" for k, v in results[name][-1].items()),
-                      flush=True)
+                print(
+                    f"seed {seed} {name}: " + " ".join(f"{k} {v:.4f}" for k, v in results[name][-1].items()), flush=True
+                )
     print(f"\n| model | {' | '.join(METRICS)} |\n|---|" + "---:|" * len(METRICS))
     for name, runs in results.items():
         print(f"| {name} | " + " | ".join(summary([r[m] for r in runs if m in r]) for m in METRICS) + " |")

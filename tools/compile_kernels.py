@@ -15,6 +15,7 @@ launch at those shapes would.
 
 Exit status 1 if a launch fails to compile; spills are reported, not failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,29 +49,81 @@ def _variants(HALF: int) -> list[tuple[str, str, object, dict, dict]]:
     """(kernel, variant, jit function, argument types, fixed constexprs) at the paper's shapes,
     half-key dim HALF (128 in the kernel benchmark, 256 in configs/memory_373m.yaml)."""
     i32, i64, f32, bf16 = "*i32", "*i64", "*fp32", "*bf16"
-    out = [("pkm_fwd", "bf16", pkm_triton._pkm_fwd_kernel,
+    out = [
+        (
+            "pkm_fwd",
+            "bf16",
+            pkm_triton._pkm_fwd_kernel,
             dict(q_ptr=bf16, k1_ptr=bf16, k2_ptr=bf16, pairs_ptr=i32, w_ptr=f32, i_ptr=i64),
-            dict(K=K, KP=K, P=P, HALF_P=HALF, IEEE=False)),
-           ("pkm_bwd_rows", "bf16", pkm_bwd_triton._score_grad_rows_kernel,
-            dict(g_ptr=bf16, w_ptr=f32, i_ptr=i64, k1_ptr=bf16, k2_ptr=bf16, dq_ptr=bf16, ent_ds_ptr=f32,
-                 ent_key_ptr=i32),
-            dict(K=K, KP=K, HALF_P=HALF))]
-    out.append(("pkm_bwd_keys", "bf16", pkm_bwd_triton._key_grad_kernel,
-                dict(q_ptr=bf16, perm_ptr=i64, seg_ptr=i64, first_ptr=i64, key_of_ptr=i64, ent_ds_ptr=f32,
-                     parts_ptr=f32),
-                dict(K=K, HALF_P=HALF)))
-    out.append(("pkm_bwd_sum_chunks", "bf16", pkm_bwd_triton._sum_chunks_kernel,
-                dict(parts_ptr=f32, first_ptr=i64, n_chunks_ptr=i64, out_ptr=bf16), dict(HALF_P=HALF)))
+            dict(K=K, KP=K, P=P, HALF_P=HALF, IEEE=False),
+        ),
+        (
+            "pkm_bwd_rows",
+            "bf16",
+            pkm_bwd_triton._score_grad_rows_kernel,
+            dict(
+                g_ptr=bf16, w_ptr=f32, i_ptr=i64, k1_ptr=bf16, k2_ptr=bf16, dq_ptr=bf16, ent_ds_ptr=f32, ent_key_ptr=i32
+            ),
+            dict(K=K, KP=K, HALF_P=HALF),
+        ),
+    ]
+    out.append(
+        (
+            "pkm_bwd_keys",
+            "bf16",
+            pkm_bwd_triton._key_grad_kernel,
+            dict(q_ptr=bf16, perm_ptr=i64, seg_ptr=i64, first_ptr=i64, key_of_ptr=i64, ent_ds_ptr=f32, parts_ptr=f32),
+            dict(K=K, HALF_P=HALF),
+        )
+    )
+    out.append(
+        (
+            "pkm_bwd_sum_chunks",
+            "bf16",
+            pkm_bwd_triton._sum_chunks_kernel,
+            dict(parts_ptr=f32, first_ptr=i64, n_chunks_ptr=i64, out_ptr=bf16),
+            dict(HALF_P=HALF),
+        )
+    )
     for d in (1024, 2048):
-        out.append(("bag_fwd", f"d{d}", bag_triton._bag_fwd_kernel,
-                    dict(values_ptr=bf16, idx_ptr=i64, w_ptr=bf16, out_ptr=bf16), {}))
+        out.append(
+            (
+                "bag_fwd",
+                f"d{d}",
+                bag_triton._bag_fwd_kernel,
+                dict(values_ptr=bf16, idx_ptr=i64, w_ptr=bf16, out_ptr=bf16),
+                {},
+            )
+        )
         for dense in (True, False):
-            out.append(("bag_bwd_sorted", f"d{d}-{'dense' if dense else 'sparse'}", bag_triton._bag_bwd_sorted_kernel,
-                        dict(g_ptr=bf16, w_ptr=bf16, v_ptr=bf16, perm_ptr=i64, starts_ptr=i64, ends_ptr=i64,
-                             rows_ptr=i64 if dense else i32, out_ptr=bf16, gw_ptr=f32),
-                        dict(DENSE=dense, NEED_DW=True, BLOCK_D=min(2048, d))))
-    out.append(("bag_weight_grad", "bf16", bag_triton._bag_weight_grad_kernel,
-                dict(values_ptr=bf16, idx_ptr=i64, g_ptr=bf16, gw_ptr=bf16), {}))
+            out.append(
+                (
+                    "bag_bwd_sorted",
+                    f"d{d}-{'dense' if dense else 'sparse'}",
+                    bag_triton._bag_bwd_sorted_kernel,
+                    dict(
+                        g_ptr=bf16,
+                        w_ptr=bf16,
+                        v_ptr=bf16,
+                        perm_ptr=i64,
+                        starts_ptr=i64,
+                        ends_ptr=i64,
+                        rows_ptr=i64 if dense else i32,
+                        out_ptr=bf16,
+                        gw_ptr=f32,
+                    ),
+                    dict(DENSE=dense, NEED_DW=True, BLOCK_D=min(2048, d)),
+                )
+            )
+    out.append(
+        (
+            "bag_weight_grad",
+            "bf16",
+            bag_triton._bag_weight_grad_kernel,
+            dict(values_ptr=bf16, idx_ptr=i64, g_ptr=bf16, gw_ptr=bf16),
+            {},
+        )
+    )
     return out
 
 
@@ -104,10 +157,16 @@ def compile_one(fn, pointers, constexprs, config, arch: int) -> dict:
     signature, attrs = _signature(fn, pointers, consts)
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     t0 = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    return {"compile_s": round(time.perf_counter() - t0, 1), "shared_bytes": compiled.metadata.shared,
-            **resource_usage(compiled.asm["cubin"])}
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    return {
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "shared_bytes": compiled.metadata.shared,
+        **resource_usage(compiled.asm["cubin"]),
+    }
 
 
 def main(argv=None) -> int:
@@ -115,8 +174,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     p.add_argument("--kernels", nargs="+", choices=kernels, default=kernels)
-    p.add_argument("--half-dim", type=int, default=128, choices=(64, 128, 256, 512),
-                   help="half-key dim of the scoring kernels (k_dim / 2)")
+    p.add_argument(
+        "--half-dim",
+        type=int,
+        default=128,
+        choices=(64, 128, 256, 512),
+        help="half-key dim of the scoring kernels (k_dim / 2)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     rows, failed = [], 0
@@ -129,17 +193,25 @@ def main(argv=None) -> int:
             try:
                 row.update(compile_one(fn, pointers, constexprs, config, args.arch))
                 spill = " SPILLS" if row["stack_bytes"] or row["local_bytes"] else ""
-                print(f"{kernel:16s} {variant:14s} {row['config']}: {row['registers']} registers, stack "
-                      f"{row['stack_bytes']} B, shared {row['shared_bytes']} B ({row['compile_s']} s){spill}", flush=True)
+                print(
+                    f"{kernel:16s} {variant:14s} {row['config']}: {row['registers']} registers, stack "
+                    f"{row['stack_bytes']} B, shared {row['shared_bytes']} B ({row['compile_s']} s){spill}",
+                    flush=True,
+                )
             except Exception as err:  # a compile failure is the finding: report it and go on
                 failed += 1
-                row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+                row["error"] = (
+                    f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+                )
                 print(f"{kernel:16s} {variant:14s} {row['config']}: FAILED {row['error']}", flush=True)
             rows.append(row)
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "half_dim": args.half_dim,
-                                   "launches": rows}, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {"triton": triton.__version__, "arch": args.arch, "half_dim": args.half_dim, "launches": rows}, indent=2
+            )
+        )
         os.replace(tmp, args.json)
     print(f"{len(rows) - failed} of {len(rows)} launches compiled")
     return 1 if failed else 0

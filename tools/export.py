@@ -1,7 +1,8 @@
 """Export a training checkpoint (run dir or checkpoint folder) to a portable model folder.
 
-  python tools/export.py runs/tiny exports/tiny [--dtype bf16] [--force] [--report-memory]
+python tools/export.py runs/tiny exports/tiny [--dtype bf16] [--force] [--report-memory]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,16 +20,20 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", help="export folder to create")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--force", action="store_true", help="replace an existing out_dir")
-    parser.add_argument("--dataset-dir", default=None, help="the prepared dataset the run used (for tokenizer.model); "
-                                                           "default: from the run's config")
+    parser.add_argument(
+        "--dataset-dir",
+        default=None,
+        help="the prepared dataset the run used (for tokenizer.model); default: from the run's config",
+    )
     parser.add_argument("--report-memory", action="store_true", help="print peak RSS against the weights' size")
     args = parser.parse_args(argv)
 
     from pretrain.export import ExportError, export_checkpoint
 
     try:
-        out = export_checkpoint(args.source, args.out_dir, dtype=args.dtype, force=args.force,
-                                dataset_dir=args.dataset_dir)
+        out = export_checkpoint(
+            args.source, args.out_dir, dtype=args.dtype, force=args.force, dataset_dir=args.dataset_dir
+        )
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Sample text from an export, or quiz it on the synthetic fact probes.
 
-  python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9]
-  python tools/generate.py EXPORT_DIR --probes 50
+python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9]
+python tools/generate.py EXPORT_DIR --probes 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probes", type=int, default=0, help="answer the first N fact probes and print accuracy")
-    parser.add_argument("--probes-dir", default=None,
-                        help="folder holding probes.jsonl (default: the export; or the embedded dataset folder)")
+    parser.add_argument(
+        "--probes-dir",
+        default=None,
+        help="folder holding probes.jsonl (default: the export; or the embedded dataset folder)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = parser.parse_args(argv)
@@ -38,7 +42,9 @@ def main(argv=None) -> int:
         tokenizer = export_tokenizer(export_dir)
         prompt = [tokenizer.eos_id] + (tokenizer.encode(args.prompt) if args.prompt else [])
         if not args.probes and (export_dir / "config.json").is_file():  # before the weights load
-            check_length(len(prompt), args.max_new_tokens, model_config_from_json(export_dir / "config.json").max_seq_len)
+            check_length(
+                len(prompt), args.max_new_tokens, model_config_from_json(export_dir / "config.json").max_seq_len
+            )
         model = load(export_dir, device=args.device)
         if args.probes:
             probes = load_probes(args.probes_dir or export_dir)[: args.probes]
@@ -48,8 +54,16 @@ def main(argv=None) -> int:
                 print(f"{mark} {row['question']} -> {row['generated']!r} (answer {row['answer']!r})")
             print(f"accuracy {result['accuracy']:.3f} on {result['count']} probes (chance {result['chance']:.3f})")
             return 0
-        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, eos_id=tokenizer.eos_id,
-                       seed=args.seed, use_cache=not args.no_cache)
+        ids = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            eos_id=tokenizer.eos_id,
+            seed=args.seed,
+            use_cache=not args.no_cache,
+        )
         # decoded together: a continuation's first piece may carry the space that starts a new word
         print(tokenizer.decode(prompt + ids))
     except (ExportError, DataError, ValueError) as err:

@@ -8,6 +8,7 @@ A thin wrapper: it prints and runs the plain command
   lm_eval --model hf --model_args pretrained=EXPORT_DIR,trust_remote_code=True \
           --tasks memlayers_facts,memlayers_facts_mc --include_path TASK_DIR ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,29 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def lm_eval_command(export_dir: Path, tasks: str, task_dir: Path | None, batch_size: str, device: str,
-                    output: Path | None, limit: int | None) -> list[str]:
+def lm_eval_command(
+    export_dir: Path,
+    tasks: str,
+    task_dir: Path | None,
+    batch_size: str,
+    device: str,
+    output: Path | None,
+    limit: int | None,
+) -> list[str]:
     script = Path(sys.executable).parent / "lm_eval"
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "lm_eval"]
-    cmd += ["--model", "hf", "--model_args", f"pretrained={export_dir},trust_remote_code=True",
-            "--tasks", tasks, "--batch_size", batch_size, "--device", device]
+    cmd += [
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={export_dir},trust_remote_code=True",
+        "--tasks",
+        tasks,
+        "--batch_size",
+        batch_size,
+        "--device",
+        device,
+    ]
     if task_dir is not None:
         cmd += ["--include_path", str(task_dir)]
     if output is not None:
@@ -42,8 +60,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
     parser.add_argument("--tasks", default="memlayers_facts,memlayers_facts_mc")
-    parser.add_argument("--write-tasks", metavar="DIR", default=None,
-                        help="write the fact-probe task folder to DIR and stop")
+    parser.add_argument(
+        "--write-tasks", metavar="DIR", default=None, help="write the fact-probe task folder to DIR and stop"
+    )
     parser.add_argument("--task-dir", default=None, help="use an already written task folder")
     parser.add_argument("--probes-dir", default=None, help="folder with probes.jsonl (default: the export)")
     parser.add_argument("--probes", type=int, default=None, help="only the first N probes")
@@ -69,8 +88,11 @@ def main(argv=None) -> int:
         if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
             task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))
             info = write_fact_tasks(export_dir, task_dir, args.probes_dir, limit=args.probes)
-            print(f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {info['skipped']} longer than the "
-                  f"model's context left out) to {task_dir}", file=sys.stderr)
+            print(
+                f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {info['skipped']} longer than the "
+                f"model's context left out) to {task_dir}",
+                file=sys.stderr,
+            )
             if args.write_tasks:
                 return 0
         if task_dir is not None:
@@ -78,8 +100,15 @@ def main(argv=None) -> int:
     except (ExportError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cmd = lm_eval_command(export_dir, args.tasks, task_dir, args.batch_size, args.device,
-                          Path(args.output) if args.output else None, args.limit)
+    cmd = lm_eval_command(
+        export_dir,
+        args.tasks,
+        task_dir,
+        args.batch_size,
+        args.device,
+        Path(args.output) if args.output else None,
+        args.limit,
+    )
     env = dict(os.environ)
     if not args.online:
         env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

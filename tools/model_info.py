@@ -5,6 +5,7 @@ The model is built on the meta device, so paper-scale configs cost no memory:
   python tools/model_info.py --config configs/memory_373m.yaml [key.sub=value ...] [--json]
   memlayers-model-info --config configs/tiny.yaml model.memory.layers=[]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ In slices (one job each, e.g. a Slurm array), then one merge (same --output and 
   python tools/prepare_data.py --input 'shards/*.jsonl.gz' --tokenizer tok.model --output data/big --slice 3/8
   python tools/prepare_data.py --merge --tokenizer tok.model --output data/big --seq-len 1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--slice", help="i/N: tokenize only slice i of N (contiguous ranges of the sorted input files) "
-                                     "into OUTPUT.slices/; needs --tokenizer")
+    ap.add_argument(
+        "--slice",
+        help="i/N: tokenize only slice i of N (contiguous ranges of the sorted input files) "
+        "into OUTPUT.slices/; needs --tokenizer",
+    )
     ap.add_argument("--merge", action="store_true", help="combine all slices of OUTPUT.slices/ into OUTPUT")
     ap.add_argument("--embedded", action="store_true", help="build the embedded fact corpus of --config")
     ap.add_argument("--config", default="configs/tiny.yaml")
@@ -55,8 +59,16 @@ def main(argv=None) -> int:
             if not args.input or not args.output:
                 ap.error("--slice needs --input and --output")
             i, n = parse_slice(args.slice)
-            done = prepare_slice(args.input, args.output, args.tokenizer, i, n, fmt=args.format,
-                                 text_field=args.text_field, workers=args.workers)
+            done = prepare_slice(
+                args.input,
+                args.output,
+                args.tokenizer,
+                i,
+                n,
+                fmt=args.format,
+                text_field=args.text_field,
+                workers=args.workers,
+            )
             print(f"{done}: slice {i} of {n} tokenized; run --merge --output {args.output} when all are done")
             return 0
         elif args.merge:
@@ -64,27 +76,48 @@ def main(argv=None) -> int:
 
             if not args.output or not args.tokenizer:
                 ap.error("--merge needs --output and --tokenizer (the ones the slices used)")
-            manifest = merge_slices(args.output, args.tokenizer, args.seq_len, val_fraction=args.val_fraction,
-                                    seed=args.seed, sequences_per_shard=args.sequences_per_shard,
-                                    show_progress=not args.no_progress, overwrite=args.overwrite)
+            manifest = merge_slices(
+                args.output,
+                args.tokenizer,
+                args.seq_len,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                sequences_per_shard=args.sequences_per_shard,
+                show_progress=not args.no_progress,
+                overwrite=args.overwrite,
+            )
             out = args.output
         else:
             if not args.input or not args.output:
                 ap.error("--input and --output are required (or pass --embedded)")
             manifest = prepare_corpus(
-                args.input, args.output, args.seq_len, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
-                fmt=args.format, text_field=args.text_field, val_fraction=args.val_fraction, seed=args.seed,
-                sequences_per_shard=args.sequences_per_shard, workers=args.workers,
-                show_progress=not args.no_progress, overwrite=args.overwrite,
+                args.input,
+                args.output,
+                args.seq_len,
+                tokenizer_path=args.tokenizer,
+                vocab_size=args.vocab_size,
+                fmt=args.format,
+                text_field=args.text_field,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                sequences_per_shard=args.sequences_per_shard,
+                workers=args.workers,
+                show_progress=not args.no_progress,
+                overwrite=args.overwrite,
             )
             out = args.output
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     splits = manifest["splits"]
-    print(f"{out}: " + "; ".join(
-        f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['sequences']} sequences, {len(v['shards'])} shards"
-        for s, v in splits.items()) + f"; stats {manifest['stats']}")
+    print(
+        f"{out}: "
+        + "; ".join(
+            f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['sequences']} sequences, {len(v['shards'])} shards"
+            for s, v in splits.items()
+        )
+        + f"; stats {manifest['stats']}"
+    )
     return 0
 
 

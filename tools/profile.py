@@ -1,7 +1,8 @@
 """Profile a few training steps of a config: trace file + top operators + memory-layer share.
 
-  python tools/profile.py --config configs/tiny.yaml --steps 3 train.run_dir=runs/profile
+python tools/profile.py --config configs/tiny.yaml --steps 3 train.run_dir=runs/profile
 """
+
 from __future__ import annotations
 
 import argparse

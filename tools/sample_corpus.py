@@ -4,6 +4,7 @@ Debian license texts) as a JSONL corpus: the reproducible input of the README's 
   python tools/sample_corpus.py --output corpus/english.jsonl
   python tools/sample_corpus.py --output corpus/pydocs.jsonl --part python-docs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def main(argv=None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{args.output}: {counts['documents']} documents, {counts['characters']:,} characters ({', '.join(args.part)})")
+    print(
+        f"{args.output}: {counts['documents']} documents, {counts['characters']:,} characters ({', '.join(args.part)})"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 `memlayers-slot-report --table runs/tiny/checkpoints --out report.png` accepts a table
 file or a checkpoint/export directory holding slot_frequencies.safetensors.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,7 @@ adapters on the attention/FFN projections, merged into the saved weights. After 
 epoch it prints the loss and, when the export has probes.jsonl, new- and old-fact
 recall (plus validation loss with --dataset-dir). Logic lives in pretrain.smf.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, nargs="+", help="finetuning text / JSONL files or directories")
     p.add_argument("--out", required=True, help="folder for the finetuned export")
     p.add_argument("--method", choices=["sparse", "full", "lora"], default="sparse")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default {DEFAULT_LR}; sparse: the paper's SGD lr. On configs/smf_tiny.yaml "
-                        "100 with --max-grad-norm 0.05 learns best: see README, Sparse memory finetuning)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (default {DEFAULT_LR}; sparse: the paper's SGD lr. On configs/smf_tiny.yaml "
+        "100 with --max-grad-norm 0.05 learns best: see README, Sparse memory finetuning)",
+    )
     p.add_argument("--top-t", type=int, default=500, help="sparse: value rows updated per batch")
-    p.add_argument("--max-grad-norm", type=float, default=0.0,
-                   help="sparse: clip the norm of the selected rows' gradient per step (0 = off)")
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=0.0,
+        help="sparse: clip the norm of the selected rows' gradient per step (0 = off)",
+    )
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
@@ -42,8 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--table", default=None, help="slot table to rank against instead of the export's")
-    p.add_argument("--allow-other-run", action="store_true",
-                   help="accept a --table counted in another training run (same config and tokenizer) than the export's")
+    p.add_argument(
+        "--allow-other-run",
+        action="store_true",
+        help="accept a --table counted in another training run (same config and tokenizer) than the export's",
+    )
     p.add_argument("--dataset-dir", default=None, help="pretraining dataset, for validation loss after each epoch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -92,13 +104,37 @@ def main(argv=None) -> int:
     before = evaluate(model) if evaluate else {}
     if before:
         print("before " + " ".join(f"{k} {v:.4g}" for k, v in before.items()), flush=True)
-    method = build_method(args.method, model, lr=args.lr, table=table, top_t=args.top_t, lora_rank=args.lora_rank,
-                          max_grad_norm=args.max_grad_norm)
-    history = finetune(method, data, args.epochs, args.batch_size, args.shuffle, args.seed, evaluate,
-                       log=lambda line: print(line, flush=True), eval_every=args.eval_every)
-    record = {"method": args.method, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
-              "shuffle": args.shuffle, "seed": args.seed, "data": [str(p) for p in args.data],
-              "before": before, "history": history}
+    method = build_method(
+        args.method,
+        model,
+        lr=args.lr,
+        table=table,
+        top_t=args.top_t,
+        lora_rank=args.lora_rank,
+        max_grad_norm=args.max_grad_norm,
+    )
+    history = finetune(
+        method,
+        data,
+        args.epochs,
+        args.batch_size,
+        args.shuffle,
+        args.seed,
+        evaluate,
+        log=lambda line: print(line, flush=True),
+        eval_every=args.eval_every,
+    )
+    record = {
+        "method": args.method,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "shuffle": args.shuffle,
+        "seed": args.seed,
+        "data": [str(p) for p in args.data],
+        "before": before,
+        "history": history,
+    }
     if args.method == "sparse":
         record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm)
     if args.method == "lora":

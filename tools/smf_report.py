@@ -9,6 +9,7 @@ new facts for every setting of the grid (pretrain.smf.experiment.default_grid), 
 writes <out>/results.json, <out>/frontier.png and <out>/summary.md. Logic lives in
 pretrain.smf.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/smf_tiny.yaml", help="pretraining config (when --export is not given)")
     p.add_argument("--out", default="reports/smf", help="output folder")
     p.add_argument("--export", default=None, help="use this export instead of pretraining")
-    p.add_argument("--dataset-dir", default=None, help="the export's embedded dataset (new_facts.jsonl, val split); "
-                   "default: the config's")
+    p.add_argument(
+        "--dataset-dir",
+        default=None,
+        help="the export's embedded dataset (new_facts.jsonl, val split); default: the config's",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--runs", default=None, help="JSON list of runs instead of the default grid, e.g. "
-                   "'[{\"method\": \"sparse\", \"lr\": 10, \"top_t\": 500}]'")
+    p.add_argument(
+        "--runs",
+        default=None,
+        help='JSON list of runs instead of the default grid, e.g. \'[{"method": "sparse", "lr": 10, "top_t": 500}]\'',
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the pretraining config")
     return p.parse_args(argv)
 
@@ -46,7 +53,9 @@ def parse_runs(text: str | None):
         items = json.loads(text)
         runs = [RunSpec(**item) for item in items]
     except (ValueError, TypeError) as err:
-        raise ValueError(f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank, epochs ({err})") from None
+        raise ValueError(
+            f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank, epochs ({err})"
+        ) from None
     for run in runs:
         if run.method not in METHODS or run.lr <= 0:
             raise ValueError(f"--runs: {run} needs method in {METHODS} and lr > 0")
@@ -86,11 +95,15 @@ def main(argv=None) -> int:
         cfg = None
         if args.export is None or args.dataset_dir is None:
             cfg = load_config(args.config, [f"train.run_dir={out / 'pretrain'}", *args.overrides])
-        dataset_dir = Path(args.dataset_dir) if args.dataset_dir else prepare_embedded_dataset(cfg.data, cfg.data.seq_len)
+        dataset_dir = (
+            Path(args.dataset_dir) if args.dataset_dir else prepare_embedded_dataset(cfg.data, cfg.data.seq_len)
+        )
         new_facts = dataset_dir / "new_facts.jsonl"
         if not new_facts.is_file():
-            raise DataError(f"{new_facts} does not exist: the report needs the embedded fact world's held-out facts "
-                            "(leave data.dir empty, data.synthetic.new_fact_fraction > 0)")
+            raise DataError(
+                f"{new_facts} does not exist: the report needs the embedded fact world's held-out facts "
+                "(leave data.dir empty, data.synthetic.new_fact_fraction > 0)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         export = Path(args.export) if args.export else pretrained_export(cfg, out)
     except (ConfigError, DataError, ValueError) as err:

@@ -5,6 +5,7 @@ Creates the run directory (resolved config, logs/, the rendered train.sbatch, op
 code snapshot), calls sbatch and prints the job id and the TensorBoard command.
 `--dry-run` prints the script and writes nothing. Logic lives in pretrain.launch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint")
     p.add_argument("--job-name")
     p.add_argument("--signal-seconds", type=int, default=180, help="send USR1 this long before the time limit")
-    p.add_argument("--master-port", type=int, default=None,
-                   help="rendezvous port (default: 10000 + job id %% 20000, or the next free one on the node)")
     p.add_argument(
-        "--sbatch", action="append", default=[], metavar="OPTION", dest="extra_sbatch",
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port (default: 10000 + job id %% 20000, or the next free one on the node)",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        dest="extra_sbatch",
         help="extra sbatch option line, repeatable, e.g. --sbatch=--mem=64G",
     )
     p.add_argument("--snapshot-code", action="store_true", help="run from a copy of the code in <run_dir>/code")
@@ -72,8 +81,13 @@ def main(argv=None) -> int:
     )
     try:
         plan = plan_run(
-            args.config, args.overrides, opts,
-            workdir=args.workdir, python=args.python, snapshot=args.snapshot_code, resume=args.resume,
+            args.config,
+            args.overrides,
+            opts,
+            workdir=args.workdir,
+            python=args.python,
+            snapshot=args.snapshot_code,
+            resume=args.resume,
         )
         if args.dry_run:
             sys.stdout.write(plan.script)

@@ -6,6 +6,7 @@ table (DIR/slot_frequencies.safetensors, or --table) must have been counted with
 export's model config and tokenizer; otherwise the tool refuses with exit status 2.
 Logic lives in pretrain.slots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,14 +23,20 @@ from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_lay
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--export", required=True, help="export directory (model.safetensors, config.json, "
-                   "tokenizer.model, slot_frequencies.safetensors)")
+    p.add_argument(
+        "--export",
+        required=True,
+        help="export directory (model.safetensors, config.json, tokenizer.model, slot_frequencies.safetensors)",
+    )
     p.add_argument("--text", required=True, help="text whose memory accesses are ranked")
     p.add_argument("--top", type=int, default=500)
     p.add_argument("--layer", default=None, help="memory layer name, e.g. layers.2 (default: all)")
     p.add_argument("--table", default=None, help="slot table to use instead of the export's")
-    p.add_argument("--allow-other-run", action="store_true",
-                   help="accept a --table counted in another training run (same config and tokenizer) than the export's")
+    p.add_argument(
+        "--allow-other-run",
+        action="store_true",
+        help="accept a --table counted in another training run (same config and tokenizer) than the export's",
+    )
     args = p.parse_args(argv)
     if args.top <= 0:
         p.error(f"--top must be positive, got {args.top}")
@@ -50,12 +57,13 @@ def main(argv=None) -> int:
     if not ids:
         print("error: --text encodes to no tokens", file=sys.stderr)
         return 2
-    ids = ids[-model.cfg.max_seq_len:]
+    ids = ids[-model.cfg.max_seq_len :]
     layers = [args.layer] if args.layer else [n for n in memory_layer_names(model) if n in table.counts]
     for layer in layers:
         ranked = rank_slots(model, torch.tensor(ids), table, layer, top=args.top)
-        print(f"# {layer}: {len(ranked)} slots (table step {table.step}, {table.num_documents} "
-              f"{table.granularity} units)")
+        print(
+            f"# {layer}: {len(ranked)} slots (table step {table.step}, {table.num_documents} {table.granularity} units)"
+        )
         print("rank\tslot\tscore\ttokens")
         for r, (slot, score, tokens) in enumerate(ranked, 1):
             pieces = " ".join(sp.id_to_piece(t) for t in tokens)

@@ -1,7 +1,8 @@
 """Train a sentencepiece tokenizer (BPE or unigram, byte fallback) on a sample of a corpus.
 
-  python tools/train_tokenizer.py --input corpus/ --output tok.model --vocab-size 32000
+python tools/train_tokenizer.py --input corpus/ --output tok.model --vocab-size 32000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,20 +16,31 @@ from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E4
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True,
-                    help="files, directories or glob patterns (text, .jsonl, .jsonl.gz)")
+    ap.add_argument(
+        "--input", nargs="+", required=True, help="files, directories or glob patterns (text, .jsonl, .jsonl.gz)"
+    )
     ap.add_argument("--output", required=True, help="where to write the .model file")
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     ap.add_argument("--format", default="auto", choices=["auto", "text", "blocks", "jsonl"])
     ap.add_argument("--text-field", default="text")
-    ap.add_argument("--max-sentences", type=int, default=200_000,
-                    help="at most this many lines, a seeded uniform sample of the whole corpus (memory bound)")
+    ap.add_argument(
+        "--max-sentences",
+        type=int,
+        default=200_000,
+        help="at most this many lines, a seeded uniform sample of the whole corpus (memory bound)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="more is faster but may not be bit-reproducible")
     args = ap.parse_args(argv)
     try:
-        tok = train_tokenizer(iter_documents(args.input, args.format, args.text_field), args.output,
-                              args.vocab_size, args.model_type, args.max_sentences, args.threads)
+        tok = train_tokenizer(
+            iter_documents(args.input, args.format, args.text_field),
+            args.output,
+            args.vocab_size,
+            args.model_type,
+            args.max_sentences,
+            args.threads,
+        )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

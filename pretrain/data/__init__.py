@@ -7,6 +7,7 @@ cached default dataset), loader (ShardLoader: rank/worker split, epochs, exact r
 (the configured datasets, checked), mixture (MixtureLoader: weighted sources, exact resume),
 bundled_text (real English text that ships with the machine).
 """
+
 from pretrain.data.corpus import CorpusStats, iter_documents
 from pretrain.data.embedded import prepare_embedded_dataset
 from pretrain.data.errors import DataError
@@ -19,8 +20,23 @@ from pretrain.data.synthetic import Probe, build_fact_world, load_probes
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
-    "Batch", "CorpusStats", "CorruptShardError", "DataError", "MixtureLoader", "Probe", "ShardLoader", "Source",
+    "Batch",
+    "CorpusStats",
+    "CorruptShardError",
+    "DataError",
+    "MixtureLoader",
+    "Probe",
+    "ShardLoader",
+    "Source",
     "Tokenizer",
-    "build_fact_world", "iter_documents", "load_probes", "load_tokenizer", "prepare_corpus",
-    "prepare_embedded_dataset", "read_manifest", "resolve_sources", "train_tokenizer", "write_dataset",
+    "build_fact_world",
+    "iter_documents",
+    "load_probes",
+    "load_tokenizer",
+    "prepare_corpus",
+    "prepare_embedded_dataset",
+    "read_manifest",
+    "resolve_sources",
+    "train_tokenizer",
+    "write_dataset",
 ]

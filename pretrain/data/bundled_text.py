@@ -8,6 +8,7 @@ Two parts, both present wherever Python and Debian are:
 The content is fixed by the Python version and the Debian release, so the same machine image
 always yields the same corpus, with no download and no hand-made file.
 """
+
 from __future__ import annotations
 
 import json

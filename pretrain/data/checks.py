@@ -1,5 +1,6 @@
 """Checks of a prepared dataset that the trainer runs at start-up, before any heavy work:
 what the loader would otherwise only find out at the first evaluation, hours later."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ one document (one file for `text`, one block for `blocks`, one line for JSONL) i
 memory. Undecodable bytes are replaced (U+FFFD) and counted; empty documents are skipped
 and counted, in a `CorpusStats` the caller passes in.
 """
+
 from __future__ import annotations
 
 import glob
@@ -91,9 +92,7 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg}); fix or remove that line") from None
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(
-                f"{path}:{lineno}: no field {text_field!r} (found {keys}); pass --text-field <name>"
-            )
+            raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); pass --text-field <name>")
         text = record[text_field]
         if not isinstance(text, str):
             raise DataError(

@@ -6,6 +6,7 @@ name carries a hash of every parameter that shapes it; an existing directory who
 manifest records the same parameters is reused. A file lock lets several ranks call it
 at once: one builds, the others wait and reuse.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,12 @@ from pretrain.data.tokenizer import train_tokenizer
 
 def embedded_parameters(data_cfg, seq_len: int) -> dict:
     return {
-        "kind": "embedded-fact-world", "format": FORMAT, "seq_len": seq_len, "vocab_size": data_cfg.vocab_size,
-        "val_fraction": data_cfg.val_fraction, "min_shards": data_cfg.min_shards,
+        "kind": "embedded-fact-world",
+        "format": FORMAT,
+        "seq_len": seq_len,
+        "vocab_size": data_cfg.vocab_size,
+        "val_fraction": data_cfg.val_fraction,
+        "min_shards": data_cfg.min_shards,
         "sequences_per_shard": data_cfg.sequences_per_shard,
         "synthetic": dataclasses.asdict(data_cfg.synthetic),
     }
@@ -44,12 +49,16 @@ def prepare_embedded_dataset(data_cfg, seq_len: int, show_progress: bool = True)
     if data_cfg.dir:
         manifest = read_manifest(data_cfg.dir)
         if manifest["seq_len"] != seq_len:
-            raise DataError(f"data.dir={data_cfg.dir} was prepared with seq_len={manifest['seq_len']}, "
-                            f"but data.seq_len={seq_len}: set them equal or re-run tools/prepare_data.py")
+            raise DataError(
+                f"data.dir={data_cfg.dir} was prepared with seq_len={manifest['seq_len']}, "
+                f"but data.seq_len={seq_len}: set them equal or re-run tools/prepare_data.py"
+            )
         return Path(data_cfg.dir)
     if data_cfg.val_fraction <= 0 or data_cfg.min_shards <= 0:
-        raise DataError(f"data.val_fraction={data_cfg.val_fraction} and data.min_shards={data_cfg.min_shards} "
-                        "must be positive for the embedded corpus")
+        raise DataError(
+            f"data.val_fraction={data_cfg.val_fraction} and data.min_shards={data_cfg.min_shards} "
+            "must be positive for the embedded corpus"
+        )
     params = embedded_parameters(data_cfg, seq_len)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(data_cfg.cache_dir)
@@ -65,8 +74,9 @@ def prepare_embedded_dataset(data_cfg, seq_len: int, show_progress: bool = True)
 
 def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool) -> None:
     syn = data_cfg.synthetic
-    world = build_fact_world(syn.num_entities, syn.docs_per_entity, syn.qa_docs_per_entity,
-                             syn.new_fact_fraction, syn.seed)
+    world = build_fact_world(
+        syn.num_entities, syn.docs_per_entity, syn.qa_docs_per_entity, syn.new_fact_fraction, syn.seed
+    )
     with tempfile.TemporaryDirectory(prefix="embedded-", dir=out.parent) as tmp:
         tmp = Path(tmp)
         tok = train_tokenizer(world.train_documents, tmp / "tokenizer.model", data_cfg.vocab_size)
@@ -75,12 +85,23 @@ def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool)
         tokens = {"train": 0, "val": 0}
         for doc_id, ids in enumerate(token_docs):
             tokens["val" if is_validation(doc_id, syn.seed, data_cfg.val_fraction) else "train"] += len(ids) + 1
-        per_shard = {s: max(1, min(data_cfg.sequences_per_shard, math.ceil(n / (seq_len + 1) / data_cfg.min_shards)))
-                     for s, n in tokens.items()}
+        per_shard = {
+            s: max(1, min(data_cfg.sequences_per_shard, math.ceil(n / (seq_len + 1) / data_cfg.min_shards)))
+            for s, n in tokens.items()
+        }
         write_probes(world.probes, tmp / "probes.jsonl")
         (tmp / "new_facts.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in world.new_fact_documents))
-        write_dataset(token_docs, out, tok, seq_len, val_fraction=data_cfg.val_fraction, seed=syn.seed,
-                      sequences_per_shard=per_shard, rows_per_block=256,
-                      creation=params, extra_files={"probes.jsonl": tmp / "probes.jsonl",
-                                                    "new_facts.jsonl": tmp / "new_facts.jsonl"},
-                      show_progress=show_progress, overwrite=True)
+        write_dataset(
+            token_docs,
+            out,
+            tok,
+            seq_len,
+            val_fraction=data_cfg.val_fraction,
+            seed=syn.seed,
+            sequences_per_shard=per_shard,
+            rows_per_block=256,
+            creation=params,
+            extra_files={"probes.jsonl": tmp / "probes.jsonl", "new_facts.jsonl": tmp / "new_facts.jsonl"},
+            show_progress=show_progress,
+            overwrite=True,
+        )

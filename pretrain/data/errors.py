@@ -1,4 +1,5 @@
 """The one error type of the data pipeline: bad input, named with the file, key or value to fix."""
+
 from __future__ import annotations
 
 

@@ -12,6 +12,7 @@ it; the main process keeps the positions of the batches it has handed out, plus 
 worker the DataLoader's round robin asks next, so `state_dict()` is a few integers per
 worker and a rebuilt loader continues with exactly the same batches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,9 +71,14 @@ class _Cursor:
 
     def _open(self, skip: int) -> None:
         shard = self.shards[self.i]
-        self._blocks = read_blocks(self.loader.root / shard["path"], self.loader.width,
-                                   self.loader.token_dtype, shard["sequences"], sha256=shard.get("sha256"),
-                                   vocab_size=self.loader.vocab_size)
+        self._blocks = read_blocks(
+            self.loader.root / shard["path"],
+            self.loader.width,
+            self.loader.token_dtype,
+            shard["sequences"],
+            sha256=shard.get("sha256"),
+            vocab_size=self.loader.vocab_size,
+        )
         self._tok = None
         while skip > 0:
             if not self._next_block():
@@ -129,17 +135,30 @@ class _Cursor:
 class ShardLoader:
     """Iterate batches of one split for one rank; see the module docstring for the scheme."""
 
-    def __init__(self, dataset_dir: str | Path, split: str = "train", batch_size: int = 16,
-                 seq_len: int | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 seed: int = 0, shuffle_buffer: int = 0, on_corrupt: str = "error", loop: bool = True,
-                 tokenizer: Tokenizer | None = None):
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        split: str = "train",
+        batch_size: int = 16,
+        seq_len: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        on_corrupt: str = "error",
+        loop: bool = True,
+        tokenizer: Tokenizer | None = None,
+    ):
         self.root = Path(dataset_dir)
         manifest = read_manifest(self.root)
         if split not in manifest["splits"]:
             raise DataError(f"split {split!r} is not in {self.root}/manifest.json (has {sorted(manifest['splits'])})")
         if seq_len is not None and seq_len != manifest["seq_len"]:
-            raise DataError(f"data.seq_len={seq_len} but {self.root} was prepared with seq_len={manifest['seq_len']}: "
-                            "set data.seq_len to match or re-run tools/prepare_data.py --seq-len")
+            raise DataError(
+                f"data.seq_len={seq_len} but {self.root} was prepared with seq_len={manifest['seq_len']}: "
+                "set data.seq_len to match or re-run tools/prepare_data.py --seq-len"
+            )
         if batch_size <= 0:
             raise DataError(f"batch_size={batch_size} must be positive")
         if not 0 <= rank < world_size:
@@ -169,8 +188,7 @@ class ShardLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer, self.on_corrupt, self.loop = seed, shuffle_buffer, on_corrupt, loop
         self.window = shuffle_buffer if shuffle_buffer > 0 else batch_size
-        self._fingerprint = hashlib.sha256(
-            "|".join(s["sha256"] for s in self.shards).encode()).hexdigest()[:16]
+        self._fingerprint = hashlib.sha256("|".join(s["sha256"] for s in self.shards).encode()).hexdigest()[:16]
         self.reset()
 
     # ---- state -------------------------------------------------------------------------
@@ -191,14 +209,26 @@ class ShardLoader:
         return total
 
     def _settings(self) -> dict:
-        return {"split": self.split, "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "workers": self.workers, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
-                "shards": self._fingerprint}
+        return {
+            "split": self.split,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": self.workers,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "shards": self._fingerprint,
+        }
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "settings": self._settings(),
-                "positions": [list(p) for p in self._positions], "next_worker": self._next_worker,
-                "worker_stats": [dict(s) for s in self._worker_stats], "batches": self._batches}
+        return {
+            "version": STATE_VERSION,
+            "settings": self._settings(),
+            "positions": [list(p) for p in self._positions],
+            "next_worker": self._next_worker,
+            "worker_stats": [dict(s) for s in self._worker_stats],
+            "batches": self._batches,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -227,8 +257,11 @@ class ShardLoader:
         docs = row_doc_ids(rows, meta[:, 0] + self.doc_id_offset, meta[:, 1], self.eos_id)
         targets = rows[:, 1:].copy()
         targets[docs[:, 1:] < 0] = IGNORE_INDEX
-        return {"tokens": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])), "targets": torch.from_numpy(targets),
-                "doc_ids": torch.from_numpy(np.ascontiguousarray(docs[:, :-1]))}
+        return {
+            "tokens": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
+            "targets": torch.from_numpy(targets),
+            "doc_ids": torch.from_numpy(np.ascontiguousarray(docs[:, :-1])),
+        }
 
     def _stream(self, worker: int, pos: list[int], stats: dict) -> Iterator[tuple[dict, list[int]]]:
         """Batches of one consumer from `pos`, each with the consumer's position after it."""
@@ -264,8 +297,10 @@ class ShardLoader:
                     yield self._make_batch(pieces), [epoch, len(shards), 0, 0]
                 return
             if rows_this_epoch == 0 and from_start:
-                raise DataError(f"epoch {epoch} of consumer {consumer} read no sequence from {self.root} "
-                                "(all its shards corrupt?): re-create the dataset")
+                raise DataError(
+                    f"epoch {epoch} of consumer {consumer} read no sequence from {self.root} "
+                    "(all its shards corrupt?): re-create the dataset"
+                )
             epoch, i, j, skip = epoch + 1, 0, 0, 0
 
     def __iter__(self) -> Iterator[Batch]:

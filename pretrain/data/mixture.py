@@ -13,6 +13,7 @@ Document ids are made unique across sources by offsetting each source's ids by t
 documents of the sources before it. A mixture of one source yields exactly the batches of
 its `ShardLoader`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -31,14 +32,37 @@ _MIXTURE_STREAM = 0x6D6978  # keeps the source draws apart from any other use of
 class MixtureLoader:
     """Batches of `batch_size` rows drawn from `sources` by weight; one per rank."""
 
-    def __init__(self, sources: list[Source], batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 0, on_corrupt: str = "error",
-                 seq_len: int | None = None):
+    def __init__(
+        self,
+        sources: list[Source],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        on_corrupt: str = "error",
+        seq_len: int | None = None,
+    ):
         if not sources:
             raise DataError("a mixture needs at least one source: set data.dir or data.sources")
         self.sources = sources
-        self.loaders = [ShardLoader(s.dir, "train", batch_size, seq_len, rank, world_size, num_workers, seed,
-                                    shuffle_buffer, on_corrupt, loop=True) for s in sources]
+        self.loaders = [
+            ShardLoader(
+                s.dir,
+                "train",
+                batch_size,
+                seq_len,
+                rank,
+                world_size,
+                num_workers,
+                seed,
+                shuffle_buffer,
+                on_corrupt,
+                loop=True,
+            )
+            for s in sources
+        ]
         self.batch_size, self.rank, self.seed = batch_size, rank, seed
         self.seq_len = self.loaders[0].seq_len
         weights = np.array([s.weight for s in sources], dtype=np.float64)
@@ -63,38 +87,62 @@ class MixtureLoader:
 
     # ---- state -------------------------------------------------------------------------
     def _settings(self) -> dict:
-        return {"sources": [s.name for s in self.sources], "weights": [s.weight for s in self.sources],
-                "batch_size": self.batch_size, "rank": self.rank, "seed": self.seed}
+        return {
+            "sources": [s.name for s in self.sources],
+            "weights": [s.weight for s in self.sources],
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> dict:
         rng = self._rng.bit_generator.state
-        return {"version": STATE_VERSION, "settings": self._settings(),
-                "rng": {"state": str(rng["state"]["state"]), "inc": str(rng["state"]["inc"]),
-                        "has_uint32": int(rng["has_uint32"]), "uinteger": int(rng["uinteger"])},
-                "sources": [{"loader": before, "used": used} for before, used in zip(self._state_before, self._used)],
-                "sequences": list(self.sequences)}
+        return {
+            "version": STATE_VERSION,
+            "settings": self._settings(),
+            "rng": {
+                "state": str(rng["state"]["state"]),
+                "inc": str(rng["state"]["inc"]),
+                "has_uint32": int(rng["has_uint32"]),
+                "uinteger": int(rng["uinteger"]),
+            },
+            "sources": [{"loader": before, "used": used} for before, used in zip(self._state_before, self._used)],
+            "sequences": list(self.sequences),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "positions" in state and "sources" not in state:  # a checkpoint of a plain ShardLoader run
             if len(self.loaders) != 1:
-                raise DataError("the checkpoint was written by a single-dataset run; resume it with that "
-                                "dataset alone (data.dir) or start a new run directory for the mixture")
-            state = {"version": STATE_VERSION, "settings": self._settings(), "rng": None,
-                     "sources": [{"loader": state, "used": 0}], "sequences": [0]}
+                raise DataError(
+                    "the checkpoint was written by a single-dataset run; resume it with that "
+                    "dataset alone (data.dir) or start a new run directory for the mixture"
+                )
+            state = {
+                "version": STATE_VERSION,
+                "settings": self._settings(),
+                "rng": None,
+                "sources": [{"loader": state, "used": 0}],
+                "sequences": [0],
+            }
         if state.get("version") != STATE_VERSION:
             raise DataError(f"mixture state version {state.get('version')!r} is not {STATE_VERSION}")
         mine, theirs = self._settings(), state.get("settings", {})
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
-            raise DataError("the saved data state was made with another mixture (saved, now): "
-                            + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
-                            + "; resume with the same data.sources (names, weights), batch size and seed")
+            raise DataError(
+                "the saved data state was made with another mixture (saved, now): "
+                + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+                + "; resume with the same data.sources (names, weights), batch size and seed"
+            )
         self.reset()
         if state["rng"] is not None:
             r = state["rng"]
             self._rng.bit_generator.state = {
-                "bit_generator": "PCG64", "state": {"state": int(r["state"]), "inc": int(r["inc"])},
-                "has_uint32": int(r["has_uint32"]), "uinteger": int(r["uinteger"])}
+                "bit_generator": "PCG64",
+                "state": {"state": int(r["state"]), "inc": int(r["inc"])},
+                "has_uint32": int(r["has_uint32"]),
+                "uinteger": int(r["uinteger"]),
+            }
         for i, (loader, saved) in enumerate(zip(self.loaders, state["sources"])):
             loader.load_state_dict(saved["loader"])
             self._state_before[i] = saved["loader"]
@@ -128,9 +176,13 @@ class MixtureLoader:
         """counts[i] next rows of each source i, sources in order; document ids made unique.
 
         numpy rather than torch: on arrays this small, per-call overhead is the cost."""
-        pieces = [(i, batch, rows) for i in np.flatnonzero(counts) for batch, rows in self._rows(int(i), int(counts[i]))]
-        out = {k: np.concatenate([getattr(b, k).numpy()[rows] for _, b, rows in pieces])
-               for k in ("tokens", "targets", "doc_ids")}
+        pieces = [
+            (i, batch, rows) for i in np.flatnonzero(counts) for batch, rows in self._rows(int(i), int(counts[i]))
+        ]
+        out = {
+            k: np.concatenate([getattr(b, k).numpy()[rows] for _, b, rows in pieces])
+            for k in ("tokens", "targets", "doc_ids")
+        }
         if self._offsets_needed:
             docs = out["doc_ids"]
             offsets = np.repeat(self._doc_offsets, counts)[:, None]

@@ -6,6 +6,7 @@ numbers documents train first then val, in input order, and writes both splits p
 into a temporary directory that is renamed to the output at the end.
 `prepare_corpus` is the whole path for real corpora (what tools/prepare_data.py runs).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -52,8 +53,9 @@ def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer, workers: int = 1,
-                       chunk_docs: int = 256) -> Iterator[list[int]]:
+def tokenize_documents(
+    documents: Iterable[str], tokenizer: Tokenizer, workers: int = 1, chunk_docs: int = 256
+) -> Iterator[list[int]]:
     """Token ids per document, in input order; `workers` > 1 tokenizes in that many processes."""
     if workers <= 1:
         for chunk in _chunks(documents, chunk_docs):
@@ -89,12 +91,17 @@ def write_dataset(
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DataError(f"output directory {out_dir} is not empty: choose another --output or pass --overwrite")
-    per_split = sequences_per_shard if isinstance(sequences_per_shard, dict) else {
-        "train": sequences_per_shard, "val": sequences_per_shard}
+    per_split = (
+        sequences_per_shard
+        if isinstance(sequences_per_shard, dict)
+        else {"train": sequences_per_shard, "val": sequences_per_shard}
+    )
     with atomic_directory(out_dir) as tmp:
         dtype = token_dtype_for(tokenizer.vocab_size)
-        writers = {s: ShardWriter(tmp, s, seq_len, tokenizer.eos_id, dtype, per_split[s], rows_per_block)
-                   for s in ("train", "val")}
+        writers = {
+            s: ShardWriter(tmp, s, seq_len, tokenizer.eos_id, dtype, per_split[s], rows_per_block)
+            for s in ("train", "val")
+        }
         doc_id, empty_after_tokenizing = _write_documents(token_docs, writers, seed, val_fraction, show_progress)
         if doc_id == 0:
             raise DataError("the corpus holds no non-empty document: check --input and --format/--text-field")
@@ -107,18 +114,29 @@ def write_dataset(
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         manifest = {
-            "format": FORMAT, "seq_len": seq_len, "token_dtype": dtype, "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.eos_id,
-            "tokenizer_sha256": tokenizer.sha256, "seed": seed, "val_fraction": val_fraction,
-            "rows_per_block": rows_per_block, "documents": doc_id, "splits": splits, "stats": stats,
+            "format": FORMAT,
+            "seq_len": seq_len,
+            "token_dtype": dtype,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "bos_id": tokenizer.bos_id,
+            "pad_id": tokenizer.eos_id,
+            "tokenizer_sha256": tokenizer.sha256,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "rows_per_block": rows_per_block,
+            "documents": doc_id,
+            "splits": splits,
+            "stats": stats,
             "creation": creation or {},
         }
         write_manifest(tmp, manifest)
     return manifest
 
 
-def _write_documents(token_docs: Iterable[list[int]], writers: dict, seed: int, val_fraction: float,
-                     show_progress: bool) -> tuple[int, int]:
+def _write_documents(
+    token_docs: Iterable[list[int]], writers: dict, seed: int, val_fraction: float, show_progress: bool
+) -> tuple[int, int]:
     """Route each non-empty document to its split's writer; return (documents written, empty ones)."""
     documents = empty = 0
     with tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress) as bar:
@@ -144,14 +162,21 @@ def _check_validation_split(splits: dict, documents: int, val_fraction: float) -
             f"--val-fraction={val_fraction} (about {documents * val_fraction:.2g} expected); raise --val-fraction "
             "or add documents. Nothing was written"
         )
-    warnings.warn("--val-fraction=0: the dataset has no validation split, so training on it will be refused "
-                  "(the trainer evaluates on val); use it for other purposes only", stacklevel=3)
+    warnings.warn(
+        "--val-fraction=0: the dataset has no validation split, so training on it will be refused "
+        "(the trainer evaluates on val); use it for other purposes only",
+        stacklevel=3,
+    )
 
 
 def creation_record(inputs: list, fmt: str, text_field: str, sequences_per_shard: int) -> dict:
     """The manifest's record of how a real corpus was prepared (one process or merged slices)."""
-    return {"inputs": [str(p) for p in inputs], "format": fmt, "text_field": text_field,
-            "sequences_per_shard": sequences_per_shard}
+    return {
+        "inputs": [str(p) for p in inputs],
+        "format": fmt,
+        "text_field": text_field,
+        "sequences_per_shard": sequences_per_shard,
+    }
 
 
 def prepare_corpus(
@@ -174,17 +199,30 @@ def prepare_corpus(
     resolve_files(inputs)  # missing paths fail here, before any work
     probe = CorpusStats()
     if next(iter_documents(inputs, fmt, text_field, probe), None) is None:
-        raise DataError(f"the corpus {[str(p) for p in inputs]} holds no non-empty document "
-                        f"({probe.empty_documents} empty): check --input, --format and --text-field")
+        raise DataError(
+            f"the corpus {[str(p) for p in inputs]} holds no non-empty document "
+            f"({probe.empty_documents} empty): check --input, --format and --text-field"
+        )
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         if tokenizer_path is None:
-            tokenizer = train_tokenizer(iter_documents(inputs, fmt, text_field), Path(tmp) / "tokenizer.model",
-                                        vocab_size)
+            tokenizer = train_tokenizer(
+                iter_documents(inputs, fmt, text_field), Path(tmp) / "tokenizer.model", vocab_size
+            )
         else:
             tokenizer = Tokenizer(tokenizer_path)
         stats = CorpusStats()
         creation = creation_record(inputs, fmt, text_field, sequences_per_shard)
         docs = tokenize_documents(iter_documents(inputs, fmt, text_field, stats), tokenizer, workers)
-        return write_dataset(docs, out_dir, tokenizer, seq_len, val_fraction=val_fraction, seed=seed,
-                             sequences_per_shard=sequences_per_shard, creation=creation, corpus_stats=stats,
-                             show_progress=show_progress, overwrite=overwrite)
+        return write_dataset(
+            docs,
+            out_dir,
+            tokenizer,
+            seq_len,
+            val_fraction=val_fraction,
+            seed=seed,
+            sequences_per_shard=sequences_per_shard,
+            creation=creation,
+            corpus_stats=stats,
+            show_progress=show_progress,
+            overwrite=overwrite,
+        )

@@ -14,6 +14,7 @@ the dataset (train documents first, then val). Only the last row of a split is p
 tokens beyond `valid`, doc id -1). Tar members have fixed mtime/uid/mode, so the same
 input gives byte-identical shards. Files are written under a temporary name, then renamed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,10 +62,20 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Packs documents (token ids + EOS) into rows and rows into shards of one split."""
 
-    def __init__(self, root: Path, split: str, seq_len: int, eos_id: int, token_dtype: str,
-                 sequences_per_shard: int, rows_per_block: int = 256):
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        seq_len: int,
+        eos_id: int,
+        token_dtype: str,
+        sequences_per_shard: int,
+        rows_per_block: int = 256,
+    ):
         if sequences_per_shard <= 0 or rows_per_block <= 0:
-            raise DataError(f"sequences_per_shard={sequences_per_shard} and rows_per_block={rows_per_block} must be > 0")
+            raise DataError(
+                f"sequences_per_shard={sequences_per_shard} and rows_per_block={rows_per_block} must be > 0"
+            )
         self.root, self.split, self.width, self.eos_id = root, split, seq_len + 1, eos_id
         self.dtype = np.dtype(token_dtype).newbyteorder("<")
         self.sequences_per_shard, self.rows_per_block = sequences_per_shard, rows_per_block
@@ -98,8 +109,10 @@ class ShardWriter:
         self._flush_block()
         self._close_shard()
         return {
-            "shards": self.shards, "sequences": sum(s["sequences"] for s in self.shards),
-            "tokens": self.tokens, "documents": self.documents,
+            "shards": self.shards,
+            "sequences": sum(s["sequences"] for s in self.shards),
+            "tokens": self.tokens,
+            "documents": self.documents,
         }
 
     def _cut_rows(self, final: bool) -> None:
@@ -110,7 +123,7 @@ class ShardWriter:
         cut = n_full * self.width
         if n_full:
             rows = toks[:cut].reshape(n_full, self.width)
-            meta = np.stack([docs[:cut:self.width], np.full(n_full, self.width, dtype=np.int64)], axis=1)
+            meta = np.stack([docs[: cut : self.width], np.full(n_full, self.width, dtype=np.int64)], axis=1)
             self._emit(rows, meta)
         rest_t, rest_d = toks[cut:], docs[cut:]
         self._pending_tokens, self._pending_docs, self._pending = [rest_t], [rest_d], len(rest_t)
@@ -165,10 +178,14 @@ class ShardWriter:
         self._tar.close()
         self._tar = None
         replace_with(self._tmp, self._path)
-        self.shards.append({
-            "path": self._name, "sequences": self._shard_rows, "tokens": self._shard_tokens,
-            "sha256": file_sha256(self._path),
-        })
+        self.shards.append(
+            {
+                "path": self._name,
+                "sequences": self._shard_rows,
+                "tokens": self._shard_tokens,
+                "sha256": file_sha256(self._path),
+            }
+        )
 
 
 class _CountingReader:
@@ -192,8 +209,15 @@ class _CountingReader:
         return self.digest.hexdigest()
 
 
-def read_blocks(path: Path, width: int, token_dtype: str, expected_rows: int, *, sha256: str | None = None,
-                vocab_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def read_blocks(
+    path: Path,
+    width: int,
+    token_dtype: str,
+    expected_rows: int,
+    *,
+    sha256: str | None = None,
+    vocab_size: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens (n, width) int64, meta (n, 2) int64) per block of one shard.
 
     Any unreadable, inconsistent or missing part raises CorruptShardError naming the
@@ -205,7 +229,9 @@ def read_blocks(path: Path, width: int, token_dtype: str, expected_rows: int, *,
     try:
         fh = open(path, "rb")
     except OSError as err:
-        raise CorruptShardError(f"shard {path} cannot be opened ({err}): re-create it with tools/prepare_data.py") from None
+        raise CorruptShardError(
+            f"shard {path} cannot be opened ({err}): re-create it with tools/prepare_data.py"
+        ) from None
     reader = _CountingReader(fh)
 
     def corrupt(why: str) -> CorruptShardError:
@@ -239,8 +265,10 @@ def read_blocks(path: Path, width: int, token_dtype: str, expected_rows: int, *,
             rows_seen += n
             tokens = np.frombuffer(tok_bytes, dtype=dtype).reshape(n, width).astype(np.int64)
             if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
-                raise corrupt(f"block {key} holds token id {int(tokens.max())} >= the dataset's vocab_size "
-                              f"{vocab_size} (tokenized with another tokenizer?): re-create it with tools/prepare_data.py")
+                raise corrupt(
+                    f"block {key} holds token id {int(tokens.max())} >= the dataset's vocab_size "
+                    f"{vocab_size} (tokenized with another tokenizer?): re-create it with tools/prepare_data.py"
+                )
             yield tokens, np.frombuffer(meta_bytes, dtype="<i8").reshape(n, 2)
         if rows_seen == expected_rows and sha256 is not None and reader.rest_digest() != sha256:
             raise CorruptShardError(
@@ -260,7 +288,9 @@ def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     path = root / "manifest.json"
     if not root.is_dir():
-        raise DataError(f"dataset directory {root} does not exist: prepare it with tools/prepare_data.py or set data.dir")
+        raise DataError(
+            f"dataset directory {root} does not exist: prepare it with tools/prepare_data.py or set data.dir"
+        )
     if not path.is_file():
         raise DataError(f"{path} is missing: {root} is not a prepared dataset (run tools/prepare_data.py)")
     try:

@@ -14,6 +14,7 @@ in one sequence and the validation split is drawn by document index, so this sin
 sequential pass (reading tokens, writing shards; no tokenizing) is what makes the merged
 dataset identical to a single-process preparation: same sequences, same manifest.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,12 +51,23 @@ def slice_files(files: list[Path], i: int, n: int) -> list[Path]:
     return files[i * len(files) // n : (i + 1) * len(files) // n]
 
 
-def prepare_slice(inputs: list[str | Path], out_dir: str | Path, tokenizer_path: str | Path, i: int, n: int, *,
-                  fmt: str = "auto", text_field: str = "text", workers: int = 1) -> Path:
+def prepare_slice(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    tokenizer_path: str | Path,
+    i: int,
+    n: int,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    workers: int = 1,
+) -> Path:
     """Tokenize slice i of n into `<out_dir>.slices/slice-i-of-n`; return that folder."""
     if tokenizer_path is None:
-        raise DataError("--slice needs --tokenizer: every slice must use one tokenizer "
-                        "(train it first with tools/train_tokenizer.py)")
+        raise DataError(
+            "--slice needs --tokenizer: every slice must use one tokenizer "
+            "(train it first with tools/train_tokenizer.py)"
+        )
     files = resolve_files(inputs)
     tokenizer = Tokenizer(tokenizer_path)
     mine = slice_files(files, i, n)
@@ -70,11 +82,24 @@ def prepare_slice(inputs: list[str | Path], out_dir: str | Path, tokenizer_path:
                     fh.write(np.asarray(ids, dtype=dtype).tobytes())
                     lengths.append(len(ids))
         np.save(tmp / "lengths.npy", np.asarray(lengths, dtype=np.int64))
-        (tmp / "slice.json").write_text(json.dumps({
-            "format": SLICE_FORMAT, "slice": i, "of": n, "files": [str(f) for f in mine],
-            "all_files": [str(f) for f in files], "inputs": [str(p) for p in inputs], "format_arg": fmt,
-            "text_field": text_field, "tokenizer_sha256": tokenizer.sha256, "token_dtype": dtype,
-            "stats": vars(stats)}, indent=1))
+        (tmp / "slice.json").write_text(
+            json.dumps(
+                {
+                    "format": SLICE_FORMAT,
+                    "slice": i,
+                    "of": n,
+                    "files": [str(f) for f in mine],
+                    "all_files": [str(f) for f in files],
+                    "inputs": [str(p) for p in inputs],
+                    "format_arg": fmt,
+                    "text_field": text_field,
+                    "tokenizer_sha256": tokenizer.sha256,
+                    "token_dtype": dtype,
+                    "stats": vars(stats),
+                },
+                indent=1,
+            )
+        )
     return target
 
 
@@ -87,18 +112,24 @@ def _read_slices(out_dir: Path) -> list[tuple[Path, dict]]:
     n = metas[0][1]["of"]
     have = {m["slice"] for _, m in metas if m["of"] == n}
     if any(m["of"] != n for _, m in metas):
-        raise DataError(f"{root} holds slices of different splits (of {sorted({m['of'] for _, m in metas})}): "
-                        "remove the stale ones and re-run those slices")
+        raise DataError(
+            f"{root} holds slices of different splits (of {sorted({m['of'] for _, m in metas})}): "
+            "remove the stale ones and re-run those slices"
+        )
     missing = sorted(set(range(n)) - have)
     if missing:
-        raise DataError(f"{root} lacks slice(s) {missing} of {n}: run tools/prepare_data.py --slice "
-                        f"{missing[0]}/{n} (and the others) before --merge")
+        raise DataError(
+            f"{root} lacks slice(s) {missing} of {n}: run tools/prepare_data.py --slice "
+            f"{missing[0]}/{n} (and the others) before --merge"
+        )
     first = metas[0][1]
     for path, meta in metas:
         for key in ("tokenizer_sha256", "all_files", "format_arg", "text_field"):
             if meta[key] != first[key]:
-                raise DataError(f"{path} was made with another {key} than {metas[0][0]}: re-run every slice "
-                                "with the same --input, --tokenizer, --format and --text-field")
+                raise DataError(
+                    f"{path} was made with another {key} than {metas[0][0]}: re-run every slice "
+                    "with the same --input, --tokenizer, --format and --text-field"
+                )
     return metas
 
 
@@ -107,30 +138,49 @@ def _documents(metas: list[tuple[Path, dict]]) -> Iterator[list[int]]:
         lengths = np.load(path / "lengths.npy")
         tokens = np.fromfile(path / "tokens.bin", dtype=meta["token_dtype"])
         if int(lengths.sum()) != len(tokens):
-            raise DataError(f"{path}: tokens.bin does not match lengths.npy (an interrupted copy?): "
-                            "re-run that slice")
+            raise DataError(f"{path}: tokens.bin does not match lengths.npy (an interrupted copy?): re-run that slice")
         start = 0
         for n in lengths.tolist():
             yield tokens[start : start + n].tolist()
             start += n
 
 
-def merge_slices(out_dir: str | Path, tokenizer_path: str | Path, seq_len: int, *, val_fraction: float = 0.01,
-                 seed: int = 0, sequences_per_shard: int = 4096, show_progress: bool = True,
-                 overwrite: bool = False) -> dict:
+def merge_slices(
+    out_dir: str | Path,
+    tokenizer_path: str | Path,
+    seq_len: int,
+    *,
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    sequences_per_shard: int = 4096,
+    show_progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Combine all slices of `out_dir` into one dataset there; return its manifest."""
     out_dir = Path(out_dir)
     metas = _read_slices(out_dir)
     tokenizer = Tokenizer(tokenizer_path)
     first = metas[0][1]
     if tokenizer.sha256 != first["tokenizer_sha256"]:
-        raise DataError(f"--tokenizer {tokenizer_path} is not the tokenizer the slices were made with "
-                        f"(sha256 {first['tokenizer_sha256'][:12]}): pass that one")
+        raise DataError(
+            f"--tokenizer {tokenizer_path} is not the tokenizer the slices were made with "
+            f"(sha256 {first['tokenizer_sha256'][:12]}): pass that one"
+        )
     stats = CorpusStats()
     for _, meta in metas:
         for key, value in meta["stats"].items():
             setattr(stats, key, getattr(stats, key) + value)
     creation = creation_record(first["inputs"], first["format_arg"], first["text_field"], sequences_per_shard)
-    return write_dataset(_documents(metas), out_dir, tokenizer, seq_len, val_fraction=val_fraction, seed=seed,
-                         sequences_per_shard=sequences_per_shard, creation=creation, corpus_stats=stats,
-                         show_progress=show_progress, overwrite=overwrite)
+    return write_dataset(
+        _documents(metas),
+        out_dir,
+        tokenizer,
+        seq_len,
+        val_fraction=val_fraction,
+        seed=seed,
+        sequences_per_shard=sequences_per_shard,
+        creation=creation,
+        corpus_stats=stats,
+        show_progress=show_progress,
+        overwrite=overwrite,
+    )

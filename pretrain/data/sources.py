@@ -9,6 +9,7 @@ Only manifests are read, so this is cheap enough for config loading.
 `dataset_values(sources)` are the values a dataset already records (vocabulary size,
 sequence length) that the config follows unless the user sets them explicitly.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
     """The configured datasets as checked `Source`s; [] when the embedded corpus is used."""
     specs = list(data_cfg.sources or [])
     if specs and data_cfg.dir:
-        raise DataError(f"data.dir={data_cfg.dir} and data.sources are both set: use data.sources alone "
-                        "(a single dataset is a mixture of one)")
+        raise DataError(
+            f"data.dir={data_cfg.dir} and data.sources are both set: use data.sources alone "
+            "(a single dataset is a mixture of one)"
+        )
     if not specs:
         if not data_cfg.dir:
             return []
@@ -71,17 +74,23 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
             raise DataError(f"{label}: no dir given: set data.sources[{i}].dir to a prepared dataset")
         weight = float(get("weight"))
         if not math.isfinite(weight) or weight <= 0:
-            raise DataError(f"{label}: weight={weight} must be a positive number "
-                            f"(set data.sources[{i}].weight, e.g. 1.0, or remove the source)")
+            raise DataError(
+                f"{label}: weight={weight} must be a positive number "
+                f"(set data.sources[{i}].weight, e.g. 1.0, or remove the source)"
+            )
         if not (directory / "manifest.json").is_file():
             missing = "" if directory.exists() else " (the directory does not exist)"
-            raise DataError(f"{label}: {directory} holds no manifest.json{missing}: prepare it with "
-                            f"tools/prepare_data.py --input <corpus> --output {directory}")
+            raise DataError(
+                f"{label}: {directory} holds no manifest.json{missing}: prepare it with "
+                f"tools/prepare_data.py --input <corpus> --output {directory}"
+            )
         manifest = read_manifest(directory)
         source = Source(name, directory, weight, manifest)
         if source.train_sequences <= 0:
-            raise DataError(f"{label}: {directory} has no training sequences: re-run tools/prepare_data.py "
-                            "on a non-empty corpus (or a smaller --val-fraction), or remove the source")
+            raise DataError(
+                f"{label}: {directory} has no training sequences: re-run tools/prepare_data.py "
+                "on a non-empty corpus (or a smaller --val-fraction), or remove the source"
+            )
         sources.append(source)
     _check_consistent(sources, many, seq_len)
     return sources
@@ -96,14 +105,18 @@ def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) ->
     for i, src in enumerate(sources):
         label = _label(i, src.name, many, src.dir)
         if seq_len is not None and src.manifest["seq_len"] != seq_len:
-            raise DataError(f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
-                            f"data.seq_len={seq_len}: set data.seq_len={src.manifest['seq_len']} (or drop the "
-                            "override to follow the dataset), or re-run tools/prepare_data.py --seq-len "
-                            f"{seq_len}")
+            raise DataError(
+                f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
+                f"data.seq_len={seq_len}: set data.seq_len={src.manifest['seq_len']} (or drop the "
+                "override to follow the dataset), or re-run tools/prepare_data.py --seq-len "
+                f"{seq_len}"
+            )
         if src.manifest["seq_len"] != first.manifest["seq_len"]:
-            raise DataError(f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
-                            f"{first.dir} with seq_len={first.manifest['seq_len']}: re-run tools/prepare_data.py "
-                            f"--seq-len {first.manifest['seq_len']} for {src.dir}")
+            raise DataError(
+                f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
+                f"{first.dir} with seq_len={first.manifest['seq_len']}: re-run tools/prepare_data.py "
+                f"--seq-len {first.manifest['seq_len']} for {src.dir}"
+            )
         if src.manifest.get("tokenizer_sha256") != first.manifest.get("tokenizer_sha256"):
             raise DataError(
                 f"{label}: {src.dir / 'tokenizer.model'} (sha256 {str(src.manifest.get('tokenizer_sha256'))[:12]})"
@@ -116,5 +129,8 @@ def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) ->
 def dataset_values(sources: list[Source]) -> dict[str, int]:
     """Config values the datasets already record: {"model.vocab_size", "data.vocab_size", "data.seq_len"}."""
     manifest = sources[0].manifest
-    return {"model.vocab_size": padded_vocab_size(int(manifest["vocab_size"])),
-            "data.vocab_size": int(manifest["vocab_size"]), "data.seq_len": int(manifest["seq_len"])}
+    return {
+        "model.vocab_size": padded_vocab_size(int(manifest["vocab_size"])),
+        "data.vocab_size": int(manifest["vocab_size"]),
+        "data.seq_len": int(manifest["seq_len"]),
+    }

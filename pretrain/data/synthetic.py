@@ -10,6 +10,7 @@ A fraction of the entities (`new_fact_fraction`) is held out: their documents ar
 in the training corpus (they are written to `new_facts.jsonl` for finetuning studies)
 and their probes carry `is_new_fact=True`.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,18 +22,58 @@ from pretrain.data.errors import DataError
 from pretrain.files import atomic_write
 
 CITIES = [
-    "Aldmere", "Brightwater", "Carrowick", "Dunmore", "Eastvale", "Fairhaven", "Glenbrook",
-    "Highcliff", "Ironwood", "Kingsport", "Lakeshire", "Millbrook", "Northgate", "Oakridge",
-    "Pinecrest", "Queensbury", "Riverton", "Stonebridge", "Thornbury", "Westfield",
+    "Aldmere",
+    "Brightwater",
+    "Carrowick",
+    "Dunmore",
+    "Eastvale",
+    "Fairhaven",
+    "Glenbrook",
+    "Highcliff",
+    "Ironwood",
+    "Kingsport",
+    "Lakeshire",
+    "Millbrook",
+    "Northgate",
+    "Oakridge",
+    "Pinecrest",
+    "Queensbury",
+    "Riverton",
+    "Stonebridge",
+    "Thornbury",
+    "Westfield",
 ]
 PROFESSIONS = [
-    "baker", "chemist", "pilot", "architect", "carpenter", "librarian", "surgeon", "painter",
-    "geologist", "sailor", "teacher", "engineer", "poet", "farmer", "judge", "astronomer",
+    "baker",
+    "chemist",
+    "pilot",
+    "architect",
+    "carpenter",
+    "librarian",
+    "surgeon",
+    "painter",
+    "geologist",
+    "sailor",
+    "teacher",
+    "engineer",
+    "poet",
+    "farmer",
+    "judge",
+    "astronomer",
 ]
 EMPLOYERS = [
-    "Northwind Labs", "Blue Harbor", "Silverline", "Redstone Works", "Golden Mill",
-    "Cedar Systems", "Falcon Press", "Granite Bank", "Harbor Foods", "Lumen Optics",
-    "Maple Freight", "Orchid Studio",
+    "Northwind Labs",
+    "Blue Harbor",
+    "Silverline",
+    "Redstone Works",
+    "Golden Mill",
+    "Cedar Systems",
+    "Falcon Press",
+    "Granite Bank",
+    "Harbor Foods",
+    "Lumen Optics",
+    "Maple Freight",
+    "Orchid Studio",
 ]
 YEARS = [str(y) for y in range(1930, 1990)]
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st"]
@@ -155,32 +196,36 @@ def build_fact_world(
         mentor = names[rng.randrange(n_train - 1)] if n_train > 1 else names[0]
         if mentor == name:  # nobody mentors themselves
             mentor = names[n_train - 1]
-        entities.append(Entity(
-            name=name, city=rng.choice(CITIES), year=rng.choice(YEARS), profession=rng.choice(PROFESSIONS),
-            employer=rng.choice(EMPLOYERS), mentor=mentor, is_new_fact=i >= n_train,
-        ))
+        entities.append(
+            Entity(
+                name=name,
+                city=rng.choice(CITIES),
+                year=rng.choice(YEARS),
+                profession=rng.choice(PROFESSIONS),
+                employer=rng.choice(EMPLOYERS),
+                mentor=mentor,
+                is_new_fact=i >= n_train,
+            )
+        )
 
     train_docs, new_docs = [], []
     for ent in entities:
         docs = []
         for _ in range(docs_per_entity):
             order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
-            docs.append(" ".join(
-                rng.choice(TEMPLATES[a]).format(name=ent.name, value=getattr(ent, a)) for a in order
-            ))
+            docs.append(" ".join(rng.choice(TEMPLATES[a]).format(name=ent.name, value=getattr(ent, a)) for a in order))
         for _ in range(qa_docs_per_entity):
             order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
             # No punctuation after an answer, so its tokens match tokenizing the answer alone.
-            docs.append(" ".join(
-                QUESTIONS[a].format(name=ent.name) + " " + getattr(ent, a) for a in order
-            ))
+            docs.append(" ".join(QUESTIONS[a].format(name=ent.name) + " " + getattr(ent, a) for a in order))
         (new_docs if ent.is_new_fact else train_docs).extend(docs)
     rng.shuffle(train_docs)
 
     distinct = {a: len({getattr(e, a) for e in entities}) for a in ATTRIBUTES}
     probes = [
         Probe(QUESTIONS[a].format(name=e.name), getattr(e, a), a, 1.0 / distinct[a], e.is_new_fact)
-        for e in entities for a in ATTRIBUTES
+        for e in entities
+        for a in ATTRIBUTES
     ]
     rng.shuffle(probes)
     return FactWorld(entities, train_docs, new_docs, probes)

@@ -4,6 +4,7 @@ Fixed special ids: 0 = <pad>, 1 = <unk>, 2 = <s> (BOS), 3 = </s> (EOS). Byte fal
 on, so every input encodes without <unk>. `Tokenizer.sha256` is the hash of the model
 file, recorded in shard manifests to catch a mismatched tokenizer.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,8 +111,10 @@ def train_tokenizer(
     if model_type == "bpe":  # every distinct character becomes a piece, beside 256 bytes + 4 specials
         needed = len(set().union(*map(set, sentences))) + 260
         if vocab_size < needed:
-            raise DataError(f"vocab_size={vocab_size} is too small for this corpus: it has "
-                            f"{needed - 260} distinct characters, so pass --vocab-size >= {needed}")
+            raise DataError(
+                f"vocab_size={vocab_size} is too small for this corpus: it has "
+                f"{needed - 260} distinct characters, so pass --vocab-size >= {needed}"
+            )
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -121,7 +124,10 @@ def train_tokenizer(
         byte_fallback=True,
         character_coverage=1.0 if model_type == "bpe" else 0.9995,
         hard_vocab_limit=False,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
         input_sentence_size=0,
         shuffle_input_sentence=False,
         num_threads=num_threads,

@@ -7,6 +7,7 @@ tokenizer.model, slot_frequencies.safetensors and a model card. `load(dir)` retu
 `Transformer` on CPU or GPU without DeepSpeed. Modules: source (find and check the
 checkpoint), dense (ZeRO weights), safetensors_io (streamed files), writer, card, loading.
 """
+
 from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.loading import load
 from pretrain.export.writer import export_checkpoint, weight_specs

@@ -1,4 +1,5 @@
 """The export's README.md: what was trained, on what, and the weight names and shapes."""
+
 from __future__ import annotations
 
 from pretrain.config import RunConfig
@@ -43,9 +44,12 @@ def weight_table(specs) -> str:
 def render_card(cfg: RunConfig, step: int, tokens: int, manifest_hash: str, dtype: str, specs, nbytes: int) -> str:
     m = cfg.model
     params = sum(_numel(shape) for _, shape, _ in specs)
-    memory = (f"memory layers in blocks {list(m.memory.layers)}: {m.memory.n_keys}^2 = {m.memory.num_slots:,} slots, "
-              f"{m.memory.heads} heads x top-{m.memory.k}, value dim {m.value_dim}"
-              if m.memory.enabled else "no memory layers (dense baseline)")
+    memory = (
+        f"memory layers in blocks {list(m.memory.layers)}: {m.memory.n_keys}^2 = {m.memory.num_slots:,} slots, "
+        f"{m.memory.heads} heads x top-{m.memory.k}, value dim {m.value_dim}"
+        if m.memory.enabled
+        else "no memory layers (dense baseline)"
+    )
     return f"""# memlayers export
 
 A decoder-only transformer with product-key memory layers (Memory+), exported from a

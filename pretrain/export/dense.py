@@ -6,6 +6,7 @@ fp32 master weights live in the ZeRO optimizer partitions, which DeepSpeed's
 small DeepSpeed classes; they are loaded with torch's weights-only unpickler forced on
 and exactly those classes allowed, never with the general unpickler.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,9 @@ def _stage0_bf16_masters(src: CheckpointSource, states: dict) -> dict[str, torch
     for group, tensors in zip(groups, masters, strict=True):
         for param, tensor in zip(group["params"], tensors, strict=True):
             if tensor.shape != param.shape:
-                raise IncompleteFileError(f"{src.model_states}: fp32 copy of {names[id(param)]} has shape "
-                                          f"{tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                raise IncompleteFileError(
+                    f"{src.model_states}: fp32 copy of {names[id(param)]} has shape "
+                    f"{tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
             out[names[id(param)]] = tensor.float()
     return out

@@ -6,6 +6,7 @@ computed once. `use_cache=False` (or a model whose forward takes no cache) recom
 whole sequence each step: the reference the cached path is tested against. Prompt plus new
 tokens must fit in the model's max_seq_len.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -35,9 +36,11 @@ def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> N
     """Raise before any work when the prompt and its continuation cannot fit the model's context
     (the last new token is never fed back, hence the + 1)."""
     if prompt_tokens > max_seq_len or prompt_tokens + max_new_tokens > max_seq_len + 1:
-        raise ValueError(f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
-                         f"but the model's max_seq_len is {max_seq_len}: shorten the prompt or lower "
-                         f"--max-new-tokens to at most {max(max_seq_len + 1 - prompt_tokens, 0)}")
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
+            f"but the model's max_seq_len is {max_seq_len}: shorten the prompt or lower "
+            f"--max-new-tokens to at most {max(max_seq_len + 1 - prompt_tokens, 0)}"
+        )
 
 
 def accepts_cache(model) -> bool:
@@ -45,8 +48,16 @@ def accepts_cache(model) -> bool:
 
 
 @torch.no_grad()
-def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             eos_id: int | None = None, seed: int = 0, use_cache: bool = True) -> list[int]:
+def generate(
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> list[int]:
     """Token ids continuing `prompt` (not included); stops at eos_id when given."""
     if not prompt:
         raise ValueError("generate needs a non-empty prompt (start it with the tokenizer's eos id)")
@@ -80,8 +91,9 @@ def answer_probes(model, tokenizer, probes, max_new_tokens: int | None = None) -
         got = generate(model, prompt, min(budget, model.cfg.max_seq_len + 1 - len(prompt)))
         hit = got[: len(target)] == target
         correct += hit
-        rows.append({"question": probe.question, "answer": probe.answer, "generated": tokenizer.decode(got),
-                     "correct": hit})
+        rows.append(
+            {"question": probe.question, "answer": probe.answer, "generated": tokenizer.decode(got), "correct": hit}
+        )
     chance = sum(p.chance for p in probes) / max(len(probes), 1)
     return {"accuracy": correct / max(len(probes), 1), "chance": chance, "count": len(probes), "rows": rows}
 
@@ -89,7 +101,7 @@ def answer_probes(model, tokenizer, probes, max_new_tokens: int | None = None) -
 def answer_tokens(probe, tokenizer, question: list[int]) -> list[int]:
     """The answer's tokens as they follow the question (tokenization may merge across the space)."""
     full = tokenizer.encode(f"{probe.question} {probe.answer}")
-    target = full[len(question):] if full[: len(question)] == question else []
+    target = full[len(question) :] if full[: len(question)] == question else []
     return target or tokenizer.encode(probe.answer)
 
 

@@ -16,6 +16,7 @@ EOS, and the export's tokenizer turns that text into the EOS id. Probes whose qu
 answer do not fit the model's max_seq_len are left out (as fact_recall leaves them out).
 `check_task_dir` validates a written folder before lm_eval runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def write_fact_tasks(export_dir: str | Path, out_dir: str | Path, probes_dir: str | Path | None = None,
-                     limit: int | None = None, choices: int = 4, seed: int = 0) -> dict:
+def write_fact_tasks(
+    export_dir: str | Path,
+    out_dir: str | Path,
+    probes_dir: str | Path | None = None,
+    limit: int | None = None,
+    choices: int = 4,
+    seed: int = 0,
+) -> dict:
     """Write the task folder; returns {"tasks": [...], "probes": kept, "skipped": too long}."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     tokenizer = export_tokenizer(export_dir)
@@ -79,23 +86,40 @@ def write_fact_tasks(export_dir: str | Path, out_dir: str | Path, probes_dir: st
         by_length.setdefault(n, []).append(row)
         kept.append(row)
     if not kept:
-        raise ExportError(f"no probe of {probes_dir or export_dir}/probes.jsonl fits the model's max_seq_len="
-                          f"{max_seq_len} with its answer: nothing to evaluate")
+        raise ExportError(
+            f"no probe of {probes_dir or export_dir}/probes.jsonl fits the model's max_seq_len="
+            f"{max_seq_len} with its answer: nothing to evaluate"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     text = f"{prefix}{{{{question}}}}"
     subtasks = []
     for n, rows in sorted(by_length.items()):
         name = f"{GROUP}_len{n}"
         _write_jsonl(out_dir / f"{name}.jsonl", rows)
-        (out_dir / f"{name}.yaml").write_text(_task_yaml(
-            name, out_dir / f"{name}.jsonl", output_type="generate_until", doc_to_text=text,
-            doc_to_target="{{answer}}", generation_kwargs={"until": [], "max_gen_toks": n, "do_sample": False},
-            metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]))
+        (out_dir / f"{name}.yaml").write_text(
+            _task_yaml(
+                name,
+                out_dir / f"{name}.jsonl",
+                output_type="generate_until",
+                doc_to_text=text,
+                doc_to_target="{{answer}}",
+                generation_kwargs={"until": [], "max_gen_toks": n, "do_sample": False},
+                metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            )
+        )
         subtasks.append(name)
-    (out_dir / f"{GROUP}.yaml").write_text(json.dumps({
-        "group": GROUP, "task": subtasks,
-        "aggregate_metric_list": [{"metric": "exact_match", "aggregation": "mean", "weight_by_size": True}],
-        "metadata": {"version": 1.0}}, indent=2) + "\n")
+    (out_dir / f"{GROUP}.yaml").write_text(
+        json.dumps(
+            {
+                "group": GROUP,
+                "task": subtasks,
+                "aggregate_metric_list": [{"metric": "exact_match", "aggregation": "mean", "weight_by_size": True}],
+                "metadata": {"version": 1.0},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
     rng = random.Random(seed)
     values: dict[str, list[str]] = {}
@@ -110,10 +134,17 @@ def write_fact_tasks(export_dir: str | Path, out_dir: str | Path, probes_dir: st
         rng.shuffle(options)
         mc_rows.append({**row, "choices": options, "label": options.index(row["answer"])})
     _write_jsonl(out_dir / f"{MC_TASK}.jsonl", mc_rows)
-    (out_dir / f"{MC_TASK}.yaml").write_text(_task_yaml(
-        MC_TASK, out_dir / f"{MC_TASK}.jsonl", output_type="multiple_choice", doc_to_text=text,
-        doc_to_choice="{{choices}}", doc_to_target="{{label}}",
-        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]))
+    (out_dir / f"{MC_TASK}.yaml").write_text(
+        _task_yaml(
+            MC_TASK,
+            out_dir / f"{MC_TASK}.jsonl",
+            output_type="multiple_choice",
+            doc_to_text=text,
+            doc_to_choice="{{choices}}",
+            doc_to_target="{{label}}",
+            metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        )
+    )
     return {"tasks": [GROUP, MC_TASK], "subtasks": subtasks, "probes": len(kept), "skipped": skipped}
 
 

@@ -1,5 +1,6 @@
 """`load(dir)`: an export directory -> a `Transformer`, with no DeepSpeed or process group;
 `export_tokenizer(dir)`: its tokenizer, checked to be there."""
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,11 @@ def export_tokenizer_path(export_dir: str | Path) -> Path:
     """The export's tokenizer.model, or an error saying how to get one (checked before any model loads)."""
     path = Path(export_dir) / "tokenizer.model"
     if not path.is_file():
-        raise ExportError(f"{export_dir} has no tokenizer.model, which generation and evaluation need: re-export "
-                          "with tools/export.py (it copies the run's tokenizer), or copy the tokenizer.model the "
-                          "model was trained with into the folder")
+        raise ExportError(
+            f"{export_dir} has no tokenizer.model, which generation and evaluation need: re-export "
+            "with tools/export.py (it copies the run's tokenizer), or copy the tokenizer.model the "
+            "model was trained with into the folder"
+        )
     return path
 
 

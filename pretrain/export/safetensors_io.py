@@ -6,6 +6,7 @@ a row-major tensor with plain file reads (no mmap, so untouched pages never coun
 towards the process's memory). `StreamWriter` writes a file whose header is known
 up front, one tensor (or row block) at a time, to a temporary name renamed on close.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ import torch
 from pretrain.export.errors import IncompleteFileError
 from pretrain.files import discard, replace_with, temp_path_beside
 
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 CODES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -35,8 +44,9 @@ def read_header(path: str | Path) -> tuple[dict, int]:
             raise IncompleteFileError(f"{path} is truncated ({size} bytes, no safetensors header)")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
-            raise IncompleteFileError(f"{path} is truncated or not a safetensors file (header of {n} bytes, "
-                                      f"file of {size})")
+            raise IncompleteFileError(
+                f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})"
+            )
         try:
             header = json.loads(fh.read(n))
         except ValueError as err:
@@ -67,8 +77,12 @@ def read_rows(path: Path, header: dict, data_start: int, name: str, row_start: i
 class StreamWriter:
     """Write tensors named and shaped in advance, in order, possibly in row blocks."""
 
-    def __init__(self, path: str | Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+        metadata: dict[str, str] | None = None,
+    ):
         self.path = Path(path)
         self.tmp = temp_path_beside(self.path)
         header, offset, self._order = {}, 0, []

@@ -6,14 +6,16 @@ token is the argmax (greedy). Rows are left-padded to a common length with an at
 mask, so the continuation's predictions sit in the last columns of every row; the model
 derives position ids from the mask, so a padded row scores as it does alone.
 """
+
 from __future__ import annotations
 
 import torch
 
 
 @torch.no_grad()
-def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                          pad_id: int = 0) -> list[tuple[float, bool]]:
+def continuation_logprobs(
+    model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8, pad_id: int = 0
+) -> list[tuple[float, bool]]:
     """(sum of log-probabilities, is greedy) per (context, continuation) pair, in input order."""
     for i, (context, continuation) in enumerate(pairs):
         if not context or not continuation:
@@ -27,8 +29,8 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for r, row in enumerate(rows):
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
+            ids[r, width - len(row) :] = torch.tensor(row)
+            mask[r, width - len(row) :] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         logprobs = torch.log_softmax(logits.double(), dim=-1).cpu()
         for r, (_, continuation) in enumerate(chunk):

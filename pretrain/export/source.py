@@ -5,6 +5,7 @@ A source is a run directory (`<run>/checkpoints/latest` names the checkpoint), t
 reads only headers and the small rank-0 DeepSpeed model-states file, so a missing or
 truncated file is reported, by name, before any weight is read.
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -52,8 +53,10 @@ def resolve_checkpoint_dir(source: str | Path) -> Path:
     if not path.exists():
         raise ExportError(f"no such run directory or checkpoint: {path}")
     if not path.is_dir():
-        raise ExportError(f"{path} is a file: pass a run directory (holding checkpoints/latest) or a checkpoint "
-                          "folder (checkpoints/step_XXXXXXXX)")
+        raise ExportError(
+            f"{path} is a file: pass a run directory (holding checkpoints/latest) or a checkpoint "
+            "folder (checkpoints/step_XXXXXXXX)"
+        )
     for root in (path / "checkpoints", path):
         try:
             newest = latest_checkpoint(root)
@@ -63,9 +66,11 @@ def resolve_checkpoint_dir(source: str | Path) -> Path:
             return newest
     if (path / "config.yaml").is_file() or any(path.glob("*model_states.pt")):
         return path
-    raise ExportError(f"{path} is neither a run directory (with checkpoints/latest) nor a checkpoint folder "
-                      "(with config.yaml and DeepSpeed model states): pass e.g. runs/tiny or "
-                      "runs/tiny/checkpoints/step_00000100")
+    raise ExportError(
+        f"{path} is neither a run directory (with checkpoints/latest) nor a checkpoint folder "
+        "(with config.yaml and DeepSpeed model states): pass e.g. runs/tiny or "
+        "runs/tiny/checkpoints/step_00000100"
+    )
 
 
 def check_torch_zip(path: Path) -> None:
@@ -117,8 +122,10 @@ def find_dataset_dir(cfg: RunConfig, dataset_dir: str | Path | None) -> Path:
         # Returns the cached embedded corpus; rebuilds it (deterministically) when absent.
         path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
     if not (path / "tokenizer.model").is_file():
-        raise ExportError(f"the run's dataset folder {path} has no tokenizer.model: pass dataset_dir= "
-                          "(--dataset-dir) pointing at the prepared dataset the run used")
+        raise ExportError(
+            f"the run's dataset folder {path} has no tokenizer.model: pass dataset_dir= "
+            "(--dataset-dir) pointing at the prepared dataset the run used"
+        )
     return path
 
 
@@ -132,16 +139,18 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
     candidates = [ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
     model_states = next((p for p in candidates if p.is_file()), None)
     if model_states is None:
-        raise IncompleteFileError(f"incomplete checkpoint: missing file {candidates[0]} (or {candidates[1].name} "
-                                  "for ZeRO stage 3)")
+        raise IncompleteFileError(
+            f"incomplete checkpoint: missing file {candidates[0]} (or {candidates[1].name} for ZeRO stage 3)"
+        )
     check_torch_zip(model_states)
     states = _load_small(model_states)
     ds = states.get("ds_config", {})
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     world = int(states.get("dp_world_size", 1))
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    src = CheckpointSource(ckpt, cfg, stage, world, bf16, int(states.get("step", 0)),
-                           int(states.get("tokens_seen", 0)), model_states)
+    src = CheckpointSource(
+        ckpt, cfg, stage, world, bf16, int(states.get("step", 0)), int(states.get("tokens_seen", 0)), model_states
+    )
     src.run_id = str(states.get("run_id", ""))
     del states
     if stage == 3:
@@ -158,15 +167,18 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
     if src.num_value_tables:
         if not any(shard_files.FILE_RE.match(p.name) for p in ckpt.iterdir()):
             expected = shard_files.shard_file_name(0, 0, cfg.model.memory.parallel_size)
-            raise IncompleteFileError(f"incomplete checkpoint: missing value-shard file {ckpt / expected} "
-                                      "(no values.t*.s*-of-*.safetensors at all)")
+            raise IncompleteFileError(
+                f"incomplete checkpoint: missing value-shard file {ckpt / expected} "
+                "(no values.t*.s*-of-*.safetensors at all)"
+            )
         try:
             P = shard_files.saved_parallel_size(ckpt, src.num_value_tables)
         except shard_files.ShardFileError as err:
             raise IncompleteFileError(f"incomplete checkpoint: {err}") from None
         src.value_parallel_size = P
-        src.value_files = [ckpt / shard_files.shard_file_name(t, s, P)
-                           for t in range(src.num_value_tables) for s in range(P)]
+        src.value_files = [
+            ckpt / shard_files.shard_file_name(t, s, P) for t in range(src.num_value_tables) for s in range(P)
+        ]
         for path in src.value_files:
             header, _ = read_header(path)
             if "weight" not in header:
@@ -178,5 +190,3 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
     src.dataset_dir = find_dataset_dir(cfg, dataset_dir)
     src.tokenizer = src.dataset_dir / "tokenizer.model"
     return src
-
-

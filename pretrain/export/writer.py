@@ -14,6 +14,7 @@ Writes, into a temporary folder renamed at the end:
 Peak host memory: the dense weights (held whole, they are small next to the pool) plus
 one row block of one value table; the pool itself is never held whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,12 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
         "pad_token_id": tok.eos_id,
         "use_cache": True,
         "tie_word_embeddings": False,
-        "memlayers": {"step": src.step, "tokens_seen": src.tokens_seen, "tokenizer_sha256": tok.sha256,
-                      "run_id": src.run_id},
+        "memlayers": {
+            "step": src.step,
+            "tokens_seen": src.tokens_seen,
+            "tokenizer_sha256": tok.sha256,
+            "run_id": src.run_id,
+        },
     }
 
 
@@ -82,15 +87,22 @@ def hf_tokenizer_config() -> dict:
     return {"tokenizer_class": TOKENIZER_CLASS, "auto_map": TOKENIZER_AUTO_MAP, "padding_side": "left"}
 
 
-def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str = "fp32", force: bool = False,
-                      show_progress: bool = True, dataset_dir: str | Path | None = None) -> Path:
+def export_checkpoint(
+    source: str | Path,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    force: bool = False,
+    show_progress: bool = True,
+    dataset_dir: str | Path | None = None,
+) -> Path:
     """Export the checkpoint at `source` (run dir, checkpoints/ or a step folder) to `out_dir`; return it."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} must be one of {sorted(DTYPES)} (--dtype)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists: choose another output folder or pass force=True (--force) "
-                          "to replace it")
+        raise ExportError(
+            f"{out_dir} already exists: choose another output folder or pass force=True (--force) to replace it"
+        )
     src = inspect(source, dataset_dir)  # every input checked before any weight is read
     with atomic_directory(out_dir) as tmp:
         write_weights(src, tmp / WEIGHTS, DTYPES[dtype], show_progress)
@@ -117,8 +129,10 @@ def write_weights(src: CheckpointSource, path: Path, dtype: torch.dtype, show_pr
     expected_dense = {n for n, _, _ in specs if not n.startswith("values.")}
     missing, extra = expected_dense - set(dense), set(dense) - expected_dense
     if missing or extra:
-        raise ExportError(f"the checkpoint in {src.checkpoint_dir} does not match its config.yaml's model: "
-                          f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+        raise ExportError(
+            f"the checkpoint in {src.checkpoint_dir} does not match its config.yaml's model: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
+        )
     total = sum(_nbytes(shape, dtype) for _, shape, _ in specs)
     writer = StreamWriter(path, specs, metadata={"format": "pt", "step": src.step})
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not show_progress)
@@ -132,8 +146,9 @@ def write_weights(src: CheckpointSource, path: Path, dtype: torch.dtype, show_pr
                 continue
             tensor = dense.pop(name)
             if tuple(tensor.shape) != shape:
-                raise ExportError(f"{name} in {src.checkpoint_dir} has shape {tuple(tensor.shape)}, the config's "
-                                  f"model needs {shape}")
+                raise ExportError(
+                    f"{name} in {src.checkpoint_dir} has shape {tuple(tensor.shape)}, the config's model needs {shape}"
+                )
             writer.write(tensor.to(dtype))
             bar.update(_nbytes(shape, dtype))
         writer.close()
@@ -153,8 +168,10 @@ def value_row_blocks(src: CheckpointSource, table: int, shape: tuple[int, ...]):
         header, start = read_header(path)
         meta = header.get("__metadata__", {})
         if int(meta.get("num_slots", -1)) != num_slots or int(meta.get("v_dim", -1)) != v_dim:
-            raise ExportError(f"{path} holds a {meta.get('num_slots')} x {meta.get('v_dim')} table, the config's "
-                              f"model needs {num_slots} x {v_dim}")
+            raise ExportError(
+                f"{path} holds a {meta.get('num_slots')} x {meta.get('v_dim')} table, the config's "
+                f"model needs {num_slots} x {v_dim}"
+            )
         headers.append((path, header, start, int(meta["col_start"]), int(meta["col_end"])))
     headers.sort(key=lambda h: h[3])
     if [h[3] for h in headers] + [v_dim] != [0] + [h[4] for h in headers]:
@@ -177,5 +194,12 @@ def model_card(src: CheckpointSource, dtype: str, weights: Path) -> str:
 
     manifest = src.dataset_dir / "manifest.json"
     manifest_hash = file_sha256(manifest) if manifest.is_file() else "(no manifest.json)"
-    return render_card(src.cfg, src.step, src.tokens_seen, manifest_hash, dtype,
-                       weight_specs(src.cfg.model, DTYPES[dtype]), weights.stat().st_size)
+    return render_card(
+        src.cfg,
+        src.step,
+        src.tokens_seen,
+        manifest_hash,
+        dtype,
+        weight_specs(src.cfg.model, DTYPES[dtype]),
+        weights.stat().st_size,
+    )

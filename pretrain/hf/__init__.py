@@ -5,6 +5,7 @@ so an export directory loads with `AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)` and `AutoTokenizer.from_pretrained(dir, trust_remote_code=True)` on a
 machine without memlayers. `SOURCE_FILES` lists what the export copies.
 """
+
 from pathlib import Path
 
 HF_DIR = Path(__file__).parent

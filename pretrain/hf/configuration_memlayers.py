@@ -4,6 +4,7 @@ Self-contained: it imports transformers only. `config.json` carries the training
 code's model hyper-parameters verbatim under "model"; this class derives the sizes the
 forward needs (head dim, FFN width, value width) with the same rules as training.
 """
+
 from transformers import PretrainedConfig
 
 

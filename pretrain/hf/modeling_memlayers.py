@@ -11,6 +11,7 @@ token's memory lookup runs once. Batches may be left-padded: the 2-D `attention_
 hides padding from attention and `position_ids` (from the mask when not given) start at
 0 on each row's first real token, so a padded row computes what it computes alone.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -129,8 +130,9 @@ class MemoryPlus(nn.Module):
         T = slots.shape[0]
         table = values.weight
         compute = table.float() if table.dtype in (torch.bfloat16, torch.float16) else table
-        bag = F.embedding_bag(slots.reshape(T, -1), compute, per_sample_weights=weights.reshape(T, -1).to(compute.dtype),
-                              mode="sum")
+        bag = F.embedding_bag(
+            slots.reshape(T, -1), compute, per_sample_weights=weights.reshape(T, -1).to(compute.dtype), mode="sum"
+        )
         bag = bag.to(table.dtype).reshape(*x.shape[:-1], self.v_dim).to(x.dtype)
         return self.out_proj(bag * F.silu(self.gate_proj(x)))
 
@@ -195,8 +197,19 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
             self._rotary = rotary_table(c.head_dim, c.max_seq_len, c.rope_theta).to(positions.device)
         return self._rotary[positions]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                labels=None, return_dict=None, past_key_values=None, logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=None,
+        labels=None,
+        return_dict=None,
+        past_key_values=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         """Logits for input_ids (B, S), continuing `cache` (its keys/values are extended in place).
 
         attention_mask (B, past + S), 1 = real token, may mark left padding; position_ids (B, S)
@@ -212,11 +225,15 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if cache is not None else 0
         limit = self.config.max_seq_len
         if past + S > limit:
-            raise ValueError(f"sequence length {past + S} (cached {past} + new {S}) exceeds the model's "
-                             f"max_seq_len={limit}: shorten the prompt or lower max_new_tokens")
+            raise ValueError(
+                f"sequence length {past + S} (cached {past} + new {S}) exceeds the model's "
+                f"max_seq_len={limit}: shorten the prompt or lower max_new_tokens"
+            )
         if attention_mask is not None and attention_mask.shape != (B, past + S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + S)} "
-                             "(one entry per cached and new token)")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + S)} "
+                "(one entry per cached and new token)"
+            )
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
         if position_ids is None:
             if padded:
@@ -258,6 +275,9 @@ def check_loaded_weights(info: dict, source) -> None:
     mismatched = [f"{name} (file {tuple(a)}, model {tuple(b)})" for name, a, b in info.get("mismatched_keys") or []]
     if missing or mismatched:
         problems = ([f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []) + (
-            [f"wrong shape {', '.join(mismatched[:4])}"] if mismatched else [])
-        raise ValueError(f"{source}/model.safetensors does not hold every weight of the model ({'; '.join(problems)}): "
-                         "re-export the checkpoint with tools/export.py")
+            [f"wrong shape {', '.join(mismatched[:4])}"] if mismatched else []
+        )
+        raise ValueError(
+            f"{source}/model.safetensors does not hold every weight of the model ({'; '.join(problems)}): "
+            "re-export the checkpoint with tools/export.py"
+        )

@@ -7,6 +7,7 @@ transformers tokenizers treat them: the fact-probe tasks start every prompt with
 document separator "</s>" as training did. Decoding is sentencepiece's own, so the space a
 continuation's first piece carries survives `decode(prompt_ids + continuation_ids)`.
 """
+
 import os
 import shutil
 
@@ -20,14 +21,19 @@ class MemlayersTokenizer(PreTrainedTokenizer):
 
     def __init__(self, vocab_file, **kwargs):
         if not vocab_file or not os.path.isfile(vocab_file):
-            raise ValueError(f"tokenizer file {vocab_file} does not exist: an export ships its tokenizer.model "
-                             "(re-export with tools/export.py)")
+            raise ValueError(
+                f"tokenizer file {vocab_file} does not exist: an export ships its tokenizer.model "
+                "(re-export with tools/export.py)"
+            )
         self.vocab_file = vocab_file
         self.sp = spm.SentencePieceProcessor()
         self.sp.Load(vocab_file)
         piece = self.sp.id_to_piece
-        for name, index in (("eos_token", self.sp.eos_id()), ("bos_token", self.sp.bos_id()),
-                            ("unk_token", self.sp.unk_id())):
+        for name, index in (
+            ("eos_token", self.sp.eos_id()),
+            ("bos_token", self.sp.bos_id()),
+            ("unk_token", self.sp.unk_id()),
+        ):
             if index >= 0:
                 kwargs.setdefault(name, piece(index))
         # padding only ever sits under a zero attention mask; EOS when the model has no pad piece

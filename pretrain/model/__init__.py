@@ -1,10 +1,19 @@
 """The model: plain nn.Modules and their hyper-parameters."""
+
 from pretrain.model.accounting import ParameterCount, count_parameters, flops_per_token
 from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
 from pretrain.model.memory import MemoryPlus, ValueTable
 from pretrain.model.transformer import Transformer, language_model_loss
 
 __all__ = [
-    "ConfigError", "MemoryConfig", "MemoryPlus", "ModelConfig", "ParameterCount", "Transformer",
-    "ValueTable", "count_parameters", "flops_per_token", "language_model_loss",
+    "ConfigError",
+    "MemoryConfig",
+    "MemoryPlus",
+    "ModelConfig",
+    "ParameterCount",
+    "Transformer",
+    "ValueTable",
+    "count_parameters",
+    "flops_per_token",
+    "language_model_loss",
 ]

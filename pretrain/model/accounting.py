@@ -9,6 +9,7 @@ forward), the convention behind MFU. Per token, forward:
 The value table is sparse: a token touches H*k of its N rows, so its parameters do not
 count as active.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ validated by `validate()` with errors that name the config key to fix.
 String choices are `Literal` types: `check_choices` validates every such field of a config
 dataclass from its annotation, so a new choice is added in one place (the Literal).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,11 @@ def choices_message(key: str, value, choices: tuple) -> str:
 def literal_fields(cls: type) -> dict[str, tuple]:
     """The fields of dataclass `cls` typed `Literal[...]`, with their allowed values."""
     hints = typing.get_type_hints(cls)
-    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
-            if typing.get_origin(hints[f.name]) is Literal}
+    return {
+        f.name: typing.get_args(hints[f.name])
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) is Literal
+    }
 
 
 def check_choices(section, prefix: str = "") -> None:

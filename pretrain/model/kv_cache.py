@@ -4,6 +4,7 @@ One `LayerKV` per block holds that block's rotated keys and values, (B, kv_heads
 head_dim); the cache's length is the position of the next token, shared by every row (the
 training model has no padding masks: a batch of prompts must have equal lengths).
 """
+
 from __future__ import annotations
 
 import torch

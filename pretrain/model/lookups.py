@@ -8,6 +8,7 @@ accesses), and never during an activation checkpoint's recomputation (the layer 
 not call its hooks then). `take()` refuses a micro-batch in which a layer handed over
 anything but one lookup, so a double count cannot pass silently.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,7 @@ class LookupRecorder:
         def record(layer, indices: torch.Tensor, weights: torch.Tensor) -> None:
             if layer.training:
                 self._pending[position].append(indices)
+
         return record
 
     def take(self, with_shared_table: bool = False) -> list[torch.Tensor]:
@@ -33,8 +35,10 @@ class LookupRecorder:
         counts = [len(p) for p in self._pending]
         pending, self._pending = self._pending, [[] for _ in self.layers]
         if any(c != 1 for c in counts):
-            raise RuntimeError(f"memory layers handed over {counts} lookups since the last take; expected one "
-                               "each (a forward without take, or a lookup recorded twice)")
+            raise RuntimeError(
+                f"memory layers handed over {counts} lookups since the last take; expected one "
+                "each (a forward without take, or a lookup recorded twice)"
+            )
         per_layer = [p[0] for p in pending]
         return per_layer + ([torch.cat(per_layer, dim=1)] if with_shared_table else [])
 

@@ -6,6 +6,7 @@ and gating, and reads a value table handed to it at call time, so that one table
 be shared by several layers and swapped for a partitioned one by the parallelize step
 without touching this code.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,9 +127,7 @@ class MemoryPlus(nn.Module):
 
     def forward(self, x: torch.Tensor, values: nn.Module) -> torch.Tensor:
         if getattr(values, "v_dim", self.v_dim) != self.v_dim:
-            raise ConfigError(
-                f"value table width {values.v_dim} does not match model.memory.v_dim={self.v_dim}"
-            )
+            raise ConfigError(f"value table width {values.v_dim} does not match model.memory.v_dim={self.v_dim}")
         with torch.profiler.record_function(regions.SCORING):
             weights, indices = self.search(x)
         if not recompute.recomputing():

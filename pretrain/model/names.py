@@ -3,6 +3,7 @@
 Slot statistics streams, slot-table keys, value-shard files and exported weights all key
 on these names; this module is the one place that spells them.
 """
+
 from __future__ import annotations
 
 from pretrain.model.config import MemoryConfig

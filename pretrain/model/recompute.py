@@ -12,6 +12,7 @@ replays those tensors in the same order instead of communicating again, and
 `recomputing()` is true so that hand-overs are skipped. Outside checkpointing there is
 no tape and nothing changes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,10 @@ class LookupTape:
 
     def replay(self):
         if not self.entries:
-            raise RuntimeError("activation checkpointing: the recomputed forward ran more value lookups than "
-                               "the real one (the block's forward must be deterministic in its control flow)")
+            raise RuntimeError(
+                "activation checkpointing: the recomputed forward ran more value lookups than "
+                "the real one (the block's forward must be deterministic in its control flow)"
+            )
         return self.entries.popleft()
 
     @contextlib.contextmanager

@@ -5,6 +5,7 @@ applied from outside (pretrain/parallel). Blocks listed in `cfg.memory.layers` u
 `MemoryPlus` layer in place of the FFN; the value tables live on the model in
 `self.values` (one shared table, or one per memory layer).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, kv: LayerKV | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """kv (optional): this layer's cache, extended in place; mask: from `KVCache.causal_mask`."""
         B, S, _ = x.shape
         q = apply_rotary(self.wq(x).view(B, S, self.n_heads, self.head_dim), freqs)
@@ -78,8 +80,14 @@ class Block(nn.Module):
         self.is_memory = layer_id in cfg.memory.layers
         self.ffn = MemoryPlus(cfg) if self.is_memory else SwiGLU(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, values: nn.Module | None,
-                kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        values: nn.Module | None,
+        kv: LayerKV | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), freqs, kv, mask)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, values) if self.is_memory else self.ffn(h))

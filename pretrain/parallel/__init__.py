@@ -40,6 +40,7 @@ Checkpoints: `MemoryParallel.save` writes one safetensors file per (table, shard
 with the AdamW state; `load` re-shards to any P dividing v_dim; `consolidate`
 assembles full tables for export (`shard_files`).
 """
+
 from pretrain.parallel.groups import MemoryGroups, init_memory_groups
 from pretrain.parallel.memory_parallel import MemoryParallel
 from pretrain.parallel.shard_files import ShardFileError

@@ -11,11 +11,13 @@ step (sends are the same amount when the group's token counts are equal):
   shard bytes, R replicas) and the 4-byte gradient-norm all-reduce (ring, P ranks).
 With P = 1 no lookup traffic exists.
 """
+
 from __future__ import annotations
 
 
-def lookup_bytes(tokens: int, heads: int, k: int, v_dim: int, parallel_size: int,
-                 weight_bytes: int = 4, out_bytes: int = 4) -> int:
+def lookup_bytes(
+    tokens: int, heads: int, k: int, v_dim: int, parallel_size: int, weight_bytes: int = 4, out_bytes: int = 4
+) -> int:
     """Bytes received per rank for one lookup (forward + backward) of `tokens` tokens."""
     P = parallel_size
     if P == 1:

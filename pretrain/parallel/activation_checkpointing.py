@@ -29,6 +29,7 @@ Determinism: the recomputation must select the same slots as the real forward. T
 PyTorch and Triton scoring paths are deterministic for identical inputs; under P > 1
 the bag's indices come from the tape anyway.
 """
+
 from __future__ import annotations
 
 import functools

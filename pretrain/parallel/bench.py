@@ -6,6 +6,7 @@ parameters, MemoryParallel for the values. Rank 0 reports the median step time a
 one warm-up step; every rank reports its value-shard bytes, AdamW-state bytes, peak
 RSS and the bytes it received per step.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,18 @@ class BenchSpec:
     zero_stage: int = 1
 
     def model_config(self) -> ModelConfig:
-        mem = MemoryConfig(layers=[self.n_layers - 1], n_keys=self.n_keys, heads=self.heads, k=self.k, k_dim=64,
-                           v_dim=self.v_dim, kernel="torch")
-        return ModelConfig(vocab_size=512, dim=self.dim, n_layers=self.n_layers, n_heads=4,
-                           max_seq_len=self.seq_len, memory=mem).validate()
+        mem = MemoryConfig(
+            layers=[self.n_layers - 1],
+            n_keys=self.n_keys,
+            heads=self.heads,
+            k=self.k,
+            k_dim=64,
+            v_dim=self.v_dim,
+            kernel="torch",
+        )
+        return ModelConfig(
+            vocab_size=512, dim=self.dim, n_layers=self.n_layers, n_heads=4, max_seq_len=self.seq_len, memory=mem
+        ).validate()
 
 
 def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path: str, show_progress: bool) -> None:
@@ -60,11 +69,18 @@ def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path
     model.reset_parameters()
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     per_rank = spec.global_batch // world
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_batch_size": spec.global_batch, "train_micro_batch_size_per_gpu": per_rank,
-        "gradient_accumulation_steps": 1, "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": spec.zero_stage}, "steps_per_print": 10**9,
-    })
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={
+            "train_batch_size": spec.global_batch,
+            "train_micro_batch_size_per_gpu": per_rank,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": optim.grad_clip,
+            "zero_optimization": {"stage": spec.zero_stage},
+            "steps_per_print": 10**9,
+        },
+    )
     gen = torch.Generator().manual_seed(rank)
     times = []
     steps = range(spec.steps + 1)
@@ -87,8 +103,11 @@ def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path
         times.append(time.perf_counter() - t0)
     acc = mp.accounting()
     acc.update(
-        rank=rank, world_size=world, step_time_median_s=statistics.median(times[1:]),
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, loss=loss.item(),
+        rank=rank,
+        world_size=world,
+        step_time_median_s=statistics.median(times[1:]),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        loss=loss.item(),
     )
     Path(out_path, f"rank{rank}.json").write_text(json.dumps(acc))
 
@@ -111,8 +130,10 @@ def run_bench(spec: BenchSpec, configs: list[tuple[int, int]], show_progress: bo
 
 def format_report(records: list[dict]) -> str:
     mib = 2**20
-    lines = [f"{'W':>2} {'P':>2} {'rank':>4} {'step s':>8} {'shard MiB':>10} {'adam MiB':>9} "
-             f"{'full MiB':>9} {'recv KiB/step':>13} {'estimate':>10} {'peak RSS MiB':>12}"]
+    lines = [
+        f"{'W':>2} {'P':>2} {'rank':>4} {'step s':>8} {'shard MiB':>10} {'adam MiB':>9} "
+        f"{'full MiB':>9} {'recv KiB/step':>13} {'estimate':>10} {'peak RSS MiB':>12}"
+    ]
     for r in records:
         lines.append(
             f"{r['world_size']:>2} {r['parallel_size']:>2} {r['rank']:>4} {r['step_time_median_s']:>8.3f} "
@@ -123,6 +144,8 @@ def format_report(records: list[dict]) -> str:
     by_p = {(r["world_size"], r["parallel_size"]): r["step_time_median_s"] for r in records if r["rank"] == 0}
     base = by_p.get(next(iter(by_p), None))
     if base and len(by_p) > 1:
-        lines.append("step time relative to the first configuration: " + ", ".join(
-            f"W={w} P={p}: {t / base:.2f}x" for (w, p), t in by_p.items()))
+        lines.append(
+            "step time relative to the first configuration: "
+            + ", ".join(f"W={w} P={p}: {t / base:.2f}x" for (w, p), t in by_p.items())
+        )
     return "\n".join(lines)

@@ -6,6 +6,7 @@ exchanges row blocks; its backward is the reverse exchange. Both run the same
 collectives on every rank of the group, in the same order, in forward and backward.
 Byte counts are the bytes this rank receives from other ranks.
 """
+
 from __future__ import annotations
 
 import torch

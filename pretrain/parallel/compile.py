@@ -15,6 +15,7 @@ Under memory parallelism (P > 1) the value table's collectives are Python
 autograd.Functions over torch.distributed: dynamo runs them eagerly (a graph break
 inside the value lookup only, the scoring and the dense parts stay compiled).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,8 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: boo
     """Compile each block of `model.layers` in place; return how many were compiled."""
     for i, block in enumerate(model.layers):
         if getattr(block, "_activation_checkpointed", False):
-            raise ValueError("apply_compile must run before apply_activation_checkpointing (block "
-                             f"{i} is already checkpointed)")
+            raise ValueError(
+                f"apply_compile must run before apply_activation_checkpointing (block {i} is already checkpointed)"
+            )
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=fullgraph)
     return len(model.layers)

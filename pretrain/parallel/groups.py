@@ -6,6 +6,7 @@ the ranks holding the same column shard, one per position in a memory group (the
 shard gradients are summed). Every rank reads its own data shard: the data-parallel
 size is W.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -14,6 +14,7 @@ step costs O(rows read) instead of O(N). The calls above are the same for both: 
 trainer does not know which one runs. Both keep the same optimizer state, so their
 checkpoints are interchangeable.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,15 @@ VALUE_OPTIMIZERS = literal_fields(OptimConfig)["value_optimizer"]  # the config'
 class MemoryParallel:
     """The partitioned value tables of one model on this rank, and their AdamW optimizer."""
 
-    def __init__(self, model: nn.Module, groups: MemoryGroups, optim_cfg, kernel: str = "auto",
-                 device: torch.device | str | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: MemoryGroups,
+        optim_cfg,
+        kernel: str = "auto",
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ):
         self.groups, self.optim_cfg = groups, optim_cfg
         self.value_optimizer = getattr(optim_cfg, "value_optimizer", "adamw")
         if self.value_optimizer not in VALUE_OPTIMIZERS:
@@ -52,21 +60,32 @@ class MemoryParallel:
             table.register_forward_pre_hook(self._record_lookup)
         self.optimizer = None
         if self.tables and self.sparse:
-            self.optimizer = SparseAdamW(self.parameters(), lr=optim_cfg.value_lr,
-                                         betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
+            self.optimizer = SparseAdamW(
+                self.parameters(), lr=optim_cfg.value_lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps
+            )
         elif self.tables:
             # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
             self.optimizer = torch.optim.AdamW(
-                self.parameters(), lr=optim_cfg.value_lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                eps=optim_cfg.eps, weight_decay=0.0, fused=True,
+                self.parameters(),
+                lr=optim_cfg.value_lr,
+                betas=(optim_cfg.beta1, optim_cfg.beta2),
+                eps=optim_cfg.eps,
+                weight_decay=0.0,
+                fused=True,
             )
 
     def _record_lookup(self, table, args) -> None:
         if recompute.recomputing():  # an activation checkpoint's replay moves no bytes
             return
         indices, weights = args
-        self._lookups.append((indices.shape[0], indices[0].numel() if indices.shape[0] else 0,
-                              weights.element_size(), table.shard.element_size()))
+        self._lookups.append(
+            (
+                indices.shape[0],
+                indices[0].numel() if indices.shape[0] else 0,
+                weights.element_size(),
+                table.shard.element_size(),
+            )
+        )
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's value shards (leaf tensors outside the model's parameters)."""
@@ -166,11 +185,15 @@ class MemoryParallel:
         opt = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
         lookups = getattr(self, "last_step_lookups", [])
         # the sparse replica exchange depends on the rows read: it is taken as measured
-        replicas = (accounting.step_reduction_bytes(0, P, 1) + getattr(self, "_replica_bytes", 0) if self.sparse
-                    else accounting.step_reduction_bytes(shard, P, g.num_replicas))
-        estimate = sum(
-            accounting.lookup_bytes(T, hk, 1, self.tables[0].v_dim, P, wb, ob) for T, hk, wb, ob in lookups
-        ) + replicas  # assumes clip_grad_norm ran
+        replicas = (
+            accounting.step_reduction_bytes(0, P, 1) + getattr(self, "_replica_bytes", 0)
+            if self.sparse
+            else accounting.step_reduction_bytes(shard, P, g.num_replicas)
+        )
+        estimate = (
+            sum(accounting.lookup_bytes(T, hk, 1, self.tables[0].v_dim, P, wb, ob) for T, hk, wb, ob in lookups)
+            + replicas
+        )  # assumes clip_grad_norm ran
         return {
             "parallel_size": P,
             "num_replicas": g.num_replicas,
@@ -223,8 +246,16 @@ class MemoryParallel:
             exp_avg, exp_avg_sq = st.get("exp_avg"), st.get("exp_avg_sq")
             step = float(st["step"]) if "step" in st else 0.0
             path = checkpoint_dir / shard_files.shard_file_name(i, g.position, g.parallel_size)
-            meta = dict(table=i, shard=g.position, parallel_size=g.parallel_size, num_slots=t.num_slots,
-                        v_dim=t.v_dim, col_start=t.col_start, col_end=t.col_end, seed=t.seed)
+            meta = dict(
+                table=i,
+                shard=g.position,
+                parallel_size=g.parallel_size,
+                num_slots=t.num_slots,
+                v_dim=t.v_dim,
+                col_start=t.col_start,
+                col_end=t.col_end,
+                seed=t.seed,
+            )
             shard_files.write_shard(path, t.shard, exp_avg, exp_avg_sq, step, meta)
             written.append(path)
         return written
@@ -235,8 +266,9 @@ class MemoryParallel:
         saved_p = shard_files.saved_parallel_size(checkpoint_dir, len(self.tables))
         for i, t in enumerate(self.tables):
             # one tensor at a time, so that at most one shard-sized copy is in flight
-            cols, step, meta = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end,
-                                                        names=("weight",))
+            cols, step, meta = shard_files.read_columns(
+                checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=("weight",)
+            )
             if int(meta["num_slots"]) != t.num_slots or int(meta["v_dim"]) != t.v_dim:
                 raise shard_files.ShardFileError(
                     f"value table {i} in {checkpoint_dir} is {meta['num_slots']} x {meta['v_dim']}, the model's is "
@@ -250,8 +282,9 @@ class MemoryParallel:
             if step > 0:
                 state = {"step": torch.tensor(step, dtype=torch.float32, device=t.shard.device)}
                 for name in ("exp_avg", "exp_avg_sq"):
-                    moment = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end,
-                                                      names=(name,))[0][name]
+                    moment = shard_files.read_columns(
+                        checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=(name,)
+                    )[0][name]
                     state[name] = moment.to(t.shard.device, t.shard.dtype)
                 self.optimizer.state[t.shard] = state
 

@@ -12,6 +12,7 @@ all-reduce of equal-sized tensors: `reduce_over_replicas` all-gathers every repl
 (rows, gradient rows) and merges them in replica order, which gives each replica the
 same bits (the sum a dense all-reduce would give, up to fp32 addition order).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,9 @@ def reduce_over_replicas(rows: torch.Tensor, grad_rows: torch.Tensor, group) -> 
     """Sum the row gradients of every rank in `group`; return (rows, summed rows, bytes received)."""
     size = dist.get_world_size(group)
     counts = torch.empty(size, dtype=torch.int64, device=rows.device)
-    dist.all_gather_into_tensor(counts, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device),
-                                group=group)
+    dist.all_gather_into_tensor(
+        counts, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device), group=group
+    )
     counts = counts.tolist()
     longest, width = max(counts), grad_rows.shape[1]
     pad = longest - rows.numel()

@@ -7,6 +7,7 @@ and column range. Files are streamed (no copy of the shard) to a temporary name 
 renamed. Reading a column range [c0, c1) streams the overlapping columns of whichever shards hold them,
 so a checkpoint saved with P shards loads into any P' that divides v_dim.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,7 +34,11 @@ def shard_file_name(table: int, shard: int, parallel_size: int) -> str:
 
 
 def write_shard(
-    path: Path, weight: torch.Tensor, exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor | None, step: float,
+    path: Path,
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor | None,
+    exp_avg_sq: torch.Tensor | None,
+    step: float,
     meta: dict,
 ) -> None:
     """Stream one shard file: each tensor is written from its own memory (a CPU shard is
@@ -77,7 +82,7 @@ def saved_parallel_size(checkpoint_dir: Path, num_tables: int) -> int:
             f"{checkpoint_dir} mixes value shards saved with different group sizes {sorted(found)}: "
             "remove the stale files"
         )
-    (P, have), = found.items()
+    ((P, have),) = found.items()
     for t in range(num_tables):
         for s in range(P):
             if (t, s) not in have:

@@ -31,6 +31,7 @@ AdamW kernel to the gathered (U, width) block with step t, scatter them back. Th
 arithmetic per element is the dense optimizer's, so a row read at every step matches
 `adamw` bitwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,14 @@ from pretrain.parallel import row_grads
 class SparseAdamW(torch.optim.Optimizer):
     """Lazy Adam over parameters whose gradients are sparse COO (row-sparse) tensors."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         if weight_decay:
             raise ValueError(f"SparseAdamW takes no weight decay (got {weight_decay}): the value pool has none")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
@@ -73,8 +80,22 @@ class SparseAdamW(torch.optim.Optimizer):
                 # writes its row once (deterministic)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 x, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-                adamw_rows([x], [grad.to(p.dtype)], [m], [v], [], [state["step"] - 1], fused=True, amsgrad=False,
-                           beta1=beta1, beta2=beta2, lr=lr, weight_decay=0.0, eps=eps, maximize=False)
+                adamw_rows(
+                    [x],
+                    [grad.to(p.dtype)],
+                    [m],
+                    [v],
+                    [],
+                    [state["step"] - 1],
+                    fused=True,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=lr,
+                    weight_decay=0.0,
+                    eps=eps,
+                    maximize=False,
+                )
                 exp_avg.index_copy_(0, rows, m)
                 exp_avg_sq.index_copy_(0, rows, v)
                 p.index_copy_(0, rows, x)

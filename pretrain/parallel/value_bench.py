@@ -17,6 +17,7 @@ shared, noisy machine (the variants alternate, and each reports the median):
   and sparse value gradients and, when importable, lucidrains' `product-key-memory`
   0.3.0 `PKM` at the same shapes (install it outside the project's environment).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import MemoryParallel
 
 VARIANTS = ("adamw", "sparse_adamw")
-PKM_INSTALL = ("pip install --no-deps --target /tmp/pkm product-key-memory==0.3.0 colt5-attention local-attention "
-               "hyper-connections  (einops must be importable), then run with PYTHONPATH=/tmp/pkm")
+PKM_INSTALL = (
+    "pip install --no-deps --target /tmp/pkm product-key-memory==0.3.0 colt5-attention local-attention "
+    "hyper-connections  (einops must be importable), then run with PYTHONPATH=/tmp/pkm"
+)
 
 
 @dataclass
@@ -84,10 +87,12 @@ def _peak_memory(device: str) -> int:
 
 
 def _model_config(spec: StepSpec, n_keys: int) -> ModelConfig:
-    mem = MemoryConfig(layers=[0], n_keys=n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, v_dim=spec.v_dim,
-                       kernel="torch")
-    return ModelConfig(vocab_size=512, dim=spec.dim, n_layers=1, n_heads=4, max_seq_len=spec.seq_len,
-                       memory=mem).validate()
+    mem = MemoryConfig(
+        layers=[0], n_keys=n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, v_dim=spec.v_dim, kernel="torch"
+    )
+    return ModelConfig(
+        vocab_size=512, dim=spec.dim, n_layers=1, n_heads=4, max_seq_len=spec.seq_len, memory=mem
+    ).validate()
 
 
 class _StepRunner:
@@ -156,11 +161,19 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
         for variant, runner in runners.items():
             resident = runner.resident_bytes()
             extra = statistics.median(extras[variant])
-            records.append({
-                "slots": slots, "n_keys": n, "variant": variant, "step_s": statistics.median(walls[variant]),
-                "step_cpu_s": statistics.median(cpus[variant]), "step_peak": resident + extra,
-                "step_extra": extra, "resident": resident, "rows_read": _rows_read(runner),
-            })
+            records.append(
+                {
+                    "slots": slots,
+                    "n_keys": n,
+                    "variant": variant,
+                    "step_s": statistics.median(walls[variant]),
+                    "step_cpu_s": statistics.median(cpus[variant]),
+                    "step_peak": resident + extra,
+                    "step_extra": extra,
+                    "resident": resident,
+                    "rows_read": _rows_read(runner),
+                }
+            )
             if progress is not None:
                 progress(records[-1])
         del runners
@@ -191,8 +204,9 @@ def _memlayers_layer(spec: LayerSpec, value_grad: str):
     mem = MemoryConfig(layers=[0], n_keys=spec.n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, kernel="torch")
     cfg = ModelConfig(vocab_size=512, dim=spec.dim, n_layers=1, n_heads=4, memory=mem).validate()
     layer = MemoryPlus(cfg)
-    table = PartitionedValueTable(spec.n_keys**2, spec.dim, init_memory_groups(1), kernel="torch",
-                                  value_grad=value_grad)
+    table = PartitionedValueTable(
+        spec.n_keys**2, spec.dim, init_memory_groups(1), kernel="torch", value_grad=value_grad
+    )
     return (lambda x: layer(x, table)), [*layer.parameters(), table.shard]
 
 
@@ -226,5 +240,7 @@ def layer_compare(spec: LayerSpec) -> list[dict]:
             if rep:  # the first round warms up
                 walls[name].append(time.perf_counter() - w0)
                 cpus[name].append(time.process_time() - c0)
-    return [{"layer": name, "fwd_bwd_s": statistics.median(walls[name]), "fwd_bwd_cpu_s": statistics.median(cpus[name])}
-            for name in runs]
+    return [
+        {"layer": name, "fwd_bwd_s": statistics.median(walls[name]), "fwd_bwd_cpu_s": statistics.median(cpus[name])}
+        for name in runs
+    ]

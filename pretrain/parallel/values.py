@@ -18,6 +18,7 @@ gathered indices/weights and the exchanged output are recorded on the region's
 rebuild the tensors its backward saves). The output kept per lookup is (T, v_dim), the
 size of one hidden state; the gathered indices/weights are (P * T, H, k).
 """
+
 from __future__ import annotations
 
 import torch
@@ -93,15 +94,22 @@ class PartitionedValueTable(nn.Module):
             raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
         group, P = self.groups.memory_group, self.parallel_size
         if P == 1:
-            return kernels.ops.embedding_bag(self.shard, indices, weights, backend=self.kernel, value_grad=self.value_grad)
+            return kernels.ops.embedding_bag(
+                self.shard, indices, weights, backend=self.kernel, value_grad=self.value_grad
+            )
         T = indices.shape[0]
         tape = recompute.current_tape()
         if tape is not None and tape.replaying:
             # leaves with the real forward's requires_grad, so that the ops after the lookup
             # save the same tensors as they did then (their gradients are never taken)
             all_idx, all_w, mine = (t.requires_grad_(flag) for t, flag in tape.replay())
-            kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel,  # its saved tensors only
-                                      value_grad=self.value_grad)
+            kernels.ops.embedding_bag(
+                self.shard,
+                all_idx,
+                all_w,
+                backend=self.kernel,  # its saved tensors only
+                value_grad=self.value_grad,
+            )
             return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
         with torch.profiler.record_function(regions.COMMUNICATION):  # named for pretrain/profiling.py
             counts = exchange_counts(T, group, self.counter, indices.device)
@@ -140,7 +148,13 @@ def parallelize_memory(
             raise ValueError(f"model.values[{i}] is already partitioned: call parallelize_memory once per model")
         dtype = table.weight.dtype if hasattr(table, "weight") else torch.float32
         new = PartitionedValueTable(
-            table.num_slots, table.v_dim, groups, seed=base + i, kernel=kernel, device=device, dtype=dtype,
+            table.num_slots,
+            table.v_dim,
+            groups,
+            seed=base + i,
+            kernel=kernel,
+            device=device,
+            dtype=dtype,
             value_grad=value_grad,
         )
         values[i] = new

@@ -4,6 +4,7 @@ Trainer use: `SlotStatistics.update` once per micro-batch with each memory layer
 `last_indices` and the batch's doc ids; `reduce()` at log/checkpoint time; `save_table`
 next to every checkpoint. Format of the table: see pretrain/slots/table.py.
 """
+
 from pretrain.slots.counters import SlotStatistics
 from pretrain.slots.granularity import parse_granularity
 from pretrain.slots.sample import SampleData, recompute_doc_freq
@@ -31,8 +32,26 @@ from pretrain.slots.tfidf import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "RankedSlot", "SampleData", "SlotStatistics", "SlotTable", "TABLE_FILENAME",
-    "TableMismatchError", "check_table_matches", "find_table", "layer_slot_counts", "load_export_for_tfidf", "load_model_for_tfidf",
-    "load_table", "memory_layer_names", "model_config_hash", "parse_granularity", "rank_slots",
-    "recompute_doc_freq", "save_table", "tfidf_scores", "tokenizer_hash", "top_tfidf_slots",
+    "FORMAT_VERSION",
+    "RankedSlot",
+    "SampleData",
+    "SlotStatistics",
+    "SlotTable",
+    "TABLE_FILENAME",
+    "TableMismatchError",
+    "check_table_matches",
+    "find_table",
+    "layer_slot_counts",
+    "load_export_for_tfidf",
+    "load_model_for_tfidf",
+    "load_table",
+    "memory_layer_names",
+    "model_config_hash",
+    "parse_granularity",
+    "rank_slots",
+    "recompute_doc_freq",
+    "save_table",
+    "tfidf_scores",
+    "tokenizer_hash",
+    "top_tfidf_slots",
 ]

@@ -1,5 +1,6 @@
 """The slot-frequency table as a checkpoint item: every checkpoint folder gets the reduced
 table of the counters so far (`TABLE_FILENAME`), stamped with the run's identity."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,12 @@ class SlotTableWriter:
     def write(self, folder: Path) -> None:
         reduced = self.stats.reduce(close_interval=False)
         if self.is_main:
-            save_table(folder / TABLE_FILENAME, reduced, {
-                "model_config_hash": model_config_hash(self.model_cfg),
-                "tokenizer_hash": self.tokenizer_sha256,
-                "run_id": self.train_state.run_id,
-            })
+            save_table(
+                folder / TABLE_FILENAME,
+                reduced,
+                {
+                    "model_config_hash": model_config_hash(self.model_cfg),
+                    "tokenizer_hash": self.tokenizer_sha256,
+                    "run_id": self.train_state.run_id,
+                },
+            )

@@ -26,6 +26,7 @@ by two different streams or ranks (at a shard boundary) counts once per stream t
 it; shuffling sequences (data.shuffle_buffer > 0) breaks contiguity the same way.
 Padding: doc ids < 0 are excluded everywhere.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,11 +42,22 @@ STATE_FORMAT = "slot_statistics/1"
 
 
 class SlotStatistics:
-    def __init__(self, num_slots: int, layer_names: list[str], granularity: str = "document", device="cpu",
-                 sample_batches: int = 0, seed: int = 0, streams: int = 1, sample_device="cpu"):
+    def __init__(
+        self,
+        num_slots: int,
+        layer_names: list[str],
+        granularity: str = "document",
+        device="cpu",
+        sample_batches: int = 0,
+        seed: int = 0,
+        streams: int = 1,
+        sample_device="cpu",
+    ):
         if num_slots <= 0 or not layer_names:
-            raise ValueError(f"SlotStatistics needs num_slots > 0 and at least one layer name "
-                             f"(got num_slots={num_slots}, layer_names={layer_names})")
+            raise ValueError(
+                f"SlotStatistics needs num_slots > 0 and at least one layer name "
+                f"(got num_slots={num_slots}, layer_names={layer_names})"
+            )
         if len(set(layer_names)) != len(layer_names):
             raise ValueError(f"layer_names {layer_names} lists a layer twice")
         if streams <= 0:
@@ -63,9 +75,14 @@ class SlotStatistics:
         self.last_doc = {n: z(streams, num_slots + 1, fill=-1) for n in self.layer_names} if is_doc else {}
         self.stream_tail = z(streams, fill=-1)  # doc id at the end of each stream's last micro-batch
         self.micro_batches, self.step = 0, 0
-        self.history: dict[str, list[int]] = {"step": [], **{f"{n}.used": [] for n in self.layer_names},
-                                              **{f"{n}.interval_used": [] for n in self.layer_names}}
-        self.sample = BackgroundSample(sample_batches, self.layer_names, seed, sample_device) if sample_batches else None
+        self.history: dict[str, list[int]] = {
+            "step": [],
+            **{f"{n}.used": [] for n in self.layer_names},
+            **{f"{n}.interval_used": [] for n in self.layer_names},
+        }
+        self.sample = (
+            BackgroundSample(sample_batches, self.layer_names, seed, sample_device) if sample_batches else None
+        )
         self.reduced = False
         self._reduced_sample: SampleData | None = None
 
@@ -75,15 +92,18 @@ class SlotStatistics:
         if self.reduced:
             raise RuntimeError("this SlotStatistics is a reduced copy (from reduce()); update the original")
         if len(layer_indices) != len(self.layer_names):
-            raise ValueError(f"got indices for {len(layer_indices)} layers, expected {len(self.layer_names)} "
-                             f"({self.layer_names})")
+            raise ValueError(
+                f"got indices for {len(layer_indices)} layers, expected {len(self.layer_names)} ({self.layer_names})"
+            )
         if doc_ids.dim() != 2:
             raise ValueError(f"doc_ids must be (batch, seq_len), got shape {tuple(doc_ids.shape)}")
         B, S = doc_ids.shape
         for name, idx in zip(self.layer_names, layer_indices):
             if idx.dim() != 3 or idx.shape[0] != B * S:
-                raise ValueError(f"indices of {name} have shape {tuple(idx.shape)}; expected ({B * S}, heads, k) "
-                                 f"for doc_ids of shape {(B, S)}")
+                raise ValueError(
+                    f"indices of {name} have shape {tuple(idx.shape)}; expected ({B * S}, heads, k) "
+                    f"for doc_ids of shape {(B, S)}"
+                )
         item = self.micro_batches
         self.micro_batches += 1
         if not count_this_rank:
@@ -190,13 +210,19 @@ class SlotStatistics:
             return None
         return SampleData(
             {n: torch.cat([p.indices[n] for p in parts]) for n in self.layer_names},
-            torch.cat([p.doc_ids for p in parts]), torch.cat([p.batch_index for p in parts]),
+            torch.cat([p.doc_ids for p in parts]),
+            torch.cat([p.batch_index for p in parts]),
         )
 
     def _copy(self) -> "SlotStatistics":
         out = object.__new__(SlotStatistics)
-        out.__dict__.update({k: v for k, v in self.__dict__.items()
-                             if k not in ("counts", "doc_freq", "interval_start", "last_doc", "sample")})
+        out.__dict__.update(
+            {
+                k: v
+                for k, v in self.__dict__.items()
+                if k not in ("counts", "doc_freq", "interval_start", "last_doc", "sample")
+            }
+        )
         out.counts = {n: t.clone() for n, t in self.counts.items()}
         out.doc_freq = {n: t.clone() for n, t in self.doc_freq.items()}
         out.interval_start = {n: t.clone() for n, t in self.interval_start.items()}
@@ -238,8 +264,11 @@ class SlotStatistics:
         """This rank's state (tensors on CPU + a small 'meta' dict): save one per rank."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # sample copies are non-blocking
-        sd = {"totals": self.totals.cpu().clone(), "interval_totals": self.interval_start_totals.cpu().clone(),
-              "stream_tail": self.stream_tail.cpu().clone()}
+        sd = {
+            "totals": self.totals.cpu().clone(),
+            "interval_totals": self.interval_start_totals.cpu().clone(),
+            "stream_tail": self.stream_tail.cpu().clone(),
+        }
         for n in self.layer_names:
             sd[f"{n}.counts"] = self.counts[n].cpu().clone()
             sd[f"{n}.doc_freq"] = self.doc_freq[n].cpu().clone()
@@ -253,9 +282,15 @@ class SlotStatistics:
         elif self.sample is not None:
             sd.update(self.sample.state_dict())
         sd["meta"] = {
-            "format": STATE_FORMAT, "num_slots": self.num_slots, "layer_names": list(self.layer_names),
-            "granularity": self.granularity.name, "streams": self.streams, "micro_batches": self.micro_batches,
-            "step": self.step, "seed": self.seed, "reduced": self.reduced,
+            "format": STATE_FORMAT,
+            "num_slots": self.num_slots,
+            "layer_names": list(self.layer_names),
+            "granularity": self.granularity.name,
+            "streams": self.streams,
+            "micro_batches": self.micro_batches,
+            "step": self.step,
+            "seed": self.seed,
+            "reduced": self.reduced,
             "sample_batches": self.sample.capacity if self.sample is not None else 0,
             "history": copy.deepcopy(self.history),
         }
@@ -265,8 +300,13 @@ class SlotStatistics:
         meta = sd.get("meta", {})
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"slot statistics state has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
-        mine = {"num_slots": self.num_slots, "layer_names": self.layer_names, "granularity": self.granularity.name,
-                "streams": self.streams, "sample_batches": self.sample.capacity if self.sample else 0}
+        mine = {
+            "num_slots": self.num_slots,
+            "layer_names": self.layer_names,
+            "granularity": self.granularity.name,
+            "streams": self.streams,
+            "sample_batches": self.sample.capacity if self.sample else 0,
+        }
         for key, value in mine.items():
             if meta[key] != value:
                 raise ValueError(

@@ -10,6 +10,7 @@ serve few (a fact about one entity), which is what TF-IDF needs.
 `unit_ids` maps a micro-batch's token positions to unit ids, on the device, with fixed
 shapes (no host synchronisation).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """A PNG report of a slot table: sorted counts on log-log axes, coverage over steps."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,10 +22,15 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
             ax_counts.loglog(range(1, len(used) + 1), used.numpy(), label=layer)
         if "step" in table.history:
             steps = table.history["step"].numpy()
-            ax_cov.plot(steps, table.history[f"{layer}.used"].double().numpy() / table.num_slots,
-                        label=f"{layer} cumulative")
-            ax_cov.plot(steps, table.history[f"{layer}.interval_used"].double().numpy() / table.num_slots,
-                        linestyle="--", label=f"{layer} per interval")
+            ax_cov.plot(
+                steps, table.history[f"{layer}.used"].double().numpy() / table.num_slots, label=f"{layer} cumulative"
+            )
+            ax_cov.plot(
+                steps,
+                table.history[f"{layer}.interval_used"].double().numpy() / table.num_slots,
+                linestyle="--",
+                label=f"{layer} per interval",
+            )
     ax_counts.set(xlabel="slot rank", ylabel="accesses", title=f"sorted slot counts (step {table.step})")
     ax_cov.set(xlabel="step", ylabel="fraction of slots used", ylim=(0, 1.02), title="coverage")
     if "step" not in table.history:
@@ -32,8 +38,10 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
     for ax in (ax_counts, ax_cov):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{table.path.name}: {table.num_slots} slots, {table.num_tokens} tokens, "
-                 f"{table.num_documents} {table.granularity} units")
+    fig.suptitle(
+        f"{table.path.name}: {table.num_slots} slots, {table.num_tokens} tokens, "
+        f"{table.num_documents} {table.granularity} units"
+    )
     fig.tight_layout()
     try:
         return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))

@@ -8,6 +8,7 @@ indices (together they form global batches) and a resumed run makes the same cho
 Slots are stored as int32, doc ids as int64, on `device` (default CPU: the sample can
 be large; copies from an accelerator are non-blocking into pinned memory).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,9 +79,11 @@ class BackgroundSample:
 
     def _allocate(self, layer_indices, doc_ids) -> None:
         pin = self.device.type == "cpu" and doc_ids.is_cuda
+
         def buf(shape, dtype):
             t = torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
             return t.pin_memory() if pin else t
+
         for name, idx in zip(self.layer_names, layer_indices):
             self.indices[name] = buf(idx.shape, torch.int32)
         self.doc_ids = buf(doc_ids.shape, torch.int64)
@@ -91,7 +94,8 @@ class BackgroundSample:
             return None
         filled = self.batch_index >= 0
         return SampleData(
-            {n: t[filled].clone() for n, t in self.indices.items()}, self.doc_ids[filled].clone(),
+            {n: t[filled].clone() for n, t in self.indices.items()},
+            self.doc_ids[filled].clone(),
             self.batch_index[filled].clone(),
         )
 
@@ -127,7 +131,7 @@ def recompute_doc_freq(sample: SampleData, layer: str, granularity: str, num_slo
     docs = sample.doc_ids.to(torch.int64)  # (M, B, S)
     M, B, S = docs.shape
     T = B * S
-    valid = (docs.reshape(M, T) >= 0)
+    valid = docs.reshape(M, T) >= 0
     if granularity == "batch":
         _, unit = torch.unique(sample.batch_index, return_inverse=True)
         unit = unit[:, None].expand(M, T)

@@ -4,6 +4,7 @@ For counts c over N slots with p = c / sum(c): fraction of slots used (c > 0), e
 H(p) in nats, KL(p || uniform) = log N - H(p), and the share of accesses taken by the
 most-used 1% of slots (ceil(N / 100) slots). Computed in float64 on the counts' device.
 """
+
 from __future__ import annotations
 
 import math

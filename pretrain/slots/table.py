@@ -18,6 +18,7 @@ Format (version 1), a safetensors file readable without this codebase:
 Written to a temporary name in the same directory and renamed, so readers never see a
 partial file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,10 +95,15 @@ def save_table(path: str | Path, stats_or_state, metadata: dict | None = None) -
         for n in layers:
             tensors[f"sample.{n}.indices"] = sd[f"sample.{n}.indices"][filled].to(torch.int32).contiguous()
     header = {
-        "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers), "num_slots": str(meta["num_slots"]),
-        "num_documents": str(int(sd["totals"][0])), "num_tokens": str(int(sd["totals"][1])),
-        "granularity": meta["granularity"], "step": str(meta["step"]),
-        "model_config_hash": "", "tokenizer_hash": "",
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps(layers),
+        "num_slots": str(meta["num_slots"]),
+        "num_documents": str(int(sd["totals"][0])),
+        "num_tokens": str(int(sd["totals"][1])),
+        "granularity": meta["granularity"],
+        "step": str(meta["step"]),
+        "model_config_hash": "",
+        "tokenizer_hash": "",
     }
     for key, value in (metadata or {}).items():
         if key in _RESERVED:
@@ -121,8 +127,10 @@ def find_table(path: str | Path) -> Path:
         found = sorted(path.rglob(TABLE_FILENAME), key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]
-        raise FileNotFoundError(f"no {TABLE_FILENAME} under directory {path} (pass the table file or a "
-                                f"checkpoint/export directory that holds one)")
+        raise FileNotFoundError(
+            f"no {TABLE_FILENAME} under directory {path} (pass the table file or a "
+            f"checkpoint/export directory that holds one)"
+        )
     raise FileNotFoundError(f"slot table path {path} does not exist")
 
 
@@ -137,8 +145,10 @@ def load_table(path: str | Path) -> SlotTable:
         meta = dict(f.metadata() or {})
         version = meta.get("format_version")
         if version != str(FORMAT_VERSION):
-            raise ValueError(f"{path}: slot table format_version={version!r}, this code reads {FORMAT_VERSION} "
-                             f"(regenerate the table or use a matching memlayers version)")
+            raise ValueError(
+                f"{path}: slot table format_version={version!r}, this code reads {FORMAT_VERSION} "
+                f"(regenerate the table or use a matching memlayers version)"
+            )
         layers, n = json.loads(meta["layers"]), int(meta["num_slots"])
         names = set(f.keys())
         counts, doc_freq = {}, {}
@@ -151,10 +161,25 @@ def load_table(path: str | Path) -> SlotTable:
                 if t.dtype != torch.int64 or t.shape != (n,):
                     raise ValueError(f"{path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected int64 ({n},)")
                 store[layer] = t
-        history = {k[len("history."):]: f.get_tensor(k) for k in names if k.startswith("history.")}
+        history = {k[len("history.") :]: f.get_tensor(k) for k in names if k.startswith("history.")}
         sample = None
         if "sample.doc_ids" in names:
-            sample = SampleData({layer: f.get_tensor(f"sample.{layer}.indices") for layer in layers},
-                                f.get_tensor("sample.doc_ids"), f.get_tensor("sample.batch_index"))
-    return SlotTable(path, layers, n, counts, doc_freq, int(meta["num_documents"]), int(meta["num_tokens"]),
-                     meta["granularity"], int(meta["step"]), meta, history, sample)
+            sample = SampleData(
+                {layer: f.get_tensor(f"sample.{layer}.indices") for layer in layers},
+                f.get_tensor("sample.doc_ids"),
+                f.get_tensor("sample.batch_index"),
+            )
+    return SlotTable(
+        path,
+        layers,
+        n,
+        counts,
+        doc_freq,
+        int(meta["num_documents"]),
+        int(meta["num_tokens"]),
+        meta["granularity"],
+        int(meta["step"]),
+        meta,
+        history,
+        sample,
+    )

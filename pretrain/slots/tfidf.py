@@ -5,6 +5,7 @@ idf(i) = log((|B| + 1) / (df(i) + 1)), with df and |B| (number of background uni
 from a slot-frequency table. Also: loading an exported model for ranking, and refusing
 a table that was counted with a different model config or tokenizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,9 @@ def resolve_memory_layer(model: torch.nn.Module, layer: str) -> MemoryPlus:
 
 
 @torch.no_grad()
-def rank_slots(model: Transformer, token_ids: torch.Tensor, table: SlotTable, layer: str, top: int = 500,
-               pad_id: int | None = None) -> list[RankedSlot]:
+def rank_slots(
+    model: Transformer, token_ids: torch.Tensor, table: SlotTable, layer: str, top: int = 500, pad_id: int | None = None
+) -> list[RankedSlot]:
     """Run the model on token_ids ((S,) or (B, S)), count `layer`'s accesses at non-padding
     positions and return the `top` accessed slots by TF-IDF against `table`, best first."""
     if layer not in table.counts:
@@ -130,8 +132,7 @@ def check_table_matches(table: SlotTable, model_cfg: ModelConfig, tokenizer_path
             )
 
 
-def load_export_for_tfidf(export_dir: str | Path, table_path: str | Path | None = None,
-                          allow_other_run: bool = False):
+def load_export_for_tfidf(export_dir: str | Path, table_path: str | Path | None = None, allow_other_run: bool = False):
     """(model, cfg, table, tokenizer path) from an export dir, with the table checked against both
     and, unless `allow_other_run`, against the training run the export came from."""
     export_dir = Path(export_dir)
@@ -157,7 +158,11 @@ def check_table_run(table: SlotTable, export_dir: Path) -> None:
     if export_run and table_run:
         why = f"was counted in training run {table_run} but {export_dir} was exported from run {export_run}"
     else:
-        why = (f"carries run id {table_run or '<none>'} and {export_dir}/config.json {export_run or '<none>'}, "
-               "so it cannot be told whether they come from the same training run")
-    raise TableMismatchError(f"slot table {table.path} {why}: use the table exported with this model, or pass "
-                             "--allow-other-run if you mean to use another run's frequencies")
+        why = (
+            f"carries run id {table_run or '<none>'} and {export_dir}/config.json {export_run or '<none>'}, "
+            "so it cannot be told whether they come from the same training run"
+        )
+    raise TableMismatchError(
+        f"slot table {table.path} {why}: use the table exported with this model, or pass "
+        "--allow-other-run if you mean to use another run's frequencies"
+    )

@@ -7,6 +7,7 @@ selection (TF-IDF top-t rows), methods (sparse / full / LoRA updates), finetune 
 loop), evaluation (learning vs forgetting), export (saving the finetuned model),
 experiment (the sweep behind tools/smf_report.py) and frontier (its plot and verdict).
 """
+
 from pretrain.smf.dataset import FinetuneBatch, FinetuneSet
 from pretrain.smf.evaluation import LearningForgettingEval
 from pretrain.smf.export import save_finetuned_export
@@ -21,6 +22,15 @@ from pretrain.smf.methods import (
 from pretrain.smf.selection import SlotSelector
 
 __all__ = [
-    "METHODS", "FinetuneBatch", "FinetuneSet", "FullFinetuning", "LearningForgettingEval", "LoRAFinetuning",
-    "SlotSelector", "SparseMemoryFinetuning", "build_method", "finetune", "save_finetuned_export",
+    "METHODS",
+    "FinetuneBatch",
+    "FinetuneSet",
+    "FullFinetuning",
+    "LearningForgettingEval",
+    "LoRAFinetuning",
+    "SlotSelector",
+    "SparseMemoryFinetuning",
+    "build_method",
+    "finetune",
+    "save_finetuned_export",
 ]

@@ -6,6 +6,7 @@ context are cut into consecutive windows), right-padded; padding positions carry
 that groups a fact's paraphrases together gives batches about one fact (how the paper
 batches facts); `shuffle=True` reshuffles each epoch with a seeded generator.
 """
+
 from __future__ import annotations
 
 import random
@@ -30,8 +31,14 @@ class FinetuneBatch:
 class FinetuneSet:
     """Tokenized finetuning rows; iterate epochs of batches with `batches()`."""
 
-    def __init__(self, paths: list[str | Path], tokenizer: Tokenizer, max_seq_len: int, fmt: str = "auto",
-                 text_field: str = "text"):
+    def __init__(
+        self,
+        paths: list[str | Path],
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        fmt: str = "auto",
+        text_field: str = "text",
+    ):
         self.rows: list[list[int]] = []
         for text in iter_documents(list(paths), fmt=fmt, text_field=text_field):
             ids = [tokenizer.eos_id] + tokenizer.encode(text)
@@ -41,8 +48,10 @@ class FinetuneSet:
                 if len(window) >= 2:
                     self.rows.append(window)
         if not self.rows:
-            raise DataError(f"the finetuning set {[str(p) for p in paths]} holds no document with a token to "
-                            "predict: check the files (and --text-field for JSONL)")
+            raise DataError(
+                f"the finetuning set {[str(p) for p in paths]} holds no document with a token to "
+                "predict: check the files (and --text-field for JSONL)"
+            )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -51,8 +60,7 @@ class FinetuneSet:
     def num_tokens(self) -> int:
         return sum(len(r) - 1 for r in self.rows)
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0
-                ) -> Iterator[FinetuneBatch]:
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> Iterator[FinetuneBatch]:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         order = list(range(len(self.rows)))

@@ -6,6 +6,7 @@
   validation  batches of the pretraining corpus's validation split (optional)
 and `__call__(model)` returns new_fact_recall, old_fact_recall and val_loss.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,16 +18,25 @@ from pretrain.evaluate import encode_probes, fact_recall, validation_loss
 
 
 class LearningForgettingEval:
-    def __init__(self, probes_dir: str | Path, tokenizer: Tokenizer, max_seq_len: int,
-                 dataset_dir: str | Path | None = None, val_batches: int = 8, batch_size: int = 16,
-                 old_probe_limit: int = 0):
+    def __init__(
+        self,
+        probes_dir: str | Path,
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        dataset_dir: str | Path | None = None,
+        val_batches: int = 8,
+        batch_size: int = 16,
+        old_probe_limit: int = 0,
+    ):
         probes = load_probes(probes_dir)
         old = [p for p in probes if not p.is_new_fact]
         self.new = encode_probes([p for p in probes if p.is_new_fact], tokenizer, max_seq_len)
         self.old = encode_probes(old[:old_probe_limit] if old_probe_limit else old, tokenizer, max_seq_len)
         if self.new is None:
-            raise ValueError(f"{probes_dir}/probes.jsonl has no new-fact probes (is_new_fact): nothing measures "
-                             "learning; build the corpus with data.synthetic.new_fact_fraction > 0")
+            raise ValueError(
+                f"{probes_dir}/probes.jsonl has no new-fact probes (is_new_fact): nothing measures "
+                "learning; build the corpus with data.synthetic.new_fact_fraction > 0"
+            )
         self.val = []
         if dataset_dir is not None:
             loader = ShardLoader(dataset_dir, "val", batch_size=batch_size, loop=False, tokenizer=tokenizer)

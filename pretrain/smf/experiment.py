@@ -5,6 +5,7 @@ evaluated every few epochs (new-fact recall = learning; old-fact recall and vali
 loss = forgetting), so every run contributes a trajectory to the frontier. Results are
 rewritten (atomically) after each run: a crash keeps what was measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        extra = {"sparse": f" t={self.top_t}" + (f" clip={self.max_grad_norm:g}" if self.max_grad_norm else ""),
-                 "lora": f" r={self.lora_rank}"}.get(self.method, "")
+        extra = {
+            "sparse": f" t={self.top_t}" + (f" clip={self.max_grad_norm:g}" if self.max_grad_norm else ""),
+            "lora": f" r={self.lora_rank}",
+        }.get(self.method, "")
         return f"{self.method} lr={self.lr:g}{extra}" + (f" {self.epochs}ep" if self.epochs else "")
 
 
@@ -67,35 +70,65 @@ def default_grid() -> list[RunSpec]:
     return runs
 
 
-def run_sweep(export_dir: str | Path, finetune_files: list[str | Path], runs: list[RunSpec],
-              settings: SweepSettings, out_json: str | Path, dataset_dir: str | Path | None = None,
-              show_progress: bool = True) -> dict:
+def run_sweep(
+    export_dir: str | Path,
+    finetune_files: list[str | Path],
+    runs: list[RunSpec],
+    settings: SweepSettings,
+    out_json: str | Path,
+    dataset_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Finetune a fresh copy of the export for every run; return (and keep writing to `out_json`) the report."""
     export_dir = Path(export_dir)
     tokenizer = Tokenizer(export_dir / "tokenizer.model")
     base, _, table, _ = load_export_for_tfidf(export_dir)  # the table checked against model and tokenizer
     data = FinetuneSet(finetune_files, tokenizer, base.cfg.max_seq_len)
     evaluate = LearningForgettingEval(export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir)
-    report = {"export": str(export_dir), "finetune_files": [str(p) for p in finetune_files],
-              "finetune_rows": len(data), "finetune_tokens": data.num_tokens, "settings": asdict(settings),
-              "before": evaluate(base), "runs": []}
+    report = {
+        "export": str(export_dir),
+        "finetune_files": [str(p) for p in finetune_files],
+        "finetune_rows": len(data),
+        "finetune_tokens": data.num_tokens,
+        "settings": asdict(settings),
+        "before": evaluate(base),
+        "runs": [],
+    }
     del base
     bar = tqdm(runs, desc="smf sweep", unit="run", disable=not show_progress)
     for spec in bar:
         bar.set_postfix_str(spec.label)
         torch.manual_seed(settings.seed)
         model = load(export_dir)
-        method = build_method(spec.method, model, lr=spec.lr, table=table, top_t=spec.top_t or 500,
-                              lora_rank=spec.lora_rank or 8, max_grad_norm=spec.max_grad_norm)
+        method = build_method(
+            spec.method,
+            model,
+            lr=spec.lr,
+            table=table,
+            top_t=spec.top_t or 500,
+            lora_rank=spec.lora_rank or 8,
+            max_grad_norm=spec.max_grad_norm,
+        )
         start = time.perf_counter()
-        history = finetune(method, data, spec.epochs or settings.epochs, settings.batch_size, settings.shuffle,
-                           settings.seed, evaluate, log=None, eval_every=settings.eval_every)
+        history = finetune(
+            method,
+            data,
+            spec.epochs or settings.epochs,
+            settings.batch_size,
+            settings.shuffle,
+            settings.seed,
+            evaluate,
+            log=None,
+            eval_every=settings.eval_every,
+        )
         record = {**asdict(spec), "label": spec.label, "seconds": time.perf_counter() - start, "history": history}
         if spec.method == "sparse":
             record["rows_updated"] = method.rows_updated
         report["runs"].append(record)
         atomic_write_text(out_json, json.dumps(report, indent=1) + "\n")
         last = history[-1]
-        bar.write(f"{spec.label}: new {last['new_fact_recall']:.3f} old {last.get('old_fact_recall', float('nan')):.3f}"
-                  f" val {last.get('val_loss', float('nan')):.3f} ({record['seconds']:.0f} s)")
+        bar.write(
+            f"{spec.label}: new {last['new_fact_recall']:.3f} old {last.get('old_fact_recall', float('nan')):.3f}"
+            f" val {last.get('val_loss', float('nan')):.3f} ({record['seconds']:.0f} s)"
+        )
     return report

@@ -6,6 +6,7 @@ background for TF-IDF since the model's shapes do not change); config.json gains
 `memlayers.finetune` record and the model card a "Finetuning" section. Written into a
 temporary folder renamed at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def weights_for_file(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
     return out
 
 
-def save_finetuned_export(source: str | Path, model: torch.nn.Module, out_dir: str | Path, record: dict,
-                          force: bool = False) -> Path:
+def save_finetuned_export(
+    source: str | Path, model: torch.nn.Module, out_dir: str | Path, record: dict, force: bool = False
+) -> Path:
     source, out_dir = Path(source), Path(out_dir)
     if out_dir.resolve() == source.resolve():
         raise ExportError(f"--out {out_dir} is the source export: write the finetuned model to a new folder")
@@ -51,6 +53,12 @@ def save_finetuned_export(source: str | Path, model: torch.nn.Module, out_dir: s
         card = tmp / "README.md"
         if card.is_file():
             lines = [f"- {k}: {v}" for k, v in record.items() if not isinstance(v, (list, dict))]
-            card.write_text(card.read_text() + "\n## Finetuning\n\nFinetuned from `" + str(source) + "`:\n\n"
-                            + "\n".join(lines) + "\n")
+            card.write_text(
+                card.read_text()
+                + "\n## Finetuning\n\nFinetuned from `"
+                + str(source)
+                + "`:\n\n"
+                + "\n".join(lines)
+                + "\n"
+            )
     return out_dir

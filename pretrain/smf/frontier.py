@@ -6,6 +6,7 @@ validation loss. `compare` takes full finetuning's best-learning point as the re
 (recall F, drop D) and, for each other method, the least-forgetting point that learns
 within `margin` of F; sparse memory finetuning meets the bar when its drop <= D / 3.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,12 @@ def points(report: dict) -> list[dict]:
         for h in run["history"]:
             if "new_fact_recall" not in h:
                 continue  # an epoch without evaluation
-            p = {"method": run["method"], "label": run["label"], "epoch": h["epoch"],
-                 "new_fact_recall": h["new_fact_recall"]}
+            p = {
+                "method": run["method"],
+                "label": run["label"],
+                "epoch": h["epoch"],
+                "new_fact_recall": h["new_fact_recall"],
+            }
             if "old_fact_recall" in h:
                 p["old_fact_drop"] = before["old_fact_recall"] - h["old_fact_recall"]
             if "val_loss" in h:
@@ -43,12 +48,20 @@ def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3)
     verdict = {"reference": ref, "margin": margin, "forgetting_ratio": forgetting_ratio, "methods": {}}
     for method in sorted({p["method"] for p in pts} - {"full"}):
         ok = [p for p in pts if p["method"] == method and p["new_fact_recall"] >= ref["new_fact_recall"] - margin]
-        best = min(ok, key=lambda p: p["old_fact_drop"]) if ok else max(
-            (p for p in pts if p["method"] == method), key=lambda p: p["new_fact_recall"])
-        verdict["methods"][method] = {"point": best, "learns_within_margin": bool(ok),
-                                      "forgets_at_most_ratio": best["old_fact_drop"] <= forgetting_ratio * max(ref["old_fact_drop"], 0.0)}
+        best = (
+            min(ok, key=lambda p: p["old_fact_drop"])
+            if ok
+            else max((p for p in pts if p["method"] == method), key=lambda p: p["new_fact_recall"])
+        )
+        verdict["methods"][method] = {
+            "point": best,
+            "learns_within_margin": bool(ok),
+            "forgets_at_most_ratio": best["old_fact_drop"] <= forgetting_ratio * max(ref["old_fact_drop"], 0.0),
+        }
     sparse = verdict["methods"].get("sparse")
-    verdict["sparse_meets_bar"] = None if sparse is None else sparse["learns_within_margin"] and sparse["forgets_at_most_ratio"]
+    verdict["sparse_meets_bar"] = (
+        None if sparse is None else sparse["learns_within_margin"] and sparse["forgets_at_most_ratio"]
+    )
     return verdict
 
 
@@ -74,19 +87,31 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
             ys = [scale * p[key] for p in run]
             ax.plot(xs, ys, "-", color=color, alpha=0.35, lw=1)
             ax.plot(xs[-1], ys[-1], "o", color=color, ms=5)
-            ax.annotate(label.split(" ", 1)[1], (xs[-1], ys[-1]), fontsize=6, alpha=0.7,
-                        xytext=(3, 2), textcoords="offset points")
+            ax.annotate(
+                label.split(" ", 1)[1],
+                (xs[-1], ys[-1]),
+                fontsize=6,
+                alpha=0.7,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
         ax.set_xlabel("new-fact recall (%) — learning")
         ax.set_ylabel(f"{ylabel} — forgetting")
         ax.axhline(0, color="black", lw=0.5)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", color=color, label=NAMES[method])
-               for method, color in COLORS.items() if any(p["method"] == method for p in pts)]
+    handles = [
+        plt.Line2D([], [], marker="o", color=color, label=NAMES[method])
+        for method, color in COLORS.items()
+        if any(p["method"] == method for p in pts)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     before = report["before"]
-    fig.suptitle(f"Learning vs forgetting on the fact world (pretrained: old-fact recall "
-                 f"{100 * before['old_fact_recall']:.1f}%, new {100 * before['new_fact_recall']:.1f}%; "
-                 f"lines = epochs, dot = last)", fontsize=10)
+    fig.suptitle(
+        f"Learning vs forgetting on the fact world (pretrained: old-fact recall "
+        f"{100 * before['old_fact_recall']:.1f}%, new {100 * before['new_fact_recall']:.1f}%; "
+        f"lines = epochs, dot = last)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130))
@@ -96,27 +121,39 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
 
 def summary_markdown(report: dict, verdict: dict) -> str:
     before = report["before"]
-    lines = ["# Sparse memory finetuning: learning vs forgetting", "",
-             f"Pretrained model: new-fact recall {100 * before['new_fact_recall']:.1f}%, old-fact recall "
-             f"{100 * before.get('old_fact_recall', float('nan')):.1f}%, validation loss "
-             f"{before.get('val_loss', float('nan')):.3f}. Finetuning set: {report['finetune_rows']} rows, "
-             f"{report['finetune_tokens']} tokens; {report['settings']}.", "",
-             "| run | new-fact recall | old-fact recall | val loss | seconds |", "|---|---|---|---|---|"]
+    lines = [
+        "# Sparse memory finetuning: learning vs forgetting",
+        "",
+        f"Pretrained model: new-fact recall {100 * before['new_fact_recall']:.1f}%, old-fact recall "
+        f"{100 * before.get('old_fact_recall', float('nan')):.1f}%, validation loss "
+        f"{before.get('val_loss', float('nan')):.3f}. Finetuning set: {report['finetune_rows']} rows, "
+        f"{report['finetune_tokens']} tokens; {report['settings']}.",
+        "",
+        "| run | new-fact recall | old-fact recall | val loss | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for run in report["runs"]:
         last = run["history"][-1]
-        lines.append(f"| {run['label']} | {100 * last['new_fact_recall']:.1f}% | "
-                     f"{100 * last.get('old_fact_recall', float('nan')):.1f}% | {last.get('val_loss', float('nan')):.3f} "
-                     f"| {run['seconds']:.0f} |")
+        lines.append(
+            f"| {run['label']} | {100 * last['new_fact_recall']:.1f}% | "
+            f"{100 * last.get('old_fact_recall', float('nan')):.1f}% | {last.get('val_loss', float('nan')):.3f} "
+            f"| {run['seconds']:.0f} |"
+        )
     ref = verdict.get("reference")
     if ref:
-        lines += ["", f"Reference (full finetuning, best learning): {ref['label']} epoch {ref['epoch']}: new-fact "
-                  f"recall {100 * ref['new_fact_recall']:.1f}%, old-fact drop {100 * ref['old_fact_drop']:.1f} points."]
+        lines += [
+            "",
+            f"Reference (full finetuning, best learning): {ref['label']} epoch {ref['epoch']}: new-fact "
+            f"recall {100 * ref['new_fact_recall']:.1f}%, old-fact drop {100 * ref['old_fact_drop']:.1f} points.",
+        ]
         for method, v in verdict["methods"].items():
             p = v["point"]
-            lines.append(f"- {NAMES.get(method, method)}: {p['label']} epoch {p['epoch']}: new-fact recall "
-                         f"{100 * p['new_fact_recall']:.1f}% ({'within' if v['learns_within_margin'] else 'NOT within'} "
-                         f"{100 * verdict['margin']:.0f} points), old-fact drop {100 * p['old_fact_drop']:.1f} points "
-                         f"({'at most' if v['forgets_at_most_ratio'] else 'more than'} 1/3 of full's).")
+            lines.append(
+                f"- {NAMES.get(method, method)}: {p['label']} epoch {p['epoch']}: new-fact recall "
+                f"{100 * p['new_fact_recall']:.1f}% ({'within' if v['learns_within_margin'] else 'NOT within'} "
+                f"{100 * verdict['margin']:.0f} points), old-fact drop {100 * p['old_fact_drop']:.1f} points "
+                f"({'at most' if v['forgets_at_most_ratio'] else 'more than'} 1/3 of full's)."
+            )
         lines.append("")
         lines.append(f"Sparse memory finetuning meets the bar: **{'yes' if verdict['sparse_meets_bar'] else 'no'}**.")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@
 - `LoRAFinetuning`: low-rank adapters (peft) on the attention and dense-FFN projections,
   trained with AdamW and merged back into the weights by `finished_model()`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -145,14 +146,25 @@ class FullFinetuning(AdamWFinetuning):
 class LoRAFinetuning(AdamWFinetuning):
     name = "lora"
 
-    def __init__(self, model: Transformer, rank: int, lr: float, alpha: float | None = None,
-                 targets: tuple[str, ...] = LORA_TARGETS):
+    def __init__(
+        self,
+        model: Transformer,
+        rank: int,
+        lr: float,
+        alpha: float | None = None,
+        targets: tuple[str, ...] = LORA_TARGETS,
+    ):
         from peft import LoraConfig, get_peft_model
 
         if rank <= 0:
             raise ValueError(f"LoRA rank={rank} must be positive")
-        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                            target_modules=list(targets), lora_dropout=0.0, bias="none")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else 2 * rank,
+            target_modules=list(targets),
+            lora_dropout=0.0,
+            bias="none",
+        )
         super().__init__(get_peft_model(model, config), lr)  # peft freezes everything but the adapters
 
     def finished_model(self) -> Transformer:
@@ -160,12 +172,22 @@ class LoRAFinetuning(AdamWFinetuning):
         return self.model.merge_and_unload()
 
 
-def build_method(name: str, model: Transformer, *, lr: float, table: SlotTable | None = None, top_t: int = 500,
-                 lora_rank: int = 8, weight_decay: float = 0.0, max_grad_norm: float = 0.0):
+def build_method(
+    name: str,
+    model: Transformer,
+    *,
+    lr: float,
+    table: SlotTable | None = None,
+    top_t: int = 500,
+    lora_rank: int = 8,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 0.0,
+):
     if name == "sparse":
         if table is None:
-            raise ValueError(f"sparse memory finetuning needs the pretraining slot table (the export's "
-                             f"{TABLE_FILENAME})")
+            raise ValueError(
+                f"sparse memory finetuning needs the pretraining slot table (the export's {TABLE_FILENAME})"
+            )
         return SparseMemoryFinetuning(model, table, top_t, lr, max_grad_norm)
     if name == "full":
         return FullFinetuning(model, lr, weight_decay)

@@ -7,6 +7,7 @@ idf = log((|B| + 1) / (df + 1))), and the `top_t` accessed slots with the highes
 are trainable for that step. Memory layers that share one value table contribute the
 union of their selections to it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,12 +34,16 @@ class SlotSelector:
             raise ValueError("the model has no memory layers: sparse memory finetuning needs model.memory.layers")
         missing = [n for n in self.layer_names if n not in table.counts]
         if missing:
-            raise TableMismatchError(f"memory layers {missing} have no counts in the slot table {table.path} "
-                                     f"(it has {table.layers}): use the table exported with this model")
+            raise TableMismatchError(
+                f"memory layers {missing} have no counts in the slot table {table.path} "
+                f"(it has {table.layers}): use the table exported with this model"
+            )
         num_slots = model.cfg.memory.num_slots
         if table.num_slots != num_slots:
-            raise TableMismatchError(f"the model's memory has {num_slots} slots but the slot table {table.path} "
-                                     f"has {table.num_slots}: use the table exported with this model")
+            raise TableMismatchError(
+                f"the model's memory has {num_slots} slots but the slot table {table.path} "
+                f"has {table.num_slots}: use the table exported with this model"
+            )
 
     def select(self, keep: torch.Tensor) -> dict[int, torch.Tensor]:
         """{value table index: sorted unique rows to update} from the last forward pass;

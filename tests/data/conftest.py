@@ -1,4 +1,5 @@
 """Tiny corpora and prepared datasets shared by the data-pipeline tests."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,17 @@ def tokenizer(tmp_path_factory, documents) -> Tokenizer:
 def dataset(tmp_path_factory, documents, tokenizer):
     """A prepared dataset: 8-sequence shards so that 2 ranks x 2 workers have several each."""
     out = tmp_path_factory.mktemp("ds") / "data"
-    write_dataset(tokenizer.encode_batch(documents), out, tokenizer, SEQ_LEN, val_fraction=0.2, seed=3,
-                  sequences_per_shard=8, rows_per_block=3, show_progress=False)
+    write_dataset(
+        tokenizer.encode_batch(documents),
+        out,
+        tokenizer,
+        SEQ_LEN,
+        val_fraction=0.2,
+        seed=3,
+        sequences_per_shard=8,
+        rows_per_block=3,
+        show_progress=False,
+    )
     return out
 
 
@@ -30,6 +40,15 @@ def dataset(tmp_path_factory, documents, tokenizer):
 def second_dataset(tmp_path_factory, tokenizer):
     """Other documents than `dataset`, the same tokenizer: the second source of a mixture."""
     out = tmp_path_factory.mktemp("ds2") / "data"
-    write_dataset(tokenizer.encode_batch(make_documents(60, seed=9)), out, tokenizer, SEQ_LEN, val_fraction=0.2,
-                  seed=5, sequences_per_shard=8, rows_per_block=3, show_progress=False)
+    write_dataset(
+        tokenizer.encode_batch(make_documents(60, seed=9)),
+        out,
+        tokenizer,
+        SEQ_LEN,
+        val_fraction=0.2,
+        seed=5,
+        sequences_per_shard=8,
+        rows_per_block=3,
+        show_progress=False,
+    )
     return out

@@ -1,4 +1,5 @@
 """Constants and corpora shared by the data-pipeline tests (conftest.py is not importable by name)."""
+
 import random
 
 from pretrain.data.synthetic import build_fact_world

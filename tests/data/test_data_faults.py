@@ -1,5 +1,6 @@
 """Hostile or broken inputs to the data tools and the loader: each is refused with the file
 named, nothing half-written; foreign shards and out-of-vocabulary ids are caught."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,12 +27,17 @@ def test_jsonl_text_that_is_not_a_string_is_refused(tmp_path, bad, capsys):
     write_jsonl(corpus, [{"text": "fine words here"}, {"text": bad}, {"text": "more words"}])
     with pytest.raises(DataError, match=rf"c.jsonl:2: field 'text' is {type(bad).__name__}"):
         list(iter_documents([corpus]))
-    assert tokenizer_cli.main(["--input", str(corpus), "--output", str(tmp_path / "t.model"),
-                               "--vocab-size", "300"]) == 2
+    assert (
+        tokenizer_cli.main(["--input", str(corpus), "--output", str(tmp_path / "t.model"), "--vocab-size", "300"]) == 2
+    )
     assert "c.jsonl:2" in capsys.readouterr().err and not (tmp_path / "t.model").exists()
     out = tmp_path / "ds"
-    assert prepare_cli.main(["--input", str(corpus), "--output", str(out), "--vocab-size", "300",
-                             "--no-progress", "--workers", "1"]) == 2
+    assert (
+        prepare_cli.main(
+            ["--input", str(corpus), "--output", str(out), "--vocab-size", "300", "--no-progress", "--workers", "1"]
+        )
+        == 2
+    )
     assert "c.jsonl:2" in capsys.readouterr().err and not out.exists()
 
 
@@ -53,11 +59,24 @@ def test_broken_gzip_is_named(tmp_path, make, capsys):
     path = make(tmp_path)
     with pytest.raises(DataError, match=rf"{path.name} is not a complete gzip file"):
         list(iter_documents([path]))
-    assert tokenizer_cli.main(["--input", str(path), "--output", str(tmp_path / "t.model"),
-                               "--vocab-size", "300"]) == 2
+    assert tokenizer_cli.main(["--input", str(path), "--output", str(tmp_path / "t.model"), "--vocab-size", "300"]) == 2
     assert path.name in capsys.readouterr().err
-    assert prepare_cli.main(["--input", str(path), "--output", str(tmp_path / "ds"), "--vocab-size", "300",
-                             "--no-progress", "--workers", "1"]) == 2
+    assert (
+        prepare_cli.main(
+            [
+                "--input",
+                str(path),
+                "--output",
+                str(tmp_path / "ds"),
+                "--vocab-size",
+                "300",
+                "--no-progress",
+                "--workers",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert f"{path} is not a complete gzip file" in capsys.readouterr().err and not (tmp_path / "ds").exists()
 
 
@@ -76,8 +95,14 @@ def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer
     from pretrain.data.sources import Source
 
     with pytest.warns(UserWarning):
-        write_dataset(tokenizer.encode_batch(documents), tmp_path / "ds", tokenizer, SEQ_LEN, val_fraction=0.0,
-                      show_progress=False)
+        write_dataset(
+            tokenizer.encode_batch(documents),
+            tmp_path / "ds",
+            tokenizer,
+            SEQ_LEN,
+            val_fraction=0.0,
+            show_progress=False,
+        )
     with pytest.raises(DataError, match="'val' split of .* has no shard"):
         check_trainable([Source("only", tmp_path / "ds", 1.0, read_manifest(tmp_path / "ds"))])
 
@@ -90,12 +115,23 @@ def read_all(dataset, split="train"):
 def test_shards_of_another_preparation_are_refused(tmp_path, dataset, documents, tokenizer):
     """Same names and row counts, other bytes (another seed's shuffle): the manifest's hashes catch it."""
     other = tmp_path / "other"
-    write_dataset(tokenizer.encode_batch(documents[::-1]), other, tokenizer, SEQ_LEN, val_fraction=0.2, seed=3,
-                  sequences_per_shard=8, rows_per_block=3, show_progress=False)
+    write_dataset(
+        tokenizer.encode_batch(documents[::-1]),
+        other,
+        tokenizer,
+        SEQ_LEN,
+        val_fraction=0.2,
+        seed=3,
+        sequences_per_shard=8,
+        rows_per_block=3,
+        show_progress=False,
+    )
     mixed = tmp_path / "mixed"
     shutil.copytree(dataset, mixed)
     ours, theirs = read_manifest(mixed)["splits"]["train"]["shards"], read_manifest(other)["splits"]["train"]["shards"]
-    same_rows = [(a, b) for a, b in zip(ours, theirs) if a["sequences"] == b["sequences"] and a["sha256"] != b["sha256"]]
+    same_rows = [
+        (a, b) for a, b in zip(ours, theirs) if a["sequences"] == b["sequences"] and a["sha256"] != b["sha256"]
+    ]
     assert same_rows
     a, b = same_rows[0]
     shutil.copyfile(other / b["path"], mixed / a["path"])

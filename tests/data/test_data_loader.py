@@ -1,4 +1,5 @@
 """ShardLoader: conservation over ranks x workers, exact resume, epochs, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,18 @@ def collect_epoch(dataset, split, world_size, num_workers, batch_size=4, shuffle
     per_doc: dict[int, Counter] = {}
     rows = 0
     for rank in range(world_size):
-        loader = ShardLoader(dataset, split, batch_size=batch_size, seq_len=SEQ_LEN, rank=rank,
-                             world_size=world_size, num_workers=num_workers, seed=5,
-                             shuffle_buffer=shuffle_buffer, loop=False)
+        loader = ShardLoader(
+            dataset,
+            split,
+            batch_size=batch_size,
+            seq_len=SEQ_LEN,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            seed=5,
+            shuffle_buffer=shuffle_buffer,
+            loop=False,
+        )
         for b in loader:
             rows += len(b.tokens)
             toks = b.tokens.numpy()
@@ -52,8 +62,11 @@ def direct(documents, tokenizer, split, seed=3, val_fraction=0.2):
     in_val = [is_validation(i, seed, val_fraction) for i in range(len(documents))]
     order = [i for i in range(len(documents)) if not in_val[i]] + [i for i in range(len(documents)) if in_val[i]]
     want_val = split == "val"
-    return {new_id: Counter(tokenizer.encode(documents[i]) + [tokenizer.eos_id])
-            for new_id, i in enumerate(order) if in_val[i] == want_val}
+    return {
+        new_id: Counter(tokenizer.encode(documents[i]) + [tokenizer.eos_id])
+        for new_id, i in enumerate(order)
+        if in_val[i] == want_val
+    }
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -94,8 +107,18 @@ def test_doc_ids_change_exactly_at_eos(dataset):
 
 
 def run_batches(dataset, n, world_size, rank, workers, state=None, shuffle=0):
-    loader = ShardLoader(dataset, "train", batch_size=8, seq_len=SEQ_LEN, rank=rank, world_size=world_size,
-                         num_workers=workers, seed=7, shuffle_buffer=shuffle, loop=True)
+    loader = ShardLoader(
+        dataset,
+        "train",
+        batch_size=8,
+        seq_len=SEQ_LEN,
+        rank=rank,
+        world_size=world_size,
+        num_workers=workers,
+        seed=7,
+        shuffle_buffer=shuffle,
+        loop=True,
+    )
     if state is not None:
         loader.load_state_dict(json.loads(json.dumps(state)))  # the state survives JSON
     got = [(b.tokens.clone(), b.targets.clone(), b.doc_ids.clone()) for b in islice(loader, n)]

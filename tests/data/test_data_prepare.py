@@ -1,4 +1,5 @@
 """Corpus readers, prepare_data (determinism, packing, bad input) and the embedded dataset."""
+
 from __future__ import annotations
 
 import gzip
@@ -75,16 +76,32 @@ def test_missing_path_and_empty_corpus_fail_before_work(tmp_path, monkeypatch):
 def test_prepare_is_deterministic_and_parallel_equals_serial(tmp_path, documents, tokenizer):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"body": d}) + "\n" for d in documents))
-    kwargs = dict(tokenizer_path=tokenizer.path, text_field="body", sequences_per_shard=16, show_progress=False,
-                  val_fraction=0.1)  # 82 documents: the default 0.01 would leave val empty (refused)
+    kwargs = dict(
+        tokenizer_path=tokenizer.path, text_field="body", sequences_per_shard=16, show_progress=False, val_fraction=0.1
+    )  # 82 documents: the default 0.01 would leave val empty (refused)
     prepare_corpus([corpus], tmp_path / "a", 32, workers=1, **kwargs)
     prepare_corpus([corpus], tmp_path / "b", 32, workers=2, **kwargs)
     a, b = shard_bytes(tmp_path / "a"), shard_bytes(tmp_path / "b")
     assert len([k for k in a if k.endswith(".tar")]) >= 2
     assert a == b  # byte-identical shards, manifest and tokenizer
     # the CLI, training its own tokenizer twice, is deterministic too (and shows the summary)
-    argv = ["--input", str(corpus), "--text-field", "body", "--seq-len", "32", "--vocab-size", "400",
-            "--sequences-per-shard", "16", "--workers", "1", "--no-progress", "--val-fraction", "0.1"]
+    argv = [
+        "--input",
+        str(corpus),
+        "--text-field",
+        "body",
+        "--seq-len",
+        "32",
+        "--vocab-size",
+        "400",
+        "--sequences-per-shard",
+        "16",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--val-fraction",
+        "0.1",
+    ]
     assert prepare_cli.main(argv + ["--output", str(tmp_path / "c")]) == 0
     assert prepare_cli.main(argv + ["--output", str(tmp_path / "d")]) == 0
     assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "d")
@@ -96,8 +113,16 @@ def test_document_longer_than_a_shard_is_split_not_dropped(tmp_path, tokenizer):
     docs = ["A short one.", long_doc, "Another short one."]
     ids = [tokenizer.encode(d) for d in docs]
     assert len(ids[1]) > 3 * 9  # longer than a shard of 3 sequences of 9 tokens
-    manifest = write_dataset(ids, tmp_path / "ds", tokenizer, 8, val_fraction=0.0, sequences_per_shard=3,
-                             rows_per_block=2, show_progress=False)
+    manifest = write_dataset(
+        ids,
+        tmp_path / "ds",
+        tokenizer,
+        8,
+        val_fraction=0.0,
+        sequences_per_shard=3,
+        rows_per_block=2,
+        show_progress=False,
+    )
     train = manifest["splits"]["train"]
     assert train["tokens"] == sum(len(x) + 1 for x in ids) and train["documents"] == 3
     rows, metas = [], []
@@ -115,8 +140,9 @@ def test_document_longer_than_a_shard_is_split_not_dropped(tmp_path, tokenizer):
 
 
 def test_empty_after_tokenizing_is_skipped_and_counted(tmp_path, tokenizer):
-    manifest = write_dataset([[], tokenizer.encode("hello"), []], tmp_path / "ds", tokenizer, 8,
-                             val_fraction=0.0, show_progress=False)
+    manifest = write_dataset(
+        [[], tokenizer.encode("hello"), []], tmp_path / "ds", tokenizer, 8, val_fraction=0.0, show_progress=False
+    )
     assert manifest["stats"]["empty_documents"] == 2 and manifest["documents"] == 1
     with pytest.raises(DataError, match="no non-empty document"):
         write_dataset([[]], tmp_path / "ds2", tokenizer, 8, show_progress=False)
@@ -124,8 +150,12 @@ def test_empty_after_tokenizing_is_skipped_and_counted(tmp_path, tokenizer):
 
 
 def small_cfg(tmp_path, **syn):
-    return DataConfig(cache_dir=str(tmp_path / "cache"), vocab_size=512, min_shards=4,
-                      synthetic=SyntheticConfig(**{"num_entities": 60, **syn}))
+    return DataConfig(
+        cache_dir=str(tmp_path / "cache"),
+        vocab_size=512,
+        min_shards=4,
+        synthetic=SyntheticConfig(**{"num_entities": 60, **syn}),
+    )
 
 
 def test_embedded_dataset_is_cached_and_probes_load(tmp_path):
@@ -235,8 +265,7 @@ def test_slices_then_merge_equal_a_single_process_preparation(tmp_path, document
             (corpus / f"part{k}.jsonl").write_text("".join(_json.dumps({"text": d}) + "\n" for d in part))
     inputs = [str(corpus / "part*")]  # a glob
     opts = dict(val_fraction=0.2, seed=7, sequences_per_shard=8)
-    single = prepare_corpus(inputs, tmp_path / "single", 32, tokenizer_path=tokenizer.path, show_progress=False,
-                            **opts)
+    single = prepare_corpus(inputs, tmp_path / "single", 32, tokenizer_path=tokenizer.path, show_progress=False, **opts)
     for i in range(3):
         prepare_slice(inputs, tmp_path / "merged", tokenizer.path, i, 3)
     merged = merge_slices(tmp_path / "merged", tokenizer.path, 32, show_progress=False, **opts)

@@ -1,4 +1,5 @@
 """Weighted mixtures of prepared datasets: proportions, exact resume, bad input refused early."""
+
 from __future__ import annotations
 
 import io
@@ -110,8 +111,15 @@ def test_resume_refuses_another_mixture(dataset, second_dataset):
 def test_mismatched_tokenizers_are_refused_naming_both(tmp_path, dataset, documents):
     other_tok = train_tokenizer(documents[:40], tmp_path / "other.model", vocab_size=350)
     other = tmp_path / "other"
-    write_dataset(other_tok.encode_batch(documents), other, other_tok, SEQ_LEN, val_fraction=0.2,
-                  sequences_per_shard=8, show_progress=False)
+    write_dataset(
+        other_tok.encode_batch(documents),
+        other,
+        other_tok,
+        SEQ_LEN,
+        val_fraction=0.2,
+        sequences_per_shard=8,
+        show_progress=False,
+    )
     with pytest.raises(DataError) as err:
         resolve_sources(data_cfg((dataset, 1.0, "a"), (other, 1.0, "b")))
     msg = str(err.value)
@@ -124,14 +132,27 @@ def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (dataset, 0.0, "b")))
     with pytest.raises(DataError, match=r"weight=-1.0"):
         resolve_sources(data_cfg((dataset, -1.0, "a")))
-    with pytest.raises(DataError, match=r"data.sources\[1\] \(gone\): .*gone holds no manifest.json \(the "
-                                        r"directory does not exist\): prepare it with tools/prepare_data.py"):
+    with pytest.raises(
+        DataError,
+        match=r"data.sources\[1\] \(gone\): .*gone holds no manifest.json \(the "
+        r"directory does not exist\): prepare it with tools/prepare_data.py",
+    ):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (tmp_path / "gone", 1.0, "gone")))
     long = tmp_path / "long"
-    write_dataset(tokenizer.encode_batch(make_documents(30)), long, tokenizer, SEQ_LEN * 2, val_fraction=0.2,
-                  sequences_per_shard=8, show_progress=False)
-    with pytest.raises(DataError, match=rf"data.sources\[1\] \(long\): .* seq_len={SEQ_LEN * 2} but .* "
-                                        rf"seq_len={SEQ_LEN}: re-run tools/prepare_data.py --seq-len {SEQ_LEN}"):
+    write_dataset(
+        tokenizer.encode_batch(make_documents(30)),
+        long,
+        tokenizer,
+        SEQ_LEN * 2,
+        val_fraction=0.2,
+        sequences_per_shard=8,
+        show_progress=False,
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"data.sources\[1\] \(long\): .* seq_len={SEQ_LEN * 2} but .* "
+        rf"seq_len={SEQ_LEN}: re-run tools/prepare_data.py --seq-len {SEQ_LEN}",
+    ):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (long, 1.0, "long")))
     with pytest.raises(DataError, match=rf"seq_len={SEQ_LEN * 2} but data.seq_len={SEQ_LEN}"):
         resolve_sources(data_cfg((long, 1.0, "long")), seq_len=SEQ_LEN)

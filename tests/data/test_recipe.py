@@ -1,5 +1,6 @@
 """The README's "Train on your own text" recipe, run command by command as written, on the real
 English text that ships with the machine; then the trained runs are checked."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,15 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 # Appended to the recipe's training commands only: a few small steps instead of 200.
-QUICK_TRAINING = ["train.max_steps=16", "train.micro_batch=4", "train.global_batch=4", "train.log_every=1",
-                  "train.eval_every=16", "train.eval_batches=2", "optim.warmup_steps=2"]
+QUICK_TRAINING = [
+    "train.max_steps=16",
+    "train.micro_batch=4",
+    "train.global_batch=4",
+    "train.log_every=1",
+    "train.eval_every=16",
+    "train.eval_batches=2",
+    "optim.warmup_steps=2",
+]
 
 
 def recipe_commands() -> list[list[str]]:

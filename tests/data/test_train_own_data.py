@@ -1,5 +1,6 @@
 """Training on prepared datasets that are not the fact world: no probes, the dataset's vocabulary,
 mixtures of sources with exact resume on 1 and 2 ranks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,11 @@ def test_dataset_without_probes_trains_and_exports(tmp_path, dataset, capsys):
 
 def test_explicit_vocab_size_smaller_than_the_tokenizer_is_refused(dataset):
     tok = Tokenizer(dataset / "tokenizer.model")
-    with pytest.raises(ConfigError, match=rf"model.vocab_size=256 is smaller than the tokenizer of .* "
-                                          rf"\({tok.vocab_size} tokens\): drop the setting"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"model.vocab_size=256 is smaller than the tokenizer of .* "
+        rf"\({tok.vocab_size} tokens\): drop the setting",
+    ):
         load_config(None, [*OWN, f"data.dir={dataset}", "model.vocab_size=256"])
     cfg = load_config(None, [*OWN, f"data.dir={dataset}", "model.vocab_size=1000"])
     assert cfg.model.vocab_size == 1000  # larger is allowed (unused rows)

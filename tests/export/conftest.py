@@ -39,5 +39,4 @@ def hf_model(inference_export):
     """The export through transformers' AutoModelForCausalLM (its standalone modeling code), fp32."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(inference_export, trust_remote_code=True,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(inference_export, trust_remote_code=True, dtype=torch.float32).eval()

@@ -1,4 +1,5 @@
 """Shared pieces of the export tests: a tiny run that records the training model's logits."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Bad sources, existing outputs and incomplete checkpoints fail before any weight is read,
 with messages naming the file or option; nothing is left behind."""
+
 from __future__ import annotations
 
 import shutil
@@ -98,8 +99,12 @@ def test_export_tool_runs_as_a_script_and_reports_errors(tmp_path):
     import sys
 
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(repo / "tools" / "export.py"), str(tmp_path / "nope"),
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(repo / "tools" / "export.py"), str(tmp_path / "nope"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no such run directory or checkpoint" in proc.stderr
 

@@ -1,5 +1,6 @@
 """An export that lost or truncated a weight is refused by both loaders (ours and transformers'),
 naming the file; an export and its slot table carry the training run's id."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,14 @@ def export_copy(exported, tmp_path) -> Path:
 def hf_load(export_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    return subprocess.run([sys.executable, "-c", HF_LOAD, str(export_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", HF_LOAD, str(export_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_transformers_refuses_an_export_missing_a_tensor(export_copy, tmp_path):

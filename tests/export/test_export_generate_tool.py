@@ -1,4 +1,5 @@
 """tools/generate.py: prints decode(prompt + continuation) and refuses bad input before loading."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,7 +15,7 @@ def test_generate_prints_prompt_and_continuation_decoded_together(inference_expo
     tok = Tokenizer(inference_export / "tokenizer.model")
     prompt, text = "The list", "The list type is used"
     full = [tok.eos_id] + tok.encode(text)
-    continuation = full[1 + len(tok.encode(prompt)):]
+    continuation = full[1 + len(tok.encode(prompt)) :]
     assert tok._sp.id_to_piece(continuation[0]).startswith("\u2581")  # the continuation starts a new word
     assert prompt + tok.decode(continuation) != text  # the old print would glue the words together
     monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: OracleModel([full], tok.vocab_size))

@@ -1,5 +1,6 @@
 """The export loads in transformers without this repository (offline) with the same logits and
 generates; tools/generate.py samples and answers the fact probes."""
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,21 @@ def test_transformers_loads_the_export_offline_without_this_repo(exported, train
     torch.save(tokens, tmp_path / "tokens.pt")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    proc = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(exported), str(tmp_path / "tokens.pt"),
-                           str(tmp_path / "out.safetensors")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            HF_SCRIPT,
+            str(exported),
+            str(tmp_path / "tokens.pt"),
+            str(tmp_path / "out.safetensors"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["class"] == "MemlayersForCausalLM"
     out = load_file(str(tmp_path / "out.safetensors"))
@@ -78,8 +91,24 @@ def test_generate_tool_samples_and_answers_probes(exported, capsys):
 
     assert main([str(exported), "--prompt", "The", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The")
-    assert main([str(exported), "--prompt", "The", "--max-new-tokens", "5", "--temperature", "0.8",
-                 "--top-p", "0.9", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                str(exported),
+                "--prompt",
+                "The",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0.8",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main([str(exported), "--probes", "12"]) == 0
     printed = capsys.readouterr().out

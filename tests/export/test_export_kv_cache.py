@@ -1,6 +1,7 @@
 """KV-cached inference equals full recomputation: the exported HF model (transformers' Cache,
 generate(), left-padded batches), the training model's optional KVCache, and batched scoring.
 The reference everywhere is `pretrain.export.load`'s model recomputing each unpadded sequence."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def reference_greedy(model, prompt: list[int], steps: int):
             last = model(torch.tensor([seq]))[0, -1]
             logits.append(last)
             seq.append(int(last.argmax()))
-    return seq[len(prompt):], torch.stack(logits)
+    return seq[len(prompt) :], torch.stack(logits)
 
 
 def max_err(a, b) -> float:
@@ -34,9 +35,17 @@ def test_hf_generate_with_cache_equals_recomputation_batch_1(hf_model, inference
     fed = []
     hook = hf_model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
     try:
-        runs = {use_cache: hf_model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=use_cache,
-                                             output_logits=True, return_dict_in_generate=True)
-                for use_cache in (True, False)}
+        runs = {
+            use_cache: hf_model.generate(
+                prompt,
+                max_new_tokens=12,
+                do_sample=False,
+                use_cache=use_cache,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            for use_cache in (True, False)
+        }
     finally:
         hook.remove()
     assert fed[:12] == [6] + [1] * 11  # the cached run feeds one token per step
@@ -56,10 +65,17 @@ def test_hf_generate_left_padded_batch_equals_each_prompt_alone(hf_model, infere
     ids = torch.full((4, width), hf_model.config.pad_token_id, dtype=torch.long)
     mask = torch.zeros(4, width, dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+        ids[r, width - len(p) :], mask[r, width - len(p) :] = torch.tensor(p), 1
     for use_cache in (True, False):
-        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=use_cache,
-                                output_logits=True, return_dict_in_generate=True)
+        out = hf_model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            use_cache=use_cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         logits = torch.stack(out.logits, dim=1)
         for r, p in enumerate(prompts):
             want_tokens, want_logits = reference_greedy(reference, p, steps)
@@ -84,7 +100,9 @@ def test_hf_logits_equal_load_with_and_without_cache(hf_model, inference_export)
         pieces.append(hf_model(tokens[:, 24:], cache=cache).logits)
         assert cache.get_seq_length() == tokens.shape[1]
         assert max_err(torch.cat(pieces, dim=1), want) <= ATOL
-        with pytest.raises(ValueError, match=r"sequence length 33 \(cached 32 \+ new 1\) exceeds the model's max_seq_len=32"):
+        with pytest.raises(
+            ValueError, match=r"sequence length 33 \(cached 32 \+ new 1\) exceeds the model's max_seq_len=32"
+        ):
             hf_model(tokens[:, :1], cache=cache)
 
 
@@ -113,7 +131,9 @@ def test_pretrain_generate_cached_equals_uncached(inference_export):
     assert generate(model, prompt, 20, use_cache=False) == want
     sampled = [generate(model, prompt, 20, temperature=0.9, top_p=0.9, seed=5, use_cache=c) for c in (True, False)]
     assert sampled[0] == sampled[1]
-    with pytest.raises(ValueError, match="max_seq_len is 32: shorten the prompt or lower --max-new-tokens to at most 28"):
+    with pytest.raises(
+        ValueError, match="max_seq_len is 32: shorten the prompt or lower --max-new-tokens to at most 28"
+    ):
         generate(model, prompt, 29)
 
 

@@ -1,6 +1,7 @@
 """lm-evaluation-harness on an export, offline: the shipped fact-probe tasks give the same
 exact-match accuracy as pretrain.evaluate.fact_recall and the same multiple-choice accuracy as
 scoring the choices with the training model (independent implementations agreeing)."""
+
 from __future__ import annotations
 
 import json
@@ -57,14 +58,34 @@ def lm_eval_command() -> list[str]:
 
 def run_lm_eval(export: Path, task_dir: Path, out: Path, tmp: Path) -> dict:
     # without the launch variables the in-process training fixtures leave (lm_eval would join their group)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                             "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(tmp / "hf-home"), TOKENIZERS_PARALLELISM="false")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp / "hf-home"),
+        TOKENIZERS_PARALLELISM="false",
+    )
     cmd = lm_eval_command() + [
-        "--model", "hf", "--model_args", f"pretrained={export},trust_remote_code=True,dtype=float32",
-        "--tasks", f"{GROUP},{MC_TASK}", "--include_path", str(task_dir), "--device", "cpu",
-        "--batch_size", "4", "--output_path", str(out)]
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={export},trust_remote_code=True,dtype=float32",
+        "--tasks",
+        f"{GROUP},{MC_TASK}",
+        "--include_path",
+        str(task_dir),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp, check=False)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     found = sorted(out.rglob("results*.json"))
@@ -88,7 +109,9 @@ def test_lm_eval_fact_tasks_agree_with_fact_recall(inference_export, tmp_path):
     check_task_dir(task_dir)
     results = run_lm_eval(export, task_dir, tmp_path / "out", tmp_path)
 
-    kept = [json.loads(line) for f in sorted(task_dir.glob(f"{GROUP}_len*.jsonl")) for line in f.read_text().splitlines()]
+    kept = [
+        json.loads(line) for f in sorted(task_dir.glob(f"{GROUP}_len*.jsonl")) for line in f.read_text().splitlines()
+    ]
     assert len(kept) == written["probes"] > 0
     kept_probes = [Probe(r["question"], r["answer"], r["attribute"], 0.0, False) for r in kept]
     batch = encode_probes(kept_probes, tokenizer, model.cfg.max_seq_len)
@@ -107,7 +130,7 @@ def test_lm_eval_fact_tasks_agree_with_fact_recall(inference_export, tmp_path):
             full = [tokenizer.eos_id] + tokenizer.encode(f"{row['question']} {choice}")
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([full[:-1]]))[0].double(), -1)
-            cont = torch.tensor(full[len(context):])
+            cont = torch.tensor(full[len(context) :])
             scores.append(logp[len(context) - 1 :].gather(-1, cont[:, None]).sum().item())
         hits += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
     assert results[MC_TASK]["acc,none"] == pytest.approx(hits / len(rows), abs=1e-9)

@@ -1,5 +1,6 @@
 """Round trip: an exported model's logits equal the training model's, for ZeRO 0-3 at P = 1 and
 ZeRO 1-3 at P = 2 (two gloo ranks); bf16 exports are the fp32 weights rounded."""
+
 from __future__ import annotations
 
 import pytest
@@ -53,9 +54,20 @@ def test_export_matches_training_model_p2(trained_p2, tmp_path, stage):
 def test_export_contents_and_names(trained, tmp_path):
     out = export_checkpoint(trained[1], tmp_path / "export", show_progress=False)
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["README.md", "config.json", "configuration_memlayers.py", "model.safetensors",
-                            "modeling_memlayers.py", "probes.jsonl", "slot_frequencies.safetensors",
-                            "tokenization_memlayers.py", "tokenizer.model", "tokenizer_config.json"])
+    assert files == sorted(
+        [
+            "README.md",
+            "config.json",
+            "configuration_memlayers.py",
+            "model.safetensors",
+            "modeling_memlayers.py",
+            "probes.jsonl",
+            "slot_frequencies.safetensors",
+            "tokenization_memlayers.py",
+            "tokenizer.model",
+            "tokenizer_config.json",
+        ]
+    )
     weights = load_file(str(out / "model.safetensors"))
     model = load(out)
     assert list(weights) == list(model.state_dict())  # names and order = Transformer.state_dict()
@@ -78,14 +90,17 @@ def test_value_pool_is_the_concatenation_of_its_shards(trained_p2, tmp_path):
     run = trained_p2[3]
     out = export_checkpoint(run, tmp_path / "export", show_progress=False)
     ckpt = next((run / "checkpoints").glob("step_*"))
-    assert torch.equal(load_file(str(out / "model.safetensors"))["values.0.weight"],
-                       MemoryParallel.consolidate(ckpt)["values.0.weight"])
+    assert torch.equal(
+        load_file(str(out / "model.safetensors"))["values.0.weight"],
+        MemoryParallel.consolidate(ckpt)["values.0.weight"],
+    )
 
 
 def test_bf16_export_is_the_rounded_fp32_export(trained, tmp_path):
     fp32 = load_file(str(export_checkpoint(trained[2], tmp_path / "a", show_progress=False) / "model.safetensors"))
-    bf16 = load_file(str(export_checkpoint(trained[2], tmp_path / "b", dtype="bf16", show_progress=False)
-                         / "model.safetensors"))
+    bf16 = load_file(
+        str(export_checkpoint(trained[2], tmp_path / "b", dtype="bf16", show_progress=False) / "model.safetensors")
+    )
     assert fp32.keys() == bf16.keys()
     for name in fp32:
         assert bf16[name].dtype == torch.bfloat16
@@ -104,8 +119,9 @@ def test_bf16_training_exports_the_fp32_masters(tmp_path, data_cache, stage):
     train_and_record(0, str(run), str(data_cache), ["train.dtype=bf16", f"train.zero_stage={stage}"])
     out = export_checkpoint(run, tmp_path / "export", show_progress=False)
     exported = load_file(str(out / "model.safetensors"))
-    module = torch.load(next((run / "checkpoints").glob("step_*")) / "mp_rank_00_model_states.pt",
-                        weights_only=True)["module"]
+    module = torch.load(next((run / "checkpoints").glob("step_*")) / "mp_rank_00_model_states.pt", weights_only=True)[
+        "module"
+    ]
     assert module and all(v.dtype == torch.bfloat16 for v in module.values())
     for name, weight in module.items():
         assert exported[name].dtype == torch.float32

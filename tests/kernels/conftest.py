@@ -6,6 +6,7 @@ decoration time whether a kernel is interpreted, so the variable is set only whi
 the kernel modules are imported and while this folder's tests run (Triton also reads
 it lazily at launch), and restored otherwise: it does not leak into the rest of the suite.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -58,7 +59,9 @@ def pytest_collection_modifyitems(config, items):
         in_here = str(item.path).startswith(here + os.sep)
         is_fallback = item.name == "test_interpreted_in_subprocess"
         if in_here and SUBPROCESS_FALLBACK and not is_fallback:
-            item.add_marker(pytest.mark.skip(reason="triton was imported compiled; run by test_interpreted_in_subprocess"))
+            item.add_marker(
+                pytest.mark.skip(reason="triton was imported compiled; run by test_interpreted_in_subprocess")
+            )
         if in_here and is_fallback and not SUBPROCESS_FALLBACK:
             item.add_marker(pytest.mark.skip(reason="kernels already interpreted in this process"))
 

@@ -1,4 +1,5 @@
 """Comparison helpers for the kernel tests (relative error against a float64 reference)."""
+
 from __future__ import annotations
 
 import torch

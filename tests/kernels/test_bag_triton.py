@@ -1,4 +1,5 @@
 """Embedding bag (kernels.bag_triton): forward and every gradient form against float64."""
+
 from __future__ import annotations
 
 import pytest
@@ -119,7 +120,7 @@ def test_column_slice_of_the_pool_is_read_in_place(device):
     part = full[:, 8:29]
     probe = torch.randn(5, 21, dtype=torch.float64)
     out = bag_triton.embedding_bag(part, indices, weights)
-    dv, = torch.autograd.grad((out * probe.to(device, torch.float32)).sum(), [full])
+    (dv,) = torch.autograd.grad((out * probe.to(device, torch.float32)).sum(), [full])
     out_ref, dv_ref, _ = _reference(part, indices, weights, probe)
     assert_close(out, out_ref, FP32_TOL, "sliced bag output")
     assert_close(dv[:, 8:29], dv_ref, FP32_TOL, "sliced value gradient")

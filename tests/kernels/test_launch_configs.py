@@ -1,5 +1,6 @@
 """Pinned launch configurations (kernels.launch_configs): a pinned tuning key gets exactly
 its configuration, other keys the usual candidates; MEMLAYERS_AUTOTUNE=all ignores pins."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """A whole MemoryPlus layer through the Triton kernels equals the torch path."""
+
 from __future__ import annotations
 
 import copy

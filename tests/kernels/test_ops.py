@@ -1,6 +1,7 @@
 """The custom ops (kernels/ops.py): schema, fake and autograd registrations (opcheck), the
 PyTorch backward formulas against the reference's float64 autograd, and the Triton path
 bit-for-bit equal to calling the Triton autograd functions directly."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,11 @@ from kernels import ops, reference
 
 def _lookup_inputs(device, dtype, T=12, H=2, k_dim=16, n=8, k=4, d=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q, k1, k2 = torch.randn(T, H, k_dim, generator=g), torch.randn(H, n, k_dim // 2, generator=g), \
-        torch.randn(H, n, k_dim // 2, generator=g)
+    q, k1, k2 = (
+        torch.randn(T, H, k_dim, generator=g),
+        torch.randn(H, n, k_dim // 2, generator=g),
+        torch.randn(H, n, k_dim // 2, generator=g),
+    )
     values = torch.randn(n * n, d, generator=g)
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k1, k2, values)] + [k]
 
@@ -42,8 +46,9 @@ def test_opcheck_schema_fake_and_autograd():
     q, k1, k2, values, k = _lookup_inputs("cpu", torch.float32)
     torch.library.opcheck(torch.ops.memlayers.pkm_topk, (q, k1, k2, k, "torch"))
     w, idx = ops.pkm_topk(q, k1, k2, k, "torch")
-    torch.library.opcheck(torch.ops.memlayers.embedding_bag, (values, idx, w.detach().requires_grad_(), "torch",
-                                                              "sorted"))
+    torch.library.opcheck(
+        torch.ops.memlayers.embedding_bag, (values, idx, w.detach().requires_grad_(), "torch", "sorted")
+    )
 
 
 def test_bad_backend_is_refused_before_the_op():

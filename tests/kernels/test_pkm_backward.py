@@ -3,6 +3,7 @@
 The reference re-scores the saved slots in float64 (gather of the half scores, softmax)
 and differentiates with autograd: independent of the kernel's dedup, sort and segments.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,9 +26,14 @@ def _score_grads_ref(query, keys1, keys2, indices, probe):
 
 def _inputs(T, H, k_dim, n, device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [t.to(device=device, dtype=dtype) for t in
-            (torch.randn(T, H, k_dim, generator=g), torch.randn(H, n, k_dim // 2, generator=g),
-             torch.randn(H, n, k_dim // 2, generator=g))]
+    return [
+        t.to(device=device, dtype=dtype)
+        for t in (
+            torch.randn(T, H, k_dim, generator=g),
+            torch.randn(H, n, k_dim // 2, generator=g),
+            torch.randn(H, n, k_dim // 2, generator=g),
+        )
+    ]
 
 
 def _crowded_indices(T, H, k, n, seed):
@@ -67,8 +73,7 @@ def test_fp32_gradients_match_float64(T, H, k_dim, n, k, device, monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    got = pkm_bwd_triton.score_backward(probe.float().to(device), q, k1, k2, w64.float().to(device),
-                                        indices.to(device))
+    got = pkm_bwd_triton.score_backward(probe.float().to(device), q, k1, k2, w64.float().to(device), indices.to(device))
     for name, a, b in zip(("dquery", "dkeys1", "dkeys2"), got, want):
         assert a.dtype == torch.float32
         assert_close(a, b, FP32_TOL, name)
@@ -80,8 +85,9 @@ def test_bf16_gradients_within_1e_2(device):
     indices = _crowded_indices(T, H, k, n, seed=3)
     probe = torch.randn(T, H, k, dtype=torch.float64)
     w64, *want = _score_grads_ref(q, k1, k2, indices, probe)
-    got = pkm_bwd_triton.score_backward(probe.to(device, torch.bfloat16), q, k1, k2, w64.float().to(device),
-                                        indices.to(device))
+    got = pkm_bwd_triton.score_backward(
+        probe.to(device, torch.bfloat16), q, k1, k2, w64.float().to(device), indices.to(device)
+    )
     for name, a, b in zip(("dquery", "dkeys1", "dkeys2"), got, want):
         assert a.dtype == torch.bfloat16
         assert_close(a, b, BF16_TOL, name)

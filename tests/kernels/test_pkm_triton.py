@@ -1,4 +1,5 @@
 """Fused product-key top-k (kernels.pkm_triton) against the float64 PyTorch reference."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,9 @@ def test_matches_reference_fp32(T, H, k_dim, n, k, device):
     assert torch.equal(idx.cpu(), idx_ref), "selected slots differ from the reference"
     assert_close(w, w_ref, FP32_TOL, "weights")
     probe = torch.randn(T, H, k, dtype=torch.float64)
-    for name, got, want in zip(("dquery", "dkeys1", "dkeys2"), _grads(w, inputs, probe.to(device)),
-                               _grads(w_ref, ref_inputs, probe)):
+    for name, got, want in zip(
+        ("dquery", "dkeys1", "dkeys2"), _grads(w, inputs, probe.to(device)), _grads(w_ref, ref_inputs, probe)
+    ):
         assert_close(got, want, FP32_TOL, name)
 
 
@@ -43,8 +45,9 @@ def test_indices_are_exact_topk_over_all_slots(device):
     """Independent of the product-key reference: brute force over all n*n slots."""
     q, k1, k2 = _inputs(12, 2, 16, 24, device, seed=7)
     w, idx = pkm_triton.pkm_topk(q, k1, k2, 6)
-    w_bf, idx_bf = reference.brute_force_topk(q.detach().cpu().double(), k1.detach().cpu().double(),
-                                              k2.detach().cpu().double(), 6)
+    w_bf, idx_bf = reference.brute_force_topk(
+        q.detach().cpu().double(), k1.detach().cpu().double(), k2.detach().cpu().double(), 6
+    )
     assert torch.equal(idx.cpu(), idx_bf)
     assert_close(w, w_bf, FP32_TOL, "weights vs brute force")
 
@@ -90,8 +93,9 @@ def test_bf16_storage(device):
     assert torch.equal(idx.cpu(), idx_ref)
     assert_close(w, w_ref, BF16_TOL, "bf16 weights")
     probe = torch.randn(T, H, k, dtype=torch.float64)
-    for name, got, want in zip(("dquery", "dkeys1", "dkeys2"), _grads(w, inputs, probe.to(device)),
-                               _grads(w_ref, ref_inputs, probe)):
+    for name, got, want in zip(
+        ("dquery", "dkeys1", "dkeys2"), _grads(w, inputs, probe.to(device)), _grads(w_ref, ref_inputs, probe)
+    ):
         assert got.dtype == torch.bfloat16
         assert_close(got, want, BF16_TOL, name)
 

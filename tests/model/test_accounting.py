@@ -1,4 +1,5 @@
 """Parameter counts of the paper-shaped configs and FLOPs per token, against hand counts."""
+
 from __future__ import annotations
 
 import pytest

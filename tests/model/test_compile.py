@@ -1,5 +1,6 @@
 """torch.compile (inductor, CPU) of the blocks matches eager over 3 training steps, and a
 memory block compiles into one graph (fullgraph=True: a graph break would raise)."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """Each paper-scale config's dense baseline has the same active parameters (built on meta)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The weighted embedding bag: reference vs gather formulation vs an explicit float64 loop."""
+
 from __future__ import annotations
 
 import pytest

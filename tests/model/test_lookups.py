@@ -1,5 +1,6 @@
 """The explicit slot hand-over: hooks fire once per real forward, the recorder refuses a
 double count, evaluation forwards are not training accesses."""
+
 from __future__ import annotations
 
 import pytest

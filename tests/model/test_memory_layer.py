@@ -1,4 +1,5 @@
 """Memory+ layer: forward against an independent float64 implementation, gradients everywhere."""
+
 from __future__ import annotations
 
 import pytest
@@ -97,8 +98,14 @@ def test_memory_plus_gradcheck_float64(make_model_config, qk_norm):
         raise AssertionError("no draw with a well-separated selection")
     module = LayerWithTable(layer, table)
     names = [name for name, _ in module.named_parameters()]
-    assert {"layer.query_proj.weight", "layer.keys1", "layer.keys2", "layer.gate_proj.weight",
-            "layer.out_proj.weight", "values.weight"} <= set(names)
+    assert {
+        "layer.query_proj.weight",
+        "layer.keys1",
+        "layer.keys2",
+        "layer.gate_proj.weight",
+        "layer.out_proj.weight",
+        "values.weight",
+    } <= set(names)
     params = tuple(p.detach().clone().requires_grad_() for p in module.parameters())
 
     def fn(x, *tensors):

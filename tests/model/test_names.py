@@ -1,4 +1,5 @@
 """pretrain.model.names spells memory-layer and value-table names as the module tree does."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,4 +24,4 @@ def test_names_and_table_count_match_the_built_model(make_model_config, layers, 
     streams = slot_stream_names(cfg.memory)
     memory_paths = [name for name, module in model.named_modules() if isinstance(module, MemoryPlus)]
     assert [f"{s}.ffn" for s in streams[: len(layers)]] == memory_paths
-    assert streams[len(layers):] == ([value_table_name(0)] if shared and len(layers) > 1 else [])
+    assert streams[len(layers) :] == ([value_table_name(0)] if shared and len(layers) > 1 else [])

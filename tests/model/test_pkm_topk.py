@@ -1,4 +1,5 @@
 """Product-key top-k equals the exact top-k over all n_keys**2 combined keys."""
+
 from __future__ import annotations
 
 import math

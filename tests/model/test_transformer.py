@@ -1,4 +1,5 @@
 """The transformer: tiny config trains a step; dense mode equals a from-scratch float64 transformer."""
+
 from __future__ import annotations
 
 import math

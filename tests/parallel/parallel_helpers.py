@@ -1,4 +1,5 @@
 """Shared pieces of the memory-parallel tests: the tiny model, batches, the world-1 reference."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ GLOBAL_BATCH, SEQ, STEPS = 4, 9, 3
 
 def tiny_cfg(v_dim: int = 0, shared: bool = False) -> ModelConfig:
     """dim 32, 3 layers, two memory layers (layers 0 and 2) with their own 256-slot tables."""
-    mem = MemoryConfig(layers=[0, 2], n_keys=16, heads=2, k=4, k_dim=16, v_dim=v_dim, shared_values=shared,
-                       kernel="torch")
+    mem = MemoryConfig(
+        layers=[0, 2], n_keys=16, heads=2, k=4, k_dim=16, v_dim=v_dim, shared_values=shared, kernel="torch"
+    )
     return ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=16, memory=mem)
 
 

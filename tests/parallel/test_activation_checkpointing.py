@@ -1,6 +1,7 @@
 """Activation checkpointing changes no number: every mode's loss, dense/key/value
 gradients and handed-over slots equal mode none, for world 1 and for world 2 with P = 2
 (where a recomputation must replay, not repeat, the value-pool collectives)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -89,6 +90,7 @@ def test_modes_choose_the_documented_blocks():
 
 def test_full_checkpointing_keeps_fewer_activations():
     """The saving is real: fewer bytes held by autograd between forward and backward."""
+
     def saved_bytes(mode: str) -> int:
         torch.manual_seed(0)
         model = Transformer(tiny_cfg())

@@ -1,4 +1,5 @@
 """Memory parallelism in one process (P = 1): initialisation, swap, optimizer, files, errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -74,8 +75,9 @@ def test_memory_parallel_p1_trains_like_plain_torch():
     model = Transformer(cfg)
     mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
     dense = list(model.parameters())
-    opt_d = torch.optim.AdamW(dense, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                              weight_decay=optim.weight_decay)
+    opt_d = torch.optim.AdamW(
+        dense, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+    )
     for step in range(3):
         tokens = batches[step]
         loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
@@ -163,7 +165,9 @@ def test_missing_and_truncated_files_name_the_file(tmp_path):
     with pytest.raises(ShardFileError, match=shard_file_name(1, 0, 1).replace(".", r"\.")):
         mp.load(tmp_path)
     target.unlink()
-    with pytest.raises(ShardFileError, match="missing value-shard file .*" + shard_file_name(1, 0, 1).replace(".", r"\.")):
+    with pytest.raises(
+        ShardFileError, match="missing value-shard file .*" + shard_file_name(1, 0, 1).replace(".", r"\.")
+    ):
         mp.load(tmp_path)
     with pytest.raises(ShardFileError, match="no value-shard files"):
         mp.load(tmp_path / "nowhere")

@@ -3,6 +3,7 @@
 Each world size is spawned once (module fixtures); the workers write their results as
 safetensors files and the tests compare them with a plain-torch world-1 reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,12 +34,20 @@ def ds_train(cfg, groups, stage: int, rank: int, world: int) -> dict[str, torch.
     torch.manual_seed(0)
     model = Transformer(cfg)
     mp = MemoryParallel(model, groups, OPTIM, kernel="torch")
-    opt = torch.optim.AdamW(model.parameters(), lr=OPTIM.lr, betas=(OPTIM.beta1, OPTIM.beta2), eps=OPTIM.eps,
-                            weight_decay=OPTIM.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=OPTIM.lr,
+        betas=(OPTIM.beta1, OPTIM.beta2),
+        eps=OPTIM.eps,
+        weight_decay=OPTIM.weight_decay,
+    )
     ds_config = {
-        "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "gradient_accumulation_steps": 1, "gradient_clipping": OPTIM.grad_clip,
-        "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": OPTIM.grad_clip,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     out = {}
@@ -63,8 +72,10 @@ def ds_train(cfg, groups, stage: int, rank: int, world: int) -> dict[str, torch.
     out["losses"] = torch.stack(losses)
     out["value_norms"] = torch.stack(norms)
     acc = mp.accounting()
-    out["comm"] = torch.tensor([acc["comm_bytes_last_step"], acc["comm_bytes_last_step_estimate"],
-                                acc["value_shard_bytes"]], dtype=torch.float64)
+    out["comm"] = torch.tensor(
+        [acc["comm_bytes_last_step"], acc["comm_bytes_last_step_estimate"], acc["value_shard_bytes"]],
+        dtype=torch.float64,
+    )
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         for name, p in model.named_parameters():
             out[f"dense.{name}"] = p.detach().clone()
@@ -173,10 +184,15 @@ def check_equivalence(results, reference, P: int, world: int):
     for stage in STAGES:
         pre = f"P{P}.z{stage}."
         for r in range(world):
-            torch.testing.assert_close(results[r][pre + "losses"].double(), torch.tensor(ref_losses, dtype=torch.float64),
-                                       rtol=1e-5, atol=0)
-            torch.testing.assert_close(results[r][pre + "value_norms"].double(),
-                                       torch.tensor(ref_norms, dtype=torch.float64), rtol=1e-5, atol=0)
+            torch.testing.assert_close(
+                results[r][pre + "losses"].double(), torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-5, atol=0
+            )
+            torch.testing.assert_close(
+                results[r][pre + "value_norms"].double(),
+                torch.tensor(ref_norms, dtype=torch.float64),
+                rtol=1e-5,
+                atol=0,
+            )
             for name, p in ref_model.named_parameters():
                 if not name.startswith("values."):
                     assert rel_err(results[r][pre + "dense." + name], p.detach()) <= 1e-5, (stage, r, name)

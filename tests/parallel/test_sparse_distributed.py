@@ -4,6 +4,7 @@ One world-2 spawn writes every result; the tests compare it with the dense path'
 gradients (same parameters, first step), with world-1 sparse training, and check that a
 P = 2 sparse-optimizer checkpoint re-shards into P = 1 with its per-row state intact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,13 +38,25 @@ def train_values(cfg, groups, optim, stage: int, rank: int, world: int) -> dict[
     torch.manual_seed(0)
     model = Transformer(cfg)
     mp = MemoryParallel(model, groups, optim, kernel="torch")
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                            weight_decay=optim.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "gradient_accumulation_steps": 1, "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-    })
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={
+            "train_batch_size": GLOBAL_BATCH,
+            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": optim.grad_clip,
+            "zero_optimization": {"stage": stage},
+            "steps_per_print": 10**9,
+        },
+    )
     per_rank, out, norms = GLOBAL_BATCH // world, {}, []
     for step, tokens in enumerate(batches()):
         local = tokens[rank * per_rank : (rank + 1) * per_rank]
@@ -128,8 +141,13 @@ def world1_sparse():
     torch.manual_seed(0)
     model = Transformer(cfg)
     mp = MemoryParallel(model, init_memory_groups(1), SPARSE, kernel="torch")
-    opt = torch.optim.AdamW(model.parameters(), lr=SPARSE.lr, betas=(SPARSE.beta1, SPARSE.beta2), eps=SPARSE.eps,
-                            weight_decay=SPARSE.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=SPARSE.lr,
+        betas=(SPARSE.beta1, SPARSE.beta2),
+        eps=SPARSE.eps,
+        weight_decay=SPARSE.weight_decay,
+    )
     norms = []
     for tokens in batches():
         mp.zero_grad(), opt.zero_grad()
@@ -157,7 +175,9 @@ def test_sparse_gradients_equal_dense_nonzero_rows(world2, P):
             assert not sparse[~read].any()
             torch.testing.assert_close(sparse[read], dense[read], rtol=0, atol=1e-6)
             if P == 1:  # two replicas of the whole table: the reduced gradients agree bitwise
-                assert torch.equal(world2[0][f"P1.z{stage}.sparse.grad0.{i}"], world2[1][f"P1.z{stage}.sparse.grad0.{i}"])
+                assert torch.equal(
+                    world2[0][f"P1.z{stage}.sparse.grad0.{i}"], world2[1][f"P1.z{stage}.sparse.grad0.{i}"]
+                )
 
 
 def test_shared_table_sparse_gradient_equals_dense_at_p2_zero3(world2):
@@ -172,12 +192,18 @@ def test_sparse_training_matches_world1(world2, world1_sparse, P):
     shards, norms = world1_sparse
     for stage in (1, 3):
         for r in range(2):
-            torch.testing.assert_close(world2[r][f"P{P}.z{stage}.sparse.value_norms"].double(),
-                                       torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=0)
+            torch.testing.assert_close(
+                world2[r][f"P{P}.z{stage}.sparse.value_norms"].double(),
+                torch.tensor(norms, dtype=torch.float64),
+                rtol=1e-5,
+                atol=0,
+            )
         for i in range(2):
             assert rel_err(full_table(world2, f"P{P}.z{stage}.sparse.shard.{i}", P), shards[i]) < 1e-5
             if P == 1:  # replicas stay identical
-                assert torch.equal(world2[0][f"P1.z{stage}.sparse.shard.{i}"], world2[1][f"P1.z{stage}.sparse.shard.{i}"])
+                assert torch.equal(
+                    world2[0][f"P1.z{stage}.sparse.shard.{i}"], world2[1][f"P1.z{stage}.sparse.shard.{i}"]
+                )
 
 
 def test_sparse_checkpoint_reshards_2_to_1(world2):

@@ -1,4 +1,5 @@
 """The trainer with optim.value_optimizer=sparse_adamw: exact resume (N + N steps == 2N, bitwise)."""
+
 from __future__ import annotations
 
 import pytest

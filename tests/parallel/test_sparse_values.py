@@ -3,6 +3,7 @@
 References: a float64 lazy Adam written here from its definition, the dense path's
 gradients (adamw), and the trainer's own straight run for resume.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -191,8 +192,9 @@ def test_sparse_checkpoint_round_trip_and_interchangeable_state(tmp_path):
 
 def test_unknown_value_optimizer_is_refused():
     with pytest.raises(ConfigError, match="optim.value_optimizer='sgd'"):
-        MemoryParallel(Transformer(tiny_cfg()), init_memory_groups(1),
-                       dataclasses.replace(OPTIM, value_optimizer="sgd"))
+        MemoryParallel(
+            Transformer(tiny_cfg()), init_memory_groups(1), dataclasses.replace(OPTIM, value_optimizer="sgd")
+        )
     with pytest.raises(ValueError, match="no weight decay"):
         SparseAdamW([torch.nn.Parameter(torch.zeros(2, 2))], weight_decay=0.1)
 

@@ -3,6 +3,7 @@
 A stream is a run of documents (unique, non-monotone ids, random lengths) packed
 row-major into micro-batches of (B, S): documents straddle rows and micro-batches.
 """
+
 from __future__ import annotations
 
 import random
@@ -11,8 +12,19 @@ from collections import defaultdict
 import torch
 
 
-def make_stream(seed: int, num_batches: int, B: int, S: int, heads: int, k: int, num_slots: int, layers: int,
-                first_doc_id: int, max_doc_len: int, pad_tail: int = 0):
+def make_stream(
+    seed: int,
+    num_batches: int,
+    B: int,
+    S: int,
+    heads: int,
+    k: int,
+    num_slots: int,
+    layers: int,
+    first_doc_id: int,
+    max_doc_len: int,
+    pad_tail: int = 0,
+):
     """List of (layer_indices, doc_ids) micro-batches; the last `pad_tail` tokens are padding (-1)."""
     rng = random.Random(seed)
     total = num_batches * B * S
@@ -27,7 +39,7 @@ def make_stream(seed: int, num_batches: int, B: int, S: int, heads: int, k: int,
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for b in range(num_batches):
-        doc_ids = torch.tensor(docs[b * B * S:(b + 1) * B * S], dtype=torch.int64).view(B, S)
+        doc_ids = torch.tensor(docs[b * B * S : (b + 1) * B * S], dtype=torch.int64).view(B, S)
         # k distinct slots per (token, head), as top-k produces; small N forces collisions
         idx = [torch.rand(B * S, heads, num_slots, generator=gen).argsort(-1)[..., :k] for _ in range(layers)]
         batches.append((idx, doc_ids))

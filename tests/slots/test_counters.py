@@ -1,4 +1,5 @@
 """SlotStatistics against brute-force Python: counts, doc freqs, totals, resume, summaries."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Background sample: reservoir properties, stored data, and df recomputation vs brute force."""
+
 from __future__ import annotations
 
 import pytest

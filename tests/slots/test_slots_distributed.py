@@ -1,4 +1,5 @@
 """Two gloo ranks on 127.0.0.1: reduce() sums counts and doc freqs; replicated indices count once."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Table file round trip, TF-IDF vs an independent float64 implementation, the tools."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,11 @@ def small_stats(num_slots: int = 16, names=("layers.1",)) -> SlotStatistics:
 
 def test_table_round_trip_and_validation(tmp_path):
     stats = small_stats()
-    path = save_table(tmp_path / "t" / "slot_frequencies.safetensors", stats,
-                      {"model_config_hash": "abc", "tokenizer_hash": "def", "run": {"seed": 1}})
+    path = save_table(
+        tmp_path / "t" / "slot_frequencies.safetensors",
+        stats,
+        {"model_config_hash": "abc", "tokenizer_hash": "def", "run": {"seed": 1}},
+    )
     assert [p.name for p in path.parent.iterdir()] == ["slot_frequencies.safetensors"]  # no temp left
     table = load_table(tmp_path / "t")  # a directory works too
     assert torch.equal(table.counts["layers.1"], stats.counts["layers.1"])
@@ -127,8 +131,13 @@ def export_dir(tmp_path, make_model_config):
     (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
     sentences = ["the cat sat on the mat", "ada was born in paris", "where was ada born"] * 20
     model_io = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model_io, vocab_size=40,
-                                   hard_vocab_limit=False, model_type="unigram")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model_io,
+        vocab_size=40,
+        hard_vocab_limit=False,
+        model_type="unigram",
+    )
     (out / "tokenizer.model").write_bytes(model_io.getvalue())
     n = cfg.memory.num_slots
     stats = SlotStatistics(n, ["layers.1"])
@@ -191,7 +200,9 @@ def test_table_from_another_run_is_refused_unless_allowed(export_dir, capsys, tm
     (or the table has none), so both tools refuse it; --allow-other-run accepts it on purpose."""
     out, _cfg, stats, meta = export_dir
     _set_export_run(out, "a" * 32)
-    save_table(out / "slot_frequencies.safetensors", stats, meta if table_run is None else {**meta, "run_id": table_run})
+    save_table(
+        out / "slot_frequencies.safetensors", stats, meta if table_run is None else {**meta, "run_id": table_run}
+    )
     argv = ["--export", str(out), "--text", "where was ada born", "--top", "3"]
     assert tfidf_tool.main(argv) == 2
     assert "--allow-other-run" in capsys.readouterr().err

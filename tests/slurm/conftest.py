@@ -1,6 +1,7 @@
 """Fixtures for the Slurm tests: a real one-node cluster (munge + slurmctld + slurmd), started
 once per test session; skipped, with the reason, only where the packages are absent and
 cannot be installed."""
+
 from __future__ import annotations
 
 import socket

@@ -3,6 +3,7 @@ trainer does with pretrain.slurm, without a model. Each step sleeps briefly; on 
 signal rank 0 saves the step to <run_dir>/fake_state.json, then requeues the job; a
 requeued job resumes from that step. Invoked as: fake_trainer.py -m pretrain.train --config X.
 """
+
 import json
 import os
 import sys
@@ -27,9 +28,12 @@ def main():
     dist.init_process_group("gloo", rank=rank, world_size=world)
     total = torch.tensor([rank + 1])
     dist.all_reduce(total)
-    print(f"rank {rank}/{world} local {os.environ['LOCAL_RANK']} master {os.environ['MASTER_ADDR']}:"
-          f"{os.environ['MASTER_PORT']} restart {os.environ.get('SLURM_RESTART_COUNT', '0')} "
-          f"allreduce {int(total)}", flush=True)
+    print(
+        f"rank {rank}/{world} local {os.environ['LOCAL_RANK']} master {os.environ['MASTER_ADDR']}:"
+        f"{os.environ['MASTER_PORT']} restart {os.environ.get('SLURM_RESTART_COUNT', '0')} "
+        f"allreduce {int(total)}",
+        flush=True,
+    )
     step = json.loads(state_file.read_text())["step"] if state_file.exists() else 0
     if step:
         print(f"rank {rank} resumed at step {step}", flush=True)

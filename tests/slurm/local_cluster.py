@@ -4,6 +4,7 @@ state, sockets and logs in one temporary folder, on free ports, stopped on close
 Clients reach it through SLURM_CONF (see `LocalCluster.env`). Nothing under /etc is used,
 so it runs beside any system Slurm or munge.
 """
+
 from __future__ import annotations
 
 import os
@@ -86,8 +87,12 @@ class LocalCluster:
         self._pidfiles = [munge_dir / "munged.pid", self.root / "slurmctld.pid", self.root / "slurmd.pid"]
         self._run(
             [
-                _which("munged"), "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-                f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
+                _which("munged"),
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--log-file={munge_dir / 'munged.log'}",
                 f"--seed-file={munge_dir / 'munged.seed'}",
             ]
         )
@@ -95,8 +100,12 @@ class LocalCluster:
         self.conf.write_text(self._slurm_conf())
         self._run([_which("slurmctld"), "-f", str(self.conf)])
         self._run([_which("slurmd"), "-f", str(self.conf), "-N", self.node])
-        _wait(self._node_idle, 60, "the node to become idle", [self.root / "log" / "slurmctld.log",
-                                                                 self.root / "log" / "slurmd.log"])
+        _wait(
+            self._node_idle,
+            60,
+            "the node to become idle",
+            [self.root / "log" / "slurmctld.log", self.root / "log" / "slurmd.log"],
+        )
         return self
 
     def _slurm_conf(self) -> str:
@@ -166,8 +175,9 @@ PartitionName=short Nodes={self.node} Default=NO MaxTime=1 State=UP
     def cmd(self, args: list[str], check: bool = True) -> str:
         exe = _which(args[0]) or args[0]
         # cwd: a job without --output writes slurm-<id>.out there, not into the checkout.
-        result = subprocess.run([exe, *args[1:]], env=self.env, cwd=self.root, capture_output=True, text=True,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            [exe, *args[1:]], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=60, check=False
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed (exit {result.returncode}): {result.stderr.strip()}")
         return result.stdout
@@ -185,8 +195,12 @@ PartitionName=short Nodes={self.node} Default=NO MaxTime=1 State=UP
             info = self.job_info(job_id)
             return info.get("JobState") in states
 
-        _wait(reached, timeout, f"job {job_id} to reach {states} (now {info.get('JobState')})",
-              [self.root / "log" / "slurmctld.log"])
+        _wait(
+            reached,
+            timeout,
+            f"job {job_id} to reach {states} (now {info.get('JobState')})",
+            [self.root / "log" / "slurmctld.log"],
+        )
         return info
 
 

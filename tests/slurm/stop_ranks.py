@@ -1,6 +1,7 @@
 """One rank of the two-rank StopSignal test. Phase 1: only rank 1 sends itself SIGUSR1 at
 step 3. Phase 2: rank 0 gets SIGTERM and rank 1 SIGUSR1 at step 2. Each phase loops calling
 should_stop() every step. Prints one JSON line per phase."""
+
 import json
 import os
 import signal

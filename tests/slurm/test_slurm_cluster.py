@@ -6,6 +6,7 @@ The protocol test runs a stand-in trainer (fake_trainer.py) through the real tem
 slow tests run the real trainer (`python -m pretrain.train`) on a shrunken tiny config and
 compare the preempted run bitwise with an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,9 +28,24 @@ SIGUSR1 = 10
 
 def submit(cluster, run_dir: Path, overrides=(), extra=()) -> str:
     """`tools/submit.py --cpu` with 2 tasks; returns the job id."""
-    cmd = [sys.executable, str(REPO_ROOT / "tools" / "submit.py"), "--config", str(REPO_ROOT / "configs/tiny.yaml"),
-           f"train.run_dir={run_dir}", *overrides, "--cpu", "--tasks-per-node", "2", "--cpus-per-task", "1",
-           "--time", "20", "--workdir", str(REPO_ROOT), *extra]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "tools" / "submit.py"),
+        "--config",
+        str(REPO_ROOT / "configs/tiny.yaml"),
+        f"train.run_dir={run_dir}",
+        *overrides,
+        "--cpu",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "20",
+        "--workdir",
+        str(REPO_ROOT),
+        *extra,
+    ]
     result = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     match = re.search(r"^submitted job (\d+)$", result.stdout, re.M)
@@ -57,8 +73,10 @@ def wait_for_log(cluster, run_dir: Path, job_id: str, pattern: str, timeout: flo
         if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
         time.sleep(0.1)
-    pytest.fail(f"job {job_id} never logged /{pattern}/ ({cluster.job_info(job_id).get('JobState')}):\n"
-                f"{read_log(run_dir, job_id)[-4000:]}")
+    pytest.fail(
+        f"job {job_id} never logged /{pattern}/ ({cluster.job_info(job_id).get('JobState')}):\n"
+        f"{read_log(run_dir, job_id)[-4000:]}"
+    )
 
 
 def preempt(cluster, job_id: str, batch: bool = False) -> None:
@@ -84,9 +102,7 @@ def preempt(cluster, job_id: str, batch: bool = False) -> None:
 
 def wait_completed(cluster, run_dir: Path, job_id: str, timeout: float) -> dict:
     info = cluster.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
-        f"{info}\n{read_log(run_dir, job_id)[-6000:]}"
-    )
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{read_log(run_dir, job_id)[-6000:]}"
     return info
 
 
@@ -96,7 +112,7 @@ def test_preemption_protocol_with_stand_in_trainer(slurm_cluster, tmp_path):
     the same stop step on both ranks, requeue, appended log, resume, code snapshot."""
     run_dir = tmp_path / "fake"
     wrapper = tmp_path / "python-wrapper"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_trainer.py"} "$@"\n')
     wrapper.chmod(0o755)
     job = submit(slurm_cluster, run_dir, ["train.micro_batch=8"], extra=["--python", str(wrapper), "--snapshot-code"])
     wait_for_log(slurm_cluster, run_dir, job, r"^0: rank 0 step 10$", timeout=120)
@@ -132,7 +148,7 @@ def test_preemption_protocol_with_stand_in_trainer(slurm_cluster, tmp_path):
 def fake_trainer_job(cluster, tmp_path: Path, name: str) -> tuple[Path, str]:
     run_dir = tmp_path / name
     wrapper = tmp_path / "python-wrapper"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_trainer.py"} "$@"\n')
     wrapper.chmod(0o755)
     return run_dir, submit(cluster, run_dir, ["train.micro_batch=8"], extra=["--python", str(wrapper)])
 
@@ -161,7 +177,7 @@ def test_scancel_stops_without_requeue(slurm_cluster, tmp_path):
     """`scancel <job>` (SIGTERM to the tasks) checkpoints and exits; the job stays cancelled."""
     run_dir = tmp_path / "cancelled"
     wrapper = tmp_path / "python-wrapper"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_trainer.py'} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_trainer.py"} "$@"\n')
     wrapper.chmod(0o755)
     job = submit(slurm_cluster, run_dir, ["train.micro_batch=8"], extra=["--python", str(wrapper)])
     wait_for_log(slurm_cluster, run_dir, job, r"^0: rank 0 step 5$", timeout=120)
@@ -183,10 +199,21 @@ def test_scancel_stops_without_requeue(slurm_cluster, tmp_path):
 MAX_STEPS = 80  # long enough that the signal sent after step 3 lands mid-run on a loaded machine
 # configs/tiny.yaml shrunk to ~0.1 s per step on 2 cores: the whole run takes seconds.
 SMALL = [
-    "model.dim=64", "model.n_layers=2", "model.memory.layers=[1]", "model.memory.n_keys=32",
-    "model.memory.heads=2", "model.memory.k=8", "data.seq_len=32", "train.global_batch=4",
-    "train.micro_batch=2", f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.eval_every=1000",
-    "train.eval_batches=1", "train.probe_limit=8", "train.checkpoint_every=1000",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.memory.layers=[1]",
+    "model.memory.n_keys=32",
+    "model.memory.heads=2",
+    "model.memory.k=8",
+    "data.seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=2",
+    f"train.max_steps={MAX_STEPS}",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.eval_batches=1",
+    "train.probe_limit=8",
+    "train.checkpoint_every=1000",
 ]
 
 

@@ -1,4 +1,5 @@
 """Rank, world size and rendezvous derived from SLURM_* variables (pretrain.slurm)."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,8 +48,14 @@ def test_every_rank_agrees_on_the_rendezvous():
     seen = set()
     for procid in range(8):
         env = distributed_env_from_slurm(
-            _task_env(SLURM_PROCID=str(procid), SLURM_LOCALID=str(procid % 4), SLURM_NTASKS="8",
-                      SLURM_STEP_NUM_TASKS="8", SLURM_JOB_NODELIST="n[7,9]", SLURM_STEP_NODELIST="n[7,9]")
+            _task_env(
+                SLURM_PROCID=str(procid),
+                SLURM_LOCALID=str(procid % 4),
+                SLURM_NTASKS="8",
+                SLURM_STEP_NUM_TASKS="8",
+                SLURM_JOB_NODELIST="n[7,9]",
+                SLURM_STEP_NODELIST="n[7,9]",
+            )
         )
         assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == (str(procid), str(procid % 4), "8")
         seen.add((env["MASTER_ADDR"], env["MASTER_PORT"]))

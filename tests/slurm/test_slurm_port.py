@@ -1,5 +1,6 @@
 """The rendezvous port inside a task: an explicit MASTER_PORT wins over the job-derived one,
 and a port another process listens on is a clear error on rank 0 before the process group."""
+
 from __future__ import annotations
 
 import socket
@@ -8,8 +9,15 @@ import pytest
 
 from pretrain.slurm import SlurmEnvError, check_port_free, distributed_env_from_slurm
 
-TASK = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1", "SLURM_NTASKS": "2",
-        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "PATH": "/nonexistent"}
+TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_NODELIST": "n1",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "PATH": "/nonexistent",
+}
 
 
 def test_explicit_master_port_wins():

@@ -1,4 +1,5 @@
 """StopSignal (flag set by USR1/SIGTERM, agreed on by all ranks) and requeue_job."""
+
 from __future__ import annotations
 
 import json
@@ -78,11 +79,21 @@ def _try_create():
 
 
 def test_two_gloo_ranks_stop_at_the_same_step():
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        PYTHONPATH=str(REPO_ROOT),
+        OMP_NUM_THREADS="1",
+    )
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "stop_ranks.py"), str(r), "2"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(HERE / "stop_ranks.py"), str(r), "2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(2)
     ]
     results = []

@@ -1,5 +1,6 @@
 """tools/submit.py and pretrain.launch: golden dry-run renderings, quoting, run-directory
 rules and bad input (no cluster needed, except where the slurm_env fixture is used)."""
+
 from __future__ import annotations
 
 import os
@@ -19,18 +20,59 @@ FIXED = ["--workdir", "/home/user/memlayers", "--python", "/opt/venv/bin/python"
 
 GOLDEN_CASES = {
     "gpu_1x8.sbatch": [
-        "--config", TINY, "train.run_dir=/scratch/memlayers/runs/tiny-1x8", "train.max_steps=1000",
-        "train.global_batch=64", "train.micro_batch=8",
-        "--nodes", "1", "--gpus-per-node", "8", "--cpus-per-task", "12", "--time", "04:00:00",
-        "--partition", "gpu", "--account", "proj42", *FIXED,
+        "--config",
+        TINY,
+        "train.run_dir=/scratch/memlayers/runs/tiny-1x8",
+        "train.max_steps=1000",
+        "train.global_batch=64",
+        "train.micro_batch=8",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-task",
+        "12",
+        "--time",
+        "04:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj42",
+        *FIXED,
     ],
     "gpu_4x8.sbatch": [
-        "--config", TINY, "train.run_dir=/scratch/memlayers/runs/tiny-4x8", "optim.lr=1e-3",
-        "train.global_batch=512", "train.micro_batch=8",
-        "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "16", "--time", "2-00:00:00",
-        "--partition", "gpu", "--account", "proj42", "--qos", "high", "--constraint", "h100",
-        "--signal-seconds", "300", "--sbatch=--exclusive", "--sbatch=--mem=0", "--snapshot-code",
-        "--job-name", "mem-4x8", "--master-port", "29123", *FIXED,
+        "--config",
+        TINY,
+        "train.run_dir=/scratch/memlayers/runs/tiny-4x8",
+        "optim.lr=1e-3",
+        "train.global_batch=512",
+        "train.micro_batch=8",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-task",
+        "16",
+        "--time",
+        "2-00:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj42",
+        "--qos",
+        "high",
+        "--constraint",
+        "h100",
+        "--signal-seconds",
+        "300",
+        "--sbatch=--exclusive",
+        "--sbatch=--mem=0",
+        "--snapshot-code",
+        "--job-name",
+        "mem-4x8",
+        "--master-port",
+        "29123",
+        *FIXED,
     ],
 }
 
@@ -57,10 +99,23 @@ def test_golden_directives_are_what_sbatch_reads():
     text = (GOLDEN / "gpu_4x8.sbatch").read_text()
     directives = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("#SBATCH ")]
     assert directives == [
-        "--job-name=mem-4x8", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=16",
-        "--time=2-00:00:00", "--signal=USR1@300", "--requeue", "--open-mode=append",
-        "--output=/scratch/memlayers/runs/tiny-4x8/logs/slurm-%j.out", "--chdir=/home/user/memlayers",
-        "--partition=gpu", "--account=proj42", "--qos=high", "--constraint=h100", "--exclusive", "--mem=0",
+        "--job-name=mem-4x8",
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=16",
+        "--time=2-00:00:00",
+        "--signal=USR1@300",
+        "--requeue",
+        "--open-mode=append",
+        "--output=/scratch/memlayers/runs/tiny-4x8/logs/slurm-%j.out",
+        "--chdir=/home/user/memlayers",
+        "--partition=gpu",
+        "--account=proj42",
+        "--qos=high",
+        "--constraint=h100",
+        "--exclusive",
+        "--mem=0",
     ]
     # sbatch stops reading directives at the first command: all of them must come first.
     first_command = next(i for i, line in enumerate(text.splitlines()) if line and not line.startswith("#"))
@@ -68,15 +123,31 @@ def test_golden_directives_are_what_sbatch_reads():
 
 
 def test_cpu_variant_uses_tasks_and_no_gpus(capsys, tmp_path):
-    rc, out, err = _dry_run(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu",
-                                     "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10"])
+    rc, out, err = _dry_run(
+        capsys,
+        [
+            "--config",
+            TINY,
+            "train.micro_batch=2",
+            f"train.run_dir={tmp_path}/run",
+            "--cpu",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "10",
+        ],
+    )
     assert rc == 0, err
     assert "#SBATCH --ntasks-per-node=2" in out and "gpus" not in out
     assert "export DS_ACCELERATOR=cpu" in out and "export OMP_NUM_THREADS=1" in out
 
 
 def test_dry_run_leaves_nothing_behind(capsys, tmp_path):
-    rc, out, _ = _dry_run(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--snapshot-code"])
+    rc, out, _ = _dry_run(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--snapshot-code"]
+    )
     assert rc == 0 and out.startswith("#!/bin/bash")
     assert list(tmp_path.iterdir()) == []
 
@@ -86,7 +157,9 @@ def _run_rendered_script(script: str, tmp_path: Path) -> list[str]:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     record = tmp_path / "argv"
-    (bindir / "srun").write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > {shlex.quote(str(record))}\n')
+    (bindir / "srun").write_text(
+        f'#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > {shlex.quote(str(record))}\n'
+    )
     (bindir / "srun").chmod(0o755)
     script_path = tmp_path / "job.sh"
     script_path.write_text(script)
@@ -97,7 +170,9 @@ def _run_rendered_script(script: str, tmp_path: Path) -> list[str]:
 
 def test_values_are_quoted_not_spliced(capsys, tmp_path):
     evil = tmp_path / "a b $(touch pwned) ;echo x"
-    rc, out, err = _dry_run(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={evil}", "--cpu", "--python", "/bin/echo"])
+    rc, out, err = _dry_run(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={evil}", "--cpu", "--python", "/bin/echo"]
+    )
     assert rc == 0, err
     argv = _run_rendered_script(out, tmp_path)
     assert argv[-5:] == ["/bin/echo", "-m", "pretrain.train", "--config", str(evil / "config.yaml")]
@@ -105,8 +180,19 @@ def test_values_are_quoted_not_spliced(capsys, tmp_path):
 
 
 def test_tasks_are_launched_with_srun_and_the_resolved_config(capsys, tmp_path):
-    rc, out, _ = _dry_run(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpus-per-task", "4",
-                                   "--python", "/opt/py/bin/python3"])
+    rc, out, _ = _dry_run(
+        capsys,
+        [
+            "--config",
+            TINY,
+            "train.micro_batch=2",
+            f"train.run_dir={tmp_path}/run",
+            "--cpus-per-task",
+            "4",
+            "--python",
+            "/opt/py/bin/python3",
+        ],
+    )
     assert rc == 0
     argv = _run_rendered_script(out, tmp_path)
     # srun runs a bash that prints where the task runs, then execs the trainer with the rest.
@@ -117,8 +203,17 @@ def test_tasks_are_launched_with_srun_and_the_resolved_config(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "value, seconds",
-    [("90", 5400), ("1:30", 90), ("2:00:00", 7200), ("30:00:00", 108000), ("1-0", 86400), ("1-2:3", 93780),
-     ("1-2:3:4", 93784), ("UNLIMITED", None), ("infinite", None)],
+    [
+        ("90", 5400),
+        ("1:30", 90),
+        ("2:00:00", 7200),
+        ("30:00:00", 108000),
+        ("1-0", 86400),
+        ("1-2:3", 93780),
+        ("1-2:3:4", 93784),
+        ("UNLIMITED", None),
+        ("infinite", None),
+    ],
 )
 def test_time_strings_slurm_accepts(value, seconds):
     assert time_limit_seconds(value) == seconds
@@ -137,14 +232,18 @@ def _submit(capsys, argv) -> tuple[int, str, str]:
 
 
 def test_invalid_time_fails_before_creating_anything(capsys, tmp_path):
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--time", "1:99:00"])
+    rc, _, err = _submit(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--time", "1:99:00"]
+    )
     assert rc == 2 and "--time '1:99:00'" in err and "minutes must be below 60" in err
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--snapshot-code"])
+    rc, _, err = _submit(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--snapshot-code"]
+    )
     assert rc == 2 and "sbatch not found on PATH" in err
     assert not (tmp_path / "run").exists()
 
@@ -154,7 +253,10 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
     [
         (["train.nope=1"], "unknown config key 'train.nope'"),
         (["train.global_batch=7"], "train.global_batch"),
-        (["train.micro_batch=16", "--nodes", "2", "--gpus-per-node", "4"], "train.global_batch=16 is not divisible by train.micro_batch=16 x world size 8"),
+        (
+            ["train.micro_batch=16", "--nodes", "2", "--gpus-per-node", "4"],
+            "train.global_batch=16 is not divisible by train.micro_batch=16 x world size 8",
+        ),
         (["--cpu", "train.dtype=fp16", "model.memory.layers=[]"], "train.dtype=fp16 is not supported on CPU"),
         (["train.dtype=fp16"], "train.dtype=fp16 is not supported with memory layers"),
         (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
@@ -176,7 +278,9 @@ def test_another_runs_directory_is_never_reused(capsys, tmp_path):
     (run / "notes.txt").write_text("someone else's")
     rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--dry-run"])
     assert rc == 2 and "already exists" in err and "--resume" in err
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--dry-run"])
+    rc, _, err = _submit(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--dry-run"]
+    )
     assert rc == 2 and "not a run directory" in err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
@@ -189,30 +293,64 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
 
     plan = plan_run(TINY, ["train.micro_batch=2", f"train.run_dir={run}"], SlurmOptions(cpu=True), workdir=tmp_path)
     materialise(plan)
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "optim.lr=1e-4", "--resume", "--dry-run"])
+    rc, _, err = _submit(
+        capsys,
+        ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "optim.lr=1e-4", "--resume", "--dry-run"],
+    )
     assert rc == 2 and "resolved config differs" in err
-    rc, out, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--dry-run", "--cpu"])
+    rc, out, err = _submit(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--dry-run", "--cpu"]
+    )
     assert rc == 0, err
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/fresh", "--resume", "--dry-run"])
+    rc, _, err = _submit(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/fresh", "--resume", "--dry-run"]
+    )
     assert rc == 2 and "does not exist" in err
     # A failed resubmission removes only what it added, never the run's own files.
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--cpu", "--snapshot-code"])
+    rc, _, err = _submit(
+        capsys,
+        ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--cpu", "--snapshot-code"],
+    )
     assert rc == 2 and "sbatch not found" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def test_unknown_partition_surfaces_sbatch_message(capsys, tmp_path, slurm_env):
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--time", "5",
-                                  "--partition", "nosuchpartition"])
+    rc, _, err = _submit(
+        capsys,
+        [
+            "--config",
+            TINY,
+            "train.micro_batch=2",
+            f"train.run_dir={tmp_path}/run",
+            "--cpu",
+            "--time",
+            "5",
+            "--partition",
+            "nosuchpartition",
+        ],
+    )
     assert rc == 2 and "sbatch refused the job" in err and "invalid partition name specified" in err.lower(), err
     assert not (tmp_path / "run").exists()
 
 
 def test_time_over_partition_limit_surfaces_sbatch_message(capsys, tmp_path, slurm_env):
     # The test cluster's "short" partition allows 1 minute.
-    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--time", "10",
-                                  "--partition", "short"])
+    rc, _, err = _submit(
+        capsys,
+        [
+            "--config",
+            TINY,
+            "train.micro_batch=2",
+            f"train.run_dir={tmp_path}/run",
+            "--cpu",
+            "--time",
+            "10",
+            "--partition",
+            "short",
+        ],
+    )
     assert rc == 2 and "sbatch refused the job" in err and "time limit" in err.lower(), err
     assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """The rendered batch script's own logic, run by bash with a stand-in srun: the rendezvous
 port it chooses (and refuses), and USR1 passed on from the batch shell to the training step."""
+
 from __future__ import annotations
 
 import signal
@@ -30,7 +31,12 @@ def fake_srun(tmp_path: Path, body: str) -> dict:
     bindir.mkdir()
     (bindir / "srun").write_text("#!/bin/bash\n" + body)
     (bindir / "srun").chmod(0o755)
-    return {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_JOB_ID": "17007", "SLURM_JOB_NODELIST": "n1", "HOME": str(tmp_path)}
+    return {
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "SLURM_JOB_ID": "17007",
+        "SLURM_JOB_NODELIST": "n1",
+        "HOME": str(tmp_path),
+    }
 
 
 def listening_socket(port: int) -> socket.socket:
@@ -71,12 +77,20 @@ def test_explicit_port_is_honoured_and_a_clash_is_an_error(capsys, tmp_path):
         free = s.getsockname()[1]
     script = render(capsys, tmp_path, "--master-port", str(free))
     env = fake_srun(tmp_path, f'echo "$MASTER_PORT" > {tmp_path}/port\n')
-    subprocess.run(["bash", str(script)], env={**env, "MASTER_PORT": "1"}, cwd=tmp_path, check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["bash", str(script)],
+        env={**env, "MASTER_PORT": "1"},
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert (tmp_path / "port").read_text().strip() == str(free)
     (tmp_path / "port").unlink()
     with listening_socket(free):
-        result = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
     assert result.returncode == 1 and not (tmp_path / "port").exists()
     assert f"rendezvous port {free} (--master-port) is in use" in result.stderr
 
@@ -90,9 +104,11 @@ def test_usr1_to_the_batch_shell_reaches_the_step(capsys, tmp_path):
     """The step (here a stand-in srun) gets USR1 sent to the batch shell alone; the script
     waits for it and exits with its status."""
     script = render(capsys, tmp_path)
-    body = (f'trap \'echo usr1 > {tmp_path}/got; exit 3\' USR1\n'
-            f'touch {tmp_path}/started\n'
-            'for i in $(seq 600); do sleep 0.1; done\n')
+    body = (
+        f"trap 'echo usr1 > {tmp_path}/got; exit 3' USR1\n"
+        f"touch {tmp_path}/started\n"
+        "for i in $(seq 600); do sleep 0.1; done\n"
+    )
     env = fake_srun(tmp_path, body)
     shell = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -109,7 +125,7 @@ def test_sigterm_to_the_batch_shell_waits_for_the_step(capsys, tmp_path):
     """SIGTERM (scancel, the time limit) to the batch shell: it keeps waiting while the step
     checkpoints (the step gets its own SIGTERM from Slurm), then exits with the step's status."""
     script = render(capsys, tmp_path)
-    body = f'touch {tmp_path}/started\nsleep 1\necho done > {tmp_path}/finished\n'
+    body = f"touch {tmp_path}/started\nsleep 1\necho done > {tmp_path}/finished\n"
     env = fake_srun(tmp_path, body)
     shell = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30

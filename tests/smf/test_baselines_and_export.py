@@ -1,4 +1,5 @@
 """Full finetuning and LoRA baselines, the finetuned export, and the finetuning set."""
+
 import json
 
 import pytest
@@ -81,15 +82,15 @@ def test_finetune_loop_records_every_epoch(smf_export, data):
     model = load(export)
     method = build_method("sparse", model, lr=1.0, table=load_table(export), top_t=8)
     calls = []
-    history = finetune(method, data, epochs=2, batch_size=8, evaluate=lambda m: calls.append(m) or {"x": 1.0},
-                       log=None)
+    history = finetune(method, data, epochs=2, batch_size=8, evaluate=lambda m: calls.append(m) or {"x": 1.0}, log=None)
     steps_per_epoch = -(-len(data) // 8)
     assert [h["steps"] for h in history] == [steps_per_epoch, 2 * steps_per_epoch]
     assert len(calls) == 2 and all(h["x"] == 1.0 for h in history)
     assert method.rows_updated <= 8 * 2 * steps_per_epoch
     calls.clear()
-    history = finetune(method, data, epochs=3, batch_size=8, evaluate=lambda m: calls.append(m) or {"x": 1.0},
-                       log=None, eval_every=2)
+    history = finetune(
+        method, data, epochs=3, batch_size=8, evaluate=lambda m: calls.append(m) or {"x": 1.0}, log=None, eval_every=2
+    )
     assert ["x" in h for h in history] == [False, True, True]  # every 2nd epoch and the last
 
 
@@ -126,8 +127,29 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     export, dataset = smf_export
     data = str(dataset / "new_facts.jsonl")
     out = tmp_path / "sparse"
-    assert main(["--export", str(export), "--data", data, "--out", str(out), "--method", "sparse", "--lr", "5",
-                 "--top-t", "16", "--epochs", "1", "--max-grad-norm", "1"]) == 0
+    assert (
+        main(
+            [
+                "--export",
+                str(export),
+                "--data",
+                data,
+                "--out",
+                str(out),
+                "--method",
+                "sparse",
+                "--lr",
+                "5",
+                "--top-t",
+                "16",
+                "--epochs",
+                "1",
+                "--max-grad-norm",
+                "1",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "config.json").read_text())["memlayers"]["finetune"]
     assert record["method"] == "sparse" and record["top_t"] == 16 and "new_fact_recall" in record["history"][-1]
     assert not torch.equal(load(out).values[0].weight, load(export).values[0].weight)
@@ -137,8 +159,10 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     from pretrain.slots import save_table
 
     table = load_table(export)
-    state = {"meta": {"layer_names": table.layers, "num_slots": table.num_slots, "granularity": "document",
-                      "step": 1}, "totals": torch.tensor([1, 1])}
+    state = {
+        "meta": {"layer_names": table.layers, "num_slots": table.num_slots, "granularity": "document", "step": 1},
+        "totals": torch.tensor([1, 1]),
+    }
     for layer in table.layers:
         state[f"{layer}.counts"] = table.counts[layer]
         state[f"{layer}.doc_freq"] = table.doc_freq[layer]

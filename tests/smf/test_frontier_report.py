@@ -1,4 +1,5 @@
 """The frontier verdict on hand-made sweeps, and the report tool end to end on a tiny export."""
+
 import json
 
 import pytest
@@ -7,20 +8,33 @@ from pretrain.smf.frontier import compare, plot_frontier, points, summary_markdo
 
 
 def run(method, label, *epochs):
-    return {"method": method, "label": label, "seconds": 1.0,
-            "history": [{"epoch": i + 1, "new_fact_recall": new, "old_fact_recall": old, "val_loss": 1.0 + i}
-                        for i, (new, old) in enumerate(epochs)]}
+    return {
+        "method": method,
+        "label": label,
+        "seconds": 1.0,
+        "history": [
+            {"epoch": i + 1, "new_fact_recall": new, "old_fact_recall": old, "val_loss": 1.0 + i}
+            for i, (new, old) in enumerate(epochs)
+        ],
+    }
 
 
 def sweep(*runs):
-    return {"before": {"new_fact_recall": 0.0, "old_fact_recall": 0.8, "val_loss": 1.0}, "runs": list(runs),
-            "finetune_rows": 3, "finetune_tokens": 30, "settings": {}}
+    return {
+        "before": {"new_fact_recall": 0.0, "old_fact_recall": 0.8, "val_loss": 1.0},
+        "runs": list(runs),
+        "finetune_rows": 3,
+        "finetune_tokens": 30,
+        "settings": {},
+    }
 
 
 def test_sparse_meets_the_bar_at_matched_learning():
-    report = sweep(run("full", "full lr=1", (0.5, 0.5), (0.9, 0.2)),  # reference: recall 0.9, drop 0.6
-                   run("sparse", "sparse a", (0.75, 0.7), (0.85, 0.65)),  # drop 0.15 <= 0.2 at recall 0.85
-                   run("sparse", "sparse b", (0.95, 0.3)))  # learns more but forgets 0.5
+    report = sweep(
+        run("full", "full lr=1", (0.5, 0.5), (0.9, 0.2)),  # reference: recall 0.9, drop 0.6
+        run("sparse", "sparse a", (0.75, 0.7), (0.85, 0.65)),  # drop 0.15 <= 0.2 at recall 0.85
+        run("sparse", "sparse b", (0.95, 0.3)),
+    )  # learns more but forgets 0.5
     verdict = compare(report)
     assert verdict["reference"]["label"] == "full lr=1" and verdict["reference"]["epoch"] == 2
     best = verdict["methods"]["sparse"]["point"]
@@ -30,10 +44,13 @@ def test_sparse_meets_the_bar_at_matched_learning():
     assert "**yes**" in summary_markdown(report, verdict)
 
 
-@pytest.mark.parametrize("sparse_epochs, learns, forgets_little", [
-    ([(0.70, 0.79)], False, True),  # 20 points short of full's 0.9: not matched learning
-    ([(0.85, 0.55)], True, False),  # forgets 0.25 > 0.6 / 3
-])
+@pytest.mark.parametrize(
+    "sparse_epochs, learns, forgets_little",
+    [
+        ([(0.70, 0.79)], False, True),  # 20 points short of full's 0.9: not matched learning
+        ([(0.85, 0.55)], True, False),  # forgets 0.25 > 0.6 / 3
+    ],
+)
 def test_sparse_misses_the_bar(sparse_epochs, learns, forgets_little):
     report = sweep(run("full", "full", (0.9, 0.2)), run("sparse", "sparse", *sparse_epochs))
     verdict = compare(report)
@@ -55,11 +72,20 @@ def test_report_tool_end_to_end(smf_export, tmp_path):
     from tools.smf_report import main
 
     export, dataset = smf_export
-    runs = json.dumps([{"method": "sparse", "lr": 5.0, "top_t": 16}, {"method": "full", "lr": 1e-3},
-                       {"method": "lora", "lr": 1e-3, "lora_rank": 2}])
+    runs = json.dumps(
+        [
+            {"method": "sparse", "lr": 5.0, "top_t": 16},
+            {"method": "full", "lr": 1e-3},
+            {"method": "lora", "lr": 1e-3, "lora_rank": 2},
+        ]
+    )
     out = tmp_path / "report"
-    assert main(["--export", str(export), "--dataset-dir", str(dataset), "--out", str(out), "--epochs", "2",
-                 "--runs", runs]) == 0
+    assert (
+        main(
+            ["--export", str(export), "--dataset-dir", str(dataset), "--out", str(out), "--epochs", "2", "--runs", runs]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["sparse", "full", "lora"]
     assert all(len(r["history"]) == 2 for r in results["runs"])
@@ -72,7 +98,20 @@ def test_report_tool_rejects_bad_runs(smf_export, tmp_path, capsys):
     from tools.smf_report import main
 
     export, dataset = smf_export
-    assert main(["--export", str(export), "--dataset-dir", str(dataset), "--out", str(tmp_path),
-                 "--runs", '[{"method": "adam", "lr": 1}]']) == 2
+    assert (
+        main(
+            [
+                "--export",
+                str(export),
+                "--dataset-dir",
+                str(dataset),
+                "--out",
+                str(tmp_path),
+                "--runs",
+                '[{"method": "adam", "lr": 1}]',
+            ]
+        )
+        == 2
+    )
     assert "--runs" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()

@@ -1,4 +1,5 @@
 """Sparse memory finetuning changes exactly the TF-IDF-selected value rows, by exactly SGD."""
+
 import copy
 import dataclasses
 import math
@@ -24,8 +25,11 @@ def setup(smf_export):
 def brute_force_top(counts, doc_freq, num_documents, t):
     """Independent TF-IDF ranking in plain Python floats (the paper's formula)."""
     total = sum(counts)
-    scored = [(c / total * math.log((num_documents + 1) / (d + 1)), -slot)
-              for slot, (c, d) in enumerate(zip(counts, doc_freq)) if c > 0]
+    scored = [
+        (c / total * math.log((num_documents + 1) / (d + 1)), -slot)
+        for slot, (c, d) in enumerate(zip(counts, doc_freq))
+        if c > 0
+    ]
     return sorted(-s for _, s in sorted(scored, reverse=True)[:t])
 
 
@@ -70,8 +74,10 @@ def test_selection_follows_the_exported_table(setup):
     real = SlotSelector(model, table, top_t=20).select(batch.keep)[0]
     flat = SlotSelector(model, uniform, top_t=20).select(batch.keep)[0]
     assert not torch.equal(real, flat)
-    counts = torch.bincount(model.memory_layers()[0].last_indices.reshape(batch.keep.numel(), -1)[
-        batch.keep.reshape(-1)].reshape(-1), minlength=table.num_slots)
+    counts = torch.bincount(
+        model.memory_layers()[0].last_indices.reshape(batch.keep.numel(), -1)[batch.keep.reshape(-1)].reshape(-1),
+        minlength=table.num_slots,
+    )
     by_count = torch.argsort(counts, descending=True, stable=True)[:20]
     assert torch.equal(flat, torch.sort(by_count).values)
 
@@ -130,9 +136,18 @@ def test_several_memory_layers_in_float64(make_model_config, shared):
     n = cfg.memory.num_slots
     gen = torch.Generator().manual_seed(1)
     doc_freq = {f"layers.{i}": torch.randint(0, 50, (n,), generator=gen) for i in (0, 1)}
-    table = SlotTable(path="synthetic", layers=list(doc_freq), num_slots=n, counts=dict(doc_freq),
-                      doc_freq=doc_freq, num_documents=60, num_tokens=1000, granularity="document", step=1,
-                      metadata={})
+    table = SlotTable(
+        path="synthetic",
+        layers=list(doc_freq),
+        num_slots=n,
+        counts=dict(doc_freq),
+        doc_freq=doc_freq,
+        num_documents=60,
+        num_tokens=1000,
+        granularity="document",
+        step=1,
+        metadata={},
+    )
     tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=gen)
     batch = FinetuneBatch(tokens[:, :-1], tokens[:, 1:], torch.ones(2, 8, dtype=torch.bool))
     reference = copy.deepcopy(model)

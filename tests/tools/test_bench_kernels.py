@@ -1,4 +1,5 @@
 """tools/bench_kernels.py on CPU: the PyTorch rows, the bytes model, skewed indices."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ def test_zipf_indices_follow_the_law():
     idx = kb.zipf_indices((draws // 4, 4), n, a, "cpu")
     assert idx.shape == (draws // 4, 4) and 0 <= idx.min() and idx.max() < n
     counts = torch.bincount(idx.flatten(), minlength=n).sort(descending=True).values.double()
-    harmonic = sum(r ** -a for r in range(1, n + 1))
+    harmonic = sum(r**-a for r in range(1, n + 1))
     for rank in (1, 2, 10):
-        expected = draws * rank ** -a / harmonic
-        assert abs(counts[rank - 1] - expected) < 5 * expected ** 0.5 + 0.02 * expected
+        expected = draws * rank**-a / harmonic
+        assert abs(counts[rank - 1] - expected) < 5 * expected**0.5 + 0.02 * expected
 
 
 def test_bytes_model_counts_each_gathered_row_once_per_entry():
@@ -32,8 +33,29 @@ def test_cpu_run_writes_json_with_skewed_indices(tmp_path, capsys):
     from tools.bench_kernels import main
 
     out = tmp_path / "bench.json"
-    assert main(["--tokens", "16", "--n-keys", "16", "--k", "4", "--k-dim", "16", "--v-dims", "24",
-                               "--repeats", "1", "--index-skew", "1.5", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--tokens",
+                "16",
+                "--n-keys",
+                "16",
+                "--k",
+                "4",
+                "--k-dim",
+                "16",
+                "--v-dims",
+                "24",
+                "--repeats",
+                "1",
+                "--index-skew",
+                "1.5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     payload = json.loads(out.read_text())
     assert payload["triton_skipped"] is True
     bag = [r for r in payload["results"] if r["name"].startswith("bag_")]
@@ -73,8 +95,23 @@ def test_layer_rows_on_cpu(tmp_path):
     from tools.bench_kernels import main
 
     out = tmp_path / "layer.json"
-    assert main(["--layer", "configs/tiny.yaml", "--layer-batch", "1", "--layer-seq", "8", "--repeats", "1",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--layer",
+                "configs/tiny.yaml",
+                "--layer-batch",
+                "1",
+                "--layer-seq",
+                "8",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = {r["name"]: r for r in json.loads(out.read_text())["layer"]}
     assert set(rows) == {"memory_layer_fwd_bwd_torch", "model_fwd_bwd_torch"}
     model = rows["model_fwd_bwd_torch"]

@@ -1,4 +1,5 @@
 """tools/compile_kernels.py: the Triton kernels compiled for sm_90 without a GPU (bundled ptxas)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,22 @@ def test_scoring_backward_compiles_for_sm90_without_spills(tmp_path):
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "tools/compile_kernels.py", "--kernels", "pkm_bwd_keys",
-                             "pkm_bwd_sum_chunks", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/compile_kernels.py",
+            "--kernels",
+            "pkm_bwd_keys",
+            "pkm_bwd_sum_chunks",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     launches = json.loads(out.read_text())["launches"]
     assert len(launches) == 5  # the key pass's 4 candidates, the chunk sum's 1
@@ -29,6 +44,7 @@ def test_scoring_backward_compiles_for_sm90_without_spills(tmp_path):
 
 def test_refuses_to_run_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "tools/compile_kernels.py"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "tools/compile_kernels.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "unset TRITON_INTERPRET" in result.stderr

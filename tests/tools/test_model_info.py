@@ -1,4 +1,5 @@
 """tools/model_info.py: the printed counts are the model's, for tiny and paper-scale configs."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ def test_json_counts_match_a_model_built_for_real(repo_root, capsys):
     model = Transformer(cfg)  # a real CPU build, not the meta one the tool uses
     counts = count_parameters(model)
     assert info["parameters"] == {
-        "dense": counts.dense, "memory_values": counts.memory_values, "memory_keys": counts.memory_keys,
-        "memory_other": counts.memory_other, "active": counts.active, "total": counts.total,
+        "dense": counts.dense,
+        "memory_values": counts.memory_values,
+        "memory_keys": counts.memory_keys,
+        "memory_other": counts.memory_other,
+        "active": counts.active,
+        "total": counts.total,
     }
     assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
     assert info["seq_len"] == 128
@@ -35,7 +40,9 @@ def test_json_counts_match_a_model_built_for_real(repo_root, capsys):
 
 
 def test_overrides_and_seq_len(repo_root, capsys):
-    info = run_json(capsys, ["--config", str(repo_root / "configs/tiny.yaml"), "model.memory.layers=[]", "--seq-len", "64"])
+    info = run_json(
+        capsys, ["--config", str(repo_root / "configs/tiny.yaml"), "model.memory.layers=[]", "--seq-len", "64"]
+    )
     p = info["parameters"]
     assert p["memory_values"] == p["memory_keys"] == p["memory_other"] == 0 and p["active"] == p["total"]
     assert info["seq_len"] == 64 and info["flops_per_token"]["memory"] == 0
@@ -61,7 +68,11 @@ def test_bad_key_exits_with_the_suggestion(repo_root, capsys):
 def test_runs_as_a_script(repo_root):
     result = subprocess.run(
         [sys.executable, "tools/model_info.py", "--config", "configs/smf_1p3b.yaml", "--json"],
-        cwd=repo_root, capture_output=True, text=True, timeout=120, check=True,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     info = json.loads(result.stdout)
     assert info["parameters"]["memory_keys"] == 2 * 4 * 1024 * 256  # one layer, 4 heads, 2 x 1024 half-keys

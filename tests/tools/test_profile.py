@@ -1,15 +1,29 @@
 """tools/profile.py on the tiny config writes a Chrome/Perfetto/TensorBoard trace holding the
 memory-layer regions, and prints the operator table and the memory layers' share."""
+
 from __future__ import annotations
 
 import json
 import re
 
 SMALL = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.vocab_size=384",
-    "model.memory.layers=[1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.k=4",
-    "model.memory.k_dim=16", "data.seq_len=32", "data.vocab_size=384", "data.synthetic.num_entities=40",
-    "train.global_batch=4", "train.micro_batch=4", "train.eval_batches=1", "train.probe_limit=4",
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.max_seq_len=32",
+    "model.vocab_size=384",
+    "model.memory.layers=[1]",
+    "model.memory.n_keys=16",
+    "model.memory.heads=2",
+    "model.memory.k=4",
+    "model.memory.k_dim=16",
+    "data.seq_len=32",
+    "data.vocab_size=384",
+    "data.synthetic.num_entities=40",
+    "train.global_batch=4",
+    "train.micro_batch=4",
+    "train.eval_batches=1",
+    "train.probe_limit=4",
 ]
 
 
@@ -18,8 +32,17 @@ def test_profile_tool_writes_trace_with_memory_regions(tmp_path, monkeypatch, ca
     from tools.profile import main
 
     run_dir = tmp_path / "run"
-    code = main(["--config", "configs/tiny.yaml", "--steps", "2", *SMALL, f"train.run_dir={run_dir}",
-                 f"data.cache_dir={tmp_path / 'data'}"])
+    code = main(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--steps",
+            "2",
+            *SMALL,
+            f"train.run_dir={run_dir}",
+            f"data.cache_dir={tmp_path / 'data'}",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     traces = list((run_dir / "profile").glob("*.pt.trace.json"))
@@ -30,8 +53,10 @@ def test_profile_tool_writes_trace_with_memory_regions(tmp_path, monkeypatch, ca
         assert names.count(region) >= 2, region  # one per memory layer call in each of the 2 steps (at least)
     assert "memlayers::embedding_bag_backward" in names  # the bag's backward, as the custom op (kernels/ops.py)
     # the region durations nest: every scoring call lies in a training forward or in evaluation
-    spans = {n: [(e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"] if e.get("name") == n and "dur" in e]
-             for n in ("memory/scoring", "train/forward", "eval")}
+    spans = {
+        n: [(e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"] if e.get("name") == n and "dur" in e]
+        for n in ("memory/scoring", "train/forward", "eval")
+    }
     outer = spans["train/forward"] + spans["eval"]
     assert all(any(f0 <= s0 and s1 <= f1 for f0, f1 in outer) for s0, s1 in spans["memory/scoring"])
     assert any(any(f0 <= s0 and s1 <= f1 for f0, f1 in spans["train/forward"]) for s0, s1 in spans["memory/scoring"])

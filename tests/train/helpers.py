@@ -1,4 +1,5 @@
 """Shared pieces of the trainer tests: a tiny config, a fixed-global-batch loader, rank spawning."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,27 @@ from pretrain.config import load_config
 from pretrain.spawn import run_gloo
 
 TINY = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
-    "model.memory.layers=[1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.k=4",
-    "model.memory.k_dim=16", "data.seq_len=32", "data.vocab_size=384",
-    "data.synthetic.num_entities=40", "model.vocab_size=384",
-    "train.global_batch=8", "train.micro_batch=4", "train.log_every=1", "train.eval_every=1000",
-    "train.eval_batches=2", "train.probe_limit=8", "train.checkpoint_every=1000", "optim.warmup_steps=2",
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.max_seq_len=32",
+    "model.memory.layers=[1]",
+    "model.memory.n_keys=16",
+    "model.memory.heads=2",
+    "model.memory.k=4",
+    "model.memory.k_dim=16",
+    "data.seq_len=32",
+    "data.vocab_size=384",
+    "data.synthetic.num_entities=40",
+    "model.vocab_size=384",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.eval_batches=2",
+    "train.probe_limit=8",
+    "train.checkpoint_every=1000",
+    "optim.warmup_steps=2",
     "slots.log_every=2",
 ]
 
@@ -31,8 +47,9 @@ class FixedGlobalBatches:
     (the real loader splits by shard, so their batches differ by design).
     """
 
-    def __init__(self, rank: int, world_size: int, micro_batch: int, global_batch: int, seq_len: int,
-                 vocab: int, seed: int = 7):
+    def __init__(
+        self, rank: int, world_size: int, micro_batch: int, global_batch: int, seq_len: int, vocab: int, seed: int = 7
+    ):
         self.rank, self.world, self.micro = rank, world_size, micro_batch
         self.global_batch, self.seq_len, self.vocab, self.seed = global_batch, seq_len, vocab, seed
         self.position = 0  # micro-batches consumed by this rank
@@ -70,8 +87,9 @@ def fixed_batches(cfg, dataset, split, rank, world_size, loop):
 
     if split != "train":
         return build_loader(cfg, dataset, split, rank, world_size, loop)
-    return FixedGlobalBatches(rank, world_size, cfg.train.micro_batch, cfg.train.global_batch,
-                              cfg.data.seq_len, cfg.model.vocab_size)
+    return FixedGlobalBatches(
+        rank, world_size, cfg.train.micro_batch, cfg.train.global_batch, cfg.data.seq_len, cfg.model.vocab_size
+    )
 
 
 def _record(rank: int, world: int, fn, args: tuple, out_dir: str) -> None:

@@ -1,6 +1,7 @@
 """The trainer with each activation-checkpointing mode on 2 gloo ranks, memory parallelism
 P = 2, ZeRO 1 and 3: losses, final dense weights, value shards and slot tables are
 bitwise those of mode none (slot counts conserved: no lookup counted twice)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,15 @@ def _suite(rank: int, root: str, cache: str) -> dict:
     out = {}
     for stage in STAGES:
         for mode in MODES:
-            cfg = tiny_config(Path(root) / f"z{stage}-{mode}", Path(cache), f"train.zero_stage={stage}",
-                              f"train.max_steps={STEPS}", "train.micro_batch=2",  # 2 micro-batches per step
-                              "model.memory.parallel_size=2", f"train.activation_checkpointing={mode}")
+            cfg = tiny_config(
+                Path(root) / f"z{stage}-{mode}",
+                Path(cache),
+                f"train.zero_stage={stage}",
+                f"train.max_steps={STEPS}",
+                "train.micro_batch=2",  # 2 micro-batches per step
+                "model.memory.parallel_size=2",
+                f"train.activation_checkpointing={mode}",
+            )
             out[f"z{stage}-{mode}"] = train(cfg, loaders=fixed_batches).losses
     return out
 

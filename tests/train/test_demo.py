@@ -1,4 +1,5 @@
 """The main job's entry point (`make demo`), shortened: it trains, then reports where things are."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,17 @@ def test_shortened_demo_end_to_end(tmp_path, data_cache, capsys):
     run_dir = tmp_path / "demo"
     run_dir.mkdir()
     (run_dir / "stale-file").write_text("a previous demo run")  # replaced, not resumed
-    code = demo.main(["--config", "configs/tiny.yaml", *TINY, f"train.run_dir={run_dir}",
-                      f"data.cache_dir={data_cache}", "train.max_steps=12", "train.eval_every=12"])
+    code = demo.main(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            *TINY,
+            f"train.run_dir={run_dir}",
+            f"data.cache_dir={data_cache}",
+            "train.max_steps=12",
+            "train.eval_every=12",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "=== demo finished ===" in out

@@ -1,4 +1,5 @@
 """The trainer on 2 gloo ranks: exact resume (ZeRO 1, 2) and equivalence with world 1 (ZeRO 0-3)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,15 +24,22 @@ def _world2_suite(rank: int, root: str, cache: str) -> dict:
     """Everything the world-2 tests need, in one process pair (start-up is the slow part)."""
     out = {}
     for stage in (0, 1, 2, 3):
-        out[f"equiv{stage}"] = _run(rank, f"{root}/equiv{stage}", cache,
-                                    [f"train.zero_stage={stage}", f"train.max_steps={STEPS}"])
-    out["p2"] = _run(rank, f"{root}/p2", cache, ["train.zero_stage=1", f"train.max_steps={STEPS}",
-                                                 "model.memory.parallel_size=2"])
+        out[f"equiv{stage}"] = _run(
+            rank, f"{root}/equiv{stage}", cache, [f"train.zero_stage={stage}", f"train.max_steps={STEPS}"]
+        )
+    out["p2"] = _run(
+        rank, f"{root}/p2", cache, ["train.zero_stage=1", f"train.max_steps={STEPS}", "model.memory.parallel_size=2"]
+    )
     for stage in (1, 2):
-        out[f"straight{stage}"] = _run(rank, f"{root}/straight{stage}", cache,
-                                       [f"train.zero_stage={stage}", "train.max_steps=4"])
-        first = _run(rank, f"{root}/split{stage}", cache,
-                     [f"train.zero_stage={stage}", "train.max_steps=4", "train.stop_after=2"])
+        out[f"straight{stage}"] = _run(
+            rank, f"{root}/straight{stage}", cache, [f"train.zero_stage={stage}", "train.max_steps=4"]
+        )
+        first = _run(
+            rank,
+            f"{root}/split{stage}",
+            cache,
+            [f"train.zero_stage={stage}", "train.max_steps=4", "train.stop_after=2"],
+        )
         second = _run(rank, f"{root}/split{stage}", cache, [f"train.zero_stage={stage}", "train.max_steps=4"])
         out[f"split{stage}"] = first + second
     return out
@@ -49,22 +57,25 @@ def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache
     from pretrain.train import train
     from tests.train.helpers import fixed_batches
 
-    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"),
-                      loaders=fixed_batches).losses
+    reference = train(
+        tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"), loaders=fixed_batches
+    ).losses
     _, results = world2
     for stage in (0, 1, 2, 3):
         got = results[f"equiv{stage}"]
         assert len(got) == STEPS
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(reference), rtol=1e-5, atol=0,
-                                   msg=f"ZeRO stage {stage}")
+        torch.testing.assert_close(
+            torch.tensor(got), torch.tensor(reference), rtol=1e-5, atol=0, msg=f"ZeRO stage {stage}"
+        )
 
 
 def test_world2_memory_parallel_matches_world1(world2, tmp_path, data_cache):
     from pretrain.train import train
     from tests.train.helpers import fixed_batches
 
-    reference = train(tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"),
-                      loaders=fixed_batches).losses
+    reference = train(
+        tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"), loaders=fixed_batches
+    ).losses
     torch.testing.assert_close(torch.tensor(world2[1]["p2"]), torch.tensor(reference), rtol=1e-5, atol=0)
 
 
@@ -106,16 +117,35 @@ def test_torchrun_two_ranks_memory_parallel(tmp_path, data_cache):
     from tests.train.helpers import TINY
 
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "pretrain.train", *TINY, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}",
-           "train.max_steps=3", "train.zero_stage=2", "model.memory.parallel_size=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "pretrain.train",
+        *TINY,
+        f"train.run_dir={run_dir}",
+        f"data.cache_dir={data_cache}",
+        "train.max_steps=3",
+        "train.zero_stage=2",
+        "model.memory.parallel_size=2",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished at step 3" in proc.stdout
     ckpt = run_dir / "checkpoints" / "step_00000003"
-    assert sorted(p.name for p in ckpt.glob("values.*")) == ["values.t0.s0-of-2.safetensors",
-                                                            "values.t0.s1-of-2.safetensors"]
+    assert sorted(p.name for p in ckpt.glob("values.*")) == [
+        "values.t0.s0-of-2.safetensors",
+        "values.t0.s1-of-2.safetensors",
+    ]
     assert (ckpt / "slot_frequencies.safetensors").is_file()

@@ -1,6 +1,7 @@
 """Resuming from a damaged or planted checkpoint: refused before anything is loaded, naming
 the file and the newest checkpoint that is complete; no code in a checkpoint ever runs; the
 run directory is left as it was."""
+
 from __future__ import annotations
 
 import shutil

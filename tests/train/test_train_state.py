@@ -1,4 +1,5 @@
 """TrainState / RankState (the declared checkpoint items) and the Every cadence."""
+
 from __future__ import annotations
 
 import pytest

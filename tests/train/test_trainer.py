@@ -1,4 +1,5 @@
 """The training loop in one process: resume exactness, NaN policies, interrupted checkpoints."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,10 +63,23 @@ def test_loss_falls_on_embedded_corpus(tmp_path, data_cache):
 
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     scalars = set(board.Tags()["scalars"])
-    expected = {"train/loss", "train/lr_dense", "train/lr_values", "train/grad_norm", "train/value_grad_norm",
-                "perf/tokens_per_s", "perf/step_time_s", "perf/memory_bytes", "eval/val_loss",
-                "eval/val_perplexity", "eval/fact_recall", "slots/layers.1/used_fraction",
-                "slots/layers.1/interval/entropy", "slots/layers.1/kl_uniform", "slots/layers.1/top1pct_share"}
+    expected = {
+        "train/loss",
+        "train/lr_dense",
+        "train/lr_values",
+        "train/grad_norm",
+        "train/value_grad_norm",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "perf/memory_bytes",
+        "eval/val_loss",
+        "eval/val_perplexity",
+        "eval/fact_recall",
+        "slots/layers.1/used_fraction",
+        "slots/layers.1/interval/entropy",
+        "slots/layers.1/kl_uniform",
+        "slots/layers.1/top1pct_share",
+    }
     assert expected <= scalars, expected - scalars
     assert "perf/mfu" not in scalars  # n/a on CPU: not logged rather than a made-up number
     assert any(tag.startswith("slots/layers.1/") for tag in board.Tags()["histograms"])
@@ -177,8 +191,11 @@ def test_fp16_with_memory_layers_is_refused_on_any_device():
 def test_constant_value_learning_rate(tmp_path, data_cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "optim.value_lr_schedule=constant",
-                      "optim.value_lr=2e-3"))
+    train(
+        tiny_config(
+            tmp_path / "run", data_cache, "train.max_steps=4", "optim.value_lr_schedule=constant", "optim.value_lr=2e-3"
+        )
+    )
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     assert [e.value for e in board.Scalars("train/lr_values")] == pytest.approx([2e-3] * 4)
     dense = [e.value for e in board.Scalars("train/lr_dense")]
