@@ -33,6 +33,9 @@ def run_one(config: str, seed: int, run_dir: Path, overrides: list[str]) -> dict
 
     cfg = load_config(config, [f"train.seed={seed}", f"train.run_dir={run_dir}", *overrides])
     result = train(cfg)
+    if result.stopped_by_signal or result.step < cfg.train.max_steps:
+        # a signal ends training early with its last evaluation: not a final result
+        raise SystemExit(f"{config} seed {seed} stopped at step {result.step} of {cfg.train.max_steps}; no result")
     return {k: result.eval[k] for k in METRICS if k in result.eval}
 
 
