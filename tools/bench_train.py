@@ -49,16 +49,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # ----------------------------------------------------------------------------- worker
 def run_worker(spec: dict) -> dict:
     """One variant in this process: train spec['steps'] steps, return times and memory."""
-    import resource
 
     import torch
 
     import pretrain.train as train_module
     from pretrain.config import load_config
-    from pretrain.metrics import device_peak_flops
+    from pretrain.metrics import device_peak_flops, memory_allocated
     from pretrain.model import flops_per_token
 
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_start = memory_allocated(torch.device("cpu"))  # peak RSS so far
     cfg = load_config(
         spec["config"],
         [
@@ -85,9 +84,7 @@ def run_worker(spec: dict) -> dict:
         "tokens_per_step": cfg.train.global_batch * cfg.data.seq_len,
         "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         "peak_flops": device_peak_flops(device),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated()
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_bytes": memory_allocated(device),  # CUDA max allocated, or peak RSS
         "memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
         "rss_at_start_bytes": rss_start,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
