@@ -72,8 +72,9 @@ class OptimConfig:
     # cosine: same warmup/decay as the dense lr | constant: value_lr throughout
     value_lr_schedule: Literal["cosine", "constant"] = "cosine"
     # adamw: dense value gradients + AdamW over whole shards | sparse_adamw: only the rows read
-    # this step (row-sparse gradients, lazy Adam; pretrain/parallel/sparse_adamw.py)
-    value_optimizer: Literal["adamw", "sparse_adamw"] = "adamw"
+    # this step (row-sparse gradients, lazy Adam; pretrain/parallel/sparse_adamw.py) |
+    # sparse_rowwise_adamw: the same with one second moment per row (optimizer state N d + N)
+    value_optimizer: Literal["adamw", "sparse_adamw", "sparse_rowwise_adamw"] = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -25,6 +25,8 @@ if __package__ in (None, ""):
 
 from pretrain.parallel.value_bench import (
     PKM_INSTALL,
+    SPARSE_VARIANTS,
+    VARIANTS,
     LayerSpec,
     StepSpec,
     layer_compare,
@@ -46,6 +48,12 @@ def parse_args(argv):
     p.add_argument("--n-keys", default=",".join(map(str, step.n_keys)), help="comma-separated n_keys (N = n_keys^2)")
     for name in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(step, name))
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated value optimizers to compare (all are built per N: at 16.7M slots x v_dim 64 "
+        "sparse_adamw holds 12.3 GB, sparse_rowwise_adamw 8.3 GB)",
+    )
     p.add_argument("--layer-n-keys", type=int, default=layer.n_keys, help="pool of the layer comparison; 0 skips it")
     p.add_argument("--layer-dim", type=int, default=layer.dim)
     p.add_argument(
@@ -64,36 +72,38 @@ def parse_args(argv):
 def format_sweep(records: list[dict]) -> str:
     lines = [
         (
-            f"{'slots':>10} {'variant':>13} {'rows read':>9} {'step ms':>9} {'cpu ms':>8} {'peak MiB':>9} "
+            f"{'slots':>10} {'variant':>20} {'rows read':>9} {'step ms':>9} {'cpu ms':>8} {'peak MiB':>9} "
             f"{'step-alloc MiB':>14} {'resident MiB':>12}"
         )
     ]
     for r in records:
         lines.append(
-            f"{r['slots']:>10} {r['variant']:>13} {r['rows_read']:>9} {1e3 * r['step_s']:>9.1f} "
+            f"{r['slots']:>10} {r['variant']:>20} {r['rows_read']:>9} {1e3 * r['step_s']:>9.1f} "
             f"{1e3 * r['step_cpu_s']:>8.1f} {r['step_peak'] / MIB:>9.0f} {r['step_extra'] / MIB:>14.0f} "
             f"{r['resident'] / MIB:>12.0f}"
         )
     by = {(r["slots"], r["variant"]): r for r in records}
     for slots in sorted({r["slots"] for r in records}):
-        d, s = by.get((slots, "adamw")), by.get((slots, "sparse_adamw"))
-        if d and s:
-            alloc = f"{s['step_extra'] / d['step_extra']:.2f}x" if d["step_extra"] else "n/a (dense allocated none)"
+        for variant in SPARSE_VARIANTS:
+            d, s = by.get((slots, "adamw")), by.get((slots, variant))
+            if d and s:
+                alloc = f"{s['step_extra'] / d['step_extra']:.2f}x" if d["step_extra"] else "n/a (dense allocated none)"
+                lines.append(
+                    f"N={slots}: {variant}/adamw step time {s['step_s'] / d['step_s']:.2f}x (cpu "
+                    f"{s['step_cpu_s'] / d['step_cpu_s']:.2f}x), peak memory "
+                    f"{s['step_peak'] / d['step_peak']:.2f}x, step allocation {alloc}"
+                )
+    for variant in SPARSE_VARIANTS:
+        sparse = sorted((r["slots"], r["step_cpu_s"]) for r in records if r["variant"] == variant)
+        if len(sparse) > 1:
             lines.append(
-                f"N={slots}: sparse/dense step time {s['step_s'] / d['step_s']:.2f}x (cpu "
-                f"{s['step_cpu_s'] / d['step_cpu_s']:.2f}x), peak memory "
-                f"{s['step_peak'] / d['step_peak']:.2f}x, step allocation {alloc}"
+                f"{variant} step cpu time relative to the smallest N: "
+                + ", ".join(f"N={n}: {t / sparse[0][1]:.2f}x" for n, t in sparse)
             )
-    sparse = sorted((r["slots"], r["step_cpu_s"]) for r in records if r["variant"] == "sparse_adamw")
-    if len(sparse) > 1:
-        lines.append(
-            "sparse step cpu time relative to the smallest N: "
-            + ", ".join(f"N={n}: {t / sparse[0][1]:.2f}x" for n, t in sparse)
-        )
-        if 65536 in dict(sparse):
-            lines.append(
-                f"sparse step cpu time {sparse[-1][0]} / 65536 slots: {sparse[-1][1] / dict(sparse)[65536]:.2f}x"
-            )
+            if 65536 in dict(sparse):
+                lines.append(
+                    f"{variant} step cpu time {sparse[-1][0]} / 65536 slots: {sparse[-1][1] / dict(sparse)[65536]:.2f}x"
+                )
     return "\n".join(lines)
 
 
@@ -104,7 +114,7 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for variant, color in (("adamw", "tab:blue"), ("sparse_adamw", "tab:orange")):
+    for variant, color in zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")):
         rows = sorted((r["slots"], r) for r in records if r["variant"] == variant)
         if not rows:
             continue
@@ -138,8 +148,13 @@ def main(argv=None) -> int:
         n_keys = tuple(int(x) for x in args.n_keys.split(","))
     except ValueError:
         raise SystemExit(f"--n-keys {args.n_keys!r} must be comma-separated integers, e.g. 64,256,1024") from None
+    variants = tuple(args.variants.split(","))
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     spec = StepSpec(
         n_keys=n_keys,
+        variants=variants,
         **{
             k: getattr(args, k)
             for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots", "device")

@@ -10,9 +10,11 @@ every micro-batch, `reduce_gradients()`, `clip_grad_norm(max_norm)`,
 gradients and torch's fused AdamW over whole shards (the paper's semantics);
 `sparse_adamw` makes the bag's backward hand over only the rows read (coalesced sparse
 COO gradients, `row_grads`) and applies lazy Adam to those rows (`sparse_adamw`), so a
-step costs O(rows read) instead of O(N). The calls above are the same for both: the
-trainer does not know which one runs. Both keep the same optimizer state, so their
-checkpoints are interchangeable.
+step costs O(rows read) instead of O(N); `sparse_rowwise_adamw` does the same with one
+second moment per row (N floats instead of N x v_dim: the pool's optimizer state
+halves). The calls above are the same for all: the trainer does not know which one
+runs. `adamw` and `sparse_adamw` keep the same optimizer state, so their checkpoints are
+interchangeable; the row-wise state loads only into the row-wise optimizer.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class MemoryParallel:
         self.value_optimizer = getattr(optim_cfg, "value_optimizer", "adamw")
         if self.value_optimizer not in VALUE_OPTIMIZERS:
             raise ConfigError(choices_message("optim.value_optimizer", self.value_optimizer, VALUE_OPTIMIZERS))
-        self.sparse = self.value_optimizer == "sparse_adamw"
+        self.sparse = self.value_optimizer != "adamw"
         self.tables: list[PartitionedValueTable] = parallelize_memory(
             model, groups, kernel=kernel, device=device, seed=seed, value_grad="sparse" if self.sparse else "sorted"
         )
@@ -61,7 +63,12 @@ class MemoryParallel:
         self.optimizer = None
         if self.tables and self.sparse:
             self.optimizer = SparseAdamW(
-                self.parameters(), lr=optim_cfg.value_lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps
+                self.parameters(),
+                lr=optim_cfg.value_lr,
+                betas=(optim_cfg.beta1, optim_cfg.beta2),
+                eps=optim_cfg.eps,
+                second_moment="row" if self.value_optimizer == "sparse_rowwise_adamw" else "element",
+                row_sq_mean=self._row_sq_mean,
             )
         elif self.tables:
             # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
@@ -86,6 +93,28 @@ class MemoryParallel:
                 table.shard.element_size(),
             )
         )
+
+    def _row_sq_mean(self, sq_sums: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """Mean of g^2 over each full row from this shard's column sums: summed over the
+        memory group, whose ranks hold the same rows (every rank of a group merges the
+        group's lookups and the same replicas), in the same ascending order."""
+        table = next(t for t in self.tables if t.shard is shard)
+        P = self.groups.parallel_size
+        if P > 1:
+            # the row count rides along: a rank with other rows would make the sums meaningless
+            both = torch.cat([sq_sums.float(), sq_sums.new_tensor([sq_sums.numel()], dtype=torch.float32)])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.groups.memory_group)
+            if int(both[-1]) != P * sq_sums.numel():
+                raise RuntimeError(
+                    f"sparse_rowwise_adamw: the ranks of a memory group hold different row sets "
+                    f"({int(both[-1])} rows summed over {P} ranks, {sq_sums.numel()} here)"
+                )
+            sq_sums = both[:-1]
+            received = 2 * (P - 1) * 4 * (sq_sums.numel() + 1) // P  # ring all-reduce
+            self._step_bytes += received
+            self._replica_bytes = getattr(self, "_replica_bytes", 0) + received  # measured, as the replicas'
+
+        return sq_sums / table.v_dim
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's value shards (leaf tensors outside the model's parameters)."""
@@ -243,7 +272,7 @@ class MemoryParallel:
         for i, t in enumerate(self.tables):
             st = self.optimizer.state.get(t.shard, {}) if self.optimizer is not None else {}
             # missing moments (no step yet) are written as zeros by write_shard, never allocated whole
-            exp_avg, exp_avg_sq = st.get("exp_avg"), st.get("exp_avg_sq")
+            moments = {name: st.get(name) for name in self._moment_names()}
             step = float(st["step"]) if "step" in st else 0.0
             path = checkpoint_dir / shard_files.shard_file_name(i, g.position, g.parallel_size)
             meta = dict(
@@ -256,7 +285,7 @@ class MemoryParallel:
                 col_end=t.col_end,
                 seed=t.seed,
             )
-            shard_files.write_shard(path, t.shard, exp_avg, exp_avg_sq, step, meta)
+            shard_files.write_shard(path, t.shard, moments, step, meta)
             written.append(path)
         return written
 
@@ -281,12 +310,20 @@ class MemoryParallel:
             self.optimizer.state.pop(t.shard, None)
             if step > 0:
                 state = {"step": torch.tensor(step, dtype=torch.float32, device=t.shard.device)}
-                for name in ("exp_avg", "exp_avg_sq"):
-                    moment = shard_files.read_columns(
-                        checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=(name,)
-                    )[0][name]
+                for name in self._moment_names():
+                    if name in shard_files.ROW_TENSORS:
+                        moment = shard_files.read_rows(checkpoint_dir, i, saved_p, name)
+                    else:
+                        moment = shard_files.read_columns(
+                            checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=(name,)
+                        )[0][name]
                     state[name] = moment.to(t.shard.device, t.shard.dtype)
                 self.optimizer.state[t.shard] = state
+
+    def _moment_names(self) -> tuple[str, ...]:
+        if self.value_optimizer == "sparse_rowwise_adamw":
+            return ("exp_avg", "exp_avg_sq_row")
+        return ("exp_avg", "exp_avg_sq")
 
     @staticmethod
     def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -3,9 +3,11 @@
 One safetensors file per (table, shard) holds the shard's columns and their AdamW
 state: `values.t{table}.s{shard}-of-{P}.safetensors` with tensors weight, exp_avg,
 exp_avg_sq (N, v_dim / P) and step (1,), and metadata naming the table width, seed
-and column range. Files are streamed (no copy of the shard) to a temporary name and
-renamed. Reading a column range [c0, c1) streams the overlapping columns of whichever shards hold them,
-so a checkpoint saved with P shards loads into any P' that divides v_dim.
+and column range. The row-wise optimizer (sparse_rowwise_adamw) writes exp_avg_sq_row
+(N,) instead of exp_avg_sq: one second moment per full row, the same in every shard.
+Files are streamed (no copy of the shard) to a temporary name and renamed. Reading a
+column range [c0, c1) streams the overlapping columns of whichever shards hold them, so
+a checkpoint saved with P shards loads into any P' that divides v_dim.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pretrain.model.names import value_table_name
 
 FILE_RE = re.compile(r"^values\.t(\d+)\.s(\d+)-of-(\d+)\.safetensors$")
 TENSORS = ("weight", "exp_avg", "exp_avg_sq")
+ROW_TENSORS = ("exp_avg_sq_row",)  # (N,): one entry per row, identical in every column shard
 FORMAT = "memlayers-value-shard-1"
 ZERO_ROW_BLOCK = 1 << 20  # rows of zeros written at a time for missing moments
 
@@ -36,27 +39,30 @@ def shard_file_name(table: int, shard: int, parallel_size: int) -> str:
 def write_shard(
     path: Path,
     weight: torch.Tensor,
-    exp_avg: torch.Tensor | None,
-    exp_avg_sq: torch.Tensor | None,
+    moments: dict[str, torch.Tensor | None],
     step: float,
     meta: dict,
 ) -> None:
     """Stream one shard file: each tensor is written from its own memory (a CPU shard is
     not copied; safetensors' save_file would first copy all of them into bytes, twice
-    the shard). Missing moments (no step taken yet) are written as zeros, row block by
-    row block."""
-    tensors = {"weight": weight, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    specs = [(name, tuple(weight.shape), weight.dtype) for name in TENSORS] + [("step", (1,), torch.float32)]
+    the shard). `moments` maps exp_avg, exp_avg_sq or exp_avg_sq_row to the optimizer's
+    tensor; missing ones (no step taken yet) are written as zeros, row block by row block."""
+    tensors = {"weight": weight, **moments}
+
+    def shape(name):
+        return tuple(weight.shape[:1]) if name in ROW_TENSORS else tuple(weight.shape)
+
+    specs = [(name, shape(name), weight.dtype) for name in tensors] + [("step", (1,), torch.float32)]
     metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
     writer = StreamWriter(path, specs, metadata)
     try:
-        for name in TENSORS:
-            if tensors[name] is not None:
-                writer.write(tensors[name].detach())
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                writer.write(tensor.detach())
                 continue
             for r0 in range(0, weight.shape[0], ZERO_ROW_BLOCK):
                 rows = min(ZERO_ROW_BLOCK, weight.shape[0] - r0)
-                writer.write(torch.zeros(rows, *weight.shape[1:], dtype=weight.dtype))
+                writer.write(torch.zeros(rows, *shape(name)[1:], dtype=weight.dtype))
         writer.write(torch.tensor([float(step)], dtype=torch.float32))
     except BaseException:
         writer.abort()
@@ -108,6 +114,7 @@ def read_columns(
                 if lo >= hi:
                     continue
                 for n in names:
+                    _require_tensor(f, path, n)
                     parts[n].append(f.get_slice(n)[:, lo - s0 : hi - s0])
                 steps.add(float(f.get_tensor("step")[0]))
         except ShardFileError:
@@ -124,6 +131,29 @@ def read_columns(
                 f"[{col_start}, {col_end}) for {n}"
             )
     return out, steps.pop() if steps else 0.0, meta
+
+
+def _require_tensor(f, path: Path, name: str) -> None:
+    if name not in f.keys():
+        kind = "a row-wise" if ROW_TENSORS[0] in f.keys() else "an element-wise"
+        raise ShardFileError(
+            f"{path} has no {name}: it holds {kind} second moment, saved with another optim.value_optimizer "
+            "(adamw and sparse_adamw are element-wise, sparse_rowwise_adamw row-wise): resume with the "
+            "optimizer that saved it"
+        )
+
+
+def read_rows(checkpoint_dir: Path, table: int, saved_p: int, name: str) -> torch.Tensor:
+    """A per-row tensor (N,) of one table; every column shard holds the same one, shard 0 is read."""
+    path = Path(checkpoint_dir) / shard_file_name(table, 0, saved_p)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            _require_tensor(f, path, name)
+            return f.get_tensor(name)
+    except ShardFileError:
+        raise
+    except Exception as err:
+        raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
 
 
 def consolidate(checkpoint_dir: str | Path, num_tables: int | None = None) -> dict[str, torch.Tensor]:

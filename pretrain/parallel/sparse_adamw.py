@@ -1,23 +1,34 @@
-"""Lazy AdamW for value shards with row-sparse gradients (`optim.value_optimizer=sparse_adamw`).
+"""Lazy AdamW for value shards with row-sparse gradients (`optim.value_optimizer=sparse_adamw`
+or `sparse_rowwise_adamw`).
 
 Per step only the rows in the gradient (the rows some lookup read) are touched: their
-first and second moments are updated with that step's gradient and their values move;
-every other row, and its moments, keep their bits. Cost per step follows the U rows
-read, not the N rows of the pool. This is "lazy Adam" (TensorFlow's LazyAdamOptimizer,
+moments are updated with that step's gradient and their values move; every other row,
+and its moments, keep their bits. Cost per step follows the U rows read, not the N rows
+of the pool. This is "lazy Adam" (TensorFlow's LazyAdamOptimizer,
 torch.optim.SparseAdam); with no weight decay (the value pool has none) the update of a
 row read at step t is exactly AdamW's:
 
     m_r = b1 m_r + (1 - b1) g_r          v_r = b2 v_r + (1 - b2) g_r^2
     x_r -= lr / (1 - b1^t) * m_r / (sqrt(v_r) / sqrt(1 - b2^t) + eps)
 
+Second moment (`second_moment`):
+  * "element" (`sparse_adamw`): v_r has one entry per value, as in AdamW. The state is
+    the dense optimizer's (exp_avg, exp_avg_sq, step), so checkpoints of `adamw` and
+    `sparse_adamw` are interchangeable and re-shard alike.
+  * "row" (`sparse_rowwise_adamw`): one v per row, fed the mean of g_r^2 over the
+    row's full width (all column shards: `row_sq_sum` sums the local sums over the
+    memory group). This is the "partial row-wise Adam" of large embedding tables
+    (FBGEMM/TorchRec): the state shrinks from 2 N d to N d + N floats, so a value pool
+    with its optimizer needs 2 N d floats instead of 3 N d, at the price of one step
+    size per row rather than per value. Its checkpoints hold exp_avg_sq_row (N,) and do
+    not load into the element-wise optimizers (nor the reverse).
+
 Bias correction: t is the optimizer's global step count (one per `step`, the same for
 every row), as in SparseAdam and LazyAdam, not a per-row count of the steps that read
 the row. Reasons:
   * a row read at every step gets exactly dense AdamW's update (the paper's
     semantics), and at the paper's shapes nearly every row is read every step;
-  * the state is the dense optimizer's (exp_avg, exp_avg_sq, one step), so checkpoints
-    of `adamw` and `sparse_adamw` are interchangeable and re-shard alike, with no
-    (N,) step counter per table;
+  * no (N,) step counter per table, and the state re-shards like the dense one;
   * a row read for the first time late in training gets a damped first step
     (m = (1 - b1) g) instead of a full lr-sized, sign-like one from a fresh per-row
     correction, which keeps rarely read slots from jumping on one noisy gradient.
@@ -26,22 +37,45 @@ so its effective step is larger than dense Adam's would be after a long gap (as 
 any lazy Adam). Weight decay is refused: decaying only the rows read would make the
 decay depend on how often a row is read.
 
-Implementation: gather the rows of the weights and both moments, apply torch's fused
-AdamW kernel to the gathered (U, width) block with step t, scatter them back. The
-arithmetic per element is the dense optimizer's, so a row read at every step matches
-`adamw` bitwise.
+Implementation: the rows are updated in blocks of at most ROW_BLOCK_ELEMENTS values:
+gather the block's rows of the weights and moments, update them, scatter them back.
+The temporaries stay a few MiB however many rows a step reads. The element-wise update
+runs torch's fused AdamW kernel on the gathered block, the dense optimizer's arithmetic,
+so a row read at every step matches `adamw` bitwise.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch.optim.adamw import adamw as adamw_rows  # torch's functional AdamW
 
 from pretrain.parallel import row_grads
 
+ROW_BLOCK_ELEMENTS = 1 << 20  # values gathered per block: 4 MiB per fp32 temporary
+SECOND_MOMENTS = ("element", "row")
+
+
+def row_block(width: int) -> int:
+    """Rows per block: about ROW_BLOCK_ELEMENTS values, a multiple of 64 rows so that every
+    block but the last spans whole SIMD vectors and the fused kernel's arithmetic per
+    element is the one it applies to all rows at once (bitwise)."""
+    return max(64, ROW_BLOCK_ELEMENTS // max(1, width) // 64 * 64)
+
+
+def local_row_sq_mean(sq_sums: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Mean of g^2 over a row when the parameter holds the whole row (no column shards)."""
+    return sq_sums / param.shape[1]
+
 
 class SparseAdamW(torch.optim.Optimizer):
-    """Lazy Adam over parameters whose gradients are sparse COO (row-sparse) tensors."""
+    """Lazy Adam over parameters whose gradients are sparse COO (row-sparse) tensors.
+
+    `row_sq_mean(sq_sums, param)` turns the per-row sums of g^2 over this parameter's
+    columns into the mean over the row's full width (second_moment="row" only); the
+    default assumes the parameter holds whole rows.
+    """
 
     def __init__(
         self,
@@ -50,52 +84,88 @@ class SparseAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        second_moment: str = "element",
+        row_sq_mean: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = local_row_sq_mean,
     ):
         if weight_decay:
             raise ValueError(f"SparseAdamW takes no weight decay (got {weight_decay}): the value pool has none")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas {betas} must lie in [0, 1) (optim.beta1 / optim.beta2)")
+        if second_moment not in SECOND_MOMENTS:
+            raise ValueError(f"second_moment {second_moment!r} must be one of {SECOND_MOMENTS}")
+        self.second_moment, self.row_sq_mean = second_moment, row_sq_mean
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.second_moment == "row":
+                state["exp_avg_sq_row"] = p.new_zeros(p.shape[0])
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("SparseAdamW.step takes no closure")
         for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            hyper = group["lr"], *group["betas"], group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 rows, grad = row_grads.rows_of(p.grad, p.shape[1], p)
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state = self._init_state(p)
                 state["step"] += 1
+                if self.second_moment == "row":
+                    # collective: every rank of the memory group calls it, even with no rows
+                    grad_sq = self.row_sq_mean(grad.float().pow(2).sum(1), p)
                 if rows.numel() == 0:
                     continue
-                # gather the rows, run torch's fused AdamW kernel on them (the dense optimizer's
-                # arithmetic, in one pass), scatter them back; rows are unique, so each copy
-                # writes its row once (deterministic)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                x, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-                adamw_rows(
-                    [x],
-                    [grad.to(p.dtype)],
-                    [m],
-                    [v],
-                    [],
-                    [state["step"] - 1],
-                    fused=True,
-                    amsgrad=False,
-                    beta1=beta1,
-                    beta2=beta2,
-                    lr=lr,
-                    weight_decay=0.0,
-                    eps=eps,
-                    maximize=False,
-                )
-                exp_avg.index_copy_(0, rows, m)
-                exp_avg_sq.index_copy_(0, rows, v)
-                p.index_copy_(0, rows, x)
+                block = row_block(p.shape[1])
+                for r0 in range(0, rows.numel(), block):
+                    sl = slice(r0, r0 + block)
+                    if self.second_moment == "row":
+                        self._rowwise_block(p, state, rows[sl], grad[sl], grad_sq[sl], *hyper)
+                    else:
+                        self._elementwise_block(p, state, rows[sl], grad[sl], *hyper)
+
+    @staticmethod
+    def _elementwise_block(p, state, rows, grad, lr, beta1, beta2, eps) -> None:
+        # torch's fused AdamW kernel on the gathered rows; rows are unique, so each copy
+        # writes its row once (deterministic)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        x, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+        adamw_rows(
+            [x],
+            [grad.to(p.dtype)],
+            [m],
+            [v],
+            [],
+            [state["step"] - 1],
+            fused=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=0.0,
+            eps=eps,
+            maximize=False,
+        )
+        exp_avg.index_copy_(0, rows, m)
+        exp_avg_sq.index_copy_(0, rows, v)
+        p.index_copy_(0, rows, x)
+
+    @staticmethod
+    def _rowwise_block(p, state, rows, grad, grad_sq, lr, beta1, beta2, eps) -> None:
+        t = float(state["step"])
+        exp_avg, exp_avg_sq_row = state["exp_avg"], state["exp_avg_sq_row"]
+        m = exp_avg.index_select(0, rows).lerp_(grad.to(p.dtype), 1 - beta1)
+        v = exp_avg_sq_row.index_select(0, rows).mul_(beta2).add_(grad_sq.to(p.dtype), alpha=1 - beta2)
+        denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+        x = p.index_select(0, rows).addcdiv_(m, denom.unsqueeze(1), value=-lr / (1 - beta1**t))
+        exp_avg.index_copy_(0, rows, m)
+        exp_avg_sq_row.index_copy_(0, rows, v)
+        p.index_copy_(0, rows, x)

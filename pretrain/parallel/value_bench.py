@@ -34,7 +34,8 @@ from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import MemoryParallel
 
-VARIANTS = ("adamw", "sparse_adamw")
+VARIANTS = ("adamw", "sparse_adamw", "sparse_rowwise_adamw")
+SPARSE_VARIANTS = VARIANTS[1:]
 PKM_INSTALL = (
     "pip install --no-deps --target /tmp/pkm product-key-memory==0.3.0 colt5-attention local-attention "
     "hyper-connections  (einops must be importable), then run with PYTHONPATH=/tmp/pkm"
@@ -53,6 +54,7 @@ class StepSpec:
     seq_len: int = 256
     repeats: int = 3
     dense_max_slots: int = 1 << 20  # the dense path needs another N x v_dim gradient: skip it above this
+    variants: tuple[str, ...] = VARIANTS
     device: str = "cpu"  # "cuda": Triton kernels, memory from torch.cuda's allocator statistics
 
 
@@ -142,7 +144,7 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
     records = []
     for n in spec.n_keys:
         slots = n * n
-        variants = [v for v in VARIANTS if v != "adamw" or slots <= spec.dense_max_slots]
+        variants = [v for v in spec.variants if v != "adamw" or slots <= spec.dense_max_slots]
         runners = {v: _StepRunner(spec, n, v) for v in variants}
         for runner in runners.values():
             runner.step()  # warm-up: allocates the optimizer state

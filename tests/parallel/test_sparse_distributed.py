@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 SPARSE = dataclasses.replace(OPTIM, value_optimizer="sparse_adamw")
+ROWWISE = dataclasses.replace(OPTIM, value_optimizer="sparse_rowwise_adamw")
 PROBE = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
 
 
@@ -91,9 +92,9 @@ def values_only(cfg, groups, optim, steps: int = 2):
 def record_state(res: dict, prefix: str, mp: MemoryParallel) -> None:
     """Each shard's weight and optimizer state under `prefix`.<table>.<name>."""
     for i, p in enumerate(mp.parameters()):
-        st = mp.optimizer.state[p]
-        res[f"{prefix}.{i}.weight"], res[f"{prefix}.{i}.exp_avg"] = p.detach(), st["exp_avg"]
-        res[f"{prefix}.{i}.exp_avg_sq"], res[f"{prefix}.{i}.step"] = st["exp_avg_sq"], st["step"].reshape(1)
+        res[f"{prefix}.{i}.weight"] = p.detach()
+        for name, tensor in mp.optimizer.state[p].items():
+            res[f"{prefix}.{i}.{name}"] = tensor.reshape(1) if name == "step" else tensor
 
 
 def worker(rank: int, world: int, out_dir: str, ckpt_dir: str) -> None:
@@ -107,23 +108,26 @@ def worker(rank: int, world: int, out_dir: str, ckpt_dir: str) -> None:
                 res[f"P{P}.z{stage}.sparse.{k}"] = v
         for k, v in train_values(cfg, groups, OPTIM, 1, rank, world).items():
             res[f"P{P}.z1.dense.{k}"] = v
+        for k, v in train_values(cfg, groups, ROWWISE, 1, rank, world).items():
+            res[f"P{P}.z1.rowwise.{k}"] = v
     shared, groups = tiny_cfg(shared=True), init_memory_groups(2)  # one table read by both memory layers
     for name, optim in (("dense", OPTIM), ("sparse", SPARSE)):
         res[f"shared.{name}.grad0"] = train_values(shared, groups, optim, 3, rank, world)["grad0.0"]
-    # re-shard 2 -> 1 of a sparse-optimizer checkpoint
-    model, mp = values_only(cfg, init_memory_groups(2), SPARSE)
-    with torch.no_grad():
-        res["reshard.p2_logits"] = model(PROBE[:, :-1])
-    record_state(res, "reshard.p2", mp)
-    mp.save(ckpt_dir)
-    dist.barrier()
-    torch.manual_seed(0)
-    model1 = Transformer(cfg)
-    mp1 = MemoryParallel(model1, init_memory_groups(1), SPARSE, kernel="torch")
-    mp1.load(ckpt_dir)
-    with torch.no_grad():
-        res["reshard.p1_logits"] = model1(PROBE[:, :-1])
-    record_state(res, "reshard.p1", mp1)
+    # re-shard 2 -> 1 of a sparse-optimizer checkpoint, element-wise and row-wise
+    for name, optim in (("reshard", SPARSE), ("reshard_row", ROWWISE)):
+        model, mp = values_only(cfg, init_memory_groups(2), optim)
+        with torch.no_grad():
+            res[f"{name}.p2_logits"] = model(PROBE[:, :-1])
+        record_state(res, f"{name}.p2", mp)
+        mp.save(Path(ckpt_dir) / name)
+        dist.barrier()
+        torch.manual_seed(0)
+        model1 = Transformer(cfg)
+        mp1 = MemoryParallel(model1, init_memory_groups(1), optim, kernel="torch")
+        mp1.load(Path(ckpt_dir) / name)
+        with torch.no_grad():
+            res[f"{name}.p1_logits"] = model1(PROBE[:, :-1])
+        record_state(res, f"{name}.p1", mp1)
     save_file({k: v.contiguous() for k, v in res.items()}, str(Path(out_dir) / f"rank{rank}.safetensors"))
 
 
@@ -134,29 +138,38 @@ def world2(tmp_path_factory):
     return [load_file(str(root / f"rank{r}.safetensors")) for r in range(2)]
 
 
-@pytest.fixture(scope="module")
-def world1_sparse():
+def world1_training(optim):
     """World 1, plain torch: the same 3 steps (dense AdamW, each group clipped by its own norm)."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = Transformer(cfg)
-    mp = MemoryParallel(model, init_memory_groups(1), SPARSE, kernel="torch")
+    mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
     opt = torch.optim.AdamW(
         model.parameters(),
-        lr=SPARSE.lr,
-        betas=(SPARSE.beta1, SPARSE.beta2),
-        eps=SPARSE.eps,
-        weight_decay=SPARSE.weight_decay,
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
     )
     norms = []
     for tokens in batches():
         mp.zero_grad(), opt.zero_grad()
         language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), SPARSE.grad_clip)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), optim.grad_clip)
         mp.reduce_gradients()
-        norms.append(mp.clip_grad_norm(SPARSE.grad_clip).item())
+        norms.append(mp.clip_grad_norm(optim.grad_clip).item())
         opt.step(), mp.step(1.0)
     return [p.detach().clone() for p in mp.parameters()], norms
+
+
+@pytest.fixture(scope="module")
+def world1_sparse():
+    return world1_training(SPARSE)
+
+
+@pytest.fixture(scope="module")
+def world1_rowwise():
+    return world1_training(ROWWISE)
 
 
 def full_table(results, key: str, P: int) -> torch.Tensor:
@@ -214,3 +227,29 @@ def test_sparse_checkpoint_reshards_2_to_1(world2):
                 assert torch.equal(world2[r][f"reshard.p1.{i}.{name}"], full_table(world2, f"reshard.p2.{i}.{name}", 2))
             assert world2[r][f"reshard.p1.{i}.step"].item() == world2[0][f"reshard.p2.{i}.step"].item() == 2
     assert world2[0]["reshard.p2.0.exp_avg"].abs().sum(1).eq(0).any()  # lazy: some rows were never read
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_rowwise_training_matches_world1(world2, world1_rowwise, P):
+    """The row second moment sums g^2 over both column shards: P = 2 equals one process."""
+    shards, norms = world1_rowwise
+    for r in range(2):
+        torch.testing.assert_close(
+            world2[r][f"P{P}.z1.rowwise.value_norms"].double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=0
+        )
+    for i in range(2):
+        assert rel_err(full_table(world2, f"P{P}.z1.rowwise.shard.{i}", P), shards[i]) < 1e-5
+
+
+def test_rowwise_checkpoint_reshards_2_to_1(world2):
+    for r in range(2):
+        assert torch.equal(world2[r]["reshard_row.p1_logits"], world2[r]["reshard_row.p2_logits"])
+        for i in range(2):
+            for name in ("weight", "exp_avg"):
+                got, want = world2[r][f"reshard_row.p1.{i}.{name}"], full_table(world2, f"reshard_row.p2.{i}.{name}", 2)
+                assert torch.equal(got, want)
+            row = world2[r][f"reshard_row.p1.{i}.exp_avg_sq_row"]
+            assert row.shape == (256,) and row.gt(0).any()
+            # one moment per full row: both shards of P = 2 hold the same one, and P = 1 loads it
+            assert torch.equal(row, world2[0][f"reshard_row.p2.{i}.exp_avg_sq_row"])
+            assert torch.equal(row, world2[1][f"reshard_row.p2.{i}.exp_avg_sq_row"])

@@ -19,6 +19,7 @@ from pretrain.parallel import MemoryParallel, init_memory_groups
 from pretrain.parallel.sparse_adamw import SparseAdamW
 
 SPARSE = dataclasses.replace(OPTIM, value_optimizer="sparse_adamw")
+ROWWISE = dataclasses.replace(OPTIM, value_optimizer="sparse_rowwise_adamw")
 
 
 def lazy_adam_float64(weight, exp_avg, exp_avg_sq, rows, grad_rows, t, lr, betas, eps):
@@ -82,6 +83,65 @@ def test_sparse_adamw_three_steps_equal_float64_lazy_adam():
     torch.testing.assert_close(st["exp_avg"].double(), ref_m, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(st["exp_avg_sq"].double(), ref_v, rtol=1e-5, atol=1e-12)
     assert not st["exp_avg"][~touched].any() and not st["exp_avg_sq"][~touched].any()
+
+
+def rowwise_lazy_adam_float64(weight, exp_avg, exp_avg_sq_row, rows, grad_rows, t, lr, betas, eps):
+    """One lazy Adam step with one second moment per row, fed the row's mean g^2 (float64)."""
+    b1, b2 = betas
+    m = b1 * exp_avg[rows] + (1 - b1) * grad_rows
+    v = b2 * exp_avg_sq_row[rows] + (1 - b2) * grad_rows.pow(2).mean(1)
+    exp_avg[rows], exp_avg_sq_row[rows] = m, v
+    weight[rows] -= lr / (1 - b1**t) * m / ((v / (1 - b2**t)).sqrt() + eps)[:, None]
+
+
+def test_rowwise_three_steps_equal_float64_and_unread_rows_keep_their_bits():
+    gen = torch.Generator().manual_seed(2)
+    N, width, lr, betas, eps = 50, 6, 1e-2, (0.9, 0.95), 1e-8
+    p = torch.nn.Parameter(torch.randn(N, width, generator=gen))
+    opt = SparseAdamW([p], lr=lr, betas=betas, eps=eps, second_moment="row")
+    ref_w, ref_m, ref_v = p.detach().double().clone(), torch.zeros(N, width, dtype=torch.float64), None
+    ref_v = torch.zeros(N, dtype=torch.float64)
+    for t in (1, 2, 3):
+        before = [p.detach().clone(), *(opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq_row") if opt.state)]
+        rows = torch.randint(0, 20, (30,), generator=gen)
+        grads = torch.randn(30, width, generator=gen)
+        p.grad = torch.sparse_coo_tensor(rows[None], grads, (N, width), check_invariants=True)
+        opt.step()
+        unique = rows.unique()
+        summed = torch.zeros(N, width, dtype=torch.float64).index_add_(0, rows, grads.double())[unique]
+        rowwise_lazy_adam_float64(ref_w, ref_m, ref_v, unique, summed, t, lr, betas, eps)
+        unread = torch.ones(N, dtype=torch.bool)
+        unread[unique] = False
+        st = opt.state[p]
+        assert st["exp_avg_sq_row"].shape == (N,) and "exp_avg_sq" not in st  # N floats, not N x width
+        for now, then in zip((p.detach(), st["exp_avg"], st["exp_avg_sq_row"]), before):
+            assert torch.equal(now[unread], then[unread])  # bitwise
+    st = opt.state[p]
+    torch.testing.assert_close(p.detach().double(), ref_w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(st["exp_avg"].double(), ref_m, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(st["exp_avg_sq_row"].double(), ref_v, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("second_moment", ["element", "row"])
+def test_blocked_row_update_equals_one_block(monkeypatch, second_moment):
+    """The bounded-temporary blocks change nothing: 64 rows at a time == all rows at once, bitwise."""
+    from pretrain.parallel import sparse_adamw
+
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(400, 5, generator=gen)
+    steps = [(torch.randint(0, 400, (300,), generator=gen), torch.randn(300, 5, generator=gen)) for _ in range(3)]
+    finals = []
+    for block_elements in (1 << 20, 64 * 5):
+        monkeypatch.setattr(sparse_adamw, "ROW_BLOCK_ELEMENTS", block_elements)
+        assert sparse_adamw.row_block(5) == (64 if block_elements == 64 * 5 else 209664)  # ~200 rows read: 4 blocks
+        p = torch.nn.Parameter(init.clone())
+        opt = SparseAdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, second_moment=second_moment)
+        for rows, grads in steps:
+            p.grad = torch.sparse_coo_tensor(rows[None], grads, (400, 5), check_invariants=True)
+            opt.step()
+        finals.append([p.detach().clone(), *(v for k, v in opt.state[p].items() if k != "step")])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)
 
 
 def test_row_read_every_step_gets_dense_adamw_update():
@@ -188,6 +248,42 @@ def test_sparse_checkpoint_round_trip_and_interchangeable_state(tmp_path):
             s, t = mp.optimizer.state[p], other.optimizer.state[q]
             assert torch.equal(p, q) and torch.equal(s["exp_avg"], t["exp_avg"])
             assert torch.equal(s["exp_avg_sq"], t["exp_avg_sq"]) and float(s["step"]) == float(t["step"]) == 2
+
+
+def test_rowwise_checkpoint_round_trip_and_refused_by_elementwise_optimizers(tmp_path):
+    from pretrain.parallel.shard_files import ShardFileError
+
+    cfg, data = tiny_cfg(), micro_batches(2, seed=8)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    mp = MemoryParallel(model, init_memory_groups(1), ROWWISE, kernel="torch")
+    for tokens in data:
+        mp.zero_grad()
+        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+    state_bytes = mp.accounting()["optimizer_state_bytes"]
+    assert state_bytes == sum(p.numel() * 4 + p.shape[0] * 4 + 4 for p in mp.parameters())  # N d + N + step
+    (tmp_path / "row").mkdir()
+    mp.save(tmp_path / "row")
+    torch.manual_seed(0)
+    other = MemoryParallel(Transformer(cfg), init_memory_groups(1), ROWWISE, kernel="torch")
+    other.load(tmp_path / "row")
+    for p, q in zip(mp.parameters(), other.parameters()):
+        s, t = mp.optimizer.state[p], other.optimizer.state[q]
+        assert torch.equal(p, q) and torch.equal(s["exp_avg"], t["exp_avg"])
+        assert torch.equal(s["exp_avg_sq_row"], t["exp_avg_sq_row"]) and float(t["step"]) == 2
+    for optim in (SPARSE, OPTIM):  # the element-wise optimizers cannot use a row moment
+        elementwise = MemoryParallel(Transformer(cfg), init_memory_groups(1), optim, kernel="torch")
+        with pytest.raises(ShardFileError, match="no exp_avg_sq: it holds a row-wise second moment"):
+            elementwise.load(tmp_path / "row")
+    elementwise.save(tmp_path / "element")
+    elementwise.optimizer.state[elementwise.parameters()[0]] = {}  # saved with step 0: make it load moments
+    for p in elementwise.parameters():
+        p.grad = torch.zeros_like(p)
+    elementwise.step(1.0)
+    elementwise.save(tmp_path / "element")
+    with pytest.raises(ShardFileError, match="no exp_avg_sq_row: it holds an element-wise second moment"):
+        other.load(tmp_path / "element")
 
 
 def test_unknown_value_optimizer_is_refused():
