@@ -7,8 +7,9 @@ shared, noisy machine (the variants alternate, and each reports the median):
   (reduce_gradients, clip_grad_norm, step, zero_grad) and plain AdamW on the dense
   weights -- of a one-layer memory model, for each pool size N at a fixed batch.
   Memory is read from the kernel (Linux /proc/self/status, VmRSS and VmHWM, the
-  high-water mark reset through /proc/self/clear_refs before each step): `step_peak` is
-  the process's peak resident memory during the step, `step_extra` that peak minus the
+  high-water mark reset through /proc/self/clear_refs before each step, after the C
+  heap's free pages were returned with malloc_trim so that reused memory counts):
+  `step_peak` is the process's peak resident memory during the step, `step_extra` that peak minus the
   resident memory just before the step (what the step itself allocates: gradients,
   temporaries), `resident` the memory held between steps (table + optimizer state).
   With device "cuda" the kernels are Triton's and the memory is torch.cuda's allocator
@@ -20,6 +21,7 @@ shared, noisy machine (the variants alternate, and each reports the median):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import statistics
@@ -73,9 +75,20 @@ def reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc malloc_trim), so that memory a
+    previous step freed but the allocator kept does not hide this step's temporaries from
+    the RSS high-water mark."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then undercount reused memory
+        pass
+
+
 def _start_memory(device: str) -> int:
     """Reset the peak counter; return the memory in use now (process RSS, or CUDA allocated)."""
     if device == "cpu":
+        release_free_heap()
         before = memory_status()["VmRSS"]
         reset_peak()
         return before

@@ -235,7 +235,10 @@ def test_rowwise_training_matches_world1(world2, world1_rowwise, P):
     shards, norms = world1_rowwise
     for r in range(2):
         torch.testing.assert_close(
-            world2[r][f"P{P}.z1.rowwise.value_norms"].double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=0
+            world2[r][f"P{P}.z1.rowwise.value_norms"].double(),
+            torch.tensor(norms, dtype=torch.float64),
+            rtol=1e-5,
+            atol=0,
         )
     for i in range(2):
         assert rel_err(full_table(world2, f"P{P}.z1.rowwise.shard.{i}", P), shards[i]) < 1e-5
