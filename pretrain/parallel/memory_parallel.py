@@ -167,7 +167,8 @@ class MemoryParallel:
         grads = self._grad_values()
         if not grads:
             return torch.zeros(())
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        # vector_norm reduces in place: no squared copy of an (N, d) gradient
+        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads]).sum()
         P = self.groups.parallel_size
         if P > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.memory_group)

@@ -121,7 +121,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 if self.second_moment == "row":
                     # collective: every rank of the memory group calls it, even with no rows
-                    grad_sq = self.row_sq_mean(grad.float().pow(2).sum(1), p)
+                    grad_sq = self.row_sq_mean(torch.linalg.vector_norm(grad, dim=1, dtype=torch.float32).square(), p)
                 if rows.numel() == 0:
                     continue
                 block = row_block(p.shape[1])
