@@ -14,6 +14,8 @@ half-key scores, hence to the query and the keys.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -24,13 +26,22 @@ def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tenso
     q1, q2 = query[..., :half], query[..., half:]
     s1 = torch.einsum("thd,hnd->thn", q1, keys1)
     s2 = torch.einsum("thd,hnd->thn", q2, keys2)
-    v1, i1 = s1.topk(k, dim=-1)
+    v1, i1 = s1.topk(k, dim=-1)  # sorted: descending
     v2, i2 = s2.topk(k, dim=-1)
-    cand = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (T, H, k, k) candidate sums
-    scores, flat = cand.flatten(-2).topk(k, dim=-1)
+    # the top k of the k*k sums v1[a] + v2[b] lie among the ~k ln k pairs with
+    # (a+1)(b+1) <= k: the (a+1)(b+1) - 1 pairs that dominate (a, b) are at least as large
+    a, b = candidate_pairs(k, query.device)
+    scores, sel = (v1[..., a] + v2[..., b]).topk(k, dim=-1)
     n_keys = keys1.shape[1]
-    indices = i1.gather(-1, flat // k) * n_keys + i2.gather(-1, flat % k)
+    indices = i1.gather(-1, a[sel]) * n_keys + i2.gather(-1, b[sel])
     return scores, indices
+
+
+@functools.lru_cache(maxsize=64)
+def candidate_pairs(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (a, b) of the pairs with (a+1)(b+1) <= k, row-major: sum_a floor(k / a) of them."""
+    pairs = torch.tensor([(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k], device=device)
+    return pairs[:, 0], pairs[:, 1]
 
 
 def pkm_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
