@@ -75,6 +75,9 @@ class OptimConfig:
     # this step (row-sparse gradients, lazy Adam; pretrain/parallel/sparse_adamw.py) |
     # sparse_rowwise_adamw: the same with one second moment per row (optimizer state N d + N)
     value_optimizer: Literal["adamw", "sparse_adamw", "sparse_rowwise_adamw"] = "adamw"
+    # storage of the value pool's first moment (sparse optimizers only): bfloat16 halves it;
+    # updates are computed in fp32 and rounded to nearest when stored
+    value_momentum_dtype: Literal["float32", "bfloat16"] = "float32"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -251,6 +254,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"train.activation_checkpointing_layers={list(t.activation_checkpointing_layers)} "
             f"names blocks {bad} outside 0..{cfg.model.n_layers - 1} (model.n_layers)"
+        )
+    if cfg.optim.value_momentum_dtype != "float32" and cfg.optim.value_optimizer == "adamw":
+        raise ConfigError(
+            f"optim.value_momentum_dtype={cfg.optim.value_momentum_dtype} needs a sparse value optimizer: set "
+            "optim.value_optimizer=sparse_rowwise_adamw (or sparse_adamw), or value_momentum_dtype=float32"
         )
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")

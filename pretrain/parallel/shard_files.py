@@ -52,7 +52,8 @@ def write_shard(
     def shape(name):
         return tuple(weight.shape[:1]) if name in ROW_TENSORS else tuple(weight.shape)
 
-    specs = [(name, shape(name), weight.dtype) for name in tensors] + [("step", (1,), torch.float32)]
+    specs = [(name, shape(name), weight.dtype if t is None else t.dtype) for name, t in tensors.items()]
+    specs.append(("step", (1,), torch.float32))
     metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
     writer = StreamWriter(path, specs, metadata)
     try:

@@ -23,6 +23,14 @@ Second moment (`second_moment`):
     size per row rather than per value. Its checkpoints hold exp_avg_sq_row (N,) and do
     not load into the element-wise optimizers (nor the reverse).
 
+First moment storage (`momentum_dtype`): float32, or bfloat16 to halve it
+(`optim.value_momentum_dtype`; FBGEMM's embedding optimizers offer the same). The update
+is computed in fp32 from the stored value and rounded to nearest when stored: with
+b1 = 0.9 each step moves m by 10% of the gradient, far above bfloat16's 0.4% spacing,
+so m does not stall. The second moment stays fp32 (with b2 near 1 its per-step change
+can fall below bfloat16's spacing). The pool with row-wise v and a bfloat16 m holds
+1.5 N d + N floats' worth instead of 3 N d.
+
 Bias correction: t is the optimizer's global step count (one per `step`, the same for
 every row), as in SparseAdam and LazyAdam, not a per-row count of the steps that read
 the row. Reasons:
@@ -86,6 +94,7 @@ class SparseAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         second_moment: str = "element",
         row_sq_mean: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = local_row_sq_mean,
+        momentum_dtype: torch.dtype | None = None,
     ):
         if weight_decay:
             raise ValueError(f"SparseAdamW takes no weight decay (got {weight_decay}): the value pool has none")
@@ -93,14 +102,16 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"betas {betas} must lie in [0, 1) (optim.beta1 / optim.beta2)")
         if second_moment not in SECOND_MOMENTS:
             raise ValueError(f"second_moment {second_moment!r} must be one of {SECOND_MOMENTS}")
-        self.second_moment, self.row_sq_mean = second_moment, row_sq_mean
+        if momentum_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"momentum_dtype {momentum_dtype} must be torch.float32 or torch.bfloat16")
+        self.second_moment, self.row_sq_mean, self.momentum_dtype = second_moment, row_sq_mean, momentum_dtype
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
             if self.second_moment == "row":
                 state["exp_avg_sq_row"] = p.new_zeros(p.shape[0])
             else:
@@ -137,7 +148,8 @@ class SparseAdamW(torch.optim.Optimizer):
         # torch's fused AdamW kernel on the gathered rows; rows are unique, so each copy
         # writes its row once (deterministic)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        x, m, v = p.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+        x, v = p.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+        m = exp_avg.index_select(0, rows).to(p.dtype)
         adamw_rows(
             [x],
             [grad.to(p.dtype)],
@@ -154,7 +166,7 @@ class SparseAdamW(torch.optim.Optimizer):
             eps=eps,
             maximize=False,
         )
-        exp_avg.index_copy_(0, rows, m)
+        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
         exp_avg_sq.index_copy_(0, rows, v)
         p.index_copy_(0, rows, x)
 
@@ -162,10 +174,10 @@ class SparseAdamW(torch.optim.Optimizer):
     def _rowwise_block(p, state, rows, grad, grad_sq, lr, beta1, beta2, eps) -> None:
         t = float(state["step"])
         exp_avg, exp_avg_sq_row = state["exp_avg"], state["exp_avg_sq_row"]
-        m = exp_avg.index_select(0, rows).lerp_(grad.to(p.dtype), 1 - beta1)
+        m = exp_avg.index_select(0, rows).to(p.dtype).lerp_(grad.to(p.dtype), 1 - beta1)
         v = exp_avg_sq_row.index_select(0, rows).mul_(beta2).add_(grad_sq.to(p.dtype), alpha=1 - beta2)
         denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
         x = p.index_select(0, rows).addcdiv_(m, denom.unsqueeze(1), value=-lr / (1 - beta1**t))
-        exp_avg.index_copy_(0, rows, m)
+        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
         exp_avg_sq_row.index_copy_(0, rows, v)
         p.index_copy_(0, rows, x)

@@ -36,7 +36,8 @@ from pretrain.model.transformer import Transformer, language_model_loss
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import MemoryParallel
 
-VARIANTS = ("adamw", "sparse_adamw", "sparse_rowwise_adamw")
+# optim.value_optimizer[:bf16] (":bf16": optim.value_momentum_dtype=bfloat16)
+VARIANTS = ("adamw", "sparse_adamw", "sparse_rowwise_adamw", "sparse_rowwise_adamw:bf16")
 SPARSE_VARIANTS = VARIANTS[1:]
 PKM_INSTALL = (
     "pip install --no-deps --target /tmp/pkm product-key-memory==0.3.0 colt5-attention local-attention "
@@ -115,7 +116,10 @@ class _StepRunner:
 
     def __init__(self, spec: StepSpec, n_keys: int, variant: str):
         cfg = _model_config(spec, n_keys)
-        self.optim = dataclasses.replace(OptimConfig(), value_optimizer=variant)
+        optimizer, _, momentum = variant.partition(":")
+        self.optim = dataclasses.replace(
+            OptimConfig(), value_optimizer=optimizer, value_momentum_dtype="bfloat16" if momentum else "float32"
+        )
         with torch.device("meta"):  # as the trainer builds it: the pool exists only as the shard
             self.model = Transformer(cfg)
         kernel = "torch" if spec.device == "cpu" else "auto"

@@ -123,6 +123,38 @@ def test_rowwise_three_steps_equal_float64_and_unread_rows_keep_their_bits():
 
 
 @pytest.mark.parametrize("second_moment", ["element", "row"])
+def test_bfloat16_first_moment_equals_float64_with_rounded_storage(second_moment):
+    """m stored in bfloat16: the float64 reference updates with m, then stores it rounded."""
+    gen = torch.Generator().manual_seed(4)
+    N, width, lr, betas, eps = 50, 6, 1e-2, (0.9, 0.95), 1e-8
+    p = torch.nn.Parameter(torch.randn(N, width, generator=gen))
+    opt = SparseAdamW([p], lr=lr, betas=betas, eps=eps, second_moment=second_moment, momentum_dtype=torch.bfloat16)
+    w, m = p.detach().double().clone(), torch.zeros(N, width, dtype=torch.float64)
+    v = torch.zeros(N, dtype=torch.float64) if second_moment == "row" else torch.zeros(N, width, dtype=torch.float64)
+    for t in (1, 2, 3):
+        rows = torch.randint(0, 20, (30,), generator=gen)
+        grads = torch.randn(30, width, generator=gen)
+        p.grad = torch.sparse_coo_tensor(rows[None], grads, (N, width), check_invariants=True)
+        opt.step()
+        u = rows.unique()
+        g = torch.zeros(N, width, dtype=torch.float64).index_add_(0, rows, grads.double())[u]
+        b1, b2 = betas
+        m_step = b1 * m[u] + (1 - b1) * g  # this step's update uses m before rounding
+        m[u] = m_step.to(torch.bfloat16).double()  # and stores it rounded
+        if second_moment == "row":
+            v[u] = b2 * v[u] + (1 - b2) * g.pow(2).mean(1)
+            denom = (v[u] / (1 - b2**t)).sqrt()[:, None] + eps
+        else:
+            v[u] = b2 * v[u] + (1 - b2) * g**2
+            denom = v[u].sqrt() / (1 - b2**t) ** 0.5 + eps
+        w[u] -= lr / (1 - b1**t) * m_step / denom
+    st = opt.state[p]
+    assert st["exp_avg"].dtype == torch.bfloat16 and p.dtype == torch.float32
+    assert torch.equal(st["exp_avg"].double(), m)  # the same bfloat16 values
+    torch.testing.assert_close(p.detach().double(), w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("second_moment", ["element", "row"])
 def test_blocked_row_update_equals_one_block(monkeypatch, second_moment):
     """The bounded-temporary blocks change nothing: 64 rows at a time == all rows at once, bitwise."""
     from pretrain.parallel import sparse_adamw
@@ -284,6 +316,49 @@ def test_rowwise_checkpoint_round_trip_and_refused_by_elementwise_optimizers(tmp
     elementwise.save(tmp_path / "element")
     with pytest.raises(ShardFileError, match="no exp_avg_sq_row: it holds an element-wise second moment"):
         other.load(tmp_path / "element")
+
+
+def test_bfloat16_momentum_checkpoint_round_trip_and_fp32_checkpoint_loads_rounded(tmp_path):
+    from safetensors import safe_open
+
+    bf16 = dataclasses.replace(ROWWISE, value_momentum_dtype="bfloat16")
+    cfg, data = tiny_cfg(shared=True), micro_batches(2, seed=8)  # one table: one shard file
+    runs = {}
+    for name, optim in (("fp32", ROWWISE), ("bf16", bf16)):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
+        for tokens in data:
+            mp.zero_grad()
+            language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+            mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+        (path,) = mp.save(tmp_path / name)
+        runs[name] = mp
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_slice("exp_avg").get_dtype() == "BF16" and f.get_slice("weight").get_dtype() == "F32"
+    assert (
+        runs["bf16"].accounting()["optimizer_state_bytes"] < 0.75 * runs["fp32"].accounting()["optimizer_state_bytes"]
+    )
+    for src in ("bf16", "fp32"):  # either checkpoint loads into a bfloat16-momentum optimizer
+        torch.manual_seed(0)
+        other = MemoryParallel(Transformer(cfg), init_memory_groups(1), bf16, kernel="torch")
+        other.load(tmp_path / src)
+        (p,), (q,) = runs[src].parameters(), other.parameters()
+        m_saved, m_loaded = runs[src].optimizer.state[p]["exp_avg"], other.optimizer.state[q]["exp_avg"]
+        assert torch.equal(p, q) and m_loaded.dtype == torch.bfloat16
+        assert torch.equal(m_loaded, m_saved.to(torch.bfloat16))  # bitwise, or rounded from fp32
+
+
+def test_bfloat16_momentum_with_dense_adamw_is_refused():
+    from pathlib import Path
+
+    from pretrain.config import load_config
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="optim.value_momentum_dtype=bfloat16 needs a sparse value optimizer"):
+        load_config(tiny, ["optim.value_momentum_dtype=bfloat16"])
+    cfg = load_config(tiny, ["optim.value_momentum_dtype=bfloat16", "optim.value_optimizer=sparse_adamw"])
+    assert cfg.optim.value_momentum_dtype == "bfloat16"
 
 
 def test_unknown_value_optimizer_is_refused():
