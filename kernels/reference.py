@@ -19,9 +19,24 @@ import functools
 import torch
 import torch.nn.functional as F
 
+SCORE_CHUNK_ELEMENTS = 1 << 19  # half-key scores held at once: 2 MiB of fp32 per half
+
 
 def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
-    """Product-key search: top-k raw scores and slot indices, shapes (T, H, k) each."""
+    """Product-key search: top-k raw scores and slot indices, shapes (T, H, k) each.
+
+    Tokens are searched in chunks so that the (tokens, H, n_keys) half-key scores never
+    exist for the whole batch at once (64 MiB per half at 1024 tokens, 4 heads, n_keys
+    4096); the chunks' results are concatenated (autograd flows through either way)."""
+    T, H, n = query.shape[0], keys1.shape[0], keys1.shape[1]
+    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, H * n))
+    if T <= rows:
+        return _scores_topk(query, keys1, keys2, k)
+    parts = [_scores_topk(query[t0 : t0 + rows], keys1, keys2, k) for t0 in range(0, T, rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
     half = keys1.shape[-1]
     q1, q2 = query[..., :half], query[..., half:]
     s1 = torch.einsum("thd,hnd->thn", q1, keys1)

@@ -76,3 +76,27 @@ def test_torch_bag_backward_is_the_references_bit_for_bit(dtype):
     got = torch.autograd.grad((ops.embedding_bag(values, indices, weights, "torch") * probe).sum(), (values, weights))
     want = torch.autograd.grad((reference.embedding_bag(values, indices, weights) * probe).sum(), (values, weights))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_reference_search_in_token_chunks_equals_brute_force_and_one_chunk(monkeypatch):
+    """Chunked scoring (5 tokens at a time here) gives the brute-force top k over all
+    n*n slots and, with autograd, the gradients of one chunk (float64: equal up to the
+    summation order the matmul picks for another number of rows)."""
+    g = torch.Generator().manual_seed(7)
+    T, H, n, half, k = 23, 2, 12, 4, 5  # k not a power of two, T not a multiple of the chunk
+    leaves = [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((T, H, 2 * half), (H, n, half))]
+    leaves.insert(2, torch.randn(H, n, half, generator=g, dtype=torch.float64))
+    probe = torch.randn(T, H, k, generator=g, dtype=torch.float64)
+    results = []
+    for chunk_elements in (1 << 19, 5 * H * n):
+        monkeypatch.setattr(reference, "SCORE_CHUNK_ELEMENTS", chunk_elements)
+        q, k1, k2 = (t.clone().requires_grad_() for t in leaves)
+        w, idx = reference.pkm_topk(q, k1, k2, k)
+        (w * probe).sum().backward()
+        results.append((w, idx, q.grad, k1.grad, k2.grad))
+    w_bf, idx_bf = reference.brute_force_topk(*leaves, k)
+    assert torch.equal(results[1][1], idx_bf)
+    torch.testing.assert_close(results[1][0], w_bf, rtol=1e-12, atol=0)
+    assert torch.equal(results[0][1], results[1][1])
+    for one, chunked in zip(*results):
+        torch.testing.assert_close(chunked, one, rtol=1e-12, atol=1e-15)
