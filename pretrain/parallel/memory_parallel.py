@@ -141,7 +141,8 @@ class MemoryParallel:
                 p.grad = torch.zeros_like(p)
             if g.replica_group is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=g.replica_group)
-            p.grad.div_(g.world_size)
+            if g.world_size > 1:  # x / 1 == x: skip a pass over the (N, d) gradient
+                p.grad.div_(g.world_size)
         self._step_bytes += accounting.step_reduction_bytes(self.shard_bytes(), 1, g.num_replicas)
 
     def _reduce_row_gradients(self) -> None:
@@ -153,7 +154,9 @@ class MemoryParallel:
             if g.replica_group is not None:
                 rows, grad_rows, received = row_grads.reduce_over_replicas(rows, grad_rows, g.replica_group)
                 self._replica_bytes += received
-            p.grad = row_grads.as_sparse(rows, grad_rows.div(g.world_size), p.shape)
+            if g.world_size > 1:
+                grad_rows = grad_rows.div(g.world_size)
+            p.grad = row_grads.as_sparse(rows, grad_rows, p.shape)
         self._step_bytes += self._replica_bytes
 
     def _grad_values(self) -> list[torch.Tensor]:

@@ -30,9 +30,12 @@ def rows_of(grad: torch.Tensor | None, num_cols: int, like: torch.Tensor) -> tup
             "optim.value_optimizer=sparse_adamw expects row-sparse value gradients, got a dense one: the value "
             "tables must be read with value_grad='sparse' (MemoryParallel sets this up)"
         )
-    if grad.is_coalesced():
-        return grad._indices()[0], grad._values()
-    return merge(grad._indices()[0], grad._values())
+    rows = grad._indices()[0]
+    # autograd's accumulation drops the coalesced flag of the bag's gradient: rows that are
+    # strictly ascending are unique already, and merging them again would only copy them
+    if grad.is_coalesced() or rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return rows, grad._values()
+    return merge(rows, grad._values())
 
 
 def merge(rows: torch.Tensor, grad_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
