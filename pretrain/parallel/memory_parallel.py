@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pretrain.config import OptimConfig
-from pretrain.model import recompute
 from pretrain.model.config import ConfigError, choices_message, literal_fields
 from pretrain.parallel import accounting, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
@@ -58,8 +57,10 @@ class MemoryParallel:
         )
         self._step_bytes = 0
         self._lookups: list[tuple[int, int, int, int]] = []  # (tokens, H*k, weight bytes, out bytes)
-        for table in self.tables:
-            table.register_forward_pre_hook(self._record_lookup)
+        if self.tables:
+            # on the model, not on the tables: the tables run inside compiled blocks, where
+            # dynamo would guard on this list's length and recompile the block every step
+            model.register_forward_pre_hook(self._record_lookups)
         self.optimizer = None
         if self.tables and self.sparse:
             self.optimizer = SparseAdamW(
@@ -82,18 +83,18 @@ class MemoryParallel:
                 fused=True,
             )
 
-    def _record_lookup(self, table, args) -> None:
-        if recompute.recomputing():  # an activation checkpoint's replay moves no bytes
+    def _record_lookups(self, model, args) -> None:
+        """One lookup per memory layer and model forward: (tokens, H*k, weight bytes, out
+        bytes). An activation checkpoint's replay re-runs blocks, never the model's
+        forward, so it records nothing (it moves no bytes). Forwards without autograd
+        (evaluation) are not a step's lookups: they would count into the next step."""
+        if not torch.is_grad_enabled():
             return
-        indices, weights = args
-        self._lookups.append(
-            (
-                indices.shape[0],
-                indices[0].numel() if indices.shape[0] else 0,
-                weights.element_size(),
-                table.shard.element_size(),
-            )
-        )
+        tokens = args[0].numel()
+        for i, layer in enumerate(model.memory_layers()):
+            table = model.value_table_for(i)
+            weight_bytes = layer.query_proj.weight.element_size()  # the softmax weights' dtype
+            self._lookups.append((tokens, layer.heads * layer.k, weight_bytes, table.shard.element_size()))
 
     def _row_sq_mean(self, sq_sums: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         """Mean of g^2 over each full row from this shard's column sums: summed over the
