@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pkm_bwd_triton
+from kernels import pkm_bwd_triton, reference
 from kernels.launch_configs import pinned_autotune
 from kernels.triton_common import INTERPRETING, check_same_device, next_pow2
 
@@ -204,10 +204,11 @@ def _pkm_fwd_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _candidate_pairs(k: int, device: torch.device) -> torch.Tensor:
-    """int32 (2, P): the (a, b) with (a+1)(b+1) <= k, padded with a = b = -1 to a power of two."""
-    pairs = [(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
-    table = torch.full((2, max(16, next_pow2(len(pairs)))), -1, dtype=torch.int32)
-    table[:, : len(pairs)] = torch.tensor(pairs, dtype=torch.int32).T
+    """int32 (2, P): the reference's (a, b) pairs with (a+1)(b+1) <= k, padded with a = b = -1
+    to a power of two."""
+    a, b = reference.candidate_pairs(k, torch.device("cpu"))
+    table = torch.full((2, max(16, next_pow2(a.numel()))), -1, dtype=torch.int32)
+    table[0, : a.numel()], table[1, : b.numel()] = a, b
     return table.to(device)
 
 
