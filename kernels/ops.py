@@ -24,8 +24,10 @@ fake implementation; it keeps the plain `kernels.embedding_bag` path.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
@@ -36,23 +38,65 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     """d(softmax weights)/d(query, keys) through the selected half-key rows only.
 
     score_j = q1 . keys1[h, i1_j] + q2 . keys2[h, i2_j] (i1 = index // n, i2 = index % n);
-    the softmax backward gives d score; each selected half-key row receives d score x q.
+    the softmax backward gives d score. Per half, with the H half-key sets as one (H*n, half)
+    table and one bag of k rows per (token, head): d q_half is that bag weighted by d score,
+    and d keys_half is the same bag's table gradient for an output gradient of q_half. Both
+    run as torch's embedding-bag kernels, so no (T, H, k, half) gather or product exists
+    (at n = 4096 those temporaries cost more than the rest of the backward).
     """
-    n, half = keys1.shape[1], keys1.shape[2]
+    H, n, half = keys1.shape
+    T, _, k = indices.shape
     acc = torch.promote_types(query.dtype, torch.float32)
     w, g = weights.to(acc), grad_weights.to(acc)
-    dscore = w * (g - (g * w).sum(-1, keepdim=True))  # (T, H, k)
-    heads = torch.arange(keys1.shape[0], device=query.device)[None, :, None].expand_as(indices)
+    dscore = (w * (g - (g * w).sum(-1, keepdim=True))).reshape(-1)  # (T * H * k,)
+    layout = _bag_layout(T * H, k, query.device)
+    head_rows = (torch.arange(H, device=query.device) * n)[None, :, None]
     grads = []
     for part, keys, rows in ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n)):
-        part, keys = part.to(acc), keys.to(acc)
-        dpart = torch.einsum("thj,thjd->thd", dscore, keys[heads, rows])
-        dkeys = torch.zeros_like(keys).index_put_(
-            (heads, rows), dscore[..., None] * part[:, :, None, :], accumulate=True
-        )
-        grads.append((dpart, dkeys))
+        flat_rows = (rows + head_rows).reshape(-1)
+        table = keys.to(acc).reshape(H * n, half)
+        dpart = F.embedding_bag(flat_rows, table, layout.offsets, per_sample_weights=dscore, mode="sum")
+        dkeys = _bag_table_grad(part.to(acc).reshape(T * H, half), flat_rows, layout, H * n, dscore)
+        grads.append((dpart.reshape(T, H, half), dkeys.reshape(H, n, half)))
     (dq1, dk1), (dq2, dk2) = grads
     return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
+
+
+class _BagLayout(NamedTuple):
+    """`n_bags` bags of `per_bag` consecutive entries each, in the arguments aten's bag kernels take."""
+
+    offsets: Tensor
+    offset2bag: Tensor
+    bag_size: Tensor
+    unused_max: Tensor  # mode "sum" reads no max indices
+
+
+def _bag_layout(n_bags: int, per_bag: int, device) -> _BagLayout:
+    return _BagLayout(
+        torch.arange(0, n_bags * per_bag, max(per_bag, 1), device=device)[:n_bags],
+        torch.arange(n_bags, device=device).repeat_interleave(per_bag),
+        torch.full((n_bags,), per_bag, dtype=torch.int64, device=device),
+        torch.zeros(n_bags, 1, dtype=torch.int64, device=device),
+    )
+
+
+def _bag_table_grad(grad_bags: Tensor, flat_rows: Tensor, layout: _BagLayout, n_rows: int, entry_weights: Tensor):
+    """d table of a weighted sum bag for the bags' output gradient: the dense (n_rows, d) kernel
+    F.embedding_bag's autograd calls (sorted accumulation on CPU, no (entries, d) temporary)."""
+    return torch.ops.aten._embedding_bag_backward(
+        grad_bags,
+        flat_rows,
+        layout.offsets,
+        layout.offset2bag,
+        layout.bag_size,
+        layout.unused_max.expand(-1, grad_bags.shape[1]),
+        n_rows,
+        False,
+        0,
+        False,
+        entry_weights,
+        -1,
+    )
 
 
 def _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values, need_weights):
@@ -64,30 +108,15 @@ def _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values
     per_bag = flat.numel() // T if T else 0
     acc = torch.float32 if values.dtype in (torch.bfloat16, torch.float16) else values.dtype  # as the reference
     g, table = grad_out.to(acc), values.to(acc)
-    device = values.device
-    offsets = torch.arange(0, flat.numel(), max(per_bag, 1), device=device)[:T]
-    offset2bag = torch.arange(T, device=device).repeat_interleave(per_bag)
+    layout = _bag_layout(T, per_bag, values.device)
     dv = dw = None
     if need_values:
-        bag_size = torch.full((T,), per_bag, dtype=torch.int64, device=device)
-        unused_max = torch.zeros(T, values.shape[1], dtype=torch.int64, device=device)  # mode sum reads none
-        dv = torch.ops.aten._embedding_bag_backward(
-            g,
-            flat,
-            offsets,
-            offset2bag,
-            bag_size,
-            unused_max,
-            values.shape[0],
-            False,
-            0,
-            False,
-            weights.reshape(-1).to(acc),
-            -1,
-        ).to(values.dtype)
+        dv = _bag_table_grad(g, flat, layout, values.shape[0], weights.reshape(-1).to(acc)).to(values.dtype)
     if need_weights:
         dw = (
-            torch.ops.aten._embedding_bag_per_sample_weights_backward(g, table, flat, offsets, offset2bag, 0, -1)
+            torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g, table, flat, layout.offsets, layout.offset2bag, 0, -1
+            )
             .reshape(weights.shape)
             .to(weights.dtype)
         )

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 SCORE_CHUNK_ELEMENTS = 1 << 19  # half-key scores held at once: 2 MiB of fp32 per half
+TOPK_GROUPS = 8  # strided groups of the CPU top-k prefilter (`half_topk`)
 
 
 def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
@@ -37,19 +38,45 @@ def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tenso
 
 
 def _scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
-    half = keys1.shape[-1]
-    q1, q2 = query[..., :half], query[..., half:]
-    s1 = torch.einsum("thd,hnd->thn", q1, keys1)
-    s2 = torch.einsum("thd,hnd->thn", q2, keys2)
-    v1, i1 = s1.topk(k, dim=-1)  # sorted: descending
-    v2, i2 = s2.topk(k, dim=-1)
+    half, n_keys = keys1.shape[-1], keys1.shape[1]
+    # scores laid out (H, tokens, n_keys), as bmm writes them: the top-k reads whole rows
+    # (a (tokens, H, n_keys) view would be copied for the prefilter's reshape)
+    q = query.transpose(0, 1)
+    s1 = torch.bmm(q[..., :half], keys1.transpose(1, 2))
+    s2 = torch.bmm(q[..., half:], keys2.transpose(1, 2))
+    v1, i1 = half_topk(s1, k)  # sorted: descending
+    v2, i2 = half_topk(s2, k)
     # the top k of the k*k sums v1[a] + v2[b] lie among the ~k ln k pairs with
     # (a+1)(b+1) <= k: the (a+1)(b+1) - 1 pairs that dominate (a, b) are at least as large
     a, b = candidate_pairs(k, query.device)
     scores, sel = (v1[..., a] + v2[..., b]).topk(k, dim=-1)
-    n_keys = keys1.shape[1]
     indices = i1.gather(-1, a[sel]) * n_keys + i2.gather(-1, b[sel])
-    return scores, indices
+    return scores.transpose(0, 1).contiguous(), indices.transpose(0, 1).contiguous()
+
+
+def half_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k, dim=-1)`: the same values, descending; on CPU through a prefilter for
+    long rows.
+
+    torch's CPU top-k costs ~3 ns per element at n_keys 4096 and dominated the search at
+    16.7M slots. The prefilter splits each row into TOPK_GROUPS strided groups
+    (columns c, c + n/g, ...), keeps the k columns whose maximum over the groups is largest,
+    and takes the top k of those k * g candidates: 0.6x the time at n_keys 1024 and 4096.
+    Exact: every score above the k-th largest column maximum lies in a kept column, and the
+    kept columns' maxima are k scores at least that large. Among equal scores the index
+    chosen may differ from `topk`'s (which leaves ties unspecified as well).
+    """
+    n, g = scores.shape[-1], TOPK_GROUPS
+    if scores.device.type != "cpu" or n % g or n // g < 4 * k:
+        return scores.topk(k, dim=-1)
+    width = n // g
+    grouped = scores.reshape(-1, g, width)
+    _, cols = grouped.amax(1).topk(k, dim=-1, sorted=False)
+    candidates = grouped.gather(2, cols[:, None, :].expand(-1, g, -1)).flatten(1)  # (rows, g * k)
+    values, pos = candidates.topk(k, dim=-1)
+    indices = (pos // k) * width + cols.gather(1, pos % k)
+    shape = (*scores.shape[:-1], k)
+    return values.reshape(shape), indices.reshape(shape)
 
 
 @functools.lru_cache(maxsize=64)

@@ -100,3 +100,29 @@ def test_reference_search_in_token_chunks_equals_brute_force_and_one_chunk(monke
     assert torch.equal(results[0][1], results[1][1])
     for one, chunked in zip(*results):
         torch.testing.assert_close(chunked, one, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("n, k", [(1024, 32), (4096, 32), (2048, 33), (1000, 7), (256, 32), (1001, 8)])
+def test_half_topk_prefilter_equals_torch_topk(n, k):
+    """The CPU prefilter (taken for the first four shapes; (256, 32) and (1001, 8) fall back) gives
+    topk's values bitwise, descending, on distinct indices that hold them, with many ties
+    too; gradients through it equal those through topk (float64)."""
+    taken = n % reference.TOPK_GROUPS == 0 and n // reference.TOPK_GROUPS >= 4 * k
+    assert taken == (n not in (256, 1001))
+    g = torch.Generator().manual_seed(n + k)
+    for tied in (False, True):
+        x = torch.randn(3, 40, n, generator=g, dtype=torch.float64)
+        if tied:
+            x = x.mul(2).round()  # ~13 distinct values per row
+        x.requires_grad_()
+        values, indices = reference.half_topk(x, k)
+        want_values, want_indices = x.topk(k, dim=-1)
+        assert torch.equal(values, want_values)
+        assert torch.equal(x.detach().gather(-1, indices), values.detach())
+        assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all()
+        if not tied:
+            assert torch.equal(indices, want_indices)
+            probe = torch.randn(values.shape, generator=g, dtype=torch.float64)
+            (got,) = torch.autograd.grad((values * probe).sum(), x)
+            (want,) = torch.autograd.grad((want_values * probe).sum(), x)
+            assert torch.equal(got, want)

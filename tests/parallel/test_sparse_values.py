@@ -166,6 +166,7 @@ def test_blocked_row_update_equals_one_block(monkeypatch, second_moment):
     for block_elements in (1 << 20, 64 * 5):
         monkeypatch.setattr(sparse_adamw, "ROW_BLOCK_ELEMENTS", block_elements)
         assert sparse_adamw.row_block(5) == (64 if block_elements == 64 * 5 else 209664)  # ~200 rows read: 4 blocks
+        assert sparse_adamw.row_block(5, "meta") == sparse_adamw.ACCELERATOR_ROW_BLOCK_ELEMENTS // 5 // 64 * 64
         p = torch.nn.Parameter(init.clone())
         opt = SparseAdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, second_moment=second_moment)
         for rows, grads in steps:
