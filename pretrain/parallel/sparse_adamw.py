@@ -47,9 +47,9 @@ decay depend on how often a row is read.
 
 Implementation: the rows are updated in blocks of at most ROW_BLOCK_ELEMENTS values:
 gather the block's rows of the weights and moments, update them, scatter them back.
-The temporaries stay small however many rows a step reads (see ROW_BLOCK_ELEMENTS). The element-wise update
-runs torch's fused AdamW kernel on the gathered block, the dense optimizer's arithmetic,
-so a row read at every step matches `adamw` bitwise.
+The temporaries stay small however many rows a step reads. The element-wise update runs
+torch's fused AdamW kernel on the gathered block, the dense optimizer's arithmetic, so a
+row read at every step matches `adamw` bitwise.
 """
 
 from __future__ import annotations
