@@ -12,11 +12,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/cpu-constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip list 2>/dev/null | grep -q '^torch *2.13.0+cpu' || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -r requirements/cpu.txt
+	@$(PY) -m pip install -q -r requirements/cpu.txt -c requirements/cpu-constraints.txt
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@$(PY) -m pip list 2>/dev/null | grep -q '^torch *2.13.0+cpu' || { echo "expected torch 2.13.0+cpu in $(VENV)"; exit 1; }
 	@touch $(STAMP)
