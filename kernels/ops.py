@@ -68,7 +68,6 @@ class _BagLayout(NamedTuple):
     offsets: Tensor
     offset2bag: Tensor
     bag_size: Tensor
-    unused_max: Tensor  # mode "sum" reads no max indices
 
 
 def _bag_layout(n_bags: int, per_bag: int, device) -> _BagLayout:
@@ -76,7 +75,6 @@ def _bag_layout(n_bags: int, per_bag: int, device) -> _BagLayout:
         torch.arange(0, n_bags * per_bag, max(per_bag, 1), device=device)[:n_bags],
         torch.arange(n_bags, device=device).repeat_interleave(per_bag),
         torch.full((n_bags,), per_bag, dtype=torch.int64, device=device),
-        torch.zeros(n_bags, 1, dtype=torch.int64, device=device),
     )
 
 
@@ -89,7 +87,7 @@ def _bag_table_grad(grad_bags: Tensor, flat_rows: Tensor, layout: _BagLayout, n_
         layout.offsets,
         layout.offset2bag,
         layout.bag_size,
-        layout.unused_max.expand(-1, grad_bags.shape[1]),
+        torch.zeros(grad_bags.shape, dtype=torch.int64, device=grad_bags.device),  # max indices: unused by "sum"
         n_rows,
         False,
         0,
