@@ -71,3 +71,15 @@ def test_every_console_script_resolves_to_a_function_in_the_wheel(wheel):
         assert path in names, f"{script}: {target} is not in the wheel"
         tree = ast.parse(wheel.read(path))
         assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{script}: no {func} in {path}"
+
+
+def test_importing_the_trainer_leaves_triton_and_dynamo_unimported():
+    """The kernel tests choose interpreted or compiled Triton before triton is first
+    imported, and every tool's start-up pays for what the trainer imports: neither dynamo
+    (which imports triton) nor triton may load with the trainer, only when compiling."""
+    code = (
+        "import sys, pretrain.train, pretrain.parallel, pretrain.parallel.values; "
+        "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

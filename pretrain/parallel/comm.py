@@ -6,13 +6,6 @@ exchanges row blocks; its backward is the reverse exchange. Both run the same
 collectives on every rank of the group, in the same order, in forward and backward.
 Byte counts are the bytes this rank receives from other ranks.
 
-Under `torch.compile` the public functions run eagerly (`torch.compiler.disable`), so
-their collectives are issued in program order on every rank, as without compile. Traced,
-they became asynchronous functional collectives, and a 2-rank P = 2 training run with a
-cold compile cache aborted in 1 of 2 tries with a gloo collective mismatch (one rank's
-4-byte all-reduce met the other's 2048-byte all-gather). The split sizes are
-data-dependent anyway, so a memory block breaks its graph around the exchange; the
-blocks' computation stays compiled.
 """
 
 from __future__ import annotations
@@ -39,7 +32,6 @@ def _row_bytes(t: torch.Tensor) -> int:
     return t[0].numel() * t.element_size() if t.shape[0] else 0
 
 
-@torch.compiler.disable
 def exchange_counts(rows: int, group, counter: CommCounter, device) -> list[int]:
     """Every rank's row count, in group order."""
     size = dist.get_world_size(group)
@@ -98,7 +90,6 @@ class _AllToAllRows(torch.autograd.Function):
         return _exchange(grad, out_splits, in_splits, ctx.group, ctx.counter), None, None, None, None
 
 
-@torch.compiler.disable
 def gather_tokens(x: torch.Tensor, counts: list[int], group, counter: CommCounter) -> torch.Tensor:
     """Concatenate every group rank's x (counts[r] rows each); differentiable when x requires grad."""
     if x.requires_grad:
@@ -106,7 +97,6 @@ def gather_tokens(x: torch.Tensor, counts: list[int], group, counter: CommCounte
     return _gather(x, counts, group, counter)
 
 
-@torch.compiler.disable
 def all_to_all_rows(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, counter: CommCounter):
     """Send rows x[sum(in_splits[:r]) : ...] to rank r; receive out_splits[r] rows from rank r."""
     return _AllToAllRows.apply(x, in_splits, out_splits, group, counter)

@@ -11,9 +11,15 @@ Order with activation checkpointing: compile first, then checkpoint, so the comp
 block runs inside the checkpoint (its recomputation runs the compiled code again) and
 dynamo never traces the checkpoint's Python-side tape handling.
 
-Under memory parallelism (P > 1) the value table's collectives are Python
-autograd.Functions over torch.distributed: dynamo runs them eagerly (a graph break
-inside the value lookup only, the scoring and the dense parts stay compiled).
+Under memory parallelism (P > 1) the value table's two collective steps run eagerly
+(`torch.compiler.disable` on `PartitionedValueTable._gather_group_inputs` and
+`_return_rows`, applied here rather than at import, where it would import dynamo and
+with it triton): the memory block's graph breaks around them, the scoring and the dense
+parts stay compiled. Their split sizes depend on the data anyway. Traced, they became
+asynchronous functional collectives, and a 2-rank P = 2 training run with a cold compile
+cache aborted in 1 of 2 tries with a gloo collective mismatch (one rank's 4-byte
+all-reduce met the other's 2048-byte all-gather); eager, they are issued in program
+order on every rank, as without compile.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn as nn
 
 def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = False) -> int:
     """Compile each block of `model.layers` in place; return how many were compiled."""
+    _keep_collectives_eager()
     for i, block in enumerate(model.layers):
         if getattr(block, "_activation_checkpointed", False):
             raise ValueError(
@@ -31,3 +38,15 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: boo
             )
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=fullgraph)
     return len(model.layers)
+
+
+def _keep_collectives_eager() -> None:
+    """Wrap the memory-group collective steps in `torch.compiler.disable` (once)."""
+    from pretrain.parallel.values import PartitionedValueTable
+
+    for name in ("_gather_group_inputs", "_return_rows"):
+        step = getattr(PartitionedValueTable, name)
+        if not getattr(step, "_memlayers_eager", False):
+            eager = torch.compiler.disable(step)
+            eager._memlayers_eager = True
+            setattr(PartitionedValueTable, name, eager)

@@ -92,7 +92,7 @@ class PartitionedValueTable(nn.Module):
         """indices, weights (T, H, k) -> bag (T, v_dim), in the shard's dtype."""
         if indices.shape != weights.shape:
             raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
-        group, P = self.groups.memory_group, self.parallel_size
+        P = self.parallel_size
         if P == 1:
             return kernels.ops.embedding_bag(
                 self.shard, indices, weights, backend=self.kernel, value_grad=self.value_grad
@@ -111,16 +111,31 @@ class PartitionedValueTable(nn.Module):
                 value_grad=self.value_grad,
             )
             return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
-        with torch.profiler.record_function(regions.COMMUNICATION):  # named for pretrain/profiling.py
-            counts = exchange_counts(T, group, self.counter, indices.device)
-            all_idx = gather_tokens(indices, counts, group, self.counter)
-            all_w = gather_tokens(weights, counts, group, self.counter)
+        counts, all_idx, all_w = self._gather_group_inputs(indices, weights)
         part = kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel, value_grad=self.value_grad)
-        with torch.profiler.record_function(regions.COMMUNICATION):
-            mine = all_to_all_rows(part, counts, [T] * P, group, self.counter)  # (P * T, v_dim / P)
+        mine = self._return_rows(part, counts, T)  # (P * T, v_dim / P)
         if tape is not None:
             tape.record(tuple((t.detach(), t.requires_grad) for t in (all_idx, all_w, mine)))
         return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
+
+    # The two collective steps of a lookup, as methods of their own so that
+    # `pretrain.parallel.compile.apply_compile` can keep them out of compiled graphs.
+    def _gather_group_inputs(self, indices: torch.Tensor, weights: torch.Tensor):
+        """(every rank's token count, the group's indices, the group's weights)."""
+        group = self.groups.memory_group
+        with torch.profiler.record_function(regions.COMMUNICATION):  # named for pretrain/profiling.py
+            counts = exchange_counts(indices.shape[0], group, self.counter, indices.device)
+            return (
+                counts,
+                gather_tokens(indices, counts, group, self.counter),
+                gather_tokens(weights, counts, group, self.counter),
+            )
+
+    def _return_rows(self, part: torch.Tensor, counts: list[int], tokens: int) -> torch.Tensor:
+        """Each rank's tokens' slices of this shard's bag output, back to that rank."""
+        with torch.profiler.record_function(regions.COMMUNICATION):
+            P = self.parallel_size
+            return all_to_all_rows(part, counts, [tokens] * P, self.groups.memory_group, self.counter)
 
 
 def parallelize_memory(
