@@ -87,6 +87,8 @@ def _as_wide_rows(table: torch.Tensor) -> torch.Tensor:
     index_copy_ move rows element by element, so a (N, 64) fp32 row as 16 complex128
     elements moves in ~0.6x the time, a bf16 row in ~0.3x (bit-exact: bytes are copied)."""
     row_bytes = table.shape[1] * table.element_size()
+    if not table.is_contiguous():
+        return table
     for dtype in _WIDE_DTYPES:
         size = dtype.itemsize
         if size >= table.element_size() and row_bytes % size == 0 and table.data_ptr() % size == 0:

@@ -387,3 +387,27 @@ def test_shard_file_before_any_step_streams_zero_moments(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp*"))
     mp.load(tmp_path)
     assert not mp.optimizer.state  # step 0: no optimizer state, as before the first step
+
+
+def test_row_moves_as_wide_elements_are_bit_exact():
+    """gather_rows / scatter_rows move rows as 16-, 8-, 4- or 2-byte elements when the row's
+    bytes allow it, and as the table's own elements otherwise (odd widths, a column slice):
+    the same bits as index_select / index_copy_ in every case."""
+    from pretrain.parallel.sparse_adamw import _as_wide_rows, gather_rows, scatter_rows
+
+    assert _as_wide_rows(torch.zeros(4, 8)).dtype == torch.complex128  # the wide path is taken
+    assert _as_wide_rows(torch.zeros(4, 3, dtype=torch.bfloat16)).dtype == torch.int16
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.tensor([0, 3, 4, 9])
+    for dtype, width in ((torch.float32, 8), (torch.float32, 3), (torch.bfloat16, 5), (torch.bfloat16, 16)):
+        base = torch.randn(10, width + 2, generator=gen).to(dtype)
+        for table in (base[:, :width].contiguous(), base[:, :width]):  # contiguous, and a column slice
+            want = table.clone()
+            source = torch.randn(4, width, generator=gen).to(dtype)
+            want.index_copy_(0, rows, source)
+            assert torch.equal(
+                gather_rows(table, rows).view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                table.index_select(0, rows).view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+            )
+            scatter_rows(table, rows, source)
+            assert torch.equal(table, want)
