@@ -24,13 +24,13 @@ fake implementation; it keeps the plain `kernels.embedding_bag` path.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from kernels.reference import BagLayout, bag_layout
 
 
 # ------------------------------------------------------------------ PyTorch backward formulas
@@ -49,7 +49,7 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     acc = torch.promote_types(query.dtype, torch.float32)
     w, g = weights.to(acc), grad_weights.to(acc)
     dscore = (w * (g - (g * w).sum(-1, keepdim=True))).reshape(-1)  # (T * H * k,)
-    layout = _bag_layout(T * H, k, query.device)
+    layout = bag_layout(T * H, k, query.device)
     head_rows = (torch.arange(H, device=query.device) * n)[None, :, None]
     grads = []
     for part, keys, rows in ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n)):
@@ -62,23 +62,7 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
 
 
-class _BagLayout(NamedTuple):
-    """`n_bags` bags of `per_bag` consecutive entries each, in the arguments aten's bag kernels take."""
-
-    offsets: Tensor
-    offset2bag: Tensor
-    bag_size: Tensor
-
-
-def _bag_layout(n_bags: int, per_bag: int, device) -> _BagLayout:
-    return _BagLayout(
-        torch.arange(0, n_bags * per_bag, max(per_bag, 1), device=device)[:n_bags],
-        torch.arange(n_bags, device=device).repeat_interleave(per_bag),
-        torch.full((n_bags,), per_bag, dtype=torch.int64, device=device),
-    )
-
-
-def _bag_table_grad(grad_bags: Tensor, flat_rows: Tensor, layout: _BagLayout, n_rows: int, entry_weights: Tensor):
+def _bag_table_grad(grad_bags: Tensor, flat_rows: Tensor, layout: BagLayout, n_rows: int, entry_weights: Tensor):
     """d table of a weighted sum bag for the bags' output gradient: the dense (n_rows, d) kernel
     F.embedding_bag's autograd calls (sorted accumulation on CPU, no (entries, d) temporary)."""
     return torch.ops.aten._embedding_bag_backward(
@@ -106,7 +90,7 @@ def _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values
     per_bag = flat.numel() // T if T else 0
     acc = torch.float32 if values.dtype in (torch.bfloat16, torch.float16) else values.dtype  # as the reference
     g, table = grad_out.to(acc), values.to(acc)
-    layout = _bag_layout(T, per_bag, values.device)
+    layout = bag_layout(T, per_bag, values.device)
     dv = dw = None
     if need_values:
         dv = _bag_table_grad(g, flat, layout, values.shape[0], weights.reshape(-1).to(acc)).to(values.dtype)

@@ -15,6 +15,7 @@ half-key scores, hence to the query and the keys.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,22 @@ def embedding_bag_gather(values: torch.Tensor, indices: torch.Tensor, weights: t
     return (rows * weights.reshape(indices.shape[0], -1, 1).to(rows.dtype)).sum(dim=1)
 
 
+class BagLayout(NamedTuple):
+    """`n_bags` bags of `per_bag` consecutive entries each, in the arguments aten's bag kernels take."""
+
+    offsets: torch.Tensor
+    offset2bag: torch.Tensor
+    bag_size: torch.Tensor
+
+
+def bag_layout(n_bags: int, per_bag: int, device) -> BagLayout:
+    return BagLayout(
+        torch.arange(0, n_bags * per_bag, max(per_bag, 1), device=device)[:n_bags],
+        torch.arange(n_bags, device=device).repeat_interleave(per_bag),
+        torch.full((n_bags,), per_bag, dtype=torch.int64, device=device),
+    )
+
+
 def sorted_segment_sum(
     keys: torch.Tensor,
     source: torch.Tensor,
@@ -170,8 +187,8 @@ class _SparseGradBag(torch.autograd.Function):
         values, indices, weights = ctx.saved_tensors
         T = indices.shape[0]
         flat_idx = indices.reshape(-1)
-        per_token = flat_idx.numel() // T if T else 0
-        tokens = torch.arange(T, device=indices.device).repeat_interleave(per_token)
+        layout = bag_layout(T, flat_idx.numel() // T if T else 0, indices.device)
+        tokens = layout.offset2bag
         sort = torch.sort(flat_idx, stable=True)  # entries by value row: shared by both gradients
         grad_values = grad_weights = None
         if ctx.needs_input_grad[0]:
@@ -191,7 +208,7 @@ class _SparseGradBag(torch.autograd.Function):
                 grad_out.to(table.dtype).contiguous(),
                 table,
                 sorted_rows,
-                torch.arange(0, T * per_token, max(per_token, 1), device=indices.device)[:T],
+                layout.offsets,
                 tokens[order],
                 0,
                 -1,

@@ -5,7 +5,6 @@ each rank the gradient of its own rows, summed over the group. `all_to_all_rows`
 exchanges row blocks; its backward is the reverse exchange. Both run the same
 collectives on every rank of the group, in the same order, in forward and backward.
 Byte counts are the bytes this rank receives from other ranks.
-
 """
 
 from __future__ import annotations

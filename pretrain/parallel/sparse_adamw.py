@@ -103,9 +103,8 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def scatter_rows(table: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
     """table[rows] = source (rows unique), moved as wide elements."""
-    source = source.to(table.dtype).contiguous()
     wide = _as_wide_rows(table)
-    wide.index_copy_(0, rows, source.view(wide.dtype) if wide.dtype != table.dtype else source)
+    wide.index_copy_(0, rows, source.to(table.dtype).contiguous().view(wide.dtype))
 
 
 def local_row_sq_mean(sq_sums: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

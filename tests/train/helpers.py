@@ -103,6 +103,15 @@ def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def world2_suite(tmp_path_factory, name: str, suite, data_cache) -> tuple[Path, dict]:
+    """Run suite(rank, root, cache) on 2 gloo ranks; both must return the same results.
+    Returns (root, rank 0's results)."""
+    root = tmp_path_factory.mktemp(name)
+    results = run_ranks(2, suite, (str(root), str(data_cache)), root / "results")
+    assert results[0] == results[1]
+    return root, results[0]
+
+
 def file_hashes(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `root`."""
     from pretrain.files import file_sha256

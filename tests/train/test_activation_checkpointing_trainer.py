@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.helpers import run_ranks, tiny_config
+from tests.train.helpers import tiny_config, world2_suite
 from tests.train.test_trainer import assert_same_tables
 
 STEPS = 3
@@ -53,10 +53,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory, data_cache):
-    root = tmp_path_factory.mktemp("ac_world2")
-    results = run_ranks(2, _suite, (str(root), str(data_cache)), root / "results")
-    assert results[0] == results[1]
-    return root, results[0]
+    return world2_suite(tmp_path_factory, "ac_world2", _suite, data_cache)
 
 
 @pytest.mark.slow

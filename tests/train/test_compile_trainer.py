@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.helpers import run_ranks, tiny_config
+from tests.train.helpers import tiny_config, world2_suite
 from tests.train.test_activation_checkpointing_trainer import _weights
 from tests.train.test_trainer import assert_same_tables
 
@@ -41,10 +41,7 @@ def _suite(rank: int, root: str, cache: str) -> dict:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory, data_cache):
-    root = tmp_path_factory.mktemp("compile_world2")
-    results = run_ranks(2, _suite, (str(root), str(data_cache)), root / "results")
-    assert results[0] == results[1]
-    return root, results[0]
+    return world2_suite(tmp_path_factory, "compile_world2", _suite, data_cache)
 
 
 @pytest.mark.slow
