@@ -20,8 +20,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_topk
+
 SCORE_CHUNK_ELEMENTS = 1 << 19  # half-key scores held at once: 2 MiB of fp32 per half
-TOPK_GROUPS = 8  # strided groups of the CPU top-k prefilter (`half_topk`)
 
 
 def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
@@ -56,28 +57,14 @@ def _scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, 
 
 
 def half_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.topk(k, dim=-1)`: the same values, descending; on CPU through a prefilter for
-    long rows.
-
-    torch's CPU top-k costs ~3 ns per element at n_keys 4096 and dominated the search at
-    16.7M slots. The prefilter splits each row into TOPK_GROUPS strided groups
-    (columns c, c + n/g, ...), keeps the k columns whose maximum over the groups is largest,
-    and takes the top k of those k * g candidates: 0.6x the time at n_keys 1024 and 4096.
-    Exact: every score above the k-th largest column maximum lies in a kept column, and the
-    kept columns' maxima are k scores at least that large. Among equal scores the index
-    chosen may differ from `topk`'s (which leaves ties unspecified as well).
-    """
-    n, g = scores.shape[-1], TOPK_GROUPS
-    if scores.device.type != "cpu" or n % g or n // g < 4 * k:
-        return scores.topk(k, dim=-1)
-    width = n // g
-    grouped = scores.reshape(-1, g, width)
-    _, cols = grouped.amax(1).topk(k, dim=-1, sorted=False)
-    candidates = grouped.gather(2, cols[:, None, :].expand(-1, g, -1)).flatten(1)  # (rows, g * k)
-    values, pos = candidates.topk(k, dim=-1)
-    indices = (pos // k) * width + cols.gather(1, pos % k)
-    shape = (*scores.shape[:-1], k)
-    return values.reshape(shape), indices.reshape(shape)
+    """`scores.topk(k, dim=-1)`: the same values, descending; on CPU through the compiled
+    row top-k (`kernels.cpu_topk`, ties: the lower index first). The values are gathered
+    at its indices, so gradients flow as through topk (a scatter onto distinct indices)."""
+    if scores.device.type == "cpu":
+        indices = cpu_topk.row_topk_indices(scores, k)
+        if indices is not None:
+            return scores.gather(-1, indices), indices
+    return scores.topk(k, dim=-1)
 
 
 @functools.lru_cache(maxsize=64)

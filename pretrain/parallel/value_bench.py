@@ -33,6 +33,7 @@ import torch
 from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.optim import build_dense_optimizer
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import MemoryParallel
 
@@ -127,7 +128,7 @@ class _StepRunner:
         self.model.to_empty(device=spec.device)
         torch.manual_seed(0)
         self.model.reset_parameters()
-        self.dense = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr, weight_decay=0.1)
+        self.dense = build_dense_optimizer(self.model, self.optim)  # the trainer's (fused AdamW)
         gen = torch.Generator().manual_seed(0)
         self.tokens = torch.randint(0, cfg.vocab_size, (spec.batch, spec.seq_len + 1), generator=gen).to(spec.device)
 

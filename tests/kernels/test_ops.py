@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import ops, reference
+from kernels import cpu_topk, ops, reference
 
 
 def _lookup_inputs(device, dtype, T=12, H=2, k_dim=16, n=8, k=4, d=6, seed=0):
@@ -102,27 +102,61 @@ def test_reference_search_in_token_chunks_equals_brute_force_and_one_chunk(monke
         torch.testing.assert_close(chunked, one, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("n, k", [(1024, 32), (4096, 32), (2048, 33), (1000, 7), (256, 32), (1001, 8)])
-def test_half_topk_prefilter_equals_torch_topk(n, k):
-    """The CPU prefilter (taken for the first four shapes; (256, 32) and (1001, 8) fall back) gives
-    topk's values bitwise, descending, on distinct indices that hold them, with many ties
-    too; gradients through it equal those through topk (float64)."""
-    taken = n % reference.TOPK_GROUPS == 0 and n // reference.TOPK_GROUPS >= 4 * k
-    assert taken == (n not in (256, 1001))
+@pytest.mark.parametrize("n, k", [(4096, 32), (2048, 33), (1000, 7), (256, 32), (1001, 8), (40, 40), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_row_topk_equals_a_stable_descending_sort(n, k, dtype):
+    """The compiled CPU top-k (kernels/csrc/row_topk.cpp) returns exactly the first k indices
+    of a stable descending sort: the largest values, ties by lower index, NaN first, with
+    +-inf and -0.0 == 0.0; random, heavily tied and adversarial rows."""
+    assert cpu_topk.available(), "the CPU top-k op did not build (g++ and ninja are installed by make install)"
+    g = torch.Generator().manual_seed(n * 7 + k)
+    rows = [
+        torch.randn(64, n, generator=g, dtype=torch.float64),
+        torch.randn(64, n, generator=g, dtype=torch.float64).mul(2).round(),  # ~13 distinct values per row
+        torch.arange(n, dtype=torch.float64).expand(4, n),  # ascending: every block beats the last
+        torch.zeros(3, n, dtype=torch.float64),
+    ]
+    special = torch.randn(8, n, generator=g, dtype=torch.float64)
+    special[:, :: max(1, n // 5)] = float("nan")
+    special[1:4, 1 :: max(1, n // 3)] = float("inf")
+    special[4:, 2 :: max(1, n // 4)] = float("-inf")
+    special[2, :] = -0.0
+    special[2, ::2] = 0.0
+    rows.append(special)
+    x = torch.cat(rows).to(dtype)
+    got = cpu_topk.row_topk_indices(x, k)
+    want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(got, want)
+    assert torch.equal(cpu_topk.row_topk_indices(x.t().contiguous().t(), k), want)  # a strided view
+
+
+@pytest.mark.parametrize("n, k", [(4096, 32), (2048, 33), (256, 32), (1001, 8)])
+def test_half_topk_gives_topks_values_and_gradients(n, k):
+    """`half_topk` (the compiled op on CPU) gives torch.topk's values bitwise, descending, on distinct
+    indices that hold them; gradients through it equal those through topk (float64)."""
     g = torch.Generator().manual_seed(n + k)
-    for tied in (False, True):
-        x = torch.randn(3, 40, n, generator=g, dtype=torch.float64)
-        if tied:
-            x = x.mul(2).round()  # ~13 distinct values per row
-        x.requires_grad_()
-        values, indices = reference.half_topk(x, k)
-        want_values, want_indices = x.topk(k, dim=-1)
-        assert torch.equal(values, want_values)
-        assert torch.equal(x.detach().gather(-1, indices), values.detach())
-        assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all()
-        if not tied:
-            assert torch.equal(indices, want_indices)
-            probe = torch.randn(values.shape, generator=g, dtype=torch.float64)
-            (got,) = torch.autograd.grad((values * probe).sum(), x)
-            (want,) = torch.autograd.grad((want_values * probe).sum(), x)
-            assert torch.equal(got, want)
+    x = torch.randn(3, 40, n, generator=g, dtype=torch.float64, requires_grad=True)
+    values, indices = reference.half_topk(x, k)
+    want_values, want_indices = x.topk(k, dim=-1)
+    assert torch.equal(values, want_values)
+    assert torch.equal(indices, want_indices)  # no ties in random float64 rows
+    probe = torch.randn(values.shape, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad((values * probe).sum(), x)
+    (want,) = torch.autograd.grad((want_values * probe).sum(), x)
+    assert torch.equal(got, want)
+
+
+def test_cpu_topk_build_failure_warns_and_falls_back(monkeypatch):
+    """Without a compiler the search still runs: one warning naming the cause, torch.topk's results."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("g++ not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_topk, "_loaded", None)
+    x = torch.randn(6, 300, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="g\\+\\+ not found.*torch.topk"):
+        assert cpu_topk.row_topk_indices(x, 5) is None
+    values, indices = reference.half_topk(x, 5)
+    assert torch.equal(values, x.topk(5).values) and torch.equal(indices, x.topk(5).indices)
