@@ -8,5 +8,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["pretrain", "pretrain.*", "kernels", "kernels.*"]) + ["memlayers_tools"],
     package_dir={"memlayers_tools": "tools"},
-    package_data={"kernels": ["csrc/*.cpp"]},  # the CPU top-k op, compiled on first use
+    package_data={"kernels": ["csrc/*.cpp"]},  # the compiled CPU ops, built on first use
 )

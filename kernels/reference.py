@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_topk
+from kernels import cpu_ops
 
 SCORE_CHUNK_ELEMENTS = 1 << 19  # half-key scores held at once: 2 MiB of fp32 per half
 
@@ -58,10 +58,10 @@ def _scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, 
 
 def half_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores.topk(k, dim=-1)`: the same values, descending; on CPU through the compiled
-    row top-k (`kernels.cpu_topk`, ties: the lower index first). The values are gathered
+    row top-k (`kernels.cpu_ops`, ties: the lower index first). The values are gathered
     at its indices, so gradients flow as through topk (a scatter onto distinct indices)."""
     if scores.device.type == "cpu":
-        indices = cpu_topk.row_topk_indices(scores, k)
+        indices = cpu_ops.row_topk_indices(scores, k)
         if indices is not None:
             return scores.gather(-1, indices), indices
     return scores.topk(k, dim=-1)

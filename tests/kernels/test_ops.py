@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_topk, ops, reference
+from kernels import cpu_ops, ops, reference
 
 
 def _lookup_inputs(device, dtype, T=12, H=2, k_dim=16, n=8, k=4, d=6, seed=0):
@@ -108,7 +108,7 @@ def test_cpu_row_topk_equals_a_stable_descending_sort(n, k, dtype):
     """The compiled CPU top-k (kernels/csrc/row_topk.cpp) returns exactly the first k indices
     of a stable descending sort: the largest values, ties by lower index, NaN first, with
     +-inf and -0.0 == 0.0; random, heavily tied and adversarial rows."""
-    assert cpu_topk.available(), "the CPU top-k op did not build (g++ and ninja are installed by make install)"
+    assert cpu_ops.available(), "the compiled CPU ops did not build (g++ and ninja are installed by make install)"
     g = torch.Generator().manual_seed(n * 7 + k)
     rows = [
         torch.randn(64, n, generator=g, dtype=torch.float64),
@@ -124,10 +124,10 @@ def test_cpu_row_topk_equals_a_stable_descending_sort(n, k, dtype):
     special[2, ::2] = 0.0
     rows.append(special)
     x = torch.cat(rows).to(dtype)
-    got = cpu_topk.row_topk_indices(x, k)
+    got = cpu_ops.row_topk_indices(x, k)
     want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
     assert torch.equal(got, want)
-    assert torch.equal(cpu_topk.row_topk_indices(x.t().contiguous().t(), k), want)  # a strided view
+    assert torch.equal(cpu_ops.row_topk_indices(x.t().contiguous().t(), k), want)  # a strided view
 
 
 @pytest.mark.parametrize("n, k", [(4096, 32), (2048, 33), (256, 32), (1001, 8)])
@@ -146,7 +146,7 @@ def test_half_topk_gives_topks_values_and_gradients(n, k):
     assert torch.equal(got, want)
 
 
-def test_cpu_topk_build_failure_warns_and_falls_back(monkeypatch):
+def test_cpu_ops_build_failure_warns_and_falls_back(monkeypatch):
     """Without a compiler the search still runs: one warning naming the cause, torch.topk's results."""
     import torch.utils.cpp_extension
 
@@ -154,9 +154,9 @@ def test_cpu_topk_build_failure_warns_and_falls_back(monkeypatch):
         raise RuntimeError("g++ not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_topk, "_loaded", None)
+    monkeypatch.setattr(cpu_ops, "_loaded", None)
     x = torch.randn(6, 300, dtype=torch.float64)
     with pytest.warns(UserWarning, match="g\\+\\+ not found.*torch.topk"):
-        assert cpu_topk.row_topk_indices(x, 5) is None
+        assert cpu_ops.row_topk_indices(x, 5) is None
     values, indices = reference.half_topk(x, 5)
     assert torch.equal(values, x.topk(5).values) and torch.equal(indices, x.topk(5).indices)
