@@ -119,6 +119,14 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
         plt.close(fig)
 
 
+def _settings_text(settings: dict) -> str:
+    """The sweep settings; `epochs` is only the default of runs that set none (a run label's "40ep")."""
+    text = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "epochs")
+    if "epochs" in settings:
+        text = f"epochs {settings['epochs']} unless the run's label gives its own, " + text
+    return text
+
+
 def summary_markdown(report: dict, verdict: dict) -> str:
     before = report["before"]
     lines = [
@@ -127,7 +135,7 @@ def summary_markdown(report: dict, verdict: dict) -> str:
         f"Pretrained model: new-fact recall {100 * before['new_fact_recall']:.1f}%, old-fact recall "
         f"{100 * before.get('old_fact_recall', float('nan')):.1f}%, validation loss "
         f"{before.get('val_loss', float('nan')):.3f}. Finetuning set: {report['finetune_rows']} rows, "
-        f"{report['finetune_tokens']} tokens; {report['settings']}.",
+        f"{report['finetune_tokens']} tokens; {_settings_text(report['settings'])}.",
         "",
         "| run | new-fact recall | old-fact recall | val loss | seconds |",
         "|---|---|---|---|---|",

@@ -60,6 +60,14 @@ def test_sparse_misses_the_bar(sparse_epochs, learns, forgets_little):
     assert "**no**" in summary_markdown(report, verdict)
 
 
+def test_summary_says_the_sweep_epochs_are_only_a_default():
+    report = sweep(run("full", "full lr=1", (0.9, 0.2)), run("sparse", "sparse lr=100 40ep", (0.85, 0.65)))
+    report["settings"] = {"epochs": 10, "batch_size": 6}
+    text = summary_markdown(report, compare(report))
+    assert "epochs 10 unless the run's label gives its own, batch_size 6" in text
+    assert "| sparse lr=100 40ep |" in text
+
+
 def test_points_measure_against_the_pretrained_model(tmp_path):
     report = sweep(run("lora", "lora r=4", (0.2, 0.7)))
     (p,) = points(report)
