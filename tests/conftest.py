@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def cpu_ops_built() -> None:
+    """The compiled CPU ops (kernels/csrc) must build wherever a C++ compiler exists (CI has one:
+    DeepSpeed's ops need it too); only a machine without any compiler skips the test."""
+    from kernels import cpu_ops
+
+    if cpu_ops.available():
+        return
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine: the CPU path runs on torch ops")
+    pytest.fail("kernels/csrc did not build although a C++ compiler exists (the warning above says why)")
 
 
 @pytest.fixture
