@@ -4,7 +4,7 @@ Two measurements, each side by side in one process so that their ratios hold eve
 shared, noisy machine (the variants alternate, and each reports the median):
 
 * `step_sweep`: one full training step -- forward, backward, the value path
-  (reduce_gradients, clip_grad_norm, step, zero_grad) and plain AdamW on the dense
+  (reduce_gradients, clip_grad_norm, step, zero_grad) and the trainer's AdamW on the dense
   weights -- of a one-layer memory model, for each pool size N at a fixed batch.
   Memory is read from the kernel (Linux /proc/self/status, VmRSS and VmHWM, the
   high-water mark reset through /proc/self/clear_refs before each step, after the C
