@@ -20,6 +20,10 @@ per-rank files), and DeepSpeed's own loads run under torch's weights-only unpick
 pickle payload planted in a checkpoint is refused, never executed. A damaged newest
 checkpoint is refused with a message naming the file and the newest checkpoint that passes
 the same checks (no silent fallback: the user decides; see the README's "Resuming").
+
+A checkpoint written by another number of ranks is re-partitioned on load (pretrain.resharding):
+the dense state through DeepSpeed's universal checkpoint, the per-rank items by their
+`load_resharded` from all old ranks' files.
 """
 
 from __future__ import annotations
@@ -100,11 +104,26 @@ def set_rng_state(state: dict) -> None:
 class RNGState:
     """The process's RNG states as a checkpoint item (`rng_state` / `set_rng_state`)."""
 
+    def __init__(self, rank: int = 0, seed: int = 0):
+        self.rank, self.seed = rank, seed
+
     def state_dict(self) -> dict:
         return rng_state()
 
     def load_state_dict(self, state: dict) -> None:
         set_rng_state(state)
+
+    def load_resharded(self, states: list[dict]) -> str:
+        """Rank r keeps old rank r's generators; a rank the old run did not have gets fresh ones,
+        seeded by (train.seed, rank, old world size) so that no two ranks share a stream."""
+        if self.rank < len(states):
+            set_rng_state(states[self.rank])
+            return ""
+        seed = int(np.random.SeedSequence([self.seed, self.rank, len(states)]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return f"RNG of new rank {self.rank} seeded afresh"
 
 
 def _to_tuple(value):
@@ -118,10 +137,9 @@ def model_fingerprint(cfg: RunConfig) -> dict:
 
 def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     """Refuse a checkpoint whose model config differs (the tensors would not fit)."""
-    current = model_fingerprint(cfg)
-    if saved == current:
+    diffs = _diff(saved, model_fingerprint(cfg), "model")
+    if not diffs:
         return
-    diffs = _diff(saved, current, "model")
     raise ConfigError(
         f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(diffs[:5])}); "
         f"use the original config, or a new train.run_dir to start afresh"
@@ -145,10 +163,11 @@ def _diff(a, b, prefix: str) -> list[str]:
 class Checkpointer:
     """Saves and restores complete training checkpoints under `<run_dir>/checkpoints`."""
 
-    def __init__(self, run_dir: str | Path, rank: int, keep: int):
+    def __init__(self, run_dir: str | Path, rank: int, keep: int, world_size: int = 1):
         self.root = Path(run_dir) / "checkpoints"
-        self.rank, self.keep = rank, keep
+        self.rank, self.keep, self.world_size = rank, keep, world_size
         self.saved_step: int | None = None  # the step of this process's last complete save
+        self.saved_world: int | None = None  # ranks that wrote the checkpoint `verify` passed
         self.engine = self.memory_parallel = self.train_state = self.rank_state = None
         self.writers: list = []
 
@@ -186,33 +205,85 @@ class Checkpointer:
         self.saved_step = step
         return final_dir
 
-    def verify(self, ckpt_dir: Path, cfg: RunConfig, world_size: int, dataset_dir: Path | None = None) -> None:
-        """Refuse a checkpoint that a resume with `world_size` ranks could not read whole
+    def verify(self, ckpt_dir: Path, cfg: RunConfig, dataset_dir: Path | None = None) -> None:
+        """Refuse a checkpoint that a resume on this world size could not read whole
         (CheckpointError naming the file and the newest complete checkpoint) or whose model
-        config differs (ConfigError). Loads nothing into the model."""
+        config differs (ConfigError). Records the world size that saved it; loads nothing."""
         try:
-            verify(ckpt_dir, world_size, dataset_dir, self.rank)
+            self.saved_world = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
         except CheckpointError as err:
-            raise CheckpointError(_refusal(ckpt_dir, str(err), world_size, dataset_dir)) from None
+            raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir)) from None
         saved_config = ckpt_dir / "config.yaml"
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
 
-    def load(self, ckpt_dir: Path) -> None:
-        """Restore every tracked item from `ckpt_dir`.
+    def reshards(self, ckpt_dir: Path) -> bool:
+        """True if `ckpt_dir` (verified) was saved by another number of ranks than this run's."""
+        return self.saved_world is not None and self.saved_world != self.world_size
+
+    def needs_universal_load(self, ckpt_dir: Path | None) -> bool:
+        """True if resuming `ckpt_dir` needs DeepSpeed's universal checkpoint (`checkpoint.load_universal`)."""
+        from pretrain.resharding import dense_state_is_partitioned
+
+        return ckpt_dir is not None and self.reshards(ckpt_dir) and dense_state_is_partitioned(ckpt_dir)
+
+    def load(self, ckpt_dir: Path) -> str | None:
+        """Restore every tracked item from `ckpt_dir`; on another world size, re-partition them
+        and return a line saying what changed.
 
         Call `verify` first. Every file is read with the weights-only unpickler, DeepSpeed's too."""
-        rank_state = torch.load(rank_file(ckpt_dir, self.rank), map_location="cpu", weights_only=True)
         from pretrain.export.dense import weights_only_loads
 
+        old_ranks = range(self.saved_world) if self.reshards(ckpt_dir) else [self.rank]
+        rank_states = [torch.load(rank_file(ckpt_dir, r), map_location="cpu", weights_only=True) for r in old_ranks]
+        dense_dir = self._universal_form(ckpt_dir) if self.needs_universal_load(ckpt_dir) else ckpt_dir
+        group_settings = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         with weights_only_loads():  # DeepSpeed's own torch.load passes weights_only=False
             _, client_state = self.engine.load_checkpoint(
-                str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(dense_dir.parent), tag=dense_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
         if client_state is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {ckpt_dir} (missing files?)")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {dense_dir} (missing files?)")
+        if dense_dir != ckpt_dir:
+            self._repair_universal_load(group_settings)
         self.memory_parallel.load(ckpt_dir)
         self.train_state.load_state_dict(client_state)
-        self.rank_state.load_state_dict(rank_state)
+        if not self.reshards(ckpt_dir):
+            self.rank_state.load_state_dict(rank_states[0])
+            return None
+        merged = self.rank_state.load_resharded(rank_states)
+        dense = "DeepSpeed universal checkpoint" if dense_dir != ckpt_dir else "whole in the model states"
+        return (
+            f"re-partitioned from {self.saved_world} ranks to {self.world_size}: dense state {dense}; "
+            f"value shards re-split; {merged}"
+        )
+
+    def _repair_universal_load(self, group_settings: list[dict]) -> None:
+        """Undo two faults of DeepSpeed's ZeRO-3 universal load (deepspeed 0.19,
+        `load_hp_checkpoint_state_from_checkpoint_dir_stage3`), found by tests/train/test_world_change.py:
+        it gives every parameter group the first group's settings (weight decay on the norms and
+        keys; ours come from the config, so they are put back), and it stores one `step` tensor in
+        every sub-group's state, which the fused AdamW then increments once per sub-group."""
+        for group, settings in zip(self.engine.optimizer.param_groups, group_settings):
+            group.update(settings)
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def _universal_form(self, ckpt_dir: Path) -> Path:
+        """Rank 0 converts, every rank waits; a failed conversion is raised on every rank."""
+        from pretrain.distributed import all_ok
+        from pretrain.resharding import convert_to_universal, universal_dir
+
+        error = None
+        if self.rank == 0:
+            try:
+                convert_to_universal(ckpt_dir, self.saved_world)
+            except CheckpointError as err:
+                error = err
+        if not all_ok(error is None):
+            raise error or CheckpointError(f"rank 0 could not re-partition {ckpt_dir} (see its log)")
+        return universal_dir(ckpt_dir)
 
     def _remove_stale_temporaries(self) -> None:
         if self.root.is_dir():
@@ -225,26 +296,30 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, rank: int | None = None) -> None:
+def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, rank: int | None = None) -> int:
     """Check every file a resume with `world_size` ranks reads: present, whole, readable with
-    the weights-only unpickler (`rank`'s own per-rank file is read in full, the others' are
-    checked for completeness). Raises CheckpointError naming the first bad file."""
+    the weights-only unpickler; return the number of ranks that saved the checkpoint. The
+    per-rank files `rank` reads are read in full: its own, or all of them when the world size
+    changed; the others are checked for completeness. Raises CheckpointError naming the first bad file."""
     from pretrain.export.errors import ExportError
     from pretrain.export.source import check_torch_zip, inspect
 
     try:
-        inspect(ckpt_dir, dataset_dir)  # config, DeepSpeed files (model states read weights-only), value shards, table
-        for other in range(world_size):
+        # config, DeepSpeed files (model states read weights-only), value shards, table
+        saved_world = inspect(ckpt_dir, dataset_dir).dp_world_size
+        for other in range(saved_world):
             check_torch_zip(rank_file(ckpt_dir, other))
         if rank is not None:
-            torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
+            for other in [rank] if saved_world == world_size else range(saved_world):
+                path = rank_file(ckpt_dir, other)
+                torch.load(path, map_location="cpu", weights_only=True)
     except ExportError as err:
         raise CheckpointError(str(err)) from None
     except (pickle.UnpicklingError, RuntimeError) as err:
         raise CheckpointError(
-            f"{rank_file(ckpt_dir, rank)} cannot be read as tensors and plain values "
-            f"(refused, nothing in it executed): {err}"
+            f"{path} cannot be read as tensors and plain values (refused, nothing in it executed): {err}"
         ) from None
+    return saved_world
 
 
 def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:

@@ -74,3 +74,16 @@ def barrier() -> None:
     """Wait for every rank; nothing to wait for without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_ok(ok: bool) -> bool:
+    """True on every rank iff `ok` on every rank (a collective; `ok` itself without a process group).
+
+    Lets one rank's failure stop all of them instead of leaving the others waiting at the next collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0

@@ -67,7 +67,9 @@ class TrainResult:
     requeued: bool = False
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """`load_universal`: the resumed checkpoint's dense state comes re-partitioned for another
+    world size (pretrain.resharding)."""
     t = cfg.train
     return {
         "train_batch_size": t.global_batch,
@@ -80,6 +82,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -396,8 +399,10 @@ class Trainer:
     def resume(self) -> None:
         """Restore every checkpointed item from the run directory's latest checkpoint, if any."""
         if self.resume_from is not None:
-            self.checkpointer.load(self.resume_from)
+            resharded = self.checkpointer.load(self.resume_from)
             self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
+            if resharded:
+                self.metrics.line(resharded)
 
     def result(self) -> TrainResult:
         s = self.state
@@ -426,13 +431,13 @@ def build(cfg: RunConfig, loaders: LoaderFactory) -> Trainer:
     check_runtime(validate(cfg), world_size=info.world_size, device_type=info.device.type)
     sources, tokenizer = build_data(cfg, info)
     checkpointer, resume_from = open_run_dir(cfg, info, sources[0].dir)
-    model, engine, optimizers = build_model(cfg, info)
+    model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from))
     train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, info.device)
     metrics = MetricsLogger(Path(cfg.train.run_dir) / "tensorboard", enabled=info.is_main)
     metrics.line(describe_data(cfg, sources, tokenizer))
     state = TrainState()
-    rank_items = {"data": train_loader, "rng": RNGState()}
+    rank_items = {"data": train_loader, "rng": RNGState(info.rank, cfg.train.seed)}
     writers = []
     if stats is not None:
         rank_items["slots"] = stats
@@ -483,17 +488,17 @@ def open_run_dir(cfg: RunConfig, info: DistInfo, dataset_dir: Path) -> tuple[Che
     """The run's checkpointer and the checkpoint to resume from (checked before anything is
     written or built: a damaged checkpoint is refused, naming the file); saves the config."""
     run_dir = Path(cfg.train.run_dir)
-    checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints, info.world_size)
     resume_from = latest_checkpoint(checkpointer.root)
     if resume_from is not None:
-        checkpointer.verify(resume_from, cfg, info.world_size, dataset_dir)
+        checkpointer.verify(resume_from, cfg, dataset_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     return checkpointer, resume_from
 
 
-def build_model(cfg: RunConfig, info: DistInfo) -> tuple[Transformer, Any, Optimizers]:
+def build_model(cfg: RunConfig, info: DistInfo, load_universal: bool = False) -> tuple[Transformer, Any, Optimizers]:
     """The model, its DeepSpeed engine and the optimizers of its dense part and value shards.
 
     Built on the meta device so that no rank ever holds the full value pool: the value
@@ -518,7 +523,7 @@ def build_model(cfg: RunConfig, info: DistInfo) -> tuple[Transformer, Any, Optim
     apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_checkpointing_layers)
     dense_optimizer = build_dense_optimizer(model, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=dense_optimizer, config=deepspeed_config(cfg, info.world_size)
+        model=model, optimizer=dense_optimizer, config=deepspeed_config(cfg, info.world_size, load_universal)
     )
     return model, engine, Optimizers(engine, dense_optimizer, values, cfg.optim, t.zero_stage)
 

@@ -18,6 +18,12 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class Reshardable(Stateful, Protocol):
+    """A per-rank item that can continue from the states of all ranks of a run with another world size."""
+
+    def load_resharded(self, states: list[dict]) -> str | None: ...
+
+
 @dataclass
 class TrainState:
     """Steps completed, tokens trained on, updates skipped, and the run's id (kept across resumes)."""
@@ -44,7 +50,7 @@ class TrainState:
 class RankState:
     """This rank's stateful items by name; optional ones may be missing from older checkpoints."""
 
-    def __init__(self, items: dict[str, Stateful], optional: tuple[str, ...] = ()):
+    def __init__(self, items: dict[str, Reshardable], optional: tuple[str, ...] = ()):
         self.items, self.optional = items, set(optional)
 
     def state_dict(self) -> dict:
@@ -56,3 +62,19 @@ class RankState:
                 item.load_state_dict(state[name])
             elif name not in self.optional:
                 raise KeyError(f"the per-rank checkpoint state has no {name!r} (it has {sorted(state)})")
+
+    def load_resharded(self, states: list[dict]) -> str:
+        """Continue from the per-rank states of a run with another number of ranks (all of them,
+        in rank order): each item merges them by its `load_resharded(list)`, which returns a
+        line saying what it did. Returns those lines joined."""
+        lines = []
+        for name, item in self.items.items():
+            present = [state[name] for state in states if name in state]
+            if not present:
+                if name not in self.optional:
+                    raise KeyError(f"the per-rank checkpoint states have no {name!r}")
+                continue
+            if len(present) != len(states):
+                raise KeyError(f"only {len(present)} of the {len(states)} per-rank checkpoint states have {name!r}")
+            lines.append(item.load_resharded(present))
+        return "; ".join(line for line in lines if line)

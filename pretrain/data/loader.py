@@ -11,6 +11,11 @@ shuffling, the next `batch_size` rows. Every batch carries its consumer's positi
 it; the main process keeps the positions of the batches it has handed out, plus which
 worker the DataLoader's round robin asks next, so `state_dict()` is a few integers per
 worker and a rebuilt loader continues with exactly the same batches.
+
+Another number of ranks or workers: `load_resharded(all old ranks' states)` turns what the
+saved run had left of its current epoch into an explicit list of (shard, first row) per
+new consumer (the "plan", part of `state_dict()`); see its docstring for what it
+guarantees. Epochs after that one follow the scheme above with the new consumer count.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +35,11 @@ from pretrain.data.shards import CorruptShardError, read_blocks, read_manifest, 
 from pretrain.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 added "plan" (after load_resharded); version 1 states still load
+RESHARD_FIX = (
+    "a run saved on another number of ranks or workers continues with load_resharded and the states of all its ranks"
+)
+_DATA_KEYS = ("split", "seed", "shards")  # what a resharded run must share with the run that saved
 
 
 @dataclass
@@ -57,17 +66,43 @@ def check_tokenizer(manifest: dict, tok: Tokenizer, dataset_dir: Path) -> None:
         )
 
 
-class _Cursor:
-    """Reads rows of one consumer's shard list from (shard i, row j) onwards."""
+def check_same_settings(saved: dict, now: dict, what: str, fix: str) -> None:
+    """Refuse a saved state whose settings differ from `now`: each key with its saved and current value, and `fix`."""
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        raise DataError(
+            f"the saved {what} was made with other settings (saved, now): "
+            + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+            + f"; {fix}"
+        )
 
-    def __init__(self, loader: "ShardLoader", shards: list[dict], i: int, j: int, stats: dict):
-        self.loader, self.shards, self.stats = loader, shards, stats
+
+def _scheme(seed: int, epoch: int, n_shards: int, consumer: int, consumers: int) -> list[int]:
+    """Shard indices consumer `consumer` of `consumers` reads in `epoch`: perm(seed, epoch)[consumer::consumers]."""
+    return np.random.default_rng([seed, epoch]).permutation(n_shards)[consumer::consumers].tolist()
+
+
+def _work(settings: dict, plan: dict | None, n_shards: int, worker: int, epoch: int) -> list[list[int]]:
+    """[shard index, first row] of each shard a rank's `worker` reads in `epoch`: the plan's list
+    for the epoch a reshard left, else the scheme's (first row 0)."""
+    if plan is not None and plan["epoch"] == epoch:
+        return plan["work"][worker]
+    consumer, consumers = settings["rank"] * settings["workers"] + worker, settings["world_size"] * settings["workers"]
+    return [[k, 0] for k in _scheme(settings["seed"], epoch, n_shards, consumer, consumers)]
+
+
+class _Cursor:
+    """Reads rows of one consumer's shard list from (shard i, row j) onwards; shard k from row starts[k]."""
+
+    def __init__(self, loader: "ShardLoader", shards: list[dict], starts: list[int], i: int, j: int, stats: dict):
+        self.loader, self.shards, self.starts, self.stats = loader, shards, starts, stats
         self.i, self.j = i, j
         self._blocks = None
         self._tok = self._meta = None
         self._off = 0
         if self.i < len(self.shards):
-            self._open(skip=j)
+            self.j = max(j, starts[i])  # (0, 0) is the start of an epoch whose first shard begins later
+            self._open(skip=self.j)
 
     def _open(self, skip: int) -> None:
         shard = self.shards[self.i]
@@ -105,14 +140,17 @@ class _Cursor:
             warnings.warn(f"skipping the rest of a shard (data.on_corrupt=skip): {err}", stacklevel=2)
         self._blocks = None
         self._tok = None
-        self.i, self.j = self.i + 1, 0
+        self.i, self.j = self.i + 1, self._start(self.i + 1)
         if self.i < len(self.shards):
-            self._open(skip=0)
+            self._open(skip=self.j)
         return False
+
+    def _start(self, i: int) -> int:
+        return self.starts[i] if i < len(self.starts) else 0
 
     def position(self) -> tuple[int, int]:
         if self.i < len(self.shards) and self.j >= self.shards[self.i]["sequences"]:
-            return self.i + 1, 0
+            return self.i + 1, self._start(self.i + 1)
         return self.i, self.j
 
     def take(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +236,7 @@ class ShardLoader:
         self._next_worker = 0
         self._worker_stats: list[dict] = [{} for _ in range(self.workers)]
         self._batches = 0
+        self._plan: dict | None = None  # {"epoch": e, "work": per worker [[shard, first row], ...]} of a reshard
 
     @property
     def stats(self) -> dict:
@@ -228,28 +267,95 @@ class ShardLoader:
             "next_worker": self._next_worker,
             "worker_stats": [dict(s) for s in self._worker_stats],
             "batches": self._batches,
+            "plan": _copy_plan(self._plan),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        mine, theirs = self._settings(), state.get("settings", {})
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise DataError(
-                "the saved loader state was made with other settings (saved, now): "
-                + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
-                + "; resume with the same data, batch size, ranks, workers, seed and shuffle_buffer"
-            )
+        """Continue exactly where `state` (this rank's, from a run of the same settings) stopped."""
+        _check_version(state)
+        fix = "resume with the same data, batch size, ranks, workers, seed and shuffle_buffer"
+        check_same_settings(
+            state.get("settings", {}),
+            self._settings(),
+            "loader state",
+            RESHARD_FIX if self.needs_reshard(state) else fix,
+        )
         self._positions = [list(map(int, p)) for p in state["positions"]]
         self._next_worker = int(state["next_worker"])
         self._worker_stats = [dict(s) for s in state["worker_stats"]]
         self._batches = int(state["batches"])
+        self._plan = _copy_plan(state.get("plan"))
+
+    def needs_reshard(self, state: dict) -> bool:
+        """True when `state` was saved on another number of ranks or workers (see load_resharded)."""
+        saved = state.get("settings", {})
+        return (saved.get("world_size"), saved.get("workers")) != (self.world_size, self.workers)
+
+    def load_resharded(self, states: list[dict]) -> str:
+        """Continue, on this loader's ranks and workers, a run saved on other ones; a one-line summary.
+
+        `states` are the `state_dict()`s of all ranks of the saved run, in rank order; every new
+        rank passes the same list, computes the same global plan and keeps its own consumers' part,
+        so the new consumers share the rest of the data without overlap. With e the earliest epoch
+        of any old consumer, the rest of epoch e is, per old consumer still in e at (i, j, skip):
+        its shard i from row j on, then its later shards of that epoch. Each of these items goes,
+        in that order, to the new consumer with the fewest rows planned so far (the lowest on ties);
+        epoch e is then this explicit plan, and epochs e+1, ... follow the usual scheme with the
+        new consumer count. Every row of epoch e is read; rows read twice are only the `skip` rows
+        an old consumer had emitted from its shuffle (or batch) window starting at (i, j), which is
+        re-read whole (less than one window per old consumer), and whatever old consumers already
+        past epoch e had read of later epochs (read again there in the new layout). The summary
+        counts them. The plan is in `state_dict()`, so a resharded run resumes exactly on the same
+        ranks and workers. Split, seed and shards must match; batch size, shuffle_buffer, ranks
+        and workers may change. The counters of the old run (batches, corrupt shards skipped)
+        move to new rank 0's first worker, so their sums over ranks are kept.
+        """
+        old = _saved_consumers(states, self._settings())
+        e = min(c.position[0] for c in old)
+        items = [item for c in old if c.position[0] == e for item in self._rest_of_epoch(c)]
+        partly = sum(start > 0 or emitted for _, start, emitted in items)
+        twice = sum(c.position[3] if c.position[0] == e else self._rows_past(c, e) for c in old)
+        rows = [self.shards[shard]["sequences"] - start for shard, start, _ in items]
+        mine = self.rank * self.workers
+        dealt = _deal([[shard, start] for shard, start, _ in items], rows, self.world_size * self.workers)
+        self.reset()
+        self._plan = {"epoch": e, "work": dealt[mine : mine + self.workers]}
+        self._positions = [[e, 0, 0, 0] for _ in range(self.workers)]
+        if self.rank == 0:
+            self._batches = sum(int(s["batches"]) for s in states)
+            self._worker_stats[0] = _summed(w for s in states for w in s["worker_stats"])
+        return (
+            f"data: readers {len(old)} -> {self.world_size * self.workers}: epoch {e} continues with {partly} "
+            f"partly read and {len(items) - partly} unread shards ({twice or 'no'} rows read twice)"
+        )
+
+    def _rows(self, work: list[list[int]]) -> int:
+        return sum(self.shards[shard]["sequences"] - start for shard, start in work)
+
+    def _rest_of_epoch(self, c: "_Saved") -> list[tuple[int, int, bool]]:
+        """(shard, first row, partly emitted window) of what old consumer `c` had left of its epoch."""
+        epoch, i, j, skip = c.position
+        work = _work(c.settings, c.plan, len(self.shards), c.worker, epoch)[i:]
+        rest = [
+            (shard, max(start, j) if n == 0 else start, n == 0 and skip > 0) for n, (shard, start) in enumerate(work)
+        ]
+        return [item for item in rest if item[1] < self.shards[item[0]]["sequences"]]
+
+    def _rows_past(self, c: "_Saved", e: int) -> int:
+        """Rows old consumer `c`, already past epoch e, had read after it (at most: corrupt shards skipped)."""
+        epoch, i, j, skip = c.position
+        full = sum(self._rows(_work(c.settings, c.plan, len(self.shards), c.worker, x)) for x in range(e + 1, epoch))
+        work = _work(c.settings, c.plan, len(self.shards), c.worker, epoch)
+        into = max(j - work[i][1], 0) if i < len(work) else 0
+        return full + self._rows(work[:i]) + into + skip
 
     # ---- reading -----------------------------------------------------------------------
     def _epoch_shards(self, consumer: int, epoch: int) -> list[dict]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return [self.shards[k] for k in order[consumer :: self.world_size * self.workers]]
+        """The scheme's shards of `consumer` in `epoch`."""
+        return [
+            self.shards[k]
+            for k in _scheme(self.seed, epoch, len(self.shards), consumer, self.world_size * self.workers)
+        ]
 
     def _make_batch(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         rows = np.concatenate([p[0] for p in pieces])
@@ -269,9 +375,10 @@ class ShardLoader:
         epoch, i, j, skip = pos
         pieces, have = [], 0
         while True:
-            shards = self._epoch_shards(consumer, epoch)
+            work = _work(self._settings(), self._plan, len(self.shards), worker, epoch)
+            shards = [self.shards[k] for k, _ in work]
             from_start = (i, j, skip) == (0, 0, 0)
-            cursor = _Cursor(self, shards, i, j, stats)
+            cursor = _Cursor(self, shards, [start for _, start in work], i, j, stats)
             rows_this_epoch = 0
             while True:
                 i, j = cursor.position()
@@ -296,7 +403,7 @@ class ShardLoader:
                 if have:
                     yield self._make_batch(pieces), [epoch, len(shards), 0, 0]
                 return
-            if rows_this_epoch == 0 and from_start:
+            if rows_this_epoch == 0 and from_start and shards:  # a reshard may leave a consumer none
                 raise DataError(
                     f"epoch {epoch} of consumer {consumer} read no sequence from {self.root} "
                     "(all its shards corrupt?): re-create the dataset"
@@ -341,3 +448,62 @@ class _WorkerDataset(IterableDataset):
         for arrays, after in self.loader._stream(worker, self.positions[worker], stats):
             arrays.update(worker=worker, position=after, stats=dict(stats))
             yield arrays
+
+
+class _Saved(NamedTuple):
+    """One consumer of a saved run: its rank's settings and plan, its worker index and position."""
+
+    settings: dict
+    plan: dict | None
+    worker: int
+    position: list[int]
+
+
+def _check_version(state: dict) -> None:
+    if state.get("version") not in (1, STATE_VERSION):
+        raise DataError(f"loader state version {state.get('version')!r} is not 1 or {STATE_VERSION}")
+
+
+def _copy_plan(plan: dict | None) -> dict | None:
+    if plan is None:
+        return None
+    return {"epoch": int(plan["epoch"]), "work": [[[int(k), int(r)] for k, r in w] for w in plan["work"]]}
+
+
+def _saved_consumers(states: list[dict], now: dict) -> list[_Saved]:
+    """Every consumer of a saved run, in consumer order; refuses an incomplete run or other data."""
+    if not states:
+        raise DataError("load_resharded needs the loader states of all ranks of the saved run, got none")
+    world = states[0].get("settings", {}).get("world_size")
+    if [s.get("settings", {}).get("rank") for s in states] != list(range(len(states))) or world != len(states):
+        raise DataError(
+            f"load_resharded needs the loader states of all {world} ranks of the saved run in rank order, got ranks "
+            f"{[s.get('settings', {}).get('rank') for s in states]}: pass every rank's state"
+        )
+    fix = "a run continues on other ranks only with the same dataset, split and seed: use those, or start a new run"
+    out = []
+    for state in states:
+        _check_version(state)
+        settings = state["settings"]
+        check_same_settings(settings, {k: now[k] for k in _DATA_KEYS}, "loader state", fix)
+        plan = _copy_plan(state.get("plan"))
+        out += [_Saved(settings, plan, w, list(map(int, p))) for w, p in enumerate(state["positions"])]
+    return out
+
+
+def _deal(items: list[list[int]], rows: list[int], consumers: int) -> list[list[list[int]]]:
+    """Each item, in order, to the consumer with the fewest rows so far (the lowest on ties)."""
+    lists, load = [[] for _ in range(consumers)], [0] * consumers
+    for item, n in zip(items, rows):
+        c = load.index(min(load))
+        lists[c].append(item)
+        load[c] += n
+    return lists
+
+
+def _summed(dicts) -> dict:
+    total: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total

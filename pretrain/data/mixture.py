@@ -5,9 +5,14 @@ For every row of a batch, a generator seeded by (seed, rank) draws the source in
 proportion to the weights; the row is the next unread sequence of that source. A source
 loader hands over whole batches, so the mixture keeps, per source, the batch it is
 reading from, how many of its rows are used, and the source loader's state from *before*
-that batch. `state_dict()` is the generator state plus those per-source (state, offset)
-pairs: a rebuilt mixture reloads each source, re-reads its current batch and skips the
-rows already used, so resumed batches are bitwise those of an uninterrupted run.
+that batch (a used-up batch gives way to the state after it at once). `state_dict()` is
+the generator state plus those per-source (state, offset) pairs: a rebuilt mixture
+reloads each source, re-reads its current batch and skips the rows already used, so
+resumed batches are bitwise those of an uninterrupted run.
+
+On another number of ranks or workers, `load_resharded(all old ranks' states)` reshards
+each source's loader (`ShardLoader.load_resharded`) and reseeds the source draws; see its
+docstring.
 
 Document ids are made unique across sources by offsetting each source's ids by the
 documents of the sources before it. A mixture of one source yields exactly the batches of
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from pretrain.data.errors import DataError
-from pretrain.data.loader import Batch, ShardLoader
+from pretrain.data.loader import RESHARD_FIX, Batch, ShardLoader, check_same_settings
 from pretrain.data.sources import Source
 
 STATE_VERSION = 1
@@ -110,7 +115,8 @@ class MixtureLoader:
             "sequences": list(self.sequences),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _as_mixture_state(self, state: dict) -> dict:
+        """`state` checked for its version; a plain ShardLoader state as a mixture of one."""
         if "positions" in state and "sources" not in state:  # a checkpoint of a plain ShardLoader run
             if len(self.loaders) != 1:
                 raise DataError(
@@ -126,14 +132,13 @@ class MixtureLoader:
             }
         if state.get("version") != STATE_VERSION:
             raise DataError(f"mixture state version {state.get('version')!r} is not {STATE_VERSION}")
-        mine, theirs = self._settings(), state.get("settings", {})
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise DataError(
-                "the saved data state was made with another mixture (saved, now): "
-                + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
-                + "; resume with the same data.sources (names, weights), batch size and seed"
-            )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = self._as_mixture_state(state)
+        moved = any(loader.needs_reshard(src["loader"]) for loader, src in zip(self.loaders, state["sources"]))
+        fix = "resume with the same data.sources (names, weights), batch size and seed"
+        check_same_settings(state.get("settings", {}), self._settings(), "data state", RESHARD_FIX if moved else fix)
         self.reset()
         if state["rng"] is not None:
             r = state["rng"]
@@ -149,6 +154,38 @@ class MixtureLoader:
             self._used[i] = int(saved["used"])
         self.sequences = [int(n) for n in state["sequences"]]
 
+    def load_resharded(self, states: list[dict]) -> str:
+        """Continue, on this mixture's ranks and workers, a run saved on other ones; a one-line summary.
+
+        `states` are the `state_dict()`s of all ranks of the saved run, in rank order. Each
+        source's loader is resharded from the old ranks' states of that source
+        (`ShardLoader.load_resharded`: no row of the current epoch is lost). Those states are from
+        before the batch each old rank was reading, so its rows already used are read again:
+        at most one batch per source per old rank, on top of the loader's own re-reads; the
+        summary counts both. The source draws restart from a generator seeded by (seed, new
+        rank, rows drawn before the reshard), not the stream the run started with; its
+        state is in `state_dict()`, so a resharded run resumes exactly. The rows drawn per source
+        move to new rank 0 (their sums over ranks are kept). Sources (names, weights) and seed
+        must match; batch size, ranks and workers may change.
+        """
+        states = [self._as_mixture_state(s) for s in states]
+        mine = {k: v for k, v in self._settings().items() if k in ("sources", "weights", "seed")}
+        fix = "a run continues on other ranks only with the same data.sources (names, weights) and seed"
+        for state in states:
+            check_same_settings(state.get("settings", {}), mine, "data state", fix)
+        self.reset()
+        lines = [
+            loader.load_resharded([s["sources"][i]["loader"] for s in states]) for i, loader in enumerate(self.loaders)
+        ]
+        self._state_before = [loader.state_dict() for loader in self.loaders]
+        drawn = [sum(int(s["sequences"][i]) for s in states) for i in range(len(self.loaders))]
+        self.sequences = drawn if self.rank == 0 else [0] * len(drawn)
+        self._rng = np.random.default_rng([self.seed, self.rank, _MIXTURE_STREAM, sum(drawn)])
+        used = sum(int(src["used"]) for s in states for src in s["sources"])
+        per_source = "; ".join(f"{src.name}: {line.removeprefix('data: ')}" for src, line in zip(self.sources, lines))
+        again = f"; {used} rows of partly used batches read again" if used else ""
+        return f"data: {per_source}{again}"
+
     def tokens_per_source(self) -> dict[str, int]:
         """Training tokens this rank has drawn from each source."""
         return {s.name: n * self.seq_len for s, n in zip(self.sources, self.sequences)}
@@ -158,18 +195,18 @@ class MixtureLoader:
         """The next `count` rows of source i, as slices of its batches."""
         pieces = []
         while count > 0:
-            current = self._current[i]
-            if current is None or self._used[i] >= current.tokens.shape[0]:
-                if current is not None:  # that batch is used up: the state before the next one
-                    self._state_before[i], self._used[i] = self.loaders[i].state_dict(), 0
+            if self._current[i] is None:  # a resumed source re-reads its batch and skips the rows already used
                 if self._iters[i] is None:
                     self._iters[i] = iter(self.loaders[i])
-                current = self._current[i] = next(self._iters[i])
-                continue  # a resumed source re-reads its batch and skips the rows already used
+                self._current[i] = next(self._iters[i])
+            current = self._current[i]
             take = min(count, current.tokens.shape[0] - self._used[i])
-            pieces.append((current, slice(self._used[i], self._used[i] + take)))
-            self._used[i] += take
-            count -= take
+            if take > 0:
+                pieces.append((current, slice(self._used[i], self._used[i] + take)))
+                self._used[i] += take
+                count -= take
+            if self._used[i] >= current.tokens.shape[0]:  # used up: the state before the next batch
+                self._state_before[i], self._used[i], self._current[i] = self.loaders[i].state_dict(), 0, None
         return pieces
 
     def _gather(self, counts: np.ndarray) -> dict[str, np.ndarray]:

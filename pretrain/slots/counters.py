@@ -296,7 +296,7 @@ class SlotStatistics:
         }
         return sd
 
-    def load_state_dict(self, sd: dict) -> None:
+    def _check_state(self, sd: dict, same_streams: bool = True) -> dict:
         meta = sd.get("meta", {})
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"slot statistics state has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
@@ -304,9 +304,10 @@ class SlotStatistics:
             "num_slots": self.num_slots,
             "layer_names": self.layer_names,
             "granularity": self.granularity.name,
-            "streams": self.streams,
             "sample_batches": self.sample.capacity if self.sample else 0,
         }
+        if same_streams:
+            mine["streams"] = self.streams
         for key, value in mine.items():
             if meta[key] != value:
                 raise ValueError(
@@ -315,6 +316,35 @@ class SlotStatistics:
                 )
         if meta.get("reduced"):
             raise ValueError("cannot resume counting from a reduced copy: load the per-rank state_dict()")
+        return meta
+
+    def load_resharded(self, states: list[dict]) -> str:
+        """Continue from the per-rank states of a run with another number of ranks (all of them,
+        in rank order). Rank 0 takes their sums (counts, document frequencies, totals, interval
+        starts) and every other rank starts from zero, so the reduced table, the sum over ranks,
+        is exactly the saved one. Open documents are forgotten (`last_doc`): a document being
+        read at the reshard counts once more in `doc_freq` where its rest is read (at most one
+        per old reader, as at a shard boundary). Rank r keeps old rank r's background sample."""
+        metas = [self._check_state(sd, same_streams=False) for sd in states]
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        z = lambda t: torch.zeros_like(t, device=self.device)  # noqa: E731
+        total = lambda key: sum(sd[key].to(self.device) for sd in states)  # noqa: E731
+        take = total if rank == 0 else (lambda key: z(states[0][key]))
+        self.totals, self.interval_start_totals = take("totals"), take("interval_totals")
+        for n in self.layer_names:
+            self.counts[n], self.doc_freq[n] = take(f"{n}.counts"), take(f"{n}.doc_freq")
+            self.interval_start[n] = take(f"{n}.interval_start")
+            if n in self.last_doc:
+                self.last_doc[n].fill_(-1)
+        self.stream_tail.fill_(-1)
+        self.micro_batches, self.step = int(metas[0]["micro_batches"]), int(metas[0]["step"])
+        self.history = copy.deepcopy(metas[0]["history"])
+        if self.sample is not None and rank < len(states):
+            self.sample.load_state_dict(states[rank])
+        return "slot counters summed into rank 0" if len(states) > 1 else "slot counters kept on rank 0"
+
+    def load_state_dict(self, sd: dict) -> None:
+        meta = self._check_state(sd)
         dev = self.device
         self.totals = sd["totals"].to(dev).clone()
         self.interval_start_totals = sd["interval_totals"].to(dev).clone()

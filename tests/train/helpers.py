@@ -79,6 +79,14 @@ class FixedGlobalBatches:
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
 
+    def load_resharded(self, states: list[dict]) -> str:
+        """Continue at the same global step on another world size (every old rank was at the same one)."""
+        old_per_step = self.global_batch // len(states) // self.micro
+        steps = {s["position"] // old_per_step for s in states}
+        assert len(steps) == 1, f"old ranks at different steps {steps}"
+        self.position = steps.pop() * (self.global_batch // self.world // self.micro)
+        return f"fixed batches at step {self.position}"
+
 
 def fixed_batches(cfg, dataset, split, rank, world_size, loop):
     """A loader factory for `train(..., loaders=fixed_batches)`: FixedGlobalBatches for the train
