@@ -1,11 +1,11 @@
 """Resuming a checkpoint on a different number of ranks (a job requeued on fewer nodes, or scaled up).
 
 What each part of a checkpoint needs when the world size changes:
-- dense weights and their optimizer state: ZeRO stage 0 in fp32 keeps them whole in the
-  model-states file, which any world size loads. Every other layout partitions the fp32
-  masters and moments over the old ranks; DeepSpeed's *universal checkpoint* re-partitions
-  them: `ds_to_universal` writes one folder per parameter, loaded with
-  `checkpoint.load_universal` (`convert_to_universal`, run once by rank 0 in a subprocess);
+- dense weights and their optimizer state: ZeRO stage 0 keeps them whole in the model-states
+  file (in bf16 too), which any world size loads. ZeRO 1-3 partition the fp32 masters and
+  moments over the old ranks; DeepSpeed's *universal checkpoint* re-partitions them:
+  `ds_to_universal` writes one folder per parameter, loaded with `checkpoint.load_universal`
+  (`convert_to_universal`, run once by rank 0 in a subprocess);
 - value shards: already read for any memory-parallel size P (`MemoryParallel.load`);
 - per-rank items (data position, RNG, slot counters): every new rank reads all old ranks'
   files and each item merges them (`load_resharded` of the loader, `RNGState`, `SlotStatistics`).
@@ -28,7 +28,7 @@ _OPTIM_FILES = "*zero_pp_rank_*_mp_rank_00_optim_states.pt"
 
 
 def dense_state_is_partitioned(ckpt_dir: Path) -> bool:
-    """True where the dense optimizer state is split over the old ranks (ZeRO 1-3, or bf16 at stage 0)."""
+    """True where the dense optimizer state is split over the old ranks (ZeRO 1-3)."""
     return any(Path(ckpt_dir).glob(_OPTIM_FILES))
 
 
