@@ -227,14 +227,19 @@ class Checkpointer:
         return ckpt_dir is not None and self.reshards(ckpt_dir) and dense_state_is_partitioned(ckpt_dir)
 
     def load(self, ckpt_dir: Path) -> str | None:
-        """Restore every tracked item from `ckpt_dir`; on another world size, re-partition them
-        and return a line saying what changed.
+        """Restore every tracked item from `ckpt_dir`; on another world size (or number of data
+        workers), re-partition them and return a line saying what changed.
 
         Call `verify` first. Every file is read with the weights-only unpickler, DeepSpeed's too."""
         from pretrain.export.dense import weights_only_loads
 
-        old_ranks = range(self.saved_world) if self.reshards(ckpt_dir) else [self.rank]
-        rank_states = [torch.load(rank_file(ckpt_dir, r), map_location="cpu", weights_only=True) for r in old_ranks]
+        def read(rank: int) -> dict:
+            return torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
+
+        # all old ranks' states when the world size changed, or when data.num_workers did
+        own = None if self.reshards(ckpt_dir) else read(self.rank)
+        reshard = own is None or self.rank_state.needs_reshard(own)
+        rank_states = [read(r) for r in range(self.saved_world)] if reshard else [own]
         dense_dir = self._universal_form(ckpt_dir) if self.needs_universal_load(ckpt_dir) else ckpt_dir
         group_settings = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         with weights_only_loads():  # DeepSpeed's own torch.load passes weights_only=False
@@ -247,10 +252,12 @@ class Checkpointer:
             self._repair_universal_load(group_settings)
         self.memory_parallel.load(ckpt_dir)
         self.train_state.load_state_dict(client_state)
-        if not self.reshards(ckpt_dir):
+        if not reshard:
             self.rank_state.load_state_dict(rank_states[0])
             return None
         merged = self.rank_state.load_resharded(rank_states)
+        if not self.reshards(ckpt_dir):
+            return f"the data readers changed (data.num_workers), re-planned: {merged}"
         dense = "DeepSpeed universal checkpoint" if dense_dir != ckpt_dir else "whole in the model states"
         return (
             f"re-partitioned from {self.saved_world} ranks to {self.world_size}: dense state {dense}; "

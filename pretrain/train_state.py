@@ -63,6 +63,13 @@ class RankState:
             elif name not in self.optional:
                 raise KeyError(f"the per-rank checkpoint state has no {name!r} (it has {sorted(state)})")
 
+    def needs_reshard(self, state: dict) -> bool:
+        """True if an item cannot continue from this rank's `state` alone (its data readers changed)."""
+        return any(
+            hasattr(item, "needs_reshard") and name in state and item.needs_reshard(state[name])
+            for name, item in self.items.items()
+        )
+
     def load_resharded(self, states: list[dict]) -> str:
         """Continue from the per-rank states of a run with another number of ranks (all of them,
         in rank order): each item merges them by its `load_resharded(list)`, which returns a

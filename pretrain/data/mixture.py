@@ -134,9 +134,14 @@ class MixtureLoader:
             raise DataError(f"mixture state version {state.get('version')!r} is not {STATE_VERSION}")
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def needs_reshard(self, state: dict) -> bool:
+        """True when `state` was saved on another number of ranks or workers (see load_resharded)."""
         state = self._as_mixture_state(state)
-        moved = any(loader.needs_reshard(src["loader"]) for loader, src in zip(self.loaders, state["sources"]))
+        return any(loader.needs_reshard(src["loader"]) for loader, src in zip(self.loaders, state["sources"]))
+
+    def load_state_dict(self, state: dict) -> None:
+        moved = self.needs_reshard(state)
+        state = self._as_mixture_state(state)
         fix = "resume with the same data.sources (names, weights), batch size and seed"
         check_same_settings(state.get("settings", {}), self._settings(), "data state", RESHARD_FIX if moved else fix)
         self.reset()

@@ -131,3 +131,18 @@ def test_a_failed_conversion_names_the_way_out_and_changes_nothing(tmp_path):
         convert_to_universal(ckpt, saved_world=2, workers=1)
     assert file_hashes(tmp_path) == before
     assert not universal_dir(ckpt).exists() and sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
+
+
+def test_resume_with_other_data_workers_replans_the_epoch(tmp_path, data_cache, capsys):
+    """data.num_workers 0 -> 2 on the same world: the real loader re-plans the rest of the epoch
+    (no row of it is lost; the loader tests check coverage) and every token is counted once."""
+    from pretrain.slots import load_table
+    from pretrain.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(run, data_cache, f"train.max_steps={STEPS}", f"train.stop_after={STOP}"))
+    result = train(tiny_config(run, data_cache, f"train.max_steps={STEPS}", "data.num_workers=2"))
+    assert result.step == STEPS and len(result.losses) == STEPS - STOP
+    assert "the data readers changed (data.num_workers), re-planned: data: " in capsys.readouterr().out
+    table = load_table(run / "checkpoints")
+    assert table.num_tokens == STEPS * 8 * 32  # train.global_batch x data.seq_len of tests/train/helpers.TINY
