@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, RunConfig, config_to_dict, save_config
 from pretrain.distributed import barrier
-from pretrain.files import atomic_write, atomic_write_text, replace_with
+from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, replace_with
 
 TMP_PREFIX = ".tmp-"
 _TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -293,9 +293,14 @@ class Checkpointer:
         return universal_dir(ckpt_dir)
 
     def _remove_stale_temporaries(self) -> None:
+        """Unfinished checkpoints and universal conversions, and the temporaries of atomic writes
+        a killed process left (`.<name>.tmp-<pid>-…`, pretrain.files)."""
         if self.root.is_dir():
-            for stale in self.root.glob(TMP_PREFIX + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in [*self.root.glob(TMP_PREFIX + "*"), *self.root.glob(f".*{TEMP_MARK}*")]:
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
     def _prune(self) -> None:
         tags = sorted(p for p in self.root.glob("step_*") if p.is_dir())

@@ -131,9 +131,12 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, data_cache, monkeypatc
     after_params = final_parameters(run)
     assert all(torch.equal(before_params[k], after_params[k]) for k in before_params)
     monkeypatch.undo()
+    # what a killed process's atomic writes leave: a `latest` and a universal conversion half written
+    (run / "checkpoints" / ".latest.tmp-999-dead").write_text("step_00000004")
+    (run / "checkpoints" / "..tmp-universal-step_00000002.tmp-999-dead").mkdir()
     resumed = train(tiny_config(run, data_cache, "train.max_steps=4"))  # resumes from step 2
     assert resumed.step == 4 and len(resumed.losses) == 2
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path, data_cache):
