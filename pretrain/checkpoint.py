@@ -227,8 +227,8 @@ class Checkpointer:
         return ckpt_dir is not None and self.reshards(ckpt_dir) and dense_state_is_partitioned(ckpt_dir)
 
     def load(self, ckpt_dir: Path) -> str | None:
-        """Restore every tracked item from `ckpt_dir`; on another world size (or number of data
-        workers), re-partition them and return a line saying what changed.
+        """Restore every tracked item from `ckpt_dir`; on another world size (or data layout:
+        workers, micro-batch, shuffle buffer), re-partition them and return a line saying what changed.
 
         Call `verify` first. Every file is read with the weights-only unpickler, DeepSpeed's too."""
         from pretrain.export.dense import weights_only_loads
@@ -236,7 +236,7 @@ class Checkpointer:
         def read(rank: int) -> dict:
             return torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
 
-        # all old ranks' states when the world size changed, or when data.num_workers did
+        # all old ranks' states when the world size changed, or the data layout did (workers, micro-batch)
         own = None if self.reshards(ckpt_dir) else read(self.rank)
         reshard = own is None or self.rank_state.needs_reshard(own)
         rank_states = [read(r) for r in range(self.saved_world)] if reshard else [own]
@@ -257,7 +257,7 @@ class Checkpointer:
             return None
         merged = self.rank_state.load_resharded(rank_states)
         if not self.reshards(ckpt_dir):
-            return f"the data readers changed (data.num_workers), re-planned: {merged}"
+            return f"the data layout changed (data.num_workers, train.micro_batch or data.shuffle_buffer), re-planned: {merged}"
         dense = "DeepSpeed universal checkpoint" if dense_dir != ckpt_dir else "whole in the model states"
         return (
             f"re-partitioned from {self.saved_world} ranks to {self.world_size}: dense state {dense}; "

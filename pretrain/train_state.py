@@ -64,7 +64,7 @@ class RankState:
                 raise KeyError(f"the per-rank checkpoint state has no {name!r} (it has {sorted(state)})")
 
     def needs_reshard(self, state: dict) -> bool:
-        """True if an item cannot continue from this rank's `state` alone (its data readers changed)."""
+        """True if an item cannot continue from this rank's `state` alone (the data layout changed)."""
         return any(
             hasattr(item, "needs_reshard") and name in state and item.needs_reshard(state[name])
             for name, item in self.items.items()

@@ -40,6 +40,7 @@ RESHARD_FIX = (
     "a run saved on another number of ranks or workers continues with load_resharded and the states of all its ranks"
 )
 _DATA_KEYS = ("split", "seed", "shards")  # what a resharded run must share with the run that saved
+_LAYOUT_KEYS = ("world_size", "workers", "batch_size", "shuffle_buffer")  # what it may change
 
 
 @dataclass
@@ -287,9 +288,10 @@ class ShardLoader:
         self._plan = _copy_plan(state.get("plan"))
 
     def needs_reshard(self, state: dict) -> bool:
-        """True when `state` was saved on another number of ranks or workers (see load_resharded)."""
-        saved = state.get("settings", {})
-        return (saved.get("world_size"), saved.get("workers")) != (self.world_size, self.workers)
+        """True when `state` was saved with another reading layout (ranks, workers, batch size or
+        shuffle buffer), which `load_resharded` continues and `load_state_dict` cannot."""
+        saved, now = state.get("settings", {}), self._settings()
+        return any(saved.get(k) != now[k] for k in _LAYOUT_KEYS)
 
     def load_resharded(self, states: list[dict]) -> str:
         """Continue, on this loader's ranks and workers, a run saved on other ones; a one-line summary.

@@ -133,16 +133,20 @@ def test_a_failed_conversion_names_the_way_out_and_changes_nothing(tmp_path):
     assert not universal_dir(ckpt).exists() and sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
 
 
-def test_resume_with_other_data_workers_replans_the_epoch(tmp_path, data_cache, capsys):
-    """data.num_workers 0 -> 2 on the same world: the real loader re-plans the rest of the epoch
-    (no row of it is lost; the loader tests check coverage) and every token is counted once."""
+@pytest.mark.parametrize("change", ["data.num_workers=2", "train.micro_batch=2"])
+def test_resume_with_another_data_layout_replans_the_epoch(tmp_path, data_cache, capsys, change):
+    """Workers 0 -> 2, or micro-batch 4 -> 2 (global batch 8 kept), on the same world: the real
+    loader re-plans the rest of the epoch (no row of it is lost; the loader tests check
+    coverage) and every token is counted once."""
     from pretrain.slots import load_table
     from pretrain.train import train
 
     run = tmp_path / "run"
     train(tiny_config(run, data_cache, f"train.max_steps={STEPS}", f"train.stop_after={STOP}"))
-    result = train(tiny_config(run, data_cache, f"train.max_steps={STEPS}", "data.num_workers=2"))
+    result = train(tiny_config(run, data_cache, f"train.max_steps={STEPS}", change))
     assert result.step == STEPS and len(result.losses) == STEPS - STOP
-    assert "the data readers changed (data.num_workers), re-planned: data: " in capsys.readouterr().out
+    assert "the data layout changed (data.num_workers, train.micro_batch or data.shuffle_buffer)" in (
+        capsys.readouterr().out
+    )
     table = load_table(run / "checkpoints")
     assert table.num_tokens == STEPS * 8 * 32  # train.global_batch x data.seq_len of tests/train/helpers.TINY
