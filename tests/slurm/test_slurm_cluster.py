@@ -26,8 +26,8 @@ REPO_ROOT = HERE.parents[1]
 SIGUSR1 = 10
 
 
-def submit(cluster, run_dir: Path, overrides=(), extra=()) -> str:
-    """`tools/submit.py --cpu` with 2 tasks; returns the job id."""
+def submit(cluster, run_dir: Path, overrides=(), extra=(), tasks: int = 2) -> str:
+    """`tools/submit.py --cpu` with `tasks` tasks; returns the job id."""
     cmd = [
         sys.executable,
         str(REPO_ROOT / "tools" / "submit.py"),
@@ -37,7 +37,7 @@ def submit(cluster, run_dir: Path, overrides=(), extra=()) -> str:
         *overrides,
         "--cpu",
         "--tasks-per-node",
-        "2",
+        str(tasks),
         "--cpus-per-task",
         "1",
         "--time",
@@ -374,3 +374,28 @@ def test_usr1_during_start_up_requeues_and_resumes(slurm_cluster, tmp_path, data
     assert re.search(r"stopping at step 1 \(signal\)", log), log[-4000:]
     assert re.search(r"resumed from \S+step_00000001 at step 1", log), log[-4000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+@pytest.mark.slow
+def test_run_resubmitted_on_fewer_tasks_resumes_and_finishes(slurm_cluster, tmp_path, data_cache):
+    """A 2-task ZeRO-1 run stopped by `scancel` (checkpoint, no requeue) and resubmitted with
+    `--resume` on 1 task: the trainer re-partitions the checkpoint and finishes, with every
+    token counted once in the slot table."""
+    from pretrain.slots import load_table
+
+    run_dir = tmp_path / "shrunk"
+    overrides = [*SMALL, f"data.cache_dir={data_cache}", "train.zero_stage=1"]
+    first = submit(slurm_cluster, run_dir, overrides)
+    wait_for_log(slurm_cluster, run_dir, first, rf"^0: .*step 3/{MAX_STEPS} loss", timeout=300)
+    slurm_cluster.cmd(["scancel", first])
+    stop = wait_for_log(slurm_cluster, run_dir, first, r"^0: .*stopping at step (\d+) \(signal\)", timeout=120)
+    slurm_cluster.wait_job(first, ("CANCELLED", "COMPLETED", "FAILED"), 60)
+    second = submit(slurm_cluster, run_dir, overrides, extra=["--resume"], tasks=1)
+    wait_completed(slurm_cluster, run_dir, second, timeout=600)
+    log = read_log(run_dir, second)
+    n = int(stop.group(1))
+    assert re.search(rf"resumed from \S+step_{n:08d} at step {n}", log), log[-4000:]
+    assert "re-partitioned from 2 ranks to 1: dense state DeepSpeed universal checkpoint" in log, log[-4000:]
+    table = load_table(final_checkpoint(run_dir))
+    opts = dict(o.split("=", 1) for o in SMALL)
+    assert table.num_tokens == MAX_STEPS * int(opts["train.global_batch"]) * int(opts["data.seq_len"])
