@@ -215,6 +215,7 @@ class PreparedRun:
     created_dir: bool = False  # run_dir did not exist before
     created_paths: list[Path] = field(default_factory=list)
     replaced_code: Path | None = None  # previous snapshot kept until the submission succeeds
+    replaced_config: str | None = None  # the run's config before a --resume changed it, for rollback
 
 
 def _resolved_config_text(cfg) -> str:
@@ -271,9 +272,27 @@ def plan_run(
     )
 
 
+# What a resubmitted run may change: how its data is read. The trainer re-plans the data
+# position for them (pretrain.resharding); the world size is not in the config at all.
+RESUME_MAY_CHANGE = ("train.micro_batch", "data.num_workers", "data.shuffle_buffer")
+
+
+def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    from omegaconf import OmegaConf
+
+    def leaves(tree, prefix: str = "") -> dict:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+    old, new = (leaves(OmegaConf.to_container(OmegaConf.create(text))) for text in (old_yaml, new_yaml))
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: bool) -> None:
     """A new run needs an absent or empty run dir; --resume needs this tool's run dir with the
-    same resolved config."""
+    same resolved config, but for RESUME_MAY_CHANGE."""
     if run_dir.exists():
         if not run_dir.is_dir():
             raise SubmitError(f"train.run_dir={run_dir} exists and is not a directory: choose another train.run_dir")
@@ -283,10 +302,12 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 raise SubmitError(
                     f"--resume: {run_dir} holds no {CONFIG_NAME}, so it is not a run directory made by this tool"
                 )
-            if existing != config_text:
+            changed = sorted(set(_changed_keys(existing, config_text)) - set(RESUME_MAY_CHANGE))
+            if changed:
                 raise SubmitError(
-                    f"--resume: the resolved config differs from {config_path} (a different run): resubmit with "
-                    "the same config and overrides, or choose a new train.run_dir"
+                    f"--resume: the resolved config differs from {config_path} in {', '.join(changed)} (a different "
+                    f"run): resubmit with the same config and overrides (only {', '.join(RESUME_MAY_CHANGE)} may "
+                    "change), or choose a new train.run_dir"
                 )
         elif any(run_dir.iterdir()):
             raise SubmitError(
@@ -317,6 +338,8 @@ def materialise(plan: PreparedRun) -> None:
         plan.created_paths.append(logs)
     if not plan.config_path.exists():
         plan.created_paths.append(plan.config_path)
+    elif plan.config_path.read_text() != plan.config_text:
+        plan.replaced_config = plan.config_path.read_text()
     atomic_write(plan.config_path, plan.config_text)
     if plan.code_dir != REPO_ROOT:
         if plan.code_dir.exists():
@@ -341,6 +364,8 @@ def rollback(plan: PreparedRun) -> None:
             path.unlink(missing_ok=True)
     if plan.replaced_code is not None and plan.replaced_code.exists():
         plan.replaced_code.rename(plan.code_dir)
+    if plan.replaced_config is not None:
+        atomic_write(plan.config_path, plan.replaced_config)
 
 
 def commit(plan: PreparedRun) -> None:

@@ -297,7 +297,23 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
         capsys,
         ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "optim.lr=1e-4", "--resume", "--dry-run"],
     )
-    assert rc == 2 and "resolved config differs" in err
+    assert rc == 2 and "resolved config differs" in err and "in optim.lr (a different run)" in err
+    # how the data is read may change (the trainer re-plans it); the run's config is replaced only
+    # by a submission that goes through, and a failed one puts the old config back (below)
+    rc, _, err = _submit(
+        capsys,
+        [
+            "--config",
+            TINY,
+            "train.micro_batch=4",
+            f"train.run_dir={run}",
+            "data.num_workers=2",
+            "--resume",
+            "--dry-run",
+            "--cpu",
+        ],
+    )
+    assert rc == 0, err
     rc, out, err = _submit(
         capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--dry-run", "--cpu"]
     )
@@ -315,6 +331,10 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
     )
     assert rc == 2 and "sbatch not found" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    config = (run / "config.yaml").read_text()
+    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=4", f"train.run_dir={run}", "--resume", "--cpu"])
+    assert rc == 2 and "sbatch not found" in err
+    assert (run / "config.yaml").read_text() == config  # the changed micro-batch was rolled back
 
 
 def test_unknown_partition_surfaces_sbatch_message(capsys, tmp_path, slurm_env):
