@@ -200,19 +200,22 @@ def test_shared_table_sparse_gradient_equals_dense_at_p2_zero3(world2):
     torch.testing.assert_close(sparse[read], dense[read], rtol=0, atol=1e-6)
 
 
+def assert_matches_world1(world2, run: str, world1, P: int) -> None:
+    """Both ranks' value norms per step, and the whole tables, equal the world-1 run's."""
+    shards, norms = world1
+    for r in range(2):
+        torch.testing.assert_close(
+            world2[r][f"{run}.value_norms"].double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=0
+        )
+    for i in range(2):
+        assert rel_err(full_table(world2, f"{run}.shard.{i}", P), shards[i]) < 1e-5
+
+
 @pytest.mark.parametrize("P", [1, 2])
 def test_sparse_training_matches_world1(world2, world1_sparse, P):
-    shards, norms = world1_sparse
     for stage in (1, 3):
-        for r in range(2):
-            torch.testing.assert_close(
-                world2[r][f"P{P}.z{stage}.sparse.value_norms"].double(),
-                torch.tensor(norms, dtype=torch.float64),
-                rtol=1e-5,
-                atol=0,
-            )
+        assert_matches_world1(world2, f"P{P}.z{stage}.sparse", world1_sparse, P)
         for i in range(2):
-            assert rel_err(full_table(world2, f"P{P}.z{stage}.sparse.shard.{i}", P), shards[i]) < 1e-5
             if P == 1:  # replicas stay identical
                 assert torch.equal(
                     world2[0][f"P1.z{stage}.sparse.shard.{i}"], world2[1][f"P1.z{stage}.sparse.shard.{i}"]
@@ -232,16 +235,7 @@ def test_sparse_checkpoint_reshards_2_to_1(world2):
 @pytest.mark.parametrize("P", [1, 2])
 def test_rowwise_training_matches_world1(world2, world1_rowwise, P):
     """The row second moment sums g^2 over both column shards: P = 2 equals one process."""
-    shards, norms = world1_rowwise
-    for r in range(2):
-        torch.testing.assert_close(
-            world2[r][f"P{P}.z1.rowwise.value_norms"].double(),
-            torch.tensor(norms, dtype=torch.float64),
-            rtol=1e-5,
-            atol=0,
-        )
-    for i in range(2):
-        assert rel_err(full_table(world2, f"P{P}.z1.rowwise.shard.{i}", P), shards[i]) < 1e-5
+    assert_matches_world1(world2, f"P{P}.z1.rowwise", world1_rowwise, P)
 
 
 def test_rowwise_checkpoint_reshards_2_to_1(world2):

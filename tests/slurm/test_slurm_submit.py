@@ -337,40 +337,15 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
     assert (run / "config.yaml").read_text() == config  # the changed micro-batch was rolled back
 
 
-def test_unknown_partition_surfaces_sbatch_message(capsys, tmp_path, slurm_env):
-    rc, _, err = _submit(
-        capsys,
-        [
-            "--config",
-            TINY,
-            "train.micro_batch=2",
-            f"train.run_dir={tmp_path}/run",
-            "--cpu",
-            "--time",
-            "5",
-            "--partition",
-            "nosuchpartition",
-        ],
-    )
-    assert rc == 2 and "sbatch refused the job" in err and "invalid partition name specified" in err.lower(), err
-    assert not (tmp_path / "run").exists()
-
-
-def test_time_over_partition_limit_surfaces_sbatch_message(capsys, tmp_path, slurm_env):
-    # The test cluster's "short" partition allows 1 minute.
-    rc, _, err = _submit(
-        capsys,
-        [
-            "--config",
-            TINY,
-            "train.micro_batch=2",
-            f"train.run_dir={tmp_path}/run",
-            "--cpu",
-            "--time",
-            "10",
-            "--partition",
-            "short",
-        ],
-    )
-    assert rc == 2 and "sbatch refused the job" in err and "time limit" in err.lower(), err
+@pytest.mark.parametrize(
+    "partition,minutes,message",
+    [
+        ("nosuchpartition", "5", "invalid partition name specified"),
+        ("short", "10", "time limit"),  # the test cluster's "short" partition allows 1 minute
+    ],
+)
+def test_sbatch_refusals_surface_its_message(capsys, tmp_path, slurm_env, partition, minutes, message):
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu"]
+    rc, _, err = _submit(capsys, [*argv, "--time", minutes, "--partition", partition])
+    assert rc == 2 and "sbatch refused the job" in err and message in err.lower(), err
     assert not (tmp_path / "run").exists()
