@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.config import ConfigError, RunConfig, config_to_dict, save_config
+from pretrain.config import ConfigError, RunConfig, config_differences, config_to_dict, save_config
 from pretrain.distributed import barrier
 from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, replace_with
 
@@ -136,28 +136,17 @@ def model_fingerprint(cfg: RunConfig) -> dict:
 
 
 def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
-    """Refuse a checkpoint whose model config differs (the tensors would not fit)."""
-    diffs = _diff(saved, model_fingerprint(cfg), "model")
+    """Refuse a checkpoint whose model config differs (the tensors would not fit). The
+    memory-parallel size may change: value shards are re-sharded on load."""
+    diffs = config_differences(saved, model_fingerprint(cfg))
+    diffs.pop("memory.parallel_size", None)
     if not diffs:
         return
+    listed = [f"model.{key}: checkpoint {a!r} vs config {b!r}" for key, (a, b) in diffs.items()]
     raise ConfigError(
-        f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(diffs[:5])}); "
+        f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(listed[:5])}); "
         f"use the original config, or a new train.run_dir to start afresh"
     )
-
-
-def _diff(a, b, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _diff(a.get(key), b.get(key), f"{prefix}.{key}")
-        return out
-    if a != b:
-        # memory.parallel_size may change: value shards are re-sharded on load
-        if prefix.endswith("memory.parallel_size"):
-            return []
-        return [f"{prefix}: checkpoint {a!r} vs config {b!r}"]
-    return []
 
 
 class Checkpointer:
@@ -233,8 +222,8 @@ class Checkpointer:
         Call `verify` first. Every file is read with the weights-only unpickler, DeepSpeed's too."""
         from pretrain.export.dense import weights_only_loads
 
-        def read(rank: int) -> dict:
-            return torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True)
+        def read(rank: int) -> dict:  # memory-mapped: a reshard reads only the tensors it uses
+            return torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True, mmap=True)
 
         # all old ranks' states when the world size changed, or the data layout did (workers, micro-batch)
         own = None if self.reshards(ckpt_dir) else read(self.rank)
@@ -324,7 +313,7 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
         if rank is not None:
             for other in [rank] if saved_world == world_size else range(saved_world):
                 path = rank_file(ckpt_dir, other)
-                torch.load(path, map_location="cpu", weights_only=True)
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # parsed; tensors not read
     except ExportError as err:
         raise CheckpointError(str(err)) from None
     except (pickle.UnpicklingError, RuntimeError) as err:

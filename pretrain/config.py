@@ -145,6 +145,16 @@ def _all_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def config_differences(a, b, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (a's value, b's value)} for every leaf where two config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = {}
+        for key in sorted(set(a) | set(b)):
+            out.update(config_differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: (a, b)} if a != b else {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (optional) and `key.sub=value` overrides into a validated RunConfig."""
     schema = OmegaConf.structured(RunConfig)

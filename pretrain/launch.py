@@ -16,7 +16,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import ConfigError, check_runtime, load_config, save_config
+from omegaconf import OmegaConf
+
+from pretrain.config import ConfigError, check_runtime, config_differences, load_config, save_config
 from pretrain.files import atomic_directory, atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -277,19 +279,6 @@ def plan_run(
 RESUME_MAY_CHANGE = ("train.micro_batch", "data.num_workers", "data.shuffle_buffer")
 
 
-def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs."""
-    from omegaconf import OmegaConf
-
-    def leaves(tree, prefix: str = "") -> dict:
-        if not isinstance(tree, dict):
-            return {prefix: tree}
-        return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}" if prefix else key).items()}
-
-    old, new = (leaves(OmegaConf.to_container(OmegaConf.create(text))) for text in (old_yaml, new_yaml))
-    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
 def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: bool) -> None:
     """A new run needs an absent or empty run dir; --resume needs this tool's run dir with the
     same resolved config, but for RESUME_MAY_CHANGE."""
@@ -302,7 +291,8 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 raise SubmitError(
                     f"--resume: {run_dir} holds no {CONFIG_NAME}, so it is not a run directory made by this tool"
                 )
-            changed = sorted(set(_changed_keys(existing, config_text)) - set(RESUME_MAY_CHANGE))
+            old, new = (OmegaConf.to_container(OmegaConf.create(text)) for text in (existing, config_text))
+            changed = sorted(set(config_differences(old, new)) - set(RESUME_MAY_CHANGE))
             if changed:
                 raise SubmitError(
                     f"--resume: the resolved config differs from {config_path} in {', '.join(changed)} (a different "

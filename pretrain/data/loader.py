@@ -352,13 +352,6 @@ class ShardLoader:
         return full + self._rows(work[:i]) + into + skip
 
     # ---- reading -----------------------------------------------------------------------
-    def _epoch_shards(self, consumer: int, epoch: int) -> list[dict]:
-        """The scheme's shards of `consumer` in `epoch`."""
-        return [
-            self.shards[k]
-            for k in _scheme(self.seed, epoch, len(self.shards), consumer, self.world_size * self.workers)
-        ]
-
     def _make_batch(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         rows = np.concatenate([p[0] for p in pieces])
         meta = np.concatenate([p[1] for p in pieces])

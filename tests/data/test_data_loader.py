@@ -13,6 +13,7 @@ import torch
 
 from data_helpers import SEQ_LEN
 from pretrain.data import CorruptShardError, DataError, ShardLoader, read_manifest, train_tokenizer
+from pretrain.data.loader import _scheme
 from pretrain.data.prepare import is_validation
 
 
@@ -179,7 +180,7 @@ def test_tokenizer_hash_mismatch(dataset, tmp_path, documents):
 
 def first_shard_in_order(ds, seed):
     loader = ShardLoader(ds, "train", batch_size=2, seed=seed)
-    return loader._epoch_shards(0, 0)[0]["path"]
+    return loader.shards[_scheme(seed, 0, len(loader.shards), 0, 1)[0]]["path"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
