@@ -1,17 +1,41 @@
 """Sample text from an export, or quiz it on the synthetic fact probes.
 
 python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9]
+    [--repetition-penalty 1.2 --no-repeat-ngram-size 3]
 python tools/generate.py EXPORT_DIR --probes 50
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a float > 0 (1.0 = off)") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0 (1.0 = off)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 0 (0 = off)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0 (0 = off)")
+    return value
 
 
 def main(argv=None) -> int:
@@ -21,6 +45,18 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=positive_float,
+        default=1.0,
+        help="divide the logits of tokens already in the sequence by this (> 0; 1.0 = off; CTRL/transformers)",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=non_negative_int,
+        default=0,
+        help="never repeat an n-gram of this size, prompt included (>= 0; 0 = off; as in transformers)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probes", type=int, default=0, help="answer the first N fact probes and print accuracy")
     parser.add_argument(
@@ -31,6 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = parser.parse_args(argv)
+    if args.probes and (args.repetition_penalty != 1.0 or args.no_repeat_ngram_size):
+        parser.error("--repetition-penalty and --no-repeat-ngram-size apply to --prompt generation, not --probes")
 
     from pretrain.data import DataError, load_probes
     from pretrain.export import ExportError, load
@@ -63,6 +101,8 @@ def main(argv=None) -> int:
             eos_id=tokenizer.eos_id,
             seed=args.seed,
             use_cache=not args.no_cache,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
         )
         # decoded together: a continuation's first piece may carry the space that starts a new word
         print(tokenizer.decode(prompt + ids))

@@ -1,5 +1,12 @@
 """Sampling from a loaded model (greedy, temperature, nucleus/top-p) and the fact-probe quiz.
 
+Two remedies for degenerate (looping) continuations act on each step's logits before the
+temperature, nucleus and argmax, with the semantics of transformers' `generate()`: a
+`repetition_penalty` (CTRL) divides the logit of every token id already in the sequence
+(prompt + generated) by the penalty when positive and multiplies it when negative, once per id;
+`no_repeat_ngram_size` = n sets to -inf the logit of every token that would complete an n-gram
+already present in the sequence, prompt included.
+
 Generation keeps a key/value cache (`pretrain.model.kv_cache`): the prompt runs once, then
 each step feeds only the new token, so every token's attention keys and memory lookup are
 computed once. `use_cache=False` (or a model whose forward takes no cache) recomputes the
@@ -10,16 +17,70 @@ tokens must fit in the model's max_seq_len.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 
 from pretrain.model.kv_cache import KVCache
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token id from final-position logits (vocab,): argmax at temperature 0, else nucleus sampling."""
+def check_penalties(repetition_penalty: float, no_repeat_ngram_size: int) -> None:
+    """Raise on a repetition penalty outside (0, inf) or an n-gram size that is not an int >= 0."""
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, numbers.Real):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a number > 0 (1.0 = off)")
+    if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be a finite number > 0 (1.0 = off)")
+    if (
+        isinstance(no_repeat_ngram_size, bool)
+        or not isinstance(no_repeat_ngram_size, numbers.Integral)
+        or no_repeat_ngram_size < 0
+    ):
+        raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size!r} must be an integer >= 0 (0 = off)")
+
+
+def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
+    """Token ids that would complete an n-gram already in `tokens`: those that followed an earlier
+    occurrence of the last n - 1 tokens (for n = 1, every token present)."""
+    if n <= 0 or len(tokens) + 1 < n:
+        return set()
+    tokens = list(tokens)
+    prefix = tokens[len(tokens) - n + 1 :] if n > 1 else []
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == prefix}
+
+
+def process_logits(
+    logits: torch.Tensor, tokens: Sequence[int], repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
+) -> torch.Tensor:
+    """Final-position logits (vocab,) with the repetition penalty and the n-gram block applied for
+    the sequence so far `tokens` (prompt + generated); a new tensor, the input is left unchanged."""
+    check_penalties(repetition_penalty, no_repeat_ngram_size)
+    logits = logits.clone()
+    if repetition_penalty != 1.0 and len(tokens):
+        seen = torch.tensor(sorted(set(tokens)), dtype=torch.long, device=logits.device)
+        picked = logits[seen]  # each id once, however often it occurs
+        logits[seen] = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
+    banned = banned_ngram_tokens(tokens, no_repeat_ngram_size)
+    if banned:
+        logits[torch.tensor(sorted(banned), dtype=torch.long, device=logits.device)] = float("-inf")
+    return logits
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    tokens: Sequence[int] = (),
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+) -> int:
+    """One token id from final-position logits (vocab,): argmax at temperature 0, else nucleus
+    sampling; the repetition penalty and n-gram block over the sequence so far `tokens` come first."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    logits = process_logits(logits, tokens, repetition_penalty, no_repeat_ngram_size)
     if temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.double() / temperature, dim=-1)
@@ -57,8 +118,12 @@ def generate(
     eos_id: int | None = None,
     seed: int = 0,
     use_cache: bool = True,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[int]:
-    """Token ids continuing `prompt` (not included); stops at eos_id when given."""
+    """Token ids continuing `prompt` (not included); stops at eos_id when given. The repetition
+    penalty (1.0 = off) and the n-gram block (0 = off) see the prompt and the tokens generated."""
+    check_penalties(repetition_penalty, no_repeat_ngram_size)
     if not prompt:
         raise ValueError("generate needs a non-empty prompt (start it with the tokenizer's eos id)")
     check_length(len(prompt), max_new_tokens, model.cfg.max_seq_len)
@@ -70,7 +135,15 @@ def generate(
     out: list[int] = []
     for _ in range(max_new_tokens):
         logits = model(feed, cache=cache) if cache is not None else model(feed)
-        token = next_token(logits[0, -1].float().cpu(), temperature, top_p, generator)
+        token = next_token(
+            logits[0, -1].float().cpu(),
+            temperature,
+            top_p,
+            generator,
+            tokens,
+            repetition_penalty,
+            no_repeat_ngram_size,
+        )
         if eos_id is not None and token == eos_id:
             break
         tokens.append(token)
