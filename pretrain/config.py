@@ -109,6 +109,12 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "memory", "selective"] = "none"
     activation_checkpointing_layers: list[int] = field(default_factory=list)  # selective: these blocks
     compile: bool = False  # torch.compile each block (pretrain/parallel/compile.py)
+    # Hang detection (pretrain/watchdog.py): a rank that finishes no step, evaluation or checkpoint
+    # for hang_timeout_s (startup_timeout_s until its first step) writes where it is stuck to
+    # run_dir/hangs/ and the job ends; rank 0 requeues it once per checkpoint. 0 turns it off.
+    hang_timeout_s: float = 600.0
+    startup_timeout_s: float = 1800.0  # start-up, resume (a universal conversion), compilation
+    requeue_on_hang: bool = True
 
 
 @dataclass
@@ -273,6 +279,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
     _check_cadences(cfg)
+    if t.hang_timeout_s < 0 or t.startup_timeout_s <= 0:
+        raise ConfigError(
+            f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns hang detection off) and "
+            f"train.startup_timeout_s={t.startup_timeout_s} > 0 (seconds)"
+        )
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}")
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:

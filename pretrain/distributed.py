@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -54,8 +55,11 @@ def _fill_environment() -> None:
         os.environ["MASTER_PORT"] = str(free_port())
 
 
-def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU).
+
+    `timeout_s`: how long a collective may wait before it fails (DeepSpeed's default, 600 s,
+    when None); ignored when a process group exists already."""
     import deepspeed
 
     _fill_environment()
@@ -66,7 +70,8 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        options = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=backend, **options)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -87,3 +92,14 @@ def all_ok(ok: bool) -> bool:
         flag = flag.cuda()
     dist.all_reduce(flag)
     return int(flag.item()) == 0
+
+
+def rank0_value(value: int) -> int:
+    """Rank 0's `value` on every rank (a broadcast; `value` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

@@ -274,9 +274,17 @@ def plan_run(
     )
 
 
-# What a resubmitted run may change: how its data is read. The trainer re-plans the data
-# position for them (pretrain.resharding); the world size is not in the config at all.
-RESUME_MAY_CHANGE = ("train.micro_batch", "data.num_workers", "data.shuffle_buffer")
+# What a resubmitted run may change: how its data is read (the trainer re-plans the data
+# position for them, pretrain.resharding) and how a hang is handled (pretrain/watchdog.py).
+# The world size is not in the config at all.
+RESUME_MAY_CHANGE = (
+    "train.micro_batch",
+    "data.num_workers",
+    "data.shuffle_buffer",
+    "train.hang_timeout_s",
+    "train.startup_timeout_s",
+    "train.requeue_on_hang",
+)
 
 
 def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: bool) -> None:

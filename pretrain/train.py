@@ -1,6 +1,7 @@
 """The training loop: `python -m pretrain.train --config configs/tiny.yaml key=value ...`.
 
-`train` = `build` (data, run directory, model + DeepSpeed engine + `Optimizers`, loaders,
+`train` = the process group and the hang watchdog (pretrain/watchdog.py, told of every
+step and periodic action) -> `build` (data, run directory, model + DeepSpeed engine + `Optimizers`, loaders,
 slot counters, metrics, evaluation; the checkpoint's items declared) -> `Trainer.resume` ->
 `Trainer.fit`, the loop: `train_step` (micro-batches: forward, backward, count slot
 accesses; then clip and one `Optimizers.step`, skipped on a non-finite loss), `count`
@@ -35,7 +36,7 @@ from pretrain.cadence import Every  # noqa: E402
 from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
-from pretrain.distributed import DistInfo, barrier, init_distributed  # noqa: E402
+from pretrain.distributed import DistInfo, barrier, init_distributed, rank0_value  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
 from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
@@ -43,6 +44,7 @@ from pretrain.optim import build_dense_optimizer, lr_multiplier  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
 from pretrain.train_state import RankState, TrainState  # noqa: E402
+from pretrain.watchdog import HangWatchdog  # noqa: E402
 
 
 class TrainingDiverged(RuntimeError):
@@ -194,14 +196,38 @@ def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory
     # data-loader workers started later inherit the handler.
     stop = stop if stop is not None else StopSignal()
     try:
-        trainer = build(cfg, loaders or build_loader)
-        try:
-            trainer.resume()
-            return trainer.fit(stop)
-        finally:
-            trainer.metrics.close()
+        info = init_distributed(process_group_timeout(validate(cfg).train))
+        with hang_watchdog(cfg, info) as watchdog:
+            trainer = build(cfg, info, loaders or build_loader, watchdog)
+            try:
+                trainer.resume()
+                return trainer.fit(stop)
+            finally:
+                trainer.metrics.close()
     finally:
         stop.close()
+
+
+def process_group_timeout(t) -> float:
+    """Seconds a collective may wait: longer than any allowance of the hang watchdog, so that a
+    hang is reported by the watchdog (with stacks) and not by a collective's timeout error, and
+    than a universal-checkpoint conversion the other ranks wait for at start-up."""
+    return max(600.0, t.startup_timeout_s, t.hang_timeout_s) + 120.0
+
+
+def hang_watchdog(cfg: RunConfig, info: DistInfo) -> HangWatchdog:
+    """This rank's hang watchdog (pretrain/watchdog.py), its reports named by rank 0's start time."""
+    t = cfg.train
+    started = rank0_value(int(time.time())) if t.hang_timeout_s > 0 else int(time.time())
+    return HangWatchdog(
+        t.run_dir,
+        attempt=time.strftime("%Y%m%d-%H%M%S", time.localtime(started)),
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=t.hang_timeout_s,
+        startup_timeout=t.startup_timeout_s,
+        requeue=t.requeue_on_hang,
+    )
 
 
 @dataclass
@@ -260,6 +286,7 @@ class Trainer:
     state: TrainState
     flops: float
     peak: float | None
+    watchdog: HangWatchdog  # told of every step, evaluation and checkpoint
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
@@ -288,9 +315,11 @@ class Trainer:
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
             self.count(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
+            self.watchdog.progress(f"step {self.state.step}")
             for every, action in self.periodic:  # log, slot statistics, evaluate, checkpoint
                 if every.due(self.state.step):
                     action()
+                    self.watchdog.progress(f"{action.__name__} at step {self.state.step}")
             if self.stop_requested(stop):
                 break
         return self.result()
@@ -422,13 +451,12 @@ class Trainer:
 
 
 # ---- build ------------------------------------------------------------------------------------
-def build(cfg: RunConfig, loaders: LoaderFactory) -> Trainer:
+def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: HangWatchdog) -> Trainer:
     """Everything a run needs, checked before anything heavy: data, run directory, model,
     optimizers, loaders, slot statistics, metrics, evaluation; the checkpoint items declared."""
     from pretrain.slots.checkpoint_item import SlotTableWriter
 
-    info = init_distributed()
-    check_runtime(validate(cfg), world_size=info.world_size, device_type=info.device.type)
+    check_runtime(cfg, world_size=info.world_size, device_type=info.device.type)
     sources, tokenizer = build_data(cfg, info)
     checkpointer, resume_from = open_run_dir(cfg, info, sources[0].dir)
     model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from))
@@ -464,6 +492,7 @@ def build(cfg: RunConfig, loaders: LoaderFactory) -> Trainer:
         state=state,
         flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         peak=device_peak_flops(info.device),
+        watchdog=watchdog,
     )
 
 

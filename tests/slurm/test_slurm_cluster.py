@@ -9,7 +9,9 @@ compare the preempted run bitwise with an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -399,3 +401,44 @@ def test_run_resubmitted_on_fewer_tasks_resumes_and_finishes(slurm_cluster, tmp_
     table = load_table(final_checkpoint(run_dir))
     opts = dict(o.split("=", 1) for o in SMALL)
     assert table.num_tokens == MAX_STEPS * int(opts["train.global_batch"]) * int(opts["data.seq_len"])
+
+
+def _trainer_pid(job: str, rank: int) -> int:
+    for pid in _trainer_pids(job):
+        if f"SLURM_PROCID={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return int(pid)
+    pytest.fail(f"no trainer task of rank {rank} in job {job}")
+
+
+@pytest.mark.slow
+def test_stopped_rank_is_reported_and_the_job_requeued(slurm_cluster, tmp_path, data_cache):
+    """Rank 1 stopped mid-run (SIGSTOP: a frozen node; rank 0 then waits in a collective that
+    never completes): after train.hang_timeout_s rank 0 reports where it waits, names rank 1 as
+    the rank without a report, and requeues the job, which resumes from the last checkpoint
+    and finishes."""
+    run_dir = tmp_path / "hung"
+    overrides = [*SMALL, f"data.cache_dir={data_cache}", "train.checkpoint_every=2", "train.hang_timeout_s=8"]
+    job = submit(slurm_cluster, run_dir, overrides)
+    wait_for_log(slurm_cluster, run_dir, job, rf"^0: .*step 5/{MAX_STEPS} loss", timeout=300)
+    os.kill(_trainer_pid(job, 1), signal.SIGSTOP)
+    info = wait_completed(slurm_cluster, run_dir, job, timeout=600)
+    assert info["Restarts"] == "1"
+    log = read_log(run_dir, job)
+    assert re.search(
+        r"^0: rank 0: no progress for 8 s after [^;]*step \d+; .*main thread at .*called from pretrain/", log, re.M
+    ), log[-4000:]
+    assert re.search(
+        r"^1: rank 1: no progress for 8 s after [^;]*step \d+; process T \(stopped\); main thread at \?", log, re.M
+    )
+    assert "0: hang: no rank progressed for 8 s (train.hang_timeout_s). Look first at rank 1 (T (stopped)" in log
+    requeue = re.search(r"^0: requeued: the job restarts from checkpoint (step_\d+)$", log, re.M)
+    assert requeue, log[-4000:]
+    step = int(requeue.group(1).removeprefix("step_"))
+    assert step >= 4
+    assert re.search(rf"resumed from \S+{requeue.group(1)} at step {step}", log), log[-4000:]
+    (summary,) = (run_dir / "hangs").glob("*/summary.txt")
+    assert "Look first at rank 1 (T (stopped), did not answer)" in summary.read_text()
+    report = (summary.parent / "rank00000.txt").read_text()
+    assert re.search(r"^where: .*, called from pretrain/", report, re.M), report[:2000]
+    assert "answered the stack dump: no" in (summary.parent / "rank00001.txt").read_text()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS:08d}"

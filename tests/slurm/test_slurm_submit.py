@@ -298,7 +298,7 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
         ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "optim.lr=1e-4", "--resume", "--dry-run"],
     )
     assert rc == 2 and "resolved config differs" in err and "in optim.lr (a different run)" in err
-    # how the data is read may change (the trainer re-plans it); the run's config is replaced only
+    # how the data is read (the trainer re-plans it) and hang handling may change; the run's config is replaced only
     # by a submission that goes through, and a failed one puts the old config back (below)
     rc, _, err = _submit(
         capsys,
@@ -308,6 +308,7 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
             "train.micro_batch=4",
             f"train.run_dir={run}",
             "data.num_workers=2",
+            "train.hang_timeout_s=120",
             "--resume",
             "--dry-run",
             "--cpu",
