@@ -168,9 +168,13 @@ def watch(args: argparse.Namespace) -> int:
     last, pending = START_UP, b""
     deadline = time.monotonic() + args.startup_timeout
     while True:
-        ready, _, _ = select.select([stdin], [], [], max(0.0, deadline - time.monotonic()))
+        ready, _, _ = select.select([stdin], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
+        if os.getppid() != args.parent:
+            return 0  # the rank is gone (its data-loader workers may still hold the pipe open)
         if not ready:
-            break
+            if time.monotonic() >= deadline:
+                break
+            continue
         chunk = os.read(stdin, 65536)
         if not chunk:
             return 0  # the rank exited (or was killed): nothing to watch

@@ -105,8 +105,15 @@ def test_progress_and_the_start_up_allowance_keep_it_quiet(tmp_path):
 
 
 def test_watcher_ends_with_its_rank(tmp_path):
-    """A rank that dies without closing its watchdog leaves no watcher behind, and no report."""
-    body = "print(watchdog._watcher.pid, flush=True)\nos._exit(3)\n"
+    """A rank that dies without closing its watchdog leaves no watcher behind, and no report,
+    even while a forked child of it (a data-loader worker) still holds the progress pipe open."""
+    body = """
+    if os.fork() == 0:
+        time.sleep(20)
+        os._exit(0)
+    print(watchdog._watcher.pid, flush=True)
+    os._exit(3)
+    """
     rank = rank_process(tmp_path, body, timeout=0.5)
     watcher = int(rank.stdout.readline())
     assert rank.wait(timeout=60) == 3
