@@ -55,11 +55,19 @@ def _fill_environment() -> None:
         os.environ["MASTER_PORT"] = str(free_port())
 
 
+# How long rank 0 waits for every rank to arrive (DeepSpeed's default, which the trainer used
+# before collectives got their own timeout): a rank stuck before it reaches the trainer
+# (importing torch from a hung filesystem) fails the start after this, not after the longer
+# collective timeout.
+RENDEZVOUS_TIMEOUT_S = 600.0
+
+
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU).
+    """Initialise torch.distributed (NCCL on GPUs, gloo on CPU) and DeepSpeed's communication on it.
 
     `timeout_s`: how long a collective may wait before it fails (DeepSpeed's default, 600 s,
-    when None); ignored when a process group exists already."""
+    when None); the rendezvous waits RENDEZVOUS_TIMEOUT_S either way. Ignored when a process
+    group exists already."""
     import deepspeed
 
     _fill_environment()
@@ -70,8 +78,19 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        options = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        deepspeed.init_distributed(dist_backend=backend, **options)
+        if timeout_s is not None:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                world_size,
+                is_master=rank == 0,
+                timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+            )
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            )
+        deepspeed.init_distributed(dist_backend=backend)  # on the group above, if made
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

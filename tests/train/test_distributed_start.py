@@ -1,0 +1,78 @@
+"""`init_distributed(timeout_s)` on real processes: a collective waits `timeout_s` (the trainer
+makes it longer than the hang watchdog's allowances), while the rendezvous still gives up after
+RENDEZVOUS_TIMEOUT_S when a rank never arrives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from pretrain.distributed import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(rank: int, world_size: int, port: int, body: str) -> subprocess.Popen:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import torch, torch.distributed as dist
+        import pretrain.distributed as d
+        """
+    ) + textwrap.dedent(body)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def all_reduce_after(delay_rank1: float, timeout_s: float) -> list[tuple[int, str]]:
+    """Two ranks; rank 1 reaches the all-reduce `delay_rank1` s late. (returncode, stderr) per rank."""
+    port = free_port()
+    body = f"""
+    d.init_distributed(timeout_s={timeout_s})
+    if dist.get_rank() == 1:
+        time.sleep({delay_rank1})
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    assert x.item() == 2
+    dist.destroy_process_group()
+    """
+    ranks = [launch(r, 2, port, body) for r in range(2)]
+    return [(p.wait(timeout=120), p.stderr.read()) for p in ranks]
+
+
+def test_collectives_wait_the_given_timeout():
+    (rc0, err0), _ = all_reduce_after(delay_rank1=6, timeout_s=2)
+    assert rc0 != 0 and "timed out" in err0.lower(), err0[-2000:]
+    results = all_reduce_after(delay_rank1=6, timeout_s=60)
+    assert [rc for rc, _ in results] == [0, 0], results
+
+
+def test_rendezvous_gives_up_without_waiting_the_collective_timeout():
+    body = """
+    d.RENDEZVOUS_TIMEOUT_S = 2
+    start = time.monotonic()
+    try:
+        d.init_distributed(timeout_s=300)
+    except Exception as err:
+        print(f"refused after {time.monotonic() - start:.1f} s: {type(err).__name__}", file=sys.stderr)
+        sys.exit(3)
+    """
+    start = time.monotonic()
+    alone = launch(0, 2, free_port(), body)  # rank 1 never starts
+    rc, err = alone.wait(timeout=120), alone.stderr.read()
+    assert rc == 3, err[-2000:]
+    assert time.monotonic() - start < 60, err[-2000:]
