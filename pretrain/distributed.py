@@ -106,9 +106,7 @@ def all_ok(ok: bool) -> bool:
     Lets one rank's failure stop all of them instead of leaving the others waiting at the next collective."""
     if not (dist.is_available() and dist.is_initialized()):
         return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
+    flag = _collective_tensor([0 if ok else 1], torch.int64)
     dist.all_reduce(flag)
     return int(flag.item()) == 0
 
@@ -117,8 +115,22 @@ def rank0_value(value: int) -> int:
     """Rank 0's `value` on every rank (a broadcast; `value` itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    tensor = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = _collective_tensor([value], torch.int64)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
+
+
+def gather_floats(value: float) -> list[float]:
+    """Every rank's `value`, in rank order (an all-gather; [value] without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    tensor = _collective_tensor([value], torch.float64)
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return [float(t.item()) for t in gathered]
+
+
+def _collective_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a tensor on the device the process group communicates from (NCCL: the GPU)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor

@@ -36,7 +36,7 @@ from pretrain.cadence import Every  # noqa: E402
 from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
-from pretrain.distributed import DistInfo, barrier, init_distributed, rank0_value  # noqa: E402
+from pretrain.distributed import DistInfo, barrier, gather_floats, init_distributed, rank0_value  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
 from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
@@ -307,6 +307,7 @@ class Trainer:
             (Every(t.checkpoint_every, t.max_steps), self.save_checkpoint),
         ]
         self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.interval_data_wait = 0.0  # seconds this rank waited for batches since the last log
         self.last_step: StepOutput | None = None
 
     # ---- the loop ------------------------------------------------------------------------
@@ -330,7 +331,7 @@ class Trainer:
         start = time.perf_counter()
         multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
         losses = [
-            self.forward_backward(next(batches), last_micro_batch=i == self.micro_batches - 1)
+            self.forward_backward(self.next_batch(batches), last_micro_batch=i == self.micro_batches - 1)
             for i in range(self.micro_batches)
         ]
         loss, finite = global_mean_loss(torch.stack(losses).float().mean())
@@ -338,6 +339,13 @@ class Trainer:
         with record_function(regions.STEP):
             self.optimizers.step(multiplier, skip=not finite)
         return StepOutput(loss, finite, norms, multiplier, start, time.perf_counter() - start)
+
+    def next_batch(self, batches):
+        """The next micro-batch; the time spent waiting for it is counted (perf/data_wait_fraction)."""
+        start = time.perf_counter()
+        batch = next(batches)
+        self.interval_data_wait += time.perf_counter() - start
+        return batch
 
     def forward_backward(self, batch, last_micro_batch: bool) -> torch.Tensor:
         with record_function(regions.FORWARD):
@@ -376,7 +384,9 @@ class Trainer:
     # ---- periodic work ---------------------------------------------------------------------
     def log(self) -> None:
         out, now = self.last_step, time.perf_counter()
-        tokens_per_s = self.interval_steps * self.tokens_per_step / max(now - self.interval_start, 1e-9)
+        elapsed = max(now - self.interval_start, 1e-9)
+        tokens_per_s = self.interval_steps * self.tokens_per_step / elapsed
+        data_wait = gather_floats(self.interval_data_wait / elapsed)  # per rank, a collective
         log_progress(
             self.metrics,
             self.cfg,
@@ -392,8 +402,9 @@ class Trainer:
             world_size=self.info.world_size,
             device=self.info.device,
             tokens_by_source=tokens_seen_per_source(self.train_loader),
+            data_wait=data_wait,
         )
-        self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.interval_start, self.interval_steps, self.interval_data_wait = time.perf_counter(), 0, 0.0
 
     def log_slots(self) -> None:
         log_slot_statistics(self.stats, self.metrics, self.state.step)
@@ -591,8 +602,12 @@ def log_progress(
     world_size: int,
     device: torch.device,
     tokens_by_source: dict | None = None,
+    data_wait: list[float] | None = None,
 ) -> None:
-    """TensorBoard scalars and the one-line console summary of the last logging interval."""
+    """TensorBoard scalars and the one-line console summary of the last logging interval.
+
+    `data_wait`: each rank's fraction of the interval spent waiting for batches; the largest is
+    logged with its rank (the input pipeline that holds the others back, if any)."""
     utilisation = mfu(flops, tokens_per_s, world_size, peak)
     scalars = {
         "train/loss": losses[-1] if losses else float("nan"),
@@ -607,11 +622,17 @@ def log_progress(
     }
     if tokens_by_source:
         scalars.update({f"data/tokens_seen/{name}": n for name, n in tokens_by_source.items()})
+    waits = ""
+    if data_wait:
+        slowest = max(range(len(data_wait)), key=data_wait.__getitem__)
+        scalars["perf/data_wait_fraction"] = data_wait[slowest]
+        scalars["perf/data_wait_slowest_rank"] = slowest
+        waits = f" data {_fmt(data_wait[slowest], percent=True)}" + (f" (rank {slowest})" if len(data_wait) > 1 else "")
     metrics.scalars(scalars, state.step)
     metrics.line(
         f"step {state.step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4f} "
         f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
-        f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}"
+        f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}{waits}"
     )
 
 

@@ -72,6 +72,7 @@ def test_loss_falls_on_embedded_corpus(tmp_path, data_cache):
         "perf/tokens_per_s",
         "perf/step_time_s",
         "perf/memory_bytes",
+        "perf/data_wait_fraction",
         "eval/val_loss",
         "eval/val_perplexity",
         "eval/fact_recall",

@@ -1,0 +1,77 @@
+"""perf/data_wait_fraction: the share of each logging interval a rank spent waiting for its
+batches, the largest over ranks and that rank (perf/data_wait_slowest_rank): the input pipeline
+that holds every rank back. Checked against loaders that sleep a known time per batch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.train.helpers import run_ranks, tiny_config
+
+DELAY = 0.25  # seconds per micro-batch; a step of the tiny config computes in a few hundredths
+STEPS = 4
+
+
+class SlowLoader:
+    """A loader whose every batch arrives `delay` seconds late (a slow filesystem)."""
+
+    def __init__(self, loader, delay: float):
+        self._loader, self._delay = loader, delay
+
+    def __iter__(self):
+        for batch in self._loader:
+            time.sleep(self._delay)
+            yield batch
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, ...: the wrapped loader's
+        return getattr(self._loader, name)
+
+
+def slow_on(ranks: set[int]):
+    def loaders(cfg, dataset, split, rank, world_size, loop):
+        from tests.train.helpers import fixed_batches
+
+        loader = fixed_batches(cfg, dataset, split, rank, world_size, loop)
+        return SlowLoader(loader, DELAY) if split == "train" and rank in ranks else loader
+
+    return loaders
+
+
+def logged(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return [e.value for e in board.Scalars(tag)]
+
+
+def test_a_slow_loader_shows_as_data_wait(tmp_path, data_cache):
+    from pretrain.train import train
+
+    for name, ranks in (("slow", {0}), ("fast", set())):
+        train(tiny_config(tmp_path / name, data_cache, f"train.max_steps={STEPS}"), loaders=slow_on(ranks))
+    slow, fast = (
+        logged(tmp_path / "slow", "perf/data_wait_fraction"),
+        logged(tmp_path / "fast", "perf/data_wait_fraction"),
+    )
+    assert len(slow) == len(fast) == STEPS
+    # 2 micro-batches per step: 0.5 s asleep per step against a few hundredths of compute. The
+    # first interval also holds the first step's one-time work (a DeepSpeed op built, caches).
+    assert all(0.5 < f <= 1.0 for f in slow[1:]), slow
+    assert all(0.0 <= f < s for f, s in zip(fast[1:], slow[1:])), (fast, slow)
+    assert set(logged(tmp_path / "slow", "perf/data_wait_slowest_rank")) == {0}
+
+
+def _slow_rank_1(rank: int, root: str, cache: str) -> list[float]:
+    from pretrain.train import train
+
+    train(tiny_config(Path(root), Path(cache), f"train.max_steps={STEPS}"), loaders=slow_on({1}))
+    return []
+
+
+def test_the_rank_whose_loader_is_slow_is_named(tmp_path, data_cache):
+    """Rank 1 waits for its batches; rank 0 waits for rank 1 in the collectives, not for data."""
+    run_ranks(2, _slow_rank_1, (str(tmp_path / "run"), str(data_cache)), tmp_path / "results")
+    assert set(logged(tmp_path / "run", "perf/data_wait_slowest_rank")) == {1}
+    # 1 micro-batch per rank per step: 0.25 s asleep per step
+    assert all(0.5 < f <= 1.0 for f in logged(tmp_path / "run", "perf/data_wait_fraction")[1:])
