@@ -47,8 +47,8 @@ _TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed from (missing, truncated, unreadable or unsafe file); the
-    message names the file and what to do."""
+    """A checkpoint cannot be resumed from (missing, truncated, unreadable or unsafe file) or
+    could not be written (a full disk); the message names the file and what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -177,14 +177,10 @@ class Checkpointer:
             self._remove_stale_temporaries()
             self.root.mkdir(parents=True, exist_ok=True)
         barrier()
-        client_state = dict(self.train_state.state_dict(), model_config=model_fingerprint(cfg))
-        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
-        self.memory_parallel.save(tmp_dir)
-        _atomic_torch_save(self.rank_state.state_dict(), rank_file(tmp_dir, self.rank))
-        if self.rank == 0:
-            save_config(cfg, tmp_dir / "config.yaml")
-        for writer in self.writers:
-            writer.write(tmp_dir)
+        try:
+            self._write(tmp_tag, tmp_dir, cfg)
+        except OSError as err:  # a full disk or quota, a failing filesystem: say what is kept
+            raise CheckpointError(self._write_failure(tag, tmp_dir, err)) from err
         barrier()
         if self.rank == 0:
             replace_with(tmp_dir, final_dir)
@@ -193,6 +189,33 @@ class Checkpointer:
         barrier()
         self.saved_step = step
         return final_dir
+
+    def _write(self, tmp_tag: str, tmp_dir: Path, cfg: RunConfig) -> None:
+        """Every tracked item of this rank into the unfinished checkpoint `tmp_dir`."""
+        client_state = dict(self.train_state.state_dict(), model_config=model_fingerprint(cfg))
+        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        self.memory_parallel.save(tmp_dir)
+        _atomic_torch_save(self.rank_state.state_dict(), rank_file(tmp_dir, self.rank))
+        if self.rank == 0:
+            save_config(cfg, tmp_dir / "config.yaml")
+        for writer in self.writers:
+            writer.write(tmp_dir)
+
+    def _write_failure(self, tag: str, tmp_dir: Path, err: OSError) -> str:
+        try:
+            previous = latest_checkpoint(self.root)
+        except CheckpointError:
+            previous = None
+        kept = (
+            f"{self.root / 'latest'} still names {previous.name}, which is complete"
+            if previous is not None
+            else "there is no earlier checkpoint"
+        )
+        return (
+            f"rank {self.rank} could not write checkpoint {tag} ({err}); nothing else was changed: {kept}, and "
+            f"the unfinished {tmp_dir.name} is removed at the next save. Free space (or fix the filesystem), "
+            f"then run again: the run resumes from {previous.name if previous else 'the start'}"
+        )
 
     def verify(self, ckpt_dir: Path, cfg: RunConfig, dataset_dir: Path | None = None) -> None:
         """Refuse a checkpoint that a resume on this world size could not read whole

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 import torch
 
 import pretrain.train as train_module
-from pretrain.checkpoint import latest_checkpoint
+from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.config import ConfigError, check_runtime, load_config, validate
 from pretrain.train import TrainingDiverged, train
 from tests.train.helpers import tiny_config
@@ -123,11 +124,16 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, data_cache, monkeypatc
     from pretrain.slots.checkpoint_item import SlotTableWriter
 
     def crash_midway(self, folder):  # the last item of a checkpoint, after the engine's and the ranks' files
-        raise OSError("disk full (simulated)")
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(folder / "slot_frequencies"))
 
     monkeypatch.setattr(SlotTableWriter, "write", crash_midway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError) as refused:
         train(tiny_config(run, data_cache, "train.max_steps=4"))
+    assert str(refused.value).startswith(
+        "rank 0 could not write checkpoint step_00000004 ([Errno 28] No space left on device (simulated): "
+    )
+    assert f"{run / 'checkpoints' / 'latest'} still names step_00000002, which is complete" in str(refused.value)
+    assert "the run resumes from step_00000002" in str(refused.value)
     assert latest_checkpoint(run / "checkpoints") == before
     after_params = final_parameters(run)
     assert all(torch.equal(before_params[k], after_params[k]) for k in before_params)
