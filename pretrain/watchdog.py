@@ -109,14 +109,16 @@ class HangWatchdog:
             f"--grace={self.grace}",
             *(["--requeue"] if self.requeue else []),
         ]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
+        path = [str(_PACKAGE_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        # before the watcher exists: SIGUSR2 would otherwise end the rank
+        self._dump_pipe = os.fdopen(dump_write, "w")
+        faulthandler.register(DUMP_SIGNAL, file=self._dump_pipe, all_threads=True, chain=False)
         self._watcher = subprocess.Popen(
             [sys.executable, "-m", "pretrain.watchdog", *args], stdin=subprocess.PIPE, pass_fds=(dump_read,), env=env
         )
         os.close(dump_read)
         os.set_blocking(self._watcher.stdin.fileno(), False)  # a dead watcher must never block a step
-        self._dump_pipe = os.fdopen(dump_write, "w")
-        faulthandler.register(DUMP_SIGNAL, file=self._dump_pipe, all_threads=True, chain=False)
 
     def progress(self, what: str) -> None:
         """The rank finished `what` (e.g. "step 12"): the next deadline is `timeout` from now."""
@@ -168,10 +170,12 @@ def watch(args: argparse.Namespace) -> int:
     last, pending = START_UP, b""
     deadline = time.monotonic() + args.startup_timeout
     while True:
-        ready, _, _ = select.select([stdin], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
+        ready, _, _ = select.select([stdin, args.dump_fd], [], [], min(1.0, max(0.0, deadline - time.monotonic())))
         if os.getppid() != args.parent:
             return 0  # the rank is gone (its data-loader workers may still hold the pipe open)
-        if not ready:
+        if args.dump_fd in ready:  # a SIGUSR2 from elsewhere: drained, so that the pipe never fills
+            os.read(args.dump_fd, 65536)
+        if stdin not in ready:
             if time.monotonic() >= deadline:
                 break
             continue

@@ -104,6 +104,22 @@ def test_progress_and_the_start_up_allowance_keep_it_quiet(tmp_path):
     assert not (tmp_path / REPORTS).exists()
 
 
+def test_stray_dump_signals_never_block_the_rank(tmp_path):
+    """SIGUSR2 sent by someone else dumps the stacks into the pipe the watcher reads only on a
+    hang: it drains the pipe meanwhile, so 3000 dumps (far more than a pipe holds) block nothing."""
+    body = """
+    import signal
+    for step in range(3000):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        watchdog.progress(f"step {step}")
+    print("done", flush=True)
+    """
+    rank = rank_process(tmp_path, body, timeout=5.0)
+    stdout, stderr = rank.communicate(timeout=120)
+    assert rank.returncode == 0 and stdout == "done\n", stderr
+    assert not (tmp_path / REPORTS).exists()
+
+
 def test_watcher_ends_with_its_rank(tmp_path):
     """A rank that dies without closing its watchdog leaves no watcher behind, and no report,
     even while a forked child of it (a data-loader worker) still holds the progress pipe open."""
