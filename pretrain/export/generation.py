@@ -40,6 +40,12 @@ def check_penalties(repetition_penalty: float, no_repeat_ngram_size: int) -> Non
         raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size!r} must be an integer >= 0 (0 = off)")
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Raise on a negative temperature or a nucleus mass outside (0, 1]."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+
+
 def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
     """Token ids that would complete an n-gram already in `tokens`: those that followed an earlier
     occurrence of the last n - 1 tokens (for n = 1, every token present)."""
@@ -78,8 +84,7 @@ def next_token(
 ) -> int:
     """One token id from final-position logits (vocab,): argmax at temperature 0, else nucleus
     sampling; the repetition penalty and n-gram block over the sequence so far `tokens` come first."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    check_sampling(temperature, top_p)
     logits = process_logits(logits, tokens, repetition_penalty, no_repeat_ngram_size)
     if temperature == 0:
         return int(logits.argmax())
@@ -124,6 +129,7 @@ def generate(
     """Token ids continuing `prompt` (not included); stops at eos_id when given. The repetition
     penalty (1.0 = off) and the n-gram block (0 = off) see the prompt and the tokens generated."""
     check_penalties(repetition_penalty, no_repeat_ngram_size)
+    check_sampling(temperature, top_p)
     if not prompt:
         raise ValueError("generate needs a non-empty prompt (start it with the tokenizer's eos id)")
     check_length(len(prompt), max_new_tokens, model.cfg.max_seq_len)

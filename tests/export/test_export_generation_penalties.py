@@ -186,6 +186,20 @@ def test_invalid_values_raise_before_any_work(kwargs, message):
     assert generate(OracleModel([], vocab=8), [1, 2], 3, repetition_penalty=1.0, no_repeat_ngram_size=0) == [0, 0, 0]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.5}, r"temperature=-0.5 must be >= 0"),
+        ({"temperature": 0.8, "top_p": 0.0}, r"top_p=0.0 in \(0, 1\]"),
+        ({"temperature": 0.8, "top_p": 1.5}, r"top_p=1.5 in \(0, 1\]"),
+    ],
+)
+def test_bad_sampling_values_raise_before_the_model_runs(kwargs, message):
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=message):
+            generate(NoForward([], vocab=8), [1, 2], 3, use_cache=use_cache, **kwargs)
+
+
 def test_generate_tool_passes_the_flags_through(inference_export, capsys):
     from tools.generate import main
 
