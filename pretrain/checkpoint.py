@@ -41,6 +41,7 @@ from omegaconf import OmegaConf
 from pretrain.config import ConfigError, RunConfig, config_differences, config_to_dict, save_config
 from pretrain.distributed import barrier
 from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, replace_with
+from pretrain.lr_schedule import check_resumed_schedule
 
 TMP_PREFIX = ".tmp-"
 _TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -53,6 +54,12 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(ckpt_dir: Path) -> int | None:
+    """The step a checkpoint folder named by `tag_for` was saved at; None for another name."""
+    match = re.fullmatch(r"step_(\d+)", Path(ckpt_dir).name)
+    return int(match.group(1)) if match else None
 
 
 def rank_file(ckpt_dir: Path, rank: int) -> Path:
@@ -157,6 +164,7 @@ class Checkpointer:
         self.rank, self.keep, self.world_size = rank, keep, world_size
         self.saved_step: int | None = None  # the step of this process's last complete save
         self.saved_world: int | None = None  # ranks that wrote the checkpoint `verify` passed
+        self.schedule_change: str | None = None  # how that checkpoint's learning-rate schedule was changed
         self.engine = self.memory_parallel = self.train_state = self.rank_state = None
         self.writers: list = []
 
@@ -222,11 +230,13 @@ class Checkpointer:
         (CheckpointError naming the file and the newest complete checkpoint) or whose model
         config differs (ConfigError). Records the world size that saved it; loads nothing."""
         try:
-            self.saved_world = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
+            saved = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
         except CheckpointError as err:
             raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir)) from None
+        self.saved_world = saved.dp_world_size
         saved_config = ckpt_dir / "config.yaml"
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
+        self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
 
     def reshards(self, ckpt_dir: Path) -> bool:
         """True if `ckpt_dir` (verified) was saved by another number of ranks than this run's."""
@@ -320,9 +330,10 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, rank: int | None = None) -> int:
+def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, rank: int | None = None):
     """Check every file a resume with `world_size` ranks reads: present, whole, readable with
-    the weights-only unpickler; return the number of ranks that saved the checkpoint. The
+    the weights-only unpickler; return what `export.source.inspect` found (the saving world
+    size, step, config). The
     per-rank files `rank` reads are read in full: its own, or all of them when the world size
     changed; the others are checked for completeness. Raises CheckpointError naming the first bad file."""
     from pretrain.export.errors import ExportError
@@ -330,7 +341,8 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
 
     try:
         # config, DeepSpeed files (model states read weights-only), value shards, table
-        saved_world = inspect(ckpt_dir, dataset_dir).dp_world_size
+        source = inspect(ckpt_dir, dataset_dir)
+        saved_world = source.dp_world_size
         for other in range(saved_world):
             check_torch_zip(rank_file(ckpt_dir, other))
         if rank is not None:
@@ -343,7 +355,7 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
         raise CheckpointError(
             f"{path} cannot be read as tensors and plain values (refused, nothing in it executed): {err}"
         ) from None
-    return saved_world
+    return source
 
 
 def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:

@@ -69,8 +69,9 @@ class DataConfig:
 class OptimConfig:
     lr: float = 3e-3
     value_lr: float = 1e-3  # the anchor's fixed learning rate for memory values
-    # cosine: same warmup/decay as the dense lr | constant: value_lr throughout
-    value_lr_schedule: Literal["cosine", "constant"] = "cosine"
+    # follow: the dense schedule's warm-up and decay | constant: value_lr throughout
+    # (cosine: this setting's name for follow before optim.decay_shape existed; still read)
+    value_lr_schedule: Literal["follow", "constant", "cosine"] = "follow"
     # adamw: dense value gradients + AdamW over whole shards | sparse_adamw: only the rows read
     # this step (row-sparse gradients, lazy Adam; pretrain/parallel/sparse_adamw.py) |
     # sparse_rowwise_adamw: the same with one second moment per row (optimizer state N d + N)
@@ -82,9 +83,18 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    # The schedule (pretrain/lr_schedule.py): linear warm-up, a stable phase, a decay to
+    # lr * min_lr_ratio over the last decay_fraction of train.max_steps. decay_fraction=1
+    # decays from the end of warm-up (classic cosine); < 1 is warmup-stable-decay (WSD),
+    # which a resume may extend (a larger train.max_steps) until its decay begins.
+    warmup_steps: int = 20
+    decay_shape: Literal["cosine", "linear", "sqrt", "none"] = "cosine"  # sqrt: 1 - sqrt(progress); none: constant
+    decay_fraction: float = 1.0
+    min_lr_ratio: float = 0.1
+    # resume even where the new schedule gives steps already taken other learning rates
+    # (e.g. a lower lr after a loss spike); without it such a resume is refused
+    allow_schedule_change: bool = False
 
 
 @dataclass
@@ -276,6 +286,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"optim.value_momentum_dtype={cfg.optim.value_momentum_dtype} needs a sparse value optimizer: set "
             "optim.value_optimizer=sparse_rowwise_adamw (or sparse_adamw), or value_momentum_dtype=float32"
         )
+    _check_schedule(cfg.optim)
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
     _check_cadences(cfg)
@@ -357,6 +368,22 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
                 f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
             )
     return cfg
+
+
+def _check_schedule(o: OptimConfig) -> None:
+    if o.lr <= 0 or o.value_lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} and optim.value_lr={o.value_lr} must be positive")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0 (0: no warm-up)")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(
+            f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]: the share of train.max_steps the "
+            "decay takes (1: from the end of warm-up); for no decay set optim.decay_shape=none"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1] (the decay ends at lr * min_lr_ratio)"
+        )
 
 
 def _check_cadences(cfg: RunConfig) -> None:

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, check_runtime, config_differences, load_config, save_config
 from pretrain.files import atomic_directory, atomic_write
+from pretrain.lr_schedule import SCHEDULE_KEYS, check_resumed_schedule
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = REPO_ROOT / "slurm"
@@ -264,6 +265,8 @@ def plan_run(
     code_dir = run_dir / "code" if snapshot else REPO_ROOT
     script = render_script(opts, run_dir, config_path, workdir, code_dir, python, snapshot)
     _check_run_dir(run_dir, config_path, config_text, resume)
+    if resume:
+        _check_schedule_change(run_dir, cfg)
     return PreparedRun(
         run_dir=run_dir,
         config_path=config_path,
@@ -275,7 +278,9 @@ def plan_run(
 
 
 # What a resubmitted run may change: how its data is read (the trainer re-plans the data
-# position for them, pretrain.resharding) and how a hang is handled (pretrain/watchdog.py).
+# position for them, pretrain.resharding), how a hang is handled (pretrain/watchdog.py), and
+# the learning-rate schedule where the steps already taken keep their rates (an extended
+# warmup-stable-decay run; pretrain/lr_schedule.py, checked below and again by the trainer).
 # The world size is not in the config at all.
 RESUME_MAY_CHANGE = (
     "train.micro_batch",
@@ -284,7 +289,26 @@ RESUME_MAY_CHANGE = (
     "train.hang_timeout_s",
     "train.startup_timeout_s",
     "train.requeue_on_hang",
+    *SCHEDULE_KEYS,
+    "optim.allow_schedule_change",
 )
+
+
+def _check_schedule_change(run_dir: Path, cfg) -> None:
+    """Refuse now, not after the queue, a schedule that gives the steps the latest checkpoint
+    took other learning rates (the trainer would refuse it at start)."""
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint, step_of
+    from pretrain.export.errors import ExportError
+    from pretrain.export.source import load_run_config
+
+    try:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None or step_of(checkpoint) is None:
+            return
+        saved = load_run_config(checkpoint / CONFIG_NAME)
+        check_resumed_schedule(saved, cfg, step_of(checkpoint), checkpoint.name)
+    except (CheckpointError, ExportError, ConfigError) as err:
+        raise SubmitError(f"--resume: {err}") from None
 
 
 def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: bool) -> None:

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and the learning-rate schedule.
+"""Optimizer parameter groups (the schedule is pretrain/lr_schedule.py).
 
 Dense parameters go to DeepSpeed with two AdamW groups: matrices with weight decay,
 norms/biases/1-D tensors without. Memory values are not here: pretrain.parallel holds
@@ -7,8 +7,6 @@ same schedule multiplier.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
@@ -52,16 +50,6 @@ def build_dense_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
     return SkippableAdamW(
         dense_param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True
     )
-
-
-def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio` at max_steps."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

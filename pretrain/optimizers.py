@@ -16,6 +16,7 @@ from torch.profiler import record_function
 
 from pretrain import profiler_regions as regions
 from pretrain.config import OptimConfig
+from pretrain.lr_schedule import value_lr_multiplier
 from pretrain.optim import set_learning_rate
 
 
@@ -23,11 +24,6 @@ from pretrain.optim import set_learning_rate
 class GradNorms:
     values: torch.Tensor  # the value tables' gradient norm, before clipping
     dense: float | None  # measured here at ZeRO stage 0 (DeepSpeed records none there); else None
-
-
-def value_lr_multiplier(cfg: OptimConfig, dense_multiplier: float) -> float:
-    """The value pool follows the dense schedule, or keeps optim.value_lr fixed."""
-    return dense_multiplier if cfg.value_lr_schedule == "cosine" else 1.0
 
 
 class Optimizers:

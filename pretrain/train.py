@@ -37,10 +37,11 @@ from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.distributed import DistInfo, barrier, gather_floats, init_distributed, rank0_value  # noqa: E402
+from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
 from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
-from pretrain.optim import build_dense_optimizer, lr_multiplier  # noqa: E402
+from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
 from pretrain.train_state import RankState, TrainState  # noqa: E402
@@ -441,8 +442,9 @@ class Trainer:
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
             self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
-            if resharded:
-                self.metrics.line(resharded)
+            for note in (resharded, self.checkpointer.schedule_change):
+                if note:
+                    self.metrics.line(note)
 
     def result(self) -> TrainResult:
         s = self.state

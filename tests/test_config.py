@@ -142,7 +142,7 @@ def test_memory_parallel_size_must_divide_the_world_size(repo_root):
     [
         ("train.dtype", "fp8", "fp32, bf16 or fp16"),
         ("train.nan_policy", "ignore", "stop or skip"),
-        ("optim.value_lr_schedule", "linear", "cosine or constant"),
+        ("optim.value_lr_schedule", "linear", "follow, constant or cosine"),
         ("optim.value_optimizer", "sgd", "adamw, sparse_adamw or sparse_rowwise_adamw"),
         ("data.on_corrupt", "warn", "error or skip"),
         ("model.memory.kernel", "cuda", "auto, triton or torch"),

@@ -295,9 +295,9 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
     materialise(plan)
     rc, _, err = _submit(
         capsys,
-        ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "optim.lr=1e-4", "--resume", "--dry-run"],
+        ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "optim.beta2=0.99", "--resume", "--dry-run"],
     )
-    assert rc == 2 and "resolved config differs" in err and "in optim.lr (a different run)" in err
+    assert rc == 2 and "resolved config differs" in err and "in optim.beta2 (a different run)" in err
     # how the data is read (the trainer re-plans it) and hang handling may change; the run's config is replaced only
     # by a submission that goes through, and a failed one puts the old config back (below)
     rc, _, err = _submit(
@@ -350,3 +350,28 @@ def test_sbatch_refusals_surface_its_message(capsys, tmp_path, slurm_env, partit
     rc, _, err = _submit(capsys, [*argv, "--time", minutes, "--partition", partition])
     assert rc == 2 and "sbatch refused the job" in err and message in err.lower(), err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_may_extend_the_schedule_only_where_the_steps_taken_keep_their_rates(capsys, tmp_path):
+    """A resubmission that would give the latest checkpoint's steps other learning rates is
+    refused before it is queued; one that extends a warmup-stable-decay run before its decay goes."""
+    from pretrain.launch import SlurmOptions, materialise, plan_run
+
+    run = tmp_path / "run"
+    wsd = ["train.micro_batch=2", f"train.run_dir={run}", "optim.decay_fraction=0.2", "train.max_steps=1000"]
+    materialise(plan_run(TINY, wsd, SlurmOptions(cpu=True), workdir=tmp_path))
+    checkpoint = run / "checkpoints" / "step_00000600"  # what the trainer reads of it: its config
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.yaml").write_text((run / "config.yaml").read_text())
+    (run / "checkpoints" / "latest").write_text("step_00000600")
+
+    longer = [*wsd, "train.max_steps=3000", "--resume", "--dry-run", "--cpu"]
+    rc, _, err = _submit(capsys, ["--config", TINY, *longer])
+    assert rc == 0, err  # the decay began at step 800; now at 2400
+    rc, _, err = _submit(capsys, ["--config", TINY, *longer, "optim.decay_shape=linear"])
+    assert rc == 0, err  # the shape of a decay not yet begun
+    rc, _, err = _submit(capsys, ["--config", TINY, *longer, "optim.lr=1e-3"])
+    assert rc == 2 and "--resume: resuming at step 600 with another learning-rate schedule" in err
+    assert "optim.lr 0.003 -> 0.001" in err and "optim.allow_schedule_change=true" in err
+    rc, _, err = _submit(capsys, ["--config", TINY, *longer, "optim.lr=1e-3", "optim.allow_schedule_change=true"])
+    assert rc == 0, err

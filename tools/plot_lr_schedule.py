@@ -1,0 +1,88 @@
+"""Plot a config's learning-rate schedule (dense and values) before a long run.
+
+  python tools/plot_lr_schedule.py --config configs/memory_373m.yaml optim.decay_fraction=0.2 \
+      [--out lr_schedule.png]
+  memlayers-plot-lr-schedule --config configs/tiny.yaml optim.decay_shape=sqrt
+
+Writes a PNG with the warm-up end and the decay start marked, and prints where they fall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.config import RunConfig, load_config  # noqa: E402
+from pretrain.files import atomic_write  # noqa: E402
+from pretrain.lr_schedule import decay_start, learning_rates  # noqa: E402
+from pretrain.model import ConfigError  # noqa: E402
+
+
+def describe(cfg: RunConfig) -> str:
+    o, steps = cfg.optim, cfg.train.max_steps
+    start = decay_start(o, steps)
+    decay = (
+        "no decay (constant after warm-up)"
+        if start is None
+        else f"{o.decay_shape} decay over steps {start}..{steps - 1} to lr x {o.min_lr_ratio:g}"
+    )
+    values = "constant" if o.value_lr_schedule == "constant" else "the same shape"
+    return (
+        f"{steps} steps: warm-up over steps 0..{max(0, o.warmup_steps - 1)} to lr {o.lr:g}, {decay}; "
+        f"values at {o.value_lr:g}, {values}"
+    )
+
+
+def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(cfg.train.max_steps)
+    dense, values = zip(*(learning_rates(step, cfg) for step in steps))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(steps, dense, label="dense (optim.lr)")
+    ax.plot(steps, values, label="values (optim.value_lr)", linestyle="--")
+    if cfg.optim.warmup_steps:
+        ax.axvline(cfg.optim.warmup_steps, color="gray", lw=0.8, linestyle=":", label="warm-up ends")
+    start = decay_start(cfg.optim, cfg.train.max_steps)
+    if start is not None and start > cfg.optim.warmup_steps:
+        ax.axvline(start, color="black", lw=0.8, linestyle=":", label="decay begins")
+    ax.set(xlabel="optimizer step", ylabel="learning rate", ylim=(0, None), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--out", default="lr_schedule.png", help="the PNG to write (default: lr_schedule.png)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    print(describe(cfg))
+    o = cfg.optim
+    kind = (
+        "constant"
+        if o.decay_shape == "none"
+        else f"{o.decay_shape} decay"
+        if o.decay_fraction >= 1
+        else "warmup-stable-decay"
+    )
+    print(f"wrote {plot_schedule(cfg, args.out, f'{args.config}: {kind}, {cfg.train.max_steps} steps')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
