@@ -115,6 +115,9 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = "stop"  # stop (save and exit) | skip (drop the step, count it)
     max_skipped_steps: int = 20
     stop_after: int = 0  # checkpoint and exit after this step (a time slice); 0 = run to max_steps
+    # an export folder (memlayers-export) whose weights a new run starts from (pretrain/init_from.py);
+    # "" = random initialisation. A run that has a checkpoint resumes from it instead.
+    init_from: str = ""
     # none | full | memory | selective (pretrain/parallel/activation_checkpointing.py says what each keeps)
     activation_checkpointing: Literal["none", "full", "memory", "selective"] = "none"
     activation_checkpointing_layers: list[int] = field(default_factory=list)  # selective: these blocks
@@ -371,8 +374,8 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
 
 
 def _check_schedule(o: OptimConfig) -> None:
-    if o.lr <= 0 or o.value_lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} and optim.value_lr={o.value_lr} must be positive")
+    if o.lr < 0 or o.value_lr < 0:
+        raise ConfigError(f"optim.lr={o.lr} and optim.value_lr={o.value_lr} must be >= 0")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0 (0: no warm-up)")
     if not 0.0 < o.decay_fraction <= 1.0:

@@ -267,6 +267,8 @@ def plan_run(
     _check_run_dir(run_dir, config_path, config_text, resume)
     if resume:
         _check_schedule_change(run_dir, cfg)
+    elif cfg.train.init_from:
+        _check_init_from(cfg)
     return PreparedRun(
         run_dir=run_dir,
         config_path=config_path,
@@ -291,7 +293,25 @@ RESUME_MAY_CHANGE = (
     "train.requeue_on_hang",
     *SCHEDULE_KEYS,
     "optim.allow_schedule_change",
+    "train.init_from",  # read only by a run's start, never by a resume
 )
+
+
+def _check_init_from(cfg) -> None:
+    """The export a new run starts from fits the model and the data's tokenizer (the trainer
+    checks again at start; this saves a wait in the queue)."""
+    from pretrain.data.errors import DataError
+    from pretrain.data.sources import resolve_sources
+    from pretrain.files import file_sha256
+    from pretrain.init_from import check_init_source
+
+    try:
+        sources = resolve_sources(cfg.data, cfg.data.seq_len)
+        tokenizer = sources[0].dir / "tokenizer.model" if sources else None
+        sha = file_sha256(tokenizer) if tokenizer is not None and tokenizer.is_file() else None
+        check_init_source(cfg, sha, sources[0].dir if sources else None)
+    except (ConfigError, DataError) as err:
+        raise SubmitError(str(err)) from None
 
 
 def _check_schedule_change(run_dir: Path, cfg) -> None:

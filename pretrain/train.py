@@ -37,6 +37,7 @@ from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.distributed import DistInfo, barrier, gather_floats, init_distributed, rank0_value  # noqa: E402
+from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
 from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
@@ -471,12 +472,16 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
 
     check_runtime(cfg, world_size=info.world_size, device_type=info.device.type)
     sources, tokenizer = build_data(cfg, info)
-    checkpointer, resume_from = open_run_dir(cfg, info, sources[0].dir)
-    model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from))
+    checkpointer, resume_from, init = open_run_dir(cfg, info, sources[0].dir, tokenizer.sha256)
+    model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from), init)
     train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, info.device)
     metrics = MetricsLogger(Path(cfg.train.run_dir) / "tensorboard", enabled=info.is_main)
     metrics.line(describe_data(cfg, sources, tokenizer))
+    if init is not None:
+        metrics.line(init.describe())
+    elif cfg.train.init_from:
+        metrics.line(f"train.init_from is not read: the run resumes from its checkpoint {resume_from.name}")
     state = TrainState()
     rank_items = {"data": train_loader, "rng": RNGState(info.rank, cfg.train.seed)}
     writers = []
@@ -526,21 +531,29 @@ def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
     return sources, tokenizer
 
 
-def open_run_dir(cfg: RunConfig, info: DistInfo, dataset_dir: Path) -> tuple[Checkpointer, Path | None]:
-    """The run's checkpointer and the checkpoint to resume from (checked before anything is
-    written or built: a damaged checkpoint is refused, naming the file); saves the config."""
+def open_run_dir(
+    cfg: RunConfig, info: DistInfo, dataset_dir: Path, tokenizer_sha256: str
+) -> tuple[Checkpointer, Path | None, InitSource | None]:
+    """The run's checkpointer, the checkpoint to resume from, else the export to start from
+    (train.init_from), all checked before anything is written or built: a damaged checkpoint
+    or a mismatched export is refused, naming the file; then saves the config."""
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints, info.world_size)
     resume_from = latest_checkpoint(checkpointer.root)
+    init = None
     if resume_from is not None:
         checkpointer.verify(resume_from, cfg, dataset_dir)
+    elif cfg.train.init_from:
+        init = check_init_source(cfg, tokenizer_sha256, dataset_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    return checkpointer, resume_from
+    return checkpointer, resume_from, init
 
 
-def build_model(cfg: RunConfig, info: DistInfo, load_universal: bool = False) -> tuple[Transformer, Any, Optimizers]:
+def build_model(
+    cfg: RunConfig, info: DistInfo, load_universal: bool = False, init: InitSource | None = None
+) -> tuple[Transformer, Any, Optimizers]:
     """The model, its DeepSpeed engine and the optimizers of its dense part and value shards.
 
     Built on the meta device so that no rank ever holds the full value pool: the value
@@ -560,6 +573,8 @@ def build_model(cfg: RunConfig, info: DistInfo, load_universal: bool = False) ->
     model.to_empty(device=device)
     seed_everything(t.seed)
     model.reset_parameters()
+    if init is not None:
+        load_initial_weights(model, values.tables, init)
     if t.compile:
         apply_compile(model)
     apply_activation_checkpointing(model, t.activation_checkpointing, t.activation_checkpointing_layers)

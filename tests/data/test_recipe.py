@@ -57,7 +57,7 @@ def test_readme_recipe_trains_exports_and_generates(tmp_path):
             argv = argv + QUICK_TRAINING
         outputs.append((argv, run(argv, tmp_path)))
     trainings = [out for argv, out in outputs if argv[1:3] == ["-m", "pretrain.train"]]
-    assert len(trainings) == 2
+    assert len(trainings) == 3
     for log in trainings:
         steps = losses(log)
         assert len(steps) == 16
@@ -66,6 +66,9 @@ def test_readme_recipe_trains_exports_and_generates(tmp_path):
         assert "no probes.jsonl" in log and "fact_recall" not in log
         assert "tokenizer 4096 tokens, model.vocab_size 4096" in log
     assert re.search(r"val_loss/pydocs \d", trainings[1]) and re.search(r"val_loss/licenses \d", trainings[1])
+    # continued pretraining starts where the export ended, not at ln(4096) = 8.3
+    assert "initialised from exports/english (exported at step 16)" in trainings[2]
+    assert losses(trainings[2])[0] < losses(trainings[0])[0] - 0.3, (losses(trainings[0]), losses(trainings[2]))
     generated = next(out for argv, out in outputs if argv[1] == "tools/generate.py")
     assert generated.startswith("The license") and len(generated.strip()) > len("The license")
     assert (tmp_path / "exports/english/model.safetensors").is_file()

@@ -375,3 +375,19 @@ def test_resume_may_extend_the_schedule_only_where_the_steps_taken_keep_their_ra
     assert "optim.lr 0.003 -> 0.001" in err and "optim.allow_schedule_change=true" in err
     rc, _, err = _submit(capsys, ["--config", TINY, *longer, "optim.lr=1e-3", "optim.allow_schedule_change=true"])
     assert rc == 0, err
+
+
+def test_a_new_run_from_an_export_that_does_not_fit_is_refused_before_it_is_queued(capsys, tmp_path):
+    """train.init_from is checked at submission (files, model settings), not after the queue."""
+    export = tmp_path / "export"
+    export.mkdir()
+    run = tmp_path / "run"
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", f"train.init_from={export}", "--cpu"]
+    rc, _, err = _submit(capsys, [*argv, "--dry-run"])
+    assert rc == 2 and f"train.init_from={export} has no config.json" in err
+    (export / "config.json").write_text('{"model": {"dim": 64}}')
+    for name in ("model.safetensors", "tokenizer.model"):
+        (export / name).write_bytes(b"")
+    rc, _, err = _submit(capsys, [*argv, "--dry-run"])
+    assert rc == 2 and f"train.init_from={export}: {export}/model.safetensors is truncated" in err
+    assert not run.exists()

@@ -107,7 +107,7 @@ def test_extending_a_cosine_run_is_refused_unless_deliberate():
         ("optim.decay_fraction=1.5", "optim.decay_fraction=1.5 must be in (0, 1]"),
         ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2.0 must be in [0, 1]"),
         ("optim.warmup_steps=-1", "optim.warmup_steps=-1 must be >= 0"),
-        ("optim.lr=0", "optim.lr=0.0 and optim.value_lr=0.001 must be positive"),
+        ("optim.lr=-1", "optim.lr=-1.0 and optim.value_lr=0.001 must be >= 0"),
         ("optim.decay_shape=exp", "optim.decay_shape='exp' must be cosine, linear, sqrt or none"),
     ],
 )
