@@ -58,6 +58,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 0
     on_corrupt: Literal["error", "skip"] = "error"
+    # attention stays within each document of a packed sequence (a block-causal mask from the
+    # batch's document ids), in training and validation; false: plain causal across documents
+    document_masking: bool = False
     vocab_size: int = 512  # tokenizer trained for the embedded corpus
     val_fraction: float = 0.05  # documents of the embedded corpus held out for validation
     min_shards: int = 8  # the embedded corpus has at least this many shards per split

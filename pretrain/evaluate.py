@@ -69,11 +69,12 @@ def fact_recall(model: nn.Module, batch: ProbeBatch, device: torch.device, micro
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, batches, device: torch.device) -> dict:
-    """Mean loss over the given validation batches, averaged over ranks."""
+def validation_loss(model: nn.Module, batches, device: torch.device, document_masking: bool = False) -> dict:
+    """Mean loss over the given validation batches, averaged over ranks; `document_masking`:
+    attention stays within each document, as in training (data.document_masking)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
-        logits = model(batch.tokens.to(device))
+        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids if document_masking else None)
         loss = language_model_loss(logits, batch.targets.to(device))
         total += torch.stack(
             [

@@ -261,7 +261,7 @@ class Evaluator:
         for source in self.sources:
             val_loader = self.loaders(self.cfg, source.dir, "val", 0, 1, loop=True)
             batches = [batch for batch, _ in zip(val_loader, range(self.cfg.train.eval_batches))]
-            per_source[source] = validation_loss(engine, batches, self.device)
+            per_source[source] = validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
         out = mixture_validation(per_source)
         if self.probes is not None:
             out.update(fact_recall(engine, self.probes, self.device))
@@ -351,7 +351,8 @@ class Trainer:
 
     def forward_backward(self, batch, last_micro_batch: bool) -> torch.Tensor:
         with record_function(regions.FORWARD):
-            logits = self.engine(batch.tokens.to(self.info.device))
+            doc_ids = batch.doc_ids if self.cfg.data.document_masking else None
+            logits = self.engine(batch.tokens.to(self.info.device), doc_ids=doc_ids)
             loss = language_model_loss(logits, batch.targets.to(self.info.device))
         self.optimizers.backward(loss, last_micro_batch)
         if self.stats is not None:

@@ -137,29 +137,48 @@ class Transformer(nn.Module):
             self._freqs = rotary_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
         return self._freqs[:seq_len]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens (B, S) int64 -> logits (B, S, vocab). With `cache` (inference), tokens continue
-        the cached ones and their keys/values are appended to it."""
+        the cached ones and their keys/values are appended to it. With `doc_ids` (B, S), each
+        token attends only to earlier tokens of its own document (`document_causal_mask`)."""
         S = tokens.shape[1]
         past = cache.length if cache is not None else 0
         if past + S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past + S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (document masking) is for packed training batches, not with a KV cache")
         x = self.tok_embeddings(tokens)
         freqs = self.rotary(past + S, x.device)[past:]
-        mask = cache.causal_mask(S, x.device) if cache is not None else None
+        mask = None
+        if cache is not None:
+            mask = cache.causal_mask(S, x.device)
+        elif doc_ids is not None:
+            mask = document_causal_mask(doc_ids.to(x.device))
         memory_index = 0
         for i, block in enumerate(self.layers):
             values = None
             if block.is_memory:
                 values = self.value_table_for(memory_index)
                 memory_index += 1
-            if cache is None:
+            if cache is None and mask is None:
                 x = block(x, freqs, values)
             else:
-                x = block(x, freqs, values, cache.layers[i], mask)
+                x = block(x, freqs, values, cache.layers[i] if cache is not None else None, mask)
         if cache is not None:
             cache.length += S
         return self.output(self.norm(x))
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) boolean attention mask: query i sees key j <= i of the same document.
+
+    Rotary embeddings make attention depend on relative positions only, so a document packed
+    at any offset is computed as if it stood alone. Padding (doc id -1) attends to padding."""
+    S = doc_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
 
 
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
