@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, check_runtime, config_differences, load_config, save_config
+from pretrain.data.sources import weight_change
 from pretrain.files import atomic_directory, atomic_write
 from pretrain.lr_schedule import SCHEDULE_KEYS, check_resumed_schedule
 
@@ -283,6 +284,7 @@ def plan_run(
 # position for them, pretrain.resharding), how a hang is handled (pretrain/watchdog.py), and
 # the learning-rate schedule where the steps already taken keep their rates (an extended
 # warmup-stable-decay run; pretrain/lr_schedule.py, checked below and again by the trainer).
+# The weights of data.sources may change too (`weight_change`: an annealing mixture).
 # The world size is not in the config at all.
 RESUME_MAY_CHANGE = (
     "train.micro_batch",
@@ -344,7 +346,10 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                     f"--resume: {run_dir} holds no {CONFIG_NAME}, so it is not a run directory made by this tool"
                 )
             old, new = (OmegaConf.to_container(OmegaConf.create(text)) for text in (existing, config_text))
-            changed = sorted(set(config_differences(old, new)) - set(RESUME_MAY_CHANGE))
+            changed = set(config_differences(old, new)) - set(RESUME_MAY_CHANGE)
+            if weight_change(old["data"]["sources"], new["data"]["sources"]):  # an annealing mixture
+                changed.discard("data.sources")
+            changed = sorted(changed)
             if changed:
                 raise SubmitError(
                     f"--resume: the resolved config differs from {config_path} in {', '.join(changed)} (a different "

@@ -444,7 +444,7 @@ class Trainer:
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
             self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
-            for note in (resharded, self.checkpointer.schedule_change):
+            for note in (resharded, self.checkpointer.schedule_change, self.checkpointer.mixture_change):
                 if note:
                     self.metrics.line(note)
 

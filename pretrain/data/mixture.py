@@ -14,6 +14,10 @@ On another number of ranks or workers, `load_resharded(all old ranks' states)` r
 each source's loader (`ShardLoader.load_resharded`) and reseeds the source draws; see its
 docstring.
 
+The weights may change on resume (an annealing mixture for a run's decay): the draws go on
+from the saved generator and every source from its own position, so no sequence is read twice
+or skipped; only which source each later row comes from follows the new weights.
+
 Document ids are made unique across sources by offsetting each source's ids by the
 documents of the sources before it. A mixture of one source yields exactly the batches of
 its `ShardLoader`.
@@ -139,11 +143,17 @@ class MixtureLoader:
         state = self._as_mixture_state(state)
         return any(loader.needs_reshard(src["loader"]) for loader, src in zip(self.loaders, state["sources"]))
 
+    def _resume_settings(self) -> dict:
+        """What a resume must keep: all settings but the weights."""
+        return {k: v for k, v in self._settings().items() if k != "weights"}
+
     def load_state_dict(self, state: dict) -> None:
         moved = self.needs_reshard(state)
         state = self._as_mixture_state(state)
-        fix = "resume with the same data.sources (names, weights), batch size and seed"
-        check_same_settings(state.get("settings", {}), self._settings(), "data state", RESHARD_FIX if moved else fix)
+        fix = "resume with the same data.sources (names; weights may change), batch size and seed"
+        check_same_settings(
+            state.get("settings", {}), self._resume_settings(), "data state", RESHARD_FIX if moved else fix
+        )
         self.reset()
         if state["rng"] is not None:
             r = state["rng"]
@@ -171,11 +181,11 @@ class MixtureLoader:
         rank, rows drawn before the reshard), not the stream the run started with; its
         state is in `state_dict()`, so a resharded run resumes exactly. The rows drawn per source
         move to new rank 0 (their sums over ranks are kept). Sources (names, weights) and seed
-        must match; batch size, ranks and workers may change.
+        must match; weights, batch size, ranks and workers may change.
         """
         states = [self._as_mixture_state(s) for s in states]
-        mine = {k: v for k, v in self._settings().items() if k in ("sources", "weights", "seed")}
-        fix = "a run continues on other ranks only with the same data.sources (names, weights) and seed"
+        mine = {k: v for k, v in self._settings().items() if k in ("sources", "seed")}
+        fix = "a run continues on other ranks only with the same data.sources (names) and seed"
         for state in states:
             check_same_settings(state.get("settings", {}), mine, "data state", fix)
         self.reset()

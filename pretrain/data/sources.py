@@ -134,3 +134,19 @@ def dataset_values(sources: list[Source]) -> dict[str, int]:
         "data.vocab_size": int(manifest["vocab_size"]),
         "data.seq_len": int(manifest["seq_len"]),
     }
+
+
+def weight_change(old: list, new: list) -> str | None:
+    """'pydocs 3.0 -> 1.0, licenses 1.0 -> 3.0' when two data.sources lists (dicts or
+    SourceConfigs) hold the same sources (dir, name) in the same order with other weights;
+    None when they are equal or differ in more than weights. A resume may change the weights
+    (pretrain/data/mixture.py)."""
+
+    def fields(spec) -> tuple[str, str, float]:
+        get = spec.get if isinstance(spec, dict) else lambda key: getattr(spec, key)
+        return str(get("dir")), str(get("name") or Path(str(get("dir"))).name), float(get("weight"))
+
+    before, after = [fields(s) for s in old], [fields(s) for s in new]
+    if [b[:2] for b in before] != [a[:2] for a in after] or before == after:
+        return None
+    return ", ".join(f"{name} {w0:g} -> {w1:g}" for (_, name, w0), (_, _, w1) in zip(before, after) if w0 != w1)

@@ -96,3 +96,26 @@ def test_mixture_resume_is_exact_on_two_ranks(tmp_path, dataset, second_dataset)
     assert results[0]["split"] == results[0]["straight"]
     a, b = final_parameters(tmp_path / "straight"), final_parameters(tmp_path / "split")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixture_weights_may_change_on_resume(tmp_path, dataset, second_dataset, capsys):
+    """An annealing mixture: 1:2 for 2 steps, then 3:1. The resume says so, the validation mean
+    follows the new weights, and every trained token is still some source's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = ("train.max_steps=4", "train.eval_every=4")
+    train(own_config(tmp_path / "run", sources(dataset, second_dataset), *opts, "train.stop_after=2"))
+    annealed = (
+        f"data.sources=[{{dir: {dataset}, weight: 3.0, name: a}}, {{dir: {second_dataset}, weight: 1.0, name: b}}]"
+    )
+    result = train(own_config(tmp_path / "run", annealed, *opts))
+    assert result.step == 4
+    assert "data.sources weights changed from step 2: a 1 -> 3, b 2 -> 1" in capsys.readouterr().out
+    mean = (3 * result.eval["val_loss/a"] + 1 * result.eval["val_loss/b"]) / 4
+    assert result.eval["val_loss"] == pytest.approx(mean, rel=1e-12)
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    seen = {n: board.Scalars(f"data/tokens_seen/{n}")[-1].value for n in "ab"}
+    assert seen["a"] + seen["b"] == result.tokens_seen
+    other = f"data.sources=[{{dir: {dataset}, weight: 3.0, name: a}}, {{dir: {second_dataset}, weight: 1.0, name: c}}]"
+    with pytest.raises(Exception, match=r"sources=\['a', 'b'\] vs \['a', 'c'\]"):
+        train(own_config(tmp_path / "run", other, *opts))  # another source is not an annealing

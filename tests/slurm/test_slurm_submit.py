@@ -391,3 +391,24 @@ def test_a_new_run_from_an_export_that_does_not_fit_is_refused_before_it_is_queu
     rc, _, err = _submit(capsys, [*argv, "--dry-run"])
     assert rc == 2 and f"train.init_from={export}: {export}/model.safetensors is truncated" in err
     assert not run.exists()
+
+
+def test_resume_may_change_the_mixture_weights_only(capsys, tmp_path, data_cache):
+    """An annealing mixture is resubmitted with other weights; another source is another run."""
+    from pretrain.config import load_config
+    from pretrain.data import prepare_embedded_dataset
+    from pretrain.launch import SlurmOptions, materialise, plan_run
+
+    cfg = load_config(TINY, [f"data.cache_dir={data_cache}"])
+    data = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
+    run = tmp_path / "run"
+
+    def mix(a: float, b: float, name: str = "b") -> str:
+        return f"data.sources=[{{dir: {data}, weight: {a}, name: a}}, {{dir: {data}, weight: {b}, name: {name}}}]"
+
+    base = ["train.micro_batch=2", f"train.run_dir={run}"]
+    materialise(plan_run(TINY, [*base, mix(1.0, 2.0)], SlurmOptions(cpu=True), workdir=tmp_path))
+    rc, _, err = _submit(capsys, ["--config", TINY, *base, mix(3.0, 1.0), "--resume", "--dry-run", "--cpu"])
+    assert rc == 0, err
+    rc, _, err = _submit(capsys, ["--config", TINY, *base, mix(1.0, 2.0, "c"), "--resume", "--dry-run", "--cpu"])
+    assert rc == 2 and "in data.sources (a different run)" in err
