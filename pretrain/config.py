@@ -50,9 +50,20 @@ class SourceConfig:
 
 
 @dataclass
+class EvalSourceConfig:
+    """A prepared dataset evaluated at every evaluation but never trained on (data.eval_sources)."""
+
+    dir: str = ""
+    name: str = ""  # heldout_loss/<name>; "" = the directory's name
+
+
+@dataclass
 class DataConfig:
     dir: str = ""  # prepared shards (tools/prepare_data); "" = build the embedded corpus under cache_dir
     sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture instead of data.dir
+    # held-out corpora (same tokenizer and seq_len): heldout_loss/<name> at every evaluation, read
+    # from their validation split, or their training split when they have none
+    eval_sources: list[EvalSourceConfig] = field(default_factory=list)
     cache_dir: str = ".cache/data"
     seq_len: int = 128  # with data.dir/data.sources: the datasets' seq_len unless set explicitly
     num_workers: int = 0
@@ -331,12 +342,12 @@ def check_datasets(cfg: RunConfig) -> RunConfig:
             f"data.dir={d.dir} holds no manifest.json: prepare it with tools/prepare_data.py, "
             f"or leave data.dir empty to use the embedded corpus"
         )
-    if d.dir or d.sources:
+    if d.dir or d.sources or d.eval_sources:
         from pretrain.data.errors import DataError
-        from pretrain.data.sources import resolve_sources
+        from pretrain.data.sources import resolve_eval_sources, resolve_sources
 
         try:
-            resolve_sources(d, d.seq_len)
+            resolve_eval_sources(d, resolve_sources(d, d.seq_len))
         except DataError as err:
             raise ConfigError(str(err)) from None
     return cfg

@@ -36,6 +36,7 @@ from pretrain.cadence import Every  # noqa: E402
 from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
+from pretrain.data.sources import resolve_eval_sources  # noqa: E402
 from pretrain.distributed import DistInfo, barrier, gather_floats, init_distributed, rank0_value  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
@@ -121,11 +122,12 @@ def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
 
 
 def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool):
-    """Train: a `MixtureLoader` over the sources (a list); val: a `ShardLoader` of one dataset dir."""
+    """Train: a `MixtureLoader` over the sources (a list); otherwise a `ShardLoader` of one
+    dataset dir's `split` (validation, or a held-out corpus's training split)."""
     from pretrain.data import ShardLoader
     from pretrain.data.mixture import MixtureLoader
 
-    if split == "train":
+    if split == "train" and isinstance(dataset, list):
         return MixtureLoader(
             dataset,
             batch_size=cfg.train.micro_batch,
@@ -248,25 +250,35 @@ class StepOutput:
 class Evaluator:
     """Validation loss per source (and their weighted mean) plus fact recall on the probes."""
 
-    def __init__(self, cfg: RunConfig, sources: list, probes, loaders: LoaderFactory, device: torch.device):
+    def __init__(
+        self, cfg: RunConfig, sources: list, probes, loaders: LoaderFactory, device: torch.device, heldout: list = ()
+    ):
         self.cfg, self.probes, self.loaders, self.device = cfg, probes, loaders, device
         self.sources = [s for s in sources if s.has_validation]
+        self.heldout = list(heldout)  # data.eval_sources: evaluated, never trained on
 
     @record_function(regions.EVAL)
     def __call__(self, engine) -> dict:
-        from pretrain.evaluate import fact_recall, validation_loss
+        from pretrain.evaluate import fact_recall
 
         engine.eval()
-        per_source = {}
-        for source in self.sources:
-            val_loader = self.loaders(self.cfg, source.dir, "val", 0, 1, loop=True)
-            batches = [batch for batch, _ in zip(val_loader, range(self.cfg.train.eval_batches))]
-            per_source[source] = validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
+        per_source = {source: self.loss_on(engine, source, "val") for source in self.sources}
         out = mixture_validation(per_source)
+        for source in self.heldout:
+            split = "val" if source.has_validation else "train"
+            out[f"heldout_loss/{source.name}"] = self.loss_on(engine, source, split).get("val_loss", float("nan"))
         if self.probes is not None:
             out.update(fact_recall(engine, self.probes, self.device))
         engine.train()
         return out
+
+    def loss_on(self, engine, source, split: str) -> dict:
+        """validation_loss over train.eval_batches batches of `source`'s `split` (the same on every rank)."""
+        from pretrain.evaluate import validation_loss
+
+        loader = self.loaders(self.cfg, source.dir, split, 0, 1, loop=True)
+        batches = [batch for batch, _ in zip(loader, range(self.cfg.train.eval_batches))]
+        return validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
 
 
 @dataclass
@@ -507,7 +519,14 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
         checkpointer=checkpointer,
         resume_from=resume_from,
         metrics=metrics,
-        evaluate_now=Evaluator(cfg, sources, load_seen_probes(cfg, sources, tokenizer, metrics), loaders, info.device),
+        evaluate_now=Evaluator(
+            cfg,
+            sources,
+            load_seen_probes(cfg, sources, tokenizer, metrics),
+            loaders,
+            info.device,
+            resolve_eval_sources(cfg.data, sources),
+        ),
         state=state,
         flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         peak=device_peak_flops(info.device),
@@ -522,6 +541,7 @@ def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
 
     sources = prepare_dataset(cfg, info)
     check_trainable(sources)
+    resolve_eval_sources(cfg.data, sources)  # held-out corpora fit the data actually trained on
     dataset_dir = sources[0].dir
     tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -104,26 +104,31 @@ def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) ->
     first = sources[0]
     for i, src in enumerate(sources):
         label = _label(i, src.name, many, src.dir)
-        if seq_len is not None and src.manifest["seq_len"] != seq_len:
-            raise DataError(
-                f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
-                f"data.seq_len={seq_len}: set data.seq_len={src.manifest['seq_len']} (or drop the "
-                "override to follow the dataset), or re-run tools/prepare_data.py --seq-len "
-                f"{seq_len}"
-            )
-        if src.manifest["seq_len"] != first.manifest["seq_len"]:
-            raise DataError(
-                f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
-                f"{first.dir} with seq_len={first.manifest['seq_len']}: re-run tools/prepare_data.py "
-                f"--seq-len {first.manifest['seq_len']} for {src.dir}"
-            )
-        if src.manifest.get("tokenizer_sha256") != first.manifest.get("tokenizer_sha256"):
-            raise DataError(
-                f"{label}: {src.dir / 'tokenizer.model'} (sha256 {str(src.manifest.get('tokenizer_sha256'))[:12]})"
-                f" differs from {first.dir / 'tokenizer.model'} (sha256 "
-                f"{str(first.manifest.get('tokenizer_sha256'))[:12]}): every source must use one tokenizer; "
-                f"re-run tools/prepare_data.py --tokenizer {first.dir / 'tokenizer.model'} for {src.dir}"
-            )
+        _check_same_format(src, first, label, seq_len)
+
+
+def _check_same_format(src: Source, first: Source, label: str, seq_len: int | None) -> None:
+    """`src` has the run's seq_len and the tokenizer of `first`, else DataError naming the fix."""
+    if seq_len is not None and src.manifest["seq_len"] != seq_len:
+        raise DataError(
+            f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
+            f"data.seq_len={seq_len}: set data.seq_len={src.manifest['seq_len']} (or drop the "
+            "override to follow the dataset), or re-run tools/prepare_data.py --seq-len "
+            f"{seq_len}"
+        )
+    if src.manifest["seq_len"] != first.manifest["seq_len"]:
+        raise DataError(
+            f"{label}: {src.dir} was prepared with seq_len={src.manifest['seq_len']} but "
+            f"{first.dir} with seq_len={first.manifest['seq_len']}: re-run tools/prepare_data.py "
+            f"--seq-len {first.manifest['seq_len']} for {src.dir}"
+        )
+    if src.manifest.get("tokenizer_sha256") != first.manifest.get("tokenizer_sha256"):
+        raise DataError(
+            f"{label}: {src.dir / 'tokenizer.model'} (sha256 {str(src.manifest.get('tokenizer_sha256'))[:12]})"
+            f" differs from {first.dir / 'tokenizer.model'} (sha256 "
+            f"{str(first.manifest.get('tokenizer_sha256'))[:12]}): every source must use one tokenizer; "
+            f"re-run tools/prepare_data.py --tokenizer {first.dir / 'tokenizer.model'} for {src.dir}"
+        )
 
 
 def dataset_values(sources: list[Source]) -> dict[str, int]:
@@ -150,3 +155,36 @@ def weight_change(old: list, new: list) -> str | None:
     if [b[:2] for b in before] != [a[:2] for a in after] or before == after:
         return None
     return ", ".join(f"{name} {w0:g} -> {w1:g}" for (_, name, w0), (_, _, w1) in zip(before, after) if w0 != w1)
+
+
+def resolve_eval_sources(data_cfg, train_sources: list[Source]) -> list[Source]:
+    """`data.eval_sources` as checked `Source`s: prepared, named once, not trained on, and with
+    the seq_len and tokenizer of the training data (`train_sources[0]`; not compared while the
+    embedded corpus is still unbuilt: the trainer checks again once it is)."""
+    specs = list(getattr(data_cfg, "eval_sources", None) or [])
+    trained = {s.name: s for s in train_sources}
+    out: list[Source] = []
+    for i, spec in enumerate(specs):
+        get = spec.get if isinstance(spec, dict) else lambda k, s=spec: getattr(s, k)
+        directory = Path(str(get("dir") or ""))
+        name = str(get("name") or directory.name or f"eval{i}")
+        label = f"data.eval_sources[{i}] ({name})"
+        if not str(get("dir") or ""):
+            raise DataError(f"{label}: no dir given: set data.eval_sources[{i}].dir to a prepared dataset")
+        if not (directory / "manifest.json").is_file():
+            raise DataError(
+                f"{label}: {directory} holds no manifest.json: prepare it with tools/prepare_data.py --input <corpus> "
+                f"--output {directory} --tokenizer <the training data's tokenizer.model>"
+            )
+        if name in trained or name in {s.name for s in out}:
+            raise DataError(f"{label}: the name {name!r} is already used: set data.eval_sources[{i}].name")
+        if any(directory.resolve() == s.dir.resolve() for s in train_sources):
+            raise DataError(
+                f"{label}: {directory} is trained on (data.dir / data.sources): its validation split is "
+                "reported as val_loss already; list only corpora the run does not train on"
+            )
+        source = Source(name, directory, 1.0, read_manifest(directory))
+        if train_sources:
+            _check_same_format(source, train_sources[0], label, None)
+        out.append(source)
+    return out

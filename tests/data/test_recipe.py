@@ -69,6 +69,7 @@ def test_readme_recipe_trains_exports_and_generates(tmp_path):
     # continued pretraining starts where the export ended, not at ln(4096) = 8.3
     assert "initialised from exports/english (exported at step 16)" in trainings[2]
     assert losses(trainings[2])[0] < losses(trainings[0])[0] - 0.3, (losses(trainings[0]), losses(trainings[2]))
+    assert re.search(r"eval val_loss \d+\.\d+ val_perplexity \d+\.\d+ heldout_loss/pydocs \d+\.\d+", trainings[2])
     generated = next(out for argv, out in outputs if argv[1] == "tools/generate.py")
     assert generated.startswith("The license") and len(generated.strip()) > len("The license")
     assert (tmp_path / "exports/english/model.safetensors").is_file()

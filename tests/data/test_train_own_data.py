@@ -119,3 +119,41 @@ def test_mixture_weights_may_change_on_resume(tmp_path, dataset, second_dataset,
     other = f"data.sources=[{{dir: {dataset}, weight: 3.0, name: a}}, {{dir: {second_dataset}, weight: 1.0, name: c}}]"
     with pytest.raises(Exception, match=r"sources=\['a', 'b'\] vs \['a', 'c'\]"):
         train(own_config(tmp_path / "run", other, *opts))  # another source is not an annealing
+
+
+def test_heldout_corpus_is_evaluated_not_trained_on(tmp_path, dataset, second_dataset):
+    """data.eval_sources: heldout_loss/<name> equals the loss of the exported model on those
+    batches, computed here without the trainer; the corpus adds no training tokens."""
+    from pretrain.data import ShardLoader
+    from pretrain.export import export_checkpoint, load
+    from pretrain.model import language_model_loss
+
+    held = f"data.eval_sources=[{{dir: {second_dataset}, name: held}}]"
+    run = tmp_path / "run"
+    result = train(own_config(run, f"data.dir={dataset}", held, "train.max_steps=3", "train.eval_every=3"))
+    assert set(result.eval) == {"val_loss", "val_perplexity", "heldout_loss/held"}
+    model = load(export_checkpoint(run, tmp_path / "export", show_progress=False))
+    cfg = own_config(run, f"data.dir={dataset}")
+    loader = ShardLoader(second_dataset, split="val", batch_size=cfg.train.micro_batch, seed=cfg.train.seed)
+    batches = [batch for batch, _ in zip(loader, range(cfg.train.eval_batches))]
+    with torch.no_grad():
+        losses = [language_model_loss(model(b.tokens), b.targets).double() * b.tokens.numel() for b in batches]
+    expected = float(sum(losses) / sum(b.tokens.numel() for b in batches))
+    assert result.eval["heldout_loss/held"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("{dir: DATASET, name: x}", "is trained on (data.dir / data.sources)"),
+        ("{dir: SECOND, name: data}", "the name 'data' is already used"),
+        ("{dir: MISSING}", "holds no manifest.json: prepare it with tools/prepare_data.py"),
+    ],
+)
+def test_bad_heldout_corpora_are_refused_at_config_time(tmp_path, dataset, second_dataset, spec, message):
+    spec = spec.replace("DATASET", str(dataset)).replace("SECOND", str(second_dataset))
+    spec = spec.replace("MISSING", str(tmp_path / "nothing"))
+    with pytest.raises(
+        ConfigError, match=r"data.eval_sources\[0\] .*" + message.replace("(", r"\(").replace(")", r"\)")
+    ):
+        own_config(tmp_path / "run", f"data.dir={dataset}", f"data.eval_sources=[{spec}]")
