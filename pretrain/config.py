@@ -98,6 +98,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    z_loss: float = 0.0  # weight of mean log(Z)^2 of the output softmax added to the loss (PaLM: 1e-4)
     # The schedule (pretrain/lr_schedule.py): linear warm-up, a stable phase, a decay to
     # lr * min_lr_ratio over the last decay_fraction of train.max_steps. decay_fraction=1
     # decays from the end of warm-up (classic cosine); < 1 is warmup-stable-decay (WSD),
@@ -390,6 +391,8 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
 def _check_schedule(o: OptimConfig) -> None:
     if o.lr < 0 or o.value_lr < 0:
         raise ConfigError(f"optim.lr={o.lr} and optim.value_lr={o.value_lr} must be >= 0")
+    if o.z_loss < 0:
+        raise ConfigError(f"optim.z_loss={o.z_loss} must be >= 0 (0: off; PaLM used 1e-4)")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0 (0: no warm-up)")
     if not 0.0 < o.decay_fraction <= 1.0:

@@ -41,7 +41,7 @@ from pretrain.distributed import DistInfo, barrier, gather_floats, init_distribu
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
-from pretrain.model import Transformer, flops_per_token, language_model_loss  # noqa: E402
+from pretrain.model import Transformer, flops_per_token, language_model_loss, z_loss  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
 from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
@@ -175,18 +175,20 @@ def slot_stream_names(cfg: RunConfig) -> list[str]:
     return model_names.slot_stream_names(cfg.model.memory)
 
 
-def global_mean_loss(loss: torch.Tensor) -> tuple[float, bool]:
-    """The step's loss averaged over ranks, and whether every rank's loss was finite.
+def global_mean_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple[float, bool, float | None]:
+    """The step's loss averaged over ranks, whether every rank's loss was finite, and the
+    rank mean of the z-loss term `z` (None without one).
 
     One small all-reduce read on the host (the stop check and the Triton bag's index range
     check synchronise too).
     """
-    both = torch.stack([loss.float(), (~torch.isfinite(loss)).float()])
+    values = torch.stack([loss.float(), (~torch.isfinite(loss)).float(), z.float() if z is not None else loss * 0])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(both)
-        both[0] /= dist.get_world_size()
-    value, nonfinite = both.tolist()
-    return value, nonfinite == 0
+        dist.all_reduce(values)
+        values[0] /= dist.get_world_size()
+        values[2] /= dist.get_world_size()
+    value, nonfinite, z_mean = values.tolist()
+    return value, nonfinite == 0, z_mean if z is not None else None
 
 
 LoaderFactory = Callable[..., Any]  # build_loader's signature: (cfg, dataset, split, rank, world_size, loop)
@@ -245,6 +247,7 @@ class StepOutput:
     multiplier: float  # of the learning-rate schedule
     start: float
     seconds: float
+    z_loss: float | None = None  # the rank-mean log(Z)^2 term, when optim.z_loss > 0
 
 
 class Evaluator:
@@ -344,15 +347,18 @@ class Trainer:
         rank's loss is not finite."""
         start = time.perf_counter()
         multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
-        losses = [
-            self.forward_backward(self.next_batch(batches), last_micro_batch=i == self.micro_batches - 1)
-            for i in range(self.micro_batches)
-        ]
-        loss, finite = global_mean_loss(torch.stack(losses).float().mean())
+        losses, z_terms = zip(
+            *(
+                self.forward_backward(self.next_batch(batches), last_micro_batch=i == self.micro_batches - 1)
+                for i in range(self.micro_batches)
+            )
+        )
+        z = torch.stack(z_terms).mean() if self.cfg.optim.z_loss else None
+        loss, finite, z_mean = global_mean_loss(torch.stack(losses).float().mean(), z)
         norms = self.optimizers.clip(measure_dense=self.measure_dense_norm.due(self.state.step + 1))
         with record_function(regions.STEP):
             self.optimizers.step(multiplier, skip=not finite)
-        return StepOutput(loss, finite, norms, multiplier, start, time.perf_counter() - start)
+        return StepOutput(loss, finite, norms, multiplier, start, time.perf_counter() - start, z_mean)
 
     def next_batch(self, batches):
         """The next micro-batch; the time spent waiting for it is counted (perf/data_wait_fraction)."""
@@ -361,15 +367,22 @@ class Trainer:
         self.interval_data_wait += time.perf_counter() - start
         return batch
 
-    def forward_backward(self, batch, last_micro_batch: bool) -> torch.Tensor:
+    def forward_backward(self, batch, last_micro_batch: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of one micro-batch: its cross-entropy and z-loss term (None when
+        optim.z_loss is 0), detached; the gradient is of CE + optim.z_loss x the z term."""
         with record_function(regions.FORWARD):
             doc_ids = batch.doc_ids if self.cfg.data.document_masking else None
             logits = self.engine(batch.tokens.to(self.info.device), doc_ids=doc_ids)
-            loss = language_model_loss(logits, batch.targets.to(self.info.device))
-        self.optimizers.backward(loss, last_micro_batch)
+            targets = batch.targets.to(self.info.device)
+            loss = objective = language_model_loss(logits, targets)
+            z = None
+            if self.cfg.optim.z_loss:
+                z = z_loss(logits, targets)
+                objective = loss + self.cfg.optim.z_loss * z
+        self.optimizers.backward(objective, last_micro_batch)
         if self.stats is not None:
             self.stats.update(self.lookups.take(self.shared_table_stream), batch.doc_ids.to(self.info.device))
-        return loss.detach()
+        return loss.detach(), z.detach() if z is not None else None
 
     def count(self, out: StepOutput) -> None:
         """Advance the train state by the step; a skipped step is logged, and past the policy's
@@ -418,6 +431,7 @@ class Trainer:
             device=self.info.device,
             tokens_by_source=tokens_seen_per_source(self.train_loader),
             data_wait=data_wait,
+            z_loss=out.z_loss,
         )
         self.interval_start, self.interval_steps, self.interval_data_wait = time.perf_counter(), 0, 0.0
 
@@ -641,6 +655,7 @@ def log_progress(
     device: torch.device,
     tokens_by_source: dict | None = None,
     data_wait: list[float] | None = None,
+    z_loss: float | None = None,
 ) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval.
 
@@ -658,6 +673,8 @@ def log_progress(
         "perf/memory_bytes": memory_allocated(device),
         "train/tokens_seen": state.tokens_seen,
     }
+    if z_loss is not None:
+        scalars["train/z_loss"] = z_loss  # the log(Z)^2 term, before its weight optim.z_loss
     if tokens_by_source:
         scalars.update({f"data/tokens_seen/{name}": n for name, n in tokens_by_source.items()})
     waits = ""

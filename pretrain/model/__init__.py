@@ -3,7 +3,7 @@
 from pretrain.model.accounting import ParameterCount, count_parameters, flops_per_token
 from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
 from pretrain.model.memory import MemoryPlus, ValueTable
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.transformer import Transformer, language_model_loss, z_loss
 
 __all__ = [
     "ConfigError",
@@ -16,4 +16,5 @@ __all__ = [
     "count_parameters",
     "flops_per_token",
     "language_model_loss",
+    "z_loss",
 ]
