@@ -12,18 +12,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
+from pretrain.data.corpus import FORMATS  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--input", nargs="+", required=True, help="files, directories or glob patterns (text, .jsonl, .jsonl.gz)"
+        "--input",
+        nargs="+",
+        required=True,
+        help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst compressed)",
     )
     ap.add_argument("--output", required=True, help="where to write the .model file")
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    ap.add_argument("--format", default="auto", choices=["auto", "text", "blocks", "jsonl"])
-    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
+    ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
     ap.add_argument(
         "--max-sentences",
         type=int,

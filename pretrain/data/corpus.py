@@ -1,15 +1,20 @@
-"""Streaming readers for real corpora: plain text, JSONL and JSONL.gz.
+"""Streaming readers for real corpora: plain text, JSONL and Parquet; .gz and .zst compressed.
 
 `iter_documents(paths, ...)` yields one string per document and never holds more than
-one document (one file for `text`, one block for `blocks`, one line for JSONL) in
-memory. Undecodable bytes are replaced (U+FFFD) and counted; empty documents are skipped
-and counted, in a `CorpusStats` the caller passes in.
+one document (one file for `text`, one block for `blocks`, one line for JSONL) or one
+record batch (Parquet, the column `text_field` only) in memory. This covers how the
+public pretraining corpora ship: FineWeb and most Hugging Face datasets as Parquet,
+SlimPajama as .jsonl.zst, Dolma as .json.gz. Undecodable bytes are replaced (U+FFFD) and
+counted; empty (and null) documents are skipped and counted, in a `CorpusStats` the
+caller passes in. A truncated or corrupt file is a `DataError` naming it, never a
+silently shorter corpus.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import zlib
 from dataclasses import dataclass
@@ -18,7 +23,9 @@ from typing import Iterator
 
 from pretrain.data.errors import DataError
 
-FORMATS = ("auto", "text", "blocks", "jsonl")
+FORMATS = ("auto", "text", "blocks", "jsonl", "parquet")
+COMPRESSED = (".gz", ".zst", ".zstd")
+PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
 
 
 @dataclass
@@ -63,11 +70,73 @@ def _format_of(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     name = path.name.lower()
-    return "jsonl" if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")) else "text"
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix)
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if name.endswith((".jsonl", ".json", ".ndjson")) else "text"
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file decompressed as a stream (concatenated frames too). Unlike
+    `zstandard.open`, which ends quietly at a cut-off frame, it raises on a truncated file."""
+
+    def __init__(self, path: Path):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
+        self._path, self._zstd = path, zstandard
+        self._fh = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._frame_started = False
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            compressed = self._fh.read(1 << 20)
+            if not compressed:
+                if self._frame_started and not self._obj.eof:
+                    raise DataError(
+                        f"{self._path} is not a complete zstd file (it ends inside a frame): re-copy or "
+                        "re-compress it (`zstd -t` checks it)"
+                    )
+                return 0
+            self._pending = self._decompress(compressed)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._obj.eof:  # the next frame of a multi-frame file
+                self._obj = self._dctx.decompressobj()
+            self._frame_started = True
+            try:
+                out.append(self._obj.decompress(data))
+            except self._zstd.ZstdError as err:
+                raise DataError(f"{self._path} is not a valid zstd file ({err}): re-copy or re-compress it") from None
+            data = self._obj.unused_data if self._obj.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
+    return open(path, "rb")
 
 
 def _iter_blocks(fh) -> Iterator[bytes]:
@@ -102,6 +171,32 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
         yield text
 
 
+def _iter_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path} is not a readable Parquet file ({err}): re-copy it, or pass --format") from None
+    with parquet:
+        schema = parquet.schema_arrow
+        if text_field not in schema.names:
+            raise DataError(f"{path}: no column {text_field!r} (found {schema.names}); pass --text-field <name>")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise DataError(
+                f"{path}: column {text_field!r} is {kind}, not a string; "
+                "pass --text-field <name> of the column holding the text"
+            )
+        try:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+                for text in batch.column(0).to_pylist():
+                    yield "" if text is None else text
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path} is a damaged Parquet file ({err}): re-copy or re-download it") from None
+
+
 def _preview(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -110,8 +205,9 @@ def _preview(value) -> str:
 def iter_documents(
     paths: list[str | Path], fmt: str = "auto", text_field: str = "text", stats: CorpusStats | None = None
 ) -> Iterator[str]:
-    """Yield non-empty documents, streamed. fmt: auto | text (a file is a document) |
-    blocks (blank-line separated) | jsonl (also .gz; the document is `text_field`)."""
+    """Yield non-empty documents, streamed. fmt: auto (from the suffix) | text (a file is a
+    document) | blocks (blank-line separated) | jsonl (the document is `text_field`) | parquet
+    (the column `text_field`). Files ending in .gz or .zst are decompressed on the fly."""
     if fmt not in FORMATS:
         raise DataError(f"format {fmt!r} must be one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else CorpusStats()
@@ -120,6 +216,9 @@ def iter_documents(
     def raw_docs() -> Iterator[str]:
         for path in files:
             kind = _format_of(path, fmt)
+            if kind == "parquet":
+                yield from _iter_parquet(path, text_field, stats)
+                continue
             try:
                 with _open_binary(path) as fh:
                     if kind == "jsonl":

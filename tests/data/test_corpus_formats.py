@@ -1,0 +1,117 @@
+"""The compressed and columnar inputs public corpora ship in (.jsonl.zst, .parquet), read
+against the plain JSONL of the same documents: same documents, same shards, and a damaged
+file is an error naming it, never a silently shorter corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from pretrain.data import CorpusStats, DataError, iter_documents, prepare_corpus
+from pretrain.data.bundled_text import bundled_documents
+from pretrain.data.corpus import PARQUET_BATCH_ROWS
+
+
+@pytest.fixture(scope="module")
+def docs():
+    """Real English: CPython's documentation topics (ships with every Python)."""
+    texts = [d["text"] for d in bundled_documents(["python-docs"])]
+    # more rows than one Parquet batch, so the batch boundary is crossed
+    return (texts * (PARQUET_BATCH_ROWS // len(texts) + 2))[: PARQUET_BATCH_ROWS + 37]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_zst_frames(path, rows, frames=3):
+    """A multi-frame .zst (as `zstd` writes for concatenated or large inputs)."""
+    lines = [(json.dumps(r) + "\n").encode() for r in rows]
+    step = -(-len(lines) // frames)
+    path.write_bytes(
+        b"".join(
+            zstandard.ZstdCompressor(level=3).compress(b"".join(lines[i : i + step]))
+            for i in range(0, len(lines), step)
+        )
+    )
+
+
+def write_parquet(path, texts, row_group_size=300):
+    table = pa.table({"id": list(range(len(texts))), "text": texts, "url": [f"doc{i}" for i in range(len(texts))]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def test_zst_and_parquet_yield_the_jsonl_documents(tmp_path, docs):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs])
+    write_zst_frames(tmp_path / "a.jsonl.zst", [{"text": t} for t in docs])
+    write_parquet(tmp_path / "a.parquet", docs)
+    reference = list(iter_documents([tmp_path / "a.jsonl"]))
+    assert reference == docs
+    assert list(iter_documents([tmp_path / "a.jsonl.zst"])) == reference
+    stats = CorpusStats()
+    assert list(iter_documents([tmp_path / "a.parquet"], stats=stats)) == reference
+    assert stats.documents == len(docs)
+
+
+def test_parquet_nulls_and_empty_strings_are_counted_and_skipped(tmp_path):
+    pq.write_table(pa.table({"content": ["one", None, "", "two"]}), tmp_path / "b.parquet")
+    stats = CorpusStats()
+    assert list(iter_documents([tmp_path / "b.parquet"], text_field="content", stats=stats)) == ["one", "two"]
+    assert (stats.documents, stats.empty_documents) == (2, 2)
+
+
+def test_prepared_from_zst_or_parquet_the_shards_equal_the_jsonl_ones(tmp_path, docs):
+    corpus = docs[:60]
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in corpus])
+    write_zst_frames(tmp_path / "c.jsonl.zst", [{"text": t} for t in corpus])
+    write_parquet(tmp_path / "c.parquet", corpus, row_group_size=7)
+    kwargs = dict(vocab_size=512, val_fraction=0.1, sequences_per_shard=64, show_progress=False)
+    prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "from_jsonl", 64, **kwargs)
+    tok = tmp_path / "from_jsonl" / "tokenizer.model"
+    prepare_corpus([tmp_path / "c.jsonl"], tmp_path / "ref", 64, tokenizer_path=tok, **kwargs)
+    prepare_corpus([tmp_path / "c.jsonl.zst"], tmp_path / "zst", 64, tokenizer_path=tok, **kwargs)
+    prepare_corpus([tmp_path / "c.parquet"], tmp_path / "pq", 64, tokenizer_path=tok, **kwargs)
+
+    def shards(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.glob("*/*.tar"))}
+
+    reference = shards(tmp_path / "ref")
+    assert reference and shards(tmp_path / "zst") == reference and shards(tmp_path / "pq") == reference
+    # the tokenizer trained on the Parquet input is the one trained on the JSONL
+    prepare_corpus([tmp_path / "c.parquet"], tmp_path / "pq_tok", 64, **kwargs)
+    assert (tmp_path / "pq_tok" / "tokenizer.model").read_bytes() == tok.read_bytes()
+
+
+def test_truncated_or_corrupt_zst_is_an_error_naming_the_file(tmp_path, docs):
+    write_zst_frames(tmp_path / "d.jsonl.zst", [{"text": t} for t in docs], frames=1)
+    data = (tmp_path / "d.jsonl.zst").read_bytes()
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.jsonl.zst is not a complete zstd file .*zstd -t"):
+        list(iter_documents([tmp_path / "cut.jsonl.zst"]))
+    (tmp_path / "junk.jsonl.zst").write_bytes(b"this is not zstd at all\n")
+    with pytest.raises(DataError, match=r"junk.jsonl.zst is not a valid zstd file"):
+        list(iter_documents([tmp_path / "junk.jsonl.zst"]))
+
+
+def test_parquet_column_errors_name_the_file_the_columns_and_the_fix(tmp_path, docs):
+    write_parquet(tmp_path / "e.parquet", docs[:10])
+    with pytest.raises(
+        DataError, match=r"e.parquet: no column 'body' \(found \['id', 'text', 'url'\]\); pass --text-field"
+    ):
+        list(iter_documents([tmp_path / "e.parquet"], text_field="body"))
+    with pytest.raises(DataError, match=r"e.parquet: column 'id' is int64, not a string; pass --text-field"):
+        list(iter_documents([tmp_path / "e.parquet"], text_field="id"))
+    data = (tmp_path / "e.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.parquet is not a readable Parquet file"):
+        list(iter_documents([tmp_path / "cut.parquet"]))
+    damaged = bytearray(data)
+    for i in range(200, len(data) // 2, 997):  # the footer is intact, the data pages are not
+        damaged[i] ^= 0xFF
+    (tmp_path / "damaged.parquet").write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"damaged.parquet is a damaged Parquet file .*re-download"):
+        list(iter_documents([tmp_path / "damaged.parquet"]))
