@@ -3,7 +3,9 @@ of a released model on another corpus, or a new schedule from an earlier run.
 
 `check_init_source` runs before the model is built and refuses, naming the fix, an export
 whose model settings or tokenizer differ from the run's (a different tokenizer gives the same
-ids to other pieces of text). `load_initial_weights` then fills the freshly built model before
+ids to other pieces of text). The context settings (`model.max_seq_len`, `model.rope_theta`)
+may differ: no weight depends on them, and raising both is how a model is extended to a longer
+context (data prepared at the longer `--seq-len`). `load_initial_weights` then fills the freshly built model before
 DeepSpeed wraps it: the dense tensors by name and, of each value table, only the columns this
 rank holds (read as a slice of the safetensors file; no pickle anywhere).
 
@@ -27,18 +29,24 @@ from pretrain.model.names import value_table_name
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 RUNTIME_KEYS = ("memory.kernel", "memory.parallel_size")  # how the model runs, not what it is
+CONTEXT_KEYS = ("max_seq_len", "rope_theta")  # no weight depends on them: a context extension
 
 
 @dataclass
 class InitSource:
     dir: Path
     step: str  # the training step the export was written at, as its metadata says ("?" if absent)
+    context_changes: dict  # model key -> (export's value, this run's value), of CONTEXT_KEYS
 
     def describe(self) -> str:
-        return (
+        line = (
             f"initialised from {self.dir} (exported at step {self.step}); optimizer state, step and slot "
             "statistics start afresh"
         )
+        if self.context_changes:
+            changes = ", ".join(f"model.{k} {a} -> {b}" for k, (a, b) in self.context_changes.items())
+            line += f"; context changed: {changes}"
+        return line
 
 
 def check_init_source(cfg: RunConfig, tokenizer_sha256: str | None, data_dir: Path | None) -> InitSource:
@@ -65,6 +73,7 @@ def check_init_source(cfg: RunConfig, tokenizer_sha256: str | None, data_dir: Pa
     diffs = config_differences(config_to_dict(exported), config_to_dict(cfg.model))
     for runtime in RUNTIME_KEYS:
         diffs.pop(runtime, None)
+    context_changes = {k: diffs.pop(k) for k in CONTEXT_KEYS if k in diffs}
     if diffs:
         listed = "; ".join(f"model.{k}: export {a!r} vs config {b!r}" for k, (a, b) in list(diffs.items())[:5])
         raise ConfigError(
@@ -77,7 +86,8 @@ def check_init_source(cfg: RunConfig, tokenizer_sha256: str | None, data_dir: Pa
             f"same ids would mean other text. Prepare the data with the export's tokenizer: memlayers-prepare-data "
             f"--tokenizer {source / TOKENIZER} --input ... --output ..."
         )
-    return InitSource(dir=source, step=str(header.get("__metadata__", {}).get("step", "?")))
+    step = str(header.get("__metadata__", {}).get("step", "?"))
+    return InitSource(dir=source, step=step, context_changes=context_changes)
 
 
 @torch.no_grad()

@@ -55,6 +55,31 @@ def test_a_run_starts_from_the_export(exported, tmp_path, data_cache, capsys):
         shutil.move(moved, exported)
 
 
+def test_a_longer_context_starts_from_the_export(exported, tmp_path, data_cache, capsys):
+    """Context extension: max_seq_len and rope_theta may differ (no weight depends on them)."""
+    import json
+
+    import torch
+
+    from pretrain.export.loading import load
+
+    run = tmp_path / "long"
+    longer = ("model.max_seq_len=64", "data.seq_len=64", "model.rope_theta=50000")
+    train(tiny_config(run, data_cache, *FROZEN, *longer, f"train.init_from={exported}"))
+    assert "context changed: model.max_seq_len 32 -> 64, model.rope_theta 10000.0 -> 50000.0" in capsys.readouterr().out
+    again = export_checkpoint(run, tmp_path / "again", show_progress=False)
+    assert_same_weights(exported, again)
+    assert json.loads((again / "config.json").read_text())["model"]["max_seq_len"] == 64
+    # With rope_theta kept, the extended model computes what the export did on its context
+    same_theta = tmp_path / "same_theta"
+    train(tiny_config(same_theta, data_cache, *FROZEN, *longer[:2], f"train.init_from={exported}"))
+    short, extended = load(exported), load(export_checkpoint(same_theta, tmp_path / "e2", show_progress=False))
+    tokens = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(short(tokens), extended(tokens))
+        assert extended(torch.randint(0, 384, (1, 64))).shape[1] == 64  # beyond the export's max_seq_len
+
+
 def _world2(rank: int, root: str, cache: str, export: str) -> None:
     from pretrain.train import train
 
