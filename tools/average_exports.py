@@ -1,0 +1,41 @@
+"""Average the weights of several exports of one run (checkpoint averaging) into a new export.
+
+python tools/average_exports.py exports/step800 exports/step900 exports/step1000 --output exports/avg
+python tools/average_exports.py exports/a exports/b --weights 1 3 --output exports/avg   # 1:3 weighted
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("exports", nargs="+", help="export folders written by memlayers-export (the same model)")
+    parser.add_argument("--output", required=True, help="export folder to create")
+    parser.add_argument("--weights", nargs="+", type=float, help="one per export (default: equal)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from pretrain.export import ExportError
+    from pretrain.export.averaging import average_exports
+
+    try:
+        out = average_exports(
+            args.exports, args.output, args.weights, force=args.force, show_progress=not args.no_progress
+        )
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"averaged {len(args.exports)} exports into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
