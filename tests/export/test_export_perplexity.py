@@ -1,0 +1,89 @@
+"""memlayers-perplexity (pretrain/export/perplexity.py): an export's loss on a dataset split,
+against a brute-force float64 reference that scores each sequence alone, token by token."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.data import DataError, read_manifest
+from pretrain.data.shards import read_blocks
+from pretrain.export import export_checkpoint
+from pretrain.export.loading import load
+from pretrain.export.perplexity import dataset_loss
+from pretrain.train import train
+from tests.train.helpers import tiny_config
+from tools import perplexity as perplexity_cli
+
+
+@pytest.fixture(scope="module")
+def export_and_data(tmp_path_factory, data_cache) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("perplexity")
+    cfg = tiny_config(root / "run", data_cache, "train.max_steps=4", "optim.lr=1e-2")
+    train(cfg)
+    dataset = next(p.parent for p in Path(data_cache).rglob("manifest.json"))
+    return export_checkpoint(root / "run", root / "export", show_progress=False), dataset
+
+
+def brute_force(export: Path, dataset: Path, split: str) -> tuple[float, int]:
+    """Each sequence alone; log-softmax in float64; a target counts when it is one of the
+    row's valid tokens (the shard's meta), padding excluded."""
+    model = load(export)
+    manifest = read_manifest(dataset)
+    width = manifest["seq_len"] + 1
+    nll, count = 0.0, 0
+    for shard in manifest["splits"][split]["shards"]:
+        for tokens, meta in read_blocks(dataset / shard["path"], width, manifest["token_dtype"], shard["sequences"]):
+            for row, valid in zip(tokens, meta[:, 1]):
+                inputs, targets = torch.from_numpy(row[:-1].copy()), torch.from_numpy(row[1:].copy())
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(inputs[None])[0].double(), dim=-1)
+                keep = torch.arange(1, width) < int(valid)
+                nll -= logp[keep].gather(1, targets[keep, None]).sum().item()
+                count += int(keep.sum())
+    return nll / count, count
+
+
+def test_loss_equals_scoring_every_sequence_alone_in_float64(export_and_data):
+    export, dataset = export_and_data
+    got = dataset_loss(export, dataset, "val", batch_size=3, show_progress=False)
+    want, tokens = brute_force(export, dataset, "val")
+    assert got["tokens"] == tokens
+    assert got["sequences"] == read_manifest(dataset)["splits"]["val"]["sequences"]
+    assert math.isclose(got["loss"], want, rel_tol=1e-6)
+    assert math.isclose(got["perplexity"], math.exp(want), rel_tol=1e-5)
+    # batching does not change it beyond float32 summation order
+    other = dataset_loss(export, dataset, "val", batch_size=7, show_progress=False)
+    assert other["tokens"] == tokens and math.isclose(other["loss"], got["loss"], rel_tol=1e-6)
+
+
+def test_cli_writes_json_and_refuses_another_tokenizer(export_and_data, tmp_path, capsys):
+    export, dataset = export_and_data
+    out = tmp_path / "ppl.json"
+    code = perplexity_cli.main([str(export), "--data", str(dataset), "--max-batches", "2", "--batch-size", "4",
+                                "--json", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["sequences"] == 8 and np.isfinite(result["loss"])
+    assert f"loss {result['loss']:.4f}" in capsys.readouterr().out
+    other = tmp_path / "other_tok"
+    other.mkdir()
+    for item in export.iterdir():
+        (other / item.name).write_bytes(item.read_bytes())
+    import sentencepiece as spm
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"another corpus line {i} with words" for i in range(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=300, byte_fallback=True,
+        minloglevel=2,
+    )  # fmt: skip
+    (other / "tokenizer.model").write_bytes((tmp_path / "tok.model").read_bytes())
+    with pytest.raises(DataError, match="differs from the one .*manifest.json was built with"):
+        dataset_loss(other, dataset, "val", show_progress=False)
+    assert perplexity_cli.main([str(other), "--data", str(dataset), "--no-progress"]) == 2

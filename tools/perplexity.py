@@ -1,0 +1,62 @@
+"""Next-token loss and perplexity of an export on a prepared dataset's split (read once, in order).
+
+python tools/perplexity.py exports/english --data data/english                 # the val split
+python tools/perplexity.py exports/avg --data data/pydocs --split train --max-batches 50 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export_dir", help="a folder written by memlayers-export")
+    parser.add_argument("--data", required=True, help="a dataset written by memlayers-prepare-data")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
+    parser.add_argument("--document-masking", action="store_true", help="attention within each document")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from pretrain.data import DataError
+    from pretrain.export import ExportError
+    from pretrain.export.perplexity import dataset_loss
+    from pretrain.files import atomic_write
+    from pretrain.model.config import ConfigError
+
+    try:
+        result = dataset_loss(
+            args.export_dir,
+            args.data,
+            args.split,
+            batch_size=args.batch_size,
+            max_batches=args.max_batches,
+            document_masking=args.document_masking,
+            device=args.device,
+            show_progress=not args.no_progress,
+        )
+    except (DataError, ExportError, ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = {"export": args.export_dir, "data": args.data, "split": args.split, **result}
+    print(
+        f"{args.export_dir} on {args.data} ({args.split}): loss {result['loss']:.4f} perplexity "
+        f"{result['perplexity']:.2f} over {result['tokens']:,} tokens ({result['sequences']} sequences)"
+    )
+    if args.json:
+        atomic_write(args.json, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
