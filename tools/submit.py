@@ -3,7 +3,9 @@ train.max_steps=1000 --nodes 4 --gpus-per-node 8 --time 2-00:00:00 --partition g
 
 Creates the run directory (resolved config, logs/, the rendered train.sbatch, optionally a
 code snapshot), calls sbatch and prints the job id and the TensorBoard command.
-`--dry-run` prints the script and writes nothing. Logic lives in pretrain.launch.
+`--dry-run` prints the script and writes nothing. `--sweep optim.lr=1e-3,3e-3 --sweep
+train.seed=0,1` submits one job per combination, each in train.run_dir/<lr=1e-3_seed=0>, after
+every one of them has been validated (pretrain/sweep.py). Logic lives in pretrain.launch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.launch import SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
+from pretrain.sweep import SweepError, parse_sweep, write_sweep_record  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None, help="job working directory (default: current)")
     p.add_argument("--python", default=None, help="python executable for the job (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print the script; create nothing, submit nothing")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="repeatable: one job per combination of the values, in train.run_dir/<key=value_...>",
+    )
     return p
 
 
@@ -79,6 +89,8 @@ def main(argv=None) -> int:
         extra_sbatch=args.extra_sbatch,
         cpu=args.cpu,
     )
+    if args.sweep:
+        return submit_sweep(args, opts)
     try:
         plan = plan_run(
             args.config,
@@ -100,6 +112,64 @@ def main(argv=None) -> int:
     print(f"run directory: {plan.run_dir}")
     print(f"log: {plan.run_dir / 'logs' / f'slurm-{job_id}.out'}")
     print(f"tensorboard --logdir {shlex.quote(str(plan.run_dir / 'tensorboard'))}")
+    return 0
+
+
+def submit_sweep(args, opts: SlurmOptions) -> int:
+    """Plan every run of the sweep (nothing written), then submit them in order; a refusal
+    stops the sweep there and says which jobs are already queued."""
+    from pretrain.config import ConfigError, load_config
+
+    try:
+        runs = parse_sweep(args.sweep)
+        base = Path(load_config(args.config, args.overrides).train.run_dir)
+    except (SweepError, ConfigError) as err:
+        print(f"memlayers-submit: error: {err}", file=sys.stderr)
+        return 2
+    base = (Path(args.workdir or Path.cwd()).resolve() / base).resolve()
+    plans = []
+    for run in runs:
+        overrides = [*args.overrides, *run.overrides, f"train.run_dir={base / run.name}"]
+        try:
+            plans.append(
+                plan_run(
+                    args.config,
+                    overrides,
+                    opts,
+                    workdir=args.workdir,
+                    python=args.python,
+                    snapshot=args.snapshot_code,
+                    resume=args.resume,
+                )
+            )
+        except SubmitError as err:
+            print(f"memlayers-submit: error: sweep run {run.name}: {err} (nothing was submitted)", file=sys.stderr)
+            return 2
+    if args.dry_run:
+        for i, (run, plan) in enumerate(zip(runs, plans), 1):
+            print(f"# sweep run {i}/{len(runs)}: {plan.run_dir} ({' '.join(run.overrides)})")
+            sys.stdout.write(plan.script)
+        return 0
+    entries = []
+    for run, plan in zip(runs, plans):
+        entry = {"name": run.name, "run_dir": str(plan.run_dir), "overrides": list(run.overrides)}
+        try:
+            entry["job_id"] = submit(plan)
+        except SubmitError as err:
+            queued = [e["job_id"] for e in entries]
+            write_sweep_record(base, entries)
+            print(
+                f"memlayers-submit: error: sweep run {run.name}: {err}. Already queued: "
+                f"{len(queued)} of {len(runs)} runs (jobs {', '.join(queued) or 'none'}, listed in "
+                f"{base / 'sweep.json'}); the rest were not submitted",
+                file=sys.stderr,
+            )
+            return 2
+        entries.append(entry)
+        print(f"submitted job {entry['job_id']}: {plan.run_dir}")
+    record = write_sweep_record(base, entries)
+    print(f"sweep of {len(runs)} runs recorded in {record}")
+    print(f"tensorboard --logdir {shlex.quote(str(base))}")
     return 0
 
 

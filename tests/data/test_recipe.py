@@ -70,6 +70,10 @@ def test_readme_recipe_trains_exports_and_generates(tmp_path):
     assert "initialised from exports/english (exported at step 16)" in trainings[2]
     assert losses(trainings[2])[0] < losses(trainings[0])[0] - 0.3, (losses(trainings[0]), losses(trainings[2]))
     assert re.search(r"eval val_loss \d+\.\d+ val_perplexity \d+\.\d+ heldout_loss/pydocs \d+\.\d+", trainings[2])
+    scored = [out for argv, out in outputs if argv[1] == "tools/perplexity.py"]
+    assert len(scored) == 3
+    for out in scored:
+        assert re.search(r"on data/\w+ \(val\): loss \d+\.\d+ perplexity \d+\.\d+ over [\d,]+ tokens", out), out
     generated = next(out for argv, out in outputs if argv[1] == "tools/generate.py")
     assert generated.startswith("The license") and len(generated.strip()) > len("The license")
     assert (tmp_path / "exports/english/model.safetensors").is_file()
