@@ -189,6 +189,18 @@ def config_differences(a, b, prefix: str = "") -> dict[str, tuple]:
     return {prefix: (a, b)} if a != b else {}
 
 
+MODEL_RUNTIME_KEYS = ("memory.kernel", "memory.parallel_size")  # how a model runs, not what it is
+
+
+def model_differences(a: dict, b: dict) -> dict[str, tuple]:
+    """config_differences of two model sections, ignoring MODEL_RUNTIME_KEYS: the keys in which
+    two models differ as sets of weights."""
+    diffs = config_differences(a, b)
+    for key in MODEL_RUNTIME_KEYS:
+        diffs.pop(key, None)
+    return diffs
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (optional) and `key.sub=value` overrides into a validated RunConfig."""
     schema = OmegaConf.structured(RunConfig)

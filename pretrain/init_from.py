@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pretrain.config import RunConfig, config_differences, config_to_dict
+from pretrain.config import RunConfig, config_to_dict, model_differences
 from pretrain.files import file_sha256
 from pretrain.model.config import ConfigError
 from pretrain.model.names import value_table_name
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
-RUNTIME_KEYS = ("memory.kernel", "memory.parallel_size")  # how the model runs, not what it is
 CONTEXT_KEYS = ("max_seq_len", "rope_theta")  # no weight depends on them: a context extension
 
 
@@ -51,7 +50,7 @@ class InitSource:
 
 def check_init_source(cfg: RunConfig, tokenizer_sha256: str | None, data_dir: Path | None) -> InitSource:
     """The export train.init_from names, checked against the run: files present and whole,
-    the same model settings (but for RUNTIME_KEYS), the same tokenizer as the data's (not
+    the same model settings (but for how it runs and CONTEXT_KEYS), the same tokenizer as the data's (not
     compared when `tokenizer_sha256` is None: the data is not prepared yet)."""
     from pretrain.export.errors import ExportError
     from pretrain.export.loading import model_config_from_json
@@ -70,9 +69,7 @@ def check_init_source(cfg: RunConfig, tokenizer_sha256: str | None, data_dir: Pa
         header, _ = read_header(source / WEIGHTS)
     except (ExportError, ConfigError) as err:
         raise ConfigError(f"{key}: {err}") from None
-    diffs = config_differences(config_to_dict(exported), config_to_dict(cfg.model))
-    for runtime in RUNTIME_KEYS:
-        diffs.pop(runtime, None)
+    diffs = model_differences(config_to_dict(exported), config_to_dict(cfg.model))
     context_changes = {k: diffs.pop(k) for k in CONTEXT_KEYS if k in diffs}
     if diffs:
         listed = "; ".join(f"model.{k}: export {a!r} vs config {b!r}" for k, (a, b) in list(diffs.items())[:5])

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pretrain.config import config_differences
+from pretrain.config import model_differences
 from pretrain.export.errors import ExportError
 from pretrain.export.safetensors_io import DTYPES, StreamWriter, read_header, read_rows
 from pretrain.files import atomic_directory, file_sha256
 
 WEIGHTS = "model.safetensors"
 REQUIRED = ("config.json", WEIGHTS, "tokenizer.model")
-RUNTIME_KEYS = ("memory.kernel", "memory.parallel_size")  # how the model runs, not what it is
 BLOCK_BYTES = 64 << 20  # rows read per input at once
 
 
@@ -71,9 +70,7 @@ def check_inputs(dirs: list[str | Path], weights: list[float] | None) -> tuple[l
     first = inputs[0]
     tokenizer = file_sha256(first.dir / "tokenizer.model")
     for other in inputs[1:]:
-        diffs = config_differences(first.config["model"], other.config["model"])
-        for key in RUNTIME_KEYS:
-            diffs.pop(key, None)
+        diffs = model_differences(first.config["model"], other.config["model"])
         if diffs:
             listed = "; ".join(f"model.{k}: {a!r} vs {b!r}" for k, (a, b) in list(diffs.items())[:5])
             raise ExportError(
