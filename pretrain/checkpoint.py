@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.config import ConfigError, RunConfig, config_differences, config_to_dict, save_config
+from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
 from pretrain.data.sources import weight_change
 from pretrain.distributed import barrier
 from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, replace_with
@@ -144,10 +144,10 @@ def model_fingerprint(cfg: RunConfig) -> dict:
 
 
 def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
-    """Refuse a checkpoint whose model config differs (the tensors would not fit). The
-    memory-parallel size may change: value shards are re-sharded on load."""
-    diffs = config_differences(saved, model_fingerprint(cfg))
-    diffs.pop("memory.parallel_size", None)
+    """Refuse a checkpoint whose model config differs (the tensors would not fit). How the
+    model runs may change: the memory-parallel size (value shards are re-sharded on load) and
+    the memory kernel (a GPU run's checkpoint resumed on CPU with model.memory.kernel=torch)."""
+    diffs = model_differences(saved, model_fingerprint(cfg))
     if not diffs:
         return
     listed = [f"model.{key}: checkpoint {a!r} vs config {b!r}" for key, (a, b) in diffs.items()]

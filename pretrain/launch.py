@@ -296,6 +296,7 @@ RESUME_MAY_CHANGE = (
     *SCHEDULE_KEYS,
     "optim.allow_schedule_change",
     "train.init_from",  # read only by a run's start, never by a resume
+    "model.memory.kernel",  # the same math (pretrain.config.MODEL_RUNTIME_KEYS)
 )
 
 

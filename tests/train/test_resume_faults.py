@@ -122,3 +122,12 @@ def test_keep_zero_checkpoints_is_refused(run_copy, data_cache):
         train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.keep_checkpoints=0"))
     assert_nothing_lost(before, run_copy)
     assert latest_checkpoint(run_copy / "checkpoints").is_dir()
+
+
+def test_the_kernel_may_change_on_resume_the_model_may_not(run_copy, data_cache):
+    resumed = train(tiny_config(run_copy, data_cache, "train.max_steps=3", "model.memory.kernel=torch"))
+    assert resumed.step == 3
+    before = file_hashes(run_copy)
+    with pytest.raises(ConfigError, match=r"different model config \(model.memory.k: checkpoint 4 vs config 8\)"):
+        train(tiny_config(run_copy, data_cache, "train.max_steps=4", "model.memory.k=8"))
+    assert_nothing_lost(before, run_copy)
