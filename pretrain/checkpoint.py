@@ -39,7 +39,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
-from pretrain.data.sources import weight_change
+from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier
 from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, replace_with
 from pretrain.lr_schedule import check_resumed_schedule
@@ -166,7 +166,7 @@ class Checkpointer:
         self.saved_step: int | None = None  # the step of this process's last complete save
         self.saved_world: int | None = None  # ranks that wrote the checkpoint `verify` passed
         self.schedule_change: str | None = None  # how that checkpoint's learning-rate schedule was changed
-        self.mixture_change: str | None = None  # and its mixture weights
+        self.mixture_change: str | None = None  # and its training data (data.sources)
         self.engine = self.memory_parallel = self.train_state = self.rank_state = None
         self.writers: list = []
 
@@ -239,8 +239,8 @@ class Checkpointer:
         saved_config = ckpt_dir / "config.yaml"
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
         self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
-        weights = weight_change(saved.cfg.data.sources, cfg.data.sources)
-        self.mixture_change = f"data.sources weights changed from step {saved.step}: {weights}" if weights else None
+        change = mixture_change(saved.cfg.data, cfg.data)
+        self.mixture_change = f"data.sources changed from step {saved.step}: {change}" if change else None
 
     def reshards(self, ckpt_dir: Path) -> bool:
         """True if `ckpt_dir` (verified) was saved by another number of ranks than this run's."""

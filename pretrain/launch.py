@@ -19,7 +19,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, check_runtime, config_differences, load_config, save_config
-from pretrain.data.sources import weight_change
+from pretrain.data.errors import DataError
+from pretrain.data.sources import mixture_change
 from pretrain.files import atomic_directory, atomic_write
 from pretrain.lr_schedule import SCHEDULE_KEYS, check_resumed_schedule
 
@@ -284,7 +285,7 @@ def plan_run(
 # position for them, pretrain.resharding), how a hang is handled (pretrain/watchdog.py), and
 # the learning-rate schedule where the steps already taken keep their rates (an extended
 # warmup-stable-decay run; pretrain/lr_schedule.py, checked below and again by the trainer).
-# The weights of data.sources may change too (`weight_change`: an annealing mixture).
+# The training data may change too (`mixture_change`: sources added, removed or reweighted).
 # The world size is not in the config at all.
 RESUME_MAY_CHANGE = (
     "train.micro_batch",
@@ -303,7 +304,6 @@ RESUME_MAY_CHANGE = (
 def _check_init_from(cfg) -> None:
     """The export a new run starts from fits the model and the data's tokenizer (the trainer
     checks again at start; this saves a wait in the queue)."""
-    from pretrain.data.errors import DataError
     from pretrain.data.sources import resolve_sources
     from pretrain.files import file_sha256
     from pretrain.init_from import check_init_source
@@ -348,8 +348,12 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 )
             old, new = (OmegaConf.to_container(OmegaConf.create(text)) for text in (existing, config_text))
             changed = set(config_differences(old, new)) - set(RESUME_MAY_CHANGE)
-            if weight_change(old["data"]["sources"], new["data"]["sources"]):  # an annealing mixture
-                changed.discard("data.sources")
+            try:
+                data_change = mixture_change(old["data"], new["data"])
+            except DataError as err:
+                raise SubmitError(f"--resume: {err}") from None
+            if data_change:  # e.g. an annealing mixture for the decay
+                changed -= {"data.sources", "data.dir"}
             changed = sorted(changed)
             if changed:
                 raise SubmitError(

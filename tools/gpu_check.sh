@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# GPU check for the Triton kernels, for a session that has a device machine (the
-# `device` tool): the kernel tests compiled (not interpreted) on CUDA, then
-# tools/bench_kernels.py at the paper's shapes: every kernel against its PyTorch baseline
-# (scoring forward and backward, bag forward and backward), every launch candidate of the
-# autotuned kernels (the winners to pin), the bag with Zipf(1.0) rows (the hot-row
-# chunked backward), and the whole MemoryPlus layer and the 373M model, Triton vs PyTorch.
-# Writes at most 8 files (the device tool returns no more) under $OUT (default
-# ./gpu_check_out): summary.txt (machine, versions, commit, each stage's exit status and
-# time), tests.log, bench.log (every table, and the train stage's log),
-# bench_kernels.json, launch_configs.json, bench_skew.json, bench_layer.json, and
-# sweep.png when the sweep stage runs.
+# GPU check, for a session that has a device machine (the `device` tool): everything issues 16
+# and 21 measure on a GPU, in ONE call (a session's whole device time, machine start included,
+# is 15 minutes):
+#   tests      the kernel tests compiled (not interpreted) on CUDA
+#   bench      tools/bench_kernels.py at the paper's shapes: every kernel against its PyTorch
+#              baseline (scoring forward and backward, bag forward and backward)
+#   configs    every launch candidate of the autotuned kernels, p20/p50/p80 (the winners to pin)
+#   skew       the bag and the scoring backward with Zipf(1.0) rows (the hot-row chunked paths)
+#   layer      the whole MemoryPlus layer and the 373M model, Triton vs PyTorch
+#   train373   tools/bench_train.py: memory_373m vs its dense baseline, bf16, seq 2048, eager vs compiled
+#   train1p3b  tools/bench_train.py: smf_1p3b, compiled, activation checkpointing none vs full
+# Extra stages (STAGES="..."): sweep (bag bandwidth over d and k), values (dense vs row-sparse
+# value update), train (100 steps of tiny.yaml in bf16 on the Triton path).
+#
+# Time: the whole script keeps within TOTAL_S (default 560 s): each stage runs under the smaller
+# of its own limit (TESTS_S, BENCH_S, ...) and the time left, and a stage with under 40 s left is
+# skipped and named in summary.txt; a second call with STAGES="<the skipped ones>" finishes them.
+#
+# Files back (the device tool returns at most 8): summary.txt (machine, versions, commit, each
+# stage's exit status and time), tests.log, bench.log (every kernel table), trainbench.log, and
+# results.tar.gz with every JSON, markdown table and plot (bench_kernels.json, launch_configs.json,
+# bench_skew.json, bench_layer.json, bench_train_373m.{json,md}, bench_train_1p3b.{json,md},
+# sweep.png, values.png), re-packed after each stage so a call cut short still returns them.
+# Copy them to benchmarks/<kind>-<device>/<commit>/ with `tar xzf results.tar.gz`.
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
 #   bash tools/fetch_gpu_wheels.sh        (writes .whl/, ~5 MB)
 # then: run(command="COMMIT=<git rev-parse HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # (COMMIT: the device copy's .git may be stale, so name the commit that is being sent.)
-# STAGES picks stages (default "tests bench configs skew layer", at most 560 s with
-# the limits below and typically about half; "sweep" and "train" are extra stages of the
-# first kernel round). Time limits (seconds): TESTS_S, BENCH_S, CONFIGS_S, SKEW_S, LAYER_S,
-# SWEEP_S, TRAIN_S. A second run that only needs the winners pinned: STAGES="bench layer".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -39,60 +48,68 @@ fi
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 summary() { echo "$1: $2 ($(date -u +%H:%M:%S))" | tee -a "$OUT/summary.txt"; }
-stage() {  # stage NAME SECONDS LOG CMD...: run CMD with a time limit, log appended, result in summary.txt
+RESULTS="$WORK/results"  # everything but the logs, packed into $OUT/results.tar.gz after each stage
+rm -rf "$RESULTS" && mkdir -p "$RESULTS"
+pack() { tar czf "$OUT/results.tar.gz.tmp" -C "$RESULTS" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"; }
+DEADLINE=$((SECONDS + ${TOTAL_S:-560}))
+skipped=()
+stage() {  # stage NAME SECONDS LOG CMD...: run CMD within SECONDS and the time left, log appended
     local name=$1 limit=$2 log=$3; shift 3
+    local left=$((DEADLINE - SECONDS - 5))
+    if [ "$left" -lt 40 ]; then
+        skipped+=("$name"); summary "$name" "skipped: ${left} s left of TOTAL_S"; return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
     summary "$name" "exit $rc after $((SECONDS - t0)) s (limit $limit s)"
     [ "$rc" -eq 0 ] || status=1
+    pack
 }
 status=0
-STAGES=" ${STAGES:-tests bench configs skew layer} "
+STAGES=" ${STAGES:-tests bench configs skew layer train373 train1p3b} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
 # Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-want tests && stage tests "${TESTS_S:-140}" "$OUT/tests.log" \
+want tests && stage tests "${TESTS_S:-120}" "$OUT/tests.log" \
     python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
-want bench && stage bench "${BENCH_S:-120}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json"
+want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --json "$RESULTS/bench_kernels.json"
 # Every launch candidate with p20/p50/p80; the steady winners print as PINNED lines for
 # kernels/launch_configs.py (and sit under "pins" in the JSON).
-want configs && stage configs "${CONFIGS_S:-130}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --configs --json "$OUT/launch_configs.json"
+want configs && stage configs "${CONFIGS_S:-100}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --configs --json "$RESULTS/launch_configs.json"
 # Hot slots (Zipf-distributed rows, as a trained memory reads them): the bag's chunked sorted
 # backward, and the scoring backward on the same slots (its hot-key chunks).
 want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$OUT/bench_skew.json"
+    python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$RESULTS/bench_skew.json"
 # The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
-want layer && stage layer "${LAYER_S:-110}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$OUT/bench_layer.json"
+want layer && stage layer "${LAYER_S:-90}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$RESULTS/bench_layer.json"
+# Training throughput at real sizes on one GPU (issue 16): memory model vs its dense baseline
+# of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
+# (tools/bench_train.py; README "Activation checkpointing and compile" says what to read).
+want train373 && stage train373 "${TRAIN373_S:-200}" "$OUT/trainbench.log" \
+    python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile both --ac none \
+    --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$RESULTS/bench_train_373m.json" \
+    --markdown "$RESULTS/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
+want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
+    python3 tools/bench_train.py --config configs/smf_1p3b.yaml --dtype bf16 --compile on --ac none,full \
+    --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$RESULTS/bench_train_1p3b.json" \
+    --markdown "$RESULTS/bench_train_1p3b.md" model.memory.kernel=triton train.global_batch=4 train.micro_batch=4
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --sweep --plot "$OUT/sweep.png"
-# Opt-in (STAGES="values"; 2 more files): dense vs row-sparse value update at v_dim 1024,
-# training on the Triton path with sparse_adamw is the "train" stage + optim.value_optimizer=sparse_adamw.
+    python3 tools/bench_kernels.py --sweep --plot "$RESULTS/sweep.png"
+# Dense vs row-sparse value update at v_dim 1024 (training on the Triton path with sparse_adamw
+# is the "train" stage + optim.value_optimizer=sparse_adamw).
 want values && stage values "${VALUES_S:-200}" "$OUT/bench.log" \
     python3 tools/bench_values.py --device cuda --v-dim 1024 --batch 16 --seq-len 2048 --n-keys 256,1024,2048 \
-    --dense-max-slots 1048576 --repeats 5 --layer-n-keys 0 --plot "$OUT/values.png"
+    --dense-max-slots 1048576 --repeats 5 --layer-n-keys 0 --plot "$RESULTS/values.png"
 want train && stage train "${TRAIN_S:-100}" "$OUT/bench.log" \
     python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \
     train.max_steps=100 train.eval_every=100 train.log_every=10 train.checkpoint_every=100 \
     "train.run_dir=$WORK/train" "data.cache_dir=$WORK/data"
-# Training throughput at real sizes on one GPU (issue 16): memory model vs its dense baseline
-# of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
-# (tools/bench_train.py). Its own call, as the kernel stages already fill the 8 files that come back:
-#   run(command="COMMIT=<sha> STAGES='train373 train1p3b' bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
-# Writes bench_train_373m.{json,md} and bench_train_1p3b.{json,md}; copy them with summary.txt
-# into benchmarks/train-<device>/ (README "Activation checkpointing and compile" says what to read).
-# 373M: eager vs compiled, no checkpointing; 1.3B: compiled, checkpointing none vs full.
-want train373 && stage train373 "${TRAIN373_S:-200}" "$OUT/trainbench.log" \
-    python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile both --ac none \
-    --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$OUT/bench_train_373m.json" \
-    --markdown "$OUT/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
-want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
-    python3 tools/bench_train.py --config configs/smf_1p3b.yaml --dtype bf16 --compile on --ac none,full \
-    --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$OUT/bench_train_1p3b.json" \
-    --markdown "$OUT/bench_train_1p3b.md" model.memory.kernel=triton train.global_batch=4 train.micro_batch=4
+[ "${#skipped[@]}" -eq 0 ] || summary "not run" "rerun with STAGES='${skipped[*]}'"
 exit $status

@@ -14,9 +14,11 @@ On another number of ranks or workers, `load_resharded(all old ranks' states)` r
 each source's loader (`ShardLoader.load_resharded`) and reseeds the source draws; see its
 docstring.
 
-The weights may change on resume (an annealing mixture for a run's decay): the draws go on
-from the saved generator and every source from its own position, so no sequence is read twice
-or skipped; only which source each later row comes from follows the new weights.
+The sources may change on resume (an annealing mixture for a run's decay; a corpus added
+mid-run): sources are known by name, the draws go on from the saved generator, every kept
+source from its own position (no sequence read twice or skipped), an added source from its
+beginning; a removed source's position is dropped. Only which source each later row comes
+from follows the new sources and weights.
 
 Document ids are made unique across sources by offsetting each source's ids by the
 documents of the sources before it. A mixture of one source yields exactly the batches of
@@ -138,19 +140,26 @@ class MixtureLoader:
             raise DataError(f"mixture state version {state.get('version')!r} is not {STATE_VERSION}")
         return state
 
+    def _saved_sources(self, state: dict) -> list[tuple[int, dict, int]]:
+        """(index here, saved {"loader", "used"}, rows drawn) of each source this mixture shares,
+        by name, with the mixture `state` was saved from; the other sources here are new."""
+        names = state.get("settings", {}).get("sources") or []
+        saved = {name: (src, int(n)) for name, src, n in zip(names, state["sources"], state["sequences"])}
+        return [(i, *saved[s.name]) for i, s in enumerate(self.sources) if s.name in saved]
+
     def needs_reshard(self, state: dict) -> bool:
         """True when `state` was saved on another number of ranks or workers (see load_resharded)."""
         state = self._as_mixture_state(state)
-        return any(loader.needs_reshard(src["loader"]) for loader, src in zip(self.loaders, state["sources"]))
+        return any(self.loaders[i].needs_reshard(src["loader"]) for i, src, _ in self._saved_sources(state))
 
     def _resume_settings(self) -> dict:
-        """What a resume must keep: all settings but the weights."""
-        return {k: v for k, v in self._settings().items() if k != "weights"}
+        """What a resume must keep: all settings but the sources and their weights."""
+        return {k: v for k, v in self._settings().items() if k not in ("sources", "weights")}
 
     def load_state_dict(self, state: dict) -> None:
         moved = self.needs_reshard(state)
         state = self._as_mixture_state(state)
-        fix = "resume with the same data.sources (names; weights may change), batch size and seed"
+        fix = "resume with the same batch size and seed (data.sources may change)"
         check_same_settings(
             state.get("settings", {}), self._resume_settings(), "data state", RESHARD_FIX if moved else fix
         )
@@ -163,11 +172,11 @@ class MixtureLoader:
                 "has_uint32": int(r["has_uint32"]),
                 "uinteger": int(r["uinteger"]),
             }
-        for i, (loader, saved) in enumerate(zip(self.loaders, state["sources"])):
-            loader.load_state_dict(saved["loader"])
+        for i, saved, drawn in self._saved_sources(state):
+            self.loaders[i].load_state_dict(saved["loader"])
             self._state_before[i] = saved["loader"]
             self._used[i] = int(saved["used"])
-        self.sequences = [int(n) for n in state["sequences"]]
+            self.sequences[i] = drawn
 
     def load_resharded(self, states: list[dict]) -> str:
         """Continue, on this mixture's ranks and workers, a run saved on other ones; a one-line summary.
@@ -180,24 +189,32 @@ class MixtureLoader:
         summary counts both. The source draws restart from a generator seeded by (seed, new
         rank, rows drawn before the reshard), not the stream the run started with; its
         state is in `state_dict()`, so a resharded run resumes exactly. The rows drawn per source
-        move to new rank 0 (their sums over ranks are kept). Sources (names, weights) and seed
-        must match; weights, batch size, ranks and workers may change.
+        move to new rank 0 (their sums over ranks are kept). The seed must match; sources (as in
+        `load_state_dict`: an added one starts at its beginning), weights, batch size, ranks and
+        workers may change.
         """
         states = [self._as_mixture_state(s) for s in states]
-        mine = {k: v for k, v in self._settings().items() if k in ("sources", "seed")}
-        fix = "a run continues on other ranks only with the same data.sources (names) and seed"
+        mine = {"seed": self.seed}
+        fix = "a run continues on other ranks only with the same seed"
         for state in states:
             check_same_settings(state.get("settings", {}), mine, "data state", fix)
         self.reset()
-        lines = [
-            loader.load_resharded([s["sources"][i]["loader"] for s in states]) for i, loader in enumerate(self.loaders)
-        ]
+        saved = [self._saved_sources(s) for s in states]  # every rank saved the same sources
+        lines = {
+            i: self.loaders[i].load_resharded([per_rank[k][1]["loader"] for per_rank in saved])
+            for k, (i, _, _) in enumerate(saved[0])
+        }
         self._state_before = [loader.state_dict() for loader in self.loaders]
-        drawn = [sum(int(s["sequences"][i]) for s in states) for i in range(len(self.loaders))]
+        drawn = [0] * len(self.loaders)
+        for k, (i, _, _) in enumerate(saved[0]):
+            drawn[i] = sum(per_rank[k][2] for per_rank in saved)
         self.sequences = drawn if self.rank == 0 else [0] * len(drawn)
         self._rng = np.random.default_rng([self.seed, self.rank, _MIXTURE_STREAM, sum(drawn)])
-        used = sum(int(src["used"]) for s in states for src in s["sources"])
-        per_source = "; ".join(f"{src.name}: {line.removeprefix('data: ')}" for src, line in zip(self.sources, lines))
+        used = sum(int(src["used"]) for per_rank in saved for _, src, _ in per_rank)
+        per_source = "; ".join(
+            f"{src.name}: {lines[i].removeprefix('data: ') if i in lines else 'new, from its start'}"
+            for i, src in enumerate(self.sources)
+        )
         again = f"; {used} rows of partly used batches read again" if used else ""
         return f"data: {per_source}{again}"
 

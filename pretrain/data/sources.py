@@ -141,20 +141,49 @@ def dataset_values(sources: list[Source]) -> dict[str, int]:
     }
 
 
-def weight_change(old: list, new: list) -> str | None:
-    """'pydocs 3.0 -> 1.0, licenses 1.0 -> 3.0' when two data.sources lists (dicts or
-    SourceConfigs) hold the same sources (dir, name) in the same order with other weights;
-    None when they are equal or differ in more than weights. A resume may change the weights
-    (pretrain/data/mixture.py)."""
+def _source_specs(data) -> dict[str, tuple[str, float]]:
+    """{name: (dir, weight)} of a data section (a dict or DataConfig): its data.sources, or
+    data.dir as a mixture of one, named as `resolve_sources` names them; {} for the embedded corpus."""
+    get = data.get if isinstance(data, dict) else lambda key: getattr(data, key)
+    specs = list(get("sources") or [])
+    if not specs:
+        specs = [{"dir": get("dir"), "weight": 1.0, "name": ""}] if get("dir") else []
+    out = {}
+    for i, spec in enumerate(specs):
+        field = spec.get if isinstance(spec, dict) else lambda key, s=spec: getattr(s, key)
+        directory = str(field("dir") or "")
+        out[str(field("name") or Path(directory).name or f"source{i}")] = (directory, float(field("weight")))
+    return out
 
-    def fields(spec) -> tuple[str, str, float]:
-        get = spec.get if isinstance(spec, dict) else lambda key: getattr(spec, key)
-        return str(get("dir")), str(get("name") or Path(str(get("dir"))).name), float(get("weight"))
 
-    before, after = [fields(s) for s in old], [fields(s) for s in new]
-    if [b[:2] for b in before] != [a[:2] for a in after] or before == after:
+def mixture_change(old, new) -> str | None:
+    """How the training data of a resumed run differs from the run's so far, as one line
+    ('added code (weight 1); removed web; pydocs 3 -> 1'), or None when it does not (or when
+    either trains on the embedded corpus). `old` and `new` are data sections (dicts or
+    DataConfigs). Sources are known by name: a kept source continues from its position, an
+    added one starts at its beginning, a removed one is left where it was
+    (pretrain/data/mixture.py). Raises DataError for a source renamed over the same dir,
+    which would read again what the run has already read."""
+    before, after = _source_specs(old), _source_specs(new)
+    if not before or not after:
         return None
-    return ", ".join(f"{name} {w0:g} -> {w1:g}" for (_, name, w0), (_, _, w1) in zip(before, after) if w0 != w1)
+    if before == after:
+        return "sources reordered" if list(before) != list(after) else None
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    read_before = {Path(before[n][0]).resolve(): n for n in removed}
+    for name in added:
+        old_name = read_before.get(Path(after[name][0]).resolve())
+        if old_name is not None:
+            raise DataError(
+                f"data.sources: {name!r} reads {after[name][0]}, which this run read as {old_name!r} so far: "
+                f"keep the name {old_name!r} to continue where it left off (a new name would start it again)"
+            )
+    parts = [f"added {n} (weight {after[n][1]:g}, from its start)" for n in added]
+    parts += [f"removed {n}" for n in removed]
+    parts += [f"{n} {before[n][1]:g} -> {after[n][1]:g}" for n in after if n in before and before[n][1] != after[n][1]]
+    parts += [f"{n} moved {before[n][0]} -> {after[n][0]}" for n in after if n in before and before[n][0] != after[n][0]]
+    return "; ".join(parts) or "sources reordered"
 
 
 def resolve_eval_sources(data_cfg, train_sources: list[Source]) -> list[Source]:

@@ -306,3 +306,29 @@ def test_the_rest_is_dealt_evenly(dataset):
         per_rank.append(sum(len(b.tokens) for b in new))
     assert sum(per_rank) == 272 - 3 * 35
     assert max(per_rank) - min(per_rank) <= 8  # within one shard
+
+
+def test_mixture_reshard_with_a_source_added_and_one_removed(dataset, second_dataset):
+    """Saved on 2 ranks as [a, b], continued on 1 as [b, c] (c: a's rows under a new name). b's
+    rows are its own loader resharded from the saved states; c's are a fresh reader's from the
+    start; a's position is dropped, and only b's drawn rows are kept."""
+    before = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
+    after = resolve_sources(data_cfg((second_dataset, 2.0, "b"), (dataset, 1.0, "c")))
+    states = []
+    for rank in range(2):
+        mix = mixture(before, rank, 2)
+        list(islice(mix, 9))
+        states.append(json_copy(mix.state_dict()))
+    mix = mixture(after, 0, 1, batch=4, shuffle=3)
+    summary = mix.load_resharded(states)
+    assert summary.startswith("data: b: readers 2 -> 1") and "; c: new, from its start;" in summary
+    assert " a: " not in summary
+    assert mix.sequences == [sum(s["sequences"][1] for s in states), 0]
+
+    got = source_rows(islice(mix, 30), offset=after[0].manifest["documents"])
+    b_alone = ShardLoader(second_dataset, batch_size=4, seed=4, shuffle_buffer=3)
+    b_alone.load_resharded([s["sources"][1]["loader"] for s in states])
+    c_alone = ShardLoader(dataset, batch_size=4, seed=4, shuffle_buffer=3)
+    for rows, alone in zip(got, (b_alone, c_alone)):
+        assert len(rows) > 20
+        assert rows == [k for b in islice(alone, 30) for k in keys(b)][: len(rows)]

@@ -100,12 +100,67 @@ def test_resume_is_exact(dataset, second_dataset, world, workers):
         assert resumed.sequences == uninterrupted.sequences and sum(resumed.sequences) == 14 * 3
 
 
-def test_resume_refuses_another_mixture(dataset, second_dataset):
+def test_resume_refuses_another_seed(dataset, second_dataset):
     sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
-    state = mixture(sources).state_dict()
-    other = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "c")))
-    with pytest.raises(DataError, match=r"sources=\['a', 'b'\] vs \['a', 'c'\].*same data.sources \(names"):
-        mixture(other).load_state_dict(state)
+    state = mixture(sources, seed=1).state_dict()
+    with pytest.raises(DataError, match=r"seed=1 vs 2; resume with the same batch size and seed \(data.sources may"):
+        mixture(sources, seed=2).load_state_dict(state)
+
+
+def test_resume_with_a_source_added_and_one_removed(dataset, second_dataset):
+    """[a, b] 1:1 for 6 batches, then [b, c] 1:2 where c holds a's rows under a new name: b goes
+    on from its position, c starts at its beginning, a is left where it was. Each row's source is
+    the saved generator's uniform draw mapped through the sources of its step (replayed here),
+    and each source's rows are that source's own stream, in order."""
+    before = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 1.0, "b")))
+    after = resolve_sources(data_cfg((second_dataset, 1.0, "b"), (dataset, 2.0, "c")))
+    first = mixture(before, batch_size=8, seed=5)
+    head = take(iter(first), 6)
+    resumed = mixture(after, batch_size=8, seed=5)
+    resumed.load_state_dict(first.state_dict())
+    tail = take(iter(resumed), 20)
+
+    uniform = np.random.default_rng([5, 0, 0x6D6978])
+    rows = {"a": [], "b": [], "c": []}
+    for step, batch in enumerate(head + tail):
+        u = uniform.random(8)
+        names = np.where(u < 1 / 2, "a", "b") if step < 6 else np.where(u < 1 / 3, "b", "c")
+        for row, name in zip(batch.tokens, names):
+            rows[str(name)].append(row)
+    for name, directory in (("a", dataset), ("b", second_dataset), ("c", dataset)):
+        alone = torch.cat([b.tokens for b in take(iter(ShardLoader(directory, batch_size=8, seed=5)), 30)])
+        assert len(rows[name]) > 8
+        assert torch.equal(torch.stack(rows[name]), alone[: len(rows[name])]), name
+    b_before = sum(1 for batch in head for _ in batch.tokens) - len(rows["a"])
+    assert resumed.sequences == [len(rows["b"]), len(rows["c"])] and resumed.sequences[0] > b_before
+    assert sum(resumed.sequences) == 26 * 8 - len(rows["a"])  # a's rows are no longer counted
+
+
+def test_mixture_change_describes_what_a_resume_changes(tmp_path):
+    from pretrain.data.sources import mixture_change
+
+    web, code, docs = (str(tmp_path / n) for n in ("web", "code", "docs"))
+
+    def data(*specs, dir=""):
+        return {"dir": dir, "sources": [{"dir": d, "weight": w, "name": n} for d, w, n in specs]}
+
+    base = data((web, 3.0, "web"), (docs, 1.0, "docs"))
+    assert mixture_change(base, base) is None
+    assert mixture_change(base, data((web, 1.0, "web"), (docs, 1.0, "docs"))) == "web 3 -> 1"
+    assert mixture_change(base, data((docs, 1.0, "docs"), (web, 3.0, "web"))) == "sources reordered"
+    assert (
+        mixture_change(base, data((web, 1.0, "web"), (code, 2.0, "code")))
+        == "added code (weight 2, from its start); removed docs; web 3 -> 1"
+    )
+    # data.dir is a mixture of one named after its folder; the embedded corpus is no mixture
+    assert mixture_change(data(dir=web), data((web, 1.0, "web"), (code, 1.0, "code"))) == (
+        "added code (weight 1, from its start)"
+    )
+    assert mixture_change(data(), base) is None
+    moved = str(tmp_path / "fast" / "web")
+    assert mixture_change(base, data((moved, 3.0, "web"), (docs, 1.0, "docs"))) == f"web moved {web} -> {moved}"
+    with pytest.raises(DataError, match=r"'docs2' reads .*docs, which this run read as 'docs' so far: keep the name"):
+        mixture_change(base, data((web, 3.0, "web"), (docs, 1.0, "docs2")))
 
 
 def test_resume_with_new_weights_continues_every_source_and_draws_by_them(dataset, second_dataset):

@@ -10,7 +10,7 @@ import torch
 
 from data_helpers import SEQ_LEN
 from pretrain.config import ConfigError, load_config
-from pretrain.data import Tokenizer
+from pretrain.data import DataError, Tokenizer
 from pretrain.data.sources import padded_vocab_size
 from pretrain.train import train
 from tests.train.helpers import TINY, run_ranks
@@ -110,15 +110,39 @@ def test_mixture_weights_may_change_on_resume(tmp_path, dataset, second_dataset,
     )
     result = train(own_config(tmp_path / "run", annealed, *opts))
     assert result.step == 4
-    assert "data.sources weights changed from step 2: a 1 -> 3, b 2 -> 1" in capsys.readouterr().out
+    assert "data.sources changed from step 2: a 1 -> 3; b 2 -> 1" in capsys.readouterr().out
     mean = (3 * result.eval["val_loss/a"] + 1 * result.eval["val_loss/b"]) / 4
     assert result.eval["val_loss"] == pytest.approx(mean, rel=1e-12)
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     seen = {n: board.Scalars(f"data/tokens_seen/{n}")[-1].value for n in "ab"}
     assert seen["a"] + seen["b"] == result.tokens_seen
-    other = f"data.sources=[{{dir: {dataset}, weight: 3.0, name: a}}, {{dir: {second_dataset}, weight: 1.0, name: c}}]"
-    with pytest.raises(Exception, match=r"sources=\['a', 'b'\] vs \['a', 'c'\]"):
-        train(own_config(tmp_path / "run", other, *opts))  # another source is not an annealing
+    renamed = (
+        f"data.sources=[{{dir: {dataset}, weight: 3.0, name: a}}, {{dir: {second_dataset}, weight: 1.0, name: c}}]"
+    )
+    with pytest.raises(DataError, match=r"'c' reads .*, which this run read as 'b' so far: keep the name 'b'"):
+        train(own_config(tmp_path / "run", renamed, *opts))  # would read b's rows again from the start
+
+
+def test_a_source_added_on_resume_starts_at_its_beginning(tmp_path, dataset, second_dataset, capsys):
+    """A run on data.dir for 2 steps, then with a second source added (data.dir is the mixture of
+    one named after its folder): the resume says so, the new source's first rows are its own
+    reader's first rows, and the tokens of both sources add up to the run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = ("train.max_steps=6", "train.eval_every=6", "data.document_masking=true")
+    train(own_config(tmp_path / "run", f"data.dir={dataset}", *opts, "train.stop_after=2"))
+    name = dataset.name  # "data": the folder's name
+    added = f"data.sources=[{{dir: {dataset}, weight: 1.0, name: {name}}}, {{dir: {second_dataset}, weight: 3.0, name: new}}]"
+    result = train(own_config(tmp_path / "run", added, *opts))
+    assert result.step == 6
+    log = capsys.readouterr().out
+    assert "data.sources changed from step 2: added new (weight 3, from its start)" in log
+    assert set(result.eval) >= {f"val_loss/{name}", "val_loss/new"}
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    seen = {n: board.Scalars(f"data/tokens_seen/{n}")[-1].value for n in (name, "new")}
+    assert seen[name] + seen["new"] == result.tokens_seen and seen["new"] > 0
+    per_step = result.tokens_seen // 6
+    assert seen[name] >= 2 * per_step  # the first 2 steps were all its own: its count went on over the resume
 
 
 def test_heldout_corpus_is_evaluated_not_trained_on(tmp_path, dataset, second_dataset):

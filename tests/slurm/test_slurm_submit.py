@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -393,8 +394,9 @@ def test_a_new_run_from_an_export_that_does_not_fit_is_refused_before_it_is_queu
     assert not run.exists()
 
 
-def test_resume_may_change_the_mixture_weights_only(capsys, tmp_path, data_cache):
-    """An annealing mixture is resubmitted with other weights; another source is another run."""
+def test_resume_may_change_the_mixture(capsys, tmp_path, data_cache):
+    """An annealing mixture is resubmitted with other weights, or with a source added; a source
+    renamed over the same dir (which would read it again from the start) is refused."""
     from pretrain.config import load_config
     from pretrain.data import prepare_embedded_dataset
     from pretrain.launch import SlurmOptions, materialise, plan_run
@@ -410,5 +412,13 @@ def test_resume_may_change_the_mixture_weights_only(capsys, tmp_path, data_cache
     materialise(plan_run(TINY, [*base, mix(1.0, 2.0)], SlurmOptions(cpu=True), workdir=tmp_path))
     rc, _, err = _submit(capsys, ["--config", TINY, *base, mix(3.0, 1.0), "--resume", "--dry-run", "--cpu"])
     assert rc == 0, err
+    second_data = shutil.copytree(data, tmp_path / "more")  # another corpus of the same tokenizer
+    added = mix(1.0, 2.0).removesuffix("]") + f", {{dir: {second_data}, weight: 1.0, name: c}}]"
+    rc, _, err = _submit(capsys, ["--config", TINY, *base, added, "--resume", "--dry-run", "--cpu"])
+    assert rc == 0, err
     rc, _, err = _submit(capsys, ["--config", TINY, *base, mix(1.0, 2.0, "c"), "--resume", "--dry-run", "--cpu"])
-    assert rc == 2 and "in data.sources (a different run)" in err
+    assert rc == 2 and f"--resume: data.sources: 'c' reads {data}, which this run read as 'b' so far" in err
+    rc, _, err = _submit(
+        capsys, ["--config", TINY, *base, mix(1.0, 2.0), "train.seed=1", "--resume", "--dry-run", "--cpu"]
+    )
+    assert rc == 2 and "in train.seed (a different run)" in err
