@@ -24,6 +24,10 @@ are read, not multiplied, so the table's size does not count. Reported per varia
                    the baseline's MFU exactly when both train equally fast.
 CPU runs have no peak (MFU n/a); the ratios still hold.
 
+A variant that fails (out of memory, say, without activation checkpointing) is a row of its
+own with the end of its error, and the others still run; the JSON and markdown are rewritten
+after every variant, so a run cut short keeps what it measured. Exit status 1 if any failed.
+
 Each timed run skips its first --warmup steps (compilation happens there) and writes
 no checkpoint (the trainer's save is replaced by a no-op in the worker process: a
 paper-scale checkpoint would cost minutes of disk, outside the timed steps anyway).
@@ -44,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pretrain.files import atomic_write_text  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- worker
@@ -133,13 +139,21 @@ def run_variant(v: dict, args, tmp: Path, round_index: int) -> dict:
     out_file = tmp / "worker.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", str(out_file)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out_file.unlink(missing_ok=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: variant {name_of(v)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    if proc.returncode != 0 or not out_file.is_file():
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        return {
+            "error": f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}",
+            "stderr": proc.stderr[-4000:],
+        }
     return json.loads(out_file.read_text())
 
 
 def summarise(v: dict, runs: list[dict]) -> dict:
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"variant": name_of(v), **v, "error": failed[0]["error"]}
     times = [t for r in runs for t in r["step_times"]]
     first = runs[0]
     median = statistics.median(times)
@@ -164,6 +178,7 @@ def summarise(v: dict, runs: list[dict]) -> dict:
 
 def add_ratios(rows: list[dict]) -> list[dict]:
     """mfu_dense_equiv per row; memory/dense, compiled/eager and AC/none ratios."""
+    rows = [r for r in rows if "error" not in r]
     by_key = {(r["model"], r["compile"], r["ac"]): r for r in rows}
     ratios = []
     for r in rows:
@@ -204,6 +219,9 @@ def table(rows: list[dict], ratios: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:200].replace('|', '/')} | | | | | |")
+            continue
         lines.append(
             f"| {r['variant']} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
             f"{r['tflops_counted']:.3f} | {pct(r['mfu'])} | {pct(r['mfu_dense_equiv'])} | "
@@ -242,41 +260,47 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for round_index in range(args.rounds):
             for i, v in enumerate(todo):
-                runs[name_of(v)].append(run_variant(v, args, Path(tmp), round_index))
-                r = runs[name_of(v)][-1]
-                print(
-                    f"round {round_index + 1}/{args.rounds} [{i + 1}/{len(todo)}] {name_of(v)}: "
-                    f"median {statistics.median(r['step_times']) * 1e3:.1f} ms/step, "
-                    f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB",
-                    flush=True,
-                )
+                if any("error" in r for r in runs[name_of(v)]):
+                    continue  # failed in an earlier round: it would fail again
+                r = run_variant(v, args, Path(tmp), round_index)
+                runs[name_of(v)].append(r)
+                head = f"round {round_index + 1}/{args.rounds} [{i + 1}/{len(todo)}] {name_of(v)}"
+                if "error" in r:
+                    print(f"{head}: FAILED {r['error']}\n{r['stderr']}", flush=True)
+                else:
+                    print(
+                        f"{head}: median {statistics.median(r['step_times']) * 1e3:.1f} ms/step, "
+                        f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB",
+                        flush=True,
+                    )
+                report(args, [summarise(w, runs[name_of(w)]) for w in todo if runs[name_of(w)]], final=False)
     rows = [summarise(v, runs[name_of(v)]) for v in todo]
-    ratios = add_ratios(rows)
-    text = table(rows, ratios)
     print()
-    print(text)
+    print(report(args, rows, final=True))
+    good = [r for r in rows if "error" not in r]
+    device = good[0]["device"] if good else "no variant ran"
     print(
-        f"\n{rows[0]['device']}, dtype {args.dtype}, {args.steps} timed steps x {args.rounds} rounds, "
+        f"\n{device}, dtype {args.dtype}, {args.steps} timed steps x {args.rounds} rounds, "
         f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}"
     )
+    return 1 if len(good) < len(rows) else 0
+
+
+def report(args, rows: list[dict], final: bool) -> str:
+    """The tables of `rows` (the variants measured so far), also written to --json / --markdown."""
+    ratios = add_ratios(rows)
+    text = table(rows, ratios)
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "worker_out")
+    }
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "ratios": ratios,
-                    "settings": {
-                        k: (str(v) if isinstance(v, Path) else v)
-                        for k, v in vars(args).items()
-                        if k not in ("worker", "worker_out")
-                    },
-                },
-                indent=2,
-            )
-        )
+        payload = {"rows": rows, "ratios": ratios, "settings": settings, "complete": final}
+        atomic_write_text(args.json, json.dumps(payload, indent=2))
     if args.markdown:
-        args.markdown.write_text(text + "\n")
-    return 0
+        atomic_write_text(
+            args.markdown, text + ("\n" if final else "\n\n(incomplete: the run is still going or was cut short)\n")
+        )
+    return text
 
 
 if __name__ == "__main__":

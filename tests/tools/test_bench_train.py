@@ -1,0 +1,77 @@
+"""tools/bench_train.py on CPU: rows, ratios and reports; a failing variant is a row, not the end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.bench_train import add_ratios, main, table
+
+
+def row(model, compile_on, ac, step_s, peak, flops=100.0):
+    return {
+        "variant": f"{model}/{'compiled' if compile_on else 'eager'}/ac={ac}",
+        "model": model,
+        "compile": compile_on,
+        "ac": ac,
+        "median_step_s": step_s,
+        "tokens_per_s": 1000 / step_s,
+        "peak_flops": 1e6,
+        "flops_per_token": flops,
+        "peak_memory_bytes": peak,
+        "tflops_counted": flops * 1000 / step_s / 1e12,
+        "mfu": flops * 1000 / step_s / 1e6,
+        "memory_kind": "peak_rss",
+    }
+
+
+def test_ratios_pair_each_variant_with_its_twin():
+    rows = [
+        row("memory", False, "none", 2.0, 800),
+        row("memory", True, "none", 1.5, 700),
+        row("memory", False, "full", 2.5, 200),
+        row("dense", False, "none", 1.6, 600, flops=80.0),
+        {"variant": "dense/eager/ac=full", "model": "dense", "compile": False, "ac": "full", "error": "exit 1: OOM"},
+    ]
+    ratios = {r["ratio"]: r["value"] for r in add_ratios(rows)}
+    assert ratios == {
+        "memory/dense step time (eager, ac=none)": pytest.approx(2.0 / 1.6),
+        "compiled/eager step time (memory, ac=none)": pytest.approx(1.5 / 2.0),
+        "peak memory (memory, eager, ac=full / none)": pytest.approx(200 / 800),
+        "step time (memory, eager, ac=full / none)": pytest.approx(2.5 / 2.0),
+    }
+    # the memory model doing the dense model's work: dense FLOPs/token at its own speed
+    assert rows[0]["mfu_dense_equiv"] == pytest.approx(80.0 * 500 / 1e6)
+    assert "| dense/eager/ac=full | failed: exit 1: OOM |" in table(rows, add_ratios(rows))
+
+
+def test_a_failing_variant_is_reported_and_the_others_measured(tmp_path, capsys):
+    """The memory model with checkpointing none and full runs the real trainer; its dense
+    baseline is a config the trainer refuses, so both dense variants fail: they are rows with
+    the error, the memory rows and their ratio are kept, and the exit status is 1."""
+    broken = tmp_path / "broken_dense.yaml"
+    broken.write_text("model:\n  memory:\n    layers: []\ntrain:\n  zero_stage: 7\n")
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["--config", "configs/tiny.yaml", "--dense-config", str(broken), "--ac", "none,full"]
+    argv += ["--steps", "2", "--warmup", "1", "--rounds", "1", "--data-cache", str(tmp_path / "data")]
+    argv += ["--json", str(out), "--markdown", str(md), "train.global_batch=4", "train.micro_batch=4"]
+    assert main(argv) == 1
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is True
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"memory/eager/ac=none", "memory/eager/ac=full", "dense/eager/ac=none", "dense/eager/ac=full"}
+    for name in ("dense/eager/ac=none", "dense/eager/ac=full"):
+        assert "zero_stage" in rows[name]["error"]
+    for name in ("memory/eager/ac=none", "memory/eager/ac=full"):
+        r = rows[name]
+        assert "error" not in r and r["steps_measured"] == 2
+        assert r["tokens_per_s"] == pytest.approx(4 * 128 / r["median_step_s"])
+        assert r["peak_memory_bytes"] > 0 and r["memory_kind"] == "peak_rss" and r["mfu"] is None
+    ratios = {q["ratio"]: q["value"] for q in payload["ratios"]}
+    full, none = rows["memory/eager/ac=full"], rows["memory/eager/ac=none"]
+    assert ratios["peak memory (memory, eager, ac=full / none)"] == full["peak_memory_bytes"] / none["peak_memory_bytes"]
+    assert not any(name.startswith("memory/dense") for name in ratios)
+    text = md.read_text()
+    assert "| dense/eager/ac=none | failed: exit 1:" in text and "incomplete" not in text
+    assert "FAILED exit 1" in capsys.readouterr().out
