@@ -182,7 +182,9 @@ def mixture_change(old, new) -> str | None:
     parts = [f"added {n} (weight {after[n][1]:g}, from its start)" for n in added]
     parts += [f"removed {n}" for n in removed]
     parts += [f"{n} {before[n][1]:g} -> {after[n][1]:g}" for n in after if n in before and before[n][1] != after[n][1]]
-    parts += [f"{n} moved {before[n][0]} -> {after[n][0]}" for n in after if n in before and before[n][0] != after[n][0]]
+    parts += [
+        f"{n} moved {before[n][0]} -> {after[n][0]}" for n in after if n in before and before[n][0] != after[n][0]
+    ]
     return "; ".join(parts) or "sources reordered"
 
 

@@ -70,7 +70,9 @@ def test_a_failing_variant_is_reported_and_the_others_measured(tmp_path, capsys)
         assert r["peak_memory_bytes"] > 0 and r["memory_kind"] == "peak_rss" and r["mfu"] is None
     ratios = {q["ratio"]: q["value"] for q in payload["ratios"]}
     full, none = rows["memory/eager/ac=full"], rows["memory/eager/ac=none"]
-    assert ratios["peak memory (memory, eager, ac=full / none)"] == full["peak_memory_bytes"] / none["peak_memory_bytes"]
+    assert (
+        ratios["peak memory (memory, eager, ac=full / none)"] == full["peak_memory_bytes"] / none["peak_memory_bytes"]
+    )
     assert not any(name.startswith("memory/dense") for name in ratios)
     text = md.read_text()
     assert "| dense/eager/ac=none | failed: exit 1:" in text and "incomplete" not in text
