@@ -45,6 +45,7 @@ from pretrain.model import Transformer, flops_per_token, language_model_loss, z_
 from pretrain.model import names as model_names  # noqa: E402
 from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
+from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
 from pretrain.train_state import RankState, TrainState  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
@@ -203,7 +204,7 @@ def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory
     stop = stop if stop is not None else StopSignal()
     try:
         info = init_distributed(process_group_timeout(validate(cfg).train))
-        with hang_watchdog(cfg, info) as watchdog:
+        with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog):
             trainer = build(cfg, info, loaders or build_loader, watchdog)
             try:
                 trainer.resume()
@@ -748,7 +749,7 @@ def main(argv=None, stop: StopSignal | None = None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         result = train(cfg, stop)
-    except (ConfigError, DataError, CheckpointError, SlurmEnvError) as err:
+    except (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

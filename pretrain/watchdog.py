@@ -75,6 +75,7 @@ class HangWatchdog:
         grace: float | None = None,
     ):
         self.run_dir, self.attempt = Path(run_dir), attempt
+        self.last_progress: str | None = None  # what the rank finished last (kept when unwatched too)
         self.rank, self.world_size = rank, world_size
         self.timeout, self.startup_timeout, self.requeue = timeout, startup_timeout, requeue
         # rank 0's watcher waits this long for the other reports; theirs outlive it by more
@@ -122,6 +123,7 @@ class HangWatchdog:
 
     def progress(self, what: str) -> None:
         """The rank finished `what` (e.g. "step 12"): the next deadline is `timeout` from now."""
+        self.last_progress = what
         self._send(f"progress {what}\n")
 
     def _send(self, line: str) -> None:

@@ -1,0 +1,127 @@
+"""What a rank that runs out of memory is told: where, how much was in use, which checkpoint is
+intact, and the settings of this run that lower the memory per rank.
+
+`explain_out_of_memory(cfg, info, watchdog)` wraps a run: torch's out-of-memory error (CUDA's
+`torch.OutOfMemoryError`, or the CPU allocator's "can't allocate memory") leaves it as
+`OutOfMemory`, whose message the CLI prints before exiting with status 2. Nothing is saved on
+the way out: a step cut short by an allocation is no state to keep, and the latest checkpoint
+is complete (checkpoints are written under a temporary name and renamed). Each setting named is
+valid for this run (the global batch and the world size stay), so it can be pasted as an override.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+GiB = 2**30
+
+
+class OutOfMemory(RuntimeError):
+    """A rank ran out of memory; the message names where and the settings that lower it."""
+
+
+def remedies(cfg, world_size: int) -> list[str]:
+    """Overrides that lower this run's memory per rank, most effective first for activations."""
+    t, memory = cfg.train, cfg.model.memory
+    out = []
+    smaller = [m for m in range(t.micro_batch - 1, 0, -1) if t.global_batch % (m * world_size) == 0]
+    if smaller:
+        m = smaller[0]
+        out.append(
+            f"train.micro_batch={m} (now {t.micro_batch}; the global batch {t.global_batch} stays, "
+            f"through {t.global_batch // (m * world_size)} micro-batches per step and rank)"
+        )
+    if t.activation_checkpointing != "full":
+        out.append(
+            f"train.activation_checkpointing=full (now {t.activation_checkpointing}; each block's "
+            "activations are recomputed in the backward instead of kept)"
+        )
+    if world_size > 1 and t.zero_stage < 3:
+        what = {0: "the optimizer states", 1: "the gradients too", 2: "the weights too"}[t.zero_stage]
+        out.append(f"train.zero_stage={t.zero_stage + 1} (shards {what} over the {world_size} ranks)")
+    if memory.layers:
+        value_dim = cfg.model.value_dim
+        larger = [
+            p for p in range(memory.parallel_size + 1, world_size + 1) if world_size % p == 0 and value_dim % p == 0
+        ]
+        if larger:
+            out.append(
+                f"model.memory.parallel_size={larger[0]} (now {memory.parallel_size}; each rank holds "
+                f"1/{larger[0]} of the value pool's columns and their optimizer state)"
+            )
+    return out
+
+
+def memory_in_use(device: torch.device) -> str:
+    """How much memory this process held: torch's CUDA allocator, or the process's peak RSS."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (
+            f"{torch.cuda.memory_allocated(device) / GiB:.2f} GiB allocated by torch (peak "
+            f"{torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB, "
+            f"{torch.cuda.memory_reserved(device) / GiB:.2f} GiB reserved), {free / GiB:.2f} GiB free "
+            f"of {total / GiB:.2f} GiB on {torch.cuda.get_device_name(device)}"
+        )
+    from pretrain.metrics import memory_allocated
+
+    total = _meminfo_total()
+    of = f" of {total / GiB:.2f} GiB in this machine" if total else ""
+    return f"peak resident memory {memory_allocated(device) / GiB:.2f} GiB{of}"
+
+
+def _meminfo_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
+def describe(cfg, info, where: str, err: BaseException) -> str:
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint
+
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    try:
+        latest = latest_checkpoint(Path(cfg.train.run_dir) / "checkpoints")
+    except CheckpointError:
+        latest = None
+    kept = f"the run resumes from {latest} (complete)" if latest is not None else "the run has no checkpoint yet"
+    fixes = remedies(cfg, info.world_size)
+    advice = (
+        "lower the memory per rank with one of: " + "; ".join(fixes)
+        if fixes
+        else "this run has no setting left that lowers it: use devices with more memory, more ranks, or a smaller model"
+    )
+    return (
+        f"rank {info.rank} ran out of {info.device.type} memory {where}: {first_line}. In use: "
+        f"{memory_in_use(info.device)}. Nothing was saved on the way out: {kept}. To fit, {advice}"
+    )
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(cfg, info, watchdog):
+    """Turn an out-of-memory error inside into `OutOfMemory`, placed by the watchdog's last
+    progress (the step, evaluation or checkpoint the rank finished last)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        last = watchdog.last_progress
+        where = (
+            f"after {last}"
+            if last
+            else "before this run's first step finished (start-up, resume, compilation or that step)"
+        )
+        raise OutOfMemory(describe(cfg, info, where, err)) from None
