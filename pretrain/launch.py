@@ -221,6 +221,7 @@ class PreparedRun:
     created_paths: list[Path] = field(default_factory=list)
     replaced_code: Path | None = None  # previous snapshot kept until the submission succeeds
     replaced_config: str | None = None  # the run's config before a --resume changed it, for rollback
+    plan: list[str] = field(default_factory=list)  # what the run will do (pretrain/run_plan.py), log lines
 
 
 def _resolved_config_text(cfg) -> str:
@@ -278,7 +279,20 @@ def plan_run(
         script=script,
         config_text=config_text,
         code_dir=code_dir,
+        plan=_plan_lines(cfg),
     )
+
+
+def _plan_lines(cfg) -> list[str]:
+    """The run's tokens, epochs per prepared source, parameters and FLOPs (pretrain/run_plan.py)."""
+    from pretrain.data.sources import resolve_sources
+    from pretrain.run_plan import describe_plan, training_plan
+
+    try:
+        sources = resolve_sources(cfg.data, cfg.data.seq_len)  # [] for the embedded corpus: built by the job
+    except DataError as err:
+        raise SubmitError(str(err)) from None
+    return describe_plan(training_plan(cfg, sources))
 
 
 # What a resubmitted run may change: how its data is read (the trainer re-plans the data

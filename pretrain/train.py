@@ -46,6 +46,7 @@ from pretrain.model import names as model_names  # noqa: E402
 from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
+from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
 from pretrain.train_state import RankState, TrainState  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
@@ -506,6 +507,8 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
     stats = build_slot_statistics(cfg, model, info.device)
     metrics = MetricsLogger(Path(cfg.train.run_dir) / "tensorboard", enabled=info.is_main)
     metrics.line(describe_data(cfg, sources, tokenizer))
+    for line in describe_plan(training_plan(cfg, sources), note_repeats=bool(cfg.data.dir or cfg.data.sources)):
+        metrics.line(line)
     if init is not None:
         metrics.line(init.describe())
     elif cfg.train.init_from:

@@ -103,11 +103,13 @@ def main(argv=None) -> int:
         )
         if args.dry_run:
             sys.stdout.write(plan.script)
+            print("\n".join(plan.plan), file=sys.stderr)  # stdout stays the script alone
             return 0
         job_id = submit(plan)
     except SubmitError as err:
         print(f"memlayers-submit: error: {err}", file=sys.stderr)
         return 2
+    print("\n".join(plan.plan))
     print(f"submitted job {job_id}")
     print(f"run directory: {plan.run_dir}")
     print(f"log: {plan.run_dir / 'logs' / f'slurm-{job_id}.out'}")

@@ -41,6 +41,7 @@ def test_dataset_without_probes_trains_and_exports(tmp_path, dataset, capsys):
     log = capsys.readouterr().out
     assert log.count("no probes.jsonl") == 1
     assert f"tokenizer {tok.vocab_size} tokens, model.vocab_size {cfg.model.vocab_size}" in log
+    assert f"plan: 3 steps x {cfg.train.global_batch} sequences x {SEQ_LEN} tokens = " in log
     out = export_checkpoint(tmp_path / "run", tmp_path / "export", show_progress=False)
     assert (out / "model.safetensors").is_file() and not (out / "probes.jsonl").exists()
 

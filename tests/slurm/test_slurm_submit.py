@@ -94,6 +94,7 @@ def test_dry_run_matches_golden(name, capsys):
         (GOLDEN / name).write_text(out)
     assert out == (GOLDEN / name).read_text()
     assert not Path("/scratch/memlayers").exists()
+    assert err.startswith("plan: ") and " tokens per active parameter; " in err  # on stderr: stdout is the script
 
 
 def test_golden_directives_are_what_sbatch_reads():
