@@ -189,7 +189,7 @@ def config_differences(a, b, prefix: str = "") -> dict[str, tuple]:
     return {prefix: (a, b)} if a != b else {}
 
 
-MODEL_RUNTIME_KEYS = ("memory.kernel", "memory.parallel_size")  # how a model runs, not what it is
+MODEL_RUNTIME_KEYS = ("memory.kernel", "memory.parallel_size", "document_attention")  # how it runs, not what it is
 
 
 def model_differences(a: dict, b: dict) -> dict[str, tuple]:
@@ -387,6 +387,11 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
                 "model.memory.kernel=triton needs a CUDA device (this run is on CPU): use "
                 "model.memory.kernel=auto or torch, or set TRITON_INTERPRET=1 to interpret the kernels (slow)"
             )
+    if cfg.data.document_masking and cfg.model.document_attention == "flex" and device_type == "cpu":
+        raise ConfigError(
+            "model.document_attention=flex trains on CUDA only (torch's FlexAttention has no backward on CPU): "
+            "use model.document_attention=sdpa on CPU"
+        )
     if world_size is not None:
         if t.global_batch % (t.micro_batch * world_size):
             raise ConfigError(

@@ -96,6 +96,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # how attention applies data.document_masking: sdpa (a dense boolean mask) | flex (a FlexAttention
+    # block mask that skips blocks outside every document; training needs CUDA) -- document_attention.py
+    document_attention: Literal["sdpa", "flex"] = "sdpa"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @property

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.document_attention import BlockMask, document_mask, flex_document_attention
 from pretrain.model.kv_cache import KVCache, LayerKV
 from pretrain.model.memory import MemoryPlus, ValueTable
 
@@ -44,7 +45,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, freqs: torch.Tensor, kv: LayerKV | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """kv (optional): this layer's cache, extended in place; mask: from `KVCache.causal_mask`."""
+        """kv (optional): this layer's cache, extended in place; mask: from `KVCache.causal_mask`, or
+        a document mask (`document_attention.document_mask`: boolean for SDPA, or a BlockMask)."""
         B, S, _ = x.shape
         q = apply_rotary(self.wq(x).view(B, S, self.n_heads, self.head_dim), freqs)
         k = apply_rotary(self.wk(x).view(B, S, self.kv_heads, self.head_dim), freqs)
@@ -54,9 +56,13 @@ class Attention(nn.Module):
         if kv is not None:
             causal = kv.keys is None and S > 1  # prefill; later steps: `mask` or one query seeing all
             k, v = kv.extend(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.kv_heads != self.n_heads
-        )
+        gqa = self.kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):  # document masking by FlexAttention (document_attention.py)
+            out = flex_document_attention(q, k, v, mask, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa
+            )
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -142,7 +148,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens (B, S) int64 -> logits (B, S, vocab). With `cache` (inference), tokens continue
         the cached ones and their keys/values are appended to it. With `doc_ids` (B, S), each
-        token attends only to earlier tokens of its own document (`document_causal_mask`)."""
+        token attends only to earlier tokens of its own document (pretrain/model/document_attention.py)."""
         S = tokens.shape[1]
         past = cache.length if cache is not None else 0
         if past + S > self.cfg.max_seq_len:
@@ -155,7 +161,7 @@ class Transformer(nn.Module):
         if cache is not None:
             mask = cache.causal_mask(S, x.device)
         elif doc_ids is not None:
-            mask = document_causal_mask(doc_ids.to(x.device))
+            mask = document_mask(doc_ids.to(x.device), self.cfg.document_attention)
         memory_index = 0
         for i, block in enumerate(self.layers):
             values = None
@@ -169,16 +175,6 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += S
         return self.output(self.norm(x))
-
-
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, S, S) boolean attention mask: query i sees key j <= i of the same document.
-
-    Rotary embeddings make attention depend on relative positions only, so a document packed
-    at any offset is computed as if it stood alone. Padding (doc id -1) attends to padding."""
-    S = doc_ids.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
-    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
 
 
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 
 from pretrain.model import Transformer
 from pretrain.model.config import MemoryConfig, ModelConfig
+from pretrain.model.document_attention import document_causal_mask
 from pretrain.model.kv_cache import KVCache
-from pretrain.model.transformer import document_causal_mask
 from pretrain.train import train
 from tests.train.helpers import tiny_config
 
@@ -89,3 +89,35 @@ def test_training_and_validation_use_the_mask(tmp_path, data_cache):
     assert runs[True].first_loss != runs[False].first_loss
     assert runs[True].eval["val_loss"] != runs[False].eval["val_loss"]
     assert all(torch.isfinite(torch.tensor(r.losses)).all() for r in runs.values())
+
+
+@pytest.mark.parametrize("kv_heads", [0, 2])  # 2 of 4 heads: grouped-query attention
+@torch.no_grad()
+def test_flex_block_mask_computes_what_the_dense_mask_does(kv_heads):
+    """model.document_attention=flex (compiled FlexAttention, forward on CPU) gives the logits of
+    the dense boolean mask: packed documents, padding, a length that is no multiple of the block."""
+    nets = {}
+    for kind in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        memory = MemoryConfig(layers=[1], n_keys=8, heads=2, k=4, k_dim=16, kernel="torch")
+        cfg = ModelConfig(
+            vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=kv_heads, max_seq_len=32, memory=memory
+        )
+        cfg.document_attention = kind
+        nets[kind] = Transformer(cfg).eval()
+    tokens, doc_ids = packed_row()
+    tokens, doc_ids = torch.cat([tokens, tokens.flip(1)]), torch.cat([doc_ids, doc_ids.flip(1)])  # B = 2
+    dense, flex = (nets[k](tokens, doc_ids=doc_ids) for k in ("sdpa", "flex"))
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    assert (flex - nets["flex"](tokens)).abs().max() > 1e-3  # the block mask did mask
+
+
+def test_flex_training_is_refused_on_cpu_before_anything_runs(tmp_path, data_cache):
+    from pretrain.config import ConfigError, check_runtime
+
+    flex = ("data.document_masking=true", "model.document_attention=flex")
+    with pytest.raises(ConfigError, match="model.document_attention=flex trains on CUDA only.*use model.document_at"):
+        train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=1", *flex))
+    assert not (tmp_path / "run").exists()
+    check_runtime(tiny_config(tmp_path / "x", data_cache, *flex), device_type="cuda")  # where it trains
+    check_runtime(tiny_config(tmp_path / "x", data_cache, "model.document_attention=flex"), device_type="cpu")
