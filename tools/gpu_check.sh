@@ -10,6 +10,7 @@
 #   layer      the whole MemoryPlus layer and the 373M model, Triton vs PyTorch
 #   train373   tools/bench_train.py: memory_373m vs its dense baseline, bf16, seq 2048, eager vs compiled
 #   train1p3b  tools/bench_train.py: smf_1p3b, compiled, activation checkpointing none vs full
+#   attention  tools/bench_attention.py: document masking, SDPA dense mask vs FlexAttention block mask
 # Extra stages (STAGES="..."): sweep (bag bandwidth over d and k), values (dense vs row-sparse
 # value update), train (100 steps of tiny.yaml in bf16 on the Triton path).
 #
@@ -21,7 +22,7 @@
 # stage's exit status and time), tests.log, bench.log (every kernel table), trainbench.log, and
 # results.tar.gz with every JSON, markdown table and plot (bench_kernels.json, launch_configs.json,
 # bench_skew.json, bench_layer.json, bench_train_373m.{json,md}, bench_train_1p3b.{json,md},
-# sweep.png, values.png), re-packed after each stage so a call cut short still returns them.
+# bench_attention.json, sweep.png, values.png), re-packed after each stage so a call cut short still returns them.
 # Copy them to benchmarks/<kind>-<device>/<commit>/ with `tar xzf results.tar.gz`.
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
@@ -68,7 +69,7 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD within SECONDS and the time 
     pack
 }
 status=0
-STAGES=" ${STAGES:-tests bench configs skew layer train373 train1p3b} "
+STAGES=" ${STAGES:-tests bench configs skew layer train373 train1p3b attention} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
@@ -100,6 +101,9 @@ want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
     python3 tools/bench_train.py --config configs/smf_1p3b.yaml --dtype bf16 --compile on --ac none,full \
     --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$RESULTS/bench_train_1p3b.json" \
     --markdown "$RESULTS/bench_train_1p3b.md" model.memory.kernel=triton train.global_batch=4 train.micro_batch=4
+# model.document_attention: the dense boolean mask in SDPA vs the FlexAttention block mask, fwd+bwd.
+want attention && stage attention "${ATTENTION_S:-60}" "$OUT/bench.log" \
+    python3 tools/bench_attention.py --json "$RESULTS/bench_attention.json"
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$RESULTS/sweep.png"
 # Dense vs row-sparse value update at v_dim 1024 (training on the Triton path with sparse_adamw

@@ -1,0 +1,37 @@
+"""tools/bench_attention.py on CPU: packed document ids, the kept share of the causal mask, the rows."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tools.bench_attention import kept_fraction, main, packed_doc_ids
+
+
+def test_documents_are_packed_back_to_back_with_the_mean_length():
+    ids = packed_doc_ids(4, 4096, mean_length=64.0, seed=1)
+    assert ids.shape == (4, 4096)
+    for row in ids:
+        steps = torch.diff(row)
+        assert set(steps.tolist()) <= {0, 1} and int(row[0]) == 0  # ids rise by one at each boundary
+        lengths = torch.unique_consecutive(row, return_counts=True)[1][:-1].double()  # the last is cut
+        assert 40 < lengths.mean().item() < 90  # exponential, mean 64 (of about 60 documents)
+
+
+def test_kept_fraction_counts_query_key_pairs_of_one_document():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    # causal pairs: 6*7/2 = 21; within documents: 3*4/2 + 2*3/2 + 1 = 10
+    assert kept_fraction(ids) == 10 / 21
+    assert kept_fraction(torch.zeros(2, 8, dtype=torch.long)) == 1.0
+
+
+def test_cpu_run_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    argv = ["--batch", "1", "--seq-len", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"]
+    assert main([*argv, "--doc-lengths", "8,32", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["sdpa_causal"] + ["sdpa_dense_document_mask", "flex_block_mask"] * 2
+    assert [r["mean_doc_length"] for r in rows[1:]] == [8.0, 8.0, 32.0, 32.0]
+    assert all(r["p50"] > 0 for r in rows) and rows[2]["speedup"] == rows[1]["p50"] / rows[2]["p50"]
+    assert "forward (no FlexAttention backward on CPU)" in capsys.readouterr().out
