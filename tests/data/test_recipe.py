@@ -74,6 +74,9 @@ def test_readme_recipe_trains_exports_and_generates(tmp_path):
     assert len(scored) == 3
     for out in scored:
         assert re.search(r"on data/\w+ \(val\): loss \d+\.\d+ perplexity \d+\.\d+ over [\d,]+ tokens", out), out
+    inspected = next(out for argv, out in outputs if argv[1] == "tools/inspect_data.py")
+    assert re.search(r"train: [\d,]+ rows of 128 \+ 1 tokens, [\d,]+ tokens", inspected), inspected
+    assert "byte-fallback tokens: " in inspected and "--- row 0 ---" in inspected and "warning" not in inspected
     generated = next(out for argv, out in outputs if argv[1] == "tools/generate.py")
     assert generated.startswith("The license") and len(generated.strip()) > len("The license")
     assert (tmp_path / "exports/english/model.safetensors").is_file()

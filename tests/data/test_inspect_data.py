@@ -1,0 +1,76 @@
+"""tools/inspect_data.py: a split's numbers against the documents it was prepared from, the rows
+decoded as the model reads them, and the warnings for text the tokenizer hardly covers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_helpers import SEQ_LEN
+from pretrain.data import DataError, write_dataset
+from pretrain.data.inspect import decoded_rows, inspect_split
+from tools.inspect_data import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:--val-fraction=0")
+
+
+def prepared(tmp_path, tokenizer, documents, name="ds"):
+    out = tmp_path / name
+    encoded = tokenizer.encode_batch(documents)
+    write_dataset(encoded, out, tokenizer, SEQ_LEN, val_fraction=0.0, sequences_per_shard=8, rows_per_block=3,
+                  show_progress=False)  # fmt: skip
+    return out, encoded
+
+
+def test_numbers_are_the_documents_own(tmp_path, tokenizer, documents):
+    out, encoded = prepared(tmp_path, tokenizer, documents)
+    report = inspect_split(out)
+    lengths = np.array(sorted(len(e) + 1 for e in encoded))  # EOS ends every document
+    assert sorted(report.document_lengths.tolist()) == lengths.tolist()
+    assert report.documents == len(documents) and report.tokens == lengths.sum()
+    assert report.sequences * (SEQ_LEN + 1) == report.tokens + report.padding and report.padding < SEQ_LEN + 1
+    assert report.length_percentiles["max"] == lengths.max()
+    assert report.length_percentiles["p50"] == pytest.approx(np.median(lengths))
+    assert report.short_documents == int((lengths < 16).sum()) >= 1  # "Short."
+    counts = {}
+    for ids in encoded:
+        for i in ids:
+            counts[i] = counts.get(i, 0) + 1
+    best = max(counts.values())
+    assert report.top_tokens[0][1] == max(best, len(documents))  # EOS occurs once per document
+    assert report.byte_fallback_share == 0.0 and report.warnings() == []
+
+
+def test_rows_decode_to_the_documents_in_order(tmp_path, tokenizer, documents):
+    out, _ = prepared(tmp_path, tokenizer, documents)
+    rows = decoded_rows(out, rows=10**6, marker="|")  # all of them
+    text = "".join(rows)
+    decoded = [tokenizer.decode(tokenizer.encode(d)) for d in documents]
+    # every document, in order, each once, across rows (a word cut at a row's end may lose its space)
+    assert ["".join(d.split()) for d in text.split("|")[:-1]] == ["".join(d.split()) for d in decoded]
+    assert rows[0].startswith(decoded[0][:40])
+
+
+def test_text_the_tokenizer_hardly_covers_is_flagged(tmp_path, tokenizer):
+    greek = ["Η γρήγορη καφέ αλεπού πηδά πάνω από τον τεμπέλη σκύλο. " * 4 for _ in range(12)]
+    out, _ = prepared(tmp_path, tokenizer, greek, "greek")
+    report = inspect_split(out)
+    assert report.byte_fallback_share > 0.5
+    assert "byte fallbacks: the tokenizer hardly covers this text" in report.warnings()[0]
+    tiny, _ = prepared(tmp_path, tokenizer, ["a b"] * 30, "tiny")
+    assert "30 of 30 documents are shorter than 16 tokens" in inspect_split(tiny).warnings()[0]
+
+
+def test_cli_writes_json_and_plot_and_refuses_a_missing_split(tmp_path, tokenizer, documents, capsys):
+    out, _ = prepared(tmp_path, tokenizer, documents)
+    assert main([str(out), "--rows", "1", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "l.png")]) == 0
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["documents"] == len(documents) and len(payload["rows"]) == 1 and payload["warnings"] == []
+    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "--- row 0 ---" in capsys.readouterr().out
+    assert main([str(out), "--split", "val"]) == 2
+    assert "has no 'val' split with shards" in capsys.readouterr().err
+    with pytest.raises(DataError, match="does not exist"):
+        inspect_split(tmp_path / "nowhere")

@@ -1,0 +1,95 @@
+"""Look at a prepared dataset before training on it: the numbers of a split and its first rows.
+
+  python tools/inspect_data.py data/english                     # train split, 2 rows decoded
+  python tools/inspect_data.py data/english --split val --rows 0 --json val.json --plot lengths.png
+
+Prints tokens, padding, documents and their length percentiles, the share of byte-fallback
+tokens, the most frequent tokens, warnings (a tokenizer that hardly covers the text, mostly tiny
+documents), and the first --rows rows decoded as the model reads them, "‖" after each document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.data.errors import DataError  # noqa: E402
+from pretrain.data.inspect import decoded_rows, inspect_split  # noqa: E402
+from pretrain.files import atomic_write_text  # noqa: E402
+
+
+def report_lines(r) -> list[str]:
+    p = r.length_percentiles
+    lines = [
+        f"{r.split}: {r.sequences:,} rows of {r.seq_len} + 1 tokens, {r.tokens:,} tokens "
+        f"({r.padding:,} padding), {r.documents:,} documents",
+        f"document length in tokens (EOS included): mean {r.mean_length:.1f}, p10 {p['p10']:.0f}, "
+        f"median {p['p50']:.0f}, p90 {p['p90']:.0f}, max {p['max']:.0f}; {r.short_documents:,} under 16",
+        f"byte-fallback tokens: {100 * r.byte_fallback_share:.2f}%",
+        "most frequent: " + ", ".join(f"{piece!r} {count:,}" for piece, count in r.top_tokens),
+    ]
+    return lines + [f"warning: {w}" for w in r.warnings()]
+
+
+def plot_lengths(r, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lengths = r.document_lengths
+    bins = np.logspace(0, np.log10(max(2, lengths.max())), 40) if len(lengths) else 10
+    ax.hist(lengths, bins=bins)
+    ax.set(
+        xscale="log",
+        xlabel="document length (tokens)",
+        ylabel="documents",
+        title=f"{r.split}: {r.documents:,} documents",
+    )
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset", type=Path, help="a dataset folder written by tools/prepare_data.py")
+    p.add_argument("--split", default="train")
+    p.add_argument("--rows", type=int, default=2, help="rows decoded (0: none)")
+    p.add_argument("--top", type=int, default=20, help="most frequent tokens listed")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the document length histogram")
+    args = p.parse_args(argv)
+    if args.rows < 0 or args.top < 0:
+        print("inspect_data: error: --rows and --top must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        report = inspect_split(args.dataset, args.split, top=args.top)
+        rows = decoded_rows(args.dataset, args.split, args.rows) if args.rows else []
+    except DataError as err:
+        print(f"inspect_data: error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(report_lines(report)))
+    for i, text in enumerate(rows):
+        print(f"--- row {i} ---\n{text}")
+    if args.json:
+        payload = {k: v for k, v in vars(report).items() if k != "document_lengths"}
+        payload["warnings"] = report.warnings()
+        payload["rows"] = rows
+        atomic_write_text(args.json, json.dumps(payload, indent=2, ensure_ascii=False))
+    if args.plot:
+        plot_lengths(report, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
