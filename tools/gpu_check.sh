@@ -75,7 +75,7 @@ unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
 # Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-want tests && stage tests "${TESTS_S:-120}" "$OUT/tests.log" \
+want tests && stage tests "${TESTS_S:-180}" "$OUT/tests.log" \
     python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
 want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$RESULTS/bench_kernels.json"
@@ -102,7 +102,7 @@ want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
     --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$RESULTS/bench_train_1p3b.json" \
     --markdown "$RESULTS/bench_train_1p3b.md" model.memory.kernel=triton train.global_batch=4 train.micro_batch=4
 # model.document_attention: the dense boolean mask in SDPA vs the FlexAttention block mask, fwd+bwd.
-want attention && stage attention "${ATTENTION_S:-60}" "$OUT/bench.log" \
+want attention && stage attention "${ATTENTION_S:-90}" "$OUT/bench.log" \
     python3 tools/bench_attention.py --json "$RESULTS/bench_attention.json"
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$RESULTS/sweep.png"
