@@ -4,8 +4,8 @@
 - `sdpa`: a dense (B, 1, S, S) boolean mask passed to SDPA. Works everywhere; on a GPU the mask
   rules out SDPA's flash kernel (the memory-efficient one runs instead) and every block of the
   S x S score matrix is computed, also the blocks no query may see.
-- `flex`: a FlexAttention `BlockMask` built from the same rule, run by a compiled
-  `flex_attention`: blocks wholly outside every document are skipped, so a row of many short
+- `flex`: a FlexAttention `BlockMask` built from the same rule, run by `flex_attention` compiled
+  on its own (also under train.compile, through a graph break): blocks wholly outside every document are skipped, so a row of many short
   documents costs about the sum of its documents' squares, not S^2. Training needs CUDA (torch has
   no FlexAttention backward on CPU; `check_runtime` refuses it there); the forward also runs on CPU.
 
@@ -45,15 +45,25 @@ def document_mask(doc_ids: torch.Tensor, kind: str) -> torch.Tensor | BlockMask:
     return document_block_mask(doc_ids) if kind == "flex" else document_causal_mask(doc_ids)
 
 
-def flex_document_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, enable_gqa: bool
-) -> torch.Tensor:
-    """flex_attention(q, k, v) under `block_mask`, compiled: the eager function materialises the
-    whole score matrix. Inside a compiled block (train.compile) the plain function is traced
-    into that block's graph instead of calling a second compiled function."""
+def _compiled_flex_attention(q, k, v, block_mask, enable_gqa):
     global _compiled_flex
-    if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+# Inside a block compiled by train.compile, flex_attention is not traced into the block's graph:
+# inductor's CPU lowering of it fails on the block's intermediate tensors (torch 2.13: "too many
+# values to unpack" in cpp_flex_attention_template), while the function compiled on its own works.
+# A graph break around the call keeps one tested path; it costs one graph split per block.
+_flex_outside_graph = torch.compiler.disable(_compiled_flex_attention, recursive=False)
+
+
+def flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, enable_gqa: bool
+) -> torch.Tensor:
+    """flex_attention(q, k, v) under `block_mask`, compiled on its own (the eager function
+    materialises the whole score matrix), also when called from a compiled block."""
+    if torch.compiler.is_compiling():
+        return _flex_outside_graph(q, k, v, block_mask, enable_gqa)
+    return _compiled_flex_attention(q, k, v, block_mask, enable_gqa)

@@ -91,11 +91,14 @@ def test_training_and_validation_use_the_mask(tmp_path, data_cache):
     assert all(torch.isfinite(torch.tensor(r.losses)).all() for r in runs.values())
 
 
-@pytest.mark.parametrize("kv_heads", [0, 2])  # 2 of 4 heads: grouped-query attention
+@pytest.mark.parametrize("kv_heads,compiled", [(0, False), (2, False), (2, True)])  # 2 of 4 heads: GQA
 @torch.no_grad()
-def test_flex_block_mask_computes_what_the_dense_mask_does(kv_heads):
+def test_flex_block_mask_computes_what_the_dense_mask_does(kv_heads, compiled):
     """model.document_attention=flex (compiled FlexAttention, forward on CPU) gives the logits of
-    the dense boolean mask: packed documents, padding, a length that is no multiple of the block."""
+    the dense boolean mask: packed documents, padding, a length that is no multiple of the block;
+    also inside blocks compiled as train.compile compiles them."""
+    from pretrain.parallel.compile import apply_compile
+
     nets = {}
     for kind in ("sdpa", "flex"):
         torch.manual_seed(0)
@@ -105,6 +108,8 @@ def test_flex_block_mask_computes_what_the_dense_mask_does(kv_heads):
         )
         cfg.document_attention = kind
         nets[kind] = Transformer(cfg).eval()
+    if compiled:
+        apply_compile(nets["flex"])
     tokens, doc_ids = packed_row()
     tokens, doc_ids = torch.cat([tokens, tokens.flip(1)]), torch.cat([doc_ids, doc_ids.flip(1)])  # B = 2
     dense, flex = (nets[k](tokens, doc_ids=doc_ids) for k in ("sdpa", "flex"))
