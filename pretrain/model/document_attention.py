@@ -33,6 +33,7 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     """The same rule as `document_causal_mask`, as a FlexAttention block mask (shared by heads)."""
     B, S = doc_ids.shape
+    _graph_break_around_flex()  # made here, outside any compiled block that will use it
 
     def same_document_causal(b, h, q, kv):
         return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
@@ -55,8 +56,16 @@ def _compiled_flex_attention(q, k, v, block_mask, enable_gqa):
 # Inside a block compiled by train.compile, flex_attention is not traced into the block's graph:
 # inductor's CPU lowering of it fails on the block's intermediate tensors (torch 2.13: "too many
 # values to unpack" in cpp_flex_attention_template), while the function compiled on its own works.
-# A graph break around the call keeps one tested path; it costs one graph split per block.
-_flex_outside_graph = torch.compiler.disable(_compiled_flex_attention, recursive=False)
+# A graph break around the call keeps one tested path; it costs one graph split per block. Made on
+# first use: torch.compiler.disable imports dynamo (and Triton), which a model import should not.
+_flex_outside_graph = None
+
+
+def _graph_break_around_flex():
+    global _flex_outside_graph
+    if _flex_outside_graph is None:
+        _flex_outside_graph = torch.compiler.disable(_compiled_flex_attention, recursive=False)
+    return _flex_outside_graph
 
 
 def flex_document_attention(
@@ -65,5 +74,5 @@ def flex_document_attention(
     """flex_attention(q, k, v) under `block_mask`, compiled on its own (the eager function
     materialises the whole score matrix), also when called from a compiled block."""
     if torch.compiler.is_compiling():
-        return _flex_outside_graph(q, k, v, block_mask, enable_gqa)
+        return _graph_break_around_flex()(q, k, v, block_mask, enable_gqa)
     return _compiled_flex_attention(q, k, v, block_mask, enable_gqa)
