@@ -44,6 +44,9 @@ def available() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
+            from kernels.build_locks import clear_stale_build_locks
+
+            clear_stale_build_locks(say=lambda line: warnings.warn(f"memlayers: {line}", stacklevel=3))
             load(name=_library_name(), sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, is_python_module=False)
             _loaded = True
         except Exception as err:  # no compiler, no ninja, a read-only cache: fall back, say why

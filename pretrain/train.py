@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.profiler import record_function  # noqa: E402
 
+from kernels.build_locks import clear_stale_build_locks  # noqa: E402
 from pretrain import profiler_regions as regions  # noqa: E402
 from pretrain.cadence import Every  # noqa: E402
 from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
@@ -204,6 +205,7 @@ def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory
     # data-loader workers started later inherit the handler.
     stop = stop if stop is not None else StopSignal()
     try:
+        clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train))
         with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog):
             trainer = build(cfg, info, loaders or build_loader, watchdog)
