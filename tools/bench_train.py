@@ -108,14 +108,22 @@ def dense_config_for(config: str) -> str:
 
 
 def variants(args) -> list[dict]:
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    """Compiled variants first, and each memory variant beside its dense twin: a run cut short
+    (a GPU lease ending) still holds the pairs that the acceptance ratios need."""
+    compiles = {"off": [False], "on": [True], "both": [True, False]}[args.compile]
     modes = [m.strip() for m in args.ac.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("none", "full", "memory", "selective")]
     if bad:
         raise SystemExit(f"error: --ac {args.ac}: {bad} not among none, full, memory, selective")
-    models = {"memory": args.config, "dense": args.dense_config or dense_config_for(args.config)}
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not wanted or any(m not in ("memory", "dense") for m in wanted):
+        raise SystemExit(f"error: --models {args.models}: give memory, dense or both (comma-separated)")
+    models = {"memory": args.config}
+    if "dense" in wanted:
+        models["dense"] = args.dense_config or dense_config_for(args.config)
+    models = {m: models[m] for m in wanted}
     out = []
-    for (model, config), compile_on, mode in itertools.product(models.items(), compiles, modes):
+    for compile_on, mode, (model, config) in itertools.product(compiles, modes, models.items()):
         if model == "dense" and mode == "memory":
             continue  # no memory block to checkpoint
         out.append({"model": model, "config": config, "compile": compile_on, "ac": mode})
@@ -236,6 +244,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="the memory model's config")
     parser.add_argument("--dense-config", default=None, help="default: configs/<name>_dense.yaml")
+    parser.add_argument("--models", default="memory,dense", help="memory, dense or both (comma-separated)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", default="off", choices=["off", "on", "both"])
     parser.add_argument("--ac", default="none", help="comma-separated train.activation_checkpointing modes")

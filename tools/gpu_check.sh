@@ -2,6 +2,8 @@
 # GPU check, for a session that has a device machine (the `device` tool): everything issues 16
 # and 21 measure on a GPU, in ONE call (a session's whole device time, machine start included,
 # is 15 minutes):
+#   (they run as tests bench train373 layer train1p3b skew configs attention: the issue-16
+#   training stages early, so a call cut short keeps them)
 #   tests      the kernel tests compiled (not interpreted) on CUDA
 #   bench      tools/bench_kernels.py at the paper's shapes: every kernel against its PyTorch
 #              baseline (scoring forward and backward, bag forward and backward)
@@ -9,7 +11,7 @@
 #   skew       the bag and the scoring backward with Zipf(1.0) rows (the hot-row chunked paths)
 #   layer      the whole MemoryPlus layer and the 373M model, Triton vs PyTorch
 #   train373   tools/bench_train.py: memory_373m vs its dense baseline, bf16, seq 2048, eager vs compiled
-#   train1p3b  tools/bench_train.py: smf_1p3b, compiled, activation checkpointing none vs full
+#   train1p3b  tools/bench_train.py: smf_1p3b (memory model), compiled, activation checkpointing full vs none
 #   attention  tools/bench_attention.py: document masking, SDPA dense mask vs FlexAttention block mask
 # Extra stages (STAGES="..."): sweep (bag bandwidth over d and k), values (dense vs row-sparse
 # value update), train (100 steps of tiny.yaml in bf16 on the Triton path).
@@ -69,7 +71,7 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD within SECONDS and the time 
     pack
 }
 status=0
-STAGES=" ${STAGES:-tests bench configs skew layer train373 train1p3b attention} "
+STAGES=" ${STAGES:-tests bench train373 layer train1p3b skew configs attention} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
@@ -79,17 +81,6 @@ want tests && stage tests "${TESTS_S:-180}" "$OUT/tests.log" \
     python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
 want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$RESULTS/bench_kernels.json"
-# Every launch candidate with p20/p50/p80; the steady winners print as PINNED lines for
-# kernels/launch_configs.py (and sit under "pins" in the JSON).
-want configs && stage configs "${CONFIGS_S:-100}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --configs --json "$RESULTS/launch_configs.json"
-# Hot slots (Zipf-distributed rows, as a trained memory reads them): the bag's chunked sorted
-# backward, and the scoring backward on the same slots (its hot-key chunks).
-want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$RESULTS/bench_skew.json"
-# The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
-want layer && stage layer "${LAYER_S:-90}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$RESULTS/bench_layer.json"
 # Training throughput at real sizes on one GPU (issue 16): memory model vs its dense baseline
 # of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
 # (tools/bench_train.py; README "Activation checkpointing and compile" says what to read).
@@ -97,10 +88,21 @@ want train373 && stage train373 "${TRAIN373_S:-200}" "$OUT/trainbench.log" \
     python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile both --ac none \
     --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$RESULTS/bench_train_373m.json" \
     --markdown "$RESULTS/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
+# The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
+want layer && stage layer "${LAYER_S:-90}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$RESULTS/bench_layer.json"
 want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
-    python3 tools/bench_train.py --config configs/smf_1p3b.yaml --dtype bf16 --compile on --ac none,full \
+    python3 tools/bench_train.py --config configs/smf_1p3b.yaml --dtype bf16 --compile on --models memory --ac full,none \
     --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$RESULTS/bench_train_1p3b.json" \
     --markdown "$RESULTS/bench_train_1p3b.md" model.memory.kernel=triton train.global_batch=4 train.micro_batch=4
+# Hot slots (Zipf-distributed rows, as a trained memory reads them): the bag's chunked sorted
+# backward, and the scoring backward on the same slots (its hot-key chunks).
+want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$RESULTS/bench_skew.json"
+# Every launch candidate with p20/p50/p80; the steady winners print as PINNED lines for
+# kernels/launch_configs.py (and sit under "pins" in the JSON).
+want configs && stage configs "${CONFIGS_S:-100}" "$OUT/bench.log" \
+    python3 tools/bench_kernels.py --configs --json "$RESULTS/launch_configs.json"
 # model.document_attention: the dense boolean mask in SDPA vs the FlexAttention block mask, fwd+bwd.
 want attention && stage attention "${ATTENTION_S:-90}" "$OUT/bench.log" \
     python3 tools/bench_attention.py --json "$RESULTS/bench_attention.json"
