@@ -27,6 +27,16 @@ class DistInfo:
         return self.rank == 0
 
 
+def default_deepspeed_accelerator() -> str:
+    """Set DS_ACCELERATOR, when unset, to the accelerator this process has: cuda where a GPU is
+    visible, else cpu (which also silences DeepSpeed's CPU-fallback warning). Call it before
+    DeepSpeed is imported; a tool that pinned cpu unconditionally ran its GPU trainings with a
+    CPU DeepSpeed accelerator, whose first collective on a CUDA tensor then failed."""
+    if not os.environ.get("DS_ACCELERATOR"):
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return os.environ["DS_ACCELERATOR"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

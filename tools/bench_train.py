@@ -47,7 +47,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain.files import atomic_write_text  # noqa: E402
 
@@ -58,6 +57,9 @@ def run_worker(spec: dict) -> dict:
 
     import torch
 
+    from pretrain.distributed import default_deepspeed_accelerator
+
+    default_deepspeed_accelerator()  # before DeepSpeed is imported
     import pretrain.train as train_module
     from pretrain.config import load_config
     from pretrain.metrics import device_peak_flops, memory_allocated

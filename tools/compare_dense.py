@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 METRICS = ("val_loss", "fact_recall", "fact_recall_chance")
 
 
 def run_one(config: str, seed: int, run_dir: Path, overrides: list[str]) -> dict:
     from pretrain.config import load_config
+    from pretrain.distributed import default_deepspeed_accelerator
+
+    default_deepspeed_accelerator()  # before DeepSpeed is imported
     from pretrain.train import train
 
     cfg = load_config(config, [f"train.seed={seed}", f"train.run_dir={run_dir}", *overrides])

@@ -85,7 +85,7 @@ want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
 # of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
 # (tools/bench_train.py; README "Activation checkpointing and compile" says what to read).
 want train373 && stage train373 "${TRAIN373_S:-200}" "$OUT/trainbench.log" \
-    python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile both --ac none \
+    python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile "${TRAIN373_COMPILE:-both}" --ac none \
     --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$RESULTS/bench_train_373m.json" \
     --markdown "$RESULTS/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
 # The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).

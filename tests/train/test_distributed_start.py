@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from pretrain.distributed import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -76,3 +78,16 @@ def test_rendezvous_gives_up_without_waiting_the_collective_timeout():
     rc, err = alone.wait(timeout=120), alone.stderr.read()
     assert rc == 3, err[-2000:]
     assert time.monotonic() - start < 60, err[-2000:]
+
+
+@pytest.mark.parametrize("cuda, expected", [(True, "cuda"), (False, "cpu")])
+def test_deepspeed_accelerator_follows_the_device_when_unset(monkeypatch, cuda, expected):
+    """Tools that train (bench_train, compare_dense) pick DeepSpeed's accelerator from the
+    device: pinning cpu on a GPU machine made DeepSpeed's first broadcast fail (H200, abf31f5)."""
+    from pretrain.distributed import default_deepspeed_accelerator
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
+    assert default_deepspeed_accelerator() == expected == os.environ["DS_ACCELERATOR"]
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert default_deepspeed_accelerator() == "cpu"  # a user's choice is kept
