@@ -102,6 +102,15 @@ def test_reference_search_in_token_chunks_equals_brute_force_and_one_chunk(monke
         torch.testing.assert_close(chunked, one, rtol=1e-12, atol=1e-15)
 
 
+def test_reference_search_chunks_are_cache_sized_on_cpu_and_whole_batches_elsewhere():
+    """The paper's shape (4 heads, 1024 keys): 128 tokens at a time on CPU; on an accelerator
+    the whole 8 x 4096-token batch in one chunk (128-token chunks made the PyTorch scoring
+    forward 12x slower on an H200: many small launches)."""
+    assert reference.score_chunk_rows(torch.device("cpu"), 4, 1024) == 128
+    assert reference.score_chunk_rows(torch.device("meta"), 4, 1024) >= 8 * 4096
+    assert reference.score_chunk_rows(torch.device("cpu"), 4, 1 << 20) == 1  # never zero
+
+
 @pytest.mark.parametrize("n, k", [(4096, 32), (2048, 33), (1000, 7), (256, 32), (1001, 8), (40, 40), (5, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_cpu_row_topk_equals_a_stable_descending_sort(n, k, dtype, cpu_ops_built):
