@@ -35,6 +35,26 @@ PINNED: dict[tuple[str, str], dict[tuple, dict]] = {
     ("H100 SXM", "pkm_fwd"): {
         (1024, 32, 128, False, "torch.bfloat16"): {"BLOCK_T": 16, "BLOCK_N": 16, "num_warps": 1},
     },
+    # H200, launch_configs.json of the abf31f5 run (benchmarks/h200.md): each winner's p50 (ms)
+    # and the next candidate's; the same winners the bench's own autotuning picked, except
+    # pkm_bwd_rows (a tie within 0.5%).
+    ("H200", "pkm_fwd"): {  # 4.040; next 4.250
+        (1024, 32, 128, False, "torch.bfloat16"): {"BLOCK_T": 16, "BLOCK_N": 16, "num_warps": 1},
+    },
+    ("H200", "pkm_bwd_rows"): {  # 1.345; next 1.351
+        (1024, 32, 128, "torch.bfloat16"): {"BLOCK_T": 8, "num_warps": 4},
+    },
+    ("H200", "pkm_bwd_keys"): {  # 1.363; next 1.383
+        (1024, 32, 128, "torch.bfloat16"): {"BLOCK_E": 32, "num_warps": 4},
+    },
+    ("H200", "bag_fwd"): {  # d=1024: 2.121, next 3.087; d=2048: 4.180, next 6.006
+        (128, 1024, "torch.bfloat16"): {"BLOCK_T": 1, "BLOCK_J": 8, "BLOCK_D": 1024, "num_warps": 4},
+        (128, 2048, "torch.bfloat16"): {"BLOCK_T": 1, "BLOCK_J": 8, "BLOCK_D": 1024, "num_warps": 4},
+    },
+    ("H200", "bag_bwd_sorted"): {  # d=1024: 4.338, next 5.139; d=2048: 7.168, next 8.706
+        (1024, True, True, "torch.bfloat16"): {"BLOCK_E": 2, "num_warps": 4},
+        (2048, True, True, "torch.bfloat16"): {"BLOCK_E": 2, "num_warps": 4},
+    },
 }
 
 
