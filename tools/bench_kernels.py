@@ -418,6 +418,7 @@ def bench_layer(args, device) -> list[dict]:
                 **shape,
             )
         )
+    rows.extend(layer_kind_rows(model, tokens, paths[0], model_ms[paths[0]], timed, shape))
     model = None
     if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
         for row in rows:
@@ -429,6 +430,64 @@ def bench_layer(args, device) -> list[dict]:
             f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
         )
     return list(rows)
+
+
+def layer_kind_rows(model, tokens, path: str, model_ms: float, timed, shape: dict) -> list[dict]:
+    """Where the model's forward+backward goes: each sublayer kind (pretrain.model.layer_kinds)
+    timed alone on the same micro-batch, forward+backward with its norm: attention, SwiGLU FFN,
+    memory (on `path`), and the output head (embedding, final norm, output layer, loss).
+    Rows: one layer's time, x its count, the share of the whole model's time and TFLOP/s on
+    the counted FLOPs; a last row holds what the kinds leave unattributed (residual adds,
+    launch gaps; negative when timing alone is slower than inside the model)."""
+    from pretrain.model import language_model_loss, layer_kinds
+
+    cfg, (batch, seq) = model.cfg, (tokens.shape[0], tokens.shape[1] - 1)
+    blocks = list(model.layers)
+    dense_block = next((b for b in blocks if not b.is_memory), None)
+    memory_block = next((b for b in blocks if b.is_memory), None)
+    x = torch.randn(batch, seq, cfg.dim, device=tokens.device, dtype=next(model.parameters()).dtype)
+    x.requires_grad_(True)
+    probe = torch.randn_like(x)
+    freqs = model.rotary(seq, x.device)
+
+    def grads(out, *modules):
+        leaves = [x] + [p for mod in modules for p in mod.parameters() if p.requires_grad]
+        return torch.autograd.grad(out, leaves, probe if out.dim() else None)
+
+    run = {
+        "attention": lambda b=blocks[0]: grads(b.attention(b.attention_norm(x), freqs), b.attention_norm, b.attention),
+        "output_head": lambda: grads(
+            language_model_loss(model.output(model.norm(x + model.tok_embeddings(tokens[:, :-1]))), tokens[:, 1:]),
+            model.tok_embeddings,
+            model.norm,
+            model.output,
+        ),
+    }
+    if dense_block is not None:
+        run["ffn"] = lambda b=dense_block: grads(b.ffn(b.ffn_norm(x)), b.ffn_norm, b.ffn)
+    if memory_block is not None:
+        table = model.value_table_for(0)
+        run["memory"] = lambda b=memory_block: grads(b.ffn(b.ffn_norm(x), table), b.ffn_norm, b.ffn, table)
+    rows, attributed = [], 0.0
+    for kind in layer_kinds(cfg, seq):
+        if kind.count == 0:
+            continue
+        t, attempts = timed(run[kind.name])
+        flops = kind.flops_per_token * batch * seq
+        row = kb.record(f"kind_{kind.name}_fwd_bwd_{path}", t, None, None, flops, attempts=attempts, **shape)
+        row.update(count=kind.count, total_ms=kind.count * row["p50"], share=kind.count * row["p50"] / model_ms)
+        attributed += row["total_ms"]
+        rows.append(row)
+    rows.append(
+        {"name": f"kind_unattributed_{path}", "total_ms": model_ms - attributed, "share": 1 - attributed / model_ms}
+    )
+    tqdm.write(f"where the model's forward+backward goes ({path} path, {model_ms:.3f} ms, sublayers timed alone):")
+    for row in rows:
+        kind = row["name"].removeprefix("kind_").removesuffix(f"_{path}").removesuffix("_fwd_bwd")
+        each = f"{row['count']:3d} x {row['p50']:8.3f} ms" if "count" in row else " " * 18
+        rate = f"{row['tflop_s']:8.1f} TFLOP/s" if "tflop_s" in row else ""
+        tqdm.write(f"  {kind:<13} {each} = {row['total_ms']:9.3f} ms {100 * row['share']:6.1f}% {rate}")
+    return rows
 
 
 def autotuned_configs() -> dict:

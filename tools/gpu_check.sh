@@ -9,7 +9,8 @@
 #              baseline (scoring forward and backward, bag forward and backward)
 #   configs    every launch candidate of the autotuned kernels, p20/p50/p80 (the winners to pin)
 #   skew       the bag and the scoring backward with Zipf(1.0) rows (the hot-row chunked paths)
-#   layer      the whole MemoryPlus layer and the 373M model, Triton vs PyTorch
+#   layer      the whole MemoryPlus layer and the 373M model, Triton vs PyTorch, and where the
+#              model's time goes: each sublayer kind (attention, FFN, memory, head) timed alone
 #   train373   tools/bench_train.py: memory_373m vs its dense baseline, bf16, seq 2048, eager vs compiled
 #   train1p3b  tools/bench_train.py: smf_1p3b (memory model), compiled, activation checkpointing full vs none
 #   attention  tools/bench_attention.py: document masking, SDPA dense mask vs FlexAttention block mask

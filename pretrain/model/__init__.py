@@ -1,6 +1,6 @@
 """The model: plain nn.Modules and their hyper-parameters."""
 
-from pretrain.model.accounting import ParameterCount, count_parameters, flops_per_token
+from pretrain.model.accounting import LayerKind, ParameterCount, count_parameters, flops_per_token, layer_kinds
 from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
 from pretrain.model.memory import MemoryPlus, ValueTable
 from pretrain.model.transformer import Transformer, language_model_loss, z_loss
@@ -15,6 +15,8 @@ __all__ = [
     "ValueTable",
     "count_parameters",
     "flops_per_token",
+    "layer_kinds",
+    "LayerKind",
     "language_model_loss",
     "z_loss",
 ]

@@ -56,20 +56,38 @@ def _is_memory_param(model: nn.Module, name: str) -> bool:
     return layer_id in model.cfg.memory.layers
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token (forward + backward), split into dense and memory parts."""
+@dataclass(frozen=True)
+class LayerKind:
+    """One kind of sublayer: how many the model has and its training FLOPs per token each."""
+
+    name: str
+    count: int
+    flops_per_token: float  # forward + backward, one layer of this kind
+
+
+def layer_kinds(cfg: ModelConfig, seq_len: int) -> list[LayerKind]:
+    """The model as sublayer kinds (attention, SwiGLU FFN, memory, output head), whose
+    count x FLOPs sum to `flops_per_token`'s total; tools/bench_kernels.py --layer times each
+    kind to say where a step's time goes."""
     m, d, L = cfg.memory, cfg.dim, cfg.n_layers
     hd, kv = cfg.head_dim, cfg.kv_heads
     attn_params = d * cfg.n_heads * hd * 2 + d * kv * hd * 2  # wq, wo, wk, wv
-    ffn_params = 3 * d * cfg.hidden_dim
-    n_mem = len(m.layers)
-    dense_fwd = 2 * (L * attn_params + (L - n_mem) * ffn_params + d * cfg.vocab_size)
-    dense_fwd += L * 2 * 2 * seq_len * d
-    memory_fwd = 0
-    if n_mem:
+    kinds = [
+        LayerKind("attention", L, 3.0 * (2 * attn_params + 2 * 2 * seq_len * d)),
+        LayerKind("ffn", L - len(m.layers), 3.0 * 2 * 3 * d * cfg.hidden_dim),
+        LayerKind("output_head", 1, 3.0 * 2 * d * cfg.vocab_size),
+    ]
+    if m.layers:
         v = cfg.value_dim
         per_layer = 2 * d * m.heads * m.k_dim + 2 * m.heads * m.n_keys * m.k_dim
         per_layer += 2 * m.heads * m.k * v + 2 * d * v + 2 * v * d
-        memory_fwd = n_mem * per_layer
-    dense, memory = 3 * dense_fwd, 3 * memory_fwd
+        kinds.append(LayerKind("memory", len(m.layers), 3.0 * per_layer))
+    return kinds
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward), split into dense and memory parts."""
+    kinds = layer_kinds(cfg, seq_len)
+    memory = sum(k.count * k.flops_per_token for k in kinds if k.name == "memory")
+    dense = sum(k.count * k.flops_per_token for k in kinds if k.name != "memory")
     return {"dense": float(dense), "memory": float(memory), "total": float(dense + memory)}

@@ -125,3 +125,37 @@ def test_dense_flops_have_no_memory_part(repo_root):
     cfg = load_config(repo_root / "configs/tiny_dense.yaml").model
     got = flops_per_token(cfg, seq_len=64)
     assert got["memory"] == 0 and got["total"] == got["dense"] > 0
+
+
+def test_each_layer_kind_matches_a_measured_count_of_its_sublayer(repo_root):
+    """layer_kinds (what tools/bench_kernels.py --layer divides a step by) per kind: FlopCounterMode
+    on one sublayer's forward+backward (input and weight gradients) equals the kind's count; the
+    memory layer without its bag, which is no matmul."""
+    from pretrain.model import layer_kinds
+
+    cfg = load_config(repo_root / "configs/tiny.yaml").model
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    B, S = 2, 32
+    x = torch.randn(B, S, cfg.dim, requires_grad=True)
+    tokens = torch.randint(0, cfg.vocab_size, (B, S))
+    freqs = model.rotary(S, x.device)
+    dense = next(b for b in model.layers if not b.is_memory)
+    memory = next(b for b in model.layers if b.is_memory)
+    run = {
+        "attention": lambda: dense.attention(x, freqs),
+        "ffn": lambda: dense.ffn(x),
+        "memory": lambda: memory.ffn(x, model.value_table_for(0)),
+        "output_head": lambda: language_model_loss(model.output(x), tokens),
+    }
+    m = cfg.memory
+    bag = 3 * 2 * m.heads * m.k * cfg.value_dim
+    kinds = layer_kinds(cfg, S)
+    assert [k.name for k in kinds] == ["attention", "ffn", "output_head", "memory"]
+    assert sum(k.count * k.flops_per_token for k in kinds) == flops_per_token(cfg, S)["total"]
+    for kind in kinds:
+        counter = FlopCounterMode(display=False)
+        with sdpa_kernel(SDPBackend.MATH), counter:
+            run[kind.name]().sum().backward()
+        expected = kind.flops_per_token - (bag if kind.name == "memory" else 0)
+        assert counter.get_total_flops() / (B * S) == expected, kind.name

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels import benchmark as kb
+from pretrain.config import load_config
 
 
 def test_zipf_indices_follow_the_law():
@@ -113,10 +114,24 @@ def test_layer_rows_on_cpu(tmp_path):
         == 0
     )
     rows = {r["name"]: r for r in json.loads(out.read_text())["layer"]}
-    assert set(rows) == {"memory_layer_fwd_bwd_torch", "model_fwd_bwd_torch"}
+    kinds = {f"kind_{k}_fwd_bwd_torch" for k in ("attention", "ffn", "memory", "output_head")}
+    assert set(rows) == {"memory_layer_fwd_bwd_torch", "model_fwd_bwd_torch", "kind_unattributed_torch"} | kinds
     model = rows["model_fwd_bwd_torch"]
     assert model["memory_layers"] == 1 and model["batch"] == 1 and model["seq"] == 8
     assert model["memory_share_estimate"] == rows["memory_layer_fwd_bwd_torch"]["p50"] / model["p50"]
+    # where the time goes: the config's sublayer counts; the kinds and the rest add up to the model
+    cfg = load_config("configs/tiny.yaml").model
+    counts = {name: rows[name]["count"] for name in kinds}
+    assert counts == {
+        "kind_attention_fwd_bwd_torch": cfg.n_layers,
+        "kind_ffn_fwd_bwd_torch": cfg.n_layers - 1,
+        "kind_memory_fwd_bwd_torch": 1,
+        "kind_output_head_fwd_bwd_torch": 1,
+    }
+    for name in kinds:
+        assert rows[name]["total_ms"] == pytest.approx(rows[name]["count"] * rows[name]["p50"])
+    assert sum(rows[n]["total_ms"] for n in kinds | {"kind_unattributed_torch"}) == pytest.approx(model["p50"])
+    assert sum(rows[n]["share"] for n in kinds | {"kind_unattributed_torch"}) == pytest.approx(1.0)
 
 
 def test_layer_needs_a_memory_config(tmp_path):
