@@ -12,6 +12,8 @@ Memory-layer regions come from record_function names in the model code:
   memory/communication  the forward collectives of the partitioned table (P > 1)
   bag backward          autograd nodes named *EmbeddingBagBackward* (reference and Triton), or
                         the custom op memlayers::embedding_bag_backward (kernels/ops.py)
+With a GPU the operators rank by their kernels' time and the report gives the device's busy
+share of the steps; the region shares stay host-side intervals (where launches happened).
 Shares are of the summed train/forward + train/backward + train/step regions (named in
 pretrain/train.py); evaluation (its "eval" region) and checkpointing are left out.
 """
@@ -40,6 +42,11 @@ class ProfileReport:
     step_time_s: float  # summed train/* regions over the profiled steps
     memory_time_s: dict[str, float]  # scoring, bag_forward, bag_backward, communication
     top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, self time s, calls)
+    # With a GPU: top_ops rank by the kernels' time (self device time: a kernel counts once,
+    # under the op that launched it), and device_busy_s sums it over the steps; the rest of
+    # step_time_s is the device waiting for the host (launches, syncs, data).
+    time_kind: str = "cpu"
+    device_busy_s: float | None = None
 
     def share(self, part: str) -> float:
         return self.memory_time_s[part] / self.step_time_s if self.step_time_s else 0.0
@@ -74,8 +81,15 @@ def _within(event, spans: list[tuple[int, int]]) -> bool:
     return any(lo <= start < hi for lo, hi in spans)
 
 
-def summarize(events, trace: Path, top: int = 15) -> ProfileReport:
-    """Attribute the events of the training steps (evaluation excluded) to operators and memory regions."""
+def summarize(events, trace: Path, top: int = 15, skip_steps: int = 0) -> ProfileReport:
+    """Attribute the events of the training steps (evaluation excluded) to operators and memory
+    regions; events before the end of the first `skip_steps` optimizer steps (compilation,
+    autotuning, allocator warm-up) are left out."""
+    if skip_steps:
+        ends = sorted(e.time_range.end for e in events if e.name == regions.STEP)
+        if len(ends) <= skip_steps:
+            raise ValueError(f"skip_steps={skip_steps} leaves none of the {len(ends)} profiled steps")
+        events = [e for e in events if e.time_range.start >= ends[skip_steps - 1]]
     evals = [(e.time_range.start, e.time_range.end) for e in events if e.name == EVAL_REGION]
     steps = [e for e in events if e.name in STEP_REGIONS and not _within(e, evals)]
     spans = [(e.time_range.start, e.time_range.end) for e in steps]
@@ -85,23 +99,32 @@ def summarize(events, trace: Path, top: int = 15) -> ProfileReport:
         by_name.setdefault(e.name, []).append(e)
     memory = {part: _intervals_total(by_name.get(region, [])) for part, region in REGIONS.items()}
     memory["bag_backward"] = _intervals_total([e for e in inside if _is_bag_backward(e.name)])
+    device = any(_self_device_us(e) > 0 for e in inside)
     ops: dict[str, list[float]] = {}
     for e in inside:
         if e.name.startswith(("train/", "memory/")):
             continue
         entry = ops.setdefault(e.name, [0.0, 0])
-        entry[0] += e.self_cpu_time_total / 1e6
+        entry[0] += (_self_device_us(e) if device else e.self_cpu_time_total) / 1e6
         entry[1] += 1
     top_ops = sorted(((n, t, c) for n, (t, c) in ops.items()), key=lambda r: -r[1])[:top]
-    return ProfileReport(trace, _intervals_total(steps), memory, top_ops)
+    busy = sum(_self_device_us(e) for e in inside) / 1e6 if device else None
+    return ProfileReport(trace, _intervals_total(steps), memory, top_ops, "device" if device else "cpu", busy)
 
 
-def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None) -> ProfileReport:
-    """Train `steps` steps of `cfg` (from scratch, in cfg.train.run_dir) under the profiler."""
+def _self_device_us(event) -> float:
+    """The event's own kernels' time (µs); torch before 2.4 names it self_cuda_time_total."""
+    value = getattr(event, "self_device_time_total", None)
+    return value if value is not None else getattr(event, "self_cuda_time_total", 0)
+
+
+def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None, skip_steps: int = 0) -> ProfileReport:
+    """Train `steps` steps of `cfg` (from scratch, in cfg.train.run_dir) under the profiler; the
+    summary leaves out the first `skip_steps` (the trace holds them all)."""
     import pretrain.train as train_module
 
-    if steps <= 0:
-        raise ValueError(f"steps={steps} must be positive")
+    if steps <= 0 or not 0 <= skip_steps < steps:
+        raise ValueError(f"steps={steps} must be positive and skip_steps={skip_steps} in [0, steps)")
     cfg.train.max_steps = steps
     cfg.train.checkpoint_every = max(cfg.train.checkpoint_every, steps + 1)
     cfg.train.eval_every = max(cfg.train.eval_every, steps + 1)
@@ -118,12 +141,19 @@ def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None) -
     trace_dir.mkdir(parents=True, exist_ok=True)
     trace = trace_dir / f"{socket.gethostname()}_{os.getpid()}.pt.trace.json"
     atomic_write(trace, lambda tmp: prof.export_chrome_trace(str(tmp)))
-    return summarize(prof.events(), trace)
+    return summarize(prof.events(), trace, skip_steps=skip_steps)
 
 
 def format_report(report: ProfileReport) -> str:
-    lines = [f"trace: {report.trace}", "", f"{'operator':<60} {'self s':>9} {'calls':>7}"]
+    self_time = "self s" if report.time_kind == "cpu" else "kernel s"
+    lines = [f"trace: {report.trace}", "", f"{'operator':<60} {self_time:>9} {'calls':>7}"]
     lines += [f"{name[:60]:<60} {t:>9.4f} {c:>7}" for name, t, c in report.top_ops]
+    if report.device_busy_s is not None and report.step_time_s:
+        lines += [
+            "",
+            f"device busy {report.device_busy_s:.3f} s of the steps' {report.step_time_s:.3f} s "
+            f"({100 * report.device_busy_s / report.step_time_s:.1f}%; the rest it waited for the host)",
+        ]
     lines += ["", f"memory layers, share of the step time ({report.step_time_s:.3f} s in train/forward+backward+step):"]
     for part in ("scoring", "bag_forward", "bag_backward", "communication"):
         lines.append(f"  {part:<14} {report.memory_time_s[part]:>9.4f} s  {100 * report.share(part):6.2f}%")

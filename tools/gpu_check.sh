@@ -2,7 +2,7 @@
 # GPU check, for a session that has a device machine (the `device` tool): everything issues 16
 # and 21 measure on a GPU, in ONE call (a session's whole device time, machine start included,
 # is 15 minutes):
-#   (they run as tests bench train373 layer train1p3b skew configs attention: the issue-16
+#   (they run as tests bench train373 layer profile train1p3b skew configs attention: the issue-16
 #   training stages early, so a call cut short keeps them)
 #   tests      the kernel tests compiled (not interpreted) on CUDA
 #   bench      tools/bench_kernels.py at the paper's shapes: every kernel against its PyTorch
@@ -11,7 +11,9 @@
 #   skew       the bag and the scoring backward with Zipf(1.0) rows (the hot-row chunked paths)
 #   layer      the whole MemoryPlus layer and the 373M model, Triton vs PyTorch, and where the
 #              model's time goes: each sublayer kind (attention, FFN, memory, head) timed alone
-#   train373   tools/bench_train.py: memory_373m vs its dense baseline, bf16, seq 2048, eager vs compiled
+#   profile    tools/profile.py: 373M compiled training steps, operators by kernel time, device busy share
+#   train373   tools/bench_train.py: memory_373m vs its dense baseline, bf16, seq 2048, compiled
+#              (TRAIN373_COMPILE=both adds the eager pair)
 #   train1p3b  tools/bench_train.py: smf_1p3b (memory model), compiled, activation checkpointing full vs none
 #   attention  tools/bench_attention.py: document masking, SDPA dense mask vs FlexAttention block mask
 # Extra stages (STAGES="..."): sweep (bag bandwidth over d and k), values (dense vs row-sparse
@@ -72,7 +74,7 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD within SECONDS and the time 
     pack
 }
 status=0
-STAGES=" ${STAGES:-tests bench train373 layer train1p3b skew configs attention} "
+STAGES=" ${STAGES:-tests bench train373 layer profile train1p3b skew configs attention} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
@@ -86,12 +88,18 @@ want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
 # of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
 # (tools/bench_train.py; README "Activation checkpointing and compile" says what to read).
 want train373 && stage train373 "${TRAIN373_S:-200}" "$OUT/trainbench.log" \
-    python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile "${TRAIN373_COMPILE:-both}" --ac none \
+    python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile "${TRAIN373_COMPILE:-on}" --ac none \
     --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$RESULTS/bench_train_373m.json" \
     --markdown "$RESULTS/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
 # The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
 want layer && stage layer "${LAYER_S:-90}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$RESULTS/bench_layer.json"
+# The real 373M training step under torch.profiler (compiled, Triton): operators ranked by their
+# kernels' time and the device's busy share of the step, the 3 compile/warm-up steps left out.
+want profile && stage profile "${PROFILE_S:-100}" "$OUT/bench.log" \
+    python3 tools/profile.py --config configs/memory_373m.yaml --steps 6 --skip-steps 3 \
+    --trace-dir "$WORK/profile373" "train.run_dir=$WORK/profile373_run" "data.cache_dir=$WORK/data373" \
+    model.memory.kernel=triton train.compile=true train.global_batch=8 train.micro_batch=8
 want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
     python3 tools/bench_train.py --config configs/smf_1p3b.yaml --dtype bf16 --compile on --models memory --ac full,none \
     --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$RESULTS/bench_train_1p3b.json" \

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")
     parser.add_argument("--steps", type=int, default=3, help="training steps to profile")
+    parser.add_argument(
+        "--skip-steps", type=int, default=0, help="first steps left out of the summary (compilation, autotuning)"
+    )
     parser.add_argument("--trace-dir", default=None, help="where to write the trace (default <run_dir>/profile)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        report = profile_training(cfg, args.steps, args.trace_dir)
+        report = profile_training(cfg, args.steps, args.trace_dir, args.skip_steps)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

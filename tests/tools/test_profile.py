@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+
+import pytest
 
 SMALL = [
     "model.dim=32",
@@ -74,3 +77,55 @@ def test_profile_refuses_a_run_dir_with_checkpoints(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000001")
     assert main(["--steps", "1", f"train.run_dir={tmp_path / 'run'}"]) == 2
     assert "holds checkpoints" in capsys.readouterr().err
+
+
+def test_with_a_gpu_operators_rank_by_their_kernels_time():
+    """summarize on hand-made events: with device times the ranking and the busy total are the
+    kernels' (a CPU-heavy launcher with a short kernel ranks low); without them, CPU self time."""
+    from types import SimpleNamespace
+
+    from pretrain.profiling import format_report, summarize
+
+    def event(name, start, end, cpu_us, device_us):
+        span = SimpleNamespace(start=start, end=end)
+        return SimpleNamespace(name=name, time_range=span, self_cpu_time_total=cpu_us, self_device_time_total=device_us)
+
+    events = [
+        event("train/forward", 0, 1000, 5, 0),
+        event("aten::mm", 10, 20, 5, 600),
+        event("aten::mm", 30, 40, 5, 200),
+        event("launcher", 50, 900, 800, 10),
+        event("outside", 2000, 2100, 50, 999),  # not in a step
+    ]
+    report = summarize(events, Path("t.json"))
+    assert report.time_kind == "device" and report.step_time_s == pytest.approx(1000e-6)
+    assert report.top_ops[0] == ("aten::mm", pytest.approx(800e-6), 2)
+    assert report.top_ops[1] == ("launcher", pytest.approx(10e-6), 1)
+    assert report.device_busy_s == pytest.approx(810e-6)
+    assert "device busy 0.001 s of the steps' 0.001 s (81.0%" in format_report(report)
+    for e in events:
+        e.self_device_time_total = 0
+    report = summarize(events, Path("t.json"))
+    assert report.time_kind == "cpu" and report.device_busy_s is None
+    assert report.top_ops[0] == ("launcher", pytest.approx(800e-6), 1)
+
+
+def test_skip_steps_leaves_the_first_steps_out():
+    """Two steps of 100 µs kernel time each, the first with a 900 µs compile-time op: skipping
+    one step keeps only the second step's events; skipping both is refused."""
+    from types import SimpleNamespace
+
+    from pretrain.profiling import summarize
+
+    def event(name, start, end, device_us=0):
+        span = SimpleNamespace(start=start, end=end)
+        return SimpleNamespace(name=name, time_range=span, self_cpu_time_total=1, self_device_time_total=device_us)
+
+    events = [event("train/forward", 0, 1000), event("compile", 5, 900, 900), event("train/step", 1000, 1010)]
+    events += [event("train/forward", 1010, 1200), event("aten::mm", 1020, 1100, 100), event("train/step", 1200, 1210)]
+    report = summarize(events, Path("t.json"), skip_steps=1)
+    assert [name for name, _, _ in report.top_ops] == ["aten::mm"]
+    assert report.step_time_s == pytest.approx(200e-6) and report.device_busy_s == pytest.approx(100e-6)
+    assert summarize(events, Path("t.json")).device_busy_s == pytest.approx(1000e-6)
+    with pytest.raises(ValueError, match="leaves none"):
+        summarize(events, Path("t.json"), skip_steps=2)
