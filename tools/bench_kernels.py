@@ -13,6 +13,7 @@ attempt is reported, with every attempt's percentiles in the JSON ("attempts").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,21 @@ def parse_args(argv):
         "trained memory) instead of the slots the scoring selects; 0 = the scoring's",
     )
     p.add_argument(
+        "--row-chunks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the sorted bag backward with these kernels.bag_triton.ROW_CHUNK values "
+        "(the most entries one program reduces; hot rows are split into such chunks)",
+    )
+    p.add_argument(
+        "--key-chunks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the Triton scoring backward with these kernels.pkm_bwd_triton.KEY_CHUNK values",
+    )
+    p.add_argument(
         "--configs",
         action="store_true",
         help="time every launch candidate of each autotuned kernel at these shapes and print the "
@@ -79,9 +95,22 @@ def parse_args(argv):
         p.error(f"--layer {args.layer}: no such config file (e.g. configs/memory_373m.yaml)")
     if args.index_skew < 0:
         p.error("--index-skew must be >= 0")
+    if any(c <= 0 for c in args.row_chunks + args.key_chunks):
+        p.error("--row-chunks and --key-chunks take positive entry counts")
     if args.k > args.n_keys or args.k_dim % 2:
         p.error("need --k <= --n-keys and an even --k-dim")
     return args
+
+
+@contextlib.contextmanager
+def module_constant(module, name: str, value):
+    """Set a module-level tuning constant (read at call time) for the rows timed inside."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def steady_timer(device, repeats: int, reruns: int):
@@ -92,7 +121,7 @@ def steady_timer(device, repeats: int, reruns: int):
 def bench_shapes(args, device, info, progress) -> list[dict]:
     use_triton = device.type == "cuda"
     if use_triton:
-        from kernels import bag_triton, pkm_triton
+        from kernels import bag_triton, pkm_bwd_triton, pkm_triton
     rows, peak = StreamedRows(), info["peak_tbs"]
     timed = steady_timer(device, args.repeats, args.reruns)
     dtype = DTYPES[args.dtype]
@@ -150,6 +179,17 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                     **shape,
                 )
                 add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb, 2 * fl, base, **shape)
+                for chunk in args.key_chunks:
+                    with module_constant(pkm_bwd_triton, "KEY_CHUNK", chunk):
+                        add(
+                            f"scoring_bwd_triton_key_chunk{chunk}",
+                            lambda: pkm_triton.pkm_topk_backward(*saved),
+                            sb,
+                            2 * fl,
+                            base,
+                            key_chunk=chunk,
+                            **shape,
+                        )
                 w32 = idx = saved = None
             progress.update(1)
         fb = kb.bag_bytes(s, stats["unique_rows"], backward=False)
@@ -226,6 +266,19 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                     **shape,
                     **stats,
                 )
+            for chunk in args.row_chunks:
+                with module_constant(bag_triton, "ROW_CHUNK", chunk):
+                    o = bag_triton.embedding_bag(vg, indices, wg3, value_grad="sorted")
+                    add(
+                        f"bag_bwd_triton_sorted_row_chunk{chunk}",
+                        lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
+                        bb,
+                        None,
+                        base,
+                        row_chunk=chunk,
+                        **shape,
+                        **stats,
+                    )
             # Where the sorted backward's time goes: the sort alone, and the unfused weight gradient.
             add(
                 "bag_bwd_part_sort_segments",

@@ -105,9 +105,12 @@ want train1p3b && stage train1p3b "${TRAIN1P3B_S:-200}" "$OUT/trainbench.log" \
     --steps 4 --warmup 3 --rounds 1 --data-cache "$WORK/data1p3b" --json "$RESULTS/bench_train_1p3b.json" \
     --markdown "$RESULTS/bench_train_1p3b.md" model.memory.kernel=triton train.global_batch=4 train.micro_batch=4
 # Hot slots (Zipf-distributed rows, as a trained memory reads them): the bag's chunked sorted
-# backward, and the scoring backward on the same slots (its hot-key chunks).
+# backward, and the scoring backward on the same slots (its hot-key chunks), each also at
+# smaller chunk sizes (H200, abf31f5: Zipf 1.77x uniform at ROW_CHUNK 1024; rows read
+# 100-1024 times stayed one serial program each).
 want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
-    python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --json "$RESULTS/bench_skew.json"
+    python3 tools/bench_kernels.py --index-skew 1.0 --v-dims 1024 --row-chunks 256 64 --key-chunks 512 128 \
+    --json "$RESULTS/bench_skew.json"
 # Every launch candidate with p20/p50/p80; the steady winners print as PINNED lines for
 # kernels/launch_configs.py (and sit under "pins" in the JSON).
 want configs && stage configs "${CONFIGS_S:-100}" "$OUT/bench.log" \

@@ -141,3 +141,20 @@ def test_layer_needs_a_memory_config(tmp_path):
         main(["--layer", "configs/tiny_dense.yaml", "--layer-batch", "1", "--layer-seq", "8", "--repeats", "1"])
     with pytest.raises(SystemExit):
         main(["--layer", str(tmp_path / "missing.yaml")])
+
+
+def test_chunk_sizes_are_set_for_the_rows_timed_inside_and_restored():
+    """--row-chunks / --key-chunks time the hot-row paths at other chunk sizes: the constant is
+    the kernels' own (read at call time), set inside and restored after, also on an error."""
+    from kernels import bag_triton
+    from tools.bench_kernels import module_constant, parse_args
+
+    before = bag_triton.ROW_CHUNK
+    with module_constant(bag_triton, "ROW_CHUNK", 7):
+        assert bag_triton.ROW_CHUNK == 7
+    with pytest.raises(RuntimeError), module_constant(bag_triton, "ROW_CHUNK", 3):
+        raise RuntimeError("a failing row")
+    assert bag_triton.ROW_CHUNK == before
+    assert parse_args(["--row-chunks", "256", "64", "--key-chunks", "512"]).row_chunks == [256, 64]
+    with pytest.raises(SystemExit):
+        parse_args(["--row-chunks", "0"])
