@@ -39,6 +39,9 @@ class Shape:
     dtype: torch.dtype
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the --dtype choices of the benchmarks
+
+
 def make_inputs(s: Shape, device, seed: int = 0):
     """Random query, half-keys and value table, drawn on `device` (a 1M x 2048 table is
     2G numbers: drawing it on the CPU would take longer than the whole benchmark)."""

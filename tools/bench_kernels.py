@@ -28,7 +28,7 @@ from kernels import benchmark as kb  # noqa: E402
 from kernels import reference  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = kb.DTYPES
 
 
 def parse_args(argv):
@@ -379,168 +379,22 @@ def bench_launch_configs(args, device) -> dict:
 
 
 def bench_layer(args, device) -> list[dict]:
-    """A whole MemoryPlus layer (query projection, scoring, bag, gate, output projection)
-    forward+backward, and the whole model's forward+backward on one micro-batch, each
-    with the memory on the Triton and on the PyTorch path (same weights, same inputs).
+    """--layer: pretrain.model.layer_bench on this config, rows printed as they are measured."""
+    from pretrain.model.layer_bench import bench_layer as run
 
-    The layer's share of a training step is estimated as (memory layers x one layer's
-    time) / the model's forward+backward: the optimizer step and the data-parallel
-    communication are not in the denominator (tools/bench_train.py measures whole steps).
-    """
-    from pretrain.config import load_config
-    from pretrain.model import MemoryPlus, Transformer, ValueTable, language_model_loss
-
-    cfg = load_config(args.layer)
-    model_cfg = cfg.model
-    if not model_cfg.memory.enabled:
-        raise SystemExit(f"--layer {args.layer}: model.memory.layers is empty; pick a config with memory layers")
-    batch, seq = args.layer_batch or cfg.train.micro_batch, args.layer_seq or cfg.data.seq_len
-    dtype = DTYPES[args.dtype]
-    paths = ("triton", "torch") if device.type == "cuda" else ("torch",)
-    timed = steady_timer(device, args.repeats, args.reruns)
-    m = model_cfg.memory
-    shape = {
-        "config": str(args.layer),
-        "batch": batch,
-        "seq": seq,
-        "dim": model_cfg.dim,
-        "heads": m.heads,
-        "k": m.k,
-        "n_keys": m.n_keys,
-        "k_dim": m.k_dim,
-        "v_dim": model_cfg.value_dim,
-        "dtype": args.dtype,
-    }
-
-    def materialise(module):
-        """Built on the meta device, then drawn on `device` (a 1M-row table drawn on the CPU takes long)."""
-        module = module.to_empty(device=device)
-        for name, p in module.named_parameters():
-            if name.endswith("keys1") or name.endswith("keys2"):
-                continue
-            torch.nn.init.normal_(p, std=model_cfg.value_dim**-0.5 if p.shape[0] == m.num_slots else 0.02)
-        for layer in module.modules():
-            if isinstance(layer, MemoryPlus):
-                layer.reset_keys()
-            elif isinstance(layer, torch.nn.RMSNorm):
-                layer.reset_parameters()
-        return module.to(dtype)
-
-    def set_path(module, path):
-        for sub in module.modules():
-            if isinstance(sub, (MemoryPlus, ValueTable)):
-                sub.kernel = path
-
-    rows = StreamedRows()
-    with torch.device("meta"):
-        layer, table = MemoryPlus(model_cfg), ValueTable(m.num_slots, model_cfg.value_dim)
-    layer, table = materialise(layer), materialise(table)
-    x = torch.randn(batch, seq, model_cfg.dim, device=device, dtype=dtype, requires_grad=True)
-    probe = torch.randn_like(x)
-    inputs = [x, *layer.parameters(), table.weight]
-    layer_ms = {}
-    for path in paths:
-        set_path(layer, path)
-        set_path(table, path)
-        t, attempts = timed(lambda: torch.autograd.grad(layer(x, table), inputs, probe))
-        layer_ms[path] = kb.percentiles(t)["p50"]
-        rows.append(kb.record(f"memory_layer_fwd_bwd_{path}", t, None, None, attempts=attempts, **shape))
-    layer = table = x = probe = inputs = None
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    model = materialise(model)
-    tokens = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model_ms = {}
-    for path in paths:
-        set_path(model, path)
-        t, attempts = timed(
-            lambda: torch.autograd.grad(language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]), params)
+    try:
+        return run(
+            args.layer,
+            device,
+            args.dtype,
+            steady_timer(device, args.repeats, args.reruns),
+            StreamedRows(),
+            batch=args.layer_batch,
+            seq=args.layer_seq,
+            say=tqdm.write,
         )
-        model_ms[path] = kb.percentiles(t)["p50"]
-        share = len(m.layers) * layer_ms[path] / model_ms[path]
-        rows.append(
-            kb.record(
-                f"model_fwd_bwd_{path}",
-                t,
-                None,
-                None,
-                attempts=attempts,
-                memory_layers=len(m.layers),
-                memory_share_estimate=share,
-                **shape,
-            )
-        )
-    rows.extend(layer_kind_rows(model, tokens, paths[0], model_ms[paths[0]], timed, shape))
-    model = None
-    if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
-        for row in rows:
-            if row["name"].endswith("_triton"):
-                row["speedup"] = (layer_ms if row["name"].startswith("memory_") else model_ms)["torch"] / row["p50"]
-    for path in paths:
-        tqdm.write(
-            f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
-            f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
-        )
-    return list(rows)
-
-
-def layer_kind_rows(model, tokens, path: str, model_ms: float, timed, shape: dict) -> list[dict]:
-    """Where the model's forward+backward goes: each sublayer kind (pretrain.model.layer_kinds)
-    timed alone on the same micro-batch, forward+backward with its norm: attention, SwiGLU FFN,
-    memory (on `path`), and the output head (embedding, final norm, output layer, loss).
-    Rows: one layer's time, x its count, the share of the whole model's time and TFLOP/s on
-    the counted FLOPs; a last row holds what the kinds leave unattributed (residual adds,
-    launch gaps; negative when timing alone is slower than inside the model)."""
-    from pretrain.model import language_model_loss, layer_kinds
-
-    cfg, (batch, seq) = model.cfg, (tokens.shape[0], tokens.shape[1] - 1)
-    blocks = list(model.layers)
-    dense_block = next((b for b in blocks if not b.is_memory), None)
-    memory_block = next((b for b in blocks if b.is_memory), None)
-    x = torch.randn(batch, seq, cfg.dim, device=tokens.device, dtype=next(model.parameters()).dtype)
-    x.requires_grad_(True)
-    probe = torch.randn_like(x)
-    freqs = model.rotary(seq, x.device)
-
-    def grads(out, *modules):
-        leaves = [x] + [p for mod in modules for p in mod.parameters() if p.requires_grad]
-        return torch.autograd.grad(out, leaves, probe if out.dim() else None)
-
-    run = {
-        "attention": lambda b=blocks[0]: grads(b.attention(b.attention_norm(x), freqs), b.attention_norm, b.attention),
-        "output_head": lambda: grads(
-            language_model_loss(model.output(model.norm(x + model.tok_embeddings(tokens[:, :-1]))), tokens[:, 1:]),
-            model.tok_embeddings,
-            model.norm,
-            model.output,
-        ),
-    }
-    if dense_block is not None:
-        run["ffn"] = lambda b=dense_block: grads(b.ffn(b.ffn_norm(x)), b.ffn_norm, b.ffn)
-    if memory_block is not None:
-        table = model.value_table_for(0)
-        run["memory"] = lambda b=memory_block: grads(b.ffn(b.ffn_norm(x), table), b.ffn_norm, b.ffn, table)
-    rows, attributed = [], 0.0
-    for kind in layer_kinds(cfg, seq):
-        if kind.count == 0:
-            continue
-        t, attempts = timed(run[kind.name])
-        flops = kind.flops_per_token * batch * seq
-        row = kb.record(f"kind_{kind.name}_fwd_bwd_{path}", t, None, None, flops, attempts=attempts, **shape)
-        row.update(count=kind.count, total_ms=kind.count * row["p50"], share=kind.count * row["p50"] / model_ms)
-        attributed += row["total_ms"]
-        rows.append(row)
-    rows.append(
-        {"name": f"kind_unattributed_{path}", "total_ms": model_ms - attributed, "share": 1 - attributed / model_ms}
-    )
-    tqdm.write(f"where the model's forward+backward goes ({path} path, {model_ms:.3f} ms, sublayers timed alone):")
-    for row in rows:
-        kind = row["name"].removeprefix("kind_").removesuffix(f"_{path}").removesuffix("_fwd_bwd")
-        each = f"{row['count']:3d} x {row['p50']:8.3f} ms" if "count" in row else " " * 18
-        rate = f"{row['tflop_s']:8.1f} TFLOP/s" if "tflop_s" in row else ""
-        tqdm.write(f"  {kind:<13} {each} = {row['total_ms']:9.3f} ms {100 * row['share']:6.1f}% {rate}")
-    return rows
+    except ValueError as err:
+        raise SystemExit(f"--layer {err}") from None
 
 
 def autotuned_configs() -> dict:

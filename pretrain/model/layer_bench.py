@@ -1,0 +1,180 @@
+"""Time a config's memory layer, its whole model and each sublayer kind, forward+backward on
+one micro-batch, with the memory on the Triton and on the PyTorch path (tools/bench_kernels.py
+--layer, the `layer` stage of tools/gpu_check.sh)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kernels import benchmark as kb
+from pretrain.model.accounting import layer_kinds
+from pretrain.model.memory import MemoryPlus, ValueTable
+from pretrain.model.transformer import Transformer, language_model_loss
+
+
+def bench_layer(
+    config: Path, device: torch.device, dtype_name: str, timed, rows: list, batch: int = 0, seq: int = 0, say=print
+) -> list[dict]:
+    """A whole MemoryPlus layer (query projection, scoring, bag, gate, output projection)
+    forward+backward, and the whole model's forward+backward on one micro-batch, each
+    with the memory on the Triton and on the PyTorch path (same weights, same inputs).
+
+    The layer's share of a training step is estimated as (memory layers x one layer's
+    time) / the model's forward+backward: the optimizer step and the data-parallel
+    communication are not in the denominator (tools/bench_train.py measures whole steps).
+
+    `dtype_name`: bf16 or fp32; `timed(fn)` -> (per-call ms, attempts); `rows` receives each
+    row as it is measured (a list, or one that prints); batch/seq 0 take the config's
+    micro_batch and seq_len. A config without memory layers is a ValueError.
+    """
+    from pretrain.config import load_config
+
+    cfg = load_config(config)
+    model_cfg = cfg.model
+    if not model_cfg.memory.enabled:
+        raise ValueError(f"{config}: model.memory.layers is empty; pick a config with memory layers")
+    batch, seq = batch or cfg.train.micro_batch, seq or cfg.data.seq_len
+    dtype = kb.DTYPES[dtype_name]
+    paths = ("triton", "torch") if device.type == "cuda" else ("torch",)
+    m = model_cfg.memory
+    shape = {
+        "config": str(config),
+        "batch": batch,
+        "seq": seq,
+        "dim": model_cfg.dim,
+        "heads": m.heads,
+        "k": m.k,
+        "n_keys": m.n_keys,
+        "k_dim": m.k_dim,
+        "v_dim": model_cfg.value_dim,
+        "dtype": dtype_name,
+    }
+
+    def materialise(module):
+        """Built on the meta device, then drawn on `device` (a 1M-row table drawn on the CPU takes long)."""
+        module = module.to_empty(device=device)
+        for name, p in module.named_parameters():
+            if name.endswith("keys1") or name.endswith("keys2"):
+                continue
+            torch.nn.init.normal_(p, std=model_cfg.value_dim**-0.5 if p.shape[0] == m.num_slots else 0.02)
+        for layer in module.modules():
+            if isinstance(layer, MemoryPlus):
+                layer.reset_keys()
+            elif isinstance(layer, torch.nn.RMSNorm):
+                layer.reset_parameters()
+        return module.to(dtype)
+
+    def set_path(module, path):
+        for sub in module.modules():
+            if isinstance(sub, (MemoryPlus, ValueTable)):
+                sub.kernel = path
+
+    with torch.device("meta"):
+        layer, table = MemoryPlus(model_cfg), ValueTable(m.num_slots, model_cfg.value_dim)
+    layer, table = materialise(layer), materialise(table)
+    x = torch.randn(batch, seq, model_cfg.dim, device=device, dtype=dtype, requires_grad=True)
+    probe = torch.randn_like(x)
+    inputs = [x, *layer.parameters(), table.weight]
+    layer_ms = {}
+    for path in paths:
+        set_path(layer, path)
+        set_path(table, path)
+        t, attempts = timed(lambda: torch.autograd.grad(layer(x, table), inputs, probe))
+        layer_ms[path] = kb.percentiles(t)["p50"]
+        rows.append(kb.record(f"memory_layer_fwd_bwd_{path}", t, None, None, attempts=attempts, **shape))
+    layer = table = x = probe = inputs = None
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model = materialise(model)
+    tokens = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model_ms = {}
+    for path in paths:
+        set_path(model, path)
+        t, attempts = timed(
+            lambda: torch.autograd.grad(language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]), params)
+        )
+        model_ms[path] = kb.percentiles(t)["p50"]
+        share = len(m.layers) * layer_ms[path] / model_ms[path]
+        rows.append(
+            kb.record(
+                f"model_fwd_bwd_{path}",
+                t,
+                None,
+                None,
+                attempts=attempts,
+                memory_layers=len(m.layers),
+                memory_share_estimate=share,
+                **shape,
+            )
+        )
+    rows.extend(layer_kind_rows(model, tokens, paths[0], model_ms[paths[0]], timed, shape, say))
+    model = None
+    if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
+        for row in rows:
+            if row["name"].endswith("_triton"):
+                row["speedup"] = (layer_ms if row["name"].startswith("memory_") else model_ms)["torch"] / row["p50"]
+    for path in paths:
+        say(
+            f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
+            f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
+        )
+    return list(rows)
+
+
+def layer_kind_rows(model, tokens, path: str, model_ms: float, timed, shape: dict, say=print) -> list[dict]:
+    """Where the model's forward+backward goes: each sublayer kind (pretrain.model.layer_kinds)
+    timed alone on the same micro-batch, forward+backward with its norm: attention, SwiGLU FFN,
+    memory (on `path`), and the output head (embedding, final norm, output layer, loss).
+    Rows: one layer's time, x its count, the share of the whole model's time and TFLOP/s on
+    the counted FLOPs; a last row holds what the kinds leave unattributed (residual adds,
+    launch gaps; negative when timing alone is slower than inside the model)."""
+    cfg, (batch, seq) = model.cfg, (tokens.shape[0], tokens.shape[1] - 1)
+    blocks = list(model.layers)
+    dense_block = next((b for b in blocks if not b.is_memory), None)
+    memory_block = next((b for b in blocks if b.is_memory), None)
+    x = torch.randn(batch, seq, cfg.dim, device=tokens.device, dtype=next(model.parameters()).dtype)
+    x.requires_grad_(True)
+    probe = torch.randn_like(x)
+    freqs = model.rotary(seq, x.device)
+
+    def grads(out, *modules):
+        leaves = [x] + [p for mod in modules for p in mod.parameters() if p.requires_grad]
+        return torch.autograd.grad(out, leaves, probe if out.dim() else None)
+
+    run = {
+        "attention": lambda b=blocks[0]: grads(b.attention(b.attention_norm(x), freqs), b.attention_norm, b.attention),
+        "output_head": lambda: grads(
+            language_model_loss(model.output(model.norm(x + model.tok_embeddings(tokens[:, :-1]))), tokens[:, 1:]),
+            model.tok_embeddings,
+            model.norm,
+            model.output,
+        ),
+    }
+    if dense_block is not None:
+        run["ffn"] = lambda b=dense_block: grads(b.ffn(b.ffn_norm(x)), b.ffn_norm, b.ffn)
+    if memory_block is not None:
+        table = model.value_table_for(0)
+        run["memory"] = lambda b=memory_block: grads(b.ffn(b.ffn_norm(x), table), b.ffn_norm, b.ffn, table)
+    rows, attributed = [], 0.0
+    for kind in layer_kinds(cfg, seq):
+        if kind.count == 0:
+            continue
+        t, attempts = timed(run[kind.name])
+        flops = kind.flops_per_token * batch * seq
+        row = kb.record(f"kind_{kind.name}_fwd_bwd_{path}", t, None, None, flops, attempts=attempts, **shape)
+        row.update(count=kind.count, total_ms=kind.count * row["p50"], share=kind.count * row["p50"] / model_ms)
+        attributed += row["total_ms"]
+        rows.append(row)
+    rows.append(
+        {"name": f"kind_unattributed_{path}", "total_ms": model_ms - attributed, "share": 1 - attributed / model_ms}
+    )
+    say(f"where the model's forward+backward goes ({path} path, {model_ms:.3f} ms, sublayers timed alone):")
+    for row in rows:
+        kind = row["name"].removeprefix("kind_").removesuffix(f"_{path}").removesuffix("_fwd_bwd")
+        each = f"{row['count']:3d} x {row['p50']:8.3f} ms" if "count" in row else " " * 18
+        rate = f"{row['tflop_s']:8.1f} TFLOP/s" if "tflop_s" in row else ""
+        say(f"  {kind:<13} {each} = {row['total_ms']:9.3f} ms {100 * row['share']:6.1f}% {rate}")
+    return rows
