@@ -2,8 +2,9 @@
 # GPU check, for a session that has a device machine (the `device` tool): everything issues 16
 # and 21 measure on a GPU, in ONE call (a session's whole device time, machine start included,
 # is 15 minutes):
-#   (they run as tests bench train373 layer profile train1p3b skew configs attention: the issue-16
-#   training stages early, so a call cut short keeps them)
+#   (they run as bench train373 layer profile train1p3b skew configs attention tests: the
+#   measurements still open first, so a call cut short keeps them; the kernel tests passed on
+#   the H200 at abf31f5 and run last)
 #   tests      the kernel tests compiled (not interpreted) on CUDA
 #   bench      tools/bench_kernels.py at the paper's shapes: every kernel against its PyTorch
 #              baseline (scoring forward and backward, bag forward and backward)
@@ -74,14 +75,12 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD within SECONDS and the time 
     pack
 }
 status=0
-STAGES=" ${STAGES:-tests bench train373 layer profile train1p3b skew configs attention} "
+STAGES=" ${STAGES:-bench train373 layer profile train1p3b skew configs attention tests} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
 # Compiling the kernel variants dominates the test time: spread it over workers when xdist is there.
 XDIST=(); python3 -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-want tests && stage tests "${TESTS_S:-180}" "$OUT/tests.log" \
-    python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
 want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$RESULTS/bench_kernels.json"
 # Training throughput at real sizes on one GPU (issue 16): memory model vs its dense baseline
@@ -118,6 +117,9 @@ want configs && stage configs "${CONFIGS_S:-100}" "$OUT/bench.log" \
 # model.document_attention: the dense boolean mask in SDPA vs the FlexAttention block mask, fwd+bwd.
 want attention && stage attention "${ATTENTION_S:-90}" "$OUT/bench.log" \
     python3 tools/bench_attention.py --json "$RESULTS/bench_attention.json"
+# The kernel tests compiled on CUDA (all passed on the H200 at abf31f5).
+want tests && stage tests "${TESTS_S:-180}" "$OUT/tests.log" \
+    python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$RESULTS/sweep.png"
 # Dense vs row-sparse value update at v_dim 1024 (training on the Triton path with sparse_adamw
