@@ -110,6 +110,7 @@ def bench_layer(
                 **shape,
             )
         )
+    set_path(model, paths[0])  # the loop above left the model on the last path
     rows.extend(layer_kind_rows(model, tokens, paths[0], model_ms[paths[0]], timed, shape, say))
     model = None
     if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
