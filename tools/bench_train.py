@@ -81,6 +81,7 @@ def run_worker(spec: dict) -> dict:
             "train.eval_batches=1",
             "train.probe_limit=1",
             *spec["overrides"],
+            *([f"optim.value_optimizer={spec['values']}"] if spec.get("values") else []),
         ],
     )
     train_module.Checkpointer.save = lambda self, step, *args, **kwargs: Path(self.root) / f"step_{step:08d}"
@@ -97,10 +98,20 @@ def run_worker(spec: dict) -> dict:
         "rss_at_start_bytes": rss_start,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "final_loss": result.losses[-1] if result.losses else None,
+        "value_optimizer": cfg.optim.value_optimizer if cfg.model.memory.enabled else None,
     }
 
 
 # ----------------------------------------------------------------------------- driver
+def value_optimizer_choices() -> tuple[str, ...]:
+    """optim.value_optimizer's allowed values, read from the config's own type."""
+    import typing
+
+    from pretrain.config import OptimConfig
+
+    return typing.get_args(typing.get_type_hints(OptimConfig)["value_optimizer"])
+
+
 def dense_config_for(config: str) -> str:
     path = Path(config)
     dense = path.with_name(f"{path.stem}_dense{path.suffix}")
@@ -111,7 +122,8 @@ def dense_config_for(config: str) -> str:
 
 def variants(args) -> list[dict]:
     """Compiled variants first, and each memory variant beside its dense twin: a run cut short
-    (a GPU lease ending) still holds the pairs that the acceptance ratios need."""
+    (a GPU lease ending) still holds the pairs that the acceptance ratios need. With several
+    --value-optimizers the memory variants of the later ones follow the pair."""
     compiles = {"off": [False], "on": [True], "both": [True, False]}[args.compile]
     modes = [m.strip() for m in args.ac.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("none", "full", "memory", "selective")]
@@ -124,16 +136,26 @@ def variants(args) -> list[dict]:
     if "dense" in wanted:
         models["dense"] = args.dense_config or dense_config_for(args.config)
     models = {m: models[m] for m in wanted}
+    value_optimizers = [v.strip() for v in args.value_optimizers.split(",") if v.strip()] or [None]
+    choices = value_optimizer_choices()
+    bad = [v for v in value_optimizers if v not in (None, *choices)]
+    if bad:
+        raise SystemExit(f"error: --value-optimizers {args.value_optimizers}: {bad} not among {', '.join(choices)}")
     out = []
-    for compile_on, mode, (model, config) in itertools.product(compiles, modes, models.items()):
-        if model == "dense" and mode == "memory":
-            continue  # no memory block to checkpoint
-        out.append({"model": model, "config": config, "compile": compile_on, "ac": mode})
+    for compile_on, mode in itertools.product(compiles, modes):
+        # the first memory variant, its dense twin, then the memory variants with the other value
+        # optimizers (the dense model has no value pool)
+        pairs = [("memory", value_optimizers[0]), ("dense", None), *(("memory", v) for v in value_optimizers[1:])]
+        for model, values in pairs:
+            if model not in models or (model == "dense" and mode == "memory"):
+                continue  # not asked for, or no memory block to checkpoint
+            out.append({"model": model, "config": models[model], "compile": compile_on, "ac": mode, "values": values})
     return out
 
 
 def name_of(v: dict) -> str:
-    return f"{v['model']}/{'compiled' if v['compile'] else 'eager'}/ac={v['ac']}"
+    values = f"/values={v['values']}" if v.get("values") else ""
+    return f"{v['model']}/{'compiled' if v['compile'] else 'eager'}/ac={v['ac']}{values}"
 
 
 def run_variant(v: dict, args, tmp: Path, round_index: int) -> dict:
@@ -183,16 +205,19 @@ def summarise(v: dict, runs: list[dict]) -> dict:
         "flops_per_token": first["flops_per_token"],
         "device": first["device"],
         "peak_flops": peak,
+        "value_optimizer": first.get("value_optimizer"),  # as the trainer read it
     }
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
     """mfu_dense_equiv per row; memory/dense, compiled/eager and AC/none ratios."""
     rows = [r for r in rows if "error" not in r]
-    by_key = {(r["model"], r["compile"], r["ac"]): r for r in rows}
+    by_key = {(r["model"], r["compile"], r["ac"], r.get("values")): r for r in rows}
     ratios = []
     for r in rows:
-        dense = by_key.get(("dense", r["compile"], r["ac"] if r["ac"] != "memory" else "none"))
+        values = r.get("values")
+        tag_values = f", values={values}" if values else ""
+        dense = by_key.get(("dense", r["compile"], r["ac"] if r["ac"] != "memory" else "none", None))
         if dense is not None and r["peak_flops"]:
             r["mfu_dense_equiv"] = dense["flops_per_token"] * r["tokens_per_s"] / r["peak_flops"]
         else:
@@ -200,21 +225,22 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         if r["model"] == "memory" and dense is not None and dense["ac"] == r["ac"]:
             ratios.append(
                 {
-                    "ratio": f"memory/dense step time ({'compiled' if r['compile'] else 'eager'}, ac={r['ac']})",
+                    "ratio": f"memory/dense step time ({'compiled' if r['compile'] else 'eager'}, "
+                    f"ac={r['ac']}{tag_values})",
                     "value": r["median_step_s"] / dense["median_step_s"],
                 }
             )
-        eager = by_key.get((r["model"], False, r["ac"]))
+        eager = by_key.get((r["model"], False, r["ac"], values))
         if r["compile"] and eager is not None:
             ratios.append(
                 {
-                    "ratio": f"compiled/eager step time ({r['model']}, ac={r['ac']})",
+                    "ratio": f"compiled/eager step time ({r['model']}, ac={r['ac']}{tag_values})",
                     "value": r["median_step_s"] / eager["median_step_s"],
                 }
             )
-        none = by_key.get((r["model"], r["compile"], "none"))
+        none = by_key.get((r["model"], r["compile"], "none", values))
         if r["ac"] != "none" and none is not None:
-            tag = f"({r['model']}, {'compiled' if r['compile'] else 'eager'}, ac={r['ac']} / none)"
+            tag = f"({r['model']}, {'compiled' if r['compile'] else 'eager'}, ac={r['ac']}{tag_values} / none)"
             ratios.append({"ratio": f"peak memory {tag}", "value": r["peak_memory_bytes"] / none["peak_memory_bytes"]})
             ratios.append({"ratio": f"step time {tag}", "value": r["median_step_s"] / none["median_step_s"]})
     return ratios
@@ -247,6 +273,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/tiny.yaml", help="the memory model's config")
     parser.add_argument("--dense-config", default=None, help="default: configs/<name>_dense.yaml")
     parser.add_argument("--models", default="memory,dense", help="memory, dense or both (comma-separated)")
+    parser.add_argument(
+        "--value-optimizers",
+        default="",
+        help="comma-separated optim.value_optimizer values, one memory variant each (default: the config's)",
+    )
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", default="off", choices=["off", "on", "both"])
     parser.add_argument("--ac", default="none", help="comma-separated train.activation_checkpointing modes")

@@ -86,8 +86,10 @@ want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
 # Training throughput at real sizes on one GPU (issue 16): memory model vs its dense baseline
 # of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
 # (tools/bench_train.py; README "Activation checkpointing and compile" says what to read).
-want train373 && stage train373 "${TRAIN373_S:-200}" "$OUT/trainbench.log" \
+# The memory model also with the row-sparse value update (the pool's cost follows the rows read).
+want train373 && stage train373 "${TRAIN373_S:-240}" "$OUT/trainbench.log" \
     python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile "${TRAIN373_COMPILE:-on}" --ac none \
+    --value-optimizers "${TRAIN373_VALUES:-adamw,sparse_rowwise_adamw}" \
     --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$RESULTS/bench_train_373m.json" \
     --markdown "$RESULTS/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
 # The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).

@@ -77,3 +77,30 @@ def test_a_failing_variant_is_reported_and_the_others_measured(tmp_path, capsys)
     text = md.read_text()
     assert "| dense/eager/ac=none | failed: exit 1:" in text and "incomplete" not in text
     assert "FAILED exit 1" in capsys.readouterr().out
+
+
+def test_value_optimizers_are_memory_variants_each_against_the_dense_baseline(tmp_path):
+    """--value-optimizers adds one memory variant per value optimizer (the dense model has no
+    pool): the trainer ran each with that optimizer, and each gets its own memory/dense ratio."""
+    out = tmp_path / "bench.json"
+    argv = ["--config", "configs/tiny.yaml", "--value-optimizers", "adamw,sparse_rowwise_adamw"]
+    argv += ["--steps", "1", "--warmup", "0", "--rounds", "1", "--data-cache", str(tmp_path / "data")]
+    argv += ["--json", str(out), "train.global_batch=2", "train.micro_batch=2"]
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {
+        "memory/eager/ac=none/values=adamw",
+        "memory/eager/ac=none/values=sparse_rowwise_adamw",
+        "dense/eager/ac=none",
+    }
+    assert rows["memory/eager/ac=none/values=sparse_rowwise_adamw"]["value_optimizer"] == "sparse_rowwise_adamw"
+    assert rows["memory/eager/ac=none/values=adamw"]["value_optimizer"] == "adamw"
+    assert rows["dense/eager/ac=none"]["value_optimizer"] is None
+    ratios = {q["ratio"]: q["value"] for q in payload["ratios"]}
+    for values in ("adamw", "sparse_rowwise_adamw"):
+        memory = rows[f"memory/eager/ac=none/values={values}"]
+        got = ratios[f"memory/dense step time (eager, ac=none, values={values})"]
+        assert got == memory["median_step_s"] / rows["dense/eager/ac=none"]["median_step_s"]
+    with pytest.raises(SystemExit, match="not among adamw, sparse_adamw, sparse_rowwise_adamw"):
+        main(["--config", "configs/tiny.yaml", "--value-optimizers", "sgd"])
