@@ -126,8 +126,9 @@ def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None, s
     if steps <= 0 or not 0 <= skip_steps < steps:
         raise ValueError(f"steps={steps} must be positive and skip_steps={skip_steps} in [0, steps)")
     cfg.train.max_steps = steps
-    cfg.train.checkpoint_every = max(cfg.train.checkpoint_every, steps + 1)
     cfg.train.eval_every = max(cfg.train.eval_every, steps + 1)
+    # the closing evaluation is left out of the summary: one batch and one probe keep it short
+    cfg.train.eval_batches, cfg.train.probe_limit = 1, 1
     run_dir = Path(cfg.train.run_dir)
     if (run_dir / "checkpoints" / "latest").exists():
         raise ValueError(
@@ -136,7 +137,7 @@ def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None, s
         )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
-        train_module.train(cfg)
+        train_module.train(cfg, save_checkpoints=False)  # nothing to resume; 373M's would be ~18 GB
     trace_dir = Path(trace_dir) if trace_dir else run_dir / "profile"
     trace_dir.mkdir(parents=True, exist_ok=True)
     trace = trace_dir / f"{socket.gethostname()}_{os.getpid()}.pt.trace.json"

@@ -73,6 +73,7 @@ class TrainResult:
     slot_table: str | None = None
     stopped_by_signal: bool = False
     requeued: bool = False
+    save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
@@ -197,10 +198,17 @@ def global_mean_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple
 LoaderFactory = Callable[..., Any]  # build_loader's signature: (cfg, dataset, split, rank, world_size, loop)
 
 
-def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory | None = None) -> TrainResult:
+def train(
+    cfg: RunConfig,
+    stop: StopSignal | None = None,
+    loaders: LoaderFactory | None = None,
+    save_checkpoints: bool = True,
+) -> TrainResult:
     """Run (or resume) the training described by `cfg`; every rank calls it. `stop`: a handler
     installed earlier (it keeps any signal already received), else one is installed now.
-    `loaders`: builds the data loaders (default `build_loader`; tests pass their own)."""
+    `loaders`: builds the data loaders (default `build_loader`; tests pass their own).
+    `save_checkpoints=False` (benchmark and profile runs, nothing to resume): no checkpoint is
+    written, also not at the last step, where a 373M memory model's would be ~18 GB."""
     # Installed first: a preemption signal during start-up must not kill the task, and
     # data-loader workers started later inherit the handler.
     stop = stop if stop is not None else StopSignal()
@@ -209,6 +217,7 @@ def train(cfg: RunConfig, stop: StopSignal | None = None, loaders: LoaderFactory
         info = init_distributed(process_group_timeout(validate(cfg).train))
         with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog):
             trainer = build(cfg, info, loaders or build_loader, watchdog)
+            trainer.save_checkpoints = save_checkpoints
             try:
                 trainer.resume()
                 return trainer.fit(stop)
@@ -448,7 +457,8 @@ class Trainer:
         self.metrics.line("eval " + " ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
 
     def save_checkpoint(self) -> None:
-        self.checkpoint = self.checkpointer.save(self.state.step, self.cfg)
+        if self.save_checkpoints:
+            self.checkpoint = self.checkpointer.save(self.state.step, self.cfg)
 
     def stop_requested(self, stop) -> bool:
         """A stop signal or train.stop_after: checkpoint (unless this step's is saved), then

@@ -84,8 +84,7 @@ def run_worker(spec: dict) -> dict:
             *([f"optim.value_optimizer={spec['values']}"] if spec.get("values") else []),
         ],
     )
-    train_module.Checkpointer.save = lambda self, step, *args, **kwargs: Path(self.root) / f"step_{step:08d}"
-    result = train_module.train(cfg)
+    result = train_module.train(cfg, save_checkpoints=False)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     return {

@@ -212,3 +212,15 @@ def test_constant_value_learning_rate(tmp_path, data_cache):
     assert dense[0] < dense[1]  # the dense lr still warms up
     with pytest.raises(ConfigError, match="optim.value_lr_schedule"):
         load_config("configs/tiny.yaml", ["optim.value_lr_schedule=linear"])
+
+
+def test_a_run_without_checkpoints_writes_none_and_trains_the_same(tmp_path, data_cache):
+    """train(save_checkpoints=False), as bench_train and the profiler run it: the same losses as
+    a run that saves (every step and at the last), and no checkpoint anywhere in the run dir."""
+    opts = ("train.max_steps=3", "train.checkpoint_every=1")
+    saved = train(tiny_config(tmp_path / "saved", data_cache, *opts))
+    bare = train(tiny_config(tmp_path / "bare", data_cache, *opts), save_checkpoints=False)
+    assert bare.losses == saved.losses and len(bare.losses) == 3
+    assert saved.checkpoint is not None and latest_checkpoint(tmp_path / "saved" / "checkpoints") is not None
+    assert bare.checkpoint is None
+    assert not (tmp_path / "bare" / "checkpoints").exists() or not any((tmp_path / "bare" / "checkpoints").iterdir())
