@@ -113,9 +113,8 @@ def summarize(events, trace: Path, top: int = 15, skip_steps: int = 0) -> Profil
 
 
 def _self_device_us(event) -> float:
-    """The event's own kernels' time (µs); torch before 2.4 names it self_cuda_time_total."""
-    value = getattr(event, "self_device_time_total", None)
-    return value if value is not None else getattr(event, "self_cuda_time_total", 0)
+    """The event's own kernels' time (µs)."""
+    return event.self_device_time_total
 
 
 def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None, skip_steps: int = 0) -> ProfileReport:

@@ -73,7 +73,6 @@ class TrainResult:
     slot_table: str | None = None
     stopped_by_signal: bool = False
     requeued: bool = False
-    save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
@@ -323,6 +322,7 @@ class Trainer:
     checkpoint: Path | None = None
     stopped_by_signal: bool = False
     requeued: bool = False
+    save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
 
     def __post_init__(self):
         t = self.cfg.train
