@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain.model.accounting import human_count
+
 # Beyond about 4 passes, repeated tokens are worth markedly less than fresh ones (Muennighoff
 # et al., "Scaling Data-Constrained Language Models", 2023).
 MANY_EPOCHS = 4.0
@@ -65,8 +67,8 @@ def describe_plan(plan: RunPlan, note_repeats: bool = True) -> list[str]:
     per_source = "; ".join(f"{name} {n:.2f} epochs" for name, n in plan.epochs.items())
     lines = [
         f"plan: {plan.steps} steps x {plan.sequences_per_step} sequences x {plan.seq_len} tokens = "
-        f"{_si(plan.tokens)} tokens{' (' + per_source + ')' if per_source else ''}; "
-        f"{_si(plan.active_parameters)} active of {_si(plan.total_parameters)} parameters, "
+        f"{human_count(plan.tokens)} tokens{' (' + per_source + ')' if per_source else ''}; "
+        f"{human_count(plan.active_parameters)} active of {human_count(plan.total_parameters)} parameters, "
         f"{plan.tokens / plan.active_parameters:.3g} tokens per active parameter; "
         f"{plan.training_flops:.3g} training FLOPs"
     ]
@@ -77,10 +79,3 @@ def describe_plan(plan: RunPlan, note_repeats: bool = True) -> list[str]:
                 "worth markedly less than fresh ones: add data, lower its weight or train.max_steps"
             )
     return lines
-
-
-def _si(n: float) -> str:
-    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:g}"

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.model import ConfigError, Transformer, count_parameters, flops_per_token  # noqa: E402
+from pretrain.model.accounting import human_count  # noqa: E402
 
 PARAMETER_ROWS = [
     ("dense", "everything outside the memory layers"),
@@ -40,14 +41,6 @@ def model_info(cfg: RunConfig, seq_len: int | None = None) -> dict:
     return {"parameters": parameters, "seq_len": seq_len, "flops_per_token": flops_per_token(cfg.model, seq_len)}
 
 
-def human(n: float, billion: str = "B") -> str:
-    """1.44B parameters, 2.59G FLOPs."""
-    for scale, suffix in ((1e12, "T"), (1e9, billion), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return f"{n:g}"
-
-
 def format_info(info: dict, cfg: RunConfig, title: str) -> str:
     m, model = cfg.model.memory, cfg.model
     shape = f"{model.n_layers} layers, dim {model.dim}, {model.n_heads} heads, vocab {model.vocab_size}"
@@ -59,10 +52,10 @@ def format_info(info: dict, cfg: RunConfig, title: str) -> str:
     lines = [title, f"  {shape}", "parameters"]
     for name, note in PARAMETER_ROWS:
         n = info["parameters"][name]
-        lines.append(f"  {name:<14}{n:>16,}  {human(n):>8}  {note}".rstrip())
+        lines.append(f"  {name:<14}{n:>16,}  {human_count(n, '.2f', billion='B'):>8}  {note}".rstrip())
     lines.append(f"training FLOPs per token (forward + backward, seq_len {info['seq_len']})")
     for name, n in info["flops_per_token"].items():
-        lines.append(f"  {name:<14}{int(n):>16,}  {human(n, billion='G'):>8}")
+        lines.append(f"  {name:<14}{int(n):>16,}  {human_count(n, '.2f'):>8}")
     return "\n".join(lines)
 
 

@@ -91,3 +91,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     memory = sum(k.count * k.flops_per_token for k in kinds if k.name == "memory")
     dense = sum(k.count * k.flops_per_token for k in kinds if k.name != "memory")
     return {"dense": float(dense), "memory": float(memory), "total": float(dense + memory)}
+
+
+def human_count(n: float, fmt: str = ".3g", billion: str = "G") -> str:
+    """A count with its unit prefix: 1.82M parameters, 7.03G FLOPs (`fmt` formats the mantissa)."""
+    for unit, size in (("T", 1e12), (billion, 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:{fmt}}{unit}"
+    return f"{n:g}"
