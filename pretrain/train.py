@@ -42,7 +42,7 @@ from pretrain.distributed import DistInfo, barrier, gather_floats, init_distribu
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
-from pretrain.model import Transformer, flops_per_token, language_model_loss, z_loss  # noqa: E402
+from pretrain.model import Objective, Transformer, flops_per_token, training_objective  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
 from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
@@ -316,6 +316,7 @@ class Trainer:
     flops: float
     peak: float | None
     watchdog: HangWatchdog  # told of every step, evaluation and checkpoint
+    objective: Callable[..., Objective] = training_objective  # compiled under train.compile
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
@@ -386,12 +387,7 @@ class Trainer:
         with record_function(regions.FORWARD):
             doc_ids = batch.doc_ids if self.cfg.data.document_masking else None
             logits = self.engine(batch.tokens.to(self.info.device), doc_ids=doc_ids)
-            targets = batch.targets.to(self.info.device)
-            loss = objective = language_model_loss(logits, targets)
-            z = None
-            if self.cfg.optim.z_loss:
-                z = z_loss(logits, targets)
-                objective = loss + self.cfg.optim.z_loss * z
+            loss, z, objective = self.objective(logits, batch.targets.to(self.info.device), self.cfg.optim.z_loss)
         self.optimizers.backward(objective, last_micro_batch)
         if self.stats is not None:
             self.stats.update(self.lookups.take(self.shared_table_stream), batch.doc_ids.to(self.info.device))
@@ -509,6 +505,7 @@ class Trainer:
 def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: HangWatchdog) -> Trainer:
     """Everything a run needs, checked before anything heavy: data, run directory, model,
     optimizers, loaders, slot statistics, metrics, evaluation; the checkpoint items declared."""
+    from pretrain.parallel.compile import compile_objective
     from pretrain.slots.checkpoint_item import SlotTableWriter
 
     check_runtime(cfg, world_size=info.world_size, device_type=info.device.type)
@@ -561,6 +558,7 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
         flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         peak=device_peak_flops(info.device),
         watchdog=watchdog,
+        objective=compile_objective(training_objective) if cfg.train.compile else training_objective,
     )
 
 

@@ -62,7 +62,8 @@ def loader_tokens_per_s(
 
 
 def training_tokens_per_s(config: Path, batch: int, seq_len: int, steps: int) -> float:
-    from pretrain.model.transformer import Transformer, language_model_loss
+    from pretrain.model.objective import language_model_loss
+    from pretrain.model.transformer import Transformer
 
     cfg = load_config(config)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 # GPU check, for a session that has a device machine (the `device` tool): everything issues 16
 # and 21 measure on a GPU, in ONE call (a session's whole device time, machine start included,
 # is 15 minutes):
-#   (they run as bench train373 layer profile train1p3b skew configs attention tests: the
+#   (they run as bench train373 layer profile train1p3b skew configs objective attention tests: the
 #   measurements still open first, so a call cut short keeps them; the kernel tests passed on
 #   the H200 at abf31f5 and run last)
 #   tests      the kernel tests compiled (not interpreted) on CUDA
@@ -17,6 +17,7 @@
 #              (TRAIN373_COMPILE=both adds the eager pair)
 #   train1p3b  tools/bench_train.py: smf_1p3b (memory model), compiled, activation checkpointing full vs none
 #   attention  tools/bench_attention.py: document masking, SDPA dense mask vs FlexAttention block mask
+#   objective  tools/bench_objective.py: the loss on 8 x 2048 x 32K bf16 logits, eager vs compiled
 # Extra stages (STAGES="..."): sweep (bag bandwidth over d and k), values (dense vs row-sparse
 # value update), train (100 steps of tiny.yaml in bf16 on the Triton path).
 #
@@ -28,7 +29,7 @@
 # stage's exit status and time), tests.log, bench.log (every kernel table), trainbench.log, and
 # results.tar.gz with every JSON, markdown table and plot (bench_kernels.json, launch_configs.json,
 # bench_skew.json, bench_layer.json, bench_train_373m.{json,md}, bench_train_1p3b.{json,md},
-# bench_attention.json, sweep.png, values.png), re-packed after each stage so a call cut short still returns them.
+# bench_attention.json, bench_objective.json, sweep.png, values.png), re-packed after each stage so a call cut short still returns them.
 # Copy them to benchmarks/<kind>-<device>/<commit>/ with `tar xzf results.tar.gz`.
 #
 # Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
@@ -75,7 +76,7 @@ stage() {  # stage NAME SECONDS LOG CMD...: run CMD within SECONDS and the time 
     pack
 }
 status=0
-STAGES=" ${STAGES:-bench train373 layer profile train1p3b skew configs attention tests} "
+STAGES=" ${STAGES:-bench train373 layer profile train1p3b skew configs objective attention tests} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 export MEMLAYERS_KERNEL_DEVICE=cuda
@@ -116,6 +117,9 @@ want skew && stage skew "${SKEW_S:-60}" "$OUT/bench.log" \
 # kernels/launch_configs.py (and sit under "pins" in the JSON).
 want configs && stage configs "${CONFIGS_S:-100}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --configs --json "$RESULTS/launch_configs.json"
+# The training objective eager vs compiled (train.compile compiles it): time and peak memory.
+want objective && stage objective "${OBJECTIVE_S:-45}" "$OUT/bench.log" \
+    python3 tools/bench_objective.py --json "$RESULTS/bench_objective.json"
 # model.document_attention: the dense boolean mask in SDPA vs the FlexAttention block mask, fwd+bwd.
 want attention && stage attention "${ATTENTION_S:-90}" "$OUT/bench.log" \
     python3 tools/bench_attention.py --json "$RESULTS/bench_attention.json"

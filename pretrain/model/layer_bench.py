@@ -11,7 +11,8 @@ import torch
 from kernels import benchmark as kb
 from pretrain.model.accounting import layer_kinds
 from pretrain.model.memory import MemoryPlus, ValueTable
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 
 
 def bench_layer(

@@ -175,16 +175,3 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += S
         return self.output(self.norm(x))
-
-
-def language_model_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-
-
-def z_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean of log(Z)^2 over the positions with a target, Z the softmax normaliser (fp32): the
-    auxiliary loss of PaLM (optim.z_loss) that keeps the output logits from drifting large."""
-    keep = targets.flatten() != ignore_index
-    log_z = torch.logsumexp(logits.float().flatten(0, 1)[keep], dim=-1)
-    return log_z.pow(2).mean()

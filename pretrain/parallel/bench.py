@@ -21,7 +21,8 @@ import torch
 
 from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import MemoryParallel
 from pretrain.spawn import run_gloo

@@ -21,7 +21,6 @@ shared, noisy machine (the variants alternate, and each reports the median):
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import statistics
@@ -30,9 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrain import peak_memory
 from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 from pretrain.optim import build_dense_optimizer
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import MemoryParallel
@@ -60,47 +61,6 @@ class StepSpec:
     dense_max_slots: int = 1 << 20  # the dense path needs another N x v_dim gradient: skip it above this
     variants: tuple[str, ...] = VARIANTS
     device: str = "cpu"  # "cuda": Triton kernels, memory from torch.cuda's allocator statistics
-
-
-def memory_status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def release_free_heap() -> None:
-    """Hand the C heap's free pages back to the kernel (glibc malloc_trim), so that memory a
-    previous step freed but the allocator kept does not hide this step's temporaries from
-    the RSS high-water mark."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the peak may then undercount reused memory
-        pass
-
-
-def _start_memory(device: str) -> int:
-    """Reset the peak counter; return the memory in use now (process RSS, or CUDA allocated)."""
-    if device == "cpu":
-        release_free_heap()
-        before = memory_status()["VmRSS"]
-        reset_peak()
-        return before
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
-def _peak_memory(device: str) -> int:
-    return memory_status()["VmHWM"] if device == "cpu" else torch.cuda.max_memory_allocated()
 
 
 def _model_config(spec: StepSpec, n_keys: int) -> ModelConfig:
@@ -181,9 +141,9 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
                 # memory on a step of its own: the heap trim that makes the RSS high-water
                 # mark see reused memory also makes the step fault in its temporaries, which
                 # a training loop (no trim) does not pay, so that step is not timed
-                before = _start_memory(spec.device)
+                before = peak_memory.start(spec.device)
                 runner.step()
-                extras[variant].append(max(_peak_memory(spec.device) - before, 0))
+                extras[variant].append(max(peak_memory.peak(spec.device) - before, 0))
         for variant, runner in runners.items():
             resident = runner.resident_bytes()
             extra = statistics.median(extras[variant])

@@ -10,7 +10,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from pretrain.model.lookups import LookupRecorder
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from pretrain.parallel.compile import apply_compile
 

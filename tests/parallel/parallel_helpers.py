@@ -7,7 +7,8 @@ import torch
 from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.memory import ValueTable
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 
 OPTIM = OptimConfig(lr=3e-3, value_lr=1e-2, weight_decay=0.1, grad_clip=0.003)
 GLOBAL_BATCH, SEQ, STEPS = 4, 9, 3

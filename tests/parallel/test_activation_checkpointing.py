@@ -11,7 +11,8 @@ import torch
 
 from parallel_helpers import GLOBAL_BATCH, OPTIM, batches, tiny_cfg
 from pretrain.model.lookups import LookupRecorder
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 from pretrain.parallel import MemoryParallel, init_memory_groups
 from pretrain.parallel.activation_checkpointing import (
     apply_activation_checkpointing,

@@ -10,7 +10,8 @@ from parallel_helpers import reference_world1, rel_err, tiny_cfg
 from pretrain.config import OptimConfig
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 from pretrain.parallel import MemoryParallel, PartitionedValueTable, ShardFileError, init_memory_groups
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.shard_files import shard_file_name

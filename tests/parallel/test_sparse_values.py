@@ -14,7 +14,8 @@ import torch
 import kernels
 from parallel_helpers import OPTIM, rel_err, tiny_cfg
 from pretrain.model.config import ConfigError
-from pretrain.model.transformer import Transformer, language_model_loss
+from pretrain.model.objective import language_model_loss
+from pretrain.model.transformer import Transformer
 from pretrain.parallel import MemoryParallel, init_memory_groups
 from pretrain.parallel.sparse_adamw import SparseAdamW
 

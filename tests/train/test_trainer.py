@@ -91,15 +91,17 @@ def test_loss_falls_on_embedded_corpus(tmp_path, data_cache):
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_nonfinite_loss(tmp_path, data_cache, monkeypatch, policy):
-    real_loss = train_module.language_model_loss
+    real_objective = train_module.training_objective
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(logits, targets, z_weight):
         calls["n"] += 1
-        loss = real_loss(logits, targets)
-        return loss * float("nan") if calls["n"] == 5 else loss  # step 3, first micro-batch (gas=2)
+        out = real_objective(logits, targets, z_weight)
+        if calls["n"] != 5:  # step 3, first micro-batch (gas=2)
+            return out
+        return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
 
-    monkeypatch.setattr(train_module, "language_model_loss", poisoned)
+    monkeypatch.setattr(train_module, "training_objective", poisoned)
     cfg = tiny_config(tmp_path / policy, data_cache, "train.max_steps=5", f"train.nan_policy={policy}")
     if policy == "skip":
         result = train(cfg)
