@@ -85,6 +85,7 @@ def bench_layer(
         t, attempts = timed(lambda: torch.autograd.grad(layer(x, table), inputs, probe))
         layer_ms[path] = kb.percentiles(t)["p50"]
         rows.append(kb.record(f"memory_layer_fwd_bwd_{path}", t, None, None, attempts=attempts, **shape))
+        rows.extend(memory_part_rows(layer, table, x, path, layer_ms[path], timed, shape, say))
     layer = table = x = probe = inputs = None
     with torch.device("meta"):
         model = Transformer(model_cfg)
@@ -124,6 +125,39 @@ def bench_layer(
             f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
         )
     return list(rows)
+
+
+def memory_part_rows(layer, table, x, path: str, layer_ms: float, timed, shape: dict, say=print) -> list[dict]:
+    """Where one memory layer's forward+backward goes, each part timed alone on the layer's own
+    inputs: `scoring` (query projection, product-key top-k and softmax; gradients of x, the
+    projection and both key sets), `bag` (the weighted sum of value rows; gradients of the
+    table and the weights), and the `rest` of the layer's time (gate and output projections,
+    SiLU, casts; negative when the parts alone are slower than inside the layer)."""
+    scoring_inputs = [x, layer.query_proj.weight, layer.keys1, layer.keys2, *layer.query_norm.parameters()]
+    with torch.no_grad():
+        weights, indices = layer.search(x)
+    weights = weights.detach().requires_grad_(True)
+    score_probe = torch.randn_like(weights)
+    bag_probe = torch.randn(indices.shape[0], table.weight.shape[1], device=x.device, dtype=x.dtype)
+    parts = {
+        "scoring": lambda: torch.autograd.grad(layer.search(x)[0], scoring_inputs, score_probe),
+        "bag": lambda: torch.autograd.grad(table(indices, weights), [table.weight, weights], bag_probe),
+    }
+    rows, attributed = [], 0.0
+    for part, run in parts.items():
+        t, attempts = timed(run)
+        row = kb.record(f"memory_part_{part}_fwd_bwd_{path}", t, None, None, attempts=attempts, **shape)
+        row["share_of_layer"] = row["p50"] / layer_ms
+        attributed += row["p50"]
+        rows.append(row)
+    rows.append(
+        {"name": f"memory_part_rest_{path}", "p50": layer_ms - attributed, "share_of_layer": 1 - attributed / layer_ms}
+    )
+    say(f"one memory layer ({path} path, {layer_ms:.3f} ms forward+backward), parts timed alone:")
+    for row in rows:
+        part = row["name"].removeprefix("memory_part_").removesuffix(f"_{path}").removesuffix("_fwd_bwd")
+        say(f"  {part:<8} {row['p50']:9.3f} ms {100 * row['share_of_layer']:6.1f}%")
+    return rows
 
 
 def layer_kind_rows(model, tokens, path: str, model_ms: float, timed, shape: dict, say=print) -> list[dict]:

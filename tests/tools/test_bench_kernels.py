@@ -115,7 +115,13 @@ def test_layer_rows_on_cpu(tmp_path):
     )
     rows = {r["name"]: r for r in json.loads(out.read_text())["layer"]}
     kinds = {f"kind_{k}_fwd_bwd_torch" for k in ("attention", "ffn", "memory", "output_head")}
-    assert set(rows) == {"memory_layer_fwd_bwd_torch", "model_fwd_bwd_torch", "kind_unattributed_torch"} | kinds
+    parts = {f"memory_part_{p}_fwd_bwd_torch" for p in ("scoring", "bag")} | {"memory_part_rest_torch"}
+    assert set(rows) == {"memory_layer_fwd_bwd_torch", "model_fwd_bwd_torch", "kind_unattributed_torch"} | kinds | parts
+    # one memory layer's parts (scoring, bag) and its rest add up to the layer
+    layer = rows["memory_layer_fwd_bwd_torch"]
+    assert sum(rows[n]["p50"] for n in parts) == pytest.approx(layer["p50"])
+    assert sum(rows[n]["share_of_layer"] for n in parts) == pytest.approx(1.0)
+    assert rows["memory_part_scoring_fwd_bwd_torch"]["k_dim"] == load_config("configs/tiny.yaml").model.memory.k_dim
     model = rows["model_fwd_bwd_torch"]
     assert model["memory_layers"] == 1 and model["batch"] == 1 and model["seq"] == 8
     assert model["memory_share_estimate"] == rows["memory_layer_fwd_bwd_torch"]["p50"] / model["p50"]
