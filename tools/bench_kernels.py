@@ -83,6 +83,12 @@ def parse_args(argv):
     )
     p.add_argument("--layer-batch", type=int, default=0, help="sequences for --layer (0: the config's micro_batch)")
     p.add_argument("--layer-seq", type=int, default=0, help="sequence length for --layer (0: the config's seq_len)")
+    p.add_argument(
+        "--layer-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--layer: also the whole model compiled as train.compile compiles it, against eager",
+    )
     p.add_argument("--reruns", type=int, default=2, help="extra timings of a row whose p80/p20 > 1.15")
     p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
     args = p.parse_args(argv)
@@ -392,6 +398,7 @@ def bench_layer(args, device) -> list[dict]:
             batch=args.layer_batch,
             seq=args.layer_seq,
             say=tqdm.write,
+            compiled=args.layer_compile,
         )
     except ValueError as err:
         raise SystemExit(f"--layer {err}") from None

@@ -11,7 +11,8 @@
 #   configs    every launch candidate of the autotuned kernels, p20/p50/p80 (the winners to pin)
 #   skew       the bag and the scoring backward with Zipf(1.0) rows (the hot-row chunked paths)
 #   layer      the whole MemoryPlus layer and the 373M model, Triton vs PyTorch, and where the
-#              model's time goes: each sublayer kind (attention, FFN, memory, head) timed alone
+#              model's time goes: each sublayer kind (attention, FFN, memory, head) timed alone,
+#              and the model compiled vs eager (what a compiled step adds around the model)
 #   profile    tools/profile.py: 373M compiled training steps, operators by kernel time, device busy share
 #   train373   tools/bench_train.py: memory_373m vs its dense baseline, bf16, seq 2048, compiled
 #              (TRAIN373_COMPILE=both adds the eager pair)
@@ -93,8 +94,9 @@ want train373 && stage train373 "${TRAIN373_S:-240}" "$OUT/trainbench.log" \
     --value-optimizers "${TRAIN373_VALUES:-adamw,sparse_rowwise_adamw}" \
     --steps 6 --warmup 3 --rounds 1 --data-cache "$WORK/data373" --json "$RESULTS/bench_train_373m.json" \
     --markdown "$RESULTS/bench_train_373m.md" model.memory.kernel=triton train.global_batch=8 train.micro_batch=8
-# The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048).
-want layer && stage layer "${LAYER_S:-90}" "$OUT/bench.log" \
+# The whole memory layer and the whole model (forward+backward, one micro-batch of 8 x 2048),
+# eager by sublayer kind, and compiled (abf31f5, eager only: 41 s; the compiled model adds its compilation).
+want layer && stage layer "${LAYER_S:-150}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --layer configs/memory_373m.yaml --repeats 10 --json "$RESULTS/bench_layer.json"
 # The real 373M training step under torch.profiler (compiled, Triton): operators ranked by their
 # kernels' time and the device's busy share of the step, the 3 compile/warm-up steps left out.

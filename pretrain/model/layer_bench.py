@@ -11,12 +11,20 @@ import torch
 from kernels import benchmark as kb
 from pretrain.model.accounting import layer_kinds
 from pretrain.model.memory import MemoryPlus, ValueTable
-from pretrain.model.objective import language_model_loss
+from pretrain.model.objective import language_model_loss, training_objective
 from pretrain.model.transformer import Transformer
 
 
 def bench_layer(
-    config: Path, device: torch.device, dtype_name: str, timed, rows: list, batch: int = 0, seq: int = 0, say=print
+    config: Path,
+    device: torch.device,
+    dtype_name: str,
+    timed,
+    rows: list,
+    batch: int = 0,
+    seq: int = 0,
+    say=print,
+    compiled: bool = True,
 ) -> list[dict]:
     """A whole MemoryPlus layer (query projection, scoring, bag, gate, output projection)
     forward+backward, and the whole model's forward+backward on one micro-batch, each
@@ -28,7 +36,8 @@ def bench_layer(
 
     `dtype_name`: bf16 or fp32; `timed(fn)` -> (per-call ms, attempts); `rows` receives each
     row as it is measured (a list, or one that prints); batch/seq 0 take the config's
-    micro_batch and seq_len. A config without memory layers is a ValueError.
+    micro_batch and seq_len; `compiled`: also the whole model compiled as train.compile compiles
+    it (`compiled_model_row`). A config without memory layers is a ValueError.
     """
     from pretrain.config import load_config
 
@@ -114,6 +123,8 @@ def bench_layer(
         )
     set_path(model, paths[0])  # the loop above left the model on the last path
     rows.extend(layer_kind_rows(model, tokens, paths[0], model_ms[paths[0]], timed, shape, say))
+    if compiled:
+        rows.append(compiled_model_row(model, tokens, params, paths[0], model_ms[paths[0]], timed, shape, say))
     model = None
     if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
         for row in rows:
@@ -125,6 +136,41 @@ def bench_layer(
             f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
         )
     return list(rows)
+
+
+def compiled_model_row(model, tokens, params, path: str, eager_ms: float, timed, shape: dict, say=print) -> dict:
+    """The whole model's forward+backward compiled as train.compile compiles it (each block,
+    and the objective on its own: pretrain.parallel.compile), against the eager time measured
+    before. A compiled training step (tools/bench_train.py) minus this row is what the step adds
+    around the model: optimizer steps, DeepSpeed's gradient handling, the value update.
+
+    The row also holds `grad_max_rel_diff`, the largest gradient difference to eager (relative to
+    each gradient's largest entry): in fp32 a compiled model that computed something else is seen
+    here; in bf16 a few percent is expected (inductor rounds once where eager rounds after each
+    op, and a query rounded otherwise can select another top-k slot).
+    `model` is compiled in place (its blocks' forwards replaced); build a new one to go on eager."""
+    from pretrain.parallel.compile import apply_compile, compile_objective
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    eager = torch.autograd.grad(language_model_loss(model(inputs), targets), params)
+    apply_compile(model)
+    objective = compile_objective(training_objective)
+
+    def fwd_bwd():
+        return torch.autograd.grad(objective(model(inputs), targets).total, params)
+
+    diff = max(
+        ((c.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30)).item()
+        for c, e in zip(fwd_bwd(), eager)  # the first call compiles
+    )
+    t, attempts = timed(fwd_bwd)
+    row = kb.record(f"model_fwd_bwd_{path}_compiled", t, None, None, attempts=attempts, **shape)
+    row.update(compile_speedup=eager_ms / row["p50"], grad_max_rel_diff=diff)
+    say(
+        f"{path:6s}: model fwd+bwd compiled {row['p50']:.3f} ms ({row['compile_speedup']:.2f}x eager); "
+        f"largest gradient difference to eager {diff:.1e} of the gradient's largest entry"
+    )
+    return row
 
 
 def memory_part_rows(layer, table, x, path: str, layer_ms: float, timed, shape: dict, say=print) -> list[dict]:

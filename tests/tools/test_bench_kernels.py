@@ -107,6 +107,8 @@ def test_layer_rows_on_cpu(tmp_path):
                 "8",
                 "--repeats",
                 "1",
+                "--dtype",
+                "fp32",
                 "--json",
                 str(out),
             ]
@@ -116,7 +118,8 @@ def test_layer_rows_on_cpu(tmp_path):
     rows = {r["name"]: r for r in json.loads(out.read_text())["layer"]}
     kinds = {f"kind_{k}_fwd_bwd_torch" for k in ("attention", "ffn", "memory", "output_head")}
     parts = {f"memory_part_{p}_fwd_bwd_torch" for p in ("scoring", "bag")} | {"memory_part_rest_torch"}
-    assert set(rows) == {"memory_layer_fwd_bwd_torch", "model_fwd_bwd_torch", "kind_unattributed_torch"} | kinds | parts
+    models = {"model_fwd_bwd_torch", "model_fwd_bwd_torch_compiled"}
+    assert set(rows) == {"memory_layer_fwd_bwd_torch", "kind_unattributed_torch"} | models | kinds | parts
     # one memory layer's parts (scoring, bag) and its rest add up to the layer
     layer = rows["memory_layer_fwd_bwd_torch"]
     assert sum(rows[n]["p50"] for n in parts) == pytest.approx(layer["p50"])
@@ -138,6 +141,12 @@ def test_layer_rows_on_cpu(tmp_path):
         assert rows[name]["total_ms"] == pytest.approx(rows[name]["count"] * rows[name]["p50"])
     assert sum(rows[n]["total_ms"] for n in kinds | {"kind_unattributed_torch"}) == pytest.approx(model["p50"])
     assert sum(rows[n]["share"] for n in kinds | {"kind_unattributed_torch"}) == pytest.approx(1.0)
+    # the model compiled as train.compile compiles it: the same gradients as eager, timed beside it
+    # (fp32 here; in bf16 inductor rounds once where eager rounds after every op, and a rounded
+    # query can change a top-k slot: the GPU row's difference is a few percent)
+    compiled = rows["model_fwd_bwd_torch_compiled"]
+    assert compiled["grad_max_rel_diff"] < 1e-5
+    assert compiled["compile_speedup"] == pytest.approx(model["p50"] / compiled["p50"])
 
 
 def test_layer_needs_a_memory_config(tmp_path):
