@@ -4,10 +4,10 @@
 one document (one file for `text`, one block for `blocks`, one line for JSONL) or one
 record batch (Parquet, the column `text_field` only) in memory. This covers how the
 public pretraining corpora ship: FineWeb and most Hugging Face datasets as Parquet,
-SlimPajama as .jsonl.zst, Dolma as .json.gz. Undecodable bytes are replaced (U+FFFD) and
-counted; empty (and null) documents are skipped and counted, in a `CorpusStats` the
-caller passes in. A truncated or corrupt file is a `DataError` naming it, never a
-silently shorter corpus.
+SlimPajama as .jsonl.zst, Dolma as .json.gz. Undecodable bytes, and JSON escapes of lone
+UTF-16 surrogates ("\\ud83d" without its pair), are replaced (U+FFFD) and counted; empty
+(and null) documents are skipped and counted, in a `CorpusStats` the caller passes in. A
+truncated or corrupt file is a `DataError` naming it, never a silently shorter corpus.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import glob
 import gzip
 import io
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,13 @@ from pretrain.data.errors import DataError
 FORMATS = ("auto", "text", "blocks", "jsonl", "parquet")
 COMPRESSED = (".gz", ".zst", ".zstd")
 PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
 class CorpusStats:
     documents: int = 0
-    non_utf8_documents: int = 0  # documents in which undecodable bytes were replaced
+    non_utf8_documents: int = 0  # documents in which undecodable bytes or lone surrogates were replaced
     empty_documents: int = 0  # skipped
 
 
@@ -155,6 +157,7 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
     for lineno, line in enumerate(fh, 1):
         if not line.strip():
             continue
+        repaired_before = stats.non_utf8_documents
         try:
             record = json.loads(_decode(line, stats))
         except json.JSONDecodeError as err:
@@ -168,6 +171,11 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
                 f"{path}:{lineno}: field {text_field!r} is {type(text).__name__} {_preview(text)}, not a string; "
                 f"fix or remove that line, or pass --text-field <name> of the field holding the text"
             )
+        # JSON can escape half of a UTF-16 pair ("\\ud83d" alone): text no UTF-8 encoder accepts.
+        if b"\\u" in line and _SURROGATE.search(text):
+            text = _SURROGATE.sub("\ufffd", text)
+            if stats.non_utf8_documents == repaired_before:  # not counted yet for bad bytes
+                stats.non_utf8_documents += 1
         yield text
 
 

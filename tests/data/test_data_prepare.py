@@ -49,6 +49,25 @@ def test_bad_bytes_and_empty_documents_are_counted(tmp_path):
     assert len(docs) == 2 and docs[0] == "one" and stats.empty_documents == 1
 
 
+@pytest.mark.filterwarnings("ignore:--val-fraction=0")
+def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path, tokenizer):
+    """JSON may escape half of a UTF-16 pair; sentencepiece cannot encode it, so it must not get there."""
+    corpus = tmp_path / "s.jsonl"
+    corpus.write_bytes(
+        b'{"text": "broken \\ud83d emoji"}\n'  # a lone high surrogate
+        b'{"text": "whole \\ud83d\\ude00 emoji"}\n'  # a valid pair: one character, nothing to repair
+        b'{"text": "\\udc00 and caf\xe9"}\n'  # a lone surrogate and a latin-1 byte: counted once
+    )
+    stats = CorpusStats()
+    docs = list(iter_documents([corpus], stats=stats))
+    assert docs == ["broken \ufffd emoji", "whole \U0001f600 emoji", "\ufffd and caf\ufffd"]
+    assert stats.non_utf8_documents == 2
+    manifest = prepare_corpus(
+        [corpus], tmp_path / "ds", 32, tokenizer_path=tokenizer.path, val_fraction=0.0, show_progress=False
+    )
+    assert manifest["documents"] == 3 and manifest["stats"]["non_utf8_documents"] == 2
+
+
 def test_bad_jsonl_names_file_line_and_field(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r"x.jsonl:2: no field 'text' \(found \['body'\]\); pass --text-field"):
