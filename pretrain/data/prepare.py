@@ -13,6 +13,7 @@ import multiprocessing as mp
 import shutil
 import tempfile
 import warnings
+from collections import deque
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -56,15 +57,22 @@ def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
 def tokenize_documents(
     documents: Iterable[str], tokenizer: Tokenizer, workers: int = 1, chunk_docs: int = 256
 ) -> Iterator[list[int]]:
-    """Token ids per document, in input order; `workers` > 1 tokenizes in that many processes."""
+    """Token ids per document, in input order; `workers` > 1 tokenizes in that many processes,
+    with at most 2 x `workers` chunks read ahead of the caller (Pool.imap would read the whole
+    corpus into memory when tokenizing is the faster side)."""
     if workers <= 1:
         for chunk in _chunks(documents, chunk_docs):
             yield from tokenizer.encode_batch(chunk)
         return
     ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        for ids in pool.imap(_encode_chunk, _chunks(documents, chunk_docs), chunksize=1):
-            yield from ids
+        pending: deque = deque()
+        for chunk in _chunks(documents, chunk_docs):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) == 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
 
 
 def write_dataset(

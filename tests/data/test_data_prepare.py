@@ -127,6 +127,22 @@ def test_prepare_is_deterministic_and_parallel_equals_serial(tmp_path, documents
     assert prepare_cli.main(argv + ["--output", str(tmp_path / "d")]) == 2  # not empty, no --overwrite
 
 
+def test_parallel_tokenizing_reads_a_bounded_number_of_documents_ahead(documents, tokenizer):
+    read = 0
+
+    def corpus():
+        nonlocal read
+        for doc in documents * 5:
+            read += 1
+            yield doc
+
+    tokens = prepare_mod.tokenize_documents(corpus(), tokenizer, workers=2, chunk_docs=3)
+    first = next(tokens)
+    assert read <= 2 * 2 * 3  # 2 x workers chunks of 3 in flight, not the corpus (400 documents)
+    assert [first, *tokens] == tokenizer.encode_batch(documents * 5)  # in order, none lost
+    assert read == len(documents) * 5
+
+
 def test_document_longer_than_a_shard_is_split_not_dropped(tmp_path, tokenizer):
     long_doc = " ".join(f"word{i % 37}" for i in range(400))
     docs = ["A short one.", long_doc, "Another short one."]
