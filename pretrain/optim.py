@@ -15,18 +15,19 @@ from pretrain.config import OptimConfig
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next step can be turned into a no-op (a non-finite loss was seen).
+    """AdamW whose steps are no-ops while `skip` is set (a non-finite loss was seen).
 
-    DeepSpeed wraps this optimizer at every ZeRO stage and calls its `step()`; making
-    that call a no-op skips the update uniformly for stages 0-3 and fp32/bf16.
+    DeepSpeed wraps this optimizer at every ZeRO stage. The flag holds for the whole of one
+    `engine.step()` (`Optimizers.step` sets and clears it): ZeRO calls `step()` once per
+    parameter group, and on non-finite gradients DeepSpeed may skip the call itself, so a flag
+    consumed by the first call would skip one group only, or leak into the next step.
     """
 
-    skip_next = False
+    skip = False
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.skip_next:
-            self.skip_next = False
+        if self.skip:
             return None
         return super().step(closure)
 

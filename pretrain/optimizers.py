@@ -60,10 +60,12 @@ class Optimizers:
 
         The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not advance
         its scheduler on steps it skips itself, which would shift the schedule."""
-        if skip:
-            self.dense_optimizer.skip_next = True
         set_learning_rate(self.engine.optimizer, self.cfg.lr * lr_multiplier)
-        self.engine.step()  # the boundary: DeepSpeed clips, steps (unless skipped) and zeroes the dense grads
+        self.dense_optimizer.skip = skip
+        try:
+            self.engine.step()  # the boundary: DeepSpeed clips, steps (unless skipped) and zeroes the dense grads
+        finally:
+            self.dense_optimizer.skip = False
         if not skip:
             self.values.step(value_lr_multiplier(self.cfg, lr_multiplier))
         self.zero_grad()

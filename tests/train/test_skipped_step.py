@@ -1,0 +1,81 @@
+"""A skipped optimizer step (non-finite loss) is invisible afterwards: at every ZeRO stage and
+dtype, a run that skips a step and then takes steps A, B ends with the same weights, dense and
+values, as a run that took only A and B. DeepSpeed calls the inner optimizer once per parameter
+group at ZeRO 1-3 and may skip the call itself on non-finite gradients, so a skip flag consumed
+by one call would have skipped one group only, or leaked into step A."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.spawn import run_gloo
+from tests.train.helpers import tiny_config
+
+
+def weights(model, values, stage: int) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    out = {}
+    for name, p in model.named_parameters():
+        if name.startswith("values."):
+            continue
+        with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
+            out[name] = p.detach().float().clone()
+    for i, p in enumerate(values.parameters()):
+        out[f"value_shard.{i}"] = p.detach().float().clone()
+    return out
+
+
+def run_steps(cfg, poison_first: bool) -> dict:
+    """Steps on two fixed batches, optionally after one whose loss is NaN (the trainer's skip)."""
+    from pretrain.distributed import DistInfo
+    from pretrain.model.objective import language_model_loss
+    from pretrain.train import build_model
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model, engine, optimizers = build_model(cfg, info)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.model.vocab_size, (3, cfg.train.micro_batch, 17), generator=gen)
+    snapshots = {"start": weights(model, optimizers.values, cfg.train.zero_stage)}
+    for step, batch in enumerate(tokens if poison_first else tokens[1:]):
+        skip = poison_first and step == 0
+        loss = language_model_loss(engine(batch[:, :-1]), batch[:, 1:]) * (float("nan") if skip else 1.0)
+        optimizers.backward(loss, last_micro_batch=True)
+        optimizers.clip(measure_dense=False)
+        optimizers.step(1.0, skip=skip)
+        snapshots[f"step{step}"] = weights(model, optimizers.values, cfg.train.zero_stage)
+    assert not optimizers.dense_optimizer.skip  # the flag does not outlive the step
+    engine.destroy()
+    return snapshots
+
+
+def _compare(rank: int, world: int, overrides: list[str], out: dict) -> None:
+    cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
+    out["skipped"] = run_steps(cfg, poison_first=True)
+    out["plain"] = run_steps(cfg, poison_first=False)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.zero_stage=0", "train.dtype=bf16"],
+        ["train.zero_stage=1"],
+        ["train.zero_stage=1", "train.dtype=bf16"],
+        ["train.zero_stage=3"],
+    ],
+    ids=["zero0-bf16", "zero1", "zero1-bf16", "zero3"],
+)
+def test_skipped_step_leaves_no_trace(overrides):
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    run_gloo(_compare, 1, ["train.global_batch=2", "train.micro_batch=2", *overrides], out, deepspeed_comm=True)
+    skipped, plain = out["skipped"], out["plain"]
+    for name, start in skipped["start"].items():
+        assert torch.equal(skipped["step0"][name], start), f"{name} changed on the skipped step"
+        assert torch.equal(plain["start"][name], start)
+        # the steps after the skip: every parameter, dense and values, as without the skip
+        for after_skip, without in (("step1", "step0"), ("step2", "step1")):
+            assert torch.equal(skipped[after_skip][name], plain[without][name]), f"{name} at {after_skip}"
+        assert not torch.equal(plain["step1"][name], start), f"{name} never updated"
