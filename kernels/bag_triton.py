@@ -243,8 +243,8 @@ def _block_d(D: int, cap: int) -> int:
 
 
 def _flat(indices: torch.Tensor, weights: torch.Tensor):
-    T = indices.shape[0]
-    return indices.reshape(T, -1).contiguous(), weights.reshape(T, -1).contiguous()
+    """(T, H*k) views of (T, H, k) entries; explicit widths, so T = 0 works."""
+    return indices.flatten(1).contiguous(), weights.flatten(1).contiguous()
 
 
 def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
@@ -291,11 +291,13 @@ def bag_weight_grad(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights_dtype: torch.dtype
 ) -> torch.Tensor:
     """dweights (T, H, k): dot of grad_out[t] with each selected row, fp32 accumulation."""
-    idx = indices.reshape(indices.shape[0], -1).contiguous()
+    idx = indices.flatten(1).contiguous()
     T, M_T = idx.shape
     D = values.shape[1]
     grad_out = grad_out.contiguous()
     gw = torch.empty(T, M_T, dtype=weights_dtype, device=values.device)
+    if gw.numel() == 0:
+        return gw.reshape(indices.shape)
     if INTERPRETING:
         bt, bj, bd = 4, 8, _block_d(D, 64)
         _bag_weight_grad[(triton.cdiv(T, bt), triton.cdiv(M_T, bj))](

@@ -110,9 +110,8 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     Uses `F.embedding_bag` (one bag of H*K rows per token); accumulation happens in
     the values' dtype except that bf16 is upcast to fp32 and cast back.
     """
-    T = indices.shape[0]
-    flat_idx = indices.reshape(T, -1)
-    flat_w = weights.reshape(T, -1)
+    flat_idx = indices.flatten(1)  # (T, H*K): explicit widths, so T = 0 works
+    flat_w = weights.flatten(1)
     table = values.float() if values.dtype in (torch.bfloat16, torch.float16) else values
     out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w.to(table.dtype), mode="sum")
     return out.to(values.dtype)
@@ -120,8 +119,8 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
 
 def embedding_bag_gather(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The same bag as gather + weighted sum (a second, independent formulation)."""
-    rows = values[indices.reshape(indices.shape[0], -1)]  # (T, H*K, d)
-    return (rows * weights.reshape(indices.shape[0], -1, 1).to(rows.dtype)).sum(dim=1)
+    rows = values[indices.flatten(1)]  # (T, H*K, d)
+    return (rows * weights.flatten(1).unsqueeze(-1).to(rows.dtype)).sum(dim=1)
 
 
 class BagLayout(NamedTuple):

@@ -168,3 +168,27 @@ def test_cpu_ops_build_failure_warns_and_falls_back(monkeypatch):
         assert cpu_ops.row_topk_indices(x, 5) is None
     values, indices = reference.half_topk(x, 5)
     assert torch.equal(values, x.topk(5).values) and torch.equal(indices, x.topk(5).indices)
+
+
+@pytest.mark.parametrize("value_grad", ["sorted", "atomic", "sparse"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("via_ops", [False, True])
+def test_empty_batch_gives_empty_outputs_and_zero_gradients(backend, value_grad, via_ops, device):
+    """T = 0 tokens (an empty batch or shard): the search and the bag return (0, H, k) and
+    (0, d), and the backward gives a zero value table gradient and empty weight/query gradients."""
+    H, n, half, k, d = 2, 8, 4, 3, 6
+    q = torch.randn(0, H, 2 * half, device=device, requires_grad=True)
+    k1, k2 = (torch.randn(H, n, half, device=device, requires_grad=True) for _ in range(2))
+    values = torch.randn(n * n, d, device=device, requires_grad=True)
+    kern = ops if via_ops else __import__("kernels")
+    w, idx = kern.pkm_topk(q, k1, k2, k, backend=backend)
+    assert w.shape == idx.shape == (0, H, k)
+    out = kern.embedding_bag(values, idx, w, backend=backend, value_grad=value_grad)
+    assert out.shape == (0, d) and out.dtype == values.dtype
+    dq, dk1, dk2, dv = torch.autograd.grad(out.sum(), (q, k1, k2, values), allow_unused=True)
+    assert dv is not None and dv.shape == values.shape and not dv.to_dense().any()
+    for grad, leaf in ((dq, q), (dk1, k1), (dk2, k2)):
+        assert grad is None or (grad.shape == leaf.shape and not grad.any())
+    w_leaf = torch.zeros(0, H, k, device=device, requires_grad=True)
+    (dw,) = torch.autograd.grad(kern.embedding_bag(values, idx, w_leaf, backend=backend).sum(), w_leaf)
+    assert dw.shape == (0, H, k)
