@@ -136,9 +136,16 @@ def _read_slices(out_dir: Path) -> list[tuple[Path, dict]]:
 def _documents(metas: list[tuple[Path, dict]]) -> Iterator[list[int]]:
     for path, meta in metas:
         lengths = np.load(path / "lengths.npy")
-        tokens = np.fromfile(path / "tokens.bin", dtype=meta["token_dtype"])
-        if int(lengths.sum()) != len(tokens):
-            raise DataError(f"{path}: tokens.bin does not match lengths.npy (an interrupted copy?): re-run that slice")
+        dtype = np.dtype(meta["token_dtype"])
+        size = (path / "tokens.bin").stat().st_size
+        if size != int(lengths.sum()) * dtype.itemsize:
+            raise DataError(
+                f"{path}: tokens.bin ({size} bytes) does not match lengths.npy ({int(lengths.sum())} tokens of "
+                f"{dtype.itemsize} bytes; an interrupted copy?): re-run that slice"
+            )
+        if not size:  # a slice without documents (mmap refuses an empty file)
+            continue
+        tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r")  # paged in as read, not the whole slice
         start = 0
         for n in lengths.tolist():
             yield tokens[start : start + n].tolist()

@@ -313,6 +313,7 @@ def test_slices_then_merge_equal_a_single_process_preparation(tmp_path, document
             assert a == (tmp_path / "merged" / shard["path"]).read_bytes(), shard["path"]
 
 
+@pytest.mark.filterwarnings("ignore:--val-fraction=0")
 def test_merge_refuses_missing_or_mismatched_slices(tmp_path, documents, tokenizer):
     from pretrain.data.slices import merge_slices, parse_slice, prepare_slice
 
@@ -321,6 +322,14 @@ def test_merge_refuses_missing_or_mismatched_slices(tmp_path, documents, tokeniz
     prepare_slice([src], tmp_path / "out", tokenizer.path, 0, 2)
     with pytest.raises(DataError, match=r"lacks slice\(s\) \[1\] of 2: run tools/prepare_data.py --slice 1/2"):
         merge_slices(tmp_path / "out", tokenizer.path, 32)
+    sliced = prepare_slice([src], tmp_path / "out", tokenizer.path, 1, 2)  # slice 0 of 2 holds no file
+    merged = merge_slices(tmp_path / "out", tokenizer.path, 32, val_fraction=0.0, show_progress=False)
+    assert merged["documents"] == 1  # a .txt file is one document
+    assert merged["splits"]["train"]["tokens"] == len(tokenizer.encode(src.read_text())) + 1  # + EOS
+    tokens = (sliced / "tokens.bin").read_bytes()
+    (sliced / "tokens.bin").write_bytes(tokens[:-1])
+    with pytest.raises(DataError, match=rf"tokens.bin \({len(tokens) - 1} bytes\) does not match lengths.npy"):
+        merge_slices(tmp_path / "out", tokenizer.path, 32, val_fraction=0.0, show_progress=False, overwrite=True)
     with pytest.raises(DataError, match="must be i/N"):
         parse_slice("2/2")
     with pytest.raises(DataError, match="--slice needs --tokenizer"):
