@@ -45,8 +45,15 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _hidden(relative: Path) -> bool:
+    """A dot file, or a file inside a dot folder (`huggingface-cli download --local-dir` keeps
+    its metadata under .cache/huggingface/ beside the data)."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def resolve_files(paths: list[str | Path]) -> list[Path]:
-    """Expand directories (sorted, recursive) and glob patterns (sorted); check that every path exists."""
+    """Expand directories (sorted, recursive; hidden files and folders skipped) and glob patterns
+    (sorted); check that every path exists."""
     if not paths:
         raise DataError("no input paths given: pass --input <file or directory> ...")
     files: list[Path] = []
@@ -57,7 +64,7 @@ def resolve_files(paths: list[str | Path]) -> list[Path]:
                 raise DataError(f"input pattern {p} matches no file: check --input")
             files.extend(matched)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
             if not found:
                 raise DataError(f"input directory {p} holds no files: point --input at your corpus")
             files.extend(found)

@@ -22,6 +22,7 @@ from pretrain.data import (
     write_dataset,
 )
 from pretrain.data import prepare as prepare_mod
+from pretrain.data.corpus import resolve_files
 from pretrain.data.shards import read_blocks
 from pretrain.data.synthetic import ATTRIBUTES, build_fact_world
 from tools import prepare_data as prepare_cli
@@ -66,6 +67,19 @@ def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path, tokenizer):
         [corpus], tmp_path / "ds", 32, tokenizer_path=tokenizer.path, val_fraction=0.0, show_progress=False
     )
     assert manifest["documents"] == 3 and manifest["stats"]["non_utf8_documents"] == 2
+
+
+def test_directory_input_skips_hidden_files_and_folders(tmp_path):
+    """As `huggingface-cli download --local-dir` leaves it: metadata under .cache/ beside the data."""
+    root = tmp_path / ".datasets" / "corpus"  # a hidden folder above the input does not count
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    meta = root / ".cache" / "huggingface" / "download" / "data"
+    meta.mkdir(parents=True)
+    (meta / "train.jsonl.metadata").write_text("0123abcd\n1712345678.9\n")
+    (root / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
+    assert resolve_files([root]) == [root / "data" / "train.jsonl"]
+    assert list(iter_documents([root])) == ["one", "two"]
 
 
 def test_bad_jsonl_names_file_line_and_field(tmp_path):
