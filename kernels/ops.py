@@ -143,7 +143,8 @@ def _pkm_topk_backward(
 
 @_pkm_topk_backward.register_fake
 def _pkm_topk_backward_fake(grad_weights, query, keys1, keys2, weights, indices, k, backend):
-    return torch.empty_like(query), torch.empty_like(keys1), torch.empty_like(keys2)
+    # contiguous, as both backends return them (empty_like would copy a view's strides)
+    return query.new_empty(query.shape), keys1.new_empty(keys1.shape), keys2.new_empty(keys2.shape)
 
 
 def _pkm_setup(ctx, inputs, output):
@@ -205,8 +206,8 @@ def _embedding_bag_backward(
 @_embedding_bag_backward.register_fake
 def _embedding_bag_backward_fake(grad_out, values, indices, weights, backend, value_grad, need_values, need_weights):
     return (
-        torch.empty_like(values) if need_values else values.new_empty(0),
-        torch.empty_like(weights) if need_weights else weights.new_empty(0),
+        values.new_empty(values.shape if need_values else 0),  # contiguous, as both backends return them
+        weights.new_empty(weights.shape if need_weights else 0),
     )
 
 

@@ -192,3 +192,43 @@ def test_empty_batch_gives_empty_outputs_and_zero_gradients(backend, value_grad,
     w_leaf = torch.zeros(0, H, k, device=device, requires_grad=True)
     (dw,) = torch.autograd.grad(kern.embedding_bag(values, idx, w_leaf, backend=backend).sum(), w_leaf)
     assert dw.shape == (0, H, k)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_fakes_match_the_kernels_for_strided_inputs(backend, device):
+    """The backward ops' fake kernels describe what the kernels return: contiguous
+    gradients, also for a transposed query / keys / weights and a column slice of the
+    values (a fake copying the input's strides broke inductor's compiled backward)."""
+    T, H, n, half, k, d = 5, 2, 6, 4, 3, 7
+    q = torch.randn(H, T, 2 * half, device=device).transpose(0, 1)
+    k1, k2 = (torch.randn(H, half, n, device=device).transpose(1, 2) for _ in range(2))
+    w, idx = ops.pkm_topk(q, k1, k2, k, backend)
+    g = torch.randn(w.shape, device=device)
+    torch.library.opcheck(
+        torch.ops.memlayers.pkm_topk_backward,
+        (g, q, k1, k2, w, idx, k, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    values = torch.randn(n * n, d + 3, device=device)[:, 2 : 2 + d]  # unit column stride, as Triton needs
+    weights = torch.randn(H, k, T, device=device).permute(2, 0, 1)
+    for need_values, need_weights in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            torch.ops.memlayers.embedding_bag_backward,
+            (torch.randn(T, d, device=device), values, idx, weights, backend, "sorted", need_values, need_weights),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+    if backend == "torch":  # the reference bag also takes a transposed value table
+        torch.library.opcheck(
+            torch.ops.memlayers.embedding_bag_backward,
+            (
+                torch.randn(T, d, device=device),
+                values.t().contiguous().t(),
+                idx,
+                weights,
+                backend,
+                "sorted",
+                True,
+                True,
+            ),
+            test_utils=("test_schema", "test_faketensor"),
+        )
