@@ -103,16 +103,17 @@ class MemoryParallel:
         table = next(t for t in self.tables if t.shard is shard)
         P = self.groups.parallel_size
         if P > 1:
-            # the row count rides along: a rank with other rows would make the sums meaningless
-            both = torch.cat([sq_sums.float(), sq_sums.new_tensor([sq_sums.numel()], dtype=torch.float32)])
+            # The row count rides along (a rank with other rows would make the sums meaningless),
+            # as the float64 sum of the counts, exact up to 2^53 (float32 drops units past 2^24).
+            both = torch.cat([sq_sums.double(), sq_sums.new_tensor([sq_sums.numel()], dtype=torch.float64)])
             dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.groups.memory_group)
             if int(both[-1]) != P * sq_sums.numel():
                 raise RuntimeError(
                     f"sparse_rowwise_adamw: the ranks of a memory group hold different row sets "
                     f"({int(both[-1])} rows summed over {P} ranks, {sq_sums.numel()} here)"
                 )
-            sq_sums = both[:-1]
-            received = 2 * (P - 1) * 4 * (sq_sums.numel() + 1) // P  # ring all-reduce
+            sq_sums = both[:-1].to(sq_sums.dtype)
+            received = 2 * (P - 1) * 8 * (sq_sums.numel() + 1) // P  # ring all-reduce, float64
             self._step_bytes += received
             self._replica_bytes = getattr(self, "_replica_bytes", 0) + received  # measured, as the replicas'
 
@@ -265,7 +266,12 @@ class MemoryParallel:
             for p, s in zip(self.parameters(), shards):
                 p.copy_(s)
         if self.optimizer is not None and sd["optimizer"] is not None:
-            self.optimizer.load_state_dict(sd["optimizer"])
+            self.optimizer.load_state_dict(sd["optimizer"])  # casts every state tensor to its parameter's dtype
+            momentum_dtype = getattr(self.optimizer, "momentum_dtype", None)
+            if momentum_dtype is not None:  # ... which would undo a bfloat16 first moment
+                for state in self.optimizer.state.values():
+                    if "exp_avg" in state:
+                        state["exp_avg"] = state["exp_avg"].to(momentum_dtype)
 
     def save(self, checkpoint_dir: str | Path) -> list[Path]:
         """Write this rank's shard files (replica 0 only); return the paths written."""
@@ -297,6 +303,8 @@ class MemoryParallel:
 
     def load(self, checkpoint_dir: str | Path) -> None:
         """Load this rank's columns (and AdamW state) from shard files saved with any P."""
+        if not self.tables:  # a model without memory layers saved no shard files
+            return
         checkpoint_dir = Path(checkpoint_dir)
         saved_p = shard_files.saved_parallel_size(checkpoint_dir, len(self.tables))
         for i, t in enumerate(self.tables):

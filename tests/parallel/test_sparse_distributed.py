@@ -251,3 +251,18 @@ def test_rowwise_checkpoint_reshards_2_to_1(world2):
             # one moment per full row: both shards of P = 2 hold the same one, and P = 1 loads it
             assert torch.equal(row, world2[0][f"reshard_row.p2.{i}.exp_avg_sq_row"])
             assert torch.equal(row, world2[1][f"reshard_row.p2.{i}.exp_avg_sq_row"])
+
+
+def _row_means_at_p3(rank: int, world: int, rows: int) -> None:
+    groups = init_memory_groups(3)
+    mp = MemoryParallel(Transformer(tiny_cfg(v_dim=48)), groups, ROWWISE, kernel="torch")
+    table = mp.tables[0]
+    sq_sums = torch.full((rows,), float(rank + 1))  # every rank holds the same rows, its own columns
+    got = mp._row_sq_mean(sq_sums, table.shard)
+    assert torch.equal(got, torch.full((rows,), (1.0 + 2.0 + 3.0) / table.v_dim))
+
+
+def test_rowwise_row_count_check_is_exact_past_float32():
+    """P = 3 ranks with 5,592,407 rows each: the summed count, 16,777,221, is not a float32 (past
+    2^24), and a float32 count check refused these equal row sets as different."""
+    run_gloo(_row_means_at_p3, 3, 5_592_407)
