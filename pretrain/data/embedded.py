@@ -27,6 +27,7 @@ from pretrain.data.tokenizer import train_tokenizer
 def embedded_parameters(data_cfg, seq_len: int) -> dict:
     return {
         "kind": "embedded-fact-world",
+        "layout": 2,  # raised when the same parameters shard differently, so older caches are rebuilt
         "format": FORMAT,
         "seq_len": seq_len,
         "vocab_size": data_cfg.vocab_size,
@@ -72,6 +73,16 @@ def prepare_embedded_dataset(data_cfg, seq_len: int, show_progress: bool = True)
     return out
 
 
+def _rows_per_shard(rows: int, min_shards: int) -> int:
+    """The most rows per shard that still cut `rows` into at least `min_shards` shards (ranks x
+    workers need one each), or one row per shard when there are fewer rows. ceil(rows / min_shards)
+    alone can give fewer (9 rows, 4 shards: 3 + 3 + 3): a shard of (rows - 1) // (min_shards - 1)
+    rows is the largest that leaves rows over for the last one."""
+    if min_shards == 1:
+        return max(1, rows)
+    return max(1, min(math.ceil(rows / min_shards), (rows - 1) // (min_shards - 1)))
+
+
 def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool) -> None:
     syn = data_cfg.synthetic
     world = build_fact_world(
@@ -81,12 +92,11 @@ def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool)
         tmp = Path(tmp)
         tok = train_tokenizer(world.train_documents, tmp / "tokenizer.model", data_cfg.vocab_size)
         token_docs = tok.encode_batch(world.train_documents)
-        # Size shards so that each split has at least min_shards (ranks x workers need one each).
         tokens = {"train": 0, "val": 0}
         for doc_id, ids in enumerate(token_docs):
             tokens["val" if is_validation(doc_id, syn.seed, data_cfg.val_fraction) else "train"] += len(ids) + 1
         per_shard = {
-            s: max(1, min(data_cfg.sequences_per_shard, math.ceil(n / (seq_len + 1) / data_cfg.min_shards)))
+            s: min(data_cfg.sequences_per_shard, _rows_per_shard(math.ceil(n / (seq_len + 1)), data_cfg.min_shards))
             for s, n in tokens.items()
         }
         write_probes(world.probes, tmp / "probes.jsonl")

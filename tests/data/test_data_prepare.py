@@ -229,6 +229,18 @@ def test_embedded_dataset_is_cached_and_probes_load(tmp_path):
         prepare_embedded_dataset(cfg, 32)
 
 
+@pytest.mark.parametrize("num_entities", [4, 10])
+def test_embedded_splits_have_min_shards_when_they_have_the_rows(tmp_path, num_entities):
+    """At min_shards=8, ceil(rows / min_shards) rows per shard cut the 18 train rows of 4 entities
+    into 6 shards and the 13 val rows of 10 entities into 7."""
+    cfg = small_cfg(tmp_path, num_entities=num_entities)
+    cfg.min_shards, cfg.val_fraction = 8, 0.25
+    manifest = read_manifest(prepare_embedded_dataset(cfg, 64, show_progress=False))
+    for split in ("train", "val"):
+        rows = [s["sequences"] for s in manifest["splits"][split]["shards"]]
+        assert len(rows) >= min(8, sum(rows)), (split, rows)
+
+
 def stored_documents(path, split="train") -> list[list[int]]:
     """A split's documents (token ids, EOS removed), read back from its shards in write order."""
     manifest = read_manifest(path)
