@@ -101,13 +101,15 @@ def check_resumed_schedule(old: RunConfig, new: RunConfig, steps_taken: int, whe
         start = decay_start(new.optim, new.train.max_steps)
         begins = "no decay" if start is None else f"its decay begins at step {start}"
         return f"schedule changed ({listed}); it agrees with the {steps_taken} steps taken, {begins}"
-    old_lr, new_lr = learning_rates(step, old)[0], learning_rates(step, new)[0]
-    difference = f"step {step} took lr {old_lr:.8g} under the config of {where}, {new_lr:.8g} under this one"
+    (old_dense, old_value), (new_dense, new_value) = learning_rates(step, old), learning_rates(step, new)
+    dense_changed = not math.isclose(old_dense, new_dense, rel_tol=1e-9, abs_tol=0.0)
+    which, old_lr, new_lr = ("lr", old_dense, new_dense) if dense_changed else ("value lr", old_value, new_value)
+    difference = f"step {step} took {which} {old_lr:.8g} under the config of {where}, {new_lr:.8g} under this one"
     if new.optim.allow_schedule_change:
         return f"schedule changed ({listed}) on purpose (optim.allow_schedule_change): {difference}"
     old_start = decay_start(old.optim, old.train.max_steps)
     hint = ""
-    if old_start is not None and old_start < steps_taken:
+    if dense_changed and old_start is not None and old_start < steps_taken:  # a decay moved, not value_lr
         hint = f"; a run extends without such a change only before its decay begins (step {old_start} here)"
         if old.optim.decay_fraction >= 1.0:
             hint += ": train with optim.decay_fraction<1 (warmup-stable-decay) to keep that possible"

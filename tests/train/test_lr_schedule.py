@@ -100,6 +100,19 @@ def test_extending_a_cosine_run_is_refused_unless_deliberate():
     assert "on purpose" in note and "optim.lr 0.003 -> 0.001" in note and "step 0 took lr" in note
 
 
+def test_a_changed_value_rate_is_named_with_its_own_rates():
+    """Only the value pool's rate changed: the refusal quotes the two value rates of the first step
+    that differs (the dense rates are equal), and no decay hint (no decay moved)."""
+    old, new = schedule("train.max_steps=1000"), schedule("train.max_steps=1000", "optim.value_lr=5e-4")
+    with pytest.raises(ConfigError) as err:
+        check_resumed_schedule(old, new, 50, "step_00000050")
+    message = str(err.value)
+    (old_dense, old_value), (new_dense, new_value) = learning_rates(0, old), learning_rates(0, new)
+    assert old_dense == new_dense and new_value == old_value / 2
+    assert f"step 0 took value lr {old_value:.8g} under the config of step_00000050, {new_value:.8g}" in message
+    assert "optim.value_lr 0.001 -> 0.0005" in message and "decay_fraction" not in message
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
