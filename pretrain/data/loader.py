@@ -213,6 +213,14 @@ class ShardLoader:
             check_tokenizer(manifest, tokenizer, self.root)
         self.shards = manifest["splits"][split]["shards"]
         self.doc_id_offset = manifest["splits"][split]["doc_id_offset"]
+        if not self.shards:
+            why = (
+                "it was prepared with --val-fraction 0; re-run tools/prepare_data.py with --val-fraction > 0 "
+                "(e.g. 0.01), or read the 'train' split"
+                if split == "val" and manifest.get("val_fraction") == 0
+                else "re-run tools/prepare_data.py with more documents or a lower --val-fraction"
+            )
+            raise DataError(f"split {split!r} of {self.root} is empty (no shards): {why}")
         self.workers = max(1, num_workers)
         consumers = world_size * self.workers
         if len(self.shards) < consumers:

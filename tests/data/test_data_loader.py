@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from itertools import islice
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from data_helpers import SEQ_LEN
-from pretrain.data import CorruptShardError, DataError, ShardLoader, read_manifest, train_tokenizer
+from pretrain.data import CorruptShardError, DataError, ShardLoader, read_manifest, train_tokenizer, write_dataset
 from pretrain.data.loader import _scheme
 from pretrain.data.prepare import is_validation
 
@@ -153,6 +154,21 @@ def test_too_few_shards_for_ranks_and_workers(dataset):
     n = len(read_manifest(dataset)["splits"]["train"]["shards"])
     with pytest.raises(DataError, match=rf"has {n} shards but 4 ranks x {n} workers"):
         ShardLoader(dataset, "train", batch_size=2, rank=0, world_size=4, num_workers=n)
+
+
+@pytest.mark.filterwarnings("ignore:--val-fraction=0")
+def test_an_empty_split_is_named_with_its_cause(tmp_path, tokenizer, documents):
+    """Not "needs at least one each: lower num_workers", which no num_workers fixes."""
+    ids = tokenizer.encode_batch(documents)
+    write_dataset(
+        ids, tmp_path / "ds", tokenizer, SEQ_LEN, val_fraction=0.0, sequences_per_shard=8, show_progress=False
+    )
+    cause = r"is empty \(no shards\): it was prepared with --val-fraction 0; re-run tools/prepare_data.py"
+    with pytest.raises(
+        DataError, match=rf"split 'val' of {re.escape(str(tmp_path / 'ds'))} {cause} with --val-fraction > 0"
+    ):
+        ShardLoader(tmp_path / "ds", "val", batch_size=4, loop=False)
+    assert sum(len(b.tokens) for b in ShardLoader(tmp_path / "ds", "train", batch_size=4, loop=False)) > 0
 
 
 def test_seq_len_and_state_mismatch(dataset):
