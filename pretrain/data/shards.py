@@ -271,10 +271,17 @@ def read_blocks(
                 )
             yield tokens, np.frombuffer(meta_bytes, dtype="<i8").reshape(n, 2)
         if rows_seen == expected_rows and sha256 is not None and reader.rest_digest() != sha256:
+            size = reader.offset
+            why = (  # tarfile writes whole records: a cut in the end padding still reads every block
+                f"it is cut short ({size} bytes, not a whole number of {tarfile.RECORDSIZE}-byte tar records; "
+                "an interrupted copy?): re-copy it from where the dataset was prepared"
+                if size % tarfile.RECORDSIZE
+                else "it is damaged or was written by another preparation: re-copy it from where the dataset "
+                "was prepared, or re-create the dataset with tools/prepare_data.py instead of mixing shards"
+            )
             raise CorruptShardError(
                 f"shard {path} is not the file its manifest.json lists (sha256 {reader.digest.hexdigest()[:12]}, "
-                f"manifest {sha256[:12]}): it was written by another preparation; re-create the dataset with "
-                "tools/prepare_data.py instead of mixing shards"
+                f"manifest {sha256[:12]}): {why}"
             )
     if rows_seen != expected_rows:
         raise corrupt(f"holds {rows_seen} sequences, the manifest says {expected_rows} (truncated?)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -135,9 +136,28 @@ def test_shards_of_another_preparation_are_refused(tmp_path, dataset, documents,
     assert same_rows
     a, b = same_rows[0]
     shutil.copyfile(other / b["path"], mixed / a["path"])
-    with pytest.raises(CorruptShardError, match=rf"{a['path']} is not the file its manifest.json lists"):
+    with pytest.raises(
+        CorruptShardError,
+        match=rf"{a['path']} is not the file its manifest.json lists .*: it is damaged or was written by another",
+    ):
         read_all(mixed)
     read_all(dataset)  # the untouched dataset reads through
+
+
+def test_a_shard_cut_short_in_its_end_padding_is_named_as_cut_short(tmp_path, dataset):
+    """Every block still reads (the cut falls in the tar end padding): only the hash shows it."""
+    cut = tmp_path / "cut"
+    shutil.copytree(dataset, cut)
+    shard = read_manifest(cut)["splits"]["train"]["shards"][0]
+    data = (cut / shard["path"]).read_bytes()
+    assert len(data) % tarfile.RECORDSIZE == 0
+    (cut / shard["path"]).write_bytes(data[:-512])
+    with pytest.raises(
+        CorruptShardError,
+        match=rf"{shard['path']} is not the file .*: it is cut short \({len(data) - 512} bytes, not a whole number "
+        r"of 10240-byte tar records; an interrupted copy\?\): re-copy it",
+    ):
+        read_all(cut)
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, tokenizer, documents):
