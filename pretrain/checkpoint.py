@@ -195,7 +195,7 @@ class Checkpointer:
         if self.rank == 0:
             replace_with(tmp_dir, final_dir)
             atomic_write_text(self.root / "latest", tag)
-            self._prune()
+            prune_checkpoints(self.root, self.keep, tag)
         barrier()
         self.saved_step = step
         return final_dir
@@ -328,10 +328,18 @@ class Checkpointer:
                 else:
                     stale.unlink(missing_ok=True)
 
-    def _prune(self) -> None:
-        tags = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+
+def prune_checkpoints(root: Path, keep: int, saved: str) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints up to `saved` (the tag just written, which
+    is always kept); return what was deleted. Checkpoints of later steps than `saved` are left
+    alone: they belong to a run that was rolled back (`latest` set to an earlier checkpoint),
+    and each is replaced when this run saves that step again.
+    Tags are zero-padded step numbers (`tag_for`), so their string order is their step order."""
+    timeline = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= saved)
+    old = timeline[: max(0, len(timeline) - max(1, keep))]
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
 
 
 def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, rank: int | None = None):
