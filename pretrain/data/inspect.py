@@ -90,10 +90,13 @@ def inspect_split(dataset_dir: str | Path, split: str = "train", top: int = 20) 
         sequences += len(tokens)
         padding += int((~valid).sum())
         token_counts += np.bincount(tokens[valid], minlength=vocab)
-        lengths = np.bincount(ids[valid])
-        if len(lengths) > len(doc_lengths):
-            doc_lengths = np.pad(doc_lengths, (0, len(lengths) - len(doc_lengths)))
-        doc_lengths[: len(lengths)] += lengths
+        # Count from the block's first document: a block spans few documents, however high their ids.
+        first = int(ids[valid].min())
+        lengths = np.bincount(ids[valid] - first)
+        end = first + len(lengths)
+        if end > len(doc_lengths):  # grown by doubling, so copies stay linear in the split's documents
+            doc_lengths = np.pad(doc_lengths, (0, max(end, 2 * len(doc_lengths)) - len(doc_lengths)))
+        doc_lengths[first:end] += lengths
     doc_lengths = doc_lengths[doc_lengths > 0]
     total = int(token_counts.sum())
     order = np.argsort(-token_counts, kind="stable")[:top]

@@ -43,6 +43,18 @@ def test_numbers_are_the_documents_own(tmp_path, tokenizer, documents):
     assert report.byte_fallback_share == 0.0 and report.warnings() == []
 
 
+def test_document_lengths_over_many_blocks_equal_a_direct_count(tmp_path, tokenizer):
+    """Thousands of documents across hundreds of blocks (the per-document counts grow many times),
+    some documents spanning rows and blocks: every length, in order, is its document's own."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(4, tokenizer.vocab_size, rng.integers(1, 80)).tolist() for _ in range(3000)]
+    write_dataset(docs, tmp_path / "many", tokenizer, SEQ_LEN, val_fraction=0.0, sequences_per_shard=64,
+                  rows_per_block=2, show_progress=False)  # fmt: skip
+    report = inspect_split(tmp_path / "many")
+    assert report.document_lengths.tolist() == [len(d) + 1 for d in docs]  # + EOS
+    assert report.documents == 3000 and report.sequences > 2 * 500
+
+
 def test_rows_decode_to_the_documents_in_order(tmp_path, tokenizer, documents):
     out, _ = prepared(tmp_path, tokenizer, documents)
     rows = decoded_rows(out, rows=10**6, marker="|")  # all of them
