@@ -190,6 +190,11 @@ def _iter_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.name.lower().endswith(COMPRESSED):  # a Parquet reader seeks (the footer is at the end)
+        raise DataError(
+            f"{path} is a compressed Parquet file, which cannot be read as a stream: decompress it first "
+            "(gunzip / zstd -d); Parquet compresses its pages itself"
+        )
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
@@ -199,7 +204,8 @@ def _iter_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[s
         if text_field not in schema.names:
             raise DataError(f"{path}: no column {text_field!r} (found {schema.names}); pass --text-field <name>")
         kind = schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind  # dictionary-encoded text decodes too
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)):
             raise DataError(
                 f"{path}: column {text_field!r} is {kind}, not a string; "
                 "pass --text-field <name> of the column holding the text"
@@ -222,7 +228,7 @@ def iter_documents(
 ) -> Iterator[str]:
     """Yield non-empty documents, streamed. fmt: auto (from the suffix) | text (a file is a
     document) | blocks (blank-line separated) | jsonl (the document is `text_field`) | parquet
-    (the column `text_field`). Files ending in .gz or .zst are decompressed on the fly."""
+    (the column `text_field`). Files ending in .gz or .zst are decompressed on the fly (not Parquet)."""
     if fmt not in FORMATS:
         raise DataError(f"format {fmt!r} must be one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else CorpusStats()

@@ -4,6 +4,7 @@ file is an error naming it, never a silently shorter corpus."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pyarrow as pa
@@ -62,6 +63,23 @@ def test_parquet_nulls_and_empty_strings_are_counted_and_skipped(tmp_path):
     stats = CorpusStats()
     assert list(iter_documents([tmp_path / "b.parquet"], text_field="content", stats=stats)) == ["one", "two"]
     assert (stats.documents, stats.empty_documents) == (2, 2)
+
+
+def test_dictionary_encoded_parquet_text_reads_as_the_plain_column(tmp_path, docs):
+    """pandas categoricals and some exporters store a text column dictionary-encoded."""
+    texts = docs[:50] * 3  # repeated, as dictionary encoding is used for
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "dict.parquet")
+    assert pq.ParquetFile(tmp_path / "dict.parquet").schema_arrow.field("text").type == pa.dictionary(
+        pa.int32(), pa.string()
+    )
+    assert list(iter_documents([tmp_path / "dict.parquet"])) == texts
+
+
+def test_compressed_parquet_is_refused_with_the_fix(tmp_path, docs):
+    write_parquet(tmp_path / "f.parquet", docs[:5])
+    (tmp_path / "f.parquet.gz").write_bytes(gzip.compress((tmp_path / "f.parquet").read_bytes()))
+    with pytest.raises(DataError, match=r"f.parquet.gz is a compressed Parquet file.*decompress it first \(gunzip"):
+        list(iter_documents([tmp_path / "f.parquet.gz"]))
 
 
 def test_prepared_from_zst_or_parquet_the_shards_equal_the_jsonl_ones(tmp_path, docs):
