@@ -15,6 +15,11 @@ backward: either grad_out rows are gathered per entry or dvalue partials are sca
 per entry. Value rows count once per unique row, what the fused sorted backward reads;
 the unfused variants (atomic) read them once per entry, M*d*e more than counted. The
 dense form's zero fill of untouched rows (N - U)*d*e is not counted.
+
+The PyTorch scoring baseline (`reference.pkm_topk`) scores in fp32 also for bf16 inputs:
+it upcasts query and keys and runs fp32 matmuls (fp32 accumulation and output, as the
+Triton kernel), so at --dtype bf16 its time includes the casts and fp32 (not bf16
+tensor-core) matmuls, and its bytes model counts the bf16 inputs only.
 """
 
 from __future__ import annotations

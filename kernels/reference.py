@@ -8,6 +8,8 @@ Shapes (T tokens, H memory heads, K slots read per head, n = n_keys, N = n**2 sl
   values     (N, d)                 float32 / bfloat16 value rows
   bag output (T, d)                 sum over heads and slots of weight * value row
 
+Scoring runs in at least fp32 whatever the inputs' dtype (bf16 queries and keys are
+upcast, as the Triton kernel accumulates in fp32), so both backends select the same slots.
 Gradients flow through autograd: `topk` and `gather` route them to the selected
 half-key scores, hence to the query and the keys.
 """
@@ -33,6 +35,9 @@ ACCELERATOR_SCORE_CHUNK_ELEMENTS = 1 << 27
 def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
     """Product-key search: top-k raw scores and slot indices, shapes (T, H, k) each.
 
+    Scores are computed and returned in at least fp32 (bf16/fp16 inputs upcast, float64
+    stays), half-key scores and candidate sums alike: the Triton kernel's fp32 accumulation.
+
     On CPU, tokens are searched in chunks so that the (tokens, H, n_keys) half-key scores
     never exist for the whole batch at once (64 MiB per half at 1024 tokens, 4 heads, n_keys
     4096); on an accelerator the chunks are whole batches (`score_chunk_rows`). The chunks'
@@ -53,11 +58,14 @@ def score_chunk_rows(device: torch.device, heads: int, n_keys: int) -> int:
 
 def _scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
     half, n_keys = keys1.shape[-1], keys1.shape[1]
+    # At least fp32 (bf16/fp16 upcast, float64 stays), as the Triton kernel accumulates: bf16
+    # scores (~3 significant digits) would change the selected slots and their weights.
+    acc = torch.promote_types(query.dtype, torch.float32)
     # scores laid out (H, tokens, n_keys), as bmm writes them: the top-k reads whole rows
     # (a (tokens, H, n_keys) view would be copied for the prefilter's reshape)
-    q = query.transpose(0, 1)
-    s1 = torch.bmm(q[..., :half], keys1.transpose(1, 2))
-    s2 = torch.bmm(q[..., half:], keys2.transpose(1, 2))
+    q = query.transpose(0, 1).to(acc)
+    s1 = torch.bmm(q[..., :half], keys1.transpose(1, 2).to(acc))
+    s2 = torch.bmm(q[..., half:], keys2.transpose(1, 2).to(acc))
     v1, i1 = half_topk(s1, k)  # sorted: descending
     v2, i2 = half_topk(s2, k)
     # the top k of the k*k sums v1[a] + v2[b] lie among the ~k ln k pairs with
