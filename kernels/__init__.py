@@ -35,8 +35,33 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 def pkm_topk(query, keys1, keys2, k: int, backend: str = "auto"):
     """Top-k product-key search with softmax weights.
 
-    query (T, H, k_dim), keys1/keys2 (H, n_keys, k_dim // 2) -> weights (T, H, k), indices (T, H, k).
+    query (T, H, k_dim), keys1/keys2 (H, n_keys, k_dim // 2) -> weights (T, H, k) in the
+    query's dtype, indices (T, H, k).
     """
+    if _search_backend(query, keys1, keys2, k, backend) == "triton":
+        from kernels import pkm_triton
+
+        return pkm_triton.pkm_topk(query, keys1, keys2, k)
+    return reference.pkm_topk(query, keys1, keys2, k)
+
+
+def pkm_topk_fp32(query, keys1, keys2, k: int, backend: str = "auto"):
+    """`pkm_topk` with the weights as the softmax computes them, before the cast to the
+    query's dtype: at least fp32 (float64 stays). The custom op (kernels.ops) returns and
+    saves these: its backward w * (g - sum(g * w)) cancels a gradient common to the k
+    slots only for weights that sum to 1, which bf16-rounded weights do not. Not meant
+    for autograd (the op registers its own backward)."""
+    acc = torch.promote_types(query.dtype, torch.float32)
+    if _search_backend(query, keys1, keys2, k, backend) == "triton":
+        from kernels import pkm_triton
+
+        weights, indices = pkm_triton.pkm_topk_forward(query, keys1, keys2, k)
+        return weights.to(acc), indices
+    return reference.pkm_topk_fp32(query, keys1, keys2, k)
+
+
+def _search_backend(query, keys1, keys2, k: int, backend: str) -> str:
+    """Check the search's shapes and k; the concrete backend."""
     if query.shape[-1] != 2 * keys1.shape[-1] or keys1.shape != keys2.shape:
         raise ValueError(
             f"query dim {query.shape[-1]} must equal twice the half-key dim; keys1 {tuple(keys1.shape)}, "
@@ -44,11 +69,7 @@ def pkm_topk(query, keys1, keys2, k: int, backend: str = "auto"):
         )
     if k > keys1.shape[1]:
         raise ValueError(f"k={k} exceeds n_keys={keys1.shape[1]} (config key memory.k)")
-    if resolve_backend(backend, query) == "triton":
-        from kernels import pkm_triton
-
-        return pkm_triton.pkm_topk(query, keys1, keys2, k)
-    return reference.pkm_topk(query, keys1, keys2, k)
+    return resolve_backend(backend, query)
 
 
 def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: str = "sorted"):

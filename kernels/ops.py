@@ -5,7 +5,7 @@ nor through the reference's data-dependent top-k without breaking the graph at e
 memory layer. Registered as custom ops with fake (meta) implementations and autograd
 formulas, each lookup is one node that dynamo/inductor keep whole:
 
-  memlayers::pkm_topk            (query, keys1, keys2, k, backend) -> (weights, indices)
+  memlayers::pkm_topk            (query, keys1, keys2, k, backend) -> (fp32 weights, indices)
   memlayers::pkm_topk_backward   -> (dquery, dkeys1, dkeys2)
   memlayers::embedding_bag       (values, indices, weights, backend, value_grad) -> (T, d)
   memlayers::embedding_bag_backward -> (dvalues, dweights)
@@ -108,14 +108,17 @@ def _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values
 # ------------------------------------------------------------------ product-key top-k
 @torch.library.custom_op("memlayers::pkm_topk", mutates_args=())
 def _pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
-    weights, indices = kernels.pkm_topk(query, keys1, keys2, k, backend=backend)
+    """Weights at least fp32 (`kernels.pkm_topk_fp32`): the backward needs them unrounded;
+    `pkm_topk` below casts them to the query's dtype outside the op."""
+    weights, indices = kernels.pkm_topk_fp32(query, keys1, keys2, k, backend=backend)
     return weights, indices
 
 
 @_pkm_topk.register_fake
 def _pkm_topk_fake(query, keys1, keys2, k, backend):
     T, H = query.shape[0], query.shape[1]
-    return query.new_empty(T, H, k), query.new_empty(T, H, k, dtype=torch.int64)
+    acc = torch.promote_types(query.dtype, torch.float32)
+    return query.new_empty(T, H, k, dtype=acc), query.new_empty(T, H, k, dtype=torch.int64)
 
 
 @torch.library.custom_op("memlayers::pkm_topk_backward", mutates_args=())
@@ -264,11 +267,14 @@ def register_flop_formulas() -> None:
 
 # ------------------------------------------------------------------ public entry points
 def pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str = "auto"):
-    """`kernels.pkm_topk` as one custom op (same arguments, checks and result)."""
+    """`kernels.pkm_topk` as one custom op (same arguments, checks and result). The op's
+    weights are fp32 (saved so for its backward); the cast to the query's dtype is
+    outside it, so autograd casts the weights' gradient back to fp32 for the op."""
     kernels.resolve_backend(backend, query)  # a bad name fails here, before any tracing
     if not torch.compiler.is_compiling():
         register_flop_formulas()
-    return torch.ops.memlayers.pkm_topk(query, keys1, keys2, k, backend)
+    weights, indices = torch.ops.memlayers.pkm_topk(query, keys1, keys2, k, backend)
+    return weights.to(query.dtype), indices
 
 
 def embedding_bag(

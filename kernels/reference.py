@@ -95,11 +95,16 @@ def candidate_pairs(k: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 def pkm_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
-    """Product-key search followed by a softmax over the k selected scores."""
+    """Product-key search followed by a softmax over the k selected scores; weights in the query's dtype."""
+    weights, indices = pkm_topk_fp32(query, keys1, keys2, k)
+    return weights.to(query.dtype), indices
+
+
+def pkm_topk_fp32(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
+    """`pkm_topk` before the weights' cast to the query's dtype: the softmax of the scores,
+    which are at least fp32 (float64 stays)."""
     scores, indices = pkm_scores_topk(query, keys1, keys2, k)
-    # at least fp32 (bf16/fp16 upcast), but never below the input's precision (float64 stays)
-    acc = torch.promote_types(scores.dtype, torch.float32)
-    return scores.to(acc).softmax(dim=-1).to(query.dtype), indices
+    return scores.softmax(dim=-1), indices
 
 
 def brute_force_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_checks import BF16_TOL, assert_close
 from kernels import cpu_ops, ops, reference
 
 
@@ -258,3 +259,32 @@ def test_torch_backend_scores_bf16_inputs_in_fp32():
         assert w.dtype == torch.bfloat16
         assert torch.equal(idx.sort(-1).values, top.indices[..., :k].sort(-1).values)
         torch.testing.assert_close(w.double(), full.gather(-1, idx).softmax(-1), rtol=2**-8 + 1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("via_ops", [False, True])
+def test_bf16_scoring_gradients_cancel_a_common_weight_gradient(backend, via_ops, device):
+    """bf16 query and keys with dL/dw = 10 + 0.1 * noise: the part common to the k slots
+    cancels in ds = w * (g - sum(g * w)) only for weights summing to 1. The custom op saves
+    its fp32 weights (the cast to bf16 is outside it), so its dquery / dkeys match float64
+    gradients at the same selected slots within BF16_TOL (about one bf16 ulp of the largest
+    gradient), as the autograd paths that keep fp32 weights do. With the op's bf16-rounded
+    weights saved the error was 0.3-0.5 of the largest gradient."""
+    g = torch.Generator().manual_seed(0)
+    T, H, n, half, k = 32, 2, 8, 8, 8
+    leaves = [torch.randn(shape, generator=g).bfloat16() for shape in ((T, H, 2 * half), (H, n, half), (H, n, half))]
+    grad_w = (10 + 0.1 * torch.randn(T, H, k, generator=g)).bfloat16()
+    inputs = [t.to(device).requires_grad_() for t in leaves]
+    topk = ops.pkm_topk if via_ops else __import__("kernels").pkm_topk
+    w, idx = topk(*inputs, k, backend=backend)
+    assert w.dtype == torch.bfloat16
+    got = torch.autograd.grad(w, inputs, grad_w.to(device))
+    exact = [t.double().requires_grad_() for t in leaves]
+    idx = idx.cpu()
+    s1 = torch.einsum("thd,hnd->thn", exact[0][..., :half], exact[1]).gather(-1, idx // n)
+    s2 = torch.einsum("thd,hnd->thn", exact[0][..., half:], exact[2]).gather(-1, idx % n)
+    want = torch.autograd.grad((s1 + s2).softmax(-1), exact, grad_w.double())
+    for name, a, b in zip(("dquery", "dkeys1", "dkeys2"), got, want):
+        assert_close(a, b, BF16_TOL, f"{name} ({backend}, via_ops={via_ops})")
+    if via_ops:
+        torch.library.opcheck(torch.ops.memlayers.pkm_topk, (*inputs, k, backend))  # fp32 weights, fake included
