@@ -66,8 +66,7 @@ class Optimizers:
             self.engine.step()  # the boundary: DeepSpeed clips, steps (unless skipped) and zeroes the dense grads
         finally:
             self.dense_optimizer.skip = False
-        if not skip:
-            self.values.step(value_lr_multiplier(self.cfg, lr_multiplier))
+        self.values.step(value_lr_multiplier(self.cfg, lr_multiplier), skip=skip)
         self.zero_grad()
 
     def zero_grad(self) -> None:

@@ -186,9 +186,10 @@ class MemoryParallel:
                 g.mul_(coef.to(g.dtype))
         return norm
 
-    def step(self, lr_multiplier: float = 1.0) -> None:
-        """AdamW step with lr = optim.value_lr * lr_multiplier; closes the step's traffic count."""
-        if self.optimizer is not None:
+    def step(self, lr_multiplier: float = 1.0, skip: bool = False) -> None:
+        """AdamW step with lr = optim.value_lr * lr_multiplier (none if `skip`: a non-finite
+        loss); closes the step's traffic count either way."""
+        if self.optimizer is not None and not skip:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.optim_cfg.value_lr * lr_multiplier
             self.optimizer.step()

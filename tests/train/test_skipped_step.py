@@ -45,6 +45,7 @@ def run_steps(cfg, poison_first: bool) -> dict:
         optimizers.clip(measure_dense=False)
         optimizers.step(1.0, skip=skip)
         snapshots[f"step{step}"] = weights(model, optimizers.values, cfg.train.zero_stage)
+        snapshots[f"lookups{step}"] = len(optimizers.values.last_step_lookups)  # this step's only
     assert not optimizers.dense_optimizer.skip  # the flag does not outlive the step
     engine.destroy()
     return snapshots
@@ -72,6 +73,8 @@ def test_skipped_step_leaves_no_trace(overrides):
     out = mp.Manager().dict()
     run_gloo(_compare, 1, ["train.global_batch=2", "train.micro_batch=2", *overrides], out, deepspeed_comm=True)
     skipped, plain = out["skipped"], out["plain"]
+    # each step's lookup count (memory traffic metrics) is its own, also right after a skip
+    assert skipped["lookups0"] == skipped["lookups1"] == plain["lookups0"] == 1
     for name, start in skipped["start"].items():
         assert torch.equal(skipped["step0"][name], start), f"{name} changed on the skipped step"
         assert torch.equal(plain["start"][name], start)
