@@ -32,11 +32,15 @@ SCORE_CHUNK_ELEMENTS = 1 << 19
 ACCELERATOR_SCORE_CHUNK_ELEMENTS = 1 << 27
 
 
-def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
+def pkm_scores_topk(
+    query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int, score_dtype: torch.dtype | None = None
+):
     """Product-key search: top-k raw scores and slot indices, shapes (T, H, k) each.
 
     Scores are computed and returned in at least fp32 (bf16/fp16 inputs upcast, float64
     stays), half-key scores and candidate sums alike: the Triton kernel's fp32 accumulation.
+    `score_dtype` overrides that (the benchmark's baseline scores bf16 inputs in bf16: the
+    fastest PyTorch formulation, not an exact one).
 
     On CPU, tokens are searched in chunks so that the (tokens, H, n_keys) half-key scores
     never exist for the whole batch at once (64 MiB per half at 1024 tokens, 4 heads, n_keys
@@ -45,8 +49,8 @@ def pkm_scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tenso
     T, H, n = query.shape[0], keys1.shape[0], keys1.shape[1]
     rows = score_chunk_rows(query.device, H, n)
     if T <= rows:
-        return _scores_topk(query, keys1, keys2, k)
-    parts = [_scores_topk(query[t0 : t0 + rows], keys1, keys2, k) for t0 in range(0, T, rows)]
+        return _scores_topk(query, keys1, keys2, k, score_dtype)
+    parts = [_scores_topk(query[t0 : t0 + rows], keys1, keys2, k, score_dtype) for t0 in range(0, T, rows)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -56,11 +60,11 @@ def score_chunk_rows(device: torch.device, heads: int, n_keys: int) -> int:
     return max(1, budget // max(1, heads * n_keys))
 
 
-def _scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
+def _scores_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int, score_dtype=None):
     half, n_keys = keys1.shape[-1], keys1.shape[1]
     # At least fp32 (bf16/fp16 upcast, float64 stays), as the Triton kernel accumulates: bf16
     # scores (~3 significant digits) would change the selected slots and their weights.
-    acc = torch.promote_types(query.dtype, torch.float32)
+    acc = score_dtype or torch.promote_types(query.dtype, torch.float32)
     # scores laid out (H, tokens, n_keys), as bmm writes them: the top-k reads whole rows
     # (a (tokens, H, n_keys) view would be copied for the prefilter's reshape)
     q = query.transpose(0, 1).to(acc)
@@ -94,10 +98,13 @@ def candidate_pairs(k: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     return pairs[:, 0], pairs[:, 1]
 
 
-def pkm_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):
-    """Product-key search followed by a softmax over the k selected scores; weights in the query's dtype."""
-    weights, indices = pkm_topk_fp32(query, keys1, keys2, k)
-    return weights.to(query.dtype), indices
+def pkm_topk(
+    query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int, score_dtype: torch.dtype | None = None
+):
+    """Product-key search followed by a softmax over the k selected scores; weights in the query's
+    dtype. `score_dtype`: see `pkm_scores_topk` (None: at least fp32)."""
+    scores, indices = pkm_scores_topk(query, keys1, keys2, k, score_dtype)
+    return scores.softmax(dim=-1).to(query.dtype), indices
 
 
 def pkm_topk_fp32(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int):

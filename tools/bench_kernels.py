@@ -159,7 +159,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
         if v_dim == args.v_dims[0]:  # scoring does not depend on the value dim
             with torch.no_grad():
-                base = add("scoring_fwd_torch", lambda: reference.pkm_topk(q, k1, k2, s.k), sb, fl, **shape)
+                base = add("scoring_fwd_torch", lambda: kb.scoring_baseline(q, k1, k2, s.k), sb, fl, **shape)
                 if use_triton:
                     add("scoring_fwd_triton", lambda: pkm_triton.pkm_topk(q, k1, k2, s.k), sb, fl, base, **shape)
             qg, k1g, k2g = (x.detach().requires_grad_() for x in (q, k1, k2))
@@ -168,7 +168,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(qg, k1g, k2g, s.k)[0], [qg, k1g, k2g], probe)
 
-            base = add("scoring_fwd_bwd_torch", fwd_bwd(reference.pkm_topk), 2 * sb, 3 * fl, **shape)
+            base = add("scoring_fwd_bwd_torch", fwd_bwd(kb.scoring_baseline), 2 * sb, 3 * fl, **shape)
             if use_triton:
                 add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), 2 * sb, 3 * fl, base, **shape)
                 # The backward alone, on the forward's saved fp32 weights and indices: the

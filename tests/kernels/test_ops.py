@@ -288,3 +288,26 @@ def test_bf16_scoring_gradients_cancel_a_common_weight_gradient(backend, via_ops
         assert_close(a, b, BF16_TOL, f"{name} ({backend}, via_ops={via_ops})")
     if via_ops:
         torch.library.opcheck(torch.ops.memlayers.pkm_topk, (*inputs, k, backend))  # fp32 weights, fake included
+
+
+def test_scoring_baseline_scores_in_the_inputs_dtype():
+    """The benchmarks' PyTorch scoring baseline is the reference search with scores in the inputs'
+    dtype: fp32 inputs give the reference's result exactly; bf16 inputs give bf16 scores, each
+    within bf16 rounding of the float64 score of the slot it names."""
+    from kernels import benchmark as kb
+
+    g = torch.Generator().manual_seed(3)
+    q, k1, k2 = (torch.randn(*shape, generator=g) for shape in ((24, 2, 16), (2, 12, 8), (2, 12, 8)))
+    for got, want in zip(kb.scoring_baseline(q, k1, k2, 5), reference.pkm_topk(q, k1, k2, 5)):
+        assert torch.equal(got, want)
+    qb, k1b, k2b = (x.bfloat16() for x in (q, k1, k2))
+    scores, indices = reference.pkm_scores_topk(qb, k1b, k2b, 5, score_dtype=torch.bfloat16)
+    assert scores.dtype == torch.bfloat16
+    heads = torch.arange(2)[None, :, None]
+    exact = torch.einsum("thd,thkd->thk", qb[..., :8].double(), k1b.double()[heads, indices // 12]) + torch.einsum(
+        "thd,thkd->thk", qb[..., 8:].double(), k2b.double()[heads, indices % 12]
+    )
+    # two roundings of the half scores and one of their sum, each at most half a bf16 ulp (2^-8 relative)
+    assert ((scores.double() - exact).abs() <= 3 * 2**-8 * exact.abs().clamp_min(1.0)).all()
+    weights, _ = kb.scoring_baseline(qb, k1b, k2b, 5)
+    assert torch.equal(weights, scores.softmax(dim=-1).to(torch.bfloat16))
