@@ -58,7 +58,14 @@ def main(argv=None) -> int:
         print("error: --text encodes to no tokens", file=sys.stderr)
         return 2
     ids = ids[-model.cfg.max_seq_len :]
-    layers = [args.layer] if args.layer else [n for n in memory_layer_names(model) if n in table.counts]
+    rankable = [n for n in memory_layer_names(model) if n in table.counts]
+    if args.layer and args.layer not in rankable:
+        why = (
+            " (a value table shared by several layers: rank by one of its layers)" if args.layer in table.counts else ""
+        )
+        print(f"error: --layer {args.layer} cannot be ranked{why}; choose one of {rankable}", file=sys.stderr)
+        return 2
+    layers = [args.layer] if args.layer else rankable
     for layer in layers:
         ranked = rank_slots(model, torch.tensor(ids), table, layer, top=args.top)
         print(

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pretrain.checkpoint import latest_checkpoint
+from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.files import atomic_write, file_sha256
 from pretrain.slots.sample import SampleData
 
@@ -120,7 +120,7 @@ def find_table(path: str | Path) -> Path:
     if path.is_dir():
         try:
             newest = latest_checkpoint(path)
-        except FileNotFoundError:  # a dangling pointer: fall back to the newest table found
+        except (FileNotFoundError, CheckpointError):  # a dangling `latest`: the newest table found
             newest = None
         if newest is not None and (newest / TABLE_FILENAME).is_file():
             return newest / TABLE_FILENAME

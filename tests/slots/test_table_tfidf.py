@@ -158,6 +158,12 @@ def test_tfidf_tool_prints_ranking(export_dir, capsys):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_tfidf_tool_refuses_a_layer_it_cannot_rank(export_dir, capsys):
+    out, *_ = export_dir
+    assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born", "--layer", "layers.9"]) == 2
+    assert "--layer layers.9 cannot be ranked; choose one of ['layers.1']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("wrong", ["model_config_hash", "tokenizer_hash"])
 def test_tfidf_tool_refuses_table_from_other_model_or_tokenizer(export_dir, capsys, wrong):
     out, cfg, stats, meta = export_dir
@@ -186,6 +192,9 @@ def test_slot_report_writes_png(tmp_path):
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert slot_report.main(["--table", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    # a dangling `latest` (its checkpoint deleted): the newest table found is read instead
+    (tmp_path / "ckpt" / "latest").write_text("step_9")
+    assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
 
 
 def _set_export_run(out, run_id: str) -> None:
