@@ -57,9 +57,29 @@ def parse_runs(text: str | None):
             f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank, epochs ({err})"
         ) from None
     for run in runs:
-        if run.method not in METHODS or run.lr <= 0:
-            raise ValueError(f"--runs: {run} needs method in {METHODS} and lr > 0")
+        problem = run_spec_problem(run, METHODS)
+        if problem:
+            raise ValueError(f"--runs: {run}: {problem}")
     return runs
+
+
+def run_spec_problem(run, methods) -> str | None:
+    """What is wrong with one --runs entry (checked before any pretraining), or None."""
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if run.method not in methods:
+        return f"method must be one of {methods}"
+    if not number(run.lr) or run.lr <= 0:
+        return "lr must be a number > 0"
+    for name in ("top_t", "lora_rank", "epochs"):
+        value = getattr(run, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{name} must be an integer >= 0 (0: the sweep's default)"
+    if not number(run.max_grad_norm) or run.max_grad_norm < 0:
+        return "max_grad_norm must be a number >= 0 (0: no clipping)"
+    return None
 
 
 def pretrained_export(cfg, out: Path) -> Path:

@@ -123,3 +123,22 @@ def test_report_tool_rejects_bad_runs(smf_export, tmp_path, capsys):
     )
     assert "--runs" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "entry,problem",
+    [
+        ('{"method": "adam", "lr": 1}', "method must be one of"),
+        ('{"method": "sparse", "lr": "10"}', "lr must be a number > 0"),
+        ('{"method": "sparse", "lr": 10, "top_t": -5}', "top_t must be an integer >= 0"),
+        ('{"method": "lora", "lr": 1e-3, "lora_rank": 2.5}', "lora_rank must be an integer >= 0"),
+        ('{"method": "full", "lr": 1e-3, "epochs": -1}', "epochs must be an integer >= 0"),
+        ('{"method": "sparse", "lr": 10, "max_grad_norm": -1}', "max_grad_norm must be a number >= 0"),
+    ],
+)
+def test_runs_entries_are_checked_before_any_work(entry, problem):
+    from tools.smf_report import parse_runs
+
+    with pytest.raises(ValueError, match=problem):
+        parse_runs(f"[{entry}]")
+    assert parse_runs('[{"method": "sparse", "lr": 10, "top_t": 300, "max_grad_norm": 0.05}]')[0].top_t == 300
