@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
-from pretrain.model import language_model_loss
+from pretrain.data.loader import IGNORE_INDEX
 
 
 @dataclass
@@ -70,18 +71,17 @@ def fact_recall(model: nn.Module, batch: ProbeBatch, device: torch.device, micro
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, batches, device: torch.device, document_masking: bool = False) -> dict:
-    """Mean loss over the given validation batches, averaged over ranks; `document_masking`:
-    attention stays within each document, as in training (data.document_masking)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    """Mean loss per scored target over the given validation batches and over ranks (padding
+    targets are not scored, so a split's padded last row weighs what its real targets weigh);
+    `document_masking`: attention stays within each document, as in training (data.document_masking)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [summed loss, scored targets]
     for batch in batches:
         logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids if document_masking else None)
-        loss = language_model_loss(logits, batch.targets.to(device))
-        total += torch.stack(
-            [
-                loss.double() * batch.tokens.numel(),
-                torch.tensor(batch.tokens.numel(), device=device, dtype=torch.float64),
-            ]
+        targets = batch.targets.to(device)
+        summed = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
+        total += torch.stack([summed.double(), (targets != IGNORE_INDEX).sum().double()])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     if total[1] == 0:
