@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pretrain.files import atomic_write_text
 from pretrain.model.config import ConfigError, ModelConfig, check_choices, choices_message, literal_fields
@@ -162,9 +163,8 @@ class RunConfig:
     slots: SlotsConfig = field(default_factory=SlotsConfig)
 
 
-def _nearest_key_message(bad_key: str, schema) -> str:
-    valid = sorted(_all_keys(OmegaConf.to_container(schema)))
-    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.4)
+def _nearest_key_message(bad_key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(bad_key, sorted(valid), n=1, cutoff=0.4)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config key '{bad_key}'{hint}"
 
@@ -202,40 +202,169 @@ def model_differences(a: dict, b: dict) -> dict[str, tuple]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (optional) and `key.sub=value` overrides into a validated RunConfig."""
-    schema = OmegaConf.structured(RunConfig)
-    layers = [schema]
+    """Load a YAML config (optional) and `key.sub=value` overrides into a validated RunConfig.
+
+    An override's value is read as YAML (numbers, booleans, [lists], {mappings}), except where
+    the key's type is a string (paths, names, choices): there the text after '=' is the value
+    as it stands, so `train.run_dir=/tmp/a #b` or `data.dir=0123` name those very paths. An
+    OmegaConf interpolation (`${...}`) is refused in an override (a YAML file may use one).
+    """
+    layers = [] if path is None else [_file_layer(Path(path))]
+    layers += [_override_layer(item) for item in overrides or []]
+    merged = OmegaConf.structured(RunConfig)
+    for where, tree, layer in layers:
+        _check_tree(tree, RunConfig, "", where)
+        merged = _merge(merged, layer, where)
     try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist (pass --config configs/tiny.yaml)")
-            loaded = OmegaConf.load(path)
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(
-                    f"config file {path} holds a YAML {type(loaded).__name__.removesuffix('Config').lower()}, "
-                    "not a mapping: write it as `section:` blocks (model:, data:, train: ...), e.g. configs/tiny.yaml"
-                )
-            layers.append(loaded)
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key.sub=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
-        merged = OmegaConf.merge(*layers)
-    except (ConfigKeyError, ConfigAttributeError) as err:
-        key = getattr(err, "full_key", None) or str(err)
-        raise ConfigError(_nearest_key_message(str(key), schema)) from None
-    except ValidationError as err:
-        choices = _literal_choices(str(err.full_key))
-        if choices is not None:
-            raise ConfigError(choices_message(str(err.full_key), err.value, choices)) from None
-        raise ConfigError(f"invalid value for config key '{err.full_key}': {str(err.msg).splitlines()[0]}") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)
-    explicit = {
-        k for k in DATASET_KEYS if any(OmegaConf.select(layer, k, default=None) is not None for layer in layers[1:])
-    }
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # overrides hold no interpolation: one of the file's
+        raise ConfigError(
+            f"config file {path}: {err.full_key}: {str(err).splitlines()[0]}: an interpolation must name an "
+            "existing key (e.g. ${train.seed}); or write the value itself"
+        ) from None
+    explicit = {k for k in DATASET_KEYS if any(_has_key(tree, k) for _, tree, _ in layers)}
     follow_dataset(cfg, explicit)
     return check_datasets(validate(cfg))
+
+
+def _file_layer(path: Path) -> tuple[str, dict, DictConfig]:
+    """(where, its keys as a plain tree, the layer) of a YAML config file."""
+    where = f"config file {path}"
+    if not path.is_file():
+        raise ConfigError(f"{where} does not exist (pass --config configs/tiny.yaml)")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{where} is not valid YAML ({_yaml_problem(err, with_line=True)}): fix the syntax there "
+            "(close every bracket and quote; configs/tiny.yaml shows the layout)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:  # OmegaConf's error for a YAML scalar is an OSError
+        raise ConfigError(
+            f"{where} could not be read as a YAML mapping ({err}): write it as `section:` blocks "
+            "(model:, data:, train: ...), e.g. configs/tiny.yaml"
+        ) from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"{where} holds a YAML {type(loaded).__name__.removesuffix('Config').lower()}, "
+            "not a mapping: write it as `section:` blocks (model:, data:, train: ...), e.g. configs/tiny.yaml"
+        )
+    return where, OmegaConf.to_container(loaded), loaded
+
+
+def _override_layer(item: str) -> tuple[str, dict, DictConfig]:
+    """(where, its keys as a plain tree, the layer) of one `key.sub=value` override."""
+    where = f"override {item!r}"
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    if "${" in text or text == "???":
+        raise ConfigError(
+            f"{where}: OmegaConf would read {text!r} as an interpolation or a missing value, which overrides do "
+            "not support: write the value itself (the shell expands $VARIABLES, e.g. train.run_dir=$HOME/runs/a)"
+        )
+    annotation = _key_annotation(key, where)
+    if _is_text(annotation):
+        value = text  # as typed: no YAML reading of '#', quotes, 'yes', '0123', ...
+    else:
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"{where}: the value is not valid YAML ({_yaml_problem(err, with_line=False)}): close every "
+                "bracket and quote (a list: [0, 1]; a mapping: {key: value}; quote text holding ' #' or ': ')"
+            ) from None
+    tree = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return where, tree, OmegaConf.create(tree)
+
+
+def _yaml_problem(err: yaml.YAMLError, with_line: bool) -> str:
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if with_line and mark else problem
+
+
+def _key_annotation(key: str, where: str):
+    """The type of the config key `key` (str for 'train.run_dir', TrainConfig for 'train'); None
+    for an unknown key (which _check_tree names). One item of a list cannot be addressed."""
+    annotation = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        name = part.split("[")[0]
+        if typing.get_origin(annotation) is list or "[" in part:
+            listed = ".".join(parts[:i] if "[" not in part else [*parts[:i], name])
+            raise ConfigError(
+                f"{where}: an override cannot set one item of the list {listed}: set the whole list "
+                f"({listed}=[...], see the README) or write it in the YAML file"
+            )
+        hints = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else {}
+        if part not in hints:
+            return None
+        annotation = hints[part]
+    return annotation
+
+
+def _is_text(annotation) -> bool:
+    """A string-typed key: str, or a Literal of strings."""
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(choice, str) for choice in typing.get_args(annotation))
+    return annotation is str
+
+
+def _check_tree(tree, cls: type, prefix: str, where: str) -> None:
+    """Refuse, naming the full key, an unknown key (with the nearest valid one: within a list
+    item, among the item's own fields), a section given as a value and a list given as a mapping."""
+    if not isinstance(tree, dict):
+        example = dataclasses.fields(cls)[0].name
+        raise ConfigError(
+            f"{where}: {prefix} is a section, not a value ({tree!r}): set its keys, e.g. {prefix}.{example}=... "
+            f"as an override, or a `{example}:` line under `{prefix.split('.')[-1].split('[')[0]}:` in YAML"
+        )
+    hints = typing.get_type_hints(cls)
+    for key, value in tree.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            if "[" in prefix:
+                valid = [f"{prefix}.{f.name}" for f in dataclasses.fields(cls)]
+            else:
+                valid = _all_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+            raise ConfigError(f"{where}: {_nearest_key_message(full, valid)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            _check_tree(value, annotation, full, where)
+        elif typing.get_origin(annotation) is list:
+            if not isinstance(value, list):
+                raise ConfigError(
+                    f"{where}: {full} is a list, not {value!r}: write it in brackets, e.g. {full}=[...] "
+                    "(an empty list: [])"
+                )
+            item = typing.get_args(annotation)[0]
+            if dataclasses.is_dataclass(item) and isinstance(value, list):
+                for i, entry in enumerate(value):
+                    _check_tree(entry, item, f"{full}[{i}]", where)
+
+
+def _merge(merged: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(merged, layer)
+    except (ConfigKeyError, ConfigAttributeError) as err:  # _check_tree names unknown keys first
+        raise ConfigError(f"{where}: unknown config key '{getattr(err, 'full_key', None) or err}'") from None
+    except ValidationError as err:
+        key = err.full_key or "?"
+        choices = _literal_choices(str(key))
+        if choices is not None:
+            raise ConfigError(f"{where}: {choices_message(str(key), err.value, choices)}") from None
+        raise ConfigError(f"{where}: invalid value for config key '{key}': {str(err.msg).splitlines()[0]}") from None
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
 
 
 def _literal_choices(key: str) -> tuple | None:

@@ -243,8 +243,10 @@ def plan_run(
     python: str | None = None,
     snapshot: bool = False,
     resume: bool = False,
+    run_dir: Path | None = None,
 ) -> PreparedRun:
-    """Validate everything and render the script, touching nothing on disk."""
+    """Validate everything and render the script, touching nothing on disk. `run_dir`: the run
+    directory in place of train.run_dir (a sweep's runs), taken as a path, not an override."""
     workdir = Path(workdir or Path.cwd()).resolve()
     python = python or sys.executable
     _check_options(opts)
@@ -257,7 +259,7 @@ def plan_run(
         check_runtime(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
     except ConfigError as err:
         raise SubmitError(f"config {config} on {world_size(opts)} ranks: {err}") from None
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir)
     if not run_dir.is_absolute():
         run_dir = workdir / run_dir
     run_dir = run_dir.resolve()

@@ -3,6 +3,8 @@ omegaconf traceback are refused when the config loads, naming the key and the fi
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pretrain.config import ConfigError, load_config
@@ -26,3 +28,68 @@ def test_yaml_list_is_refused(tmp_path):
     path.write_text("- model\n- train\n")
     with pytest.raises(ConfigError, match=rf"{path.name} holds a YAML list, not a mapping"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("5\n", r"could not be read as a YAML mapping \(Invalid loaded object type: int\): write it as `section:`"),
+        ("model: {dim: [1\n", r"is not valid YAML \(did not find expected ',' or '\]' at line 2, column 1\)"),
+        ("model:\n  dim: 64\n  dim: 32\n", r"is not valid YAML \(found duplicate key dim at line 3, column 3\)"),
+        ("train:\n  run_dir: !tag x\n", r"is not valid YAML \(.*tag '!tag'"),
+        ("train:\n  run_dir: *x\n", r"is not valid YAML \(found undefined alias at line 2"),
+        ("model: 5\n", r"model is a section, not a value \(5\): set its keys, e.g. model\.vocab_size="),
+        ("model:\n  memory: [1]\n", r"model\.memory is a section, not a value \(\[1\]\)"),
+        ("train:\n  run_dir: ${nope}/x\n", r"train\.run_dir: Interpolation key 'nope' not found: an interpolation"),
+        ("model:\n  memory:\n    layers: 1\n", r"model\.memory\.layers is a list, not 1: write it in brackets"),
+    ],
+)
+def test_a_bad_yaml_file_is_a_config_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^config file {path}:? .*{message}"):
+        load_config(path)
+
+
+def test_a_yaml_interpolation_that_resolves_still_works(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("train:\n  seed: 5\ndata:\n  synthetic:\n    seed: ${train.seed}\n")
+    assert load_config(path).data.synthetic.seed == 5
+
+
+def test_a_typo_inside_a_list_item_suggests_the_items_own_field(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("data:\n  sources:\n    - {dir: x, wieght: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"config file {path}: unknown config key 'data.sources[0].wieght'; did you mean 'data.sources[0].weight'?"
+    )
+    with pytest.raises(
+        ConfigError, match=r"'data\.eval_sources\[1\]\.nme'; did you mean 'data\.eval_sources\[1\]\.name'"
+    ):
+        load_config(None, ["data.eval_sources=[{dir: a}, {dir: b, nme: c}]"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.memory.layers=[0,1", r"the value is not valid YAML \(did not find expected ',' or '\]'\): close every"),
+        ("optim.lr=[1", r"the value is not valid YAML"),
+        ("train=5", r"train is a section, not a value \(5\): set its keys, e.g. train\.run_dir="),
+        ("model.memory=true", r"model\.memory is a section, not a value \(True\)"),
+        ("model.memory.layers=1", r"model\.memory\.layers is a list, not 1: write it in brackets"),
+        ("model.memory.layers={a: 1}", r"model\.memory\.layers is a list, not \{'a': 1\}"),
+        ("data.sources[0].dir=x", r"an override cannot set one item of the list data\.sources: set the whole list"),
+        ("data.sources.0.dir=x", r"an override cannot set one item of the list data\.sources: set the whole list"),
+        ("=5", None),
+    ],
+)
+def test_a_bad_override_is_a_config_error_naming_the_override(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    if message is None:
+        assert str(err.value) == "override '=5' must look like key.sub=value"
+    else:
+        assert str(err.value).startswith(f"override {override!r}: ")
+        assert re.search(message, str(err.value)), str(err.value)

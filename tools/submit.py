@@ -131,17 +131,17 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
     base = (Path(args.workdir or Path.cwd()).resolve() / base).resolve()
     plans = []
     for run in runs:
-        overrides = [*args.overrides, *run.overrides, f"train.run_dir={base / run.name}"]
         try:
             plans.append(
                 plan_run(
                     args.config,
-                    overrides,
+                    [*args.overrides, *run.overrides],
                     opts,
                     workdir=args.workdir,
                     python=args.python,
                     snapshot=args.snapshot_code,
                     resume=args.resume,
+                    run_dir=base / run.name,  # a path: never read back as YAML
                 )
             )
         except SubmitError as err:

@@ -115,3 +115,21 @@ def test_dry_run_prints_every_script_and_writes_nothing(tmp_path, capsys):
     assert out.count("#!/bin/bash") == 2
     assert f"# sweep run 2/2: {base / 'lr=3e-3'} (optim.lr=3e-3)" in out
     assert not base.exists()
+
+
+def test_runs_of_a_sweep_under_a_path_with_yaml_characters_get_their_own_directories(tmp_path, monkeypatch, capsys):
+    """A working directory named 'w #1' (YAML would read ' #1' as a comment): each run still
+    has its own run directory, named in its config, its script and the sweep record."""
+    calls = fake_sbatch(tmp_path, monkeypatch)
+    workdir = tmp_path / "w #1"
+    workdir.mkdir()
+    argv = ["--config", TINY, "--cpu", "train.micro_batch=2", "train.run_dir=runs/s", "--workdir", str(workdir)]
+    assert main([*argv, "--sweep", "train.seed=0,1"]) == 0
+    base = workdir / "runs" / "s"
+    record = json.loads((base / "sweep.json").read_text())["runs"]
+    assert [r["run_dir"] for r in record] == [str(base / "seed=0"), str(base / "seed=1")]
+    assert calls.read_text().splitlines() == [str(base / n / "train.sbatch") for n in ("seed=0", "seed=1")]
+    for name, seed in (("seed=0", 0), ("seed=1", 1)):
+        cfg = yaml.safe_load((base / name / "config.yaml").read_text())
+        assert (cfg["train"]["run_dir"], cfg["train"]["seed"]) == (str(base / name), seed)
+    assert capsys.readouterr().out.count("submitted job") == 2
