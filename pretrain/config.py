@@ -467,6 +467,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+    if t.stop_after < 0 or t.probe_limit < 0:
+        raise ConfigError(
+            f"train.stop_after={t.stop_after} (0: run to train.max_steps) and train.probe_limit={t.probe_limit} "
+            "(fact probes per evaluation) must be >= 0"
+        )
+    if d.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (sequences; 0: one batch at a time)")
+    if not (d.dir or d.sources):
+        _check_embedded(d)
     g = cfg.slots.granularity  # a pattern, not a fixed set of choices: checked here, parsed by slots/granularity.py
     if not (g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and int(g[6:]) > 0)):
         raise ConfigError(f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64)")
@@ -532,6 +541,26 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
                 f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
             )
     return cfg
+
+
+def _check_embedded(d: DataConfig) -> None:
+    """The embedded corpus's settings (no data.dir or data.sources), which the job reads only
+    when it builds the corpus."""
+    if d.val_fraction <= 0 or d.min_shards <= 0:
+        raise ConfigError(
+            f"data.val_fraction={d.val_fraction} and data.min_shards={d.min_shards} "
+            "must be positive for the embedded corpus"
+        )
+    if d.val_fraction >= 1:
+        raise ConfigError(
+            f"data.val_fraction={d.val_fraction} must be below 1 for the embedded corpus: it is the share of "
+            "documents held out for validation (e.g. 0.05), the rest are trained on"
+        )
+    if d.sequences_per_shard <= 0:
+        raise ConfigError(
+            f"data.sequences_per_shard={d.sequences_per_shard} must be positive for the embedded corpus "
+            "(at most this many sequences per shard, e.g. 1024)"
+        )
 
 
 def _check_schedule(o: OptimConfig) -> None:

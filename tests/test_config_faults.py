@@ -93,3 +93,36 @@ def test_a_bad_override_is_a_config_error_naming_the_override(override, message)
     else:
         assert str(err.value).startswith(f"override {override!r}: ")
         assert re.search(message, str(err.value)), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.val_fraction=0", "data.val_fraction=0.0 and data.min_shards=8 must be positive for the embedded corpus"),
+        ("data.min_shards=0", "data.val_fraction=0.05 and data.min_shards=0 must be positive for the embedded corpus"),
+        ("data.val_fraction=1", "data.val_fraction=1.0 must be below 1 for the embedded corpus"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 must be below 1 for the embedded corpus"),
+        ("data.sequences_per_shard=0", "data.sequences_per_shard=0 must be positive for the embedded corpus"),
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer=-1 must be >= 0"),
+        ("train.stop_after=-3", "train.stop_after=-3 (0: run to train.max_steps) and train.probe_limit=200"),
+        ("train.probe_limit=-1", "train.stop_after=0 (0: run to train.max_steps) and train.probe_limit=-1"),
+    ],
+)
+def test_values_the_job_would_refuse_late_are_refused_when_the_config_loads(override, message):
+    """The embedded corpus's settings were refused only when the job built the corpus (after the
+    queue); a negative shuffle buffer only by the loader."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_embedded_corpus_settings_are_not_read_with_a_prepared_dataset():
+    from pretrain.config import RunConfig, validate
+
+    cfg = RunConfig()
+    cfg.data.val_fraction, cfg.data.min_shards, cfg.data.sequences_per_shard = 0.0, 0, 0
+    cfg.data.dir = "prepared"
+    validate(cfg)  # data.dir's own manifest says how it was split
+    with pytest.raises(ConfigError, match="must be positive for the embedded corpus"):
+        cfg.data.dir = ""
+        validate(cfg)
