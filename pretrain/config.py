@@ -201,13 +201,17 @@ def model_differences(a: dict, b: dict) -> dict[str, tuple]:
     return diffs
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base_dir: str | Path | None = None
+) -> RunConfig:
     """Load a YAML config (optional) and `key.sub=value` overrides into a validated RunConfig.
 
     An override's value is read as YAML (numbers, booleans, [lists], {mappings}), except where
     the key's type is a string (paths, names, choices): there the text after '=' is the value
     as it stands, so `train.run_dir=/tmp/a #b` or `data.dir=0123` name those very paths. An
     OmegaConf interpolation (`${...}`) is refused in an override (a YAML file may use one).
+    `base_dir`: the directory the run will start in; the relative paths of `absolute_paths` are
+    made absolute against it before the datasets are checked (memlayers-submit's --workdir).
     """
     layers = [] if path is None else [_file_layer(Path(path))]
     layers += [_override_layer(item) for item in overrides or []]
@@ -222,6 +226,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             f"config file {path}: {err.full_key}: {str(err).splitlines()[0]}: an interpolation must name an "
             "existing key (e.g. ${train.seed}); or write the value itself"
         ) from None
+    if base_dir is not None:
+        absolute_paths(cfg, Path(base_dir))
     explicit = {k for k in DATASET_KEYS if any(_has_key(tree, k) for _, tree, _ in layers)}
     follow_dataset(cfg, explicit)
     return check_datasets(validate(cfg))
@@ -380,6 +386,24 @@ def _literal_choices(key: str) -> tuple | None:
 
 
 DATASET_KEYS = ("model.vocab_size", "data.vocab_size", "data.seq_len")  # values a dataset records
+
+
+def absolute_paths(cfg, base: Path):
+    """Make the config's relative paths absolute against `base`, the directory the run starts in:
+    train.run_dir, train.init_from, data.dir, data.cache_dir and each data.sources[] and
+    data.eval_sources[] dir ("" stays "": none). `cfg`: a RunConfig, or a saved config as a
+    DictConfig (keys it lacks are left alone). Returns `cfg`, changed in place."""
+
+    def absolute(value):
+        return value if not value or Path(value).is_absolute() else str(base / value)
+
+    train, data = cfg.train, cfg.data
+    for section, name in ((train, "run_dir"), (train, "init_from"), (data, "dir"), (data, "cache_dir")):
+        if hasattr(section, name):
+            setattr(section, name, absolute(getattr(section, name)))
+    for source in (*getattr(data, "sources", ()), *getattr(data, "eval_sources", ())):
+        source.dir = absolute(source.dir)
+    return cfg
 
 
 def follow_dataset(cfg: RunConfig, explicit: set[str]) -> None:

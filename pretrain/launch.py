@@ -18,7 +18,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pretrain.config import ConfigError, check_runtime, config_differences, load_config, save_config
+from pretrain.config import (
+    ConfigError,
+    absolute_paths,
+    check_runtime,
+    config_differences,
+    load_config,
+    save_config,
+)
 from pretrain.data.errors import DataError
 from pretrain.data.sources import mixture_change
 from pretrain.files import atomic_directory, atomic_write
@@ -253,23 +260,20 @@ def plan_run(
     if snapshot and sys.version_info < (3, 11):
         raise SubmitError("--snapshot-code needs Python >= 3.11 (PYTHONSAFEPATH) in the job's environment")
     try:
-        cfg = load_config(config, overrides)
+        # The job starts in `workdir`: relative paths mean paths there, checked and saved as such.
+        cfg = load_config(config, overrides, base_dir=workdir)
         # What the job itself would refuse at start-up (batch vs world size, memory-parallel
         # size, fp16 on CPU) is refused now, not after hours in the queue.
         check_runtime(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
     except ConfigError as err:
         raise SubmitError(f"config {config} on {world_size(opts)} ranks: {err}") from None
-    run_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir)
-    if not run_dir.is_absolute():
-        run_dir = workdir / run_dir
-    run_dir = run_dir.resolve()
-    # The job may start in another directory: the saved config names the run dir absolutely.
+    run_dir = (workdir / (run_dir if run_dir is not None else cfg.train.run_dir)).resolve()
     cfg.train.run_dir = str(run_dir)
     config_text = _resolved_config_text(cfg)
     config_path = run_dir / CONFIG_NAME
     code_dir = run_dir / "code" if snapshot else REPO_ROOT
     script = render_script(opts, run_dir, config_path, workdir, code_dir, python, snapshot)
-    _check_run_dir(run_dir, config_path, config_text, resume)
+    _check_run_dir(run_dir, config_path, config_text, resume, workdir)
     if resume:
         _check_schedule_change(run_dir, cfg)
     elif cfg.train.init_from:
@@ -350,9 +354,10 @@ def _check_schedule_change(run_dir: Path, cfg) -> None:
         raise SubmitError(f"--resume: {err}") from None
 
 
-def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: bool) -> None:
+def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: bool, workdir: Path) -> None:
     """A new run needs an absent or empty run dir; --resume needs this tool's run dir with the
-    same resolved config, but for RESUME_MAY_CHANGE."""
+    same resolved config, but for RESUME_MAY_CHANGE. Relative paths in a config saved before
+    they were saved absolute are read against `workdir`."""
     if run_dir.exists():
         if not run_dir.is_dir():
             raise SubmitError(f"train.run_dir={run_dir} exists and is not a directory: choose another train.run_dir")
@@ -362,7 +367,8 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 raise SubmitError(
                     f"--resume: {run_dir} holds no {CONFIG_NAME}, so it is not a run directory made by this tool"
                 )
-            old, new = (OmegaConf.to_container(OmegaConf.create(text)) for text in (existing, config_text))
+            old = OmegaConf.to_container(absolute_paths(OmegaConf.create(existing), workdir))
+            new = OmegaConf.to_container(OmegaConf.create(config_text))
             changed = set(config_differences(old, new)) - set(RESUME_MAY_CHANGE)
             try:
                 data_change = mixture_change(old["data"], new["data"])
@@ -372,10 +378,12 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 changed -= {"data.sources", "data.dir"}
             changed = sorted(changed)
             if changed:
+                paths = [k for k in changed if k in ("data.dir", "data.cache_dir", "data.sources", "data.eval_sources")]
+                where = f"; relative paths are read in the working directory {workdir}: pass the run's --workdir"
                 raise SubmitError(
                     f"--resume: the resolved config differs from {config_path} in {', '.join(changed)} (a different "
                     f"run): resubmit with the same config and overrides (only {', '.join(RESUME_MAY_CHANGE)} may "
-                    "change), or choose a new train.run_dir"
+                    f"change), or choose a new train.run_dir{where if paths else ''}"
                 )
         elif any(run_dir.iterdir()):
             raise SubmitError(

@@ -122,13 +122,13 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
     stops the sweep there and says which jobs are already queued."""
     from pretrain.config import ConfigError, load_config
 
+    workdir = Path(args.workdir or Path.cwd()).resolve()
     try:
         runs = parse_sweep(args.sweep)
-        base = Path(load_config(args.config, args.overrides).train.run_dir)
+        base = Path(load_config(args.config, args.overrides, base_dir=workdir).train.run_dir).resolve()
     except (SweepError, ConfigError) as err:
         print(f"memlayers-submit: error: {err}", file=sys.stderr)
         return 2
-    base = (Path(args.workdir or Path.cwd()).resolve() / base).resolve()
     plans = []
     for run in runs:
         try:

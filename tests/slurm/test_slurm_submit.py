@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretrain.launch import REPO_ROOT, SubmitError, time_limit_seconds
 from tools.submit import main
@@ -288,6 +289,7 @@ def test_another_runs_directory_is_never_reused(capsys, tmp_path):
 
 
 def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the working directory of the first submission (relative paths are read there)
     run = tmp_path / "run"
     # A first submission whose sbatch is missing leaves nothing; make the run dir by hand
     # through the library, as a successful submission would.
@@ -354,10 +356,12 @@ def test_sbatch_refusals_surface_its_message(capsys, tmp_path, slurm_env, partit
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_may_extend_the_schedule_only_where_the_steps_taken_keep_their_rates(capsys, tmp_path):
+def test_resume_may_extend_the_schedule_only_where_the_steps_taken_keep_their_rates(capsys, tmp_path, monkeypatch):
     """A resubmission that would give the latest checkpoint's steps other learning rates is
     refused before it is queued; one that extends a warmup-stable-decay run before its decay goes."""
     from pretrain.launch import SlurmOptions, materialise, plan_run
+
+    monkeypatch.chdir(tmp_path)  # the working directory of the first submission
 
     run = tmp_path / "run"
     wsd = ["train.micro_batch=2", f"train.run_dir={run}", "optim.decay_fraction=0.2", "train.max_steps=1000"]
@@ -395,12 +399,14 @@ def test_a_new_run_from_an_export_that_does_not_fit_is_refused_before_it_is_queu
     assert not run.exists()
 
 
-def test_resume_may_change_the_mixture(capsys, tmp_path, data_cache):
+def test_resume_may_change_the_mixture(capsys, tmp_path, data_cache, monkeypatch):
     """An annealing mixture is resubmitted with other weights, or with a source added; a source
     renamed over the same dir (which would read it again from the start) is refused."""
     from pretrain.config import load_config
     from pretrain.data import prepare_embedded_dataset
     from pretrain.launch import SlurmOptions, materialise, plan_run
+
+    monkeypatch.chdir(tmp_path)  # the working directory of the first submission
 
     cfg = load_config(TINY, [f"data.cache_dir={data_cache}"])
     data = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
@@ -423,3 +429,57 @@ def test_resume_may_change_the_mixture(capsys, tmp_path, data_cache):
         capsys, ["--config", TINY, *base, mix(1.0, 2.0), "train.seed=1", "--resume", "--dry-run", "--cpu"]
     )
     assert rc == 2 and "in train.seed (a different run)" in err
+
+
+def test_relative_paths_are_read_in_the_jobs_working_directory_and_saved_absolute(tmp_path, monkeypatch, data_cache):
+    """The job runs in --workdir (#SBATCH --chdir), not where memlayers-submit was called: a
+    relative data.dir, data.sources[].dir, data.eval_sources[].dir or data.cache_dir means a path
+    there, is checked there, and the saved config names it absolutely."""
+    from pretrain.config import load_config
+    from pretrain.data import prepare_embedded_dataset
+    from pretrain.launch import SlurmOptions, plan_run
+
+    data = prepare_embedded_dataset(load_config(TINY, [f"data.cache_dir={data_cache}"]).data, 128, show_progress=False)
+    submitter, workdir = tmp_path / "submitter", tmp_path / "work"
+    for name in ("train", "held"):
+        shutil.copytree(data, workdir / "data" / name)
+    submitter.mkdir()
+    monkeypatch.chdir(submitter)  # holds no data/
+    base = ["train.micro_batch=2", f"train.run_dir={tmp_path}/run", "data.cache_dir=cache"]
+    mixture = ["data.sources=[{dir: data/train}]", "data.eval_sources=[{dir: data/held}]"]
+    for overrides in (["data.dir=data/train"], mixture):
+        plan = plan_run(TINY, [*base, *overrides], SlurmOptions(cpu=True), workdir=workdir)
+        saved = yaml.safe_load(plan.config_text)["data"]
+        assert saved["cache_dir"] == str(workdir / "cache")
+        dirs = [saved["dir"]] if saved["dir"] else [s["dir"] for s in (*saved["sources"], *saved["eval_sources"])]
+        assert dirs == (
+            [str(workdir / "data/train")] if saved["dir"] else [str(workdir / p) for p in ("data/train", "data/held")]
+        )
+        (tmp_path / "config.yaml").write_text(plan.config_text)
+        monkeypatch.chdir(workdir / "data")  # the saved config reads the same data from anywhere
+        assert load_config(tmp_path / "config.yaml").data.seq_len == 128
+        monkeypatch.chdir(submitter)
+    shutil.copytree(data, submitter / "data" / "only-here")  # where the submitter is, not where the job runs
+    with pytest.raises(SubmitError, match=rf"data.dir={workdir}/data/only-here: .*holds no manifest.json"):
+        plan_run(TINY, [*base, "data.dir=data/only-here"], SlurmOptions(cpu=True), workdir=workdir)
+
+
+def test_resume_reads_relative_paths_of_a_config_saved_before_as_paths_in_the_workdir(capsys, tmp_path):
+    """Run directories made before paths were saved absolute hold data.cache_dir: .cache/data:
+    their --resume is not refused as a different run. Another working directory is another cache."""
+    from pretrain.launch import SlurmOptions, materialise, plan_run
+
+    run = tmp_path / "run"
+    materialise(
+        plan_run(TINY, ["train.micro_batch=2", f"train.run_dir={run}"], SlurmOptions(cpu=True), workdir=tmp_path)
+    )
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["cache_dir"] == str(tmp_path / ".cache/data")
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--dry-run", "--cpu"]
+    rc, _, err = _submit(capsys, [*argv, "--workdir", str(run)])
+    assert rc == 2 and "in data.cache_dir (a different run)" in err
+    assert f"relative paths are read in the working directory {run}: pass the run's --workdir" in err
+    saved["data"]["cache_dir"] = ".cache/data"  # as the earlier version saved it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    rc, _, err = _submit(capsys, [*argv, "--workdir", str(tmp_path)])
+    assert rc == 0, err
