@@ -3,7 +3,9 @@ stop signal (USR1/SIGTERM) agreed on by every rank, and requeueing the job.
 
 USR1 means "checkpoint and requeue"; SIGTERM (`scancel <job>`, the time limit itself, or
 Slurm's own preemption) means "checkpoint and exit": requeue_job(stop=...) then declines, so that a
-cancelled job stays cancelled. The trainer uses it like this:
+cancelled job stays cancelled, also when SIGTERM comes while the checkpoint of a USR1 stop is
+written (so --signal-seconds must leave time to write one before the time limit's SIGTERM).
+The trainer uses it like this:
 
     env = distributed_env_from_slurm()           # {} outside a Slurm task
     for key, value in env.items():
@@ -262,14 +264,15 @@ class StopSignal:
     @property
     def requeue(self) -> bool:
         """After should_stop() returned True: whether the job should be requeued (the ranks
-        agreed on USR1, and none received SIGTERM)."""
-        return self._agreed == _REQUEUE
+        agreed on USR1, and none received SIGTERM, nor this rank since)."""
+        return self._agreed == _REQUEUE and not self.cancelled
 
     @property
     def cancelled(self) -> bool:
         """After should_stop() returned True: some rank received SIGTERM (scancel or Slurm's own
-        preemption), so the job must not be requeued."""
-        return self._agreed == _EXIT
+        preemption) before the ranks agreed, or this rank received it since (a scancel while the
+        checkpoint of an agreed USR1 stop is written), so the job must not be requeued."""
+        return self._agreed == _EXIT or self._local_kind == _EXIT
 
     def close(self) -> None:
         """Restore the handlers that were installed before (idempotent)."""
@@ -303,8 +306,9 @@ def requeue_job(environ: Mapping[str, str] | None = None, *, stop: StopSignal | 
     """Requeue this Slurm job (`scontrol requeue <id>`) from rank 0; True if it was requeued.
 
     Outside Slurm, or on any other rank, it does nothing and returns False. It also declines
-    when `stop` (the run's StopSignal) agreed on SIGTERM: the job was cancelled (`scancel`) or
-    preempted by Slurm itself, and a requeue would bring back a job its owner cancelled.
+    when `stop` (the run's StopSignal) agreed on SIGTERM, or this rank received SIGTERM after
+    the ranks agreed on USR1 (`stop.cancelled`): the job was cancelled (`scancel`) or preempted
+    by Slurm itself, and a requeue would bring back a job its owner cancelled.
     `stop` is required so that no caller forgets it: None only for a requeue no signal decided.
     Slurm cancels the running job as soon as the requeue is accepted, so call this after the
     checkpoint is complete and everything else is flushed.

@@ -189,3 +189,18 @@ def test_requeue_failure_is_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert requeue_job({"SLURM_JOB_ID": "79"}, stop=None) is False
     assert "scontrol requeue 79` failed (exit 1): refused" in capsys.readouterr().err
+
+
+def test_sigterm_after_the_ranks_agreed_on_usr1_cancels_the_requeue(tmp_path, monkeypatch, capsys):
+    """scancel while the checkpoint of a USR1 stop is written: the SIGTERM reaches this rank
+    after the agreement, and the job must stay cancelled."""
+    monkeypatch.setenv("PATH", str(_fake_scontrol(tmp_path)))
+    monkeypatch.setenv("RANK", "0")
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop() and stop.requeue and not stop.cancelled
+        os.kill(os.getpid(), signal.SIGTERM)  # the checkpoint is being written
+        assert stop.cancelled and not stop.requeue
+        assert requeue_job({"SLURM_JOB_ID": "5"}, stop=stop) is False
+    assert not (tmp_path / "args").exists()
+    assert "not requeueing Slurm job 5: stopped by SIGTERM" in capsys.readouterr().err
