@@ -305,8 +305,9 @@ def _plan_lines(cfg) -> list[str]:
 # position for them, pretrain.resharding), how a hang is handled (pretrain/watchdog.py), and
 # the learning-rate schedule where the steps already taken keep their rates (an extended
 # warmup-stable-decay run; pretrain/lr_schedule.py, checked below and again by the trainer).
-# The training data may change too (`mixture_change`: sources added, removed or reweighted).
-# The world size is not in the config at all.
+# The training data may change too (`mixture_change`: sources added, removed or reweighted),
+# and how the model runs where the checkpoint does not depend on it (what lowers the memory per
+# rank, pretrain/out_of_memory.py). The world size is not in the config at all.
 RESUME_MAY_CHANGE = (
     "train.micro_batch",
     "data.num_workers",
@@ -317,8 +318,17 @@ RESUME_MAY_CHANGE = (
     *SCHEDULE_KEYS,
     "optim.allow_schedule_change",
     "train.init_from",  # read only by a run's start, never by a resume
-    "model.memory.kernel",  # the same math (pretrain.config.MODEL_RUNTIME_KEYS)
+    # pretrain.config.MODEL_RUNTIME_KEYS, which checkpoint.check_compatible ignores: the same math
+    # (kernel, document_attention), value shards re-split on load (parallel_size)
+    "model.memory.kernel",
+    "model.memory.parallel_size",
+    "model.document_attention",
+    "train.activation_checkpointing",  # recomputation only: no state
+    "train.activation_checkpointing_layers",
 )
+# ZeRO 1 and 2 save the same partitioned optimizer state, so a resume may switch between them;
+# ZeRO 0 and 3 lay theirs out otherwise, and DeepSpeed cannot load one stage's as another's.
+ZERO_STAGES_INTERCHANGEABLE = {1, 2}
 
 
 def _check_init_from(cfg) -> None:
@@ -376,6 +386,8 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 raise SubmitError(f"--resume: {err}") from None
             if data_change:  # e.g. an annealing mixture for the decay
                 changed -= {"data.sources", "data.dir"}
+            if {old["train"].get("zero_stage"), new["train"]["zero_stage"]} <= ZERO_STAGES_INTERCHANGEABLE:
+                changed.discard("train.zero_stage")
             changed = sorted(changed)
             if changed:
                 paths = [k for k in changed if k in ("data.dir", "data.cache_dir", "data.sources", "data.eval_sources")]
@@ -383,7 +395,8 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 raise SubmitError(
                     f"--resume: the resolved config differs from {config_path} in {', '.join(changed)} (a different "
                     f"run): resubmit with the same config and overrides (only {', '.join(RESUME_MAY_CHANGE)} may "
-                    f"change), or choose a new train.run_dir{where if paths else ''}"
+                    "change, and train.zero_stage between 1 and 2), or choose a new train.run_dir"
+                    + (where if paths else "")
                 )
         elif any(run_dir.iterdir()):
             raise SubmitError(

@@ -483,3 +483,41 @@ def test_resume_reads_relative_paths_of_a_config_saved_before_as_paths_in_the_wo
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     rc, _, err = _submit(capsys, [*argv, "--workdir", str(tmp_path)])
     assert rc == 0, err
+
+
+def test_resume_may_change_what_lowers_the_memory_per_rank(capsys, tmp_path, monkeypatch):
+    """What the out-of-memory advice recommends and the trainer accepts on resume: a 2 x 2 run
+    with P = 4 resubmitted on one node with P = 2, another attention or activation
+    checkpointing, ZeRO 1 <-> 2. ZeRO 0 <-> 1 or 2 <-> 3 (another optimizer-state layout, which
+    DeepSpeed cannot load) and model shapes are still refused."""
+    from pretrain.launch import SlurmOptions, materialise, plan_run
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    first = ["train.micro_batch=4", f"train.run_dir={run}", "model.memory.parallel_size=4", "train.zero_stage=1"]
+    materialise(plan_run(TINY, first, SlurmOptions(cpu=True, nodes=2, tasks_per_node=2)))
+    resume = ["--config", TINY, "train.micro_batch=4", f"train.run_dir={run}", "--resume", "--dry-run", "--cpu"]
+    for changes in (
+        ["model.memory.parallel_size=2", "train.zero_stage=1", "--tasks-per-node", "2"],
+        ["model.memory.parallel_size=4", "train.zero_stage=2", "--nodes", "2", "--tasks-per-node", "2"],
+        [
+            "model.memory.parallel_size=2",
+            "train.zero_stage=2",
+            "model.document_attention=flex",
+            "train.activation_checkpointing=selective",
+            "train.activation_checkpointing_layers=[1]",
+            "--tasks-per-node",
+            "2",
+        ],
+        ["model.memory.parallel_size=1", "train.zero_stage=1", "train.activation_checkpointing=full"],
+    ):
+        rc, _, err = _submit(capsys, [*resume, *changes])
+        assert rc == 0, (changes, err)
+    for changes, key in (
+        (["model.memory.parallel_size=1", "train.zero_stage=0"], "train.zero_stage"),
+        (["model.memory.parallel_size=1", "train.zero_stage=3"], "train.zero_stage"),
+        (["model.memory.parallel_size=1", "train.zero_stage=1", "model.n_heads=8"], "model.n_heads"),
+    ):
+        rc, _, err = _submit(capsys, [*resume, *changes])
+        assert rc == 2 and f"resolved config differs from {run}/config.yaml in {key} (a different run)" in err, err
+        assert "and train.zero_stage between 1 and 2" in err
