@@ -103,6 +103,11 @@ INVALID_SHAPES = [  # (overrides on configs/tiny.yaml, the key the message must 
     (["model.memory.n_keys=0"], "model.memory.n_keys"),
     (["model.n_heads=3"], "model.n_heads"),  # 128 % 3
     (["model.n_kv_heads=3"], "model.n_kv_heads"),
+    # these built nothing (a negative dimension, a division by zero) or a wrong width
+    (["model.n_kv_heads=-2"], "model.n_kv_heads=-2 must be >= 0"),
+    (["model.ffn_hidden=-8"], "model.ffn_hidden=-8 must be >= 0"),
+    (["model.multiple_of=0"], "model.multiple_of=0 must be positive"),
+    (["model.multiple_of=-32"], "model.multiple_of=-32 must be positive"),
 ]
 
 

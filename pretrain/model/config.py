@@ -128,6 +128,18 @@ class ModelConfig:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{p}.{key} must be positive, got {getattr(self, key)}")
+        if self.n_kv_heads < 0:
+            raise ConfigError(f"{p}.n_kv_heads={self.n_kv_heads} must be >= 0 (0 means {p}.n_heads)")
+        if self.ffn_hidden < 0:
+            raise ConfigError(
+                f"{p}.ffn_hidden={self.ffn_hidden} must be >= 0 (0 means the SwiGLU default from {p}.dim, "
+                f"rounded up to {p}.multiple_of)"
+            )
+        if self.multiple_of <= 0:
+            raise ConfigError(
+                f"{p}.multiple_of={self.multiple_of} must be positive (the default FFN width is rounded up to a "
+                "multiple of it; e.g. 32)"
+            )
         if self.dim % self.n_heads:
             raise ConfigError(f"{p}.dim={self.dim} must be divisible by {p}.n_heads={self.n_heads}")
         if self.head_dim % 2:
