@@ -104,6 +104,7 @@ def time_limit_seconds(value: str) -> int | None:
     )
 
 
+MAX_SIGNAL_SECONDS = 65535  # sbatch --signal=<sig>@<sig_time>: sig_time is at most 65535 seconds
 _NAME = re.compile(r"^[A-Za-z0-9_.,:&|+=@-]+$")
 
 
@@ -138,6 +139,11 @@ def _check_options(opts: SlurmOptions) -> None:
                 f"--tasks-per-node={opts.tasks_per_node} differs from --gpus-per-node={opts.gpus_per_node}: "
                 "GPU jobs run one task per GPU (drop --tasks-per-node)"
             )
+    if opts.signal_seconds > MAX_SIGNAL_SECONDS:
+        raise SubmitError(
+            f"--signal-seconds={opts.signal_seconds} exceeds {MAX_SIGNAL_SECONDS}, the most Slurm's --signal accepts: "
+            "give the time a checkpoint needs (the default is 180)"
+        )
     if opts.master_port is not None and not (isinstance(opts.master_port, int) and 1024 <= opts.master_port <= 65535):
         raise SubmitError(f"--master-port={opts.master_port!r} must be a port number in 1024..65535")
     limit = time_limit_seconds(opts.time)
@@ -153,6 +159,13 @@ def _check_options(opts: SlurmOptions) -> None:
     for line in opts.extra_sbatch:
         if not line.startswith("-") or "\n" in line or "\r" in line:
             raise SubmitError(f"--sbatch {line!r} must be one sbatch option such as --mem=64G or --exclusive")
+        try:
+            shlex.split(line)
+        except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
+            raise SubmitError(
+                f"--sbatch {line!r} cannot be split into words ({err}): close its quotes, or drop them "
+                "(#SBATCH values take no quotes)"
+            ) from None
 
 
 def world_size(opts: SlurmOptions) -> int:

@@ -266,6 +266,15 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
         (["--time", "10:00", "--signal-seconds", "600"], "--signal-seconds=600"),
         (["--partition", "gpu debug"], "--partition='gpu debug'"),
         (["--sbatch=mem=4G"], "must be one sbatch option"),
+        (
+            ["--sbatch=--comment=it's"],
+            '--sbatch "--comment=it\'s" cannot be split into words (No closing quotation): close its quotes',
+        ),
+        (["--sbatch=--comment=a\\"], "cannot be split into words (No escaped character)"),
+        (
+            ["--time", "3-00:00:00", "--signal-seconds", "70000"],
+            "--signal-seconds=70000 exceeds 65535, the most Slurm's --signal accepts",
+        ),
         (["--nodes", "0"], "--nodes=0"),
     ],
 )
