@@ -192,13 +192,15 @@ def watch(args: argparse.Namespace) -> int:
             if text.startswith("progress "):
                 last, deadline = text.removeprefix("progress "), time.monotonic() + args.timeout
     waited = args.startup_timeout if last == START_UP else args.timeout
-    report = Report(args.rank, args.world_size, args.parent, waited, last, *request_stacks(args), args.main_thread)
-    report.publish(Path(args.report_dir))
-    if args.rank == 0:
-        conclude(args, cancelled)
-    else:
-        time.sleep(2 * args.grace + 30)  # rank 0's watcher summarises and requeues meanwhile
-    kill(args.parent)
+    try:  # whatever fails on the way, the hung rank is killed: a job held until its time limit is the worst outcome
+        report = Report(args.rank, args.world_size, args.parent, waited, last, *request_stacks(args), args.main_thread)
+        report.publish(Path(args.report_dir))
+        if args.rank == 0:
+            conclude(args, cancelled)
+        else:
+            time.sleep(2 * args.grace + 30)  # rank 0's watcher summarises and requeues meanwhile
+    finally:
+        kill(args.parent)
     return 0
 
 
@@ -353,24 +355,30 @@ def requeue_after_hang(run_dir: str | Path, checkpoint_root: str | Path, cancell
     """Rank 0's decision after a hang, as one line: requeue the Slurm job, at most once per
     checkpoint (a run that hangs again before it saves a new one would hang in a loop), and
     never once the job is being cancelled."""
-    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint
     from pretrain.slurm import requeue_job
 
     if not requeue:
         return "not requeued: train.requeue_on_hang=false"
     if cancelled:
         return "not requeued: SIGTERM was received (the job is being cancelled)"
-    latest = latest_checkpoint(checkpoint_root)
+    try:
+        latest = latest_checkpoint(checkpoint_root)
+    except CheckpointError as err:  # a requeued job could not resume from it either
+        return f"not requeued: the latest checkpoint cannot be read ({err}); fix it, then resubmit with --resume"
     tag = latest.name if latest is not None else "(no checkpoint)"
     record = Path(run_dir) / REPORTS / REQUEUE_RECORD
-    if record.is_file() and record.read_text().strip() == tag:
-        return (
-            f"not requeued: the run already hung and was requeued since its last checkpoint {tag}; "
-            "read the reports, then resubmit with --resume"
-        )
-    if "SLURM_JOB_ID" not in os.environ:
-        return f"not requeued (not a Slurm job): restart the run to resume from {tag}"
-    atomic_write_text(record, tag + "\n")
+    try:
+        if record.is_file() and record.read_text().strip() == tag:
+            return (
+                f"not requeued: the run already hung and was requeued since its last checkpoint {tag}; "
+                "read the reports, then resubmit with --resume"
+            )
+        if "SLURM_JOB_ID" not in os.environ:
+            return f"not requeued (not a Slurm job): restart the run to resume from {tag}"
+        atomic_write_text(record, tag + "\n")
+    except OSError as err:  # without the record, a run that hangs again would be requeued in a loop
+        return f"not requeued: {record} (requeues once per checkpoint) could not be read or written: {err}"
     if requeue_job(stop=None):
         return f"requeued: the job restarts from checkpoint {tag}"
     return "not requeued: the requeue failed (see above)"

@@ -195,3 +195,35 @@ def test_bad_timeouts_are_refused(override):
     with pytest.raises(ConfigError, match=r"train.hang_timeout_s=.* must be >= 0 .* train.startup_timeout_s=.* > 0"):
         load_config(None, [override])
     assert load_config(None, ["train.hang_timeout_s=0"]).train.hang_timeout_s == 0  # off
+
+
+def test_a_checkpoint_or_record_that_cannot_be_read_stops_the_requeue_not_the_kill(tmp_path, monkeypatch):
+    """rank 0's decision after a hang reads checkpoints/latest and writes hangs/requeued_from.txt;
+    either failing is reported as the reason for no requeue (the watcher used to die of it, and
+    the hung rank was never killed)."""
+    import pretrain.slurm
+
+    requeued = []
+    monkeypatch.setattr(pretrain.slurm, "requeue_job", lambda stop: requeued.append(stop) or True)
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "latest").write_text("step_00000004")  # names a checkpoint that is not there
+    decision = requeue_after_hang(tmp_path, root, False, True)
+    assert decision.startswith("not requeued: the latest checkpoint cannot be read (")
+    assert "step_00000004" in decision and decision.endswith("fix it, then resubmit with --resume")
+    _checkpoint(root, 6)
+    (tmp_path / REPORTS / "requeued_from.txt").mkdir(parents=True)  # cannot be read or replaced
+    decision = requeue_after_hang(tmp_path, root, False, True)
+    assert decision.startswith(f"not requeued: {tmp_path / REPORTS / 'requeued_from.txt'} (requeues once per")
+    assert requeued == []
+
+
+def test_the_hung_rank_is_killed_even_when_the_requeue_decision_fails(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000004")  # missing: latest_checkpoint raises
+    rank = rank_process(tmp_path, 'watchdog.progress("step 4")\ntime.sleep(30)\n', timeout=0.5)
+    _, stderr = rank.communicate(timeout=120)
+    assert rank.returncode == -signal.SIGKILL, stderr
+    summary = (tmp_path / REPORTS / "attempt" / "summary.txt").read_text()
+    assert "not requeued: the latest checkpoint cannot be read" in summary.splitlines()[-1]
