@@ -445,8 +445,11 @@ def materialise(plan: PreparedRun) -> None:
     atomic_write(plan.config_path, plan.config_text)
     if plan.code_dir != REPO_ROOT:
         if plan.code_dir.exists():
-            plan.replaced_code = plan.code_dir.with_name("code.previous")
-            plan.code_dir.rename(plan.replaced_code)
+            previous = plan.code_dir.with_name("code.previous")
+            if previous.exists():  # left by a submission interrupted before it ended: nothing runs from it
+                shutil.rmtree(previous)
+            plan.code_dir.rename(previous)
+            plan.replaced_code = previous
         plan.created_paths.append(plan.code_dir)
         _copy_code(plan.code_dir)
     if not plan.script_path.exists():
@@ -500,8 +503,11 @@ def submit(plan: PreparedRun, sbatch_bin: str = "sbatch") -> str:
     try:
         materialise(plan)
         job_id = sbatch(plan.script_path, sbatch_bin)
-    except BaseException:
-        rollback(plan)
+    except BaseException as err:
+        try:
+            rollback(plan)
+        except OSError as problem:  # say both: the first error is why, the second what is left
+            raise SubmitError(f"{err} (and putting {plan.run_dir} back failed: {problem}; check it by hand)") from err
         raise
     commit(plan)
     return job_id

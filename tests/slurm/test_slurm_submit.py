@@ -530,3 +530,49 @@ def test_resume_may_change_what_lowers_the_memory_per_rank(capsys, tmp_path, mon
         rc, _, err = _submit(capsys, [*resume, *changes])
         assert rc == 2 and f"resolved config differs from {run}/config.yaml in {key} (a different run)" in err, err
         assert "and train.zero_stage between 1 and 2" in err
+
+
+def test_resume_with_a_code_snapshot_replaces_a_stale_previous_snapshot(capsys, tmp_path, monkeypatch):
+    """A code.previous left by an interrupted submission made the next --resume --snapshot-code
+    fail to rename code/ (and the rollback's own error hid that)."""
+    from pretrain.launch import SlurmOptions, materialise, plan_run
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    materialise(plan_run(TINY, ["train.micro_batch=2", f"train.run_dir={run}"], SlurmOptions(cpu=True), snapshot=True))
+    (run / "code" / "MARK").write_text("the run's snapshot")
+    (run / "code.previous").mkdir()
+    (run / "code.previous" / "STALE").write_text("left behind")
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--cpu", "--snapshot-code"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    rc, _, err = _submit(capsys, argv)
+    assert rc == 2 and "sbatch not found" in err, err
+    assert (run / "code" / "MARK").is_file() and not (run / "code.previous").exists()  # put back
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    (bindir / "sbatch").chmod(0o755)
+    (run / "code.previous").mkdir()
+    (run / "code.previous" / "STALE").write_text("left behind")
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    rc, out, err = _submit(capsys, argv)
+    assert rc == 0 and "submitted job 4242" in out, err
+    assert (run / "code" / "pretrain" / "launch.py").is_file() and not (run / "code" / "MARK").exists()
+    assert not (run / "code.previous").exists()
+
+
+def test_a_failed_rollback_is_reported_with_the_error_that_caused_it(tmp_path, monkeypatch):
+    from pretrain import launch
+
+    plan = launch.plan_run(
+        TINY, ["train.micro_batch=2", f"train.run_dir={tmp_path}/run"], launch.SlurmOptions(cpu=True), workdir=tmp_path
+    )
+
+    def broken_rollback(plan):
+        raise PermissionError(13, "Permission denied", str(plan.run_dir))
+
+    monkeypatch.setattr(launch, "rollback", broken_rollback)
+    with pytest.raises(SubmitError) as err:
+        launch.submit(plan, sbatch_bin=str(tmp_path / "no-sbatch"))
+    assert str(err.value).startswith("sbatch not found on PATH")
+    assert f"(and putting {tmp_path}/run back failed: [Errno 13] Permission denied" in str(err.value)
