@@ -66,7 +66,9 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
         "num_attention_heads": model["n_heads"],
         "max_position_embeddings": model["max_seq_len"],
         "torch_dtype": "float32" if dtype_name == "fp32" else "bfloat16",
-        "bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
+        # documents start after the EOS separator (the tokenizer's BOS never occurs in training):
+        # generate() with no prompt starts from it, as tools/generate.py does
+        "bos_token_id": tok.eos_id,
         "eos_token_id": tok.eos_id,
         "pad_token_id": tok.eos_id,
         "use_cache": True,

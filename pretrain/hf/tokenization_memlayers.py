@@ -1,7 +1,7 @@
 """The export's sentencepiece tokenizer for Hugging Face transformers (`AutoTokenizer`).
 
 Self-contained: imports sentencepiece and transformers only. Text is encoded exactly as
-`pretrain.data.Tokenizer.encode` does (the sentencepiece model as trained, no BOS added),
+`pretrain.data.Tokenizer.encode` does (the sentencepiece model as trained, no start token added),
 except that special-token strings written in the text ("</s>") become their ids, the way
 transformers tokenizers treat them: the fact-probe tasks start every prompt with the
 document separator "</s>" as training did. Decoding is sentencepiece's own, so the space a
@@ -29,9 +29,12 @@ class MemlayersTokenizer(PreTrainedTokenizer):
         self.sp = spm.SentencePieceProcessor()
         self.sp.Load(vocab_file)
         piece = self.sp.id_to_piece
+        # Training starts every document after the EOS separator and never sees sentencepiece's
+        # BOS piece: the start token (lm_eval's loglikelihood prefix) is EOS, as config.json's
+        # bos_token_id (transformers' generate() with no prompt) is.
         for name, index in (
             ("eos_token", self.sp.eos_id()),
-            ("bos_token", self.sp.bos_id()),
+            ("bos_token", self.sp.eos_id()),
             ("unk_token", self.sp.unk_id()),
         ):
             if index >= 0:

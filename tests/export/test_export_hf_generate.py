@@ -150,3 +150,32 @@ def test_answer_probes_scores_exact_greedy_answers(exported):
     result = answer_probes(OracleModel(sequences, 384), tok, probes)
     assert [row["correct"] for row in result["rows"]] == [True, False] * 3
     assert result["accuracy"] == 0.5 and result["count"] == 6
+
+
+def test_start_token_is_the_document_separator_everywhere(inference_export, hf_model, monkeypatch, capsys):
+    """Training starts documents after EOS and never sees sentencepiece's BOS: config.json's
+    bos_token_id, the HF tokenizer's bos (lm_eval's loglikelihood prefix) and transformers'
+    unconditional generate() all use the id tools/generate.py prepends to an empty prompt."""
+    from transformers import AutoTokenizer
+
+    import pretrain.export.generation
+    from pretrain.data import Tokenizer
+    from tools.generate import main
+
+    real_generate, prompts = pretrain.export.generation.generate, []
+    monkeypatch.setattr(
+        pretrain.export.generation, "generate", lambda model, prompt, *a, **k: prompts.append(prompt) or []
+    )
+    assert main([str(inference_export), "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    tok = Tokenizer(inference_export / "tokenizer.model")
+    assert prompts == [[tok.eos_id]] and tok.bos_id != tok.eos_id  # the empty prompt is the separator
+    start = prompts[0][0]
+    config = json.loads((inference_export / "config.json").read_text())
+    assert config["bos_token_id"] == start == hf_model.config.bos_token_id
+    assert AutoTokenizer.from_pretrained(inference_export, trust_remote_code=True).bos_token_id == start
+    with torch.no_grad():
+        out = hf_model.generate(max_new_tokens=6, do_sample=False)[0].tolist()  # no prompt, the defaults
+    native = real_generate(load(inference_export), [start], 6, eos_id=tok.eos_id)
+    assert len(native) > 1  # a continuation, not an immediate EOS
+    assert out == [start] + native + ([tok.eos_id] if len(native) < 6 else [])  # transformers keeps the EOS
