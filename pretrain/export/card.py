@@ -41,9 +41,12 @@ def weight_table(specs) -> str:
     return "\n".join(lines)
 
 
-def render_card(cfg: RunConfig, step: int, tokens: int, manifest_hash: str, dtype: str, specs, nbytes: int) -> str:
+def render_card(
+    cfg: RunConfig, step: int, tokens: int, manifest_hash: str, dtype: str, specs, nbytes: int, params: int
+) -> str:
+    """The card; `params` counts each parameter once (a tied output head shares the embeddings,
+    while `specs` and model.safetensors list both names)."""
     m = cfg.model
-    params = sum(_numel(shape) for _, shape, _ in specs)
     memory = (
         f"memory layers in blocks {list(m.memory.layers)}: {m.memory.n_keys}^2 = {m.memory.num_slots:,} slots, "
         f"{m.memory.heads} heads x top-{m.memory.k}, value dim {m.value_dim}"
@@ -65,17 +68,11 @@ memlayers training checkpoint.
 
 With memlayers: `pretrain.export.load("<this folder>")`.
 Without it: `transformers.AutoModelForCausalLM.from_pretrained("<this folder>", trust_remote_code=True)`
-(modeling code in modeling_memlayers.py; generation recomputes the whole sequence each step).
+(modeling code in modeling_memlayers.py; `generate()` keeps a key/value cache, so each step
+feeds only the new token).
 Tokenizer: sentencepiece `tokenizer.model`. Slot access counts: `slot_frequencies.safetensors`.
 
 ## Weights (model.safetensors)
 
 {weight_table(specs)}
 """
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -30,7 +30,7 @@ from pretrain.export.errors import ExportError
 from pretrain.export.safetensors_io import StreamWriter, read_header, read_rows
 from pretrain.export.source import SLOT_TABLE, CheckpointSource, inspect
 from pretrain.files import atomic_directory, file_sha256
-from pretrain.model import Transformer
+from pretrain.model import Transformer, count_parameters
 from pretrain.model.config import ModelConfig
 
 WEIGHTS = "model.safetensors"
@@ -196,6 +196,8 @@ def model_card(src: CheckpointSource, dtype: str, weights: Path) -> str:
 
     manifest = src.dataset_dir / "manifest.json"
     manifest_hash = file_sha256(manifest) if manifest.is_file() else "(no manifest.json)"
+    with torch.device("meta"):
+        params = count_parameters(Transformer(src.cfg.model)).total  # tied embeddings once
     return render_card(
         src.cfg,
         src.step,
@@ -204,4 +206,5 @@ def model_card(src: CheckpointSource, dtype: str, weights: Path) -> str:
         dtype,
         weight_specs(src.cfg.model, DTYPES[dtype]),
         weights.stat().st_size,
+        params,
     )

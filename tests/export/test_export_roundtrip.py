@@ -127,3 +127,32 @@ def test_bf16_training_exports_the_fp32_masters(tmp_path, data_cache, stage):
         assert exported[name].dtype == torch.float32
         assert torch.equal(exported[name].to(torch.bfloat16), weight), name
     assert any(not torch.equal(exported[n], module[n].float()) for n in module)  # masters carry more bits
+
+
+def _card_parameters(export) -> int:
+    line = next(line for line in (export / "README.md").read_text().splitlines() if line.startswith("- parameters:"))
+    return int(line.split()[2].replace(",", ""))
+
+
+def _unique_parameters(model) -> int:
+    """Each storage once (a tied output head shares the embeddings' storage)."""
+    return sum({t.data_ptr(): t.numel() for t in model.state_dict().values()}.values())
+
+
+def test_card_counts_each_parameter_once(trained, tmp_path, data_cache):
+    """The card's parameter count is the loaded model's unique parameters: the output head once
+    under tie_embeddings (twice before); the loading notes describe the KV-cached generate()."""
+    from tests.export.export_helpers import train_and_record
+
+    untied = export_checkpoint(trained[0], tmp_path / "untied", show_progress=False)
+    tied_run = tmp_path / "tied-run"
+    train_and_record(0, str(tied_run), str(data_cache), ["model.tie_embeddings=true", "train.zero_stage=0"])
+    tied = export_checkpoint(tied_run, tmp_path / "tied", show_progress=False)
+    tied_model, untied_model = load(tied), load(untied)
+    assert tied_model.output.weight is tied_model.tok_embeddings.weight
+    assert _card_parameters(untied) == _unique_parameters(untied_model)
+    assert _card_parameters(tied) == _unique_parameters(tied_model)
+    cfg = untied_model.cfg
+    assert _card_parameters(untied) - _card_parameters(tied) == cfg.vocab_size * cfg.dim
+    card = (tied / "README.md").read_text()
+    assert "recomputes the whole sequence" not in card and "key/value cache" in card
