@@ -27,6 +27,7 @@ from pretrain.data import load_probes
 from pretrain.export.errors import ExportError
 from pretrain.export.generation import answer_tokens
 from pretrain.export.loading import export_tokenizer, model_config_from_json
+from pretrain.files import TEMP_MARK, atomic_write_text
 
 GROUP = "memlayers_facts"
 MC_TASK = "memlayers_facts_mc"
@@ -54,9 +55,8 @@ def _task_yaml(name: str, data: Path, **fields) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
+    # json.dumps escapes non-ASCII: the text is the same in any encoding
+    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def write_fact_tasks(
@@ -67,7 +67,9 @@ def write_fact_tasks(
     choices: int = 4,
     seed: int = 0,
 ) -> dict:
-    """Write the task folder; returns {"tasks": [...], "probes": kept, "skipped": too long}."""
+    """Write the task folder; returns {"tasks": [...], "probes": kept, "skipped": too long}.
+    Each file is written under a temporary name and renamed: an interrupted write leaves the
+    previous file whole."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
@@ -96,7 +98,8 @@ def write_fact_tasks(
     for n, rows in sorted(by_length.items()):
         name = f"{GROUP}_len{n}"
         _write_jsonl(out_dir / f"{name}.jsonl", rows)
-        (out_dir / f"{name}.yaml").write_text(
+        atomic_write_text(
+            out_dir / f"{name}.yaml",
             _task_yaml(
                 name,
                 out_dir / f"{name}.jsonl",
@@ -105,10 +108,11 @@ def write_fact_tasks(
                 doc_to_target="{{answer}}",
                 generation_kwargs={"until": [], "max_gen_toks": n, "do_sample": False},
                 metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-            )
+            ),
         )
         subtasks.append(name)
-    (out_dir / f"{GROUP}.yaml").write_text(
+    atomic_write_text(
+        out_dir / f"{GROUP}.yaml",
         json.dumps(
             {
                 "group": GROUP,
@@ -118,7 +122,7 @@ def write_fact_tasks(
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
 
     rng = random.Random(seed)
@@ -134,7 +138,8 @@ def write_fact_tasks(
         rng.shuffle(options)
         mc_rows.append({**row, "choices": options, "label": options.index(row["answer"])})
     _write_jsonl(out_dir / f"{MC_TASK}.jsonl", mc_rows)
-    (out_dir / f"{MC_TASK}.yaml").write_text(
+    atomic_write_text(
+        out_dir / f"{MC_TASK}.yaml",
         _task_yaml(
             MC_TASK,
             out_dir / f"{MC_TASK}.jsonl",
@@ -143,7 +148,7 @@ def write_fact_tasks(
             doc_to_choice="{{choices}}",
             doc_to_target="{{label}}",
             metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        )
+        ),
     )
     return {"tasks": [GROUP, MC_TASK], "subtasks": subtasks, "probes": len(kept), "skipped": skipped}
 
@@ -158,6 +163,9 @@ def check_task_dir(task_dir: str | Path) -> None:
     files = sorted(task_dir.glob("*.yaml"))
     if not files:
         raise ExportError(f"{task_dir} holds no task .yaml files: {fix}")
+    for path in files:  # lm_eval would load a killed writer's temporary as a task too
+        if TEMP_MARK in path.name:
+            raise ExportError(f"{path} is the temporary of an interrupted write: delete it, or {fix}")
     for path in files:
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -161,3 +161,45 @@ def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path, ca
     (no_tok / "config.json").write_text((inference_export / "config.json").read_text())
     with pytest.raises(ExportError, match="has no tokenizer.model.*tools/export.py"):
         write_fact_tasks(no_tok, tmp_path / "t1")
+
+
+class Killed(BaseException):
+    """The process dying mid-write (not an Exception: nothing may catch it on the way)."""
+
+
+@pytest.mark.parametrize("target", [f"{MC_TASK}.jsonl", f"{MC_TASK}.yaml"])
+def test_interrupted_task_write_leaves_the_previous_files(inference_export, tmp_path, monkeypatch, target):
+    task_dir = tmp_path / "tasks"
+    write_fact_tasks(inference_export, task_dir, limit=6)
+    before = {p.name: p.read_bytes() for p in task_dir.iterdir()}
+    real_text, real_bytes = Path.write_text, Path.write_bytes
+
+    def dies_half_way(real):
+        def write(self, data, *args, **kwargs):
+            if target in self.name:  # the final name or a temporary beside it
+                real(self, data[: len(data) // 2], *args, **kwargs)
+                raise Killed(f"killed writing {self.name}")
+            return real(self, data, *args, **kwargs)
+
+        return write
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way(real_text))
+    monkeypatch.setattr(Path, "write_bytes", dies_half_way(real_bytes))
+    with pytest.raises(Killed):
+        write_fact_tasks(inference_export, task_dir, limit=12)  # other rows than the first write
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in task_dir.iterdir()}
+    assert after[target] == before[target]  # the previous file, whole
+    assert set(before) <= set(after) and not [name for name in after if ".tmp" in name]  # no temporary left
+    check_task_dir(task_dir)
+
+
+def test_check_task_dir_names_a_killed_writers_temporary(inference_export, tmp_path):
+    from pretrain.files import temp_path_beside
+
+    task_dir = tmp_path / "tasks"
+    write_fact_tasks(inference_export, task_dir, limit=6)
+    stale = temp_path_beside(task_dir / f"{MC_TASK}.yaml")
+    stale.write_text('{"task": "memlay')
+    with pytest.raises(ExportError, match=rf"{stale.name} is the temporary of an interrupted write: delete it"):
+        check_task_dir(task_dir)
