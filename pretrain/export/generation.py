@@ -41,9 +41,16 @@ def check_penalties(repetition_penalty: float, no_repeat_ngram_size: int) -> Non
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
-    """Raise on a negative temperature or a nucleus mass outside (0, 1]."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    """Raise on a temperature that is not a finite number >= 0 (0 = greedy; NaN or inf would
+    turn every probability into NaN or a uniform draw) or a nucleus mass outside (0, 1]."""
+    if not (_is_number(temperature) and temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if not (_is_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (1 = no nucleus cut)")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
@@ -99,8 +106,10 @@ def next_token(
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
-    """Raise before any work when the prompt and its continuation cannot fit the model's context
-    (the last new token is never fed back, hence the + 1)."""
+    """Raise before any work when max_new_tokens is not an integer >= 0 or the prompt and its
+    continuation cannot fit the model's context (the last new token is never fed back, hence the + 1)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0 (--max-new-tokens)")
     if prompt_tokens > max_seq_len or prompt_tokens + max_new_tokens > max_seq_len + 1:
         raise ValueError(
             f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "

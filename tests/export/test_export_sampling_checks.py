@@ -1,0 +1,45 @@
+"""generate() refuses sampling settings outside their domain before any forward pass: a NaN or
+infinite temperature reached torch.multinomial ("probability tensor contains inf/nan") and a
+negative max_new_tokens returned nothing, silently."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.export.generation import check_length, check_sampling, generate
+from tests.export.export_helpers import OracleModel
+
+SEQUENCE = [3, 10, 11, 12, 13, 14]
+
+
+@pytest.mark.parametrize("temperature", [math.nan, math.inf, -0.5, "0.7", True])
+def test_temperature_outside_its_domain_is_refused(temperature):
+    model = OracleModel([SEQUENCE], vocab=16)
+    with pytest.raises(ValueError, match=r"temperature=.* must be a finite number >= 0 \(0 = greedy\)"):
+        generate(model, SEQUENCE[:2], 3, temperature=temperature)
+
+
+@pytest.mark.parametrize("top_p", [math.nan, 0.0, 1.5, "1"])
+def test_top_p_outside_its_domain_is_refused(top_p):
+    with pytest.raises(ValueError, match=r"top_p=.* must be a number in \(0, 1\]"):
+        check_sampling(0.7, top_p)
+
+
+@pytest.mark.parametrize("max_new_tokens", [-1, 2.5, True])
+def test_max_new_tokens_must_be_an_integer_at_least_zero(max_new_tokens):
+    model = OracleModel([SEQUENCE], vocab=16)
+    with pytest.raises(ValueError, match=r"max_new_tokens=.* must be an integer >= 0 \(--max-new-tokens\)"):
+        generate(model, SEQUENCE[:2], max_new_tokens)
+
+
+def test_the_domain_edges_still_generate():
+    model = OracleModel([SEQUENCE], vocab=16)
+    assert generate(model, SEQUENCE[:2], 0) == []
+    assert generate(model, SEQUENCE[:2], 4) == SEQUENCE[2:]  # temperature 0: greedy
+    # a tiny positive temperature samples the oracle's (by far) most likely token
+    assert generate(model, SEQUENCE[:2], 4, temperature=1e-3, top_p=1.0) == SEQUENCE[2:]
+    check_length(2, 0, 8)
+    check_sampling(torch.tensor(0.5).item(), 1.0)
