@@ -38,6 +38,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1 (leave --probes out to generate text)")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
@@ -58,7 +69,9 @@ def main(argv=None) -> int:
         help="never repeat an n-gram of this size, prompt included (>= 0; 0 = off; as in transformers)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probes", type=int, default=0, help="answer the first N fact probes and print accuracy")
+    parser.add_argument(
+        "--probes", type=positive_int, default=None, help="answer the first N fact probes (N >= 1) and print accuracy"
+    )
     parser.add_argument(
         "--probes-dir",
         default=None,
@@ -72,17 +85,18 @@ def main(argv=None) -> int:
 
     from pretrain.data import DataError, load_probes
     from pretrain.export import ExportError, load
-    from pretrain.export.generation import answer_probes, check_length, generate
+    from pretrain.export.generation import answer_probes, check_length, check_sampling, generate
     from pretrain.export.loading import export_tokenizer, model_config_from_json
 
     export_dir = Path(args.export_dir)
     try:
         tokenizer = export_tokenizer(export_dir)
         prompt = [tokenizer.eos_id] + (tokenizer.encode(args.prompt) if args.prompt else [])
-        if not args.probes and (export_dir / "config.json").is_file():  # before the weights load
-            check_length(
-                len(prompt), args.max_new_tokens, model_config_from_json(export_dir / "config.json").max_seq_len
-            )
+        if not args.probes:  # refused before the weights load
+            check_sampling(args.temperature, args.top_p)
+            if (export_dir / "config.json").is_file():
+                max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
+                check_length(len(prompt), args.max_new_tokens, max_seq_len)
         model = load(export_dir, device=args.device)
         if args.probes:
             probes = load_probes(args.probes_dir or export_dir)[: args.probes]

@@ -24,6 +24,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1 (leave the option out for all)")
+    return value
+
+
 def lm_eval_command(
     export_dir: Path,
     tasks: str,
@@ -65,11 +76,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--task-dir", default=None, help="use an already written task folder")
     parser.add_argument("--probes-dir", default=None, help="folder with probes.jsonl (default: the export)")
-    parser.add_argument("--probes", type=int, default=None, help="only the first N probes")
+    parser.add_argument("--probes", type=positive_int, default=None, help="only the first N probes (N >= 1)")
     parser.add_argument("--batch-size", default="8")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="lm_eval --output_path")
-    parser.add_argument("--limit", type=int, default=None, help="lm_eval --limit (examples per task)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="lm_eval --limit (examples per task, N >= 1)")
     parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")
     args = parser.parse_args(argv)
 
@@ -81,41 +92,41 @@ def main(argv=None) -> int:
     export_dir = Path(args.export_dir).resolve()
     scratch = None
     try:
-        if not (export_dir / "config.json").is_file():
-            raise ExportError(f"{export_dir} has no config.json: is it an export directory (tools/export.py)?")
-        export_tokenizer_path(export_dir)
-        task_dir = Path(args.task_dir) if args.task_dir else None
-        if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
-            task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))
-            info = write_fact_tasks(export_dir, task_dir, args.probes_dir, limit=args.probes)
-            print(
-                f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {info['skipped']} longer than the "
-                f"model's context left out) to {task_dir}",
-                file=sys.stderr,
-            )
-            if args.write_tasks:
-                return 0
-        if task_dir is not None:
-            check_task_dir(task_dir)
-    except (ExportError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    cmd = lm_eval_command(
-        export_dir,
-        args.tasks,
-        task_dir,
-        args.batch_size,
-        args.device,
-        Path(args.output) if args.output else None,
-        args.limit,
-    )
-    env = dict(os.environ)
-    if not args.online:
-        env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    print("+ " + shlex.join(cmd), file=sys.stderr)
-    try:
+        try:
+            if not (export_dir / "config.json").is_file():
+                raise ExportError(f"{export_dir} has no config.json: is it an export directory (tools/export.py)?")
+            export_tokenizer_path(export_dir)
+            task_dir = Path(args.task_dir) if args.task_dir else None
+            if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
+                task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))
+                info = write_fact_tasks(export_dir, task_dir, args.probes_dir, limit=args.probes)
+                print(
+                    f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {info['skipped']} longer than the "
+                    f"model's context left out) to {task_dir}",
+                    file=sys.stderr,
+                )
+                if args.write_tasks:
+                    return 0
+            if task_dir is not None:
+                check_task_dir(task_dir)
+        except (ExportError, DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        cmd = lm_eval_command(
+            export_dir,
+            args.tasks,
+            task_dir,
+            args.batch_size,
+            args.device,
+            Path(args.output) if args.output else None,
+            args.limit,
+        )
+        env = dict(os.environ)
+        if not args.online:
+            env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        print("+ " + shlex.join(cmd), file=sys.stderr)
         return subprocess.run(cmd, env=env, check=False).returncode
-    finally:
+    finally:  # the scratch task folder goes also when writing or checking it failed
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -20,6 +20,7 @@ answer do not fit the model's max_seq_len are left out (as fact_recall leaves th
 from __future__ import annotations
 
 import json
+import numbers
 import random
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def write_fact_tasks(
     seed: int = 0,
 ) -> dict:
     """Write the task folder; returns {"tasks": [...], "probes": kept, "skipped": too long}.
-    Each file is written under a temporary name and renamed: an interrupted write leaves the
-    previous file whole."""
+    `limit` (an int >= 1) keeps the first `limit` probes, None all of them. Each file is written
+    under a temporary name and renamed: an interrupted write leaves the previous file whole."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise ExportError(f"limit={limit!r} must be an integer >= 1 (the number of probes to keep), or None for all")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len

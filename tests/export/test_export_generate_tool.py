@@ -36,3 +36,30 @@ def test_generate_errors_name_the_problem_and_fix(inference_export, tmp_path, ca
     assert main([str(inference_export), "--prompt", "The city of Aldmere " * 8, "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert "max_seq_len is 32: shorten the prompt or lower --max-new-tokens" in err
+
+
+def test_generate_refuses_bad_numbers_before_loading(inference_export, monkeypatch, capsys):
+    import pytest
+
+    import pretrain.export
+    from tools.generate import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(pretrain.export, "load", no_load)
+    for flags, message in [
+        (
+            ["--max-new-tokens", "4", "--temperature", "nan"],
+            "temperature=nan must be a finite number >= 0 (0 = greedy)",
+        ),
+        (["--max-new-tokens", "4", "--temperature", "inf"], "temperature=inf must be a finite number >= 0"),
+        (["--max-new-tokens", "-2"], "max_new_tokens=-2 must be an integer >= 0 (--max-new-tokens)"),
+    ]:
+        assert main([str(inference_export), "--prompt", "The", *flags]) == 2, flags
+        assert message in capsys.readouterr().err
+    for count in ("0", "-3"):  # -3 answered all but the last 3 probes before
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(inference_export), "--probes", count])
+        assert exit_info.value.code == 2
+        assert f"{count} must be an integer >= 1" in capsys.readouterr().err

@@ -194,6 +194,30 @@ def test_interrupted_task_write_leaves_the_previous_files(inference_export, tmp_
     check_task_dir(task_dir)
 
 
+def test_probe_counts_below_one_are_refused(inference_export, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    for limit in (0, -3):
+        with pytest.raises(ExportError, match=rf"limit={limit} must be an integer >= 1"):
+            write_fact_tasks(inference_export, tmp_path / "t", limit=limit)
+        assert not (tmp_path / "t").exists()
+    for option in ("--probes", "--limit"):
+        with pytest.raises(SystemExit) as exit_info:
+            memlayers_eval([str(inference_export), option, "0"])
+        assert exit_info.value.code == 2
+        assert "0 must be an integer >= 1" in capsys.readouterr().err
+    # a failure while writing the scratch task folder removes it (it was left behind before)
+    scratch = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: scratch.append(real_mkdtemp(dir=tmp_path)) or scratch[-1])
+    bad = tmp_path / "probes"
+    bad.mkdir()
+    (bad / "probes.jsonl").write_text('{"question": "Q: x? A:"}\n')
+    assert memlayers_eval([str(inference_export), "--probes-dir", str(bad)]) == 2
+    assert "not a probe record" in capsys.readouterr().err
+    assert len(scratch) == 1 and not Path(scratch[0]).exists()
+
+
 def test_check_task_dir_names_a_killed_writers_temporary(inference_export, tmp_path):
     from pretrain.files import temp_path_beside
 
