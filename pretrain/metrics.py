@@ -6,6 +6,7 @@ figures), from `PEAK_BF16_FLOPS`; unknown devices and CPUs report n/a.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ PEAK_BF16_FLOPS = {
     "H100 80GB HBM3": 989e12,
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
+    "GH200": 989e12,  # its GPU is a Hopper H100's
     "A100": 312e12,
     "L40S": 362e12,
     "A10G": 70e12,
@@ -28,9 +30,22 @@ def device_peak_flops(device: torch.device) -> float | None:
     """Peak dense bf16 FLOP/s of `device`, or None (CPU, unknown GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The peak of the GPU named `name` (e.g. 'NVIDIA H100 80GB HBM3'): the longest
+    PEAK_BF16_FLOPS key whose every word is a whole word of the name (split at spaces, '-' and
+    '_'; case ignored), so that 'A100' is not 'NVIDIA RTX A1000' nor 'H200' 'GH200'. A word of
+    letters alone also matches it followed by digits ('SXM': 'SXM5')."""
+    words = re.split(r"[\s_-]+", name.upper())
+
+    def has(part: str) -> bool:
+        part = part.upper()
+        return any(w == part or (part.isalpha() and w.startswith(part) and w[len(part) :].isdigit()) for w in words)
+
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if all(part in name for part in key.split()):
+        if all(has(part) for part in key.split()):
             return PEAK_BF16_FLOPS[key]
     return None
 
