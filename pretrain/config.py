@@ -321,7 +321,8 @@ def _is_text(annotation) -> bool:
 
 def _check_tree(tree, cls: type, prefix: str, where: str) -> None:
     """Refuse, naming the full key, an unknown key (with the nearest valid one: within a list
-    item, among the item's own fields), a section given as a value and a list given as a mapping."""
+    item, among the item's own fields), a section given as a value and a list given as anything
+    else (OmegaConf's own errors for these name no key, or are TypeErrors)."""
     if not isinstance(tree, dict):
         example = dataclasses.fields(cls)[0].name
         raise ConfigError(
@@ -347,7 +348,7 @@ def _check_tree(tree, cls: type, prefix: str, where: str) -> None:
                     "(an empty list: [])"
                 )
             item = typing.get_args(annotation)[0]
-            if dataclasses.is_dataclass(item) and isinstance(value, list):
+            if dataclasses.is_dataclass(item):
                 for i, entry in enumerate(value):
                     _check_tree(entry, item, f"{full}[{i}]", where)
 
