@@ -157,7 +157,7 @@ def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int
     )
 
 
-def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.device):
+def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.device, num_sources: int = 1):
     if not (cfg.slots.enabled and cfg.model.memory.enabled):
         return None
     from pretrain.slots import SlotStatistics
@@ -169,7 +169,7 @@ def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.devi
         device=device,
         sample_batches=cfg.slots.sample_batches,
         seed=cfg.train.seed,
-        streams=max(1, cfg.data.num_workers),  # one open-document table per worker
+        streams=num_sources * max(1, cfg.data.num_workers),  # one per (source, worker): Batch.streams
     )
 
 
@@ -390,7 +390,11 @@ class Trainer:
             loss, z, objective = self.objective(logits, batch.targets.to(self.info.device), self.cfg.optim.z_loss)
         self.optimizers.backward(objective, last_micro_batch)
         if self.stats is not None:
-            self.stats.update(self.lookups.take(self.shared_table_stream), batch.doc_ids.to(self.info.device))
+            self.stats.update(
+                self.lookups.take(self.shared_table_stream),
+                batch.doc_ids.to(self.info.device),
+                streams=getattr(batch, "streams", None),
+            )
         return loss.detach(), z.detach() if z is not None else None
 
     def count(self, out: StepOutput) -> None:
@@ -513,7 +517,7 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
     checkpointer, resume_from, init = open_run_dir(cfg, info, sources[0].dir, tokenizer.sha256)
     model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from), init)
     train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
-    stats = build_slot_statistics(cfg, model, info.device)
+    stats = build_slot_statistics(cfg, model, info.device, len(sources))
     metrics = MetricsLogger(Path(cfg.train.run_dir) / "tensorboard", enabled=info.is_main)
     metrics.line(describe_data(cfg, sources, tokenizer))
     for line in describe_plan(training_plan(cfg, sources), note_repeats=bool(cfg.data.dir or cfg.data.sources)):

@@ -48,6 +48,9 @@ class Batch:
     tokens: torch.Tensor  # (B, seq_len) int64
     targets: torch.Tensor  # (B, seq_len) int64, IGNORE_INDEX where the target is padding
     doc_ids: torch.Tensor  # (B, seq_len) int64 document id of each input token, -1 on padding
+    # (B,) int64 stream of each row: the reader whose contiguous stream of documents it continues
+    # (ShardLoader: the worker; MixtureLoader: source index x workers + worker); None: unknown
+    streams: torch.Tensor | None = None
 
 
 def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:
@@ -360,7 +363,7 @@ class ShardLoader:
         return full + self._rows(work[:i]) + into + skip
 
     # ---- reading -----------------------------------------------------------------------
-    def _make_batch(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    def _make_batch(self, pieces: list[tuple[np.ndarray, np.ndarray]], worker: int) -> dict:
         rows = np.concatenate([p[0] for p in pieces])
         meta = np.concatenate([p[1] for p in pieces])
         docs = row_doc_ids(rows, meta[:, 0] + self.doc_id_offset, meta[:, 1], self.eos_id)
@@ -370,6 +373,7 @@ class ShardLoader:
             "tokens": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
             "targets": torch.from_numpy(targets),
             "doc_ids": torch.from_numpy(np.ascontiguousarray(docs[:, :-1])),
+            "streams": torch.full((len(rows),), worker, dtype=torch.int64),
         }
 
     def _stream(self, worker: int, pos: list[int], stats: dict) -> Iterator[tuple[dict, list[int]]]:
@@ -400,11 +404,11 @@ class ShardLoader:
                     have, s = have + t, s + t
                     if have == self.batch_size:
                         after = [epoch, i, j, s] if s < len(wtok) else [epoch, end[0], end[1], 0]
-                        yield self._make_batch(pieces), after
+                        yield self._make_batch(pieces, worker), after
                         pieces, have = [], 0
             if not self.loop:
                 if have:
-                    yield self._make_batch(pieces), [epoch, len(shards), 0, 0]
+                    yield self._make_batch(pieces, worker), [epoch, len(shards), 0, 0]
                 return
             if rows_this_epoch == 0 and from_start and shards:  # a reshard may leave a consumer none
                 raise DataError(

@@ -21,8 +21,10 @@ beginning; a removed source's position is dropped. Only which source each later 
 from follows the new sources and weights.
 
 Document ids are made unique across sources by offsetting each source's ids by the
-documents of the sources before it. A mixture of one source yields exactly the batches of
-its `ShardLoader`.
+documents of the sources before it. Row streams (`Batch.streams`) are source index x workers
++ the source's worker: each (source, worker) reads one contiguous stream of documents, and
+its rows keep their order within a batch. A mixture of one source yields exactly the batches
+of its `ShardLoader`.
 """
 
 from __future__ import annotations
@@ -242,7 +244,8 @@ class MixtureLoader:
         return pieces
 
     def _gather(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        """counts[i] next rows of each source i, sources in order; document ids made unique.
+        """counts[i] next rows of each source i, sources in order; document ids made unique,
+        stream ids of (source, worker).
 
         numpy rather than torch: on arrays this small, per-call overhead is the cost."""
         pieces = [
@@ -252,6 +255,8 @@ class MixtureLoader:
             k: np.concatenate([getattr(b, k).numpy()[rows] for _, b, rows in pieces])
             for k in ("tokens", "targets", "doc_ids")
         }
+        workers = self.loaders[0].workers
+        out["streams"] = np.concatenate([i * workers + b.streams.numpy()[rows] for i, b, rows in pieces])
         if self._offsets_needed:
             docs = out["doc_ids"]
             offsets = np.repeat(self._doc_offsets, counts)[:, None]

@@ -1,8 +1,8 @@
 """Slot access statistics: counters, reduction, background sample, table file, TF-IDF.
 
 Trainer use: `SlotStatistics.update` once per micro-batch with each memory layer's
-`last_indices` and the batch's doc ids; `reduce()` at log/checkpoint time; `save_table`
-next to every checkpoint. Format of the table: see pretrain/slots/table.py.
+`last_indices`, the batch's doc ids and row streams; `reduce()` at log/checkpoint time;
+`save_table` next to every checkpoint. Format of the table: see pretrain/slots/table.py.
 """
 
 from pretrain.slots.counters import SlotStatistics

@@ -1,30 +1,39 @@
 """Slot access counters for memory layers: counts, document frequencies, reduction.
 
-Per memory layer (or per shared value table: pass the concatenation of its layers'
-indices along the heads dimension under its own name) this keeps, on the device:
+This module owns the per-rank counting state of `SlotStatistics` (counts, document
+frequencies, totals, the open-occurrence tables), its reduction over ranks and its
+checkpoint state. Per memory layer (or per shared value table: pass the concatenation of
+its layers' indices along the heads dimension under its own name) it keeps, on the device:
   counts[i]    top-k hits of slot i, over tokens, heads and k;
-  doc_freq[i]  number of units (documents, sequences or chunks; see granularity.py for
-               why the unit matters) in which slot i was selected at least once;
+  doc_freq[i]  number of units (document occurrences, sequences or chunks; see
+               granularity.py for why the unit matters) in which slot i was selected;
   num_documents, num_tokens  units and (non-padding) tokens seen.
 `update` uses only fixed-shape device ops (sort, index_add, scatter): no host sync.
 
-Unique (unit, slot) pairs of a micro-batch come from sorting unit * N + slot. Documents
-need more care because one document can straddle rows, micro-batches and steps:
-  * within a micro-batch, rows are taken as consecutive pieces of the rank's stream
-    (row-major), so a document is one run of equal doc ids in the flattened batch;
-  * across micro-batches, each layer keeps `last_doc[s]`: the doc id that last selected
-    slot s. Documents are contiguous in a stream, so a continuing document D has
-    selected s before iff last_doc[s] == D (no other document can have come between).
-    A pair counts iff that test fails. A run starts a new document unless its id is the
-    one that ended the stream's previous micro-batch.
-  * `streams` > 1 handles micro-batches that alternate between several contiguous
-    streams (DataLoader workers deliver batches round-robin): micro-batch t belongs to
-    stream t % streams, each with its own last_doc table (streams x N int64 per layer).
-Counted exactly: a document split over rows, micro-batches, steps, checkpoints (state
-is saved) and interleaved worker streams. Not merged: one document whose pieces are read
-by two different streams or ranks (at a shard boundary) counts once per stream that saw
-it; shuffling sequences (data.shuffle_buffer > 0) breaks contiguity the same way.
-Padding: doc ids < 0 are excluded everywhere.
+Documents are counted per read. The data arrives as contiguous streams (one per
+DataLoader worker of each data source); an occurrence is a maximal run of equal doc ids
+in one stream, so a document read again (the next epoch, a source repeated in a mixture)
+is a new occurrence, counted again in num_documents and in the doc_freq of every slot it
+selects, the slots only it uses included. One occurrence can straddle rows, micro-batches,
+steps and checkpoints:
+  * each row of a micro-batch belongs to a stream: `update(..., streams=(B,) ids)` (the
+    loaders' `Batch.streams`), or, without ids, stream = micro-batch index % `streams`
+    (DataLoader workers deliver whole batches round-robin). A stream's rows within a
+    micro-batch are consecutive pieces of it, so the batch is read stream-major (rows
+    stably sorted by stream) and each stream's segment row-major;
+  * every occurrence gets an id from its stream's counter `next_occurrence`; a run of
+    equal doc ids starts a new one, except the first run of a stream's segment when its
+    doc id is the one that ended the stream's previous segment (`stream_tail`): it goes
+    on with that occurrence (id next_occurrence - 1);
+  * per layer and stream, `last_occurrence[stream, s]` is the occurrence that last
+    selected slot s; occurrences of a stream are contiguous and increasing, so a
+    (slot, occurrence) pair counts iff the slot's last occurrence is another one.
+Not merged: a document whose pieces are read by different streams or ranks (at a shard
+boundary) counts once per piece, and so does a document read at a change of the stream
+layout (load_resharded, another number of streams, a format-1 state). Two reads of one
+document directly after each other in one stream (a reader with a single document) are
+one run, hence one occurrence. Shuffling sequences (data.shuffle_buffer > 0) splits
+documents into many pieces. Padding: doc ids < 0 are excluded everywhere.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from pretrain.slots.granularity import parse_granularity, unit_ids
 from pretrain.slots.sample import BackgroundSample, SampleData
 from pretrain.slots.summary import distribution_summary
 
-STATE_FORMAT = "slot_statistics/1"
+STATE_FORMAT = "slot_statistics/2"  # 2: occurrence ids (1: doc ids) in the open tables
+OLD_FORMATS = ("slot_statistics/1",)  # still loaded: the open tables start afresh
 
 
 class SlotStatistics:
@@ -61,7 +71,7 @@ class SlotStatistics:
         if len(set(layer_names)) != len(layer_names):
             raise ValueError(f"layer_names {layer_names} lists a layer twice")
         if streams <= 0:
-            raise ValueError(f"streams={streams} must be >= 1 (number of data loader workers, or 1)")
+            raise ValueError(f"streams={streams} must be >= 1 (data sources x data loader workers, or 1)")
         self.num_slots, self.layer_names = num_slots, list(layer_names)
         self.granularity = parse_granularity(granularity)
         self.device, self.streams, self.seed = torch.device(device), streams, seed
@@ -72,8 +82,10 @@ class SlotStatistics:
         self.totals = z(2)  # [num_documents, num_tokens]
         self.interval_start_totals = z(2)
         is_doc = self.granularity.kind == "document"
-        self.last_doc = {n: z(streams, num_slots + 1, fill=-1) for n in self.layer_names} if is_doc else {}
-        self.stream_tail = z(streams, fill=-1)  # doc id at the end of each stream's last micro-batch
+        # per stream: the occurrence that last selected each slot (column N absorbs writes that must not land)
+        self.last_occurrence = {n: z(streams, num_slots + 1, fill=-1) for n in self.layer_names} if is_doc else {}
+        self.stream_tail = z(streams, fill=-1)  # doc id at the end of each stream's last segment
+        self.next_occurrence = z(streams)  # id of each stream's next occurrence
         self.micro_batches, self.step = 0, 0
         self.history: dict[str, list[int]] = {
             "step": [],
@@ -87,8 +99,17 @@ class SlotStatistics:
         self._reduced_sample: SampleData | None = None
 
     # ---- counting -------------------------------------------------------------------
-    def update(self, layer_indices: list[torch.Tensor], doc_ids: torch.Tensor, count_this_rank: bool = True) -> None:
-        """Count one micro-batch: layer_indices[l] (B*S, H, k) slot ids, doc_ids (B, S)."""
+    def update(
+        self,
+        layer_indices: list[torch.Tensor],
+        doc_ids: torch.Tensor,
+        count_this_rank: bool = True,
+        streams: torch.Tensor | None = None,
+    ) -> None:
+        """Count one micro-batch: layer_indices[l] (B*S, H, k) slot ids, doc_ids (B, S), and
+        optionally streams (B,): each row's stream id in [0, self.streams) (`Batch.streams`;
+        range-checked when given on the CPU). Without it the whole micro-batch is stream
+        (micro-batch index % self.streams)."""
         if self.reduced:
             raise RuntimeError("this SlotStatistics is a reduced copy (from reduce()); update the original")
         if len(layer_indices) != len(self.layer_names):
@@ -104,36 +125,81 @@ class SlotStatistics:
                     f"indices of {name} have shape {tuple(idx.shape)}; expected ({B * S}, heads, k) "
                     f"for doc_ids of shape {(B, S)}"
                 )
+        if streams is not None:
+            self._check_streams(streams, B)
         item = self.micro_batches
         self.micro_batches += 1
         if not count_this_rank:
             return
-        stream = item % self.streams
         T = B * S
         flat = doc_ids.reshape(T).to(self.device, torch.int64)
         valid = flat >= 0
-        unit = unit_ids(self.granularity, flat.view(B, S))
         self.totals[1] += valid.sum()
         if self.granularity.kind == "document":
-            starts = unit == torch.arange(T, device=self.device)
-            self.totals[0] += (starts & valid & (flat != self.stream_tail[stream])).sum()
+            if streams is None:
+                streams = torch.full((B,), item % self.streams, dtype=torch.int64, device=self.device)
+            occ = self._occurrences(flat, streams.to(self.device, torch.int64), B, S)
         else:
+            unit = unit_ids(self.granularity, flat.view(B, S))
             occupied = torch.zeros(self._units_per_batch(B, S), dtype=torch.int64, device=self.device)
             occupied.scatter_reduce_(0, unit, valid.long(), "amax")
             self.totals[0] += occupied.sum()
         for name, idx in zip(self.layer_names, layer_indices):
-            self._update_layer(name, idx.to(self.device), unit, flat, valid, stream)
-        if self.granularity.kind == "document":
-            self.stream_tail[stream] = flat[-1]
+            if self.granularity.kind == "document":
+                self._update_layer_documents(name, idx.to(self.device), valid, *occ)
+            else:
+                self._update_layer(name, idx.to(self.device), unit, valid)
         if self.sample is not None:
             self.sample.offer(item, layer_indices, doc_ids)
+
+    def _check_streams(self, streams: torch.Tensor, B: int) -> None:
+        if streams.shape != (B,) or streams.is_floating_point():
+            raise ValueError(
+                f"streams must be ({B},) integer stream ids, one per row; got {streams.dtype} {tuple(streams.shape)}"
+            )
+        if streams.device.type == "cpu" and B and not (0 <= int(streams.min()) and int(streams.max()) < self.streams):
+            raise ValueError(
+                f"stream ids {sorted(set(streams.tolist()))} must lie in [0, {self.streams}): SlotStatistics(streams=...) "
+                f"must be the number of data sources x max(1, data loader workers)"
+            )
+
+    def _occurrences(self, flat, streams, B: int, S: int):
+        """Per token (flat order): unit, the first position of its run (a run: equal doc ids
+        within one stream's segment), and per position of the stream-major order (rows stably
+        sorted by stream, the order units count in): occurrence id and stream. For the document
+        granularity; advances the streams' occurrence counters and tails."""
+        T, dev = B * S, self.device
+        order = torch.sort(streams, stable=True).indices
+        perm = (order[:, None] * S + torch.arange(S, device=dev)).reshape(T)
+        doc = flat[perm]
+        stream = streams[order][:, None].expand(B, S).reshape(T)
+        pos = torch.arange(T, device=dev)
+        seg_start = torch.ones(T, dtype=torch.bool, device=dev)
+        seg_start[1:] = stream[1:] != stream[:-1]
+        run_start = seg_start.clone()
+        run_start[1:] |= doc[1:] != doc[:-1]
+        new = run_start & ~(seg_start & (doc == self.stream_tail[stream]))  # else: goes on with the tail's
+        self.totals[0] += (new & (doc >= 0)).sum()
+        # occurrence = the stream's next id + new occurrences so far in the segment - 1
+        taken = new.long().cumsum(0)
+        seg_first = torch.where(seg_start, pos, 0).cummax(0).values
+        before = (taken - new.long())[seg_first]
+        occurrence = self.next_occurrence[stream] + taken - before - 1
+        unit = torch.where(run_start, pos, 0).cummax(0).values
+        # each stream present: its new occurrences counted, the doc id ending its segment kept
+        self.next_occurrence.index_add_(0, stream, new.long())
+        last_pos = torch.zeros_like(self.stream_tail).scatter_reduce_(0, stream, pos, "amax")
+        present = torch.zeros_like(self.stream_tail, dtype=torch.bool).scatter_(0, stream, True)
+        self.stream_tail = torch.where(present, doc[last_pos], self.stream_tail)
+        return unit[perm.argsort()], occurrence, stream
 
     def _units_per_batch(self, B: int, S: int) -> int:
         g = self.granularity
         return B if g.kind == "sequence" else B * -(-S // g.chunk)
 
-    def _update_layer(self, name, idx, unit, flat, valid, stream) -> None:
-        N, T = self.num_slots, flat.numel()
+    def _pairs(self, name, idx, unit, valid):
+        """Sorted unique-able (slot, unit) keys of the micro-batch: counts added; (s, first, slot_of)."""
+        N, T = self.num_slots, valid.numel()
         key_dtype = torch.int32 if N * T <= 2**31 else torch.int64
         # slot-major keys: each slot's pairs are contiguous, its latest unit last; padding
         # gets key -1 and sorts first
@@ -145,16 +211,27 @@ class SlotStatistics:
         first[1:] &= s[1:] != s[:-1]
         slot_of = torch.where(ok, s // T, N).long()  # padding -> N, a dummy slot
         self.counts[name].index_add_(0, slot_of.clamp(max=N - 1), ok.long())
-        if self.granularity.kind != "document":
-            self.doc_freq[name].index_add_(0, slot_of.clamp(max=N - 1), first.long())
-            return
-        doc_of = flat[(s % T).long()]
-        last = self.last_doc[name][stream]  # (N + 1,): column N absorbs writes that must not land
-        new = first & (last[slot_of] != doc_of)
+        return s, first, slot_of
+
+    def _update_layer(self, name, idx, unit, valid) -> None:
+        """Sequence and chunk units: every unit lies within the micro-batch."""
+        _, first, slot_of = self._pairs(name, idx, unit, valid)
+        self.doc_freq[name].index_add_(0, slot_of.clamp(max=self.num_slots - 1), first.long())
+
+    def _update_layer_documents(self, name, idx, valid, unit, occurrence, stream) -> None:
+        """Document occurrences: a (slot, occurrence) pair counts unless the occurrence selected
+        the slot in an earlier micro-batch (it is then the slot's last one in its stream)."""
+        N, T = self.num_slots, valid.numel()
+        s, first, slot_of = self._pairs(name, idx, unit, valid)
+        at = (s % T).long()  # the unit: a position in stream-major order
+        occ_of, cell = occurrence[at], stream[at] * (N + 1) + slot_of  # padding -> column N
+        last = self.last_occurrence[name].view(-1)
+        new = first & (last[cell] != occ_of)
         self.doc_freq[name].index_add_(0, slot_of.clamp(max=N - 1), new.long())
-        is_last = ok.clone()
-        is_last[:-1] &= slot_of[1:] != slot_of[:-1]
-        last.scatter_(0, torch.where(is_last, slot_of, N), doc_of)
+        # within a slot, pairs are in stream-major order of their units: a stream's latest last
+        is_last = s >= 0
+        is_last[:-1] &= cell[1:] != cell[:-1]
+        last.scatter_(0, torch.where(is_last, cell, N), occ_of)
 
     def end_step(self, step: int) -> None:
         """Mark an optimizer-step boundary; `step` is recorded in history and tables."""
@@ -220,14 +297,15 @@ class SlotStatistics:
             {
                 k: v
                 for k, v in self.__dict__.items()
-                if k not in ("counts", "doc_freq", "interval_start", "last_doc", "sample")
+                if k not in ("counts", "doc_freq", "interval_start", "last_occurrence", "sample")
             }
         )
         out.counts = {n: t.clone() for n, t in self.counts.items()}
         out.doc_freq = {n: t.clone() for n, t in self.doc_freq.items()}
         out.interval_start = {n: t.clone() for n, t in self.interval_start.items()}
         out.totals, out.interval_start_totals = self.totals.clone(), self.interval_start_totals.clone()
-        out.stream_tail, out.last_doc, out.sample = self.stream_tail.clone(), {}, None
+        out.stream_tail, out.next_occurrence = self.stream_tail.clone(), self.next_occurrence.clone()
+        out.last_occurrence, out.sample = {}, None
         out.history = copy.deepcopy(self.history)
         out.reduced = True
         return out
@@ -268,13 +346,14 @@ class SlotStatistics:
             "totals": self.totals.cpu().clone(),
             "interval_totals": self.interval_start_totals.cpu().clone(),
             "stream_tail": self.stream_tail.cpu().clone(),
+            "next_occurrence": self.next_occurrence.cpu().clone(),
         }
         for n in self.layer_names:
             sd[f"{n}.counts"] = self.counts[n].cpu().clone()
             sd[f"{n}.doc_freq"] = self.doc_freq[n].cpu().clone()
             sd[f"{n}.interval_start"] = self.interval_start[n].cpu().clone()
-            if n in self.last_doc:
-                sd[f"{n}.last_doc"] = self.last_doc[n].cpu().clone()
+            if n in self.last_occurrence:
+                sd[f"{n}.last_occurrence"] = self.last_occurrence[n].cpu().clone()
         sample = self.sample_data() if self.reduced else None
         if sample is not None:
             sd.update({f"sample.{n}.indices": t for n, t in sample.indices.items()})
@@ -296,9 +375,9 @@ class SlotStatistics:
         }
         return sd
 
-    def _check_state(self, sd: dict, same_streams: bool = True) -> dict:
+    def _check_state(self, sd: dict) -> dict:
         meta = sd.get("meta", {})
-        if meta.get("format") != STATE_FORMAT:
+        if meta.get("format") not in (STATE_FORMAT, *OLD_FORMATS):
             raise ValueError(f"slot statistics state has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
         mine = {
             "num_slots": self.num_slots,
@@ -306,8 +385,6 @@ class SlotStatistics:
             "granularity": self.granularity.name,
             "sample_batches": self.sample.capacity if self.sample else 0,
         }
-        if same_streams:
-            mine["streams"] = self.streams
         for key, value in mine.items():
             if meta[key] != value:
                 raise ValueError(
@@ -322,10 +399,11 @@ class SlotStatistics:
         """Continue from the per-rank states of a run with another number of ranks (all of them,
         in rank order). Rank 0 takes their sums (counts, document frequencies, totals, interval
         starts) and every other rank starts from zero, so the reduced table, the sum over ranks,
-        is exactly the saved one. Open documents are forgotten (`last_doc`): a document being
+        is exactly the saved one. Open occurrences are forgotten: a document being
         read at the reshard counts once more in `doc_freq` where its rest is read (at most one
-        per old reader, as at a shard boundary). Rank r keeps old rank r's background sample."""
-        metas = [self._check_state(sd, same_streams=False) for sd in states]
+        per old reader, as at a shard boundary). Rank r keeps old rank r's background sample.
+        States of format 1 load too."""
+        metas = [self._check_state(sd) for sd in states]
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         z = lambda t: torch.zeros_like(t, device=self.device)  # noqa: E731
         total = lambda key: sum(sd[key].to(self.device) for sd in states)  # noqa: E731
@@ -334,27 +412,40 @@ class SlotStatistics:
         for n in self.layer_names:
             self.counts[n], self.doc_freq[n] = take(f"{n}.counts"), take(f"{n}.doc_freq")
             self.interval_start[n] = take(f"{n}.interval_start")
-            if n in self.last_doc:
-                self.last_doc[n].fill_(-1)
-        self.stream_tail.fill_(-1)
+        self._forget_open_occurrences()
         self.micro_batches, self.step = int(metas[0]["micro_batches"]), int(metas[0]["step"])
         self.history = copy.deepcopy(metas[0]["history"])
         if self.sample is not None and rank < len(states):
             self.sample.load_state_dict(states[rank])
         return "slot counters summed into rank 0" if len(states) > 1 else "slot counters kept on rank 0"
 
+    def _forget_open_occurrences(self) -> None:
+        """The documents being read count as new occurrences where they go on."""
+        for table in self.last_occurrence.values():
+            table.fill_(-1)
+        self.stream_tail.fill_(-1)
+        self.next_occurrence.zero_()
+
     def load_state_dict(self, sd: dict) -> None:
+        """Continue from this rank's `state_dict()`. A state of format 1 (doc ids in the open
+        tables) or of another number of streams (the data sources or workers changed) keeps
+        its counts and totals but not the open occurrences: each document being read then
+        counts once more where its rest is read (at most once per stream)."""
         meta = self._check_state(sd)
         dev = self.device
         self.totals = sd["totals"].to(dev).clone()
         self.interval_start_totals = sd["interval_totals"].to(dev).clone()
-        self.stream_tail = sd["stream_tail"].to(dev).clone()
         for n in self.layer_names:
             self.counts[n] = sd[f"{n}.counts"].to(dev).clone()
             self.doc_freq[n] = sd[f"{n}.doc_freq"].to(dev).clone()
             self.interval_start[n] = sd[f"{n}.interval_start"].to(dev).clone()
-            if n in self.last_doc:
-                self.last_doc[n] = sd[f"{n}.last_doc"].to(dev).clone()
+        if meta["format"] == STATE_FORMAT and meta["streams"] == self.streams:
+            self.stream_tail = sd["stream_tail"].to(dev).clone()
+            self.next_occurrence = sd["next_occurrence"].to(dev).clone()
+            for n in self.last_occurrence:
+                self.last_occurrence[n] = sd[f"{n}.last_occurrence"].to(dev).clone()
+        else:
+            self._forget_open_occurrences()
         self.micro_batches, self.step = int(meta["micro_batches"]), int(meta["step"])
         self.history = copy.deepcopy(meta["history"])
         if self.sample is not None:

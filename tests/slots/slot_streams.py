@@ -85,3 +85,43 @@ def brute_force(streams: dict[str, list], granularity: str, num_slots: int, laye
             df[slot] += 1
         doc_freq.append([df[i] for i in range(num_slots)])
     return counts, doc_freq, len(units), tokens
+
+
+def occurrence_brute_force(batches, num_slots: int, layers: int):
+    """Reads of documents counted by hand: counts, doc_freq (lists per layer), num_documents, num_tokens.
+
+    `batches`: (layer_indices, doc_ids (B, S), row_streams: B hashable stream names) in the
+    order read. Each stream's tokens are laid end to end (its rows in order, row-major) and
+    split into occurrences, the maximal runs of equal doc id; runs of padding (< 0) are dropped.
+    """
+    tokens_of = defaultdict(list)  # stream -> [(doc id, picks of each layer)]
+    for idx, doc_ids, row_streams in batches:
+        B, S = doc_ids.shape
+        for r in range(B):
+            for p in range(S):
+                picks = [idx[layer][r * S + p].reshape(-1).tolist() for layer in range(layers)]
+                tokens_of[row_streams[r]].append((int(doc_ids[r, p]), picks))
+    counts = [[0] * num_slots for _ in range(layers)]
+    doc_freq = [[0] * num_slots for _ in range(layers)]
+    documents = tokens = 0
+    for stream_tokens in tokens_of.values():
+        runs: list[tuple[int, list]] = []
+        for doc, picks in stream_tokens:
+            if runs and runs[-1][0] == doc:
+                runs[-1][1].append(picks)
+            else:
+                runs.append((doc, [picks]))
+        for doc, run in runs:
+            if doc < 0:
+                continue
+            documents += 1
+            tokens += len(run)
+            for layer in range(layers):
+                selected = set()
+                for picks in run:
+                    for slot in picks[layer]:
+                        counts[layer][slot] += 1
+                        selected.add(slot)
+                for slot in selected:
+                    doc_freq[layer][slot] += 1
+    return counts, doc_freq, documents, tokens
