@@ -236,6 +236,7 @@ class Checkpointer:
         except CheckpointError as err:
             raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir)) from None
         self.saved_world = saved.dp_world_size
+        check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
         saved_config = ckpt_dir / "config.yaml"
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
         self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
@@ -327,6 +328,23 @@ class Checkpointer:
                     shutil.rmtree(stale, ignore_errors=True)
                 else:
                     stale.unlink(missing_ok=True)
+
+
+# ZeRO 1 and 2 save the same partitioned optimizer state, so a resume may switch between them;
+# ZeRO 0 and 3 lay theirs out otherwise, and DeepSpeed cannot load one stage's as another's.
+ZERO_STAGES_INTERCHANGEABLE = {1, 2}
+
+
+def check_zero_stage_change(saved: int, now: int, ckpt_dir: Path) -> None:
+    """Refuse (ConfigError) a resume at another ZeRO stage DeepSpeed cannot load, before loading:
+    it would fail inside DeepSpeed's load (0 -> 1: FileNotFoundError, 1 -> 0: AttributeError,
+    2 -> 3: AssertionError)."""
+    if saved != now and not {saved, now} <= ZERO_STAGES_INTERCHANGEABLE:
+        raise ConfigError(
+            f"{ckpt_dir.name} was saved at train.zero_stage={saved}; it resumes at that stage, or between "
+            f"1 and 2 (their optimizer states are laid out alike), not at {now}: set train.zero_stage={saved}, "
+            "or start a new run (train.run_dir, or train.init_from to keep the weights) at the new stage"
+        )
 
 
 def prune_checkpoints(root: Path, keep: int, saved: str) -> list[Path]:

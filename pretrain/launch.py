@@ -339,9 +339,6 @@ RESUME_MAY_CHANGE = (
     "train.activation_checkpointing",  # recomputation only: no state
     "train.activation_checkpointing_layers",
 )
-# ZeRO 1 and 2 save the same partitioned optimizer state, so a resume may switch between them;
-# ZeRO 0 and 3 lay theirs out otherwise, and DeepSpeed cannot load one stage's as another's.
-ZERO_STAGES_INTERCHANGEABLE = {1, 2}
 
 
 def _check_init_from(cfg) -> None:
@@ -399,6 +396,8 @@ def _check_run_dir(run_dir: Path, config_path: Path, config_text: str, resume: b
                 raise SubmitError(f"--resume: {err}") from None
             if data_change:  # e.g. an annealing mixture for the decay
                 changed -= {"data.sources", "data.dir"}
+            from pretrain.checkpoint import ZERO_STAGES_INTERCHANGEABLE
+
             if {old["train"].get("zero_stage"), new["train"]["zero_stage"]} <= ZERO_STAGES_INTERCHANGEABLE:
                 changed.discard("train.zero_stage")
             changed = sorted(changed)

@@ -41,7 +41,8 @@ def remedies(cfg, world_size: int) -> list[str]:
         )
     if world_size > 1 and t.zero_stage < 3:
         what = {0: "the optimizer states", 1: "the gradients too", 2: "the weights too"}[t.zero_stage]
-        out.append(f"train.zero_stage={t.zero_stage + 1} (shards {what} over the {world_size} ranks)")
+        resume = "" if t.zero_stage == 1 else "; in a new run: a resume switches only between stages 1 and 2"
+        out.append(f"train.zero_stage={t.zero_stage + 1} (shards {what} over the {world_size} ranks{resume})")
     if memory.layers:
         value_dim = cfg.model.value_dim
         larger = [

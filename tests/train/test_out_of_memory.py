@@ -44,7 +44,10 @@ def test_a_run_at_its_limits_is_told_so():
     cfg = settings(
         "train.global_batch=8", "train.micro_batch=1", "train.activation_checkpointing=full", "model.memory.layers=[]"
     )
-    assert remedies(cfg, world_size=8) == ["train.zero_stage=1 (shards the optimizer states over the 8 ranks)"]
+    assert remedies(cfg, world_size=8) == [
+        "train.zero_stage=1 (shards the optimizer states over the 8 ranks; in a new run: "
+        "a resume switches only between stages 1 and 2)"
+    ]
     assert (
         remedies(settings("train.micro_batch=1", "train.global_batch=1", "train.activation_checkpointing=full"), 1)
         == []

@@ -131,3 +131,12 @@ def test_the_kernel_may_change_on_resume_the_model_may_not(run_copy, data_cache)
     with pytest.raises(ConfigError, match=r"different model config \(model.memory.k: checkpoint 4 vs config 8\)"):
         train(tiny_config(run_copy, data_cache, "train.max_steps=4", "model.memory.k=8"))
     assert_nothing_lost(before, run_copy)
+
+
+def test_a_zero_stage_deepspeed_cannot_load_is_refused_before_loading(run_copy, data_cache):
+    """Saved at ZeRO 0; resuming at 1 failed inside DeepSpeed's load (FileNotFoundError). Now a
+    ConfigError names both stages before anything is read; 1 <-> 2 stays allowed (launch.py)."""
+    before = file_hashes(run_copy)
+    with pytest.raises(ConfigError, match=r"saved at train.zero_stage=0; .*not at 1: set train.zero_stage=0"):
+        train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.zero_stage=1"))
+    assert_nothing_lost(before, run_copy)
