@@ -189,9 +189,9 @@ def test_invalid_values_raise_before_any_work(kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -0.5}, r"temperature=-0.5 must be >= 0"),
-        ({"temperature": 0.8, "top_p": 0.0}, r"top_p=0.0 in \(0, 1\]"),
-        ({"temperature": 0.8, "top_p": 1.5}, r"top_p=1.5 in \(0, 1\]"),
+        ({"temperature": -0.5}, r"temperature=-0.5 must be a finite number >= 0"),
+        ({"temperature": 0.8, "top_p": 0.0}, r"top_p=0.0 must be a number in \(0, 1\]"),
+        ({"temperature": 0.8, "top_p": 1.5}, r"top_p=1.5 must be a number in \(0, 1\]"),
     ],
 )
 def test_bad_sampling_values_raise_before_the_model_runs(kwargs, message):
