@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -140,6 +141,14 @@ class ModelConfig:
                 f"{p}.multiple_of={self.multiple_of} must be positive (the default FFN width is rounded up to a "
                 "multiple of it; e.g. 32)"
             )
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            # theta <= 0 makes the rotary table NaN, and attention then runs on without an error
+            raise ConfigError(
+                f"{p}.rope_theta={self.rope_theta} must be a positive number (the rotary base, e.g. 10000.0)"
+            )
+        for key in ("norm_eps", "init_std"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                raise ConfigError(f"{p}.{key}={getattr(self, key)} must be >= 0 (e.g. {getattr(ModelConfig, key)})")
         if self.dim % self.n_heads:
             raise ConfigError(f"{p}.dim={self.dim} must be divisible by {p}.n_heads={self.n_heads}")
         if self.head_dim % 2:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import load_config
-from pretrain.model import MemoryPlus, Transformer, ValueTable, count_parameters, language_model_loss
+from pretrain.model import ConfigError, MemoryPlus, Transformer, ValueTable, count_parameters, language_model_loss
 from pretrain.model.transformer import SwiGLU
 
 
@@ -171,3 +171,16 @@ def test_sequence_longer_than_max_seq_len_is_refused(make_model_config):
     model = Transformer(make_model_config(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("rope_theta", 0.0), ("rope_theta", -1e4), ("rope_theta", math.nan), ("norm_eps", -1e-5), ("init_std", -0.02)],
+)
+def test_bad_float_hyper_parameters_are_refused_naming_the_key(make_model_config, key, value):
+    """rope_theta <= 0 gave a NaN rotary table (attention then ran on without an error), a negative
+    norm_eps NaN norms, a negative init_std an error from nn.init that named no key."""
+    if key == "rope_theta":  # the symptom: the float64 rotation of a unit vector is not finite
+        assert not torch.isfinite(rotate(torch.ones(1, 2, 1, 4, dtype=torch.float64), value)).all()
+    with pytest.raises(ConfigError, match=rf"model\.{key}={value}"):
+        Transformer(make_model_config(**{key: value}))
