@@ -126,16 +126,26 @@ def bench_layer(
     if compiled:
         rows.append(compiled_model_row(model, tokens, params, paths[0], model_ms[paths[0]], timed, shape, say))
     model = None
-    if "triton" in layer_ms:  # the Triton rows against the PyTorch path's, measured above
-        for row in rows:
-            if row["name"].endswith("_triton"):
-                row["speedup"] = (layer_ms if row["name"].startswith("memory_") else model_ms)["torch"] / row["p50"]
+    add_speedups(rows)
     for path in paths:
         say(
             f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
             f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
         )
     return list(rows)
+
+
+def add_speedups(rows: list) -> None:
+    """Give each Triton row its `speedup` over the PyTorch row of the same name (the layer, its
+    parts, the model). Rows with no such twin get none: the sublayer kinds are timed on one path,
+    and `kind_unattributed_*` has no p50."""
+    torch_ms = {r["name"].removesuffix("_torch"): r.get("p50") for r in rows if r["name"].endswith("_torch")}
+    for row in rows:
+        if not row["name"].endswith("_triton"):
+            continue
+        twin = torch_ms.get(row["name"].removesuffix("_triton"))
+        if twin is not None and twin > 0 and row.get("p50", 0) > 0:  # a part's `rest` is a difference
+            row["speedup"] = twin / row["p50"]
 
 
 def compiled_model_row(model, tokens, params, path: str, eager_ms: float, timed, shape: dict, say=print) -> dict:
