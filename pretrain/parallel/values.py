@@ -110,13 +110,13 @@ class PartitionedValueTable(nn.Module):
                 backend=self.kernel,  # its saved tensors only
                 value_grad=self.value_grad,
             )
-            return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
+            return mine.view(P, T, mine.shape[1]).permute(1, 0, 2).reshape(T, self.v_dim)
         counts, all_idx, all_w = self._gather_group_inputs(indices, weights)
         part = kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel, value_grad=self.value_grad)
         mine = self._return_rows(part, counts, T)  # (P * T, v_dim / P)
         if tape is not None:
             tape.record(tuple((t.detach(), t.requires_grad) for t in (all_idx, all_w, mine)))
-        return mine.view(P, T, -1).permute(1, 0, 2).reshape(T, self.v_dim)
+        return mine.view(P, T, mine.shape[1]).permute(1, 0, 2).reshape(T, self.v_dim)
 
     # The two collective steps of a lookup, as methods of their own so that
     # `pretrain.parallel.compile.apply_compile` can keep them out of compiled graphs.
