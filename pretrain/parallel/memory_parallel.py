@@ -333,7 +333,9 @@ class MemoryParallel:
                             checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=(name,)
                         )[0][name]
                     dtype = getattr(self.optimizer, "momentum_dtype", None) if name == "exp_avg" else None
-                    state[name] = moment.to(t.shard.device, dtype or t.shard.dtype)
+                    # a column range inside one saved shard is a strided view of it: torch's fused
+                    # CPU AdamW reads non-contiguous state as if contiguous (wrong moments)
+                    state[name] = moment.to(t.shard.device, dtype or t.shard.dtype).contiguous()
                 self.optimizer.state[t.shard] = state
 
     def _moment_names(self) -> tuple[str, ...]:
