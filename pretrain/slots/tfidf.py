@@ -136,8 +136,13 @@ def load_export_for_tfidf(export_dir: str | Path, table_path: str | Path | None 
     """(model, cfg, table, tokenizer path) from an export dir, with the table checked against both
     and, unless `allow_other_run`, against the training run the export came from."""
     export_dir = Path(export_dir)
+    model, cfg = load_model_for_tfidf(export_dir)  # first: a wrong export dir is named as such
+    if table_path is None and not (export_dir / TABLE_FILENAME).is_file():
+        raise FileNotFoundError(
+            f"export {export_dir} holds no {TABLE_FILENAME} (its run counted no slot statistics): export a "
+            "run trained with slots.enabled=true, or pass the table of the run it came from (--table)"
+        )
     table = load_table(table_path or export_dir / TABLE_FILENAME)
-    model, cfg = load_model_for_tfidf(export_dir)
     tok = export_dir / "tokenizer.model"
     check_table_matches(table, cfg, tok if tok.is_file() else None)
     if not allow_other_run:

@@ -164,6 +164,19 @@ def test_tfidf_tool_refuses_a_layer_it_cannot_rank(export_dir, capsys):
     assert "--layer layers.9 cannot be ranked; choose one of ['layers.1']" in capsys.readouterr().err
 
 
+def test_tfidf_tool_names_a_missing_export_or_table(export_dir, tmp_path, capsys):
+    """A wrong --export is named as such (it was blamed on <dir>/slot_frequencies.safetensors),
+    and an export without a table names the fix."""
+    missing = tmp_path / "no_such_export"
+    assert tfidf_tool.main(["--export", str(missing), "--text", "where was ada born"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} has no config.json" in err and "slot_frequencies" not in err
+    out, *_ = export_dir
+    (out / "slot_frequencies.safetensors").unlink()
+    assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born"]) == 2
+    assert "holds no slot_frequencies.safetensors" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("wrong", ["model_config_hash", "tokenizer_hash"])
 def test_tfidf_tool_refuses_table_from_other_model_or_tokenizer(export_dir, capsys, wrong):
     out, cfg, stats, meta = export_dir
