@@ -329,7 +329,7 @@ class Trainer:
         t = self.cfg.train
         self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
-        self.measure_dense_norm = Every(t.log_every)  # the step before a log line (ZeRO stage 0)
+        self.measure_dense_norm = Every(t.log_every, t.max_steps)  # the steps that log (ZeRO stage 0)
         self.periodic = [(Every(t.log_every, t.max_steps), self.log)]  # in this order after each step
         if self.stats is not None:
             self.periodic.append((Every(self.cfg.slots.log_every), self.log_slots))

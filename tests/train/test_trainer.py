@@ -227,3 +227,25 @@ def test_a_run_without_checkpoints_writes_none_and_trains_the_same(tmp_path, dat
     assert saved.checkpoint is not None and latest_checkpoint(tmp_path / "saved" / "checkpoints") is not None
     assert bare.checkpoint is None
     assert not (tmp_path / "bare" / "checkpoints").exists() or not any((tmp_path / "bare" / "checkpoints").iterdir())
+
+
+def test_the_last_log_line_has_the_dense_grad_norm(tmp_path, data_cache, monkeypatch):
+    """max_steps not a multiple of log_every: the closing log line at max_steps (ZeRO 0) carries the
+    dense gradient norm, equal to the norm of the gradients the step updates with, taken in float64."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.optimizers import Optimizers
+
+    reference, real_step = {}, Optimizers.step
+
+    def step(self, lr_multiplier, skip):  # the gradients are cleared inside the real step
+        grads = [p.grad.double().flatten() for p in self.engine.module.parameters() if p.grad is not None]
+        reference[len(reference) + 1] = float(torch.linalg.vector_norm(torch.cat(grads)))
+        return real_step(self, lr_multiplier, skip)
+
+    monkeypatch.setattr(Optimizers, "step", step)
+    train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=3", "train.log_every=2"), save_checkpoints=False)
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged = {e.step: e.value for e in board.Scalars("train/grad_norm")}
+    assert logged.keys() == {2, 3}
+    assert [logged[2], logged[3]] == pytest.approx([reference[2], reference[3]], rel=1e-5)
