@@ -39,7 +39,7 @@ class Optimizers:
         with record_function(regions.BACKWARD):
             self.engine.backward(loss)
         if not last_micro_batch:
-            with record_function(regions.STEP):
+            with record_function(regions.MICRO_STEP):
                 self.engine.step()
 
     def clip(self, measure_dense: bool) -> GradNorms:

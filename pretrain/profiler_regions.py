@@ -7,9 +7,10 @@ from __future__ import annotations
 
 FORWARD = "train/forward"
 BACKWARD = "train/backward"
-STEP = "train/step"
+STEP = "train/step"  # the optimizer step: once per step, so profiling counts steps by it
+MICRO_STEP = "train/micro_step"  # DeepSpeed's step() after a micro-batch before the accumulation boundary
 EVAL = "eval"  # evaluation: left out of the step-time shares
-STEP_REGIONS = (FORWARD, BACKWARD, STEP)
+STEP_REGIONS = (FORWARD, BACKWARD, STEP, MICRO_STEP)
 
 SCORING = "memory/scoring"  # MemoryPlus.search: query projection, product-key top-k, softmax
 BAG_FORWARD = "memory/bag_forward"  # the value-table read (for P > 1 it contains the communication)

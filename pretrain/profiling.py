@@ -14,8 +14,9 @@ Memory-layer regions come from record_function names in the model code:
                         the custom op memlayers::embedding_bag_backward (kernels/ops.py)
 With a GPU the operators rank by their kernels' time and the report gives the device's busy
 share of the steps; the region shares stay host-side intervals (where launches happened).
-Shares are of the summed train/forward + train/backward + train/step regions (named in
-pretrain/train.py); evaluation (its "eval" region) and checkpointing are left out.
+Shares are of the summed train/forward + train/backward + train/step (+ train/micro_step with
+gradient accumulation) regions (named in pretrain/profiler_regions.py); evaluation (its "eval"
+region) and checkpointing are left out.
 """
 
 from __future__ import annotations

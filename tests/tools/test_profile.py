@@ -129,3 +129,29 @@ def test_skip_steps_leaves_the_first_steps_out():
     assert summarize(events, Path("t.json")).device_busy_s == pytest.approx(1000e-6)
     with pytest.raises(ValueError, match="leaves none"):
         summarize(events, Path("t.json"), skip_steps=2)
+
+
+def test_skip_steps_counts_optimizer_steps_under_gradient_accumulation(tmp_path, monkeypatch):
+    """Two micro-batches per step: skip_steps=1 leaves out both micro-batches of the first optimizer
+    step, so the summary's step time is that of the train/* regions from the second step's first
+    forward on (the 3rd forward of the trace), and no more."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import pretrain.profiling as profiling
+    from pretrain.config import load_config
+
+    seen, real_summarize = {}, profiling.summarize
+
+    def spy(events, trace, **kwargs):
+        seen["events"] = list(events)
+        return real_summarize(seen["events"], trace, **kwargs)
+
+    monkeypatch.setattr(profiling, "summarize", spy)
+    overrides = [*SMALL, "train.global_batch=8", f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path}"]
+    report = profiling.profile_training(load_config("configs/tiny.yaml", overrides), steps=2, skip_steps=1)
+    forwards = sorted(e.time_range.start for e in seen["events"] if e.name == "train/forward")
+    assert len(forwards) == 4  # 2 steps x 2 micro-batches
+    second_step = [
+        e for e in seen["events"] if e.name.startswith("train/") and e.time_range.start >= forwards[2]
+    ]  # the train/* regions do not nest
+    expected = sum(e.time_range.end - e.time_range.start for e in second_step) / 1e6
+    assert report.step_time_s == pytest.approx(expected, rel=1e-9)
