@@ -15,6 +15,7 @@ import torch
 # Dense (not 2:4 sparse) bf16 tensor-core peaks, FLOP/s.
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
+    "H200 NVL": 835e12,  # the PCIe card: lower clocks and power than the SXM H200
     "H100 SXM": 989e12,
     "H100 80GB HBM3": 989e12,
     "H100 PCIe": 756e12,

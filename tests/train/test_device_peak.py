@@ -25,6 +25,7 @@ from pretrain import metrics
         ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA H100 SXM5 80GB", 989e12),
         ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
         ("NVIDIA GH200 480GB", 989e12),
     ],
 )
