@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     import torch
 
     from pretrain.data import DataError, Tokenizer
+    from pretrain.data.corpus import resolve_files
     from pretrain.export import ExportError, load
     from pretrain.slots import TableMismatchError, load_export_for_tfidf
     from pretrain.smf import FinetuneSet, LearningForgettingEval, build_method, finetune, save_finetuned_export
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     try:
         if out.exists() and not args.force:
             raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
+        resolve_files(args.data, option="--data")  # before the model loads
         if args.method == "sparse":  # the model with its slot table, checked against each other
             model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)
             model = model.to(args.device)

@@ -51,27 +51,28 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def resolve_files(paths: list[str | Path]) -> list[Path]:
+def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path]:
     """Expand directories (sorted, recursive; hidden files and folders skipped) and glob patterns
-    (sorted); check that every path exists."""
+    (sorted); check that every path exists. `option`: the command-line flag the paths came from,
+    named in the errors."""
     if not paths:
-        raise DataError("no input paths given: pass --input <file or directory> ...")
+        raise DataError(f"no input paths given: pass {option} <file or directory> ...")
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.exists() and glob.has_magic(str(p)):
             matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matched:
-                raise DataError(f"input pattern {p} matches no file: check --input")
+                raise DataError(f"input pattern {p} matches no file: check {option}")
             files.extend(matched)
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
             if not found:
-                raise DataError(f"input directory {p} holds no files: point --input at your corpus")
+                raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
-            raise DataError(f"input path {p} does not exist: check --input")
+            raise DataError(f"input path {p} does not exist: check {option}")
     return files
 
 

@@ -170,3 +170,8 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     assert main(["--export", str(export), "--data", data, "--out", str(tmp_path / "x"), "--table", str(other)]) == 2
     assert "different model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    missing = tmp_path / "new_fact.jsonl"  # a typo in --data: named with the flag this tool has
+    assert main(["--export", str(export), "--data", str(missing), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "check --data" in err and "--input" not in err
+    assert not (tmp_path / "y").exists()
