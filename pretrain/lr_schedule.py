@@ -52,7 +52,7 @@ def decay_steps(cfg: OptimConfig, max_steps: int) -> int:
 
 
 def decay_start(cfg: OptimConfig, max_steps: int) -> int | None:
-    """The first step whose learning rate is below the peak by the decay; None without a decay."""
+    """The first step of the decay (its rate is still the peak; the next is below it); None without a decay."""
     return None if cfg.decay_shape == "none" else max_steps - decay_steps(cfg, max_steps)
 
 

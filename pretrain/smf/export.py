@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pretrain.export import ExportError
@@ -46,7 +47,9 @@ def save_finetuned_export(
         for item in source.iterdir():
             if item.is_file() and item.name != WEIGHTS:
                 shutil.copyfile(item, tmp / item.name)
-        save_file(weights_for_file(model, dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        with safe_open(str(source / WEIGHTS), "pt") as f:  # the step it was exported at, for init_from's log
+            metadata = {**(f.metadata() or {}), "format": "pt"}
+        save_file(weights_for_file(model, dtype), str(tmp / WEIGHTS), metadata=metadata)
         config = json.loads((tmp / "config.json").read_text())
         config.setdefault("memlayers", {})["finetune"] = record
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

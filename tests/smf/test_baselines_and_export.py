@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from pretrain.data import Tokenizer
 from pretrain.export import ExportError, load
@@ -63,6 +64,12 @@ def test_lora_trains_adapters_only_and_merges_exactly(smf_export, data, tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["memlayers"]["finetune"]["method"] == "lora"
     assert (out / "slot_frequencies.safetensors").read_bytes() == (export / "slot_frequencies.safetensors").read_bytes()
+
+    def step_of(folder):  # what train.init_from logs as "exported at step"
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return f.metadata()["step"]
+
+    assert step_of(out) == step_of(export)
 
 
 def test_finetuned_export_refuses_to_overwrite(smf_export, tmp_path):
