@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("top_t", "lora_rank", "epochs", "eval_every", "batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.method != "sparse":
+        for flag in ("table", "allow_other_run"):
+            if getattr(args, flag):
+                p.error(f"--{flag.replace('_', '-')} is read only by --method sparse (it ranks the slots): drop it")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
     if args.lr <= 0:

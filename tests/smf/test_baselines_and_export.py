@@ -182,3 +182,12 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     err = capsys.readouterr().err
     assert str(missing) in err and "check --data" in err and "--input" not in err
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("flag", [["--table", "t.safetensors"], ["--allow-other-run"]])
+def test_finetune_tool_refuses_sparse_only_options_for_other_methods(flag, capsys):
+    from tools.smf_finetune import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--export", "e", "--data", "d", "--out", "o", "--method", "lora", *flag])
+    assert exit_.value.code == 2 and f"{flag[0]} is read only by --method sparse" in capsys.readouterr().err
