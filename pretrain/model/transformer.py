@@ -155,6 +155,11 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {past + S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids (document masking) is for packed training batches, not with a KV cache")
+        if cache is not None and len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"the KV cache has {len(cache.layers)} layers, the model {len(self.layers)}: "
+                "build it as KVCache(len(model.layers)) for this model"
+            )
         x = self.tok_embeddings(tokens)
         freqs = self.rotary(past + S, x.device)[past:]
         mask = None

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from pretrain.config import load_config
 from pretrain.model import ConfigError, MemoryPlus, Transformer, ValueTable, count_parameters, language_model_loss
+from pretrain.model.kv_cache import KVCache
 from pretrain.model.transformer import SwiGLU
 
 
@@ -171,6 +172,14 @@ def test_sequence_longer_than_max_seq_len_is_refused(make_model_config):
     model = Transformer(make_model_config(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cache_layers", [1, 5])
+def test_a_kv_cache_for_another_depth_is_refused(make_model_config, cache_layers):
+    model = Transformer(make_model_config())
+    assert len(model.layers) not in (1, 5)
+    with pytest.raises(ValueError, match=f"KV cache has {cache_layers} layers, the model {len(model.layers)}"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=KVCache(cache_layers))
 
 
 @pytest.mark.parametrize(
