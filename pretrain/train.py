@@ -339,19 +339,18 @@ class Trainer:
         ]
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_data_wait = 0.0  # seconds this rank waited for batches since the last log
+        self.interval_paused = 0.0  # seconds in evaluation, checkpoints, slot logs since the last log
         self.last_step: StepOutput | None = None
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
         batches = iter(self.train_loader)
+        self.interval_start = time.perf_counter()  # after building and resuming
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
             self.count(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
             self.watchdog.progress(f"step {self.state.step}")
-            for every, action in self.periodic:  # log, slot statistics, evaluate, checkpoint
-                if every.due(self.state.step):
-                    action()
-                    self.watchdog.progress(f"{action.__name__} at step {self.state.step}")
+            self.run_periodic()
             if self.stop_requested(stop):
                 break
         return self.result()
@@ -373,6 +372,17 @@ class Trainer:
         with record_function(regions.STEP):
             self.optimizers.step(multiplier, skip=not finite)
         return StepOutput(loss, finite, norms, multiplier, start, time.perf_counter() - start, z_mean)
+
+    def run_periodic(self) -> None:
+        """The log, slot statistics, evaluation and checkpoint due after this step. Their time is
+        kept off the throughput clock: tokens/s, MFU and the data-wait share are of training."""
+        for every, action in self.periodic:
+            if every.due(self.state.step):
+                started = time.perf_counter()
+                action()
+                if action != self.log:  # the log restarts the interval itself
+                    self.interval_paused += time.perf_counter() - started
+                self.watchdog.progress(f"{action.__name__} at step {self.state.step}")
 
     def next_batch(self, batches):
         """The next micro-batch; the time spent waiting for it is counted (perf/data_wait_fraction)."""
@@ -425,7 +435,7 @@ class Trainer:
     # ---- periodic work ---------------------------------------------------------------------
     def log(self) -> None:
         out, now = self.last_step, time.perf_counter()
-        elapsed = max(now - self.interval_start, 1e-9)
+        elapsed = max(now - self.interval_start - self.interval_paused, 1e-9)  # training time only
         tokens_per_s = self.interval_steps * self.tokens_per_step / elapsed
         data_wait = gather_floats(self.interval_data_wait / elapsed)  # per rank, a collective
         log_progress(
@@ -446,7 +456,8 @@ class Trainer:
             data_wait=data_wait,
             z_loss=out.z_loss,
         )
-        self.interval_start, self.interval_steps, self.interval_data_wait = time.perf_counter(), 0, 0.0
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.interval_data_wait = self.interval_paused = 0.0
 
     def log_slots(self) -> None:
         log_slot_statistics(self.stats, self.metrics, self.state.step)

@@ -1,6 +1,9 @@
-"""perf/data_wait_fraction: the share of each logging interval a rank spent waiting for its
+"""The throughput clock of the training log.
+
+perf/data_wait_fraction: the share of each logging interval a rank spent waiting for its
 batches, the largest over ranks and that rank (perf/data_wait_slowest_rank): the input pipeline
-that holds every rank back. Checked against loaders that sleep a known time per batch."""
+that holds every rank back. Checked against loaders that sleep a known time per batch.
+perf/tokens_per_s: of training steps only, not of evaluation or checkpoints."""
 
 from __future__ import annotations
 
@@ -75,3 +78,38 @@ def test_the_rank_whose_loader_is_slow_is_named(tmp_path, data_cache):
     assert set(logged(tmp_path / "run", "perf/data_wait_slowest_rank")) == {1}
     # 1 micro-batch per rank per step: 0.25 s asleep per step
     assert all(0.5 < f <= 1.0 for f in logged(tmp_path / "run", "perf/data_wait_fraction")[1:])
+
+
+def test_evaluation_and_checkpoints_stay_off_the_throughput_clock(tmp_path, data_cache, monkeypatch):
+    """A slow evaluation and checkpoint after step 2 must not lower the tokens/s of the interval
+    that holds them: tokens/s is of training steps. Reference: the step's own time, logged as
+    perf/step_time_s (one step per interval)."""
+    import pretrain.train as train_module
+    from pretrain.train import train
+
+    def slow(method):
+        def wrapped(self, *args, **kwargs):
+            time.sleep(4 * DELAY)
+            return method(self, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(train_module.Evaluator, "__call__", slow(train_module.Evaluator.__call__))
+    monkeypatch.setattr(train_module.Trainer, "save_checkpoint", slow(train_module.Trainer.save_checkpoint))
+    cfg = tiny_config(
+        tmp_path / "run",
+        data_cache,
+        f"train.max_steps={STEPS}",
+        "train.log_every=1",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+    )
+    train(cfg)
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    tokens_per_s = logged(tmp_path / "run", "perf/tokens_per_s")
+    step_time = logged(tmp_path / "run", "perf/step_time_s")
+    # Step 3's interval holds step 2's 2 s of evaluation and checkpoint against a step of a few
+    # hundredths: counted, its tokens/s would be a tenth of the step's own rate or less.
+    for logged_rate, seconds in zip(tokens_per_s[1:], step_time[1:]):
+        assert logged_rate > 0.5 * tokens_per_step / seconds, (tokens_per_s, step_time)
+    assert all(f < 0.5 for f in logged(tmp_path / "run", "perf/data_wait_fraction")[1:])
