@@ -615,6 +615,9 @@ def open_run_dir(
     return checkpointer, resume_from, init
 
 
+VALUE_SEED_STRIDE = 1_000_003  # above any table count: no two (train.seed, table) pairs share a seed
+
+
 def build_model(
     cfg: RunConfig, info: DistInfo, load_universal: bool = False, init: InitSource | None = None
 ) -> tuple[Transformer, Any, Optimizers]:
@@ -633,7 +636,11 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(cfg.model)
     groups = init_memory_groups(cfg.model.memory.parallel_size)
-    values = MemoryParallel(model, groups, cfg.optim, kernel=cfg.model.memory.kernel, device=device)
+    # value table i draws from its own generator, seeded train.seed * VALUE_SEED_STRIDE + i:
+    # another train.seed gives other values (as it gives other dense weights), seed 0 gives i
+    values = MemoryParallel(
+        model, groups, cfg.optim, kernel=cfg.model.memory.kernel, device=device, seed=t.seed * VALUE_SEED_STRIDE
+    )
     model.to_empty(device=device)
     seed_everything(t.seed)
     model.reset_parameters()
