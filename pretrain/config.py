@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -138,6 +139,9 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "memory", "selective"] = "none"
     activation_checkpointing_layers: list[int] = field(default_factory=list)  # selective: these blocks
     compile: bool = False  # torch.compile each block (pretrain/parallel/compile.py)
+    # MFU's denominator: a GPU's dense bf16 peak in FLOP/s (e.g. 2.25e15 for a B200). null: from
+    # the GPU's name (pretrain/metrics.py PEAK_BF16_FLOPS); a GPU not named there logs MFU n/a
+    peak_flops: Optional[float] = None
     # Hang detection (pretrain/watchdog.py): a rank that finishes no step, evaluation or checkpoint
     # for hang_timeout_s (startup_timeout_s until its first step) writes where it is stuck to
     # run_dir/hangs/ and the job ends; rank 0 requeues it once per checkpoint. 0 turns it off.
@@ -478,6 +482,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns hang detection off) and "
             f"train.startup_timeout_s={t.startup_timeout_s} > 0 (seconds)"
+        )
+    if t.peak_flops is not None and not (math.isfinite(t.peak_flops) and t.peak_flops > 0):
+        raise ConfigError(
+            f"train.peak_flops={t.peak_flops} must be a GPU's dense bf16 peak in FLOP/s (e.g. 9.89e14 for "
+            "an H100 SXM), or null to take it from the GPU's name"
         )
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}")

@@ -14,6 +14,7 @@ import torch
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks, FLOP/s.
 PEAK_BF16_FLOPS = {
+    "B200": 2250e12,
     "H200": 989e12,
     "H200 NVL": 835e12,  # the PCIe card: lower clocks and power than the SXM H200
     "H100 SXM": 989e12,
@@ -32,6 +33,21 @@ def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def run_peak_flops(device: torch.device, configured: float | None) -> tuple[float | None, str | None]:
+    """MFU's peak for a run: `configured` (train.peak_flops) if set, else the device's; with a
+    line to log when a GPU's peak is unknown, saying how to set it."""
+    if configured is not None:
+        return configured, None
+    peak = device_peak_flops(device)
+    if peak is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return None, (
+            f"MFU n/a: no dense bf16 peak is known for {name!r}; set train.peak_flops=<its FLOP/s> "
+            "(e.g. 2.25e15 for a B200) to log MFU"
+        )
+    return peak, None
 
 
 def peak_flops_of(name: str) -> float | None:

@@ -41,7 +41,7 @@ from pretrain.data.sources import resolve_eval_sources  # noqa: E402
 from pretrain.distributed import DistInfo, barrier, gather_floats, init_distributed, rank0_value  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
-from pretrain.metrics import MetricsLogger, device_peak_flops, memory_allocated, mfu  # noqa: E402
+from pretrain.metrics import MetricsLogger, memory_allocated, mfu, run_peak_flops  # noqa: E402
 from pretrain.model import Objective, Transformer, flops_per_token, training_objective  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
 from pretrain.optim import build_dense_optimizer  # noqa: E402
@@ -533,6 +533,9 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
     metrics.line(describe_data(cfg, sources, tokenizer))
     for line in describe_plan(training_plan(cfg, sources), note_repeats=bool(cfg.data.dir or cfg.data.sources)):
         metrics.line(line)
+    peak, unknown_peak = run_peak_flops(info.device, cfg.train.peak_flops)
+    if unknown_peak:
+        metrics.line(unknown_peak)
     if init is not None:
         metrics.line(init.describe())
     elif cfg.train.init_from:
@@ -571,7 +574,7 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
         ),
         state=state,
         flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
-        peak=device_peak_flops(info.device),
+        peak=peak,
         watchdog=watchdog,
         objective=compile_objective(training_objective) if cfg.train.compile else training_objective,
     )
