@@ -73,6 +73,8 @@ def write_fact_tasks(
     under a temporary name and renamed: an interrupted write leaves the previous file whole."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise ExportError(f"limit={limit!r} must be an integer >= 1 (the number of probes to keep), or None for all")
+    if isinstance(choices, bool) or not isinstance(choices, numbers.Integral) or choices < 2:
+        raise ExportError(f"choices={choices!r} must be an integer >= 2 (the answer and at least one other option)")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len

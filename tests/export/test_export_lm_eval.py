@@ -201,6 +201,10 @@ def test_probe_counts_below_one_are_refused(inference_export, tmp_path, monkeypa
         with pytest.raises(ExportError, match=rf"limit={limit} must be an integer >= 1"):
             write_fact_tasks(inference_export, tmp_path / "t", limit=limit)
         assert not (tmp_path / "t").exists()
+    for choices in (1, 0):  # one option is always right; none crashed in random.sample
+        with pytest.raises(ExportError, match=rf"choices={choices} must be an integer >= 2"):
+            write_fact_tasks(inference_export, tmp_path / "t", choices=choices)
+        assert not (tmp_path / "t").exists()
     for option in ("--probes", "--limit"):
         with pytest.raises(SystemExit) as exit_info:
             memlayers_eval([str(inference_export), option, "0"])
