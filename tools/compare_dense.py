@@ -51,10 +51,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--dense-config", default="configs/tiny_dense.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", nargs="+", default=["0", "1", "2"], help="integers; key=value overrides may follow them"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to both configs")
     args = parser.parse_args(argv)
+    # --seeds takes every word after it: overrides written after the seeds (as above) belong to `overrides`
+    seeds = [w for w in args.seeds if "=" not in w]
+    args.overrides = args.overrides + [w for w in args.seeds if "=" in w]
+    try:
+        args.seeds = [int(w) for w in seeds]
+    except ValueError:
+        parser.error(f"--seeds {' '.join(seeds)}: seeds must be integers")
+    if not args.seeds:
+        parser.error("--seeds needs at least one integer seed")
+    if args.json and args.json.is_dir():
+        parser.error(f"--json {args.json} is a folder: name the file to write")
+    from pretrain.config import load_config
+    from pretrain.model import ConfigError
+
+    for config in (args.config, args.dense_config):  # both, before the first run takes minutes
+        try:
+            load_config(config, [f"train.seed={args.seeds[0]}", *args.overrides])
+        except ConfigError as err:
+            parser.error(str(err))
     results: dict[str, list[dict]] = {"memory": [], "dense": []}
     with tempfile.TemporaryDirectory(prefix="compare-dense-") as tmp:
         for seed in args.seeds:
@@ -68,7 +89,9 @@ def main(argv=None) -> int:
         print(f"| {name} | " + " | ".join(summary([r[m] for r in runs if m in r]) for m in METRICS) + " |")
     print(f"({len(args.seeds)} seeds; same tokens per seed for both models)")
     if args.json:
-        args.json.write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+        from pretrain.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"seeds": args.seeds, "results": results}, indent=2))
     return 0
 
 
