@@ -56,9 +56,15 @@ def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format=_image_format(out)))
     finally:
         plt.close(fig)
+
+
+def _image_format(out: str | Path) -> str:
+    """The format `out`'s suffix names, PNG without one: matplotlib would read it from the
+    temporary's name, whose suffix is the random tail when `out` has none."""
+    return Path(out).suffix[1:].lower() or "png"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--out", default="lr_schedule.png", help="the PNG to write (default: lr_schedule.png)")
     args = parser.parse_args(argv)
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder: name the PNG to write, e.g. {Path(args.out) / 'lr_schedule.png'}")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

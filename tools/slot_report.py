@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--table", required=True, help="slot_frequencies.safetensors or a directory holding one")
     p.add_argument("--out", required=True, help="PNG file to write")
     args = p.parse_args(argv)
+    if Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a folder: name the PNG to write, e.g. {Path(args.out) / 'slot_report.png'}")
     try:
         table = load_table(args.table)
     except (FileNotFoundError, ValueError) as err:

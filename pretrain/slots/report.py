@@ -44,6 +44,12 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
     )
     fig.tight_layout()
     try:
-        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format=_image_format(out)))
     finally:
         plt.close(fig)
+
+
+def _image_format(out: str | Path) -> str:
+    """The format `out`'s suffix names, PNG without one: matplotlib would read it from the
+    temporary's name, whose suffix is the random tail when `out` has none."""
+    return Path(out).suffix[1:].lower() or "png"

@@ -210,6 +210,20 @@ def test_slot_report_writes_png(tmp_path):
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
 
 
+def test_slot_report_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_path, capsys):
+    """matplotlib read the format from the temporary's name, whose suffix is its random tail
+    when --out has none; a folder as --out crashed in the final rename."""
+    save_table(tmp_path / "ckpt" / "slot_frequencies.safetensors", small_stats(), {})
+    out = tmp_path / "plots" / "report"
+    out.parent.mkdir()
+    assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as exit_:
+        slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out.parent)])
+    assert exit_.value.code == 2 and "is a folder: name the PNG to write" in capsys.readouterr().err
+    assert [p.name for p in out.parent.iterdir()] == ["report"]  # no temporary left
+
+
 def _set_export_run(out, run_id: str) -> None:
     config = json.loads((out / "config.json").read_text())
     config["memlayers"] = {"run_id": run_id}

@@ -24,3 +24,17 @@ def test_bad_setting_is_named(tmp_path, capsys):
         main(["--config", "configs/tiny.yaml", "optim.decay_fraction=2", "--out", str(tmp_path / "x.png")])
     assert exit_.value.code == 2 and "optim.decay_fraction=2.0 must be in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_path, capsys):
+    """matplotlib read the format from the temporary's name, whose suffix is its random tail
+    when --out has none ("Format 'tmp-...' is not supported"); a folder crashed in the rename."""
+    out = tmp_path / "schedule"
+    assert main(["--config", "configs/tiny.yaml", "train.max_steps=50", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--config", "configs/tiny.yaml", "train.max_steps=50", "--out", str(tmp_path / "s.pdf")]) == 0
+    assert (tmp_path / "s.pdf").read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "configs/tiny.yaml", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "is a folder: name the PNG to write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pdf", "schedule"]  # no temporary left
