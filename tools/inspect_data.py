@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.inspect import decoded_rows, inspect_split  # noqa: E402
-from pretrain.files import atomic_write_text  # noqa: E402
+from pretrain.files import atomic_write, atomic_write_text  # noqa: E402
 
 
 def report_lines(r) -> list[str]:
@@ -53,10 +53,10 @@ def plot_lengths(r, path: Path) -> None:
         title=f"{r.split}: {r.documents:,} documents",
     )
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -71,6 +71,10 @@ def main(argv=None) -> int:
     if args.rows < 0 or args.top < 0:
         print("inspect_data: error: --rows and --top must be >= 0", file=sys.stderr)
         return 2
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and path.is_dir():
+            print(f"inspect_data: error: {option} {path} is a folder: name the file to write", file=sys.stderr)
+            return 2
     try:
         report = inspect_split(args.dataset, args.split, top=args.top)
         rows = decoded_rows(args.dataset, args.split, args.rows) if args.rows else []

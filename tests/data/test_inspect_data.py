@@ -86,3 +86,19 @@ def test_cli_writes_json_and_plot_and_refuses_a_missing_split(tmp_path, tokenize
     assert "has no 'val' split with shards" in capsys.readouterr().err
     with pytest.raises(DataError, match="does not exist"):
         inspect_split(tmp_path / "nowhere")
+
+
+def test_plot_into_a_new_folder_and_a_folder_as_output_refused(tmp_path, tokenizer, documents, capsys):
+    """--plot into a folder not yet made crashed (its temporary was written beside it without
+    creating the folder); a folder as --plot crashed after the inspection, leaving a temporary
+    beside the folder."""
+    out, _ = prepared(tmp_path, tokenizer, documents)
+    plot = tmp_path / "plots" / "lengths.png"
+    assert main([str(out), "--rows", "0", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in plot.parent.iterdir()] == ["lengths.png"]  # no temporary left
+    capsys.readouterr()
+    for option in ("--plot", "--json"):
+        assert main([str(out), "--rows", "0", option, str(plot.parent)]) == 2
+        assert f"{option} {plot.parent} is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "plots"]
