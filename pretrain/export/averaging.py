@@ -107,6 +107,10 @@ def average_exports(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists: choose another output folder or pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(
+            f"{out_dir} is a file, not an export folder: choose another --output (--force replaces folders)"
+        )
     inputs, weights = check_inputs(dirs, weights)
     total = sum(weights)
     share = [w / total for w in weights]

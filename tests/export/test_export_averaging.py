@@ -108,3 +108,13 @@ def test_mismatched_inputs_are_refused_before_anything_is_written(two_steps, tmp
     with pytest.raises(ExportError, match="already exists: choose another output folder or pass --force"):
         average_exports([early, late], out)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_file_as_output_is_refused_before_any_input_is_read(tmp_path):
+    """--force with --output naming a file averaged everything, then crashed in the rename
+    (NotADirectoryError) leaving the finished export as a temporary beside it."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(ExportError, match="is a file, not an export folder"):
+        average_exports([tmp_path / "a", tmp_path / "b"], target, force=True)  # inputs not read: they do not exist
+    assert target.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
