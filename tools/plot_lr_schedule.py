@@ -30,10 +30,12 @@ def describe(cfg: RunConfig) -> str:
         else f"{o.decay_shape} decay over steps {start}..{steps - 1} to lr x {o.min_lr_ratio:g}"
     )
     values = "constant" if o.value_lr_schedule == "constant" else "the same shape"
-    return (
-        f"{steps} steps: warm-up over steps 0..{max(0, o.warmup_steps - 1)} to lr {o.lr:g}, {decay}; "
-        f"values at {o.value_lr:g}, {values}"
+    warmup = (
+        f"warm-up over steps 0..{o.warmup_steps - 1} to lr {o.lr:g}"
+        if o.warmup_steps
+        else f"no warm-up (lr {o.lr:g} from step 0)"
     )
+    return f"{steps} steps: {warmup}, {decay}; values at {o.value_lr:g}, {values}"
 
 
 def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:

@@ -38,3 +38,10 @@ def test_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_path, capsys):
         main(["--config", "configs/tiny.yaml", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "is a folder: name the PNG to write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pdf", "schedule"]  # no temporary left
+
+
+def test_no_warmup_is_not_described_as_one(tmp_path, capsys):
+    """optim.warmup_steps=0 printed "warm-up over steps 0..0", a one-step warm-up that is not there."""
+    assert main(["--config", "configs/tiny.yaml", "optim.warmup_steps=0", "--out", str(tmp_path / "s.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "no warm-up (lr 0.003 from step 0)" in printed and "warm-up over" not in printed
