@@ -4,8 +4,9 @@ Everything the framework writes (configs, manifests, checkpoints' small files, s
 folders, exports, plots) appears under its final name only when complete: it is written
 under a temporary name beside it and renamed, so a crash leaves the previous version
 intact. This module is the one implementation of that: `atomic_write` for a whole file or
-folder, `atomic_path` when the caller writes the temporary itself, and the three steps
-(`temp_path_beside`, `replace_with`, `discard`) for writers that stay open across calls.
+folder, `atomic_path` when the caller writes the temporary itself, the three steps
+(`temp_path_beside`, `replace_with`, `discard`) for writers that stay open across calls,
+and `save_figure` for a matplotlib figure.
 """
 
 from __future__ import annotations
@@ -96,6 +97,25 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], objec
         else:
             content(tmp)
     return Path(path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write the matplotlib figure `fig` to `path` atomically and close it; return `path`.
+
+    The format is the one `path`'s suffix names, PNG without one: left to itself matplotlib
+    would read it from the temporary's name, whose suffix is a random tail when `path` has
+    none. A folder as `path` is refused rather than replaced.
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder: name the image file to write, e.g. {path / 'plot.png'}")
+        image_format = path.suffix[1:].lower() or "png"
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=image_format))
+    finally:
+        plt.close(fig)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

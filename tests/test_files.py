@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from pretrain.files import atomic_directory, atomic_path, atomic_write, file_sha256, temp_path_beside
+from pretrain.files import atomic_directory, atomic_path, atomic_write, file_sha256, save_figure, temp_path_beside
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,3 +124,30 @@ def test_permissions_follow_the_umask_like_a_plain_write(tmp_path):
     mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("atomic") == mode("plain")
     assert mode("atomic_dir") == mode("plain_dir")
+
+
+def test_save_figure_format_follows_the_suffix_and_a_folder_is_refused(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def figure():
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        return fig
+
+    # No suffix: PNG (matplotlib alone would take the temporary's random tail as the format).
+    fig = figure()
+    assert save_figure(fig, tmp_path / "plain") == tmp_path / "plain"
+    assert (tmp_path / "plain").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)  # closed
+    save_figure(figure(), tmp_path / "sub" / "plot.pdf")  # folder made, format from the suffix
+    assert (tmp_path / "sub" / "plot.pdf").read_bytes()[:5] == b"%PDF-"
+    (tmp_path / "folder").mkdir()
+    fig = figure()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_figure(fig, tmp_path / "folder")
+    assert not plt.fignum_exists(fig.number)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "plain", "sub"]
+    assert list((tmp_path / "folder").iterdir()) == []

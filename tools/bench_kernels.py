@@ -26,7 +26,7 @@ from tqdm import tqdm  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from kernels import reference  # noqa: E402
-from pretrain.files import atomic_write  # noqa: E402
+from pretrain.files import atomic_write, save_figure  # noqa: E402
 
 DTYPES = kb.DTYPES
 
@@ -500,7 +500,7 @@ def main(argv=None) -> int:
         ax.loglog(slots, [r["brute_force_us_per_token"] for r in rows], "s-", label="brute force")
         ax.set_xlabel("slots N"), ax.set_ylabel("us per token"), ax.legend(), ax.set_title(info["device"])
         fig.tight_layout()
-        atomic_write(args.plot, fig.savefig)
+        save_figure(fig, args.plot)
         print(f"plot written to {args.plot}")
     else:
         with tqdm(total=2 * len(args.v_dims), desc="kernels") as bar:

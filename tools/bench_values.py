@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.files import atomic_write_text, save_figure
 from pretrain.parallel.value_bench import (
     PKM_INSTALL,
     SPARSE_VARIANTS,
@@ -133,9 +134,7 @@ def plot(records: list[dict], path: Path) -> None:
     b.set(xlabel="value slots N", ylabel="MiB", title="memory")
     a.legend(fontsize=8), b.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -173,7 +172,7 @@ def main(argv=None) -> int:
     )
     print(format_sweep(records))
     plot(records, args.plot)
-    args.plot.with_suffix(".json").write_text(json.dumps(records, indent=1))
+    atomic_write_text(args.plot.with_suffix(".json"), json.dumps(records, indent=1))
     print(f"wrote {args.plot} and {args.plot.with_suffix('.json')}")
     if args.layer_n_keys:
         layer = LayerSpec(n_keys=args.layer_n_keys, dim=args.layer_dim)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.inspect import decoded_rows, inspect_split  # noqa: E402
-from pretrain.files import atomic_write, atomic_write_text  # noqa: E402
+from pretrain.files import atomic_write_text, save_figure  # noqa: E402
 
 
 def report_lines(r) -> list[str]:
@@ -53,10 +53,7 @@ def plot_lengths(r, path: Path) -> None:
         title=f"{r.split}: {r.documents:,} documents",
     )
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

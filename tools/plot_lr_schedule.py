@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import RunConfig, load_config  # noqa: E402
-from pretrain.files import atomic_write  # noqa: E402
+from pretrain.files import save_figure  # noqa: E402
 from pretrain.lr_schedule import decay_start, learning_rates  # noqa: E402
 from pretrain.model import ConfigError  # noqa: E402
 
@@ -57,16 +57,7 @@ def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:
     ax.set(xlabel="optimizer step", ylabel="learning rate", ylim=(0, None), title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format=_image_format(out)))
-    finally:
-        plt.close(fig)
-
-
-def _image_format(out: str | Path) -> str:
-    """The format `out`'s suffix names, PNG without one: matplotlib would read it from the
-    temporary's name, whose suffix is the random tail when `out` has none."""
-    return Path(out).suffix[1:].lower() or "png"
+    return save_figure(fig, out, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

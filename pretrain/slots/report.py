@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.files import atomic_write
+from pretrain.files import save_figure
 from pretrain.slots.table import SlotTable
 
 
@@ -43,13 +43,4 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
         f"{table.num_documents} {table.granularity} units"
     )
     fig.tight_layout()
-    try:
-        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format=_image_format(out)))
-    finally:
-        plt.close(fig)
-
-
-def _image_format(out: str | Path) -> str:
-    """The format `out`'s suffix names, PNG without one: matplotlib would read it from the
-    temporary's name, whose suffix is the random tail when `out` has none."""
-    return Path(out).suffix[1:].lower() or "png"
+    return save_figure(fig, out, dpi=110)

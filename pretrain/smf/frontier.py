@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.files import atomic_write
+from pretrain.files import save_figure
 
 COLORS = {"sparse": "tab:blue", "full": "tab:red", "lora": "tab:green"}
 NAMES = {"sparse": "sparse memory finetuning", "full": "full finetuning", "lora": "LoRA"}
@@ -113,10 +113,7 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=130)
 
 
 def _settings_text(settings: dict) -> str:
