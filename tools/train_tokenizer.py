@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import positive_int  # noqa: E402
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
@@ -34,7 +35,9 @@ def main(argv=None) -> int:
         default=200_000,
         help="at most this many lines, a seeded uniform sample of the whole corpus (memory bound)",
     )
-    ap.add_argument("--threads", type=int, default=1, help="more is faster but may not be bit-reproducible")
+    ap.add_argument(
+        "--threads", type=positive_int, default=1, help="more is faster but may not be bit-reproducible (N >= 1)"
+    )
     args = ap.parse_args(argv)
     try:
         tok = train_tokenizer(

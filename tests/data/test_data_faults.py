@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_helpers import SEQ_LEN  # noqa: E402
-from pretrain.data import DataError, ShardLoader, iter_documents, write_dataset
+from pretrain.data import DataError, ShardLoader, iter_documents, train_tokenizer, write_dataset
 from pretrain.data.shards import CorruptShardError, read_manifest
 from tools import prepare_data as prepare_cli
 from tools import train_tokenizer as tokenizer_cli
@@ -40,6 +40,24 @@ def test_jsonl_text_that_is_not_a_string_is_refused(tmp_path, bad, capsys):
         == 2
     )
     assert "c.jsonl:2" in capsys.readouterr().err and not out.exists()
+
+
+def test_tokenizer_threads_below_one_are_refused_before_the_corpus_is_read(tmp_path, monkeypatch, capsys):
+    """--threads 0 or -2 read the whole sample, then sentencepiece stopped with a traceback."""
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+        yield
+
+    monkeypatch.setattr(tokenizer_cli, "iter_documents", unread)
+    for threads in ("0", "-2"):
+        with pytest.raises(SystemExit) as exit_:
+            tokenizer_cli.main(["--input", "c.jsonl", "--output", str(tmp_path / "t.model"), "--threads", threads])
+        assert exit_.value.code == 2
+        assert f"argument --threads: {threads} must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"num_threads=2000 must be in 1..1024 \(--threads\)"):
+        train_tokenizer(unread(), tmp_path / "t.model", 300, num_threads=2000)
+    assert list(tmp_path.iterdir()) == []
 
 
 def truncated_gzip(tmp_path):
