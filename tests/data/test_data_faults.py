@@ -4,6 +4,7 @@ named, nothing half-written; foreign shards and out-of-vocabulary ids are caught
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import shutil
 import tarfile
@@ -58,6 +59,28 @@ def test_tokenizer_threads_below_one_are_refused_before_the_corpus_is_read(tmp_p
     with pytest.raises(DataError, match=r"num_threads=2000 must be in 1..1024 \(--threads\)"):
         train_tokenizer(unread(), tmp_path / "t.model", 300, num_threads=2000)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tool", ["train_tokenizer", "sample_corpus"])
+def test_a_folder_as_output_is_refused_before_any_work(tmp_path, tool, monkeypatch, capsys):
+    """An existing folder as --output ended in IsADirectoryError in the final rename, after the
+    tokenizer was trained or the corpus assembled."""
+    cli = importlib.import_module(f"tools.{tool}")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the work began")
+
+    monkeypatch.setattr(cli, "iter_documents" if tool == "train_tokenizer" else "write_bundled_corpus", unread)
+    (tmp_path / "out").mkdir()
+    argv = ["--output", str(tmp_path / "out")] + (["--input", "c.jsonl"] if tool == "train_tokenizer" else [])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    example = tmp_path / "out" / ("tokenizer.model" if tool == "train_tokenizer" else "corpus.jsonl")
+    assert exit_.value.code == 2
+    assert f"argument --output: {tmp_path / 'out'} is a folder: name the file to write, e.g. {example}" in (
+        capsys.readouterr().err
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
 
 
 def truncated_gzip(tmp_path):
