@@ -15,6 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.cli import positive_int  # noqa: E402
+
 
 def positive_float(text: str) -> float:
     """argparse type: a finite float > 0."""
@@ -35,17 +37,6 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 0 (0 = off)") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0 (0 = off)")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1 (leave --probes out to generate text)")
     return value
 
 

@@ -23,16 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1 (leave the option out for all)")
-    return value
+from pretrain.cli import positive_int  # noqa: E402
 
 
 def lm_eval_command(

@@ -14,14 +14,18 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.cli import positive_int  # noqa: E402
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by memlayers-export")
     parser.add_argument("--data", required=True, help="a dataset written by memlayers-prepare-data")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument(
+        "--max-batches", type=positive_int, default=None, help="at most N batches (default: the whole split)"
+    )
     parser.add_argument("--document-masking", action="store_true", help="attention within each document")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the result to this file")
@@ -40,7 +44,7 @@ def main(argv=None) -> int:
             args.data,
             args.split,
             batch_size=args.batch_size,
-            max_batches=args.max_batches,
+            max_batches=args.max_batches or 0,
             document_masking=args.document_masking,
             device=args.device,
             show_progress=not args.no_progress,

@@ -17,24 +17,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.files import save_figure  # noqa: E402
-from pretrain.lr_schedule import decay_start, learning_rates  # noqa: E402
+from pretrain.lr_schedule import decay_start, decay_steps, learning_rates  # noqa: E402
 from pretrain.model import ConfigError  # noqa: E402
 
 
 def describe(cfg: RunConfig) -> str:
     o, steps = cfg.optim, cfg.train.max_steps
-    start = decay_start(o, steps)
-    decay = (
-        "no decay (constant after warm-up)"
-        if start is None
-        else f"{o.decay_shape} decay over steps {start}..{steps - 1} to lr x {o.min_lr_ratio:g}"
-    )
+    start, n_decay = decay_start(o, steps), decay_steps(o, steps)
+    if start is None:
+        decay = "no decay (constant after warm-up)"
+    elif n_decay == 0:
+        why = (
+            "no step is left after warm-up"
+            if o.warmup_steps >= steps
+            else f"{o.decay_fraction:g} x {steps} rounds to 0"
+        )
+        decay = f"no {o.decay_shape} decay ({why})"
+    elif n_decay == 1:  # a decay's first step still runs at the peak
+        decay = f"no {o.decay_shape} decay (its one step, {start}, runs at the peak lr)"
+    else:
+        decay = f"{o.decay_shape} decay over steps {start}..{steps - 1} to lr x {o.min_lr_ratio:g}"
     values = "constant" if o.value_lr_schedule == "constant" else "the same shape"
-    warmup = (
-        f"warm-up over steps 0..{o.warmup_steps - 1} to lr {o.lr:g}"
-        if o.warmup_steps
-        else f"no warm-up (lr {o.lr:g} from step 0)"
-    )
+    if not o.warmup_steps:
+        warmup = f"no warm-up (lr {o.lr:g} from step 0)"
+    elif o.warmup_steps > steps:
+        warmup = (
+            f"warm-up over all {steps} steps, ending at lr {o.lr * steps / o.warmup_steps:g}: the peak lr {o.lr:g} "
+            f"is never reached (optim.warmup_steps={o.warmup_steps} > train.max_steps={steps})"
+        )
+    else:
+        warmup = f"warm-up over steps 0..{o.warmup_steps - 1} to lr {o.lr:g}"
     return f"{steps} steps: {warmup}, {decay}; values at {o.value_lr:g}, {values}"
 
 
@@ -49,10 +61,10 @@ def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(steps, dense, label="dense (optim.lr)")
     ax.plot(steps, values, label="values (optim.value_lr)", linestyle="--")
-    if cfg.optim.warmup_steps:
+    if 0 < cfg.optim.warmup_steps <= cfg.train.max_steps:  # a later end would stretch the axis past the run
         ax.axvline(cfg.optim.warmup_steps, color="gray", lw=0.8, linestyle=":", label="warm-up ends")
     start = decay_start(cfg.optim, cfg.train.max_steps)
-    if start is not None and start > cfg.optim.warmup_steps:
+    if start is not None and start > cfg.optim.warmup_steps and decay_steps(cfg.optim, cfg.train.max_steps) > 1:
         ax.axvline(start, color="black", lw=0.8, linestyle=":", label="decay begins")
     ax.set(xlabel="optimizer step", ylabel="learning rate", ylim=(0, None), title=title)
     ax.legend(fontsize=8)
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = (
         "constant"
         if o.decay_shape == "none"
+        else "no decay"
+        if decay_steps(o, cfg.train.max_steps) <= 1
         else f"{o.decay_shape} decay"
         if o.decay_fraction >= 1
         else "warmup-stable-decay"

@@ -13,13 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import output_file  # noqa: E402
 from pretrain.data.bundled_text import PARTS, write_bundled_corpus  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", required=True, help="the .jsonl file to write")
+    ap.add_argument("--output", required=True, type=output_file("corpus.jsonl"), help="the .jsonl file to write")
     ap.add_argument("--part", nargs="+", default=list(PARTS), choices=PARTS, help="which texts (default: all)")
     args = ap.parse_args(argv)
     try:

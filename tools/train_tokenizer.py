@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
         required=True,
         help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst compressed)",
     )
-    ap.add_argument("--output", required=True, help="where to write the .model file")
+    ap.add_argument("--output", required=True, type=output_file("tokenizer.model"), help="the .model file to write")
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
@@ -34,7 +35,9 @@ def main(argv=None) -> int:
         default=200_000,
         help="at most this many lines, a seeded uniform sample of the whole corpus (memory bound)",
     )
-    ap.add_argument("--threads", type=int, default=1, help="more is faster but may not be bit-reproducible")
+    ap.add_argument(
+        "--threads", type=positive_int, default=1, help="more is faster but may not be bit-reproducible (N >= 1)"
+    )
     args = ap.parse_args(argv)
     try:
         tok = train_tokenizer(

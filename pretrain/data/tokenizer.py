@@ -105,6 +105,8 @@ def train_tokenizer(
         raise DataError(f"vocab_size={vocab_size} is too small: byte fallback needs >= 260 (256 bytes + 4 specials)")
     if max_sentences <= 0:
         raise DataError(f"max_sentences={max_sentences} must be positive (e.g. 200000)")
+    if not 1 <= num_threads <= 1024:  # sentencepiece would refuse it only after the sample is read
+        raise DataError(f"num_threads={num_threads} must be in 1..1024 (--threads)")
     sentences = sample_sentences(documents, max_sentences)
     if not sentences:
         raise DataError("the tokenizer corpus is empty: no non-blank line to train on")

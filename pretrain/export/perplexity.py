@@ -38,6 +38,8 @@ def dataset_loss(
     from it) on `split` of `dataset_dir`; `max_batches` > 0 reads only that many batches."""
     from pretrain.export.loading import load, model_config_from_json
 
+    if max_batches < 0:  # the `> 0` tests below would read the whole split
+        raise ValueError(f"max_batches={max_batches} must be >= 0 (0: the whole split)")
     tokenizer = export_tokenizer(export_dir)
     manifest = read_manifest(dataset_dir)
     cfg = model_config_from_json(Path(export_dir) / "config.json")

@@ -4,6 +4,7 @@ named, nothing half-written; foreign shards and out-of-vocabulary ids are caught
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import shutil
 import tarfile
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_helpers import SEQ_LEN  # noqa: E402
-from pretrain.data import DataError, ShardLoader, iter_documents, write_dataset
+from pretrain.data import DataError, ShardLoader, iter_documents, train_tokenizer, write_dataset
 from pretrain.data.shards import CorruptShardError, read_manifest
 from tools import prepare_data as prepare_cli
 from tools import train_tokenizer as tokenizer_cli
@@ -40,6 +41,46 @@ def test_jsonl_text_that_is_not_a_string_is_refused(tmp_path, bad, capsys):
         == 2
     )
     assert "c.jsonl:2" in capsys.readouterr().err and not out.exists()
+
+
+def test_tokenizer_threads_below_one_are_refused_before_the_corpus_is_read(tmp_path, monkeypatch, capsys):
+    """--threads 0 or -2 read the whole sample, then sentencepiece stopped with a traceback."""
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+        yield
+
+    monkeypatch.setattr(tokenizer_cli, "iter_documents", unread)
+    for threads in ("0", "-2"):
+        with pytest.raises(SystemExit) as exit_:
+            tokenizer_cli.main(["--input", "c.jsonl", "--output", str(tmp_path / "t.model"), "--threads", threads])
+        assert exit_.value.code == 2
+        assert f"argument --threads: {threads} must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"num_threads=2000 must be in 1..1024 \(--threads\)"):
+        train_tokenizer(unread(), tmp_path / "t.model", 300, num_threads=2000)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tool", ["train_tokenizer", "sample_corpus"])
+def test_a_folder_as_output_is_refused_before_any_work(tmp_path, tool, monkeypatch, capsys):
+    """An existing folder as --output ended in IsADirectoryError in the final rename, after the
+    tokenizer was trained or the corpus assembled."""
+    cli = importlib.import_module(f"tools.{tool}")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the work began")
+
+    monkeypatch.setattr(cli, "iter_documents" if tool == "train_tokenizer" else "write_bundled_corpus", unread)
+    (tmp_path / "out").mkdir()
+    argv = ["--output", str(tmp_path / "out")] + (["--input", "c.jsonl"] if tool == "train_tokenizer" else [])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    example = tmp_path / "out" / ("tokenizer.model" if tool == "train_tokenizer" else "corpus.jsonl")
+    assert exit_.value.code == 2
+    assert f"argument --output: {tmp_path / 'out'} is a folder: name the file to write, e.g. {example}" in (
+        capsys.readouterr().err
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any((tmp_path / "out").iterdir())
 
 
 def truncated_gzip(tmp_path):

@@ -87,3 +87,20 @@ def test_cli_writes_json_and_refuses_another_tokenizer(export_and_data, tmp_path
     with pytest.raises(DataError, match="differs from the one .*manifest.json was built with"):
         dataset_loss(other, dataset, "val", show_progress=False)
     assert perplexity_cli.main([str(other), "--data", str(dataset), "--no-progress"]) == 2
+
+
+def test_batch_counts_below_one_are_refused_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    """--max-batches -3 was taken as 'no limit' (the code tests > 0) and read the whole split."""
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the export was read")
+
+    monkeypatch.setattr("pretrain.export.perplexity.dataset_loss", unread)
+    for option, value in (("--max-batches", "-3"), ("--max-batches", "0"), ("--batch-size", "0")):
+        with pytest.raises(SystemExit) as exit_:
+            perplexity_cli.main([str(tmp_path / "export"), "--data", str(tmp_path / "data"), option, value])
+        assert exit_.value.code == 2
+        assert f"argument {option}: {value} must be an integer >= 1" in capsys.readouterr().err
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"max_batches=-3 must be >= 0 \(0: the whole split\)"):
+        dataset_loss(tmp_path / "export", tmp_path / "data", max_batches=-3, show_progress=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from pretrain.config import load_config
+from pretrain.lr_schedule import learning_rates
 from tools.plot_lr_schedule import main
 
 
@@ -45,3 +47,20 @@ def test_no_warmup_is_not_described_as_one(tmp_path, capsys):
     assert main(["--config", "configs/tiny.yaml", "optim.warmup_steps=0", "--out", str(tmp_path / "s.png")]) == 0
     printed = capsys.readouterr().out
     assert "no warm-up (lr 0.003 from step 0)" in printed and "warm-up over" not in printed
+
+
+@pytest.mark.parametrize("warmup", [99, 100, 200])
+def test_warmup_as_long_as_the_run_leaves_no_decay_and_may_not_reach_the_peak(tmp_path, capsys, warmup):
+    """optim.warmup_steps >= train.max_steps printed "warm-up over steps 0..199 to lr 0.003" for a
+    100-step run that ends at lr 0.0015, and "cosine decay over steps 100..99", a decay with no step."""
+    overrides = ["train.max_steps=100", f"optim.warmup_steps={warmup}"]
+    assert main(["--config", "configs/tiny.yaml", *overrides, "--out", str(tmp_path / "s.png")]) == 0
+    printed = capsys.readouterr().out
+    cfg = load_config("configs/tiny.yaml", overrides)
+    lrs = [learning_rates(step, cfg)[0] for step in range(100)]
+    assert "decay over" not in printed and "no cosine decay" in printed
+    assert all(lr <= lrs[-1] for lr in lrs)  # no step decays; the last is the highest
+    if warmup > 100:
+        assert f"warm-up over all 100 steps, ending at lr {lrs[-1]:g}: the peak lr 0.003 is never reached" in printed
+    else:
+        assert f"warm-up over steps 0..{warmup - 1} to lr 0.003" in printed and lrs[-1] == 0.003

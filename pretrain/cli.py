@@ -1,0 +1,30 @@
+"""argparse types shared by the command-line tools (tools/*.py): bad input is refused when the
+arguments are parsed, with the option and the value named, before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1")
+    return value
+
+
+def output_file(example: str):
+    """argparse type for a file to write: an existing folder is refused, `example` inside it given
+    as the fix (the atomic write's final rename would fail only after all the work)."""
+
+    def check(text: str) -> str:
+        if Path(text).is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder: name the file to write, e.g. {Path(text) / example}")
+        return text
+
+    return check
