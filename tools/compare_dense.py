@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import output_file  # noqa: E402
+
 METRICS = ("val_loss", "fact_recall", "fact_recall_chance")
 
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--seeds", nargs="+", default=["0", "1", "2"], help="integers; key=value overrides may follow them"
     )
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=output_file("compare.json"), default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to both configs")
     args = parser.parse_args(argv)
     # --seeds takes every word after it: overrides written after the seeds (as above) belong to `overrides`
@@ -66,8 +68,6 @@ def main(argv=None) -> int:
         parser.error(f"--seeds {' '.join(seeds)}: seeds must be integers")
     if not args.seeds:
         parser.error("--seeds needs at least one integer seed")
-    if args.json and args.json.is_dir():
-        parser.error(f"--json {args.json} is a folder: name the file to write")
     from pretrain.config import load_config
     from pretrain.model import ConfigError
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import output_file  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.files import save_figure  # noqa: E402
 from pretrain.lr_schedule import decay_start, decay_steps, learning_rates  # noqa: E402
@@ -76,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--out", default="lr_schedule.png", help="the PNG to write (default: lr_schedule.png)")
+    parser.add_argument(
+        "--out", default="lr_schedule.png", type=output_file("lr_schedule.png"), help="the PNG to write"
+    )
     args = parser.parse_args(argv)
-    if Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a folder: name the PNG to write, e.g. {Path(args.out) / 'lr_schedule.png'}")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -99,6 +99,8 @@ def test_plot_into_a_new_folder_and_a_folder_as_output_refused(tmp_path, tokeniz
     assert [p.name for p in plot.parent.iterdir()] == ["lengths.png"]  # no temporary left
     capsys.readouterr()
     for option in ("--plot", "--json"):
-        assert main([str(out), "--rows", "0", option, str(plot.parent)]) == 2
-        assert f"{option} {plot.parent} is a folder" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:
+            main([str(out), "--rows", "0", option, str(plot.parent)])
+        assert exit_.value.code == 2
+        assert f"argument {option}: {plot.parent} is a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "plots"]

@@ -220,7 +220,7 @@ def test_slot_report_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_pat
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit) as exit_:
         slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out.parent)])
-    assert exit_.value.code == 2 and "is a folder: name the PNG to write" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "is a folder: name the file to write" in capsys.readouterr().err
     assert [p.name for p in out.parent.iterdir()] == ["report"]  # no temporary left
 
 

@@ -38,7 +38,7 @@ def test_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_path, capsys):
     assert (tmp_path / "s.pdf").read_bytes()[:5] == b"%PDF-"
     with pytest.raises(SystemExit) as exit_:
         main(["--config", "configs/tiny.yaml", "--out", str(tmp_path)])
-    assert exit_.value.code == 2 and "is a folder: name the PNG to write" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "is a folder: name the file to write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pdf", "schedule"]  # no temporary left
 
 
