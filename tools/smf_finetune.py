@@ -85,12 +85,12 @@ def main(argv=None) -> int:
     from pretrain.export import ExportError, load
     from pretrain.slots import TableMismatchError, load_export_for_tfidf
     from pretrain.smf import FinetuneSet, LearningForgettingEval, build_method, finetune, save_finetuned_export
+    from pretrain.smf.export import check_output_folder
 
     export = Path(args.export)
     out = Path(args.out)
     try:
-        if out.exists() and not args.force:
-            raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
+        check_output_folder(export, out, args.force)  # before the model loads and trains
         resolve_files(args.data, option="--data")  # before the model loads
         if args.method == "sparse":  # the model with its slot table, checked against each other
             model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)

@@ -23,6 +23,8 @@ def value_table_name(table: int) -> str:
 
 def slot_stream_names(memory: MemoryConfig) -> list[str]:
     """The slot-access counters: one per memory layer, plus one for a value table that
-    several layers share (its accesses are the layers' accesses joined)."""
-    names = [memory_layer_name(i) for i in memory.layers]
+    several layers share (its accesses are the layers' accesses joined). In block order, the
+    order of `Transformer.memory_layers()` whose lookups the counters receive, whatever the
+    order of `memory.layers`."""
+    names = [memory_layer_name(i) for i in sorted(memory.layers)]
     return names + ([value_table_name(0)] if memory.shared_values and len(memory.layers) > 1 else [])

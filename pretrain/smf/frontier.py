@@ -13,6 +13,10 @@ from pathlib import Path
 
 from pretrain.files import save_figure
 
+# Recalls are fractions of probes (k / n) and the drops their differences: a point exactly at
+# a bound (10 points below, a third of the drop) may land a rounding error on either side of it.
+BOUNDARY_SLACK = 1e-9  # far below one probe of any probe set (1 / n)
+
 COLORS = {"sparse": "tab:blue", "full": "tab:red", "lora": "tab:green"}
 NAMES = {"sparse": "sparse memory finetuning", "full": "full finetuning", "lora": "LoRA"}
 
@@ -47,7 +51,8 @@ def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3)
     ref = max(full, key=lambda p: (p["new_fact_recall"], -p["old_fact_drop"]))
     verdict = {"reference": ref, "margin": margin, "forgetting_ratio": forgetting_ratio, "methods": {}}
     for method in sorted({p["method"] for p in pts} - {"full"}):
-        ok = [p for p in pts if p["method"] == method and p["new_fact_recall"] >= ref["new_fact_recall"] - margin]
+        floor = ref["new_fact_recall"] - margin - BOUNDARY_SLACK
+        ok = [p for p in pts if p["method"] == method and p["new_fact_recall"] >= floor]
         best = (
             min(ok, key=lambda p: p["old_fact_drop"])
             if ok
@@ -56,7 +61,8 @@ def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3)
         verdict["methods"][method] = {
             "point": best,
             "learns_within_margin": bool(ok),
-            "forgets_at_most_ratio": best["old_fact_drop"] <= forgetting_ratio * max(ref["old_fact_drop"], 0.0),
+            "forgets_at_most_ratio": best["old_fact_drop"]
+            <= forgetting_ratio * max(ref["old_fact_drop"], 0.0) + BOUNDARY_SLACK,
         }
     sparse = verdict["methods"].get("sparse")
     verdict["sparse_meets_bar"] = (

@@ -191,3 +191,40 @@ def test_finetune_tool_refuses_sparse_only_options_for_other_methods(flag, capsy
     with pytest.raises(SystemExit) as exit_:
         main(["--export", "e", "--data", "d", "--out", "o", "--method", "lora", *flag])
     assert exit_.value.code == 2 and f"{flag[0]} is read only by --method sparse" in capsys.readouterr().err
+
+
+def test_finetune_tool_refuses_an_out_it_cannot_write_before_training(smf_export, tmp_path, capsys, monkeypatch):
+    """--out = the export, a folder holding it, or a file, even with --force: refused with exit 2
+    before any finetuning. Before, the tool finetuned every epoch and then crashed in the save
+    (a traceback, or NotADirectoryError for a file), and a folder holding the export was
+    replaced with --force, deleting the source export."""
+    import shutil
+
+    import pretrain.smf
+    from tools.smf_finetune import main
+
+    export, dataset = smf_export
+    parent = tmp_path / "exports"
+    source = parent / "src"
+    shutil.copytree(export, source)
+    files = sorted(p.name for p in source.iterdir())
+    (tmp_path / "a_file").write_text("mine")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("finetuned although --out cannot be written")
+
+    monkeypatch.setattr(pretrain.smf, "finetune", no_training)
+    data = str(dataset / "new_facts.jsonl")
+    for out, why in (
+        (source, "is the source export"),
+        (parent, "holds the source export"),
+        (tmp_path / "a_file", "is a file"),
+    ):
+        argv = ["--export", str(source), "--data", data, "--out", str(out), "--epochs", "1", "--force"]
+        assert main(argv) == 2
+        assert why in capsys.readouterr().err
+        assert sorted(p.name for p in source.iterdir()) == files  # the source export is intact
+    assert (tmp_path / "a_file").read_text() == "mine"
+    with pytest.raises(ExportError, match="holds the source export"):
+        save_finetuned_export(source, load(source), parent, {}, force=True)
+    assert sorted(p.name for p in source.iterdir()) == files

@@ -60,6 +60,34 @@ def test_sparse_misses_the_bar(sparse_epochs, learns, forgets_little):
     assert "**no**" in summary_markdown(report, verdict)
 
 
+@pytest.mark.parametrize("full_hits, sparse_hits", [(138, 123), (125, 110), (140, 125)])
+def test_a_point_exactly_at_the_bounds_meets_them(full_hits, sparse_hits):
+    """Recall as probes answered out of 150 (new) and 1350 (old), as in the fact world. Sparse
+    learns exactly 10 points less than full and forgets exactly a third of full's drop: both
+    bounds are inclusive, checked against exact fractions. Before, 138 vs 123 (92.0% vs 82.0%)
+    and 125 vs 110 were "NOT within 10 points", and a drop of 409 of 1350 probes "more than 1/3" of 1227, by float rounding errors (140 vs 125 passed)."""
+    from fractions import Fraction
+
+    old_before, full_old, sparse_old = 1237, 10, 828  # drops of 1227 and exactly 409 probes
+    assert Fraction(sparse_hits, 150) >= Fraction(full_hits, 150) - Fraction(1, 10)
+    assert Fraction(old_before - sparse_old, 1350) <= Fraction(1, 3) * Fraction(old_before - full_old, 1350)
+    report = sweep(
+        run("full", "full", (full_hits / 150, full_old / 1350)),
+        run("sparse", "sparse", (sparse_hits / 150, sparse_old / 1350)),
+    )
+    report["before"]["old_fact_recall"] = old_before / 1350
+    verdict = compare(report)
+    assert verdict["methods"]["sparse"]["learns_within_margin"] is True
+    assert verdict["methods"]["sparse"]["forgets_at_most_ratio"] is True
+    assert verdict["sparse_meets_bar"] is True
+    # one probe short of either bound still misses it
+    report["runs"][1]["history"][0]["new_fact_recall"] = (sparse_hits - 1) / 150
+    assert compare(report)["methods"]["sparse"]["learns_within_margin"] is False
+    report["runs"][1]["history"][0]["new_fact_recall"] = sparse_hits / 150
+    report["runs"][1]["history"][0]["old_fact_recall"] = (sparse_old - 1) / 1350
+    assert compare(report)["methods"]["sparse"]["forgets_at_most_ratio"] is False
+
+
 def test_summary_says_the_sweep_epochs_are_only_a_default():
     report = sweep(run("full", "full lr=1", (0.9, 0.2)), run("sparse", "sparse lr=100 40ep", (0.85, 0.65)))
     report["settings"] = {"epochs": 10, "batch_size": 6}

@@ -249,3 +249,41 @@ def test_the_last_log_line_has_the_dense_grad_norm(tmp_path, data_cache, monkeyp
     logged = {e.step: e.value for e in board.Scalars("train/grad_norm")}
     assert logged.keys() == {2, 3}
     assert [logged[2], logged[3]] == pytest.approx([reference[2], reference[3]], rel=1e-5)
+
+
+def test_slot_table_names_each_block_by_its_own_accesses(tmp_path, data_cache, monkeypatch):
+    """memory.layers=[2, 0] (not in block order): the table's 'layers.<i>' counts are the slots
+    block i read. Before, the counters were named in config order but fed in block order, so
+    'layers.2' held block 0's counts (and sparse memory finetuning ranked by the wrong df)."""
+    from pretrain.model.names import memory_layer_name
+    from pretrain.slots import load_table
+
+    reads: dict[int, list[torch.Tensor]] = {}
+    build = train_module.build_slot_statistics
+
+    def record_blocks(cfg, model, *args, **kwargs):  # the reference: hooks keyed by block index
+        for b, block in enumerate(model.layers):
+            if block.is_memory:
+                block.ffn.register_lookup_hook(
+                    lambda layer, idx, w, b=b: reads.setdefault(b, []).append(idx.clone()) if layer.training else None
+                )
+        return build(cfg, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_slot_statistics", record_blocks)
+    cfg = tiny_config(
+        tmp_path / "run",
+        data_cache,
+        "train.max_steps=1",
+        "train.global_batch=4",
+        "model.n_layers=3",
+        "model.memory.layers=[2,0]",
+        "model.memory.shared_values=false",
+        "slots.granularity=sequence",
+    )
+    train(cfg)
+    table = load_table(tmp_path / "run" / "checkpoints")
+    assert sorted(reads) == [0, 2]
+    for b, idx in reads.items():
+        counts = torch.bincount(torch.cat([i.reshape(-1) for i in idx]), minlength=table.num_slots)
+        assert torch.equal(table.counts[memory_layer_name(b)], counts), f"block {b}"
+    assert not torch.equal(table.counts["layers.0"], table.counts["layers.2"])
