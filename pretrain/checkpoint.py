@@ -351,9 +351,12 @@ def prune_checkpoints(root: Path, keep: int, saved: str) -> list[Path]:
     """Delete all but the `keep` newest checkpoints up to `saved` (the tag just written, which
     is always kept); return what was deleted. Checkpoints of later steps than `saved` are left
     alone: they belong to a run that was rolled back (`latest` set to an earlier checkpoint),
-    and each is replaced when this run saves that step again.
-    Tags are zero-padded step numbers (`tag_for`), so their string order is their step order."""
-    timeline = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= saved)
+    and each is replaced when this run saves that step again. Only folders named by `tag_for`
+    count: one moved aside beside them (`step_00000010.damaged`) is neither a checkpoint kept
+    nor one to delete. Ordered by step number (a 9-digit step sorts after an 8-digit one)."""
+    last = step_of(Path(saved))
+    steps = {p: step_of(p) for p in root.glob("step_*") if p.is_dir()}
+    timeline = sorted((p for p, s in steps.items() if s is not None and s <= last), key=steps.get)
     old = timeline[: max(0, len(timeline) - max(1, keep))]
     for folder in old:
         shutil.rmtree(folder, ignore_errors=True)

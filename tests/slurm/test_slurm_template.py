@@ -95,6 +95,41 @@ def test_explicit_port_is_honoured_and_a_clash_is_an_error(capsys, tmp_path):
     assert f"rendezvous port {free} (--master-port) is in use" in result.stderr
 
 
+def time_wait_port() -> int:
+    """A port whose only socket is a TIME_WAIT left by a closed listener (the store of a job that
+    just ended on this node): nothing listens there, and a new store binds it (SO_REUSEADDR)."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+    client.close()
+    lines = [
+        line.split() for name in ("/proc/net/tcp", "/proc/net/tcp6") for line in Path(name).read_text().splitlines()[1:]
+    ]
+    states = {fields[3] for fields in lines if fields[1].endswith(f":{port:04X}")}
+    if "06" not in states or "0A" in states:
+        pytest.skip(f"port {port} is not (only) in TIME_WAIT here: {states}")
+    return port
+
+
+def test_a_port_in_time_wait_is_not_in_use(capsys, tmp_path):
+    """--master-port naming a port that only a TIME_WAIT socket holds (a requeued job restarting on
+    the node it just left) starts the step: rank 0's own check (check_port_free) accepts it."""
+    from pretrain.slurm import check_port_free
+
+    port = time_wait_port()
+    check_port_free(port, "n1")  # the reference: the trainer's check and the store can bind it
+    script = render(capsys, tmp_path, "--master-port", str(port))
+    env = fake_srun(tmp_path, f'echo "$MASTER_PORT" > {tmp_path}/port\n')
+    result = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr  # was 1: "rendezvous port ... is in use"
+    assert (tmp_path / "port").read_text().strip() == str(port)
+
+
 def test_bad_master_port_option_is_refused(capsys, tmp_path):
     rc = main(["--config", TINY, f"train.run_dir={tmp_path}/run", "--cpu", "--master-port", "80", "--dry-run"])
     assert rc == 2 and "--master-port=80 must be a port number in 1024..65535" in capsys.readouterr().err

@@ -28,6 +28,31 @@ def test_prune_keeps_the_newest_up_to_the_saved_step(tmp_path, keep):
     assert folders(tmp_path) == up_to_saved[-keep:] + [400, 1200]  # the later ones untouched
 
 
+def test_a_folder_moved_aside_is_not_counted_or_deleted(tmp_path):
+    """A damaged checkpoint moved aside beside the others, as the resume's refusal advises
+    (`step_00000010.damaged`), neither takes one of the `keep` places nor is deleted; steps past
+    the 8 padded digits order by number."""
+    real = [9, 10, 11]
+    for step in real:
+        (tmp_path / tag_for(step)).mkdir()
+    aside = tmp_path / (tag_for(10) + ".damaged")
+    aside.mkdir()
+    prune_checkpoints(tmp_path, 2, tag_for(11))
+    assert aside.is_dir()  # was counted as a checkpoint, then deleted two saves later
+    assert folders_named(tmp_path) == [tag_for(10), tag_for(11)]  # was only step 11
+    for step in (99_999_999, 100_000_000):  # "step_100000000" < "step_99999999" as text
+        (tmp_path / tag_for(step)).mkdir()
+    prune_checkpoints(tmp_path, 2, tag_for(100_000_000))
+    assert folders_named(tmp_path) == [tag_for(99_999_999), tag_for(100_000_000)]
+    assert aside.is_dir()
+
+
+def folders_named(root: Path) -> list[str]:
+    """The checkpoint folders left, by name, in step order (independent of step_of)."""
+    names = [p.name for p in root.iterdir() if p.is_dir() and p.name.removeprefix("step_").isdigit()]
+    return sorted(names, key=lambda name: int(name.removeprefix("step_")))
+
+
 def test_a_rolled_back_run_never_deletes_the_checkpoint_it_just_wrote(tmp_path, data_cache):
     run = tmp_path / "run"
     train(tiny_config(run, data_cache, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=3"))
