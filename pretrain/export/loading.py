@@ -36,6 +36,9 @@ def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transfor
         if not (export_dir / name).is_file():
             raise ExportError(f"{export_dir} has no {name}: is it an export directory (written by tools/export.py)?")
     cfg = model_config_from_json(export_dir / "config.json")
+    if cfg.memory.kernel == "triton" and torch.device(device).type != "cuda":
+        # the training run's GPU kernel choice, saved verbatim: off CUDA, "auto" picks the torch ops
+        cfg.memory.kernel = "auto"
     with torch.device("meta"):
         model = Transformer(cfg)
     read_header(export_dir / "model.safetensors")  # a truncated file is named, before any weight is read
