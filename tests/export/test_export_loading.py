@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -41,3 +42,24 @@ def test_export_of_a_triton_run_loads_and_runs_on_cpu(tmp_path):
         got, want = model(tokens), reference(tokens)
     assert torch.equal(got, want)
     assert json.loads((export / "config.json").read_text())["model"]["memory"]["kernel"] == "triton"
+
+
+@pytest.mark.parametrize(
+    "memory, match",
+    [
+        ({"layers": [1], "new_setting": 1}, r"unknown model\.memory keys \['new_setting'\]"),
+        (None, "model.memory"),
+        ({"layers": [1], "n_keys": "8"}, "wrong type"),
+    ],
+)
+def test_config_json_with_a_bad_memory_section_is_named(tmp_path, memory, match):
+    from pretrain.export import ExportError
+    from pretrain.export.loading import model_config_from_json
+
+    raw = asdict(small_config())
+    raw["memory"] = memory
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": raw}))
+    with pytest.raises(ExportError, match=match) as err:
+        model_config_from_json(path)
+    assert str(path) in str(err.value)
