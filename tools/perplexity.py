@@ -27,6 +27,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.json and Path(args.json).is_dir():  # refused before the split is scored, not in the final rename
+        print(
+            f"error: --json {args.json} is a folder: name the file to write, e.g. {args.json}/loss.json",
+            file=sys.stderr,
+        )
+        return 2
 
     from pretrain.data import DataError
     from pretrain.export import ExportError

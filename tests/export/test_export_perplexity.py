@@ -87,3 +87,16 @@ def test_cli_writes_json_and_refuses_another_tokenizer(export_and_data, tmp_path
     with pytest.raises(DataError, match="differs from the one .*manifest.json was built with"):
         dataset_loss(other, dataset, "val", show_progress=False)
     assert perplexity_cli.main([str(other), "--data", str(dataset), "--no-progress"]) == 2
+
+
+def test_cli_refuses_a_folder_as_json_before_scoring(tmp_path, monkeypatch, capsys):
+    # a folder as --json crashed in the final rename (IsADirectoryError), after the whole split was scored
+    scored = []
+    result = {"loss": 1.0, "perplexity": math.e, "tokens": 1, "sequences": 1}
+    monkeypatch.setattr("pretrain.export.perplexity.dataset_loss", lambda *a, **k: scored.append(1) or result)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    code = perplexity_cli.main([str(tmp_path / "export"), "--data", str(tmp_path / "data"), "--json", str(folder)])
+    assert code == 2 and not scored
+    assert "--json" in capsys.readouterr().err
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob(".results*"))
