@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from pretrain.config import load_config
+from pretrain.files import atomic_write_text
 from pretrain.model import Transformer
 
 
@@ -117,6 +118,18 @@ def main(argv=None) -> int:
     parser.add_argument("--lm-eval-probes", type=int, default=200)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    # refused before any model is built or timed, not after the whole benchmark
+    for option in ("prompt_tokens", "new_tokens", "rounds", "lm_eval_probes"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be an integer >= 1, got {getattr(args, option)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches {args.batches!r} must be comma-separated integers >= 1, e.g. 1,8")
+    if args.json and Path(args.json).is_dir():
+        parser.error(f"--json {args.json} is a folder: name the file to write, e.g. {args.json}/generate.json")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -124,7 +137,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(1)
     vocab = model.cfg.vocab_size
     cases = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         prompt = torch.randint(4, vocab, (batch, args.prompt_tokens), generator=gen)
         cases.append((f"hf generate() batch {batch}", batch, partial(time_hf, hf, prompt, args.new_tokens)))
         if batch == 1:
@@ -182,7 +195,7 @@ def main(argv=None) -> int:
             f"(exact_match {le['exact_match']:.3f}, mc acc {le['mc_acc']:.3f})"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")  # its folder made, whole or not at all
     return 0
 
 
