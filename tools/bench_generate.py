@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from pretrain.cli import output_file, positive_int
 from pretrain.config import load_config
+from pretrain.files import atomic_write_text
 from pretrain.model import Transformer
 
 
@@ -108,15 +110,22 @@ def time_lm_eval(export_dir: Path, probes: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, default=256)
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--lm-eval", metavar="EXPORT_DIR", default=None, help="also time memlayers-eval on an export")
-    parser.add_argument("--lm-eval-probes", type=int, default=200)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--lm-eval-probes", type=positive_int, default=200)
+    parser.add_argument("--json", type=output_file("generate.json"), default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    # refused before any model is built or timed, not after the whole benchmark
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches {args.batches!r} must be comma-separated integers >= 1, e.g. 1,8")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(1)
     vocab = model.cfg.vocab_size
     cases = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         prompt = torch.randint(4, vocab, (batch, args.prompt_tokens), generator=gen)
         cases.append((f"hf generate() batch {batch}", batch, partial(time_hf, hf, prompt, args.new_tokens)))
         if batch == 1:
@@ -182,7 +191,7 @@ def main(argv=None) -> int:
             f"(exact_match {le['exact_match']:.3f}, mc acc {le['mc_acc']:.3f})"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")  # its folder made, whole or not at all
     return 0
 
 

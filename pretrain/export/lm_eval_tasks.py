@@ -76,6 +76,10 @@ def write_fact_tasks(
     if isinstance(choices, bool) or not isinstance(choices, numbers.Integral) or choices < 2:
         raise ExportError(f"choices={choices!r} must be an integer >= 2 (the answer and at least one other option)")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(
+            f"{out_dir} is a file: the tasks are written into a folder; name a folder (--write-tasks DIR)"
+        )
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
     probes = load_probes(probes_dir or export_dir)[:limit]

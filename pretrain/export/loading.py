@@ -25,8 +25,16 @@ def model_config_from_json(path: Path) -> ModelConfig:
     unknown = set(raw) - known
     if unknown:
         raise ExportError(f"{path}: unknown model keys {sorted(unknown)} (written by a newer memlayers?)")
-    memory = MemoryConfig(**raw.pop("memory", {}))
-    return ModelConfig(**raw, memory=memory).validate()
+    memory = raw.pop("memory", {})
+    if not isinstance(memory, dict):
+        raise ExportError(f"{path}: model.memory must be a mapping of memory settings, not {memory!r}")
+    unknown = set(memory) - set(config_to_dict(MemoryConfig()))
+    if unknown:
+        raise ExportError(f"{path}: unknown model.memory keys {sorted(unknown)} (written by a newer memlayers?)")
+    try:
+        return ModelConfig(**raw, memory=MemoryConfig(**memory)).validate()
+    except TypeError as err:  # a value of the wrong type ("8" for 8) fails inside validate's comparisons
+        raise ExportError(f"{path}: a model setting has the wrong type ({err}): re-export the checkpoint") from None
 
 
 def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
@@ -36,6 +44,9 @@ def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transfor
         if not (export_dir / name).is_file():
             raise ExportError(f"{export_dir} has no {name}: is it an export directory (written by tools/export.py)?")
     cfg = model_config_from_json(export_dir / "config.json")
+    if cfg.memory.kernel == "triton" and torch.device(device).type != "cuda":
+        # the training run's GPU kernel choice, saved verbatim: off CUDA, "auto" picks the torch ops
+        cfg.memory.kernel = "auto"
     with torch.device("meta"):
         model = Transformer(cfg)
     read_header(export_dir / "model.safetensors")  # a truncated file is named, before any weight is read

@@ -101,6 +101,8 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} must be one of {sorted(DTYPES)} (--dtype)")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # else refused only by the final rename, after the whole export
+        raise ExportError(f"{out_dir} is a file: an export is a folder; choose a folder path as the output")
     if out_dir.exists() and not force:
         raise ExportError(
             f"{out_dir} already exists: choose another output folder or pass force=True (--force) to replace it"

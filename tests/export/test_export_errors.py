@@ -119,3 +119,17 @@ def test_tools_profile_does_not_shadow_the_stdlib_profile_module():
     code = "import sys; sys.path.insert(0, sys.argv[1]); import cProfile, profile; assert callable(profile.run)"
     proc = subprocess.run([sys.executable, "-c", code, str(tools)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_file_as_output_is_refused_before_any_input_is_read(tmp_path, monkeypatch):
+    # with --force, an out_dir naming a file crashed in the final rename (NotADirectoryError) after
+    # the whole export had been written into the temporary folder
+    read = []
+    monkeypatch.setattr("pretrain.export.writer.inspect", lambda *a, **k: read.append(a) or pytest.fail("read"))
+    out = tmp_path / "model.bin"
+    out.write_text("mine")
+    for force in (False, True):
+        with pytest.raises(ExportError, match=r"is a file.*folder"):
+            export_checkpoint(tmp_path / "run", out, force=force, show_progress=False)
+    assert not read and out.read_text() == "mine"
+    assert not list(tmp_path.glob(".model.bin.tmp-*"))

@@ -231,3 +231,22 @@ def test_check_task_dir_names_a_killed_writers_temporary(inference_export, tmp_p
     stale.write_text('{"task": "memlay')
     with pytest.raises(ExportError, match=rf"{stale.name} is the temporary of an interrupted write: delete it"):
         check_task_dir(task_dir)
+
+
+def test_a_file_as_task_folder_is_refused_with_a_message(data_cache, tmp_path, capsys):
+    # --write-tasks naming a file crashed with a FileExistsError traceback from mkdir
+    dataset = next(p.parent for p in Path(data_cache).rglob("manifest.json"))
+    export = tmp_path / "export"  # what write_fact_tasks reads of an export
+    export.mkdir()
+    for name in ("tokenizer.model", "probes.jsonl"):
+        shutil.copyfile(dataset / name, export / name)
+    (export / "config.json").write_text(json.dumps({"model": {"vocab_size": 384, "max_seq_len": 32}}))
+    target = tmp_path / "tasks.txt"
+    target.write_text("mine")
+    with pytest.raises(ExportError, match=r"tasks.txt is a file.*folder"):
+        write_fact_tasks(export, target)
+    assert memlayers_eval([str(export), "--write-tasks", str(target)]) == 2
+    assert "tasks.txt is a file" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+    write_fact_tasks(export, tmp_path / "tasks")  # the same export writes a folder
+    check_task_dir(tmp_path / "tasks")

@@ -104,3 +104,17 @@ def test_batch_counts_below_one_are_refused_before_anything_is_read(tmp_path, mo
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"max_batches=-3 must be >= 0 \(0: the whole split\)"):
         dataset_loss(tmp_path / "export", tmp_path / "data", max_batches=-3, show_progress=False)
+
+
+def test_cli_refuses_a_folder_as_json_before_scoring(tmp_path, monkeypatch, capsys):
+    # a folder as --json crashed in the final rename (IsADirectoryError), after the whole split was scored
+    scored = []
+    result = {"loss": 1.0, "perplexity": math.e, "tokens": 1, "sequences": 1}
+    monkeypatch.setattr("pretrain.export.perplexity.dataset_loss", lambda *a, **k: scored.append(1) or result)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        perplexity_cli.main([str(tmp_path / "export"), "--data", str(tmp_path / "data"), "--json", str(folder)])
+    assert exit_.value.code == 2 and not scored
+    assert f"argument --json: {folder} is a folder" in capsys.readouterr().err
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob(".results*"))

@@ -1,0 +1,65 @@
+"""`pretrain.export.load` on export folders written here from a random model (no training run):
+what config.json may hold and how the loaded model computes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pretrain.export import load
+from pretrain.model import Transformer
+from pretrain.model.config import MemoryConfig, ModelConfig
+
+
+def small_config(kernel: str = "auto") -> ModelConfig:
+    memory = MemoryConfig(layers=[1], n_keys=8, heads=2, k=3, k_dim=8, kernel=kernel)
+    return ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32, memory=memory)
+
+
+def write_export(folder: Path, cfg: ModelConfig, model: Transformer) -> Path:
+    """config.json + model.safetensors as tools/export.py writes them (the model settings verbatim)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model": asdict(cfg)}, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_export_of_a_triton_run_loads_and_runs_on_cpu(tmp_path):
+    # A GPU run trained with model.memory.kernel=triton (the 373m/1.3b benchmark runs) writes that
+    # choice into config.json; load(dir, "cpu") must still give a model that runs on the CPU.
+    torch.manual_seed(0)
+    reference = Transformer(small_config("torch")).eval()
+    export = write_export(tmp_path / "export", small_config("triton"), reference)
+    model = load(export, device="cpu")
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(tokens), reference(tokens)
+    assert torch.equal(got, want)
+    assert json.loads((export / "config.json").read_text())["model"]["memory"]["kernel"] == "triton"
+
+
+@pytest.mark.parametrize(
+    "memory, match",
+    [
+        ({"layers": [1], "new_setting": 1}, r"unknown model\.memory keys \['new_setting'\]"),
+        (None, "model.memory"),
+        ({"layers": [1], "n_keys": "8"}, "wrong type"),
+    ],
+)
+def test_config_json_with_a_bad_memory_section_is_named(tmp_path, memory, match):
+    from pretrain.export import ExportError
+    from pretrain.export.loading import model_config_from_json
+
+    raw = asdict(small_config())
+    raw["memory"] = memory
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": raw}))
+    with pytest.raises(ExportError, match=match) as err:
+        model_config_from_json(path)
+    assert str(path) in str(err.value)

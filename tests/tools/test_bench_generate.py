@@ -1,0 +1,37 @@
+"""tools/bench_generate.py: a tiny run writes its JSON (into a folder not made yet); bad numbers
+and a folder as --json are refused before any model is built or timed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tools.bench_generate as bench
+
+
+def test_tiny_run_writes_json_into_a_new_folder(tmp_path):
+    out = tmp_path / "new" / "generate.json"
+    argv = ["--prompt-tokens", "4", "--new-tokens", "3", "--rounds", "1", "--batches", "1", "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["generation"]
+    assert [r["case"] for r in rows] == ["hf generate() batch 1", "pretrain.export generate batch 1"]
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--rounds", "0"], "--rounds"),
+        (["--new-tokens", "0"], "--new-tokens"),
+        (["--batches", "1,x"], "--batches"),
+        (["--batches", "0"], "--batches"),
+        (["--json", "FOLDER"], "--json"),
+    ],
+)
+def test_bad_options_are_refused_before_the_benchmark(tmp_path, monkeypatch, capsys, extra, option):
+    monkeypatch.setattr(bench, "build_models", lambda *a, **k: pytest.fail("models built"))
+    extra = [str(tmp_path) if word == "FOLDER" else word for word in extra]
+    with pytest.raises(SystemExit) as stop:
+        bench.main(extra)
+    assert stop.value.code == 2
+    assert option in capsys.readouterr().err
