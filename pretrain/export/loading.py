@@ -13,7 +13,7 @@ from pretrain.config import config_to_dict
 from pretrain.export.errors import ExportError
 from pretrain.export.safetensors_io import read_header
 from pretrain.model import Transformer
-from pretrain.model.config import MemoryConfig, ModelConfig
+from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
 
 
 def model_config_from_json(path: Path) -> ModelConfig:
@@ -35,6 +35,8 @@ def model_config_from_json(path: Path) -> ModelConfig:
         return ModelConfig(**raw, memory=MemoryConfig(**memory)).validate()
     except TypeError as err:  # a value of the wrong type ("8" for 8) fails inside validate's comparisons
         raise ExportError(f"{path}: a model setting has the wrong type ({err}): re-export the checkpoint") from None
+    except ConfigError as err:  # e.g. a hand-edited n_heads: -4; a ConfigError alone named no file
+        raise ExportError(f"{path}: {err}: correct it there or re-export the checkpoint") from None
 
 
 def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
