@@ -20,7 +20,11 @@ no weight decay), gradient reduction and clipping (`MemoryParallel`):
     DeepSpeed's expert groups, set up for expert layers and their gating, and its
     bookkeeping (checkpoint naming, ZeRO handling) assumes experts; it does not fit a
     column-sharded table read by an embedding bag.
-  * One code path for all P makes P = 1 vs P = 2 equivalence exact by construction.
+  * One code path for all P makes P = 1 vs P = 2 equivalence hold by construction: in
+    fp32 up to summation order; in bf16 the forward and the value gradients are bitwise
+    equal, while the softmax weights' gradient is summed from P per-shard dot products
+    each rounded to bf16 (measured at T 200, d 256, H 4, k 8: 2.5e-3 relative to
+    float64 at P = 2 against 1.7e-3 at P = 1, below bf16's 3.9e-3 step).
 The shards are plain leaf tensors not registered on the model, so module.parameters(),
 state_dict(), dtype casts and the engine never see them. Initialisation is
 sharding-invariant (`ValueTable.init_columns`): each rank draws only its own columns,
