@@ -28,3 +28,12 @@ def output_file(example: str):
         return text
 
     return check
+
+
+def output_folder(text: str) -> str:
+    """argparse type for a folder to write into: an existing file is refused (making the folder
+    would fail with a bare FileExistsError, possibly after minutes of work)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder to write the results into")
+    return text

@@ -20,11 +20,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.cli import output_folder  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/smf_tiny.yaml", help="pretraining config (when --export is not given)")
-    p.add_argument("--out", default="reports/smf", help="output folder")
+    p.add_argument("--out", default="reports/smf", type=output_folder, help="output folder")
     p.add_argument("--export", default=None, help="use this export instead of pretraining")
     p.add_argument(
         "--dataset-dir",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import positive_int
+from pretrain.cli import output_folder, positive_int
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -29,3 +29,18 @@ def test_one_positive_int_for_every_tool():
     for name in ("generate", "memlayers_eval", "train_tokenizer", "perplexity"):
         assert importlib.import_module(f"tools.{name}").positive_int is positive_int
     assert [p.name for p in TOOLS.glob("*.py") if "def positive_int" in p.read_text()] == []
+
+
+def test_a_file_as_output_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """smf_report --out naming a file ended in a bare FileExistsError (out.mkdir) after the
+    config was loaded and the dataset prepared."""
+    smf_report = importlib.import_module("tools.smf_report")
+    assert smf_report.output_folder is output_folder
+    monkeypatch.setattr("pretrain.config.load_config", lambda *a, **k: pytest.fail("config loaded"))
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(SystemExit) as exit_:
+        smf_report.main(["--out", str(tmp_path / "file")])
+    assert exit_.value.code == 2
+    assert f"argument --out: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "keep"
+    assert smf_report.parse_args(["--out", str(tmp_path / "new")]).out == str(tmp_path / "new")  # not made yet: fine
