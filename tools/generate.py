@@ -71,8 +71,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = parser.parse_args(argv)
-    if args.probes and (args.repetition_penalty != 1.0 or args.no_repeat_ngram_size):
-        parser.error("--repetition-penalty and --no-repeat-ngram-size apply to --prompt generation, not --probes")
+    if args.probes:  # probes are answered greedily: a sampling option would be silently ignored
+        sampling = {
+            "--temperature": args.temperature != 0.0,
+            "--top-p": args.top_p != 1.0,
+            "--repetition-penalty": args.repetition_penalty != 1.0,
+            "--no-repeat-ngram-size": args.no_repeat_ngram_size != 0,
+        }
+        if any(sampling.values()):
+            given = ", ".join(option for option, set_ in sampling.items() if set_)
+            parser.error(f"{given}: sampling options apply to --prompt generation, not --probes (answered greedily)")
 
     from pretrain.data import DataError, load_probes
     from pretrain.export import ExportError, load

@@ -229,6 +229,8 @@ def test_generate_tool_passes_the_flags_through(inference_export, capsys):
         (["--no-repeat-ngram-size", "-2"], "argument --no-repeat-ngram-size: -2 must be an integer >= 0"),
         (["--no-repeat-ngram-size", "1.5"], "argument --no-repeat-ngram-size: '1.5' is not an integer"),
         (["--probes", "3", "--no-repeat-ngram-size", "2"], "apply to --prompt generation, not --probes"),
+        (["--probes", "3", "--temperature", "0.7"], "--temperature: sampling options apply to --prompt generation"),
+        (["--probes", "3", "--top-p", "0.9"], "--top-p: sampling options apply to --prompt generation"),
     ],
 )
 def test_generate_tool_refuses_bad_values(tmp_path, capsys, flags, message):
