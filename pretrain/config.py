@@ -262,6 +262,15 @@ def _file_layer(path: Path) -> tuple[str, dict, DictConfig]:
     return where, OmegaConf.to_container(loaded), loaded
 
 
+def override_value(item: str):
+    """The value a `key.sub=value` override sets, read as `load_config` reads it ('07' and 7,
+    '1e-3' and 0.001 are the same value; a text key keeps what was typed)."""
+    _, tree, _ = _override_layer(item)
+    for part in item.partition("=")[0].split("."):
+        tree = tree[part]
+    return tree
+
+
 def _override_layer(item: str) -> tuple[str, dict, DictConfig]:
     """(where, its keys as a plain tree, the layer) of one `key.sub=value` override."""
     where = f"override {item!r}"

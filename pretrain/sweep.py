@@ -51,8 +51,9 @@ def parse_sweep(specs: list[str]) -> list[SweepRun]:
                 f"--sweep {spec!r}: value {bad[0]!r} is not a plain number or name (letters, digits, . _ + -); "
                 "values are split at commas, so lists and quoted strings cannot be swept"
             )
-        if len(set(values)) != len(values):
-            raise SweepError(f"--sweep {spec!r} repeats a value")
+        repeated = _repeated_value(key, values)
+        if repeated:
+            raise SweepError(f"--sweep {spec!r} repeats a value: {repeated[0]} and {repeated[1]} are the same setting")
         axes.append((key, values))
     short = [key.rsplit(".", 1)[1] for key, _ in axes]
     labels = short if len(set(short)) == len(short) else [key for key, _ in axes]  # optim.lr vs model.lr
@@ -62,6 +63,25 @@ def parse_sweep(specs: list[str]) -> list[SweepRun]:
         overrides = tuple(f"{key}={value}" for (key, _), value in zip(axes, combo))
         runs.append(SweepRun(name=name, overrides=overrides))
     return runs
+
+
+def _repeated_value(key: str, values: list[str]) -> tuple[str, str] | None:
+    """Two of `values` that set `key` alike, as the config reads them ('07' and '7', '1e-3' and
+    '0.001', 1 and 1.0): two runs, two jobs, one experiment."""
+    from pretrain.config import ConfigError, override_value
+
+    seen: dict[object, str] = {}
+    for text in values:
+        try:
+            value = override_value(f"{key}={text}")
+        except ConfigError:  # an unknown key or bad value: plan_run names it for every run
+            value = text
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)  # a float key reads 1 as 1.0
+        if value in seen:
+            return seen[value], text
+        seen[value] = text
+    return None
 
 
 def write_sweep_record(base: Path, entries: list[dict]) -> Path:

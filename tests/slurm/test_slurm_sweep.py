@@ -59,6 +59,10 @@ def test_the_product_of_the_values_in_order():
         (["optim.lr=1e-3,../x"], "not a plain number or name"),
         (["model.memory.layers=[1,2]"], "lists and quoted strings cannot be swept"),
         (["optim.lr=1,1"], "repeats a value"),
+        # the same setting written two ways queued two identical jobs (the check compared text)
+        (["optim.lr=1e-3,0.001"], "repeats a value: 1e-3 and 0.001 are the same setting"),
+        (["train.seed=7,07"], "repeats a value: 7 and 07 are the same setting"),
+        (["optim.lr=1,1.0"], "repeats a value: 1 and 1.0"),
     ],
 )
 def test_bad_specifications_are_named(specs, message):
