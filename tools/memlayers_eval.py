@@ -91,9 +91,11 @@ def main(argv=None) -> int:
             if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
                 task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))
                 info = write_fact_tasks(export_dir, task_dir, args.probes_dir, limit=args.probes)
+                left_out = f"{info['skipped']} longer than the model's context left out"
+                if info["mc_skipped"]:
+                    left_out += f"; {info['mc_skipped']} out of the multiple choice: their attribute has one value"
                 print(
-                    f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {info['skipped']} longer than the "
-                    f"model's context left out) to {task_dir}",
+                    f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {left_out}) to {task_dir}",
                     file=sys.stderr,
                 )
                 if args.write_tasks:

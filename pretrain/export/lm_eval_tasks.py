@@ -82,7 +82,8 @@ def write_fact_tasks(
         )
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
-    probes = load_probes(probes_dir or export_dir)[:limit]
+    all_probes = load_probes(probes_dir or export_dir)
+    probes = all_probes[:limit]
     prefix = eos_piece(tokenizer.path)
     by_length: dict[int, list[dict]] = {}
     kept, skipped = [], 0
@@ -135,14 +136,19 @@ def write_fact_tasks(
     )
 
     rng = random.Random(seed)
+    # the other options come from the whole probe file: drawn from the kept probes alone, a
+    # small --probes limit left an attribute one value, a question whose only option is right
     values: dict[str, list[str]] = {}
-    for row in kept:
-        values.setdefault(row["attribute"], [])
-        if row["answer"] not in values[row["attribute"]]:
-            values[row["attribute"]].append(row["answer"])
-    mc_rows = []
+    for probe in all_probes:
+        values.setdefault(probe.attribute, [])
+        if probe.answer not in values[probe.attribute]:
+            values[probe.attribute].append(probe.answer)
+    mc_rows, mc_skipped = [], 0
     for row in kept:
         others = [v for v in values[row["attribute"]] if v != row["answer"]]
+        if not others:  # an attribute with one value in the whole file: no question to ask
+            mc_skipped += 1
+            continue
         options = rng.sample(others, min(choices - 1, len(others))) + [row["answer"]]
         rng.shuffle(options)
         mc_rows.append({**row, "choices": options, "label": options.index(row["answer"])})
@@ -159,7 +165,13 @@ def write_fact_tasks(
             metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         ),
     )
-    return {"tasks": [GROUP, MC_TASK], "subtasks": subtasks, "probes": len(kept), "skipped": skipped}
+    return {
+        "tasks": [GROUP, MC_TASK],
+        "subtasks": subtasks,
+        "probes": len(kept),
+        "skipped": skipped,
+        "mc_skipped": mc_skipped,
+    }
 
 
 def check_task_dir(task_dir: str | Path) -> None:

@@ -250,3 +250,30 @@ def test_a_file_as_task_folder_is_refused_with_a_message(data_cache, tmp_path, c
     assert target.read_text() == "mine"
     write_fact_tasks(export, tmp_path / "tasks")  # the same export writes a folder
     check_task_dir(tmp_path / "tasks")
+
+
+def test_multiple_choice_options_come_from_the_whole_probe_file(inference_export, tmp_path):
+    """With --probes 2 the other options were drawn from the 2 kept probes only: both share their
+    attribute's answer, so each question had a single option, always right (acc 1.0)."""
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    rows = [("Q: a? A:", "red", "color"), ("Q: b? A:", "red", "color")]
+    rows += [(f"Q: c{i}? A:", colour, "color") for i, colour in enumerate(["blue", "green", "gold", "grey"])]
+    rows += [("Q: d? A:", "same", "only"), ("Q: e? A:", "same", "only")]
+    (probes / "probes.jsonl").write_text(
+        "".join(
+            json.dumps({"question": q, "answer": a, "attribute": attr, "chance": 0.2, "is_new_fact": False}) + "\n"
+            for q, a, attr in rows
+        )
+    )
+    info = write_fact_tasks(inference_export, tmp_path / "t2", probes_dir=probes, limit=2, choices=4)
+    mc = [json.loads(line) for line in (tmp_path / "t2" / f"{MC_TASK}.jsonl").read_text().splitlines()]
+    assert info["probes"] == 2 and info["mc_skipped"] == 0 and len(mc) == 2
+    for row in mc:  # brute force: 3 distinct others in the file besides "red", plus the answer
+        assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4
+        assert row["choices"][row["label"]] == "red" and set(row["choices"]) <= {"red", "blue", "green", "gold", "grey"}
+    # an attribute with one value in the whole file has no question to ask: left out and counted
+    info = write_fact_tasks(inference_export, tmp_path / "t3", probes_dir=probes, choices=4)
+    mc = [json.loads(line) for line in (tmp_path / "t3" / f"{MC_TASK}.jsonl").read_text().splitlines()]
+    assert info["probes"] == 8 and info["mc_skipped"] == 2 and len(mc) == 6
+    assert all(row["attribute"] == "color" for row in mc)
