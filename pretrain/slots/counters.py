@@ -285,9 +285,20 @@ class SlotStatistics:
         parts = [p for p in parts if p is not None]
         if not parts:
             return None
+        # ranks whose samples saw other micro-batch sizes (a resume on other ranks and micro-batch):
+        # the smaller entries get padding rows (doc id -1), as within one rank's sample
+        rows = max(p.doc_ids.shape[1] for p in parts)
+
+        def pad(t, extra, fill):
+            return torch.cat([t, t.new_full((t.shape[0], extra, *t.shape[2:]), fill)], dim=1)
+
+        seq = parts[0].doc_ids.shape[2]
         return SampleData(
-            {n: torch.cat([p.indices[n] for p in parts]) for n in self.layer_names},
-            torch.cat([p.doc_ids for p in parts]),
+            {
+                n: torch.cat([pad(p.indices[n], (rows - p.doc_ids.shape[1]) * seq, 0) for p in parts])
+                for n in self.layer_names
+            },
+            torch.cat([pad(p.doc_ids, rows - p.doc_ids.shape[1], -1) for p in parts]),
             torch.cat([p.batch_index for p in parts]),
         )
 

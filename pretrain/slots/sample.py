@@ -7,6 +7,8 @@ not on the data and not on a stateful RNG: every rank keeps the same micro-batch
 indices (together they form global batches) and a resumed run makes the same choices.
 Slots are stored as int32, doc ids as int64, on `device` (default CPU: the sample can
 be large; copies from an accelerator are non-blocking into pinned memory).
+Entries have the shape of the largest micro-batch sampled; a smaller one (train.micro_batch
+lowered on resume) is padded with rows of doc id -1.
 """
 
 from __future__ import annotations
@@ -65,17 +67,39 @@ class BackgroundSample:
             return
         if self.doc_ids is None:
             self._allocate(layer_indices, doc_ids)
-        if tuple(doc_ids.shape) != tuple(self.doc_ids.shape[1:]):
+        rows, seq_len = doc_ids.shape
+        if seq_len != self.doc_ids.shape[2]:
             raise ValueError(
                 f"background sample: micro-batch doc_ids shape {tuple(doc_ids.shape)} differs from the first "
-                f"sampled one {tuple(self.doc_ids.shape[1:])}; keep the micro-batch shape fixed or set "
-                f"slots.sample_batches=0"
+                f"sampled one {tuple(self.doc_ids.shape[1:])} in its sequence length; keep data.seq_len fixed "
+                f"or set slots.sample_batches=0"
             )
+        if rows > self.doc_ids.shape[1]:
+            self._grow(rows)
+        # a smaller micro-batch (train.micro_batch changed on resume) fills the entry's first rows; the
+        # rest are padding (doc id -1), which every reader of the sample leaves out
         blocking = not self.doc_ids.is_pinned()
         for name, idx in zip(self.layer_names, layer_indices):
-            self.indices[name][j].copy_(idx.to(torch.int32), non_blocking=not blocking)
-        self.doc_ids[j].copy_(doc_ids, non_blocking=not blocking)
+            self.indices[name][j, : rows * seq_len].copy_(idx.to(torch.int32), non_blocking=not blocking)
+            self.indices[name][j, rows * seq_len :].zero_()
+        self.doc_ids[j, :rows].copy_(doc_ids, non_blocking=not blocking)
+        self.doc_ids[j, rows:].fill_(-1)
         self.batch_index[j] = item
+
+    def _grow(self, rows: int) -> None:
+        """Room for micro-batches of `rows` rows: the entries kept so far get padding rows."""
+        if self.doc_ids.is_pinned() and torch.cuda.is_available():
+            torch.cuda.synchronize()  # copies into the old buffers may be in flight
+        old_rows, seq_len = self.doc_ids.shape[1:]
+
+        def grown(old, shape, fill):
+            t = torch.full((self.capacity, *shape), fill, dtype=old.dtype, device=old.device)
+            t = t.pin_memory() if old.is_pinned() else t
+            t[:, : old.shape[1]].copy_(old)
+            return t
+
+        self.indices = {n: grown(t, (rows * seq_len, *t.shape[2:]), 0) for n, t in self.indices.items()}
+        self.doc_ids = grown(self.doc_ids, (rows, seq_len), -1)
 
     def _allocate(self, layer_indices, doc_ids) -> None:
         pin = self.device.type == "cpu" and doc_ids.is_cuda

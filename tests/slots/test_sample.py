@@ -62,3 +62,35 @@ def test_recompute_doc_freq_matches_brute_force(granularity):
         streams = {f"s{j}": [b] for j, b in enumerate(chosen)}
         _, doc_freq, num_units, _ = brute_force(streams, granularity, N, 1)
         assert df.tolist() == doc_freq[0] and units == num_units
+
+
+@pytest.mark.parametrize("rows_after", [1, 4], ids=["smaller", "larger"])
+def test_sample_goes_on_after_the_micro_batch_changes_on_resume(rows_after):
+    """train.micro_batch changed on resume (the data layout re-planned, as after an out-of-memory
+    error): the sample goes on, entries of fewer rows padded with doc id -1, and document
+    frequencies recomputed from it are those of the micro-batches it holds (brute force)."""
+    before = make_stream(4, 5, B, S, H, K, N, 1, first_doc_id=0, max_doc_len=8)
+    after = make_stream(5, 40, rows_after, S, H, K, N, 1, first_doc_id=500, max_doc_len=8)
+    first = collect(2, before, capacity=3)
+    stats = SlotStatistics(N, ["m"], granularity="document", sample_batches=3, seed=2)
+    stats.load_resharded([first.state_dict()])
+    for idx, doc_ids in after:
+        stats.update(idx, doc_ids)  # raised ValueError (another micro-batch shape) once one was sampled
+    data = stats.sample_data()
+    items = data.batch_index.tolist()
+    assert any(i >= len(before) for i in items)  # an entry of the new shape was sampled
+    rows = max(B, rows_after)
+    chosen = [before[i] if i < len(before) else after[i - len(before)] for i in items]
+    for j, (idx, doc_ids) in enumerate(chosen):
+        n = doc_ids.shape[0]
+        assert data.doc_ids[j].shape == (rows, S)
+        assert torch.equal(data.doc_ids[j, :n], doc_ids) and bool((data.doc_ids[j, n:] == -1).all())
+        assert torch.equal(data.indices["m"][j, : n * S].long(), idx[0])
+    for granularity in ("document", "sequence", "chunk:4", "batch"):
+        df, units = recompute_doc_freq(data, "m", granularity, N)
+        if granularity == "batch":
+            want = [sum(1 for idx, _ in chosen if slot in set(idx[0].reshape(-1).tolist())) for slot in range(N)]
+            assert df.tolist() == want and units == len(chosen)
+            continue
+        _, doc_freq, num_units, _ = brute_force({f"s{j}": [b] for j, b in enumerate(chosen)}, granularity, N, 1)
+        assert df.tolist() == doc_freq[0] and units == num_units, granularity

@@ -67,3 +67,40 @@ def test_two_rank_reduce(tmp_path):
     for layer, name in enumerate(NAMES):
         assert mpt.counts[name].tolist() == counts[layer]
         assert mpt.doc_freq[name].tolist() == doc_freq[layer]
+
+
+def _resumed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """1 -> 2 ranks with train.micro_batch 3 -> 2: rank 0 keeps the old 3-row sample, rank 1 starts one of 2 rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        old = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
+        for idx, doc_ids in stream_of(0):
+            old.update(idx, doc_ids)
+        stats = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
+        stats.load_resharded([old.state_dict()])
+        for idx, doc_ids in resumed_stream(rank):
+            stats.update(idx, doc_ids)
+        reduced = stats.reduce()  # gathered the samples: raised on rows 3 vs 2
+        if rank == 0:
+            save_table(os.path.join(out_dir, "resumed.safetensors"), reduced, {})
+    finally:
+        dist.destroy_process_group()
+
+
+def resumed_stream(rank: int):
+    return make_stream(40 + rank, 30, 2, S, H, K, N, LAYERS, first_doc_id=50_000 + 10_000 * rank, max_doc_len=30)
+
+
+def test_samples_of_other_micro_batch_sizes_are_gathered(tmp_path):
+    mp.spawn(_resumed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    sample = load_table(tmp_path / "resumed.safetensors").sample
+    assert sample.doc_ids.shape[1:] == (B, S) and len(sample.batch_index) == 4
+    # rank 0's entries first, then rank 1's; each entry is its micro-batch, padded with rows of doc id -1
+    old = stream_of(0)
+    for j, item in enumerate(sample.batch_index.tolist()):
+        idx, doc_ids = old[item] if j < 2 and item < len(old) else resumed_stream(j // 2)[item - len(old)]
+        rows = doc_ids.shape[0]
+        assert torch.equal(sample.doc_ids[j, :rows], doc_ids) and bool((sample.doc_ids[j, rows:] == -1).all())
+        for layer, name in enumerate(NAMES):
+            assert torch.equal(sample.indices[name][j, : rows * S].long(), idx[layer])
