@@ -607,10 +607,17 @@ def _check_embedded(d: DataConfig) -> None:
 
 
 def _check_schedule(o: OptimConfig) -> None:
-    if o.lr < 0 or o.value_lr < 0:
-        raise ConfigError(f"optim.lr={o.lr} and optim.value_lr={o.value_lr} must be >= 0")
-    if o.z_loss < 0:
-        raise ConfigError(f"optim.z_loss={o.z_loss} must be >= 0 (0: off; PaLM used 1e-4)")
+    if not (math.isfinite(o.lr) and o.lr >= 0 and math.isfinite(o.value_lr) and o.value_lr >= 0):
+        raise ConfigError(f"optim.lr={o.lr} and optim.value_lr={o.value_lr} must be >= 0 and finite")
+    if not (math.isfinite(o.z_loss) and o.z_loss >= 0):
+        raise ConfigError(f"optim.z_loss={o.z_loss} must be >= 0 and finite (0: off; PaLM used 1e-4)")
+    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= beta < 1.0:  # AdamW's own check, which would fail only after the model is built
+            raise ConfigError(f"{key}={beta} must be in [0, 1) (AdamW's moment decay; e.g. 0.9 and 0.95)")
+    if not (math.isfinite(o.eps) and o.eps >= 0) or not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise ConfigError(
+            f"optim.eps={o.eps} and optim.weight_decay={o.weight_decay} must be >= 0 and finite (e.g. 1e-8 and 0.1)"
+        )
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0 (0: no warm-up)")
     if not 0.0 < o.decay_fraction <= 1.0:

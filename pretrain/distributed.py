@@ -121,6 +121,15 @@ def all_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
+def global_sum(value: int) -> int:
+    """The sum of `value` over ranks (an all-reduce; `value` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = _collective_tensor([value], torch.int64)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
 def rank0_value(value: int) -> int:
     """Rank 0's `value` on every rank (a broadcast; `value` itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -37,8 +37,9 @@ from pretrain.cadence import Every  # noqa: E402
 from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
+from pretrain.data.loader import IGNORE_INDEX  # noqa: E402
 from pretrain.data.sources import resolve_eval_sources  # noqa: E402
-from pretrain.distributed import DistInfo, barrier, gather_floats, init_distributed, rank0_value  # noqa: E402
+from pretrain.distributed import DistInfo, barrier, gather_floats, global_sum, init_distributed, rank0_value  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, memory_allocated, mfu, run_peak_flops  # noqa: E402
@@ -178,9 +179,11 @@ def slot_stream_names(cfg: RunConfig) -> list[str]:
     return model_names.slot_stream_names(cfg.model.memory)
 
 
-def global_mean_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple[float, bool, float | None]:
-    """The step's loss averaged over ranks, whether every rank's loss was finite, and the
-    rank mean of the z-loss term `z` (None without one).
+def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple[float, bool, float | None]:
+    """The step's loss summed over ranks, whether every rank's loss was finite, and the sum of
+    the z-loss term `z` over ranks (None without one). Each rank passes its share: its
+    micro-batches' means weighted by their scored targets over the step's (all ranks') total,
+    so the sum is the mean over every scored target of the step.
 
     One small all-reduce read on the host (the stop check and the Triton bag's index range
     check synchronise too).
@@ -188,10 +191,19 @@ def global_mean_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple
     values = torch.stack([loss.float(), (~torch.isfinite(loss)).float(), z.float() if z is not None else loss * 0])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
-        values[0] /= dist.get_world_size()
-        values[2] /= dist.get_world_size()
-    value, nonfinite, z_mean = values.tolist()
-    return value, nonfinite == 0, z_mean if z is not None else None
+    value, nonfinite, z_sum = values.tolist()
+    return value, nonfinite == 0, z_sum if z is not None else None
+
+
+def rank_share(means: tuple, scored: list[int], total: int, device: torch.device) -> torch.Tensor:
+    """This rank's share of a step's mean over its `total` scored targets (all ranks): its
+    micro-batches' `means`, each weighted by its `scored` targets / `total`. A micro-batch without
+    a scored target (its mean NaN) adds nothing; a step without any gives NaN (skipped)."""
+    share = torch.zeros((), device=device)
+    for mean, n in zip(means, scored):
+        if n:
+            share = share + mean.float() * (n / total)
+    return share if total else torch.full((), float("nan"), device=device)
 
 
 LoaderFactory = Callable[..., Any]  # build_loader's signature: (cfg, dataset, split, rank, world_size, loop)
@@ -250,8 +262,9 @@ def hang_watchdog(cfg: RunConfig, info: DistInfo) -> HangWatchdog:
 
 @dataclass
 class StepOutput:
-    """What one optimizer step reports: the rank-mean loss, whether it was finite (else the
-    update was skipped), the gradient norms, the schedule's multiplier, its start and duration."""
+    """What one optimizer step reports: the loss (its mean over the step's scored targets, all
+    ranks), whether it was finite (else the update was skipped), the gradient norms, the
+    schedule's multiplier, its start and duration."""
 
     loss: float
     finite: bool
@@ -259,7 +272,7 @@ class StepOutput:
     multiplier: float  # of the learning-rate schedule
     start: float
     seconds: float
-    z_loss: float | None = None  # the rank-mean log(Z)^2 term, when optim.z_loss > 0
+    z_loss: float | None = None  # the log(Z)^2 term (the same mean), when optim.z_loss > 0
 
 
 class Evaluator:
@@ -360,14 +373,25 @@ class Trainer:
         rank's loss is not finite."""
         start = time.perf_counter()
         multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
+        step_batches = [self.next_batch(batches) for _ in range(self.micro_batches)]
+        # Each micro-batch's objective is a mean over its scored targets (padding is not scored);
+        # DeepSpeed divides each by the micro-batches and averages over ranks. Weighting the i-th by
+        # n_i x micro-batches x world / N (N: the step's scored targets over all ranks) makes the
+        # accumulated gradient, and the logged loss, those of the mean over all N targets.
+        scored = [int((batch.targets != IGNORE_INDEX).sum()) for batch in step_batches]
+        total = global_sum(sum(scored))
+        scale = self.micro_batches * self.info.world_size
         losses, z_terms = zip(
             *(
-                self.forward_backward(self.next_batch(batches), last_micro_batch=i == self.micro_batches - 1)
-                for i in range(self.micro_batches)
+                self.forward_backward(
+                    batch, last_micro_batch=i == self.micro_batches - 1, scale=n * scale / total if total else 0.0
+                )
+                for i, (batch, n) in enumerate(zip(step_batches, scored))
             )
         )
-        z = torch.stack(z_terms).mean() if self.cfg.optim.z_loss else None
-        loss, finite, z_mean = global_mean_loss(torch.stack(losses).float().mean(), z)
+        loss = rank_share(losses, scored, total, self.info.device)
+        z = rank_share(z_terms, scored, total, self.info.device) if self.cfg.optim.z_loss else None
+        loss, finite, z_mean = global_step_loss(loss.float(), z)
         norms = self.optimizers.clip(measure_dense=self.measure_dense_norm.due(self.state.step + 1))
         with record_function(regions.STEP):
             self.optimizers.step(multiplier, skip=not finite)
@@ -391,13 +415,18 @@ class Trainer:
         self.interval_data_wait += time.perf_counter() - start
         return batch
 
-    def forward_backward(self, batch, last_micro_batch: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_backward(
+        self, batch, last_micro_batch: bool, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of one micro-batch: its cross-entropy and z-loss term (None when
-        optim.z_loss is 0), detached; the gradient is of CE + optim.z_loss x the z term."""
+        optim.z_loss is 0), means over its scored targets, detached; the gradient is of `scale` x
+        (CE + optim.z_loss x the z term). `scale` 0 (no scored target, where the means are NaN):
+        a zero gradient, through the same backward (its collectives included)."""
         with record_function(regions.FORWARD):
             doc_ids = batch.doc_ids if self.cfg.data.document_masking else None
             logits = self.engine(batch.tokens.to(self.info.device), doc_ids=doc_ids)
             loss, z, objective = self.objective(logits, batch.targets.to(self.info.device), self.cfg.optim.z_loss)
+            objective = objective * scale if scale else logits.float().sum() * 0.0
         self.optimizers.backward(objective, last_micro_batch)
         if self.stats is not None:
             self.stats.update(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -168,3 +169,42 @@ def _section(cfg, dotted: str):
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        (key, value)
+        for key, values in {
+            "optim.beta1": [1.5, 1.0, -0.1, float("nan"), 0.0, 0.9],
+            "optim.beta2": [1.0, -1.0, float("nan"), 0.95],
+            "optim.eps": [-1e-8, float("nan"), float("inf"), 0.0, 1e-8],
+            "optim.weight_decay": [-1.0, float("nan"), float("inf"), 0.0, 0.1],
+            "optim.lr": [-1.0, float("nan"), float("inf"), 0.0, 3e-3],
+            "optim.value_lr": [float("nan"), float("inf"), 1e-3],
+        }.items()
+        for value in values
+    ],
+)
+def test_optimizer_settings_are_checked_at_load_as_adamw_would(repo_root, key, value):
+    """What torch's AdamW refuses (after data preparation and the model build: a raw ValueError
+    traceback) is refused by load_config, naming the key; non-finite values, which AdamW takes but
+    which turn the weights into NaN at the first step, too. The reference is AdamW itself."""
+    o = load_config(repo_root / "configs/tiny.yaml").optim
+    setattr(o, key.split(".")[1], value)
+    reference_ok = all(math.isfinite(v) for v in (o.lr, o.value_lr, o.eps, o.weight_decay))
+    for lr, decay in ((o.lr, o.weight_decay), (o.value_lr, 0.0)):
+        try:
+            torch.optim.AdamW(
+                [torch.zeros(2, requires_grad=True)], lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=decay
+            )
+        except ValueError:
+            reference_ok = False
+    text = repr(value) if math.isfinite(value) else {"nan": ".nan", "inf": ".inf"}[str(value)]
+    if reference_ok:
+        assert (
+            getattr(load_config(repo_root / "configs/tiny.yaml", [f"{key}={text}"]).optim, key.split(".")[1]) == value
+        )
+    else:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(repo_root / "configs/tiny.yaml", [f"{key}={text}"])

@@ -58,11 +58,11 @@ def oom_at(call: int):
     """A Trainer.forward_backward that raises CUDA's out-of-memory error at its call-th call."""
     real, calls = Trainer.forward_backward, {"n": 0}
 
-    def forward_backward(self, batch, last_micro_batch):
+    def forward_backward(self, batch, last_micro_batch, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total...")
-        return real(self, batch, last_micro_batch)
+        return real(self, batch, last_micro_batch, **kwargs)
 
     return forward_backward
 
@@ -106,7 +106,7 @@ def test_out_of_memory_at_start_up_is_explained(tmp_path, data_cache, monkeypatc
 
 
 def test_other_runtime_errors_pass_through(tmp_path, data_cache, monkeypatch):
-    def broken(self, batch, last_micro_batch):
+    def broken(self, batch, last_micro_batch, **kwargs):
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(Trainer, "forward_backward", broken)
