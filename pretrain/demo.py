@@ -2,7 +2,8 @@
 
 `make demo` runs this. It builds the corpus, tokenizer and shards (cached under
 data.cache_dir), trains from scratch in `runs/demo` (replaced on each run; pass
-`--resume` to continue instead), then prints where the checkpoint, TensorBoard logs and
+`--resume` to continue instead; another `train.run_dir` is replaced only when an earlier
+demo wrote it), then prints where the checkpoint, TensorBoard logs and
 slot-frequency table are, the loss before and after, and validation loss / fact recall.
 """
 
@@ -15,6 +16,22 @@ from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
 from pretrain.train import TrainingDiverged, train
+
+DEFAULT_RUN_DIR = Path("runs/demo")
+DEMO_MARK = ".memlayers-demo"  # in a run folder the demo made: it may replace that folder
+
+
+def replace_refusal(run_dir: Path) -> str | None:
+    """Why the demo may not delete `run_dir` to start afresh (None: it may). A user's
+    `train.run_dir=runs/english` would otherwise lose a real run's checkpoints."""
+    if not run_dir.exists() or run_dir.resolve() == DEFAULT_RUN_DIR.resolve() or (run_dir / DEMO_MARK).exists():
+        return None
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        return None
+    return (
+        f"train.run_dir={run_dir} exists and was not made by the demo, which starts afresh by deleting its "
+        "run folder: name a new folder, continue that run with --resume, or train it with python -m pretrain.train"
+    )
 
 
 def summarise(result, run_dir: Path) -> str:
@@ -49,8 +66,15 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     run_dir = Path(cfg.train.run_dir)
-    if run_dir.exists() and not args.resume:
-        shutil.rmtree(run_dir)
+    if not args.resume:
+        refusal = replace_refusal(run_dir)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / DEMO_MARK).write_text("made by `make demo` (pretrain/demo.py), which replaces this folder\n")
     try:
         result = train(cfg)
     except TrainingDiverged as err:

@@ -11,7 +11,8 @@ from tests.train.helpers import TINY
 def test_shortened_demo_end_to_end(tmp_path, data_cache, capsys):
     run_dir = tmp_path / "demo"
     run_dir.mkdir()
-    (run_dir / "stale-file").write_text("a previous demo run")  # replaced, not resumed
+    (run_dir / demo.DEMO_MARK).write_text("")  # an earlier demo's folder: replaced, not resumed
+    (run_dir / "stale-file").write_text("a previous demo run")
     code = demo.main(
         [
             "--config",
@@ -39,3 +40,16 @@ def test_shortened_demo_end_to_end(tmp_path, data_cache, capsys):
 def test_demo_reports_config_errors(capsys):
     assert demo.main(["--config", "configs/tiny.yaml", "train.max_step=3"]) == 2
     assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+
+
+def test_demo_refuses_to_delete_a_run_folder_it_did_not_make(tmp_path, capsys):
+    """make demo ARGS="train.run_dir=runs/english" deleted that run, checkpoints included."""
+    run_dir = tmp_path / "english"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000200")
+    assert demo.main(["--config", "configs/tiny.yaml", f"train.run_dir={run_dir}"]) == 2
+    assert f"train.run_dir={run_dir} exists and was not made by the demo" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000200"
+    assert demo.replace_refusal(tmp_path / "new") is None  # absent, empty or the default: replaced
+    (tmp_path / "empty").mkdir()
+    assert demo.replace_refusal(tmp_path / "empty") is None
