@@ -517,6 +517,13 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if d.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (sequences; 0: one batch at a time)")
+    if t.max_skipped_steps < 0:  # -1 stopped at the first skip, which is train.nan_policy=stop
+        raise ConfigError(
+            f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0 (non-finite steps skipped before the run "
+            "stops; to stop at the first one, set train.nan_policy=stop)"
+        )
+    if cfg.slots.sample_batches < 0:  # was a ValueError traceback once the model and engine were built
+        raise ConfigError(f"slots.sample_batches={cfg.slots.sample_batches} must be >= 0 (0: no background sample)")
     if not (d.dir or d.sources):
         _check_embedded(d)
     g = cfg.slots.granularity  # a pattern, not a fixed set of choices: checked here, parsed by slots/granularity.py

@@ -78,6 +78,8 @@ def test_unknown_key_in_a_yaml_file_suggests_the_nearest_valid_key(tmp_path):
         ("data.seq_len=4096", "data.seq_len"),
         ("model.n_layers=0", "model.n_layers"),
         ("optim.value_optimizer=sgd", "optim.value_optimizer"),
+        ("train.max_skipped_steps=-1", "train.max_skipped_steps"),  # was accepted (stopped at the first skip)
+        ("slots.sample_batches=-3", "slots.sample_batches"),  # was a traceback after the engine was built
     ],
 )
 def test_bad_values_name_their_key(repo_root, override, key):
