@@ -10,7 +10,7 @@ import triton.language as tl
 
 from kernels import launch_configs as lc
 from kernels import pkm_triton
-from kernels.devices import PEAK_BANDWIDTH_TBS
+from kernels.devices import PEAK_BANDWIDTH_TBS, sku_for
 
 
 @triton.jit
@@ -83,3 +83,21 @@ def test_a_measured_winner_round_trips_through_the_table(tuner, monkeypatch):
     assert line == "PINNED[('TEST GPU', 'copy')][(65, 'torch.float32')] = {'BLOCK': 64, 'num_warps': 4}"
     monkeypatch.setitem(lc.PINNED[("TEST GPU", "copy")], key, lc.launch_spec(CANDIDATES[2]))
     assert _launches(_prune(tuner, 65)) == _launches(CANDIDATES[2:])
+
+
+@pytest.mark.parametrize(
+    "name, sku",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),  # was "H100 SXM": 3.35 TB/s peak for a 3.9 TB/s card, its pins
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA H200 NVL", "H200 NVL"),  # was "H200": the SXM card's pinned launch configurations
+        ("NVIDIA GH200 480GB", None),  # was "H200": HBM3 or HBM3e, the name does not say which
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
+        ("NVIDIA A10G", None),
+    ],
+)
+def test_device_names_map_to_their_own_sku(name, sku):
+    assert sku_for(name) == sku
+    assert sku is None or sku in PEAK_BANDWIDTH_TBS
