@@ -11,7 +11,8 @@ The library is built on first use with torch.utils.cpp_extension (~15 s with g++
 ninja, the toolchain DeepSpeed's CPU ops need as well) into TORCH_EXTENSIONS_DIR, under a
 name that carries torch's version; later processes load the cached library. If it cannot
 be built, the first call warns once, naming the reason, and the callers take their torch
-path (the same results up to fp32 rounding, slower). MEMLAYERS_CPU_OPS=0 skips the
+path (the same results up to fp32 rounding and the choice among exactly tied scores, which
+torch.topk makes in its own order; slower). MEMLAYERS_CPU_OPS=0 skips the
 library (to compare the two paths).
 """
 
@@ -53,7 +54,7 @@ def available() -> bool:
             warnings.warn(
                 f"memlayers: the compiled CPU ops (kernels/csrc) could not be built ({type(err).__name__}: {err}); "
                 "the CPU path uses torch ops instead (torch.topk, gathers and scatters: the same results up to "
-                "fp32 rounding, slower). Install g++ and ninja, or point TORCH_EXTENSIONS_DIR at a writable folder.",
+                "fp32 rounding and ties, slower). Install g++ and ninja, or point TORCH_EXTENSIONS_DIR at a writable folder.",
                 stacklevel=2,
             )
             _loaded = False
