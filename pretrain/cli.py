@@ -7,15 +7,25 @@ import argparse
 from pathlib import Path
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 1")
-    return value
+def int_at_least(lowest: int, note: str = ""):
+    """argparse type: an integer >= `lowest`; `note` (e.g. "0 = off") closes each message."""
+    suffix = f" ({note})" if note else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an integer; give an integer >= {lowest}{suffix}"
+            ) from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{text} must be an integer >= {lowest}{suffix}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def output_file(example: str):

@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import positive_int  # noqa: E402
+from pretrain.cli import int_at_least, positive_int  # noqa: E402
 
 
 def positive_float(text: str) -> float:
@@ -29,15 +29,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give an integer >= 0 (0 = off)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be an integer >= 0 (0 = off)")
-    return value
+non_negative_int = int_at_least(0, "0 = off")
 
 
 def main(argv=None) -> int:
