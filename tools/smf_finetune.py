@@ -83,14 +83,14 @@ def main(argv=None) -> int:
     from pretrain.data import DataError, Tokenizer
     from pretrain.data.corpus import resolve_files
     from pretrain.export import ExportError, load
+    from pretrain.export.writer import check_output_folder
     from pretrain.slots import TableMismatchError, load_export_for_tfidf
     from pretrain.smf import FinetuneSet, LearningForgettingEval, build_method, finetune, save_finetuned_export
-    from pretrain.smf.export import check_output_folder
 
     export = Path(args.export)
     out = Path(args.out)
     try:
-        check_output_folder(export, out, args.force)  # before the model loads and trains
+        check_output_folder(out, args.force, sources=[export])  # before the model loads and trains
         resolve_files(args.data, option="--data")  # before the model loads
         if args.method == "sparse":  # the model with its slot table, checked against each other
             model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pretrain.config import model_differences
 from pretrain.export.errors import ExportError
 from pretrain.export.safetensors_io import DTYPES, StreamWriter, read_header, read_rows
+from pretrain.export.writer import check_output_folder
 from pretrain.files import atomic_directory, file_sha256
 
 WEIGHTS = "model.safetensors"
@@ -105,12 +106,7 @@ def average_exports(
 ) -> Path:
     """Write to `out_dir` the export whose every tensor is sum_i w_i x_i / sum_i w_i."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists: choose another output folder or pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(
-            f"{out_dir} is a file, not an export folder: choose another --output (--force replaces folders)"
-        )
+    check_output_folder(out_dir, force, sources=dirs)
     inputs, weights = check_inputs(dirs, weights)
     total = sum(weights)
     share = [w / total for w in weights]

@@ -89,6 +89,26 @@ def hf_tokenizer_config() -> dict:
     return {"tokenizer_class": TOKENIZER_CLASS, "auto_map": TOKENIZER_AUTO_MAP, "padding_side": "left"}
 
 
+def check_output_folder(out_dir: str | Path, force: bool = False, sources=()) -> None:
+    """Refuse (ExportError) an output folder that cannot take an export: one of the `sources`
+    read to make it or a folder holding one (replacing it, --force, would delete the source), a
+    file (refused only by the final rename otherwise, after all the work), or an existing folder
+    without `force`. Cheap: callers check before reading any input."""
+    out_dir = Path(out_dir)
+    for source in map(Path, sources):
+        if out_dir.resolve() == source.resolve():
+            raise ExportError(f"{out_dir} is the source export {source}: write to a new folder")
+        if out_dir.resolve() in source.resolve().parents:
+            raise ExportError(
+                f"{out_dir} holds the source export {source}: replacing it would delete the source; "
+                "write to a new folder"
+            )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not an export folder: choose a folder path as the output")
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists: choose another output folder or pass --force to replace it")
+
+
 def export_checkpoint(
     source: str | Path,
     out_dir: str | Path,
@@ -101,12 +121,7 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} must be one of {sorted(DTYPES)} (--dtype)")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():  # else refused only by the final rename, after the whole export
-        raise ExportError(f"{out_dir} is a file: an export is a folder; choose a folder path as the output")
-    if out_dir.exists() and not force:
-        raise ExportError(
-            f"{out_dir} already exists: choose another output folder or pass force=True (--force) to replace it"
-        )
+    check_output_folder(out_dir, force, sources=[source])
     src = inspect(source, dataset_dir)  # every input checked before any weight is read
     with atomic_directory(out_dir) as tmp:
         write_weights(src, tmp / WEIGHTS, DTYPES[dtype], show_progress)

@@ -17,8 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pretrain.export import ExportError
-from pretrain.export.writer import WEIGHTS
+from pretrain.export.writer import WEIGHTS, check_output_folder
 from pretrain.files import atomic_directory
 
 
@@ -34,29 +33,11 @@ def weights_for_file(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
     return out
 
 
-def check_output_folder(source: str | Path, out_dir: str | Path, force: bool = False) -> None:
-    """Refuse an --out that cannot take the finetuned export (ExportError): the source export, a
-    folder holding it (--force would delete the source), a file, or an existing folder without
-    --force. Cheap: callers check before loading and finetuning."""
-    source, out_dir = Path(source), Path(out_dir)
-    if out_dir.resolve() == source.resolve():
-        raise ExportError(f"--out {out_dir} is the source export: write the finetuned model to a new folder")
-    if out_dir.resolve() in source.resolve().parents:
-        raise ExportError(
-            f"--out {out_dir} holds the source export {source}: replacing it would delete the source; "
-            "write the finetuned model to a new folder"
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"--out {out_dir} is a file: the finetuned export is a folder; choose another --out")
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists: choose another --out or pass --force to replace it")
-
-
 def save_finetuned_export(
     source: str | Path, model: torch.nn.Module, out_dir: str | Path, record: dict, force: bool = False
 ) -> Path:
     source, out_dir = Path(source), Path(out_dir)
-    check_output_folder(source, out_dir, force)
+    check_output_folder(out_dir, force, sources=[source])
     dtype = next(model.parameters()).dtype  # pretrain.export.load keeps the source file's dtype
     with atomic_directory(out_dir) as tmp:
         for item in source.iterdir():
