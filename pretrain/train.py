@@ -4,9 +4,10 @@
 step and periodic action) -> `build` (data, run directory, model + DeepSpeed engine + `Optimizers`, loaders,
 slot counters, metrics, evaluation; the checkpoint's items declared) -> `Trainer.resume` ->
 `Trainer.fit`, the loop: `train_step` (micro-batches: forward, backward, count slot
-accesses; then clip and one `Optimizers.step`, skipped on a non-finite loss), `count`
-(the `TrainState`), the periodic work each due by its own `Every` cadence (log, slot
-statistics, evaluate, checkpoint), and the stop check. No callback framework.
+accesses; then clip and one `Optimizers.step`, skipped on a non-finite loss, and the step's
+slot accesses with it), `count` (the `TrainState`), the periodic work each due by its own
+`Every` cadence (log, slot statistics, evaluate, checkpoint), and the stop check. No callback
+framework.
 """
 
 from __future__ import annotations
@@ -374,6 +375,8 @@ class Trainer:
         start = time.perf_counter()
         multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
         step_batches = [self.next_batch(batches) for _ in range(self.micro_batches)]
+        if self.stats is not None:
+            self.stats.begin_step()
         # Each micro-batch's objective is a mean over its scored targets (padding is not scored);
         # DeepSpeed divides each by the micro-batches and averages over ranks. Weighting the i-th by
         # n_i x micro-batches x world / N (N: the step's scored targets over all ranks) makes the
@@ -392,6 +395,8 @@ class Trainer:
         loss = rank_share(losses, scored, total, self.info.device)
         z = rank_share(z_terms, scored, total, self.info.device) if self.cfg.optim.z_loss else None
         loss, finite, z_mean = global_step_loss(loss.float(), z)
+        if self.stats is not None and not finite:
+            self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
         norms = self.optimizers.clip(measure_dense=self.measure_dense_norm.due(self.state.step + 1))
         with record_function(regions.STEP):
             self.optimizers.step(multiplier, skip=not finite)

@@ -1,7 +1,8 @@
 """Slot access statistics: counters, reduction, background sample, table file, TF-IDF.
 
-Trainer use: `SlotStatistics.update` once per micro-batch with each memory layer's
-`last_indices`, the batch's doc ids and row streams; `reduce()` at log/checkpoint time;
+Trainer use: `SlotStatistics.begin_step` before a step's micro-batches, `update` once per
+micro-batch with each memory layer's `last_indices`, the batch's doc ids and row streams,
+`discard_step` when the step's update is skipped; `reduce()` at log/checkpoint time;
 `save_table` next to every checkpoint. Format of the table: see pretrain/slots/table.py.
 """
 

@@ -97,6 +97,7 @@ class SlotStatistics:
         )
         self.reduced = False
         self._reduced_sample: SampleData | None = None
+        self._before_step: dict[str, torch.Tensor] | None = None  # begin_step's copy, for discard_step
 
     # ---- counting -------------------------------------------------------------------
     def update(
@@ -237,6 +238,42 @@ class SlotStatistics:
         """Mark an optimizer-step boundary; `step` is recorded in history and tables."""
         self.step = int(step)
 
+    # ---- skipped steps ------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Remember the counting state before a step's first micro-batch, so that `discard_step`
+        can take the step back. Device copies into buffers kept between steps, no host sync."""
+        mine = self._step_state()
+        if self._before_step is None:
+            self._before_step = {k: t.clone() for k, t in mine.items()}
+        else:
+            for k, t in mine.items():
+                self._before_step[k].copy_(t)
+        if self.sample is not None:
+            self.sample.begin_step()
+
+    def discard_step(self) -> None:
+        """Take back every micro-batch counted since `begin_step`: the step's update was skipped
+        (a non-finite loss), so its accesses are not counted, nor its tokens and documents, nor its
+        background-sample entries (a diverged forward reads NaN scores, whose top-k piles every
+        token onto a few slots). The micro-batch index goes on, so data streams and the sample's
+        choices for later micro-batches stay those of the loaders' order. A document read on both
+        sides of the step stays one occurrence."""
+        if self._before_step is None:
+            raise RuntimeError("discard_step() without begin_step() at the start of the step")
+        for k, t in self._step_state().items():
+            t.copy_(self._before_step[k])
+        if self.sample is not None:
+            self.sample.discard_step()
+
+    def _step_state(self) -> dict[str, torch.Tensor]:
+        """The tensors `update` changes in place (the sample aside), by a name of their own."""
+        out = {"totals": self.totals, "stream_tail": self.stream_tail, "next_occurrence": self.next_occurrence}
+        for n in self.layer_names:
+            out[f"{n}.counts"], out[f"{n}.doc_freq"] = self.counts[n], self.doc_freq[n]
+            if n in self.last_occurrence:
+                out[f"{n}.last_occurrence"] = self.last_occurrence[n]
+        return out
+
     @property
     def num_documents(self) -> int:
         return int(self.totals[0].item())
@@ -308,9 +345,10 @@ class SlotStatistics:
             {
                 k: v
                 for k, v in self.__dict__.items()
-                if k not in ("counts", "doc_freq", "interval_start", "last_occurrence", "sample")
+                if k not in ("counts", "doc_freq", "interval_start", "last_occurrence", "sample", "_before_step")
             }
         )
+        out._before_step = None
         out.counts = {n: t.clone() for n, t in self.counts.items()}
         out.doc_freq = {n: t.clone() for n, t in self.doc_freq.items()}
         out.interval_start = {n: t.clone() for n, t in self.interval_start.items()}

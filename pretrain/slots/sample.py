@@ -60,6 +60,25 @@ class BackgroundSample:
         self.indices: dict[str, torch.Tensor] = {}
         self.doc_ids: torch.Tensor | None = None
         self.batch_index = torch.full((capacity,), -1, dtype=torch.int64)
+        self._replaced: dict[int, tuple] | None = None  # this step's entries before it, once begin_step ran
+
+    def begin_step(self) -> None:
+        """Start recording what this step's offers replace, for `discard_step`."""
+        self._replaced = {}
+
+    def discard_step(self) -> None:
+        """Put back every entry this step's offers replaced (a replaced entry that was empty is
+        empty again): a skipped step leaves the sample as it was before the step."""
+        for j, (batch_index, indices, doc_ids) in (self._replaced or {}).items():
+            self.batch_index[j] = batch_index
+            if batch_index < 0:
+                continue
+            for name, old in indices.items():  # the entry may have grown since: pad as _grow does
+                self.indices[name][j, : old.shape[0]].copy_(old)
+                self.indices[name][j, old.shape[0] :].zero_()
+            self.doc_ids[j, : doc_ids.shape[0]].copy_(doc_ids)
+            self.doc_ids[j, doc_ids.shape[0] :].fill_(-1)
+        self._replaced = {}
 
     def offer(self, item: int, layer_indices: list[torch.Tensor], doc_ids: torch.Tensor) -> None:
         j = reservoir_slot(self.seed, item, self.capacity)
@@ -76,6 +95,14 @@ class BackgroundSample:
             )
         if rows > self.doc_ids.shape[1]:
             self._grow(rows)
+        if self._replaced is not None and j not in self._replaced:
+            old = int(self.batch_index[j])
+            keep = old >= 0  # an empty entry's contents are never read
+            self._replaced[j] = (
+                old,
+                {n: t[j].clone() for n, t in self.indices.items()} if keep else {},
+                self.doc_ids[j].clone() if keep else None,
+            )
         # a smaller micro-batch (train.micro_batch changed on resume) fills the entry's first rows; the
         # rest are padding (doc id -1), which every reader of the sample leaves out
         blocking = not self.doc_ids.is_pinned()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pretrain.slots import SlotStatistics
+from pretrain.slots.sample import reservoir_slot
 from slot_streams import occurrence_brute_force
 
 N, H, K, B, S, LAYERS = 32, 2, 2, 3, 5, 2
@@ -192,3 +193,43 @@ def test_bad_stream_ids_are_refused():
     with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
         stats.update(idx, doc_ids, streams=torch.tensor([0, 1, 2]))
     assert stats.micro_batches == 0
+
+
+@pytest.mark.parametrize("seed", [0, 6])  # 0: kept entries overwritten and put back; 6: an entry empty again
+@pytest.mark.parametrize("num_streams,per_row", MODES)
+def test_a_skipped_step_is_taken_back(num_streams, per_row, seed):
+    """Steps of 2 micro-batches, steps 1, 4 and 5 skipped (a non-finite loss: discard_step).
+    Counts, document frequencies and totals are the brute force over the applied steps'
+    micro-batches alone (a document read across a skipped step stays one occurrence), and the
+    background sample holds what a reservoir offered only those micro-batches would keep."""
+    batches = reread_batches(11, 24, num_streams, per_row)
+    skipped, capacity = {1, 4, 5}, 3
+    stats = SlotStatistics(N, NAMES, "document", streams=num_streams, sample_batches=capacity, seed=seed)
+    for step in range(12):
+        stats.begin_step()
+        feed(stats, batches[2 * step : 2 * step + 2], per_row)
+        if step in skipped:
+            stats.discard_step()
+    assert_matches(stats, [b for item, b in enumerate(batches) if item // 2 not in skipped])
+    assert stats.micro_batches == 24  # the index goes on: streams and sample choices keep the loaders' order
+
+    reservoir, offered_all = {}, {}  # the reservoir of the applied micro-batches; of all of them
+    for item in range(len(batches)):
+        j = reservoir_slot(seed, item, capacity)
+        if j >= 0:
+            offered_all[j] = item
+            if item // 2 not in skipped:
+                reservoir[j] = item
+    assert reservoir != offered_all  # skipped micro-batches would have stayed in the sample
+    sample = stats.sample_data()
+    assert sample.batch_index.tolist() == [reservoir[j] for j in sorted(reservoir)]
+    for entry, item in enumerate(sample.batch_index.tolist()):
+        idx, doc_ids, _ = batches[item]
+        assert torch.equal(sample.doc_ids[entry], doc_ids)
+        for layer, name in enumerate(NAMES):
+            assert torch.equal(sample.indices[name][entry], idx[layer].to(torch.int32))
+
+
+def test_discard_step_needs_begin_step():
+    with pytest.raises(RuntimeError, match="begin_step"):
+        SlotStatistics(N, NAMES, "document").discard_step()

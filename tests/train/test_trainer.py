@@ -117,6 +117,41 @@ def test_nonfinite_loss(tmp_path, data_cache, monkeypatch, policy):
         assert all(torch.isfinite(v.float()).all() for v in params.values())
 
 
+def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatch):
+    """Step 3's loss is NaN (skipped): the slot table holds the accesses of the other 4 steps,
+    against a hand count from a hook on the memory layer's training forwards (2 per step)."""
+    from pretrain.slots import load_table
+
+    real_objective, calls, reads = train_module.training_objective, {"n": 0}, []
+
+    def poisoned(logits, targets, z_weight):
+        calls["n"] += 1
+        out = real_objective(logits, targets, z_weight)
+        if calls["n"] != 5:  # step 3, first micro-batch (gas=2)
+            return out
+        return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
+
+    build = train_module.build_slot_statistics
+
+    def record(cfg, model, *args, **kwargs):
+        for block in model.memory_layers():
+            block.register_lookup_hook(lambda layer, idx, w: reads.append(idx.clone()) if layer.training else None)
+        return build(cfg, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_objective", poisoned)
+    monkeypatch.setattr(train_module, "build_slot_statistics", record)
+    cfg = tiny_config(
+        tmp_path / "run", data_cache, "train.max_steps=5", "train.nan_policy=skip", "slots.granularity=sequence"
+    )
+    result = train(cfg)
+    assert result.skipped_steps == 1 and len(reads) == 10
+    applied = reads[:4] + reads[6:]  # forwards 5 and 6 were step 3's
+    table = load_table(tmp_path / "run" / "checkpoints")
+    counts = torch.bincount(torch.cat([i.reshape(-1) for i in applied]), minlength=table.num_slots)
+    assert torch.equal(table.counts["layers.1"], counts)
+    assert table.num_tokens == sum(i.shape[0] for i in applied) == 4 * 8 * 32
+
+
 def test_failed_checkpoint_write_keeps_previous(tmp_path, data_cache, monkeypatch):
     run = tmp_path / "run"
     train(tiny_config(run, data_cache, "train.max_steps=2"))
