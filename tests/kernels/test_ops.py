@@ -4,6 +4,8 @@ bit-for-bit equal to calling the Triton autograd functions directly."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,26 @@ def test_cpu_ops_build_failure_warns_and_falls_back(monkeypatch):
         assert cpu_ops.row_topk_indices(x, 5) is None
     values, indices = reference.half_topk(x, 5)
     assert torch.equal(values, x.topk(5).values) and torch.equal(indices, x.topk(5).indices)
+
+
+def test_cpu_ops_build_is_shared_by_checkouts_with_the_same_sources(tmp_path, monkeypatch):
+    """Two checkouts (other paths, other mtimes) with the same kernels/csrc: one library name, and
+    sources staged in the build folder, so the build's command lines, which ninja compares, are
+    the same from both and neither rebuilds over the other's. Other sources: another name."""
+    import shutil
+
+    checkouts = [shutil.copytree(cpu_ops.SOURCES[0].parent, tmp_path / f"checkout{i}" / "csrc") for i in (0, 1)]
+    names = []
+    for csrc in checkouts:
+        monkeypatch.setattr(cpu_ops, "SOURCES", sorted(csrc.glob("*.cpp")))
+        names.append(cpu_ops._library_name())
+        staged = cpu_ops._staged_sources(tmp_path / "build" / names[-1])
+        assert [Path(p).parent for p in staged] == [tmp_path / "build" / names[0] / "src"] * len(staged)
+        assert [Path(p).read_bytes() for p in staged] == [s.read_bytes() for s in cpu_ops.SOURCES]
+    assert names[0] == names[1]
+    with open(checkouts[1] / cpu_ops.SOURCES[0].name, "a") as f:
+        f.write("// changed\n")
+    assert cpu_ops._library_name() != names[0]
 
 
 @pytest.mark.parametrize("value_grad", ["sorted", "atomic", "sparse"])
