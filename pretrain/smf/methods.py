@@ -153,6 +153,7 @@ class LoRAFinetuning(AdamWFinetuning):
         lr: float,
         alpha: float | None = None,
         targets: tuple[str, ...] = LORA_TARGETS,
+        weight_decay: float = 0.0,
     ):
         from peft import LoraConfig, get_peft_model
 
@@ -165,7 +166,8 @@ class LoRAFinetuning(AdamWFinetuning):
             lora_dropout=0.0,
             bias="none",
         )
-        super().__init__(get_peft_model(model, config), lr)  # peft freezes everything but the adapters
+        # peft freezes everything but the adapters
+        super().__init__(get_peft_model(model, config), lr, weight_decay)
 
     def finished_model(self) -> Transformer:
         """The plain Transformer with the adapters merged into its weights."""
@@ -192,5 +194,5 @@ def build_method(
     if name == "full":
         return FullFinetuning(model, lr, weight_decay)
     if name == "lora":
-        return LoRAFinetuning(model, lora_rank, lr)
+        return LoRAFinetuning(model, lora_rank, lr, weight_decay=weight_decay)
     raise ValueError(f"method={name!r} must be one of {', '.join(METHODS)}")

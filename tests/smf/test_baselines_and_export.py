@@ -36,6 +36,14 @@ def test_full_finetuning_moves_every_trained_weight(smf_export, data):
     assert {"tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.ffn.keys1"} <= changed
 
 
+@pytest.mark.parametrize("name", ["full", "lora"])
+def test_baselines_take_the_weight_decay_they_are_given(smf_export, name):
+    """build_method's weight_decay reaches the AdamW of both baselines (LoRA's was dropped)."""
+    export, _ = smf_export
+    method = build_method(name, load(export), lr=1e-3, lora_rank=4, weight_decay=0.25)
+    assert [g["weight_decay"] for g in method.optimizer.param_groups] == [0.25]
+
+
 def test_lora_trains_adapters_only_and_merges_exactly(smf_export, data, tmp_path):
     export, _ = smf_export
     model = load(export)
