@@ -184,6 +184,14 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         check_loaded_weights(info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return (model, info) if want_info else model
 
+    def _validate_generated_length(self, generation_config, input_ids_length, *args, **kwargs):
+        """transformers' own checks, then refuse a generate() call whose prompt and new tokens
+        cannot fit max_seq_len before any token is computed (forward() alone raised at the step
+        that overflowed, the work so far lost). transformers' models only warn past
+        max_position_embeddings and go on; this model's rotary table ends at max_seq_len."""
+        super()._validate_generated_length(generation_config, input_ids_length, *args, **kwargs)
+        check_generation_length(input_ids_length, generation_config.max_length, self.config.max_seq_len)
+
     def get_input_embeddings(self):
         return self.tok_embeddings
 
@@ -266,6 +274,26 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def check_generation_length(prompt_length: int, max_length: int, max_seq_len: int) -> None:
+    """Raise when generating up to `max_length` tokens (prompt included; the last new token is
+    never fed back, so max_seq_len + 1 fit) from a prompt of `prompt_length` tokens (a padded
+    batch's width) would feed the model more than max_seq_len tokens."""
+    if max_length is None or max_length <= max_seq_len + 1:
+        return
+    new = max_length - prompt_length
+    fixes = []
+    if new <= max_seq_len:
+        fixes.append(f"shorten the prompt to at most {max_seq_len + 1 - new} tokens (keep its end)")
+    if prompt_length <= max_seq_len:
+        fixes.append(f"lower max_new_tokens to at most {max_seq_len + 1 - prompt_length}")
+    fix = " or ".join(fixes) or f"make prompt + max_new_tokens at most {max_seq_len + 1}"
+    raise ValueError(
+        f"generate(): the prompt is {prompt_length} tokens (input_ids' width, padding included) and "
+        f"{new} new tokens were asked for (max_length {max_length}), but the model's max_seq_len is "
+        f"{max_seq_len}: prompt + new tokens may be at most {max_seq_len + 1}; {fix}"
+    )
 
 
 def check_loaded_weights(info: dict, source) -> None:
