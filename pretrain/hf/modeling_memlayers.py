@@ -298,14 +298,18 @@ def check_generation_length(prompt_length: int, max_length: int, max_seq_len: in
 
 def check_loaded_weights(info: dict, source) -> None:
     """transformers only warns when model.safetensors lacks a weight (it stays randomly
-    initialised, so the logits are silently wrong): raise instead, naming the weights."""
+    initialised, so the logits are silently wrong) or holds one the model has not (config.json
+    edited or from another export: a layer silently dropped): raise instead, naming the weights."""
     missing = sorted(info.get("missing_keys") or [])
+    extra = sorted(info.get("unexpected_keys") or [])
     mismatched = [f"{name} (file {tuple(a)}, model {tuple(b)})" for name, a, b in info.get("mismatched_keys") or []]
-    if missing or mismatched:
-        problems = ([f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []) + (
-            [f"wrong shape {', '.join(mismatched[:4])}"] if mismatched else []
-        )
+    problems = [
+        f"{label} {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+        for label, names in (("missing", missing), ("not in the model", extra), ("wrong shape", mismatched))
+        if names
+    ]
+    if problems:
         raise ValueError(
-            f"{source}/model.safetensors does not hold every weight of the model ({'; '.join(problems)}): "
-            "re-export the checkpoint with tools/export.py"
+            f"{source}/model.safetensors does not hold the weights of the model its config.json describes "
+            f"({'; '.join(problems)}): re-export the checkpoint with tools/export.py"
         )
