@@ -80,3 +80,30 @@ def test_a_left_padded_batch_counts_its_padded_width(models):
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=limit + 1 - width, do_sample=False)
     for r, p in enumerate(prompts):
         assert out[r, width:].tolist() == greedy(model, p, limit + 1 - width), r
+
+
+def test_scoring_cuts_a_long_context_from_the_left_and_keeps_the_continuation(models):
+    """continuation_logprobs raised from forward() ("shorten the prompt or lower max_new_tokens")
+    on a pair longer than max_seq_len, after scoring the batches before it; lm-eval cuts such a
+    context from the left. Reference: the training model in float64 on the last max_seq_len + 1
+    tokens of each pair, its continuation's log-probabilities summed."""
+    from pretrain.export.scoring import continuation_logprobs
+
+    model, hf = models
+    limit = hf.config.max_seq_len
+    reference = model.double()
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 2), (limit + 9, 3), (limit - 1, 2), (40, limit), (limit, 1), (5, 4)]
+    pairs = [(torch.randint(1, 64, (c,), generator=g).tolist(), torch.randint(1, 64, (n,), generator=g).tolist())
+             for c, n in shapes]  # fmt: skip
+    got = continuation_logprobs(hf, pairs, batch_size=4)  # long and short pairs share batches
+    for (context, continuation), (ll, is_greedy) in zip(pairs, got):
+        seq = (context + continuation)[-(limit + 1) :]
+        with torch.no_grad():
+            logp = torch.log_softmax(reference(torch.tensor([seq[:-1]]))[0], -1)
+        tail = logp[-len(continuation) :]
+        want = tail.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
+        assert abs(ll - want) <= 1e-5, (len(context), len(continuation), ll, want)
+        assert is_greedy == bool((tail.argmax(-1) == torch.tensor(continuation)).all())
+    with pytest.raises(ValueError, match=f"pair 1: the continuation is {limit + 1} tokens, more than .*={limit}"):
+        continuation_logprobs(hf, [pairs[0], ([1, 2], list(range(1, limit + 2)))])
