@@ -107,3 +107,19 @@ def test_scoring_cuts_a_long_context_from_the_left_and_keeps_the_continuation(mo
         assert is_greedy == bool((tail.argmax(-1) == torch.tensor(continuation)).all())
     with pytest.raises(ValueError, match=f"pair 1: the continuation is {limit + 1} tokens, more than .*={limit}"):
         continuation_logprobs(hf, [pairs[0], ([1, 2], list(range(1, limit + 2)))])
+
+
+def test_the_exported_tokenizer_knows_the_model_context(inference_export):
+    """tokenizer_config.json had no model_max_length: truncation=True cut nothing (transformers'
+    'very large' default) and an input longer than the model went unwarned."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    limit = json.loads((inference_export / "config.json").read_text())["model"]["max_seq_len"]
+    tok = AutoTokenizer.from_pretrained(inference_export, trust_remote_code=True)
+    assert tok.model_max_length == limit
+    text = " ".join(f"word{i}" for i in range(3 * limit))
+    whole = tok(text)["input_ids"]
+    assert len(whole) > limit
+    assert tok(text, truncation=True)["input_ids"] == whole[:limit]
