@@ -229,6 +229,12 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if cache is not None and getattr(cache, "is_compileable", False):
+            # a static cache returns its whole preallocated buffer and needs cache_position and 4-D masks
+            raise ValueError(
+                f"MemlayersForCausalLM keeps keys and values in a DynamicCache (the default), not a "
+                f"{type(cache).__name__}: leave generate()'s cache_implementation unset (or 'dynamic')"
+            )
         B, S = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         limit = self.config.max_seq_len

@@ -123,3 +123,19 @@ def test_the_exported_tokenizer_knows_the_model_context(inference_export):
     whole = tok(text)["input_ids"]
     assert len(whole) > limit
     assert tok(text, truncation=True)["input_ids"] == whole[:limit]
+
+
+def test_a_static_cache_is_refused_by_name(models):
+    """generate(cache_implementation="static") failed with "attention_mask has shape (1, 1, 6, 13),
+    expected (1, 6)", a mask the caller never passed; the model supports the dynamic cache only."""
+    from transformers import StaticCache
+
+    _, hf = models
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with pytest.raises(
+        ValueError, match="in a DynamicCache \\(the default\\), not a StaticCache.*cache_implementation"
+    ):
+        hf.generate(prompt, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    with pytest.raises(ValueError, match="not a StaticCache"):
+        hf(prompt, cache=StaticCache(config=hf.config, max_cache_len=16))
+    assert hf.generate(prompt, max_new_tokens=3, do_sample=False, cache_implementation="dynamic").shape == (1, 9)
