@@ -63,6 +63,7 @@ memlayers training checkpoint.
 - data manifest sha256: `{manifest_hash}`
 - model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, vocab {m.vocab_size}; {memory}
 - parameters: {params:,} ({nbytes / 2**20:.1f} MiB of {dtype} in model.safetensors)
+- context: {m.max_seq_len} tokens (max_seq_len; prompt + new tokens at most {m.max_seq_len + 1}, longer is refused)
 
 ## Loading
 

@@ -15,6 +15,8 @@ from pretrain.export.safetensors_io import read_header
 from pretrain.model import Transformer
 from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
 
+FLOAT_CODES = ("F32", "BF16", "F16", "F64")  # safetensors dtypes a model's weights may have
+
 
 def model_config_from_json(path: Path) -> ModelConfig:
     try:
@@ -51,12 +53,46 @@ def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transfor
         cfg.memory.kernel = "auto"
     with torch.device("meta"):
         model = Transformer(cfg)
-    read_header(export_dir / "model.safetensors")  # a truncated file is named, before any weight is read
+    # a truncated file, or one that does not hold the config's tensors, is named before any weight is read
+    header, _ = read_header(export_dir / "model.safetensors")
+    check_weights_match(export_dir / "model.safetensors", header, model.state_dict())
     state = load_file(str(export_dir / "model.safetensors"), device=str(device))
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def check_weights_match(path: Path, header: dict, expected: dict[str, torch.Tensor]) -> None:
+    """Raise (ExportError) when the safetensors `header` of `path` lacks a tensor of `expected`
+    (the model config.json describes), holds one it does not, or holds one in another shape or
+    a non-float dtype; torch's load_state_dict said so only after reading every weight, in a
+    traceback naming neither the file nor the fix."""
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing = [n for n in expected if n not in tensors]
+    extra = sorted(n for n in tensors if n not in expected)
+    shapes = [
+        f"{n} (file {tuple(tensors[n]['shape'])}, config {tuple(t.shape)})"
+        for n, t in expected.items()
+        if n in tensors and tuple(tensors[n]["shape"]) != tuple(t.shape)
+    ]
+    dtypes = [
+        f"{n} ({tensors[n]['dtype']})" for n in expected if n in tensors and tensors[n]["dtype"] not in FLOAT_CODES
+    ]
+    problems = []
+    for label, names in (
+        ("missing", missing),
+        ("not in the model", extra),
+        ("wrong shape", shapes),
+        ("not float", dtypes),
+    ):
+        if names:
+            problems.append(f"{label}: {', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}")
+    if problems:
+        raise ExportError(
+            f"{path} does not hold the tensors of the model its config.json describes ({'; '.join(problems)}): "
+            "re-export the checkpoint with tools/export.py, or restore the config.json written with it"
+        )
 
 
 def export_tokenizer_path(export_dir: str | Path) -> Path:

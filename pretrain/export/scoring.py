@@ -4,7 +4,10 @@ What lm-evaluation-harness's `loglikelihood` requests compute: for each (context
 continuation ids) pair, sum log p(continuation | context) and whether every continuation
 token is the argmax (greedy). Rows are left-padded to a common length with an attention
 mask, so the continuation's predictions sit in the last columns of every row; the model
-derives position ids from the mask, so a padded row scores as it does alone.
+derives position ids from the mask, so a padded row scores as it does alone. A pair longer than
+the model's context (max_seq_len + 1 tokens, the last never fed) loses the start of its context,
+as lm-eval truncates it: the continuation is always scored whole, and one longer than max_seq_len
+is refused before any pair is scored.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ def continuation_logprobs(
     model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8, pad_id: int = 0
 ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities, is greedy) per (context, continuation) pair, in input order."""
+    limit = model.config.max_seq_len
     for i, (context, continuation) in enumerate(pairs):
         if not context or not continuation:
             raise ValueError(f"pair {i}: context and continuation must both be non-empty token lists")
+        if len(continuation) > limit:
+            raise ValueError(
+                f"pair {i}: the continuation is {len(continuation)} tokens, more than the model's "
+                f"max_seq_len={limit} can score: split it, or score it with a rolling window"
+            )
     device = next(model.parameters()).device
     results: list[tuple[float, bool]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        rows = [(context + continuation)[:-1] for context, continuation in chunk]
+        # the context's start is cut when the pair is longer than the model's context (as lm-eval does)
+        rows = [(context + continuation)[-(limit + 1) :][:-1] for context, continuation in chunk]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)

@@ -82,11 +82,17 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
     }
 
 
-def hf_tokenizer_config() -> dict:
-    """tokenizer_config.json: AutoTokenizer loads tokenizer.model through tokenization_memlayers.py."""
+def hf_tokenizer_config(max_seq_len: int) -> dict:
+    """tokenizer_config.json: AutoTokenizer loads tokenizer.model through tokenization_memlayers.py;
+    model_max_length is the model's context (truncation=True cuts to it, longer inputs are warned of)."""
     from pretrain.hf import TOKENIZER_AUTO_MAP, TOKENIZER_CLASS
 
-    return {"tokenizer_class": TOKENIZER_CLASS, "auto_map": TOKENIZER_AUTO_MAP, "padding_side": "left"}
+    return {
+        "tokenizer_class": TOKENIZER_CLASS,
+        "auto_map": TOKENIZER_AUTO_MAP,
+        "padding_side": "left",
+        "model_max_length": max_seq_len,
+    }
 
 
 def check_output_folder(out_dir: str | Path, force: bool = False, sources=()) -> None:
@@ -131,7 +137,9 @@ def export_checkpoint(
         for name in SOURCE_FILES:
             shutil.copyfile(HF_DIR / name, tmp / name)
         shutil.copyfile(src.tokenizer, tmp / "tokenizer.model")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(), indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(hf_tokenizer_config(src.cfg.model.max_seq_len), indent=2) + "\n"
+        )
         if (src.dataset_dir / "probes.jsonl").is_file():
             shutil.copyfile(src.dataset_dir / "probes.jsonl", tmp / "probes.jsonl")
         if src.slot_table is not None:

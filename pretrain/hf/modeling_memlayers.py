@@ -184,6 +184,14 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         check_loaded_weights(info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return (model, info) if want_info else model
 
+    def _validate_generated_length(self, generation_config, input_ids_length, *args, **kwargs):
+        """transformers' own checks, then refuse a generate() call whose prompt and new tokens
+        cannot fit max_seq_len before any token is computed (forward() alone raised at the step
+        that overflowed, the work so far lost). transformers' models only warn past
+        max_position_embeddings and go on; this model's rotary table ends at max_seq_len."""
+        super()._validate_generated_length(generation_config, input_ids_length, *args, **kwargs)
+        check_generation_length(input_ids_length, generation_config.max_length, self.config.max_seq_len)
+
     def get_input_embeddings(self):
         return self.tok_embeddings
 
@@ -221,6 +229,12 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if cache is not None and getattr(cache, "is_compileable", False):
+            # a static cache returns its whole preallocated buffer and needs cache_position and 4-D masks
+            raise ValueError(
+                f"MemlayersForCausalLM keeps keys and values in a DynamicCache (the default), not a "
+                f"{type(cache).__name__}: leave generate()'s cache_implementation unset (or 'dynamic')"
+            )
         B, S = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         limit = self.config.max_seq_len
@@ -268,16 +282,40 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
 
+def check_generation_length(prompt_length: int, max_length: int, max_seq_len: int) -> None:
+    """Raise when generating up to `max_length` tokens (prompt included; the last new token is
+    never fed back, so max_seq_len + 1 fit) from a prompt of `prompt_length` tokens (a padded
+    batch's width) would feed the model more than max_seq_len tokens."""
+    if max_length is None or max_length <= max_seq_len + 1:
+        return
+    new = max_length - prompt_length
+    fixes = []
+    if new <= max_seq_len:
+        fixes.append(f"shorten the prompt to at most {max_seq_len + 1 - new} tokens (keep its end)")
+    if prompt_length <= max_seq_len:
+        fixes.append(f"lower max_new_tokens to at most {max_seq_len + 1 - prompt_length}")
+    fix = " or ".join(fixes) or f"make prompt + max_new_tokens at most {max_seq_len + 1}"
+    raise ValueError(
+        f"generate(): the prompt is {prompt_length} tokens (input_ids' width, padding included) and "
+        f"{new} new tokens were asked for (max_length {max_length}), but the model's max_seq_len is "
+        f"{max_seq_len}: prompt + new tokens may be at most {max_seq_len + 1}; {fix}"
+    )
+
+
 def check_loaded_weights(info: dict, source) -> None:
     """transformers only warns when model.safetensors lacks a weight (it stays randomly
-    initialised, so the logits are silently wrong): raise instead, naming the weights."""
+    initialised, so the logits are silently wrong) or holds one the model has not (config.json
+    edited or from another export: a layer silently dropped): raise instead, naming the weights."""
     missing = sorted(info.get("missing_keys") or [])
+    extra = sorted(info.get("unexpected_keys") or [])
     mismatched = [f"{name} (file {tuple(a)}, model {tuple(b)})" for name, a, b in info.get("mismatched_keys") or []]
-    if missing or mismatched:
-        problems = ([f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []) + (
-            [f"wrong shape {', '.join(mismatched[:4])}"] if mismatched else []
-        )
+    problems = [
+        f"{label} {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+        for label, names in (("missing", missing), ("not in the model", extra), ("wrong shape", mismatched))
+        if names
+    ]
+    if problems:
         raise ValueError(
-            f"{source}/model.safetensors does not hold every weight of the model ({'; '.join(problems)}): "
-            "re-export the checkpoint with tools/export.py"
+            f"{source}/model.safetensors does not hold the weights of the model its config.json describes "
+            f"({'; '.join(problems)}): re-export the checkpoint with tools/export.py"
         )

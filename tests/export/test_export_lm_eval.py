@@ -277,3 +277,66 @@ def test_multiple_choice_options_come_from_the_whole_probe_file(inference_export
     mc = [json.loads(line) for line in (tmp_path / "t3" / f"{MC_TASK}.jsonl").read_text().splitlines()]
     assert info["probes"] == 8 and info["mc_skipped"] == 2 and len(mc) == 6
     assert all(row["attribute"] == "color" for row in mc)
+
+
+def test_lm_eval_requests_past_max_seq_len_equal_float64_brute_force(inference_export, hf_model):
+    """lm-eval's own HF adapter on the exported model, in process: loglikelihood,
+    loglikelihood_rolling and generate_until with contexts shorter and longer than max_seq_len in
+    mixed-length batches, against the training model in float64 scoring token by token. lm-eval
+    reads the context length from config.max_position_embeddings (else 2048: every long request
+    would fail in forward); a long context loses its start, the continuation stays scored whole."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(inference_export, trust_remote_code=True)
+    lm = HFLM(pretrained=hf_model, tokenizer=tok, batch_size=3, device="cpu")
+    limit = hf_model.config.max_seq_len
+    assert lm.max_length == limit
+    reference = load(inference_export).double()
+    words = "the cat sat on a mat and then ran into the house where nobody lived any more".split()
+
+    def text(n, seed):
+        return " ".join(words[(seed * 7 + 3 * i) % len(words)] for i in range(n))
+
+    def encode(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    def logprobs(seq):  # (len(seq) - 1, vocab): log p(seq[t + 1] | seq[: t + 1])
+        with torch.no_grad():
+            return torch.log_softmax(reference(torch.tensor([seq[:-1]]))[0], -1)
+
+    pairs = [(text(n, n), " " + text(m, n + 1)) for n, m in ((2, 1), (30, 3), (6, 4), (45, 2), (12, 9))]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    assert any(len(encode(c + x)) > limit + 1 for c, x in pairs)  # some contexts are cut
+    for (context, continuation), (ll, _) in zip(pairs, got):
+        whole, ctx = encode(context + continuation), encode(context)
+        cont = whole[len(ctx) :]
+        seq = whole[-(limit + 1) :]  # the context's start cut; every continuation token scored
+        want = logprobs(seq)[-len(cont) :].gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        assert ll == pytest.approx(want, abs=1e-4), (len(ctx), len(cont))
+
+    docs = [text(n, n) for n in (4, 40, 90)]
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)])
+    assert len(encode(docs[0])) < limit < len(encode(docs[2])) // 2
+    for doc, ll in zip(docs, got):
+        ids = encode(doc)
+        full = [tok.eos_token_id] + ids  # every document starts after the separator
+        want = 0.0
+        for start in range(0, len(ids), limit):  # disjoint windows of `limit` predicted tokens
+            end = min(start + limit, len(ids))
+            seq = full[max(0, end - limit) : end + 1]  # up to `limit` tokens of context each
+            want += logprobs(seq)[-(end - start) :].gather(-1, torch.tensor(ids[start:end])[:, None]).sum().item()
+        assert ll == pytest.approx(want, abs=1e-4), len(ids)
+
+    prompts = [text(n, n) for n in (3, 40, 10)]
+    request = {"until": ["zzz"], "max_gen_toks": 4, "do_sample": False}
+    got = lm.generate_until([Instance("generate_until", {}, (p, request), i) for i, p in enumerate(prompts)])
+    for prompt, out in zip(prompts, got):
+        seq = encode(prompt)[-(limit - 4) :]  # room left for the new tokens
+        new = []
+        for _ in range(4):
+            new.append(int(logprobs(seq + new + [0])[-1].argmax()))
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        assert out == tok.decode(new), prompt

@@ -64,3 +64,43 @@ def test_config_json_with_a_bad_memory_section_is_named(tmp_path, memory, match)
     with pytest.raises(ExportError, match=match) as err:
         model_config_from_json(path)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("drop", r"missing: layers\.1\.ffn\.keys2"),
+        ("extra", r"not in the model: layers\.2\.attention\.wq\.weight"),
+        ("shape", r"wrong shape: layers\.0\.ffn\.w1\.weight \(file \(64, 32\), config \(96, 32\)\)"),
+        ("int", r"not float: norm\.weight \(I64\)"),
+    ],
+)
+def test_weights_that_do_not_match_config_json_are_named_before_reading(tmp_path, monkeypatch, change, match):
+    """load() raised torch's RuntimeError (a traceback out of memlayers-generate and -perplexity,
+    naming neither the file nor the fix) after reading every weight; the HF model kept a tensor
+    the config has no place for (a layer dropped by an edited config.json) with a warning only."""
+    from pretrain.export import ExportError
+    from pretrain.hf.modeling_memlayers import MemlayersForCausalLM
+
+    torch.manual_seed(0)
+    export = write_export(tmp_path / "export", small_config(), Transformer(small_config()))
+    state = {k: v.detach().contiguous() for k, v in Transformer(small_config()).state_dict().items()}
+    if change == "drop":
+        del state["layers.1.ffn.keys2"]
+    elif change == "extra":
+        state["layers.2.attention.wq.weight"] = torch.zeros(32, 32)
+    elif change == "shape":
+        state["layers.0.ffn.w1.weight"] = torch.zeros(64, 32)
+    else:
+        state["norm.weight"] = torch.ones(32, dtype=torch.int64)
+    save_file(state, str(export / "model.safetensors"), metadata={"format": "pt"})
+    read = []
+    monkeypatch.setattr("pretrain.export.loading.load_file", lambda *a, **k: read.append(a) or {})
+    with pytest.raises(ExportError, match=match) as err:
+        load(export)
+    assert str(export / "model.safetensors") in str(err.value) and "re-export" in str(err.value)
+    assert read == []  # refused from the header, before any weight was read
+    monkeypatch.undo()
+    if change in ("drop", "extra"):  # a wrong shape transformers refuses itself
+        with pytest.raises(ValueError, match=match.replace(":", "")):
+            MemlayersForCausalLM.from_pretrained(export)

@@ -118,3 +118,22 @@ def test_cli_refuses_a_folder_as_json_before_scoring(tmp_path, monkeypatch, caps
     assert exit_.value.code == 2 and not scored
     assert f"argument --json: {folder} is a folder" in capsys.readouterr().err
     assert list(folder.iterdir()) == [] and not list(tmp_path.glob(".results*"))
+
+
+def test_sequences_longer_than_the_model_are_refused_before_it_loads(export_and_data, tmp_path, monkeypatch, capsys):
+    """A dataset prepared with a longer --seq-len than the export's max_seq_len is refused up
+    front (the model would raise at its first batch), naming both lengths and the fix."""
+    import shutil
+
+    export, dataset = export_and_data
+    seq_len = read_manifest(dataset)["seq_len"]
+    short = tmp_path / "short"
+    shutil.copytree(export, short)
+    config = json.loads((short / "config.json").read_text())
+    config["model"]["max_seq_len"] = seq_len // 2
+    (short / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("pretrain.export.loading.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=rf"sequences of {seq_len} tokens, longer than .*max_seq_len={seq_len // 2}"):
+        dataset_loss(short, dataset, "val", show_progress=False)
+    assert perplexity_cli.main([str(short), "--data", str(dataset), "--no-progress"]) == 2
+    assert f"prepare the data with --seq-len {seq_len // 2} or less" in capsys.readouterr().err

@@ -80,6 +80,7 @@ def test_export_contents_and_names(trained, tmp_path):
     assert (out / "slot_frequencies.safetensors").read_bytes() == (ckpt / "slot_frequencies.safetensors").read_bytes()
     card = (out / "README.md").read_text()
     assert "training step: 2" in card and "manifest sha256" in card and "`values.0.weight`" in card
+    assert f"- context: {model.cfg.max_seq_len} tokens (max_seq_len;" in card
     assert not list(tmp_path.glob(".export.tmp-*"))  # the temporary folder was renamed away
 
 
