@@ -67,23 +67,44 @@ def rank_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / f"rank_{rank:05d}.pt"
 
 
+def checkpoint_folders(root: str | Path) -> list[Path]:
+    """The checkpoint folders (named by `tag_for`) under `root`, oldest step first."""
+    steps = {p: step_of(p) for p in Path(root).glob("step_*") if p.is_dir()}
+    return sorted((p for p, s in steps.items() if s is not None), key=steps.get)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under `root`, or None."""
+    """The newest complete checkpoint folder under `root` (the one `latest` names), or None
+    where `root` holds no checkpoint. A `latest` that is missing while checkpoint folders are
+    there, empty, or naming no folder is refused (CheckpointError): a run would otherwise
+    start afresh beside, and later overwrite, checkpoints it was meant to resume from."""
     root = Path(root)
     latest = root / "latest"
+    folders = checkpoint_folders(root)
+    newest = f"(the newest folder here is {folders[-1].name})" if folders else "(there is none here)"
+    afresh = f"to start afresh, move {root} aside or use a new train.run_dir"
     if not latest.is_file():
-        return None
+        if not folders:
+            return None
+        raise CheckpointError(
+            f"{root} holds checkpoints ({', '.join(p.name for p in folders[-3:])}) but no 'latest' file naming the "
+            f"one to resume from (a run stopped between renaming its first checkpoint and writing latest, or "
+            f"latest was deleted): write the folder's name into {latest} {newest}; {afresh}"
+        )
     tag = latest.read_text().strip()
     if not tag:
         raise CheckpointError(
             f"{latest} is empty (it should name a checkpoint folder such as {tag_for(100)}): "
-            f"write the newest complete folder's name into it, or delete it to start afresh"
+            f"write the newest complete folder's name into it {newest}; {afresh}"
         )
     if not _TAG.match(tag) or tag in (".", ".."):
         raise CheckpointError(f"{latest} names {tag!r}, which is not a checkpoint folder name under {root}")
     path = root / tag
     if not path.is_dir():
-        raise CheckpointError(f"{latest} names checkpoint {tag!r} but {path} is missing")
+        raise CheckpointError(
+            f"{latest} names checkpoint {tag!r} but {path} is missing: write the name of a complete checkpoint "
+            f"folder into {latest} {newest}; {afresh}"
+        )
     return path
 
 
@@ -355,8 +376,7 @@ def prune_checkpoints(root: Path, keep: int, saved: str) -> list[Path]:
     count: one moved aside beside them (`step_00000010.damaged`) is neither a checkpoint kept
     nor one to delete. Ordered by step number (a 9-digit step sorts after an 8-digit one)."""
     last = step_of(Path(saved))
-    steps = {p: step_of(p) for p in root.glob("step_*") if p.is_dir()}
-    timeline = sorted((p for p, s in steps.items() if s is not None and s <= last), key=steps.get)
+    timeline = [p for p in checkpoint_folders(root) if step_of(p) <= last]
     old = timeline[: max(0, len(timeline) - max(1, keep))]
     for folder in old:
         shutil.rmtree(folder, ignore_errors=True)
@@ -393,7 +413,9 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
 
 def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:
     """The message for a damaged checkpoint: the file, and the newest earlier checkpoint that passes."""
-    older = sorted((p for p in ckpt_dir.parent.glob("step_*") if p.is_dir() and p.name < ckpt_dir.name), reverse=True)
+    step = step_of(ckpt_dir)
+    older = [p for p in checkpoint_folders(ckpt_dir.parent) if p != ckpt_dir and (step is None or step_of(p) < step)]
+    older.reverse()  # the newest first
     usable = None
     for candidate in older:
         try:

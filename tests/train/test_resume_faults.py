@@ -110,6 +110,31 @@ def test_empty_latest_is_named(run_copy, data_cache, capsys):
     assert_nothing_lost(before, run_copy)
 
 
+def test_missing_latest_beside_checkpoints_is_refused(run_copy, data_cache):
+    """A run directory with complete checkpoints but no `latest` (a run killed between renaming
+    its first checkpoint and writing latest, or latest deleted) trained from step 0 and then
+    overwrote them; it is refused, naming the newest folder, and the named fix resumes."""
+    root = run_copy / "checkpoints"
+    (root / "latest").unlink()
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match="no 'latest' file") as err:
+        resume(run_copy, data_cache)
+    assert "the newest folder here is step_00000002" in str(err.value) and "new train.run_dir" in str(err.value)
+    assert_nothing_lost(before, run_copy)
+    (root / "latest").write_text("step_00000002")
+    result = resume(run_copy, data_cache)
+    assert result.step == 3 and len(result.losses) == 1  # one step taken: resumed at step 2
+
+
+def test_latest_naming_a_missing_folder_names_the_fix(run_copy, data_cache):
+    (run_copy / "checkpoints" / "step_00000002").rename(run_copy / "moved")
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match=r"names checkpoint 'step_00000002' but .* is missing") as err:
+        resume(run_copy, data_cache)
+    assert "the newest folder here is step_00000001" in str(err.value)
+    assert_nothing_lost(before, run_copy)
+
+
 def tiny_args(run: Path, cache: Path) -> list[str]:
     from tests.train.helpers import TINY
 
