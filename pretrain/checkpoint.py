@@ -387,8 +387,10 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
     """Check every file a resume with `world_size` ranks reads: present, whole, readable with
     the weights-only unpickler; return what `export.source.inspect` found (the saving world
     size, step, config). The
-    per-rank files `rank` reads are read in full: its own, or all of them when the world size
-    changed; the others are checked for completeness. Raises CheckpointError naming the first bad file."""
+    per-rank files `rank` reads (ours, and ZeRO's optimizer and stage-3 model states) are parsed
+    weights-only: its own, or all of them when the world size changed; the others are checked
+    for completeness. Raises CheckpointError naming the first bad file."""
+    from pretrain.export.dense import weights_only_loads
     from pretrain.export.errors import ExportError
     from pretrain.export.source import check_torch_zip, inspect
 
@@ -399,9 +401,17 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
         for other in range(saved_world):
             check_torch_zip(rank_file(ckpt_dir, other))
         if rank is not None:
-            for other in [rank] if saved_world == world_size else range(saved_world):
+            readers = [rank] if saved_world == world_size else range(saved_world)
+            for other in readers:
                 path = rank_file(ckpt_dir, other)
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # parsed; tensors not read
+            # DeepSpeed's partitioned files, parsed as its load (or the universal conversion) reads them
+            partitioned = [source.optim_files[r] for r in readers if source.optim_files]
+            if source.zero_stage == 3:
+                partitioned += [ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in readers]
+            with weights_only_loads():
+                for path in partitioned:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except ExportError as err:
         raise CheckpointError(str(err)) from None
     except (pickle.UnpicklingError, RuntimeError) as err:

@@ -74,6 +74,35 @@ def test_planted_payload_in_a_rank_file_is_refused(run_copy, data_cache, tmp_pat
     assert_nothing_lost(before, run_copy)
 
 
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, data_cache):
+    """A ZeRO-3 run: DeepSpeed writes per-rank model and optimizer state files."""
+    run = tmp_path_factory.mktemp("resume-faults-zero3") / "run"
+    train(tiny_config(run, data_cache, "train.max_steps=1", "train.zero_stage=3"))
+    return run
+
+
+def test_planted_payload_in_a_deepspeed_optimizer_file_is_refused_before_building(zero3_run, data_cache, tmp_path):
+    """ZeRO's optimizer-state files were only checked for truncation: DeepSpeed's load (forced
+    weights-only) then failed with a bare UnpicklingError after the model and engine were built."""
+    from pretrain.export.dense import weights_only_loads
+
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run, run)
+    marker, path = tmp_path / "payload-ran", run / "checkpoints" / "step_00000001" / name
+    with weights_only_loads():
+        state = torch.load(path, weights_only=True)
+    state["payload"] = Payload(marker)
+    torch.save(state, path)
+    before = file_hashes(run)
+    with pytest.raises(CheckpointError, match=rf"{name} cannot be read as tensors and plain values"):
+        train(tiny_config(run, data_cache, "train.max_steps=2", "train.zero_stage=3"))
+    assert not marker.exists()
+    assert_nothing_lost(before, run)
+    assert set(file_hashes(run)) == set(before)  # nothing written either (the run's config, TensorBoard)
+
+
 @pytest.mark.parametrize("damage", ["remove", "truncate"])
 @pytest.mark.parametrize("name", ["rank_00000.pt", "mp_rank_00_model_states.pt", "values.t0.s0-of-1.safetensors"])
 def test_damaged_checkpoint_file_is_named(run_copy, data_cache, name, damage):
