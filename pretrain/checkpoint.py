@@ -265,6 +265,7 @@ class Checkpointer:
             raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir)) from None
         self.saved_world = saved.dp_world_size
         check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
+        check_dtype_change(saved.cfg.train.dtype, cfg.train.dtype, ckpt_dir)
         saved_config = ckpt_dir / "config.yaml"
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
         self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
@@ -372,6 +373,18 @@ def check_zero_stage_change(saved: int, now: int, ckpt_dir: Path) -> None:
             f"{ckpt_dir.name} was saved at train.zero_stage={saved}; it resumes at that stage, or between "
             f"1 and 2 (their optimizer states are laid out alike), not at {now}: set train.zero_stage={saved}, "
             "or start a new run (train.run_dir, or train.init_from to keep the weights) at the new stage"
+        )
+
+
+def check_dtype_change(saved: str, now: str, ckpt_dir: Path) -> None:
+    """Refuse (ConfigError) a resume in another train.dtype, before loading: DeepSpeed keeps the
+    optimizer state of each precision in another layout and failed inside its load (fp32 -> bf16:
+    KeyError 'dynamic_loss_scale'; bf16 -> fp32: KeyError 'param_groups')."""
+    if saved != now:
+        raise ConfigError(
+            f"{ckpt_dir.name} was saved at train.dtype={saved}; it resumes only at that precision, not at {now} "
+            f"(DeepSpeed lays out each precision's optimizer state otherwise): set train.dtype={saved}, or start a "
+            "new run in the new precision from this one's weights (memlayers-export, then train.init_from)"
         )
 
 

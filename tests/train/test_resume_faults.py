@@ -194,3 +194,12 @@ def test_a_zero_stage_deepspeed_cannot_load_is_refused_before_loading(run_copy, 
     with pytest.raises(ConfigError, match=r"saved at train.zero_stage=0; .*not at 1: set train.zero_stage=0"):
         train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.zero_stage=1"))
     assert_nothing_lost(before, run_copy)
+
+
+def test_a_precision_deepspeed_cannot_load_is_refused_before_loading(run_copy, data_cache):
+    """Saved in fp32; resuming in bf16 failed inside DeepSpeed's load (KeyError 'dynamic_loss_scale')
+    after the model and engine were built. Now a ConfigError names both before anything is read."""
+    before = file_hashes(run_copy)
+    with pytest.raises(ConfigError, match=r"saved at train.dtype=fp32; .*not at bf16 .*: set train.dtype=fp32"):
+        train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.dtype=bf16"))
+    assert_nothing_lost(before, run_copy)
