@@ -185,6 +185,21 @@ def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     )
 
 
+# How a failed write reads where it is not an OSError: torch.save's zip writer (C++) raises
+# RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ...", "PytorchStreamWriter
+# failed writing file ...", "basic_ios::clear: iostream error"), safetensors' writer (Rust) its
+# SafetensorError ("Error while serializing: I/O error: No space left on device (os error 28)").
+_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|iostream error|I/O error|os error \d+")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """True if `err`, raised while writing a checkpoint, is the filesystem refusing a write."""
+    if isinstance(err, OSError):
+        return True
+    is_safetensors = type(err).__name__ == "SafetensorError"
+    return (isinstance(err, RuntimeError) or is_safetensors) and bool(_WRITE_FAILURE.search(str(err)))
+
+
 class Checkpointer:
     """Saves and restores complete training checkpoints under `<run_dir>/checkpoints`."""
 
@@ -217,7 +232,9 @@ class Checkpointer:
         barrier()
         try:
             self._write(tmp_tag, tmp_dir, cfg)
-        except OSError as err:  # a full disk or quota, a failing filesystem: say what is kept
+        except Exception as err:  # a full disk or quota, a failing filesystem: say what is kept
+            if not is_write_failure(err):
+                raise
             raise CheckpointError(self._write_failure(tag, tmp_dir, err)) from err
         barrier()
         if self.rank == 0:
@@ -249,8 +266,13 @@ class Checkpointer:
             if previous is not None
             else "there is no earlier checkpoint"
         )
+        try:
+            free = f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free on its filesystem"
+        except OSError:
+            free = ""
         return (
-            f"rank {self.rank} could not write checkpoint {tag} ({err}); nothing else was changed: {kept}, and "
+            f"rank {self.rank} could not write checkpoint {tag} ({str(err).strip()}{free}); nothing else was "
+            f"changed: {kept}, and "
             f"the unfinished {tmp_dir.name} is removed at the next save. Free space (or fix the filesystem), "
             f"then run again: the run resumes from {previous.name if previous else 'the start'}"
         )
