@@ -284,7 +284,7 @@ class Checkpointer:
         try:
             saved = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
         except CheckpointError as err:
-            raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir)) from None
+            raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir, self.rank)) from None
         self.saved_world = saved.dp_world_size
         check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
         check_dtype_change(saved.cfg.train.dtype, cfg.train.dtype, ckpt_dir)
@@ -463,15 +463,16 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
     return source
 
 
-def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:
-    """The message for a damaged checkpoint: the file, and the newest earlier checkpoint that passes."""
+def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None, rank: int | None = None) -> str:
+    """The message for a damaged checkpoint: the file, and the newest earlier checkpoint that passes
+    the checks `rank`'s resume would make of it."""
     step = step_of(ckpt_dir)
     older = [p for p in checkpoint_folders(ckpt_dir.parent) if p != ckpt_dir and (step is None or step_of(p) < step)]
     older.reverse()  # the newest first
     usable = None
     for candidate in older:
         try:
-            verify(candidate, world_size, dataset_dir)
+            verify(candidate, world_size, dataset_dir, rank)
             usable = candidate
             break
         except CheckpointError:

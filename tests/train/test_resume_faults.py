@@ -103,6 +103,21 @@ def test_planted_payload_in_a_deepspeed_optimizer_file_is_refused_before_buildin
     assert set(file_hashes(run)) == set(before)  # nothing written either (the run's config, TensorBoard)
 
 
+def test_the_checkpoint_offered_instead_passes_the_same_checks(run_copy, data_cache, tmp_path):
+    """The earlier checkpoint a refusal names was checked without reading its per-rank file, so a
+    payload there was offered as 'complete' (and refused again once followed)."""
+    root = run_copy / "checkpoints"
+    (root / "step_00000002" / "rank_00000.pt").unlink()
+    path = root / "step_00000001" / "rank_00000.pt"
+    state = torch.load(path, weights_only=True)
+    state["data"] = Payload(tmp_path / "payload-ran")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"step_00000002/rank_00000.pt") as err:
+        resume(run_copy, data_cache)
+    assert "no earlier complete checkpoint exists" in str(err.value) and "'step_00000001'" not in str(err.value)
+    assert not (tmp_path / "payload-ran").exists()
+
+
 @pytest.mark.parametrize("damage", ["remove", "truncate"])
 @pytest.mark.parametrize("name", ["rank_00000.pt", "mp_rank_00_model_states.pt", "values.t0.s0-of-1.safetensors"])
 def test_damaged_checkpoint_file_is_named(run_copy, data_cache, name, damage):
