@@ -430,8 +430,8 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
     the weights-only unpickler; return what `export.source.inspect` found (the saving world
     size, step, config). The
     per-rank files `rank` reads (ours, and ZeRO's optimizer and stage-3 model states) are parsed
-    weights-only: its own, or all of them when the world size changed; the others are checked
-    for completeness. Raises CheckpointError naming the first bad file."""
+    weights-only: its own, or all of them when the world size changed (DeepSpeed's on rank 0, which
+    converts them); the others are checked for completeness. Raises CheckpointError naming the first bad file."""
     from pretrain.export.dense import weights_only_loads
     from pretrain.export.errors import ExportError
     from pretrain.export.source import check_torch_zip, inspect
@@ -447,7 +447,9 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
             for other in readers:
                 path = rank_file(ckpt_dir, other)
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # parsed; tensors not read
-            # DeepSpeed's partitioned files, parsed as its load (or the universal conversion) reads them
+            # DeepSpeed's partitioned files, parsed where its load reads them: this rank's own, or all
+            # of them on rank 0, which converts them alone when the world size changed
+            readers = [rank] if saved_world == world_size else range(saved_world) if rank == 0 else []
             partitioned = [source.optim_files[r] for r in readers if source.optim_files]
             if source.zero_stage == 3:
                 partitioned += [ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in readers]
