@@ -67,23 +67,44 @@ def rank_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / f"rank_{rank:05d}.pt"
 
 
+def checkpoint_folders(root: str | Path) -> list[Path]:
+    """The checkpoint folders (named by `tag_for`) under `root`, oldest step first."""
+    steps = {p: step_of(p) for p in Path(root).glob("step_*") if p.is_dir()}
+    return sorted((p for p, s in steps.items() if s is not None), key=steps.get)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under `root`, or None."""
+    """The newest complete checkpoint folder under `root` (the one `latest` names), or None
+    where `root` holds no checkpoint. A `latest` that is missing while checkpoint folders are
+    there, empty, or naming no folder is refused (CheckpointError): a run would otherwise
+    start afresh beside, and later overwrite, checkpoints it was meant to resume from."""
     root = Path(root)
     latest = root / "latest"
+    folders = checkpoint_folders(root)
+    newest = f"(the newest folder here is {folders[-1].name})" if folders else "(there is none here)"
+    afresh = f"to start afresh, move {root} aside or use a new train.run_dir"
     if not latest.is_file():
-        return None
+        if not folders:
+            return None
+        raise CheckpointError(
+            f"{root} holds checkpoints ({', '.join(p.name for p in folders[-3:])}) but no 'latest' file naming the "
+            f"one to resume from (a run stopped between renaming its first checkpoint and writing latest, or "
+            f"latest was deleted): write the folder's name into {latest} {newest}; {afresh}"
+        )
     tag = latest.read_text().strip()
     if not tag:
         raise CheckpointError(
             f"{latest} is empty (it should name a checkpoint folder such as {tag_for(100)}): "
-            f"write the newest complete folder's name into it, or delete it to start afresh"
+            f"write the newest complete folder's name into it {newest}; {afresh}"
         )
     if not _TAG.match(tag) or tag in (".", ".."):
         raise CheckpointError(f"{latest} names {tag!r}, which is not a checkpoint folder name under {root}")
     path = root / tag
     if not path.is_dir():
-        raise CheckpointError(f"{latest} names checkpoint {tag!r} but {path} is missing")
+        raise CheckpointError(
+            f"{latest} names checkpoint {tag!r} but {path} is missing: write the name of a complete checkpoint "
+            f"folder into {latest} {newest}; {afresh}"
+        )
     return path
 
 
@@ -96,7 +117,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device: the generator it draws from
     return state
 
 
@@ -106,7 +127,14 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):
+            # checkpoints that saved every visible device's generator: take this rank's device's,
+            # where the saving process saw it (a node with fewer GPUs sees fewer)
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 class RNGState:
@@ -157,6 +185,21 @@ def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     )
 
 
+# How a failed write reads where it is not an OSError: torch.save's zip writer (C++) raises
+# RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ...", "PytorchStreamWriter
+# failed writing file ...", "basic_ios::clear: iostream error"), safetensors' writer (Rust) its
+# SafetensorError ("Error while serializing: I/O error: No space left on device (os error 28)").
+_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|iostream error|I/O error|os error \d+")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """True if `err`, raised while writing a checkpoint, is the filesystem refusing a write."""
+    if isinstance(err, OSError):
+        return True
+    is_safetensors = type(err).__name__ == "SafetensorError"
+    return (isinstance(err, RuntimeError) or is_safetensors) and bool(_WRITE_FAILURE.search(str(err)))
+
+
 class Checkpointer:
     """Saves and restores complete training checkpoints under `<run_dir>/checkpoints`."""
 
@@ -189,7 +232,9 @@ class Checkpointer:
         barrier()
         try:
             self._write(tmp_tag, tmp_dir, cfg)
-        except OSError as err:  # a full disk or quota, a failing filesystem: say what is kept
+        except Exception as err:  # a full disk or quota, a failing filesystem: say what is kept
+            if not is_write_failure(err):
+                raise
             raise CheckpointError(self._write_failure(tag, tmp_dir, err)) from err
         barrier()
         if self.rank == 0:
@@ -221,8 +266,13 @@ class Checkpointer:
             if previous is not None
             else "there is no earlier checkpoint"
         )
+        try:
+            free = f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free on its filesystem"
+        except OSError:
+            free = ""
         return (
-            f"rank {self.rank} could not write checkpoint {tag} ({err}); nothing else was changed: {kept}, and "
+            f"rank {self.rank} could not write checkpoint {tag} ({str(err).strip()}{free}); nothing else was "
+            f"changed: {kept}, and "
             f"the unfinished {tmp_dir.name} is removed at the next save. Free space (or fix the filesystem), "
             f"then run again: the run resumes from {previous.name if previous else 'the start'}"
         )
@@ -234,9 +284,10 @@ class Checkpointer:
         try:
             saved = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
         except CheckpointError as err:
-            raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir)) from None
+            raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir, self.rank)) from None
         self.saved_world = saved.dp_world_size
         check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
+        check_dtype_change(saved.cfg.train.dtype, cfg.train.dtype, ckpt_dir)
         saved_config = ckpt_dir / "config.yaml"
         check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
         self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
@@ -347,6 +398,18 @@ def check_zero_stage_change(saved: int, now: int, ckpt_dir: Path) -> None:
         )
 
 
+def check_dtype_change(saved: str, now: str, ckpt_dir: Path) -> None:
+    """Refuse (ConfigError) a resume in another train.dtype, before loading: DeepSpeed keeps the
+    optimizer state of each precision in another layout and failed inside its load (fp32 -> bf16:
+    KeyError 'dynamic_loss_scale'; bf16 -> fp32: KeyError 'param_groups')."""
+    if saved != now:
+        raise ConfigError(
+            f"{ckpt_dir.name} was saved at train.dtype={saved}; it resumes only at that precision, not at {now} "
+            f"(DeepSpeed lays out each precision's optimizer state otherwise): set train.dtype={saved}, or start a "
+            "new run in the new precision from this one's weights (memlayers-export, then train.init_from)"
+        )
+
+
 def prune_checkpoints(root: Path, keep: int, saved: str) -> list[Path]:
     """Delete all but the `keep` newest checkpoints up to `saved` (the tag just written, which
     is always kept); return what was deleted. Checkpoints of later steps than `saved` are left
@@ -355,8 +418,7 @@ def prune_checkpoints(root: Path, keep: int, saved: str) -> list[Path]:
     count: one moved aside beside them (`step_00000010.damaged`) is neither a checkpoint kept
     nor one to delete. Ordered by step number (a 9-digit step sorts after an 8-digit one)."""
     last = step_of(Path(saved))
-    steps = {p: step_of(p) for p in root.glob("step_*") if p.is_dir()}
-    timeline = sorted((p for p, s in steps.items() if s is not None and s <= last), key=steps.get)
+    timeline = [p for p in checkpoint_folders(root) if step_of(p) <= last]
     old = timeline[: max(0, len(timeline) - max(1, keep))]
     for folder in old:
         shutil.rmtree(folder, ignore_errors=True)
@@ -367,8 +429,10 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
     """Check every file a resume with `world_size` ranks reads: present, whole, readable with
     the weights-only unpickler; return what `export.source.inspect` found (the saving world
     size, step, config). The
-    per-rank files `rank` reads are read in full: its own, or all of them when the world size
-    changed; the others are checked for completeness. Raises CheckpointError naming the first bad file."""
+    per-rank files `rank` reads (ours, and ZeRO's optimizer and stage-3 model states) are parsed
+    weights-only: its own, or all of them when the world size changed (DeepSpeed's on rank 0, which
+    converts them); the others are checked for completeness. Raises CheckpointError naming the first bad file."""
+    from pretrain.export.dense import weights_only_loads
     from pretrain.export.errors import ExportError
     from pretrain.export.source import check_torch_zip, inspect
 
@@ -379,9 +443,19 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
         for other in range(saved_world):
             check_torch_zip(rank_file(ckpt_dir, other))
         if rank is not None:
-            for other in [rank] if saved_world == world_size else range(saved_world):
+            readers = [rank] if saved_world == world_size else range(saved_world)
+            for other in readers:
                 path = rank_file(ckpt_dir, other)
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # parsed; tensors not read
+            # DeepSpeed's partitioned files, parsed where its load reads them: this rank's own, or all
+            # of them on rank 0, which converts them alone when the world size changed
+            readers = [rank] if saved_world == world_size else range(saved_world) if rank == 0 else []
+            partitioned = [source.optim_files[r] for r in readers if source.optim_files]
+            if source.zero_stage == 3:
+                partitioned += [ckpt_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in readers]
+            with weights_only_loads():
+                for path in partitioned:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except ExportError as err:
         raise CheckpointError(str(err)) from None
     except (pickle.UnpicklingError, RuntimeError) as err:
@@ -391,13 +465,16 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
     return source
 
 
-def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None) -> str:
-    """The message for a damaged checkpoint: the file, and the newest earlier checkpoint that passes."""
-    older = sorted((p for p in ckpt_dir.parent.glob("step_*") if p.is_dir() and p.name < ckpt_dir.name), reverse=True)
+def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | None, rank: int | None = None) -> str:
+    """The message for a damaged checkpoint: the file, and the newest earlier checkpoint that passes
+    the checks `rank`'s resume would make of it."""
+    step = step_of(ckpt_dir)
+    older = [p for p in checkpoint_folders(ckpt_dir.parent) if p != ckpt_dir and (step is None or step_of(p) < step)]
+    older.reverse()  # the newest first
     usable = None
     for candidate in older:
         try:
-            verify(candidate, world_size, dataset_dir)
+            verify(candidate, world_size, dataset_dir, rank)
             usable = candidate
             break
         except CheckpointError:

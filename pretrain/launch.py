@@ -322,6 +322,15 @@ def _plan_lines(cfg) -> list[str]:
 # and how the model runs where the checkpoint does not depend on it (what lowers the memory per
 # rank, pretrain/out_of_memory.py). The world size is not in the config at all.
 RESUME_MAY_CHANGE = (
+    # how often the run logs, evaluates and checkpoints, and where it stops: no saved state
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.probe_limit",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.stop_after",
+    "slots.log_every",
     "train.micro_batch",
     "data.num_workers",
     "data.shuffle_buffer",

@@ -322,6 +322,8 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
             f"train.run_dir={run}",
             "data.num_workers=2",
             "train.hang_timeout_s=120",
+            "train.checkpoint_every=50",  # after preemptions, say: no saved state depends on it
+            "train.keep_checkpoints=5",
             "--resume",
             "--dry-run",
             "--cpu",

@@ -74,6 +74,50 @@ def test_planted_payload_in_a_rank_file_is_refused(run_copy, data_cache, tmp_pat
     assert_nothing_lost(before, run_copy)
 
 
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, data_cache):
+    """A ZeRO-3 run: DeepSpeed writes per-rank model and optimizer state files."""
+    run = tmp_path_factory.mktemp("resume-faults-zero3") / "run"
+    train(tiny_config(run, data_cache, "train.max_steps=1", "train.zero_stage=3"))
+    return run
+
+
+def test_planted_payload_in_a_deepspeed_optimizer_file_is_refused_before_building(zero3_run, data_cache, tmp_path):
+    """ZeRO's optimizer-state files were only checked for truncation: DeepSpeed's load (forced
+    weights-only) then failed with a bare UnpicklingError after the model and engine were built."""
+    from pretrain.export.dense import weights_only_loads
+
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run, run)
+    marker, path = tmp_path / "payload-ran", run / "checkpoints" / "step_00000001" / name
+    with weights_only_loads():
+        state = torch.load(path, weights_only=True)
+    state["payload"] = Payload(marker)
+    torch.save(state, path)
+    before = file_hashes(run)
+    with pytest.raises(CheckpointError, match=rf"{name} cannot be read as tensors and plain values"):
+        train(tiny_config(run, data_cache, "train.max_steps=2", "train.zero_stage=3"))
+    assert not marker.exists()
+    assert_nothing_lost(before, run)
+    assert set(file_hashes(run)) == set(before)  # nothing written either (the run's config, TensorBoard)
+
+
+def test_the_checkpoint_offered_instead_passes_the_same_checks(run_copy, data_cache, tmp_path):
+    """The earlier checkpoint a refusal names was checked without reading its per-rank file, so a
+    payload there was offered as 'complete' (and refused again once followed)."""
+    root = run_copy / "checkpoints"
+    (root / "step_00000002" / "rank_00000.pt").unlink()
+    path = root / "step_00000001" / "rank_00000.pt"
+    state = torch.load(path, weights_only=True)
+    state["data"] = Payload(tmp_path / "payload-ran")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"step_00000002/rank_00000.pt") as err:
+        resume(run_copy, data_cache)
+    assert "no earlier complete checkpoint exists" in str(err.value) and "'step_00000001'" not in str(err.value)
+    assert not (tmp_path / "payload-ran").exists()
+
+
 @pytest.mark.parametrize("damage", ["remove", "truncate"])
 @pytest.mark.parametrize("name", ["rank_00000.pt", "mp_rank_00_model_states.pt", "values.t0.s0-of-1.safetensors"])
 def test_damaged_checkpoint_file_is_named(run_copy, data_cache, name, damage):
@@ -110,6 +154,31 @@ def test_empty_latest_is_named(run_copy, data_cache, capsys):
     assert_nothing_lost(before, run_copy)
 
 
+def test_missing_latest_beside_checkpoints_is_refused(run_copy, data_cache):
+    """A run directory with complete checkpoints but no `latest` (a run killed between renaming
+    its first checkpoint and writing latest, or latest deleted) trained from step 0 and then
+    overwrote them; it is refused, naming the newest folder, and the named fix resumes."""
+    root = run_copy / "checkpoints"
+    (root / "latest").unlink()
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match="no 'latest' file") as err:
+        resume(run_copy, data_cache)
+    assert "the newest folder here is step_00000002" in str(err.value) and "new train.run_dir" in str(err.value)
+    assert_nothing_lost(before, run_copy)
+    (root / "latest").write_text("step_00000002")
+    result = resume(run_copy, data_cache)
+    assert result.step == 3 and len(result.losses) == 1  # one step taken: resumed at step 2
+
+
+def test_latest_naming_a_missing_folder_names_the_fix(run_copy, data_cache):
+    (run_copy / "checkpoints" / "step_00000002").rename(run_copy / "moved")
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match=r"names checkpoint 'step_00000002' but .* is missing") as err:
+        resume(run_copy, data_cache)
+    assert "the newest folder here is step_00000001" in str(err.value)
+    assert_nothing_lost(before, run_copy)
+
+
 def tiny_args(run: Path, cache: Path) -> list[str]:
     from tests.train.helpers import TINY
 
@@ -139,4 +208,13 @@ def test_a_zero_stage_deepspeed_cannot_load_is_refused_before_loading(run_copy, 
     before = file_hashes(run_copy)
     with pytest.raises(ConfigError, match=r"saved at train.zero_stage=0; .*not at 1: set train.zero_stage=0"):
         train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.zero_stage=1"))
+    assert_nothing_lost(before, run_copy)
+
+
+def test_a_precision_deepspeed_cannot_load_is_refused_before_loading(run_copy, data_cache):
+    """Saved in fp32; resuming in bf16 failed inside DeepSpeed's load (KeyError 'dynamic_loss_scale')
+    after the model and engine were built. Now a ConfigError names both before anything is read."""
+    before = file_hashes(run_copy)
+    with pytest.raises(ConfigError, match=r"saved at train.dtype=fp32; .*not at bf16 .*: set train.dtype=fp32"):
+        train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.dtype=bf16"))
     assert_nothing_lost(before, run_copy)

@@ -55,3 +55,55 @@ def test_rank_state_optional_and_required_items():
     assert (target.items["data"].n, target.items["slots"].n) == (2, 4)
     with pytest.raises(KeyError, match="'data'"):
         target.load_state_dict({"slots": {"n": 1}})
+
+
+class FakeCuda:
+    """Per-device CUDA generators as torch.cuda keeps them (`default_generators[index]`, which
+    raises IndexError for a device this process does not see), here CPU generators: no GPU needed."""
+
+    def __init__(self, devices: int, current: int):
+        self.generators = [torch.Generator().manual_seed(100 + i) for i in range(devices)]
+        self.current = current
+
+    def index(self, device) -> int:
+        return self.current if device == "cuda" else int(device)
+
+    def get_rng_state(self, device="cuda"):
+        return self.generators[self.index(device)].get_state()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.generators[self.index(device)].set_state(state)  # IndexError past the devices seen
+
+    def get_rng_state_all(self):
+        return [g.get_state() for g in self.generators]
+
+    def set_rng_state_all(self, states):
+        for i, state in enumerate(states):
+            self.set_rng_state(state, i)
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+
+def test_cuda_rng_resumes_on_a_node_with_fewer_gpus(monkeypatch):
+    """Rank 0 of a run on 8-GPU nodes saved all 8 generators, and a resume of that checkpoint on
+    one GPU (or a 4-GPU node) failed in torch.cuda.set_rng_state_all (IndexError). A rank keeps
+    the generator of its own device only, and an old 8-entry state still loads."""
+    saving = FakeCuda(devices=8, current=0)
+    saving.install(monkeypatch)
+    saved = RNGState().state_dict()
+    own = saving.generators[0].get_state()
+    old_format = dict(saved, cuda=saving.get_rng_state_all())  # what checkpoints held before
+    for state in (saved, old_format):
+        resuming = FakeCuda(devices=1, current=0)
+        resuming.install(monkeypatch)
+        RNGState().load_state_dict(state)
+        assert torch.equal(resuming.generators[0].get_state(), own)
+    # rank 1 of a 2-GPU node takes its own device's entry of an old state
+    resuming = FakeCuda(devices=2, current=1)
+    resuming.install(monkeypatch)
+    RNGState().load_state_dict(old_format)
+    assert torch.equal(resuming.generators[1].get_state(), saving.generators[1].get_state())

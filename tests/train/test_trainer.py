@@ -184,6 +184,50 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, data_cache, monkeypatc
     assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
+def _file_size_limit(method, limit=4096):
+    """`method` run under RLIMIT_FSIZE: the kernel refuses writes past `limit` bytes in any file
+    (EFBIG, as a quota refuses them), so each library raises its own error for a failed write."""
+    import resource
+    import signal
+
+    def limited(*args, **kwargs):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal ends the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            return method(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    return limited
+
+
+@pytest.mark.parametrize("writer", ["deepspeed", "rank file", "slot table"])
+def test_a_write_the_filesystem_refuses_is_named(tmp_path, data_cache, monkeypatch, writer):
+    """torch.save raises RuntimeError for a failed write ('[enforce fail at inline_container.cc:672]
+    . unexpected pos ...') and safetensors SafetensorError ('I/O error: ... (os error 28)'), not
+    OSError: a real full disk (measured on a 41 MiB tmpfs) ended the run in DeepSpeed's traceback,
+    exit status 1, not in the message naming the checkpoint kept."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    import pretrain.checkpoint as checkpoint_module
+    from pretrain.slots.checkpoint_item import SlotTableWriter
+
+    run = tmp_path / "run"
+    train(tiny_config(run, data_cache, "train.max_steps=2"))
+    target, name = {
+        "deepspeed": (TorchCheckpointEngine, "save"),
+        "rank file": (checkpoint_module, "_atomic_torch_save"),
+        "slot table": (SlotTableWriter, "write"),
+    }[writer]
+    monkeypatch.setattr(target, name, _file_size_limit(getattr(target, name)))
+    with pytest.raises(CheckpointError, match=r"^rank 0 could not write checkpoint step_00000004 \(") as refused:
+        train(tiny_config(run, data_cache, "train.max_steps=4"))
+    assert "still names step_00000002, which is complete" in str(refused.value)
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000002"
+
+
 def test_incompatible_checkpoint_is_refused(tmp_path, data_cache):
     run = tmp_path / "run"
     train(tiny_config(run, data_cache, "train.max_steps=1"))
