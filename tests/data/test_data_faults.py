@@ -208,3 +208,96 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, tokenizer, docum
     with pytest.raises(CorruptShardError, match=rf"token id {tokenizer.vocab_size + 7} >= the dataset's vocab_size"):
         read_all(tmp_path / "ds")
     assert np.iinfo(np.dtype(read_manifest(tmp_path / "ds")["token_dtype"])).max >= tokenizer.vocab_size + 7
+
+
+def _corpus_folder(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": f"document number {i} " * 5} for i in range(40)])
+    return corpus
+
+
+@pytest.mark.parametrize(
+    "output, why",
+    [
+        (lambda c: c, "(is|holds) the input"),  # --overwrite deleted the corpus
+        (lambda c: c.parent, "holds the input"),
+        (lambda c: c / "prepared", "is inside the input folder"),  # a re-run read the shards as documents
+    ],
+    ids=["the corpus folder", "a folder holding it", "inside it"],
+)
+def test_an_output_over_the_corpus_is_refused_before_any_work(tmp_path, tokenizer, monkeypatch, output, why):
+    """`--input corpus --output corpus --overwrite` prepared the dataset and then deleted the corpus
+    folder in the final rename; an output inside the input folder was read back as documents by the next
+    run over that folder. Both are refused before a document is read, the corpus untouched."""
+    from pretrain.data import prepare as prepare_mod
+    from pretrain.data import slices as slices_mod
+
+    corpus = _corpus_folder(tmp_path)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(prepare_mod, "iter_documents", unread)
+    monkeypatch.setattr(slices_mod, "iter_documents", unread)
+    out = output(corpus)
+    for inputs in ([corpus], [corpus / "a.jsonl"], [str(corpus / "*.jsonl")]):
+        if why == "is inside the input folder" and inputs != [corpus]:
+            continue  # a file or glob input: a folder beside it is fine
+        with pytest.raises(DataError, match=f"--output {out} {why}"):
+            prepare_mod.prepare_corpus(inputs, out, SEQ_LEN, tokenizer_path=tokenizer.path, overwrite=True)
+        with pytest.raises(DataError, match=why):
+            slices_mod.prepare_slice(inputs, out, tokenizer.path, 0, 2)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
+def test_an_output_beside_the_corpus_is_prepared(tmp_path, tokenizer):
+    """The refusals above leave the usual layouts alone: a folder beside the corpus, and a folder
+    inside the corpus folder when the input is a glob of its files."""
+    from pretrain.data import prepare_corpus
+
+    corpus = _corpus_folder(tmp_path)
+    for inputs, out in (([corpus], tmp_path / "data"), ([str(corpus / "*.jsonl")], corpus / "prepared")):
+        manifest = prepare_corpus(
+            inputs, out, SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0.2, show_progress=False
+        )
+        assert manifest["documents"] == 40 and (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("val_fraction", 1.0, r"val_fraction=1.0 must be in \[0, 1\) \(--val-fraction"),
+        ("val_fraction", -0.1, r"val_fraction=-0.1 must be in \[0, 1\)"),
+        ("seq_len", 0, r"seq_len=0 must be positive \(--seq-len\)"),
+        ("sequences_per_shard", 0, r"sequences_per_shard=0 must be positive \(--sequences-per-shard\)"),
+    ],
+)
+def test_bad_preparation_settings_are_refused_before_the_corpus_is_read(tmp_path, monkeypatch, option, value, message):
+    """They were checked when the shards were about to be written: after the tokenizer had been
+    trained on a sample drawn from a pass over the whole corpus."""
+    from pretrain.data import prepare as prepare_mod
+
+    corpus = _corpus_folder(tmp_path)
+
+    def untrained(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained")
+
+    monkeypatch.setattr(prepare_mod, "train_tokenizer", untrained)
+    settings = {"seq_len": SEQ_LEN, "val_fraction": 0.1, "sequences_per_shard": 64, option: value}
+    seq_len = settings.pop("seq_len")
+    with pytest.raises(DataError, match=message):
+        prepare_mod.prepare_corpus([corpus], tmp_path / "ds", seq_len, vocab_size=300, **settings)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_file_as_output_is_refused_when_the_arguments_are_parsed(tmp_path, capsys):
+    corpus = _corpus_folder(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        prepare_cli.main(["--input", str(corpus), "--output", str(corpus / "a.jsonl"), "--overwrite"])
+    assert exit_.value.code == 2
+    assert f"argument --output: {corpus / 'a.jsonl'} is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_cli.main(["--input", str(corpus), "--output", str(tmp_path / "ds"), "--seq-len", "0"])
+    assert "argument --seq-len: 0 must be an integer >= 1" in capsys.readouterr().err
