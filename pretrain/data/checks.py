@@ -26,3 +26,25 @@ def _check_split(dataset_dir: str | Path, split: str, fix: str) -> None:
             f"the {split!r} split of {dataset_dir} has no shard ({splits.get(split, {}).get('documents', 0)} "
             f"documents): re-run tools/prepare_data.py ({fix}), or set data.dir to another dataset"
         )
+
+
+def check_readers(sources: list, world_size: int, num_workers: int) -> None:
+    """Raise DataError naming the dataset and the fix if a source's train split has fewer shards
+    than the run has readers (ranks x data-loader workers): the loader gives each reader whole
+    shards and would refuse it only once the model is built."""
+    workers = max(1, num_workers)
+    readers = world_size * workers
+    for source in sources:
+        train = source.manifest["splits"]["train"]
+        shards, sequences = len(train["shards"]), int(train["sequences"])
+        if shards >= readers:
+            continue
+        fix = (
+            f"re-run tools/prepare_data.py with --sequences-per-shard {sequences // readers} or less"
+            if sequences >= readers
+            else f"it holds only {sequences} sequences: train it on fewer ranks, or add text"
+        )
+        raise DataError(
+            f"the 'train' split of {source.dir} has {shards} shard(s) but {world_size} ranks x {workers} "
+            f"data.num_workers = {readers} readers need at least one each: lower data.num_workers, or {fix}"
+        )
