@@ -16,6 +16,7 @@ import glob
 import gzip
 import io
 import json
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
     if not paths:
         raise DataError(f"no input paths given: pass {option} <file or directory> ...")
     files: list[Path] = []
-    for p in map(Path, paths):
+    named_by: dict[str, str] = {}  # each file's absolute path -> the argument that named it first
+    for arg, p in zip(paths, map(Path, paths)):
+        before = len(files)
         if not p.exists() and glob.has_magic(str(p)):
             matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matched:
@@ -73,6 +76,15 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             files.append(p)
         else:
             raise DataError(f"input path {p} does not exist: check {option}")
+        for f in files[before:]:
+            key = os.path.abspath(f)
+            if key in named_by:
+                raise DataError(
+                    f"{f} is named twice in {option} ({named_by[key]!r} and {str(arg)!r}): its documents would be read "
+                    "twice, some into the training and some into the validation split; name each file once "
+                    "(to weight a corpus, prepare it on its own and give it a weight in data.sources)"
+                )
+            named_by[key] = str(arg)
     return files
 
 

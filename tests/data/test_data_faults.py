@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import re
 import shutil
 import tarfile
 
@@ -301,3 +302,32 @@ def test_a_file_as_output_is_refused_when_the_arguments_are_parsed(tmp_path, cap
     with pytest.raises(SystemExit):
         prepare_cli.main(["--input", str(corpus), "--output", str(tmp_path / "ds"), "--seq-len", "0"])
     assert "argument --seq-len: 0 must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        lambda c: [c, c / "a.jsonl"],  # a folder and a file in it
+        lambda c: [str(c / "*.jsonl"), str(c / "a*")],  # overlapping globs
+        lambda c: [c / "a.jsonl", (c / "a.jsonl").absolute()],  # relative and absolute spellings
+    ],
+    ids=["folder and file", "two globs", "two spellings"],
+)
+def test_a_file_named_twice_in_the_inputs_is_refused(tmp_path, monkeypatch, inputs, capsys):
+    """An input file reached through two --input arguments was read twice: its documents were
+    trained on twice and, drawn by document index, could fall into both splits (measured on the
+    README corpus with --input english.jsonl licenses.jsonl: 3 of the 9 validation documents were
+    also training documents)."""
+    monkeypatch.chdir(tmp_path)
+    corpus = _corpus_folder(tmp_path).relative_to(tmp_path)
+    write_jsonl(corpus / "b.jsonl", [{"text": "another file " * 5}])
+    args = [str(a) for a in inputs(corpus)]
+    with pytest.raises(DataError, match=re.escape(f"a.jsonl is named twice in --input ('{args[0]}' and '{args[1]}')")):
+        list(iter_documents(args))
+    assert tokenizer_cli.main(["--input", *args, "--output", "t.model", "--vocab-size", "300"]) == 2
+    assert prepare_cli.main(["--input", *args, "--output", "ds", "--vocab-size", "300", "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("is named twice in --input") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+    # every file once: all documents, each once (the reference: the files' own lines)
+    lines = sum(len((corpus / n).read_text().splitlines()) for n in ("a.jsonl", "b.jsonl"))
+    assert len(list(iter_documents([corpus / "b.jsonl", str(corpus / "a*")]))) == lines
