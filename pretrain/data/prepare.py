@@ -209,8 +209,9 @@ def _check_validation_split(splits: dict, documents: int, val_fraction: float) -
             "or add documents. Nothing was written"
         )
     warnings.warn(
-        "--val-fraction=0: the dataset has no validation split, so training on it will be refused "
-        "(the trainer evaluates on val); use it for other purposes only",
+        "--val-fraction=0: the dataset has no validation split, so training on it alone will be refused "
+        "(the trainer evaluates on val); a mixture leaves it out of the validation loss, and data.eval_sources "
+        "scores its training split",
         stacklevel=3,
     )
 

@@ -132,12 +132,12 @@ def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, d
         write_dataset(ids, tmp_path / "ds0", tokenizer, SEQ_LEN, val_fraction=0.0, show_progress=False)
 
 
-def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents):
+def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents, dataset):
     from pretrain.data.checks import check_trainable
     from pretrain.data.shards import read_manifest
     from pretrain.data.sources import Source
 
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="training on it alone will be refused"):
         write_dataset(
             tokenizer.encode_batch(documents),
             tmp_path / "ds",
@@ -146,8 +146,10 @@ def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer
             val_fraction=0.0,
             show_progress=False,
         )
+    without = Source("only", tmp_path / "ds", 1.0, read_manifest(tmp_path / "ds"))
     with pytest.raises(DataError, match="'val' split of .* has no shard"):
-        check_trainable([Source("only", tmp_path / "ds", 1.0, read_manifest(tmp_path / "ds"))])
+        check_trainable([without])
+    check_trainable([without, Source("with", dataset, 1.0, read_manifest(dataset))])  # as the warning says
 
 
 def read_all(dataset, split="train"):
