@@ -4,7 +4,9 @@
 one document (one file for `text`, one block for `blocks`, one line for JSONL) or one
 record batch (Parquet, the column `text_field` only) in memory. This covers how the
 public pretraining corpora ship: FineWeb and most Hugging Face datasets as Parquet,
-SlimPajama as .jsonl.zst, Dolma as .json.gz. Undecodable bytes, and JSON escapes of lone
+SlimPajama as .jsonl.zst, Dolma as .json.gz. Windows line ends (CRLF) are read as "\n", as
+Python's text mode reads them (the tokenizer keeps whitespace, and has no piece for a lone
+"\r": each line would cost a byte-fallback token). Undecodable bytes, and JSON escapes of lone
 UTF-16 surrogates ("\\ud83d" without its pair), are replaced (U+FFFD) and counted; empty
 (and null) documents are skipped and counted, in a `CorpusStats` the caller passes in. A
 truncated or corrupt file is a `DataError` naming it, never a silently shorter corpus.
@@ -273,4 +275,4 @@ def iter_documents(
             stats.empty_documents += 1
             continue
         stats.documents += 1
-        yield text
+        yield text.replace("\r\n", "\n") if "\r" in text else text
