@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,7 +24,22 @@ from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, r
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
 
+def _exit_on_sigterm(signum, frame):
+    # SIGTERM (kill, scancel, a Slurm time limit) would end the process at once and leave the hidden
+    # temporary folder with every shard written so far beside --output; as an exit, the atomic
+    # writers remove it on the way out (Ctrl-C does the same through KeyboardInterrupt).
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--input", nargs="+", help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst compressed)"

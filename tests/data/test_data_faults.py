@@ -333,3 +333,48 @@ def test_a_file_named_twice_in_the_inputs_is_refused(tmp_path, monkeypatch, inpu
     # every file once: all documents, each once (the reference: the files' own lines)
     lines = sum(len((corpus / n).read_text().splitlines()) for n in ("a.jsonl", "b.jsonl"))
     assert len(list(iter_documents([corpus / "b.jsonl", str(corpus / "a*")]))) == lines
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_preparation_leaves_no_temporary_folder(tmp_path, tokenizer, monkeypatch, workers):
+    """SIGTERM (kill, scancel, a Slurm time limit) ended prepare_data at once, leaving the hidden
+    temporary folder, with every shard written so far, beside --output (measured with kill -TERM 3.5 s
+    into a run); a re-run writes a new one. It now exits through the atomic writers, which remove it.
+    The signal is sent from inside the tokenizing, once shards are on disk."""
+    import os
+    import signal
+
+    from pretrain.data import prepare as prepare_mod
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": f"document {i} " * 40} for i in range(400)])
+    tokenize = prepare_mod.tokenize_documents
+    written = []
+
+    def tokenize_then_terminated(*args, **kwargs):
+        for n, ids in enumerate(tokenize(*args, **kwargs)):
+            if n == 300:
+                written.extend(p for p in tmp_path.glob(".data.tmp-*/train/*.tar"))
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield ids
+
+    class Unhandled(Exception):
+        """What the test's own handler raises: the tool did not install one (the default would end pytest)."""
+
+    def unhandled(signum, frame):
+        raise Unhandled
+
+    monkeypatch.setattr(prepare_mod, "tokenize_documents", tokenize_then_terminated)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "data")]
+    argv += ["--seq-len", "16", "--sequences-per-shard", "64", "--no-progress", "--workers", str(workers)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            prepare_cli.main(argv)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the tool's handler is removed again
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert written, "no shard was on disk when the signal came"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # neither the output nor a temporary
