@@ -378,3 +378,30 @@ def test_sigterm_during_preparation_leaves_no_temporary_folder(tmp_path, tokeniz
     assert exit_.value.code == 128 + signal.SIGTERM
     assert written, "no shard was on disk when the signal came"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # neither the output nor a temporary
+
+
+def test_a_plain_text_file_too_large_for_one_document_is_refused(tmp_path, monkeypatch, capsys):
+    """A plain-text file is one document, so a corpus kept in one .txt (a wiki dump) was read and
+    tokenized whole: ~80 bytes of memory per character (a 5.6 MB document took 470 MB), an
+    out-of-memory kill minutes in for a corpus of gigabytes. Above MAX_TEXT_DOCUMENT_BYTES it is
+    refused, naming the file and --format blocks; the limit is shrunk here to keep the test small."""
+    from pretrain.data import corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "MAX_TEXT_DOCUMENT_BYTES", 4096)
+    paragraph = "a line of a paragraph\n" * 9
+    text = "\n".join([paragraph] * 40)  # 40 blank-line-separated paragraphs, > 4096 bytes
+    assert len(text.encode()) > 4096
+    (tmp_path / "wiki.txt").write_text(text)
+    with gzip.open(tmp_path / "wiki.txt.gz", "wt") as fh:
+        fh.write(text)
+    (tmp_path / "fits.txt").write_text(text[:4096])
+    for name in ("wiki.txt", "wiki.txt.gz"):
+        with pytest.raises(
+            DataError, match=rf"{name} holds more than 4,096 bytes of text, read as one document .*--format blocks"
+        ):
+            list(iter_documents([tmp_path / name]))
+        assert list(iter_documents([tmp_path / name], "blocks")) == [paragraph] * 40  # the fix it names
+    assert list(iter_documents([tmp_path / "fits.txt"])) == [text[:4096]]
+    argv = ["--input", str(tmp_path / "wiki.txt"), "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
+    assert prepare_cli.main([*argv, "--no-progress"]) == 2
+    assert "wiki.txt holds more than" in capsys.readouterr().err and not (tmp_path / "ds").exists()
