@@ -13,29 +13,46 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import output_folder, positive_int  # noqa: E402
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
 
+def _exit_on_sigterm(signum, frame):
+    # SIGTERM (kill, scancel, a Slurm time limit) would end the process at once and leave the hidden
+    # temporary folder with every shard written so far beside --output; as an exit, the atomic
+    # writers remove it on the way out (Ctrl-C does the same through KeyboardInterrupt).
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--input", nargs="+", help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst compressed)"
     )
-    ap.add_argument("--output", help="dataset directory to create")
-    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--output", type=output_folder, help="dataset directory to create")
+    ap.add_argument("--seq-len", type=positive_int, default=1024)
     ap.add_argument("--tokenizer", help="an existing sentencepiece model; default: train one on the corpus")
     ap.add_argument("--vocab-size", type=int, default=32000, help="when training the tokenizer")
     ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
     ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
     ap.add_argument("--val-fraction", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sequences-per-shard", type=int, default=4096)
+    ap.add_argument("--sequences-per-shard", type=positive_int, default=4096)
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--no-progress", action="store_true")

@@ -1,5 +1,8 @@
 """Train a sentencepiece tokenizer (BPE or unigram, byte fallback) on a sample of a corpus.
 
+Text is kept as written: no normalization; newlines (one piece each), tabs and runs of spaces are
+encoded, so every document decodes to itself.
+
 python tools/train_tokenizer.py --input corpus/ --output tok.model --vocab-size 32000
 """
 

@@ -4,7 +4,9 @@
 one document (one file for `text`, one block for `blocks`, one line for JSONL) or one
 record batch (Parquet, the column `text_field` only) in memory. This covers how the
 public pretraining corpora ship: FineWeb and most Hugging Face datasets as Parquet,
-SlimPajama as .jsonl.zst, Dolma as .json.gz. Undecodable bytes, and JSON escapes of lone
+SlimPajama as .jsonl.zst, Dolma as .json.gz. Windows line ends (CRLF) are read as "\n", as
+Python's text mode reads them (the tokenizer keeps whitespace, and has no piece for a lone
+"\r": each line would cost a byte-fallback token). Undecodable bytes, and JSON escapes of lone
 UTF-16 surrogates ("\\ud83d" without its pair), are replaced (U+FFFD) and counted; empty
 (and null) documents are skipped and counted, in a `CorpusStats` the caller passes in. A
 truncated or corrupt file is a `DataError` naming it, never a silently shorter corpus.
@@ -16,6 +18,7 @@ import glob
 import gzip
 import io
 import json
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -27,6 +30,10 @@ from pretrain.data.errors import DataError
 FORMATS = ("auto", "text", "blocks", "jsonl", "parquet")
 COMPRESSED = (".gz", ".zst", ".zstd")
 PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
+# A file read as one document (--format text) larger than this is refused: no document is that long
+# (64 MiB is ~16M tokens), a corpus in one file is, and tokenizing it at once takes ~80 bytes of memory
+# per character (measured: a 5.6 MB document, 470 MB resident).
+MAX_TEXT_DOCUMENT_BYTES = 64 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -58,7 +65,9 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
     if not paths:
         raise DataError(f"no input paths given: pass {option} <file or directory> ...")
     files: list[Path] = []
-    for p in map(Path, paths):
+    named_by: dict[str, str] = {}  # each file's absolute path -> the argument that named it first
+    for arg, p in zip(paths, map(Path, paths)):
+        before = len(files)
         if not p.exists() and glob.has_magic(str(p)):
             matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matched:
@@ -73,6 +82,15 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             files.append(p)
         else:
             raise DataError(f"input path {p} does not exist: check {option}")
+        for f in files[before:]:
+            key = os.path.abspath(f)
+            if key in named_by:
+                raise DataError(
+                    f"{f} is named twice in {option} ({named_by[key]!r} and {str(arg)!r}): its documents would be read "
+                    "twice, some into the training and some into the validation split; name each file once "
+                    "(to weight a corpus, prepare it on its own and give it a weight in data.sources)"
+                )
+            named_by[key] = str(arg)
     return files
 
 
@@ -249,7 +267,14 @@ def iter_documents(
                         for block in _iter_blocks(fh):
                             yield _decode(block, stats)
                     else:
-                        yield _decode(fh.read(), stats)
+                        raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
+                        if len(raw) > MAX_TEXT_DOCUMENT_BYTES:
+                            raise DataError(
+                                f"{path} holds more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes of text, read as one "
+                                "document (a plain-text file is one document): pass --format blocks to split it at "
+                                "blank lines, or store one document per file or per JSONL line"
+                            )
+                        yield _decode(raw, stats)
             except (EOFError, gzip.BadGzipFile, zlib.error) as err:
                 raise DataError(
                     f"{path} is not a complete gzip file ({type(err).__name__}: {err}): re-copy or re-compress it "
@@ -261,4 +286,4 @@ def iter_documents(
             stats.empty_documents += 1
             continue
         stats.documents += 1
-        yield text
+        yield text.replace("\r\n", "\n") if "\r" in text else text

@@ -90,7 +90,11 @@ def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool)
     )
     with tempfile.TemporaryDirectory(prefix="embedded-", dir=out.parent) as tmp:
         tmp = Path(tmp)
-        tok = train_tokenizer(world.train_documents, tmp / "tokenizer.model", data_cfg.vocab_size)
+        # sentencepiece's normalization, as the corpus was always built: single-line prose loses nothing
+        # to it, and a rebuilt cache keeps the tokenizer (and ids) that runs were trained with
+        tok = train_tokenizer(
+            world.train_documents, tmp / "tokenizer.model", data_cfg.vocab_size, keep_whitespace=False
+        )
         token_docs = tok.encode_batch(world.train_documents)
         tokens = {"train": 0, "val": 0}
         for doc_id, ids in enumerate(token_docs):

@@ -93,12 +93,8 @@ def write_dataset(
 ) -> dict:
     """Write train/ and val/ shards, tokenizer.model and manifest.json; return the manifest."""
     out_dir = Path(out_dir)
-    if seq_len <= 0:
-        raise DataError(f"seq_len={seq_len} must be positive")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"output directory {out_dir} is not empty: choose another --output or pass --overwrite")
+    check_settings(seq_len, val_fraction, sequences_per_shard)
+    check_output_dir(out_dir, overwrite=overwrite)
     per_split = (
         sequences_per_shard
         if isinstance(sequences_per_shard, dict)
@@ -142,6 +138,48 @@ def write_dataset(
     return manifest
 
 
+def check_settings(seq_len: int, val_fraction: float, sequences_per_shard: int | dict[str, int] = 1) -> None:
+    """Refuse values no preparation can use, naming the option: run before any input is read
+    (training a tokenizer on the corpus may take a pass over all of it)."""
+    if seq_len <= 0:
+        raise DataError(f"seq_len={seq_len} must be positive (--seq-len)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(
+            f"val_fraction={val_fraction} must be in [0, 1) (--val-fraction: the share of documents held out, e.g. 0.01)"
+        )
+    counts = sequences_per_shard.values() if isinstance(sequences_per_shard, dict) else [sequences_per_shard]
+    if any(n <= 0 for n in counts):
+        raise DataError(f"sequences_per_shard={sequences_per_shard} must be positive (--sequences-per-shard)")
+
+
+def check_output_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> None:
+    """Refuse (DataError) an output folder that cannot take a prepared dataset, before any input is
+    read: a file; one of the `inputs` (files, folders, glob patterns) or a folder holding one
+    (replacing it, --overwrite, would delete the corpus); a folder inside an input folder (a later
+    run over that folder would read the shards and manifest as documents); a non-empty folder
+    without `overwrite`."""
+    out_dir = Path(out_dir)
+    out = out_dir.resolve()
+    inputs = list(inputs)
+    folders = [Path(p) for p in inputs if Path(p).is_dir()]
+    for path in [*folders, *(resolve_files(inputs) if inputs else [])]:
+        if out == path.resolve() or out in path.resolve().parents:
+            raise DataError(
+                f"--output {out_dir} {'is' if out == path.resolve() else 'holds'} the input {path}: writing the "
+                "dataset there would delete it; choose an --output outside the corpus"
+            )
+    for folder in folders:
+        if folder.resolve() in out.parents:
+            raise DataError(
+                f"--output {out_dir} is inside the input folder {folder}: a later run over {folder} would read "
+                "the dataset's shards as documents; choose an --output outside the corpus"
+            )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--output {out_dir} is a file, not a folder: name a folder to write the dataset into")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"output directory {out_dir} is not empty: choose another --output or pass --overwrite")
+
+
 def _write_documents(
     token_docs: Iterable[list[int]], writers: dict, seed: int, val_fraction: float, show_progress: bool
 ) -> tuple[int, int]:
@@ -171,8 +209,9 @@ def _check_validation_split(splits: dict, documents: int, val_fraction: float) -
             "or add documents. Nothing was written"
         )
     warnings.warn(
-        "--val-fraction=0: the dataset has no validation split, so training on it will be refused "
-        "(the trainer evaluates on val); use it for other purposes only",
+        "--val-fraction=0: the dataset has no validation split, so training on it alone will be refused "
+        "(the trainer evaluates on val); a mixture leaves it out of the validation loss, and data.eval_sources "
+        "scores its training split",
         stacklevel=3,
     )
 
@@ -204,7 +243,8 @@ def prepare_corpus(
     overwrite: bool = False,
 ) -> dict:
     """Real corpus -> dataset. Trains a tokenizer on a sample when `tokenizer_path` is None."""
-    resolve_files(inputs)  # missing paths fail here, before any work
+    check_settings(seq_len, val_fraction, sequences_per_shard)
+    check_output_dir(out_dir, inputs, overwrite)  # missing inputs fail here too, before any work
     probe = CorpusStats()
     if next(iter_documents(inputs, fmt, text_field, probe), None) is None:
         raise DataError(

@@ -26,7 +26,7 @@ import numpy as np
 
 from pretrain.data.corpus import CorpusStats, iter_documents, resolve_files
 from pretrain.data.errors import DataError
-from pretrain.data.prepare import creation_record, tokenize_documents, write_dataset
+from pretrain.data.prepare import check_output_dir, creation_record, tokenize_documents, write_dataset
 from pretrain.data.shards import token_dtype_for
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.files import atomic_directory
@@ -69,6 +69,8 @@ def prepare_slice(
             "(train it first with tools/train_tokenizer.py)"
         )
     files = resolve_files(inputs)
+    for written in (out_dir, slices_dir(out_dir)):  # the merge writes out_dir: refused now, not after every slice
+        check_output_dir(written, inputs, overwrite=True)
     tokenizer = Tokenizer(tokenizer_path)
     mine = slice_files(files, i, n)
     dtype = token_dtype_for(tokenizer.vocab_size)

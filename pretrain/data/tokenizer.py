@@ -3,6 +3,11 @@
 Fixed special ids: 0 = <pad>, 1 = <unk>, 2 = <s> (BOS), 3 = </s> (EOS). Byte fallback is
 on, so every input encodes without <unk>. `Tokenizer.sha256` is the hash of the model
 file, recorded in shard manifests to catch a mismatched tokenizer.
+
+Text is kept as written (`keep_whitespace`, the default): no normalization, newlines (id 4, one
+piece each), tabs and runs of spaces are encoded, so decode(encode(text)) == text. sentencepiece's
+default instead collapses every run of whitespace, newlines included, into one space; the
+embedded fact world (single-line prose) keeps that tokenizer, so its cached datasets stay valid.
 """
 
 from __future__ import annotations
@@ -60,15 +65,21 @@ class Tokenizer:
         self.__init__(state["path"])
 
 
-def _lines(documents: Iterable[str]) -> Iterator[str]:
+NEWLINE = "\n"  # a piece of its own when whitespace is kept (training samples lines, which hold none)
+
+
+def _lines(documents: Iterable[str], keep_whitespace: bool = True) -> Iterator[str]:
+    """Non-blank lines, cut to MAX_SENTENCE_BYTES; their indentation kept with `keep_whitespace`."""
     for doc in documents:
         for line in doc.splitlines():
-            line = line.strip()
-            if line:
+            line = line.rstrip() if keep_whitespace else line.strip()
+            if line.strip():
                 yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
 
 
-def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0) -> list[str]:
+def sample_sentences(
+    documents: Iterable[str], max_sentences: int, seed: int = 0, keep_whitespace: bool = True
+) -> list[str]:
     """At most `max_sentences` non-blank lines, a uniform sample over the whole stream.
 
     Reservoir sampling (seeded, so reproducible): memory stays bounded by `max_sentences`
@@ -76,7 +87,7 @@ def sample_sentences(documents: Iterable[str], max_sentences: int, seed: int = 0
     """
     rng = random.Random(seed)
     reservoir: list[str] = []
-    for seen, line in enumerate(_lines(documents)):
+    for seen, line in enumerate(_lines(documents, keep_whitespace)):
         if seen < max_sentences:
             reservoir.append(line)
         else:
@@ -93,10 +104,13 @@ def train_tokenizer(
     model_type: str = "bpe",
     max_sentences: int = 200_000,
     num_threads: int = 1,
+    keep_whitespace: bool = True,
 ) -> Tokenizer:
     """Train on a seeded uniform sample of at most `max_sentences` lines of `documents`
     (all of them when fewer); write the model to `out_path`.
 
+    `keep_whitespace`: encode text as written (see the module docstring); False is
+    sentencepiece's default normalization, which the embedded fact world was built with.
     Deterministic for the same input (single-threaded by default, seeded sample).
     """
     if model_type not in ("bpe", "unigram"):
@@ -107,16 +121,28 @@ def train_tokenizer(
         raise DataError(f"max_sentences={max_sentences} must be positive (e.g. 200000)")
     if not 1 <= num_threads <= 1024:  # sentencepiece would refuse it only after the sample is read
         raise DataError(f"num_threads={num_threads} must be in 1..1024 (--threads)")
-    sentences = sample_sentences(documents, max_sentences)
+    sentences = sample_sentences(documents, max_sentences, keep_whitespace=keep_whitespace)
     if not sentences:
         raise DataError("the tokenizer corpus is empty: no non-blank line to train on")
+    symbols = [NEWLINE] if keep_whitespace else []
     if model_type == "bpe":  # every distinct character becomes a piece, beside 256 bytes + 4 specials
-        needed = len(set().union(*map(set, sentences))) + 260
+        reserved = 260 + len(symbols)
+        needed = len(set().union(*map(set, sentences)) - set(symbols)) + reserved
         if vocab_size < needed:
             raise DataError(
                 f"vocab_size={vocab_size} is too small for this corpus: it has "
-                f"{needed - 260} distinct characters, so pass --vocab-size >= {needed}"
+                f"{needed - reserved} distinct characters, so pass --vocab-size >= {needed}"
             )
+    whitespace = (
+        {
+            "normalization_rule_name": "identity",
+            "remove_extra_whitespaces": False,
+            "allow_whitespace_only_pieces": True,
+            "user_defined_symbols": symbols,
+        }
+        if keep_whitespace
+        else {}
+    )
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -134,5 +160,6 @@ def train_tokenizer(
         shuffle_input_sentence=False,
         num_threads=num_threads,
         minloglevel=2,
+        **whitespace,
     )
     return Tokenizer(atomic_write(out_path, model.getvalue()))

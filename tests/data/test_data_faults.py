@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import re
 import shutil
 import tarfile
 
@@ -131,12 +132,12 @@ def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, d
         write_dataset(ids, tmp_path / "ds0", tokenizer, SEQ_LEN, val_fraction=0.0, show_progress=False)
 
 
-def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents):
+def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents, dataset):
     from pretrain.data.checks import check_trainable
     from pretrain.data.shards import read_manifest
     from pretrain.data.sources import Source
 
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="training on it alone will be refused"):
         write_dataset(
             tokenizer.encode_batch(documents),
             tmp_path / "ds",
@@ -145,8 +146,10 @@ def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer
             val_fraction=0.0,
             show_progress=False,
         )
+    without = Source("only", tmp_path / "ds", 1.0, read_manifest(tmp_path / "ds"))
     with pytest.raises(DataError, match="'val' split of .* has no shard"):
-        check_trainable([Source("only", tmp_path / "ds", 1.0, read_manifest(tmp_path / "ds"))])
+        check_trainable([without])
+    check_trainable([without, Source("with", dataset, 1.0, read_manifest(dataset))])  # as the warning says
 
 
 def read_all(dataset, split="train"):
@@ -208,3 +211,197 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, tokenizer, docum
     with pytest.raises(CorruptShardError, match=rf"token id {tokenizer.vocab_size + 7} >= the dataset's vocab_size"):
         read_all(tmp_path / "ds")
     assert np.iinfo(np.dtype(read_manifest(tmp_path / "ds")["token_dtype"])).max >= tokenizer.vocab_size + 7
+
+
+def _corpus_folder(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": f"document number {i} " * 5} for i in range(40)])
+    return corpus
+
+
+@pytest.mark.parametrize(
+    "output, why",
+    [
+        (lambda c: c, "(is|holds) the input"),  # --overwrite deleted the corpus
+        (lambda c: c.parent, "holds the input"),
+        (lambda c: c / "prepared", "is inside the input folder"),  # a re-run read the shards as documents
+    ],
+    ids=["the corpus folder", "a folder holding it", "inside it"],
+)
+def test_an_output_over_the_corpus_is_refused_before_any_work(tmp_path, tokenizer, monkeypatch, output, why):
+    """`--input corpus --output corpus --overwrite` prepared the dataset and then deleted the corpus
+    folder in the final rename; an output inside the input folder was read back as documents by the next
+    run over that folder. Both are refused before a document is read, the corpus untouched."""
+    from pretrain.data import prepare as prepare_mod
+    from pretrain.data import slices as slices_mod
+
+    corpus = _corpus_folder(tmp_path)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(prepare_mod, "iter_documents", unread)
+    monkeypatch.setattr(slices_mod, "iter_documents", unread)
+    out = output(corpus)
+    for inputs in ([corpus], [corpus / "a.jsonl"], [str(corpus / "*.jsonl")]):
+        if why == "is inside the input folder" and inputs != [corpus]:
+            continue  # a file or glob input: a folder beside it is fine
+        with pytest.raises(DataError, match=f"--output {out} {why}"):
+            prepare_mod.prepare_corpus(inputs, out, SEQ_LEN, tokenizer_path=tokenizer.path, overwrite=True)
+        with pytest.raises(DataError, match=why):
+            slices_mod.prepare_slice(inputs, out, tokenizer.path, 0, 2)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
+def test_an_output_beside_the_corpus_is_prepared(tmp_path, tokenizer):
+    """The refusals above leave the usual layouts alone: a folder beside the corpus, and a folder
+    inside the corpus folder when the input is a glob of its files."""
+    from pretrain.data import prepare_corpus
+
+    corpus = _corpus_folder(tmp_path)
+    for inputs, out in (([corpus], tmp_path / "data"), ([str(corpus / "*.jsonl")], corpus / "prepared")):
+        manifest = prepare_corpus(
+            inputs, out, SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0.2, show_progress=False
+        )
+        assert manifest["documents"] == 40 and (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("val_fraction", 1.0, r"val_fraction=1.0 must be in \[0, 1\) \(--val-fraction"),
+        ("val_fraction", -0.1, r"val_fraction=-0.1 must be in \[0, 1\)"),
+        ("seq_len", 0, r"seq_len=0 must be positive \(--seq-len\)"),
+        ("sequences_per_shard", 0, r"sequences_per_shard=0 must be positive \(--sequences-per-shard\)"),
+    ],
+)
+def test_bad_preparation_settings_are_refused_before_the_corpus_is_read(tmp_path, monkeypatch, option, value, message):
+    """They were checked when the shards were about to be written: after the tokenizer had been
+    trained on a sample drawn from a pass over the whole corpus."""
+    from pretrain.data import prepare as prepare_mod
+
+    corpus = _corpus_folder(tmp_path)
+
+    def untrained(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained")
+
+    monkeypatch.setattr(prepare_mod, "train_tokenizer", untrained)
+    settings = {"seq_len": SEQ_LEN, "val_fraction": 0.1, "sequences_per_shard": 64, option: value}
+    seq_len = settings.pop("seq_len")
+    with pytest.raises(DataError, match=message):
+        prepare_mod.prepare_corpus([corpus], tmp_path / "ds", seq_len, vocab_size=300, **settings)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_file_as_output_is_refused_when_the_arguments_are_parsed(tmp_path, capsys):
+    corpus = _corpus_folder(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        prepare_cli.main(["--input", str(corpus), "--output", str(corpus / "a.jsonl"), "--overwrite"])
+    assert exit_.value.code == 2
+    assert f"argument --output: {corpus / 'a.jsonl'} is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_cli.main(["--input", str(corpus), "--output", str(tmp_path / "ds"), "--seq-len", "0"])
+    assert "argument --seq-len: 0 must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        lambda c: [c, c / "a.jsonl"],  # a folder and a file in it
+        lambda c: [str(c / "*.jsonl"), str(c / "a*")],  # overlapping globs
+        lambda c: [c / "a.jsonl", (c / "a.jsonl").absolute()],  # relative and absolute spellings
+    ],
+    ids=["folder and file", "two globs", "two spellings"],
+)
+def test_a_file_named_twice_in_the_inputs_is_refused(tmp_path, monkeypatch, inputs, capsys):
+    """An input file reached through two --input arguments was read twice: its documents were
+    trained on twice and, drawn by document index, could fall into both splits (measured on the
+    README corpus with --input english.jsonl licenses.jsonl: 3 of the 9 validation documents were
+    also training documents)."""
+    monkeypatch.chdir(tmp_path)
+    corpus = _corpus_folder(tmp_path).relative_to(tmp_path)
+    write_jsonl(corpus / "b.jsonl", [{"text": "another file " * 5}])
+    args = [str(a) for a in inputs(corpus)]
+    with pytest.raises(DataError, match=re.escape(f"a.jsonl is named twice in --input ('{args[0]}' and '{args[1]}')")):
+        list(iter_documents(args))
+    assert tokenizer_cli.main(["--input", *args, "--output", "t.model", "--vocab-size", "300"]) == 2
+    assert prepare_cli.main(["--input", *args, "--output", "ds", "--vocab-size", "300", "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("is named twice in --input") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+    # every file once: all documents, each once (the reference: the files' own lines)
+    lines = sum(len((corpus / n).read_text().splitlines()) for n in ("a.jsonl", "b.jsonl"))
+    assert len(list(iter_documents([corpus / "b.jsonl", str(corpus / "a*")]))) == lines
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_preparation_leaves_no_temporary_folder(tmp_path, tokenizer, monkeypatch, workers):
+    """SIGTERM (kill, scancel, a Slurm time limit) ended prepare_data at once, leaving the hidden
+    temporary folder, with every shard written so far, beside --output (measured with kill -TERM 3.5 s
+    into a run); a re-run writes a new one. It now exits through the atomic writers, which remove it.
+    The signal is sent from inside the tokenizing, once shards are on disk."""
+    import os
+    import signal
+
+    from pretrain.data import prepare as prepare_mod
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": f"document {i} " * 40} for i in range(400)])
+    tokenize = prepare_mod.tokenize_documents
+    written = []
+
+    def tokenize_then_terminated(*args, **kwargs):
+        for n, ids in enumerate(tokenize(*args, **kwargs)):
+            if n == 300:
+                written.extend(p for p in tmp_path.glob(".data.tmp-*/train/*.tar"))
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield ids
+
+    class Unhandled(Exception):
+        """What the test's own handler raises: the tool did not install one (the default would end pytest)."""
+
+    def unhandled(signum, frame):
+        raise Unhandled
+
+    monkeypatch.setattr(prepare_mod, "tokenize_documents", tokenize_then_terminated)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "data")]
+    argv += ["--seq-len", "16", "--sequences-per-shard", "64", "--no-progress", "--workers", str(workers)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            prepare_cli.main(argv)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the tool's handler is removed again
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert written, "no shard was on disk when the signal came"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # neither the output nor a temporary
+
+
+def test_a_plain_text_file_too_large_for_one_document_is_refused(tmp_path, monkeypatch, capsys):
+    """A plain-text file is one document, so a corpus kept in one .txt (a wiki dump) was read and
+    tokenized whole: ~80 bytes of memory per character (a 5.6 MB document took 470 MB), an
+    out-of-memory kill minutes in for a corpus of gigabytes. Above MAX_TEXT_DOCUMENT_BYTES it is
+    refused, naming the file and --format blocks; the limit is shrunk here to keep the test small."""
+    from pretrain.data import corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "MAX_TEXT_DOCUMENT_BYTES", 4096)
+    paragraph = "a line of a paragraph\n" * 9
+    text = "\n".join([paragraph] * 40)  # 40 blank-line-separated paragraphs, > 4096 bytes
+    assert len(text.encode()) > 4096
+    (tmp_path / "wiki.txt").write_text(text)
+    with gzip.open(tmp_path / "wiki.txt.gz", "wt") as fh:
+        fh.write(text)
+    (tmp_path / "fits.txt").write_text(text[:4096])
+    for name in ("wiki.txt", "wiki.txt.gz"):
+        with pytest.raises(
+            DataError, match=rf"{name} holds more than 4,096 bytes of text, read as one document .*--format blocks"
+        ):
+            list(iter_documents([tmp_path / name]))
+        assert list(iter_documents([tmp_path / name], "blocks")) == [paragraph] * 40  # the fix it names
+    assert list(iter_documents([tmp_path / "fits.txt"])) == [text[:4096]]
+    argv = ["--input", str(tmp_path / "wiki.txt"), "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
+    assert prepare_cli.main([*argv, "--no-progress"]) == 2
+    assert "wiki.txt holds more than" in capsys.readouterr().err and not (tmp_path / "ds").exists()
