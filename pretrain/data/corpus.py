@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,15 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             files.extend(matched)
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+            binary = [f for f in found if _binary_text_file(f)]
+            if binary:
+                names = ", ".join(str(f.relative_to(p)) for f in binary[:4]) + (" ..." if len(binary) > 4 else "")
+                warnings.warn(
+                    f"{option} {p}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
+                    "the corpus, say); name a file itself to read it anyway",
+                    stacklevel=2,
+                )
+                found = [f for f in found if f not in binary]
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
@@ -92,6 +102,15 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
                 )
             named_by[key] = str(arg)
     return files
+
+
+def _binary_text_file(path: Path) -> bool:
+    """An uncompressed file read as text (by its suffix) whose first 8 KiB hold a NUL byte, as
+    grep and git tell binary files: no corpus text has one, a sentencepiece model or an image has."""
+    if _format_of(path, "auto") != "text" or path.name.lower().endswith(COMPRESSED):
+        return False
+    with open(path, "rb") as fh:
+        return b"\0" in fh.read(8192)
 
 
 def _format_of(path: Path, fmt: str) -> str:

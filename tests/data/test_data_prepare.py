@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,19 @@ def test_directory_input_skips_hidden_files_and_folders(tmp_path):
     (root / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
     assert resolve_files([root]) == [root / "data" / "train.jsonl"]
     assert list(iter_documents([root])) == ["one", "two"]
+
+
+def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
+    """The README recipe keeps corpus/tokenizer.model beside the corpus: --input corpus/ read the
+    model's protobuf bytes as a text document. A file named itself is still read as given."""
+    import shutil
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("one document\n")
+    model = Path(shutil.copyfile(tokenizer.path, tmp_path / "corpus" / "tokenizer.model"))
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not text \(tokenizer.model"):
+        assert resolve_files([tmp_path / "corpus"]) == [tmp_path / "corpus" / "a.txt"]
+    assert resolve_files([model]) == [model]
 
 
 def test_bad_jsonl_names_file_line_and_field(tmp_path):
