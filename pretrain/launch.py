@@ -288,6 +288,7 @@ def plan_run(
     script = render_script(opts, run_dir, config_path, workdir, code_dir, python, snapshot)
     _check_run_dir(run_dir, config_path, config_text, resume, workdir)
     if resume:
+        _check_no_live_job(run_dir / SCRIPT_NAME)
         _check_schedule_change(run_dir, cfg)
     elif cfg.train.init_from:
         _check_init_from(cfg)
@@ -355,6 +356,40 @@ def _check_init_from(cfg) -> None:
         check_init_source(cfg, sha, sources[0].dir if sources else None)
     except (ConfigError, DataError) as err:
         raise SubmitError(str(err)) from None
+
+
+def _check_no_live_job(script_path: Path, squeue_bin: str = "squeue") -> None:
+    """Refuse a --resume while a job of this run (its train.sbatch) is still queued, running or
+    requeued: two jobs would train the same run directory at once, each pruning and overwriting
+    the other's checkpoints. Where squeue is absent or fails (no Slurm here: --dry-run), say so
+    and go on; sbatch itself then fails with its own message."""
+    exe = shutil.which(squeue_bin)
+    if exe is None:
+        return
+    result = subprocess.run(
+        [exe, "--me", "--noheader", "--format=%i|%T|%o"], capture_output=True, text=True, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        message = result.stderr.strip() or "(no output)"
+        print(
+            f"memlayers-submit: warning: could not check for a job of {script_path.parent} still in the queue "
+            f"(`squeue` exit {result.returncode}: {message})",
+            file=sys.stderr,
+        )
+        return
+    live = []
+    for line in result.stdout.splitlines():
+        job_id, _, rest = line.partition("|")
+        state, _, command = rest.partition("|")  # the command (the script's path) may itself hold '|'
+        if command == str(script_path):
+            live.append(f"{job_id} ({state})")
+    if live:
+        raise SubmitError(
+            f"--resume: job {', '.join(live)} of {script_path.parent} is still in the queue; a second job would "
+            "train the same run directory at the same time, each pruning and overwriting the other's checkpoints. "
+            f"Wait for it to end, or end it first (`scancel {live[0].split()[0]}`: it saves a checkpoint on the "
+            "way out) and resubmit once squeue no longer lists it"
+        )
 
 
 def _check_schedule_change(run_dir: Path, cfg) -> None:

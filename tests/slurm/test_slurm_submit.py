@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -576,3 +577,41 @@ def test_a_failed_rollback_is_reported_with_the_error_that_caused_it(tmp_path, m
         launch.submit(plan, sbatch_bin=str(tmp_path / "no-sbatch"))
     assert str(err.value).startswith("sbatch not found on PATH")
     assert f"(and putting {tmp_path}/run back failed: [Errno 13] Permission denied" in str(err.value)
+
+
+def _queued(cluster) -> list[str]:
+    """This user's job ids that squeue lists (pending, running, held, completing)."""
+    return sorted(cluster.cmd(["squeue", "--me", "--noheader", "--format=%i"]).split())
+
+
+def test_resume_while_a_job_of_the_run_is_queued_is_refused(capsys, tmp_path, slurm_env):
+    """A --resume (of a run or a sweep) while a job of the same run directory is still queued would
+    train that directory twice at once; it is refused, naming the job, and nothing is queued."""
+    base = tmp_path / "a b|c"  # the script's path, as squeue prints it, holds squeue's separator
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={base}", "--cpu", "--time", "5"]
+    sweep = ["--sweep", "optim.lr=1e-3,2e-3"]
+    before = _queued(slurm_env)
+    rc, out, err = _submit(capsys, [*argv, *sweep, "--sbatch=--hold"])  # held: queued, never started
+    assert rc == 0, err
+    jobs = sorted(set(_queued(slurm_env)) - set(before))
+    assert len(jobs) == 2, (before, jobs)
+    other = tmp_path / "other"  # another run's queued job does not block this one
+    rc, _, err = _submit(capsys, [*argv[:3], f"train.run_dir={other}", *argv[4:], "--sbatch=--hold"])
+    assert rc == 0, err
+    queued = _queued(slurm_env)
+    try:
+        rc, _, err = _submit(capsys, [*argv, *sweep, "--resume"])
+        assert rc == 2 and "sweep run lr=1e-3: --resume: job " in err and "nothing was submitted" in err, err
+        job = err.split("--resume: job ")[1].split()[0]
+        assert job in jobs and f"scancel {job}" in err
+        rc, _, err = _submit(capsys, [*argv[:3], f"train.run_dir={base / 'lr=2e-3'}", *argv[4:], "--resume"])
+        assert rc == 2 and "(PENDING)" in err and "still in the queue" in err, err
+        assert _queued(slurm_env) == queued  # nothing was added
+        slurm_env.cmd(["scancel", *jobs])
+        deadline = time.monotonic() + 60
+        while set(jobs) & set(_queued(slurm_env)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rc, out, err = _submit(capsys, [*argv, *sweep, "--resume", "--sbatch=--hold"])
+        assert rc == 0 and out.count("submitted job ") == 2, err
+    finally:
+        slurm_env.cmd(["scancel", *sorted(set(_queued(slurm_env)) - set(before))], check=False)
