@@ -7,6 +7,7 @@ script is validated and shell-quoted; `sbatch` is called with an argument list.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -195,6 +196,13 @@ def render_script(
 ) -> str:
     """The sbatch script text for these options; paths should be absolute."""
     _check_options(opts)
+    if os.pathsep in str(code_dir):  # PYTHONPATH has no escape for its separator
+        what = "train.run_dir" if snapshot else "the code checkout"
+        raise SubmitError(
+            f"{what}: the job imports the code from {code_dir}, whose ':' PYTHONPATH reads as a separator, so "
+            "the job would import other code (an installed copy) or none: "
+            + ("choose a train.run_dir without ':' or drop --snapshot-code" if snapshot else "move the checkout")
+        )
     template_file = template_dir / ("train_cpu.sbatch" if opts.cpu else "train_gpu.sbatch")
     site = []
     for name in ("partition", "account", "qos", "constraint"):

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -615,3 +616,26 @@ def test_resume_while_a_job_of_the_run_is_queued_is_refused(capsys, tmp_path, sl
         assert rc == 0 and out.count("submitted job ") == 2, err
     finally:
         slurm_env.cmd(["scancel", *sorted(set(_queued(slurm_env)) - set(before))], check=False)
+
+
+def test_a_code_snapshot_under_a_path_with_a_colon_is_refused(capsys, tmp_path):
+    """PYTHONPATH splits at ':', so a snapshot in <run_dir>/code under such a path is not what the job
+    imports (Python itself shows it below); submit refuses it before writing anything."""
+    run = tmp_path / "2026-12-06T03:40"
+    (run / "code" / "probe_pkg").mkdir(parents=True)
+    (run / "code" / "probe_pkg" / "__init__.py").write_text("")
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", "import importlib.util; print(importlib.util.find_spec('probe_pkg') is None)"],
+        env={**os.environ, "PYTHONPATH": str(run / "code")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout.strip() == "True"  # Python does not find the module there
+    shutil.rmtree(run)
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--cpu"]
+    rc, out, err = _submit(capsys, [*argv, "--snapshot-code"])
+    assert rc == 2 and "train.run_dir" in err and "without ':' or drop --snapshot-code" in err, err
+    assert not run.exists() and out == ""
+    rc, out, err = _submit(capsys, [*argv, "--dry-run"])  # without a snapshot the path is only data
+    assert rc == 0 and shlex.quote(str(run / "config.yaml")) in out, err
