@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.launch import SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
-from pretrain.sweep import SweepError, parse_sweep, write_sweep_record  # noqa: E402
+from pretrain.sweep import SweepError, parse_sweep, read_sweep_record, write_sweep_record  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +126,7 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
     try:
         runs = parse_sweep(args.sweep)
         base = Path(load_config(args.config, args.overrides, base_dir=workdir).train.run_dir).resolve()
+        previous = read_sweep_record(base)  # an earlier sweep's runs under the same train.run_dir stay listed
     except (SweepError, ConfigError) as err:
         print(f"memlayers-submit: error: {err}", file=sys.stderr)
         return 2
@@ -159,7 +160,7 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
             entry["job_id"] = submit(plan)
         except SubmitError as err:
             queued = [e["job_id"] for e in entries]
-            write_sweep_record(base, entries)
+            write_sweep_record(base, entries, previous)
             print(
                 f"memlayers-submit: error: sweep run {run.name}: {err}. Already queued: "
                 f"{len(queued)} of {len(runs)} runs (jobs {', '.join(queued) or 'none'}, listed in "
@@ -169,7 +170,7 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
             return 2
         entries.append(entry)
         print(f"submitted job {entry['job_id']}: {plan.run_dir}")
-    record = write_sweep_record(base, entries)
+    record = write_sweep_record(base, entries, previous)
     print(f"sweep of {len(runs)} runs recorded in {record}")
     print(f"tensorboard --logdir {shlex.quote(str(base))}")
     return 0
