@@ -44,6 +44,14 @@ class SubmitError(RuntimeError):
     """Submission refused or failed; the message says why and what to do."""
 
 
+class RunInQueue(SubmitError):
+    """--resume of a run that a queued or running job trains already."""
+
+
+class RunFinished(SubmitError):
+    """--resume of a run whose latest checkpoint is at train.max_steps: nothing left to train."""
+
+
 @dataclass
 class SlurmOptions:
     nodes: int = 1
@@ -298,6 +306,7 @@ def plan_run(
     if resume:
         _check_no_live_job(run_dir / SCRIPT_NAME)
         _check_schedule_change(run_dir, cfg)
+        _check_not_finished(run_dir, cfg)
     elif cfg.train.init_from:
         _check_init_from(cfg)
     return PreparedRun(
@@ -392,11 +401,29 @@ def _check_no_live_job(script_path: Path, squeue_bin: str = "squeue") -> None:
         if command == str(script_path):
             live.append(f"{job_id} ({state})")
     if live:
-        raise SubmitError(
+        raise RunInQueue(
             f"--resume: job {', '.join(live)} of {script_path.parent} is still in the queue; a second job would "
             "train the same run directory at the same time, each pruning and overwriting the other's checkpoints. "
             f"Wait for it to end, or end it first (`scancel {live[0].split()[0]}`: it saves a checkpoint on the "
             "way out) and resubmit once squeue no longer lists it"
+        )
+
+
+def _check_not_finished(run_dir: Path, cfg) -> None:
+    """A run whose latest checkpoint is at train.max_steps has nothing left to train: its job would
+    wait in the queue, load the checkpoint and end. Refuse it, naming how to extend the run."""
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint, step_of
+
+    try:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    except CheckpointError as err:
+        raise SubmitError(f"--resume: {err}") from None
+    step = step_of(checkpoint) if checkpoint is not None else None
+    if step is not None and step >= cfg.train.max_steps:
+        raise RunFinished(
+            f"--resume: {run_dir} is finished: its latest checkpoint {checkpoint.name} is at step {step} and "
+            f"train.max_steps={cfg.train.max_steps}, so the job would have nothing to train; raise "
+            "train.max_steps to extend the run, or choose a new train.run_dir"
         )
 
 

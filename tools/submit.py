@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.launch import SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
+from pretrain.launch import RunFinished, RunInQueue, SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
 from pretrain.sweep import SweepError, parse_sweep, read_sweep_record, write_sweep_record  # noqa: E402
 
 
@@ -131,23 +131,31 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
         print(f"memlayers-submit: error: {err}", file=sys.stderr)
         return 2
     plans = []
+    skipped = []  # --resume: runs a queued job trains already, or finished ones: left as they are
     for run in runs:
         try:
-            plans.append(
-                plan_run(
-                    args.config,
-                    [*args.overrides, *run.overrides],
-                    opts,
-                    workdir=args.workdir,
-                    python=args.python,
-                    snapshot=args.snapshot_code,
-                    resume=args.resume,
-                    run_dir=base / run.name,  # a path: never read back as YAML
-                )
+            plan = plan_run(
+                args.config,
+                [*args.overrides, *run.overrides],
+                opts,
+                workdir=args.workdir,
+                python=args.python,
+                snapshot=args.snapshot_code,
+                resume=args.resume,
+                run_dir=base / run.name,  # a path: never read back as YAML
             )
+        except (RunInQueue, RunFinished) as err:
+            skipped.append(run)
+            print(f"sweep run {run.name}: not resubmitted: {str(err).removeprefix('--resume: ')}")
+            continue
         except SubmitError as err:
             print(f"memlayers-submit: error: sweep run {run.name}: {err} (nothing was submitted)", file=sys.stderr)
             return 2
+        plans.append(plan)
+    runs = [run for run in runs if run not in skipped]
+    if not runs:
+        print("every run of the sweep is queued or finished: nothing to resubmit")
+        return 0
     if args.dry_run:
         for i, (run, plan) in enumerate(zip(runs, plans), 1):
             print(f"# sweep run {i}/{len(runs)}: {plan.run_dir} ({' '.join(run.overrides)})")

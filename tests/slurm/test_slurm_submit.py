@@ -3,6 +3,7 @@ rules and bad input (no cluster needed, except where the slurm_env fixture is us
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -586,8 +587,9 @@ def _queued(cluster) -> list[str]:
 
 
 def test_resume_while_a_job_of_the_run_is_queued_is_refused(capsys, tmp_path, slurm_env):
-    """A --resume (of a run or a sweep) while a job of the same run directory is still queued would
-    train that directory twice at once; it is refused, naming the job, and nothing is queued."""
+    """A --resume while a job of the same run directory is still queued would train that directory
+    twice at once; it is refused, naming the job, and nothing is queued. A sweep --resume leaves such
+    runs out, saying so."""
     base = tmp_path / "a b|c"  # the script's path, as squeue prints it, holds squeue's separator
     argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={base}", "--cpu", "--time", "5"]
     sweep = ["--sweep", "optim.lr=1e-3,2e-3"]
@@ -601,12 +603,12 @@ def test_resume_while_a_job_of_the_run_is_queued_is_refused(capsys, tmp_path, sl
     assert rc == 0, err
     queued = _queued(slurm_env)
     try:
-        rc, _, err = _submit(capsys, [*argv, *sweep, "--resume"])
-        assert rc == 2 and "sweep run lr=1e-3: --resume: job " in err and "nothing was submitted" in err, err
-        job = err.split("--resume: job ")[1].split()[0]
-        assert job in jobs and f"scancel {job}" in err
+        rc, out, err = _submit(capsys, [*argv, *sweep, "--resume"])
+        assert rc == 0 and "nothing to resubmit" in out, err
+        named = [line.split("not resubmitted: job ")[1].split()[0] for line in out.splitlines() if "job " in line]
+        assert sorted(named) == jobs and f"sweep run lr=1e-3: not resubmitted: job {named[0]} (PENDING)" in out
         rc, _, err = _submit(capsys, [*argv[:3], f"train.run_dir={base / 'lr=2e-3'}", *argv[4:], "--resume"])
-        assert rc == 2 and "(PENDING)" in err and "still in the queue" in err, err
+        assert rc == 2 and "(PENDING)" in err and "still in the queue" in err and f"scancel {named[1]}" in err, err
         assert _queued(slurm_env) == queued  # nothing was added
         slurm_env.cmd(["scancel", *jobs])
         deadline = time.monotonic() + 60
@@ -639,3 +641,32 @@ def test_a_code_snapshot_under_a_path_with_a_colon_is_refused(capsys, tmp_path):
     assert not run.exists() and out == ""
     rc, out, err = _submit(capsys, [*argv, "--dry-run"])  # without a snapshot the path is only data
     assert rc == 0 and shlex.quote(str(run / "config.yaml")) in out, err
+
+
+def test_resume_of_a_finished_run_is_refused_and_a_sweep_leaves_it_out(capsys, tmp_path, monkeypatch):
+    """A run whose latest checkpoint is at train.max_steps has nothing left to train: --resume is
+    refused before anything is queued, naming train.max_steps; a sweep --resume resubmits the others."""
+    from tests.slurm.test_slurm_sweep import fake_sbatch
+
+    calls = fake_sbatch(tmp_path, monkeypatch)
+    base = tmp_path / "sweep"
+    argv = ["--config", TINY, "--cpu", "train.micro_batch=2", f"train.run_dir={base}", "train.max_steps=50"]
+    assert main([*argv, "--sweep", "train.seed=0,1,2"]) == 0
+    for seed, step in ((0, 50), (1, 49)):  # what the trainer leaves: seed=0 finished, seed=1 one step short
+        run = base / f"seed={seed}"
+        checkpoint = run / "checkpoints" / f"step_{step:08d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.yaml").write_text((run / "config.yaml").read_text())
+        (run / "checkpoints" / "latest").write_text(checkpoint.name)
+    capsys.readouterr()
+    single = [*argv[:4], f"train.run_dir={base / 'seed=0'}", "train.max_steps=50", "train.seed=0", "--resume"]
+    rc, _, err = _submit(capsys, single)
+    assert rc == 2 and "is finished: its latest checkpoint step_00000050 is at step 50" in err, err
+    assert "train.max_steps=50" in err and "raise train.max_steps" in err
+    assert len(calls.read_text().split()) == 3  # the sweep's three; nothing more
+    rc, out, err = _submit(capsys, [*argv, "--sweep", "train.seed=0,1,2", "--resume"])
+    assert rc == 0, err
+    assert "sweep run seed=0: not resubmitted:" in out and "is finished" in out
+    assert calls.read_text().split()[3:] == [str(base / f"seed={s}" / "train.sbatch") for s in (1, 2)]
+    record = json.loads((base / "sweep.json").read_text())["runs"]
+    assert [(r["name"], r["job_id"]) for r in record] == [("seed=0", "101"), ("seed=1", "104"), ("seed=2", "105")]
