@@ -132,6 +132,58 @@ def _path_value(what: str, path: Path, suffix: str = "") -> str:
     return _directive_value(what, text + suffix)
 
 
+# sbatch options the script sets itself, and the memlayers-submit option that sets each: an #SBATCH
+# line from --sbatch comes later in the script and would win (sbatch takes the last), so that, for
+# example, --sbatch=--ntasks-per-node=2 ran a job of 2 ranks whose config was checked for 1.
+_TEMPLATE_OPTIONS = {
+    "--nodes": "use --nodes",
+    "-N": "use --nodes",
+    "--ntasks-per-node": "use --gpus-per-node (--tasks-per-node with --cpu)",
+    "--ntasks": "use --nodes and --gpus-per-node (--tasks-per-node with --cpu)",
+    "-n": "use --nodes and --gpus-per-node (--tasks-per-node with --cpu)",
+    "--gpus-per-node": "use --gpus-per-node",
+    "--gpus": "use --nodes and --gpus-per-node",
+    "-G": "use --nodes and --gpus-per-node",
+    "--gpus-per-task": "use --gpus-per-node (one task per GPU)",
+    "--cpus-per-task": "use --cpus-per-task",
+    "-c": "use --cpus-per-task",
+    "--time": "use --time",
+    "-t": "use --time",
+    "--signal": "use --signal-seconds",
+    "--requeue": "drop it (the script sets it)",
+    "--no-requeue": "drop it (stopped runs requeue themselves; SIGTERM, scancel, ends a run without a requeue)",
+    "--open-mode": "drop it (requeued runs append to one log)",
+    "--output": "drop it (the log is <run_dir>/logs/slurm-<job id>.out)",
+    "-o": "drop it (the log is <run_dir>/logs/slurm-<job id>.out)",
+    "--chdir": "use --workdir",
+    "-D": "use --workdir",
+    "--job-name": "use --job-name",
+    "-J": "use --job-name",
+    "--partition": "use --partition",
+    "-p": "use --partition",
+    "--account": "use --account",
+    "-A": "use --account",
+    "--qos": "use --qos",
+    "-q": "use --qos",
+    "--constraint": "use --constraint",
+    "-C": "use --constraint",
+}
+
+
+def _template_option(token: str) -> str | None:
+    """The option of `_TEMPLATE_OPTIONS` that an sbatch argument sets (sbatch also takes a unique
+    prefix of a long option, `--ntasks-per=2`), or None."""
+    if token.startswith("--"):
+        name = token.split("=", 1)[0]
+        if name in _TEMPLATE_OPTIONS:
+            return name
+        matches = [o for o in _TEMPLATE_OPTIONS if o.startswith("--") and len(name) > 3 and o.startswith(name)]
+        return matches[0] if len(matches) == 1 else None
+    if token.startswith("-") and len(token) >= 2:
+        return token[:2] if token[:2] in _TEMPLATE_OPTIONS else None
+    return None
+
+
 def _check_options(opts: SlurmOptions) -> None:
     for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_seconds"):
         value = getattr(opts, name)
@@ -169,12 +221,19 @@ def _check_options(opts: SlurmOptions) -> None:
         if not line.startswith("-") or "\n" in line or "\r" in line:
             raise SubmitError(f"--sbatch {line!r} must be one sbatch option such as --mem=64G or --exclusive")
         try:
-            shlex.split(line)
+            tokens = shlex.split(line)
         except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
             raise SubmitError(
                 f"--sbatch {line!r} cannot be split into words ({err}): close its quotes, or drop them "
                 "(#SBATCH values take no quotes)"
             ) from None
+        for token in tokens:
+            name = _template_option(token)
+            if name is not None:
+                raise SubmitError(
+                    f"--sbatch {line!r} sets {name}, which the script sets itself (a later #SBATCH line would "
+                    f"override it, past the checks of the job's ranks and run directory): {_TEMPLATE_OPTIONS[name]}"
+                )
 
 
 def world_size(opts: SlurmOptions) -> int:

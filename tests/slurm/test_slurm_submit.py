@@ -670,3 +670,33 @@ def test_resume_of_a_finished_run_is_refused_and_a_sweep_leaves_it_out(capsys, t
     assert calls.read_text().split()[3:] == [str(base / f"seed={s}" / "train.sbatch") for s in (1, 2)]
     record = json.loads((base / "sweep.json").read_text())["runs"]
     assert [(r["name"], r["job_id"]) for r in record] == [("seed=0", "101"), ("seed=1", "104"), ("seed=2", "105")]
+
+
+def test_sbatch_takes_the_last_directive_so_extra_options_may_not_set_the_scripts_own(capsys, tmp_path, slurm_env):
+    """sbatch itself takes the later of two #SBATCH lines (a held job shows it): an --sbatch option that
+    the script sets already would override it past the checks (a job of 2 ranks whose config was
+    checked for 1), so it is refused, naming the option to use; other options pass."""
+    script = tmp_path / "two.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --ntasks-per-node=1\n#SBATCH --ntasks-per-node=2\n#SBATCH --hold\ntrue\n")
+    job = slurm_env.cmd(["sbatch", "--parsable", f"--output={tmp_path}/%j.out", str(script)]).strip()
+    try:
+        assert slurm_env.job_info(job)["NumTasks"] == "2"
+    finally:
+        slurm_env.cmd(["scancel", job], check=False)
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--dry-run"]
+    for option, fix in [
+        ("--ntasks-per-node=2", "use --gpus-per-node (--tasks-per-node with --cpu)"),
+        ("--ntasks-per=2", "use --gpus-per-node"),  # sbatch takes a unique prefix of a long option
+        ("-N 2", "use --nodes"),
+        ("-N2", "use --nodes"),
+        ("--time=5", "use --time"),
+        ("--output=/tmp/x.out", "drop it (the log is <run_dir>/logs/slurm-<job id>.out)"),
+        ("--no-requeue", "drop it"),
+        ("--signal=B:USR1@60", "use --signal-seconds"),
+    ]:
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 2 and "which the script sets itself" in err and fix in err, (option, err)
+        assert out == ""
+    for option in ("--mem=0", "--exclusive", "--hold", "--time-min=5", "--nodelist=n1", "--mail-type=END"):
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 0 and f"#SBATCH {option}" in out, (option, err)
