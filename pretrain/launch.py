@@ -7,6 +7,7 @@ script is validated and shell-quoted; `sbatch` is called with an argument list.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -41,6 +42,14 @@ LOG_DIR = "logs"
 
 class SubmitError(RuntimeError):
     """Submission refused or failed; the message says why and what to do."""
+
+
+class RunInQueue(SubmitError):
+    """--resume of a run that a queued or running job trains already."""
+
+
+class RunFinished(SubmitError):
+    """--resume of a run whose latest checkpoint is at train.max_steps: nothing left to train."""
 
 
 @dataclass
@@ -123,6 +132,58 @@ def _path_value(what: str, path: Path, suffix: str = "") -> str:
     return _directive_value(what, text + suffix)
 
 
+# sbatch options the script sets itself, and the memlayers-submit option that sets each: an #SBATCH
+# line from --sbatch comes later in the script and would win (sbatch takes the last), so that, for
+# example, --sbatch=--ntasks-per-node=2 ran a job of 2 ranks whose config was checked for 1.
+_TEMPLATE_OPTIONS = {
+    "--nodes": "use --nodes",
+    "-N": "use --nodes",
+    "--ntasks-per-node": "use --gpus-per-node (--tasks-per-node with --cpu)",
+    "--ntasks": "use --nodes and --gpus-per-node (--tasks-per-node with --cpu)",
+    "-n": "use --nodes and --gpus-per-node (--tasks-per-node with --cpu)",
+    "--gpus-per-node": "use --gpus-per-node",
+    "--gpus": "use --nodes and --gpus-per-node",
+    "-G": "use --nodes and --gpus-per-node",
+    "--gpus-per-task": "use --gpus-per-node (one task per GPU)",
+    "--cpus-per-task": "use --cpus-per-task",
+    "-c": "use --cpus-per-task",
+    "--time": "use --time",
+    "-t": "use --time",
+    "--signal": "use --signal-seconds",
+    "--requeue": "drop it (the script sets it)",
+    "--no-requeue": "drop it (stopped runs requeue themselves; SIGTERM, scancel, ends a run without a requeue)",
+    "--open-mode": "drop it (requeued runs append to one log)",
+    "--output": "drop it (the log is <run_dir>/logs/slurm-<job id>.out)",
+    "-o": "drop it (the log is <run_dir>/logs/slurm-<job id>.out)",
+    "--chdir": "use --workdir",
+    "-D": "use --workdir",
+    "--job-name": "use --job-name",
+    "-J": "use --job-name",
+    "--partition": "use --partition",
+    "-p": "use --partition",
+    "--account": "use --account",
+    "-A": "use --account",
+    "--qos": "use --qos",
+    "-q": "use --qos",
+    "--constraint": "use --constraint",
+    "-C": "use --constraint",
+}
+
+
+def _template_option(token: str) -> str | None:
+    """The option of `_TEMPLATE_OPTIONS` that an sbatch argument sets (sbatch also takes a unique
+    prefix of a long option, `--ntasks-per=2`), or None."""
+    if token.startswith("--"):
+        name = token.split("=", 1)[0]
+        if name in _TEMPLATE_OPTIONS:
+            return name
+        matches = [o for o in _TEMPLATE_OPTIONS if o.startswith("--") and len(name) > 3 and o.startswith(name)]
+        return matches[0] if len(matches) == 1 else None
+    if token.startswith("-") and len(token) >= 2:
+        return token[:2] if token[:2] in _TEMPLATE_OPTIONS else None
+    return None
+
+
 def _check_options(opts: SlurmOptions) -> None:
     for name in ("nodes", "gpus_per_node", "cpus_per_task", "signal_seconds"):
         value = getattr(opts, name)
@@ -160,12 +221,19 @@ def _check_options(opts: SlurmOptions) -> None:
         if not line.startswith("-") or "\n" in line or "\r" in line:
             raise SubmitError(f"--sbatch {line!r} must be one sbatch option such as --mem=64G or --exclusive")
         try:
-            shlex.split(line)
+            tokens = shlex.split(line)
         except ValueError as err:  # shlex: "No closing quotation", "No escaped character"
             raise SubmitError(
                 f"--sbatch {line!r} cannot be split into words ({err}): close its quotes, or drop them "
                 "(#SBATCH values take no quotes)"
             ) from None
+        for token in tokens:
+            name = _template_option(token)
+            if name is not None:
+                raise SubmitError(
+                    f"--sbatch {line!r} sets {name}, which the script sets itself (a later #SBATCH line would "
+                    f"override it, past the checks of the job's ranks and run directory): {_TEMPLATE_OPTIONS[name]}"
+                )
 
 
 def world_size(opts: SlurmOptions) -> int:
@@ -195,6 +263,13 @@ def render_script(
 ) -> str:
     """The sbatch script text for these options; paths should be absolute."""
     _check_options(opts)
+    if os.pathsep in str(code_dir):  # PYTHONPATH has no escape for its separator
+        what = "train.run_dir" if snapshot else "the code checkout"
+        raise SubmitError(
+            f"{what}: the job imports the code from {code_dir}, whose ':' PYTHONPATH reads as a separator, so "
+            "the job would import other code (an installed copy) or none: "
+            + ("choose a train.run_dir without ':' or drop --snapshot-code" if snapshot else "move the checkout")
+        )
     template_file = template_dir / ("train_cpu.sbatch" if opts.cpu else "train_gpu.sbatch")
     site = []
     for name in ("partition", "account", "qos", "constraint"):
@@ -288,7 +363,9 @@ def plan_run(
     script = render_script(opts, run_dir, config_path, workdir, code_dir, python, snapshot)
     _check_run_dir(run_dir, config_path, config_text, resume, workdir)
     if resume:
+        _check_no_live_job(run_dir / SCRIPT_NAME)
         _check_schedule_change(run_dir, cfg)
+        _check_not_finished(run_dir, cfg)
     elif cfg.train.init_from:
         _check_init_from(cfg)
     return PreparedRun(
@@ -368,6 +445,58 @@ def _check_init_from(cfg) -> None:
         check_init_source(cfg, sha, sources[0].dir if sources else None)
     except (ConfigError, DataError) as err:
         raise SubmitError(str(err)) from None
+
+
+def _check_no_live_job(script_path: Path, squeue_bin: str = "squeue") -> None:
+    """Refuse a --resume while a job of this run (its train.sbatch) is still queued, running or
+    requeued: two jobs would train the same run directory at once, each pruning and overwriting
+    the other's checkpoints. Where squeue is absent or fails (no Slurm here: --dry-run), say so
+    and go on; sbatch itself then fails with its own message."""
+    exe = shutil.which(squeue_bin)
+    if exe is None:
+        return
+    result = subprocess.run(
+        [exe, "--me", "--noheader", "--format=%i|%T|%o"], capture_output=True, text=True, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        message = result.stderr.strip() or "(no output)"
+        print(
+            f"memlayers-submit: warning: could not check for a job of {script_path.parent} still in the queue "
+            f"(`squeue` exit {result.returncode}: {message})",
+            file=sys.stderr,
+        )
+        return
+    live = []
+    for line in result.stdout.splitlines():
+        job_id, _, rest = line.partition("|")
+        state, _, command = rest.partition("|")  # the command (the script's path) may itself hold '|'
+        if command == str(script_path):
+            live.append(f"{job_id} ({state})")
+    if live:
+        raise RunInQueue(
+            f"--resume: job {', '.join(live)} of {script_path.parent} is still in the queue; a second job would "
+            "train the same run directory at the same time, each pruning and overwriting the other's checkpoints. "
+            f"Wait for it to end, or end it first (`scancel {live[0].split()[0]}`: it saves a checkpoint on the "
+            "way out) and resubmit once squeue no longer lists it"
+        )
+
+
+def _check_not_finished(run_dir: Path, cfg) -> None:
+    """A run whose latest checkpoint is at train.max_steps has nothing left to train: its job would
+    wait in the queue, load the checkpoint and end. Refuse it, naming how to extend the run."""
+    from pretrain.checkpoint import CheckpointError, latest_checkpoint, step_of
+
+    try:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    except CheckpointError as err:
+        raise SubmitError(f"--resume: {err}") from None
+    step = step_of(checkpoint) if checkpoint is not None else None
+    if step is not None and step >= cfg.train.max_steps:
+        raise RunFinished(
+            f"--resume: {run_dir} is finished: its latest checkpoint {checkpoint.name} is at step {step} and "
+            f"train.max_steps={cfg.train.max_steps}, so the job would have nothing to train; raise "
+            "train.max_steps to extend the run, or choose a new train.run_dir"
+        )
 
 
 def _check_schedule_change(run_dir: Path, cfg) -> None:

@@ -84,7 +84,31 @@ def _repeated_value(key: str, values: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def write_sweep_record(base: Path, entries: list[dict]) -> Path:
-    """`base/sweep.json`: each run's directory, overrides and Slurm job id (or why it was not queued)."""
+def read_sweep_record(base: Path) -> list[dict]:
+    """The runs `base/sweep.json` lists already ([] without one), read before anything is queued so
+    that a record that cannot be extended stops the sweep then, not after its jobs are queued."""
+    path = base / SWEEP_FILE
+    if not path.exists():
+        return []
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("run_dir"), str) for r in runs
+        ):
+            raise TypeError("runs must be a list of objects with a run_dir")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SweepError(
+            f"{path} is not a sweep record this tool can add to ({err}): move it aside, or choose another train.run_dir"
+        ) from None
+    return runs
+
+
+def write_sweep_record(base: Path, entries: list[dict], previous: list[dict] = ()) -> Path:
+    """`base/sweep.json`: each run's directory, overrides and Slurm job id. `previous`: the runs it
+    listed before (read_sweep_record): kept, an entry of the same run directory replaced in place, so
+    that a second sweep under the same train.run_dir, or a --resume, keeps the record of every run."""
+    new = {e["run_dir"]: e for e in entries}
+    runs = [new.pop(e["run_dir"], e) for e in previous]
+    runs += [e for e in entries if e["run_dir"] in new]
     base.mkdir(parents=True, exist_ok=True)
-    return atomic_write(base / SWEEP_FILE, json.dumps({"runs": entries}, indent=1) + "\n")
+    return atomic_write(base / SWEEP_FILE, json.dumps({"runs": runs}, indent=1) + "\n")

@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.launch import SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
-from pretrain.sweep import SweepError, parse_sweep, write_sweep_record  # noqa: E402
+from pretrain.launch import RunFinished, RunInQueue, SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
+from pretrain.sweep import SweepError, parse_sweep, read_sweep_record, write_sweep_record  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,27 +126,36 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
     try:
         runs = parse_sweep(args.sweep)
         base = Path(load_config(args.config, args.overrides, base_dir=workdir).train.run_dir).resolve()
+        previous = read_sweep_record(base)  # an earlier sweep's runs under the same train.run_dir stay listed
     except (SweepError, ConfigError) as err:
         print(f"memlayers-submit: error: {err}", file=sys.stderr)
         return 2
     plans = []
+    skipped = []  # --resume: runs a queued job trains already, or finished ones: left as they are
     for run in runs:
         try:
-            plans.append(
-                plan_run(
-                    args.config,
-                    [*args.overrides, *run.overrides],
-                    opts,
-                    workdir=args.workdir,
-                    python=args.python,
-                    snapshot=args.snapshot_code,
-                    resume=args.resume,
-                    run_dir=base / run.name,  # a path: never read back as YAML
-                )
+            plan = plan_run(
+                args.config,
+                [*args.overrides, *run.overrides],
+                opts,
+                workdir=args.workdir,
+                python=args.python,
+                snapshot=args.snapshot_code,
+                resume=args.resume,
+                run_dir=base / run.name,  # a path: never read back as YAML
             )
+        except (RunInQueue, RunFinished) as err:
+            skipped.append(run)
+            print(f"sweep run {run.name}: not resubmitted: {str(err).removeprefix('--resume: ')}")
+            continue
         except SubmitError as err:
             print(f"memlayers-submit: error: sweep run {run.name}: {err} (nothing was submitted)", file=sys.stderr)
             return 2
+        plans.append(plan)
+    runs = [run for run in runs if run not in skipped]
+    if not runs:
+        print("every run of the sweep is queued or finished: nothing to resubmit")
+        return 0
     if args.dry_run:
         for i, (run, plan) in enumerate(zip(runs, plans), 1):
             print(f"# sweep run {i}/{len(runs)}: {plan.run_dir} ({' '.join(run.overrides)})")
@@ -159,7 +168,7 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
             entry["job_id"] = submit(plan)
         except SubmitError as err:
             queued = [e["job_id"] for e in entries]
-            write_sweep_record(base, entries)
+            write_sweep_record(base, entries, previous)
             print(
                 f"memlayers-submit: error: sweep run {run.name}: {err}. Already queued: "
                 f"{len(queued)} of {len(runs)} runs (jobs {', '.join(queued) or 'none'}, listed in "
@@ -169,7 +178,7 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
             return 2
         entries.append(entry)
         print(f"submitted job {entry['job_id']}: {plan.run_dir}")
-    record = write_sweep_record(base, entries)
+    record = write_sweep_record(base, entries, previous)
     print(f"sweep of {len(runs)} runs recorded in {record}")
     print(f"tensorboard --logdir {shlex.quote(str(base))}")
     return 0

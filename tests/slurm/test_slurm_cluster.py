@@ -392,6 +392,9 @@ def test_run_resubmitted_on_fewer_tasks_resumes_and_finishes(slurm_cluster, tmp_
     slurm_cluster.cmd(["scancel", first])
     stop = wait_for_log(slurm_cluster, run_dir, first, r"^0: .*stopping at step (\d+) \(signal\)", timeout=120)
     slurm_cluster.wait_job(first, ("CANCELLED", "COMPLETED", "FAILED"), 60)
+    deadline = time.monotonic() + 60  # --resume is refused while squeue lists the job (also COMPLETING)
+    while first in slurm_cluster.cmd(["squeue", "--noheader", "--format=%i"]).split() and time.monotonic() < deadline:
+        time.sleep(0.2)
     second = submit(slurm_cluster, run_dir, overrides, extra=["--resume"], tasks=1)
     wait_completed(slurm_cluster, run_dir, second, timeout=600)
     log = read_log(run_dir, second)

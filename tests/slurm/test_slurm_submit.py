@@ -3,10 +3,13 @@ rules and bad input (no cluster needed, except where the slurm_env fixture is us
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -578,3 +581,124 @@ def test_a_failed_rollback_is_reported_with_the_error_that_caused_it(tmp_path, m
         launch.submit(plan, sbatch_bin=str(tmp_path / "no-sbatch"))
     assert str(err.value).startswith("sbatch not found on PATH")
     assert f"(and putting {tmp_path}/run back failed: [Errno 13] Permission denied" in str(err.value)
+
+
+def _queued(cluster) -> list[str]:
+    """This user's job ids that squeue lists (pending, running, held, completing)."""
+    return sorted(cluster.cmd(["squeue", "--me", "--noheader", "--format=%i"]).split())
+
+
+def test_resume_while_a_job_of_the_run_is_queued_is_refused(capsys, tmp_path, slurm_env):
+    """A --resume while a job of the same run directory is still queued would train that directory
+    twice at once; it is refused, naming the job, and nothing is queued. A sweep --resume leaves such
+    runs out, saying so."""
+    base = tmp_path / "a b|c"  # the script's path, as squeue prints it, holds squeue's separator
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={base}", "--cpu", "--time", "5"]
+    sweep = ["--sweep", "optim.lr=1e-3,2e-3"]
+    before = _queued(slurm_env)
+    rc, out, err = _submit(capsys, [*argv, *sweep, "--sbatch=--hold"])  # held: queued, never started
+    assert rc == 0, err
+    jobs = sorted(set(_queued(slurm_env)) - set(before))
+    assert len(jobs) == 2, (before, jobs)
+    other = tmp_path / "other"  # another run's queued job does not block this one
+    rc, _, err = _submit(capsys, [*argv[:3], f"train.run_dir={other}", *argv[4:], "--sbatch=--hold"])
+    assert rc == 0, err
+    queued = _queued(slurm_env)
+    try:
+        rc, out, err = _submit(capsys, [*argv, *sweep, "--resume"])
+        assert rc == 0 and "nothing to resubmit" in out, err
+        named = [line.split("not resubmitted: job ")[1].split()[0] for line in out.splitlines() if "job " in line]
+        assert sorted(named) == jobs and f"sweep run lr=1e-3: not resubmitted: job {named[0]} (PENDING)" in out
+        rc, _, err = _submit(capsys, [*argv[:3], f"train.run_dir={base / 'lr=2e-3'}", *argv[4:], "--resume"])
+        assert rc == 2 and "(PENDING)" in err and "still in the queue" in err and f"scancel {named[1]}" in err, err
+        assert _queued(slurm_env) == queued  # nothing was added
+        slurm_env.cmd(["scancel", *jobs])
+        deadline = time.monotonic() + 60
+        while set(jobs) & set(_queued(slurm_env)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rc, out, err = _submit(capsys, [*argv, *sweep, "--resume", "--sbatch=--hold"])
+        assert rc == 0 and out.count("submitted job ") == 2, err
+    finally:
+        slurm_env.cmd(["scancel", *sorted(set(_queued(slurm_env)) - set(before))], check=False)
+
+
+def test_a_code_snapshot_under_a_path_with_a_colon_is_refused(capsys, tmp_path):
+    """PYTHONPATH splits at ':', so a snapshot in <run_dir>/code under such a path is not what the job
+    imports (Python itself shows it below); submit refuses it before writing anything."""
+    run = tmp_path / "2026-12-06T03:40"
+    (run / "code" / "probe_pkg").mkdir(parents=True)
+    (run / "code" / "probe_pkg" / "__init__.py").write_text("")
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", "import importlib.util; print(importlib.util.find_spec('probe_pkg') is None)"],
+        env={**os.environ, "PYTHONPATH": str(run / "code")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout.strip() == "True"  # Python does not find the module there
+    shutil.rmtree(run)
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--cpu"]
+    rc, out, err = _submit(capsys, [*argv, "--snapshot-code"])
+    assert rc == 2 and "train.run_dir" in err and "without ':' or drop --snapshot-code" in err, err
+    assert not run.exists() and out == ""
+    rc, out, err = _submit(capsys, [*argv, "--dry-run"])  # without a snapshot the path is only data
+    assert rc == 0 and shlex.quote(str(run / "config.yaml")) in out, err
+
+
+def test_resume_of_a_finished_run_is_refused_and_a_sweep_leaves_it_out(capsys, tmp_path, monkeypatch):
+    """A run whose latest checkpoint is at train.max_steps has nothing left to train: --resume is
+    refused before anything is queued, naming train.max_steps; a sweep --resume resubmits the others."""
+    from tests.slurm.test_slurm_sweep import fake_sbatch
+
+    calls = fake_sbatch(tmp_path, monkeypatch)
+    base = tmp_path / "sweep"
+    argv = ["--config", TINY, "--cpu", "train.micro_batch=2", f"train.run_dir={base}", "train.max_steps=50"]
+    assert main([*argv, "--sweep", "train.seed=0,1,2"]) == 0
+    for seed, step in ((0, 50), (1, 49)):  # what the trainer leaves: seed=0 finished, seed=1 one step short
+        run = base / f"seed={seed}"
+        checkpoint = run / "checkpoints" / f"step_{step:08d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.yaml").write_text((run / "config.yaml").read_text())
+        (run / "checkpoints" / "latest").write_text(checkpoint.name)
+    capsys.readouterr()
+    single = [*argv[:4], f"train.run_dir={base / 'seed=0'}", "train.max_steps=50", "train.seed=0", "--resume"]
+    rc, _, err = _submit(capsys, single)
+    assert rc == 2 and "is finished: its latest checkpoint step_00000050 is at step 50" in err, err
+    assert "train.max_steps=50" in err and "raise train.max_steps" in err
+    assert len(calls.read_text().split()) == 3  # the sweep's three; nothing more
+    rc, out, err = _submit(capsys, [*argv, "--sweep", "train.seed=0,1,2", "--resume"])
+    assert rc == 0, err
+    assert "sweep run seed=0: not resubmitted:" in out and "is finished" in out
+    assert calls.read_text().split()[3:] == [str(base / f"seed={s}" / "train.sbatch") for s in (1, 2)]
+    record = json.loads((base / "sweep.json").read_text())["runs"]
+    assert [(r["name"], r["job_id"]) for r in record] == [("seed=0", "101"), ("seed=1", "104"), ("seed=2", "105")]
+
+
+def test_sbatch_takes_the_last_directive_so_extra_options_may_not_set_the_scripts_own(capsys, tmp_path, slurm_env):
+    """sbatch itself takes the later of two #SBATCH lines (a held job shows it): an --sbatch option that
+    the script sets already would override it past the checks (a job of 2 ranks whose config was
+    checked for 1), so it is refused, naming the option to use; other options pass."""
+    script = tmp_path / "two.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --ntasks-per-node=1\n#SBATCH --ntasks-per-node=2\n#SBATCH --hold\ntrue\n")
+    job = slurm_env.cmd(["sbatch", "--parsable", f"--output={tmp_path}/%j.out", str(script)]).strip()
+    try:
+        assert slurm_env.job_info(job)["NumTasks"] == "2"
+    finally:
+        slurm_env.cmd(["scancel", job], check=False)
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--dry-run"]
+    for option, fix in [
+        ("--ntasks-per-node=2", "use --gpus-per-node (--tasks-per-node with --cpu)"),
+        ("--ntasks-per=2", "use --gpus-per-node"),  # sbatch takes a unique prefix of a long option
+        ("-N 2", "use --nodes"),
+        ("-N2", "use --nodes"),
+        ("--time=5", "use --time"),
+        ("--output=/tmp/x.out", "drop it (the log is <run_dir>/logs/slurm-<job id>.out)"),
+        ("--no-requeue", "drop it"),
+        ("--signal=B:USR1@60", "use --signal-seconds"),
+    ]:
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 2 and "which the script sets itself" in err and fix in err, (option, err)
+        assert out == ""
+    for option in ("--mem=0", "--exclusive", "--hold", "--time-min=5", "--nodelist=n1", "--mail-type=END"):
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 0 and f"#SBATCH {option}" in out, (option, err)

@@ -137,3 +137,26 @@ def test_runs_of_a_sweep_under_a_path_with_yaml_characters_get_their_own_directo
         cfg = yaml.safe_load((base / name / "config.yaml").read_text())
         assert (cfg["train"]["run_dir"], cfg["train"]["seed"]) == (str(base / name), seed)
     assert capsys.readouterr().out.count("submitted job") == 2
+
+
+def test_a_second_sweep_or_a_resume_under_the_same_run_dir_keeps_every_run_in_the_record(tmp_path, monkeypatch, capsys):
+    calls = fake_sbatch(tmp_path, monkeypatch)
+    base = tmp_path / "sweep"
+    argv = ["--config", TINY, "--cpu", "train.micro_batch=2", f"train.run_dir={base}"]
+    assert main([*argv, "--sweep", "optim.lr=1e-3,2e-3"]) == 0
+    assert main([*argv, "--sweep", "train.seed=0,1"]) == 0
+    assert main([*argv, "--sweep", "optim.lr=1e-3,2e-3", "--resume"]) == 0  # requeued: their entries get new ids
+    capsys.readouterr()
+    record = json.loads((base / "sweep.json").read_text())["runs"]
+    assert [(r["name"], r["run_dir"], r["job_id"]) for r in record] == [
+        ("lr=1e-3", str(base / "lr=1e-3"), "105"),
+        ("lr=2e-3", str(base / "lr=2e-3"), "106"),
+        ("seed=0", str(base / "seed=0"), "103"),
+        ("seed=1", str(base / "seed=1"), "104"),
+    ]
+    assert len(calls.read_text().split()) == 6
+    (base / "sweep.json").write_text('{"runs": {"seed=0": 1}}')  # not a record: refused before anything is queued
+    assert main([*argv, "--sweep", "train.seed=2,3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{base / 'sweep.json'} is not a sweep record" in err and "move it aside" in err, err
+    assert len(calls.read_text().split()) == 6 and not (base / "seed=2").exists()

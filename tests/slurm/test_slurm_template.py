@@ -169,3 +169,26 @@ def test_sigterm_to_the_batch_shell_waits_for_the_step(capsys, tmp_path):
     shell.send_signal(signal.SIGTERM)
     out, _ = shell.communicate(timeout=30)
     assert (tmp_path / "finished").is_file() and shell.returncode == 0, out
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_the_job_runs_on_its_own_accelerator_whatever_the_submitting_shell_exported(capsys, tmp_path, cpu):
+    """sbatch passes the submitting shell's environment on: a DS_ACCELERATOR=cpu exported there (CPU
+    tests on the login node) must not reach the tasks of a GPU job, which the step sees as cuda."""
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--dry-run"]
+    rc = main([*argv, *(["--cpu"] if cpu else ["--gpus-per-node", "1"])])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    script = tmp_path / "job.sh"
+    script.write_text(out)
+    env = fake_srun(tmp_path, f'echo "$DS_ACCELERATOR" > {tmp_path}/accelerator\n')
+    for inherited in ("cpu", "cuda"):
+        subprocess.run(
+            ["bash", str(script)],
+            env={**env, "DS_ACCELERATOR": inherited},
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        assert (tmp_path / "accelerator").read_text().strip() == ("cpu" if cpu else "cuda"), inherited
