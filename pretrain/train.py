@@ -529,6 +529,8 @@ class Trainer:
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
             self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
+            if self.save_checkpoints:  # the state's checkpoint until a step saves another (none: finished)
+                self.checkpoint = self.resume_from
             for note in (resharded, self.checkpointer.schedule_change, self.checkpointer.mixture_change):
                 if note:
                     self.metrics.line(note)

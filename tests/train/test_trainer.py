@@ -56,6 +56,17 @@ def test_resume_is_exact(tmp_path, data_cache, workers, memory):
         assert_same_tables(tmp_path / "a", tmp_path / "b")
 
 
+def test_a_finished_run_started_again_names_its_checkpoint(tmp_path, data_cache):
+    """Nothing left to train: the result names the checkpoint and slot table it resumed from (it
+    said 'checkpoint None'), and the run directory is as it was."""
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=2")
+    first = train(cfg)
+    again = train(cfg)
+    assert again.step == 2 and again.losses == []
+    assert again.checkpoint == first.checkpoint == str(tmp_path / "run" / "checkpoints" / "step_00000002")
+    assert again.slot_table == first.slot_table
+
+
 def test_loss_falls_on_embedded_corpus(tmp_path, data_cache):
     result = train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=30", "optim.lr=1e-2"))
     assert result.step == 30
