@@ -8,6 +8,8 @@ same schedule multiplier.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -15,7 +17,12 @@ from pretrain.config import OptimConfig
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose steps are no-ops while `skip` is set (a non-finite loss was seen).
+    """AdamW whose steps are no-ops while `skip` is set (a non-finite loss or, at ZeRO 0, gradient
+    norm was seen), or when `step_norm()` gives a non-finite number: the global gradient norm
+    DeepSpeed's ZeRO or bf16 wrapper has just computed for this step, before it calls this
+    optimizer. DeepSpeed 0.19 skips such a step itself at ZeRO 1-3 and in its bf16 optimizer
+    (the bf16 check is a config switch, on by default); the guard keeps the weights whole where a
+    version or setting does not, since the clipped update would write NaN into every weight.
 
     DeepSpeed wraps this optimizer at every ZeRO stage. The flag holds for the whole of one
     `engine.step()` (`Optimizers.step` sets and clears it): ZeRO calls `step()` once per
@@ -24,10 +31,14 @@ class SkippableAdamW(torch.optim.AdamW):
     """
 
     skip = False
+    step_norm = None  # () -> this step's global gradient norm from DeepSpeed's wrapper, or None
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip:
+            return None
+        norm = self.step_norm() if self.step_norm is not None else None
+        if norm is not None and not math.isfinite(float(norm)):
             return None
         return super().step(closure)
 

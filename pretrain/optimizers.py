@@ -9,6 +9,7 @@ dense gradients (its `gradient_clipping`), `clip` the value gradients, both to o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,11 @@ class GradNorms:
     values: torch.Tensor  # the value tables' gradient norm, before clipping
     dense: float | None  # measured here at ZeRO stage 0 (DeepSpeed records none there); else None
 
+    def finite(self) -> bool:
+        """Whether the norms known before the step are finite (at ZeRO 1-3 DeepSpeed takes the
+        dense one inside its step: `Optimizers.step` reads it there)."""
+        return math.isfinite(float(self.values)) and (self.dense is None or math.isfinite(self.dense))
+
 
 class Optimizers:
     """Backward, clip, step and zero_grad over the DeepSpeed engine and the value shards."""
@@ -32,6 +38,8 @@ class Optimizers:
     def __init__(self, engine, dense_optimizer, values, cfg: OptimConfig, zero_stage: int):
         self.engine, self.dense_optimizer, self.values = engine, dense_optimizer, values
         self.cfg, self.zero_stage = cfg, zero_stage
+        if engine.optimizer is not dense_optimizer:  # a ZeRO or bf16 wrapper: its norm of the step
+            dense_optimizer.step_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate the micro-batch's gradients. DeepSpeed counts micro-steps in its `step()`,
@@ -42,21 +50,25 @@ class Optimizers:
             with record_function(regions.MICRO_STEP):
                 self.engine.step()
 
-    def clip(self, measure_dense: bool) -> GradNorms:
-        """Reduce the value gradients over ranks and clip them; `measure_dense`: also take the
-        dense gradients' norm where DeepSpeed does not (ZeRO stage 0)."""
+    def clip(self) -> GradNorms:
+        """Reduce the value gradients over ranks and clip them; take the dense gradients' norm
+        where DeepSpeed does not (ZeRO stage 0: one pass over the gradients, every step, since a
+        non-finite one skips the step)."""
         assert self.engine.is_gradient_accumulation_boundary()
         self.values.reduce_gradients()
         value_norm = self.values.clip_grad_norm(self.cfg.grad_clip)
         dense = None
-        if measure_dense and self.zero_stage == 0:
+        if self.zero_stage == 0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             dense = float(torch.nn.utils.get_total_norm(grads))
         return GradNorms(values=value_norm, dense=dense)
 
-    def step(self, lr_multiplier: float, skip: bool) -> None:
+    def step(self, lr_multiplier: float, skip: bool) -> bool:
         """Update both parameter sets with the schedule's `lr_multiplier`, or neither if `skip`;
-        the gradients are cleared either way.
+        the gradients are cleared either way. Returns whether they were updated: not when
+        skipped, nor when the dense gradients' global norm, which DeepSpeed takes inside its step
+        at ZeRO 1-3, is not finite (DeepSpeed or `SkippableAdamW` then leaves the dense weights
+        alone, and the values are left alone here).
 
         The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not advance
         its scheduler on steps it skips itself, which would shift the schedule."""
@@ -66,8 +78,11 @@ class Optimizers:
             self.engine.step()  # the boundary: DeepSpeed clips, steps (unless skipped) and zeroes the dense grads
         finally:
             self.dense_optimizer.skip = False
+        norm = self.engine.get_global_grad_norm()
+        skip = skip or (norm is not None and not math.isfinite(float(norm)))
         self.values.step(value_lr_multiplier(self.cfg, lr_multiplier), skip=skip)
         self.zero_grad()
+        return not skip
 
     def zero_grad(self) -> None:
         """The value gradients (DeepSpeed zeroes the dense ones at its step)."""

@@ -13,6 +13,7 @@ framework.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -264,11 +265,11 @@ def hang_watchdog(cfg: RunConfig, info: DistInfo) -> HangWatchdog:
 @dataclass
 class StepOutput:
     """What one optimizer step reports: the loss (its mean over the step's scored targets, all
-    ranks), whether it was finite (else the update was skipped), the gradient norms, the
-    schedule's multiplier, its start and duration."""
+    ranks), whether the update was applied (else it was skipped: a non-finite loss or gradient
+    norm), the gradient norms, the schedule's multiplier, its start and duration."""
 
     loss: float
-    finite: bool
+    applied: bool
     norms: GradNorms
     multiplier: float  # of the learning-rate schedule
     start: float
@@ -343,7 +344,6 @@ class Trainer:
         t = self.cfg.train
         self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
-        self.measure_dense_norm = Every(t.log_every, t.max_steps)  # the steps that log (ZeRO stage 0)
         self.periodic = [(Every(t.log_every, t.max_steps), self.log)]  # in this order after each step
         if self.stats is not None:
             self.periodic.append((Every(self.cfg.slots.log_every), self.log_slots))
@@ -395,12 +395,12 @@ class Trainer:
         loss = rank_share(losses, scored, total, self.info.device)
         z = rank_share(z_terms, scored, total, self.info.device) if self.cfg.optim.z_loss else None
         loss, finite, z_mean = global_step_loss(loss.float(), z)
-        if self.stats is not None and not finite:
-            self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
-        norms = self.optimizers.clip(measure_dense=self.measure_dense_norm.due(self.state.step + 1))
+        norms = self.optimizers.clip()
         with record_function(regions.STEP):
-            self.optimizers.step(multiplier, skip=not finite)
-        return StepOutput(loss, finite, norms, multiplier, start, time.perf_counter() - start, z_mean)
+            applied = self.optimizers.step(multiplier, skip=not (finite and norms.finite()))
+        if self.stats is not None and not applied:
+            self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
+        return StepOutput(loss, applied, norms, multiplier, start, time.perf_counter() - start, z_mean)
 
     def run_periodic(self) -> None:
         """The log, slot statistics, evaluation and checkpoint due after this step. Their time is
@@ -451,18 +451,21 @@ class Trainer:
             self.stats.end_step(state.step)  # steps completed, as in checkpoint tags
         state.tokens_seen += self.tokens_per_step
         self.interval_steps += 1
-        if out.finite:
+        if out.applied:
             self.losses.append(out.loss)
             return
         state.skipped_steps += 1
+        reason = "non-finite loss" if not math.isfinite(out.loss) else "non-finite gradients"
+        dense = self.optimizers.dense_grad_norm(out.norms)
         self.metrics.line(
-            f"step {state.step}: non-finite loss ({out.loss}); update skipped ({state.skipped_steps} so far)"
+            f"step {state.step}: {reason} (loss {out.loss}, gradient norm dense {dense}, values "
+            f"{float(out.norms.values)}); update skipped ({state.skipped_steps} so far)"
         )
         self.metrics.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
         if t.nan_policy == "stop" or state.skipped_steps > t.max_skipped_steps:
             self.save_checkpoint()
             raise TrainingDiverged(
-                f"non-finite loss at step {state.step} (train.nan_policy={t.nan_policy}, "
+                f"{reason} at step {state.step} (train.nan_policy={t.nan_policy}, "
                 f"{state.skipped_steps} skipped); checkpoint saved in {self.checkpoint}"
             )
 

@@ -61,8 +61,8 @@ def _accumulated_vs_one_batch(rank: int, run_dir: str, cache: str) -> dict:
     seen = {}
     clip = Optimizers.clip
 
-    def measured_clip(self, measure_dense):
-        norms = clip(self, measure_dense)  # grad_clip is huge: nothing is scaled
+    def measured_clip(self):
+        norms = clip(self)  # grad_clip is huge: nothing is scaled
         model = self.engine.module
         params = [*model.parameters(), *self.values.parameters()]
         accumulated = [p.grad.detach().clone() for p in params]

@@ -27,8 +27,10 @@ def weights(model, values, stage: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_steps(cfg, poison_first: bool) -> dict:
-    """Steps on two fixed batches, optionally after one whose loss is NaN (the trainer's skip)."""
+def run_steps(cfg, poison: str | None) -> dict:
+    """Steps on two fixed batches, optionally after a poisoned one, skipped as the trainer
+    decides: `loss` (a NaN loss) or `dense_grad` (a finite loss, but an infinite gradient of
+    one dense weight, which DeepSpeed sees inside its step at ZeRO 1-3)."""
     from pretrain.distributed import DistInfo
     from pretrain.model.objective import language_model_loss
     from pretrain.train import build_model
@@ -38,12 +40,15 @@ def run_steps(cfg, poison_first: bool) -> dict:
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.model.vocab_size, (3, cfg.train.micro_batch, 17), generator=gen)
     snapshots = {"start": weights(model, optimizers.values, cfg.train.zero_stage)}
-    for step, batch in enumerate(tokens if poison_first else tokens[1:]):
-        skip = poison_first and step == 0
-        loss = language_model_loss(engine(batch[:, :-1]), batch[:, 1:]) * (float("nan") if skip else 1.0)
+    for step, batch in enumerate(tokens if poison else tokens[1:]):
+        poisoned = poison if step == 0 else None
+        hook = model.output.weight.register_hook(lambda g: g * float("inf")) if poisoned == "dense_grad" else None
+        loss = language_model_loss(engine(batch[:, :-1]), batch[:, 1:]) * (float("nan") if poisoned == "loss" else 1.0)
         optimizers.backward(loss, last_micro_batch=True)
-        optimizers.clip(measure_dense=False)
-        optimizers.step(1.0, skip=skip)
+        norms = optimizers.clip()
+        snapshots[f"applied{step}"] = optimizers.step(1.0, skip=not (torch.isfinite(loss) and norms.finite()))
+        if hook is not None:
+            hook.remove()
         snapshots[f"step{step}"] = weights(model, optimizers.values, cfg.train.zero_stage)
         snapshots[f"lookups{step}"] = len(optimizers.values.last_step_lookups)  # this step's only
     assert not optimizers.dense_optimizer.skip  # the flag does not outlive the step
@@ -51,28 +56,35 @@ def run_steps(cfg, poison_first: bool) -> dict:
     return snapshots
 
 
-def _compare(rank: int, world: int, overrides: list[str], out: dict) -> None:
+def _compare(rank: int, world: int, overrides: list[str], poison: str, out: dict) -> None:
     cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
-    out["skipped"] = run_steps(cfg, poison_first=True)
-    out["plain"] = run_steps(cfg, poison_first=False)
+    out["skipped"] = run_steps(cfg, poison)
+    out["plain"] = run_steps(cfg, None)
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
+        ["train.zero_stage=0"],
         ["train.zero_stage=0", "train.dtype=bf16"],
         ["train.zero_stage=1"],
         ["train.zero_stage=1", "train.dtype=bf16"],
         ["train.zero_stage=3"],
     ],
-    ids=["zero0-bf16", "zero1", "zero1-bf16", "zero3"],
+    ids=["zero0", "zero0-bf16", "zero1", "zero1-bf16", "zero3"],
 )
-def test_skipped_step_leaves_no_trace(overrides):
+@pytest.mark.parametrize("poison", ["loss", "dense_grad"])
+def test_skipped_step_leaves_no_trace(overrides, poison):
+    """`dense_grad`: before, the values took the step whose dense update DeepSpeed dropped at
+    ZeRO 1-3, and at ZeRO 0 in fp32, where DeepSpeed checks nothing, the dense weights took an
+    infinite update too."""
     import torch.multiprocessing as mp
 
     out = mp.Manager().dict()
-    run_gloo(_compare, 1, ["train.global_batch=2", "train.micro_batch=2", *overrides], out, deepspeed_comm=True)
+    overrides = ["train.global_batch=2", "train.micro_batch=2", *overrides]
+    run_gloo(_compare, 1, overrides, poison, out, deepspeed_comm=True)
     skipped, plain = out["skipped"], out["plain"]
+    assert (skipped["applied0"], skipped["applied1"], plain["applied0"]) == (False, True, True)
     # each step's lookup count (memory traffic metrics) is its own, also right after a skip
     assert skipped["lookups0"] == skipped["lookups1"] == plain["lookups0"] == 1
     for name, start in skipped["start"].items():

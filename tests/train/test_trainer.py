@@ -128,9 +128,11 @@ def test_nonfinite_loss(tmp_path, data_cache, monkeypatch, policy):
         assert all(torch.isfinite(v.float()).all() for v in params.values())
 
 
-def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatch):
-    """Step 3's loss is NaN (skipped): the slot table holds the accesses of the other 4 steps,
-    against a hand count from a hook on the memory layer's training forwards (2 per step)."""
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatch, capsys, poison):
+    """Step 3 is skipped, for a NaN loss or for an infinite gradient under a finite loss: the slot
+    table holds the accesses of the other 4 steps, against a hand count from a hook on the memory
+    layer's training forwards (2 per step), and the log names the reason."""
     from pretrain.slots import load_table
 
     real_objective, calls, reads = train_module.training_objective, {"n": 0}, []
@@ -138,15 +140,22 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
     def poisoned(logits, targets, z_weight):
         calls["n"] += 1
         out = real_objective(logits, targets, z_weight)
-        if calls["n"] != 5:  # step 3, first micro-batch (gas=2)
+        if calls["n"] != 5 or poison != "loss":  # step 3, first micro-batch (gas=2)
             return out
         return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
 
     build = train_module.build_slot_statistics
+    backwards = {"n": 0}
+
+    def infinite_at_step_3(grad):
+        backwards["n"] += 1
+        return grad * float("inf") if backwards["n"] == 5 else grad
 
     def record(cfg, model, *args, **kwargs):
         for block in model.memory_layers():
             block.register_lookup_hook(lambda layer, idx, w: reads.append(idx.clone()) if layer.training else None)
+        if poison == "gradient":
+            model.output.weight.register_hook(infinite_at_step_3)
         return build(cfg, model, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "training_objective", poisoned)
@@ -155,7 +164,9 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
         tmp_path / "run", data_cache, "train.max_steps=5", "train.nan_policy=skip", "slots.granularity=sequence"
     )
     result = train(cfg)
-    assert result.skipped_steps == 1 and len(reads) == 10
+    assert result.skipped_steps == 1 and len(result.losses) == 4 and len(reads) == 10
+    reason = "non-finite loss" if poison == "loss" else "non-finite gradients"
+    assert f"step 3: {reason}" in capsys.readouterr().out
     applied = reads[:4] + reads[6:]  # forwards 5 and 6 were step 3's
     table = load_table(tmp_path / "run" / "checkpoints")
     counts = torch.bincount(torch.cat([i.reshape(-1) for i in applied]), minlength=table.num_slots)
