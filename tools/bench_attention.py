@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['name']:26} {doc:>9} {kept:>6} {r['p20']:9.3f} {r['p50']:9.3f} {r['p80']:9.3f} {speedup:>9}")
     if args.json:
-        payload = {"device": kb.device_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
+        payload = {**kb.run_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
         atomic_write_text(args.json, json.dumps(payload, indent=2))
     return 0
 

@@ -465,7 +465,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = kb.device_info(device)
-    payload = {**info, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    payload = {**kb.run_info(device), "args": {k: str(v) for k, v in vars(args).items()}}
     if device.type != "cuda":
         print("no CUDA device: timing the PyTorch paths only; Triton timing skipped")
         payload["triton_skipped"] = True

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         f"{compiled['peak_extra_bytes'] / max(eager['peak_extra_bytes'], 1):.2f} (the logits themselves: {logits_mib:.0f} MiB)"
     )
     if args.json:
-        payload = {"device": kb.device_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
+        payload = {**kb.run_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
         atomic_write_text(args.json, json.dumps(payload, indent=2))
     return 0
 

@@ -43,6 +43,8 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 WORK="${TMPDIR:-/tmp}/memlayers_gpu_check"
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
+# The commit every bench JSON records (kernels.benchmark.source_commit): the one named, not the stale .git's.
+export MEMLAYERS_COMMIT="${COMMIT:-}"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

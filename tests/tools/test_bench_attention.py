@@ -30,7 +30,10 @@ def test_cpu_run_writes_every_row(tmp_path, capsys):
     out = tmp_path / "attention.json"
     argv = ["--batch", "1", "--seq-len", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"]
     assert main([*argv, "--doc-lengths", "8,32", "--repeats", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert payload["device"] == "cpu" and payload["date"] and payload["commit"] != "unknown"
+    assert all(len(r["times_ms"]) == 1 for r in rows)  # the raw per-call times
     assert [r["name"] for r in rows] == ["sdpa_causal"] + ["sdpa_dense_document_mask", "flex_block_mask"] * 2
     assert [r["mean_doc_length"] for r in rows[1:]] == [8.0, 8.0, 32.0, 32.0]
     assert all(r["p50"] > 0 for r in rows) and rows[2]["speedup"] == rows[1]["p50"] / rows[2]["p50"]
