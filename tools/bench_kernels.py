@@ -26,6 +26,7 @@ from tqdm import tqdm  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from kernels import reference  # noqa: E402
+from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write, save_figure  # noqa: E402
 
 DTYPES = kb.DTYPES
@@ -39,12 +40,12 @@ def parse_args(argv):
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--n-keys", type=int, default=1024 if cuda else 256)
     p.add_argument("--k-dim", type=int, default=256)
-    p.add_argument("--v-dims", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--v-dims", type=positive_int, nargs="+", default=[1024, 2048])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--repeats", type=int, default=20 if cuda else 5)
-    p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("--json", type=output_file("bench_kernels.json"), default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
-    p.add_argument("--sweep-tokens", type=int, default=256 if cuda else 64)
+    p.add_argument("--sweep-tokens", type=positive_int, default=256 if cuda else 64)
     p.add_argument(
         "--index-skew",
         type=float,
@@ -90,7 +91,7 @@ def parse_args(argv):
         help="--layer: also the whole model compiled as train.compile compiles it, against eager",
     )
     p.add_argument("--reruns", type=int, default=2, help="extra timings of a row whose p80/p20 > 1.15")
-    p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
+    p.add_argument("--plot", type=output_file("sweep.png"), default="bench_kernels_sweep.png", help="PNG for --sweep")
     args = p.parse_args(argv)
     for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
         if getattr(args, key) <= 0:

@@ -226,3 +226,38 @@ def test_sweep_json_keeps_each_side_s_raw_timings(tmp_path):
         pk, bf = np.median(r["product_key_times_ms"]), np.median(r["brute_force_times_ms"])
         assert r["brute_over_product"] == pytest.approx(bf / pk, rel=1e-12)
         assert r["product_key_us_per_token"] == pytest.approx(1e3 * pk / r["tokens"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv", "named"),
+    [
+        ("bench_kernels", ["--json", "{tmp}"], "bench_kernels.json"),
+        ("bench_kernels", ["--sweep", "--plot", "{tmp}"], "sweep.png"),
+        ("bench_kernels", ["--v-dims", "0"], "--v-dims"),
+        ("bench_kernels", ["--sweep-tokens", "0"], "--sweep-tokens"),
+        ("bench_objective", ["--json", "{tmp}"], "bench_objective.json"),
+        ("bench_objective", ["--repeats", "0"], "--repeats"),
+        ("bench_attention", ["--json", "{tmp}"], "bench_attention.json"),
+        ("bench_attention", ["--doc-lengths", "8,x"], "comma-separated numbers"),
+        ("bench_attention", ["--doc-lengths", "0"], ">= 1"),
+        ("bench_attention", ["--heads", "3", "--kv-heads", "2"], "must divide --heads 3"),
+        ("bench_attention", ["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_bad_options_are_refused_when_parsed(tool, argv, named, tmp_path, monkeypatch, capsys):
+    """Refused with the option and the fix named, before any tensor is made: a folder as --json
+    failed only at the final rename after the whole run (IsADirectoryError), --repeats 0 in
+    torch.quantile, a bad --doc-lengths or --kv-heads mid-run as tracebacks."""
+    import importlib
+
+    module = importlib.import_module(f"tools.{tool}")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(torch, "randn", no_work)
+    monkeypatch.setattr(kb, "make_inputs", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        module.main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
