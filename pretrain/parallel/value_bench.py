@@ -158,6 +158,9 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
                     "step_extra": extra,
                     "resident": resident,
                     "rows_read": _rows_read(runner),
+                    "step_times_s": walls[variant],  # the raw samples the medians are of
+                    "step_cpu_times_s": cpus[variant],
+                    "step_extra_samples": extras[variant],
                 }
             )
             if progress is not None:
@@ -227,6 +230,12 @@ def layer_compare(spec: LayerSpec) -> list[dict]:
                 walls[name].append(time.perf_counter() - w0)
                 cpus[name].append(time.process_time() - c0)
     return [
-        {"layer": name, "fwd_bwd_s": statistics.median(walls[name]), "fwd_bwd_cpu_s": statistics.median(cpus[name])}
+        {
+            "layer": name,
+            "fwd_bwd_s": statistics.median(walls[name]),
+            "fwd_bwd_cpu_s": statistics.median(cpus[name]),
+            "fwd_bwd_times_s": walls[name],
+            "fwd_bwd_cpu_times_s": cpus[name],
+        }
         for name in runs
     ]

@@ -30,7 +30,7 @@ def test_bench_values_runs_every_variant_and_plots(tmp_path, capsys):
         "--seq-len",
         "8",
         "--repeats",
-        "1",
+        "3",
         "--threads",
         "1",
         "--layer-n-keys",
@@ -40,7 +40,14 @@ def test_bench_values_runs_every_variant_and_plots(tmp_path, capsys):
     ]
     assert main(args) == 0
     assert png.stat().st_size > 0
-    records = json.loads(png.with_suffix(".json").read_text())
+    payload = json.loads(png.with_suffix(".json").read_text())
+    assert payload["device"] == "cpu" and payload["date"] and payload["commit"] != "unknown"
+    records = payload["records"]
+    for r in records:  # each median recomputes from the raw samples stored beside it
+        assert len(r["step_times_s"]) == len(r["step_cpu_times_s"]) == len(r["step_extra_samples"]) == 3
+        assert r["step_s"] == sorted(r["step_times_s"])[1] and r["step_cpu_s"] == sorted(r["step_cpu_times_s"])[1]
+        assert r["step_extra"] == sorted(r["step_extra_samples"])[1]
+        assert r["step_peak"] == r["resident"] + r["step_extra"]
     assert {(r["slots"], r["variant"]) for r in records} == {(s, v) for s in (64, 256) for v in VARIANTS}
     # bytes per value row held between steps: the table and its optimizer state (fp32 unless :bf16)
     held_per_row = {
@@ -62,3 +69,18 @@ def test_bench_values_runs_every_variant_and_plots(tmp_path, capsys):
 def test_bench_values_refuses_an_unknown_variant():
     with pytest.raises(SystemExit, match="unknown \\['sgd'\\]"):
         main(["--variants", "adamw,sgd", "--n-keys", "8"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["--repeats", "0"], "--repeats"), (["--batch", "0"], "--batch"), (["--plot", "{tmp}"], "bench_values.png")],
+)
+def test_bench_values_refuses_bad_options_when_parsed(argv, named, tmp_path, monkeypatch, capsys):
+    """--repeats 0 failed in statistics.median after every model was built and stepped, a folder
+    as --plot after the whole sweep; both now at parsing, the option named."""
+    import pretrain.parallel.value_bench as value_bench
+
+    monkeypatch.setattr(value_bench, "_StepRunner", None)  # any model built would fail loudly
+    with pytest.raises(SystemExit) as exit_:
+        main(["--n-keys", "8", *[a.format(tmp=tmp_path) for a in argv]])
+    assert exit_.value.code == 2 and named in capsys.readouterr().err
