@@ -31,7 +31,9 @@ from pretrain.parallel.value_bench import (
     VARIANTS,
     LayerSpec,
     StepSpec,
+    available_bytes,
     layer_compare,
+    pool_bytes,
     step_sweep,
 )
 
@@ -181,6 +183,17 @@ def main(argv=None) -> int:
             for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots", "device")
         },
     )
+    free = available_bytes(spec.device)
+    too_large = [n for n in n_keys if pool_bytes(spec, n) > free]
+    if too_large:  # the variants of one N are built side by side: an out-of-memory error would come
+        # only at that N, minutes in, and lose every record measured before it
+        n = too_large[0]
+        raise SystemExit(
+            f"--n-keys {n}: the value pools of --variants {','.join(variants)} at {n * n} slots x v_dim "
+            f"{spec.v_dim} hold {pool_bytes(spec, n) / 2**30:.1f} GiB together, more than the "
+            f"{free / 2**30:.1f} GiB free on {spec.device}; drop {n} from --n-keys, or name fewer --variants "
+            f"(adamw is left out above --dense-max-slots)"
+        )
     print(
         f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
         f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {torch_threads()} threads",

@@ -84,3 +84,34 @@ def test_bench_values_refuses_bad_options_when_parsed(argv, named, tmp_path, mon
     with pytest.raises(SystemExit) as exit_:
         main(["--n-keys", "8", *[a.format(tmp=tmp_path) for a in argv]])
     assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_pool_bytes_match_the_tensors_each_variant_holds():
+    """value_bytes_per_slot against the real value shard and optimizer state after a step
+    (plus, for dense adamw, the value gradient the backward leaves before the step)."""
+    import torch
+
+    from pretrain.parallel.value_bench import StepSpec, _StepRunner, value_bytes_per_slot
+
+    spec = StepSpec(n_keys=(8,), v_dim=16, dim=32, heads=2, k=4, k_dim=16, batch=1, seq_len=8)
+    for variant in VARIANTS:
+        runner = _StepRunner(spec, 8, variant)
+        runner.step()
+        tensors = list(runner.values.parameters())
+        tensors += [t for st in runner.values.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        held = sum(t.numel() * t.element_size() for t in tensors if t.dim() > 0)  # not the step counter
+        if variant == "adamw":
+            held += sum(p.numel() * p.element_size() for p in runner.values.parameters())  # its dense gradient
+        assert held == 64 * value_bytes_per_slot(variant, 16), variant
+
+
+def test_bench_values_refuses_pools_larger_than_the_free_memory(monkeypatch):
+    import tools.bench_values as bench_values
+    from pretrain.parallel.value_bench import StepSpec, pool_bytes
+
+    spec = StepSpec(v_dim=64)
+    free = pool_bytes(spec, 256) + 1  # 256 fits, 1024 does not
+    monkeypatch.setattr(bench_values, "available_bytes", lambda device: free)
+    monkeypatch.setattr(bench_values, "step_sweep", None)  # nothing may be built
+    with pytest.raises(SystemExit, match=r"--n-keys 1024: .* drop 1024 from --n-keys, or name fewer --variants"):
+        bench_values.main(["--n-keys", "256,1024", "--v-dim", "64"])
