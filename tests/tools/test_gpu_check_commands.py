@@ -47,7 +47,10 @@ def stage_commands(work: Path) -> dict[str, list[str]]:
 
 
 def parse_only(module, argv: list[str], monkeypatch) -> argparse.Namespace:
-    """The namespace `module.main(argv)` parses, without running the tool."""
+    """The namespace `module.main(argv)` parses, without running the tool: through the tool's own
+    `parse_args` where it has one (so the checks it makes after argparse's run too)."""
+    if hasattr(module, "parse_args"):
+        return module.parse_args(argv)
     real = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(parser, args=None, namespace=None):
