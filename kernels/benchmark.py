@@ -133,10 +133,14 @@ def percentiles(times: list[float]) -> dict:
     return {f"p{p}": torch.quantile(t, p / 100).item() for p in (20, 50, 80)}
 
 
-def scoring_bytes(s: Shape) -> int:
+def scoring_bytes(s: Shape, backward: bool = False) -> int:
+    """The module docstring's bytes model: the forward's, or (`backward`) the backward's, which
+    reads what the forward did and writes the query's and both key sets' gradients."""
     q = torch.finfo(s.dtype).bits // 8
     M = s.tokens * s.heads * s.k
-    return s.tokens * s.heads * s.k_dim * q + s.heads * s.n_keys * s.k_dim * q + M * (q + 8)
+    query, keys = s.tokens * s.heads * s.k_dim * q, s.heads * s.n_keys * s.k_dim * q
+    forward = query + keys + M * (q + 8)
+    return forward + query + keys if backward else forward
 
 
 def scoring_flops(s: Shape) -> float:

@@ -158,6 +158,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             shape["index_skew"] = args.index_skew
         stats = kb.row_stats(indices)
         sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
+        sb_bwd = kb.scoring_bytes(s, backward=True)
         if v_dim == args.v_dims[0]:  # scoring does not depend on the value dim
             with torch.no_grad():
                 base = add("scoring_fwd_torch", lambda: kb.scoring_baseline(q, k1, k2, s.k), sb, fl, **shape)
@@ -169,9 +170,9 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(qg, k1g, k2g, s.k)[0], [qg, k1g, k2g], probe)
 
-            base = add("scoring_fwd_bwd_torch", fwd_bwd(kb.scoring_baseline), 2 * sb, 3 * fl, **shape)
+            base = add("scoring_fwd_bwd_torch", fwd_bwd(kb.scoring_baseline), sb + sb_bwd, 3 * fl, **shape)
             if use_triton:
-                add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), 2 * sb, 3 * fl, base, **shape)
+                add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), sb + sb_bwd, 3 * fl, base, **shape)
                 # The backward alone, on the forward's saved fp32 weights and indices: the
                 # earlier PyTorch scatter + matmuls against the Triton backward. With
                 # --index-skew the slots are the Zipf ones (hot half-keys: the chunked path).
@@ -181,17 +182,17 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                 base = add(
                     "scoring_bwd_torch_on_saved",
                     lambda: pkm_triton.pkm_topk_backward_torch(*saved),
-                    sb,
+                    sb_bwd,
                     2 * fl,
                     **shape,
                 )
-                add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb, 2 * fl, base, **shape)
+                add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb_bwd, 2 * fl, base, **shape)
                 for chunk in args.key_chunks:
                     with module_constant(pkm_bwd_triton, "KEY_CHUNK", chunk):
                         add(
                             f"scoring_bwd_triton_key_chunk{chunk}",
                             lambda: pkm_triton.pkm_topk_backward(*saved),
-                            sb,
+                            sb_bwd,
                             2 * fl,
                             base,
                             key_chunk=chunk,

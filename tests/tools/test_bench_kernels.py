@@ -208,6 +208,11 @@ def test_json_records_the_raw_timings_date_and_commit(tmp_path, monkeypatch):
     p50_s = np.percentile(scoring["times_ms"], 50) / 1e3
     assert scoring["gb_s"] == pytest.approx(by_hand / p50_s / 1e9, rel=1e-12)
     assert scoring["tflop_s"] == pytest.approx(2 * T * H * n * k_dim / p50_s / 1e12, rel=1e-12)
+    # the backward reads what the forward did and writes the query's and the keys' gradients
+    grads = T * H * k_dim * 4 + H * n * k_dim * 4
+    assert rows["scoring_fwd_bwd_torch"]["bytes"] == by_hand + (by_hand + grads)
+    shape = kb.Shape(T, H, k, n, k_dim, d, torch.float32)
+    assert kb.scoring_bytes(shape, backward=True) == by_hand + grads
     gather, base = rows["bag_fwd_torch_gather_sum"], rows["bag_fwd_torch_embedding_bag"]
     ratio = np.percentile(base["times_ms"], 50) / np.percentile(gather["times_ms"], 50)
     assert gather["speedup"] == pytest.approx(ratio, rel=1e-12)
