@@ -116,7 +116,34 @@ def main(argv=None) -> int:
         with torch.set_grad_enabled(backward):
             return kb.time_steady(lambda: kb.time_ms(step, device, args.repeats))
 
-    rows = []
+    what = "forward+backward" if backward else "forward (no FlexAttention backward on CPU)"
+    print(
+        f"{kb.device_info(device)['device']}: {what}, B={args.batch} S={args.seq_len} heads={args.heads}/{kv_heads} "
+        f"d={args.head_dim} {args.dtype}"
+    )
+    print(
+        f"{'row':26} {'mean doc':>9} {'kept':>6} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} {'vs dense':>9}", flush=True
+    )
+    info = kb.run_info(device)
+
+    class Rows(list):
+        """Each row printed as it is measured and the JSON rewritten (atomically), so a run cut
+        short (the gpu_check stage's time limit) keeps what it measured."""
+
+        def append(self, r: dict) -> None:
+            super().append(r)
+            doc = f"{r['mean_doc_length']:.0f}" if r["mean_doc_length"] else "-"
+            kept = f"{100 * r['kept_fraction']:.0f}%" if "kept_fraction" in r else "100%"
+            speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+            print(
+                f"{r['name']:26} {doc:>9} {kept:>6} {r['p20']:9.3f} {r['p50']:9.3f} {r['p80']:9.3f} {speedup:>9}",
+                flush=True,
+            )
+            if args.json:
+                payload = {**info, "settings": vars(args) | {"json": str(args.json)}, "rows": list(self)}
+                atomic_write_text(args.json, json.dumps(payload, indent=2))
+
+    rows = Rows()
     causal, attempts = run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
     rows.append(kb.record("sdpa_causal", causal, None, None, attempts=attempts, mean_doc_length=None))
     for mean_length in args.doc_lengths:
@@ -147,20 +174,6 @@ def main(argv=None) -> int:
                 **common,
             )
         )
-    what = "forward+backward" if backward else "forward (no FlexAttention backward on CPU)"
-    print(
-        f"{kb.device_info(device)['device']}: {what}, B={args.batch} S={args.seq_len} heads={args.heads}/{kv_heads} "
-        f"d={args.head_dim} {args.dtype}"
-    )
-    print(f"{'row':26} {'mean doc':>9} {'kept':>6} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} {'vs dense':>9}")
-    for r in rows:
-        doc = f"{r['mean_doc_length']:.0f}" if r["mean_doc_length"] else "-"
-        kept = f"{100 * r['kept_fraction']:.0f}%" if "kept_fraction" in r else "100%"
-        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        print(f"{r['name']:26} {doc:>9} {kept:>6} {r['p20']:9.3f} {r['p50']:9.3f} {r['p80']:9.3f} {speedup:>9}")
-    if args.json:
-        payload = {**kb.run_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
     return 0
 
 
