@@ -26,8 +26,12 @@ the ratio conservative.
 
 from __future__ import annotations
 
+import datetime
+import os
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -129,10 +133,14 @@ def percentiles(times: list[float]) -> dict:
     return {f"p{p}": torch.quantile(t, p / 100).item() for p in (20, 50, 80)}
 
 
-def scoring_bytes(s: Shape) -> int:
+def scoring_bytes(s: Shape, backward: bool = False) -> int:
+    """The module docstring's bytes model: the forward's, or (`backward`) the backward's, which
+    reads what the forward did and writes the query's and both key sets' gradients."""
     q = torch.finfo(s.dtype).bits // 8
     M = s.tokens * s.heads * s.k
-    return s.tokens * s.heads * s.k_dim * q + s.heads * s.n_keys * s.k_dim * q + M * (q + 8)
+    query, keys = s.tokens * s.heads * s.k_dim * q, s.heads * s.n_keys * s.k_dim * q
+    forward = query + keys + M * (q + 8)
+    return forward + query + keys if backward else forward
 
 
 def scoring_flops(s: Shape) -> float:
@@ -169,7 +177,7 @@ def record(
     baseline_ms: float | None = None,
     **extra,
 ) -> dict:
-    row = {"name": name, **percentiles(times), **extra}
+    row = {"name": name, **percentiles(times), **extra, "times_ms": [float(t) for t in times]}
     p50_s = row["p50"] / 1e3
     if nbytes is not None:
         row["bytes"] = nbytes
@@ -184,6 +192,44 @@ def record(
     return row
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def source_commit() -> str:
+    """The commit the code being timed comes from: $MEMLAYERS_COMMIT when set (tools/gpu_check.sh
+    sets it from COMMIT, as the device copy's .git may be stale), else `git rev-parse HEAD` of this
+    checkout with "-dirty" when tracked files differ from it, else "unknown"."""
+    named = os.environ.get("MEMLAYERS_COMMIT", "").strip()
+    if named:
+        return named
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def run_info(device: torch.device) -> dict:
+    """What a benchmark JSON records beside its rows: the device (name, SKU, peak bandwidth),
+    the UTC date and time, the commit and the torch version."""
+    return {
+        **device_info(torch.device(device)),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": source_commit(),
+        "torch": torch.__version__,
+    }
+
+
 def sweep_scoring(tokens: int, heads: int, k: int, k_dim: int, n_keys_list, device, repeats: int, progress=None):
     """Time per token of product-key vs brute-force scoring as N = n_keys**2 grows."""
     rows = []
@@ -191,8 +237,9 @@ def sweep_scoring(tokens: int, heads: int, k: int, k_dim: int, n_keys_list, devi
         s = Shape(tokens, heads, k, n, k_dim, 1, torch.float32)
         q, k1, k2, _ = make_inputs(s, device)
         with torch.no_grad():
-            pk = percentiles(time_ms(lambda: reference.pkm_scores_topk(q, k1, k2, s.k), device, repeats))["p50"]
-            bf = percentiles(time_ms(lambda: reference.brute_force_topk(q, k1, k2, s.k), device, repeats))["p50"]
+            pk_times = time_ms(lambda: reference.pkm_scores_topk(q, k1, k2, s.k), device, repeats)
+            bf_times = time_ms(lambda: reference.brute_force_topk(q, k1, k2, s.k), device, repeats)
+        pk, bf = percentiles(pk_times)["p50"], percentiles(bf_times)["p50"]
         rows.append(
             {
                 "n_keys": n,
@@ -200,6 +247,9 @@ def sweep_scoring(tokens: int, heads: int, k: int, k_dim: int, n_keys_list, devi
                 "product_key_us_per_token": 1e3 * pk / tokens,
                 "brute_force_us_per_token": 1e3 * bf / tokens,
                 "brute_over_product": bf / pk,
+                "tokens": tokens,
+                "product_key_times_ms": pk_times,
+                "brute_force_times_ms": bf_times,
             }
         )
         if progress is not None:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
+from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write_text  # noqa: E402
 from pretrain.model.document_attention import (  # noqa: E402
     document_block_mask,
@@ -55,19 +56,42 @@ def kept_fraction(doc_ids: torch.Tensor) -> float:
     return document_causal_mask(doc_ids).sum().item() / (doc_ids.shape[0] * S * (S + 1) / 2)
 
 
+def doc_lengths(text: str) -> list[float]:
+    """argparse type of --doc-lengths: comma-separated mean document lengths, each >= 1 token."""
+    try:
+        lengths = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 128,512,2048") from None
+    if not all(1 <= x < float("inf") for x in lengths):
+        raise argparse.ArgumentTypeError(f"{text!r}: each mean document length must be a number >= 1 (tokens)")
+    return lengths
+
+
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8 if cuda else 2)
-    p.add_argument("--seq-len", type=int, default=2048 if cuda else 256)
-    p.add_argument("--heads", type=int, default=16 if cuda else 4)
-    p.add_argument("--kv-heads", type=int, default=0, help="0: as --heads (no grouped-query attention)")
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--doc-lengths", default="128,512,2048" if cuda else "32,128", help="mean document lengths")
+    p.add_argument("--batch", type=positive_int, default=8 if cuda else 2)
+    p.add_argument("--seq-len", type=positive_int, default=2048 if cuda else 256)
+    p.add_argument("--heads", type=positive_int, default=16 if cuda else 4)
+    p.add_argument(
+        "--kv-heads",
+        type=int_at_least(0, "0 = as --heads"),
+        default=0,
+        help="0: as --heads (no grouped-query attention)",
+    )
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument(
+        "--doc-lengths",
+        type=doc_lengths,
+        default="128,512,2048" if cuda else "32,128",
+        help="mean document lengths, comma-separated",
+    )
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
-    p.add_argument("--repeats", type=int, default=20 if cuda else 3)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 3)
+    p.add_argument("--json", type=output_file("bench_attention.json"), default=None)
     args = p.parse_args(argv)
+    if args.kv_heads and args.heads % args.kv_heads:
+        p.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads} (grouped-query attention)")
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     kv_heads = args.kv_heads or args.heads
@@ -92,10 +116,37 @@ def main(argv=None) -> int:
         with torch.set_grad_enabled(backward):
             return kb.time_steady(lambda: kb.time_ms(step, device, args.repeats))
 
-    rows = []
+    what = "forward+backward" if backward else "forward (no FlexAttention backward on CPU)"
+    print(
+        f"{kb.device_info(device)['device']}: {what}, B={args.batch} S={args.seq_len} heads={args.heads}/{kv_heads} "
+        f"d={args.head_dim} {args.dtype}"
+    )
+    print(
+        f"{'row':26} {'mean doc':>9} {'kept':>6} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} {'vs dense':>9}", flush=True
+    )
+    info = kb.run_info(device)
+
+    class Rows(list):
+        """Each row printed as it is measured and the JSON rewritten (atomically), so a run cut
+        short (the gpu_check stage's time limit) keeps what it measured."""
+
+        def append(self, r: dict) -> None:
+            super().append(r)
+            doc = f"{r['mean_doc_length']:.0f}" if r["mean_doc_length"] else "-"
+            kept = f"{100 * r['kept_fraction']:.0f}%" if "kept_fraction" in r else "100%"
+            speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+            print(
+                f"{r['name']:26} {doc:>9} {kept:>6} {r['p20']:9.3f} {r['p50']:9.3f} {r['p80']:9.3f} {speedup:>9}",
+                flush=True,
+            )
+            if args.json:
+                payload = {**info, "settings": vars(args) | {"json": str(args.json)}, "rows": list(self)}
+                atomic_write_text(args.json, json.dumps(payload, indent=2))
+
+    rows = Rows()
     causal, attempts = run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
     rows.append(kb.record("sdpa_causal", causal, None, None, attempts=attempts, mean_doc_length=None))
-    for mean_length in [float(x) for x in args.doc_lengths.split(",")]:
+    for mean_length in args.doc_lengths:
         doc_ids = packed_doc_ids(args.batch, args.seq_len, mean_length).to(device)
         dense_mask = document_causal_mask(doc_ids)
         t0 = time.perf_counter()
@@ -123,20 +174,6 @@ def main(argv=None) -> int:
                 **common,
             )
         )
-    what = "forward+backward" if backward else "forward (no FlexAttention backward on CPU)"
-    print(
-        f"{kb.device_info(device)['device']}: {what}, B={args.batch} S={args.seq_len} heads={args.heads}/{kv_heads} "
-        f"d={args.head_dim} {args.dtype}"
-    )
-    print(f"{'row':26} {'mean doc':>9} {'kept':>6} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} {'vs dense':>9}")
-    for r in rows:
-        doc = f"{r['mean_doc_length']:.0f}" if r["mean_doc_length"] else "-"
-        kept = f"{100 * r['kept_fraction']:.0f}%" if "kept_fraction" in r else "100%"
-        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        print(f"{r['name']:26} {doc:>9} {kept:>6} {r['p20']:9.3f} {r['p50']:9.3f} {r['p80']:9.3f} {speedup:>9}")
-    if args.json:
-        payload = {"device": kb.device_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
     return 0
 
 

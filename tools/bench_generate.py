@@ -158,7 +158,11 @@ def main(argv=None) -> int:
                 flush=True,
             )
         tokens = batch * args.new_tokens
-        row = {"case": name, "batch": batch}
+        row = {"case": name, "batch": batch, "tokens": tokens}
+        for cached in (True, False):  # the raw (wall, CPU) seconds of each round, the medians' samples
+            kind = "cached" if cached else "uncached"
+            row[f"{kind}_wall_s"] = [t[0] for t in times[cached]]
+            row[f"{kind}_cpu_s"] = [t[1] for t in times[cached]]
         for i, clock in enumerate(("wall", "cpu")):
             cached_s = statistics.median(t[i] for t in times[True])
             uncached_s = statistics.median(t[i] for t in times[False])
@@ -182,7 +186,14 @@ def main(argv=None) -> int:
             f"{row['uncached_tok_s_wall']:7.0f} | {row['uncached_tok_s_cpu']:5.0f} "
             f"{row['speedup_wall']:5.1f}x | {row['speedup_cpu']:.1f}x"
         )
-    report = {"generation": rows}
+    from kernels.benchmark import run_info
+
+    report = {
+        **run_info(torch.device("cpu")),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+        "generation": rows,
+    }
     if args.lm_eval:
         report["lm_eval"] = time_lm_eval(Path(args.lm_eval), args.lm_eval_probes)
         le = report["lm_eval"]

@@ -26,6 +26,7 @@ from tqdm import tqdm  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from kernels import reference  # noqa: E402
+from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write, save_figure  # noqa: E402
 
 DTYPES = kb.DTYPES
@@ -39,12 +40,12 @@ def parse_args(argv):
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--n-keys", type=int, default=1024 if cuda else 256)
     p.add_argument("--k-dim", type=int, default=256)
-    p.add_argument("--v-dims", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--v-dims", type=positive_int, nargs="+", default=[1024, 2048])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--repeats", type=int, default=20 if cuda else 5)
-    p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("--json", type=output_file("bench_kernels.json"), default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
-    p.add_argument("--sweep-tokens", type=int, default=256 if cuda else 64)
+    p.add_argument("--sweep-tokens", type=positive_int, default=256 if cuda else 64)
     p.add_argument(
         "--index-skew",
         type=float,
@@ -90,7 +91,7 @@ def parse_args(argv):
         help="--layer: also the whole model compiled as train.compile compiles it, against eager",
     )
     p.add_argument("--reruns", type=int, default=2, help="extra timings of a row whose p80/p20 > 1.15")
-    p.add_argument("--plot", type=Path, default=Path("bench_kernels_sweep.png"), help="PNG for --sweep")
+    p.add_argument("--plot", type=output_file("sweep.png"), default="bench_kernels_sweep.png", help="PNG for --sweep")
     args = p.parse_args(argv)
     for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
         if getattr(args, key) <= 0:
@@ -157,6 +158,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             shape["index_skew"] = args.index_skew
         stats = kb.row_stats(indices)
         sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
+        sb_bwd = kb.scoring_bytes(s, backward=True)
         if v_dim == args.v_dims[0]:  # scoring does not depend on the value dim
             with torch.no_grad():
                 base = add("scoring_fwd_torch", lambda: kb.scoring_baseline(q, k1, k2, s.k), sb, fl, **shape)
@@ -168,9 +170,9 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(qg, k1g, k2g, s.k)[0], [qg, k1g, k2g], probe)
 
-            base = add("scoring_fwd_bwd_torch", fwd_bwd(kb.scoring_baseline), 2 * sb, 3 * fl, **shape)
+            base = add("scoring_fwd_bwd_torch", fwd_bwd(kb.scoring_baseline), sb + sb_bwd, 3 * fl, **shape)
             if use_triton:
-                add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), 2 * sb, 3 * fl, base, **shape)
+                add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), sb + sb_bwd, 3 * fl, base, **shape)
                 # The backward alone, on the forward's saved fp32 weights and indices: the
                 # earlier PyTorch scatter + matmuls against the Triton backward. With
                 # --index-skew the slots are the Zipf ones (hot half-keys: the chunked path).
@@ -180,17 +182,17 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
                 base = add(
                     "scoring_bwd_torch_on_saved",
                     lambda: pkm_triton.pkm_topk_backward_torch(*saved),
-                    sb,
+                    sb_bwd,
                     2 * fl,
                     **shape,
                 )
-                add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb, 2 * fl, base, **shape)
+                add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb_bwd, 2 * fl, base, **shape)
                 for chunk in args.key_chunks:
                     with module_constant(pkm_bwd_triton, "KEY_CHUNK", chunk):
                         add(
                             f"scoring_bwd_triton_key_chunk{chunk}",
                             lambda: pkm_triton.pkm_topk_backward(*saved),
-                            sb,
+                            sb_bwd,
                             2 * fl,
                             base,
                             key_chunk=chunk,
@@ -465,7 +467,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = kb.device_info(device)
-    payload = {**info, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    payload = {**kb.run_info(device), "args": {k: str(v) for k, v in vars(args).items()}}
     if device.type != "cuda":
         print("no CUDA device: timing the PyTorch paths only; Triton timing skipped")
         payload["triton_skipped"] = True

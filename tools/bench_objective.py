@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from pretrain import peak_memory  # noqa: E402
+from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write_text  # noqa: E402
 from pretrain.model import training_objective  # noqa: E402
 from pretrain.parallel.compile import compile_objective  # noqa: E402
@@ -31,15 +32,15 @@ from pretrain.parallel.compile import compile_objective  # noqa: E402
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8 if cuda else 1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=positive_int, default=8 if cuda else 1)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--vocab", type=positive_int, default=32000)
     p.add_argument("--dtype", choices=sorted(kb.DTYPES), default="bf16")
     p.add_argument(
         "--z-loss", type=float, default=0.0, help="the z term's weight (optim.z_loss); 0: cross-entropy only"
     )
-    p.add_argument("--repeats", type=int, default=20 if cuda else 5)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5)
+    p.add_argument("--json", type=output_file("bench_objective.json"), default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     g = torch.Generator(device=device).manual_seed(0)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         f"{compiled['peak_extra_bytes'] / max(eager['peak_extra_bytes'], 1):.2f} (the logits themselves: {logits_mib:.0f} MiB)"
     )
     if args.json:
-        payload = {"device": kb.device_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
+        payload = {**kb.run_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
         atomic_write_text(args.json, json.dumps(payload, indent=2))
     return 0
 

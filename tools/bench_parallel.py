@@ -14,26 +14,39 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.parallel.bench import BenchSpec, format_report, run_bench  # noqa: E402
+from pretrain.cli import positive_int  # noqa: E402
+from pretrain.parallel.bench import BenchSpec, check_configs, format_report, run_bench  # noqa: E402
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
-    try:
-        return [tuple(int(x) for x in item.split(":")) for item in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--configs {text!r} must look like 2:1,2:2 (world size:memory-parallel size)") from None
+    """argparse type of --configs: comma-separated world size:P pairs of positive integers."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {item!r} is not a world size:P pair of positive integers; e.g. 2:1,2:2 "
+                f"(world size:memory-parallel size)"
+            )
+        pairs.append((int(parts[0]), int(parts[1])))
+    return pairs
 
 
 def main(argv=None) -> None:
     spec = BenchSpec()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in ("n_keys", "v_dim", "dim", "n_layers", "heads", "k", "global_batch", "seq_len", "steps", "zero_stage"):
-        ap.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(spec, field))
-    ap.add_argument("--configs", default="2:1,2:2", help="world size:P pairs, comma separated")
+    for field in ("n_keys", "v_dim", "dim", "n_layers", "heads", "k", "global_batch", "seq_len", "steps"):
+        ap.add_argument("--" + field.replace("_", "-"), type=positive_int, default=getattr(spec, field))
+    ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=spec.zero_stage)
+    ap.add_argument("--configs", type=parse_configs, default="2:1,2:2", help="world size:P pairs, comma separated")
     args = ap.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     spec = BenchSpec(**{f: getattr(args, f) for f in spec.__dataclass_fields__})
-    records = run_bench(spec, parse_configs(args.configs))
+    try:
+        check_configs(spec, args.configs)
+    except ValueError as err:
+        ap.error(str(err))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    records = run_bench(spec, args.configs)
     print(
         f"N={spec.n_keys**2} slots, v_dim={spec.v_dim}, global batch {spec.global_batch} x {spec.seq_len} "
         f"tokens, ZeRO {spec.zero_stage}"

@@ -24,9 +24,11 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pretrain.cli import int_at_least, positive_int  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.model import Transformer, language_model_loss  # noqa: E402
 from pretrain.slots import SlotStatistics, memory_layer_names  # noqa: E402
+from pretrain.slots.granularity import parse_granularity  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,13 +72,28 @@ def bench(
     return {stat: (fn(times[False]), fn(times[True])) for stat, fn in (("median", statistics.median), ("min", min))}
 
 
+def granularity(text: str) -> str:
+    """argparse type of --granularity: a slots.granularity value, checked."""
+    try:
+        parse_granularity(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per setting (each on and off)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--granularity", default="document")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per setting (each on and off)")
+    p.add_argument("--warmup", type=int_at_least(0), default=2)
+    p.add_argument("--granularity", type=granularity, default="document", help="document, sequence or chunk:<n>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n-keys", type=int, nargs="*", default=[0, 1024], help="0 = the config's n_keys")
+    p.add_argument(
+        "--n-keys",
+        type=int_at_least(0, "0 = the config's n_keys"),
+        nargs="*",
+        default=[0, 1024],
+        help="0 = the config's n_keys",
+    )
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     args = p.parse_args(argv)
     print(

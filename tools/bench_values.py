@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.cli import int_at_least, output_file, positive_int
 from pretrain.files import atomic_write_text, save_figure
 from pretrain.parallel.value_bench import (
     PKM_INSTALL,
@@ -30,7 +31,9 @@ from pretrain.parallel.value_bench import (
     VARIANTS,
     LayerSpec,
     StepSpec,
+    available_bytes,
     layer_compare,
+    pool_bytes,
     step_sweep,
 )
 
@@ -47,16 +50,27 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     step, layer = StepSpec(), LayerSpec()
     p.add_argument("--n-keys", default=",".join(map(str, step.n_keys)), help="comma-separated n_keys (N = n_keys^2)")
-    for name in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(step, name))
+    for name in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats"):
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(step, name))
+    p.add_argument(
+        "--dense-max-slots",
+        type=int_at_least(0),
+        default=step.dense_max_slots,
+        help="the dense adamw variant only up to this many slots (it needs another N x v_dim gradient)",
+    )
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help="comma-separated value optimizers to compare (all are built per N: at 16.7M slots x v_dim 64 "
         "sparse_adamw holds 12.3 GB, sparse_rowwise_adamw 8.3 GB, with :bf16 6.2 GB)",
     )
-    p.add_argument("--layer-n-keys", type=int, default=layer.n_keys, help="pool of the layer comparison; 0 skips it")
-    p.add_argument("--layer-dim", type=int, default=layer.dim)
+    p.add_argument(
+        "--layer-n-keys",
+        type=int_at_least(0, "0 skips it"),
+        default=layer.n_keys,
+        help="pool of the layer comparison; 0 skips it",
+    )
+    p.add_argument("--layer-dim", type=positive_int, default=layer.dim)
     p.add_argument(
         "--device",
         default="cpu",
@@ -64,9 +78,17 @@ def parse_args(argv):
         help="cuda: Triton kernels, CUDA allocator memory (the layer comparison stays on CPU)",
     )
     p.add_argument(
-        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 steadies a shared machine"
+        "--threads",
+        type=int_at_least(0, "0: torch's default"),
+        default=0,
+        help="torch threads (0: torch's default); 1 steadies a shared machine",
     )
-    p.add_argument("--plot", type=Path, default=Path("bench_values.png"))
+    p.add_argument(
+        "--plot",
+        type=lambda text: Path(output_file("bench_values.png")(text)),
+        default=Path("bench_values.png"),
+        help="the PNG; the JSON (device, date, commit, every record with its raw timings) beside it as .json",
+    )
     return p.parse_args(argv)
 
 
@@ -139,9 +161,11 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        import torch
+    import torch
 
+    from kernels.benchmark import run_info
+
+    if args.threads:
         torch.set_num_threads(args.threads)
     try:
         n_keys = tuple(int(x) for x in args.n_keys.split(","))
@@ -159,6 +183,17 @@ def main(argv=None) -> int:
             for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots", "device")
         },
     )
+    free = available_bytes(spec.device)
+    too_large = [n for n in n_keys if pool_bytes(spec, n) > free]
+    if too_large:  # the variants of one N are built side by side: an out-of-memory error would come
+        # only at that N, minutes in, and lose every record measured before it
+        n = too_large[0]
+        raise SystemExit(
+            f"--n-keys {n}: the value pools of --variants {','.join(variants)} at {n * n} slots x v_dim "
+            f"{spec.v_dim} hold {pool_bytes(spec, n) / 2**30:.1f} GiB together, more than the "
+            f"{free / 2**30:.1f} GiB free on {spec.device}; drop {n} from --n-keys, or name fewer --variants "
+            f"(adamw is left out above --dense-max-slots)"
+        )
     print(
         f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
         f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {torch_threads()} threads",
@@ -172,8 +207,15 @@ def main(argv=None) -> int:
     )
     print(format_sweep(records))
     plot(records, args.plot)
-    atomic_write_text(args.plot.with_suffix(".json"), json.dumps(records, indent=1))
-    print(f"wrote {args.plot} and {args.plot.with_suffix('.json')}")
+    payload = {
+        **run_info(torch.device(spec.device)),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "threads": torch_threads(),
+        "records": records,
+    }
+    json_path = args.plot.with_suffix(".json")
+    atomic_write_text(json_path, json.dumps(payload, indent=1))
+    print(f"wrote {args.plot} and {json_path}")
     if args.layer_n_keys:
         layer = LayerSpec(n_keys=args.layer_n_keys, dim=args.layer_dim)
         print(
@@ -181,6 +223,8 @@ def main(argv=None) -> int:
             f"batch {layer.batch} x {layer.seq_len}, {layer.heads} heads x k={layer.k}, k_dim {layer.k_dim}"
         )
         rows = layer_compare(layer)
+        payload["layer"] = rows
+        atomic_write_text(json_path, json.dumps(payload, indent=1))
         for r in rows:
             print(f"  {r['layer']:>26}: {1e3 * r['fwd_bwd_s']:8.1f} ms wall, {1e3 * r['fwd_bwd_cpu_s']:8.1f} ms cpu")
         by = {r["layer"]: r for r in rows}

@@ -43,6 +43,8 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 WORK="${TMPDIR:-/tmp}/memlayers_gpu_check"
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
+# The commit every bench JSON records (kernels.benchmark.source_commit): the one named, not the stale .git's.
+export MEMLAYERS_COMMIT="${COMMIT:-}"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -131,9 +133,12 @@ want tests && stage tests "${TESTS_S:-180}" "$OUT/tests.log" \
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$RESULTS/sweep.png"
 # Dense vs row-sparse value update at v_dim 1024 (training on the Triton path with sparse_adamw
-# is the "train" stage + optim.value_optimizer=sparse_adamw).
+# is the "train" stage + optim.value_optimizer=sparse_adamw). The variants of one N are built side
+# by side: at 4.2M slots all four would hold 104 GiB, so the row-wise ones only (56 GiB; dense
+# adamw stops at --dense-max-slots).
 want values && stage values "${VALUES_S:-200}" "$OUT/bench.log" \
     python3 tools/bench_values.py --device cuda --v-dim 1024 --batch 16 --seq-len 2048 --n-keys 256,1024,2048 \
+    --variants adamw,sparse_rowwise_adamw,sparse_rowwise_adamw:bf16 \
     --dense-max-slots 1048576 --repeats 5 --layer-n-keys 0 --plot "$RESULTS/values.png"
 want train && stage train "${TRAIN_S:-100}" "$OUT/bench.log" \
     python3 -m pretrain.train --config configs/tiny.yaml train.dtype=bf16 model.memory.kernel=triton \

@@ -113,14 +113,21 @@ def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path
     Path(out_path, f"rank{rank}.json").write_text(json.dumps(acc))
 
 
-def run_bench(spec: BenchSpec, configs: list[tuple[int, int]], show_progress: bool = True) -> list[dict]:
-    """Run each (world size, P) configuration; return one record per rank per configuration."""
+def check_configs(spec: BenchSpec, configs: list[tuple[int, int]]) -> None:
+    """ValueError naming the first (world size, P) configuration `spec` cannot run."""
     for world, P in configs:
-        if world % P or spec.v_dim % P or spec.global_batch % world:
+        if world < 1 or P < 1 or world % P or spec.v_dim % P or spec.global_batch % world:
             raise ValueError(
                 f"configuration W={world}, P={P}: P must divide the world size and --v-dim={spec.v_dim}, "
                 f"and the world size must divide --global-batch={spec.global_batch}"
             )
+    if spec.steps < 1:
+        raise ValueError(f"--steps {spec.steps}: time at least one step (after the warm-up step)")
+
+
+def run_bench(spec: BenchSpec, configs: list[tuple[int, int]], show_progress: bool = True) -> list[dict]:
+    """Run each (world size, P) configuration; return one record per rank per configuration."""
+    check_configs(spec, configs)
     records = []
     for world, P in configs:
         with tempfile.TemporaryDirectory() as tmp:

@@ -110,6 +110,38 @@ class _StepRunner:
         self.values.zero_grad()
 
 
+def value_bytes_per_slot(variant: str, v_dim: int) -> int:
+    """Bytes one value slot holds in `variant` (fp32 table): the row, its optimizer state (two
+    fp32 moments; the row-wise second moment is one fp32 per row; ":bf16" stores the first in
+    bf16), and for dense adamw the dense fp32 gradient it keeps between backward and step."""
+    optimizer, _, momentum = variant.partition(":")
+    first = 2 if momentum else 4
+    if optimizer == "adamw":
+        return 4 * v_dim * 4  # row, two moments, gradient
+    if optimizer == "sparse_adamw":
+        return (4 + first + 4) * v_dim
+    return (4 + first) * v_dim + 4  # sparse_rowwise_adamw
+
+
+def pool_bytes(spec: StepSpec, n_keys: int) -> int:
+    """What the value pools of every variant built together at N = n_keys**2 hold: step_sweep
+    builds them side by side, so this is the least memory the N needs (temporaries come on top)."""
+    slots = n_keys * n_keys
+    variants = [v for v in spec.variants if v != "adamw" or slots <= spec.dense_max_slots]
+    return sum(slots * value_bytes_per_slot(v, spec.v_dim) for v in variants)
+
+
+def available_bytes(device: str) -> int:
+    """Free memory on `device`: the CUDA device's free bytes, or the kernel's MemAvailable."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62  # not Linux: no check
+
+
 def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
     """One record per (N, variant): median step wall and CPU seconds, memory in bytes.
 
@@ -158,6 +190,9 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
                     "step_extra": extra,
                     "resident": resident,
                     "rows_read": _rows_read(runner),
+                    "step_times_s": walls[variant],  # the raw samples the medians are of
+                    "step_cpu_times_s": cpus[variant],
+                    "step_extra_samples": extras[variant],
                 }
             )
             if progress is not None:
@@ -227,6 +262,12 @@ def layer_compare(spec: LayerSpec) -> list[dict]:
                 walls[name].append(time.perf_counter() - w0)
                 cpus[name].append(time.process_time() - c0)
     return [
-        {"layer": name, "fwd_bwd_s": statistics.median(walls[name]), "fwd_bwd_cpu_s": statistics.median(cpus[name])}
+        {
+            "layer": name,
+            "fwd_bwd_s": statistics.median(walls[name]),
+            "fwd_bwd_cpu_s": statistics.median(cpus[name]),
+            "fwd_bwd_times_s": walls[name],
+            "fwd_bwd_cpu_times_s": cpus[name],
+        }
         for name in runs
     ]

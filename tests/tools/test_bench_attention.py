@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tools.bench_attention import kept_fraction, main, packed_doc_ids
@@ -30,8 +31,35 @@ def test_cpu_run_writes_every_row(tmp_path, capsys):
     out = tmp_path / "attention.json"
     argv = ["--batch", "1", "--seq-len", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"]
     assert main([*argv, "--doc-lengths", "8,32", "--repeats", "1", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert payload["device"] == "cpu" and payload["date"] and payload["commit"] != "unknown"
+    assert all(len(r["times_ms"]) == 1 for r in rows)  # the raw per-call times
     assert [r["name"] for r in rows] == ["sdpa_causal"] + ["sdpa_dense_document_mask", "flex_block_mask"] * 2
     assert [r["mean_doc_length"] for r in rows[1:]] == [8.0, 8.0, 32.0, 32.0]
     assert all(r["p50"] > 0 for r in rows) and rows[2]["speedup"] == rows[1]["p50"] / rows[2]["p50"]
     assert "forward (no FlexAttention backward on CPU)" in capsys.readouterr().out
+
+
+def test_rows_are_printed_and_written_as_they_are_measured(tmp_path, monkeypatch, capsys):
+    """A run cut short (gpu_check's attention stage has a time limit) keeps the rows measured so
+    far: the table was printed and the JSON written only at the end before."""
+    import tools.bench_attention as bench
+
+    out = tmp_path / "attention.json"
+    real, built = bench.document_block_mask, []
+
+    def build_then_stop(doc_ids):
+        built.append(doc_ids)
+        if len(built) == 2:  # the second document length: the stage's time runs out
+            raise KeyboardInterrupt
+        return real(doc_ids)
+
+    monkeypatch.setattr(bench, "document_block_mask", build_then_stop)
+    argv = ["--batch", "1", "--seq-len", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*argv, "--doc-lengths", "8,16", "--json", str(out)])
+    measured = ["sdpa_causal", "sdpa_dense_document_mask", "flex_block_mask"]
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert printed == measured
+    assert [r["name"] for r in json.loads(out.read_text())["rows"]] == measured

@@ -14,7 +14,15 @@ def test_tiny_run_writes_json_into_a_new_folder(tmp_path):
     out = tmp_path / "new" / "generate.json"
     argv = ["--prompt-tokens", "4", "--new-tokens", "3", "--rounds", "1", "--batches", "1", "--json", str(out)]
     assert bench.main(argv) == 0
-    rows = json.loads(out.read_text())["generation"]
+    payload = json.loads(out.read_text())
+    assert payload["device"] == "cpu" and payload["date"] and payload["commit"] != "unknown"
+    rows = payload["generation"]
+    for row in rows:  # every rate recomputes from the raw round times stored beside it
+        for clock in ("wall", "cpu"):
+            cached, uncached = row[f"cached_{clock}_s"], row[f"uncached_{clock}_s"]
+            assert len(cached) == len(uncached) == 1 and row["tokens"] == row["batch"] * 3
+            assert row[f"cached_tok_s_{clock}"] == row["tokens"] / cached[0]
+            assert row[f"speedup_{clock}"] == uncached[0] / cached[0]
     assert [r["case"] for r in rows] == ["hf generate() batch 1", "pretrain.export generate batch 1"]
 
 

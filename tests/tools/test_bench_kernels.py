@@ -173,3 +173,96 @@ def test_chunk_sizes_are_set_for_the_rows_timed_inside_and_restored():
     assert parse_args(["--row-chunks", "256", "64", "--key-chunks", "512"]).row_chunks == [256, 64]
     with pytest.raises(SystemExit):
         parse_args(["--row-chunks", "0"])
+
+
+def test_json_records_the_raw_timings_date_and_commit(tmp_path, monkeypatch):
+    """Every derived number recomputes from the raw per-call times the JSON stores (numpy's
+    percentiles, the bytes and FLOPs counted by hand), and the run names its date and commit."""
+    import datetime
+    import subprocess
+
+    import numpy as np
+
+    from tools.bench_kernels import main
+
+    monkeypatch.delenv("MEMLAYERS_COMMIT", raising=False)
+    out = tmp_path / "bench.json"
+    T, H, k, n, k_dim, d = 16, 2, 4, 16, 16, 24
+    argv = ["--tokens", T, "--heads", H, "--k", k, "--n-keys", n, "--k-dim", k_dim, "--v-dims", d]
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    assert main([str(a) for a in [*argv, "--repeats", 4, "--dtype", "fp32", "--json", out]]) == 0
+    payload = json.loads(out.read_text())
+    date = datetime.datetime.strptime(payload["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert before <= date <= datetime.datetime.now(datetime.timezone.utc)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert payload["commit"].removesuffix("-dirty") == head
+    assert payload["device"] == "cpu" and payload["torch"]
+    rows = {r["name"]: r for r in payload["results"]}
+    for r in rows.values():
+        assert len(r["times_ms"]) == 4
+        for p in (20, 50, 80):
+            assert r[f"p{p}"] == pytest.approx(np.percentile(r["times_ms"], p), rel=1e-12)
+    scoring = rows["scoring_fwd_torch"]
+    by_hand = T * H * k_dim * 4 + H * n * k_dim * 4 + T * H * k * (4 + 8)  # query, both half-key sets, weights+ids
+    assert scoring["bytes"] == by_hand
+    p50_s = np.percentile(scoring["times_ms"], 50) / 1e3
+    assert scoring["gb_s"] == pytest.approx(by_hand / p50_s / 1e9, rel=1e-12)
+    assert scoring["tflop_s"] == pytest.approx(2 * T * H * n * k_dim / p50_s / 1e12, rel=1e-12)
+    # the backward reads what the forward did and writes the query's and the keys' gradients
+    grads = T * H * k_dim * 4 + H * n * k_dim * 4
+    assert rows["scoring_fwd_bwd_torch"]["bytes"] == by_hand + (by_hand + grads)
+    shape = kb.Shape(T, H, k, n, k_dim, d, torch.float32)
+    assert kb.scoring_bytes(shape, backward=True) == by_hand + grads
+    gather, base = rows["bag_fwd_torch_gather_sum"], rows["bag_fwd_torch_embedding_bag"]
+    ratio = np.percentile(base["times_ms"], 50) / np.percentile(gather["times_ms"], 50)
+    assert gather["speedup"] == pytest.approx(ratio, rel=1e-12)
+
+    monkeypatch.setenv("MEMLAYERS_COMMIT", "abc1234")  # gpu_check.sh's COMMIT, over a stale .git
+    assert main([str(a) for a in [*argv, "--repeats", 1, "--json", out]]) == 0
+    assert json.loads(out.read_text())["commit"] == "abc1234"
+
+
+def test_sweep_json_keeps_each_side_s_raw_timings(tmp_path):
+    import numpy as np
+
+    rows = kb.sweep_scoring(4, 1, 2, 8, [8, 16], torch.device("cpu"), 3)
+    for r in rows:
+        assert len(r["product_key_times_ms"]) == len(r["brute_force_times_ms"]) == 3
+        pk, bf = np.median(r["product_key_times_ms"]), np.median(r["brute_force_times_ms"])
+        assert r["brute_over_product"] == pytest.approx(bf / pk, rel=1e-12)
+        assert r["product_key_us_per_token"] == pytest.approx(1e3 * pk / r["tokens"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv", "named"),
+    [
+        ("bench_kernels", ["--json", "{tmp}"], "bench_kernels.json"),
+        ("bench_kernels", ["--sweep", "--plot", "{tmp}"], "sweep.png"),
+        ("bench_kernels", ["--v-dims", "0"], "--v-dims"),
+        ("bench_kernels", ["--sweep-tokens", "0"], "--sweep-tokens"),
+        ("bench_objective", ["--json", "{tmp}"], "bench_objective.json"),
+        ("bench_objective", ["--repeats", "0"], "--repeats"),
+        ("bench_attention", ["--json", "{tmp}"], "bench_attention.json"),
+        ("bench_attention", ["--doc-lengths", "8,x"], "comma-separated numbers"),
+        ("bench_attention", ["--doc-lengths", "0"], ">= 1"),
+        ("bench_attention", ["--heads", "3", "--kv-heads", "2"], "must divide --heads 3"),
+        ("bench_attention", ["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_bad_options_are_refused_when_parsed(tool, argv, named, tmp_path, monkeypatch, capsys):
+    """Refused with the option and the fix named, before any tensor is made: a folder as --json
+    failed only at the final rename after the whole run (IsADirectoryError), --repeats 0 in
+    torch.quantile, a bad --doc-lengths or --kv-heads mid-run as tracebacks."""
+    import importlib
+
+    module = importlib.import_module(f"tools.{tool}")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(torch, "randn", no_work)
+    monkeypatch.setattr(kb, "make_inputs", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        module.main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err

@@ -13,7 +13,10 @@ def test_cpu_run_compiled_beside_eager(tmp_path, capsys):
     out = tmp_path / "objective.json"
     argv = ["--batch", "1", "--seq-len", "512", "--vocab", "8192", "--dtype", "bf16", "--repeats", "2"]
     assert main([*argv, "--json", str(out)]) == 0
-    eager, compiled = json.loads(out.read_text())["rows"]
+    payload = json.loads(out.read_text())
+    eager, compiled = payload["rows"]
+    assert payload["device"] == "cpu" and payload["date"] and payload["commit"] != "unknown"
+    assert len(eager["times_ms"]) == len(compiled["times_ms"]) == 2  # the raw per-call times
     assert (eager["name"], compiled["name"]) == ("eager", "compiled")
     assert compiled["speedup"] == eager["p50"] / compiled["p50"]
     logits_bytes = 512 * 8192 * 2

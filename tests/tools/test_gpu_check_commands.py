@@ -47,7 +47,10 @@ def stage_commands(work: Path) -> dict[str, list[str]]:
 
 
 def parse_only(module, argv: list[str], monkeypatch) -> argparse.Namespace:
-    """The namespace `module.main(argv)` parses, without running the tool."""
+    """The namespace `module.main(argv)` parses, without running the tool: through the tool's own
+    `parse_args` where it has one (so the checks it makes after argparse's run too)."""
+    if hasattr(module, "parse_args"):
+        return module.parse_args(argv)
     real = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(parser, args=None, namespace=None):
@@ -92,3 +95,16 @@ def test_every_stage_command_parses_and_its_configs_load(tmp_path, monkeypatch):
                 load_config(REPO_ROOT / args.layer)
         checked.append(name)
     assert len(checked) == len(commands)
+
+
+def test_the_values_stage_pools_fit_the_smallest_gpu(tmp_path, monkeypatch):
+    """The values stage builds every variant of one N side by side; each N's pools must fit the
+    H100 the device tool lends first (about 78 GiB), with room for the step's temporaries
+    (bench_values refuses the run otherwise, naming --n-keys and --variants)."""
+    from pretrain.parallel.value_bench import StepSpec, pool_bytes
+
+    module = importlib.import_module("tools.bench_values")
+    args = parse_only(module, stage_commands(tmp_path)["values"][2:], monkeypatch)
+    spec = StepSpec(v_dim=args.v_dim, dense_max_slots=args.dense_max_slots, variants=tuple(args.variants.split(",")))
+    for n in (int(x) for x in args.n_keys.split(",")):
+        assert pool_bytes(spec, n) < 70 * 2**30, f"--n-keys {n}: {pool_bytes(spec, n) / 2**30:.1f} GiB"
