@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from pretrain import profiler_regions as regions
 from pretrain.config import OptimConfig
 from pretrain.lr_schedule import value_lr_multiplier
-from pretrain.optim import set_learning_rate
+from pretrain.optim import set_learning_rate, squared_norm
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Optimizers:
         dense = None
         if measure_dense and self.zero_stage == 0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            dense = float(torch.nn.utils.get_total_norm(grads))
+            dense = float(squared_norm(grads).sqrt())
         return GradNorms(values=value_norm, dense=dense)
 
     def step(self, lr_multiplier: float, skip: bool) -> None:
