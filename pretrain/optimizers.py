@@ -77,8 +77,14 @@ class Optimizers:
         """The dense gradients' norm of the last step: measured in `clip`, else DeepSpeed's."""
         return norms.dense if norms.dense is not None else self.engine.get_global_grad_norm()
 
+    @property
+    def has_values(self) -> bool:
+        """Whether the model has value tables (a dense model has none)."""
+        return bool(self.values.tables)
+
     def lrs(self, lr_multiplier: float) -> dict[str, float]:
-        return {
-            "train/lr_dense": self.cfg.lr * lr_multiplier,
-            "train/lr_values": self.cfg.value_lr * value_lr_multiplier(self.cfg, lr_multiplier),
-        }
+        """The rates of the step: the dense one, and the value tables' where there are any."""
+        out = {"train/lr_dense": self.cfg.lr * lr_multiplier}
+        if self.has_values:
+            out["train/lr_values"] = self.cfg.value_lr * value_lr_multiplier(self.cfg, lr_multiplier)
+        return out

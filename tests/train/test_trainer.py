@@ -366,6 +366,24 @@ def test_the_logged_value_grad_norm_is_the_float64_norm_of_the_value_gradients(t
     assert [logged[1], logged[2]] == pytest.approx([reference[1], reference[2]], rel=1e-6)
 
 
+def test_a_model_without_memory_layers_logs_no_value_scalars(tmp_path, data_cache):
+    """model.memory.layers=[] has no value tables: no train/lr_values nor train/value_grad_norm.
+    Before, it logged optim.value_lr's schedule and a value gradient norm of 0 for tables it did
+    not have (in TensorBoard beside a memory run, a value pool that seemed to learn nothing)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.lr_schedule import learning_rates
+
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=2", "train.log_every=1", "model.memory.layers=[]")
+    train(cfg, save_checkpoints=False)
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = set(board.Tags()["scalars"])
+    assert {"train/lr_dense", "train/grad_norm", "train/loss"} <= scalars
+    assert not {"train/lr_values", "train/value_grad_norm"} & scalars, scalars
+    logged = [e.value for e in board.Scalars("train/lr_dense")]
+    assert logged == pytest.approx([learning_rates(step, cfg)[0] for step in (0, 1)])  # the schedule's
+
+
 def test_squared_norm_against_float64():
     """The norm helper on a 2^24-entry tensor of small gradients: the float64 norm's square,
     where a float32 vector_norm of the whole tensor is 2.6e-4 low on the CPU."""
