@@ -528,6 +528,7 @@ class Trainer:
         """Restore every checkpointed item from the run directory's latest checkpoint, if any."""
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
+            self.metrics.resumed_at(self.state.step)
             self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
             if self.save_checkpoints:  # the state's checkpoint until a step saves another (none: finished)
                 self.checkpoint = self.resume_from

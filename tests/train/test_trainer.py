@@ -384,6 +384,27 @@ def test_a_model_without_memory_layers_logs_no_value_scalars(tmp_path, data_cach
     assert logged == pytest.approx([learning_rates(step, cfg)[0] for step in (0, 1)])  # the schedule's
 
 
+def test_tensorboard_shows_the_resumed_run_after_a_rollback(tmp_path, data_cache):
+    """A run rolled back to its step-2 checkpoint (README: write an earlier tag into `latest`; a crash
+    after the last checkpoint is the same) logs steps 3-4 again. TensorBoard must show each step
+    once, the resumed run's from step 3 on. Before, it showed both runs' steps 3-4: the loss curve
+    ran to step 4 and jumped back to 3 with other values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = ["train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+    first = train(tiny_config(tmp_path / "run", data_cache, *opts))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002")
+    # another rate after the rollback (as after a loss spike), so the two runs' steps 3-4 differ
+    second = train(
+        tiny_config(tmp_path / "run", data_cache, *opts, "optim.lr=1e-3", "optim.allow_schedule_change=true")
+    )
+    assert len(first.losses) == 4 and len(second.losses) == 2 and second.losses != first.losses[2:]
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert [value for _, value in logged] == pytest.approx(first.losses[:2] + second.losses)
+
+
 def test_squared_norm_against_float64():
     """The norm helper on a 2^24-entry tensor of small gradients: the float64 norm's square,
     where a float32 vector_norm of the whole tensor is 2.6e-4 low on the CPU."""
