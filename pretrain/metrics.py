@@ -82,24 +82,40 @@ class MetricsLogger:
     """Writes scalars to TensorBoard and prints a one-line summary; only on rank 0."""
 
     def __init__(self, log_dir: str | Path, enabled: bool):
-        self.enabled = enabled
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.enabled, self.log_dir = enabled, Path(log_dir)
+        self.writer = None  # opened at the first scalar, after `resumed_at`
+        self.purge_step: int | None = None
         self.start = time.time()
 
+    def resumed_at(self, step: int) -> None:
+        """The run continues from a checkpoint of step `step`: TensorBoard is to hide what an earlier
+        run logged after it (steps past a rollback, or past the last checkpoint before a crash or
+        preemption), which the resumed run logs again. Call before the first scalar."""
+        if self.writer is not None:
+            raise RuntimeError("MetricsLogger.resumed_at must come before the first scalar")
+        self.purge_step = step + 1  # step `step` itself (its loss, evaluation) is the checkpoint's
+
+    def _writer(self):
+        if self.writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a SessionLog START at that step, after which TensorBoard drops the events
+            # of this log directory at that step and later that were written before it
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
+        return self.writer
+
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
+        writer = self._writer()
+        if writer is None:
             return
         for key, value in values.items():
             if value is not None:
-                self.writer.add_scalar(key, value, step)
+                writer.add_scalar(key, value, step)
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_histogram(tag, values, step)
+        writer = self._writer()
+        if writer is not None:
+            writer.add_histogram(tag, values, step)
 
     def line(self, text: str) -> None:
         if self.enabled:

@@ -18,7 +18,7 @@ from torch.profiler import record_function
 from pretrain import profiler_regions as regions
 from pretrain.config import OptimConfig
 from pretrain.lr_schedule import value_lr_multiplier
-from pretrain.optim import set_learning_rate
+from pretrain.optim import set_learning_rate, squared_norm
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Optimizers:
         dense = None
         if self.zero_stage == 0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            dense = float(torch.nn.utils.get_total_norm(grads))
+            dense = float(squared_norm(grads).sqrt())
         return GradNorms(values=value_norm, dense=dense)
 
     def step(self, lr_multiplier: float, skip: bool) -> bool:
@@ -92,8 +92,14 @@ class Optimizers:
         """The dense gradients' norm of the last step: measured in `clip`, else DeepSpeed's."""
         return norms.dense if norms.dense is not None else self.engine.get_global_grad_norm()
 
+    @property
+    def has_values(self) -> bool:
+        """Whether the model has value tables (a dense model has none)."""
+        return bool(self.values.tables)
+
     def lrs(self, lr_multiplier: float) -> dict[str, float]:
-        return {
-            "train/lr_dense": self.cfg.lr * lr_multiplier,
-            "train/lr_values": self.cfg.value_lr * value_lr_multiplier(self.cfg, lr_multiplier),
-        }
+        """The rates of the step: the dense one, and the value tables' where there are any."""
+        out = {"train/lr_dense": self.cfg.lr * lr_multiplier}
+        if self.has_values:
+            out["train/lr_values"] = self.cfg.value_lr * value_lr_multiplier(self.cfg, lr_multiplier)
+        return out

@@ -11,7 +11,9 @@ Memory-layer regions come from record_function names in the model code:
   memory/bag_forward    the value-table read (for P > 1 it contains the communication)
   memory/communication  the forward collectives of the partitioned table (P > 1)
   bag backward          autograd nodes named *EmbeddingBagBackward* (reference and Triton), or
-                        the custom op memlayers::embedding_bag_backward (kernels/ops.py)
+                        the custom op memlayers::embedding_bag_backward (kernels/ops.py); not the
+                        embedding-bag kernels the PyTorch scoring backward runs for the keys
+  scoring backward      the custom op memlayers::pkm_topk_backward (query and half-key gradients)
 With a GPU the operators rank by their kernels' time and the report gives the device's busy
 share of the steps; the region shares stay host-side intervals (where launches happened).
 Shares are of the summed train/forward + train/backward + train/step (+ train/micro_step with
@@ -41,7 +43,7 @@ EVAL_REGION = regions.EVAL
 class ProfileReport:
     trace: Path
     step_time_s: float  # summed train/* regions over the profiled steps
-    memory_time_s: dict[str, float]  # scoring, bag_forward, bag_backward, communication
+    memory_time_s: dict[str, float]  # scoring, scoring_backward, bag_forward, bag_backward, communication
     top_ops: list[tuple[str, float, int]] = field(default_factory=list)  # (name, self time s, calls)
     # With a GPU: top_ops rank by the kernels' time (self device time: a kernel counts once,
     # under the op that launched it), and device_busy_s sums it over the steps; the rest of
@@ -51,6 +53,9 @@ class ProfileReport:
 
     def share(self, part: str) -> float:
         return self.memory_time_s[part] / self.step_time_s if self.step_time_s else 0.0
+
+
+SCORING_BACKWARD = "memlayers::pkm_topk_backward"  # the custom op (kernels/ops.py)
 
 
 def _is_bag_backward(name: str) -> bool:
@@ -99,7 +104,14 @@ def summarize(events, trace: Path, top: int = 15, skip_steps: int = 0) -> Profil
     for e in inside:
         by_name.setdefault(e.name, []).append(e)
     memory = {part: _intervals_total(by_name.get(region, [])) for part, region in REGIONS.items()}
-    memory["bag_backward"] = _intervals_total([e for e in inside if _is_bag_backward(e.name)])
+    # the PyTorch scoring backward computes the half-key gradients with aten's embedding-bag
+    # kernels: those are the scoring's, not the value bag's
+    scoring_backward = by_name.get(SCORING_BACKWARD, [])
+    scoring_spans = [(e.time_range.start, e.time_range.end) for e in scoring_backward]
+    memory["scoring_backward"] = _intervals_total(scoring_backward)
+    memory["bag_backward"] = _intervals_total(
+        [e for e in inside if _is_bag_backward(e.name) and not _within(e, scoring_spans)]
+    )
     device = any(_self_device_us(e) > 0 for e in inside)
     ops: dict[str, list[float]] = {}
     for e in inside:
@@ -156,7 +168,7 @@ def format_report(report: ProfileReport) -> str:
             f"({100 * report.device_busy_s / report.step_time_s:.1f}%; the rest it waited for the host)",
         ]
     lines += ["", f"memory layers, share of the step time ({report.step_time_s:.3f} s in train/forward+backward+step):"]
-    for part in ("scoring", "bag_forward", "bag_backward", "communication"):
-        lines.append(f"  {part:<14} {report.memory_time_s[part]:>9.4f} s  {100 * report.share(part):6.2f}%")
+    for part in ("scoring", "scoring_backward", "bag_forward", "bag_backward", "communication"):
+        lines.append(f"  {part:<16} {report.memory_time_s[part]:>9.4f} s  {100 * report.share(part):6.2f}%")
     lines.append("  (communication is nested inside bag_forward when memory.parallel_size > 1)")
     return "\n".join(lines)

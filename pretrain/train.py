@@ -482,7 +482,7 @@ class Trainer:
             self.losses,
             self.optimizers.lrs(out.multiplier),
             self.optimizers.dense_grad_norm(out.norms),
-            out.norms.values,
+            out.norms.values if self.optimizers.has_values else None,  # a dense model has no value tables
             tokens_per_s=tokens_per_s,
             step_time=now - out.start,
             flops=self.flops,
@@ -531,6 +531,7 @@ class Trainer:
         """Restore every checkpointed item from the run directory's latest checkpoint, if any."""
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
+            self.metrics.resumed_at(self.state.step)
             self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
             if self.save_checkpoints:  # the state's checkpoint until a step saves another (none: finished)
                 self.checkpoint = self.resume_from
@@ -748,7 +749,7 @@ def log_progress(
         "train/loss": losses[-1] if losses else float("nan"),
         **lrs,
         "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "train/value_grad_norm": float(value_grad_norm),
+        "train/value_grad_norm": float(value_grad_norm) if value_grad_norm is not None else None,
         "perf/tokens_per_s": tokens_per_s,
         "perf/step_time_s": step_time,
         "perf/mfu": utilisation,

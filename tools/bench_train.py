@@ -22,7 +22,9 @@ are read, not multiplied, so the table's size does not count. Reported per varia
   mfu_dense_equiv  the dense baseline's FLOPs per token x this variant's tokens/s / peak:
                    the MFU a memory model earns for doing its dense twin's work; equal to
                    the baseline's MFU exactly when both train equally fast.
-CPU runs have no peak (MFU n/a); the ratios still hold.
+The peak is the trainer's: train.peak_flops when given (an override, for a GPU missing from
+pretrain/metrics.py's table), else the device's. CPU runs have no peak (MFU n/a) unless
+train.peak_flops is given; the ratios still hold.
 
 A variant that fails (out of memory, say, without activation checkpointing) is a row of its
 own with the end of its error, and the others still run; the JSON and markdown are rewritten
@@ -62,7 +64,7 @@ def run_worker(spec: dict) -> dict:
     default_deepspeed_accelerator()  # before DeepSpeed is imported
     import pretrain.train as train_module
     from pretrain.config import load_config
-    from pretrain.metrics import device_peak_flops, memory_allocated
+    from pretrain.metrics import memory_allocated, run_peak_flops
     from pretrain.model import flops_per_token
 
     rss_start = memory_allocated(torch.device("cpu"))  # peak RSS so far
@@ -91,7 +93,8 @@ def run_worker(spec: dict) -> dict:
         "step_times": result.step_times[spec["warmup"] :],
         "tokens_per_step": cfg.train.global_batch * cfg.data.seq_len,
         "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)["total"],
-        "peak_flops": device_peak_flops(device),
+        # the trainer's MFU peak: train.peak_flops if given (a GPU missing from the table), else the device's
+        "peak_flops": run_peak_flops(device, cfg.train.peak_flops)[0],
         "peak_memory_bytes": memory_allocated(device),  # CUDA max allocated, or peak RSS
         "memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
         "rss_at_start_bytes": rss_start,

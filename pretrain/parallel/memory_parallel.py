@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from pretrain.config import OptimConfig
 from pretrain.model.config import ConfigError, choices_message, literal_fields
+from pretrain.optim import squared_norm
 from pretrain.parallel import accounting, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.sparse_adamw import SparseAdamW
@@ -173,8 +174,7 @@ class MemoryParallel:
         grads = self._grad_values()
         if not grads:
             return torch.zeros(())
-        # vector_norm reduces in place: no squared copy of an (N, d) gradient
-        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads]).sum()
+        sq = squared_norm(grads)  # float64: a float32 norm of the whole table drifts low on the CPU
         P = self.groups.parallel_size
         if P > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.memory_group)

@@ -104,3 +104,17 @@ def test_value_optimizers_are_memory_variants_each_against_the_dense_baseline(tm
         assert got == memory["median_step_s"] / rows["dense/eager/ac=none"]["median_step_s"]
     with pytest.raises(SystemExit, match="not among adamw, sparse_adamw, sparse_rowwise_adamw"):
         main(["--config", "configs/tiny.yaml", "--value-optimizers", "sgd"])
+
+
+def test_train_peak_flops_sets_the_mfu_peak_as_in_the_trainer(tmp_path):
+    """train.peak_flops (for a GPU missing from pretrain/metrics.py's table) is MFU's peak in the
+    trainer; bench_train ignored it and reported MFU n/a for such a GPU. On the CPU, which has no
+    peak of its own, the override is the peak: MFU = counted FLOPs per token x tokens/s / 1e12."""
+    out = tmp_path / "bench.json"
+    argv = ["--config", "configs/tiny.yaml", "--models", "memory", "--steps", "1", "--warmup", "0", "--rounds", "1"]
+    argv += ["--data-cache", str(tmp_path / "data"), "--json", str(out)]
+    argv += ["train.global_batch=2", "train.micro_batch=2", "train.peak_flops=1e12"]
+    assert main(argv) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["peak_flops"] == 1e12
+    assert r["mfu"] == pytest.approx(r["flops_per_token"] * 2 * 128 / r["median_step_s"] / 1e12, rel=1e-12)

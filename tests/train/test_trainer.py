@@ -352,6 +352,83 @@ def test_the_last_log_line_has_the_dense_grad_norm(tmp_path, data_cache, monkeyp
     assert [logged[2], logged[3]] == pytest.approx([reference[2], reference[3]], rel=1e-5)
 
 
+def test_the_logged_value_grad_norm_is_the_float64_norm_of_the_value_gradients(tmp_path, data_cache, monkeypatch):
+    """train/value_grad_norm (and the norm the value gradients are clipped by) against the norm of
+    the value shards' gradients taken in float64. The tiny table has 2M entries: a float32 norm of
+    the whole table, accumulated serially on the CPU, read 8.6e-5 low; a 2^26-entry table 0.6%."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.optimizers import Optimizers
+
+    reference, real_clip = {}, Optimizers.clip
+
+    def clip(self, measure_dense):  # before the clip scales the gradients
+        grads = [p.grad.double().flatten() for p in self.values.parameters() if p.grad is not None]
+        reference[len(reference) + 1] = float(torch.linalg.vector_norm(torch.cat(grads)))
+        return real_clip(self, measure_dense)
+
+    monkeypatch.setattr(Optimizers, "clip", clip)
+    overrides = ["train.max_steps=2", "train.log_every=1", "model.memory.n_keys=128", "model.memory.v_dim=128"]
+    train(tiny_config(tmp_path / "run", data_cache, *overrides), save_checkpoints=False)  # 16K x 128 values
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged = {e.step: e.value for e in board.Scalars("train/value_grad_norm")}
+    assert logged.keys() == {1, 2}
+    # float32 in TensorBoard: 6e-8 relative rounding
+    assert [logged[1], logged[2]] == pytest.approx([reference[1], reference[2]], rel=1e-6)
+
+
+def test_a_model_without_memory_layers_logs_no_value_scalars(tmp_path, data_cache):
+    """model.memory.layers=[] has no value tables: no train/lr_values nor train/value_grad_norm.
+    Before, it logged optim.value_lr's schedule and a value gradient norm of 0 for tables it did
+    not have (in TensorBoard beside a memory run, a value pool that seemed to learn nothing)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.lr_schedule import learning_rates
+
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=2", "train.log_every=1", "model.memory.layers=[]")
+    train(cfg, save_checkpoints=False)
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = set(board.Tags()["scalars"])
+    assert {"train/lr_dense", "train/grad_norm", "train/loss"} <= scalars
+    assert not {"train/lr_values", "train/value_grad_norm"} & scalars, scalars
+    logged = [e.value for e in board.Scalars("train/lr_dense")]
+    assert logged == pytest.approx([learning_rates(step, cfg)[0] for step in (0, 1)])  # the schedule's
+
+
+def test_tensorboard_shows_the_resumed_run_after_a_rollback(tmp_path, data_cache):
+    """A run rolled back to its step-2 checkpoint (README: write an earlier tag into `latest`; a crash
+    after the last checkpoint is the same) logs steps 3-4 again. TensorBoard must show each step
+    once, the resumed run's from step 3 on. Before, it showed both runs' steps 3-4: the loss curve
+    ran to step 4 and jumped back to 3 with other values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    opts = ["train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+    first = train(tiny_config(tmp_path / "run", data_cache, *opts))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002")
+    # another rate after the rollback (as after a loss spike), so the two runs' steps 3-4 differ
+    second = train(
+        tiny_config(tmp_path / "run", data_cache, *opts, "optim.lr=1e-3", "optim.allow_schedule_change=true")
+    )
+    assert len(first.losses) == 4 and len(second.losses) == 2 and second.losses != first.losses[2:]
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert [value for _, value in logged] == pytest.approx(first.losses[:2] + second.losses)
+
+
+def test_squared_norm_against_float64():
+    """The norm helper on a 2^24-entry tensor of small gradients: the float64 norm's square,
+    where a float32 vector_norm of the whole tensor is 2.6e-4 low on the CPU."""
+    from pretrain.optim import squared_norm
+
+    g = torch.randn(2**17, 128, generator=torch.Generator().manual_seed(0)) * 1e-5
+    bias = torch.randn(7, generator=torch.Generator().manual_seed(1))
+    expected = torch.linalg.vector_norm(g.double()) ** 2 + torch.linalg.vector_norm(bias.double()) ** 2
+    assert squared_norm([g, bias]).dtype == torch.float64
+    # each row's norm is rounded to float32 (6e-8 relative)
+    assert squared_norm([g, bias]).item() == pytest.approx(expected.item(), rel=1e-7)
+
+
 def test_slot_table_names_each_block_by_its_own_accesses(tmp_path, data_cache, monkeypatch):
     """memory.layers=[2, 0] (not in block order): the table's 'layers.<i>' counts are the slots
     block i read. Before, the counters were named in config order but fed in block order, so
