@@ -479,7 +479,7 @@ class Trainer:
             self.metrics,
             self.cfg,
             self.state,
-            self.losses,
+            out.loss if out.applied else None,  # a skipped step has no loss to show (logged as skipped)
             self.optimizers.lrs(out.multiplier),
             self.optimizers.dense_grad_norm(out.norms),
             out.norms.values if self.optimizers.has_values else None,  # a dense model has no value tables
@@ -726,7 +726,7 @@ def log_progress(
     metrics: MetricsLogger,
     cfg: RunConfig,
     state: TrainState,
-    losses: list[float],
+    loss: float | None,
     lrs: dict,
     grad_norm,
     value_grad_norm,
@@ -741,12 +741,14 @@ def log_progress(
     z_loss: float | None = None,
 ) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval.
+    `loss`: the interval's last step's, None when that step was skipped (no train/loss is
+    logged under it, rather than an earlier step's).
 
     `data_wait`: each rank's fraction of the interval spent waiting for batches; the largest is
     logged with its rank (the input pipeline that holds the others back, if any)."""
     utilisation = mfu(flops, tokens_per_s, world_size, peak)
     scalars = {
-        "train/loss": losses[-1] if losses else float("nan"),
+        "train/loss": loss,
         **lrs,
         "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
         "train/value_grad_norm": float(value_grad_norm) if value_grad_norm is not None else None,
@@ -768,7 +770,7 @@ def log_progress(
         waits = f" data {_fmt(data_wait[slowest], percent=True)}" + (f" (rank {slowest})" if len(data_wait) > 1 else "")
     metrics.scalars(scalars, state.step)
     metrics.line(
-        f"step {state.step}/{cfg.train.max_steps} loss {scalars['train/loss']:.4f} "
+        f"step {state.step}/{cfg.train.max_steps} loss {'skipped' if loss is None else f'{loss:.4f}'} "
         f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
         f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}{waits}"
     )

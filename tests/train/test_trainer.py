@@ -167,6 +167,11 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
     assert result.skipped_steps == 1 and len(result.losses) == 4 and len(reads) == 10
     reason = "non-finite loss" if poison == "loss" else "non-finite gradients"
     assert f"step 3: {reason}" in capsys.readouterr().out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged = {e.step: e.value for e in board.Scalars("train/loss")}  # step 3 had none (it showed step 2's)
+    assert list(logged) == [1, 2, 4, 5] and list(logged.values()) == pytest.approx(result.losses, rel=1e-6)
     applied = reads[:4] + reads[6:]  # forwards 5 and 6 were step 3's
     table = load_table(tmp_path / "run" / "checkpoints")
     counts = torch.bincount(torch.cat([i.reshape(-1) for i in applied]), minlength=table.num_slots)
