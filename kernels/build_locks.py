@@ -6,16 +6,28 @@ leaves the file behind, and every later process that loads the op then waits for
 silently. `clear_stale_build_locks()` waits for a lock while it is younger than `max_age_s` (a
 build takes under a minute: a live one finishes meanwhile) and removes one older than that,
 saying which. Runs before anything loads an op: at trainer start and before the CPU ops load.
+
+Every rank of a job clears at start-up, and the ranks build as soon as the lock is gone, so a
+lock may be replaced between reading its age and removing it (another rank removed the stale
+lock and a build took it afresh). Removing by path would then delete that build's lock and let a
+second build run beside it. So the clearing processes take turns (`flock` on a file in the
+extensions folder, where the filesystem offers it), and a stale lock is renamed aside first and
+removed only if the file moved is the one whose age was read (same inode and mtime); a fresh
+lock caught instead is linked back under its name (a link never replaces a lock taken meanwhile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MAX_AGE_S = 600.0  # ten times the longest build seen here (DeepSpeed's CPU comm op, ~40 s)
+TURNS_FILE = ".memlayers-clearing-build-locks"  # what the clearing processes flock to take turns
 
 
 def extensions_root() -> Path:
@@ -47,12 +59,11 @@ def clear_stale_build_locks(
     while True:
         young = []
         for lock in build_locks(root):
-            try:
-                age = time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                continue  # its build just finished
+            with _turn(root):
+                age = _remove_if_stale(lock, max_age_s)
+            if age is None:
+                continue  # its build just finished, or another process removed it
             if age > max_age_s:
-                lock.unlink(missing_ok=True)
                 removed.append(lock)
                 say(
                     f"removed a stale build lock {lock} ({age / 60:.0f} min old: a build of {lock.parent.name} was "
@@ -70,3 +81,52 @@ def clear_stale_build_locks(
                     f"as stale at {max_age_s:.0f} s)"
                 )
         time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def _turn(root: Path) -> Iterator[None]:
+    """This process's turn among those clearing `root` (an exclusive flock); no turns where the
+    folder cannot hold the file or the filesystem has no flock (the rename check below still holds)."""
+    import fcntl
+
+    try:
+        fd = os.open(root / TURNS_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _remove_if_stale(lock: Path, max_age_s: float) -> float | None:
+    """The lock's age in seconds, having removed it if older than `max_age_s`; None if it is gone."""
+    try:
+        seen = os.stat(lock)
+    except FileNotFoundError:
+        return None
+    age = time.time() - seen.st_mtime
+    if age <= max_age_s:
+        return age
+    aside = lock.with_name(f".{lock.name}.stale-{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return None
+    moved = os.stat(aside)
+    if (moved.st_dev, moved.st_ino, moved.st_mtime_ns) == (seen.st_dev, seen.st_ino, seen.st_mtime_ns):
+        os.unlink(aside)
+        return age
+    # A build took the lock between the stat and the rename: give it back, unless yet another build
+    # took the free name meanwhile (then that one holds it; the moved file is its own build's to remove).
+    try:
+        os.link(aside, lock)
+    except FileExistsError:
+        pass
+    os.unlink(aside)
+    return min(time.time() - moved.st_mtime, max_age_s)  # a live build's: waited for
