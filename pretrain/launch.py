@@ -145,6 +145,8 @@ _TEMPLATE_OPTIONS = {
     "--gpus": "use --nodes and --gpus-per-node",
     "-G": "use --nodes and --gpus-per-node",
     "--gpus-per-task": "use --gpus-per-node (one task per GPU)",
+    "--gpus-per-socket": "use --gpus-per-node",
+    "--cpus-per-gpu": "use --cpus-per-task",
     "--cpus-per-task": "use --cpus-per-task",
     "-c": "use --cpus-per-task",
     "--time": "use --time",
@@ -181,6 +183,31 @@ def _template_option(token: str) -> str | None:
         return matches[0] if len(matches) == 1 else None
     if token.startswith("-") and len(token) >= 2:
         return token[:2] if token[:2] in _TEMPLATE_OPTIONS else None
+    return None
+
+
+# Options whose value may ask for GPUs (or CPUs) beside other resources: `--gres=gpu:8` (as
+# `--gres=gpu:a100:8` or among others, `--gres=nvme:1,gpu:2`) also sets the GPUs per node past
+# --gpus-per-node, while `--gres=nvme:1` is the site's business. `--tres-per-task` (Slurm 23.11+)
+# takes `gres/gpu=1` for --gpus-per-task and `cpu=4` for --cpus-per-task.
+_RESOURCE_LISTS = {
+    "--gres": "use --gpus-per-node (the script requests the GPUs per node)",
+    "--tres-per-task": "use --gpus-per-node (one task per GPU) and --cpus-per-task",
+}
+
+
+def _resource_list_option(tokens: list[str], i: int) -> str | None:
+    """The option of `_RESOURCE_LISTS` that `tokens[i]` (with its value, there or in the next token)
+    uses to ask for GPUs or CPUs, or None."""
+    name, has_value, value = tokens[i].partition("=")
+    if not has_value:
+        value = tokens[i + 1] if i + 1 < len(tokens) else ""
+    if name == "--gres" or (name.startswith("--tres-p") and "--tres-per-task".startswith(name)):
+        option = "--gres" if name == "--gres" else "--tres-per-task"
+        for entry in value.lower().split(","):
+            resource = re.split(r"[:=]", entry, maxsplit=1)[0]
+            if resource in ("gpu", "gres/gpu", "gres:gpu") or (option == "--tres-per-task" and resource == "cpu"):
+                return option
     return None
 
 
@@ -227,12 +254,19 @@ def _check_options(opts: SlurmOptions) -> None:
                 f"--sbatch {line!r} cannot be split into words ({err}): close its quotes, or drop them "
                 "(#SBATCH values take no quotes)"
             ) from None
-        for token in tokens:
+        for i, token in enumerate(tokens):
             name = _template_option(token)
             if name is not None:
                 raise SubmitError(
                     f"--sbatch {line!r} sets {name}, which the script sets itself (a later #SBATCH line would "
                     f"override it, past the checks of the job's ranks and run directory): {_TEMPLATE_OPTIONS[name]}"
+                )
+            name = _resource_list_option(tokens, i)
+            if name is not None:
+                raise SubmitError(
+                    f"--sbatch {line!r} asks for GPUs or CPUs through {name}, which the script requests itself "
+                    f"(--gpus-per-node, --cpus-per-task: the job would get another count than its ranks were "
+                    f"checked for): {_RESOURCE_LISTS[name]}"
                 )
 
 

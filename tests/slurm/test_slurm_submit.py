@@ -702,3 +702,29 @@ def test_sbatch_takes_the_last_directive_so_extra_options_may_not_set_the_script
     for option in ("--mem=0", "--exclusive", "--hold", "--time-min=5", "--nodelist=n1", "--mail-type=END"):
         rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
         assert rc == 0 and f"#SBATCH {option}" in out, (option, err)
+
+
+def test_extra_options_may_not_ask_for_gpus_past_gpus_per_node(capsys, tmp_path):
+    """--sbatch=--gres=gpu:2 (a later #SBATCH line) asked for 2 GPUs per node under a script that
+    requests 8 and starts 8 ranks; GPU counts come from --gpus-per-node, so such a request is
+    refused naming that option. Other generic resources (a local disk) pass."""
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--dry-run"]
+    for option, named in [
+        ("--gres=gpu:2", "--gres"),
+        ("--gres=gpu", "--gres"),
+        ("--gres=gpu:a100:4", "--gres"),
+        ("--gres=nvme:1,gpu:2", "--gres"),
+        ("--gres=GPU:2", "--gres"),
+        ("--gres gpu:2", "--gres"),  # the value as the next word, as sbatch reads it too
+        ("--tres-per-task=gres/gpu=1", "--tres-per-task"),
+        ("--tres-per-task=cpu=4", "--tres-per-task"),
+    ]:
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 2 and out == "", (option, err)
+        assert f"through {named}, which the script requests itself" in err and "use --gpus-per-node" in err, err
+    for option, fix in [("--gpus-per-socket=2", "use --gpus-per-node"), ("--cpus-per-gpu=4", "use --cpus-per-task")]:
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 2 and "which the script sets itself" in err and fix in err, (option, err)
+    for option in ("--gres=nvme:1", "--gres-flags=enforce-binding", "--gres=none", "--tres-per-task=license/x=1"):
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 0 and f"#SBATCH {option}" in out, (option, err)
