@@ -51,6 +51,7 @@ from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
+from pretrain.slots.summary import usage_lines  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
 from pretrain.train_state import RankState, TrainState  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
@@ -813,9 +814,13 @@ def _fmt(value: float | None, percent: bool = False) -> str:
 
 
 def log_slot_statistics(stats, metrics: MetricsLogger, step: int) -> None:
-    """Slot usage over all ranks, cumulative and since the last call (a collective)."""
+    """Slot usage over all ranks, cumulative and since the last call (a collective): TensorBoard
+    scalars and histograms, and a console line per counter printing those scalars."""
     reduced = stats.reduce(close_interval=True)
-    metrics.scalars(reduced.summary(interval=True), step)
+    scalars = reduced.summary(interval=True)
+    metrics.scalars(scalars, step)
+    for line in usage_lines(scalars, reduced.layer_names, *reduced.last_interval()):
+        metrics.line(line)
     for name, hist in reduced.histograms().items():
         metrics.histogram(name, hist, step)
 

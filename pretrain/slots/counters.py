@@ -377,6 +377,13 @@ class SlotStatistics:
                     out[f"slots/{n}/interval/{k}"] = v
         return out
 
+    def last_interval(self) -> tuple[int, int]:
+        """First and last step of the interval that the latest reduce(close_interval=True) closed."""
+        steps = self.history["step"]
+        if not steps:
+            raise RuntimeError("no interval closed yet: call reduce(close_interval=True) first")
+        return (steps[-2] + 1 if len(steps) > 1 else 1), steps[-1]
+
     def histograms(self) -> dict[str, torch.Tensor]:
         """log10(1 + count) per slot, cumulative and over the current interval (CPU float32)."""
         out = {}
