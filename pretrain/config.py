@@ -9,7 +9,7 @@ Three kinds of checks, so that tools which only read a config need no environmen
 - `check_datasets(cfg)`: the prepared datasets named by data.dir / data.sources exist and
   agree (reads their manifests; `load_config` runs it);
 - `check_runtime(cfg, world_size, device_type)`: what depends on where the run starts (world
-  size, device, kernels available; enough shards for ranks x data.num_workers); the trainer
+  size, device, kernels available; a row for each of ranks x data.num_workers); the trainer
   and tools/submit call it.
 String choices are `Literal` types, checked from the annotation (model/config.py).
 """
@@ -591,7 +591,7 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
             raise ConfigError(
                 f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
             )
-        if cfg.data.dir or cfg.data.sources:  # the prepared datasets' shards go round ranks x workers
+        if cfg.data.dir or cfg.data.sources:  # the prepared datasets' rows go round ranks x workers
             from pretrain.data.checks import check_readers
             from pretrain.data.errors import DataError
             from pretrain.data.sources import resolve_sources

@@ -409,14 +409,12 @@ def plan_run(
         script=script,
         config_text=config_text,
         code_dir=code_dir,
-        plan=_plan_lines(cfg, world_size(opts)),
+        plan=_plan_lines(cfg),
     )
 
 
-def _plan_lines(cfg, ranks: int) -> list[str]:
-    """The run's tokens, epochs per prepared source, parameters and FLOPs (pretrain/run_plan.py),
-    and how evenly each source's shards go round the `ranks` x data.num_workers readers."""
-    from pretrain.data.checks import uneven_readers
+def _plan_lines(cfg) -> list[str]:
+    """The run's tokens, epochs per prepared source, parameters and FLOPs (pretrain/run_plan.py)."""
     from pretrain.data.sources import resolve_sources
     from pretrain.run_plan import describe_plan, training_plan
 
@@ -424,9 +422,7 @@ def _plan_lines(cfg, ranks: int) -> list[str]:
         sources = resolve_sources(cfg.data, cfg.data.seq_len)  # [] for the embedded corpus: built by the job
     except DataError as err:
         raise SubmitError(str(err)) from None
-    return describe_plan(training_plan(cfg, sources)) + uneven_readers(
-        sources, ranks, cfg.data.num_workers, cfg.train.seed
-    )
+    return describe_plan(training_plan(cfg, sources))
 
 
 # What a resubmitted run may change: how its data is read (the trainer re-plans the data

@@ -561,7 +561,6 @@ class Trainer:
 def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: HangWatchdog) -> Trainer:
     """Everything a run needs, checked before anything heavy: data, run directory, model,
     optimizers, loaders, slot statistics, metrics, evaluation; the checkpoint items declared."""
-    from pretrain.data.checks import uneven_readers
     from pretrain.parallel.compile import compile_objective
     from pretrain.slots.checkpoint_item import SlotTableWriter
 
@@ -575,8 +574,6 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
     metrics.line(describe_data(cfg, sources, tokenizer))
     own_data = bool(cfg.data.dir or cfg.data.sources)
     for line in describe_plan(training_plan(cfg, sources), note_repeats=own_data):
-        metrics.line(line)
-    for line in uneven_readers(sources, info.world_size, cfg.data.num_workers, cfg.train.seed) if own_data else ():
         metrics.line(line)
     peak, unknown_peak = run_peak_flops(info.device, cfg.train.peak_flops)
     if unknown_peak:

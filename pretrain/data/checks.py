@@ -29,54 +29,17 @@ def _check_split(dataset_dir: str | Path, split: str, fix: str) -> None:
 
 
 def check_readers(sources: list, world_size: int, num_workers: int) -> None:
-    """Raise DataError naming the dataset and the fix if a source's train split has fewer shards
-    than the run has readers (ranks x data-loader workers): the loader gives each reader whole
-    shards and would refuse it only once the model is built."""
+    """Raise DataError naming the dataset and the fix if a source's train split has fewer sequences
+    than the run has readers (ranks x data-loader workers): the loader splits each epoch's rows
+    evenly over the readers, each needs at least one, and it would refuse only once the model is
+    built. Any number of shards is fine (a reader may read pieces of shards)."""
     workers = max(1, num_workers)
     readers = world_size * workers
     for source in sources:
-        train = source.manifest["splits"]["train"]
-        shards, sequences = len(train["shards"]), int(train["sequences"])
-        if shards >= readers:
-            continue
-        fix = (
-            f"re-run tools/prepare_data.py with --sequences-per-shard {sequences // readers} or less"
-            if sequences >= readers
-            else f"it holds only {sequences} sequences: train it on fewer ranks, or add text"
-        )
-        raise DataError(
-            f"the 'train' split of {source.dir} has {shards} shard(s) but {world_size} ranks x {workers} "
-            f"data.num_workers = {readers} readers need at least one each: lower data.num_workers, or {fix}"
-        )
-
-
-def uneven_readers(sources: list, world_size: int, num_workers: int, seed: int) -> list[str]:
-    """Log lines for each source whose train shards do not go evenly round the run's readers
-    (ranks x data-loader workers). Every reader takes whole shards and all read at one pace, so a
-    reader with fewer rows starts its next epoch while others are still in theirs: over one pass's
-    worth of steps, about as many rows are read twice as are not read at all. The count is that of
-    epoch 0's split (`pretrain.data.loader`), the rows each reader lacks of an equal share."""
-    from pretrain.data.loader import _scheme
-
-    workers = max(1, num_workers)
-    readers = world_size * workers
-    lines = []
-    for source in sources:
-        rows = [int(s["sequences"]) for s in source.manifest["splits"]["train"]["shards"]]
-        if not len(rows) % readers or len(rows) < readers:  # as many shards each; or too few (check_readers)
-            continue
-        per_reader = [sum(rows[k] for k in _scheme(seed, 0, len(rows), c, readers)) for c in range(readers)]
-        share = sum(rows) / readers
-        twice = round(sum(max(0.0, share - r) for r in per_reader))
-        if twice * 100 < sum(rows):  # under 1%
-            continue
-        counts = sorted((len(_scheme(seed, 0, len(rows), c, readers)) for c in range(readers)), reverse=True)
-        lines.append(
-            f"data: {source.name}: {len(rows)} shards over {readers} readers ({world_size} ranks x {workers} "
-            f"data.num_workers; {'/'.join(map(str, counts)) if readers <= 8 else f'{counts[-1]} to {counts[0]}'} "
-            f"shards each), read at one pace: over one pass's worth of steps about {twice} of its "
-            f"{sum(rows)} rows ({100 * twice / sum(rows):.0f}%) are read twice and as many not at all; a shard "
-            "count that is a multiple of the readers, or many shards per reader (--sequences-per-shard), "
-            "keeps them level"
-        )
-    return lines
+        sequences = int(source.manifest["splits"]["train"]["sequences"])
+        if sequences < readers:
+            raise DataError(
+                f"the 'train' split of {source.dir} has {sequences} sequences but {world_size} ranks x {workers} "
+                f"data.num_workers = {readers} readers need at least one each: lower data.num_workers, train on "
+                "fewer ranks, or add text"
+            )

@@ -1,10 +1,23 @@
 """Streaming, exactly resumable batches from prepared shards.
 
-Work split: every epoch the split's shards are permuted by (seed, epoch); consumer
-c = rank * W + worker (W = max(1, num_workers)) reads shards perm[c::world_size * W],
-so ranks and DataLoader workers never share a shard and together read every shard once.
+Work split: every epoch the split's shards are permuted by (seed, epoch), and their rows, in
+that order, make one sequence of N rows, cut into C = world_size * W contiguous, equal parts
+(W = max(1, num_workers)): part p is rows [p * N // C, (p + 1) * N // C). Consumer c = rank * W
++ worker reads part (c + epoch) % C, as a list of pieces (shard, first row, end row). Ranks and
+DataLoader workers never share a row, together read every row once per epoch, and every reader
+holds N // C or N // C + 1 rows of it. The parts move round the readers from epoch to epoch, so
+the readers holding one row more take turns: after any number of epochs each has read within
+one row of epochs x N / C, and readers taking rows at one pace start each epoch within two rows
+of each other.
 
-Position: each consumer's place is (epoch, shard index in its list, row in that shard,
+Loader states of versions 1 and 2 (before 2026-12-06) were saved under the old scheme, whole
+shards per reader (reader c reads the shards perm[c::C]; a shard count that is not a multiple
+of C leaves the readers unequal, so at one pace some re-read rows while others are still in
+their first pass). Such a state resumes that scheme ("scheme": "shards" in its state), so the
+run continues with bitwise the batches it would have had; `load_resharded` (another number of
+ranks or workers, batch size or shuffle buffer) moves it to the row split from there on.
+
+Position: each consumer's place is (epoch, piece index in its list, row in that shard,
 rows already emitted from the window starting there). A window is the next
 `shuffle_buffer` rows (permuted by (seed, epoch, consumer, window start)) or, without
 shuffling, the next `batch_size` rows. Every batch carries its consumer's position after
@@ -13,9 +26,9 @@ worker the DataLoader's round robin asks next, so `state_dict()` is a few intege
 worker and a rebuilt loader continues with exactly the same batches.
 
 Another number of ranks or workers: `load_resharded(all old ranks' states)` turns what the
-saved run had left of its current epoch into an explicit list of (shard, first row) per
-new consumer (the "plan", part of `state_dict()`); see its docstring for what it
-guarantees. Epochs after that one follow the scheme above with the new consumer count.
+saved run had left of its current epoch into an explicit list of pieces per new consumer
+(the "plan", part of `state_dict()`); see its docstring for what it guarantees. Epochs after
+that one follow the row split with the new consumer count.
 """
 
 from __future__ import annotations
@@ -35,7 +48,8 @@ from pretrain.data.shards import CorruptShardError, read_blocks, read_manifest, 
 from pretrain.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
-STATE_VERSION = 2  # 2 added "plan" (after load_resharded); version 1 states still load
+STATE_VERSION = 3  # 3 split rows across readers ("scheme"); 2 added "plan" (after load_resharded); 1 and 2 still load
+ROWS, SHARDS = "rows", "shards"  # a state's work split: rows (version 3 on), whole shards (versions 1 and 2)
 RESHARD_FIX = (
     "a run saved on another number of ranks or workers continues with load_resharded and the states of all its ranks"
 )
@@ -81,35 +95,55 @@ def check_same_settings(saved: dict, now: dict, what: str, fix: str) -> None:
         )
 
 
-def _scheme(seed: int, epoch: int, n_shards: int, consumer: int, consumers: int) -> list[int]:
-    """Shard indices consumer `consumer` of `consumers` reads in `epoch`: perm(seed, epoch)[consumer::consumers]."""
-    return np.random.default_rng([seed, epoch]).permutation(n_shards)[consumer::consumers].tolist()
+def _order(seed: int, epoch: int, n_shards: int) -> list[int]:
+    """The shard order of `epoch`: a permutation seeded by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_shards).tolist()
 
 
-def _work(settings: dict, plan: dict | None, n_shards: int, worker: int, epoch: int) -> list[list[int]]:
-    """[shard index, first row] of each shard a rank's `worker` reads in `epoch`: the plan's list
-    for the epoch a reshard left, else the scheme's (first row 0)."""
+def _part(pieces: list[list[int]], part: int, parts: int) -> list[list[int]]:
+    """Part `part` of `parts` contiguous, equal parts of the rows of `pieces` ([shard, first row,
+    end row], in order): their rows [part * n // parts, (part + 1) * n // parts), as pieces."""
+    n = sum(end - first for _, first, end in pieces)
+    lo, hi, at, out = part * n // parts, (part + 1) * n // parts, 0, []
+    for shard, first, end in pieces:
+        a, b = max(lo - at, 0), min(hi - at, end - first)
+        if a < b:
+            out.append([shard, first + a, first + b])
+        at += end - first
+    return out
+
+
+def _rows(pieces: list[list[int]]) -> int:
+    return sum(end - first for _, first, end in pieces)
+
+
+def _work(scheme: str, settings: dict, plan: dict | None, sizes: list[int], worker: int, epoch: int) -> list[list[int]]:
+    """[shard index, first row, end row] of each piece a rank's `worker` reads in `epoch`: the
+    plan's list for the epoch a reshard left, else the scheme's (see the module docstring)."""
     if plan is not None and plan["epoch"] == epoch:
         return plan["work"][worker]
     consumer, consumers = settings["rank"] * settings["workers"] + worker, settings["world_size"] * settings["workers"]
-    return [[k, 0] for k in _scheme(settings["seed"], epoch, n_shards, consumer, consumers)]
+    order = _order(settings["seed"], epoch, len(sizes))
+    if scheme == SHARDS:
+        return [[k, 0, sizes[k]] for k in order[consumer::consumers]]
+    return _part([[k, 0, sizes[k]] for k in order], (consumer + epoch) % consumers, consumers)
 
 
 class _Cursor:
-    """Reads rows of one consumer's shard list from (shard i, row j) onwards; shard k from row starts[k]."""
+    """Reads the rows of one consumer's pieces (shard, first row, end row) from (piece i, row j) onwards."""
 
-    def __init__(self, loader: "ShardLoader", shards: list[dict], starts: list[int], i: int, j: int, stats: dict):
-        self.loader, self.shards, self.starts, self.stats = loader, shards, starts, stats
+    def __init__(self, loader: "ShardLoader", work: list[list[int]], i: int, j: int, stats: dict):
+        self.loader, self.work, self.stats = loader, work, stats
         self.i, self.j = i, j
         self._blocks = None
         self._tok = self._meta = None
         self._off = 0
-        if self.i < len(self.shards):
-            self.j = max(j, starts[i])  # (0, 0) is the start of an epoch whose first shard begins later
+        if self.i < len(self.work):
+            self.j = max(j, work[i][1])  # (0, 0) is the start of an epoch whose first piece begins later
             self._open(skip=self.j)
 
     def _open(self, skip: int) -> None:
-        shard = self.shards[self.i]
+        shard = self.loader.shards[self.work[self.i][0]]
         self._blocks = read_blocks(
             self.loader.root / shard["path"],
             self.loader.width,
@@ -130,7 +164,7 @@ class _Cursor:
             self._tok = None
 
     def _next_block(self) -> bool:
-        """Load the next block of shard i; on its end or a skipped corruption move to shard i+1."""
+        """Load the next block of piece i's shard; on its end or a skipped corruption move to piece i+1."""
         try:
             self._tok, self._meta = next(self._blocks)
             self._off = 0
@@ -142,28 +176,40 @@ class _Cursor:
                 raise
             self.stats["corrupt_shards_skipped"] = self.stats.get("corrupt_shards_skipped", 0) + 1
             warnings.warn(f"skipping the rest of a shard (data.on_corrupt=skip): {err}", stacklevel=2)
-        self._blocks = None
-        self._tok = None
-        self.i, self.j = self.i + 1, self._start(self.i + 1)
-        if self.i < len(self.shards):
-            self._open(skip=self.j)
+        self._move()
         return False
 
-    def _start(self, i: int) -> int:
-        return self.starts[i] if i < len(self.starts) else 0
+    def _move(self) -> None:
+        """On to piece i+1, its shard opened at the piece's first row."""
+        if self._blocks is not None:
+            self._blocks.close()
+        self._blocks = None
+        self._tok = None
+        self.i, self.j = self.i + 1, self._first(self.i + 1)
+        if self.i < len(self.work):
+            self._open(skip=self.j)
+
+    def _first(self, i: int) -> int:
+        return self.work[i][1] if i < len(self.work) else 0
 
     def position(self) -> tuple[int, int]:
-        if self.i < len(self.shards) and self.j >= self.shards[self.i]["sequences"]:
-            return self.i + 1, self._start(self.i + 1)
+        if self.i < len(self.work) and self.j >= self.work[self.i][2]:
+            return self.i + 1, self._first(self.i + 1)
         return self.i, self.j
 
     def take(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         toks, metas, n = [], [], 0
-        while n < k and self.i < len(self.shards):
+        while n < k and self.i < len(self.work):
+            shard, _, end = self.work[self.i]
+            if self.j >= end:
+                # a piece that ends its shard reads on to the shard's end, where read_blocks checks its sha256
+                if end < self.loader.sizes[shard] or self._next_block():
+                    self._move()
+                continue
             if self._tok is None or self._off >= len(self._tok):
                 self._next_block()
                 continue
-            t = min(k - n, len(self._tok) - self._off)
+            t = min(k - n, len(self._tok) - self._off, end - self.j)
             toks.append(self._tok[self._off : self._off + t])
             metas.append(self._meta[self._off : self._off + t])
             self._off += t
@@ -226,11 +272,12 @@ class ShardLoader:
             raise DataError(f"split {split!r} of {self.root} is empty (no shards): {why}")
         self.workers = max(1, num_workers)
         consumers = world_size * self.workers
-        if len(self.shards) < consumers:
+        self.sizes = [int(s["sequences"]) for s in self.shards]
+        if sum(self.sizes) < consumers:
             raise DataError(
-                f"split {split!r} of {self.root} has {len(self.shards)} shards but {world_size} ranks x "
-                f"{self.workers} workers = {consumers} readers need at least one each: lower data.num_workers, "
-                f"or re-run tools/prepare_data.py with a smaller --sequences-per-shard"
+                f"split {split!r} of {self.root} has {sum(self.sizes)} sequences but {world_size} ranks x "
+                f"{self.workers} workers = {consumers} readers need at least one each: lower data.num_workers "
+                "or the number of ranks, or add text"
             )
         self.split, self.batch_size, self.seq_len = split, batch_size, manifest["seq_len"]
         self.width, self.token_dtype, self.eos_id = manifest["seq_len"] + 1, manifest["token_dtype"], manifest["eos_id"]
@@ -248,7 +295,8 @@ class ShardLoader:
         self._next_worker = 0
         self._worker_stats: list[dict] = [{} for _ in range(self.workers)]
         self._batches = 0
-        self._plan: dict | None = None  # {"epoch": e, "work": per worker [[shard, first row], ...]} of a reshard
+        self._plan: dict | None = None  # {"epoch": e, "work": per worker [[shard, first row, end row], ...]}
+        self._scheme = ROWS  # SHARDS only for a run resumed from a state of version 1 or 2
 
     @property
     def stats(self) -> dict:
@@ -279,7 +327,8 @@ class ShardLoader:
             "next_worker": self._next_worker,
             "worker_stats": [dict(s) for s in self._worker_stats],
             "batches": self._batches,
-            "plan": _copy_plan(self._plan),
+            "plan": _copy_plan(self._plan, self.sizes),
+            "scheme": self._scheme,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -296,7 +345,8 @@ class ShardLoader:
         self._next_worker = int(state["next_worker"])
         self._worker_stats = [dict(s) for s in state["worker_stats"]]
         self._batches = int(state["batches"])
-        self._plan = _copy_plan(state.get("plan"))
+        self._plan = _copy_plan(state.get("plan"), self.sizes)
+        self._scheme = _scheme_of(state)
 
     def needs_reshard(self, state: dict) -> bool:
         """True when `state` was saved with another reading layout (ranks, workers, batch size or
@@ -311,56 +361,58 @@ class ShardLoader:
         rank passes the same list, computes the same global plan and keeps its own consumers' part,
         so the new consumers share the rest of the data without overlap. With e the earliest epoch
         of any old consumer, the rest of epoch e is, per old consumer still in e at (i, j, skip):
-        its shard i from row j on, then its later shards of that epoch. Each of these items goes,
-        in that order, to the new consumer with the fewest rows planned so far (the lowest on ties);
-        epoch e is then this explicit plan, and epochs e+1, ... follow the usual scheme with the
-        new consumer count. Every row of epoch e is read; rows read twice are only the `skip` rows
-        an old consumer had emitted from its shuffle (or batch) window starting at (i, j), which is
-        re-read whole (less than one window per old consumer), and whatever old consumers already
-        past epoch e had read of later epochs (read again there in the new layout). The summary
-        counts them. The plan is in `state_dict()`, so a resharded run resumes exactly on the same
-        ranks and workers. Split, seed and shards must match; batch size, shuffle_buffer, ranks
-        and workers may change. The counters of the old run (batches, corrupt shards skipped)
-        move to new rank 0's first worker, so their sums over ranks are kept.
+        its piece i from row j on, then its later pieces of that epoch. These rows, in that order,
+        are cut into as many contiguous, equal parts as there are new consumers (consumer c the
+        c-th; shares differ by at most one row); epoch e is then this explicit plan, and epochs
+        e+1, ... follow the row split with the new consumer count (also for a run saved under the
+        old whole-shard scheme, which a reshard ends). Every row of epoch e is read; rows read
+        twice are only the `skip` rows an old consumer had emitted from its shuffle (or batch)
+        window starting at (i, j), which is re-read whole (less than one window per old consumer),
+        and whatever old consumers already past epoch e had read of later epochs (read again there
+        in the new layout). The summary counts them. The plan is in `state_dict()`, so a resharded
+        run resumes exactly on the same ranks and workers. Split, seed and shards must match;
+        batch size, shuffle_buffer, ranks and workers may change. The counters of the old run
+        (batches, corrupt shards skipped) move to new rank 0's first worker, so their sums over
+        ranks are kept.
         """
-        old = _saved_consumers(states, self._settings())
+        old = _saved_consumers(states, self._settings(), self.sizes)
         e = min(c.position[0] for c in old)
-        items = [item for c in old if c.position[0] == e for item in self._rest_of_epoch(c)]
-        partly = sum(start > 0 or emitted for _, start, emitted in items)
+        rest = [piece for c in old if c.position[0] == e for piece in self._rest_of_epoch(c)]
+        partly = sum(started for *_, started in rest)
         twice = sum(c.position[3] if c.position[0] == e else self._rows_past(c, e) for c in old)
-        rows = [self.shards[shard]["sequences"] - start for shard, start, _ in items]
-        mine = self.rank * self.workers
-        dealt = _deal([[shard, start] for shard, start, _ in items], rows, self.world_size * self.workers)
+        pieces = [piece for *piece, _ in rest]
+        consumers, mine = self.world_size * self.workers, self.rank * self.workers
         self.reset()
-        self._plan = {"epoch": e, "work": dealt[mine : mine + self.workers]}
+        self._plan = {"epoch": e, "work": [_part(pieces, c, consumers) for c in range(mine, mine + self.workers)]}
         self._positions = [[e, 0, 0, 0] for _ in range(self.workers)]
         if self.rank == 0:
             self._batches = sum(int(s["batches"]) for s in states)
             self._worker_stats[0] = _summed(w for s in states for w in s["worker_stats"])
         return (
-            f"data: readers {len(old)} -> {self.world_size * self.workers}: epoch {e} continues with {partly} "
-            f"partly read and {len(items) - partly} unread shards ({twice or 'no'} rows read twice)"
+            f"data: readers {len(old)} -> {consumers}: epoch {e} continues with its {_rows(pieces)} rows left, "
+            f"{partly} partly read and {len(pieces) - partly} unread pieces of shards ({twice or 'no'} rows read twice)"
         )
 
-    def _rows(self, work: list[list[int]]) -> int:
-        return sum(self.shards[shard]["sequences"] - start for shard, start in work)
-
-    def _rest_of_epoch(self, c: "_Saved") -> list[tuple[int, int, bool]]:
-        """(shard, first row, partly emitted window) of what old consumer `c` had left of its epoch."""
+    def _rest_of_epoch(self, c: "_Saved") -> list[tuple[int, int, int, bool]]:
+        """(shard, first row, end row, partly read) of each piece old consumer `c` had left of its epoch."""
         epoch, i, j, skip = c.position
-        work = _work(c.settings, c.plan, len(self.shards), c.worker, epoch)[i:]
+        work = _work(c.scheme, c.settings, c.plan, self.sizes, c.worker, epoch)[i:]
         rest = [
-            (shard, max(start, j) if n == 0 else start, n == 0 and skip > 0) for n, (shard, start) in enumerate(work)
+            (shard, max(first, j), end, j > first or skip > 0) if n == 0 else (shard, first, end, False)
+            for n, (shard, first, end) in enumerate(work)
         ]
-        return [item for item in rest if item[1] < self.shards[item[0]]["sequences"]]
+        return [piece for piece in rest if piece[1] < piece[2]]
 
     def _rows_past(self, c: "_Saved", e: int) -> int:
         """Rows old consumer `c`, already past epoch e, had read after it (at most: corrupt shards skipped)."""
         epoch, i, j, skip = c.position
-        full = sum(self._rows(_work(c.settings, c.plan, len(self.shards), c.worker, x)) for x in range(e + 1, epoch))
-        work = _work(c.settings, c.plan, len(self.shards), c.worker, epoch)
-        into = max(j - work[i][1], 0) if i < len(work) else 0
-        return full + self._rows(work[:i]) + into + skip
+
+        def work(x: int) -> list[list[int]]:
+            return _work(c.scheme, c.settings, c.plan, self.sizes, c.worker, x)
+
+        now = work(epoch)
+        into = max(j - now[i][1], 0) if i < len(now) else 0
+        return sum(_rows(work(x)) for x in range(e + 1, epoch)) + _rows(now[:i]) + into + skip
 
     # ---- reading -----------------------------------------------------------------------
     def _make_batch(self, pieces: list[tuple[np.ndarray, np.ndarray]], worker: int) -> dict:
@@ -382,10 +434,9 @@ class ShardLoader:
         epoch, i, j, skip = pos
         pieces, have = [], 0
         while True:
-            work = _work(self._settings(), self._plan, len(self.shards), worker, epoch)
-            shards = [self.shards[k] for k, _ in work]
+            work = _work(self._scheme, self._settings(), self._plan, self.sizes, worker, epoch)
             from_start = (i, j, skip) == (0, 0, 0)
-            cursor = _Cursor(self, shards, [start for _, start in work], i, j, stats)
+            cursor = _Cursor(self, work, i, j, stats)
             rows_this_epoch = 0
             while True:
                 i, j = cursor.position()
@@ -408,9 +459,9 @@ class ShardLoader:
                         pieces, have = [], 0
             if not self.loop:
                 if have:
-                    yield self._make_batch(pieces, worker), [epoch, len(shards), 0, 0]
+                    yield self._make_batch(pieces, worker), [epoch, len(work), 0, 0]
                 return
-            if rows_this_epoch == 0 and from_start and shards:  # a reshard may leave a consumer none
+            if rows_this_epoch == 0 and from_start and work:  # a reshard may leave a consumer none
                 raise DataError(
                     f"epoch {epoch} of consumer {consumer} read no sequence from {self.root} "
                     "(all its shards corrupt?): re-create the dataset"
@@ -462,22 +513,33 @@ class _Saved(NamedTuple):
 
     settings: dict
     plan: dict | None
+    scheme: str
     worker: int
     position: list[int]
 
 
 def _check_version(state: dict) -> None:
-    if state.get("version") not in (1, STATE_VERSION):
-        raise DataError(f"loader state version {state.get('version')!r} is not 1 or {STATE_VERSION}")
+    if state.get("version") not in (1, 2, STATE_VERSION):
+        raise DataError(f"loader state version {state.get('version')!r} is not 1, 2 or {STATE_VERSION}")
 
 
-def _copy_plan(plan: dict | None) -> dict | None:
+def _scheme_of(state: dict) -> str:
+    """The work split `state` continues: whole shards for versions 1 and 2 (module docstring)."""
+    scheme = state.get("scheme") if state.get("version") == STATE_VERSION else SHARDS
+    if scheme not in (ROWS, SHARDS):
+        raise DataError(f"loader state scheme {scheme!r} is not {ROWS!r} or {SHARDS!r}")
+    return scheme
+
+
+def _copy_plan(plan: dict | None, sizes: list[int]) -> dict | None:
+    """A plan with ints; a version-2 plan's pieces [shard, first row] run to the shard's end."""
     if plan is None:
         return None
-    return {"epoch": int(plan["epoch"]), "work": [[[int(k), int(r)] for k, r in w] for w in plan["work"]]}
+    work = [[[int(k), int(r), int(rest[0]) if rest else sizes[int(k)]] for k, r, *rest in w] for w in plan["work"]]
+    return {"epoch": int(plan["epoch"]), "work": work}
 
 
-def _saved_consumers(states: list[dict], now: dict) -> list[_Saved]:
+def _saved_consumers(states: list[dict], now: dict, sizes: list[int]) -> list[_Saved]:
     """Every consumer of a saved run, in consumer order; refuses an incomplete run or other data."""
     if not states:
         raise DataError("load_resharded needs the loader states of all ranks of the saved run, got none")
@@ -493,19 +555,9 @@ def _saved_consumers(states: list[dict], now: dict) -> list[_Saved]:
         _check_version(state)
         settings = state["settings"]
         check_same_settings(settings, {k: now[k] for k in _DATA_KEYS}, "loader state", fix)
-        plan = _copy_plan(state.get("plan"))
-        out += [_Saved(settings, plan, w, list(map(int, p))) for w, p in enumerate(state["positions"])]
+        plan, scheme = _copy_plan(state.get("plan"), sizes), _scheme_of(state)
+        out += [_Saved(settings, plan, scheme, w, list(map(int, p))) for w, p in enumerate(state["positions"])]
     return out
-
-
-def _deal(items: list[list[int]], rows: list[int], consumers: int) -> list[list[list[int]]]:
-    """Each item, in order, to the consumer with the fewest rows so far (the lowest on ties)."""
-    lists, load = [[] for _ in range(consumers)], [0] * consumers
-    for item, n in zip(items, rows):
-        c = load.index(min(load))
-        lists[c].append(item)
-        load[c] += n
-    return lists
 
 
 def _summed(dicts) -> dict:

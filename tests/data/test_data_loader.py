@@ -14,7 +14,7 @@ import torch
 
 from data_helpers import SEQ_LEN
 from pretrain.data import CorruptShardError, DataError, ShardLoader, read_manifest, train_tokenizer, write_dataset
-from pretrain.data.loader import _scheme
+from pretrain.data.loader import _order
 from pretrain.data.prepare import is_validation
 
 
@@ -150,10 +150,11 @@ def test_epochs_reshuffle_shards_and_cover_everything(dataset):
     assert loader.stats["epoch"] == 3
 
 
-def test_too_few_shards_for_ranks_and_workers(dataset):
-    n = len(read_manifest(dataset)["splits"]["train"]["shards"])
-    with pytest.raises(DataError, match=rf"has {n} shards but 4 ranks x {n} workers"):
-        ShardLoader(dataset, "train", batch_size=2, rank=0, world_size=4, num_workers=n)
+def test_fewer_rows_than_ranks_and_workers(dataset):
+    """More readers than shards read (pieces of shards); fewer rows than readers is refused."""
+    rows = read_manifest(dataset)["splits"]["train"]["sequences"]
+    with pytest.raises(DataError, match=rf"has {rows} sequences but 2 ranks x {rows} workers = {2 * rows} readers"):
+        ShardLoader(dataset, "train", batch_size=2, rank=0, world_size=2, num_workers=rows)
 
 
 @pytest.mark.filterwarnings("ignore:--val-fraction=0")
@@ -196,7 +197,7 @@ def test_tokenizer_hash_mismatch(dataset, tmp_path, documents):
 
 def first_shard_in_order(ds, seed):
     loader = ShardLoader(ds, "train", batch_size=2, seed=seed)
-    return loader.shards[_scheme(seed, 0, len(loader.shards), 0, 1)[0]]["path"]
+    return loader.shards[_order(seed, 0, len(loader.shards))[0]]["path"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

@@ -184,13 +184,12 @@ def test_bad_heldout_corpora_are_refused_at_config_time(tmp_path, dataset, secon
         own_config(tmp_path / "run", f"data.dir={dataset}", f"data.eval_sources=[{spec}]")
 
 
-def test_too_few_shards_for_the_readers_are_refused_before_the_model_is_built(
-    tmp_path, tokenizer, documents, monkeypatch
-):
-    """A train split with fewer shards than ranks x data.num_workers was refused by the loader, built
-    after the model and the DeepSpeed engine (and, through memlayers-submit, after the queue). The
-    run's start-up check (`check_runtime`, which the trainer and memlayers-submit call) now refuses
-    exactly the layouts the loader refuses: the loader itself is the reference."""
+def test_fewer_rows_than_readers_are_refused_before_the_model_is_built(tmp_path, tokenizer, documents, monkeypatch):
+    """The loader splits an epoch's rows over ranks x data.num_workers readers, so any number of
+    shards serves any number of readers that has a row each; fewer rows than readers is refused,
+    by the loader (built after the model and the DeepSpeed engine, and through memlayers-submit
+    after the queue) and by the run's start-up check (`check_runtime`, which the trainer and
+    memlayers-submit call) alike: the loader itself is the reference."""
     import pretrain.train as train_mod
     from pretrain.config import check_runtime
     from pretrain.data import ShardLoader, write_dataset
@@ -208,31 +207,28 @@ def test_too_few_shards_for_the_readers_are_refused_before_the_model_is_built(
     shards, sequences = len(manifest["splits"]["train"]["shards"]), manifest["splits"]["train"]["sequences"]
     assert 2 <= shards <= 8
     cfg = own_config(tmp_path / "run", f"data.dir={data}", "train.global_batch=48", "train.micro_batch=2")
-    for world in (1, 2, 3, 4):
-        for workers in (0, 1, 2, 3):
-            cfg.data.num_workers = workers
-            try:
-                for rank in range(world):
-                    ShardLoader(data, "train", 2, rank=rank, world_size=world, num_workers=workers)
-                loader_refuses = False
-            except DataError as err:
-                loader_refuses = "need at least one each" in str(err)
-            if loader_refuses:
-                with pytest.raises(
-                    ConfigError, match=rf"has {shards} shard\(s\) but {world} ranks x {max(1, workers)}"
-                ):
-                    check_runtime(cfg, world_size=world, device_type="cpu")
-            else:
+    for world, workers in ((1, 0), (2, 3), (4, 3), (1, sequences), (1, sequences + 1), (2, sequences // 2 + 1)):
+        cfg.data.num_workers = workers
+        try:
+            for rank in range(world):
+                ShardLoader(data, "train", 2, rank=rank, world_size=world, num_workers=workers)
+            loader_refuses = False
+        except DataError as err:
+            loader_refuses = "need at least one each" in str(err)
+        assert loader_refuses == (world * max(1, workers) > sequences)
+        if loader_refuses:
+            with pytest.raises(
+                ConfigError, match=rf"has {sequences} sequences but {world} ranks x {max(1, workers)} data.num_workers"
+            ):
                 check_runtime(cfg, world_size=world, device_type="cpu")
-    # the suggested --sequences-per-shard gives the readers a shard each
-    readers = 3 * 2
-    assert -(-sequences // (sequences // readers)) >= readers
+        else:
+            check_runtime(cfg, world_size=world, device_type="cpu")
 
     def unbuilt(*args, **kwargs):
         raise AssertionError("the model was built")
 
     monkeypatch.setattr(train_mod, "build_model", unbuilt)
-    cfg.data.num_workers = shards + 1
-    with pytest.raises(ConfigError, match=rf"{shards + 1} data.num_workers = {shards + 1} readers need"):
+    cfg.data.num_workers = sequences + 1
+    with pytest.raises(ConfigError, match=rf"{sequences + 1} data.num_workers = {sequences + 1} readers need"):
         train(cfg)
     assert not (tmp_path / "run").exists()

@@ -1,0 +1,225 @@
+"""The loader splits each epoch's rows, not whole shards, over ranks x workers: on 5 shards of
+unequal size, readers taking batches at one pace read every row once per pass (before, 5 shards
+over 4 readers left one reader two shards while the others re-read theirs: the README recipe's
+data/english at 2 ranks x 2 workers read 193 of 1267 rows twice and 196 never in one pass's worth
+of steps). Rows are counted against the shards read directly, not through the loader. States of
+versions 1 and 2 (whole shards per reader) resume that scheme, checked against a model of it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import SEQ_LEN
+from pretrain.data import ShardLoader, read_manifest, write_dataset
+from pretrain.data.mixture import MixtureLoader
+from pretrain.data.shards import read_blocks
+from pretrain.data.sources import Source
+
+LAYOUTS = [pytest.param(2, 2, id="2ranks-x-2workers"), pytest.param(3, 0, id="3ranks-x-1worker")]
+
+
+def five_shards(out, tokenizer, documents, per_shard):
+    manifest = write_dataset(
+        tokenizer.encode_batch(documents),
+        out,
+        tokenizer,
+        SEQ_LEN,
+        val_fraction=0.2,
+        seed=3,
+        sequences_per_shard=per_shard,
+        rows_per_block=7,
+        show_progress=False,
+    )
+    sizes = [s["sequences"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(sizes) == 5 and len(set(sizes)) == 2, sizes  # 5 shards, the last one shorter
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer, documents):
+    """272 rows in shards of 60, 60, 60, 60, 32."""
+    return five_shards(tmp_path_factory.mktemp("rows") / "data", tokenizer, documents, 60)
+
+
+def shard_rows(ds, doc_offset: int = 0) -> list[list[tuple[int, bytes]]]:
+    """Each train shard's rows, read directly: (first token's document id + `doc_offset`, the row's tokens)."""
+    m = read_manifest(ds)
+    split = m["splits"]["train"]
+    out = []
+    for shard in split["shards"]:
+        rows = []
+        for tok, meta in read_blocks(ds / shard["path"], m["seq_len"] + 1, m["token_dtype"], shard["sequences"]):
+            first = meta[:, 0] + split["doc_id_offset"] + doc_offset
+            rows += [(int(first[r]), tok[r].astype(np.int64).tobytes()) for r in range(len(tok))]
+        assert len(rows) == shard["sequences"]
+        out.append(rows)
+    return out
+
+
+def keys(batch, eos_id: int, doc_offset: int = 0) -> list[tuple[int, bytes]]:
+    """The stored row behind each row of a batch (inputs + last target; padding is stored as EOS)."""
+    last = batch.targets[:, -1:].clone()
+    last[last == -100] = eos_id
+    rows = torch.cat([batch.tokens, last], dim=1).numpy().astype(np.int64)
+    return [(int(batch.doc_ids[r, 0]) - doc_offset, rows[r].tobytes()) for r in range(len(rows))]
+
+
+def loader(ds, rank, world, workers, batch=2, shuffle=0, loop=True, seed=5):
+    return ShardLoader(ds, "train", batch, SEQ_LEN, rank, world, workers, seed=seed, shuffle_buffer=shuffle, loop=loop)
+
+
+@pytest.mark.parametrize("shuffle", [0, 5])
+@pytest.mark.parametrize("world,workers", LAYOUTS)
+def test_one_pass_of_steps_reads_every_row_once(data, world, workers, shuffle):
+    """Each step takes one batch from every rank (a rank's DataLoader asks its workers in turn).
+    Over the steps one epoch's rows fill, no row is read twice and only the rows that do not fill
+    a step for every reader are left; over each rank's whole epoch (loop=False) every row is read
+    exactly once, and the ranks' shares differ by at most a row per reader."""
+    reference = Counter(row for shard in shard_rows(data) for row in shard)
+    total, batch, w = sum(reference.values()), 2, max(1, workers)
+    steps = total // (batch * world * w) * w  # every worker gives as many batches
+    eos = read_manifest(data)["eos_id"]
+    its = [iter(loader(data, r, world, workers, batch, shuffle)) for r in range(world)]
+    seen = Counter()
+    for _ in range(steps):
+        for it in its:
+            seen.update(keys(next(it), eos))
+    assert set(seen) <= set(reference)
+    assert sum(n - 1 for n in seen.values()) == 0, "rows read twice"
+    assert total - len(seen) == total - steps * batch * world  # 0 on 2 x 2; 2 on 3 x 1 (272 = 3 x 90 + 2)
+
+    epoch, shares = Counter(), []
+    for r in range(world):
+        rows = [k for b in loader(data, r, world, workers, batch, shuffle, loop=False) for k in keys(b, eos)]
+        epoch.update(rows)
+        shares.append(len(rows))
+    assert epoch == reference
+    assert max(shares) - min(shares) <= w
+
+
+@pytest.mark.parametrize("world,workers", [*LAYOUTS, pytest.param(2, 0, id="2ranks-x-1worker")])
+def test_stop_and_resume_is_bitwise_the_uninterrupted_run(data, world, workers):
+    """Stopped mid-epoch and rebuilt from the JSON state: the same batches as a run never
+    stopped, across the next epoch's boundary (whose row split differs)."""
+    n = 14  # 28 batches of 8 rows per rank: every reader crosses into epoch 1
+    for rank in range(world):
+        whole = list(islice(loader(data, rank, world, workers, batch=8, shuffle=5), 2 * n))
+        first = loader(data, rank, world, workers, batch=8, shuffle=5)
+        head = list(islice(first, n))
+        state = json.loads(json.dumps(first.state_dict()))
+        assert state["version"] == 3 and state["scheme"] == "rows"
+        resumed = loader(data, rank, world, workers, batch=8, shuffle=5)
+        resumed.load_state_dict(state)
+        tail = list(islice(resumed, n))
+        assert resumed.stats["epoch"] >= 1
+        for a, b in zip(whole, head + tail, strict=True):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.targets, b.targets)
+            assert torch.equal(a.doc_ids, b.doc_ids)
+
+
+def old_scheme_rows(shards, seed, consumer, consumers, plan=None):
+    """A model of the loader before 2026-12-06 (no shuffle buffer): the rows consumer `consumer`
+    reads, epoch after epoch: whole shards perm(seed, epoch)[consumer::consumers], or in the
+    plan's epoch 0 the plan's [shard, first row] pieces."""
+    epoch = 0
+    while True:
+        if plan is not None and epoch == 0:
+            pieces = plan
+        else:
+            order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+            pieces = [[k, 0] for k in order[consumer::consumers]]
+        for k, first in pieces:
+            yield from shards[k][first:]
+        epoch += 1
+
+
+def old_position(shards, seed, consumer, consumers, rows_read):
+    """[epoch, shard index in the consumer's list, row] the old loader saved after `rows_read` rows
+    (whole batches inside epoch 0)."""
+    order = np.random.default_rng([seed, 0]).permutation(len(shards))
+    for i, k in enumerate(order[consumer::consumers]):
+        if rows_read < len(shards[k]):
+            return [0, i, rows_read, 0]
+        rows_read -= len(shards[k])
+    raise AssertionError("past epoch 0")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_state_saved_before_the_row_split_resumes_its_whole_shards(data, version):
+    """A version-1/2 state as the old loader saved it (2 ranks, 10 batches of 4 rows read) goes on
+    with the rows the old scheme gives, into later epochs, and saves itself as that scheme."""
+    shards = shard_rows(data)
+    eos = read_manifest(data)["eos_id"]
+    for rank in range(2):
+        settings = loader(data, rank, 2, 0, batch=4).state_dict()["settings"]
+        state = {
+            "version": version,
+            "settings": settings,
+            "positions": [old_position(shards, 5, rank, 2, 40)],
+            "next_worker": 0,
+            "worker_stats": [{}],
+            "batches": 10,
+            **({"plan": None} if version == 2 else {}),
+        }
+        resumed = loader(data, rank, 2, 0, batch=4)
+        resumed.load_state_dict(state)
+        got = [k for b in islice(resumed, 100) for k in keys(b, eos)]
+        assert got == list(islice(old_scheme_rows(shards, 5, rank, 2), 40, 440))  # 400 rows: epochs 0 to 2
+        saved = resumed.state_dict()
+        assert saved["version"] == 3 and saved["scheme"] == "shards"
+        again = loader(data, rank, 2, 0, batch=4)
+        again.load_state_dict(json.loads(json.dumps(saved)))
+        assert [k for b in islice(again, 10) for k in keys(b, eos)] == list(
+            islice(old_scheme_rows(shards, 5, rank, 2), 440, 480)
+        )
+
+
+def test_a_version_2_plan_resumes(data):
+    """A version-2 state left by a reshard: its plan's pieces [shard, first row] run to the shard's end."""
+    shards = shard_rows(data)
+    eos = read_manifest(data)["eos_id"]
+    plan = [[3, 7], [1, 0]]
+    state = loader(data, 0, 2, 0, batch=4).state_dict()
+    state.update(version=2, plan={"epoch": 0, "work": [plan]})
+    del state["scheme"]
+    resumed = loader(data, 0, 2, 0, batch=4)
+    resumed.load_state_dict(state)
+    got = [k for b in islice(resumed, 60) for k in keys(b, eos)]
+    assert got == list(islice(old_scheme_rows(shards, 5, 0, 2, plan), 240))
+
+
+def test_a_mixture_keeps_its_weights_and_reads_each_source_once(data, tmp_path, tokenizer, documents):
+    """Two 5-shard sources, weights 1:3, 4 ranks: the rows drawn follow the weights, and the first
+    rows each rank draws of a source, up to an equal share of it, hold every row at most once."""
+    other = five_shards(tmp_path / "other", tokenizer, documents, 57)  # 269 rows: 57, 57, 57, 57, 41
+    sources = [Source("a", data, 1.0, read_manifest(data)), Source("b", other, 3.0, read_manifest(other))]
+    offsets = [0, sources[0].manifest["documents"]]  # source b's document ids come after a's
+    references = [Counter(row for shard in shard_rows(s.dir) for row in shard) for s in sources]
+    eos, world, batch = sources[0].manifest["eos_id"], 4, 4
+    seen, drawn = [Counter(), Counter()], [0, 0]
+    for rank in range(world):
+        rows = ([], [])  # each source's rows in the order this rank drew them
+        for b in islice(MixtureLoader(sources, batch, rank, world, seed=2, shuffle_buffer=5), 120):
+            per_source = [keys(b, eos, offset) for offset in offsets]
+            for r in range(batch):
+                i = int(b.doc_ids[r, 0] >= offsets[1])
+                rows[i].append(per_source[i][r])
+        for i, reference in enumerate(references):
+            share = sum(reference.values()) // world
+            assert len(rows[i]) >= share
+            seen[i].update(rows[i][:share])
+            drawn[i] += len(rows[i])
+    n = sum(drawn)
+    assert abs(drawn[1] - 0.75 * n) <= 4 * math.sqrt(n * 0.75 * 0.25), drawn
+    for i, reference in enumerate(references):
+        assert set(seen[i]) <= set(reference)
+        assert sum(c - 1 for c in seen[i].values()) == 0, f"source {sources[i].name}: rows read twice"
+        total = sum(reference.values())
+        assert total - len(seen[i]) == total % world
