@@ -76,6 +76,16 @@ class TrainResult:
     slot_table: str | None = None
     stopped_by_signal: bool = False
     requeued: bool = False
+    not_trained: str | None = None  # why the run stopped before training (train.stop_after already reached)
+
+
+class NothingToTrain(Exception):
+    """train.stop_after is at or before the step of the checkpoint the run resumes from: the run
+    stops before building the model, its `result` the checkpoint's."""
+
+    def __init__(self, result: TrainResult):
+        super().__init__(result.not_trained)
+        self.result = result
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
@@ -229,7 +239,12 @@ def train(
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train))
         with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog):
-            trainer = build(cfg, info, loaders or build_loader, watchdog)
+            try:
+                trainer = build(cfg, info, loaders or build_loader, watchdog)
+            except NothingToTrain as done:
+                if info.is_main:
+                    print(done.result.not_trained, flush=True)
+                return done.result
             trainer.save_checkpoints = save_checkpoints
             try:
                 trainer.resume()
@@ -647,19 +662,45 @@ def open_run_dir(
 ) -> tuple[Checkpointer, Path | None, InitSource | None]:
     """The run's checkpointer, the checkpoint to resume from, else the export to start from
     (train.init_from), all checked before anything is written or built: a damaged checkpoint
-    or a mismatched export is refused, naming the file; then saves the config."""
+    or a mismatched export is refused, naming the file; then saves the config. NothingToTrain
+    (nothing written) where train.stop_after is at or before the checkpoint's step."""
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints, info.world_size)
     resume_from = latest_checkpoint(checkpointer.root)
     init = None
     if resume_from is not None:
-        checkpointer.verify(resume_from, cfg, dataset_dir)
+        saved = checkpointer.verify(resume_from, cfg, dataset_dir)
+        check_stop_after(cfg, saved, resume_from)
     elif cfg.train.init_from:
         init = check_init_source(cfg, tokenizer_sha256, dataset_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     return checkpointer, resume_from, init
+
+
+def check_stop_after(cfg: RunConfig, saved, resume_from: Path) -> None:
+    """NothingToTrain where train.stop_after (set) is at or before the step of the checkpoint the
+    run resumes from (`saved`, as `Checkpointer.verify` read it): the loop, which stops when the
+    step equals it, would otherwise train on to train.max_steps."""
+    stop_after, t = cfg.train.stop_after, cfg.train
+    if not stop_after or stop_after > saved.step:
+        return
+    table = resume_from / TABLE_FILENAME
+    raise NothingToTrain(
+        TrainResult(
+            step=saved.step,
+            tokens_seen=saved.tokens_seen,
+            skipped_steps=saved.skipped_steps,
+            checkpoint=str(resume_from),
+            slot_table=str(table) if table.is_file() else None,
+            not_trained=(
+                f"train.stop_after={stop_after} is not after step {saved.step} of the checkpoint {resume_from} "
+                f"this run resumes from: nothing trained, nothing written. To go on, set train.stop_after above "
+                f"{saved.step} (or 0 to run to train.max_steps={t.max_steps})"
+            ),
+        )
+    )
 
 
 VALUE_SEED_STRIDE = 1_000_003  # above any table count: no two (train.seed, table) pairs share a seed
@@ -847,7 +888,7 @@ def main(argv=None, stop: StopSignal | None = None) -> int:
         dist.destroy_process_group()
     else:
         rank = 0
-    if rank == 0:
+    if rank == 0 and not result.not_trained:  # else train() has said why it trained nothing
         if result.stopped_by_signal:
             print(
                 f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "
