@@ -370,6 +370,7 @@ class Trainer:
         self.interval_data_wait = 0.0  # seconds this rank waited for batches since the last log
         self.interval_paused = 0.0  # seconds in evaluation, checkpoints, slot logs since the last log
         self.last_step: StepOutput | None = None
+        self.first_step_time: float | None = None  # seconds; this run's first step is off the throughput clock
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
@@ -378,6 +379,8 @@ class Trainer:
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
             self.count(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
+            if self.first_step_time is None:
+                self.leave_out_first_step()
             self.watchdog.progress(f"step {self.state.step}")
             self.run_periodic()
             if self.stop_requested(stop):
@@ -416,6 +419,19 @@ class Trainer:
         if self.stats is not None and not applied:
             self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
         return StepOutput(loss, applied, norms, multiplier, start, time.perf_counter() - start, z_mean)
+
+    def leave_out_first_step(self) -> None:
+        """This run's first step compiles, initialises lazily (DeepSpeed, the kernels) and starts the
+        loader's workers: its time is logged on its own (perf/first_step_time_s) and the throughput
+        clock (tokens/s, MFU, the data-wait share) starts after it."""
+        now = time.perf_counter()
+        self.first_step_time = now - self.interval_start
+        self.metrics.scalars({"perf/first_step_time_s": self.first_step_time}, self.state.step)
+        self.metrics.line(
+            f"step {self.state.step}: this run's first step took {self.first_step_time:.2f} s (compilation, "
+            "start-up), left out of tokens/s, MFU and the data-wait share"
+        )
+        self.interval_start, self.interval_steps, self.interval_data_wait = now, 0, 0.0
 
     def run_periodic(self) -> None:
         """The log, slot statistics, evaluation and checkpoint due after this step. Their time is
@@ -488,8 +504,9 @@ class Trainer:
     def log(self) -> None:
         out, now = self.last_step, time.perf_counter()
         elapsed = max(now - self.interval_start - self.interval_paused, 1e-9)  # training time only
-        tokens_per_s = self.interval_steps * self.tokens_per_step / elapsed
-        data_wait = gather_floats(self.interval_data_wait / elapsed)  # per rank, a collective
+        # none after an interval of the first step alone (left out; the same on every rank)
+        tokens_per_s = self.interval_steps * self.tokens_per_step / elapsed if self.interval_steps else None
+        data_wait = gather_floats(self.interval_data_wait / elapsed) if self.interval_steps else None  # a collective
         log_progress(
             self.metrics,
             self.cfg,
@@ -771,7 +788,7 @@ def log_progress(
     lrs: dict,
     grad_norm,
     value_grad_norm,
-    tokens_per_s: float,
+    tokens_per_s: float | None,
     step_time: float,
     flops: float,
     peak: float | None,
@@ -783,11 +800,12 @@ def log_progress(
 ) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval.
     `loss`: the interval's last step's, None when that step was skipped (no train/loss is
-    logged under it, rather than an earlier step's).
+    logged under it, rather than an earlier step's). `tokens_per_s`: None for an interval of
+    the run's first step alone (its time is perf/first_step_time_s).
 
     `data_wait`: each rank's fraction of the interval spent waiting for batches; the largest is
     logged with its rank (the input pipeline that holds the others back, if any)."""
-    utilisation = mfu(flops, tokens_per_s, world_size, peak)
+    utilisation = mfu(flops, tokens_per_s, world_size, peak) if tokens_per_s is not None else None
     scalars = {
         "train/loss": loss,
         **lrs,
@@ -813,7 +831,7 @@ def log_progress(
     metrics.line(
         f"step {state.step}/{cfg.train.max_steps} loss {'skipped' if loss is None else f'{loss:.4f}'} "
         f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
-        f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}{waits}"
+        f"tok/s {'n/a' if tokens_per_s is None else f'{tokens_per_s:,.0f}'} mfu {_fmt(utilisation, percent=True)}{waits}"
     )
 
 
