@@ -277,10 +277,11 @@ class Checkpointer:
             f"then run again: the run resumes from {previous.name if previous else 'the start'}"
         )
 
-    def verify(self, ckpt_dir: Path, cfg: RunConfig, dataset_dir: Path | None = None) -> None:
+    def verify(self, ckpt_dir: Path, cfg: RunConfig, dataset_dir: Path | None = None):
         """Refuse a checkpoint that a resume on this world size could not read whole
         (CheckpointError naming the file and the newest complete checkpoint) or whose model
-        config differs (ConfigError). Records the world size that saved it; loads nothing."""
+        config differs (ConfigError). Records the world size that saved it; loads nothing.
+        Returns what `export.source.inspect` read of it (its step, tokens seen, ...)."""
         try:
             saved = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
         except CheckpointError as err:
@@ -293,6 +294,7 @@ class Checkpointer:
         self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
         change = mixture_change(saved.cfg.data, cfg.data)
         self.mixture_change = f"data.sources changed from step {saved.step}: {change}" if change else None
+        return saved
 
     def reshards(self, ckpt_dir: Path) -> bool:
         """True if `ckpt_dir` (verified) was saved by another number of ranks than this run's."""

@@ -77,6 +77,16 @@ class TrainResult:
     slot_table: str | None = None
     stopped_by_signal: bool = False
     requeued: bool = False
+    not_trained: str | None = None  # why the run stopped before training (train.stop_after already reached)
+
+
+class NothingToTrain(Exception):
+    """train.stop_after is at or before the step of the checkpoint the run resumes from: the run
+    stops before building the model, its `result` the checkpoint's."""
+
+    def __init__(self, result: TrainResult):
+        super().__init__(result.not_trained)
+        self.result = result
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
@@ -230,7 +240,12 @@ def train(
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train))
         with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog):
-            trainer = build(cfg, info, loaders or build_loader, watchdog)
+            try:
+                trainer = build(cfg, info, loaders or build_loader, watchdog)
+            except NothingToTrain as done:
+                if info.is_main:
+                    print(done.result.not_trained, flush=True)
+                return done.result
             trainer.save_checkpoints = save_checkpoints
             try:
                 trainer.resume()
@@ -356,6 +371,7 @@ class Trainer:
         self.interval_data_wait = 0.0  # seconds this rank waited for batches since the last log
         self.interval_paused = 0.0  # seconds in evaluation, checkpoints, slot logs since the last log
         self.last_step: StepOutput | None = None
+        self.first_step_time: float | None = None  # seconds; this run's first step is off the throughput clock
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
@@ -364,6 +380,8 @@ class Trainer:
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
             self.count(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
+            if self.first_step_time is None:
+                self.leave_out_first_step()
             self.watchdog.progress(f"step {self.state.step}")
             self.run_periodic()
             if self.stop_requested(stop):
@@ -402,6 +420,19 @@ class Trainer:
         if self.stats is not None and not applied:
             self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
         return StepOutput(loss, applied, norms, multiplier, start, time.perf_counter() - start, z_mean)
+
+    def leave_out_first_step(self) -> None:
+        """This run's first step compiles, initialises lazily (DeepSpeed, the kernels) and starts the
+        loader's workers: its time is logged on its own (perf/first_step_time_s) and the throughput
+        clock (tokens/s, MFU, the data-wait share) starts after it."""
+        now = time.perf_counter()
+        self.first_step_time = now - self.interval_start
+        self.metrics.scalars({"perf/first_step_time_s": self.first_step_time}, self.state.step)
+        self.metrics.line(
+            f"step {self.state.step}: this run's first step took {self.first_step_time:.2f} s (compilation, "
+            "start-up), left out of tokens/s, MFU and the data-wait share"
+        )
+        self.interval_start, self.interval_steps, self.interval_data_wait = now, 0, 0.0
 
     def run_periodic(self) -> None:
         """The log, slot statistics, evaluation and checkpoint due after this step. Their time is
@@ -474,8 +505,9 @@ class Trainer:
     def log(self) -> None:
         out, now = self.last_step, time.perf_counter()
         elapsed = max(now - self.interval_start - self.interval_paused, 1e-9)  # training time only
-        tokens_per_s = self.interval_steps * self.tokens_per_step / elapsed
-        data_wait = gather_floats(self.interval_data_wait / elapsed)  # per rank, a collective
+        # none after an interval of the first step alone (left out; the same on every rank)
+        tokens_per_s = self.interval_steps * self.tokens_per_step / elapsed if self.interval_steps else None
+        data_wait = gather_floats(self.interval_data_wait / elapsed) if self.interval_steps else None  # a collective
         log_progress(
             self.metrics,
             self.cfg,
@@ -645,19 +677,45 @@ def open_run_dir(
 ) -> tuple[Checkpointer, Path | None, InitSource | None]:
     """The run's checkpointer, the checkpoint to resume from, else the export to start from
     (train.init_from), all checked before anything is written or built: a damaged checkpoint
-    or a mismatched export is refused, naming the file; then saves the config."""
+    or a mismatched export is refused, naming the file; then saves the config. NothingToTrain
+    (nothing written) where train.stop_after is at or before the checkpoint's step."""
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints, info.world_size)
     resume_from = latest_checkpoint(checkpointer.root)
     init = None
     if resume_from is not None:
-        checkpointer.verify(resume_from, cfg, dataset_dir)
+        saved = checkpointer.verify(resume_from, cfg, dataset_dir)
+        check_stop_after(cfg, saved, resume_from)
     elif cfg.train.init_from:
         init = check_init_source(cfg, tokenizer_sha256, dataset_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     return checkpointer, resume_from, init
+
+
+def check_stop_after(cfg: RunConfig, saved, resume_from: Path) -> None:
+    """NothingToTrain where train.stop_after (set) is at or before the step of the checkpoint the
+    run resumes from (`saved`, as `Checkpointer.verify` read it): the loop, which stops when the
+    step equals it, would otherwise train on to train.max_steps."""
+    stop_after, t = cfg.train.stop_after, cfg.train
+    if not stop_after or stop_after > saved.step:
+        return
+    table = resume_from / TABLE_FILENAME
+    raise NothingToTrain(
+        TrainResult(
+            step=saved.step,
+            tokens_seen=saved.tokens_seen,
+            skipped_steps=saved.skipped_steps,
+            checkpoint=str(resume_from),
+            slot_table=str(table) if table.is_file() else None,
+            not_trained=(
+                f"train.stop_after={stop_after} is not after step {saved.step} of the checkpoint {resume_from} "
+                f"this run resumes from: nothing trained, nothing written. To go on, set train.stop_after above "
+                f"{saved.step} (or 0 to run to train.max_steps={t.max_steps})"
+            ),
+        )
+    )
 
 
 VALUE_SEED_STRIDE = 1_000_003  # above any table count: no two (train.seed, table) pairs share a seed
@@ -728,7 +786,7 @@ def log_progress(
     lrs: dict,
     grad_norm,
     value_grad_norm,
-    tokens_per_s: float,
+    tokens_per_s: float | None,
     step_time: float,
     flops: float,
     peak: float | None,
@@ -740,11 +798,12 @@ def log_progress(
 ) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval.
     `loss`: the interval's last step's, None when that step was skipped (no train/loss is
-    logged under it, rather than an earlier step's).
+    logged under it, rather than an earlier step's). `tokens_per_s`: None for an interval of
+    the run's first step alone (its time is perf/first_step_time_s).
 
     `data_wait`: each rank's fraction of the interval spent waiting for batches; the largest is
     logged with its rank (the input pipeline that holds the others back, if any)."""
-    utilisation = mfu(flops, tokens_per_s, world_size, peak)
+    utilisation = mfu(flops, tokens_per_s, world_size, peak) if tokens_per_s is not None else None
     scalars = {
         "train/loss": loss,
         **lrs,
@@ -770,7 +829,7 @@ def log_progress(
     metrics.line(
         f"step {state.step}/{cfg.train.max_steps} loss {'skipped' if loss is None else f'{loss:.4f}'} "
         f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
-        f"tok/s {tokens_per_s:,.0f} mfu {_fmt(utilisation, percent=True)}{waits}"
+        f"tok/s {'n/a' if tokens_per_s is None else f'{tokens_per_s:,.0f}'} mfu {_fmt(utilisation, percent=True)}{waits}"
     )
 
 
@@ -849,7 +908,7 @@ def main(argv=None, stop: StopSignal | None = None) -> int:
         dist.destroy_process_group()
     else:
         rank = 0
-    if rank == 0:
+    if rank == 0 and not result.not_trained:  # else train() has said why it trained nothing
         if result.stopped_by_signal:
             print(
                 f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "

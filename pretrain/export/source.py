@@ -41,6 +41,7 @@ class CheckpointSource:
     dataset_dir: Path | None = None
     tokenizer: Path | None = None
     run_id: str = ""  # the training run (its slot tables carry the same id); "" before run ids existed
+    skipped_steps: int = 0  # updates the run skipped up to this checkpoint (0 before they were counted)
 
     @property
     def num_value_tables(self) -> int:
@@ -152,6 +153,7 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
         ckpt, cfg, stage, world, bf16, int(states.get("step", 0)), int(states.get("tokens_seen", 0)), model_states
     )
     src.run_id = str(states.get("run_id", ""))
+    src.skipped_steps = int(states.get("skipped_steps", 0))
     del states
     if stage == 3:
         for r in range(world):

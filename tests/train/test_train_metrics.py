@@ -1,0 +1,84 @@
+"""The logged training metrics against hand counts: throughput on a fake clock, per-interval
+peaks, loss means, slot statistics at the last step."""
+
+from __future__ import annotations
+
+import time as real_time
+
+import pytest
+
+import pretrain.train as train_module
+from pretrain.model import flops_per_token
+from pretrain.train import build_loader, train
+from tests.train.helpers import tiny_config
+
+
+def scalars(run_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of a run's TensorBoard scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return {tag: {e.step: e.value for e in board.Scalars(tag)} for tag in board.Tags()["scalars"]}
+
+
+class FakeClock:
+    """time.perf_counter for pretrain.train that moves only when told (`advance`); the rest of
+    the time module as it is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):
+        return getattr(real_time, name)
+
+
+class FirstBatchWaits:
+    """A training loader whose first batch takes `seconds` of the clock (workers starting)."""
+
+    def __init__(self, loader, clock: FakeClock, seconds: float):
+        self.loader, self.clock, self.seconds = loader, clock, seconds
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == 0:
+                self.clock.advance(self.seconds)
+            yield batch
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, tokens_per_source
+        return getattr(self.loader, name)
+
+
+def test_the_first_step_is_left_out_of_throughput(tmp_path, data_cache, monkeypatch):
+    """On a clock that moves only in the loader (5 s for the first batch) and in the objective
+    (10 s for the first micro-batch, compilation; 1 s for each other), steps 2-4 take 2 s each
+    (2 micro-batches of 8 x 32 tokens per step): 128 tokens/s and no data wait in both log
+    intervals, and the first step's 16 s on its own. Before, the first interval read
+    512 tokens / 18 s and a data wait of 5/18."""
+    clock, calls = FakeClock(), {"n": 0}
+    real_objective = train_module.training_objective
+
+    def objective(logits, targets, z_weight):
+        calls["n"] += 1
+        clock.advance(10.0 if calls["n"] == 1 else 1.0)
+        return real_objective(logits, targets, z_weight)
+
+    def loaders(cfg, dataset, split, rank, world_size, loop):
+        loader = build_loader(cfg, dataset, split, rank, world_size, loop)
+        return FirstBatchWaits(loader, clock, 5.0) if split == "train" else loader
+
+    monkeypatch.setattr(train_module, "time", clock)
+    monkeypatch.setattr(train_module, "training_objective", objective)
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "train.log_every=2", "train.peak_flops=1e9")
+    train(cfg, loaders=loaders)
+    logged = scalars(tmp_path / "run")
+    assert logged["perf/first_step_time_s"] == {1: 16.0}
+    assert logged["perf/tokens_per_s"] == {2: 128.0, 4: 128.0}
+    assert logged["perf/data_wait_fraction"] == {2: 0.0, 4: 0.0}
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+    assert logged["perf/mfu"] == pytest.approx({2: per_token * 128 / 1e9, 4: per_token * 128 / 1e9})
