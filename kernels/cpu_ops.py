@@ -49,14 +49,14 @@ def _staged_sources(build_dir: Path) -> list[str]:
     """The sources copied (atomically, once) into the build folder, so the build names the same
     files from every checkout: ninja rebuilds when a command line changes, and the checkout's path
     is in it."""
+    from pretrain.files import atomic_write  # temporaries distinct per host: TORCH_EXTENSIONS_DIR may be shared
+
     staged = build_dir / "src"
     staged.mkdir(parents=True, exist_ok=True)
     for source in SOURCES:
         target = staged / source.name
         if not target.is_file():  # the name's digest covers the content: an existing copy is this one
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(source.read_bytes())
-            os.replace(tmp, target)
+            atomic_write(target, source.read_bytes())
     return [str(staged / source.name) for source in SOURCES]
 
 

@@ -374,7 +374,7 @@ class Checkpointer:
 
     def _remove_stale_temporaries(self) -> None:
         """Unfinished checkpoints and universal conversions, and the temporaries of atomic writes
-        a killed process left (`.<name>.tmp-<pid>-…`, pretrain.files)."""
+        a killed process left (`.<name>.tmp-<pid>@<host>-…`, pretrain.files)."""
         if self.root.is_dir():
             for stale in [*self.root.glob(TMP_PREFIX + "*"), *self.root.glob(f".*{TEMP_MARK}*")]:
                 if stale.is_dir():

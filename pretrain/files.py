@@ -7,14 +7,25 @@ intact. This module is the one implementation of that: `atomic_write` for a whol
 folder, `atomic_path` when the caller writes the temporary itself, the three steps
 (`temp_path_beside`, `replace_with`, `discard`) for writers that stay open across calls,
 and `save_figure` for a matplotlib figure.
+
+A temporary is named `.<name>.tmp-<pid>@<host>-<random><suffix>`: distinct between hosts that
+share the filesystem (pids repeat across hosts, and across containers), and traceable to its
+writer. A process killed mid-write (`kill -9`, the OOM killer, a preempted job) leaves its
+temporary behind; a folder's can be as large as the folder (an export, a shard set), so each
+atomic folder write first removes the temporaries of the same target whose writer ran on this
+host and is gone, with a warning naming them (`remove_dead_temporaries`). Those of other hosts,
+whose liveness cannot be seen from here, are left.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,15 +42,62 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def temp_path_beside(path: str | Path) -> Path:
-    """A fresh hidden name in `path`'s folder: `.<name>.tmp-<pid>-<random><suffix>`.
+def _host() -> str:
+    """This host's name as it goes into a temporary's name (characters outside [A-Za-z0-9._-] as _)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "unknown-host"
 
-    Same folder, so the final rename stays on one filesystem; unique per writer, so two
-    processes never share a temporary; the suffix is kept for writers that read the
-    format from it (matplotlib's savefig). Nothing is created.
+
+def temp_path_beside(path: str | Path) -> Path:
+    """A fresh hidden name in `path`'s folder: `.<name>.tmp-<pid>@<host>-<random><suffix>`.
+
+    Same folder, so the final rename stays on one filesystem; unique per writer (process,
+    host and a random part), so two processes never share a temporary; the suffix is kept for
+    writers that read the format from it (matplotlib's savefig). Nothing is created.
     """
     path = Path(path)
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}@{_host()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+_WRITER = re.compile(r"(\d+)@(.+)-[0-9a-f]{8}")  # <pid>@<host>-<random> between the mark and the suffix
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporaries of `path` (see `temp_path_beside`) whose writer ran on this host and
+    is no longer running, warning with their names; return them. A temporary of another host, of
+    a live process (a reused pid included: kept, to be safe) or named otherwise is left."""
+    path = Path(path)
+    prefix, host = f".{path.name}{TEMP_MARK}", _host()
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return []
+    for candidate in siblings:
+        name = candidate.name
+        if not (name.startswith(prefix) and name.endswith(path.suffix)):
+            continue
+        writer = _WRITER.fullmatch(name[len(prefix) : len(name) - len(path.suffix)])
+        if writer is None or writer.group(2) != host or _pid_alive(int(writer.group(1))):
+            continue
+        discard(candidate)
+        removed.append(candidate)
+    if removed:
+        warnings.warn(
+            f"memlayers: removed {len(removed)} temporar{'y' if len(removed) == 1 else 'ies'} of {path} left by "
+            f"killed writers on this host ({host}): {', '.join(p.name for p in removed)}",
+            stacklevel=3,
+        )
+    return removed
 
 
 def replace_with(tmp: Path, path: str | Path) -> None:
@@ -71,6 +129,7 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_beside(path)
     if directory:
+        remove_dead_temporaries(path)
         tmp.mkdir()
     try:
         yield tmp

@@ -151,3 +151,54 @@ def test_save_figure_format_follows_the_suffix_and_a_folder_is_refused(tmp_path)
     assert not plt.fignum_exists(fig.number)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "plain", "sub"]
     assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_temporary_names_carry_the_writers_pid_and_host(tmp_path):
+    """Two hosts sharing the filesystem may run writers with one pid (containers start at the same
+    pids): the host is part of the name, and the name says which process wrote it."""
+    import re
+    import socket
+
+    name = temp_path_beside(tmp_path / "model.safetensors").name
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+    assert re.fullmatch(rf"\.model\.safetensors\.tmp-{os.getpid()}@{re.escape(host)}-[0-9a-f]{{8}}\.safetensors", name)
+
+
+def test_a_folder_write_removes_the_temporaries_killed_writers_left_on_this_host(tmp_path):
+    """Each killed export left its whole temporary folder beside the target, and they piled up.
+    The next atomic write of that folder removes those whose writer on this host is gone, naming
+    them; another host's (its writer cannot be seen from here), a live writer's, another target's
+    and an unrecognised name stay."""
+    import re
+    import socket
+
+    out = tmp_path / "export"
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {REPO_ROOT!r})
+        from pretrain.files import atomic_directory
+        with atomic_directory({str(out)!r}) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", child], timeout=60, check=False).returncode == -signal.SIGKILL
+    (first,) = [p.name for p in tmp_path.iterdir()]
+    assert first.startswith(".export.tmp-")
+    dead_pid = int(first.split("tmp-")[1].split("@")[0])
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+    killed = [first, f".export.tmp-{dead_pid}@{host}-deadbeef"]  # an earlier writer that had the same pid
+    (tmp_path / killed[1]).mkdir()
+    (tmp_path / killed[1] / "model.safetensors").write_bytes(b"half")
+    kept = [
+        f".export.tmp-{dead_pid}@not-{host}-0123abcd",  # another host's
+        f".export.tmp-{os.getpid()}@{host}-0123abcd",  # a live writer's (this process)
+        f".other.tmp-{dead_pid}@{host}-0123abcd",  # another target's
+        f".export.tmp-{dead_pid}-0123abcd",  # no host in the name
+    ]
+    for name in kept:
+        (tmp_path / name).mkdir()
+    with pytest.warns(UserWarning, match="removed 2 temporaries of .*export left by killed writers") as said:
+        atomic_write(out, lambda tmp: (tmp / "model.safetensors").write_bytes(b"whole"), directory=True)
+    assert all(name in str(said[0].message) for name in killed)
+    assert (out / "model.safetensors").read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])

@@ -35,7 +35,9 @@ non_negative_int = int_at_least(0, "0 = off")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
-    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument(
+        "--prompt", default="", help='text to continue; "</s>" in it is the document separator, as in the HF tokenizer'
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     export_dir = Path(args.export_dir)
     try:
         tokenizer = export_tokenizer(export_dir)
-        prompt = [tokenizer.eos_id] + (tokenizer.encode(args.prompt) if args.prompt else [])
+        # read as the export's Hugging Face tokenizer reads it: "</s>" is the document separator's id
+        prompt = [tokenizer.eos_id] + tokenizer.encode_with_special_tokens(args.prompt)
         if not args.probes:  # refused before the weights load
             check_sampling(args.temperature, args.top_p)
             if (export_dir / "config.json").is_file():
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
             no_repeat_ngram_size=args.no_repeat_ngram_size,
         )
         # decoded together: a continuation's first piece may carry the space that starts a new word
-        print(tokenizer.decode(prompt + ids))
+        print(tokenizer.decode_with_special_tokens(prompt[1:] + ids))  # the start token is not the prompt's
     except (ExportError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,12 @@ Text is kept as written (`keep_whitespace`, the default): no normalization, newl
 piece each), tabs and runs of spaces are encoded, so decode(encode(text)) == text. sentencepiece's
 default instead collapses every run of whitespace, newlines included, into one space; the
 embedded fact world (single-line prose) keeps that tokenizer, so its cached datasets stay valid.
+
+`encode` reads "</s>" in the text as its characters (training data is encoded so). A prompt is
+read as the export's Hugging Face tokenizer (pretrain/hf/tokenization_memlayers.py) reads it:
+`encode_with_special_tokens` turns the text of a special token ("</s>", "<unk>", "<pad>") into its
+id and encodes the text between them piece by piece; `decode_with_special_tokens` writes special
+ids as their text, as that tokenizer's decode does.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -57,6 +64,41 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the special tokens of the export's Hugging Face tokenizer: EOS (the
+        document separator, also its start token), UNK, and PAD (EOS where the model has none);
+        sentencepiece's BOS piece "<s>", never seen in training, is not one of them."""
+        piece = self._sp.id_to_piece
+        ids = [self.eos_id, self._sp.unk_id(), self.pad_id if self.pad_id >= 0 else self.eos_id]
+        return {piece(i): i for i in ids if i >= 0}
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """`encode`, except that the text of a special token ("</s>") becomes its id and the text
+        between two is encoded on its own, as the export's Hugging Face tokenizer encodes a prompt."""
+        specials = self.special_tokens
+        pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
+        ids: list[int] = []
+        for i, part in enumerate(re.split(f"({pattern})", text)):
+            if i % 2:
+                ids.append(specials[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def decode_with_special_tokens(self, ids: Iterable[int]) -> str:
+        """`decode`, except that special ids are written as their text ("</s>") and the ids between
+        two are decoded on their own, as the export's Hugging Face tokenizer decodes."""
+        specials = set(self.special_tokens.values())
+        parts, run = [], []
+        for i in map(int, ids):
+            if i in specials:
+                parts += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join([*parts, self._sp.decode(run)])
 
     def __getstate__(self):  # picklable into worker processes: reload from the file
         return {"path": str(self.path)}

@@ -4,6 +4,7 @@ bit-for-bit equal to calling the Triton autograd functions directly."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,24 @@ def test_cpu_ops_build_is_shared_by_checkouts_with_the_same_sources(tmp_path, mo
     with open(checkouts[1] / cpu_ops.SOURCES[0].name, "a") as f:
         f.write("// changed\n")
     assert cpu_ops._library_name() != names[0]
+
+
+def test_staging_the_sources_leaves_another_hosts_copy_in_progress_alone(tmp_path):
+    """TORCH_EXTENSIONS_DIR shared by the nodes of a job: each node's first rank stages the sources.
+    The temporary was `.<source>.<pid>.tmp`, and pids repeat across nodes (containers start at the
+    same ones): one node truncated and renamed away the file the other was writing, whose rename
+    then failed (or published a half-written source). Now each writer has its own temporary."""
+    build = tmp_path / "build"
+    (build / "src").mkdir(parents=True)
+    source = cpu_ops.SOURCES[0]
+    others = build / "src" / f".{source.name}.{os.getpid()}.tmp"  # the other node's, same pid
+    others.write_bytes(b"// half written by another node")
+    staged = cpu_ops._staged_sources(build)
+    assert others.read_bytes() == b"// half written by another node"
+    assert [Path(p).read_bytes() for p in staged] == [s.read_bytes() for s in cpu_ops.SOURCES]
+    assert sorted(p.name for p in (build / "src").iterdir()) == sorted(
+        [others.name, *(s.name for s in cpu_ops.SOURCES)]
+    )
 
 
 @pytest.mark.parametrize("value_grad", ["sorted", "atomic", "sparse"])
