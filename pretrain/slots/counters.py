@@ -49,6 +49,9 @@ from pretrain.slots.summary import distribution_summary
 
 STATE_FORMAT = "slot_statistics/2"  # 2: occurrence ids (1: doc ids) in the open tables
 OLD_FORMATS = ("slot_statistics/1",)  # still loaded: the open tables start afresh
+# per counter, at each reduce(close_interval=True): slots used so far and in the interval (ints),
+# the interval's top-1% share and KL from uniform (floats; NaN where a checkpoint predates them)
+HISTORY = ("used", "interval_used", "interval_top1pct_share", "interval_kl_uniform")
 
 
 class SlotStatistics:
@@ -87,11 +90,7 @@ class SlotStatistics:
         self.stream_tail = z(streams, fill=-1)  # doc id at the end of each stream's last segment
         self.next_occurrence = z(streams)  # id of each stream's next occurrence
         self.micro_batches, self.step = 0, 0
-        self.history: dict[str, list[int]] = {
-            "step": [],
-            **{f"{n}.used": [] for n in self.layer_names},
-            **{f"{n}.interval_used": [] for n in self.layer_names},
-        }
+        self.history: dict[str, list] = {"step": [], **{f"{n}.{k}": [] for n in self.layer_names for k in HISTORY}}
         self.sample = (
             BackgroundSample(sample_batches, self.layer_names, seed, sample_device) if sample_batches else None
         )
@@ -308,6 +307,9 @@ class SlotStatistics:
                 self.history[f"{n}.used"].append(int((out.counts[n] > 0).sum().item()))
                 interval = out.counts[n] - out.interval_start[n]
                 self.history[f"{n}.interval_used"].append(int((interval > 0).sum().item()))
+                shape = distribution_summary(interval)
+                self.history[f"{n}.interval_top1pct_share"].append(shape["top1pct_share"])
+                self.history[f"{n}.interval_kl_uniform"].append(shape["kl_uniform"])
                 self.interval_start[n] = self.counts[n].clone()
             self.interval_start_totals = self.totals.clone()
             out.history = copy.deepcopy(self.history)
@@ -470,10 +472,15 @@ class SlotStatistics:
             self.interval_start[n] = take(f"{n}.interval_start")
         self._forget_open_occurrences()
         self.micro_batches, self.step = int(metas[0]["micro_batches"]), int(metas[0]["step"])
-        self.history = copy.deepcopy(metas[0]["history"])
+        self.history = self._history_from(metas[0]["history"])
         if self.sample is not None and rank < len(states):
             self.sample.load_state_dict(states[rank])
         return "slot counters summed into rank 0" if len(states) > 1 else "slot counters kept on rank 0"
+
+    def _history_from(self, saved: dict) -> dict[str, list]:
+        """A checkpoint's history; series it predates (top-1% share, KL) are NaN at its points."""
+        points = len(saved["step"])
+        return {k: copy.deepcopy(saved.get(k, [float("nan")] * points)) for k in self.history}
 
     def _forget_open_occurrences(self) -> None:
         """The documents being read count as new occurrences where they go on."""
@@ -503,6 +510,6 @@ class SlotStatistics:
         else:
             self._forget_open_occurrences()
         self.micro_batches, self.step = int(meta["micro_batches"]), int(meta["step"])
-        self.history = copy.deepcopy(meta["history"])
+        self.history = self._history_from(meta["history"])
         if self.sample is not None:
             self.sample.load_state_dict(sd)

@@ -1,4 +1,5 @@
-"""A PNG report of a slot table: sorted counts on log-log axes, coverage over steps."""
+"""A PNG report of a slot table: sorted counts on log-log axes, coverage over steps, and the
+concentration of each interval's accesses (top-1% share, KL from uniform) over steps."""
 
 from __future__ import annotations
 
@@ -14,28 +15,45 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_counts, ax_cov) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_counts, ax_cov, ax_top) = plt.subplots(1, 3, figsize=(16, 4.2))
+    ax_kl = ax_top.twinx()
+    history = table.history
     for layer in table.layers:
         counts = table.counts[layer].sort(descending=True).values
         used = counts[counts > 0].double()
         if len(used):
             ax_counts.loglog(range(1, len(used) + 1), used.numpy(), label=layer)
-        if "step" in table.history:
-            steps = table.history["step"].numpy()
-            ax_cov.plot(
-                steps, table.history[f"{layer}.used"].double().numpy() / table.num_slots, label=f"{layer} cumulative"
+        if "step" not in history:
+            continue
+        steps = history["step"].numpy()
+        ax_cov.plot(steps, history[f"{layer}.used"].double().numpy() / table.num_slots, label=f"{layer} cumulative")
+        ax_cov.plot(
+            steps,
+            history[f"{layer}.interval_used"].double().numpy() / table.num_slots,
+            linestyle="--",
+            label=f"{layer} per interval",
+        )
+        if f"{layer}.interval_top1pct_share" in history:
+            (line,) = ax_top.plot(
+                steps, history[f"{layer}.interval_top1pct_share"].numpy(), label=f"{layer} top-1% share"
             )
-            ax_cov.plot(
+            ax_kl.plot(
                 steps,
-                table.history[f"{layer}.interval_used"].double().numpy() / table.num_slots,
-                linestyle="--",
-                label=f"{layer} per interval",
+                history[f"{layer}.interval_kl_uniform"].numpy(),
+                linestyle=":",
+                color=line.get_color(),
+                label=f"{layer} KL",
             )
     ax_counts.set(xlabel="slot rank", ylabel="accesses", title=f"sorted slot counts (step {table.step})")
     ax_cov.set(xlabel="step", ylabel="fraction of slots used", ylim=(0, 1.02), title="coverage")
-    if "step" not in table.history:
+    ax_top.set(xlabel="step", ylabel="share of accesses of the top 1% of slots", ylim=(0, 1.02))
+    ax_top.set_title("concentration per interval")
+    ax_kl.set(ylabel="KL from uniform (nats, dotted)", ylim=(0, None))
+    if "step" not in history:
         ax_cov.text(0.5, 0.5, "no coverage history in this table", ha="center", transform=ax_cov.transAxes)
-    for ax in (ax_counts, ax_cov):
+    if not any(k.endswith(".interval_top1pct_share") for k in history):
+        ax_top.text(0.5, 0.5, "no concentration history in this table", ha="center", transform=ax_top.transAxes)
+    for ax in (ax_counts, ax_cov, ax_top):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(

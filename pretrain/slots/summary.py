@@ -38,7 +38,7 @@ def usage_lines(scalars: dict[str, float], layer_names: list[str], first_step: i
     for n in layer_names:
         ever = f"{100 * scalars[f'slots/{n}/used_fraction']:.1f}% ever read"
         interval = {k: scalars[f"slots/{n}/interval/{k}"] for k in ("used_fraction", "top1pct_share", "kl_uniform")}
-        head = f"slots {n} steps {first_step}-{last_step}:"
+        head = f"slots {n} " + (f"steps {first_step}-{last_step}:" if last_step > first_step else f"step {last_step}:")
         if interval["used_fraction"] == 0:  # no access at all: every step of the interval was skipped
             lines.append(f"{head} no slot accesses (skipped steps); {ever}")
             continue

@@ -7,6 +7,10 @@ Format (version 1), a safetensors file readable without this codebase:
     history.step               int64 (P,)  steps at which coverage was recorded
     history.<layer>.used       int64 (P,)  slots used so far, at each history step
     history.<layer>.interval_used int64 (P,) slots used within the interval ending there
+    history.<layer>.interval_top1pct_share, history.<layer>.interval_kl_uniform
+                               float64 (P,) the interval's share of accesses of its top 1% of
+                               slots, KL(interval || uniform) in nats (optional: older tables
+                               lack them; NaN at points before a run recorded them)
     sample.<layer>.indices     int32 (M, B*S, H, k)  background sample (optional)
     sample.doc_ids             int64 (M, B, S)       its doc ids (negative = padding)
     sample.batch_index         int64 (M,)            micro-batch index of each entry
@@ -88,6 +92,9 @@ def save_table(path: str | Path, stats_or_state, metadata: dict | None = None) -
         for n in layers:
             tensors[f"history.{n}.used"] = torch.tensor(hist[f"{n}.used"], dtype=torch.int64)
             tensors[f"history.{n}.interval_used"] = torch.tensor(hist[f"{n}.interval_used"], dtype=torch.int64)
+            for key in ("interval_top1pct_share", "interval_kl_uniform"):  # absent from states saved before them
+                if f"{n}.{key}" in hist:
+                    tensors[f"history.{n}.{key}"] = torch.tensor(hist[f"{n}.{key}"], dtype=torch.float64)
     if "sample.doc_ids" in sd:
         filled = sd["sample.batch_index"] >= 0
         tensors["sample.batch_index"] = sd["sample.batch_index"][filled].to(torch.int64).contiguous()

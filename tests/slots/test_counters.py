@@ -133,6 +133,11 @@ def test_summary_against_float64_formulas():
     assert s["slots/m/interval/entropy"] == pytest.approx(0.0, abs=1e-15)
     assert half.summary()["slots/m/interval/used_fraction"] == pytest.approx(4 / 200)
     assert stats.history["m.used"] == [4, 5] and stats.history["m.interval_used"] == [4, 1]
+    # the intervals' concentration: the top ceil(2) slots took 80 of the first 100 picks, all of the second
+    first = [0.5, 0.3, 0.1, 0.1]
+    assert stats.history["m.interval_top1pct_share"] == pytest.approx([0.8, 1.0], rel=1e-12)
+    kl_first = math.fsum(p * math.log(p * 200) for p in first)
+    assert stats.history["m.interval_kl_uniform"] == pytest.approx([kl_first, math.log(200)], rel=1e-12)
     hist = stats.histograms()["slots/m/log10_count"]
     assert hist[0].item() == pytest.approx(math.log10(51)) and hist[199].item() == 0.0
 
@@ -148,3 +153,24 @@ def test_bad_input_is_refused():
         SlotStatistics(N, NAMES, granularity="chunk:0")
     with pytest.raises(RuntimeError, match="reduced copy"):
         stats.reduce(close_interval=False).update(idx, torch.zeros(B, S, dtype=torch.int64))
+
+
+def test_a_state_saved_before_the_concentration_history_resumes_with_nan_there():
+    """Checkpoints written before the top-1% share and KL were recorded hold only step, used and
+    interval_used: those resume, the new series NaN at their points, and the table is written."""
+    stats = SlotStatistics(200, ["m"], granularity="sequence")
+    stats.update([torch.zeros(100, 1, 1, dtype=torch.int64)], torch.zeros(1, 100, dtype=torch.int64))
+    stats.end_step(1)
+    stats.reduce()
+    sd = stats.state_dict()
+    for key in ("m.interval_top1pct_share", "m.interval_kl_uniform"):
+        del sd["meta"]["history"][key]
+    resumed = SlotStatistics(200, ["m"], granularity="sequence")
+    resumed.load_state_dict(sd)
+    resumed.update([torch.arange(100).view(100, 1, 1)], torch.zeros(1, 100, dtype=torch.int64))
+    resumed.end_step(2)
+    history = resumed.reduce().history
+    assert history["step"] == [1, 2] and history["m.interval_used"] == [1, 100]
+    assert math.isnan(history["m.interval_top1pct_share"][0]) and history["m.interval_top1pct_share"][1] == 0.02
+    assert math.isnan(history["m.interval_kl_uniform"][0])
+    assert history["m.interval_kl_uniform"][1] == pytest.approx(math.log(2), rel=1e-12)  # 100 of 200 slots, evenly

@@ -8,6 +8,7 @@ import json
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,9 @@ def test_table_round_trip_and_validation(tmp_path):
     assert table.granularity == "document" and table.metadata["model_config_hash"] == "abc"
     assert json.loads(table.metadata["run"]) == {"seed": 1}
     assert table.history["step"].tolist() == [2, 4]
+    for key in ("interval_top1pct_share", "interval_kl_uniform"):
+        saved = table.history[f"layers.1.{key}"]
+        assert saved.dtype == torch.float64 and saved.tolist() == stats.history[f"layers.1.{key}"]
     assert torch.equal(table.sample.doc_ids, stats.sample_data().doc_ids)
 
     with pytest.raises(ValueError, match="reserved"):
@@ -208,6 +212,25 @@ def test_slot_report_writes_png(tmp_path):
     # a dangling `latest` (its checkpoint deleted): the newest table found is read instead
     (tmp_path / "ckpt" / "latest").write_text("step_9")
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+
+
+def test_slot_report_plots_each_interval_s_top_1pct_share_and_kl(tmp_path, monkeypatch):
+    """The report's third panel: the table's history of the top-1% share (left axis) and of the KL
+    from uniform (right axis) per counter, over the history's steps."""
+    import pretrain.slots.report as report
+
+    stats = small_stats(names=("layers.1", "layers.3"))
+    table = load_table(save_table(tmp_path / "slot_frequencies.safetensors", stats, {}))
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig) or Path(out))
+    report.render_report(table, tmp_path / "r.png")
+    ax_top, ax_kl = figures[0].axes[2], figures[0].axes[3]
+    for layer in ("layers.1", "layers.3"):
+        (top,) = [line for line in ax_top.get_lines() if line.get_label() == f"{layer} top-1% share"]
+        (kl,) = [line for line in ax_kl.get_lines() if line.get_label() == f"{layer} KL"]
+        assert top.get_xdata().tolist() == kl.get_xdata().tolist() == [2, 4]
+        assert top.get_ydata().tolist() == stats.history[f"{layer}.interval_top1pct_share"]
+        assert kl.get_ydata().tolist() == stats.history[f"{layer}.interval_kl_uniform"]
 
 
 def test_slot_report_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_path, capsys):

@@ -91,3 +91,4 @@ def test_an_interval_without_accesses_says_so():
         **{f"slots/m/interval/{k}": 0.0 for k in ("used_fraction", "top1pct_share", "kl_uniform")},
     }
     assert usage_lines(scalars, ["m"], 3, 4) == ["slots m steps 3-4: no slot accesses (skipped steps); 25.0% ever read"]
+    assert usage_lines(scalars, ["m"], 4, 4) == ["slots m step 4: no slot accesses (skipped steps); 25.0% ever read"]
