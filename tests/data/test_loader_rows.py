@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import SEQ_LEN
+from data_helpers import SEQ_LEN, row_keys, shard_rows
 from pretrain.data import ShardLoader, read_manifest, write_dataset
 from pretrain.data.mixture import MixtureLoader
-from pretrain.data.shards import read_blocks
 from pretrain.data.sources import Source
 
 LAYOUTS = [pytest.param(2, 2, id="2ranks-x-2workers"), pytest.param(3, 0, id="3ranks-x-1worker")]
@@ -48,29 +47,6 @@ def data(tmp_path_factory, tokenizer, documents):
     return five_shards(tmp_path_factory.mktemp("rows") / "data", tokenizer, documents, 60)
 
 
-def shard_rows(ds, doc_offset: int = 0) -> list[list[tuple[int, bytes]]]:
-    """Each train shard's rows, read directly: (first token's document id + `doc_offset`, the row's tokens)."""
-    m = read_manifest(ds)
-    split = m["splits"]["train"]
-    out = []
-    for shard in split["shards"]:
-        rows = []
-        for tok, meta in read_blocks(ds / shard["path"], m["seq_len"] + 1, m["token_dtype"], shard["sequences"]):
-            first = meta[:, 0] + split["doc_id_offset"] + doc_offset
-            rows += [(int(first[r]), tok[r].astype(np.int64).tobytes()) for r in range(len(tok))]
-        assert len(rows) == shard["sequences"]
-        out.append(rows)
-    return out
-
-
-def keys(batch, eos_id: int, doc_offset: int = 0) -> list[tuple[int, bytes]]:
-    """The stored row behind each row of a batch (inputs + last target; padding is stored as EOS)."""
-    last = batch.targets[:, -1:].clone()
-    last[last == -100] = eos_id
-    rows = torch.cat([batch.tokens, last], dim=1).numpy().astype(np.int64)
-    return [(int(batch.doc_ids[r, 0]) - doc_offset, rows[r].tobytes()) for r in range(len(rows))]
-
-
 def loader(ds, rank, world, workers, batch=2, shuffle=0, loop=True, seed=5):
     return ShardLoader(ds, "train", batch, SEQ_LEN, rank, world, workers, seed=seed, shuffle_buffer=shuffle, loop=loop)
 
@@ -90,14 +66,14 @@ def test_one_pass_of_steps_reads_every_row_once(data, world, workers, shuffle):
     seen = Counter()
     for _ in range(steps):
         for it in its:
-            seen.update(keys(next(it), eos))
+            seen.update(row_keys(next(it), eos))
     assert set(seen) <= set(reference)
     assert sum(n - 1 for n in seen.values()) == 0, "rows read twice"
     assert total - len(seen) == total - steps * batch * world  # 0 on 2 x 2; 2 on 3 x 1 (272 = 3 x 90 + 2)
 
     epoch, shares = Counter(), []
     for r in range(world):
-        rows = [k for b in loader(data, r, world, workers, batch, shuffle, loop=False) for k in keys(b, eos)]
+        rows = [k for b in loader(data, r, world, workers, batch, shuffle, loop=False) for k in row_keys(b, eos)]
         epoch.update(rows)
         shares.append(len(rows))
     assert epoch == reference
@@ -170,13 +146,13 @@ def test_a_state_saved_before_the_row_split_resumes_its_whole_shards(data, versi
         }
         resumed = loader(data, rank, 2, 0, batch=4)
         resumed.load_state_dict(state)
-        got = [k for b in islice(resumed, 100) for k in keys(b, eos)]
+        got = [k for b in islice(resumed, 100) for k in row_keys(b, eos)]
         assert got == list(islice(old_scheme_rows(shards, 5, rank, 2), 40, 440))  # 400 rows: epochs 0 to 2
         saved = resumed.state_dict()
         assert saved["version"] == 3 and saved["scheme"] == "shards"
         again = loader(data, rank, 2, 0, batch=4)
         again.load_state_dict(json.loads(json.dumps(saved)))
-        assert [k for b in islice(again, 10) for k in keys(b, eos)] == list(
+        assert [k for b in islice(again, 10) for k in row_keys(b, eos)] == list(
             islice(old_scheme_rows(shards, 5, rank, 2), 440, 480)
         )
 
@@ -191,7 +167,7 @@ def test_a_version_2_plan_resumes(data):
     del state["scheme"]
     resumed = loader(data, 0, 2, 0, batch=4)
     resumed.load_state_dict(state)
-    got = [k for b in islice(resumed, 60) for k in keys(b, eos)]
+    got = [k for b in islice(resumed, 60) for k in row_keys(b, eos)]
     assert got == list(islice(old_scheme_rows(shards, 5, 0, 2, plan), 240))
 
 
@@ -207,7 +183,7 @@ def test_a_mixture_keeps_its_weights_and_reads_each_source_once(data, tmp_path, 
     for rank in range(world):
         rows = ([], [])  # each source's rows in the order this rank drew them
         for b in islice(MixtureLoader(sources, batch, rank, world, seed=2, shuffle_buffer=5), 120):
-            per_source = [keys(b, eos, offset) for offset in offsets]
+            per_source = [row_keys(b, eos, offset) for offset in offsets]
             for r in range(batch):
                 i = int(b.doc_ids[r, 0] >= offsets[1])
                 rows[i].append(per_source[i][r])
