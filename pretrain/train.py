@@ -319,10 +319,11 @@ class Evaluator:
         return out
 
     def loss_on(self, engine, source, split: str) -> dict:
-        """validation_loss over train.eval_batches batches of `source`'s `split` (the same on every rank)."""
+        """validation_loss over the first train.eval_batches batches of `source`'s `split`, each row
+        at most once (a shorter split is read whole, its last batch short), the same rows on every rank."""
         from pretrain.evaluate import validation_loss
 
-        loader = self.loaders(self.cfg, source.dir, split, 0, 1, loop=True)
+        loader = self.loaders(self.cfg, source.dir, split, 0, 1, loop=False)
         batches = [batch for batch, _ in zip(loader, range(self.cfg.train.eval_batches))]
         return validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
 

@@ -1,8 +1,9 @@
 """Data-pipeline throughput, side by side in one run.
 
 Reports (1) tokenization throughput of prepare_data (sentencepiece encode, and the whole
-tokenize+pack+write path), (2) ShardLoader tokens/s on one core from prepared shards,
-(3) the weighted-mixture loader (two sources, 3:1) against that single dataset, same batch
+tokenize+pack+write path), (2) ShardLoader tokens/s on one core from prepared shards, one
+reader and 4 readers (the row split of 2 ranks x 2 workers: pieces of shards) taking batches in
+turn, (3) the weighted-mixture loader (two sources, 3:1) against that single dataset, same batch
 and core, (4) tokens/s a tiny-model CPU training step consumes (forward + backward + AdamW of
 configs/tiny.yaml's model at micro_batch x seq_len), and the loader/training ratio.
 
@@ -32,13 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def loader_tokens_per_s(
-    path: Path, batch: int, seq_len: int, seconds: float, shuffle_buffer: int, mixture_with: Path | None = None
+    path: Path,
+    batch: int,
+    seq_len: int,
+    seconds: float,
+    shuffle_buffer: int,
+    mixture_with: Path | None = None,
+    readers: int = 1,
 ) -> float:
-    """ShardLoader of `path`, or with `mixture_with` a MixtureLoader of both (weights 3:1)."""
+    """ShardLoader of `path` (`readers` of them, ranks of that world, in turn), or with
+    `mixture_with` a MixtureLoader of both (weights 3:1)."""
     if mixture_with is None:
-        loader = ShardLoader(
-            path, "train", batch_size=batch, seq_len=seq_len, seed=0, shuffle_buffer=shuffle_buffer, loop=True
-        )
+        loaders = [
+            ShardLoader(path, "train", batch, seq_len, r, readers, seed=0, shuffle_buffer=shuffle_buffer, loop=True)
+            for r in range(readers)
+        ]
     else:
         from pretrain.data.mixture import MixtureLoader
         from pretrain.data.sources import resolve_sources
@@ -50,15 +59,16 @@ def loader_tokens_per_s(
                 {"dir": str(mixture_with), "weight": 1.0, "name": "b"},
             ],
         )
-        loader = MixtureLoader(resolve_sources(spec), batch, seed=0, shuffle_buffer=shuffle_buffer)
-    it = iter(loader)
-    for _ in range(5):
-        next(it)
+        loaders = [MixtureLoader(resolve_sources(spec), batch, seed=0, shuffle_buffer=shuffle_buffer)]
+    its = [iter(loader) for loader in loaders]
+    for it in its:
+        for _ in range(5):
+            next(it)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for _ in range(50):
-            b = next(it)
-            n += b.tokens.numel()
+            for it in its:
+                n += next(it).tokens.numel()
     return n / (time.perf_counter() - start)
 
 
@@ -132,6 +142,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         plain = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 0)
         shuffled = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 1024)
+        split = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 0, readers=4)
         # Alternating short rounds, medians: a load change on a shared machine hits both sides alike.
         single_rounds, mixed_rounds = [], []
         for _ in range(4):
@@ -152,6 +163,7 @@ def main(argv=None) -> int:
     print(f"prepare_data (encode + pack + write shards):        {n_tokens / prepare_s / 1e6:8.2f} M tokens/s")
     print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, no shuffle:      {plain / 1e6:8.2f} M tokens/s")
     print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, shuffle 1024:    {shuffled / 1e6:8.2f} M tokens/s")
+    print(f"loader, 1 core, 4 readers' row split in turn, no shuffle: {split / 1e6:8.2f} M tokens/s")
     print(
         f"single dataset vs mixture (2 sources, 3:1), alternating rounds, no shuffle: "
         f"{single / 1e6:.2f} vs {mixed / 1e6:.2f} M tokens/s ({mixed / single:.2f}x)"

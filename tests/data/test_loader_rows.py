@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import SEQ_LEN
+from data_helpers import SEQ_LEN, row_keys, shard_rows
 from pretrain.data import ShardLoader, read_manifest, write_dataset
 from pretrain.data.mixture import MixtureLoader
-from pretrain.data.shards import read_blocks
 from pretrain.data.sources import Source
 
 LAYOUTS = [pytest.param(2, 2, id="2ranks-x-2workers"), pytest.param(3, 0, id="3ranks-x-1worker")]
@@ -44,31 +43,8 @@ def five_shards(out, tokenizer, documents, per_shard):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tokenizer, documents):
-    """272 rows in shards of 60, 60, 60, 60, 32."""
+    """274 rows in shards of 60, 60, 60, 60, 34."""
     return five_shards(tmp_path_factory.mktemp("rows") / "data", tokenizer, documents, 60)
-
-
-def shard_rows(ds, doc_offset: int = 0) -> list[list[tuple[int, bytes]]]:
-    """Each train shard's rows, read directly: (first token's document id + `doc_offset`, the row's tokens)."""
-    m = read_manifest(ds)
-    split = m["splits"]["train"]
-    out = []
-    for shard in split["shards"]:
-        rows = []
-        for tok, meta in read_blocks(ds / shard["path"], m["seq_len"] + 1, m["token_dtype"], shard["sequences"]):
-            first = meta[:, 0] + split["doc_id_offset"] + doc_offset
-            rows += [(int(first[r]), tok[r].astype(np.int64).tobytes()) for r in range(len(tok))]
-        assert len(rows) == shard["sequences"]
-        out.append(rows)
-    return out
-
-
-def keys(batch, eos_id: int, doc_offset: int = 0) -> list[tuple[int, bytes]]:
-    """The stored row behind each row of a batch (inputs + last target; padding is stored as EOS)."""
-    last = batch.targets[:, -1:].clone()
-    last[last == -100] = eos_id
-    rows = torch.cat([batch.tokens, last], dim=1).numpy().astype(np.int64)
-    return [(int(batch.doc_ids[r, 0]) - doc_offset, rows[r].tobytes()) for r in range(len(rows))]
 
 
 def loader(ds, rank, world, workers, batch=2, shuffle=0, loop=True, seed=5):
@@ -90,14 +66,14 @@ def test_one_pass_of_steps_reads_every_row_once(data, world, workers, shuffle):
     seen = Counter()
     for _ in range(steps):
         for it in its:
-            seen.update(keys(next(it), eos))
+            seen.update(row_keys(next(it), eos))
     assert set(seen) <= set(reference)
     assert sum(n - 1 for n in seen.values()) == 0, "rows read twice"
-    assert total - len(seen) == total - steps * batch * world  # 0 on 2 x 2; 2 on 3 x 1 (272 = 3 x 90 + 2)
+    assert total - len(seen) == total - steps * batch * world  # 2 of 274 on 2 x 2, 4 on 3 x 1
 
     epoch, shares = Counter(), []
     for r in range(world):
-        rows = [k for b in loader(data, r, world, workers, batch, shuffle, loop=False) for k in keys(b, eos)]
+        rows = [k for b in loader(data, r, world, workers, batch, shuffle, loop=False) for k in row_keys(b, eos)]
         epoch.update(rows)
         shares.append(len(rows))
     assert epoch == reference
@@ -151,6 +127,19 @@ def old_position(shards, seed, consumer, consumers, rows_read):
     raise AssertionError("past epoch 0")
 
 
+def old_state(data, shards, rank, world, rows_read, version):
+    """The state the old loader saved on rank `rank` of `world` (no workers, batches of 4) after `rows_read` rows."""
+    return {
+        "version": version,
+        "settings": loader(data, rank, world, 0, batch=4).state_dict()["settings"],  # unchanged since version 1
+        "positions": [old_position(shards, 5, rank, world, rows_read)],
+        "next_worker": 0,
+        "worker_stats": [{}],
+        "batches": rows_read // 4,
+        **({"plan": None} if version == 2 else {}),
+    }
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_a_state_saved_before_the_row_split_resumes_its_whole_shards(data, version):
     """A version-1/2 state as the old loader saved it (2 ranks, 10 batches of 4 rows read) goes on
@@ -158,27 +147,42 @@ def test_a_state_saved_before_the_row_split_resumes_its_whole_shards(data, versi
     shards = shard_rows(data)
     eos = read_manifest(data)["eos_id"]
     for rank in range(2):
-        settings = loader(data, rank, 2, 0, batch=4).state_dict()["settings"]
-        state = {
-            "version": version,
-            "settings": settings,
-            "positions": [old_position(shards, 5, rank, 2, 40)],
-            "next_worker": 0,
-            "worker_stats": [{}],
-            "batches": 10,
-            **({"plan": None} if version == 2 else {}),
-        }
         resumed = loader(data, rank, 2, 0, batch=4)
-        resumed.load_state_dict(state)
-        got = [k for b in islice(resumed, 100) for k in keys(b, eos)]
+        resumed.load_state_dict(old_state(data, shards, rank, 2, 40, version))
+        got = [k for b in islice(resumed, 100) for k in row_keys(b, eos)]
         assert got == list(islice(old_scheme_rows(shards, 5, rank, 2), 40, 440))  # 400 rows: epochs 0 to 2
         saved = resumed.state_dict()
         assert saved["version"] == 3 and saved["scheme"] == "shards"
         again = loader(data, rank, 2, 0, batch=4)
         again.load_state_dict(json.loads(json.dumps(saved)))
-        assert [k for b in islice(again, 10) for k in keys(b, eos)] == list(
+        assert [k for b in islice(again, 10) for k in row_keys(b, eos)] == list(
             islice(old_scheme_rows(shards, 5, rank, 2), 440, 480)
         )
+
+
+def test_a_state_saved_before_the_row_split_reshards_onto_it(data):
+    """Version-2 states of 2 ranks (40 rows read each; rank 0's first shard holds 34), continued on
+    3: the rest of epoch 0 is cut into parts at most a row apart, no row of it is lost or read
+    twice, and the next epoch is the row split."""
+    shards = shard_rows(data)
+    eos = read_manifest(data)["eos_id"]
+    states = [old_state(data, shards, rank, 2, 40, 2) for rank in range(2)]
+    seen = Counter(row for rank in range(2) for row in islice(old_scheme_rows(shards, 5, rank, 2), 40))
+    shares, summaries = [], set()
+    for rank in range(3):
+        new = loader(data, rank, 3, 0, batch=4, loop=False)
+        summaries.add(new.load_resharded(states))
+        rows = [k for b in new for k in row_keys(b, eos)]
+        seen.update(rows)
+        shares.append(len(rows))
+        fresh = loader(data, rank, 3, 0, batch=4, loop=False)
+        list(fresh)
+        assert [k for b in new for k in row_keys(b, eos)] == [k for b in fresh for k in row_keys(b, eos)]
+        assert new.state_dict()["scheme"] == "rows"
+    assert seen == Counter(row for shard in shards for row in shard)
+    assert max(shares) - min(shares) <= 1
+    assert summaries == {"data: readers 2 -> 3: epoch 0 continues with its 194 rows left, 2 partly read and "
+                         "2 unread pieces of shards (no rows read twice)"}  # fmt: skip
 
 
 def test_a_version_2_plan_resumes(data):
@@ -191,14 +195,14 @@ def test_a_version_2_plan_resumes(data):
     del state["scheme"]
     resumed = loader(data, 0, 2, 0, batch=4)
     resumed.load_state_dict(state)
-    got = [k for b in islice(resumed, 60) for k in keys(b, eos)]
+    got = [k for b in islice(resumed, 60) for k in row_keys(b, eos)]
     assert got == list(islice(old_scheme_rows(shards, 5, 0, 2, plan), 240))
 
 
 def test_a_mixture_keeps_its_weights_and_reads_each_source_once(data, tmp_path, tokenizer, documents):
     """Two 5-shard sources, weights 1:3, 4 ranks: the rows drawn follow the weights, and the first
     rows each rank draws of a source, up to an equal share of it, hold every row at most once."""
-    other = five_shards(tmp_path / "other", tokenizer, documents, 57)  # 269 rows: 57, 57, 57, 57, 41
+    other = five_shards(tmp_path / "other", tokenizer, documents, 57)  # 274 rows: 57, 57, 57, 57, 46
     sources = [Source("a", data, 1.0, read_manifest(data)), Source("b", other, 3.0, read_manifest(other))]
     offsets = [0, sources[0].manifest["documents"]]  # source b's document ids come after a's
     references = [Counter(row for shard in shard_rows(s.dir) for row in shard) for s in sources]
@@ -207,7 +211,7 @@ def test_a_mixture_keeps_its_weights_and_reads_each_source_once(data, tmp_path, 
     for rank in range(world):
         rows = ([], [])  # each source's rows in the order this rank drew them
         for b in islice(MixtureLoader(sources, batch, rank, world, seed=2, shuffle_buffer=5), 120):
-            per_source = [keys(b, eos, offset) for offset in offsets]
+            per_source = [row_keys(b, eos, offset) for offset in offsets]
             for r in range(batch):
                 i = int(b.doc_ids[r, 0] >= offsets[1])
                 rows[i].append(per_source[i][r])

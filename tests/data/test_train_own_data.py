@@ -3,12 +3,13 @@ mixtures of sources with exact resume on 1 and 2 ranks."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from data_helpers import SEQ_LEN
+from data_helpers import SEQ_LEN, row_keys, shard_rows
 from pretrain.config import ConfigError, load_config
 from pretrain.data import DataError, Tokenizer
 from pretrain.data.sources import padded_vocab_size
@@ -159,12 +160,37 @@ def test_heldout_corpus_is_evaluated_not_trained_on(tmp_path, dataset, second_da
     assert set(result.eval) == {"val_loss", "val_perplexity", "heldout_loss/held"}
     model = load(export_checkpoint(run, tmp_path / "export", show_progress=False))
     cfg = own_config(run, f"data.dir={dataset}")
-    loader = ShardLoader(second_dataset, split="val", batch_size=cfg.train.micro_batch, seed=cfg.train.seed)
+    loader = ShardLoader(second_dataset, "val", cfg.train.micro_batch, seed=cfg.train.seed, loop=False)
     batches = [batch for batch, _ in zip(loader, range(cfg.train.eval_batches))]
     with torch.no_grad():
         losses = [language_model_loss(model(b.tokens), b.targets).double() * b.tokens.numel() for b in batches]
     expected = float(sum(losses) / sum(b.tokens.numel() for b in batches))
     assert result.eval["heldout_loss/held"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("micro,eval_batches", [(4, 2), (7, 3), (4, 1000)])
+def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, micro, eval_batches):
+    """An evaluation reads the first train.eval_batches x micro_batch rows of a validation split,
+    each once, and a shorter split whole and once (before, the loader looped: the README recipe's
+    data/pydocs, 81 validation rows, at 8 batches of 16 weighed 47 of them twice). Counted against
+    the split's shards read directly. Every rank reads these same rows (rank 0 of 1), so the loss
+    summed over ranks weighs them alike."""
+    import pretrain.evaluate
+    from pretrain.data.sources import resolve_sources
+    from pretrain.train import Evaluator, build_loader
+
+    read = []
+    monkeypatch.setattr(pretrain.evaluate, "validation_loss", lambda _, batches, *a: read.append(batches) or {})
+    cfg = own_config(
+        tmp_path, f"data.dir={dataset}", f"train.micro_batch={micro}", f"train.global_batch={micro}",
+        f"train.eval_batches={eval_batches}",
+    )  # fmt: skip
+    (source,) = resolve_sources(cfg.data, cfg.data.seq_len)
+    Evaluator(cfg, [source], None, build_loader, torch.device("cpu")).loss_on(None, source, "val")
+    reference = Counter(row for shard in shard_rows(dataset, "val") for row in shard)
+    rows = Counter(k for b in read[0] for k in row_keys(b, source.manifest["eos_id"]))
+    assert set(rows) <= set(reference) and max(rows.values()) == 1
+    assert sum(rows.values()) == min(micro * eval_batches, sum(reference.values()))
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ class FixedGlobalBatches:
     """The same global batch sequence for any world size: rank r reads rows of its slice.
 
     Stands in for ShardLoader so that world 1 and world 2 see identical global batches
-    (the real loader splits by shard, so their batches differ by design).
+    (the real loader splits rows by reader, so their batches differ by design).
     """
 
     def __init__(
