@@ -1,7 +1,7 @@
 """What a rank that runs out of memory is told: where, how much was in use, which checkpoint is
 intact, and the settings of this run that lower the memory per rank.
 
-`explain_out_of_memory(cfg, info, watchdog)` wraps a run: torch's out-of-memory error (CUDA's
+`explain_out_of_memory(cfg, info, watchdog, memory)` wraps a run: torch's out-of-memory error (CUDA's
 `torch.OutOfMemoryError`, or the CPU allocator's "can't allocate memory") leaves it as
 `OutOfMemory`, whose message the CLI prints before exiting with status 2. Nothing is saved on
 the way out: a step cut short by an allocation is no state to keep, and the latest checkpoint
@@ -56,21 +56,27 @@ def remedies(cfg, world_size: int) -> list[str]:
     return out
 
 
-def memory_in_use(device: torch.device) -> str:
-    """How much memory this process held: torch's CUDA allocator, or the process's peak RSS."""
+def memory_in_use(device: torch.device, memory=None) -> str:
+    """How much memory this process held: torch's CUDA allocator, or the process's peak RSS. The
+    peak is over `memory`'s interval (a `pretrain.peak_memory.IntervalPeak`: since the last log,
+    whose reset restarts the counter) and its run's, else since the process started."""
+    from pretrain.peak_memory import IntervalPeak
+
+    memory = memory if memory is not None else IntervalPeak(device)
+    interval = memory.read()
+    over_run = memory.run_peak if memory.since != "the process started" else None
+    run = f"; {over_run / GiB:.2f} GiB over the run" if over_run is not None else ""
+    peak = f"{interval / GiB:.2f} GiB since {memory.since}{run}"
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return (
-            f"{torch.cuda.memory_allocated(device) / GiB:.2f} GiB allocated by torch (peak "
-            f"{torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB, "
+            f"{torch.cuda.memory_allocated(device) / GiB:.2f} GiB allocated by torch (peak {peak}; "
             f"{torch.cuda.memory_reserved(device) / GiB:.2f} GiB reserved), {free / GiB:.2f} GiB free "
             f"of {total / GiB:.2f} GiB on {torch.cuda.get_device_name(device)}"
         )
-    from pretrain.metrics import memory_allocated
-
     total = _meminfo_total()
     of = f" of {total / GiB:.2f} GiB in this machine" if total else ""
-    return f"peak resident memory {memory_allocated(device) / GiB:.2f} GiB{of}"
+    return f"peak resident memory {peak}{of}"
 
 
 def _meminfo_total() -> int | None:
@@ -89,7 +95,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     )
 
 
-def describe(cfg, info, where: str, err: BaseException) -> str:
+def describe(cfg, info, where: str, err: BaseException, memory=None) -> str:
     from pretrain.checkpoint import CheckpointError, latest_checkpoint
 
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -106,14 +112,15 @@ def describe(cfg, info, where: str, err: BaseException) -> str:
     )
     return (
         f"rank {info.rank} ran out of {info.device.type} memory {where}: {first_line}. In use: "
-        f"{memory_in_use(info.device)}. Nothing was saved on the way out: {kept}. To fit, {advice}"
+        f"{memory_in_use(info.device, memory)}. Nothing was saved on the way out: {kept}. To fit, {advice}"
     )
 
 
 @contextlib.contextmanager
-def explain_out_of_memory(cfg, info, watchdog):
+def explain_out_of_memory(cfg, info, watchdog, memory=None):
     """Turn an out-of-memory error inside into `OutOfMemory`, placed by the watchdog's last
-    progress (the step, evaluation or checkpoint the rank finished last)."""
+    progress (the step, evaluation or checkpoint the rank finished last); `memory`: the run's
+    `IntervalPeak`, whose interval the quoted peak is over."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -125,4 +132,4 @@ def explain_out_of_memory(cfg, info, watchdog):
             if last
             else "before this run's first step finished (start-up, resume, compilation or that step)"
         )
-        raise OutOfMemory(describe(cfg, info, where, err)) from None
+        raise OutOfMemory(describe(cfg, info, where, err, memory)) from None

@@ -44,12 +44,13 @@ from pretrain.data.sources import resolve_eval_sources  # noqa: E402
 from pretrain.distributed import DistInfo, barrier, gather_floats, global_sum, init_distributed, rank0_value  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
-from pretrain.metrics import MetricsLogger, memory_allocated, mfu, run_peak_flops  # noqa: E402
+from pretrain.metrics import MetricsLogger, mfu, run_peak_flops  # noqa: E402
 from pretrain.model import Objective, Transformer, flops_per_token, training_objective  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
 from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
+from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
 from pretrain.slots.summary import usage_lines  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
@@ -77,6 +78,7 @@ class TrainResult:
     slot_table: str | None = None
     stopped_by_signal: bool = False
     requeued: bool = False
+    peak_memory_bytes: int | None = None  # this run's peak (CUDA max allocated, or peak RSS); None: not trained
     not_trained: str | None = None  # why the run stopped before training (train.stop_after already reached)
 
 
@@ -239,14 +241,16 @@ def train(
     try:
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train))
-        with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog):
+        memory = IntervalPeak(info.device)
+        memory.reset("this run started")
+        with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog, memory):
             try:
                 trainer = build(cfg, info, loaders or build_loader, watchdog)
             except NothingToTrain as done:
                 if info.is_main:
                     print(done.result.not_trained, flush=True)
                 return done.result
-            trainer.save_checkpoints = save_checkpoints
+            trainer.save_checkpoints, trainer.memory = save_checkpoints, memory
             try:
                 trainer.resume()
                 return trainer.fit(stop)
@@ -356,8 +360,11 @@ class Trainer:
     stopped_by_signal: bool = False
     requeued: bool = False
     save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
+    memory: IntervalPeak | None = None  # the peak memory per log interval and of the run (train() passes its own)
 
     def __post_init__(self):
+        if self.memory is None:
+            self.memory = IntervalPeak(self.info.device)
         t = self.cfg.train
         self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
@@ -377,6 +384,7 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
         batches = iter(self.train_loader)
+        self.memory.reset(f"training began at step {self.state.step}")  # the run's peak keeps start-up's
         self.interval_start = time.perf_counter()  # after building and resuming
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
@@ -522,11 +530,12 @@ class Trainer:
             flops=self.flops,
             peak=self.peak,
             world_size=self.info.world_size,
-            device=self.info.device,
+            memory_bytes=self.memory.read(),
             tokens_by_source=tokens_seen_per_source(self.train_loader),
             data_wait=data_wait,
             z_loss=out.z_loss,
         )
+        self.memory.reset(f"the log at step {self.state.step}")
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_data_wait = self.interval_paused = 0.0
 
@@ -587,6 +596,7 @@ class Trainer:
             slot_table=str(self.checkpoint / TABLE_FILENAME) if self.checkpoint and self.stats is not None else None,
             stopped_by_signal=self.stopped_by_signal,
             requeued=self.requeued,
+            peak_memory_bytes=max(self.memory.read(), self.memory.run_peak),  # with the last interval's
         )
 
 
@@ -792,7 +802,7 @@ def log_progress(
     flops: float,
     peak: float | None,
     world_size: int,
-    device: torch.device,
+    memory_bytes: int,
     tokens_by_source: dict | None = None,
     data_wait: list[float] | None = None,
     z_loss: float | None = None,
@@ -800,7 +810,8 @@ def log_progress(
     """TensorBoard scalars and the one-line console summary of the last logging interval.
     `loss`: the interval's last step's, None when that step was skipped (no train/loss is
     logged under it, rather than an earlier step's). `tokens_per_s`: None for an interval of
-    the run's first step alone (its time is perf/first_step_time_s).
+    the run's first step alone (its time is perf/first_step_time_s). `memory_bytes`: the
+    interval's peak (pretrain.peak_memory.IntervalPeak).
 
     `data_wait`: each rank's fraction of the interval spent waiting for batches; the largest is
     logged with its rank (the input pipeline that holds the others back, if any)."""
@@ -813,7 +824,7 @@ def log_progress(
         "perf/tokens_per_s": tokens_per_s,
         "perf/step_time_s": step_time,
         "perf/mfu": utilisation,
-        "perf/memory_bytes": memory_allocated(device),
+        "perf/memory_bytes": memory_bytes,  # the interval's peak
         "train/tokens_seen": state.tokens_seen,
     }
     if z_loss is not None:

@@ -95,7 +95,7 @@ def run_worker(spec: dict) -> dict:
         "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         # the trainer's MFU peak: train.peak_flops if given (a GPU missing from the table), else the device's
         "peak_flops": run_peak_flops(device, cfg.train.peak_flops)[0],
-        "peak_memory_bytes": memory_allocated(device),  # CUDA max allocated, or peak RSS
+        "peak_memory_bytes": result.peak_memory_bytes,  # the run's: CUDA max allocated, or peak RSS
         "memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
         "rss_at_start_bytes": rss_start,
         "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -82,3 +82,31 @@ def test_the_first_step_is_left_out_of_throughput(tmp_path, data_cache, monkeypa
     assert logged["perf/data_wait_fraction"] == {2: 0.0, 4: 0.0}
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     assert logged["perf/mfu"] == pytest.approx({2: per_token * 128 / 1e9, 4: per_token * 128 / 1e9})
+
+
+def test_memory_is_the_peak_of_each_log_interval(tmp_path, data_cache, monkeypatch):
+    """Step 1 holds 256 MiB more for a moment: the first interval's perf/memory_bytes is at least
+    the resident memory measured then, the second's (steps 3-4) is below it by most of the
+    256 MiB, and the run's peak (TrainResult.peak_memory_bytes) is the first's. Before, the
+    logged number was the process's peak since it started, the same in both intervals."""
+    import torch
+
+    from pretrain.peak_memory import memory_status
+
+    real_objective, calls, held = train_module.training_objective, {"n": 0}, {}
+
+    def objective(logits, targets, z_weight):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            block = torch.ones(64 * 2**20)  # 256 MiB, written
+            held["rss"] = memory_status()["VmRSS"]
+            del block
+        return real_objective(logits, targets, z_weight)
+
+    monkeypatch.setattr(train_module, "training_objective", objective)
+    result = train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "train.log_every=2"))
+    memory = scalars(tmp_path / "run")["perf/memory_bytes"]
+    # within 1 MiB: the kernel's resident-page counts are per-CPU approximations (measured 155 KiB apart)
+    assert memory[2] >= held["rss"] - 2**20
+    assert memory[4] < held["rss"] - 192 * 2**20
+    assert result.peak_memory_bytes >= memory[2]
