@@ -230,6 +230,19 @@ def run_info(device: torch.device) -> dict:
     }
 
 
+def write_results(path: str | Path, device, settings: dict, **sections) -> dict:
+    """Write a benchmark's JSON to `path` atomically and return it: `run_info(device)` (device, date,
+    commit, torch version), the command's options as text under "settings", then `sections` (the
+    raw per-step or per-call times beside the numbers summarised from them)."""
+    import json
+
+    from pretrain.files import atomic_write
+
+    payload = {**run_info(torch.device(device)), "settings": {k: str(v) for k, v in settings.items()}, **sections}
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
 def sweep_scoring(tokens: int, heads: int, k: int, k_dim: int, n_keys_list, device, repeats: int, progress=None):
     """Time per token of product-key vs brute-force scoring as N = n_keys**2 grows."""
     rows = []

@@ -23,7 +23,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 MAX_AGE_S = 600.0  # ten times the longest build seen here (DeepSpeed's CPU comm op, ~40 s)
@@ -50,15 +50,19 @@ def clear_stale_build_locks(
     max_age_s: float = MAX_AGE_S,
     say: Callable[[str], None] = print,
     poll_s: float = 1.0,
+    ops: Collection[str] | None = None,
 ) -> list[Path]:
     """Wait while a build lock under `root` is younger than `max_age_s`; remove each older one.
-    Returns the locks removed."""
+    `ops`: only the locks of these ops (their build folders' names), the ones the caller loads;
+    None: every op's. Returns the locks removed."""
     root = root if root is not None else extensions_root()
     removed: list[Path] = []
     waiting_said: set[Path] = set()
     while True:
         young = []
         for lock in build_locks(root):
+            if ops is not None and lock.parent.name not in ops:
+                continue
             with _turn(root):
                 age = _remove_if_stale(lock, max_age_s)
             if age is None:

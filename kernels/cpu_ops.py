@@ -70,12 +70,11 @@ def available() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            from kernels.build_locks import clear_stale_build_locks
-
-            clear_stale_build_locks(say=lambda line: warnings.warn(f"memlayers: {line}", stacklevel=3))
-            from kernels.build_locks import extensions_root
+            from kernels.build_locks import clear_stale_build_locks, extensions_root
 
             name = _library_name()
+            # its own lock only: another op's build (DeepSpeed's, minutes under load) is not waited for
+            clear_stale_build_locks(say=lambda line: warnings.warn(f"memlayers: {line}", stacklevel=3), ops=[name])
             build_dir = extensions_root() / name
             load(
                 name=name,

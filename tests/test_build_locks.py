@@ -164,3 +164,37 @@ def test_processes_starting_together_remove_a_stale_lock_once(tmp_path):
     results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     assert sum(r["removed"] for r in results) == 1, results
     assert not any(r["lost"] for r in results) and any(r["built"] for r in results), results
+
+
+def test_the_cpu_ops_wait_for_their_own_build_only(tmp_path, monkeypatch):
+    """Loading the CPU ops waited for every build under TORCH_EXTENSIONS_DIR: a test timing slot
+    statistics waited 220 s for another process's DeepSpeed shm-comm build, an op it never loads.
+    It waits for its own lock only (a stale one of another op is left to whoever loads that op)."""
+    import torch.utils.cpp_extension
+
+    from kernels import cpu_ops
+
+    other = lock_in(tmp_path, "deepspeed_shm_comm", age_s=0)
+    stale_other = lock_in(tmp_path, "other_op", age_s=3600)
+    finished = threading.Timer(3.0, other.unlink)  # the other build ends in 3 s
+    finished.start()
+    built = []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: built.append(kwargs["name"]))
+    monkeypatch.setattr(cpu_ops, "_loaded", None)
+    start = time.monotonic()
+    try:
+        assert cpu_ops.available()
+        elapsed = time.monotonic() - start
+    finally:
+        finished.join()
+    assert elapsed < 2.0 and built == [cpu_ops._library_name()]
+    assert stale_other.exists()
+
+    own = tmp_path / cpu_ops._library_name() / "lock"  # its own build, in another process: waited for
+    own.touch()
+    assert clear_stale_build_locks(tmp_path, say=lambda _: None, poll_s=0.05, ops=["unrelated"]) == []
+    threading.Timer(0.3, own.unlink).start()
+    start = time.monotonic()
+    assert clear_stale_build_locks(tmp_path, say=lambda _: None, poll_s=0.05, ops=[own.parent.name]) == []
+    assert time.monotonic() - start > 0.25

@@ -7,7 +7,11 @@ turn, (3) the weighted-mixture loader (two sources, 3:1) against that single dat
 and core, (4) tokens/s a tiny-model CPU training step consumes (forward + backward + AdamW of
 configs/tiny.yaml's model at micro_batch x seq_len), and the loader/training ratio.
 
-  python tools/bench_data.py [--entities 2000] [--seconds 3]
+  python tools/bench_data.py [--entities 2000] [--seconds 3] [--json bench_data.json]
+
+`--json` also writes the raw measurements (seconds of each timed part, tokens of each loader round,
+each training step's time) beside the rates computed from them, with the device, date, commit and
+torch version.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pretrain.cli import positive_int  # noqa: E402
+from kernels.benchmark import write_results  # noqa: E402
+from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.config import DataConfig, SyntheticConfig, load_config  # noqa: E402
 from pretrain.data import ShardLoader, Tokenizer, build_fact_world, prepare_embedded_dataset  # noqa: E402
 from pretrain.data.prepare import write_dataset  # noqa: E402
@@ -32,7 +37,7 @@ from pretrain.data.prepare import write_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loader_tokens_per_s(
+def loader_round(
     path: Path,
     batch: int,
     seq_len: int,
@@ -40,9 +45,10 @@ def loader_tokens_per_s(
     shuffle_buffer: int,
     mixture_with: Path | None = None,
     readers: int = 1,
-) -> float:
-    """ShardLoader of `path` (`readers` of them, ranks of that world, in turn), or with
-    `mixture_with` a MixtureLoader of both (weights 3:1)."""
+) -> dict:
+    """Tokens a ShardLoader of `path` (`readers` of them, ranks of that world, taking batches in
+    turn; or with `mixture_with` a MixtureLoader of both, weights 3:1)
+    yields in about `seconds`, and the seconds it took: {"tokens", "seconds"}."""
     if mixture_with is None:
         loaders = [
             ShardLoader(path, "train", batch, seq_len, r, readers, seed=0, shuffle_buffer=shuffle_buffer, loop=True)
@@ -69,10 +75,16 @@ def loader_tokens_per_s(
         for _ in range(50):
             for it in its:
                 n += next(it).tokens.numel()
-    return n / (time.perf_counter() - start)
+    return {"tokens": n, "seconds": time.perf_counter() - start}
 
 
-def training_tokens_per_s(config: Path, batch: int, seq_len: int, steps: int) -> float:
+def rate(measured: dict) -> float:
+    """Tokens per second of a loader round."""
+    return measured["tokens"] / measured["seconds"]
+
+
+def training_step_times(config: Path, batch: int, seq_len: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` CPU training steps (after two untimed ones) of the config's model."""
     from pretrain.model.objective import language_model_loss
     from pretrain.model.transformer import Transformer
 
@@ -90,10 +102,12 @@ def training_tokens_per_s(config: Path, batch: int, seq_len: int, steps: int) ->
 
     for _ in range(2):
         step()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return steps * batch * seq_len / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def positive_seconds(text: str) -> float:
@@ -115,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=positive_int, default=128)
     ap.add_argument("--seconds", type=positive_seconds, default=3.0, help="loader measuring time")
     ap.add_argument("--train-steps", type=positive_int, default=3)
+    ap.add_argument("--json", type=output_file("bench_data.json"), default=None, help="also write the raw times here")
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,37 +155,83 @@ def main(argv=None) -> int:
         prepare_s = time.perf_counter() - start
 
         torch.set_num_threads(1)
-        plain = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 0)
-        shuffled = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 1024)
-        split = loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds, 0, readers=4)
+        plain = loader_round(path, args.micro_batch, args.seq_len, args.seconds, 0)
+        shuffled = loader_round(path, args.micro_batch, args.seq_len, args.seconds, 1024)
+        split = loader_round(path, args.micro_batch, args.seq_len, args.seconds, 0, readers=4)
         # Alternating short rounds, medians: a load change on a shared machine hits both sides alike.
         single_rounds, mixed_rounds = [], []
         for _ in range(4):
-            single_rounds.append(loader_tokens_per_s(path, args.micro_batch, args.seq_len, args.seconds / 2, 0))
+            single_rounds.append(loader_round(path, args.micro_batch, args.seq_len, args.seconds / 2, 0))
             mixed_rounds.append(
-                loader_tokens_per_s(
-                    path, args.micro_batch, args.seq_len, args.seconds / 2, 0, mixture_with=tmp / "again"
-                )
+                loader_round(path, args.micro_batch, args.seq_len, args.seconds / 2, 0, mixture_with=tmp / "again")
             )
-        single, mixed = statistics.median(single_rounds), statistics.median(mixed_rounds)
     torch.set_num_threads(threads)
-    train = training_tokens_per_s(Path(args.config), args.micro_batch, args.seq_len, args.train_steps)
-
-    loader = min(plain, shuffled)  # the criterion of the single loader; the mixture is reported beside it
-    ratio = loader / train
+    raw = {
+        "corpus_tokens": n_tokens,
+        "documents": len(docs),
+        "encode_s": encode_s,
+        "prepare_s": prepare_s,
+        "loader_plain": plain,
+        "loader_shuffled": shuffled,
+        "loader_row_split_4_readers": split,
+        "single_rounds": single_rounds,
+        "mixture_rounds": mixed_rounds,
+        "train_step_s": training_step_times(Path(args.config), args.micro_batch, args.seq_len, args.train_steps),
+        "train_tokens_per_step": args.micro_batch * args.seq_len,
+    }
+    summary = summarize(raw)
     print(f"corpus: {len(docs)} documents, {n_tokens} tokens (fact world, {args.entities} entities)")
-    print(f"tokenization (sentencepiece encode, 1 process):    {n_tokens / encode_s / 1e6:8.2f} M tokens/s")
-    print(f"prepare_data (encode + pack + write shards):        {n_tokens / prepare_s / 1e6:8.2f} M tokens/s")
-    print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, no shuffle:      {plain / 1e6:8.2f} M tokens/s")
-    print(f"loader, 1 core, batch {args.micro_batch}x{args.seq_len}, shuffle 1024:    {shuffled / 1e6:8.2f} M tokens/s")
-    print(f"loader, 1 core, 4 readers' row split in turn, no shuffle: {split / 1e6:8.2f} M tokens/s")
+    print(f"tokenization (sentencepiece encode, 1 process):    {summary['encode_tokens_per_s'] / 1e6:8.2f} M tokens/s")
+    print(
+        f"prepare_data (encode + pack + write shards):        {summary['prepare_tokens_per_s'] / 1e6:8.2f} M tokens/s"
+    )
+    batch = f"{args.micro_batch}x{args.seq_len}"
+    print(
+        f"loader, 1 core, batch {batch}, no shuffle:      {summary['loader_plain_tokens_per_s'] / 1e6:8.2f} M tokens/s"
+    )
+    print(
+        f"loader, 1 core, batch {batch}, shuffle 1024:    {summary['loader_shuffled_tokens_per_s'] / 1e6:8.2f} M tokens/s"
+    )
+    print(
+        f"loader, 1 core, 4 readers' row split in turn, no shuffle: "
+        f"{summary['loader_row_split_4_readers_tokens_per_s'] / 1e6:8.2f} M tokens/s"
+    )
+    single, mixed = summary["single_median_tokens_per_s"], summary["mixture_median_tokens_per_s"]
     print(
         f"single dataset vs mixture (2 sources, 3:1), alternating rounds, no shuffle: "
         f"{single / 1e6:.2f} vs {mixed / 1e6:.2f} M tokens/s ({mixed / single:.2f}x)"
     )
-    print(f"training step (tiny.yaml, fwd+bwd+AdamW, {threads} threads): {train / 1e6:8.4f} M tokens/s")
+    print(
+        f"training step (tiny.yaml, fwd+bwd+AdamW, {threads} threads): {summary['train_tokens_per_s'] / 1e6:8.4f} M tokens/s"
+    )
+    ratio, loader = summary["loader_over_training"], summary["loader_tokens_per_s"]
     print(f"loader / training: {ratio:.0f}x (need >= 20x); loader >= 5M tokens/s: {loader >= 5e6}")
-    return 0 if ratio >= 20 and loader >= 5e6 else 1
+    if args.json:
+        write_results(args.json, "cpu", vars(args), threads=threads, raw=raw, summary=summary)
+        print(f"results written to {args.json}")
+    return 0 if summary["passed"] else 1
+
+
+def summarize(raw: dict) -> dict:
+    """The rates the report prints, from the raw measurements; `passed`: loader >= 20x training and
+    >= 5M tokens/s (the loader's criterion is the slower of its plain and shuffled rounds)."""
+    steps = raw["train_step_s"]
+    train = len(steps) * raw["train_tokens_per_step"] / sum(steps)
+    plain, shuffled = rate(raw["loader_plain"]), rate(raw["loader_shuffled"])
+    loader = min(plain, shuffled)
+    return {
+        "encode_tokens_per_s": raw["corpus_tokens"] / raw["encode_s"],
+        "prepare_tokens_per_s": raw["corpus_tokens"] / raw["prepare_s"],
+        "loader_plain_tokens_per_s": plain,
+        "loader_shuffled_tokens_per_s": shuffled,
+        "loader_row_split_4_readers_tokens_per_s": rate(raw["loader_row_split_4_readers"]),
+        "single_median_tokens_per_s": statistics.median(map(rate, raw["single_rounds"])),
+        "mixture_median_tokens_per_s": statistics.median(map(rate, raw["mixture_rounds"])),
+        "train_tokens_per_s": train,
+        "loader_tokens_per_s": loader,
+        "loader_over_training": loader / train,
+        "passed": loader / train >= 20 and loader >= 5e6,
+    }
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 python tools/bench_parallel.py                              # W=2: P=1 vs P=2, 16K slots x 256
 python tools/bench_parallel.py --n-keys 1024 --configs 2:2 --steps 10   # 1M slots, P=2
+python tools/bench_parallel.py --json bench_parallel.json   # also every rank's record, each step's time
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import positive_int  # noqa: E402
-from pretrain.parallel.bench import BenchSpec, check_configs, format_report, run_bench  # noqa: E402
+from kernels.benchmark import write_results  # noqa: E402
+from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.parallel.bench import (  # noqa: E402
+    BenchSpec,
+    check_configs,
+    format_report,
+    relative_step_times,
+    run_bench,
+)
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -39,6 +47,9 @@ def main(argv=None) -> None:
         ap.add_argument("--" + field.replace("_", "-"), type=positive_int, default=getattr(spec, field))
     ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=spec.zero_stage)
     ap.add_argument("--configs", type=parse_configs, default="2:1,2:2", help="world size:P pairs, comma separated")
+    ap.add_argument(
+        "--json", type=output_file("bench_parallel.json"), default=None, help="also write every rank's record here"
+    )
     args = ap.parse_args(argv)
     spec = BenchSpec(**{f: getattr(args, f) for f in spec.__dataclass_fields__})
     try:
@@ -52,6 +63,9 @@ def main(argv=None) -> None:
         f"tokens, ZeRO {spec.zero_stage}"
     )
     print(format_report(records))
+    if args.json:
+        write_results(args.json, "cpu", vars(args), records=records, relative=relative_step_times(records))
+        print(f"results written to {args.json}")
 
 
 if __name__ == "__main__":

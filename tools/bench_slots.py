@@ -7,7 +7,8 @@ Measured side by side in one run, alternating on/off steps so that drift hits bo
 equally, for configs/tiny.yaml's model and for the same model with a 1024^2-slot memory
 (`--n-keys 1024`). Prints median and minimum step times and their ratios (the minimum is the
 less noisy estimate on a shared machine) (goal: <= 1.05x tiny,
-<= 1.02x 1M slots). Pure timing: nothing is asserted.
+<= 1.02x 1M slots). Pure timing: nothing is asserted. `--json PATH` also writes every step's
+time (seconds, on and off) beside those numbers, with the device, date, commit and torch version.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pretrain.cli import int_at_least, positive_int  # noqa: E402
+from kernels.benchmark import write_results  # noqa: E402
+from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.model import Transformer, language_model_loss  # noqa: E402
 from pretrain.slots import SlotStatistics, memory_layer_names  # noqa: E402
@@ -35,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def bench(
     n_keys: int | None, steps: int, warmup: int, granularity: str, device: str, with_optimizer: bool = True
-) -> tuple[float, float]:
+) -> dict[str, list[float]]:
+    """Step times in seconds, {"off": [...], "on": [...]}, `steps` of each, alternating."""
     overrides = [f"model.memory.n_keys={n_keys}"] if n_keys else []
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     torch.manual_seed(0)
@@ -47,7 +50,7 @@ def bench(
     tokens = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=gen).to(device)
     doc_ids = torch.cumsum(torch.rand(B, S, generator=gen) < 0.01, dim=1).add(torch.arange(B)[:, None] * S)
     doc_ids = doc_ids.to(device)
-    times = {True: [], False: []}
+    times = {"on": [], "off": []}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if with_optimizer else None
 
     def step(on: bool) -> float:
@@ -68,8 +71,17 @@ def bench(
         step(i % 2 == 0)
     for i in tqdm(range(2 * steps), desc=f"n_keys={cfg.model.memory.n_keys}", leave=False):
         on = i % 2 == 0
-        times[on].append(step(on))
-    return {stat: (fn(times[False]), fn(times[True])) for stat, fn in (("median", statistics.median), ("min", min))}
+        times["on" if on else "off"].append(step(on))
+    return times
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """The median and the minimum step time, off and on, and their ratio on/off."""
+    summary = {}
+    for stat, fn in (("median", statistics.median), ("min", min)):
+        off, on = fn(times["off"]), fn(times["on"])
+        summary[stat] = {"off_s": off, "on_s": on, "ratio": on / off}
+    return summary
 
 
 def granularity(text: str) -> str:
@@ -95,6 +107,7 @@ def main(argv=None) -> int:
         help="0 = the config's n_keys",
     )
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
+    p.add_argument("--json", type=output_file("bench_slots.json"), default=None, help="also write every step time here")
     args = p.parse_args(argv)
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -102,13 +115,19 @@ def main(argv=None) -> int:
         f"{'' if args.no_optimizer else ' + AdamW'}"
     )
     print("slots\tstat\toff_ms\ton_ms\tratio")
+    rows = []
     for n_keys in args.n_keys:
-        result = bench(
+        times = bench(
             n_keys or None, args.steps, args.warmup, args.granularity, args.device, with_optimizer=not args.no_optimizer
         )
         slots = (n_keys or load_config(REPO / "configs/tiny.yaml").model.memory.n_keys) ** 2
-        for stat, (off, on) in result.items():
-            print(f"{slots}\t{stat}\t{off * 1e3:.1f}\t{on * 1e3:.1f}\t{on / off:.3f}x")
+        summary = summarize(times)
+        for stat, row in summary.items():
+            print(f"{slots}\t{stat}\t{row['off_s'] * 1e3:.1f}\t{row['on_s'] * 1e3:.1f}\t{row['ratio']:.3f}x")
+        rows.append({"slots": slots, "off_step_s": times["off"], "on_step_s": times["on"], **summary})
+    if args.json:
+        write_results(args.json, args.device, vars(args), threads=torch.get_num_threads(), rows=rows)
+        print(f"results written to {args.json}")
     return 0
 
 

@@ -3,8 +3,8 @@
 Each configuration (world size W, group size P) trains the same model on the same
 global batch with W spawned gloo ranks: DeepSpeed (ZeRO `zero_stage`) for the dense
 parameters, MemoryParallel for the values. Rank 0 reports the median step time after
-one warm-up step; every rank reports its value-shard bytes, AdamW-state bytes, peak
-RSS and the bytes it received per step.
+one warm-up step (each step's time kept beside it); every rank reports its value-shard bytes,
+AdamW-state bytes, peak RSS and the bytes it received per step.
 """
 
 from __future__ import annotations
@@ -106,11 +106,17 @@ def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path
     acc.update(
         rank=rank,
         world_size=world,
-        step_time_median_s=statistics.median(times[1:]),
+        **step_timing(times),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         loss=loss.item(),
     )
     Path(out_path, f"rank{rank}.json").write_text(json.dumps(acc))
+
+
+def step_timing(times: list[float]) -> dict:
+    """A rank's step times (seconds, the warm-up step first): each timed step's, the warm-up's, and
+    the median of the timed ones, which the report prints."""
+    return {"step_times_s": times[1:], "warmup_step_s": times[0], "step_time_median_s": statistics.median(times[1:])}
 
 
 def check_configs(spec: BenchSpec, configs: list[tuple[int, int]]) -> None:
@@ -149,11 +155,22 @@ def format_report(records: list[dict]) -> str:
             f"{r['value_table_bytes_full'] / mib:>9.1f} {r['comm_bytes_last_step'] / 1024:>13.1f} "
             f"{r['comm_bytes_last_step_estimate'] / 1024:>10.1f} {r['peak_rss_bytes'] / mib:>12.0f}"
         )
-    by_p = {(r["world_size"], r["parallel_size"]): r["step_time_median_s"] for r in records if r["rank"] == 0}
-    base = by_p.get(next(iter(by_p), None))
-    if base and len(by_p) > 1:
+    relative = relative_step_times(records)
+    if len(relative) > 1:
         lines.append(
             "step time relative to the first configuration: "
-            + ", ".join(f"W={w} P={p}: {t / base:.2f}x" for (w, p), t in by_p.items())
+            + ", ".join(f"W={r['world_size']} P={r['parallel_size']}: {r['relative']:.2f}x" for r in relative)
         )
     return "\n".join(lines)
+
+
+def relative_step_times(records: list[dict]) -> list[dict]:
+    """Rank 0's median step time of each configuration over the first configuration's."""
+    firsts = [r for r in records if r["rank"] == 0]
+    if not firsts or not firsts[0]["step_time_median_s"]:
+        return []
+    base = firsts[0]["step_time_median_s"]
+    return [
+        {"world_size": r["world_size"], "parallel_size": r["parallel_size"], "relative": r["step_time_median_s"] / base}
+        for r in firsts
+    ]

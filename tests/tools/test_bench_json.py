@@ -1,0 +1,124 @@
+"""tools/bench_slots.py, bench_data.py, bench_parallel.py --json: the raw times (every step, every
+loader round) with the device, date, commit and torch version (kernels.benchmark.write_results, as
+bench_kernels writes them), and the summary numbers they print recomputed here from those raw
+times. Before, these three printed their summaries only."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+
+def check_run_info(payload: dict, device: str = "cpu") -> None:
+    assert payload["device"] == device and payload["torch"] == torch.__version__
+    assert payload["commit"] and payload["commit"] != "unknown"
+    assert payload["date"].endswith("Z") and len(payload["date"]) == len("2026-12-06T19:45:53Z")
+
+
+def test_bench_slots_json_holds_every_step_time(tmp_path, capsys):
+    from tools.bench_slots import main
+
+    out = tmp_path / "slots.json"
+    argv = ["--steps", "3", "--warmup", "0", "--n-keys", "0", "--device", "cpu", "--no-optimizer"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    check_run_info(payload)
+    assert payload["settings"]["steps"] == "3" and payload["settings"]["no_optimizer"] == "True"
+    (row,) = payload["rows"]
+    off, on = row["off_step_s"], row["on_step_s"]
+    assert len(off) == len(on) == 3 and all(t > 0 for t in off + on)
+    for stat, fn in (("median", statistics.median), ("min", min)):
+        assert row[stat] == {"off_s": fn(off), "on_s": fn(on), "ratio": fn(on) / fn(off)}
+        line = f"{row['slots']}\t{stat}\t{fn(off) * 1e3:.1f}\t{fn(on) * 1e3:.1f}\t{fn(on) / fn(off):.3f}x"
+        assert line in printed
+
+
+def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
+    from tools.bench_data import main
+
+    out = tmp_path / "data.json"
+    argv = ["--entities", "30", "--seconds", "0.1", "--train-steps", "2", "--micro-batch", "2", "--seq-len", "16"]
+    rc = main([*argv, "--json", str(out)])
+    printed = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    check_run_info(payload)
+    raw, summary = payload["raw"], payload["summary"]
+    rounds = [raw["loader_plain"], raw["loader_shuffled"], *raw["single_rounds"], *raw["mixture_rounds"]]
+    assert len(raw["single_rounds"]) == len(raw["mixture_rounds"]) == 4 and len(raw["train_step_s"]) == 2
+    assert all(r["tokens"] > 0 and r["tokens"] % (2 * 16) == 0 and r["seconds"] > 0 for r in rounds)
+    per_s = [r["tokens"] / r["seconds"] for r in rounds]
+    train = 2 * raw["train_tokens_per_step"] / sum(raw["train_step_s"])
+    loader = min(per_s[0], per_s[1])
+    expected = {
+        "encode_tokens_per_s": raw["corpus_tokens"] / raw["encode_s"],
+        "prepare_tokens_per_s": raw["corpus_tokens"] / raw["prepare_s"],
+        "loader_plain_tokens_per_s": per_s[0],
+        "loader_shuffled_tokens_per_s": per_s[1],
+        "single_median_tokens_per_s": statistics.median(per_s[2:6]),
+        "mixture_median_tokens_per_s": statistics.median(per_s[6:]),
+        "train_tokens_per_s": train,
+        "loader_tokens_per_s": loader,
+        "loader_over_training": loader / train,
+        "passed": loader / train >= 20 and loader >= 5e6,
+    }
+    assert summary == pytest.approx(expected, rel=1e-12)
+    assert rc == (0 if expected["passed"] else 1)
+    assert f"loader / training: {loader / train:.0f}x" in printed
+    assert f"{raw['corpus_tokens']} tokens" in printed
+
+
+def test_bench_parallel_json_holds_every_ranks_step_times(tmp_path, monkeypatch, capsys):
+    """The spawned ranks (minutes of DeepSpeed start-up on a shared CPU) stand in for records made as
+    the worker makes them (`step_timing` of its step times, the warm-up step first)."""
+    import tools.bench_parallel as tool
+    from pretrain.parallel.bench import step_timing
+
+    times = {
+        (2, 1): [[0.9, 0.3, 0.5, 0.4], [0.8, 0.31, 0.52, 0.41]],
+        (2, 2): [[0.7, 0.2, 0.25, 0.6], [1.0, 0.2, 0.2, 0.6]],
+    }
+
+    def run_bench(spec, configs):
+        assert spec.steps == 3 and configs == list(times)
+        records = []
+        for (world, P), ranks in times.items():
+            for rank, steps in enumerate(ranks):
+                records.append(
+                    {
+                        "rank": rank,
+                        "world_size": world,
+                        "parallel_size": P,
+                        **step_timing(steps),
+                        "value_shard_bytes": 1 << 20,
+                        "optimizer_state_bytes": 2 << 20,
+                        "value_table_bytes_full": 1 << 20,
+                        "comm_bytes_last_step": 4096,
+                        "comm_bytes_last_step_estimate": 4096,
+                        "peak_rss_bytes": 1 << 30,
+                    }
+                )
+        return records
+
+    monkeypatch.setattr(tool, "run_bench", run_bench)
+    out = tmp_path / "parallel.json"
+    tool.main(["--configs", "2:1,2:2", "--steps", "3", "--json", str(out)])
+    printed = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    check_run_info(payload)
+    assert payload["settings"]["configs"] == str(list(times))
+    medians = {}
+    for r in payload["records"]:
+        steps = times[(r["world_size"], r["parallel_size"])][r["rank"]]
+        assert r["step_times_s"] == steps[1:] and r["warmup_step_s"] == steps[0]
+        assert r["step_time_median_s"] == statistics.median(r["step_times_s"])
+        if r["rank"] == 0:
+            medians[(r["world_size"], r["parallel_size"])] = statistics.median(r["step_times_s"])
+    base = medians[(2, 1)]
+    assert payload["relative"] == [
+        {"world_size": w, "parallel_size": p, "relative": t / base} for (w, p), t in medians.items()
+    ]
+    assert f"W=2 P=2: {medians[(2, 2)] / base:.2f}x" in printed
