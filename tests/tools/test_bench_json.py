@@ -48,6 +48,7 @@ def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
     check_run_info(payload)
     raw, summary = payload["raw"], payload["summary"]
     rounds = [raw["loader_plain"], raw["loader_shuffled"], *raw["single_rounds"], *raw["mixture_rounds"]]
+    rounds.append(raw["loader_row_split_4_readers"])
     assert len(raw["single_rounds"]) == len(raw["mixture_rounds"]) == 4 and len(raw["train_step_s"]) == 2
     assert all(r["tokens"] > 0 and r["tokens"] % (2 * 16) == 0 and r["seconds"] > 0 for r in rounds)
     per_s = [r["tokens"] / r["seconds"] for r in rounds]
@@ -59,7 +60,8 @@ def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
         "loader_plain_tokens_per_s": per_s[0],
         "loader_shuffled_tokens_per_s": per_s[1],
         "single_median_tokens_per_s": statistics.median(per_s[2:6]),
-        "mixture_median_tokens_per_s": statistics.median(per_s[6:]),
+        "mixture_median_tokens_per_s": statistics.median(per_s[6:10]),
+        "loader_row_split_4_readers_tokens_per_s": per_s[10],
         "train_tokens_per_s": train,
         "loader_tokens_per_s": loader,
         "loader_over_training": loader / train,
