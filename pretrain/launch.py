@@ -180,7 +180,9 @@ def _template_option(token: str) -> str | None:
         if name in _TEMPLATE_OPTIONS:
             return name
         matches = [o for o in _TEMPLATE_OPTIONS if o.startswith("--") and len(name) > 3 and o.startswith(name)]
-        return matches[0] if len(matches) == 1 else None
+        # a prefix of several (--cpus-per: -task or -gpu) is one sbatch refuses as ambiguous: refused here
+        # too, before anything is written, naming the first (their fixes agree)
+        return matches[0] if matches else None
     if token.startswith("-") and len(token) >= 2:
         return token[:2] if token[:2] in _TEMPLATE_OPTIONS else None
     return None

@@ -722,7 +722,12 @@ def test_extra_options_may_not_ask_for_gpus_past_gpus_per_node(capsys, tmp_path)
         rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
         assert rc == 2 and out == "", (option, err)
         assert f"through {named}, which the script requests itself" in err and "use --gpus-per-node" in err, err
-    for option, fix in [("--gpus-per-socket=2", "use --gpus-per-node"), ("--cpus-per-gpu=4", "use --cpus-per-task")]:
+    for option, fix in [
+        ("--gpus-per-socket=2", "use --gpus-per-node"),
+        ("--cpus-per-gpu=4", "use --cpus-per-task"),
+        ("--cpus-per=4", "use --cpus-per-task"),  # a prefix of --cpus-per-task and --cpus-per-gpu
+        ("--gpus-per=2", "use --gpus-per-node"),
+    ]:
         rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
         assert rc == 2 and "which the script sets itself" in err and fix in err, (option, err)
     for option in ("--gres=nvme:1", "--gres-flags=enforce-binding", "--gres=none", "--tres-per-task=license/x=1"):
