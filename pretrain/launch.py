@@ -172,19 +172,27 @@ _TEMPLATE_OPTIONS = {
 }
 
 
-def _template_option(token: str) -> str | None:
-    """The option of `_TEMPLATE_OPTIONS` that an sbatch argument sets (sbatch also takes a unique
+# A job array runs its script once per task: every task would train the same run directory, writing
+# the same checkpoints over each other.
+_ONE_RUN_OPTIONS = {
+    "--array": "use --sweep KEY=V1,V2 for several runs (one job and run directory each)",
+    "-a": "use --sweep KEY=V1,V2 for several runs (one job and run directory each)",
+}
+
+
+def _template_option(token: str, options: dict[str, str] = _TEMPLATE_OPTIONS) -> str | None:
+    """The option of `options` that an sbatch argument sets (sbatch also takes a unique
     prefix of a long option, `--ntasks-per=2`), or None."""
     if token.startswith("--"):
         name = token.split("=", 1)[0]
-        if name in _TEMPLATE_OPTIONS:
+        if name in options:
             return name
-        matches = [o for o in _TEMPLATE_OPTIONS if o.startswith("--") and len(name) > 3 and o.startswith(name)]
+        matches = [o for o in options if o.startswith("--") and len(name) > 3 and o.startswith(name)]
         # a prefix of several (--cpus-per: -task or -gpu) is one sbatch refuses as ambiguous: refused here
         # too, before anything is written, naming the first (their fixes agree)
         return matches[0] if matches else None
     if token.startswith("-") and len(token) >= 2:
-        return token[:2] if token[:2] in _TEMPLATE_OPTIONS else None
+        return token[:2] if token[:2] in options else None
     return None
 
 
@@ -317,6 +325,12 @@ def _check_options(opts: SlurmOptions) -> None:
                 raise SubmitError(
                     f"--sbatch {line!r} sets {name}, which the script sets itself (a later #SBATCH line would "
                     f"override it, past the checks of the job's ranks and run directory): {_TEMPLATE_OPTIONS[name]}"
+                )
+            name = _template_option(token, _ONE_RUN_OPTIONS)
+            if name is not None:
+                raise SubmitError(
+                    f"--sbatch {line!r} sets {name}: each array task would train the same run directory, "
+                    f"overwriting the others' checkpoints: {_ONE_RUN_OPTIONS[name]}"
                 )
             name = _resource_list_option(tokens, i)
             if name is not None:

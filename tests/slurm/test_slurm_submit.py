@@ -771,3 +771,15 @@ def test_sbatch_environment_variables_may_not_override_the_scripts_options(capsy
     monkeypatch.setenv("SBATCH_PARTITION", "debug")
     rc, _, err = _submit(capsys, [*argv, "--partition", "gpu"])
     assert rc == 2 and "SBATCH_PARTITION='debug' in the environment would override --partition=gpu" in err, err
+
+
+def test_a_job_array_is_refused_naming_sweep(capsys, tmp_path):
+    """--sbatch=--array=0-3 ran the script once per task, four trainings of one run directory writing
+    the same checkpoints; several runs are a --sweep."""
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--dry-run"]
+    for option in ("--array=0-3", "--array 0-3", "-a 0-3", "-a0-3", "--arr=0-1"):
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 2 and out == "", (option, err)
+        assert "each array task would train the same run directory" in err and "use --sweep" in err, err
+    rc, out, err = _submit(capsys, [*argv, "--sbatch=--acctg-freq=task=60"])  # "-a..." long options are no -a
+    assert rc == 0 and "#SBATCH --acctg-freq=task=60" in out, err
