@@ -132,5 +132,8 @@ def _remove_if_stale(lock: Path, max_age_s: float) -> float | None:
         os.link(aside, lock)
     except FileExistsError:
         pass
+    except OSError:  # a filesystem without hard links: a rename, which would replace a lock taken meanwhile
+        os.rename(aside, lock)
+        return min(time.time() - moved.st_mtime, max_age_s)
     os.unlink(aside)
     return min(time.time() - moved.st_mtime, max_age_s)  # a live build's: waited for

@@ -172,17 +172,27 @@ _TEMPLATE_OPTIONS = {
 }
 
 
-def _template_option(token: str) -> str | None:
-    """The option of `_TEMPLATE_OPTIONS` that an sbatch argument sets (sbatch also takes a unique
+# A job array runs its script once per task: every task would train the same run directory, writing
+# the same checkpoints over each other.
+_ONE_RUN_OPTIONS = {
+    "--array": "use --sweep KEY=V1,V2 for several runs (one job and run directory each)",
+    "-a": "use --sweep KEY=V1,V2 for several runs (one job and run directory each)",
+}
+
+
+def _template_option(token: str, options: dict[str, str] = _TEMPLATE_OPTIONS) -> str | None:
+    """The option of `options` that an sbatch argument sets (sbatch also takes a unique
     prefix of a long option, `--ntasks-per=2`), or None."""
     if token.startswith("--"):
         name = token.split("=", 1)[0]
-        if name in _TEMPLATE_OPTIONS:
+        if name in options:
             return name
-        matches = [o for o in _TEMPLATE_OPTIONS if o.startswith("--") and len(name) > 3 and o.startswith(name)]
-        return matches[0] if len(matches) == 1 else None
+        matches = [o for o in options if o.startswith("--") and len(name) > 3 and o.startswith(name)]
+        # a prefix of several (--cpus-per: -task or -gpu) is one sbatch refuses as ambiguous: refused here
+        # too, before anything is written, naming the first (their fixes agree)
+        return matches[0] if matches else None
     if token.startswith("-") and len(token) >= 2:
-        return token[:2] if token[:2] in _TEMPLATE_OPTIONS else None
+        return token[:2] if token[:2] in options else None
     return None
 
 
@@ -209,6 +219,61 @@ def _resource_list_option(tokens: list[str], i: int) -> str | None:
             if resource in ("gpu", "gres/gpu", "gres:gpu") or (option == "--tres-per-task" and resource == "cpu"):
                 return option
     return None
+
+
+# sbatch's input environment variables for the options the script sets: sbatch reads them over
+# the script's #SBATCH lines ("environment variables will override any options set in a batch
+# script"), so SBATCH_TIMELIMIT=5 in the submitting shell ran a 5-minute job whose --signal-seconds
+# were checked against --time. The site's options (partition, ...) conflict only when given here.
+_ENV_OPTIONS = {
+    "SBATCH_TIMELIMIT": "--time",
+    "SBATCH_SIGNAL": "--signal",
+    "SBATCH_REQUEUE": "--requeue",
+    "SBATCH_NO_REQUEUE": "--no-requeue",
+    "SBATCH_OPEN_MODE": "--open-mode",
+    "SBATCH_OUTPUT": "--output",
+    "SBATCH_JOB_NAME": "--job-name",
+    "SBATCH_GPUS": "--gpus",
+    "SBATCH_GPUS_PER_NODE": "--gpus-per-node",
+    "SBATCH_GPUS_PER_TASK": "--gpus-per-task",
+    "SBATCH_CPUS_PER_GPU": "--cpus-per-gpu",
+}
+_ENV_SITE_OPTIONS = {
+    "SBATCH_PARTITION": "partition",
+    "SBATCH_ACCOUNT": "account",
+    "SBATCH_QOS": "qos",
+    "SBATCH_CONSTRAINT": "constraint",
+}
+_ENV_FLAGS = ("SBATCH_REQUEUE", "SBATCH_NO_REQUEUE")  # set by "", "yes" or a non-zero number only
+
+
+def _check_environment(opts: SlurmOptions, environ) -> None:
+    """Refuse (SubmitError) an SBATCH_* variable of the submitting shell that sbatch would read
+    over a line the script sets, naming it and the option to use."""
+    for var, option in _ENV_OPTIONS.items():
+        value = environ.get(var)
+        if value is None:
+            continue
+        if var in _ENV_FLAGS and not (value in ("", "yes") or (value.isdigit() and int(value) != 0)):
+            continue
+        fix = _TEMPLATE_OPTIONS[option]
+        fix = f"unset {var} and {fix} instead" if fix.startswith("use ") else f"unset {var}: {fix}"
+        raise SubmitError(
+            f"{var}={value!r} in the environment: sbatch reads it over the script's own {option} setting (past "
+            f"the checks of the job's ranks and run directory): {fix}"
+        )
+    gres = environ.get("SBATCH_GRES")
+    if gres is not None and _resource_list_option(["--gres", gres], 0) is not None:
+        raise SubmitError(
+            f"SBATCH_GRES={gres!r} in the environment asks for GPUs, which sbatch reads over the script's own "
+            f"--gpus-per-node line: unset SBATCH_GRES (use --gpus-per-node)"
+        )
+    for var, name in _ENV_SITE_OPTIONS.items():
+        if environ.get(var) is not None and getattr(opts, name) is not None:
+            raise SubmitError(
+                f"{var}={environ[var]!r} in the environment would override --{name}={getattr(opts, name)} (sbatch "
+                f"reads it over the script's line): unset {var}, or drop --{name} to use it"
+            )
 
 
 def _check_options(opts: SlurmOptions) -> None:
@@ -260,6 +325,12 @@ def _check_options(opts: SlurmOptions) -> None:
                 raise SubmitError(
                     f"--sbatch {line!r} sets {name}, which the script sets itself (a later #SBATCH line would "
                     f"override it, past the checks of the job's ranks and run directory): {_TEMPLATE_OPTIONS[name]}"
+                )
+            name = _template_option(token, _ONE_RUN_OPTIONS)
+            if name is not None:
+                raise SubmitError(
+                    f"--sbatch {line!r} sets {name}: each array task would train the same run directory, "
+                    f"overwriting the others' checkpoints: {_ONE_RUN_OPTIONS[name]}"
                 )
             name = _resource_list_option(tokens, i)
             if name is not None:
@@ -379,6 +450,7 @@ def plan_run(
     workdir = Path(workdir or Path.cwd()).resolve()
     python = python or sys.executable
     _check_options(opts)
+    _check_environment(opts, os.environ)
     if snapshot and sys.version_info < (3, 11):
         raise SubmitError("--snapshot-code needs Python >= 3.11 (PYTHONSAFEPATH) in the job's environment")
     try:

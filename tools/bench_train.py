@@ -38,6 +38,7 @@ paper-scale checkpoint would cost minutes of disk, outside the timed steps anywa
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -50,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pretrain.cli import output_file  # noqa: E402
 from pretrain.files import atomic_write_text  # noqa: E402
 
 
@@ -287,8 +289,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps per run (compilation)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data-cache", type=Path, default=Path(tempfile.gettempdir()) / "memlayers-bench-data")
-    parser.add_argument("--json", type=Path, default=None, help="write rows, ratios and settings here")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the tables here")
+    parser.add_argument(
+        "--json",
+        type=lambda t: Path(output_file("bench.json")(t)),
+        default=None,
+        help="write rows, ratios and settings here",
+    )
+    parser.add_argument(
+        "--markdown", type=lambda t: Path(output_file("bench.md")(t)), default=None, help="write the tables here"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
@@ -330,6 +339,18 @@ def main(argv=None) -> int:
     return 1 if len(good) < len(rows) else 0
 
 
+@functools.cache
+def provenance() -> dict:
+    """The run's UTC start date, the commit and the torch version (kernels.benchmark.run_info; each
+    row names its own device)."""
+    import torch
+
+    from kernels.benchmark import run_info
+
+    info = run_info(torch.device("cpu"))
+    return {key: info[key] for key in ("date", "commit", "torch")}
+
+
 def report(args, rows: list[dict], final: bool) -> str:
     """The tables of `rows` (the variants measured so far), also written to --json / --markdown."""
     ratios = add_ratios(rows)
@@ -338,7 +359,7 @@ def report(args, rows: list[dict], final: bool) -> str:
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "worker_out")
     }
     if args.json:
-        payload = {"rows": rows, "ratios": ratios, "settings": settings, "complete": final}
+        payload = {**provenance(), "rows": rows, "ratios": ratios, "settings": settings, "complete": final}
         atomic_write_text(args.json, json.dumps(payload, indent=2))
     if args.markdown:
         atomic_write_text(

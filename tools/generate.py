@@ -75,6 +75,8 @@ def main(argv=None) -> int:
         if any(sampling.values()):
             given = ", ".join(option for option, set_ in sampling.items() if set_)
             parser.error(f"{given}: sampling options apply to --prompt generation, not --probes (answered greedily)")
+        if args.prompt:  # was ignored: the probes' questions are the prompts
+            parser.error("--prompt and --probes: --probes asks the probes' own questions; give one of the two")
 
     from pretrain.data import DataError, load_probes
     from pretrain.export import ExportError, load

@@ -63,3 +63,15 @@ def test_generate_refuses_bad_numbers_before_loading(inference_export, monkeypat
             main([str(inference_export), "--probes", count])
         assert exit_info.value.code == 2
         assert f"{count} must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_beside_probes(tmp_path, capsys):
+    """--prompt with --probes was ignored without a word (the probes' questions are the prompts)."""
+    import pytest
+
+    from tools.generate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--probes", "5", "--prompt", "The capital of"])
+    assert exit_.value.code == 2
+    assert "--prompt and --probes" in capsys.readouterr().err

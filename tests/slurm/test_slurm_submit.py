@@ -722,9 +722,64 @@ def test_extra_options_may_not_ask_for_gpus_past_gpus_per_node(capsys, tmp_path)
         rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
         assert rc == 2 and out == "", (option, err)
         assert f"through {named}, which the script requests itself" in err and "use --gpus-per-node" in err, err
-    for option, fix in [("--gpus-per-socket=2", "use --gpus-per-node"), ("--cpus-per-gpu=4", "use --cpus-per-task")]:
+    for option, fix in [
+        ("--gpus-per-socket=2", "use --gpus-per-node"),
+        ("--cpus-per-gpu=4", "use --cpus-per-task"),
+        ("--cpus-per=4", "use --cpus-per-task"),  # a prefix of --cpus-per-task and --cpus-per-gpu
+        ("--gpus-per=2", "use --gpus-per-node"),
+    ]:
         rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
         assert rc == 2 and "which the script sets itself" in err and fix in err, (option, err)
     for option in ("--gres=nvme:1", "--gres-flags=enforce-binding", "--gres=none", "--tres-per-task=license/x=1"):
         rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
         assert rc == 0 and f"#SBATCH {option}" in out, (option, err)
+
+
+def test_sbatch_environment_variables_may_not_override_the_scripts_options(capsys, tmp_path, monkeypatch, slurm_env):
+    """sbatch reads SBATCH_* variables of the submitting shell over the script's #SBATCH lines (a held
+    job shows it): SBATCH_TIMELIMIT=5 in a profile ran every job 5 minutes long, past the check of
+    --signal-seconds against --time. Such a variable is refused, naming it and the option to use; a
+    site default (SBATCH_PARTITION) passes unless the option is given here too."""
+    script = tmp_path / "timed.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --time=10\n#SBATCH --hold\ntrue\n")
+    env = {**slurm_env.env, "SBATCH_TIMELIMIT": "5"}
+    sbatch = [shutil.which("sbatch", path=env["PATH"]), "--parsable", f"--output={tmp_path}/%j.out", str(script)]
+    job = subprocess.run(sbatch, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True)
+    job = job.stdout.strip()
+    try:
+        assert slurm_env.job_info(job)["TimeLimit"] == "00:05:00"
+    finally:
+        slurm_env.cmd(["scancel", job], check=False)
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--dry-run"]
+    for var, value, fix in [
+        ("SBATCH_TIMELIMIT", "5", "unset SBATCH_TIMELIMIT and use --time instead"),
+        ("SBATCH_SIGNAL", "USR1@60", "use --signal-seconds"),
+        ("SBATCH_NO_REQUEUE", "1", "unset SBATCH_NO_REQUEUE: drop it"),
+        ("SBATCH_OUTPUT", "/tmp/x.out", "unset SBATCH_OUTPUT"),
+        ("SBATCH_GPUS_PER_NODE", "2", "use --gpus-per-node"),
+        ("SBATCH_GRES", "gpu:2", "unset SBATCH_GRES (use --gpus-per-node)"),
+    ]:
+        monkeypatch.setenv(var, value)
+        rc, out, err = _submit(capsys, argv)
+        monkeypatch.delenv(var)
+        assert rc == 2 and out == "" and f"{var}={value!r} in the environment" in err and fix in err, (var, err)
+    for var, value in [("SBATCH_NO_REQUEUE", "0"), ("SBATCH_GRES", "nvme:1"), ("SBATCH_PARTITION", "debug")]:
+        monkeypatch.setenv(var, value)
+        rc, out, err = _submit(capsys, argv)
+        monkeypatch.delenv(var)
+        assert rc == 0, (var, err)
+    monkeypatch.setenv("SBATCH_PARTITION", "debug")
+    rc, _, err = _submit(capsys, [*argv, "--partition", "gpu"])
+    assert rc == 2 and "SBATCH_PARTITION='debug' in the environment would override --partition=gpu" in err, err
+
+
+def test_a_job_array_is_refused_naming_sweep(capsys, tmp_path):
+    """--sbatch=--array=0-3 ran the script once per task, four trainings of one run directory writing
+    the same checkpoints; several runs are a --sweep."""
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu", "--dry-run"]
+    for option in ("--array=0-3", "--array 0-3", "-a 0-3", "-a0-3", "--arr=0-1"):
+        rc, out, err = _submit(capsys, [*argv, f"--sbatch={option}"])
+        assert rc == 2 and out == "", (option, err)
+        assert "each array task would train the same run directory" in err and "use --sweep" in err, err
+    rc, out, err = _submit(capsys, [*argv, "--sbatch=--acctg-freq=task=60"])  # "-a..." long options are no -a
+    assert rc == 0 and "#SBATCH --acctg-freq=task=60" in out, err

@@ -118,3 +118,25 @@ def test_train_peak_flops_sets_the_mfu_peak_as_in_the_trainer(tmp_path):
     (r,) = json.loads(out.read_text())["rows"]
     assert r["peak_flops"] == 1e12
     assert r["mfu"] == pytest.approx(r["flops_per_token"] * 2 * 128 / r["median_step_s"] / 1e12, rel=1e-12)
+
+
+def test_json_records_date_commit_and_torch_and_a_folder_is_refused_when_parsed(tmp_path, capsys):
+    """The JSON had rows and settings only (no date, commit or torch version, which the other
+    benchmarks record through kernels.benchmark.run_info), and --json naming a folder failed only
+    at the first write, after a variant had run."""
+    import argparse
+
+    import pytest
+    import torch
+
+    from tools.bench_train import main, report
+
+    out = tmp_path / "bench.json"
+    report(argparse.Namespace(json=out, markdown=None), [], final=True)
+    payload = json.loads(out.read_text())
+    assert payload["torch"] == torch.__version__ and payload["commit"] not in ("", "unknown")
+    assert payload["date"].endswith("Z") and payload["complete"] is True
+    for option in ("--json", "--markdown"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--config", "configs/tiny.yaml", option, str(tmp_path)])
+        assert exit_.value.code == 2 and f"{tmp_path} is a folder" in capsys.readouterr().err
