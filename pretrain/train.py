@@ -368,7 +368,7 @@ class Trainer:
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
         self.periodic = [(Every(t.log_every, t.max_steps), self.log)]  # in this order after each step
         if self.stats is not None:
-            self.periodic.append((Every(self.cfg.slots.log_every), self.log_slots))
+            self.periodic.append((Every(self.cfg.slots.log_every, t.max_steps), self.log_slots))
         self.periodic += [
             (Every(t.eval_every, t.max_steps), self.evaluate),
             (Every(t.checkpoint_every, t.max_steps), self.save_checkpoint),

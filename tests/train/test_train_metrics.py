@@ -110,3 +110,19 @@ def test_memory_is_the_peak_of_each_log_interval(tmp_path, data_cache, monkeypat
     assert memory[2] >= held["rss"] - 2**20
     assert memory[4] < held["rss"] - 192 * 2**20
     assert result.peak_memory_bytes >= memory[2]
+
+
+def test_slot_statistics_are_logged_at_the_last_step(tmp_path, data_cache):
+    """slots.log_every=2 and 3 steps: the slot scalars are logged at steps 2 and 3, the last
+    step's equal to the counts of the slot table the run saved at step 3 (used fraction, tokens).
+    Before, the slot cadence had no last step: the run's final state was never logged."""
+    from pretrain.slots import load_table
+
+    train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=3", "slots.log_every=2"))
+    logged = scalars(tmp_path / "run")
+    assert sorted(logged["slots/layers.1/used_fraction"]) == [2, 3]
+    table = load_table(tmp_path / "run" / "checkpoints")
+    assert table.step == 3
+    counts = table.counts["layers.1"]
+    assert logged["slots/layers.1/used_fraction"][3] == pytest.approx((counts > 0).sum().item() / counts.numel())
+    assert logged["slots/num_tokens"][3] == table.num_tokens
