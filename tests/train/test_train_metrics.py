@@ -126,3 +126,25 @@ def test_slot_statistics_are_logged_at_the_last_step(tmp_path, data_cache):
     counts = table.counts["layers.1"]
     assert logged["slots/layers.1/used_fraction"][3] == pytest.approx((counts > 0).sum().item() / counts.numel())
     assert logged["slots/num_tokens"][3] == table.num_tokens
+
+
+def test_loss_mean_is_the_mean_of_the_interval_s_applied_steps(tmp_path, data_cache, monkeypatch):
+    """log_every=2 over 5 steps, step 3 skipped (a NaN loss): train/loss_mean is the mean of the
+    applied steps' losses of each interval (steps 1-2, 4, 5), train/loss the logging step's."""
+    real_objective, calls = train_module.training_objective, {"n": 0}
+
+    def poisoned(logits, targets, z_weight):
+        calls["n"] += 1
+        out = real_objective(logits, targets, z_weight)
+        if calls["n"] != 5:  # step 3, first micro-batch (2 per step)
+            return out
+        return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
+
+    monkeypatch.setattr(train_module, "training_objective", poisoned)
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=5", "train.log_every=2", "train.nan_policy=skip")
+    result = train(cfg)
+    assert result.skipped_steps == 1
+    one, two, four, five = result.losses  # the applied steps'
+    logged = scalars(tmp_path / "run")
+    assert logged["train/loss_mean"] == pytest.approx({2: (one + two) / 2, 4: four, 5: five})
+    assert logged["train/loss"] == pytest.approx({2: two, 4: four, 5: five})
