@@ -370,7 +370,7 @@ class Trainer:
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
         self.periodic = [(Every(t.log_every, t.max_steps), self.log)]  # in this order after each step
         if self.stats is not None:
-            self.periodic.append((Every(self.cfg.slots.log_every), self.log_slots))
+            self.periodic.append((Every(self.cfg.slots.log_every, t.max_steps), self.log_slots))
         self.periodic += [
             (Every(t.eval_every, t.max_steps), self.evaluate),
             (Every(t.checkpoint_every, t.max_steps), self.save_checkpoint),
@@ -379,6 +379,7 @@ class Trainer:
         self.interval_data_wait = 0.0  # seconds this rank waited for batches since the last log
         self.interval_paused = 0.0  # seconds in evaluation, checkpoints, slot logs since the last log
         self.last_step: StepOutput | None = None
+        self.interval_losses: list[float] = []  # of the steps applied since the last log (train/loss_mean)
         self.first_step_time: float | None = None  # seconds; this run's first step is off the throughput clock
 
     # ---- the loop ------------------------------------------------------------------------
@@ -494,6 +495,7 @@ class Trainer:
         self.interval_steps += 1
         if out.applied:
             self.losses.append(out.loss)
+            self.interval_losses.append(out.loss)
             return
         state.skipped_steps += 1
         reason = "non-finite loss" if not math.isfinite(out.loss) else "non-finite gradients"
@@ -522,6 +524,7 @@ class Trainer:
             self.cfg,
             self.state,
             out.loss if out.applied else None,  # a skipped step has no loss to show (logged as skipped)
+            math.fsum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else None,
             self.optimizers.lrs(out.multiplier),
             self.optimizers.dense_grad_norm(out.norms),
             out.norms.values if self.optimizers.has_values else None,  # a dense model has no value tables
@@ -536,6 +539,7 @@ class Trainer:
             z_loss=out.z_loss,
         )
         self.memory.reset(f"the log at step {self.state.step}")
+        self.interval_losses = []
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_data_wait = self.interval_paused = 0.0
 
@@ -794,6 +798,7 @@ def log_progress(
     cfg: RunConfig,
     state: TrainState,
     loss: float | None,
+    loss_mean: float | None,
     lrs: dict,
     grad_norm,
     value_grad_norm,
@@ -809,7 +814,8 @@ def log_progress(
 ) -> None:
     """TensorBoard scalars and the one-line console summary of the last logging interval.
     `loss`: the interval's last step's, None when that step was skipped (no train/loss is
-    logged under it, rather than an earlier step's). `tokens_per_s`: None for an interval of
+    logged under it, rather than an earlier step's); `loss_mean`: the mean over the interval's
+    applied steps (None if it has none). `tokens_per_s`: None for an interval of
     the run's first step alone (its time is perf/first_step_time_s). `memory_bytes`: the
     interval's peak (pretrain.peak_memory.IntervalPeak).
 
@@ -818,6 +824,7 @@ def log_progress(
     utilisation = mfu(flops, tokens_per_s, world_size, peak) if tokens_per_s is not None else None
     scalars = {
         "train/loss": loss,
+        "train/loss_mean": loss_mean,
         **lrs,
         "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
         "train/value_grad_norm": float(value_grad_norm) if value_grad_norm is not None else None,

@@ -110,3 +110,41 @@ def test_memory_is_the_peak_of_each_log_interval(tmp_path, data_cache, monkeypat
     assert memory[2] >= held["rss"] - 2**20
     assert memory[4] < held["rss"] - 192 * 2**20
     assert result.peak_memory_bytes >= memory[2]
+
+
+def test_slot_statistics_are_logged_at_the_last_step(tmp_path, data_cache):
+    """slots.log_every=2 and 3 steps: the slot scalars are logged at steps 2 and 3, the last
+    step's equal to the counts of the slot table the run saved at step 3 (used fraction, tokens).
+    Before, the slot cadence had no last step: the run's final state was never logged."""
+    from pretrain.slots import load_table
+
+    train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=3", "slots.log_every=2"))
+    logged = scalars(tmp_path / "run")
+    assert sorted(logged["slots/layers.1/used_fraction"]) == [2, 3]
+    table = load_table(tmp_path / "run" / "checkpoints")
+    assert table.step == 3
+    counts = table.counts["layers.1"]
+    assert logged["slots/layers.1/used_fraction"][3] == pytest.approx((counts > 0).sum().item() / counts.numel())
+    assert logged["slots/num_tokens"][3] == table.num_tokens
+
+
+def test_loss_mean_is_the_mean_of_the_interval_s_applied_steps(tmp_path, data_cache, monkeypatch):
+    """log_every=2 over 5 steps, step 3 skipped (a NaN loss): train/loss_mean is the mean of the
+    applied steps' losses of each interval (steps 1-2, 4, 5), train/loss the logging step's."""
+    real_objective, calls = train_module.training_objective, {"n": 0}
+
+    def poisoned(logits, targets, z_weight):
+        calls["n"] += 1
+        out = real_objective(logits, targets, z_weight)
+        if calls["n"] != 5:  # step 3, first micro-batch (2 per step)
+            return out
+        return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
+
+    monkeypatch.setattr(train_module, "training_objective", poisoned)
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=5", "train.log_every=2", "train.nan_policy=skip")
+    result = train(cfg)
+    assert result.skipped_steps == 1
+    one, two, four, five = result.losses  # the applied steps'
+    logged = scalars(tmp_path / "run")
+    assert logged["train/loss_mean"] == pytest.approx({2: (one + two) / 2, 4: four, 5: five})
+    assert logged["train/loss"] == pytest.approx({2: two, 4: four, 5: five})
