@@ -24,11 +24,11 @@ from pretrain.optim import set_learning_rate, squared_norm
 @dataclass
 class GradNorms:
     values: torch.Tensor  # the value tables' gradient norm, before clipping
-    dense: float | None  # measured here at ZeRO stage 0 (DeepSpeed records none there); else None
+    dense: float | None  # measured here where DeepSpeed takes none (ZeRO 0 in fp32); else None
 
     def finite(self) -> bool:
-        """Whether the norms known before the step are finite (at ZeRO 1-3 DeepSpeed takes the
-        dense one inside its step: `Optimizers.step` reads it there)."""
+        """Whether the norms known before the step are finite (under a DeepSpeed wrapper, ZeRO 1-3
+        or bf16/fp16, DeepSpeed takes the dense one inside its step: `Optimizers.step` reads it there)."""
         return math.isfinite(float(self.values)) and (self.dense is None or math.isfinite(self.dense))
 
 
@@ -38,7 +38,11 @@ class Optimizers:
     def __init__(self, engine, dense_optimizer, values, cfg: OptimConfig, zero_stage: int):
         self.engine, self.dense_optimizer, self.values = engine, dense_optimizer, values
         self.cfg, self.zero_stage = cfg, zero_stage
-        if engine.optimizer is not dense_optimizer:  # a ZeRO or bf16 wrapper: its norm of the step
+        # ZeRO 0 in fp32: DeepSpeed steps this optimizer itself and takes no norm, so `clip` takes it.
+        # A ZeRO or bf16/fp16 wrapper takes it inside its step (and skips a non-finite one): read there,
+        # not taken twice (at ZeRO 0 in bf16 both took it, two passes over the gradients per step)
+        self.measures_dense = engine.optimizer is dense_optimizer
+        if not self.measures_dense:  # the wrapper's norm of the step
             dense_optimizer.step_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
@@ -52,13 +56,13 @@ class Optimizers:
 
     def clip(self) -> GradNorms:
         """Reduce the value gradients over ranks and clip them; take the dense gradients' norm
-        where DeepSpeed does not (ZeRO stage 0: one pass over the gradients, every step, since a
-        non-finite one skips the step)."""
+        where DeepSpeed does not (ZeRO stage 0 in fp32: one pass over the gradients, every step,
+        since a non-finite one skips the step)."""
         assert self.engine.is_gradient_accumulation_boundary()
         self.values.reduce_gradients()
         value_norm = self.values.clip_grad_norm(self.cfg.grad_clip)
         dense = None
-        if self.zero_stage == 0:
+        if self.measures_dense:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             dense = float(squared_norm(grads).sqrt())
         return GradNorms(values=value_norm, dense=dense)
@@ -66,8 +70,8 @@ class Optimizers:
     def step(self, lr_multiplier: float, skip: bool) -> bool:
         """Update both parameter sets with the schedule's `lr_multiplier`, or neither if `skip`;
         the gradients are cleared either way. Returns whether they were updated: not when
-        skipped, nor when the dense gradients' global norm, which DeepSpeed takes inside its step
-        at ZeRO 1-3, is not finite (DeepSpeed or `SkippableAdamW` then leaves the dense weights
+        skipped, nor when the dense gradients' global norm, which DeepSpeed's wrapper takes inside
+        its step (ZeRO 1-3, bf16/fp16), is not finite (DeepSpeed or `SkippableAdamW` then leaves the dense weights
         alone, and the values are left alone here).
 
         The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not advance

@@ -65,7 +65,7 @@ def memory_in_use(device: torch.device, memory=None) -> str:
     memory = memory if memory is not None else IntervalPeak(device)
     interval = memory.read()
     over_run = memory.run_peak if memory.since != "the process started" else None
-    run = f"; {over_run / GiB:.2f} GiB over the run" if over_run is not None else ""
+    run = f", {over_run / GiB:.2f} GiB over the run" if over_run is not None else ""
     peak = f"{interval / GiB:.2f} GiB since {memory.since}{run}"
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -75,7 +75,7 @@ def memory_in_use(device: torch.device, memory=None) -> str:
             f"of {total / GiB:.2f} GiB on {torch.cuda.get_device_name(device)}"
         )
     total = _meminfo_total()
-    of = f" of {total / GiB:.2f} GiB in this machine" if total else ""
+    of = f" ({total / GiB:.2f} GiB in this machine)" if total else ""
     return f"peak resident memory {peak}{of}"
 
 

@@ -543,6 +543,14 @@ class Trainer:
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_data_wait = self.interval_paused = 0.0
 
+    def log_final_state(self) -> None:
+        """At a stop before train.max_steps: the training log and the slot statistics of this step
+        where their cadence did not just log it. Otherwise the steps since their last log would never
+        be logged: the resumed run's TensorBoard continues after this step."""
+        for every, action in self.periodic:
+            if action in (self.log, self.log_slots) and not every.due(self.state.step):
+                action()
+
     def log_slots(self) -> None:
         log_slot_statistics(self.stats, self.metrics, self.state.step)
 
@@ -561,6 +569,7 @@ class Trainer:
         signalled = stop.should_stop()
         if not (signalled or self.state.step == self.cfg.train.stop_after):
             return False
+        self.log_final_state()
         if self.checkpointer.saved_step != self.state.step:
             self.save_checkpoint()
         self.metrics.line(

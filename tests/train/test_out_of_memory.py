@@ -80,7 +80,7 @@ def test_out_of_memory_in_a_step_is_explained_and_loses_nothing(tmp_path, data_c
     assert "error: rank 0 ran out of cpu memory before this run's first step finished (start-up, resume," in err
     assert "CUDA out of memory. Tried to allocate 20.00 GiB." in err
     assert re.search(
-        r"In use: peak resident memory [\d.]+ GiB since training began at step 2; [\d.]+ GiB over the run", err
+        r"In use: peak resident memory [\d.]+ GiB since training began at step 2, [\d.]+ GiB over the run", err
     )
     assert f"Nothing was saved on the way out: the run resumes from {run / 'checkpoints' / 'step_00000002'}" in err
     assert "train.micro_batch=2 (now 4; the global batch 8 stays" in err
@@ -93,7 +93,7 @@ def test_out_of_memory_in_a_step_is_explained_and_loses_nothing(tmp_path, data_c
     err = capsys.readouterr().err
     assert "error: rank 0 ran out of cpu memory after log at step 3: CUDA out of memory" in err
     # the peak quoted is the interval's, which the log at step 3 restarted
-    assert re.search(r"In use: peak resident memory [\d.]+ GiB since the log at step 3; [\d.]+ GiB over the run", err)
+    assert re.search(r"In use: peak resident memory [\d.]+ GiB since the log at step 3, [\d.]+ GiB over the run", err)
     assert_nothing_lost(before, run / "checkpoints")
     assert latest_checkpoint(run / "checkpoints").name == "step_00000002"
 
@@ -127,3 +127,29 @@ def test_remedies_read_only_the_config():
         model=SimpleNamespace(memory=SimpleNamespace(layers=[], parallel_size=1), value_dim=8),
     )
     assert [f.split(" ")[0] for f in remedies(cfg, 1)] == ["train.micro_batch=1", "train.activation_checkpointing=full"]
+
+
+def test_the_cuda_message_names_the_interval_of_its_peak(monkeypatch):
+    """torch's CUDA counters stubbed (no GPU here): the peak quoted is the interval's, named, beside
+    the run's; before any reset (no run's tracker), since the process started."""
+    from pretrain.out_of_memory import memory_in_use
+    from pretrain.peak_memory import IntervalPeak
+
+    gib, peaks = 2**30, iter([40 * 2**30, 50 * 2**30, 50 * 2**30])
+    for name, fn in {
+        "mem_get_info": lambda d: (1 * gib, 80 * gib),
+        "memory_allocated": lambda d: 30 * gib,
+        "max_memory_allocated": lambda d: next(peaks),
+        "memory_reserved": lambda d: 60 * gib,
+        "get_device_name": lambda d: "NVIDIA H100 80GB HBM3",
+        "reset_peak_memory_stats": lambda d: None,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    device = torch.device("cuda", 0)
+    memory = IntervalPeak(device)
+    memory.reset("the log at step 40")  # reads 40 GiB: the run's peak so far
+    assert memory_in_use(device, memory) == (
+        "30.00 GiB allocated by torch (peak 50.00 GiB since the log at step 40, 50.00 GiB over the run; "
+        "60.00 GiB reserved), 1.00 GiB free of 80.00 GiB on NVIDIA H100 80GB HBM3"
+    )
+    assert "(peak 50.00 GiB since the process started; 60.00 GiB reserved)" in memory_in_use(device)

@@ -148,3 +148,17 @@ def test_loss_mean_is_the_mean_of_the_interval_s_applied_steps(tmp_path, data_ca
     logged = scalars(tmp_path / "run")
     assert logged["train/loss_mean"] == pytest.approx({2: (one + two) / 2, 4: four, 5: five})
     assert logged["train/loss"] == pytest.approx({2: two, 4: four, 5: five})
+
+
+def test_a_stop_logs_the_steps_since_the_last_log(tmp_path, data_cache):
+    """train.stop_after=3 with log_every=2 and slots.log_every=2, then a resume to step 4: step 3
+    is logged (its loss, the loss mean of step 3 alone, the slot statistics) before the stop.
+    Before, it never was: the stopped run had logged step 2, the resumed one logs from step 4 on."""
+    opts = ("train.max_steps=4", "train.log_every=2", "slots.log_every=2")
+    first = train(tiny_config(tmp_path / "run", data_cache, *opts, "train.stop_after=3"))
+    second = train(tiny_config(tmp_path / "run", data_cache, *opts))
+    losses = dict(zip([1, 2, 3, 4], first.losses + second.losses))
+    logged = scalars(tmp_path / "run")
+    assert logged["train/loss"] == pytest.approx({2: losses[2], 3: losses[3], 4: losses[4]})
+    assert logged["train/loss_mean"] == pytest.approx({2: (losses[1] + losses[2]) / 2, 3: losses[3], 4: losses[4]})
+    assert sorted(logged["slots/layers.1/used_fraction"]) == [2, 3, 4]

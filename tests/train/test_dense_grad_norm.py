@@ -1,0 +1,65 @@
+"""The dense gradient norm is taken once per step: by memlayers where DeepSpeed takes none (ZeRO 0
+in fp32), else by DeepSpeed's wrapper inside its step (read there), and it is the gradients' norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.spawn import run_gloo
+from tests.train.helpers import tiny_config
+
+
+def _norm_passes(rank: int, world: int, overrides: list[str], out: dict) -> None:
+    import deepspeed.runtime.fp16.unfused_optimizer as unfused
+
+    import pretrain.optimizers as optimizers_module
+    from pretrain.distributed import DistInfo
+    from pretrain.model.objective import language_model_loss
+    from pretrain.train import build_model
+
+    normed = {"memlayers": 0, "deepspeed": 0}  # gradient elements each norm function read
+
+    def counted(name, fn):
+        def wrapper(tensors, *args, **kwargs):
+            tensors = list(tensors)
+            normed[name] += sum(t.numel() for t in tensors)
+            return fn(tensors, *args, **kwargs)
+
+        return wrapper
+
+    optimizers_module.squared_norm = counted("memlayers", optimizers_module.squared_norm)
+    unfused.get_weight_norm = counted("deepspeed", unfused.get_weight_norm)
+    cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model, engine, optimizers = build_model(cfg, info)
+    tokens = torch.randint(
+        0, cfg.model.vocab_size, (cfg.train.micro_batch, 17), generator=torch.Generator().manual_seed(1)
+    )
+    loss = language_model_loss(engine(tokens[:, :-1]), tokens[:, 1:])
+    optimizers.backward(loss, last_micro_batch=True)
+    grads = [p.grad for name, p in model.named_parameters() if p.grad is not None and not name.startswith("values.")]
+    reference = torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt().item()
+    norms = optimizers.clip()
+    assert optimizers.step(1.0, skip=not norms.finite())
+    out["passes"] = {name: n / sum(g.numel() for g in grads) for name, n in normed.items()}
+    out["norm"] = float(optimizers.dense_grad_norm(norms))
+    out["reference"] = reference
+    engine.destroy()
+
+
+@pytest.mark.parametrize(
+    "overrides,taken_by",
+    [(["train.zero_stage=0"], "memlayers"), (["train.zero_stage=0", "train.dtype=bf16"], "deepspeed")],
+    ids=["zero0", "zero0-bf16"],
+)
+def test_the_dense_gradient_norm_is_taken_once_per_step(overrides, taken_by):
+    """Before, at ZeRO 0 in bf16 memlayers took the norm for its non-finite check (8fea78d) and
+    DeepSpeed's bf16 optimizer took it again inside its step: two passes over the gradients."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    run_gloo(_norm_passes, 1, ["train.global_batch=2", "train.micro_batch=2", *overrides], out, deepspeed_comm=True)
+    passes = out["passes"]
+    assert passes[taken_by] == 1 and sum(passes.values()) == 1, passes  # passes over the dense gradients
+    assert out["norm"] == pytest.approx(out["reference"], rel=1e-5)
