@@ -35,9 +35,9 @@ class GradNorms:
 class Optimizers:
     """Backward, clip, step and zero_grad over the DeepSpeed engine and the value shards."""
 
-    def __init__(self, engine, dense_optimizer, values, cfg: OptimConfig, zero_stage: int):
+    def __init__(self, engine, dense_optimizer, values, cfg: OptimConfig):
         self.engine, self.dense_optimizer, self.values = engine, dense_optimizer, values
-        self.cfg, self.zero_stage = cfg, zero_stage
+        self.cfg = cfg
         # ZeRO 0 in fp32: DeepSpeed steps this optimizer itself and takes no norm, so `clip` takes it.
         # A ZeRO or bf16/fp16 wrapper takes it inside its step (and skips a non-finite one): read there,
         # not taken twice (at ZeRO 0 in bf16 both took it, two passes over the gradients per step)

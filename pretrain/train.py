@@ -780,7 +780,7 @@ def build_model(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=dense_optimizer, config=deepspeed_config(cfg, info.world_size, load_universal)
     )
-    return model, engine, Optimizers(engine, dense_optimizer, values, cfg.optim, t.zero_stage)
+    return model, engine, Optimizers(engine, dense_optimizer, values, cfg.optim)
 
 
 def load_seen_probes(cfg: RunConfig, sources: list, tokenizer, metrics: MetricsLogger):
