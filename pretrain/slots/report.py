@@ -53,9 +53,15 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
         ax_cov.text(0.5, 0.5, "no coverage history in this table", ha="center", transform=ax_cov.transAxes)
     if not any(k.endswith(".interval_top1pct_share") for k in history):
         ax_top.text(0.5, 0.5, "no concentration history in this table", ha="center", transform=ax_top.transAxes)
-    for ax in (ax_counts, ax_cov, ax_top):
+    for ax in (ax_counts, ax_cov):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    # one legend for both axes of the concentration panel, on the twin: drawn after ax_top, its
+    # lines would otherwise cover a legend of ax_top's
+    top_lines, top_labels = ax_top.get_legend_handles_labels()
+    kl_lines, kl_labels = ax_kl.get_legend_handles_labels()
+    if top_lines or kl_lines:
+        ax_kl.legend(top_lines + kl_lines, top_labels + kl_labels, fontsize=8)
     fig.suptitle(
         f"{table.path.name}: {table.num_slots} slots, {table.num_tokens} tokens, "
         f"{table.num_documents} {table.granularity} units"

@@ -233,6 +233,27 @@ def test_slot_report_plots_each_interval_s_top_1pct_share_and_kl(tmp_path, monke
         assert kl.get_ydata().tolist() == stats.history[f"{layer}.interval_kl_uniform"]
 
 
+def test_slot_report_concentration_legend_names_the_share_and_the_kl_lines(tmp_path, monkeypatch):
+    """The third panel's one legend (on either of its two axes) names each counter's top-1% share
+    line and its KL line, with the lines' own colours and styles."""
+    import pretrain.slots.report as report
+
+    stats = small_stats(names=("layers.1", "layers.3"))
+    table = load_table(save_table(tmp_path / "slot_frequencies.safetensors", stats, {}))
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig) or Path(out))
+    report.render_report(table, tmp_path / "r.png")
+    ax_top, ax_kl = figures[0].axes[2], figures[0].axes[3]
+    (legend,) = [ax.get_legend() for ax in (ax_top, ax_kl) if ax.get_legend() is not None]
+    labels = [text.get_text() for text in legend.get_texts()]
+    expected = ["layers.1 top-1% share", "layers.3 top-1% share", "layers.1 KL", "layers.3 KL"]
+    assert labels == expected
+    plotted = {line.get_label(): line for line in [*ax_top.get_lines(), *ax_kl.get_lines()]}
+    for label, handle in zip(labels, legend.legend_handles, strict=True):
+        assert handle.get_color() == plotted[label].get_color()
+        assert handle.get_linestyle() == plotted[label].get_linestyle()
+
+
 def test_slot_report_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_path, capsys):
     """matplotlib read the format from the temporary's name, whose suffix is its random tail
     when --out has none; a folder as --out crashed in the final rename."""
