@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tqdm import tqdm  # noqa: E402
 from kernels import benchmark as kb  # noqa: E402
 from kernels import reference  # noqa: E402
 from pretrain.cli import output_file, positive_int  # noqa: E402
-from pretrain.files import atomic_write, save_figure  # noqa: E402
+from pretrain.files import save_figure  # noqa: E402
 
 DTYPES = kb.DTYPES
 
@@ -459,15 +458,11 @@ class StreamedRows(list):
         super().append(row)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    atomic_write(path, json.dumps(payload, indent=2))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = kb.device_info(device)
-    payload = {**kb.run_info(device), "args": {k: str(v) for k, v in vars(args).items()}}
+    payload = {}  # the JSON's sections; kb.write_results adds the run's info and the options ("settings")
     if device.type != "cuda":
         print("no CUDA device: timing the PyTorch paths only; Triton timing skipped")
         payload["triton_skipped"] = True
@@ -518,7 +513,7 @@ def main(argv=None) -> int:
                     print(f"autotuned {name} {key}: {config}")
         print(f"device: {info['device']} (SKU {info['sku']}, peak {info['peak_tbs']} TB/s)")
     if args.json:
-        write_json(args.json, payload)
+        kb.write_results(args.json, device, vars(args), **payload)
         print(f"results written to {args.json}")
     return 0
 

@@ -59,6 +59,10 @@ def test_cpu_run_writes_json_with_skewed_indices(tmp_path, capsys):
     )
     payload = json.loads(out.read_text())
     assert payload["triton_skipped"] is True
+    # the options under "settings", as every bench tool writes them (kernels.benchmark.write_results)
+    assert "args" not in payload
+    assert payload["settings"]["index_skew"] == "1.5" and payload["settings"]["v_dims"] == "[24]"
+    assert {"device", "date", "commit", "torch"} <= payload.keys()
     bag = [r for r in payload["results"] if r["name"].startswith("bag_")]
     assert {r["name"] for r in bag} >= {"bag_fwd_torch_embedding_bag", "bag_bwd_torch_embedding_bag"}
     assert all(r["index_skew"] == 1.5 and r["max_row_multiplicity"] >= 1 for r in bag)
