@@ -86,6 +86,10 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
         name = candidate.name
         if not (name.startswith(prefix) and name.endswith(path.suffix)):
             continue
+        # The old name format `.<name>.tmp-<pid>-<random>` (before 12b8a2a) is left on purpose: it
+        # names no host, and on a filesystem shared by hosts a dead pid here says nothing of the
+        # writer, which may be an older checkout's live write on another node (removing its
+        # temporary would fail that write at its rename). Such leftovers are removed by hand.
         writer = _WRITER.fullmatch(name[len(prefix) : len(name) - len(path.suffix)])
         if writer is None or writer.group(2) != host or _pid_alive(int(writer.group(1))):
             continue
