@@ -138,6 +138,7 @@ class _Cursor:
         self._blocks = None
         self._tok = self._meta = None
         self._off = 0
+        self._block_start = 0  # the shard row the next block of `_blocks` begins at
         if self.i < len(self.work):
             self.j = max(j, work[i][1])  # (0, 0) is the start of an epoch whose first piece begins later
             self._open(skip=self.j)
@@ -153,6 +154,7 @@ class _Cursor:
             vocab_size=self.loader.vocab_size,
         )
         self._tok = None
+        self._block_start = 0
         while skip > 0:
             if not self._next_block():
                 return
@@ -168,13 +170,19 @@ class _Cursor:
         try:
             self._tok, self._meta = next(self._blocks)
             self._off = 0
+            self._block_start += len(self._tok)
             return True
         except StopIteration:
             pass
         except CorruptShardError as err:
             if self.loader.on_corrupt == "error":
                 raise
-            self.stats["corrupt_shards_skipped"] = self.stats.get("corrupt_shards_skipped", 0) + 1
+            # A shard cut between readers is decoded from its start by each of them. A damaged block
+            # (or end) that begins before this piece's first row holds rows of the reader before,
+            # which meets it too and counts it: counted here only from the piece's first row on,
+            # each corrupt shard counts once per epoch over all readers.
+            if self._block_start >= self.work[self.i][1]:
+                self.stats["corrupt_shards_skipped"] = self.stats.get("corrupt_shards_skipped", 0) + 1
             warnings.warn(f"skipping the rest of a shard (data.on_corrupt=skip): {err}", stacklevel=2)
         self._move()
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import Counter
 from itertools import islice
 
@@ -227,3 +228,50 @@ def test_a_mixture_keeps_its_weights_and_reads_each_source_once(data, tmp_path, 
         assert sum(c - 1 for c in seen[i].values()) == 0, f"source {sources[i].name}: rows read twice"
         total = sum(reference.values())
         assert total - len(seen[i]) == total % world
+
+
+def block_offsets(path):
+    """Byte offset of each block's token payload in a shard, in block order."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [m.offset_data for m in tar.getmembers() if m.name.endswith(".tokens")]
+
+
+@pytest.mark.parametrize("where", ["first block", "block before the cut", "block after the cut"])
+def test_a_corrupt_shard_cut_between_readers_is_counted_once(data, tmp_path, where):
+    """A shard cut between two readers, damaged in its first part: both readers meet the damage
+    (the second decodes the shard from its start to reach its first row), and with
+    data.on_corrupt=skip both skip; corrupt_shards_skipped, summed over the readers, counts it once
+    wherever the damaged block lies. Every other shard's rows are read once."""
+    import shutil
+
+    from pretrain.data.loader import ROWS, _work
+
+    ds = tmp_path / "data"
+    shutil.copytree(data, ds)
+    world, rows_per_block = 2, 7  # shard 1 is cut at row 43, inside its block of rows 42-48
+    probe = loader(ds, 0, world, 0)
+    works = [_work(ROWS, {**probe._settings(), "rank": r}, None, probe.sizes, 0, 0) for r in range(world)]
+    after = lambda first: (first // rows_per_block + 1) * rows_per_block  # noqa: E731  the next block's first row
+    # a cut inside a block, with a whole block after it in the second reader's piece
+    shard, cut = next((s, a) for w in works for s, a, b in w if a % rows_per_block and after(a) < b)
+    row = {"first block": 0, "block before the cut": cut - 1, "block after the cut": after(cut)}[where]
+    path = ds / probe.shards[shard]["path"]
+    blob = bytearray(path.read_bytes())
+    blob[block_offsets(path)[row // rows_per_block] + 5] ^= 0xFF  # a token byte: the block's crc32 fails
+    path.write_bytes(bytes(blob))
+
+    eos, counted, met, seen = read_manifest(ds)["eos_id"], 0, 0, Counter()
+    for r in range(world):
+        skipping = ShardLoader(ds, "train", 2, SEQ_LEN, r, world, 0, seed=5, loop=False, on_corrupt="skip")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            seen.update(k for b in skipping for k in row_keys(b, eos))
+        met += any("skipping the rest of a shard" in str(w.message) for w in said)
+        counted += skipping.stats["corrupt_shards_skipped"]
+    assert met == (1 if where == "block after the cut" else 2)  # the readers that skip (part of) the shard
+    assert counted == 1
+    rows = shard_rows(data)
+    others = Counter(k for n, s in enumerate(rows) if n != shard for k in s)
+    assert Counter({k: n for k, n in seen.items() if k in others}) == others
