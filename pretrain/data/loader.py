@@ -138,7 +138,6 @@ class _Cursor:
         self._blocks = None
         self._tok = self._meta = None
         self._off = 0
-        self._block_start = 0  # the shard row the next block of `_blocks` begins at
         if self.i < len(self.work):
             self.j = max(j, work[i][1])  # (0, 0) is the start of an epoch whose first piece begins later
             self._open(skip=self.j)
@@ -152,25 +151,15 @@ class _Cursor:
             shard["sequences"],
             sha256=shard.get("sha256"),
             vocab_size=self.loader.vocab_size,
+            first_row=skip,
         )
         self._tok = None
-        self._block_start = 0
-        while skip > 0:
-            if not self._next_block():
-                return
-            n = len(self._tok)
-            if skip < n:
-                self._off = skip
-                return
-            skip -= n
-            self._tok = None
 
     def _next_block(self) -> bool:
         """Load the next block of piece i's shard; on its end or a skipped corruption move to piece i+1."""
         try:
             self._tok, self._meta = next(self._blocks)
             self._off = 0
-            self._block_start += len(self._tok)
             return True
         except StopIteration:
             pass
@@ -181,7 +170,7 @@ class _Cursor:
             # (or end) that begins before this piece's first row holds rows of the reader before,
             # which meets it too and counts it: counted here only from the piece's first row on,
             # each corrupt shard counts once per epoch over all readers.
-            if self._block_start >= self.work[self.i][1]:
+            if err.row is None or err.row >= self.work[self.i][1]:
                 self.stats["corrupt_shards_skipped"] = self.stats.get("corrupt_shards_skipped", 0) + 1
             warnings.warn(f"skipping the rest of a shard (data.on_corrupt=skip): {err}", stacklevel=2)
         self._move()

@@ -35,7 +35,12 @@ FORMAT = "memlayers-shards-v2"
 
 
 class CorruptShardError(DataError):
-    """A shard could not be read; the message names the file and the byte offset."""
+    """A shard could not be read; the message names the file and the byte offset. `row`: the shard
+    row the damaged block (or the damaged end) begins at, where known."""
+
+    def __init__(self, message: str, row: int | None = None):
+        super().__init__(message)
+        self.row = row
 
 
 def token_dtype_for(vocab_size: int) -> str:
@@ -217,29 +222,35 @@ def read_blocks(
     *,
     sha256: str | None = None,
     vocab_size: int | None = None,
+    first_row: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (tokens (n, width) int64, meta (n, 2) int64) per block of one shard.
+    """Yield (tokens (n, width) int64, meta (n, 2) int64) per block of one shard, from row
+    `first_row` on (the block holding it cut to start there).
 
     Any unreadable, inconsistent or missing part raises CorruptShardError naming the
     shard and the byte offset reached; so do token ids >= `vocab_size` and, once the whole
-    shard is read, bytes whose sha256 differs from the manifest's `sha256`.
+    shard is read, bytes whose sha256 differs from the manifest's `sha256`. The blocks before
+    `first_row` are read and checked all the same (their bytes go into the sha256, their crc32
+    and token ids are checked: a reader starting mid-shard stops at the same damage as one
+    starting at row 0), only not converted to int64 nor yielded.
     """
     dtype = np.dtype(token_dtype).newbyteorder("<")
-    rows_seen = 0
+    rows_seen = at = 0  # rows in the blocks read; the row the block being read begins at
     try:
         fh = open(path, "rb")
     except OSError as err:
         raise CorruptShardError(
-            f"shard {path} cannot be opened ({err}): re-create it with tools/prepare_data.py"
+            f"shard {path} cannot be opened ({err}): re-create it with tools/prepare_data.py", row=0
         ) from None
     reader = _CountingReader(fh)
 
     def corrupt(why: str) -> CorruptShardError:
-        return CorruptShardError(f"corrupt shard {path} at byte offset {reader.offset}: {why}")
+        return CorruptShardError(f"corrupt shard {path} at byte offset {reader.offset}: {why}", row=at)
 
     with fh:
         members = tar_file_iterator(reader, skip_meta=None)
         while True:
+            at = rows_seen
             try:
                 parts = [next(members, None) for _ in range(3)]
             except (tarfile.TarError, OSError, EOFError, ValueError) as err:
@@ -263,13 +274,15 @@ def read_blocks(
             if zlib.crc32(meta_bytes, zlib.crc32(tok_bytes)) != header.get("crc32"):
                 raise corrupt(f"block {key} checksum mismatch")
             rows_seen += n
-            tokens = np.frombuffer(tok_bytes, dtype=dtype).reshape(n, width).astype(np.int64)
+            tokens = np.frombuffer(tok_bytes, dtype=dtype).reshape(n, width)
             if vocab_size is not None and n and int(tokens.max()) >= vocab_size:
                 raise corrupt(
                     f"block {key} holds token id {int(tokens.max())} >= the dataset's vocab_size "
                     f"{vocab_size} (tokenized with another tokenizer?): re-create it with tools/prepare_data.py"
                 )
-            yield tokens, np.frombuffer(meta_bytes, dtype="<i8").reshape(n, 2)
+            if rows_seen > first_row:
+                cut = max(first_row - at, 0)
+                yield tokens[cut:].astype(np.int64), np.frombuffer(meta_bytes, dtype="<i8").reshape(n, 2)[cut:]
         if rows_seen == expected_rows and sha256 is not None and reader.rest_digest() != sha256:
             size = reader.offset
             why = (  # tarfile writes whole records: a cut in the end padding still reads every block
@@ -281,7 +294,8 @@ def read_blocks(
             )
             raise CorruptShardError(
                 f"shard {path} is not the file its manifest.json lists (sha256 {reader.digest.hexdigest()[:12]}, "
-                f"manifest {sha256[:12]}): {why}"
+                f"manifest {sha256[:12]}): {why}",
+                row=rows_seen,
             )
     if rows_seen != expected_rows:
         raise corrupt(f"holds {rows_seen} sequences, the manifest says {expected_rows} (truncated?)")

@@ -275,3 +275,38 @@ def test_a_corrupt_shard_cut_between_readers_is_counted_once(data, tmp_path, whe
     rows = shard_rows(data)
     others = Counter(k for n, s in enumerate(rows) if n != shard for k in s)
     assert Counter({k: n for k, n in seen.items() if k in others}) == others
+
+
+def test_read_blocks_from_a_row_yields_the_rows_from_there_and_converts_no_block_before(data):
+    """read_blocks(first_row=k): the rows k.. of the shard, bitwise those of a read from row 0,
+    in blocks from the one holding row k (cut to start there): the blocks before it are checked
+    but not yielded. Every k of a 60-row shard in blocks of 7 (block starts, ends and inside)."""
+    from pretrain.data.shards import read_blocks
+
+    m = read_manifest(data)
+    shard = m["splits"]["train"]["shards"][0]
+    args = (data / shard["path"], m["seq_len"] + 1, m["token_dtype"], shard["sequences"])
+    whole = list(read_blocks(*args, sha256=shard["sha256"], vocab_size=m["vocab_size"]))
+    tokens, meta = np.concatenate([t for t, _ in whole]), np.concatenate([x for _, x in whole])
+    for k in range(shard["sequences"] + 1):
+        blocks = list(read_blocks(*args, sha256=shard["sha256"], vocab_size=m["vocab_size"], first_row=k))
+        assert len(blocks) == sum(1 for end in np.cumsum([len(t) for t, _ in whole]) if end > k)
+        got_t = np.concatenate([t for t, _ in blocks]) if blocks else tokens[:0]
+        got_m = np.concatenate([x for _, x in blocks]) if blocks else meta[:0]
+        assert got_t.dtype == np.int64 and np.array_equal(got_t, tokens[k:]) and np.array_equal(got_m, meta[k:])
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_readers_starting_mid_shard_read_their_pieces_bitwise(data, world):
+    """4 (or 3) readers, shards cut between them: each reader's epoch is exactly the rows of its
+    pieces (shard, first row, end row), read from a whole-shard reading (`shard_rows`)."""
+    from pretrain.data.loader import ROWS, _work
+
+    rows, eos = shard_rows(data), read_manifest(data)["eos_id"]
+    for r in range(world):
+        reader = loader(data, r, world, 0, batch=3, loop=False)
+        work = _work(ROWS, reader._settings(), None, reader.sizes, 0, 0)
+        assert any(first > 0 for _, first, _ in work) or r == 0
+        expected = [k for shard, first, end in work for k in rows[shard][first:end]]
+        got = [k for b in reader for k in row_keys(b, eos)]
+        assert got == expected[: len(got)] and len(expected) - len(got) < 3  # a last partial batch is dropped
