@@ -40,6 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import bag_triton, pkm_bwd_triton, pkm_triton  # noqa: E402
 from kernels import launch_configs as lc  # noqa: E402
+from pretrain.files import atomic_write  # noqa: E402
 
 K, P = 32, 128  # P: the candidate-pair table for k=32 (119 pairs, padded)
 HINTED = ("stride", "half", "D", "M_T", "M")  # integer arguments that are multiples of 16 at the paper's shape
@@ -206,13 +207,12 @@ def main(argv=None) -> int:
                 print(f"{kernel:16s} {variant:14s} {row['config']}: FAILED {row['error']}", flush=True)
             rows.append(row)
     if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(
+        atomic_write(
+            args.json,
             json.dumps(
                 {"triton": triton.__version__, "arch": args.arch, "half_dim": args.half_dim, "launches": rows}, indent=2
-            )
+            ),
         )
-        os.replace(tmp, args.json)
     print(f"{len(rows) - failed} of {len(rows)} launches compiled")
     return 1 if failed else 0
 
