@@ -74,10 +74,11 @@ def prepare_embedded_dataset(data_cfg, seq_len: int, show_progress: bool = True)
 
 
 def _rows_per_shard(rows: int, min_shards: int) -> int:
-    """The most rows per shard that still cut `rows` into at least `min_shards` shards (ranks x
-    workers need one each), or one row per shard when there are fewer rows. ceil(rows / min_shards)
-    alone can give fewer (9 rows, 4 shards: 3 + 3 + 3): a shard of (rows - 1) // (min_shards - 1)
-    rows is the largest that leaves rows over for the last one."""
+    """The most rows per shard that still cut `rows` into at least `min_shards` shards, or one
+    row per shard when there are fewer rows (readers no longer need a shard each since the
+    loader splits rows, 2026-12-06; the sizing stays so that cached corpora keep their layout).
+    ceil(rows / min_shards) alone can give fewer (9 rows, 4 shards: 3 + 3 + 3): a shard of
+    (rows - 1) // (min_shards - 1) rows is the largest that leaves rows over for the last one."""
     if min_shards == 1:
         return max(1, rows)
     return max(1, min(math.ceil(rows / min_shards), (rows - 1) // (min_shards - 1)))

@@ -29,7 +29,8 @@ steps and checkpoints:
     selected slot s; occurrences of a stream are contiguous and increasing, so a
     (slot, occurrence) pair counts iff the slot's last occurrence is another one.
 Not merged: a document whose pieces are read by different streams or ranks (at a shard
-boundary) counts once per piece, and so does a document read at a change of the stream
+boundary, or where the loader's row split cuts an epoch's rows between two readers) counts
+once per piece, and so does a document read at a change of the stream
 layout (load_resharded, another number of streams, a format-1 state). Two reads of one
 document directly after each other in one stream (a reader with a single document) are
 one run, hence one occurrence. Shuffling sequences (data.shuffle_buffer > 0) splits
@@ -459,7 +460,7 @@ class SlotStatistics:
         starts) and every other rank starts from zero, so the reduced table, the sum over ranks,
         is exactly the saved one. Open occurrences are forgotten: a document being
         read at the reshard counts once more in `doc_freq` where its rest is read (at most one
-        per old reader, as at a shard boundary). Rank r keeps old rank r's background sample.
+        per old reader, as at a shard boundary or a cut between readers). Rank r keeps old rank r's background sample.
         States of format 1 load too."""
         metas = [self._check_state(sd) for sd in states]
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,39 @@ def test_readme_recipe_trains_exports_and_generates(tmp_path):
     # something after the prompt: after 16 steps often newlines only (the commonest token: the tokenizer keeps them)
     assert generated.startswith("The license") and len(generated) > len("The license\n")
     assert (tmp_path / "exports/english/model.safetensors").is_file()
+
+
+def recipe_outputs() -> set[str]:
+    """The paths the recipe writes, relative to the repository root: each --output, train.run_dir and
+    export folder (tools/export.py RUN OUT)."""
+    out = set()
+    for argv in recipe_commands():
+        out |= {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--output"}
+        out |= {a.split("=", 1)[1] for a in argv if a.startswith("train.run_dir=")}
+        if argv[1] == "tools/export.py":
+            out.add(argv[3])
+    return out
+
+
+def test_the_recipes_outputs_are_git_ignored():
+    """Run from the checkout as written, the recipe leaves nothing for `git status` to show: its
+    corpus/ and data/ were untracked (1.3 MB after its first block), next to its ignored runs/ and exports/."""
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    outputs = sorted(recipe_outputs())
+    assert {"corpus/english.jsonl", "data/english", "runs/english", "exports/english"} <= set(outputs)
+    assert not_ignored(outputs) == [], "the recipe writes paths that .gitignore does not cover"
+    source = ["pretrain/data/new.py", "tests/data/new.py"]  # the package's own data folders stay tracked
+    assert not_ignored(source) == source
+
+
+def not_ignored(paths: list[str]) -> list[str]:
+    """Those of `paths` (relative to the repository root, existing or not) that .gitignore does not cover."""
+    check = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--verbose", "--non-matching", *paths],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode in (0, 1), check.stderr
+    return [line.split("\t", 1)[1] for line in check.stdout.splitlines() if line.startswith("::")]
