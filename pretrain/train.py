@@ -13,6 +13,7 @@ framework.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -328,7 +329,7 @@ class Evaluator:
         from pretrain.evaluate import validation_loss
 
         loader = self.loaders(self.cfg, source.dir, split, 0, 1, loop=False)
-        batches = [batch for batch, _ in zip(loader, range(self.cfg.train.eval_batches))]
+        batches = list(itertools.islice(loader, self.cfg.train.eval_batches))  # no batch read past them
         return validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
 
 

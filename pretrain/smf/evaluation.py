@@ -9,6 +9,7 @@ and `__call__(model)` returns new_fact_recall, old_fact_recall and val_loss.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ class LearningForgettingEval:
         self.val = []
         if dataset_dir is not None:
             loader = ShardLoader(dataset_dir, "val", batch_size=batch_size, loop=False, tokenizer=tokenizer)
-            self.val = [batch for batch, _ in zip(loader, range(val_batches))]
+            self.val = list(itertools.islice(loader, val_batches))
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict:

@@ -172,7 +172,8 @@ def test_heldout_corpus_is_evaluated_not_trained_on(tmp_path, dataset, second_da
 def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, micro, eval_batches):
     """An evaluation reads the first train.eval_batches x micro_batch rows of a validation split,
     each once, and a shorter split whole and once (before, the loader looped: the README recipe's
-    data/pydocs, 81 validation rows, at 8 batches of 16 weighed 47 of them twice). Counted against
+    data/pydocs, 81 validation rows, at 8 batches of 16 weighed 47 of them twice), and no batch past
+    them is read and thrown away (zip(loader, range(n)) read n + 1). Counted against
     the split's shards read directly. Every rank reads these same rows (rank 0 of 1), so the loss
     summed over ranks weighs them alike."""
     import pretrain.evaluate
@@ -186,7 +187,15 @@ def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, 
         f"train.eval_batches={eval_batches}",
     )  # fmt: skip
     (source,) = resolve_sources(cfg.data, cfg.data.seq_len)
-    Evaluator(cfg, [source], None, build_loader, torch.device("cpu")).loss_on(None, source, "val")
+    pulled = []
+
+    def counting_loader(*args, **kwargs):  # counts the batches taken from the loader
+        for batch in build_loader(*args, **kwargs):
+            pulled.append(batch)
+            yield batch
+
+    Evaluator(cfg, [source], None, counting_loader, torch.device("cpu")).loss_on(None, source, "val")
+    assert len(pulled) == len(read[0])  # no batch is read and thrown away past the last one used
     reference = Counter(row for shard in shard_rows(dataset, "val") for row in shard)
     rows = Counter(k for b in read[0] for k in row_keys(b, source.manifest["eos_id"]))
     assert set(rows) <= set(reference) and max(rows.values()) == 1
