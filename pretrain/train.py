@@ -545,11 +545,13 @@ class Trainer:
         self.interval_data_wait = self.interval_paused = 0.0
 
     def log_final_state(self) -> None:
-        """At a stop before train.max_steps: the training log and the slot statistics of this step
-        where their cadence did not just log it. Otherwise the steps since their last log would never
-        be logged: the resumed run's TensorBoard continues after this step."""
+        """At a stop before train.max_steps: the training log of this step where its cadence did
+        not just write it. Otherwise the steps since the last log would never be logged: the resumed
+        run's TensorBoard continues after this step. The slot statistics are not logged here: their
+        open interval is saved with the checkpoint and logged whole by the resumed run, so a stopped
+        and resumed run's slot table (its coverage history included) equals an uninterrupted run's."""
         for every, action in self.periodic:
-            if action in (self.log, self.log_slots) and not every.due(self.state.step):
+            if action == self.log and not every.due(self.state.step):
                 action()
 
     def log_slots(self) -> None:

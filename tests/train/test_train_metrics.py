@@ -6,6 +6,7 @@ from __future__ import annotations
 import time as real_time
 
 import pytest
+import torch
 
 import pretrain.train as train_module
 from pretrain.model import flops_per_token
@@ -152,8 +153,13 @@ def test_loss_mean_is_the_mean_of_the_interval_s_applied_steps(tmp_path, data_ca
 
 def test_a_stop_logs_the_steps_since_the_last_log(tmp_path, data_cache):
     """train.stop_after=3 with log_every=2 and slots.log_every=2, then a resume to step 4: step 3
-    is logged (its loss, the loss mean of step 3 alone, the slot statistics) before the stop.
-    Before, it never was: the stopped run had logged step 2, the resumed one logs from step 4 on."""
+    is logged (its loss, the loss mean of step 3 alone) before the stop. Before, it never was: the
+    stopped run had logged step 2, the resumed one logs from step 4 on. The slot statistics are not
+    logged at the stop: their interval 3-4 is logged whole at step 4, and the slot table, coverage
+    history included, equals an uninterrupted run's bit for bit (a slot log at the stop added a
+    history entry at step 3, which the SLURM preemption test caught)."""
+    from safetensors.torch import load_file
+
     opts = ("train.max_steps=4", "train.log_every=2", "slots.log_every=2")
     first = train(tiny_config(tmp_path / "run", data_cache, *opts, "train.stop_after=3"))
     second = train(tiny_config(tmp_path / "run", data_cache, *opts))
@@ -161,4 +167,10 @@ def test_a_stop_logs_the_steps_since_the_last_log(tmp_path, data_cache):
     logged = scalars(tmp_path / "run")
     assert logged["train/loss"] == pytest.approx({2: losses[2], 3: losses[3], 4: losses[4]})
     assert logged["train/loss_mean"] == pytest.approx({2: (losses[1] + losses[2]) / 2, 3: losses[3], 4: losses[4]})
-    assert sorted(logged["slots/layers.1/used_fraction"]) == [2, 3, 4]
+    assert sorted(logged["slots/layers.1/used_fraction"]) == [2, 4]
+    whole = train(tiny_config(tmp_path / "whole", data_cache, *opts))
+    resumed, uninterrupted = load_file(second.slot_table), load_file(whole.slot_table)
+    assert resumed["history.step"].tolist() == [2, 4]
+    assert sorted(resumed) == sorted(uninterrupted)
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
