@@ -214,9 +214,9 @@ def test_slot_report_writes_png(tmp_path):
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
 
 
-def test_slot_report_plots_each_interval_s_top_1pct_share_and_kl(tmp_path, monkeypatch):
-    """The report's third panel: the table's history of the top-1% share (left axis) and of the KL
-    from uniform (right axis) per counter, over the history's steps."""
+def concentration_panel(tmp_path, monkeypatch):
+    """The stats of two counters, and the report's third panel drawn from their table: its
+    top-1% share axis and its KL axis."""
     import pretrain.slots.report as report
 
     stats = small_stats(names=("layers.1", "layers.3"))
@@ -224,7 +224,13 @@ def test_slot_report_plots_each_interval_s_top_1pct_share_and_kl(tmp_path, monke
     figures = []
     monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig) or Path(out))
     report.render_report(table, tmp_path / "r.png")
-    ax_top, ax_kl = figures[0].axes[2], figures[0].axes[3]
+    return stats, figures[0].axes[2], figures[0].axes[3]
+
+
+def test_slot_report_plots_each_interval_s_top_1pct_share_and_kl(tmp_path, monkeypatch):
+    """The report's third panel: the table's history of the top-1% share (left axis) and of the KL
+    from uniform (right axis) per counter, over the history's steps."""
+    stats, ax_top, ax_kl = concentration_panel(tmp_path, monkeypatch)
     for layer in ("layers.1", "layers.3"):
         (top,) = [line for line in ax_top.get_lines() if line.get_label() == f"{layer} top-1% share"]
         (kl,) = [line for line in ax_kl.get_lines() if line.get_label() == f"{layer} KL"]
@@ -236,14 +242,7 @@ def test_slot_report_plots_each_interval_s_top_1pct_share_and_kl(tmp_path, monke
 def test_slot_report_concentration_legend_names_the_share_and_the_kl_lines(tmp_path, monkeypatch):
     """The third panel's one legend (on either of its two axes) names each counter's top-1% share
     line and its KL line, with the lines' own colours and styles."""
-    import pretrain.slots.report as report
-
-    stats = small_stats(names=("layers.1", "layers.3"))
-    table = load_table(save_table(tmp_path / "slot_frequencies.safetensors", stats, {}))
-    figures = []
-    monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig) or Path(out))
-    report.render_report(table, tmp_path / "r.png")
-    ax_top, ax_kl = figures[0].axes[2], figures[0].axes[3]
+    _, ax_top, ax_kl = concentration_panel(tmp_path, monkeypatch)
     (legend,) = [ax.get_legend() for ax in (ax_top, ax_kl) if ax.get_legend() is not None]
     labels = [text.get_text() for text in legend.get_texts()]
     expected = ["layers.1 top-1% share", "layers.3 top-1% share", "layers.1 KL", "layers.3 KL"]
