@@ -73,18 +73,10 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matched:
                 raise DataError(f"input pattern {p} matches no file: check {option}")
-            files.extend(matched)
+            files.extend(_without_binary(matched, arg, option))
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
-            binary = [f for f in found if _binary_text_file(f)]
-            if binary:
-                names = ", ".join(str(f.relative_to(p)) for f in binary[:4]) + (" ..." if len(binary) > 4 else "")
-                warnings.warn(
-                    f"{option} {p}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
-                    "the corpus, say); name a file itself to read it anyway",
-                    stacklevel=2,
-                )
-                found = [f for f in found if f not in binary]
+            found = _without_binary(found, arg, option, relative_to=p)
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
@@ -102,6 +94,21 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
                 )
             named_by[key] = str(arg)
     return files
+
+
+def _without_binary(found: list[Path], arg, option: str, relative_to: Path | None = None) -> list[Path]:
+    """`found` (the files a folder or a glob pattern `arg` reached) less those that are not text,
+    with a warning naming them: `corpus/` and `'corpus/*'` both reach the recipe's corpus/tokenizer.model."""
+    binary = [f for f in found if _binary_text_file(f)]
+    if binary:
+        shown = [str(f.relative_to(relative_to)) if relative_to else str(f) for f in binary[:4]]
+        names = ", ".join(shown) + (" ..." if len(binary) > 4 else "")
+        warnings.warn(
+            f"{option} {arg}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
+            "the corpus, say); name a file itself to read it anyway",
+            stacklevel=3,
+        )
+    return [f for f in found if f not in binary]
 
 
 def _binary_text_file(path: Path) -> bool:

@@ -96,6 +96,20 @@ def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     assert resolve_files([model]) == [model]
 
 
+def test_a_glob_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
+    """--input 'corpus/*' (quoted, as for a corpus of many files) read the recipe's
+    corpus/tokenizer.model as a text document (94 documents of the 93-document recipe corpus,
+    one of them the model's protobuf bytes); the folder itself skipped it with a warning."""
+    import shutil
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("one document\n")
+    (tmp_path / "corpus" / "b.jsonl").write_text('{"text": "two"}\n')
+    shutil.copyfile(tokenizer.path, tmp_path / "corpus" / "tokenizer.model")
+    with pytest.warns(UserWarning, match=r"corpus/\*: skipped 1 file\(s\) that are not text \(.*tokenizer.model"):
+        assert list(iter_documents([str(tmp_path / "corpus" / "*")])) == ["one document\n", "two"]
+
+
 def test_bad_jsonl_names_file_line_and_field(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r"x.jsonl:2: no field 'text' \(found \['body'\]\); pass --text-field"):
