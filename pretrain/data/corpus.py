@@ -6,7 +6,8 @@ record batch (Parquet, the column `text_field` only) in memory. This covers how 
 public pretraining corpora ship: FineWeb and most Hugging Face datasets as Parquet,
 SlimPajama as .jsonl.zst, Dolma as .json.gz. Windows line ends (CRLF) are read as "\n", as
 Python's text mode reads them (the tokenizer keeps whitespace, and has no piece for a lone
-"\r": each line would cost a byte-fallback token). Undecodable bytes, and JSON escapes of lone
+"\r": each line would cost a byte-fallback token); a UTF-8 byte order mark at a file's start is
+dropped, as Python's "utf-8-sig" drops it. Undecodable bytes, and JSON escapes of lone
 UTF-16 surrogates ("\\ud83d" without its pair), are replaced (U+FFFD) and counted; empty
 (and null) documents are skipped and counted, in a `CorpusStats` the caller passes in. A
 truncated or corrupt file is a `DataError` naming it, never a silently shorter corpus.
@@ -36,6 +37,7 @@ PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
 # per character (measured: a 5.6 MB document, 470 MB resident).
 MAX_TEXT_DOCUMENT_BYTES = 64 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = "\ufeff".encode()
 
 
 @dataclass
@@ -193,6 +195,17 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
+def _without_bom(lines) -> Iterator[bytes]:
+    """The lines of a file less the UTF-8 byte order mark that Windows editors (Notepad, Excel's
+    "CSV UTF-8", PowerShell's Out-File) write at its start: decoded, it would begin the first
+    document as U+FEFF (three byte-fallback tokens), and a JSONL line starting with it is no JSON."""
+    lines = iter(lines)
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix(_BOM)
+        yield from lines
+
+
 def _iter_blocks(fh) -> Iterator[bytes]:
     block: list[bytes] = []
     for line in fh:
@@ -288,9 +301,9 @@ def iter_documents(
             try:
                 with _open_binary(path) as fh:
                     if kind == "jsonl":
-                        yield from _iter_jsonl(path, fh, text_field, stats)
+                        yield from _iter_jsonl(path, _without_bom(fh), text_field, stats)
                     elif kind == "blocks":
-                        for block in _iter_blocks(fh):
+                        for block in _iter_blocks(_without_bom(fh)):
                             yield _decode(block, stats)
                     else:
                         raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
@@ -300,7 +313,7 @@ def iter_documents(
                                 "document (a plain-text file is one document): pass --format blocks to split it at "
                                 "blank lines, or store one document per file or per JSONL line"
                             )
-                        yield _decode(raw, stats)
+                        yield _decode(raw.removeprefix(_BOM), stats)
             except (EOFError, gzip.BadGzipFile, zlib.error) as err:
                 raise DataError(
                     f"{path} is not a complete gzip file ({type(err).__name__}: {err}): re-copy or re-compress it "

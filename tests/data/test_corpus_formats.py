@@ -173,3 +173,25 @@ def test_windows_line_ends_read_as_the_unix_documents(tmp_path, docs):
         }
         assert manifest["documents"] == 3 * len(texts) + 1
     assert out["crlf"] == out["lf"] and out["lf"]
+
+
+def test_a_byte_order_mark_at_a_files_start_is_dropped(tmp_path, docs):
+    """Windows editors start a UTF-8 file with a byte order mark (EF BB BF): a JSONL file so saved
+    was refused at its first line ('invalid JSON (Unexpected UTF-8 BOM ...)'), and a text file's
+    document began with U+FEFF, three byte-fallback tokens. The documents of files with a BOM equal
+    those of the same files without one (the reference), in every line-read format, compressed too;
+    a U+FEFF inside the text is text and stays."""
+    texts = [docs[0], "\ufeffinner mark kept", docs[1]]
+    for name, bom in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+        (tmp_path / name).mkdir()
+        jsonl = bom + "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+        (tmp_path / name / "a.jsonl").write_bytes(jsonl)
+        (tmp_path / name / "b.jsonl.gz").write_bytes(gzip.compress(jsonl))
+        (tmp_path / name / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+        (tmp_path / name / "d.txt").write_bytes(bom + texts[0].encode())
+        (tmp_path / name / "e.md").write_bytes(bom + "\n\n".join(texts).encode())
+    for fmt in ("auto", "blocks"):
+        got = list(iter_documents([tmp_path / "bom"], fmt))
+        assert got == list(iter_documents([tmp_path / "plain"], fmt))
+        assert not any(d.startswith("\ufeff") for d in got if "inner mark" not in d)
+    assert "\ufeffinner mark kept" in list(iter_documents([tmp_path / "bom" / "a.jsonl"]))
