@@ -152,12 +152,16 @@ def check_settings(seq_len: int, val_fraction: float, sequences_per_shard: int |
         raise DataError(f"sequences_per_shard={sequences_per_shard} must be positive (--sequences-per-shard)")
 
 
-def check_output_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> None:
+def check_output_dir(
+    out_dir: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False, keep_contents: bool = False
+) -> None:
     """Refuse (DataError) an output folder that cannot take a prepared dataset, before any input is
     read: a file; one of the `inputs` (files, folders, glob patterns) or a folder holding one
     (replacing it, --overwrite, would delete the corpus); a folder inside an input folder (a later
     run over that folder would read the shards and manifest as documents); a non-empty folder
-    without `overwrite`."""
+    without `overwrite`, and with it one that is not a prepared dataset (no manifest.json: a folder
+    of datasets, a run folder), which the replacement would delete whole. `keep_contents`: the
+    folder is written into, never replaced (the slices folder), so what it holds may stay."""
     out_dir = Path(out_dir)
     out = out_dir.resolve()
     inputs = list(inputs)
@@ -176,8 +180,18 @@ def check_output_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), ove
             )
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--output {out_dir} is a file, not a folder: name a folder to write the dataset into")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if keep_contents or not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
         raise DataError(f"output directory {out_dir} is not empty: choose another --output or pass --overwrite")
+    if not (out_dir / "manifest.json").is_file():
+        held = sorted(p.name for p in out_dir.iterdir())
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise DataError(
+            f"--output {out_dir} holds files ({shown}) but is not a prepared dataset (no manifest.json): "
+            "--overwrite replaces a dataset folder whole and would delete them; name the dataset's own "
+            f"folder (e.g. {out_dir / 'mycorpus'}), or remove {out_dir} yourself"
+        )
 
 
 def _write_documents(

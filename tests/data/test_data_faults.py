@@ -268,6 +268,37 @@ def test_an_output_beside_the_corpus_is_prepared(tmp_path, tokenizer):
         assert manifest["documents"] == 40 and (out / "manifest.json").is_file()
 
 
+def test_overwrite_replaces_a_dataset_and_refuses_any_other_folder(tmp_path, tokenizer, capsys):
+    """`--output data --overwrite` (meant: data/licenses) replaced the folder data/ whole, the
+    datasets prepared in it before included (measured: data/english gone, the new shards in its
+    place). --overwrite now replaces only a prepared dataset (a folder with manifest.json) and
+    refuses any other non-empty folder before reading the corpus, naming what it holds; a dataset
+    folder is still replaced, by the CLI and by a merge of slices."""
+    corpus = _corpus_folder(tmp_path)
+    data = tmp_path / "data"
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--seq-len", str(SEQ_LEN)]
+    argv += ["--val-fraction", "0.2", "--no-progress", "--workers", "1"]
+    assert prepare_cli.main([*argv, "--output", str(data / "english")]) == 0
+    english = {p: p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
+    for out in (data, tmp_path):  # a folder of datasets; one holding the corpus is refused for that
+        capsys.readouterr()
+        assert prepare_cli.main([*argv, "--output", str(out), "--overwrite"]) == 2
+        assert {p: p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()} == english
+    err = capsys.readouterr().err
+    assert "holds the input" in err
+    (data / "notes.txt").write_text("mine\n")
+    assert prepare_cli.main([*argv, "--output", str(data), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {data} holds files (english, notes.txt) but is not a prepared dataset" in err
+    assert (data / "notes.txt").is_file() and (data / "english" / "manifest.json").is_file()
+    from pretrain.data.slices import prepare_slice
+
+    with pytest.raises(DataError, match="is not a prepared dataset"):
+        prepare_slice([corpus], data, tokenizer.path, 0, 1)
+    assert prepare_cli.main([*argv, "--output", str(data / "english"), "--overwrite", "--seed", "1"]) == 0
+    assert read_manifest(data / "english")["seed"] == 1  # a dataset is replaced
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
