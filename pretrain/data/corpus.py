@@ -219,6 +219,7 @@ def _iter_blocks(fh) -> Iterator[bytes]:
 
 
 def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    first = True
     for lineno, line in enumerate(fh, 1):
         if not line.strip():
             continue
@@ -226,7 +227,12 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
         try:
             record = json.loads(_decode(line, stats))
         except json.JSONDecodeError as err:
+            if first and line.strip()[:1] in (b"[", b"{"):
+                raise DataError(_not_json_lines(path, lineno, line)) from None
             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg}); fix or remove that line") from None
+        first = False
+        if isinstance(record, list):
+            raise DataError(_not_json_lines(path, lineno, line))
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); pass --text-field <name>")
@@ -242,6 +248,20 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
             if stats.non_utf8_documents == repaired_before:  # not counted yet for bad bytes
                 stats.non_utf8_documents += 1
         yield text
+
+
+def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
+    """The error for a .json file that is one JSON document (an array of records, or records
+    written over several lines) rather than JSON Lines, which is read one line at a time."""
+    stem = path.name.split(".")[0]
+    if line.strip().startswith(b"["):
+        what, jq = "a JSON array", f"jq -c '.[]' {path} > {stem}.jsonl"
+    else:
+        what, jq = "a JSON object written over several lines", f"jq -c . {path} > {stem}.jsonl"
+    return (
+        f"{path}:{lineno}: the file is {what}, not JSON Lines (one document per line, each a JSON object "
+        f"with the field holding its text): convert it, e.g. {jq}"
+    )
 
 
 def _iter_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:

@@ -119,6 +119,24 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path):
         list(iter_documents([tmp_path / "y.jsonl"]))
 
 
+def test_a_json_document_that_is_not_json_lines_is_named_with_the_conversion(tmp_path):
+    """A .json file holding one JSON array (as pandas' to_json and many exports write it), pretty-printed
+    or on one line, or records written over several lines, was refused as 'invalid JSON (Expecting
+    value)' at line 1, or 'no field 'text' (found list)': true, but no hint that the reader takes one
+    record per line. The error says what the file is and how to convert it; a broken line later in a
+    JSON Lines file keeps its own message."""
+    records = [{"text": "one"}, {"text": "two"}]
+    (tmp_path / "pretty.json").write_text(json.dumps(records, indent=2))
+    (tmp_path / "flat.json").write_text(json.dumps(records))
+    (tmp_path / "objects.json").write_text("\n".join(json.dumps(r, indent=2) for r in records))
+    for name, what in (("pretty", "a JSON array"), ("flat", "a JSON array"), ("objects", "a JSON object written over")):
+        with pytest.raises(DataError, match=rf"{name}.json:1: the file is {what}.*not JSON Lines.*jq -c"):
+            list(iter_documents([tmp_path / f"{name}.json"]))
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "[broken\n")
+    with pytest.raises(DataError, match=r"lines.jsonl:3: invalid JSON"):
+        list(iter_documents([tmp_path / "lines.jsonl"]))
+
+
 def test_missing_path_and_empty_corpus_fail_before_work(tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("work started")
