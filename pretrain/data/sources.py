@@ -102,8 +102,17 @@ def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) ->
     if repeated:
         raise DataError(f"data.sources: the name(s) {repeated} are used twice: give each source its own name")
     first = sources[0]
+    read_as: dict[Path, tuple[int, Source]] = {}  # each folder -> the source that reads it
     for i, src in enumerate(sources):
         label = _label(i, src.name, many, src.dir)
+        if src.dir.resolve() in read_as:
+            j, other = read_as[src.dir.resolve()]
+            raise DataError(
+                f"{label}: {src.dir} is also data.sources[{j}] ({other.name}): one folder read as two sources "
+                f"has its rows drawn by both, and its validation split reported under both names; list it once "
+                f"(weight {other.weight + src.weight:g} for both shares), or point {src.name!r} at its own folder"
+            )
+        read_as[src.dir.resolve()] = (i, src)
         _check_same_format(src, first, label, seq_len)
 
 
@@ -209,6 +218,9 @@ def resolve_eval_sources(data_cfg, train_sources: list[Source]) -> list[Source]:
             )
         if name in trained or name in {s.name for s in out}:
             raise DataError(f"{label}: the name {name!r} is already used: set data.eval_sources[{i}].name")
+        twice = [s for s in out if s.dir.resolve() == directory.resolve()]
+        if twice:
+            raise DataError(f"{label}: {directory} is also listed as {twice[0].name!r}: list each corpus once")
         if any(directory.resolve() == s.dir.resolve() for s in train_sources):
             raise DataError(
                 f"{label}: {directory} is trained on (data.dir / data.sources): its validation split is "
