@@ -331,6 +331,7 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` (this rank's, from a run of the same settings) stopped."""
         _check_version(state)
+        self._check_same_shards(state)
         fix = "resume with the same data, batch size, ranks, workers, seed and shuffle_buffer"
         check_same_settings(
             state.get("settings", {}),
@@ -344,6 +345,20 @@ class ShardLoader:
         self._batches = int(state["batches"])
         self._plan = _copy_plan(state.get("plan"), self.sizes)
         self._scheme = _scheme_of(state)
+
+    def _check_same_shards(self, state: dict) -> None:
+        """Refuse a state saved while reading other shards in this folder, naming the folder: a dataset
+        prepared again in its place (--overwrite) has other shards, whose rows the saved positions do not
+        address (the generic settings message showed two 16-digit fingerprints)."""
+        saved = state.get("settings", {}).get("shards")
+        if saved is not None and saved != self._fingerprint:
+            raise DataError(
+                f"{self.root} is not the dataset this run was reading: the {self.split!r} split's shards differ "
+                "from those the checkpoint's loader state was saved on (prepared again in this folder since, "
+                "e.g. with --overwrite at another --seq-len, --tokenizer, --seed or corpus). A run resumes only "
+                "on the data it started on: put that back, or train on the new data in a new run (another "
+                "train.run_dir; train.init_from=<an export of this run> keeps its weights)"
+            )
 
     def needs_reshard(self, state: dict) -> bool:
         """True when `state` was saved with another reading layout (ranks, workers, batch size or
@@ -372,6 +387,8 @@ class ShardLoader:
         (batches, corrupt shards skipped) move to new rank 0's first worker, so their sums over
         ranks are kept.
         """
+        for state in states[:1]:  # all ranks read the same shards; _saved_consumers compares them all
+            self._check_same_shards(state)
         old = _saved_consumers(states, self._settings(), self.sizes)
         e = min(c.position[0] for c in old)
         rest = [piece for c in old if c.position[0] == e for piece in self._rest_of_epoch(c)]
