@@ -211,16 +211,28 @@ def _write_documents(
     return documents, empty
 
 
+_FEW_DOCUMENTS = "a plain-text file is one document: --format blocks splits it at blank lines"
+
+
 def _check_validation_split(splits: dict, documents: int, val_fraction: float) -> None:
     """Training evaluates on the val split: refuse a preparation that left it empty by chance
-    (nothing is written), and warn when it is empty by request (val_fraction=0)."""
+    (nothing is written), and warn when it is empty by request (val_fraction=0). Warn too when the
+    training split is empty (every document drawn for validation: one document, say): such a
+    dataset can still be scored as data.eval_sources, but training on it alone is refused."""
+    if not splits["train"]["shards"]:
+        warnings.warn(
+            f"the training split is empty: all {documents} document(s) fell into validation at "
+            f"--val-fraction={val_fraction}, so training on this dataset will be refused (it can serve as "
+            f"data.eval_sources); lower --val-fraction or add documents ({_FEW_DOCUMENTS})",
+            stacklevel=3,
+        )
     if splits["val"]["shards"]:
         return
     if val_fraction > 0:
         raise DataError(
             f"the validation split is empty: none of the {documents} documents fell into it at "
             f"--val-fraction={val_fraction} (about {documents * val_fraction:.2g} expected); raise --val-fraction "
-            "or add documents. Nothing was written"
+            f"or add documents ({_FEW_DOCUMENTS}). Nothing was written"
         )
     warnings.warn(
         "--val-fraction=0: the dataset has no validation split, so training on it alone will be refused "

@@ -132,6 +132,25 @@ def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, d
         write_dataset(ids, tmp_path / "ds0", tokenizer, SEQ_LEN, val_fraction=0.0, show_progress=False)
 
 
+def test_an_empty_training_split_is_named_at_preparation(tmp_path, tokenizer, capsys):
+    """A corpus of one plain-text file is one document; at --val-fraction 0.9 it fell into validation
+    and prepare_data wrote a dataset of 0 training sequences without a word (measured: GPL-3, 9571
+    tokens, all in val), which the trainer refused only at its start. The preparation now warns,
+    naming the cause and --format blocks; the dataset is still written (data.eval_sources scores it)."""
+    from pathlib import Path
+
+    corpus = tmp_path / "GPL-3.txt"
+    corpus.write_text(Path("/usr/share/common-licenses/GPL-3").read_text())
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--seq-len", str(SEQ_LEN), "--no-progress"]
+    with pytest.warns(UserWarning, match=r"training split is empty: all 1 document\(s\) fell into validation .*"
+                      r"--format blocks"):  # fmt: skip
+        assert prepare_cli.main([*argv, "--output", str(tmp_path / "ds"), "--val-fraction", "0.9"]) == 0
+    manifest = read_manifest(tmp_path / "ds")
+    assert manifest["splits"]["train"]["sequences"] == 0 and manifest["splits"]["val"]["documents"] == 1
+    assert prepare_cli.main([*argv, "--output", str(tmp_path / "ds2"), "--val-fraction", "0.1"]) == 2
+    assert "--format blocks" in capsys.readouterr().err  # the other side: none in validation
+
+
 def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents, dataset):
     from pretrain.data.checks import check_trainable
     from pretrain.data.shards import read_manifest

@@ -210,6 +210,7 @@ def test_mismatched_tokenizers_are_refused_naming_both(tmp_path, dataset, docume
     assert "data.sources[1] (b)" in msg and "--tokenizer" in msg
 
 
+@pytest.mark.filterwarnings("ignore:the training split is empty")  # the 'empty' source, on purpose
 def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
     with pytest.raises(DataError, match=r"data.sources\[1\] \(b\): weight=0.0 must be a positive"):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (dataset, 0.0, "b")))
