@@ -79,11 +79,7 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
                 f"(set data.sources[{i}].weight, e.g. 1.0, or remove the source)"
             )
         if not (directory / "manifest.json").is_file():
-            missing = "" if directory.exists() else " (the directory does not exist)"
-            raise DataError(
-                f"{label}: {directory} holds no manifest.json{missing}: prepare it with "
-                f"tools/prepare_data.py --input <corpus> --output {directory}"
-            )
+            raise DataError(f"{label}: {_not_prepared(directory)}")
         manifest = read_manifest(directory)
         source = Source(name, directory, weight, manifest)
         if source.train_sequences <= 0:
@@ -94,6 +90,35 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
         sources.append(source)
     _check_consistent(sources, many, seq_len)
     return sources
+
+
+def _not_prepared(directory: Path, options: str = "") -> str:
+    """Why `directory` (no manifest.json) is not a dataset, and the command that makes one: a folder
+    of corpus files is the usual mistake (the trainer reads prepared shards, not text), and
+    preparing into it would be refused, so the fix names a folder beside it."""
+    if not directory.exists():
+        return (
+            f"{directory} holds no manifest.json (the directory does not exist): prepare it with "
+            f"tools/prepare_data.py --input <corpus> --output {directory}{options}"
+        )
+    if (directory.parent / "manifest.json").is_file():
+        return f"{directory} is a folder inside the prepared dataset {directory.parent}: name {directory.parent} itself"
+    from pretrain.data.corpus import _binary_text_file
+
+    files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))[:1000]
+    text = [f.name for f in files if not _binary_text_file(f)]
+    if text:
+        shown = ", ".join(text[:3]) + (", ..." if len(text) > 3 else "")
+        target = directory.with_name(directory.name + "-prepared")
+        return (
+            f"{directory} holds no manifest.json but {len(text)} file(s) of text ({shown}): a corpus, which the "
+            f"trainer cannot read as it is; prepare it with tools/prepare_data.py --input {directory} "
+            f"--output {target}{options} and name {target} here"
+        )
+    return (
+        f"{directory} holds no manifest.json: prepare it with tools/prepare_data.py --input <corpus> "
+        f"--output {directory}{options}"
+    )
 
 
 def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) -> None:
@@ -212,10 +237,7 @@ def resolve_eval_sources(data_cfg, train_sources: list[Source]) -> list[Source]:
         if not str(get("dir") or ""):
             raise DataError(f"{label}: no dir given: set data.eval_sources[{i}].dir to a prepared dataset")
         if not (directory / "manifest.json").is_file():
-            raise DataError(
-                f"{label}: {directory} holds no manifest.json: prepare it with tools/prepare_data.py --input <corpus> "
-                f"--output {directory} --tokenizer <the training data's tokenizer.model>"
-            )
+            raise DataError(f"{label}: {_not_prepared(directory, ' --tokenizer <the training data tokenizer.model>')}")
         if name in trained or name in {s.name for s in out}:
             raise DataError(f"{label}: the name {name!r} is already used: set data.eval_sources[{i}].name")
         twice = [s for s in out if s.dir.resolve() == directory.resolve()]

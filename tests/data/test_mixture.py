@@ -263,3 +263,25 @@ def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
         resolve_eval_sources(held, [])
     with pytest.raises(DataError, match="both set"):
         resolve_sources(data_cfg((dataset, 1.0, "a"), dir=dataset))
+
+
+def test_a_folder_that_is_not_a_dataset_is_named_with_what_it_is(tmp_path, dataset):
+    """data.dir=corpus/ (the text itself) said "corpus holds no manifest.json: prepare it with
+    tools/prepare_data.py --input <corpus> --output corpus", a command prepare_data refuses (the output
+    would replace its input); data.dir=data/english/train (a split) was told to prepare into the split.
+    Each now says what the folder is and names a command or folder that works."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "one"}\n')
+    shutil.copyfile(dataset / "tokenizer.model", corpus / "tokenizer.model")  # binary: not text
+    with pytest.raises(DataError) as err:
+        resolve_sources(data_cfg(dir=corpus))
+    assert (
+        f"holds no manifest.json but 1 file(s) of text (a.jsonl): a corpus, which the trainer cannot read as it is; "
+        f"prepare it with tools/prepare_data.py --input {corpus} --output {tmp_path / 'corpus-prepared'} "
+        in str(err.value)
+    )
+    with pytest.raises(DataError, match=rf"{dataset / 'train'} is a folder inside the prepared dataset {dataset}: "):
+        resolve_sources(data_cfg(dir=dataset / "train"))
+    with pytest.raises(DataError, match=r"\(the directory does not exist\): prepare it with"):
+        resolve_sources(data_cfg(dir=tmp_path / "nothing"))
