@@ -84,6 +84,17 @@ def run_spec_problem(run, methods) -> str | None:
     return None
 
 
+def check_counts_slots(cfg) -> None:
+    """Sparse runs rank slots against the pretraining run's slot table: refuse, before pretraining,
+    a config that would count none."""
+    if not (cfg.model.memory.enabled and cfg.slots.enabled):
+        why = "has no memory layers" if not cfg.model.memory.enabled else "sets slots.enabled=false"
+        raise ValueError(
+            f"the pretraining config {why}, so its export would hold no slot table, which the sparse runs "
+            "rank against: pretrain with memory layers and slots.enabled=true, or leave sparse runs out of --runs"
+        )
+
+
 def pretrained_export(cfg, out: Path) -> Path:
     """Train (or resume, or reuse a finished) run in <out>/pretrain and export it to <out>/export."""
     from pretrain.export import export_checkpoint
@@ -99,8 +110,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pretrain.config import ConfigError, load_config
     from pretrain.data import DataError, prepare_embedded_dataset
+    from pretrain.export import ExportError
     from pretrain.files import atomic_write_text
-    from pretrain.smf.experiment import SweepSettings, run_sweep
+    from pretrain.smf.experiment import SweepSettings, load_sweep_inputs, run_sweep
     from pretrain.smf.frontier import compare, plot_frontier, summary_markdown
 
     out = Path(args.out)
@@ -114,9 +126,12 @@ def main(argv=None) -> int:
                 if getattr(args, name) <= 0:
                     raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
                 setattr(settings, name, getattr(args, name))
+        sparse = any(run.method == "sparse" for run in runs)
         cfg = None
         if args.export is None or args.dataset_dir is None:
             cfg = load_config(args.config, [f"train.run_dir={out / 'pretrain'}", *args.overrides])
+        if args.export is None and sparse:
+            check_counts_slots(cfg)
         dataset_dir = (
             Path(args.dataset_dir) if args.dataset_dir else prepare_embedded_dataset(cfg.data, cfg.data.seq_len)
         )
@@ -126,12 +141,16 @@ def main(argv=None) -> int:
                 f"{new_facts} does not exist: the report needs the embedded fact world's held-out facts "
                 "(leave data.dir empty, data.synthetic.new_fact_fraction > 0)"
             )
-        out.mkdir(parents=True, exist_ok=True)
+        if args.export is None:
+            out.mkdir(parents=True, exist_ok=True)
         export = Path(args.export) if args.export else pretrained_export(cfg, out)
-    except (ConfigError, DataError, ValueError) as err:
+        # the export, its slot table and the data, checked before the first run
+        inputs = load_sweep_inputs(export, [new_facts], dataset_dir, with_table=sparse)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, DataError, ExportError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = run_sweep(export, [new_facts], runs, settings, out / "results.json", dataset_dir)
+    report = run_sweep(inputs, runs, settings, out / "results.json")
     verdict = compare(report)
     report["verdict"] = verdict
     atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pretrain.data import Tokenizer
 from pretrain.export import load
 from pretrain.files import atomic_write_text
-from pretrain.slots import load_export_for_tfidf
+from pretrain.slots import SlotTable, load_export_for_tfidf
 from pretrain.smf.dataset import FinetuneSet
 from pretrain.smf.evaluation import LearningForgettingEval
 from pretrain.smf.finetune import finetune
@@ -70,31 +70,57 @@ def default_grid() -> list[RunSpec]:
     return runs
 
 
-def run_sweep(
+@dataclass
+class SweepInputs:
+    """What every run of a sweep reads, loaded and checked once before the first run."""
+
+    export_dir: Path
+    finetune_files: list[Path]
+    data: FinetuneSet
+    evaluate: LearningForgettingEval
+    table: SlotTable | None  # None when no run is sparse
+
+
+def load_sweep_inputs(
     export_dir: str | Path,
     finetune_files: list[str | Path],
+    dataset_dir: str | Path | None = None,
+    with_table: bool = True,
+) -> SweepInputs:
+    """The export's tokenizer, slot table (with_table: checked against model, tokenizer and run),
+    the finetuning set and the evaluation. Raises ExportError, DataError, TableMismatchError or
+    FileNotFoundError naming what is missing, before any finetuning."""
+    export_dir = Path(export_dir)
+    if with_table:  # the table checked against model and tokenizer
+        base, _, table, _ = load_export_for_tfidf(export_dir)
+    else:
+        base, table = load(export_dir), None
+    tokenizer = Tokenizer(export_dir / "tokenizer.model")
+    data = FinetuneSet(finetune_files, tokenizer, base.cfg.max_seq_len)
+    evaluate = LearningForgettingEval(export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir)
+    return SweepInputs(export_dir, [Path(p) for p in finetune_files], data, evaluate, table)
+
+
+def run_sweep(
+    inputs: SweepInputs,
     runs: list[RunSpec],
     settings: SweepSettings,
     out_json: str | Path,
-    dataset_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> dict:
     """Finetune a fresh copy of the export for every run; return (and keep writing to `out_json`) the report."""
-    export_dir = Path(export_dir)
-    tokenizer = Tokenizer(export_dir / "tokenizer.model")
-    base, _, table, _ = load_export_for_tfidf(export_dir)  # the table checked against model and tokenizer
-    data = FinetuneSet(finetune_files, tokenizer, base.cfg.max_seq_len)
-    evaluate = LearningForgettingEval(export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir)
+    export_dir, data, evaluate, table = inputs.export_dir, inputs.data, inputs.evaluate, inputs.table
+    if table is None and any(spec.method == "sparse" for spec in runs):
+        raise ValueError("sparse runs need the slot table: load_sweep_inputs(..., with_table=True)")
     report = {
         "export": str(export_dir),
-        "finetune_files": [str(p) for p in finetune_files],
+        "finetune_files": [str(p) for p in inputs.finetune_files],
         "finetune_rows": len(data),
         "finetune_tokens": data.num_tokens,
         "settings": asdict(settings),
-        "before": evaluate(base),
+        "before": evaluate(load(export_dir)),
         "runs": [],
     }
-    del base
     bar = tqdm(runs, desc="smf sweep", unit="run", disable=not show_progress)
     for spec in bar:
         bar.set_postfix_str(spec.label)

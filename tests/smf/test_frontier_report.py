@@ -170,3 +170,59 @@ def test_runs_entries_are_checked_before_any_work(entry, problem):
     with pytest.raises(ValueError, match=problem):
         parse_runs(f"[{entry}]")
     assert parse_runs('[{"method": "sparse", "lr": 10, "top_t": 300, "max_grad_norm": 0.05}]')[0].top_t == 300
+
+
+@pytest.mark.parametrize("missing", ["slot_frequencies.safetensors", "probes.jsonl", "model.safetensors"])
+def test_report_tool_names_what_the_export_lacks_before_any_run(smf_export, tmp_path, capsys, missing):
+    """An export without its slot table, probes or weights: exit 2 naming the file, nothing written
+    (a traceback before, from inside the sweep)."""
+    import shutil
+
+    from tools.smf_report import main
+
+    export, dataset = smf_export
+    broken = tmp_path / "export"
+    shutil.copytree(export, broken)
+    (broken / missing).unlink()
+    out = tmp_path / "report"
+    runs = json.dumps([{"method": "sparse", "lr": 5.0, "top_t": 16}])
+    args = ["--export", str(broken), "--dataset-dir", str(dataset), "--out", str(out), "--runs", runs]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and missing in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_report_tool_runs_baselines_on_an_export_without_a_slot_table(smf_export, tmp_path):
+    """Only sparse runs rank slots: full finetuning and LoRA need no table."""
+    import shutil
+
+    from tools.smf_report import main
+
+    export, dataset = smf_export
+    bare = tmp_path / "export"
+    shutil.copytree(export, bare)
+    (bare / "slot_frequencies.safetensors").unlink()
+    out = tmp_path / "report"
+    runs = json.dumps([{"method": "full", "lr": 1e-3, "epochs": 1}])
+    assert main(["--export", str(bare), "--dataset-dir", str(dataset), "--out", str(out), "--runs", runs]) == 0
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["full"]
+
+
+@pytest.mark.parametrize("override", ["slots.enabled=false", "model.memory.layers=[]"])
+def test_report_tool_refuses_sparse_runs_of_a_config_without_slot_counts_before_pretraining(
+    tmp_path, capsys, monkeypatch, override
+):
+    import pretrain.train
+    from tools.smf_report import main
+
+    def no_training(cfg):
+        raise AssertionError("pretraining started")
+
+    monkeypatch.setattr(pretrain.train, "train", no_training)
+    runs = json.dumps([{"method": "sparse", "lr": 5.0, "top_t": 16}])
+    out = tmp_path / "report"
+    assert main(["--out", str(out), "--runs", runs, "--dataset-dir", str(tmp_path), override]) == 2
+    err = capsys.readouterr().err
+    assert "slot table" in err and ("slots.enabled=false" in err or "no memory layers" in err)
+    assert not out.exists()
