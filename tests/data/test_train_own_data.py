@@ -207,7 +207,10 @@ def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, 
     [
         ("{dir: DATASET, name: x}", "is trained on (data.dir / data.sources)"),
         ("{dir: SECOND, name: data}", "the name 'data' is already used"),
-        ("{dir: MISSING}", "holds no manifest.json: prepare it with tools/prepare_data.py"),
+        (
+            "{dir: MISSING}",
+            "holds no manifest.json (the directory does not exist): prepare it with tools/prepare_data.py",
+        ),
     ],
 )
 def test_bad_heldout_corpora_are_refused_at_config_time(tmp_path, dataset, second_dataset, spec, message):
