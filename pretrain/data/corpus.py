@@ -108,7 +108,7 @@ def _without_binary(found: list[Path], arg, option: str, relative_to: Path | Non
         warnings.warn(
             f"{option} {arg}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
             "the corpus, say); name a file itself to read it anyway",
-            stacklevel=3,
+            stacklevel=2,  # one place (resolve_files), so it shows once however many passes resolve the inputs
         )
     return [f for f in found if f not in binary]
 

@@ -96,6 +96,24 @@ def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     assert resolve_files([model]) == [model]
 
 
+def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
+    """prepare_data resolves --input in several passes (output checks, the first-document probe, the
+    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)))
+    shutil.copyfile(tokenizer.path, tmp_path / "corpus" / "tokenizer.model")
+    argv = ["--input", "corpus", "--tokenizer", str(tokenizer.path), "--output", "ds", "--seq-len", "16"]
+    argv += ["--val-fraction", "0.2", "--no-progress", "--workers", "1"]
+    tool = Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py"
+    done = subprocess.run([sys.executable, str(tool), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
+
+
 def test_a_glob_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     """--input 'corpus/*' (quoted, as for a corpus of many files) read the recipe's
     corpus/tokenizer.model as a text document (94 documents of the 93-document recipe corpus,
