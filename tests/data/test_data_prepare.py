@@ -478,3 +478,15 @@ def test_a_tokenizer_smaller_than_asked_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert train_tokenizer(texts, tmp_path / "small.model", 600).vocab_size == 600
+
+
+def test_sample_corpus_writes_each_part_once(tmp_path, capsys):
+    """--part licenses licenses wrote the 14 license texts twice (28 documents): a corpus with every
+    document duplicated, half of them likely to land in the other split than their copy."""
+    from tools.sample_corpus import main as sample_main
+
+    assert sample_main(["--output", str(tmp_path / "once.jsonl"), "--part", "licenses"]) == 0
+    assert sample_main(["--output", str(tmp_path / "twice.jsonl"), "--part", "licenses", "licenses"]) == 0
+    once = (tmp_path / "once.jsonl").read_text()
+    assert (tmp_path / "twice.jsonl").read_text() == once
+    assert len({json.loads(line)["text"] for line in once.splitlines()}) == len(once.splitlines())
