@@ -97,6 +97,25 @@ def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     assert resolve_files([model]) == [model]
 
 
+def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
+    """A dataset may be prepared inside the corpus folder from a glob of its files (allowed: the glob
+    does not reach it), or sliced there. The next run over the folder read the dataset's manifest.json
+    and the slice's slice.json as JSONL and stopped ('manifest.json:1: ... not JSON Lines'). Prepared
+    data inside an input folder is skipped with one warning naming it; the corpus reads as before."""
+    from pretrain.data.slices import prepare_slice
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(f'{{"text": "document {i} of the corpus"}}\n' for i in range(30)))
+    alone = list(iter_documents([corpus]))
+    prepare_corpus([str(corpus / "*.jsonl")], corpus / "prepared", 16, tokenizer_path=tokenizer.path,
+                   val_fraction=0.2, show_progress=False)  # fmt: skip
+    prepare_slice([str(corpus / "*.jsonl")], corpus / "big", tokenizer.path, 0, 1)
+    assert (corpus / "prepared" / "manifest.json").is_file() and (corpus / "big.slices").is_dir()
+    with pytest.warns(UserWarning, match=r"skipped the prepared data inside it \(big.slices, prepared\)"):
+        assert list(iter_documents([corpus])) == alone
+
+
 def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     """prepare_data resolves --input in several passes (output checks, the first-document probe, the
     tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
