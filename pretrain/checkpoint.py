@@ -179,8 +179,17 @@ def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     if not diffs:
         return
     listed = [f"model.{key}: checkpoint {a!r} vs config {b!r}" for key, (a, b) in diffs.items()]
+    data = cfg.data.dir or ", ".join(str(s.dir) for s in cfg.data.sources)
+    # model.vocab_size follows the data's tokenizer unless set: a data folder prepared again with another
+    # tokenizer shows up here, not as a change of the config the user wrote
+    cause = (
+        f" (model.vocab_size follows the tokenizer of the training data, {data}, unless set: was it prepared "
+        "again with another tokenizer? A run resumes only on the data it started on)"
+        if "vocab_size" in diffs and data
+        else ""
+    )
     raise ConfigError(
-        f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(listed[:5])}); "
+        f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(listed[:5])}){cause}; "
         f"use the original config, or a new train.run_dir to start afresh"
     )
 

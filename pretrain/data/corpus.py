@@ -78,6 +78,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             files.extend(_without_binary(matched, arg, option))
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+            found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
@@ -98,6 +99,32 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
     return files
 
 
+def _without_prepared(found: list[Path], arg, option: str, root: Path) -> list[Path]:
+    """`found` (a folder's files) less those of datasets prepared inside it (a manifest.json with
+    splits and a tokenizer hash, or an OUTPUT.slices/ folder), with a warning naming them: a dataset
+    prepared from a glob of the corpus folder's files may sit there, and its manifest read as JSONL
+    failed the next run over the folder."""
+    prepared = {f.parent for f in found if f.name == "manifest.json" and _is_manifest(f)}
+    prepared |= {root / d for f in found for d in f.relative_to(root).parents if d.name.endswith(".slices")}
+    if not prepared:
+        return found
+    names = ", ".join(sorted(str(d.relative_to(root)) for d in prepared))
+    warnings.warn(
+        f"{option} {arg}: skipped the prepared data inside it ({names}): shards, not text; move it out of the "
+        "corpus folder to silence this",
+        stacklevel=2,
+    )
+    return [f for f in found if not any(d in f.parents for d in prepared)]
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, OSError):
+        return False
+    return isinstance(manifest, dict) and "splits" in manifest and "tokenizer_sha256" in manifest
+
+
 def _without_binary(found: list[Path], arg, option: str, relative_to: Path | None = None) -> list[Path]:
     """`found` (the files a folder or a glob pattern `arg` reached) less those that are not text,
     with a warning naming them: `corpus/` and `'corpus/*'` both reach the recipe's corpus/tokenizer.model."""
@@ -108,7 +135,7 @@ def _without_binary(found: list[Path], arg, option: str, relative_to: Path | Non
         warnings.warn(
             f"{option} {arg}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
             "the corpus, say); name a file itself to read it anyway",
-            stacklevel=3,
+            stacklevel=2,  # one place (resolve_files), so it shows once however many passes resolve the inputs
         )
     return [f for f in found if f not in binary]
 

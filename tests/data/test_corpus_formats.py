@@ -195,3 +195,25 @@ def test_a_byte_order_mark_at_a_files_start_is_dropped(tmp_path, docs):
         assert got == list(iter_documents([tmp_path / "plain"], fmt))
         assert not any(d.startswith("\ufeff") for d in got if "inner mark" not in d)
     assert "\ufeffinner mark kept" in list(iter_documents([tmp_path / "bom" / "a.jsonl"]))
+
+
+def test_utf16_text_is_refused_with_the_conversion(tmp_path, docs):
+    """Windows PowerShell 5 writes UTF-16 (`>`, Out-File). Such a file in an input folder was skipped
+    as 'not text (...; a tokenizer.model beside the corpus, say)', the user's text dropped for a wrong
+    reason; named itself it was read as UTF-8, every other byte NUL. Both are refused naming the file
+    and the conversion; the converted file reads as the text (Python's UTF-16 codec as the reference)."""
+    text = docs[0].replace("\n", "\r\n")
+    for name, encoding in (("le.txt", "utf-16"), ("be.jsonl", "utf-16-be")):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        body = text if name.endswith(".txt") else json.dumps({"text": text}) + "\r\n"
+        data = body.encode(encoding)
+        if encoding == "utf-16-be":
+            data = b"\xfe\xff" + data
+        (folder / name).write_bytes(data)
+        (folder / "other.txt").write_text("another document\n")
+        for inputs in ([folder], [folder / name]):
+            with pytest.raises(DataError, match=rf"{name} is UTF-16 text .* iconv -f UTF-16 -t UTF-8 "):
+                list(iter_documents(inputs))
+        (folder / name).write_bytes(data.decode("utf-16").encode())  # what iconv writes
+        assert list(iter_documents([folder / name])) == [docs[0]]

@@ -20,6 +20,7 @@ from pretrain.data import (
     prepare_corpus,
     prepare_embedded_dataset,
     read_manifest,
+    train_tokenizer,
     write_dataset,
 )
 from pretrain.data import prepare as prepare_mod
@@ -94,6 +95,43 @@ def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not text \(tokenizer.model"):
         assert resolve_files([tmp_path / "corpus"]) == [tmp_path / "corpus" / "a.txt"]
     assert resolve_files([model]) == [model]
+
+
+def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
+    """A dataset may be prepared inside the corpus folder from a glob of its files (allowed: the glob
+    does not reach it), or sliced there. The next run over the folder read the dataset's manifest.json
+    and the slice's slice.json as JSONL and stopped ('manifest.json:1: ... not JSON Lines'). Prepared
+    data inside an input folder is skipped with one warning naming it; the corpus reads as before."""
+    from pretrain.data.slices import prepare_slice
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(f'{{"text": "document {i} of the corpus"}}\n' for i in range(30)))
+    alone = list(iter_documents([corpus]))
+    prepare_corpus([str(corpus / "*.jsonl")], corpus / "prepared", 16, tokenizer_path=tokenizer.path,
+                   val_fraction=0.2, show_progress=False)  # fmt: skip
+    prepare_slice([str(corpus / "*.jsonl")], corpus / "big", tokenizer.path, 0, 1)
+    assert (corpus / "prepared" / "manifest.json").is_file() and (corpus / "big.slices").is_dir()
+    with pytest.warns(UserWarning, match=r"skipped the prepared data inside it \(big.slices, prepared\)"):
+        assert list(iter_documents([corpus])) == alone
+
+
+def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
+    """prepare_data resolves --input in several passes (output checks, the first-document probe, the
+    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)))
+    shutil.copyfile(tokenizer.path, tmp_path / "corpus" / "tokenizer.model")
+    argv = ["--input", "corpus", "--tokenizer", str(tokenizer.path), "--output", "ds", "--seq-len", "16"]
+    argv += ["--val-fraction", "0.2", "--no-progress", "--workers", "1"]
+    tool = Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py"
+    done = subprocess.run([sys.executable, str(tool), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
 
 
 def test_a_glob_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
@@ -439,3 +477,35 @@ def test_a_trained_tokenizer_keeps_the_text_as_written(tmp_path):
     # keep_whitespace=False: sentencepiece's normalization, which the embedded fact world is built with
     legacy = train_tokenizer(docs, tmp_path / "legacy.model", 2000, keep_whitespace=False)
     assert legacy.decode(legacy.encode(odd[0])) == "def f(x): if x: return 1"
+
+
+def test_a_tokenizer_smaller_than_asked_is_named(tmp_path):
+    """--vocab-size is an upper bound (hard_vocab_limit=False): on the recipe's 702K-character corpus
+    --vocab-size 32000 gave 22,786 pieces (unigram: 6,209), printed as 'vocab 22786' with no word that it
+    fell short. The warning names both sizes and the fix; a size the sample reaches warns of nothing."""
+    import warnings
+
+    from pretrain.data.bundled_text import bundled_documents
+
+    texts = [d["text"] for d in bundled_documents(["licenses"])][:4]
+    fewer = r"has (\d+) pieces, fewer than the 20000 asked: bpe found no more .* train on more text"
+    with pytest.warns(UserWarning, match=fewer):
+        tok = train_tokenizer(texts, tmp_path / "big.model", 20000)
+    assert tok.vocab_size < 20000
+    with pytest.warns(UserWarning, match=r"raise --max-sentences \(the sample was capped at 50 lines\)"):
+        train_tokenizer(texts, tmp_path / "capped.model", 20000, max_sentences=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train_tokenizer(texts, tmp_path / "small.model", 600).vocab_size == 600
+
+
+def test_sample_corpus_writes_each_part_once(tmp_path, capsys):
+    """--part licenses licenses wrote the 14 license texts twice (28 documents): a corpus with every
+    document duplicated, half of them likely to land in the other split than their copy."""
+    from tools.sample_corpus import main as sample_main
+
+    assert sample_main(["--output", str(tmp_path / "once.jsonl"), "--part", "licenses"]) == 0
+    assert sample_main(["--output", str(tmp_path / "twice.jsonl"), "--part", "licenses", "licenses"]) == 0
+    once = (tmp_path / "once.jsonl").read_text()
+    assert (tmp_path / "twice.jsonl").read_text() == once
+    assert len({json.loads(line)["text"] for line in once.splitlines()}) == len(once.splitlines())
