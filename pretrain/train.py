@@ -502,16 +502,17 @@ class Trainer:
         return loss.detach(), z.detach() if z is not None else None
 
     def count(self, out: StepOutput) -> None:
-        """Advance the train state by the step; a skipped step is logged, and past the policy's
-        limit a checkpoint is saved and TrainingDiverged raised."""
+        """Advance the train state by the step; a skipped step is logged (its tokens are drawn from
+        the data but not trained on: tokens_seen leaves them out, as the slot table does), and past
+        the policy's limit a checkpoint is saved and TrainingDiverged raised."""
         t, state = self.cfg.train, self.state
         self.step_times.append(out.seconds)
         state.step += 1
         if self.stats is not None:
             self.stats.end_step(state.step)  # steps completed, as in checkpoint tags
-        state.tokens_seen += self.tokens_per_step
         self.interval_steps += 1
         if out.applied:
+            state.tokens_seen += self.tokens_per_step
             self.losses.append(out.loss)
             self.interval_losses.append(out.loss)
             return
