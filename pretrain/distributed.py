@@ -130,6 +130,15 @@ def global_sum(value: int) -> int:
     return int(tensor.item())
 
 
+def global_max(value: int) -> int:
+    """The largest `value` over ranks (an all-reduce; `value` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = _collective_tensor([value], torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def rank0_value(value: int) -> int:
     """Rank 0's `value` on every rank (a broadcast; `value` itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -174,8 +174,8 @@ def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, 
     each once, and a shorter split whole and once (before, the loader looped: the README recipe's
     data/pydocs, 81 validation rows, at 8 batches of 16 weighed 47 of them twice), and no batch past
     them is read and thrown away (zip(loader, range(n)) read n + 1). Counted against
-    the split's shards read directly. Every rank reads these same rows (rank 0 of 1), so the loss
-    summed over ranks weighs them alike."""
+    the split's shards read directly, at world 1 (tests/train/test_validation_split.py splits them
+    over 2 ranks)."""
     import pretrain.evaluate
     from pretrain.data.sources import resolve_sources
     from pretrain.train import Evaluator, build_loader
