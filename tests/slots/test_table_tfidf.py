@@ -93,6 +93,51 @@ def test_table_round_trip_and_validation(tmp_path):
         load_table(tmp_path / "junk.safetensors")
 
 
+def _rewrite(src: Path, dst: Path, header=None, tensors=None, drop=()) -> Path:
+    """A copy of the table at `src` with header keys replaced or dropped and tensors replaced."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = {**f.metadata(), **(header or {})}
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    for key in drop:
+        meta.pop(key)
+    save_file({**saved, **(tensors or {})}, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "header,tensors,drop,names",
+    [
+        (None, None, ("layers",), "lacks ['layers']"),
+        (None, None, ("num_documents", "step"), "lacks ['num_documents', 'step']"),
+        ({"layers": "layers.1"}, None, (), "header 'layers' is 'layers.1'"),
+        ({"layers": "[]"}, None, (), "header 'layers' is '[]'"),
+        ({"num_documents": "-5"}, None, (), "header 'num_documents' is '-5'"),
+        ({"num_slots": "0"}, None, (), "header 'num_slots' is '0'"),
+        ({"granularity": "batch"}, None, (), "header 'granularity'"),
+        (None, {"layers.1.doc_freq": "beyond"}, (), "'layers.1.doc_freq' holds values in"),
+        (None, {"layers.1.counts": "negative"}, (), "'layers.1.counts' holds values in [-1,"),
+    ],
+)
+def test_a_damaged_header_or_impossible_values_are_named(tmp_path, header, tensors, drop, names):
+    """A table whose header lacks or garbles a key, or whose document frequencies exceed the units
+    counted (idf < 0) or counts are negative, is refused naming the file and key (a KeyError, a bare
+    JSON error, or NaN / negative TF-IDF scores before)."""
+    stats = small_stats()
+    good = save_table(tmp_path / "good.safetensors", stats)
+    if tensors:
+        df, counts = stats.doc_freq["layers.1"].clone(), stats.counts["layers.1"].clone()
+        df[3], counts[5] = stats.num_documents + 1, -1
+        tensors = {k: {"beyond": df, "negative": counts}[v] for k, v in tensors.items()}
+    bad = _rewrite(good, tmp_path / "bad.safetensors", header, tensors, drop)
+    with pytest.raises(ValueError) as err:
+        load_table(bad)
+    assert str(bad) in str(err.value) and names in str(err.value)
+    assert load_table(good).num_documents == stats.num_documents
+    assert 0 < int(stats.doc_freq["layers.1"].max()) <= stats.num_documents  # the real table is in range
+
+
 def test_rank_slots_against_brute_force(make_model_config, tmp_path):
     torch.manual_seed(0)
     cfg = make_model_config()
