@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pretrain.model import Transformer
 from pretrain.slots import (
@@ -205,6 +205,43 @@ def test_tfidf_tool_prints_ranking(export_dir, capsys):
     assert len(lines) == 2 + 5
     scores = [float(line.split("\t")[2]) for line in lines[2:]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_dir, capsys):
+    """A text of 2.5 contexts is ranked over all of it, in windows of max_seq_len (the tool kept
+    only its last max_seq_len tokens before, without a word); scores and tokens against a
+    brute-force count of the windows' picks, in float64."""
+    import sentencepiece
+
+    out, cfg, stats, _ = export_dir
+    text = " ".join((["the cat sat on the mat", "ada was born in paris", "where was ada born"] * 2)[:5])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    ids = sp.encode(text)
+    assert 2 * cfg.max_seq_len < len(ids) < 3 * cfg.max_seq_len
+    model = Transformer(cfg)
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    model.eval()
+    picks, tokens = [], []
+    for start in range(0, len(ids), cfg.max_seq_len):  # each window on its own
+        window = ids[start : start + cfg.max_seq_len]
+        model(torch.tensor([window]))
+        picks += model.layers[1].ffn.last_indices.reshape(len(window), -1).tolist()
+        tokens += window
+    counts = Counter(s for row in picks for s in row)
+    n = cfg.memory.num_slots
+    want = reference_tfidf(
+        [counts.get(i, 0) for i in range(n)], stats.doc_freq["layers.1"].tolist(), stats.num_documents
+    )
+
+    assert tfidf_tool.main(["--export", str(out), "--text", text, "--top", str(n)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert f"the text's {len(ids)} tokens in 3 windows of {cfg.max_seq_len}" in lines[0]
+    ranked = [line.split("\t") for line in lines[2:]]
+    assert {int(r[1]) for r in ranked} == set(counts)
+    for _, slot, score, pieces in ranked:
+        assert float(score) == pytest.approx(want[int(slot)], rel=1e-5)
+        read = [t for t, row in zip(tokens, picks) if int(slot) in row]
+        assert pieces == " ".join(sp.id_to_piece(t) for t in read)
 
 
 def test_tfidf_tool_refuses_a_layer_it_cannot_rank(export_dir, capsys):
