@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.files import atomic_write, file_sha256
+from pretrain.slots.granularity import parse_granularity
 from pretrain.slots.sample import SampleData
 
 FORMAT_VERSION = 1
@@ -156,7 +157,7 @@ def load_table(path: str | Path) -> SlotTable:
                 f"{path}: slot table format_version={version!r}, this code reads {FORMAT_VERSION} "
                 f"(regenerate the table or use a matching memlayers version)"
             )
-        layers, n = json.loads(meta["layers"]), int(meta["num_slots"])
+        layers, n, totals = _header_fields(path, meta)
         names = set(f.keys())
         counts, doc_freq = {}, {}
         for layer in layers:
@@ -167,6 +168,7 @@ def load_table(path: str | Path) -> SlotTable:
                 t = f.get_tensor(key)
                 if t.dtype != torch.int64 or t.shape != (n,):
                     raise ValueError(f"{path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected int64 ({n},)")
+                _check_range(path, key, t, totals["num_documents"] if kind == "doc_freq" else None)
                 store[layer] = t
         history = {k[len("history.") :]: f.get_tensor(k) for k in names if k.startswith("history.")}
         sample = None
@@ -182,11 +184,50 @@ def load_table(path: str | Path) -> SlotTable:
         n,
         counts,
         doc_freq,
-        int(meta["num_documents"]),
-        int(meta["num_tokens"]),
+        totals["num_documents"],
+        totals["num_tokens"],
         meta["granularity"],
-        int(meta["step"]),
+        totals["step"],
         meta,
         history,
         sample,
     )
+
+
+def _header_fields(path: Path, meta: dict[str, str]) -> tuple[list[str], int, dict[str, int]]:
+    """(layers, num_slots, {num_documents, num_tokens, step}) of a table's header, each checked."""
+    missing = [key for key in _RESERVED if key not in meta]
+    if missing:
+        raise ValueError(
+            f"{path}: the header lacks {missing} (a format-{FORMAT_VERSION} table holds {list(_RESERVED)}): "
+            "not a table written by save_table; regenerate it from the run's checkpoint"
+        )
+    try:
+        layers = json.loads(meta["layers"])
+    except ValueError:
+        layers = None
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+        raise ValueError(f"{path}: header 'layers' is {meta['layers']!r}, expected a JSON list of layer names")
+    numbers = {}
+    for key in ("num_slots", "num_documents", "num_tokens", "step"):
+        value = meta[key]
+        if not value.isdigit() or (key == "num_slots" and int(value) == 0):
+            raise ValueError(f"{path}: header {key!r} is {value!r}, expected an integer >= {int(key == 'num_slots')}")
+        numbers[key] = int(value)
+    try:
+        parse_granularity(meta["granularity"])
+    except ValueError as err:
+        raise ValueError(f"{path}: header 'granularity': {err}") from None
+    return layers, numbers.pop("num_slots"), numbers
+
+
+def _check_range(path: Path, key: str, t: torch.Tensor, num_documents: int | None) -> None:
+    """Counts are >= 0; a document frequency is at most the units counted (num_documents), which
+    TF-IDF's idf = log((num_documents + 1) / (df + 1)) relies on (a larger df gives a negative idf)."""
+    low, high = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+    if low < 0 or (num_documents is not None and high > num_documents):
+        bound = f" and at most num_documents={num_documents}" if num_documents is not None else ""
+        raise ValueError(
+            f"{path}: tensor {key!r} holds values in [{low}, {high}], expected >= 0{bound}: the table is "
+            "damaged or was assembled by hand; regenerate it from the run's checkpoint"
+        )

@@ -4,7 +4,8 @@ Points are (run, epoch) pairs. Learning = new-fact recall; forgetting = the drop
 old-fact recall from the pretrained model (percentage points), and the rise in
 validation loss. `compare` takes full finetuning's best-learning point as the reference
 (recall F, drop D) and, for each other method, the least-forgetting point that learns
-within `margin` of F; sparse memory finetuning meets the bar when its drop <= D / 3.
+within `margin` of F; sparse memory finetuning meets the bar when its drop <= D / 3. When full
+finetuning learned nothing (F not above the pretrained model's recall) the verdict is undecided.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3)
     verdict["sparse_meets_bar"] = (
         None if sparse is None else sparse["learns_within_margin"] and sparse["forgets_at_most_ratio"]
     )
+    learned = ref["new_fact_recall"] - report["before"]["new_fact_recall"]
+    if sparse is not None and learned <= BOUNDARY_SLACK:
+        # the bar is set by full finetuning's learning: without any, a method that learns nothing
+        # and forgets nothing would "meet" it
+        verdict["sparse_meets_bar"] = None
+        verdict["undecided"] = (
+            f"full finetuning learned nothing (best new-fact recall {100 * ref['new_fact_recall']:.1f}%, "
+            f"pretrained {100 * report['before']['new_fact_recall']:.1f}%), so there is no learning to match: "
+            "finetune longer (--epochs) or at a higher learning rate"
+        )
     return verdict
 
 
@@ -166,5 +177,9 @@ def summary_markdown(report: dict, verdict: dict) -> str:
                 f"({'at most' if v['forgets_at_most_ratio'] else 'more than'} 1/3 of full's)."
             )
         lines.append("")
-        lines.append(f"Sparse memory finetuning meets the bar: **{'yes' if verdict['sparse_meets_bar'] else 'no'}**.")
+        if verdict.get("undecided"):
+            lines.append(f"Sparse memory finetuning meets the bar: **undecided**: {verdict['undecided']}.")
+        else:
+            meets = "yes" if verdict["sparse_meets_bar"] else "no"
+            lines.append(f"Sparse memory finetuning meets the bar: **{meets}**.")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pretrain.model import Transformer
 from pretrain.slots import (
@@ -93,6 +93,51 @@ def test_table_round_trip_and_validation(tmp_path):
         load_table(tmp_path / "junk.safetensors")
 
 
+def _rewrite(src: Path, dst: Path, header=None, tensors=None, drop=()) -> Path:
+    """A copy of the table at `src` with header keys replaced or dropped and tensors replaced."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = {**f.metadata(), **(header or {})}
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    for key in drop:
+        meta.pop(key)
+    save_file({**saved, **(tensors or {})}, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "header,tensors,drop,names",
+    [
+        (None, None, ("layers",), "lacks ['layers']"),
+        (None, None, ("num_documents", "step"), "lacks ['num_documents', 'step']"),
+        ({"layers": "layers.1"}, None, (), "header 'layers' is 'layers.1'"),
+        ({"layers": "[]"}, None, (), "header 'layers' is '[]'"),
+        ({"num_documents": "-5"}, None, (), "header 'num_documents' is '-5'"),
+        ({"num_slots": "0"}, None, (), "header 'num_slots' is '0'"),
+        ({"granularity": "batch"}, None, (), "header 'granularity'"),
+        (None, {"layers.1.doc_freq": "beyond"}, (), "'layers.1.doc_freq' holds values in"),
+        (None, {"layers.1.counts": "negative"}, (), "'layers.1.counts' holds values in [-1,"),
+    ],
+)
+def test_a_damaged_header_or_impossible_values_are_named(tmp_path, header, tensors, drop, names):
+    """A table whose header lacks or garbles a key, or whose document frequencies exceed the units
+    counted (idf < 0) or counts are negative, is refused naming the file and key (a KeyError, a bare
+    JSON error, or NaN / negative TF-IDF scores before)."""
+    stats = small_stats()
+    good = save_table(tmp_path / "good.safetensors", stats)
+    if tensors:
+        df, counts = stats.doc_freq["layers.1"].clone(), stats.counts["layers.1"].clone()
+        df[3], counts[5] = stats.num_documents + 1, -1
+        tensors = {k: {"beyond": df, "negative": counts}[v] for k, v in tensors.items()}
+    bad = _rewrite(good, tmp_path / "bad.safetensors", header, tensors, drop)
+    with pytest.raises(ValueError) as err:
+        load_table(bad)
+    assert str(bad) in str(err.value) and names in str(err.value)
+    assert load_table(good).num_documents == stats.num_documents
+    assert 0 < int(stats.doc_freq["layers.1"].max()) <= stats.num_documents  # the real table is in range
+
+
 def test_rank_slots_against_brute_force(make_model_config, tmp_path):
     torch.manual_seed(0)
     cfg = make_model_config()
@@ -160,6 +205,43 @@ def test_tfidf_tool_prints_ranking(export_dir, capsys):
     assert len(lines) == 2 + 5
     scores = [float(line.split("\t")[2]) for line in lines[2:]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_dir, capsys):
+    """A text of 2.5 contexts is ranked over all of it, in windows of max_seq_len (the tool kept
+    only its last max_seq_len tokens before, without a word); scores and tokens against a
+    brute-force count of the windows' picks, in float64."""
+    import sentencepiece
+
+    out, cfg, stats, _ = export_dir
+    text = " ".join((["the cat sat on the mat", "ada was born in paris", "where was ada born"] * 2)[:5])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    ids = sp.encode(text)
+    assert 2 * cfg.max_seq_len < len(ids) < 3 * cfg.max_seq_len
+    model = Transformer(cfg)
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    model.eval()
+    picks, tokens = [], []
+    for start in range(0, len(ids), cfg.max_seq_len):  # each window on its own
+        window = ids[start : start + cfg.max_seq_len]
+        model(torch.tensor([window]))
+        picks += model.layers[1].ffn.last_indices.reshape(len(window), -1).tolist()
+        tokens += window
+    counts = Counter(s for row in picks for s in row)
+    n = cfg.memory.num_slots
+    want = reference_tfidf(
+        [counts.get(i, 0) for i in range(n)], stats.doc_freq["layers.1"].tolist(), stats.num_documents
+    )
+
+    assert tfidf_tool.main(["--export", str(out), "--text", text, "--top", str(n)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert f"the text's {len(ids)} tokens in 3 windows of {cfg.max_seq_len}" in lines[0]
+    ranked = [line.split("\t") for line in lines[2:]]
+    assert {int(r[1]) for r in ranked} == set(counts)
+    for _, slot, score, pieces in ranked:
+        assert float(score) == pytest.approx(want[int(slot)], rel=1e-5)
+        read = [t for t, row in zip(tokens, picks) if int(slot) in row]
+        assert pieces == " ".join(sp.id_to_piece(t) for t in read)
 
 
 def test_tfidf_tool_refuses_a_layer_it_cannot_rank(export_dir, capsys):

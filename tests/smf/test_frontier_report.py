@@ -60,6 +60,19 @@ def test_sparse_misses_the_bar(sparse_epochs, learns, forgets_little):
     assert "**no**" in summary_markdown(report, verdict)
 
 
+def test_no_verdict_when_full_finetuning_learned_nothing():
+    """A sweep too short for any learning: full finetuning's best new-fact recall is the pretrained
+    model's, and a sparse run that learned and forgot nothing "met the bar" (measured on a 30-step
+    pretrained tiny model, 2 epochs: summary.md said **yes** at 0.0% recall for both)."""
+    report = sweep(run("full", "full", (0.0, 0.8)), run("sparse", "sparse", (0.0, 0.8)))
+    verdict = compare(report)
+    assert verdict["sparse_meets_bar"] is None and "full finetuning learned nothing" in verdict["undecided"]
+    text = summary_markdown(report, verdict)
+    assert "meets the bar: **undecided**: full finetuning learned nothing" in text and "**yes**" not in text
+    report["runs"][0]["history"][0]["new_fact_recall"] = 0.02  # one probe more than before: a bar again
+    assert compare(report)["sparse_meets_bar"] is True and "undecided" not in compare(report)
+
+
 @pytest.mark.parametrize("full_hits, sparse_hits", [(138, 123), (125, 110), (140, 125)])
 def test_a_point_exactly_at_the_bounds_meets_them(full_hits, sparse_hits):
     """Recall as probes answered out of 150 (new) and 1350 (old), as in the fact world. Sparse
