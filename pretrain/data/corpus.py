@@ -38,6 +38,7 @@ PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
 MAX_TEXT_DOCUMENT_BYTES = 64 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = "\ufeff".encode()
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 @dataclass
@@ -146,7 +147,8 @@ def _binary_text_file(path: Path) -> bool:
     if _format_of(path, "auto") != "text" or path.name.lower().endswith(COMPRESSED):
         return False
     with open(path, "rb") as fh:
-        return b"\0" in fh.read(8192)
+        head = fh.read(8192)
+    return b"\0" in head and not head.startswith(_UTF16_BOMS)  # UTF-16 text is refused when read, not skipped
 
 
 def _format_of(path: Path, fmt: str) -> str:
@@ -222,15 +224,26 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
-def _without_bom(lines) -> Iterator[bytes]:
+def _without_bom(path: Path, lines) -> Iterator[bytes]:
     """The lines of a file less the UTF-8 byte order mark that Windows editors (Notepad, Excel's
     "CSV UTF-8", PowerShell's Out-File) write at its start: decoded, it would begin the first
     document as U+FEFF (three byte-fallback tokens), and a JSONL line starting with it is no JSON."""
     lines = iter(lines)
     first = next(lines, None)
     if first is not None:
+        _refuse_utf16(path, first)
         yield first.removeprefix(_BOM)
         yield from lines
+
+
+def _refuse_utf16(path: Path, head: bytes) -> None:
+    """UTF-16 text (Windows PowerShell 5's `>` and Out-File write it) read as UTF-8 is every other
+    byte NUL and each line cut inside a character: refused, with the conversion."""
+    if head.startswith(_UTF16_BOMS):
+        raise DataError(
+            f"{path} is UTF-16 text (it starts with a UTF-16 byte order mark); the corpus readers take UTF-8: "
+            f"convert it, e.g. iconv -f UTF-16 -t UTF-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}"
+        )
 
 
 def _iter_blocks(fh) -> Iterator[bytes]:
@@ -348,12 +361,13 @@ def iter_documents(
             try:
                 with _open_binary(path) as fh:
                     if kind == "jsonl":
-                        yield from _iter_jsonl(path, _without_bom(fh), text_field, stats)
+                        yield from _iter_jsonl(path, _without_bom(path, fh), text_field, stats)
                     elif kind == "blocks":
-                        for block in _iter_blocks(_without_bom(fh)):
+                        for block in _iter_blocks(_without_bom(path, fh)):
                             yield _decode(block, stats)
                     else:
                         raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
+                        _refuse_utf16(path, raw)
                         if len(raw) > MAX_TEXT_DOCUMENT_BYTES:
                             raise DataError(
                                 f"{path} holds more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes of text, read as one "
