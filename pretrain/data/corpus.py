@@ -15,10 +15,12 @@ truncated or corrupt file is a `DataError` naming it, never a silently shorter c
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import io
 import json
+import lzma
 import os
 import re
 import warnings
@@ -30,7 +32,11 @@ from typing import Iterator
 from pretrain.data.errors import DataError
 
 FORMATS = ("auto", "text", "blocks", "jsonl", "parquet")
-COMPRESSED = (".gz", ".zst", ".zstd")
+COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+_STREAMS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}  # the stdlib streams, by suffix: their tool's name
+# Files no reader here takes, which were read as one document of binary garbage when named (a .tar.gz
+# decompressed, then read whole, headers included): refused before any work, naming the fix.
+_ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
 # A file read as one document (--format text) larger than this is refused: no document is that long
 # (64 MiB is ~16M tokens), a corpus in one file is, and tokenizing it at once takes ~80 bytes of memory
@@ -89,6 +95,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
         else:
             raise DataError(f"input path {p} does not exist: check {option}")
         for f in files[before:]:
+            _refuse_unreadable(f, option)
             key = os.path.abspath(f)
             if key in named_by:
                 raise DataError(
@@ -98,6 +105,22 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
                 )
             named_by[key] = str(arg)
     return files
+
+
+def _refuse_unreadable(path: Path, option: str) -> None:
+    """An archive or an Arrow file among the inputs: DataError naming it and what to pass instead."""
+    name = path.name.lower()
+    if name.endswith(_ARCHIVES):
+        raise DataError(
+            f"{option}: {path} is an archive, which the corpus readers cannot open: extract it (e.g. tar -xf or "
+            "unzip) and pass the extracted files or folder"
+        )
+    if name.endswith(".arrow"):
+        raise DataError(
+            f"{option}: {path} is an Arrow file (as datasets' save_to_disk writes), which the corpus readers cannot "
+            "open: write the dataset as Parquet or JSONL, e.g. datasets.load_from_disk(folder).to_parquet("
+            "'corpus.parquet'), and pass that"
+        )
 
 
 def _without_prepared(found: list[Path], arg, option: str, root: Path) -> list[Path]:
@@ -219,6 +242,10 @@ def _open_binary(path: Path):
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
     if name.endswith((".zst", ".zstd")):
         return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb")
@@ -375,10 +402,16 @@ def iter_documents(
                                 "blank lines, or store one document per file or per JSONL line"
                             )
                         yield _decode(raw.removeprefix(_BOM), stats)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+            except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, OSError) as err:
+                tool = _STREAMS.get(path.suffix.lower())
+                damaged = (
+                    not isinstance(err, OSError) or isinstance(err, gzip.BadGzipFile) or "Invalid data" in str(err)
+                )
+                if tool is None or not damaged:  # bz2 reports bad data as a bare OSError; others are not damage
+                    raise
                 raise DataError(
-                    f"{path} is not a complete gzip file ({type(err).__name__}: {err}): re-copy or re-compress it "
-                    "(`gzip -t` checks it), or drop the .gz suffix if it is not compressed"
+                    f"{path} is not a complete {tool} file ({type(err).__name__}: {err}): re-copy or re-compress it "
+                    f"(`{tool} -t` checks it), or drop the {path.suffix} suffix if it is not compressed"
                 ) from None
 
     for text in raw_docs():
