@@ -1,4 +1,4 @@
-"""Streaming readers for real corpora: plain text, JSONL and Parquet; .gz and .zst compressed.
+"""Streaming readers for real corpora: plain text, JSONL and Parquet; .gz, .zst, .bz2 and .xz compressed.
 
 `iter_documents(paths, ...)` yields one string per document and never holds more than
 one document (one file for `text`, one block for `blocks`, one line for JSONL) or one
@@ -373,7 +373,7 @@ def iter_documents(
 ) -> Iterator[str]:
     """Yield non-empty documents, streamed. fmt: auto (from the suffix) | text (a file is a
     document) | blocks (blank-line separated) | jsonl (the document is `text_field`) | parquet
-    (the column `text_field`). Files ending in .gz or .zst are decompressed on the fly (not Parquet)."""
+    (the column `text_field`). Files ending in .gz, .zst, .bz2 or .xz are decompressed on the fly (not Parquet)."""
     if fmt not in FORMATS:
         raise DataError(f"format {fmt!r} must be one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else CorpusStats()
