@@ -273,14 +273,24 @@ def _refuse_utf16(path: Path, head: bytes) -> None:
         )
 
 
-def _iter_blocks(fh) -> Iterator[bytes]:
+def _iter_blocks(path: Path, fh) -> Iterator[bytes]:
+    """Blank-line-separated blocks; one over MAX_TEXT_DOCUMENT_BYTES is refused as a file read whole is
+    (a text without blank lines, single newlines between its paragraphs, is one block)."""
     block: list[bytes] = []
+    size = 0
     for line in fh:
         if line.strip():
             block.append(line)
+            size += len(line)
+            if size > MAX_TEXT_DOCUMENT_BYTES:
+                raise DataError(
+                    f"{path} holds a block of more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes without a blank line, read "
+                    "as one document (--format blocks splits at blank lines only): split the text into documents "
+                    "(one per file or per JSONL line), or separate them with blank lines"
+                )
         elif block:
             yield b"".join(block)
-            block = []
+            block, size = [], 0
     if block:
         yield b"".join(block)
 
@@ -390,7 +400,7 @@ def iter_documents(
                     if kind == "jsonl":
                         yield from _iter_jsonl(path, _without_bom(path, fh), text_field, stats)
                     elif kind == "blocks":
-                        for block in _iter_blocks(_without_bom(path, fh)):
+                        for block in _iter_blocks(path, _without_bom(path, fh)):
                             yield _decode(block, stats)
                     else:
                         raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
