@@ -509,3 +509,17 @@ def test_sample_corpus_writes_each_part_once(tmp_path, capsys):
     once = (tmp_path / "once.jsonl").read_text()
     assert (tmp_path / "twice.jsonl").read_text() == once
     assert len({json.loads(line)["text"] for line in once.splitlines()}) == len(once.splitlines())
+
+
+def test_a_folder_as_tokenizer_names_the_model_file_in_it(tmp_path, tokenizer):
+    """--tokenizer data/english (the dataset, or an export folder, instead of its tokenizer.model) said
+    'tokenizer model data/english does not exist: train one with tools/train_tokenizer.py'."""
+    import shutil
+
+    (tmp_path / "ds").mkdir()
+    shutil.copyfile(tokenizer.path, tmp_path / "ds" / "tokenizer.model")
+    with pytest.raises(DataError, match=rf"tokenizer model {tmp_path / 'ds'} is a folder: pass .*ds/tokenizer.model"):
+        Tokenizer(tmp_path / "ds")
+    with pytest.raises(DataError, match=r"is a folder: name the .model file itself"):
+        Tokenizer(tmp_path)
+    assert Tokenizer(tmp_path / "ds" / "tokenizer.model").sha256 == tokenizer.sha256
