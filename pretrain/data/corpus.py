@@ -87,6 +87,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
             found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
+            _warn_of_mixed_formats(found, arg, option, p)
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
@@ -105,6 +106,25 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
                 )
             named_by[key] = str(arg)
     return files
+
+
+def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> None:
+    """A folder of record files (JSONL, Parquet) that also holds plain-text files: as a Hugging Face
+    dataset downloaded with --local-dir keeps its card, README.md, beside data/*.parquet. Each text file
+    is read as one more document (the card's YAML and prose among the training text): said once."""
+    kinds = {f: _format_of(f, "auto") for f in found}
+    text = [f for f, kind in kinds.items() if kind == "text"]
+    if text and len(text) < len(found):
+        names = ", ".join(str(f.relative_to(root)) for f in text[:4]) + (" ..." if len(text) > 4 else "")
+        record = next(f for f in found if kinds[f] != "text")
+        pattern = (
+            f"'{root}/**/*{''.join(record.suffixes[-2:] if record.suffix in COMPRESSED else record.suffixes[-1:])}'"
+        )
+        warnings.warn(
+            f"{option} {arg}: besides its JSONL/Parquet files it holds {len(text)} plain-text file(s) ({names}), "
+            f"each read as one document; if they are not corpus text, name the data files alone (e.g. {pattern})",
+            stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+        )
 
 
 def _refuse_unreadable(path: Path, option: str) -> None:
