@@ -87,6 +87,8 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
             found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
+            for f in found:
+                _refuse_unreadable(f, option)
             _warn_of_mixed_formats(found, arg, option, p)
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
@@ -117,9 +119,8 @@ def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> N
     if text and len(text) < len(found):
         names = ", ".join(str(f.relative_to(root)) for f in text[:4]) + (" ..." if len(text) > 4 else "")
         record = next(f for f in found if kinds[f] != "text")
-        pattern = (
-            f"'{root}/**/*{''.join(record.suffixes[-2:] if record.suffix in COMPRESSED else record.suffixes[-1:])}'"
-        )
+        suffix = "".join(record.suffixes[-2:]) if record.suffix in COMPRESSED else record.suffix
+        pattern = f"'{root}/**/*{suffix}'"
         warnings.warn(
             f"{option} {arg}: besides its JSONL/Parquet files it holds {len(text)} plain-text file(s) ({names}), "
             f"each read as one document; if they are not corpus text, name the data files alone (e.g. {pattern})",
@@ -187,8 +188,9 @@ def _without_binary(found: list[Path], arg, option: str, relative_to: Path | Non
 def _binary_text_file(path: Path) -> bool:
     """An uncompressed file read as text (by its suffix) whose first 8 KiB hold a NUL byte, as
     grep and git tell binary files: no corpus text has one, a sentencepiece model or an image has."""
-    if _format_of(path, "auto") != "text" or path.name.lower().endswith(COMPRESSED):
-        return False
+    name = path.name.lower()
+    if _format_of(path, "auto") != "text" or name.endswith(COMPRESSED + _ARCHIVES + (".arrow",)):
+        return False  # archives and Arrow files are refused with their fix (_refuse_unreadable), not skipped
     with open(path, "rb") as fh:
         head = fh.read(8192)
     return b"\0" in head and not head.startswith(_UTF16_BOMS)  # UTF-16 text is refused when read, not skipped

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
+import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -257,3 +259,12 @@ def test_bz2_and_xz_read_as_the_plain_documents_and_archives_are_refused(tmp_pat
                       ("data-00000-of-00001.arrow", r"is an Arrow file .*to_parquet")):  # fmt: skip
         with pytest.raises(DataError, match=rf"--input: .*{name} {fix}"):
             next(iter_documents([tmp_path / name]))
+    # in a folder too (datasets' save_to_disk: .arrow files beside its JSON metadata), before any warning
+    saved = tmp_path / "saved" / "train"
+    saved.mkdir(parents=True)
+    shutil.copyfile(tmp_path / "data-00000-of-00001.arrow", saved / "data-00000-of-00001.arrow")
+    (saved / "dataset_info.json").write_text('{\n  "citation": ""\n}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=r"data-00000-of-00001.arrow is an Arrow file"):
+            next(iter_documents([tmp_path / "saved"]))
