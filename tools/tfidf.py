@@ -57,7 +57,14 @@ def main(argv=None) -> int:
     if not ids:
         print("error: --text encodes to no tokens", file=sys.stderr)
         return 2
-    ids = ids[-model.cfg.max_seq_len :]
+    # a text longer than the context is ranked over consecutive windows of it, as
+    # memlayers-smf-finetune cuts long documents (one batch; the last window right-padded)
+    span = model.cfg.max_seq_len
+    windows = [ids[i : i + span] for i in range(0, len(ids), span)]
+    tokens = torch.zeros(len(windows), len(windows[0]), dtype=torch.long)
+    keep = torch.zeros_like(tokens, dtype=torch.bool)
+    for row, window in enumerate(windows):
+        tokens[row, : len(window)], keep[row, : len(window)] = torch.tensor(window), True
     rankable = [n for n in memory_layer_names(model) if n in table.counts]
     if args.layer and args.layer not in rankable:
         why = (
@@ -67,9 +74,11 @@ def main(argv=None) -> int:
         return 2
     layers = [args.layer] if args.layer else rankable
     for layer in layers:
-        ranked = rank_slots(model, torch.tensor(ids), table, layer, top=args.top)
+        ranked = rank_slots(model, tokens, table, layer, top=args.top, keep=keep)
+        cut = f", the text's {len(ids)} tokens in {len(windows)} windows of {span}" if len(windows) > 1 else ""
         print(
-            f"# {layer}: {len(ranked)} slots (table step {table.step}, {table.num_documents} {table.granularity} units)"
+            f"# {layer}: {len(ranked)} slots (table step {table.step}, {table.num_documents} {table.granularity} "
+            f"units{cut})"
         )
         print("rank\tslot\tscore\ttokens")
         for r, (slot, score, tokens) in enumerate(ranked, 1):

@@ -75,10 +75,17 @@ def resolve_memory_layer(model: torch.nn.Module, layer: str) -> MemoryPlus:
 
 @torch.no_grad()
 def rank_slots(
-    model: Transformer, token_ids: torch.Tensor, table: SlotTable, layer: str, top: int = 500, pad_id: int | None = None
+    model: Transformer,
+    token_ids: torch.Tensor,
+    table: SlotTable,
+    layer: str,
+    top: int = 500,
+    pad_id: int | None = None,
+    keep: torch.Tensor | None = None,
 ) -> list[RankedSlot]:
     """Run the model on token_ids ((S,) or (B, S)), count `layer`'s accesses at non-padding
-    positions and return the `top` accessed slots by TF-IDF against `table`, best first."""
+    positions (token != pad_id, or where `keep`, of token_ids' shape, is True) and return the
+    `top` accessed slots by TF-IDF against `table`, best first."""
     if layer not in table.counts:
         raise ValueError(f"layer {layer!r} is not in the table {table.path} (layers: {table.layers})")
     memory = resolve_memory_layer(model, layer)
@@ -93,7 +100,12 @@ def rank_slots(
     model.train(was_training)
     idx = memory.last_indices.reshape(tokens.numel(), -1).cpu()  # (B*S, H*k)
     flat_tokens = tokens.reshape(-1).cpu()
-    keep = torch.ones_like(flat_tokens, dtype=torch.bool) if pad_id is None else flat_tokens != pad_id
+    if keep is not None:
+        if keep.shape != token_ids.shape:
+            raise ValueError(f"keep {tuple(keep.shape)} must have token_ids' shape {tuple(token_ids.shape)}")
+        keep = keep.reshape(-1).cpu().bool()
+    else:
+        keep = torch.ones_like(flat_tokens, dtype=torch.bool) if pad_id is None else flat_tokens != pad_id
     counts = layer_slot_counts(idx, keep, n)
     scores = tfidf_scores(counts, table.doc_freq[layer], table.num_documents)
     order = top_tfidf_slots(counts, table.doc_freq[layer], table.num_documents, top)
