@@ -40,6 +40,10 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        if path.is_dir():
+            inside = path / "tokenizer.model"
+            hint = f"pass {inside}" if inside.is_file() else "name the .model file itself"
+            raise DataError(f"tokenizer model {path} is a folder: {hint}")
         if not path.is_file():
             raise DataError(f"tokenizer model {path} does not exist: train one with tools/train_tokenizer.py")
         self.path = path

@@ -452,6 +452,10 @@ def test_a_plain_text_file_too_large_for_one_document_is_refused(tmp_path, monke
             list(iter_documents([tmp_path / name]))
         assert list(iter_documents([tmp_path / name], "blocks")) == [paragraph] * 40  # the fix it names
     assert list(iter_documents([tmp_path / "fits.txt"])) == [text[:4096]]
+    # --format blocks on text without blank lines read it whole all the same, with no limit
+    (tmp_path / "lines.txt").write_text(paragraph * 40)
+    with pytest.raises(DataError, match=r"lines.txt holds a block of more than 4,096 bytes without a blank line"):
+        list(iter_documents([tmp_path / "lines.txt"], "blocks"))
     argv = ["--input", str(tmp_path / "wiki.txt"), "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
     assert prepare_cli.main([*argv, "--no-progress"]) == 2
     assert "wiki.txt holds more than" in capsys.readouterr().err and not (tmp_path / "ds").exists()

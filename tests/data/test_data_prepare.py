@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,29 @@ def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not text \(tokenizer.model"):
         assert resolve_files([tmp_path / "corpus"]) == [tmp_path / "corpus" / "a.txt"]
     assert resolve_files([model]) == [model]
+
+
+def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path):
+    """A Hugging Face dataset downloaded with --local-dir keeps its card, README.md, beside
+    data/*.jsonl or *.parquet: --input of the folder read the card (YAML front matter and all) as one
+    more training document, without a word. It is still read (a folder may mix them on purpose), with
+    a warning naming it and a glob that leaves it out, which reads the records alone."""
+    root = tmp_path / "hf"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# Dataset card\n")
+    with pytest.warns(UserWarning, match=r"holds 1 plain-text file\(s\) \(README.md\), each read as one document"):
+        assert len(list(iter_documents([root]))) == 3
+    glob = f"{root}/**/*.jsonl"
+    with pytest.warns(UserWarning, match=re.escape(f"(e.g. '{glob}')")):
+        resolve_files([root])
+    assert list(iter_documents([glob])) == ["one", "two"]
+    (root / "README.md").unlink()
+    (root / "notes.txt").write_text("a text corpus of text files only is not warned of\n")
+    (root / "data" / "train.jsonl").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(iter_documents([root]))) == 1
 
 
 def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
@@ -509,3 +534,17 @@ def test_sample_corpus_writes_each_part_once(tmp_path, capsys):
     once = (tmp_path / "once.jsonl").read_text()
     assert (tmp_path / "twice.jsonl").read_text() == once
     assert len({json.loads(line)["text"] for line in once.splitlines()}) == len(once.splitlines())
+
+
+def test_a_folder_as_tokenizer_names_the_model_file_in_it(tmp_path, tokenizer):
+    """--tokenizer data/english (the dataset, or an export folder, instead of its tokenizer.model) said
+    'tokenizer model data/english does not exist: train one with tools/train_tokenizer.py'."""
+    import shutil
+
+    (tmp_path / "ds").mkdir()
+    shutil.copyfile(tokenizer.path, tmp_path / "ds" / "tokenizer.model")
+    with pytest.raises(DataError, match=rf"tokenizer model {tmp_path / 'ds'} is a folder: pass .*ds/tokenizer.model"):
+        Tokenizer(tmp_path / "ds")
+    with pytest.raises(DataError, match=r"is a folder: name the .model file itself"):
+        Tokenizer(tmp_path)
+    assert Tokenizer(tmp_path / "ds" / "tokenizer.model").sha256 == tokenizer.sha256
