@@ -34,8 +34,11 @@ def test_generate_errors_name_the_problem_and_fix(inference_export, tmp_path, ca
     assert f"{no_tokenizer} has no tokenizer.model" in err and "tools/export.py" in err
 
     assert main([str(inference_export), "--prompt", "The city of Aldmere " * 8, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err  # 89 tokens: no --max-new-tokens fits them
+    assert "longer than the model's max_seq_len of 32: shorten the prompt to at most 29 tokens (keep its end)" in err
+    assert main([str(inference_export), "--prompt", "The city", "--max-new-tokens", "40"]) == 2
     err = capsys.readouterr().err
-    assert "max_seq_len is 32: shorten the prompt or lower --max-new-tokens" in err
+    assert "max_seq_len is 32: shorten the prompt or lower --max-new-tokens to at most" in err
 
 
 def test_generate_refuses_bad_numbers_before_loading(inference_export, monkeypatch, capsys):
