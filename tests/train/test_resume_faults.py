@@ -134,6 +134,34 @@ def test_damaged_checkpoint_file_is_named(run_copy, data_cache, name, damage):
     assert_nothing_lost(before, run_copy)
 
 
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "values.t0.s0-of-1.safetensors", "rank_00000.pt"])
+def test_a_flipped_bit_is_refused_naming_the_file(run_copy, data_cache, name):
+    """One bit flipped in the middle of a file (tensor data: its structure still parses) resumed
+    silently and trained on the damaged weights: torch does not check its zip members' CRCs and
+    safetensors has none. The checkpoint's checksums.json now refuses it, naming the file."""
+    path = run_copy / "checkpoints" / "step_00000002" / name
+    flip_bit(path, path.stat().st_size // 2)
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match=rf"{name} does not match the CRC-32 it was written with") as err:
+        resume(run_copy, data_cache)
+    assert "write 'step_00000001' into" in str(err.value)  # the previous checkpoint is whole
+    assert_nothing_lost(before, run_copy)
+
+
+def test_a_checkpoint_without_checksums_still_resumes(run_copy, data_cache):
+    """Checkpoints written before checksums.json existed are read as before."""
+    for folder in (run_copy / "checkpoints").glob("step_*"):
+        (folder / "checksums.json").unlink()
+    assert resume(run_copy, data_cache).step == 3
+    assert (run_copy / "checkpoints" / "step_00000003" / "checksums.json").is_file()
+
+
 def test_following_the_message_resumes(run_copy, data_cache):
     """The fix the refusal names (move the damaged folder aside, point latest at the previous) works."""
     root = run_copy / "checkpoints"
