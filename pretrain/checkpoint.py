@@ -380,6 +380,11 @@ class Checkpointer:
             raise error or CheckpointError(f"rank 0 could not re-partition {ckpt_dir} (see its log)")
         return universal_dir(ckpt_dir)
 
+    def unfinished(self) -> list[Path]:
+        """Checkpoints whose writing was cut off (`.tmp-step_*`: a run killed or out of disk while
+        saving), which a resume ignores; removed at the next save."""
+        return sorted(p for p in self.root.glob(TMP_PREFIX + "step_*") if p.is_dir()) if self.root.is_dir() else []
+
     def _remove_stale_temporaries(self) -> None:
         """Unfinished checkpoints and universal conversions, and the temporaries of atomic writes
         a killed process left (`.<name>.tmp-<pid>@<host>-…`, pretrain.files)."""

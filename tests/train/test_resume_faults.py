@@ -172,6 +172,23 @@ def test_following_the_message_resumes(run_copy, data_cache):
     assert result.step == 3 and len(result.losses) == 2
 
 
+def test_an_unfinished_checkpoint_is_ignored_with_a_message(run_copy, data_cache, capsys):
+    """What a rank killed mid-write (kill -9, a time limit's SIGKILL) leaves: a `.tmp-` folder
+    beside the complete checkpoints, `latest` naming the previous one. The resume took the
+    previous one without saying why the newer step was not used; now its log names the folder."""
+    unfinished = run_copy / "checkpoints" / ".tmp-step_00000003"
+    unfinished.mkdir()
+    (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut off")
+    result = resume(run_copy, data_cache)
+    assert result.step == 3 and len(result.losses) == 1  # resumed at step 2
+    out = capsys.readouterr().out
+    assert (
+        f"ignored the unfinished checkpoint {unfinished} (a run stopped while writing it); resuming from step_00000002"
+        in out
+    )
+    assert not unfinished.exists()  # the save at step 3 removed it
+
+
 def test_empty_latest_is_named(run_copy, data_cache, capsys):
     (run_copy / "checkpoints" / "latest").write_text("")
     before = file_hashes(run_copy)
