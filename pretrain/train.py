@@ -606,6 +606,11 @@ class Trainer:
 
     def resume(self) -> None:
         """Restore every checkpointed item from the run directory's latest checkpoint, if any."""
+        for unfinished in self.checkpointer.unfinished():
+            self.metrics.line(
+                f"ignored the unfinished checkpoint {unfinished} (a run stopped while writing it); "
+                f"resuming from {self.resume_from.name if self.resume_from else 'the start'}, it is removed at the next save"
+            )
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
             self.metrics.resumed_at(self.state.step)
