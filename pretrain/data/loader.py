@@ -515,7 +515,13 @@ class ShardLoader:
                 yield Batch(**arrays)
         else:
             dataset = _WorkerDataset(self, [list(p) for p in self._positions], self._next_worker)
-            dl = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+            # its own generator: the workers' base seed (unused, the stream is seeded by position) is
+            # drawn from it, not from the global one, whose state a checkpoint restores before this
+            # iteration starts: a resumed run's dropout, say, then draws what an uninterrupted run does
+            seeds = torch.Generator().manual_seed(self.seed)
+            dl = DataLoader(
+                dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False, generator=seeds
+            )
             for item in dl:
                 w = item.pop("worker")
                 self._positions[w] = item.pop("position")

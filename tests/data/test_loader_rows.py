@@ -104,6 +104,14 @@ def test_the_first_rows_of_an_epoch_are_split_across_the_ranks_each_read_once(da
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+def test_reading_with_workers_leaves_the_global_rng_alone(data):
+    """DataLoader workers draw their base seed from the loader's own generator: the global torch
+    state a resumed run restores before its loader starts is the one its training then draws from."""
+    before = torch.get_rng_state()
+    next(iter(loader(data, 0, 1, 2)))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_first_rows_are_for_one_pass(data):
     with pytest.raises(DataError, match=r"rows=4 \(the first rows of one epoch\) needs rows >= 1 and loop=False"):
         ShardLoader(data, rows=4)
