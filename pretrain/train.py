@@ -620,6 +620,12 @@ class Trainer:
             for note in (resharded, self.checkpointer.schedule_change, self.checkpointer.mixture_change):
                 if note:
                     self.metrics.line(note)
+            if self.stats is not None and self.state.step and not (self.stats.step or self.stats.history["step"]):
+                self.stats.start_at(self.state.step)  # the checkpoint holds no slot statistics
+                self.metrics.line(
+                    f"the checkpoint holds no slot statistics (slots.enabled was false): slot counting starts "
+                    f"after step {self.state.step}, and the slot table counts the steps after it (first_step)"
+                )
 
     def result(self) -> TrainResult:
         s = self.state

@@ -91,6 +91,7 @@ class SlotStatistics:
         self.stream_tail = z(streams, fill=-1)  # doc id at the end of each stream's last segment
         self.next_occurrence = z(streams)  # id of each stream's next occurrence
         self.micro_batches, self.step = 0, 0
+        self.first_step = 0  # steps up to it were not counted (a resume from a checkpoint without statistics)
         self.history: dict[str, list] = {"step": [], **{f"{n}.{k}": [] for n in self.layer_names for k in HISTORY}}
         self.sample = (
             BackgroundSample(sample_batches, self.layer_names, seed, sample_device) if sample_batches else None
@@ -237,6 +238,13 @@ class SlotStatistics:
     def end_step(self, step: int) -> None:
         """Mark an optimizer-step boundary; `step` is recorded in history and tables."""
         self.step = int(step)
+
+    def start_at(self, step: int) -> None:
+        """Counting begins after `step` (a run resumed from a checkpoint that holds no statistics):
+        the first interval and the table's `first_step` say so."""
+        if self.micro_batches or self.history["step"]:
+            raise RuntimeError("start_at() must come before the first update")
+        self.step = self.first_step = int(step)
 
     # ---- skipped steps ------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -389,7 +397,7 @@ class SlotStatistics:
         steps = self.history["step"]
         if not steps:
             raise RuntimeError("no interval closed yet: call reduce(close_interval=True) first")
-        return (steps[-2] + 1 if len(steps) > 1 else 1), steps[-1]
+        return (steps[-2] + 1 if len(steps) > 1 else self.first_step + 1), steps[-1]
 
     def histograms(self) -> dict[str, torch.Tensor]:
         """log10(1 + count) per slot, cumulative and over the current interval (CPU float32)."""
@@ -431,6 +439,7 @@ class SlotStatistics:
             "streams": self.streams,
             "micro_batches": self.micro_batches,
             "step": self.step,
+            "first_step": self.first_step,
             "seed": self.seed,
             "reduced": self.reduced,
             "sample_batches": self.sample.capacity if self.sample is not None else 0,
@@ -477,6 +486,7 @@ class SlotStatistics:
             self.interval_start[n] = take(f"{n}.interval_start")
         self._forget_open_occurrences()
         self.micro_batches, self.step = int(metas[0]["micro_batches"]), int(metas[0]["step"])
+        self.first_step = int(metas[0].get("first_step", 0))
         self.history = self._history_from(metas[0]["history"])
         if self.sample is not None and rank < len(states):
             self.sample.load_state_dict(states[rank])
@@ -515,6 +525,7 @@ class SlotStatistics:
         else:
             self._forget_open_occurrences()
         self.micro_batches, self.step = int(meta["micro_batches"]), int(meta["step"])
+        self.first_step = int(meta.get("first_step", 0))
         self.history = self._history_from(meta["history"])
         if self.sample is not None:
             self.sample.load_state_dict(sd)

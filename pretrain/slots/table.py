@@ -16,7 +16,9 @@ Format (version 1), a safetensors file readable without this codebase:
     sample.batch_index         int64 (M,)            micro-batch index of each entry
   header metadata (all strings)
     format_version "1", layers (JSON list of layer names), num_slots, num_documents,
-    num_tokens, granularity (document | sequence | chunk:<n>), step,
+    num_tokens, granularity (document | sequence | chunk:<n>), step, first_step (the counts
+    cover steps first_step + 1 .. step; 0 but in a run that resumed with the statistics
+    turned on; absent from older tables),
     model_config_hash (see model_config_hash), tokenizer_hash (sha256 of tokenizer.model),
     plus any caller-supplied keys (JSON-encoded unless strings).
 Written to a temporary name in the same directory and renamed, so readers never see a
@@ -110,11 +112,12 @@ def save_table(path: str | Path, stats_or_state, metadata: dict | None = None) -
         "num_tokens": str(int(sd["totals"][1])),
         "granularity": meta["granularity"],
         "step": str(meta["step"]),
+        "first_step": str(meta.get("first_step", 0)),
         "model_config_hash": "",
         "tokenizer_hash": "",
     }
     for key, value in (metadata or {}).items():
-        if key in _RESERVED:
+        if key in (*_RESERVED, "first_step"):
             raise ValueError(f"table metadata key {key!r} is reserved (it is computed from the statistics)")
         header[key] = value if isinstance(value, str) else json.dumps(value)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))

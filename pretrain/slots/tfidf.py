@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from pretrain.model import MemoryPlus, ModelConfig, Transformer
-from pretrain.model.names import memory_layer_name
+from pretrain.model.names import memory_layer_name, slot_stream_names
 from pretrain.slots.table import TABLE_FILENAME, SlotTable, load_table, model_config_hash, tokenizer_hash
 
 
@@ -125,7 +125,15 @@ def load_model_for_tfidf(export_dir: str | Path):
 
 
 def check_table_matches(table: SlotTable, model_cfg: ModelConfig, tokenizer_path: str | Path | None) -> None:
-    """Refuse a table counted with another model config or tokenizer (TableMismatchError)."""
+    """Refuse a table counted with another model config or tokenizer (TableMismatchError); a
+    table of another memory shape (slots, memory layers) is named by that shape."""
+    layers = slot_stream_names(model_cfg.memory)
+    if (table.num_slots, table.layers) != (model_cfg.memory.num_slots, layers):
+        raise TableMismatchError(
+            f"slot table {table.path} counts {table.num_slots} slots in {table.layers} but the exported model's "
+            f"memory has {model_cfg.memory.num_slots} slots in {layers}: the table belongs to a different model; "
+            f"use the {TABLE_FILENAME} exported with this model"
+        )
     want = model_config_hash(model_cfg)
     have = table.metadata.get("model_config_hash", "")
     if have != want:

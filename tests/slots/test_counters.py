@@ -209,3 +209,22 @@ def test_a_state_saved_before_the_concentration_history_resumes_with_nan_there()
     assert math.isnan(history["m.interval_top1pct_share"][0]) and history["m.interval_top1pct_share"][1] == 0.02
     assert math.isnan(history["m.interval_kl_uniform"][0])
     assert history["m.interval_kl_uniform"][1] == pytest.approx(math.log(2), rel=1e-12)  # 100 of 200 slots, evenly
+
+
+def test_a_late_start_is_kept_through_a_checkpoint(tmp_path):
+    """start_at(4): the first interval is steps 5.., the state and the table carry first_step 4,
+    and a resumed copy keeps it."""
+    from pretrain.slots import load_table, save_table
+
+    stats = SlotStatistics(N, NAMES)
+    stats.start_at(4)
+    batches = make_stream(0, 2, B, S, H, K, N, LAYERS, 0, 5)
+    for step, (idx, doc_ids) in enumerate(batches, start=5):
+        stats.update(idx, doc_ids)
+        stats.end_step(step)
+    resumed = SlotStatistics(N, NAMES)
+    resumed.load_state_dict(stats.state_dict())
+    assert resumed.first_step == 4 and resumed.reduce().last_interval() == (5, 6)
+    assert load_table(save_table(tmp_path / "t.safetensors", stats.reduce())).metadata["first_step"] == "4"
+    with pytest.raises(RuntimeError, match="before the first update"):
+        stats.start_at(7)

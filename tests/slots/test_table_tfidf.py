@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretrain.model import Transformer
+from pretrain.model.names import slot_stream_names
 from pretrain.slots import (
     SlotStatistics,
     TableMismatchError,
@@ -277,6 +278,20 @@ def test_tfidf_tool_refuses_table_from_other_model_or_tokenizer(export_dir, caps
     assert "different " + ("model" if wrong == "model_config_hash" else "tokenizer") in err
     with pytest.raises(TableMismatchError):
         check_table_matches(load_table(out), cfg, out / "tokenizer.model")
+
+
+@pytest.mark.parametrize("memory", [{"n_keys": 16}, {"layers": [0, 1]}])
+def test_a_table_of_another_memory_shape_is_named_by_its_shape(export_dir, make_model_config, capsys, memory):
+    """A table counted with another number of slots or other memory layers: the refusal says what
+    differs (it named only two config hashes before)."""
+    out, cfg, _, meta = export_dir
+    other = make_model_config(memory=memory)
+    stats = SlotStatistics(other.memory.num_slots, slot_stream_names(other.memory))
+    save_table(out / "slot_frequencies.safetensors", stats, {**meta, "model_config_hash": model_config_hash(other)})
+    assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born"]) == 2
+    err = capsys.readouterr().err
+    want = f"counts {other.memory.num_slots} slots in {slot_stream_names(other.memory)} but the exported model's "
+    assert want + f"memory has {cfg.memory.num_slots} slots in ['layers.1']" in err
 
 
 def test_model_config_hash_ignores_execution_choices(make_model_config):

@@ -458,6 +458,25 @@ def test_squared_norm_against_float64():
     assert squared_norm([g, bias]).item() == pytest.approx(expected.item(), rel=1e-7)
 
 
+def test_slots_turned_on_at_a_resume_count_from_the_resume_step(tmp_path, data_cache, capsys):
+    """A run resumed with slots.enabled=true from a checkpoint of slots.enabled=false counts steps
+    5-8 only: its first usage line said "steps 1-6" and its table, claiming step 8, did not say
+    that steps 1-4 were not counted. Now the line says "steps 5-6", the log says why, and the
+    table's first_step is 4; its tokens are those of the 4 counted steps."""
+    from pretrain.slots import load_table
+
+    run = tmp_path / "run"
+    train(tiny_config(run, data_cache, "train.max_steps=8", "train.stop_after=4", "slots.enabled=false"))
+    capsys.readouterr()
+    train(tiny_config(run, data_cache, "train.max_steps=8"))
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines() if "] slots " in line]
+    assert [line.split(":")[0] for line in lines] == ["slots layers.1 steps 5-6", "slots layers.1 steps 7-8"]
+    table = load_table(run / "checkpoints")
+    assert (table.step, table.metadata["first_step"], table.history["step"].tolist()) == (8, "4", [6, 8])
+    opts = tiny_config(run, data_cache)
+    assert table.num_tokens == 4 * opts.train.global_batch * opts.data.seq_len
+
+
 def test_slot_table_names_each_block_by_its_own_accesses(tmp_path, data_cache, monkeypatch):
     """memory.layers=[2, 0] (not in block order): the table's 'layers.<i>' counts are the slots
     block i read. Before, the counters were named in config order but fed in block order, so
