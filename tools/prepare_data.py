@@ -56,7 +56,11 @@ def _main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sequences-per-shard", type=positive_int, default=4096)
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output when it is a prepared dataset (any other folder: refused)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument(
         "--slice",
