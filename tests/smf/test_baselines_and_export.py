@@ -176,7 +176,7 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     table = load_table(export)
     state = {
         "meta": {"layer_names": table.layers, "num_slots": table.num_slots, "granularity": "document", "step": 1},
-        "totals": torch.tensor([1, 1]),
+        "totals": torch.tensor([table.num_documents, table.num_tokens]),
     }
     for layer in table.layers:
         state[f"{layer}.counts"] = table.counts[layer]
