@@ -7,6 +7,7 @@ Layout under `<run_dir>/checkpoints/`:
     rank_00000.pt                per-rank state: data loader position, RNG states, slot counters
     slot_frequencies.safetensors the reduced slot-frequency table (pretrain.slots)
     config.yaml                  the resolved run config
+    checksums.json               size and CRC-32 of every file above (pretrain.checksums), written last
   latest                         the tag of the newest complete checkpoint
 
 A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only when every rank
@@ -16,7 +17,8 @@ Per-rank files hold tensors and plain Python values only, loaded with weights_on
 
 Resume trusts no file of a checkpoint: before anything is loaded, `verify` checks that every
 file the resume will read is present, whole and readable (the export's checks plus the
-per-rank files), and DeepSpeed's own loads run under torch's weights-only unpickler, so a
+per-rank files), `Checkpointer.verify` that no file differs from the size and CRC-32 it was
+written with, and DeepSpeed's own loads run under torch's weights-only unpickler, so a
 pickle payload planted in a checkpoint is refused, never executed. A damaged newest
 checkpoint is refused with a message naming the file and the newest checkpoint that passes
 the same checks (no silent fallback: the user decides; see the README's "Resuming").
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from pretrain.checksums import checksum_problem, write_checksums
 from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
 from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier
@@ -179,8 +182,17 @@ def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     if not diffs:
         return
     listed = [f"model.{key}: checkpoint {a!r} vs config {b!r}" for key, (a, b) in diffs.items()]
+    data = cfg.data.dir or ", ".join(str(s.dir) for s in cfg.data.sources)
+    # model.vocab_size follows the data's tokenizer unless set: a data folder prepared again with another
+    # tokenizer shows up here, not as a change of the config the user wrote
+    cause = (
+        f" (model.vocab_size follows the tokenizer of the training data, {data}, unless set: was it prepared "
+        "again with another tokenizer? A run resumes only on the data it started on)"
+        if "vocab_size" in diffs and data
+        else ""
+    )
     raise ConfigError(
-        f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(listed[:5])}); "
+        f"checkpoint {ckpt_dir} was written for a different model config ({'; '.join(listed[:5])}){cause}; "
         f"use the original config, or a new train.run_dir to start afresh"
     )
 
@@ -232,6 +244,8 @@ class Checkpointer:
         barrier()
         try:
             self._write(tmp_tag, tmp_dir, cfg)
+            barrier()  # every rank's files are complete: their sums go into the checkpoint last
+            write_checksums(tmp_dir, self.rank, self.world_size)
         except Exception as err:  # a full disk or quota, a failing filesystem: say what is kept
             if not is_write_failure(err):
                 raise
@@ -286,6 +300,9 @@ class Checkpointer:
             saved = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
         except CheckpointError as err:
             raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir, self.rank)) from None
+        problem = checksum_problem(ckpt_dir, self.rank, self.world_size)  # a collective: each rank reads a share
+        if problem is not None:
+            raise CheckpointError(_refusal(ckpt_dir, problem, self.world_size, dataset_dir, self.rank))
         self.saved_world = saved.dp_world_size
         check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
         check_dtype_change(saved.cfg.train.dtype, cfg.train.dtype, ckpt_dir)
@@ -371,6 +388,11 @@ class Checkpointer:
         if not all_ok(error is None):
             raise error or CheckpointError(f"rank 0 could not re-partition {ckpt_dir} (see its log)")
         return universal_dir(ckpt_dir)
+
+    def unfinished(self) -> list[Path]:
+        """Checkpoints whose writing was cut off (`.tmp-step_*`: a run killed or out of disk while
+        saving), which a resume ignores; removed at the next save."""
+        return sorted(p for p in self.root.glob(TMP_PREFIX + "step_*") if p.is_dir()) if self.root.is_dir() else []
 
     def _remove_stale_temporaries(self) -> None:
         """Unfinished checkpoints and universal conversions, and the temporaries of atomic writes
@@ -477,10 +499,11 @@ def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | 
     for candidate in older:
         try:
             verify(candidate, world_size, dataset_dir, rank)
-            usable = candidate
-            break
         except CheckpointError:
             continue
+        if checksum_problem(candidate, collective=False) is None:  # on one rank only, maybe: no collective
+            usable = candidate
+            break
     if usable is not None:
         fix = (
             f"to resume from the previous complete checkpoint, move {ckpt_dir} aside and write "

@@ -40,6 +40,26 @@ def output_file(example: str):
     return check
 
 
+def image_file(example: str):
+    """argparse type for an image to write (pretrain.files.save_figure): `output_file`, and a suffix
+    matplotlib writes (none means PNG); matplotlib would refuse another only at the save, after the
+    work that made the figure."""
+    check_file = output_file(example)
+
+    def check(text: str) -> str:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        suffix = Path(text).suffix[1:].lower()
+        if suffix and suffix not in kinds:
+            raise argparse.ArgumentTypeError(
+                f"{text}: matplotlib cannot write a .{suffix} image; name a .png (or {', '.join(sorted(kinds))}) file"
+            )
+        return check_file(text)
+
+    return check
+
+
 def output_folder(text: str) -> str:
     """argparse type for a folder to write into: an existing file is refused (making the folder
     would fail with a bare FileExistsError, possibly after minutes of work)."""

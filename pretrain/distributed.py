@@ -130,6 +130,46 @@ def global_sum(value: int) -> int:
     return int(tensor.item())
 
 
+def global_max(value: int) -> int:
+    """The largest `value` over ranks (an all-reduce; `value` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = _collective_tensor([value], torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def global_min(value: int) -> int:
+    """The least `value` over ranks (an all-reduce; `value` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = _collective_tensor([value], torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def global_sums(values: list[int]) -> list[int]:
+    """The element-wise sum of `values` (the same length on every rank) over ranks (an all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return list(values)
+    tensor = _collective_tensor(values, torch.int64)
+    dist.all_reduce(tensor)
+    return [int(v) for v in tensor.tolist()]
+
+
+def rank0_text(text: str) -> str:
+    """Rank 0's `text` on every rank (two broadcasts: its length, then its UTF-8 bytes)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return text
+    data = text.encode()
+    size = rank0_value(len(data))
+    if size == 0:
+        return ""
+    tensor = _collective_tensor(list(data) if dist.get_rank() == 0 else [0] * size, torch.uint8)
+    dist.broadcast(tensor, src=0)
+    return tensor.cpu().numpy().tobytes().decode()
+
+
 def rank0_value(value: int) -> int:
     """Rank 0's `value` on every rank (a broadcast; `value` itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

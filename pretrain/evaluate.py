@@ -69,10 +69,27 @@ def fact_recall(model: nn.Module, batch: ProbeBatch, device: torch.device, micro
     return {"fact_recall": correct.mean().item(), "fact_recall_chance": batch.chance.mean().item()}
 
 
+def padded_to_longest(batches: list, seq_len: int) -> list:
+    """`batches`, and after them as many batches of one row with nothing scored as another rank
+    has batches more (one all-reduce): every rank then runs as many forwards, whose collectives
+    (a memory group's value lookup, ZeRO-3's parameter gathers) must pair up across ranks."""
+    from pretrain.data.loader import Batch
+    from pretrain.distributed import global_max
+
+    missing = global_max(len(batches)) - len(batches)
+    empty = Batch(
+        tokens=torch.zeros(1, seq_len, dtype=torch.long),
+        targets=torch.full((1, seq_len), IGNORE_INDEX, dtype=torch.long),
+        doc_ids=torch.zeros(1, seq_len, dtype=torch.long),
+    )
+    return list(batches) + [empty] * missing
+
+
 @torch.no_grad()
 def validation_loss(model: nn.Module, batches, device: torch.device, document_masking: bool = False) -> dict:
-    """Mean loss per scored target over the given validation batches and over ranks (padding
-    targets are not scored, so a split's padded last row weighs what its real targets weigh);
+    """Mean loss per scored target over the given validation batches and over ranks (each rank
+    passes its own rows; padding targets are not scored, so a split's padded last row weighs
+    what its real targets weigh);
     `document_masking`: attention stays within each document, as in training (data.document_masking)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [summed loss, scored targets]
     for batch in batches:

@@ -13,7 +13,6 @@ framework.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -141,9 +140,10 @@ def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
     return [Source("embedded", path, 1.0, read_manifest(path))]
 
 
-def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool):
+def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool, rows: int | None = None):
     """Train: a `MixtureLoader` over the sources (a list); otherwise a `ShardLoader` of one
-    dataset dir's `split` (validation, or a held-out corpus's training split)."""
+    dataset dir's `split` (validation, or a held-out corpus's training split), of its first `rows`
+    rows when given (this rank's part of them)."""
     from pretrain.data import ShardLoader
     from pretrain.data.mixture import MixtureLoader
 
@@ -171,6 +171,7 @@ def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int
         shuffle_buffer=0,
         on_corrupt=cfg.data.on_corrupt,
         loop=loop,
+        rows=rows,
     )
 
 
@@ -222,7 +223,7 @@ def rank_share(means: tuple, scored: list[int], total: int, device: torch.device
     return share if total else torch.full((), float("nan"), device=device)
 
 
-LoaderFactory = Callable[..., Any]  # build_loader's signature: (cfg, dataset, split, rank, world_size, loop)
+LoaderFactory = Callable[..., Any]  # build_loader's signature: (cfg, dataset, split, rank, world_size, loop, rows=None)
 
 
 def train(
@@ -299,14 +300,27 @@ class StepOutput:
 
 
 class Evaluator:
-    """Validation loss per source (and their weighted mean) plus fact recall on the probes."""
+    """Validation loss per source (and their weighted mean) plus fact recall on the probes.
+
+    The rows an evaluation reads are split across the ranks (`rank` of `world_size`), each read
+    once, and the loss sums all-reduced: the loss is the one a single rank reading them all gets,
+    at 1/world_size of its work per rank."""
 
     def __init__(
-        self, cfg: RunConfig, sources: list, probes, loaders: LoaderFactory, device: torch.device, heldout: list = ()
+        self,
+        cfg: RunConfig,
+        sources: list,
+        probes,
+        loaders: LoaderFactory,
+        device: torch.device,
+        heldout: list = (),
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.cfg, self.probes, self.loaders, self.device = cfg, probes, loaders, device
         self.sources = [s for s in sources if s.has_validation]
         self.heldout = list(heldout)  # data.eval_sources: evaluated, never trained on
+        self.rank, self.world_size = rank, world_size
 
     @record_function(regions.EVAL)
     def __call__(self, engine) -> dict:
@@ -324,12 +338,15 @@ class Evaluator:
         return out
 
     def loss_on(self, engine, source, split: str) -> dict:
-        """validation_loss over the first train.eval_batches batches of `source`'s `split`, each row
-        at most once (a shorter split is read whole, its last batch short), the same rows on every rank."""
-        from pretrain.evaluate import validation_loss
+        """validation_loss over the first train.eval_batches x train.micro_batch rows of `source`'s
+        `split` (a shorter split whole), each read once by one rank: the ranks read contiguous parts
+        of them (within a row of each other in size) in batches of train.micro_batch."""
+        from pretrain.evaluate import padded_to_longest, validation_loss
 
-        loader = self.loaders(self.cfg, source.dir, split, 0, 1, loop=False)
-        batches = list(itertools.islice(loader, self.cfg.train.eval_batches))  # no batch read past them
+        t = self.cfg.train
+        rows = t.eval_batches * t.micro_batch
+        loader = self.loaders(self.cfg, source.dir, split, self.rank, self.world_size, loop=False, rows=rows)
+        batches = padded_to_longest(list(loader), self.cfg.data.seq_len)
         return validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
 
 
@@ -485,16 +502,17 @@ class Trainer:
         return loss.detach(), z.detach() if z is not None else None
 
     def count(self, out: StepOutput) -> None:
-        """Advance the train state by the step; a skipped step is logged, and past the policy's
-        limit a checkpoint is saved and TrainingDiverged raised."""
+        """Advance the train state by the step; a skipped step is logged (its tokens are drawn from
+        the data but not trained on: tokens_seen leaves them out, as the slot table does), and past
+        the policy's limit a checkpoint is saved and TrainingDiverged raised."""
         t, state = self.cfg.train, self.state
         self.step_times.append(out.seconds)
         state.step += 1
         if self.stats is not None:
             self.stats.end_step(state.step)  # steps completed, as in checkpoint tags
-        state.tokens_seen += self.tokens_per_step
         self.interval_steps += 1
         if out.applied:
+            state.tokens_seen += self.tokens_per_step
             self.losses.append(out.loss)
             self.interval_losses.append(out.loss)
             return
@@ -588,6 +606,11 @@ class Trainer:
 
     def resume(self) -> None:
         """Restore every checkpointed item from the run directory's latest checkpoint, if any."""
+        for unfinished in self.checkpointer.unfinished():
+            self.metrics.line(
+                f"ignored the unfinished checkpoint {unfinished} (a run stopped while writing it); "
+                f"resuming from {self.resume_from.name if self.resume_from else 'the start'}, it is removed at the next save"
+            )
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
             self.metrics.resumed_at(self.state.step)
@@ -678,6 +701,8 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
             loaders,
             info.device,
             resolve_eval_sources(cfg.data, sources),
+            info.rank,
+            info.world_size,
         ),
         state=state,
         flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],

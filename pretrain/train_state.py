@@ -26,7 +26,12 @@ class Reshardable(Stateful, Protocol):
 
 @dataclass
 class TrainState:
-    """Steps completed, tokens trained on, updates skipped, and the run's id (kept across resumes)."""
+    """Steps completed, tokens trained on, updates skipped, and the run's id (kept across resumes).
+
+    `tokens_seen`: train.global_batch x data.seq_len positions per step whose update was applied
+    (what the exported model card calls tokens seen); a skipped step's batch is drawn from the
+    data (the loader moves past it, and data/tokens_seen/<source> counts it) but adds nothing.
+    Checkpoints before 2026-12-07 counted skipped steps too."""
 
     step: int = 0
     tokens_seen: int = 0

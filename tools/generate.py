@@ -2,7 +2,10 @@
 
 python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9]
     [--repetition-penalty 1.2 --no-repeat-ngram-size 3]
-python tools/generate.py EXPORT_DIR --probes 50
+python tools/generate.py EXPORT_DIR --probes 50 [--new-facts]
+
+--probes asks the trained facts, as the training run's fact recall does; --new-facts asks the
+facts held out of pretraining instead (what sparse memory finetuning teaches).
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ def main(argv=None) -> int:
         "--probes", type=positive_int, default=None, help="answer the first N fact probes (N >= 1) and print accuracy"
     )
     parser.add_argument(
+        "--new-facts",
+        action="store_true",
+        help="with --probes: ask the new facts (held out of pretraining) instead of the trained ones",
+    )
+    parser.add_argument(
         "--probes-dir",
         default=None,
         help="folder holding probes.jsonl (default: the export; or the embedded dataset folder)",
@@ -77,6 +85,8 @@ def main(argv=None) -> int:
             parser.error(f"{given}: sampling options apply to --prompt generation, not --probes (answered greedily)")
         if args.prompt:  # was ignored: the probes' questions are the prompts
             parser.error("--prompt and --probes: --probes asks the probes' own questions; give one of the two")
+    elif args.new_facts:
+        parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
 
     from pretrain.data import DataError, load_probes
     from pretrain.export import ExportError, load
@@ -88,19 +98,28 @@ def main(argv=None) -> int:
         tokenizer = export_tokenizer(export_dir)
         # read as the export's Hugging Face tokenizer reads it: "</s>" is the document separator's id
         prompt = [tokenizer.eos_id] + tokenizer.encode_with_special_tokens(args.prompt)
-        if not args.probes:  # refused before the weights load
+        kind = "new-fact" if args.new_facts else "trained-fact"
+        if args.probes:  # read before the weights load
+            probes_dir = args.probes_dir or export_dir
+            # the training run's fact recall asks only the trained facts: the new facts were held out
+            probes = [p for p in load_probes(probes_dir) if p.is_new_fact == args.new_facts][: args.probes]
+            if not probes:
+                other = "without --new-facts" if args.new_facts else "with --new-facts"
+                raise DataError(f"{probes_dir}/probes.jsonl holds no {kind} probe: ask the others {other}")
+        else:  # refused before the weights load
             check_sampling(args.temperature, args.top_p)
             if (export_dir / "config.json").is_file():
                 max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
                 check_length(len(prompt), args.max_new_tokens, max_seq_len)
         model = load(export_dir, device=args.device)
         if args.probes:
-            probes = load_probes(args.probes_dir or export_dir)[: args.probes]
             result = answer_probes(model, tokenizer, probes)
             for row in result["rows"]:
                 mark = "ok " if row["correct"] else "   "
                 print(f"{mark} {row['question']} -> {row['generated']!r} (answer {row['answer']!r})")
-            print(f"accuracy {result['accuracy']:.3f} on {result['count']} probes (chance {result['chance']:.3f})")
+            print(
+                f"accuracy {result['accuracy']:.3f} on {result['count']} {kind} probes (chance {result['chance']:.3f})"
+            )
             return 0
         ids = generate(
             model,

@@ -1,6 +1,7 @@
 """Evaluate an export with lm-evaluation-harness: write the fact-probe tasks, then run lm_eval.
 
   memlayers-eval EXPORT_DIR                       # memlayers_facts + memlayers_facts_mc, offline
+  memlayers-eval EXPORT_DIR --new-facts           # the same on the facts held out of pretraining
   memlayers-eval EXPORT_DIR --write-tasks DIR     # only write the task folder (for a plain lm_eval run)
   memlayers-eval EXPORT_DIR --tasks triviaqa,nq_open --online   # hub tasks, on a machine that can fetch
 
@@ -68,12 +69,20 @@ def main(argv=None) -> int:
     parser.add_argument("--task-dir", default=None, help="use an already written task folder")
     parser.add_argument("--probes-dir", default=None, help="folder with probes.jsonl (default: the export)")
     parser.add_argument("--probes", type=positive_int, default=None, help="only the first N probes (N >= 1)")
+    parser.add_argument(
+        "--new-facts",
+        action="store_true",
+        help="ask the new facts (held out of pretraining) instead of the trained ones the run's fact recall asks",
+    )
     parser.add_argument("--batch-size", default="8")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="lm_eval --output_path")
     parser.add_argument("--limit", type=positive_int, default=None, help="lm_eval --limit (examples per task, N >= 1)")
     parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")
     args = parser.parse_args(argv)
+    chosen = [o for o, given in (("--probes", args.probes), ("--new-facts", args.new_facts)) if given]
+    if args.task_dir and chosen:  # they choose the probes of the tasks written here, not of a written folder
+        parser.error(f"{', '.join(chosen)} and --task-dir: the folder's tasks are asked as written; drop --task-dir")
 
     from pretrain.data import DataError
     from pretrain.export import ExportError
@@ -90,12 +99,18 @@ def main(argv=None) -> int:
             task_dir = Path(args.task_dir) if args.task_dir else None
             if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
                 task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))
-                info = write_fact_tasks(export_dir, task_dir, args.probes_dir, limit=args.probes)
+                info = write_fact_tasks(
+                    export_dir, task_dir, args.probes_dir, limit=args.probes, new_facts=args.new_facts
+                )
+                kind = "new-fact" if args.new_facts else "trained-fact"
+                other = "trained" if args.new_facts else "new (held out of pretraining)"
                 left_out = f"{info['skipped']} longer than the model's context left out"
+                if info["other_facts"]:
+                    left_out += f"; {info['other_facts']} {other} facts not asked"
                 if info["mc_skipped"]:
                     left_out += f"; {info['mc_skipped']} out of the multiple choice: their attribute has one value"
                 print(
-                    f"wrote {', '.join(info['tasks'])} ({info['probes']} probes, {left_out}) to {task_dir}",
+                    f"wrote {', '.join(info['tasks'])} ({info['probes']} {kind} probes, {left_out}) to {task_dir}",
                     file=sys.stderr,
                 )
                 if args.write_tasks:

@@ -42,7 +42,9 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--input", nargs="+", help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst compressed)"
+        "--input",
+        nargs="+",
+        help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst/.bz2/.xz compressed)",
     )
     ap.add_argument("--output", type=output_folder, help="dataset directory to create")
     ap.add_argument("--seq-len", type=positive_int, default=1024)

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         "--input",
         nargs="+",
         required=True,
-        help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst compressed)",
+        help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst/.bz2/.xz compressed)",
     )
     ap.add_argument("--output", required=True, type=output_file("tokenizer.model"), help="the .model file to write")
     ap.add_argument("--vocab-size", type=int, default=32000)

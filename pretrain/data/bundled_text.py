@@ -46,7 +46,8 @@ def bundled_documents(parts: list[str]) -> list[dict]:
     if unknown:
         raise DataError(f"unknown part(s) {unknown}: choose from {', '.join(PARTS)}")
     readers = {"python-docs": python_docs, "licenses": licenses}
-    return [doc for part in parts for doc in readers[part]()]
+    # a part named twice (--part licenses licenses) once: its documents would be in the corpus twice
+    return [doc for part in dict.fromkeys(parts) for doc in readers[part]()]
 
 
 def write_bundled_corpus(out: str | Path, parts: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""Streaming readers for real corpora: plain text, JSONL and Parquet; .gz and .zst compressed.
+"""Streaming readers for real corpora: plain text, JSONL and Parquet; .gz, .zst, .bz2 and .xz compressed.
 
 `iter_documents(paths, ...)` yields one string per document and never holds more than
 one document (one file for `text`, one block for `blocks`, one line for JSONL) or one
@@ -6,7 +6,8 @@ record batch (Parquet, the column `text_field` only) in memory. This covers how 
 public pretraining corpora ship: FineWeb and most Hugging Face datasets as Parquet,
 SlimPajama as .jsonl.zst, Dolma as .json.gz. Windows line ends (CRLF) are read as "\n", as
 Python's text mode reads them (the tokenizer keeps whitespace, and has no piece for a lone
-"\r": each line would cost a byte-fallback token). Undecodable bytes, and JSON escapes of lone
+"\r": each line would cost a byte-fallback token); a UTF-8 byte order mark at a file's start is
+dropped, as Python's "utf-8-sig" drops it. Undecodable bytes, and JSON escapes of lone
 UTF-16 surrogates ("\\ud83d" without its pair), are replaced (U+FFFD) and counted; empty
 (and null) documents are skipped and counted, in a `CorpusStats` the caller passes in. A
 truncated or corrupt file is a `DataError` naming it, never a silently shorter corpus.
@@ -14,10 +15,12 @@ truncated or corrupt file is a `DataError` naming it, never a silently shorter c
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import io
 import json
+import lzma
 import os
 import re
 import warnings
@@ -29,13 +32,19 @@ from typing import Iterator
 from pretrain.data.errors import DataError
 
 FORMATS = ("auto", "text", "blocks", "jsonl", "parquet")
-COMPRESSED = (".gz", ".zst", ".zstd")
+COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+_STREAMS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}  # the stdlib streams, by suffix: their tool's name
+# Files no reader here takes, which were read as one document of binary garbage when named (a .tar.gz
+# decompressed, then read whole, headers included): refused before any work, naming the fix.
+_ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
 # A file read as one document (--format text) larger than this is refused: no document is that long
 # (64 MiB is ~16M tokens), a corpus in one file is, and tokenizing it at once takes ~80 bytes of memory
 # per character (measured: a 5.6 MB document, 470 MB resident).
 MAX_TEXT_DOCUMENT_BYTES = 64 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = "\ufeff".encode()
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 @dataclass
@@ -73,18 +82,14 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matched:
                 raise DataError(f"input pattern {p} matches no file: check {option}")
-            files.extend(matched)
+            files.extend(_without_binary(matched, arg, option))
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
-            binary = [f for f in found if _binary_text_file(f)]
-            if binary:
-                names = ", ".join(str(f.relative_to(p)) for f in binary[:4]) + (" ..." if len(binary) > 4 else "")
-                warnings.warn(
-                    f"{option} {p}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
-                    "the corpus, say); name a file itself to read it anyway",
-                    stacklevel=2,
-                )
-                found = [f for f in found if f not in binary]
+            found = _without_prepared(found, arg, option, p)
+            found = _without_binary(found, arg, option, relative_to=p)
+            for f in found:
+                _refuse_unreadable(f, option)
+            _warn_of_mixed_formats(found, arg, option, p)
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
@@ -93,6 +98,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
         else:
             raise DataError(f"input path {p} does not exist: check {option}")
         for f in files[before:]:
+            _refuse_unreadable(f, option)
             key = os.path.abspath(f)
             if key in named_by:
                 raise DataError(
@@ -104,13 +110,90 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
     return files
 
 
+def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> None:
+    """A folder of record files (JSONL, Parquet) that also holds plain-text files: as a Hugging Face
+    dataset downloaded with --local-dir keeps its card, README.md, beside data/*.parquet. Each text file
+    is read as one more document (the card's YAML and prose among the training text): said once."""
+    kinds = {f: _format_of(f, "auto") for f in found}
+    text = [f for f, kind in kinds.items() if kind == "text"]
+    if text and len(text) < len(found):
+        names = ", ".join(str(f.relative_to(root)) for f in text[:4]) + (" ..." if len(text) > 4 else "")
+        record = next(f for f in found if kinds[f] != "text")
+        suffix = "".join(record.suffixes[-2:]) if record.suffix in COMPRESSED else record.suffix
+        pattern = f"'{root}/**/*{suffix}'"
+        warnings.warn(
+            f"{option} {arg}: besides its JSONL/Parquet files it holds {len(text)} plain-text file(s) ({names}), "
+            f"each read as one document; if they are not corpus text, name the data files alone (e.g. {pattern})",
+            stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+        )
+
+
+def _refuse_unreadable(path: Path, option: str) -> None:
+    """An archive or an Arrow file among the inputs: DataError naming it and what to pass instead."""
+    name = path.name.lower()
+    if name.endswith(_ARCHIVES):
+        raise DataError(
+            f"{option}: {path} is an archive, which the corpus readers cannot open: extract it (e.g. tar -xf or "
+            "unzip) and pass the extracted files or folder"
+        )
+    if name.endswith(".arrow"):
+        raise DataError(
+            f"{option}: {path} is an Arrow file (as datasets' save_to_disk writes), which the corpus readers cannot "
+            "open: write the dataset as Parquet or JSONL, e.g. datasets.load_from_disk(folder).to_parquet("
+            "'corpus.parquet'), and pass that"
+        )
+
+
+def _without_prepared(found: list[Path], arg, option: str, root: Path) -> list[Path]:
+    """`found` (a folder's files) less those of datasets prepared inside it (a manifest.json with
+    splits and a tokenizer hash, or an OUTPUT.slices/ folder), with a warning naming them: a dataset
+    prepared from a glob of the corpus folder's files may sit there, and its manifest read as JSONL
+    failed the next run over the folder."""
+    prepared = {f.parent for f in found if f.name == "manifest.json" and _is_manifest(f)}
+    prepared |= {root / d for f in found for d in f.relative_to(root).parents if d.name.endswith(".slices")}
+    if not prepared:
+        return found
+    names = ", ".join(sorted(str(d.relative_to(root)) for d in prepared))
+    warnings.warn(
+        f"{option} {arg}: skipped the prepared data inside it ({names}): shards, not text; move it out of the "
+        "corpus folder to silence this",
+        stacklevel=2,
+    )
+    return [f for f in found if not any(d in f.parents for d in prepared)]
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, OSError):
+        return False
+    return isinstance(manifest, dict) and "splits" in manifest and "tokenizer_sha256" in manifest
+
+
+def _without_binary(found: list[Path], arg, option: str, relative_to: Path | None = None) -> list[Path]:
+    """`found` (the files a folder or a glob pattern `arg` reached) less those that are not text,
+    with a warning naming them: `corpus/` and `'corpus/*'` both reach the recipe's corpus/tokenizer.model."""
+    binary = [f for f in found if _binary_text_file(f)]
+    if binary:
+        shown = [str(f.relative_to(relative_to)) if relative_to else str(f) for f in binary[:4]]
+        names = ", ".join(shown) + (" ..." if len(binary) > 4 else "")
+        warnings.warn(
+            f"{option} {arg}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
+            "the corpus, say); name a file itself to read it anyway",
+            stacklevel=2,  # one place (resolve_files), so it shows once however many passes resolve the inputs
+        )
+    return [f for f in found if f not in binary]
+
+
 def _binary_text_file(path: Path) -> bool:
     """An uncompressed file read as text (by its suffix) whose first 8 KiB hold a NUL byte, as
     grep and git tell binary files: no corpus text has one, a sentencepiece model or an image has."""
-    if _format_of(path, "auto") != "text" or path.name.lower().endswith(COMPRESSED):
-        return False
+    name = path.name.lower()
+    if _format_of(path, "auto") != "text" or name.endswith(COMPRESSED + _ARCHIVES + (".arrow",)):
+        return False  # archives and Arrow files are refused with their fix (_refuse_unreadable), not skipped
     with open(path, "rb") as fh:
-        return b"\0" in fh.read(8192)
+        head = fh.read(8192)
+    return b"\0" in head and not head.startswith(_UTF16_BOMS)  # UTF-16 text is refused when read, not skipped
 
 
 def _format_of(path: Path, fmt: str) -> str:
@@ -181,24 +264,61 @@ def _open_binary(path: Path):
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
     if name.endswith((".zst", ".zstd")):
         return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
-def _iter_blocks(fh) -> Iterator[bytes]:
+def _without_bom(path: Path, lines) -> Iterator[bytes]:
+    """The lines of a file less the UTF-8 byte order mark that Windows editors (Notepad, Excel's
+    "CSV UTF-8", PowerShell's Out-File) write at its start: decoded, it would begin the first
+    document as U+FEFF (three byte-fallback tokens), and a JSONL line starting with it is no JSON."""
+    lines = iter(lines)
+    first = next(lines, None)
+    if first is not None:
+        _refuse_utf16(path, first)
+        yield first.removeprefix(_BOM)
+        yield from lines
+
+
+def _refuse_utf16(path: Path, head: bytes) -> None:
+    """UTF-16 text (Windows PowerShell 5's `>` and Out-File write it) read as UTF-8 is every other
+    byte NUL and each line cut inside a character: refused, with the conversion."""
+    if head.startswith(_UTF16_BOMS):
+        raise DataError(
+            f"{path} is UTF-16 text (it starts with a UTF-16 byte order mark); the corpus readers take UTF-8: "
+            f"convert it, e.g. iconv -f UTF-16 -t UTF-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}"
+        )
+
+
+def _iter_blocks(path: Path, fh) -> Iterator[bytes]:
+    """Blank-line-separated blocks; one over MAX_TEXT_DOCUMENT_BYTES is refused as a file read whole is
+    (a text without blank lines, single newlines between its paragraphs, is one block)."""
     block: list[bytes] = []
+    size = 0
     for line in fh:
         if line.strip():
             block.append(line)
+            size += len(line)
+            if size > MAX_TEXT_DOCUMENT_BYTES:
+                raise DataError(
+                    f"{path} holds a block of more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes without a blank line, read "
+                    "as one document (--format blocks splits at blank lines only): split the text into documents "
+                    "(one per file or per JSONL line), or separate them with blank lines"
+                )
         elif block:
             yield b"".join(block)
-            block = []
+            block, size = [], 0
     if block:
         yield b"".join(block)
 
 
 def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    first = True
     for lineno, line in enumerate(fh, 1):
         if not line.strip():
             continue
@@ -206,7 +326,12 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
         try:
             record = json.loads(_decode(line, stats))
         except json.JSONDecodeError as err:
+            if first and line.strip()[:1] in (b"[", b"{"):
+                raise DataError(_not_json_lines(path, lineno, line)) from None
             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg}); fix or remove that line") from None
+        first = False
+        if isinstance(record, list):
+            raise DataError(_not_json_lines(path, lineno, line))
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{lineno}: no field {text_field!r} (found {keys}); pass --text-field <name>")
@@ -222,6 +347,20 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
             if stats.non_utf8_documents == repaired_before:  # not counted yet for bad bytes
                 stats.non_utf8_documents += 1
         yield text
+
+
+def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
+    """The error for a .json file that is one JSON document (an array of records, or records
+    written over several lines) rather than JSON Lines, which is read one line at a time."""
+    stem = path.name.split(".")[0]
+    if line.strip().startswith(b"["):
+        what, jq = "a JSON array", f"jq -c '.[]' {path} > {stem}.jsonl"
+    else:
+        what, jq = "a JSON object written over several lines", f"jq -c . {path} > {stem}.jsonl"
+    return (
+        f"{path}:{lineno}: the file is {what}, not JSON Lines (one document per line, each a JSON object "
+        f"with the field holding its text): convert it, e.g. {jq}"
+    )
 
 
 def _iter_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
@@ -266,7 +405,7 @@ def iter_documents(
 ) -> Iterator[str]:
     """Yield non-empty documents, streamed. fmt: auto (from the suffix) | text (a file is a
     document) | blocks (blank-line separated) | jsonl (the document is `text_field`) | parquet
-    (the column `text_field`). Files ending in .gz or .zst are decompressed on the fly (not Parquet)."""
+    (the column `text_field`). Files ending in .gz, .zst, .bz2 or .xz are decompressed on the fly (not Parquet)."""
     if fmt not in FORMATS:
         raise DataError(f"format {fmt!r} must be one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else CorpusStats()
@@ -281,23 +420,30 @@ def iter_documents(
             try:
                 with _open_binary(path) as fh:
                     if kind == "jsonl":
-                        yield from _iter_jsonl(path, fh, text_field, stats)
+                        yield from _iter_jsonl(path, _without_bom(path, fh), text_field, stats)
                     elif kind == "blocks":
-                        for block in _iter_blocks(fh):
+                        for block in _iter_blocks(path, _without_bom(path, fh)):
                             yield _decode(block, stats)
                     else:
                         raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
+                        _refuse_utf16(path, raw)
                         if len(raw) > MAX_TEXT_DOCUMENT_BYTES:
                             raise DataError(
                                 f"{path} holds more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes of text, read as one "
                                 "document (a plain-text file is one document): pass --format blocks to split it at "
                                 "blank lines, or store one document per file or per JSONL line"
                             )
-                        yield _decode(raw, stats)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+                        yield _decode(raw.removeprefix(_BOM), stats)
+            except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, OSError) as err:
+                tool = _STREAMS.get(path.suffix.lower())
+                damaged = (
+                    not isinstance(err, OSError) or isinstance(err, gzip.BadGzipFile) or "Invalid data" in str(err)
+                )
+                if tool is None or not damaged:  # bz2 reports bad data as a bare OSError; others are not damage
+                    raise
                 raise DataError(
-                    f"{path} is not a complete gzip file ({type(err).__name__}: {err}): re-copy or re-compress it "
-                    "(`gzip -t` checks it), or drop the .gz suffix if it is not compressed"
+                    f"{path} is not a complete {tool} file ({type(err).__name__}: {err}): re-copy or re-compress it "
+                    f"(`{tool} -t` checks it), or drop the {path.suffix} suffix if it is not compressed"
                 ) from None
 
     for text in raw_docs():

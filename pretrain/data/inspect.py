@@ -57,8 +57,14 @@ class SplitReport:
 
 def _split_entry(manifest: dict, split: str, root: Path) -> dict:
     splits = manifest.get("splits", {})
-    if split not in splits or not splits[split].get("shards"):
-        raise DataError(f"{root} has no {split!r} split with shards (it has: {sorted(splits)})")
+    with_shards = sorted(s for s, entry in splits.items() if entry.get("shards"))
+    if split in splits and not splits[split].get("shards"):
+        raise DataError(
+            f"{root}'s {split!r} split is empty (prepared with --val-fraction {manifest.get('val_fraction')}): "
+            f"inspect {' or '.join(repr(s) for s in with_shards)} (--split)"
+        )
+    if split not in splits:
+        raise DataError(f"{root} has no {split!r} split (it has {with_shards}): pass --split {with_shards[0]}")
     return splits[split]
 
 

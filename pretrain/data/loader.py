@@ -25,6 +25,10 @@ it; the main process keeps the positions of the batches it has handed out, plus 
 worker the DataLoader's round robin asks next, so `state_dict()` is a few integers per
 worker and a rebuilt loader continues with exactly the same batches.
 
+`rows=n` (evaluation, loop=False): only the first n rows of epoch 0's sequence are read, cut
+into the C parts as a whole epoch is, so that the ranks together read the rows one rank alone
+would read, each once, in the same order (rank 0's part first).
+
 Another number of ranks or workers: `load_resharded(all old ranks' states)` turns what the
 saved run had left of its current epoch into an explicit list of pieces per new consumer
 (the "plan", part of `state_dict()`); see its docstring for what it guarantees. Epochs after
@@ -110,6 +114,17 @@ def _part(pieces: list[list[int]], part: int, parts: int) -> list[list[int]]:
         if a < b:
             out.append([shard, first + a, first + b])
         at += end - first
+    return out
+
+
+def _head(pieces: list[list[int]], n: int) -> list[list[int]]:
+    """The first `n` rows of `pieces` ([shard, first row, end row], in order), as pieces."""
+    out = []
+    for shard, first, end in pieces:
+        if n <= 0:
+            break
+        out.append([shard, first, first + min(end - first, n)])
+        n -= end - first
     return out
 
 
@@ -234,6 +249,7 @@ class ShardLoader:
         on_corrupt: str = "error",
         loop: bool = True,
         tokenizer: Tokenizer | None = None,
+        rows: int | None = None,
     ):
         self.root = Path(dataset_dir)
         manifest = read_manifest(self.root)
@@ -250,6 +266,8 @@ class ShardLoader:
             raise DataError(f"rank={rank} must be in 0..world_size-1={world_size - 1}")
         if num_workers < 0 or shuffle_buffer < 0:
             raise DataError(f"num_workers={num_workers} and shuffle_buffer={shuffle_buffer} must be >= 0")
+        if rows is not None and (rows < 1 or loop):
+            raise DataError(f"rows={rows} (the first rows of one epoch) needs rows >= 1 and loop=False (loop={loop})")
         if on_corrupt not in ("error", "skip"):
             raise DataError(f"data.on_corrupt={on_corrupt!r} must be 'error' or 'skip'")
         own_tok = self.root / "tokenizer.model"
@@ -270,7 +288,7 @@ class ShardLoader:
         self.workers = max(1, num_workers)
         consumers = world_size * self.workers
         self.sizes = [int(s["sequences"]) for s in self.shards]
-        if sum(self.sizes) < consumers:
+        if sum(self.sizes) < consumers and rows is None:  # rows: evaluation, where a reader may get none
             raise DataError(
                 f"split {split!r} of {self.root} has {sum(self.sizes)} sequences but {world_size} ranks x "
                 f"{self.workers} workers = {consumers} readers need at least one each: lower data.num_workers "
@@ -281,6 +299,7 @@ class ShardLoader:
         self.vocab_size = manifest["vocab_size"]
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer, self.on_corrupt, self.loop = seed, shuffle_buffer, on_corrupt, loop
+        self.rows = rows
         self.window = shuffle_buffer if shuffle_buffer > 0 else batch_size
         self._fingerprint = hashlib.sha256("|".join(s["sha256"] for s in self.shards).encode()).hexdigest()[:16]
         self.reset()
@@ -293,6 +312,10 @@ class ShardLoader:
         self._worker_stats: list[dict] = [{} for _ in range(self.workers)]
         self._batches = 0
         self._plan: dict | None = None  # {"epoch": e, "work": per worker [[shard, first row, end row], ...]}
+        if self.rows is not None:  # the first rows of epoch 0, cut into the readers' parts
+            head = _head([[k, 0, self.sizes[k]] for k in _order(self.seed, 0, len(self.sizes))], self.rows)
+            consumers, mine = self.world_size * self.workers, self.rank * self.workers
+            self._plan = {"epoch": 0, "work": [_part(head, c, consumers) for c in range(mine, mine + self.workers)]}
         self._scheme = ROWS  # SHARDS only for a run resumed from a state of version 1 or 2
 
     @property
@@ -331,6 +354,7 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` (this rank's, from a run of the same settings) stopped."""
         _check_version(state)
+        self._check_same_shards(state)
         fix = "resume with the same data, batch size, ranks, workers, seed and shuffle_buffer"
         check_same_settings(
             state.get("settings", {}),
@@ -344,6 +368,20 @@ class ShardLoader:
         self._batches = int(state["batches"])
         self._plan = _copy_plan(state.get("plan"), self.sizes)
         self._scheme = _scheme_of(state)
+
+    def _check_same_shards(self, state: dict) -> None:
+        """Refuse a state saved while reading other shards in this folder, naming the folder: a dataset
+        prepared again in its place (--overwrite) has other shards, whose rows the saved positions do not
+        address (the generic settings message showed two 16-digit fingerprints)."""
+        saved = state.get("settings", {}).get("shards")
+        if saved is not None and saved != self._fingerprint:
+            raise DataError(
+                f"{self.root} is not the dataset this run was reading: the {self.split!r} split's shards differ "
+                "from those the checkpoint's loader state was saved on (prepared again in this folder since, "
+                "e.g. with --overwrite at another --seq-len, --tokenizer, --seed or corpus). A run resumes only "
+                "on the data it started on: put that back, or train on the new data in a new run (another "
+                "train.run_dir; train.init_from=<an export of this run> keeps its weights)"
+            )
 
     def needs_reshard(self, state: dict) -> bool:
         """True when `state` was saved with another reading layout (ranks, workers, batch size or
@@ -372,6 +410,8 @@ class ShardLoader:
         (batches, corrupt shards skipped) move to new rank 0's first worker, so their sums over
         ranks are kept.
         """
+        for state in states[:1]:  # all ranks read the same shards; _saved_consumers compares them all
+            self._check_same_shards(state)
         old = _saved_consumers(states, self._settings(), self.sizes)
         e = min(c.position[0] for c in old)
         rest = [piece for c in old if c.position[0] == e for piece in self._rest_of_epoch(c)]
@@ -475,7 +515,13 @@ class ShardLoader:
                 yield Batch(**arrays)
         else:
             dataset = _WorkerDataset(self, [list(p) for p in self._positions], self._next_worker)
-            dl = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+            # its own generator: the workers' base seed (unused, the stream is seeded by position) is
+            # drawn from it, not from the global one, whose state a checkpoint restores before this
+            # iteration starts: a resumed run's dropout, say, then draws what an uninterrupted run does
+            seeds = torch.Generator().manual_seed(self.seed)
+            dl = DataLoader(
+                dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False, generator=seeds
+            )
             for item in dl:
                 w = item.pop("worker")
                 self._positions[w] = item.pop("position")

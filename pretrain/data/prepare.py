@@ -152,12 +152,16 @@ def check_settings(seq_len: int, val_fraction: float, sequences_per_shard: int |
         raise DataError(f"sequences_per_shard={sequences_per_shard} must be positive (--sequences-per-shard)")
 
 
-def check_output_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> None:
+def check_output_dir(
+    out_dir: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False, keep_contents: bool = False
+) -> None:
     """Refuse (DataError) an output folder that cannot take a prepared dataset, before any input is
     read: a file; one of the `inputs` (files, folders, glob patterns) or a folder holding one
     (replacing it, --overwrite, would delete the corpus); a folder inside an input folder (a later
     run over that folder would read the shards and manifest as documents); a non-empty folder
-    without `overwrite`."""
+    without `overwrite`, and with it one that is not a prepared dataset (no manifest.json: a folder
+    of datasets, a run folder), which the replacement would delete whole. `keep_contents`: the
+    folder is written into, never replaced (the slices folder), so what it holds may stay."""
     out_dir = Path(out_dir)
     out = out_dir.resolve()
     inputs = list(inputs)
@@ -176,8 +180,18 @@ def check_output_dir(out_dir: str | Path, inputs: Iterable[str | Path] = (), ove
             )
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--output {out_dir} is a file, not a folder: name a folder to write the dataset into")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if keep_contents or not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
         raise DataError(f"output directory {out_dir} is not empty: choose another --output or pass --overwrite")
+    if not (out_dir / "manifest.json").is_file():
+        held = sorted(p.name for p in out_dir.iterdir())
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise DataError(
+            f"--output {out_dir} holds files ({shown}) but is not a prepared dataset (no manifest.json): "
+            "--overwrite replaces a dataset folder whole and would delete them; name the dataset's own "
+            f"folder (e.g. {out_dir / 'mycorpus'}), or remove {out_dir} yourself"
+        )
 
 
 def _write_documents(
@@ -197,16 +211,28 @@ def _write_documents(
     return documents, empty
 
 
+_FEW_DOCUMENTS = "a plain-text file is one document: --format blocks splits it at blank lines"
+
+
 def _check_validation_split(splits: dict, documents: int, val_fraction: float) -> None:
     """Training evaluates on the val split: refuse a preparation that left it empty by chance
-    (nothing is written), and warn when it is empty by request (val_fraction=0)."""
+    (nothing is written), and warn when it is empty by request (val_fraction=0). Warn too when the
+    training split is empty (every document drawn for validation: one document, say): such a
+    dataset can still be scored as data.eval_sources, but training on it alone is refused."""
+    if not splits["train"]["shards"]:
+        warnings.warn(
+            f"the training split is empty: all {documents} document(s) fell into validation at "
+            f"--val-fraction={val_fraction}, so training on this dataset will be refused (it can serve as "
+            f"data.eval_sources); lower --val-fraction or add documents ({_FEW_DOCUMENTS})",
+            stacklevel=3,
+        )
     if splits["val"]["shards"]:
         return
     if val_fraction > 0:
         raise DataError(
             f"the validation split is empty: none of the {documents} documents fell into it at "
             f"--val-fraction={val_fraction} (about {documents * val_fraction:.2g} expected); raise --val-fraction "
-            "or add documents. Nothing was written"
+            f"or add documents ({_FEW_DOCUMENTS}). Nothing was written"
         )
     warnings.warn(
         "--val-fraction=0: the dataset has no validation split, so training on it alone will be refused "

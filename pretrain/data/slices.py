@@ -69,8 +69,9 @@ def prepare_slice(
             "(train it first with tools/train_tokenizer.py)"
         )
     files = resolve_files(inputs)
-    for written in (out_dir, slices_dir(out_dir)):  # the merge writes out_dir: refused now, not after every slice
-        check_output_dir(written, inputs, overwrite=True)
+    # the merge replaces out_dir: refused now, not after every slice
+    check_output_dir(out_dir, inputs, overwrite=True)
+    check_output_dir(slices_dir(out_dir), inputs, keep_contents=True)
     tokenizer = Tokenizer(tokenizer_path)
     mine = slice_files(files, i, n)
     dtype = token_dtype_for(tokenizer.vocab_size)

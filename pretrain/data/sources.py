@@ -79,11 +79,7 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
                 f"(set data.sources[{i}].weight, e.g. 1.0, or remove the source)"
             )
         if not (directory / "manifest.json").is_file():
-            missing = "" if directory.exists() else " (the directory does not exist)"
-            raise DataError(
-                f"{label}: {directory} holds no manifest.json{missing}: prepare it with "
-                f"tools/prepare_data.py --input <corpus> --output {directory}"
-            )
+            raise DataError(f"{label}: {_not_prepared(directory)}")
         manifest = read_manifest(directory)
         source = Source(name, directory, weight, manifest)
         if source.train_sequences <= 0:
@@ -96,14 +92,52 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
     return sources
 
 
+def _not_prepared(directory: Path, options: str = "") -> str:
+    """Why `directory` (no manifest.json) is not a dataset, and the command that makes one: a folder
+    of corpus files is the usual mistake (the trainer reads prepared shards, not text), and
+    preparing into it would be refused, so the fix names a folder beside it."""
+    if not directory.exists():
+        return (
+            f"{directory} holds no manifest.json (the directory does not exist): prepare it with "
+            f"tools/prepare_data.py --input <corpus> --output {directory}{options}"
+        )
+    if (directory.parent / "manifest.json").is_file():
+        return f"{directory} is a folder inside the prepared dataset {directory.parent}: name {directory.parent} itself"
+    from pretrain.data.corpus import _binary_text_file
+
+    files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))[:1000]
+    text = [f.name for f in files if not _binary_text_file(f)]
+    if text:
+        shown = ", ".join(text[:3]) + (", ..." if len(text) > 3 else "")
+        target = directory.with_name(directory.name + "-prepared")
+        return (
+            f"{directory} holds no manifest.json but {len(text)} file(s) of text ({shown}): a corpus, which the "
+            f"trainer cannot read as it is; prepare it with tools/prepare_data.py --input {directory} "
+            f"--output {target}{options} and name {target} here"
+        )
+    return (
+        f"{directory} holds no manifest.json: prepare it with tools/prepare_data.py --input <corpus> "
+        f"--output {directory}{options}"
+    )
+
+
 def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) -> None:
     names = [s.name for s in sources]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataError(f"data.sources: the name(s) {repeated} are used twice: give each source its own name")
     first = sources[0]
+    read_as: dict[Path, tuple[int, Source]] = {}  # each folder -> the source that reads it
     for i, src in enumerate(sources):
         label = _label(i, src.name, many, src.dir)
+        if src.dir.resolve() in read_as:
+            j, other = read_as[src.dir.resolve()]
+            raise DataError(
+                f"{label}: {src.dir} is also data.sources[{j}] ({other.name}): one folder read as two sources "
+                f"has its rows drawn by both, and its validation split reported under both names; list it once "
+                f"(weight {other.weight + src.weight:g} for both shares), or point {src.name!r} at its own folder"
+            )
+        read_as[src.dir.resolve()] = (i, src)
         _check_same_format(src, first, label, seq_len)
 
 
@@ -203,12 +237,12 @@ def resolve_eval_sources(data_cfg, train_sources: list[Source]) -> list[Source]:
         if not str(get("dir") or ""):
             raise DataError(f"{label}: no dir given: set data.eval_sources[{i}].dir to a prepared dataset")
         if not (directory / "manifest.json").is_file():
-            raise DataError(
-                f"{label}: {directory} holds no manifest.json: prepare it with tools/prepare_data.py --input <corpus> "
-                f"--output {directory} --tokenizer <the training data's tokenizer.model>"
-            )
+            raise DataError(f"{label}: {_not_prepared(directory, ' --tokenizer <the training data tokenizer.model>')}")
         if name in trained or name in {s.name for s in out}:
             raise DataError(f"{label}: the name {name!r} is already used: set data.eval_sources[{i}].name")
+        twice = [s for s in out if s.dir.resolve() == directory.resolve()]
+        if twice:
+            raise DataError(f"{label}: {directory} is also listed as {twice[0].name!r}: list each corpus once")
         if any(directory.resolve() == s.dir.resolve() for s in train_sources):
             raise DataError(
                 f"{label}: {directory} is trained on (data.dir / data.sources): its validation split is "

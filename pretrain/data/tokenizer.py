@@ -22,6 +22,7 @@ import hashlib
 import io
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -39,6 +40,10 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        if path.is_dir():
+            inside = path / "tokenizer.model"
+            hint = f"pass {inside}" if inside.is_file() else "name the .model file itself"
+            raise DataError(f"tokenizer model {path} is a folder: {hint}")
         if not path.is_file():
             raise DataError(f"tokenizer model {path} does not exist: train one with tools/train_tokenizer.py")
         self.path = path
@@ -204,4 +209,16 @@ def train_tokenizer(
         minloglevel=2,
         **whitespace,
     )
-    return Tokenizer(atomic_write(out_path, model.getvalue()))
+    tokenizer = Tokenizer(atomic_write(out_path, model.getvalue()))
+    if tokenizer.vocab_size < vocab_size:  # hard_vocab_limit=False: the size asked is an upper bound
+        warnings.warn(
+            f"{out_path} has {tokenizer.vocab_size} pieces, fewer than the {vocab_size} asked: {model_type} found no "
+            f"more in its sample of {len(sentences):,} lines, and the model's vocabulary follows the tokenizer; for "
+            + (
+                f"more, raise --max-sentences (the sample was capped at {max_sentences:,} lines)"
+                if len(sentences) == max_sentences
+                else "more, train on more text"
+            ),
+            stacklevel=2,
+        )
+    return tokenizer

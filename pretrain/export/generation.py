@@ -110,11 +110,22 @@ def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> N
     continuation cannot fit the model's context (the last new token is never fed back, hence the + 1)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0 (--max-new-tokens)")
-    if prompt_tokens > max_seq_len or prompt_tokens + max_new_tokens > max_seq_len + 1:
+    if prompt_tokens > max_seq_len:  # no --max-new-tokens fits: only a shorter prompt does
+        longest = min(max_seq_len, max_seq_len + 1 - max_new_tokens)
+        fix = (
+            f"shorten the prompt to at most {longest} tokens (keep its end)"
+            if longest > 0
+            else f"make prompt + --max-new-tokens at most {max_seq_len + 1}"
+        )
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens, longer than the model's "
+            f"max_seq_len of {max_seq_len}: {fix}; nothing is cut"
+        )
+    if prompt_tokens + max_new_tokens > max_seq_len + 1:
         raise ValueError(
             f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
             f"but the model's max_seq_len is {max_seq_len}: shorten the prompt or lower "
-            f"--max-new-tokens to at most {max(max_seq_len + 1 - prompt_tokens, 0)}"
+            f"--max-new-tokens to at most {max_seq_len + 1 - prompt_tokens}"
         )
 
 

@@ -13,7 +13,9 @@ download; `lm_eval --include_path out_dir` reads them offline):
 
 Prompts start with the tokenizer's EOS piece as text ("</s>"): training documents follow an
 EOS, and the export's tokenizer turns that text into the EOS id. Probes whose question and
-answer do not fit the model's max_seq_len are left out (as fact_recall leaves them out).
+answer do not fit the model's max_seq_len are left out (as fact_recall leaves them out), and
+so are the new facts held out of pretraining (`is_new_fact`), as the training run's fact recall
+leaves them out; `new_facts=True` asks those alone instead.
 `check_task_dir` validates a written folder before lm_eval runs.
 """
 
@@ -67,9 +69,11 @@ def write_fact_tasks(
     limit: int | None = None,
     choices: int = 4,
     seed: int = 0,
+    new_facts: bool = False,
 ) -> dict:
-    """Write the task folder; returns {"tasks": [...], "probes": kept, "skipped": too long}.
-    `limit` (an int >= 1) keeps the first `limit` probes, None all of them. Each file is written
+    """Write the task folder; returns {"tasks": [...], "probes": kept, "skipped": too long,
+    "other_facts": the probes of the other kind (new facts, or with `new_facts` the trained ones)}.
+    `limit` (an int >= 1) keeps the first `limit` probes of the kind asked, None all of them. Each file is written
     under a temporary name and renamed: an interrupted write leaves the previous file whole."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise ExportError(f"limit={limit!r} must be an integer >= 1 (the number of probes to keep), or None for all")
@@ -83,7 +87,8 @@ def write_fact_tasks(
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
     all_probes = load_probes(probes_dir or export_dir)
-    probes = all_probes[:limit]
+    asked = [p for p in all_probes if p.is_new_fact == new_facts]
+    probes = asked[:limit]
     prefix = eos_piece(tokenizer.path)
     by_length: dict[int, list[dict]] = {}
     kept, skipped = [], 0
@@ -98,9 +103,10 @@ def write_fact_tasks(
         by_length.setdefault(n, []).append(row)
         kept.append(row)
     if not kept:
+        kind = "new-fact" if new_facts else "trained-fact"
         raise ExportError(
-            f"no probe of {probes_dir or export_dir}/probes.jsonl fits the model's max_seq_len="
-            f"{max_seq_len} with its answer: nothing to evaluate"
+            f"no {kind} probe of {probes_dir or export_dir}/probes.jsonl fits the model's max_seq_len="
+            f"{max_seq_len} with its answer ({len(asked)} {kind} probes in the file): nothing to evaluate"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     text = f"{prefix}{{{{question}}}}"
@@ -171,6 +177,7 @@ def write_fact_tasks(
         "probes": len(kept),
         "skipped": skipped,
         "mc_skipped": mc_skipped,
+        "other_facts": len(all_probes) - len(asked),
     }
 
 

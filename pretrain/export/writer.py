@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pretrain.checksums import checksum_problem
 from pretrain.export.dense import dense_state_dict
-from pretrain.export.errors import ExportError
+from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.safetensors_io import StreamWriter, read_header, read_rows
 from pretrain.export.source import SLOT_TABLE, CheckpointSource, inspect
 from pretrain.files import atomic_directory, file_sha256
@@ -129,6 +130,9 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     check_output_folder(out_dir, force, sources=[source])
     src = inspect(source, dataset_dir)  # every input checked before any weight is read
+    problem = checksum_problem(src.checkpoint_dir, collective=False)  # a file changed since it was written
+    if problem is not None:
+        raise IncompleteFileError(f"cannot export checkpoint {src.checkpoint_dir}: {problem}")
     with atomic_directory(out_dir) as tmp:
         write_weights(src, tmp / WEIGHTS, DTYPES[dtype], show_progress)
         (tmp / "config.json").write_text(json.dumps(hf_config(src, dtype), indent=2) + "\n")

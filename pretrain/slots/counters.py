@@ -316,7 +316,7 @@ class SlotStatistics:
                 self.history[f"{n}.used"].append(int((out.counts[n] > 0).sum().item()))
                 interval = out.counts[n] - out.interval_start[n]
                 self.history[f"{n}.interval_used"].append(int((interval > 0).sum().item()))
-                shape = distribution_summary(interval)
+                shape = out._interval_summary[n] = distribution_summary(interval)  # summary() reuses it
                 self.history[f"{n}.interval_top1pct_share"].append(shape["top1pct_share"])
                 self.history[f"{n}.interval_kl_uniform"].append(shape["kl_uniform"])
                 self.interval_start[n] = self.counts[n].clone()
@@ -368,6 +368,7 @@ class SlotStatistics:
         out.last_occurrence, out.sample = {}, None
         out.history = copy.deepcopy(self.history)
         out.reduced = True
+        out._interval_summary = {}  # per counter, the interval's distribution_summary once reduce() took it
         return out
 
     def sample_data(self) -> SampleData | None:
@@ -384,7 +385,10 @@ class SlotStatistics:
             for k, v in distribution_summary(self.counts[n]).items():
                 out[f"slots/{n}/{k}"] = v
             if interval:
-                for k, v in distribution_summary(self.counts[n] - self.interval_start[n]).items():
+                # a reduced copy's counts are fixed: the distribution reduce() took for the history
+                cached = getattr(self, "_interval_summary", {}).get(n)
+                shape = cached or distribution_summary(self.counts[n] - self.interval_start[n])
+                for k, v in shape.items():
                     out[f"slots/{n}/interval/{k}"] = v
         return out
 

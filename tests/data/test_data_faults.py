@@ -132,6 +132,25 @@ def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, d
         write_dataset(ids, tmp_path / "ds0", tokenizer, SEQ_LEN, val_fraction=0.0, show_progress=False)
 
 
+def test_an_empty_training_split_is_named_at_preparation(tmp_path, tokenizer, capsys):
+    """A corpus of one plain-text file is one document; at --val-fraction 0.9 it fell into validation
+    and prepare_data wrote a dataset of 0 training sequences without a word (measured: GPL-3, 9571
+    tokens, all in val), which the trainer refused only at its start. The preparation now warns,
+    naming the cause and --format blocks; the dataset is still written (data.eval_sources scores it)."""
+    from pathlib import Path
+
+    corpus = tmp_path / "GPL-3.txt"
+    corpus.write_text(Path("/usr/share/common-licenses/GPL-3").read_text())
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--seq-len", str(SEQ_LEN), "--no-progress"]
+    with pytest.warns(UserWarning, match=r"training split is empty: all 1 document\(s\) fell into validation .*"
+                      r"--format blocks"):  # fmt: skip
+        assert prepare_cli.main([*argv, "--output", str(tmp_path / "ds"), "--val-fraction", "0.9"]) == 0
+    manifest = read_manifest(tmp_path / "ds")
+    assert manifest["splits"]["train"]["sequences"] == 0 and manifest["splits"]["val"]["documents"] == 1
+    assert prepare_cli.main([*argv, "--output", str(tmp_path / "ds2"), "--val-fraction", "0.1"]) == 2
+    assert "--format blocks" in capsys.readouterr().err  # the other side: none in validation
+
+
 def test_empty_validation_split_is_refused_at_training_start(tmp_path, tokenizer, documents, dataset):
     from pretrain.data.checks import check_trainable
     from pretrain.data.shards import read_manifest
@@ -268,6 +287,37 @@ def test_an_output_beside_the_corpus_is_prepared(tmp_path, tokenizer):
         assert manifest["documents"] == 40 and (out / "manifest.json").is_file()
 
 
+def test_overwrite_replaces_a_dataset_and_refuses_any_other_folder(tmp_path, tokenizer, capsys):
+    """`--output data --overwrite` (meant: data/licenses) replaced the folder data/ whole, the
+    datasets prepared in it before included (measured: data/english gone, the new shards in its
+    place). --overwrite now replaces only a prepared dataset (a folder with manifest.json) and
+    refuses any other non-empty folder before reading the corpus, naming what it holds; a dataset
+    folder is still replaced, by the CLI and by a merge of slices."""
+    corpus = _corpus_folder(tmp_path)
+    data = tmp_path / "data"
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--seq-len", str(SEQ_LEN)]
+    argv += ["--val-fraction", "0.2", "--no-progress", "--workers", "1"]
+    assert prepare_cli.main([*argv, "--output", str(data / "english")]) == 0
+    english = {p: p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
+    for out in (data, tmp_path):  # a folder of datasets; one holding the corpus is refused for that
+        capsys.readouterr()
+        assert prepare_cli.main([*argv, "--output", str(out), "--overwrite"]) == 2
+        assert {p: p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()} == english
+    err = capsys.readouterr().err
+    assert "holds the input" in err
+    (data / "notes.txt").write_text("mine\n")
+    assert prepare_cli.main([*argv, "--output", str(data), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {data} holds files (english, notes.txt) but is not a prepared dataset" in err
+    assert (data / "notes.txt").is_file() and (data / "english" / "manifest.json").is_file()
+    from pretrain.data.slices import prepare_slice
+
+    with pytest.raises(DataError, match="is not a prepared dataset"):
+        prepare_slice([corpus], data, tokenizer.path, 0, 1)
+    assert prepare_cli.main([*argv, "--output", str(data / "english"), "--overwrite", "--seed", "1"]) == 0
+    assert read_manifest(data / "english")["seed"] == 1  # a dataset is replaced
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
@@ -402,6 +452,10 @@ def test_a_plain_text_file_too_large_for_one_document_is_refused(tmp_path, monke
             list(iter_documents([tmp_path / name]))
         assert list(iter_documents([tmp_path / name], "blocks")) == [paragraph] * 40  # the fix it names
     assert list(iter_documents([tmp_path / "fits.txt"])) == [text[:4096]]
+    # --format blocks on text without blank lines read it whole all the same, with no limit
+    (tmp_path / "lines.txt").write_text(paragraph * 40)
+    with pytest.raises(DataError, match=r"lines.txt holds a block of more than 4,096 bytes without a blank line"):
+        list(iter_documents([tmp_path / "lines.txt"], "blocks"))
     argv = ["--input", str(tmp_path / "wiki.txt"), "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
     assert prepare_cli.main([*argv, "--no-progress"]) == 2
     assert "wiki.txt holds more than" in capsys.readouterr().err and not (tmp_path / "ds").exists()

@@ -180,6 +180,33 @@ def test_seq_len_and_state_mismatch(dataset):
         ShardLoader(dataset, "train", batch_size=4, seed=1).load_state_dict(state)
 
 
+@pytest.mark.filterwarnings("ignore:--val-fraction=0")
+def test_a_dataset_prepared_again_in_its_folder_is_named_at_resume(tmp_path, tokenizer, documents):
+    """A run's data folder prepared again (--overwrite: another --seq-len, seed or corpus) and the run
+    resumed: refused, as it must be (the saved positions address the old shards' rows), but as
+    "the saved loader state was made with other settings (saved, now): shards='038bf996b5f8b006' vs
+    '38eb6b311781e4e8'; resume with the same data, batch size, ...", two fingerprints and no folder
+    (measured on the recipe's licenses prepared again at --seq-len 64). The error now names the folder,
+    the split, what happened and the two ways on."""
+    ds = tmp_path / "ds"
+
+    def prepare(docs):
+        write_dataset(tokenizer.encode_batch(docs), ds, tokenizer, SEQ_LEN, val_fraction=0.0, sequences_per_shard=8,
+                      show_progress=False, overwrite=True)  # fmt: skip
+
+    prepare(documents)
+    before = ShardLoader(ds, "train", batch_size=2, seed=1)
+    next(iter(before))
+    state = before.state_dict()
+    prepare(documents[::-1])  # the same documents, packed in another order
+    for load in ("load_state_dict", "load_resharded"):
+        resumed = ShardLoader(ds, "train", batch_size=2, seed=1)
+        with pytest.raises(DataError, match=rf"{ds} is not the dataset this run was reading: the 'train' split's "):
+            getattr(resumed, load)(state if load == "load_state_dict" else [state])
+    prepare(documents)  # put back: resumes
+    ShardLoader(ds, "train", batch_size=2, seed=1).load_state_dict(state)
+
+
 def copy_dataset(src, dst):
     shutil.copytree(src, dst)
     return dst

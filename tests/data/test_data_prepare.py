@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from pretrain.data import (
     prepare_corpus,
     prepare_embedded_dataset,
     read_manifest,
+    train_tokenizer,
     write_dataset,
 )
 from pretrain.data import prepare as prepare_mod
@@ -96,6 +99,80 @@ def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     assert resolve_files([model]) == [model]
 
 
+def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path):
+    """A Hugging Face dataset downloaded with --local-dir keeps its card, README.md, beside
+    data/*.jsonl or *.parquet: --input of the folder read the card (YAML front matter and all) as one
+    more training document, without a word. It is still read (a folder may mix them on purpose), with
+    a warning naming it and a glob that leaves it out, which reads the records alone."""
+    root = tmp_path / "hf"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# Dataset card\n")
+    with pytest.warns(UserWarning, match=r"holds 1 plain-text file\(s\) \(README.md\), each read as one document"):
+        assert len(list(iter_documents([root]))) == 3
+    glob = f"{root}/**/*.jsonl"
+    with pytest.warns(UserWarning, match=re.escape(f"(e.g. '{glob}')")):
+        resolve_files([root])
+    assert list(iter_documents([glob])) == ["one", "two"]
+    (root / "README.md").unlink()
+    (root / "notes.txt").write_text("a text corpus of text files only is not warned of\n")
+    (root / "data" / "train.jsonl").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(iter_documents([root]))) == 1
+
+
+def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
+    """A dataset may be prepared inside the corpus folder from a glob of its files (allowed: the glob
+    does not reach it), or sliced there. The next run over the folder read the dataset's manifest.json
+    and the slice's slice.json as JSONL and stopped ('manifest.json:1: ... not JSON Lines'). Prepared
+    data inside an input folder is skipped with one warning naming it; the corpus reads as before."""
+    from pretrain.data.slices import prepare_slice
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(f'{{"text": "document {i} of the corpus"}}\n' for i in range(30)))
+    alone = list(iter_documents([corpus]))
+    prepare_corpus([str(corpus / "*.jsonl")], corpus / "prepared", 16, tokenizer_path=tokenizer.path,
+                   val_fraction=0.2, show_progress=False)  # fmt: skip
+    prepare_slice([str(corpus / "*.jsonl")], corpus / "big", tokenizer.path, 0, 1)
+    assert (corpus / "prepared" / "manifest.json").is_file() and (corpus / "big.slices").is_dir()
+    with pytest.warns(UserWarning, match=r"skipped the prepared data inside it \(big.slices, prepared\)"):
+        assert list(iter_documents([corpus])) == alone
+
+
+def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
+    """prepare_data resolves --input in several passes (output checks, the first-document probe, the
+    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)))
+    shutil.copyfile(tokenizer.path, tmp_path / "corpus" / "tokenizer.model")
+    argv = ["--input", "corpus", "--tokenizer", str(tokenizer.path), "--output", "ds", "--seq-len", "16"]
+    argv += ["--val-fraction", "0.2", "--no-progress", "--workers", "1"]
+    tool = Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py"
+    done = subprocess.run([sys.executable, str(tool), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
+
+
+def test_a_glob_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
+    """--input 'corpus/*' (quoted, as for a corpus of many files) read the recipe's
+    corpus/tokenizer.model as a text document (94 documents of the 93-document recipe corpus,
+    one of them the model's protobuf bytes); the folder itself skipped it with a warning."""
+    import shutil
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("one document\n")
+    (tmp_path / "corpus" / "b.jsonl").write_text('{"text": "two"}\n')
+    shutil.copyfile(tokenizer.path, tmp_path / "corpus" / "tokenizer.model")
+    with pytest.warns(UserWarning, match=r"corpus/\*: skipped 1 file\(s\) that are not text \(.*tokenizer.model"):
+        assert list(iter_documents([str(tmp_path / "corpus" / "*")])) == ["one document\n", "two"]
+
+
 def test_bad_jsonl_names_file_line_and_field(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r"x.jsonl:2: no field 'text' \(found \['body'\]\); pass --text-field"):
@@ -103,6 +180,24 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path):
     (tmp_path / "y.jsonl").write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(DataError, match=r"y.jsonl:2: invalid JSON"):
         list(iter_documents([tmp_path / "y.jsonl"]))
+
+
+def test_a_json_document_that_is_not_json_lines_is_named_with_the_conversion(tmp_path):
+    """A .json file holding one JSON array (as pandas' to_json and many exports write it), pretty-printed
+    or on one line, or records written over several lines, was refused as 'invalid JSON (Expecting
+    value)' at line 1, or 'no field 'text' (found list)': true, but no hint that the reader takes one
+    record per line. The error says what the file is and how to convert it; a broken line later in a
+    JSON Lines file keeps its own message."""
+    records = [{"text": "one"}, {"text": "two"}]
+    (tmp_path / "pretty.json").write_text(json.dumps(records, indent=2))
+    (tmp_path / "flat.json").write_text(json.dumps(records))
+    (tmp_path / "objects.json").write_text("\n".join(json.dumps(r, indent=2) for r in records))
+    for name, what in (("pretty", "a JSON array"), ("flat", "a JSON array"), ("objects", "a JSON object written over")):
+        with pytest.raises(DataError, match=rf"{name}.json:1: the file is {what}.*not JSON Lines.*jq -c"):
+            list(iter_documents([tmp_path / f"{name}.json"]))
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "[broken\n")
+    with pytest.raises(DataError, match=r"lines.jsonl:3: invalid JSON"):
+        list(iter_documents([tmp_path / "lines.jsonl"]))
 
 
 def test_missing_path_and_empty_corpus_fail_before_work(tmp_path, monkeypatch):
@@ -407,3 +502,49 @@ def test_a_trained_tokenizer_keeps_the_text_as_written(tmp_path):
     # keep_whitespace=False: sentencepiece's normalization, which the embedded fact world is built with
     legacy = train_tokenizer(docs, tmp_path / "legacy.model", 2000, keep_whitespace=False)
     assert legacy.decode(legacy.encode(odd[0])) == "def f(x): if x: return 1"
+
+
+def test_a_tokenizer_smaller_than_asked_is_named(tmp_path):
+    """--vocab-size is an upper bound (hard_vocab_limit=False): on the recipe's 702K-character corpus
+    --vocab-size 32000 gave 22,786 pieces (unigram: 6,209), printed as 'vocab 22786' with no word that it
+    fell short. The warning names both sizes and the fix; a size the sample reaches warns of nothing."""
+    import warnings
+
+    from pretrain.data.bundled_text import bundled_documents
+
+    texts = [d["text"] for d in bundled_documents(["licenses"])][:4]
+    fewer = r"has (\d+) pieces, fewer than the 20000 asked: bpe found no more .* train on more text"
+    with pytest.warns(UserWarning, match=fewer):
+        tok = train_tokenizer(texts, tmp_path / "big.model", 20000)
+    assert tok.vocab_size < 20000
+    with pytest.warns(UserWarning, match=r"raise --max-sentences \(the sample was capped at 50 lines\)"):
+        train_tokenizer(texts, tmp_path / "capped.model", 20000, max_sentences=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train_tokenizer(texts, tmp_path / "small.model", 600).vocab_size == 600
+
+
+def test_sample_corpus_writes_each_part_once(tmp_path, capsys):
+    """--part licenses licenses wrote the 14 license texts twice (28 documents): a corpus with every
+    document duplicated, half of them likely to land in the other split than their copy."""
+    from tools.sample_corpus import main as sample_main
+
+    assert sample_main(["--output", str(tmp_path / "once.jsonl"), "--part", "licenses"]) == 0
+    assert sample_main(["--output", str(tmp_path / "twice.jsonl"), "--part", "licenses", "licenses"]) == 0
+    once = (tmp_path / "once.jsonl").read_text()
+    assert (tmp_path / "twice.jsonl").read_text() == once
+    assert len({json.loads(line)["text"] for line in once.splitlines()}) == len(once.splitlines())
+
+
+def test_a_folder_as_tokenizer_names_the_model_file_in_it(tmp_path, tokenizer):
+    """--tokenizer data/english (the dataset, or an export folder, instead of its tokenizer.model) said
+    'tokenizer model data/english does not exist: train one with tools/train_tokenizer.py'."""
+    import shutil
+
+    (tmp_path / "ds").mkdir()
+    shutil.copyfile(tokenizer.path, tmp_path / "ds" / "tokenizer.model")
+    with pytest.raises(DataError, match=rf"tokenizer model {tmp_path / 'ds'} is a folder: pass .*ds/tokenizer.model"):
+        Tokenizer(tmp_path / "ds")
+    with pytest.raises(DataError, match=r"is a folder: name the .model file itself"):
+        Tokenizer(tmp_path)
+    assert Tokenizer(tmp_path / "ds" / "tokenizer.model").sha256 == tokenizer.sha256

@@ -82,8 +82,12 @@ def test_cli_writes_json_and_plot_and_refuses_a_missing_split(tmp_path, tokenize
     assert payload["documents"] == len(documents) and len(payload["rows"]) == 1 and payload["warnings"] == []
     assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "--- row 0 ---" in capsys.readouterr().out
-    assert main([str(out), "--split", "val"]) == 2
-    assert "has no 'val' split with shards" in capsys.readouterr().err
+    assert main([str(out), "--split", "val"]) == 2  # it has one, empty (val_fraction=0)
+    assert (
+        f"{out}'s 'val' split is empty (prepared with --val-fraction 0.0): inspect 'train'" in capsys.readouterr().err
+    )
+    assert main([str(out), "--split", "test"]) == 2
+    assert f"{out} has no 'test' split (it has ['train']): pass --split train" in capsys.readouterr().err
     with pytest.raises(DataError, match="does not exist"):
         inspect_split(tmp_path / "nowhere")
 
@@ -104,3 +108,23 @@ def test_plot_into_a_new_folder_and_a_folder_as_output_refused(tmp_path, tokeniz
         assert exit_.value.code == 2
         assert f"argument {option}: {plot.parent} is a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "plots"]
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_inspection(tmp_path, monkeypatch, capsys):
+    """--plot lengths.txt read every shard of the split and then ended in matplotlib's ValueError
+    traceback ("Format 'txt' is not supported"), nothing plotted. It is refused when the arguments
+    are parsed; a suffix matplotlib writes, or none (PNG), is taken."""
+    import tools.inspect_data as cli
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the split was read")
+
+    monkeypatch.setattr(cli, "inspect_split", unread)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "ds"), "--plot", str(tmp_path / "lengths.txt")])
+    assert exit_.value.code == 2
+    assert "argument --plot: " in (err := capsys.readouterr().err) and "cannot write a .txt image; name a .png" in err
+    from pretrain.cli import image_file
+
+    for name in ("lengths.png", "lengths.PDF", "lengths.svg", "lengths"):
+        assert image_file("lengths.png")(str(tmp_path / name)) == str(tmp_path / name)

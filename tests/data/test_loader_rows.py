@@ -19,6 +19,7 @@ import torch
 
 from data_helpers import SEQ_LEN, row_keys, shard_rows
 from pretrain.data import ShardLoader, read_manifest, write_dataset
+from pretrain.data.errors import DataError
 from pretrain.data.mixture import MixtureLoader
 from pretrain.data.sources import Source
 
@@ -79,6 +80,41 @@ def test_one_pass_of_steps_reads_every_row_once(data, world, workers, shuffle):
         shares.append(len(rows))
     assert epoch == reference
     assert max(shares) - min(shares) <= w
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 3, 61, 274, 1000])
+def test_the_first_rows_of_an_epoch_are_split_across_the_ranks_each_read_once(data, world, n):
+    """rows=n (evaluation): the ranks, in rank order, read the first n rows (all 274 when n is
+    more) of the epoch one rank alone reads, each once, in contiguous parts within a row of each
+    other in size; a rank left without a row reads none (also with fewer rows than ranks)."""
+    reference = Counter(row for shard in shard_rows(data) for row in shard)
+    eos = read_manifest(data)["eos_id"]
+    whole = [k for b in loader(data, 0, 1, 0, batch=3, loop=False) for k in row_keys(b, eos)]
+    assert Counter(whole) == reference  # one rank's epoch: every row once
+    parts = [
+        [
+            k
+            for b in ShardLoader(data, "train", 3, SEQ_LEN, r, world, seed=5, loop=False, rows=n)
+            for k in row_keys(b, eos)
+        ]
+        for r in range(world)
+    ]
+    assert [k for part in parts for k in part] == whole[:n]
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_reading_with_workers_leaves_the_global_rng_alone(data):
+    """DataLoader workers draw their base seed from the loader's own generator: the global torch
+    state a resumed run restores before its loader starts is the one its training then draws from."""
+    before = torch.get_rng_state()
+    next(iter(loader(data, 0, 1, 2)))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_first_rows_are_for_one_pass(data):
+    with pytest.raises(DataError, match=r"rows=4 \(the first rows of one epoch\) needs rows >= 1 and loop=False"):
+        ShardLoader(data, rows=4)
 
 
 @pytest.mark.parametrize("world,workers", [*LAYOUTS, pytest.param(2, 0, id="2ranks-x-1worker")])

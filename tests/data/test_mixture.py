@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,9 +38,10 @@ def assert_same_batches(a, b):
         assert torch.equal(x.doc_ids, y.doc_ids)
 
 
-def test_proportions_follow_the_weights(dataset, second_dataset):
+def test_proportions_follow_the_weights(tmp_path, dataset, second_dataset):
     weights = {"a": 1.0, "b": 3.0, "c": 0.5}
-    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 3.0, "b"), (dataset, 0.5, "c")))
+    third = shutil.copytree(dataset, tmp_path / "c")  # one folder may not be two sources
+    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 3.0, "b"), (third, 0.5, "c")))
     mix = mixture(sources, batch_size=64, seed=11)
     it = iter(mix)
     for _ in range(320):  # 20,480 drawn sequences
@@ -208,6 +210,7 @@ def test_mismatched_tokenizers_are_refused_naming_both(tmp_path, dataset, docume
     assert "data.sources[1] (b)" in msg and "--tokenizer" in msg
 
 
+@pytest.mark.filterwarnings("ignore:the training split is empty")  # the 'empty' source, on purpose
 def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
     with pytest.raises(DataError, match=r"data.sources\[1\] \(b\): weight=0.0 must be a positive"):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (dataset, 0.0, "b")))
@@ -245,5 +248,40 @@ def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (empty, 1.0, "empty")))
     with pytest.raises(DataError, match="name.*used twice"):
         resolve_sources(data_cfg((dataset, 1.0, "a"), (dataset, 1.0, "a")))
+    # A copied entry whose dir was left unchanged: 'b' would train on a's rows and report a's
+    # validation loss as val_loss/b (accepted before, without a word). A link to the folder is the folder.
+    (tmp_path / "link").symlink_to(dataset)
+    for again in (dataset, tmp_path / "link", f"{dataset}/"):
+        with pytest.raises(
+            DataError, match=r"data.sources\[1\] \(b\): .* is also data.sources\[0\] \(a\): .*list it once \(weight 3 "
+        ):
+            resolve_sources(data_cfg((dataset, 1.0, "a"), (again, 2.0, "b")))
+    from pretrain.data.sources import resolve_eval_sources
+
+    held = SimpleNamespace(eval_sources=[dict(dir=str(dataset), name="x"), dict(dir=f"{dataset}/", name="y")])
+    with pytest.raises(DataError, match=r"data.eval_sources\[1\] \(y\): .* is also listed as 'x'"):
+        resolve_eval_sources(held, [])
     with pytest.raises(DataError, match="both set"):
         resolve_sources(data_cfg((dataset, 1.0, "a"), dir=dataset))
+
+
+def test_a_folder_that_is_not_a_dataset_is_named_with_what_it_is(tmp_path, dataset):
+    """data.dir=corpus/ (the text itself) said "corpus holds no manifest.json: prepare it with
+    tools/prepare_data.py --input <corpus> --output corpus", a command prepare_data refuses (the output
+    would replace its input); data.dir=data/english/train (a split) was told to prepare into the split.
+    Each now says what the folder is and names a command or folder that works."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "one"}\n')
+    shutil.copyfile(dataset / "tokenizer.model", corpus / "tokenizer.model")  # binary: not text
+    with pytest.raises(DataError) as err:
+        resolve_sources(data_cfg(dir=corpus))
+    assert (
+        f"holds no manifest.json but 1 file(s) of text (a.jsonl): a corpus, which the trainer cannot read as it is; "
+        f"prepare it with tools/prepare_data.py --input {corpus} --output {tmp_path / 'corpus-prepared'} "
+        in str(err.value)
+    )
+    with pytest.raises(DataError, match=rf"{dataset / 'train'} is a folder inside the prepared dataset {dataset}: "):
+        resolve_sources(data_cfg(dir=dataset / "train"))
+    with pytest.raises(DataError, match=r"\(the directory does not exist\): prepare it with"):
+        resolve_sources(data_cfg(dir=tmp_path / "nothing"))

@@ -174,8 +174,8 @@ def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, 
     each once, and a shorter split whole and once (before, the loader looped: the README recipe's
     data/pydocs, 81 validation rows, at 8 batches of 16 weighed 47 of them twice), and no batch past
     them is read and thrown away (zip(loader, range(n)) read n + 1). Counted against
-    the split's shards read directly. Every rank reads these same rows (rank 0 of 1), so the loss
-    summed over ranks weighs them alike."""
+    the split's shards read directly, at world 1 (tests/train/test_validation_split.py splits them
+    over 2 ranks)."""
     import pretrain.evaluate
     from pretrain.data.sources import resolve_sources
     from pretrain.train import Evaluator, build_loader
@@ -207,7 +207,10 @@ def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, 
     [
         ("{dir: DATASET, name: x}", "is trained on (data.dir / data.sources)"),
         ("{dir: SECOND, name: data}", "the name 'data' is already used"),
-        ("{dir: MISSING}", "holds no manifest.json: prepare it with tools/prepare_data.py"),
+        (
+            "{dir: MISSING}",
+            "holds no manifest.json (the directory does not exist): prepare it with tools/prepare_data.py",
+        ),
     ],
 )
 def test_bad_heldout_corpora_are_refused_at_config_time(tmp_path, dataset, second_dataset, spec, message):
@@ -267,3 +270,19 @@ def test_fewer_rows_than_readers_are_refused_before_the_model_is_built(tmp_path,
     with pytest.raises(ConfigError, match=rf"{sequences + 1} data.num_workers = {sequences + 1} readers need"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_vocabulary_changed_by_the_data_is_named_at_resume(tmp_path, dataset):
+    """The recipe's licenses trained 2 steps, then prepared again in the same folder with another
+    tokenizer (2000 pieces) and the run resumed: 'checkpoint ... was written for a different model config
+    (model.vocab_size: checkpoint 4096 vs config 2048); use the original config', though the config was
+    unchanged: model.vocab_size followed the data. The message now names the data and that cause."""
+    from pretrain.checkpoint import check_compatible, model_fingerprint
+
+    cfg = own_config(tmp_path / "run", f"data.dir={dataset}")
+    saved = dict(model_fingerprint(cfg), vocab_size=cfg.model.vocab_size + 64)
+    with pytest.raises(ConfigError, match=rf"follows the tokenizer of the training data, {dataset}, unless set: was "):
+        check_compatible(saved, cfg, tmp_path / "ckpt")
+    saved = dict(model_fingerprint(cfg), dim=cfg.model.dim * 2)  # another change: no word of the data
+    with pytest.raises(ConfigError, match=r"model.dim: checkpoint \d+ vs config \d+\); use the original config"):
+        check_compatible(saved, cfg, tmp_path / "ckpt")

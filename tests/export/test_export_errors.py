@@ -72,6 +72,16 @@ def test_truncated_value_shard(run_copy, tmp_path):
     _export_fails(run_copy, tmp_path / "out", f"{shard.name} is truncated", IncompleteFileError)
 
 
+def test_a_flipped_bit_in_a_value_shard_is_named(run_copy, tmp_path):
+    """A flipped bit in the values' data exported without a word (the file still parses);
+    the checkpoint's checksums.json names the file."""
+    shard = _ckpt(run_copy) / "values.t0.s0-of-1.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    _export_fails(run_copy, tmp_path / "out", f"{shard.name} does not match the CRC-32", IncompleteFileError)
+
+
 def test_truncated_zero_partition(run_copy, tmp_path):
     optim = _ckpt(run_copy) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])

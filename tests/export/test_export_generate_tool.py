@@ -34,8 +34,11 @@ def test_generate_errors_name_the_problem_and_fix(inference_export, tmp_path, ca
     assert f"{no_tokenizer} has no tokenizer.model" in err and "tools/export.py" in err
 
     assert main([str(inference_export), "--prompt", "The city of Aldmere " * 8, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err  # 89 tokens: no --max-new-tokens fits them
+    assert "longer than the model's max_seq_len of 32: shorten the prompt to at most 29 tokens (keep its end)" in err
+    assert main([str(inference_export), "--prompt", "The city", "--max-new-tokens", "40"]) == 2
     err = capsys.readouterr().err
-    assert "max_seq_len is 32: shorten the prompt or lower --max-new-tokens" in err
+    assert "max_seq_len is 32: shorten the prompt or lower --max-new-tokens to at most" in err
 
 
 def test_generate_refuses_bad_numbers_before_loading(inference_export, monkeypatch, capsys):
@@ -75,3 +78,59 @@ def test_generate_refuses_a_prompt_beside_probes(tmp_path, capsys):
         main([str(tmp_path), "--probes", "5", "--prompt", "The capital of"])
     assert exit_.value.code == 2
     assert "--prompt and --probes" in capsys.readouterr().err
+
+
+def _probes_with_new_facts(export, folder):
+    """A probes.jsonl of the export's probes with every third one marked a new fact (held out of
+    pretraining), as the embedded corpus interleaves them; returns (trained, new) questions in order."""
+    import json
+    from dataclasses import asdict, replace
+
+    from pretrain.data import load_probes
+    from pretrain.export.generation import fits
+
+    tok = Tokenizer(export / "tokenizer.model")
+    fitting = [p for p in load_probes(export) if fits(p, tok, 32)]  # the export's max_seq_len
+    probes = [replace(p, is_new_fact=i % 3 == 1) for i, p in enumerate(fitting[:12])]
+    folder.mkdir()
+    (folder / "probes.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in probes))
+    return [p.question for p in probes if not p.is_new_fact], [p.question for p in probes if p.is_new_fact]
+
+
+def test_generate_probes_asks_the_trained_facts_as_the_runs_fact_recall(inference_export, tmp_path, capsys):
+    """--probes N asked the first N probes of the file, new facts (never trained on) among them,
+    while the run's fact recall asks only trained facts: the printed accuracy was diluted."""
+    from tools.generate import main
+
+    trained, new = _probes_with_new_facts(inference_export, tmp_path / "probes")
+    assert main([str(inference_export), "--probes", "5", "--probes-dir", str(tmp_path / "probes")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[4:].split(" -> ")[0] for line in lines[:-1]] == trained[:5]
+    assert " on 5 trained-fact probes " in lines[-1]
+    argv = [str(inference_export), "--probes", "9", "--probes-dir", str(tmp_path / "probes"), "--new-facts"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[4:].split(" -> ")[0] for line in lines[:-1]] == new  # all 4 of them
+    assert " on 4 new-fact probes " in lines[-1]
+
+
+def test_generate_probes_without_probes_of_the_kind_asked_is_refused(inference_export, tmp_path, monkeypatch, capsys):
+    import json
+    from dataclasses import asdict, replace
+
+    import pytest
+
+    import pretrain.export
+    from pretrain.data import load_probes
+    from tools.generate import main
+
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    probes = [replace(p, is_new_fact=False) for p in load_probes(inference_export)[:3]]
+    (folder / "probes.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in probes))
+    assert main([str(inference_export), "--probes", "2", "--probes-dir", str(folder), "--new-facts"]) == 2
+    assert "probes.jsonl holds no new-fact probe: ask the others without --new-facts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(inference_export), "--prompt", "The", "--new-facts"])
+    assert "--new-facts selects which fact probes --probes asks" in capsys.readouterr().err

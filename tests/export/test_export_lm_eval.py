@@ -340,3 +340,36 @@ def test_lm_eval_requests_past_max_seq_len_equal_float64_brute_force(inference_e
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
         assert out == tok.decode(new), prompt
+
+
+def test_fact_tasks_ask_the_trained_facts_as_the_runs_fact_recall(inference_export, tmp_path, capsys):
+    """The tasks asked every probe of the file, new facts (never trained on) among them, while the
+    run's fact recall asks only trained facts: lm-eval's exact_match was diluted by them."""
+    from dataclasses import replace
+
+    tokenizer = Tokenizer(inference_export / "tokenizer.model")
+    fitting = [p for p in load_probes(inference_export) if fits(p, tokenizer, 31)]  # none left out as too long
+    probes = [replace(p, is_new_fact=i % 3 == 1) for i, p in enumerate(fitting[:12])]
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    (folder / "probes.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in probes))
+
+    def asked(task_dir):
+        rows = [json.loads(line) for path in task_dir.glob(f"{GROUP}_len*.jsonl") for line in path.open()]
+        mc = [json.loads(line) for line in (task_dir / f"{MC_TASK}.jsonl").open()]
+        assert {r["question"] for r in mc} <= {r["question"] for r in rows}
+        return {r["question"] for r in rows}
+
+    trained = [p.question for p in probes if not p.is_new_fact]
+    info = write_fact_tasks(inference_export, tmp_path / "t", probes_dir=folder, limit=5)
+    assert asked(tmp_path / "t") == set(trained[:5]) and info["probes"] == 5 and info["other_facts"] == 4
+    info = write_fact_tasks(inference_export, tmp_path / "n", probes_dir=folder, new_facts=True)
+    assert asked(tmp_path / "n") == {p.question for p in probes if p.is_new_fact} and info["other_facts"] == 8
+
+    assert (
+        memlayers_eval([str(inference_export), "--probes-dir", str(folder), "--write-tasks", str(tmp_path / "w")]) == 0
+    )
+    assert "(8 trained-fact probes, 0 longer than the model's context left out; 4 new" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        memlayers_eval([str(inference_export), "--task-dir", str(tmp_path / "t"), "--new-facts"])
+    assert "--new-facts and --task-dir" in capsys.readouterr().err

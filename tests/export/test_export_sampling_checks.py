@@ -43,3 +43,21 @@ def test_the_domain_edges_still_generate():
     assert generate(model, SEQUENCE[:2], 4, temperature=1e-3, top_p=1.0) == SEQUENCE[2:]
     check_length(2, 0, 8)
     check_sampling(torch.tensor(0.5).item(), 1.0)
+
+
+def test_a_prompt_longer_than_the_context_names_the_prompt_length_that_fits():
+    """A prompt longer than max_seq_len was told to "lower --max-new-tokens to at most 0", which
+    cannot fit it: only a shorter prompt can. The longest prompt named must be accepted."""
+    for prompt, new, longest in [(40, 4, 29), (40, 0, 32), (33, 1, 32)]:
+        with pytest.raises(ValueError) as err:
+            check_length(prompt, new, 32)
+        message = str(err.value)
+        assert f"the prompt is {prompt} tokens, longer than the model's max_seq_len of 32" in message
+        assert (
+            f"shorten the prompt to at most {longest} tokens" in message and "max-new-tokens to at most" not in message
+        )
+        check_length(longest, new, 32)  # the length named fits
+        with pytest.raises(ValueError):
+            check_length(longest + 1, new, 32)  # and is the longest that does
+    with pytest.raises(ValueError, match="make prompt \\+ --max-new-tokens at most 33"):
+        check_length(40, 40, 32)

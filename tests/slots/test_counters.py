@@ -142,6 +142,41 @@ def test_summary_against_float64_formulas():
     assert hist[0].item() == pytest.approx(math.log10(51)) and hist[199].item() == 0.0
 
 
+def test_a_slot_log_summarises_each_interval_once(monkeypatch):
+    """The trainer's slot log (reduce, summary, console lines) takes each counter's interval
+    distribution (a top-k and a log over all N slots) once, and the cumulative one once: 2 per
+    counter, not 3 (reduce's history and summary each took the interval's). Its scalars equal
+    those of the distribution taken afresh."""
+    import pretrain.slots.counters as counters
+    from pretrain.slots.summary import distribution_summary
+    from pretrain.train import log_slot_statistics
+
+    stats = SlotStatistics(200, ["m", "n"], granularity="sequence")
+    picks = torch.tensor([0] * 50 + [1] * 30 + [2] * 10 + [3] * 10).view(100, 1, 1)
+    stats.update([picks, picks + 7], torch.zeros(1, 100, dtype=torch.int64))
+    stats.reduce()  # a first interval closed: the next one starts from these counts
+    stats.update([picks + 1, picks], torch.zeros(1, 100, dtype=torch.int64))
+    expected = {n: distribution_summary(stats.counts[n] - stats.interval_start[n]) for n in ("m", "n")}
+    calls = []
+    monkeypatch.setattr(counters, "distribution_summary", lambda c: calls.append(1) or distribution_summary(c))
+    logged = {}
+
+    class Metrics:
+        def scalars(self, values, step):
+            logged.update(values)
+
+        def line(self, text):
+            pass
+
+        def histogram(self, *args):
+            pass
+
+    log_slot_statistics(stats, Metrics(), step=2)
+    assert len(calls) == 4
+    for n in ("m", "n"):
+        assert {k: logged[f"slots/{n}/interval/{k}"] for k in expected[n]} == expected[n]
+
+
 def test_bad_input_is_refused():
     stats = SlotStatistics(N, NAMES)
     idx = [torch.zeros(B * S, H, K, dtype=torch.int64)] * 2

@@ -426,8 +426,10 @@ def test_resume_may_change_the_mixture(capsys, tmp_path, data_cache, monkeypatch
     data = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
     run = tmp_path / "run"
 
+    other = shutil.copytree(data, tmp_path / "other")  # a second corpus of the same tokenizer
+
     def mix(a: float, b: float, name: str = "b") -> str:
-        return f"data.sources=[{{dir: {data}, weight: {a}, name: a}}, {{dir: {data}, weight: {b}, name: {name}}}]"
+        return f"data.sources=[{{dir: {data}, weight: {a}, name: a}}, {{dir: {other}, weight: {b}, name: {name}}}]"
 
     base = ["train.micro_batch=2", f"train.run_dir={run}"]
     materialise(plan_run(TINY, [*base, mix(1.0, 2.0)], SlurmOptions(cpu=True), workdir=tmp_path))
@@ -438,7 +440,7 @@ def test_resume_may_change_the_mixture(capsys, tmp_path, data_cache, monkeypatch
     rc, _, err = _submit(capsys, ["--config", TINY, *base, added, "--resume", "--dry-run", "--cpu"])
     assert rc == 0, err
     rc, _, err = _submit(capsys, ["--config", TINY, *base, mix(1.0, 2.0, "c"), "--resume", "--dry-run", "--cpu"])
-    assert rc == 2 and f"--resume: data.sources: 'c' reads {data}, which this run read as 'b' so far" in err
+    assert rc == 2 and f"--resume: data.sources: 'c' reads {other}, which this run read as 'b' so far" in err
     rc, _, err = _submit(
         capsys, ["--config", TINY, *base, mix(1.0, 2.0), "train.seed=1", "--resume", "--dry-run", "--cpu"]
     )

@@ -88,13 +88,13 @@ class FixedGlobalBatches:
         return f"fixed batches at step {self.position}"
 
 
-def fixed_batches(cfg, dataset, split, rank, world_size, loop):
+def fixed_batches(cfg, dataset, split, rank, world_size, loop, **kwargs):
     """A loader factory for `train(..., loaders=fixed_batches)`: FixedGlobalBatches for the train
     split, the real loader for validation."""
     from pretrain.train import build_loader
 
     if split != "train":
-        return build_loader(cfg, dataset, split, rank, world_size, loop)
+        return build_loader(cfg, dataset, split, rank, world_size, loop, **kwargs)
     return FixedGlobalBatches(
         rank, world_size, cfg.train.micro_batch, cfg.train.global_batch, cfg.data.seq_len, cfg.model.vocab_size
     )

@@ -32,10 +32,10 @@ class SlowLoader:
 
 
 def slow_on(ranks: set[int]):
-    def loaders(cfg, dataset, split, rank, world_size, loop):
+    def loaders(cfg, dataset, split, rank, world_size, loop, **kwargs):
         from tests.train.helpers import fixed_batches
 
-        loader = fixed_batches(cfg, dataset, split, rank, world_size, loop)
+        loader = fixed_batches(cfg, dataset, split, rank, world_size, loop, **kwargs)
         return SlowLoader(loader, DELAY) if split == "train" and rank in ranks else loader
 
     return loaders

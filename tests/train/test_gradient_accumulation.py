@@ -46,10 +46,12 @@ class _Rows:
         pass
 
 
-def _loaders(cfg, dataset, split, rank, world_size, loop):
+def _loaders(cfg, dataset, split, rank, world_size, loop, **kwargs):
     from pretrain.train import build_loader
 
-    return _Rows(rank, world_size) if split == "train" else build_loader(cfg, dataset, split, rank, world_size, loop)
+    if split == "train":
+        return _Rows(rank, world_size)
+    return build_loader(cfg, dataset, split, rank, world_size, loop, **kwargs)
 
 
 def _accumulated_vs_one_batch(rank: int, run_dir: str, cache: str) -> dict:

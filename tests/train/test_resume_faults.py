@@ -134,6 +134,34 @@ def test_damaged_checkpoint_file_is_named(run_copy, data_cache, name, damage):
     assert_nothing_lost(before, run_copy)
 
 
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "values.t0.s0-of-1.safetensors", "rank_00000.pt"])
+def test_a_flipped_bit_is_refused_naming_the_file(run_copy, data_cache, name):
+    """One bit flipped in the middle of a file (tensor data: its structure still parses) resumed
+    silently and trained on the damaged weights: torch does not check its zip members' CRCs and
+    safetensors has none. The checkpoint's checksums.json now refuses it, naming the file."""
+    path = run_copy / "checkpoints" / "step_00000002" / name
+    flip_bit(path, path.stat().st_size // 2)
+    before = file_hashes(run_copy)
+    with pytest.raises(CheckpointError, match=rf"{name} does not match the CRC-32 it was written with") as err:
+        resume(run_copy, data_cache)
+    assert "write 'step_00000001' into" in str(err.value)  # the previous checkpoint is whole
+    assert_nothing_lost(before, run_copy)
+
+
+def test_a_checkpoint_without_checksums_still_resumes(run_copy, data_cache):
+    """Checkpoints written before checksums.json existed are read as before."""
+    for folder in (run_copy / "checkpoints").glob("step_*"):
+        (folder / "checksums.json").unlink()
+    assert resume(run_copy, data_cache).step == 3
+    assert (run_copy / "checkpoints" / "step_00000003" / "checksums.json").is_file()
+
+
 def test_following_the_message_resumes(run_copy, data_cache):
     """The fix the refusal names (move the damaged folder aside, point latest at the previous) works."""
     root = run_copy / "checkpoints"
@@ -142,6 +170,23 @@ def test_following_the_message_resumes(run_copy, data_cache):
     (root / "latest").write_text("step_00000001")
     result = resume(run_copy, data_cache)
     assert result.step == 3 and len(result.losses) == 2
+
+
+def test_an_unfinished_checkpoint_is_ignored_with_a_message(run_copy, data_cache, capsys):
+    """What a rank killed mid-write (kill -9, a time limit's SIGKILL) leaves: a `.tmp-` folder
+    beside the complete checkpoints, `latest` naming the previous one. The resume took the
+    previous one without saying why the newer step was not used; now its log names the folder."""
+    unfinished = run_copy / "checkpoints" / ".tmp-step_00000003"
+    unfinished.mkdir()
+    (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut off")
+    result = resume(run_copy, data_cache)
+    assert result.step == 3 and len(result.losses) == 1  # resumed at step 2
+    out = capsys.readouterr().out
+    assert (
+        f"ignored the unfinished checkpoint {unfinished} (a run stopped while writing it); resuming from step_00000002"
+        in out
+    )
+    assert not unfinished.exists()  # the save at step 3 removed it
 
 
 def test_empty_latest_is_named(run_copy, data_cache, capsys):

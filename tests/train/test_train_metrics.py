@@ -69,8 +69,8 @@ def test_the_first_step_is_left_out_of_throughput(tmp_path, data_cache, monkeypa
         clock.advance(10.0 if calls["n"] == 1 else 1.0)
         return real_objective(logits, targets, z_weight)
 
-    def loaders(cfg, dataset, split, rank, world_size, loop):
-        loader = build_loader(cfg, dataset, split, rank, world_size, loop)
+    def loaders(cfg, dataset, split, rank, world_size, loop, **kwargs):
+        loader = build_loader(cfg, dataset, split, rank, world_size, loop, **kwargs)
         return FirstBatchWaits(loader, clock, 5.0) if split == "train" else loader
 
     monkeypatch.setattr(train_module, "time", clock)

@@ -56,6 +56,26 @@ def test_resume_is_exact(tmp_path, data_cache, workers, memory):
         assert_same_tables(tmp_path / "a", tmp_path / "b")
 
 
+def test_a_resumed_run_with_data_workers_draws_what_an_uninterrupted_run_draws(tmp_path, data_cache, monkeypatch):
+    """An RNG consumer in the loop (dropout on the logits here) draws the same numbers after a resume
+    as the uninterrupted run at those steps: the losses are bitwise equal. Before, starting the
+    loader's DataLoader workers drew their base seed from the global torch generator, once per run:
+    the resumed run's draws after its restored state were shifted by one."""
+    import torch.nn.functional as F
+
+    real_objective = train_module.training_objective
+
+    def with_dropout(logits, targets, z_weight):
+        return real_objective(F.dropout(logits, p=0.5, training=True), targets, z_weight)
+
+    monkeypatch.setattr(train_module, "training_objective", with_dropout)
+    opts = ("train.max_steps=4", "data.num_workers=2")
+    straight = train(tiny_config(tmp_path / "a", data_cache, *opts))
+    first = train(tiny_config(tmp_path / "b", data_cache, *opts, "train.stop_after=2"))
+    second = train(tiny_config(tmp_path / "b", data_cache, *opts))
+    assert first.losses + second.losses == straight.losses
+
+
 def test_a_finished_run_started_again_names_its_checkpoint(tmp_path, data_cache):
     """Nothing left to train: the result names the checkpoint and slot table it resumed from (it
     said 'checkpoint None'), and the run directory is as it was."""
@@ -177,6 +197,10 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
     counts = torch.bincount(torch.cat([i.reshape(-1) for i in applied]), minlength=table.num_slots)
     assert torch.equal(table.counts["layers.1"], counts)
     assert table.num_tokens == sum(i.shape[0] for i in applied) == 4 * 8 * 32
+    # tokens_seen counts the tokens trained on, as the table does: not the skipped step's (before: 5 x 256)
+    assert result.tokens_seen == table.num_tokens
+    seen = {e.step: e.value for e in board.Scalars("train/tokens_seen")}
+    assert seen == {1: 256, 2: 512, 3: 512, 4: 768, 5: 1024}
 
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path, data_cache, monkeypatch):
