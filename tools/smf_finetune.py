@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         "history": history,
     }
     if args.method == "sparse":
-        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm)
+        # the table ranked against (--table may name another than the export's, which the new export copies)
+        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm, table=str(table.path))
     if args.method == "lora":
         record["lora_rank"] = args.lora_rank
     save_finetuned_export(export, method.finished_model(), out, record, force=args.force)

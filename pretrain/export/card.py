@@ -41,11 +41,34 @@ def weight_table(specs) -> str:
     return "\n".join(lines)
 
 
+def slot_counts_line(header: dict[str, str] | None) -> str:
+    """What the export's slot table counts, from its header; or that there is none."""
+    if header is None:
+        return "No slot access counts (the run counted none: no memory layers, or slots.enabled=false)."
+    fields = ("step", "num_documents", "num_tokens", "granularity")
+    if not all(header.get(k, "").strip() for k in fields):
+        return "Slot access counts: `slot_frequencies.safetensors`."
+    first = int(header.get("first_step", "0")) + 1
+    return (
+        f"Slot access counts: `slot_frequencies.safetensors` (steps {first}-{header['step']}, "
+        f"{int(header['num_documents']):,} {header['granularity']} units, {int(header['num_tokens']):,} tokens)."
+    )
+
+
 def render_card(
-    cfg: RunConfig, step: int, tokens: int, manifest_hash: str, dtype: str, specs, nbytes: int, params: int
+    cfg: RunConfig,
+    step: int,
+    tokens: int,
+    manifest_hash: str,
+    dtype: str,
+    specs,
+    nbytes: int,
+    params: int,
+    slot_table: dict[str, str] | None = None,
 ) -> str:
     """The card; `params` counts each parameter once (a tied output head shares the embeddings,
-    while `specs` and model.safetensors list both names)."""
+    while `specs` and model.safetensors list both names); `slot_table`: the header of the
+    exported slot_frequencies.safetensors, None when the export has none."""
     m = cfg.model
     memory = (
         f"memory layers in blocks {list(m.memory.layers)}: {m.memory.n_keys}^2 = {m.memory.num_slots:,} slots, "
@@ -71,7 +94,7 @@ With memlayers: `pretrain.export.load("<this folder>")`.
 Without it: `transformers.AutoModelForCausalLM.from_pretrained("<this folder>", trust_remote_code=True)`
 (modeling code in modeling_memlayers.py; `generate()` keeps a key/value cache, so each step
 feeds only the new token).
-Tokenizer: sentencepiece `tokenizer.model`. Slot access counts: `slot_frequencies.safetensors`.
+Tokenizer: sentencepiece `tokenizer.model`. {slot_counts_line(slot_table)}
 
 ## Weights (model.safetensors)
 

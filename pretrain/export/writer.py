@@ -236,4 +236,5 @@ def model_card(src: CheckpointSource, dtype: str, weights: Path) -> str:
         weight_specs(src.cfg.model, DTYPES[dtype]),
         weights.stat().st_size,
         params,
+        read_header(src.slot_table)[0].get("__metadata__", {}) if src.slot_table is not None else None,
     )

@@ -44,7 +44,9 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
                 color=line.get_color(),
                 label=f"{layer} KL",
             )
-    ax_counts.set(xlabel="slot rank", ylabel="accesses", title=f"sorted slot counts (step {table.step})")
+    first = int(table.metadata.get("first_step", "0")) + 1  # a run that turned the statistics on at a resume
+    counted = f"step {table.step}" if first == 1 else f"steps {first}-{table.step}"
+    ax_counts.set(xlabel="slot rank", ylabel="accesses", title=f"sorted slot counts ({counted})")
     ax_cov.set(xlabel="step", ylabel="fraction of slots used", ylim=(0, 1.02), title="coverage")
     ax_top.set(xlabel="step", ylabel="share of accesses of the top 1% of slots", ylim=(0, 1.02))
     ax_top.set_title("concentration per interval")

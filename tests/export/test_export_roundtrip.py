@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.export import export_checkpoint, load, weight_specs
+from pretrain.slots import load_table
 from tests.export.export_helpers import assert_relative_close, fixed_tokens, training_logits
 from tests.train.helpers import run_ranks
 
@@ -81,6 +82,9 @@ def test_export_contents_and_names(trained, tmp_path):
     card = (out / "README.md").read_text()
     assert "training step: 2" in card and "manifest sha256" in card and "`values.0.weight`" in card
     assert f"- context: {model.cfg.max_seq_len} tokens (max_seq_len;" in card
+    table = load_table(out)
+    units = f"{table.num_documents:,} {table.granularity} units, {table.num_tokens:,} tokens"
+    assert f"Slot access counts: `slot_frequencies.safetensors` (steps 1-{table.step}, {units})." in card
     assert not list(tmp_path.glob(".export.tmp-*"))  # the temporary folder was renamed away
 
 
@@ -157,3 +161,20 @@ def test_card_counts_each_parameter_once(trained, tmp_path, data_cache):
     assert _card_parameters(untied) - _card_parameters(tied) == cfg.vocab_size * cfg.dim
     card = (tied / "README.md").read_text()
     assert "recomputes the whole sequence" not in card and "key/value cache" in card
+
+
+def test_the_card_says_what_the_slot_table_counts_or_that_there_is_none(tmp_path):
+    """The card said 'Slot access counts: slot_frequencies.safetensors' also for an export without
+    one (a dense model, or slots.enabled=false); now it names the steps and units the table counts,
+    from its header (first_step included), or says there is none."""
+    from pretrain.export.card import slot_counts_line
+    from pretrain.slots import SlotStatistics, save_table
+
+    stats = SlotStatistics(16, ["layers.1"], granularity="sequence")
+    stats.start_at(4)
+    stats.update([torch.zeros(2 * 3, 1, 2, dtype=torch.long)], torch.zeros(2, 3, dtype=torch.long))
+    stats.end_step(5)
+    table = load_table(save_table(tmp_path / "t.safetensors", stats.reduce()))
+    line = slot_counts_line(table.metadata)
+    assert line == "Slot access counts: `slot_frequencies.safetensors` (steps 5-5, 2 sequence units, 6 tokens)."
+    assert slot_counts_line(None).startswith("No slot access counts")

@@ -311,6 +311,23 @@ def test_slot_report_writes_png(tmp_path):
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
 
 
+def test_slot_report_names_the_steps_a_late_started_table_counts(tmp_path, monkeypatch):
+    """A table whose counting began after step 2 (first_step 2): the counts panel says steps 3-4,
+    not 'step 4' as if it counted the whole run."""
+    import pretrain.slots.report as report
+
+    stats = SlotStatistics(16, ["layers.1"])
+    stats.start_at(2)
+    for step, (idx, doc_ids) in enumerate(make_stream(0, 2, 2, 5, 2, 3, 16, 1, 0, 4), start=3):
+        stats.update(idx, doc_ids)
+        stats.end_step(step)
+    table = load_table(save_table(tmp_path / "slot_frequencies.safetensors", stats.reduce(), {}))
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig) or Path(out))
+    report.render_report(table, tmp_path / "r.png")
+    assert figures[0].axes[0].get_title() == "sorted slot counts (steps 3-4)"
+
+
 def concentration_panel(tmp_path, monkeypatch):
     """The stats of two counters, and the report's third panel drawn from their table: its
     top-1% share axis and its KL axis."""

@@ -167,6 +167,7 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     )
     record = json.loads((out / "config.json").read_text())["memlayers"]["finetune"]
     assert record["method"] == "sparse" and record["top_t"] == 16 and "new_fact_recall" in record["history"][-1]
+    assert record["table"] == str(export / "slot_frequencies.safetensors")  # the table it ranked against
     assert not torch.equal(load(out).values[0].weight, load(export).values[0].weight)
     assert main(["--export", str(export), "--data", data, "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
@@ -176,7 +177,7 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     table = load_table(export)
     state = {
         "meta": {"layer_names": table.layers, "num_slots": table.num_slots, "granularity": "document", "step": 1},
-        "totals": torch.tensor([1, 1]),
+        "totals": torch.tensor([table.num_documents, table.num_tokens]),
     }
     for layer in table.layers:
         state[f"{layer}.counts"] = table.counts[layer]
