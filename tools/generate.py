@@ -97,7 +97,9 @@ def main(argv=None) -> int:
     try:
         tokenizer = export_tokenizer(export_dir)
         # read as the export's Hugging Face tokenizer reads it: "</s>" is the document separator's id
-        prompt = [tokenizer.eos_id] + tokenizer.encode_with_special_tokens(args.prompt)
+        text_ids = tokenizer.encode_with_special_tokens(args.prompt)
+        # a prompt starts after one separator, as training documents do: "</s>Alice" already has it
+        prompt = text_ids if text_ids[:1] == [tokenizer.eos_id] else [tokenizer.eos_id] + text_ids
         kind = "new-fact" if args.new_facts else "trained-fact"
         if args.probes:  # read before the weights load
             probes_dir = args.probes_dir or export_dir
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
             no_repeat_ngram_size=args.no_repeat_ngram_size,
         )
         # decoded together: a continuation's first piece may carry the space that starts a new word
-        print(tokenizer.decode_with_special_tokens(prompt[1:] + ids))  # the start token is not the prompt's
+        print(tokenizer.decode_with_special_tokens(text_ids + ids))  # an added start token is not the prompt's
     except (ExportError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
