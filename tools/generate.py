@@ -88,10 +88,10 @@ def main(argv=None) -> int:
     elif args.new_facts:
         parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
 
-    from pretrain.data import DataError, load_probes
+    from pretrain.data import DataError
     from pretrain.export import ExportError, load
     from pretrain.export.generation import answer_probes, check_length, check_sampling, generate
-    from pretrain.export.loading import export_tokenizer, model_config_from_json
+    from pretrain.export.loading import export_probes, export_tokenizer, model_config_from_json
 
     export_dir = Path(args.export_dir)
     try:
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         if args.probes:  # read before the weights load
             probes_dir = args.probes_dir or export_dir
             # the training run's fact recall asks only the trained facts: the new facts were held out
-            probes = [p for p in load_probes(probes_dir) if p.is_new_fact == args.new_facts][: args.probes]
+            probes = [p for p in export_probes(export_dir, args.probes_dir) if p.is_new_fact == args.new_facts]
+            probes = probes[: args.probes]
             if not probes:
                 other = "without --new-facts" if args.new_facts else "with --new-facts"
                 raise DataError(f"{probes_dir}/probes.jsonl holds no {kind} probe: ask the others {other}")

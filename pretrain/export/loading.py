@@ -107,6 +107,20 @@ def export_tokenizer_path(export_dir: str | Path) -> Path:
     return path
 
 
+def export_probes(export_dir: str | Path, probes_dir: str | Path | None = None, other_fix: str = ""):
+    """The fact probes of `probes_dir` (default: the export's probes.jsonl), or an error saying
+    why an export may have none and what to pass instead (raised before any model loads)."""
+    from pretrain.data import load_probes
+
+    folder = Path(probes_dir or export_dir)
+    if probes_dir is None and not (folder / "probes.jsonl").is_file():
+        raise ExportError(
+            f"{folder} has no probes.jsonl: its run trained on a dataset without fact probes (only the "
+            f"embedded fact corpus has them); pass --probes-dir with a folder holding a probes.jsonl{other_fix}"
+        )
+    return load_probes(folder)
+
+
 def export_tokenizer(export_dir: str | Path):
     from pretrain.data import Tokenizer
 
