@@ -97,7 +97,15 @@ def check_weights_match(path: Path, header: dict, expected: dict[str, torch.Tens
 
 def export_tokenizer_path(export_dir: str | Path) -> Path:
     """The export's tokenizer.model, or an error saying how to get one (checked before any model loads)."""
-    path = Path(export_dir) / "tokenizer.model"
+    folder = Path(export_dir)
+    path = folder / "tokenizer.model"
+    if not folder.is_dir():
+        raise ExportError(f"no such export directory: {folder} (tools/export.py writes one from a run)")
+    if not path.is_file() and ((folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file()):
+        raise ExportError(
+            f"{folder} is a training run or checkpoint, not an export: export it first, "
+            f"memlayers-export {folder} OUT (tools/export.py), and pass OUT"
+        )
     if not path.is_file():
         raise ExportError(
             f"{export_dir} has no tokenizer.model, which generation and evaluation need: re-export "
