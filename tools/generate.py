@@ -88,21 +88,24 @@ def main(argv=None) -> int:
     elif args.new_facts:
         parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
 
-    from pretrain.data import DataError, load_probes
+    from pretrain.data import DataError
     from pretrain.export import ExportError, load
     from pretrain.export.generation import answer_probes, check_length, check_sampling, generate
-    from pretrain.export.loading import export_tokenizer, model_config_from_json
+    from pretrain.export.loading import export_probes, export_tokenizer, model_config_from_json
 
     export_dir = Path(args.export_dir)
     try:
         tokenizer = export_tokenizer(export_dir)
         # read as the export's Hugging Face tokenizer reads it: "</s>" is the document separator's id
-        prompt = [tokenizer.eos_id] + tokenizer.encode_with_special_tokens(args.prompt)
+        text_ids = tokenizer.encode_with_special_tokens(args.prompt)
+        # a prompt starts after one separator, as training documents do: "</s>Alice" already has it
+        prompt = text_ids if text_ids[:1] == [tokenizer.eos_id] else [tokenizer.eos_id] + text_ids
         kind = "new-fact" if args.new_facts else "trained-fact"
         if args.probes:  # read before the weights load
             probes_dir = args.probes_dir or export_dir
             # the training run's fact recall asks only the trained facts: the new facts were held out
-            probes = [p for p in load_probes(probes_dir) if p.is_new_fact == args.new_facts][: args.probes]
+            probes = [p for p in export_probes(export_dir, args.probes_dir) if p.is_new_fact == args.new_facts]
+            probes = probes[: args.probes]
             if not probes:
                 other = "without --new-facts" if args.new_facts else "with --new-facts"
                 raise DataError(f"{probes_dir}/probes.jsonl holds no {kind} probe: ask the others {other}")
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
             no_repeat_ngram_size=args.no_repeat_ngram_size,
         )
         # decoded together: a continuation's first piece may carry the space that starts a new word
-        print(tokenizer.decode_with_special_tokens(prompt[1:] + ids))  # the start token is not the prompt's
+        print(tokenizer.decode_with_special_tokens(text_ids + ids))  # an added start token is not the prompt's
     except (ExportError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     scratch = None
     try:
         try:
+            export_tokenizer_path(export_dir)  # first: it tells a run directory or a missing folder apart
             if not (export_dir / "config.json").is_file():
                 raise ExportError(f"{export_dir} has no config.json: is it an export directory (tools/export.py)?")
-            export_tokenizer_path(export_dir)
             task_dir = Path(args.task_dir) if args.task_dir else None
             if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
                 task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))

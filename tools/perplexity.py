@@ -26,7 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--max-batches", type=positive_int, default=None, help="at most N batches (default: the whole split)"
     )
-    parser.add_argument("--document-masking", action="store_true", help="attention within each document")
+    parser.add_argument(
+        "--document-masking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="attention within each document (default: as the run trained, data.document_masking)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=output_file("loss.json"), help="also write the result to this file")
     parser.add_argument("--no-progress", action="store_true")
@@ -55,7 +60,8 @@ def main(argv=None) -> int:
     result = {"export": args.export_dir, "data": args.data, "split": args.split, **result}
     print(
         f"{args.export_dir} on {args.data} ({args.split}): loss {result['loss']:.4f} perplexity "
-        f"{result['perplexity']:.2f} over {result['tokens']:,} tokens ({result['sequences']} sequences)"
+        f"{result['perplexity']:.2f} over {result['tokens']:,} tokens ({result['sequences']} sequences"
+        f"{', attention within documents' if result['document_masking'] else ''})"
     )
     if args.json:
         atomic_write(args.json, json.dumps(result, indent=1) + "\n")

@@ -26,10 +26,9 @@ import numbers
 import random
 from pathlib import Path
 
-from pretrain.data import load_probes
 from pretrain.export.errors import ExportError
 from pretrain.export.generation import answer_tokens
-from pretrain.export.loading import export_tokenizer, model_config_from_json
+from pretrain.export.loading import export_probes, export_tokenizer, model_config_from_json
 from pretrain.files import TEMP_MARK, atomic_write_text
 
 GROUP = "memlayers_facts"
@@ -86,7 +85,7 @@ def write_fact_tasks(
         )
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
-    all_probes = load_probes(probes_dir or export_dir)
+    all_probes = export_probes(export_dir, probes_dir, other_fix=", or evaluate other --tasks")
     asked = [p for p in all_probes if p.is_new_fact == new_facts]
     probes = asked[:limit]
     prefix = eos_piece(tokenizer.path)

@@ -97,7 +97,15 @@ def check_weights_match(path: Path, header: dict, expected: dict[str, torch.Tens
 
 def export_tokenizer_path(export_dir: str | Path) -> Path:
     """The export's tokenizer.model, or an error saying how to get one (checked before any model loads)."""
-    path = Path(export_dir) / "tokenizer.model"
+    folder = Path(export_dir)
+    path = folder / "tokenizer.model"
+    if not folder.is_dir():
+        raise ExportError(f"no such export directory: {folder} (tools/export.py writes one from a run)")
+    if not path.is_file() and ((folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file()):
+        raise ExportError(
+            f"{folder} is a training run or checkpoint, not an export: export it first, "
+            f"memlayers-export {folder} OUT (tools/export.py), and pass OUT"
+        )
     if not path.is_file():
         raise ExportError(
             f"{export_dir} has no tokenizer.model, which generation and evaluation need: re-export "
@@ -105,6 +113,20 @@ def export_tokenizer_path(export_dir: str | Path) -> Path:
             "model was trained with into the folder"
         )
     return path
+
+
+def export_probes(export_dir: str | Path, probes_dir: str | Path | None = None, other_fix: str = ""):
+    """The fact probes of `probes_dir` (default: the export's probes.jsonl), or an error saying
+    why an export may have none and what to pass instead (raised before any model loads)."""
+    from pretrain.data import load_probes
+
+    folder = Path(probes_dir or export_dir)
+    if probes_dir is None and not (folder / "probes.jsonl").is_file():
+        raise ExportError(
+            f"{folder} has no probes.jsonl: its run trained on a dataset without fact probes (only the "
+            f"embedded fact corpus has them); pass --probes-dir with a folder holding a probes.jsonl{other_fix}"
+        )
+    return load_probes(folder)
 
 
 def export_tokenizer(export_dir: str | Path):

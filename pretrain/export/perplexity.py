@@ -5,11 +5,13 @@ or not, another run, another corpus) on the same text.
 The loss is the sum of the cross-entropies of every target token (padding excluded),
 accumulated in float64, over the number of those tokens: each token counts once, however
 the batches fall. The dataset must have been prepared with the export's tokenizer (checked
-by hash before the model runs).
+by hash before the model runs). Attention stays within each document when the run trained
+that way (`data.document_masking`, recorded in the export's config.json), unless told otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -29,13 +31,14 @@ def dataset_loss(
     split: str = "val",
     batch_size: int = 8,
     max_batches: int = 0,
-    document_masking: bool = False,
+    document_masking: bool | None = None,
     device: str = "cpu",
     show_progress: bool = True,
     model=None,
 ) -> dict:
-    """{"loss", "perplexity", "tokens", "sequences"} of the export (or `model`, already loaded
-    from it) on `split` of `dataset_dir`; `max_batches` > 0 reads only that many batches."""
+    """{"loss", "perplexity", "tokens", "sequences", "document_masking"} of the export (or `model`,
+    already loaded from it) on `split` of `dataset_dir`; `max_batches` > 0 reads only that many
+    batches. `document_masking` None: as the run trained (`trained_with_document_masking`)."""
     from pretrain.export.loading import load, model_config_from_json
 
     if max_batches < 0:  # the `> 0` tests below would read the whole split
@@ -43,6 +46,8 @@ def dataset_loss(
     tokenizer = export_tokenizer(export_dir)
     manifest = read_manifest(dataset_dir)
     cfg = model_config_from_json(Path(export_dir) / "config.json")
+    if document_masking is None:
+        document_masking = trained_with_document_masking(export_dir)
     if manifest["seq_len"] > cfg.max_seq_len:
         raise ValueError(
             f"{dataset_dir} holds sequences of {manifest['seq_len']} tokens, longer than the export's "
@@ -72,4 +77,18 @@ def dataset_loss(
     if tokens == 0:
         raise ValueError(f"split {split!r} of {dataset_dir} holds no token to score")
     loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "sequences": sequences}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "tokens": tokens,
+        "sequences": sequences,
+        "document_masking": document_masking,
+    }
+
+
+def trained_with_document_masking(export_dir: str | Path) -> bool:
+    """Whether the run the export comes from kept attention within documents (data.document_masking;
+    False for exports written before config.json recorded it). Scored without it, such a model
+    attends to neighbouring documents as it never did in training, and its loss rises."""
+    config = json.loads((Path(export_dir) / "config.json").read_text())
+    return bool(config.get("memlayers", {}).get("document_masking", False))

@@ -79,6 +79,8 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
             "tokens_seen": src.tokens_seen,
             "tokenizer_sha256": tok.sha256,
             "run_id": src.run_id,
+            # how the run attended across packed documents: memlayers-perplexity scores as it trained
+            "document_masking": src.cfg.data.document_masking,
         },
     }
 

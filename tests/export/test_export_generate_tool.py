@@ -134,3 +134,51 @@ def test_generate_probes_without_probes_of_the_kind_asked_is_refused(inference_e
     with pytest.raises(SystemExit):
         main([str(inference_export), "--prompt", "The", "--new-facts"])
     assert "--new-facts selects which fact probes --probes asks" in capsys.readouterr().err
+
+
+def test_an_export_without_probes_names_why_and_what_to_pass(inference_export, tmp_path, monkeypatch, capsys):
+    """An export of a run on one's own text has no probes.jsonl; --probes and memlayers-eval said to
+    "prepare it with pretrain.data.prepare_embedded_dataset or leave data.dir empty", a training fix."""
+    import pytest
+
+    import pretrain.export
+    from tools.generate import main
+    from tools.memlayers_eval import main as memlayers_eval
+
+    export = tmp_path / "export"
+    shutil.copytree(inference_export, export)
+    (export / "probes.jsonl").unlink()
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    why = f"{export} has no probes.jsonl: its run trained on a dataset without fact probes"
+    assert main([str(export), "--probes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "pass --probes-dir with a folder holding a probes.jsonl" in err
+    assert memlayers_eval([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "or evaluate other --tasks" in err
+    assert main([str(export), "--probes", "3", "--probes-dir", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none'}/probes.jsonl does not exist" in capsys.readouterr().err  # a folder named: as before
+
+
+def test_a_run_directory_or_a_missing_folder_is_named_as_such(tmp_path, capsys):
+    """A run directory passed where an export belongs was told it "has no tokenizer.model ... re-export
+    with tools/export.py", and so was a folder that does not exist; the tools now say which it is."""
+    from tools.generate import main
+    from tools.memlayers_eval import main as memlayers_eval
+    from tools.perplexity import main as perplexity
+
+    run = tmp_path / "runs" / "english"
+    (run / "checkpoints" / "step_00000100").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000100" / "config.yaml").write_text("model: {}\n")
+    for folder in (run, run / "checkpoints" / "step_00000100"):
+        for tool in (
+            lambda d: main([d, "--prompt", "The"]),
+            lambda d: perplexity([d, "--data", str(tmp_path)]),
+            lambda d: memlayers_eval([d]),
+        ):
+            assert tool(str(folder)) == 2
+            err = capsys.readouterr().err
+            assert f"{folder} is a training run or checkpoint, not an export: export it first, memlayers-export" in err
+    for tool in (lambda d: main([d, "--prompt", "The"]), lambda d: memlayers_eval([d])):
+        assert tool(str(tmp_path / "nowhere")) == 2
+        assert f"no such export directory: {tmp_path / 'nowhere'}" in capsys.readouterr().err

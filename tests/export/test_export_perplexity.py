@@ -49,6 +49,55 @@ def brute_force(export: Path, dataset: Path, split: str) -> tuple[float, int]:
     return nll / count, count
 
 
+def brute_force_by_document(export: Path, dataset: Path, split: str) -> tuple[float, int]:
+    """Each document of each row alone (a row splits after every EOS), log-softmax in float64:
+    what attention within documents computes, by an independent route."""
+    from pretrain.data import Tokenizer
+
+    model = load(export)
+    eos = Tokenizer(dataset / "tokenizer.model").eos_id
+    manifest = read_manifest(dataset)
+    width = manifest["seq_len"] + 1
+    nll, count = 0.0, 0
+    for shard in manifest["splits"][split]["shards"]:
+        for tokens, meta in read_blocks(dataset / shard["path"], width, manifest["token_dtype"], shard["sequences"]):
+            for row, valid in zip(tokens, meta[:, 1]):
+                n = int(valid) - 1  # scored targets: row[1:valid]
+                starts = [0] + [i + 1 for i in range(n - 1) if row[i] == eos]
+                for start, end in zip(starts, starts[1:] + [n]):
+                    inputs = torch.from_numpy(row[start:end].astype(np.int64))
+                    targets = torch.from_numpy(row[start + 1 : end + 1].astype(np.int64))
+                    with torch.no_grad():
+                        logp = torch.log_softmax(model(inputs[None])[0].double(), dim=-1)
+                    nll -= logp.gather(1, targets[:, None]).sum().item()
+                    count += end - start
+    return nll / count, count
+
+
+def test_an_export_of_a_run_with_document_masking_is_scored_with_it(export_and_data, tmp_path, data_cache, capsys):
+    """memlayers-perplexity attended across packed documents unless told --document-masking, so a
+    run trained with data.document_masking=true scored worse than its own validation loss (1.51
+    against 1.39 on the fact world after 150 steps), silently: the export now records the setting."""
+    export, dataset = export_and_data
+    assert json.loads((export / "config.json").read_text())["memlayers"]["document_masking"] is False
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "optim.lr=1e-2", "data.document_masking=true")
+    train(cfg)
+    masked = export_checkpoint(tmp_path / "run", tmp_path / "export", show_progress=False)
+    assert json.loads((masked / "config.json").read_text())["memlayers"]["document_masking"] is True
+    got = dataset_loss(masked, dataset, "val", batch_size=4, show_progress=False)
+    want, tokens = brute_force_by_document(masked, dataset, "val")
+    assert got["document_masking"] is True and got["tokens"] == tokens
+    assert math.isclose(got["loss"], want, rel_tol=1e-6)
+    across = dataset_loss(masked, dataset, "val", batch_size=4, document_masking=False, show_progress=False)
+    unmasked, _ = brute_force(masked, dataset, "val")
+    assert across["document_masking"] is False and math.isclose(across["loss"], unmasked, rel_tol=1e-6)
+    assert abs(unmasked - want) > 100 * 1e-6 * want  # the two are told apart (after 4 steps, by ~1e-4)
+    assert perplexity_cli.main([str(masked), "--data", str(dataset), "--no-progress"]) == 0
+    assert f"loss {got['loss']:.4f}" in capsys.readouterr().out
+    assert perplexity_cli.main([str(masked), "--data", str(dataset), "--no-progress", "--no-document-masking"]) == 0
+    assert f"loss {across['loss']:.4f}" in capsys.readouterr().out
+
+
 def test_loss_equals_scoring_every_sequence_alone_in_float64(export_and_data):
     export, dataset = export_and_data
     got = dataset_loss(export, dataset, "val", batch_size=3, show_progress=False)
