@@ -1,8 +1,10 @@
-"""Shared pieces of the trainer tests: a tiny config, a fixed-global-batch loader, rank spawning."""
+"""Shared pieces of the trainer tests: a tiny config, a fixed-global-batch loader, rank spawning,
+a fake clock."""
 
 from __future__ import annotations
 
 import json
+import time as real_time
 from pathlib import Path
 
 import torch
@@ -134,3 +136,20 @@ def assert_nothing_lost(before: dict[str, str], root: Path) -> None:
     lost = sorted(set(before) - set(after))
     changed = sorted(k for k in before if k in after and before[k] != after[k])
     assert not lost and not changed, f"lost {lost}, changed {changed}"
+
+
+class FakeClock:
+    """time.perf_counter for pretrain.train that moves only when told (`advance`); the rest of
+    the time module as it is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):
+        return getattr(real_time, name)

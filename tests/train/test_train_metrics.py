@@ -3,15 +3,13 @@ peaks, loss means, slot statistics at the last step."""
 
 from __future__ import annotations
 
-import time as real_time
-
 import pytest
 import torch
 
 import pretrain.train as train_module
 from pretrain.model import flops_per_token
 from pretrain.train import build_loader, train
-from tests.train.helpers import tiny_config
+from tests.train.helpers import FakeClock, tiny_config
 
 
 def scalars(run_dir) -> dict[str, dict[int, float]]:
@@ -20,23 +18,6 @@ def scalars(run_dir) -> dict[str, dict[int, float]]:
 
     board = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     return {tag: {e.step: e.value for e in board.Scalars(tag)} for tag in board.Tags()["scalars"]}
-
-
-class FakeClock:
-    """time.perf_counter for pretrain.train that moves only when told (`advance`); the rest of
-    the time module as it is."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def __getattr__(self, name):
-        return getattr(real_time, name)
 
 
 class FirstBatchWaits:
