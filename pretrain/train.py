@@ -52,6 +52,7 @@ from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
+from pretrain.run_lock import RunDirLock  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
 from pretrain.slots.summary import usage_lines  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
@@ -239,14 +240,16 @@ def train(
     # Installed first: a preemption signal during start-up must not kill the task, and
     # data-loader workers started later inherit the handler.
     stop = stop if stop is not None else StopSignal()
+    lock = None  # of the run directory: rank 0 takes it before its first write there (pretrain/run_lock.py)
     try:
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train))
         memory = IntervalPeak(info.device)
         memory.reset("this run started")
+        lock = RunDirLock(cfg.train.run_dir, info.is_main)
         with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog, memory):
             try:
-                trainer = build(cfg, info, loaders or build_loader, watchdog)
+                trainer = build(cfg, info, loaders or build_loader, watchdog, lock)
             except NothingToTrain as done:
                 if info.is_main:
                     print(done.result.not_trained, flush=True)
@@ -258,6 +261,8 @@ def train(
             finally:
                 trainer.metrics.close()
     finally:
+        if lock is not None:
+            lock.release()
         stop.close()
 
 
@@ -622,7 +627,9 @@ class Trainer:
 
 
 # ---- build ------------------------------------------------------------------------------------
-def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: HangWatchdog) -> Trainer:
+def build(
+    cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: HangWatchdog, lock: RunDirLock | None = None
+) -> Trainer:
     """Everything a run needs, checked before anything heavy: data, run directory, model,
     optimizers, loaders, slot statistics, metrics, evaluation; the checkpoint items declared."""
     from pretrain.parallel.compile import compile_objective
@@ -630,7 +637,7 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
 
     check_runtime(cfg, world_size=info.world_size, device_type=info.device.type)
     sources, tokenizer = build_data(cfg, info)
-    checkpointer, resume_from, init = open_run_dir(cfg, info, sources[0].dir, tokenizer.sha256)
+    checkpointer, resume_from, init = open_run_dir(cfg, info, sources[0].dir, tokenizer.sha256, lock)
     model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from), init)
     train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, info.device, len(sources))
@@ -705,13 +712,15 @@ def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
 
 
 def open_run_dir(
-    cfg: RunConfig, info: DistInfo, dataset_dir: Path, tokenizer_sha256: str
+    cfg: RunConfig, info: DistInfo, dataset_dir: Path, tokenizer_sha256: str, lock: RunDirLock | None = None
 ) -> tuple[Checkpointer, Path | None, InitSource | None]:
     """The run's checkpointer, the checkpoint to resume from, else the export to start from
     (train.init_from), all checked before anything is written or built: a damaged checkpoint
     or a mismatched export is refused, naming the file; then saves the config. NothingToTrain
     (nothing written) where train.stop_after is at or before the checkpoint's step."""
     run_dir = Path(cfg.train.run_dir)
+    if lock is not None and rank0_value(int(run_dir.is_dir())):
+        lock.acquire()  # first: a job training this directory now would prune what is checked below
     checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints, info.world_size)
     resume_from = latest_checkpoint(checkpointer.root)
     init = None
@@ -720,6 +729,8 @@ def open_run_dir(
         check_stop_after(cfg, saved, resume_from)
     elif cfg.train.init_from:
         init = check_init_source(cfg, tokenizer_sha256, dataset_dir)
+    if lock is not None and not lock.held:  # a new directory: before the first write into it
+        lock.acquire()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
