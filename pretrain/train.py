@@ -42,7 +42,15 @@ from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, 
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.loader import IGNORE_INDEX  # noqa: E402
 from pretrain.data.sources import resolve_eval_sources  # noqa: E402
-from pretrain.distributed import DistInfo, barrier, gather_floats, global_sum, init_distributed, rank0_value  # noqa: E402
+from pretrain.distributed import (  # noqa: E402
+    DistInfo,
+    all_ok,
+    barrier,
+    gather_floats,
+    global_sum,
+    init_distributed,
+    rank0_value,
+)
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, mfu, run_peak_flops  # noqa: E402
@@ -696,10 +704,16 @@ def build(
 def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
     """The checked data sources and the tokenizer, which must fit model.vocab_size."""
     from pretrain.data import Tokenizer
-    from pretrain.data.checks import check_trainable
+    from pretrain.data.checks import check_trainable, describe_missing, missing_shards
 
     sources = prepare_dataset(cfg, info)
     check_trainable(sources)
+    # a shard gone since the preparation was met only when the loader reached it, maybe hours in
+    missing = missing_shards(sources) if info.is_main else []
+    if missing and cfg.data.on_corrupt == "skip":
+        print(f"warning: {describe_missing(missing)}", flush=True)
+    if not all_ok(not missing or cfg.data.on_corrupt == "skip"):
+        raise DataError(describe_missing(missing) if missing else "rank 0 found shard files missing (see its message)")
     resolve_eval_sources(cfg.data, sources)  # held-out corpora fit the data actually trained on
     dataset_dir = sources[0].dir
     tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
