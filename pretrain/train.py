@@ -41,7 +41,15 @@ from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, 
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.loader import IGNORE_INDEX  # noqa: E402
 from pretrain.data.sources import resolve_eval_sources  # noqa: E402
-from pretrain.distributed import DistInfo, barrier, gather_floats, global_sum, init_distributed, rank0_value  # noqa: E402
+from pretrain.distributed import (  # noqa: E402
+    DistInfo,
+    all_ok,
+    barrier,
+    gather_floats,
+    global_sum,
+    init_distributed,
+    rank0_value,
+)
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, mfu, run_peak_flops  # noqa: E402
@@ -51,6 +59,7 @@ from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
+from pretrain.run_lock import RunDirLock  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
 from pretrain.slots.summary import usage_lines  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
@@ -240,14 +249,16 @@ def train(
     # Installed first: a preemption signal during start-up must not kill the task, and
     # data-loader workers started later inherit the handler.
     stop = stop if stop is not None else StopSignal()
+    lock = None  # of the run directory: rank 0 takes it before its first write there (pretrain/run_lock.py)
     try:
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train))
         memory = IntervalPeak(info.device)
         memory.reset("this run started")
+        lock = RunDirLock(cfg.train.run_dir, info.is_main)
         with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog, memory):
             try:
-                trainer = build(cfg, info, loaders or build_loader, watchdog)
+                trainer = build(cfg, info, loaders or build_loader, watchdog, lock)
             except NothingToTrain as done:
                 if info.is_main:
                     print(done.result.not_trained, flush=True)
@@ -259,6 +270,8 @@ def train(
             finally:
                 trainer.metrics.close()
     finally:
+        if lock is not None:
+            lock.release()
         stop.close()
 
 
@@ -646,7 +659,9 @@ class Trainer:
 
 
 # ---- build ------------------------------------------------------------------------------------
-def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: HangWatchdog) -> Trainer:
+def build(
+    cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: HangWatchdog, lock: RunDirLock | None = None
+) -> Trainer:
     """Everything a run needs, checked before anything heavy: data, run directory, model,
     optimizers, loaders, slot statistics, metrics, evaluation; the checkpoint items declared."""
     from pretrain.parallel.compile import compile_objective
@@ -654,7 +669,7 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
 
     check_runtime(cfg, world_size=info.world_size, device_type=info.device.type)
     sources, tokenizer = build_data(cfg, info)
-    checkpointer, resume_from, init = open_run_dir(cfg, info, sources[0].dir, tokenizer.sha256)
+    checkpointer, resume_from, init = open_run_dir(cfg, info, sources[0].dir, tokenizer.sha256, lock)
     model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from), init)
     train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, model, info.device, len(sources))
@@ -715,10 +730,16 @@ def build(cfg: RunConfig, info: DistInfo, loaders: LoaderFactory, watchdog: Hang
 def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
     """The checked data sources and the tokenizer, which must fit model.vocab_size."""
     from pretrain.data import Tokenizer
-    from pretrain.data.checks import check_trainable
+    from pretrain.data.checks import check_trainable, describe_missing, missing_shards
 
     sources = prepare_dataset(cfg, info)
     check_trainable(sources)
+    # a shard gone since the preparation was met only when the loader reached it, maybe hours in
+    missing = missing_shards(sources) if info.is_main else []
+    if missing and cfg.data.on_corrupt == "skip":
+        print(f"warning: {describe_missing(missing)}", flush=True)
+    if not all_ok(not missing or cfg.data.on_corrupt == "skip"):
+        raise DataError(describe_missing(missing) if missing else "rank 0 found shard files missing (see its message)")
     resolve_eval_sources(cfg.data, sources)  # held-out corpora fit the data actually trained on
     dataset_dir = sources[0].dir
     tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
@@ -731,13 +752,15 @@ def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
 
 
 def open_run_dir(
-    cfg: RunConfig, info: DistInfo, dataset_dir: Path, tokenizer_sha256: str
+    cfg: RunConfig, info: DistInfo, dataset_dir: Path, tokenizer_sha256: str, lock: RunDirLock | None = None
 ) -> tuple[Checkpointer, Path | None, InitSource | None]:
     """The run's checkpointer, the checkpoint to resume from, else the export to start from
     (train.init_from), all checked before anything is written or built: a damaged checkpoint
     or a mismatched export is refused, naming the file; then saves the config. NothingToTrain
     (nothing written) where train.stop_after is at or before the checkpoint's step."""
     run_dir = Path(cfg.train.run_dir)
+    if lock is not None and rank0_value(int(run_dir.is_dir())):
+        lock.acquire()  # first: a job training this directory now would prune what is checked below
     checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints, info.world_size)
     resume_from = latest_checkpoint(checkpointer.root)
     init = None
@@ -746,6 +769,8 @@ def open_run_dir(
         check_stop_after(cfg, saved, resume_from)
     elif cfg.train.init_from:
         init = check_init_source(cfg, tokenizer_sha256, dataset_dir)
+    if lock is not None and not lock.held:  # a new directory: before the first write into it
+        lock.acquire()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -43,3 +43,24 @@ def check_readers(sources: list, world_size: int, num_workers: int) -> None:
                 f"data.num_workers = {readers} readers need at least one each: lower data.num_workers, train on "
                 "fewer ranks, or add text"
             )
+
+
+def missing_shards(sources: list) -> list[Path]:
+    """The shard files (every split) that the sources' manifests list and that are not on disk."""
+    return [
+        Path(source.dir) / shard["path"]
+        for source in sources
+        for split in source.manifest["splits"].values()
+        for shard in split["shards"]
+        if not (Path(source.dir) / shard["path"]).is_file()
+    ]
+
+
+def describe_missing(missing: list[Path]) -> str:
+    """A message naming the missing shards (the first three) and the fix."""
+    named = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return (
+        f"{len(missing)} shard file(s) that the dataset's manifest.json lists are missing: {named}. The dataset was "
+        "changed after it was prepared (a scratch filesystem's purge, a copy cut short): copy them back from where it "
+        "was prepared or re-create it with tools/prepare_data.py; data.on_corrupt=skip trains without them"
+    )

@@ -189,6 +189,36 @@ def test_an_unfinished_checkpoint_is_ignored_with_a_message(run_copy, data_cache
     assert not unfinished.exists()  # the save at step 3 removed it
 
 
+def test_a_second_job_on_the_run_directory_is_refused(run_copy, data_cache, monkeypatch, capsys):
+    """Two jobs on one run directory (a hand-made sbatch of the rendered script, a resubmission
+    while the first runs) both trained it, each overwriting `latest` and pruning the other's
+    checkpoints. Now the second is refused, naming the holder, before it reads or writes anything;
+    a holder that ends within run_lock.WAIT_S (a requeued job's previous instance) is waited for."""
+    import fcntl
+    import os
+    import threading
+
+    from pretrain import run_lock
+
+    path = run_copy / run_lock.LOCK_FILE
+    holder = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(holder, b"host node7 pid 4242 job 99\n")
+    before = file_hashes(run_copy)
+    monkeypatch.setattr(run_lock, "WAIT_S", 0.0)
+    with pytest.raises(run_lock.RunDirBusy, match=rf"another job trains {run_copy} .*host node7 pid 4242 job 99"):
+        resume(run_copy, data_cache)
+    assert_nothing_lost(before, run_copy)
+    assert set(file_hashes(run_copy)) == set(before)  # nothing written either
+    monkeypatch.setattr(run_lock, "WAIT_S", 60.0)
+    threading.Timer(1.0, os.close, (holder,)).start()  # the holder ends during the wait
+    assert resume(run_copy, data_cache).step == 3
+    assert "waiting up to 60 s for the job holding" in capsys.readouterr().out
+    again = os.open(path, os.O_RDWR)  # released when the run ended
+    fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(again)
+
+
 def test_empty_latest_is_named(run_copy, data_cache, capsys):
     (run_copy / "checkpoints" / "latest").write_text("")
     before = file_hashes(run_copy)
