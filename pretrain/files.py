@@ -104,6 +104,27 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_umask_allows(tmp: Path) -> None:
+    """Give each file under `tmp` (or `tmp` itself) the read bits a plain write would have.
+
+    Some writers make their files private whatever the umask: safetensors' `save_file` writes
+    0600, so a slot table or model file would be unreadable by the colleagues a 0644 checkpoint
+    folder is shared with. Only read bits are added, and only those the umask allows.
+    """
+    readable = 0o444 & ~_umask()
+    files = [tmp] if not tmp.is_dir() else [p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    for file in files:
+        mode = file.stat().st_mode
+        if mode & readable != readable:
+            os.chmod(file, mode | readable)
+
+
 def replace_with(tmp: Path, path: str | Path) -> None:
     """Move the finished `tmp` (file or folder) onto `path`.
 
@@ -137,6 +158,7 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
         tmp.mkdir()
     try:
         yield tmp
+        readable_as_umask_allows(tmp)
         replace_with(tmp, path)
     except BaseException:
         discard(tmp)

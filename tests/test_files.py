@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from pretrain.files import atomic_directory, atomic_path, atomic_write, file_sha256, save_figure, temp_path_beside
 
@@ -124,6 +125,30 @@ def test_permissions_follow_the_umask_like_a_plain_write(tmp_path):
     mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("atomic") == mode("plain")
     assert mode("atomic_dir") == mode("plain_dir")
+
+
+def test_a_writer_that_makes_its_file_private_gets_the_read_bits_of_the_umask(tmp_path):
+    """safetensors' save_file writes 0600 whatever the umask: a slot table or an SMF export's
+    model.safetensors was unreadable by the group a 0644 checkpoint folder is shared with."""
+    from safetensors.torch import save_file
+
+    old = os.umask(0o027)
+    try:
+        (tmp_path / "plain").write_text("x")
+        atomic_write(tmp_path / "table.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+
+        def private_folder(tmp):
+            save_file({"a": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "run.sh", 0o700)
+
+        atomic_write(tmp_path / "export", private_folder, directory=True)
+    finally:
+        os.umask(old)
+    mode = lambda path: (tmp_path / path).stat().st_mode & 0o777  # noqa: E731
+    assert mode("plain") == 0o640
+    assert mode("table.safetensors") == mode("export/model.safetensors") == 0o640
+    assert mode("export/run.sh") == 0o740  # read bits added, nothing else changed
 
 
 def test_save_figure_format_follows_the_suffix_and_a_folder_is_refused(tmp_path):
