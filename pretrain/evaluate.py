@@ -115,7 +115,7 @@ def validation_loss(model: nn.Module, batches, device: torch.device, document_ma
     `document_masking`: attention stays within each document, as in training (data.document_masking)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [summed loss, scored targets]
     for batch in batches:
-        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids if document_masking else None)
+        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids.to(device) if document_masking else None)
         targets = batch.targets.to(device)
         summed = F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
