@@ -55,18 +55,40 @@ def encode_probes(probes, tokenizer, max_len: int) -> ProbeBatch | None:
 
 
 @torch.no_grad()
-def fact_recall(model: nn.Module, batch: ProbeBatch, device: torch.device, micro_batch: int = 64) -> dict:
-    """Fraction of probes whose answer is the greedy continuation, and the chance level."""
-    correct = []
-    for start in range(0, batch.tokens.shape[0], micro_batch):
-        tokens = batch.tokens[start : start + micro_batch].to(device)
-        targets = batch.targets[start : start + micro_batch].to(device)
-        mask = batch.answer_mask[start : start + micro_batch].to(device)
+def fact_recall(
+    model: nn.Module, batch: ProbeBatch, device: torch.device, micro_batch: int = 64, rank: int = 0, world_size: int = 1
+) -> dict:
+    """Fraction of probes whose answer is the greedy continuation, and the chance level.
+
+    With `world_size` > 1 the probes are cut into contiguous parts (rank 0's first, sizes within
+    a probe of each other), each rank asks its own part and the hit counts are all-reduced, so
+    every rank reports what one rank asking them all reports. A rank with fewer forwards runs
+    one-row forwards with nothing scored, as `padded_to_longest` does for validation: the
+    collectives inside the model (a memory group's value lookup, ZeRO-3's gathers) must pair up."""
+    n = batch.tokens.shape[0]
+    first, end = n * rank // world_size, n * (rank + 1) // world_size
+    starts = list(range(first, end, micro_batch))
+    padding = 0
+    if world_size > 1:
+        from pretrain.distributed import global_max
+
+        padding = global_max(len(starts)) - len(starts)
+    hits = torch.zeros(2, dtype=torch.float64)  # [probes answered, probes asked]
+    for start in starts:
+        stop = min(start + micro_batch, end)
+        tokens = batch.tokens[start:stop].to(device)
+        targets = batch.targets[start:stop].to(device)
+        mask = batch.answer_mask[start:stop].to(device)
         predicted = model(tokens).argmax(dim=-1)
         hit = (predicted == targets) | ~mask
-        correct.append(hit.all(dim=-1).cpu())
-    correct = torch.cat(correct).double()
-    return {"fact_recall": correct.mean().item(), "fact_recall_chance": batch.chance.mean().item()}
+        hits += torch.tensor([hit.all(dim=-1).sum().item(), stop - start], dtype=torch.float64)
+    for _ in range(padding):
+        model(torch.zeros(1, batch.tokens.shape[1], dtype=torch.long, device=device))
+    if world_size > 1:
+        total = hits.to(device)
+        dist.all_reduce(total)
+        hits = total.cpu()
+    return {"fact_recall": (hits[0] / hits[1]).item(), "fact_recall_chance": batch.chance.mean().item()}
 
 
 def padded_to_longest(batches: list, seq_len: int) -> list:
@@ -93,7 +115,7 @@ def validation_loss(model: nn.Module, batches, device: torch.device, document_ma
     `document_masking`: attention stays within each document, as in training (data.document_masking)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [summed loss, scored targets]
     for batch in batches:
-        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids if document_masking else None)
+        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids.to(device) if document_masking else None)
         targets = batch.targets.to(device)
         summed = F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -346,7 +346,7 @@ class Evaluator:
             split = "val" if source.has_validation else "train"
             out[f"heldout_loss/{source.name}"] = self.loss_on(engine, source, split).get("val_loss", float("nan"))
         if self.probes is not None:
-            out.update(fact_recall(engine, self.probes, self.device))
+            out.update(fact_recall(engine, self.probes, self.device, rank=self.rank, world_size=self.world_size))
         engine.train()
         return out
 

@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0; refused at 0)"
+    )
     parser.add_argument(
         "--repetition-penalty",
         type=positive_float,
@@ -87,6 +89,11 @@ def main(argv=None) -> int:
             parser.error("--prompt and --probes: --probes asks the probes' own questions; give one of the two")
     elif args.new_facts:
         parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
+    elif args.temperature == 0.0 and args.top_p != 1.0:  # greedy: the nucleus cut would change nothing
+        parser.error(
+            f"--top-p {args.top_p}: --top-p applies to sampling (--temperature > 0); at --temperature 0 "
+            "(greedy, the default) the most likely token is taken: give --temperature or drop --top-p"
+        )
 
     from pretrain.data import DataError
     from pretrain.export import ExportError, load

@@ -80,9 +80,16 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=positive_int, default=None, help="lm_eval --limit (examples per task, N >= 1)")
     parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")
     args = parser.parse_args(argv)
-    chosen = [o for o, given in (("--probes", args.probes), ("--new-facts", args.new_facts)) if given]
+    given = (("--probes-dir", args.probes_dir), ("--probes", args.probes), ("--new-facts", args.new_facts))
+    chosen = [o for o, value in given if value]
     if args.task_dir and chosen:  # they choose the probes of the tasks written here, not of a written folder
         parser.error(f"{', '.join(chosen)} and --task-dir: the folder's tasks are asked as written; drop --task-dir")
+    fact_tasks = [t for t in args.tasks.split(",") if t.strip().startswith("memlayers_facts")]
+    if chosen and not fact_tasks and not args.write_tasks:  # no fact task is written: they would choose nothing
+        parser.error(
+            f"{', '.join(chosen)} choose the probes of the fact tasks (memlayers_facts, memlayers_facts_mc), "
+            f"and --tasks {args.tasks} has neither: add one to --tasks or drop {', '.join(chosen)}"
+        )
 
     from pretrain.data import DataError
     from pretrain.export import ExportError

@@ -12,6 +12,7 @@ In slices (one job each, e.g. a Slurm array), then one merge (same --output and 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import signal
 import sys
@@ -22,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain.cli import output_folder, positive_int  # noqa: E402
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
+
+# of the tokenizer trained on the corpus when no --tokenizer is given
+DEFAULT_VOCAB_SIZE = inspect.signature(prepare_corpus).parameters["vocab_size"].default
 
 
 def _exit_on_sigterm(signum, frame):
@@ -49,7 +53,12 @@ def _main(argv=None) -> int:
     ap.add_argument("--output", type=output_folder, help="dataset directory to create")
     ap.add_argument("--seq-len", type=positive_int, default=1024)
     ap.add_argument("--tokenizer", help="an existing sentencepiece model; default: train one on the corpus")
-    ap.add_argument("--vocab-size", type=int, default=32000, help="when training the tokenizer")
+    ap.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"when training the tokenizer (default {DEFAULT_VOCAB_SIZE}; refused with --tokenizer or --embedded)",
+    )
     ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
     ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
     ap.add_argument("--val-fraction", type=float, default=0.01)
@@ -72,6 +81,13 @@ def _main(argv=None) -> int:
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (with --embedded)")
     args = ap.parse_args(argv)
+    if args.vocab_size is not None and args.tokenizer:  # the given tokenizer's vocabulary is the dataset's
+        ap.error(
+            f"--vocab-size {args.vocab_size} sizes a tokenizer trained on the corpus, but --tokenizer "
+            f"{args.tokenizer} is used as it is, with its own vocabulary: drop --vocab-size (or --tokenizer)"
+        )
+    if args.vocab_size is not None and args.embedded:
+        ap.error(f"--vocab-size {args.vocab_size} and --embedded: the config sizes it, pass data.vocab_size=N instead")
     try:
         if args.embedded:
             from pretrain.config import load_config
@@ -121,7 +137,7 @@ def _main(argv=None) -> int:
                 args.output,
                 args.seq_len,
                 tokenizer_path=args.tokenizer,
-                vocab_size=args.vocab_size,
+                vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
                 fmt=args.format,
                 text_field=args.text_field,
                 val_fraction=args.val_fraction,

@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     from pretrain.data import DataError, Tokenizer
     from pretrain.data.corpus import resolve_files
     from pretrain.export import ExportError, load
+    from pretrain.export.perplexity import trained_with_document_masking
     from pretrain.export.writer import check_output_folder
     from pretrain.slots import TableMismatchError, load_export_for_tfidf
     from pretrain.smf import FinetuneSet, LearningForgettingEval, build_method, finetune, save_finetuned_export
@@ -101,7 +102,10 @@ def main(argv=None) -> int:
         data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, text_field=args.text_field)
         evaluate = None
         if (export / "probes.jsonl").is_file():
-            evaluate = LearningForgettingEval(export, tokenizer, model.cfg.max_seq_len, args.dataset_dir)
+            masking = trained_with_document_masking(export)
+            evaluate = LearningForgettingEval(
+                export, tokenizer, model.cfg.max_seq_len, args.dataset_dir, document_masking=masking
+            )
     except (ExportError, DataError, TableMismatchError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Rank memory slots for a text by TF-IDF against the export's slot-frequency table.
 
 `memlayers-tfidf --export DIR --text "Where was Ada born?" --top 500` prints, per memory
-layer (or --layer), the top slots, their scores and the tokens that selected them. The
+layer (or --layer), the top slots, their scores and the tokens that selected them (only slots
+scoring above 0: one read in every table unit has idf 0, no sign of being specific). The
 table (DIR/slot_frequencies.safetensors, or --table) must have been counted with this
 export's model config and tokenizer; otherwise the tool refuses with exit status 2.
 Logic lives in pretrain.slots.
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         ranked = rank_slots(model, tokens, table, layer, top=args.top, keep=keep)
         cut = f", the text's {len(ids)} tokens in {len(windows)} windows of {span}" if len(windows) > 1 else ""
         print(
-            f"# {layer}: {len(ranked)} slots (table step {table.step}, {table.num_documents} {table.granularity} "
+            f"# {layer}: {len(ranked)} slots scoring above 0 (table step {table.step}, {table.num_documents} {table.granularity} "
             f"units{cut})"
         )
         print("rank\tslot\tscore\ttokens")

@@ -49,11 +49,14 @@ def layer_slot_counts(indices: torch.Tensor, keep: torch.Tensor, num_slots: int)
 
 
 def top_tfidf_slots(counts: torch.Tensor, doc_freq: torch.Tensor, num_documents: int, top: int) -> torch.Tensor:
-    """The (at most) `top` accessed slots with the highest TF-IDF, best first (ties: lower slot first)."""
+    """The (at most) `top` slots with the highest TF-IDF, best first (ties: lower slot first), of
+    those scoring above 0: a slot the batch does not read, or one read in every background unit
+    (df = |B|, idf = log 1 = 0), carries no sign of being specific to the batch, and sparse memory
+    finetuning leaves it alone, so fewer than `top` (or none) may come back."""
     scores = tfidf_scores(counts, doc_freq, num_documents)
-    accessed = counts > 0
-    scores = torch.where(accessed, scores, torch.full_like(scores, -torch.inf))
-    return torch.argsort(scores, descending=True, stable=True)[: min(top, int(accessed.sum()))]
+    signal = scores > 0
+    scores = torch.where(signal, scores, torch.full_like(scores, -torch.inf))
+    return torch.argsort(scores, descending=True, stable=True)[: min(top, int(signal.sum()))]
 
 
 def memory_layer_names(model: Transformer) -> list[str]:

@@ -4,7 +4,9 @@
   new facts   the probes of the held-out entities (`is_new_fact`), what finetuning teaches
   old facts   the probes of the pretraining entities, what finetuning should not forget
   validation  batches of the pretraining corpus's validation split (optional)
-and `__call__(model)` returns new_fact_recall, old_fact_recall and val_loss.
+and `__call__(model)` returns new_fact_recall, old_fact_recall and val_loss. The validation
+loss is scored as the run trained: with attention within documents when `document_masking`
+(data.document_masking, recorded in the export's config.json: `trained_with_document_masking`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LearningForgettingEval:
         val_batches: int = 8,
         batch_size: int = 16,
         old_probe_limit: int = 0,
+        document_masking: bool = False,
     ):
         probes = load_probes(probes_dir)
         old = [p for p in probes if not p.is_new_fact]
@@ -38,7 +41,7 @@ class LearningForgettingEval:
                 f"{probes_dir}/probes.jsonl has no new-fact probes (is_new_fact): nothing measures "
                 "learning; build the corpus with data.synthetic.new_fact_fraction > 0"
             )
-        self.val = []
+        self.val, self.document_masking = [], document_masking
         if dataset_dir is not None:
             loader = ShardLoader(dataset_dir, "val", batch_size=batch_size, loop=False, tokenizer=tokenizer)
             self.val = list(itertools.islice(loader, val_batches))
@@ -52,6 +55,6 @@ class LearningForgettingEval:
         if self.old is not None:
             out["old_fact_recall"] = fact_recall(model, self.old, device)["fact_recall"]
         if self.val:
-            out["val_loss"] = validation_loss(model, self.val, device)["val_loss"]
+            out["val_loss"] = validation_loss(model, self.val, device, self.document_masking)["val_loss"]
         model.train(was_training)
         return out

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pretrain.data import Tokenizer
 from pretrain.export import load
+from pretrain.export.perplexity import trained_with_document_masking
 from pretrain.files import atomic_write_text
 from pretrain.slots import SlotTable, load_export_for_tfidf
 from pretrain.smf.dataset import FinetuneSet
@@ -97,7 +98,10 @@ def load_sweep_inputs(
         base, table = load(export_dir), None
     tokenizer = Tokenizer(export_dir / "tokenizer.model")
     data = FinetuneSet(finetune_files, tokenizer, base.cfg.max_seq_len)
-    evaluate = LearningForgettingEval(export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir)
+    masking = trained_with_document_masking(export_dir)
+    evaluate = LearningForgettingEval(
+        export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir, document_masking=masking
+    )
     return SweepInputs(export_dir, [Path(p) for p in finetune_files], data, evaluate, table)
 
 

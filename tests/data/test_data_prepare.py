@@ -548,3 +548,25 @@ def test_a_folder_as_tokenizer_names_the_model_file_in_it(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"is a folder: name the .model file itself"):
         Tokenizer(tmp_path)
     assert Tokenizer(tmp_path / "ds" / "tokenizer.model").sha256 == tokenizer.sha256
+
+
+def test_vocab_size_beside_a_given_tokenizer_is_refused(tmp_path, documents, tokenizer, capsys):
+    """--vocab-size sizes the tokenizer trained on the corpus; with --tokenizer (or --embedded, whose
+    config sizes it) it was ignored in silence: a dataset of the given tokenizer's vocabulary came out.
+    It is now refused before anything is read or written; without it the given tokenizer is used."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    argv = ["--input", str(corpus), "--seq-len", "32", "--val-fraction", "0.2", "--no-progress"]
+    argv += ["--tokenizer", str(tokenizer.path)]
+    refusals = [
+        (argv + ["--output", str(tmp_path / "a"), "--vocab-size", "5000"], "--vocab-size 5000 sizes a tokenizer"),
+        (["--embedded", "--vocab-size", "500"], "--vocab-size 500 and --embedded: the config sizes it"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_cli.main(args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert prepare_cli.main(argv + ["--output", str(tmp_path / "b")]) == 0
+    assert read_manifest(tmp_path / "b")["vocab_size"] == tokenizer.vocab_size

@@ -182,3 +182,33 @@ def test_a_run_directory_or_a_missing_folder_is_named_as_such(tmp_path, capsys):
     for tool in (lambda d: main([d, "--prompt", "The"]), lambda d: memlayers_eval([d])):
         assert tool(str(tmp_path / "nowhere")) == 2
         assert f"no such export directory: {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+def test_generate_refuses_top_p_when_greedy(data_cache, tmp_path, monkeypatch, capsys):
+    """--top-p with --temperature 0 (the default, greedy) was ignored without a word: the greedy
+    continuation came out as if it were not given. It is refused as the other no-op combinations
+    are (sampling options beside --probes); with a temperature > 0 it is taken."""
+    from pathlib import Path
+
+    import pytest
+
+    import pretrain.export
+    from tools.generate import main
+
+    export = tmp_path / "export"  # the tokenizer is all the tool reads before the weights
+    export.mkdir()
+    dataset = next(p.parent for p in Path(data_cache).rglob("manifest.json"))
+    shutil.copy(dataset / "tokenizer.model", export / "tokenizer.model")
+    tok = Tokenizer(export / "tokenizer.model")
+    full = [tok.eos_id] + tok.encode("The list type is used")
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: OracleModel([full], tok.vocab_size))
+    for flags in (["--top-p", "0.5"], ["--temperature", "0", "--top-p", "0.9"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(export), "--prompt", "The list", "--max-new-tokens", "3", *flags])
+        assert exit_info.value.code == 2
+        assert "--top-p applies to sampling (--temperature > 0); at --temperature 0" in capsys.readouterr().err
+    assert main([str(export), "--prompt", "The list", "--max-new-tokens", "3", "--top-p", "1.0"]) == 0
+    assert (
+        main([str(export), "--prompt", "The list", "--max-new-tokens", "3", "--temperature", "0.5", "--top-p", "0.5"])
+        == 0
+    )

@@ -186,3 +186,23 @@ def test_sequences_longer_than_the_model_are_refused_before_it_loads(export_and_
         dataset_loss(short, dataset, "val", show_progress=False)
     assert perplexity_cli.main([str(short), "--data", str(dataset), "--no-progress"]) == 2
     assert f"prepare the data with --seq-len {seq_len // 2} or less" in capsys.readouterr().err
+
+
+def test_smf_validation_of_a_run_with_document_masking_is_scored_with_it(tmp_path, data_cache):
+    """SMF's validation loss (LearningForgettingEval, built by load_sweep_inputs and memlayers'
+    smf_finetune) attended across packed documents even for a run trained with
+    data.document_masking=true, which its export records: it now scores as the run trained, the
+    loss of each document alone in float64."""
+    from pretrain.smf.experiment import load_sweep_inputs
+
+    cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "optim.lr=1e-2", "data.document_masking=true")
+    train(cfg)
+    export = export_checkpoint(tmp_path / "run", tmp_path / "export", show_progress=False)
+    dataset = next(p.parent for p in Path(data_cache).rglob("manifest.json"))
+    assert read_manifest(dataset)["splits"]["val"]["sequences"] <= 8 * 16  # all read (val_batches x batch_size)
+    inputs = load_sweep_inputs(export, [dataset / "new_facts.jsonl"], dataset, with_table=False)
+    got = inputs.evaluate(load(export))["val_loss"]
+    want, _ = brute_force_by_document(export, dataset, "val")
+    across, _ = brute_force(export, dataset, "val")
+    assert abs(across - want) > 100 * 1e-6 * want  # the two are told apart
+    assert math.isclose(got, want, rel_tol=1e-6)

@@ -211,7 +211,7 @@ def test_tfidf_tool_prints_ranking(export_dir, capsys):
 def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_dir, capsys):
     """A text of 2.5 contexts is ranked over all of it, in windows of max_seq_len (the tool kept
     only its last max_seq_len tokens before, without a word); scores and tokens against a
-    brute-force count of the windows' picks, in float64."""
+    brute-force count of the windows' picks, in float64; slots scoring 0 are not listed."""
     import sentencepiece
 
     out, cfg, stats, _ = export_dir
@@ -238,7 +238,9 @@ def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_
     lines = capsys.readouterr().out.strip().splitlines()
     assert f"the text's {len(ids)} tokens in 3 windows of {cfg.max_seq_len}" in lines[0]
     ranked = [line.split("\t") for line in lines[2:]]
-    assert {int(r[1]) for r in ranked} == set(counts)
+    # every slot read with a score above 0; one read in every table unit (idf 0) carries no signal
+    assert {int(r[1]) for r in ranked} == {i for i in counts if want[i] > 0}
+    assert any(want[i] == 0 for i in counts)  # the case is met
     for _, slot, score, pieces in ranked:
         assert float(score) == pytest.approx(want[int(slot)], rel=1e-5)
         read = [t for t, row in zip(tokens, picks) if int(slot) in row]
@@ -414,3 +416,29 @@ def test_table_of_the_same_run_is_accepted(export_dir, capsys):
     _set_export_run(out, "c" * 32)
     save_table(out / "slot_frequencies.safetensors", stats, {**meta, "run_id": "c" * 32})
     assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born", "--top", "3"]) == 0
+
+
+def test_top_tfidf_slots_never_picks_a_slot_without_signal():
+    """A slot read in every background unit (df = |B|) has idf log(1) = 0: TF-IDF gives it score 0,
+    no sign that it is specific to the batch, and SMF must not update it. With fewer than `top`
+    slots scoring above 0 they were picked anyway (after the others). Against a brute force over
+    random tables: the slots scoring above 0, best first, ties by slot."""
+    from pretrain.slots import top_tfidf_slots
+
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        n, units = 40, 6
+        counts = torch.randint(0, 4, (n,), generator=gen) * (torch.rand(n, generator=gen) < 0.5)
+        counts[0] = 1  # the batch reads something
+        doc_freq = torch.where(
+            torch.rand(n, generator=gen) < 0.5, units, torch.randint(0, units + 1, (n,), generator=gen)
+        )
+        total = float(counts.sum())
+        scores = {
+            i: int(counts[i]) / total * math.log((units + 1) / (int(doc_freq[i]) + 1)) for i in range(n) if counts[i]
+        }
+        signal = sorted((i for i, s in scores.items() if s > 0), key=lambda i: (-scores[i], i))
+        for top in (1, 3, len(signal), len(signal) + 5, n):
+            assert top_tfidf_slots(counts, doc_freq, units, top).tolist() == signal[:top]
+    # every slot the batch reads is in every unit: nothing to update
+    assert top_tfidf_slots(torch.tensor([2, 0, 1]), torch.tensor([4, 4, 4]), 4, 3).tolist() == []

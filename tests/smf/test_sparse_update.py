@@ -23,12 +23,13 @@ def setup(smf_export):
 
 
 def brute_force_top(counts, doc_freq, num_documents, t):
-    """Independent TF-IDF ranking in plain Python floats (the paper's formula)."""
+    """Independent TF-IDF ranking in plain Python floats (the paper's formula), of the slots
+    scoring above 0."""
     total = sum(counts)
     scored = [
         (c / total * math.log((num_documents + 1) / (d + 1)), -slot)
         for slot, (c, d) in enumerate(zip(counts, doc_freq))
-        if c > 0
+        if c > 0 and d < num_documents  # a slot in every background unit: idf 0, no signal
     ]
     return sorted(-s for _, s in sorted(scored, reverse=True)[:t])
 
@@ -165,3 +166,20 @@ def test_several_memory_layers_in_float64(make_model_config, shared):
         expected = reference.values[t].weight.detach().clone()
         expected[rows] -= grads[t][rows]
         torch.testing.assert_close(model.values[t].weight, expected, rtol=0, atol=1e-12)
+
+
+def test_a_slot_read_in_every_background_unit_is_never_updated(setup):
+    """A slot with df = |B| has idf 0 (TF-IDF 0: nothing marks it as the batch's); with top_t above
+    the number of slots that score, it was chosen anyway and its row updated. Now the selection
+    is every read slot but those."""
+    model, table, batch = setup
+    name = table.layers[0]
+    model(batch.tokens)
+    keep = torch.zeros_like(batch.keep)
+    keep[0, :3] = True
+    read = sorted(set(model.memory_layers()[0].last_indices[:3].reshape(-1).tolist()))
+    doc_freq = table.doc_freq[name].clone()
+    doc_freq[read[::2]] = table.num_documents  # every other read slot is in every unit
+    everywhere = dataclasses.replace(table, doc_freq={name: doc_freq})
+    rows = SlotSelector(model, everywhere, top_t=10**6).select(keep)[0]
+    assert rows.tolist() == read[1::2] and len(read) > 1

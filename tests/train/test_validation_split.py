@@ -40,7 +40,7 @@ def _evaluate(run_dir: Path, cache: Path, overrides: list[str]) -> dict:
         return read()
 
     result = train(tiny_config(run_dir, cache, *SPLIT, *overrides), loaders=counting)
-    return {"val_loss": result.eval["val_loss"], "rows": rows}
+    return {"val_loss": result.eval["val_loss"], "fact_recall": result.eval["fact_recall"], "rows": rows}
 
 
 def _suite(rank: int, root: str, cache: str) -> dict:
@@ -68,3 +68,6 @@ def test_world2_reads_each_validation_row_once_and_reports_the_world1_loss(world
     assert read == Counter(tuple(row) for row in reference["rows"])  # each row once over the ranks
     assert ranks[0]["val_loss"] == ranks[1]["val_loss"]
     assert ranks[0]["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5, abs=0)
+    # the probes are split across the ranks too (tests/train/test_fact_recall_split.py); the
+    # recall all ranks report is world 1's, and the memory group's forwards pair up
+    assert ranks[0]["fact_recall"] == ranks[1]["fact_recall"] == reference["fact_recall"]
