@@ -89,8 +89,9 @@ def load_sweep_inputs(
     with_table: bool = True,
 ) -> SweepInputs:
     """The export's tokenizer, slot table (with_table: checked against model, tokenizer and run),
-    the finetuning set and the evaluation. Raises ExportError, DataError, TableMismatchError or
-    FileNotFoundError naming what is missing, before any finetuning."""
+    the finetuning set and the evaluation. Raises ExportError, DataError, TableMismatchError,
+    FileNotFoundError or ValueError (no trained-fact probes) naming what is missing, before any
+    finetuning."""
     export_dir = Path(export_dir)
     if with_table:  # the table checked against model and tokenizer
         base, _, table, _ = load_export_for_tfidf(export_dir)
@@ -102,6 +103,11 @@ def load_sweep_inputs(
     evaluate = LearningForgettingEval(
         export_dir, tokenizer, base.cfg.max_seq_len, dataset_dir, document_masking=masking
     )
+    if evaluate.old is None:  # forgetting is what a sweep compares: refused before any run
+        raise ValueError(
+            f"{export_dir}/probes.jsonl has no trained-fact probe (is_new_fact false) that fits the model's "
+            "context: a sweep measures forgetting on them; use the probes of the corpus the export was trained on"
+        )
     return SweepInputs(export_dir, [Path(p) for p in finetune_files], data, evaluate, table)
 
 

@@ -44,7 +44,19 @@ def points(report: dict) -> list[dict]:
     return out
 
 
+def require_old_fact_recall(report: dict) -> None:
+    """Raise ValueError when the sweep measured no forgetting (no old-fact recall), which the
+    verdict and the plot are about."""
+    if "old_fact_recall" not in report["before"]:
+        raise ValueError(
+            "the sweep measured no old-fact recall: the probes hold no trained-fact probe (is_new_fact "
+            "false), so forgetting, which the verdict and the frontier compare, is unknown; use the "
+            "export's probes.jsonl with the trained facts (the embedded corpus writes both)"
+        )
+
+
 def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3) -> dict:
+    require_old_fact_recall(report)
     pts = [p for p in points(report) if "old_fact_drop" in p]
     full = [p for p in pts if p["method"] == "full"]
     if not full:
@@ -88,6 +100,7 @@ def plot_frontier(report: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    require_old_fact_recall(report)
     pts = points(report)
     has_val = any("val_loss_rise" in p for p in pts)
     fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(12 if has_val else 6.5, 5), squeeze=False)

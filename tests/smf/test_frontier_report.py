@@ -239,3 +239,42 @@ def test_report_tool_refuses_sparse_runs_of_a_config_without_slot_counts_before_
     err = capsys.readouterr().err
     assert "slot table" in err and ("slots.enabled=false" in err or "no memory layers" in err)
     assert not out.exists()
+
+
+def test_a_sweep_without_old_fact_recall_is_refused_with_its_reason(tmp_path):
+    """Probes without trained facts (is_new_fact false) measure no forgetting: compare() answered
+    as if there were no full-finetuning run ({'reference': None}) and the frontier plot failed with
+    a KeyError on before['old_fact_recall']. Both now say what is missing."""
+    report = sweep(run("full", "full 1", (0.5, 0.8)), run("sparse", "sparse 1", (0.4, 0.8)))
+    del report["before"]["old_fact_recall"]
+    for r in report["runs"]:
+        for h in r["history"]:
+            del h["old_fact_recall"]
+    with pytest.raises(ValueError, match="no old-fact recall: the probes hold no trained-fact probe"):
+        compare(report)
+    with pytest.raises(ValueError, match="no old-fact recall: the probes hold no trained-fact probe"):
+        plot_frontier(report, tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_report_tool_refuses_probes_without_trained_facts_before_any_run(smf_export, tmp_path, capsys):
+    """An export whose probes.jsonl holds only new facts: the sweep ran every finetuning, then
+    failed on the missing old-fact recall; it is now refused first (exit 2, nothing written)."""
+    import shutil
+
+    from tools.smf_report import main
+
+    export, dataset = smf_export
+    only_new = tmp_path / "export"
+    shutil.copytree(export, only_new)
+    lines = (export / "probes.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("is_new_fact")]
+    assert 0 < len(kept) < len(lines)
+    (only_new / "probes.jsonl").write_text("\n".join(kept) + "\n")
+    out = tmp_path / "report"
+    runs = json.dumps([{"method": "full", "lr": 1e-3}])
+    args = ["--export", str(only_new), "--dataset-dir", str(dataset), "--out", str(out), "--runs", runs]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "probes.jsonl has no trained-fact probe" in err
+    assert not out.exists()

@@ -183,3 +183,17 @@ def test_a_slot_read_in_every_background_unit_is_never_updated(setup):
     everywhere = dataclasses.replace(table, doc_freq={name: doc_freq})
     rows = SlotSelector(model, everywhere, top_t=10**6).select(keep)[0]
     assert rows.tolist() == read[1::2] and len(read) > 1
+
+
+def test_a_step_with_no_slot_of_signal_changes_no_row(setup):
+    """Every slot in every background unit: no slot scores above 0, the step selects none and every
+    value row stays bitwise as it was (the step runs, with a gradient norm of 0)."""
+    model, table, batch = setup
+    name = table.layers[0]
+    flat = dataclasses.replace(table, doc_freq={name: torch.full_like(table.doc_freq[name], table.num_documents)})
+    before = copy.deepcopy(model.state_dict())
+    method = SparseMemoryFinetuning(model, flat, top_t=50, lr=0.5)
+    method.step(batch)
+    assert method.rows_updated == 0 and method.last_grad_norm == 0.0
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
