@@ -11,9 +11,8 @@ The library is built on first use with torch.utils.cpp_extension (~15 s with g++
 ninja, the toolchain DeepSpeed's CPU ops need as well) into TORCH_EXTENSIONS_DIR, under a
 name that carries torch's version and a digest of the sources, flags and torch install; later
 processes, from any checkout with the same sources, load the built library without a build step
-(kernels/shared_builds.py). If it cannot
-be built, the first call warns once, naming the reason, and the callers take their torch
-path (the same results up to fp32 rounding and the choice among exactly tied scores, which
+(kernels/shared_builds.py). If it cannot be built, the first call warns once, naming the reason,
+and the callers take their torch path (the same results up to fp32 rounding and the choice among exactly tied scores, which
 torch.topk makes in its own order; slower). MEMLAYERS_CPU_OPS=0 skips the
 library (to compare the two paths).
 """
