@@ -63,7 +63,7 @@ def clear_stale_build_locks(
         for lock in build_locks(root):
             if ops is not None and lock.parent.name not in ops:
                 continue
-            with _turn(root):
+            with taking_turns(root / TURNS_FILE):
                 age = _remove_if_stale(lock, max_age_s)
             if age is None:
                 continue  # its build just finished, or another process removed it
@@ -88,19 +88,26 @@ def clear_stale_build_locks(
 
 
 @contextlib.contextmanager
-def _turn(root: Path) -> Iterator[None]:
-    """This process's turn among those clearing `root` (an exclusive flock); no turns where the
-    folder cannot hold the file or the filesystem has no flock (the rename check below still holds)."""
+def taking_turns(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """This process's turn among those that flock `path` (created if missing): an exclusive flock,
+    which the kernel releases when its holder dies, so a killed holder never blocks the next.
+    `on_wait` is called once if another process holds the turn. No turns where the folder cannot
+    hold the file or the filesystem has no flock (callers must stay correct without them)."""
     import fcntl
 
     try:
-        fd = os.open(root / TURNS_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
         yield
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
             pass
         yield

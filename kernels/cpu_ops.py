@@ -10,18 +10,16 @@
 The library is built on first use with torch.utils.cpp_extension (~15 s with g++ and
 ninja, the toolchain DeepSpeed's CPU ops need as well) into TORCH_EXTENSIONS_DIR, under a
 name that carries torch's version and a digest of the sources, flags and torch install; later
-processes, from any checkout with the same sources, load the cached library. If it cannot
-be built, the first call warns once, naming the reason, and the callers take their torch
-path (the same results up to fp32 rounding and the choice among exactly tied scores, which
+processes, from any checkout with the same sources, load the built library without a build step
+(kernels/shared_builds.py). If it cannot be built, the first call warns once, naming the reason,
+and the callers take their torch path (the same results up to fp32 rounding and the choice among exactly tied scores, which
 torch.topk makes in its own order; slower). MEMLAYERS_CPU_OPS=0 skips the
 library (to compare the two paths).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -33,31 +31,16 @@ CFLAGS = ["-O3", "-ffp-contract=off"]
 _loaded: bool | None = None  # None: not tried yet
 
 
+def _build_inputs():
+    from kernels.shared_builds import BuildInputs
+
+    return BuildInputs("memlayers_cpu", SOURCES, cflags=CFLAGS)
+
+
 def _library_name() -> str:
-    """torch's version and a digest of what the build reads: the sources, the flags and the torch
-    install whose headers it includes. Checkouts that agree share one build; one that differs
-    (another commit's kernels/csrc, another virtual environment) gets its own, instead of each
-    rebuilding over the other's at every switch."""
-    digest = hashlib.sha256(repr((CFLAGS, str(Path(torch.__file__).parent))).encode())
-    for source in SOURCES:
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    version = re.sub(r"\W", "_", torch.__version__)
-    return f"memlayers_cpu_torch{version}_{digest.hexdigest()[:12]}"
-
-
-def _staged_sources(build_dir: Path) -> list[str]:
-    """The sources copied (atomically, once) into the build folder, so the build names the same
-    files from every checkout: ninja rebuilds when a command line changes, and the checkout's path
-    is in it."""
-    from pretrain.files import atomic_write  # temporaries distinct per host: TORCH_EXTENSIONS_DIR may be shared
-
-    staged = build_dir / "src"
-    staged.mkdir(parents=True, exist_ok=True)
-    for source in SOURCES:
-        target = staged / source.name
-        if not target.is_file():  # the name's digest covers the content: an existing copy is this one
-            atomic_write(target, source.read_bytes())
-    return [str(staged / source.name) for source in SOURCES]
+    """`memlayers_cpu_torch<version>_<digest>` of the sources, flags and torch install
+    (kernels/shared_builds.py): checkouts that agree share one build, whatever their paths."""
+    return _build_inputs().name
 
 
 def available() -> bool:
@@ -68,21 +51,10 @@ def available() -> bool:
             _loaded = False
             return False
         try:
-            from torch.utils.cpp_extension import load
+            from kernels.shared_builds import load_shared_op
 
-            from kernels.build_locks import clear_stale_build_locks, extensions_root
-
-            name = _library_name()
-            # its own lock only: another op's build (DeepSpeed's, minutes under load) is not waited for
-            clear_stale_build_locks(say=lambda line: warnings.warn(f"memlayers: {line}", stacklevel=3), ops=[name])
-            build_dir = extensions_root() / name
-            load(
-                name=name,
-                sources=_staged_sources(build_dir),
-                extra_cflags=CFLAGS,
-                build_directory=str(build_dir),
-                is_python_module=False,
-            )
+            # its own build only: another op's (DeepSpeed's, minutes under load) is not waited for
+            load_shared_op(_build_inputs(), say=lambda line: warnings.warn(f"memlayers: {line}", stacklevel=3))
             _loaded = True
         except Exception as err:  # no compiler, no ninja, a read-only cache: fall back, say why
             warnings.warn(

@@ -80,6 +80,9 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     group exists already."""
     import deepspeed
 
+    from kernels.deepspeed_ops import share_deepspeed_op_builds
+
+    share_deepspeed_op_builds()  # its CPU comm op: one build for every checkout, not one per switch
     _fill_environment()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():

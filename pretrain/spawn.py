@@ -26,6 +26,10 @@ def _entry(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args
     if deepspeed_comm:
         import deepspeed
 
+        from kernels.deepspeed_ops import share_deepspeed_op_builds
+
+        share_deepspeed_op_builds()  # its CPU comm op: one build for every checkout, not one per switch
+
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)

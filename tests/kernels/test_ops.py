@@ -5,7 +5,6 @@ bit-for-bit equal to calling the Triton autograd functions directly."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -159,9 +158,11 @@ def test_half_topk_gives_topks_values_and_gradients(n, k):
     assert torch.equal(got, want)
 
 
-def test_cpu_ops_build_failure_warns_and_falls_back(monkeypatch):
+def test_cpu_ops_build_failure_warns_and_falls_back(monkeypatch, tmp_path):
     """Without a compiler the search still runs: one warning naming the cause, torch.topk's results."""
     import torch.utils.cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built yet (a built library loads without one)
 
     def no_compiler(**kwargs):
         raise RuntimeError("g++ not found")
@@ -181,14 +182,16 @@ def test_cpu_ops_build_is_shared_by_checkouts_with_the_same_sources(tmp_path, mo
     the same from both and neither rebuilds over the other's. Other sources: another name."""
     import shutil
 
+    from kernels.shared_builds import stage
+
     checkouts = [shutil.copytree(cpu_ops.SOURCES[0].parent, tmp_path / f"checkout{i}" / "csrc") for i in (0, 1)]
     names = []
     for csrc in checkouts:
         monkeypatch.setattr(cpu_ops, "SOURCES", sorted(csrc.glob("*.cpp")))
         names.append(cpu_ops._library_name())
-        staged = cpu_ops._staged_sources(tmp_path / "build" / names[-1])
-        assert [Path(p).parent for p in staged] == [tmp_path / "build" / names[0] / "src"] * len(staged)
-        assert [Path(p).read_bytes() for p in staged] == [s.read_bytes() for s in cpu_ops.SOURCES]
+        staged = stage(cpu_ops._build_inputs(), tmp_path / "build" / names[-1])
+        assert staged == tmp_path / "build" / names[0] / "src"
+        assert [(staged / s.name).read_bytes() for s in cpu_ops.SOURCES] == [s.read_bytes() for s in cpu_ops.SOURCES]
     assert names[0] == names[1]
     with open(checkouts[1] / cpu_ops.SOURCES[0].name, "a") as f:
         f.write("// changed\n")
@@ -205,9 +208,11 @@ def test_staging_the_sources_leaves_another_hosts_copy_in_progress_alone(tmp_pat
     source = cpu_ops.SOURCES[0]
     others = build / "src" / f".{source.name}.{os.getpid()}.tmp"  # the other node's, same pid
     others.write_bytes(b"// half written by another node")
-    staged = cpu_ops._staged_sources(build)
+    from kernels.shared_builds import stage
+
+    staged = stage(cpu_ops._build_inputs(), build)
     assert others.read_bytes() == b"// half written by another node"
-    assert [Path(p).read_bytes() for p in staged] == [s.read_bytes() for s in cpu_ops.SOURCES]
+    assert [(staged / s.name).read_bytes() for s in cpu_ops.SOURCES] == [s.read_bytes() for s in cpu_ops.SOURCES]
     assert sorted(p.name for p in (build / "src").iterdir()) == sorted(
         [others.name, *(s.name for s in cpu_ops.SOURCES)]
     )

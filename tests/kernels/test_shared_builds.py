@@ -1,0 +1,132 @@
+"""kernels/shared_builds.py and kernels/deepspeed_ops.py: checkouts with the same sources share one
+JIT build, whatever their paths; other sources get a build of their own beside it.
+
+Two checkouts are two folders of sources, each run by a Python whose virtual environment is a link
+to this one (as the project's worktrees link /work/main/.venv), so torch's include paths in the
+compile lines differ between them, which made ninja rebuild at every switch. The op is a trivial
+library (no torch headers): a real build, under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCE = 'extern "C" int memlayers_shared_build_test() { return %d; }\n'
+LOAD = """
+import sys
+from pathlib import Path
+from kernels.shared_builds import BuildInputs, load_shared_op
+inputs = BuildInputs("shared_build_test", [Path(sys.argv[1])])
+print(inputs.name, load_shared_op(inputs, root=Path(sys.argv[2]), say=print))
+"""
+
+
+def checkout(tmp_path: Path, name: str, answer: int) -> tuple[Path, Path]:
+    """A checkout's source and a Python in a virtual environment linked under the checkout."""
+    folder = tmp_path / name
+    (folder / "csrc").mkdir(parents=True)
+    (folder / "csrc" / "op.cpp").write_text(SOURCE % answer)
+    (folder / ".venv").symlink_to(Path(sys.prefix))
+    return folder / "csrc" / "op.cpp", folder / ".venv" / "bin" / Path(sys.executable).name
+
+
+def load_in(python: Path, source: Path, root: Path) -> str:
+    done = subprocess.run(
+        [str(python), "-c", LOAD, str(source), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()[-2]  # the op's name (its build folder)
+
+
+def links(build: Path) -> int:
+    """Builds ninja ran in this folder (one link line each in its log)."""
+    log = build / ".ninja_log"
+    return sum(line.split("\t")[3].endswith(".so") for line in log.read_text().splitlines()[1:]) if log.exists() else 0
+
+
+def test_checkouts_with_the_same_sources_build_once_and_other_sources_beside(tmp_path):
+    (source_a, python_a), (source_b, python_b) = checkout(tmp_path, "a", 42), checkout(tmp_path, "b", 42)
+    root = tmp_path / "extensions"
+    names = [load_in(python, source, root) for python, source in ((python_a, source_a), (python_b, source_b))]
+    assert names[0] == names[1] and [p.name for p in root.iterdir()] == [names[0]]
+    build = root / names[0]
+    library = build / f"{names[0]}.so"
+    first = library.stat()
+    for python, source in ((python_a, source_a), (python_b, source_b)):
+        assert load_in(python, source, root) == names[0]
+    assert links(build) == 1
+    assert (library.stat().st_ino, library.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert not (build / "lock").exists()
+
+    source_b.write_text(SOURCE % 7)  # checkout b moves on: its own build, a's left as it is
+    changed = load_in(python_b, source_b, root)
+    assert changed != names[0] and links(root / changed) == 1
+    assert load_in(python_a, source_a, root) == names[0]
+    assert links(build) == 1 and library.stat().st_mtime_ns == first.st_mtime_ns
+
+
+def test_a_library_changed_after_its_build_is_not_loaded_unchecked(tmp_path):
+    """The record of a finished build names the library's size and mtime: a library replaced since
+    (a build killed mid-link and rerun by hand) goes through torch's build step again, not straight
+    to dlopen."""
+    from kernels.shared_builds import BuildInputs, load_finished, load_shared_op
+
+    source = tmp_path / "csrc" / "op.cpp"
+    source.parent.mkdir()
+    source.write_text(SOURCE % 3)
+    inputs = BuildInputs("shared_build_test", [source])
+    load_shared_op(inputs, root=tmp_path / "ext", say=print)
+    build = tmp_path / "ext" / inputs.name
+    assert load_finished(inputs.name, build, False) == str(build / f"{inputs.name}.so")
+    with open(build / f"{inputs.name}.so", "ab") as library:
+        library.write(b"\0")
+    assert load_finished(inputs.name, build, False) is None
+
+
+def test_deepspeed_loads_its_shm_op_from_the_shared_build(monkeypatch):
+    """DeepSpeed's build_shm_op (run by init_distributed) gets the op from load_shared_op, under a
+    name of its sources' digest, staged relative to their folder; DeepSpeed never builds it itself."""
+    import torch.utils.cpp_extension
+
+    from kernels import deepspeed_ops, shared_builds
+
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(ds_comm, "build_shm_op", ds_comm.build_shm_op)  # restored afterwards
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(deepspeed_ops.SHM_BUILDER)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        pytest.skip("DeepSpeed has no shm comm op here")
+    cache = deepspeed_ops._loaded_ops(builder)
+    monkeypatch.delitem(cache, builder.name, raising=False)
+
+    def own_build(**kwargs):
+        raise AssertionError(f"DeepSpeed built {kwargs['name']} itself")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", own_build)
+    requested, op = [], object()
+    monkeypatch.setattr(shared_builds, "load_shared_op", lambda inputs, **kw: requested.append(inputs) or op)
+    deepspeed_ops.share_deepspeed_op_builds()
+    deepspeed_ops.share_deepspeed_op_builds()  # once per process: not wrapped twice
+    try:
+        assert ds_comm.build_shm_op() is op
+    finally:
+        cache.pop(builder.name, None)
+    (inputs,) = requested
+    assert inputs.name.startswith("deepspeed_shm_comm_torch") and inputs.is_python_module
+    assert inputs.sources == ["shm_interface.cpp", "shm.cpp"] and "x86_64/shm.h" in inputs.files
+    assert "-UC10_USE_GLOG" in inputs.cflags
