@@ -78,7 +78,10 @@ class RunDirLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor releases the flock
+            # Unlocked before closing: processes forked meanwhile (data-loader workers) share the
+            # descriptor, and a close would leave the lock held until the last of them exits.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
             self.fd = None
         self.held = False
 
