@@ -124,31 +124,28 @@ def all_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
-def global_sum(value: int) -> int:
-    """The sum of `value` over ranks (an all-reduce; `value` itself without a process group)."""
+def _all_reduced(value: int, op) -> int:
+    """`value` reduced over ranks with `op` (an all-reduce; `value` itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
     tensor = _collective_tensor([value], torch.int64)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return int(tensor.item())
+
+
+def global_sum(value: int) -> int:
+    """The sum of `value` over ranks (`value` itself without a process group)."""
+    return _all_reduced(value, dist.ReduceOp.SUM)
 
 
 def global_max(value: int) -> int:
-    """The largest `value` over ranks (an all-reduce; `value` itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = _collective_tensor([value], torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    """The largest `value` over ranks (`value` itself without a process group)."""
+    return _all_reduced(value, dist.ReduceOp.MAX)
 
 
 def global_min(value: int) -> int:
-    """The least `value` over ranks (an all-reduce; `value` itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = _collective_tensor([value], torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
+    """The least `value` over ranks (`value` itself without a process group)."""
+    return _all_reduced(value, dist.ReduceOp.MIN)
 
 
 def global_sums(values: list[int]) -> list[int]:
