@@ -2,7 +2,10 @@
 
 `memlayers-tfidf --export DIR --text "Where was Ada born?" --top 500` prints, per memory
 layer (or --layer), the top slots, their scores and the tokens that selected them (only slots
-scoring above 0: one read in every table unit has idf 0, no sign of being specific). The
+scoring above 0: one read in every table unit has idf 0, no sign of being specific). The text
+is read as memlayers-smf-finetune reads a document (pretrain.smf.dataset.document_rows: a leading
+<eos>, windows of the context, the last token only a target), so the ranking is that of the slots
+sparse finetuning on it would pick. The
 table (DIR/slot_frequencies.safetensors, or --table) must have been counted with this
 export's model config and tokenizer; otherwise the tool refuses with exit status 2.
 Logic lives in pretrain.slots.
@@ -17,7 +20,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots  # noqa: E402
 
@@ -51,21 +53,23 @@ def main(argv=None) -> int:
     if not tok_path.is_file():
         print(f"error: {tok_path} missing: the export needs its tokenizer to encode --text", file=sys.stderr)
         return 2
-    import sentencepiece as spm
+    from pretrain.data import DataError, Tokenizer
+    from pretrain.smf.dataset import collate, document_rows
 
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
-    ids = sp.encode(args.text)
-    if not ids:
+    try:
+        tokenizer = Tokenizer(tok_path)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # the rows sparse memory finetuning makes of this text ("<eos> tokens...", a text longer than
+    # the context in windows, every row's last token only a target), so the slots ranked are those
+    # memlayers-smf-finetune picks for it in one batch
+    rows = document_rows(args.text, tokenizer, model.cfg.max_seq_len)
+    if not rows:
         print("error: --text encodes to no tokens", file=sys.stderr)
         return 2
-    # a text longer than the context is ranked over consecutive windows of it, as
-    # memlayers-smf-finetune cuts long documents (one batch; the last window right-padded)
-    span = model.cfg.max_seq_len
-    windows = [ids[i : i + span] for i in range(0, len(ids), span)]
-    tokens = torch.zeros(len(windows), len(windows[0]), dtype=torch.long)
-    keep = torch.zeros_like(tokens, dtype=torch.bool)
-    for row, window in enumerate(windows):
-        tokens[row, : len(window)], keep[row, : len(window)] = torch.tensor(window), True
+    batch = collate(rows)
+    span, num_tokens = model.cfg.max_seq_len, int(batch.keep.sum())
     rankable = [n for n in memory_layer_names(model) if n in table.counts]
     if args.layer and args.layer not in rankable:
         why = (
@@ -75,15 +79,15 @@ def main(argv=None) -> int:
         return 2
     layers = [args.layer] if args.layer else rankable
     for layer in layers:
-        ranked = rank_slots(model, tokens, table, layer, top=args.top, keep=keep)
-        cut = f", the text's {len(ids)} tokens in {len(windows)} windows of {span}" if len(windows) > 1 else ""
+        ranked = rank_slots(model, batch.tokens, table, layer, top=args.top, keep=batch.keep)
+        cut = f", the text's {num_tokens} input tokens in {len(rows)} windows of {span}" if len(rows) > 1 else ""
         print(
             f"# {layer}: {len(ranked)} slots scoring above 0 (table step {table.step}, {table.num_documents} {table.granularity} "
             f"units{cut})"
         )
         print("rank\tslot\tscore\ttokens")
         for r, (slot, score, tokens) in enumerate(ranked, 1):
-            pieces = " ".join(sp.id_to_piece(t) for t in tokens)
+            pieces = " ".join(tokenizer.id_to_piece(t) for t in tokens)
             print(f"{r}\t{slot}\t{score:.6g}\t{pieces}")
     return 0
 

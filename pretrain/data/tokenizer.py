@@ -70,6 +70,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
     @property
     def special_tokens(self) -> dict[str, int]:
         """Text -> id of the special tokens of the export's Hugging Face tokenizer: EOS (the

@@ -41,12 +41,7 @@ class FinetuneSet:
     ):
         self.rows: list[list[int]] = []
         for text in iter_documents(list(paths), fmt=fmt, text_field=text_field):
-            ids = [tokenizer.eos_id] + tokenizer.encode(text)
-            # windows of max_seq_len + 1 tokens overlapping by one: every token is a target once
-            for start in range(0, max(1, len(ids) - 1), max_seq_len):
-                window = ids[start : start + max_seq_len + 1]
-                if len(window) >= 2:
-                    self.rows.append(window)
+            self.rows += document_rows(text, tokenizer, max_seq_len)
         if not self.rows:
             raise DataError(
                 f"the finetuning set {[str(p) for p in paths]} holds no document with a token to "
@@ -68,6 +63,15 @@ class FinetuneSet:
             random.Random(seed * 1_000_003 + epoch).shuffle(order)
         for start in range(0, len(order), batch_size):
             yield collate([self.rows[i] for i in order[start : start + batch_size]])
+
+
+def document_rows(text: str, tokenizer: Tokenizer, max_seq_len: int) -> list[list[int]]:
+    """The rows one document becomes: "<eos> tokens...", cut into windows of max_seq_len + 1
+    tokens overlapping by one, so every token is a target once (none for a text with no token
+    to predict). A row's inputs, those whose slot reads count, are all its tokens but the last."""
+    ids = [tokenizer.eos_id] + tokenizer.encode(text)
+    windows = (ids[start : start + max_seq_len + 1] for start in range(0, max(1, len(ids) - 1), max_seq_len))
+    return [w for w in windows if len(w) >= 2]
 
 
 def collate(rows: list[list[int]]) -> FinetuneBatch:

@@ -210,21 +210,24 @@ def test_tfidf_tool_prints_ranking(export_dir, capsys):
 
 def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_dir, capsys):
     """A text of 2.5 contexts is ranked over all of it, in windows of max_seq_len (the tool kept
-    only its last max_seq_len tokens before, without a word); scores and tokens against a
-    brute-force count of the windows' picks, in float64; slots scoring 0 are not listed."""
+    only its last max_seq_len tokens before, without a word), read as sparse finetuning reads a
+    document: "<eos> tokens...", every token but the last an input (the tool encoded the text
+    without the <eos>, so its slots were not those SMF picks: 15 of the top 20 on a trained
+    export); scores and tokens against a brute-force count of the windows' picks, in float64;
+    slots scoring 0 are not listed."""
     import sentencepiece
 
     out, cfg, stats, _ = export_dir
     text = " ".join((["the cat sat on the mat", "ada was born in paris", "where was ada born"] * 2)[:5])
     sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    ids = sp.encode(text)
-    assert 2 * cfg.max_seq_len < len(ids) < 3 * cfg.max_seq_len
+    inputs = ([sp.eos_id()] + sp.encode(text))[:-1]
+    assert 2 * cfg.max_seq_len < len(inputs) < 3 * cfg.max_seq_len
     model = Transformer(cfg)
     model.load_state_dict(load_file(str(out / "model.safetensors")))
     model.eval()
     picks, tokens = [], []
-    for start in range(0, len(ids), cfg.max_seq_len):  # each window on its own
-        window = ids[start : start + cfg.max_seq_len]
+    for start in range(0, len(inputs), cfg.max_seq_len):  # each window on its own
+        window = inputs[start : start + cfg.max_seq_len]
         model(torch.tensor([window]))
         picks += model.layers[1].ffn.last_indices.reshape(len(window), -1).tolist()
         tokens += window
@@ -236,7 +239,7 @@ def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_
 
     assert tfidf_tool.main(["--export", str(out), "--text", text, "--top", str(n)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert f"the text's {len(ids)} tokens in 3 windows of {cfg.max_seq_len}" in lines[0]
+    assert f"the text's {len(inputs)} input tokens in 3 windows of {cfg.max_seq_len}" in lines[0]
     ranked = [line.split("\t") for line in lines[2:]]
     # every slot read with a score above 0; one read in every table unit (idf 0) carries no signal
     assert {int(r[1]) for r in ranked} == {i for i in counts if want[i] > 0}
@@ -245,6 +248,28 @@ def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_
         assert float(score) == pytest.approx(want[int(slot)], rel=1e-5)
         read = [t for t, row in zip(tokens, picks) if int(slot) in row]
         assert pieces == " ".join(sp.id_to_piece(t) for t in read)
+
+
+def test_tfidf_tool_ranks_the_slots_sparse_finetuning_picks_for_the_text(export_dir, tmp_path, capsys):
+    """The tool's top t are the rows SMF's selector (pretrain.smf.SlotSelector over a FinetuneSet
+    of the same text) makes trainable at top_t = t."""
+    from pretrain.data import Tokenizer
+    from pretrain.smf import FinetuneSet, SlotSelector
+
+    out, cfg, _, _ = export_dir
+    text = "where was ada born"
+    (tmp_path / "fact.txt").write_text(text + "\n")
+    model = Transformer(cfg)
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    model.eval()
+    table = load_table(out / "slot_frequencies.safetensors")
+    (batch,) = FinetuneSet([tmp_path / "fact.txt"], Tokenizer(out / "tokenizer.model"), cfg.max_seq_len).batches(8)
+    model(batch.tokens)
+    picked = SlotSelector(model, table, 10).select(batch.keep)[0].tolist()
+
+    assert tfidf_tool.main(["--export", str(out), "--text", text, "--top", "10"]) == 0
+    ranked = [int(line.split("\t")[1]) for line in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert len(picked) == 10 and sorted(ranked) == picked
 
 
 def test_tfidf_tool_refuses_a_layer_it_cannot_rank(export_dir, capsys):
