@@ -242,7 +242,7 @@ def _file_layer(path: Path) -> tuple[str, dict, DictConfig]:
     """(where, its keys as a plain tree, the layer) of a YAML config file."""
     where = f"config file {path}"
     if not path.is_file():
-        raise ConfigError(f"{where} does not exist (pass --config configs/tiny.yaml)")
+        raise ConfigError(f"{where} {'is a folder' if path.is_dir() else 'does not exist'}{_config_hint(path)}")
     try:
         loaded = OmegaConf.load(path)
     except yaml.YAMLError as err:
@@ -261,6 +261,20 @@ def _file_layer(path: Path) -> tuple[str, dict, DictConfig]:
             "not a mapping: write it as `section:` blocks (model:, data:, train: ...), e.g. configs/tiny.yaml"
         )
     return where, OmegaConf.to_container(loaded), loaded
+
+
+def _config_hint(path: Path) -> str:
+    """Where the config a missing `--config` path meant may be: the nearest name among the YAML
+    files of its folder (`configs/memory_373.yaml` -> `configs/memory_373m.yaml`), else the folder's
+    files; configs/tiny.yaml only when there is no such folder."""
+    folder = path if path.is_dir() else path.parent
+    names = sorted(p.name for p in folder.glob("*.y*ml") if p.is_file()) if folder.is_dir() else []
+    if not names:
+        return " (pass --config configs/tiny.yaml, or another YAML file of configs/)"
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6) if not path.is_dir() else []
+    if close:
+        return f": did you mean --config {folder / close[0]}?"
+    return f" (the YAML files in {folder}: {', '.join(names)})"
 
 
 def override_value(item: str):

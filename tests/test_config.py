@@ -95,6 +95,21 @@ def test_malformed_override_and_missing_file_are_explained(repo_root, tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_mistyped_config_path_names_the_config_it_meant(repo_root, tmp_path, monkeypatch):
+    # The message named configs/tiny.yaml whatever was meant (`--config configs/smf_1p3.yaml`).
+    monkeypatch.chdir(repo_root)
+    with pytest.raises(
+        ConfigError, match=r"configs/smf_1p3\.yaml does not exist: did you mean --config configs/smf_1p3b\.yaml\?"
+    ):
+        load_config("configs/smf_1p3.yaml")
+    with pytest.raises(ConfigError, match=r"did you mean --config configs/memory_373m\.yaml\?"):
+        load_config("configs/memory_373.yaml")
+    with pytest.raises(ConfigError, match=r"config file configs is a folder \(the YAML files in configs: .*tiny\.yaml"):
+        load_config("configs")
+    with pytest.raises(ConfigError, match=r"does not exist \(pass --config configs/tiny\.yaml"):
+        load_config(tmp_path / "no-folder" / "x.yaml")
+
+
 INVALID_SHAPES = [  # (overrides on configs/tiny.yaml, the key the message must name)
     (["model.memory.k=129"], "model.memory.k="),  # k > n_keys (128)
     (["model.memory.k_dim=63"], "model.memory.k_dim"),
