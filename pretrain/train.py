@@ -47,6 +47,7 @@ from pretrain.distributed import (  # noqa: E402
     barrier,
     gather_floats,
     global_sum,
+    global_sums,
     init_distributed,
     rank0_value,
 )
@@ -944,10 +945,7 @@ def tokens_seen_per_source(loader) -> dict[str, int] | None:
     counts = counts()
     if len(counts) < 2:
         return None
-    values = torch.tensor(list(counts.values()), dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return {name: int(v) for name, v in zip(counts, values.tolist())}
+    return dict(zip(counts, global_sums(list(counts.values()))))
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:
