@@ -192,18 +192,13 @@ def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.devi
 
     return SlotStatistics(
         num_slots=cfg.model.memory.num_slots,
-        layer_names=slot_stream_names(cfg),
+        layer_names=model_names.slot_stream_names(cfg.model.memory),
         granularity=cfg.slots.granularity,
         device=device,
         sample_batches=cfg.slots.sample_batches,
         seed=cfg.train.seed,
         streams=num_sources * max(1, cfg.data.num_workers),  # one per (source, worker): Batch.streams
     )
-
-
-def slot_stream_names(cfg: RunConfig) -> list[str]:
-    """One counter per memory layer, plus one for a value table shared by several layers."""
-    return model_names.slot_stream_names(cfg.model.memory)
 
 
 def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple[float, bool, float | None]:
@@ -706,7 +701,7 @@ def build(
         train_loader=train_loader,
         stats=stats,
         lookups=lookups,
-        shared_table_stream=len(slot_stream_names(cfg)) > len(model.memory_layers()),
+        shared_table_stream=len(model_names.slot_stream_names(cfg.model.memory)) > len(model.memory_layers()),
         checkpointer=checkpointer,
         resume_from=resume_from,
         metrics=metrics,
