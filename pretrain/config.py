@@ -686,9 +686,14 @@ def _check_cadences(cfg: RunConfig) -> None:
         raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} must be >= 1")
 
 
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as the YAML text `save_config` writes."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (temporary name, then rename)."""
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_text(path, config_yaml(cfg))
 
 
 def config_to_dict(cfg) -> dict:

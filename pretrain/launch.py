@@ -24,8 +24,8 @@ from pretrain.config import (
     absolute_paths,
     check_runtime,
     config_differences,
+    config_yaml,
     load_config,
-    save_config,
 )
 from pretrain.data.errors import DataError
 from pretrain.data.sources import mixture_change
@@ -424,16 +424,6 @@ class PreparedRun:
     plan: list[str] = field(default_factory=list)  # what the run will do (pretrain/run_plan.py), log lines
 
 
-def _resolved_config_text(cfg) -> str:
-    """The YAML that save_config writes, produced through save_config itself."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CONFIG_NAME
-        save_config(cfg, path)
-        return path.read_text()
-
-
 def plan_run(
     config: str | Path,
     overrides: list[str],
@@ -463,7 +453,7 @@ def plan_run(
         raise SubmitError(f"config {config} on {world_size(opts)} ranks: {err}") from None
     run_dir = (workdir / (run_dir if run_dir is not None else cfg.train.run_dir)).resolve()
     cfg.train.run_dir = str(run_dir)
-    config_text = _resolved_config_text(cfg)
+    config_text = config_yaml(cfg)
     config_path = run_dir / CONFIG_NAME
     code_dir = run_dir / "code" if snapshot else REPO_ROOT
     script = render_script(opts, run_dir, config_path, workdir, code_dir, python, snapshot)

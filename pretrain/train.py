@@ -47,6 +47,7 @@ from pretrain.distributed import (  # noqa: E402
     barrier,
     gather_floats,
     global_sum,
+    global_sums,
     init_distributed,
     rank0_value,
 )
@@ -191,18 +192,13 @@ def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.devi
 
     return SlotStatistics(
         num_slots=cfg.model.memory.num_slots,
-        layer_names=slot_stream_names(cfg),
+        layer_names=model_names.slot_stream_names(cfg.model.memory),
         granularity=cfg.slots.granularity,
         device=device,
         sample_batches=cfg.slots.sample_batches,
         seed=cfg.train.seed,
         streams=num_sources * max(1, cfg.data.num_workers),  # one per (source, worker): Batch.streams
     )
-
-
-def slot_stream_names(cfg: RunConfig) -> list[str]:
-    """One counter per memory layer, plus one for a value table shared by several layers."""
-    return model_names.slot_stream_names(cfg.model.memory)
 
 
 def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple[float, bool, float | None]:
@@ -705,7 +701,7 @@ def build(
         train_loader=train_loader,
         stats=stats,
         lookups=lookups,
-        shared_table_stream=len(slot_stream_names(cfg)) > len(model.memory_layers()),
+        shared_table_stream=len(model_names.slot_stream_names(cfg.model.memory)) > len(model.memory_layers()),
         checkpointer=checkpointer,
         resume_from=resume_from,
         metrics=metrics,
@@ -944,10 +940,7 @@ def tokens_seen_per_source(loader) -> dict[str, int] | None:
     counts = counts()
     if len(counts) < 2:
         return None
-    values = torch.tensor(list(counts.values()), dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return {name: int(v) for name, v in zip(counts, values.tolist())}
+    return dict(zip(counts, global_sums(list(counts.values()))))
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

@@ -30,22 +30,29 @@ def export_and_data(tmp_path_factory, data_cache) -> tuple[Path, Path]:
     return export_checkpoint(root / "run", root / "export", show_progress=False), dataset
 
 
+def split_rows(dataset: Path, split: str):
+    """Each stored row of `split` (seq_len + 1 tokens) with its count of valid tokens (the shard's
+    meta; the rest is padding), read straight from the shards."""
+    manifest = read_manifest(dataset)
+    width = manifest["seq_len"] + 1
+    for shard in manifest["splits"][split]["shards"]:
+        for tokens, meta in read_blocks(dataset / shard["path"], width, manifest["token_dtype"], shard["sequences"]):
+            for row, valid in zip(tokens, meta[:, 1]):
+                yield row, int(valid)
+
+
 def brute_force(export: Path, dataset: Path, split: str) -> tuple[float, int]:
     """Each sequence alone; log-softmax in float64; a target counts when it is one of the
     row's valid tokens (the shard's meta), padding excluded."""
     model = load(export)
-    manifest = read_manifest(dataset)
-    width = manifest["seq_len"] + 1
     nll, count = 0.0, 0
-    for shard in manifest["splits"][split]["shards"]:
-        for tokens, meta in read_blocks(dataset / shard["path"], width, manifest["token_dtype"], shard["sequences"]):
-            for row, valid in zip(tokens, meta[:, 1]):
-                inputs, targets = torch.from_numpy(row[:-1].copy()), torch.from_numpy(row[1:].copy())
-                with torch.no_grad():
-                    logp = torch.log_softmax(model(inputs[None])[0].double(), dim=-1)
-                keep = torch.arange(1, width) < int(valid)
-                nll -= logp[keep].gather(1, targets[keep, None]).sum().item()
-                count += int(keep.sum())
+    for row, valid in split_rows(dataset, split):
+        inputs, targets = torch.from_numpy(row[:-1].copy()), torch.from_numpy(row[1:].copy())
+        with torch.no_grad():
+            logp = torch.log_softmax(model(inputs[None])[0].double(), dim=-1)
+        keep = torch.arange(1, len(row)) < valid
+        nll -= logp[keep].gather(1, targets[keep, None]).sum().item()
+        count += int(keep.sum())
     return nll / count, count
 
 
@@ -56,21 +63,17 @@ def brute_force_by_document(export: Path, dataset: Path, split: str) -> tuple[fl
 
     model = load(export)
     eos = Tokenizer(dataset / "tokenizer.model").eos_id
-    manifest = read_manifest(dataset)
-    width = manifest["seq_len"] + 1
     nll, count = 0.0, 0
-    for shard in manifest["splits"][split]["shards"]:
-        for tokens, meta in read_blocks(dataset / shard["path"], width, manifest["token_dtype"], shard["sequences"]):
-            for row, valid in zip(tokens, meta[:, 1]):
-                n = int(valid) - 1  # scored targets: row[1:valid]
-                starts = [0] + [i + 1 for i in range(n - 1) if row[i] == eos]
-                for start, end in zip(starts, starts[1:] + [n]):
-                    inputs = torch.from_numpy(row[start:end].astype(np.int64))
-                    targets = torch.from_numpy(row[start + 1 : end + 1].astype(np.int64))
-                    with torch.no_grad():
-                        logp = torch.log_softmax(model(inputs[None])[0].double(), dim=-1)
-                    nll -= logp.gather(1, targets[:, None]).sum().item()
-                    count += end - start
+    for row, valid in split_rows(dataset, split):
+        n = valid - 1  # scored targets: row[1:valid]
+        starts = [0] + [i + 1 for i in range(n - 1) if row[i] == eos]
+        for start, end in zip(starts, starts[1:] + [n]):
+            inputs = torch.from_numpy(row[start:end].astype(np.int64))
+            targets = torch.from_numpy(row[start + 1 : end + 1].astype(np.int64))
+            with torch.no_grad():
+                logp = torch.log_softmax(model(inputs[None])[0].double(), dim=-1)
+            nll -= logp.gather(1, targets[:, None]).sum().item()
+            count += end - start
     return nll / count, count
 
 
