@@ -1,11 +1,14 @@
 """Sample text from an export, or quiz it on the synthetic fact probes.
 
-python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9]
+python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9 --seed 1]
     [--repetition-penalty 1.2 --no-repeat-ngram-size 3]
 python tools/generate.py EXPORT_DIR --probes 50 [--new-facts]
 
 --probes asks the trained facts, as the training run's fact recall does; --new-facts asks the
-facts held out of pretraining instead (what sparse memory finetuning teaches).
+facts held out of pretraining instead (what sparse memory finetuning teaches). An option that would
+change nothing is refused: --top-p and --seed at --temperature 0 (greedy), sampling and generation
+options beside --probes (answered greedily, each to its answer's length), --probes-dir and --new-facts
+without --probes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def positive_float(text: str) -> float:
 
 
 non_negative_int = int_at_least(0, "0 = off")
+MAX_NEW_TOKENS = 32
 
 
 def main(argv=None) -> int:
@@ -41,7 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--prompt", default="", help='text to continue; "</s>" in it is the document separator, as in the HF tokenizer'
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help=f"tokens to generate after --prompt (default {MAX_NEW_TOKENS})"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0; refused at 0)"
@@ -58,7 +64,12 @@ def main(argv=None) -> int:
         default=0,
         help="never repeat an n-gram of this size, prompt included (>= 0; 0 = off; as in transformers)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the draws of --temperature > 0 sampling (default 0; refused at 0)",
+    )
     parser.add_argument(
         "--probes", type=positive_int, default=None, help="answer the first N fact probes (N >= 1) and print accuracy"
     )
@@ -73,7 +84,9 @@ def main(argv=None) -> int:
         help="folder holding probes.jsonl (default: the export; or the embedded dataset folder)",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole sequence each step (slow; --prompt generation)"
+    )
     args = parser.parse_args(argv)
     if args.probes:  # probes are answered greedily: a sampling option would be silently ignored
         sampling = {
@@ -81,19 +94,35 @@ def main(argv=None) -> int:
             "--top-p": args.top_p != 1.0,
             "--repetition-penalty": args.repetition_penalty != 1.0,
             "--no-repeat-ngram-size": args.no_repeat_ngram_size != 0,
+            "--seed": args.seed is not None,
         }
         if any(sampling.values()):
             given = ", ".join(option for option, set_ in sampling.items() if set_)
             parser.error(f"{given}: sampling options apply to --prompt generation, not --probes (answered greedily)")
         if args.prompt:  # was ignored: the probes' questions are the prompts
             parser.error("--prompt and --probes: --probes asks the probes' own questions; give one of the two")
+        generation = {"--max-new-tokens": args.max_new_tokens is not None, "--no-cache": args.no_cache}
+        if any(generation.values()):  # were ignored: each answer is generated to its own length, cached
+            given = ", ".join(option for option, set_ in generation.items() if set_)
+            parser.error(
+                f"{given}: --prompt generation options; --probes generates each probe's answer to the "
+                "answer's length, with the cache: drop them"
+            )
     elif args.new_facts:
         parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
+    elif args.probes_dir is not None:  # was ignored without --probes
+        parser.error("--probes-dir names where --probes reads probes.jsonl: give --probes N with it")
     elif args.temperature == 0.0 and args.top_p != 1.0:  # greedy: the nucleus cut would change nothing
         parser.error(
             f"--top-p {args.top_p}: --top-p applies to sampling (--temperature > 0); at --temperature 0 "
             "(greedy, the default) the most likely token is taken: give --temperature or drop --top-p"
         )
+    elif args.temperature == 0.0 and args.seed is not None:  # greedy draws nothing: the seed changes nothing
+        parser.error(
+            f"--seed {args.seed}: the seed draws the samples of --temperature > 0; at --temperature 0 (greedy, "
+            "the default) nothing is drawn: give --temperature or drop --seed"
+        )
+    max_new_tokens = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
 
     from pretrain.data import DataError
     from pretrain.export import ExportError, load
@@ -120,7 +149,7 @@ def main(argv=None) -> int:
             check_sampling(args.temperature, args.top_p)
             if (export_dir / "config.json").is_file():
                 max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
-                check_length(len(prompt), args.max_new_tokens, max_seq_len)
+                check_length(len(prompt), max_new_tokens, max_seq_len)
         model = load(export_dir, device=args.device)
         if args.probes:
             result = answer_probes(model, tokenizer, probes)
@@ -134,11 +163,11 @@ def main(argv=None) -> int:
         ids = generate(
             model,
             prompt,
-            args.max_new_tokens,
+            max_new_tokens,
             args.temperature,
             args.top_p,
             eos_id=tokenizer.eos_id,
-            seed=args.seed,
+            seed=args.seed or 0,
             use_cache=not args.no_cache,
             repetition_penalty=args.repetition_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size,

@@ -95,7 +95,10 @@ def next_token(
     logits = process_logits(logits, tokens, repetition_penalty, no_repeat_ngram_size)
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    # the largest logit is subtracted before dividing (softmax is unchanged by it): logit / temperature
+    # overflowed to inf for a tiny temperature (20 / 1e-307) and the probabilities became NaN
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     order = probs.argsort(descending=True)
     sorted_probs = probs[order]
     # keep the smallest prefix whose mass reaches top_p (always at least the top token)

@@ -212,3 +212,41 @@ def test_generate_refuses_top_p_when_greedy(data_cache, tmp_path, monkeypatch, c
         main([str(export), "--prompt", "The list", "--max-new-tokens", "3", "--temperature", "0.5", "--top-p", "0.5"])
         == 0
     )
+
+
+def test_generate_refuses_options_that_would_change_nothing(inference_export, tmp_path, monkeypatch, capsys):
+    """--seed at --temperature 0 (greedy draws nothing), --seed, --max-new-tokens and --no-cache
+    beside --probes (answered greedily, each to its answer's length, cached) and --probes-dir
+    without --probes were ignored without a word: the output came out as if they were not given.
+    They are refused before anything is read, as --top-p at temperature 0 is; a seed with a
+    temperature > 0 is taken."""
+    import pytest
+
+    import pretrain.export
+    from tools.generate import main
+
+    missing = str(tmp_path / "missing")  # the refusals come from the arguments alone
+    for flags, message in [
+        (
+            ["--prompt", "The", "--seed", "3"],
+            "--seed 3: the seed draws the samples of --temperature > 0; at --temperature 0",
+        ),
+        (["--prompt", "The", "--temperature", "0", "--seed", "0"], "--seed 0: the seed draws the samples"),
+        (["--probes", "3", "--seed", "3"], "--seed: sampling options apply to --prompt generation, not --probes"),
+        (["--probes", "3", "--max-new-tokens", "4"], "--max-new-tokens: --prompt generation options; --probes"),
+        (["--probes", "3", "--no-cache"], "--no-cache: --prompt generation options; --probes generates"),
+        (
+            ["--prompt", "The", "--probes-dir", "x"],
+            "--probes-dir names where --probes reads probes.jsonl: give --probes",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([missing, *flags])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+    tok = Tokenizer(inference_export / "tokenizer.model")
+    full = [tok.eos_id] + tok.encode("The list type is used")
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: OracleModel([full], tok.vocab_size))
+    argv = [str(inference_export), "--prompt", "The list", "--max-new-tokens", "3", "--temperature", "0.5"]
+    assert main([*argv, "--seed", "3"]) == 0

@@ -45,6 +45,16 @@ def test_the_domain_edges_still_generate():
     check_sampling(torch.tensor(0.5).item(), 1.0)
 
 
+@pytest.mark.parametrize("temperature", [5e-308, 1e-310, 5e-324])
+def test_a_tiny_positive_temperature_samples_the_most_likely_token(temperature):
+    """logit / temperature overflowed to inf at a tiny temperature (10 / 5e-308, or any denormal)
+    and torch.multinomial refused the NaN probabilities; the limit of softmax(logits / T) as T -> 0
+    is the greedy choice, which is what such a temperature now samples, under every seed."""
+    model = OracleModel([SEQUENCE], vocab=16)
+    for seed in range(3):
+        assert generate(model, SEQUENCE[:2], 4, temperature=temperature, seed=seed) == SEQUENCE[2:]
+
+
 def test_a_prompt_longer_than_the_context_names_the_prompt_length_that_fits():
     """A prompt longer than max_seq_len was told to "lower --max-new-tokens to at most 0", which
     cannot fit it: only a shorter prompt can. The longest prompt named must be accepted."""
