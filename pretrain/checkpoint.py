@@ -12,7 +12,8 @@ Layout under `<run_dir>/checkpoints/`:
 
 A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only when every rank
 has finished; `latest` is replaced last. A crash mid-write leaves the previous
-checkpoint and `latest` untouched; stale temporary folders are removed at the next save.
+checkpoint and `latest` untouched; stale temporary folders are removed at the next save. A
+write that fails on one rank (its disk, its quota) is raised on every rank, naming that rank.
 Per-rank files hold tensors and plain Python values only, loaded with weights_only=True.
 
 Resume trusts no file of a checkpoint: before anything is loaded, `verify` checks that every
@@ -43,7 +44,7 @@ from omegaconf import OmegaConf
 from pretrain.checksums import checksum_problem, write_checksums
 from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
 from pretrain.data.sources import mixture_change
-from pretrain.distributed import barrier
+from pretrain.distributed import barrier, first_problem
 from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, replace_with
 from pretrain.lr_schedule import check_resumed_schedule
 
@@ -212,6 +213,60 @@ def is_write_failure(err: BaseException) -> bool:
     return (isinstance(err, RuntimeError) or is_safetensors) and bool(_WRITE_FAILURE.search(str(err)))
 
 
+def _attempt(fn, *args) -> Exception | None:
+    """fn(*args); the exception it raised, or None."""
+    try:
+        fn(*args)
+    except Exception as err:  # judged by Checkpointer._agree, on every rank
+        return err
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free on its filesystem"
+    except OSError:
+        return ""
+
+
+class _RecordingWrites:
+    """DeepSpeed's checkpoint engine, whose `save` records the first failed write instead of
+    raising it, so that DeepSpeed's save runs on to its closing barrier on this rank as on the
+    others (raised out of it, the rank left them waiting there)."""
+
+    def __init__(self, inner):
+        self.inner, self.failure = inner, None
+
+    def save(self, state_dict, path: str):
+        if self.failure is None:
+            try:
+                self.inner.save(state_dict, path)
+            except Exception as err:
+                self.failure = err
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _save_deepspeed(engine, save_dir: str, tag: str, client_state: dict) -> Exception | None:
+    """DeepSpeed's save of `engine` under `save_dir/tag`; the first failure, returned. Its collectives
+    (a barrier, the tag's check) come before its writes, and one barrier after them; a write that
+    fails outside its checkpoint engine (rank 0's copy of its recovery script) is met there by this
+    rank's own barrier."""
+    recording = _RecordingWrites(engine.checkpoint_engine)
+    engine.checkpoint_engine = recording
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        barrier()  # DeepSpeed's closing one, where the other ranks wait
+        return recording.failure or err
+    finally:
+        engine.checkpoint_engine = recording.inner
+    return recording.failure
+
+
 class Checkpointer:
     """Saves and restores complete training checkpoints under `<run_dir>/checkpoints`."""
 
@@ -229,48 +284,77 @@ class Checkpointer:
         """Declare what every checkpoint holds: the DeepSpeed engine, the value shards, the run's
         `train_state` (saved as DeepSpeed's client state), this rank's `rank_state` (one file per
         rank) and `writers`, objects whose `write(folder)` adds files of their own (a collective:
-        every rank calls it, between the save's barriers)."""
+        every rank calls it, after DeepSpeed's save and this rank's own files; also after one of those failed)."""
         self.engine, self.memory_parallel = engine, memory_parallel
         self.train_state, self.rank_state, self.writers = train_state, rank_state, list(writers)
 
     def save(self, step: int, cfg: RunConfig) -> Path:
-        """Write a checkpoint of the tracked items for `step` on every rank; return its final folder."""
+        """Write a checkpoint of the tracked items for `step` on every rank; return its final folder.
+
+        A failure on any rank (a full disk, a refused write, an error in a writer) is raised on
+        every rank, naming that rank and its cause, at the next of the save's four agreements
+        (after preparing the folder, writing, summing, committing): a failing rank still takes
+        part in the collectives of its stage, so that none is left waiting in one for a rank that
+        has left. Nothing committed is touched before the last stage."""
         tag = tag_for(step)
         tmp_tag = TMP_PREFIX + tag
         tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
-        if self.rank == 0:
-            self._remove_stale_temporaries()
-            self.root.mkdir(parents=True, exist_ok=True)
-        barrier()
-        try:
-            self._write(tmp_tag, tmp_dir, cfg)
-            barrier()  # every rank's files are complete: their sums go into the checkpoint last
-            write_checksums(tmp_dir, self.rank, self.world_size)
-        except Exception as err:  # a full disk or quota, a failing filesystem: say what is kept
-            if not is_write_failure(err):
-                raise
-            raise CheckpointError(self._write_failure(tag, tmp_dir, err)) from err
-        barrier()
-        if self.rank == 0:
-            replace_with(tmp_dir, final_dir)
-            atomic_write_text(self.root / "latest", tag)
-            prune_checkpoints(self.root, self.keep, tag)
-        barrier()
+        self._agree(tag, tmp_dir, _attempt(self._prepare) if self.rank == 0 else None)
+        self._agree(tag, tmp_dir, self._write(tmp_tag, tmp_dir, cfg))  # after it, every rank's files are whole
+        self._agree(tag, tmp_dir, _attempt(write_checksums, tmp_dir, self.rank, self.world_size))
+        self._agree(tag, tmp_dir, _attempt(self._commit, tmp_dir, final_dir, tag) if self.rank == 0 else None)
         self.saved_step = step
         return final_dir
 
-    def _write(self, tmp_tag: str, tmp_dir: Path, cfg: RunConfig) -> None:
-        """Every tracked item of this rank into the unfinished checkpoint `tmp_dir`."""
-        client_state = dict(self.train_state.state_dict(), model_config=model_fingerprint(cfg))
-        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
-        self.memory_parallel.save(tmp_dir)
-        _atomic_torch_save(self.rank_state.state_dict(), rank_file(tmp_dir, self.rank))
-        if self.rank == 0:
-            save_config(cfg, tmp_dir / "config.yaml")
-        for writer in self.writers:
-            writer.write(tmp_dir)
+    def _prepare(self) -> None:
+        self._remove_stale_temporaries()
+        self.root.mkdir(parents=True, exist_ok=True)
 
-    def _write_failure(self, tag: str, tmp_dir: Path, err: OSError) -> str:
+    def _commit(self, tmp_dir: Path, final_dir: Path, tag: str) -> None:
+        replace_with(tmp_dir, final_dir)
+        atomic_write_text(self.root / "latest", tag)
+        prune_checkpoints(self.root, self.keep, tag)
+
+    def _write(self, tmp_tag: str, tmp_dir: Path, cfg: RunConfig) -> Exception | None:
+        """Every tracked item of this rank into the unfinished checkpoint `tmp_dir`. The first
+        failure is returned, not raised; the writing that holds collectives (DeepSpeed's save, the
+        writers) runs on after it."""
+        client_state = dict(self.train_state.state_dict(), model_config=model_fingerprint(cfg))
+        failure = _save_deepspeed(self.engine, str(self.root), tmp_tag, client_state)
+        if failure is None:
+            failure = _attempt(self.memory_parallel.save, tmp_dir)
+        if failure is None:
+            failure = _attempt(_atomic_torch_save, self.rank_state.state_dict(), rank_file(tmp_dir, self.rank))
+        if failure is None and self.rank == 0:
+            failure = _attempt(save_config, cfg, tmp_dir / "config.yaml")
+        for writer in self.writers:
+            problem = _attempt(writer.write, tmp_dir)
+            failure = failure if failure is not None else problem
+        return failure
+
+    def _agree(self, tag: str, tmp_dir: Path, failure: Exception | None) -> None:
+        """Raise on every rank where a stage of the save of `tag` failed on any (a collective):
+        this rank's own failure as it was where it is not a refused write (a fault of the code,
+        with its traceback), otherwise a CheckpointError naming the failing rank, its cause, and
+        the checkpoint that is kept."""
+        mine = None
+        if failure is not None:
+            if is_write_failure(failure):
+                fix = "Free space (or fix the filesystem), then run again"
+                mine = f"{str(failure).strip()}{_free_space(self.root)}\n{fix}"
+            else:
+                mine = f"{type(failure).__name__}: {failure}\nSee that rank's traceback; fix it, then run again"
+        agreed = first_problem(mine)
+        if agreed is None:
+            return
+        if failure is not None and not is_write_failure(failure):
+            raise failure
+        cause, _, fix = agreed.message.rpartition("\n")
+        if len(agreed.ranks) > 1:
+            cause = f"rank {agreed.rank}: {cause}"
+        raise CheckpointError(self._write_failure(tag, tmp_dir, agreed.who(), cause, fix)) from failure
+
+    def _write_failure(self, tag: str, tmp_dir: Path, who: str, cause: str, fix: str) -> str:
         try:
             previous = latest_checkpoint(self.root)
         except CheckpointError:
@@ -280,15 +364,10 @@ class Checkpointer:
             if previous is not None
             else "there is no earlier checkpoint"
         )
-        try:
-            free = f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free on its filesystem"
-        except OSError:
-            free = ""
         return (
-            f"rank {self.rank} could not write checkpoint {tag} ({str(err).strip()}{free}); nothing else was "
-            f"changed: {kept}, and "
-            f"the unfinished {tmp_dir.name} is removed at the next save. Free space (or fix the filesystem), "
-            f"then run again: the run resumes from {previous.name if previous else 'the start'}"
+            f"{who} could not write checkpoint {tag} ({cause}); nothing else was changed: {kept}, and "
+            f"the unfinished {tmp_dir.name} is removed at the next save. {fix}: the run resumes from "
+            f"{previous.name if previous else 'the start'}"
         )
 
     def verify(self, ckpt_dir: Path, cfg: RunConfig, dataset_dir: Path | None = None):

@@ -40,13 +40,26 @@ def _files(folder: Path) -> list[str]:
 
 def write_checksums(folder: Path, rank: int, world_size: int) -> None:
     """Every rank calls it once all ranks have written their files into `folder`; rank 0 writes
-    `folder/checksums.json`. A failed read or write raises OSError (the caller's full-disk path)."""
-    names = [n for n in rank0_text("\n".join(_files(folder)) if rank == 0 else "").split("\n") if n]
-    mine = []
-    for i in range(len(names)):
-        path = folder / names[i]
-        mine += [path.stat().st_size, file_crc32(path)] if i % world_size == rank else [0, 0]
+    `folder/checksums.json`. A failed read or write raises OSError (the caller's full-disk path),
+    after the collectives: a rank that fails here leaves no other waiting for it."""
+    failure, listing = None, ""
+    if rank == 0:
+        try:
+            listing = "\n".join(_files(folder))
+        except OSError as err:  # the ranks are told of no file, and sum none
+            failure = err
+    names = [n for n in rank0_text(listing).split("\n") if n]
+    mine = [0, 0] * len(names)
+    for i in range(rank, len(names) if failure is None else 0, world_size):
+        try:
+            path = folder / names[i]
+            mine[2 * i : 2 * i + 2] = [path.stat().st_size, file_crc32(path)]
+        except OSError as err:
+            failure = err
+            break
     values = global_sums(mine)
+    if failure is not None:
+        raise failure
     if rank == 0:
         files = {name: {"bytes": values[2 * i], "crc32": values[2 * i + 1]} for i, name in enumerate(names)}
         atomic_write_text(folder / SUMS_FILE, json.dumps({"algorithm": "crc32", "files": files}, indent=1) + "\n")

@@ -159,24 +159,72 @@ def global_sums(values: list[int]) -> list[int]:
 
 def rank0_text(text: str) -> str:
     """Rank 0's `text` on every rank (two broadcasts: its length, then its UTF-8 bytes)."""
+    return text_from(0, text)
+
+
+def text_from(src: int, text: str) -> str:
+    """Rank `src`'s `text` on every rank (two broadcasts: its length, then its UTF-8 bytes)."""
     if not (dist.is_available() and dist.is_initialized()):
         return text
     data = text.encode()
-    size = rank0_value(len(data))
+    size = _broadcast_value(len(data), src)
     if size == 0:
         return ""
-    tensor = _collective_tensor(list(data) if dist.get_rank() == 0 else [0] * size, torch.uint8)
-    dist.broadcast(tensor, src=0)
+    tensor = _collective_tensor(list(data) if dist.get_rank() == src else [0] * size, torch.uint8)
+    dist.broadcast(tensor, src=src)
     return tensor.cpu().numpy().tobytes().decode()
 
 
 def rank0_value(value: int) -> int:
     """Rank 0's `value` on every rank (a broadcast; `value` itself without a process group)."""
+    return _broadcast_value(value, 0)
+
+
+def _broadcast_value(value: int, src: int) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return value
     tensor = _collective_tensor([value], torch.int64)
-    dist.broadcast(tensor, src=0)
+    dist.broadcast(tensor, src=src)
     return int(tensor.item())
+
+
+@dataclass(frozen=True)
+class RankProblem:
+    """What `first_problem` agreed on: the ranks that have a problem and the lowest one's message."""
+
+    ranks: tuple[int, ...]
+    world_size: int
+    message: str
+
+    @property
+    def rank(self) -> int:
+        return self.ranks[0]
+
+    def who(self) -> str:
+        """'rank 3', or 'ranks 1, 3 (2 of 8)'."""
+        if len(self.ranks) == 1:
+            return f"rank {self.rank}"
+        shown = ", ".join(map(str, self.ranks[:8])) + (", ..." if len(self.ranks) > 8 else "")
+        return f"ranks {shown} ({len(self.ranks)} of {self.world_size})"
+
+
+def first_problem(problem: str | None) -> RankProblem | None:
+    """Every rank's `problem` (a message; None: none) agreed on: the ranks that have one and the
+    lowest such rank's message, the same on every rank; None on every rank where none has one.
+
+    A collective (an all-reduce, then the message's broadcast where there is one) that every rank
+    reaches at the same point: a problem found on one rank alone (a file only it reads, its
+    node's filesystem) stops them all, named, instead of leaving the others waiting in their next
+    collective for a rank that has left."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None if problem is None else RankProblem((0,), 1, problem)
+    world = dist.get_world_size()
+    flags = [0] * world
+    flags[dist.get_rank()] = int(problem is not None)
+    ranks = tuple(r for r, flag in enumerate(global_sums(flags)) if flag)
+    if not ranks:
+        return None
+    return RankProblem(ranks, world, text_from(ranks[0], problem or ""))
 
 
 def gather_floats(value: float) -> list[float]:

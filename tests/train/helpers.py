@@ -153,3 +153,60 @@ class FakeClock:
 
     def __getattr__(self, name):
         return getattr(real_time, name)
+
+
+def _record_outcome(rank: int, world: int, port: int, fn, args: tuple, out_dir: str, done) -> None:
+    """One rank of `run_ranks_outcome`: fn's result or error and the seconds it took, recorded;
+    then the process waits for `done`, as a failed rank under NCCL stays in the group until its
+    job step ends (a gloo rank that exits breaks its peers' collectives at once, which would hide a hang)."""
+    import os
+    import time
+    import traceback
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    start = time.monotonic()
+    try:
+        outcome = {"result": fn(rank, *args)}
+    except BaseException as err:  # noqa: BLE001 (recorded for the test to judge)
+        outcome = {"error": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
+    outcome["seconds"] = time.monotonic() - start
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    done.wait(600)
+    os._exit(0)  # no teardown: a peer may still wait in a collective
+
+
+def run_ranks_outcome(world: int, fn, args: tuple, out_dir: Path, timeout: float) -> list[dict | None]:
+    """Run fn(rank, *args) on `world` spawned processes (the trainer makes the gloo group), each
+    recording {"result"} or {"error", "message"} with its "seconds"; None for a rank still busy
+    after `timeout` seconds (waiting in a collective for a peer that will never come). No rank
+    leaves before all have recorded or the time is up."""
+    import multiprocessing
+    import time
+
+    from pretrain.distributed import free_port
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    done = context.Event()
+    port = free_port()
+    procs = [
+        context.Process(target=_record_outcome, args=(r, world, port, fn, args, str(out_dir), done))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    files = [out_dir / f"rank{r}.json" for r in range(world)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(f.is_file() for f in files):
+        time.sleep(0.2)
+    done.set()
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [json.loads(f.read_text()) if f.is_file() else None for f in files]

@@ -1,0 +1,123 @@
+"""A fault on one rank only reaches every rank, named, within seconds: a checkpoint or slot-table
+write that one rank's filesystem refuses (a full disk, a permission), or an error raised on one
+rank in the middle of a save. The other ranks used to wait in their next collective for a rank
+that had left, until the hang watchdog fired minutes later; the checkpoint before stays the one
+that resumes.
+
+The ranks run as spawned gloo processes that stay in the group after they fail, as a failed rank
+does under NCCL until its job step ends (a gloo rank that exits breaks its peers' collectives at
+once, which would hide the wait)."""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train.helpers import run_ranks_outcome, tiny_config
+
+STEPS = ("train.max_steps=4", "train.checkpoint_every=2", "train.zero_stage=1")  # ZeRO 1: a file per rank
+FAILING_SAVE = "step_00000004"
+
+# fault -> (the rank it strikes, what it raises): each strikes once, at the step-4 save
+FAULTS = {
+    "deepspeed file": (1, PermissionError(errno.EACCES, "Permission denied (injected)")),
+    "value shard": (1, OSError(errno.ENOSPC, "No space left on device (injected)")),
+    "slot table": (0, OSError(errno.EDQUOT, "Disk quota exceeded (injected)")),
+    "error in a writer": (1, ValueError("a fault of the code (injected)")),
+}
+
+
+def _inject(fault: str, rank: int, injected: dict) -> None:
+    """Make `fault` strike this rank at the step-4 save (if it is the fault's rank)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    import pretrain.checkpoint as checkpoint_module
+    from pretrain.parallel.memory_parallel import MemoryParallel
+    from pretrain.slots import checkpoint_item
+
+    target_rank, error = FAULTS[fault]
+    target, name, path_arg = {
+        "deepspeed file": (TorchCheckpointEngine, "save", 2),
+        "value shard": (MemoryParallel, "save", 1),
+        "slot table": (checkpoint_item, "save_table", 0),
+        "error in a writer": (checkpoint_module, "_atomic_torch_save", 1),
+    }[fault]
+    real = getattr(target, name)
+
+    def failing(*args, **kwargs):
+        path = str(kwargs.get("path", args[path_arg] if len(args) > path_arg else ""))
+        if rank == target_rank and FAILING_SAVE in path and not injected:
+            injected["at"] = time.time()
+            raise error
+        return real(*args, **kwargs)
+
+    setattr(target, name, failing)
+
+
+def _faults_on_one_rank(rank: int, run: str, cache: str) -> dict:
+    """On every rank: train to step 2, then resume four times into a step-4 save that one fault
+    breaks, then once with no fault. Each run's error (or step), when it raised, when injected."""
+    from pretrain.train import train
+
+    out = {}
+    cfg = lambda: tiny_config(Path(run), Path(cache), *STEPS)  # noqa: E731
+    train(tiny_config(Path(run), Path(cache), *STEPS, "train.stop_after=2"))
+    for fault in FAULTS:
+        injected: dict = {}
+        _inject(fault, rank, injected)
+        try:
+            train(cfg())
+            out[fault] = {"error": None}
+        except Exception as err:
+            out[fault] = {"error": type(err).__name__, "message": str(err), "raised_at": time.time(), **injected}
+    result = train(cfg())
+    out["resumed"] = {"step": result.step, "steps_trained": len(result.losses)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("one-rank-faults")
+    ranks = run_ranks_outcome(2, _faults_on_one_rank, (str(root / "run"), str(data_cache)), root / "out", timeout=300)
+    for rank, outcome in enumerate(ranks):
+        assert outcome is not None, f"rank {rank} still waits after 300 s (a collective its peer never joined)"
+        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
+    return root / "run", [o["result"] for o in ranks]
+
+
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f != "error in a writer"])
+def test_a_write_refused_on_one_rank_stops_every_rank_naming_it(outcomes, fault):
+    run, ranks = outcomes
+    failing_rank, error = FAULTS[fault]
+    injected_at = ranks[failing_rank][fault]["at"]
+    for rank in ranks:
+        got = rank[fault]
+        assert got["error"] == "CheckpointError"
+        assert got["message"].startswith(f"rank {failing_rank} could not write checkpoint {FAILING_SAVE} ({error}")
+        assert f"{run / 'checkpoints' / 'latest'} still names step_00000002, which is complete" in got["message"]
+        assert got["raised_at"] - injected_at < 20  # a wait in a collective lasted until the watchdog: minutes
+
+
+def test_an_error_on_one_rank_during_a_save_reaches_the_others(outcomes):
+    """The failing rank raises its own error (a fault of the code keeps its traceback); the others
+    a CheckpointError naming that rank and the error."""
+    _, ranks = outcomes
+    got = [rank["error in a writer"] for rank in ranks]
+    assert got[1]["error"] == "ValueError" and got[1]["message"] == "a fault of the code (injected)"
+    assert got[0]["error"] == "CheckpointError"
+    assert got[0]["message"].startswith(
+        f"rank 1 could not write checkpoint {FAILING_SAVE} (ValueError: a fault of the code (injected)); "
+    )
+    assert "See that rank's traceback" in got[0]["message"]
+    assert max(g["raised_at"] for g in got) - ranks[1]["error in a writer"]["at"] < 20
+
+
+def test_the_checkpoint_before_the_failed_saves_resumes(outcomes):
+    run, ranks = outcomes
+    for rank in ranks:
+        assert rank["resumed"] == {"step": 4, "steps_trained": 2}  # from step 2, after four failed saves
+    assert (run / "checkpoints" / "latest").read_text() == FAILING_SAVE
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the unfinished one removed by the save
