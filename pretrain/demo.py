@@ -34,10 +34,18 @@ def replace_refusal(run_dir: Path) -> str | None:
     )
 
 
-def summarise(result, run_dir: Path) -> str:
+def summarise(result, run_dir: Path, max_steps: int) -> str:
     head = result.losses[:10]
     tail = result.losses[-10:]
-    lines = ["", "=== demo finished ==="]
+    if result.step >= max_steps:
+        lines = ["", "=== demo finished ==="]
+    else:  # a stop signal or train.stop_after: a plain `make demo` would delete this run
+        why = "by a signal" if result.stopped_by_signal else "by train.stop_after"
+        lines = [
+            "",
+            f"=== demo stopped at step {result.step} of {max_steps} ({why}) ===",
+            'continue it with make demo ARGS="--resume" (a plain make demo starts afresh, deleting this run)',
+        ]
     if head and tail:
         lines.append(
             f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    print(summarise(result, run_dir))
+    print(summarise(result, run_dir, cfg.train.max_steps))
     return 0
 
 

@@ -308,6 +308,11 @@ def write_manifest(root: Path, manifest: dict) -> None:
 def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     path = root / "manifest.json"
+    if root.is_file():
+        raise DataError(
+            f"{root} is a file, not a prepared dataset folder: prepare it with tools/prepare_data.py "
+            f"--input {root} --output <folder> and pass that folder"
+        )
     if not root.is_dir():
         raise DataError(
             f"dataset directory {root} does not exist: prepare it with tools/prepare_data.py or set data.dir"

@@ -12,6 +12,7 @@ sequence length) that the config follows unless the user sets them explicitly.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,18 @@ def _not_prepared(directory: Path, options: str = "") -> str:
     of corpus files is the usual mistake (the trainer reads prepared shards, not text), and
     preparing into it would be refused, so the fix names a folder beside it."""
     if not directory.exists():
+        near = _nearest_dataset(directory)
         return (
-            f"{directory} holds no manifest.json (the directory does not exist): prepare it with "
-            f"tools/prepare_data.py --input <corpus> --output {directory}{options}"
+            f"{directory} holds no manifest.json (the directory does not exist): "
+            + (f"did you mean {near}? Or " if near else "")
+            + f"prepare it with tools/prepare_data.py --input <corpus> --output {directory}{options}"
+        )
+    if not directory.is_dir():  # data.dir=corpus/english.jsonl: the corpus file itself
+        target = directory.parent / (directory.name.split(".")[0] + "-prepared")
+        return (
+            f"{directory} is a file, not a prepared dataset folder (the trainer reads the shards "
+            f"tools/prepare_data.py writes); prepare it with tools/prepare_data.py --input {directory} "
+            f"--output {target}{options} and name {target} here"
         )
     if (directory.parent / "manifest.json").is_file():
         return f"{directory} is a folder inside the prepared dataset {directory.parent}: name {directory.parent} itself"
@@ -119,6 +129,17 @@ def _not_prepared(directory: Path, options: str = "") -> str:
         f"{directory} holds no manifest.json: prepare it with tools/prepare_data.py --input <corpus> "
         f"--output {directory}{options}"
     )
+
+
+def _nearest_dataset(directory: Path) -> Path | None:
+    """The prepared dataset beside a folder that does not exist whose name is closest to it
+    (data/englsh -> data/english), or None."""
+    parent = directory.parent
+    if not parent.is_dir():
+        return None
+    names = sorted(d.name for d in parent.iterdir() if (d / "manifest.json").is_file())
+    close = difflib.get_close_matches(directory.name, names, n=1, cutoff=0.6)
+    return parent / close[0] if close else None
 
 
 def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) -> None:

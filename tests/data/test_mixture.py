@@ -265,6 +265,28 @@ def test_bad_sources_are_refused_with_the_fix(tmp_path, dataset, tokenizer):
         resolve_sources(data_cfg((dataset, 1.0, "a"), dir=dataset))
 
 
+def test_a_corpus_file_or_a_misspelt_folder_as_data_dir_is_explained(tmp_path, dataset):
+    """data.dir=corpus/english.jsonl (the corpus file) ended in a NotADirectoryError traceback, and
+    memlayers-inspect-data on it said the 'dataset directory does not exist'; data.dir=data/englsh
+    did not name the data/english beside it."""
+    from pretrain.data.shards import read_manifest
+
+    corpus = tmp_path / "english.jsonl"
+    corpus.write_text('{"text": "one"}\n')
+    with pytest.raises(DataError) as err:
+        resolve_sources(data_cfg(dir=corpus))
+    assert (
+        f"{corpus} is a file, not a prepared dataset folder (the trainer reads the shards tools/prepare_data.py "
+        f"writes); prepare it with tools/prepare_data.py --input {corpus} --output {tmp_path / 'english-prepared'} "
+        in str(err.value)
+    )
+    with pytest.raises(DataError, match=rf"{corpus} is a file, not a prepared dataset folder: prepare it with "):
+        read_manifest(corpus)
+    misspelt = dataset.with_name(dataset.name[:-1])
+    with pytest.raises(DataError, match=rf"\(the directory does not exist\): did you mean {dataset}\? Or prepare"):
+        resolve_sources(data_cfg(dir=misspelt))
+
+
 def test_a_folder_that_is_not_a_dataset_is_named_with_what_it_is(tmp_path, dataset):
     """data.dir=corpus/ (the text itself) said "corpus holds no manifest.json: prepare it with
     tools/prepare_data.py --input <corpus> --output corpus", a command prepare_data refuses (the output

@@ -37,6 +37,20 @@ def test_shortened_demo_end_to_end(tmp_path, data_cache, capsys):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_demo_stopped_early_says_so_and_how_to_continue(tmp_path, data_cache, capsys):
+    """A demo stopped by a signal or train.stop_after printed '=== demo finished ===', and the
+    next plain `make demo` deletes the run it could have continued."""
+    run_dir = tmp_path / "demo"
+    args = ["--config", "configs/tiny.yaml", *TINY, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"]
+    assert demo.main([*args, "train.max_steps=6", "train.stop_after=2"]) == 0
+    out = capsys.readouterr().out
+    assert "demo finished" not in out
+    assert "=== demo stopped at step 2 of 6 (by train.stop_after) ===" in out
+    assert 'make demo ARGS="--resume"' in out
+    assert demo.main([*args, "train.max_steps=6", "--resume"]) == 0
+    assert "=== demo finished ===" in capsys.readouterr().out
+
+
 def test_demo_reports_config_errors(capsys):
     assert demo.main(["--config", "configs/tiny.yaml", "train.max_step=3"]) == 2
     assert "did you mean 'train.max_steps'" in capsys.readouterr().err
