@@ -26,7 +26,7 @@ def test_positive_int_names_the_option_and_the_value(capsys):
 
 def test_one_positive_int_for_every_tool():
     """generate and memlayers_eval each had their own copy."""
-    for name in ("generate", "memlayers_eval", "train_tokenizer", "perplexity"):
+    for name in ("generate", "memlayers_eval", "train_tokenizer", "perplexity", "model_info"):
         assert importlib.import_module(f"tools.{name}").positive_int is positive_int
     assert [p.name for p in TOOLS.glob("*.py") if "def positive_int" in p.read_text()] == []
 
