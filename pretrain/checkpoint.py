@@ -45,7 +45,7 @@ from pretrain.checksums import checksum_problem, write_checksums
 from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
 from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier, first_problem
-from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, replace_with
+from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, discard, replace_with
 from pretrain.lr_schedule import check_resumed_schedule
 
 TMP_PREFIX = ".tmp-"
@@ -478,10 +478,7 @@ class Checkpointer:
         a killed process left (`.<name>.tmp-<pid>@<host>-…`, pretrain.files)."""
         if self.root.is_dir():
             for stale in [*self.root.glob(TMP_PREFIX + "*"), *self.root.glob(f".*{TEMP_MARK}*")]:
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
+                discard(stale)
 
 
 # ZeRO 1 and 2 save the same partitioned optimizer state, so a resume may switch between them;

@@ -4,6 +4,7 @@ arguments are parsed, with the option and the value named, before any work start
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -26,6 +27,23 @@ def int_at_least(lowest: int, note: str = ""):
 
 
 positive_int = int_at_least(1)
+
+
+def positive_number(note: str = "", what: str = "number"):
+    """argparse type: a finite float > 0 (nan, inf and 0 refused); `what` names it in the
+    messages ("number of seconds"), `note` (e.g. "1.0 = off") closes each."""
+    suffix = f" ({note})" if note else ""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a {what} > 0{suffix}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite {what} > 0{suffix}")
+        return value
+
+    return parse
 
 
 def output_file(example: str):

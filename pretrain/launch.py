@@ -542,8 +542,8 @@ def _check_init_from(cfg) -> None:
 def _check_no_live_job(script_path: Path, squeue_bin: str = "squeue") -> None:
     """Refuse a --resume while a job of this run (its train.sbatch) is still queued, running or
     requeued: two jobs would train the same run directory at once, each pruning and overwriting
-    the other's checkpoints. Where squeue is absent or fails (no Slurm here: --dry-run), say so
-    and go on; sbatch itself then fails with its own message."""
+    the other's checkpoints. Where squeue is absent (no Slurm here: --dry-run) this goes on
+    silently, where it fails with a warning; sbatch itself then fails with its own message."""
     exe = shutil.which(squeue_bin)
     if exe is None:
         return

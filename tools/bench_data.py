@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from kernels.benchmark import write_results  # noqa: E402
-from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.cli import output_file, positive_int, positive_number  # noqa: E402
 from pretrain.config import DataConfig, SyntheticConfig, load_config  # noqa: E402
 from pretrain.data import ShardLoader, Tokenizer, build_fact_world, prepare_embedded_dataset  # noqa: E402
 from pretrain.data.prepare import write_dataset  # noqa: E402
@@ -110,24 +110,15 @@ def training_step_times(config: Path, batch: int, seq_len: int, steps: int) -> l
     return times
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type of --seconds: a finite number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0, e.g. 3")
-    return value
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs/tiny.yaml"))
     ap.add_argument("--entities", type=positive_int, default=2000, help="fact-world size of the benchmark corpus")
     ap.add_argument("--micro-batch", type=positive_int, default=16)
     ap.add_argument("--seq-len", type=positive_int, default=128)
-    ap.add_argument("--seconds", type=positive_seconds, default=3.0, help="loader measuring time")
+    ap.add_argument(
+        "--seconds", type=positive_number("e.g. 3", what="number of seconds"), default=3.0, help="loader measuring time"
+    )
     ap.add_argument("--train-steps", type=positive_int, default=3)
     ap.add_argument("--json", type=output_file("bench_data.json"), default=None, help="also write the raw times here")
     args = ap.parse_args(argv)

@@ -14,27 +14,15 @@ without --probes.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import int_at_least, positive_int  # noqa: E402
+from pretrain.cli import int_at_least, positive_int, positive_number  # noqa: E402
 
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a float > 0 (1.0 = off)") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0 (1.0 = off)")
-    return value
-
-
+positive_float = positive_number("1.0 = off")
 non_negative_int = int_at_least(0, "0 = off")
 MAX_NEW_TOKENS = 32
 

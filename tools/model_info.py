@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pretrain.cli import positive_int  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.model import ConfigError, Transformer, count_parameters, flops_per_token  # noqa: E402
 from pretrain.model.accounting import human_count  # noqa: E402
@@ -63,15 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--seq-len", type=int, default=None, help="for FLOPs (default: data.seq_len)")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="for FLOPs (default: data.seq_len)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    if args.seq_len is not None and args.seq_len <= 0:
-        parser.error(f"--seq-len={args.seq_len} must be positive")
     info = model_info(cfg, args.seq_len)
     print(json.dumps(info) if args.json else format_info(info, cfg, args.config))
     return 0

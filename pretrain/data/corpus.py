@@ -1,4 +1,4 @@
-"""Streaming readers for real corpora: plain text, JSONL and Parquet; .gz, .zst, .bz2 and .xz compressed.
+r"""Streaming readers for real corpora: plain text, JSONL and Parquet; .gz, .zst, .bz2 and .xz compressed.
 
 `iter_documents(paths, ...)` yields one string per document and never holds more than
 one document (one file for `text`, one block for `blocks`, one line for JSONL) or one
@@ -8,7 +8,7 @@ SlimPajama as .jsonl.zst, Dolma as .json.gz. Windows line ends (CRLF) are read a
 Python's text mode reads them (the tokenizer keeps whitespace, and has no piece for a lone
 "\r": each line would cost a byte-fallback token); a UTF-8 byte order mark at a file's start is
 dropped, as Python's "utf-8-sig" drops it. Undecodable bytes, and JSON escapes of lone
-UTF-16 surrogates ("\\ud83d" without its pair), are replaced (U+FFFD) and counted; empty
+UTF-16 surrogates ("\ud83d" without its pair), are replaced (U+FFFD) and counted; empty
 (and null) documents are skipped and counted, in a `CorpusStats` the caller passes in. A
 truncated or corrupt file is a `DataError` naming it, never a silently shorter corpus.
 """

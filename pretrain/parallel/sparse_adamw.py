@@ -16,9 +16,9 @@ Second moment (`second_moment`):
     the dense optimizer's (exp_avg, exp_avg_sq, step), so checkpoints of `adamw` and
     `sparse_adamw` are interchangeable and re-shard alike.
   * "row" (`sparse_rowwise_adamw`): one v per row, fed the mean of g_r^2 over the
-    row's full width (all column shards: `row_sq_sum` sums the local sums over the
-    memory group). This is the "partial row-wise Adam" of large embedding tables
-    (FBGEMM/TorchRec): the state shrinks from 2 N d to N d + N floats, so a value pool
+    row's full width (all column shards: the `row_sq_mean` hook, MemoryParallel's, sums
+    the local sums over the memory group). This is the "partial row-wise Adam" of large
+    embedding tables (FBGEMM/TorchRec): the state shrinks from 2 N d to N d + N floats, so a value pool
     with its optimizer needs 2 N d floats instead of 3 N d, at the price of one step
     size per row rather than per value. Its checkpoints hold exp_avg_sq_row (N,) and do
     not load into the element-wise optimizers (nor the reverse).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import output_folder, positive_int
+from pretrain.cli import output_folder, positive_int, positive_number
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -26,9 +26,32 @@ def test_positive_int_names_the_option_and_the_value(capsys):
 
 def test_one_positive_int_for_every_tool():
     """generate and memlayers_eval each had their own copy."""
-    for name in ("generate", "memlayers_eval", "train_tokenizer", "perplexity"):
+    for name in ("generate", "memlayers_eval", "train_tokenizer", "perplexity", "model_info"):
         assert importlib.import_module(f"tools.{name}").positive_int is positive_int
     assert [p.name for p in TOOLS.glob("*.py") if "def positive_int" in p.read_text()] == []
+
+
+def test_positive_number_refuses_zero_nan_inf_and_text(capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--x", type=positive_number("1.0 = off"))
+    parser.add_argument("--s", type=positive_number("e.g. 3", what="number of seconds"))
+    assert parser.parse_args(["--x", "0.5", "--s", "1e-3"]) == argparse.Namespace(x=0.5, s=1e-3)
+    for option, value, message in (
+        ("--x", "0", "0 must be a finite number > 0 (1.0 = off)"),
+        ("--x", "-1", "-1 must be a finite number > 0 (1.0 = off)"),
+        ("--x", "nan", "nan must be a finite number > 0 (1.0 = off)"),
+        ("--x", "inf", "inf must be a finite number > 0 (1.0 = off)"),
+        ("--x", "a", "'a' is not a number; give a number > 0 (1.0 = off)"),
+        ("--s", "0", "0 must be a finite number of seconds > 0 (e.g. 3)"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([option, value])
+        assert exit_.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_one_positive_number_for_every_tool():
+    """generate (--repetition-penalty) and bench_data (--seconds) each parsed their own finite float > 0."""
+    assert [p.name for p in TOOLS.glob("*.py") if "= float(text)" in p.read_text()] == []
 
 
 def test_a_file_as_output_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
