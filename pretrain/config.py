@@ -304,6 +304,12 @@ def _override_layer(item: str) -> tuple[str, dict, DictConfig]:
         try:
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
         except yaml.YAMLError as err:
+            if text.endswith((":", ",")):  # `data.sources=[{dir: a}]` unquoted: the shell cut it at a space
+                example = "[{dir: data/a}, {dir: data/b}]" if key.endswith("sources") else "[0, 1]"
+                raise ConfigError(
+                    f"{where}: the value stops at {text[-1]!r}, where the shell split the override at a space: "
+                    f'quote the whole override, e.g. "{key}={example}"'
+                ) from None
             raise ConfigError(
                 f"{where}: the value is not valid YAML ({_yaml_problem(err, with_line=False)}): close every "
                 "bracket and quote (a list: [0, 1]; a mapping: {key: value}; quote text holding ' #' or ': ')"

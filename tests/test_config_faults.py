@@ -76,6 +76,12 @@ def test_a_typo_inside_a_list_item_suggests_the_items_own_field(tmp_path):
     [
         ("model.memory.layers=[0,1", r"the value is not valid YAML \(did not find expected ',' or '\]'\): close every"),
         ("optim.lr=[1", r"the value is not valid YAML"),
+        # the README's quoted mixture override typed without quotes: the shell splits it at each space
+        ("data.sources=[{dir:", r"the value stops at ':', where the shell split the override at a space: quote"),
+        (
+            "model.memory.layers=[0,",
+            r"stops at ',', .* quote the whole override, e.g. \"model\.memory\.layers=\[0, 1\]\"",
+        ),
         ("train=5", r"train is a section, not a value \(5\): set its keys, e.g. train\.run_dir="),
         ("model.memory=true", r"model\.memory is a section, not a value \(True\)"),
         ("model.memory.layers=1", r"model\.memory\.layers is a list, not 1: write it in brackets"),
