@@ -392,15 +392,15 @@ class Checkpointer:
         self.mixture_change = f"data.sources changed from step {saved.step}: {change}" if change else None
         return saved
 
-    def reshards(self, ckpt_dir: Path) -> bool:
-        """True if `ckpt_dir` (verified) was saved by another number of ranks than this run's."""
+    def reshards(self) -> bool:
+        """True if the checkpoint `verify` passed last was saved by another number of ranks than this run's."""
         return self.saved_world is not None and self.saved_world != self.world_size
 
     def needs_universal_load(self, ckpt_dir: Path | None) -> bool:
         """True if resuming `ckpt_dir` needs DeepSpeed's universal checkpoint (`checkpoint.load_universal`)."""
         from pretrain.resharding import dense_state_is_partitioned
 
-        return ckpt_dir is not None and self.reshards(ckpt_dir) and dense_state_is_partitioned(ckpt_dir)
+        return ckpt_dir is not None and self.reshards() and dense_state_is_partitioned(ckpt_dir)
 
     def load(self, ckpt_dir: Path) -> str | None:
         """Restore every tracked item from `ckpt_dir`; on another world size (or data layout:
@@ -413,7 +413,7 @@ class Checkpointer:
             return torch.load(rank_file(ckpt_dir, rank), map_location="cpu", weights_only=True, mmap=True)
 
         # all old ranks' states when the world size changed, or the data layout did (workers, micro-batch)
-        own = None if self.reshards(ckpt_dir) else read(self.rank)
+        own = None if self.reshards() else read(self.rank)
         reshard = own is None or self.rank_state.needs_reshard(own)
         rank_states = [read(r) for r in range(self.saved_world)] if reshard else [own]
         dense_dir = self._universal_form(ckpt_dir) if self.needs_universal_load(ckpt_dir) else ckpt_dir
@@ -432,7 +432,7 @@ class Checkpointer:
             self.rank_state.load_state_dict(rank_states[0])
             return None
         merged = self.rank_state.load_resharded(rank_states)
-        if not self.reshards(ckpt_dir):
+        if not self.reshards():
             return f"the data layout changed (data.num_workers, train.micro_batch or data.shuffle_buffer), re-planned: {merged}"
         dense = "DeepSpeed universal checkpoint" if dense_dir != ckpt_dir else "whole in the model states"
         return (

@@ -67,17 +67,6 @@ def peak_flops_of(name: str) -> float | None:
     return None
 
 
-def memory_allocated(device: torch.device) -> float:
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource
-
-        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    except (ImportError, OSError):
-        return float("nan")
-
-
 class MetricsLogger:
     """Writes scalars to TensorBoard and prints a one-line summary; only on rank 0."""
 

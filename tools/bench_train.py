@@ -66,10 +66,11 @@ def run_worker(spec: dict) -> dict:
     default_deepspeed_accelerator()  # before DeepSpeed is imported
     import pretrain.train as train_module
     from pretrain.config import load_config
-    from pretrain.metrics import memory_allocated, run_peak_flops
+    from pretrain.metrics import run_peak_flops
     from pretrain.model import flops_per_token
+    from pretrain.peak_memory import IntervalPeak
 
-    rss_start = memory_allocated(torch.device("cpu"))  # peak RSS so far
+    rss_start = IntervalPeak(torch.device("cpu")).read()  # peak RSS so far
     cfg = load_config(
         spec["config"],
         [

@@ -363,7 +363,7 @@ def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
     )
 
 
-def _iter_parquet(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -415,7 +415,7 @@ def iter_documents(
         for path in files:
             kind = _format_of(path, fmt)
             if kind == "parquet":
-                yield from _iter_parquet(path, text_field, stats)
+                yield from _iter_parquet(path, text_field)
                 continue
             try:
                 with _open_binary(path) as fh:

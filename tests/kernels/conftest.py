@@ -80,3 +80,21 @@ def device():
     if KERNEL_DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("MEMLAYERS_KERNEL_DEVICE=cuda but no CUDA device")
     return torch.device(KERNEL_DEVICE)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Call it to make torch.empty fill floating-point tensors with NaN from then on, so that an
+    output element a kernel should write but skips reads NaN instead of a lucky zero."""
+    import torch
+
+    def poison() -> None:
+        real_empty = torch.empty
+
+        def poisoned_empty(*args, **kwargs):
+            t = real_empty(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+    return poison

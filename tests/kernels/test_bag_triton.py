@@ -73,20 +73,14 @@ def test_sorted_value_grad_is_bitwise_deterministic(device):
         assert torch.equal(first, again)
 
 
-def test_sparse_form_lists_only_touched_rows(device, monkeypatch):
+def test_sparse_form_lists_only_touched_rows(device, poison_empty):
     values, indices, weights = _inputs(100, 12, 3, 2, 4, device, seed=9)
     grad_out = torch.randn(3, 12).to(device)
     rows, grad_rows = bag_triton.bag_value_grad_sparse(grad_out, indices, weights.detach(), torch.float32)
     assert torch.equal(rows.cpu(), torch.unique(indices.cpu()))
     # The dense form writes every row itself (no zero fill): poison uninitialised memory
     # so that a row the kernel skipped would read NaN instead of a lucky zero.
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    poison_empty()
     dense = bag_triton.bag_value_grad_sorted(grad_out, indices, weights.detach(), 100, torch.float32)
     assert torch.equal(dense[rows], grad_rows)
     untouched = torch.ones(100, dtype=torch.bool)
