@@ -82,6 +82,42 @@ class SweepInputs:
     table: SlotTable | None  # None when no run is sparse
 
 
+def check_data_config_for_export(export_dir: str | Path, data_cfg) -> None:
+    """Refuse (ExportError, DataError), before a dataset is built or read, an export that cannot be
+    used or a data config whose dataset cannot be the one the export was trained on: the sweep reads
+    that dataset's new facts and validation split with the export's tokenizer. A prepared data.dir
+    is compared by the tokenizer hash of its manifest; the embedded fact world by its probes, which
+    the export carries (probes.jsonl): another world trains another tokenizer."""
+    from pretrain.data import DataError, load_probes
+    from pretrain.data.shards import read_manifest
+    from pretrain.data.synthetic import build_fact_world
+    from pretrain.export.loading import export_tokenizer
+
+    export_dir = Path(export_dir)
+    tokenizer = export_tokenizer(export_dir)  # a missing export or tokenizer is named first
+    fix = "pass --dataset-dir with the dataset the export was trained on, or the config and overrides of its run"
+    if data_cfg.dir:
+        have = read_manifest(data_cfg.dir).get("tokenizer_sha256", "")
+        if have != tokenizer.sha256:
+            raise DataError(
+                f"data.dir={data_cfg.dir} was prepared with tokenizer sha256 {have[:12] or '<none>'}, but "
+                f"{export_dir} was trained with {tokenizer.sha256[:12]}: {fix}"
+            )
+        return
+    if not (export_dir / "probes.jsonl").is_file():
+        return  # named by load_sweep_inputs, which needs the probes anyway
+    syn = data_cfg.synthetic
+    world = build_fact_world(
+        syn.num_entities, syn.docs_per_entity, syn.qa_docs_per_entity, syn.new_fact_fraction, syn.seed
+    )
+    if world.probes != load_probes(export_dir):
+        raise DataError(
+            f"the config's embedded fact world (data.synthetic: num_entities={syn.num_entities}, seed={syn.seed}, "
+            f"new_fact_fraction={syn.new_fact_fraction}, ...) is not the one {export_dir} was trained on (its "
+            f"probes.jsonl differs), so its dataset would have another tokenizer: {fix}"
+        )
+
+
 def load_sweep_inputs(
     export_dir: str | Path,
     finetune_files: list[str | Path],

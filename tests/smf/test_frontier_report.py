@@ -278,3 +278,45 @@ def test_report_tool_refuses_probes_without_trained_facts_before_any_run(smf_exp
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "probes.jsonl has no trained-fact probe" in err
     assert not out.exists()
+
+
+def test_report_tool_refuses_a_data_config_of_another_dataset_before_building_it(
+    smf_export, tmp_path, capsys, monkeypatch
+):
+    """--export without --dataset-dir prepares the config's dataset for the new facts and the
+    validation split. A config describing another fact world than the export's built that dataset
+    (into the cache) and only then refused it for its tokenizer, telling the user to re-run
+    tools/prepare_data.py; a missing export was named only after the build too. Both are now refused
+    before any dataset is built, naming --dataset-dir; the export's own world goes on to the build."""
+    import pretrain.data
+    from pretrain.data import DataError
+    from tools.smf_report import main
+
+    def no_build(data_cfg, seq_len, show_progress=True):
+        raise DataError("the dataset build started")
+
+    monkeypatch.setattr(pretrain.data, "prepare_embedded_dataset", no_build)
+    export, dataset = smf_export
+    out = tmp_path / "report"
+    runs = json.dumps([{"method": "full", "lr": 1e-3}])
+    base = ["--out", str(out), "--runs", runs]
+    tiny = ["data.vocab_size=384", "data.seq_len=32", "model.max_seq_len=32"]
+    # configs/smf_tiny.yaml's world has 300 entities; the export was trained on 40
+    assert main(["--export", str(export), *base, *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "the config's embedded fact world (data.synthetic: num_entities=300" in err
+    assert f"is not the one {export} was trained on (its probes.jsonl differs)" in err
+    assert "pass --dataset-dir with the dataset the export was trained on" in err
+    assert main(["--export", str(tmp_path / "none"), *base, *tiny]) == 2
+    assert "no such export directory" in capsys.readouterr().err
+
+    other = tmp_path / "other_data"  # a prepared data.dir of another tokenizer
+    other.mkdir()
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": "0" * 64}))
+    assert main(["--export", str(export), *base, *tiny, f"data.dir={other}"]) == 2
+    assert f"data.dir={other} was prepared with tokenizer sha256 000000000000, but {export}" in capsys.readouterr().err
+
+    assert main(["--export", str(export), *base, *tiny, "data.synthetic.num_entities=40"]) == 2
+    assert "the dataset build started" in capsys.readouterr().err  # the export's world passes
+    assert not out.exists()
