@@ -46,6 +46,7 @@ def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transfor
     export_dir = Path(export_dir)
     for name in ("config.json", "model.safetensors"):
         if not (export_dir / name).is_file():
+            refuse_training_run(export_dir)
             raise ExportError(f"{export_dir} has no {name}: is it an export directory (written by tools/export.py)?")
     cfg = model_config_from_json(export_dir / "config.json")
     if cfg.memory.kernel == "triton" and torch.device(device).type != "cuda":
@@ -95,17 +96,24 @@ def check_weights_match(path: Path, header: dict, expected: dict[str, torch.Tens
         )
 
 
+def refuse_training_run(folder: Path) -> None:
+    """An ExportError where `folder` is a run directory or a checkpoint (what a tool given one
+    instead of an export meets first), naming the export command; nothing otherwise."""
+    if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
+        raise ExportError(
+            f"{folder} is a training run or checkpoint, not an export: export it first, "
+            f"memlayers-export {folder} OUT (tools/export.py), and pass OUT"
+        )
+
+
 def export_tokenizer_path(export_dir: str | Path) -> Path:
     """The export's tokenizer.model, or an error saying how to get one (checked before any model loads)."""
     folder = Path(export_dir)
     path = folder / "tokenizer.model"
     if not folder.is_dir():
         raise ExportError(f"no such export directory: {folder} (tools/export.py writes one from a run)")
-    if not path.is_file() and ((folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file()):
-        raise ExportError(
-            f"{folder} is a training run or checkpoint, not an export: export it first, "
-            f"memlayers-export {folder} OUT (tools/export.py), and pass OUT"
-        )
+    if not path.is_file():
+        refuse_training_run(folder)
     if not path.is_file():
         raise ExportError(
             f"{export_dir} has no tokenizer.model, which generation and evaluation need: re-export "

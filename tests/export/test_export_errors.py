@@ -143,3 +143,26 @@ def test_a_file_as_output_is_refused_before_any_input_is_read(tmp_path, monkeypa
             export_checkpoint(tmp_path / "run", out, force=force, show_progress=False)
     assert not read and out.read_text() == "mine"
     assert not list(tmp_path.glob(".model.bin.tmp-*"))
+
+
+def test_a_training_run_given_as_an_export_is_named_with_the_export_command(tmp_path):
+    """memlayers-smf-finetune / memlayers-tfidf (load) and memlayers-average given a run directory
+    said 'has no config.json: is it an export directory?'; generate, perplexity and eval already
+    named the run and the memlayers-export command that makes an export of it."""
+    from pretrain.export.averaging import average_exports
+
+    run = tmp_path / "runs" / "english"
+    (run / "checkpoints").mkdir(parents=True)
+    step = run / "checkpoints" / "step_00000040"
+    step.mkdir()
+    (step / "config.yaml").write_text("model: {}\n")
+    for folder in (run, step):
+        message = (
+            f"{folder} is a training run or checkpoint, not an export: export it first, memlayers-export {folder} OUT"
+        )
+        with pytest.raises(ExportError, match=message):
+            load(folder)
+        with pytest.raises(ExportError, match=message):
+            average_exports([folder, folder], tmp_path / "avg")
+    with pytest.raises(ExportError, match="no config.json"):  # any other folder: as before
+        load(tmp_path / "runs")
