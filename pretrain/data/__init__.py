@@ -11,7 +11,7 @@ bundled_text (real English text that ships with the machine).
 from pretrain.data.corpus import CorpusStats, iter_documents
 from pretrain.data.embedded import prepare_embedded_dataset
 from pretrain.data.errors import DataError
-from pretrain.data.loader import Batch, ShardLoader, load_tokenizer
+from pretrain.data.loader import Batch, ShardLoader
 from pretrain.data.mixture import MixtureLoader
 from pretrain.data.prepare import prepare_corpus, write_dataset
 from pretrain.data.shards import CorruptShardError, read_manifest
@@ -32,7 +32,6 @@ __all__ = [
     "build_fact_world",
     "iter_documents",
     "load_probes",
-    "load_tokenizer",
     "prepare_corpus",
     "prepare_embedded_dataset",
     "read_manifest",
