@@ -3,7 +3,8 @@
 Layout under `<run_dir>/checkpoints/`:
   step_00000100/                 one complete checkpoint (a DeepSpeed tag)
     <DeepSpeed files>            dense params, ZeRO shards, optimizer, LR scheduler, client state
-    values_*.safetensors         memory value shards + their optimizer state (pretrain.parallel)
+    values.t<table>.s<shard>-of-<P>.safetensors
+                                 memory value shards + their optimizer state (pretrain.parallel)
     rank_00000.pt                per-rank state: data loader position, RNG states, slot counters
     slot_frequencies.safetensors the reduced slot-frequency table (pretrain.slots)
     config.yaml                  the resolved run config

@@ -1,5 +1,7 @@
 """Submitting training runs to Slurm: Slurm options, the rendered sbatch script, the run
-directory (resolved config, optional code snapshot, log folder) and the `sbatch` call.
+directory (resolved config, optional code snapshot, log folder) and the `sbatch` call, and what
+a `--resume` must pass first (the same resolved config but for RESUME_MAY_CHANGE, no job of the
+run still queued, steps left to train, a learning-rate schedule that keeps the steps taken' rates).
 
 `tools/submit.py` is the command line over this module. Every value inserted into the
 script is validated and shell-quoted; `sbatch` is called with an argument list.

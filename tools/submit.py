@@ -168,11 +168,11 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
             entry["job_id"] = submit(plan)
         except SubmitError as err:
             queued = [e["job_id"] for e in entries]
-            write_sweep_record(base, entries, previous)
+            record = write_sweep_record(base, entries, previous)
             print(
                 f"memlayers-submit: error: sweep run {run.name}: {err}. Already queued: "
                 f"{len(queued)} of {len(runs)} runs (jobs {', '.join(queued) or 'none'}, listed in "
-                f"{base / 'sweep.json'}); the rest were not submitted",
+                f"{record}); the rest were not submitted",
                 file=sys.stderr,
             )
             return 2

@@ -1,17 +1,20 @@
 """Data pipeline: corpora -> sentencepiece tokens -> packed webdataset shards -> resumable batches.
 
-Modules: synthetic (the embedded fact world and its probes), corpus (streaming text/JSONL
-readers), tokenizer (sentencepiece training and wrapper), shards (the shard format),
-prepare (tokenize, split, pack, write), slices (prepare in slices, then merge), embedded (the
-cached default dataset), loader (ShardLoader: rank/worker split, epochs, exact resume), sources
-(the configured datasets, checked), mixture (MixtureLoader: weighted sources, exact resume),
-bundled_text (real English text that ships with the machine).
+Modules: synthetic (the embedded fact world and its probes), corpus (streaming text, JSONL and
+Parquet readers, compressed or not), tokenizer (sentencepiece training and wrapper), shards (the
+shard format), prepare (tokenize, split, pack, write), slices (prepare in slices, then merge),
+embedded (the cached default dataset), loader (ShardLoader: rank/worker split, epochs, exact
+resume), sources (the configured datasets, checked), mixture (MixtureLoader: weighted sources,
+exact resume), checks (what the trainer checks of the datasets at start-up: empty splits, missing
+shards, too few sequences for its readers), inspect (what a prepared split holds:
+memlayers-inspect-data), errors (DataError), bundled_text (real English text that ships with the
+machine).
 """
 
 from pretrain.data.corpus import CorpusStats, iter_documents
 from pretrain.data.embedded import prepare_embedded_dataset
 from pretrain.data.errors import DataError
-from pretrain.data.loader import Batch, ShardLoader, load_tokenizer
+from pretrain.data.loader import Batch, ShardLoader
 from pretrain.data.mixture import MixtureLoader
 from pretrain.data.prepare import prepare_corpus, write_dataset
 from pretrain.data.shards import CorruptShardError, read_manifest
@@ -32,7 +35,6 @@ __all__ = [
     "build_fact_world",
     "iter_documents",
     "load_probes",
-    "load_tokenizer",
     "prepare_corpus",
     "prepare_embedded_dataset",
     "read_manifest",

@@ -71,14 +71,6 @@ class Batch:
     streams: torch.Tensor | None = None
 
 
-def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:
-    """The dataset's tokenizer.model, checked against the manifest's hash."""
-    manifest = read_manifest(dataset_dir)
-    tok = Tokenizer(Path(dataset_dir) / "tokenizer.model")
-    check_tokenizer(manifest, tok, Path(dataset_dir))
-    return tok
-
-
 def check_tokenizer(manifest: dict, tok: Tokenizer, dataset_dir: Path) -> None:
     if tok.sha256 != manifest.get("tokenizer_sha256"):
         raise DataError(

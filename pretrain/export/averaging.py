@@ -122,19 +122,12 @@ def average_exports(
     }
     nbytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in latest.tensors.values())
     with atomic_directory(out_dir) as tmp:
-        writer = StreamWriter(tmp / WEIGHTS, specs, metadata=metadata)
         bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc="average", disable=not show_progress)
-        try:
+        with bar, StreamWriter(tmp / WEIGHTS, specs, metadata=metadata) as writer:
             for name, shape, dtype in specs:
                 for block in _mean_row_blocks(inputs, share, name, shape):
                     writer.write(block.to(dtype))
                     bar.update(block.numel() * torch.empty((), dtype=dtype).element_size())
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
         for item in latest.dir.iterdir():
             if item.name not in (WEIGHTS, "config.json", "README.md") and item.is_file():
                 shutil.copyfile(item, tmp / item.name)

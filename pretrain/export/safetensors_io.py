@@ -75,7 +75,10 @@ def read_rows(path: Path, header: dict, data_start: int, name: str, row_start: i
 
 
 class StreamWriter:
-    """Write tensors named and shaped in advance, in order, possibly in row blocks."""
+    """Write tensors named and shaped in advance, in order, possibly in row blocks.
+
+    As a context manager (`with StreamWriter(...) as writer:`) the file is closed into place when
+    the block ends and discarded when it raises; else call `close()`, or `abort()` on failure."""
 
     def __init__(
         self,
@@ -134,3 +137,12 @@ class StreamWriter:
     def abort(self) -> None:
         self._fh.close()
         discard(self.tmp)
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -167,9 +167,8 @@ def write_weights(src: CheckpointSource, path: Path, dtype: torch.dtype, show_pr
             f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
         )
     total = sum(_nbytes(shape, dtype) for _, shape, _ in specs)
-    writer = StreamWriter(path, specs, metadata={"format": "pt", "step": src.step})
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not show_progress)
-    try:
+    with bar, StreamWriter(path, specs, metadata={"format": "pt", "step": src.step}) as writer:
         for name, shape, _ in specs:
             if name.startswith("values."):
                 table = int(name.split(".")[1])
@@ -184,12 +183,6 @@ def write_weights(src: CheckpointSource, path: Path, dtype: torch.dtype, show_pr
                 )
             writer.write(tensor.to(dtype))
             bar.update(_nbytes(shape, dtype))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
 
 
 def value_row_blocks(src: CheckpointSource, table: int, shape: tuple[int, ...]):

@@ -55,8 +55,7 @@ def write_shard(
     specs = [(name, shape(name), weight.dtype if t is None else t.dtype) for name, t in tensors.items()]
     specs.append(("step", (1,), torch.float32))
     metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
-    writer = StreamWriter(path, specs, metadata)
-    try:
+    with StreamWriter(path, specs, metadata) as writer:
         for name, tensor in tensors.items():
             if tensor is not None:
                 writer.write(tensor.detach())
@@ -65,10 +64,6 @@ def write_shard(
                 rows = min(ZERO_ROW_BLOCK, weight.shape[0] - r0)
                 writer.write(torch.zeros(rows, *shape(name)[1:], dtype=weight.dtype))
         writer.write(torch.tensor([float(step)], dtype=torch.float32))
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
 
 
 def saved_parallel_size(checkpoint_dir: Path, num_tables: int) -> int:

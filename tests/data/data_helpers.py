@@ -1,7 +1,9 @@
 """Constants and corpora shared by the data-pipeline tests (conftest.py is not importable by name)."""
 
+import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -43,3 +45,13 @@ def row_keys(batch, eos_id: int, doc_offset: int = 0) -> list[tuple[int, bytes]]
     last[last == -100] = eos_id
     rows = torch.cat([batch.tokens, last], dim=1).numpy().astype(np.int64)
     return [(int(batch.doc_ids[r, 0]) - doc_offset, rows[r].tobytes()) for r in range(len(rows))]
+
+
+def data_cfg(*sources, dir=""):
+    """A data config's `dir` and `sources` as resolve_sources reads them: each source (dir, weight, name)."""
+    return SimpleNamespace(dir=dir, sources=[dict(dir=str(d), weight=w, name=n) for d, w, n in sources])
+
+
+def write_jsonl(path, records) -> None:
+    """One JSON object per line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from data_helpers import write_jsonl
 from pretrain.data import CorpusStats, DataError, iter_documents, prepare_corpus
 from pretrain.data.bundled_text import bundled_documents
 from pretrain.data.corpus import PARQUET_BATCH_ROWS
@@ -25,10 +26,6 @@ def docs():
     texts = [d["text"] for d in bundled_documents(["python-docs"])]
     # more rows than one Parquet batch, so the batch boundary is crossed
     return (texts * (PARQUET_BATCH_ROWS // len(texts) + 2))[: PARQUET_BATCH_ROWS + 37]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_zst_frames(path, rows, frames=3):

@@ -13,15 +13,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from data_helpers import SEQ_LEN  # noqa: E402
+from data_helpers import SEQ_LEN, write_jsonl  # noqa: E402
 from pretrain.data import DataError, ShardLoader, iter_documents, train_tokenizer, write_dataset
 from pretrain.data.shards import CorruptShardError, read_manifest
 from tools import prepare_data as prepare_cli
 from tools import train_tokenizer as tokenizer_cli
-
-
-def write_jsonl(path, records) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 @pytest.mark.parametrize("bad", [None, ["a", "list"], 123, {"nested": "x"}])

@@ -7,13 +7,12 @@ import json
 import re
 from collections import Counter
 from itertools import islice
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from data_helpers import SEQ_LEN
+from data_helpers import SEQ_LEN, data_cfg
 from pretrain.data import DataError, ShardLoader, read_manifest
 from pretrain.data.mixture import MixtureLoader
 from pretrain.data.sources import resolve_sources
@@ -196,10 +195,6 @@ def test_refusals_name_the_key_and_the_fix(dataset, second_dataset):
 
 
 # ---- mixtures --------------------------------------------------------------------------
-def data_cfg(*sources, dir=""):
-    return SimpleNamespace(dir=dir, sources=[dict(dir=str(d), weight=w, name=n) for d, w, n in sources])
-
-
 def mixture(sources, rank, world, batch=3, shuffle=4):
     return MixtureLoader(sources, batch_size=batch, rank=rank, world_size=world, seed=4, shuffle_buffer=shuffle)
 

@@ -12,14 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import SEQ_LEN, make_documents
+from data_helpers import SEQ_LEN, data_cfg, make_documents
 from pretrain.data import DataError, ShardLoader, train_tokenizer, write_dataset
 from pretrain.data.mixture import MixtureLoader
 from pretrain.data.sources import resolve_sources
-
-
-def data_cfg(*sources, dir=""):
-    return SimpleNamespace(dir=dir, sources=[dict(dir=str(d), weight=w, name=n) for d, w, n in sources])
 
 
 def mixture(sources, **kw):

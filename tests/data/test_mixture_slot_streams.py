@@ -3,20 +3,15 @@ every read of a document once, as a brute force over the same batches does."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
+from data_helpers import data_cfg
 from pretrain.data import ShardLoader
 from pretrain.data.mixture import MixtureLoader
 from pretrain.data.sources import resolve_sources
 from tests.slots.slot_streams import occurrence_brute_force
 from tests.train.helpers import tiny_config
-
-
-def data_cfg(*sources):
-    return SimpleNamespace(dir="", sources=[dict(dir=str(d), weight=w, name=n) for d, w, n in sources])
 
 
 def take(loader, n):

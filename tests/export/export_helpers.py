@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -55,6 +58,16 @@ def train_and_record(rank: int, run_dir: str, cache: str, overrides: list[str], 
 
 def training_logits(run_dir: Path) -> torch.Tensor:
     return load_file(str(Path(run_dir) / LOGITS))["logits"]
+
+
+def run_transformers_offline(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python -c script *args` in a fresh process in `tmp_path`, as a transformers user runs it:
+    no PYTHONPATH, the Hugging Face hub offline, an empty HF_HOME under `tmp_path`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_relative_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:

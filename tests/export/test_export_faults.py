@@ -4,10 +4,8 @@ naming the file; an export and its slot table carry the training run's id."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.export import IncompleteFileError, export_checkpoint, load
 from pretrain.slots import load_export_for_tfidf, load_table
+from tests.export.export_helpers import run_transformers_offline
 from tests.train.helpers import assert_nothing_lost, file_hashes
 
 HF_LOAD = r"""
@@ -42,16 +41,7 @@ def export_copy(exported, tmp_path) -> Path:
 
 
 def hf_load(export_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    return subprocess.run(
-        [sys.executable, "-c", HF_LOAD, str(export_dir)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_transformers_offline(HF_LOAD, [str(export_dir)], tmp_path)
 
 
 def test_transformers_refuses_an_export_missing_a_tensor(export_copy, tmp_path):

@@ -4,9 +4,6 @@ generates; tools/generate.py samples and answers the fact probes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from tests.export.export_helpers import (
     OracleModel,
     assert_relative_close,
     fixed_tokens,
+    run_transformers_offline,
     training_logits,
 )
 
@@ -48,22 +46,8 @@ def exported(trained, tmp_path_factory):
 def test_transformers_loads_the_export_offline_without_this_repo(exported, trained, tmp_path):
     tokens = fixed_tokens()
     torch.save(tokens, tmp_path / "tokens.pt")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            HF_SCRIPT,
-            str(exported),
-            str(tmp_path / "tokens.pt"),
-            str(tmp_path / "out.safetensors"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_transformers_offline(
+        HF_SCRIPT, [str(exported), str(tmp_path / "tokens.pt"), str(tmp_path / "out.safetensors")], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["class"] == "MemlayersForCausalLM"

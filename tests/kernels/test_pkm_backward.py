@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import BF16_TOL, FP32_TOL, assert_close
+from kernel_checks import BF16_TOL, FP32_TOL, assert_close, pkm_inputs
 from kernels import pkm_bwd_triton, pkm_triton
 
 
@@ -22,18 +22,6 @@ def _score_grads_ref(query, keys1, keys2, indices, probe):
     s2 = torch.einsum("thd,hnd->thn", q[..., half:], k2)
     w = (s1.gather(-1, idx // n) + s2.gather(-1, idx % n)).softmax(-1)
     return (w.detach(), *torch.autograd.grad((w * probe.double()).sum(), [q, k1, k2]))
-
-
-def _inputs(T, H, k_dim, n, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        t.to(device=device, dtype=dtype)
-        for t in (
-            torch.randn(T, H, k_dim, generator=g),
-            torch.randn(H, n, k_dim // 2, generator=g),
-            torch.randn(H, n, k_dim // 2, generator=g),
-        )
-    ]
 
 
 def _crowded_indices(T, H, k, n, seed):
@@ -60,7 +48,7 @@ CASES = [(9, 2, 16, 7, 7), (16, 1, 24, 12, 5), (1, 3, 16, 16, 3), (12, 2, 8, 10,
 
 @pytest.mark.parametrize("T,H,k_dim,n,k", CASES)
 def test_fp32_gradients_match_float64(T, H, k_dim, n, k, device, poison_empty):
-    q, k1, k2 = _inputs(T, H, k_dim, n, device, seed=T + n + k)
+    q, k1, k2 = pkm_inputs(T, H, k_dim, n, device, seed=T + n + k)
     indices = _crowded_indices(T, H, k, n, seed=k)
     probe = torch.randn(T, H, k, dtype=torch.float64)
     w64, *want = _score_grads_ref(q, k1, k2, indices, probe)
@@ -75,7 +63,7 @@ def test_fp32_gradients_match_float64(T, H, k_dim, n, k, device, poison_empty):
 
 def test_bf16_gradients_within_1e_2(device):
     T, H, k_dim, n, k = 16, 2, 32, 12, 6
-    q, k1, k2 = _inputs(T, H, k_dim, n, device, dtype=torch.bfloat16, seed=3)
+    q, k1, k2 = pkm_inputs(T, H, k_dim, n, device, dtype=torch.bfloat16, seed=3)
     indices = _crowded_indices(T, H, k, n, seed=3)
     probe = torch.randn(T, H, k, dtype=torch.float64)
     w64, *want = _score_grads_ref(q, k1, k2, indices, probe)
@@ -92,7 +80,7 @@ def test_ties_through_the_fused_path(device):
     gradients of the slots it chose match float64 on those same slots; the chosen
     scores are the brute-force top k."""
     T, H, k_dim, n, k = 10, 2, 16, 9, 7
-    q, k1, k2 = _inputs(T, H, k_dim, n, device, seed=5)
+    q, k1, k2 = pkm_inputs(T, H, k_dim, n, device, seed=5)
     k1[:, 3] = k1[:, 1]  # tied half scores in both sets
     k2[:, 4] = k2[:, 0]
     k2[:, 7] = k2[:, 0]
@@ -115,7 +103,7 @@ def test_ties_through_the_fused_path(device):
 
 def test_repeated_runs_are_bitwise_identical(device):
     T, H, k_dim, n, k = 16, 2, 16, 6, 5  # 160 entries per half on 6 ids per head: long segments
-    q, k1, k2 = _inputs(T, H, k_dim, n, device, seed=8)
+    q, k1, k2 = pkm_inputs(T, H, k_dim, n, device, seed=8)
     indices = _crowded_indices(T, H, k, n, seed=8).to(device)
     w = torch.rand(T, H, k).softmax(-1).to(device)
     g = torch.randn(T, H, k).to(device)
@@ -129,7 +117,7 @@ def test_agrees_with_the_torch_backward(device):
     """The earlier PyTorch backward on the same saved tensors gives the same gradients
     (a second implementation, on indices from the fused forward)."""
     T, H, k_dim, n, k = 8, 2, 16, 20, 5
-    q, k1, k2 = _inputs(T, H, k_dim, n, device, seed=9)
+    q, k1, k2 = pkm_inputs(T, H, k_dim, n, device, seed=9)
     w, idx = pkm_triton.pkm_topk_forward(q, k1, k2, k)
     g = torch.randn(T, H, k).to(device)
     triton_grads = pkm_triton.pkm_topk_backward(g, q, k1, k2, w, idx)
@@ -149,7 +137,7 @@ def test_hot_keys_are_reduced_in_chunks(T, H, k_dim, n, k, device, monkeypatch):
     partial rows are summed in order: same gradients as float64, bitwise repeatable.
     With chunks of 3, the crowded ids 0..2 span several chunks (checked)."""
     monkeypatch.setattr(pkm_bwd_triton, "KEY_CHUNK", 3)
-    q, k1, k2 = _inputs(T, H, k_dim, n, device, seed=T + k)
+    q, k1, k2 = pkm_inputs(T, H, k_dim, n, device, seed=T + k)
     indices = _crowded_indices(T, H, k, n, seed=k + 1)
     rows_per_id = torch.bincount(torch.cat([torch.unique(r // n) for r in indices.view(-1, k)]), minlength=n)
     assert rows_per_id.max() > 2 * 3, "no key spans three chunks"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from kernel_checks import BF16_TOL, FP32_TOL, assert_close
+from kernel_checks import BF16_TOL, FP32_TOL, assert_close, pkm_inputs
 from kernels import pkm_triton, reference
 
 # (T, H, k_dim, n_keys, k): k not a power of two, n_keys not a multiple of the tile,
@@ -13,12 +15,7 @@ from kernels import pkm_triton, reference
 CASES = [(20, 2, 16, 40, 5), (17, 1, 24, 33, 8), (1, 3, 16, 16, 3), (16, 1, 32, 128, 32), (9, 2, 8, 7, 7)]
 
 
-def _inputs(T, H, k_dim, n, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, H, k_dim, generator=g)
-    k1 = torch.randn(H, n, k_dim // 2, generator=g)
-    k2 = torch.randn(H, n, k_dim // 2, generator=g)
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k1, k2)]
+_inputs = functools.partial(pkm_inputs, requires_grad=True)
 
 
 def _grads(weights, inputs, probe):

@@ -245,6 +245,18 @@ def accumulated_gradients(cfg, optim, data):
     return mp
 
 
+def trained_values(cfg, optim, data):
+    """MemoryParallel after one full value step (zero_grad, backward, reduce, clip at 1, step) per micro-batch."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
+    for tokens in data:
+        mp.zero_grad()
+        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+    return mp
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_sparse_gradients_equal_dense_nonzero_rows_with_accumulation(shared):
     cfg, data = tiny_cfg(shared=shared), micro_batches()
@@ -305,13 +317,7 @@ def test_values_after_three_steps_equal_float64_lazy_adam_and_unread_rows_keep_t
 
 def test_sparse_checkpoint_round_trip_and_interchangeable_state(tmp_path):
     cfg, data = tiny_cfg(), micro_batches(2, seed=8)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, init_memory_groups(1), SPARSE, kernel="torch")
-    for tokens in data:
-        mp.zero_grad()
-        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+    mp = trained_values(cfg, SPARSE, data)
     mp.save(tmp_path)
     for optim in (SPARSE, OPTIM):  # a sparse checkpoint loads into either optimizer
         torch.manual_seed(0)
@@ -327,13 +333,7 @@ def test_rowwise_checkpoint_round_trip_and_refused_by_elementwise_optimizers(tmp
     from pretrain.parallel.shard_files import ShardFileError
 
     cfg, data = tiny_cfg(), micro_batches(2, seed=8)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, init_memory_groups(1), ROWWISE, kernel="torch")
-    for tokens in data:
-        mp.zero_grad()
-        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+    mp = trained_values(cfg, ROWWISE, data)
     state_bytes = mp.accounting()["optimizer_state_bytes"]
     assert state_bytes == sum(p.numel() * 4 + p.shape[0] * 4 + 4 for p in mp.parameters())  # N d + N + step
     (tmp_path / "row").mkdir()
@@ -366,13 +366,7 @@ def test_bfloat16_momentum_checkpoint_round_trip_and_fp32_checkpoint_loads_round
     cfg, data = tiny_cfg(shared=True), micro_batches(2, seed=8)  # one table: one shard file
     runs = {}
     for name, optim in (("fp32", ROWWISE), ("bf16", bf16)):
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
-        for tokens in data:
-            mp.zero_grad()
-            language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-            mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+        mp = trained_values(cfg, optim, data)
         (path,) = mp.save(tmp_path / name)
         runs[name] = mp
     with safe_open(str(path), framework="pt") as f:

@@ -1,0 +1,38 @@
+"""pretrain/export/safetensors_io.py StreamWriter as a context manager: the file appears whole
+(read back by the safetensors library, an independent reader) or not at all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.export.safetensors_io import StreamWriter
+
+SPECS = [("a", (3, 2), torch.float32), ("b", (4,), torch.bfloat16)]
+
+
+def test_rows_written_in_blocks_read_back_whole(tmp_path):
+    a, b = torch.arange(6, dtype=torch.float32).view(3, 2), torch.tensor([1.5, -2, 0, 7], dtype=torch.bfloat16)
+    with StreamWriter(tmp_path / "w.safetensors", SPECS, metadata={"step": 3}) as writer:
+        writer.write(a[:2])
+        writer.write(a[2:])
+        writer.write(b)
+    got = load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_an_error_inside_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="disk"):
+        with StreamWriter(tmp_path / "w.safetensors", SPECS) as writer:
+            writer.write(torch.zeros(3, 2))
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_incomplete_file_is_refused_naming_the_tensor_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="tensor b was not written completely"):
+        with StreamWriter(tmp_path / "w.safetensors", SPECS) as writer:
+            writer.write(torch.zeros(3, 2))
+    assert list(tmp_path.iterdir()) == []
