@@ -51,7 +51,7 @@ def encode_probes(probes, tokenizer, max_len: int) -> ProbeBatch | None:
         return None
     length = max(len(seq) for seq, _ in rows) - 1
     tokens = torch.zeros(len(rows), length, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(len(rows), length, dtype=torch.bool)
     for i, (seq, answer_start) in enumerate(rows):
         n = len(seq) - 1
