@@ -13,6 +13,7 @@ import torch
 from kernels import reference
 
 BACKENDS = ("auto", "triton", "torch")
+VALUE_GRADS = ("sorted", "atomic", "sparse")  # the bag's value-gradient forms (embedding_bag)
 
 
 def triton_available() -> bool:
@@ -81,8 +82,8 @@ def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: s
     """
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
-    if value_grad not in ("sorted", "atomic", "sparse"):
-        raise ValueError(f"value_grad={value_grad!r} must be one of sorted, atomic, sparse")
+    if value_grad not in VALUE_GRADS:
+        raise ValueError(f"value_grad={value_grad!r} must be one of {', '.join(VALUE_GRADS)}")
     if resolve_backend(backend, values) == "triton":
         from kernels import bag_triton
 

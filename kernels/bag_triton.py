@@ -45,10 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import VALUE_GRADS
 from kernels.launch_configs import pinned_autotune
 from kernels.triton_common import INTERPRETING, check_same_device, next_pow2
-
-VALUE_GRADS = ("sorted", "atomic", "sparse")
 
 
 @triton.jit

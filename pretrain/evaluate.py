@@ -27,15 +27,22 @@ class ProbeBatch:
     chance: torch.Tensor  # (P,)
 
 
+def answer_tokens(probe, tokenizer, question: list[int]) -> list[int]:
+    """The answer's tokens as they follow the question's tokens `question` (tokenization may merge
+    across the space): what the question+answer adds, else the answer encoded alone. The one
+    definition of a probe's answer for fact recall, the generation quiz and the lm-eval tasks."""
+    full = tokenizer.encode(f"{probe.question} {probe.answer}")
+    target = full[len(question) :] if full[: len(question)] == question else []
+    return target or tokenizer.encode(probe.answer)
+
+
 def encode_probes(probes, tokenizer, max_len: int) -> ProbeBatch | None:
-    """Tokenise question/answer pairs; answers are the tokens the question+answer adds."""
+    """Tokenise question/answer pairs ("<eos> question answer", `answer_tokens`); a probe whose
+    row minus its last token is longer than `max_len` is left out."""
     rows, chances = [], []
     for probe in probes:
         question = tokenizer.encode(probe.question)
-        full = tokenizer.encode(f"{probe.question} {probe.answer}")
-        if full[: len(question)] != question or len(full) == len(question):
-            full = question + tokenizer.encode(probe.answer)
-        seq = [tokenizer.eos_id] + full
+        seq = [tokenizer.eos_id] + question + answer_tokens(probe, tokenizer, question)
         if len(seq) - 1 > max_len:
             continue
         rows.append((seq, len(question) + 1))
@@ -44,7 +51,7 @@ def encode_probes(probes, tokenizer, max_len: int) -> ProbeBatch | None:
         return None
     length = max(len(seq) for seq, _ in rows) - 1
     tokens = torch.zeros(len(rows), length, dtype=torch.long)
-    targets = torch.full((len(rows), length), -100, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(len(rows), length, dtype=torch.bool)
     for i, (seq, answer_start) in enumerate(rows):
         n = len(seq) - 1

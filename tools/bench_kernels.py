@@ -23,8 +23,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from kernels import VALUE_GRADS, reference  # noqa: E402
 from kernels import benchmark as kb  # noqa: E402
-from kernels import reference  # noqa: E402
 from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.files import save_figure  # noqa: E402
 
@@ -262,7 +262,7 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         )
         out_g = None
         if use_triton:
-            for variant in ("sorted", "atomic", "sparse"):
+            for variant in VALUE_GRADS:
                 o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
                 add(
                     f"bag_bwd_triton_{variant}",

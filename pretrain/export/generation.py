@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pretrain.evaluate import answer_tokens
 from pretrain.model.kv_cache import KVCache
 
 
@@ -198,13 +199,6 @@ def answer_probes(model, tokenizer, probes, max_new_tokens: int | None = None) -
         )
     chance = sum(p.chance for p in probes) / max(len(probes), 1)
     return {"accuracy": correct / max(len(probes), 1), "chance": chance, "count": len(probes), "rows": rows}
-
-
-def answer_tokens(probe, tokenizer, question: list[int]) -> list[int]:
-    """The answer's tokens as they follow the question (tokenization may merge across the space)."""
-    full = tokenizer.encode(f"{probe.question} {probe.answer}")
-    target = full[len(question) :] if full[: len(question)] == question else []
-    return target or tokenizer.encode(probe.answer)
 
 
 def fits(probe, tokenizer, max_seq_len: int) -> bool:

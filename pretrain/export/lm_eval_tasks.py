@@ -26,8 +26,8 @@ import numbers
 import random
 from pathlib import Path
 
+from pretrain.evaluate import answer_tokens
 from pretrain.export.errors import ExportError
-from pretrain.export.generation import answer_tokens
 from pretrain.export.loading import export_probes, export_tokenizer, model_config_from_json
 from pretrain.files import TEMP_MARK, atomic_write_text
 
