@@ -56,34 +56,56 @@ def run_steps(cfg, poison: str | None) -> dict:
     return snapshots
 
 
-def _compare(rank: int, world: int, overrides: list[str], poison: str, out: dict) -> None:
-    cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
-    out["skipped"] = run_steps(cfg, poison)
-    out["plain"] = run_steps(cfg, None)
+CASES = {
+    "zero0": ["train.zero_stage=0"],
+    "zero0-bf16": ["train.zero_stage=0", "train.dtype=bf16"],
+    "zero1": ["train.zero_stage=1"],
+    "zero1-bf16": ["train.zero_stage=1", "train.dtype=bf16"],
+    "zero3": ["train.zero_stage=3"],
+}
+POISONS = ("loss", "dense_grad")
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["train.zero_stage=0"],
-        ["train.zero_stage=0", "train.dtype=bf16"],
-        ["train.zero_stage=1"],
-        ["train.zero_stage=1", "train.dtype=bf16"],
-        ["train.zero_stage=3"],
-    ],
-    ids=["zero0", "zero0-bf16", "zero1", "zero1-bf16", "zero3"],
-)
-@pytest.mark.parametrize("poison", ["loss", "dense_grad"])
-def test_skipped_step_leaves_no_trace(overrides, poison):
-    """`dense_grad`: before, the values took the step whose dense update DeepSpeed dropped at
-    ZeRO 1-3, and at ZeRO 0 in fp32, where DeepSpeed checks nothing, the dense weights took an
-    infinite update too."""
+def _every_case(rank: int, world: int, out: dict) -> None:
+    """All cases in one spawned rank (its start-up, not the steps, was most of each case's time):
+    per configuration the run without a skip, then the run skipping each poison's step. A case
+    that raises records its traceback, which fails that case's test only."""
+    import traceback
+
+    for name, overrides in CASES.items():
+        cfg = tiny_config(
+            "/tmp/unused-run", "/tmp/unused-cache", "train.global_batch=2", "train.micro_batch=2", *overrides
+        )
+        try:
+            plain = run_steps(cfg, None)
+        except Exception:
+            plain = traceback.format_exc()
+        for poison in POISONS:
+            try:
+                out[f"{poison}-{name}"] = {"skipped": run_steps(cfg, poison), "plain": plain}
+            except Exception:
+                out[f"{poison}-{name}"] = traceback.format_exc()
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict:
     import torch.multiprocessing as mp
 
     out = mp.Manager().dict()
-    overrides = ["train.global_batch=2", "train.micro_batch=2", *overrides]
-    run_gloo(_compare, 1, overrides, poison, out, deepspeed_comm=True)
-    skipped, plain = out["skipped"], out["plain"]
+    run_gloo(_every_case, 1, out, deepspeed_comm=True)
+    return dict(out)
+
+
+@pytest.mark.parametrize("config", list(CASES))
+@pytest.mark.parametrize("poison", POISONS)
+def test_skipped_step_leaves_no_trace(cases, config, poison):
+    """`dense_grad`: before, the values took the step whose dense update DeepSpeed dropped at
+    ZeRO 1-3, and at ZeRO 0 in fp32, where DeepSpeed checks nothing, the dense weights took an
+    infinite update too."""
+    case = cases[f"{poison}-{config}"]
+    if isinstance(case, str) or isinstance(case["plain"], str):  # the case raised: its traceback
+        pytest.fail(case if isinstance(case, str) else case["plain"])
+    skipped, plain = case["skipped"], case["plain"]
     assert (skipped["applied0"], skipped["applied1"], plain["applied0"]) == (False, True, True)
     # each step's lookup count (memory traffic metrics) is its own, also right after a skip
     assert skipped["lookups0"] == skipped["lookups1"] == plain["lookups0"] == 1
