@@ -31,9 +31,11 @@ class TrainState:
     """Steps completed, tokens trained on, updates skipped, and the run's id (kept across resumes).
 
     `tokens_seen`: train.global_batch x data.seq_len positions per step whose update was applied
-    (what the exported model card calls tokens seen); a skipped step's batch is drawn from the
-    data (the loader moves past it, and data/tokens_seen/<source> counts it) but adds nothing.
-    Checkpoints before 2026-12-07 counted skipped steps too.
+    (what the exported model card calls tokens seen), padding included, as throughput and MFU
+    count them; the slot table's num_tokens counts the input tokens read, padding excluded, so it
+    is at most this (614,184 against 614,400 after 300 steps of a tiny run). A skipped step's batch
+    is drawn from the data (the loader moves past it, and data/tokens_seen/<source> counts it) but
+    adds nothing. Checkpoints before 2026-12-07 counted skipped steps too.
 
     `run_id` is rank 0's on every rank, drawn once (`new_run_id`) and adopted from rank 0 on a
     resume: ZeRO-3 saves one client state per rank, and until 2026-12-07 each rank drew its own,
