@@ -64,7 +64,7 @@ from pretrain.run_lock import RunDirLock  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
 from pretrain.slots.summary import usage_lines  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
-from pretrain.train_state import RankState, TrainState  # noqa: E402
+from pretrain.train_state import RankState, TrainState, new_run_id  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
 
 
@@ -681,7 +681,7 @@ def build(
         metrics.line(init.describe())
     elif cfg.train.init_from:
         metrics.line(f"train.init_from is not read: the run resumes from its checkpoint {resume_from.name}")
-    state = TrainState()
+    state = TrainState(run_id=new_run_id())
     rank_items = {"data": train_loader, "rng": RNGState(info.rank, cfg.train.seed)}
     writers = []
     if stats is not None:

@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pretrain.distributed import rank0_text
+
 
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
@@ -29,9 +31,15 @@ class TrainState:
     """Steps completed, tokens trained on, updates skipped, and the run's id (kept across resumes).
 
     `tokens_seen`: train.global_batch x data.seq_len positions per step whose update was applied
-    (what the exported model card calls tokens seen); a skipped step's batch is drawn from the
-    data (the loader moves past it, and data/tokens_seen/<source> counts it) but adds nothing.
-    Checkpoints before 2026-12-07 counted skipped steps too."""
+    (what the exported model card calls tokens seen), padding included, as throughput and MFU
+    count them; the slot table's num_tokens counts the input tokens read, padding excluded, so it
+    is at most this (614,184 against 614,400 after 300 steps of a tiny run). A skipped step's batch
+    is drawn from the data (the loader moves past it, and data/tokens_seen/<source> counts it) but
+    adds nothing. Checkpoints before 2026-12-07 counted skipped steps too.
+
+    `run_id` is rank 0's on every rank, drawn once (`new_run_id`) and adopted from rank 0 on a
+    resume: ZeRO-3 saves one client state per rank, and until 2026-12-07 each rank drew its own,
+    so those files disagreed (the slot tables and exports carry rank 0's)."""
 
     step: int = 0
     tokens_seen: int = 0
@@ -49,7 +57,12 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_steps = state.get("skipped_steps", 0)  # checkpoints before skipped steps were counted
-        self.run_id = state.get("run_id", self.run_id)  # checkpoints before run ids: a new one
+        self.run_id = rank0_text(state.get("run_id", self.run_id))  # checkpoints before run ids: a new one
+
+
+def new_run_id() -> str:
+    """A fresh run id, the same on every rank (rank 0's, broadcast: every rank must call it)."""
+    return rank0_text(uuid.uuid4().hex)
 
 
 class RankState:

@@ -36,14 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"learning rate (default {DEFAULT_LR}; sparse: the paper's SGD lr. On configs/smf_tiny.yaml "
         "100 with --max-grad-norm 0.05 learns best: see README, Sparse memory finetuning)",
     )
-    p.add_argument("--top-t", type=int, default=500, help="sparse: value rows updated per batch")
+    p.add_argument("--top-t", type=int, default=None, help="sparse: value rows updated per batch (default 500)")
     p.add_argument(
         "--max-grad-norm",
         type=float,
-        default=0.0,
-        help="sparse: clip the norm of the selected rows' gradient per step (0 = off)",
+        default=None,
+        help="sparse: clip the norm of the selected rows' gradient per step (0 = off, the default)",
     )
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=None, help="lora: the adapters' rank (default 8)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--batch-size", type=int, default=8, help="documents per step")
@@ -61,12 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     for name in ("top_t", "lora_rank", "epochs", "eval_every", "batch_size"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.method != "sparse":
-        for flag in ("table", "allow_other_run"):
-            if getattr(args, flag):
+        for flag in ("table", "allow_other_run", "top_t", "max_grad_norm"):
+            if getattr(args, flag) not in (None, False):
                 p.error(f"--{flag.replace('_', '-')} is read only by --method sparse (it ranks the slots): drop it")
+    if args.method != "lora" and args.lora_rank is not None:
+        p.error(f"--lora-rank is read only by --method lora (the adapters' rank), not --method {args.method}: drop it")
+    args.top_t = 500 if args.top_t is None else args.top_t
+    args.lora_rank = 8 if args.lora_rank is None else args.lora_rank
+    args.max_grad_norm = 0.0 if args.max_grad_norm is None else args.max_grad_norm
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
     if args.lr <= 0:

@@ -112,7 +112,13 @@ def main(argv=None) -> int:
     from pretrain.data import DataError, prepare_embedded_dataset
     from pretrain.export import ExportError
     from pretrain.files import atomic_write_text
-    from pretrain.smf.experiment import SweepSettings, check_data_config_for_export, load_sweep_inputs, run_sweep
+    from pretrain.smf.experiment import (
+        SweepSettings,
+        check_data_config_for_export,
+        check_dataset_for_pretraining,
+        load_sweep_inputs,
+        run_sweep,
+    )
     from pretrain.smf.frontier import compare, plot_frontier, summary_markdown
 
     out = Path(args.out)
@@ -134,6 +140,8 @@ def main(argv=None) -> int:
             check_counts_slots(cfg)
         if args.export is not None and args.dataset_dir is None:  # before a dataset is built for it
             check_data_config_for_export(args.export, cfg.data)
+        if args.export is None and args.dataset_dir is not None:  # before pretraining
+            check_dataset_for_pretraining(args.dataset_dir, cfg.data)
         dataset_dir = (
             Path(args.dataset_dir) if args.dataset_dir else prepare_embedded_dataset(cfg.data, cfg.data.seq_len)
         )

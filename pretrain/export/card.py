@@ -51,7 +51,7 @@ def slot_counts_line(header: dict[str, str] | None) -> str:
     first = int(header.get("first_step", "0")) + 1
     return (
         f"Slot access counts: `slot_frequencies.safetensors` (steps {first}-{header['step']}, "
-        f"{int(header['num_documents']):,} {header['granularity']} units, {int(header['num_tokens']):,} tokens)."
+        f"{int(header['num_documents']):,} {header['granularity']} units, {int(header['num_tokens']):,} tokens, padding excluded)."
     )
 
 
@@ -82,7 +82,7 @@ A decoder-only transformer with product-key memory layers (Memory+), exported fr
 memlayers training checkpoint.
 
 - training step: {step}
-- tokens seen: {tokens:,}
+- tokens seen: {tokens:,} (train.global_batch x data.seq_len positions per trained step, padding included)
 - data manifest sha256: `{manifest_hash}`
 - model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, vocab {m.vocab_size}; {memory}
 - parameters: {params:,} ({nbytes / 2**20:.1f} MiB of {dtype} in model.safetensors)

@@ -7,7 +7,8 @@ its layers' indices along the heads dimension under its own name) it keeps, on t
   counts[i]    top-k hits of slot i, over tokens, heads and k;
   doc_freq[i]  number of units (document occurrences, sequences or chunks; see
                granularity.py for why the unit matters) in which slot i was selected;
-  num_documents, num_tokens  units and (non-padding) tokens seen.
+  num_documents, num_tokens  units, and input tokens read (padding excluded; the train state's
+               tokens_seen counts positions, padding included).
 `update` uses only fixed-shape device ops (sort, index_add, scatter): no host sync.
 
 Documents are counted per read. The data arrives as contiguous streams (one per

@@ -16,7 +16,7 @@ Format (version 1), a safetensors file readable without this codebase:
     sample.batch_index         int64 (M,)            micro-batch index of each entry
   header metadata (all strings)
     format_version "1", layers (JSON list of layer names), num_slots, num_documents,
-    num_tokens, granularity (document | sequence | chunk:<n>), step, first_step (the counts
+    num_tokens (input tokens counted, padding excluded), granularity (document | sequence | chunk:<n>), step, first_step (the counts
     cover steps first_step + 1 .. step; 0 but in a run that resumed with the statistics
     turned on; absent from older tables),
     model_config_hash (see model_config_hash), tokenizer_hash (sha256 of tokenizer.model),

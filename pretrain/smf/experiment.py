@@ -118,6 +118,27 @@ def check_data_config_for_export(export_dir: str | Path, data_cfg) -> None:
         )
 
 
+def check_dataset_for_pretraining(dataset_dir: str | Path, data_cfg) -> Path:
+    """Refuse (DataError), before pretraining, a dataset folder (the sweep's new facts and validation
+    split) whose tokenizer is not that of the config's dataset, which pretraining reads (prepared
+    here, as pretraining would): the export would be refused against it only after pretraining.
+    Returns the config's dataset folder."""
+    from pretrain.data import DataError, prepare_embedded_dataset
+    from pretrain.data.shards import read_manifest
+
+    ours = prepare_embedded_dataset(data_cfg, data_cfg.seq_len)
+    want = read_manifest(ours).get("tokenizer_sha256", "")
+    have = read_manifest(dataset_dir).get("tokenizer_sha256", "")
+    if have != want:
+        raise DataError(
+            f"--dataset-dir {dataset_dir} was prepared with tokenizer sha256 {have[:12] or '<none>'}, but the "
+            f"config's dataset {ours}, which pretraining reads, with {want[:12]}: the pretrained model could not "
+            "be evaluated on it; leave --dataset-dir out (the config's dataset is used), or give --export with "
+            "the model trained on it"
+        )
+    return ours
+
+
 def load_sweep_inputs(
     export_dir: str | Path,
     finetune_files: list[str | Path],

@@ -83,7 +83,9 @@ def test_export_contents_and_names(trained, tmp_path):
     assert "training step: 2" in card and "manifest sha256" in card and "`values.0.weight`" in card
     assert f"- context: {model.cfg.max_seq_len} tokens (max_seq_len;" in card
     table = load_table(out)
-    units = f"{table.num_documents:,} {table.granularity} units, {table.num_tokens:,} tokens"
+    units = f"{table.num_documents:,} {table.granularity} units, {table.num_tokens:,} tokens, padding excluded"
+    # the two token counts say what they count (a user compared 614,400 with 614,184)
+    assert "- tokens seen: 512 (train.global_batch x data.seq_len positions per trained step, padding included)" in card
     assert f"Slot access counts: `slot_frequencies.safetensors` (steps 1-{table.step}, {units})." in card
     assert not list(tmp_path.glob(".export.tmp-*"))  # the temporary folder was renamed away
 
@@ -176,5 +178,8 @@ def test_the_card_says_what_the_slot_table_counts_or_that_there_is_none(tmp_path
     stats.end_step(5)
     table = load_table(save_table(tmp_path / "t.safetensors", stats.reduce()))
     line = slot_counts_line(table.metadata)
-    assert line == "Slot access counts: `slot_frequencies.safetensors` (steps 5-5, 2 sequence units, 6 tokens)."
+    assert (
+        line
+        == "Slot access counts: `slot_frequencies.safetensors` (steps 5-5, 2 sequence units, 6 tokens, padding excluded)."
+    )
     assert slot_counts_line(None).startswith("No slot access counts")

@@ -193,13 +193,33 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     assert not (tmp_path / "y").exists()
 
 
-@pytest.mark.parametrize("flag", [["--table", "t.safetensors"], ["--allow-other-run"]])
-def test_finetune_tool_refuses_sparse_only_options_for_other_methods(flag, capsys):
+@pytest.mark.parametrize(
+    "flag",
+    [["--table", "t.safetensors"], ["--allow-other-run"], ["--top-t", "16"], ["--max-grad-norm", "0.05"]],
+)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_finetune_tool_refuses_sparse_only_options_for_other_methods(flag, method, capsys):
+    """--top-t and --max-grad-norm were taken by --method full and lora without a word (neither
+    ranks slots nor clips), as --table and --allow-other-run no longer were."""
     from tools.smf_finetune import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["--export", "e", "--data", "d", "--out", "o", "--method", "lora", *flag])
+        main(["--export", "e", "--data", "d", "--out", "o", "--method", method, *flag])
     assert exit_.value.code == 2 and f"{flag[0]} is read only by --method sparse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["sparse", "full"])
+def test_finetune_tool_refuses_lora_rank_for_other_methods(method, capsys):
+    """--lora-rank was taken by --method sparse and full without a word (they add no adapters)."""
+    from tools.smf_finetune import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--export", "e", "--data", "d", "--out", "o", "--method", method, "--lora-rank", "4"])
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and f"--lora-rank is read only by --method lora (the adapters' rank), not --method {method}" in err
+    )
 
 
 def test_finetune_tool_refuses_an_out_it_cannot_write_before_training(smf_export, tmp_path, capsys, monkeypatch):

@@ -320,3 +320,34 @@ def test_report_tool_refuses_a_data_config_of_another_dataset_before_building_it
     assert main(["--export", str(export), *base, *tiny, "data.synthetic.num_entities=40"]) == 2
     assert "the dataset build started" in capsys.readouterr().err  # the export's world passes
     assert not out.exists()
+
+
+def test_report_tool_refuses_a_dataset_dir_of_another_tokenizer_before_pretraining(
+    smf_export, data_cache, tmp_path, capsys, monkeypatch
+):
+    """Without --export the tool pretrains on the config's dataset; a --dataset-dir prepared with
+    another tokenizer was refused only after pretraining and export (1 min 49 s for 2 steps; the
+    default run is 1500). It is now refused before, naming both tokenizers; the dataset the config
+    prepares itself is taken."""
+    import pretrain.train
+    from tools.smf_report import main
+
+    def no_training(cfg):
+        raise AssertionError("pretraining started")
+
+    monkeypatch.setattr(pretrain.train, "train", no_training)
+    _, dataset = smf_export  # the tiny test world, vocabulary 384
+    out = tmp_path / "report"
+    runs = json.dumps([{"method": "full", "lr": 1e-3}])
+    args = ["--dataset-dir", str(dataset), "--out", str(out), "--runs", runs]
+    # configs/smf_tiny.yaml prepares its own 300-entity world, with another tokenizer
+    assert main([*args, f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--dataset-dir {dataset} was prepared with tokenizer sha256" in err
+    assert "which pretraining reads" in err and "leave --dataset-dir out" in err
+    assert not out.exists()
+    from tests.train.helpers import TINY
+
+    data = [o for o in TINY if o.startswith("data.")]
+    with pytest.raises(AssertionError, match="pretraining started"):  # the config's own dataset passes
+        main([*args, f"data.cache_dir={data_cache}", *data])

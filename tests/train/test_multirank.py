@@ -166,3 +166,15 @@ def test_torchrun_two_ranks_memory_parallel(tmp_path, data_cache):
         "values.t0.s1-of-2.safetensors",
     ]
     assert (ckpt / "slot_frequencies.safetensors").is_file()
+
+
+def test_world2_zero3_rank_files_and_slot_table_name_one_run(world2):
+    """ZeRO-3 saves the run's state in every rank's model-states file: each rank drew its own run
+    id, so the files disagreed; they now all carry the id the slot table (rank 0's) carries."""
+    from pretrain.slots import load_table
+
+    root, _ = world2
+    for folder in sorted((root / "equiv3" / "checkpoints").glob("step_*")):
+        files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+        ids = [torch.load(f, map_location="cpu", weights_only=True)["run_id"] for f in files]
+        assert len(ids) == 2 and set(ids) == {load_table(folder).metadata["run_id"]}, folder

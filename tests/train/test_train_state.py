@@ -28,6 +28,24 @@ def test_train_state_round_trip_and_old_checkpoints():
     assert (old.step, old.tokens_seen, old.skipped_steps, old.run_id) == (3, 96, 0, fresh_id)
 
 
+def _run_ids(rank: int) -> list[str]:
+    from pretrain.train_state import new_run_id
+
+    resumed = TrainState()  # a ZeRO-3 checkpoint of before 2026-12-07: one id per rank's file
+    resumed.load_state_dict({"step": 3, "tokens_seen": 96, "run_id": f"drawn-by-rank-{rank}"})
+    return [new_run_id(), resumed.run_id]
+
+
+def test_every_rank_holds_rank_0s_run_id(tmp_path):
+    """Each rank drew its own run id, so a 2-rank ZeRO-3 checkpoint's model-states files carried two
+    (bc813e71... and 591af703... in one); a new run's id and a resumed one are rank 0's on every rank."""
+    from tests.train.helpers import run_ranks
+
+    first, second = run_ranks(2, _run_ids, (), tmp_path)
+    assert first == second
+    assert len(first[0]) == 32 and first[1] == "drawn-by-rank-0"
+
+
 class Counter:
     def __init__(self, n=0):
         self.n = n

@@ -197,7 +197,8 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
     counts = torch.bincount(torch.cat([i.reshape(-1) for i in applied]), minlength=table.num_slots)
     assert torch.equal(table.counts["layers.1"], counts)
     assert table.num_tokens == sum(i.shape[0] for i in applied) == 4 * 8 * 32
-    # tokens_seen counts the tokens trained on, as the table does: not the skipped step's (before: 5 x 256)
+    # tokens_seen counts the positions trained on, the table the tokens read (equal here: no padding),
+    # neither the skipped step's (before: 5 x 256)
     assert result.tokens_seen == table.num_tokens
     seen = {e.step: e.value for e in board.Scalars("train/tokens_seen")}
     assert seen == {1: 256, 2: 512, 3: 512, 4: 768, 5: 1024}
