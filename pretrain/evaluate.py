@@ -1,4 +1,5 @@
-"""Evaluation: validation loss/perplexity (per mixture source and weighted), fact recall on probes.
+"""Evaluation: validation loss/perplexity (per mixture source and weighted), fact recall on probes;
+`Evaluator`, the training loop's evaluation of a run's sources and probes.
 
 Fact recall is greedy exact match: the model, fed "<eos> question answer" with teacher
 forcing, must predict every answer token as its argmax. Under teacher forcing that is
@@ -9,14 +10,21 @@ batched forward instead of a token-by-token loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
+from pretrain import profiler_regions as regions
 from pretrain.data.loader import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from pretrain.config import RunConfig
 
 
 @dataclass
@@ -155,3 +163,55 @@ def weighted_validation(per_source: dict[str, tuple[float, dict]]) -> dict:
     if len(per_source) > 1:
         out.update({f"val_loss/{name}": v for name, (_, v) in scored.items()})
     return out
+
+
+def mixture_validation(per_source: dict) -> dict:
+    """val_loss/<source> for each source and their weighted mean as val_loss (one source: its own)."""
+    return weighted_validation({s.name: (s.weight, out) for s, out in per_source.items()})
+
+
+class Evaluator:
+    """Validation loss per source (and their weighted mean) plus fact recall on the probes.
+
+    The rows an evaluation reads are split across the ranks (`rank` of `world_size`), each read
+    once, and the loss sums all-reduced: the loss is the one a single rank reading them all gets,
+    at 1/world_size of its work per rank."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        sources: list,
+        probes,
+        loaders: Callable[..., Any],  # pretrain.train.LoaderFactory: build_loader's signature
+        device: torch.device,
+        heldout: list = (),
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.cfg, self.probes, self.loaders, self.device = cfg, probes, loaders, device
+        self.sources = [s for s in sources if s.has_validation]
+        self.heldout = list(heldout)  # data.eval_sources: evaluated, never trained on
+        self.rank, self.world_size = rank, world_size
+
+    @record_function(regions.EVAL)
+    def __call__(self, engine) -> dict:
+        engine.eval()
+        per_source = {source: self.loss_on(engine, source, "val") for source in self.sources}
+        out = mixture_validation(per_source)
+        for source in self.heldout:
+            split = "val" if source.has_validation else "train"
+            out[f"heldout_loss/{source.name}"] = self.loss_on(engine, source, split).get("val_loss", float("nan"))
+        if self.probes is not None:
+            out.update(fact_recall(engine, self.probes, self.device, rank=self.rank, world_size=self.world_size))
+        engine.train()
+        return out
+
+    def loss_on(self, engine, source, split: str) -> dict:
+        """validation_loss over the first train.eval_batches x train.micro_batch rows of `source`'s
+        `split` (a shorter split whole), each read once by one rank: the ranks read contiguous parts
+        of them (within a row of each other in size) in batches of train.micro_batch."""
+        t = self.cfg.train
+        rows = t.eval_batches * t.micro_batch
+        loader = self.loaders(self.cfg, source.dir, split, self.rank, self.world_size, loop=False, rows=rows)
+        batches = padded_to_longest(list(loader), self.cfg.data.seq_len)
+        return validation_loss(engine, batches, self.device, self.cfg.data.document_masking)

@@ -7,7 +7,7 @@ slot counters, metrics, evaluation; the checkpoint's items declared) -> `Trainer
 accesses; then clip and one `Optimizers.step`, skipped on a non-finite loss, and the step's
 slot accesses with it), `count` (the `TrainState`), the periodic work each due by its own
 `Every` cadence (log, slot statistics, evaluate, checkpoint), and the stop check. No callback
-framework.
+framework. The log's lines are pretrain/progress_log.py's; the evaluation, pretrain/evaluate.py's.
 """
 
 from __future__ import annotations
@@ -47,22 +47,22 @@ from pretrain.distributed import (  # noqa: E402
     barrier,
     gather_floats,
     global_sum,
-    global_sums,
     init_distributed,
     rank0_value,
 )
+from pretrain.evaluate import Evaluator  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
-from pretrain.metrics import MetricsLogger, mfu, run_peak_flops  # noqa: E402
+from pretrain.metrics import MetricsLogger, run_peak_flops  # noqa: E402
 from pretrain.model import Objective, Transformer, flops_per_token, training_objective  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
 from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
+from pretrain.progress_log import describe_data, log_progress, log_slot_statistics, tokens_seen_per_source  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
-from pretrain.slots.summary import usage_lines  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
 from pretrain.train_state import RankState, TrainState, new_run_id  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
@@ -306,57 +306,6 @@ class StepOutput:
     start: float
     seconds: float
     z_loss: float | None = None  # the log(Z)^2 term (the same mean), when optim.z_loss > 0
-
-
-class Evaluator:
-    """Validation loss per source (and their weighted mean) plus fact recall on the probes.
-
-    The rows an evaluation reads are split across the ranks (`rank` of `world_size`), each read
-    once, and the loss sums all-reduced: the loss is the one a single rank reading them all gets,
-    at 1/world_size of its work per rank."""
-
-    def __init__(
-        self,
-        cfg: RunConfig,
-        sources: list,
-        probes,
-        loaders: LoaderFactory,
-        device: torch.device,
-        heldout: list = (),
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.cfg, self.probes, self.loaders, self.device = cfg, probes, loaders, device
-        self.sources = [s for s in sources if s.has_validation]
-        self.heldout = list(heldout)  # data.eval_sources: evaluated, never trained on
-        self.rank, self.world_size = rank, world_size
-
-    @record_function(regions.EVAL)
-    def __call__(self, engine) -> dict:
-        from pretrain.evaluate import fact_recall
-
-        engine.eval()
-        per_source = {source: self.loss_on(engine, source, "val") for source in self.sources}
-        out = mixture_validation(per_source)
-        for source in self.heldout:
-            split = "val" if source.has_validation else "train"
-            out[f"heldout_loss/{source.name}"] = self.loss_on(engine, source, split).get("val_loss", float("nan"))
-        if self.probes is not None:
-            out.update(fact_recall(engine, self.probes, self.device, rank=self.rank, world_size=self.world_size))
-        engine.train()
-        return out
-
-    def loss_on(self, engine, source, split: str) -> dict:
-        """validation_loss over the first train.eval_batches x train.micro_batch rows of `source`'s
-        `split` (a shorter split whole), each read once by one rank: the ranks read contiguous parts
-        of them (within a row of each other in size) in batches of train.micro_batch."""
-        from pretrain.evaluate import padded_to_longest, validation_loss
-
-        t = self.cfg.train
-        rows = t.eval_batches * t.micro_batch
-        loader = self.loaders(self.cfg, source.dir, split, self.rank, self.world_size, loop=False, rows=rows)
-        batches = padded_to_longest(list(loader), self.cfg.data.seq_len)
-        return validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
 
 
 @dataclass
@@ -855,110 +804,6 @@ def load_seen_probes(cfg: RunConfig, sources: list, tokenizer, metrics: MetricsL
         if not s.has_validation:
             metrics.line(f"data: source {s.name} ({s.dir}) has no validation sequences: not evaluated")
     return probes
-
-
-def log_progress(
-    metrics: MetricsLogger,
-    cfg: RunConfig,
-    state: TrainState,
-    loss: float | None,
-    loss_mean: float | None,
-    lrs: dict,
-    grad_norm,
-    value_grad_norm,
-    tokens_per_s: float | None,
-    step_time: float,
-    flops: float,
-    peak: float | None,
-    world_size: int,
-    memory_bytes: int,
-    tokens_by_source: dict | None = None,
-    data_wait: list[float] | None = None,
-    z_loss: float | None = None,
-) -> None:
-    """TensorBoard scalars and the one-line console summary of the last logging interval.
-    `loss`: the interval's last step's, None when that step was skipped (no train/loss is
-    logged under it, rather than an earlier step's); `loss_mean`: the mean over the interval's
-    applied steps (None if it has none). `tokens_per_s`: None for an interval of
-    the run's first step alone (its time is perf/first_step_time_s). `memory_bytes`: the
-    interval's peak (pretrain.peak_memory.IntervalPeak).
-
-    `data_wait`: each rank's fraction of the interval spent waiting for batches; the largest is
-    logged with its rank (the input pipeline that holds the others back, if any)."""
-    utilisation = mfu(flops, tokens_per_s, world_size, peak) if tokens_per_s is not None else None
-    scalars = {
-        "train/loss": loss,
-        "train/loss_mean": loss_mean,
-        **lrs,
-        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "train/value_grad_norm": float(value_grad_norm) if value_grad_norm is not None else None,
-        "perf/tokens_per_s": tokens_per_s,
-        "perf/step_time_s": step_time,
-        "perf/mfu": utilisation,
-        "perf/memory_bytes": memory_bytes,  # the interval's peak
-        "train/tokens_seen": state.tokens_seen,
-    }
-    if z_loss is not None:
-        scalars["train/z_loss"] = z_loss  # the log(Z)^2 term, before its weight optim.z_loss
-    if tokens_by_source:
-        scalars.update({f"data/tokens_seen/{name}": n for name, n in tokens_by_source.items()})
-    waits = ""
-    if data_wait:
-        slowest = max(range(len(data_wait)), key=data_wait.__getitem__)
-        scalars["perf/data_wait_fraction"] = data_wait[slowest]
-        scalars["perf/data_wait_slowest_rank"] = slowest
-        waits = f" data {_fmt(data_wait[slowest], percent=True)}" + (f" (rank {slowest})" if len(data_wait) > 1 else "")
-    metrics.scalars(scalars, state.step)
-    metrics.line(
-        f"step {state.step}/{cfg.train.max_steps} loss {'skipped' if loss is None else f'{loss:.4f}'} "
-        f"lr {scalars['train/lr_dense']:.2e} grad_norm {_fmt(scalars['train/grad_norm'])} "
-        f"tok/s {'n/a' if tokens_per_s is None else f'{tokens_per_s:,.0f}'} mfu {_fmt(utilisation, percent=True)}{waits}"
-    )
-
-
-def describe_data(cfg: RunConfig, sources: list, tokenizer) -> str:
-    """One log line: the sources with their share, the tokenizer and the model's vocabulary."""
-    total = sum(s.weight for s in sources)
-    parts = [f"{s.name} ({s.dir}, {s.train_sequences} train sequences, weight {s.weight / total:.3f})" for s in sources]
-    padding = cfg.model.vocab_size - tokenizer.vocab_size
-    vocab = f"model.vocab_size {cfg.model.vocab_size}" + (f" ({padding} rows beyond the tokenizer)" if padding else "")
-    return f"data: {'; '.join(parts)}; tokenizer {tokenizer.vocab_size} tokens, {vocab}, seq_len {cfg.data.seq_len}"
-
-
-def mixture_validation(per_source: dict) -> dict:
-    """val_loss/<source> for each source and their weighted mean as val_loss (one source: its own)."""
-    from pretrain.evaluate import weighted_validation
-
-    return weighted_validation({s.name: (s.weight, out) for s, out in per_source.items()})
-
-
-def tokens_seen_per_source(loader) -> dict[str, int] | None:
-    """Training tokens drawn from each source, summed over ranks (a collective); None for one source."""
-    counts = getattr(loader, "tokens_per_source", None)
-    if counts is None:
-        return None
-    counts = counts()
-    if len(counts) < 2:
-        return None
-    return dict(zip(counts, global_sums(list(counts.values()))))
-
-
-def _fmt(value: float | None, percent: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
-
-
-def log_slot_statistics(stats, metrics: MetricsLogger, step: int) -> None:
-    """Slot usage over all ranks, cumulative and since the last call (a collective): TensorBoard
-    scalars and histograms, and a console line per counter printing those scalars."""
-    reduced = stats.reduce(close_interval=True)
-    scalars = reduced.summary(interval=True)
-    metrics.scalars(scalars, step)
-    for line in usage_lines(scalars, reduced.layer_names, *reduced.last_interval()):
-        metrics.line(line)
-    for name, hist in reduced.histograms().items():
-        metrics.histogram(name, hist, step)
 
 
 def parse_args(argv=None) -> tuple[str | None, list[str]]:

@@ -178,7 +178,8 @@ def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, 
     over 2 ranks)."""
     import pretrain.evaluate
     from pretrain.data.sources import resolve_sources
-    from pretrain.train import Evaluator, build_loader
+    from pretrain.evaluate import Evaluator
+    from pretrain.train import build_loader
 
     read = []
     monkeypatch.setattr(pretrain.evaluate, "validation_loss", lambda _, batches, *a: read.append(batches) or {})

@@ -148,8 +148,8 @@ def test_a_slot_log_summarises_each_interval_once(monkeypatch):
     counter, not 3 (reduce's history and summary each took the interval's). Its scalars equal
     those of the distribution taken afresh."""
     import pretrain.slots.counters as counters
+    from pretrain.progress_log import log_slot_statistics
     from pretrain.slots.summary import distribution_summary
-    from pretrain.train import log_slot_statistics
 
     stats = SlotStatistics(200, ["m", "n"], granularity="sequence")
     picks = torch.tensor([0] * 50 + [1] * 30 + [2] * 10 + [3] * 10).view(100, 1, 1)

@@ -111,6 +111,7 @@ def test_evaluation_and_checkpoints_stay_off_the_throughput_clock(tmp_path, data
     (100 s each), every interval reads exactly 128 tokens/s and no data wait; counted, step 3's
     interval would read 256 tokens / 202 s."""
     import pretrain.train as train_module
+    from pretrain.evaluate import Evaluator
     from pretrain.train import train
 
     clock = on_fake_clock(monkeypatch, compute=1.0)
@@ -122,7 +123,7 @@ def test_evaluation_and_checkpoints_stay_off_the_throughput_clock(tmp_path, data
 
         return wrapped
 
-    monkeypatch.setattr(train_module.Evaluator, "__call__", slow(train_module.Evaluator.__call__))
+    monkeypatch.setattr(Evaluator, "__call__", slow(Evaluator.__call__))
     monkeypatch.setattr(train_module.Trainer, "save_checkpoint", slow(train_module.Trainer.save_checkpoint))
     cfg = tiny_config(
         tmp_path / "run",
