@@ -185,7 +185,7 @@ def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int
     )
 
 
-def build_slot_statistics(cfg: RunConfig, model: Transformer, device: torch.device, num_sources: int = 1):
+def build_slot_statistics(cfg: RunConfig, device: torch.device, num_sources: int = 1):
     if not (cfg.slots.enabled and cfg.model.memory.enabled):
         return None
     from pretrain.slots import SlotStatistics
@@ -617,7 +617,7 @@ def build(
     checkpointer, resume_from, init = open_run_dir(cfg, info, sources[0].dir, tokenizer.sha256, lock)
     model, engine, optimizers = build_model(cfg, info, checkpointer.needs_universal_load(resume_from), init)
     train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
-    stats = build_slot_statistics(cfg, model, info.device, len(sources))
+    stats = build_slot_statistics(cfg, info.device, len(sources))
     metrics = MetricsLogger(Path(cfg.train.run_dir) / "tensorboard", enabled=info.is_main)
     metrics.line(describe_data(cfg, sources, tokenizer))
     own_data = bool(cfg.data.dir or cfg.data.sources)

@@ -25,7 +25,7 @@ def test_mixture_streams_and_document_reads(dataset, second_dataset, tmp_path):
     workers, batch_size, seed, n = 2, 4, 3, 70  # 280 rows: each source is read more than once
     sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 1.0, "b")))
     cfg = tiny_config(tmp_path, tmp_path, f"data.num_workers={workers}", f"train.micro_batch={batch_size}")
-    stats = build_slot_statistics(cfg, None, torch.device("cpu"), len(sources))
+    stats = build_slot_statistics(cfg, torch.device("cpu"), len(sources))
     heads, k, num_slots = cfg.model.memory.heads, cfg.model.memory.k, stats.num_slots
     batches = take(MixtureLoader(sources, batch_size, num_workers=workers, seed=seed), n)
 

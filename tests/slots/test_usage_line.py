@@ -40,16 +40,17 @@ def test_console_line_against_a_brute_force_count_of_the_top_k_picks(tmp_path, d
     numbers are those of the raw picks of the interval's steps (and of all steps so far), hooked off
     the layers' training forwards, and those TensorBoard shows."""
     reads: dict[str, list[torch.Tensor]] = {"layers.0": [], "layers.1": []}
-    build = train_module.build_slot_statistics
+    build = train_module.build_model
 
-    def record(cfg, model, *args, **kwargs):
+    def record(*args, **kwargs):
+        model, *rest = build(*args, **kwargs)
         for name, block in zip(reads, model.memory_layers()):
             block.register_lookup_hook(
                 lambda layer, idx, w, n=name: reads[n].append(idx.clone()) if layer.training else None
             )
-        return build(cfg, model, *args, **kwargs)
+        return (model, *rest)
 
-    monkeypatch.setattr(train_module, "build_slot_statistics", record)
+    monkeypatch.setattr(train_module, "build_model", record)
     cfg = tiny_config(
         tmp_path / "run", data_cache, "model.memory.layers=[0,1]", "model.memory.n_keys=64", "train.max_steps=6"
     )

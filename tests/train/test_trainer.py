@@ -164,22 +164,23 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
             return out
         return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
 
-    build = train_module.build_slot_statistics
+    build = train_module.build_model
     backwards = {"n": 0}
 
     def infinite_at_step_3(grad):
         backwards["n"] += 1
         return grad * float("inf") if backwards["n"] == 5 else grad
 
-    def record(cfg, model, *args, **kwargs):
+    def record(*args, **kwargs):
+        model, *rest = build(*args, **kwargs)
         for block in model.memory_layers():
             block.register_lookup_hook(lambda layer, idx, w: reads.append(idx.clone()) if layer.training else None)
         if poison == "gradient":
             model.output.weight.register_hook(infinite_at_step_3)
-        return build(cfg, model, *args, **kwargs)
+        return (model, *rest)
 
     monkeypatch.setattr(train_module, "training_objective", poisoned)
-    monkeypatch.setattr(train_module, "build_slot_statistics", record)
+    monkeypatch.setattr(train_module, "build_model", record)
     cfg = tiny_config(
         tmp_path / "run", data_cache, "train.max_steps=5", "train.nan_policy=skip", "slots.granularity=sequence"
     )
@@ -486,17 +487,18 @@ def test_slot_table_names_each_block_by_its_own_accesses(tmp_path, data_cache, m
     from pretrain.slots import load_table
 
     reads: dict[int, list[torch.Tensor]] = {}
-    build = train_module.build_slot_statistics
+    build = train_module.build_model
 
-    def record_blocks(cfg, model, *args, **kwargs):  # the reference: hooks keyed by block index
+    def record_blocks(*args, **kwargs):  # the reference: hooks keyed by block index
+        model, *rest = build(*args, **kwargs)
         for b, block in enumerate(model.layers):
             if block.is_memory:
                 block.ffn.register_lookup_hook(
                     lambda layer, idx, w, b=b: reads.setdefault(b, []).append(idx.clone()) if layer.training else None
                 )
-        return build(cfg, model, *args, **kwargs)
+        return (model, *rest)
 
-    monkeypatch.setattr(train_module, "build_slot_statistics", record_blocks)
+    monkeypatch.setattr(train_module, "build_model", record_blocks)
     cfg = tiny_config(
         tmp_path / "run",
         data_cache,
