@@ -32,15 +32,26 @@ positive_int = int_at_least(1)
 def positive_number(note: str = "", what: str = "number"):
     """argparse type: a finite float > 0 (nan, inf and 0 refused); `what` names it in the
     messages ("number of seconds"), `note` (e.g. "1.0 = off") closes each."""
+    return _finite_number(0.0, True, note, what)
+
+
+def non_negative_number(note: str = "", what: str = "number"):
+    """argparse type: a finite float >= 0 (nan, inf and negatives refused), for an option whose
+    0 means something (`note`, e.g. "0 = off", says what); `what` as in `positive_number`."""
+    return _finite_number(0.0, False, note, what)
+
+
+def _finite_number(lowest: float, strict: bool, note: str, what: str):
     suffix = f" ({note})" if note else ""
+    bound = f"{'>' if strict else '>='} {lowest:g}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a {what} > 0{suffix}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text} must be a finite {what} > 0{suffix}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a {what} {bound}{suffix}") from None
+        if not (math.isfinite(value) and (value > lowest if strict else value >= lowest)):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite {what} {bound}{suffix}")
         return value
 
     return parse

@@ -65,10 +65,12 @@ def convert_to_universal(ckpt_dir: Path, saved_world: int, workers: int | None =
 
 def main(argv=None) -> int:
     """Child process of `convert_to_universal`: DeepSpeed's converter, every load weights-only."""
+    from pretrain.cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a step_XXXXXXXX folder")
     parser.add_argument("output", help="the universal checkpoint folder to write")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=positive_int, default=1)
     args = parser.parse_args(argv)
     from deepspeed.checkpoint import ds_to_universal
 

@@ -13,12 +13,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.cli import non_negative_number  # noqa: E402
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exports", nargs="+", help="export folders written by memlayers-export (the same model)")
     parser.add_argument("--output", required=True, help="export folder to create")
-    parser.add_argument("--weights", nargs="+", type=float, help="one per export (default: equal)")
+    parser.add_argument("--weights", nargs="+", type=non_negative_number(), help="one per export (default: equal)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

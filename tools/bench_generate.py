@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from pretrain.cli import output_file, positive_int
+from pretrain.cli import int_at_least, output_file, positive_int
 from pretrain.config import load_config
 from pretrain.files import atomic_write_text
 from pretrain.model import Transformer
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=positive_int, default=256)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int_at_least(0, "0: torch's default"), default=1, help="torch threads")
     parser.add_argument("--lm-eval", metavar="EXPORT_DIR", default=None, help="also time memlayers-eval on an export")
     parser.add_argument("--lm-eval-probes", type=positive_int, default=200)
     parser.add_argument("--json", type=output_file("generate.json"), default=None, help="also write the results here")

@@ -25,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from kernels import VALUE_GRADS, reference  # noqa: E402
 from kernels import benchmark as kb  # noqa: E402
-from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.cli import int_at_least, non_negative_number, output_file, positive_int  # noqa: E402
 from pretrain.files import save_figure  # noqa: E402
 
 DTYPES = kb.DTYPES
@@ -34,27 +34,27 @@ DTYPES = kb.DTYPES
 def parse_args(argv):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=8 * 4096 if cuda else 256, help="T (paper: 8x4096)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--n-keys", type=int, default=1024 if cuda else 256)
-    p.add_argument("--k-dim", type=int, default=256)
+    p.add_argument("--tokens", type=positive_int, default=8 * 4096 if cuda else 256, help="T (paper: 8x4096)")
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--k", type=positive_int, default=32)
+    p.add_argument("--n-keys", type=positive_int, default=1024 if cuda else 256)
+    p.add_argument("--k-dim", type=positive_int, default=256)
     p.add_argument("--v-dims", type=positive_int, nargs="+", default=[1024, 2048])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--repeats", type=int, default=20 if cuda else 5)
+    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5)
     p.add_argument("--json", type=output_file("bench_kernels.json"), default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
     p.add_argument("--sweep-tokens", type=positive_int, default=256 if cuda else 64)
     p.add_argument(
         "--index-skew",
-        type=float,
+        type=non_negative_number("0 = the scoring's"),
         default=0.0,
         help="bag rows drawn from a Zipf law with this exponent over all slots (hot slots, as in a "
         "trained memory) instead of the slots the scoring selects; 0 = the scoring's",
     )
     p.add_argument(
         "--row-chunks",
-        type=int,
+        type=positive_int,
         nargs="*",
         default=[],
         help="also time the sorted bag backward with these kernels.bag_triton.ROW_CHUNK values "
@@ -62,7 +62,7 @@ def parse_args(argv):
     )
     p.add_argument(
         "--key-chunks",
-        type=int,
+        type=positive_int,
         nargs="*",
         default=[],
         help="also time the Triton scoring backward with these kernels.pkm_bwd_triton.KEY_CHUNK values",
@@ -81,28 +81,29 @@ def parse_args(argv):
         help="whole MemoryPlus layer and whole-model forward+backward of this config, Triton vs "
         "PyTorch path (batch train.micro_batch x data.seq_len unless --layer-batch/--layer-seq)",
     )
-    p.add_argument("--layer-batch", type=int, default=0, help="sequences for --layer (0: the config's micro_batch)")
-    p.add_argument("--layer-seq", type=int, default=0, help="sequence length for --layer (0: the config's seq_len)")
+    p.add_argument(
+        "--layer-batch",
+        type=int_at_least(0, "0: the config's"),
+        default=0,
+        help="sequences for --layer (0: the config's micro_batch)",
+    )
+    p.add_argument(
+        "--layer-seq",
+        type=int_at_least(0, "0: the config's"),
+        default=0,
+        help="sequence length for --layer (0: the config's seq_len)",
+    )
     p.add_argument(
         "--layer-compile",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="--layer: also the whole model compiled as train.compile compiles it, against eager",
     )
-    p.add_argument("--reruns", type=int, default=2, help="extra timings of a row whose p80/p20 > 1.15")
+    p.add_argument("--reruns", type=int_at_least(0), default=2, help="extra timings of a row whose p80/p20 > 1.15")
     p.add_argument("--plot", type=output_file("sweep.png"), default="bench_kernels_sweep.png", help="PNG for --sweep")
     args = p.parse_args(argv)
-    for key in ("tokens", "heads", "k", "n_keys", "k_dim", "repeats"):
-        if getattr(args, key) <= 0:
-            p.error(f"--{key.replace('_', '-')} must be positive")
-    if args.reruns < 0 or args.layer_batch < 0 or args.layer_seq < 0:
-        p.error("--reruns, --layer-batch and --layer-seq must be >= 0")
     if args.layer is not None and not args.layer.is_file():
         p.error(f"--layer {args.layer}: no such config file (e.g. configs/memory_373m.yaml)")
-    if args.index_skew < 0:
-        p.error("--index-skew must be >= 0")
-    if any(c <= 0 for c in args.row_chunks + args.key_chunks):
-        p.error("--row-chunks and --key-chunks take positive entry counts")
     if args.k > args.n_keys or args.k_dim % 2:
         p.error("need --k <= --n-keys and an even --k-dim")
     return args

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from pretrain import peak_memory  # noqa: E402
-from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.cli import non_negative_number, output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write_text  # noqa: E402
 from pretrain.model import training_objective  # noqa: E402
 from pretrain.parallel.compile import compile_objective  # noqa: E402
@@ -37,7 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=positive_int, default=32000)
     p.add_argument("--dtype", choices=sorted(kb.DTYPES), default="bf16")
     p.add_argument(
-        "--z-loss", type=float, default=0.0, help="the z term's weight (optim.z_loss); 0: cross-entropy only"
+        "--z-loss",
+        type=non_negative_number("0: cross-entropy only"),
+        default=0.0,
+        help="the z term's weight (optim.z_loss); 0: cross-entropy only",
     )
     p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5)
     p.add_argument("--json", type=output_file("bench_objective.json"), default=None)

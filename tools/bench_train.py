@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.cli import output_file  # noqa: E402
+from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write_text  # noqa: E402
 
 
@@ -286,9 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", default="off", choices=["off", "on", "both"])
     parser.add_argument("--ac", default="none", help="comma-separated train.activation_checkpointing modes")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps per run (compilation)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per run")
+    parser.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed first steps per run (compilation)")
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--data-cache", type=Path, default=Path(tempfile.gettempdir()) / "memlayers-bench-data")
     parser.add_argument(
         "--json",
@@ -306,8 +306,6 @@ def main(argv=None) -> int:
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(run_worker(json.loads(args.worker))))
         return 0
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
-        raise SystemExit("error: --steps and --rounds must be >= 1, --warmup >= 0")
 
     todo = variants(args)
     runs: dict[str, list[dict]] = {name_of(v): [] for v in todo}

@@ -40,6 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import bag_triton, pkm_bwd_triton, pkm_triton  # noqa: E402
 from kernels import launch_configs as lc  # noqa: E402
+from pretrain.cli import positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
 
 K, P = 32, 128  # P: the candidate-pair table for k=32 (119 pairs, padded)
@@ -173,7 +174,7 @@ def compile_one(fn, pointers, constexprs, config, arch: int) -> dict:
 def main(argv=None) -> int:
     kernels = sorted(lc.TUNERS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
+    p.add_argument("--arch", type=positive_int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     p.add_argument("--kernels", nargs="+", choices=kernels, default=kernels)
     p.add_argument(
         "--half-dim",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import image_file, output_file  # noqa: E402
+from pretrain.cli import image_file, int_at_least, output_file  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.inspect import decoded_rows, inspect_split  # noqa: E402
 from pretrain.files import atomic_write_text, save_figure  # noqa: E402
@@ -61,14 +61,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", type=Path, help="a dataset folder written by tools/prepare_data.py")
     p.add_argument("--split", default="train")
-    p.add_argument("--rows", type=int, default=2, help="rows decoded (0: none)")
-    p.add_argument("--top", type=int, default=20, help="most frequent tokens listed")
+    p.add_argument("--rows", type=int_at_least(0, "0: none"), default=2, help="rows decoded (0: none)")
+    p.add_argument("--top", type=int_at_least(0, "0: none"), default=20, help="most frequent tokens listed")
     p.add_argument("--json", type=output_file("inspect.json"), default=None)
     p.add_argument("--plot", type=image_file("lengths.png"), default=None, help="PNG of the document length histogram")
     args = p.parse_args(argv)
-    if args.rows < 0 or args.top < 0:
-        print("inspect_data: error: --rows and --top must be >= 0", file=sys.stderr)
-        return 2
     try:
         report = inspect_split(args.dataset, args.split, top=args.top)
         rows = decoded_rows(args.dataset, args.split, args.rows) if args.rows else []

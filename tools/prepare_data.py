@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import output_folder, positive_int  # noqa: E402
+from pretrain.cli import non_negative_number, output_folder, positive_int  # noqa: E402
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
@@ -55,16 +55,16 @@ def _main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="an existing sentencepiece model; default: train one on the corpus")
     ap.add_argument(
         "--vocab-size",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"when training the tokenizer (default {DEFAULT_VOCAB_SIZE}; refused with --tokenizer or --embedded)",
     )
     ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
     ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
-    ap.add_argument("--val-fraction", type=float, default=0.01)
+    ap.add_argument("--val-fraction", type=non_negative_number("below 1; 0: no validation split"), default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sequences-per-shard", type=positive_int, default=4096)
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
+    ap.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument(
         "--overwrite",
         action="store_true",

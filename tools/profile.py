@@ -24,11 +24,16 @@ elif __package__ in (None, ""):
 
 
 def main(argv=None) -> int:
+    from pretrain.cli import int_at_least, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")
-    parser.add_argument("--steps", type=int, default=3, help="training steps to profile")
+    parser.add_argument("--steps", type=positive_int, default=3, help="training steps to profile")
     parser.add_argument(
-        "--skip-steps", type=int, default=0, help="first steps left out of the summary (compilation, autotuning)"
+        "--skip-steps",
+        type=int_at_least(0),
+        default=0,
+        help="first steps left out of the summary (compilation, autotuning)",
     )
     parser.add_argument("--trace-dir", default=None, help="where to write the trace (default <run_dir>/profile)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")

@@ -20,6 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.cli import non_negative_number, positive_int, positive_number  # noqa: E402
+
 DEFAULT_LR = {"sparse": 2.0, "full": 1e-4, "lora": 1e-3}
 
 
@@ -31,22 +33,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", choices=["sparse", "full", "lora"], default="sparse")
     p.add_argument(
         "--lr",
-        type=float,
+        type=positive_number(),
         default=None,
         help=f"learning rate (default {DEFAULT_LR}; sparse: the paper's SGD lr. On configs/smf_tiny.yaml "
         "100 with --max-grad-norm 0.05 learns best: see README, Sparse memory finetuning)",
     )
-    p.add_argument("--top-t", type=int, default=None, help="sparse: value rows updated per batch (default 500)")
+    p.add_argument(
+        "--top-t", type=positive_int, default=None, help="sparse: value rows updated per batch (default 500)"
+    )
     p.add_argument(
         "--max-grad-norm",
-        type=float,
+        type=non_negative_number("0 = off"),
         default=None,
         help="sparse: clip the norm of the selected rows' gradient per step (0 = off, the default)",
     )
-    p.add_argument("--lora-rank", type=int, default=None, help="lora: the adapters' rank (default 8)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--batch-size", type=int, default=8, help="documents per step")
+    p.add_argument("--lora-rank", type=positive_int, default=None, help="lora: the adapters' rank (default 8)")
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="documents per step")
     p.add_argument("--shuffle", action="store_true", help="reshuffle documents every epoch (default: file order)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
@@ -60,9 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
-    for name in ("top_t", "lora_rank", "epochs", "eval_every", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.method != "sparse":
         for flag in ("table", "allow_other_run", "top_t", "max_grad_norm"):
             if getattr(args, flag) not in (None, False):
@@ -74,10 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.max_grad_norm = 0.0 if args.max_grad_norm is None else args.max_grad_norm
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
-    if args.lr <= 0:
-        p.error(f"--lr must be positive, got {args.lr}")
-    if args.max_grad_norm < 0:
-        p.error(f"--max-grad-norm must be >= 0, got {args.max_grad_norm}")
     return args
 
 

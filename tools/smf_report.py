@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import output_folder  # noqa: E402
+from pretrain.cli import output_folder, positive_int  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,9 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="the export's embedded dataset (new_facts.jsonl, val split); default: the config's",
     )
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N epochs (and after the last)")
     p.add_argument(
         "--runs",
         default=None,

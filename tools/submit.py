@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pretrain.cli import positive_int  # noqa: E402
 from pretrain.launch import RunFinished, RunInQueue, SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
 from pretrain.sweep import SweepError, parse_sweep, read_sweep_record, write_sweep_record  # noqa: E402
 
@@ -30,18 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="one task per GPU")
     p.add_argument("--cpu", action="store_true", help="CPU-only variant (gloo, DS_ACCELERATOR=cpu), for testing")
-    p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node for --cpu (default 1)")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="default 8 (1 with --cpu)")
+    p.add_argument("--tasks-per-node", type=positive_int, default=None, help="tasks per node for --cpu (default 1)")
+    p.add_argument("--cpus-per-task", type=positive_int, default=None, help="default 8 (1 with --cpu)")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")
     p.add_argument("--job-name")
-    p.add_argument("--signal-seconds", type=int, default=180, help="send USR1 this long before the time limit")
+    p.add_argument("--signal-seconds", type=positive_int, default=180, help="send USR1 this long before the time limit")
     p.add_argument(
         "--master-port",
         type=int,

@@ -21,6 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from pretrain.cli import positive_int  # noqa: E402
 from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
         help="export directory (model.safetensors, config.json, tokenizer.model, slot_frequencies.safetensors)",
     )
     p.add_argument("--text", required=True, help="text whose memory accesses are ranked")
-    p.add_argument("--top", type=int, default=500)
+    p.add_argument("--top", type=positive_int, default=500)
     p.add_argument("--layer", default=None, help="memory layer name, e.g. layers.2 (default: all)")
     p.add_argument("--table", default=None, help="slot table to use instead of the export's")
     p.add_argument(
@@ -41,8 +42,6 @@ def main(argv=None) -> int:
         help="accept a --table counted in another training run (same config and tokenizer) than the export's",
     )
     args = p.parse_args(argv)
-    if args.top <= 0:
-        p.error(f"--top must be positive, got {args.top}")
     from pretrain.export import ExportError
 
     try:

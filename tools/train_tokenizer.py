@@ -28,13 +28,13 @@ def main(argv=None) -> int:
         help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst/.bz2/.xz compressed)",
     )
     ap.add_argument("--output", required=True, type=output_file("tokenizer.model"), help="the .model file to write")
-    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--vocab-size", type=positive_int, default=32000)
     ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
     ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
     ap.add_argument(
         "--max-sentences",
-        type=int,
+        type=positive_int,
         default=200_000,
         help="at most this many lines, a seeded uniform sample of the whole corpus (memory bound)",
     )

@@ -51,16 +51,18 @@ def test_generate_refuses_bad_numbers_before_loading(inference_export, monkeypat
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(pretrain.export, "load", no_load)
-    for flags, message in [
-        (
-            ["--max-new-tokens", "4", "--temperature", "nan"],
-            "temperature=nan must be a finite number >= 0 (0 = greedy)",
-        ),
-        (["--max-new-tokens", "4", "--temperature", "inf"], "temperature=inf must be a finite number >= 0"),
-        (["--max-new-tokens", "-2"], "max_new_tokens=-2 must be an integer >= 0 (--max-new-tokens)"),
+    for flags, message in [  # refused when the arguments are parsed (pretrain.cli types)
+        (["--temperature", "nan"], "argument --temperature: nan must be a finite number >= 0 (0 = greedy)"),
+        (["--temperature", "inf"], "argument --temperature: inf must be a finite number >= 0 (0 = greedy)"),
+        (["--temperature", "1", "--top-p", "nan"], "argument --top-p: nan must be a finite number > 0 (at most 1)"),
+        (["--max-new-tokens", "-2"], "argument --max-new-tokens: -2 must be an integer >= 0"),
     ]:
-        assert main([str(inference_export), "--prompt", "The", *flags]) == 2, flags
-        assert message in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(inference_export), "--prompt", "The", *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, flags
+    # a nucleus mass above 1 passes the parse; check_sampling refuses it, still before the weights load
+    assert main([str(inference_export), "--prompt", "The", "--temperature", "1", "--top-p", "1.5"]) == 2
+    assert "top_p=1.5 must be a number in (0, 1]" in capsys.readouterr().err
     for count in ("0", "-3"):  # -3 answered all but the last 3 probes before
         with pytest.raises(SystemExit) as exit_info:
             main([str(inference_export), "--probes", count])

@@ -232,7 +232,10 @@ def test_invalid_time_strings_are_refused(value):
 
 
 def _submit(capsys, argv) -> tuple[int, str, str]:
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # refused when the arguments are parsed
+        rc = exit_.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -278,7 +281,8 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
             ["--time", "3-00:00:00", "--signal-seconds", "70000"],
             "--signal-seconds=70000 exceeds 65535, the most Slurm's --signal accepts",
         ),
-        (["--nodes", "0"], "--nodes=0"),
+        (["--nodes", "0"], "argument --nodes: 0 must be an integer >= 1"),
+        (["--cpus-per-task", "-1"], "argument --cpus-per-task: -1 must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_named_and_nothing_is_created(argv, message, capsys, tmp_path):

@@ -67,3 +67,60 @@ def test_a_file_as_output_folder_is_refused_before_any_work(tmp_path, monkeypatc
     assert f"argument --out: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "keep"
     assert smf_report.parse_args(["--out", str(tmp_path / "new")]).out == str(tmp_path / "new")  # not made yet: fine
+
+
+# Plain type=int options that need no pretrain.cli type, and why.
+OWN_CHECK = {
+    "--seed": "every integer is a seed (hashed, or given to torch.manual_seed), negatives included",
+    "--master-port": "pretrain.launch refuses a port outside 1024..65535 before anything is written",
+}
+
+
+def declared_options(main, monkeypatch) -> list[tuple[str, object]]:
+    """(first option string, type) of every argument `main`'s parser declares, read off its `--help` run."""
+    seen = []
+    real = argparse._ActionsContainer.add_argument
+
+    def record(self, *names, **kwargs):
+        if "choices" not in kwargs:  # a closed list is its own check
+            seen.append((names[0], kwargs.get("type")))
+        return real(self, *names, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse._ActionsContainer, "add_argument", record)
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+    assert exit_.value.code == 0 and seen
+    return seen
+
+
+CLI_MODULES = sorted(f"tools.{p.stem}" for p in TOOLS.glob("*.py")) + ["pretrain.resharding", "pretrain.demo"]
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_every_count_and_number_option_is_checked_at_parse_time(module, monkeypatch, capsys):
+    """A bare type=int / type=float takes 0, -5 and nan alike: `generate --max-new-tokens -5`,
+    `profile --steps 0`, `smf_finetune --lr nan` were refused only after loading (or never, training
+    on a NaN learning rate). Each such option uses a pretrain.cli type (positive_int, int_at_least,
+    positive_number, non_negative_number) that refuses them when the arguments are parsed."""
+    options = declared_options(importlib.import_module(module).main, monkeypatch)
+    capsys.readouterr()
+    unchecked = [name for name, kind in options if kind in (int, float) and name not in OWN_CHECK]
+    assert unchecked == [], f"{module}: {unchecked} take any number: give them a pretrain.cli type"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "nan"], "argument --lr: nan must be a finite number > 0"),  # was taken: a NaN learning rate
+        (["--max-grad-norm", "nan"], "argument --max-grad-norm: nan must be a finite number >= 0 (0 = off)"),
+        (["--max-grad-norm", "-1"], "argument --max-grad-norm: -1 must be a finite number >= 0 (0 = off)"),
+        (["--top-t", "0"], "argument --top-t: 0 must be an integer >= 1"),
+        (["--method", "lora", "--lora-rank", "-2"], "argument --lora-rank: -2 must be an integer >= 1"),
+    ],
+)
+def test_smf_finetune_refuses_nan_and_non_positive_numbers(flags, message, capsys):
+    smf_finetune = importlib.import_module("tools.smf_finetune")
+    with pytest.raises(SystemExit) as exit_:
+        smf_finetune.parse_args(["--export", "e", "--data", "d", "--out", "o", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
