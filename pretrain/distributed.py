@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -225,6 +226,41 @@ def first_problem(problem: str | None) -> RankProblem | None:
     if not ranks:
         return None
     return RankProblem(ranks, world, text_from(ranks[0], problem or ""))
+
+
+@contextmanager
+def refusal_shared(*kinds: type[Exception]):
+    """Run the block on every rank, then agree (a collective, also where nothing was raised): an
+    error of `kinds` raised in it on some ranks is raised on every rank, the failing rank's own as
+    it was, on the others the same kind naming that rank, its host and its message. For the checks
+    that can differ between ranks (a node-local path, a file only one rank reads): raised on one
+    rank alone, such a refusal left the others waiting in their next collective.
+
+    The block must hold no collective: a rank that raised in it would not reach that one."""
+    refusal = None
+    try:
+        yield
+    except kinds as err:
+        refusal = err
+    share_refusal(refusal, kinds)
+
+
+def share_refusal(refusal: Exception | None, kinds: tuple[type[Exception], ...]) -> None:
+    """`refusal_shared`'s agreement: call it on every rank at the same point, with this rank's
+    refusal (an instance of one of `kinds`) or None."""
+    note = None
+    if refusal is not None:
+        kind = next(i for i, k in enumerate(kinds) if isinstance(refusal, k))
+        note = f"{kind}\n{socket.gethostname()}\n{refusal}"
+    agreed = first_problem(note)
+    if agreed is None:
+        return
+    if refusal is not None:
+        raise refusal
+    kind, host, message = agreed.message.split("\n", 2)
+    where = f"rank {agreed.rank} on {host}"
+    who = where if len(agreed.ranks) == 1 else f"{agreed.who()}, first {where}"
+    raise kinds[int(kind)](f"{who}: {message}")
 
 
 def gather_floats(value: float) -> list[float]:

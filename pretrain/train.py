@@ -43,12 +43,11 @@ from pretrain.data.loader import IGNORE_INDEX  # noqa: E402
 from pretrain.data.sources import resolve_eval_sources  # noqa: E402
 from pretrain.distributed import (  # noqa: E402
     DistInfo,
-    all_ok,
-    barrier,
     gather_floats,
     global_sum,
     init_distributed,
     rank0_value,
+    refusal_shared,
 )
 from pretrain.evaluate import Evaluator  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
@@ -132,22 +131,23 @@ def seed_everything(seed: int) -> None:
 
 def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
     """The run's data sources: `data.sources` / `data.dir` (checked), or the embedded corpus, built
-    once by rank 0, as a mixture of one."""
+    once by rank 0, as a mixture of one. A refusal on any rank is raised on every rank."""
     from pretrain.data import prepare_embedded_dataset
-    from pretrain.data.sources import resolve_sources
+    from pretrain.data.shards import read_manifest
+    from pretrain.data.sources import Source, resolve_sources
 
-    sources = resolve_sources(cfg.data, cfg.data.seq_len)
+    with refusal_shared(ConfigError, DataError):  # each rank reads the folders (node-local copies may differ)
+        sources = resolve_sources(cfg.data, cfg.data.seq_len)
     if sources:
         return sources
-    if info.is_main:
-        path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
-    barrier()
-    if not info.is_main:  # finds rank 0's cached build
-        path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
-    from pretrain.data.shards import read_manifest
-    from pretrain.data.sources import Source
-
-    return [Source("embedded", path, 1.0, read_manifest(path))]
+    with refusal_shared(ConfigError, DataError):  # the others wait here for rank 0's build
+        if info.is_main:
+            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
+    with refusal_shared(ConfigError, DataError):
+        if not info.is_main:  # finds rank 0's cached build
+            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
+        manifest = read_manifest(path)
+    return [Source("embedded", path, 1.0, manifest)]
 
 
 def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool, rows: int | None = None):
@@ -673,26 +673,29 @@ def build(
 
 
 def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
-    """The checked data sources and the tokenizer, which must fit model.vocab_size."""
+    """The checked data sources and the tokenizer, which must fit model.vocab_size. Each check reads
+    this rank's view of the files; a refusal on any rank is raised on every rank, naming it."""
     from pretrain.data import Tokenizer
-    from pretrain.data.checks import check_trainable, describe_missing, missing_shards
+    from pretrain.data.checks import check_trainable, describe_shard_problems, shard_problems
 
     sources = prepare_dataset(cfg, info)
-    check_trainable(sources)
-    # a shard gone since the preparation was met only when the loader reached it, maybe hours in
-    missing = missing_shards(sources) if info.is_main else []
-    if missing and cfg.data.on_corrupt == "skip":
-        print(f"warning: {describe_missing(missing)}", flush=True)
-    if not all_ok(not missing or cfg.data.on_corrupt == "skip"):
-        raise DataError(describe_missing(missing) if missing else "rank 0 found shard files missing (see its message)")
-    resolve_eval_sources(cfg.data, sources)  # held-out corpora fit the data actually trained on
-    dataset_dir = sources[0].dir
-    tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer in {dataset_dir} has {tokenizer.vocab_size} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
-        )
+    with refusal_shared(ConfigError, DataError):
+        check_trainable(sources)
+        # a shard gone, cut short or replaced since the preparation was met only when the loader reached
+        # it, maybe hours in; checked once per node (data.dir may be a node-local copy)
+        problems = shard_problems(sources) if info.local_rank == 0 else []
+        if problems and cfg.data.on_corrupt == "skip":
+            print(f"warning: {describe_shard_problems(problems)}", flush=True)
+        elif problems:
+            raise DataError(describe_shard_problems(problems))
+        resolve_eval_sources(cfg.data, sources)  # held-out corpora fit the data actually trained on
+        dataset_dir = sources[0].dir
+        tokenizer = Tokenizer(dataset_dir / "tokenizer.model")
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"the tokenizer in {dataset_dir} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
+            )
     return sources, tokenizer
 
 

@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     try:
         check_output_folder(out, args.force, sources=[export])  # before the model loads and trains
         resolve_files(args.data, option="--data")  # before the model loads
+        if args.dataset_dir is not None and export.is_dir() and not (export / "probes.jsonl").is_file():  # ignored
+            raise DataError(
+                f"--dataset-dir {args.dataset_dir}: the validation loss is measured with the per-epoch evaluation, "
+                f"which asks the fact probes, and {export} has no probes.jsonl: drop --dataset-dir"
+            )
         if args.method == "sparse":  # the model with its slot table, checked against each other
             model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)
             model = model.to(args.device)

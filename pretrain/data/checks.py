@@ -3,7 +3,11 @@ what the loader would otherwise only find out at the first evaluation, hours lat
 
 from __future__ import annotations
 
+import os
+import tarfile
 from pathlib import Path
+
+import numpy as np
 
 from pretrain.data.errors import DataError
 from pretrain.data.shards import read_manifest
@@ -45,22 +49,50 @@ def check_readers(sources: list, world_size: int, num_workers: int) -> None:
             )
 
 
-def missing_shards(sources: list) -> list[Path]:
-    """The shard files (every split) that the sources' manifests list and that are not on disk."""
-    return [
-        Path(source.dir) / shard["path"]
-        for source in sources
-        for split in source.manifest["splits"].values()
-        for shard in split["shards"]
-        if not (Path(source.dir) / shard["path"]).is_file()
-    ]
+def shard_problems(sources: list) -> list[str]:
+    """What is wrong with each shard file (every split) that the sources' manifests list, one line
+    per bad shard: missing, or of another size than it was written with (the manifest's `bytes`;
+    a manifest written before that was recorded: smaller than its rows' tokens, or not a whole
+    number of tar records). A stat per shard, nothing read: a shard cut short or replaced since
+    the preparation is found here, not when the loader reaches it, maybe hours into the run. A
+    shard replaced by one of the same size is found by the loader, by its sha256."""
+    problems = []
+    for source in sources:
+        manifest, root = source.manifest, str(source.dir)
+        row_bytes = (int(manifest["seq_len"]) + 1) * np.dtype(manifest["token_dtype"]).itemsize + 16  # tokens, meta
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                problem = _shard_problem(os.path.join(root, shard["path"]), shard, row_bytes)
+                if problem:
+                    problems.append(problem)
+    return problems
 
 
-def describe_missing(missing: list[Path]) -> str:
-    """A message naming the missing shards (the first three) and the fix."""
-    named = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+def _shard_problem(path: str, shard: dict, row_bytes: int) -> str | None:
+    try:
+        size = os.stat(path).st_size  # os, not pathlib: 12 us a shard, not 54 (tools/bench_shard_check.py)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as err:
+        return f"{path} cannot be examined ({err.strerror})"
+    if "bytes" in shard:
+        if size != shard["bytes"]:
+            return f"{path} holds {size} bytes, not the {shard['bytes']} it was written with"
+        return None
+    least = int(shard["sequences"]) * row_bytes
+    if size < least:
+        return f"{path} holds {size} bytes, fewer than its {shard['sequences']} sequences take ({least})"
+    if size % tarfile.RECORDSIZE:
+        return f"{path} holds {size} bytes, not a whole number of {tarfile.RECORDSIZE}-byte tar records"
+    return None
+
+
+def describe_shard_problems(problems: list[str]) -> str:
+    """A message naming the bad shards (the first three) and the fix."""
+    named = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
     return (
-        f"{len(missing)} shard file(s) that the dataset's manifest.json lists are missing: {named}. The dataset was "
-        "changed after it was prepared (a scratch filesystem's purge, a copy cut short): copy them back from where it "
-        "was prepared or re-create it with tools/prepare_data.py; data.on_corrupt=skip trains without them"
+        f"{len(problems)} shard file(s) that the dataset's manifest.json lists are missing or changed since it was "
+        f"prepared: {named}. The dataset was changed after it was prepared (a scratch filesystem's purge, a copy cut "
+        "short or redone): copy them back from where it was prepared or re-create it with tools/prepare_data.py; "
+        "data.on_corrupt=skip trains without them"
     )

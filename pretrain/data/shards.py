@@ -188,6 +188,7 @@ class ShardWriter:
                 "path": self._name,
                 "sequences": self._shard_rows,
                 "tokens": self._shard_tokens,
+                "bytes": self._path.stat().st_size,  # compared at the trainer's start-up (data/checks.py)
                 "sha256": file_sha256(self._path),
             }
         )

@@ -257,3 +257,25 @@ def test_finetune_tool_refuses_an_out_it_cannot_write_before_training(smf_export
     with pytest.raises(ExportError, match="holds the source export"):
         save_finetuned_export(source, load(source), parent, {}, force=True)
     assert sorted(p.name for p in source.iterdir()) == files
+
+
+def test_finetune_tool_refuses_a_dataset_dir_it_would_not_read(smf_export, tmp_path, capsys):
+    """The validation loss (--dataset-dir) is measured by the per-epoch evaluation, which an export
+    without probes.jsonl does not run: the tool finetuned and wrote its export without the loss and
+    without a word. It is refused before the model loads; with the probes it is read."""
+    import shutil
+
+    from tools.smf_finetune import main
+
+    export, dataset = smf_export
+    bare = tmp_path / "export"
+    shutil.copytree(export, bare)
+    (bare / "probes.jsonl").unlink()
+    out = tmp_path / "out"
+    args = ["--data", str(dataset / "new_facts.jsonl"), "--out", str(out), "--method", "full", "--epochs", "1"]
+    assert main(["--export", str(bare), *args, "--dataset-dir", str(dataset)]) == 2
+    err = capsys.readouterr().err
+    assert f"--dataset-dir {dataset}: the validation loss is measured with the per-epoch evaluation" in err
+    assert f"{bare} has no probes.jsonl: drop --dataset-dir" in err and not out.exists()
+    assert main(["--export", str(export), *args, "--dataset-dir", str(dataset)]) == 0
+    assert "val_loss" in json.loads((out / "config.json").read_text())["memlayers"]["finetune"]["history"][-1]
