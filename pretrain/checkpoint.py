@@ -46,7 +46,7 @@ from pretrain.checksums import checksum_problem, write_checksums
 from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
 from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier, first_problem
-from pretrain.files import TEMP_MARK, atomic_write, atomic_write_text, discard, replace_with
+from pretrain.files import TEMP_MARK, atomic_write, discard, replace_with
 from pretrain.lr_schedule import check_resumed_schedule
 
 TMP_PREFIX = ".tmp-"
@@ -313,7 +313,7 @@ class Checkpointer:
 
     def _commit(self, tmp_dir: Path, final_dir: Path, tag: str) -> None:
         replace_with(tmp_dir, final_dir)
-        atomic_write_text(self.root / "latest", tag)
+        atomic_write(self.root / "latest", tag)
         prune_checkpoints(self.root, self.keep, tag)
 
     def _write(self, tmp_tag: str, tmp_dir: Path, cfg: RunConfig) -> Exception | None:

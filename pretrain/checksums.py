@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 from pretrain.distributed import global_min, global_sums, rank0_text
-from pretrain.files import atomic_write_text
+from pretrain.files import atomic_write
 
 SUMS_FILE = "checksums.json"
 _BLOCK = 8 << 20
@@ -62,7 +62,7 @@ def write_checksums(folder: Path, rank: int, world_size: int) -> None:
         raise failure
     if rank == 0:
         files = {name: {"bytes": values[2 * i], "crc32": values[2 * i + 1]} for i, name in enumerate(names)}
-        atomic_write_text(folder / SUMS_FILE, json.dumps({"algorithm": "crc32", "files": files}, indent=1) + "\n")
+        atomic_write(folder / SUMS_FILE, json.dumps({"algorithm": "crc32", "files": files}, indent=1) + "\n")
 
 
 def _mismatch(folder: Path, name: str, entry: dict) -> str | None:

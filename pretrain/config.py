@@ -28,7 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pretrain.files import atomic_write_text
+from pretrain.files import atomic_write
 from pretrain.model.config import ConfigError, ModelConfig, check_choices, choices_message, literal_fields
 
 
@@ -699,7 +699,7 @@ def config_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (temporary name, then rename)."""
-    atomic_write_text(path, config_yaml(cfg))
+    atomic_write(path, config_yaml(cfg))
 
 
 def config_to_dict(cfg) -> dict:

@@ -203,11 +203,6 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
         plt.close(fig)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """`atomic_write` for text (the name config, checkpoint and report writers use)."""
-    atomic_write(path, text)
-
-
 def atomic_directory(out_dir: str | Path):
     """Context manager: an empty temporary folder beside `out_dir` that replaces it on success."""
     return atomic_path(out_dir, directory=True)

@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from pretrain.files import atomic_write_text
+from pretrain.files import atomic_write
 
 REPORTS = "hangs"
 SUMMARY = "summary.txt"
@@ -295,7 +295,7 @@ class Report:
         position = where(self.stacks, self.main_thread) if self.stacks and self.main_thread else "?"
         path = report_dir / report_name(self.rank)
         try:
-            atomic_write_text(path, self.text(position))
+            atomic_write(path, self.text(position))
             saved = f"; every thread's stack in {path}"
         except OSError as err:  # the filesystem may be what hangs: still say where the rank is
             saved = f"; the report could not be written ({err})"
@@ -346,7 +346,7 @@ def conclude(args: argparse.Namespace, cancelled: _Cancelled) -> None:
 
 def _publish_summary(report_dir: Path, text: str) -> None:
     try:
-        atomic_write_text(report_dir / SUMMARY, text + "\n")
+        atomic_write(report_dir / SUMMARY, text + "\n")
     except OSError:
         pass
 
@@ -376,7 +376,7 @@ def requeue_after_hang(run_dir: str | Path, checkpoint_root: str | Path, cancell
             )
         if "SLURM_JOB_ID" not in os.environ:
             return f"not requeued (not a Slurm job): restart the run to resume from {tag}"
-        atomic_write_text(record, tag + "\n")
+        atomic_write(record, tag + "\n")
     except OSError as err:  # without the record, a run that hangs again would be requeued in a loop
         return f"not requeued: {record} (requeues once per checkpoint) could not be read or written: {err}"
     if requeue_job(stop=None):

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
-from pretrain.files import atomic_write_text  # noqa: E402
+from pretrain.files import atomic_write  # noqa: E402
 from pretrain.model.document_attention import (  # noqa: E402
     document_block_mask,
     document_causal_mask,
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             )
             if args.json:
                 payload = {**info, "settings": vars(args) | {"json": str(args.json)}, "rows": list(self)}
-                atomic_write_text(args.json, json.dumps(payload, indent=2))
+                atomic_write(args.json, json.dumps(payload, indent=2))
 
     rows = Rows()
     causal, attempts = run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))

@@ -30,7 +30,7 @@ import torch
 
 from pretrain.cli import int_at_least, output_file, positive_int
 from pretrain.config import load_config
-from pretrain.files import atomic_write_text
+from pretrain.files import atomic_write
 from pretrain.model import Transformer
 
 
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
             f"(exact_match {le['exact_match']:.3f}, mc acc {le['mc_acc']:.3f})"
         )
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")  # its folder made, whole or not at all
+        atomic_write(args.json, json.dumps(report, indent=2) + "\n")  # its folder made, whole or not at all
     return 0
 
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from kernels import benchmark as kb  # noqa: E402
 from pretrain import peak_memory  # noqa: E402
 from pretrain.cli import non_negative_number, output_file, positive_int  # noqa: E402
-from pretrain.files import atomic_write_text  # noqa: E402
+from pretrain.files import atomic_write  # noqa: E402
 from pretrain.model import training_objective  # noqa: E402
 from pretrain.parallel.compile import compile_objective  # noqa: E402
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     )
     if args.json:
         payload = {**kb.run_info(device), "settings": vars(args) | {"json": str(args.json)}, "rows": rows}
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
+        atomic_write(args.json, json.dumps(payload, indent=2))
     return 0
 
 

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
-from pretrain.files import atomic_write_text  # noqa: E402
+from pretrain.files import atomic_write  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- worker
@@ -359,9 +359,9 @@ def report(args, rows: list[dict], final: bool) -> str:
     }
     if args.json:
         payload = {**provenance(), "rows": rows, "ratios": ratios, "settings": settings, "complete": final}
-        atomic_write_text(args.json, json.dumps(payload, indent=2))
+        atomic_write(args.json, json.dumps(payload, indent=2))
     if args.markdown:
-        atomic_write_text(
+        atomic_write(
             args.markdown, text + ("\n" if final else "\n\n(incomplete: the run is still going or was cut short)\n")
         )
     return text

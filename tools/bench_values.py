@@ -24,7 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.cli import int_at_least, output_file, positive_int
-from pretrain.files import atomic_write_text, save_figure
+from pretrain.files import atomic_write, save_figure
 from pretrain.parallel.value_bench import (
     PKM_INSTALL,
     SPARSE_VARIANTS,
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         "records": records,
     }
     json_path = args.plot.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(payload, indent=1))
+    atomic_write(json_path, json.dumps(payload, indent=1))
     print(f"wrote {args.plot} and {json_path}")
     if args.layer_n_keys:
         layer = LayerSpec(n_keys=args.layer_n_keys, dim=args.layer_dim)
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         )
         rows = layer_compare(layer)
         payload["layer"] = rows
-        atomic_write_text(json_path, json.dumps(payload, indent=1))
+        atomic_write(json_path, json.dumps(payload, indent=1))
         for r in rows:
             print(f"  {r['layer']:>26}: {1e3 * r['fwd_bwd_s']:8.1f} ms wall, {1e3 * r['fwd_bwd_cpu_s']:8.1f} ms cpu")
         by = {r["layer"]: r for r in rows}

@@ -89,9 +89,9 @@ def main(argv=None) -> int:
         print(f"| {name} | " + " | ".join(summary([r[m] for r in runs if m in r]) for m in METRICS) + " |")
     print(f"({len(args.seeds)} seeds; same tokens per seed for both models)")
     if args.json:
-        from pretrain.files import atomic_write_text
+        from pretrain.files import atomic_write
 
-        atomic_write_text(args.json, json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+        atomic_write(args.json, json.dumps({"seeds": args.seeds, "results": results}, indent=2))
     return 0
 
 

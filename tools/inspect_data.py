@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain.cli import image_file, int_at_least, output_file  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.inspect import decoded_rows, inspect_split  # noqa: E402
-from pretrain.files import atomic_write_text, save_figure  # noqa: E402
+from pretrain.files import atomic_write, save_figure  # noqa: E402
 
 
 def report_lines(r) -> list[str]:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         payload = {k: v for k, v in vars(report).items() if k != "document_lengths"}
         payload["warnings"] = report.warnings()
         payload["rows"] = rows
-        atomic_write_text(args.json, json.dumps(payload, indent=2, ensure_ascii=False))
+        atomic_write(args.json, json.dumps(payload, indent=2, ensure_ascii=False))
     if args.plot:
         plot_lengths(report, args.plot)
         print(f"plot: {args.plot}")

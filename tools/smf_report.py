@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     from pretrain.config import ConfigError, load_config
     from pretrain.data import DataError, prepare_embedded_dataset
     from pretrain.export import ExportError
-    from pretrain.files import atomic_write_text
+    from pretrain.files import atomic_write
     from pretrain.smf.experiment import (
         SweepSettings,
         check_data_config_for_export,
@@ -163,10 +163,10 @@ def main(argv=None) -> int:
     report = run_sweep(inputs, runs, settings, out / "results.json")
     verdict = compare(report)
     report["verdict"] = verdict
-    atomic_write_text(out / "results.json", json.dumps(report, indent=1) + "\n")
+    atomic_write(out / "results.json", json.dumps(report, indent=1) + "\n")
     plot_frontier(report, out / "frontier.png")
     summary = summary_markdown(report, verdict)
-    atomic_write_text(out / "summary.md", summary)
+    atomic_write(out / "summary.md", summary)
     print(summary)
     print(f"wrote {out / 'results.json'}, {out / 'frontier.png'}, {out / 'summary.md'}")
     return 0

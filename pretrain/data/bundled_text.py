@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pretrain.data.errors import DataError
-from pretrain.files import atomic_write_text
+from pretrain.files import atomic_write
 
 LICENSES_DIR = Path("/usr/share/common-licenses")
 PARTS = ("python-docs", "licenses")
@@ -54,5 +54,5 @@ def write_bundled_corpus(out: str | Path, parts: list[str]) -> dict:
     """Write the chosen parts as JSONL ({"text", "source"} per line); return counts."""
     docs = bundled_documents(parts)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    atomic_write(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
     return {"documents": len(docs), "characters": sum(len(d["text"]) for d in docs)}

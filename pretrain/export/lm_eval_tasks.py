@@ -29,7 +29,7 @@ from pathlib import Path
 from pretrain.evaluate import answer_tokens
 from pretrain.export.errors import ExportError
 from pretrain.export.loading import export_probes, export_tokenizer, model_config_from_json
-from pretrain.files import TEMP_MARK, atomic_write_text
+from pretrain.files import TEMP_MARK, atomic_write
 
 GROUP = "memlayers_facts"
 MC_TASK = "memlayers_facts_mc"
@@ -58,7 +58,7 @@ def _task_yaml(name: str, data: Path, **fields) -> str:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     # json.dumps escapes non-ASCII: the text is the same in any encoding
-    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    atomic_write(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def write_fact_tasks(
@@ -113,7 +113,7 @@ def write_fact_tasks(
     for n, rows in sorted(by_length.items()):
         name = f"{GROUP}_len{n}"
         _write_jsonl(out_dir / f"{name}.jsonl", rows)
-        atomic_write_text(
+        atomic_write(
             out_dir / f"{name}.yaml",
             _task_yaml(
                 name,
@@ -126,7 +126,7 @@ def write_fact_tasks(
             ),
         )
         subtasks.append(name)
-    atomic_write_text(
+    atomic_write(
         out_dir / f"{GROUP}.yaml",
         json.dumps(
             {
@@ -158,7 +158,7 @@ def write_fact_tasks(
         rng.shuffle(options)
         mc_rows.append({**row, "choices": options, "label": options.index(row["answer"])})
     _write_jsonl(out_dir / f"{MC_TASK}.jsonl", mc_rows)
-    atomic_write_text(
+    atomic_write(
         out_dir / f"{MC_TASK}.yaml",
         _task_yaml(
             MC_TASK,

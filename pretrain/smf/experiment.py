@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pretrain.data import Tokenizer
 from pretrain.export import load
 from pretrain.export.perplexity import trained_with_document_masking
-from pretrain.files import atomic_write_text
+from pretrain.files import atomic_write
 from pretrain.slots import SlotTable, load_export_for_tfidf
 from pretrain.smf.dataset import FinetuneSet
 from pretrain.smf.evaluation import LearningForgettingEval
@@ -218,7 +218,7 @@ def run_sweep(
         if spec.method == "sparse":
             record["rows_updated"] = method.rows_updated
         report["runs"].append(record)
-        atomic_write_text(out_json, json.dumps(report, indent=1) + "\n")
+        atomic_write(out_json, json.dumps(report, indent=1) + "\n")
         last = history[-1]
         bar.write(
             f"{spec.label}: new {last['new_fact_recall']:.3f} old {last.get('old_fact_recall', float('nan')):.3f}"
