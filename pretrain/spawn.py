@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import torch.multiprocessing as mp
 
 from pretrain.distributed import free_port
 
+# What the fork server imports once for every rank it forks (each spawned rank took ~3 s of CPU
+# importing them, most of a small test's time), and the variables those imports read.
+_PRELOAD = ["torch", "deepspeed", "pretrain.train"]
+_IMPORT_TIME_ENV = ("DS_ACCELERATOR", "TRITON_INTERPRET")  # DeepSpeed fixes its accelerator on import
+_server_env: list[tuple] = []  # _IMPORT_TIME_ENV's values when this process's fork server started
 
-def _entry(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args: tuple) -> None:
+
+def _start_method() -> str:
+    """'forkserver' while the import-time variables are those the fork server imported under,
+    else 'spawn' (a fresh interpreter that imports under the caller's)."""
+    current = tuple(os.environ.get(k) for k in _IMPORT_TIME_ENV)
+    if current[0] is None:  # the rank sets cpu before it imports DeepSpeed; the server's import would guess
+        return "spawn"
+    if not _server_env:
+        _server_env.append(current)
+        multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    return "forkserver" if _server_env[0] == current else "spawn"
+
+
+def _entry(
+    rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args: tuple, environ: dict | None = None
+) -> None:
+    if environ is not None:  # a forked rank has the fork server's environment: take the caller's
+        os.environ.clear()
+        os.environ.update(environ)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -40,5 +64,14 @@ def _entry(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args
 
 
 def run_gloo(fn, world_size: int, *args, deepspeed_comm: bool = False) -> None:
-    """Call fn(rank, world_size, *args) on world_size spawned processes; raise if any fails."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), deepspeed_comm, args), nprocs=world_size, join=True)
+    """Call fn(rank, world_size, *args) on world_size new processes; raise if any fails.
+
+    The processes fork from a server that imported torch, DeepSpeed and the trainer once; each
+    starts with the caller's environment, sys.path and working directory, as a spawned one would."""
+    mp.start_processes(
+        _entry,
+        args=(fn, world_size, free_port(), deepspeed_comm, args, dict(os.environ)),
+        nprocs=world_size,
+        join=True,
+        start_method=_start_method(),
+    )

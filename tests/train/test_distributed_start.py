@@ -40,9 +40,8 @@ def launch(rank: int, world_size: int, port: int, body: str) -> subprocess.Popen
     return subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
 
 
-def all_reduce_after(delay_rank1: float, timeout_s: float) -> list[tuple[int, str]]:
-    """Two ranks; rank 1 reaches the all-reduce `delay_rank1` s late. (returncode, stderr) per rank."""
-    port = free_port()
+def all_reduce_after(delay_rank1: float, timeout_s: float, port: int) -> list[subprocess.Popen]:
+    """Start two ranks on `port`; rank 1 reaches the all-reduce `delay_rank1` s late."""
     body = f"""
     d.init_distributed(timeout_s={timeout_s})
     if dist.get_rank() == 1:
@@ -52,14 +51,23 @@ def all_reduce_after(delay_rank1: float, timeout_s: float) -> list[tuple[int, st
     assert x.item() == 2
     dist.destroy_process_group()
     """
-    ranks = [launch(r, 2, port, body) for r in range(2)]
+    return [launch(r, 2, port, body) for r in range(2)]
+
+
+def outcome(ranks: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """(returncode, stderr) per rank."""
     return [(p.wait(timeout=120), p.stderr.read()) for p in ranks]
 
 
 def test_collectives_wait_the_given_timeout():
-    (rc0, err0), _ = all_reduce_after(delay_rank1=6, timeout_s=2)
+    ports = {free_port()}
+    while len(ports) < 2:
+        ports.add(free_port())
+    # both pairs at once, on two ports: each mostly waits out its 6 s delay
+    short, long = (all_reduce_after(6, timeout_s, port) for timeout_s, port in zip((2, 60), sorted(ports)))
+    (rc0, err0), _ = outcome(short)
     assert rc0 != 0 and "timed out" in err0.lower(), err0[-2000:]
-    results = all_reduce_after(delay_rank1=6, timeout_s=60)
+    results = outcome(long)
     assert [rc for rc, _ in results] == [0, 0], results
 
 

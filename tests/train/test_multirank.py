@@ -53,13 +53,18 @@ def world2(tmp_path_factory, data_cache):
     return root, results[0]
 
 
-def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache):
+@pytest.fixture(scope="module")
+def world1_losses(tmp_path_factory, data_cache) -> list[float]:
+    """The reference: the run on world 1 (default ZeRO stage, P = 1), trained once for both comparisons."""
     from pretrain.train import train
     from tests.train.helpers import fixed_batches
 
-    reference = train(
-        tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"), loaders=fixed_batches
-    ).losses
+    run_dir = tmp_path_factory.mktemp("world1") / "w1"
+    return train(tiny_config(run_dir, data_cache, f"train.max_steps={STEPS}"), loaders=fixed_batches).losses
+
+
+def test_world2_matches_world1_for_every_zero_stage(world2, world1_losses):
+    reference = world1_losses
     _, results = world2
     for stage in (0, 1, 2, 3):
         got = results[f"equiv{stage}"]
@@ -69,14 +74,8 @@ def test_world2_matches_world1_for_every_zero_stage(world2, tmp_path, data_cache
         )
 
 
-def test_world2_memory_parallel_matches_world1(world2, tmp_path, data_cache):
-    from pretrain.train import train
-    from tests.train.helpers import fixed_batches
-
-    reference = train(
-        tiny_config(tmp_path / "w1", data_cache, f"train.max_steps={STEPS}"), loaders=fixed_batches
-    ).losses
-    torch.testing.assert_close(torch.tensor(world2[1]["p2"]), torch.tensor(reference), rtol=1e-5, atol=0)
+def test_world2_memory_parallel_matches_world1(world2, world1_losses):
+    torch.testing.assert_close(torch.tensor(world2[1]["p2"]), torch.tensor(world1_losses), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("run", ["equiv1", "p2"])
