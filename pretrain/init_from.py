@@ -53,13 +53,17 @@ def check_init_source(cfg: RunConfig, tokenizer_sha256: str | None, data_dir: Pa
     the same model settings (but for how it runs and CONTEXT_KEYS), the same tokenizer as the data's (not
     compared when `tokenizer_sha256` is None: the data is not prepared yet)."""
     from pretrain.export.errors import ExportError
-    from pretrain.export.loading import model_config_from_json
+    from pretrain.export.loading import model_config_from_json, refuse_training_run
     from pretrain.export.safetensors_io import read_header
 
     source = Path(cfg.train.init_from)
     key = f"train.init_from={source}"
     for name in (CONFIG, WEIGHTS, TOKENIZER):
         if not (source / name).is_file():
+            try:  # train.init_from=runs/english: the run, not its export
+                refuse_training_run(source)
+            except ExportError as err:
+                raise ConfigError(f"train.init_from={err}") from None
             raise ConfigError(
                 f"{key} has no {name}: name a folder written by memlayers-export (config.json, model.safetensors, "
                 "tokenizer.model), or leave train.init_from empty to start from random weights"

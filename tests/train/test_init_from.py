@@ -99,6 +99,8 @@ def test_two_ranks_each_load_their_value_columns(exported, tmp_path, data_cache)
         ("tokenizer", "", "was trained with another tokenizer than the data in"),
         ("no_weights", "", "has no model.safetensors: name a folder written by memlayers-export"),
         ("truncated", "", "model.safetensors"),
+        # the run directory itself: said 'has no config.json', without the export command
+        ("run_dir", "", "is a training run or checkpoint, not an export: export it first, memlayers-export"),
     ],
 )
 def test_a_mismatched_export_is_refused_before_anything_is_written(
@@ -111,6 +113,9 @@ def test_a_mismatched_export_is_refused_before_anything_is_written(
         (source / "tokenizer.model").write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     elif change == "no_weights":
         (source / "model.safetensors").unlink()
+    elif change == "run_dir":
+        shutil.rmtree(source)
+        (source / "checkpoints").mkdir(parents=True)
     elif change == "truncated":
         weights = source / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
