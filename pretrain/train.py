@@ -842,6 +842,12 @@ def main(argv=None, stop: StopSignal | None = None) -> int:
                 f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "
                 f"{'requeued' if result.requeued else 'not requeued'}"
             )
+        elif result.step < cfg.train.max_steps:  # train.stop_after: the run is not finished
+            print(
+                f"stopped at step {result.step} of {cfg.train.max_steps} (train.stop_after); checkpoint "
+                f"{result.checkpoint}; to go on, run again with train.stop_after above {result.step} "
+                f"(or 0 to run to train.max_steps={cfg.train.max_steps})"
+            )
         else:
             print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0

@@ -43,3 +43,21 @@ def test_stop_after_at_or_before_the_resumed_step_trains_nothing(tmp_path, data_
     out = capsys.readouterr().out
     assert "train.stop_after=2 is not after step 2" in out and "finished" not in out
     assert file_hashes(run) == before
+
+
+def test_a_run_stopped_by_stop_after_is_not_called_finished(tmp_path, data_cache, monkeypatch, capsys):
+    """The command line printed 'finished at step 4' for a run stopped by train.stop_after=4 of
+    train.max_steps=200 (the README's mixture recipe cut short so): it now names both steps and
+    how to go on."""
+    run = tmp_path / "run"
+    args = [*TINY, f"train.run_dir={run}", f"data.cache_dir={data_cache}", "train.max_steps=4"]
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    assert main([*args, "train.stop_after=2"]) == 0
+    out = capsys.readouterr().out
+    assert "finished" not in out
+    assert (
+        f"stopped at step 2 of 4 (train.stop_after); checkpoint {run / 'checkpoints' / 'step_00000002'}; to go on, "
+        "run again with train.stop_after above 2 (or 0 to run to train.max_steps=4)"
+    ) in out
+    assert main(args) == 0
+    assert f"finished at step 4; checkpoint {run / 'checkpoints' / 'step_00000004'}" in capsys.readouterr().out
