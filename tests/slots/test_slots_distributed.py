@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from pretrain.distributed import free_port
 from pretrain.slots import SlotStatistics, load_table, save_table
+from pretrain.spawn import run_gloo
 from slot_streams import brute_force, make_stream
 
 N, H, K, B, S, LAYERS = 16, 2, 3, 3, 8, 2
@@ -20,30 +18,25 @@ def stream_of(rank: int):
     return make_stream(20 + rank, 5, B, S, H, K, N, LAYERS, first_doc_id=10_000 * rank, max_doc_len=30, pad_tail=2)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # data parallel (P = 1): each rank counts its own tokens
-        dp = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
-        for step, (idx, doc_ids) in enumerate(stream_of(rank)):
-            dp.update(idx, doc_ids)
-            dp.end_step(step + 1)
-        reduced = dp.reduce()
-        # memory parallel (P = 2): both ranks hold the same (replicated) indices; count on one
-        mp_stats = SlotStatistics(N, NAMES, granularity="sequence")
-        for idx, doc_ids in stream_of(0):
-            mp_stats.update(idx, doc_ids, count_this_rank=rank == 0)
-        mp_reduced = mp_stats.reduce()
-        if rank == 0:
-            save_table(os.path.join(out_dir, "dp.safetensors"), reduced, {"model_config_hash": "x"})
-            save_table(os.path.join(out_dir, "mp.safetensors"), mp_reduced, {})
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    # data parallel (P = 1): each rank counts its own tokens
+    dp = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
+    for step, (idx, doc_ids) in enumerate(stream_of(rank)):
+        dp.update(idx, doc_ids)
+        dp.end_step(step + 1)
+    reduced = dp.reduce()
+    # memory parallel (P = 2): both ranks hold the same (replicated) indices; count on one
+    mp_stats = SlotStatistics(N, NAMES, granularity="sequence")
+    for idx, doc_ids in stream_of(0):
+        mp_stats.update(idx, doc_ids, count_this_rank=rank == 0)
+    mp_reduced = mp_stats.reduce()
+    if rank == 0:
+        save_table(os.path.join(out_dir, "dp.safetensors"), reduced, {"model_config_hash": "x"})
+        save_table(os.path.join(out_dir, "mp.safetensors"), mp_reduced, {})
 
 
 def test_two_rank_reduce(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_gloo(_worker, 2, str(tmp_path))
 
     dp = load_table(tmp_path / "dp.safetensors")
     streams = {"r0": stream_of(0), "r1": stream_of(1)}
@@ -69,23 +62,18 @@ def test_two_rank_reduce(tmp_path):
         assert mpt.doc_freq[name].tolist() == doc_freq[layer]
 
 
-def _resumed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _resumed_worker(rank: int, world: int, out_dir: str) -> None:
     """1 -> 2 ranks with train.micro_batch 3 -> 2: rank 0 keeps the old 3-row sample, rank 1 starts one of 2 rows."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        old = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
-        for idx, doc_ids in stream_of(0):
-            old.update(idx, doc_ids)
-        stats = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
-        stats.load_resharded([old.state_dict()])
-        for idx, doc_ids in resumed_stream(rank):
-            stats.update(idx, doc_ids)
-        reduced = stats.reduce()  # gathered the samples: raised on rows 3 vs 2
-        if rank == 0:
-            save_table(os.path.join(out_dir, "resumed.safetensors"), reduced, {})
-    finally:
-        dist.destroy_process_group()
+    old = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
+    for idx, doc_ids in stream_of(0):
+        old.update(idx, doc_ids)
+    stats = SlotStatistics(N, NAMES, granularity="document", sample_batches=2, seed=3)
+    stats.load_resharded([old.state_dict()])
+    for idx, doc_ids in resumed_stream(rank):
+        stats.update(idx, doc_ids)
+    reduced = stats.reduce()  # gathered the samples: raised on rows 3 vs 2
+    if rank == 0:
+        save_table(os.path.join(out_dir, "resumed.safetensors"), reduced, {})
 
 
 def resumed_stream(rank: int):
@@ -93,7 +81,7 @@ def resumed_stream(rank: int):
 
 
 def test_samples_of_other_micro_batch_sizes_are_gathered(tmp_path):
-    mp.spawn(_resumed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_gloo(_resumed_worker, 2, str(tmp_path))
     sample = load_table(tmp_path / "resumed.safetensors").sample
     assert sample.doc_ids.shape[1:] == (B, S) and len(sample.batch_index) == 4
     # rank 0's entries first, then rank 1's; each entry is its micro-batch, padded with rows of doc id -1
