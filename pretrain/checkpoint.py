@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 from pretrain.checksums import checksum_problem, write_checksums
 from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
 from pretrain.data.sources import mixture_change
-from pretrain.distributed import barrier, first_problem
+from pretrain.distributed import barrier, first_problem, refusal_shared
 from pretrain.files import TEMP_MARK, atomic_write, discard, replace_with
 from pretrain.lr_schedule import check_resumed_schedule
 
@@ -375,22 +375,27 @@ class Checkpointer:
         """Refuse a checkpoint that a resume on this world size could not read whole
         (CheckpointError naming the file and the newest complete checkpoint) or whose model
         config differs (ConfigError). Records the world size that saved it; loads nothing.
-        Returns what `export.source.inspect` read of it (its step, tokens seen, ...)."""
-        try:
-            saved = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
-        except CheckpointError as err:
-            raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir, self.rank)) from None
+        Returns what `export.source.inspect` read of it (its step, tokens seen, ...).
+
+        Each rank reads its own files: a refusal on one rank (its file of the checkpoint damaged)
+        is raised on every rank, naming it (a collective)."""
+        with refusal_shared(CheckpointError):
+            try:
+                saved = verify(ckpt_dir, self.world_size, dataset_dir, self.rank)
+            except CheckpointError as err:
+                raise CheckpointError(_refusal(ckpt_dir, str(err), self.world_size, dataset_dir, self.rank)) from None
         problem = checksum_problem(ckpt_dir, self.rank, self.world_size)  # a collective: each rank reads a share
         if problem is not None:
             raise CheckpointError(_refusal(ckpt_dir, problem, self.world_size, dataset_dir, self.rank))
-        self.saved_world = saved.dp_world_size
-        check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
-        check_dtype_change(saved.cfg.train.dtype, cfg.train.dtype, ckpt_dir)
-        saved_config = ckpt_dir / "config.yaml"
-        check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
-        self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
-        change = mixture_change(saved.cfg.data, cfg.data)
-        self.mixture_change = f"data.sources changed from step {saved.step}: {change}" if change else None
+        with refusal_shared(CheckpointError, ConfigError):
+            self.saved_world = saved.dp_world_size
+            check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
+            check_dtype_change(saved.cfg.train.dtype, cfg.train.dtype, ckpt_dir)
+            saved_config = ckpt_dir / "config.yaml"
+            check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
+            self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)
+            change = mixture_change(saved.cfg.data, cfg.data)
+            self.mixture_change = f"data.sources changed from step {saved.step}: {change}" if change else None
         return saved
 
     def reshards(self) -> bool:

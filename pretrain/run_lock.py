@@ -46,8 +46,11 @@ class RunDirLock:
         self.held = True
 
     def _try_lock(self, say) -> str | None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # told to every rank by acquire: raised here, it left them waiting
+            return f"cannot create {self.path} ({err}): train.run_dir must be a writable folder"
         deadline, waited = time.monotonic() + WAIT_S, False
         while True:
             try:

@@ -46,6 +46,7 @@ from pretrain.distributed import (  # noqa: E402
     gather_floats,
     global_sum,
     init_distributed,
+    rank0_text,
     rank0_value,
     refusal_shared,
 )
@@ -710,18 +711,27 @@ def open_run_dir(
     if lock is not None and rank0_value(int(run_dir.is_dir())):
         lock.acquire()  # first: a job training this directory now would prune what is checked below
     checkpointer = Checkpointer(run_dir, info.rank, cfg.train.keep_checkpoints, info.world_size)
-    resume_from = latest_checkpoint(checkpointer.root)
+    with refusal_shared(CheckpointError):
+        found = latest_checkpoint(checkpointer.root)
+    # rank 0's answer: one rank's stale view of a network filesystem must not make the ranks part ways
+    named = rank0_text(str(found) if found is not None else "")
+    resume_from = Path(named) if named else None
     init = None
     if resume_from is not None:
         saved = checkpointer.verify(resume_from, cfg, dataset_dir)
         check_stop_after(cfg, saved, resume_from)
     elif cfg.train.init_from:
-        init = check_init_source(cfg, tokenizer_sha256, dataset_dir)
+        with refusal_shared(ConfigError):  # each rank reads the export
+            init = check_init_source(cfg, tokenizer_sha256, dataset_dir)
     if lock is not None and not lock.held:  # a new directory: before the first write into it
         lock.acquire()
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    with refusal_shared(ConfigError):
+        if info.is_main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, run_dir / "config.yaml")
+            except OSError as err:
+                raise ConfigError(f"train.run_dir={run_dir} cannot be written ({err}): give a writable folder") from err
     return checkpointer, resume_from, init
 
 

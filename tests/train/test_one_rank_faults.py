@@ -121,3 +121,79 @@ def test_the_checkpoint_before_the_failed_saves_resumes(outcomes):
         assert rank["resumed"] == {"step": 4, "steps_trained": 2}  # from step 2, after four failed saves
     assert (run / "checkpoints" / "latest").read_text() == FAILING_SAVE
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the unfinished one removed by the save
+
+
+class Payload:
+    """Unpickling this runs `open(marker, 'w')` under the general unpickler."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _refusals_on_one_rank(rank: int, root: str, cache: str) -> dict:
+    """Checks before training that read what one rank alone reads: rank 1's copy of the data lacks
+    its tokenizer (a node-local copy cut short), then rank 1's file of a checkpoint holds a payload."""
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    from pretrain.train import train
+
+    out = {}
+    data = Path(root, f"data-rank{rank}")
+    shutil.copytree(next(Path(cache).glob("embedded-*")), data)
+    if rank == 1:
+        (data / "tokenizer.model").unlink()
+    run = Path(root, "run")
+    try:
+        train(tiny_config(run, Path(cache), "train.max_steps=1", f"data.dir={data}"))
+        out["tokenizer"] = {"error": None}
+    except Exception as err:
+        out["tokenizer"] = {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
+    train(tiny_config(run, Path(cache), "train.max_steps=1"))  # both on the embedded data
+    if rank == 1:
+        path = run / "checkpoints" / "step_00000001" / "rank_00001.pt"
+        state = torch.load(path, weights_only=True)
+        state["data"] = Payload(str(Path(root, "payload-ran")))
+        torch.save(state, path)
+    dist.barrier()
+    try:
+        train(tiny_config(run, Path(cache), "train.max_steps=2"))
+        out["rank file"] = {"error": None}
+    except Exception as err:
+        out["rank file"] = {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("one-rank-refusals")
+    ranks = run_ranks_outcome(2, _refusals_on_one_rank, (str(root), str(data_cache)), root / "out", timeout=240)
+    for rank, outcome in enumerate(ranks):
+        assert outcome is not None, f"rank {rank} still waits after 240 s (a collective its peer never joined)"
+        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
+    return root, [o["result"] for o in ranks]
+
+
+@pytest.mark.parametrize(
+    "check, error, refusal",
+    [
+        ("tokenizer", "DataError", r"tokenizer model \S+/data-rank1/tokenizer.model does not exist"),
+        ("rank file", "CheckpointError", r"cannot resume from checkpoint \S+: \S+/rank_00001.pt cannot be read"),
+    ],
+)
+def test_a_refusal_on_one_rank_before_training_reaches_every_rank(refusals, check, error, refusal):
+    """Rank 1 refused; rank 0, whose own files were fine, waited for it in its next collective."""
+    import re
+
+    root, ranks = refusals
+    got = [rank[check] for rank in ranks]
+    assert got[1]["error"] == got[0]["error"] == error
+    assert re.match(refusal, got[1]["message"])
+    assert re.match(rf"rank 1 on \S+: {refusal}", got[0]["message"])
+    assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
+    assert not (root / "payload-ran").exists()
