@@ -135,11 +135,20 @@ def _nearest_dataset(directory: Path) -> Path | None:
     """The prepared dataset beside a folder that does not exist whose name is closest to it
     (data/englsh -> data/english), or None."""
     parent = directory.parent
-    if not parent.is_dir():
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:  # a folder that may be entered but not listed (mode 711): no suggestion
         return None
-    names = sorted(d.name for d in parent.iterdir() if (d / "manifest.json").is_file())
+    names = sorted(d.name for d in entries if _is_prepared(d))
     close = difflib.get_close_matches(directory.name, names, n=1, cutoff=0.6)
     return parent / close[0] if close else None
+
+
+def _is_prepared(folder: Path) -> bool:
+    try:
+        return (folder / "manifest.json").is_file()
+    except OSError:  # another user's private folder beside it (EACCES): not the one meant
+        return False
 
 
 def _check_consistent(sources: list[Source], many: bool, seq_len: int | None) -> None:

@@ -283,6 +283,41 @@ def test_a_corpus_file_or_a_misspelt_folder_as_data_dir_is_explained(tmp_path, d
         resolve_sources(data_cfg(dir=misspelt))
 
 
+def test_a_misspelt_data_dir_beside_folders_it_may_not_read_is_still_explained(tmp_path, monkeypatch):
+    """data.dir=/scratch/englsh beside another user's private folder (mode 700): looking for the
+    nearest prepared dataset stat'ed <private>/manifest.json and the run ended in a PermissionError
+    traceback (reproduced as an unprivileged user) instead of the 'does not exist' refusal; a parent
+    folder that may not be listed (mode 711) did the same. The unreadable entries are passed over."""
+    import errno
+    import os
+
+    import pretrain.data.sources as sources_module
+
+    prepared = tmp_path / "english"  # a prepared dataset beside the user's private folder
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text("{}")  # all the suggestion looks for
+    private = tmp_path / "someone_else"
+    private.mkdir()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # what a non-root user meets (root, running the tests, reads anything)
+        if str(path).startswith(str(private) + os.sep):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    misspelt = tmp_path / "englsh"
+    with pytest.raises(DataError, match=rf"\(the directory does not exist\): did you mean {prepared}\? Or prepare"):
+        resolve_sources(data_cfg(dir=misspelt))
+
+    def unlistable(self):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(sources_module.Path, "iterdir", unlistable)
+    with pytest.raises(DataError, match=r"\(the directory does not exist\): prepare it with tools/prepare_data.py"):
+        resolve_sources(data_cfg(dir=misspelt))
+
+
 def test_a_folder_that_is_not_a_dataset_is_named_with_what_it_is(tmp_path, dataset):
     """data.dir=corpus/ (the text itself) said "corpus holds no manifest.json: prepare it with
     tools/prepare_data.py --input <corpus> --output corpus", a command prepare_data refuses (the output
