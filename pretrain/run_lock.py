@@ -73,9 +73,13 @@ class RunDirLock:
                 say(f"waiting up to {WAIT_S:.0f} s for the job holding {self.path} ({_read(fd) or 'unknown'}) to end")
                 waited = True
             time.sleep(1.0)
-        os.ftruncate(fd, 0)
         job = os.environ.get("SLURM_JOB_ID")
-        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}{f' job {job}' if job else ''}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}{f' job {job}' if job else ''}\n".encode())
+        except OSError as err:  # a full disk or quota: told to every rank by acquire, as above
+            os.close(fd)  # releases the lock
+            return f"cannot write {self.path} ({err}): free space on train.run_dir's filesystem, then run again"
         self.fd = fd
         return None
 

@@ -30,3 +30,32 @@ def test_a_released_lock_is_free_while_forked_children_live(tmp_path, monkeypatc
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_lock_whose_holder_line_cannot_be_written_is_refused_and_left_free(tmp_path, monkeypatch):
+    """Rank 0 writes its host and pid into the lock file once it holds the lock. On a full disk or
+    quota that write raised OSError out of acquire on rank 0 alone (a traceback, while the other
+    ranks waited in acquire's agreement for it) and the descriptor, lock held, was never closed.
+    It is refused as a failed lock creation is, through acquire's agreement, and the lock is free."""
+    import errno
+
+    import pytest
+
+    real_write = os.write
+
+    def full_disk(fd, data):
+        if bytes(data).startswith(b"host "):  # the holder line; nothing else of the test's
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(run_lock, "WAIT_S", 0.0)
+    monkeypatch.setattr(run_lock.os, "write", full_disk)
+    lock = RunDirLock(tmp_path, is_main=True)
+    with pytest.raises(run_lock.RunDirBusy, match=rf"cannot write .*{run_lock.LOCK_FILE}.*No space left on device"):
+        lock.acquire(say=lambda line: None)
+    assert not lock.held and lock.fd is None
+    monkeypatch.setattr(run_lock.os, "write", real_write)
+    again = RunDirLock(tmp_path, is_main=True)
+    again.acquire(say=lambda line: None)  # the failed attempt's descriptor no longer holds it
+    assert again.held
+    again.release()
