@@ -173,7 +173,9 @@ def test_world2_zero3_rank_files_and_slot_table_name_one_run(world2):
     from pretrain.slots import load_table
 
     root, _ = world2
-    for folder in sorted((root / "equiv3" / "checkpoints").glob("step_*")):
+    folders = sorted((root / "equiv3" / "checkpoints").glob("step_*"))
+    assert folders, "the ZeRO-3 run saved no checkpoint to compare"
+    for folder in folders:
         files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
         ids = [torch.load(f, map_location="cpu", weights_only=True)["run_id"] for f in files]
         assert len(ids) == 2 and set(ids) == {load_table(folder).metadata["run_id"]}, folder
