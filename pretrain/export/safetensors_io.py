@@ -130,8 +130,12 @@ class StreamWriter:
         if self._index != len(self._order):
             self.abort()
             raise ValueError(f"tensor {self._order[self._index][0]} was not written completely")
-        self._fh.close()
-        replace_with(self.tmp, self.path)
+        try:  # the last buffered bytes meet a full disk here, or the rename fails
+            self._fh.close()
+            replace_with(self.tmp, self.path)
+        except BaseException:
+            discard(self.tmp)
+            raise
         return self.path
 
     def abort(self) -> None:

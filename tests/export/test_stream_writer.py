@@ -36,3 +36,24 @@ def test_an_incomplete_file_is_refused_naming_the_tensor_and_leaves_nothing(tmp_
         with StreamWriter(tmp_path / "w.safetensors", SPECS) as writer:
             writer.write(torch.zeros(3, 2))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_close_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    """The file's last bytes or its rename meeting a full disk at close: the file it would replace
+    stays as it was, and the unfinished temporary is removed."""
+    import errno
+
+    import pretrain.export.safetensors_io as io
+
+    target = tmp_path / "w.safetensors"
+    target.write_bytes(b"previous")
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "replace_with", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with StreamWriter(target, SPECS) as writer:
+            writer.write(torch.zeros(3, 2))
+            writer.write(torch.zeros(4, dtype=torch.bfloat16))
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"] and target.read_bytes() == b"previous"
