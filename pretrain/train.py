@@ -49,6 +49,7 @@ from pretrain.distributed import (  # noqa: E402
     rank0_text,
     rank0_value,
     refusal_shared,
+    share_refusal,
 )
 from pretrain.evaluate import Evaluator  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
@@ -380,7 +381,7 @@ class Trainer:
         rank's loss is not finite."""
         start = time.perf_counter()
         multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
-        step_batches = [self.next_batch(batches) for _ in range(self.micro_batches)]
+        step_batches, unreadable = self.step_batches(batches)
         if self.stats is not None:
             self.stats.begin_step()
         # Each micro-batch's objective is a mean over its scored targets (padding is not scored);
@@ -388,7 +389,11 @@ class Trainer:
         # n_i x micro-batches x world / N (N: the step's scored targets over all ranks) makes the
         # accumulated gradient, and the logged loss, those of the mean over all N targets.
         scored = [int((batch.targets != IGNORE_INDEX).sum()) for batch in step_batches]
-        total = global_sum(sum(scored))
+        # a rank whose data failed adds a large negative count: every rank learns of it in the
+        # all-reduce the step makes anyway, and all raise its DataError (it alone used to)
+        total = global_sum(sum(scored) if unreadable is None else -(2**62))
+        if total < 0:
+            share_refusal(unreadable, (DataError,))
         scale = self.micro_batches * self.info.world_size
         losses, z_terms = zip(
             *(
@@ -431,6 +436,14 @@ class Trainer:
                 if action != self.log:  # the log restarts the interval itself
                     self.interval_paused += time.perf_counter() - started
                 self.watchdog.progress(f"{action.__name__} at step {self.state.step}")
+
+    def step_batches(self, batches) -> tuple[list, DataError | None]:
+        """The step's micro-batches, or none and the DataError this rank's loader raised (a shard
+        that turned out corrupt, under data.on_corrupt=error): `train_step` tells every rank."""
+        try:
+            return [self.next_batch(batches) for _ in range(self.micro_batches)], None
+        except DataError as err:
+            return [], err
 
     def next_batch(self, batches):
         """The next micro-batch; the time spent waiting for it is counted (perf/data_wait_fraction)."""

@@ -166,6 +166,22 @@ def _refusals_on_one_rank(rank: int, root: str, cache: str) -> dict:
         out["rank file"] = {"error": None}
     except Exception as err:
         out["rank file"] = {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
+    from pretrain import train as train_module
+    from pretrain.data.shards import CorruptShardError
+
+    real = train_module.Trainer.next_batch
+
+    def corrupt_at_step_2(self, batches):  # what rank 1's loader raises on a block that fails its crc32
+        if rank == 1 and self.state.step == 1:
+            raise CorruptShardError("shard-000003.tar: block 2 does not match its crc32 (injected)")
+        return real(self, batches)
+
+    train_module.Trainer.next_batch = corrupt_at_step_2
+    try:
+        train(tiny_config(Path(root, "run2"), Path(cache), "train.max_steps=3"))
+        out["shard read"] = {"error": None}
+    except Exception as err:
+        out["shard read"] = {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
     return out
 
 
@@ -180,19 +196,25 @@ def refusals(tmp_path_factory, data_cache):
 
 
 @pytest.mark.parametrize(
-    "check, error, refusal",
+    "check, errors, refusal",
     [
-        ("tokenizer", "DataError", r"tokenizer model \S+/data-rank1/tokenizer.model does not exist"),
-        ("rank file", "CheckpointError", r"cannot resume from checkpoint \S+: \S+/rank_00001.pt cannot be read"),
+        ("tokenizer", ("DataError",) * 2, r"tokenizer model \S+/data-rank1/tokenizer.model does not exist"),
+        ("rank file", ("CheckpointError",) * 2, r"cannot resume from checkpoint \S+: \S+/rank_00001.pt cannot be read"),
+        (
+            "shard read",
+            ("DataError", "CorruptShardError"),
+            r"shard-000003.tar: block 2 does not match its crc32 \(injected\)",
+        ),
     ],
 )
-def test_a_refusal_on_one_rank_before_training_reaches_every_rank(refusals, check, error, refusal):
-    """Rank 1 refused; rank 0, whose own files were fine, waited for it in its next collective."""
+def test_a_refusal_on_one_rank_reaches_every_rank(refusals, check, errors, refusal):
+    """Rank 1 refused; rank 0, whose own files were fine, waited for it in its next collective (the
+    shard read: during training, where rank 1's loader met a corrupt block of a shard only it reads)."""
     import re
 
     root, ranks = refusals
     got = [rank[check] for rank in ranks]
-    assert got[1]["error"] == got[0]["error"] == error
+    assert (got[0]["error"], got[1]["error"]) == errors
     assert re.match(refusal, got[1]["message"])
     assert re.match(rf"rank 1 on \S+: {refusal}", got[0]["message"])
     assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
