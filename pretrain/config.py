@@ -519,7 +519,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             "an H100 SXM), or null to take it from the GPU's name"
         )
     if t.global_batch % t.micro_batch:
-        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}")
+        nearest = max(t.micro_batch, round(t.global_batch / t.micro_batch) * t.micro_batch)
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}: "
+            f"choose global_batch as a multiple of micro_batch (e.g. train.global_batch={nearest}), or a "
+            "micro_batch that divides it"
+        )
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"

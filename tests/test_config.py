@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -225,3 +226,13 @@ def test_optimizer_settings_are_checked_at_load_as_adamw_would(repo_root, key, v
     else:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(repo_root / "configs/tiny.yaml", [f"{key}={text}"])
+
+
+def test_a_global_batch_micro_batch_does_not_divide_names_a_value_that_works(repo_root):
+    """The message said only 'not divisible'; it now gives a global batch the config accepts."""
+    with pytest.raises(ConfigError) as err:
+        load_config(repo_root / "configs/tiny.yaml", ["train.global_batch=15", "train.micro_batch=4"])
+    suggested = re.search(r"e\.g\. (train\.global_batch=\d+)", str(err.value))
+    assert suggested, err.value
+    cfg = load_config(repo_root / "configs/tiny.yaml", [suggested.group(1), "train.micro_batch=4"])
+    assert cfg.train.global_batch == 16
