@@ -461,17 +461,11 @@ class Checkpointer:
 
     def _universal_form(self, ckpt_dir: Path) -> Path:
         """Rank 0 converts, every rank waits; a failed conversion is raised on every rank."""
-        from pretrain.distributed import all_ok
         from pretrain.resharding import convert_to_universal, universal_dir
 
-        error = None
-        if self.rank == 0:
-            try:
+        with refusal_shared(CheckpointError):
+            if self.rank == 0:
                 convert_to_universal(ckpt_dir, self.saved_world)
-            except CheckpointError as err:
-                error = err
-        if not all_ok(error is None):
-            raise error or CheckpointError(f"rank 0 could not re-partition {ckpt_dir} (see its log)")
         return universal_dir(ckpt_dir)
 
     def unfinished(self) -> list[Path]:

@@ -114,17 +114,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_ok(ok: bool) -> bool:
-    """True on every rank iff `ok` on every rank (a collective; `ok` itself without a process group).
-
-    Lets one rank's failure stop all of them instead of leaving the others waiting at the next collective."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = _collective_tensor([0 if ok else 1], torch.int64)
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
-
-
 def _all_reduced(value: int, op) -> int:
     """`value` reduced over ranks with `op` (an all-reduce; `value` itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from pretrain.checkpoint import CheckpointError
-from pretrain.distributed import all_ok
+from pretrain.distributed import share_refusal
 
 LOCK_FILE = ".train.lock"
 WAIT_S = 60.0  # a requeued job may start while its previous instance is still exiting
@@ -41,8 +41,7 @@ class RunDirLock:
     def acquire(self, say=print) -> None:
         """Lock the run directory (rank 0), or raise RunDirBusy on every rank (a collective)."""
         problem = self._try_lock(say) if self.is_main else None
-        if not all_ok(problem is None):
-            raise RunDirBusy(problem or f"rank 0 could not lock {self.path} (see its message)")
+        share_refusal(None if problem is None else RunDirBusy(problem), (RunDirBusy,))
         self.held = True
 
     def _try_lock(self, say) -> str | None:
