@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checksums import checksum_problem, write_checksums
+from pretrain.checksums import checksum_problem, unreadable, write_checksums
 from pretrain.config import ConfigError, RunConfig, config_to_dict, model_differences, save_config
 from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier, first_problem, refusal_shared
@@ -558,6 +558,8 @@ def verify(ckpt_dir: Path, world_size: int, dataset_dir: Path | None = None, ran
                     torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except ExportError as err:
         raise CheckpointError(str(err)) from None
+    except OSError as err:  # raised on the rank that met it (its node's mount, a flaky read): told to all by the caller
+        raise CheckpointError(unreadable(err)) from None
     except (pickle.UnpicklingError, RuntimeError) as err:
         raise CheckpointError(
             f"{path} cannot be read as tensors and plain values (refused, nothing in it executed): {err}"

@@ -13,11 +13,12 @@ before it existed) is not checked.
 
 from __future__ import annotations
 
+import errno
 import json
 import zlib
 from pathlib import Path
 
-from pretrain.distributed import global_min, global_sums, rank0_text
+from pretrain.distributed import global_min, global_sums, rank0_text, text_from
 from pretrain.files import atomic_write
 
 SUMS_FILE = "checksums.json"
@@ -65,15 +66,30 @@ def write_checksums(folder: Path, rank: int, world_size: int) -> None:
         atomic_write(folder / SUMS_FILE, json.dumps({"algorithm": "crc32", "files": files}, indent=1) + "\n")
 
 
+def unreadable(err: OSError) -> str:
+    """What a failed read of a checkpoint file (permission denied, an I/O error of a disk or a
+    network mount) says: the file, the system's reason, and where the fix lies."""
+    path = err.filename or "a checkpoint file"
+    reason = err.strerror or str(err)
+    if err.errno in (errno.EACCES, errno.EPERM):
+        fix = "make it readable for the user this job runs as (chmod, or ask its owner)"
+    else:
+        fix = "the filesystem failed to read it: check the disk or mount on this node (dmesg), or copy the checkpoint again"
+    return f"{path} cannot be read ({reason}): {fix}"
+
+
 def _mismatch(folder: Path, name: str, entry: dict) -> str | None:
     """What is wrong with `folder/name` against its recorded `entry`, or None."""
     path = folder / name
     if not path.is_file():
         return f"missing file {path} (listed in {SUMS_FILE})"
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        crc = file_crc32(path) if size == entry["bytes"] else None
+    except OSError as err:  # on this rank's node (a permission, a mount's I/O error): an answer, not a leave
+        return unreadable(err)
     if size != entry["bytes"]:
         return f"{path} holds {size} bytes, but {entry['bytes']} were written ({SUMS_FILE}): it was cut or changed"
-    crc = file_crc32(path)
     if crc != entry["crc32"]:
         return (
             f"{path} does not match the CRC-32 it was written with ({crc:08x}, {SUMS_FILE} says {entry['crc32']:08x}): "
@@ -104,9 +120,12 @@ def checksum_problem(folder: Path, rank: int = 0, world_size: int = 1, collectiv
     names = sorted(sums)
     if not collective:
         rank, world_size = 0, 1
-    first = next(
-        (i for i in range(rank, len(names), world_size) if _mismatch(folder, names[i], sums[names[i]])), len(names)
-    )
-    if collective:
-        first = global_min(first)
-    return None if first == len(names) else _mismatch(folder, names[first], sums[names[first]])
+    mine = ((i, _mismatch(folder, names[i], sums[names[i]])) for i in range(rank, len(names), world_size))
+    first, problem = next(((i, m) for i, m in mine if m is not None), (len(names), None))
+    if not collective:
+        return problem
+    agreed = global_min(first)
+    if agreed == len(names):
+        return None
+    # the message of the rank that read it: another node may read the same file otherwise (its own mount)
+    return text_from(agreed % world_size, problem if agreed == first else "")
