@@ -68,6 +68,10 @@ def test_profile_tool_writes_trace_with_memory_regions(tmp_path, monkeypatch, ca
     assert 0 < float(shares["scoring"]) < 100 and 0 < float(shares["bag_backward"]) < 100
     assert float(shares["communication"]) == 0.0  # P = 1: no memory-parallel collectives
     assert "aten::mm" in out
+    # the closing evaluation asks no fact probe: it asked one, and printed that probe's chance
+    # (0.0625, a profession question) beside the demo's 4.1% over 200 probes
+    assert re.search(r"eval val_loss [\d.]+ val_perplexity [\d.]+\n", out)
+    assert "fact_recall" not in out
 
 
 def test_profile_refuses_a_run_dir_with_checkpoints(tmp_path, capsys):
