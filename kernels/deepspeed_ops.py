@@ -10,10 +10,17 @@ this machine's 2 busy cores, in one folder whose library other processes were lo
 every checkout of the same DeepSpeed, torch and flags (kernels/shared_builds.py) and hand it to
 DeepSpeed's own cache of loaded ops; DeepSpeed then returns it as if it had built it. Where that
 cannot be done (an op installed prebuilt, ROCm, a failed build) DeepSpeed builds it its own way.
+
+DeepSpeed's `build_shm_op` prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
+successfully" after every load, a cached one included: every CPU start's output had it. That one
+line is dropped; a failed build still raises, and any other output passes through.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,10 +40,45 @@ def share_deepspeed_op_builds() -> None:
 
     def build_shm_op():
         _load_shm_op_into_deepspeed()
-        return original()
+        with _without_line(re.compile(r"DeepSpeed \S+ built successfully")):
+            return original()
 
     build_shm_op.memlayers_shared = True
     ds_comm.build_shm_op = build_shm_op
+
+
+class _LineFilter:
+    """A text stream passing complete lines on to `stream`, except those `pattern` matches in full."""
+
+    def __init__(self, stream, pattern: re.Pattern):
+        self.stream, self.pattern, self.pending = stream, pattern, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if not self.pattern.fullmatch(line):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # fileno, encoding, isatty...: the stream's own
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _without_line(pattern: re.Pattern):
+    """sys.stdout without the lines `pattern` matches in full, while the block runs."""
+    stream = sys.stdout
+    filtered = _LineFilter(stream, pattern)
+    sys.stdout = filtered
+    try:
+        yield
+    finally:
+        sys.stdout = stream
+        if filtered.pending and not pattern.fullmatch(filtered.pending):
+            stream.write(filtered.pending)
 
 
 def _loaded_ops(builder) -> dict:

@@ -41,17 +41,27 @@ def non_negative_number(note: str = "", what: str = "number"):
     return _finite_number(0.0, False, note, what)
 
 
-def _finite_number(lowest: float, strict: bool, note: str, what: str):
+def fraction(note: str = "", what: str = "number"):
+    """argparse type: a float in (0, 1] (0, negatives, > 1 and nan refused), e.g. a probability
+    mass; `note` (e.g. "1 = off") closes each message, `what` as in `positive_number`."""
+    return _finite_number(0.0, True, note, what, highest=1.0)
+
+
+def _finite_number(lowest: float, strict: bool, note: str, what: str, highest: float | None = None):
     suffix = f" ({note})" if note else ""
     bound = f"{'>' if strict else '>='} {lowest:g}"
+    if highest is not None:
+        bound = f"in ({lowest:g}, {highest:g}]" if strict else f"in [{lowest:g}, {highest:g}]"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a {what} {bound}{suffix}") from None
-        if not (math.isfinite(value) and (value > lowest if strict else value >= lowest)):
-            raise argparse.ArgumentTypeError(f"{text} must be a finite {what} {bound}{suffix}")
+        in_range = value > lowest if strict else value >= lowest
+        if not (math.isfinite(value) and in_range and (highest is None or value <= highest)):
+            finite = "" if highest is not None else "finite "  # a bounded range says it already
+            raise argparse.ArgumentTypeError(f"{text} must be a {finite}{what} {bound}{suffix}")
         return value
 
     return parse

@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from pretrain import profiler_regions as regions
+from pretrain.data import load_probes
 from pretrain.data.loader import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from pretrain.config import RunConfig
+    from pretrain.metrics import MetricsLogger
 
 
 @dataclass
@@ -67,6 +69,22 @@ def encode_probes(probes, tokenizer, max_len: int) -> ProbeBatch | None:
         targets[i, :n] = torch.tensor(seq[1:])
         mask[i, answer_start - 1 : n] = True
     return ProbeBatch(tokens, mask, targets, torch.tensor(chances, dtype=torch.float64))
+
+
+def load_seen_probes(cfg: RunConfig, sources: list, tokenizer, metrics: MetricsLogger) -> ProbeBatch | None:
+    """The fact-recall probes of the first source that has them (new facts are never trained
+    on, so left out), encoded; None if no source has probes."""
+    probes = None
+    with_probes = [s for s in sources if s.has_probes]
+    if with_probes:
+        seen_facts = [p for p in load_probes(with_probes[0].dir) if not p.is_new_fact]
+        probes = encode_probes(seen_facts[: cfg.train.probe_limit], tokenizer, cfg.data.seq_len)
+    else:
+        metrics.line("data: no probes.jsonl in the data: fact recall is not evaluated (validation loss is)")
+    for s in sources:
+        if not s.has_validation:
+            metrics.line(f"data: source {s.name} ({s.dir}) has no validation sequences: not evaluated")
+    return probes
 
 
 @torch.no_grad()

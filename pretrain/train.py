@@ -51,7 +51,7 @@ from pretrain.distributed import (  # noqa: E402
     refusal_shared,
     share_refusal,
 )
-from pretrain.evaluate import Evaluator  # noqa: E402
+from pretrain.evaluate import Evaluator, load_seen_probes  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, run_peak_flops  # noqa: E402
@@ -811,25 +811,6 @@ def build_model(
         model=model, optimizer=dense_optimizer, config=deepspeed_config(cfg, info.world_size, load_universal)
     )
     return model, engine, Optimizers(engine, dense_optimizer, values, cfg.optim)
-
-
-def load_seen_probes(cfg: RunConfig, sources: list, tokenizer, metrics: MetricsLogger):
-    """The fact-recall probes of the first source that has them (new facts are never trained
-    on, so left out), encoded; None if no source has probes."""
-    from pretrain.data import load_probes
-    from pretrain.evaluate import encode_probes
-
-    probes = None
-    with_probes = [s for s in sources if s.has_probes]
-    if with_probes:
-        seen_facts = [p for p in load_probes(with_probes[0].dir) if not p.is_new_fact]
-        probes = encode_probes(seen_facts[: cfg.train.probe_limit], tokenizer, cfg.data.seq_len)
-    else:
-        metrics.line("data: no probes.jsonl in the data: fact recall is not evaluated (validation loss is)")
-    for s in sources:
-        if not s.has_validation:
-            metrics.line(f"data: source {s.name} ({s.dir}) has no validation sequences: not evaluated")
-    return probes
 
 
 def parse_args(argv=None) -> tuple[str | None, list[str]]:

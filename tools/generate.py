@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import int_at_least, non_negative_number, positive_int, positive_number  # noqa: E402
+from pretrain.cli import fraction, int_at_least, non_negative_number, positive_int, positive_number  # noqa: E402
 
 positive_float = positive_number("1.0 = off")
 non_negative_int = int_at_least(0, "0 = off")
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=non_negative_number("0 = greedy"), default=0.0, help="0 = greedy")
     parser.add_argument(
         "--top-p",
-        type=positive_number("at most 1"),
+        type=fraction("1 = no nucleus cut", "probability mass"),
         default=1.0,
         help="nucleus sampling mass (with --temperature > 0; refused at 0)",
     )

@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.method != "sparse":
         for flag in ("table", "allow_other_run", "top_t", "max_grad_norm"):
-            if getattr(args, flag) not in (None, False):
+            # identity, not `in (None, False)`: --max-grad-norm 0 is 0.0 == False, and was let through
+            if getattr(args, flag) is not None and getattr(args, flag) is not False:
                 p.error(f"--{flag.replace('_', '-')} is read only by --method sparse (it ranks the slots): drop it")
     if args.method != "lora" and args.lora_rank is not None:
         p.error(f"--lora-rank is read only by --method lora (the adapters' rank), not --method {args.method}: drop it")

@@ -54,15 +54,24 @@ def test_generate_refuses_bad_numbers_before_loading(inference_export, monkeypat
     for flags, message in [  # refused when the arguments are parsed (pretrain.cli types)
         (["--temperature", "nan"], "argument --temperature: nan must be a finite number >= 0 (0 = greedy)"),
         (["--temperature", "inf"], "argument --temperature: inf must be a finite number >= 0 (0 = greedy)"),
-        (["--temperature", "1", "--top-p", "nan"], "argument --top-p: nan must be a finite number > 0 (at most 1)"),
+        (["--temperature", "1", "--top-p", "nan"], "argument --top-p: nan must be a probability mass in (0, 1]"),
         (["--max-new-tokens", "-2"], "argument --max-new-tokens: -2 must be an integer >= 0"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main([str(inference_export), "--prompt", "The", *flags])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, flags
-    # a nucleus mass above 1 passes the parse; check_sampling refuses it, still before the weights load
-    assert main([str(inference_export), "--prompt", "The", "--temperature", "1", "--top-p", "1.5"]) == 2
-    assert "top_p=1.5 must be a number in (0, 1]" in capsys.readouterr().err
+    # a nucleus mass above 1 passed the parse: check_sampling refused it only after the export's
+    # tokenizer was read, as 'top_p=1.5' (not the option), and a missing export was named first
+    for export, flags in [
+        (inference_export, ["--temperature", "1", "--top-p", "1.5"]),
+        ("no-such-export", ["--temperature", "1", "--top-p", "1.5"]),
+        (inference_export, ["--top-p", "2"]),  # was 'applies to sampling': as if 2 were a valid mass
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(export), "--prompt", "The", *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "must be a probability mass in (0, 1] (1 = no nucleus cut)" in err
+        assert f"argument --top-p: {flags[-1]} " in err, flags
     for count in ("0", "-3"):  # -3 answered all but the last 3 probes before
         with pytest.raises(SystemExit) as exit_info:
             main([str(inference_export), "--probes", count])

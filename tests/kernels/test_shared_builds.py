@@ -130,3 +130,82 @@ def test_deepspeed_loads_its_shm_op_from_the_shared_build(monkeypatch):
     assert inputs.name.startswith("deepspeed_shm_comm_torch") and inputs.is_python_module
     assert inputs.sources == ["shm_interface.cpp", "shm.cpp"] and "x86_64/shm.h" in inputs.files
     assert "-UC10_USE_GLOG" in inputs.cflags
+
+
+def _deepspeed_shm_builder(monkeypatch):
+    """DeepSpeed's shm comm builder with its loaded-op cache emptied for the test (or a skip)."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from kernels import deepspeed_ops
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(ds_comm, "build_shm_op", ds_comm.build_shm_op)  # restored afterwards
+    builder = get_accelerator().create_op_builder(deepspeed_ops.SHM_BUILDER)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        pytest.skip("DeepSpeed has no shm comm op here")
+    cache = deepspeed_ops._loaded_ops(builder)
+    monkeypatch.delitem(cache, builder.name, raising=False)
+    return ds_comm, builder, cache
+
+
+def test_the_shm_ops_built_successfully_line_is_dropped_and_nothing_else(monkeypatch, capsys):
+    """DeepSpeed printed 'DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully' on
+    every init_distributed on CPU, a cached load included: noise in every run's output. Only that
+    line goes; what the build prints (here DeepSpeed's own build, after the shared one failed)
+    passes through, in order."""
+    import torch.utils.cpp_extension
+
+    from kernels import deepspeed_ops, shared_builds
+
+    ds_comm, builder, cache = _deepspeed_shm_builder(monkeypatch)
+    op = object()
+
+    def shared_fails(inputs, **kw):
+        raise OSError("read-only cache")
+
+    def own_build(**kwargs):
+        print("Emitting ninja build file", kwargs["name"], end="")  # a line in two writes
+        print(" (compiling)")
+        return op
+
+    monkeypatch.setattr(shared_builds, "load_shared_op", shared_fails)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", own_build)
+    deepspeed_ops.share_deepspeed_op_builds()
+    try:
+        with pytest.warns(UserWarning, match="could not be built in a folder shared"):
+            assert ds_comm.build_shm_op() is op
+    finally:
+        cache.pop(builder.name, None)
+    assert capsys.readouterr().out == f"Emitting ninja build file {builder.name} (compiling)\n"
+    monkeypatch.setattr(shared_builds, "load_shared_op", lambda inputs, **kw: op)  # the usual path: a cached op
+    try:
+        assert ds_comm.build_shm_op() is op
+    finally:
+        cache.pop(builder.name, None)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_failed_shm_op_build_still_raises_with_its_output(monkeypatch, capsys):
+    import torch.utils.cpp_extension
+
+    from kernels import deepspeed_ops, shared_builds
+
+    ds_comm, builder, cache = _deepspeed_shm_builder(monkeypatch)
+
+    def shared_fails(inputs, **kw):
+        raise OSError("read-only cache")
+
+    def own_build_fails(**kwargs):
+        print("shm.cpp:1: error: expected ';'")
+        raise RuntimeError(f"Error building extension '{kwargs['name']}'")
+
+    monkeypatch.setattr(shared_builds, "load_shared_op", shared_fails)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", own_build_fails)
+    deepspeed_ops.share_deepspeed_op_builds()
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="Error building extension"):
+        ds_comm.build_shm_op()
+    assert builder.name not in cache
+    assert capsys.readouterr().out == "shm.cpp:1: error: expected ';'\n"

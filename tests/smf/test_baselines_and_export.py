@@ -195,12 +195,19 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
 
 @pytest.mark.parametrize(
     "flag",
-    [["--table", "t.safetensors"], ["--allow-other-run"], ["--top-t", "16"], ["--max-grad-norm", "0.05"]],
+    [
+        ["--table", "t.safetensors"],
+        ["--allow-other-run"],
+        ["--top-t", "16"],
+        ["--max-grad-norm", "0.05"],
+        ["--max-grad-norm", "0"],
+    ],
 )
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_finetune_tool_refuses_sparse_only_options_for_other_methods(flag, method, capsys):
     """--top-t and --max-grad-norm were taken by --method full and lora without a word (neither
-    ranks slots nor clips), as --table and --allow-other-run no longer were."""
+    ranks slots nor clips), as --table and --allow-other-run no longer were. --max-grad-norm 0
+    (sparse's "off") still was: the check compared with `in (None, False)` and 0.0 == False."""
     from tools.smf_finetune import main
 
     with pytest.raises(SystemExit) as exit_:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import output_folder, positive_int, positive_number
+from pretrain.cli import fraction, output_folder, positive_int, positive_number
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -47,6 +47,23 @@ def test_positive_number_refuses_zero_nan_inf_and_text(capsys):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([option, value])
         assert exit_.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_fraction_takes_exactly_the_interval_zero_excluded_to_one(capsys):
+    """generate --top-p 1.5 passed the parse (positive_number) and was refused only after the
+    export's tokenizer was read."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--p", type=fraction("1 = off", what="probability mass"))
+    for value in ("1", "1.0", "0.5", "1e-9"):
+        assert parser.parse_args(["--p", value]).p == float(value)
+    for value in ("0", "-0.1", "1.0000001", "2", "nan", "inf"):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--p", value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument --p: {value} must be a probability mass in (0, 1] (1 = off)" in err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--p", "half"])
+    assert "'half' is not a number; give a probability mass in (0, 1] (1 = off)" in capsys.readouterr().err
 
 
 def test_one_positive_number_for_every_tool():

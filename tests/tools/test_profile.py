@@ -9,25 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SMALL = [
-    "model.dim=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.max_seq_len=32",
-    "model.vocab_size=384",
-    "model.memory.layers=[1]",
-    "model.memory.n_keys=16",
-    "model.memory.heads=2",
-    "model.memory.k=4",
-    "model.memory.k_dim=16",
-    "data.seq_len=32",
-    "data.vocab_size=384",
-    "data.synthetic.num_entities=40",
-    "train.global_batch=4",
-    "train.micro_batch=4",
-    "train.eval_batches=1",
-    "train.probe_limit=4",
-]
+from tests.train.helpers import TINY
 
 
 def test_profile_tool_writes_trace_with_memory_regions(tmp_path, monkeypatch, capsys):
@@ -41,7 +23,7 @@ def test_profile_tool_writes_trace_with_memory_regions(tmp_path, monkeypatch, ca
             "configs/tiny.yaml",
             "--steps",
             "2",
-            *SMALL,
+            *TINY,
             f"train.run_dir={run_dir}",
             f"data.cache_dir={tmp_path / 'data'}",
         ]
@@ -68,6 +50,10 @@ def test_profile_tool_writes_trace_with_memory_regions(tmp_path, monkeypatch, ca
     assert 0 < float(shares["scoring"]) < 100 and 0 < float(shares["bag_backward"]) < 100
     assert float(shares["communication"]) == 0.0  # P = 1: no memory-parallel collectives
     assert "aten::mm" in out
+    # the closing evaluation asks no fact probe: it asked one, and printed that probe's chance
+    # (0.0625, a profession question) beside the demo's 4.1% over 200 probes
+    assert re.search(r"eval val_loss [\d.]+ val_perplexity [\d.]+\n", out)
+    assert "fact_recall" not in out
 
 
 def test_profile_refuses_a_run_dir_with_checkpoints(tmp_path, capsys):
@@ -146,7 +132,7 @@ def test_skip_steps_counts_optimizer_steps_under_gradient_accumulation(tmp_path,
         return real_summarize(seen["events"], trace, **kwargs)
 
     monkeypatch.setattr(profiling, "summarize", spy)
-    overrides = [*SMALL, "train.global_batch=8", f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path}"]
+    overrides = [*TINY, "train.global_batch=8", f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path}"]
     report = profiling.profile_training(load_config("configs/tiny.yaml", overrides), steps=2, skip_steps=1)
     forwards = sorted(e.time_range.start for e in seen["events"] if e.name == "train/forward")
     assert len(forwards) == 4  # 2 steps x 2 micro-batches
