@@ -75,7 +75,9 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
     if not paths:
         raise DataError(f"no input paths given: pass {option} <file or directory> ...")
     files: list[Path] = []
-    named_by: dict[str, str] = {}  # each file's absolute path -> the argument that named it first
+    # each file (device, inode: a symbolic or hard link is the file it links to) -> (the argument that
+    # named it first, the path it was reached by)
+    named_by: dict[tuple[int, int], tuple[str, Path]] = {}
     for arg, p in zip(paths, map(Path, paths)):
         before = len(files)
         if not p.exists() and glob.has_magic(str(p)):
@@ -99,15 +101,31 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             raise DataError(f"input path {p} does not exist: check {option}")
         for f in files[before:]:
             _refuse_unreadable(f, option)
-            key = os.path.abspath(f)
+            stat = f.stat()
+            key = (stat.st_dev, stat.st_ino)
             if key in named_by:
-                raise DataError(
-                    f"{f} is named twice in {option} ({named_by[key]!r} and {str(arg)!r}): its documents would be read "
-                    "twice, some into the training and some into the validation split; name each file once "
-                    "(to weight a corpus, prepare it on its own and give it a weight in data.sources)"
-                )
-            named_by[key] = str(arg)
+                first_arg, first = named_by[key]
+                raise DataError(_read_twice(f, first, first_arg, str(arg), option))
+            named_by[key] = (str(arg), f)
     return files
+
+
+def _read_twice(path: Path, first: Path, first_arg: str, arg: str, option: str) -> str:
+    """The error for one file reached twice: named by two arguments, or by two names (a link) in the inputs."""
+    harm = "its documents would be read twice, some into the training and some into the validation split"
+    if os.path.abspath(path) == os.path.abspath(first):
+        return (
+            f"{path} is named twice in {option} ({first_arg!r} and {arg!r}): {harm}; name each file once "
+            "(to weight a corpus, prepare it on its own and give it a weight in data.sources)"
+        )
+    links = [str(p) for p in (first, path) if p.is_symlink()]
+    how = (
+        f"{' and '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}"
+        if links
+        else "hard links"
+    )
+    by = f"{option} {first_arg!r}" + ("" if arg == first_arg else f" and {arg!r}")
+    return f"{first} and {path} are one file ({how}), both reached by {by}: {harm}; remove the link from the corpus"
 
 
 def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> None:

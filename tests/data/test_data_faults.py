@@ -381,6 +381,30 @@ def test_a_file_named_twice_in_the_inputs_is_refused(tmp_path, monkeypatch, inpu
     assert len(list(iter_documents([corpus / "b.jsonl", str(corpus / "a*")]))) == lines
 
 
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_file_reached_twice_through_a_link_in_the_corpus_folder_is_refused(tmp_path, link, capsys):
+    """A corpus folder holding a link to one of its own files (latest.jsonl -> a.jsonl) had that file
+    read twice, under both names: a folder of a.jsonl (40 lines) and such a link prepared 80 documents,
+    and at --val-fraction 0.1 all 8 validation documents were training documents too. A file is now
+    known by its device and inode, and the link refused by name."""
+    corpus = _corpus_folder(tmp_path)
+    write_jsonl(corpus / "b.jsonl", [{"text": "another file " * 5}])
+    if link == "symbolic":
+        (corpus / "latest.jsonl").symlink_to("a.jsonl")
+    else:
+        (corpus / "latest.jsonl").hardlink_to(corpus / "a.jsonl")
+    how = "latest.jsonl is a symbolic link" if link == "symbolic" else "hard links"
+    expected = f"{corpus / 'a.jsonl'} and {corpus / 'latest.jsonl'} are one file ("
+    with pytest.raises(DataError, match=re.escape(expected) + f".*{how}.*both reached by --input '{corpus}'"):
+        list(iter_documents([corpus]))
+    out = tmp_path / "ds"
+    assert prepare_cli.main(["--input", str(corpus), "--output", str(out), "--vocab-size", "300", "--no-progress"]) == 2
+    assert "remove the link from the corpus" in capsys.readouterr().err and not out.exists()
+    (corpus / "latest.jsonl").unlink()  # each file once: every line once (the reference: the files' own lines)
+    lines = sum(len((corpus / n).read_text().splitlines()) for n in ("a.jsonl", "b.jsonl"))
+    assert len(list(iter_documents([corpus]))) == lines
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_during_preparation_leaves_no_temporary_folder(tmp_path, tokenizer, monkeypatch, workers):
     """SIGTERM (kill, scancel, a Slurm time limit) ended prepare_data at once, leaving the hidden
