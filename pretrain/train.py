@@ -560,6 +560,13 @@ class Trainer:
         """A stop signal or train.stop_after: checkpoint (unless this step's is saved), then
         requeue on a preemption signal. True when the loop should end."""
         signalled = stop.should_stop()
+        if signalled and self.state.step >= self.cfg.train.max_steps:
+            # Finished, its last checkpoint written by run_periodic: a requeue would queue a job that
+            # only loads it (after waiting for all its nodes again) and ends.
+            self.metrics.line(
+                f"stop signal at step {self.state.step}, the run's last: the run is finished, not requeued"
+            )
+            signalled = False
         if not (signalled or self.state.step == self.cfg.train.stop_after):
             return False
         self.log_final_state()
