@@ -303,7 +303,8 @@ class Checkpointer:
         self._agree(tag, tmp_dir, _attempt(self._prepare) if self.rank == 0 else None)
         self._agree(tag, tmp_dir, self._write(tmp_tag, tmp_dir, cfg))  # after it, every rank's files are whole
         self._agree(tag, tmp_dir, _attempt(write_checksums, tmp_dir, self.rank, self.world_size))
-        self._agree(tag, tmp_dir, _attempt(self._commit, tmp_dir, final_dir, tag) if self.rank == 0 else None)
+        committing = _attempt(self._commit, tmp_dir, final_dir, tag) if self.rank == 0 else None
+        self._agree(tag, tmp_dir, committing, committed=final_dir)
         self.saved_step = step
         return final_dir
 
@@ -333,11 +334,12 @@ class Checkpointer:
             failure = failure if failure is not None else problem
         return failure
 
-    def _agree(self, tag: str, tmp_dir: Path, failure: Exception | None) -> None:
+    def _agree(self, tag: str, tmp_dir: Path, failure: Exception | None, committed: Path | None = None) -> None:
         """Raise on every rank where a stage of the save of `tag` failed on any (a collective):
         this rank's own failure as it was where it is not a refused write (a fault of the code,
         with its traceback), otherwise a CheckpointError naming the failing rank, its cause, and
-        the checkpoint that is kept."""
+        the checkpoint that is kept. `committed`: the final folder, at the commit stage, where a
+        failure may follow its rename (`latest` not written)."""
         mine = None
         if failure is not None:
             if is_write_failure(failure):
@@ -353,13 +355,28 @@ class Checkpointer:
         cause, _, fix = agreed.message.rpartition("\n")
         if len(agreed.ranks) > 1:
             cause = f"rank {agreed.rank}: {cause}"
-        raise CheckpointError(self._write_failure(tag, tmp_dir, agreed.who(), cause, fix)) from failure
+        renamed = committed is not None and committed.is_dir() and not tmp_dir.exists()
+        raise CheckpointError(self._write_failure(tag, tmp_dir, agreed.who(), cause, fix, renamed)) from failure
 
-    def _write_failure(self, tag: str, tmp_dir: Path, who: str, cause: str, fix: str) -> str:
+    def _write_failure(self, tag: str, tmp_dir: Path, who: str, cause: str, fix: str, renamed: bool = False) -> str:
         try:
             previous = latest_checkpoint(self.root)
         except CheckpointError:
             previous = None
+        latest = self.root / "latest"
+        if renamed:  # the folder is whole; `latest` (or the pruning after it) failed
+            done = f"{who} could not write checkpoint {tag} ({cause}) after its folder was complete: {self.root / tag}"
+            if previous is None:  # a resume refuses checkpoint folders without `latest`
+                return (
+                    f"{done} holds the whole checkpoint, but {latest} was not written. {fix}, and write '{tag}' "
+                    f"into {latest}: the run resumes from it (it refuses to start while {latest} is missing)"
+                )
+            if previous.name == tag:
+                return f"{done} is complete and {latest} names it. {fix}: the run resumes from {tag}"
+            return (
+                f"{done} holds the whole checkpoint, but {latest} still names {previous.name}. {fix}: the run "
+                f"resumes from {previous.name}; to resume from {tag} instead, write '{tag}' into {latest}"
+            )
         kept = (
             f"{self.root / 'latest'} still names {previous.name}, which is complete"
             if previous is not None

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pretrain.checkpoint import CheckpointError
+from pretrain.config import ConfigError
 from pretrain.distributed import share_refusal
 
 LOCK_FILE = ".train.lock"
@@ -27,6 +28,35 @@ WAIT_S = 60.0  # a requeued job may start while its previous instance is still e
 
 class RunDirBusy(CheckpointError):
     """Another job trains this run directory."""
+
+
+class RunDirUnwritable(ConfigError):
+    """train.run_dir cannot be created or written (a permission, a read-only or full filesystem,
+    a file where a folder should be): the message names the path and the fix."""
+
+
+def unwritable(run_dir: Path, err: OSError) -> str:
+    """What a failed creation or write under `run_dir` says: where it failed and why, and the fix."""
+    failed = Path(err.filename or run_dir)
+    blocked = failed
+    while not blocked.exists() and blocked != blocked.parent:  # the folder that refused the new entry
+        blocked = blocked.parent
+    other = "or give this run another train.run_dir"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        why = f"permission denied on {blocked}"
+        fix = f"make {blocked} writable for the user this job runs as (chmod, chown, or ask its owner), {other}"
+    elif err.errno == errno.EROFS:
+        why, fix = f"{blocked} is on a read-only filesystem", "give train.run_dir a folder on a writable one"
+    elif err.errno == errno.ENOTDIR:
+        why, fix = f"{blocked} is a file, not a folder", f"move it aside, {other}"
+    elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why, fix = (
+            f"{err.strerror} (writing {failed})",
+            f"free space (or raise the quota) there, then run again; {other}",
+        )
+    else:
+        why, fix = f"{err.strerror or err} ({failed})", f"fix the filesystem, {other}"
+    return f"train.run_dir={run_dir} cannot be written: {why}. To run, {fix}"
 
 
 class RunDirLock:
@@ -39,17 +69,18 @@ class RunDirLock:
         self.held = False  # on every rank: acquire() succeeded
 
     def acquire(self, say=print) -> None:
-        """Lock the run directory (rank 0), or raise RunDirBusy on every rank (a collective)."""
+        """Lock the run directory (rank 0), or raise on every rank (a collective) RunDirBusy, or
+        RunDirUnwritable where rank 0 cannot create or write the lock file."""
         problem = self._try_lock(say) if self.is_main else None
-        share_refusal(None if problem is None else RunDirBusy(problem), (RunDirBusy,))
+        share_refusal(problem, (RunDirBusy, RunDirUnwritable))
         self.held = True
 
-    def _try_lock(self, say) -> str | None:
+    def _try_lock(self, say) -> RunDirBusy | RunDirUnwritable | None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # told to every rank by acquire: raised here, it left them waiting
-            return f"cannot create {self.path} ({err}): train.run_dir must be a writable folder"
+            return RunDirUnwritable(unwritable(self.path.parent, err))
         deadline, waited = time.monotonic() + WAIT_S, False
         while True:
             try:
@@ -63,7 +94,7 @@ class RunDirLock:
             if time.monotonic() >= deadline:
                 holder = _read(fd) or "unknown"
                 os.close(fd)
-                return (
+                return RunDirBusy(
                     f"another job trains {self.path.parent} (it holds {self.path}: {holder}); two jobs on one run "
                     "directory overwrite each other's checkpoints. Wait for it to end or scancel it (it checkpoints "
                     "on the way out), then run again; or give this run another train.run_dir"
@@ -78,7 +109,8 @@ class RunDirLock:
             os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}{f' job {job}' if job else ''}\n".encode())
         except OSError as err:  # a full disk or quota: told to every rank by acquire, as above
             os.close(fd)  # releases the lock
-            return f"cannot write {self.path} ({err}): free space on train.run_dir's filesystem, then run again"
+            err.filename = err.filename or str(self.path)
+            return RunDirUnwritable(unwritable(self.path.parent, err))
         self.fd = fd
         return None
 

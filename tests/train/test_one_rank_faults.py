@@ -11,6 +11,7 @@ once, which would hide the wait)."""
 from __future__ import annotations
 
 import errno
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,9 @@ FAULTS = {
     "value shard": (1, OSError(errno.ENOSPC, "No space left on device (injected)")),
     "slot table": (0, OSError(errno.EDQUOT, "Disk quota exceeded (injected)")),
     "error in a writer": (1, ValueError("a fault of the code (injected)")),
+    "latest": (0, OSError(errno.ENOSPC, "No space left on device (injected)")),  # after the folder's rename
 }
+WRITES = ("deepspeed file", "value shard", "slot table")  # of the unfinished folder
 
 
 def _inject(fault: str, rank: int, injected: dict) -> None:
@@ -44,6 +47,7 @@ def _inject(fault: str, rank: int, injected: dict) -> None:
         "value shard": (MemoryParallel, "save", 1),
         "slot table": (checkpoint_item, "save_table", 0),
         "error in a writer": (checkpoint_module, "_atomic_torch_save", 1),
+        "latest": (checkpoint_module, "atomic_write", 1),  # atomic_write(root / "latest", tag)
     }[fault]
     real = getattr(target, name)
 
@@ -58,7 +62,7 @@ def _inject(fault: str, rank: int, injected: dict) -> None:
 
 
 def _faults_on_one_rank(rank: int, run: str, cache: str) -> dict:
-    """On every rank: train to step 2, then resume four times into a step-4 save that one fault
+    """On every rank: train to step 2, then resume five times into a step-4 save that one fault
     breaks, then once with no fault. Each run's error (or step), when it raised, when injected."""
     from pretrain.train import train
 
@@ -88,7 +92,7 @@ def outcomes(tmp_path_factory, data_cache):
     return root / "run", [o["result"] for o in ranks]
 
 
-@pytest.mark.parametrize("fault", [f for f in FAULTS if f != "error in a writer"])
+@pytest.mark.parametrize("fault", WRITES)
 def test_a_write_refused_on_one_rank_stops_every_rank_naming_it(outcomes, fault):
     run, ranks = outcomes
     failing_rank, error = FAULTS[fault]
@@ -115,10 +119,32 @@ def test_an_error_on_one_rank_during_a_save_reaches_the_others(outcomes):
     assert max(g["raised_at"] for g in got) - ranks[1]["error in a writer"]["at"] < 20
 
 
+def test_a_failed_latest_write_says_the_folder_is_complete_and_how_to_use_it(outcomes):
+    """`latest` is written after the finished folder is renamed: the message said 'nothing else was
+    changed ... the unfinished .tmp-step_00000004 is removed at the next save', while step_00000004
+    stood there complete (and the .tmp- folder was gone)."""
+    run, ranks = outcomes
+    root = run / "checkpoints"
+    for rank in ranks:
+        got = rank["latest"]
+        assert got["error"] == "CheckpointError"
+        head, _, tail = got["message"].partition(" MiB free on its filesystem)")
+        assert re.fullmatch(
+            rf"rank 0 could not write checkpoint {FAILING_SAVE} \(\[Errno 28\] No space left on device \(injected\); \d+",
+            head,
+        )
+        assert tail == (
+            f" after its folder was complete: {root / FAILING_SAVE} holds the whole checkpoint, but {root / 'latest'} "
+            f"still names step_00000002. Free space (or fix the filesystem), then run again: the run resumes from "
+            f"step_00000002; to resume from {FAILING_SAVE} instead, write '{FAILING_SAVE}' into {root / 'latest'}"
+        )
+        assert got["raised_at"] - ranks[0]["latest"]["at"] < 20
+
+
 def test_the_checkpoint_before_the_failed_saves_resumes(outcomes):
     run, ranks = outcomes
     for rank in ranks:
-        assert rank["resumed"] == {"step": 4, "steps_trained": 2}  # from step 2, after four failed saves
+        assert rank["resumed"] == {"step": 4, "steps_trained": 2}  # from step 2, after five failed saves
     assert (run / "checkpoints" / "latest").read_text() == FAILING_SAVE
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the unfinished one removed by the save
 

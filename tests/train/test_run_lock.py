@@ -1,9 +1,11 @@
-"""The run-directory lock (pretrain/run_lock.py) against processes forked while it is held."""
+"""The run-directory lock (pretrain/run_lock.py): against processes forked while it is held, and a
+run directory that cannot be written."""
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pretrain.run_lock as run_lock
 from pretrain.run_lock import RunDirLock
@@ -51,7 +53,7 @@ def test_a_lock_whose_holder_line_cannot_be_written_is_refused_and_left_free(tmp
     monkeypatch.setattr(run_lock, "WAIT_S", 0.0)
     monkeypatch.setattr(run_lock.os, "write", full_disk)
     lock = RunDirLock(tmp_path, is_main=True)
-    with pytest.raises(run_lock.RunDirBusy, match=rf"cannot write .*{run_lock.LOCK_FILE}.*No space left on device"):
+    with pytest.raises(run_lock.RunDirUnwritable, match=rf"No space left on device \(writing .*{run_lock.LOCK_FILE}\)"):
         lock.acquire(say=lambda line: None)
     assert not lock.held and lock.fd is None
     monkeypatch.setattr(run_lock.os, "write", real_write)
@@ -59,3 +61,59 @@ def test_a_lock_whose_holder_line_cannot_be_written_is_refused_and_left_free(tmp
     again.acquire(say=lambda line: None)  # the failed attempt's descriptor no longer holds it
     assert again.held
     again.release()
+
+
+def _unwritable_run_dirs(rank: int, root: str, cache: str) -> dict:
+    """Train where train.run_dir lies under a file, then where rank 0 is denied the lock file
+    (injected: these tests may run as root, who is denied nothing)."""
+    import errno
+    import time
+
+    from pretrain.train import train
+    from tests.train.helpers import tiny_config
+
+    def attempt(run_dir: Path) -> dict:
+        try:
+            train(tiny_config(run_dir, Path(cache), "train.max_steps=1"))
+            return {"error": None}
+        except Exception as err:
+            return {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
+
+    Path(root, "a-file").touch()
+    out = {"under a file": attempt(Path(root, "a-file", "run"))}
+    real_open, denied = run_lock.os.open, Path(root, "shared", "run")
+
+    def denying_open(path, *args, **kwargs):
+        if Path(path).parent == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    denied.mkdir(parents=True, exist_ok=True)
+    run_lock.os.open = denying_open
+    out["permission"] = attempt(denied)
+    run_lock.os.open = real_open
+    return out
+
+
+def test_an_unwritable_run_directory_is_named_as_such_on_every_rank(tmp_path, data_cache):
+    """Rank 0's failure to create the lock file was raised as RunDirBusy ('cannot create ...'),
+    the error of a run directory another job trains, on every rank. It is RunDirUnwritable (a
+    ConfigError: exit status 2), naming the path that refused and the fix."""
+    import re
+
+    from tests.train.helpers import run_ranks_outcome
+
+    ranks = run_ranks_outcome(2, _unwritable_run_dirs, (str(tmp_path), str(data_cache)), tmp_path / "out", 120)
+    assert all(r is not None and "result" in r for r in ranks), ranks
+    expected = {
+        "under a file": rf"train.run_dir={tmp_path}/a-file/run cannot be written: {tmp_path}/a-file is a file, not a "
+        r"folder\. To run, move it aside, or give this run another train.run_dir",
+        "permission": rf"train.run_dir={tmp_path}/shared/run cannot be written: permission denied on "
+        rf"{tmp_path}/shared/run\. To run, make {tmp_path}/shared/run writable for the user this job runs as",
+    }
+    for case, message in expected.items():
+        got = [r["result"][case] for r in ranks]
+        assert got[0]["error"] == got[1]["error"] == "RunDirUnwritable", got
+        assert re.match(message, got[0]["message"]), got[0]["message"]
+        assert re.match(rf"rank 0 on \S+: {message}", got[1]["message"]), got[1]["message"]
+        assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
