@@ -541,6 +541,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.stop_after={t.stop_after} (0: run to train.max_steps) and train.probe_limit={t.probe_limit} "
             "(fact probes per evaluation) must be >= 0"
         )
+    if t.seed < 0:  # the trainer's numpy seeding refused it with a traceback after the start-up
+        raise ConfigError(f"train.seed={t.seed} must be >= 0 (e.g. train.seed={-t.seed})")
     if d.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (sequences; 0: one batch at a time)")
     if t.max_skipped_steps < 0:  # -1 stopped at the first skip, which is train.nan_policy=stop

@@ -112,11 +112,13 @@ def test_a_bad_override_is_a_config_error_naming_the_override(override, message)
         ("data.shuffle_buffer=-1", "data.shuffle_buffer=-1 must be >= 0"),
         ("train.stop_after=-3", "train.stop_after=-3 (0: run to train.max_steps) and train.probe_limit=200"),
         ("train.probe_limit=-1", "train.stop_after=0 (0: run to train.max_steps) and train.probe_limit=-1"),
+        ("train.seed=-1", "train.seed=-1 must be >= 0 (e.g. train.seed=1)"),
     ],
 )
 def test_values_the_job_would_refuse_late_are_refused_when_the_config_loads(override, message):
     """The embedded corpus's settings were refused only when the job built the corpus (after the
-    queue); a negative shuffle buffer only by the loader."""
+    queue); a negative shuffle buffer only by the loader; a negative train.seed by numpy's
+    SeedSequence, a traceback after the data and model were built (compare_dense --seeds -1 too)."""
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(message), str(err.value)

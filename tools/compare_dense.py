@@ -72,10 +72,11 @@ def main(argv=None) -> int:
     from pretrain.model import ConfigError
 
     for config in (args.config, args.dense_config):  # both, before the first run takes minutes
-        try:
-            load_config(config, [f"train.seed={args.seeds[0]}", *args.overrides])
-        except ConfigError as err:
-            parser.error(str(err))
+        for seed in dict.fromkeys(args.seeds):  # each: a bad later seed failed after the first runs
+            try:
+                load_config(config, [f"train.seed={seed}", *args.overrides])
+            except ConfigError as err:
+                parser.error(f"--seeds {seed}: {err}" if "train.seed" in str(err) else str(err))
     results: dict[str, list[dict]] = {"memory": [], "dense": []}
     with tempfile.TemporaryDirectory(prefix="compare-dense-") as tmp:
         for seed in args.seeds:

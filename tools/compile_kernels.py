@@ -40,7 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import bag_triton, pkm_bwd_triton, pkm_triton  # noqa: E402
 from kernels import launch_configs as lc  # noqa: E402
-from pretrain.cli import positive_int  # noqa: E402
+from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
 
 K, P = 32, 128  # P: the candidate-pair table for k=32 (119 pairs, padded)
@@ -183,7 +183,9 @@ def main(argv=None) -> int:
         choices=(64, 128, 256, 512),
         help="half-key dim of the scoring kernels (k_dim / 2)",
     )
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--json", type=output_file("compile_kernels.json"), default=None, help="also write every launch's row here"
+    )
     args = p.parse_args(argv)
     rows, failed = [], 0
     print(f"triton {triton.__version__}, sm_{args.arch}, half-key dim {args.half_dim}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import output_file  # noqa: E402
+from pretrain.cli import image_file  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.files import save_figure  # noqa: E402
 from pretrain.lr_schedule import decay_start, decay_steps, learning_rates  # noqa: E402
@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument(
-        "--out", default="lr_schedule.png", type=output_file("lr_schedule.png"), help="the PNG to write"
+        "--out",
+        default="lr_schedule.png",
+        type=image_file("lr_schedule.png"),
+        help="the image to write (PNG; or a suffix matplotlib writes: .pdf, .svg...)",
     )
     args = parser.parse_args(argv)
     try:

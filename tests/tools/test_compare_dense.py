@@ -47,6 +47,9 @@ def test_overrides_after_the_seeds_reach_both_models(runs, tmp_path, capsys):
         (["--seeds", "train.max_steps=5"], "at least one integer seed"),
         (["--dense-config", "configs/missing.yaml"], "configs/missing.yaml does not exist"),
         (["train.max_steps=-1"], "train.max_steps"),
+        # a traceback from numpy's seeding after the data and model were built
+        (["--seeds", "-1"], "--seeds -1: train.seed=-1 must be >= 0"),
+        (["--seeds", "0", "-2"], "--seeds -2: train.seed=-2 must be >= 0"),  # only the first seed was checked
     ],
 )
 def test_mistakes_are_named_before_any_run(runs, tmp_path, capsys, argv, message):

@@ -48,3 +48,21 @@ def test_refuses_to_run_interpreted():
         [sys.executable, "tools/compile_kernels.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode != 0 and "unset TRITON_INTERPRET" in result.stderr
+
+
+def test_a_folder_as_json_is_refused_before_compiling(tmp_path):
+    """--json naming a folder compiled every launch (74 s on 2 cores) and then crashed in the
+    rename with IsADirectoryError; it is refused when the arguments are parsed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "tools/compile_kernels.py", "--json", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "triton" not in result.stdout  # nothing compiled
+    assert f"argument --json: {tmp_path} is a folder: name the file to write" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []

@@ -42,6 +42,21 @@ def test_out_without_suffix_is_a_png_and_a_folder_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pdf", "schedule"]  # no temporary left
 
 
+def test_a_suffix_matplotlib_cannot_write_is_refused_when_parsed(tmp_path, monkeypatch, capsys):
+    """--out s.xyz crashed in the save with matplotlib's ValueError traceback, after the config
+    was loaded and the schedule computed; it is refused at the parse, as inspect_data --plot is."""
+    import tools.plot_lr_schedule as tool
+
+    monkeypatch.setattr(tool, "load_config", lambda *a: pytest.fail("the config was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "configs/tiny.yaml", "--out", str(tmp_path / "s.xyz")])
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2 and f"argument --out: {tmp_path / 's.xyz'}: matplotlib cannot write a .xyz image" in err
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_no_warmup_is_not_described_as_one(tmp_path, capsys):
     """optim.warmup_steps=0 printed "warm-up over steps 0..0", a one-step warm-up that is not there."""
     assert main(["--config", "configs/tiny.yaml", "optim.warmup_steps=0", "--out", str(tmp_path / "s.png")]) == 0
