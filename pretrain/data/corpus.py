@@ -84,9 +84,10 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matched:
                 raise DataError(f"input pattern {p} matches no file: check {option}")
-            files.extend(_without_binary(matched, arg, option))
+            files.extend(_without_binary(_without_links(matched, arg, option), arg, option))
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+            found = _without_links(found, arg, option, relative_to=p)
             found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
             for f in found:
@@ -101,8 +102,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             raise DataError(f"input path {p} does not exist: check {option}")
         for f in files[before:]:
             _refuse_unreadable(f, option)
-            stat = f.stat()
-            key = (stat.st_dev, stat.st_ino)
+            key = _file_key(f)
             if key in named_by:
                 first_arg, first = named_by[key]
                 raise DataError(_read_twice(f, first, first_arg, str(arg), option))
@@ -110,8 +110,39 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
     return files
 
 
+def _file_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def _without_links(found: list[Path], arg, option: str, relative_to: Path | None = None) -> list[Path]:
+    """`found` (the files a folder or glob pattern `arg` reached) with each file once: of the names of
+    one file (symbolic or hard links, as /usr/share/doc/base-files/FAQ -> README), the first that is
+    not a symbolic link is kept, the others skipped with a warning naming them."""
+    names: dict[tuple[int, int], list[Path]] = {}
+    for f in found:
+        names.setdefault(_file_key(f), []).append(f)
+    if all(len(group) == 1 for group in names.values()):
+        return found
+
+    def shown(f: Path) -> str:
+        return str(f.relative_to(relative_to)) if relative_to else str(f)
+
+    kept, skipped = set(), []
+    for group in names.values():
+        keep = min(group, key=Path.is_symlink)  # the first of those that are not symbolic links
+        kept.add(keep)
+        skipped += [f"{shown(f)} (= {shown(keep)})" for f in group if f is not keep]
+    warnings.warn(
+        f"{option} {arg}: skipped {len(skipped)} file(s) that are links to a file it reaches by another name, "
+        f"so that it is read once: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}",
+        stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+    )
+    return [f for f in found if f in kept]
+
+
 def _read_twice(path: Path, first: Path, first_arg: str, arg: str, option: str) -> str:
-    """The error for one file reached twice: named by two arguments, or by two names (a link) in the inputs."""
+    """The error for one file reached by two arguments, by one name or two (a link)."""
     harm = "its documents would be read twice, some into the training and some into the validation split"
     if os.path.abspath(path) == os.path.abspath(first):
         return (
@@ -124,8 +155,10 @@ def _read_twice(path: Path, first: Path, first_arg: str, arg: str, option: str) 
         if links
         else "hard links"
     )
-    by = f"{option} {first_arg!r}" + ("" if arg == first_arg else f" and {arg!r}")
-    return f"{first} and {path} are one file ({how}), both reached by {by}: {harm}; remove the link from the corpus"
+    return (
+        f"{first} and {path} are one file ({how}), reached by {option} {first_arg!r} and {arg!r}: {harm}; "
+        "name each file once"
+    )
 
 
 def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> None:
