@@ -607,10 +607,16 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
             "use model.document_attention=sdpa on CPU"
         )
     if world_size is not None:
-        if t.global_batch % (t.micro_batch * world_size):
+        per_step = t.micro_batch * world_size
+        if t.global_batch % per_step:
+            # A smaller micro_batch keeps the run's global batch (more accumulation), where one fits.
+            fits = [m for m in range(t.micro_batch - 1, 0, -1) if t.global_batch % (m * world_size) == 0]
+            nearest = max(per_step, round(t.global_batch / per_step) * per_step)
+            keep = f"set train.micro_batch={fits[0]} (the same global batch), or " if fits else ""
             raise ConfigError(
                 f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
-                f"world size {world_size}: choose global_batch as a multiple of {t.micro_batch * world_size}"
+                f"world size {world_size}: {keep}choose global_batch as a multiple of {per_step} (e.g. "
+                f"train.global_batch={nearest})"
             )
         if world_size % cfg.model.memory.parallel_size:
             raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -789,3 +790,31 @@ def test_a_job_array_is_refused_naming_sweep(capsys, tmp_path):
         assert "each array task would train the same run directory" in err and "use --sweep" in err, err
     rc, out, err = _submit(capsys, [*argv, "--sbatch=--acctg-freq=task=60"])  # "-a..." long options are no -a
     assert rc == 0 and "#SBATCH --acctg-freq=task=60" in out, err
+
+
+@pytest.mark.parametrize(
+    "config, world, overrides",
+    [
+        ("tiny.yaml", (2, 8), []),  # global 16, micro 16 on 16 ranks: micro_batch=1 keeps the batch
+        ("tiny.yaml", (1, 8), ["train.micro_batch=4"]),  # 16 on 8 ranks: micro_batch=2
+        ("values_16m.yaml", (2, 8), []),  # global 8 on 16 ranks: no micro_batch fits
+    ],
+)
+def test_a_batch_that_the_job_s_ranks_do_not_divide_names_values_that_work(config, world, overrides, capsys):
+    """`memlayers-submit --config configs/tiny.yaml --nodes 2 --gpus-per-node 8` said only 'choose
+    global_batch as a multiple of 256', 16 times the run's batch (another experiment), where
+    train.micro_batch=1 keeps it. The refusal now names the micro_batch that keeps the global batch
+    where one exists, else a global_batch; each suggestion, applied, is accepted."""
+    nodes, gpus = world
+    argv = ["--config", str(REPO_ROOT / "configs" / config), "--nodes", str(nodes), "--gpus-per-node", str(gpus)]
+    rc, _, err = _dry_run(capsys, [*argv, *overrides])
+    assert rc == 2
+    suggested = re.findall(r"(train\.(?:micro|global)_batch=\d+)", err.split("world size")[1])
+    assert suggested, err
+    cfg = yaml.safe_load((REPO_ROOT / "configs" / config).read_text())
+    global_batch = cfg["train"]["global_batch"]
+    if global_batch % (nodes * gpus) == 0:  # a micro_batch fits: named first, and the global batch kept
+        assert suggested[0].startswith("train.micro_batch="), err
+    for fix in suggested:
+        rc, _, err = _dry_run(capsys, [*argv, *overrides, fix])
+        assert rc == 0, f"{fix}: {err}"
