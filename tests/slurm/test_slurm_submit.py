@@ -818,3 +818,31 @@ def test_a_batch_that_the_job_s_ranks_do_not_divide_names_values_that_work(confi
     for fix in suggested:
         rc, _, err = _dry_run(capsys, [*argv, *overrides, fix])
         assert rc == 0, f"{fix}: {err}"
+
+
+def test_a_path_starting_with_a_tilde_is_the_home_directory(capsys, tmp_path, monkeypatch):
+    """`train.run_dir=~/runs/a` reaches the program as typed (the shell expands `~` after `=` only in
+    variable assignments), and the run directory was `<workdir>/~/runs/a`: a folder named `~` in the
+    checkout, which `rm -rf ~` would not remove but the home directory instead. A leading `~` is now
+    the home directory, for the submitted job and the trainer alike; a `$HOME` no shell expanded (the
+    override in single quotes) is refused, naming the key, instead of a folder named `$HOME`."""
+    from pretrain.config import ConfigError, load_config
+
+    home, workdir = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    workdir.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(workdir)
+    rc, out, err = _dry_run(capsys, ["--config", TINY, "--cpu", "train.run_dir=~/runs/a", "data.cache_dir=~/cache"])
+    assert rc == 0, err
+    assert f"#SBATCH --output={home}/runs/a/logs/slurm-%j.out" in out
+    assert f"--config {home}/runs/a/config.yaml" in out
+    assert "~" not in out
+    cfg = load_config(TINY, ["train.run_dir=~/runs/b", "data.cache_dir=~/cache"])  # the trainer's own reading
+    assert (cfg.train.run_dir, cfg.data.cache_dir) == (f"{home}/runs/b", f"{home}/cache")
+    assert not (workdir / "~").exists()
+    rc, _, err = _dry_run(capsys, ["--config", TINY, "--cpu", "train.run_dir=$HOME/runs/a"])
+    assert rc == 2 and "train.run_dir='$HOME/runs/a' holds a shell variable that no shell expanded" in err, err
+    with pytest.raises(ConfigError, match="data.cache_dir='\\$HOME/cache' holds a shell variable"):
+        load_config(TINY, ["data.cache_dir=$HOME/cache"])
+    assert not (workdir / "$HOME").exists()
