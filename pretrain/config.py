@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +233,7 @@ def load_config(
             f"config file {path}: {err.full_key}: {str(err).splitlines()[0]}: an interpolation must name an "
             "existing key (e.g. ${train.seed}); or write the value itself"
         ) from None
+    expand_home(cfg)
     if base_dir is not None:
         absolute_paths(cfg, Path(base_dir))
     explicit = {k for k in DATASET_KEYS if any(_has_key(tree, k) for _, tree, _ in layers)}
@@ -423,6 +426,38 @@ def _literal_choices(key: str) -> tuple | None:
 DATASET_KEYS = ("model.vocab_size", "data.vocab_size", "data.seq_len")  # values a dataset records
 
 
+_SHELL_VARIABLE = re.compile(r"\$(\{|[A-Za-z_])")
+
+
+def _path_fields(cfg):
+    """(section, attribute, key) of every path of the config: absolute_paths and expand_home read these."""
+    train, data = cfg.train, cfg.data
+    for section, name in ((train, "run_dir"), (train, "init_from"), (data, "dir"), (data, "cache_dir")):
+        if hasattr(section, name):
+            yield section, name, f"{'train' if section is train else 'data'}.{name}"
+    for kind in ("sources", "eval_sources"):
+        for i, source in enumerate(getattr(data, kind, ())):
+            yield source, "dir", f"data.{kind}[{i}].dir"
+
+
+def expand_home(cfg: RunConfig) -> RunConfig:
+    """A path that starts with `~` is under the home directory: `train.run_dir=~/runs/a` reaches us as
+    typed (the shell expands `~` after `=` only in variable assignments), and was a folder named `~`
+    in the working directory. A `$NAME` or `${NAME}` no shell expanded is refused, naming the key."""
+    for section, name, key in _path_fields(cfg):
+        value = getattr(section, name)
+        if not value:
+            continue
+        if _SHELL_VARIABLE.search(value):
+            raise ConfigError(
+                f"{key}={value!r} holds a shell variable that no shell expanded (the value was in single quotes?): "
+                "write the path itself, or put the override in double quotes"
+            )
+        if value.startswith("~"):
+            setattr(section, name, os.path.expanduser(value))
+    return cfg
+
+
 def absolute_paths(cfg, base: Path):
     """Make the config's relative paths absolute against `base`, the directory the run starts in:
     train.run_dir, train.init_from, data.dir, data.cache_dir and each data.sources[] and
@@ -432,12 +467,8 @@ def absolute_paths(cfg, base: Path):
     def absolute(value):
         return value if not value or Path(value).is_absolute() else str(base / value)
 
-    train, data = cfg.train, cfg.data
-    for section, name in ((train, "run_dir"), (train, "init_from"), (data, "dir"), (data, "cache_dir")):
-        if hasattr(section, name):
-            setattr(section, name, absolute(getattr(section, name)))
-    for source in (*getattr(data, "sources", ()), *getattr(data, "eval_sources", ())):
-        source.dir = absolute(source.dir)
+    for section, name, _ in _path_fields(cfg):
+        setattr(section, name, absolute(getattr(section, name)))
     return cfg
 
 
@@ -609,10 +640,16 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
             "use model.document_attention=sdpa on CPU"
         )
     if world_size is not None:
-        if t.global_batch % (t.micro_batch * world_size):
+        per_step = t.micro_batch * world_size
+        if t.global_batch % per_step:
+            # A smaller micro_batch keeps the run's global batch (more accumulation), where one fits.
+            fits = [m for m in range(t.micro_batch - 1, 0, -1) if t.global_batch % (m * world_size) == 0]
+            nearest = max(per_step, round(t.global_batch / per_step) * per_step)
+            keep = f"set train.micro_batch={fits[0]} (the same global batch), or " if fits else ""
             raise ConfigError(
                 f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
-                f"world size {world_size}: choose global_batch as a multiple of {t.micro_batch * world_size}"
+                f"world size {world_size}: {keep}choose global_batch as a multiple of {per_step} (e.g. "
+                f"train.global_batch={nearest})"
             )
         if world_size % cfg.model.memory.parallel_size:
             raise ConfigError(

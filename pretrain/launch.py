@@ -385,6 +385,9 @@ def render_script(
             site.append(f"#SBATCH --{name}={shlex.quote(value)}")
     for line in opts.extra_sbatch:
         site.append("#SBATCH " + " ".join(_directive_value("--sbatch", tok) for tok in shlex.split(line)))
+    # %j: Slurm's job id, so every job (and its requeued runs, appended) has its own log. Checked before
+    # the job name, which is derived from the run directory unless --job-name is given.
+    log_path = _path_value("train.run_dir", run_dir, suffix=f"/{LOG_DIR}/slurm-%j.out")
     values = {
         "job_name": _directive_value("--job-name", opts.job_name or f"memlayers-{run_dir.name}"),
         "nodes": str(opts.nodes),
@@ -393,8 +396,7 @@ def render_script(
         "cpus_per_task": str(opts.cpus_per_task),
         "time": opts.time.strip(),
         "signal": f"USR1@{opts.signal_seconds}",
-        # %j: Slurm's job id, so every job (and its requeued runs, appended) has its own log.
-        "log_path": _path_value("train.run_dir", run_dir, suffix=f"/{LOG_DIR}/slurm-%j.out"),
+        "log_path": log_path,
         "workdir": _path_value("working directory", workdir),
         "site_options": "\n".join(site),
         "master_port": f"MASTER_PORT={opts.master_port}" if opts.master_port is not None else "",

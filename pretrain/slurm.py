@@ -287,6 +287,18 @@ class StopSignal:
         self.close()
 
 
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """In a helper process of a rank (a data-loader worker: `worker_init_fn`): ignore USR1 and SIGTERM.
+
+    Slurm sends them to every process of the job step (`scancel`, the time limit, preemption), the
+    helpers too; a data-loader worker died of SIGTERM (torch's own handler), and its rank raised
+    "DataLoader worker ... is killed by signal" at its next step, before the checkpoint the signal
+    asks for. The rank decides the stop and ends its helpers.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _initialised_dist():
     if "torch" not in sys.modules:
         return None

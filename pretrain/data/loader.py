@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.errors import DataError
 from pretrain.data.shards import CorruptShardError, read_blocks, read_manifest, row_doc_ids
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.slurm import ignore_stop_signals
 
 IGNORE_INDEX = -100
 STATE_VERSION = 3  # 3 split rows across readers ("scheme"); 2 added "plan" (after load_resharded); 1 and 2 still load
@@ -512,7 +513,12 @@ class ShardLoader:
             # iteration starts: a resumed run's dropout, say, then draws what an uninterrupted run does
             seeds = torch.Generator().manual_seed(self.seed)
             dl = DataLoader(
-                dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False, generator=seeds
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                generator=seeds,
+                worker_init_fn=ignore_stop_signals,  # Slurm's stop signals reach the workers too
             )
             for item in dl:
                 w = item.pop("worker")

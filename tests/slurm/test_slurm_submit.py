@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -271,6 +272,8 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
         (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
         (["--time", "10:00", "--signal-seconds", "600"], "--signal-seconds=600"),
         (["--partition", "gpu debug"], "--partition='gpu debug'"),
+        # named as the run directory, not as the --job-name the user never gave (derived from it)
+        (["train.run_dir=/tmp/it's"], 'train.run_dir="/tmp/it\'s/logs/slurm-%j.out": #SBATCH values'),
         (["--sbatch=mem=4G"], "must be one sbatch option"),
         (
             ["--sbatch=--comment=it's"],
@@ -789,3 +792,59 @@ def test_a_job_array_is_refused_naming_sweep(capsys, tmp_path):
         assert "each array task would train the same run directory" in err and "use --sweep" in err, err
     rc, out, err = _submit(capsys, [*argv, "--sbatch=--acctg-freq=task=60"])  # "-a..." long options are no -a
     assert rc == 0 and "#SBATCH --acctg-freq=task=60" in out, err
+
+
+@pytest.mark.parametrize(
+    "config, world, overrides",
+    [
+        ("tiny.yaml", (2, 8), []),  # global 16, micro 16 on 16 ranks: micro_batch=1 keeps the batch
+        ("tiny.yaml", (1, 8), ["train.micro_batch=4"]),  # 16 on 8 ranks: micro_batch=2
+        ("values_16m.yaml", (2, 8), []),  # global 8 on 16 ranks: no micro_batch fits
+    ],
+)
+def test_a_batch_that_the_job_s_ranks_do_not_divide_names_values_that_work(config, world, overrides, capsys):
+    """`memlayers-submit --config configs/tiny.yaml --nodes 2 --gpus-per-node 8` said only 'choose
+    global_batch as a multiple of 256', 16 times the run's batch (another experiment), where
+    train.micro_batch=1 keeps it. The refusal now names the micro_batch that keeps the global batch
+    where one exists, else a global_batch; each suggestion, applied, is accepted."""
+    nodes, gpus = world
+    argv = ["--config", str(REPO_ROOT / "configs" / config), "--nodes", str(nodes), "--gpus-per-node", str(gpus)]
+    rc, _, err = _dry_run(capsys, [*argv, *overrides])
+    assert rc == 2
+    suggested = re.findall(r"(train\.(?:micro|global)_batch=\d+)", err.split("world size")[1])
+    assert suggested, err
+    cfg = yaml.safe_load((REPO_ROOT / "configs" / config).read_text())
+    global_batch = cfg["train"]["global_batch"]
+    if global_batch % (nodes * gpus) == 0:  # a micro_batch fits: named first, and the global batch kept
+        assert suggested[0].startswith("train.micro_batch="), err
+    for fix in suggested:
+        rc, _, err = _dry_run(capsys, [*argv, *overrides, fix])
+        assert rc == 0, f"{fix}: {err}"
+
+
+def test_a_path_starting_with_a_tilde_is_the_home_directory(capsys, tmp_path, monkeypatch):
+    """`train.run_dir=~/runs/a` reaches the program as typed (the shell expands `~` after `=` only in
+    variable assignments), and the run directory was `<workdir>/~/runs/a`: a folder named `~` in the
+    checkout, which `rm -rf ~` would not remove but the home directory instead. A leading `~` is now
+    the home directory, for the submitted job and the trainer alike; a `$HOME` no shell expanded (the
+    override in single quotes) is refused, naming the key, instead of a folder named `$HOME`."""
+    from pretrain.config import ConfigError, load_config
+
+    home, workdir = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    workdir.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(workdir)
+    rc, out, err = _dry_run(capsys, ["--config", TINY, "--cpu", "train.run_dir=~/runs/a", "data.cache_dir=~/cache"])
+    assert rc == 0, err
+    assert f"#SBATCH --output={home}/runs/a/logs/slurm-%j.out" in out
+    assert f"--config {home}/runs/a/config.yaml" in out
+    assert "~" not in out
+    cfg = load_config(TINY, ["train.run_dir=~/runs/b", "data.cache_dir=~/cache"])  # the trainer's own reading
+    assert (cfg.train.run_dir, cfg.data.cache_dir) == (f"{home}/runs/b", f"{home}/cache")
+    assert not (workdir / "~").exists()
+    rc, _, err = _dry_run(capsys, ["--config", TINY, "--cpu", "train.run_dir=$HOME/runs/a"])
+    assert rc == 2 and "train.run_dir='$HOME/runs/a' holds a shell variable that no shell expanded" in err, err
+    with pytest.raises(ConfigError, match="data.cache_dir='\\$HOME/cache' holds a shell variable"):
+        load_config(TINY, ["data.cache_dir=$HOME/cache"])
+    assert not (workdir / "$HOME").exists()

@@ -1,15 +1,23 @@
 """The real trainer's answer to a stop signal under Slurm (in process, a stand-in scontrol on PATH):
-a signal at a run's last step does not requeue the finished run."""
+a signal at a run's last step does not requeue the finished run; the stop signals Slurm sends to
+every process of the job step leave the data loader's worker processes running."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
 
 from pretrain.config import load_config
+from pretrain.data import prepare_embedded_dataset
+from pretrain.data.loader import ShardLoader
 from pretrain.slurm import StopSignal
 from pretrain.train import train
-from tests.train.helpers import TINY
+from tests.train.helpers import TINY, tiny_config
 
 
 def _fake_scontrol(tmp_path):
@@ -50,3 +58,50 @@ def test_usr1_at_the_last_step_does_not_requeue_the_finished_run(tmp_path, data_
     assert result.checkpoint == str(tmp_path / "last" / "checkpoints" / "step_00000001")
     out = capsys.readouterr().out
     assert "stop signal at step 1, the run's last: the run is finished, not requeued" in out, out[-2000:]
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == me:  # ppid
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signals_to_the_data_loader_workers_leave_them_reading(tmp_path, data_cache, sig):
+    """`scancel`, the time limit and Slurm's preemption send SIGTERM to every process of the job step,
+    the data.num_workers workers too. A worker died of it (torch's worker handler), and the trainer's
+    next step raised 'DataLoader worker (pid ...) is killed by signal: Terminated' on every rank: the job
+    ended without the checkpoint SIGTERM promises (seen on the test cluster with data.num_workers=2).
+    USR1 (`scancel --signal=USR1`) killed a worker that had not inherited the trainer's handler, as
+    here. The workers now leave the stop to the trainer and go on reading: the batches after the
+    signal are those of a loader nobody signalled."""
+    cfg = tiny_config(tmp_path / "run", data_cache)
+    path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
+
+    def batches(signal_workers: bool) -> list[torch.Tensor]:
+        before = _children()
+        loader = ShardLoader(path, "train", batch_size=2, seq_len=cfg.data.seq_len, num_workers=2, loop=True)
+        it = iter(loader)
+        out = [next(it).tokens]
+        if signal_workers:
+            workers = _children() - before
+            assert len(workers) == 2, workers
+            for pid in workers:
+                os.kill(pid, sig)
+            time.sleep(1.0)  # the workers handle it, and the loader notices a dead one
+        out += [next(it).tokens for _ in range(6)]
+        it.close()
+        return out
+
+    expected = batches(signal_workers=False)
+    got = batches(signal_workers=True)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
