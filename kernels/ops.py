@@ -30,36 +30,80 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from kernels.reference import BagLayout, bag_layout
-
+from kernels.reference import BagLayout, bag_layout, score_chunk_rows
 
 # ------------------------------------------------------------------ PyTorch backward formulas
+# The half-key gradients scattered into dense (heads, tokens, n_keys) score gradients and
+# multiplied, rather than summed per key row, while n_keys is at most this many times k: at the
+# demo's shape (n_keys 128, k 16, 2048 tokens) 3.7x faster on CPU, at 512 keys and k 32 2.1x, at
+# 1024 keys and k 32 1.05x slower (tools/bench_cpu_paths.py times both).
+DENSE_KEY_GRAD_MAX_KEYS_PER_K = 16
+
+
+def dense_half_key_grads(n_keys: int, k: int) -> bool:
+    """Whether `_pkm_topk_backward_gathered` takes the dense formulation for this shape."""
+    return n_keys <= DENSE_KEY_GRAD_MAX_KEYS_PER_K * k
+
+
 def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indices):
     """d(softmax weights)/d(query, keys) through the selected half-key rows only.
 
     score_j = q1 . keys1[h, i1_j] + q2 . keys2[h, i2_j] (i1 = index // n, i2 = index % n);
-    the softmax backward gives d score. Per half, with the H half-key sets as one (H*n, half)
-    table and one bag of k rows per (token, head): d q_half is that bag weighted by d score,
-    and d keys_half is the same bag's table gradient for an output gradient of q_half. Both
-    run as torch's embedding-bag kernels, so no (T, H, k, half) gather or product exists
-    (at n = 4096 those temporaries cost more than the rest of the backward).
+    the softmax backward gives d score, and per half d q_half and d keys_half are the
+    selected rows' sums weighted by d score. Two formulations of the same sums (they differ
+    in fp32 rounding only): `_half_key_grads_dense` for few keys per selected slot
+    (`dense_half_key_grads`), `_half_key_grads_sparse` otherwise.
     """
     H, n, half = keys1.shape
     T, _, k = indices.shape
     acc = torch.promote_types(query.dtype, torch.float32)
     w, g = weights.to(acc), grad_weights.to(acc)
-    dscore = (w * (g - (g * w).sum(-1, keepdim=True))).reshape(-1)  # (T * H * k,)
-    layout = bag_layout(T * H, k, query.device)
-    head_rows = (torch.arange(H, device=query.device) * n)[None, :, None]
-    grads = []
-    for part, keys, rows in ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n)):
-        flat_rows = (rows + head_rows).reshape(-1)
-        table = keys.to(acc).reshape(H * n, half)
-        dpart = F.embedding_bag(flat_rows, table, layout.offsets, per_sample_weights=dscore, mode="sum")
-        dkeys = _bag_table_grad(part.to(acc).reshape(T * H, half), flat_rows, layout, H * n, dscore)
-        grads.append((dpart.reshape(T, H, half), dkeys.reshape(H, n, half)))
-    (dq1, dk1), (dq2, dk2) = grads
+    dscore = w * (g - (g * w).sum(-1, keepdim=True))  # (T, H, k)
+    halves = ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n))
+    grad_fn = _half_key_grads_dense if dense_half_key_grads(n, k) else _half_key_grads_sparse
+    (dq1, dk1), (dq2, dk2) = (grad_fn(part.to(acc), keys.to(acc), rows, dscore) for part, keys, rows in halves)
     return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
+
+
+def _half_key_grads_sparse(part: Tensor, keys: Tensor, rows: Tensor, dscore: Tensor):
+    """(d part (T, H, half), d keys (H, n, half)) for part (T, H, half) = one half of the query,
+    keys (H, n, half), rows (T, H, k) the selected half-key rows and dscore (T, H, k).
+
+    With the H half-key sets as one (H*n, half) table and one bag of k rows per (token, head):
+    d part is that bag weighted by d score, and d keys is the same bag's table gradient for
+    an output gradient of part. Both run as torch's embedding-bag kernels, so no (T, H, k,
+    half) gather or product exists (at n = 4096 those temporaries cost more than the rest of
+    the backward)."""
+    (H, n, half), (T, _, k) = keys.shape, rows.shape
+    layout = bag_layout(T * H, k, part.device)
+    flat_rows = (rows + (torch.arange(H, device=part.device) * n)[None, :, None]).reshape(-1)
+    flat_dscore = dscore.reshape(-1)
+    dpart = F.embedding_bag(
+        flat_rows, keys.reshape(H * n, half), layout.offsets, per_sample_weights=flat_dscore, mode="sum"
+    )
+    dkeys = _bag_table_grad(part.reshape(T * H, half), flat_rows, layout, H * n, flat_dscore)
+    return dpart.reshape(T, H, half), dkeys.reshape(H, n, half)
+
+
+def _half_key_grads_dense(part: Tensor, keys: Tensor, rows: Tensor, dscore: Tensor):
+    """`_half_key_grads_sparse`'s gradients through the dense score gradient D (H, tokens, n):
+    D[h, t, r] = the sum of t's d scores at half-key row r, then d part = D @ keys and
+    d keys = D^T @ part, per head. The torch sort and per-row accumulation of the sparse
+    path's table gradient cost more than these matmuls while n is a few times k. Tokens go
+    in chunks (`kernels.reference.score_chunk_rows`) so that D stays cache-sized on CPU."""
+    (H, n, half), T = keys.shape, part.shape[0]
+    dparts = []
+    dkeys = torch.zeros(H, n, half, dtype=part.dtype, device=part.device)
+    by_head_part, by_head_rows, by_head_dscore = (t.transpose(0, 1) for t in (part, rows, dscore))
+    chunk = score_chunk_rows(part.device, H, n)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        scores = torch.zeros(H, t1 - t0, n, dtype=part.dtype, device=part.device)
+        scores.scatter_add_(2, by_head_rows[:, t0:t1], by_head_dscore[:, t0:t1])
+        dparts.append(torch.bmm(scores, keys))
+        dkeys.baddbmm_(scores.transpose(1, 2), by_head_part[:, t0:t1])
+    dpart = torch.cat(dparts, dim=1) if dparts else part.new_zeros(H, 0, half)
+    return dpart.transpose(0, 1), dkeys
 
 
 def _bag_table_grad(grad_bags: Tensor, flat_rows: Tensor, layout: BagLayout, n_rows: int, entry_weights: Tensor):

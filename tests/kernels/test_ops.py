@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import BF16_TOL, assert_close
+from kernel_checks import BF16_TOL, FP32_TOL, assert_close
 from kernels import cpu_ops, ops, reference
 
 
@@ -44,6 +44,42 @@ def test_torch_backward_formulas_match_reference_autograd_float64():
     assert torch.equal(idx, idx_ref) and torch.equal(out, out_ref)
     for name, a, b in zip(("query", "keys1", "keys2", "values"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("formulation", ["dense", "sparse"])
+def test_scoring_backward_formulations_match_float64_autograd(formulation, monkeypatch):
+    """Both formulations of the PyTorch scoring backward (dense score-gradient matmuls for few
+    keys per selected slot, per-row embedding-bag sums otherwise) give the reference's float64
+    autograd gradients: in float64 to 1e-12, in fp32 within fp32 rounding (FP32_TOL). The
+    tokens go in 3 chunks of 7 and one of 2 (the dense path's chunks)."""
+    monkeypatch.setattr(ops, "DENSE_KEY_GRAD_MAX_KEYS_PER_K", 10**9 if formulation == "dense" else 0)
+    monkeypatch.setattr(reference, "SCORE_CHUNK_ELEMENTS", 7 * 3 * 10)
+    g = torch.Generator().manual_seed(3)
+    T, H, n, half, k = 23, 3, 10, 5, 6  # k and H not powers of two: the chunks split heads' rows
+    leaves = [torch.randn(T, H, 2 * half, generator=g, dtype=torch.float64)]
+    leaves += [torch.randn(H, n, half, generator=g, dtype=torch.float64) for _ in range(2)]
+    grad_weights = torch.randn(T, H, k, generator=g, dtype=torch.float64)
+    q, k1, k2 = (t.clone().requires_grad_() for t in leaves)
+    w_ref, idx = reference.pkm_topk(q, k1, k2, k)
+    want = torch.autograd.grad((w_ref * grad_weights).sum(), (q, k1, k2))
+    for dtype, check in (
+        (torch.float64, lambda a, b, name: torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)),
+        (torch.float32, lambda a, b, name: assert_close(a, b, FP32_TOL, name)),
+    ):
+        q, k1, k2 = (t.to(dtype) for t in leaves)
+        w, got_idx = reference.pkm_topk_fp32(q, k1, k2, k)
+        assert torch.equal(got_idx, idx)
+        got = torch.ops.memlayers.pkm_topk_backward(grad_weights.to(dtype), q, k1, k2, w, idx, k, "torch")
+        for name, a, b in zip(("query", "keys1", "keys2"), got, want):
+            assert a.dtype == dtype and a.is_contiguous()
+            check(a, b, f"{name} {dtype}")
+
+
+def test_the_demo_scoring_backward_takes_the_dense_formulation():
+    """configs/tiny.yaml (128 keys, k 16): the dense formulation (3.7x faster there on CPU,
+    tools/bench_cpu_paths.py); the paper's 1024 keys at k 32 keep the sparse one."""
+    assert ops.dense_half_key_grads(128, 16) and ops.dense_half_key_grads(512, 32)
+    assert not ops.dense_half_key_grads(1024, 32) and not ops.dense_half_key_grads(4096, 16)
 
 
 def test_opcheck_schema_fake_and_autograd():

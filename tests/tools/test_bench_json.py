@@ -124,3 +124,23 @@ def test_bench_parallel_json_holds_every_ranks_step_times(tmp_path, monkeypatch,
         {"world_size": w, "parallel_size": p, "relative": t / base} for (w, p), t in medians.items()
     ]
     assert f"W=2 P=2: {medians[(2, 2)] / base:.2f}x" in printed
+
+
+def test_bench_cpu_paths_json_holds_every_call_time(tmp_path, capsys):
+    """tools/bench_cpu_paths.py: both formulations' CPU times per round, their medians as printed,
+    the formulation kernels.ops picks; a malformed shape is refused when parsed, naming the form."""
+    from tools.bench_cpu_paths import main
+
+    out = tmp_path / "cpu_paths.json"
+    assert main(["--shapes", "12:2:8:3:8", "64:2:64:2:8", "--rounds", "3", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    check_run_info(payload)
+    rows = payload["rows"]
+    assert [(r["shape"], r["used"]) for r in rows] == [("12:2:8:3:8", "dense"), ("64:2:64:2:8", "sparse")]
+    for row in rows:
+        assert set(row["times_s"]) == {"sparse", "dense"} and all(len(t) == 3 for t in row["times_s"].values())
+        for name, times in row["times_s"].items():
+            assert row["median_ms"][name] == pytest.approx(statistics.median(times) * 1e3)
+    with pytest.raises(SystemExit):
+        main(["--shapes", "12:2:8"])
+    assert "expected T:H:n_keys:k:k_dim" in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""CPU-path formulations of the memory layer side by side: CPU time per call, one process.
+
+The PyTorch path (the CPU path, kernels/reference.py and kernels/ops.py) has places where two
+formulations compute the same numbers at different costs; this times both, alternating them call
+by call so that a shared machine's load hits both alike, and prints each one's median CPU time
+(time.thread_time: the waiting of a loaded machine left out) and their ratio.
+
+  scoring_backward  the scoring's backward (memlayers::pkm_topk_backward, torch backend): the
+                    dense score-gradient matmuls against the per-row embedding-bag sums
+                    (kernels.ops.dense_half_key_grads picks one by shape)
+
+  python tools/bench_cpu_paths.py                       # the demo's shape and two larger pools
+  python tools/bench_cpu_paths.py --shapes 2048:4:128:16:64 --rounds 21 --json cpu_paths.json
+
+Shapes are T:H:n_keys:k:k_dim (T tokens: the demo's micro-batch is 16 x 128 = 2048). Pure timing,
+one thread (OMP_NUM_THREADS does not matter): nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from kernels import ops, reference  # noqa: E402
+from kernels.benchmark import write_results  # noqa: E402
+from pretrain.cli import output_file, positive_int  # noqa: E402
+
+DEFAULT_SHAPES = ("2048:4:128:16:64", "2048:4:512:32:128", "2048:4:1024:32:256")
+
+
+def shape(text: str) -> tuple[int, ...]:
+    parts = text.split(":")
+    if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected T:H:n_keys:k:k_dim, positive integers (e.g. 2048:4:128:16:64)"
+        )
+    T, H, n, k, k_dim = map(int, parts)
+    if k > n or k_dim % 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: k must be at most n_keys and k_dim even (e.g. 2048:4:128:16:64)")
+    return T, H, n, k, k_dim
+
+
+def cpu_times(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """CPU seconds of each call per round, the calls alternated within each round (one warm-up)."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.thread_time()
+            fn()
+            times[name].append(time.thread_time() - start)
+    return times
+
+
+def scoring_backward_calls(T: int, H: int, n: int, k: int, k_dim: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q, k1, k2 = (torch.randn(*s, generator=g) for s in ((T, H, k_dim), (H, n, k_dim // 2), (H, n, k_dim // 2)))
+    w, idx = reference.pkm_topk_fp32(q, k1, k2, k)
+    grad = torch.randn(w.shape, generator=g)
+
+    def formulation(max_keys_per_k: int):
+        def call():
+            saved = ops.DENSE_KEY_GRAD_MAX_KEYS_PER_K
+            ops.DENSE_KEY_GRAD_MAX_KEYS_PER_K = max_keys_per_k
+            try:
+                ops._pkm_topk_backward_gathered(grad, q, k1, k2, w, idx)
+            finally:
+                ops.DENSE_KEY_GRAD_MAX_KEYS_PER_K = saved
+
+        return call
+
+    return {"sparse": formulation(0), "dense": formulation(n)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=shape, nargs="+", default=[shape(s) for s in DEFAULT_SHAPES])
+    p.add_argument("--rounds", type=positive_int, default=11)
+    p.add_argument("--json", type=output_file("cpu_paths.json"), default=None, help="also write every call's time")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    print("part              shape (T:H:n:k:k_dim)    first ms   second ms   second/first   (median CPU time)")
+    for T, H, n, k, k_dim in args.shapes:
+        times = cpu_times(scoring_backward_calls(T, H, n, k, k_dim), args.rounds)
+        (a, ta), (b, tb) = times.items()
+        ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+        label = f"{T}:{H}:{n}:{k}:{k_dim}"
+        chosen = "dense" if ops.dense_half_key_grads(n, k) else "sparse"
+        print(f"scoring_backward  {label:24s} {a} {ma:8.2f}  {b} {mb:8.2f}   {mb / ma:6.2f}x   (used: {chosen})")
+        rows.append(
+            {"part": "scoring_backward", "shape": label, "used": chosen, "median_ms": {a: ma, b: mb}, "times_s": times}
+        )
+    if args.json:
+        write_results(args.json, "cpu", {"shapes": args.shapes, "rounds": args.rounds}, rows=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
