@@ -64,7 +64,7 @@ def clear_stale_build_locks(
             if ops is not None and lock.parent.name not in ops:
                 continue
             with taking_turns(root / TURNS_FILE):
-                age = _remove_if_stale(lock, max_age_s)
+                age = _remove_if_stale(lock, max_age_s, now=lambda: filesystem_now(root / TURNS_FILE))
             if age is None:
                 continue  # its build just finished, or another process removed it
             if age > max_age_s:
@@ -115,13 +115,27 @@ def taking_turns(path: Path, on_wait: Callable[[], None] | None = None) -> Itera
         os.close(fd)  # releases the flock
 
 
-def _remove_if_stale(lock: Path, max_age_s: float) -> float | None:
-    """The lock's age in seconds, having removed it if older than `max_age_s`; None if it is gone."""
+def filesystem_now(probe: Path) -> float:
+    """Now by the clock that stamps the files beside `probe` (which must exist): its mtime, just set.
+    On a network filesystem that is the server's clock, which stamped the build locks too, so a lock's
+    age does not depend on how far this node's clock is from it (a node 15 min ahead saw a live build's
+    lock as stale, and removed it, letting a second build run beside it). time.time() where `probe`
+    cannot be touched."""
+    try:
+        os.utime(probe)
+        return os.stat(probe).st_mtime
+    except OSError:
+        return time.time()
+
+
+def _remove_if_stale(lock: Path, max_age_s: float, now: Callable[[], float] = time.time) -> float | None:
+    """The lock's age in seconds by `now` (the clock that stamps it), having removed it if older than
+    `max_age_s`; None if it is gone."""
     try:
         seen = os.stat(lock)
     except FileNotFoundError:
         return None
-    age = time.time() - seen.st_mtime
+    age = now() - seen.st_mtime
     if age <= max_age_s:
         return age
     aside = lock.with_name(f".{lock.name}.stale-{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}")
@@ -141,6 +155,6 @@ def _remove_if_stale(lock: Path, max_age_s: float) -> float | None:
         pass
     except OSError:  # a filesystem without hard links: a rename, which would replace a lock taken meanwhile
         os.rename(aside, lock)
-        return min(time.time() - moved.st_mtime, max_age_s)
+        return min(now() - moved.st_mtime, max_age_s)
     os.unlink(aside)
-    return min(time.time() - moved.st_mtime, max_age_s)  # a live build's: waited for
+    return min(now() - moved.st_mtime, max_age_s)  # a live build's: waited for

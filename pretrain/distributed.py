@@ -66,6 +66,13 @@ def _fill_environment() -> None:
         os.environ["MASTER_PORT"] = str(free_port())
 
 
+def launched_world_size() -> int:
+    """The number of processes this one was launched among (torchrun, the deepspeed launcher,
+    SLURM; 1 without a launcher), known before the process group exists."""
+    _fill_environment()
+    return int(os.environ["WORLD_SIZE"])
+
+
 # How long rank 0 waits for every rank to arrive (DeepSpeed's default, which the trainer used
 # before collectives got their own timeout): a rank stuck before it reaches the trainer
 # (importing torch from a hung filesystem) fails the start after this, not after the longer

@@ -74,6 +74,7 @@ class MetricsLogger:
         self.enabled, self.log_dir = enabled, Path(log_dir)
         self.writer = None  # opened at the first scalar, after `resumed_at`
         self.purge_step: int | None = None
+        self.failed: OSError | None = None  # TensorBoard's write failed: it logs nothing more
         self.start = time.time()
 
     def resumed_at(self, step: int) -> None:
@@ -93,18 +94,33 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
         return self.writer
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        writer = self._writer()
-        if writer is None:
+    def _write(self, action) -> None:
+        """action(writer), where TensorBoard logs. A write the filesystem refuses (a full disk, a
+        quota; TensorBoard's writer thread raises it at the next call) stops TensorBoard for the
+        rest of the run, said once, and the run goes on: raised, it ended rank 0 alone in the
+        middle of a step while the other ranks waited for it until the hang watchdog fired."""
+        if not self.enabled or self.failed is not None:
             return
-        for key, value in values.items():
-            if value is not None:
-                writer.add_scalar(key, value, step)
+        try:
+            action(self._writer())
+        except OSError as err:
+            self.failed = err
+            self.line(
+                f"warning: TensorBoard cannot write {self.log_dir} ({err}): it logs nothing more in this run; "
+                "training goes on (a checkpoint write on a full disk stops every rank, naming the fix)"
+            )
+            self._close_quietly()
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        def add(writer) -> None:
+            for key, value in values.items():
+                if value is not None:
+                    writer.add_scalar(key, value, step)
+
+        self._write(add)
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        writer = self._writer()
-        if writer is not None:
-            writer.add_histogram(tag, values, step)
+        self._write(lambda writer: writer.add_histogram(tag, values, step))
 
     def line(self, text: str) -> None:
         if self.enabled:
@@ -113,8 +129,16 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            self._write(lambda writer: writer.flush())
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:  # its failure is said already (or, at close, by the flush before)
+            pass
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, world_size: int, peak: float | None) -> float | None:

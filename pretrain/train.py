@@ -46,6 +46,7 @@ from pretrain.distributed import (  # noqa: E402
     gather_floats,
     global_sum,
     init_distributed,
+    launched_world_size,
     rank0_text,
     rank0_value,
     refusal_shared,
@@ -828,10 +829,37 @@ def parse_args(argv=None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
+def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> RunConfig:
+    """`load_config`; in a run of several processes, its refusal on some (ConfigError, DataError)
+    is raised on every one, naming the rank and its host (the process group is made for it, with
+    the timeout `train` would give it). The config's checks read files a node may hold alone (its
+    copy of data.dir): refused on one node, the others waited at the rendezvous for its ranks,
+    RENDEZVOUS_TIMEOUT_S (600 s), where no launcher ended them (torchrun; srun's
+    --kill-on-bad-exit does)."""
+    cfg, refusal = None, None
+    try:
+        cfg = load_config(config_path, overrides)
+    except (ConfigError, DataError) as err:
+        refusal = err
+    if launched_world_size() == 1:
+        if refusal is not None:
+            raise refusal
+        return cfg
+    clear_stale_build_locks()  # as train() does before the process group: a killed op build would hang it
+    try:
+        init_distributed(process_group_timeout((cfg or RunConfig()).train))  # the defaults' where refused
+    except Exception:
+        if refusal is not None:
+            raise refusal from None  # this rank's own reason first
+        raise
+    share_refusal(refusal, (ConfigError, DataError))
+    return cfg
+
+
 def main(argv=None, stop: StopSignal | None = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config_on_every_rank(config_path, overrides)
         result = train(cfg, stop)
     except (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -207,3 +207,23 @@ def test_the_cpu_ops_wait_for_their_own_build_only(tmp_path, monkeypatch):
     start = time.monotonic()
     assert clear_stale_build_locks(tmp_path, say=lambda _: None, poll_s=0.05, ops=[own.parent.name]) == []
     assert time.monotonic() - start > 0.25
+
+
+def test_a_live_build_is_waited_for_on_a_node_whose_clock_runs_ahead(tmp_path, monkeypatch):
+    """A lock's age was this node's time.time() less the lock's mtime, which a network filesystem's
+    server stamps: on a node whose clock ran 15 min ahead of it, a lock a build took a moment ago was
+    '15 min old', removed as stale, and a second build ran beside the first. Its age is now read
+    against a file the clearing just touched there (the filesystem's clock)."""
+    import types
+
+    import kernels.build_locks as build_locks_module
+
+    ahead = types.SimpleNamespace(time=lambda: time.time() + 900, sleep=time.sleep)
+    monkeypatch.setattr(build_locks_module, "time", ahead)
+    live = lock_in(tmp_path, "memlayers_cpu", age_s=0)  # stamped by the filesystem's clock
+    finished = threading.Timer(0.5, live.unlink)
+    finished.start()
+    lines = []
+    assert clear_stale_build_locks(tmp_path, max_age_s=600, say=lines.append, poll_s=0.05) == []
+    finished.join()
+    assert len(lines) == 1 and "waiting for another process's build of memlayers_cpu" in lines[0], lines
