@@ -25,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from kernels import VALUE_GRADS, reference  # noqa: E402
 from kernels import benchmark as kb  # noqa: E402
-from pretrain.cli import int_at_least, non_negative_number, output_file, positive_int  # noqa: E402
+from pretrain.cli import image_file, int_at_least, non_negative_number, output_file, positive_int  # noqa: E402
 from pretrain.files import save_figure  # noqa: E402
 
 DTYPES = kb.DTYPES
@@ -100,7 +100,7 @@ def parse_args(argv):
         help="--layer: also the whole model compiled as train.compile compiles it, against eager",
     )
     p.add_argument("--reruns", type=int_at_least(0), default=2, help="extra timings of a row whose p80/p20 > 1.15")
-    p.add_argument("--plot", type=output_file("sweep.png"), default="bench_kernels_sweep.png", help="PNG for --sweep")
+    p.add_argument("--plot", type=image_file("sweep.png"), default="bench_kernels_sweep.png", help="PNG for --sweep")
     args = p.parse_args(argv)
     if args.layer is not None and not args.layer.is_file():
         p.error(f"--layer {args.layer}: no such config file (e.g. configs/memory_373m.yaml)")

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import int_at_least, output_file, positive_int
+from pretrain.cli import image_file, int_at_least, positive_int
 from pretrain.files import atomic_write, save_figure
 from pretrain.parallel.value_bench import (
     PKM_INSTALL,
@@ -85,7 +85,7 @@ def parse_args(argv):
     )
     p.add_argument(
         "--plot",
-        type=lambda text: Path(output_file("bench_values.png")(text)),
+        type=lambda text: Path(image_file("bench_values.png")(text)),
         default=Path("bench_values.png"),
         help="the PNG; the JSON (device, date, commit, every record with its raw timings) beside it as .json",
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import output_file  # noqa: E402
+from pretrain.cli import image_file  # noqa: E402
 from pretrain.slots.report import render_report  # noqa: E402
 from pretrain.slots.table import load_table  # noqa: E402
 
@@ -21,7 +21,7 @@ from pretrain.slots.table import load_table  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", required=True, help="slot_frequencies.safetensors or a directory holding one")
-    p.add_argument("--out", required=True, type=output_file("slot_report.png"), help="PNG file to write")
+    p.add_argument("--out", required=True, type=image_file("slot_report.png"), help="PNG file to write")
     args = p.parse_args(argv)
     try:
         table = load_table(args.table)

@@ -58,6 +58,11 @@ def parse_runs(text: str | None):
         raise ValueError(
             f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank, epochs ({err})"
         ) from None
+    if not runs:  # crashed in the frontier plot after the pretraining/loading
+        raise ValueError(
+            f'--runs {text} lists no run: give at least one, e.g. \'[{{"method": "sparse", "lr": 10, "top_t": 500}}]\', '
+            "or leave --runs out for the default grid"
+        )
     for run in runs:
         problem = run_spec_problem(run, METHODS)
         if problem:

@@ -338,6 +338,17 @@ def test_slot_report_writes_png(tmp_path):
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
 
 
+def test_slot_report_refuses_an_image_kind_matplotlib_cannot_write_before_reading(tmp_path, monkeypatch, capsys):
+    """--out report.xyz read the table and drew the figure, then crashed in the save with
+    matplotlib's "Format 'xyz' is not supported" traceback."""
+    monkeypatch.setattr(slot_report, "load_table", lambda *a: pytest.fail("the table was read"))
+    with pytest.raises(SystemExit) as exit_:
+        slot_report.main(["--table", str(tmp_path), "--out", str(tmp_path / "report.xyz")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --out: " in err and "matplotlib cannot write a .xyz image" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_slot_report_names_the_steps_a_late_started_table_counts(tmp_path, monkeypatch):
     """A table whose counting began after step 2 (first_step 2): the counts panel says steps 3-4,
     not 'step 4' as if it counted the whole run."""

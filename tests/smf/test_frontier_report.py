@@ -185,6 +185,19 @@ def test_runs_entries_are_checked_before_any_work(entry, problem):
     assert parse_runs('[{"method": "sparse", "lr": 10, "top_t": 300, "max_grad_norm": 0.05}]')[0].top_t == 300
 
 
+def test_an_empty_runs_list_is_refused_before_any_work(smf_export, tmp_path, monkeypatch, capsys):
+    """--runs '[]' loaded the export and finetuned nothing, then crashed in the frontier plot with
+    matplotlib's 'number sections must be larger than 0' traceback (25 s on the demo export)."""
+    import pretrain.smf.experiment as experiment
+    from tools.smf_report import main
+
+    monkeypatch.setattr(experiment, "load_sweep_inputs", lambda *a, **k: pytest.fail("the export was loaded"))
+    assert main(["--export", str(smf_export), "--out", str(tmp_path / "r"), "--runs", "[]"]) == 2
+    err = capsys.readouterr().err
+    assert "--runs [] lists no run: give at least one" in err and "leave --runs out for the default grid" in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("missing", ["slot_frequencies.safetensors", "probes.jsonl", "model.safetensors"])
 def test_report_tool_names_what_the_export_lacks_before_any_run(smf_export, tmp_path, capsys, missing):
     """An export without its slot table, probes or weights: exit 2 naming the file, nothing written

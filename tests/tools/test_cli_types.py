@@ -66,6 +66,16 @@ def test_fraction_takes_exactly_the_interval_zero_excluded_to_one(capsys):
     assert "'half' is not a number; give a probability mass in (0, 1] (1 = off)" in capsys.readouterr().err
 
 
+def test_every_tool_that_saves_a_figure_parses_its_name_with_image_file():
+    """plot_lr_schedule --out, slot_report --out, bench_kernels --plot and bench_values --plot took
+    any name (output_file) and crashed with matplotlib's "Format 'xyz' is not supported" only at
+    the save, after the work that made the figure."""
+    drawing = [p for p in TOOLS.glob("*.py") if "save_figure(" in p.read_text() or "savefig(" in p.read_text()]
+    drawing += [TOOLS / "slot_report.py"]  # pretrain.slots.report.render_report saves it
+    assert len(drawing) >= 4
+    assert [p.name for p in drawing if "image_file(" not in p.read_text()] == []
+
+
 def test_one_positive_number_for_every_tool():
     """generate (--repetition-penalty) and bench_data (--seconds) each parsed their own finite float > 0."""
     assert [p.name for p in TOOLS.glob("*.py") if "= float(text)" in p.read_text()] == []
