@@ -71,7 +71,10 @@ def hf_config(src: CheckpointSource, dtype_name: str) -> dict:
         # generate() with no prompt starts from it, as tools/generate.py does
         "bos_token_id": tok.eos_id,
         "eos_token_id": tok.eos_id,
-        "pad_token_id": tok.eos_id,
+        # <pad> never occurs in the data (rows are padded with EOS under a loss mask), as the HF
+        # tokenizer pads. Not EOS: every prompt starts with it, and generate() given no attention_mask
+        # and a stop token other than EOS infers the mask from this id and would hide that separator.
+        "pad_token_id": tok.pad_id if tok.pad_id >= 0 else tok.eos_id,
         "use_cache": True,
         "tie_word_embeddings": False,
         "memlayers": {

@@ -85,6 +85,32 @@ def test_hf_generate_left_padded_batch_equals_each_prompt_alone(hf_model, infere
             assert max_err(logits[r, :n], want_logits[:n]) <= ATOL, (use_cache, r)
 
 
+def test_hf_generate_keeps_the_leading_separator_without_an_attention_mask(hf_model, inference_export):
+    """A prompt starts with the EOS separator (README: "</s>Alice"). With config.json's pad_token_id
+    equal to it, generate() given no attention_mask and a stop token other than EOS (eos_token_id=None,
+    or a full stop) inferred the mask from the padding id and hid that separator: other logits and tokens."""
+    from pretrain.data.tokenizer import Tokenizer
+
+    reference = load(inference_export)
+    tokenizer = Tokenizer(inference_export / "tokenizer.model")
+    assert hf_model.config.pad_token_id == tokenizer.pad_id != tokenizer.eos_id  # <pad>: never in the data
+    prompt = [tokenizer.eos_id] + fixed_tokens()[0, :5].tolist()
+    want_tokens, want_logits = reference_greedy(reference, prompt, 8)
+    for stop in (None, tokenizer.encode("It ends.")[-1]):  # no stop token, or a full stop
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=stop,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        got = torch.stack(out.logits, dim=1)[0]
+        n = got.shape[0]  # a row that met the stop token ends there
+        assert out.sequences[0, len(prompt) :].tolist() == want_tokens[:n], stop
+        assert max_err(got, want_logits[:n]) <= ATOL, stop
+
+
 def test_hf_logits_equal_load_with_and_without_cache(hf_model, inference_export):
     from transformers import DynamicCache
 
