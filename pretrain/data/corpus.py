@@ -62,10 +62,30 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _hidden(relative: Path) -> bool:
-    """A dot file, or a file inside a dot folder (`huggingface-cli download --local-dir` keeps
-    its metadata under .cache/huggingface/ beside the data)."""
-    return any(part.startswith(".") for part in relative.parts)
+def _files_in(root: Path) -> list[Path]:
+    """The files under `root` (symbolic links to files included), sorted as Paths sort, hidden files and
+    folders left out (`huggingface-cli download --local-dir` keeps its metadata under .cache/huggingface/
+    beside the data); symbolic links to folders are not entered. As sorted(Path.rglob) with a filter,
+    which this replaced: one scandir per folder, where rglob and a stat per file took ~60 us a file."""
+    found: list[tuple[str, ...]] = []
+    stack: list[tuple[str, ...]] = [()]
+    while stack:
+        parts = stack.pop()
+        folder = os.path.join(root, *parts)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:  # rglob skipped such a folder without a word: its documents went missing
+            raise DataError(
+                f"cannot list {folder} ({err.strerror}): make it readable, or name the files to read"
+            ) from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((*parts, entry.name))
+            elif entry.is_file():  # follows a symbolic link: a broken one, or one to a folder, is no file
+                found.append((*parts, entry.name))
+    return [root.joinpath(*parts) for parts in sorted(found)]  # Paths compare by their parts
 
 
 def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path]:
@@ -86,7 +106,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
                 raise DataError(f"input pattern {p} matches no file: check {option}")
             files.extend(_without_binary(_without_links(matched, arg, option), arg, option))
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f.relative_to(p)))
+            found = _files_in(p)
             found = _without_links(found, arg, option, relative_to=p)
             found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
@@ -201,7 +221,14 @@ def _without_prepared(found: list[Path], arg, option: str, root: Path) -> list[P
     prepared from a glob of the corpus folder's files may sit there, and its manifest read as JSONL
     failed the next run over the folder."""
     prepared = {f.parent for f in found if f.name == "manifest.json" and _is_manifest(f)}
-    prepared |= {root / d for f in found for d in f.relative_to(root).parents if d.name.endswith(".slices")}
+    below = len(str(root))
+    prepared |= {
+        root / d
+        for f in found
+        if ".slices" in str(f)[below:]  # a few files at most: relative_to costs ~20 us a file
+        for d in f.relative_to(root).parents
+        if d.name.endswith(".slices")
+    }
     if not prepared:
         return found
     names = ", ".join(sorted(str(d.relative_to(root)) for d in prepared))
@@ -452,15 +479,22 @@ def _preview(value) -> str:
 
 
 def iter_documents(
-    paths: list[str | Path], fmt: str = "auto", text_field: str = "text", stats: CorpusStats | None = None
+    paths: list[str | Path],
+    fmt: str = "auto",
+    text_field: str = "text",
+    stats: CorpusStats | None = None,
+    *,
+    files: list[Path] | None = None,
 ) -> Iterator[str]:
     """Yield non-empty documents, streamed. fmt: auto (from the suffix) | text (a file is a
     document) | blocks (blank-line separated) | jsonl (the document is `text_field`) | parquet
-    (the column `text_field`). Files ending in .gz, .zst, .bz2 or .xz are decompressed on the fly (not Parquet)."""
+    (the column `text_field`). Files ending in .gz, .zst, .bz2 or .xz are decompressed on the fly (not Parquet).
+    `files`: what resolve_files(paths) returned, for a caller passing over the corpus several times
+    (listing and checking a folder of many files costs ~0.1 ms a file)."""
     if fmt not in FORMATS:
         raise DataError(f"format {fmt!r} must be one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else CorpusStats()
-    files = resolve_files(paths)
+    files = resolve_files(paths) if files is None else files
 
     def raw_docs() -> Iterator[str]:
         for path in files:
