@@ -496,12 +496,15 @@ def iter_documents(
     stats = stats if stats is not None else CorpusStats()
     files = resolve_files(paths) if files is None else files
 
+    repaired_before, repaired_files = stats.non_utf8_documents, []
+
     def raw_docs() -> Iterator[str]:
         for path in files:
             kind = _format_of(path, fmt)
             if kind == "parquet":
                 yield from _iter_parquet(path, text_field)
                 continue
+            before = stats.non_utf8_documents
             try:
                 with _open_binary(path) as fh:
                     if kind == "jsonl":
@@ -530,6 +533,8 @@ def iter_documents(
                     f"{path} is not a complete {tool} file ({type(err).__name__}: {err}): re-copy or re-compress it "
                     f"(`{tool} -t` checks it), or drop the {path.suffix} suffix if it is not compressed"
                 ) from None
+            if stats.non_utf8_documents > before:
+                repaired_files.append(path)
 
     for text in raw_docs():
         if not text.strip():
@@ -537,3 +542,20 @@ def iter_documents(
             continue
         stats.documents += 1
         yield text.replace("\r\n", "\n") if "\r" in text else text
+    if repaired_files:
+        _warn_of_repaired(repaired_files, stats.non_utf8_documents - repaired_before)
+
+
+def _warn_of_repaired(files: list[Path], documents: int) -> None:
+    """Said once a pass is over: text that was not UTF-8 was kept with U+FFFD in place of each bad byte,
+    which the counts alone (the manifest's stats) left unseen: a Latin-1 file (/usr/share/doc/ed/AUTHORS:
+    'Fran\\xe7ois') lost every accented letter without a word."""
+    first = files[0]
+    names = ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "")
+    warnings.warn(
+        f"{documents} document(s) in {len(files)} file(s) ({names}) held text that is not UTF-8, each bad byte "
+        "replaced by U+FFFD: text in another encoding (Latin-1 or Windows-1252, say) loses its accented letters "
+        "so; convert such a file, e.g. iconv -f latin1 -t utf-8 "
+        f"{first} > {first.with_name(first.name.split('.')[0] + '.utf8' + ''.join(first.suffixes))}",
+        stacklevel=1,  # this line: one warning however many passes (tokenizer sample, tokenizing) read the file
+    )

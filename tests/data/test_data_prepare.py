@@ -55,6 +55,29 @@ def test_bad_bytes_and_empty_documents_are_counted(tmp_path):
     assert len(docs) == 2 and docs[0] == "one" and stats.empty_documents == 1
 
 
+def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path):
+    """A Latin-1 file (as /usr/share/doc/ed/AUTHORS: 'Fran\\xe7ois Pinard') lost each accented letter to
+    U+FFFD, said only as a count in the stats line. One warning now names the files, how many documents,
+    and the iconv command; the converted file reads as the text was meant (the reference: its bytes
+    decoded as Latin-1)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    latin1 = "Fran\u00e7ois Pinard wrote na\u00efve caf\u00e9 code.\n" * 3
+    (corpus / "authors.txt").write_bytes(latin1.encode("latin-1"))
+    (corpus / "fine.txt").write_text("plain UTF-8 text, caf\u00e9 included\n")
+    with pytest.warns(
+        UserWarning, match=r"1 document\(s\) in 1 file\(s\) \(.*authors.txt\) held text that is not UTF-8"
+    ) as seen:
+        docs = list(iter_documents([corpus]))
+    assert docs[0] == latin1.replace("\u00e7", "\ufffd").replace("\u00ef", "\ufffd").replace("\u00e9", "\ufffd")
+    fix = f"iconv -f latin1 -t utf-8 {corpus / 'authors.txt'} > {corpus / 'authors.utf8.txt'}"
+    assert [str(w.message).endswith(fix) for w in seen] == [True]
+    (corpus / "authors.txt").write_text(latin1)  # what the iconv command writes, in place
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(iter_documents([corpus])) == [latin1, "plain UTF-8 text, caf\u00e9 included\n"]
+
+
 @pytest.mark.filterwarnings("ignore:--val-fraction=0")
 def test_lone_surrogate_escapes_are_replaced_and_counted(tmp_path, tokenizer):
     """JSON may escape half of a UTF-16 pair; sentencepiece cannot encode it, so it must not get there."""
