@@ -1,7 +1,7 @@
 """Data-pipeline throughput, side by side in one run.
 
 Reports (1) tokenization throughput of prepare_data (sentencepiece encode, and the whole
-tokenize+pack+write path), (2) ShardLoader tokens/s on one core from prepared shards, one
+tokenize+pack+write path; and files/s on a folder of --files one-document files), (2) ShardLoader tokens/s on one core from prepared shards, one
 reader and 4 readers (the row split of 2 ranks x 2 workers: pieces of shards) taking batches in
 turn, (3) the weighted-mixture loader (two sources, 3:1) against that single dataset, same batch
 and core, (4) tokens/s a tiny-model CPU training step consumes (forward + backward + AdamW of
@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,6 +79,33 @@ def loader_round(
     return {"tokens": n, "seconds": time.perf_counter() - start}
 
 
+def folder_round(root: Path, documents: list[str], files: int, tokenizer: Tokenizer, seq_len: int) -> dict:
+    """prepare_corpus on a folder of `files` one-document text files (a corpus shipped one document per
+    file, in 100 subfolders), the documents cycled: {"files", "tokens", "seconds", "resolve_seconds"}
+    (resolve: listing the folder and checking its files, what each pass over the inputs does before a
+    document is read). One worker, so the tokenizing is the same work in every round."""
+    from pretrain.data.corpus import resolve_files
+    from pretrain.data.prepare import prepare_corpus
+
+    corpus = root / "files"
+    for i in range(files):
+        folder = corpus / f"{i % 100:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:07d}.txt").write_text(documents[i % len(documents)])
+    start = time.perf_counter()
+    resolve_files([corpus])
+    resolve_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # val_fraction=0 (any --files has a split): "no validation split"
+        warnings.simplefilter("ignore")
+        manifest = prepare_corpus(
+            [corpus], root / "prepared", seq_len, tokenizer_path=tokenizer.path, val_fraction=0, show_progress=False
+        )
+    seconds = time.perf_counter() - start
+    tokens = sum(split["tokens"] for split in manifest["splits"].values())
+    return {"files": files, "tokens": tokens, "seconds": seconds, "resolve_seconds": resolve_s}
+
+
 def rate(measured: dict) -> float:
     """Tokens per second of a loader round."""
     return measured["tokens"] / measured["seconds"]
@@ -119,6 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--seconds", type=positive_number("e.g. 3", what="number of seconds"), default=3.0, help="loader measuring time"
     )
+    ap.add_argument(
+        "--files", type=positive_int, default=5000, help="one-document files of the folder prepare_data reads"
+    )
     ap.add_argument("--train-steps", type=positive_int, default=3)
     ap.add_argument("--json", type=output_file("bench_data.json"), default=None, help="also write the raw times here")
     args = ap.parse_args(argv)
@@ -144,6 +175,7 @@ def main(argv=None) -> int:
             show_progress=False,
         )
         prepare_s = time.perf_counter() - start
+        folder = folder_round(tmp, docs, args.files, tok, args.seq_len)
 
         torch.set_num_threads(1)
         plain = loader_round(path, args.micro_batch, args.seq_len, args.seconds, 0)
@@ -162,6 +194,7 @@ def main(argv=None) -> int:
         "documents": len(docs),
         "encode_s": encode_s,
         "prepare_s": prepare_s,
+        "folder_prepare": folder,
         "loader_plain": plain,
         "loader_shuffled": shuffled,
         "loader_row_split_4_readers": split,
@@ -175,6 +208,10 @@ def main(argv=None) -> int:
     print(f"tokenization (sentencepiece encode, 1 process):    {summary['encode_tokens_per_s'] / 1e6:8.2f} M tokens/s")
     print(
         f"prepare_data (encode + pack + write shards):        {summary['prepare_tokens_per_s'] / 1e6:8.2f} M tokens/s"
+    )
+    print(
+        f"prepare_data on a folder of {args.files} one-document files: {summary['folder_files_per_s']:8.0f} files/s "
+        f"({folder['seconds']:.2f} s; listing and checking the folder once: {folder['resolve_seconds']:.2f} s)"
     )
     batch = f"{args.micro_batch}x{args.seq_len}"
     print(
@@ -213,6 +250,7 @@ def summarize(raw: dict) -> dict:
     return {
         "encode_tokens_per_s": raw["corpus_tokens"] / raw["encode_s"],
         "prepare_tokens_per_s": raw["corpus_tokens"] / raw["prepare_s"],
+        "folder_files_per_s": raw["folder_prepare"]["files"] / raw["folder_prepare"]["seconds"],
         "loader_plain_tokens_per_s": plain,
         "loader_shuffled_tokens_per_s": shuffled,
         "loader_row_split_4_readers_tokens_per_s": rate(raw["loader_row_split_4_readers"]),

@@ -70,8 +70,8 @@ def prepare_slice(
         )
     files = resolve_files(inputs)
     # the merge replaces out_dir: refused now, not after every slice
-    check_output_dir(out_dir, inputs, overwrite=True)
-    check_output_dir(slices_dir(out_dir), inputs, keep_contents=True)
+    check_output_dir(out_dir, inputs, overwrite=True, files=files)
+    check_output_dir(slices_dir(out_dir), inputs, keep_contents=True, files=files)
     tokenizer = Tokenizer(tokenizer_path)
     mine = slice_files(files, i, n)
     dtype = token_dtype_for(tokenizer.vocab_size)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_helpers import SEQ_LEN  # noqa: E402
 from pretrain.config import DataConfig, SyntheticConfig
 from pretrain.data import (
     CorpusStats,
@@ -52,6 +53,29 @@ def test_bad_bytes_and_empty_documents_are_counted(tmp_path):
     stats = CorpusStats()
     docs = list(iter_documents([tmp_path / "d.jsonl.gz"], stats=stats))
     assert len(docs) == 2 and docs[0] == "one" and stats.empty_documents == 1
+
+
+def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path):
+    """A Latin-1 file (as /usr/share/doc/ed/AUTHORS: 'Fran\\xe7ois Pinard') lost each accented letter to
+    U+FFFD, said only as a count in the stats line. One warning now names the files, how many documents,
+    and the iconv command; the converted file reads as the text was meant (the reference: its bytes
+    decoded as Latin-1)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    latin1 = "Fran\u00e7ois Pinard wrote na\u00efve caf\u00e9 code.\n" * 3
+    (corpus / "authors.txt").write_bytes(latin1.encode("latin-1"))
+    (corpus / "fine.txt").write_text("plain UTF-8 text, caf\u00e9 included\n")
+    with pytest.warns(
+        UserWarning, match=r"1 document\(s\) in 1 file\(s\) \(.*authors.txt\) held text that is not UTF-8"
+    ) as seen:
+        docs = list(iter_documents([corpus]))
+    assert docs[0] == latin1.replace("\u00e7", "\ufffd").replace("\u00ef", "\ufffd").replace("\u00e9", "\ufffd")
+    fix = f"iconv -f latin1 -t utf-8 {corpus / 'authors.txt'} > {corpus / 'authors.utf8.txt'}"
+    assert [str(w.message).endswith(fix) for w in seen] == [True]
+    (corpus / "authors.txt").write_text(latin1)  # what the iconv command writes, in place
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(iter_documents([corpus])) == [latin1, "plain UTF-8 text, caf\u00e9 included\n"]
 
 
 @pytest.mark.filterwarnings("ignore:--val-fraction=0")
@@ -97,6 +121,74 @@ def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not text \(tokenizer.model"):
         assert resolve_files([tmp_path / "corpus"]) == [tmp_path / "corpus" / "a.txt"]
     assert resolve_files([model]) == [model]
+
+
+def test_a_folder_lists_its_files_in_the_order_and_with_the_skips_of_rglob(tmp_path, monkeypatch):
+    """resolve_files listed a folder with sorted(Path.rglob) and a stat and a relative_to per file (0.1 ms
+    a file; 20,000 files, 2 s per pass, 4 passes per preparation); it now walks it with one scandir per
+    folder. The order decides document ids and shards, so it must stay the reference's, the old
+    listing: names that sort differently as strings and as paths, hidden files and folders, a symbolic
+    link to a folder (not entered), a broken link. A folder that cannot be listed was skipped by rglob
+    without a word, its documents missing from the dataset; it is now an error naming it."""
+    import os
+
+    root = tmp_path / "corpus"
+    for name in ("a/b.txt", "a.txt", "a-b/c.txt", "A/z.txt", "a/.hidden/x.txt", ".cache/y.txt", "b/.dot.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"the text of {name}\n")
+    (root / "deep" / "er" / "est").mkdir(parents=True)
+    (root / "deep" / "er" / "est" / "d.txt").write_text("deep\n")
+    (root / "linked").symlink_to(root / "a", target_is_directory=True)
+    (root / "broken.txt").symlink_to(tmp_path / "nowhere")
+    (root / "to-outside.txt").symlink_to(tmp_path / "outside.txt")
+    (tmp_path / "outside.txt").write_text("outside\n")
+    reference = sorted(
+        f for f in root.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts)
+    )
+    assert [f.relative_to(root).as_posix() for f in reference] == [
+        "A/z.txt", "a/b.txt", "a-b/c.txt", "a.txt", "deep/er/est/d.txt", "to-outside.txt"
+    ]  # fmt: skip
+    assert resolve_files([root]) == reference
+    scandir = os.scandir
+
+    def locked(path):
+        if Path(path).name == "er":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    with pytest.raises(DataError, match=re.escape(f"cannot list {root / 'deep' / 'er'} (Permission denied)")):
+        resolve_files([root])
+
+
+@pytest.mark.parametrize("trains_tokenizer", [False, True])
+def test_a_preparation_lists_its_input_folder_once(tmp_path, tokenizer, monkeypatch, trains_tokenizer):
+    """prepare_corpus listed and checked the input folder in every pass over it: the output check, the
+    probe for an empty corpus, the tokenizer's sample and the tokenizing, 3 or 4 times (a folder of
+    10,000 one-document files: 6.7 to 7.9 s, 4.6 to 4.8 s once listed once, tools/bench_data.py's folder
+    round). It is now listed once, and the dataset is the same."""
+    from pretrain.data import corpus as corpus_mod
+
+    root = tmp_path / "corpus"
+    for i in range(30):
+        (root / f"{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"{i % 3}" / f"{i:03d}.txt").write_text(f"document {i} of a folder of one-document files\n")
+    settings = dict(val_fraction=0.2, show_progress=False)
+    if trains_tokenizer:
+        settings["vocab_size"] = 300
+    else:
+        settings["tokenizer_path"] = tokenizer.path
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return resolve_files(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_mod, "resolve_files", counted)
+    monkeypatch.setattr(prepare_mod, "resolve_files", counted)
+    manifest = prepare_mod.prepare_corpus([root], tmp_path / "ds", SEQ_LEN, **settings)
+    assert len(calls) == 1
+    assert manifest["documents"] == 30
 
 
 def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path):

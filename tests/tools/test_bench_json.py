@@ -42,6 +42,7 @@ def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
 
     out = tmp_path / "data.json"
     argv = ["--entities", "30", "--seconds", "0.1", "--train-steps", "2", "--micro-batch", "2", "--seq-len", "16"]
+    argv += ["--files", "12"]
     rc = main([*argv, "--json", str(out)])
     printed = capsys.readouterr().out
     payload = json.loads(out.read_text())
@@ -57,6 +58,7 @@ def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
     expected = {
         "encode_tokens_per_s": raw["corpus_tokens"] / raw["encode_s"],
         "prepare_tokens_per_s": raw["corpus_tokens"] / raw["prepare_s"],
+        "folder_files_per_s": 12 / raw["folder_prepare"]["seconds"],
         "loader_plain_tokens_per_s": per_s[0],
         "loader_shuffled_tokens_per_s": per_s[1],
         "single_median_tokens_per_s": statistics.median(per_s[2:6]),
@@ -71,6 +73,8 @@ def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
     assert rc == (0 if expected["passed"] else 1)
     assert f"loader / training: {loader / train:.0f}x" in printed
     assert f"{raw['corpus_tokens']} tokens" in printed
+    assert raw["folder_prepare"]["files"] == 12 and raw["folder_prepare"]["tokens"] > 12
+    assert "prepare_data on a folder of 12 one-document files" in printed
 
 
 def test_bench_parallel_json_holds_every_ranks_step_times(tmp_path, monkeypatch, capsys):
