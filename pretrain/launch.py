@@ -401,8 +401,6 @@ def render_script(
         "site_options": "\n".join(site),
         "master_port": f"MASTER_PORT={opts.master_port}" if opts.master_port is not None else "",
         "code_dir": shlex.quote(str(code_dir)),
-        # A snapshot must win over the working directory that `python -m` puts first on sys.path.
-        "python_env": "export PYTHONSAFEPATH=1" if snapshot else "",
         "python": shlex.quote(python),
         "config_path": shlex.quote(str(config_path)),
     }
@@ -447,6 +445,15 @@ def plan_run(
     _check_environment(opts, os.environ)
     if snapshot and sys.version_info < (3, 11):
         raise SubmitError("--snapshot-code needs Python >= 3.11 (PYTHONSAFEPATH) in the job's environment")
+    if sys.version_info < (3, 11) and workdir != REPO_ROOT:
+        # PYTHONSAFEPATH (the script's) is 3.11's: before it, `python -m` imports the working directory's own
+        shadows = [name for name in SNAPSHOT_DIRS if (workdir / name / "__init__.py").is_file()]
+        if shadows:
+            raise SubmitError(
+                f"the working directory {workdir} holds {', '.join(shadows)}/ (another checkout?), which the job "
+                f"would import instead of {REPO_ROOT} on this Python ({sys.version.split()[0]}, no PYTHONSAFEPATH): "
+                "submit from that checkout's own tools/submit.py, or pass another --workdir"
+            )
     try:
         # The job starts in `workdir`: relative paths mean paths there, checked and saved as such.
         cfg = load_config(config, overrides, base_dir=workdir)

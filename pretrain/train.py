@@ -241,12 +241,16 @@ def train(
     save_checkpoints: bool = True,
 ) -> TrainResult:
     """Run (or resume) the training described by `cfg`; every rank calls it. `stop`: a handler
-    installed earlier (it keeps any signal already received), else one is installed now.
+    installed earlier (it keeps any signal already received; the caller closes it), else one is
+    installed now and closed on return.
     `loaders`: builds the data loaders (default `build_loader`; tests pass their own).
     `save_checkpoints=False` (benchmark and profile runs, nothing to resume): no checkpoint is
     written, also not at the last step, where a 373M memory model's would be ~18 GB."""
     # Installed first: a preemption signal during start-up must not kill the task, and
-    # data-loader workers started later inherit the handler.
+    # data-loader workers started later inherit the handler. A caller's `stop` stays installed
+    # (the CLI's until the process exits: a signal during the teardown after the loop would
+    # otherwise meet the default action, which kills the task and fails a finished job).
+    own_stop = stop is None
     stop = stop if stop is not None else StopSignal()
     lock = None  # of the run directory: rank 0 takes it before its first write there (pretrain/run_lock.py)
     try:
@@ -271,7 +275,8 @@ def train(
     finally:
         if lock is not None:
             lock.release()
-        stop.close()
+        if own_stop:
+            stop.close()
 
 
 def process_group_timeout(t) -> float:

@@ -848,3 +848,42 @@ def test_a_path_starting_with_a_tilde_is_the_home_directory(capsys, tmp_path, mo
     with pytest.raises(ConfigError, match="data.cache_dir='\\$HOME/cache' holds a shell variable"):
         load_config(TINY, ["data.cache_dir=$HOME/cache"])
     assert not (workdir / "$HOME").exists()
+
+
+def test_the_job_runs_the_submitting_checkout_not_a_package_in_its_working_directory(capsys, tmp_path):
+    """`python -m pretrain.train` puts the job's working directory first on sys.path, before PYTHONPATH:
+    submitted from another checkout (or any folder with a `pretrain/`), with the tool of this one, the
+    job ran that folder's trainer, not the code its config was checked with (seen on the test cluster:
+    'THIS IS THE OTHER CHECKOUT', exit 0). The script now sets PYTHONSAFEPATH=1 with or without a
+    code snapshot. Run here with a stand-in srun that executes the task's command line."""
+    workdir = tmp_path / "other-checkout"
+    (workdir / "pretrain").mkdir(parents=True)
+    marker = tmp_path / "ran-the-other-checkout"
+    (workdir / "pretrain" / "__init__.py").write_text("")
+    (workdir / "pretrain" / "train.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    rc, out, err = _dry_run(
+        capsys,
+        [
+            "--config",
+            TINY,
+            "--cpu",
+            f"train.run_dir={tmp_path}/run",
+            "--workdir",
+            str(workdir),
+            "--python",
+            sys.executable,
+        ],
+    )
+    assert rc == 0, err
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bindir / "srun").chmod(0o755)
+    (tmp_path / "job.sh").write_text(out)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1", "HOME": str(tmp_path)}
+    job = subprocess.run(
+        ["bash", str(tmp_path / "job.sh")], env=env, cwd=workdir, capture_output=True, text=True, timeout=300
+    )
+    assert not marker.exists(), "the job imported pretrain from its working directory"
+    # this checkout's trainer ran: it names the config the dry run did not write
+    assert f"config file {tmp_path}/run/config.yaml does not exist" in job.stderr, job.stderr[-2000:]

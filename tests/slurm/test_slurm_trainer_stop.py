@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -105,3 +107,33 @@ def test_stop_signals_to_the_data_loader_workers_leave_them_reading(tmp_path, da
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+def test_a_stop_signal_after_the_last_step_does_not_kill_the_finished_run(tmp_path, data_cache):
+    """The trainer put the default handlers back when its loop ended, before the process group's
+    barrier and teardown: USR1 there (the time limit's warning as the run finishes) killed the task
+    (USR1's default action), and srun failed the job of a finished run; SIGTERM likewise. The CLI's
+    handler now stays until the process exits. Here the signal comes right after train() returns."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, signal, sys\n"
+        "import pretrain.train as T\n"
+        "from pretrain.slurm import StopSignal\n"
+        "inner = T.train\n"
+        "def train(*args, **kwargs):\n"
+        "    result = inner(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), getattr(signal, sys.argv[1]))\n"
+        "    return result\n"
+        "T.train = train\n"
+        "sys.exit(T.main(sys.argv[2:], stop=StopSignal()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    for sig in ("SIGUSR1", "SIGTERM"):
+        run = tmp_path / sig
+        args = [*TINY, "train.max_steps=1", f"train.run_dir={run}", f"data.cache_dir={data_cache}"]
+        proc = subprocess.run(
+            [sys.executable, str(driver), sig, *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, (sig, proc.returncode, proc.stderr[-2000:])
+        assert "finished at step 1" in proc.stdout
