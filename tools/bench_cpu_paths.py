@@ -8,11 +8,14 @@ by call so that a shared machine's load hits both alike, and prints each one's m
   scoring_backward  the scoring's backward (memlayers::pkm_topk_backward, torch backend): the
                     dense score-gradient matmuls against the per-row embedding-bag sums
                     (kernels.ops.dense_half_key_grads picks one by shape)
+  rotary            RoPE forward+backward (pretrain.model.transformer.apply_rotary, one complex
+                    product) against the same rotation written out (selects, four products, stack)
 
   python tools/bench_cpu_paths.py                       # the demo's shape and two larger pools
   python tools/bench_cpu_paths.py --shapes 2048:4:128:16:64 --rounds 21 --json cpu_paths.json
 
-Shapes are T:H:n_keys:k:k_dim (T tokens: the demo's micro-batch is 16 x 128 = 2048). Pure timing,
+Shapes are T:H:n_keys:k:k_dim (T tokens: the demo's micro-batch is 16 x 128 = 2048); the rotary
+runs at the demo's (16, 128, 4 heads, head_dim 32), --rotary-shape B:S:H:head_dim. Pure timing,
 one thread (OMP_NUM_THREADS does not matter): nothing is asserted.
 """
 
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 from kernels import ops, reference  # noqa: E402
 from kernels.benchmark import write_results  # noqa: E402
 from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.model.transformer import apply_rotary, rotary_frequencies  # noqa: E402
 
 DEFAULT_SHAPES = ("2048:4:128:16:64", "2048:4:512:32:128", "2048:4:1024:32:256")
 
@@ -81,27 +85,64 @@ def scoring_backward_calls(T: int, H: int, n: int, k: int, k_dim: int) -> dict:
     return {"sparse": formulation(0), "dense": formulation(n)}
 
 
+def rotary_written_out(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """apply_rotary's rotation as it was written before (the baseline)."""
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]
+    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def rotary_calls(B: int, S: int, H: int, head_dim: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, S, H, head_dim, generator=g, requires_grad=True)
+    grad, freqs = torch.randn(x.shape, generator=g), rotary_frequencies(head_dim, S, 10000.0)
+
+    def forward_backward(rotate):
+        return lambda: torch.autograd.grad(rotate(x, freqs), x, grad)
+
+    return {"written_out": forward_backward(rotary_written_out), "complex": forward_backward(apply_rotary)}
+
+
+def rotary_shape(text: str) -> tuple[int, ...]:
+    parts = text.split(":")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[3]) % 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected B:S:H:head_dim, positive, head_dim even (e.g. 16:128:4:32)"
+        )
+    return tuple(map(int, parts))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=shape, nargs="+", default=[shape(s) for s in DEFAULT_SHAPES])
+    p.add_argument("--rotary-shape", type=rotary_shape, default=rotary_shape("16:128:4:32"))
     p.add_argument("--rounds", type=positive_int, default=11)
     p.add_argument("--json", type=output_file("cpu_paths.json"), default=None, help="also write every call's time")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    print("part              shape (T:H:n:k:k_dim)    first ms   second ms   second/first   (median CPU time)")
-    for T, H, n, k, k_dim in args.shapes:
-        times = cpu_times(scoring_backward_calls(T, H, n, k, k_dim), args.rounds)
+    print("part              shape                    first ms   second ms   second/first   (median CPU time)")
+
+    def report(part: str, label: str, calls: dict, **extra) -> None:
+        times = cpu_times(calls, args.rounds)
         (a, ta), (b, tb) = times.items()
         ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
-        label = f"{T}:{H}:{n}:{k}:{k_dim}"
-        chosen = "dense" if ops.dense_half_key_grads(n, k) else "sparse"
-        print(f"scoring_backward  {label:24s} {a} {ma:8.2f}  {b} {mb:8.2f}   {mb / ma:6.2f}x   (used: {chosen})")
-        rows.append(
-            {"part": "scoring_backward", "shape": label, "used": chosen, "median_ms": {a: ma, b: mb}, "times_s": times}
-        )
+        note = "".join(f"   ({key}: {value})" for key, value in extra.items())
+        print(f"{part:17s} {label:24s} {a} {ma:8.2f}  {b} {mb:8.2f}   {mb / ma:6.2f}x{note}")
+        rows.append({"part": part, "shape": label, **extra, "median_ms": {a: ma, b: mb}, "times_s": times})
+
+    for T, H, n, k, k_dim in args.shapes:
+        used = "dense" if ops.dense_half_key_grads(n, k) else "sparse"
+        report("scoring_backward", f"{T}:{H}:{n}:{k}:{k_dim}", scoring_backward_calls(T, H, n, k, k_dim), used=used)
+    report("rotary", ":".join(map(str, args.rotary_shape)), rotary_calls(*args.rotary_shape))
     if args.json:
-        write_results(args.json, "cpu", {"shapes": args.shapes, "rounds": args.rounds}, rows=rows)
+        write_results(
+            args.json,
+            "cpu",
+            {"shapes": args.shapes, "rotary_shape": args.rotary_shape, "rounds": args.rounds},
+            rows=rows,
+        )
     return 0
 
 

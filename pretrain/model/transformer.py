@@ -26,11 +26,14 @@ def rotary_frequencies(head_dim: int, max_seq_len: int, theta: float) -> torch.T
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of x (B, S, heads, head_dim) by the angles in freqs (S, head_dim // 2, 2)."""
-    xr = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]
-    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate pairs of x (B, S, heads, head_dim) by the angles in freqs (S, head_dim // 2, 2):
+    (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), in at least fp32 (freqs' dtype).
+
+    As one complex multiplication per pair, which torch vectorises in one kernel forward and
+    backward: the same products and sums as the written-out form (selects, four products and a
+    stack, ~12 kernels), at the demo's shape 0.18x its CPU time (tools/bench_cpu_paths.py)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * torch.view_as_complex(freqs)[:, None, :]).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):

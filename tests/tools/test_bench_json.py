@@ -136,13 +136,18 @@ def test_bench_cpu_paths_json_holds_every_call_time(tmp_path, capsys):
     from tools.bench_cpu_paths import main
 
     out = tmp_path / "cpu_paths.json"
-    assert main(["--shapes", "12:2:8:3:8", "64:2:64:2:8", "--rounds", "3", "--json", str(out)]) == 0
+    argv = ["--shapes", "12:2:8:3:8", "64:2:64:2:8", "--rotary-shape", "2:5:3:8", "--rounds", "3"]
+    assert main([*argv, "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     check_run_info(payload)
     rows = payload["rows"]
-    assert [(r["shape"], r["used"]) for r in rows] == [("12:2:8:3:8", "dense"), ("64:2:64:2:8", "sparse")]
-    for row in rows:
-        assert set(row["times_s"]) == {"sparse", "dense"} and all(len(t) == 3 for t in row["times_s"].values())
+    assert [(r["part"], r["shape"], r.get("used")) for r in rows] == [
+        ("scoring_backward", "12:2:8:3:8", "dense"),
+        ("scoring_backward", "64:2:64:2:8", "sparse"),
+        ("rotary", "2:5:3:8", None),
+    ]
+    for row, names in zip(rows, ({"sparse", "dense"},) * 2 + ({"written_out", "complex"},)):
+        assert set(row["times_s"]) == names and all(len(t) == 3 for t in row["times_s"].values())
         for name, times in row["times_s"].items():
             assert row["median_ms"][name] == pytest.approx(statistics.median(times) * 1e3)
     with pytest.raises(SystemExit):
