@@ -445,11 +445,23 @@ class Trainer:
 
     def step_batches(self, batches) -> tuple[list, DataError | None]:
         """The step's micro-batches, or none and the DataError this rank's loader raised (a shard
-        that turned out corrupt, under data.on_corrupt=error): `train_step` tells every rank."""
+        that turned out corrupt, under data.on_corrupt=error): `train_step` tells every rank. So is
+        a loader that failed otherwise: a worker killed (the kernel's OOM killer), a shard its node
+        cannot read (a stale network-filesystem handle); raised on this rank alone, the others
+        waited for it in the step's all-reduce until the hang watchdog fired."""
         try:
             return [self.next_batch(batches) for _ in range(self.micro_batches)], None
         except DataError as err:
             return [], err
+        except (OSError, RuntimeError) as err:  # torch's DataLoader: a dead worker is a RuntimeError
+            failure = DataError(f"the training data loader failed at step {self.state.step + 1}: {str(err).strip()}")
+            if "killed by signal" in str(err):
+                failure = DataError(
+                    f"{failure}; most often the kernel's out-of-memory killer (dmesg): fewer data.num_workers or a "
+                    "smaller data.shuffle_buffer need less memory"
+                )
+            failure.__cause__ = err  # its traceback, on this rank
+            return [], failure
 
     def next_batch(self, batches):
         """The next micro-batch; the time spent waiting for it is counted (perf/data_wait_fraction)."""

@@ -14,6 +14,26 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def write_failure(err: OSError, out_dir: Path) -> str:
+    """What an export that the filesystem refused says: the reason, the space left, the fix."""
+    import errno
+    import shutil
+
+    where = out_dir.resolve()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"; {shutil.disk_usage(where).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    reason = f"{err.strerror or err}{f' ({err.filename})' if err.filename else ''}{free}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space (the export needs about the size of its model.safetensors), or give another out_dir"
+    else:
+        fix = "fix that, or give another out_dir"
+    return f"could not export to {out_dir} ({reason}): nothing was left there; {fix}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="run directory, its checkpoints/ folder, or one checkpoints/step_XXXXXXXX")
@@ -36,6 +56,9 @@ def main(argv=None) -> int:
         )
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk or quota while writing (the unfinished folder is removed)
+        print(f"error: {write_failure(err, Path(args.out_dir))}", file=sys.stderr)
         return 2
     weights = (out / "model.safetensors").stat().st_size
     print(f"exported to {out} (model.safetensors {weights / 2**20:.1f} MiB)")

@@ -139,7 +139,10 @@ class StreamWriter:
         return self.path
 
     def abort(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # flushing what is buffered meets the full disk again: the first error is the one to see
+            pass
         discard(self.tmp)
 
     def __enter__(self) -> "StreamWriter":

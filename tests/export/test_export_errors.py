@@ -166,3 +166,24 @@ def test_a_training_run_given_as_an_export_is_named_with_the_export_command(tmp_
             average_exports([folder, folder], tmp_path / "avg")
     with pytest.raises(ExportError, match="no config.json"):  # any other folder: as before
         load(tmp_path / "runs")
+
+
+def test_a_full_disk_during_the_export_is_said_with_the_fix(run_copy, tmp_path, monkeypatch, capsys):
+    """The export's write meeting a full disk (or quota) ended tools/export.py with a traceback
+    (measured onto a full 120 KiB tmpfs: the abort's own close error, exit status 1). It says what
+    happened, the space left and the fix, exit status 2, and leaves nothing behind."""
+    import errno
+
+    import pretrain.export.safetensors_io as io
+    from tools import export as export_tool
+
+    def full_disk(self, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.StreamWriter, "write", full_disk)
+    out = tmp_path / "out"
+    assert export_tool.main([str(run_copy), str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert err.startswith(f"error: could not export to {out} (No space left on device; ")
+    assert "MiB free there): nothing was left there; free space" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))

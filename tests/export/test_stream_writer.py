@@ -57,3 +57,27 @@ def test_a_failing_close_leaves_the_previous_file_and_no_temporary(tmp_path, mon
             writer.write(torch.zeros(3, 2))
             writer.write(torch.zeros(4, dtype=torch.bfloat16))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"] and target.read_bytes() == b"previous"
+
+
+def test_a_full_disk_during_a_write_is_raised_as_it_was_and_leaves_nothing(tmp_path):
+    """A write meeting a full disk: the abort's close, flushing what was buffered, met it again and
+    raised its own error from inside the first one's handling, before the unfinished temporary was
+    removed (measured: tools/export.py onto a full 120 KiB tmpfs printed the close's traceback)."""
+    import errno
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device (write)")
+
+        def close(self):
+            self.fh.close()
+            raise OSError(errno.ENOSPC, "No space left on device (close)")
+
+    with pytest.raises(OSError, match=r"\(write\)"):
+        with StreamWriter(tmp_path / "w.safetensors", SPECS) as writer:
+            writer._fh = FullDisk(writer._fh)
+            writer.write(torch.zeros(3, 2))
+    assert list(tmp_path.iterdir()) == []
