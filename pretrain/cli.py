@@ -106,3 +106,26 @@ def output_folder(text: str) -> str:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder to write the results into")
     return text
+
+
+def torch_device(text: str) -> str:
+    """argparse type for --device: cpu, or cuda / cuda:N on a machine that has that GPU; refused at
+    the parse (torch refused a misspelt name, and CUDA lacking, only after the model loaded)."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give cpu, or cuda (cuda:N for GPU N)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: the tools run on cpu or cuda (cuda:N for GPU N)")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device torch can use: give cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {count} CUDA device{'s' if count > 1 else ''}: give cuda:0"
+                + (f" to cuda:{count - 1}" if count > 1 else "")
+            )
+    return "cpu" if parsed.type == "cpu" else text  # safetensors refuses "cpu:0"

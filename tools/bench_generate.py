@@ -126,6 +126,16 @@ def main(argv=None) -> int:
         batches = []
     if not batches or min(batches) < 1:
         parser.error(f"--batches {args.batches!r} must be comma-separated integers >= 1, e.g. 1,8")
+    if args.lm_eval:  # memlayers-eval refused a missing export or a run directory only after the timings
+        from pretrain.data import DataError
+        from pretrain.export import ExportError
+        from pretrain.export.loading import export_probes, export_tokenizer_path
+
+        try:
+            export_tokenizer_path(args.lm_eval)
+            export_probes(args.lm_eval)  # the fact tasks ask them
+        except (ExportError, DataError) as err:
+            parser.error(f"--lm-eval: {err}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

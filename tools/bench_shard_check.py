@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import positive_int  # noqa: E402
+from pretrain.cli import output_folder, positive_int  # noqa: E402
 from pretrain.data.checks import shard_problems  # noqa: E402
 
 SHARD_BYTES = 1024 * (2048 + 1) * 2 + 1024 * 16  # a real shard's tokens and metadata, about 4 MiB
@@ -44,9 +44,16 @@ def make_dataset(root: Path, shards: int) -> SimpleNamespace:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=positive_int, default=20000)
-    ap.add_argument("--dir", type=Path, default=None, help="where to make the dataset (a temporary folder if unset)")
+    ap.add_argument(
+        "--dir",
+        type=lambda text: Path(output_folder(text)),
+        default=None,
+        help="folder to make the dataset in, created if missing (a temporary folder if unset)",
+    )
     ap.add_argument("--repeats", type=positive_int, default=5)
     args = ap.parse_args(argv)
+    if args.dir is not None:  # tempfile raised FileNotFoundError for a folder not made yet
+        args.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         source = make_dataset(Path(tmp), args.shards)
         times = []

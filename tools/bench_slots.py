@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from kernels.benchmark import write_results  # noqa: E402
-from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
+from pretrain.cli import int_at_least, output_file, positive_int, torch_device  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.model import Transformer, language_model_loss  # noqa: E402
 from pretrain.slots import SlotStatistics, memory_layer_names  # noqa: E402
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per setting (each on and off)")
     p.add_argument("--warmup", type=int_at_least(0), default=2)
     p.add_argument("--granularity", type=granularity, default="document", help="document, sequence or chunk:<n>")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--n-keys",
         type=int_at_least(0, "0 = the config's n_keys"),

@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
+from pretrain.cli import int_at_least, output_file, output_folder, positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
 
 
@@ -289,7 +289,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed first steps per run (compilation)")
     parser.add_argument("--rounds", type=positive_int, default=2)
-    parser.add_argument("--data-cache", type=Path, default=Path(tempfile.gettempdir()) / "memlayers-bench-data")
+    parser.add_argument(
+        "--data-cache",
+        type=lambda t: Path(output_folder(t)),  # a file failed every variant, each after its start-up
+        default=Path(tempfile.gettempdir()) / "memlayers-bench-data",
+        help="folder for the prepared data (data.cache_dir)",
+    )
     parser.add_argument(
         "--json",
         type=lambda t: Path(output_file("bench.json")(t)),

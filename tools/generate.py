@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import fraction, int_at_least, non_negative_number, positive_int, positive_number  # noqa: E402
+from pretrain.cli import fraction, int_at_least, non_negative_number, positive_int, positive_number, torch_device  # noqa: E402
 
 positive_float = positive_number("1.0 = off")
 non_negative_int = int_at_least(0, "0 = off")
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         default=None,
         help="folder holding probes.jsonl (default: the export; or the embedded dataset folder)",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu, or cuda / cuda:N")
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute the whole sequence each step (slow; --prompt generation)"
     )

@@ -24,7 +24,7 @@ elif __package__ in (None, ""):
 
 
 def main(argv=None) -> int:
-    from pretrain.cli import int_at_least, positive_int
+    from pretrain.cli import int_at_least, output_folder, positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")
@@ -35,17 +35,23 @@ def main(argv=None) -> int:
         default=0,
         help="first steps left out of the summary (compilation, autotuning)",
     )
-    parser.add_argument("--trace-dir", default=None, help="where to write the trace (default <run_dir>/profile)")
+    parser.add_argument(
+        "--trace-dir", type=output_folder, default=None, help="where to write the trace (default <run_dir>/profile)"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
 
+    from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
+    from pretrain.data.errors import DataError
+    from pretrain.out_of_memory import OutOfMemory
     from pretrain.profiling import format_report, profile_training
 
     try:
         cfg = load_config(args.config, args.overrides)
         report = profile_training(cfg, args.steps, args.trace_dir, args.skip_steps)
-    except (ConfigError, ValueError) as err:
+    # the refusals the trainer's own main reports as errors (a run_dir that is a file: CheckpointError)
+    except (ConfigError, DataError, CheckpointError, OutOfMemory, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_report(report))

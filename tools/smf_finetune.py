@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import non_negative_number, positive_int, positive_number  # noqa: E402
+from pretrain.cli import non_negative_number, positive_int, positive_number, torch_device  # noqa: E402
 
 DEFAULT_LR = {"sparse": 2.0, "full": 1e-4, "lora": 1e-3}
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="accept a --table counted in another training run (same config and tokenizer) than the export's",
     )
     p.add_argument("--dataset-dir", default=None, help="pretraining dataset, for validation loss after each epoch")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=torch_device, default="cpu", help="cpu, or cuda / cuda:N")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     if args.method != "sparse":

@@ -34,11 +34,15 @@ def test_tiny_run_writes_json_into_a_new_folder(tmp_path):
         (["--batches", "1,x"], "--batches"),
         (["--batches", "0"], "--batches"),
         (["--json", "FOLDER"], "--json"),
+        # memlayers-eval refused these only after every timing round had run
+        (["--lm-eval", "FOLDER/missing"], "--lm-eval: no such export directory"),
+        (["--lm-eval", "RUN"], "is a training run or checkpoint, not an export"),
     ],
 )
 def test_bad_options_are_refused_before_the_benchmark(tmp_path, monkeypatch, capsys, extra, option):
     monkeypatch.setattr(bench, "build_models", lambda *a, **k: pytest.fail("models built"))
-    extra = [str(tmp_path) if word == "FOLDER" else word for word in extra]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    extra = [word.replace("FOLDER", str(tmp_path)).replace("RUN", str(tmp_path / "run")) for word in extra]
     with pytest.raises(SystemExit) as stop:
         bench.main(extra)
     assert stop.value.code == 2

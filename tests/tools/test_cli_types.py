@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import fraction, output_folder, positive_int, positive_number
+from pretrain.cli import fraction, output_folder, positive_int, positive_number, torch_device
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -74,6 +74,49 @@ def test_every_tool_that_saves_a_figure_parses_its_name_with_image_file():
     drawing += [TOOLS / "slot_report.py"]  # pretrain.slots.report.render_report saves it
     assert len(drawing) >= 4
     assert [p.name for p in drawing if "image_file(" not in p.read_text()] == []
+
+
+def test_torch_device_names_the_device_and_what_this_machine_has(monkeypatch, capsys):
+    """generate, smf_finetune and bench_slots --device nope failed with torch's or safetensors'
+    traceback after the export was loaded; --device cuda on a machine without one likewise."""
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", type=torch_device)
+    assert parser.parse_args(["--device", "cpu"]).device == "cpu"
+    assert parser.parse_args(["--device", "cpu:0"]).device == "cpu"  # safetensors refuses "cpu:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    cases = [
+        ("nope", "'nope' is not a device: give cpu, or cuda (cuda:N for GPU N)"),
+        ("meta", "meta: the tools run on cpu or cuda"),
+        ("cuda", "cuda: this machine has no CUDA device torch can use: give cpu"),
+    ]
+    for value, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--device", value])
+        assert exit_.value.code == 2 and f"argument --device: {message}" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parser.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "cuda:2"])
+    assert "cuda:2: this machine has 2 CUDA devices: give cuda:0 to cuda:1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "tool, argv",
+    [
+        ("generate", ["export", "--prompt", "hi"]),
+        ("smf_finetune", ["--export", "e", "--data", "d", "--out", "o"]),
+        ("bench_slots", ["--steps", "1"]),
+    ],
+)
+def test_tools_refuse_a_device_at_the_parse(tool, argv, capsys):
+    module = importlib.import_module(f"tools.{tool}")
+    with pytest.raises(SystemExit) as exit_:
+        (getattr(module, "parse_args", None) or module.main)([*argv, "--device", "nope"])
+    assert exit_.value.code == 2 and "argument --device: 'nope' is not a device" in capsys.readouterr().err
 
 
 def test_one_positive_number_for_every_tool():

@@ -56,6 +56,29 @@ def test_profile_tool_writes_trace_with_memory_regions(tmp_path, monkeypatch, ca
     assert "fact_recall" not in out
 
 
+def test_a_file_as_trace_dir_or_run_dir_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """--trace-dir naming a file trained and profiled, then crashed with FileExistsError; a
+    train.run_dir naming a file ended in the run lock's RunDirBusy traceback."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import pretrain.profiling as profiling
+    from tools.profile import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    monkeypatch.setattr(profiling, "profile_training", lambda *a: pytest.fail("the profile ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--steps", "1", "--trace-dir", str(a_file), f"train.run_dir={tmp_path / 'run'}"])
+    assert (
+        exit_.value.code == 2 and f"argument --trace-dir: {a_file} is a file, not a folder" in capsys.readouterr().err
+    )
+    monkeypatch.undo()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    run_dir_file = [*TINY, f"train.run_dir={a_file}", f"data.cache_dir={tmp_path / 'data'}"]
+    assert main(["--config", "configs/tiny.yaml", "--steps", "1", *run_dir_file]) == 2
+    assert "train.run_dir must be a writable folder" in capsys.readouterr().err
+    assert a_file.read_text() == "x"
+
+
 def test_profile_refuses_a_run_dir_with_checkpoints(tmp_path, capsys):
     from tools.profile import main
 
