@@ -132,7 +132,12 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     """
     flat_idx = indices.flatten(1)  # (T, H*K): explicit widths, so T = 0 works
     flat_w = weights.flatten(1)
-    table = values.float() if values.dtype in (torch.bfloat16, torch.float16) else values
+    table = values
+    if values.dtype in (torch.bfloat16, torch.float16):
+        # upcast only the rows read: a fp32 copy of the whole pool at every lookup made a bf16
+        # export's decoding ~90x slower (1M slots); the same rows in the same order, the same sums
+        read, flat_idx = flat_idx.unique(return_inverse=True)
+        table = values[read].float()
     out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w.to(table.dtype), mode="sum")
     return out.to(values.dtype)
 
