@@ -264,13 +264,18 @@ def _without_binary(found: list[Path], arg, option: str, relative_to: Path | Non
 
 
 def _binary_text_file(path: Path) -> bool:
-    """An uncompressed file read as text (by its suffix) whose first 8 KiB hold a NUL byte, as
-    grep and git tell binary files: no corpus text has one, a sentencepiece model or an image has."""
+    """A file read as text (by its suffix) whose first 8 KiB, decompressed, hold a NUL byte, as grep
+    and git tell binary files: no corpus text has one, a sentencepiece model, an image or a PDF has
+    (/usr/share/doc holds 7 compressed ones, such as valgrind/valgrind_manual.pdf.gz, 1.4 MB of PDF that
+    was read as a document)."""
     name = path.name.lower()
-    if _format_of(path, "auto") != "text" or name.endswith(COMPRESSED + _ARCHIVES + (".arrow",)):
+    if _format_of(path, "auto") != "text" or name.endswith(_ARCHIVES + (".arrow",)):
         return False  # archives and Arrow files are refused with their fix (_refuse_unreadable), not skipped
-    with open(path, "rb") as fh:
-        head = fh.read(8192)
+    try:
+        with _open_binary(path) as fh:
+            head = fh.read(8192)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, DataError):
+        return False  # a damaged compressed file is refused, naming it, when it is read
     return b"\0" in head and not head.startswith(_UTF16_BOMS)  # UTF-16 text is refused when read, not skipped
 
 

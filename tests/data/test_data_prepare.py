@@ -251,6 +251,34 @@ def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
 
 
+def test_a_compressed_binary_file_in_a_folder_is_skipped_like_an_uncompressed_one(tmp_path):
+    """Only uncompressed files were checked for binary content: /usr/share/doc's 7 compressed PDFs and
+    DVIs (valgrind/valgrind_manual.pdf.gz, 1.4 MB) were each read as a document of binary. The check
+    now reads the first 8 KiB decompressed; compressed text is read as before, and a damaged
+    compressed file is still refused by name, not skipped."""
+    import bz2
+    import lzma
+
+    corpus = tmp_path / "doc"
+    corpus.mkdir()
+    pdf = b"%PDF-1.5\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Length 42 >>\nstream\n\x00\x01\x02\x9c\x00endstream\n"
+    for name, pack in (
+        ("manual.pdf.gz", gzip.compress),
+        ("refcard.dvi.bz2", bz2.compress),
+        ("fig.png.xz", lzma.compress),
+    ):
+        (corpus / name).write_bytes(pack(pdf))
+    text = "A changelog, compressed as Debian ships them.\n"
+    (corpus / "changelog.gz").write_bytes(gzip.compress(text.encode()))
+    (corpus / "README").write_text("plain text\n")
+    with pytest.warns(UserWarning, match=r"skipped 3 file\(s\) that are not text \(fig.png.xz, manual.pdf.gz, refcard"):
+        assert list(iter_documents([corpus])) == ["plain text\n", text]
+    assert list(iter_documents([corpus / "manual.pdf.gz"])) == [pdf.decode("utf-8", "replace")]  # named: read
+    (corpus / "cut.gz").write_bytes(gzip.compress(text.encode() * 100)[:40])
+    with pytest.raises(DataError, match=r"cut.gz is not a complete gzip file"):
+        list(iter_documents([corpus]))
+
+
 def test_a_glob_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
     """--input 'corpus/*' (quoted, as for a corpus of many files) read the recipe's
     corpus/tokenizer.model as a text document (94 documents of the 93-document recipe corpus,
