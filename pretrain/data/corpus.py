@@ -106,6 +106,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
                 raise DataError(f"input pattern {p} matches no file: check {option}")
             files.extend(_without_binary(_without_links(matched, arg, option), arg, option))
         elif p.is_dir():
+            _refuse_prepared(p, option)
             found = _files_in(p)
             found = _without_links(found, arg, option, relative_to=p)
             found = _without_prepared(found, arg, option, p)
@@ -238,6 +239,21 @@ def _without_prepared(found: list[Path], arg, option: str, root: Path) -> list[P
         stacklevel=2,
     )
     return [f for f in found if not any(d in f.parents for d in prepared)]
+
+
+def _refuse_prepared(folder: Path, option: str) -> None:
+    """A prepared dataset named as the corpus (--input data/english): its shards are no text, and it
+    was skipped as prepared data inside the folder, leaving 'holds no files'. Refused naming what it is,
+    how to train on it, and the corpus its manifest records."""
+    manifest_path = folder / "manifest.json"
+    if not (manifest_path.is_file() and _is_manifest(manifest_path)):
+        return
+    inputs = json.loads(manifest_path.read_bytes()).get("creation", {}).get("inputs") or []
+    source = f"; it was prepared from {' '.join(map(str, inputs))}" if inputs else ""
+    raise DataError(
+        f"{option} {folder} is a prepared dataset (shards and a manifest.json), not corpus text{source}: "
+        f"pass the corpus itself to {option}, or train on the dataset as it is with data.dir={folder}"
+    )
 
 
 def _is_manifest(path: Path) -> bool:

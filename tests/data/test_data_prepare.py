@@ -233,6 +233,27 @@ def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
         assert list(iter_documents([corpus])) == alone
 
 
+def test_a_prepared_dataset_named_as_the_corpus_is_refused_naming_its_corpus(tmp_path, tokenizer, capsys):
+    """--input data/english (the prepared dataset, not the corpus) said only that the folder holds no
+    files, after a warning that it skipped the prepared data inside it ('.'). It is now refused naming
+    what the folder is, the corpus its manifest records and data.dir to train on it."""
+    corpus = tmp_path / "english.jsonl"
+    corpus.write_text("".join(f'{{"text": "document {i} of the corpus"}}\n' for i in range(30)))
+    data = tmp_path / "data" / "english"
+    prepare_corpus([corpus], data, 16, tokenizer_path=tokenizer.path, val_fraction=0.2, show_progress=False)
+    expected = (
+        f"--input {data} is a prepared dataset (shards and a manifest.json), not corpus text; it was prepared "
+        f"from {corpus}: pass the corpus itself to --input, or train on the dataset as it is with data.dir={data}"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=re.escape(expected)):
+            list(iter_documents([data]))
+    argv = ["--input", str(data), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "again")]
+    assert prepare_cli.main([*argv, "--no-progress"]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
 def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     """prepare_data resolves --input in several passes (output checks, the first-document probe, the
     tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
