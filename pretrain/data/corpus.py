@@ -106,6 +106,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
                 raise DataError(f"input pattern {p} matches no file: check {option}")
             files.extend(_without_binary(_without_links(matched, arg, option), arg, option))
         elif p.is_dir():
+            _refuse_prepared(p, option)
             found = _files_in(p)
             found = _without_links(found, arg, option, relative_to=p)
             found = _without_prepared(found, arg, option, p)
@@ -240,6 +241,21 @@ def _without_prepared(found: list[Path], arg, option: str, root: Path) -> list[P
     return [f for f in found if not any(d in f.parents for d in prepared)]
 
 
+def _refuse_prepared(folder: Path, option: str) -> None:
+    """A prepared dataset named as the corpus (--input data/english): its shards are no text, and it
+    was skipped as prepared data inside the folder, leaving 'holds no files'. Refused naming what it is,
+    how to train on it, and the corpus its manifest records."""
+    manifest_path = folder / "manifest.json"
+    if not (manifest_path.is_file() and _is_manifest(manifest_path)):
+        return
+    inputs = json.loads(manifest_path.read_bytes()).get("creation", {}).get("inputs") or []
+    source = f"; it was prepared from {' '.join(map(str, inputs))}" if inputs else ""
+    raise DataError(
+        f"{option} {folder} is a prepared dataset (shards and a manifest.json), not corpus text{source}: "
+        f"pass the corpus itself to {option}, or train on the dataset as it is with data.dir={folder}"
+    )
+
+
 def _is_manifest(path: Path) -> bool:
     try:
         manifest = json.loads(path.read_bytes())
@@ -264,13 +280,18 @@ def _without_binary(found: list[Path], arg, option: str, relative_to: Path | Non
 
 
 def _binary_text_file(path: Path) -> bool:
-    """An uncompressed file read as text (by its suffix) whose first 8 KiB hold a NUL byte, as
-    grep and git tell binary files: no corpus text has one, a sentencepiece model or an image has."""
+    """A file read as text (by its suffix) whose first 8 KiB, decompressed, hold a NUL byte, as grep
+    and git tell binary files: no corpus text has one, a sentencepiece model, an image or a PDF has
+    (/usr/share/doc holds 7 compressed ones, such as valgrind/valgrind_manual.pdf.gz, 1.4 MB of PDF that
+    was read as a document)."""
     name = path.name.lower()
-    if _format_of(path, "auto") != "text" or name.endswith(COMPRESSED + _ARCHIVES + (".arrow",)):
+    if _format_of(path, "auto") != "text" or name.endswith(_ARCHIVES + (".arrow",)):
         return False  # archives and Arrow files are refused with their fix (_refuse_unreadable), not skipped
-    with open(path, "rb") as fh:
-        head = fh.read(8192)
+    try:
+        with _open_binary(path) as fh:
+            head = fh.read(8192)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, DataError):
+        return False  # a damaged compressed file is refused, naming it, when it is read
     return b"\0" in head and not head.startswith(_UTF16_BOMS)  # UTF-16 text is refused when read, not skipped
 
 

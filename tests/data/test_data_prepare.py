@@ -233,6 +233,27 @@ def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
         assert list(iter_documents([corpus])) == alone
 
 
+def test_a_prepared_dataset_named_as_the_corpus_is_refused_naming_its_corpus(tmp_path, tokenizer, capsys):
+    """--input data/english (the prepared dataset, not the corpus) said only that the folder holds no
+    files, after a warning that it skipped the prepared data inside it ('.'). It is now refused naming
+    what the folder is, the corpus its manifest records and data.dir to train on it."""
+    corpus = tmp_path / "english.jsonl"
+    corpus.write_text("".join(f'{{"text": "document {i} of the corpus"}}\n' for i in range(30)))
+    data = tmp_path / "data" / "english"
+    prepare_corpus([corpus], data, 16, tokenizer_path=tokenizer.path, val_fraction=0.2, show_progress=False)
+    expected = (
+        f"--input {data} is a prepared dataset (shards and a manifest.json), not corpus text; it was prepared "
+        f"from {corpus}: pass the corpus itself to --input, or train on the dataset as it is with data.dir={data}"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=re.escape(expected)):
+            list(iter_documents([data]))
+    argv = ["--input", str(data), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "again")]
+    assert prepare_cli.main([*argv, "--no-progress"]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
 def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     """prepare_data resolves --input in several passes (output checks, the first-document probe, the
     tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
@@ -249,6 +270,34 @@ def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     done = subprocess.run([sys.executable, str(tool), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
+
+
+def test_a_compressed_binary_file_in_a_folder_is_skipped_like_an_uncompressed_one(tmp_path):
+    """Only uncompressed files were checked for binary content: /usr/share/doc's 7 compressed PDFs and
+    DVIs (valgrind/valgrind_manual.pdf.gz, 1.4 MB) were each read as a document of binary. The check
+    now reads the first 8 KiB decompressed; compressed text is read as before, and a damaged
+    compressed file is still refused by name, not skipped."""
+    import bz2
+    import lzma
+
+    corpus = tmp_path / "doc"
+    corpus.mkdir()
+    pdf = b"%PDF-1.5\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Length 42 >>\nstream\n\x00\x01\x02\x9c\x00endstream\n"
+    for name, pack in (
+        ("manual.pdf.gz", gzip.compress),
+        ("refcard.dvi.bz2", bz2.compress),
+        ("fig.png.xz", lzma.compress),
+    ):
+        (corpus / name).write_bytes(pack(pdf))
+    text = "A changelog, compressed as Debian ships them.\n"
+    (corpus / "changelog.gz").write_bytes(gzip.compress(text.encode()))
+    (corpus / "README").write_text("plain text\n")
+    with pytest.warns(UserWarning, match=r"skipped 3 file\(s\) that are not text \(fig.png.xz, manual.pdf.gz, refcard"):
+        assert list(iter_documents([corpus])) == ["plain text\n", text]
+    assert list(iter_documents([corpus / "manual.pdf.gz"])) == [pdf.decode("utf-8", "replace")]  # named: read
+    (corpus / "cut.gz").write_bytes(gzip.compress(text.encode() * 100)[:40])
+    with pytest.raises(DataError, match=r"cut.gz is not a complete gzip file"):
+        list(iter_documents([corpus]))
 
 
 def test_a_glob_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
