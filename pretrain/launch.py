@@ -322,6 +322,14 @@ def _check_options(opts: SlurmOptions) -> None:
                 "(#SBATCH values take no quotes)"
             ) from None
         for i, token in enumerate(tokens):
+            if not token.startswith("-") and (i == 0 or "=" in tokens[i - 1] or not tokens[i - 1].startswith("-")):
+                # not the value of an option given as `--mem 4G`: sbatch reads it as a directive of its own
+                name, _, value = tokens[i - 1].partition("=") if i else ("--comment", "", "")
+                example = " ".join([value, *tokens[i:]]) if i else "..."
+                raise SubmitError(
+                    f"--sbatch {line!r}: {token!r} is a word of its own after {tokens[i - 1] if i else 'nothing'}: "
+                    f"quote the value, e.g. --sbatch=\"{name}='{example}'\""
+                )
             name = _template_option(token)
             if name is not None:
                 raise SubmitError(

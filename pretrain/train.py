@@ -578,11 +578,14 @@ class Trainer:
         """A stop signal or train.stop_after: checkpoint (unless this step's is saved), then
         requeue on a preemption signal. True when the loop should end."""
         signalled = stop.should_stop()
-        if signalled and self.state.step >= self.cfg.train.max_steps:
-            # Finished, its last checkpoint written by run_periodic: a requeue would queue a job that
-            # only loads it (after waiting for all its nodes again) and ends.
+        step, t = self.state.step, self.cfg.train
+        if signalled and (step >= t.max_steps or step == t.stop_after):
+            # The run stops here anyway (finished: its last checkpoint written by run_periodic): a
+            # requeued job would wait for all its nodes again, then train nothing and end.
             self.metrics.line(
-                f"stop signal at step {self.state.step}, the run's last: the run is finished, not requeued"
+                f"stop signal at step {step}, the run's last: the run is finished, not requeued"
+                if step >= t.max_steps
+                else f"stop signal at step {step}, where train.stop_after stops the run: not requeued"
             )
             signalled = False
         if not (signalled or self.state.step == self.cfg.train.stop_after):

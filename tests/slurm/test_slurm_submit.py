@@ -280,6 +280,10 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
             '--sbatch "--comment=it\'s" cannot be split into words (No closing quotation): close its quotes',
         ),
         (["--sbatch=--comment=a\\"], "cannot be split into words (No escaped character)"),
+        (  # sbatch read "world" as a directive of its own and refused the job
+            ["--sbatch=--comment=hello world"],
+            "'world' is a word of its own after --comment=hello: quote the value, e.g. --sbatch=\"--comment='hello world'\"",
+        ),
         (
             ["--time", "3-00:00:00", "--signal-seconds", "70000"],
             "--signal-seconds=70000 exceeds 65535, the most Slurm's --signal accepts",

@@ -61,6 +61,17 @@ def test_usr1_at_the_last_step_does_not_requeue_the_finished_run(tmp_path, data_
     out = capsys.readouterr().out
     assert "stop signal at step 1, the run's last: the run is finished, not requeued" in out, out[-2000:]
 
+    # train.stop_after (a time slice) stops there anyway: a requeued job would resume at that step and
+    # train nothing ("train.stop_after=1 is not after step 1"), after its wait in the queue
+    cfg = load_config(None, [*TINY, f"train.run_dir={tmp_path / 'slice'}", f"data.cache_dir={data_cache}"])
+    cfg.train.max_steps, cfg.train.stop_after = 3, 1
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        result = train(cfg, stop)
+    assert not calls.exists(), calls.read_text()
+    assert (result.step, result.stopped_by_signal, result.requeued) == (1, False, False)
+    assert "stop signal at step 1, where train.stop_after stops the run: not requeued" in capsys.readouterr().out
+
 
 def _children() -> set[int]:
     me = str(os.getpid())
