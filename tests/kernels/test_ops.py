@@ -178,6 +178,22 @@ def test_cpu_row_topk_equals_a_stable_descending_sort(n, k, dtype, cpu_ops_built
     assert torch.equal(cpu_ops.row_topk_indices(x.t().contiguous().t(), k), want)  # a strided view
 
 
+def test_cpu_row_topk_splits_rows_over_threads_with_the_same_result(cpu_ops_built):
+    """row_topk runs its rows on torch's intra-op threads (the demo's 2 cores): 1, 2 and 3 threads
+    give the stable descending sort's first k, whatever range each thread takes."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2000, 128, generator=g)
+    x[::7] = x[::7].round()  # ties in some rows
+    want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :16]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(cpu_ops.row_topk_indices(x, 16), want), threads
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n, k", [(4096, 32), (2048, 33), (256, 32), (1001, 8)])
 def test_half_topk_gives_topks_values_and_gradients(n, k):
     """`half_topk` (the compiled op on CPU) gives torch.topk's values bitwise, descending, on distinct
