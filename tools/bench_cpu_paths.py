@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         rows.append({"part": part, "shape": label, **extra, "median_ms": {a: ma, b: mb}, "times_s": times})
 
     for T, H, n, k, k_dim in args.shapes:
-        used = "dense" if ops.dense_half_key_grads(n, k) else "sparse"
+        used = "dense" if ops.dense_half_key_grads(n, k, torch.device("cpu")) else "sparse"
         report("scoring_backward", f"{T}:{H}:{n}:{k}:{k_dim}", scoring_backward_calls(T, H, n, k, k_dim), used=used)
     if cpu_ops.available():
         T, H, n, k, _ = args.shapes[0]
