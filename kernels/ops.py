@@ -37,12 +37,14 @@ from kernels.reference import BagLayout, bag_layout, score_chunk_rows
 # multiplied, rather than summed per key row, while n_keys is at most this many times k: at the
 # demo's shape (n_keys 128, k 16, 2048 tokens) 3.7x faster on CPU, at 512 keys and k 32 2.1x, at
 # 1024 keys and k 32 1.05x slower (tools/bench_cpu_paths.py times both).
+# CPU only: on an accelerator the dense scatter would add with atomics (gradients no longer
+# bitwise reproducible), and there the sparse path was measured as it is.
 DENSE_KEY_GRAD_MAX_KEYS_PER_K = 16
 
 
-def dense_half_key_grads(n_keys: int, k: int) -> bool:
-    """Whether `_pkm_topk_backward_gathered` takes the dense formulation for this shape."""
-    return n_keys <= DENSE_KEY_GRAD_MAX_KEYS_PER_K * k
+def dense_half_key_grads(n_keys: int, k: int, device: torch.device) -> bool:
+    """Whether `_pkm_topk_backward_gathered` takes the dense formulation for this shape and device."""
+    return torch.device(device).type == "cpu" and n_keys <= DENSE_KEY_GRAD_MAX_KEYS_PER_K * k
 
 
 def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indices):
@@ -51,7 +53,7 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     score_j = q1 . keys1[h, i1_j] + q2 . keys2[h, i2_j] (i1 = index // n, i2 = index % n);
     the softmax backward gives d score, and per half d q_half and d keys_half are the
     selected rows' sums weighted by d score. Two formulations of the same sums (they differ
-    in fp32 rounding only): `_half_key_grads_dense` for few keys per selected slot
+    in fp32 rounding only): `_half_key_grads_dense` on CPU for few keys per selected slot
     (`dense_half_key_grads`), `_half_key_grads_sparse` otherwise.
     """
     H, n, half = keys1.shape
@@ -60,7 +62,7 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     w, g = weights.to(acc), grad_weights.to(acc)
     dscore = w * (g - (g * w).sum(-1, keepdim=True))  # (T, H, k)
     halves = ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n))
-    grad_fn = _half_key_grads_dense if dense_half_key_grads(n, k) else _half_key_grads_sparse
+    grad_fn = _half_key_grads_dense if dense_half_key_grads(n, k, query.device) else _half_key_grads_sparse
     (dq1, dk1), (dq2, dk2) = (grad_fn(part.to(acc), keys.to(acc), rows, dscore) for part, keys, rows in halves)
     return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
 

@@ -8,6 +8,8 @@ by call so that a shared machine's load hits both alike, and prints each one's m
   scoring_backward  the scoring's backward (memlayers::pkm_topk_backward, torch backend): the
                     dense score-gradient matmuls against the per-row embedding-bag sums
                     (kernels.ops.dense_half_key_grads picks one by shape)
+  row_topk          the compiled half-key top-k (kernels/csrc/row_topk.cpp) on 1 thread and on
+                    --threads (default 2, the demo's cores): wall time, the rows split over threads
   rotary            RoPE forward+backward (pretrain.model.transformer.apply_rotary, one complex
                     product) against the same rotation written out (selects, four products, stack)
 
@@ -16,7 +18,7 @@ by call so that a shared machine's load hits both alike, and prints each one's m
 
 Shapes are T:H:n_keys:k:k_dim (T tokens: the demo's micro-batch is 16 x 128 = 2048); the rotary
 runs at the demo's (16, 128, 4 heads, head_dim 32), --rotary-shape B:S:H:head_dim. Pure timing,
-one thread (OMP_NUM_THREADS does not matter): nothing is asserted.
+one thread (OMP_NUM_THREADS does not matter) but row_topk's second column: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from kernels import ops, reference  # noqa: E402
+from kernels import cpu_ops, ops, reference  # noqa: E402
 from kernels.benchmark import write_results  # noqa: E402
 from pretrain.cli import output_file, positive_int  # noqa: E402
 from pretrain.model.transformer import apply_rotary, rotary_frequencies  # noqa: E402
@@ -52,16 +54,17 @@ def shape(text: str) -> tuple[int, ...]:
     return T, H, n, k, k_dim
 
 
-def cpu_times(calls: dict, rounds: int) -> dict[str, list[float]]:
-    """CPU seconds of each call per round, the calls alternated within each round (one warm-up)."""
+def cpu_times(calls: dict, rounds: int, clock=time.thread_time) -> dict[str, list[float]]:
+    """CPU seconds (or `clock`'s) of each call per round, the calls alternated within each round
+    (one warm-up)."""
     for fn in calls.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            start = time.thread_time()
+            start = clock()
             fn()
-            times[name].append(time.thread_time() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -104,6 +107,22 @@ def rotary_calls(B: int, S: int, H: int, head_dim: int) -> dict:
     return {"written_out": forward_backward(rotary_written_out), "complex": forward_backward(apply_rotary)}
 
 
+def row_topk_calls(T: int, H: int, n: int, k: int, threads: int) -> dict:
+    scores = torch.randn(H, T, n, generator=torch.Generator().manual_seed(0))
+
+    def on(count: int):
+        def call():
+            torch.set_num_threads(count)
+            try:
+                cpu_ops.row_topk_indices(scores, k)
+            finally:
+                torch.set_num_threads(1)
+
+        return call
+
+    return {"1_thread": on(1), f"{threads}_threads": on(threads)}
+
+
 def rotary_shape(text: str) -> tuple[int, ...]:
     parts = text.split(":")
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[3]) % 2:
@@ -117,6 +136,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=shape, nargs="+", default=[shape(s) for s in DEFAULT_SHAPES])
     p.add_argument("--rotary-shape", type=rotary_shape, default=rotary_shape("16:128:4:32"))
+    p.add_argument("--threads", type=positive_int, default=2, help="row_topk's threads beside 1")
     p.add_argument("--rounds", type=positive_int, default=11)
     p.add_argument("--json", type=output_file("cpu_paths.json"), default=None, help="also write every call's time")
     args = p.parse_args(argv)
@@ -124,8 +144,8 @@ def main(argv=None) -> int:
     rows = []
     print("part              shape                    first ms   second ms   second/first   (median CPU time)")
 
-    def report(part: str, label: str, calls: dict, **extra) -> None:
-        times = cpu_times(calls, args.rounds)
+    def report(part: str, label: str, calls: dict, clock=time.thread_time, **extra) -> None:
+        times = cpu_times(calls, args.rounds, clock)
         (a, ta), (b, tb) = times.items()
         ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
         note = "".join(f"   ({key}: {value})" for key, value in extra.items())
@@ -133,14 +153,18 @@ def main(argv=None) -> int:
         rows.append({"part": part, "shape": label, **extra, "median_ms": {a: ma, b: mb}, "times_s": times})
 
     for T, H, n, k, k_dim in args.shapes:
-        used = "dense" if ops.dense_half_key_grads(n, k) else "sparse"
+        used = "dense" if ops.dense_half_key_grads(n, k, torch.device("cpu")) else "sparse"
         report("scoring_backward", f"{T}:{H}:{n}:{k}:{k_dim}", scoring_backward_calls(T, H, n, k, k_dim), used=used)
+    if cpu_ops.available():
+        T, H, n, k, _ = args.shapes[0]
+        calls = row_topk_calls(T, H, n, k, args.threads)
+        report("row_topk", f"{T}:{H}:{n}:{k}", calls, clock=time.perf_counter, time="wall")
     report("rotary", ":".join(map(str, args.rotary_shape)), rotary_calls(*args.rotary_shape))
     if args.json:
         write_results(
             args.json,
             "cpu",
-            {"shapes": args.shapes, "rotary_shape": args.rotary_shape, "rounds": args.rounds},
+            {"shapes": args.shapes, "rotary_shape": args.rotary_shape, "threads": args.threads, "rounds": args.rounds},
             rows=rows,
         )
     return 0

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -197,12 +198,17 @@ at::Tensor row_topk(const at::Tensor& scores, int64_t k) {
   at::Tensor out = at::empty({rows, k}, x.options().dtype(at::kLong));
   // 2k blocks: for random scores ~1.4k of them then pass the threshold
   const int64_t width = std::max<int64_t>(1, n / (2 * k));
+  // rows are independent: split over torch's intra-op threads (the demo's 2 cores), each
+  // range with its own scratch, so the result does not depend on the thread count
+  const int64_t grain = std::max<int64_t>(1, 65536 / n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "row_topk", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* base = x.const_data_ptr<scalar_t>();
     int64_t* out_base = out.mutable_data_ptr<int64_t>();
-    Scratch<acc_t> scratch;
-    for (int64_t r = 0; r < rows; ++r) topk_row(base + r * n, n, k, width, scratch, out_base + r * k);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      Scratch<acc_t> scratch;
+      for (int64_t r = begin; r < end; ++r) topk_row(base + r * n, n, k, width, scratch, out_base + r * k);
+    });
   });
   return out;
 }

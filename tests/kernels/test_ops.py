@@ -76,10 +76,13 @@ def test_scoring_backward_formulations_match_float64_autograd(formulation, monke
 
 
 def test_the_demo_scoring_backward_takes_the_dense_formulation():
-    """configs/tiny.yaml (128 keys, k 16): the dense formulation (3.7x faster there on CPU,
+    """configs/tiny.yaml (128 keys, k 16) on CPU: the dense formulation (3.7x faster there on CPU,
     tools/bench_cpu_paths.py); the paper's 1024 keys at k 32 keep the sparse one."""
-    assert ops.dense_half_key_grads(128, 16) and ops.dense_half_key_grads(512, 32)
-    assert not ops.dense_half_key_grads(1024, 32) and not ops.dense_half_key_grads(4096, 16)
+    cpu = torch.device("cpu")
+    assert ops.dense_half_key_grads(128, 16, cpu) and ops.dense_half_key_grads(512, 32, cpu)
+    assert not ops.dense_half_key_grads(1024, 32, cpu) and not ops.dense_half_key_grads(4096, 16, cpu)
+    # an accelerator keeps the sorted sums: a dense scatter there adds with atomics (not reproducible)
+    assert not ops.dense_half_key_grads(128, 16, torch.device("cuda"))
 
 
 def test_opcheck_schema_fake_and_autograd():
@@ -176,6 +179,22 @@ def test_cpu_row_topk_equals_a_stable_descending_sort(n, k, dtype, cpu_ops_built
     want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
     assert torch.equal(got, want)
     assert torch.equal(cpu_ops.row_topk_indices(x.t().contiguous().t(), k), want)  # a strided view
+
+
+def test_cpu_row_topk_splits_rows_over_threads_with_the_same_result(cpu_ops_built):
+    """row_topk runs its rows on torch's intra-op threads (the demo's 2 cores): 1, 2 and 3 threads
+    give the stable descending sort's first k, whatever range each thread takes."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2000, 128, generator=g)
+    x[::7] = x[::7].round()  # ties in some rows
+    want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :16]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(cpu_ops.row_topk_indices(x, 16), want), threads
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("n, k", [(4096, 32), (2048, 33), (256, 32), (1001, 8)])

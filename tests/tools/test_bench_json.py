@@ -130,7 +130,7 @@ def test_bench_parallel_json_holds_every_ranks_step_times(tmp_path, monkeypatch,
     assert f"W=2 P=2: {medians[(2, 2)] / base:.2f}x" in printed
 
 
-def test_bench_cpu_paths_json_holds_every_call_time(tmp_path, capsys):
+def test_bench_cpu_paths_json_holds_every_call_time(tmp_path, capsys, cpu_ops_built):
     """tools/bench_cpu_paths.py: both formulations' CPU times per round, their medians as printed,
     the formulation kernels.ops picks; a malformed shape is refused when parsed, naming the form."""
     from tools.bench_cpu_paths import main
@@ -144,9 +144,12 @@ def test_bench_cpu_paths_json_holds_every_call_time(tmp_path, capsys):
     assert [(r["part"], r["shape"], r.get("used")) for r in rows] == [
         ("scoring_backward", "12:2:8:3:8", "dense"),
         ("scoring_backward", "64:2:64:2:8", "sparse"),
+        ("row_topk", "12:2:8:3", None),
         ("rotary", "2:5:3:8", None),
     ]
-    for row, names in zip(rows, ({"sparse", "dense"},) * 2 + ({"written_out", "complex"},)):
+    compared = ({"sparse", "dense"},) * 2 + ({"1_thread", "2_threads"}, {"written_out", "complex"})
+    assert rows[2]["time"] == "wall"
+    for row, names in zip(rows, compared):
         assert set(row["times_s"]) == names and all(len(t) == 3 for t in row["times_s"].values())
         for name, times in row["times_s"].items():
             assert row["median_ms"][name] == pytest.approx(statistics.median(times) * 1e3)
