@@ -134,10 +134,15 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     flat_w = weights.flatten(1)
     table = values
     if values.dtype in (torch.bfloat16, torch.float16):
-        # upcast only the rows read: a fp32 copy of the whole pool at every lookup made a bf16
-        # export's decoding ~90x slower (1M slots); the same rows in the same order, the same sums
-        read, flat_idx = flat_idx.unique(return_inverse=True)
-        table = values[read].float()
+        # Lookups of fewer entries than half the pool (decoding, small batches) upcast only the rows
+        # they read: a fp32 copy of the whole pool per lookup made a bf16 export's decoding ~90x
+        # slower at 1M slots. Past that the sort in unique() costs more than the copy (one CPU
+        # thread, 1M x 128: break-even at ~0.55 entries per slot). Both give the same sums bit for bit.
+        if 2 * flat_idx.numel() < values.shape[0]:
+            read, flat_idx = flat_idx.unique(return_inverse=True)
+            table = values[read].float()
+        else:
+            table = values.float()
     out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w.to(table.dtype), mode="sum")
     return out.to(values.dtype)
 

@@ -112,3 +112,9 @@ def test_low_precision_bag_upcasts_only_the_rows_read(dtype):
     assert torch.equal(got, whole.to(dtype))
     empty = reference.embedding_bag(table, indices[:0], weights[:0])
     assert empty.shape == (0, 8) and empty.dtype == dtype
+    # a lookup of more entries than half the pool upcasts the whole pool (cheaper than sorting them)
+    small = table[:400]
+    whole = torch.nn.functional.embedding_bag(
+        indices.flatten(1) % 400, small.float(), per_sample_weights=weights.flatten(1).float(), mode="sum"
+    )
+    assert torch.equal(reference.embedding_bag(small, indices % 400, weights), whole.to(dtype))
