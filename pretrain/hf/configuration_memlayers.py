@@ -7,6 +7,17 @@ forward needs (head dim, FFN width, value width) with the same rules as training
 
 from transformers import PretrainedConfig
 
+# Set from "model" below. save_pretrained writes every attribute, so a reload meets them again
+# beside "model": the memlayers-only ones are not written (one copy); the names transformers and
+# other tools read (hidden_size...) are, and any copy must agree with "model" (else editing
+# "model" alone would be silently overridden by the copy).
+OWN_SETTINGS = (
+    "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "max_seq_len", "rope_theta",
+    "norm_eps", "tie_embeddings", "memory_layers", "memory_n_keys", "memory_heads", "memory_k",
+    "memory_k_dim", "memory_v_dim", "memory_qk_norm", "memory_shared_values",
+)  # fmt: skip
+HF_SETTINGS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+
 
 class MemlayersConfig(PretrainedConfig):
     model_type = "memlayers"
@@ -41,9 +52,26 @@ class MemlayersConfig(PretrainedConfig):
         self.memory_v_dim = int(memory.get("v_dim", 0)) or self.dim
         self.memory_qk_norm = bool(memory.get("qk_norm", True))
         self.memory_shared_values = bool(memory.get("shared_values", True))
+        copies = {name: kwargs.pop(name) for name in OWN_SETTINGS + HF_SETTINGS if name in kwargs}
+        disagree = [
+            f"{name}={value!r} (model gives {getattr(self, name)!r})"
+            for name, value in copies.items()
+            if value != getattr(self, name)
+        ]
+        if disagree:
+            raise ValueError(
+                f'config.json: {", ".join(disagree)} beside "model" disagree with it; the model is built '
+                'from "model": edit the setting there and remove these top-level copies (or make them agree)'
+            )
         self.use_cache = use_cache  # transformers 5 reads it from the model config, not the base class
         kwargs.setdefault("tie_word_embeddings", False)  # both matrices are stored; loading keeps them equal
         super().__init__(**kwargs)
+
+    def to_dict(self):
+        out = super().to_dict()
+        for name in OWN_SETTINGS:
+            out.pop(name, None)
+        return out
 
     @property
     def num_value_tables(self) -> int:
