@@ -865,16 +865,16 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
         cfg = load_config(config_path, overrides)
     except (ConfigError, DataError) as err:
         refusal = err
-    if launched_world_size() == 1:
-        if refusal is not None:
-            raise refusal
-        return cfg
-    clear_stale_build_locks()  # as train() does before the process group: a killed op build would hang it
     try:
+        if launched_world_size() == 1:
+            if refusal is not None:
+                raise refusal
+            return cfg
+        clear_stale_build_locks()  # as train() does before the process group: a killed op build would hang it
         init_distributed(process_group_timeout((cfg or RunConfig()).train))  # the defaults' where refused
-    except Exception:
-        if refusal is not None:
-            raise refusal from None  # this rank's own reason first
+    except Exception as err:
+        if refusal is not None and err is not refusal:
+            raise refusal from None  # this rank's own reason first (a launcher's environment may be wrong too)
         raise
     share_refusal(refusal, (ConfigError, DataError))
     return cfg
