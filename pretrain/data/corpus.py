@@ -88,10 +88,10 @@ def _files_in(root: Path) -> list[Path]:
     return [root.joinpath(*parts) for parts in sorted(found)]  # Paths compare by their parts
 
 
-def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path]:
+def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "auto") -> list[Path]:
     """Expand directories (sorted, recursive; hidden files and folders skipped) and glob patterns
     (sorted); check that every path exists. `option`: the command-line flag the paths came from,
-    named in the errors."""
+    named in the errors; `fmt`: the --format they are read with (auto: each file's by its suffix)."""
     if not paths:
         raise DataError(f"no input paths given: pass {option} <file or directory> ...")
     files: list[Path] = []
@@ -113,7 +113,8 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             found = _without_binary(found, arg, option, relative_to=p)
             for f in found:
                 _refuse_unreadable(f, option)
-            _warn_of_mixed_formats(found, arg, option, p)
+            if fmt == "auto":  # a --format reads every file alike: no file is read otherwise than meant
+                _warn_of_mixed_formats(found, arg, option, p)
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
@@ -521,7 +522,7 @@ def iter_documents(
     if fmt not in FORMATS:
         raise DataError(f"format {fmt!r} must be one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else CorpusStats()
-    files = resolve_files(paths) if files is None else files
+    files = resolve_files(paths, fmt=fmt) if files is None else files
 
     repaired_before, repaired_files = stats.non_utf8_documents, []
 

@@ -304,7 +304,7 @@ def prepare_corpus(
 ) -> dict:
     """Real corpus -> dataset. Trains a tokenizer on a sample when `tokenizer_path` is None."""
     check_settings(seq_len, val_fraction, sequences_per_shard)
-    files = resolve_files(inputs)  # once for every pass: missing inputs fail here, before any work
+    files = resolve_files(inputs, fmt=fmt)  # once for every pass: missing inputs fail here, before any work
     check_output_dir(out_dir, inputs, overwrite, files=files)
     probe = CorpusStats()
     if next(iter_documents(inputs, fmt, text_field, probe, files=files), None) is None:

@@ -28,6 +28,7 @@ from pretrain.data import (
 )
 from pretrain.data import prepare as prepare_mod
 from pretrain.data.corpus import resolve_files
+from pretrain.data.prepare import check_output_dir
 from pretrain.data.shards import read_blocks
 from pretrain.data.synthetic import ATTRIBUTES, build_fact_world
 from tools import prepare_data as prepare_cli
@@ -233,11 +234,12 @@ def test_a_preparation_lists_its_input_folder_once(tmp_path, tokenizer, monkeypa
     assert manifest["documents"] == 30
 
 
-def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path):
+def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path, tokenizer):
     """A Hugging Face dataset downloaded with --local-dir keeps its card, README.md, beside
     data/*.jsonl or *.parquet: --input of the folder read the card (YAML front matter and all) as one
     more training document, without a word. It is still read (a folder may mix them on purpose), with
-    a warning naming it and a glob that leaves it out, which reads the records alone."""
+    a warning naming it and a glob that leaves it out, which reads the records alone. Under --format
+    text every file is one document, as it means: no warning (it claimed JSONL files were read)."""
     root = tmp_path / "hf"
     (root / "data").mkdir(parents=True)
     (root / "data" / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
@@ -248,6 +250,12 @@ def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path):
     with pytest.warns(UserWarning, match=re.escape(f"(e.g. '{glob}')")):
         resolve_files([root])
     assert list(iter_documents([glob])) == ["one", "two"]
+    with warnings.catch_warnings():  # --format text reads every file as one document, as it says
+        warnings.simplefilter("error")  # (it claimed the records and advised a glob of them)
+        assert len(list(iter_documents([root], "text"))) == 2
+        check_output_dir(tmp_path / "ds", [root], files=resolve_files([root], fmt="text"))
+        prepare_mod.prepare_corpus([root], tmp_path / "ds", 8, tokenizer_path=tokenizer.path, fmt="text",
+                                   val_fraction=0.5, show_progress=False)  # fmt: skip
     (root / "README.md").unlink()
     (root / "notes.txt").write_text("a text corpus of text files only is not warned of\n")
     (root / "data" / "train.jsonl").unlink()
