@@ -124,6 +124,22 @@ def brute_force_topk(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tens
     return scores.softmax(dim=-1), indices
 
 
+def fp32_rows_read(values: torch.Tensor, flat_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, rows) to read a bf16/fp16 pool in fp32: table[rows] == values[flat_idx].float().
+    Other dtypes come back as they are.
+
+    Lookups of fewer entries than half the pool (decoding, small batches) upcast only the rows
+    they read: a fp32 copy of the whole pool per lookup made a bf16 export's decoding ~90x
+    slower at 1M slots. Past that the sort in unique() costs more than the copy (one CPU
+    thread, 1M x 128: break-even at ~0.55 entries per slot). Both give the same sums bit for bit."""
+    if values.dtype not in (torch.bfloat16, torch.float16):
+        return values, flat_idx
+    if 2 * flat_idx.numel() < values.shape[0]:
+        read, rows = flat_idx.unique(return_inverse=True)
+        return values[read].float(), rows
+    return values.float(), flat_idx
+
+
 def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the selected value rows per token, over heads and slots: (T, d).
 
@@ -132,17 +148,7 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     """
     flat_idx = indices.flatten(1)  # (T, H*K): explicit widths, so T = 0 works
     flat_w = weights.flatten(1)
-    table = values
-    if values.dtype in (torch.bfloat16, torch.float16):
-        # Lookups of fewer entries than half the pool (decoding, small batches) upcast only the rows
-        # they read: a fp32 copy of the whole pool per lookup made a bf16 export's decoding ~90x
-        # slower at 1M slots. Past that the sort in unique() costs more than the copy (one CPU
-        # thread, 1M x 128: break-even at ~0.55 entries per slot). Both give the same sums bit for bit.
-        if 2 * flat_idx.numel() < values.shape[0]:
-            read, flat_idx = flat_idx.unique(return_inverse=True)
-            table = values[read].float()
-        else:
-            table = values.float()
+    table, flat_idx = fp32_rows_read(values, flat_idx)
     out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w.to(table.dtype), mode="sum")
     return out.to(values.dtype)
 
