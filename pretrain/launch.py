@@ -428,6 +428,7 @@ class PreparedRun:
     config_text: str
     code_dir: Path
     created_dir: bool = False  # run_dir did not exist before
+    created_top: Path | None = None  # the outermost folder materialise() created: run_dir or a parent
     created_paths: list[Path] = field(default_factory=list)
     replaced_code: Path | None = None  # previous snapshot kept until the submission succeeds
     replaced_config: str | None = None  # the run's config before a --resume changed it, for rollback
@@ -684,8 +685,11 @@ def _copy_code(dest: Path) -> None:
 def materialise(plan: PreparedRun) -> None:
     """Create the run directory, resolved config, log folder, code snapshot and script."""
     if not plan.run_dir.exists():
+        top = plan.run_dir
+        while not top.parent.exists():
+            top = top.parent
         plan.run_dir.mkdir(parents=True)
-        plan.created_dir = True
+        plan.created_dir, plan.created_top = True, top
     logs = plan.run_dir / LOG_DIR
     if not logs.exists():
         logs.mkdir()
@@ -712,7 +716,7 @@ def materialise(plan: PreparedRun) -> None:
 def rollback(plan: PreparedRun) -> None:
     """Remove what materialise() created (all of it for a new run directory)."""
     if plan.created_dir:
-        shutil.rmtree(plan.run_dir, ignore_errors=True)
+        shutil.rmtree(plan.created_top or plan.run_dir, ignore_errors=True)
         return
     for path in reversed(plan.created_paths):
         if path.is_dir():

@@ -279,6 +279,17 @@ def train(
             stop.close()
 
 
+def leave_dead_workers_to_the_loader() -> None:
+    """torch's DataLoader installs, once per process, a SIGCHLD handler that raises a dead worker's
+    error wherever the main thread is, inside a collective too, where that rank alone left the
+    others waiting for it (measured: raised from the slot statistics' all-reduce). Marked as
+    installed, it is not: the loader finds the dead worker itself, within 5 s, in the wait for the
+    next batch, where `Trainer.step_batches` tells every rank."""
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True
+
+
 def process_group_timeout(t) -> float:
     """Seconds a collective may wait: longer than any allowance of the hang watchdog, so that a
     hang is reported by the watchdog (with stacks) and not by a collective's timeout error, and
@@ -368,6 +379,7 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
+        leave_dead_workers_to_the_loader()
         batches = iter(self.train_loader)
         self.memory.reset(f"training began at step {self.state.step}")  # the run's peak keeps start-up's
         self.interval_start = time.perf_counter()  # after building and resuming
@@ -455,7 +467,7 @@ class Trainer:
             return [], err
         except (OSError, RuntimeError) as err:  # torch's DataLoader: a dead worker is a RuntimeError
             failure = DataError(f"the training data loader failed at step {self.state.step + 1}: {str(err).strip()}")
-            if "killed by signal" in str(err):
+            if "killed by signal" in str(err) or "exited unexpectedly" in str(err):
                 failure = DataError(
                     f"{failure}; most often the kernel's out-of-memory killer (dmesg): fewer data.num_workers or a "
                     "smaller data.shuffle_buffer need less memory"
@@ -861,16 +873,16 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
         cfg = load_config(config_path, overrides)
     except (ConfigError, DataError) as err:
         refusal = err
-    if launched_world_size() == 1:
-        if refusal is not None:
-            raise refusal
-        return cfg
-    clear_stale_build_locks()  # as train() does before the process group: a killed op build would hang it
     try:
+        if launched_world_size() == 1:
+            if refusal is not None:
+                raise refusal
+            return cfg
+        clear_stale_build_locks()  # as train() does before the process group: a killed op build would hang it
         init_distributed(process_group_timeout((cfg or RunConfig()).train))  # the defaults' where refused
-    except Exception:
-        if refusal is not None:
-            raise refusal from None  # this rank's own reason first
+    except Exception as err:
+        if refusal is not None and err is not refusal:
+            raise refusal from None  # this rank's own reason first (a launcher's environment may be wrong too)
         raise
     share_refusal(refusal, (ConfigError, DataError))
     return cfg

@@ -168,6 +168,9 @@ def submit_sweep(args, opts: SlurmOptions) -> int:
         try:
             entry["job_id"] = submit(plan)
         except SubmitError as err:
+            if not entries:  # the first job: nothing queued, nothing to record
+                print(f"memlayers-submit: error: sweep run {run.name}: {err} (nothing was submitted)", file=sys.stderr)
+                return 2
             queued = [e["job_id"] for e in entries]
             record = write_sweep_record(base, entries, previous)
             print(

@@ -27,7 +27,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pretrain.data.errors import DataError
 
@@ -88,10 +88,10 @@ def _files_in(root: Path) -> list[Path]:
     return [root.joinpath(*parts) for parts in sorted(found)]  # Paths compare by their parts
 
 
-def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path]:
+def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "auto") -> list[Path]:
     """Expand directories (sorted, recursive; hidden files and folders skipped) and glob patterns
     (sorted); check that every path exists. `option`: the command-line flag the paths came from,
-    named in the errors."""
+    named in the errors; `fmt`: the --format they are read with (auto: each file's by its suffix)."""
     if not paths:
         raise DataError(f"no input paths given: pass {option} <file or directory> ...")
     files: list[Path] = []
@@ -113,7 +113,8 @@ def resolve_files(paths: list[str | Path], option: str = "--input") -> list[Path
             found = _without_binary(found, arg, option, relative_to=p)
             for f in found:
                 _refuse_unreadable(f, option)
-            _warn_of_mixed_formats(found, arg, option, p)
+            if fmt == "auto":  # a --format reads every file alike: no file is read otherwise than meant
+                _warn_of_mixed_formats(found, arg, option, p)
             if not found:
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
@@ -354,6 +355,9 @@ class _ZstdReader(io.RawIOBase):
             data = self._obj.unused_data if self._obj.eof else b""
         return b"".join(out)
 
+    def fileno(self) -> int:  # the compressed file's: how far it is read (iter_documents' progress)
+        return self._fh.fileno()
+
     def close(self) -> None:
         self._fh.close()
         super().close()
@@ -506,65 +510,86 @@ def iter_documents(
     stats: CorpusStats | None = None,
     *,
     files: list[Path] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """Yield non-empty documents, streamed. fmt: auto (from the suffix) | text (a file is a
     document) | blocks (blank-line separated) | jsonl (the document is `text_field`) | parquet
     (the column `text_field`). Files ending in .gz, .zst, .bz2 or .xz are decompressed on the fly (not Parquet).
     `files`: what resolve_files(paths) returned, for a caller passing over the corpus several times
-    (listing and checking a folder of many files costs ~0.1 ms a file)."""
+    (listing and checking a folder of many files costs ~0.1 ms a file). `progress`: called as each
+    document is yielded, with the bytes of the files read by then (as stored, compressed or not; the
+    readers' buffers read ahead), out of input_bytes(files)."""
     if fmt not in FORMATS:
         raise DataError(f"format {fmt!r} must be one of {', '.join(FORMATS)}")
     stats = stats if stats is not None else CorpusStats()
-    files = resolve_files(paths) if files is None else files
+    files = resolve_files(paths, fmt=fmt) if files is None else files
 
     repaired_before, repaired_files = stats.non_utf8_documents, []
 
-    def raw_docs() -> Iterator[str]:
-        for path in files:
-            kind = _format_of(path, fmt)
-            if kind == "parquet":
-                yield from _iter_parquet(path, text_field)
-                continue
-            before = stats.non_utf8_documents
-            try:
-                with _open_binary(path) as fh:
-                    if kind == "jsonl":
-                        yield from _iter_jsonl(path, _without_bom(path, fh), text_field, stats)
-                    elif kind == "blocks":
-                        for block in _iter_blocks(path, _without_bom(path, fh)):
-                            yield _decode(block, stats)
-                    else:
-                        raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
-                        _refuse_utf16(path, raw)
-                        if len(raw) > MAX_TEXT_DOCUMENT_BYTES:
-                            raise DataError(
-                                f"{path} holds more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes of text, read as one "
-                                "document (a plain-text file is one document): pass --format blocks to split it at "
-                                "blank lines, or store one document per file or per JSONL line"
-                            )
-                        yield _decode(raw.removeprefix(_BOM), stats)
-            except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, OSError) as err:
-                tool = _STREAMS.get(path.suffix.lower())
-                damaged = (
-                    not isinstance(err, OSError) or isinstance(err, gzip.BadGzipFile) or "Invalid data" in str(err)
-                )
-                if tool is None or not damaged:  # bz2 reports bad data as a bare OSError; others are not damage
-                    raise
-                raise DataError(
-                    f"{path} is not a complete {tool} file ({type(err).__name__}: {err}): re-copy or re-compress it "
-                    f"(`{tool} -t` checks it), or drop the {path.suffix} suffix if it is not compressed"
-                ) from None
-            if stats.non_utf8_documents > before:
-                repaired_files.append(path)
+    done = 0  # bytes of the files read whole
 
-    for text in raw_docs():
+    def raw_docs() -> Iterator[tuple[str, int]]:
+        """(document, bytes of the input read once it was)"""
+        nonlocal done
+        for path in files:
+            yield from _read_file(path)
+            done += path.stat().st_size
+
+    def _parse(path: Path, kind: str, fh) -> Iterator[str]:
+        if kind == "jsonl":
+            yield from _iter_jsonl(path, _without_bom(path, fh), text_field, stats)
+        elif kind == "blocks":
+            for block in _iter_blocks(path, _without_bom(path, fh)):
+                yield _decode(block, stats)
+        else:
+            raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
+            _refuse_utf16(path, raw)
+            if len(raw) > MAX_TEXT_DOCUMENT_BYTES:
+                raise DataError(
+                    f"{path} holds more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes of text, read as one "
+                    "document (a plain-text file is one document): pass --format blocks to split it at "
+                    "blank lines, or store one document per file or per JSONL line"
+                )
+            yield _decode(raw.removeprefix(_BOM), stats)
+
+    def _read_file(path: Path) -> Iterator[tuple[str, int]]:
+        kind = _format_of(path, fmt)
+        if kind == "parquet":  # no position within the file: each document counts its start
+            for text in _iter_parquet(path, text_field):
+                yield text, done
+            return
+        before = stats.non_utf8_documents
+        try:
+            with _open_binary(path) as fh:
+                for text in _parse(path, kind, fh):
+                    yield text, done + os.lseek(fh.fileno(), 0, os.SEEK_CUR)  # the OS's: buffers read ahead
+        except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, OSError) as err:
+            tool = _STREAMS.get(path.suffix.lower())
+            damaged = not isinstance(err, OSError) or isinstance(err, gzip.BadGzipFile) or "Invalid data" in str(err)
+            if tool is None or not damaged:  # bz2 reports bad data as a bare OSError; others are not damage
+                raise
+            raise DataError(
+                f"{path} is not a complete {tool} file ({type(err).__name__}: {err}): re-copy or re-compress it "
+                f"(`{tool} -t` checks it), or drop the {path.suffix} suffix if it is not compressed"
+            ) from None
+        if stats.non_utf8_documents > before:
+            repaired_files.append(path)
+
+    for text, read in raw_docs():
         if not text.strip():
             stats.empty_documents += 1
             continue
         stats.documents += 1
+        if progress is not None:
+            progress(read)
         yield text.replace("\r\n", "\n") if "\r" in text else text
     if repaired_files:
         _warn_of_repaired(repaired_files, stats.non_utf8_documents - repaired_before)
+
+
+def input_bytes(files: list[Path]) -> int:
+    """The bytes of the files as stored: the whole of iter_documents' `progress`."""
+    return sum(f.stat().st_size for f in files)
 
 
 def _warn_of_repaired(files: list[Path], documents: int) -> None:

@@ -68,7 +68,7 @@ def prepare_slice(
             "--slice needs --tokenizer: every slice must use one tokenizer "
             "(train it first with tools/train_tokenizer.py)"
         )
-    files = resolve_files(inputs)
+    files = resolve_files(inputs, fmt=fmt)
     # the merge replaces out_dir: refused now, not after every slice
     check_output_dir(out_dir, inputs, overwrite=True, files=files)
     check_output_dir(slices_dir(out_dir), inputs, keep_contents=True, files=files)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_helpers import SEQ_LEN  # noqa: E402
+from data_helpers import SEQ_LEN, write_jsonl  # noqa: E402
 from pretrain.config import DataConfig, SyntheticConfig
 from pretrain.data import (
     CorpusStats,
@@ -28,6 +28,7 @@ from pretrain.data import (
 )
 from pretrain.data import prepare as prepare_mod
 from pretrain.data.corpus import resolve_files
+from pretrain.data.prepare import check_output_dir
 from pretrain.data.shards import read_blocks
 from pretrain.data.synthetic import ATTRIBUTES, build_fact_world
 from tools import prepare_data as prepare_cli
@@ -53,6 +54,48 @@ def test_bad_bytes_and_empty_documents_are_counted(tmp_path):
     stats = CorpusStats()
     docs = list(iter_documents([tmp_path / "d.jsonl.gz"], stats=stats))
     assert len(docs) == 2 and docs[0] == "one" and stats.empty_documents == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preparation_shows_how_much_of_the_input_is_read(tmp_path, tokenizer, monkeypatch, workers):
+    """prepare_data's only bar counted tokens, with no total: a 100 MB corpus ran 2 min 24 s showing
+    'prepare: 28.1Mtok' and no sign of how far it was. A second bar now counts the input's bytes (as
+    stored, compressed or not) against their total, moved as each document is packed, not as it is
+    read ahead for the tokenizer processes; the reference is the files' sizes."""
+    from pretrain.data.corpus import input_bytes
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": f"document {i} " * 30} for i in range(300)])
+    with gzip.open(corpus / "b.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps({"text": f"packed {i} " * 30}) + "\n" for i in range(300)))
+    (corpus / "c.txt").write_text("a plain text document\n" * 50)
+    (corpus / "d.txt").write_text("")  # an empty document last: not yielded, but its file is read
+    files = resolve_files([corpus])
+    total = sum(f.stat().st_size for f in files)
+    assert input_bytes(files) == total
+    read: list[int] = []
+    docs = list(iter_documents([corpus], progress=read.append))
+    assert len(read) == len(docs) == 601 and read == sorted(read) and read[-1] == total
+    assert read[299] <= (corpus / "a.jsonl").stat().st_size < read[300]  # the last of a.jsonl; the first of b
+
+    bars = {}
+
+    class Recorded(prepare_mod.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars[kwargs["desc"]] = self.positions = []
+
+        def update(self, n=1):
+            super().update(n)
+            self.positions.append(self.n)
+
+    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    prepare_mod.prepare_corpus(
+        [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0.1, workers=workers
+    )
+    assert bars["read"][-1] == total and bars["read"] == sorted(bars["read"]) and len(bars["read"]) > 600
+    assert sorted(set(bars["read"]))[:-1] == sorted(set(read))[:-1]  # document by document, then filled
 
 
 def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path):
@@ -191,11 +234,12 @@ def test_a_preparation_lists_its_input_folder_once(tmp_path, tokenizer, monkeypa
     assert manifest["documents"] == 30
 
 
-def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path):
+def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path, tokenizer):
     """A Hugging Face dataset downloaded with --local-dir keeps its card, README.md, beside
     data/*.jsonl or *.parquet: --input of the folder read the card (YAML front matter and all) as one
     more training document, without a word. It is still read (a folder may mix them on purpose), with
-    a warning naming it and a glob that leaves it out, which reads the records alone."""
+    a warning naming it and a glob that leaves it out, which reads the records alone. Under --format
+    text every file is one document, as it means: no warning (it claimed JSONL files were read)."""
     root = tmp_path / "hf"
     (root / "data").mkdir(parents=True)
     (root / "data" / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
@@ -206,6 +250,12 @@ def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path):
     with pytest.warns(UserWarning, match=re.escape(f"(e.g. '{glob}')")):
         resolve_files([root])
     assert list(iter_documents([glob])) == ["one", "two"]
+    with warnings.catch_warnings():  # --format text reads every file as one document, as it says
+        warnings.simplefilter("error")  # (it claimed the records and advised a glob of them)
+        assert len(list(iter_documents([root], "text"))) == 2
+        check_output_dir(tmp_path / "ds", [root], files=resolve_files([root], fmt="text"))
+        prepare_mod.prepare_corpus([root], tmp_path / "ds", 8, tokenizer_path=tokenizer.path, fmt="text",
+                                   val_fraction=0.5, show_progress=False)  # fmt: skip
     (root / "README.md").unlink()
     (root / "notes.txt").write_text("a text corpus of text files only is not warned of\n")
     (root / "data" / "train.jsonl").unlink()

@@ -256,6 +256,12 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
     )
     assert rc == 2 and "sbatch not found on PATH" in err
     assert not (tmp_path / "run").exists()
+    # the folders made for a new run directory's path go too (they stayed, empty: runs/2026/run)
+    rc, _, err = _submit(
+        capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/runs/2026/a", "--cpu"]
+    )
+    assert rc == 2 and "sbatch not found on PATH" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,20 @@ def test_a_refusal_midway_says_which_jobs_are_queued(tmp_path, monkeypatch, caps
     assert sorted(p.name for p in base.iterdir()) == ["seed=0", "seed=1", "sweep.json"]  # seed=2 rolled back
 
 
+def test_a_refusal_of_the_first_job_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """sbatch refusing the sweep's first job (an unknown partition, a queue limit) left a new
+    train.run_dir holding a sweep.json of no runs, and the error said the queued jobs ('none') were
+    'listed in' it. Nothing is written now, and the error says that nothing was submitted."""
+    fake_sbatch(tmp_path, monkeypatch, refuse_call=1)
+    base = tmp_path / "sweep"
+    argv = ["--config", TINY, "--cpu", "train.micro_batch=2", f"train.run_dir={base}", "--sweep", "train.seed=0,1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sweep run seed=0: sbatch refused the job (exit 1): sbatch: error: QOSMaxSubmitJobPerUserLimit" in err
+    assert "nothing was submitted" in err and "listed in" not in err, err
+    assert not base.exists()
+
+
 def test_dry_run_prints_every_script_and_writes_nothing(tmp_path, capsys):
     base = tmp_path / "sweep"
     argv = ["--config", TINY, "--cpu", "train.micro_batch=2", f"train.run_dir={base}", "--dry-run"]

@@ -293,3 +293,41 @@ def test_a_precision_deepspeed_cannot_load_is_refused_before_loading(run_copy, d
     with pytest.raises(ConfigError, match=r"saved at train.dtype=fp32; .*not at bf16 .*: set train.dtype=fp32"):
         train(tiny_config(run_copy, data_cache, "train.max_steps=3", "train.dtype=bf16"))
     assert_nothing_lost(before, run_copy)
+
+
+def test_a_first_checkpoint_whose_latest_failed_names_the_fix_that_resumes(tmp_path, data_cache, monkeypatch):
+    """`latest` written after the first checkpoint's folder was renamed failed (a full disk): the
+    message said that nothing else was changed and the run would resume from the start, where a
+    resume refuses checkpoint folders without `latest`. It says to write the folder's name into
+    latest, and doing that resumes from it."""
+    import errno
+    import re
+
+    import pretrain.checkpoint as checkpoint_module
+
+    real = checkpoint_module.atomic_write
+
+    def full_disk(path, content, *args, **kwargs):
+        if Path(path).name == "latest":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real(path, content, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write", full_disk)
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    with pytest.raises(CheckpointError) as err:
+        train(tiny_config(run, data_cache, "train.max_steps=1"))
+    assert re.fullmatch(
+        rf"rank 0 could not write checkpoint step_00000001 \(\[Errno 28\] No space left on device \(injected\); \d+ MiB "
+        rf"free on its filesystem\) after its folder was complete: {root / 'step_00000001'} holds the whole "
+        rf"checkpoint, but {root / 'latest'} was not written\. Free space \(or fix the filesystem\), then run again, "
+        rf"and write 'step_00000001' into {root / 'latest'}: the run resumes from it \(it refuses to start while "
+        rf"{root / 'latest'} is missing\)",
+        str(err.value),
+    ), str(err.value)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", real)
+    with pytest.raises(CheckpointError, match="no 'latest' file"):
+        resume(run, data_cache)
+    (root / "latest").write_text("step_00000001")
+    result = resume(run, data_cache)
+    assert result.step == 3 and len(result.losses) == 2  # resumed at step 1
