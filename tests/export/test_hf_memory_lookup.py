@@ -9,26 +9,11 @@ from dataclasses import asdict
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.config import load_config
 from pretrain.hf.configuration_memlayers import MemlayersConfig
 from pretrain.hf.modeling_memlayers import MemlayersForCausalLM
-
-
-class LargestFloatTensor(TorchDispatchMode):
-    """Remembers the most elements of any fp32 tensor an op made."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                self.largest = max(self.largest, t.numel())
-        return out
+from tests.tensor_watch import LargestFloatTensor
 
 
 def bf16_model():

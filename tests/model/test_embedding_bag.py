@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from kernels import reference
+from tests.tensor_watch import LargestFloatTensor
 
 
 def bag_loop_float64(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -18,19 +18,6 @@ def bag_loop_float64(values: torch.Tensor, indices: torch.Tensor, weights: torch
             for j in range(K):
                 out[t] += weights[t, h, j].double() * values[indices[t, h, j]].double()
     return out
-
-
-class LargestFloat(TorchDispatchMode):
-    """Records the largest fp32 tensor any op makes while active (class attribute `largest`)."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                LargestFloat.largest = max(LargestFloat.largest, t.numel())
-        return out
 
 
 def draw(T=5, H=3, K=4, N=20, d=6, seed=0):
@@ -103,10 +90,9 @@ def test_low_precision_bag_upcasts_only_the_rows_read(dtype):
     copied to fp32 at every lookup (a bf16 export's decoding ~90x slower at 1M slots)."""
     values, indices, weights = draw(K=16, N=4096, d=8, seed=4)
     table = values.to(dtype)
-    LargestFloat.largest = 0
-    with LargestFloat():
+    with LargestFloatTensor() as seen:
         got = reference.embedding_bag(table, indices, weights)
-    largest, pool = LargestFloat.largest, table.numel()
+    largest, pool = seen.largest, table.numel()
     assert largest < pool
     # the same sums as the fp32 copy of the whole pool gave (the float64 bound: the test above)
     whole = torch.nn.functional.embedding_bag(
@@ -133,10 +119,9 @@ def test_low_precision_bag_weight_gradient_upcasts_only_the_rows_read(dtype):
     values, indices, weights = draw(K=16, N=4096, d=8, seed=5)
     table = values.to(dtype)
     grad_out = torch.randn(indices.shape[0], 8, generator=torch.Generator().manual_seed(6)).to(dtype)
-    LargestFloat.largest = 0
-    with LargestFloat():
+    with LargestFloatTensor() as seen:
         dv, dw = ops._embedding_bag_backward_aten(grad_out, table, indices, weights, False, True)
-    assert dv is None and LargestFloat.largest < table.numel()
+    assert dv is None and seen.largest < table.numel()
     # float64 reference: d weight[t, h, j] = <grad_out[t], value row read>
     want = torch.einsum("td,thkd->thk", grad_out.double(), table.double()[indices])
     torch.testing.assert_close(dw.double(), want, rtol=1e-6, atol=1e-6)
