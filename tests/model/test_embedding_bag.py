@@ -129,3 +129,19 @@ def test_low_precision_bag_weight_gradient_upcasts_only_the_rows_read(dtype):
     _, dw_small = ops._embedding_bag_backward_aten(grad_out, table[:100], indices % 100, weights, False, True)
     want = torch.einsum("td,thkd->thk", grad_out.double(), table[:100].double()[indices % 100])
     torch.testing.assert_close(dw_small.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sparse_bag_weight_gradient_upcasts_only_the_rows_read(dtype):
+    """value_grad="sparse" (the large pools') read the whole pool in fp32 for its weight gradient
+    until 2026-12-07 (bf16 1M x 128, 64 tokens: 0.46 s, 2 ms after); the rows read are enough."""
+    values, indices, weights = draw(K=16, N=4096, d=8, seed=7)
+    table = values.to(dtype)
+    weights.requires_grad_(True)
+    grad_out = torch.randn(indices.shape[0], 8, generator=torch.Generator().manual_seed(8)).to(dtype)
+    out = reference.embedding_bag_sparse(table, indices, weights)
+    with LargestFloatTensor() as seen:
+        (dw,) = torch.autograd.grad(out, weights, grad_out)
+    assert seen.largest < table.numel()
+    want = torch.einsum("td,thkd->thk", grad_out.double(), table.double()[indices])
+    torch.testing.assert_close(dw.double(), want, rtol=1e-6, atol=1e-6)
