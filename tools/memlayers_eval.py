@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import positive_int  # noqa: E402
+from pretrain.cli import positive_int, torch_device  # noqa: E402
 
 
 def lm_eval_command(
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         help="ask the new facts (held out of pretraining) instead of the trained ones the run's fact recall asks",
     )
     parser.add_argument("--batch-size", default="8")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=torch_device, default="cpu")
     parser.add_argument("--output", default=None, help="lm_eval --output_path")
     parser.add_argument("--limit", type=positive_int, default=None, help="lm_eval --limit (examples per task, N >= 1)")
     parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")

@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.cli import output_file, positive_int, torch_device  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         default=None,
         help="attention within each document (default: as the run trained, data.document_masking)",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=torch_device, default="cpu")
     parser.add_argument("--json", type=output_file("loss.json"), help="also write the result to this file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

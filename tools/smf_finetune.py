@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     from pretrain.export.writer import check_output_folder
     from pretrain.slots import TableMismatchError, load_export_for_tfidf
     from pretrain.smf import FinetuneSet, LearningForgettingEval, build_method, finetune, save_finetuned_export
+    from pretrain.smf.methods import check_lora_rank
 
     export = Path(args.export)
     out = Path(args.out)
@@ -106,6 +107,11 @@ def main(argv=None) -> int:
             model = model.to(args.device)
         else:
             model, table = load(export, device=args.device), None
+        if args.method == "lora":  # before the first evaluation and the adapters
+            try:
+                check_lora_rank(model, args.lora_rank)
+            except ValueError as err:
+                raise ValueError(f"--lora-rank {args.lora_rank}: {err}") from None
         tokenizer = Tokenizer(export / "tokenizer.model")
         data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, text_field=args.text_field)
         evaluate = None

@@ -143,6 +143,24 @@ class FullFinetuning(AdamWFinetuning):
         super().__init__(model, lr, weight_decay)
 
 
+def check_lora_rank(model: torch.nn.Module, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    """A ValueError where `rank` is not positive or exceeds every adapted projection's own rank
+    (min of its in and out features): such an adapter spans no more updates, at more weights and
+    time (--lora-rank 100000 on the tiny export ran minutes without a word)."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank={rank} must be positive")
+    ranks = [
+        min(m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    if ranks and rank > max(ranks):
+        raise ValueError(
+            f"LoRA rank={rank} exceeds the rank of every adapted projection ({', '.join(targets)}: at most "
+            f"{max(ranks)}, min of in and out features): a higher rank spans no more updates; give at most {max(ranks)}"
+        )
+
+
 class LoRAFinetuning(AdamWFinetuning):
     name = "lora"
 
@@ -157,8 +175,7 @@ class LoRAFinetuning(AdamWFinetuning):
     ):
         from peft import LoraConfig, get_peft_model
 
-        if rank <= 0:
-            raise ValueError(f"LoRA rank={rank} must be positive")
+        check_lora_rank(model, rank, targets)
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha if alpha is not None else 2 * rank,

@@ -215,6 +215,28 @@ def test_finetune_tool_refuses_sparse_only_options_for_other_methods(flag, metho
     assert exit_.value.code == 2 and f"{flag[0]} is read only by --method sparse" in capsys.readouterr().err
 
 
+def test_a_lora_rank_above_every_projection_s_rank_is_refused_before_any_work(
+    smf_export, tmp_path, monkeypatch, capsys
+):
+    """--lora-rank 100000 on the tiny export evaluated and trained for minutes without a word: an
+    adapter of rank above min(in, out) of every adapted projection spans no more updates."""
+    import pretrain.smf
+    from tools.smf_finetune import main
+
+    export, dataset = smf_export
+    model = load(export)
+    top = max(min(m.in_features, m.out_features) for n, m in model.named_modules() if n.endswith(LORA_TARGETS))
+    with pytest.raises(ValueError, match=f"LoRA rank={top + 1} exceeds the rank of every adapted projection"):
+        build_method("lora", model, lr=1e-3, lora_rank=top + 1)
+    build_method("lora", load(export), lr=1e-3, lora_rank=top)  # the full rank itself is taken
+    monkeypatch.setattr(pretrain.smf, "LearningForgettingEval", lambda *a, **k: pytest.fail("evaluated"))
+    data = str(dataset / "new_facts.jsonl")
+    argv = ["--export", str(export), "--data", data, "--out", str(tmp_path / "o"), "--method", "lora"]
+    assert main([*argv, "--lora-rank", str(top + 1)]) == 2
+    assert f"error: --lora-rank {top + 1}: LoRA rank={top + 1} exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("method", ["sparse", "full"])
 def test_finetune_tool_refuses_lora_rank_for_other_methods(method, capsys):
     """--lora-rank was taken by --method sparse and full without a word (they add no adapters)."""

@@ -110,6 +110,8 @@ def test_torch_device_names_the_device_and_what_this_machine_has(monkeypatch, ca
         ("generate", ["export", "--prompt", "hi"]),
         ("smf_finetune", ["--export", "e", "--data", "d", "--out", "o"]),
         ("bench_slots", ["--steps", "1"]),
+        ("perplexity", ["export"]),
+        ("memlayers_eval", ["export"]),
     ],
 )
 def test_tools_refuse_a_device_at_the_parse(tool, argv, capsys):
