@@ -323,9 +323,14 @@ def _check_options(opts: SlurmOptions) -> None:
             ) from None
         for i, token in enumerate(tokens):
             if not token.startswith("-") and (i == 0 or "=" in tokens[i - 1] or not tokens[i - 1].startswith("-")):
-                # not the value of an option given as `--mem 4G`: sbatch reads it as a directive of its own
-                name, _, value = tokens[i - 1].partition("=") if i else ("--comment", "", "")
-                example = " ".join([value, *tokens[i:]]) if i else "..."
+                # not the value of an option given as `--mem 4G`: sbatch reads it as a directive of its own.
+                # The example quotes the words after the option they follow (`--opt=a b` or `--opt a b`).
+                start = max((j for j in range(i) if tokens[j].startswith("-")), default=None)
+                name, example = "--comment", "..."
+                if start is not None:
+                    name, eq, first = tokens[start].partition("=")
+                    end = next((j for j in range(i, len(tokens)) if tokens[j].startswith("-")), len(tokens))
+                    example = " ".join([first] * bool(eq) + tokens[start + 1 : end])
                 raise SubmitError(
                     f"--sbatch {line!r}: {token!r} is a word of its own after {tokens[i - 1] if i else 'nothing'}: "
                     f"quote the value, e.g. --sbatch=\"{name}='{example}'\""

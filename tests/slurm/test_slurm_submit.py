@@ -290,6 +290,10 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
             ["--sbatch=--comment=hello world"],
             "'world' is a word of its own after --comment=hello: quote the value, e.g. --sbatch=\"--comment='hello world'\"",
         ),
+        (  # the option's value as a word of its own: the example quoted '4G world' as the value of '4G'
+            ["--sbatch=--comment hello world --exclusive"],
+            "'world' is a word of its own after hello: quote the value, e.g. --sbatch=\"--comment='hello world'\"",
+        ),
         (
             ["--time", "3-00:00:00", "--signal-seconds", "70000"],
             "--signal-seconds=70000 exceeds 65535, the most Slurm's --signal accepts",
