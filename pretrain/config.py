@@ -426,7 +426,7 @@ def _literal_choices(key: str) -> tuple | None:
 DATASET_KEYS = ("model.vocab_size", "data.vocab_size", "data.seq_len")  # values a dataset records
 
 
-_SHELL_VARIABLE = re.compile(r"\$(\{|[A-Za-z_])")
+_SHELL_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)|\$\{")  # $NAME, ${NAME}, ${...
 
 
 def _path_fields(cfg):
@@ -448,10 +448,13 @@ def expand_home(cfg: RunConfig) -> RunConfig:
         value = getattr(section, name)
         if not value:
             continue
-        if _SHELL_VARIABLE.search(value):
+        variable = _SHELL_VARIABLE.search(value)
+        if variable:
+            shown = variable[1] or "NAME"
             raise ConfigError(
-                f"{key}={value!r} holds a shell variable that no shell expanded (the value was in single quotes?): "
-                "write the path itself, or put the override in double quotes"
+                f"{key}={value!r} holds a shell variable that no shell expanded: write the path itself; on the "
+                "command line, put the override in double quotes (not single ones); in a config file, write "
+                f"${{oc.env:{shown}}} for the environment's ${shown}"
             )
         if value.startswith("~"):
             setattr(section, name, os.path.expanduser(value))

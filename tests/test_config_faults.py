@@ -134,3 +134,17 @@ def test_embedded_corpus_settings_are_not_read_with_a_prepared_dataset():
     with pytest.raises(ConfigError, match="must be positive for the embedded corpus"):
         cfg.data.dir = ""
         validate(cfg)
+
+
+def test_a_shell_variable_in_a_config_file_names_the_form_that_reads_the_environment(tmp_path, monkeypatch):
+    """A config file's `run_dir: $ROOT/run` (no shell reads a YAML file) was told to put 'the override
+    in double quotes'; the file's fix is OmegaConf's ${oc.env:ROOT}, named with the variable."""
+    monkeypatch.setenv("MEMLAYERS_TEST_ROOT", str(tmp_path / "root"))
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  run_dir: $MEMLAYERS_TEST_ROOT/run\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.run_dir='$MEMLAYERS_TEST_ROOT/run' holds a shell variable" in str(err.value)
+    assert "in a config file, write ${oc.env:MEMLAYERS_TEST_ROOT}" in str(err.value)
+    path.write_text("train:\n  run_dir: ${oc.env:MEMLAYERS_TEST_ROOT}/run\n")  # the form it names
+    assert load_config(path).train.run_dir == f"{tmp_path}/root/run"
