@@ -47,7 +47,7 @@ def unwritable(run_dir: Path, err: OSError) -> str:
         fix = f"make {blocked} writable for the user this job runs as (chmod, chown, or ask its owner), {other}"
     elif err.errno == errno.EROFS:
         why, fix = f"{blocked} is on a read-only filesystem", "give train.run_dir a folder on a writable one"
-    elif err.errno == errno.ENOTDIR:
+    elif err.errno == errno.ENOTDIR or (err.errno == errno.EEXIST and blocked.is_file()):  # EEXIST: run_dir itself
         why, fix = f"{blocked} is a file, not a folder", f"move it aside, {other}"
     elif err.errno in (errno.ENOSPC, errno.EDQUOT):
         why, fix = (

@@ -75,7 +75,9 @@ def test_a_file_as_trace_dir_or_run_dir_is_an_error_not_a_traceback(tmp_path, mo
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     run_dir_file = [*TINY, f"train.run_dir={a_file}", f"data.cache_dir={tmp_path / 'data'}"]
     assert main(["--config", "configs/tiny.yaml", "--steps", "1", *run_dir_file]) == 2
-    assert "train.run_dir must be a writable folder" in capsys.readouterr().err
+    assert (
+        f"error: train.run_dir={a_file} cannot be written: {a_file} is a file, not a folder" in capsys.readouterr().err
+    )
     assert a_file.read_text() == "x"
 
 

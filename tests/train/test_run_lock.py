@@ -117,3 +117,19 @@ def test_an_unwritable_run_directory_is_named_as_such_on_every_rank(tmp_path, da
         assert re.match(message, got[0]["message"]), got[0]["message"]
         assert re.match(rf"rank 0 on \S+: {message}", got[1]["message"]), got[1]["message"]
         assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
+
+
+def test_a_run_directory_that_is_a_file_is_named_as_one(tmp_path):
+    """train.run_dir naming a file (not a folder under one: ENOTDIR) fails the lock's mkdir with EEXIST,
+    which was told as 'File exists (...). To run, fix the filesystem'."""
+    from pretrain.run_lock import RunDirLock, RunDirUnwritable
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    problem = RunDirLock(str(a_file), True)._try_lock(print)
+    assert isinstance(problem, RunDirUnwritable)
+    assert str(problem) == (
+        f"train.run_dir={a_file} cannot be written: {a_file} is a file, not a folder. To run, move it aside, "
+        "or give this run another train.run_dir"
+    )
+    assert a_file.read_text() == "x"
