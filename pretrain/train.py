@@ -888,12 +888,17 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
     return cfg
 
 
+# What main() reports as "error: <message>", exit status 2, not a traceback: refusals that name their
+# fix. Tools that run the trainer (tools/profile.py) report the same ones.
+REFUSALS = (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory)
+
+
 def main(argv=None, stop: StopSignal | None = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
         cfg = load_config_on_every_rank(config_path, overrides)
         result = train(cfg, stop)
-    except (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory) as err:
+    except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

@@ -41,17 +41,15 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError, load_config
-    from pretrain.data.errors import DataError
-    from pretrain.out_of_memory import OutOfMemory
+    from pretrain.config import load_config
     from pretrain.profiling import format_report, profile_training
+    from pretrain.train import REFUSALS
 
     try:
         cfg = load_config(args.config, args.overrides)
         report = profile_training(cfg, args.steps, args.trace_dir, args.skip_steps)
-    # the refusals the trainer's own main reports as errors (a run_dir that is a file: CheckpointError)
-    except (ConfigError, DataError, CheckpointError, OutOfMemory, ValueError) as err:
+    # the refusals the trainer's own main reports as errors (a run_dir that is a file, a broken Slurm step)
+    except (*REFUSALS, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_report(report))

@@ -81,6 +81,20 @@ def test_a_file_as_trace_dir_or_run_dir_is_an_error_not_a_traceback(tmp_path, mo
     assert a_file.read_text() == "x"
 
 
+def test_a_broken_slurm_environment_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Run in a Slurm step whose environment the trainer refuses (SlurmEnvError: the trainer's main
+    says 'error: ...', exit 2), profile ended in the traceback: it caught its own copy of main's list."""
+    from tools.profile import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("RANK", raising=False)
+    for name, value in (("SLURM_JOB_ID", "1"), ("SLURM_STEP_ID", "0"), ("SLURM_PROCID", "x")):
+        monkeypatch.setenv(name, value)
+    argv = ["--config", "configs/tiny.yaml", "--steps", "1", *TINY, f"train.run_dir={tmp_path / 'run'}"]
+    assert main([*argv, f"data.cache_dir={tmp_path / 'data'}"]) == 2
+    assert "error: SLURM_PROCID='x' is not an integer" in capsys.readouterr().err
+
+
 def test_profile_refuses_a_run_dir_with_checkpoints(tmp_path, capsys):
     from tools.profile import main
 
