@@ -62,12 +62,14 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _files_in(root: Path) -> list[Path]:
+def _files_in(root: Path, broken: list[Path] | None = None) -> list[Path]:
     """The files under `root` (symbolic links to files included), sorted as Paths sort, hidden files and
     folders left out (`huggingface-cli download --local-dir` keeps its metadata under .cache/huggingface/
     beside the data); symbolic links to folders are not entered. As sorted(Path.rglob) with a filter,
-    which this replaced: one scandir per folder, where rglob and a stat per file took ~60 us a file."""
+    which this replaced: one scandir per folder, where rglob and a stat per file took ~60 us a file.
+    Symbolic links that lead nowhere are appended to `broken` (sorted), when given."""
     found: list[tuple[str, ...]] = []
+    dangling: list[tuple[str, ...]] = []
     stack: list[tuple[str, ...]] = [()]
     while stack:
         parts = stack.pop()
@@ -85,6 +87,10 @@ def _files_in(root: Path) -> list[Path]:
                 stack.append((*parts, entry.name))
             elif entry.is_file():  # follows a symbolic link: a broken one, or one to a folder, is no file
                 found.append((*parts, entry.name))
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                dangling.append((*parts, entry.name))
+    if broken is not None:
+        broken += [root.joinpath(*parts) for parts in sorted(dangling)]
     return [root.joinpath(*parts) for parts in sorted(found)]  # Paths compare by their parts
 
 
@@ -108,7 +114,9 @@ def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "
             files.extend(matched)
         elif p.is_dir():
             _refuse_prepared(p, option)
-            found = _files_in(p)
+            broken: list[Path] = []
+            found = _files_in(p, broken)
+            _warn_of_broken_links(broken, arg, option, p)
             found = _without_links(found, arg, option, relative_to=p)
             found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
@@ -199,6 +207,18 @@ def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> N
         warnings.warn(
             f"{option} {arg}: besides its JSONL/Parquet files it holds {len(text)} plain-text file(s) ({names}), "
             f"each read as one document; if they are not corpus text, name the data files alone (e.g. {pattern})",
+            stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+        )
+
+
+def _warn_of_broken_links(broken: list[Path], arg, option: str, root: Path) -> None:
+    """Symbolic links in a folder that lead nowhere (a target moved, an unmounted drive): they were
+    skipped without a word, their documents missing from the dataset. Said once, naming them."""
+    if broken:
+        names = ", ".join(f"{f.relative_to(root)} -> {os.readlink(f)}" for f in broken[:4])
+        warnings.warn(
+            f"{option} {arg}: skipped {len(broken)} symbolic link(s) that lead to no file ({names}"
+            f"{' ...' if len(broken) > 4 else ''}): restore their targets to read them, or remove the links",
             stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
         )
 
