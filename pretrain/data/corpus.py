@@ -62,12 +62,14 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _files_in(root: Path) -> list[Path]:
+def _files_in(root: Path, broken: list[Path] | None = None) -> list[Path]:
     """The files under `root` (symbolic links to files included), sorted as Paths sort, hidden files and
     folders left out (`huggingface-cli download --local-dir` keeps its metadata under .cache/huggingface/
     beside the data); symbolic links to folders are not entered. As sorted(Path.rglob) with a filter,
-    which this replaced: one scandir per folder, where rglob and a stat per file took ~60 us a file."""
+    which this replaced: one scandir per folder, where rglob and a stat per file took ~60 us a file.
+    Symbolic links that lead nowhere are appended to `broken` (sorted), when given."""
     found: list[tuple[str, ...]] = []
+    dangling: list[tuple[str, ...]] = []
     stack: list[tuple[str, ...]] = [()]
     while stack:
         parts = stack.pop()
@@ -85,6 +87,10 @@ def _files_in(root: Path) -> list[Path]:
                 stack.append((*parts, entry.name))
             elif entry.is_file():  # follows a symbolic link: a broken one, or one to a folder, is no file
                 found.append((*parts, entry.name))
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                dangling.append((*parts, entry.name))
+    if broken is not None:
+        broken += [root.joinpath(*parts) for parts in sorted(dangling)]
     return [root.joinpath(*parts) for parts in sorted(found)]  # Paths compare by their parts
 
 
@@ -104,13 +110,17 @@ def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "
             matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matched:
                 raise DataError(f"input pattern {p} matches no file: check {option}")
-            files.extend(_without_binary(_without_links(matched, arg, option), arg, option))
+            matched = _without_archives(_without_binary(_without_links(matched, arg, option), arg, option), arg, option)
+            files.extend(matched)
         elif p.is_dir():
             _refuse_prepared(p, option)
-            found = _files_in(p)
+            broken: list[Path] = []
+            found = _files_in(p, broken)
+            _warn_of_broken_links(broken, arg, option, p)
             found = _without_links(found, arg, option, relative_to=p)
             found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
+            found = _without_archives(found, arg, option, relative_to=p)
             for f in found:
                 _refuse_unreadable(f, option)
             if fmt == "auto":  # a --format reads every file alike: no file is read otherwise than meant
@@ -199,6 +209,46 @@ def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> N
             f"each read as one document; if they are not corpus text, name the data files alone (e.g. {pattern})",
             stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
         )
+
+
+def _warn_of_broken_links(broken: list[Path], arg, option: str, root: Path) -> None:
+    """Symbolic links in a folder that lead nowhere (a target moved, an unmounted drive): they were
+    skipped without a word, their documents missing from the dataset. Said once, naming them."""
+    if broken:
+        names = ", ".join(f"{f.relative_to(root)} -> {os.readlink(f)}" for f in broken[:4])
+        warnings.warn(
+            f"{option} {arg}: skipped {len(broken)} symbolic link(s) that lead to no file ({names}"
+            f"{' ...' if len(broken) > 4 else ''}): restore their targets to read them, or remove the links",
+            stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+        )
+
+
+def _without_archives(found: list[Path], arg, option: str, relative_to: Path | None = None) -> list[Path]:
+    """`found` (the files a folder or glob pattern `arg` reached) less its archives (.zip, .tar.gz, ...),
+    which no reader here opens, with a warning naming them and how to include them: /usr/share/doc holds
+    two test reports as .tar.gz beside 115 MB of text, and refused the whole folder for them. Where the
+    archives hold at least as many bytes as the other files (a corpus shipped as archive shards beside
+    its README), the corpus is in them: refused, naming them and the fix, as a named archive is."""
+    packed = [f for f in found if f.name.lower().endswith(_ARCHIVES)]
+    if not packed:
+        return found
+    rest = [f for f in found if not f.name.lower().endswith(_ARCHIVES)]
+    shown = [str(f.relative_to(relative_to)) if relative_to else str(f) for f in packed[:4]]
+    names = ", ".join(shown) + (" ..." if len(packed) > 4 else "")
+    packed_bytes = sum(f.stat().st_size for f in packed)
+    rest_bytes = sum(f.stat().st_size for f in rest)
+    fix = "extract them (e.g. tar -xf or unzip) and pass the extracted files or folder"
+    if packed_bytes >= rest_bytes:
+        raise DataError(
+            f"{option} {arg}: {len(packed)} archive(s) ({names}) hold most of its data ({packed_bytes:,} of "
+            f"{packed_bytes + rest_bytes:,} bytes), and the corpus readers cannot open an archive: {fix}"
+        )
+    warnings.warn(
+        f"{option} {arg}: skipped {len(packed)} archive(s) ({names}; {packed_bytes:,} bytes), which the corpus "
+        f"readers cannot open; to read their text, {fix} too",
+        stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+    )
+    return rest
 
 
 def _refuse_unreadable(path: Path, option: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import warnings
 
@@ -265,3 +266,51 @@ def test_bz2_and_xz_read_as_the_plain_documents_and_archives_are_refused(tmp_pat
         warnings.simplefilter("error")
         with pytest.raises(DataError, match=r"data-00000-of-00001.arrow is an Arrow file"):
             next(iter_documents([tmp_path / "saved"]))
+
+
+def test_a_folder_of_text_skips_its_archives_and_a_folder_of_archives_is_refused(tmp_path, docs):
+    """One archive anywhere under a folder refused the whole folder: /usr/share/doc was refused for the two
+    test reports under openjdk-17-jre-headless/test-amd64/*.tar.gz (2.2 MB beside 115 MB of text). A
+    folder's (or glob's) archives are now skipped with one warning naming them and how to read them;
+    where the archives hold most of the bytes (a corpus shipped as archive shards beside its README, or
+    nothing but archives) the corpus is in them, and the folder is refused, naming them and the fix."""
+    import tarfile
+
+    def pack(path, texts):
+        with tarfile.open(path, "w:gz") as t:
+            for i, text in enumerate(texts):
+                (tmp_path / f"member{i}.txt").write_text(text)
+                t.add(tmp_path / f"member{i}.txt", arcname=f"member{i}.txt")
+
+    doc = tmp_path / "doc"
+    for name, text in (("a/README", docs[0]), ("b/notes.txt", docs[1]), ("c/NEWS", docs[2])):
+        (doc / name).parent.mkdir(parents=True, exist_ok=True)
+        (doc / name).write_text(text)
+    (doc / "c" / "test").mkdir()
+    pack(doc / "c" / "test" / "report.tar.gz", ["a test log\n"])
+    (doc / "c" / "test" / "sources.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    reference = [doc / "a/README", doc / "b/notes.txt", doc / "c/NEWS"]
+    expected = list(iter_documents(reference))
+    assert expected == docs[:3]
+    for inputs in ([doc], [f"{doc}/**/*"]):
+        with pytest.warns(UserWarning) as caught:
+            assert list(iter_documents(inputs)) == expected
+        said = [str(w.message) for w in caught if "archive" in str(w.message)]
+        assert len(said) == 1, said
+        assert re.search(
+            r"skipped 2 archive\(s\) \(.*report.tar.gz, .*sources.zip; [\d,]+ bytes\).*extract them", said[0]
+        )
+    with pytest.raises(DataError, match=r"report.tar.gz is an archive"):  # a named archive is still refused
+        next(iter_documents([doc / "c" / "test" / "report.tar.gz"]))
+
+    shipped = tmp_path / "shipped"  # the corpus in archive shards, a short card beside them
+    shipped.mkdir()
+    (shipped / "README.md").write_text("# My corpus\n\nTwo shards of text.\n")
+    pack(shipped / "part-0.tar.gz", docs[:20])
+    pack(shipped / "part-1.tar.gz", docs[20:40])
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copyfile(shipped / "part-0.tar.gz", only / "part-0.tar.gz")
+    for folder, names in ((shipped, "part-0.tar.gz, part-1.tar.gz"), (only, "part-0.tar.gz")):
+        with pytest.raises(DataError, match=rf"archive\(s\) \({names}\) hold most of its data.*extract them"):
+            next(iter_documents([folder]))

@@ -191,7 +191,8 @@ def test_a_folder_lists_its_files_in_the_order_and_with_the_skips_of_rglob(tmp_p
     assert [f.relative_to(root).as_posix() for f in reference] == [
         "A/z.txt", "a/b.txt", "a-b/c.txt", "a.txt", "deep/er/est/d.txt", "to-outside.txt"
     ]  # fmt: skip
-    assert resolve_files([root]) == reference
+    with pytest.warns(UserWarning, match=r"skipped 1 symbolic link\(s\) that lead to no file \(broken.txt"):
+        assert resolve_files([root]) == reference
     scandir = os.scandir
 
     def locked(path):
@@ -202,6 +203,33 @@ def test_a_folder_lists_its_files_in_the_order_and_with_the_skips_of_rglob(tmp_p
     monkeypatch.setattr(os, "scandir", locked)
     with pytest.raises(DataError, match=re.escape(f"cannot list {root / 'deep' / 'er'} (Permission denied)")):
         resolve_files([root])
+
+
+def test_a_folder_names_its_broken_symbolic_links(tmp_path):
+    """A symbolic link in a folder whose target is gone (measured: /etc/modules-load.d/modules.conf ->
+    ../modules on this machine, or a link to an unmounted drive) was skipped without a word, its text
+    missing from the dataset. It is still skipped (a listing stays the files that can be read), with one
+    warning naming the links and their targets."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a document\n")
+    (root / "broken.txt").symlink_to("../nowhere.txt")
+    (root / "sub" / "gone.txt").symlink_to("/mnt/unmounted/gone.txt")
+    with pytest.warns(UserWarning) as caught:
+        assert resolve_files([root]) == [root / "a.txt"]
+    said = [str(w.message) for w in caught if "symbolic link" in str(w.message)]
+    assert said == [
+        f"--input {root}: skipped 2 symbolic link(s) that lead to no file (broken.txt -> ../nowhere.txt, "
+        "sub/gone.txt -> /mnt/unmounted/gone.txt): restore their targets to read them, or remove the links"
+    ]
+    (tmp_path / "nowhere.txt").write_text("found again\n")  # its target restored, the link is read
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_files([root]) == [root / "a.txt", root / "broken.txt"]
+    assert [str(w.message) for w in caught if "symbolic link" in str(w.message)] == [
+        f"--input {root}: skipped 1 symbolic link(s) that lead to no file (sub/gone.txt -> "
+        "/mnt/unmounted/gone.txt): restore their targets to read them, or remove the links"
+    ]
 
 
 @pytest.mark.parametrize("trains_tokenizer", [False, True])
