@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import non_negative_number, output_folder, positive_int  # noqa: E402
+from pretrain.cli import fraction, non_negative_number, output_folder, positive_int  # noqa: E402
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
@@ -59,6 +59,13 @@ def _main(argv=None) -> int:
         default=None,
         help=f"when training the tokenizer (default {DEFAULT_VOCAB_SIZE}; refused with --tokenizer or --embedded)",
     )
+    ap.add_argument(
+        "--character-coverage",
+        type=fraction("1: a piece for every character"),
+        default=None,
+        help="when training the tokenizer: share of the characters given pieces, the rest written as bytes "
+        "(default 1.0; as tools/train_tokenizer.py; refused with --tokenizer or --embedded)",
+    )
     ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
     ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
     ap.add_argument("--val-fraction", type=non_negative_number("below 1; 0: no validation split"), default=0.01)
@@ -88,6 +95,11 @@ def _main(argv=None) -> int:
         )
     if args.vocab_size is not None and args.embedded:
         ap.error(f"--vocab-size {args.vocab_size} and --embedded: the config sizes it, pass data.vocab_size=N instead")
+    if args.character_coverage is not None and (args.tokenizer or args.embedded):
+        ap.error(
+            f"--character-coverage {args.character_coverage} shapes a tokenizer trained on the corpus, but "
+            f"{'--tokenizer is used as it is' if args.tokenizer else '--embedded builds its own'}: drop it"
+        )
     try:
         if args.embedded:
             from pretrain.config import load_config
@@ -138,6 +150,7 @@ def _main(argv=None) -> int:
                 args.seq_len,
                 tokenizer_path=args.tokenizer,
                 vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
+                character_coverage=args.character_coverage,
                 fmt=args.format,
                 text_field=args.text_field,
                 val_fraction=args.val_fraction,

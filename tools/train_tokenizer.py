@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.cli import fraction, output_file, positive_int  # noqa: E402
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
@@ -30,6 +30,13 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, type=output_file("tokenizer.model"), help="the .model file to write")
     ap.add_argument("--vocab-size", type=positive_int, default=32000)
     ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    ap.add_argument(
+        "--character-coverage",
+        type=fraction("1: a piece for every character"),
+        default=None,
+        help="share of the text's characters (by occurrence) given pieces of their own, the commonest first; the "
+        "rest are written as bytes (default 1.0 for bpe, 0.9995 for unigram; below 1 for text in many scripts)",
+    )
     ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
     ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
     ap.add_argument(
@@ -50,6 +57,7 @@ def main(argv=None) -> int:
             args.model_type,
             args.max_sentences,
             args.threads,
+            character_coverage=args.character_coverage,
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

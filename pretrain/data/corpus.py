@@ -107,7 +107,13 @@ def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "
     for arg, p in zip(paths, map(Path, paths)):
         before = len(files)
         if not p.exists() and glob.has_magic(str(p)):
-            matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            matched, broken = [], []
+            for m in sorted(map(Path, glob.glob(str(p), recursive=True))):
+                if m.is_file():
+                    matched.append(m)
+                elif m.is_symlink() and not m.exists():
+                    broken.append(m)
+            _warn_of_broken_links(broken, arg, option)
             if not matched:
                 raise DataError(f"input pattern {p} matches no file: check {option}")
             matched = _without_archives(_without_binary(_without_links(matched, arg, option), arg, option), arg, option)
@@ -211,11 +217,12 @@ def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> N
         )
 
 
-def _warn_of_broken_links(broken: list[Path], arg, option: str, root: Path) -> None:
-    """Symbolic links in a folder that lead nowhere (a target moved, an unmounted drive): they were
-    skipped without a word, their documents missing from the dataset. Said once, naming them."""
+def _warn_of_broken_links(broken: list[Path], arg, option: str, root: Path | None = None) -> None:
+    """Symbolic links in a folder (or matching a glob pattern) that lead nowhere (a target moved, an
+    unmounted drive): they were skipped without a word, their documents missing from the dataset. Said
+    once, naming them."""
     if broken:
-        names = ", ".join(f"{f.relative_to(root)} -> {os.readlink(f)}" for f in broken[:4])
+        names = ", ".join(f"{f.relative_to(root) if root else f} -> {os.readlink(f)}" for f in broken[:4])
         warnings.warn(
             f"{option} {arg}: skipped {len(broken)} symbolic link(s) that lead to no file ({names}"
             f"{' ...' if len(broken) > 4 else ''}): restore their targets to read them, or remove the links",

@@ -293,6 +293,7 @@ def prepare_corpus(
     *,
     tokenizer_path: str | Path | None = None,
     vocab_size: int = 32000,
+    character_coverage: float | None = None,
     fmt: str = "auto",
     text_field: str = "text",
     val_fraction: float = 0.01,
@@ -302,7 +303,8 @@ def prepare_corpus(
     show_progress: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Real corpus -> dataset. Trains a tokenizer on a sample when `tokenizer_path` is None."""
+    """Real corpus -> dataset. Trains a tokenizer on a sample when `tokenizer_path` is None
+    (`vocab_size`, `character_coverage`: as train_tokenizer's)."""
     check_settings(seq_len, val_fraction, sequences_per_shard)
     files = resolve_files(inputs, fmt=fmt)  # once for every pass: missing inputs fail here, before any work
     check_output_dir(out_dir, inputs, overwrite, files=files)
@@ -317,7 +319,9 @@ def prepare_corpus(
         if tokenizer_path is None:
             with _reading("tokenizer sample", total, show_progress) as progress:
                 documents = iter_documents(inputs, fmt, text_field, files=files, progress=progress)
-                tokenizer = train_tokenizer(documents, Path(tmp) / "tokenizer.model", vocab_size)
+                tokenizer = train_tokenizer(
+                    documents, Path(tmp) / "tokenizer.model", vocab_size, character_coverage=character_coverage
+                )
         else:
             tokenizer = Tokenizer(tokenizer_path)
         stats = CorpusStats()

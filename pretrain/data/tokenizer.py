@@ -18,6 +18,7 @@ ids as their text, as that tokenizer's decode does.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import random
@@ -147,6 +148,18 @@ def sample_sentences(
     return reservoir
 
 
+def _covered_characters(counts: collections.Counter, coverage: float) -> int:
+    """How many of the characters counted sentencepiece gives a piece at `coverage`: the commonest,
+    until they make up `coverage` of all occurrences (trainer_interface.cc, as it counts them)."""
+    total, covered, taken = sum(counts.values()), 0, 0
+    for count in sorted(counts.values(), reverse=True):
+        if covered / total >= coverage:
+            break
+        covered += count
+        taken += 1
+    return taken
+
+
 def train_tokenizer(
     documents: Iterable[str],
     out_path: str | Path,
@@ -155,12 +168,16 @@ def train_tokenizer(
     max_sentences: int = 200_000,
     num_threads: int = 1,
     keep_whitespace: bool = True,
+    character_coverage: float | None = None,
 ) -> Tokenizer:
     """Train on a seeded uniform sample of at most `max_sentences` lines of `documents`
     (all of them when fewer); write the model to `out_path`.
 
     `keep_whitespace`: encode text as written (see the module docstring); False is
     sentencepiece's default normalization, which the embedded fact world was built with.
+    `character_coverage`: the share of the sample's characters (by occurrence) that get a piece of
+    their own, sentencepiece's option; the rarest of the rest are written as bytes. Default 1.0 for
+    bpe (every character), 0.9995 for unigram.
     Deterministic for the same input (single-threaded by default, seeded sample).
     """
     if model_type not in ("bpe", "unigram"):
@@ -171,17 +188,40 @@ def train_tokenizer(
         raise DataError(f"max_sentences={max_sentences} must be positive (e.g. 200000)")
     if not 1 <= num_threads <= 1024:  # sentencepiece would refuse it only after the sample is read
         raise DataError(f"num_threads={num_threads} must be in 1..1024 (--threads)")
+    if character_coverage is None:
+        character_coverage = 1.0 if model_type == "bpe" else 0.9995
+    if not 0 < character_coverage <= 1:  # checked before the sample is read, as the above
+        raise DataError(
+            f"character_coverage={character_coverage} must be in (0, 1] (--character-coverage; e.g. 0.9995)"
+        )
     sentences = sample_sentences(documents, max_sentences, keep_whitespace=keep_whitespace)
     if not sentences:
         raise DataError("the tokenizer corpus is empty: no non-blank line to train on")
     symbols = [NEWLINE] if keep_whitespace else []
-    if model_type == "bpe":  # every distinct character becomes a piece, beside 256 bytes + 4 specials
+    if model_type == "bpe":  # every covered character becomes a piece, beside 256 bytes + 4 specials
         reserved = 260 + len(symbols)
-        needed = len(set().union(*map(set, sentences)) - set(symbols)) + reserved
-        if vocab_size < needed:
+        counts = collections.Counter()
+        for sentence in sentences:
+            counts.update(sentence)
+        for symbol in symbols:
+            counts.pop(symbol, None)
+        counts[" "] += len(sentences)  # the "▁" sentencepiece puts before each line (add_dummy_prefix)
+        covered = _covered_characters(counts, character_coverage)
+        if vocab_size < covered + reserved:
+            distinct = (
+                f"{covered:,} distinct characters"
+                if covered == len(counts)
+                else f"{len(counts):,} distinct characters, {covered:,} of which cover {character_coverage} of the text"
+            )
+            fewer = (
+                f"--character-coverage 0.9995 needs --vocab-size >= {_covered_characters(counts, 0.9995) + reserved}"
+                if character_coverage > 0.9995
+                else f"a --character-coverage below {character_coverage} needs fewer"
+            )
             raise DataError(
-                f"vocab_size={vocab_size} is too small for this corpus: it has "
-                f"{needed - reserved} distinct characters, so pass --vocab-size >= {needed}"
+                f"vocab_size={vocab_size} is too small for this corpus: it has {distinct}, so pass --vocab-size >= "
+                f"{covered + reserved}, or give pieces only to the commonest characters and write the rarest as "
+                f"bytes: {fewer}"
             )
     whitespace = (
         {
@@ -200,7 +240,7 @@ def train_tokenizer(
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=True,
-        character_coverage=1.0 if model_type == "bpe" else 0.9995,
+        character_coverage=character_coverage,
         hard_vocab_limit=False,
         pad_id=PAD_ID,
         unk_id=UNK_ID,

@@ -484,3 +484,57 @@ def test_a_plain_text_file_too_large_for_one_document_is_refused(tmp_path, monke
     argv = ["--input", str(tmp_path / "wiki.txt"), "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
     assert prepare_cli.main([*argv, "--no-progress"]) == 2
     assert "wiki.txt holds more than" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+
+
+def test_a_tokenizer_can_give_pieces_to_part_of_the_characters(tmp_path, capsys):
+    """A byte-pair tokenizer gave every distinct character a piece, and refused a vocabulary with fewer
+    slots, with no way to cover part of them (measured: /usr/share/man, 1,411 distinct characters in
+    many scripts, needed --vocab-size >= 1672, refused after reading it all). --character-coverage
+    (sentencepiece's option) now gives pieces to the commonest characters only, the rest written as
+    bytes; the refusal names it with the size it needs. Reference: the pieces sentencepiece itself made."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    han = [chr(0x4E00 + i) for i in range(700)]  # Zipf-like: a long tail of rare characters, as real text
+    lines = ["".join(rng.choices(han, weights=[1 / (r + 1) for r in range(700)], k=30)) for _ in range(300)]
+    lines += [f"line {i} of the English part" for i in range(50)]
+    corpus = tmp_path / "many.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    distinct = len(set("".join(lines)))
+    assert distinct > 500
+    model = tmp_path / "t.model"
+    argv = ["--input", str(corpus), "--output", str(model), "--vocab-size", str(distinct + 260)]
+    assert tokenizer_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    needed = re.search(r"--character-coverage 0.9995 needs --vocab-size >= (\d+)", err)
+    assert f"it has {distinct:,} distinct characters, so pass --vocab-size >= {distinct + 261}" in err and needed
+    needed = int(needed.group(1))
+    assert needed < distinct + 260
+    assert tokenizer_cli.main([*argv[:-1], str(needed - 1), "--character-coverage", "0.9995"]) == 2
+    assert "a --character-coverage below 0.9995 needs fewer" in capsys.readouterr().err and not model.exists()
+    assert tokenizer_cli.main([*argv[:-1], str(needed), "--character-coverage", "0.9995"]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    chars = [
+        sp.id_to_piece(i)
+        for i in range(sp.get_piece_size())
+        if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))
+        and sp.id_to_piece(i) not in ("\n", "")
+        and len(sp.id_to_piece(i)) == 1
+    ]
+    assert len(chars) == needed - 261 < distinct  # the newline's piece and 4 specials + 256 bytes aside
+    text = corpus.read_text()
+    rare = [c for c in set(text) if c not in chars and c not in " \n"]
+    for c in rare:  # written as bytes (after the "▁" before each text)
+        ids = [i for i in sp.encode(c) if sp.id_to_piece(i) != "▁"]
+        assert ids and all(sp.is_byte(i) for i in ids), c
+    assert sp.decode(sp.encode(text)) == text
+    out = str(tmp_path / "x")
+    for tool, extra, said in (
+        (tokenizer_cli, ["--character-coverage", "0"], "argument --character-coverage: 0 must be a number in (0, 1]"),
+        (prepare_cli, ["--character-coverage", "0.99", "--tokenizer", str(model)], "--tokenizer is used as it is"),
+    ):
+        with pytest.raises(SystemExit):
+            tool.main(["--input", str(corpus), "--output", out, *extra])
+        assert said in capsys.readouterr().err

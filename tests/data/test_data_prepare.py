@@ -222,6 +222,14 @@ def test_a_folder_names_its_broken_symbolic_links(tmp_path):
         f"--input {root}: skipped 2 symbolic link(s) that lead to no file (broken.txt -> ../nowhere.txt, "
         "sub/gone.txt -> /mnt/unmounted/gone.txt): restore their targets to read them, or remove the links"
     ]
+    pattern = f"{root}/**/*.txt"  # a glob pattern skipped them without a word too
+    with pytest.warns(UserWarning) as caught:
+        assert resolve_files([pattern]) == [root / "a.txt"]
+    assert [str(w.message) for w in caught if "symbolic link" in str(w.message)] == [
+        f"--input {pattern}: skipped 2 symbolic link(s) that lead to no file ({root / 'broken.txt'} -> "
+        f"../nowhere.txt, {root / 'sub' / 'gone.txt'} -> /mnt/unmounted/gone.txt): restore their targets to "
+        "read them, or remove the links"
+    ]
     (tmp_path / "nowhere.txt").write_text("found again\n")  # its target restored, the link is read
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
