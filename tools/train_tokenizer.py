@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.cli import fraction, output_file, positive_int  # noqa: E402
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
-from pretrain.data.corpus import FORMATS  # noqa: E402
+from pretrain.data.corpus import FORMATS, check_record_files, resolve_files  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,8 +50,10 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     try:
+        files = resolve_files(args.input, fmt=args.format)
+        check_record_files(files, args.format, args.text_field)
         tok = train_tokenizer(
-            iter_documents(args.input, args.format, args.text_field),
+            iter_documents(args.input, args.format, args.text_field, files=files),
             args.output,
             args.vocab_size,
             args.model_type,

@@ -644,6 +644,15 @@ def iter_documents(
         _warn_of_repaired(repaired_files, stats.non_utf8_documents - repaired_before)
 
 
+def check_record_files(files: list[Path], fmt: str = "auto", text_field: str = "text") -> None:
+    """Read the first record of every JSON Lines and Parquet file among `files`, so that one of
+    another shape (a single JSON document such as a package's .json.gz, a missing text field) is
+    refused before tokenizing, not when a pass of minutes reaches it."""
+    for path in files:
+        if _format_of(path, fmt) in ("jsonl", "parquet"):
+            next(iter_documents([path], fmt, text_field, CorpusStats(), files=[path]), None)
+
+
 def input_bytes(files: list[Path]) -> int:
     """The bytes of the files as stored: the whole of iter_documents' `progress`."""
     return sum(f.stat().st_size for f in files)

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from pretrain.data.corpus import CorpusStats, input_bytes, iter_documents, resolve_files
+from pretrain.data.corpus import CorpusStats, check_record_files, input_bytes, iter_documents, resolve_files
 from pretrain.data.errors import DataError
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
@@ -314,6 +314,7 @@ def prepare_corpus(
             f"the corpus {[str(p) for p in inputs]} holds no non-empty document "
             f"({probe.empty_documents} empty): check --input, --format and --text-field"
         )
+    check_record_files(files, fmt, text_field)
     total = input_bytes(files)
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         if tokenizer_path is None:

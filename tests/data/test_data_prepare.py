@@ -32,6 +32,7 @@ from pretrain.data.prepare import check_output_dir
 from pretrain.data.shards import read_blocks
 from pretrain.data.synthetic import ATTRIBUTES, build_fact_world
 from tools import prepare_data as prepare_cli
+from tools import train_tokenizer as tokenizer_cli
 
 
 def shard_bytes(root):
@@ -440,6 +441,33 @@ def test_missing_path_and_empty_corpus_fail_before_work(tmp_path, monkeypatch):
         prepare_corpus([tmp_path / "empty.txt"], tmp_path / "out", 16)
     assert not (tmp_path / "out").exists()
     assert prepare_cli.main(["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o")]) == 2
+
+
+def test_a_record_file_of_another_shape_is_refused_before_tokenizing(tmp_path, monkeypatch, capsys):
+    """/usr/share/doc as a corpus read its text files, then, some 70 s of tokenizing in, met
+    nodejs/abi_version_registry.json.gz, one JSON object over many lines, and stopped. Every JSON
+    Lines file's first record is read before the work starts; the message is the reader's own."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(prepare_mod, "train_tokenizer", no_work)
+    monkeypatch.setattr(prepare_mod, "write_dataset", no_work)
+    corpus = tmp_path / "doc"
+    (corpus / "a").mkdir(parents=True)
+    (corpus / "a" / "README").write_text("plain text, read first\n")
+    with gzip.open(corpus / "z_registry.json.gz", "wt") as fh:
+        fh.write(json.dumps({"NODE_MODULE_VERSION": [{"modules": 108}]}, indent=2))
+    with pytest.raises(DataError, match=r"z_registry.json.gz:1: the file is a JSON object written over"):
+        prepare_corpus([corpus], tmp_path / "out", 16)
+    monkeypatch.setattr(tokenizer_cli, "train_tokenizer", no_work)
+    assert tokenizer_cli.main(["--input", str(corpus), "--output", str(tmp_path / "t.model")]) == 2
+    assert "z_registry.json.gz:1: the file is a JSON object" in capsys.readouterr().err
+    (corpus / "z_registry.json.gz").unlink()
+    (corpus / "m.jsonl").write_text('{"body": "the text under another name"}\n')
+    with pytest.raises(DataError, match=r"m.jsonl:1: no field 'text' \(found \['body'\]\)"):
+        prepare_corpus([corpus], tmp_path / "out", 16)
+    assert not (tmp_path / "out").exists()
 
 
 def test_prepare_is_deterministic_and_parallel_equals_serial(tmp_path, documents, tokenizer):
