@@ -15,6 +15,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/memla
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _LAUNCH_ENV_AT_START = {k: os.environ[k] for k in _LAUNCH_VARS if k in os.environ}
 
+from tests import triton_mode  # noqa: E402
+
+triton_mode.load_interpreted_before_collection()  # before any test module's transformers import loads triton compiled
+
 from pretrain.model.config import MemoryConfig, ModelConfig  # noqa: E402 (after the environment defaults)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

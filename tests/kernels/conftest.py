@@ -9,48 +9,31 @@ it lazily at launch), and restored otherwise: it does not leak into the rest of 
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import pytest
 
-KERNEL_DEVICE = os.environ.get("MEMLAYERS_KERNEL_DEVICE", "cpu")
+from tests import triton_mode
+
+KERNEL_DEVICE = triton_mode.KERNEL_DEVICE
 if KERNEL_DEVICE not in ("cpu", "cuda"):
     raise pytest.UsageError(f"MEMLAYERS_KERNEL_DEVICE={KERNEL_DEVICE!r} must be cpu or cuda")
 
-# triton.language's own jit helpers are also decorated at import: if an earlier test
-# imported triton compiled, the interpreter cannot run them in this process, and the
-# kernel tests then run in a fresh subprocess instead (test_interpreted_in_subprocess).
-SUBPROCESS_FALLBACK = KERNEL_DEVICE == "cpu" and "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET")
-
-
-def _import_kernels(interpret: bool):
-    previous = os.environ.get("TRITON_INTERPRET")
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        names = ("kernels.triton_common", "kernels.pkm_bwd_triton", "kernels.pkm_triton", "kernels.bag_triton")
-        for name in names:
-            module = sys.modules.get(name)
-            if module is not None:
-                importlib.reload(module)
-            else:
-                importlib.import_module(name)
-        pytest.importorskip("triton")
-        from kernels import triton_common
-
-        if triton_common.INTERPRETING != interpret:
-            raise RuntimeError("kernel modules did not load in the requested (interpreted/compiled) mode")
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
+# triton.language's own jit helpers are also decorated at import: if triton was imported compiled
+# before the root conftest could load it interpreted (tests/triton_mode.py), the interpreter cannot
+# run them in this process, and the kernel tests then run in a fresh subprocess instead
+# (test_interpreted_in_subprocess).
+SUBPROCESS_FALLBACK = (
+    KERNEL_DEVICE == "cpu"
+    and "triton" in sys.modules
+    and not os.environ.get("TRITON_INTERPRET")
+    and not triton_mode.triton_loaded_interpreted
+)
 
 if not SUBPROCESS_FALLBACK:
-    _import_kernels(interpret=KERNEL_DEVICE == "cpu")
+    pytest.importorskip("triton")
+    triton_mode.load_kernels(interpret=KERNEL_DEVICE == "cpu")
 
 
 def pytest_collection_modifyitems(config, items):
