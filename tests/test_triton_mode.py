@@ -1,7 +1,7 @@
 """The kernel tests run interpreted in the suite's own process, whatever test module is collected
 before tests/kernels/: one importing transformers (-> torch._dynamo -> triton) at module level,
 tests/export/test_hf_memory_lookup.py, loaded triton compiled ahead of the kernels' conftest, and
-all 136 kernel tests were skipped there and run in a subprocess instead (CI at 3effe4b)."""
+135 kernel tests were skipped there and run in a subprocess instead (CI of f449089)."""
 
 from __future__ import annotations
 
