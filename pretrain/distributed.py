@@ -80,22 +80,59 @@ def launched_world_size() -> int:
 RENDEZVOUS_TIMEOUT_S = 600.0
 
 
+_pointed_local_rank: tuple[str, int] | None = None  # (LOCAL_RANK as init_distributed set it, as launched)
+
+
+def node_local_rank() -> int:
+    """This task's rank on its node: LOCAL_RANK as the launcher set it (`init_distributed` sets it
+    to the task's GPU index for DeepSpeed where the two differ)."""
+    value = os.environ["LOCAL_RANK"]
+    if _pointed_local_rank is not None and _pointed_local_rank[0] == value:
+        return _pointed_local_rank[1]
+    return int(value)
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU this task uses among the `device_count` it sees: 0 where it sees one (a site that
+    binds one GPU per task: srun --gpus-per-task=1 or --gpu-bind, CUDA_VISIBLE_DEVICES holding one
+    device, numbered 0 in the task), else its rank on the node (every task sees the node's GPUs).
+    A task whose rank on the node has no GPU is refused, naming the numbers and the fix: CUDA's
+    own 'invalid device ordinal' named none of them."""
+    if device_count == 1:
+        return 0
+    if local_rank < device_count:
+        return local_rank
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise RuntimeError(
+        f"LOCAL_RANK={local_rank} (this task's rank on its node) but the task sees {device_count} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else '<unset>'}): there is no GPU {local_rank}. "
+        "Start at most one task per GPU on each node (--ntasks-per-node no more than its GPUs, as "
+        "slurm/train_gpu.sbatch does), each seeing all the node's GPUs or exactly one (--gpus-per-task=1)"
+    )
+
+
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed (NCCL on GPUs, gloo on CPU) and DeepSpeed's communication on it.
 
     `timeout_s`: how long a collective may wait before it fails (DeepSpeed's default, 600 s,
     when None); the rendezvous waits RENDEZVOUS_TIMEOUT_S either way. Ignored when a process
     group exists already."""
+    global _pointed_local_rank
     import deepspeed
 
     from kernels.deepspeed_ops import share_deepspeed_op_builds
 
     share_deepspeed_op_builds()  # its CPU comm op: one build for every checkout, not one per switch
     _fill_environment()
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = node_local_rank()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        if index != local_rank:
+            # DeepSpeed takes LOCAL_RANK for the device index (its engine, ZeRO-3's partitions, the
+            # NCCL group's device): where the task sees one GPU it must read 0
+            os.environ["LOCAL_RANK"], _pointed_local_rank = str(index), (str(index), local_rank)
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

@@ -29,6 +29,18 @@ if TYPE_CHECKING:
     from pretrain.metrics import MetricsLogger
 
 
+class EvaluationStopped(Exception):
+    """A stop request ended an evaluation between two batches: what was computed is no result."""
+
+
+def check_stop(should_stop: Callable[[], bool] | None, part: str) -> None:
+    """Before each evaluation forward: EvaluationStopped once `should_stop` says so. It is the
+    ranks' agreed stop request (a collective): every rank calls it before each of as many forwards
+    (the padding below), so all stop at the same batch and none waits in a collective for a peer."""
+    if should_stop is not None and should_stop():
+        raise EvaluationStopped(part)
+
+
 @dataclass
 class ProbeBatch:
     tokens: torch.Tensor  # (P, L) input ids, right-padded
@@ -89,7 +101,13 @@ def load_seen_probes(cfg: RunConfig, sources: list, tokenizer, metrics: MetricsL
 
 @torch.no_grad()
 def fact_recall(
-    model: nn.Module, batch: ProbeBatch, device: torch.device, micro_batch: int = 64, rank: int = 0, world_size: int = 1
+    model: nn.Module,
+    batch: ProbeBatch,
+    device: torch.device,
+    micro_batch: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Fraction of probes whose answer is the greedy continuation, and the chance level.
 
@@ -97,7 +115,8 @@ def fact_recall(
     a probe of each other), each rank asks its own part and the hit counts are all-reduced, so
     every rank reports what one rank asking them all reports. A rank with fewer forwards runs
     one-row forwards with nothing scored, as `padded_to_longest` does for validation: the
-    collectives inside the model (a memory group's value lookup, ZeRO-3's gathers) must pair up."""
+    collectives inside the model (a memory group's value lookup, ZeRO-3's gathers) must pair up.
+    `should_stop`: `check_stop`'s, before each forward."""
     n = batch.tokens.shape[0]
     first, end = n * rank // world_size, n * (rank + 1) // world_size
     starts = list(range(first, end, micro_batch))
@@ -108,6 +127,7 @@ def fact_recall(
         padding = global_max(len(starts)) - len(starts)
     hits = torch.zeros(2, dtype=torch.float64)  # [probes answered, probes asked]
     for start in starts:
+        check_stop(should_stop, "fact recall")
         stop = min(start + micro_batch, end)
         tokens = batch.tokens[start:stop].to(device)
         targets = batch.targets[start:stop].to(device)
@@ -116,6 +136,7 @@ def fact_recall(
         hit = (predicted == targets) | ~mask
         hits += torch.tensor([hit.all(dim=-1).sum().item(), stop - start], dtype=torch.float64)
     for _ in range(padding):
+        check_stop(should_stop, "fact recall")
         model(torch.zeros(1, batch.tokens.shape[1], dtype=torch.long, device=device))
     if world_size > 1:
         total = hits.to(device)
@@ -141,13 +162,22 @@ def padded_to_longest(batches: list, seq_len: int) -> list:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, batches, device: torch.device, document_masking: bool = False) -> dict:
+def validation_loss(
+    model: nn.Module,
+    batches,
+    device: torch.device,
+    document_masking: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    part: str = "validation",
+) -> dict:
     """Mean loss per scored target over the given validation batches and over ranks (each rank
     passes its own rows; padding targets are not scored, so a split's padded last row weighs
     what its real targets weigh);
-    `document_masking`: attention stays within each document, as in training (data.document_masking)."""
+    `document_masking`: attention stays within each document, as in training (data.document_masking);
+    `should_stop`: `check_stop`'s before each batch (every rank passes as many, `padded_to_longest`)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [summed loss, scored targets]
     for batch in batches:
+        check_stop(should_stop, part)
         logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids.to(device) if document_masking else None)
         targets = batch.targets.to(device)
         summed = F.cross_entropy(
@@ -212,19 +242,37 @@ class Evaluator:
         self.rank, self.world_size = rank, world_size
 
     @record_function(regions.EVAL)
-    def __call__(self, engine) -> dict:
+    def __call__(self, engine, should_stop: Callable[[], bool] | None = None) -> dict:
+        """The evaluation's results. `should_stop`: the ranks' agreed stop request (StopSignal's
+        should_stop), asked before each forward: EvaluationStopped at the first True, on every rank
+        at the same batch (a signal must not wait for thousands of rows and probes: under SIGTERM
+        Slurm kills the job KillWait, often 30 s, after it)."""
         engine.eval()
-        per_source = {source: self.loss_on(engine, source, "val") for source in self.sources}
-        out = mixture_validation(per_source)
-        for source in self.heldout:
-            split = "val" if source.has_validation else "train"
-            out[f"heldout_loss/{source.name}"] = self.loss_on(engine, source, split).get("val_loss", float("nan"))
-        if self.probes is not None:
-            out.update(fact_recall(engine, self.probes, self.device, rank=self.rank, world_size=self.world_size))
-        engine.train()
+        try:
+            per_source = {source: self.loss_on(engine, source, "val", should_stop) for source in self.sources}
+            out = mixture_validation(per_source)
+            for source in self.heldout:
+                split = "val" if source.has_validation else "train"
+                loss = self.loss_on(engine, source, split, should_stop, part=f"held-out source {source.name}")
+                out[f"heldout_loss/{source.name}"] = loss.get("val_loss", float("nan"))
+            if self.probes is not None:
+                out.update(
+                    fact_recall(
+                        engine,
+                        self.probes,
+                        self.device,
+                        rank=self.rank,
+                        world_size=self.world_size,
+                        should_stop=should_stop,
+                    )
+                )
+        finally:
+            engine.train()
         return out
 
-    def loss_on(self, engine, source, split: str) -> dict:
+    def loss_on(
+        self, engine, source, split: str, should_stop: Callable[[], bool] | None = None, part: str | None = None
+    ) -> dict:
         """validation_loss over the first train.eval_batches x train.micro_batch rows of `source`'s
         `split` (a shorter split whole), each read once by one rank: the ranks read contiguous parts
         of them (within a row of each other in size) in batches of train.micro_batch."""
@@ -232,4 +280,5 @@ class Evaluator:
         rows = t.eval_batches * t.micro_batch
         loader = self.loaders(self.cfg, source.dir, split, self.rank, self.world_size, loop=False, rows=rows)
         batches = padded_to_longest(list(loader), self.cfg.data.seq_len)
-        return validation_loss(engine, batches, self.device, self.cfg.data.document_masking)
+        part = part or f"validation of source {source.name}"
+        return validation_loss(engine, batches, self.device, self.cfg.data.document_masking, should_stop, part)

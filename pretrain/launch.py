@@ -588,14 +588,29 @@ def _check_no_live_job(script_path: Path, squeue_bin: str = "squeue") -> None:
         job_id, _, rest = line.partition("|")
         state, _, command = rest.partition("|")  # the command (the script's path) may itself hold '|'
         if command == str(script_path):
-            live.append(f"{job_id} ({state})")
+            live.append((job_id, state))
     if live:
         raise RunInQueue(
-            f"--resume: job {', '.join(live)} of {script_path.parent} is still in the queue; a second job would "
-            "train the same run directory at the same time, each pruning and overwriting the other's checkpoints. "
-            f"Wait for it to end, or end it first (`scancel {live[0].split()[0]}`: it saves a checkpoint on the "
-            "way out) and resubmit once squeue no longer lists it"
+            f"--resume: job {', '.join(f'{job} ({state})' for job, state in live)} of {script_path.parent} is still "
+            "in the queue; a second job would train the same run directory at the same time, each pruning and "
+            "overwriting the other's checkpoints. Wait for it to end, or end it first "
+            f"({'; '.join(_how_to_end(job, state) for job, state in live)}) and resubmit once squeue no longer lists it"
         )
+
+
+# squeue states (%T) of a job whose batch script has not started: no trainer, nothing to save
+_NOT_STARTED = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING"})
+
+
+def _how_to_end(job_id: str, state: str) -> str:
+    """How to end a queued job of the run, and what that costs, as true for its squeue state."""
+    if state == "RUNNING":
+        return f"`scancel {job_id}`: the trainer saves a checkpoint on the way out"
+    if state in _NOT_STARTED:
+        return f"`scancel {job_id}`: it has not started, nothing to save"
+    if state == "COMPLETING":
+        return f"job {job_id} is ending already"
+    return f"`scancel {job_id}`"
 
 
 def _check_not_finished(run_dir: Path, cfg) -> None:

@@ -240,8 +240,9 @@ class StopSignal:
         return self.received is not None
 
     def should_stop(self) -> bool:
-        """Call once per step on every rank; True on all ranks at the same call once any rank
-        received a stop signal. Collective when torch.distributed is initialised."""
+        """Call at the same points on every rank (once per step; before each evaluation forward);
+        True on all ranks at the same call once any rank received a stop signal. Collective when
+        torch.distributed is initialised."""
         if self._agreed:
             return True
         self._calls += 1

@@ -52,7 +52,7 @@ from pretrain.distributed import (  # noqa: E402
     refusal_shared,
     share_refusal,
 )
-from pretrain.evaluate import Evaluator, load_seen_probes  # noqa: E402
+from pretrain.evaluate import EvaluationStopped, Evaluator, load_seen_probes  # noqa: E402
 from pretrain.init_from import InitSource, check_init_source, load_initial_weights  # noqa: E402
 from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, run_peak_flops  # noqa: E402
@@ -356,6 +356,7 @@ class Trainer:
     requeued: bool = False
     save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
     memory: IntervalPeak | None = None  # the peak memory per log interval and of the run (train() passes its own)
+    stop: Any = None  # fit's StopSignal: the evaluation asks it between batches
 
     def __post_init__(self):
         if self.memory is None:
@@ -379,6 +380,7 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
+        self.stop = stop
         leave_dead_workers_to_the_loader()
         batches = iter(self.train_loader)
         self.memory.reset(f"training began at step {self.state.step}")  # the run's peak keeps start-up's
@@ -578,7 +580,17 @@ class Trainer:
         log_slot_statistics(self.stats, self.metrics, self.state.step)
 
     def evaluate(self) -> None:
-        self.last_eval = self.evaluate_now(self.engine)
+        """The evaluation; a stop signal ends it at the next batch (the ranks agree on it there),
+        and the stop check after `run_periodic` checkpoints."""
+        try:
+            self.last_eval = self.evaluate_now(self.engine, self.stop.should_stop if self.stop is not None else None)
+        except EvaluationStopped as stopped:
+            self.last_eval = {}
+            self.metrics.line(
+                f"evaluation at step {self.state.step} ended by a stop signal during its {stopped}: "
+                "its partial result is not logged; the checkpoint follows"
+            )
+            return
         self.metrics.scalars({f"eval/{k}": v for k, v in self.last_eval.items()}, self.state.step)
         self.metrics.line("eval " + " ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
 

@@ -901,3 +901,32 @@ def test_the_job_runs_the_submitting_checkout_not_a_package_in_its_working_direc
     assert not marker.exists(), "the job imported pretrain from its working directory"
     # this checkout's trainer ran: it names the config the dry run did not write
     assert f"config file {tmp_path}/run/config.yaml does not exist" in job.stderr, job.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("state", "advice"),
+    [
+        ("PENDING", "`scancel 77`: it has not started, nothing to save"),
+        ("REQUEUED", "`scancel 77`: it has not started, nothing to save"),
+        ("RUNNING", "`scancel 77`: the trainer saves a checkpoint on the way out"),
+        ("COMPLETING", "job 77 is ending already"),
+    ],
+)
+def test_the_advice_on_a_queued_job_of_the_run_fits_its_state(tmp_path, state, advice):
+    """The --resume refusal told to `scancel` a queued job because 'it saves a checkpoint on the way
+    out', also of a PENDING job (no trainer has started: nothing to save) and a COMPLETING one (it is
+    ending). Each job is now named with what ending it does in its state (a stand-in squeue)."""
+    from pretrain.launch import RunInQueue, _check_no_live_job
+
+    script = tmp_path / "run" / "train.sbatch"
+    squeue = tmp_path / "squeue"
+    squeue.write_text(f"#!/bin/sh\necho '77|{state}|{script}'\necho '78|RUNNING|{tmp_path}/other/train.sbatch'\n")
+    squeue.chmod(0o755)
+    with pytest.raises(RunInQueue) as err:
+        _check_no_live_job(script, str(squeue))
+    message = str(err.value)
+    assert f"job 77 ({state}) of {tmp_path / 'run'} is still in the queue" in message, message
+    assert f"({advice})" in message, message
+    assert "78" not in message  # another run's job
+    if state != "RUNNING":
+        assert "checkpoint on the way out" not in message, message
