@@ -53,6 +53,35 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.slurm import ignore_stop_signals
 
 IGNORE_INDEX = -100
+
+# what a loader raises, besides a DataError, when it fails on one rank: a shard its node cannot read
+# (OSError: a stale network-filesystem handle), a dead DataLoader worker (RuntimeError)
+LOADER_FAILURES = (OSError, RuntimeError)
+
+
+def loader_failure(err: BaseException, what: str) -> DataError:
+    """`err`, one of LOADER_FAILURES, as the DataError that every rank is told of ("`what`: its
+    message"), `err` as its cause: raised on the failing rank alone, it left the others waiting in
+    their next collective. A dead worker's error says what most often killed it."""
+    failure = DataError(f"{what}: {str(err).strip()}")
+    if "killed by signal" in str(err) or "exited unexpectedly" in str(err):
+        failure = DataError(
+            f"{failure}; most often the kernel's out-of-memory killer (dmesg): fewer data.num_workers or a "
+            "smaller data.shuffle_buffer need less memory"
+        )
+    failure.__cause__ = err  # its traceback, on this rank
+    return failure
+
+
+def read_all(loader, what: str) -> list:
+    """Every batch of `loader` (loop=False), its failures of LOADER_FAILURES as `loader_failure`'s
+    DataError: to be shared with the other ranks (`refusal_shared`)."""
+    try:
+        return list(loader)
+    except LOADER_FAILURES as err:
+        raise loader_failure(err, what) from err
+
+
 STATE_VERSION = 3  # 3 split rows across readers ("scheme"); 2 added "plan" (after load_resharded); 1 and 2 still load
 ROWS, SHARDS = "rows", "shards"  # a state's work split: rows (version 3 on), whole shards (versions 1 and 2)
 RESHARD_FIX = (

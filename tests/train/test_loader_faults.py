@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.train.helpers import run_ranks_outcome, tiny_config
 
 
@@ -54,5 +56,64 @@ def test_a_loader_worker_killed_on_one_rank_stops_every_rank_naming_it(tmp_path,
 
     assert got[0]["error"] == got[1]["error"] == "DataError"
     assert re.match(refusal, got[1]["message"]), got[1]["message"]
+    assert re.match(r"rank 1 on \S+: ", got[0]["message"]) and got[0]["message"].endswith(f": {got[1]['message']}")
+    assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
+
+
+def _validation_read_fails_on_rank_1(rank: int, run: str, cache: str, failure: str) -> dict:
+    """Rank 1's validation loader fails after its first batch, in the evaluation after step 1: an
+    OSError (a shard its node cannot read: a stale network-filesystem handle) or a DataError (a
+    corrupt shard under data.on_corrupt=error)."""
+    import errno
+
+    from pretrain import train as train_module
+    from pretrain.data.errors import DataError
+
+    class FailingAfterFirstBatch:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for i, batch in enumerate(self.loader):
+                if i == 1:
+                    if failure == "OSError":
+                        raise OSError(errno.ESTALE, "Stale file handle", "val/shard_00000.bin")
+                    raise DataError("shard val/shard_00000.bin is corrupt: re-create the dataset")
+                yield batch
+
+    def loaders(cfg, where, split, *args, **kwargs):
+        loader = train_module.build_loader(cfg, where, split, *args, **kwargs)
+        return FailingAfterFirstBatch(loader) if rank == 1 and split == "val" else loader
+
+    cfg = tiny_config(Path(run), Path(cache), "train.max_steps=3", "train.eval_every=1", "train.eval_batches=8")
+    try:
+        train_module.train(cfg, loaders=loaders)
+        return {"error": None}
+    except Exception as err:
+        return {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        ("OSError", r"the evaluation data loader failed \(source \S+, split val\): \[Errno 116\] Stale file handle"),
+        ("DataError", r"shard val/shard_00000.bin is corrupt"),
+    ],
+    ids=["OSError", "DataError"],
+)
+def test_a_validation_loader_failing_on_one_rank_stops_every_rank_naming_it(tmp_path, data_cache, failure, message):
+    """It ended rank 1 alone, rank 0 left waiting in the evaluation's next all-reduce (measured:
+    still waiting when the harness gave up, 60 s later). The validation loader has no workers
+    (data.num_workers is the training loader's): a dead worker cannot happen there."""
+    import re
+
+    args = (str(tmp_path / "run"), str(data_cache), failure)
+    ranks = run_ranks_outcome(2, _validation_read_fails_on_rank_1, args, tmp_path, 60)
+    for rank, outcome in enumerate(ranks):
+        assert outcome is not None, f"rank {rank} still waits after 60 s (a collective its peer never joined)"
+        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
+    got = [r["result"] for r in ranks]
+    assert got[0]["error"] == got[1]["error"] == "DataError", got
+    assert re.match(message, got[1]["message"]), got[1]
     assert re.match(r"rank 1 on \S+: ", got[0]["message"]) and got[0]["message"].endswith(f": {got[1]['message']}")
     assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
