@@ -22,7 +22,9 @@ from torch.profiler import record_function
 
 from pretrain import profiler_regions as regions
 from pretrain.data import load_probes
-from pretrain.data.loader import IGNORE_INDEX
+from pretrain.data.errors import DataError
+from pretrain.data.loader import IGNORE_INDEX, read_all
+from pretrain.distributed import refusal_shared
 
 if TYPE_CHECKING:
     from pretrain.config import RunConfig
@@ -279,6 +281,10 @@ class Evaluator:
         t = self.cfg.train
         rows = t.eval_batches * t.micro_batch
         loader = self.loaders(self.cfg, source.dir, split, self.rank, self.world_size, loop=False, rows=rows)
-        batches = padded_to_longest(list(loader), self.cfg.data.seq_len)
+        # a read that fails on one rank (a corrupt shard, one its node cannot read) stops every rank;
+        # raised on that rank alone, it left the others waiting in padded_to_longest's all-reduce
+        with refusal_shared(DataError):
+            read = read_all(loader, f"the evaluation data loader failed (source {source.name}, split {split})")
+        batches = padded_to_longest(read, self.cfg.data.seq_len)
         part = part or f"validation of source {source.name}"
         return validation_loss(engine, batches, self.device, self.cfg.data.document_masking, should_stop, part)

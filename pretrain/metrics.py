@@ -7,6 +7,7 @@ figures), from `PEAK_BF16_FLOPS`; unknown devices and CPUs report n/a.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,29 @@ def peak_flops_of(name: str) -> float | None:
     return None
 
 
+def quiet_tensorboard_write_failures() -> None:
+    """TensorBoard's writer thread, its write refused (a full disk), prints its own traceback
+    (threading.excepthook, "Exception in thread ...") beside `MetricsLogger`'s one message: read as
+    a crash. It keeps the error and raises it at the writer's next call, where `MetricsLogger._write`
+    says it; so the excepthook leaves out that thread's OSError, and only that (any other thread's
+    error, or another error of that thread, is printed as before). Once per process."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another TensorBoard: its traceback is printed
+        return
+    printing = threading.excepthook
+    if getattr(printing, "quiets_tensorboard_write_failures", False):
+        return
+
+    def hook(args) -> None:
+        if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+            return
+        printing(args)
+
+    hook.quiets_tensorboard_write_failures = True
+    threading.excepthook = hook
+
+
 class MetricsLogger:
     """Writes scalars to TensorBoard and prints a one-line summary; only on rank 0."""
 
@@ -89,6 +113,7 @@ class MetricsLogger:
         if self.writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            quiet_tensorboard_write_failures()
             # purge_step: a SessionLog START at that step, after which TensorBoard drops the events
             # of this log directory at that step and later that were written before it
             self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)

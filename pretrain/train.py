@@ -39,7 +39,7 @@ from pretrain.cadence import Every  # noqa: E402
 from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
-from pretrain.data.loader import IGNORE_INDEX  # noqa: E402
+from pretrain.data.loader import IGNORE_INDEX, LOADER_FAILURES, loader_failure  # noqa: E402
 from pretrain.data.sources import resolve_eval_sources  # noqa: E402
 from pretrain.distributed import (  # noqa: E402
     DistInfo,
@@ -467,15 +467,8 @@ class Trainer:
             return [self.next_batch(batches) for _ in range(self.micro_batches)], None
         except DataError as err:
             return [], err
-        except (OSError, RuntimeError) as err:  # torch's DataLoader: a dead worker is a RuntimeError
-            failure = DataError(f"the training data loader failed at step {self.state.step + 1}: {str(err).strip()}")
-            if "killed by signal" in str(err) or "exited unexpectedly" in str(err):
-                failure = DataError(
-                    f"{failure}; most often the kernel's out-of-memory killer (dmesg): fewer data.num_workers or a "
-                    "smaller data.shuffle_buffer need less memory"
-                )
-            failure.__cause__ = err  # its traceback, on this rank
-            return [], failure
+        except LOADER_FAILURES as err:
+            return [], loader_failure(err, f"the training data loader failed at step {self.state.step + 1}")
 
     def next_batch(self, batches):
         """The next micro-batch; the time spent waiting for it is counted (perf/data_wait_fraction)."""

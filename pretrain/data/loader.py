@@ -53,6 +53,70 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.slurm import ignore_stop_signals
 
 IGNORE_INDEX = -100
+
+# what a loader raises, besides a DataError, when it fails on one rank: a shard its node cannot read
+# (OSError: a stale network-filesystem handle), a dead DataLoader worker (RuntimeError; EOFError or
+# ConnectionResetError where it died in the middle of sending a batch)
+LOADER_FAILURES = (OSError, RuntimeError, EOFError)
+
+OUT_OF_MEMORY_HINT = (
+    "most often the kernel's out-of-memory killer (dmesg): fewer data.num_workers or a smaller "
+    "data.shuffle_buffer need less memory"
+)
+SHARED_MEMORY_HINT = (
+    "the workers ran out of shared memory (/dev/shm): a larger limit (docker run --shm-size) or fewer data.num_workers"
+)
+
+
+def _raised_receiving_from_workers(err: BaseException) -> bool:
+    """Raised in torch's DataLoader while it received a worker's batch (`_try_get_data`, torch 2.x):
+    a worker killed in the middle of sending one surfaces there as EOFError or ConnectionResetError,
+    not as torch's own words (measured, worker SIGKILLed at random moments: 6 and 4 in 30)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_try_get_data":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def dead_worker_hint(err: BaseException) -> str | None:
+    """What most often killed the DataLoader worker whose death `err` reports, or None where `err`
+    is not a dead worker's. torch's words: "DataLoader worker (pid(s) N) exited unexpectedly" (its
+    wait for a batch finding the worker gone), "... is killed by signal: Killed." (its SIGCHLD
+    handler, where installed; ": Bus error." for a full /dev/shm), or the raw EOFError or
+    ConnectionResetError of a batch cut off mid-send. "exited unexpectedly with exit code N" (the
+    worker ended itself) is not the OOM killer's doing."""
+    text = str(err)
+    if "DataLoader worker" in text and "Bus error" in text:
+        return SHARED_MEMORY_HINT
+    if "DataLoader worker" in text and ("killed by signal" in text or text.rstrip().endswith("exited unexpectedly")):
+        return OUT_OF_MEMORY_HINT
+    if isinstance(err, (EOFError, ConnectionError)) and _raised_receiving_from_workers(err):
+        return f"a DataLoader worker died while sending a batch: {OUT_OF_MEMORY_HINT}"
+    return None
+
+
+def loader_failure(err: BaseException, what: str) -> DataError:
+    """`err`, one of LOADER_FAILURES, as the DataError that every rank is told of ("`what`: its
+    message", with `dead_worker_hint`), `err` as its cause: raised on the failing rank alone, it
+    left the others waiting in their next collective."""
+    message = str(err).strip() or type(err).__name__  # an EOFError has no words
+    hint = dead_worker_hint(err)
+    failure = DataError(f"{what}: {message}" + (f"; {hint}" if hint else ""))
+    failure.__cause__ = err  # its traceback, on this rank
+    return failure
+
+
+def read_all(loader, what: str) -> list:
+    """Every batch of `loader` (loop=False), its failures of LOADER_FAILURES as `loader_failure`'s
+    DataError: to be shared with the other ranks (`refusal_shared`)."""
+    try:
+        return list(loader)
+    except LOADER_FAILURES as err:
+        raise loader_failure(err, what) from err
+
+
 STATE_VERSION = 3  # 3 split rows across readers ("scheme"); 2 added "plan" (after load_resharded); 1 and 2 still load
 ROWS, SHARDS = "rows", "shards"  # a state's work split: rows (version 3 on), whole shards (versions 1 and 2)
 RESHARD_FIX = (

@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from tests.train.helpers import run_ranks_outcome, tiny_config
 
 
@@ -56,3 +59,146 @@ def test_a_loader_worker_killed_on_one_rank_stops_every_rank_naming_it(tmp_path,
     assert re.match(refusal, got[1]["message"]), got[1]["message"]
     assert re.match(r"rank 1 on \S+: ", got[0]["message"]) and got[0]["message"].endswith(f": {got[1]['message']}")
     assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
+
+
+def _validation_read_fails_on_rank_1(rank: int, run: str, cache: str, failure: str) -> dict:
+    """Rank 1's validation loader fails after its first batch, in the evaluation after step 1: an
+    OSError (a shard its node cannot read: a stale network-filesystem handle) or a DataError (a
+    corrupt shard under data.on_corrupt=error)."""
+    import errno
+
+    from pretrain import train as train_module
+    from pretrain.data.errors import DataError
+
+    class FailingAfterFirstBatch:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for i, batch in enumerate(self.loader):
+                if i == 1:
+                    if failure == "OSError":
+                        raise OSError(errno.ESTALE, "Stale file handle", "val/shard_00000.bin")
+                    raise DataError("shard val/shard_00000.bin is corrupt: re-create the dataset")
+                yield batch
+
+    def loaders(cfg, where, split, *args, **kwargs):
+        loader = train_module.build_loader(cfg, where, split, *args, **kwargs)
+        return FailingAfterFirstBatch(loader) if rank == 1 and split == "val" else loader
+
+    cfg = tiny_config(Path(run), Path(cache), "train.max_steps=3", "train.eval_every=1", "train.eval_batches=8")
+    try:
+        train_module.train(cfg, loaders=loaders)
+        return {"error": None}
+    except Exception as err:
+        return {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        ("OSError", r"the evaluation data loader failed \(source \S+, split val\): \[Errno 116\] Stale file handle"),
+        ("DataError", r"shard val/shard_00000.bin is corrupt"),
+    ],
+    ids=["OSError", "DataError"],
+)
+def test_a_validation_loader_failing_on_one_rank_stops_every_rank_naming_it(tmp_path, data_cache, failure, message):
+    """It ended rank 1 alone, rank 0 left waiting in the evaluation's next all-reduce (measured:
+    still waiting when the harness gave up, 60 s later). The validation loader has no workers
+    (data.num_workers is the training loader's): a dead worker cannot happen there."""
+    import re
+
+    args = (str(tmp_path / "run"), str(data_cache), failure)
+    ranks = run_ranks_outcome(2, _validation_read_fails_on_rank_1, args, tmp_path, 60)
+    for rank, outcome in enumerate(ranks):
+        assert outcome is not None, f"rank {rank} still waits after 60 s (a collective its peer never joined)"
+        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
+    got = [r["result"] for r in ranks]
+    assert got[0]["error"] == got[1]["error"] == "DataError", got
+    assert re.match(message, got[1]["message"]), got[1]
+    assert re.match(r"rank 1 on \S+: ", got[0]["message"]) and got[0]["message"].endswith(f": {got[1]['message']}")
+    assert abs(got[0]["raised_at"] - got[1]["raised_at"]) < 20
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(4)
+
+
+def _received_from_a_worker(error: BaseException) -> BaseException:
+    """`error` as torch's DataLoader raises it where receiving a worker's batch fails with it (its
+    own `_try_get_data`, the worker alive): the raw error of a batch cut off mid-send."""
+
+    def failing(timeout=None):
+        raise error
+
+    batches = iter(torch.utils.data.DataLoader(_Endless(), batch_size=None, num_workers=1))
+    try:
+        batches._data_queue.get = failing
+        next(batches)
+    except BaseException as raised:
+        return raised
+    finally:
+        batches._shutdown_workers()
+    raise AssertionError("no error")
+
+
+OOM = "most often the kernel's out-of-memory killer"
+
+
+@pytest.mark.parametrize(
+    "error, hint",
+    [
+        # torch 2.11 and 2.13 alike (dataloader.py's wait for a batch; C++ SIGCHLD handler)
+        (lambda: RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly"), OOM),
+        (lambda: RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "), OOM),
+        (
+            lambda: RuntimeError(
+                "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's "
+                "workers are out of shared memory. Please try to raise your shared memory limit."
+            ),
+            "the workers ran out of shared memory (/dev/shm)",
+        ),
+        (
+            lambda: RuntimeError(
+                "DataLoader worker (pid 4242) exited unexpectedly with exit code 1. Details are lost due to "
+                "multiprocessing. Rerunning with num_workers=0 may give better error trace."
+            ),
+            None,
+        ),
+        (lambda: _received_from_a_worker(EOFError()), f"a DataLoader worker died while sending a batch: {OOM}"),
+        (
+            lambda: _received_from_a_worker(ConnectionResetError(104, "Connection reset by peer")),
+            f"a DataLoader worker died while sending a batch: {OOM}",
+        ),
+        (lambda: ConnectionResetError(104, "Connection reset by peer"), None),  # not from a DataLoader
+        (lambda: OSError(116, "Stale file handle"), None),
+        (lambda: RuntimeError("Too many open files. Communication with the workers is no longer possible."), None),
+    ],
+    ids=["exited", "killed", "bus-error", "exit-code", "eof-mid-send", "reset-mid-send", "reset", "stale", "fds"],
+)
+def test_a_dead_workers_error_is_shared_with_what_most_often_killed_it(error, hint):
+    """The hint came only with "killed by signal" and "exited unexpectedly"; a worker killed while
+    sending a batch raised EOFError (6 in 30 random SIGKILLs here), which the training loop did not
+    catch at all (its rank alone ended, the others waited), or ConnectionResetError (4 in 30), shared
+    without a hint; a full /dev/shm (Bus error) got the OOM killer's."""
+    from pretrain.data.errors import DataError
+    from pretrain.data.loader import read_all
+
+    raised = error()
+
+    class Failing:
+        def __iter__(self):
+            yield "a batch"
+            raise raised
+
+    with pytest.raises(DataError) as refused:
+        read_all(Failing(), "the training data loader failed at step 3")
+    message = str(refused.value)
+    assert message.startswith(f"the training data loader failed at step 3: {str(raised).strip() or 'EOFError'}")
+    assert refused.value.__cause__ is raised
+    if hint is None:
+        assert "; " not in message.removeprefix("the training data loader failed at step 3: "), message
+    else:
+        assert f"; {hint}" in message, message

@@ -47,3 +47,55 @@ def test_a_refused_tensorboard_write_is_said_once_and_training_goes_on(tmp_path,
     )
     assert ranks[0]["result"]["printed"].count(warning) == 1
     assert "step 4" in ranks[0]["result"]["printed"].rsplit(warning, 1)[1]  # the console log went on
+
+
+_REFUSED_IN_THE_WRITER_THREAD = """
+import errno, sys, threading, time
+from tensorboard.summary.writer import record_writer
+from pretrain.metrics import MetricsLogger
+
+real, writes = record_writer.RecordWriter.write, []
+
+def refusing(self, data):  # in TensorBoard's writer thread, as a full disk refuses its event file
+    writes.append(data)
+    if len(writes) > 2:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    return real(self, data)
+
+record_writer.RecordWriter.write = refusing
+metrics = MetricsLogger(sys.argv[1], True)
+for step in range(5):
+    metrics.scalars({"train/loss": 1.0}, step)
+    time.sleep(0.2)
+metrics.close()
+
+def other():  # any other thread's error is still printed
+    raise OSError(errno.EIO, "another thread's error")
+
+thread = threading.Thread(target=other, name="other")
+thread.start()
+thread.join()
+"""
+
+
+def test_the_writer_threads_own_traceback_of_a_refused_write_is_left_out(tmp_path):
+    """TensorBoard's writer thread printed its traceback ("Exception in thread Thread-1: ...
+    OSError: [Errno 28] No space left on device") beside the run's one warning: read as a crash.
+    Run in a process of its own: pytest replaces threading.excepthook during tests."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _REFUSED_IN_THE_WRITER_THREAD, str(tmp_path / "tensorboard")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("warning: TensorBoard cannot write") == 1, done.stdout
+    assert "No space left on device" not in done.stderr, done.stderr
+    assert "Exception in thread other" in done.stderr and "another thread's error" in done.stderr, done.stderr
