@@ -585,6 +585,8 @@ class ShardLoader:
                 worker_init_fn=ignore_stop_signals,  # Slurm's stop signals reach the workers too
             )
             for item in dl:
+                if "error" in item:
+                    raise item["error"]
                 w = item.pop("worker")
                 self._positions[w] = item.pop("position")
                 self._worker_stats[w] = item.pop("stats")
@@ -608,9 +610,15 @@ class _WorkerDataset(IterableDataset):
         # round robin start at the worker that was next when the state was saved.
         worker = (info.id + self.rotation) % info.num_workers
         stats = dict(self.loader._worker_stats[worker])
-        for arrays, after in self.loader._stream(worker, self.positions[worker], stats):
-            arrays.update(worker=worker, position=after, stats=dict(stats))
-            yield arrays
+        try:
+            for arrays, after in self.loader._stream(worker, self.positions[worker], stats):
+                arrays.update(worker=worker, position=after, stats=dict(stats))
+                yield arrays
+        except DataError as err:
+            # raised here, torch re-raises it in the main process with the worker's traceback as its
+            # message ("Caught CorruptShardError in DataLoader worker process 0. Original Traceback
+            # ..."), which every rank would then print as the error: sent as it is, raised there
+            yield {"error": err}
 
 
 class _Saved(NamedTuple):

@@ -202,3 +202,30 @@ def test_a_dead_workers_error_is_shared_with_what_most_often_killed_it(error, hi
         assert "; " not in message.removeprefix("the training data loader failed at step 3: "), message
     else:
         assert f"; {hint}" in message, message
+
+
+def test_a_corrupt_shard_read_by_a_worker_is_refused_in_its_own_words(tmp_path, data_cache):
+    """A loader worker's DataError (a corrupt shard under data.on_corrupt=error) reached the main
+    process, and every rank, as torch re-raises it: "Caught CorruptShardError in DataLoader worker
+    process 0.\\nOriginal Traceback (most recent call last): ..." as its message. It now says what
+    the loader without workers says (the reference)."""
+    import re
+    import shutil
+
+    from pretrain.data import ShardLoader
+    from pretrain.data.shards import CorruptShardError, read_manifest
+
+    source = next(p.parent for p in data_cache.rglob("manifest.json") if (p.parent / "train").is_dir())
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    shard = data / read_manifest(data)["splits"]["train"]["shards"][0]["path"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
+
+    def refusal(workers: int) -> str:
+        with pytest.raises(CorruptShardError) as refused:
+            list(ShardLoader(data, "train", batch_size=2, seed=0, loop=False, num_workers=workers))
+        return re.sub(r"0x[0-9a-f]+", "0x", str(refused.value))  # an object's address in the reader's words
+
+    expected = refusal(0)
+    assert expected.startswith(f"corrupt shard {shard} at byte offset ")
+    assert refusal(1) == expected
