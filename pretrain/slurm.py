@@ -34,6 +34,7 @@ that it can listen there before anything else and names the port and the overrid
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import re
@@ -298,6 +299,39 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_workers_ended_at_exit = False
+
+
+def end_stop_immune_workers_at_exit() -> None:
+    """In the process that starts workers given `ignore_stop_signals`: register, once, the end of
+    those still running when it exits.
+
+    multiprocessing ends a process's daemonic children at exit with SIGTERM and then joins them;
+    a worker ignoring SIGTERM was joined forever (a loader iterator still referenced at exit: the
+    test suite's pytest never returned after its summary, and a rank ended by an error would stay
+    in the job). Registered after multiprocessing's own exit function, this one runs first and
+    ends them with SIGKILL, which they cannot ignore."""
+    global _workers_ended_at_exit
+    if not _workers_ended_at_exit:
+        atexit.register(_kill_daemonic_children)
+        _workers_ended_at_exit = True
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    # what multiprocessing's exit would terminate; a data-loader worker is one
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    # torch's SIGCHLD handler (where installed) would raise 'DataLoader worker ... killed' inside a join
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
 
 
 def _initialised_dist():

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.errors import DataError
 from pretrain.data.shards import CorruptShardError, read_blocks, read_manifest, row_doc_ids
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.slurm import ignore_stop_signals
+from pretrain.slurm import end_stop_immune_workers_at_exit, ignore_stop_signals
 
 IGNORE_INDEX = -100
 
@@ -576,6 +576,7 @@ class ShardLoader:
             # drawn from it, not from the global one, whose state a checkpoint restores before this
             # iteration starts: a resumed run's dropout, say, then draws what an uninterrupted run does
             seeds = torch.Generator().manual_seed(self.seed)
+            end_stop_immune_workers_at_exit()
             dl = DataLoader(
                 dataset,
                 batch_size=None,

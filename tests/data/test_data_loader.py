@@ -141,6 +141,38 @@ def test_exact_resume(dataset, world_size, workers, shuffle):
         assert len(json.dumps(state)) < 2000
 
 
+EXIT_WITH_A_LIVE_ITERATOR = """
+import sys
+from pretrain.data import ShardLoader
+loader = ShardLoader(sys.argv[1], "train", batch_size=4, seq_len=int(sys.argv[2]), seed=0, num_workers=2)
+batches = iter(loader)
+next(batches)  # its workers run on while the process exits (a failed test's frame, an error in a rank)
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exits_with_its_loader_workers_still_running(dataset, repo_root):
+    """The workers ignore Slurm's stop signals (f52bb0d), and multiprocessing ends a process's
+    workers at exit with SIGTERM and then joins them: the suite's pytest printed its summary and
+    never returned (CI of f449089), and so would a rank that an error ends mid-epoch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", EXIT_WITH_A_LIVE_ITERATOR, str(dataset), str(SEQ_LEN)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the process did not exit within 90 s of its last line: {err.stdout!r}")
+    assert result.returncode == 0 and result.stdout == "exiting\n", result.stderr[-2000:]
+
+
 def test_epochs_reshuffle_shards_and_cover_everything(dataset):
     loader = ShardLoader(dataset, "train", batch_size=4, seq_len=SEQ_LEN, seed=2, loop=False)
     epochs = [np.concatenate([full_rows(b) for b in loader]) for _ in range(3)]
