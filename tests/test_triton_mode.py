@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
-
 COLLECTION_ORDER = """
 import importlib.util, sys
 
@@ -29,11 +27,11 @@ print(kernels_conftest.SUBPROCESS_FALLBACK, triton_common.INTERPRETING)
 """
 
 
-def test_a_transformers_import_at_collection_leaves_the_kernel_tests_in_process():
+def test_a_transformers_import_at_collection_leaves_the_kernel_tests_in_process(repo_root):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEMLAYERS_KERNEL_DEVICE")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = str(repo_root)
     result = subprocess.run(
-        [sys.executable, "-c", COLLECTION_ORDER], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", COLLECTION_ORDER], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["False", "True"]  # no subprocess fallback; kernels interpreted
