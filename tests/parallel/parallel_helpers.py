@@ -1,4 +1,5 @@
-"""Shared pieces of the memory-parallel tests: the tiny model, batches, the world-1 reference."""
+"""Shared pieces of the memory-parallel tests: the tiny model, batches, the world-1 reference,
+and the model + MemoryParallel (+ DeepSpeed engine) every rank builds."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.memory import ValueTable
 from pretrain.model.objective import language_model_loss
 from pretrain.model.transformer import Transformer
+from pretrain.parallel import MemoryParallel
 
 OPTIM = OptimConfig(lr=3e-3, value_lr=1e-2, weight_decay=0.1, grad_clip=0.003)
 GLOBAL_BATCH, SEQ, STEPS = 4, 9, 3
+PROBE = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
 
 
 def tiny_cfg(v_dim: int = 0, shared: bool = False) -> ModelConfig:
@@ -40,9 +43,10 @@ def reference_world1(cfg: ModelConfig, data: torch.Tensor, optim: OptimConfig = 
         model.values[i] = ValueTable(cfg.memory.num_slots, cfg.value_dim, "torch", seed=i)
     dense = [p for n, p in model.named_parameters() if not n.startswith("values.")]
     values = list(model.values.parameters())
-    betas = (optim.beta1, optim.beta2)
-    opt_d = torch.optim.AdamW(dense, lr=optim.lr, betas=betas, eps=optim.eps, weight_decay=optim.weight_decay)
-    opt_v = torch.optim.AdamW(values, lr=optim.value_lr, betas=betas, eps=optim.eps, weight_decay=0.0)
+    opt_d = dense_adamw(dense, optim)
+    opt_v = torch.optim.AdamW(
+        values, lr=optim.value_lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=0.0
+    )
     losses, norms = [], []
     for tokens in data:
         loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
@@ -53,3 +57,45 @@ def reference_world1(cfg: ModelConfig, data: torch.Tensor, optim: OptimConfig = 
         opt_d.step(), opt_v.step()
         losses.append(loss.item())
     return model, losses, norms
+
+
+def dense_adamw(params, optim: OptimConfig = OPTIM) -> torch.optim.AdamW:
+    """AdamW over the dense parameters with `optim`'s lr, betas, eps and weight decay."""
+    return torch.optim.AdamW(
+        params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+    )
+
+
+def seeded_model(cfg: ModelConfig, groups, optim: OptimConfig = OPTIM) -> tuple[Transformer, MemoryParallel]:
+    """The model drawn from seed 0 and its value shards (MemoryParallel, PyTorch kernels) for `groups`."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    return model, MemoryParallel(model, groups, optim, kernel="torch")
+
+
+def values_only_model(cfg: ModelConfig, groups, optim: OptimConfig = OPTIM, steps: int = 2):
+    """(model, MemoryParallel) whose values (only) took `steps` optimizer steps on the probe batch."""
+    model, mp = seeded_model(cfg, groups, optim)
+    for _ in range(steps):
+        mp.zero_grad()
+        language_model_loss(model(PROBE[:, :-1]), PROBE[:, 1:]).backward()
+        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
+    return model, mp
+
+
+def deepspeed_model(cfg: ModelConfig, groups, optim: OptimConfig, stage: int, world: int):
+    """(model, MemoryParallel, DeepSpeed engine): ZeRO `stage` with `dense_adamw` for the dense
+    parameters, GLOBAL_BATCH split over `world` ranks, gradients clipped at optim.grad_clip."""
+    import deepspeed
+
+    model, mp = seeded_model(cfg, groups, optim)
+    config = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=dense_adamw(model.parameters(), optim), config=config)
+    return model, mp, engine

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import reference
-from parallel_helpers import reference_world1, rel_err, tiny_cfg
+from parallel_helpers import dense_adamw, reference_world1, rel_err, tiny_cfg
 from pretrain.config import OptimConfig
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
@@ -76,9 +76,7 @@ def test_memory_parallel_p1_trains_like_plain_torch():
     model = Transformer(cfg)
     mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
     dense = list(model.parameters())
-    opt_d = torch.optim.AdamW(
-        dense, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
-    )
+    opt_d = dense_adamw(dense, optim)
     for step in range(3):
         tokens = batches[step]
         loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])

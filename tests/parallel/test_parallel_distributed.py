@@ -6,51 +6,38 @@ safetensors files and the tests compare them with a plain-torch world-1 referenc
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_helpers import GLOBAL_BATCH, OPTIM, batches, reference_world1, rel_err, tiny_cfg
+from parallel_helpers import (
+    GLOBAL_BATCH,
+    OPTIM,
+    PROBE,
+    batches,
+    deepspeed_model,
+    reference_world1,
+    rel_err,
+    seeded_model,
+    tiny_cfg,
+    values_only_model,
+)
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
 from pretrain.model.objective import language_model_loss
-from pretrain.model.transformer import Transformer
 from pretrain.parallel import MemoryParallel, init_memory_groups
 from pretrain.spawn import run_gloo
 
-REPO = Path(__file__).resolve().parents[2]
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 STAGES = (1, 2, 3)
-PROBE = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
 
 
 def ds_train(cfg, groups, stage: int, rank: int, world: int) -> dict[str, torch.Tensor]:
     """3 steps: DeepSpeed (ZeRO `stage`) for dense params, MemoryParallel for values."""
     import deepspeed
 
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, groups, OPTIM, kernel="torch")
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=OPTIM.lr,
-        betas=(OPTIM.beta1, OPTIM.beta2),
-        eps=OPTIM.eps,
-        weight_decay=OPTIM.weight_decay,
-    )
-    ds_config = {
-        "train_batch_size": GLOBAL_BATCH,
-        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": OPTIM.grad_clip,
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-    }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    model, mp, engine = deepspeed_model(cfg, groups, OPTIM, stage, world)
     out = {}
     # never broadcast nor averaged: each shard is still its own columns of the seeded init
     for i, t in enumerate(mp.tables):
@@ -86,22 +73,8 @@ def ds_train(cfg, groups, stage: int, rank: int, world: int) -> dict[str, torch.
     return out
 
 
-def values_only_model(cfg, groups, steps: int = 2):
-    """A model whose values (only) took `steps` AdamW steps on the probe batch."""
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, groups, OPTIM, kernel="torch")
-    for _ in range(steps):
-        mp.zero_grad()
-        language_model_loss(model(PROBE[:, :-1]), PROBE[:, 1:]).backward()
-        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
-    return model, mp
-
-
 def reload(cfg, groups, checkpoint_dir):
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, groups, OPTIM, kernel="torch")
+    model, mp = seeded_model(cfg, groups)
     mp.load(checkpoint_dir)
     with torch.no_grad():
         return model(PROBE[:, :-1]), mp

@@ -8,25 +8,31 @@ P = 2 sparse-optimizer checkpoint re-shards into P = 1 with its per-row state in
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from parallel_helpers import GLOBAL_BATCH, OPTIM, batches, rel_err, tiny_cfg
+from parallel_helpers import (
+    GLOBAL_BATCH,
+    OPTIM,
+    PROBE,
+    batches,
+    deepspeed_model,
+    dense_adamw,
+    rel_err,
+    seeded_model,
+    tiny_cfg,
+    values_only_model,
+)
 from pretrain.model.objective import language_model_loss
 from pretrain.model.transformer import Transformer
 from pretrain.parallel import MemoryParallel, init_memory_groups
 from pretrain.spawn import run_gloo
 
-REPO = Path(__file__).resolve().parents[2]
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 SPARSE = dataclasses.replace(OPTIM, value_optimizer="sparse_adamw")
 ROWWISE = dataclasses.replace(OPTIM, value_optimizer="sparse_rowwise_adamw")
-PROBE = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
 
 
 def dense_grad(p: torch.Tensor) -> torch.Tensor:
@@ -35,30 +41,7 @@ def dense_grad(p: torch.Tensor) -> torch.Tensor:
 
 def train_values(cfg, groups, optim, stage: int, rank: int, world: int) -> dict[str, torch.Tensor]:
     """3 steps (DeepSpeed ZeRO `stage` for dense params); first-step value grads, final shards."""
-    import deepspeed
-
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, groups, optim, kernel="torch")
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-    )
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=opt,
-        config={
-            "train_batch_size": GLOBAL_BATCH,
-            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": optim.grad_clip,
-            "zero_optimization": {"stage": stage},
-            "steps_per_print": 10**9,
-        },
-    )
+    _, mp, engine = deepspeed_model(cfg, groups, optim, stage, world)
     per_rank, out, norms = GLOBAL_BATCH // world, {}, []
     for step, tokens in enumerate(batches()):
         local = tokens[rank * per_rank : (rank + 1) * per_rank]
@@ -77,17 +60,6 @@ def train_values(cfg, groups, optim, stage: int, rank: int, world: int) -> dict[
         out[f"shard.{i}"] = p.detach().clone()
     engine.destroy()
     return out
-
-
-def values_only(cfg, groups, optim, steps: int = 2):
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, groups, optim, kernel="torch")
-    for _ in range(steps):
-        mp.zero_grad()
-        language_model_loss(model(PROBE[:, :-1]), PROBE[:, 1:]).backward()
-        mp.reduce_gradients(), mp.clip_grad_norm(1.0), mp.step(1.0)
-    return model, mp
 
 
 def record_state(res: dict, prefix: str, mp: MemoryParallel) -> None:
@@ -116,15 +88,13 @@ def worker(rank: int, world: int, out_dir: str, ckpt_dir: str) -> None:
         res[f"shared.{name}.grad0"] = train_values(shared, groups, optim, 3, rank, world)["grad0.0"]
     # re-shard 2 -> 1 of a sparse-optimizer checkpoint, element-wise and row-wise
     for name, optim in (("reshard", SPARSE), ("reshard_row", ROWWISE)):
-        model, mp = values_only(cfg, init_memory_groups(2), optim)
+        model, mp = values_only_model(cfg, init_memory_groups(2), optim)
         with torch.no_grad():
             res[f"{name}.p2_logits"] = model(PROBE[:, :-1])
         record_state(res, f"{name}.p2", mp)
         mp.save(Path(ckpt_dir) / name)
         dist.barrier()
-        torch.manual_seed(0)
-        model1 = Transformer(cfg)
-        mp1 = MemoryParallel(model1, init_memory_groups(1), optim, kernel="torch")
+        model1, mp1 = seeded_model(cfg, init_memory_groups(1), optim)
         mp1.load(Path(ckpt_dir) / name)
         with torch.no_grad():
             res[f"{name}.p1_logits"] = model1(PROBE[:, :-1])
@@ -141,17 +111,8 @@ def world2(tmp_path_factory):
 
 def world1_training(optim):
     """World 1, plain torch: the same 3 steps (dense AdamW, each group clipped by its own norm)."""
-    cfg = tiny_cfg()
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    mp = MemoryParallel(model, init_memory_groups(1), optim, kernel="torch")
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-    )
+    model, mp = seeded_model(tiny_cfg(), init_memory_groups(1), optim)
+    opt = dense_adamw(model.parameters(), optim)
     norms = []
     for tokens in batches():
         mp.zero_grad(), opt.zero_grad()
