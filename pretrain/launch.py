@@ -307,10 +307,12 @@ def _check_options(opts: SlurmOptions) -> None:
             f"--signal-seconds={opts.signal_seconds} is not shorter than --time {opts.time} ({limit} s): "
             "the stop signal would come before the job starts working"
         )
-    for name in ("partition", "account", "qos", "constraint", "job_name"):
+    for name in ("partition", "account", "qos", "constraint"):
         value = getattr(opts, name)
         if value is not None and not _NAME.match(value):
             raise SubmitError(f"--{name.replace('_', '-')}={value!r} has characters Slurm does not accept there")
+    if opts.job_name is not None:  # any text sbatch reads back whole from a quoted #SBATCH value, spaces too
+        _directive_value("--job-name", opts.job_name)
     for line in opts.extra_sbatch:
         if not line.startswith("-") or "\n" in line or "\r" in line:
             raise SubmitError(f"--sbatch {line!r} must be one sbatch option such as --mem=64G or --exclusive")
