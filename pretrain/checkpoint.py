@@ -48,6 +48,7 @@ from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier, first_problem, refusal_shared
 from pretrain.files import TEMP_MARK, atomic_write, discard, replace_with
 from pretrain.lr_schedule import check_resumed_schedule
+from pretrain.refused_writes import describe, is_write_failure
 
 TMP_PREFIX = ".tmp-"
 _TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -199,21 +200,6 @@ def check_compatible(saved: dict, cfg: RunConfig, ckpt_dir: Path) -> None:
     )
 
 
-# How a failed write reads where it is not an OSError: torch.save's zip writer (C++) raises
-# RuntimeError ("[enforce fail at inline_container.cc:672] . unexpected pos ...", "PytorchStreamWriter
-# failed writing file ...", "basic_ios::clear: iostream error"), safetensors' writer (Rust) its
-# SafetensorError ("Error while serializing: I/O error: No space left on device (os error 28)").
-_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|iostream error|I/O error|os error \d+")
-
-
-def is_write_failure(err: BaseException) -> bool:
-    """True if `err`, raised while writing a checkpoint, is the filesystem refusing a write."""
-    if isinstance(err, OSError):
-        return True
-    is_safetensors = type(err).__name__ == "SafetensorError"
-    return (isinstance(err, RuntimeError) or is_safetensors) and bool(_WRITE_FAILURE.search(str(err)))
-
-
 def _attempt(fn, *args) -> Exception | None:
     """fn(*args); the exception it raised, or None."""
     try:
@@ -221,13 +207,6 @@ def _attempt(fn, *args) -> Exception | None:
     except Exception as err:  # judged by Checkpointer._agree, on every rank
         return err
     return None
-
-
-def _free_space(folder: Path) -> str:
-    try:
-        return f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free on its filesystem"
-    except OSError:
-        return ""
 
 
 class _RecordingWrites:
@@ -343,20 +322,35 @@ class Checkpointer:
         mine = None
         if failure is not None:
             if is_write_failure(failure):
-                fix = "Free space (or fix the filesystem), then run again"
-                mine = f"{str(failure).strip()}{_free_space(self.root)}\n{fix}"
+                refused = describe(failure, self.root, "give train.run_dir a filesystem with room", self._size())
+                mine = f"{refused.reason}\n{refused.fix}, then run again\n{refused.detail}"
             else:
-                mine = f"{type(failure).__name__}: {failure}\nSee that rank's traceback; fix it, then run again"
+                mine = f"{type(failure).__name__}: {failure}\nSee that rank's traceback; fix it, then run again\n"
         agreed = first_problem(mine)
         if agreed is None:
             return
         if failure is not None and not is_write_failure(failure):
             raise failure
-        cause, _, fix = agreed.message.rpartition("\n")
+        cause, fix, detail = agreed.message.rsplit("\n", 2)
         if len(agreed.ranks) > 1:
             cause = f"rank {agreed.rank}: {cause}"
         renamed = committed is not None and committed.is_dir() and not tmp_dir.exists()
-        raise CheckpointError(self._write_failure(tag, tmp_dir, agreed.who(), cause, fix, renamed)) from failure
+        message = self._write_failure(tag, tmp_dir, agreed.who(), cause, fix, renamed)
+        raise CheckpointError(f"{message}. {detail}" if detail else message) from failure
+
+    def _size(self) -> int | None:
+        """The bytes of the newest complete checkpoint, what the next one will need about; None
+        where there is none."""
+        try:
+            previous = latest_checkpoint(self.root)
+        except (CheckpointError, OSError):
+            return None
+        if previous is None:
+            return None
+        try:
+            return sum(p.stat().st_size for p in previous.rglob("*") if p.is_file())
+        except OSError:
+            return None
 
     def _write_failure(self, tag: str, tmp_dir: Path, who: str, cause: str, fix: str, renamed: bool = False) -> str:
         try:
@@ -383,7 +377,7 @@ class Checkpointer:
             else "there is no earlier checkpoint"
         )
         return (
-            f"{who} could not write checkpoint {tag} ({cause}); nothing else was changed: {kept}, and "
+            f"{who} could not write checkpoint {tag} in {self.root} ({cause}); nothing else was changed: {kept}, and "
             f"the unfinished {tmp_dir.name} is removed at the next save. {fix}: the run resumes from "
             f"{previous.name if previous else 'the start'}"
         )
@@ -609,5 +603,12 @@ def _refusal(ckpt_dir: Path, problem: str, world_size: int, dataset_dir: Path | 
     return f"cannot resume from checkpoint {ckpt_dir}: {problem}. Nothing was loaded or changed; {fix}"
 
 
+def _torch_save_to(obj, path: Path) -> None:
+    # through a Python file object: torch's own file writer (given a path) drops the errno of a
+    # refused write, which is then the context of its RuntimeError
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: _torch_save_to(obj, tmp))

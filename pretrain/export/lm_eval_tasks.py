@@ -61,6 +61,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
+def _refuse_empty_answers(probes, tokenizer, path: Path) -> None:
+    """An answer of no tokens would be an empty continuation in lm-eval, whose HF model asserts on
+    one (a bare AssertionError, mid-evaluation, for its own question and every question offering it
+    as an option), and a generation task of max_gen_toks 0 that counts the empty output right."""
+    for line, probe in enumerate(probes, 1):
+        if not answer_tokens(probe, tokenizer, tokenizer.encode(probe.question)):
+            raise ExportError(
+                f"{path}:{line}: the answer to {probe.question!r} is {probe.answer!r}, no tokens: lm-eval "
+                "cannot score an empty continuation; give the probe its answer or delete the line"
+            )
+
+
 def write_fact_tasks(
     export_dir: str | Path,
     out_dir: str | Path,
@@ -86,6 +98,7 @@ def write_fact_tasks(
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
     all_probes = export_probes(export_dir, probes_dir, other_fix=", or evaluate other --tasks")
+    _refuse_empty_answers(all_probes, tokenizer, Path(probes_dir or export_dir) / "probes.jsonl")
     asked = [p for p in all_probes if p.is_new_fact == new_facts]
     prefix = eos_piece(tokenizer.path)
     kept, by_length, skipped = _probes_that_fit(asked[:limit], tokenizer, max_seq_len)

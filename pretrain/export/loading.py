@@ -129,6 +129,13 @@ def export_probes(export_dir: str | Path, probes_dir: str | Path | None = None, 
     from pretrain.data import load_probes
 
     folder = Path(probes_dir or export_dir)
+    if probes_dir is not None and folder.is_file():  # read as a folder, it was "<file>/probes.jsonl does not exist"
+        fix = (
+            f"pass its folder, --probes-dir {folder.parent}"
+            if folder.name == "probes.jsonl"
+            else ("pass the folder holding a probes.jsonl (the export, or the embedded dataset's folder)")
+        )
+        raise ExportError(f"--probes-dir {folder} is a file, not a folder: {fix}")
     if probes_dir is None and not (folder / "probes.jsonl").is_file():
         raise ExportError(
             f"{folder} has no probes.jsonl: its run trained on a dataset without fact probes (only the "

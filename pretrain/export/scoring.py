@@ -22,8 +22,16 @@ def continuation_logprobs(
     """(sum of log-probabilities, is greedy) per (context, continuation) pair, in input order."""
     limit = model.config.max_seq_len
     for i, (context, continuation) in enumerate(pairs):
-        if not context or not continuation:
-            raise ValueError(f"pair {i}: context and continuation must both be non-empty token lists")
+        if not continuation:  # lm-eval's HF model asserts on one (a bare AssertionError)
+            raise ValueError(
+                f"pair {i} (context of {len(context)} tokens): the continuation is empty, nothing to score; "
+                "drop the pair (its log-likelihood would be 0)"
+            )
+        if not context:
+            raise ValueError(
+                f"pair {i}: the context is empty: start it with the EOS id, the token lm-eval conditions "
+                "an empty context on (the tokenizer's prefix token)"
+            )
         if len(continuation) > limit:
             raise ValueError(
                 f"pair {i}: the continuation is {len(continuation)} tokens, more than the model's "

@@ -134,7 +134,8 @@ class MemoryPlus(nn.Module):
             # the bag sums in fp32. A lookup of fewer entries than half the pool (decoding) upcasts
             # only the rows it reads: a fp32 copy of a 1M-slot pool per lookup made decoding ~70x
             # slower; past that the sort costs more than the copy. Same sums bit for bit either way.
-            if 2 * rows.numel() < table.shape[0]:
+            if 2 * rows.numel() < table.shape[0] and not torch.compiler.is_compiling():
+                # (unique's output size depends on the slots read, which a compiled graph cannot hold)
                 read, rows = rows.unique(return_inverse=True)
                 compute = table[read].float()
             else:
@@ -255,13 +256,20 @@ class MemlayersForCausalLM(MemlayersPreTrainedModel, GenerationMixin):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + S)} "
                 "(one entry per cached and new token)"
             )
-        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        compiling = torch.compiler.is_compiling()
+        # Whether a mask hides any token is known only from its values: a compiled graph cannot
+        # branch on them (torch.compile(fullgraph=True) refused the guard), so it takes the padded
+        # path for any mask, which for a mask of ones gives the same positions and attends to the
+        # same keys. Eager keeps the check: an unpadded batch then runs SDPA's causal kernels.
+        padded = attention_mask is not None and (compiling or not bool(attention_mask.bool().all()))
         if position_ids is None:
             if padded:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + S, device=input_ids.device)[None]
-        if int(position_ids.max()) >= limit:
+        elif compiling:  # positions derived above are below past + S <= limit; given ones are checked
+            torch._assert_async((position_ids < limit).all(), f"a position exceeds max_seq_len={limit}")
+        elif int(position_ids.max()) >= limit:
             raise ValueError(f"position {int(position_ids.max())} exceeds the model's max_seq_len={limit}")
         mask = None
         if padded or (past > 0 and S > 1):

@@ -155,6 +155,8 @@ def load_table(path: str | Path) -> SlotTable:
     with handle as f:
         meta = dict(f.metadata() or {})
         version = meta.get("format_version")
+        if version is None and any(name.endswith(".weight") for name in f.keys()):
+            raise ValueError(_model_checkpoint_message(path))
         if version != str(FORMAT_VERSION):
             raise ValueError(
                 f"{path}: slot table format_version={version!r}, this code reads {FORMAT_VERSION} "
@@ -194,6 +196,20 @@ def load_table(path: str | Path) -> SlotTable:
         meta,
         history,
         sample,
+    )
+
+
+def _model_checkpoint_message(path: Path) -> str:
+    """What to say when a file of model weights (an export's model.safetensors) is read as a table."""
+    beside = path.parent / TABLE_FILENAME
+    where = (
+        f"its table is {beside}"
+        if beside.is_file()
+        else f"the table is the {TABLE_FILENAME} of an export (beside its model.safetensors) or of a checkpoint"
+    )
+    return (
+        f"{path} is a model checkpoint (weights, no slot counts), not a slot-frequency table: {where}; "
+        "pass that file, or the export or checkpoint directory"
     )
 
 

@@ -107,6 +107,11 @@ def test_scoring_cuts_a_long_context_from_the_left_and_keeps_the_continuation(mo
         assert is_greedy == bool((tail.argmax(-1) == torch.tensor(continuation)).all())
     with pytest.raises(ValueError, match=f"pair 1: the continuation is {limit + 1} tokens, more than .*={limit}"):
         continuation_logprobs(hf, [pairs[0], ([1, 2], list(range(1, limit + 2)))])
+    # an empty continuation: lm-eval's HF model asserts on one (a bare AssertionError)
+    with pytest.raises(ValueError, match="pair 1 \\(context of 2 tokens\\): the continuation is empty"):
+        continuation_logprobs(hf, [pairs[0], ([1, 2], [])])
+    with pytest.raises(ValueError, match="pair 0: the context is empty: start it with the EOS id"):
+        continuation_logprobs(hf, [([], [1, 2])])
 
 
 def test_the_exported_tokenizer_knows_the_model_context(inference_export):

@@ -171,6 +171,30 @@ def test_an_export_without_probes_names_why_and_what_to_pass(inference_export, t
     assert f"{tmp_path / 'none'}/probes.jsonl does not exist" in capsys.readouterr().err  # a folder named: as before
 
 
+def test_a_file_passed_as_probes_dir_is_named_a_file(inference_export, tmp_path, monkeypatch, capsys):
+    """--probes-dir with a file (the probes.jsonl itself) was read as a folder: "<file>/probes.jsonl
+    does not exist", which names neither the mistake nor its fix."""
+    import pytest
+
+    import pretrain.export
+    from tools.generate import main
+    from tools.memlayers_eval import main as memlayers_eval
+
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    probes_file = inference_export / "probes.jsonl"
+    assert probes_file.is_file()
+    assert main([str(inference_export), "--probes", "3", "--probes-dir", str(probes_file)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"--probes-dir {probes_file} is a file, not a folder: pass its folder, --probes-dir {inference_export}" in err
+    )
+    other = tmp_path / "facts.txt"
+    other.write_text("")
+    assert memlayers_eval([str(inference_export), "--probes-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--probes-dir {other} is a file, not a folder: pass the folder holding a probes.jsonl" in err
+
+
 def test_a_run_directory_or_a_missing_folder_is_named_as_such(tmp_path, capsys):
     """A run directory passed where an export belongs was told it "has no tokenizer.model ... re-export
     with tools/export.py", and so was a folder that does not exist; the tools now say which it is."""

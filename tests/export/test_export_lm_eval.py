@@ -163,6 +163,27 @@ def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path, ca
         write_fact_tasks(no_tok, tmp_path / "t1")
 
 
+@pytest.mark.parametrize("answer", ["", " "])
+def test_a_probe_without_an_answer_is_refused_before_any_task_is_written(inference_export, tmp_path, answer):
+    """A probe whose answer is no tokens was written as a generation subtask of max_gen_toks 0 (its
+    empty output counted right) and as a multiple-choice option: the empty continuation that
+    lm-eval's HF model asserts on (a bare AssertionError) mid-evaluation."""
+    from dataclasses import replace
+
+    probes = load_probes(inference_export)[:6]
+    probes[3] = replace(probes[3], answer=answer)  # line 4 of the file
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    (folder / "probes.jsonl").write_text("".join(json.dumps(asdict(p)) + "\n" for p in probes))
+    with pytest.raises(ExportError) as refused:
+        write_fact_tasks(inference_export, tmp_path / "tasks", probes_dir=folder)
+    assert str(refused.value) == (
+        f"{folder}/probes.jsonl:4: the answer to {probes[3].question!r} is {answer!r}, no tokens: lm-eval "
+        "cannot score an empty continuation; give the probe its answer or delete the line"
+    )
+    assert not (tmp_path / "tasks").exists()
+
+
 class Killed(BaseException):
     """The process dying mid-write (not an Exception: nothing may catch it on the way)."""
 

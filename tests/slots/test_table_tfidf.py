@@ -291,6 +291,26 @@ def test_tfidf_tool_names_a_missing_export_or_table(export_dir, tmp_path, capsys
     assert "holds no slot_frequencies.safetensors" in capsys.readouterr().err
 
 
+def test_a_model_checkpoint_given_as_the_table_is_named_a_model_checkpoint(export_dir, tmp_path, capsys):
+    """An export's model.safetensors passed where the slot table belongs was refused as
+    "slot table format_version=None, ... (regenerate the table ...)": a wrong file, not an old table."""
+    import tools.slot_report as slot_report_tool
+
+    out, *_ = export_dir
+    weights = out / "model.safetensors"
+    assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born", "--table", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} is a model checkpoint (weights, no slot counts), not a slot-frequency table" in err
+    assert f"its table is {out / 'slot_frequencies.safetensors'}" in err and "format_version" not in err
+    alone = tmp_path / "alone" / "model.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes(weights.read_bytes())
+    assert slot_report_tool.main(["--table", str(alone), "--out", str(tmp_path / "report.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{alone} is a model checkpoint" in err and "slot_frequencies.safetensors of an export" in err
+    assert not (tmp_path / "report.png").exists()
+
+
 @pytest.mark.parametrize("wrong", ["model_config_hash", "tokenizer_hash"])
 def test_tfidf_tool_refuses_table_from_other_model_or_tokenizer(export_dir, capsys, wrong):
     out, cfg, stats, meta = export_dir

@@ -318,9 +318,9 @@ def test_a_first_checkpoint_whose_latest_failed_names_the_fix_that_resumes(tmp_p
     with pytest.raises(CheckpointError) as err:
         train(tiny_config(run, data_cache, "train.max_steps=1"))
     assert re.fullmatch(
-        rf"rank 0 could not write checkpoint step_00000001 \(\[Errno 28\] No space left on device \(injected\); \d+ MiB "
-        rf"free on its filesystem\) after its folder was complete: {root / 'step_00000001'} holds the whole "
-        rf"checkpoint, but {root / 'latest'} was not written\. Free space \(or fix the filesystem\), then run again, "
+        rf"rank 0 could not write checkpoint step_00000001 \(its filesystem is full: [\d,.]+ [KM]iB free there\) "
+        rf"after its folder was complete: {root / 'step_00000001'} holds the whole checkpoint, but {root / 'latest'} "
+        rf"was not written\. Free space there, or give train\.run_dir a filesystem with room, then run again, "
         rf"and write 'step_00000001' into {root / 'latest'}: the run resumes from it \(it refuses to start while "
         rf"{root / 'latest'} is missing\)",
         str(err.value),
