@@ -100,20 +100,8 @@ def write_fact_tasks(
     all_probes = export_probes(export_dir, probes_dir, other_fix=", or evaluate other --tasks")
     _refuse_empty_answers(all_probes, tokenizer, Path(probes_dir or export_dir) / "probes.jsonl")
     asked = [p for p in all_probes if p.is_new_fact == new_facts]
-    probes = asked[:limit]
     prefix = eos_piece(tokenizer.path)
-    by_length: dict[int, list[dict]] = {}
-    kept, skipped = [], 0
-    for probe in probes:
-        question = tokenizer.encode(probe.question)
-        n = len(answer_tokens(probe, tokenizer, question))
-        # lm_eval keeps context + max_gen_toks within max_length: "</s>" + question + answer
-        if 1 + len(question) + n > max_seq_len:
-            skipped += 1
-            continue
-        row = {"question": probe.question, "answer": probe.answer, "attribute": probe.attribute}
-        by_length.setdefault(n, []).append(row)
-        kept.append(row)
+    kept, by_length, skipped = _probes_that_fit(asked[:limit], tokenizer, max_seq_len)
     if not kept:
         kind = "new-fact" if new_facts else "trained-fact"
         raise ExportError(
@@ -122,6 +110,39 @@ def write_fact_tasks(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     text = f"{prefix}{{{{question}}}}"
+    subtasks = _write_generation_tasks(out_dir, by_length, text)
+    mc_skipped = _write_choice_task(out_dir, kept, all_probes, text, choices, seed)
+    return {
+        "tasks": [GROUP, MC_TASK],
+        "subtasks": subtasks,
+        "probes": len(kept),
+        "skipped": skipped,
+        "mc_skipped": mc_skipped,
+        "other_facts": len(all_probes) - len(asked),
+    }
+
+
+def _probes_that_fit(probes, tokenizer, max_seq_len: int) -> tuple[list[dict], dict[int, list[dict]], int]:
+    """(the task rows of the probes that fit, in probe order; the same rows by answer length in
+    tokens; how many probes did not fit): lm_eval keeps context + max_gen_toks within max_length,
+    "</s>" + question + answer."""
+    by_length: dict[int, list[dict]] = {}
+    kept, skipped = [], 0
+    for probe in probes:
+        question = tokenizer.encode(probe.question)
+        n = len(answer_tokens(probe, tokenizer, question))
+        if 1 + len(question) + n > max_seq_len:
+            skipped += 1
+            continue
+        row = {"question": probe.question, "answer": probe.answer, "attribute": probe.attribute}
+        by_length.setdefault(n, []).append(row)
+        kept.append(row)
+    return kept, by_length, skipped
+
+
+def _write_generation_tasks(out_dir: Path, by_length: dict[int, list[dict]], text: str) -> list[str]:
+    """One exact-match generation subtask per answer length (max_gen_toks = that length) and the
+    group over them; the subtasks' names."""
     subtasks = []
     for n, rows in sorted(by_length.items()):
         name = f"{GROUP}_len{n}"
@@ -152,7 +173,12 @@ def write_fact_tasks(
         )
         + "\n",
     )
+    return subtasks
 
+
+def _write_choice_task(out_dir: Path, kept: list[dict], all_probes, text: str, choices: int, seed: int) -> int:
+    """The multiple-choice task over the kept rows: the answer among up to `choices - 1` other
+    values of its attribute, in a seeded order. Returns how many rows had no other value to offer."""
     rng = random.Random(seed)
     # the other options come from the whole probe file: drawn from the kept probes alone, a
     # small --probes limit left an attribute one value, a question whose only option is right
@@ -183,14 +209,7 @@ def write_fact_tasks(
             metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         ),
     )
-    return {
-        "tasks": [GROUP, MC_TASK],
-        "subtasks": subtasks,
-        "probes": len(kept),
-        "skipped": skipped,
-        "mc_skipped": mc_skipped,
-        "other_facts": len(all_probes) - len(asked),
-    }
+    return mc_skipped
 
 
 def check_task_dir(task_dir: str | Path) -> None:

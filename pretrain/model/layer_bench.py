@@ -61,49 +61,75 @@ def bench_layer(
         "v_dim": model_cfg.value_dim,
         "dtype": dtype_name,
     }
+    layer_ms = memory_layer_rows(model_cfg, device, dtype, paths, timed, rows, shape, say)
+    model_ms = model_rows(model_cfg, device, dtype, paths, layer_ms, timed, rows, shape, say, compiled)
+    add_speedups(rows)
+    for path in paths:
+        say(
+            f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
+            f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
+        )
+    return list(rows)
 
-    def materialise(module):
-        """Built on the meta device, then drawn on `device` (a 1M-row table drawn on the CPU takes long)."""
-        module = module.to_empty(device=device)
-        for name, p in module.named_parameters():
-            if name.endswith("keys1") or name.endswith("keys2"):
-                continue
-            torch.nn.init.normal_(p, std=model_cfg.value_dim**-0.5 if p.shape[0] == m.num_slots else 0.02)
-        for layer in module.modules():
-            if isinstance(layer, MemoryPlus):
-                layer.reset_keys()
-            elif isinstance(layer, torch.nn.RMSNorm):
-                layer.reset_parameters()
-        return module.to(dtype)
 
-    def set_path(module, path):
-        for sub in module.modules():
-            if isinstance(sub, (MemoryPlus, ValueTable)):
-                sub.kernel = path
+def _materialise(module, model_cfg, device: torch.device, dtype: torch.dtype):
+    """`module`, built on the meta device, drawn on `device` (a 1M-row table drawn on the CPU takes long)."""
+    module = module.to_empty(device=device)
+    for name, p in module.named_parameters():
+        if name.endswith("keys1") or name.endswith("keys2"):
+            continue
+        torch.nn.init.normal_(p, std=model_cfg.value_dim**-0.5 if p.shape[0] == model_cfg.memory.num_slots else 0.02)
+    for layer in module.modules():
+        if isinstance(layer, MemoryPlus):
+            layer.reset_keys()
+        elif isinstance(layer, torch.nn.RMSNorm):
+            layer.reset_parameters()
+    return module.to(dtype)
 
+
+def _set_path(module, path: str) -> None:
+    """Every memory layer and value table in `module` on the `path` kernels (triton or torch)."""
+    for sub in module.modules():
+        if isinstance(sub, (MemoryPlus, ValueTable)):
+            sub.kernel = path
+
+
+def memory_layer_rows(model_cfg, device, dtype, paths, timed, rows: list, shape: dict, say=print) -> dict[str, float]:
+    """One MemoryPlus layer and its table, forward+backward on a (batch, seq) input per path, each
+    followed by its parts' rows (`memory_part_rows`), appended to `rows`; {path: the layer's p50 ms}."""
+    m = model_cfg.memory
     with torch.device("meta"):
         layer, table = MemoryPlus(model_cfg), ValueTable(m.num_slots, model_cfg.value_dim)
-    layer, table = materialise(layer), materialise(table)
-    x = torch.randn(batch, seq, model_cfg.dim, device=device, dtype=dtype, requires_grad=True)
+    layer, table = _materialise(layer, model_cfg, device, dtype), _materialise(table, model_cfg, device, dtype)
+    x = torch.randn(shape["batch"], shape["seq"], model_cfg.dim, device=device, dtype=dtype, requires_grad=True)
     probe = torch.randn_like(x)
     inputs = [x, *layer.parameters(), table.weight]
     layer_ms = {}
     for path in paths:
-        set_path(layer, path)
-        set_path(table, path)
+        _set_path(layer, path)
+        _set_path(table, path)
         t, attempts = timed(lambda: torch.autograd.grad(layer(x, table), inputs, probe))
         layer_ms[path] = kb.percentiles(t)["p50"]
         rows.append(kb.record(f"memory_layer_fwd_bwd_{path}", t, None, None, attempts=attempts, **shape))
         rows.extend(memory_part_rows(layer, table, x, path, layer_ms[path], timed, shape, say))
-    layer = table = x = probe = inputs = None
+    return layer_ms
+
+
+def model_rows(
+    model_cfg, device, dtype, paths, layer_ms: dict, timed, rows: list, shape: dict, say=print, compiled: bool = True
+) -> dict[str, float]:
+    """The whole model's forward+backward per path (with the memory layers' estimated share, from
+    `layer_ms`), then on the first path its sublayer kinds (`layer_kind_rows`) and, with
+    `compiled`, the compiled model (`compiled_model_row`), appended to `rows`; {path: p50 ms}."""
+    m = model_cfg.memory
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    model = materialise(model)
-    tokens = torch.randint(0, model_cfg.vocab_size, (batch, seq + 1), device=device)
+    model = _materialise(model, model_cfg, device, dtype)
+    tokens = torch.randint(0, model_cfg.vocab_size, (shape["batch"], shape["seq"] + 1), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     model_ms = {}
     for path in paths:
-        set_path(model, path)
+        _set_path(model, path)
         t, attempts = timed(
             lambda: torch.autograd.grad(language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]), params)
         )
@@ -121,18 +147,11 @@ def bench_layer(
                 **shape,
             )
         )
-    set_path(model, paths[0])  # the loop above left the model on the last path
+    _set_path(model, paths[0])  # the loop above left the model on the last path
     rows.extend(layer_kind_rows(model, tokens, paths[0], model_ms[paths[0]], timed, shape, say))
     if compiled:
         rows.append(compiled_model_row(model, tokens, params, paths[0], model_ms[paths[0]], timed, shape, say))
-    model = None
-    add_speedups(rows)
-    for path in paths:
-        say(
-            f"{path:6s}: memory layer fwd+bwd {layer_ms[path]:.3f} ms, model fwd+bwd {model_ms[path]:.3f} ms, "
-            f"{len(m.layers)} memory layers ~ {100 * len(m.layers) * layer_ms[path] / model_ms[path]:.1f}% of it"
-        )
-    return list(rows)
+    return model_ms
 
 
 def add_speedups(rows: list) -> None:

@@ -22,9 +22,8 @@ import torch
 from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.objective import language_model_loss
-from pretrain.model.transformer import Transformer
 from pretrain.parallel.groups import init_memory_groups
-from pretrain.parallel.memory_parallel import MemoryParallel
+from pretrain.parallel.memory_parallel import build_sharded_model
 from pretrain.spawn import run_gloo
 
 
@@ -61,13 +60,7 @@ def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path
     import torch.distributed as dist
 
     cfg, optim = spec.model_config(), OptimConfig()
-    groups = init_memory_groups(parallel_size)
-    with torch.device("meta"):  # as the trainer does: no rank ever holds the full table
-        model = Transformer(cfg)
-    mp = MemoryParallel(model, groups, optim, kernel="torch")
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.reset_parameters()
+    model, mp = build_sharded_model(cfg, init_memory_groups(parallel_size), optim, kernel="torch")
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     per_rank = spec.global_batch // world
     engine, *_ = deepspeed.initialize(

@@ -347,3 +347,19 @@ class MemoryParallel:
     def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
         """Full value tables {"values.{i}.weight": (N, v_dim)} for export, streamed shard by shard."""
         return shard_files.consolidate(checkpoint_dir)
+
+
+def build_sharded_model(cfg, groups: MemoryGroups, optim_cfg, kernel: str = "auto", device="cpu", seed: int = 0):
+    """(model, MemoryParallel) built as the trainer builds them, for benchmarks: the `Transformer`
+    on the meta device, its value tables swapped for this rank's column shards, then the dense
+    part materialised on `device` and drawn from torch seed `seed`, so that no rank ever holds
+    the full value pool."""
+    from pretrain.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    values = MemoryParallel(model, groups, optim_cfg, kernel=kernel, device=device)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.reset_parameters()
+    return model, values

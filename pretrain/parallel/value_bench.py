@@ -33,10 +33,9 @@ from pretrain import peak_memory
 from pretrain.config import OptimConfig
 from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.objective import language_model_loss
-from pretrain.model.transformer import Transformer
 from pretrain.optim import build_dense_optimizer
 from pretrain.parallel.groups import init_memory_groups
-from pretrain.parallel.memory_parallel import MemoryParallel
+from pretrain.parallel.memory_parallel import build_sharded_model
 
 # optim.value_optimizer[:bf16] (":bf16": optim.value_momentum_dtype=bfloat16)
 VARIANTS = ("adamw", "sparse_adamw", "sparse_rowwise_adamw", "sparse_rowwise_adamw:bf16")
@@ -81,13 +80,10 @@ class _StepRunner:
         self.optim = dataclasses.replace(
             OptimConfig(), value_optimizer=optimizer, value_momentum_dtype="bfloat16" if momentum else "float32"
         )
-        with torch.device("meta"):  # as the trainer builds it: the pool exists only as the shard
-            self.model = Transformer(cfg)
         kernel = "torch" if spec.device == "cpu" else "auto"
-        self.values = MemoryParallel(self.model, init_memory_groups(1), self.optim, kernel=kernel, device=spec.device)
-        self.model.to_empty(device=spec.device)
-        torch.manual_seed(0)
-        self.model.reset_parameters()
+        self.model, self.values = build_sharded_model(
+            cfg, init_memory_groups(1), self.optim, kernel=kernel, device=spec.device
+        )
         self.dense = build_dense_optimizer(self.model, self.optim)  # the trainer's (fused AdamW)
         gen = torch.Generator().manual_seed(0)
         self.tokens = torch.randint(0, cfg.vocab_size, (spec.batch, spec.seq_len + 1), generator=gen).to(spec.device)

@@ -14,8 +14,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.data import DataError, Tokenizer
 from pretrain.data.sources import padded_vocab_size
 from pretrain.train import train
-from tests.train.helpers import TINY, run_ranks
-from tests.train.test_trainer import final_parameters
+from tests.train.helpers import TINY, final_parameters, run_ranks
 
 # The trainer tests' tiny model, without the values a dataset records (vocab size, seq len).
 OWN = [o for o in TINY if not o.startswith(("model.vocab_size=", "data.vocab_size=", "data.seq_len="))]

@@ -1,5 +1,5 @@
 """Shared pieces of the trainer tests: a tiny config, a fixed-global-batch loader, rank spawning,
-a fake clock."""
+a fake clock, and the comparisons of two runs' checkpoints (weights, slot tables)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,98 @@ def world2_suite(tmp_path_factory, name: str, suite, data_cache) -> tuple[Path, 
     return root, results[0]
 
 
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Dense weights (DeepSpeed model states) + value shards of the latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
+    params = {k: v.float() for k, v in states["module"].items()}
+    for shard in sorted(ckpt.glob("values*.safetensors")):
+        params.update({f"{shard.name}:{k}": v for k, v in load_file(shard).items()})
+    return params
+
+
+def final_fp32_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 dense weights (assembled from the ZeRO partitions) and every value shard file of the
+    latest checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    weights = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    for shard in sorted(ckpt.glob("values*.safetensors")):
+        weights.update({f"{shard.name}:{k}": v for k, v in load_file(shard).items()})
+    return weights
+
+
+def assert_same_parameters(run_a: Path, run_b: Path) -> dict[str, torch.Tensor]:
+    """The latest checkpoints of two runs hold bitwise the same `final_parameters`; run_a's."""
+    a, b = final_parameters(run_a), final_parameters(run_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    return a
+
+
+def assert_resume_is_exact(root: Path, cache: Path, opts: tuple, stop_after: int, steps: int, tables: bool = True):
+    """Trained straight to `steps` (root/a), and stopped after `stop_after` then resumed (root/b):
+    the same losses bitwise, the same final parameters and (with `tables`) slot tables. Returns
+    the straight run's final parameters."""
+    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.train import train
+
+    straight = train(tiny_config(root / "a", cache, *opts))
+    first = train(tiny_config(root / "b", cache, *opts, f"train.stop_after={stop_after}"))
+    assert first.step == stop_after
+    assert latest_checkpoint(root / "b" / "checkpoints").name == f"step_{stop_after:08d}"
+    second = train(tiny_config(root / "b", cache, *opts))
+    assert second.step == steps
+    assert first.losses + second.losses == straight.losses  # bitwise: same floats
+    params = assert_same_parameters(root / "a", root / "b")
+    if tables:
+        assert_same_tables(root / "a", root / "b")
+    return params
+
+
+def assert_same_tables(run_a: Path, run_b: Path) -> None:
+    """Slot-frequency tables of two runs' latest checkpoints are identical."""
+    from pretrain.slots import load_table
+
+    a, b = load_table(Path(run_a) / "checkpoints"), load_table(Path(run_b) / "checkpoints")
+    assert (a.num_documents, a.num_tokens, a.step) == (b.num_documents, b.num_tokens, b.step)
+    assert a.counts.keys() == b.counts.keys()
+    for layer in a.counts:
+        assert torch.equal(a.counts[layer], b.counts[layer]), layer
+        assert torch.equal(a.doc_freq[layer], b.doc_freq[layer]), layer
+
+
+def train_p2_variants(root: str, cache: str, stages: tuple, steps: int, variants: dict[str, str]) -> dict:
+    """{"z<stage>-<name>": losses} of one run per ZeRO stage and variant (its override): the tiny
+    config with memory parallelism P = 2, two micro-batches a step, `fixed_batches`; each run
+    under root/z<stage>-<name>. Run on every rank of a `world2_suite`."""
+    from pretrain.train import train
+
+    out = {}
+    for stage in stages:
+        for name, override in variants.items():
+            cfg = tiny_config(
+                Path(root) / f"z{stage}-{name}",
+                Path(cache),
+                f"train.zero_stage={stage}",
+                f"train.max_steps={steps}",
+                "train.micro_batch=2",  # 2 micro-batches per step
+                "model.memory.parallel_size=2",
+                override,
+            )
+            out[f"z{stage}-{name}"] = train(cfg, loaders=fixed_batches).losses
+    return out
+
+
 def file_hashes(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `root`."""
     from pretrain.files import file_sha256
@@ -210,3 +302,14 @@ def run_ranks_outcome(world: int, fn, args: tuple, out_dir: Path, timeout: float
             p.kill()
             p.join()
     return [json.loads(f.read_text()) if f.is_file() else None for f in files]
+
+
+def rank_results(world: int, fn, args: tuple, out_dir: Path, timeout: float) -> list:
+    """`run_ranks_outcome`, every rank required to have returned within `timeout` seconds (a rank
+    still busy waits in a collective its peer never joined; a rank that raised is shown with its
+    traceback); their results."""
+    ranks = run_ranks_outcome(world, fn, args, out_dir, timeout)
+    for rank, outcome in enumerate(ranks):
+        assert outcome is not None, f"rank {rank} still waits after {timeout} s (a collective its peer never joined)"
+        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
+    return [o["result"] for o in ranks]

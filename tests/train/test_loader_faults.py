@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.helpers import run_ranks_outcome, tiny_config
+from tests.train.helpers import rank_results, tiny_config
 
 
 def _worker_killed_on_rank_1(rank: int, run: str, cache: str) -> dict:
@@ -45,11 +45,7 @@ def _worker_killed_on_rank_1(rank: int, run: str, cache: str) -> dict:
 
 
 def test_a_loader_worker_killed_on_one_rank_stops_every_rank_naming_it(tmp_path, data_cache):
-    ranks = run_ranks_outcome(2, _worker_killed_on_rank_1, (str(tmp_path / "run"), str(data_cache)), tmp_path, 120)
-    for rank, outcome in enumerate(ranks):
-        assert outcome is not None, f"rank {rank} still waits after 120 s (a collective its peer never joined)"
-        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
-    got = [r["result"] for r in ranks]
+    got = rank_results(2, _worker_killed_on_rank_1, (str(tmp_path / "run"), str(data_cache)), tmp_path, 120)
     # torch's own words vary with where the worker died: "exited unexpectedly", or the queue's
     # "Connection reset by peer" where it died mid-send
     refusal = r"the training data loader failed at step \d+: .+"
@@ -109,11 +105,7 @@ def test_a_validation_loader_failing_on_one_rank_stops_every_rank_naming_it(tmp_
     import re
 
     args = (str(tmp_path / "run"), str(data_cache), failure)
-    ranks = run_ranks_outcome(2, _validation_read_fails_on_rank_1, args, tmp_path, 60)
-    for rank, outcome in enumerate(ranks):
-        assert outcome is not None, f"rank {rank} still waits after 60 s (a collective its peer never joined)"
-        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
-    got = [r["result"] for r in ranks]
+    got = rank_results(2, _validation_read_fails_on_rank_1, args, tmp_path, 60)
     assert got[0]["error"] == got[1]["error"] == "DataError", got
     assert re.match(message, got[1]["message"]), got[1]
     assert re.match(r"rank 1 on \S+: ", got[0]["message"]) and got[0]["message"].endswith(f": {got[1]['message']}")

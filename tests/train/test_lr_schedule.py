@@ -11,8 +11,7 @@ from pretrain.checkpoint import latest_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.lr_schedule import check_resumed_schedule, decay_start, first_difference, learning_rates, lr_multiplier
 from pretrain.train import train
-from tests.train.helpers import tiny_config
-from tests.train.test_trainer import final_parameters
+from tests.train.helpers import final_parameters, tiny_config
 
 
 def schedule(*overrides: str):

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.helpers import run_ranks, tiny_config
-from tests.train.test_trainer import assert_same_tables, final_parameters
+from tests.train.helpers import assert_same_parameters, assert_same_tables, run_ranks, tiny_config
 
 STEPS = 5
 
@@ -99,10 +98,7 @@ def test_world2_slot_counts_are_conserved(world2, run):
 def test_world2_resume_is_exact(world2, stage):
     root, results = world2
     assert results[f"split{stage}"] == results[f"straight{stage}"]
-    a, b = final_parameters(root / f"straight{stage}"), final_parameters(root / f"split{stage}")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_parameters(root / f"straight{stage}", root / f"split{stage}")
     assert_same_tables(root / f"straight{stage}", root / f"split{stage}")
 
 

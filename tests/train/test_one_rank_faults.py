@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import run_ranks_outcome, tiny_config
+from tests.train.helpers import rank_results, tiny_config
 
 STEPS = ("train.max_steps=4", "train.checkpoint_every=2", "train.zero_stage=1")  # ZeRO 1: a file per rank
 FAILING_SAVE = "step_00000004"
@@ -91,11 +91,8 @@ def _faults_on_one_rank(rank: int, run: str, cache: str) -> dict:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("one-rank-faults")
-    ranks = run_ranks_outcome(2, _faults_on_one_rank, (str(root / "run"), str(data_cache)), root / "out", timeout=300)
-    for rank, outcome in enumerate(ranks):
-        assert outcome is not None, f"rank {rank} still waits after 300 s (a collective its peer never joined)"
-        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
-    return root / "run", [o["result"] for o in ranks]
+    ranks = rank_results(2, _faults_on_one_rank, (str(root / "run"), str(data_cache)), root / "out", timeout=300)
+    return root / "run", ranks
 
 
 @pytest.mark.parametrize("fault", WRITES)
@@ -232,11 +229,7 @@ def _refusals_on_one_rank(rank: int, root: str, cache: str) -> dict:
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("one-rank-refusals")
-    ranks = run_ranks_outcome(2, _refusals_on_one_rank, (str(root), str(data_cache)), root / "out", timeout=240)
-    for rank, outcome in enumerate(ranks):
-        assert outcome is not None, f"rank {rank} still waits after 240 s (a collective its peer never joined)"
-        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
-    return root, [o["result"] for o in ranks]
+    return root, rank_results(2, _refusals_on_one_rank, (str(root), str(data_cache)), root / "out", timeout=240)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import run_ranks_outcome, tiny_config
+from tests.train.helpers import rank_results, tiny_config
 
 STEPS = ("train.zero_stage=1",)  # a file per rank, read by its rank alone
 
@@ -65,11 +65,8 @@ def _read_faults_on_one_rank(rank: int, root: str, cache: str) -> dict:
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("one-rank-read-faults")
-    ranks = run_ranks_outcome(2, _read_faults_on_one_rank, (str(root), str(data_cache)), root / "out", timeout=150)
-    for rank, outcome in enumerate(ranks):
-        assert outcome is not None, f"rank {rank} still waits after 150 s (a collective its peer never joined)"
-        assert "result" in outcome, f"rank {rank}: {outcome['error']}: {outcome['message']}\n{outcome['traceback']}"
-    return root / "run", [o["result"] for o in ranks]
+    ranks = rank_results(2, _read_faults_on_one_rank, (str(root), str(data_cache)), root / "out", timeout=150)
+    return root / "run", ranks
 
 
 @pytest.mark.parametrize(

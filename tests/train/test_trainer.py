@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,48 +11,14 @@ import pretrain.train as train_module
 from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.config import ConfigError, check_runtime, load_config, validate
 from pretrain.train import TrainingDiverged, train
-from tests.train.helpers import tiny_config
-
-
-def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Dense weights (DeepSpeed model states) + value shards of the latest checkpoint."""
-    from safetensors.torch import load_file
-
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
-    params = {k: v.float() for k, v in states["module"].items()}
-    for shard in sorted(ckpt.glob("values*.safetensors")):
-        params.update({f"{shard.name}:{k}": v for k, v in load_file(shard).items()})
-    return params
-
-
-def assert_same_tables(run_a: Path, run_b: Path) -> None:
-    """Slot-frequency tables of two runs' latest checkpoints are identical."""
-    from pretrain.slots import load_table
-
-    a, b = load_table(Path(run_a) / "checkpoints"), load_table(Path(run_b) / "checkpoints")
-    assert (a.num_documents, a.num_tokens, a.step) == (b.num_documents, b.num_tokens, b.step)
-    assert a.counts.keys() == b.counts.keys()
-    for layer in a.counts:
-        assert torch.equal(a.counts[layer], b.counts[layer]), layer
-        assert torch.equal(a.doc_freq[layer], b.doc_freq[layer]), layer
+from tests.train.helpers import assert_resume_is_exact, final_parameters, tiny_config
 
 
 @pytest.mark.parametrize("workers,memory", [(0, True), (2, True), (0, False)], ids=["memory", "workers2", "dense"])
 def test_resume_is_exact(tmp_path, data_cache, workers, memory):
     opts = ("train.max_steps=6", f"data.num_workers={workers}", *([] if memory else ["model.memory.layers=[]"]))
-    straight = train(tiny_config(tmp_path / "a", data_cache, *opts))
-    first = train(tiny_config(tmp_path / "b", data_cache, *opts, "train.stop_after=3"))
-    assert first.step == 3 and latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000003"
-    second = train(tiny_config(tmp_path / "b", data_cache, *opts))
-    assert second.step == 6
-    assert first.losses + second.losses == straight.losses  # bitwise: same floats
-    a, b = final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    if memory:  # a model without memory layers has no value shards and no slot tables
-        assert_same_tables(tmp_path / "a", tmp_path / "b")
+    # a model without memory layers has no value shards and no slot tables
+    assert_resume_is_exact(tmp_path, data_cache, opts, stop_after=3, steps=6, tables=memory)
 
 
 def test_a_resumed_run_with_data_workers_draws_what_an_uninterrupted_run_draws(tmp_path, data_cache, monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.helpers import run_ranks, tiny_config
+from tests.train.helpers import assert_same_tables, run_ranks, tiny_config
 
 STEPS, STOP = 4, 2
 CASES = {  # name: overrides of both halves
@@ -109,8 +109,6 @@ def test_resume_on_another_world_size_continues_the_run(runs, run):
 @pytest.mark.parametrize("run", ["1to2/zero1", "2to1/zero3", "2to1/p2"])
 def test_slot_counts_survive_a_world_change_exactly(runs, run):
     """Counts and document frequencies summed over the ranks equal the uninterrupted run's."""
-    from tests.train.test_trainer import assert_same_tables
-
     root, _ = runs
     assert_same_tables(root / run.replace("/", "-"), root / _baselines(run)[0])
 
