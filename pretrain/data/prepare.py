@@ -9,7 +9,6 @@ into a temporary directory that is renamed to the output at the end.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import tempfile
 import warnings
@@ -25,6 +24,7 @@ from pretrain.data.corpus import CorpusStats, check_record_files, input_bytes, i
 from pretrain.data.errors import DataError
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.worker_pool import ordered_map
 from pretrain.files import atomic_directory
 
 _MASK64 = (1 << 64) - 1
@@ -65,15 +65,10 @@ def tokenize_documents(
         for chunk in _chunks(documents, chunk_docs):
             yield from tokenizer.encode_batch(chunk)
         return
-    ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        pending: deque = deque()
-        for chunk in _chunks(documents, chunk_docs):
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) == 2 * workers:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    # processes that a stop signal does not kill and whose death is noticed (pretrain/data/worker_pool.py)
+    chunks = _chunks(documents, chunk_docs)
+    for ids in ordered_map(_encode_chunk, chunks, workers, _init_worker, (str(tokenizer.path),)):
+        yield from ids
 
 
 def write_dataset(
