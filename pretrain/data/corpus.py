@@ -39,8 +39,8 @@ _STREAMS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}  # the stdlib streams, 
 _ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
 # A file read as one document (--format text) larger than this is refused: no document is that long
-# (64 MiB is ~16M tokens), a corpus in one file is, and tokenizing it at once takes ~80 bytes of memory
-# per character (measured: a 5.6 MB document, 470 MB resident).
+# (64 MiB is ~16M tokens), a corpus in one file is, and it would be one document (the tokenizer takes a
+# long one in pieces: Tokenizer.cut_document).
 MAX_TEXT_DOCUMENT_BYTES = 64 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = "\ufeff".encode()

@@ -27,6 +27,8 @@ from pretrain.data import (
     write_dataset,
 )
 from pretrain.data import prepare as prepare_mod
+from pretrain.data import tokenizer as tokenizer_mod
+from pretrain.data.bundled_text import python_docs
 from pretrain.data.corpus import resolve_files
 from pretrain.data.prepare import check_output_dir
 from pretrain.data.shards import read_blocks
@@ -517,8 +519,67 @@ def test_parallel_tokenizing_reads_a_bounded_number_of_documents_ahead(documents
     tokens = prepare_mod.tokenize_documents(corpus(), tokenizer, workers=2, chunk_docs=3)
     first = next(tokens)
     assert read <= 2 * 2 * 3  # 2 x workers chunks of 3 in flight, not the corpus (400 documents)
-    assert [first, *tokens] == tokenizer.encode_batch(documents * 5)  # in order, none lost
+    assert [ids.tolist() for ids in [first, *tokens]] == tokenizer.encode_batch(documents * 5)  # in order, none lost
     assert read == len(documents) * 5
+
+
+@pytest.fixture(scope="module")
+def english_tokenizer(tmp_path_factory) -> Tokenizer:
+    """A BPE tokenizer (whitespace kept, as train_tokenizer makes them) of the Python documentation."""
+    return train_tokenizer(
+        (d["text"] for d in python_docs()), tmp_path_factory.mktemp("tok") / "en.model", vocab_size=2000
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_long_document_is_encoded_in_pieces_to_the_ids_of_the_whole(english_tokenizer, monkeypatch, workers):
+    """sentencepiece took ~50 bytes a character to encode a document (a 60 MiB one: 3.1 GB resident, per
+    tokenizing process). A document over PIECE_CHARS is now encoded in pieces cut before a newline; the
+    reference is sentencepiece's encoding of the whole document. The cuts fall here (PIECE_CHARS lowered to
+    500) beside runs of newlines, a document's first newline, a line longer than a piece, indented code and
+    characters written as bytes; sentencepiece never sees more than a piece plus a line."""
+    text = "".join(d["text"] for d in python_docs())[:120_000]
+    lines = text.split("\n")
+    lines[40] = "x" * 1300  # a line longer than a piece: the piece grows to its end
+    lines[80] = "emoji \U0001f600\U0001f680 written as bytes"
+    documents = ["\n\n" + "\n".join(lines) + "\n\n\n", "short", "one line, no newline " * 60]
+    monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 500)
+    assert len(english_tokenizer.cut_document(documents[0])) > 150  # cut, at each newline after 500 characters
+    assert english_tokenizer.cut_document(documents[2]) == [documents[2]]  # no newline to cut at
+
+    longest = 0
+    sentencepiece = english_tokenizer._sp
+
+    class Recording:  # sentencepiece, noting the longest text it is given
+        def __getattr__(self, name):
+            return getattr(sentencepiece, name)
+
+        def encode_as_numpy(self, texts):
+            nonlocal longest
+            longest = max(longest, *map(len, texts))
+            return sentencepiece.encode_as_numpy(texts)
+
+    if workers == 1:  # the processes load the tokenizer themselves
+        monkeypatch.setattr(english_tokenizer, "_sp", Recording())
+    encoded = list(prepare_mod.tokenize_documents(documents, english_tokenizer, workers=workers, chunk_chars=2000))
+    assert [ids.tolist() for ids in encoded] == english_tokenizer.encode_batch(documents)
+    if workers == 1:
+        assert 0 < longest <= 1300 + 500 + 1
+
+
+def test_a_document_is_encoded_whole_where_a_cut_may_change_its_ids(tmp_path, monkeypatch):
+    """Cuts are made for BPE tokenizers that keep newlines as pieces (Tokenizer.cuts_at_newlines). The
+    embedded fact world's tokenizer turns a newline and the spaces beside it into one space; a unigram
+    tokenizer's choice between equal-scoring segmentations follows the float rounding of the text before
+    (sentencepiece's running path score): a document is encoded whole by either."""
+    lines = ["the cat sat", "    on the mat", "", "and the dog ran"] * 50
+    collapsing = train_tokenizer(lines, tmp_path / "c.model", vocab_size=300, keep_whitespace=False)
+    unigram = train_tokenizer(lines, tmp_path / "u.model", vocab_size=300, model_type="unigram")
+    monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 10)
+    text = "\n".join(lines)
+    for tok in (collapsing, unigram):
+        assert not tok.cuts_at_newlines and tok.cut_document(text) == [text]
+        assert next(prepare_mod.tokenize_documents([text], tok)).tolist() == tok.encode(text)
 
 
 def test_document_longer_than_a_shard_is_split_not_dropped(tmp_path, tokenizer):
