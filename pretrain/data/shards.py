@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-from webdataset.tariterators import tar_file_iterator
 
 from pretrain.data.errors import DataError
 from pretrain.files import atomic_write, file_sha256, replace_with, temp_path_beside
@@ -244,6 +243,8 @@ def read_blocks(
     and token ids are checked: a reader starting mid-shard stops at the same damage as one
     starting at row 0), only not converted to int64 nor yielded.
     """
+    from webdataset.tariterators import tar_file_iterator  # here: the webdataset package imports torch (~3 s)
+
     dtype = np.dtype(token_dtype).newbyteorder("<")
     rows_seen = at = 0  # rows in the blocks read; the row the block being read begins at
     try:
