@@ -126,9 +126,9 @@ def steady_timer(device, repeats: int, reruns: int):
 
 
 def bench_shapes(args, device, info, progress) -> list[dict]:
+    """Per value dim: the scoring rows (at the first value dim only: scoring does not read the
+    values), then the bag's forward and backward rows; PyTorch baselines always, Triton on CUDA."""
     use_triton = device.type == "cuda"
-    if use_triton:
-        from kernels import bag_triton, pkm_bwd_triton, pkm_triton
     rows, peak = StreamedRows(), info["peak_tbs"]
     timed = steady_timer(device, args.repeats, args.reruns)
     dtype = DTYPES[args.dtype]
@@ -157,150 +157,177 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
             indices = kb.zipf_indices(indices.shape, s.n_keys**2, args.index_skew, device)
             shape["index_skew"] = args.index_skew
         stats = kb.row_stats(indices)
-        sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
-        sb_bwd = kb.scoring_bytes(s, backward=True)
         if v_dim == args.v_dims[0]:  # scoring does not depend on the value dim
-            with torch.no_grad():
-                base = add("scoring_fwd_torch", lambda: kb.scoring_baseline(q, k1, k2, s.k), sb, fl, **shape)
-                if use_triton:
-                    add("scoring_fwd_triton", lambda: pkm_triton.pkm_topk(q, k1, k2, s.k), sb, fl, base, **shape)
-            qg, k1g, k2g = (x.detach().requires_grad_() for x in (q, k1, k2))
-            probe = torch.randn(s.tokens, s.heads, s.k, device=device, dtype=dtype)
-
-            def fwd_bwd(fn):
-                return lambda: torch.autograd.grad(fn(qg, k1g, k2g, s.k)[0], [qg, k1g, k2g], probe)
-
-            base = add("scoring_fwd_bwd_torch", fwd_bwd(kb.scoring_baseline), sb + sb_bwd, 3 * fl, **shape)
-            if use_triton:
-                add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), sb + sb_bwd, 3 * fl, base, **shape)
-                # The backward alone, on the forward's saved fp32 weights and indices: the
-                # earlier PyTorch scatter + matmuls against the Triton backward. With
-                # --index-skew the slots are the Zipf ones (hot half-keys: the chunked path).
-                with torch.no_grad():
-                    w32, idx = pkm_triton.pkm_topk_forward(q, k1, k2, s.k)
-                saved = (probe, q, k1, k2, w32, indices if args.index_skew > 0 else idx)
-                base = add(
-                    "scoring_bwd_torch_on_saved",
-                    lambda: pkm_triton.pkm_topk_backward_torch(*saved),
-                    sb_bwd,
-                    2 * fl,
-                    **shape,
-                )
-                add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb_bwd, 2 * fl, base, **shape)
-                for chunk in args.key_chunks:
-                    with module_constant(pkm_bwd_triton, "KEY_CHUNK", chunk):
-                        add(
-                            f"scoring_bwd_triton_key_chunk{chunk}",
-                            lambda: pkm_triton.pkm_topk_backward(*saved),
-                            sb_bwd,
-                            2 * fl,
-                            base,
-                            key_chunk=chunk,
-                            **shape,
-                        )
-                w32 = idx = saved = None
+            _scoring_rows(add, args, s, (q, k1, k2), indices, shape, use_triton)
             progress.update(1)
-        fb = kb.bag_bytes(s, stats["unique_rows"], backward=False)
-        flat_idx, flat_w = indices.reshape(s.tokens, -1), weights.reshape(s.tokens, -1)
-        with torch.no_grad():
-            # F.embedding_bag in the table's own dtype (the reference path upcasts bf16 tables
-            # to fp32 first, which would make the baseline pay for a whole-table copy).
-            base = add(
-                "bag_fwd_torch_embedding_bag",
-                lambda: F.embedding_bag(flat_idx, values, per_sample_weights=flat_w, mode="sum"),
-                fb,
-                **shape,
-                **stats,
-            )
+        _bag_forward_rows(add, s, values, indices, weights, shape, stats, use_triton)
+        _bag_backward_rows(add, args, s, values, indices, weights, shape, stats, use_triton)
+        values = None  # free the table (up to 4 GB) before the next shape
+        progress.update(1)
+    return rows
+
+
+def _scoring_rows(add, args, s, qkk, indices, shape: dict, use_triton: bool) -> None:
+    """Product-key scoring: forward, forward+backward, and on Triton the backward alone on the
+    forward's saved weights and indices (also at each --key-chunks KEY_CHUNK)."""
+    q, k1, k2 = qkk
+    sb, fl = kb.scoring_bytes(s), kb.scoring_flops(s)
+    sb_bwd = kb.scoring_bytes(s, backward=True)
+    if use_triton:
+        from kernels import pkm_bwd_triton, pkm_triton
+    with torch.no_grad():
+        base = add("scoring_fwd_torch", lambda: kb.scoring_baseline(q, k1, k2, s.k), sb, fl, **shape)
+        if use_triton:
+            add("scoring_fwd_triton", lambda: pkm_triton.pkm_topk(q, k1, k2, s.k), sb, fl, base, **shape)
+    qg, k1g, k2g = (x.detach().requires_grad_() for x in (q, k1, k2))
+    probe = torch.randn(s.tokens, s.heads, s.k, device=q.device, dtype=s.dtype)
+
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(qg, k1g, k2g, s.k)[0], [qg, k1g, k2g], probe)
+
+    base = add("scoring_fwd_bwd_torch", fwd_bwd(kb.scoring_baseline), sb + sb_bwd, 3 * fl, **shape)
+    if not use_triton:
+        return
+    add("scoring_fwd_bwd_triton", fwd_bwd(pkm_triton.pkm_topk), sb + sb_bwd, 3 * fl, base, **shape)
+    # The backward alone, on the forward's saved fp32 weights and indices: the
+    # earlier PyTorch scatter + matmuls against the Triton backward. With
+    # --index-skew the slots are the Zipf ones (hot half-keys: the chunked path).
+    with torch.no_grad():
+        w32, idx = pkm_triton.pkm_topk_forward(q, k1, k2, s.k)
+    saved = (probe, q, k1, k2, w32, indices if args.index_skew > 0 else idx)
+    base = add(
+        "scoring_bwd_torch_on_saved",
+        lambda: pkm_triton.pkm_topk_backward_torch(*saved),
+        sb_bwd,
+        2 * fl,
+        **shape,
+    )
+    add("scoring_bwd_triton", lambda: pkm_triton.pkm_topk_backward(*saved), sb_bwd, 2 * fl, base, **shape)
+    for chunk in args.key_chunks:
+        with module_constant(pkm_bwd_triton, "KEY_CHUNK", chunk):
             add(
-                "bag_fwd_torch_gather_sum",
-                lambda: reference.embedding_bag_gather(values, indices, weights),
+                f"scoring_bwd_triton_key_chunk{chunk}",
+                lambda: pkm_triton.pkm_topk_backward(*saved),
+                sb_bwd,
+                2 * fl,
+                base,
+                key_chunk=chunk,
+                **shape,
+            )
+
+
+def _bag_forward_rows(add, s, values, indices, weights, shape: dict, stats: dict, use_triton: bool) -> None:
+    """The weighted bag's forward: F.embedding_bag, the reference gather + sum, and on CUDA Triton's."""
+    fb = kb.bag_bytes(s, stats["unique_rows"], backward=False)
+    flat_idx, flat_w = indices.reshape(s.tokens, -1), weights.reshape(s.tokens, -1)
+    with torch.no_grad():
+        # F.embedding_bag in the table's own dtype (the reference path upcasts bf16 tables
+        # to fp32 first, which would make the baseline pay for a whole-table copy).
+        base = add(
+            "bag_fwd_torch_embedding_bag",
+            lambda: F.embedding_bag(flat_idx, values, per_sample_weights=flat_w, mode="sum"),
+            fb,
+            **shape,
+            **stats,
+        )
+        add(
+            "bag_fwd_torch_gather_sum",
+            lambda: reference.embedding_bag_gather(values, indices, weights),
+            fb,
+            None,
+            base,
+            **shape,
+            **stats,
+        )
+        if use_triton:
+            from kernels import bag_triton
+
+            add(
+                "bag_fwd_triton",
+                lambda: bag_triton.bag_forward(values, indices, weights),
                 fb,
                 None,
                 base,
                 **shape,
                 **stats,
             )
-            if use_triton:
-                add(
-                    "bag_fwd_triton",
-                    lambda: bag_triton.bag_forward(values, indices, weights),
-                    fb,
-                    None,
-                    base,
-                    **shape,
-                    **stats,
-                )
-        bb = kb.bag_bytes(s, stats["unique_rows"], backward=True)
-        grad_out = torch.randn(s.tokens, v_dim, device=device, dtype=dtype)
-        vg, wg = values.detach().requires_grad_(), flat_w.detach().requires_grad_()
-        out = F.embedding_bag(flat_idx, vg, per_sample_weights=wg, mode="sum")
-        note = None
-        try:
-            torch.autograd.grad(out, [vg, wg], grad_out, retain_graph=True)
-            inputs = [vg, wg]
-        except (NotImplementedError, RuntimeError) as err:  # CUDA has no bf16 per-sample-weight backward
-            note = f"value gradient only: the per-sample-weight gradient failed ({str(err).splitlines()[0]})"
-            inputs = [vg]
-        base = add(
-            "bag_bwd_torch_embedding_bag",
-            lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True),
-            bb,
-            **shape,
-            **stats,
-            note=note,
-        )
-        wg3 = weights.detach().requires_grad_()
-        out_g = reference.embedding_bag_gather(vg, indices, wg3)
+
+
+def _bag_backward_rows(add, args, s, values, indices, weights, shape: dict, stats: dict, use_triton: bool) -> None:
+    """The weighted bag's backward: F.embedding_bag's, the reference gather + sum's, and on CUDA
+    each Triton value-gradient variant (the sorted one also at each --row-chunks ROW_CHUNK) and
+    the sorted backward's parts (the sort, the unfused weight gradient)."""
+    bb = kb.bag_bytes(s, stats["unique_rows"], backward=True)
+    flat_idx, flat_w = indices.reshape(s.tokens, -1), weights.reshape(s.tokens, -1)
+    grad_out = torch.randn(s.tokens, s.v_dim, device=values.device, dtype=s.dtype)
+    vg, wg = values.detach().requires_grad_(), flat_w.detach().requires_grad_()
+    out = F.embedding_bag(flat_idx, vg, per_sample_weights=wg, mode="sum")
+    note = None
+    try:
+        torch.autograd.grad(out, [vg, wg], grad_out, retain_graph=True)
+        inputs = [vg, wg]
+    except (NotImplementedError, RuntimeError) as err:  # CUDA has no bf16 per-sample-weight backward
+        note = f"value gradient only: the per-sample-weight gradient failed ({str(err).splitlines()[0]})"
+        inputs = [vg]
+    base = add(
+        "bag_bwd_torch_embedding_bag",
+        lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True),
+        bb,
+        **shape,
+        **stats,
+        note=note,
+    )
+    wg3 = weights.detach().requires_grad_()
+    out_g = reference.embedding_bag_gather(vg, indices, wg3)
+    add(
+        "bag_bwd_torch_gather_sum",
+        lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True),
+        bb,
+        None,
+        base,
+        **shape,
+        **stats,
+    )
+    out_g = None
+    if not use_triton:
+        return
+    from kernels import bag_triton
+
+    for variant in VALUE_GRADS:
+        o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
         add(
-            "bag_bwd_torch_gather_sum",
-            lambda: torch.autograd.grad(out_g, [vg, wg3], grad_out, retain_graph=True),
+            f"bag_bwd_triton_{variant}",
+            lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
             bb,
             None,
             base,
             **shape,
             **stats,
         )
-        out_g = None
-        if use_triton:
-            for variant in VALUE_GRADS:
-                o = bag_triton.embedding_bag(vg, indices, wg3, value_grad=variant)
-                add(
-                    f"bag_bwd_triton_{variant}",
-                    lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
-                    bb,
-                    None,
-                    base,
-                    **shape,
-                    **stats,
-                )
-            for chunk in args.row_chunks:
-                with module_constant(bag_triton, "ROW_CHUNK", chunk):
-                    o = bag_triton.embedding_bag(vg, indices, wg3, value_grad="sorted")
-                    add(
-                        f"bag_bwd_triton_sorted_row_chunk{chunk}",
-                        lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
-                        bb,
-                        None,
-                        base,
-                        row_chunk=chunk,
-                        **shape,
-                        **stats,
-                    )
-            # Where the sorted backward's time goes: the sort alone, and the unfused weight gradient.
+    for chunk in args.row_chunks:
+        with module_constant(bag_triton, "ROW_CHUNK", chunk):
+            o = bag_triton.embedding_bag(vg, indices, wg3, value_grad="sorted")
             add(
-                "bag_bwd_part_sort_segments",
-                lambda: bag_triton._segments(indices, s.n_keys**2, every_row=True),
+                f"bag_bwd_triton_sorted_row_chunk{chunk}",
+                lambda: torch.autograd.grad(o, [vg, wg3], grad_out, retain_graph=True),
+                bb,
+                None,
+                base,
+                row_chunk=chunk,
                 **shape,
+                **stats,
             )
-            add(
-                "bag_bwd_part_weight_grad_unfused",
-                lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype),
-                **shape,
-            )
-        values = vg = out = o = None  # free the table (up to 4 GB) before the next shape
-        progress.update(1)
-    return rows
+    # Where the sorted backward's time goes: the sort alone, and the unfused weight gradient.
+    add(
+        "bag_bwd_part_sort_segments",
+        lambda: bag_triton._segments(indices, s.n_keys**2, every_row=True),
+        **shape,
+    )
+    add(
+        "bag_bwd_part_weight_grad_unfused",
+        lambda: bag_triton.bag_weight_grad(grad_out, values, indices, weights.dtype),
+        **shape,
+    )
 
 
 def bench_launch_configs(args, device) -> dict:

@@ -27,7 +27,8 @@ non_negative_int = int_at_least(0, "0 = off")
 MAX_NEW_TOKENS = 32
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with each combination that would change nothing refused (`_refuse_idle_options`)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
     parser.add_argument(
@@ -82,6 +83,14 @@ def main(argv=None) -> int:
         "--no-cache", action="store_true", help="recompute the whole sequence each step (slow; --prompt generation)"
     )
     args = parser.parse_args(argv)
+    _refuse_idle_options(parser, args)
+    return args
+
+
+def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error for an option that would change nothing where it was given: sampling and
+    generation options beside --probes, --new-facts or --probes-dir without it, --top-p or --seed
+    at --temperature 0 (greedy)."""
     if args.probes:  # probes are answered greedily: a sampling option would be silently ignored
         sampling = {
             "--temperature": args.temperature != 0.0,
@@ -116,6 +125,10 @@ def main(argv=None) -> int:
             f"--seed {args.seed}: the seed draws the samples of --temperature > 0; at --temperature 0 (greedy, "
             "the default) nothing is drawn: give --temperature or drop --seed"
         )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     max_new_tokens = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
 
     from pretrain.data import DataError

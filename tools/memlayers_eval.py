@@ -59,7 +59,9 @@ def lm_eval_command(
     return cmd
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; the probe options (--probes-dir, --probes, --new-facts) refused where they would
+    choose nothing: beside --task-dir, or with no fact task in --tasks and no --write-tasks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
     parser.add_argument("--tasks", default="memlayers_facts,memlayers_facts_mc")
@@ -90,6 +92,11 @@ def main(argv=None) -> int:
             f"{', '.join(chosen)} choose the probes of the fact tasks (memlayers_facts, memlayers_facts_mc), "
             f"and --tasks {args.tasks} has neither: add one to --tasks or drop {', '.join(chosen)}"
         )
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from pretrain.data import DataError
     from pretrain.export import ExportError

@@ -36,7 +36,6 @@ class CheckpointSource:
     model_states: Path  # rank 0's DeepSpeed model-states file
     optim_files: list[Path] = field(default_factory=list)
     value_files: list[Path] = field(default_factory=list)
-    value_parallel_size: int = 0
     slot_table: Path | None = None
     dataset_dir: Path | None = None
     tokenizer: Path | None = None
@@ -177,7 +176,6 @@ def inspect(source: str | Path, dataset_dir: str | Path | None = None) -> Checkp
             P = shard_files.saved_parallel_size(ckpt, src.num_value_tables)
         except shard_files.ShardFileError as err:
             raise IncompleteFileError(f"incomplete checkpoint: {err}") from None
-        src.value_parallel_size = P
         src.value_files = [
             ckpt / shard_files.shard_file_name(t, s, P) for t in range(src.num_value_tables) for s in range(P)
         ]
