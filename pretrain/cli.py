@@ -67,6 +67,22 @@ def _finite_number(lowest: float, strict: bool, note: str, what: str, highest: f
     return parse
 
 
+def refuse_one_file_for_two_outputs(parser: argparse.ArgumentParser, **outputs: str | Path | None) -> None:
+    """parser.error when two of the `outputs` (option name -> file, None = not written) name one
+    file: the later write would replace the earlier (a JSON over the plot), after all the work."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            parser.error(
+                f"{seen[key]} and {option} both name {path}: the one written last would replace the "
+                "other; give them different files"
+            )
+        seen[key] = option
+
+
 def output_file(example: str):
     """argparse type for a file to write: an existing folder is refused, `example` inside it given
     as the fix (the atomic write's final rename would fail only after all the work)."""

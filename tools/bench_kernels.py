@@ -25,7 +25,14 @@ from tqdm import tqdm  # noqa: E402
 
 from kernels import VALUE_GRADS, reference  # noqa: E402
 from kernels import benchmark as kb  # noqa: E402
-from pretrain.cli import image_file, int_at_least, non_negative_number, output_file, positive_int  # noqa: E402
+from pretrain.cli import (  # noqa: E402
+    image_file,
+    int_at_least,
+    non_negative_number,
+    output_file,
+    positive_int,
+    refuse_one_file_for_two_outputs,
+)
 from pretrain.files import save_figure  # noqa: E402
 
 DTYPES = kb.DTYPES
@@ -106,6 +113,8 @@ def parse_args(argv):
         p.error(f"--layer {args.layer}: no such config file (e.g. configs/memory_373m.yaml)")
     if args.k > args.n_keys or args.k_dim % 2:
         p.error("need --k <= --n-keys and an even --k-dim")
+    plotted = args.sweep and not args.configs and args.layer is None  # the plot is the sweep's
+    refuse_one_file_for_two_outputs(p, **{"--json": args.json, "--plot": args.plot if plotted else None})
     return args
 
 

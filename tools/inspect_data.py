@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import image_file, int_at_least, output_file  # noqa: E402
+from pretrain.cli import image_file, int_at_least, output_file, refuse_one_file_for_two_outputs  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.inspect import decoded_rows, inspect_split  # noqa: E402
 from pretrain.files import atomic_write, save_figure  # noqa: E402
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=output_file("inspect.json"), default=None)
     p.add_argument("--plot", type=image_file("lengths.png"), default=None, help="PNG of the document length histogram")
     args = p.parse_args(argv)
+    refuse_one_file_for_two_outputs(p, **{"--json": args.json, "--plot": args.plot})
     try:
         report = inspect_split(args.dataset, args.split, top=args.top)
         rows = decoded_rows(args.dataset, args.split, args.rows) if args.rows else []

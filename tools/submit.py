@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")
-    p.add_argument("--job-name")
+    p.add_argument(
+        "--job-name",
+        help="Slurm job name (default memlayers-<run dir name>); spaces allowed, not quotes, backslashes or newlines",
+    )
     p.add_argument("--signal-seconds", type=positive_int, default=180, help="send USR1 this long before the time limit")
     p.add_argument(
         "--master-port",

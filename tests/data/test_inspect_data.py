@@ -128,3 +128,17 @@ def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_inspection(
 
     for name in ("lengths.png", "lengths.PDF", "lengths.svg", "lengths"):
         assert image_file("lengths.png")(str(tmp_path / name)) == str(tmp_path / name)
+
+
+def test_one_file_named_for_the_json_and_the_plot_is_refused_before_the_inspection(
+    tmp_path, tokenizer, documents, capsys
+):
+    """--json x.png --plot x.png wrote the JSON, then the plot over it: the report was lost with
+    no word. Refused when the arguments are parsed, the file untouched."""
+    out = prepared(tmp_path, tokenizer, documents)
+    both = tmp_path / "report.png"
+    with pytest.raises(SystemExit) as exit_:
+        main([str(out), "--json", str(both), "--plot", f"{tmp_path}/./report.png"])
+    assert exit_.value.code == 2 and not both.exists()
+    err = capsys.readouterr().err
+    assert f"--json and --plot both name {tmp_path}/./report.png: the one written last would replace the other" in err

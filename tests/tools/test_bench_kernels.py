@@ -270,3 +270,23 @@ def test_bad_options_are_refused_when_parsed(tool, argv, named, tmp_path, monkey
         module.main([a.format(tmp=tmp_path) for a in argv])
     assert exit_.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_one_file_for_the_sweep_json_and_its_plot_is_refused_at_the_parse(tmp_path, capsys):
+    """--sweep --json s.png --plot s.png ran the sweep, saved the plot, then wrote the JSON over it.
+    Without --sweep no plot is written: the same name is then nobody's clash. And bench_values'
+    JSON, named after its --plot with .json, cannot take the plot's name: a .json plot is refused."""
+    from tools.bench_kernels import parse_args
+    from tools.bench_values import parse_args as bench_values_args
+
+    both = str(tmp_path / "s.png")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--sweep", "--json", both, "--plot", both])
+    assert exit_.value.code == 2
+    assert (
+        f"--json and --plot both name {both}: the one written last would replace the other" in capsys.readouterr().err
+    )
+    assert parse_args(["--json", both, "--plot", both]).json == both
+    with pytest.raises(SystemExit):
+        bench_values_args(["--plot", str(tmp_path / "x.json")])
+    assert "matplotlib cannot write a .json image" in capsys.readouterr().err
