@@ -307,10 +307,12 @@ def _check_options(opts: SlurmOptions) -> None:
             f"--signal-seconds={opts.signal_seconds} is not shorter than --time {opts.time} ({limit} s): "
             "the stop signal would come before the job starts working"
         )
-    for name in ("partition", "account", "qos", "constraint", "job_name"):
+    for name in ("partition", "account", "qos", "constraint"):
         value = getattr(opts, name)
         if value is not None and not _NAME.match(value):
             raise SubmitError(f"--{name.replace('_', '-')}={value!r} has characters Slurm does not accept there")
+    if opts.job_name is not None:  # any text sbatch reads back whole from a quoted #SBATCH value, spaces too
+        _directive_value("--job-name", opts.job_name)
     for line in opts.extra_sbatch:
         if not line.startswith("-") or "\n" in line or "\r" in line:
             raise SubmitError(f"--sbatch {line!r} must be one sbatch option such as --mem=64G or --exclusive")
@@ -321,18 +323,16 @@ def _check_options(opts: SlurmOptions) -> None:
                 f"--sbatch {line!r} cannot be split into words ({err}): close its quotes, or drop them "
                 "(#SBATCH values take no quotes)"
             ) from None
-        for i, token in enumerate(tokens):
-            if not token.startswith("-") and (i == 0 or "=" in tokens[i - 1] or not tokens[i - 1].startswith("-")):
+        for i, token in enumerate(tokens):  # tokens[0] is an option: the line starts with "-"
+            if not token.startswith("-") and ("=" in tokens[i - 1] or not tokens[i - 1].startswith("-")):
                 # not the value of an option given as `--mem 4G`: sbatch reads it as a directive of its own.
                 # The example quotes the words after the option they follow (`--opt=a b` or `--opt a b`).
-                start = max((j for j in range(i) if tokens[j].startswith("-")), default=None)
-                name, example = "--comment", "..."
-                if start is not None:
-                    name, eq, first = tokens[start].partition("=")
-                    end = next((j for j in range(i, len(tokens)) if tokens[j].startswith("-")), len(tokens))
-                    example = " ".join([first] * bool(eq) + tokens[start + 1 : end])
+                start = max(j for j in range(i) if tokens[j].startswith("-"))
+                name, eq, first = tokens[start].partition("=")
+                end = next((j for j in range(i, len(tokens)) if tokens[j].startswith("-")), len(tokens))
+                example = " ".join([first] * bool(eq) + tokens[start + 1 : end])
                 raise SubmitError(
-                    f"--sbatch {line!r}: {token!r} is a word of its own after {tokens[i - 1] if i else 'nothing'}: "
+                    f"--sbatch {line!r}: {token!r} is a word of its own after {tokens[i - 1]}: "
                     f"quote the value, e.g. --sbatch=\"{name}='{example}'\""
                 )
             name = _template_option(token)

@@ -16,6 +16,7 @@ import inspect
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,22 +29,54 @@ from pretrain.data.corpus import FORMATS  # noqa: E402
 DEFAULT_VOCAB_SIZE = inspect.signature(prepare_corpus).parameters["vocab_size"].default
 
 
-def _exit_on_sigterm(signum, frame):
-    # SIGTERM (kill, scancel, a Slurm time limit) would end the process at once and leave the hidden
-    # temporary folder with every shard written so far beside --output; as an exit, the atomic
-    # writers remove it on the way out (Ctrl-C does the same through KeyboardInterrupt).
-    raise SystemExit(128 + signum)
+class _Stopped(SystemExit):
+    """A stop signal ended the preparation (raised in the main thread by the handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    # SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning, which the
+    # training templates send) would end the process at once and leave the hidden temporary folder
+    # with every shard written so far beside --output; as an exit, the atomic writers remove it on
+    # the way out (Ctrl-C does the same through KeyboardInterrupt). The tokenizer workers ignore both
+    # (pretrain/data/worker_pool.py) and are ended by this process.
+    raise _Stopped(signum)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _stopped_message(signum: int, output: str | None, seconds: float) -> str:
+    name = signal.Signals(signum).name
+    why = "scancel, a time limit or preemption" if signum == signal.SIGTERM else "Slurm's --signal warning"
+    where = f"{output} is as it was before" if output else "nothing was written"
+    return (
+        f"error: stopped by {name} ({why}) after {seconds:.0f} s: the unfinished preparation was removed and "
+        f"{where}. A preparation does not resume midway, and a job stopped by a signal is not requeued: run "
+        "the same command again, with a longer time limit, or split the work across jobs with --slice i/N "
+        "(each slice is kept once written) and --merge"
+    )
 
 
 def main(argv=None) -> int:
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    started = time.monotonic()
+    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
+    parsed: dict = {}
     try:
-        return _main(argv)
+        return _main(argv, parsed)
+    except _Stopped as stopped:
+        print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
+        return stopped.code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _main(argv=None) -> int:
+def _main(argv, parsed: dict) -> int:
+    """The tool; `parsed` gets the --output of the parsed arguments (for the stop message)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--input",
@@ -88,6 +121,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (with --embedded)")
     args = ap.parse_args(argv)
+    parsed["output"] = args.output
     if args.vocab_size is not None and args.tokenizer:  # the given tokenizer's vocabulary is the dataset's
         ap.error(
             f"--vocab-size {args.vocab_size} sizes a tokenizer trained on the corpus, but --tokenizer "

@@ -9,36 +9,46 @@ exact resume), checks (what the trainer checks of the datasets at start-up: empt
 shards, too few sequences for its readers), inspect (what a prepared split holds:
 memlayers-inspect-data), errors (DataError), bundled_text (real English text that ships with the
 machine).
+
+The names below are imported from their modules when first used: the loaders import torch (~3 s),
+which training a tokenizer or preparing a corpus does not need.
 """
 
-from pretrain.data.corpus import CorpusStats, iter_documents
-from pretrain.data.embedded import prepare_embedded_dataset
-from pretrain.data.errors import DataError
-from pretrain.data.loader import Batch, ShardLoader
-from pretrain.data.mixture import MixtureLoader
-from pretrain.data.prepare import prepare_corpus, write_dataset
-from pretrain.data.shards import CorruptShardError, read_manifest
-from pretrain.data.sources import Source, resolve_sources
-from pretrain.data.synthetic import Probe, build_fact_world, load_probes
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "Batch",
-    "CorpusStats",
-    "CorruptShardError",
-    "DataError",
-    "MixtureLoader",
-    "Probe",
-    "ShardLoader",
-    "Source",
-    "Tokenizer",
-    "build_fact_world",
-    "iter_documents",
-    "load_probes",
-    "prepare_corpus",
-    "prepare_embedded_dataset",
-    "read_manifest",
-    "resolve_sources",
-    "train_tokenizer",
-    "write_dataset",
-]
+import importlib
+
+_MODULE_OF = {
+    "Batch": "loader",
+    "CorpusStats": "corpus",
+    "CorruptShardError": "shards",
+    "DataError": "errors",
+    "MixtureLoader": "mixture",
+    "Probe": "synthetic",
+    "ShardLoader": "loader",
+    "Source": "sources",
+    "Tokenizer": "tokenizer",
+    "build_fact_world": "synthetic",
+    "iter_documents": "corpus",
+    "load_probes": "synthetic",
+    "prepare_corpus": "prepare",
+    "prepare_embedded_dataset": "embedded",
+    "read_manifest": "shards",
+    "resolve_sources": "sources",
+    "train_tokenizer": "tokenizer",
+    "write_dataset": "prepare",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])

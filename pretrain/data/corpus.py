@@ -39,8 +39,8 @@ _STREAMS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}  # the stdlib streams, 
 _ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
 # A file read as one document (--format text) larger than this is refused: no document is that long
-# (64 MiB is ~16M tokens), a corpus in one file is, and tokenizing it at once takes ~80 bytes of memory
-# per character (measured: a 5.6 MB document, 470 MB resident).
+# (64 MiB is ~16M tokens), a corpus in one file is, and it would be one document (the tokenizer takes a
+# long one in pieces: Tokenizer.cut_document).
 MAX_TEXT_DOCUMENT_BYTES = 64 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = "\ufeff".encode()
@@ -62,14 +62,17 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _files_in(root: Path, broken: list[Path] | None = None) -> list[Path]:
+def _files_in(root: Path, broken: list[Path] | None = None, linked_folders: list[Path] | None = None) -> list[Path]:
     """The files under `root` (symbolic links to files included), sorted as Paths sort, hidden files and
     folders left out (`huggingface-cli download --local-dir` keeps its metadata under .cache/huggingface/
-    beside the data); symbolic links to folders are not entered. As sorted(Path.rglob) with a filter,
-    which this replaced: one scandir per folder, where rglob and a stat per file took ~60 us a file.
-    Symbolic links that lead nowhere are appended to `broken` (sorted), when given."""
+    beside the data); symbolic links to folders are not entered, as find, grep -r and Path.rglob do not
+    (a link may lead back up: a loop), and appended to `linked_folders` (sorted), when given. As
+    sorted(Path.rglob) with a filter, which this replaced: one scandir per folder, where rglob and a stat
+    per file took ~60 us a file. Symbolic links that lead nowhere are appended to `broken` (sorted), when
+    given."""
     found: list[tuple[str, ...]] = []
     dangling: list[tuple[str, ...]] = []
+    folder_links: list[tuple[str, ...]] = []
     stack: list[tuple[str, ...]] = [()]
     while stack:
         parts = stack.pop()
@@ -87,10 +90,15 @@ def _files_in(root: Path, broken: list[Path] | None = None) -> list[Path]:
                 stack.append((*parts, entry.name))
             elif entry.is_file():  # follows a symbolic link: a broken one, or one to a folder, is no file
                 found.append((*parts, entry.name))
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                dangling.append((*parts, entry.name))
+            elif entry.is_symlink():
+                if entry.is_dir():
+                    folder_links.append((*parts, entry.name))
+                elif not os.path.exists(entry.path):
+                    dangling.append((*parts, entry.name))
     if broken is not None:
         broken += [root.joinpath(*parts) for parts in sorted(dangling)]
+    if linked_folders is not None:
+        linked_folders += [root.joinpath(*parts) for parts in sorted(folder_links)]
     return [root.joinpath(*parts) for parts in sorted(found)]  # Paths compare by their parts
 
 
@@ -104,6 +112,7 @@ def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "
     # each file (device, inode: a symbolic or hard link is the file it links to) -> (the argument that
     # named it first, the path it was reached by)
     named_by: dict[tuple[int, int], tuple[str, Path]] = {}
+    stats: dict[Path, os.stat_result] = {}  # each file's, found once: a stat per file
     for arg, p in zip(paths, map(Path, paths)):
         before = len(files)
         if not p.exists() and glob.has_magic(str(p)):
@@ -116,17 +125,20 @@ def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "
             _warn_of_broken_links(broken, arg, option)
             if not matched:
                 raise DataError(f"input pattern {p} matches no file: check {option}")
-            matched = _without_archives(_without_binary(_without_links(matched, arg, option), arg, option), arg, option)
+            matched = _without_links(matched, arg, option, stats)
+            matched = _without_archives(_without_binary(matched, arg, option), arg, option, stats)
             files.extend(matched)
         elif p.is_dir():
             _refuse_prepared(p, option)
             broken: list[Path] = []
-            found = _files_in(p, broken)
+            linked_folders: list[Path] = []
+            found = _files_in(p, broken, linked_folders)
             _warn_of_broken_links(broken, arg, option, p)
-            found = _without_links(found, arg, option, relative_to=p)
+            _warn_of_linked_folders(linked_folders, arg, option, p)
+            found = _without_links(found, arg, option, stats, relative_to=p)
             found = _without_prepared(found, arg, option, p)
             found = _without_binary(found, arg, option, relative_to=p)
-            found = _without_archives(found, arg, option, relative_to=p)
+            found = _without_archives(found, arg, option, stats, relative_to=p)
             for f in found:
                 _refuse_unreadable(f, option)
             if fmt == "auto":  # a --format reads every file alike: no file is read otherwise than meant
@@ -135,12 +147,13 @@ def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "
                 raise DataError(f"input directory {p} holds no files: point {option} at your corpus")
             files.extend(found)
         elif p.is_file():
+            _refuse_binary(p, option)
             files.append(p)
         else:
             raise DataError(f"input path {p} does not exist: check {option}")
         for f in files[before:]:
             _refuse_unreadable(f, option)
-            key = _file_key(f)
+            key = _file_key(stats[f] if f in stats else f.stat())
             if key in named_by:
                 first_arg, first = named_by[key]
                 raise DataError(_read_twice(f, first, first_arg, str(arg), option))
@@ -148,18 +161,22 @@ def resolve_files(paths: list[str | Path], option: str = "--input", fmt: str = "
     return files
 
 
-def _file_key(path: Path) -> tuple[int, int]:
-    stat = path.stat()
+def _file_key(stat: os.stat_result) -> tuple[int, int]:
+    """A file's identity: a symbolic or hard link is the file it links to."""
     return stat.st_dev, stat.st_ino
 
 
-def _without_links(found: list[Path], arg, option: str, relative_to: Path | None = None) -> list[Path]:
+def _without_links(
+    found: list[Path], arg, option: str, stats: dict[Path, os.stat_result], relative_to: Path | None = None
+) -> list[Path]:
     """`found` (the files a folder or glob pattern `arg` reached) with each file once: of the names of
     one file (symbolic or hard links, as /usr/share/doc/base-files/FAQ -> README), the first that is
-    not a symbolic link is kept, the others skipped with a warning naming them."""
+    not a symbolic link is kept, the others skipped with a warning naming them. Each file's key
+    stat goes into `stats`, for the caller's later checks."""
     names: dict[tuple[int, int], list[Path]] = {}
     for f in found:
-        names.setdefault(_file_key(f), []).append(f)
+        stats[f] = f.stat()
+        names.setdefault(_file_key(stats[f]), []).append(f)
     if all(len(group) == 1 for group in names.values()):
         return found
 
@@ -168,7 +185,7 @@ def _without_links(found: list[Path], arg, option: str, relative_to: Path | None
 
     kept, skipped = set(), []
     for group in names.values():
-        keep = min(group, key=Path.is_symlink)  # the first of those that are not symbolic links
+        keep = min(group, key=Path.is_symlink) if len(group) > 1 else group[0]  # the first not a symbolic link
         kept.add(keep)
         skipped += [f"{shown(f)} (= {shown(keep)})" for f in group if f is not keep]
     warnings.warn(
@@ -230,7 +247,26 @@ def _warn_of_broken_links(broken: list[Path], arg, option: str, root: Path | Non
         )
 
 
-def _without_archives(found: list[Path], arg, option: str, relative_to: Path | None = None) -> list[Path]:
+def _warn_of_linked_folders(links: list[Path], arg, option: str, root: Path) -> None:
+    """Symbolic links to folders in a folder are not entered (_files_in). Those leading to a folder
+    inside it lose nothing (/usr/share/doc holds 44, such as g++ -> cpp: its files are read there);
+    those leading out of it were skipped without a word, their files missing from the corpus
+    (/usr/share/doc/git/contrib/hooks -> ../../../git-core/contrib/hooks). Said once, naming them."""
+    real_root = os.path.realpath(root)
+    outside = [f for f in links if os.path.commonpath([real_root, os.path.realpath(f)]) != real_root]
+    if outside:
+        names = ", ".join(f"{f.relative_to(root)} -> {os.readlink(f)}" for f in outside[:4])
+        warnings.warn(
+            f"{option} {arg}: did not enter {len(outside)} symbolic link(s) to folders outside it ({names}"
+            f"{' ...' if len(outside) > 4 else ''}), as find and grep -r do not: to read their files, name the "
+            f"folders they lead to in {option} too",
+            stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+        )
+
+
+def _without_archives(
+    found: list[Path], arg, option: str, stats: dict[Path, os.stat_result], relative_to: Path | None = None
+) -> list[Path]:
     """`found` (the files a folder or glob pattern `arg` reached) less its archives (.zip, .tar.gz, ...),
     which no reader here opens, with a warning naming them and how to include them: /usr/share/doc holds
     two test reports as .tar.gz beside 115 MB of text, and refused the whole folder for them. Where the
@@ -242,8 +278,8 @@ def _without_archives(found: list[Path], arg, option: str, relative_to: Path | N
     rest = [f for f in found if not f.name.lower().endswith(_ARCHIVES)]
     shown = [str(f.relative_to(relative_to)) if relative_to else str(f) for f in packed[:4]]
     names = ", ".join(shown) + (" ..." if len(packed) > 4 else "")
-    packed_bytes = sum(f.stat().st_size for f in packed)
-    rest_bytes = sum(f.stat().st_size for f in rest)
+    packed_bytes = sum(stats[f].st_size for f in packed)
+    rest_bytes = sum(stats[f].st_size for f in rest)
     fix = "extract them (e.g. tar -xf or unzip) and pass the extracted files or folder"
     if packed_bytes >= rest_bytes:
         raise DataError(
@@ -331,10 +367,21 @@ def _without_binary(found: list[Path], arg, option: str, relative_to: Path | Non
         names = ", ".join(shown) + (" ..." if len(binary) > 4 else "")
         warnings.warn(
             f"{option} {arg}: skipped {len(binary)} file(s) that are not text ({names}; a tokenizer.model beside "
-            "the corpus, say); name a file itself to read it anyway",
+            "the corpus, say)",
             stacklevel=2,  # one place (resolve_files), so it shows once however many passes resolve the inputs
         )
     return [f for f in found if f not in binary]
+
+
+def _refuse_binary(path: Path, option: str) -> None:
+    """A file named itself that is not text (_binary_text_file): `smf_finetune --data model.safetensors`
+    trained on the bytes of the weights. Refused, naming it."""
+    if _binary_text_file(path):
+        raise DataError(
+            f"{option} {path} is not text (a NUL byte in its first 8 KiB{', decompressed' if path.suffix.lower() in COMPRESSED else ''}, "
+            "as in a model, tokenizer, image or PDF file), and would be read as one document of binary: name the "
+            "text, JSONL or Parquet files to read"
+        )
 
 
 def _binary_text_file(path: Path) -> bool:

@@ -9,25 +9,28 @@ into a temporary directory that is renamed to the output at the end.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import tempfile
 import warnings
 from collections import deque
 from contextlib import contextmanager
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from pretrain.data.corpus import CorpusStats, check_record_files, input_bytes, iter_documents, resolve_files
 from pretrain.data.errors import DataError
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.worker_pool import ordered_map
 from pretrain.files import atomic_directory
 
 _MASK64 = (1 << 64) - 1
+# Characters sent to the tokenizer at once (see tokenize_documents): the bar of input read moves by about
+# this much.
+CHUNK_CHARS = 1 << 20
 _worker_tokenizer: Tokenizer | None = None
 
 
@@ -45,39 +48,63 @@ def _init_worker(path: str) -> None:
     _worker_tokenizer = Tokenizer(path)
 
 
-def _encode_chunk(texts: list[str]) -> list[list[int]]:
-    return _worker_tokenizer.encode_batch(texts)
+def _encode_in_worker(chunk: tuple[list[str], list[bool], list[bool]]) -> tuple[list[bool], list[np.ndarray]]:
+    texts, continued, ends = chunk
+    return ends, _worker_tokenizer.encode_pieces(texts, continued)
 
 
-def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
-    it = iter(documents)
-    while chunk := list(islice(it, size)):
-        yield chunk
+def _chunks(
+    documents: Iterable[str], tokenizer: Tokenizer, max_pieces: int, max_chars: int
+) -> Iterator[tuple[list[str], list[bool], list[bool]]]:
+    """(texts, continued, ends a document): the documents cut by `tokenizer.cut_document`, gathered until
+    a chunk holds `max_pieces` pieces or `max_chars` characters."""
+    texts: list[str] = []
+    continued: list[bool] = []
+    ends: list[bool] = []
+    chars = 0
+    for doc in documents:
+        pieces = tokenizer.cut_document(doc)
+        for i, piece in enumerate(pieces):
+            texts.append(piece)
+            continued.append(i > 0)
+            ends.append(i == len(pieces) - 1)
+            chars += len(piece)
+            if len(texts) == max_pieces or chars >= max_chars:
+                yield texts, continued, ends
+                texts, continued, ends, chars = [], [], [], 0
+    if texts:
+        yield texts, continued, ends
 
 
 def tokenize_documents(
-    documents: Iterable[str], tokenizer: Tokenizer, workers: int = 1, chunk_docs: int = 256
-) -> Iterator[list[int]]:
-    """Token ids per document, in input order; `workers` > 1 tokenizes in that many processes,
-    with at most 2 x `workers` chunks read ahead of the caller (Pool.imap would read the whole
-    corpus into memory when tokenizing is the faster side)."""
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    workers: int = 1,
+    chunk_docs: int = 256,
+    chunk_chars: int = CHUNK_CHARS,
+) -> Iterator[np.ndarray]:
+    """Token ids (int32) per document, in input order; `workers` > 1 tokenizes in that many processes.
+    Documents go to the tokenizer in chunks of at most `chunk_docs` pieces or about `chunk_chars`
+    characters, and a long document in pieces (Tokenizer.cut_document: the same ids as encoded whole),
+    so that the text in flight, and sentencepiece's memory for it, stay bounded: 256 documents near the
+    64 MiB limit were 16 GB of text per chunk, and each such document took 3.1 GB to encode."""
+    chunks = _chunks(documents, tokenizer, chunk_docs, chunk_chars)
     if workers <= 1:
-        for chunk in _chunks(documents, chunk_docs):
-            yield from tokenizer.encode_batch(chunk)
-        return
-    ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        pending: deque = deque()
-        for chunk in _chunks(documents, chunk_docs):
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) == 2 * workers:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+        encoded = ((ends, tokenizer.encode_pieces(texts, continued)) for texts, continued, ends in chunks)
+    else:
+        # processes that a stop signal does not kill and whose death is noticed (pretrain/data/worker_pool.py)
+        encoded = ordered_map(_encode_in_worker, chunks, workers, _init_worker, (str(tokenizer.path),))
+    parts: list[np.ndarray] = []
+    for ends, ids in encoded:
+        for piece_ends, piece_ids in zip(ends, ids):
+            parts.append(piece_ids)
+            if piece_ends:
+                yield parts[0] if len(parts) == 1 else np.concatenate(parts)
+                parts = []
 
 
 def write_dataset(
-    token_docs: Iterable[list[int]],
+    token_docs: Iterable[np.ndarray | list[int]],
     out_dir: str | Path,
     tokenizer: Tokenizer,
     seq_len: int,
@@ -221,7 +248,7 @@ def _real_paths(files: list[Path]) -> Iterator[Path]:
 
 
 def _write_documents(
-    token_docs: Iterable[list[int]],
+    token_docs: Iterable[np.ndarray | list[int]],
     writers: dict,
     seed: int,
     val_fraction: float,
@@ -235,7 +262,7 @@ def _write_documents(
         for ids in token_docs:
             if written is not None:
                 written()
-            if not ids:
+            if len(ids) == 0:
                 empty += 1
                 continue
             split = "val" if is_validation(documents, seed, val_fraction) else "train"

@@ -19,6 +19,7 @@ ids as their text, as that tokenizer's decode does.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import random
@@ -27,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from pretrain.data.errors import DataError
@@ -34,6 +36,10 @@ from pretrain.files import atomic_write
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 4096
+# A document longer than this (characters) is encoded in pieces (Tokenizer.cut_document): sentencepiece
+# holds ~50 bytes per character while it encodes (measured: a 60 MiB document, 3.1 GB resident).
+PIECE_CHARS = 1 << 20
+NEWLINE = "\n"  # a piece of its own when whitespace is kept (training samples lines, which hold none)
 
 
 class Tokenizer:
@@ -67,6 +73,50 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
+
+    @functools.cached_property
+    def cuts_at_newlines(self) -> bool:
+        """Whether a document cut before a newline encodes, piece by piece, to the ids of the whole: a BPE
+        tokenizer whose normalizer keeps "\n" as it is and in which no piece but "\n" holds one (as
+        train_tokenizer makes them, whitespace kept: "\n" is a user-defined piece, and the sample's lines
+        hold none). No BPE merge then joins across a line end, and merges are ordered by score, then
+        position, so each line is segmented as it would be alone. A unigram tokenizer is not cut: its best
+        path passes each line end too, but sentencepiece keeps the path score as a float32 running sum
+        (rebased past 1e5), and two segmentations of a line that score the same, such as 16 + 3 spaces and
+        3 + 16, are told apart by its rounding, which depends on the text before (a 60 MiB document of
+        Python sources cut at 1 MiB: 3 pairs of tokens swapped in its first 3 MB)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+        if model.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+            return False
+        if self._sp.normalize("a\nb") != "\u2581a\nb":
+            return False
+        holding = [p for p in model.pieces if NEWLINE in p.piece]
+        return [p.piece for p in holding] == [NEWLINE] and holding[0].type == holding[0].USER_DEFINED
+
+    def cut_document(self, text: str) -> list[str]:
+        """`text` in pieces of at least PIECE_CHARS characters, each after the first starting at a
+        newline (a line longer than that stays whole), which `encode_pieces` encodes to the ids of the
+        whole text with a bounded memory; [text] when it is short, or when this tokenizer's tokens may
+        span a newline (`cuts_at_newlines`)."""
+        if len(text) <= PIECE_CHARS or not self.cuts_at_newlines:
+            return [text]
+        pieces, start = [], 0
+        while (cut := text.find(NEWLINE, start + PIECE_CHARS)) >= 0:
+            pieces.append(text[start:cut])
+            start = cut
+        pieces.append(text[start:])
+        return pieces
+
+    def encode_pieces(self, pieces: list[str], continued: list[bool]) -> list[np.ndarray]:
+        """The ids (int32) of each piece; a `continued` one (a piece after the first of `cut_document`,
+        starting with its newline) without the tokens sentencepiece puts before the newline for the
+        "\u2581" it adds at the start of the text it encodes (add_dummy_prefix): within the whole
+        document there is none."""
+        encoded = self._sp.encode_as_numpy(pieces)
+        newline = self._sp.piece_to_id(NEWLINE)
+        return [ids[np.argmax(ids == newline) :] if cont else ids for ids, cont in zip(encoded, continued)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -114,9 +164,6 @@ class Tokenizer:
 
     def __setstate__(self, state):
         self.__init__(state["path"])
-
-
-NEWLINE = "\n"  # a piece of its own when whitespace is kept (training samples lines, which hold none)
 
 
 def _lines(documents: Iterable[str], keep_whitespace: bool = True) -> Iterator[str]:

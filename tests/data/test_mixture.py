@@ -98,6 +98,31 @@ def test_resume_is_exact(dataset, second_dataset, world, workers):
         assert resumed.sequences == uninterrupted.sequences and sum(resumed.sequences) == 14 * 3
 
 
+def test_a_dropped_iterator_ends_its_workers_and_a_new_one_goes_on_where_it_stopped(dataset, second_dataset):
+    """The trainer drops its batch iterator at the end of a run while the mixture itself lives on in
+    a reference cycle: the sources' DataLoader iterators were then left to the cycle collector, which
+    finalised their queues before their shutdown, so the workers never heard they should stop and
+    each was joined for 5 s, then 5 s more after a SIGTERM they ignore (42 s for a trainer test of
+    4 steps). They end with the mixture's iterator now, and a new iterator draws on from there."""
+    import multiprocessing
+
+    sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
+    kw = dict(batch_size=3, num_workers=2, seed=4, shuffle_buffer=5)
+    straight = take(iter(mixture(sources, **kw)), 10)
+    assert not multiprocessing.active_children()  # the straight run's workers are gone too
+    mix = mixture(sources, **kw)
+    mix.cycle = mix  # as the trainer holds it: only the cycle collector would free it
+    batches = iter(mix)
+    head = take(batches, 4)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2 * 2  # each source's two DataLoader workers
+    del batches
+    assert not multiprocessing.active_children()
+    assert [w.exitcode for w in workers] == [0] * 4  # told to stop, not killed
+    assert_same_batches(head + take(iter(mix), 6), straight)
+    assert sum(mix.sequences) == 10 * 3
+
+
 def test_resume_refuses_another_seed(dataset, second_dataset):
     sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
     state = mixture(sources, seed=1).state_dict()

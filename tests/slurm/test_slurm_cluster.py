@@ -197,6 +197,19 @@ def test_scancel_stops_without_requeue(slurm_cluster, tmp_path):
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
 
 
+def test_a_job_name_with_spaces_reaches_slurm_whole(slurm_cluster, tmp_path):
+    """--job-name with spaces was refused ("has characters Slurm does not accept there"), though
+    sbatch reads a quoted #SBATCH value back whole (spaces and '#' inside the quotes kept)."""
+    name = "tiny run #2 (lr 3e-4)"
+    job = submit(
+        slurm_cluster, tmp_path / "run", ["train.micro_batch=8"], extra=["--job-name", name, "--sbatch=--hold"]
+    )
+    try:
+        assert slurm_cluster.cmd(["squeue", "-h", "-j", job, "-o", "%j"]).rstrip("\n") == name
+    finally:
+        slurm_cluster.cmd(["scancel", job], check=False)
+
+
 # ---- the real trainer ---------------------------------------------------------------------
 MAX_STEPS = 80  # long enough that the signal sent after step 3 lands mid-run on a loaded machine
 # configs/tiny.yaml shrunk to ~0.1 s per step on 2 cores: the whole run takes seconds.

@@ -278,6 +278,10 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
         (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
         (["--time", "10:00", "--signal-seconds", "600"], "--signal-seconds=600"),
         (["--partition", "gpu debug"], "--partition='gpu debug'"),
+        (  # a job name may hold spaces (quoted in its #SBATCH line), not what breaks the quoting
+            ["--job-name", "Ada's run"],
+            '--job-name="Ada\'s run": #SBATCH values must be non-empty without quotes, backslashes or newlines',
+        ),
         # named as the run directory, not as the --job-name the user never gave (derived from it)
         (["train.run_dir=/tmp/it's"], 'train.run_dir="/tmp/it\'s/logs/slurm-%j.out": #SBATCH values'),
         (["--sbatch=mem=4G"], "must be one sbatch option"),

@@ -191,6 +191,10 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     err = capsys.readouterr().err
     assert str(missing) in err and "check --data" in err and "--input" not in err
     assert not (tmp_path / "y").exists()
+    weights = export / "model.safetensors"  # a binary file named itself: its bytes were the finetuning text
+    assert main(["--export", str(export), "--data", str(weights), "--out", str(tmp_path / "z")]) == 2
+    assert f"--data {weights} is not text (a NUL byte in its first 8 KiB" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 @pytest.mark.parametrize(
