@@ -1,4 +1,5 @@
-"""Slot access statistics: counters, reduction, background sample, table file, TF-IDF.
+"""Slot access statistics: counters, reduction, background sample, table file, TF-IDF, and whether
+a table belongs to an export (`matching`).
 
 Trainer use: `SlotStatistics.begin_step` before a step's micro-batches, `update` once per
 micro-batch with each memory layer's `last_indices`, the batch's doc ids and row streams,
@@ -8,6 +9,12 @@ micro-batch with each memory layer's `last_indices`, the batch's doc ids and row
 
 from pretrain.slots.counters import SlotStatistics
 from pretrain.slots.granularity import parse_granularity
+from pretrain.slots.matching import (
+    TableMismatchError,
+    check_table_matches,
+    load_export_for_tfidf,
+    load_model_for_tfidf,
+)
 from pretrain.slots.sample import SampleData, recompute_doc_freq
 from pretrain.slots.table import (
     FORMAT_VERSION,
@@ -21,11 +28,7 @@ from pretrain.slots.table import (
 )
 from pretrain.slots.tfidf import (
     RankedSlot,
-    TableMismatchError,
-    check_table_matches,
     layer_slot_counts,
-    load_export_for_tfidf,
-    load_model_for_tfidf,
     memory_layer_names,
     rank_slots,
     tfidf_scores,

@@ -101,18 +101,7 @@ def test_deepspeed_loads_its_shm_op_from_the_shared_build(monkeypatch):
 
     from kernels import deepspeed_ops, shared_builds
 
-    pytest.importorskip("deepspeed")
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    ds_comm = importlib.import_module("deepspeed.comm.torch")
-    monkeypatch.setattr(ds_comm, "build_shm_op", ds_comm.build_shm_op)  # restored afterwards
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder(deepspeed_ops.SHM_BUILDER)
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        pytest.skip("DeepSpeed has no shm comm op here")
-    cache = deepspeed_ops._loaded_ops(builder)
-    monkeypatch.delitem(cache, builder.name, raising=False)
+    ds_comm, builder, cache = _deepspeed_shm_builder(monkeypatch)
 
     def own_build(**kwargs):
         raise AssertionError(f"DeepSpeed built {kwargs['name']} itself")

@@ -113,6 +113,16 @@ def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def one_rank_results(fn) -> dict:
+    """fn(rank, world, out) run on one spawned gloo rank (DeepSpeed's comm backend) filling `out`,
+    a dict shared with this process; what it filled."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    run_gloo(fn, 1, out, deepspeed_comm=True)
+    return dict(out)
+
+
 def world2_suite(tmp_path_factory, name: str, suite, data_cache) -> tuple[Path, dict]:
     """Run suite(rank, root, cache) on 2 gloo ranks; both must return the same results.
     Returns (root, rank 0's results)."""

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.spawn import run_gloo
-from tests.train.helpers import tiny_config
+from tests.train.helpers import one_rank_results, tiny_config
 
 
 def _norm_passes(overrides: list[str], out: dict) -> None:
@@ -73,11 +72,7 @@ def _every_case(rank: int, world: int, out: dict) -> None:
 
 @pytest.fixture(scope="module")
 def cases() -> dict:
-    import torch.multiprocessing as mp
-
-    out = mp.Manager().dict()
-    run_gloo(_every_case, 1, out, deepspeed_comm=True)
-    return dict(out)
+    return one_rank_results(_every_case)
 
 
 @pytest.mark.parametrize("case", list(CASES))
