@@ -96,7 +96,10 @@ def ordered_map(
             conns.append(mine)
         yield from _ordered_results(procs, conns, iter(items), ahead)
         for conn in conns:
-            conn.send(None)
+            try:
+                conn.send(None)
+            except OSError:  # it died while idle: it owed nothing, and every result is in
+                pass
         for proc in procs:
             proc.join(timeout=10)
     finally:  # also on an error, Ctrl-C or a stop signal raised in the main process
