@@ -44,6 +44,7 @@ from pretrain.data.sources import resolve_eval_sources  # noqa: E402
 from pretrain.dense_optimizer import build_dense_optimizer  # noqa: E402
 from pretrain.distributed import (  # noqa: E402
     DistInfo,
+    RendezvousTimeout,
     gather_floats,
     global_sum,
     init_distributed,
@@ -255,7 +256,7 @@ def train(
     lock = None  # of the run directory: rank 0 takes it before its first write there (pretrain/run_lock.py)
     try:
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
-        info = init_distributed(process_group_timeout(validate(cfg).train))
+        info = init_distributed(process_group_timeout(validate(cfg).train), cfg.train.rendezvous_timeout_s)
         memory = IntervalPeak(info.device)
         memory.reset("this run started")
         lock = RunDirLock(cfg.train.run_dir, info.is_main)
@@ -873,7 +874,7 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
     is raised on every one, naming the rank and its host (the process group is made for it, with
     the timeout `train` would give it). The config's checks read files a node may hold alone (its
     copy of data.dir): refused on one node, the others waited at the rendezvous for its ranks,
-    RENDEZVOUS_TIMEOUT_S (600 s), where no launcher ended them (torchrun; srun's
+    train.rendezvous_timeout_s (600 s), where no launcher ended them (torchrun; srun's
     --kill-on-bad-exit does)."""
     cfg, refusal = None, None
     try:
@@ -886,7 +887,8 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
                 raise refusal
             return cfg
         clear_stale_build_locks()  # as train() does before the process group: a killed op build would hang it
-        init_distributed(process_group_timeout((cfg or RunConfig()).train))  # the defaults' where refused
+        run = (cfg or RunConfig()).train  # the defaults' where refused
+        init_distributed(process_group_timeout(run), run.rendezvous_timeout_s)
     except Exception as err:
         if refusal is not None and err is not refusal:
             raise refusal from None  # this rank's own reason first (a launcher's environment may be wrong too)
@@ -897,7 +899,7 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
 
 # What main() reports as "error: <message>", exit status 2, not a traceback: refusals that name their
 # fix. Tools that run the trainer (tools/profile.py) report the same ones.
-REFUSALS = (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory)
+REFUSALS = (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory, RendezvousTimeout)
 
 
 def main(argv=None, stop: StopSignal | None = None) -> int:
