@@ -378,6 +378,35 @@ def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path, tokeniz
         assert len(list(iter_documents([root]))) == 1
 
 
+def test_a_folder_of_documents_with_a_few_json_files_names_them_and_format_text(tmp_path):
+    """/usr/share/doc holds 4,128 text files and 66 JSON files (nodejs/api/*.json.gz, each one JSON
+    object over many lines). --input /usr/share/doc warned that 'besides its JSONL/Parquet files it holds
+    4128 plain-text file(s)' and advised a glob of the JSON files, then was refused at the first of them
+    with a jq conversion alone: no word of --format text, which reads every file as one document, as
+    such a folder means. The warning now names the few record files and --format text, and so does the
+    error."""
+    from pretrain.data.corpus import check_record_files
+
+    root = tmp_path / "doc"
+    (root / "api").mkdir(parents=True)
+    for name in ("README", "changelog", "NEWS"):
+        (root / name).write_text(f"the {name} of a package\n")
+    (root / "api" / "fs.json").write_text('{\n  "source": "doc/api/fs.md",\n  "modules": []\n}\n')
+    with pytest.warns(UserWarning) as caught:
+        files = resolve_files([root])
+    assert [str(w.message) for w in caught] == [
+        f"--input {root}: besides its 3 plain-text files it holds 1 JSONL/Parquet file(s) (api/fs.json), read as "
+        "records (a document per line or row, from the field --text-field); if they are documents like the "
+        "others, pass --format text to read every file whole"
+    ]
+    with pytest.raises(DataError, match=r"api/fs.json:1: the file is a JSON object written over several lines.*jq -c "
+                       r"\..*; or, if each file is one document \(a folder of documentation\), pass --format text$"):  # fmt: skip
+        check_record_files(files)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(iter_documents([root], "text"))) == 4
+
+
 def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
     """A dataset may be prepared inside the corpus folder from a glob of its files (allowed: the glob
     does not reach it), or sliced there. The next run over the folder read the dataset's manifest.json
