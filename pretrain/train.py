@@ -41,6 +41,7 @@ from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, 
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.loader import IGNORE_INDEX, LOADER_FAILURES, loader_failure  # noqa: E402
 from pretrain.data.sources import resolve_eval_sources  # noqa: E402
+from pretrain.dense_optimizer import build_dense_optimizer  # noqa: E402
 from pretrain.distributed import (  # noqa: E402
     DistInfo,
     gather_floats,
@@ -58,7 +59,6 @@ from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, run_peak_flops  # noqa: E402
 from pretrain.model import Objective, Transformer, flops_per_token, training_objective  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
-from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402

@@ -67,7 +67,8 @@ def doc_lengths(text: str) -> list[float]:
     return lengths
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options (CUDA's defaults are larger), --kv-heads refused unless it divides --heads."""
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=positive_int, default=8 if cuda else 2)
@@ -92,6 +93,35 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.kv_heads and args.heads % args.kv_heads:
         p.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads} (grouped-query attention)")
+    return args
+
+
+class StreamedRows(list):
+    """Each row printed as it is measured and the JSON (`info`, the settings and the rows so far)
+    rewritten atomically after it, so a run cut short (the gpu_check stage's time limit) keeps what
+    it measured."""
+
+    def __init__(self, args: argparse.Namespace, info: dict):
+        super().__init__()
+        self.args, self.info = args, info
+
+    def append(self, r: dict) -> None:
+        super().append(r)
+        doc = f"{r['mean_doc_length']:.0f}" if r["mean_doc_length"] else "-"
+        kept = f"{100 * r['kept_fraction']:.0f}%" if "kept_fraction" in r else "100%"
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        print(
+            f"{r['name']:26} {doc:>9} {kept:>6} {r['p20']:9.3f} {r['p50']:9.3f} {r['p80']:9.3f} {speedup:>9}",
+            flush=True,
+        )
+        if self.args.json:
+            payload = {**self.info, "settings": vars(self.args) | {"json": str(self.args.json)}, "rows": list(self)}
+            atomic_write(self.args.json, json.dumps(payload, indent=2))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     kv_heads = args.kv_heads or args.heads
@@ -124,26 +154,7 @@ def main(argv=None) -> int:
     print(
         f"{'row':26} {'mean doc':>9} {'kept':>6} {'p20 ms':>9} {'p50 ms':>9} {'p80 ms':>9} {'vs dense':>9}", flush=True
     )
-    info = kb.run_info(device)
-
-    class Rows(list):
-        """Each row printed as it is measured and the JSON rewritten (atomically), so a run cut
-        short (the gpu_check stage's time limit) keeps what it measured."""
-
-        def append(self, r: dict) -> None:
-            super().append(r)
-            doc = f"{r['mean_doc_length']:.0f}" if r["mean_doc_length"] else "-"
-            kept = f"{100 * r['kept_fraction']:.0f}%" if "kept_fraction" in r else "100%"
-            speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-            print(
-                f"{r['name']:26} {doc:>9} {kept:>6} {r['p20']:9.3f} {r['p50']:9.3f} {r['p80']:9.3f} {speedup:>9}",
-                flush=True,
-            )
-            if args.json:
-                payload = {**info, "settings": vars(args) | {"json": str(args.json)}, "rows": list(self)}
-                atomic_write(args.json, json.dumps(payload, indent=2))
-
-    rows = Rows()
+    rows = StreamedRows(args, kb.run_info(device))
     causal, attempts = run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
     rows.append(kb.record("sdpa_causal", causal, None, None, attempts=attempts, mean_doc_length=None))
     for mean_length in args.doc_lengths:

@@ -107,7 +107,9 @@ def time_lm_eval(export_dir: Path, probes: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
+    """The options and the --batches sizes, refused before any model is built or timed (a bad
+    --batches, an --lm-eval export that memlayers-eval would refuse)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--prompt-tokens", type=positive_int, default=64)
@@ -136,6 +138,47 @@ def main(argv=None) -> int:
             export_probes(args.lm_eval)  # the fact tasks ask them
         except (ExportError, DataError) as err:
             parser.error(f"--lm-eval: {err}")
+    return args, batches
+
+
+def time_cases(cases: list, rounds: int, new_tokens: int) -> list[dict]:
+    """One row per (name, batch, run) case: run(cached) -> (wall s, CPU s) after a warm-up, `rounds`
+    times each way, alternating; the raw seconds and the medians' tokens/s and speedups."""
+    rows = []
+    for name, batch, run in cases:
+        run(True)  # warm-up
+        times = {True: [], False: []}
+        for r in range(rounds):
+            for cached in (True, False):
+                times[cached].append(run(cached))
+            print(
+                f"[{name}] round {r + 1}/{rounds}: cached {times[True][-1][0]:.2f} s, "
+                f"uncached {times[False][-1][0]:.2f} s (wall)",
+                file=sys.stderr,
+                flush=True,
+            )
+        tokens = batch * new_tokens
+        row = {"case": name, "batch": batch, "tokens": tokens}
+        for cached in (True, False):  # the raw (wall, CPU) seconds of each round, the medians' samples
+            kind = "cached" if cached else "uncached"
+            row[f"{kind}_wall_s"] = [t[0] for t in times[cached]]
+            row[f"{kind}_cpu_s"] = [t[1] for t in times[cached]]
+        for i, clock in enumerate(("wall", "cpu")):
+            cached_s = statistics.median(t[i] for t in times[True])
+            uncached_s = statistics.median(t[i] for t in times[False])
+            row.update(
+                {
+                    f"cached_tok_s_{clock}": tokens / cached_s,
+                    f"uncached_tok_s_{clock}": tokens / uncached_s,
+                    f"speedup_{clock}": uncached_s / cached_s,
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    args, batches = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -154,37 +197,7 @@ def main(argv=None) -> int:
                     partial(time_pretrain, model, prompt[0].tolist(), args.new_tokens),
                 )
             )
-    rows = []
-    for name, batch, run in cases:
-        run(True)  # warm-up
-        times = {True: [], False: []}
-        for r in range(args.rounds):
-            for cached in (True, False):
-                times[cached].append(run(cached))
-            print(
-                f"[{name}] round {r + 1}/{args.rounds}: cached {times[True][-1][0]:.2f} s, "
-                f"uncached {times[False][-1][0]:.2f} s (wall)",
-                file=sys.stderr,
-                flush=True,
-            )
-        tokens = batch * args.new_tokens
-        row = {"case": name, "batch": batch, "tokens": tokens}
-        for cached in (True, False):  # the raw (wall, CPU) seconds of each round, the medians' samples
-            kind = "cached" if cached else "uncached"
-            row[f"{kind}_wall_s"] = [t[0] for t in times[cached]]
-            row[f"{kind}_cpu_s"] = [t[1] for t in times[cached]]
-        for i, clock in enumerate(("wall", "cpu")):
-            cached_s = statistics.median(t[i] for t in times[True])
-            uncached_s = statistics.median(t[i] for t in times[False])
-            row.update(
-                {
-                    f"cached_tok_s_{clock}": tokens / cached_s,
-                    f"uncached_tok_s_{clock}": tokens / uncached_s,
-                    f"speedup_{clock}": uncached_s / cached_s,
-                }
-            )
-        rows.append(row)
-
+    rows = time_cases(cases, args.rounds, args.new_tokens)
     print(
         f"\n{args.new_tokens} new tokens from a {args.prompt_tokens}-token prompt, {args.config} model, "
         f"{torch.get_num_threads()} threads, median of {args.rounds}"

@@ -79,47 +79,80 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def load_and_check(args):
+    """(model, slot table or None, finetuning set, evaluation or None), every input
+    checked before the model trains: the output folder, the data files, --dataset-dir's use, the
+    table against the export (sparse), --lora-rank against the model (lora)."""
+    from pretrain.data import DataError, Tokenizer
+    from pretrain.data.corpus import resolve_files
+    from pretrain.export import load
+    from pretrain.export.perplexity import trained_with_document_masking
+    from pretrain.export.writer import check_output_folder
+    from pretrain.slots import load_export_for_tfidf
+    from pretrain.smf import FinetuneSet, LearningForgettingEval
+    from pretrain.smf.methods import check_lora_rank
+
+    export = Path(args.export)
+    check_output_folder(Path(args.out), args.force, sources=[export])  # before the model loads and trains
+    resolve_files(args.data, option="--data")  # before the model loads
+    if args.dataset_dir is not None and export.is_dir() and not (export / "probes.jsonl").is_file():  # ignored
+        raise DataError(
+            f"--dataset-dir {args.dataset_dir}: the validation loss is measured with the per-epoch evaluation, "
+            f"which asks the fact probes, and {export} has no probes.jsonl: drop --dataset-dir"
+        )
+    if args.method == "sparse":  # the model with its slot table, checked against each other
+        model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)
+        model = model.to(args.device)
+    else:
+        model, table = load(export, device=args.device), None
+    if args.method == "lora":  # before the first evaluation and the adapters
+        try:
+            check_lora_rank(model, args.lora_rank)
+        except ValueError as err:
+            raise ValueError(f"--lora-rank {args.lora_rank}: {err}") from None
+    tokenizer = Tokenizer(export / "tokenizer.model")
+    data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, text_field=args.text_field)
+    evaluate = None
+    if (export / "probes.jsonl").is_file():
+        masking = trained_with_document_masking(export)
+        evaluate = LearningForgettingEval(
+            export, tokenizer, model.cfg.max_seq_len, args.dataset_dir, document_masking=masking
+        )
+    return model, table, data, evaluate
+
+
+def finetune_record(args, table, before: dict, history: list) -> dict:
+    """What the new export records of its finetuning: the method, its settings, data and history."""
+    record = {
+        "method": args.method,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "shuffle": args.shuffle,
+        "seed": args.seed,
+        "data": [str(p) for p in args.data],
+        "before": before,
+        "history": history,
+    }
+    if args.method == "sparse":
+        # the table ranked against (--table may name another than the export's, which the new export copies)
+        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm, table=str(table.path))
+    if args.method == "lora":
+        record["lora_rank"] = args.lora_rank
+    return record
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from pretrain.data import DataError, Tokenizer
-    from pretrain.data.corpus import resolve_files
-    from pretrain.export import ExportError, load
-    from pretrain.export.perplexity import trained_with_document_masking
-    from pretrain.export.writer import check_output_folder
-    from pretrain.slots import TableMismatchError, load_export_for_tfidf
-    from pretrain.smf import FinetuneSet, LearningForgettingEval, build_method, finetune, save_finetuned_export
-    from pretrain.smf.methods import check_lora_rank
+    from pretrain.data import DataError
+    from pretrain.export import ExportError
+    from pretrain.slots import TableMismatchError
+    from pretrain.smf import build_method, finetune, save_finetuned_export
 
-    export = Path(args.export)
-    out = Path(args.out)
     try:
-        check_output_folder(out, args.force, sources=[export])  # before the model loads and trains
-        resolve_files(args.data, option="--data")  # before the model loads
-        if args.dataset_dir is not None and export.is_dir() and not (export / "probes.jsonl").is_file():  # ignored
-            raise DataError(
-                f"--dataset-dir {args.dataset_dir}: the validation loss is measured with the per-epoch evaluation, "
-                f"which asks the fact probes, and {export} has no probes.jsonl: drop --dataset-dir"
-            )
-        if args.method == "sparse":  # the model with its slot table, checked against each other
-            model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)
-            model = model.to(args.device)
-        else:
-            model, table = load(export, device=args.device), None
-        if args.method == "lora":  # before the first evaluation and the adapters
-            try:
-                check_lora_rank(model, args.lora_rank)
-            except ValueError as err:
-                raise ValueError(f"--lora-rank {args.lora_rank}: {err}") from None
-        tokenizer = Tokenizer(export / "tokenizer.model")
-        data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, text_field=args.text_field)
-        evaluate = None
-        if (export / "probes.jsonl").is_file():
-            masking = trained_with_document_masking(export)
-            evaluate = LearningForgettingEval(
-                export, tokenizer, model.cfg.max_seq_len, args.dataset_dir, document_masking=masking
-            )
+        model, table, data, evaluate = load_and_check(args)
     except (ExportError, DataError, TableMismatchError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -148,23 +181,9 @@ def main(argv=None) -> int:
         log=lambda line: print(line, flush=True),
         eval_every=args.eval_every,
     )
-    record = {
-        "method": args.method,
-        "lr": args.lr,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "shuffle": args.shuffle,
-        "seed": args.seed,
-        "data": [str(p) for p in args.data],
-        "before": before,
-        "history": history,
-    }
-    if args.method == "sparse":
-        # the table ranked against (--table may name another than the export's, which the new export copies)
-        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm, table=str(table.path))
-    if args.method == "lora":
-        record["lora_rank"] = args.lora_rank
-    save_finetuned_export(export, method.finished_model(), out, record, force=args.force)
+    out = Path(args.out)
+    record = finetune_record(args, table, before, history)
+    save_finetuned_export(Path(args.export), method.finished_model(), out, record, force=args.force)
     print(f"finetuned export written to {out}")
     print(json.dumps(history[-1]))
     return 0

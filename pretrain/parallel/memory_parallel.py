@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pretrain.config import OptimConfig
+from pretrain.dense_optimizer import squared_norm
 from pretrain.model.config import ConfigError, choices_message, literal_fields
-from pretrain.optim import squared_norm
 from pretrain.parallel import accounting, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.sparse_adamw import SparseAdamW
