@@ -825,27 +825,29 @@ def build_model(
 ) -> tuple[Transformer, Any, Optimizers]:
     """The model, its DeepSpeed engine and the optimizers of its dense part and value shards.
 
-    Built on the meta device so that no rank ever holds the full value pool: the value
-    tables are replaced by this rank's column shards, then the dense part is materialised.
-    Same seed on every rank: identical dense weights, nothing broadcast."""
+    Built on the meta device so that no rank ever holds the full value pool
+    (`build_sharded_model`), with train.seed on every rank."""
     import deepspeed
 
-    from pretrain.parallel import MemoryParallel, init_memory_groups
+    from pretrain.parallel import init_memory_groups
     from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
     from pretrain.parallel.compile import apply_compile
+    from pretrain.parallel.memory_parallel import build_sharded_model
 
-    t, device = cfg.train, info.device
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
+    t = cfg.train
     groups = init_memory_groups(cfg.model.memory.parallel_size)
     # value table i draws from its own generator, seeded train.seed * VALUE_SEED_STRIDE + i:
     # another train.seed gives other values (as it gives other dense weights), seed 0 gives i
-    values = MemoryParallel(
-        model, groups, cfg.optim, kernel=cfg.model.memory.kernel, device=device, seed=t.seed * VALUE_SEED_STRIDE
+    model, values = build_sharded_model(
+        cfg.model,
+        groups,
+        cfg.optim,
+        kernel=cfg.model.memory.kernel,
+        device=info.device,
+        seed=t.seed,
+        value_seed=t.seed * VALUE_SEED_STRIDE,
+        reseed=seed_everything,
     )
-    model.to_empty(device=device)
-    seed_everything(t.seed)
-    model.reset_parameters()
     if init is not None:
         load_initial_weights(model, values.tables, init)
     if t.compile:
