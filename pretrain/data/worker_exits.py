@@ -81,7 +81,9 @@ def ended_worker(iterator, err: BaseException, wait_s: float = 2.0) -> WorkerEnd
     its death: torch's "DataLoader worker" words, or an error met receiving a batch. Waits up to
     `wait_s` for the kernel to report the exit (a worker cut off mid-send may still be ending);
     None where no worker ended, or `err` is of another kind (a worker's own exception, re-raised)."""
-    if "DataLoader worker" not in str(err) and not raised_receiving_from_workers(err):
+    # torch's words for a death, "DataLoader worker (pid(s) N) ...", not those it re-raises a worker's
+    # own error with, "Caught RuntimeError in DataLoader worker process 0" (no worker ends for that)
+    if "DataLoader worker (pid" not in str(err) and not raised_receiving_from_workers(err):
         return None
     workers = getattr(iterator, "_workers", None) or []  # torch's worker processes (a private name)
     deadline = time.monotonic() + wait_s

@@ -285,3 +285,36 @@ def test_a_dead_worker_is_told_apart_by_how_it_ended(data_cache, how, said):
     message = answer.get(timeout=120)
     reader.join(timeout=60)
     assert re.match(rf"the loader failed: DataLoader worker \(pid \d+\) {re.escape(said)}", message or ""), message
+
+
+class _RaisingDataset(torch.utils.data.IterableDataset):
+    """One batch, then an error of the data code itself (not a DataError, which the loader sends as an item)."""
+
+    def __iter__(self):
+        yield torch.zeros(1)
+        raise RuntimeError("a bug in the data code")
+
+
+def test_a_workers_own_error_is_raised_at_once_not_taken_for_its_death(monkeypatch):
+    """torch re-raises an error of a worker's own code as "Caught RuntimeError in DataLoader worker
+    process 0": ended_worker took those words for a death and polled the worker processes for 2 s for an
+    exit that never came (measured: 2.02 s) before the error went on. Only torch's words for a death
+    ("DataLoader worker (pid(s) N) ...") now send it looking; the reference is that it never waits."""
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import worker_exits
+    from pretrain.data.loader import _naming_dead_workers
+
+    class NoWaiting:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds):
+            raise AssertionError(f"waited {seconds} s for a worker to end")
+
+    batches = _naming_dead_workers(iter(DataLoader(_RaisingDataset(), batch_size=None, num_workers=1)))
+    assert torch.equal(next(batches), torch.zeros(1))
+    monkeypatch.setattr(worker_exits, "time", NoWaiting)
+    with pytest.raises(RuntimeError, match="Caught RuntimeError in DataLoader worker process 0") as raised:
+        next(batches)
+    assert "a bug in the data code" in str(raised.value)
