@@ -312,9 +312,13 @@ def test_a_workers_own_error_is_raised_at_once_not_taken_for_its_death(monkeypat
         def sleep(seconds):
             raise AssertionError(f"waited {seconds} s for a worker to end")
 
-    batches = _naming_dead_workers(iter(DataLoader(_RaisingDataset(), batch_size=None, num_workers=1)))
-    assert torch.equal(next(batches), torch.zeros(1))
-    monkeypatch.setattr(worker_exits, "time", NoWaiting)
-    with pytest.raises(RuntimeError, match="Caught RuntimeError in DataLoader worker process 0") as raised:
-        next(batches)
-    assert "a bug in the data code" in str(raised.value)
+    loader = iter(DataLoader(_RaisingDataset(), batch_size=None, num_workers=1))
+    batches = _naming_dead_workers(loader)
+    try:
+        assert torch.equal(next(batches), torch.zeros(1))
+        monkeypatch.setattr(worker_exits, "time", NoWaiting)
+        with pytest.raises(RuntimeError, match="Caught RuntimeError in DataLoader worker process 0") as raised:
+            next(batches)
+        assert "a bug in the data code" in str(raised.value)
+    finally:
+        loader._shutdown_workers()  # not left to the collector: the next test's processes are its own
