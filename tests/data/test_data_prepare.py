@@ -650,6 +650,35 @@ def test_tokenizing_goes_by_characters_so_the_bar_moves_every_chunk(tokenizer, w
     assert [ids.tolist() for ids in [first, *tokens]] == tokenizer.encode_batch(docs)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_bar_moves_within_a_long_document(tmp_path, tokenizer, monkeypatch, workers):
+    """The bar of input read moved once a document was packed: a 60 MiB document held it still for its
+    whole tokenizing (~50 s). It now moves as each piece of a long document is encoded, by that piece's
+    share of the document's characters, up to the file's size (the reference: the bytes of the input)."""
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("".join(f"line {i} of one long document\n" for i in range(2000)))  # ~62,000 characters
+    monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 5000)
+    bars = {}
+
+    class Recorded(prepare_mod.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars[kwargs["desc"]] = self.positions = []
+
+        def update(self, n=1):
+            super().update(n)
+            self.positions.append(self.n)
+
+    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    prepare_mod.prepare_corpus(
+        [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0, workers=workers
+    )
+    moves = sorted(set(bars["read"]))
+    total = corpus.stat().st_size
+    assert bars["read"] == sorted(bars["read"]) and moves[-1] == total
+    assert len([m for m in moves if 0 < m < total]) >= 10  # 12 pieces of ~5,000 characters: a move each
+
+
 @pytest.fixture(scope="module")
 def english_tokenizer(tmp_path_factory) -> Tokenizer:
     """A BPE tokenizer (whitespace kept, as train_tokenizer makes them) of the Python documentation."""
