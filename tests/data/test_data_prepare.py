@@ -37,6 +37,23 @@ from tools import prepare_data as prepare_cli
 from tools import train_tokenizer as tokenizer_cli
 
 
+def recorded_bars(monkeypatch) -> dict[str, list[int]]:
+    """prepare's progress bars, each one's positions after every update, by their descriptions."""
+    bars: dict[str, list[int]] = {}
+
+    class Recorded(prepare_mod.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars[kwargs["desc"]] = self.positions = []
+
+        def update(self, n=1):
+            super().update(n)
+            self.positions.append(self.n)
+
+    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    return bars
+
+
 def shard_bytes(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -82,18 +99,7 @@ def test_preparation_shows_how_much_of_the_input_is_read(tmp_path, tokenizer, mo
     assert len(read) == len(docs) == 601 and read == sorted(read) and read[-1] == total
     assert read[299] <= (corpus / "a.jsonl").stat().st_size < read[300]  # the last of a.jsonl; the first of b
 
-    bars = {}
-
-    class Recorded(prepare_mod.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars[kwargs["desc"]] = self.positions = []
-
-        def update(self, n=1):
-            super().update(n)
-            self.positions.append(self.n)
-
-    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    bars = recorded_bars(monkeypatch)
     prepare_mod.prepare_corpus(
         [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0.1, workers=workers
     )
@@ -658,18 +664,7 @@ def test_the_bar_moves_within_a_long_document(tmp_path, tokenizer, monkeypatch, 
     corpus = tmp_path / "book.txt"
     corpus.write_text("".join(f"line {i} of one long document\n" for i in range(2000)))  # ~62,000 characters
     monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 5000)
-    bars = {}
-
-    class Recorded(prepare_mod.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars[kwargs["desc"]] = self.positions = []
-
-        def update(self, n=1):
-            super().update(n)
-            self.positions.append(self.n)
-
-    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    bars = recorded_bars(monkeypatch)
     prepare_mod.prepare_corpus(
         [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0, workers=workers
     )
