@@ -10,6 +10,7 @@ slot-frequency table are, the loss before and after, and validation loss / fact 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -34,7 +35,14 @@ def replace_refusal(run_dir: Path) -> str | None:
     )
 
 
-def summarise(result, run_dir: Path, max_steps: int) -> str:
+def continue_command(argv: list[str]) -> str:
+    """The command that continues a stopped demo: its own arguments (config, run folder, steps)
+    with --resume, less train.stop_after, which would stop the resumed run before its first step."""
+    kept = [arg for arg in argv if arg != "--resume" and not arg.startswith("train.stop_after=")]
+    return f'make demo ARGS="{shlex.join(["--resume", *kept])}"'
+
+
+def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
     head = result.losses[:10]
     tail = result.losses[-10:]
     if result.step >= max_steps:
@@ -44,7 +52,7 @@ def summarise(result, run_dir: Path, max_steps: int) -> str:
         lines = [
             "",
             f"=== demo stopped at step {result.step} of {max_steps} ({why}) ===",
-            'continue it with make demo ARGS="--resume" (a plain make demo starts afresh, deleting this run)',
+            f"continue it with {continue_command(argv)} (a plain make demo starts afresh, deleting this run)",
         ]
     if head and tail:
         lines.append(
@@ -67,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--resume", action="store_true", help="continue the previous demo run")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, ["train.run_dir=runs/demo", *args.overrides])
@@ -88,7 +97,10 @@ def main(argv=None) -> int:
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
-    print(summarise(result, run_dir, cfg.train.max_steps))
+    except ConfigError as err:  # found at start-up: a resume refused (another schedule or model, ...)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summarise(result, run_dir, cfg.train.max_steps, argv))
     return 0
 
 

@@ -17,6 +17,8 @@ extended (a larger train.max_steps on resume) without changing any step already 
 
 `check_resumed_schedule` is that rule: a resume whose schedule gives any step already taken
 another learning rate is refused, unless optim.allow_schedule_change says it is deliberate.
+Its messages number steps as the training log, the checkpoints and train.stop_after do: the
+optimizer step `step` is step `step + 1` there (`logged_step`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ def learning_rates(step: int, cfg: RunConfig) -> tuple[float, float]:
     return cfg.optim.lr * multiplier, cfg.optim.value_lr * value_lr_multiplier(cfg.optim, multiplier)
 
 
+def logged_step(step: int) -> int:
+    """The number the training log gives the 0-based optimizer step `step` (its count after it)."""
+    return step + 1
+
+
 def first_difference(old: RunConfig, new: RunConfig, steps_taken: int) -> int | None:
     """The first of the steps 0..steps_taken-1 whose learning rates differ between the two
     configs (relative 1e-9), or None when they agree on all of them."""
@@ -99,18 +106,20 @@ def check_resumed_schedule(old: RunConfig, new: RunConfig, steps_taken: int, whe
     step = first_difference(old, new, steps_taken)
     if step is None:
         start = decay_start(new.optim, new.train.max_steps)
-        begins = "no decay" if start is None else f"its decay begins at step {start}"
+        begins = "no decay" if start is None else f"its decay begins at step {logged_step(start)}"
         return f"schedule changed ({listed}); it agrees with the {steps_taken} steps taken, {begins}"
     (old_dense, old_value), (new_dense, new_value) = learning_rates(step, old), learning_rates(step, new)
     dense_changed = not math.isclose(old_dense, new_dense, rel_tol=1e-9, abs_tol=0.0)
     which, old_lr, new_lr = ("lr", old_dense, new_dense) if dense_changed else ("value lr", old_value, new_value)
-    difference = f"step {step} took {which} {old_lr:.8g} under the config of {where}, {new_lr:.8g} under this one"
+    difference = (
+        f"step {logged_step(step)} took {which} {old_lr:.8g} under the config of {where}, {new_lr:.8g} under this one"
+    )
     if new.optim.allow_schedule_change:
         return f"schedule changed ({listed}) on purpose (optim.allow_schedule_change): {difference}"
     old_start = decay_start(old.optim, old.train.max_steps)
     hint = ""
     if dense_changed and old_start is not None and old_start < steps_taken:  # a decay moved, not value_lr
-        hint = f"; a run extends without such a change only before its decay begins (step {old_start} here)"
+        hint = f"; a run extends without such a change only until its decay begins (step {logged_step(old_start)} here)"
         if old.optim.decay_fraction >= 1.0:
             hint += ": train with optim.decay_fraction<1 (warmup-stable-decay) to keep that possible"
     raise ConfigError(

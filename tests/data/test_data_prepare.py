@@ -722,13 +722,27 @@ def test_a_document_is_encoded_whole_where_a_cut_may_change_its_ids(tmp_path, mo
     """Cuts are made for BPE tokenizers that keep newlines as pieces (Tokenizer.cuts_at_newlines). The
     embedded fact world's tokenizer turns a newline and the spaces beside it into one space; a unigram
     tokenizer's choice between equal-scoring segmentations follows the float rounding of the text before
-    (sentencepiece's running path score): a document is encoded whole by either."""
-    lines = ["the cat sat", "    on the mat", "", "and the dog ran"] * 50
+    (sentencepiece's running path score); a BPE tokenizer given with --tokenizer that keeps newlines but
+    has sentencepiece's default remove_extra_whitespaces drops the spaces at a piece's end and merges
+    those beside a newline into one (it was cut: "mat  " + "\n  and" encoded as "mat" + "\n and"): a
+    document is encoded whole by each."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = ["the cat sat", "    on the mat  ", "", "and the dog ran"] * 50
     collapsing = train_tokenizer(lines, tmp_path / "c.model", vocab_size=300, keep_whitespace=False)
     unigram = train_tokenizer(lines, tmp_path / "u.model", vocab_size=300, model_type="unigram")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=300, model_type="bpe", byte_fallback=True,
+        hard_vocab_limit=False, normalization_rule_name="identity", user_defined_symbols=["\n"], minloglevel=2,
+    )  # fmt: skip
+    (tmp_path / "r.model").write_bytes(model.getvalue())
+    removing = Tokenizer(tmp_path / "r.model")
     monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 10)
     text = "\n".join(lines)
-    for tok in (collapsing, unigram):
+    for tok in (collapsing, unigram, removing):
         assert not tok.cuts_at_newlines and tok.cut_document(text) == [text]
         assert next(prepare_mod.tokenize_documents([text], tok)).tolist() == tok.encode(text)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from pretrain import demo
@@ -46,9 +47,27 @@ def test_a_demo_stopped_early_says_so_and_how_to_continue(tmp_path, data_cache, 
     out = capsys.readouterr().out
     assert "demo finished" not in out
     assert "=== demo stopped at step 2 of 6 (by train.stop_after) ===" in out
-    assert 'make demo ARGS="--resume"' in out
-    assert demo.main([*args, "train.max_steps=6", "--resume"]) == 0
+    printed = out.split('continue it with make demo ARGS="')[1].split('"')[0]
+    assert printed.startswith("--resume ") and f"train.run_dir={run_dir}" in printed
+    assert demo.main(shlex.split(printed)) == 0  # the printed command, verbatim
     assert "=== demo finished ===" in capsys.readouterr().out
+
+
+def test_the_printed_continue_command_keeps_the_runs_arguments(tmp_path, data_cache, capsys):
+    """It printed make demo ARGS="--resume" whatever the run: for one started with
+    train.run_dir=runs/demo2 train.max_steps=60 that resumed runs/demo instead, and for
+    train.max_steps=60 alone it asked for the default 1000 steps, a schedule change the resume
+    refused with a traceback (as it refuses another optim.lr). The run's own arguments are kept, less train.stop_after (which would
+    stop the resumed run at once), and a refused resume is an error line, not a traceback."""
+    run_dir = tmp_path / "elsewhere"
+    args = ["--config", "configs/tiny.yaml", *TINY, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"]
+    command = demo.continue_command([*args, "train.max_steps=6", "train.stop_after=2"])
+    assert shlex.split(command.split('ARGS="')[1].rstrip('"')) == ["--resume", *args, "train.max_steps=6"]
+    assert demo.main([*args, "train.max_steps=6", "train.stop_after=2"]) == 0
+    capsys.readouterr()
+    assert demo.main([*args, "train.max_steps=6", "optim.lr=0.01", "--resume"]) == 2  # another schedule
+    err = capsys.readouterr().err
+    assert err.startswith("error: resuming at step 2 with another learning-rate schedule") and "Traceback" not in err
 
 
 def test_demo_reports_config_errors(capsys):

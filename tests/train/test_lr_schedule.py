@@ -80,23 +80,44 @@ def test_extending_a_wsd_run_before_its_decay_keeps_every_step_taken():
     longer = schedule("train.max_steps=3000", "optim.decay_fraction=0.1")
     assert first_difference(old, longer, 800) is None
     note = check_resumed_schedule(old, longer, 800, "step_00000800")
-    assert "train.max_steps 1000 -> 3000" in note and "its decay begins at step 2700" in note
-    assert first_difference(old, longer, 802) == 801  # step 800 is still at the peak in both
+    assert "train.max_steps 1000 -> 3000" in note and "its decay begins at step 2701" in note
+    assert first_difference(old, longer, 802) == 801  # step 800 (0-based) is still at the peak in both
     with pytest.raises(ConfigError) as err:
         check_resumed_schedule(old, longer, 900, "step_00000900")
     message = str(err.value)
-    assert "resuming at step 900" in message and "step 801 took lr" in message
-    assert "optim.allow_schedule_change=true" in message and "before its decay begins (step 800 here)" in message
+    assert "resuming at step 900" in message and "step 802 took lr" in message
+    assert "optim.allow_schedule_change=true" in message and "until its decay begins (step 801 here)" in message
     assert check_resumed_schedule(old, old, 900, "step_00000900") is None
 
 
 def test_extending_a_cosine_run_is_refused_unless_deliberate():
     old, longer = schedule("train.max_steps=1000"), schedule("train.max_steps=2000")
-    with pytest.raises(ConfigError, match=r"step 11 took lr .*optim.decay_fraction<1 \(warmup-stable-decay\)"):
+    with pytest.raises(ConfigError, match=r"step 12 took lr .*optim.decay_fraction<1 \(warmup-stable-decay\)"):
         check_resumed_schedule(old, longer, 500, "step_00000500")
     lower = schedule("train.max_steps=1000", "optim.lr=1e-3", "optim.allow_schedule_change=true")
     note = check_resumed_schedule(old, lower, 500, "step_00000500")
-    assert "on purpose" in note and "optim.lr 0.003 -> 0.001" in note and "step 0 took lr" in note
+    assert "on purpose" in note and "optim.lr 0.003 -> 0.001" in note and "step 1 took lr" in note
+
+
+def test_messages_number_steps_as_the_training_log_does():
+    """The log, the checkpoints and "resuming at step N" count steps from 1: the step named as
+    having taken another rate is one of the N steps taken, numbered as the log numbered it (the
+    log's step 1 ran at optim.lr / warmup_steps), and a run extends from every checkpoint up to
+    the decay's first step, whose rate is still the peak. Until 2026-12-07 the messages counted
+    from 0 ("resuming at step 1 ...: step 0 took lr 0.00015")."""
+    old = schedule("train.max_steps=100", "optim.warmup_steps=20", "optim.lr=3e-3")
+    lower = schedule("train.max_steps=100", "optim.warmup_steps=20", "optim.lr=1e-3")
+    with pytest.raises(ConfigError) as err:
+        check_resumed_schedule(old, lower, 1, "step_00000001")
+    assert "resuming at step 1 " in str(err.value) and f"step 1 took lr {3e-3 / 20:.8g}" in str(err.value)
+
+    wsd = schedule("train.max_steps=1000", "optim.decay_fraction=0.2")  # steps 801-1000 decay, 801 at the peak
+    longer = schedule("train.max_steps=3000", "optim.decay_fraction=0.1")
+    assert learning_rates(800, wsd)[0] == 3e-3 and learning_rates(801, wsd)[0] < 3e-3  # 0-based: logged 801, 802
+    assert "it agrees with the 801 steps taken" in check_resumed_schedule(wsd, longer, 801, "step_00000801")
+    with pytest.raises(ConfigError) as err:
+        check_resumed_schedule(wsd, longer, 802, "step_00000802")
+    assert "step 802 took lr" in str(err.value) and "until its decay begins (step 801 here)" in str(err.value)
 
 
 def test_a_changed_value_rate_is_named_with_its_own_rates():
@@ -108,7 +129,7 @@ def test_a_changed_value_rate_is_named_with_its_own_rates():
     message = str(err.value)
     (old_dense, old_value), (new_dense, new_value) = learning_rates(0, old), learning_rates(0, new)
     assert old_dense == new_dense and new_value == old_value / 2
-    assert f"step 0 took value lr {old_value:.8g} under the config of step_00000050, {new_value:.8g}" in message
+    assert f"step 1 took value lr {old_value:.8g} under the config of step_00000050, {new_value:.8g}" in message
     assert "optim.value_lr 0.001 -> 0.0005" in message and "decay_fraction" not in message
 
 
@@ -142,7 +163,7 @@ def test_a_resumed_run_extended_before_its_decay_equals_the_longer_run(tmp_path,
     assert all(bool((a[key] == b[key]).all()) for key in a), "weights differ"
     assert "schedule changed (train.max_steps 8 -> 12); it agrees with the 4 steps taken" in capsys.readouterr().out
 
-    half = ("optim.decay_fraction=0.5", "optim.decay_shape=linear")  # 8 steps: the decay begins at step 4
+    half = ("optim.decay_fraction=0.5", "optim.decay_shape=linear")  # 8 steps: the decay begins at step 5 (0-based 4)
     train(tiny_config(tmp_path / "c", data_cache, *half, "train.max_steps=8", "train.stop_after=6"))
     with pytest.raises(ConfigError, match="resuming at step 6 with another learning-rate schedule"):
         train(tiny_config(tmp_path / "c", data_cache, *half, "train.max_steps=12"))
