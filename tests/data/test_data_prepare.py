@@ -455,7 +455,8 @@ def test_a_prepared_dataset_named_as_the_corpus_is_refused_naming_its_corpus(tmp
 
 def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     """prepare_data resolves --input in several passes (output checks, the first-document probe, the
-    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
+    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice. It
+    printed as Python formats a warning, the module's path and line first and the line of code after."""
     import shutil
     import subprocess
     import sys
@@ -469,6 +470,12 @@ def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     done = subprocess.run([sys.executable, str(tool), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
+    # printed as a message, not as Python's "<path>:<line>: UserWarning: ..." and the line of code after it
+    said = [line for line in done.stderr.splitlines() if "not text" in line]
+    assert said == [
+        "warning: --input corpus: skipped 1 file(s) that are not text (tokenizer.model; a tokenizer.model beside the corpus, say)"
+    ]
+    assert "UserWarning" not in done.stderr and "corpus.py" not in done.stderr
 
 
 def test_a_compressed_binary_file_in_a_folder_is_skipped_like_an_uncompressed_one(tmp_path):
