@@ -691,7 +691,7 @@ def english_tokenizer(tmp_path_factory) -> Tokenizer:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_long_document_is_encoded_in_pieces_to_the_ids_of_the_whole(english_tokenizer, monkeypatch, workers):
-    """sentencepiece took ~50 bytes a character to encode a document (a 60 MiB one: 3.1 GB resident, per
+    """sentencepiece took ~40 bytes a character to encode a document (a 60 MiB one: 3.1 GB resident, per
     tokenizing process). A document over PIECE_CHARS is now encoded in pieces cut before a newline; the
     reference is sentencepiece's encoding of the whole document. The cuts fall here (PIECE_CHARS lowered to
     500) beside runs of newlines, a document's first newline, a line longer than a piece, indented code and
