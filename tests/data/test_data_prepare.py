@@ -37,6 +37,23 @@ from tools import prepare_data as prepare_cli
 from tools import train_tokenizer as tokenizer_cli
 
 
+def recorded_bars(monkeypatch) -> dict[str, list[int]]:
+    """prepare's progress bars, each one's positions after every update, by their descriptions."""
+    bars: dict[str, list[int]] = {}
+
+    class Recorded(prepare_mod.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars[kwargs["desc"]] = self.positions = []
+
+        def update(self, n=1):
+            super().update(n)
+            self.positions.append(self.n)
+
+    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    return bars
+
+
 def shard_bytes(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -82,18 +99,7 @@ def test_preparation_shows_how_much_of_the_input_is_read(tmp_path, tokenizer, mo
     assert len(read) == len(docs) == 601 and read == sorted(read) and read[-1] == total
     assert read[299] <= (corpus / "a.jsonl").stat().st_size < read[300]  # the last of a.jsonl; the first of b
 
-    bars = {}
-
-    class Recorded(prepare_mod.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars[kwargs["desc"]] = self.positions = []
-
-        def update(self, n=1):
-            super().update(n)
-            self.positions.append(self.n)
-
-    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    bars = recorded_bars(monkeypatch)
     prepare_mod.prepare_corpus(
         [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0.1, workers=workers
     )
@@ -449,7 +455,8 @@ def test_a_prepared_dataset_named_as_the_corpus_is_refused_naming_its_corpus(tmp
 
 def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     """prepare_data resolves --input in several passes (output checks, the first-document probe, the
-    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
+    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice. It
+    printed as Python formats a warning, the module's path and line first and the line of code after."""
     import shutil
     import subprocess
     import sys
@@ -463,6 +470,12 @@ def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     done = subprocess.run([sys.executable, str(tool), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
+    # printed as a message, not as Python's "<path>:<line>: UserWarning: ..." and the line of code after it
+    said = [line for line in done.stderr.splitlines() if "not text" in line]
+    assert said == [
+        "warning: --input corpus: skipped 1 file(s) that are not text (tokenizer.model; a tokenizer.model beside the corpus, say)"
+    ]
+    assert "UserWarning" not in done.stderr and "corpus.py" not in done.stderr
 
 
 def test_a_compressed_binary_file_in_a_folder_is_skipped_like_an_uncompressed_one(tmp_path):
@@ -650,6 +663,24 @@ def test_tokenizing_goes_by_characters_so_the_bar_moves_every_chunk(tokenizer, w
     assert [ids.tolist() for ids in [first, *tokens]] == tokenizer.encode_batch(docs)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_bar_moves_within_a_long_document(tmp_path, tokenizer, monkeypatch, workers):
+    """The bar of input read moved once a document was packed: a 60 MiB document held it still for its
+    whole tokenizing (~50 s). It now moves as each piece of a long document is encoded, by that piece's
+    share of the document's characters, up to the file's size (the reference: the bytes of the input)."""
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("".join(f"line {i} of one long document\n" for i in range(2000)))  # ~62,000 characters
+    monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 5000)
+    bars = recorded_bars(monkeypatch)
+    prepare_mod.prepare_corpus(
+        [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0, workers=workers
+    )
+    moves = sorted(set(bars["read"]))
+    total = corpus.stat().st_size
+    assert bars["read"] == sorted(bars["read"]) and moves[-1] == total
+    assert len([m for m in moves if 0 < m < total]) >= 10  # 12 pieces of ~5,000 characters: a move each
+
+
 @pytest.fixture(scope="module")
 def english_tokenizer(tmp_path_factory) -> Tokenizer:
     """A BPE tokenizer (whitespace kept, as train_tokenizer makes them) of the Python documentation."""
@@ -660,7 +691,7 @@ def english_tokenizer(tmp_path_factory) -> Tokenizer:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_long_document_is_encoded_in_pieces_to_the_ids_of_the_whole(english_tokenizer, monkeypatch, workers):
-    """sentencepiece took ~50 bytes a character to encode a document (a 60 MiB one: 3.1 GB resident, per
+    """sentencepiece took ~40 bytes a character to encode a document (a 60 MiB one: 3.1 GB resident, per
     tokenizing process). A document over PIECE_CHARS is now encoded in pieces cut before a newline; the
     reference is sentencepiece's encoding of the whole document. The cuts fall here (PIECE_CHARS lowered to
     500) beside runs of newlines, a document's first newline, a line longer than a piece, indented code and
