@@ -69,7 +69,7 @@ def _chunks(
             done += len(piece)
             texts.append(piece)
             continued.append(i > 0)
-            shares.append(done / len(doc))
+            shares.append(done / len(doc) if doc else 1.0)  # "" (the API allows one): a whole document
             chars += len(piece)
             if len(texts) == max_pieces or chars >= max_chars:
                 yield texts, continued, shares
