@@ -150,6 +150,9 @@ class TrainConfig:
     # run_dir/hangs/ and the job ends; rank 0 requeues it once per checkpoint. 0 turns it off.
     hang_timeout_s: float = 600.0
     startup_timeout_s: float = 1800.0  # start-up, resume (a universal conversion), compilation
+    # how long the ranks wait for each other at the start (pretrain/distributed.py); above the time
+    # a job's nodes take to start, which can be a minute or more apart
+    rendezvous_timeout_s: float = 600.0
     requeue_on_hang: bool = True
 
 
@@ -546,6 +549,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns hang detection off) and "
             f"train.startup_timeout_s={t.startup_timeout_s} > 0 (seconds)"
+        )
+    if not (math.isfinite(t.rendezvous_timeout_s) and t.rendezvous_timeout_s > 0):
+        raise ConfigError(
+            f"train.rendezvous_timeout_s={t.rendezvous_timeout_s} must be > 0 (seconds the ranks wait for each "
+            "other at the start; default 600)"
         )
     if t.peak_flops is not None and not (math.isfinite(t.peak_flops) and t.peak_flops > 0):
         raise ConfigError(

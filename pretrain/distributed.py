@@ -73,11 +73,72 @@ def launched_world_size() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-# How long rank 0 waits for every rank to arrive (DeepSpeed's default, which the trainer used
-# before collectives got their own timeout): a rank stuck before it reaches the trainer
-# (importing torch from a hung filesystem) fails the start after this, not after the longer
-# collective timeout.
+# How long the ranks wait for each other at the rendezvous by default (DeepSpeed's default, which
+# the trainer used before collectives got their own timeout; train.rendezvous_timeout_s sets it): a
+# rank stuck before it reaches the trainer (importing torch from a hung filesystem) fails the start
+# after this, not after the longer collective timeout. Nodes of a multi-node job may start a minute
+# or more apart.
 RENDEZVOUS_TIMEOUT_S = 600.0
+_ARRIVED = "memlayers/arrived/"  # a rank's key in the rendezvous store: its host
+_SERVER_GRACE_S = 10.0  # how much longer rank 0, whose process serves the store, waits than the others
+
+
+class RendezvousTimeout(RuntimeError):
+    """Some rank never reached the rendezvous: the message names the ranks missing and the fix."""
+
+
+def _rendezvous_store(rank: int, world_size: int, timeout_s: float):
+    """The TCPStore every rank meets at (rank 0 serves it); a rank that cannot reach rank 0's
+    within `timeout_s` is refused, naming the address and what to look at."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        return dist.TCPStore(
+            addr, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+    except (RuntimeError, OSError) as err:  # DistNetworkError / DistStoreError: rank 0 is not listening there
+        if rank == 0:
+            raise
+        raise RendezvousTimeout(
+            f"rank {rank} on {socket.gethostname()} could not reach the rendezvous at {addr}:{port} (rank 0's) "
+            f"within {timeout_s:.0f} s (train.rendezvous_timeout_s): rank 0 never started or failed before it "
+            "(look at its output first), or listens elsewhere (MASTER_ADDR, MASTER_PORT)"
+        ) from err
+
+
+def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> None:
+    """Announce this rank in `store` and wait up to `timeout_s` for every other rank to; at the
+    timeout raise RendezvousTimeout on each rank that came, naming the ranks missing (torch's own
+    store said only 'Timed out after 601 seconds waiting for clients. 1/2 clients joined')."""
+    store.set(f"{_ARRIVED}{rank}", socket.gethostname())
+    keys = [f"{_ARRIVED}{r}" for r in range(world_size)]
+    try:
+        # rank 0 serves the store: it gives up last, so that the others can still read who came
+        store.wait(keys, timedelta(seconds=timeout_s + (_SERVER_GRACE_S if rank == 0 else 0)))
+        return
+    except RuntimeError:  # DistStoreError: the wait timed out
+        pass
+    waited = f"rank {rank} waited {timeout_s + (_SERVER_GRACE_S if rank == 0 else 0):.0f} s at the rendezvous"
+    fix = (
+        "a rank that never starts failed before the trainer (an import error, a missing environment, its "
+        f"node: look at that task's output). To give up sooner than train.rendezvous_timeout_s={timeout_s:g}, "
+        "lower it, keeping it above the time the job's nodes take to start, which can be a minute or more apart"
+    )
+    try:
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        hosts = sorted({store.get(key).decode() for r, key in enumerate(keys) if r not in missing})
+    except RuntimeError:  # rank 0 gave up first and its store is gone: its message names them
+        raise RendezvousTimeout(
+            f"{waited} for the other ranks, and rank 0 gave up too (its output names the ranks missing): {fix}"
+        ) from None
+    raise RendezvousTimeout(
+        f"{waited} for {_ranks(missing)} of {world_size}, which never arrived ({world_size - len(missing)} did, "
+        f"on {', '.join(hosts)}): {fix}"
+    )
+
+
+def _ranks(ranks: list[int]) -> str:
+    shown = ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
+    return f"rank {shown}" if len(ranks) == 1 else f"ranks {shown}"
 
 
 _pointed_local_rank: tuple[str, int] | None = None  # (LOCAL_RANK as init_distributed set it, as launched)
@@ -111,12 +172,13 @@ def cuda_device_index(local_rank: int, device_count: int) -> int:
     )
 
 
-def init_distributed(timeout_s: float | None = None) -> DistInfo:
+def init_distributed(timeout_s: float | None = None, rendezvous_timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed (NCCL on GPUs, gloo on CPU) and DeepSpeed's communication on it.
 
     `timeout_s`: how long a collective may wait before it fails (DeepSpeed's default, 600 s,
-    when None); the rendezvous waits RENDEZVOUS_TIMEOUT_S either way. Ignored when a process
-    group exists already."""
+    when None); with it, the ranks wait `rendezvous_timeout_s` (RENDEZVOUS_TIMEOUT_S when None)
+    for each other at the start, then a RendezvousTimeout names the ranks missing. Ignored when a
+    process group exists already."""
     global _pointed_local_rank
     import deepspeed
 
@@ -138,13 +200,9 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     if not dist.is_initialized():
         if timeout_s is not None:
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            store = dist.TCPStore(
-                os.environ["MASTER_ADDR"],
-                int(os.environ["MASTER_PORT"]),
-                world_size,
-                is_master=rank == 0,
-                timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
-            )
+            rendezvous_s = RENDEZVOUS_TIMEOUT_S if rendezvous_timeout_s is None else rendezvous_timeout_s
+            store = _rendezvous_store(rank, world_size, rendezvous_s)
+            wait_for_every_rank(store, rank, world_size, rendezvous_s)
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
             )

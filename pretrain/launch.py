@@ -534,6 +534,7 @@ RESUME_MAY_CHANGE = (
     "data.shuffle_buffer",
     "train.hang_timeout_s",
     "train.startup_timeout_s",
+    "train.rendezvous_timeout_s",
     "train.requeue_on_hang",
     *SCHEDULE_KEYS,
     "optim.allow_schedule_change",

@@ -17,8 +17,8 @@ from torch.profiler import record_function
 
 from pretrain import profiler_regions as regions
 from pretrain.config import OptimConfig
+from pretrain.dense_optimizer import set_learning_rate, squared_norm
 from pretrain.lr_schedule import value_lr_multiplier
-from pretrain.optim import set_learning_rate, squared_norm
 
 
 @dataclass

@@ -41,8 +41,10 @@ from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, 
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.loader import IGNORE_INDEX, LOADER_FAILURES, loader_failure  # noqa: E402
 from pretrain.data.sources import resolve_eval_sources  # noqa: E402
+from pretrain.dense_optimizer import build_dense_optimizer  # noqa: E402
 from pretrain.distributed import (  # noqa: E402
     DistInfo,
+    RendezvousTimeout,
     gather_floats,
     global_sum,
     init_distributed,
@@ -58,7 +60,6 @@ from pretrain.lr_schedule import lr_multiplier  # noqa: E402
 from pretrain.metrics import MetricsLogger, run_peak_flops  # noqa: E402
 from pretrain.model import Objective, Transformer, flops_per_token, training_objective  # noqa: E402
 from pretrain.model import names as model_names  # noqa: E402
-from pretrain.optim import build_dense_optimizer  # noqa: E402
 from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
@@ -255,7 +256,7 @@ def train(
     lock = None  # of the run directory: rank 0 takes it before its first write there (pretrain/run_lock.py)
     try:
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
-        info = init_distributed(process_group_timeout(validate(cfg).train))
+        info = init_distributed(process_group_timeout(validate(cfg).train), cfg.train.rendezvous_timeout_s)
         memory = IntervalPeak(info.device)
         memory.reset("this run started")
         lock = RunDirLock(cfg.train.run_dir, info.is_main)
@@ -825,27 +826,29 @@ def build_model(
 ) -> tuple[Transformer, Any, Optimizers]:
     """The model, its DeepSpeed engine and the optimizers of its dense part and value shards.
 
-    Built on the meta device so that no rank ever holds the full value pool: the value
-    tables are replaced by this rank's column shards, then the dense part is materialised.
-    Same seed on every rank: identical dense weights, nothing broadcast."""
+    Built on the meta device so that no rank ever holds the full value pool
+    (`build_sharded_model`), with train.seed on every rank."""
     import deepspeed
 
-    from pretrain.parallel import MemoryParallel, init_memory_groups
+    from pretrain.parallel import init_memory_groups
     from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
     from pretrain.parallel.compile import apply_compile
+    from pretrain.parallel.memory_parallel import build_sharded_model
 
-    t, device = cfg.train, info.device
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
+    t = cfg.train
     groups = init_memory_groups(cfg.model.memory.parallel_size)
     # value table i draws from its own generator, seeded train.seed * VALUE_SEED_STRIDE + i:
     # another train.seed gives other values (as it gives other dense weights), seed 0 gives i
-    values = MemoryParallel(
-        model, groups, cfg.optim, kernel=cfg.model.memory.kernel, device=device, seed=t.seed * VALUE_SEED_STRIDE
+    model, values = build_sharded_model(
+        cfg.model,
+        groups,
+        cfg.optim,
+        kernel=cfg.model.memory.kernel,
+        device=info.device,
+        seed=t.seed,
+        value_seed=t.seed * VALUE_SEED_STRIDE,
+        reseed=seed_everything,
     )
-    model.to_empty(device=device)
-    seed_everything(t.seed)
-    model.reset_parameters()
     if init is not None:
         load_initial_weights(model, values.tables, init)
     if t.compile:
@@ -871,7 +874,7 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
     is raised on every one, naming the rank and its host (the process group is made for it, with
     the timeout `train` would give it). The config's checks read files a node may hold alone (its
     copy of data.dir): refused on one node, the others waited at the rendezvous for its ranks,
-    RENDEZVOUS_TIMEOUT_S (600 s), where no launcher ended them (torchrun; srun's
+    train.rendezvous_timeout_s (600 s), where no launcher ended them (torchrun; srun's
     --kill-on-bad-exit does)."""
     cfg, refusal = None, None
     try:
@@ -884,7 +887,8 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
                 raise refusal
             return cfg
         clear_stale_build_locks()  # as train() does before the process group: a killed op build would hang it
-        init_distributed(process_group_timeout((cfg or RunConfig()).train))  # the defaults' where refused
+        run = (cfg or RunConfig()).train  # the defaults' where refused
+        init_distributed(process_group_timeout(run), run.rendezvous_timeout_s)
     except Exception as err:
         if refusal is not None and err is not refusal:
             raise refusal from None  # this rank's own reason first (a launcher's environment may be wrong too)
@@ -895,7 +899,7 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
 
 # What main() reports as "error: <message>", exit status 2, not a traceback: refusals that name their
 # fix. Tools that run the trainer (tools/profile.py) report the same ones.
-REFUSALS = (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory)
+REFUSALS = (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory, RendezvousTimeout)
 
 
 def main(argv=None, stop: StopSignal | None = None) -> int:

@@ -16,7 +16,8 @@ SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "pretrain", "ke
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> zipfile.ZipFile:
+def wheel_build(tmp_path_factory) -> tuple[zipfile.ZipFile, str]:
+    """The wheel built from a copy of the sources, and what the build printed."""
     pytest.importorskip("setuptools", minversion="77")
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
     # A copy: a build inside the checkout would leave build/, whose stale files later builds pick up.
@@ -46,7 +47,23 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = out.glob("memlayers-*.whl")
-    return zipfile.ZipFile(path)
+    return zipfile.ZipFile(path), result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(wheel_build) -> zipfile.ZipFile:
+    return wheel_build[0]
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_cpu_op_sources_and_the_build_warns_of_nothing(wheel_build):
+    # kernels/csrc holds C++ sources, no __init__.py: listed only as package data, setuptools
+    # printed a 30-line "Package 'kernels.csrc' is absent from the `packages` configuration"
+    # warning into every fresh `make demo`/`make test` install.
+    wheel, log = wheel_build
+    sources = {f"kernels/csrc/{p.name}" for p in (REPO_ROOT / "kernels" / "csrc").glob("*.cpp")}
+    assert sources and sources <= set(wheel.namelist())
+    assert "absent from the `packages` configuration" not in log, log[-3000:]
 
 
 @pytest.mark.slow

@@ -423,8 +423,8 @@ def bench_launch_configs(args, device) -> dict:
 
 
 def bench_layer(args, device) -> list[dict]:
-    """--layer: pretrain.model.layer_bench on this config, rows printed as they are measured."""
-    from pretrain.model.layer_bench import bench_layer as run
+    """--layer: pretrain.bench.layer on this config, rows printed as they are measured."""
+    from pretrain.bench.layer import bench_layer as run
 
     try:
         return run(

@@ -16,14 +16,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.benchmark import write_results  # noqa: E402
-from pretrain.cli import output_file, positive_int  # noqa: E402
-from pretrain.parallel.bench import (  # noqa: E402
+from pretrain.bench.parallel import (  # noqa: E402
     BenchSpec,
     check_configs,
     format_report,
     relative_step_times,
     run_bench,
 )
+from pretrain.cli import output_file, positive_int  # noqa: E402
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:

@@ -23,9 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import image_file, int_at_least, positive_int
-from pretrain.files import atomic_write, save_figure
-from pretrain.parallel.value_bench import (
+from pretrain.bench.values import (
     PKM_INSTALL,
     SPARSE_VARIANTS,
     VARIANTS,
@@ -36,6 +34,8 @@ from pretrain.parallel.value_bench import (
     pool_bytes,
     step_sweep,
 )
+from pretrain.cli import image_file, int_at_least, positive_int
+from pretrain.files import atomic_write, save_figure
 
 MIB = 2**20
 

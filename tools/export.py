@@ -17,15 +17,11 @@ if __package__ in (None, ""):
 def write_failure(err: OSError, out_dir: Path) -> str:
     """What an export that the filesystem refused says: the reason, the space left, the fix."""
     import errno
-    import shutil
 
-    where = out_dir.resolve()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    try:
-        free = f"; {shutil.disk_usage(where).free / 2**20:.0f} MiB free there"
-    except OSError:
-        free = ""
+    from pretrain.refused_writes import free_bytes, mib
+
+    free = free_bytes(out_dir)
+    free = f"; {mib(free)} free there" if free is not None else ""
     reason = f"{err.strerror or err}{f' ({err.filename})' if err.filename else ''}{free}"
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space (the export needs about the size of its model.safetensors), or give another out_dir"

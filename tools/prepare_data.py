@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import fraction, non_negative_number, output_folder, positive_int  # noqa: E402
+from pretrain.cli import fraction, non_negative_number, output_folder, plain_warnings, positive_int  # noqa: E402
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
 from pretrain.data.corpus import FORMATS  # noqa: E402
 
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
     parsed: dict = {}
     try:
-        return _main(argv, parsed)
+        with plain_warnings():
+            return _main(argv, parsed)
     except _Stopped as stopped:
         print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
         return stopped.code

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import fraction, output_file, positive_int  # noqa: E402
+from pretrain.cli import fraction, output_file, plain_warnings, positive_int  # noqa: E402
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
 from pretrain.data.corpus import FORMATS, check_record_files, resolve_files  # noqa: E402
 
@@ -49,6 +49,11 @@ def main(argv=None) -> int:
         "--threads", type=positive_int, default=1, help="more is faster but may not be bit-reproducible (N >= 1)"
     )
     args = ap.parse_args(argv)
+    with plain_warnings():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         files = resolve_files(args.input, fmt=args.format)
         check_record_files(files, args.format, args.text_field)

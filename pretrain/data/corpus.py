@@ -219,10 +219,21 @@ def _read_twice(path: Path, first: Path, first_arg: str, arg: str, option: str) 
 def _warn_of_mixed_formats(found: list[Path], arg, option: str, root: Path) -> None:
     """A folder of record files (JSONL, Parquet) that also holds plain-text files: as a Hugging Face
     dataset downloaded with --local-dir keeps its card, README.md, beside data/*.parquet. Each text file
-    is read as one more document (the card's YAML and prose among the training text): said once."""
+    is read as one more document (the card's YAML and prose among the training text): said once. A folder
+    of text files with a few record files among them (/usr/share/doc: 4,128 and 66, nodejs/api/*.json.gz)
+    is rather documents, of which those few are read as records: said so, with --format text."""
     kinds = {f: _format_of(f, "auto") for f in found}
     text = [f for f, kind in kinds.items() if kind == "text"]
-    if text and len(text) < len(found):
+    records = [f for f, kind in kinds.items() if kind != "text"]
+    if records and len(records) < len(text):
+        names = ", ".join(str(f.relative_to(root)) for f in records[:4]) + (" ..." if len(records) > 4 else "")
+        warnings.warn(
+            f"{option} {arg}: besides its {len(text)} plain-text files it holds {len(records)} JSONL/Parquet "
+            f"file(s) ({names}), read as records (a document per line or row, from the field --text-field); if "
+            "they are documents like the others, pass --format text to read every file whole",
+            stacklevel=2,  # one place (resolve_files): shown once however many passes resolve the inputs
+        )
+    elif text and records:
         names = ", ".join(str(f.relative_to(root)) for f in text[:4]) + (" ..." if len(text) > 4 else "")
         record = next(f for f in found if kinds[f] != "text")
         suffix = "".join(record.suffixes[-2:]) if record.suffix in COMPRESSED else record.suffix
@@ -566,7 +577,8 @@ def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
         what, jq = "a JSON object written over several lines", f"jq -c . {path} > {stem}.jsonl"
     return (
         f"{path}:{lineno}: the file is {what}, not JSON Lines (one document per line, each a JSON object "
-        f"with the field holding its text): convert it, e.g. {jq}"
+        f"with the field holding its text): convert it, e.g. {jq}; or, if each file is one document (a "
+        "folder of documentation), pass --format text"
     )
 
 

@@ -50,6 +50,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data.errors import DataError
 from pretrain.data.shards import CorruptShardError, read_blocks, read_manifest, row_doc_ids
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.data.worker_exits import (
+    OUT_OF_MEMORY_HINT,
+    SHARED_MEMORY_HINT,
+    WorkerEnded,
+    ended_worker,
+    raised_receiving_from_workers,
+)
 from pretrain.slurm import end_stop_immune_workers_at_exit, ignore_stop_signals
 
 IGNORE_INDEX = -100
@@ -59,40 +66,22 @@ IGNORE_INDEX = -100
 # ConnectionResetError where it died in the middle of sending a batch)
 LOADER_FAILURES = (OSError, RuntimeError, EOFError)
 
-OUT_OF_MEMORY_HINT = (
-    "most often the kernel's out-of-memory killer (dmesg): fewer data.num_workers or a smaller "
-    "data.shuffle_buffer need less memory"
-)
-SHARED_MEMORY_HINT = (
-    "the workers ran out of shared memory (/dev/shm): a larger limit (docker run --shm-size) or fewer data.num_workers"
-)
-
-
-def _raised_receiving_from_workers(err: BaseException) -> bool:
-    """Raised in torch's DataLoader while it received a worker's batch (`_try_get_data`, torch 2.x):
-    a worker killed in the middle of sending one surfaces there as EOFError or ConnectionResetError,
-    not as torch's own words (measured, worker SIGKILLed at random moments: 6 and 4 in 30)."""
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_try_get_data":
-            return True
-        tb = tb.tb_next
-    return False
-
 
 def dead_worker_hint(err: BaseException) -> str | None:
-    """What most often killed the DataLoader worker whose death `err` reports, or None where `err`
-    is not a dead worker's. torch's words: "DataLoader worker (pid(s) N) exited unexpectedly" (its
-    wait for a batch finding the worker gone), "... is killed by signal: Killed." (its SIGCHLD
-    handler, where installed; ": Bus error." for a full /dev/shm), or the raw EOFError or
-    ConnectionResetError of a batch cut off mid-send. "exited unexpectedly with exit code N" (the
-    worker ended itself) is not the OOM killer's doing."""
+    """What most likely ended the DataLoader worker whose death `err` reports, or None where `err`
+    is not a dead worker's. A WorkerEnded (the worker's exit code, read by the loader) says it
+    exactly; torch's words are a guess: "DataLoader worker (pid(s) N) exited unexpectedly", "... is
+    killed by signal: Killed." (its SIGCHLD handler, where installed; ": Bus error." for a full
+    /dev/shm), or the raw EOFError or ConnectionResetError of a batch cut off mid-send. "exited
+    unexpectedly with exit code N" (the worker ended itself) is not the OOM killer's doing."""
+    if isinstance(err, WorkerEnded):
+        return err.hint
     text = str(err)
     if "DataLoader worker" in text and "Bus error" in text:
         return SHARED_MEMORY_HINT
     if "DataLoader worker" in text and ("killed by signal" in text or text.rstrip().endswith("exited unexpectedly")):
         return OUT_OF_MEMORY_HINT
-    if isinstance(err, (EOFError, ConnectionError)) and _raised_receiving_from_workers(err):
+    if isinstance(err, (EOFError, ConnectionError)) and raised_receiving_from_workers(err):
         return f"a DataLoader worker died while sending a batch: {OUT_OF_MEMORY_HINT}"
     return None
 
@@ -585,7 +574,7 @@ class ShardLoader:
                 generator=seeds,
                 worker_init_fn=ignore_stop_signals,  # Slurm's stop signals reach the workers too
             )
-            for item in dl:
+            for item in _naming_dead_workers(iter(dl)):
                 if "error" in item:
                     raise item["error"]
                 w = item.pop("worker")
@@ -597,6 +586,22 @@ class ShardLoader:
         if not self.loop:  # a finished epoch: the next iteration reads the next one
             self._positions = [[epoch + 1, 0, 0, 0] for _ in self._positions]
             self._next_worker = 0
+
+
+def _naming_dead_workers(batches) -> Iterator[dict]:
+    """The DataLoader iterator `batches`' items; torch's error for a worker that died, re-raised as
+    a WorkerEnded carrying its exit code (torch's error its cause)."""
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except LOADER_FAILURES as err:
+            ended = ended_worker(batches, err)
+            if ended is None:
+                raise
+            raise ended from err
+        yield item
 
 
 class _WorkerDataset(IterableDataset):

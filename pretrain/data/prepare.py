@@ -48,32 +48,34 @@ def _init_worker(path: str) -> None:
     _worker_tokenizer = Tokenizer(path)
 
 
-def _encode_in_worker(chunk: tuple[list[str], list[bool], list[bool]]) -> tuple[list[bool], list[np.ndarray]]:
-    texts, continued, ends = chunk
-    return ends, _worker_tokenizer.encode_pieces(texts, continued)
+def _encode_in_worker(chunk: tuple[list[str], list[bool], list[float]]) -> tuple[list[float], list[np.ndarray]]:
+    texts, continued, shares = chunk
+    return shares, _worker_tokenizer.encode_pieces(texts, continued)
 
 
 def _chunks(
     documents: Iterable[str], tokenizer: Tokenizer, max_pieces: int, max_chars: int
-) -> Iterator[tuple[list[str], list[bool], list[bool]]]:
-    """(texts, continued, ends a document): the documents cut by `tokenizer.cut_document`, gathered until
-    a chunk holds `max_pieces` pieces or `max_chars` characters."""
+) -> Iterator[tuple[list[str], list[bool], list[float]]]:
+    """(texts, continued, shares): the documents cut by `tokenizer.cut_document`, gathered until a chunk
+    holds `max_pieces` pieces or `max_chars` characters; a piece's share is that of its document's
+    characters up to its end (1.0 at a document's last piece, below it before)."""
     texts: list[str] = []
     continued: list[bool] = []
-    ends: list[bool] = []
+    shares: list[float] = []
     chars = 0
     for doc in documents:
-        pieces = tokenizer.cut_document(doc)
-        for i, piece in enumerate(pieces):
+        done = 0
+        for i, piece in enumerate(tokenizer.cut_document(doc)):
+            done += len(piece)
             texts.append(piece)
             continued.append(i > 0)
-            ends.append(i == len(pieces) - 1)
+            shares.append(done / len(doc))
             chars += len(piece)
             if len(texts) == max_pieces or chars >= max_chars:
-                yield texts, continued, ends
-                texts, continued, ends, chars = [], [], [], 0
+                yield texts, continued, shares
+                texts, continued, shares, chars = [], [], [], 0
     if texts:
-        yield texts, continued, ends
+        yield texts, continued, shares
 
 
 def tokenize_documents(
@@ -82,12 +84,15 @@ def tokenize_documents(
     workers: int = 1,
     chunk_docs: int = 256,
     chunk_chars: int = CHUNK_CHARS,
+    partly_encoded: Callable[[float], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """Token ids (int32) per document, in input order; `workers` > 1 tokenizes in that many processes.
     Documents go to the tokenizer in chunks of at most `chunk_docs` pieces or about `chunk_chars`
     characters, and a long document in pieces (Tokenizer.cut_document: the same ids as encoded whole),
     so that the text in flight, and sentencepiece's memory for it, stay bounded: 256 documents near the
-    64 MiB limit were 16 GB of text per chunk, and each such document took 3.1 GB to encode."""
+    64 MiB limit were 16 GB of text per chunk, and each such document took 3.1 GB to encode.
+    `partly_encoded`: called as each piece of the next document but its last is encoded, with the share
+    of that document's characters encoded by then (prepare_corpus moves its bar within a long document)."""
     chunks = _chunks(documents, tokenizer, chunk_docs, chunk_chars)
     if workers <= 1:
         encoded = ((ends, tokenizer.encode_pieces(texts, continued)) for texts, continued, ends in chunks)
@@ -95,12 +100,14 @@ def tokenize_documents(
         # processes that a stop signal does not kill and whose death is noticed (pretrain/data/worker_pool.py)
         encoded = ordered_map(_encode_in_worker, chunks, workers, _init_worker, (str(tokenizer.path),))
     parts: list[np.ndarray] = []
-    for ends, ids in encoded:
-        for piece_ends, piece_ids in zip(ends, ids):
+    for shares, ids in encoded:
+        for share, piece_ids in zip(shares, ids):
             parts.append(piece_ids)
-            if piece_ends:
+            if share == 1.0:  # the document's last piece
                 yield parts[0] if len(parts) == 1 else np.concatenate(parts)
                 parts = []
+            elif partly_encoded is not None:
+                partly_encoded(share)
 
 
 def write_dataset(
@@ -358,7 +365,9 @@ def prepare_corpus(
             read_by: deque[int] = deque()  # per document read and not yet written: the input read by then
             documents = iter_documents(inputs, fmt, text_field, stats, files=files, progress=read_by.append)
             return write_dataset(
-                tokenize_documents(documents, tokenizer, workers),
+                tokenize_documents(
+                    documents, tokenizer, workers, partly_encoded=lambda share: progress(read_by[0], share)
+                ),
                 out_dir,
                 tokenizer,
                 seq_len,
@@ -374,10 +383,20 @@ def prepare_corpus(
 
 
 @contextmanager
-def _reading(desc: str, total: int, show: bool) -> Iterator[Callable[[int], None]]:
+def _reading(desc: str, total: int, show: bool) -> Iterator[Callable[..., None]]:
     """A bar of the input bytes read (the token count alone, before, gave no sense of how far a
     preparation was: a 100 MB corpus ran 2 min 24 s showing 'prepare: 28.1Mtok'); yields the callback
-    that moves it to a number of bytes read, and fills it at the end (empty documents after the last)."""
+    that moves it to a number of bytes read, `move(read)`, or, within a document read by then, to the
+    `share` of the way from the last whole document to it, `move(read, share)` (a 60 MiB document is
+    ~50 s of tokenizing); fills it at the end (empty documents after the last)."""
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show) as bar:
-        yield lambda read: bar.update(max(read - bar.n, 0))
+        whole = 0  # the input read by the last whole document
+
+        def move(read: int, share: float = 1.0) -> None:
+            nonlocal whole
+            bar.update(max(whole + int((read - whole) * share) - bar.n, 0))
+            if share == 1.0:
+                whole = max(whole, read)
+
+        yield move
         bar.update(total - bar.n)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 
 from pretrain.data.errors import DataError
+from pretrain.data.worker_exits import ended_by
 
 
 class WorkerDied(DataError):
@@ -60,18 +61,12 @@ def _serve(conn, fn, initializer, initargs) -> None:
 
 
 def how_it_ended(exitcode: int | None) -> str:
-    """A dead process's exit code in words, with the likely cause."""
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        if -exitcode == signal.SIGKILL:
-            return f"was killed by {name}, most often the kernel's out-of-memory killer (dmesg): use fewer --workers"
-        return f"was killed by {name}"
+    """A dead worker's exit code in words, with the likely cause."""
     if exitcode is None:
         return "closed its connection and did not exit"
-    return f"exited with status {exitcode} (its own error is printed above)"
+    if exitcode == -signal.SIGKILL:
+        return f"{ended_by(exitcode)}, most often the kernel's out-of-memory killer (dmesg): use fewer --workers"
+    return ended_by(exitcode) + (" (its own error is printed above)" if exitcode > 0 else "")
 
 
 def ordered_map(
@@ -101,7 +96,10 @@ def ordered_map(
             conns.append(mine)
         yield from _ordered_results(procs, conns, iter(items), ahead)
         for conn in conns:
-            conn.send(None)
+            try:
+                conn.send(None)
+            except OSError:  # it died while idle: it owed nothing, and every result is in
+                pass
         for proc in procs:
             proc.join(timeout=10)
     finally:  # also on an error, Ctrl-C or a stop signal raised in the main process

@@ -66,8 +66,8 @@ def _stage0_bf16_masters(src: CheckpointSource, states: dict) -> dict[str, torch
     the trainer's dense_param_groups built them; rebuild that order on a meta-device model."""
     import torch.nn as nn
 
+    from pretrain.dense_optimizer import dense_param_groups
     from pretrain.model import Transformer
-    from pretrain.optim import dense_param_groups
 
     with torch.device("meta"):
         model = Transformer(src.cfg.model)

@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pretrain.config import OptimConfig
+from pretrain.dense_optimizer import squared_norm
 from pretrain.model.config import ConfigError, choices_message, literal_fields
-from pretrain.optim import squared_norm
 from pretrain.parallel import accounting, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.sparse_adamw import SparseAdamW
@@ -349,17 +349,28 @@ class MemoryParallel:
         return shard_files.consolidate(checkpoint_dir)
 
 
-def build_sharded_model(cfg, groups: MemoryGroups, optim_cfg, kernel: str = "auto", device="cpu", seed: int = 0):
-    """(model, MemoryParallel) built as the trainer builds them, for benchmarks: the `Transformer`
-    on the meta device, its value tables swapped for this rank's column shards, then the dense
-    part materialised on `device` and drawn from torch seed `seed`, so that no rank ever holds
-    the full value pool."""
+def build_sharded_model(
+    cfg,
+    groups: MemoryGroups,
+    optim_cfg,
+    kernel: str = "auto",
+    device="cpu",
+    seed: int = 0,
+    value_seed: int | None = None,
+    reseed=torch.manual_seed,
+):
+    """(model, MemoryParallel), the trainer's and the benchmarks': the `Transformer` on the meta
+    device, its value tables swapped for this rank's column shards (table i drawn from seed
+    `value_seed` + i; None: the model's own table seeds, 0 + i), then the dense part
+    materialised on `device` and drawn after `reseed(seed)` (the trainer's also seeds Python's
+    and NumPy's generators), so that no rank ever holds the full value pool. Same seed on every
+    rank: identical dense weights, nothing broadcast."""
     from pretrain.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    values = MemoryParallel(model, groups, optim_cfg, kernel=kernel, device=device)
+    values = MemoryParallel(model, groups, optim_cfg, kernel=kernel, device=device, seed=value_seed)
     model.to_empty(device=device)
-    torch.manual_seed(seed)
+    reseed(seed)
     model.reset_parameters()
     return model, values

@@ -37,6 +37,23 @@ from tools import prepare_data as prepare_cli
 from tools import train_tokenizer as tokenizer_cli
 
 
+def recorded_bars(monkeypatch) -> dict[str, list[int]]:
+    """prepare's progress bars, each one's positions after every update, by their descriptions."""
+    bars: dict[str, list[int]] = {}
+
+    class Recorded(prepare_mod.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars[kwargs["desc"]] = self.positions = []
+
+        def update(self, n=1):
+            super().update(n)
+            self.positions.append(self.n)
+
+    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    return bars
+
+
 def shard_bytes(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -82,18 +99,7 @@ def test_preparation_shows_how_much_of_the_input_is_read(tmp_path, tokenizer, mo
     assert len(read) == len(docs) == 601 and read == sorted(read) and read[-1] == total
     assert read[299] <= (corpus / "a.jsonl").stat().st_size < read[300]  # the last of a.jsonl; the first of b
 
-    bars = {}
-
-    class Recorded(prepare_mod.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars[kwargs["desc"]] = self.positions = []
-
-        def update(self, n=1):
-            super().update(n)
-            self.positions.append(self.n)
-
-    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    bars = recorded_bars(monkeypatch)
     prepare_mod.prepare_corpus(
         [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0.1, workers=workers
     )
@@ -378,6 +384,35 @@ def test_a_folder_of_records_and_plain_text_files_is_warned_of(tmp_path, tokeniz
         assert len(list(iter_documents([root]))) == 1
 
 
+def test_a_folder_of_documents_with_a_few_json_files_names_them_and_format_text(tmp_path):
+    """/usr/share/doc holds 4,128 text files and 66 JSON files (nodejs/api/*.json.gz, each one JSON
+    object over many lines). --input /usr/share/doc warned that 'besides its JSONL/Parquet files it holds
+    4128 plain-text file(s)' and advised a glob of the JSON files, then was refused at the first of them
+    with a jq conversion alone: no word of --format text, which reads every file as one document, as
+    such a folder means. The warning now names the few record files and --format text, and so does the
+    error."""
+    from pretrain.data.corpus import check_record_files
+
+    root = tmp_path / "doc"
+    (root / "api").mkdir(parents=True)
+    for name in ("README", "changelog", "NEWS"):
+        (root / name).write_text(f"the {name} of a package\n")
+    (root / "api" / "fs.json").write_text('{\n  "source": "doc/api/fs.md",\n  "modules": []\n}\n')
+    with pytest.warns(UserWarning) as caught:
+        files = resolve_files([root])
+    assert [str(w.message) for w in caught] == [
+        f"--input {root}: besides its 3 plain-text files it holds 1 JSONL/Parquet file(s) (api/fs.json), read as "
+        "records (a document per line or row, from the field --text-field); if they are documents like the "
+        "others, pass --format text to read every file whole"
+    ]
+    with pytest.raises(DataError, match=r"api/fs.json:1: the file is a JSON object written over several lines.*jq -c "
+                       r"\..*; or, if each file is one document \(a folder of documentation\), pass --format text$"):  # fmt: skip
+        check_record_files(files)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(iter_documents([root], "text"))) == 4
+
+
 def test_a_folder_input_skips_data_prepared_inside_it(tmp_path, tokenizer):
     """A dataset may be prepared inside the corpus folder from a glob of its files (allowed: the glob
     does not reach it), or sliced there. The next run over the folder read the dataset's manifest.json
@@ -420,7 +455,8 @@ def test_a_prepared_dataset_named_as_the_corpus_is_refused_naming_its_corpus(tmp
 
 def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     """prepare_data resolves --input in several passes (output checks, the first-document probe, the
-    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice."""
+    tokenizing pass): the skipped-file warning was attributed to each caller and printed twice. It
+    printed as Python formats a warning, the module's path and line first and the line of code after."""
     import shutil
     import subprocess
     import sys
@@ -434,6 +470,12 @@ def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     done = subprocess.run([sys.executable, str(tool), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("skipped 1 file(s) that are not text") == 1, done.stderr
+    # printed as a message, not as Python's "<path>:<line>: UserWarning: ..." and the line of code after it
+    said = [line for line in done.stderr.splitlines() if "not text" in line]
+    assert said == [
+        "warning: --input corpus: skipped 1 file(s) that are not text (tokenizer.model; a tokenizer.model beside the corpus, say)"
+    ]
+    assert "UserWarning" not in done.stderr and "corpus.py" not in done.stderr
 
 
 def test_a_compressed_binary_file_in_a_folder_is_skipped_like_an_uncompressed_one(tmp_path):
@@ -599,6 +641,46 @@ def test_parallel_tokenizing_reads_a_bounded_number_of_documents_ahead(documents
     assert read == len(documents) * 5
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tokenizing_goes_by_characters_so_the_bar_moves_every_chunk(tokenizer, workers):
+    """Documents went to the tokenizer 256 at a time, and the bar of input read moves as each is packed, so
+    it stood still while a chunk was encoded: 300 documents of 100 KB (Python sources and /usr/share/doc
+    text as JSONL), 13.2 to 18.6 s without a move out of ~22 s (one process), 24 s with two. A chunk now
+    closes at CHUNK_CHARS characters too (0.8 to 2.1 s; prepare_corpus's CPU time 8.1 -> 7.1 s). The
+    reference: how many documents were read when the first one came back, and the documents' ids."""
+    docs = [f"document {i}: " + "words of text\n" * 400 for i in range(60)]  # 5,613 to 5,614 characters each
+    read = 0
+
+    def corpus():
+        nonlocal read
+        for doc in docs:
+            read += 1
+            yield doc
+
+    tokens = prepare_mod.tokenize_documents(corpus(), tokenizer, workers=workers, chunk_chars=12_000)
+    first = next(tokens)
+    assert read <= 3 * max(1, 2 * workers)  # chunks of 3 documents (12,000 characters reached), not of 60
+    assert [ids.tolist() for ids in [first, *tokens]] == tokenizer.encode_batch(docs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_bar_moves_within_a_long_document(tmp_path, tokenizer, monkeypatch, workers):
+    """The bar of input read moved once a document was packed: a 60 MiB document held it still for its
+    whole tokenizing (~50 s). It now moves as each piece of a long document is encoded, by that piece's
+    share of the document's characters, up to the file's size (the reference: the bytes of the input)."""
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("".join(f"line {i} of one long document\n" for i in range(2000)))  # ~62,000 characters
+    monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 5000)
+    bars = recorded_bars(monkeypatch)
+    prepare_mod.prepare_corpus(
+        [corpus], tmp_path / "ds", SEQ_LEN, tokenizer_path=tokenizer.path, val_fraction=0, workers=workers
+    )
+    moves = sorted(set(bars["read"]))
+    total = corpus.stat().st_size
+    assert bars["read"] == sorted(bars["read"]) and moves[-1] == total
+    assert len([m for m in moves if 0 < m < total]) >= 10  # 12 pieces of ~5,000 characters: a move each
+
+
 @pytest.fixture(scope="module")
 def english_tokenizer(tmp_path_factory) -> Tokenizer:
     """A BPE tokenizer (whitespace kept, as train_tokenizer makes them) of the Python documentation."""
@@ -609,7 +691,7 @@ def english_tokenizer(tmp_path_factory) -> Tokenizer:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_long_document_is_encoded_in_pieces_to_the_ids_of_the_whole(english_tokenizer, monkeypatch, workers):
-    """sentencepiece took ~50 bytes a character to encode a document (a 60 MiB one: 3.1 GB resident, per
+    """sentencepiece took ~40 bytes a character to encode a document (a 60 MiB one: 3.1 GB resident, per
     tokenizing process). A document over PIECE_CHARS is now encoded in pieces cut before a newline; the
     reference is sentencepiece's encoding of the whole document. The cuts fall here (PIECE_CHARS lowered to
     500) beside runs of newlines, a document's first newline, a line longer than a piece, indented code and
@@ -647,13 +729,27 @@ def test_a_document_is_encoded_whole_where_a_cut_may_change_its_ids(tmp_path, mo
     """Cuts are made for BPE tokenizers that keep newlines as pieces (Tokenizer.cuts_at_newlines). The
     embedded fact world's tokenizer turns a newline and the spaces beside it into one space; a unigram
     tokenizer's choice between equal-scoring segmentations follows the float rounding of the text before
-    (sentencepiece's running path score): a document is encoded whole by either."""
-    lines = ["the cat sat", "    on the mat", "", "and the dog ran"] * 50
+    (sentencepiece's running path score); a BPE tokenizer given with --tokenizer that keeps newlines but
+    has sentencepiece's default remove_extra_whitespaces drops the spaces at a piece's end and merges
+    those beside a newline into one (it was cut: "mat  " + "\n  and" encoded as "mat" + "\n and"): a
+    document is encoded whole by each."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = ["the cat sat", "    on the mat  ", "", "and the dog ran"] * 50
     collapsing = train_tokenizer(lines, tmp_path / "c.model", vocab_size=300, keep_whitespace=False)
     unigram = train_tokenizer(lines, tmp_path / "u.model", vocab_size=300, model_type="unigram")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=300, model_type="bpe", byte_fallback=True,
+        hard_vocab_limit=False, normalization_rule_name="identity", user_defined_symbols=["\n"], minloglevel=2,
+    )  # fmt: skip
+    (tmp_path / "r.model").write_bytes(model.getvalue())
+    removing = Tokenizer(tmp_path / "r.model")
     monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 10)
     text = "\n".join(lines)
-    for tok in (collapsing, unigram):
+    for tok in (collapsing, unigram, removing):
         assert not tok.cuts_at_newlines and tok.cut_document(text) == [text]
         assert next(prepare_mod.tokenize_documents([text], tok)).tolist() == tok.encode(text)
 

@@ -107,3 +107,22 @@ def test_a_worker_killed_by_the_out_of_memory_killer_is_named(preparation):
         "killer (dmesg): use fewer --workers\n"
     )
     assert _left_beside(out) == []
+
+
+def test_a_worker_that_dies_idle_after_the_last_result_loses_nothing():
+    """Once every result is in, the pool told each worker to end by writing to its pipe: one that had
+    died while idle (the out-of-memory killer, say) failed the whole map after its last result with a
+    BrokenPipeError. It owed nothing: the map now ends as without it, no process left behind."""
+    import multiprocessing
+
+    from pretrain.data.worker_pool import ordered_map
+
+    results = ordered_map(abs, [-3], workers=2)
+    assert next(results) == 3
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:  # neither holds an item: the one result came back
+        worker.kill()
+        worker.join()
+    assert list(results) == []
+    assert not multiprocessing.active_children()

@@ -81,3 +81,44 @@ def test_a_compiled_forward_refuses_a_position_past_max_seq_len():
         compiled(ids, positions)
     with torch.no_grad(), pytest.raises(ValueError, match=f"position {limit + 1} exceeds the model's max_seq_len"):
         forward(model, input_ids=ids, position_ids=positions)
+
+
+def test_a_compiled_bf16_decoding_step_upcasts_only_the_rows_it_reads():
+    """Compiled, a bf16 lookup upcast the whole value pool to fp32 on every decoding step (unique's
+    output size cannot be held by a graph): a 262,144-slot pool decoded at 199 ms a step against
+    eager's 12 ms (CPU, backend=eager). The rows read are now gathered in bag order, a shape the graph
+    holds, in eager and compiled alike. The graph's reference is its own tensors (no fp32 tensor of
+    the pool's shape); the values' reference is the bag over the whole pool upcast, bit for bit."""
+    import torch.nn.functional as F
+
+    torch._dynamo.reset()
+    model = tiny_model(torch.bfloat16)
+    pool = model.values[0].weight
+    shapes = []
+
+    def recording(gm, example_inputs):  # dynamo's graph, each node's tensor as traced
+        shapes.extend(
+            (tuple(v.shape), v.dtype)
+            for n in gm.graph.nodes
+            if isinstance(v := n.meta.get("example_value"), torch.Tensor)
+        )
+        return gm.forward
+
+    ids = torch.randint(4, 500, (2, 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.compile(lambda i: forward(model, input_ids=i), fullgraph=True, backend=recording)(ids)
+    assert (tuple(pool.shape), pool.dtype) in shapes  # the pool is in the graph, in bf16
+    assert (tuple(pool.shape), torch.float32) not in shapes
+
+    memory = next(block.ffn for block in model.layers if block.is_memory)
+    x = torch.randn(2, 1, model.config.dim, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        weights, slots = memory.select(x)
+        T = slots.shape[0]
+        assert 2 * slots.numel() < pool.shape[0]  # the branch under test: fewer rows read than half the pool
+        bag = F.embedding_bag(
+            slots.reshape(T, -1), pool.float(), per_sample_weights=weights.reshape(T, -1).float(), mode="sum"
+        )
+        bag = bag.to(pool.dtype).reshape(2, 1, -1)
+        want = memory.out_proj(bag * F.silu(memory.gate_proj(x)))
+        assert torch.equal(memory(x, model.values[0]), want)

@@ -81,7 +81,7 @@ def test_bench_parallel_json_holds_every_ranks_step_times(tmp_path, monkeypatch,
     """The spawned ranks (minutes of DeepSpeed start-up on a shared CPU) stand in for records made as
     the worker makes them (`step_timing` of its step times, the warm-up step first)."""
     import tools.bench_parallel as tool
-    from pretrain.parallel.bench import step_timing
+    from pretrain.bench.parallel import step_timing
 
     times = {
         (2, 1): [[0.9, 0.3, 0.5, 0.4], [0.8, 0.31, 0.52, 0.41]],

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pretrain.parallel.value_bench import SPARSE_VARIANTS, VARIANTS
+from pretrain.bench.values import SPARSE_VARIANTS, VARIANTS
 from tools.bench_values import main
 
 
@@ -78,7 +78,7 @@ def test_bench_values_refuses_an_unknown_variant():
 def test_bench_values_refuses_bad_options_when_parsed(argv, named, tmp_path, monkeypatch, capsys):
     """--repeats 0 failed in statistics.median after every model was built and stepped, a folder
     as --plot after the whole sweep; both now at parsing, the option named."""
-    import pretrain.parallel.value_bench as value_bench
+    import pretrain.bench.values as value_bench
 
     monkeypatch.setattr(value_bench, "_StepRunner", None)  # any model built would fail loudly
     with pytest.raises(SystemExit) as exit_:
@@ -91,7 +91,7 @@ def test_pool_bytes_match_the_tensors_each_variant_holds():
     (plus, for dense adamw, the value gradient the backward leaves before the step)."""
     import torch
 
-    from pretrain.parallel.value_bench import StepSpec, _StepRunner, value_bytes_per_slot
+    from pretrain.bench.values import StepSpec, _StepRunner, value_bytes_per_slot
 
     spec = StepSpec(n_keys=(8,), v_dim=16, dim=32, heads=2, k=4, k_dim=16, batch=1, seq_len=8)
     for variant in VARIANTS:
@@ -107,7 +107,7 @@ def test_pool_bytes_match_the_tensors_each_variant_holds():
 
 def test_bench_values_refuses_pools_larger_than_the_free_memory(monkeypatch):
     import tools.bench_values as bench_values
-    from pretrain.parallel.value_bench import StepSpec, pool_bytes
+    from pretrain.bench.values import StepSpec, pool_bytes
 
     spec = StepSpec(v_dim=64)
     free = pool_bytes(spec, 256) + 1  # 256 fits, 1024 does not

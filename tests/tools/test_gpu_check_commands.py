@@ -101,7 +101,7 @@ def test_the_values_stage_pools_fit_the_smallest_gpu(tmp_path, monkeypatch):
     """The values stage builds every variant of one N side by side; each N's pools must fit the
     H100 the device tool lends first (about 78 GiB), with room for the step's temporaries
     (bench_values refuses the run otherwise, naming --n-keys and --variants)."""
-    from pretrain.parallel.value_bench import StepSpec, pool_bytes
+    from pretrain.bench.values import StepSpec, pool_bytes
 
     module = importlib.import_module("tools.bench_values")
     args = parse_only(module, stage_commands(tmp_path)["values"][2:], monkeypatch)

@@ -99,3 +99,68 @@ def test_deepspeed_accelerator_follows_the_device_when_unset(monkeypatch, cuda, 
     assert default_deepspeed_accelerator() == expected == os.environ["DS_ACCELERATOR"]
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert default_deepspeed_accelerator() == "cpu"  # a user's choice is kept
+
+
+def _rendezvous_only(timeout_s: float) -> str:
+    return f"""
+    try:
+        d.init_distributed(timeout_s=300, rendezvous_timeout_s={timeout_s})
+    except d.RendezvousTimeout as err:
+        print(f"refused: {{err}}", file=sys.stderr)
+        sys.exit(3)
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    print(f"sum {{x.item():.0f}}", file=sys.stderr)
+    dist.destroy_process_group()
+    """
+
+
+def _refusal(stderr: str) -> str:
+    return next((line for line in stderr.splitlines() if line.startswith("refused: ")), stderr[-2000:])
+
+
+def test_a_rank_that_never_arrives_is_named_on_every_rank_that_did():
+    """torch's store said only 'Timed out after 601 seconds waiting for clients. 1/2 clients joined'
+    (rank 0), and a rank that had arrived waited on in the process group's own connection."""
+    import socket
+
+    port = free_port()
+    came = [launch(rank, 3, port, _rendezvous_only(3)) for rank in (0, 2)]  # rank 1 never starts
+    for rank, (rc, err) in zip((0, 2), outcome(came)):
+        assert rc == 3, err[-2000:]
+        waited = 13 if rank == 0 else 3  # rank 0 serves the store: it gives up last
+        assert _refusal(err) == (
+            f"refused: rank {rank} waited {waited} s at the rendezvous for rank 1 of 3, which never arrived (2 did, "
+            f"on {socket.gethostname()}): a rank that never starts failed before the trainer (an import error, a "
+            "missing environment, its node: look at that task's output). To give up sooner than "
+            "train.rendezvous_timeout_s=3, lower it, keeping it above the time the job's nodes take to start, "
+            "which can be a minute or more apart"
+        )
+
+
+def test_a_rank_without_rank_0_names_the_address_it_could_not_reach():
+    port = free_port()
+    ((rc, err),) = outcome([launch(1, 2, port, _rendezvous_only(2))])
+    assert rc == 3, err[-2000:]
+    assert _refusal(err).startswith(
+        f"refused: rank 1 on {__import__('socket').gethostname()} could not reach the rendezvous at 127.0.0.1:{port} "
+        "(rank 0's) within 2 s (train.rendezvous_timeout_s): rank 0 never started"
+    )
+
+
+def test_ranks_that_start_apart_within_the_timeout_still_meet():
+    """Nodes of a multi-node job start up to a minute or more apart: a late rank joins."""
+    port = free_port()
+    first = launch(0, 2, port, _rendezvous_only(60))
+    time.sleep(5)
+    late = launch(1, 2, port, _rendezvous_only(60))
+    for rc, err in outcome([first, late]):
+        assert rc == 0 and "sum 2" in err, err[-2000:]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", ".nan"])
+def test_a_rendezvous_timeout_that_is_not_positive_is_refused_at_load(value):
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.rendezvous_timeout_s=\S+ must be > 0"):
+        load_config("configs/tiny.yaml", [f"train.rendezvous_timeout_s={value}"])

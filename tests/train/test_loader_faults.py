@@ -221,3 +221,100 @@ def test_a_corrupt_shard_read_by_a_worker_is_refused_in_its_own_words(tmp_path, 
     expected = refusal(0)
     assert expected.startswith(f"corrupt shard {shard} at byte offset ")
     assert refusal(1) == expected
+
+
+def _read_with_a_worker_that_ends(data: str, how: str, answer) -> None:
+    """In a fresh (spawned) process, as a rank reads: its loader's only worker ends itself `how`
+    after two batches; `answer` gets the DataError's message."""
+    import multiprocessing
+    import os
+    import signal
+    import sys
+
+    from pretrain.data import ShardLoader
+    from pretrain.data.loader import read_all
+    from pretrain.train import leave_dead_workers_to_the_loader
+
+    real = ShardLoader._stream
+    ends = {
+        "SIGKILL": lambda: os.kill(os.getpid(), signal.SIGKILL),  # what the OOM killer sends
+        "SIGSEGV": lambda: os.kill(os.getpid(), signal.SIGSEGV),
+        "os._exit(3)": lambda: os._exit(3),
+        "sys.exit(3)": lambda: sys.exit(3),
+    }
+
+    def stream(self, *args):
+        for n, batch in enumerate(real(self, *args)):
+            if n == 2:
+                ends[how]()
+            yield batch
+
+    multiprocessing.set_start_method("fork", force=True)  # a rank's default (a spawned process has spawn's)
+    ShardLoader._stream = stream  # the forked worker runs this
+    leave_dead_workers_to_the_loader()  # as the trainer does
+    try:
+        read_all(ShardLoader(data, "train", batch_size=2, num_workers=1, loop=False), "the loader failed")
+        answer.put(None)
+    except Exception as err:
+        answer.put(str(err))
+
+
+@pytest.mark.parametrize(
+    "how, said",
+    [
+        ("SIGKILL", f"was killed by SIGKILL; {OOM}"),
+        ("SIGSEGV", "was killed by SIGSEGV; it crashed in native code"),
+        ("os._exit(3)", "exited by itself with status 3; not the out-of-memory killer: the data code ended it"),
+        ("sys.exit(3)", "exited by itself with status 3; not the out-of-memory killer: the data code ended it"),
+    ],
+)
+def test_a_dead_worker_is_told_apart_by_how_it_ended(data_cache, how, said):
+    """Every worker death got the out-of-memory killer's hint, or none: torch says "DataLoader worker
+    (pid(s) N) exited unexpectedly" for a kill and a worker's own os._exit(3) alike, "Connection reset
+    by peer" where a SIGKILL or SIGSEGV cut off a batch, and "[Errno 2] No such file or directory"
+    where sys.exit(3) ended a worker whose batch was still being handed over (measured). The loader now
+    reads the worker's exit code; the reference is how the test ended it."""
+    import multiprocessing
+    import re
+
+    source = next(p.parent for p in data_cache.rglob("manifest.json") if (p.parent / "train").is_dir())
+    context = multiprocessing.get_context("spawn")
+    answer = context.Queue()
+    reader = context.Process(target=_read_with_a_worker_that_ends, args=(str(source), how, answer))
+    reader.start()
+    message = answer.get(timeout=120)
+    reader.join(timeout=60)
+    assert re.match(rf"the loader failed: DataLoader worker \(pid \d+\) {re.escape(said)}", message or ""), message
+
+
+class _RaisingDataset(torch.utils.data.IterableDataset):
+    """One batch, then an error of the data code itself (not a DataError, which the loader sends as an item)."""
+
+    def __iter__(self):
+        yield torch.zeros(1)
+        raise RuntimeError("a bug in the data code")
+
+
+def test_a_workers_own_error_is_raised_at_once_not_taken_for_its_death(monkeypatch):
+    """torch re-raises an error of a worker's own code as "Caught RuntimeError in DataLoader worker
+    process 0": ended_worker took those words for a death and polled the worker processes for 2 s for an
+    exit that never came (measured: 2.02 s) before the error went on. Only torch's words for a death
+    ("DataLoader worker (pid(s) N) ...") now send it looking; the reference is that it never waits."""
+    from torch.utils.data import DataLoader
+
+    from pretrain.data import worker_exits
+    from pretrain.data.loader import _naming_dead_workers
+
+    class NoWaiting:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds):
+            raise AssertionError(f"waited {seconds} s for a worker to end")
+
+    batches = _naming_dead_workers(iter(DataLoader(_RaisingDataset(), batch_size=None, num_workers=1)))
+    assert torch.equal(next(batches), torch.zeros(1))
+    monkeypatch.setattr(worker_exits, "time", NoWaiting)
+    with pytest.raises(RuntimeError, match="Caught RuntimeError in DataLoader worker process 0") as raised:
+        next(batches)
+    assert "a bug in the data code" in str(raised.value)

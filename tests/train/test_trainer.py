@@ -425,7 +425,7 @@ def test_tensorboard_shows_the_resumed_run_after_a_rollback(tmp_path, data_cache
 def test_squared_norm_against_float64():
     """The norm helper on a 2^24-entry tensor of small gradients: the float64 norm's square,
     where a float32 vector_norm of the whole tensor is 2.6e-4 low on the CPU."""
-    from pretrain.optim import squared_norm
+    from pretrain.dense_optimizer import squared_norm
 
     g = torch.randn(2**17, 128, generator=torch.Generator().manual_seed(0)) * 1e-5
     bias = torch.randn(7, generator=torch.Generator().manual_seed(1))

@@ -1,9 +1,11 @@
-"""Optimizer parameter groups (the schedule is pretrain/lr_schedule.py).
+"""The dense parameters' optimizer (the schedule is pretrain/lr_schedule.py; pretrain/optimizers.py
+drives it and the value shards' optimizer as one step).
 
 Dense parameters go to DeepSpeed with two AdamW groups: matrices with weight decay,
-norms/biases/1-D tensors without. Memory values are not here: pretrain.parallel holds
-them outside the engine with their own optimizer at `optim.value_lr`, following the
-same schedule multiplier.
+norms/biases/1-D tensors without, in a `SkippableAdamW` (a step can be skipped). Memory values
+are not here: pretrain.parallel holds them outside the engine with their own optimizer at
+`optim.value_lr`, following the same schedule multiplier. `squared_norm` is the float64
+gradient norm both clipping paths (dense at ZeRO 0, and the value tables) take.
 """
 
 from __future__ import annotations

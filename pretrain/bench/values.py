@@ -31,9 +31,9 @@ import torch
 
 from pretrain import peak_memory
 from pretrain.config import OptimConfig
+from pretrain.dense_optimizer import build_dense_optimizer
 from pretrain.model.config import MemoryConfig, ModelConfig
 from pretrain.model.objective import language_model_loss
-from pretrain.optim import build_dense_optimizer
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import build_sharded_model
 

@@ -1,10 +1,10 @@
-"""pretrain.model.layer_bench on the rows a CUDA run makes (Triton and PyTorch paths): the speedups."""
+"""pretrain.bench.layer on the rows a CUDA run makes (Triton and PyTorch paths): the speedups."""
 
 from __future__ import annotations
 
 import random
 
-from pretrain.model.layer_bench import add_speedups
+from pretrain.bench.layer import add_speedups
 
 BOTH_PATHS = ["memory_layer_fwd_bwd", "memory_part_scoring_fwd_bwd", "memory_part_bag_fwd_bwd", "memory_part_rest"]
 BOTH_PATHS += ["model_fwd_bwd"]

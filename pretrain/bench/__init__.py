@@ -1,0 +1,10 @@
+"""The measurement code the tools/bench_*.py scripts call, kept out of the model and
+parallel packages (which hold only what training runs):
+
+* `layer`: a config's memory layer, whole model and each sublayer kind, forward+backward,
+  Triton vs PyTorch paths (tools/bench_kernels.py --layer).
+* `parallel`: memory parallelism P = 1 vs P > 1 on spawned gloo ranks: step time, per-rank
+  memory and traffic (tools/bench_parallel.py).
+* `values`: the value-pool update, dense vs row-sparse, against the pool size
+  (tools/bench_values.py).
+"""
