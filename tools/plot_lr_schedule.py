@@ -5,6 +5,7 @@
   memlayers-plot-lr-schedule --config configs/tiny.yaml optim.decay_shape=sqrt
 
 Writes a PNG with the warm-up end and the decay start marked, and prints where they fall.
+Steps are numbered as the training log numbers them, from 1 to train.max_steps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain.cli import image_file  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.files import save_figure  # noqa: E402
-from pretrain.lr_schedule import decay_start, decay_steps, learning_rates  # noqa: E402
+from pretrain.lr_schedule import decay_start, decay_steps, learning_rates, logged_step  # noqa: E402
 from pretrain.model import ConfigError  # noqa: E402
 
 
@@ -35,19 +36,19 @@ def describe(cfg: RunConfig) -> str:
         )
         decay = f"no {o.decay_shape} decay ({why})"
     elif n_decay == 1:  # a decay's first step still runs at the peak
-        decay = f"no {o.decay_shape} decay (its one step, {start}, runs at the peak lr)"
+        decay = f"no {o.decay_shape} decay (its one step, {logged_step(start)}, runs at the peak lr)"
     else:
-        decay = f"{o.decay_shape} decay over steps {start}..{steps - 1} to lr x {o.min_lr_ratio:g}"
+        decay = f"{o.decay_shape} decay over steps {logged_step(start)}..{steps} to lr x {o.min_lr_ratio:g}"
     values = "constant" if o.value_lr_schedule == "constant" else "the same shape"
     if not o.warmup_steps:
-        warmup = f"no warm-up (lr {o.lr:g} from step 0)"
+        warmup = f"no warm-up (lr {o.lr:g} from step 1)"
     elif o.warmup_steps > steps:
         warmup = (
             f"warm-up over all {steps} steps, ending at lr {o.lr * steps / o.warmup_steps:g}: the peak lr {o.lr:g} "
             f"is never reached (optim.warmup_steps={o.warmup_steps} > train.max_steps={steps})"
         )
     else:
-        warmup = f"warm-up over steps 0..{o.warmup_steps - 1} to lr {o.lr:g}"
+        warmup = f"warm-up over steps 1..{o.warmup_steps} to lr {o.lr:g}"
     return f"{steps} steps: {warmup}, {decay}; values at {o.value_lr:g}, {values}"
 
 
@@ -57,8 +58,8 @@ def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = range(cfg.train.max_steps)
-    dense, values = zip(*(learning_rates(step, cfg) for step in steps))
+    steps = [logged_step(step) for step in range(cfg.train.max_steps)]
+    dense, values = zip(*(learning_rates(step, cfg) for step in range(cfg.train.max_steps)))
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(steps, dense, label="dense (optim.lr)")
     ax.plot(steps, values, label="values (optim.value_lr)", linestyle="--")
@@ -66,7 +67,7 @@ def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:
         ax.axvline(cfg.optim.warmup_steps, color="gray", lw=0.8, linestyle=":", label="warm-up ends")
     start = decay_start(cfg.optim, cfg.train.max_steps)
     if start is not None and start > cfg.optim.warmup_steps and decay_steps(cfg.optim, cfg.train.max_steps) > 1:
-        ax.axvline(start, color="black", lw=0.8, linestyle=":", label="decay begins")
+        ax.axvline(logged_step(start), color="black", lw=0.8, linestyle=":", label="decay begins")
     ax.set(xlabel="optimizer step", ylabel="learning rate", ylim=(0, None), title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()

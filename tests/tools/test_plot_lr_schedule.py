@@ -15,10 +15,25 @@ def test_plot_and_summary(tmp_path, capsys):
     overrides = ["train.max_steps=400", "optim.warmup_steps=40", "optim.decay_fraction=0.25", "optim.decay_shape=sqrt"]
     assert main(["--config", "configs/tiny.yaml", *overrides, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "warm-up over steps 0..39" in printed and "sqrt decay over steps 300..399 to lr x 0.1" in printed
+    assert "warm-up over steps 1..40" in printed and "sqrt decay over steps 301..400 to lr x 0.1" in printed
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 300
     assert [p.name for p in tmp_path.iterdir()] == ["schedule.png"]  # no temporary left
+
+
+def test_steps_are_numbered_as_the_training_log_numbers_them(tmp_path, capsys):
+    """The summary said "warm-up over steps 0..39, ... decay over steps 300..399" for a 400-step run
+    whose log prints steps 1 to 400, and the resume refusal names them so too: the named warm-up
+    ends on the log's first step at the peak rate, the named decay's first step is the last at the
+    peak, and its last is step 400."""
+    overrides = ["train.max_steps=400", "optim.warmup_steps=40", "optim.decay_fraction=0.25"]
+    assert main(["--config", "configs/tiny.yaml", *overrides, "--out", str(tmp_path / "s.png")]) == 0
+    printed = capsys.readouterr().out
+    cfg = load_config("configs/tiny.yaml", overrides)
+    logged_lr = {step + 1: learning_rates(step, cfg)[0] for step in range(400)}  # the log's "step N/400 ... lr"
+    peak = cfg.optim.lr
+    assert logged_lr[39] < peak and logged_lr[40] == peak and "warm-up over steps 1..40 " in printed
+    assert logged_lr[301] == peak and logged_lr[302] < peak and "cosine decay over steps 301..400 " in printed
 
 
 def test_bad_setting_is_named(tmp_path, capsys):
@@ -58,10 +73,10 @@ def test_a_suffix_matplotlib_cannot_write_is_refused_when_parsed(tmp_path, monke
 
 
 def test_no_warmup_is_not_described_as_one(tmp_path, capsys):
-    """optim.warmup_steps=0 printed "warm-up over steps 0..0", a one-step warm-up that is not there."""
+    """optim.warmup_steps=0 printed "warm-up over steps 0..0" (0-based then), a one-step warm-up that is not there."""
     assert main(["--config", "configs/tiny.yaml", "optim.warmup_steps=0", "--out", str(tmp_path / "s.png")]) == 0
     printed = capsys.readouterr().out
-    assert "no warm-up (lr 0.003 from step 0)" in printed and "warm-up over" not in printed
+    assert "no warm-up (lr 0.003 from step 1)" in printed and "warm-up over" not in printed
 
 
 @pytest.mark.parametrize("warmup", [99, 100, 200])
@@ -78,4 +93,4 @@ def test_warmup_as_long_as_the_run_leaves_no_decay_and_may_not_reach_the_peak(tm
     if warmup > 100:
         assert f"warm-up over all 100 steps, ending at lr {lrs[-1]:g}: the peak lr 0.003 is never reached" in printed
     else:
-        assert f"warm-up over steps 0..{warmup - 1} to lr 0.003" in printed and lrs[-1] == 0.003
+        assert f"warm-up over steps 1..{warmup} to lr 0.003" in printed and lrs[-1] == 0.003
