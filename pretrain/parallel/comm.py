@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor (the old name now warns once per rank); the GPU
+# machines' torch 2.11 has only the old name.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class CommCounter:
     """Bytes received by this rank through the memory-group collectives."""
@@ -36,7 +40,7 @@ def exchange_counts(rows: int, group, counter: CommCounter, device) -> list[int]
     size = dist.get_world_size(group)
     mine = torch.tensor([rows], dtype=torch.int64, device=device)
     out = torch.empty(size, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, mine, group=group)
+    all_gather_single(out, mine, group=group)
     counter.add((size - 1) * 8)
     return out.tolist()
 
@@ -47,7 +51,7 @@ def _gather(x: torch.Tensor, counts: list[int], group, counter: CommCounter) -> 
     if x.shape[0] < longest:  # uneven groups: pad to the longest, then drop the padding
         x = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
     out = x.new_empty(size * longest, *x.shape[1:])
-    dist.all_gather_into_tensor(out, x, group=group)
+    all_gather_single(out, x, group=group)
     counter.add((size - 1) * longest * _row_bytes(x) if longest else 0)
     if all(c == longest for c in counts):
         return out

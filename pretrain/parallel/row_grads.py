@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.reference import sorted_segment_sum
+from pretrain.parallel.comm import all_gather_single
 
 
 def rows_of(grad: torch.Tensor | None, num_cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +53,7 @@ def reduce_over_replicas(rows: torch.Tensor, grad_rows: torch.Tensor, group) -> 
     """Sum the row gradients of every rank in `group`; return (rows, summed rows, bytes received)."""
     size = dist.get_world_size(group)
     counts = torch.empty(size, dtype=torch.int64, device=rows.device)
-    dist.all_gather_into_tensor(
-        counts, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device), group=group
-    )
+    all_gather_single(counts, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device), group=group)
     counts = counts.tolist()
     longest, width = max(counts), grad_rows.shape[1]
     pad = longest - rows.numel()
@@ -62,8 +61,8 @@ def reduce_over_replicas(rows: torch.Tensor, grad_rows: torch.Tensor, group) -> 
     padded_grads = torch.cat([grad_rows, grad_rows.new_zeros(pad, width)])
     all_rows = rows.new_empty(size * longest)
     all_grads = grad_rows.new_empty(size * longest, width)
-    dist.all_gather_into_tensor(all_rows, padded_rows, group=group)
-    dist.all_gather_into_tensor(all_grads, padded_grads, group=group)
+    all_gather_single(all_rows, padded_rows, group=group)
+    all_gather_single(all_grads, padded_grads, group=group)
     keep = [slice(r * longest, r * longest + c) for r, c in enumerate(counts)]
     merged = merge(torch.cat([all_rows[s] for s in keep]), torch.cat([all_grads[s] for s in keep]))
     # padded to the longest replica's row count: the bytes all_gather moves, not the useful ones
