@@ -328,8 +328,18 @@ def pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str =
 def embedding_bag(
     values: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto", value_grad: str = "sorted"
 ) -> Tensor:
-    """`kernels.embedding_bag` as one custom op; value_grad="sparse" keeps the plain path."""
+    """`kernels.embedding_bag` as one custom op; value_grad="sparse" keeps the plain path
+    (`sparse_embedding_bag`)."""
     kernels.resolve_backend(backend, values)
     if value_grad == "sparse":
-        return kernels.embedding_bag(values, indices, weights, backend=backend, value_grad=value_grad)
+        return sparse_embedding_bag(values, indices, weights, backend)
     return torch.ops.memlayers.embedding_bag(values, indices, weights, backend, value_grad)
+
+
+def sparse_embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, backend: str) -> Tensor:
+    """The bag with value_grad="sparse": the plain `kernels.embedding_bag` path, no custom op
+    (its gradient, a COO tensor of the rows read, has a data-dependent size and no fake).
+    `pretrain.parallel.compile.apply_compile` has it run eagerly inside compiled blocks: dynamo
+    tracing into the Triton path's autograd.Function and launches failed (interpreted on CPU:
+    an InterpreterError at the first compiled forward)."""
+    return kernels.embedding_bag(values, indices, weights, backend=backend, value_grad="sparse")

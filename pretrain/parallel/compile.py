@@ -20,7 +20,9 @@ parts stay compiled. Their split sizes depend on the data anyway. Traced, they b
 asynchronous functional collectives, and a 2-rank P = 2 training run with a cold compile
 cache aborted in 1 of 2 tries with a gloo collective mismatch (one rank's 4-byte
 all-reduce met the other's 2048-byte all-gather); eager, they are issued in program
-order on every rank, as without compile.
+order on every rank, as without compile. The value bag with a sparse gradient
+(`kernels.ops.sparse_embedding_bag`, the sparse value optimizers' read) runs eagerly too:
+it is no custom op, and dynamo tracing into the Triton path's launches failed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn as nn
 
 def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = False) -> int:
     """Compile each block of `model.layers` in place; return how many were compiled."""
-    _keep_collectives_eager()
+    _keep_eager_steps()
     for i, block in enumerate(model.layers):
         if getattr(block, "_activation_checkpointed", False):
             raise ValueError(
@@ -51,13 +53,19 @@ def compile_objective(objective: Callable, *, backend: str = "inductor") -> Call
     return torch.compile(objective, backend=backend, dynamic=False)
 
 
-def _keep_collectives_eager() -> None:
-    """Wrap the memory-group collective steps in `torch.compiler.disable` (once)."""
+def _keep_eager_steps() -> None:
+    """Wrap the memory-group collective steps and the sparse-gradient bag in
+    `torch.compiler.disable` (once)."""
+    import kernels.ops
     from pretrain.parallel.values import PartitionedValueTable
 
-    for name in ("_gather_group_inputs", "_return_rows"):
-        step = getattr(PartitionedValueTable, name)
+    for owner, name in (
+        (PartitionedValueTable, "_gather_group_inputs"),
+        (PartitionedValueTable, "_return_rows"),
+        (kernels.ops, "sparse_embedding_bag"),
+    ):
+        step = getattr(owner, name)
         if not getattr(step, "_memlayers_eager", False):
             eager = torch.compiler.disable(step)
             eager._memlayers_eager = True
-            setattr(PartitionedValueTable, name, eager)
+            setattr(owner, name, eager)

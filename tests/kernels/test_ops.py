@@ -412,3 +412,40 @@ def test_scoring_baseline_scores_in_the_inputs_dtype():
     assert ((scores.double() - exact).abs() <= 3 * 2**-8 * exact.abs().clamp_min(1.0)).all()
     weights, _ = kb.scoring_baseline(qb, k1b, k2b, 5)
     assert torch.equal(weights, scores.softmax(dim=-1).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_compiled_block_reads_sparse_value_gradients_as_eager_does(backend, device, make_model_config):
+    """The sparse value optimizers' read (value_grad="sparse", no custom op) inside blocks compiled
+    by train.compile's apply_compile: the same loss and gradients as eager, the value table's as a
+    sparse tensor. On the Triton path dynamo traced into the bag's launches (interpreted: an
+    InterpreterError at the first forward) until apply_compile kept that bag eager."""
+    import copy
+
+    from pretrain.model.objective import language_model_loss
+    from pretrain.model.transformer import Transformer
+    from pretrain.parallel import init_memory_groups
+    from pretrain.parallel.compile import apply_compile
+    from pretrain.parallel.values import parallelize_memory
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Transformer(make_model_config(memory=dict(kernel=backend), n_layers=2)).to(device)
+    parallelize_memory(eager, init_memory_groups(1), kernel=backend, device=device, value_grad="sparse")
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled, backend="aot_eager")  # dynamo and AOTAutograd; inductor adds nothing here
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
+    want, got = (_loss_and_grads(m, tokens, language_model_loss) for m in (eager, compiled))
+    value_grads = [name for name, grad in got.items() if grad.is_sparse]
+    assert value_grads == [name for name, grad in want.items() if grad.is_sparse] == ["values.0.shard"]
+    for name, grad in want.items():
+        assert_close(got[name].to_dense(), grad.to_dense(), FP32_TOL, name)
+
+
+def _loss_and_grads(model, tokens, loss_fn) -> dict:
+    """{"loss": the loss, each parameter's name: its gradient}, the value shards' included (they are
+    held outside the module's parameters)."""
+    params = dict(model.named_parameters())
+    params |= {f"values.{i}.shard": table.shard for i, table in enumerate(model.values)}
+    loss = loss_fn(model(tokens[:, :-1]), tokens[:, 1:])
+    return {"loss": loss.detach(), **dict(zip(params, torch.autograd.grad(loss, list(params.values()))))}
