@@ -203,6 +203,10 @@ def init_distributed(timeout_s: float | None = None, rendezvous_timeout_s: float
             rendezvous_s = RENDEZVOUS_TIMEOUT_S if rendezvous_timeout_s is None else rendezvous_timeout_s
             store = _rendezvous_store(rank, world_size, rendezvous_s)
             wait_for_every_rank(store, rank, world_size, rendezvous_s)
+            # the store outlives the rendezvous: the process group reads it with the store's own timeout
+            # (NCCL's id exchange at each group's first collective, which a rank busy at start-up reaches
+            # late), so from here it waits as long as a collective, as torch sets a store it makes itself
+            store.set_timeout(timedelta(seconds=timeout_s))
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
             )

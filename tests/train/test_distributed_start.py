@@ -164,3 +164,18 @@ def test_a_rendezvous_timeout_that_is_not_positive_is_refused_at_load(value):
 
     with pytest.raises(ConfigError, match=r"train.rendezvous_timeout_s=\S+ must be > 0"):
         load_config("configs/tiny.yaml", [f"train.rendezvous_timeout_s={value}"])
+
+
+def test_after_the_rendezvous_the_store_waits_as_long_as_a_collective():
+    """The rendezvous store is the process group's store: NCCL's communicator-id exchange, at a group's
+    first collective, waits on it with the store's own timeout. That stayed the rendezvous timeout, so
+    train.rendezvous_timeout_s=60 would end a start where one rank reached its first collective a minute
+    after the others (a conversion at start-up), though collectives wait train's longer timeout. The
+    reference: the default store's timeout after init_distributed, as torch sets a store it makes."""
+    body = """
+    d.init_distributed(timeout_s=300, rendezvous_timeout_s=3)
+    print(f"store timeout {dist.distributed_c10d._get_default_store().timeout.total_seconds():.0f}", file=sys.stderr)
+    dist.destroy_process_group()
+    """
+    ((rc, err),) = outcome([launch(0, 1, free_port(), body)])
+    assert rc == 0 and "store timeout 300" in err, err[-2000:]
