@@ -80,6 +80,8 @@ def ordered_map(
     """`fn(item)` for each of `items`, in their order, computed by `workers` spawned processes
     (`initializer(*initargs)` run in each first); at most `ahead` items (default 2 x workers) read
     from `items` and not yet yielded. `fn`, `initializer` and the items must pickle."""
+    if workers < 1:  # with no worker the map would wait for results forever
+        raise ValueError(f"ordered_map needs workers >= 1, got {workers}")
     ahead = ahead or 2 * workers
     ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads
     from pretrain.slurm import end_stop_immune_workers_at_exit

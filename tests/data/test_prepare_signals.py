@@ -127,3 +127,11 @@ def test_a_worker_that_dies_idle_after_the_last_result_loses_nothing():
         worker.join()
     assert list(results) == []
     assert set(multiprocessing.active_children()) <= before
+
+
+def test_a_map_without_workers_is_refused_not_waited_for():
+    # it waited forever for results no process would compute
+    from pretrain.data.worker_pool import ordered_map
+
+    with pytest.raises(ValueError, match="workers >= 1, got 0"):
+        list(ordered_map(abs, [-3], 0))
