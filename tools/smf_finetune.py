@@ -21,6 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.cli import non_negative_number, positive_int, positive_number, torch_device  # noqa: E402
+from pretrain.data.corpus import FORMATS  # noqa: E402
 
 DEFAULT_LR = {"sparse": 2.0, "full": 1e-4, "lora": 1e-3}
 
@@ -53,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=8, help="documents per step")
     p.add_argument("--shuffle", action="store_true", help="reshuffle documents every epoch (default: file order)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument(
+        "--format", default="auto", choices=FORMATS, help="how --data files are read (auto: from the suffix)"
+    )
+    p.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text")
     p.add_argument("--table", default=None, help="slot table to rank against instead of the export's")
     p.add_argument(
         "--allow-other-run",
@@ -94,7 +98,7 @@ def load_and_check(args):
 
     export = Path(args.export)
     check_output_folder(Path(args.out), args.force, sources=[export])  # before the model loads and trains
-    resolve_files(args.data, option="--data")  # before the model loads
+    resolve_files(args.data, option="--data", fmt=args.format)  # before the model loads
     if args.dataset_dir is not None and export.is_dir() and not (export / "probes.jsonl").is_file():  # ignored
         raise DataError(
             f"--dataset-dir {args.dataset_dir}: the validation loss is measured with the per-epoch evaluation, "
@@ -111,7 +115,7 @@ def load_and_check(args):
         except ValueError as err:
             raise ValueError(f"--lora-rank {args.lora_rank}: {err}") from None
     tokenizer = Tokenizer(export / "tokenizer.model")
-    data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, text_field=args.text_field)
+    data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, fmt=args.format, text_field=args.text_field)
     evaluate = None
     if (export / "probes.jsonl").is_file():
         masking = trained_with_document_masking(export)

@@ -197,6 +197,22 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
     assert not (tmp_path / "z").exists()
 
 
+def test_finetune_tool_reads_a_file_whole_with_format_text(smf_export, tmp_path, capsys):
+    """A .json file that is one JSON document was refused with "pass --format text", an option
+    this tool did not have; it has prepare_data's --format now."""
+    from tools.smf_finetune import main
+
+    export, _ = smf_export
+    notes = tmp_path / "notes.json"
+    notes.write_text('[\n  {"fact": "the lighthouse keeper of Varno is named Ilsa"}\n]\n')
+    args = ["--export", str(export), "--data", str(notes), "--method", "full", "--epochs", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "pass --format text" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--format", "text"]) == 0
+    record = json.loads((tmp_path / "b" / "config.json").read_text())["memlayers"]["finetune"]
+    assert record["method"] == "full" and len(record["history"]) >= 1
+
+
 @pytest.mark.parametrize(
     "flag",
     [
