@@ -31,7 +31,15 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
     As one complex multiplication per pair, which torch vectorises in one kernel forward and
     backward: the same products and sums as the written-out form (selects, four products and a
-    stack, ~12 kernels), at the demo's shape 0.18x its CPU time (tools/bench_cpu_paths.py)."""
+    stack, ~12 kernels), at the demo's shape 0.18x its CPU time (tools/bench_cpu_paths.py).
+    Compiled, it is written out: inductor fuses that into one kernel with the casts around it,
+    while it generates no code for complex tensors (view_as_complex, the product and view_as_real
+    run as aten calls between its kernels, each through memory)."""
+    if torch.compiler.is_compiling():
+        xr = x.float().reshape(*x.shape[:-1], -1, 2)
+        cos, sin = freqs[:, None, :, 0], freqs[:, None, :, 1]
+        out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
+        return out.flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * torch.view_as_complex(freqs)[:, None, :]).flatten(-2).to(x.dtype)
 
