@@ -21,9 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import fraction, non_negative_number, output_folder, plain_warnings, positive_int  # noqa: E402
+from pretrain.cli import (  # noqa: E402
+    add_corpus_reading_options,
+    fraction,
+    non_negative_number,
+    output_folder,
+    plain_warnings,
+    positive_int,
+)
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
-from pretrain.data.corpus import FORMATS  # noqa: E402
 
 # of the tokenizer trained on the corpus when no --tokenizer is given
 DEFAULT_VOCAB_SIZE = inspect.signature(prepare_corpus).parameters["vocab_size"].default
@@ -122,8 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         help="when training the tokenizer: share of the characters given pieces, the rest written as bytes "
         "(default 1.0; as tools/train_tokenizer.py; refused with --tokenizer or --embedded)",
     )
-    ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
-    ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
+    add_corpus_reading_options(ap)
     ap.add_argument("--val-fraction", type=non_negative_number("below 1; 0: no validation split"), default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sequences-per-shard", type=positive_int, default=4096)
