@@ -70,6 +70,17 @@ def _finite_number(lowest: float, strict: bool, note: str, what: str, highest: f
     return parse
 
 
+def add_corpus_reading_options(parser: argparse.ArgumentParser, files: str = "--input") -> None:
+    """--format and --text-field: how the corpus files named by `files` are read (the tools that read
+    a corpus take the same two options, with the same choices and defaults)."""
+    from pretrain.data.corpus import FORMATS
+
+    parser.add_argument(
+        "--format", default="auto", choices=FORMATS, help=f"how {files} files are read (auto: from the suffix)"
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
+
+
 def refuse_one_file_for_two_outputs(parser: argparse.ArgumentParser, **outputs: str | Path | None) -> None:
     """parser.error when two of the `outputs` (option name -> file, None = not written) name one
     file: the later write would replace the earlier (a JSON over the plot), after all the work."""

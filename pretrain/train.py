@@ -36,7 +36,7 @@ from torch.profiler import record_function  # noqa: E402
 from kernels.build_locks import clear_stale_build_locks  # noqa: E402
 from pretrain import profiler_regions as regions  # noqa: E402
 from pretrain.cadence import Every  # noqa: E402
-from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
+from pretrain.checkpoint import Checkpointer, CheckpointError, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.loader import IGNORE_INDEX, LOADER_FAILURES, loader_failure  # noqa: E402
@@ -64,6 +64,7 @@ from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.progress_log import describe_data, log_progress, log_slot_statistics, tokens_seen_per_source  # noqa: E402
+from pretrain.rng import RNGState, seed_everything  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
@@ -121,16 +122,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import fraction, output_file, plain_warnings, positive_int  # noqa: E402
+from pretrain.cli import add_corpus_reading_options, fraction, output_file, plain_warnings, positive_int  # noqa: E402
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
-from pretrain.data.corpus import FORMATS, check_record_files, resolve_files  # noqa: E402
+from pretrain.data.corpus import check_record_files, resolve_files  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
         help="share of the text's characters (by occurrence) given pieces of their own, the commonest first; the "
         "rest are written as bytes (default 1.0 for bpe, 0.9995 for unigram; below 1 for text in many scripts)",
     )
-    ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
-    ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
+    add_corpus_reading_options(ap)
     ap.add_argument(
         "--max-sentences",
         type=positive_int,
