@@ -105,97 +105,6 @@ class NothingToTrain(Exception):
         self.result = result
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
-    """`load_universal`: the resumed checkpoint's dense state comes re-partitioned for another
-    world size (pretrain.resharding)."""
-    t = cfg.train
-    return {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.dtype == "bf16"},
-        "fp16": {"enabled": t.dtype == "fp16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
-    }
-
-
-def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
-    """The run's data sources: `data.sources` / `data.dir` (checked), or the embedded corpus, built
-    once by rank 0, as a mixture of one. A refusal on any rank is raised on every rank."""
-    from pretrain.data import prepare_embedded_dataset
-    from pretrain.data.shards import read_manifest
-    from pretrain.data.sources import Source, resolve_sources
-
-    with refusal_shared(ConfigError, DataError):  # each rank reads the folders (node-local copies may differ)
-        sources = resolve_sources(cfg.data, cfg.data.seq_len)
-    if sources:
-        return sources
-    with refusal_shared(ConfigError, DataError):  # the others wait here for rank 0's build
-        if info.is_main:
-            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
-    with refusal_shared(ConfigError, DataError):
-        if not info.is_main:  # finds rank 0's cached build
-            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
-        manifest = read_manifest(path)
-    return [Source("embedded", path, 1.0, manifest)]
-
-
-def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool, rows: int | None = None):
-    """Train: a `MixtureLoader` over the sources (a list); otherwise a `ShardLoader` of one
-    dataset dir's `split` (validation, or a held-out corpus's training split), of its first `rows`
-    rows when given (this rank's part of them)."""
-    from pretrain.data import ShardLoader
-    from pretrain.data.mixture import MixtureLoader
-
-    if split == "train" and isinstance(dataset, list):
-        return MixtureLoader(
-            dataset,
-            batch_size=cfg.train.micro_batch,
-            rank=rank,
-            world_size=world_size,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.train.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            on_corrupt=cfg.data.on_corrupt,
-            seq_len=cfg.data.seq_len,
-        )
-    return ShardLoader(
-        dataset,
-        split=split,
-        batch_size=cfg.train.micro_batch,
-        seq_len=cfg.data.seq_len,
-        rank=rank,
-        world_size=world_size,
-        num_workers=0,
-        seed=cfg.train.seed,
-        shuffle_buffer=0,
-        on_corrupt=cfg.data.on_corrupt,
-        loop=loop,
-        rows=rows,
-    )
-
-
-def build_slot_statistics(cfg: RunConfig, device: torch.device, num_sources: int = 1):
-    if not (cfg.slots.enabled and cfg.model.memory.enabled):
-        return None
-    from pretrain.slots import SlotStatistics
-
-    return SlotStatistics(
-        num_slots=cfg.model.memory.num_slots,
-        layer_names=model_names.slot_stream_names(cfg.model.memory),
-        granularity=cfg.slots.granularity,
-        device=device,
-        sample_batches=cfg.slots.sample_batches,
-        seed=cfg.train.seed,
-        streams=num_sources * max(1, cfg.data.num_workers),  # one per (source, worker): Batch.streams
-    )
-
-
 def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple[float, bool, float | None]:
     """The step's loss summed over ranks, whether every rank's loss was finite, and the sum of
     the z-loss term `z` over ranks (None without one). Each rank passes its share: its
@@ -348,7 +257,7 @@ class Trainer:
     requeued: bool = False
     save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
     memory: IntervalPeak | None = None  # the peak memory per log interval and of the run (train() passes its own)
-    stop: Any = None  # fit's StopSignal: the evaluation asks it between batches
+    stop: Any = None  # fit's StopSignal: the evaluation asks it between batches, the loop after each step
 
     def __post_init__(self):
         if self.memory is None:
@@ -384,7 +293,7 @@ class Trainer:
                 self.leave_out_first_step()
             self.watchdog.progress(f"step {self.state.step}")
             self.run_periodic()
-            if self.stop_requested(stop):
+            if self.stop_requested():
                 break
         return self.result()
 
@@ -583,9 +492,10 @@ class Trainer:
         if self.save_checkpoints:
             self.checkpoint = self.checkpointer.save(self.state.step, self.cfg)
 
-    def stop_requested(self, stop) -> bool:
+    def stop_requested(self) -> bool:
         """A stop signal or train.stop_after: checkpoint (unless this step's is saved), then
         requeue on a preemption signal. True when the loop should end."""
+        stop = self.stop
         signalled = stop.should_stop()
         step, t = self.state.step, self.cfg.train
         if signalled and (step >= t.max_steps or step == t.stop_after):
@@ -597,14 +507,13 @@ class Trainer:
                 else f"stop signal at step {step}, where train.stop_after stops the run: not requeued"
             )
             signalled = False
-        if not (signalled or self.state.step == self.cfg.train.stop_after):
+        if not (signalled or step == t.stop_after):
             return False
         self.log_final_state()
-        if self.checkpointer.saved_step != self.state.step:
+        if self.checkpointer.saved_step != step:
             self.save_checkpoint()
         self.metrics.line(
-            f"stopping at step {self.state.step} ({'signal' if signalled else 'train.stop_after'}); "
-            f"checkpoint {self.checkpoint}"
+            f"stopping at step {step} ({'signal' if signalled else 'train.stop_after'}); checkpoint {self.checkpoint}"
         )
         self.stopped_by_signal = signalled
         if signalled and stop.requeue:  # USR1 (preemption); SIGTERM means cancel
@@ -750,6 +659,27 @@ def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
     return sources, tokenizer
 
 
+def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
+    """The run's data sources: `data.sources` / `data.dir` (checked), or the embedded corpus, built
+    once by rank 0, as a mixture of one. A refusal on any rank is raised on every rank."""
+    from pretrain.data import prepare_embedded_dataset
+    from pretrain.data.shards import read_manifest
+    from pretrain.data.sources import Source, resolve_sources
+
+    with refusal_shared(ConfigError, DataError):  # each rank reads the folders (node-local copies may differ)
+        sources = resolve_sources(cfg.data, cfg.data.seq_len)
+    if sources:
+        return sources
+    with refusal_shared(ConfigError, DataError):  # the others wait here for rank 0's build
+        if info.is_main:
+            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
+    with refusal_shared(ConfigError, DataError):
+        if not info.is_main:  # finds rank 0's cached build
+            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
+        manifest = read_manifest(path)
+    return [Source("embedded", path, 1.0, manifest)]
+
+
 def open_run_dir(
     cfg: RunConfig, info: DistInfo, dataset_dir: Path, tokenizer_sha256: str, lock: RunDirLock | None = None
 ) -> tuple[Checkpointer, Path | None, InitSource | None]:
@@ -852,6 +782,77 @@ def build_model(
     return model, engine, Optimizers(engine, dense_optimizer, values, cfg.optim)
 
 
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """`load_universal`: the resumed checkpoint's dense state comes re-partitioned for another
+    world size (pretrain.resharding)."""
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": t.dtype == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+
+
+def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool, rows: int | None = None):
+    """Train: a `MixtureLoader` over the sources (a list); otherwise a `ShardLoader` of one
+    dataset dir's `split` (validation, or a held-out corpus's training split), of its first `rows`
+    rows when given (this rank's part of them)."""
+    from pretrain.data import ShardLoader
+    from pretrain.data.mixture import MixtureLoader
+
+    if split == "train" and isinstance(dataset, list):
+        return MixtureLoader(
+            dataset,
+            batch_size=cfg.train.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            on_corrupt=cfg.data.on_corrupt,
+            seq_len=cfg.data.seq_len,
+        )
+    return ShardLoader(
+        dataset,
+        split=split,
+        batch_size=cfg.train.micro_batch,
+        seq_len=cfg.data.seq_len,
+        rank=rank,
+        world_size=world_size,
+        num_workers=0,
+        seed=cfg.train.seed,
+        shuffle_buffer=0,
+        on_corrupt=cfg.data.on_corrupt,
+        loop=loop,
+        rows=rows,
+    )
+
+
+def build_slot_statistics(cfg: RunConfig, device: torch.device, num_sources: int = 1):
+    if not (cfg.slots.enabled and cfg.model.memory.enabled):
+        return None
+    from pretrain.slots import SlotStatistics
+
+    return SlotStatistics(
+        num_slots=cfg.model.memory.num_slots,
+        layer_names=model_names.slot_stream_names(cfg.model.memory),
+        granularity=cfg.slots.granularity,
+        device=device,
+        sample_batches=cfg.slots.sample_batches,
+        seed=cfg.train.seed,
+        streams=num_sources * max(1, cfg.data.num_workers),  # one per (source, worker): Batch.streams
+    )
+
+
+# ---- the command line -------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")
