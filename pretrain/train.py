@@ -243,10 +243,10 @@ class Trainer:
     checkpointer: Checkpointer
     resume_from: Path | None
     metrics: MetricsLogger
-    evaluate_now: Evaluator
+    evaluator: Evaluator
     state: TrainState
-    flops: float
-    peak: float | None
+    flops_per_token: float  # of forward + backward, for the MFU
+    peak_flops: float | None  # one device's peak FLOP/s (train.peak_flops or the GPU's); None: no MFU
     watchdog: HangWatchdog  # told of every step, evaluation and checkpoint
     objective: Callable[..., Objective] = training_objective  # compiled under train.compile
     losses: list[float] = field(default_factory=list)
@@ -447,8 +447,8 @@ class Trainer:
             out.norms.values if self.optimizers.has_values else None,  # a dense model has no value tables
             tokens_per_s=tokens_per_s,
             step_time=now - out.start,
-            flops=self.flops,
-            peak=self.peak,
+            flops=self.flops_per_token,
+            peak=self.peak_flops,
             world_size=self.info.world_size,
             memory_bytes=self.memory.read(),
             tokens_by_source=tokens_seen_per_source(self.train_loader),
@@ -477,7 +477,7 @@ class Trainer:
         """The evaluation; a stop signal ends it at the next batch (the ranks agree on it there),
         and the stop check after `run_periodic` checkpoints."""
         try:
-            self.last_eval = self.evaluate_now(self.engine, self.stop.should_stop if self.stop is not None else None)
+            self.last_eval = self.evaluator(self.engine, self.stop.should_stop if self.stop is not None else None)
         except EvaluationStopped as stopped:
             self.last_eval = {}
             self.metrics.line(
@@ -614,7 +614,7 @@ def build(
         checkpointer=checkpointer,
         resume_from=resume_from,
         metrics=metrics,
-        evaluate_now=Evaluator(
+        evaluator=Evaluator(
             cfg,
             sources,
             load_seen_probes(cfg, sources, tokenizer, metrics),
@@ -625,8 +625,8 @@ def build(
             info.world_size,
         ),
         state=state,
-        flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
-        peak=peak,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
+        peak_flops=peak,
         watchdog=watchdog,
         objective=compile_objective(training_objective) if cfg.train.compile else training_objective,
     )
