@@ -447,8 +447,8 @@ class Trainer:
             out.norms.values if self.optimizers.has_values else None,  # a dense model has no value tables
             tokens_per_s=tokens_per_s,
             step_time=now - out.start,
-            flops=self.flops_per_token,
-            peak=self.peak_flops,
+            flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops,
             world_size=self.info.world_size,
             memory_bytes=self.memory.read(),
             tokens_by_source=tokens_seen_per_source(self.train_loader),
