@@ -610,10 +610,15 @@ def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
     """The error for a .json file that is one JSON document (an array of records, or records
     written over several lines) rather than JSON Lines, which is read one line at a time."""
     stem = path.name.split(".")[0]
+    # jq reads no compressed file ("parse error: Invalid numeric literal" for a .json.gz): decompress into it
+    suffix = path.suffix.lower()
+    tool = _STREAMS.get(suffix, "zstd" if suffix in (".zst", ".zstd") else None)
+    source = f"{tool} -dc {path} | jq -c" if tool else "jq -c"
+    target = "" if tool else f" {path}"
     if line.strip().startswith(b"["):
-        what, jq = "a JSON array", f"jq -c '.[]' {path} > {stem}.jsonl"
+        what, jq = "a JSON array", f"{source} '.[]'{target} > {stem}.jsonl"
     else:
-        what, jq = "a JSON object written over several lines", f"jq -c . {path} > {stem}.jsonl"
+        what, jq = "a JSON object written over several lines", f"{source} .{target} > {stem}.jsonl"
     return (
         f"{path}:{lineno}: the file is {what}, not JSON Lines (one document per line, each a JSON object "
         f"with the field holding its text): convert it, e.g. {jq}; or, if each file is one document (a "

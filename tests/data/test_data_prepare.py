@@ -1116,3 +1116,32 @@ def test_a_long_document_encoded_whole_is_named_with_its_memory(tmp_path, englis
     )
     assert f"about {round(len(long_text) * 27 / 2**20):,} MiB (~27 bytes a character)" in message
     assert "--model-type bpe" in message
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz"])
+def test_the_conversion_named_for_a_json_document_runs_on_a_compressed_file(tmp_path, suffix):
+    """For /usr/share/doc/nodejs/abi_version_registry.json.gz the error named `jq -c . <file>.json.gz >
+    abi_version_registry.jsonl`, and jq reads no compressed file: 'parse error: Invalid numeric literal at line
+    2, column 0'. A compressed file's conversion now decompresses into jq. The reference: the command named,
+    run where jq is installed, writes the JSON Lines the reader reads."""
+    import bz2
+    import lzma
+    import shutil
+    import subprocess
+
+    records = [{"text": "one"}, {"text": "two"}]
+    data = json.dumps(records, indent=2).encode()
+    compress = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    path = tmp_path / f"records.json{suffix}"
+    path.write_bytes(compress(data))
+    with pytest.raises(DataError) as err:
+        list(iter_documents([path]))
+    command = re.search(r"convert it, e\.g\. (.*?); or, if", str(err.value)).group(1)
+    tool = {"": None, ".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}[suffix]
+    assert command == (
+        f"{tool} -dc {path} | jq -c '.[]' > records.jsonl" if tool else f"jq -c '.[]' {path} > records.jsonl"
+    )
+    if shutil.which("jq") is None or (tool and shutil.which(tool) is None):
+        pytest.skip("jq or the decompressor is not installed: the command is not run")
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+    assert list(iter_documents([tmp_path / "records.jsonl"])) == ["one", "two"]
