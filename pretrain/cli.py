@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,15 +162,30 @@ def torch_device(text: str) -> str:
     return "cpu" if parsed.type == "cpu" else text  # safetensors refuses "cpu:0"
 
 
+# The folders whose warnings are the project's own (tools/ is installed as memlayers_tools).
+_OWN_FOLDERS = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), name) + os.sep
+    for name in ("pretrain", "kernels", "tools", "memlayers_tools")
+)
+
+
 @contextmanager
 def plain_warnings() -> Iterator[None]:
-    """Within it, a warning prints as `warning: <message>`. Python's own format names the module and line
-    that warned and repeats that line of code (`.../pretrain/data/corpus.py:137: UserWarning: --input
-    /usr/share/doc: ...`, then `  _warn_of_linked_folders(linked_folders, arg, option, p)`), which tell a
-    user of a tool nothing. Only the printed form changes: a warning is raised, filtered and recorded
-    (pytest.warns) as before."""
+    """Within it, the project's own warnings (UserWarning raised in pretrain/, kernels/ or tools/) print as
+    `warning: <message>`. Python's own format names the module and line that warned and repeats that line of
+    code (`.../pretrain/data/corpus.py:137: UserWarning: --input /usr/share/doc: ...`, then
+    `  _warn_of_linked_folders(linked_folders, arg, option, p)`), which tell a user of a tool nothing. Any
+    other warning keeps that format: its category and origin say what it is (`FutureWarning` from pyarrow,
+    numpy's `RuntimeWarning: divide by zero`, which names the project's line that divided). Only the printed
+    form changes: a warning is raised, filtered and recorded (pytest.warns) as before."""
     before = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+    def formatted(message, category, filename, lineno, line=None) -> str:
+        if category is UserWarning and os.path.realpath(filename).startswith(_OWN_FOLDERS):
+            return f"warning: {message}\n"
+        return before(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
     try:
         yield
     finally:

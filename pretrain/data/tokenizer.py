@@ -40,6 +40,11 @@ MAX_SENTENCE_BYTES = 4096
 # took ~40 bytes per character to encode one whole, its working memory and the list of ids it returns
 # (measured: a 60 MiB document, 2.6 GB above the 0.6 GB held before, 3.1 GB resident).
 PIECE_CHARS = 1 << 20
+# A document that cannot be cut (Tokenizer.cuts_at_newlines) is encoded whole; above this many characters a
+# warning says so, with the memory it takes: sentencepiece 0.2.3's unigram encoding of a 63.1M-character
+# document (Python sources and /usr/share/doc text) took 1.71 GB above what was held before, ~27 bytes a character.
+WHOLE_DOCUMENT_WARNING_CHARS = 16 << 20
+ENCODE_BYTES_PER_CHAR = 27
 NEWLINE = "\n"  # a piece of its own when whitespace is kept (training samples lines, which hold none)
 
 
@@ -108,7 +113,11 @@ class Tokenizer:
         newline (a line longer than that stays whole), which `encode_pieces` encodes to the ids of the
         whole text with a bounded memory; [text] when it is short, or when this tokenizer's tokens may
         span a newline (`cuts_at_newlines`)."""
-        if len(text) <= PIECE_CHARS or not self.cuts_at_newlines:
+        if len(text) <= PIECE_CHARS:
+            return [text]
+        if not self.cuts_at_newlines:
+            if len(text) > WHOLE_DOCUMENT_WARNING_CHARS:
+                self._warn_of_whole_encoding(len(text))
             return [text]
         pieces, start = [], 0
         while (cut := text.find(NEWLINE, start + PIECE_CHARS)) >= 0:
@@ -116,6 +125,29 @@ class Tokenizer:
             start = cut
         pieces.append(text[start:])
         return pieces
+
+    def _warn_of_whole_encoding(self, chars: int) -> None:
+        """No cut of a unigram tokenizer's document is provably the same ids as the whole: sentencepiece's path
+        score is a float32 sum set back to 0 wherever it passes 1e5 (a place that depends on all the text
+        before), and ties between equal-scoring segmentations follow its rounding (a 6 MB document of Python
+        sources cut at newlines every 1M characters: 45 of 1.96M tokens differed). So such a document is
+        encoded whole, and a long one is named with the memory that takes."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        model = pb.ModelProto.FromString(self._sp.serialized_model_proto())
+        why = (
+            "is a unigram model, whose segmentation of a line may depend on the text before it"
+            if model.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM
+            else "normalizes text (whitespace or characters) in a way that may join text across a line end"
+        )
+        warnings.warn(
+            f"a document of {chars:,} characters is encoded whole, as {self.path} {why}: sentencepiece then "
+            f"holds about {chars * ENCODE_BYTES_PER_CHAR / 2**20:,.0f} MiB (~{ENCODE_BYTES_PER_CHAR} bytes a "
+            "character) in each tokenizing process (--workers). A BPE tokenizer as tools/train_tokenizer.py makes "
+            f"by default (--model-type bpe) encodes it in pieces of {PIECE_CHARS:,} characters (its ids of the whole "
+            "document, in bounded memory); or split such documents",
+            stacklevel=3,
+        )
 
     def encode_pieces(self, pieces: list[str], continued: list[bool]) -> list[np.ndarray]:
         """The ids (int32) of each piece; a `continued` one (a piece after the first of `cut_document`,
