@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.train import TrainingDiverged, train
+from pretrain.train import train
+from pretrain.trainer import TrainingDiverged
 
 DEFAULT_RUN_DIR = Path("runs/demo")
 DEMO_MARK = ".memlayers-demo"  # in a run folder the demo made: it may replace that folder
