@@ -144,7 +144,7 @@ def test_a_file_as_output_folder_is_refused_before_any_work(tmp_path, monkeypatc
 # Plain type=int options that need no pretrain.cli type, and why.
 OWN_CHECK = {
     "--seed": "every integer is a seed (hashed, or given to torch.manual_seed), negatives included",
-    "--master-port": "pretrain.launch refuses a port outside 1024..65535 before anything is written",
+    "--master-port": "pretrain.sbatch_script refuses a port outside 1024..65535 before anything is written",
 }
 
 
