@@ -175,7 +175,12 @@ class StoppedBySignal(SystemExit):
         self.signum = signum
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def _raise_stopped(signum, frame):
+    for sig in _STOP_SIGNALS:  # the next one (Slurm's SIGTERM after its USR1, a second scancel) must
+        signal.signal(sig, signal.SIG_IGN)  # not raise again inside the cleanup this one starts
     raise StoppedBySignal(signum)
 
 
@@ -184,8 +189,9 @@ def stop_signals_exit() -> Iterator[None]:
     """Within it, SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning) raise
     StoppedBySignal, an exit with status 128 + the signal, where they would end the process at once:
     `finally` blocks and the atomic writers remove what is unfinished on the way out, as Ctrl-C's
-    KeyboardInterrupt does. The previous handlers are put back after."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    KeyboardInterrupt does. Only the first: the later ones are ignored until the block ends, so catch
+    StoppedBySignal and say why inside it. The previous handlers are put back after."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:

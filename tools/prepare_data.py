@@ -55,12 +55,13 @@ def main(argv=None) -> int:
     # SIGTERM and USR1 would end the process at once and leave the hidden temporary folder with every
     # shard written so far beside --output; as an exit, the atomic writers remove it on the way out. The
     # tokenizer workers ignore both (pretrain/data/worker_pool.py) and are ended by this process.
-    try:
-        with stop_signals_exit(), plain_warnings():
-            return _main(argv, parsed)
-    except StoppedBySignal as stopped:
-        print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
-        return stopped.code
+    with stop_signals_exit():
+        try:
+            with plain_warnings():
+                return _main(argv, parsed)
+        except StoppedBySignal as stopped:
+            print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
+            return stopped.code
 
 
 def _main(argv, parsed: dict) -> int:

@@ -59,17 +59,18 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     started = time.monotonic()
-    try:  # sentencepiece trains in a worker process (minutes on a large sample): a signal acts at once
-        with stop_signals_exit(), plain_warnings():
-            return _train(args)
-    except (StoppedBySignal, KeyboardInterrupt) as stopped:
-        signum = stopped.signum if isinstance(stopped, StoppedBySignal) else signal.SIGINT
-    print(
-        f"error: stopped by {signal.Signals(signum).name} after {time.monotonic() - started:.0f} s: no tokenizer "
-        f"was written, {args.output} is as it was before",
-        file=sys.stderr,
-    )
-    return 128 + signum
+    with stop_signals_exit():  # sentencepiece trains in a child process (minutes on a large sample)
+        try:
+            with plain_warnings():
+                return _train(args)
+        except (StoppedBySignal, KeyboardInterrupt) as stopped:
+            signum = stopped.signum if isinstance(stopped, StoppedBySignal) else signal.SIGINT
+        print(
+            f"error: stopped by {signal.Signals(signum).name} after {time.monotonic() - started:.0f} s: no tokenizer "
+            f"was written, {args.output} is as it was before",
+            file=sys.stderr,
+        )
+        return 128 + signum
 
 
 def _train(args: argparse.Namespace) -> int:

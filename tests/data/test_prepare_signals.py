@@ -206,3 +206,51 @@ def test_a_tokenizer_trainer_killed_by_the_out_of_memory_killer_is_named(tokeniz
         "out-of-memory killer (dmesg): a smaller sample (--max-sentences) needs less memory\n"
     )
     assert sorted(p.name for p in out.parent.iterdir()) == ["corpus.txt"]
+
+
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_second_signal_during_the_cleanup_still_removes_the_temporary(
+    tmp_path, tokenizer, monkeypatch, capsys, first
+):
+    """Slurm sends SIGTERM at the time limit after its USR1 warning, and a second `scancel` sends another:
+    one that came while the stop was removing the hidden temporary folder raised the stop again inside
+    that removal, which ended there and left the folder beside --output, while the message said it was
+    removed (and a USR1 stop reported SIGTERM). Once stopping, the tool now ignores further stop signals
+    until it has cleaned up and said why it stopped. Here the second SIGTERM comes as the removal starts."""
+    import shutil
+
+    from pretrain.data import prepare as prepare_mod
+    from tools import prepare_data as prepare_cli
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(400)))
+    tokenize = prepare_mod.tokenize_documents
+
+    def tokenize_then_stopped(*args, **kwargs):
+        for n, ids in enumerate(tokenize(*args, **kwargs)):
+            if n == 300:
+                os.kill(os.getpid(), first)
+            yield ids
+
+    rmtree, removals = shutil.rmtree, []
+
+    def rmtree_signalled_again(path, *args, **kwargs):
+        if Path(path).name.startswith(".data.tmp-"):
+            removals.append(path)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "tokenize_documents", tokenize_then_stopped)
+    monkeypatch.setattr(shutil, "rmtree", rmtree_signalled_again)
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "data")]
+    argv += ["--seq-len", "16", "--sequences-per-shard", "64", "--no-progress", "--workers", "1"]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    assert prepare_cli.main(argv) == 128 + first
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back once it has stopped
+    assert removals, "the temporary folder was not removed with shutil.rmtree"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # neither the output nor a temporary
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: stopped by {signal.Signals(first).name} ("), said
+    assert f"the unfinished preparation was removed and {tmp_path / 'data'} is as it was before" in said
+    assert said.count("error:") == 1, said
