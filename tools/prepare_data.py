@@ -22,37 +22,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.cli import (  # noqa: E402
+    StoppedBySignal,
     add_corpus_reading_options,
     fraction,
     non_negative_number,
     output_folder,
     plain_warnings,
     positive_int,
+    stop_signals_exit,
 )
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
 
 # of the tokenizer trained on the corpus when no --tokenizer is given
 DEFAULT_VOCAB_SIZE = inspect.signature(prepare_corpus).parameters["vocab_size"].default
-
-
-class _Stopped(SystemExit):
-    """A stop signal ended the preparation (raised in the main thread by the handler)."""
-
-    def __init__(self, signum: int):
-        super().__init__(128 + signum)
-        self.signum = signum
-
-
-def _stop(signum, frame):
-    # SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning, which the
-    # training templates send) would end the process at once and leave the hidden temporary folder
-    # with every shard written so far beside --output; as an exit, the atomic writers remove it on
-    # the way out (Ctrl-C does the same through KeyboardInterrupt). The tokenizer workers ignore both
-    # (pretrain/data/worker_pool.py) and are ended by this process.
-    raise _Stopped(signum)
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _stopped_message(signum: int, output: str | None, seconds: float) -> str:
@@ -69,17 +51,17 @@ def _stopped_message(signum: int, output: str | None, seconds: float) -> str:
 
 def main(argv=None) -> int:
     started = time.monotonic()
-    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
     parsed: dict = {}
-    try:
-        with plain_warnings():
-            return _main(argv, parsed)
-    except _Stopped as stopped:
-        print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
-        return stopped.code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # SIGTERM and USR1 would end the process at once and leave the hidden temporary folder with every
+    # shard written so far beside --output; as an exit, the atomic writers remove it on the way out. The
+    # tokenizer workers ignore both (pretrain/data/worker_pool.py) and are ended by this process.
+    with stop_signals_exit():
+        try:
+            with plain_warnings():
+                return _main(argv, parsed)
+        except StoppedBySignal as stopped:
+            print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
+            return stopped.code
 
 
 def _main(argv, parsed: dict) -> int:
