@@ -306,7 +306,7 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
 
 
 @contextmanager
-def stop_signals_blocked() -> Iterator[None]:
+def stop_signals_blocked(signals=STOP_SIGNALS) -> Iterator[None]:
     """Around the fork of helper processes whose first act is `ignore_stop_signals`: this thread blocks
     USR1 and SIGTERM, so that the helpers start with them blocked; a signal to this process meanwhile is
     delivered when the block ends (or at once to another of its threads).
@@ -315,8 +315,10 @@ def stop_signals_blocked() -> Iterator[None]:
     worker handler: SIGTERM from the parent ended the worker with status 0, from anyone else (Slurm)
     killed it, and USR1 killed it where the parent had no handler; the rank then failed with
     "DataLoader worker ... exited" instead of checkpointing. Forked children inherit the mask; spawned
-    ones too, unless a multiprocessing resource tracker is started in between (it unblocks SIGTERM)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    ones too, unless multiprocessing starts its resource tracker in between (it unblocks SIGINT and
+    SIGTERM after: start it first, `multiprocessing.resource_tracker.ensure_running()`). `signals`: those
+    to block, if not these two."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:

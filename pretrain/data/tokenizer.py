@@ -254,6 +254,7 @@ def _covered_characters(counts: collections.Counter, coverage: float) -> int:
 
 
 _WORKER = Path(__file__).with_name("sentencepiece_worker.py")
+_CTRL_C_AND_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def _trained_model(sentences: list[str], options: dict) -> bytes:
@@ -264,7 +265,7 @@ def _trained_model(sentences: list[str], options: dict) -> bytes:
     with tempfile.TemporaryDirectory(prefix="sentencepiece-") as tmp:
         model = Path(tmp) / "tokenizer.model"
         command = [sys.executable, str(_WORKER), json.dumps(options), str(model)]
-        with stop_signals_blocked():  # it ignores them before it unblocks them: none ends it as it starts
+        with stop_signals_blocked(_CTRL_C_AND_STOPS):  # it ignores them, then unblocks: none ends it as it starts
             trainer = subprocess.Popen(command, stdin=subprocess.PIPE)
         try:
             trainer.communicate("\n".join(sentences).encode("utf-8"))  # no sentence holds a line break

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -254,3 +255,36 @@ def test_a_second_signal_during_the_cleanup_still_removes_the_temporary(
     assert said.startswith(f"error: stopped by {signal.Signals(first).name} ("), said
     assert f"the unfinished preparation was removed and {tmp_path / 'data'} is as it was before" in said
     assert said.count("error:") == 1, said
+
+
+def test_stop_signals_in_a_workers_start_up_leave_it_working(tmp_path, monkeypatch):
+    """Slurm's SIGTERM and USR1 and Ctrl-C's SIGINT in a tokenizer worker's first second (Python's start
+    and spawn's imports, before the worker ignores them) killed it: the preparation then failed with
+    'a tokenizer worker (pid N) was killed by SIGTERM'. The workers now start with them blocked and
+    ignore them before unblocking. Here each is held in spawn's imports until all three were sent."""
+    from pretrain.data.worker_pool import ordered_map
+    from tests.data import held_start
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("HELD_START_GATE", str(gate))
+    monkeypatch.setenv("HELD_START_PARENT", str(os.getpid()))
+
+    def signal_held_workers():
+        deadline = time.monotonic() + 120
+        while len(held := [p for p in gate.iterdir() if p.name != "go"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for pid in held:
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                os.kill(int(pid.name), sig)
+        (gate / "go").touch()
+
+    sender = threading.Thread(target=signal_held_workers)
+    sender.start()
+    try:
+        results = list(ordered_map(held_start.identity, range(40), workers=2))
+    finally:
+        (gate / "go").touch()
+        sender.join()
+    assert len([p for p in gate.iterdir() if p.name != "go"]) == 2  # both were held and signalled
+    assert results == list(range(40))
