@@ -570,7 +570,15 @@ def _too_large_record(where: str, size: str) -> str:
 def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator[str]:
     """The documents of a JSON Lines binary stream, the field `text_field` of each line's object."""
     limit = MAX_JSONL_LINE_FACTOR * MAX_TEXT_DOCUMENT_BYTES
-    lines = _bounded_lines(fh, limit, lambda lineno: _too_large_record(f"{path}:{lineno}", f"up to {limit:,}"))
+
+    def too_long(lineno: int) -> str:  # the line is not read further: how much text it holds is not known
+        return (
+            f"{path}:{lineno}: the line is longer than {limit:,} bytes ({MAX_JSONL_LINE_FACTOR} x the "
+            f"{MAX_TEXT_DOCUMENT_BYTES:,} bytes of text a document may hold, room for JSON's escapes), so it is not "
+            "read whole: split its record into several, or leave it out"
+        )
+
+    lines = _bounded_lines(fh, limit, too_long)
     lines = _without_bom(path, lines)
     first = True
     for lineno, line in enumerate(lines, 1):
