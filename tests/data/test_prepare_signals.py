@@ -179,7 +179,7 @@ def test_a_stop_signal_while_the_tokenizer_trains_ends_it_with_one_message(token
     signal handlers only once it returned. Measured on 50 MB of /usr/share/doc and Python sources
     (--max-sentences 2000000): Ctrl-C at 15 s acted 4.9 s later, as a KeyboardInterrupt traceback; a
     unigram model there trains for 9.5 min. SIGTERM and USR1 ended the tool at once with no word (no
-    handler). The trainer now runs in a worker that ignores the stop signals (pretrain/data/worker_pool.py):
+    handler). The trainer now runs in a child that ignores the stop signals (pretrain/data/sentencepiece_worker.py):
     the tool stops with one line and exit status 128 + the signal (measured: 0.3 s), kills the worker,
     and writes no model."""
     proc, trainer, out = tokenizer_training
