@@ -1,11 +1,13 @@
 """argparse types shared by the command-line tools (tools/*.py): bad input is refused when the
-arguments are parsed, with the option and the value named, before any work starts."""
+arguments are parsed, with the option and the value named, before any work starts. Also how a tool
+prints warnings and meets a stop signal."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import signal
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +71,17 @@ def _finite_number(lowest: float, strict: bool, note: str, what: str, highest: f
         return value
 
     return parse
+
+
+def add_corpus_reading_options(parser: argparse.ArgumentParser, files: str = "--input") -> None:
+    """--format and --text-field: how the corpus files named by `files` are read (the tools that read
+    a corpus take the same two options, with the same choices and defaults)."""
+    from pretrain.data.corpus import FORMATS
+
+    parser.add_argument(
+        "--format", default="auto", choices=FORMATS, help=f"how {files} files are read (auto: from the suffix)"
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
 
 
 def refuse_one_file_for_two_outputs(parser: argparse.ArgumentParser, **outputs: str | Path | None) -> None:
@@ -179,3 +192,35 @@ def plain_warnings() -> Iterator[None]:
         yield
     finally:
         warnings.formatwarning = before
+
+
+class StoppedBySignal(SystemExit):
+    """A stop signal ended the tool (raised in the main thread by `stop_signals_exit`'s handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _raise_stopped(signum, frame):
+    for sig in _STOP_SIGNALS:  # the next one (Slurm's SIGTERM after its USR1, a second scancel) must
+        signal.signal(sig, signal.SIG_IGN)  # not raise again inside the cleanup this one starts
+    raise StoppedBySignal(signum)
+
+
+@contextmanager
+def stop_signals_exit() -> Iterator[None]:
+    """Within it, SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning) raise
+    StoppedBySignal, an exit with status 128 + the signal, where they would end the process at once:
+    `finally` blocks and the atomic writers remove what is unfinished on the way out, as Ctrl-C's
+    KeyboardInterrupt does. Only the first: the later ones are ignored until the block ends, so catch
+    StoppedBySignal and say why inside it. The previous handlers are put back after."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -36,7 +36,7 @@ from torch.profiler import record_function  # noqa: E402
 from kernels.build_locks import clear_stale_build_locks  # noqa: E402
 from pretrain import profiler_regions as regions  # noqa: E402
 from pretrain.cadence import Every  # noqa: E402
-from pretrain.checkpoint import Checkpointer, CheckpointError, RNGState, latest_checkpoint  # noqa: E402
+from pretrain.checkpoint import Checkpointer, CheckpointError, latest_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, check_runtime, load_config, save_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.loader import IGNORE_INDEX, LOADER_FAILURES, loader_failure  # noqa: E402
@@ -64,6 +64,7 @@ from pretrain.optimizers import GradNorms, Optimizers  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.progress_log import describe_data, log_progress, log_slot_statistics, tokens_seen_per_source  # noqa: E402
+from pretrain.rng import RNGState, seed_everything  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
 from pretrain.run_plan import describe_plan, training_plan  # noqa: E402
 from pretrain.slots.table import TABLE_FILENAME  # noqa: E402
@@ -102,107 +103,6 @@ class NothingToTrain(Exception):
     def __init__(self, result: TrainResult):
         super().__init__(result.not_trained)
         self.result = result
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
-    """`load_universal`: the resumed checkpoint's dense state comes re-partitioned for another
-    world size (pretrain.resharding)."""
-    t = cfg.train
-    return {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.dtype == "bf16"},
-        "fp16": {"enabled": t.dtype == "fp16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
-    }
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
-    """The run's data sources: `data.sources` / `data.dir` (checked), or the embedded corpus, built
-    once by rank 0, as a mixture of one. A refusal on any rank is raised on every rank."""
-    from pretrain.data import prepare_embedded_dataset
-    from pretrain.data.shards import read_manifest
-    from pretrain.data.sources import Source, resolve_sources
-
-    with refusal_shared(ConfigError, DataError):  # each rank reads the folders (node-local copies may differ)
-        sources = resolve_sources(cfg.data, cfg.data.seq_len)
-    if sources:
-        return sources
-    with refusal_shared(ConfigError, DataError):  # the others wait here for rank 0's build
-        if info.is_main:
-            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
-    with refusal_shared(ConfigError, DataError):
-        if not info.is_main:  # finds rank 0's cached build
-            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
-        manifest = read_manifest(path)
-    return [Source("embedded", path, 1.0, manifest)]
-
-
-def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool, rows: int | None = None):
-    """Train: a `MixtureLoader` over the sources (a list); otherwise a `ShardLoader` of one
-    dataset dir's `split` (validation, or a held-out corpus's training split), of its first `rows`
-    rows when given (this rank's part of them)."""
-    from pretrain.data import ShardLoader
-    from pretrain.data.mixture import MixtureLoader
-
-    if split == "train" and isinstance(dataset, list):
-        return MixtureLoader(
-            dataset,
-            batch_size=cfg.train.micro_batch,
-            rank=rank,
-            world_size=world_size,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.train.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            on_corrupt=cfg.data.on_corrupt,
-            seq_len=cfg.data.seq_len,
-        )
-    return ShardLoader(
-        dataset,
-        split=split,
-        batch_size=cfg.train.micro_batch,
-        seq_len=cfg.data.seq_len,
-        rank=rank,
-        world_size=world_size,
-        num_workers=0,
-        seed=cfg.train.seed,
-        shuffle_buffer=0,
-        on_corrupt=cfg.data.on_corrupt,
-        loop=loop,
-        rows=rows,
-    )
-
-
-def build_slot_statistics(cfg: RunConfig, device: torch.device, num_sources: int = 1):
-    if not (cfg.slots.enabled and cfg.model.memory.enabled):
-        return None
-    from pretrain.slots import SlotStatistics
-
-    return SlotStatistics(
-        num_slots=cfg.model.memory.num_slots,
-        layer_names=model_names.slot_stream_names(cfg.model.memory),
-        granularity=cfg.slots.granularity,
-        device=device,
-        sample_batches=cfg.slots.sample_batches,
-        seed=cfg.train.seed,
-        streams=num_sources * max(1, cfg.data.num_workers),  # one per (source, worker): Batch.streams
-    )
 
 
 def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple[float, bool, float | None]:
@@ -343,10 +243,10 @@ class Trainer:
     checkpointer: Checkpointer
     resume_from: Path | None
     metrics: MetricsLogger
-    evaluate_now: Evaluator
+    evaluator: Evaluator
     state: TrainState
-    flops: float
-    peak: float | None
+    flops_per_token: float  # of forward + backward, for the MFU
+    peak_flops: float | None  # one device's peak FLOP/s (train.peak_flops or the GPU's); None: no MFU
     watchdog: HangWatchdog  # told of every step, evaluation and checkpoint
     objective: Callable[..., Objective] = training_objective  # compiled under train.compile
     losses: list[float] = field(default_factory=list)
@@ -357,7 +257,7 @@ class Trainer:
     requeued: bool = False
     save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
     memory: IntervalPeak | None = None  # the peak memory per log interval and of the run (train() passes its own)
-    stop: Any = None  # fit's StopSignal: the evaluation asks it between batches
+    stop: Any = None  # fit's StopSignal: the evaluation asks it between batches, the loop after each step
 
     def __post_init__(self):
         if self.memory is None:
@@ -393,7 +293,7 @@ class Trainer:
                 self.leave_out_first_step()
             self.watchdog.progress(f"step {self.state.step}")
             self.run_periodic()
-            if self.stop_requested(stop):
+            if self.stop_requested():
                 break
         return self.result()
 
@@ -547,8 +447,8 @@ class Trainer:
             out.norms.values if self.optimizers.has_values else None,  # a dense model has no value tables
             tokens_per_s=tokens_per_s,
             step_time=now - out.start,
-            flops=self.flops,
-            peak=self.peak,
+            flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops,
             world_size=self.info.world_size,
             memory_bytes=self.memory.read(),
             tokens_by_source=tokens_seen_per_source(self.train_loader),
@@ -577,7 +477,7 @@ class Trainer:
         """The evaluation; a stop signal ends it at the next batch (the ranks agree on it there),
         and the stop check after `run_periodic` checkpoints."""
         try:
-            self.last_eval = self.evaluate_now(self.engine, self.stop.should_stop if self.stop is not None else None)
+            self.last_eval = self.evaluator(self.engine, self.stop.should_stop if self.stop is not None else None)
         except EvaluationStopped as stopped:
             self.last_eval = {}
             self.metrics.line(
@@ -592,9 +492,10 @@ class Trainer:
         if self.save_checkpoints:
             self.checkpoint = self.checkpointer.save(self.state.step, self.cfg)
 
-    def stop_requested(self, stop) -> bool:
+    def stop_requested(self) -> bool:
         """A stop signal or train.stop_after: checkpoint (unless this step's is saved), then
         requeue on a preemption signal. True when the loop should end."""
+        stop = self.stop
         signalled = stop.should_stop()
         step, t = self.state.step, self.cfg.train
         if signalled and (step >= t.max_steps or step == t.stop_after):
@@ -606,14 +507,13 @@ class Trainer:
                 else f"stop signal at step {step}, where train.stop_after stops the run: not requeued"
             )
             signalled = False
-        if not (signalled or self.state.step == self.cfg.train.stop_after):
+        if not (signalled or step == t.stop_after):
             return False
         self.log_final_state()
-        if self.checkpointer.saved_step != self.state.step:
+        if self.checkpointer.saved_step != step:
             self.save_checkpoint()
         self.metrics.line(
-            f"stopping at step {self.state.step} ({'signal' if signalled else 'train.stop_after'}); "
-            f"checkpoint {self.checkpoint}"
+            f"stopping at step {step} ({'signal' if signalled else 'train.stop_after'}); checkpoint {self.checkpoint}"
         )
         self.stopped_by_signal = signalled
         if signalled and stop.requeue:  # USR1 (preemption); SIGTERM means cancel
@@ -714,7 +614,7 @@ def build(
         checkpointer=checkpointer,
         resume_from=resume_from,
         metrics=metrics,
-        evaluate_now=Evaluator(
+        evaluator=Evaluator(
             cfg,
             sources,
             load_seen_probes(cfg, sources, tokenizer, metrics),
@@ -725,8 +625,8 @@ def build(
             info.world_size,
         ),
         state=state,
-        flops=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
-        peak=peak,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
+        peak_flops=peak,
         watchdog=watchdog,
         objective=compile_objective(training_objective) if cfg.train.compile else training_objective,
     )
@@ -757,6 +657,27 @@ def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:
                 f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
             )
     return sources, tokenizer
+
+
+def prepare_dataset(cfg: RunConfig, info: DistInfo) -> list:
+    """The run's data sources: `data.sources` / `data.dir` (checked), or the embedded corpus, built
+    once by rank 0, as a mixture of one. A refusal on any rank is raised on every rank."""
+    from pretrain.data import prepare_embedded_dataset
+    from pretrain.data.shards import read_manifest
+    from pretrain.data.sources import Source, resolve_sources
+
+    with refusal_shared(ConfigError, DataError):  # each rank reads the folders (node-local copies may differ)
+        sources = resolve_sources(cfg.data, cfg.data.seq_len)
+    if sources:
+        return sources
+    with refusal_shared(ConfigError, DataError):  # the others wait here for rank 0's build
+        if info.is_main:
+            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=True)
+    with refusal_shared(ConfigError, DataError):
+        if not info.is_main:  # finds rank 0's cached build
+            path = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=False)
+        manifest = read_manifest(path)
+    return [Source("embedded", path, 1.0, manifest)]
 
 
 def open_run_dir(
@@ -861,6 +782,77 @@ def build_model(
     return model, engine, Optimizers(engine, dense_optimizer, values, cfg.optim)
 
 
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """`load_universal`: the resumed checkpoint's dense state comes re-partitioned for another
+    world size (pretrain.resharding)."""
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": t.dtype == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+
+
+def build_loader(cfg: RunConfig, dataset, split: str, rank: int, world_size: int, loop: bool, rows: int | None = None):
+    """Train: a `MixtureLoader` over the sources (a list); otherwise a `ShardLoader` of one
+    dataset dir's `split` (validation, or a held-out corpus's training split), of its first `rows`
+    rows when given (this rank's part of them)."""
+    from pretrain.data import ShardLoader
+    from pretrain.data.mixture import MixtureLoader
+
+    if split == "train" and isinstance(dataset, list):
+        return MixtureLoader(
+            dataset,
+            batch_size=cfg.train.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            on_corrupt=cfg.data.on_corrupt,
+            seq_len=cfg.data.seq_len,
+        )
+    return ShardLoader(
+        dataset,
+        split=split,
+        batch_size=cfg.train.micro_batch,
+        seq_len=cfg.data.seq_len,
+        rank=rank,
+        world_size=world_size,
+        num_workers=0,
+        seed=cfg.train.seed,
+        shuffle_buffer=0,
+        on_corrupt=cfg.data.on_corrupt,
+        loop=loop,
+        rows=rows,
+    )
+
+
+def build_slot_statistics(cfg: RunConfig, device: torch.device, num_sources: int = 1):
+    if not (cfg.slots.enabled and cfg.model.memory.enabled):
+        return None
+    from pretrain.slots import SlotStatistics
+
+    return SlotStatistics(
+        num_slots=cfg.model.memory.num_slots,
+        layer_names=model_names.slot_stream_names(cfg.model.memory),
+        granularity=cfg.slots.granularity,
+        device=device,
+        sample_batches=cfg.slots.sample_batches,
+        seed=cfg.train.seed,
+        streams=num_sources * max(1, cfg.data.num_workers),  # one per (source, worker): Batch.streams
+    )
+
+
+# ---- the command line -------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")

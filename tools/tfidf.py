@@ -80,9 +80,10 @@ def main(argv=None) -> int:
     for layer in layers:
         ranked = rank_slots(model, batch.tokens, table, layer, top=args.top, keep=batch.keep)
         cut = f", the text's {num_tokens} input tokens in {len(rows)} windows of {span}" if len(rows) > 1 else ""
+        shown = f"top {len(ranked)} of " if len(ranked) < ranked.scoring else ""
         print(
-            f"# {layer}: {len(ranked)} slots scoring above 0 (table step {table.step}, {table.num_documents} {table.granularity} "
-            f"units{cut})"
+            f"# {layer}: {shown}{ranked.scoring} slots scoring above 0 (table step {table.step}, "
+            f"{table.num_documents} {table.granularity} units{cut})"
         )
         print("rank\tslot\tscore\ttokens")
         for r, (slot, score, tokens) in enumerate(ranked, 1):

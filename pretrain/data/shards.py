@@ -334,9 +334,14 @@ def read_manifest(root: str | Path) -> dict:
             f"{root} is a file, not a prepared dataset folder: prepare it with tools/prepare_data.py "
             f"--input {root} --output <folder> and pass that folder"
         )
-    if not root.is_dir():
+    if not root.is_dir():  # read by tools too (--data, DIR): the trainer's data.dir is not the fix to name
+        from pretrain.data.sources import _nearest_dataset
+
+        near = _nearest_dataset(root)
         raise DataError(
-            f"dataset directory {root} does not exist: prepare it with tools/prepare_data.py or set data.dir"
+            f"dataset directory {root} does not exist: "
+            + (f"did you mean {near}? Or " if near else "")
+            + f"prepare it with tools/prepare_data.py --input <corpus> --output {root}"
         )
     if not path.is_file():
         raise DataError(f"{path} is missing: {root} is not a prepared dataset (run tools/prepare_data.py)")

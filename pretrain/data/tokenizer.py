@@ -21,9 +21,13 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import io
+import json
 import random
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,7 +36,9 @@ import numpy as np
 import sentencepiece as spm
 
 from pretrain.data.errors import DataError
+from pretrain.data.worker_exits import ended_by
 from pretrain.files import atomic_write
+from pretrain.slurm import stop_signals_blocked
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 4096
@@ -247,6 +253,35 @@ def _covered_characters(counts: collections.Counter, coverage: float) -> int:
     return taken
 
 
+_WORKER = Path(__file__).with_name("sentencepiece_worker.py")
+
+
+def _trained_model(sentences: list[str], options: dict) -> bytes:
+    """The model file sentencepiece trains on `sentences` with `options`, in a child process
+    (sentencepiece_worker.py) that this one kills on its way out: a stop signal or Ctrl-C acts at once,
+    not when the native trainer returns (measured: Ctrl-C 4.9 s late on a 50 MB corpus, where a unigram
+    model trains for 9.5 min)."""
+    with tempfile.TemporaryDirectory(prefix="sentencepiece-") as tmp:
+        model = Path(tmp) / "tokenizer.model"
+        command = [sys.executable, str(_WORKER), json.dumps(options), str(model)]
+        with stop_signals_blocked():  # it ignores them before it unblocks them: none ends it as it starts
+            trainer = subprocess.Popen(command, stdin=subprocess.PIPE)
+        try:
+            trainer.communicate("\n".join(sentences).encode("utf-8"))  # no sentence holds a line break
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+            trainer.wait()
+        if trainer.returncode == 0:
+            return model.read_bytes()
+    code = trainer.returncode
+    if code == -signal.SIGKILL:
+        why = ", most often the kernel's out-of-memory killer (dmesg): a smaller sample (--max-sentences) needs less memory"
+    else:
+        why = " (its own error is printed above)" if code > 0 else ""
+    raise DataError(f"the sentencepiece trainer (pid {trainer.pid}) {ended_by(code)}{why}")
+
+
 def train_tokenizer(
     documents: Iterable[str],
     out_path: str | Path,
@@ -320,10 +355,7 @@ def train_tokenizer(
         if keep_whitespace
         else {}
     )
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
+    options = dict(
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=True,
@@ -339,7 +371,8 @@ def train_tokenizer(
         minloglevel=2,
         **whitespace,
     )
-    tokenizer = Tokenizer(atomic_write(out_path, model.getvalue()))
+    model = _trained_model(sentences, options)
+    tokenizer = Tokenizer(atomic_write(out_path, model))
     if tokenizer.vocab_size < vocab_size:  # hard_vocab_limit=False: the size asked is an upper bound
         warnings.warn(
             f"{out_path} has {tokenizer.vocab_size} pieces, fewer than the {vocab_size} asked: {model_type} found no "
