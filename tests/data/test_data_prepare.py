@@ -1108,14 +1108,15 @@ def test_a_long_document_encoded_whole_is_named_with_its_memory(tmp_path, englis
     a float32 path score rebased where it passes 1e5; cut at newlines, 45 of the 1.96M tokens of 6 MB of
     Python sources differed): prepare_data on a 60 MiB document peaked at 2.35 GB resident, against 0.5 GB with
     a BPE tokenizer, without a word. A document over WHOLE_DOCUMENT_WARNING_CHARS now warns with its size, the
-    memory expected (27 bytes a character, measured) and the fix; the ids stay sentencepiece's of the whole
-    document, and a BPE tokenizer, which cuts, says nothing."""
+    memory expected (27 bytes a byte of its UTF-8, measured: per character it grows with the bytes a character
+    takes) and the fix; the ids stay sentencepiece's of the whole document, and a BPE tokenizer, which cuts,
+    says nothing."""
     lines = ["the cat sat", "    on the mat  ", "", "and the dog ran"] * 50
     unigram = train_tokenizer(lines, tmp_path / "u.model", vocab_size=300, model_type="unigram")
     monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 10)
     monkeypatch.setattr(tokenizer_mod, "WHOLE_DOCUMENT_WARNING_CHARS", 100_000)
     text = "\n".join(lines * 20)  # 36,780 characters: under the limit
-    long_text = "\n".join(lines * 60)  # 110,340 characters
+    long_text = "\n".join(lines * 60) + "\nna\u00efve caf\u00e9s \u4e16\u754c" * 10  # 110,500 characters
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert next(prepare_mod.tokenize_documents([text], unigram)).tolist() == unigram.encode(text)
@@ -1126,7 +1127,9 @@ def test_a_long_document_encoded_whole_is_named_with_its_memory(tmp_path, englis
     assert message.startswith(
         f"a document of {len(long_text):,} characters is encoded whole, as {unigram.path} is a unigram model"
     )
-    assert f"about {round(len(long_text) * 27 / 2**20):,} MiB (~27 bytes a character)" in message
+    utf8 = len(long_text) + 2 * 10 + 2 * 2 * 10  # the two-byte and the three-byte characters
+    assert utf8 == len(long_text.encode())
+    assert f"about {round(utf8 * 27 / 2**20):,} MiB (~27 bytes a byte of its {utf8:,} bytes of UTF-8)" in message
     assert "--model-type bpe" in message
 
 
