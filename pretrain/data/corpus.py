@@ -791,6 +791,12 @@ def check_record_files(files: list[Path], fmt: str = "auto", text_field: str = "
             next(iter_documents([path], fmt, text_field, CorpusStats(), files=[path]), None)
 
 
+def most_documents(files: list[Path], fmt: str = "auto") -> int | None:
+    """The most documents `files` can hold when each is read whole (plain text, not --format blocks): one
+    per file, the empty ones skipped; None when some file holds records or blocks, uncounted until read."""
+    return len(files) if all(_format_of(f, fmt) == "text" for f in files) else None
+
+
 def input_bytes(files: list[Path]) -> int:
     """The bytes of the files as stored: the whole of iter_documents' `progress`."""
     return sum(f.stat().st_size for f in files)
