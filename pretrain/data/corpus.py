@@ -510,13 +510,30 @@ def _without_bom(path: Path, lines) -> Iterator[bytes]:
         yield from lines
 
 
+def _decompressor(path: Path) -> str | None:
+    """The command-line tool that decompresses `path` (by its suffix), or None for a plain file."""
+    suffix = path.suffix.lower()
+    return _STREAMS.get(suffix, "zstd" if suffix in (".zst", ".zstd") else None)
+
+
+def _conversion(path: Path, encoding: str) -> str:
+    """A shell command that re-encodes `path` from `encoding` to UTF-8 in place, through its compression: a
+    converted copy beside it in an input folder would be read too (the original still refused, or read a
+    second time), and iconv given a compressed file converts its compressed bytes."""
+    temporary = path.with_name(path.name + ".utf8")
+    tool = _decompressor(path)
+    iconv = f"iconv -f {encoding} -t UTF-8"
+    pipe = f"{tool} -dc {path} | {iconv} | {tool} -c" if tool else f"{iconv} {path}"
+    return f"{pipe} > {temporary} && mv {temporary} {path}"
+
+
 def _refuse_utf16(path: Path, head: bytes) -> None:
     """UTF-16 text (Windows PowerShell 5's `>` and Out-File write it) read as UTF-8 is every other
     byte NUL and each line cut inside a character: refused, with the conversion."""
     if head.startswith(_UTF16_BOMS):
         raise DataError(
             f"{path} is UTF-16 text (it starts with a UTF-16 byte order mark); the corpus readers take UTF-8: "
-            f"convert it, e.g. iconv -f UTF-16 -t UTF-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}"
+            f"convert it in place, e.g. {_conversion(path, 'UTF-16')}"
         )
 
 
@@ -570,7 +587,15 @@ def _too_large_record(where: str, size: str) -> str:
 def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator[str]:
     """The documents of a JSON Lines binary stream, the field `text_field` of each line's object."""
     limit = MAX_JSONL_LINE_FACTOR * MAX_TEXT_DOCUMENT_BYTES
-    lines = _bounded_lines(fh, limit, lambda lineno: _too_large_record(f"{path}:{lineno}", f"up to {limit:,}"))
+
+    def too_long(lineno: int) -> str:  # the line is not read further: how much text it holds is not known
+        return (
+            f"{path}:{lineno}: the line is longer than {limit:,} bytes ({MAX_JSONL_LINE_FACTOR} x the "
+            f"{MAX_TEXT_DOCUMENT_BYTES:,} bytes of text a document may hold, room for JSON's escapes), so it is not "
+            "read whole: split its record into several, or leave it out"
+        )
+
+    lines = _bounded_lines(fh, limit, too_long)
     lines = _without_bom(path, lines)
     first = True
     for lineno, line in enumerate(lines, 1):
@@ -611,8 +636,7 @@ def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
     written over several lines) rather than JSON Lines, which is read one line at a time."""
     stem = path.name.split(".")[0]
     # jq reads no compressed file ("parse error: Invalid numeric literal" for a .json.gz): decompress into it
-    suffix = path.suffix.lower()
-    tool = _STREAMS.get(suffix, "zstd" if suffix in (".zst", ".zstd") else None)
+    tool = _decompressor(path)
     source = f"{tool} -dc {path} | jq -c" if tool else "jq -c"
     target = "" if tool else f" {path}"
     if line.strip().startswith(b"["):
@@ -775,6 +799,12 @@ def check_record_files(files: list[Path], fmt: str = "auto", text_field: str = "
             next(iter_documents([path], fmt, text_field, CorpusStats(), files=[path]), None)
 
 
+def most_documents(files: list[Path], fmt: str = "auto") -> int | None:
+    """The most documents `files` can hold when each is read whole (plain text, not --format blocks): one
+    per file, the empty ones skipped; None when some file holds records or blocks, uncounted until read."""
+    return len(files) if all(_format_of(f, fmt) == "text" for f in files) else None
+
+
 def input_bytes(files: list[Path]) -> int:
     """The bytes of the files as stored: the whole of iter_documents' `progress`."""
     return sum(f.stat().st_size for f in files)
@@ -789,7 +819,6 @@ def _warn_of_repaired(files: list[Path], documents: int) -> None:
     warnings.warn(
         f"{documents} document(s) in {len(files)} file(s) ({names}) held text that is not UTF-8, each bad byte "
         "replaced by U+FFFD: text in another encoding (Latin-1 or Windows-1252, say) loses its accented letters "
-        "so; convert such a file, e.g. iconv -f latin1 -t utf-8 "
-        f"{first} > {first.with_name(first.name.split('.')[0] + '.utf8' + ''.join(first.suffixes))}",
+        f"so; convert such a file in place, e.g. {_conversion(first, 'latin1')}",
         stacklevel=1,  # this line: one warning however many passes (tokenizer sample, tokenizing) read the file
     )

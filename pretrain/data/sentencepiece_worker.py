@@ -21,6 +21,10 @@ def main() -> None:
     for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked by the caller until they are ignored
+    # Run as a script, this file's folder leads sys.path, and its inspect.py would stand in for the standard
+    # library's, which sentencepiece's `import importlib.resources` imports on Python 3.12 and later.
+    here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
     import sentencepiece as spm
 
     options, model_path = json.loads(sys.argv[1]), sys.argv[2]

@@ -48,9 +48,12 @@ MAX_SENTENCE_BYTES = 4096
 PIECE_CHARS = 1 << 20
 # A document that cannot be cut (Tokenizer.cuts_at_newlines) is encoded whole; above this many characters a
 # warning says so, with the memory it takes: sentencepiece 0.2.3's unigram encoding of a 63.1M-character
-# document (Python sources and /usr/share/doc text) took 1.71 GB above what was held before, ~27 bytes a character.
+# document (Python sources and /usr/share/doc text, ASCII) took 1.71 GB above what was held before, ~27 bytes a
+# byte of UTF-8; per character it grows with the bytes a character takes (16M characters of that text with its
+# letters mapped to Cyrillic and CJK, 27.3 MB of UTF-8: 20 bytes a byte with a tokenizer trained on it, 30 with
+# the English one, which writes them as bytes; 34 and 52 bytes a character).
 WHOLE_DOCUMENT_WARNING_CHARS = 16 << 20
-ENCODE_BYTES_PER_CHAR = 27
+ENCODE_BYTES_PER_UTF8_BYTE = 27
 NEWLINE = "\n"  # a piece of its own when whitespace is kept (training samples lines, which hold none)
 
 
@@ -123,7 +126,7 @@ class Tokenizer:
             return [text]
         if not self.cuts_at_newlines:
             if len(text) > WHOLE_DOCUMENT_WARNING_CHARS:
-                self._warn_of_whole_encoding(len(text))
+                self._warn_of_whole_encoding(len(text), len(text.encode("utf-8", "surrogatepass")))
             return [text]
         pieces, start = [], 0
         while (cut := text.find(NEWLINE, start + PIECE_CHARS)) >= 0:
@@ -132,7 +135,7 @@ class Tokenizer:
         pieces.append(text[start:])
         return pieces
 
-    def _warn_of_whole_encoding(self, chars: int) -> None:
+    def _warn_of_whole_encoding(self, chars: int, utf8_bytes: int) -> None:
         """No cut of a unigram tokenizer's document is provably the same ids as the whole: sentencepiece's path
         score is a float32 sum set back to 0 wherever it passes 1e5 (a place that depends on all the text
         before), and ties between equal-scoring segmentations follow its rounding (a 6 MB document of Python
@@ -148,8 +151,8 @@ class Tokenizer:
         )
         warnings.warn(
             f"a document of {chars:,} characters is encoded whole, as {self.path} {why}: sentencepiece then "
-            f"holds about {chars * ENCODE_BYTES_PER_CHAR / 2**20:,.0f} MiB (~{ENCODE_BYTES_PER_CHAR} bytes a "
-            "character) in each tokenizing process (--workers). A BPE tokenizer as tools/train_tokenizer.py makes "
+            f"holds about {utf8_bytes * ENCODE_BYTES_PER_UTF8_BYTE / 2**20:,.0f} MiB (~{ENCODE_BYTES_PER_UTF8_BYTE} bytes "
+            f"a byte of its {utf8_bytes:,} bytes of UTF-8) in each tokenizing process (--workers). A BPE tokenizer as tools/train_tokenizer.py makes "
             f"by default (--model-type bpe) encodes it in pieces of {PIECE_CHARS:,} characters (its ids of the whole "
             "document, in bounded memory); or split such documents",
             stacklevel=3,

@@ -107,24 +107,36 @@ def test_preparation_shows_how_much_of_the_input_is_read(tmp_path, tokenizer, mo
     assert sorted(set(bars["read"]))[:-1] == sorted(set(read))[:-1]  # document by document, then filled
 
 
-def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path):
+@pytest.mark.parametrize("suffix", ["", ".gz", ".xz"])
+def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path, suffix):
     """A Latin-1 file (as /usr/share/doc/ed/AUTHORS: 'Fran\\xe7ois Pinard') lost each accented letter to
     U+FFFD, said only as a count in the stats line. One warning now names the files, how many documents,
-    and the iconv command; the converted file reads as the text was meant (the reference: its bytes
-    decoded as Latin-1)."""
+    and a command that converts the file in place; run as written, the folder reads as the text was meant
+    (the reference: its bytes decoded as Latin-1), once. The command named until 2026-12-07 wrote a copy
+    beside the file (`iconv ... authors.txt > authors.utf8.txt`), which the folder then read beside the
+    original: the document twice, once still broken; for /usr/share/doc/ed/changelog.gz it converted the
+    gzip bytes into a file no reader could open."""
+    import subprocess
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     latin1 = "Fran\u00e7ois Pinard wrote na\u00efve caf\u00e9 code.\n" * 3
-    (corpus / "authors.txt").write_bytes(latin1.encode("latin-1"))
+    name = "authors.txt" + suffix
+    compress = {"": lambda b: b, ".gz": gzip.compress, ".xz": __import__("lzma").compress}[suffix]
+    (corpus / name).write_bytes(compress(latin1.encode("latin-1")))
     (corpus / "fine.txt").write_text("plain UTF-8 text, caf\u00e9 included\n")
     with pytest.warns(
-        UserWarning, match=r"1 document\(s\) in 1 file\(s\) \(.*authors.txt\) held text that is not UTF-8"
+        UserWarning, match=rf"1 document\(s\) in 1 file\(s\) \(.*{name}\) held text that is not UTF-8"
     ) as seen:
         docs = list(iter_documents([corpus]))
     assert docs[0] == latin1.replace("\u00e7", "\ufffd").replace("\u00ef", "\ufffd").replace("\u00e9", "\ufffd")
-    fix = f"iconv -f latin1 -t utf-8 {corpus / 'authors.txt'} > {corpus / 'authors.utf8.txt'}"
-    assert [str(w.message).endswith(fix) for w in seen] == [True]
-    (corpus / "authors.txt").write_text(latin1)  # what the iconv command writes, in place
+    (message,) = [str(w.message) for w in seen]
+    command = message.split("convert such a file in place, e.g. ")[1]
+    path, temporary = corpus / name, corpus / f"{name}.utf8"
+    tool = {"": None, ".gz": "gzip", ".xz": "xz"}[suffix]
+    pipe = f"{tool} -dc {path} | iconv -f latin1 -t UTF-8 | {tool} -c" if tool else f"iconv -f latin1 -t UTF-8 {path}"
+    assert command == f"{pipe} > {temporary} && mv {temporary} {path}"
+    subprocess.run(["bash", "-c", command], check=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(iter_documents([corpus])) == [latin1, "plain UTF-8 text, caf\u00e9 included\n"]
@@ -1096,14 +1108,15 @@ def test_a_long_document_encoded_whole_is_named_with_its_memory(tmp_path, englis
     a float32 path score rebased where it passes 1e5; cut at newlines, 45 of the 1.96M tokens of 6 MB of
     Python sources differed): prepare_data on a 60 MiB document peaked at 2.35 GB resident, against 0.5 GB with
     a BPE tokenizer, without a word. A document over WHOLE_DOCUMENT_WARNING_CHARS now warns with its size, the
-    memory expected (27 bytes a character, measured) and the fix; the ids stay sentencepiece's of the whole
-    document, and a BPE tokenizer, which cuts, says nothing."""
+    memory expected (27 bytes a byte of its UTF-8, measured: per character it grows with the bytes a character
+    takes) and the fix; the ids stay sentencepiece's of the whole document, and a BPE tokenizer, which cuts,
+    says nothing."""
     lines = ["the cat sat", "    on the mat  ", "", "and the dog ran"] * 50
     unigram = train_tokenizer(lines, tmp_path / "u.model", vocab_size=300, model_type="unigram")
     monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 10)
     monkeypatch.setattr(tokenizer_mod, "WHOLE_DOCUMENT_WARNING_CHARS", 100_000)
     text = "\n".join(lines * 20)  # 36,780 characters: under the limit
-    long_text = "\n".join(lines * 60)  # 110,340 characters
+    long_text = "\n".join(lines * 60) + "\nna\u00efve caf\u00e9s \u4e16\u754c" * 10  # 110,500 characters
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert next(prepare_mod.tokenize_documents([text], unigram)).tolist() == unigram.encode(text)
@@ -1114,7 +1127,9 @@ def test_a_long_document_encoded_whole_is_named_with_its_memory(tmp_path, englis
     assert message.startswith(
         f"a document of {len(long_text):,} characters is encoded whole, as {unigram.path} is a unigram model"
     )
-    assert f"about {round(len(long_text) * 27 / 2**20):,} MiB (~27 bytes a character)" in message
+    utf8 = len(long_text) + 2 * 10 + 2 * 2 * 10  # the two-byte and the three-byte characters
+    assert utf8 == len(long_text.encode())
+    assert f"about {round(utf8 * 27 / 2**20):,} MiB (~27 bytes a byte of its {utf8:,} bytes of UTF-8)" in message
     assert "--model-type bpe" in message
 
 

@@ -180,7 +180,7 @@ def test_a_stop_signal_while_the_tokenizer_trains_ends_it_with_one_message(token
     signal handlers only once it returned. Measured on 50 MB of /usr/share/doc and Python sources
     (--max-sentences 2000000): Ctrl-C at 15 s acted 4.9 s later, as a KeyboardInterrupt traceback; a
     unigram model there trains for 9.5 min. SIGTERM and USR1 ended the tool at once with no word (no
-    handler). The trainer now runs in a worker that ignores the stop signals (pretrain/data/worker_pool.py):
+    handler). The trainer now runs in a child that ignores the stop signals (pretrain/data/sentencepiece_worker.py):
     the tool stops with one line and exit status 128 + the signal (measured: 0.3 s), kills the worker,
     and writes no model."""
     proc, trainer, out = tokenizer_training
@@ -207,6 +207,30 @@ def test_a_tokenizer_trainer_killed_by_the_out_of_memory_killer_is_named(tokeniz
         "out-of-memory killer (dmesg): a smaller sample (--max-sentences) needs less memory\n"
     )
     assert sorted(p.name for p in out.parent.iterdir()) == ["corpus.txt"]
+
+
+def test_the_tokenizer_trainer_imports_the_standard_librarys_modules_not_the_packages(tmp_path, monkeypatch):
+    """The trainer runs pretrain/data/sentencepiece_worker.py as a script, so pretrain/data led its
+    sys.path, and pretrain/data/inspect.py stood in for the standard library's inspect, which
+    sentencepiece imports (through importlib.resources) on Python 3.12 and later: there every tokenizer
+    training failed (reproduced with Python 3.12.1 and sentencepiece 0.2.3: 'ModuleNotFoundError: No
+    module named numpy' from pretrain/data/inspect.py; with numpy, a circular import). Here a stand-in
+    sentencepiece imports inspect as 3.12's does, and its trainer writes where inspect came from."""
+    import inspect
+
+    from pretrain.data import tokenizer as tokenizer_mod
+
+    fake = tmp_path / "site" / "sentencepiece"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import inspect\n\n"
+        "class SentencePieceTrainer:\n"
+        "    @staticmethod\n"
+        "    def train(sentence_iterator, model_writer, **options):\n"
+        "        model_writer.write(inspect.__file__.encode())\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    assert tokenizer_mod._trained_model(["a sentence"], {}).decode() == inspect.__file__
 
 
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGUSR1])
