@@ -20,7 +20,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import fraction, int_at_least, non_negative_number, positive_int, positive_number, torch_device  # noqa: E402
+from pretrain.cli import (  # noqa: E402
+    ends_quietly_when_the_reader_stops,
+    fraction,
+    int_at_least,
+    non_negative_number,
+    positive_int,
+    positive_number,
+    torch_device,
+)
 
 positive_float = positive_number("1.0 = off")
 non_negative_int = int_at_least(0, "0 = off")
@@ -127,6 +135,7 @@ def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         )
 
 
+@ends_quietly_when_the_reader_stops
 def main(argv=None) -> int:
     args = parse_args(argv)
     max_new_tokens = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
