@@ -114,10 +114,13 @@ def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error("--prompt and --probes: --probes asks the probes' own questions; give one of the two")
         generation = {"--max-new-tokens": args.max_new_tokens is not None, "--no-cache": args.no_cache}
         if any(generation.values()):  # were ignored: each answer is generated to its own length, cached
-            given = ", ".join(option for option, set_ in generation.items() if set_)
+            options = [option for option, set_ in generation.items() if set_]
+            given, verb, them = (
+                (" and ".join(options), "apply", "them") if len(options) > 1 else (options[0], "applies", "it")
+            )
             parser.error(
-                f"{given}: --prompt generation options; --probes generates each probe's answer to the "
-                "answer's length, with the cache: drop them"
+                f"{given} {verb} to --prompt generation only: --probes generates each probe's answer to the "
+                f"answer's length, with the cache; drop {them}"
             )
     elif args.new_facts:
         parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
