@@ -21,10 +21,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from pretrain.cli import positive_int  # noqa: E402
+from pretrain.cli import ends_quietly_when_the_reader_stops, positive_int  # noqa: E402
 from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots  # noqa: E402
 
 
+@ends_quietly_when_the_reader_stops
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(

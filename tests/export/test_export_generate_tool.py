@@ -273,8 +273,16 @@ def test_generate_refuses_options_that_would_change_nothing(inference_export, tm
         ),
         (["--prompt", "The", "--temperature", "0", "--seed", "0"], "--seed 0: the seed draws the samples"),
         (["--probes", "3", "--seed", "3"], "--seed: sampling options apply to --prompt generation, not --probes"),
-        (["--probes", "3", "--max-new-tokens", "4"], "--max-new-tokens: --prompt generation options; --probes"),
-        (["--probes", "3", "--no-cache"], "--no-cache: --prompt generation options; --probes generates"),
+        # it read '--max-new-tokens: --prompt generation options; --probes generates ...: drop them'
+        (
+            ["--probes", "3", "--max-new-tokens", "4"],
+            "--max-new-tokens applies to --prompt generation only: --probes generates each probe's answer to "
+            "the answer's length, with the cache; drop it",
+        ),
+        (
+            ["--probes", "3", "--max-new-tokens", "4", "--no-cache"],
+            "--max-new-tokens and --no-cache apply to --prompt generation only: --probes generates",
+        ),
         (
             ["--prompt", "The", "--probes-dir", "x"],
             "--probes-dir names where --probes reads probes.jsonl: give --probes",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,51 @@ def test_plain_warnings_shortens_only_the_projects_own_warnings(tmp_path, repo_r
     assert others.count("Warning: ") == 4 and project_note.startswith("  ")  # Python's: the line of code below
     assert "FutureWarning: old_api is deprecated" in others and "RuntimeWarning: divide by zero" in others
     assert inside == others + "warning: a note of the project\n"
+
+
+LONG_OUTPUT_TOOL = """
+import sys
+from pretrain.cli import ends_quietly_when_the_reader_stops
+
+@ends_quietly_when_the_reader_stops
+def main():
+    for i in range(200_000):  # far past a pipe's buffer: the reader has gone long before the end
+        print(f"{i}\\tslot\\t0.001\\ttokens")
+    return 0
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_reader_that_stops_early_ends_a_tool_quietly(tmp_path, wrapped):
+    """`memlayers-tfidf ... | head` (500 lines by default) printed a BrokenPipeError traceback once
+    head had its lines; a wrapped main ends with status 1 and nothing on stderr, as `cat` does.
+    Unwrapped (the control) the traceback is there."""
+    import subprocess
+    import sys
+
+    source = LONG_OUTPUT_TOOL if wrapped else LONG_OUTPUT_TOOL.replace("@ends_quietly_when_the_reader_stops\n", "")
+    script = tmp_path / "tool.py"
+    script.write_text(source)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert proc.stdout.readline() == b"0\tslot\t0.001\ttokens\n"
+    proc.stdout.close()  # what head does after its lines
+    err = proc.stderr.read().decode()
+    status = proc.wait(timeout=60)
+    if wrapped:
+        assert (status, err) == (1, "")
+    else:
+        assert status != 0 and "BrokenPipeError" in err
+
+
+def test_the_tools_with_long_output_end_quietly_when_the_reader_stops():
+    """tfidf (a ranking of --top 500 lines), generate (--probes: a line per probe), inspect_data
+    (--rows) and submit (--dry-run of a sweep)."""
+    for name in ("tfidf", "generate", "inspect_data", "submit"):
+        main = importlib.import_module(f"tools.{name}").main
+        assert main.__wrapped__.__module__ == f"tools.{name}", name
