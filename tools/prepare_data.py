@@ -70,6 +70,7 @@ def _main(argv, parsed: dict) -> int:
     args = ap.parse_args(argv)
     parsed["output"] = args.output
     _refuse_tokenizer_options_that_are_not_read(ap, args)
+    _refuse_options_of_the_other_mode(ap, args)
     try:
         if args.embedded:
             out, manifest = _prepare_embedded(args)
@@ -147,6 +148,27 @@ def _refuse_tokenizer_options_that_are_not_read(ap: argparse.ArgumentParser, arg
         ap.error(
             f"--character-coverage {args.character_coverage} shapes a tokenizer trained on the corpus, but "
             f"{'--tokenizer is used as it is' if args.tokenizer else '--embedded builds its own'}: drop it"
+        )
+
+
+def _refuse_options_of_the_other_mode(ap: argparse.ArgumentParser, args) -> None:
+    """--embedded builds the fact corpus of --config into its content-keyed cache folder (where
+    training finds it by itself); the corpus options are not read there, and the config and its
+    overrides are read only there. Either way a given option would be silently dropped."""
+    if args.embedded:
+        given = [f"--{name}" for name in ("input", "output", "tokenizer", "slice") if getattr(args, name)]
+        given += ["--merge"] if args.merge else []
+        if given:
+            ap.error(
+                f"{' and '.join(given)} with --embedded: the embedded fact corpus is built from --config "
+                "into its cache folder (data.cache_dir, printed at the end), which training finds by itself; "
+                f"drop {' and '.join(given)} (or --embedded, to prepare a corpus of your own)"
+            )
+    elif args.overrides or args.config != ap.get_default("config"):
+        what = " ".join(args.overrides) if args.overrides else f"--config {args.config}"
+        ap.error(
+            f"{what}: the config and its overrides are read only with --embedded; a corpus of your own is "
+            "shaped by this tool's options (--seq-len, --vocab-size, ...; see --help)"
         )
 
 

@@ -1085,6 +1085,28 @@ def test_vocab_size_beside_a_given_tokenizer_is_refused(tmp_path, documents, tok
     assert read_manifest(tmp_path / "b")["vocab_size"] == tokenizer.vocab_size
 
 
+def test_options_the_chosen_mode_does_not_read_are_refused(tmp_path, monkeypatch, capsys):
+    """`--embedded --output d` built the fact corpus into its cache folder and left d unmade, and
+    config overrides given with a corpus (`--input c --output d data.seq_len=64`) were dropped: the
+    dataset came out at --seq-len's default. Both are refused before anything is read or built."""
+    monkeypatch.chdir(tmp_path)  # the embedded corpus's cache folder is relative: none may appear here
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one document\n")
+    refusals = [
+        (["--embedded", "--output", "d"], "--output with --embedded"),
+        (["--embedded", "--input", str(corpus), "--tokenizer", "t.model"], "--input and --tokenizer with --embedded"),
+        (["--embedded", "--merge"], "--merge with --embedded"),
+        (["--input", str(corpus), "--output", "d", "data.seq_len=64"], "data.seq_len=64: the config and its overrides"),
+        (["--input", str(corpus), "--output", "d", "--config", "configs/smf_tiny.yaml"], "--config configs/smf_tiny"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_cli.main([*args, "--no-progress"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+
+
 def test_the_corpus_tools_start_without_torch(repo_root):
     """Importing pretrain.data imported its loaders, and reading a shard's module imported webdataset:
     torch with either (python -X importtime: torch ~1 s of it; `train_tokenizer.py --help` took 1.6 to

@@ -7,6 +7,7 @@ beside --output; SIGTERM to every process ended it with exit status 143 and no w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -160,6 +161,9 @@ def tokenizer_training(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as a shell's foreground job: a test run started in the background (nohup, `cmd &` in a
+        # script) has SIGINT ignored, which its children inherit, and Python then leaves it ignored
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
     try:
         trainer = _serving_workers(proc.pid, 1)[0]
