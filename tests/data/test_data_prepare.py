@@ -1088,7 +1088,8 @@ def test_vocab_size_beside_a_given_tokenizer_is_refused(tmp_path, documents, tok
 def test_options_the_chosen_mode_does_not_read_are_refused(tmp_path, monkeypatch, capsys):
     """`--embedded --output d` built the fact corpus into its cache folder and left d unmade, and
     config overrides given with a corpus (`--input c --output d data.seq_len=64`) were dropped: the
-    dataset came out at --seq-len's default. Both are refused before anything is read or built."""
+    dataset came out at --seq-len's default. Both are refused before anything is read or built; so is
+    `--embedded --seq-len 64`, whose corpus came out at the config's data.seq_len."""
     monkeypatch.chdir(tmp_path)  # the embedded corpus's cache folder is relative: none may appear here
     corpus = tmp_path / "c.txt"
     corpus.write_text("one document\n")
@@ -1096,6 +1097,14 @@ def test_options_the_chosen_mode_does_not_read_are_refused(tmp_path, monkeypatch
         (["--embedded", "--output", "d"], "--output with --embedded"),
         (["--embedded", "--input", str(corpus), "--tokenizer", "t.model"], "--input and --tokenizer with --embedded"),
         (["--embedded", "--merge"], "--merge with --embedded"),
+        # the corpus options that shape a dataset were dropped too: the corpus came out at the config's seq_len
+        (
+            ["--embedded", "--seq-len", "64", "--val-fraction", "0.1"],
+            "--seq-len 64 and --val-fraction 0.1 with --embedded: the embedded fact corpus is shaped by --config "
+            "and its overrides, not by this tool's corpus options; drop them and pass data.seq_len=64 "
+            "data.val_fraction=0.1 instead",
+        ),
+        (["--embedded", "--format", "jsonl", "--overwrite"], "--format jsonl and --overwrite with --embedded"),
         (["--input", str(corpus), "--output", "d", "data.seq_len=64"], "data.seq_len=64: the config and its overrides"),
         (["--input", str(corpus), "--output", "d", "--config", "configs/smf_tiny.yaml"], "--config configs/smf_tiny"),
     ]
