@@ -24,6 +24,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -523,11 +524,11 @@ def _conversion(path: Path, encoding: str) -> str:
     """A shell command that re-encodes `path` from `encoding` to UTF-8 in place, through its compression: a
     converted copy beside it in an input folder would be read too (the original still refused, or read a
     second time), and iconv given a compressed file converts its compressed bytes."""
-    temporary = path.with_name(path.name + ".utf8")
+    source, temporary = shlex.quote(str(path)), shlex.quote(str(path.with_name(path.name + ".utf8")))
     tool = _decompressor(path)
     iconv = f"iconv -f {encoding} -t UTF-8"
-    pipe = f"{tool} -dc {path} | {iconv} | {tool} -c" if tool else f"{iconv} {path}"
-    return f"{pipe} > {temporary} && mv {temporary} {path}"
+    pipe = f"{tool} -dc {source} | {iconv} | {tool} -c" if tool else f"{iconv} {source}"
+    return f"{pipe} > {temporary} && mv {temporary} {source}"
 
 
 def _refuse_utf16(path: Path, head: bytes) -> None:
@@ -637,15 +638,15 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
 def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
     """The error for a .json file that is one JSON document (an array of records, or records
     written over several lines) rather than JSON Lines, which is read one line at a time."""
-    stem = path.name.split(".")[0]
+    written = shlex.quote(path.name.split(".")[0] + ".jsonl")
     # jq reads no compressed file ("parse error: Invalid numeric literal" for a .json.gz): decompress into it
-    tool = _decompressor(path)
-    source = f"{tool} -dc {path} | jq -c" if tool else "jq -c"
-    target = "" if tool else f" {path}"
+    tool, quoted = _decompressor(path), shlex.quote(str(path))
+    source = f"{tool} -dc {quoted} | jq -c" if tool else "jq -c"
+    target = "" if tool else f" {quoted}"
     if line.strip().startswith(b"["):
-        what, jq = "a JSON array", f"{source} '.[]'{target} > {stem}.jsonl"
+        what, jq = "a JSON array", f"{source} '.[]'{target} > {written}"
     else:
-        what, jq = "a JSON object written over several lines", f"{source} .{target} > {stem}.jsonl"
+        what, jq = "a JSON object written over several lines", f"{source} .{target} > {written}"
     return (
         f"{path}:{lineno}: the file is {what}, not JSON Lines (one document per line, each a JSON object "
         f"with the field holding its text): convert it, e.g. {jq}; or, if each file is one document (a "
