@@ -1,14 +1,16 @@
 """sentencepiece's trainer in a process of its own, which pretrain.data.tokenizer runs as a script:
 
-    python sentencepiece_worker.py OPTIONS_JSON MODEL_PATH    (the sample on stdin, one sentence a line)
+    python sentencepiece_worker.py OPTIONS_JSON MODEL_PATH CALLER_PID    (the sample on stdin, a sentence a line)
 
 The trainer is native code: in the caller's process it held the main thread, and with it every Python
 signal handler, until it returned (minutes on a large sample). Here the caller can kill it at once.
 It ignores the stop signals and Ctrl-C, which Slurm and the terminal send to every process of the
 step or group: the caller decides the stop. The model goes to MODEL_PATH.tmp, renamed to MODEL_PATH
-when complete. Only the standard library and sentencepiece are imported: it starts in a blink.
+when complete. On Linux it dies with its caller (a kill -9 of the tool, the OOM killer), where it
+would train on for minutes, its model unread. Only the standard library and sentencepiece are imported: it starts in a blink.
 """
 
+import ctypes
 import json
 import os
 import signal
@@ -17,7 +19,23 @@ import sys
 _STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with_the_caller(caller_pid: int) -> None:
+    """SIGKILL this process when its caller ends (Linux; elsewhere the caller's kill on its way out
+    is all there is). The caller may have died before the request: then its pid is no longer the parent's."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != caller_pid:
+        os._exit(1)
+
+
 def main() -> None:
+    _die_with_the_caller(int(sys.argv[3]))
     for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked by the caller until they are ignored

@@ -22,6 +22,7 @@ import collections
 import functools
 import hashlib
 import json
+import os
 import random
 import re
 import signal
@@ -267,7 +268,7 @@ def _trained_model(sentences: list[str], options: dict) -> bytes:
     model trains for 9.5 min)."""
     with tempfile.TemporaryDirectory(prefix="sentencepiece-") as tmp:
         model = Path(tmp) / "tokenizer.model"
-        command = [sys.executable, str(_WORKER), json.dumps(options), str(model)]
+        command = [sys.executable, str(_WORKER), json.dumps(options), str(model), str(os.getpid())]
         with stop_signals_blocked(_CTRL_C_AND_STOPS):  # it ignores them, then unblocks: none ends it as it starts
             trainer = subprocess.Popen(command, stdin=subprocess.PIPE)
         try:

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,24 @@ def test_a_tokenizer_trainer_killed_by_the_out_of_memory_killer_is_named(tokeniz
         "out-of-memory killer (dmesg): a smaller sample (--max-sentences) needs less memory\n"
     )
     assert sorted(p.name for p in out.parent.iterdir()) == ["corpus.txt"]
+
+
+def test_a_tokenizer_trainer_ends_with_the_tool_killed_outright(tokenizer_training):
+    """kill -9 of the tool (the OOM killer, a node's cleanup) left its sentencepiece trainer training on
+    to the end, and writing a model no one would read (measured: it finished and renamed its model into
+    the tool's temporary folder, the tool long gone). On Linux it now asks the kernel to SIGKILL it when
+    its caller ends."""
+    proc, trainer, _ = tokenizer_training
+    model = Path(Path(f"/proc/{trainer}/cmdline").read_bytes().split(b"\0")[3].decode())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while _status(trainer).get("State", "Z").startswith(("R", "S", "D")):
+        assert time.monotonic() < deadline, f"the trainer (pid {trainer}) was still training after 120 s"
+        time.sleep(0.05)
+    trained = model.exists()
+    shutil.rmtree(model.parent)  # the tool's temporary folder: a kill -9 leaves it behind
+    assert not trained, "the trainer trained to the end with the tool gone"
 
 
 def test_the_tokenizer_trainer_imports_the_standard_librarys_modules_not_the_packages(tmp_path, monkeypatch):
