@@ -27,6 +27,7 @@ the ratio conservative.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import subprocess
 import time
@@ -200,8 +201,13 @@ def source_commit() -> str:
     sets it from COMMIT, as the device copy's .git may be stale), else `git rev-parse HEAD` of this
     checkout with "-dirty" when tracked files differ from it, else "unknown"."""
     named = os.environ.get("MEMLAYERS_COMMIT", "").strip()
-    if named:
-        return named
+    return named or _checkout_commit()
+
+
+@functools.lru_cache(maxsize=1)
+def _checkout_commit() -> str:
+    """This checkout's commit, asked of git once per process (a JSON rewritten after every row
+    would otherwise run `git status` each time)."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

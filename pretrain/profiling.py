@@ -50,6 +50,9 @@ class ProfileReport:
     # step_time_s is the device waiting for the host (launches, syncs, data).
     time_kind: str = "cpu"
     device_busy_s: float | None = None
+    # the memory/* regions (REGIONS) recorded at all: a compiled block runs without its
+    # record_function regions, so under train.compile scoring and bag_forward have none
+    regions_seen: frozenset[str] | None = None
 
     def share(self, part: str) -> float:
         return self.memory_time_s[part] / self.step_time_s if self.step_time_s else 0.0
@@ -122,7 +125,8 @@ def summarize(events, trace: Path, top: int = 15, skip_steps: int = 0) -> Profil
         entry[1] += 1
     top_ops = sorted(((n, t, c) for n, (t, c) in ops.items()), key=lambda r: -r[1])[:top]
     busy = sum(_self_device_us(e) for e in inside) / 1e6 if device else None
-    return ProfileReport(trace, _intervals_total(steps), memory, top_ops, "device" if device else "cpu", busy)
+    seen = frozenset(part for part, region in REGIONS.items() if by_name.get(region))
+    return ProfileReport(trace, _intervals_total(steps), memory, top_ops, "device" if device else "cpu", busy, seen)
 
 
 def _self_device_us(event) -> float:
@@ -170,7 +174,19 @@ def format_report(report: ProfileReport) -> str:
             f"({100 * report.device_busy_s / report.step_time_s:.1f}%; the rest it waited for the host)",
         ]
     lines += ["", f"memory layers, share of the step time ({report.step_time_s:.3f} s in train/forward+backward+step):"]
+    # P = 1 has no communication region, and none is due: it stays 0 s
+    unseen = (
+        [] if report.regions_seen is None else [p for p in ("scoring", "bag_forward") if p not in report.regions_seen]
+    )
     for part in ("scoring", "scoring_backward", "bag_forward", "bag_backward", "communication"):
-        lines.append(f"  {part:<16} {report.memory_time_s[part]:>9.4f} s  {100 * report.share(part):6.2f}%")
+        if part in unseen:
+            lines.append(f"  {part:<16} {'not seen':>11}")
+        else:
+            lines.append(f"  {part:<16} {report.memory_time_s[part]:>9.4f} s  {100 * report.share(part):6.2f}%")
     lines.append("  (communication is nested inside bag_forward when memory.parallel_size > 1)")
+    if unseen:
+        lines.append(
+            "  not seen: no such region was recorded, which is not 0 s: a compiled block (train.compile) "
+            "runs without its record_function regions; its kernels are among the operators above"
+        )
     return "\n".join(lines)

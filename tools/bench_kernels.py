@@ -134,11 +134,13 @@ def steady_timer(device, repeats: int, reruns: int):
     return lambda fn: kb.time_steady(lambda: kb.time_ms(fn, device, repeats), reruns)
 
 
-def bench_shapes(args, device, info, progress) -> list[dict]:
-    """Per value dim: the scoring rows (at the first value dim only: scoring does not read the
-    values), then the bag's forward and backward rows; PyTorch baselines always, Triton on CUDA."""
+def bench_shapes(args, device, info, progress, rows: list | None = None) -> list[dict]:
+    """The scoring rows (once: scoring does not read the values), then per value dim the bag's
+    forward and backward rows; PyTorch baselines always, Triton on CUDA. `progress` advances once
+    for the scoring and once per value dim (`shape_steps`); `rows` receives each row as it is
+    measured (a StreamedRows that saves, say)."""
     use_triton = device.type == "cuda"
-    rows, peak = StreamedRows(), info["peak_tbs"]
+    rows, peak = StreamedRows() if rows is None else rows, info["peak_tbs"]
     timed = steady_timer(device, args.repeats, args.reruns)
     dtype = DTYPES[args.dtype]
 
@@ -174,6 +176,11 @@ def bench_shapes(args, device, info, progress) -> list[dict]:
         values = None  # free the table (up to 4 GB) before the next shape
         progress.update(1)
     return rows
+
+
+def shape_steps(args) -> int:
+    """The progress steps of `bench_shapes`: the scoring, then each value dim's bag rows."""
+    return 1 + len(args.v_dims)
 
 
 def _scoring_rows(add, args, s, qkk, indices, shape: dict, use_triton: bool) -> None:
@@ -339,10 +346,11 @@ def _bag_backward_rows(add, args, s, values, indices, weights, shape: dict, stat
     )
 
 
-def bench_launch_configs(args, device) -> dict:
+def bench_launch_configs(args, device, save_partial=None) -> dict:
     """Every launch candidate of each autotuned kernel at the first shape (bag kernels at
     each value dim), with p20/p50/p80; the winner per kernel and tuning key is the fastest
     p50 among steady candidates (p80/p20 <= 1.15), or the lowest p80 when none is steady.
+    `save_partial(**sections)` receives the result so far after each kernel.
     Each candidate's output is compared with the first candidate's (index agreement for
     the scoring forward, relative difference otherwise), so a launch that computes wrongly
     is seen, not pinned."""
@@ -419,11 +427,13 @@ def bench_launch_configs(args, device) -> dict:
             best_row["winner"] = True
             pins.setdefault(kernel, {})[str(key)] = lc.launch_spec(best)
             tqdm.write(f"winner: {lc.table_entry(sku, kernel, key, best)}")
+        if save_partial is not None:
+            save_partial(sku=sku, launch_configs=rows, pins=pins)
     return {"sku": sku, "launch_configs": rows, "pins": pins}
 
 
-def bench_layer(args, device) -> list[dict]:
-    """--layer: pretrain.bench.layer on this config, rows printed as they are measured."""
+def bench_layer(args, device, rows: list | None = None) -> list[dict]:
+    """--layer: pretrain.bench.layer on this config, rows printed (and saved) as they are measured."""
     from pretrain.bench.layer import bench_layer as run
 
     try:
@@ -432,7 +442,7 @@ def bench_layer(args, device) -> list[dict]:
             device,
             args.dtype,
             steady_timer(device, args.repeats, args.reruns),
-            StreamedRows(),
+            StreamedRows() if rows is None else rows,
             batch=args.layer_batch,
             seq=args.layer_seq,
             say=tqdm.write,
@@ -486,13 +496,25 @@ TABLE_HEADER = (
 
 
 class StreamedRows(list):
-    """Result rows, each printed as it is measured, so a failure later keeps what came before."""
+    """Result rows, each printed as it is measured and handed to `save` (the rows so far), so a
+    run cut short (a gpu_check stage's time limit) keeps what came before, in the log and in the JSON."""
+
+    def __init__(self, save=None):
+        super().__init__()
+        self.save = save
 
     def append(self, row: dict) -> None:
         if not self:
             tqdm.write(TABLE_HEADER)
-        tqdm.write(format_row(row))
+        if "p20" in row:  # not a derived row (a layer's unattributed rest), which bench_layer says itself
+            tqdm.write(format_row(row))
         super().append(row)
+        if self.save is not None:
+            self.save(list(self))
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
 
 
 def main(argv=None) -> int:
@@ -500,6 +522,16 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = kb.device_info(device)
     payload = {}  # the JSON's sections; kb.write_results adds the run's info and the options ("settings")
+
+    def save_partial(**sections) -> None:
+        """Rewrite --json with the sections measured so far, marked incomplete ("complete": false),
+        so a run stopped half-way (gpu_check's stage limit) returns what it measured."""
+        if args.json:
+            kb.write_results(args.json, device, vars(args), **payload, **sections, complete=False)
+
+    def saving(section: str) -> StreamedRows:
+        return StreamedRows(lambda rows: save_partial(**{section: rows}))
+
     if device.type != "cuda":
         print("no CUDA device: timing the PyTorch paths only; Triton timing skipped")
         payload["triton_skipped"] = True
@@ -507,9 +539,9 @@ def main(argv=None) -> int:
         if device.type != "cuda":
             print("--configs needs a CUDA device (the interpreter runs one fixed launch)")
             return 2
-        payload.update(bench_launch_configs(args, device))
+        payload.update(bench_launch_configs(args, device, save_partial))
     elif args.layer is not None:
-        payload["layer"] = bench_layer(args, device)
+        payload["layer"] = bench_layer(args, device, saving("layer"))
     elif args.sweep:
         n_list = [64, 128, 256, 512, 1024]
         with tqdm(total=len(n_list), desc="sweep") as bar:
@@ -537,8 +569,8 @@ def main(argv=None) -> int:
         save_figure(fig, args.plot)
         print(f"plot written to {args.plot}")
     else:
-        with tqdm(total=2 * len(args.v_dims), desc="kernels") as bar:
-            rows = bench_shapes(args, device, info, bar)
+        with tqdm(total=shape_steps(args), desc="kernels") as bar:
+            rows = bench_shapes(args, device, info, bar, saving("results"))
         payload["results"] = rows
         if device.type == "cuda":
             from kernels import launch_configs
@@ -550,7 +582,7 @@ def main(argv=None) -> int:
                     print(f"autotuned {name} {key}: {config}")
         print(f"device: {info['device']} (SKU {info['sku']}, peak {info['peak_tbs']} TB/s)")
     if args.json:
-        kb.write_results(args.json, device, vars(args), **payload)
+        kb.write_results(args.json, device, vars(args), **payload, complete=True)
         print(f"results written to {args.json}")
     return 0
 

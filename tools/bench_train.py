@@ -42,10 +42,12 @@ import functools
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,20 +179,31 @@ def run_variant(v: dict, args, tmp: Path, round_index: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", str(out_file)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out_file.unlink(missing_ok=True)
+    started = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    wall_s = time.monotonic() - started  # start-up, data, compilation and steps: what a GPU stage budgets
     if proc.returncode != 0 or not out_file.is_file():
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         return {
             "error": f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}",
             "stderr": proc.stderr[-4000:],
+            "wall_s": wall_s,
         }
-    return json.loads(out_file.read_text())
+    return {**json.loads(out_file.read_text()), "wall_s": wall_s}
+
+
+def end_the_worker_with_the_driver() -> None:
+    """SIGTERM (tools/gpu_check.sh's stage time limit, a kill) ends the driver by SystemExit, so
+    that subprocess.run kills the variant's worker and waits for it. By default the driver died
+    at once and its worker went on: the trainer takes SIGTERM as 'stop after this step', which in
+    a compiling first step is a minute away, on the GPU beside the next stage."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def summarise(v: dict, runs: list[dict]) -> dict:
     failed = [r for r in runs if "error" in r]
     if failed:
-        return {"variant": name_of(v), **v, "error": failed[0]["error"]}
+        return {"variant": name_of(v), **v, "error": failed[0]["error"], "wall_s": sum(r["wall_s"] for r in runs)}
     times = [t for r in runs for t in r["step_times"]]
     first = runs[0]
     median = statistics.median(times)
@@ -211,6 +224,7 @@ def summarise(v: dict, runs: list[dict]) -> dict:
         "device": first["device"],
         "peak_flops": peak,
         "value_optimizer": first.get("value_optimizer"),  # as the trainer read it
+        "wall_s": sum(r["wall_s"] for r in runs),  # the worker processes' whole time, start-up included
     }
 
 
@@ -312,6 +326,7 @@ def main(argv=None) -> int:
         Path(args.worker_out).write_text(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
+    end_the_worker_with_the_driver()
     todo = variants(args)
     runs: dict[str, list[dict]] = {name_of(v): [] for v in todo}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -327,7 +342,7 @@ def main(argv=None) -> int:
                 else:
                     print(
                         f"{head}: median {statistics.median(r['step_times']) * 1e3:.1f} ms/step, "
-                        f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB",
+                        f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['wall_s']:.0f} s in all)",
                         flush=True,
                     )
                 report(args, [summarise(w, runs[name_of(w)]) for w in todo if runs[name_of(w)]], final=False)

@@ -19,7 +19,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.cli import ends_quietly_when_the_reader_stops, positive_int  # noqa: E402
-from pretrain.launch import RunFinished, RunInQueue, SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
+from pretrain.launch import plan_run, submit  # noqa: E402
+from pretrain.resume_checks import RunFinished, RunInQueue  # noqa: E402
+from pretrain.sbatch_script import SlurmOptions, SubmitError  # noqa: E402
 from pretrain.sweep import SweepError, parse_sweep, read_sweep_record, write_sweep_record  # noqa: E402
 
 

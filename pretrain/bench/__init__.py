@@ -7,4 +7,5 @@ parallel packages (which hold only what training runs):
   memory and traffic (tools/bench_parallel.py).
 * `values`: the value-pool update, dense vs row-sparse, against the pool size
   (tools/bench_values.py).
+* `model`: the small one-memory-layer model config `parallel` and `values` build.
 """

@@ -8,6 +8,7 @@ import gzip
 import json
 import re
 import shutil
+import subprocess
 import warnings
 
 import pyarrow as pa
@@ -213,10 +214,15 @@ def test_utf16_text_is_refused_with_the_conversion(tmp_path, docs):
         (folder / name).write_bytes(data)
         (folder / "other.txt").write_text("another document\n")
         for inputs in ([folder], [folder / name]):
-            with pytest.raises(DataError, match=rf"{name} is UTF-16 text .* iconv -f UTF-16 -t UTF-8 "):
+            with pytest.raises(DataError, match=rf"{name} is UTF-16 text .* iconv -f UTF-16 -t UTF-8 ") as err:
                 list(iter_documents(inputs))
-        (folder / name).write_bytes(data.decode("utf-16").encode())  # what iconv writes
-        assert list(iter_documents([folder / name])) == [docs[0]]
+        # the conversion named, run as written, converts the file in place (until 2026-12-07: a copy beside
+        # it, and the folder, which still held the UTF-16 file, was refused all the same)
+        command = str(err.value).split("convert it in place, e.g. ")[1]
+        assert command.startswith(f"iconv -f UTF-16 -t UTF-8 {folder / name} > ")
+        subprocess.run(["bash", "-c", command], check=True)
+        assert (folder / name).read_bytes() == data.decode("utf-16").encode()  # Python's codec as the reference
+        assert sorted(iter_documents([folder])) == sorted([docs[0], "another document\n"])
 
 
 def test_bz2_and_xz_read_as_the_plain_documents_and_archives_are_refused(tmp_path, docs):

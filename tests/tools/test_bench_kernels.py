@@ -290,3 +290,60 @@ def test_one_file_for_the_sweep_json_and_its_plot_is_refused_at_the_parse(tmp_pa
     with pytest.raises(SystemExit):
         bench_values_args(["--plot", str(tmp_path / "x.json")])
     assert "matplotlib cannot write a .json image" in capsys.readouterr().err
+
+
+SMALL = ["--tokens", "16", "--n-keys", "16", "--k", "4", "--k-dim", "16", "--repeats", "1", "--dtype", "fp32"]
+
+
+def test_the_progress_bar_counts_the_scoring_once_and_each_value_dim(capsys):
+    """The scoring rows run once (at the first value dim), the bag rows once per value dim: with
+    two value dims the bar ends at 3 of 3 (it stopped at 3 of 4, as if the scoring ran twice)."""
+    from tools.bench_kernels import main
+
+    assert main([*SMALL, "--v-dims", "8", "24"]) == 0
+    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "kernels:" in line]
+    assert bars and "3/3" in bars[-1] and "100%" in bars[-1]
+
+
+def test_a_run_cut_short_keeps_the_rows_measured_in_its_json(tmp_path, monkeypatch):
+    """gpu_check stops a stage at its time limit: the JSON is rewritten after every row (marked
+    incomplete), so the rows measured before the stop come back; a finished run says complete."""
+    import tools.bench_kernels as bench
+
+    out = tmp_path / "bench.json"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the stage's timeout, in the middle of the bag backward rows
+
+    monkeypatch.setattr(bench, "_bag_backward_rows", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*SMALL, "--v-dims", "24", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is False and {"device", "date", "commit", "settings"} <= payload.keys()
+    names = {r["name"] for r in payload["results"]}
+    assert {"scoring_fwd_torch", "scoring_fwd_bwd_torch", "bag_fwd_torch_embedding_bag"} <= names
+    assert not any(n.startswith("bag_bwd") for n in names)
+    monkeypatch.undo()
+    assert bench.main([*SMALL, "--v-dims", "24", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is True and any(r["name"].startswith("bag_bwd") for r in payload["results"])
+
+
+def test_a_layer_run_cut_short_keeps_the_rows_measured_in_its_json(tmp_path, monkeypatch):
+    """--layer saves each row as it is measured too: stopped in the whole-model rows, the memory
+    layer's rows (the layer ratio on a GPU) are in the JSON."""
+    import pretrain.bench.layer as layer
+    import tools.bench_kernels as bench
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layer, "model_rows", stopped)
+    out = tmp_path / "layer.json"
+    argv = ["--layer", "configs/tiny.yaml", "--layer-batch", "1", "--layer-seq", "8", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*argv, "--dtype", "fp32", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    names = {r["name"] for r in payload["layer"]}
+    assert payload["complete"] is False and "memory_layer_fwd_bwd_torch" in names
+    assert {"memory_part_scoring_fwd_bwd_torch", "memory_part_rest_torch"} <= names

@@ -140,3 +140,40 @@ def test_json_records_date_commit_and_torch_and_a_folder_is_refused_when_parsed(
         with pytest.raises(SystemExit) as exit_:
             main(["--config", "configs/tiny.yaml", option, str(tmp_path)])
         assert exit_.value.code == 2 and f"{tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_a_terminated_driver_ends_its_worker(tmp_path):
+    """gpu_check stops a stage with SIGTERM at its time limit. The driver must not leave its
+    variant's worker training on (the trainer takes SIGTERM as 'stop after this step', which in a
+    compiling first step is a minute away) beside the next stage: it kills and waits for it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    root = Path(__file__).resolve().parents[2]
+    argv = ["--config", "configs/tiny.yaml", "--models", "memory", "--steps", "100000", "--rounds", "1"]
+    argv += ["--data-cache", str(tmp_path / "data"), "train.global_batch=4", "train.micro_batch=4"]
+    driver = subprocess.Popen([sys.executable, str(root / "tools" / "bench_train.py"), *argv], cwd=root)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not workers and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+            workers = [p for p in psutil.Process(driver.pid).children() if "--worker" in p.cmdline()]
+        assert workers, "the driver started no worker"
+        time.sleep(1.0)  # the worker is under way (importing, preparing data or training)
+        driver.send_signal(signal.SIGTERM)
+        driver.wait(timeout=60)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, "the worker outlived its driver"
+        assert driver.returncode == 128 + signal.SIGTERM  # SystemExit: the driver's own exit, after the worker's
+    finally:
+        for p in workers:
+            if p.is_running():
+                p.kill()
+        if driver.poll() is None:
+            driver.kill()

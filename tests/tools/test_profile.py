@@ -224,3 +224,26 @@ def test_the_scoring_backward_s_embedding_bag_kernels_are_not_bag_backward():
     assert report.memory_time_s["bag_backward"] == pytest.approx((200 + 50) * 1e-6)
     assert report.memory_time_s["scoring_backward"] == pytest.approx(400 * 1e-6)
     assert re.search(r"^\s+scoring_backward\s+0.0004 s\s+40.00%$", format_report(report), re.M)
+
+
+def test_a_memory_region_never_recorded_is_not_reported_as_no_time():
+    """A compiled block runs without its record_function regions (train.compile: the GPU check's
+    profile stage), so memory/scoring and memory/bag_forward are absent from the events. The report
+    said 0.0000 s (0.00%) for them, read as 'the scoring costs nothing'; it says 'not seen' and why."""
+    from types import SimpleNamespace
+
+    from pretrain.profiling import format_report, summarize
+
+    def event(name, start, end):
+        span = SimpleNamespace(start=start, end=end)
+        return SimpleNamespace(name=name, time_range=span, self_cpu_time_total=end - start, self_device_time_total=0)
+
+    compiled = [event("train/forward", 0, 1000), event("memlayers::pkm_topk_backward", 100, 300)]
+    text = format_report(summarize(compiled, Path("t.json")))
+    assert re.search(r"^\s+scoring\s+not seen$", text, re.M) and re.search(r"^\s+bag_forward\s+not seen$", text, re.M)
+    assert "a compiled block (train.compile) runs without its record_function regions" in text
+    assert re.search(r"^\s+scoring_backward\s+0.0002 s\s+20.00%$", text, re.M)  # a custom op: recorded
+    eager = [*compiled, event("memory/scoring", 400, 500), event("memory/bag_forward", 500, 550)]
+    text = format_report(summarize(eager, Path("t.json")))
+    assert re.search(r"^\s+scoring\s+0.0001 s\s+10.00%$", text, re.M) and "not seen:" not in text
+    assert re.search(r"^\s+communication\s+0.0000 s\s+0.00%$", text, re.M)  # P = 1: no collectives, none due
