@@ -1,7 +1,7 @@
 """argparse types shared by the command-line tools (tools/*.py): bad input is refused when the
 arguments are parsed, with the option and the value named, before any work starts. Also how a tool
-prints warnings, meets a stop signal, and ends quietly when the reader of its output stops early
-(`| head`)."""
+prints (warnings as one line; an output whose reader stopped early, `| head`, ends quietly) and meets
+a stop signal."""
 
 from __future__ import annotations
 
@@ -197,25 +197,6 @@ def plain_warnings() -> Iterator[None]:
         warnings.formatwarning = before
 
 
-def ends_quietly_when_the_reader_stops(main):
-    """Wrap a tool's main so that output piped into a reader that stops early (`memlayers-tfidf ... |
-    head`, quitting `less`) ends the tool with status 1 and nothing printed, as `cat` ends, instead of a
-    BrokenPipeError traceback (from the print that met the closed pipe, or Python's flush at exit)."""
-
-    @functools.wraps(main)
-    def wrapped(*args, **kwargs):
-        try:
-            status = main(*args, **kwargs)
-            sys.stdout.flush()  # here, not at exit, where a closed pipe is an 'Exception ignored' message
-            return status
-        except BrokenPipeError:
-            # the interpreter flushes stdout again at exit: point it at /dev/null (Python's signal docs)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
-
-    return wrapped
-
-
 class StoppedBySignal(SystemExit):
     """A stop signal ended the tool (raised in the main thread by `stop_signals_exit`'s handler)."""
 
@@ -246,3 +227,22 @@ def stop_signals_exit() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def ends_quietly_when_the_reader_stops(main):
+    """Wrap a tool's main so that output piped into a reader that stops early (`memlayers-tfidf ... |
+    head`, quitting `less`) ends the tool with status 1 and nothing printed, as `cat` ends, instead of a
+    BrokenPipeError traceback (from the print that met the closed pipe, or Python's flush at exit)."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            status = main(*args, **kwargs)
+            sys.stdout.flush()  # here, not at exit, where a closed pipe is an 'Exception ignored' message
+            return status
+        except BrokenPipeError:
+            # the interpreter flushes stdout again at exit: point it at /dev/null (Python's signal docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+
+    return wrapped

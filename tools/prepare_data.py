@@ -151,6 +151,20 @@ def _refuse_tokenizer_options_that_are_not_read(ap: argparse.ArgumentParser, arg
         )
 
 
+# The options that shape a corpus's dataset, which --embedded does not read (its config does), with the
+# config key that does the same there, where there is one.
+_CORPUS_SHAPING = {
+    "seq_len": "data.seq_len",
+    "val_fraction": "data.val_fraction",
+    "sequences_per_shard": "data.sequences_per_shard",
+    "seed": "data.synthetic.seed",
+    "format": None,
+    "text_field": None,
+    "workers": None,
+    "overwrite": None,
+}
+
+
 def _refuse_options_of_the_other_mode(ap: argparse.ArgumentParser, args) -> None:
     """--embedded builds the fact corpus of --config into its content-keyed cache folder (where
     training finds it by itself); the corpus options are not read there, and the config and its
@@ -163,6 +177,18 @@ def _refuse_options_of_the_other_mode(ap: argparse.ArgumentParser, args) -> None
                 f"{' and '.join(given)} with --embedded: the embedded fact corpus is built from --config "
                 "into its cache folder (data.cache_dir, printed at the end), which training finds by itself; "
                 f"drop {' and '.join(given)} (or --embedded, to prepare a corpus of your own)"
+            )
+        unread = [name for name in _CORPUS_SHAPING if getattr(args, name) != ap.get_default(name)]
+        if unread:
+            shown = " and ".join(
+                f"--{name.replace('_', '-')}" + ("" if getattr(args, name) is True else f" {getattr(args, name)}")
+                for name in unread
+            )
+            keys = [f"{_CORPUS_SHAPING[name]}={getattr(args, name)}" for name in unread if _CORPUS_SHAPING[name]]
+            ap.error(
+                f"{shown} with --embedded: the embedded fact corpus is shaped by --config and its overrides, "
+                f"not by this tool's corpus options; drop {'them' if len(unread) > 1 else 'it'}"
+                + (f" and pass {' '.join(keys)} instead" if keys else "")
             )
     elif args.overrides or args.config != ap.get_default("config"):
         what = " ".join(args.overrides) if args.overrides else f"--config {args.config}"

@@ -24,6 +24,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -40,7 +41,10 @@ _STREAMS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}  # the stdlib streams, 
 # Files no reader here takes, which were read as one document of binary garbage when named (a .tar.gz
 # decompressed, then read whole, headers included): refused before any work, naming the fix.
 _ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".7z", ".rar")
-PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
+PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file, at most
+# ... and fewer where they are long: about this much text at once, by the row group's average (its metadata).
+# A row group of 1,100 documents of 512K characters read 1024 at a time peaked at 3.3 GB, 128 at a time at 1.8.
+PARQUET_BATCH_BYTES = 64 << 20
 # A file read as one document (--format text) larger than this is refused: no document is that long
 # (64 MiB is ~16M tokens), a corpus in one file is, and it would be one document (the tokenizer takes a
 # long one in pieces: Tokenizer.cut_document).
@@ -520,11 +524,11 @@ def _conversion(path: Path, encoding: str) -> str:
     """A shell command that re-encodes `path` from `encoding` to UTF-8 in place, through its compression: a
     converted copy beside it in an input folder would be read too (the original still refused, or read a
     second time), and iconv given a compressed file converts its compressed bytes."""
-    temporary = path.with_name(path.name + ".utf8")
+    source, temporary = shlex.quote(str(path)), shlex.quote(str(path.with_name(path.name + ".utf8")))
     tool = _decompressor(path)
     iconv = f"iconv -f {encoding} -t UTF-8"
-    pipe = f"{tool} -dc {path} | {iconv} | {tool} -c" if tool else f"{iconv} {path}"
-    return f"{pipe} > {temporary} && mv {temporary} {path}"
+    pipe = f"{tool} -dc {source} | {iconv} | {tool} -c" if tool else f"{iconv} {source}"
+    return f"{pipe} > {temporary} && mv {temporary} {source}"
 
 
 def _refuse_utf16(path: Path, head: bytes) -> None:
@@ -634,15 +638,15 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
 def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
     """The error for a .json file that is one JSON document (an array of records, or records
     written over several lines) rather than JSON Lines, which is read one line at a time."""
-    stem = path.name.split(".")[0]
+    written = shlex.quote(path.name.split(".")[0] + ".jsonl")
     # jq reads no compressed file ("parse error: Invalid numeric literal" for a .json.gz): decompress into it
-    tool = _decompressor(path)
-    source = f"{tool} -dc {path} | jq -c" if tool else "jq -c"
-    target = "" if tool else f" {path}"
+    tool, quoted = _decompressor(path), shlex.quote(str(path))
+    source = f"{tool} -dc {quoted} | jq -c" if tool else "jq -c"
+    target = "" if tool else f" {quoted}"
     if line.strip().startswith(b"["):
-        what, jq = "a JSON array", f"{source} '.[]'{target} > {stem}.jsonl"
+        what, jq = "a JSON array", f"{source} '.[]'{target} > {written}"
     else:
-        what, jq = "a JSON object written over several lines", f"{source} .{target} > {stem}.jsonl"
+        what, jq = "a JSON object written over several lines", f"{source} .{target} > {written}"
     return (
         f"{path}:{lineno}: the file is {what}, not JSON Lines (one document per line, each a JSON object "
         f"with the field holding its text): convert it, e.g. {jq}; or, if each file is one document (a "
@@ -676,7 +680,7 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
             )
         rows = 0  # before the batch
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for batch in _parquet_batches(parquet, text_field):
                 sizes = _byte_lengths(batch.column(0))
                 if len(sizes) and sizes.max() > MAX_TEXT_DOCUMENT_BYTES:  # refused before it becomes Python text
                     row = int(np.argmax(sizes > MAX_TEXT_DOCUMENT_BYTES))
@@ -687,6 +691,21 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
                     yield "" if text is None else text
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path} is a damaged Parquet file ({err}): re-copy or re-download it") from None
+
+
+def _parquet_batches(parquet, text_field: str):
+    """The column `text_field` of `parquet` in record batches, row group by row group, each of at most
+    PARQUET_BATCH_ROWS rows and, by the row group's average row (uncompressed, from the file's metadata),
+    about PARQUET_BATCH_BYTES of text."""
+    meta = parquet.metadata
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        chunks = (group.column(j) for j in range(group.num_columns))
+        size = next((c.total_uncompressed_size for c in chunks if c.path_in_schema == text_field), 0)
+        rows = PARQUET_BATCH_ROWS if size <= 0 else PARQUET_BATCH_BYTES * group.num_rows // size
+        yield from parquet.iter_batches(
+            batch_size=min(max(rows, 1), PARQUET_BATCH_ROWS), row_groups=[g], columns=[text_field]
+        )
 
 
 def _byte_lengths(column) -> np.ndarray:

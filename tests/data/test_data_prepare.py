@@ -107,32 +107,35 @@ def test_preparation_shows_how_much_of_the_input_is_read(tmp_path, tokenizer, mo
     assert sorted(set(bars["read"]))[:-1] == sorted(set(read))[:-1]  # document by document, then filled
 
 
+@pytest.mark.parametrize("stem", ["authors", "an author's notes"])  # the second: quoted for the shell
 @pytest.mark.parametrize("suffix", ["", ".gz", ".xz"])
-def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path, suffix):
+def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path, suffix, stem):
     """A Latin-1 file (as /usr/share/doc/ed/AUTHORS: 'Fran\\xe7ois Pinard') lost each accented letter to
     U+FFFD, said only as a count in the stats line. One warning now names the files, how many documents,
     and a command that converts the file in place; run as written, the folder reads as the text was meant
     (the reference: its bytes decoded as Latin-1), once. The command named until 2026-12-07 wrote a copy
     beside the file (`iconv ... authors.txt > authors.utf8.txt`), which the folder then read beside the
     original: the document twice, once still broken; for /usr/share/doc/ed/changelog.gz it converted the
-    gzip bytes into a file no reader could open."""
+    gzip bytes into a file no reader could open. A name with a space or a quote is quoted for the shell (it
+    was not: iconv read two files, and the output went to a file named by the name's first word)."""
+    import shlex
     import subprocess
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     latin1 = "Fran\u00e7ois Pinard wrote na\u00efve caf\u00e9 code.\n" * 3
-    name = "authors.txt" + suffix
+    name = stem + ".txt" + suffix
     compress = {"": lambda b: b, ".gz": gzip.compress, ".xz": __import__("lzma").compress}[suffix]
     (corpus / name).write_bytes(compress(latin1.encode("latin-1")))
     (corpus / "fine.txt").write_text("plain UTF-8 text, caf\u00e9 included\n")
     with pytest.warns(
-        UserWarning, match=rf"1 document\(s\) in 1 file\(s\) \(.*{name}\) held text that is not UTF-8"
+        UserWarning, match=rf"1 document\(s\) in 1 file\(s\) \(.*{re.escape(name)}\) held text that is not UTF-8"
     ) as seen:
         docs = list(iter_documents([corpus]))
     assert docs[0] == latin1.replace("\u00e7", "\ufffd").replace("\u00ef", "\ufffd").replace("\u00e9", "\ufffd")
     (message,) = [str(w.message) for w in seen]
     command = message.split("convert such a file in place, e.g. ")[1]
-    path, temporary = corpus / name, corpus / f"{name}.utf8"
+    path, temporary = shlex.quote(str(corpus / name)), shlex.quote(str(corpus / f"{name}.utf8"))
     tool = {"": None, ".gz": "gzip", ".xz": "xz"}[suffix]
     pipe = f"{tool} -dc {path} | iconv -f latin1 -t UTF-8 | {tool} -c" if tool else f"iconv -f latin1 -t UTF-8 {path}"
     assert command == f"{pipe} > {temporary} && mv {temporary} {path}"
@@ -1085,7 +1088,8 @@ def test_vocab_size_beside_a_given_tokenizer_is_refused(tmp_path, documents, tok
 def test_options_the_chosen_mode_does_not_read_are_refused(tmp_path, monkeypatch, capsys):
     """`--embedded --output d` built the fact corpus into its cache folder and left d unmade, and
     config overrides given with a corpus (`--input c --output d data.seq_len=64`) were dropped: the
-    dataset came out at --seq-len's default. Both are refused before anything is read or built."""
+    dataset came out at --seq-len's default. Both are refused before anything is read or built; so is
+    `--embedded --seq-len 64`, whose corpus came out at the config's data.seq_len."""
     monkeypatch.chdir(tmp_path)  # the embedded corpus's cache folder is relative: none may appear here
     corpus = tmp_path / "c.txt"
     corpus.write_text("one document\n")
@@ -1093,6 +1097,14 @@ def test_options_the_chosen_mode_does_not_read_are_refused(tmp_path, monkeypatch
         (["--embedded", "--output", "d"], "--output with --embedded"),
         (["--embedded", "--input", str(corpus), "--tokenizer", "t.model"], "--input and --tokenizer with --embedded"),
         (["--embedded", "--merge"], "--merge with --embedded"),
+        # the corpus options that shape a dataset were dropped too: the corpus came out at the config's seq_len
+        (
+            ["--embedded", "--seq-len", "64", "--val-fraction", "0.1"],
+            "--seq-len 64 and --val-fraction 0.1 with --embedded: the embedded fact corpus is shaped by --config "
+            "and its overrides, not by this tool's corpus options; drop them and pass data.seq_len=64 "
+            "data.val_fraction=0.1 instead",
+        ),
+        (["--embedded", "--format", "jsonl", "--overwrite"], "--format jsonl and --overwrite with --embedded"),
         (["--input", str(corpus), "--output", "d", "data.seq_len=64"], "data.seq_len=64: the config and its overrides"),
         (["--input", str(corpus), "--output", "d", "--config", "configs/smf_tiny.yaml"], "--config configs/smf_tiny"),
     ]
@@ -1156,29 +1168,32 @@ def test_a_long_document_encoded_whole_is_named_with_its_memory(tmp_path, englis
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz"])
-def test_the_conversion_named_for_a_json_document_runs_on_a_compressed_file(tmp_path, suffix):
+@pytest.mark.parametrize("stem", ["records", "my records"])  # the second: quoted for the shell
+def test_the_conversion_named_for_a_json_document_runs_on_a_compressed_file(tmp_path, suffix, stem):
     """For /usr/share/doc/nodejs/abi_version_registry.json.gz the error named `jq -c . <file>.json.gz >
     abi_version_registry.jsonl`, and jq reads no compressed file: 'parse error: Invalid numeric literal at line
     2, column 0'. A compressed file's conversion now decompresses into jq. The reference: the command named,
     run where jq is installed, writes the JSON Lines the reader reads."""
     import bz2
     import lzma
+    import shlex
     import shutil
     import subprocess
 
     records = [{"text": "one"}, {"text": "two"}]
     data = json.dumps(records, indent=2).encode()
     compress = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
-    path = tmp_path / f"records.json{suffix}"
+    path = tmp_path / f"{stem}.json{suffix}"
     path.write_bytes(compress(data))
     with pytest.raises(DataError) as err:
         list(iter_documents([path]))
     command = re.search(r"convert it, e\.g\. (.*?); or, if", str(err.value)).group(1)
     tool = {"": None, ".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}[suffix]
+    quoted, written = shlex.quote(str(path)), shlex.quote(f"{stem}.jsonl")
     assert command == (
-        f"{tool} -dc {path} | jq -c '.[]' > records.jsonl" if tool else f"jq -c '.[]' {path} > records.jsonl"
+        f"{tool} -dc {quoted} | jq -c '.[]' > {written}" if tool else f"jq -c '.[]' {quoted} > {written}"
     )
     if shutil.which("jq") is None or (tool and shutil.which(tool) is None):
         pytest.skip("jq or the decompressor is not installed: the command is not run")
     subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
-    assert list(iter_documents([tmp_path / "records.jsonl"])) == ["one", "two"]
+    assert list(iter_documents([tmp_path / f"{stem}.jsonl"])) == ["one", "two"]

@@ -199,6 +199,49 @@ def test_smf_finetune_refuses_nan_and_non_positive_numbers(flags, message, capsy
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_plain_warnings_shortens_only_the_projects_own_warnings(tmp_path, repo_root):
+    """plain_warnings printed every warning as `warning: <message>`, so a library's lost what it is: pyarrow's
+    FutureWarning, a library's UserWarning and numpy's `RuntimeWarning: divide by zero` all read as the tools'
+    own notes, with no category and no file or line. Now only UserWarnings raised in the project's folders
+    print so; the rest print as Python prints them (the reference: warnings.formatwarning outside the block,
+    in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "library.py").write_text(
+        "import warnings\n"
+        "def old_api():\n"
+        "    warnings.warn('old_api is deprecated', FutureWarning, stacklevel=1)\n"
+        "def note():\n"
+        '    warnings.warn("a library\'s note", UserWarning, stacklevel=1)\n'
+    )
+    project_file = str(repo_root / "pretrain" / "data" / "corpus.py")
+    script = (
+        "import sys, warnings\n"
+        f"sys.path[:0] = [{str(tmp_path)!r}, {str(repo_root)!r}]\n"
+        "import numpy as np, library\n"
+        "from pretrain.cli import plain_warnings\n"
+        "def all_of_them():\n"
+        "    library.old_api()\n"
+        "    library.note()\n"
+        "    np.float64(1.0) / 0\n"
+        f"    warnings.warn_explicit('divide by zero encountered in divide', RuntimeWarning, {project_file!r}, 5)\n"
+        f"    warnings.warn_explicit('a note of the project', UserWarning, {project_file!r}, 6)\n"
+        "with plain_warnings():\n"
+        "    all_of_them()\n"
+        "print('---', file=sys.stderr)\n"
+        "all_of_them()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    inside, outside = done.stderr.split("---\n")
+    others, project_note = outside.split(f"{project_file}:6: UserWarning: a note of the project\n")
+    assert others.count("Warning: ") == 4 and project_note.startswith("  ")  # Python's: the line of code below
+    assert "FutureWarning: old_api is deprecated" in others and "RuntimeWarning: divide by zero" in others
+    assert inside == others + "warning: a note of the project\n"
+
+
 LONG_OUTPUT_TOOL = """
 import sys
 from pretrain.cli import ends_quietly_when_the_reader_stops
@@ -245,46 +288,3 @@ def test_the_tools_with_long_output_end_quietly_when_the_reader_stops():
     for name in ("tfidf", "generate", "inspect_data", "submit"):
         main = importlib.import_module(f"tools.{name}").main
         assert main.__wrapped__.__module__ == f"tools.{name}", name
-
-
-def test_plain_warnings_shortens_only_the_projects_own_warnings(tmp_path, repo_root):
-    """plain_warnings printed every warning as `warning: <message>`, so a library's lost what it is: pyarrow's
-    FutureWarning, a library's UserWarning and numpy's `RuntimeWarning: divide by zero` all read as the tools'
-    own notes, with no category and no file or line. Now only UserWarnings raised in the project's folders
-    print so; the rest print as Python prints them (the reference: warnings.formatwarning outside the block,
-    in a fresh interpreter)."""
-    import subprocess
-    import sys
-
-    (tmp_path / "library.py").write_text(
-        "import warnings\n"
-        "def old_api():\n"
-        "    warnings.warn('old_api is deprecated', FutureWarning, stacklevel=1)\n"
-        "def note():\n"
-        '    warnings.warn("a library\'s note", UserWarning, stacklevel=1)\n'
-    )
-    project_file = str(repo_root / "pretrain" / "data" / "corpus.py")
-    script = (
-        "import sys, warnings\n"
-        f"sys.path[:0] = [{str(tmp_path)!r}, {str(repo_root)!r}]\n"
-        "import numpy as np, library\n"
-        "from pretrain.cli import plain_warnings\n"
-        "def all_of_them():\n"
-        "    library.old_api()\n"
-        "    library.note()\n"
-        "    np.float64(1.0) / 0\n"
-        f"    warnings.warn_explicit('divide by zero encountered in divide', RuntimeWarning, {project_file!r}, 5)\n"
-        f"    warnings.warn_explicit('a note of the project', UserWarning, {project_file!r}, 6)\n"
-        "with plain_warnings():\n"
-        "    all_of_them()\n"
-        "print('---', file=sys.stderr)\n"
-        "all_of_them()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-W", "always", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
-    )
-    inside, outside = done.stderr.split("---\n")
-    others, project_note = outside.split(f"{project_file}:6: UserWarning: a note of the project\n")
-    assert others.count("Warning: ") == 4 and project_note.startswith("  ")  # Python's: the line of code below
-    assert "FutureWarning: old_api is deprecated" in others and "RuntimeWarning: divide by zero" in others
-    assert inside == others + "warning: a note of the project\n"
