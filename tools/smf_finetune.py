@@ -94,7 +94,12 @@ def load_and_check(args):
 
     export = Path(args.export)
     check_output_folder(Path(args.out), args.force, sources=[export])  # before the model loads and trains
-    resolve_files(args.data, option="--data", fmt=args.format)  # before the model loads
+    data_files = resolve_files(args.data, option="--data", fmt=args.format)  # before the model loads
+    # --force replaces --out at the end: never with the data, table or dataset read (a corpus folder was deleted)
+    check_output_folder(Path(args.out), args.force, sources=data_files, what="--data file")
+    check_output_folder(Path(args.out), args.force, sources=[args.table] if args.table else [], what="--table")
+    if args.dataset_dir is not None:
+        check_output_folder(Path(args.out), args.force, sources=[args.dataset_dir], what="--dataset-dir")
     if args.dataset_dir is not None and export.is_dir() and not (export / "probes.jsonl").is_file():  # ignored
         raise DataError(
             f"--dataset-dir {args.dataset_dir}: the validation loss is measured with the per-epoch evaluation, "

@@ -101,19 +101,18 @@ def hf_tokenizer_config(max_seq_len: int) -> dict:
     }
 
 
-def check_output_folder(out_dir: str | Path, force: bool = False, sources=()) -> None:
+def check_output_folder(out_dir: str | Path, force: bool = False, sources=(), what: str = "source export") -> None:
     """Refuse (ExportError) an output folder that cannot take an export: one of the `sources`
-    read to make it or a folder holding one (replacing it, --force, would delete the source), a
-    file (refused only by the final rename otherwise, after all the work), or an existing folder
-    without `force`. Cheap: callers check before reading any input."""
+    read to make it or a folder holding one (replacing it, --force, would delete the source; `what`
+    names them), a file (refused only by the final rename otherwise, after all the work), or an
+    existing folder without `force`. Cheap: callers check before reading any input."""
     out_dir = Path(out_dir)
     for source in map(Path, sources):
         if out_dir.resolve() == source.resolve():
-            raise ExportError(f"{out_dir} is the source export {source}: write to a new folder")
+            raise ExportError(f"{out_dir} is the {what} {source}: write to a new folder")
         if out_dir.resolve() in source.resolve().parents:
             raise ExportError(
-                f"{out_dir} holds the source export {source}: replacing it would delete the source; "
-                "write to a new folder"
+                f"{out_dir} holds the {what} {source}: replacing it would delete the source; write to a new folder"
             )
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file, not an export folder: choose a folder path as the output")
@@ -133,8 +132,12 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} must be one of {sorted(DTYPES)} (--dtype)")
     out_dir = Path(out_dir)
-    check_output_folder(out_dir, force, sources=[source])
+    check_output_folder(out_dir, force, sources=[source], what="source")
     src = inspect(source, dataset_dir)  # every input checked before any weight is read
+    # what the source resolved to: a run's checkpoints/ folder holds the checkpoint read, and the
+    # dataset folder the tokenizer and probes are copied from (--force would have deleted either)
+    check_output_folder(out_dir, force, sources=[src.checkpoint_dir], what="checkpoint")
+    check_output_folder(out_dir, force, sources=[src.dataset_dir], what="dataset (tokenizer, probes)")
     problem = checksum_problem(src.checkpoint_dir, collective=False)  # a file changed since it was written
     if problem is not None:
         raise IncompleteFileError(f"cannot export checkpoint {src.checkpoint_dir}: {problem}")

@@ -3,6 +3,7 @@ with messages naming the file or option; nothing is left behind."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,30 @@ def test_wrong_paths(tmp_path, trained):
         load(tmp_path / "empty")
     with pytest.raises(ExportError, match="dtype='fp16'"):
         export_checkpoint(trained[1], tmp_path / "out", dtype="fp16", show_progress=False)
+
+
+def test_force_never_replaces_the_checkpoint_or_dataset_it_reads(run_copy, data_cache, tmp_path):
+    """memlayers-export runs/x runs/x/checkpoints --force wrote the export over the run's checkpoints/
+    folder, deleting every checkpoint, the one exported included (seen on a copy of a 3-step run): the
+    check compared the output with the path given (runs/x), not with the checkpoint it resolves to.
+    Likewise the dataset folder the tokenizer and probes come from. Both are refused, nothing changed."""
+    dataset = tmp_path / "datasets" / "data"
+    shutil.copytree(next(p.parent for p in Path(data_cache).rglob("manifest.json")), dataset)
+
+    def files(folder: Path) -> dict:
+        return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = files(run_copy), files(dataset)
+    checkpoint = run_copy / "checkpoints" / (run_copy / "checkpoints" / "latest").read_text().strip()
+    for out, named in (
+        (run_copy / "checkpoints", f"holds the checkpoint {checkpoint}: replacing it would delete the source"),
+        (checkpoint, f"is the checkpoint {checkpoint}: write to a new folder"),
+        (dataset, f"is the dataset (tokenizer, probes) {dataset}: write to a new folder"),
+        (dataset.parent, f"holds the dataset (tokenizer, probes) {dataset}"),
+    ):
+        with pytest.raises(ExportError, match=re.escape(f"{out} {named}")):
+            export_checkpoint(run_copy, out, force=True, show_progress=False, dataset_dir=dataset)
+        assert (files(run_copy), files(dataset)) == before, out
 
 
 def test_refuses_to_overwrite_without_force(trained, tmp_path):

@@ -303,6 +303,19 @@ def test_finetune_tool_refuses_an_out_it_cannot_write_before_training(smf_export
         assert why in capsys.readouterr().err
         assert sorted(p.name for p in source.iterdir()) == files  # the source export is intact
     assert (tmp_path / "a_file").read_text() == "mine"
+    # --out = the folder of the --data file or of --dataset-dir: with --force the finished export
+    # replaced it, deleting the user's corpus (seen with --method full, 1 epoch, on the demo's export)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(data, corpus / "facts.jsonl")
+    argv = ["--export", str(source), "--data", str(corpus / "facts.jsonl"), "--epochs", "1", "--force"]
+    assert main([*argv, "--out", str(corpus)]) == 2
+    assert (
+        f"{corpus} holds the --data file {corpus / 'facts.jsonl'}: replacing it would delete" in capsys.readouterr().err
+    )
+    assert main([*argv, "--out", str(dataset), "--dataset-dir", str(dataset)]) == 2
+    assert f"{dataset} is the --dataset-dir {dataset}: write to a new folder" in capsys.readouterr().err
+    assert [p.name for p in corpus.iterdir()] == ["facts.jsonl"] and (dataset / "manifest.json").is_file()
     with pytest.raises(ExportError, match="holds the source export"):
         save_finetuned_export(source, load(source), parent, {}, force=True)
     assert sorted(p.name for p in source.iterdir()) == files
