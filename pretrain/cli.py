@@ -1,10 +1,16 @@
 """argparse types shared by the command-line tools (tools/*.py): bad input is refused when the
-arguments are parsed, with the option and the value named, before any work starts."""
+arguments are parsed, with the option and the value named, before any work starts. Also how a tool
+prints (warnings as one line; an output whose reader stopped early, `| head`, ends quietly) and meets
+a stop signal."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
+import signal
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +74,17 @@ def _finite_number(lowest: float, strict: bool, note: str, what: str, highest: f
         return value
 
     return parse
+
+
+def add_corpus_reading_options(parser: argparse.ArgumentParser, files: str = "--input") -> None:
+    """--format and --text-field: how the corpus files named by `files` are read (the tools that read
+    a corpus take the same two options, with the same choices and defaults)."""
+    from pretrain.data.corpus import FORMATS
+
+    parser.add_argument(
+        "--format", default="auto", choices=FORMATS, help=f"how {files} files are read (auto: from the suffix)"
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
 
 
 def refuse_one_file_for_two_outputs(parser: argparse.ArgumentParser, **outputs: str | Path | None) -> None:
@@ -150,16 +167,82 @@ def torch_device(text: str) -> str:
     return "cpu" if parsed.type == "cpu" else text  # safetensors refuses "cpu:0"
 
 
+# The folders whose warnings are the project's own (tools/ is installed as memlayers_tools).
+_OWN_FOLDERS = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), name) + os.sep
+    for name in ("pretrain", "kernels", "tools", "memlayers_tools")
+)
+
+
 @contextmanager
 def plain_warnings() -> Iterator[None]:
-    """Within it, a warning prints as `warning: <message>`. Python's own format names the module and line
-    that warned and repeats that line of code (`.../pretrain/data/corpus.py:137: UserWarning: --input
-    /usr/share/doc: ...`, then `  _warn_of_linked_folders(linked_folders, arg, option, p)`), which tell a
-    user of a tool nothing. Only the printed form changes: a warning is raised, filtered and recorded
-    (pytest.warns) as before."""
+    """Within it, the project's own warnings (UserWarning raised in pretrain/, kernels/ or tools/) print as
+    `warning: <message>`. Python's own format names the module and line that warned and repeats that line of
+    code (`.../pretrain/data/corpus.py:137: UserWarning: --input /usr/share/doc: ...`, then
+    `  _warn_of_linked_folders(linked_folders, arg, option, p)`), which tell a user of a tool nothing. Any
+    other warning keeps that format: its category and origin say what it is (`FutureWarning` from pyarrow,
+    numpy's `RuntimeWarning: divide by zero`, which names the project's line that divided). Only the printed
+    form changes: a warning is raised, filtered and recorded (pytest.warns) as before."""
     before = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+    def formatted(message, category, filename, lineno, line=None) -> str:
+        if category is UserWarning and os.path.realpath(filename).startswith(_OWN_FOLDERS):
+            return f"warning: {message}\n"
+        return before(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
     try:
         yield
     finally:
         warnings.formatwarning = before
+
+
+class StoppedBySignal(SystemExit):
+    """A stop signal ended the tool (raised in the main thread by `stop_signals_exit`'s handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _raise_stopped(signum, frame):
+    for sig in _STOP_SIGNALS:  # the next one (Slurm's SIGTERM after its USR1, a second scancel) must
+        signal.signal(sig, signal.SIG_IGN)  # not raise again inside the cleanup this one starts
+    raise StoppedBySignal(signum)
+
+
+@contextmanager
+def stop_signals_exit() -> Iterator[None]:
+    """Within it, SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning) raise
+    StoppedBySignal, an exit with status 128 + the signal, where they would end the process at once:
+    `finally` blocks and the atomic writers remove what is unfinished on the way out, as Ctrl-C's
+    KeyboardInterrupt does. Only the first: the later ones are ignored until the block ends, so catch
+    StoppedBySignal and say why inside it. The previous handlers are put back after."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def ends_quietly_when_the_reader_stops(main):
+    """Wrap a tool's main so that output piped into a reader that stops early (`memlayers-tfidf ... |
+    head`, quitting `less`) ends the tool with status 1 and nothing printed, as `cat` ends, instead of a
+    BrokenPipeError traceback (from the print that met the closed pipe, or Python's flush at exit)."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            status = main(*args, **kwargs)
+            sys.stdout.flush()  # here, not at exit, where a closed pipe is an 'Exception ignored' message
+            return status
+        except BrokenPipeError:
+            # the interpreter flushes stdout again at exit: point it at /dev/null (Python's signal docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+
+    return wrapped

@@ -517,7 +517,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     """
     cfg.model.validate("model")
     check_choices(cfg)
-    t, d = cfg.train, cfg.data
+    _check_precision_and_checkpointing(cfg)
+    _check_optimizer(cfg.optim)
+    _check_steps_and_batch(cfg.train)
+    _check_cadences(cfg)
+    _check_timing(cfg.train)
+    _check_data(cfg)
+    _check_slots(cfg.slots)
+    return cfg
+
+
+def _check_precision_and_checkpointing(cfg: RunConfig) -> None:
+    """ZeRO stage, the training dtype with memory layers, and which blocks recompute."""
+    t = cfg.train
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     if t.dtype == "fp16" and cfg.model.memory.enabled:
@@ -536,15 +548,35 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.activation_checkpointing_layers={list(t.activation_checkpointing_layers)} "
             f"names blocks {bad} outside 0..{cfg.model.n_layers - 1} (model.n_layers)"
         )
-    if cfg.optim.value_momentum_dtype != "float32" and cfg.optim.value_optimizer == "adamw":
-        raise ConfigError(
-            f"optim.value_momentum_dtype={cfg.optim.value_momentum_dtype} needs a sparse value optimizer: set "
-            "optim.value_optimizer=sparse_rowwise_adamw (or sparse_adamw), or value_momentum_dtype=float32"
-        )
-    _check_schedule(cfg.optim)
+
+
+def _check_steps_and_batch(t: TrainConfig) -> None:
+    """Step counts, the batch sizes and the seed (the world size is checked by `check_runtime`)."""
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
-    _check_cadences(cfg)
+    if t.global_batch % t.micro_batch:
+        nearest = max(t.micro_batch, round(t.global_batch / t.micro_batch) * t.micro_batch)
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}: "
+            f"choose global_batch as a multiple of micro_batch (e.g. train.global_batch={nearest}), or a "
+            "micro_batch that divides it"
+        )
+    if t.stop_after < 0 or t.probe_limit < 0:
+        raise ConfigError(
+            f"train.stop_after={t.stop_after} (0: run to train.max_steps) and train.probe_limit={t.probe_limit} "
+            "(fact probes per evaluation) must be >= 0"
+        )
+    if t.seed < 0:  # the trainer's numpy seeding refused it with a traceback after the start-up
+        raise ConfigError(f"train.seed={t.seed} must be >= 0 (e.g. train.seed={-t.seed})")
+    if t.max_skipped_steps < 0:  # -1 stopped at the first skip, which is train.nan_policy=stop
+        raise ConfigError(
+            f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0 (non-finite steps skipped before the run "
+            "stops; to stop at the first one, set train.nan_policy=stop)"
+        )
+
+
+def _check_timing(t: TrainConfig) -> None:
+    """The seconds the run waits before it calls a rank hung, and the peak its FLOP/s are measured against."""
     if t.hang_timeout_s < 0 or t.startup_timeout_s <= 0:
         raise ConfigError(
             f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns hang detection off) and "
@@ -560,13 +592,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.peak_flops={t.peak_flops} must be a GPU's dense bf16 peak in FLOP/s (e.g. 9.89e14 for "
             "an H100 SXM), or null to take it from the GPU's name"
         )
-    if t.global_batch % t.micro_batch:
-        nearest = max(t.micro_batch, round(t.global_batch / t.micro_batch) * t.micro_batch)
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}: "
-            f"choose global_batch as a multiple of micro_batch (e.g. train.global_batch={nearest}), or a "
-            "micro_batch that divides it"
-        )
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """The data section's own values; those of the embedded corpus only when it is the one read."""
+    d = cfg.data
     if d.seq_len <= 0 or d.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"
@@ -578,28 +608,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
-    if t.stop_after < 0 or t.probe_limit < 0:
-        raise ConfigError(
-            f"train.stop_after={t.stop_after} (0: run to train.max_steps) and train.probe_limit={t.probe_limit} "
-            "(fact probes per evaluation) must be >= 0"
-        )
-    if t.seed < 0:  # the trainer's numpy seeding refused it with a traceback after the start-up
-        raise ConfigError(f"train.seed={t.seed} must be >= 0 (e.g. train.seed={-t.seed})")
     if d.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0 (sequences; 0: one batch at a time)")
-    if t.max_skipped_steps < 0:  # -1 stopped at the first skip, which is train.nan_policy=stop
-        raise ConfigError(
-            f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0 (non-finite steps skipped before the run "
-            "stops; to stop at the first one, set train.nan_policy=stop)"
-        )
-    if cfg.slots.sample_batches < 0:  # was a ValueError traceback once the model and engine were built
-        raise ConfigError(f"slots.sample_batches={cfg.slots.sample_batches} must be >= 0 (0: no background sample)")
     if not (d.dir or d.sources):
         _check_embedded(d)
-    g = cfg.slots.granularity  # a pattern, not a fixed set of choices: checked here, parsed by slots/granularity.py
+
+
+def _check_slots(s: SlotsConfig) -> None:
+    if s.sample_batches < 0:  # was a ValueError traceback once the model and engine were built
+        raise ConfigError(f"slots.sample_batches={s.sample_batches} must be >= 0 (0: no background sample)")
+    g = s.granularity  # a pattern, not a fixed set of choices: checked here, parsed by slots/granularity.py
     if not (g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and int(g[6:]) > 0)):
         raise ConfigError(f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64)")
-    return cfg
 
 
 def check_datasets(cfg: RunConfig) -> RunConfig:
@@ -698,7 +718,13 @@ def _check_embedded(d: DataConfig) -> None:
         )
 
 
-def _check_schedule(o: OptimConfig) -> None:
+def _check_optimizer(o: OptimConfig) -> None:
+    """The optimizers' settings and the learning-rate schedule."""
+    if o.value_momentum_dtype != "float32" and o.value_optimizer == "adamw":
+        raise ConfigError(
+            f"optim.value_momentum_dtype={o.value_momentum_dtype} needs a sparse value optimizer: set "
+            "optim.value_optimizer=sparse_rowwise_adamw (or sparse_adamw), or value_momentum_dtype=float32"
+        )
     if not (math.isfinite(o.lr) and o.lr >= 0 and math.isfinite(o.value_lr) and o.value_lr >= 0):
         raise ConfigError(f"optim.lr={o.lr} and optim.value_lr={o.value_lr} must be >= 0 and finite")
     if not (math.isfinite(o.z_loss) and o.z_loss >= 0):

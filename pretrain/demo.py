@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.train import TrainingDiverged, train
+from pretrain.train import train
+from pretrain.trainer import TrainingDiverged
 
 DEFAULT_RUN_DIR = Path("runs/demo")
 DEMO_MARK = ".memlayers-demo"  # in a run folder the demo made: it may replace that folder
@@ -37,9 +38,14 @@ def replace_refusal(run_dir: Path) -> str | None:
 
 def continue_command(argv: list[str]) -> str:
     """The command that continues a stopped demo: its own arguments (config, run folder, steps)
-    with --resume, less train.stop_after, which would stop the resumed run before its first step."""
+    with --resume, less train.stop_after, which would stop the resumed run before its first step.
+
+    A shell runs it as printed whatever the arguments hold (spaces, quotes, `$`): the arguments are
+    quoted for the shell of the Makefile's recipe, each `$` doubled for make (which expands `$` in a
+    variable's value), and the ARGS=... word quoted for the shell the command is typed into."""
     kept = [arg for arg in argv if arg != "--resume" and not arg.startswith("train.stop_after=")]
-    return f'make demo ARGS="{shlex.join(["--resume", *kept])}"'
+    recipe_args = shlex.join(["--resume", *kept]).replace("$", "$$")
+    return f"make demo {shlex.quote('ARGS=' + recipe_args)}"
 
 
 def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:

@@ -232,7 +232,7 @@ class Evaluator:
         cfg: RunConfig,
         sources: list,
         probes,
-        loaders: Callable[..., Any],  # pretrain.train.LoaderFactory: build_loader's signature
+        loaders: Callable[..., Any],  # pretrain.build.LoaderFactory: build_loader's signature
         device: torch.device,
         heldout: list = (),
         rank: int = 0,

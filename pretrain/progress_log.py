@@ -27,8 +27,8 @@ def log_progress(
     value_grad_norm,
     tokens_per_s: float | None,
     step_time: float,
-    flops: float,
-    peak: float | None,
+    flops_per_token: float,
+    peak_flops: float | None,
     world_size: int,
     memory_bytes: int,
     tokens_by_source: dict | None = None,
@@ -44,7 +44,7 @@ def log_progress(
 
     `data_wait`: each rank's fraction of the interval spent waiting for batches; the largest is
     logged with its rank (the input pipeline that holds the others back, if any)."""
-    utilisation = mfu(flops, tokens_per_s, world_size, peak) if tokens_per_s is not None else None
+    utilisation = mfu(flops_per_token, tokens_per_s, world_size, peak_flops) if tokens_per_s is not None else None
     scalars = {
         "train/loss": loss,
         "train/loss_mean": loss_mean,

@@ -44,7 +44,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 # The rendezvous port lives in 10000..29999: above the well-known and common service ports,
 # below Linux's ephemeral range (32768+), so it does not collide with outgoing connections.
@@ -296,9 +297,32 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     helpers too; a data-loader worker died of SIGTERM (torch's own handler), and its rank raised
     "DataLoader worker ... is killed by signal" at its next step, before the checkpoint the signal
     asks for. The rank decides the stop and ends its helpers.
+    A helper started inside `stop_signals_blocked` has them blocked until here: one that came before
+    waited, and is discarded as they become ignored.
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def stop_signals_blocked(signals=STOP_SIGNALS) -> Iterator[None]:
+    """Around the fork of helper processes whose first act is `ignore_stop_signals`: this thread blocks
+    USR1 and SIGTERM, so that the helpers start with them blocked; a signal to this process meanwhile is
+    delivered when the block ends (or at once to another of its threads).
+
+    Without it, a stop signal between a data-loader worker's fork and its worker_init_fn met torch's
+    worker handler: SIGTERM from the parent ended the worker with status 0, from anyone else (Slurm)
+    killed it, and USR1 killed it where the parent had no handler; the rank then failed with
+    "DataLoader worker ... exited" instead of checkpointing. Forked children inherit the mask; spawned
+    ones too, unless multiprocessing starts its resource tracker in between (it unblocks SIGINT and
+    SIGTERM after: start it first, `multiprocessing.resource_tracker.ensure_running()`). `signals`: those
+    to block, if not these two."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 _workers_ended_at_exit = False

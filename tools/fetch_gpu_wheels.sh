@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, here, the wheels that tools/gpu_check.sh installs on a lent GPU machine (the
 # `device` tool's image has torch 2.11 + triton 3.6 and most of the stack, but not
-# deepspeed, omegaconf, webdataset or pydantic, and it cannot reach PyPI).
+# deepspeed, omegaconf or pydantic, and it cannot reach PyPI).
 # Writes .whl/ (ignored through .git/info/exclude) for Python 3.12 on x86-64 Linux.
 # Then: run(command="COMMIT=<sha> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600), <sha> the
 # output of `git rev-parse --short HEAD` here, written out: a $(git ...) in the command would run
@@ -17,7 +17,7 @@ pin() { grep -E "^$1==" requirements/cpu.txt | cut -d= -f3; }
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${PLATFORMS[@]}" -d "$DEST" \
-    "webdataset==$(pin webdataset)" braceexpand==0.1.7 "omegaconf==$(pin omegaconf)" hjson==3.1.0 \
+    "omegaconf==$(pin omegaconf)" hjson==3.1.0 \
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
     typing-extensions==4.16.0
 # deepspeed ships only an sdist; building it without ops gives a pure-Python wheel.

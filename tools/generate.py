@@ -20,7 +20,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import fraction, int_at_least, non_negative_number, positive_int, positive_number, torch_device  # noqa: E402
+from pretrain.cli import (  # noqa: E402
+    ends_quietly_when_the_reader_stops,
+    fraction,
+    int_at_least,
+    non_negative_number,
+    positive_int,
+    positive_number,
+    torch_device,
+)
 
 positive_float = positive_number("1.0 = off")
 non_negative_int = int_at_least(0, "0 = off")
@@ -106,10 +114,13 @@ def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error("--prompt and --probes: --probes asks the probes' own questions; give one of the two")
         generation = {"--max-new-tokens": args.max_new_tokens is not None, "--no-cache": args.no_cache}
         if any(generation.values()):  # were ignored: each answer is generated to its own length, cached
-            given = ", ".join(option for option, set_ in generation.items() if set_)
+            options = [option for option, set_ in generation.items() if set_]
+            given, verb, them = (
+                (" and ".join(options), "apply", "them") if len(options) > 1 else (options[0], "applies", "it")
+            )
             parser.error(
-                f"{given}: --prompt generation options; --probes generates each probe's answer to the "
-                "answer's length, with the cache: drop them"
+                f"{given} {verb} to --prompt generation only: --probes generates each probe's answer to the "
+                f"answer's length, with the cache; drop {them}"
             )
     elif args.new_facts:
         parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
@@ -127,6 +138,7 @@ def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         )
 
 
+@ends_quietly_when_the_reader_stops
 def main(argv=None) -> int:
     args = parse_args(argv)
     max_new_tokens = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens

@@ -41,7 +41,7 @@
 # benchmarks/<device>/<commit>/ (the raw files and README.md: device, date, commit, the issues'
 # numbers against their floors, the training tables).
 #
-# Prepare here first (the GPU image lacks deepspeed, omegaconf, webdataset, pydantic):
+# Prepare here first (the GPU image lacks deepspeed, omegaconf, pydantic):
 #   bash tools/fetch_gpu_wheels.sh        (writes .whl/, ~5 MB)
 # then: run(command="COMMIT=<git rev-parse --short HEAD> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # (COMMIT: the device copy's .git may be stale, so name the commit that is being sent.)

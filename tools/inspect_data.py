@@ -17,7 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import image_file, int_at_least, output_file, refuse_one_file_for_two_outputs  # noqa: E402
+from pretrain.cli import (  # noqa: E402
+    ends_quietly_when_the_reader_stops,
+    image_file,
+    int_at_least,
+    output_file,
+    refuse_one_file_for_two_outputs,
+)
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.inspect import decoded_rows, inspect_split  # noqa: E402
 from pretrain.files import atomic_write, save_figure  # noqa: E402
@@ -57,6 +63,7 @@ def plot_lengths(r, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+@ends_quietly_when_the_reader_stops
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", type=Path, help="a dataset folder written by tools/prepare_data.py")

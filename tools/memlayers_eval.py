@@ -147,7 +147,16 @@ def main(argv=None) -> int:
         if not args.online:
             env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         print("+ " + shlex.join(cmd), file=sys.stderr)
-        return subprocess.run(cmd, env=env, check=False).returncode
+        status = subprocess.run(cmd, env=env, check=False).returncode
+        hub_tasks = [t for t in (t.strip() for t in args.tasks.split(",")) if t and not t.startswith("memlayers_facts")]
+        if status != 0 and hub_tasks and not args.online:  # lm_eval's own error is a datasets traceback
+            print(
+                f"error: lm_eval exited with status {status}. memlayers-eval runs it offline unless --online, so "
+                f"the data of {', '.join(hub_tasks)} is read only from the Hugging Face cache: on a machine that "
+                "reaches the hub, pass --online",
+                file=sys.stderr,
+            )
+        return status
     finally:  # the scratch task folder goes also when writing or checking it failed
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -21,32 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import fraction, non_negative_number, output_folder, plain_warnings, positive_int  # noqa: E402
+from pretrain.cli import (  # noqa: E402
+    StoppedBySignal,
+    add_corpus_reading_options,
+    fraction,
+    non_negative_number,
+    output_folder,
+    plain_warnings,
+    positive_int,
+    stop_signals_exit,
+)
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
-from pretrain.data.corpus import FORMATS  # noqa: E402
 
 # of the tokenizer trained on the corpus when no --tokenizer is given
 DEFAULT_VOCAB_SIZE = inspect.signature(prepare_corpus).parameters["vocab_size"].default
-
-
-class _Stopped(SystemExit):
-    """A stop signal ended the preparation (raised in the main thread by the handler)."""
-
-    def __init__(self, signum: int):
-        super().__init__(128 + signum)
-        self.signum = signum
-
-
-def _stop(signum, frame):
-    # SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning, which the
-    # training templates send) would end the process at once and leave the hidden temporary folder
-    # with every shard written so far beside --output; as an exit, the atomic writers remove it on
-    # the way out (Ctrl-C does the same through KeyboardInterrupt). The tokenizer workers ignore both
-    # (pretrain/data/worker_pool.py) and are ended by this process.
-    raise _Stopped(signum)
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _stopped_message(signum: int, output: str | None, seconds: float) -> str:
@@ -63,21 +51,44 @@ def _stopped_message(signum: int, output: str | None, seconds: float) -> str:
 
 def main(argv=None) -> int:
     started = time.monotonic()
-    previous = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS}
     parsed: dict = {}
-    try:
-        with plain_warnings():
-            return _main(argv, parsed)
-    except _Stopped as stopped:
-        print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
-        return stopped.code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # SIGTERM and USR1 would end the process at once and leave the hidden temporary folder with every
+    # shard written so far beside --output; as an exit, the atomic writers remove it on the way out. The
+    # tokenizer workers ignore both (pretrain/data/worker_pool.py) and are ended by this process.
+    with stop_signals_exit():
+        try:
+            with plain_warnings():
+                return _main(argv, parsed)
+        except StoppedBySignal as stopped:
+            print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
+            return stopped.code
 
 
 def _main(argv, parsed: dict) -> int:
     """The tool; `parsed` gets the --output of the parsed arguments (for the stop message)."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    parsed["output"] = args.output
+    _refuse_tokenizer_options_that_are_not_read(ap, args)
+    _refuse_options_of_the_other_mode(ap, args)
+    try:
+        if args.embedded:
+            out, manifest = _prepare_embedded(args)
+        elif args.slice:
+            _prepare_slice(ap, args)
+            return 0
+        elif args.merge:
+            out, manifest = args.output, _merge_slices(ap, args)
+        else:
+            out, manifest = args.output, _prepare_corpus(ap, args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(_summary(out, manifest))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--input",
@@ -100,8 +111,7 @@ def _main(argv, parsed: dict) -> int:
         help="when training the tokenizer: share of the characters given pieces, the rest written as bytes "
         "(default 1.0; as tools/train_tokenizer.py; refused with --tokenizer or --embedded)",
     )
-    ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
-    ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
+    add_corpus_reading_options(ap)
     ap.add_argument("--val-fraction", type=non_negative_number("below 1; 0: no validation split"), default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sequences-per-shard", type=positive_int, default=4096)
@@ -121,9 +131,13 @@ def _main(argv, parsed: dict) -> int:
     ap.add_argument("--embedded", action="store_true", help="build the embedded fact corpus of --config")
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (with --embedded)")
-    args = ap.parse_args(argv)
-    parsed["output"] = args.output
-    if args.vocab_size is not None and args.tokenizer:  # the given tokenizer's vocabulary is the dataset's
+    return ap
+
+
+def _refuse_tokenizer_options_that_are_not_read(ap: argparse.ArgumentParser, args) -> None:
+    """--vocab-size and --character-coverage shape a tokenizer trained on the corpus, which
+    --tokenizer (used as it is) and --embedded (sized by its config) do not train."""
+    if args.vocab_size is not None and args.tokenizer:
         ap.error(
             f"--vocab-size {args.vocab_size} sizes a tokenizer trained on the corpus, but --tokenizer "
             f"{args.tokenizer} is used as it is, with its own vocabulary: drop --vocab-size (or --tokenizer)"
@@ -135,80 +149,127 @@ def _main(argv, parsed: dict) -> int:
             f"--character-coverage {args.character_coverage} shapes a tokenizer trained on the corpus, but "
             f"{'--tokenizer is used as it is' if args.tokenizer else '--embedded builds its own'}: drop it"
         )
-    try:
-        if args.embedded:
-            from pretrain.config import load_config
 
-            cfg = load_config(args.config, args.overrides)
-            out = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=not args.no_progress)
-            manifest = read_manifest(out)
-        elif args.slice:
-            from pretrain.data.slices import parse_slice, prepare_slice
 
-            if not args.input or not args.output:
-                ap.error("--slice needs --input and --output")
-            i, n = parse_slice(args.slice)
-            done = prepare_slice(
-                args.input,
-                args.output,
-                args.tokenizer,
-                i,
-                n,
-                fmt=args.format,
-                text_field=args.text_field,
-                workers=args.workers,
-            )
-            print(f"{done}: slice {i} of {n} tokenized; run --merge --output {args.output} when all are done")
-            return 0
-        elif args.merge:
-            from pretrain.data.slices import merge_slices
+# The options that shape a corpus's dataset, which --embedded does not read (its config does), with the
+# config key that does the same there, where there is one.
+_CORPUS_SHAPING = {
+    "seq_len": "data.seq_len",
+    "val_fraction": "data.val_fraction",
+    "sequences_per_shard": "data.sequences_per_shard",
+    "seed": "data.synthetic.seed",
+    "format": None,
+    "text_field": None,
+    "workers": None,
+    "overwrite": None,
+}
 
-            if not args.output or not args.tokenizer:
-                ap.error("--merge needs --output and --tokenizer (the ones the slices used)")
-            manifest = merge_slices(
-                args.output,
-                args.tokenizer,
-                args.seq_len,
-                val_fraction=args.val_fraction,
-                seed=args.seed,
-                sequences_per_shard=args.sequences_per_shard,
-                show_progress=not args.no_progress,
-                overwrite=args.overwrite,
+
+def _refuse_options_of_the_other_mode(ap: argparse.ArgumentParser, args) -> None:
+    """--embedded builds the fact corpus of --config into its content-keyed cache folder (where
+    training finds it by itself); the corpus options are not read there, and the config and its
+    overrides are read only there. Either way a given option would be silently dropped."""
+    if args.embedded:
+        given = [f"--{name}" for name in ("input", "output", "tokenizer", "slice") if getattr(args, name)]
+        given += ["--merge"] if args.merge else []
+        if given:
+            ap.error(
+                f"{' and '.join(given)} with --embedded: the embedded fact corpus is built from --config "
+                "into its cache folder (data.cache_dir, printed at the end), which training finds by itself; "
+                f"drop {' and '.join(given)} (or --embedded, to prepare a corpus of your own)"
             )
-            out = args.output
-        else:
-            if not args.input or not args.output:
-                ap.error("--input and --output are required (or pass --embedded)")
-            manifest = prepare_corpus(
-                args.input,
-                args.output,
-                args.seq_len,
-                tokenizer_path=args.tokenizer,
-                vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
-                character_coverage=args.character_coverage,
-                fmt=args.format,
-                text_field=args.text_field,
-                val_fraction=args.val_fraction,
-                seed=args.seed,
-                sequences_per_shard=args.sequences_per_shard,
-                workers=args.workers,
-                show_progress=not args.no_progress,
-                overwrite=args.overwrite,
+        unread = [name for name in _CORPUS_SHAPING if getattr(args, name) != ap.get_default(name)]
+        if unread:
+            shown = " and ".join(
+                f"--{name.replace('_', '-')}" + ("" if getattr(args, name) is True else f" {getattr(args, name)}")
+                for name in unread
             )
-            out = args.output
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    splits = manifest["splits"]
-    print(
-        f"{out}: "
-        + "; ".join(
-            f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['sequences']} sequences, {len(v['shards'])} shards"
-            for s, v in splits.items()
+            keys = [f"{_CORPUS_SHAPING[name]}={getattr(args, name)}" for name in unread if _CORPUS_SHAPING[name]]
+            ap.error(
+                f"{shown} with --embedded: the embedded fact corpus is shaped by --config and its overrides, "
+                f"not by this tool's corpus options; drop {'them' if len(unread) > 1 else 'it'}"
+                + (f" and pass {' '.join(keys)} instead" if keys else "")
+            )
+    elif args.overrides or args.config != ap.get_default("config"):
+        what = " ".join(args.overrides) if args.overrides else f"--config {args.config}"
+        ap.error(
+            f"{what}: the config and its overrides are read only with --embedded; a corpus of your own is "
+            "shaped by this tool's options (--seq-len, --vocab-size, ...; see --help)"
         )
-        + f"; stats {manifest['stats']}"
+
+
+def _prepare_embedded(args) -> tuple[str, dict]:
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = prepare_embedded_dataset(cfg.data, cfg.data.seq_len, show_progress=not args.no_progress)
+    return out, read_manifest(out)
+
+
+def _prepare_slice(ap: argparse.ArgumentParser, args) -> None:
+    from pretrain.data.slices import parse_slice, prepare_slice
+
+    if not args.input or not args.output:
+        ap.error("--slice needs --input and --output")
+    i, n = parse_slice(args.slice)
+    done = prepare_slice(
+        args.input,
+        args.output,
+        args.tokenizer,
+        i,
+        n,
+        fmt=args.format,
+        text_field=args.text_field,
+        workers=args.workers,
     )
-    return 0
+    print(f"{done}: slice {i} of {n} tokenized; run --merge --output {args.output} when all are done")
+
+
+def _merge_slices(ap: argparse.ArgumentParser, args) -> dict:
+    from pretrain.data.slices import merge_slices
+
+    if not args.output or not args.tokenizer:
+        ap.error("--merge needs --output and --tokenizer (the ones the slices used)")
+    return merge_slices(
+        args.output,
+        args.tokenizer,
+        args.seq_len,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        sequences_per_shard=args.sequences_per_shard,
+        show_progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+
+
+def _prepare_corpus(ap: argparse.ArgumentParser, args) -> dict:
+    if not args.input or not args.output:
+        ap.error("--input and --output are required (or pass --embedded)")
+    return prepare_corpus(
+        args.input,
+        args.output,
+        args.seq_len,
+        tokenizer_path=args.tokenizer,
+        vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
+        character_coverage=args.character_coverage,
+        fmt=args.format,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        sequences_per_shard=args.sequences_per_shard,
+        workers=args.workers,
+        show_progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+
+
+def _summary(out, manifest: dict) -> str:
+    """One line: each split's documents, tokens, sequences and shards, then the corpus statistics."""
+    splits = "; ".join(
+        f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['sequences']} sequences, {len(v['shards'])} shards"
+        for s, v in manifest["splits"].items()
+    )
+    return f"{out}: {splits}; stats {manifest['stats']}"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
+    if args.skip_steps >= args.steps:  # profile_training's own check names its arguments, not the options
+        parser.error(
+            f"--skip-steps {args.skip_steps} leaves none of the --steps {args.steps} to summarise: skip fewer "
+            f"steps than are profiled (e.g. --steps {args.skip_steps + 3} --skip-steps {args.skip_steps})"
+        )
 
     from pretrain.config import load_config
     from pretrain.profiling import format_report, profile_training

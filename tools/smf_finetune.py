@@ -20,8 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import non_negative_number, positive_int, positive_number, torch_device  # noqa: E402
-from pretrain.data.corpus import FORMATS  # noqa: E402
+from pretrain.cli import add_corpus_reading_options, non_negative_number, positive_int, positive_number, torch_device  # noqa: E402
 
 DEFAULT_LR = {"sparse": 2.0, "full": 1e-4, "lora": 1e-3}
 
@@ -54,10 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=8, help="documents per step")
     p.add_argument("--shuffle", action="store_true", help="reshuffle documents every epoch (default: file order)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--format", default="auto", choices=FORMATS, help="how --data files are read (auto: from the suffix)"
-    )
-    p.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text")
+    add_corpus_reading_options(p, "--data")
     p.add_argument("--table", default=None, help="slot table to rank against instead of the export's")
     p.add_argument(
         "--allow-other-run",

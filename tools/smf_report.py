@@ -56,7 +56,7 @@ def parse_runs(text: str | None):
         runs = [RunSpec(**item) for item in items]
     except (ValueError, TypeError) as err:
         raise ValueError(
-            f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank, epochs ({err})"
+            f"--runs must be a JSON list of objects with method, lr, top_t, lora_rank, epochs, max_grad_norm ({err})"
         ) from None
     if not runs:  # crashed in the frontier plot after the pretraining/loading
         raise ValueError(

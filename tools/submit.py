@@ -18,8 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import positive_int  # noqa: E402
-from pretrain.launch import RunFinished, RunInQueue, SlurmOptions, SubmitError, plan_run, submit  # noqa: E402
+from pretrain.cli import ends_quietly_when_the_reader_stops, positive_int  # noqa: E402
+from pretrain.launch import plan_run, submit  # noqa: E402
+from pretrain.resume_checks import RunFinished, RunInQueue  # noqa: E402
+from pretrain.sbatch_script import SlurmOptions, SubmitError  # noqa: E402
 from pretrain.sweep import SweepError, parse_sweep, read_sweep_record, write_sweep_record  # noqa: E402
 
 
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@ends_quietly_when_the_reader_stops
 def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after options
     opts = SlurmOptions(

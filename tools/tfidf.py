@@ -21,10 +21,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from pretrain.cli import positive_int  # noqa: E402
+from pretrain.cli import ends_quietly_when_the_reader_stops, positive_int  # noqa: E402
 from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots  # noqa: E402
 
 
+@ends_quietly_when_the_reader_stops
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -80,9 +81,10 @@ def main(argv=None) -> int:
     for layer in layers:
         ranked = rank_slots(model, batch.tokens, table, layer, top=args.top, keep=batch.keep)
         cut = f", the text's {num_tokens} input tokens in {len(rows)} windows of {span}" if len(rows) > 1 else ""
+        shown = f"top {len(ranked)} of " if len(ranked) < ranked.scoring else ""
         print(
-            f"# {layer}: {len(ranked)} slots scoring above 0 (table step {table.step}, {table.num_documents} {table.granularity} "
-            f"units{cut})"
+            f"# {layer}: {shown}{ranked.scoring} slots scoring above 0 (table step {table.step}, "
+            f"{table.num_documents} {table.granularity} units{cut})"
         )
         print("rank\tslot\tscore\ttokens")
         for r, (slot, score, tokens) in enumerate(ranked, 1):

@@ -9,14 +9,24 @@ python tools/train_tokenizer.py --input corpus/ --output tok.model --vocab-size 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import fraction, output_file, plain_warnings, positive_int  # noqa: E402
+from pretrain.cli import (  # noqa: E402
+    StoppedBySignal,
+    add_corpus_reading_options,
+    fraction,
+    output_file,
+    plain_warnings,
+    positive_int,
+    stop_signals_exit,
+)
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
-from pretrain.data.corpus import FORMATS, check_record_files, resolve_files  # noqa: E402
+from pretrain.data.corpus import check_record_files, resolve_files  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,8 +47,7 @@ def main(argv=None) -> int:
         help="share of the text's characters (by occurrence) given pieces of their own, the commonest first; the "
         "rest are written as bytes (default 1.0 for bpe, 0.9995 for unigram; below 1 for text in many scripts)",
     )
-    ap.add_argument("--format", default="auto", choices=FORMATS, help="auto: from the suffix")
-    ap.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the document")
+    add_corpus_reading_options(ap)
     ap.add_argument(
         "--max-sentences",
         type=positive_int,
@@ -49,8 +58,19 @@ def main(argv=None) -> int:
         "--threads", type=positive_int, default=1, help="more is faster but may not be bit-reproducible (N >= 1)"
     )
     args = ap.parse_args(argv)
-    with plain_warnings():
-        return _train(args)
+    started = time.monotonic()
+    with stop_signals_exit():  # sentencepiece trains in a child process (minutes on a large sample)
+        try:
+            with plain_warnings():
+                return _train(args)
+        except (StoppedBySignal, KeyboardInterrupt) as stopped:
+            signum = stopped.signum if isinstance(stopped, StoppedBySignal) else signal.SIGINT
+        print(
+            f"error: stopped by {signal.Signals(signum).name} after {time.monotonic() - started:.0f} s: no tokenizer "
+            f"was written, {args.output} is as it was before",
+            file=sys.stderr,
+        )
+        return 128 + signum
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -7,4 +7,6 @@ parallel packages (which hold only what training runs):
   memory and traffic (tools/bench_parallel.py).
 * `values`: the value-pool update, dense vs row-sparse, against the pool size
   (tools/bench_values.py).
+* `model`: the small one-memory-layer model config `parallel` and `values` build.
+* `gpu_report`: the benchmarks/ record of what tools/gpu_check.sh brought back (tools/gpu_report.py).
 """

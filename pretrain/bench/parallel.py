@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from pretrain.bench.model import memory_model_config
 from pretrain.config import OptimConfig
-from pretrain.model.config import MemoryConfig, ModelConfig
+from pretrain.model.config import ModelConfig
 from pretrain.model.objective import language_model_loss
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import build_sharded_model
@@ -41,18 +42,16 @@ class BenchSpec:
     zero_stage: int = 1
 
     def model_config(self) -> ModelConfig:
-        mem = MemoryConfig(
-            layers=[self.n_layers - 1],
+        return memory_model_config(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            seq_len=self.seq_len,
             n_keys=self.n_keys,
             heads=self.heads,
             k=self.k,
             k_dim=64,
             v_dim=self.v_dim,
-            kernel="torch",
         )
-        return ModelConfig(
-            vocab_size=512, dim=self.dim, n_layers=self.n_layers, n_heads=4, max_seq_len=self.seq_len, memory=mem
-        ).validate()
 
 
 def _worker(rank: int, world: int, spec: BenchSpec, parallel_size: int, out_path: str, show_progress: bool) -> None:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from pretrain import peak_memory
+from pretrain.bench.model import memory_model_config
 from pretrain.config import OptimConfig
 from pretrain.dense_optimizer import build_dense_optimizer
-from pretrain.model.config import MemoryConfig, ModelConfig
+from pretrain.model.config import ModelConfig
 from pretrain.model.objective import language_model_loss
 from pretrain.parallel.groups import init_memory_groups
 from pretrain.parallel.memory_parallel import build_sharded_model
@@ -63,12 +64,16 @@ class StepSpec:
 
 
 def _model_config(spec: StepSpec, n_keys: int) -> ModelConfig:
-    mem = MemoryConfig(
-        layers=[0], n_keys=n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, v_dim=spec.v_dim, kernel="torch"
+    return memory_model_config(
+        dim=spec.dim,
+        n_layers=1,
+        seq_len=spec.seq_len,
+        n_keys=n_keys,
+        heads=spec.heads,
+        k=spec.k,
+        k_dim=spec.k_dim,
+        v_dim=spec.v_dim,
     )
-    return ModelConfig(
-        vocab_size=512, dim=spec.dim, n_layers=1, n_heads=4, max_seq_len=spec.seq_len, memory=mem
-    ).validate()
 
 
 class _StepRunner:
@@ -218,8 +223,9 @@ def _memlayers_layer(spec: LayerSpec, value_grad: str):
     from pretrain.model.memory import MemoryPlus
     from pretrain.parallel.values import PartitionedValueTable
 
-    mem = MemoryConfig(layers=[0], n_keys=spec.n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim, kernel="torch")
-    cfg = ModelConfig(vocab_size=512, dim=spec.dim, n_layers=1, n_heads=4, memory=mem).validate()
+    cfg = memory_model_config(
+        dim=spec.dim, n_layers=1, seq_len=spec.seq_len, n_keys=spec.n_keys, heads=spec.heads, k=spec.k, k_dim=spec.k_dim
+    )
     layer = MemoryPlus(cfg)
     table = PartitionedValueTable(
         spec.n_keys**2, spec.dim, init_memory_groups(1), kernel="torch", value_grad=value_grad

@@ -19,15 +19,19 @@ import bz2
 import glob
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
 import re
+import shlex
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+import numpy as np
 
 from pretrain.data.errors import DataError
 
@@ -37,11 +41,18 @@ _STREAMS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}  # the stdlib streams, 
 # Files no reader here takes, which were read as one document of binary garbage when named (a .tar.gz
 # decompressed, then read whole, headers included): refused before any work, naming the fix.
 _ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.zst", ".tar.bz2", ".tar.xz", ".7z", ".rar")
-PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file
+PARQUET_BATCH_ROWS = 1024  # documents decoded at once from a Parquet file, at most
+# ... and fewer where they are long: about this much text at once, by the row group's average (its metadata).
+# A row group of 1,100 documents of 512K characters read 1024 at a time peaked at 3.3 GB, 128 at a time at 1.8.
+PARQUET_BATCH_BYTES = 64 << 20
 # A file read as one document (--format text) larger than this is refused: no document is that long
 # (64 MiB is ~16M tokens), a corpus in one file is, and it would be one document (the tokenizer takes a
 # long one in pieces: Tokenizer.cut_document).
 MAX_TEXT_DOCUMENT_BYTES = 64 << 20
+# A JSON Lines line is read with at most this many bytes in memory: the document in it is held to
+# MAX_TEXT_DOCUMENT_BYTES of text as well, and JSON's escapes may take up to 6 bytes a character ("\u0416",
+# as Python's json.dumps writes non-ASCII text by default: 3 bytes a Cyrillic character of 2 in UTF-8).
+MAX_JSONL_LINE_FACTOR = 4
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = "\ufeff".encode()
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -503,31 +514,65 @@ def _without_bom(path: Path, lines) -> Iterator[bytes]:
         yield from lines
 
 
+def _decompressor(path: Path) -> str | None:
+    """The command-line tool that decompresses `path` (by its suffix), or None for a plain file."""
+    suffix = path.suffix.lower()
+    return _STREAMS.get(suffix, "zstd" if suffix in (".zst", ".zstd") else None)
+
+
+def _conversion(path: Path, encoding: str) -> str:
+    """A shell command that re-encodes `path` from `encoding` to UTF-8 in place, through its compression: a
+    converted copy beside it in an input folder would be read too (the original still refused, or read a
+    second time), and iconv given a compressed file converts its compressed bytes."""
+    source, temporary = shlex.quote(str(path)), shlex.quote(str(path.with_name(path.name + ".utf8")))
+    tool = _decompressor(path)
+    iconv = f"iconv -f {encoding} -t UTF-8"
+    pipe = f"{tool} -dc {source} | {iconv} | {tool} -c" if tool else f"{iconv} {source}"
+    return f"{pipe} > {temporary} && mv {temporary} {source}"
+
+
 def _refuse_utf16(path: Path, head: bytes) -> None:
     """UTF-16 text (Windows PowerShell 5's `>` and Out-File write it) read as UTF-8 is every other
     byte NUL and each line cut inside a character: refused, with the conversion."""
     if head.startswith(_UTF16_BOMS):
         raise DataError(
             f"{path} is UTF-16 text (it starts with a UTF-16 byte order mark); the corpus readers take UTF-8: "
-            f"convert it, e.g. iconv -f UTF-16 -t UTF-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}"
+            f"convert it in place, e.g. {_conversion(path, 'UTF-16')}"
         )
+
+
+def _bounded_lines(fh, limit: int, too_long: Callable[[int], str]) -> Iterator[bytes]:
+    """The lines of the binary stream `fh`, none held with more than `limit` + 1 bytes: a longer line (a
+    file without line ends, one huge record) raises DataError(too_long(its line number)) before it is
+    read whole; iterating over `fh` would read any line whole, however long."""
+    for lineno in itertools.count(1):
+        line = fh.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            raise DataError(too_long(lineno))
+        yield line
 
 
 def _iter_blocks(path: Path, fh) -> Iterator[bytes]:
     """Blank-line-separated blocks; one over MAX_TEXT_DOCUMENT_BYTES is refused as a file read whole is
     (a text without blank lines, single newlines between its paragraphs, is one block)."""
+
+    def too_long(_lineno: int = 0) -> str:
+        return (
+            f"{path} holds a block of more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes without a blank line, read "
+            "as one document (--format blocks splits at blank lines only): split the text into documents "
+            "(one per file or per JSONL line), or separate them with blank lines"
+        )
+
     block: list[bytes] = []
     size = 0
-    for line in fh:
+    for line in _without_bom(path, _bounded_lines(fh, MAX_TEXT_DOCUMENT_BYTES, too_long)):
         if line.strip():
             block.append(line)
             size += len(line)
             if size > MAX_TEXT_DOCUMENT_BYTES:
-                raise DataError(
-                    f"{path} holds a block of more than {MAX_TEXT_DOCUMENT_BYTES:,} bytes without a blank line, read "
-                    "as one document (--format blocks splits at blank lines only): split the text into documents "
-                    "(one per file or per JSONL line), or separate them with blank lines"
-                )
+                raise DataError(too_long())
         elif block:
             yield b"".join(block)
             block, size = [], 0
@@ -535,9 +580,29 @@ def _iter_blocks(path: Path, fh) -> Iterator[bytes]:
         yield b"".join(block)
 
 
+def _too_large_record(where: str, size: str) -> str:
+    return (
+        f"{where}: the document holds {size} bytes of text, more than the {MAX_TEXT_DOCUMENT_BYTES:,} a document "
+        "may hold (as a plain-text file; tokenizing takes several times a document's size in memory): split it "
+        "into several records, or leave that record out"
+    )
+
+
 def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    """The documents of a JSON Lines binary stream, the field `text_field` of each line's object."""
+    limit = MAX_JSONL_LINE_FACTOR * MAX_TEXT_DOCUMENT_BYTES
+
+    def too_long(lineno: int) -> str:  # the line is not read further: how much text it holds is not known
+        return (
+            f"{path}:{lineno}: the line is longer than {limit:,} bytes ({MAX_JSONL_LINE_FACTOR} x the "
+            f"{MAX_TEXT_DOCUMENT_BYTES:,} bytes of text a document may hold, room for JSON's escapes), so it is not "
+            "read whole: split its record into several, or leave it out"
+        )
+
+    lines = _bounded_lines(fh, limit, too_long)
+    lines = _without_bom(path, lines)
     first = True
-    for lineno, line in enumerate(fh, 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         repaired_before = stats.non_utf8_documents
@@ -564,17 +629,24 @@ def _iter_jsonl(path: Path, fh, text_field: str, stats: CorpusStats) -> Iterator
             text = _SURROGATE.sub("\ufffd", text)
             if stats.non_utf8_documents == repaired_before:  # not counted yet for bad bytes
                 stats.non_utf8_documents += 1
+        # the text's UTF-8 is never longer than the line (an escape is as long as its character or longer)
+        if len(line) > MAX_TEXT_DOCUMENT_BYTES and (size := len(text.encode("utf-8"))) > MAX_TEXT_DOCUMENT_BYTES:
+            raise DataError(_too_large_record(f"{path}:{lineno}", f"{size:,}"))
         yield text
 
 
 def _not_json_lines(path: Path, lineno: int, line: bytes) -> str:
     """The error for a .json file that is one JSON document (an array of records, or records
     written over several lines) rather than JSON Lines, which is read one line at a time."""
-    stem = path.name.split(".")[0]
+    written = shlex.quote(path.name.split(".")[0] + ".jsonl")
+    # jq reads no compressed file ("parse error: Invalid numeric literal" for a .json.gz): decompress into it
+    tool, quoted = _decompressor(path), shlex.quote(str(path))
+    source = f"{tool} -dc {quoted} | jq -c" if tool else "jq -c"
+    target = "" if tool else f" {quoted}"
     if line.strip().startswith(b"["):
-        what, jq = "a JSON array", f"jq -c '.[]' {path} > {stem}.jsonl"
+        what, jq = "a JSON array", f"{source} '.[]'{target} > {written}"
     else:
-        what, jq = "a JSON object written over several lines", f"jq -c . {path} > {stem}.jsonl"
+        what, jq = "a JSON object written over several lines", f"{source} .{target} > {written}"
     return (
         f"{path}:{lineno}: the file is {what}, not JSON Lines (one document per line, each a JSON object "
         f"with the field holding its text): convert it, e.g. {jq}; or, if each file is one document (a "
@@ -606,12 +678,46 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
                 f"{path}: column {text_field!r} is {kind}, not a string; "
                 "pass --text-field <name> of the column holding the text"
             )
+        rows = 0  # before the batch
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for batch in _parquet_batches(parquet, text_field):
+                sizes = _byte_lengths(batch.column(0))
+                if len(sizes) and sizes.max() > MAX_TEXT_DOCUMENT_BYTES:  # refused before it becomes Python text
+                    row = int(np.argmax(sizes > MAX_TEXT_DOCUMENT_BYTES))
+                    where = f"{path}: row {rows + row + 1:,} (counting from 1) of column {text_field!r}"
+                    raise DataError(_too_large_record(where, f"{int(sizes[row]):,}"))
+                rows += batch.num_rows
                 for text in batch.column(0).to_pylist():
                     yield "" if text is None else text
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path} is a damaged Parquet file ({err}): re-copy or re-download it") from None
+
+
+def _parquet_batches(parquet, text_field: str):
+    """The column `text_field` of `parquet` in record batches, row group by row group, each of at most
+    PARQUET_BATCH_ROWS rows and, by the row group's average row (uncompressed, from the file's metadata),
+    about PARQUET_BATCH_BYTES of text."""
+    meta = parquet.metadata
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        chunks = (group.column(j) for j in range(group.num_columns))
+        size = next((c.total_uncompressed_size for c in chunks if c.path_in_schema == text_field), 0)
+        rows = PARQUET_BATCH_ROWS if size <= 0 else PARQUET_BATCH_BYTES * group.num_rows // size
+        yield from parquet.iter_batches(
+            batch_size=min(max(rows, 1), PARQUET_BATCH_ROWS), row_groups=[g], columns=[text_field]
+        )
+
+
+def _byte_lengths(column) -> np.ndarray:
+    """The UTF-8 bytes of each value of a Parquet text column's batch (0 for a null)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(column.type):  # binary_length has no kernel for these two
+        column = column.dictionary_decode()
+    if pa.types.is_string_view(column.type):
+        column = column.cast(pa.large_string())
+    return pc.binary_length(column).fill_null(0).to_numpy()
 
 
 def _preview(value) -> str:
@@ -653,9 +759,9 @@ def iter_documents(
 
     def _parse(path: Path, kind: str, fh) -> Iterator[str]:
         if kind == "jsonl":
-            yield from _iter_jsonl(path, _without_bom(path, fh), text_field, stats)
+            yield from _iter_jsonl(path, fh, text_field, stats)
         elif kind == "blocks":
-            for block in _iter_blocks(path, _without_bom(path, fh)):
+            for block in _iter_blocks(path, fh):
                 yield _decode(block, stats)
         else:
             raw = fh.read(MAX_TEXT_DOCUMENT_BYTES + 1)
@@ -712,6 +818,12 @@ def check_record_files(files: list[Path], fmt: str = "auto", text_field: str = "
             next(iter_documents([path], fmt, text_field, CorpusStats(), files=[path]), None)
 
 
+def most_documents(files: list[Path], fmt: str = "auto") -> int | None:
+    """The most documents `files` can hold when each is read whole (plain text, not --format blocks): one
+    per file, the empty ones skipped; None when some file holds records or blocks, uncounted until read."""
+    return len(files) if all(_format_of(f, fmt) == "text" for f in files) else None
+
+
 def input_bytes(files: list[Path]) -> int:
     """The bytes of the files as stored: the whole of iter_documents' `progress`."""
     return sum(f.stat().st_size for f in files)
@@ -726,7 +838,6 @@ def _warn_of_repaired(files: list[Path], documents: int) -> None:
     warnings.warn(
         f"{documents} document(s) in {len(files)} file(s) ({names}) held text that is not UTF-8, each bad byte "
         "replaced by U+FFFD: text in another encoding (Latin-1 or Windows-1252, say) loses its accented letters "
-        "so; convert such a file, e.g. iconv -f latin1 -t utf-8 "
-        f"{first} > {first.with_name(first.name.split('.')[0] + '.utf8' + ''.join(first.suffixes))}",
+        f"so; convert such a file in place, e.g. {_conversion(first, 'latin1')}",
         stacklevel=1,  # this line: one warning however many passes (tokenizer sample, tokenizing) read the file
     )

@@ -57,7 +57,7 @@ from pretrain.data.worker_exits import (
     ended_worker,
     raised_receiving_from_workers,
 )
-from pretrain.slurm import end_stop_immune_workers_at_exit, ignore_stop_signals
+from pretrain.slurm import end_stop_immune_workers_at_exit, ignore_stop_signals, stop_signals_blocked
 
 IGNORE_INDEX = -100
 
@@ -574,7 +574,9 @@ class ShardLoader:
                 generator=seeds,
                 worker_init_fn=ignore_stop_signals,  # Slurm's stop signals reach the workers too
             )
-            for item in _naming_dead_workers(iter(dl)):
+            with stop_signals_blocked():  # the workers are forked here, and ignore them before unblocking
+                batches = iter(dl)
+            for item in _naming_dead_workers(batches):
                 if "error" in item:
                     raise item["error"]
                 w = item.pop("worker")

@@ -20,7 +20,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.data.corpus import CorpusStats, check_record_files, input_bytes, iter_documents, resolve_files
+from pretrain.data.corpus import (
+    CorpusStats,
+    check_record_files,
+    input_bytes,
+    iter_documents,
+    most_documents,
+    resolve_files,
+)
 from pretrain.data.errors import DataError
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
@@ -282,6 +289,22 @@ def _write_documents(
 _FEW_DOCUMENTS = "a plain-text file is one document: --format blocks splits it at blank lines"
 
 
+def check_validation_possible(files: list[Path], fmt: str, seed: int, val_fraction: float) -> None:
+    """Refuse, before the corpus is read, a preparation whose validation split must come out empty: files
+    read whole hold at most one document each, and documents are drawn for validation by their index alone
+    (is_validation), so when no index below the file count is drawn, none can be. A 60 MiB text file was
+    tokenized in full (12 s) before the empty split was found. Run once the first document is read (an empty
+    corpus, or a file too large for one document, is named first)."""
+    most = most_documents(files, fmt)
+    if val_fraction > 0 and most is not None and not any(is_validation(i, seed, val_fraction) for i in range(most)):
+        raise DataError(
+            f"the validation split would be empty: the {most} input file(s), each read as one document, hold at "
+            f"most {most} document(s), and none of those would fall into it at --val-fraction={val_fraction} (about "
+            f"{most * val_fraction:.2g} expected); raise --val-fraction or add documents ({_FEW_DOCUMENTS}). "
+            "Nothing was tokenized"
+        )
+
+
 def _check_validation_split(splits: dict, documents: int, val_fraction: float) -> None:
     """Training evaluates on the val split: refuse a preparation that left it empty by chance
     (nothing is written), and warn when it is empty by request (val_fraction=0). Warn too when the
@@ -349,6 +372,7 @@ def prepare_corpus(
             f"({probe.empty_documents} empty): check --input, --format and --text-field"
         )
     check_record_files(files, fmt, text_field)
+    check_validation_possible(files, fmt, seed, val_fraction)
     total = input_bytes(files)
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         if tokenizer_path is None:

@@ -223,6 +223,18 @@ class _CountingReader:
         return self.digest.hexdigest()
 
 
+def _tar_members(stream: BinaryIO) -> Iterator[dict]:
+    """{"fname", "data"} of each regular file in the tar `stream`, in order, read sequentially (a
+    tarfile stream keeps no index of the members passed). webdataset's tar_file_iterator did this, and
+    importing the webdataset package imports torch (~3 s measured with -X importtime), which a tool
+    that only reads shards (memlayers-inspect-data) does not need."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for info in tar:
+        if info.isreg():
+            yield {"fname": info.name, "data": tar.extractfile(info).read()}
+        tar.members = []
+
+
 def read_blocks(
     path: Path,
     width: int,
@@ -243,8 +255,6 @@ def read_blocks(
     and token ids are checked: a reader starting mid-shard stops at the same damage as one
     starting at row 0), only not converted to int64 nor yielded.
     """
-    from webdataset.tariterators import tar_file_iterator  # here: the webdataset package imports torch (~3 s)
-
     dtype = np.dtype(token_dtype).newbyteorder("<")
     rows_seen = at = 0  # rows in the blocks read; the row the block being read begins at
     try:
@@ -259,7 +269,7 @@ def read_blocks(
         return CorruptShardError(f"corrupt shard {path} at byte offset {reader.offset}: {why}", row=at)
 
     with fh:
-        members = tar_file_iterator(reader, skip_meta=None)
+        members = _tar_members(reader)
         while True:
             at = rows_seen
             try:
@@ -324,9 +334,14 @@ def read_manifest(root: str | Path) -> dict:
             f"{root} is a file, not a prepared dataset folder: prepare it with tools/prepare_data.py "
             f"--input {root} --output <folder> and pass that folder"
         )
-    if not root.is_dir():
+    if not root.is_dir():  # read by tools too (--data, DIR): the trainer's data.dir is not the fix to name
+        from pretrain.data.sources import _nearest_dataset
+
+        near = _nearest_dataset(root)
         raise DataError(
-            f"dataset directory {root} does not exist: prepare it with tools/prepare_data.py or set data.dir"
+            f"dataset directory {root} does not exist: "
+            + (f"did you mean {near}? Or " if near else "")
+            + f"prepare it with tools/prepare_data.py --input <corpus> --output {root}"
         )
     if not path.is_file():
         raise DataError(f"{path} is missing: {root} is not a prepared dataset (run tools/prepare_data.py)")

@@ -21,9 +21,13 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import io
+import json
 import random
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,7 +36,9 @@ import numpy as np
 import sentencepiece as spm
 
 from pretrain.data.errors import DataError
+from pretrain.data.worker_exits import ended_by
 from pretrain.files import atomic_write
+from pretrain.slurm import stop_signals_blocked
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 4096
@@ -40,6 +46,14 @@ MAX_SENTENCE_BYTES = 4096
 # took ~40 bytes per character to encode one whole, its working memory and the list of ids it returns
 # (measured: a 60 MiB document, 2.6 GB above the 0.6 GB held before, 3.1 GB resident).
 PIECE_CHARS = 1 << 20
+# A document that cannot be cut (Tokenizer.cuts_at_newlines) is encoded whole; above this many characters a
+# warning says so, with the memory it takes: sentencepiece 0.2.3's unigram encoding of a 63.1M-character
+# document (Python sources and /usr/share/doc text, ASCII) took 1.71 GB above what was held before, ~27 bytes a
+# byte of UTF-8; per character it grows with the bytes a character takes (16M characters of that text with its
+# letters mapped to Cyrillic and CJK, 27.3 MB of UTF-8: 20 bytes a byte with a tokenizer trained on it, 30 with
+# the English one, which writes them as bytes; 34 and 52 bytes a character).
+WHOLE_DOCUMENT_WARNING_CHARS = 16 << 20
+ENCODE_BYTES_PER_UTF8_BYTE = 27
 NEWLINE = "\n"  # a piece of its own when whitespace is kept (training samples lines, which hold none)
 
 
@@ -108,7 +122,11 @@ class Tokenizer:
         newline (a line longer than that stays whole), which `encode_pieces` encodes to the ids of the
         whole text with a bounded memory; [text] when it is short, or when this tokenizer's tokens may
         span a newline (`cuts_at_newlines`)."""
-        if len(text) <= PIECE_CHARS or not self.cuts_at_newlines:
+        if len(text) <= PIECE_CHARS:
+            return [text]
+        if not self.cuts_at_newlines:
+            if len(text) > WHOLE_DOCUMENT_WARNING_CHARS:
+                self._warn_of_whole_encoding(len(text), len(text.encode("utf-8", "surrogatepass")))
             return [text]
         pieces, start = [], 0
         while (cut := text.find(NEWLINE, start + PIECE_CHARS)) >= 0:
@@ -116,6 +134,29 @@ class Tokenizer:
             start = cut
         pieces.append(text[start:])
         return pieces
+
+    def _warn_of_whole_encoding(self, chars: int, utf8_bytes: int) -> None:
+        """No cut of a unigram tokenizer's document is provably the same ids as the whole: sentencepiece's path
+        score is a float32 sum set back to 0 wherever it passes 1e5 (a place that depends on all the text
+        before), and ties between equal-scoring segmentations follow its rounding (a 6 MB document of Python
+        sources cut at newlines every 1M characters: 45 of 1.96M tokens differed). So such a document is
+        encoded whole, and a long one is named with the memory that takes."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        model = pb.ModelProto.FromString(self._sp.serialized_model_proto())
+        why = (
+            "is a unigram model, whose segmentation of a line may depend on the text before it"
+            if model.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM
+            else "normalizes text (whitespace or characters) in a way that may join text across a line end"
+        )
+        warnings.warn(
+            f"a document of {chars:,} characters is encoded whole, as {self.path} {why}: sentencepiece then "
+            f"holds about {utf8_bytes * ENCODE_BYTES_PER_UTF8_BYTE / 2**20:,.0f} MiB (~{ENCODE_BYTES_PER_UTF8_BYTE} bytes "
+            f"a byte of its {utf8_bytes:,} bytes of UTF-8) in each tokenizing process (--workers). A BPE tokenizer as tools/train_tokenizer.py makes "
+            f"by default (--model-type bpe) encodes it in pieces of {PIECE_CHARS:,} characters (its ids of the whole "
+            "document, in bounded memory); or split such documents",
+            stacklevel=3,
+        )
 
     def encode_pieces(self, pieces: list[str], continued: list[bool]) -> list[np.ndarray]:
         """The ids (int32) of each piece; a `continued` one (a piece after the first of `cut_document`,
@@ -215,6 +256,36 @@ def _covered_characters(counts: collections.Counter, coverage: float) -> int:
     return taken
 
 
+_WORKER = Path(__file__).with_name("sentencepiece_worker.py")
+_CTRL_C_AND_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def _trained_model(sentences: list[str], options: dict) -> bytes:
+    """The model file sentencepiece trains on `sentences` with `options`, in a child process
+    (sentencepiece_worker.py) that this one kills on its way out: a stop signal or Ctrl-C acts at once,
+    not when the native trainer returns (measured: Ctrl-C 4.9 s late on a 50 MB corpus, where a unigram
+    model trains for 9.5 min)."""
+    with tempfile.TemporaryDirectory(prefix="sentencepiece-") as tmp:
+        model = Path(tmp) / "tokenizer.model"
+        command = [sys.executable, str(_WORKER), json.dumps(options), str(model)]
+        with stop_signals_blocked(_CTRL_C_AND_STOPS):  # it ignores them, then unblocks: none ends it as it starts
+            trainer = subprocess.Popen(command, stdin=subprocess.PIPE)
+        try:
+            trainer.communicate("\n".join(sentences).encode("utf-8"))  # no sentence holds a line break
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+            trainer.wait()
+        if trainer.returncode == 0:
+            return model.read_bytes()
+    code = trainer.returncode
+    if code == -signal.SIGKILL:
+        why = ", most often the kernel's out-of-memory killer (dmesg): a smaller sample (--max-sentences) needs less memory"
+    else:
+        why = " (its own error is printed above)" if code > 0 else ""
+    raise DataError(f"the sentencepiece trainer (pid {trainer.pid}) {ended_by(code)}{why}")
+
+
 def train_tokenizer(
     documents: Iterable[str],
     out_path: str | Path,
@@ -288,10 +359,7 @@ def train_tokenizer(
         if keep_whitespace
         else {}
     )
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
+    options = dict(
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=True,
@@ -307,7 +375,8 @@ def train_tokenizer(
         minloglevel=2,
         **whitespace,
     )
-    tokenizer = Tokenizer(atomic_write(out_path, model.getvalue()))
+    model = _trained_model(sentences, options)
+    tokenizer = Tokenizer(atomic_write(out_path, model))
     if tokenizer.vocab_size < vocab_size:  # hard_vocab_limit=False: the size asked is an upper bound
         warnings.warn(
             f"{out_path} has {tokenizer.vocab_size} pieces, fewer than the {vocab_size} asked: {model_type} found no "

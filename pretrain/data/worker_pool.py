@@ -14,10 +14,10 @@ loader's workers do (`pretrain.slurm.ignore_stop_signals`): the main process dec
 ends them with SIGKILL on its way out. A worker that dies anyway is noticed at once (its process
 sentinel) and named, with how it ended, as a DataError (WorkerDied).
 
-One window stays: the first second or so of a worker's life (Python's start and the imports spawn
-runs before the worker's code), where a signal still ends it; the main process, which Slurm
-signals too, then stops with its own message. The signal mask cannot close it: spawn's children
-start with none blocked.
+The workers start with those signals blocked (`pretrain.slurm.stop_signals_blocked` around their
+start; a spawned child keeps the mask) and unblock them once ignored: one that comes in the first
+second or so of a worker's life (Python's start and spawn's imports) waits and is dropped. It used to
+end the worker there.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ _IGNORED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 def _ignore_stop_signals() -> None:
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _IGNORED)  # blocked since its start (ordered_map)
 
 
 def _serve(conn, fn, initializer, initargs) -> None:
@@ -84,15 +85,19 @@ def ordered_map(
         raise ValueError(f"ordered_map needs workers >= 1, got {workers}")
     ahead = ahead or 2 * workers
     ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads
-    from pretrain.slurm import end_stop_immune_workers_at_exit
+    from multiprocessing import resource_tracker
+
+    from pretrain.slurm import end_stop_immune_workers_at_exit, stop_signals_blocked
 
     end_stop_immune_workers_at_exit()  # they ignore SIGTERM, which multiprocessing's exit would send them
+    resource_tracker.ensure_running()  # its first start, in a spawn, would unblock SIGINT and SIGTERM below
     procs, conns = [], []
     try:
         for _ in range(workers):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=_serve, args=(theirs, fn, initializer, initargs), daemon=True)
-            proc.start()
+            with stop_signals_blocked(_IGNORED):  # the worker starts with them blocked, until it ignores them
+                proc.start()
             theirs.close()
             procs.append(proc)
             conns.append(mine)

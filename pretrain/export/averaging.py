@@ -46,6 +46,8 @@ class ExportInput:
 
 
 def _read_input(path: Path) -> ExportInput:
+    if not path.is_dir():
+        raise ExportError(f"no such export directory: {path} (memlayers-export writes one from a run)")
     for name in REQUIRED:
         if not (path / name).is_file():
             refuse_training_run(path)

@@ -219,6 +219,8 @@ def check_task_dir(task_dir: str | Path) -> None:
 
     task_dir = Path(task_dir)
     fix = "re-write the folder with `memlayers-eval EXPORT --write-tasks DIR` (pretrain.export.lm_eval_tasks)"
+    if not task_dir.is_dir():
+        raise ExportError(f"no such task folder: {task_dir}: write one with `memlayers-eval EXPORT --write-tasks DIR`")
     files = sorted(task_dir.glob("*.yaml"))
     if not files:
         raise ExportError(f"{task_dir} holds no task .yaml files: {fix}")

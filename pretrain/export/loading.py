@@ -141,6 +141,12 @@ def export_probes(export_dir: str | Path, probes_dir: str | Path | None = None, 
             f"{folder} has no probes.jsonl: its run trained on a dataset without fact probes (only the "
             f"embedded fact corpus has them); pass --probes-dir with a folder holding a probes.jsonl{other_fix}"
         )
+    if not (folder / "probes.jsonl").is_file():  # load_probes' own hint is the trainer's (data.dir)
+        raise ExportError(
+            f"{folder / 'probes.jsonl'} does not exist: --probes-dir names a folder holding the fact probes, "
+            "an export of a run on the embedded fact corpus or that corpus's dataset folder "
+            "(.cache/data/embedded-<hash>, named on the run's first log line)"
+        )
     return load_probes(folder)
 
 

@@ -22,6 +22,12 @@ def continuation_logprobs(
     """(sum of log-probabilities, is greedy) per (context, continuation) pair, in input order."""
     limit = model.config.max_seq_len
     for i, (context, continuation) in enumerate(pairs):
+        if isinstance(context, str) or isinstance(continuation, str):  # torch.tensor(text) fails deep inside
+            raise TypeError(
+                f"pair {i}: context and continuation are token-id lists, not text: encode them with the "
+                "export's tokenizer first (AutoTokenizer.from_pretrained(EXPORT, trust_remote_code=True), "
+                '"</s>" + the context, and the continuation on its own)'
+            )
         if not continuation:  # lm-eval's HF model asserts on one (a bare AssertionError)
             raise ValueError(
                 f"pair {i} (context of {len(context)} tokens): the continuation is empty, nothing to score; "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError, latest_checkpoint
+from pretrain.checkpoint import CheckpointError, checkpoint_folders, latest_checkpoint, step_of
 from pretrain.config import RunConfig, validate
 from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.safetensors_io import read_header
@@ -51,6 +51,12 @@ def resolve_checkpoint_dir(source: str | Path) -> Path:
     """The checkpoint folder a run directory, checkpoints root or checkpoint folder designates."""
     path = Path(source)
     if not path.exists():
+        kept = checkpoint_folders(path.parent) if step_of(path) is not None else []
+        if kept:  # a step the run pruned (it keeps its last train.keep_checkpoints) or never wrote
+            raise ExportError(
+                f"no such checkpoint: {path}; {path.parent} holds {', '.join(p.name for p in kept)} "
+                "(a run keeps its last train.keep_checkpoints): pass one of those"
+            )
         raise ExportError(f"no such run directory or checkpoint: {path}")
     if not path.is_dir():
         raise ExportError(

@@ -28,6 +28,7 @@ from pretrain.slots.table import (
 )
 from pretrain.slots.tfidf import (
     RankedSlot,
+    SlotRanking,
     layer_slot_counts,
     memory_layer_names,
     rank_slots,
@@ -39,6 +40,7 @@ __all__ = [
     "FORMAT_VERSION",
     "RankedSlot",
     "SampleData",
+    "SlotRanking",
     "SlotStatistics",
     "SlotTable",
     "TABLE_FILENAME",

@@ -54,15 +54,21 @@ def check_table_matches(table: SlotTable, model_cfg: ModelConfig, tokenizer_path
             )
 
 
-def load_export_for_tfidf(export_dir: str | Path, table_path: str | Path | None = None, allow_other_run: bool = False):
+def load_export_for_tfidf(
+    export_dir: str | Path,
+    table_path: str | Path | None = None,
+    allow_other_run: bool = False,
+    other_fix: str = "pass the table of the run it came from (--table)",
+):
     """(model, cfg, table, tokenizer path) from an export dir, with the table checked against both
-    and, unless `allow_other_run`, against the training run the export came from."""
+    and, unless `allow_other_run`, against the training run the export came from. `other_fix`: what
+    else the caller can do about an export without a table (a tool without --table says its own)."""
     export_dir = Path(export_dir)
     model, cfg = load_model_for_tfidf(export_dir)  # first: a wrong export dir is named as such
     if table_path is None and not (export_dir / TABLE_FILENAME).is_file():
         raise FileNotFoundError(
             f"export {export_dir} holds no {TABLE_FILENAME} (its run counted no slot statistics): export a "
-            "run trained with slots.enabled=true, or pass the table of the run it came from (--table)"
+            f"run trained with slots.enabled=true, or {other_fix}"
         )
     table = load_table(table_path or export_dir / TABLE_FILENAME)
     tok = export_dir / "tokenizer.model"

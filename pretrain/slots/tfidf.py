@@ -24,6 +24,15 @@ class RankedSlot(NamedTuple):
     tokens: list[int]  # token ids at the positions that selected the slot (any head), in order
 
 
+class SlotRanking(list):
+    """RankedSlot entries, best first: the top of the `scoring` slots that scored above 0 (a list, so
+    callers index and iterate it as before; `scoring` says how many the cut at `top` left out)."""
+
+    def __init__(self, ranked: list[RankedSlot], scoring: int):
+        super().__init__(ranked)
+        self.scoring = scoring
+
+
 def tfidf_scores(batch_counts: torch.Tensor, doc_freq: torch.Tensor, num_documents: int) -> torch.Tensor:
     """float64 (N,) scores: c(i)/sum_j c(j) * log((num_documents + 1) / (df(i) + 1))."""
     if batch_counts.shape != doc_freq.shape:
@@ -80,10 +89,10 @@ def rank_slots(
     top: int = 500,
     pad_id: int | None = None,
     keep: torch.Tensor | None = None,
-) -> list[RankedSlot]:
+) -> SlotRanking:
     """Run the model on token_ids ((S,) or (B, S)), count `layer`'s accesses at non-padding
     positions (token != pad_id, or where `keep`, of token_ids' shape, is True) and return the
-    `top` accessed slots by TF-IDF against `table`, best first."""
+    `top` accessed slots by TF-IDF against `table`, best first, with the number that scored above 0."""
     if layer not in table.counts:
         raise ValueError(f"layer {layer!r} is not in the table {table.path} (layers: {table.layers})")
     memory = resolve_memory_layer(model, layer)
@@ -111,4 +120,4 @@ def rank_slots(
     for slot in order.tolist():
         positions = ((idx == slot).any(dim=1) & keep).nonzero().flatten()
         ranked.append(RankedSlot(slot, float(scores[slot]), flat_tokens[positions].tolist()))
-    return ranked
+    return SlotRanking(ranked, int((scores > 0).sum()))

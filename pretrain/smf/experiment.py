@@ -151,7 +151,8 @@ def load_sweep_inputs(
     finetuning."""
     export_dir = Path(export_dir)
     if with_table:  # the table checked against model and tokenizer
-        base, _, table, _ = load_export_for_tfidf(export_dir)
+        # the sweep has no --table: its sparse runs rank against the export's own table
+        base, _, table, _ = load_export_for_tfidf(export_dir, other_fix="leave the sparse runs out of --runs")
     else:
         base, table = load(export_dir), None
     tokenizer = Tokenizer(export_dir / "tokenizer.model")

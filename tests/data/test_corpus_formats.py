@@ -8,8 +8,10 @@ import gzip
 import json
 import re
 import shutil
+import subprocess
 import warnings
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -213,10 +215,15 @@ def test_utf16_text_is_refused_with_the_conversion(tmp_path, docs):
         (folder / name).write_bytes(data)
         (folder / "other.txt").write_text("another document\n")
         for inputs in ([folder], [folder / name]):
-            with pytest.raises(DataError, match=rf"{name} is UTF-16 text .* iconv -f UTF-16 -t UTF-8 "):
+            with pytest.raises(DataError, match=rf"{name} is UTF-16 text .* iconv -f UTF-16 -t UTF-8 ") as err:
                 list(iter_documents(inputs))
-        (folder / name).write_bytes(data.decode("utf-16").encode())  # what iconv writes
-        assert list(iter_documents([folder / name])) == [docs[0]]
+        # the conversion named, run as written, converts the file in place (until 2026-12-07: a copy beside
+        # it, and the folder, which still held the UTF-16 file, was refused all the same)
+        command = str(err.value).split("convert it in place, e.g. ")[1]
+        assert command.startswith(f"iconv -f UTF-16 -t UTF-8 {folder / name} > ")
+        subprocess.run(["bash", "-c", command], check=True)
+        assert (folder / name).read_bytes() == data.decode("utf-16").encode()  # Python's codec as the reference
+        assert sorted(iter_documents([folder])) == sorted([docs[0], "another document\n"])
 
 
 def test_bz2_and_xz_read_as_the_plain_documents_and_archives_are_refused(tmp_path, docs):
@@ -314,3 +321,39 @@ def test_a_folder_of_text_skips_its_archives_and_a_folder_of_archives_is_refused
     for folder, names in ((shipped, "part-0.tar.gz, part-1.tar.gz"), (only, "part-0.tar.gz")):
         with pytest.raises(DataError, match=rf"archive\(s\) \({names}\) hold most of its data.*extract them"):
             next(iter_documents([folder]))
+
+
+def test_parquet_batches_of_long_documents_hold_about_the_byte_budget(tmp_path, docs, monkeypatch):
+    """A Parquet file was decoded 1024 rows at a time whatever their length: a row group of 1,100
+    documents of 512K characters peaked at 3.3 GB read through iter_documents, 1.75 GB now. Each row group
+    is read in batches of about PARQUET_BATCH_BYTES of text by its average row (the file's metadata), at
+    most PARQUET_BATCH_ROWS rows; the documents are the same. The reference: the text bytes of each batch
+    decoded, counted from the batches pyarrow hands out (the budget is shrunk here)."""
+    from pretrain.data import corpus as corpus_mod
+
+    budget = 200_000
+    monkeypatch.setattr(corpus_mod, "MAX_TEXT_DOCUMENT_BYTES", 1 << 30)
+    monkeypatch.setattr(corpus_mod, "PARQUET_BATCH_BYTES", budget)
+    long_docs = [d * 20 for d in docs[:60]]  # tens of KB each
+    short = ["a short document"] * 2500
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(tmp_path / "mixed.parquet", schema) as writer:  # a row group of each
+        writer.write_table(pa.table({"text": long_docs}, schema=schema))
+        writer.write_table(pa.table({"text": short}, schema=schema))
+    assert pq.ParquetFile(tmp_path / "mixed.parquet").metadata.num_row_groups == 2
+    decoded = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def recorded(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            decoded.append((batch.num_rows, sum(len(t.encode()) for t in batch.column(0).to_pylist())))
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recorded)
+    assert list(iter_documents([tmp_path / "mixed.parquet"])) == long_docs + short
+    widest = max(len(d.encode()) for d in long_docs)
+    ends = np.cumsum([rows for rows, _ in decoded])
+    first_group = decoded[: int(np.searchsorted(ends, len(long_docs))) + 1]
+    assert ends[len(first_group) - 1] == len(long_docs)  # no batch spans the two row groups
+    assert len(first_group) > 5 and all(size <= 2 * budget + widest for _, size in first_group)
+    assert [rows for rows, _ in decoded[len(first_group) :]] == [1024, 1024, 452]  # short rows: the row cap

@@ -128,6 +128,51 @@ def test_empty_validation_split_is_refused_at_preparation(tmp_path, tokenizer, d
         write_dataset(ids, tmp_path / "ds0", tokenizer, SEQ_LEN, val_fraction=0.0, show_progress=False)
 
 
+def test_a_validation_split_that_must_be_empty_is_refused_before_the_corpus_is_read(tmp_path, monkeypatch):
+    """prepare_data on one 60 MiB plain-text file tokenized all of it (12 s) and only then refused the empty
+    validation split; files read whole hold one document each and documents are drawn for validation by
+    index alone, so it is now refused before a tokenizer is trained or a document tokenized. The reference: the same corpus
+    prepared by write_dataset from its documents, which finds the split empty (or not) after the work."""
+    from pathlib import Path
+
+    from pretrain.data import prepare as prepare_mod
+
+    licenses = sorted(p for p in Path("/usr/share/common-licenses").iterdir() if p.is_file())[:3]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in licenses:
+        (corpus / path.name).write_text(path.read_text())
+    (corpus / "blank.txt").write_text("\n")  # read whole too: counts as a file, holds no document
+
+    def refused_after_the_work(val_fraction: float) -> bool:
+        tok = train_tokenizer(iter_documents([corpus]), tmp_path / "tok.model", vocab_size=400)
+        try:
+            write_dataset([tok.encode(d) for d in iter_documents([corpus])], tmp_path / "ref", tok, SEQ_LEN,
+                          val_fraction=val_fraction, show_progress=False, overwrite=True)  # fmt: skip
+        except DataError as err:
+            return "validation split is empty" in str(err)
+        return False
+
+    fractions = (0.01, 0.05, 0.3)
+    outcomes = [refused_after_the_work(f) for f in fractions]
+    assert outcomes == [True, True, False]  # both sides are met here
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work began")
+
+    monkeypatch.setattr(prepare_mod, "train_tokenizer", no_work)
+    monkeypatch.setattr(prepare_mod, "tokenize_documents", no_work)
+    for fraction, refused in zip(fractions, outcomes):
+        if refused:
+            with pytest.raises(DataError, match=r"the validation split would be empty: the 4 input file\(s\), each "
+                               rf"read as one document, hold at most 4 document\(s\).*--val-fraction={fraction}"):  # fmt: skip
+                prepare_mod.prepare_corpus([corpus], tmp_path / "out", SEQ_LEN, val_fraction=fraction)
+        else:
+            with pytest.raises(AssertionError, match="the work began"):  # past the check
+                prepare_mod.prepare_corpus([corpus], tmp_path / "out", SEQ_LEN, val_fraction=fraction)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_training_split_is_named_at_preparation(tmp_path, tokenizer, capsys):
     """A corpus of one plain-text file is one document; at --val-fraction 0.9 it fell into validation
     and prepare_data wrote a dataset of 0 training sequences without a word (measured: GPL-3, 9571
@@ -541,3 +586,55 @@ def test_a_tokenizer_can_give_pieces_to_part_of_the_characters(tmp_path, capsys)
         with pytest.raises(SystemExit):
             tool.main(["--input", str(corpus), "--output", out, *extra])
         assert said in capsys.readouterr().err
+
+
+def test_a_jsonl_record_or_parquet_cell_too_large_for_one_document_is_refused(tmp_path, monkeypatch, capsys):
+    """A plain-text file over MAX_TEXT_DOCUMENT_BYTES was refused, a JSONL line or Parquet cell of any size
+    read and tokenized whole (a JSONL line read whole even before its JSON was parsed, however long; one
+    without a line end, the whole file): prepare_data on a JSONL file whose second record held 100 MB of
+    text peaked at 3.8 GB resident (unigram tokenizer, 34 s); now it is refused in 0.4 s. Both are now
+    refused, naming the file and the record, before the record is held whole (a line) or turned into Python
+    text (a Parquet batch); a record whose text fits passes however its JSON escapes it. The limit is shrunk
+    here to keep the test small."""
+    from pretrain.data import corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "MAX_TEXT_DOCUMENT_BYTES", 4096)
+    fits, over = "x" * 4096, "x" * 4097
+    escaped = "\u0416" * 2048  # 4096 bytes of UTF-8, 12,288 of JSON as json.dumps writes it (\\u0416 each)
+    lines = [json.dumps({"text": t}) for t in ("a", fits, escaped, over, "b")]
+    assert len(lines[2]) > 3 * 4096
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"c.jsonl:4: the document holds 4,097 bytes of text, more than the 4,096"):
+        list(iter_documents([tmp_path / "c.jsonl"]))
+    (tmp_path / "ok.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    assert list(iter_documents([tmp_path / "ok.jsonl"])) == ["a", fits, escaped]
+    # a line longer than 4 x the limit is refused before it is read whole: here one with no line end at all
+    with open(tmp_path / "endless.jsonl.gz", "wb") as raw, gzip.open(raw, "wb") as fh:
+        fh.write(b'{"text": "a"}\n' + b'{"text": "' + b"y" * 100_000)
+    with pytest.raises(DataError, match=r"endless.jsonl.gz:2: the line is longer than 16,384 bytes \(4 x the 4,096 "):
+        list(iter_documents([tmp_path / "endless.jsonl.gz"]))
+    # --format blocks held a line whole however long, before its size was compared
+    (tmp_path / "one_line.txt").write_bytes(b"z" * 100_000)
+    with pytest.raises(DataError, match=r"one_line.txt holds a block of more than 4,096 bytes without a blank line"):
+        list(iter_documents([tmp_path / "one_line.txt"], "blocks"))
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["a"] * 1500 + [fits, "\u00e9" * 2049]  # rows 1,501 and 1,502: 4,096 and 4,098 bytes
+    for name, column in [
+        ("plain", pa.array(texts)),
+        ("dict", pa.array(texts).dictionary_encode()),
+        ("large", pa.array(texts, pa.large_string())),
+    ]:
+        pq.write_table(pa.table({"body": column}), tmp_path / f"{name}.parquet", row_group_size=700)
+        with pytest.raises(
+            DataError,
+            match=rf"{name}.parquet: row 1,502 \(counting from 1\) of column 'body': the document holds 4,098",
+        ):
+            list(iter_documents([tmp_path / f"{name}.parquet"], text_field="body"))
+        pq.write_table(pa.table({"body": column[:1501]}), tmp_path / f"{name}_ok.parquet", row_group_size=700)
+        assert list(iter_documents([tmp_path / f"{name}_ok.parquet"], text_field="body")) == texts[:1501]
+    argv = ["--input", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
+    assert prepare_cli.main([*argv, "--no-progress"]) == 2
+    assert "c.jsonl:4: the document holds 4,097 bytes" in capsys.readouterr().err and not (tmp_path / "ds").exists()

@@ -107,24 +107,39 @@ def test_preparation_shows_how_much_of_the_input_is_read(tmp_path, tokenizer, mo
     assert sorted(set(bars["read"]))[:-1] == sorted(set(read))[:-1]  # document by document, then filled
 
 
-def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path):
+@pytest.mark.parametrize("stem", ["authors", "an author's notes"])  # the second: quoted for the shell
+@pytest.mark.parametrize("suffix", ["", ".gz", ".xz"])
+def test_text_that_is_not_utf8_is_warned_of_naming_the_file_and_the_conversion(tmp_path, suffix, stem):
     """A Latin-1 file (as /usr/share/doc/ed/AUTHORS: 'Fran\\xe7ois Pinard') lost each accented letter to
     U+FFFD, said only as a count in the stats line. One warning now names the files, how many documents,
-    and the iconv command; the converted file reads as the text was meant (the reference: its bytes
-    decoded as Latin-1)."""
+    and a command that converts the file in place; run as written, the folder reads as the text was meant
+    (the reference: its bytes decoded as Latin-1), once. The command named until 2026-12-07 wrote a copy
+    beside the file (`iconv ... authors.txt > authors.utf8.txt`), which the folder then read beside the
+    original: the document twice, once still broken; for /usr/share/doc/ed/changelog.gz it converted the
+    gzip bytes into a file no reader could open. A name with a space or a quote is quoted for the shell (it
+    was not: iconv read two files, and the output went to a file named by the name's first word)."""
+    import shlex
+    import subprocess
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     latin1 = "Fran\u00e7ois Pinard wrote na\u00efve caf\u00e9 code.\n" * 3
-    (corpus / "authors.txt").write_bytes(latin1.encode("latin-1"))
+    name = stem + ".txt" + suffix
+    compress = {"": lambda b: b, ".gz": gzip.compress, ".xz": __import__("lzma").compress}[suffix]
+    (corpus / name).write_bytes(compress(latin1.encode("latin-1")))
     (corpus / "fine.txt").write_text("plain UTF-8 text, caf\u00e9 included\n")
     with pytest.warns(
-        UserWarning, match=r"1 document\(s\) in 1 file\(s\) \(.*authors.txt\) held text that is not UTF-8"
+        UserWarning, match=rf"1 document\(s\) in 1 file\(s\) \(.*{re.escape(name)}\) held text that is not UTF-8"
     ) as seen:
         docs = list(iter_documents([corpus]))
     assert docs[0] == latin1.replace("\u00e7", "\ufffd").replace("\u00ef", "\ufffd").replace("\u00e9", "\ufffd")
-    fix = f"iconv -f latin1 -t utf-8 {corpus / 'authors.txt'} > {corpus / 'authors.utf8.txt'}"
-    assert [str(w.message).endswith(fix) for w in seen] == [True]
-    (corpus / "authors.txt").write_text(latin1)  # what the iconv command writes, in place
+    (message,) = [str(w.message) for w in seen]
+    command = message.split("convert such a file in place, e.g. ")[1]
+    path, temporary = shlex.quote(str(corpus / name)), shlex.quote(str(corpus / f"{name}.utf8"))
+    tool = {"": None, ".gz": "gzip", ".xz": "xz"}[suffix]
+    pipe = f"{tool} -dc {path} | iconv -f latin1 -t UTF-8 | {tool} -c" if tool else f"iconv -f latin1 -t UTF-8 {path}"
+    assert command == f"{pipe} > {temporary} && mv {temporary} {path}"
+    subprocess.run(["bash", "-c", command], check=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(iter_documents([corpus])) == [latin1, "plain UTF-8 text, caf\u00e9 included\n"]
@@ -1070,6 +1085,37 @@ def test_vocab_size_beside_a_given_tokenizer_is_refused(tmp_path, documents, tok
     assert read_manifest(tmp_path / "b")["vocab_size"] == tokenizer.vocab_size
 
 
+def test_options_the_chosen_mode_does_not_read_are_refused(tmp_path, monkeypatch, capsys):
+    """`--embedded --output d` built the fact corpus into its cache folder and left d unmade, and
+    config overrides given with a corpus (`--input c --output d data.seq_len=64`) were dropped: the
+    dataset came out at --seq-len's default. Both are refused before anything is read or built; so is
+    `--embedded --seq-len 64`, whose corpus came out at the config's data.seq_len."""
+    monkeypatch.chdir(tmp_path)  # the embedded corpus's cache folder is relative: none may appear here
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one document\n")
+    refusals = [
+        (["--embedded", "--output", "d"], "--output with --embedded"),
+        (["--embedded", "--input", str(corpus), "--tokenizer", "t.model"], "--input and --tokenizer with --embedded"),
+        (["--embedded", "--merge"], "--merge with --embedded"),
+        # the corpus options that shape a dataset were dropped too: the corpus came out at the config's seq_len
+        (
+            ["--embedded", "--seq-len", "64", "--val-fraction", "0.1"],
+            "--seq-len 64 and --val-fraction 0.1 with --embedded: the embedded fact corpus is shaped by --config "
+            "and its overrides, not by this tool's corpus options; drop them and pass data.seq_len=64 "
+            "data.val_fraction=0.1 instead",
+        ),
+        (["--embedded", "--format", "jsonl", "--overwrite"], "--format jsonl and --overwrite with --embedded"),
+        (["--input", str(corpus), "--output", "d", "data.seq_len=64"], "data.seq_len=64: the config and its overrides"),
+        (["--input", str(corpus), "--output", "d", "--config", "configs/smf_tiny.yaml"], "--config configs/smf_tiny"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_cli.main([*args, "--no-progress"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+
+
 def test_the_corpus_tools_start_without_torch(repo_root):
     """Importing pretrain.data imported its loaders, and reading a shard's module imported webdataset:
     torch with either (python -X importtime: torch ~1 s of it; `train_tokenizer.py --help` took 1.6 to
@@ -1089,3 +1135,65 @@ def test_the_corpus_tools_start_without_torch(repo_root):
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, check=True)
     assert done.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_a_long_document_encoded_whole_is_named_with_its_memory(tmp_path, english_tokenizer, monkeypatch):
+    """A unigram tokenizer encodes a document whole (no cut is provably the same ids: its tie-breaking follows
+    a float32 path score rebased where it passes 1e5; cut at newlines, 45 of the 1.96M tokens of 6 MB of
+    Python sources differed): prepare_data on a 60 MiB document peaked at 2.35 GB resident, against 0.5 GB with
+    a BPE tokenizer, without a word. A document over WHOLE_DOCUMENT_WARNING_CHARS now warns with its size, the
+    memory expected (27 bytes a byte of its UTF-8, measured: per character it grows with the bytes a character
+    takes) and the fix; the ids stay sentencepiece's of the whole document, and a BPE tokenizer, which cuts,
+    says nothing."""
+    lines = ["the cat sat", "    on the mat  ", "", "and the dog ran"] * 50
+    unigram = train_tokenizer(lines, tmp_path / "u.model", vocab_size=300, model_type="unigram")
+    monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 10)
+    monkeypatch.setattr(tokenizer_mod, "WHOLE_DOCUMENT_WARNING_CHARS", 100_000)
+    text = "\n".join(lines * 20)  # 36,780 characters: under the limit
+    long_text = "\n".join(lines * 60) + "\nna\u00efve caf\u00e9s \u4e16\u754c" * 10  # 110,500 characters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert next(prepare_mod.tokenize_documents([text], unigram)).tolist() == unigram.encode(text)
+        assert len(english_tokenizer.cut_document(long_text)) > 1
+    with pytest.warns(UserWarning) as caught:
+        assert next(prepare_mod.tokenize_documents([long_text], unigram)).tolist() == unigram.encode(long_text)
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(
+        f"a document of {len(long_text):,} characters is encoded whole, as {unigram.path} is a unigram model"
+    )
+    utf8 = len(long_text) + 2 * 10 + 2 * 2 * 10  # the two-byte and the three-byte characters
+    assert utf8 == len(long_text.encode())
+    assert f"about {round(utf8 * 27 / 2**20):,} MiB (~27 bytes a byte of its {utf8:,} bytes of UTF-8)" in message
+    assert "--model-type bpe" in message
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("stem", ["records", "my records"])  # the second: quoted for the shell
+def test_the_conversion_named_for_a_json_document_runs_on_a_compressed_file(tmp_path, suffix, stem):
+    """For /usr/share/doc/nodejs/abi_version_registry.json.gz the error named `jq -c . <file>.json.gz >
+    abi_version_registry.jsonl`, and jq reads no compressed file: 'parse error: Invalid numeric literal at line
+    2, column 0'. A compressed file's conversion now decompresses into jq. The reference: the command named,
+    run where jq is installed, writes the JSON Lines the reader reads."""
+    import bz2
+    import lzma
+    import shlex
+    import shutil
+    import subprocess
+
+    records = [{"text": "one"}, {"text": "two"}]
+    data = json.dumps(records, indent=2).encode()
+    compress = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    path = tmp_path / f"{stem}.json{suffix}"
+    path.write_bytes(compress(data))
+    with pytest.raises(DataError) as err:
+        list(iter_documents([path]))
+    command = re.search(r"convert it, e\.g\. (.*?); or, if", str(err.value)).group(1)
+    tool = {"": None, ".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}[suffix]
+    quoted, written = shlex.quote(str(path)), shlex.quote(f"{stem}.jsonl")
+    assert command == (
+        f"{tool} -dc {quoted} | jq -c '.[]' > {written}" if tool else f"jq -c '.[]' {quoted} > {written}"
+    )
+    if shutil.which("jq") is None or (tool and shutil.which(tool) is None):
+        pytest.skip("jq or the decompressor is not installed: the command is not run")
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+    assert list(iter_documents([tmp_path / f"{stem}.jsonl"])) == ["one", "two"]

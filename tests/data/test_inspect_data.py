@@ -142,3 +142,22 @@ def test_one_file_named_for_the_json_and_the_plot_is_refused_before_the_inspecti
     assert exit_.value.code == 2 and not both.exists()
     err = capsys.readouterr().err
     assert f"--json and --plot both name {tmp_path}/./report.png: the one written last would replace the other" in err
+
+
+def test_inspecting_a_dataset_reads_its_shards_without_torch(tmp_path, tokenizer, documents, repo_root):
+    """Reading a shard imported webdataset's tar iterator, and the webdataset package imports torch
+    (~3 s of the tool's start, python -X importtime): memlayers-inspect-data, which reads every shard
+    and needs no torch, paid it. The reference is sys.modules in a fresh interpreter after the tool ran."""
+    import subprocess
+    import sys
+
+    out, _ = prepared(tmp_path, tokenizer, documents)
+    script = (
+        "import sys\n"
+        "from tools.inspect_data import main\n"
+        f"assert main([{str(out)!r}, '--rows', '1']) == 0\n"
+        "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert "train: " in done.stdout  # it did read the split

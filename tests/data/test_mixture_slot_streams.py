@@ -20,7 +20,7 @@ def take(loader, n):
 
 
 def test_mixture_streams_and_document_reads(dataset, second_dataset, tmp_path):
-    from pretrain.train import build_slot_statistics
+    from pretrain.build import build_slot_statistics
 
     workers, batch_size, seed, n = 2, 4, 3, 70  # 280 rows: each source is read more than once
     sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 1.0, "b")))

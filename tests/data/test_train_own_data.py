@@ -176,9 +176,9 @@ def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, 
     the split's shards read directly, at world 1 (tests/train/test_validation_split.py splits them
     over 2 ranks)."""
     import pretrain.evaluate
+    from pretrain.build import build_loader
     from pretrain.data.sources import resolve_sources
     from pretrain.evaluate import Evaluator
-    from pretrain.train import build_loader
 
     read = []
     monkeypatch.setattr(pretrain.evaluate, "validation_loss", lambda _, batches, *a: read.append(batches) or {})
@@ -228,7 +228,7 @@ def test_fewer_rows_than_readers_are_refused_before_the_model_is_built(tmp_path,
     by the loader (built after the model and the DeepSpeed engine, and through memlayers-submit
     after the queue) and by the run's start-up check (`check_runtime`, which the trainer and
     memlayers-submit call) alike: the loader itself is the reference."""
-    import pretrain.train as train_mod
+    import pretrain.build as build_module
     from pretrain.config import check_runtime
     from pretrain.data import ShardLoader, write_dataset
 
@@ -265,7 +265,7 @@ def test_fewer_rows_than_readers_are_refused_before_the_model_is_built(tmp_path,
     def unbuilt(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(train_mod, "build_model", unbuilt)
+    monkeypatch.setattr(build_module, "build_model", unbuilt)
     cfg.data.num_workers = sequences + 1
     with pytest.raises(ConfigError, match=rf"{sequences + 1} data.num_workers = {sequences + 1} readers need"):
         train(cfg)

@@ -89,6 +89,9 @@ def test_mismatched_inputs_are_refused_before_anything_is_written(two_steps, tmp
         average_exports([early, late], out, weights=[1, 2, 3])
     with pytest.raises(ExportError, match=r"must be non-negative with a positive sum"):
         average_exports([early, late], out, weights=[0, 0])
+    # a misspelt input folder (it said 'exports/nope has no config.json', as of a folder that exists)
+    with pytest.raises(ExportError, match=rf"no such export directory: {tmp_path / 'nope'} \(memlayers-export"):
+        average_exports([early, tmp_path / "nope"], out)
     other_tok = tmp_path / "other_tok"
     shutil.copytree(late, other_tok)
     (other_tok / "tokenizer.model").write_bytes(b"another tokenizer")

@@ -112,6 +112,9 @@ def test_scoring_cuts_a_long_context_from_the_left_and_keeps_the_continuation(mo
         continuation_logprobs(hf, [pairs[0], ([1, 2], [])])
     with pytest.raises(ValueError, match="pair 0: the context is empty: start it with the EOS id"):
         continuation_logprobs(hf, [([], [1, 2])])
+    # text for ids ended in torch's "TypeError: new(): invalid data type 'str'" at the batch's tensor
+    with pytest.raises(TypeError, match="pair 1: context and continuation are token-id lists, not text: encode"):
+        continuation_logprobs(hf, [pairs[0], ("</s>Alice lives in", " Riverton")])
 
 
 def test_the_exported_tokenizer_knows_the_model_context(inference_export):

@@ -32,6 +32,15 @@ def _export_fails(source, out: Path, match: str, error=ExportError):
 
 def test_wrong_paths(tmp_path, trained):
     _export_fails(tmp_path / "nope", tmp_path / "out", "no such run directory or checkpoint")
+    # a pruned (or never written) step: the checkpoints the folder holds are named (it said only
+    # 'no such run directory or checkpoint: runs/demo/checkpoints/step_00000100')
+    kept = sorted(p.name for p in (trained[1] / "checkpoints").glob("step_*"))
+    _export_fails(
+        trained[1] / "checkpoints" / "step_09999999",
+        tmp_path / "out",
+        rf"no such checkpoint: .*step_09999999; .*checkpoints holds {', '.join(kept)} \(a run keeps its last "
+        r"train.keep_checkpoints\): pass one of those",
+    )
     (tmp_path / "empty").mkdir()
     _export_fails(tmp_path / "empty", tmp_path / "out", "neither a run directory")
     _export_fails(trained[1] / "config.yaml", tmp_path / "out", "is a file")

@@ -167,8 +167,13 @@ def test_an_export_without_probes_names_why_and_what_to_pass(inference_export, t
     assert memlayers_eval([str(export)]) == 2
     err = capsys.readouterr().err
     assert why in err and "or evaluate other --tasks" in err
-    assert main([str(export), "--probes", "3", "--probes-dir", str(tmp_path / "none")]) == 2
-    assert f"{tmp_path / 'none'}/probes.jsonl does not exist" in capsys.readouterr().err  # a folder named: as before
+    # a --probes-dir without probes.jsonl (a prepared dataset of one's own text): it said, as to the trainer,
+    # "prepare it with pretrain.data.prepare_embedded_dataset or leave data.dir empty"
+    for folder in (tmp_path / "none", tmp_path):
+        assert main([str(export), "--probes", "3", "--probes-dir", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder}/probes.jsonl does not exist: --probes-dir names a folder holding the fact probes" in err
+        assert "data.dir" not in err
 
 
 def test_a_file_passed_as_probes_dir_is_named_a_file(inference_export, tmp_path, monkeypatch, capsys):
@@ -268,8 +273,16 @@ def test_generate_refuses_options_that_would_change_nothing(inference_export, tm
         ),
         (["--prompt", "The", "--temperature", "0", "--seed", "0"], "--seed 0: the seed draws the samples"),
         (["--probes", "3", "--seed", "3"], "--seed: sampling options apply to --prompt generation, not --probes"),
-        (["--probes", "3", "--max-new-tokens", "4"], "--max-new-tokens: --prompt generation options; --probes"),
-        (["--probes", "3", "--no-cache"], "--no-cache: --prompt generation options; --probes generates"),
+        # it read '--max-new-tokens: --prompt generation options; --probes generates ...: drop them'
+        (
+            ["--probes", "3", "--max-new-tokens", "4"],
+            "--max-new-tokens applies to --prompt generation only: --probes generates each probe's answer to "
+            "the answer's length, with the cache; drop it",
+        ),
+        (
+            ["--probes", "3", "--max-new-tokens", "4", "--no-cache"],
+            "--max-new-tokens and --no-cache apply to --prompt generation only: --probes generates",
+        ),
         (
             ["--prompt", "The", "--probes-dir", "x"],
             "--probes-dir names where --probes reads probes.jsonl: give --probes",

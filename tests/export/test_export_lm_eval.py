@@ -156,6 +156,9 @@ def test_task_writer_and_checker_reject_bad_input(inference_export, tmp_path, ca
     # the wrapper refuses the folder before starting lm_eval
     assert memlayers_eval([str(inference_export), "--task-dir", str(task_dir)]) == 2
     assert f"{MC_TASK}.yaml is not valid YAML" in capsys.readouterr().err
+    # a misspelt folder (it said '... holds no task .yaml files', as of a folder that exists)
+    assert memlayers_eval([str(inference_export), "--task-dir", str(tmp_path / "taks")]) == 2
+    assert f"error: no such task folder: {tmp_path / 'taks'}: write one with" in capsys.readouterr().err
     no_tok = tmp_path / "no-tokenizer"
     no_tok.mkdir()
     (no_tok / "config.json").write_text((inference_export / "config.json").read_text())

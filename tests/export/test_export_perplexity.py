@@ -191,6 +191,23 @@ def test_sequences_longer_than_the_model_are_refused_before_it_loads(export_and_
     assert f"prepare the data with --seq-len {seq_len // 2} or less" in capsys.readouterr().err
 
 
+def test_a_misspelt_data_folder_names_the_dataset_beside_it_not_data_dir(export_and_data, tmp_path, capsys):
+    """--data data/pyjsn said 'dataset directory data/pyjsn does not exist: prepare it with
+    tools/prepare_data.py or set data.dir', a trainer key this tool does not read. It now names the
+    prepared dataset beside it, or the prepare_data command that writes that folder."""
+    import shutil
+
+    export, dataset = export_and_data
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data / "english")
+    for given, near in ((data / "englsh", data / "english"), (tmp_path / "nothing" / "here", None)):
+        assert perplexity_cli.main([str(export), "--data", str(given), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "data.dir" not in err
+        hint = f"did you mean {near}? Or prepare" if near else "does not exist: prepare"
+        assert f"{hint} it with tools/prepare_data.py --input <corpus> --output {given}" in err
+
+
 def test_smf_validation_of_a_run_with_document_masking_is_scored_with_it(tmp_path, data_cache):
     """SMF's validation loss (LearningForgettingEval, built by load_sweep_inputs and memlayers'
     smf_finetune) attended across packed documents even for a run trained with

@@ -164,7 +164,8 @@ def test_rank_slots_against_brute_force(make_model_config, tmp_path):
         assert r.score == pytest.approx(want[r.slot], rel=1e-12)
         assert r.tokens == [t for t, row in zip(flat, idx) if t != pad and r.slot in row]
     assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
-    assert len(rank_slots(model, tokens, table, "layers.1", top=3, pad_id=pad)) == 3
+    top3 = rank_slots(model, tokens, table, "layers.1", top=3, pad_id=pad)
+    assert len(top3) == 3 and top3.scoring == sum(1 for i in counts if want[i] > 0) > 3
     with pytest.raises(ValueError, match="not in the table"):
         rank_slots(model, tokens, table, "layers.0")
 
@@ -208,20 +209,14 @@ def test_tfidf_tool_prints_ranking(export_dir, capsys):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_dir, capsys):
-    """A text of 2.5 contexts is ranked over all of it, in windows of max_seq_len (the tool kept
-    only its last max_seq_len tokens before, without a word), read as sparse finetuning reads a
-    document: "<eos> tokens...", every token but the last an input (the tool encoded the text
-    without the <eos>, so its slots were not those SMF picks: 15 of the top 20 on a trained
-    export); scores and tokens against a brute-force count of the windows' picks, in float64;
-    slots scoring 0 are not listed."""
+def _brute_force_tfidf(export_dir, text):
+    """The tool's reading of `text` redone by hand: "<eos> tokens..." less the last token as inputs,
+    each max_seq_len window through the model on its own, layers.1's picks counted, float64 TF-IDF."""
     import sentencepiece
 
     out, cfg, stats, _ = export_dir
-    text = " ".join((["the cat sat on the mat", "ada was born in paris", "where was ada born"] * 2)[:5])
     sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     inputs = ([sp.eos_id()] + sp.encode(text))[:-1]
-    assert 2 * cfg.max_seq_len < len(inputs) < 3 * cfg.max_seq_len
     model = Transformer(cfg)
     model.load_state_dict(load_file(str(out / "model.safetensors")))
     model.eval()
@@ -232,10 +227,45 @@ def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_
         picks += model.layers[1].ffn.last_indices.reshape(len(window), -1).tolist()
         tokens += window
     counts = Counter(s for row in picks for s in row)
-    n = cfg.memory.num_slots
     want = reference_tfidf(
-        [counts.get(i, 0) for i in range(n)], stats.doc_freq["layers.1"].tolist(), stats.num_documents
+        [counts.get(i, 0) for i in range(cfg.memory.num_slots)],
+        stats.doc_freq["layers.1"].tolist(),
+        stats.num_documents,
     )
+    return sp, inputs, tokens, picks, counts, want
+
+
+def test_tfidf_tool_header_counts_every_slot_scoring_above_0_not_only_those_shown(export_dir, capsys):
+    """The header line gives the number of slots scoring above 0, and says when --top shows fewer
+    (it gave the number shown as that count: '20 slots scoring above 0' for 619 on the demo's export);
+    against a brute-force count of the text's picks."""
+    text = "where was ada born"
+    *_, counts, want = _brute_force_tfidf(export_dir, text)
+    scoring = sum(1 for i in counts if want[i] > 0)
+    assert scoring > 3
+    out = str(export_dir[0])
+    assert tfidf_tool.main(["--export", out, "--text", text, "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"# layers.1: top 3 of {scoring} slots scoring above 0 (")
+    assert len(lines) == 2 + 3
+    assert tfidf_tool.main(["--export", out, "--text", text, "--top", str(scoring + 5)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"# layers.1: {scoring} slots scoring above 0 (")
+    assert len(lines) == 2 + scoring
+
+
+def test_tfidf_tool_ranks_every_window_of_a_text_longer_than_the_context(export_dir, capsys):
+    """A text of 2.5 contexts is ranked over all of it, in windows of max_seq_len (the tool kept
+    only its last max_seq_len tokens before, without a word), read as sparse finetuning reads a
+    document: "<eos> tokens...", every token but the last an input (the tool encoded the text
+    without the <eos>, so its slots were not those SMF picks: 15 of the top 20 on a trained
+    export); scores and tokens against a brute-force count of the windows' picks, in float64;
+    slots scoring 0 are not listed."""
+    out, cfg, _, _ = export_dir
+    text = " ".join((["the cat sat on the mat", "ada was born in paris", "where was ada born"] * 2)[:5])
+    sp, inputs, tokens, picks, counts, want = _brute_force_tfidf(export_dir, text)
+    assert 2 * cfg.max_seq_len < len(inputs) < 3 * cfg.max_seq_len
+    n = cfg.memory.num_slots
 
     assert tfidf_tool.main(["--export", str(out), "--text", text, "--top", str(n)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

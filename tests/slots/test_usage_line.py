@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import pretrain.train as train_module
+import pretrain.build as build_module
 from pretrain.slots.summary import usage_lines
 from pretrain.train import train
 from tests.train.helpers import tiny_config
@@ -40,7 +40,7 @@ def test_console_line_against_a_brute_force_count_of_the_top_k_picks(tmp_path, d
     numbers are those of the raw picks of the interval's steps (and of all steps so far), hooked off
     the layers' training forwards, and those TensorBoard shows."""
     reads: dict[str, list[torch.Tensor]] = {"layers.0": [], "layers.1": []}
-    build = train_module.build_model
+    build = build_module.build_model
 
     def record(*args, **kwargs):
         model, *rest = build(*args, **kwargs)
@@ -50,7 +50,7 @@ def test_console_line_against_a_brute_force_count_of_the_top_k_picks(tmp_path, d
             )
         return (model, *rest)
 
-    monkeypatch.setattr(train_module, "build_model", record)
+    monkeypatch.setattr(build_module, "build_model", record)
     cfg = tiny_config(
         tmp_path / "run", data_cache, "model.memory.layers=[0,1]", "model.memory.n_keys=64", "train.max_steps=6"
     )

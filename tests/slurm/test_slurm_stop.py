@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.distributed import free_port
-from pretrain.slurm import StopSignal, requeue_job
+from pretrain.slurm import StopSignal, requeue_job, stop_signals_blocked
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -49,6 +49,19 @@ def test_previous_python_handler_is_chained_and_restored():
         assert calls == [signal.SIGUSR1, signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, original)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_while_workers_start_reaches_the_process_after(sig):
+    """stop_signals_blocked (around a data loader's worker start) blocks the stop signals in this
+    thread only for the while: one sent meanwhile still sets the flag, and the mask is as before."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with StopSignal() as stop:
+        with stop_signals_blocked():
+            assert sig in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            os.kill(os.getpid(), sig)
+        assert stop.received == sig
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
 
 
 def test_check_every_defers_the_answer_to_a_multiple():

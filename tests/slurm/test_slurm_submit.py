@@ -1,5 +1,6 @@
-"""tools/submit.py and pretrain.launch: golden dry-run renderings, quoting, run-directory
-rules and bad input (no cluster needed, except where the slurm_env fixture is used)."""
+"""tools/submit.py and pretrain.launch (with pretrain.sbatch_script and pretrain.resume_checks):
+golden dry-run renderings, quoting, run-directory rules and bad input (no cluster needed, except
+where the slurm_env fixture is used)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.launch import REPO_ROOT, SubmitError, time_limit_seconds
+from pretrain.launch import REPO_ROOT
+from pretrain.sbatch_script import SlurmOptions, SubmitError, time_limit_seconds
 from tools.submit import main
 
 HERE = Path(__file__).resolve().parent
@@ -330,7 +332,7 @@ def test_resume_requires_the_same_resolved_config(capsys, tmp_path, monkeypatch)
     run = tmp_path / "run"
     # A first submission whose sbatch is missing leaves nothing; make the run dir by hand
     # through the library, as a successful submission would.
-    from pretrain.launch import SlurmOptions, materialise, plan_run
+    from pretrain.launch import materialise, plan_run
 
     plan = plan_run(TINY, ["train.micro_batch=2", f"train.run_dir={run}"], SlurmOptions(cpu=True), workdir=tmp_path)
     materialise(plan)
@@ -398,7 +400,7 @@ def test_sbatch_refusals_surface_its_message(capsys, tmp_path, slurm_env, partit
 def test_resume_may_extend_the_schedule_only_where_the_steps_taken_keep_their_rates(capsys, tmp_path, monkeypatch):
     """A resubmission that would give the latest checkpoint's steps other learning rates is
     refused before it is queued; one that extends a warmup-stable-decay run before its decay goes."""
-    from pretrain.launch import SlurmOptions, materialise, plan_run
+    from pretrain.launch import materialise, plan_run
 
     monkeypatch.chdir(tmp_path)  # the working directory of the first submission
 
@@ -443,7 +445,7 @@ def test_resume_may_change_the_mixture(capsys, tmp_path, data_cache, monkeypatch
     renamed over the same dir (which would read it again from the start) is refused."""
     from pretrain.config import load_config
     from pretrain.data import prepare_embedded_dataset
-    from pretrain.launch import SlurmOptions, materialise, plan_run
+    from pretrain.launch import materialise, plan_run
 
     monkeypatch.chdir(tmp_path)  # the working directory of the first submission
 
@@ -478,7 +480,7 @@ def test_relative_paths_are_read_in_the_jobs_working_directory_and_saved_absolut
     there, is checked there, and the saved config names it absolutely."""
     from pretrain.config import load_config
     from pretrain.data import prepare_embedded_dataset
-    from pretrain.launch import SlurmOptions, plan_run
+    from pretrain.launch import plan_run
 
     data = prepare_embedded_dataset(load_config(TINY, [f"data.cache_dir={data_cache}"]).data, 128, show_progress=False)
     submitter, workdir = tmp_path / "submitter", tmp_path / "work"
@@ -508,7 +510,7 @@ def test_relative_paths_are_read_in_the_jobs_working_directory_and_saved_absolut
 def test_resume_reads_relative_paths_of_a_config_saved_before_as_paths_in_the_workdir(capsys, tmp_path):
     """Run directories made before paths were saved absolute hold data.cache_dir: .cache/data:
     their --resume is not refused as a different run. Another working directory is another cache."""
-    from pretrain.launch import SlurmOptions, materialise, plan_run
+    from pretrain.launch import materialise, plan_run
 
     run = tmp_path / "run"
     materialise(
@@ -531,7 +533,7 @@ def test_resume_may_change_what_lowers_the_memory_per_rank(capsys, tmp_path, mon
     with P = 4 resubmitted on one node with P = 2, another attention or activation
     checkpointing, ZeRO 1 <-> 2. ZeRO 0 <-> 1 or 2 <-> 3 (another optimizer-state layout, which
     DeepSpeed cannot load) and model shapes are still refused."""
-    from pretrain.launch import SlurmOptions, materialise, plan_run
+    from pretrain.launch import materialise, plan_run
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
@@ -567,7 +569,7 @@ def test_resume_may_change_what_lowers_the_memory_per_rank(capsys, tmp_path, mon
 def test_resume_with_a_code_snapshot_replaces_a_stale_previous_snapshot(capsys, tmp_path, monkeypatch):
     """A code.previous left by an interrupted submission made the next --resume --snapshot-code
     fail to rename code/ (and the rollback's own error hid that)."""
-    from pretrain.launch import SlurmOptions, materialise, plan_run
+    from pretrain.launch import materialise, plan_run
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
@@ -597,7 +599,7 @@ def test_a_failed_rollback_is_reported_with_the_error_that_caused_it(tmp_path, m
     from pretrain import launch
 
     plan = launch.plan_run(
-        TINY, ["train.micro_batch=2", f"train.run_dir={tmp_path}/run"], launch.SlurmOptions(cpu=True), workdir=tmp_path
+        TINY, ["train.micro_batch=2", f"train.run_dir={tmp_path}/run"], SlurmOptions(cpu=True), workdir=tmp_path
     )
 
     def broken_rollback(plan):
@@ -920,14 +922,14 @@ def test_the_advice_on_a_queued_job_of_the_run_fits_its_state(tmp_path, state, a
     """The --resume refusal told to `scancel` a queued job because 'it saves a checkpoint on the way
     out', also of a PENDING job (no trainer has started: nothing to save) and a COMPLETING one (it is
     ending). Each job is now named with what ending it does in its state (a stand-in squeue)."""
-    from pretrain.launch import RunInQueue, _check_no_live_job
+    from pretrain.resume_checks import RunInQueue, check_no_live_job
 
     script = tmp_path / "run" / "train.sbatch"
     squeue = tmp_path / "squeue"
     squeue.write_text(f"#!/bin/sh\necho '77|{state}|{script}'\necho '78|RUNNING|{tmp_path}/other/train.sbatch'\n")
     squeue.chmod(0o755)
     with pytest.raises(RunInQueue) as err:
-        _check_no_live_job(script, str(squeue))
+        check_no_live_job(script, str(squeue))
     message = str(err.value)
     assert f"job 77 ({state}) of {tmp_path / 'run'} is still in the queue" in message, message
     assert f"({advice})" in message, message

@@ -164,6 +164,10 @@ def test_report_tool_rejects_bad_runs(smf_export, tmp_path, capsys):
     )
     assert "--runs" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+    # a misspelt key: the keys listed are every key an entry takes (max_grad_norm was left out)
+    args = ["--export", str(export), "--dataset-dir", str(dataset), "--out", str(tmp_path), "--runs"]
+    assert main([*args, '[{"method": "sparse", "lr": 10, "max_grad": 0.05}]']) == 2
+    assert "objects with method, lr, top_t, lora_rank, epochs, max_grad_norm (" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -217,6 +221,8 @@ def test_report_tool_names_what_the_export_lacks_before_any_run(smf_export, tmp_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and missing in err and "Traceback" not in err
     assert not out.exists()
+    if missing == "slot_frequencies.safetensors":  # it named --table, an option of smf_finetune, not of this tool
+        assert "--table" not in err and "or leave the sparse runs out of --runs" in err
 
 
 def test_report_tool_runs_baselines_on_an_export_without_a_slot_table(smf_export, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def test_a_file_as_output_folder_is_refused_before_any_work(tmp_path, monkeypatc
 # Plain type=int options that need no pretrain.cli type, and why.
 OWN_CHECK = {
     "--seed": "every integer is a seed (hashed, or given to torch.manual_seed), negatives included",
-    "--master-port": "pretrain.launch refuses a port outside 1024..65535 before anything is written",
+    "--master-port": "pretrain.sbatch_script refuses a port outside 1024..65535 before anything is written",
 }
 
 
@@ -196,3 +197,94 @@ def test_smf_finetune_refuses_nan_and_non_positive_numbers(flags, message, capsy
     with pytest.raises(SystemExit) as exit_:
         smf_finetune.parse_args(["--export", "e", "--data", "d", "--out", "o", *flags])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_plain_warnings_shortens_only_the_projects_own_warnings(tmp_path, repo_root):
+    """plain_warnings printed every warning as `warning: <message>`, so a library's lost what it is: pyarrow's
+    FutureWarning, a library's UserWarning and numpy's `RuntimeWarning: divide by zero` all read as the tools'
+    own notes, with no category and no file or line. Now only UserWarnings raised in the project's folders
+    print so; the rest print as Python prints them (the reference: warnings.formatwarning outside the block,
+    in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "library.py").write_text(
+        "import warnings\n"
+        "def old_api():\n"
+        "    warnings.warn('old_api is deprecated', FutureWarning, stacklevel=1)\n"
+        "def note():\n"
+        '    warnings.warn("a library\'s note", UserWarning, stacklevel=1)\n'
+    )
+    project_file = str(repo_root / "pretrain" / "data" / "corpus.py")
+    script = (
+        "import sys, warnings\n"
+        f"sys.path[:0] = [{str(tmp_path)!r}, {str(repo_root)!r}]\n"
+        "import numpy as np, library\n"
+        "from pretrain.cli import plain_warnings\n"
+        "def all_of_them():\n"
+        "    library.old_api()\n"
+        "    library.note()\n"
+        "    np.float64(1.0) / 0\n"
+        f"    warnings.warn_explicit('divide by zero encountered in divide', RuntimeWarning, {project_file!r}, 5)\n"
+        f"    warnings.warn_explicit('a note of the project', UserWarning, {project_file!r}, 6)\n"
+        "with plain_warnings():\n"
+        "    all_of_them()\n"
+        "print('---', file=sys.stderr)\n"
+        "all_of_them()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    inside, outside = done.stderr.split("---\n")
+    others, project_note = outside.split(f"{project_file}:6: UserWarning: a note of the project\n")
+    assert others.count("Warning: ") == 4 and project_note.startswith("  ")  # Python's: the line of code below
+    assert "FutureWarning: old_api is deprecated" in others and "RuntimeWarning: divide by zero" in others
+    assert inside == others + "warning: a note of the project\n"
+
+
+LONG_OUTPUT_TOOL = """
+import sys
+from pretrain.cli import ends_quietly_when_the_reader_stops
+
+@ends_quietly_when_the_reader_stops
+def main():
+    for i in range(200_000):  # far past a pipe's buffer: the reader has gone long before the end
+        print(f"{i}\\tslot\\t0.001\\ttokens")
+    return 0
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_reader_that_stops_early_ends_a_tool_quietly(tmp_path, wrapped):
+    """`memlayers-tfidf ... | head` (500 lines by default) printed a BrokenPipeError traceback once
+    head had its lines; a wrapped main ends with status 1 and nothing on stderr, as `cat` does.
+    Unwrapped (the control) the traceback is there."""
+    import subprocess
+    import sys
+
+    source = LONG_OUTPUT_TOOL if wrapped else LONG_OUTPUT_TOOL.replace("@ends_quietly_when_the_reader_stops\n", "")
+    script = tmp_path / "tool.py"
+    script.write_text(source)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert proc.stdout.readline() == b"0\tslot\t0.001\ttokens\n"
+    proc.stdout.close()  # what head does after its lines
+    err = proc.stderr.read().decode()
+    status = proc.wait(timeout=60)
+    if wrapped:
+        assert (status, err) == (1, "")
+    else:
+        assert status != 0 and "BrokenPipeError" in err
+
+
+def test_the_tools_with_long_output_end_quietly_when_the_reader_stops():
+    """tfidf (a ranking of --top 500 lines), generate (--probes: a line per probe), inspect_data
+    (--rows) and submit (--dry-run of a sweep)."""
+    for name in ("tfidf", "generate", "inspect_data", "submit"):
+        main = importlib.import_module(f"tools.{name}").main
+        assert main.__wrapped__.__module__ == f"tools.{name}", name

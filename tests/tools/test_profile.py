@@ -95,6 +95,21 @@ def test_a_broken_slurm_environment_is_an_error_not_a_traceback(tmp_path, monkey
     assert "error: SLURM_PROCID='x' is not an integer" in capsys.readouterr().err
 
 
+def test_skipping_every_profiled_step_is_refused_naming_the_options(tmp_path, capsys):
+    """--steps 3 --skip-steps 3 said 'error: steps=3 must be positive and skip_steps=3 in [0, steps)'
+    (the library's argument names) after the config was loaded; now a usage error before anything
+    runs, naming both options and a pair that works."""
+    from tools.profile import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "3", "--skip-steps", "3", f"train.run_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
+    assert (
+        "--skip-steps 3 leaves none of the --steps 3 to summarise: skip fewer steps than are profiled "
+        "(e.g. --steps 6 --skip-steps 3)" in capsys.readouterr().err
+    )
+
+
 def test_profile_refuses_a_run_dir_with_checkpoints(tmp_path, capsys):
     from tools.profile import main
 

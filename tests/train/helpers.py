@@ -93,7 +93,7 @@ class FixedGlobalBatches:
 def fixed_batches(cfg, dataset, split, rank, world_size, loop, **kwargs):
     """A loader factory for `train(..., loaders=fixed_batches)`: FixedGlobalBatches for the train
     split, the real loader for validation."""
-    from pretrain.train import build_loader
+    from pretrain.build import build_loader
 
     if split != "train":
         return build_loader(cfg, dataset, split, rank, world_size, loop, **kwargs)
@@ -241,7 +241,7 @@ def assert_nothing_lost(before: dict[str, str], root: Path) -> None:
 
 
 class FakeClock:
-    """time.perf_counter for pretrain.train that moves only when told (`advance`); the rest of
+    """time.perf_counter for pretrain.trainer (the loop) that moves only when told (`advance`); the rest of
     the time module as it is."""
 
     def __init__(self):

@@ -36,18 +36,19 @@ class SlowLoader:
 
 
 def on_fake_clock(monkeypatch: pytest.MonkeyPatch, compute: float = COMPUTE) -> FakeClock:
-    """pretrain.train's clock, moving `compute` seconds per micro-batch objective and otherwise
+    """The training loop's clock (pretrain.trainer's), moving `compute` seconds per micro-batch objective and otherwise
     only when a test advances it."""
-    import pretrain.train as train_module
+    import pretrain.build as build_module
+    import pretrain.trainer as trainer_module
 
-    clock, real_objective = FakeClock(), train_module.training_objective
+    clock, real_objective = FakeClock(), build_module.training_objective
 
     def objective(logits, targets, z_weight):
         clock.advance(compute)
         return real_objective(logits, targets, z_weight)
 
-    monkeypatch.setattr(train_module, "time", clock)
-    monkeypatch.setattr(train_module, "training_objective", objective)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(build_module, "training_objective", objective)
     return clock
 
 
@@ -110,9 +111,9 @@ def test_evaluation_and_checkpoints_stay_off_the_throughput_clock(tmp_path, data
     (1 s per micro-batch: 2 s per step of 8 x 32 tokens) and in the evaluation and checkpoint
     (100 s each), every interval reads exactly 128 tokens/s and no data wait; counted, step 3's
     interval would read 256 tokens / 202 s."""
-    import pretrain.train as train_module
     from pretrain.evaluate import Evaluator
     from pretrain.train import train
+    from pretrain.trainer import Trainer
 
     clock = on_fake_clock(monkeypatch, compute=1.0)
 
@@ -124,7 +125,7 @@ def test_evaluation_and_checkpoints_stay_off_the_throughput_clock(tmp_path, data
         return wrapped
 
     monkeypatch.setattr(Evaluator, "__call__", slow(Evaluator.__call__))
-    monkeypatch.setattr(train_module.Trainer, "save_checkpoint", slow(train_module.Trainer.save_checkpoint))
+    monkeypatch.setattr(Trainer, "save_checkpoint", slow(Trainer.save_checkpoint))
     cfg = tiny_config(
         tmp_path / "run",
         data_cache,

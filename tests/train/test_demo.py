@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from pretrain import demo
 from tests.train.helpers import TINY
+
+
+def recipe_arguments(command: str) -> list[str]:
+    """The arguments `make demo ARGS=...` hands pretrain.demo, as the shell and make would."""
+    make, target, assignment = shlex.split(command)
+    assert (make, target) == ("make", "demo") and assignment.startswith("ARGS=")
+    return shlex.split(assignment.removeprefix("ARGS=").replace("$$", "$"))
 
 
 def test_shortened_demo_end_to_end(tmp_path, data_cache, capsys):
@@ -47,9 +60,9 @@ def test_a_demo_stopped_early_says_so_and_how_to_continue(tmp_path, data_cache, 
     out = capsys.readouterr().out
     assert "demo finished" not in out
     assert "=== demo stopped at step 2 of 6 (by train.stop_after) ===" in out
-    printed = out.split('continue it with make demo ARGS="')[1].split('"')[0]
-    assert printed.startswith("--resume ") and f"train.run_dir={run_dir}" in printed
-    assert demo.main(shlex.split(printed)) == 0  # the printed command, verbatim
+    printed = recipe_arguments(out.split("continue it with ")[1].split(" (a plain make demo")[0])
+    assert printed[0] == "--resume" and f"train.run_dir={run_dir}" in printed
+    assert demo.main(printed) == 0  # the printed command's arguments, verbatim
     assert "=== demo finished ===" in capsys.readouterr().out
 
 
@@ -62,7 +75,7 @@ def test_the_printed_continue_command_keeps_the_runs_arguments(tmp_path, data_ca
     run_dir = tmp_path / "elsewhere"
     args = ["--config", "configs/tiny.yaml", *TINY, f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}"]
     command = demo.continue_command([*args, "train.max_steps=6", "train.stop_after=2"])
-    assert shlex.split(command.split('ARGS="')[1].rstrip('"')) == ["--resume", *args, "train.max_steps=6"]
+    assert recipe_arguments(command) == ["--resume", *args, "train.max_steps=6"]
     assert demo.main([*args, "train.max_steps=6", "train.stop_after=2"]) == 0
     capsys.readouterr()
     assert demo.main([*args, "train.max_steps=6", "optim.lr=0.01", "--resume"]) == 2  # another schedule
@@ -86,3 +99,21 @@ def test_demo_refuses_to_delete_a_run_folder_it_did_not_make(tmp_path, capsys):
     assert demo.replace_refusal(tmp_path / "new") is None  # absent, empty or the default: replaced
     (tmp_path / "empty").mkdir()
     assert demo.replace_refusal(tmp_path / "empty") is None
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_continue_command_runs_as_printed_whatever_the_path_holds(tmp_path):
+    """It wrapped the arguments in double quotes by hand: a run folder with a `$` in its name lost it
+    to the shell's expansion, and one with a double quote was a syntax error. The printed command,
+    run by bash through the Makefile's own demo rule, hands pretrain.demo the arguments as given."""
+    recipe = (Path(__file__).resolve().parents[2] / "Makefile").read_text().split("\ndemo:")[1].splitlines()[1]
+    assert recipe.startswith("\t") and "$(ARGS)" in recipe
+    show_argv = "import json, sys; print(json.dumps(sys.argv[1:]))"
+    (tmp_path / "Makefile").write_text(
+        f"PY := {shlex.quote(sys.executable)} -c {shlex.quote(show_argv)}\ndemo:\n{recipe}\n"
+    )
+    for run_dir in ("runs/my demo", 'runs/a"b', "runs/$HOME", "runs/it's", "runs/a\\b;`x`*"):
+        args = ["--config", "configs/tiny.yaml", f"train.run_dir={run_dir}", "train.max_steps=6"]
+        command = demo.continue_command([*args, "train.stop_after=2"])
+        ran = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=True)
+        assert json.loads(ran.stdout.splitlines()[-1]) == ["-m", "pretrain.demo", "--resume", *args], command

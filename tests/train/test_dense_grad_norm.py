@@ -34,9 +34,9 @@ def _norm_passes(overrides: list[str], out: dict) -> None:
 
 
 def _measure(overrides: list[str], normed: dict, out: dict) -> None:
+    from pretrain.build import build_model
     from pretrain.distributed import DistInfo
     from pretrain.model.objective import language_model_loss
-    from pretrain.train import build_model
 
     cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -47,7 +47,7 @@ class _Rows:
 
 
 def _loaders(cfg, dataset, split, rank, world_size, loop, **kwargs):
-    from pretrain.train import build_loader
+    from pretrain.build import build_loader
 
     if split == "train":
         return _Rows(rank, world_size)

@@ -26,8 +26,9 @@ def _worker_killed_on_rank_1(rank: int, run: str, cache: str) -> dict:
     import threading
 
     from pretrain import train as train_module
+    from pretrain import trainer as trainer_module
 
-    real = train_module.Trainer.next_batch
+    real = trainer_module.Trainer.next_batch
 
     def arming(self, batches):
         if rank == 1 and self.state.step == 2 and not getattr(self, "armed", False):
@@ -36,7 +37,7 @@ def _worker_killed_on_rank_1(rank: int, run: str, cache: str) -> dict:
             threading.Timer(1.0, lambda: [os.kill(pid, signal.SIGKILL) for pid in workers]).start()
         return real(self, batches)
 
-    train_module.Trainer.next_batch = arming
+    trainer_module.Trainer.next_batch = arming
     try:
         train_module.train(tiny_config(Path(run), Path(cache), "train.max_steps=400", "data.num_workers=1"))
         return {"error": None}
@@ -64,6 +65,7 @@ def _validation_read_fails_on_rank_1(rank: int, run: str, cache: str, failure: s
     import errno
 
     from pretrain import train as train_module
+    from pretrain.build import build_loader
     from pretrain.data.errors import DataError
 
     class FailingAfterFirstBatch:
@@ -79,7 +81,7 @@ def _validation_read_fails_on_rank_1(rank: int, run: str, cache: str, failure: s
                 yield batch
 
     def loaders(cfg, where, split, *args, **kwargs):
-        loader = train_module.build_loader(cfg, where, split, *args, **kwargs)
+        loader = build_loader(cfg, where, split, *args, **kwargs)
         return FailingAfterFirstBatch(loader) if rank == 1 and split == "val" else loader
 
     cfg = tiny_config(Path(run), Path(cache), "train.max_steps=3", "train.eval_every=1", "train.eval_batches=8")
@@ -233,7 +235,7 @@ def _read_with_a_worker_that_ends(data: str, how: str, answer) -> None:
 
     from pretrain.data import ShardLoader
     from pretrain.data.loader import read_all
-    from pretrain.train import leave_dead_workers_to_the_loader
+    from pretrain.trainer import leave_dead_workers_to_the_loader
 
     real = ShardLoader._stream
     ends = {

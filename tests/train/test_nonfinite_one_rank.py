@@ -16,9 +16,11 @@ POISONED_STEP = 2
 def _train_with_a_poisoned_step(rank: int, run: str, cache: str) -> dict:
     """Two runs of 4 steps: step 2's loss NaN on rank 1 alone, then on both ranks. Per run: the
     losses this rank logged, its skipped steps, and a sum of each of its parameters at the end."""
+    from pretrain import build as build_module
     from pretrain import train as train_module
+    from pretrain import trainer as trainer_module
 
-    real_objective, real_fit = train_module.training_objective, train_module.Trainer.fit
+    real_objective, real_fit = build_module.training_objective, trainer_module.Trainer.fit
     out, poisoned_ranks, calls, params = {}, set(), [0], {}
 
     def objective(logits, targets, *args):
@@ -34,7 +36,7 @@ def _train_with_a_poisoned_step(rank: int, run: str, cache: str) -> dict:
         params.update({n: float(p.detach().double().sum()) for n, p in self.engine.module.named_parameters()})
         return result
 
-    train_module.training_objective, train_module.Trainer.fit = objective, fit
+    build_module.training_objective, trainer_module.Trainer.fit = objective, fit
     for name, ranks in (("one rank", {1}), ("every rank", {0, 1})):
         poisoned_ranks.clear()
         poisoned_ranks.update(ranks)

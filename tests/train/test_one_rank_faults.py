@@ -207,17 +207,17 @@ def _refusals_on_one_rank(rank: int, root: str, cache: str) -> dict:
         out["rank file"] = {"error": None}
     except Exception as err:
         out["rank file"] = {"error": type(err).__name__, "message": str(err), "raised_at": time.time()}
-    from pretrain import train as train_module
+    from pretrain import trainer as trainer_module
     from pretrain.data.shards import CorruptShardError
 
-    real = train_module.Trainer.next_batch
+    real = trainer_module.Trainer.next_batch
 
     def corrupt_at_step_2(self, batches):  # what rank 1's loader raises on a block that fails its crc32
         if rank == 1 and self.state.step == 1:
             raise CorruptShardError("shard-000003.tar: block 2 does not match its crc32 (injected)")
         return real(self, batches)
 
-    train_module.Trainer.next_batch = corrupt_at_step_2
+    trainer_module.Trainer.next_batch = corrupt_at_step_2
     try:
         train(tiny_config(Path(root, "run2"), Path(cache), "train.max_steps=3"))
         out["shard read"] = {"error": None}

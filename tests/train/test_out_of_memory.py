@@ -12,7 +12,8 @@ import torch
 from pretrain.checkpoint import latest_checkpoint
 from pretrain.config import load_config
 from pretrain.out_of_memory import remedies
-from pretrain.train import Trainer, main, train
+from pretrain.train import main, train
+from pretrain.trainer import Trainer
 from tests.train.helpers import TINY, assert_nothing_lost, file_hashes, tiny_config
 
 
@@ -99,12 +100,12 @@ def test_out_of_memory_in_a_step_is_explained_and_loses_nothing(tmp_path, data_c
 
 
 def test_out_of_memory_at_start_up_is_explained(tmp_path, data_cache, monkeypatch, capsys):
-    import pretrain.train as train_module
+    import pretrain.build as build_module
 
     def build_model(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: ...")
 
-    monkeypatch.setattr(train_module, "build_model", build_model)
+    monkeypatch.setattr(build_module, "build_model", build_model)
     cfg = tiny_config(tmp_path / "run", data_cache)
     assert main([*TINY, f"train.run_dir={cfg.train.run_dir}", f"data.cache_dir={data_cache}"]) == 2
     err = capsys.readouterr().err

@@ -11,8 +11,8 @@ from tests.train.helpers import tiny_config
 
 
 def _initial_weights(rank: int, world: int, seeds: list[int], out: dict) -> None:
+    from pretrain.build import build_model
     from pretrain.distributed import DistInfo
-    from pretrain.train import build_model
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for i, seed in enumerate(seeds):

@@ -30,9 +30,9 @@ def run_steps(cfg, poison: str | None) -> dict:
     """Steps on two fixed batches, optionally after a poisoned one, skipped as the trainer
     decides: `loss` (a NaN loss) or `dense_grad` (a finite loss, but an infinite gradient of
     one dense weight, which DeepSpeed sees inside its step at ZeRO 1-3)."""
+    from pretrain.build import build_model
     from pretrain.distributed import DistInfo
     from pretrain.model.objective import language_model_loss
-    from pretrain.train import build_model
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model, engine, optimizers = build_model(cfg, info)

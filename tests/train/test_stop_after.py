@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import pretrain.train as train_module
+import pretrain.build as build_module
 from pretrain.config import load_config
 from pretrain.train import main, train
 from tests.train.helpers import TINY, file_hashes
@@ -24,7 +24,7 @@ def test_stop_after_at_or_before_the_resumed_step_trains_nothing(tmp_path, data_
     def build_model(*_, **__):
         raise AssertionError("the model is built although there is nothing to train")
 
-    monkeypatch.setattr(train_module, "build_model", build_model)
+    monkeypatch.setattr(build_module, "build_model", build_model)
     for stop_after in (2, 1):
         capsys.readouterr()
         result = train(load_config(None, [*args, f"train.stop_after={stop_after}"]))

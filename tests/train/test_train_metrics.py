@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pretrain.train as train_module
+import pretrain.build as build_module
+import pretrain.trainer as trainer_module
+from pretrain.build import build_loader
 from pretrain.model import flops_per_token
-from pretrain.train import build_loader, train
+from pretrain.train import train
 from tests.train.helpers import FakeClock, tiny_config
 
 
@@ -43,7 +45,7 @@ def test_the_first_step_is_left_out_of_throughput(tmp_path, data_cache, monkeypa
     intervals, and the first step's 16 s on its own. Before, the first interval read
     512 tokens / 18 s and a data wait of 5/18."""
     clock, calls = FakeClock(), {"n": 0}
-    real_objective = train_module.training_objective
+    real_objective = build_module.training_objective
 
     def objective(logits, targets, z_weight):
         calls["n"] += 1
@@ -54,8 +56,8 @@ def test_the_first_step_is_left_out_of_throughput(tmp_path, data_cache, monkeypa
         loader = build_loader(cfg, dataset, split, rank, world_size, loop, **kwargs)
         return FirstBatchWaits(loader, clock, 5.0) if split == "train" else loader
 
-    monkeypatch.setattr(train_module, "time", clock)
-    monkeypatch.setattr(train_module, "training_objective", objective)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(build_module, "training_objective", objective)
     cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "train.log_every=2", "train.peak_flops=1e9")
     train(cfg, loaders=loaders)
     logged = scalars(tmp_path / "run")
@@ -75,7 +77,7 @@ def test_memory_is_the_peak_of_each_log_interval(tmp_path, data_cache, monkeypat
 
     from pretrain.peak_memory import memory_status
 
-    real_objective, calls, held = train_module.training_objective, {"n": 0}, {}
+    real_objective, calls, held = build_module.training_objective, {"n": 0}, {}
 
     def objective(logits, targets, z_weight):
         calls["n"] += 1
@@ -85,7 +87,7 @@ def test_memory_is_the_peak_of_each_log_interval(tmp_path, data_cache, monkeypat
             del block
         return real_objective(logits, targets, z_weight)
 
-    monkeypatch.setattr(train_module, "training_objective", objective)
+    monkeypatch.setattr(build_module, "training_objective", objective)
     result = train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=4", "train.log_every=2"))
     memory = scalars(tmp_path / "run")["perf/memory_bytes"]
     # within 1 MiB: the kernel's resident-page counts are per-CPU approximations (measured 155 KiB apart)
@@ -113,7 +115,7 @@ def test_slot_statistics_are_logged_at_the_last_step(tmp_path, data_cache):
 def test_loss_mean_is_the_mean_of_the_interval_s_applied_steps(tmp_path, data_cache, monkeypatch):
     """log_every=2 over 5 steps, step 3 skipped (a NaN loss): train/loss_mean is the mean of the
     applied steps' losses of each interval (steps 1-2, 4, 5), train/loss the logging step's."""
-    real_objective, calls = train_module.training_objective, {"n": 0}
+    real_objective, calls = build_module.training_objective, {"n": 0}
 
     def poisoned(logits, targets, z_weight):
         calls["n"] += 1
@@ -122,7 +124,7 @@ def test_loss_mean_is_the_mean_of_the_interval_s_applied_steps(tmp_path, data_ca
             return out
         return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
 
-    monkeypatch.setattr(train_module, "training_objective", poisoned)
+    monkeypatch.setattr(build_module, "training_objective", poisoned)
     cfg = tiny_config(tmp_path / "run", data_cache, "train.max_steps=5", "train.log_every=2", "train.nan_policy=skip")
     result = train(cfg)
     assert result.skipped_steps == 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.cadence import Every
-from pretrain.checkpoint import RNGState
+from pretrain.rng import RNGState
 from pretrain.train_state import RankState, TrainState
 
 
@@ -125,3 +125,27 @@ def test_cuda_rng_resumes_on_a_node_with_fewer_gpus(monkeypatch):
     resuming.install(monkeypatch)
     RNGState().load_state_dict(old_format)
     assert torch.equal(resuming.generators[1].get_state(), saving.generators[1].get_state())
+
+
+def test_a_rank_the_old_run_lacked_draws_its_own_stream():
+    """A resume on more ranks: old ranks' generators are restored; a new rank's are seeded from
+    (train.seed, rank, old world size), so two new ranks never draw the same numbers."""
+    import random
+
+    import numpy as np
+
+    old = [RNGState(rank).state_dict() for rank in range(2)]
+    draws = {}
+    for rank in (2, 3):
+        note = RNGState(rank, seed=7).load_resharded(old)
+        assert note == f"RNG of new rank {rank} seeded afresh"
+        draws[rank] = (random.random(), float(np.random.rand()), torch.rand(1).item())
+        expected = int(np.random.SeedSequence([7, rank, 2]).generate_state(1)[0])
+        assert draws[rank] == (
+            random.Random(expected).random(),
+            float(np.random.RandomState(expected).rand()),
+            torch.rand(1, generator=torch.Generator().manual_seed(expected)).item(),
+        )
+    assert draws[2] != draws[3]
+    assert RNGState(1, seed=7).load_resharded(old) == ""
+    assert torch.equal(torch.get_rng_state(), old[1]["torch"])

@@ -7,10 +7,11 @@ import errno
 import pytest
 import torch
 
-import pretrain.train as train_module
+import pretrain.build as build_module
 from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.config import ConfigError, check_runtime, load_config, validate
-from pretrain.train import TrainingDiverged, train
+from pretrain.train import train
+from pretrain.trainer import TrainingDiverged
 from tests.train.helpers import assert_resume_is_exact, final_parameters, tiny_config
 
 
@@ -28,12 +29,12 @@ def test_a_resumed_run_with_data_workers_draws_what_an_uninterrupted_run_draws(t
     the resumed run's draws after its restored state were shifted by one."""
     import torch.nn.functional as F
 
-    real_objective = train_module.training_objective
+    real_objective = build_module.training_objective
 
     def with_dropout(logits, targets, z_weight):
         return real_objective(F.dropout(logits, p=0.5, training=True), targets, z_weight)
 
-    monkeypatch.setattr(train_module, "training_objective", with_dropout)
+    monkeypatch.setattr(build_module, "training_objective", with_dropout)
     opts = ("train.max_steps=4", "data.num_workers=2")
     straight = train(tiny_config(tmp_path / "a", data_cache, *opts))
     first = train(tiny_config(tmp_path / "b", data_cache, *opts, "train.stop_after=2"))
@@ -88,7 +89,7 @@ def test_loss_falls_on_embedded_corpus(tmp_path, data_cache):
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_nonfinite_loss(tmp_path, data_cache, monkeypatch, policy):
-    real_objective = train_module.training_objective
+    real_objective = build_module.training_objective
     calls = {"n": 0}
 
     def poisoned(logits, targets, z_weight):
@@ -98,7 +99,7 @@ def test_nonfinite_loss(tmp_path, data_cache, monkeypatch, policy):
             return out
         return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
 
-    monkeypatch.setattr(train_module, "training_objective", poisoned)
+    monkeypatch.setattr(build_module, "training_objective", poisoned)
     cfg = tiny_config(tmp_path / policy, data_cache, "train.max_steps=5", f"train.nan_policy={policy}")
     if policy == "skip":
         result = train(cfg)
@@ -120,7 +121,7 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
     layer's training forwards (2 per step), and the log names the reason."""
     from pretrain.slots import load_table
 
-    real_objective, calls, reads = train_module.training_objective, {"n": 0}, []
+    real_objective, calls, reads = build_module.training_objective, {"n": 0}, []
 
     def poisoned(logits, targets, z_weight):
         calls["n"] += 1
@@ -129,7 +130,7 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
             return out
         return out._replace(loss=out.loss * float("nan"), total=out.total * float("nan"))
 
-    build = train_module.build_model
+    build = build_module.build_model
     backwards = {"n": 0}
 
     def infinite_at_step_3(grad):
@@ -144,8 +145,8 @@ def test_a_skipped_step_counts_no_slot_accesses(tmp_path, data_cache, monkeypatc
             model.output.weight.register_hook(infinite_at_step_3)
         return (model, *rest)
 
-    monkeypatch.setattr(train_module, "training_objective", poisoned)
-    monkeypatch.setattr(train_module, "build_model", record)
+    monkeypatch.setattr(build_module, "training_objective", poisoned)
+    monkeypatch.setattr(build_module, "build_model", record)
     cfg = tiny_config(
         tmp_path / "run", data_cache, "train.max_steps=5", "train.nan_policy=skip", "slots.granularity=sequence"
     )
@@ -462,7 +463,7 @@ def test_slot_table_names_each_block_by_its_own_accesses(tmp_path, data_cache, m
     from pretrain.slots import load_table
 
     reads: dict[int, list[torch.Tensor]] = {}
-    build = train_module.build_model
+    build = build_module.build_model
 
     def record_blocks(*args, **kwargs):  # the reference: hooks keyed by block index
         model, *rest = build(*args, **kwargs)
@@ -473,7 +474,7 @@ def test_slot_table_names_each_block_by_its_own_accesses(tmp_path, data_cache, m
                 )
         return (model, *rest)
 
-    monkeypatch.setattr(train_module, "build_model", record_blocks)
+    monkeypatch.setattr(build_module, "build_model", record_blocks)
     cfg = tiny_config(
         tmp_path / "run",
         data_cache,
