@@ -3,7 +3,9 @@
 # `device` tool's image has torch 2.11 + triton 3.6 and most of the stack, but not
 # deepspeed, omegaconf or pydantic, and it cannot reach PyPI).
 # Writes .whl/ (ignored through .git/info/exclude) for Python 3.12 on x86-64 Linux.
-# Then: run(command="COMMIT=$(git rev-parse --short HEAD) bash tools/gpu_check.sh", carry=[".whl"]).
+# Then: run(command="COMMIT=<sha> bash tools/gpu_check.sh", carry=[".whl"], timeout_s=600), <sha> the
+# output of `git rev-parse --short HEAD` here, written out: a $(git ...) in the command would run
+# there, on the device copy's .git, which may be stale.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
