@@ -141,7 +141,7 @@ want attention && stage attention "${ATTENTION_S:-90}" "$OUT/bench.log" \
     python3 tools/bench_attention.py --json "$RESULTS/bench_attention.json"
 # The kernel tests compiled on CUDA (all passed on the H200 at abf31f5).
 want tests && stage tests "${TESTS_S:-180}" "$OUT/tests.log" \
-    python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels
+    python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=8 tests/kernels tests/slots/test_sample_cuda.py
 want sweep && stage sweep "${SWEEP_S:-40}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --sweep --plot "$RESULTS/sweep.png"
 # Dense vs row-sparse value update at v_dim 1024 (training on the Triton path with sparse_adamw

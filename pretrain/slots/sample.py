@@ -6,7 +6,8 @@ The choice of which micro-batches to keep depends only on (seed, micro-batch ind
 not on the data and not on a stateful RNG: every rank keeps the same micro-batch
 indices (together they form global batches) and a resumed run makes the same choices.
 Slots are stored as int32, doc ids as int64, on `device` (default CPU: the sample can
-be large; copies from an accelerator are non-blocking into pinned memory).
+be large; copies from an accelerator are non-blocking into pinned memory, and every CPU read or
+write of the buffers first waits for the copies in flight).
 Entries have the shape of the largest micro-batch sampled; a smaller one (train.micro_batch
 lowered on resume) is padded with rows of doc id -1.
 """
@@ -61,6 +62,15 @@ class BackgroundSample:
         self.doc_ids: torch.Tensor | None = None
         self.batch_index = torch.full((capacity,), -1, dtype=torch.int64)
         self._replaced: dict[int, tuple] | None = None  # this step's entries before it, once begin_step ran
+        self._copies: torch.cuda.Event | None = None  # recorded after the last non-blocking copies
+
+    def _wait_for_copies(self) -> None:
+        """Let the non-blocking copies into the pinned buffers land before the CPU reads or writes them:
+        a clone would read a half-copied entry, and a write (a skipped step's undo) would be overwritten
+        by a copy landing after it."""
+        if self._copies is not None:
+            self._copies.synchronize()
+            self._copies = None
 
     def begin_step(self) -> None:
         """Start recording what this step's offers replace, for `discard_step`."""
@@ -69,6 +79,7 @@ class BackgroundSample:
     def discard_step(self) -> None:
         """Put back every entry this step's offers replaced (a replaced entry that was empty is
         empty again): a skipped step leaves the sample as it was before the step."""
+        self._wait_for_copies()
         for j, (batch_index, indices, doc_ids) in (self._replaced or {}).items():
             self.batch_index[j] = batch_index
             if batch_index < 0:
@@ -96,6 +107,7 @@ class BackgroundSample:
         if rows > self.doc_ids.shape[1]:
             self._grow(rows)
         if self._replaced is not None and j not in self._replaced:
+            self._wait_for_copies()  # a copy into entry j from an earlier step may be in flight
             old = int(self.batch_index[j])
             keep = old >= 0  # an empty entry's contents are never read
             self._replaced[j] = (
@@ -112,11 +124,13 @@ class BackgroundSample:
         self.doc_ids[j, :rows].copy_(doc_ids, non_blocking=not blocking)
         self.doc_ids[j, rows:].fill_(-1)
         self.batch_index[j] = item
+        if not blocking and doc_ids.is_cuda:
+            self._copies = torch.cuda.Event()
+            self._copies.record()
 
     def _grow(self, rows: int) -> None:
         """Room for micro-batches of `rows` rows: the entries kept so far get padding rows."""
-        if self.doc_ids.is_pinned() and torch.cuda.is_available():
-            torch.cuda.synchronize()  # copies into the old buffers may be in flight
+        self._wait_for_copies()  # copies into the old buffers may be in flight
         old_rows, seq_len = self.doc_ids.shape[1:]
 
         def grown(old, shape, fill):
@@ -143,6 +157,7 @@ class BackgroundSample:
         """The filled entries (None when nothing was sampled)."""
         if self.doc_ids is None:
             return None
+        self._wait_for_copies()
         filled = self.batch_index >= 0
         return SampleData(
             {n: t[filled].clone() for n, t in self.indices.items()},
@@ -153,6 +168,7 @@ class BackgroundSample:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.doc_ids is None:
             return {"sample.batch_index": self.batch_index.clone()}
+        self._wait_for_copies()
         sd = {f"sample.{n}.indices": t.clone() for n, t in self.indices.items()}
         sd["sample.doc_ids"] = self.doc_ids.clone()
         sd["sample.batch_index"] = self.batch_index.clone()
