@@ -132,12 +132,13 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert sorted(loss_log(run)) == list(range(1, STEPS + 1))
 
 
-def kill_at_random(run_dir: Path, cache: Path, log: Path, seed: int, after_step: int, world: int = 1, extra=()):
-    """SIGKILL for the last rank at a random moment once the run has logged `after_step` (in a
-    step, a checkpoint write or between them), then for the others."""
+def kill_at_random(run_dir: Path, cache: Path, log: Path, seed: int, world: int = 1, extra=()):
+    """SIGKILL for the last rank at a random moment of the first 0.3 s after the run resumed (in a
+    step, a checkpoint write or between them; 3 steps and their saves are left), then for the others."""
+    before = len(log.read_text())  # what earlier launches wrote there
     children = launch("none", 0, run_dir, cache, log, world, extra=extra)
     deadline = time.monotonic() + 120
-    while f"step {after_step}/" not in log.read_text() and children[-1].is_alive() and time.monotonic() < deadline:
+    while "resumed from" not in log.read_text()[before:] and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(random.Random(seed).uniform(0.0, 0.3))
     children[-1].kill()
@@ -151,14 +152,16 @@ def uninterrupted(run: Path, cache: Path, world: int, extra=()) -> Path:
 
 
 def test_killed_anywhere_in_a_save_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, data_cache):
-    """One run directory killed five times: at four points of four saves, one after another, and
-    at a random moment; each time resumed. keep_checkpoints=1: every save prunes the previous one."""
+    """One run directory killed five times, each time resumed: at four points of the saves of steps 2
+    and 3 (the third leaves step_00000003 renamed but `latest` naming step 2, so the resumed run
+    replaces that folder), then at a random moment. keep_checkpoints=1: every save prunes the
+    previous checkpoint."""
     reference = uninterrupted(tmp_path / "reference", data_cache, 1)
     run, log = tmp_path / "killed", tmp_path / "killed.log"
-    for point, step in [("deepspeed-saved", 2), ("before-checksums", 3), ("renamed", 4), ("pruning", 5)]:
+    for point, step in [("deepspeed-saved", 2), ("before-checksums", 3), ("renamed", 3), ("pruning", 3)]:
         assert wait(launch(point, step, run, data_cache, log)) == [-signal.SIGKILL], log.read_text()[-3000:]
         assert_whole_or_none(run)
-    kill_at_random(run, data_cache, log, seed=5, after_step=5)
+    kill_at_random(run, data_cache, log, seed=5)
     assert_whole_or_none(run)
     assert wait(launch("none", 0, run, data_cache, log)) == [0], log.read_text()[-3000:]
     assert_same_run(run, reference)
@@ -166,15 +169,14 @@ def test_killed_anywhere_in_a_save_the_resumed_run_ends_as_an_uninterrupted_one(
 
 def test_one_rank_of_two_killed_in_a_save_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, data_cache):
     """World 2 (gloo), ZeRO 1 (each rank writes its optimizer shard), the value pool partitioned
-    (P = 2): one rank dies in the save (rank 1 in its own files, rank 0 between the rename and
-    `latest`), at a random moment, and the other is then killed as a launcher would."""
+    (P = 2): rank 1 dies in the save (DeepSpeed's files written, its own not yet), then at a
+    random moment; rank 0 is then killed as a launcher would (srun --kill-on-bad-exit, torchrun)."""
     extra = ("train.zero_stage=1", "model.memory.parallel_size=2")
     reference = uninterrupted(tmp_path / "reference", data_cache, 2, extra)
     run, log = tmp_path / "killed", tmp_path / "killed.log"
-    for point, step, rank in [("deepspeed-saved", 2, 1), ("renamed", 3, 0)]:
-        kill_the_rest(launch(point, step, run, data_cache, log, 2, killed_rank=rank, extra=extra), rank)
-        assert_whole_or_none(run)
-    kill_at_random(run, data_cache, log, seed=3, after_step=4, world=2, extra=extra)
+    kill_the_rest(launch("deepspeed-saved", 2, run, data_cache, log, 2, killed_rank=1, extra=extra), 1)
+    assert_whole_or_none(run)
+    kill_at_random(run, data_cache, log, seed=3, world=2, extra=extra)
     assert_whole_or_none(run)
     assert wait(launch("none", 0, run, data_cache, log, 2, extra=extra)) == [0, 0], log.read_text()[-3000:]
     assert_same_run(run, reference)
