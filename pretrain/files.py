@@ -139,7 +139,11 @@ def replace_with(tmp: Path, path: str | Path) -> None:
     if Path(tmp).is_dir() and path.is_dir():
         old = temp_path_beside(path)
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # the old folder back where it was
+            raise
         discard(old)
         return
     os.replace(tmp, path)
