@@ -32,6 +32,7 @@ the dense state through DeepSpeed's universal checkpoint, the per-rank items by 
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import shutil
@@ -467,12 +468,21 @@ def prune_checkpoints(root: Path, keep: int, saved: str) -> list[Path]:
     alone: they belong to a run that was rolled back (`latest` set to an earlier checkpoint),
     and each is replaced when this run saves that step again. Only folders named by `tag_for`
     count: one moved aside beside them (`step_00000010.damaged`) is neither a checkpoint kept
-    nor one to delete. Ordered by step number (a 9-digit step sorts after an 8-digit one)."""
+    nor one to delete. Ordered by step number (a 9-digit step sorts after an 8-digit one).
+
+    Each is renamed to `.tmp-pruned-<tag>` before it is deleted: a deletion cut short (a kill)
+    leaves a temporary, removed at the next save, never a half-deleted `step_*` folder, which
+    looked like a checkpoint (one without checksums.json is resumed from unchecked)."""
     last = step_of(Path(saved))
     timeline = [p for p in checkpoint_folders(root) if step_of(p) <= last]
     old = timeline[: max(0, len(timeline) - max(1, keep))]
     for folder in old:
-        shutil.rmtree(folder, ignore_errors=True)
+        doomed = folder.with_name(f"{TMP_PREFIX}pruned-{folder.name}")
+        try:
+            os.replace(folder, doomed)
+        except OSError:
+            doomed = folder  # removed in place, as far as it goes
+        shutil.rmtree(doomed, ignore_errors=True)
     return old
 
 

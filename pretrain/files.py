@@ -129,11 +129,23 @@ def replace_with(tmp: Path, path: str | Path) -> None:
     """Move the finished `tmp` (file or folder) onto `path`.
 
     A file is swapped in one rename. A folder cannot replace a non-empty folder in one
-    step: the old one is removed first (a crash in between leaves `tmp`, complete).
+    step: the old one is renamed aside to a temporary name first and removed after, so `path`
+    is never a half-deleted folder (a removal in place, cut short by a kill, left one: an export
+    replaced with --force missing some of its files). A crash between the two renames leaves
+    `path` absent and both folders whole under temporary names, which the next atomic write of
+    `path` on this host removes (`remove_dead_temporaries`).
     """
     path = Path(path)
     if Path(tmp).is_dir() and path.is_dir():
-        shutil.rmtree(path)
+        old = temp_path_beside(path)
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # the old folder back where it was
+            raise
+        discard(old)
+        return
     os.replace(tmp, path)
 
 

@@ -10,8 +10,9 @@ import torch.multiprocessing as mp
 from pretrain.distributed import free_port
 
 # What the fork server imports once for every rank it forks (each spawned rank took ~3 s of CPU
-# importing them, most of a small test's time), and the variables those imports read.
-_PRELOAD = ["torch", "deepspeed", "pretrain.train"]
+# importing them, most of a small test's time; torch._dynamo, which building a model imports,
+# another 2-5 s), and the variables those imports read.
+_PRELOAD = ["torch", "deepspeed", "pretrain.train", "torch._dynamo", "torch.utils.tensorboard"]
 _IMPORT_TIME_ENV = ("DS_ACCELERATOR", "TRITON_INTERPRET")  # DeepSpeed fixes its accelerator on import
 _server_env: list[tuple] = []  # _IMPORT_TIME_ENV's values when this process's fork server started
 

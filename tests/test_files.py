@@ -98,6 +98,26 @@ def test_directory_replaces_old_folder_only_when_complete(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
+def test_a_failed_rename_of_the_new_folder_puts_the_old_one_back(tmp_path, monkeypatch):
+    """The old folder is renamed aside before the new one is renamed in (a kill never leaves it half
+    deleted, tests/export/test_export_crash.py); where the second rename fails, it is renamed back."""
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def refuse_the_new_folder(src, dst):
+        if ".export.tmp-" in str(src) and "new.txt" in os.listdir(src):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new_folder)
+    with pytest.raises(PermissionError):
+        atomic_write(out, lambda tmp: (tmp / "new.txt").write_text("new"), directory=True)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # was: no export folder at all
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
 def test_directory_needs_a_callback(tmp_path):
     with pytest.raises(TypeError, match="callable"):
         atomic_write(tmp_path / "d", b"bytes", directory=True)
