@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from pretrain.files import file_in_the_way
+
 
 def int_at_least(lowest: int, note: str = ""):
     """argparse type: an integer >= `lowest`; `note` (e.g. "0 = off") closes each message."""
@@ -103,13 +105,27 @@ def refuse_one_file_for_two_outputs(parser: argparse.ArgumentParser, **outputs: 
         seen[key] = option
 
 
+def _refuse_a_file_in_the_way(text: str) -> None:
+    """ArgumentTypeError for an output path through a file (`notes.txt/loss.json`): missing parent
+    folders are made when the result is written, a file on the way cannot be (a FileExistsError
+    after all the work)."""
+    blocker = file_in_the_way(text)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text}: {blocker} is a file, not a folder, so nothing can be written under it; name a path "
+            "under a folder (missing folders are made)"
+        )
+
+
 def output_file(example: str):
     """argparse type for a file to write: an existing folder is refused, `example` inside it given
-    as the fix (the atomic write's final rename would fail only after all the work)."""
+    as the fix (the atomic write's final rename would fail only after all the work), and so is a path
+    through a file. Missing parent folders are fine: the write makes them."""
 
     def check(text: str) -> str:
         if Path(text).is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a folder: name the file to write, e.g. {Path(text) / example}")
+        _refuse_a_file_in_the_way(text)
         return text
 
     return check
@@ -137,10 +153,12 @@ def image_file(example: str):
 
 def output_folder(text: str) -> str:
     """argparse type for a folder to write into: an existing file is refused (making the folder
-    would fail with a bare FileExistsError, possibly after minutes of work)."""
+    would fail with a bare FileExistsError, possibly after minutes of work), and so is a path through
+    a file. Missing parent folders are fine: the write makes them."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder to write the results into")
+    _refuse_a_file_in_the_way(text)
     return text
 
 

@@ -158,6 +158,19 @@ def discard(tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is not a folder (a file, a dangling link), or
+    None. Missing parent folders are made by every write (`atomic_path`, as `mkdir -p`); a file on
+    the way cannot be, and the mkdir would fail with a bare FileExistsError or NotADirectoryError only
+    when the result is written, after all the work."""
+    for parent in Path(path).parents:
+        if parent.is_dir():
+            return None
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return None
+
+
 @contextmanager
 def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path` (an empty folder if `directory`) for the caller

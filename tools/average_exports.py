@@ -2,6 +2,11 @@
 
 python tools/average_exports.py exports/step800 exports/step900 exports/step1000 --output exports/avg
 python tools/average_exports.py exports/a exports/b --weights 1 3 --output exports/avg   # 1:3 weighted
+python tools/average_exports.py exports/soup1 exports/soup2 --allow-other-runs --output exports/soup
+
+Exports of different training runs (config.json's run_id) are refused unless --allow-other-runs
+(runs begun from one export with train.init_from: a model soup); the slot table kept is then the
+latest input's, which a warning names.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.cli import non_negative_number  # noqa: E402
+from pretrain.cli import non_negative_number, plain_warnings  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -22,6 +27,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="export folder to create")
     parser.add_argument("--weights", nargs="+", type=non_negative_number(), help="one per export (default: equal)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output")
+    parser.add_argument(
+        "--allow-other-runs",
+        action="store_true",
+        help="average exports of different training runs (a model soup of runs begun from one export); "
+        "the latest input's slot table is kept",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -29,9 +40,15 @@ def main(argv=None) -> int:
     from pretrain.export.averaging import average_exports
 
     try:
-        out = average_exports(
-            args.exports, args.output, args.weights, force=args.force, show_progress=not args.no_progress
-        )
+        with plain_warnings():
+            out = average_exports(
+                args.exports,
+                args.output,
+                args.weights,
+                force=args.force,
+                show_progress=not args.no_progress,
+                allow_other_runs=args.allow_other_runs,
+            )
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

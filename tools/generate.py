@@ -3,6 +3,10 @@
 python tools/generate.py EXPORT_DIR --prompt "The capital of" --max-new-tokens 32 [--temperature 0.8 --top-p 0.9 --seed 1]
     [--repetition-penalty 1.2 --no-repeat-ngram-size 3]
 python tools/generate.py EXPORT_DIR --probes 50 [--new-facts]
+python tools/generate.py EXPORT_DIR --prompt ""     # unconditional: from the document separator alone
+
+One of --prompt and --probes is required (without either, a forgotten --prompt would pass for an
+unconditional sample).
 
 --probes asks the trained facts, as the training run's fact recall does; --new-facts asks the
 facts held out of pretraining instead (what sparse memory finetuning teaches). An option that would
@@ -40,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
     parser.add_argument(
-        "--prompt", default="", help='text to continue; "</s>" in it is the document separator, as in the HF tokenizer'
+        "--prompt",
+        default=None,
+        help='text to continue ("" samples unconditionally, after the document separator alone); "</s>" in it '
+        "is the document separator, as in the HF tokenizer",
     )
     parser.add_argument(
         "--max-new-tokens",
@@ -98,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """parser.error for an option that would change nothing where it was given: sampling and
     generation options beside --probes, --new-facts or --probes-dir without it, --top-p or --seed
-    at --temperature 0 (greedy)."""
+    at --temperature 0 (greedy); and for neither --prompt nor --probes (nothing asked)."""
     if args.probes:  # probes are answered greedily: a sampling option would be silently ignored
         sampling = {
             "--temperature": args.temperature != 0.0,
@@ -110,7 +117,7 @@ def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         if any(sampling.values()):
             given = ", ".join(option for option, set_ in sampling.items() if set_)
             parser.error(f"{given}: sampling options apply to --prompt generation, not --probes (answered greedily)")
-        if args.prompt:  # was ignored: the probes' questions are the prompts
+        if args.prompt is not None:  # was ignored: the probes' questions are the prompts
             parser.error("--prompt and --probes: --probes asks the probes' own questions; give one of the two")
         generation = {"--max-new-tokens": args.max_new_tokens is not None, "--no-cache": args.no_cache}
         if any(generation.values()):  # were ignored: each answer is generated to its own length, cached
@@ -126,6 +133,11 @@ def _refuse_idle_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--new-facts selects which fact probes --probes asks: give --probes N with it")
     elif args.probes_dir is not None:  # was ignored without --probes
         parser.error("--probes-dir names where --probes reads probes.jsonl: give --probes N with it")
+    elif args.prompt is None:  # sampled from the separator alone, silently
+        parser.error(
+            "give --prompt TEXT to continue, or --probes N to quiz the model on the fact probes "
+            '(--prompt "" samples unconditionally, from the document separator alone)'
+        )
     elif args.temperature == 0.0 and args.top_p != 1.0:  # greedy: the nucleus cut would change nothing
         parser.error(
             f"--top-p {args.top_p}: --top-p applies to sampling (--temperature > 0); at --temperature 0 "
@@ -152,7 +164,7 @@ def main(argv=None) -> int:
     try:
         tokenizer = export_tokenizer(export_dir)
         # read as the export's Hugging Face tokenizer reads it: "</s>" is the document separator's id
-        text_ids = tokenizer.encode_with_special_tokens(args.prompt)
+        text_ids = tokenizer.encode_with_special_tokens(args.prompt or "")
         # a prompt starts after one separator, as training documents do: "</s>Alice" already has it
         prompt = text_ids if text_ids[:1] == [tokenizer.eos_id] else [tokenizer.eos_id] + text_ids
         kind = "new-fact" if args.new_facts else "trained-fact"

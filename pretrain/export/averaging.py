@@ -7,6 +7,12 @@ taken in float64 and written in the inputs' dtype, one row block (64 MiB of floa
 tensor at a time, so neither the value pool nor the dense weights are ever held whole. Everything beside the weights (tokenizer, modeling code, probes, the
 slot-frequency table) comes from the input with the latest step: the slot table counts every
 access of the run up to that step, which is what sparse memory finetuning needs.
+
+Inputs of different training runs (config.json's run_id) are refused unless `allow_other_runs`:
+independently trained weights do not average into a working model, and the kept slot table
+counts one run's accesses only. Runs that share a start (`train.init_from` of one export, a
+model soup) are the legitimate case; they are averaged with a warning naming the runs and the
+table kept.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +48,11 @@ class ExportInput:
     step: int
 
     @property
+    def run_id(self) -> str:
+        """The training run's id ("" for exports written before run ids existed)."""
+        return str(self.config.get("memlayers", {}).get("run_id", ""))
+
+    @property
     def tensors(self) -> dict:
         return {k: v for k, v in self.header.items() if k != "__metadata__"}
 
@@ -62,8 +74,11 @@ def _read_input(path: Path) -> ExportInput:
     return ExportInput(path, config, header, start, int(step))
 
 
-def check_inputs(dirs: list[str | Path], weights: list[float] | None) -> tuple[list[ExportInput], list[float]]:
-    """Every input read and compared before any weight is: same model, tokenizer and tensors."""
+def check_inputs(
+    dirs: list[str | Path], weights: list[float] | None, allow_other_runs: bool = False
+) -> tuple[list[ExportInput], list[float]]:
+    """Every input read and compared before any weight is: same model, tokenizer and tensors, and
+    (unless `allow_other_runs`) the same training run."""
     if len(dirs) < 2:
         raise ExportError(f"averaging needs at least two exports, got {len(dirs)}")
     weights = [1.0] * len(dirs) if weights is None else [float(w) for w in weights]
@@ -98,7 +113,37 @@ def check_inputs(dirs: list[str | Path], weights: list[float] | None) -> tuple[l
                 f"{first.dir} and {other.dir} were exported in different dtypes ({name}: {x} vs {y}): "
                 "export both with the same --dtype"
             )
+    if not allow_other_runs:
+        other = next((i for i in inputs[1:] if i.run_id != first.run_id), None)
+        if other is not None:
+            kept = latest_input(inputs)
+            raise ExportError(
+                f"{first.dir} (run {_run_name(first)}) and {other.dir} (run {_run_name(other)}) come from different "
+                "training runs: independently trained weights do not average into a working model, and the slot "
+                f"table kept ({kept.dir}'s) counts one run's accesses only; average exports of one run, or pass "
+                "--allow-other-runs if the runs share their start (a model soup of runs begun with train.init_from "
+                "from one export)"
+            )
     return inputs, weights
+
+
+def latest_input(inputs: list[ExportInput]) -> ExportInput:
+    """The input whose files beside the weights (slot table, tokenizer, probes) the average keeps."""
+    return max(inputs, key=lambda i: i.step)
+
+
+def _run_name(export: ExportInput) -> str:
+    return export.run_id or "<none: exported before run ids>"
+
+
+def _warn_of_other_runs(inputs: list[ExportInput], latest: ExportInput) -> None:
+    runs = ", ".join(f"{i.dir}: run {_run_name(i)}" for i in inputs)
+    warnings.warn(
+        f"averaging exports of different training runs ({runs}): the slot table and run_id kept are "
+        f"{latest.dir}'s (run {_run_name(latest)}, step {latest.step}, the latest input), which count that "
+        "run's slot accesses only, not the averaged model's",
+        stacklevel=2,
+    )
 
 
 def average_exports(
@@ -107,20 +152,26 @@ def average_exports(
     weights: list[float] | None = None,
     force: bool = False,
     show_progress: bool = True,
+    allow_other_runs: bool = False,
 ) -> Path:
-    """Write to `out_dir` the export whose every tensor is sum_i w_i x_i / sum_i w_i."""
+    """Write to `out_dir` the export whose every tensor is sum_i w_i x_i / sum_i w_i. Exports of
+    different training runs are refused unless `allow_other_runs` (then a UserWarning names them)."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir, force, sources=dirs)
-    inputs, weights = check_inputs(dirs, weights)
+    inputs, weights = check_inputs(dirs, weights, allow_other_runs)
     total = sum(weights)
     share = [w / total for w in weights]
-    latest = max(inputs, key=lambda i: i.step)
+    latest = latest_input(inputs)
+    if len({i.run_id for i in inputs}) > 1:
+        _warn_of_other_runs(inputs, latest)
     names = sorted(latest.tensors, key=lambda n: latest.tensors[n]["data_offsets"][0])
     specs = [(n, tuple(latest.tensors[n]["shape"]), DTYPES[latest.tensors[n]["dtype"]]) for n in names]
     metadata = {
         "format": "pt",
         "step": str(latest.step),
-        "averaged_from": json.dumps([{"dir": str(i.dir), "step": i.step, "weight": w} for i, w in zip(inputs, share)]),
+        "averaged_from": json.dumps(
+            [{"dir": str(i.dir), "step": i.step, "weight": w, "run_id": i.run_id} for i, w in zip(inputs, share)]
+        ),
     }
     nbytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in latest.tensors.values())
     with atomic_directory(out_dir) as tmp:

@@ -30,7 +30,7 @@ from pretrain.export.dense import dense_state_dict
 from pretrain.export.errors import ExportError, IncompleteFileError
 from pretrain.export.safetensors_io import StreamWriter, read_header, read_rows
 from pretrain.export.source import SLOT_TABLE, CheckpointSource, inspect
-from pretrain.files import atomic_directory, file_sha256
+from pretrain.files import atomic_directory, file_in_the_way, file_sha256
 from pretrain.model import Transformer, count_parameters
 from pretrain.model.config import ModelConfig
 
@@ -104,8 +104,8 @@ def hf_tokenizer_config(max_seq_len: int) -> dict:
 def check_output_folder(out_dir: str | Path, force: bool = False, sources=(), what: str = "source export") -> None:
     """Refuse (ExportError) an output folder that cannot take an export: one of the `sources`
     read to make it or a folder holding one (replacing it, --force, would delete the source; `what`
-    names them), a file (refused only by the final rename otherwise, after all the work), or an
-    existing folder without `force`. Cheap: callers check before reading any input."""
+    names them), a file (refused only by the final rename otherwise, after all the work), a path
+    through a file, or an existing folder without `force`. Cheap: callers check before reading any input."""
     out_dir = Path(out_dir)
     for source in map(Path, sources):
         if out_dir.resolve() == source.resolve():
@@ -116,6 +116,12 @@ def check_output_folder(out_dir: str | Path, force: bool = False, sources=(), wh
             )
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file, not an export folder: choose a folder path as the output")
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:  # missing parents are made; a file on the way failed the final mkdir
+        raise ExportError(
+            f"{out_dir}: {blocker} is a file, not a folder, so no export can be written under it; choose a "
+            "path under a folder (missing folders are made)"
+        )
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists: choose another output folder or pass --force to replace it")
 

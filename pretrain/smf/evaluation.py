@@ -46,6 +46,13 @@ class LearningForgettingEval:
             loader = ShardLoader(dataset_dir, "val", batch_size=batch_size, loop=False, tokenizer=tokenizer)
             self.val = list(itertools.islice(loader, val_batches))
 
+    def old_fact_guessing(self) -> dict:
+        """How many old-fact probes are asked and their mean chance level (a uniform guess among each
+        attribute's values): what the pretrained model's old-fact recall is told from guessing by."""
+        if self.old is None:
+            return {}
+        return {"old_fact_probes": int(self.old.tokens.shape[0]), "old_fact_chance": self.old.chance.mean().item()}
+
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict:
         device = next(model.parameters()).device

@@ -4,12 +4,16 @@ Points are (run, epoch) pairs. Learning = new-fact recall; forgetting = the drop
 old-fact recall from the pretrained model (percentage points), and the rise in
 validation loss. `compare` takes full finetuning's best-learning point as the reference
 (recall F, drop D) and, for each other method, the least-forgetting point that learns
-within `margin` of F; sparse memory finetuning meets the bar when its drop <= D / 3. When full
-finetuning learned nothing (F not above the pretrained model's recall) the verdict is undecided.
+within `margin` of F; sparse memory finetuning meets the bar when its drop <= D / 3. The verdict
+is undecided when full finetuning learned nothing (F not above the pretrained model's recall), and
+when the pretrained model knows too little beyond guessing for forgetting to be measured
+(`old_fact_knowledge`).
 """
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from pathlib import Path
 
 from pretrain.files import save_figure
@@ -17,6 +21,7 @@ from pretrain.files import save_figure
 # Recalls are fractions of probes (k / n) and the drops their differences: a point exactly at
 # a bound (10 points below, a third of the drop) may land a rounding error on either side of it.
 BOUNDARY_SLACK = 1e-9  # far below one probe of any probe set (1 / n)
+GUESSING_TEST_LEVEL = 0.01  # one-sided exact binomial test: recall told from guessing
 
 COLORS = {"sparse": "tab:blue", "full": "tab:red", "lora": "tab:green"}
 NAMES = {"sparse": "sparse memory finetuning", "full": "full finetuning", "lora": "LoRA"}
@@ -55,6 +60,52 @@ def require_old_fact_recall(report: dict) -> None:
         )
 
 
+def binomial_critical_count(n: int, p: float, alpha: float = GUESSING_TEST_LEVEL) -> int:
+    """The fewest hits out of `n` that a one-sided exact binomial test tells from guessing at chance `p`:
+    the smallest k with P(Binomial(n, p) >= k) <= alpha (n + 1 when even n hits are not enough)."""
+    if p <= 0:
+        return 1
+    if p >= 1:
+        return n + 1
+    below = 0.0  # P(X < k)
+    for k in range(n + 1):
+        if 1.0 - below <= alpha:
+            return k
+        log_pmf = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+        below += math.exp(log_pmf + k * math.log(p) + (n - k) * math.log1p(-p))
+    return n + 1
+
+
+def old_fact_knowledge(before: dict, forgetting_ratio: float, alpha: float = GUESSING_TEST_LEVEL) -> dict | None:
+    """Whether the pretrained model knows enough old facts beyond guessing for forgetting to be measured.
+
+    It can forget at most what it recalls above chance, `excess` = hits - n * chance (in probes), and
+    the bar lets sparse finetuning forget `forgetting_ratio` of full finetuning's drop; so that share of
+    the excess must itself be a count the probes tell from guessing: at least critical - n * chance, with
+    `critical` the fewest hits a one-sided exact binomial test at level `alpha` tells from chance. The
+    chance is the probes' mean: by Hoeffding (1956) the binomial at the mean chance has the heavier upper
+    tail than the true count's (a sum of unequal Bernoullis) from one hit above the mean on, so
+    `critical` errs on the strict side.
+    None when the report predates these fields (`old_fact_probes`, `old_fact_chance`)."""
+    n, chance = before.get("old_fact_probes"), before.get("old_fact_chance")
+    if not n or chance is None:
+        return None
+    hits = round(before["old_fact_recall"] * n)
+    expected = n * chance
+    critical = binomial_critical_count(n, chance, alpha)
+    needed = (critical - expected) / forgetting_ratio if forgetting_ratio > 0 else math.inf
+    return {
+        "probes": n,
+        "hits": hits,
+        "chance": chance,
+        "excess": hits - expected,
+        "critical_hits": critical,
+        "excess_needed": needed,
+        "hits_needed": math.ceil(expected + needed - BOUNDARY_SLACK) if math.isfinite(needed) else n + 1,
+        "measurable": hits - expected >= needed - BOUNDARY_SLACK,
+    }
+
+
 def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3) -> dict:
     require_old_fact_recall(report)
     pts = [p for p in points(report) if "old_fact_drop" in p]
@@ -82,7 +133,26 @@ def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3)
         None if sparse is None else sparse["learns_within_margin"] and sparse["forgets_at_most_ratio"]
     )
     learned = ref["new_fact_recall"] - report["before"]["new_fact_recall"]
-    if sparse is not None and learned <= BOUNDARY_SLACK:
+    knowledge = old_fact_knowledge(report["before"], forgetting_ratio)
+    if knowledge is not None:
+        verdict["old_fact_knowledge"] = knowledge
+    if sparse is not None and knowledge is not None and not knowledge["measurable"]:
+        # a model that knew (almost) nothing forgets (almost) nothing, whatever the method: every
+        # drop is then within the probes' noise, and "a third of full's" says nothing
+        n, k = knowledge["probes"], knowledge
+        share = Fraction(forgetting_ratio).limit_denominator(100)
+        verdict["sparse_meets_bar"] = None
+        verdict["undecided"] = (
+            f"no verdict can be given: the pretrained model recalls {k['hits']} of {n} old-fact probes "
+            f"({100 * k['hits'] / n:.1f}%; chance {100 * k['chance']:.1f}%, {n * k['chance']:.1f} probes), only "
+            f"{k['excess']:.1f} probes beyond guessing, so the forgetting the bar allows sparse finetuning ({share} "
+            f"of that, {forgetting_ratio * k['excess']:.1f} probes) is below the {k['critical_hits'] - n * k['chance']:.1f} "
+            f"probes above chance that {n} probes tell from guessing ({k['critical_hits']} hits: one-sided exact "
+            f"binomial test at the {100 * GUESSING_TEST_LEVEL:g}% level); forgetting cannot be measured on facts the "
+            f"model never learnt: pretrain longer (train.max_steps) until old-fact recall reaches {k['hits_needed']} "
+            f"of {n} ({100 * k['hits_needed'] / n:.1f}%)"
+        )
+    elif sparse is not None and learned <= BOUNDARY_SLACK:
         # the bar is set by full finetuning's learning: without any, a method that learns nothing
         # and forgets nothing would "meet" it
         verdict["sparse_meets_bar"] = None
@@ -154,13 +224,19 @@ def _settings_text(settings: dict) -> str:
     return text
 
 
+def _chance_text(before: dict) -> str:
+    if "old_fact_chance" not in before:  # a report from before 2026-12-07
+        return ""
+    return f" (chance {100 * before['old_fact_chance']:.1f}%, {before['old_fact_probes']} probes)"
+
+
 def summary_markdown(report: dict, verdict: dict) -> str:
     before = report["before"]
     lines = [
         "# Sparse memory finetuning: learning vs forgetting",
         "",
         f"Pretrained model: new-fact recall {100 * before['new_fact_recall']:.1f}%, old-fact recall "
-        f"{100 * before.get('old_fact_recall', float('nan')):.1f}%, validation loss "
+        f"{100 * before.get('old_fact_recall', float('nan')):.1f}%{_chance_text(before)}, validation loss "
         f"{before.get('val_loss', float('nan')):.3f}. Finetuning set: {report['finetune_rows']} rows, "
         f"{report['finetune_tokens']} tokens; {_settings_text(report['settings'])}.",
         "",

@@ -121,3 +121,48 @@ def test_a_file_as_output_is_refused_before_any_input_is_read(tmp_path):
     with pytest.raises(ExportError, match="is a file, not an export folder"):
         average_exports([tmp_path / "a", tmp_path / "b"], target, force=True)  # inputs not read: they do not exist
     assert target.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def _as_another_run(export: Path, folder: Path, run_id: str) -> Path:
+    """A copy of `export` that says it comes from training run `run_id` (config.json, as a run
+    of the same config trained apart writes it)."""
+    shutil.copytree(export, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["memlayers"]["run_id"] = run_id
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_exports_of_different_runs_are_refused_unless_allowed_and_then_the_table_kept_is_named(
+    two_steps, tmp_path, capsys
+):
+    """Exports of two runs of one config were averaged without a word, the slot table and run_id
+    taken from the later one. Refused now, naming both runs and --allow-other-runs; with it, a
+    warning names both runs and whose table is kept, and config.json lists each input's run."""
+    early, late = two_steps
+    ours = json.loads((late / "config.json").read_text())["memlayers"]["run_id"]
+    assert ours and ours == json.loads((early / "config.json").read_text())["memlayers"]["run_id"]
+    other = _as_another_run(early, tmp_path / "other", "0123456789abcdef")
+    out = tmp_path / "avg"
+    with pytest.raises(ExportError) as refused:
+        average_exports([late, other], out, show_progress=False)
+    message = str(refused.value)
+    assert f"{late} (run {ours}) and {other} (run 0123456789abcdef) come from different training runs" in message
+    assert f"the slot table kept ({late}'s)" in message and "--allow-other-runs" in message
+    assert not out.exists()
+    assert average_cli.main([str(other), str(late), "--output", str(out), "--no-progress"]) == 2
+    assert "come from different training runs" in capsys.readouterr().err and not out.exists()
+    unknown = _as_another_run(early, tmp_path / "unknown", "")  # exported before run ids: cannot be told
+    with pytest.raises(ExportError, match=r"\(run <none: exported before run ids>\) come from different"):
+        average_exports([late, unknown], out, show_progress=False)
+
+    argv = [str(other), str(late), "--output", str(out), "--no-progress", "--allow-other-runs"]
+    with pytest.warns(UserWarning, match="averaging exports of different training runs") as warned:
+        assert average_cli.main(argv) == 0
+    text = str(warned[0].message)
+    assert f"{other}: run 0123456789abcdef, {late}: run {ours}" in text
+    assert f"the slot table and run_id kept are {late}'s (run {ours}, step 8, the latest input)" in text
+    config = json.loads((out / "config.json").read_text())["memlayers"]
+    assert config["run_id"] == ours
+    assert [a["run_id"] for a in config["averaged_from"]] == ["0123456789abcdef", ours]
+    assert (out / "slot_frequencies.safetensors").read_bytes() == (late / "slot_frequencies.safetensors").read_bytes()

@@ -91,6 +91,43 @@ def test_generate_refuses_a_prompt_beside_probes(tmp_path, capsys):
     assert "--prompt and --probes" in capsys.readouterr().err
 
 
+def test_generate_without_prompt_or_probes_is_refused_and_an_empty_prompt_samples_unconditionally(
+    inference_export, monkeypatch, capsys
+):
+    """Neither --prompt nor --probes generated from the document separator alone without a word (a
+    forgotten --prompt passed for an answer); it is refused before the weights load, naming both
+    options and --prompt "", which generates from the separator alone, as transformers' generate()
+    without input_ids does."""
+    import pytest
+
+    import pretrain.export
+    import pretrain.export.generation
+    from tools.generate import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(pretrain.export, "load", no_load)
+    for flags in ([], ["--max-new-tokens", "3"], ["--temperature", "0.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(inference_export), *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, flags
+        assert "give --prompt TEXT to continue, or --probes N" in err and '--prompt ""' in err, err
+    with pytest.raises(SystemExit):  # an explicit prompt beside --probes is refused, even an empty one
+        main([str(inference_export), "--probes", "3", "--prompt", ""])
+    assert "--prompt and --probes" in capsys.readouterr().err
+
+    tok = Tokenizer(inference_export / "tokenizer.model")
+    prompts = []
+    monkeypatch.setattr(pretrain.export, "load", lambda *a, **k: OracleModel([[tok.eos_id]], tok.vocab_size))
+    monkeypatch.setattr(
+        pretrain.export.generation, "generate", lambda model, prompt, *a, **k: prompts.append(prompt) or []
+    )
+    assert main([str(inference_export), "--prompt", "", "--max-new-tokens", "3"]) == 0
+    assert prompts == [[tok.eos_id]]  # the separator alone
+
+
 def _probes_with_new_facts(export, folder):
     """A probes.jsonl of the export's probes with every third one marked a new fact (held out of
     pretraining), as the embedded corpus interleaves them; returns (trained, new) questions in order."""

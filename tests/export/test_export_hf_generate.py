@@ -151,7 +151,7 @@ def test_start_token_is_the_document_separator_everywhere(inference_export, hf_m
     monkeypatch.setattr(
         pretrain.export.generation, "generate", lambda model, prompt, *a, **k: prompts.append(prompt) or []
     )
-    assert main([str(inference_export), "--max-new-tokens", "3"]) == 0
+    assert main([str(inference_export), "--prompt", "", "--max-new-tokens", "3"]) == 0
     capsys.readouterr()
     tok = Tokenizer(inference_export / "tokenizer.model")
     assert prompts == [[tok.eos_id]] and tok.bos_id != tok.eos_id  # the empty prompt is the separator

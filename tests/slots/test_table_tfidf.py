@@ -399,6 +399,24 @@ def test_slot_report_refuses_an_image_kind_matplotlib_cannot_write_before_readin
     assert list(tmp_path.iterdir()) == []
 
 
+def test_slot_report_makes_missing_folders_and_refuses_a_file_on_the_way(tmp_path, monkeypatch, capsys):
+    """--out new/dir/x.png makes new/dir, as every tool's output does (pretrain.files.atomic_path).
+    --out notes.txt/x.png read the table and drew the figure, then failed in the save with a bare
+    FileExistsError traceback: refused at the parse now, nothing read or written."""
+    save_table(tmp_path / "ckpt" / "slot_frequencies.safetensors", small_stats(), {})
+    out = tmp_path / "new" / "dir" / "report.png"
+    assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.setattr(slot_report, "load_table", lambda *a: pytest.fail("the table was read"))
+    with pytest.raises(SystemExit) as exit_:
+        slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(tmp_path / "notes.txt" / "x" / "r.png")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"argument --out: {tmp_path / 'notes.txt' / 'x' / 'r.png'}: {tmp_path / 'notes.txt'} is a file" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_slot_report_names_the_steps_a_late_started_table_counts(tmp_path, monkeypatch):
     """A table whose counting began after step 2 (first_step 2): the counts panel says steps 3-4,
     not 'step 4' as if it counted the whole run."""

@@ -1,6 +1,7 @@
 """The frontier verdict on hand-made sweeps, and the report tool end to end on a tiny export."""
 
 import json
+from fractions import Fraction as Fraction
 
 import pytest
 
@@ -73,6 +74,77 @@ def test_no_verdict_when_full_finetuning_learned_nothing():
     assert compare(report)["sparse_meets_bar"] is True and "undecided" not in compare(report)
 
 
+def exact_binomial_tail(k: int, n: int, p) -> Fraction:
+    """P(Binomial(n, p) >= k) in exact rationals: the reference for the report's float test."""
+    from math import comb
+
+    p = Fraction(p)
+    return 1 - sum((comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k)), Fraction(0))
+
+
+@pytest.mark.parametrize("hits, decided", [(12, False), (13, True)])
+def test_no_verdict_when_the_pretrained_model_knows_too_little_beyond_chance(hits, decided):
+    """A 200-step smf_tiny export recalled 65 of 1350 old-fact probes (4.8%, chance 4.4%): it knew
+    nothing to forget, yet summary.md said **yes** (full finetuning dropped to 2.4%, sparse 0.6
+    points). Hand-computed case: 20 probes at chance 1/20 (1 hit expected). P(X >= 4) = 0.0159 >
+    1% and P(X >= 5) = 0.0026 <= 1%, so 5 hits are the fewest a one-sided binomial test at 1% tells
+    from guessing: 4 above chance. The bar lets sparse forget a third of full's drop, at most a
+    third of the model's excess, which must reach those 4: an excess of 12, 13 hits (65%). 12 hits
+    give no verdict, 13 the usual one."""
+    from pretrain.smf.frontier import binomial_critical_count
+
+    assert round(float(exact_binomial_tail(4, 20, Fraction(1, 20))), 4) == 0.0159
+    assert round(float(exact_binomial_tail(5, 20, Fraction(1, 20))), 4) == 0.0026
+    assert binomial_critical_count(20, 0.05) == 5
+    report = sweep(
+        run("full", "full", (0.9, 0.05)),  # forgets everything it knew
+        run("sparse", "sparse", (0.85, (hits - 1) / 20)),  # forgets one probe: within a third of full's drop
+    )
+    report["before"].update(old_fact_recall=hits / 20, old_fact_probes=20, old_fact_chance=0.05)
+    verdict = compare(report)
+    knowledge = verdict["old_fact_knowledge"]
+    assert (knowledge["hits"], knowledge["critical_hits"], knowledge["hits_needed"]) == (hits, 5, 13)
+    assert knowledge["excess"] == pytest.approx(hits - 1) and knowledge["excess_needed"] == pytest.approx(12)
+    assert knowledge["measurable"] is decided
+    text = summary_markdown(report, verdict)
+    assert "old-fact recall " + f"{100 * hits / 20:.1f}% (chance 5.0%, 20 probes)" in text
+    if decided:
+        assert verdict["sparse_meets_bar"] is True and "undecided" not in verdict and "**yes**" in text
+    else:
+        assert verdict["sparse_meets_bar"] is None and "**yes**" not in text
+        assert verdict["undecided"] == (
+            "no verdict can be given: the pretrained model recalls 12 of 20 old-fact probes (60.0%; chance 5.0%, "
+            "1.0 probes), only 11.0 probes beyond guessing, so the forgetting the bar allows sparse finetuning "
+            "(1/3 of that, 3.7 probes) is below the 4.0 probes above chance that 20 probes tell from guessing "
+            "(5 hits: one-sided exact binomial test at the 1% level); forgetting cannot be measured on facts the "
+            "model never learnt: pretrain longer (train.max_steps) until old-fact recall reaches 13 of 20 (65.0%)"
+        )
+        assert "meets the bar: **undecided**: no verdict can be given" in text
+
+
+def test_the_guessing_threshold_at_the_fact_worlds_probe_count():
+    """At the fact world's 1350 old-fact probes (mean chance 4.36%) the critical count agrees with exact
+    rationals, and the reproduced 4.8% (65 hits) and a 6.4% (86 hits, above chance by the plain test:
+    p = 0.0004) give no verdict; the benchmark's 91.6% does."""
+    from pretrain.smf.frontier import binomial_critical_count, old_fact_knowledge
+
+    chance = 0.04364345369688045
+    critical = binomial_critical_count(1350, chance)
+    assert (
+        exact_binomial_tail(critical, 1350, chance)
+        <= Fraction(1, 100)
+        < exact_binomial_tail(critical - 1, 1350, chance)
+    )
+    assert exact_binomial_tail(86, 1350, chance) < Fraction(1, 1000)
+    measurable = {
+        hits: old_fact_knowledge(
+            {"old_fact_recall": hits / 1350, "old_fact_probes": 1350, "old_fact_chance": chance}, 1 / 3
+        )["measurable"]
+        for hits in (65, 86, 1237)
+    }
+    assert measurable == {65: False, 86: False, 1237: True}
+
+
 @pytest.mark.parametrize("full_hits, sparse_hits", [(138, 123), (125, 110), (140, 125)])
 def test_a_point_exactly_at_the_bounds_meets_them(full_hits, sparse_hits):
     """Recall as probes answered out of 150 (new) and 1350 (old), as in the fact world. Sparse
@@ -118,6 +190,8 @@ def test_points_measure_against_the_pretrained_model(tmp_path):
 
 
 def test_report_tool_end_to_end(smf_export, tmp_path):
+    from pretrain.data import Tokenizer, load_probes
+    from pretrain.evaluate import encode_probes
     from tools.smf_report import main
 
     export, dataset = smf_export
@@ -141,6 +215,18 @@ def test_report_tool_end_to_end(smf_export, tmp_path):
     assert results["verdict"]["reference"]["method"] == "full"
     assert (out / "frontier.png").stat().st_size > 1000
     assert "Sparse memory finetuning meets the bar" in (out / "summary.md").read_text()
+    # the pretrained model's guessing level over the old-fact probes the sweep asks: those that fit the context
+    tokenizer = Tokenizer(export / "tokenizer.model")
+    max_seq_len = json.loads((export / "config.json").read_text())["model"]["max_seq_len"]
+    asked = [
+        p
+        for p in load_probes(export)
+        if not p.is_new_fact and len(encode_probes([p], tokenizer, 10**6).tokens[0]) <= max_seq_len
+    ]
+    before = results["before"]
+    assert 0 < before["old_fact_probes"] == len(asked)
+    assert before["old_fact_chance"] == pytest.approx(sum(p.chance for p in asked) / len(asked), rel=1e-12)
+    assert results["verdict"]["old_fact_knowledge"]["hits"] == round(before["old_fact_recall"] * len(asked))
 
 
 def test_report_tool_rejects_bad_runs(smf_export, tmp_path, capsys):

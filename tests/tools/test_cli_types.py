@@ -142,6 +142,33 @@ def test_a_file_as_output_folder_is_refused_before_any_work(tmp_path, monkeypatc
     assert smf_report.parse_args(["--out", str(tmp_path / "new")]).out == str(tmp_path / "new")  # not made yet: fine
 
 
+def test_outputs_through_a_file_are_refused_and_missing_folders_are_fine(tmp_path):
+    """Every output path type (and the export folder check) takes a path whose folders do not exist
+    yet (the write makes them, as `mkdir -p`) and refuses one through a file, which failed with a bare
+    FileExistsError or NotADirectoryError only at the write, after the work (perplexity --json
+    notes.txt/loss.json after scoring)."""
+    from pretrain.cli import image_file, output_file
+    from pretrain.export import ExportError
+    from pretrain.export.writer import check_output_folder
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")  # a dangling link is no folder either
+    for check in (output_file("x.json"), image_file("x.png"), output_folder):
+        missing = tmp_path / "new" / "deeper" / "x.png"
+        assert check(str(missing)) == str(missing)
+        for blocker in (tmp_path / "notes.txt", tmp_path / "gone"):
+            with pytest.raises(argparse.ArgumentTypeError) as refused:
+                check(str(blocker / "sub" / "x.png"))
+            assert str(refused.value) == (
+                f"{blocker / 'sub' / 'x.png'}: {blocker} is a file, not a folder, so nothing can be written "
+                "under it; name a path under a folder (missing folders are made)"
+            )
+    check_output_folder(tmp_path / "new" / "export")
+    with pytest.raises(ExportError, match=rf"{tmp_path / 'notes.txt'} is a file, not a folder, so no export"):
+        check_output_folder(tmp_path / "notes.txt" / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone", "notes.txt"]  # nothing made by a check
+
+
 # Plain type=int options that need no pretrain.cli type, and why.
 OWN_CHECK = {
     "--seed": "every integer is a seed (hashed, or given to torch.manual_seed), negatives included",
