@@ -193,7 +193,10 @@ def test_scancel_stops_without_requeue(slurm_cluster, tmp_path):
     assert sorted(r for r, _, _ in stops) == ["0", "1"] and len({s for _, s, _ in stops}) == 1, stops
     assert (run_dir / "fake_state.json").is_file()  # the checkpoint was written before exiting
     time.sleep(7)  # longer than the test cluster's credential lifetime: a requeued job would be back
-    info = slurm_cluster.job_info(job)
+    # COMPLETING lasts while slurmd ends the step, which on a loaded machine took longer than those 7 s
+    # (a full-suite run beside four others: still COMPLETING); a requeued job leaves it for PENDING
+    settled = ("CANCELLED", "PENDING", "REQUEUED", "RUNNING", "COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL")
+    info = slurm_cluster.wait_job(job, settled, timeout=120)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
 
 
