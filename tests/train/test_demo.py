@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -112,8 +113,13 @@ def test_the_continue_command_runs_as_printed_whatever_the_path_holds(tmp_path):
     (tmp_path / "Makefile").write_text(
         f"PY := {shlex.quote(sys.executable)} -c {shlex.quote(show_argv)}\ndemo:\n{recipe}\n"
     )
+    # as typed into a shell: under `make test` the inherited MAKELEVEL makes the inner make print
+    # "make[1]: Leaving directory ..." after the recipe's output
+    shell_env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     for run_dir in ("runs/my demo", 'runs/a"b', "runs/$HOME", "runs/it's", "runs/a\\b;`x`*"):
         args = ["--config", "configs/tiny.yaml", f"train.run_dir={run_dir}", "train.max_steps=6"]
         command = demo.continue_command([*args, "train.stop_after=2"])
-        ran = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=True)
+        ran = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=True, env=shell_env
+        )
         assert json.loads(ran.stdout.splitlines()[-1]) == ["-m", "pretrain.demo", "--resume", *args], command
