@@ -186,7 +186,7 @@ def run_sweep(
         "finetune_rows": len(data),
         "finetune_tokens": data.num_tokens,
         "settings": asdict(settings),
-        "before": {**evaluate(load(export_dir)), **evaluate.old_fact_guessing()},
+        "before": {**evaluate(load(export_dir)), **evaluate.guessing()},
         "runs": [],
     }
     bar = tqdm(runs, desc="smf sweep", unit="run", disable=not show_progress)

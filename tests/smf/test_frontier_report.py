@@ -70,8 +70,39 @@ def test_no_verdict_when_full_finetuning_learned_nothing():
     assert verdict["sparse_meets_bar"] is None and "full finetuning learned nothing" in verdict["undecided"]
     text = summary_markdown(report, verdict)
     assert "meets the bar: **undecided**: full finetuning learned nothing" in text and "**yes**" not in text
-    report["runs"][0]["history"][0]["new_fact_recall"] = 0.02  # one probe more than before: a bar again
+    report["runs"][0]["history"][0]["new_fact_recall"] = 0.02  # a report without probe counts: any gain
     assert compare(report)["sparse_meets_bar"] is True and "undecided" not in compare(report)
+
+
+@pytest.mark.parametrize("full_hits, decided", [(13, False), (14, True)])
+def test_a_gain_within_the_noise_of_the_new_fact_probes_is_no_learning(full_hits, decided):
+    """Full finetuning that answered one or a few more of the 150 new-fact probes than the pretrained
+    model (6 of 150, 4.0%; chance 4.36%, the fact world's) set the bar as if it had learned: sparse
+    runs at the same recall and no drop then met it. Learning is now a count a one-sided exact binomial
+    test at 1% tells from the higher of the pretrained recall and chance: P(X >= 14) <= 1% < P(X >= 13)
+    at n = 150, p = 0.0436, checked in exact rationals."""
+    chance = 0.04364345369688045
+    assert exact_binomial_tail(14, 150, chance) <= Fraction(1, 100) < exact_binomial_tail(13, 150, chance)
+    report = sweep(
+        run("full", "full", (7 / 150, 0.7), (full_hits / 150, 0.6)),
+        run("sparse", "sparse", (full_hits / 150, 0.8)),  # the same recall, no forgetting
+    )
+    report["before"].update(new_fact_recall=6 / 150, new_fact_probes=150, new_fact_chance=chance)
+    verdict = compare(report)
+    assert verdict["sparse_meets_bar"] is (True if decided else None)
+    learning = verdict["new_fact_learning"]
+    assert (learning["hits"], learning["critical_hits"], learning["learned"]) == (full_hits, 14, decided)
+    if decided:
+        assert verdict["sparse_meets_bar"] is True and "undecided" not in verdict
+    else:
+        assert verdict["sparse_meets_bar"] is None
+        assert verdict["undecided"] == (
+            "full finetuning learned nothing (best new-fact recall 8.7%, pretrained 4.0% (13 of 150 probes, below "
+            "the 14 that a one-sided exact binomial test at the 1% level tells from a recall of 4.4%, the "
+            "pretrained model's or chance 4.4% where higher)), so there is no learning to match: finetune longer "
+            "(--epochs) or at a higher learning rate"
+        )
+        assert "**yes**" not in summary_markdown(report, verdict)
 
 
 def exact_binomial_tail(k: int, n: int, p) -> Fraction:
@@ -227,6 +258,14 @@ def test_report_tool_end_to_end(smf_export, tmp_path):
     assert 0 < before["old_fact_probes"] == len(asked)
     assert before["old_fact_chance"] == pytest.approx(sum(p.chance for p in asked) / len(asked), rel=1e-12)
     assert results["verdict"]["old_fact_knowledge"]["hits"] == round(before["old_fact_recall"] * len(asked))
+    new = [
+        p
+        for p in load_probes(export)
+        if p.is_new_fact and len(encode_probes([p], tokenizer, 10**6).tokens[0]) <= max_seq_len
+    ]
+    assert 0 < before["new_fact_probes"] == len(new)
+    assert before["new_fact_chance"] == pytest.approx(sum(p.chance for p in new) / len(new), rel=1e-12)
+    assert results["verdict"]["new_fact_learning"]["probes"] == len(new)
 
 
 def test_report_tool_rejects_bad_runs(smf_export, tmp_path, capsys):
