@@ -177,15 +177,15 @@ def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3)
         told = (
             f" ({learning['hits']} of {learning['probes']} probes, below the {learning['critical_hits']} that a "
             f"one-sided exact binomial test at the {100 * GUESSING_TEST_LEVEL:g}% level tells from a recall of "
-            f"{100 * learning['null_rate']:.1f}%, the pretrained model's or chance {100 * before['new_fact_chance']:.1f}% "
+            f"{100 * learning['null_rate']:.1f}%: the pretrained model's, or chance ({100 * before['new_fact_chance']:.1f}%) "
             "where higher)"
             if "probes" in learning
             else ""
         )
         verdict["sparse_meets_bar"] = None
         verdict["undecided"] = (
-            f"full finetuning learned nothing (best new-fact recall {100 * ref['new_fact_recall']:.1f}%, "
-            f"pretrained {100 * before['new_fact_recall']:.1f}%{told}), so there is no learning to match: "
+            f"full finetuning learned nothing (best new-fact recall {100 * ref['new_fact_recall']:.1f}%{told}, "
+            f"pretrained {100 * before['new_fact_recall']:.1f}%), so there is no learning to match: "
             "finetune longer (--epochs) or at a higher learning rate"
         )
     return verdict

@@ -97,9 +97,9 @@ def test_a_gain_within_the_noise_of_the_new_fact_probes_is_no_learning(full_hits
     else:
         assert verdict["sparse_meets_bar"] is None
         assert verdict["undecided"] == (
-            "full finetuning learned nothing (best new-fact recall 8.7%, pretrained 4.0% (13 of 150 probes, below "
-            "the 14 that a one-sided exact binomial test at the 1% level tells from a recall of 4.4%, the "
-            "pretrained model's or chance 4.4% where higher)), so there is no learning to match: finetune longer "
+            "full finetuning learned nothing (best new-fact recall 8.7% (13 of 150 probes, below the 14 that a "
+            "one-sided exact binomial test at the 1% level tells from a recall of 4.4%: the pretrained model's, or "
+            "chance (4.4%) where higher), pretrained 4.0%), so there is no learning to match: finetune longer "
             "(--epochs) or at a higher learning rate"
         )
         assert "**yes**" not in summary_markdown(report, verdict)
