@@ -453,6 +453,17 @@ def test_report_tool_refuses_a_data_config_of_another_dataset_before_building_it
     assert "pass --dataset-dir with the dataset the export was trained on" in err
     assert main(["--export", str(tmp_path / "none"), *base, *tiny]) == 2
     assert "no such export directory" in capsys.readouterr().err
+    # an export of a run on prepared text has no probes: it built the config's world (20 s on 2 cores for
+    # smf_tiny's), then failed on the missing probes.jsonl, telling the user to leave data.dir empty
+    import shutil
+
+    no_probes = tmp_path / "export_of_text"
+    shutil.copytree(export, no_probes)
+    (no_probes / "probes.jsonl").unlink()
+    assert main(["--export", str(no_probes), *base, *tiny, "data.synthetic.num_entities=40"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {no_probes} has no probes.jsonl: the report measures learning and forgetting" in err
+    assert "use memlayers-smf-finetune" in err and "the dataset build started" not in err
 
     other = tmp_path / "other_data"  # a prepared data.dir of another tokenizer
     other.mkdir()
