@@ -1,6 +1,6 @@
 """sentencepiece's trainer in a process of its own, which pretrain.data.tokenizer runs as a script:
 
-    python sentencepiece_worker.py OPTIONS_JSON MODEL_PATH CALLER_PID    (the sample on stdin, a sentence a line)
+    python sentencepiece_worker.py OPTIONS_JSON MODEL_PATH CALLER_PID    (the sample on stdin, each sentence and "\n")
 
 The trainer is native code: in the caller's process it held the main thread, and with it every Python
 signal handler, until it returned (minutes on a large sample). Here the caller can kill it at once.
@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+from typing import Iterator
 
 _STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -34,6 +35,13 @@ def _die_with_the_caller(caller_pid: int) -> None:
         os._exit(1)
 
 
+def _sentences(stream) -> Iterator[str]:
+    """The sample's lines one at a time, as sentencepiece reads them into its own store: the sample is held
+    once, there (read whole and split first, it was held three times more: bytes, text and a list)."""
+    for line in stream:
+        yield line[:-1].decode("utf-8") if line.endswith(b"\n") else line.decode("utf-8")
+
+
 def main() -> None:
     _die_with_the_caller(int(sys.argv[3]))
     for sig in _STOPS:
@@ -46,9 +54,8 @@ def main() -> None:
     import sentencepiece as spm
 
     options, model_path = json.loads(sys.argv[1]), sys.argv[2]
-    sentences = sys.stdin.buffer.read().decode("utf-8").split("\n")
     with open(model_path + ".tmp", "wb") as model:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+        spm.SentencePieceTrainer.train(sentence_iterator=_sentences(sys.stdin.buffer), model_writer=model, **options)
     os.replace(model_path + ".tmp", model_path)
 
 
