@@ -61,8 +61,11 @@ def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
             f"continue it with {continue_command(argv)} (a plain make demo starts afresh, deleting this run)",
         ]
     if head and tail:
+        # a resumed demo's losses are its own steps': the first ones are not the run's
+        first_step = result.step - len(result.step_times) + 1
+        since = "" if first_step == 1 else f" of this run, from step {first_step}"
         lines.append(
-            f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
+            f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps{since}) -> "
             f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)"
         )
     ev = result.eval
