@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
+from pretrain.slurm import StopSignal
 from pretrain.train import train
 from pretrain.trainer import TrainingDiverged
 
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True)
         (run_dir / DEMO_MARK).write_text("made by `make demo` (pretrain/demo.py), which replaces this folder\n")
     try:
-        result = train(cfg)
+        with StopSignal(ctrl_c=True) as stop:  # Ctrl-C stops with a checkpoint, which --resume continues
+            result = train(cfg, stop=stop)
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
