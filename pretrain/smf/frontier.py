@@ -160,15 +160,19 @@ def compare(report: dict, margin: float = 0.10, forgetting_ratio: float = 1 / 3)
         n, k = knowledge["probes"], knowledge
         share = Fraction(forgetting_ratio).limit_denominator(100)
         verdict["sparse_meets_bar"] = None
+        margin = (
+            f"only {k['excess']:.1f} probes beyond guessing, so the forgetting the bar allows sparse finetuning "
+            f"({share} of that, {forgetting_ratio * k['excess']:.1f} probes) is below the "
+            f"{k['critical_hits'] - n * k['chance']:.1f} probes above chance that {n} probes tell from guessing "
+            f"({k['critical_hits']} hits: one-sided exact binomial test at the {100 * GUESSING_TEST_LEVEL:g}% level)"
+            if k["excess"] > 0
+            else "no more than guessing would"  # a negative excess and a negative allowance read as nonsense
+        )
         verdict["undecided"] = (
             f"no verdict can be given: the pretrained model recalls {k['hits']} of {n} old-fact probes "
-            f"({100 * k['hits'] / n:.1f}%; chance {100 * k['chance']:.1f}%, {n * k['chance']:.1f} probes), only "
-            f"{k['excess']:.1f} probes beyond guessing, so the forgetting the bar allows sparse finetuning ({share} "
-            f"of that, {forgetting_ratio * k['excess']:.1f} probes) is below the {k['critical_hits'] - n * k['chance']:.1f} "
-            f"probes above chance that {n} probes tell from guessing ({k['critical_hits']} hits: one-sided exact "
-            f"binomial test at the {100 * GUESSING_TEST_LEVEL:g}% level); forgetting cannot be measured on facts the "
-            f"model never learnt: pretrain longer (train.max_steps) until old-fact recall reaches {k['hits_needed']} "
-            f"of {n} ({100 * k['hits_needed'] / n:.1f}%)"
+            f"({100 * k['hits'] / n:.1f}%; chance {100 * k['chance']:.1f}%, {n * k['chance']:.1f} probes), {margin}; "
+            f"forgetting cannot be measured on facts the model never learnt: pretrain longer (train.max_steps) until "
+            f"old-fact recall reaches {k['hits_needed']} of {n} ({100 * k['hits_needed'] / n:.1f}%)"
         )
     elif sparse is not None and not learning["learned"]:
         # the bar is set by full finetuning's learning: without any, a method that learns nothing

@@ -153,6 +153,22 @@ def test_no_verdict_when_the_pretrained_model_knows_too_little_beyond_chance(hit
         assert "meets the bar: **undecided**: no verdict can be given" in text
 
 
+def test_a_model_below_chance_is_said_to_know_no_more_than_guessing():
+    """A 30-step demo export recalled 0 of 1350 old-fact probes: the verdict read 'only -58.9 probes
+    beyond guessing, so the forgetting the bar allows sparse finetuning (1/3 of that, -19.6 probes) is
+    below the 19.1 probes above chance ...'."""
+    chance = 0.04364345369688045
+    report = sweep(run("full", "full", (0.0, 0.0)), run("sparse", "sparse", (0.0, 0.0)))
+    report["before"].update(old_fact_recall=0.0, old_fact_probes=1350, old_fact_chance=chance)
+    verdict = compare(report)
+    assert verdict["sparse_meets_bar"] is None
+    assert verdict["undecided"] == (
+        "no verdict can be given: the pretrained model recalls 0 of 1350 old-fact probes (0.0%; chance 4.4%, "
+        "58.9 probes), no more than guessing would; forgetting cannot be measured on facts the model never "
+        "learnt: pretrain longer (train.max_steps) until old-fact recall reaches 117 of 1350 (8.7%)"
+    )
+
+
 def test_the_guessing_threshold_at_the_fact_worlds_probe_count():
     """At the fact world's 1350 old-fact probes (mean chance 4.36%) the critical count agrees with exact
     rationals, and the reproduced 4.8% (65 hits) and a 6.4% (86 hits, above chance by the plain test:
