@@ -320,7 +320,8 @@ class StopSignal:
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """In a helper process of a rank (a data-loader worker: `worker_init_fn`): ignore USR1 and SIGTERM.
+    """In a helper process of a rank (a data-loader worker: `worker_init_fn`): ignore USR1 and SIGTERM,
+    and Ctrl-C's SIGINT (the rank's Ctrl-C handler, inherited, said it would stop once per worker).
 
     Slurm sends them to every process of the job step (`scancel`, the time limit, preemption), the
     helpers too; a data-loader worker died of SIGTERM (torch's own handler), and its rank raised
@@ -329,7 +330,7 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     A helper started inside `stop_signals_blocked` has them blocked until here: one that came before
     waited, and is discarded as they become ignored.
     """
-    for sig in STOP_SIGNALS:
+    for sig in (*STOP_SIGNALS, signal.SIGINT):  # Ctrl-C reaches every process of the terminal's job too
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
