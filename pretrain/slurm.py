@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -206,6 +207,9 @@ def distributed_env_from_slurm(environ: Mapping[str, str] | None = None) -> dict
     }
 
 
+# A SIGINT this soon after the first is the same press: torchrun passes the terminal's SIGINT on to its
+# ranks, which the terminal reached already (seen: the two arrive within milliseconds, or merge).
+CTRL_C_SAME_PRESS_S = 1.0
 CTRL_C_NOTE = (
     b"Ctrl-C: stopping after this step with a checkpoint, as SIGTERM does; Ctrl-C again to abort at once "
     b"(the steps since the last checkpoint are then lost)\n"
@@ -220,7 +224,8 @@ class StopSignal:
     the main thread (Python delivers signals there only).
 
     `ctrl_c` (the training command line, the demo): the first SIGINT stops as SIGTERM does (a
-    checkpoint, no requeue), saying so on stderr; a second raises KeyboardInterrupt at once. Only where
+    checkpoint, no requeue), saying so on stderr; a second, a second or more later, raises KeyboardInterrupt
+    at once (one sooner is the same press, passed on by torchrun). Only where
     SIGINT has Python's default handler: a shell's background job, which ignores it, keeps ignoring it.
     """
 
@@ -238,7 +243,7 @@ class StopSignal:
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
-        self._ctrl_c_pressed = False
+        self._ctrl_c_pressed: float | None = None  # time.monotonic() of the first
         if (
             ctrl_c
             and signal.SIGINT not in self._previous
@@ -247,9 +252,12 @@ class StopSignal:
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_ctrl_c)
 
     def _handle_ctrl_c(self, signum, frame):
-        if self._ctrl_c_pressed:
-            raise KeyboardInterrupt
-        self._ctrl_c_pressed = True
+        now = time.monotonic()
+        if self._ctrl_c_pressed is not None:
+            if now - self._ctrl_c_pressed >= CTRL_C_SAME_PRESS_S:
+                raise KeyboardInterrupt
+            return
+        self._ctrl_c_pressed = now
         try:
             os.write(2, CTRL_C_NOTE)
         except OSError:

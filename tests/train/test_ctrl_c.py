@@ -3,7 +3,8 @@
 It used to end `python -m pretrain.train` with a KeyboardInterrupt traceback from wherever the step
 was (measured: a 200-step run of configs/tiny.yaml stopped at step 5 left no checkpoint at all, exit
 status 130), and `make demo` the same, though the demo prints how to continue a run stopped by a signal.
-A second Ctrl-C aborts at once.
+A second Ctrl-C aborts at once; a SIGINT within a second of the first is the same press (torchrun passes
+the terminal's on to its ranks, which the terminal reached too: seen arriving within milliseconds).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from pretrain.slurm import CTRL_C_NOTE, StopSignal
+from pretrain.slurm import CTRL_C_NOTE, CTRL_C_SAME_PRESS_S, StopSignal
 from tests.train.helpers import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +31,9 @@ def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd):
         assert stop.local_flag and stop.received == signal.SIGINT
         assert stop.should_stop() and stop.cancelled and not stop.requeue  # as SIGTERM: no requeue
         assert capfd.readouterr().err == CTRL_C_NOTE.decode()
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun passing the same press on: nothing more
+        assert capfd.readouterr().err == "" and stop.received == signal.SIGINT
+        time.sleep(CTRL_C_SAME_PRESS_S)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
