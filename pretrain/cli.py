@@ -19,6 +19,12 @@ from typing import Iterator
 from pretrain.files import file_in_the_way
 
 
+def help_description(doc: str) -> str:
+    """A tool's --help description: the first paragraph of its docstring on one line (its first line
+    alone cut a sentence that runs on, as bench_attention's 'SDPA with the dense')."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def int_at_least(lowest: int, note: str = ""):
     """argparse type: an integer >= `lowest`; `note` (e.g. "0 = off") closes each message."""
     suffix = f" ({note})" if note else ""
