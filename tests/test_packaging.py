@@ -109,7 +109,6 @@ SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["
 # stop handler), and the benchmarks build their options and helpers from torch; every run of each needs it.
 HELP_WITH_TORCH = {
     "memlayers-train",
-    "memlayers-demo",
     "memlayers-bench-kernels",
     "memlayers-bench-attention",
     "memlayers-bench-data",
