@@ -9,6 +9,7 @@ import argparse
 import functools
 import math
 import os
+import select
 import signal
 import sys
 import warnings
@@ -259,8 +260,20 @@ def ends_quietly_when_the_reader_stops(main):
             sys.stdout.flush()  # here, not at exit, where a closed pipe is an 'Exception ignored' message
             return status
         except BrokenPipeError:
+            if not _stdout_reader_gone():
+                raise  # another pipe broke (a worker's, a subprocess's stdin): a fault, not a reader's choice
             # the interpreter flushes stdout again at exit: point it at /dev/null (Python's signal docs)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
 
     return wrapped
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports POLLERR on the writing end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO): it broke no pipe
+        return False
