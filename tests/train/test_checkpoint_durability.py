@@ -4,16 +4,23 @@ it, and only then is `latest` replaced and the previous checkpoint deleted (keep
 
 A rename alone is not enough (pretrain.files): the filesystem may write it before the data, and the
 new `step_*` folder then holds empty files while the old one is already pruned. The order of the
-system calls is recorded (tests/syscall_log.py)."""
+system calls is recorded (tests/syscall_log.py).
+
+Beside the step folders, DeepSpeed copies its recovery scripts (zero_to_fp32.py) into the checkpoints
+folder at every ZeRO save; that copy, too, replaces the previous one whole or not at all."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+
+import deepspeed.utils
 
 from pretrain.checkpoint import tag_for
 from pretrain.train import train
+from tests.crash_launch import start
 from tests.syscall_log import SyscallLog
-from tests.train.helpers import tiny_config
+from tests.train.helpers import TINY, tiny_config
 
 
 def test_a_checkpoint_is_on_disk_before_latest_names_it_and_the_old_one_is_pruned(tmp_path, data_cache, monkeypatch):
@@ -44,3 +51,19 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it_and_the_old_one_is_prune
     ]
     assert pruning, "step 1 was not pruned after step 2's commit"
     assert str(root) in log.synced(latest, pruning[0]), "the old checkpoint pruned before latest was on disk"
+
+
+def test_a_kill_while_deepspeed_copies_its_recovery_script_leaves_the_previous_copy_whole(tmp_path, data_cache):
+    run = tmp_path / "run"
+    args = [*TINY, f"train.run_dir={run}", f"data.cache_dir={data_cache}", "train.zero_stage=1"]
+    args += ["train.max_steps=2", "train.checkpoint_every=1", "train.hang_timeout_s=0"]
+    log = tmp_path / "train.log"
+    child = start("recovery-script", 2, "train", args, log)
+    child.join(300)
+    assert child.exitcode == -signal.SIGKILL, log.read_text()[-3000:]
+    script = run / "checkpoints" / "zero_to_fp32.py"
+    shipped = (Path(deepspeed.utils.__file__).parent / "zero_to_fp32.py").read_bytes()
+    assert script.read_bytes() == shipped  # was: its first half, copied over step 1's in place
+    assert train(tiny_config(run, data_cache, *args[len(TINY) + 2 :])).step == 2  # resumed from step 1
+    assert script.read_bytes() == shipped
+    assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]  # the kill's leftover removed
