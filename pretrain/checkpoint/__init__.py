@@ -10,6 +10,8 @@ Layout under `<run_dir>/checkpoints/`:
     config.yaml                  the resolved run config
     checksums.json               size and CRC-32 of every file above (pretrain.checksums), written last
   latest                         the tag of the newest complete checkpoint
+  zero_to_fp32.py, zero_to_torch.py
+                                 DeepSpeed's recovery scripts (ZeRO 1-3), replaced whole at each save
 
 A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only when every rank
 has finished; `latest` is replaced last. A crash mid-write leaves the previous

@@ -29,7 +29,7 @@ from pretrain.checksums import checksum_problem, write_checksums
 from pretrain.config import ConfigError, RunConfig, save_config
 from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier, first_problem, refusal_shared
-from pretrain.files import TEMP_MARK, atomic_write, discard, replace_with
+from pretrain.files import TEMP_MARK, atomic_write, discard, replace_with, temp_path_beside
 from pretrain.lr_schedule import check_resumed_schedule
 from pretrain.refused_writes import describe, is_write_failure
 
@@ -69,6 +69,7 @@ def _save_deepspeed(engine, save_dir: str, tag: str, client_state: dict) -> Exce
     rank's own barrier."""
     recording = _RecordingWrites(engine.checkpoint_engine)
     engine.checkpoint_engine = recording
+    engine._copy_recovery_script = _RecoveryScripts(engine._copy_recovery_script)
     try:
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     except Exception as err:
@@ -78,7 +79,29 @@ def _save_deepspeed(engine, save_dir: str, tag: str, client_state: dict) -> Exce
         return recording.failure or err
     finally:
         engine.checkpoint_engine = recording.inner
+        del engine._copy_recovery_script  # the class's method again
     return recording.failure
+
+
+class _RecoveryScripts:
+    """DeepSpeed's copy of its recovery scripts (zero_to_fp32.py, ...) into the checkpoints folder,
+    made atomic. At every ZeRO save rank 0 copied them over the previous copies in place, outside
+    any step folder: a crash mid-copy left a truncated script there. DeepSpeed's own copy now fills
+    a temporary folder beside them, and each script is moved into place whole."""
+
+    def __init__(self, copy):
+        self.copy = copy
+
+    def __call__(self, save_path: str) -> None:
+        save_path = Path(save_path)
+        tmp = temp_path_beside(save_path / "recovery-scripts")  # a kill's leftover: removed at the next save
+        tmp.mkdir()
+        try:
+            self.copy(str(tmp))
+            for script in sorted(tmp.iterdir()):
+                replace_with(script, save_path / script.name)
+        finally:
+            discard(tmp)
 
 
 class Checkpointer:
