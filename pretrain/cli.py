@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pretrain.files import file_in_the_way
+from pretrain.slurm import STOP_SIGNALS
 
 
 def int_at_least(lowest: int, note: str = ""):
@@ -223,13 +224,10 @@ class StoppedBySignal(SystemExit):
         self.signum = signum
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def _ignore_further_stops() -> None:
     # the next one (Slurm's SIGTERM after its USR1, a second scancel, a Ctrl-C on top) must not raise
     # again inside the cleanup this one starts: it ended the removal of the temporary there
-    for sig in (*_STOP_SIGNALS, signal.SIGINT):
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -251,7 +249,7 @@ def stop_signals_exit() -> Iterator[None]:
     KeyboardInterrupt does. Only the first stop, Ctrl-C's included: the later ones, of any of the three,
     are ignored until the block ends, so catch StoppedBySignal and KeyboardInterrupt and say why inside it.
     The previous handlers are put back after."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         yield
