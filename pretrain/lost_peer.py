@@ -123,12 +123,11 @@ def resume_command() -> str:
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         return f"scontrol requeue {job} (or the same memlayers-submit command with --resume)"
-    argv = list(sys.argv)
-    program = Path(argv[0]).name if argv else "memlayers-train"
-    if Path(argv[0] if argv else "").resolve() == Path(__file__).resolve().parent / "train.py":
+    argv = list(sys.argv) or ["memlayers-train"]
+    if Path(argv[0]).resolve() == Path(__file__).resolve().with_name("train.py"):  # python -m pretrain.train
         argv = ["python", "-m", "pretrain.train", *argv[1:]]
-    elif argv:
-        argv[0] = program
+    else:
+        argv[0] = Path(argv[0]).name
     return f"start every rank again as before ({shlex.join(argv)} on rank {dist.get_rank()})"
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from torch.distributed import DistBackendError
@@ -73,3 +75,14 @@ def test_which_backend_errors_are_a_lost_peer(message, lost, peer):
     assert lost_peer.lost_peer(RuntimeError(message)) == (lost, peer)
     assert lost_peer.lost_peer(DistBackendError(message)) == (lost, peer)
     assert lost_peer.lost_peer(CheckpointError(message)) == (False, None)  # the project's own, quoting one
+
+
+def test_the_resume_command_is_the_one_this_rank_ran_or_the_slurm_jobs(monkeypatch):
+    monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 3)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    train_py = Path(lost_peer.__file__).with_name("train.py")
+    monkeypatch.setattr(sys, "argv", [str(train_py), "--config", "configs/tiny.yaml", "train.run_dir=runs/a b"])
+    expected = "python -m pretrain.train --config configs/tiny.yaml 'train.run_dir=runs/a b' on rank 3"
+    assert lost_peer.resume_command() == f"start every rank again as before ({expected})"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert lost_peer.resume_command().startswith("scontrol requeue 4242 ")
