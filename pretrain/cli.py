@@ -9,6 +9,7 @@ import argparse
 import functools
 import math
 import os
+import select
 import signal
 import sys
 import warnings
@@ -82,7 +83,7 @@ def _finite_number(lowest: float, strict: bool, note: str, what: str, highest: f
 def add_corpus_reading_options(parser: argparse.ArgumentParser, files: str = "--input") -> None:
     """--format and --text-field: how the corpus files named by `files` are read (the tools that read
     a corpus take the same two options, with the same choices and defaults)."""
-    from pretrain.data.corpus import FORMATS
+    from pretrain.data.file_formats import FORMATS
 
     parser.add_argument(
         "--format", default="auto", choices=FORMATS, help=f"how {files} files are read (auto: from the suffix)"
@@ -197,7 +198,7 @@ _OWN_FOLDERS = tuple(
 def plain_warnings() -> Iterator[None]:
     """Within it, the project's own warnings (UserWarning raised in pretrain/, kernels/ or tools/) print as
     `warning: <message>`. Python's own format names the module and line that warned and repeats that line of
-    code (`.../pretrain/data/corpus.py:137: UserWarning: --input /usr/share/doc: ...`, then
+    code (`.../pretrain/data/input_files.py:137: UserWarning: --input /usr/share/doc: ...`, then
     `  _warn_of_linked_folders(linked_folders, arg, option, p)`), which tell a user of a tool nothing. Any
     other warning keeps that format: its category and origin say what it is (`FutureWarning` from pyarrow,
     numpy's `RuntimeWarning: divide by zero`, which names the project's line that divided). Only the printed
@@ -270,8 +271,20 @@ def ends_quietly_when_the_reader_stops(main):
             sys.stdout.flush()  # here, not at exit, where a closed pipe is an 'Exception ignored' message
             return status
         except BrokenPipeError:
+            if not _stdout_reader_gone():
+                raise  # another pipe broke (a worker's, a subprocess's stdin): a fault, not a reader's choice
             # the interpreter flushes stdout again at exit: point it at /dev/null (Python's signal docs)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
 
     return wrapped
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports POLLERR on the writing end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO): it broke no pipe
+        return False

@@ -46,7 +46,7 @@ def _rmtree_then_die(original):
 
 
 def arm(point: str, step: int) -> None:
-    import pretrain.checkpoint as checkpoint
+    import pretrain.checkpoint.checkpointer as checkpoint
     import pretrain.files as files
 
     tag = checkpoint.tag_for(step)

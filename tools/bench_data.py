@@ -84,7 +84,7 @@ def folder_round(root: Path, documents: list[str], files: int, tokenizer: Tokeni
     file, in 100 subfolders), the documents cycled: {"files", "tokens", "seconds", "resolve_seconds"}
     (resolve: listing the folder and checking its files, what each pass over the inputs does before a
     document is read). One worker, so the tokenizing is the same work in every round."""
-    from pretrain.data.corpus import resolve_files
+    from pretrain.data.input_files import resolve_files
     from pretrain.data.prepare import prepare_corpus
 
     corpus = root / "files"

@@ -29,7 +29,7 @@ from pretrain.data import (
 from pretrain.data import prepare as prepare_mod
 from pretrain.data import tokenizer as tokenizer_mod
 from pretrain.data.bundled_text import python_docs
-from pretrain.data.corpus import resolve_files
+from pretrain.data.input_files import resolve_files
 from pretrain.data.prepare import check_output_dir
 from pretrain.data.shards import read_blocks
 from pretrain.data.synthetic import ATTRIBUTES, build_fact_world
@@ -490,7 +490,7 @@ def test_prepare_data_warns_once_of_a_skipped_file(tmp_path, tokenizer):
     assert said == [
         "warning: --input corpus: skipped 1 file(s) that are not text (tokenizer.model; a tokenizer.model beside the corpus, say)"
     ]
-    assert "UserWarning" not in done.stderr and "corpus.py" not in done.stderr
+    assert "UserWarning" not in done.stderr and "input_files.py" not in done.stderr
 
 
 def test_a_compressed_binary_file_in_a_folder_is_skipped_like_an_uncompressed_one(tmp_path):
