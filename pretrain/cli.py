@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pretrain.files import file_in_the_way
+from pretrain.slurm import STOP_SIGNALS
 
 
 def int_at_least(lowest: int, note: str = ""):
@@ -224,13 +225,21 @@ class StoppedBySignal(SystemExit):
         self.signum = signum
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+def _ignore_further_stops() -> None:
+    # the next one (Slurm's SIGTERM after its USR1, a second scancel, a Ctrl-C on top) must not raise
+    # again inside the cleanup this one starts: it ended the removal of the temporary there
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _raise_stopped(signum, frame):
-    for sig in _STOP_SIGNALS:  # the next one (Slurm's SIGTERM after its USR1, a second scancel) must
-        signal.signal(sig, signal.SIG_IGN)  # not raise again inside the cleanup this one starts
+    _ignore_further_stops()
     raise StoppedBySignal(signum)
+
+
+def _raise_interrupted(signum, frame):
+    _ignore_further_stops()
+    raise KeyboardInterrupt
 
 
 @contextmanager
@@ -238,9 +247,11 @@ def stop_signals_exit() -> Iterator[None]:
     """Within it, SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning) raise
     StoppedBySignal, an exit with status 128 + the signal, where they would end the process at once:
     `finally` blocks and the atomic writers remove what is unfinished on the way out, as Ctrl-C's
-    KeyboardInterrupt does. Only the first: the later ones are ignored until the block ends, so catch
-    StoppedBySignal and say why inside it. The previous handlers are put back after."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
+    KeyboardInterrupt does. Only the first stop, Ctrl-C's included: the later ones, of any of the three,
+    are ignored until the block ends, so catch StoppedBySignal and KeyboardInterrupt and say why inside it.
+    The previous handlers are put back after."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         yield
     finally:

@@ -70,7 +70,8 @@ def temp_path_beside(path: str | Path) -> Path:
 _WRITER = re.compile(r"(\d+)@(.+)-[0-9a-f]{8}")  # <pid>@<host>-<random> between the mark and the suffix
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
         # writer, which may be an older checkout's live write on another node (removing its
         # temporary would fail that write at its rename). Such leftovers are removed by hand.
         writer = _WRITER.fullmatch(name[len(prefix) : len(name) - len(path.suffix)])
-        if writer is None or writer.group(2) != host or _pid_alive(int(writer.group(1))):
+        if writer is None or writer.group(2) != host or pid_alive(int(writer.group(1))):
             continue
         discard(candidate)
         removed.append(candidate)

@@ -29,7 +29,7 @@ from pretrain.checksums import checksum_problem, write_checksums
 from pretrain.config import ConfigError, RunConfig, save_config
 from pretrain.data.sources import mixture_change
 from pretrain.distributed import barrier, first_problem, refusal_shared
-from pretrain.files import TEMP_MARK, atomic_write, discard, replace_with, temp_path_beside
+from pretrain.files import TEMP_MARK, atomic_write, discard, flush_to_disk, replace_with, temp_path_beside
 from pretrain.lr_schedule import check_resumed_schedule
 from pretrain.refused_writes import describe, is_write_failure
 
@@ -46,7 +46,9 @@ def _attempt(fn, *args) -> Exception | None:
 class _RecordingWrites:
     """DeepSpeed's checkpoint engine, whose `save` records the first failed write instead of
     raising it, so that DeepSpeed's save runs on to its closing barrier on this rank as on the
-    others (raised out of it, the rank left them waiting there)."""
+    others (raised out of it, the rank left them waiting there), and flushes each file it wrote to
+    disk. The flush is the writing rank's: on a filesystem shared by nodes, rank 0's flush at the
+    commit reaches what the server holds, not what another node's cache has yet to send."""
 
     def __init__(self, inner):
         self.inner, self.failure = inner, None
@@ -55,6 +57,7 @@ class _RecordingWrites:
         if self.failure is None:
             try:
                 self.inner.save(state_dict, path)
+                flush_to_disk(path)
             except Exception as err:
                 self.failure = err
 

@@ -40,6 +40,10 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it_and_the_old_one_is_prune
     unsynced = [str(rel) for rel in files if str(tmp_dir / rel) not in before]
     assert not unsynced, f"renamed into place before reaching the disk: {unsynced}"
     assert str(tmp_dir) in before  # the folder's own entries
+    # DeepSpeed's files by the rank that wrote them, before the ranks agree the writing is done (rank 0's
+    # flush at the commit cannot reach another node's cache), so before checksums.json is written
+    sums = log.rename_onto(tmp_dir / "checksums.json")
+    assert str(tmp_dir / "mp_rank_00_model_states.pt") in log.synced(0, sums)
 
     latest = log.rename_onto(root / "latest")
     assert commit < latest
