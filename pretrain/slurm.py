@@ -206,15 +206,25 @@ def distributed_env_from_slurm(environ: Mapping[str, str] | None = None) -> dict
     }
 
 
+CTRL_C_NOTE = (
+    b"Ctrl-C: stopping after this step with a checkpoint, as SIGTERM does; Ctrl-C again to abort at once "
+    b"(the steps since the last checkpoint are then lost)\n"
+)
+
+
 class StopSignal:
     """A flag set by SIGUSR1/SIGTERM, agreed on by all ranks at a step boundary.
 
-    The handler only sets the flag (no I/O, no locks), and calls a previously installed
-    Python handler after it. `close()` restores the previous handlers. Must be created in
+    The handler only sets the flag (no locks; one write(2) for Ctrl-C), and calls a previously
+    installed Python handler after it. `close()` restores the previous handlers. Must be created in
     the main thread (Python delivers signals there only).
+
+    `ctrl_c` (the training command line, the demo): the first SIGINT stops as SIGTERM does (a
+    checkpoint, no requeue), saying so on stderr; a second raises KeyboardInterrupt at once. Only where
+    SIGINT has Python's default handler: a shell's background job, which ignores it, keeps ignoring it.
     """
 
-    def __init__(self, signals=STOP_SIGNALS, group=None, check_every: int = 1):
+    def __init__(self, signals=STOP_SIGNALS, group=None, check_every: int = 1, ctrl_c: bool = False):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopSignal() must be created in the main thread (signal handlers live there)")
         if check_every < 1:
@@ -228,6 +238,25 @@ class StopSignal:
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._ctrl_c_pressed = False
+        if (
+            ctrl_c
+            and signal.SIGINT not in self._previous
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_ctrl_c)
+
+    def _handle_ctrl_c(self, signum, frame):
+        if self._ctrl_c_pressed:
+            raise KeyboardInterrupt
+        self._ctrl_c_pressed = True
+        try:
+            os.write(2, CTRL_C_NOTE)
+        except OSError:
+            pass
+        if self.received is None:
+            self.received = signum
+        self._local_kind = max(self._local_kind, _EXIT)
 
     def _handle(self, signum, frame):
         if self.received is None:

@@ -19,8 +19,8 @@ from pretrain.slurm import SlurmEnvError, StopSignal  # the standard library onl
 
 # `python -m pretrain.train` (the sbatch templates): the stop handler is installed before the
 # heavy imports below (seconds), so a USR1/SIGTERM during start-up is recorded, not fatal;
-# train() takes it over.
-_STARTUP_STOP = StopSignal() if __name__ == "__main__" else None
+# train() takes it over. Ctrl-C too stops with a checkpoint (a second one aborts).
+_STARTUP_STOP = StopSignal(ctrl_c=True) if __name__ == "__main__" else None
 
 import torch.distributed as dist  # noqa: E402
 
@@ -205,7 +205,7 @@ def cli() -> None:
     shared-memory op, where a rank occasionally aborts ("terminate called without an
     active exception"), failing a finished job under srun.
     """
-    code = main(stop=_STARTUP_STOP)
+    code = main(stop=_STARTUP_STOP or StopSignal(ctrl_c=True))  # memlayers-train: installed here
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

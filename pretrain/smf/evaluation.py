@@ -46,12 +46,14 @@ class LearningForgettingEval:
             loader = ShardLoader(dataset_dir, "val", batch_size=batch_size, loop=False, tokenizer=tokenizer)
             self.val = list(itertools.islice(loader, val_batches))
 
-    def old_fact_guessing(self) -> dict:
-        """How many old-fact probes are asked and their mean chance level (a uniform guess among each
-        attribute's values): what the pretrained model's old-fact recall is told from guessing by."""
-        if self.old is None:
-            return {}
-        return {"old_fact_probes": int(self.old.tokens.shape[0]), "old_fact_chance": self.old.chance.mean().item()}
+    def guessing(self) -> dict:
+        """How many new- and old-fact probes are asked and their mean chance level (a uniform guess among
+        each attribute's values): what a recall is told from guessing by (the pretrained model's old-fact
+        recall, and the learning of full finetuning against the pretrained model's new-fact recall)."""
+        out = {"new_fact_probes": int(self.new.tokens.shape[0]), "new_fact_chance": self.new.chance.mean().item()}
+        if self.old is not None:
+            out.update(old_fact_probes=int(self.old.tokens.shape[0]), old_fact_chance=self.old.chance.mean().item())
+        return out
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict:
