@@ -23,12 +23,12 @@ waits), so the process exits in seconds whatever state the pool is in.
 from __future__ import annotations
 
 import atexit
-import os
 import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
+
+from pretrain.process_tree import children_of, kill
 
 GRACE_S = 5.0  # a sidecar that stops at all does so in ~1-3 s (2 busy cores)
 _registered = False
@@ -65,7 +65,7 @@ def end_sidecar(pool, sidecar: subprocess.Popen, grace_s: float) -> None:
     if threading.current_thread() is not threading.main_thread():
         pool.shutdown()
         return
-    steps = [lambda: [_kill(pid) for pid in children_of(sidecar.pid)], lambda: _kill(sidecar.pid)]
+    steps = [lambda: [kill(pid) for pid in children_of(sidecar.pid)], lambda: kill(sidecar.pid)]
 
     def overdue(signum, frame):
         if sidecar.poll() is None and steps:  # poll: None, not a block, while torch's wait polls
@@ -79,26 +79,3 @@ def end_sidecar(pool, sidecar: subprocess.Popen, grace_s: float) -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def children_of(pid: int) -> list[int]:
-    """The ids of the processes whose parent is `pid` (Linux /proc; [] where there is none)."""
-    children = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_bytes()
-        except OSError:  # ended meanwhile
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses
-        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
-            children.append(int(entry.name))
-    return children
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

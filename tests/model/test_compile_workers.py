@@ -8,7 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pretrain.compile_workers import children_of, end_sidecar
+from pretrain.compile_workers import end_sidecar
+from pretrain.process_tree import children_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
