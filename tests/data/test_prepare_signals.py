@@ -317,6 +317,38 @@ def test_a_second_signal_during_the_cleanup_still_removes_the_temporary(
     assert said.count("error:") == 1 and "Traceback" not in said, said
 
 
+def test_a_ctrl_c_the_tool_was_started_ignoring_stays_ignored(tmp_path, tokenizer, monkeypatch):
+    """A shell runs `memlayers-prepare-data ... &` from a script with SIGINT ignored, so that the Ctrl-C
+    that stops the script (the terminal sends it to the whole process group) leaves the background job
+    alone; Python keeps an inherited SIG_IGN. Counting Ctrl-C as a stop (6b49dfe) replaced it with a
+    handler, and such a Ctrl-C stopped the preparation (exit status 130, nothing written). It now
+    runs to the end, and SIGINT is still ignored after it."""
+    from pretrain.data import prepare as prepare_mod
+    from tools import prepare_data as prepare_cli
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(400)))
+    tokenize = prepare_mod.tokenize_documents
+
+    def tokenize_then_interrupted(*args, **kwargs):
+        for n, ids in enumerate(tokenize(*args, **kwargs)):
+            if n == 300:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield ids
+
+    monkeypatch.setattr(prepare_mod, "tokenize_documents", tokenize_then_interrupted)
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "data")]
+    argv += ["--seq-len", "16", "--sequences-per-shard", "64", "--no-progress", "--workers", "1"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert prepare_cli.main(argv) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["documents"] == 400
+
+
 def test_stop_signals_in_a_workers_start_up_leave_it_working(tmp_path, monkeypatch):
     """Slurm's SIGTERM and USR1 and Ctrl-C's SIGINT in a tokenizer worker's first second (Python's start
     and spawn's imports, before the worker ignores them) killed it: the preparation then failed with
