@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from pretrain.distributed import describe_ranks, rank_processes
 from pretrain.files import pid_alive
+from pretrain.watchdog import process_state
 
 _CLOSED = (
     "Connection closed by peer",  # gloo, in a read: "Connection closed by peer [127.0.0.1]:29611"
@@ -75,13 +76,7 @@ def _runs_on(host: str, address: str) -> bool:
 
 def _has_ended(pid: int) -> bool:
     """Gone, or a zombie (ended; its parent, the launcher, has not collected it yet)."""
-    if not pid_alive(pid):
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].startswith("Z")  # the state follows the command name in parentheses
+    return not pid_alive(pid) or process_state(pid).startswith("Z")
 
 
 def _ended(ranks: list[int], pids: list[int], wait_s: float = 2.0) -> list[int]:

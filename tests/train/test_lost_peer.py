@@ -6,6 +6,7 @@ which named no rank (pretrain/lost_peer.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from torch.distributed import DistBackendError
 
-from pretrain import lost_peer
+from pretrain import lost_peer, watchdog
 from pretrain.checkpoint import CheckpointError, tag_for
 from tests.train.test_crash_consistency import launch, wait
 
@@ -60,6 +61,25 @@ def test_a_rank_on_another_node_is_named_by_the_peer_address(monkeypatch):
     dead.wait()
     processes[3] = (here, dead.pid)
     assert lost_peer.lost_ranks(0, None, processes) == f"rank 3 on {here} (process {dead.pid} has ended)"
+
+
+def test_a_rank_whose_process_is_a_zombie_has_ended():
+    """A killed rank stays a zombie until its launcher collects it: it has ended, and is named so
+    (the launch test's rank is mostly collected already by the time the survivor looks)."""
+    import time
+
+    here = socket.gethostname()
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 30
+    while watchdog.process_state(zombie.pid)[0] != "Z":  # exited, not collected (no wait yet)
+        assert time.monotonic() < deadline, watchdog.process_state(zombie.pid)
+        time.sleep(0.01)
+    try:
+        assert lost_peer._has_ended(zombie.pid) and not lost_peer._has_ended(os.getpid())
+        processes = [(here, os.getpid()), (here, zombie.pid)]
+        assert lost_peer.lost_ranks(0, None, processes) == f"rank 1 on {here} (process {zombie.pid} has ended)"
+    finally:
+        zombie.wait()
 
 
 @pytest.mark.parametrize(
