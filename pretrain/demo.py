@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.train import train
-from pretrain.trainer import TrainingDiverged
 
 DEFAULT_RUN_DIR = Path("runs/demo")
 DEMO_MARK = ".memlayers-demo"  # in a run folder the demo made: it may replace that folder
@@ -98,6 +96,9 @@ def main(argv=None) -> int:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / DEMO_MARK).write_text("made by `make demo` (pretrain/demo.py), which replaces this folder\n")
+    from pretrain.train import train  # with torch and DeepSpeed (seconds): after --help and the refusals above
+    from pretrain.trainer import TrainingDiverged
+
     try:
         result = train(cfg)
     except TrainingDiverged as err:

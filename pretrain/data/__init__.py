@@ -20,7 +20,7 @@ which training a tokenizer or preparing a corpus does not need.
 
 from __future__ import annotations
 
-import importlib
+from pretrain.lazy_names import lazy_names
 
 _MODULE_OF = {
     "Batch": "loader",
@@ -44,15 +44,4 @@ _MODULE_OF = {
 }
 
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_MODULE_OF])
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

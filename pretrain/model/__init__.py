@@ -6,7 +6,7 @@ The names below are imported from their modules on first use, so that reading a 
 
 from __future__ import annotations
 
-import importlib
+from pretrain.lazy_names import lazy_names
 
 # name -> the module of this package that defines it
 _MODULE_OF = {
@@ -28,11 +28,4 @@ _MODULE_OF = {
 }
 
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)
