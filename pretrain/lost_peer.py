@@ -106,8 +106,9 @@ def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int]] | Non
     local = [r for r in others if processes[r][0] == here]
     dead = _ended(local, [processes[r][1] for r in local])
     if dead:
-        pids = ", ".join(str(processes[r][1]) for r in dead[:8])
-        return f"{describe_ranks(dead)} on {here} (process {pids} has ended)"
+        pids = ", ".join(str(processes[r][1]) for r in dead[:8]) + (", ..." if len(dead) > 8 else "")
+        ended = f"process {pids} has ended" if len(dead) == 1 else f"processes {pids} have ended"
+        return f"{describe_ranks(dead)} on {here} ({ended})"
     hosts = sorted({processes[r][0] for r in others})
     on = ", ".join(hosts[:4]) + (", ..." if len(hosts) > 4 else "")
     return f"rank {others[0]} on {on}" if len(others) == 1 else f"one of {describe_ranks(others)} on {on}"

@@ -61,6 +61,11 @@ def test_a_rank_on_another_node_is_named_by_the_peer_address(monkeypatch):
     dead.wait()
     processes[3] = (here, dead.pid)
     assert lost_peer.lost_ranks(0, None, processes) == f"rank 3 on {here} (process {dead.pid} has ended)"
+    also = subprocess.Popen(["true"])
+    also.wait()
+    processes[2] = (here, also.pid)
+    both = f"ranks 2, 3 on {here} (processes {also.pid}, {dead.pid} have ended)"  # was 'process A, B has ended'
+    assert lost_peer.lost_ranks(0, None, processes) == both
 
 
 def test_a_rank_whose_process_is_a_zombie_has_ended():
