@@ -132,12 +132,12 @@ def describe(run_dir: Path, rank: int, where: str, err: BaseException, peer: str
 
     try:
         latest = latest_checkpoint(Path(run_dir) / "checkpoints")
-    except CheckpointError:
-        latest = None
+        resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
+    except CheckpointError as refusal:  # what a resume would refuse (no `latest` beside checkpoints), and its fix
+        resumes = f"only once its checkpoints are put right: {refusal}"
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     backend = re.sub(r"^\[[^\]]*\] ", "", first_line).split(". ")[0]  # gloo's source position, its chatty tail
     lost = lost_ranks(rank, peer, rank_processes())
-    resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
     return (
         f"rank {rank} on {socket.gethostname()} lost {lost} {where} ({dist.get_backend()}: {backend}): that rank's own "
         f"output says why it ended (a traceback; nothing where it was killed: the out-of-memory killer, a time "

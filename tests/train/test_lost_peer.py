@@ -111,3 +111,21 @@ def test_the_resume_command_is_the_one_this_rank_ran_or_the_slurm_jobs(monkeypat
     assert lost_peer.resume_command() == f"start every rank again as before ({expected})"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert lost_peer.resume_command().startswith("scontrol requeue 4242 ")
+
+
+def test_checkpoints_a_resume_would_refuse_are_not_called_the_start(tmp_path, monkeypatch):
+    """Rank 0 killed between renaming its first checkpoint and writing `latest` (crash_launch's
+    'renamed' point) leaves checkpoints/step_00000001 without `latest`, which a resume refuses. The
+    survivor said 'The run resumes from the start (no checkpoint yet)': it now passes on the refusal,
+    which names the fix, as a resume would print it."""
+    monkeypatch.setattr(lost_peer, "rank_processes", lambda: [])
+    monkeypatch.setattr(lost_peer.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 1)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / "checkpoints" / tag_for(1)).mkdir(parents=True)
+    err = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:29611")
+    line = lost_peer.describe(tmp_path, 1, "after step 1", err, "127.0.0.1")
+    assert "from the start" not in line, line
+    refusal = "holds checkpoints (step_00000001) but no 'latest' file naming the one to resume from"
+    assert f"The run resumes only once its checkpoints are put right: {tmp_path / 'checkpoints'} {refusal}" in line
+    assert line.endswith(" on rank 1)")  # then the command, as when it resumes
