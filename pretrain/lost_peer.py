@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from pretrain.distributed import describe_ranks, rank_processes
 from pretrain.files import pid_alive
+from pretrain.watchdog import process_state
 
 _CLOSED = (
     "Connection closed by peer",  # gloo, in a read: "Connection closed by peer [127.0.0.1]:29611"
@@ -75,13 +76,7 @@ def _runs_on(host: str, address: str) -> bool:
 
 def _has_ended(pid: int) -> bool:
     """Gone, or a zombie (ended; its parent, the launcher, has not collected it yet)."""
-    if not pid_alive(pid):
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].startswith("Z")  # the state follows the command name in parentheses
+    return not pid_alive(pid) or process_state(pid).startswith("Z")
 
 
 def _ended(ranks: list[int], pids: list[int], wait_s: float = 2.0) -> list[int]:
@@ -111,8 +106,9 @@ def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int]] | Non
     local = [r for r in others if processes[r][0] == here]
     dead = _ended(local, [processes[r][1] for r in local])
     if dead:
-        pids = ", ".join(str(processes[r][1]) for r in dead[:8])
-        return f"{describe_ranks(dead)} on {here} (process {pids} has ended)"
+        pids = ", ".join(str(processes[r][1]) for r in dead[:8]) + (", ..." if len(dead) > 8 else "")
+        ended = f"process {pids} has ended" if len(dead) == 1 else f"processes {pids} have ended"
+        return f"{describe_ranks(dead)} on {here} ({ended})"
     hosts = sorted({processes[r][0] for r in others})
     on = ", ".join(hosts[:4]) + (", ..." if len(hosts) > 4 else "")
     return f"rank {others[0]} on {on}" if len(others) == 1 else f"one of {describe_ranks(others)} on {on}"
@@ -136,12 +132,12 @@ def describe(run_dir: Path, rank: int, where: str, err: BaseException, peer: str
 
     try:
         latest = latest_checkpoint(Path(run_dir) / "checkpoints")
-    except CheckpointError:
-        latest = None
+        resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
+    except CheckpointError as refusal:  # what a resume would refuse (no `latest` beside checkpoints), and its fix
+        resumes = f"only once its checkpoints are put right: {refusal}"
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     backend = re.sub(r"^\[[^\]]*\] ", "", first_line).split(". ")[0]  # gloo's source position, its chatty tail
     lost = lost_ranks(rank, peer, rank_processes())
-    resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
     return (
         f"rank {rank} on {socket.gethostname()} lost {lost} {where} ({dist.get_backend()}: {backend}): that rank's own "
         f"output says why it ended (a traceback; nothing where it was killed: the out-of-memory killer, a time "

@@ -6,6 +6,7 @@ which named no rank (pretrain/lost_peer.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from torch.distributed import DistBackendError
 
-from pretrain import lost_peer
+from pretrain import lost_peer, watchdog
 from pretrain.checkpoint import CheckpointError, tag_for
 from tests.train.test_crash_consistency import launch, wait
 
@@ -60,6 +61,30 @@ def test_a_rank_on_another_node_is_named_by_the_peer_address(monkeypatch):
     dead.wait()
     processes[3] = (here, dead.pid)
     assert lost_peer.lost_ranks(0, None, processes) == f"rank 3 on {here} (process {dead.pid} has ended)"
+    also = subprocess.Popen(["true"])
+    also.wait()
+    processes[2] = (here, also.pid)
+    both = f"ranks 2, 3 on {here} (processes {also.pid}, {dead.pid} have ended)"  # was 'process A, B has ended'
+    assert lost_peer.lost_ranks(0, None, processes) == both
+
+
+def test_a_rank_whose_process_is_a_zombie_has_ended():
+    """A killed rank stays a zombie until its launcher collects it: it has ended, and is named so
+    (the launch test's rank is mostly collected already by the time the survivor looks)."""
+    import time
+
+    here = socket.gethostname()
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 30
+    while watchdog.process_state(zombie.pid)[0] != "Z":  # exited, not collected (no wait yet)
+        assert time.monotonic() < deadline, watchdog.process_state(zombie.pid)
+        time.sleep(0.01)
+    try:
+        assert lost_peer._has_ended(zombie.pid) and not lost_peer._has_ended(os.getpid())
+        processes = [(here, os.getpid()), (here, zombie.pid)]
+        assert lost_peer.lost_ranks(0, None, processes) == f"rank 1 on {here} (process {zombie.pid} has ended)"
+    finally:
+        zombie.wait()
 
 
 @pytest.mark.parametrize(
@@ -86,3 +111,21 @@ def test_the_resume_command_is_the_one_this_rank_ran_or_the_slurm_jobs(monkeypat
     assert lost_peer.resume_command() == f"start every rank again as before ({expected})"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert lost_peer.resume_command().startswith("scontrol requeue 4242 ")
+
+
+def test_checkpoints_a_resume_would_refuse_are_not_called_the_start(tmp_path, monkeypatch):
+    """Rank 0 killed between renaming its first checkpoint and writing `latest` (crash_launch's
+    'renamed' point) leaves checkpoints/step_00000001 without `latest`, which a resume refuses. The
+    survivor said 'The run resumes from the start (no checkpoint yet)': it now passes on the refusal,
+    which names the fix, as a resume would print it."""
+    monkeypatch.setattr(lost_peer, "rank_processes", lambda: [])
+    monkeypatch.setattr(lost_peer.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 1)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / "checkpoints" / tag_for(1)).mkdir(parents=True)
+    err = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:29611")
+    line = lost_peer.describe(tmp_path, 1, "after step 1", err, "127.0.0.1")
+    assert "from the start" not in line, line
+    refusal = "holds checkpoints (step_00000001) but no 'latest' file naming the one to resume from"
+    assert f"The run resumes only once its checkpoints are put right: {tmp_path / 'checkpoints'} {refusal}" in line
+    assert line.endswith(" on rank 1)")  # then the command, as when it resumes
