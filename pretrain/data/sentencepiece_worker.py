@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-from typing import Iterator
 
 _STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
