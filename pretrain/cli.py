@@ -9,6 +9,7 @@ import argparse
 import functools
 import math
 import os
+import select
 import signal
 import sys
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pretrain.files import file_in_the_way
+from pretrain.slurm import STOP_SIGNALS
 
 
 def help_description(doc: str) -> str:
@@ -87,7 +89,7 @@ def _finite_number(lowest: float, strict: bool, note: str, what: str, highest: f
 def add_corpus_reading_options(parser: argparse.ArgumentParser, files: str = "--input") -> None:
     """--format and --text-field: how the corpus files named by `files` are read (the tools that read
     a corpus take the same two options, with the same choices and defaults)."""
-    from pretrain.data.corpus import FORMATS
+    from pretrain.data.file_formats import FORMATS
 
     parser.add_argument(
         "--format", default="auto", choices=FORMATS, help=f"how {files} files are read (auto: from the suffix)"
@@ -202,7 +204,7 @@ _OWN_FOLDERS = tuple(
 def plain_warnings() -> Iterator[None]:
     """Within it, the project's own warnings (UserWarning raised in pretrain/, kernels/ or tools/) print as
     `warning: <message>`. Python's own format names the module and line that warned and repeats that line of
-    code (`.../pretrain/data/corpus.py:137: UserWarning: --input /usr/share/doc: ...`, then
+    code (`.../pretrain/data/input_files.py:137: UserWarning: --input /usr/share/doc: ...`, then
     `  _warn_of_linked_folders(linked_folders, arg, option, p)`), which tell a user of a tool nothing. Any
     other warning keeps that format: its category and origin say what it is (`FutureWarning` from pyarrow,
     numpy's `RuntimeWarning: divide by zero`, which names the project's line that divided). Only the printed
@@ -229,13 +231,21 @@ class StoppedBySignal(SystemExit):
         self.signum = signum
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+def _ignore_further_stops() -> None:
+    # the next one (Slurm's SIGTERM after its USR1, a second scancel, a Ctrl-C on top) must not raise
+    # again inside the cleanup this one starts: it ended the removal of the temporary there
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _raise_stopped(signum, frame):
-    for sig in _STOP_SIGNALS:  # the next one (Slurm's SIGTERM after its USR1, a second scancel) must
-        signal.signal(sig, signal.SIG_IGN)  # not raise again inside the cleanup this one starts
+    _ignore_further_stops()
     raise StoppedBySignal(signum)
+
+
+def _raise_interrupted(signum, frame):
+    _ignore_further_stops()
+    raise KeyboardInterrupt
 
 
 @contextmanager
@@ -243,9 +253,14 @@ def stop_signals_exit() -> Iterator[None]:
     """Within it, SIGTERM (kill, scancel, a Slurm time limit) and USR1 (Slurm's --signal warning) raise
     StoppedBySignal, an exit with status 128 + the signal, where they would end the process at once:
     `finally` blocks and the atomic writers remove what is unfinished on the way out, as Ctrl-C's
-    KeyboardInterrupt does. Only the first: the later ones are ignored until the block ends, so catch
-    StoppedBySignal and say why inside it. The previous handlers are put back after."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
+    KeyboardInterrupt does. Only the first stop, Ctrl-C's included: the later ones, of any of the three,
+    are ignored until the block ends, so catch StoppedBySignal and KeyboardInterrupt and say why inside it.
+    A Ctrl-C this process was started ignoring stays ignored, as Python leaves it: a shell runs `tool &`
+    from a script so, and the Ctrl-C that stops the script is not meant for it. The previous handlers are
+    put back after."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         yield
     finally:
@@ -265,8 +280,20 @@ def ends_quietly_when_the_reader_stops(main):
             sys.stdout.flush()  # here, not at exit, where a closed pipe is an 'Exception ignored' message
             return status
         except BrokenPipeError:
+            if not _stdout_reader_gone():
+                raise  # another pipe broke (a worker's, a subprocess's stdin): a fault, not a reader's choice
             # the interpreter flushes stdout again at exit: point it at /dev/null (Python's signal docs)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
 
     return wrapped
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports POLLERR on the writing end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO): it broke no pipe
+        return False

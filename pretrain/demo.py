@@ -16,9 +16,6 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.slurm import StopSignal
-from pretrain.train import train
-from pretrain.trainer import TrainingDiverged
 
 DEFAULT_RUN_DIR = Path("runs/demo")
 DEMO_MARK = ".memlayers-demo"  # in a run folder the demo made: it may replace that folder
@@ -102,6 +99,10 @@ def main(argv=None) -> int:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / DEMO_MARK).write_text("made by `make demo` (pretrain/demo.py), which replaces this folder\n")
+    from pretrain.slurm import StopSignal
+    from pretrain.train import train  # with torch and DeepSpeed (seconds): after --help and the refusals above
+    from pretrain.trainer import TrainingDiverged
+
     try:
         with StopSignal(ctrl_c=True) as stop:  # Ctrl-C stops with a checkpoint, which --resume continues
             result = train(cfg, stop=stop)

@@ -80,6 +80,8 @@ def launched_world_size() -> int:
 # or more apart.
 RENDEZVOUS_TIMEOUT_S = 600.0
 _ARRIVED = "memlayers/arrived/"  # a rank's key in the rendezvous store: its host
+_PROCESS = "memlayers/pid/"  # and its process id, set before it
+_store = None  # this process's client of the rendezvous store (rank 0's process serves it)
 _SERVER_GRACE_S = 10.0  # how much longer rank 0, whose process serves the store, waits than the others
 
 
@@ -109,6 +111,7 @@ def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> 
     """Announce this rank in `store` and wait up to `timeout_s` for every other rank to; at the
     timeout raise RendezvousTimeout on each rank that came, naming the ranks missing (torch's own
     store said only 'Timed out after 601 seconds waiting for clients. 1/2 clients joined')."""
+    store.set(f"{_PROCESS}{rank}", str(os.getpid()))
     store.set(f"{_ARRIVED}{rank}", socket.gethostname())
     keys = [f"{_ARRIVED}{r}" for r in range(world_size)]
     try:
@@ -131,12 +134,29 @@ def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> 
             f"{waited} for the other ranks, and rank 0 gave up too (its output names the ranks missing): {fix}"
         ) from None
     raise RendezvousTimeout(
-        f"{waited} for {_ranks(missing)} of {world_size}, which never arrived ({world_size - len(missing)} did, "
+        f"{waited} for {describe_ranks(missing)} of {world_size}, which never arrived ({world_size - len(missing)} did, "
         f"on {', '.join(hosts)}): {fix}"
     )
 
 
-def _ranks(ranks: list[int]) -> str:
+def rank_processes(timeout_s: float = 10.0) -> list[tuple[str, int]] | None:
+    """(host, process id) of every rank, as each announced itself at the rendezvous; [] where the
+    store does not answer within `timeout_s` (rank 0's process, which serves it, has ended); None
+    where this process did not make it (a process group made by the caller)."""
+    if _store is None:
+        return None
+    world_size = dist.get_world_size()
+    try:
+        _store.set_timeout(timedelta(seconds=timeout_s))
+        hosts = _store.multi_get([f"{_ARRIVED}{r}" for r in range(world_size)])
+        pids = _store.multi_get([f"{_PROCESS}{r}" for r in range(world_size)])
+    except (RuntimeError, OSError):  # DistNetworkError, DistStoreError
+        return []
+    return [(host.decode(), int(pid)) for host, pid in zip(hosts, pids)]
+
+
+def describe_ranks(ranks: list[int]) -> str:
+    """'rank 3', or 'ranks 1, 3, ...' (at most 8 shown)."""
     shown = ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
     return f"rank {shown}" if len(ranks) == 1 else f"ranks {shown}"
 
@@ -179,7 +199,7 @@ def init_distributed(timeout_s: float | None = None, rendezvous_timeout_s: float
     when None); with it, the ranks wait `rendezvous_timeout_s` (RENDEZVOUS_TIMEOUT_S when None)
     for each other at the start, then a RendezvousTimeout names the ranks missing. Ignored when a
     process group exists already."""
-    global _pointed_local_rank
+    global _pointed_local_rank, _store
     import deepspeed
 
     from kernels.deepspeed_ops import share_deepspeed_op_builds
@@ -207,6 +227,7 @@ def init_distributed(timeout_s: float | None = None, rendezvous_timeout_s: float
             # (NCCL's id exchange at each group's first collective, which a rank busy at start-up reaches
             # late), so from here it waits as long as a collective, as torch sets a store it makes itself
             store.set_timeout(timedelta(seconds=timeout_s))
+            _store = store
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
             )

@@ -23,7 +23,8 @@ from torch.profiler import record_function
 from pretrain import profiler_regions as regions
 from pretrain.data import load_probes
 from pretrain.data.errors import DataError
-from pretrain.data.loader import IGNORE_INDEX, read_all
+from pretrain.data.loader import IGNORE_INDEX
+from pretrain.data.loader_failures import read_all
 from pretrain.distributed import refusal_shared
 
 if TYPE_CHECKING:

@@ -15,10 +15,19 @@ temporary behind; a folder's can be as large as the folder (an export, a shard s
 atomic folder write first removes the temporaries of the same target whose writer ran on this
 host and is gone, with a warning naming them (`remove_dead_temporaries`). Those of other hosts,
 whose liveness cannot be seen from here, are left.
+
+A rename alone survives a killed process, not a crashed node or a power cut: the filesystem may
+write the rename to disk before the data it names, and the new name then holds an empty or
+partial file (ext4 and XFS delay the allocation of new files' blocks for seconds). So every
+commit (`replace_with`) first flushes the temporary to disk (`flush_to_disk`: each file, then
+each folder, so that their entries are on disk too), renames, then flushes the parent folder
+that holds the new name. Only then is the previous version deleted (`latest` and the pruning of
+old checkpoints come after the folder's commit).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -61,7 +70,8 @@ def temp_path_beside(path: str | Path) -> Path:
 _WRITER = re.compile(r"(\d+)@(.+)-[0-9a-f]{8}")  # <pid>@<host>-<random> between the mark and the suffix
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,7 +101,7 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
         # writer, which may be an older checkout's live write on another node (removing its
         # temporary would fail that write at its rename). Such leftovers are removed by hand.
         writer = _WRITER.fullmatch(name[len(prefix) : len(name) - len(path.suffix)])
-        if writer is None or writer.group(2) != host or _pid_alive(int(writer.group(1))):
+        if writer is None or writer.group(2) != host or pid_alive(int(writer.group(1))):
             continue
         discard(candidate)
         removed.append(candidate)
@@ -125,8 +135,49 @@ def readable_as_umask_allows(tmp: Path) -> None:
             os.chmod(file, mode | readable)
 
 
+# what fsync answers on a filesystem that has no way to flush (some FUSE and network mounts):
+# there is nothing more to do there; any other failure (EIO, ENOSPC) means the data is not on disk
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)  # a folder too, on Linux
+    except PermissionError:
+        if path.is_dir():  # one we may write into but not list (mode -wx): it cannot be opened to flush
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def flush_to_disk(path: str | Path) -> None:
+    """fsync `path`: a file, or a folder with every file and folder beneath it (the deepest
+    first, each folder after its contents). A symbolic link is not followed."""
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if path.is_dir():
+        for folder, subfolders, files in os.walk(path, topdown=False):
+            for name in files:
+                if not os.path.islink(os.path.join(folder, name)):
+                    _fsync(Path(folder, name))
+            for name in subfolders:
+                if not os.path.islink(os.path.join(folder, name)):
+                    _fsync(Path(folder, name))
+    _fsync(path)
+
+
 def replace_with(tmp: Path, path: str | Path) -> None:
-    """Move the finished `tmp` (file or folder) onto `path`.
+    """Move the finished `tmp` (file or folder) onto `path`, on disk before and after.
+
+    `tmp` is flushed to disk first and the folder holding `path` after the rename (see the module's
+    docstring): once this returns, a power cut leaves `path` whole, old or new, never empty.
 
     A file is swapped in one rename. A folder cannot replace a non-empty folder in one
     step: the old one is renamed aside to a temporary name first and removed after, so `path`
@@ -136,6 +187,7 @@ def replace_with(tmp: Path, path: str | Path) -> None:
     `path` on this host removes (`remove_dead_temporaries`).
     """
     path = Path(path)
+    flush_to_disk(tmp)
     if Path(tmp).is_dir() and path.is_dir():
         old = temp_path_beside(path)
         os.replace(path, old)
@@ -144,9 +196,11 @@ def replace_with(tmp: Path, path: str | Path) -> None:
         except BaseException:
             os.replace(old, path)  # the old folder back where it was
             raise
+        _fsync(path.parent)
         discard(old)
         return
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def discard(tmp: Path) -> None:

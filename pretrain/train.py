@@ -4,7 +4,8 @@
 periodic action) -> `build` (pretrain/build.py: data, run directory, model + DeepSpeed engine +
 `Optimizers`, loaders, slot counters, metrics, evaluation, in a `Trainer`; the checkpoint's items
 declared) -> `Trainer.resume` -> `Trainer.fit`, the loop (pretrain/trainer.py). Then the command
-line: `main` reports a refusal as one line (exit status 2), `cli` is the console script.
+line: `main` reports a refusal as one line (exit status 2), as it does a rank lost mid-run (exit
+status 1, pretrain/lost_peer.py); `cli` is the console script.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pretrain.distributed import (  # noqa: E402
     rank0_value,
     share_refusal,
 )
+from pretrain.lost_peer import LostPeer, explain_lost_peer  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
@@ -68,7 +70,11 @@ def train(
         memory = IntervalPeak(info.device)
         memory.reset("this run started")
         lock = RunDirLock(cfg.train.run_dir, info.is_main)
-        with hang_watchdog(cfg, info) as watchdog, explain_out_of_memory(cfg, info, watchdog, memory):
+        with (
+            hang_watchdog(cfg, info) as watchdog,
+            explain_lost_peer(cfg, info, watchdog),
+            explain_out_of_memory(cfg, info, watchdog, memory),
+        ):
             try:
                 trainer = build(cfg, info, loaders or build_loader, watchdog, lock)
             except NothingToTrain as done:
@@ -162,6 +168,9 @@ def main(argv=None, stop: StopSignal | None = None) -> int:
         return 2
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
+        return 1
+    except LostPeer as err:  # another rank's process ended: its output has the cause, this one a line
+        print(f"error: {err}", file=sys.stderr)
         return 1
     if dist.is_initialized():
         # A clean shutdown: a rank that exits while the process group's threads still run

@@ -26,7 +26,8 @@ from pretrain.cadence import Every
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import RunConfig
 from pretrain.data.errors import DataError
-from pretrain.data.loader import IGNORE_INDEX, LOADER_FAILURES, loader_failure
+from pretrain.data.loader import IGNORE_INDEX
+from pretrain.data.loader_failures import LOADER_FAILURES, loader_failure
 from pretrain.distributed import DistInfo, gather_floats, global_sum, share_refusal
 from pretrain.evaluate import EvaluationStopped, Evaluator
 from pretrain.lr_schedule import lr_multiplier

@@ -12,6 +12,8 @@ Points (`step`: the checkpoint step whose save is cut; ignored by the export poi
 - `before-checksums`: every rank's files written, `checksums.json` not;
 - `renamed`: `.tmp-step_K` renamed to `step_K`, `latest` not yet written;
 - `pruning`: `latest` names step_K; the older checkpoint being pruned is half deleted;
+- `recovery-script`: (ZeRO 1-3) DeepSpeed's copy of zero_to_fp32.py into the checkpoints folder, half
+  written;
 - `export-written`: the export's files written but its README, the folder not yet renamed;
 - `export-replacing`: the finished export is replacing the old folder (`--force`), half way.
 """
@@ -44,7 +46,7 @@ def _rmtree_then_die(original):
 
 
 def arm(point: str, step: int) -> None:
-    import pretrain.checkpoint as checkpoint
+    import pretrain.checkpoint.checkpointer as checkpoint
     import pretrain.files as files
 
     tag = checkpoint.tag_for(step)
@@ -85,6 +87,22 @@ def arm(point: str, step: int) -> None:
             return original(root, keep, saved)
 
         checkpoint.prune_checkpoints = prune_checkpoints
+    elif point == "recovery-script":
+        import deepspeed.runtime.engine as engine
+
+        original = checkpoint._save_deepspeed
+
+        def half_a_copy_then_die(src, dst):
+            data = Path(src).read_bytes()
+            Path(dst).write_bytes(data[: len(data) // 2])
+            die()
+
+        def save_deepspeed(engine_, save_dir, tmp_tag, client_state):
+            if tmp_tag.endswith(tag):
+                engine.copyfile = half_a_copy_then_die
+            return original(engine_, save_dir, tmp_tag, client_state)
+
+        checkpoint._save_deepspeed = save_deepspeed
     elif point == "export-written":
         import pretrain.export.writer as writer
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.files import atomic_directory, atomic_path, atomic_write, file_sha256, save_figure, temp_path_beside
+from tests.syscall_log import SyscallLog
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,6 +119,90 @@ def test_a_failed_rename_of_the_new_folder_puts_the_old_one_back(tmp_path, monke
         atomic_write(out, lambda tmp: (tmp / "new.txt").write_text("new"), directory=True)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # was: no export folder at all
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_a_file_reaches_the_disk_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """Without the fsyncs a power cut after the rename could leave `target` empty: the filesystem may
+    write the rename before the data (pretrain.files)."""
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    log = SyscallLog(monkeypatch)
+    atomic_write(target, "new")
+    commit = log.rename_onto(target)
+    tmp = log.events[commit][1]
+    assert ("fsync", tmp) in log.events[:commit]
+    assert ("fsync", str(tmp_path)) in log.events[commit:]
+
+
+def test_a_folder_reaches_the_disk_whole_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    log = SyscallLog(monkeypatch)
+    with atomic_directory(out) as tmp:
+        (tmp / "model.bin").write_bytes(b"weights")
+        (tmp / "nested").mkdir()
+        (tmp / "nested" / "x").write_bytes(b"x")
+    commit = log.rename_onto(out)
+    tmp = Path(log.events[commit][1])
+    before = log.synced(0, commit)
+    assert {str(tmp / "model.bin"), str(tmp / "nested" / "x"), str(tmp / "nested"), str(tmp)} <= before
+    # the files before the folders that hold them
+    order = [e[1] for e in log.events[:commit] if e[0] == "fsync"]
+    assert order.index(str(tmp / "nested" / "x")) < order.index(str(tmp / "nested")) < order.index(str(tmp))
+    assert str(tmp_path) in log.synced(commit, len(log.events))
+    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "nested"]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EIO])
+def test_a_filesystem_without_fsync_is_written_to_and_a_failed_flush_is_raised(tmp_path, monkeypatch, code):
+    """EINVAL: the filesystem cannot flush (some FUSE and network mounts), nothing more can be done;
+    EIO: the data did not reach the disk, so the write fails and the old file stays."""
+    target = tmp_path / "state.json"
+    target.write_text("old")
+
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if code == errno.EINVAL:
+        atomic_write(target, "new")
+        assert target.read_text() == "new"
+        return
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, "new")
+    assert raised.value.errno == errno.EIO
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_failed_flush_of_the_folder_after_the_rename_is_raised_with_the_new_version_in_place(tmp_path, monkeypatch):
+    """The folder that holds the new name is flushed after the rename: an EIO there fails the write (the
+    rename may not be on disk), but the new version is under the name already, and a folder's previous
+    version is kept under its temporary name, not deleted. README's node-crash passage said a failed
+    flush kept the old version, true only of the flushes before the rename."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    target, out = tmp_path / "state.json", tmp_path / "export"
+    target.write_text("old")
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, "new")
+    assert raised.value.errno == errno.EIO and target.read_text() == "new"
+    with pytest.raises(OSError) as raised:
+        with atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert raised.value.errno == errno.EIO and [p.name for p in out.iterdir()] == ["new.txt"]
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp-")]
+    assert (kept / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept.name, "export", "state.json"])
 
 
 def test_directory_needs_a_callback(tmp_path):

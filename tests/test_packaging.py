@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "pretrain", "kernels", "tools")
@@ -101,3 +102,37 @@ def test_importing_the_trainer_leaves_triton_and_dynamo_unimported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+# Their --help still imports torch: pretrain/train.py imports the trainer at its top (after installing the
+# stop handler), and the benchmarks build their options and helpers from torch; every run of each needs it.
+HELP_WITH_TORCH = {
+    "memlayers-train",
+    "memlayers-bench-kernels",
+    "memlayers-bench-attention",
+    "memlayers-bench-data",
+    "memlayers-bench-parallel",
+}
+
+
+@pytest.mark.parametrize("script", sorted(set(SCRIPTS) - HELP_WITH_TORCH))
+def test_a_console_script_s_help_imports_no_torch(script):
+    """`--help` of memlayers-submit, -model-info, -plot-lr-schedule, -slot-report and -tfidf waited for torch
+    (2-9 s each on the loaded 2-core machine, 0.1-0.9 s without), imported at their tops or with
+    pretrain.model's __init__. The reference is sys.modules of a fresh interpreter after the console
+    function printed its help (exit status 0)."""
+    module, function = SCRIPTS[script].split(":")
+    code = (
+        "import sys\n"
+        f"sys.argv = [{script!r}, '--help']\n"
+        f"from {module.replace('memlayers_tools.', 'tools.')} import {function}\n"
+        "try:\n"
+        f"    {function}()\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code)\n"
+        "print(sorted(m for m in ('torch', 'triton', 'deepspeed', 'webdataset') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-2:] == ["exit 0", "[]"], done.stdout[-2000:] + done.stderr[-2000:]
+    assert "usage: " in done.stdout, done.stdout[:500]

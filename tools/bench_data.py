@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from kernels.benchmark import write_results  # noqa: E402
 from pretrain.cli import output_file, positive_int, positive_number  # noqa: E402
-from pretrain.config import DataConfig, SyntheticConfig, load_config  # noqa: E402
+from pretrain.config import ConfigError, DataConfig, RunConfig, SyntheticConfig, load_config  # noqa: E402
 from pretrain.data import ShardLoader, Tokenizer, build_fact_world, prepare_embedded_dataset  # noqa: E402
 from pretrain.data.prepare import write_dataset  # noqa: E402
 
@@ -84,7 +84,7 @@ def folder_round(root: Path, documents: list[str], files: int, tokenizer: Tokeni
     file, in 100 subfolders), the documents cycled: {"files", "tokens", "seconds", "resolve_seconds"}
     (resolve: listing the folder and checking its files, what each pass over the inputs does before a
     document is read). One worker, so the tokenizing is the same work in every round."""
-    from pretrain.data.corpus import resolve_files
+    from pretrain.data.input_files import resolve_files
     from pretrain.data.prepare import prepare_corpus
 
     corpus = root / "files"
@@ -111,12 +111,11 @@ def rate(measured: dict) -> float:
     return measured["tokens"] / measured["seconds"]
 
 
-def training_step_times(config: Path, batch: int, seq_len: int, steps: int) -> list[float]:
+def training_step_times(cfg: RunConfig, batch: int, seq_len: int, steps: int) -> list[float]:
     """Seconds of each of `steps` CPU training steps (after two untimed ones) of the config's model."""
     from pretrain.model.objective import language_model_loss
     from pretrain.model.transformer import Transformer
 
-    cfg = load_config(config)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -153,6 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=positive_int, default=3)
     ap.add_argument("--json", type=output_file("bench_data.json"), default=None, help="also write the raw times here")
     args = ap.parse_args(argv)
+    try:
+        train_cfg = load_config(args.config)  # its model's steps are timed last, after the data rounds
+    except ConfigError as err:
+        ap.error(str(err))
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
         "loader_row_split_4_readers": split,
         "single_rounds": single_rounds,
         "mixture_rounds": mixed_rounds,
-        "train_step_s": training_step_times(Path(args.config), args.micro_batch, args.seq_len, args.train_steps),
+        "train_step_s": training_step_times(train_cfg, args.micro_batch, args.seq_len, args.train_steps),
         "train_tokens_per_step": args.micro_batch * args.seq_len,
     }
     summary = summarize(raw)

@@ -15,12 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from pretrain.cli import positive_int  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
-from pretrain.model import ConfigError, Transformer, count_parameters, flops_per_token  # noqa: E402
-from pretrain.model.accounting import human_count  # noqa: E402
+from pretrain.model.accounting import count_parameters, flops_per_token, human_count  # noqa: E402
+from pretrain.model.config import ConfigError  # noqa: E402
 
 PARAMETER_ROWS = [
     ("dense", "everything outside the memory layers"),
@@ -34,6 +32,10 @@ PARAMETER_ROWS = [
 
 def model_info(cfg: RunConfig, seq_len: int | None = None) -> dict:
     """Parameter counts (built on the meta device) and training FLOPs per token of cfg's model."""
+    import torch  # here, not at the top: --help and a refused config do not wait for it
+
+    from pretrain.model import Transformer
+
     with torch.device("meta"):
         model = Transformer(cfg.model)
     counts = count_parameters(model)

@@ -37,13 +37,21 @@ from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, r
 DEFAULT_VOCAB_SIZE = inspect.signature(prepare_corpus).parameters["vocab_size"].default
 
 
+_WHY = {
+    signal.SIGTERM: "scancel, a time limit or preemption",
+    signal.SIGUSR1: "Slurm's --signal warning",
+    signal.SIGINT: "Ctrl-C",
+}
+
+
 def _stopped_message(signum: int, output: str | None, seconds: float) -> str:
     name = signal.Signals(signum).name
-    why = "scancel, a time limit or preemption" if signum == signal.SIGTERM else "Slurm's --signal warning"
     where = f"{output} is as it was before" if output else "nothing was written"
+    stopped = f"error: stopped by {name} ({_WHY[signum]}) after {seconds:.0f} s: the unfinished preparation was removed and {where}"
+    if signum == signal.SIGINT:
+        return f"{stopped}. A preparation does not resume midway: run the same command again"
     return (
-        f"error: stopped by {name} ({why}) after {seconds:.0f} s: the unfinished preparation was removed and "
-        f"{where}. A preparation does not resume midway, and a job stopped by a signal is not requeued: run "
+        f"{stopped}. A preparation does not resume midway, and a job stopped by a signal is not requeued: run "
         "the same command again, with a longer time limit, or split the work across jobs with --slice i/N "
         "(each slice is kept once written) and --merge"
     )
@@ -53,15 +61,17 @@ def main(argv=None) -> int:
     started = time.monotonic()
     parsed: dict = {}
     # SIGTERM and USR1 would end the process at once and leave the hidden temporary folder with every
-    # shard written so far beside --output; as an exit, the atomic writers remove it on the way out. The
-    # tokenizer workers ignore both (pretrain/data/worker_pool.py) and are ended by this process.
+    # shard written so far beside --output; as an exit, the atomic writers remove it on the way out, as
+    # they do for Ctrl-C, and a second stop of any kind waits for that. The tokenizer workers ignore all
+    # three (pretrain/data/worker_pool.py) and are ended by this process.
     with stop_signals_exit():
         try:
             with plain_warnings():
                 return _main(argv, parsed)
-        except StoppedBySignal as stopped:
-            print(_stopped_message(stopped.signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
-            return stopped.code
+        except (StoppedBySignal, KeyboardInterrupt) as stopped:
+            signum = stopped.signum if isinstance(stopped, StoppedBySignal) else signal.SIGINT
+            print(_stopped_message(signum, parsed.get("output"), time.monotonic() - started), file=sys.stderr)
+            return 128 + signum
 
 
 def _main(argv, parsed: dict) -> int:

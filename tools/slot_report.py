@@ -14,8 +14,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.cli import image_file  # noqa: E402
-from pretrain.slots.report import render_report  # noqa: E402
-from pretrain.slots.table import load_table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,6 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("--table", required=True, help="slot_frequencies.safetensors or a directory holding one")
     p.add_argument("--out", required=True, type=image_file("slot_report.png"), help="PNG file to write")
     args = p.parse_args(argv)
+    from pretrain.slots.report import render_report  # with torch (seconds): after --help and the options' checks
+    from pretrain.slots.table import load_table
+
     try:
         table = load_table(args.table)
     except (FileNotFoundError, ValueError) as err:

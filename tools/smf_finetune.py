@@ -85,7 +85,7 @@ def load_and_check(args):
     checked before the model trains: the output folder, the data files, --dataset-dir's use, the
     table against the export (sparse), --lora-rank against the model (lora)."""
     from pretrain.data import Tokenizer
-    from pretrain.data.corpus import resolve_files
+    from pretrain.data.input_files import resolve_files
     from pretrain.export import load
     from pretrain.export.perplexity import trained_with_document_masking
     from pretrain.export.writer import check_output_folder

@@ -22,7 +22,6 @@ if __package__ in (None, ""):
 
 
 from pretrain.cli import ends_quietly_when_the_reader_stops, positive_int  # noqa: E402
-from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots  # noqa: E402
 
 
 @ends_quietly_when_the_reader_stops
@@ -43,7 +42,8 @@ def main(argv=None) -> int:
         help="accept a --table counted in another training run (same config and tokenizer) than the export's",
     )
     args = p.parse_args(argv)
-    from pretrain.export import ExportError
+    from pretrain.export import ExportError  # these import torch (seconds): after --help and the options' checks
+    from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots
 
     try:
         model, _cfg, table, tok_path = load_export_for_tfidf(args.export, args.table, args.allow_other_run)

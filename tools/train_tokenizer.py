@@ -26,7 +26,8 @@ from pretrain.cli import (  # noqa: E402
     stop_signals_exit,
 )
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
-from pretrain.data.corpus import check_record_files, resolve_files  # noqa: E402
+from pretrain.data.corpus import check_record_files  # noqa: E402
+from pretrain.data.input_files import resolve_files  # noqa: E402
 
 
 def main(argv=None) -> int:

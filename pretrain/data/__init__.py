@@ -1,14 +1,18 @@
 """Data pipeline: corpora -> sentencepiece tokens -> packed webdataset shards -> resumable batches.
 
-Modules: synthetic (the embedded fact world and its probes), corpus (streaming text, JSONL and
-Parquet readers, compressed or not), tokenizer (sentencepiece training and wrapper), shards (the
-shard format), prepare (tokenize, split, pack, write), slices (prepare in slices, then merge),
-embedded (the cached default dataset), loader (ShardLoader: rank/worker split, epochs, exact
-resume), sources (the configured datasets, checked), mixture (MixtureLoader: weighted sources,
-exact resume), checks (what the trainer checks of the datasets at start-up: empty splits, missing
-shards, too few sequences for its readers), inspect (what a prepared split holds:
-memlayers-inspect-data), errors (DataError), bundled_text (real English text that ships with the
-machine).
+Modules: synthetic (the embedded fact world and its probes), input_files (which corpus files a
+user's --input names: folders, patterns, links, archives, binary files), file_formats (a file's
+format by its name, decompressed streams), text_encoding (BOMs, UTF-16, non-UTF-8 text), corpus
+(streaming text, JSONL and Parquet readers: documents out of those files), tokenizer
+(sentencepiece training and wrapper), shards (the shard format), prepare (tokenize, split, pack,
+write), slices (prepare in slices, then merge), embedded (the cached default dataset), loader
+(ShardLoader: rank/worker split, epochs, exact resume) with work_plan (the rows each reader
+reads), row_cursor (reading them from the shards), loader_state (its saved state, checked on
+resume) and loader_failures (a loader's failure, told to every rank), sources (the configured
+datasets, checked), mixture (MixtureLoader: weighted sources, exact resume), checks (what the
+trainer checks of the datasets at start-up: empty splits, missing shards, too few sequences for
+its readers), inspect (what a prepared split holds: memlayers-inspect-data), errors (DataError),
+bundled_text (real English text that ships with the machine).
 
 The names below are imported from their modules when first used: the loaders import torch (~3 s),
 which training a tokenizer or preparing a corpus does not need.
@@ -16,7 +20,7 @@ which training a tokenizer or preparing a corpus does not need.
 
 from __future__ import annotations
 
-import importlib
+from pretrain.lazy_names import lazy_names
 
 _MODULE_OF = {
     "Batch": "loader",
@@ -40,15 +44,4 @@ _MODULE_OF = {
 }
 
 __all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_MODULE_OF])
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

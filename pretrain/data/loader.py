@@ -33,86 +33,44 @@ Another number of ranks or workers: `load_resharded(all old ranks' states)` turn
 saved run had left of its current epoch into an explicit list of pieces per new consumer
 (the "plan", part of `state_dict()`); see its docstring for what it guarantees. Epochs after
 that one follow the row split with the new consumer count.
+
+Here: ShardLoader, its batches and its DataLoader workers. Which rows each reader reads is
+work_plan.py's, reading them from the shards row_cursor.py's, the saved state and what a resume
+checks loader_state.py's, a failure shared with every rank loader_failures.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.errors import DataError
-from pretrain.data.shards import CorruptShardError, read_blocks, read_manifest, row_doc_ids
-from pretrain.data.tokenizer import Tokenizer
-from pretrain.data.worker_exits import (
-    OUT_OF_MEMORY_HINT,
-    SHARED_MEMORY_HINT,
-    WorkerEnded,
-    ended_worker,
-    raised_receiving_from_workers,
+from pretrain.data.loader_failures import naming_dead_workers
+from pretrain.data.loader_state import (
+    LAYOUT_KEYS,
+    RESHARD_FIX,
+    STATE_VERSION,
+    SavedConsumer,
+    check_same_settings,
+    check_version,
+    copy_plan,
+    saved_consumers,
+    scheme_of,
+    summed,
 )
+from pretrain.data.row_cursor import RowCursor
+from pretrain.data.shards import read_manifest, row_doc_ids
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.data.work_plan import ROWS, epoch_order, head_of, part_of, row_count, work_of
 from pretrain.slurm import end_stop_immune_workers_at_exit, ignore_stop_signals, stop_signals_blocked
 
 IGNORE_INDEX = -100
-
-# what a loader raises, besides a DataError, when it fails on one rank: a shard its node cannot read
-# (OSError: a stale network-filesystem handle), a dead DataLoader worker (RuntimeError; EOFError or
-# ConnectionResetError where it died in the middle of sending a batch)
-LOADER_FAILURES = (OSError, RuntimeError, EOFError)
-
-
-def dead_worker_hint(err: BaseException) -> str | None:
-    """What most likely ended the DataLoader worker whose death `err` reports, or None where `err`
-    is not a dead worker's. A WorkerEnded (the worker's exit code, read by the loader) says it
-    exactly; torch's words are a guess: "DataLoader worker (pid(s) N) exited unexpectedly", "... is
-    killed by signal: Killed." (its SIGCHLD handler, where installed; ": Bus error." for a full
-    /dev/shm), or the raw EOFError or ConnectionResetError of a batch cut off mid-send. "exited
-    unexpectedly with exit code N" (the worker ended itself) is not the OOM killer's doing."""
-    if isinstance(err, WorkerEnded):
-        return err.hint
-    text = str(err)
-    if "DataLoader worker" in text and "Bus error" in text:
-        return SHARED_MEMORY_HINT
-    if "DataLoader worker" in text and ("killed by signal" in text or text.rstrip().endswith("exited unexpectedly")):
-        return OUT_OF_MEMORY_HINT
-    if isinstance(err, (EOFError, ConnectionError)) and raised_receiving_from_workers(err):
-        return f"a DataLoader worker died while sending a batch: {OUT_OF_MEMORY_HINT}"
-    return None
-
-
-def loader_failure(err: BaseException, what: str) -> DataError:
-    """`err`, one of LOADER_FAILURES, as the DataError that every rank is told of ("`what`: its
-    message", with `dead_worker_hint`), `err` as its cause: raised on the failing rank alone, it
-    left the others waiting in their next collective."""
-    message = str(err).strip() or type(err).__name__  # an EOFError has no words
-    hint = dead_worker_hint(err)
-    failure = DataError(f"{what}: {message}" + (f"; {hint}" if hint else ""))
-    failure.__cause__ = err  # its traceback, on this rank
-    return failure
-
-
-def read_all(loader, what: str) -> list:
-    """Every batch of `loader` (loop=False), its failures of LOADER_FAILURES as `loader_failure`'s
-    DataError: to be shared with the other ranks (`refusal_shared`)."""
-    try:
-        return list(loader)
-    except LOADER_FAILURES as err:
-        raise loader_failure(err, what) from err
-
-
-STATE_VERSION = 3  # 3 split rows across readers ("scheme"); 2 added "plan" (after load_resharded); 1 and 2 still load
-ROWS, SHARDS = "rows", "shards"  # a state's work split: rows (version 3 on), whole shards (versions 1 and 2)
-RESHARD_FIX = (
-    "a run saved on another number of ranks or workers continues with load_resharded and the states of all its ranks"
-)
-_DATA_KEYS = ("split", "seed", "shards")  # what a resharded run must share with the run that saved
-_LAYOUT_KEYS = ("world_size", "workers", "batch_size", "shuffle_buffer")  # what it may change
 
 
 @dataclass
@@ -132,150 +90,6 @@ def check_tokenizer(manifest: dict, tok: Tokenizer, dataset_dir: Path) -> None:
             f"was built with (sha256 {str(manifest.get('tokenizer_sha256'))[:12]}): use the dataset's "
             "tokenizer.model or re-run tools/prepare_data.py with this tokenizer"
         )
-
-
-def check_same_settings(saved: dict, now: dict, what: str, fix: str) -> None:
-    """Refuse a saved state whose settings differ from `now`: each key with its saved and current value, and `fix`."""
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-    if diff:
-        raise DataError(
-            f"the saved {what} was made with other settings (saved, now): "
-            + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
-            + f"; {fix}"
-        )
-
-
-def _order(seed: int, epoch: int, n_shards: int) -> list[int]:
-    """The shard order of `epoch`: a permutation seeded by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n_shards).tolist()
-
-
-def _part(pieces: list[list[int]], part: int, parts: int) -> list[list[int]]:
-    """Part `part` of `parts` contiguous, equal parts of the rows of `pieces` ([shard, first row,
-    end row], in order): their rows [part * n // parts, (part + 1) * n // parts), as pieces."""
-    n = sum(end - first for _, first, end in pieces)
-    lo, hi, at, out = part * n // parts, (part + 1) * n // parts, 0, []
-    for shard, first, end in pieces:
-        a, b = max(lo - at, 0), min(hi - at, end - first)
-        if a < b:
-            out.append([shard, first + a, first + b])
-        at += end - first
-    return out
-
-
-def _head(pieces: list[list[int]], n: int) -> list[list[int]]:
-    """The first `n` rows of `pieces` ([shard, first row, end row], in order), as pieces."""
-    out = []
-    for shard, first, end in pieces:
-        if n <= 0:
-            break
-        out.append([shard, first, first + min(end - first, n)])
-        n -= end - first
-    return out
-
-
-def _rows(pieces: list[list[int]]) -> int:
-    return sum(end - first for _, first, end in pieces)
-
-
-def _work(scheme: str, settings: dict, plan: dict | None, sizes: list[int], worker: int, epoch: int) -> list[list[int]]:
-    """[shard index, first row, end row] of each piece a rank's `worker` reads in `epoch`: the
-    plan's list for the epoch a reshard left, else the scheme's (see the module docstring)."""
-    if plan is not None and plan["epoch"] == epoch:
-        return plan["work"][worker]
-    consumer, consumers = settings["rank"] * settings["workers"] + worker, settings["world_size"] * settings["workers"]
-    order = _order(settings["seed"], epoch, len(sizes))
-    if scheme == SHARDS:
-        return [[k, 0, sizes[k]] for k in order[consumer::consumers]]
-    return _part([[k, 0, sizes[k]] for k in order], (consumer + epoch) % consumers, consumers)
-
-
-class _Cursor:
-    """Reads the rows of one consumer's pieces (shard, first row, end row) from (piece i, row j) onwards."""
-
-    def __init__(self, loader: "ShardLoader", work: list[list[int]], i: int, j: int, stats: dict):
-        self.loader, self.work, self.stats = loader, work, stats
-        self.i, self.j = i, j
-        self._blocks = None
-        self._tok = self._meta = None
-        self._off = 0
-        if self.i < len(self.work):
-            self.j = max(j, work[i][1])  # (0, 0) is the start of an epoch whose first piece begins later
-            self._open(skip=self.j)
-
-    def _open(self, skip: int) -> None:
-        shard = self.loader.shards[self.work[self.i][0]]
-        self._blocks = read_blocks(
-            self.loader.root / shard["path"],
-            self.loader.width,
-            self.loader.token_dtype,
-            shard["sequences"],
-            sha256=shard.get("sha256"),
-            vocab_size=self.loader.vocab_size,
-            first_row=skip,
-        )
-        self._tok = None
-
-    def _next_block(self) -> bool:
-        """Load the next block of piece i's shard; on its end or a skipped corruption move to piece i+1."""
-        try:
-            self._tok, self._meta = next(self._blocks)
-            self._off = 0
-            return True
-        except StopIteration:
-            pass
-        except CorruptShardError as err:
-            if self.loader.on_corrupt == "error":
-                raise
-            # A shard cut between readers is decoded from its start by each of them. A damaged block
-            # (or end) that begins before this piece's first row holds rows of the reader before,
-            # which meets it too and counts it: counted here only from the piece's first row on,
-            # each corrupt shard counts once per epoch over all readers.
-            if err.row is None or err.row >= self.work[self.i][1]:
-                self.stats["corrupt_shards_skipped"] = self.stats.get("corrupt_shards_skipped", 0) + 1
-            warnings.warn(f"skipping the rest of a shard (data.on_corrupt=skip): {err}", stacklevel=2)
-        self._move()
-        return False
-
-    def _move(self) -> None:
-        """On to piece i+1, its shard opened at the piece's first row."""
-        if self._blocks is not None:
-            self._blocks.close()
-        self._blocks = None
-        self._tok = None
-        self.i, self.j = self.i + 1, self._first(self.i + 1)
-        if self.i < len(self.work):
-            self._open(skip=self.j)
-
-    def _first(self, i: int) -> int:
-        return self.work[i][1] if i < len(self.work) else 0
-
-    def position(self) -> tuple[int, int]:
-        if self.i < len(self.work) and self.j >= self.work[self.i][2]:
-            return self.i + 1, self._first(self.i + 1)
-        return self.i, self.j
-
-    def take(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        toks, metas, n = [], [], 0
-        while n < k and self.i < len(self.work):
-            shard, _, end = self.work[self.i]
-            if self.j >= end:
-                # a piece that ends its shard reads on to the shard's end, where read_blocks checks its sha256
-                if end < self.loader.sizes[shard] or self._next_block():
-                    self._move()
-                continue
-            if self._tok is None or self._off >= len(self._tok):
-                self._next_block()
-                continue
-            t = min(k - n, len(self._tok) - self._off, end - self.j)
-            toks.append(self._tok[self._off : self._off + t])
-            metas.append(self._meta[self._off : self._off + t])
-            self._off += t
-            self.j += t
-            n += t
-        if not toks:
-            return np.empty((0, self.loader.width), np.int64), np.empty((0, 2), np.int64)
-        return np.concatenate(toks), np.concatenate(metas)
 
 
 class ShardLoader:
@@ -359,9 +173,9 @@ class ShardLoader:
         self._batches = 0
         self._plan: dict | None = None  # {"epoch": e, "work": per worker [[shard, first row, end row], ...]}
         if self.rows is not None:  # the first rows of epoch 0, cut into the readers' parts
-            head = _head([[k, 0, self.sizes[k]] for k in _order(self.seed, 0, len(self.sizes))], self.rows)
+            head = head_of([[k, 0, self.sizes[k]] for k in epoch_order(self.seed, 0, len(self.sizes))], self.rows)
             consumers, mine = self.world_size * self.workers, self.rank * self.workers
-            self._plan = {"epoch": 0, "work": [_part(head, c, consumers) for c in range(mine, mine + self.workers)]}
+            self._plan = {"epoch": 0, "work": [part_of(head, c, consumers) for c in range(mine, mine + self.workers)]}
         self._scheme = ROWS  # SHARDS only for a run resumed from a state of version 1 or 2
 
     @property
@@ -393,13 +207,13 @@ class ShardLoader:
             "next_worker": self._next_worker,
             "worker_stats": [dict(s) for s in self._worker_stats],
             "batches": self._batches,
-            "plan": _copy_plan(self._plan, self.sizes),
+            "plan": copy_plan(self._plan, self.sizes),
             "scheme": self._scheme,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` (this rank's, from a run of the same settings) stopped."""
-        _check_version(state)
+        check_version(state)
         self._check_same_shards(state)
         fix = "resume with the same data, batch size, ranks, workers, seed and shuffle_buffer"
         check_same_settings(
@@ -412,8 +226,8 @@ class ShardLoader:
         self._next_worker = int(state["next_worker"])
         self._worker_stats = [dict(s) for s in state["worker_stats"]]
         self._batches = int(state["batches"])
-        self._plan = _copy_plan(state.get("plan"), self.sizes)
-        self._scheme = _scheme_of(state)
+        self._plan = copy_plan(state.get("plan"), self.sizes)
+        self._scheme = scheme_of(state)
 
     def _check_same_shards(self, state: dict) -> None:
         """Refuse a state saved while reading other shards in this folder, naming the folder: a dataset
@@ -433,7 +247,7 @@ class ShardLoader:
         """True when `state` was saved with another reading layout (ranks, workers, batch size or
         shuffle buffer), which `load_resharded` continues and `load_state_dict` cannot."""
         saved, now = state.get("settings", {}), self._settings()
-        return any(saved.get(k) != now[k] for k in _LAYOUT_KEYS)
+        return any(saved.get(k) != now[k] for k in LAYOUT_KEYS)
 
     def load_resharded(self, states: list[dict]) -> str:
         """Continue, on this loader's ranks and workers, a run saved on other ones; a one-line summary.
@@ -456,9 +270,9 @@ class ShardLoader:
         (batches, corrupt shards skipped) move to new rank 0's first worker, so their sums over
         ranks are kept.
         """
-        for state in states[:1]:  # all ranks read the same shards; _saved_consumers compares them all
+        for state in states[:1]:  # all ranks read the same shards; saved_consumers compares them all
             self._check_same_shards(state)
-        old = _saved_consumers(states, self._settings(), self.sizes)
+        old = saved_consumers(states, self._settings(), self.sizes)
         e = min(c.position[0] for c in old)
         rest = [piece for c in old if c.position[0] == e for piece in self._rest_of_epoch(c)]
         partly = sum(started for *_, started in rest)
@@ -466,36 +280,36 @@ class ShardLoader:
         pieces = [piece for *piece, _ in rest]
         consumers, mine = self.world_size * self.workers, self.rank * self.workers
         self.reset()
-        self._plan = {"epoch": e, "work": [_part(pieces, c, consumers) for c in range(mine, mine + self.workers)]}
+        self._plan = {"epoch": e, "work": [part_of(pieces, c, consumers) for c in range(mine, mine + self.workers)]}
         self._positions = [[e, 0, 0, 0] for _ in range(self.workers)]
         if self.rank == 0:
             self._batches = sum(int(s["batches"]) for s in states)
-            self._worker_stats[0] = _summed(w for s in states for w in s["worker_stats"])
+            self._worker_stats[0] = summed(w for s in states for w in s["worker_stats"])
         return (
-            f"data: readers {len(old)} -> {consumers}: epoch {e} continues with its {_rows(pieces)} rows left, "
+            f"data: readers {len(old)} -> {consumers}: epoch {e} continues with its {row_count(pieces)} rows left, "
             f"{partly} partly read and {len(pieces) - partly} unread pieces of shards ({twice or 'no'} rows read twice)"
         )
 
-    def _rest_of_epoch(self, c: "_Saved") -> list[tuple[int, int, int, bool]]:
+    def _rest_of_epoch(self, c: "SavedConsumer") -> list[tuple[int, int, int, bool]]:
         """(shard, first row, end row, partly read) of each piece old consumer `c` had left of its epoch."""
         epoch, i, j, skip = c.position
-        work = _work(c.scheme, c.settings, c.plan, self.sizes, c.worker, epoch)[i:]
+        work = work_of(c.scheme, c.settings, c.plan, self.sizes, c.worker, epoch)[i:]
         rest = [
             (shard, max(first, j), end, j > first or skip > 0) if n == 0 else (shard, first, end, False)
             for n, (shard, first, end) in enumerate(work)
         ]
         return [piece for piece in rest if piece[1] < piece[2]]
 
-    def _rows_past(self, c: "_Saved", e: int) -> int:
+    def _rows_past(self, c: "SavedConsumer", e: int) -> int:
         """Rows old consumer `c`, already past epoch e, had read after it (at most: corrupt shards skipped)."""
         epoch, i, j, skip = c.position
 
         def work(x: int) -> list[list[int]]:
-            return _work(c.scheme, c.settings, c.plan, self.sizes, c.worker, x)
+            return work_of(c.scheme, c.settings, c.plan, self.sizes, c.worker, x)
 
         now = work(epoch)
         into = max(j - now[i][1], 0) if i < len(now) else 0
-        return sum(_rows(work(x)) for x in range(e + 1, epoch)) + _rows(now[:i]) + into + skip
+        return sum(row_count(work(x)) for x in range(e + 1, epoch)) + row_count(now[:i]) + into + skip
 
     # ---- reading -----------------------------------------------------------------------
     def _make_batch(self, pieces: list[tuple[np.ndarray, np.ndarray]], worker: int) -> dict:
@@ -517,9 +331,9 @@ class ShardLoader:
         epoch, i, j, skip = pos
         pieces, have = [], 0
         while True:
-            work = _work(self._scheme, self._settings(), self._plan, self.sizes, worker, epoch)
+            work = work_of(self._scheme, self._settings(), self._plan, self.sizes, worker, epoch)
             from_start = (i, j, skip) == (0, 0, 0)
-            cursor = _Cursor(self, work, i, j, stats)
+            cursor = RowCursor(self, work, i, j, stats)
             rows_this_epoch = 0
             while True:
                 i, j = cursor.position()
@@ -576,7 +390,7 @@ class ShardLoader:
             )
             with stop_signals_blocked():  # the workers are forked here, and ignore them before unblocking
                 batches = iter(dl)
-            for item in _naming_dead_workers(batches):
+            for item in naming_dead_workers(batches):
                 if "error" in item:
                     raise item["error"]
                 w = item.pop("worker")
@@ -588,22 +402,6 @@ class ShardLoader:
         if not self.loop:  # a finished epoch: the next iteration reads the next one
             self._positions = [[epoch + 1, 0, 0, 0] for _ in self._positions]
             self._next_worker = 0
-
-
-def _naming_dead_workers(batches) -> Iterator[dict]:
-    """The DataLoader iterator `batches`' items; torch's error for a worker that died, re-raised as
-    a WorkerEnded carrying its exit code (torch's error its cause)."""
-    while True:
-        try:
-            item = next(batches)
-        except StopIteration:
-            return
-        except LOADER_FAILURES as err:
-            ended = ended_worker(batches, err)
-            if ended is None:
-                raise
-            raise ended from err
-        yield item
 
 
 class _WorkerDataset(IterableDataset):
@@ -627,63 +425,3 @@ class _WorkerDataset(IterableDataset):
             # message ("Caught CorruptShardError in DataLoader worker process 0. Original Traceback
             # ..."), which every rank would then print as the error: sent as it is, raised there
             yield {"error": err}
-
-
-class _Saved(NamedTuple):
-    """One consumer of a saved run: its rank's settings and plan, its worker index and position."""
-
-    settings: dict
-    plan: dict | None
-    scheme: str
-    worker: int
-    position: list[int]
-
-
-def _check_version(state: dict) -> None:
-    if state.get("version") not in (1, 2, STATE_VERSION):
-        raise DataError(f"loader state version {state.get('version')!r} is not 1, 2 or {STATE_VERSION}")
-
-
-def _scheme_of(state: dict) -> str:
-    """The work split `state` continues: whole shards for versions 1 and 2 (module docstring)."""
-    scheme = state.get("scheme") if state.get("version") == STATE_VERSION else SHARDS
-    if scheme not in (ROWS, SHARDS):
-        raise DataError(f"loader state scheme {scheme!r} is not {ROWS!r} or {SHARDS!r}")
-    return scheme
-
-
-def _copy_plan(plan: dict | None, sizes: list[int]) -> dict | None:
-    """A plan with ints; a version-2 plan's pieces [shard, first row] run to the shard's end."""
-    if plan is None:
-        return None
-    work = [[[int(k), int(r), int(rest[0]) if rest else sizes[int(k)]] for k, r, *rest in w] for w in plan["work"]]
-    return {"epoch": int(plan["epoch"]), "work": work}
-
-
-def _saved_consumers(states: list[dict], now: dict, sizes: list[int]) -> list[_Saved]:
-    """Every consumer of a saved run, in consumer order; refuses an incomplete run or other data."""
-    if not states:
-        raise DataError("load_resharded needs the loader states of all ranks of the saved run, got none")
-    world = states[0].get("settings", {}).get("world_size")
-    if [s.get("settings", {}).get("rank") for s in states] != list(range(len(states))) or world != len(states):
-        raise DataError(
-            f"load_resharded needs the loader states of all {world} ranks of the saved run in rank order, got ranks "
-            f"{[s.get('settings', {}).get('rank') for s in states]}: pass every rank's state"
-        )
-    fix = "a run continues on other ranks only with the same dataset, split and seed: use those, or start a new run"
-    out = []
-    for state in states:
-        _check_version(state)
-        settings = state["settings"]
-        check_same_settings(settings, {k: now[k] for k in _DATA_KEYS}, "loader state", fix)
-        plan, scheme = _copy_plan(state.get("plan"), sizes), _scheme_of(state)
-        out += [_Saved(settings, plan, scheme, w, list(map(int, p))) for w, p in enumerate(state["positions"])]
-    return out
-
-
-def _summed(dicts) -> dict:
-    total: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            total[k] = total.get(k, 0) + v
-    return total

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from pretrain.data.errors import DataError
-from pretrain.data.loader import RESHARD_FIX, Batch, ShardLoader, check_same_settings
+from pretrain.data.loader import Batch, ShardLoader
+from pretrain.data.loader_state import RESHARD_FIX, check_same_settings
 from pretrain.data.sources import Source
 
 STATE_VERSION = 1

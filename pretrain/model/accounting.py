@@ -13,10 +13,12 @@ count as active.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from pretrain.model.config import ModelConfig
+
+if TYPE_CHECKING:  # only annotations name it: the counts of a config (run plans, model-info) load no torch
+    import torch.nn as nn
 
 
 @dataclass

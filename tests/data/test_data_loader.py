@@ -14,8 +14,8 @@ import torch
 
 from data_helpers import SEQ_LEN
 from pretrain.data import CorruptShardError, DataError, ShardLoader, read_manifest, train_tokenizer, write_dataset
-from pretrain.data.loader import _order
 from pretrain.data.prepare import is_validation
+from pretrain.data.work_plan import epoch_order
 
 
 def full_rows(batch) -> np.ndarray:
@@ -256,7 +256,7 @@ def test_tokenizer_hash_mismatch(dataset, tmp_path, documents):
 
 def first_shard_in_order(ds, seed):
     loader = ShardLoader(ds, "train", batch_size=2, seed=seed)
-    return loader.shards[_order(seed, 0, len(loader.shards))[0]]["path"]
+    return loader.shards[epoch_order(seed, 0, len(loader.shards))[0]]["path"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

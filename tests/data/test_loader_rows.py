@@ -282,13 +282,13 @@ def test_a_corrupt_shard_cut_between_readers_is_counted_once(data, tmp_path, whe
     wherever the damaged block lies. Every other shard's rows are read once."""
     import shutil
 
-    from pretrain.data.loader import ROWS, _work
+    from pretrain.data.work_plan import ROWS, work_of
 
     ds = tmp_path / "data"
     shutil.copytree(data, ds)
     world, rows_per_block = 2, 7  # shard 1 is cut at row 43, inside its block of rows 42-48
     probe = loader(ds, 0, world, 0)
-    works = [_work(ROWS, {**probe._settings(), "rank": r}, None, probe.sizes, 0, 0) for r in range(world)]
+    works = [work_of(ROWS, {**probe._settings(), "rank": r}, None, probe.sizes, 0, 0) for r in range(world)]
     after = lambda first: (first // rows_per_block + 1) * rows_per_block  # noqa: E731  the next block's first row
     # a cut inside a block, with a whole block after it in the second reader's piece
     shard, cut = next((s, a) for w in works for s, a, b in w if a % rows_per_block and after(a) < b)
@@ -336,12 +336,12 @@ def test_read_blocks_from_a_row_yields_the_rows_from_there_and_converts_no_block
 def test_readers_starting_mid_shard_read_their_pieces_bitwise(data, world):
     """4 (or 3) readers, shards cut between them: each reader's epoch is exactly the rows of its
     pieces (shard, first row, end row), read from a whole-shard reading (`shard_rows`)."""
-    from pretrain.data.loader import ROWS, _work
+    from pretrain.data.work_plan import ROWS, work_of
 
     rows, eos = shard_rows(data), read_manifest(data)["eos_id"]
     for r in range(world):
         reader = loader(data, r, world, 0, batch=3, loop=False)
-        work = _work(ROWS, reader._settings(), None, reader.sizes, 0, 0)
+        work = work_of(ROWS, reader._settings(), None, reader.sizes, 0, 0)
         assert any(first > 0 for _, first, _ in work) or r == 0
         expected = [k for shard, first, end in work for k in rows[shard][first:end]]
         got = [k for b in reader for k in row_keys(b, eos)]

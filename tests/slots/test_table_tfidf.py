@@ -391,7 +391,7 @@ def test_slot_report_writes_png(tmp_path):
 def test_slot_report_refuses_an_image_kind_matplotlib_cannot_write_before_reading(tmp_path, monkeypatch, capsys):
     """--out report.xyz read the table and drew the figure, then crashed in the save with
     matplotlib's "Format 'xyz' is not supported" traceback."""
-    monkeypatch.setattr(slot_report, "load_table", lambda *a: pytest.fail("the table was read"))
+    monkeypatch.setattr("pretrain.slots.table.load_table", lambda *a: pytest.fail("the table was read"))
     with pytest.raises(SystemExit) as exit_:
         slot_report.main(["--table", str(tmp_path), "--out", str(tmp_path / "report.xyz")])
     err = capsys.readouterr().err
@@ -408,7 +408,7 @@ def test_slot_report_makes_missing_folders_and_refuses_a_file_on_the_way(tmp_pat
     assert slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "notes.txt").write_text("mine")
-    monkeypatch.setattr(slot_report, "load_table", lambda *a: pytest.fail("the table was read"))
+    monkeypatch.setattr("pretrain.slots.table.load_table", lambda *a: pytest.fail("the table was read"))
     with pytest.raises(SystemExit) as exit_:
         slot_report.main(["--table", str(tmp_path / "ckpt"), "--out", str(tmp_path / "notes.txt" / "x" / "r.png")])
     err = capsys.readouterr().err

@@ -936,3 +936,37 @@ def test_the_advice_on_a_queued_job_of_the_run_fits_its_state(tmp_path, state, a
     assert "78" not in message  # another run's job
     if state != "RUNNING":
         assert "checkpoint on the way out" not in message, message
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        ["train.max_stepz=5"],  # the config's own check
+        ["--time", "99:99:99:99"],  # an option's
+        ["--sweep", "optim.lr="],  # a sweep's
+    ],
+)
+def test_a_refusal_comes_before_torch_is_imported(refused):
+    """pretrain.config imported pretrain.model.config, and with it the package pretrain.model, whose
+    __init__ imported the transformer, the memory layer and torch: memlayers-submit's refusal of a
+    mistyped key or --time waited for torch (`--help` 3.8 s, a refusal 4.5 s on the loaded 2-core
+    machine; 0.6 and 0.8 s now). pretrain.model's names now load on first use; the reference is
+    sys.modules of a fresh interpreter after the tool's refusal (and after `import pretrain.config`)."""
+    script = (
+        "import sys\n"
+        "import pretrain.config\n"
+        "print('torch' in sys.modules)\n"
+        "from tools.submit import main\n"
+        "try:\n"
+        "    code = main(sys.argv[1:])\n"
+        "except SystemExit as e:  # argparse's refusal\n"
+        "    code = e.code\n"
+        "print('exit', code)\n"
+        "print(sorted(m for m in ('torch', 'triton', 'deepspeed') if m in sys.modules))\n"
+    )
+    argv = ["--config", TINY, "--dry-run", *refused]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.splitlines() == ["False", "exit 2", "[]"], done.stdout + done.stderr
+    assert "memlayers-submit: error: " in done.stderr, done.stderr

@@ -166,7 +166,8 @@ def test_chunk_sizes_are_set_for_the_rows_timed_inside_and_restored():
     """--row-chunks / --key-chunks time the hot-row paths at other chunk sizes: the constant is
     the kernels' own (read at call time), set inside and restored after, also on an error."""
     from kernels import bag_triton
-    from tools.bench_kernels import module_constant, parse_args
+    from pretrain.bench.memory_kernels import module_constant
+    from tools.bench_kernels import parse_args
 
     before = bag_triton.ROW_CHUNK
     with module_constant(bag_triton, "ROW_CHUNK", 7):
@@ -308,6 +309,7 @@ def test_the_progress_bar_counts_the_scoring_once_and_each_value_dim(capsys):
 def test_a_run_cut_short_keeps_the_rows_measured_in_its_json(tmp_path, monkeypatch):
     """gpu_check stops a stage at its time limit: the JSON is rewritten after every row (marked
     incomplete), so the rows measured before the stop come back; a finished run says complete."""
+    import pretrain.bench.memory_kernels as memory_kernels
     import tools.bench_kernels as bench
 
     out = tmp_path / "bench.json"
@@ -315,7 +317,7 @@ def test_a_run_cut_short_keeps_the_rows_measured_in_its_json(tmp_path, monkeypat
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # the stage's timeout, in the middle of the bag backward rows
 
-    monkeypatch.setattr(bench, "_bag_backward_rows", stopped)
+    monkeypatch.setattr(memory_kernels, "_bag_backward_rows", stopped)
     with pytest.raises(KeyboardInterrupt):
         bench.main([*SMALL, "--v-dims", "24", "--json", str(out)])
     payload = json.loads(out.read_text())

@@ -31,6 +31,8 @@ def no_work(*args, **kwargs):
         ("bench_data", "prepare_embedded_dataset", ["--seconds", "0"], "seconds > 0"),
         ("bench_data", "prepare_embedded_dataset", ["--train-steps", "0"], "--train-steps"),
         ("bench_data", "prepare_embedded_dataset", ["--micro-batch", "0"], "--micro-batch"),
+        # read after the data rounds: a ConfigError traceback 28 s in
+        ("bench_data", "prepare_embedded_dataset", ["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml"),
         # a file as the data cache failed every variant, each after its own start-up (25 s, 2 tracebacks)
         ("bench_train", "run_variant", ["--data-cache", __file__], f"{__file__} is a file, not a folder"),
     ],

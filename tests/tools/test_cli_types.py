@@ -309,6 +309,40 @@ def test_a_reader_that_stops_early_ends_a_tool_quietly(tmp_path, wrapped):
         assert status != 0 and "BrokenPipeError" in err
 
 
+OTHER_PIPE_TOOL = """
+import subprocess, sys
+from pretrain.cli import ends_quietly_when_the_reader_stops
+
+@ends_quietly_when_the_reader_stops
+def main():
+    print("first line", flush=True)
+    child = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+    child.wait()  # it has gone: writing to its stdin breaks that pipe, not stdout's
+    child.stdin.write(b"x" * 1_000_000)
+    child.stdin.flush()
+    return 0
+
+sys.exit(main())
+"""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(tmp_path):
+    """Only the reader of stdout going away is quiet: a pipe to a subprocess (or a worker) breaking is
+    a fault, and its traceback and a failing status reach the user while stdout's reader still reads."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "tool.py"
+    script.write_text(OTHER_PIPE_TOOL)
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=repo, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert done.stdout == "first line\n"
+    assert done.returncode != 0 and "BrokenPipeError" in done.stderr
+
+
 def test_the_tools_with_long_output_end_quietly_when_the_reader_stops():
     """tfidf (a ranking of --top 500 lines), generate (--probes: a line per probe), inspect_data
     (--rows) and submit (--dry-run of a sweep)."""

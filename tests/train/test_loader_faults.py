@@ -178,7 +178,7 @@ def test_a_dead_workers_error_is_shared_with_what_most_often_killed_it(error, hi
     catch at all (its rank alone ended, the others waited), or ConnectionResetError (4 in 30), shared
     without a hint; a full /dev/shm (Bus error) got the OOM killer's."""
     from pretrain.data.errors import DataError
-    from pretrain.data.loader import read_all
+    from pretrain.data.loader_failures import read_all
 
     raised = error()
 
@@ -234,7 +234,7 @@ def _read_with_a_worker_that_ends(data: str, how: str, answer) -> None:
     import sys
 
     from pretrain.data import ShardLoader
-    from pretrain.data.loader import read_all
+    from pretrain.data.loader_failures import read_all
     from pretrain.trainer import leave_dead_workers_to_the_loader
 
     real = ShardLoader._stream
@@ -305,7 +305,7 @@ def test_a_workers_own_error_is_raised_at_once_not_taken_for_its_death(monkeypat
     from torch.utils.data import DataLoader
 
     from pretrain.data import worker_exits
-    from pretrain.data.loader import _naming_dead_workers
+    from pretrain.data.loader_failures import naming_dead_workers
 
     class NoWaiting:
         monotonic = staticmethod(time.monotonic)
@@ -315,7 +315,7 @@ def test_a_workers_own_error_is_raised_at_once_not_taken_for_its_death(monkeypat
             raise AssertionError(f"waited {seconds} s for a worker to end")
 
     loader = iter(DataLoader(_RaisingDataset(), batch_size=None, num_workers=1))
-    batches = _naming_dead_workers(loader)
+    batches = naming_dead_workers(loader)
     try:
         assert torch.equal(next(batches), torch.zeros(1))
         monkeypatch.setattr(worker_exits, "time", NoWaiting)

@@ -43,7 +43,7 @@ def _inject(fault: str, rank: int, injected: dict) -> None:
     """Make `fault` strike this rank at the step-4 save (if it is the fault's rank)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    import pretrain.checkpoint as checkpoint_module
+    import pretrain.checkpoint.checkpointer as checkpoint_module
     from pretrain.parallel.memory_parallel import MemoryParallel
     from pretrain.slots import checkpoint_item
 

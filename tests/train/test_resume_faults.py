@@ -303,7 +303,7 @@ def test_a_first_checkpoint_whose_latest_failed_names_the_fix_that_resumes(tmp_p
     import errno
     import re
 
-    import pretrain.checkpoint as checkpoint_module
+    import pretrain.checkpoint.checkpointer as checkpoint_module
 
     real = checkpoint_module.atomic_write
 

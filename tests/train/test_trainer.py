@@ -232,7 +232,7 @@ def test_a_write_the_filesystem_refuses_is_named(tmp_path, data_cache, monkeypat
     exit status 1, not in the message naming the checkpoint kept."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    import pretrain.checkpoint as checkpoint_module
+    import pretrain.checkpoint.checkpointer as checkpoint_module
     from pretrain.slots.checkpoint_item import SlotTableWriter
 
     run = tmp_path / "run"

@@ -1,0 +1,131 @@
+"""A rank whose peer process dies mid-run (world 2, gloo; the peer killed by SIGKILL as by the
+out-of-memory killer, tests/crash_launch.py): the survivor ends with one line naming the lost rank,
+the checkpoint the run resumes from and the command, exit status 1. It printed a page of traceback
+through DeepSpeed and torch.distributed ending in gloo's 'Connection closed by peer [127.0.0.1]:29611',
+which named no rank (pretrain/lost_peer.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch.distributed import DistBackendError
+
+from pretrain import lost_peer, watchdog
+from pretrain.checkpoint import CheckpointError, tag_for
+from tests.train.test_crash_consistency import launch, wait
+
+
+@pytest.mark.parametrize("dead", [1, 0])  # rank 0's process also serves the rendezvous store
+def test_the_surviving_rank_names_the_dead_one_and_the_resume(tmp_path, data_cache, dead):
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    children = launch("deepspeed-saved", 2, run, data_cache, log, world=2, killed_rank=dead)
+    codes = wait(children, timeout=300)
+    survivor = 1 - dead
+    assert codes[dead] == -signal.SIGKILL and codes[survivor] == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
+    host = socket.gethostname()
+    if dead == 1:
+        lost = f"lost rank 1 on {host} (process {children[1].pid} has ended)"
+    else:
+        lost = "lost rank 0 (its process, which serves the rendezvous store, no longer answers)"
+    assert line.startswith(f"error: rank {survivor} on {host} {lost} after "), line
+    assert "gloo: " in line and "that rank's own output says why it ended" in line
+    assert (
+        f"The run resumes from {run / 'checkpoints' / tag_for(1)}: start every rank again as before (memlayers-train "
+        in line
+    )
+    assert line.endswith(f" on rank {survivor})")
+    if dead == 1:  # as it says: the same command on every rank resumes the run
+        assert wait(launch("none", 0, run, data_cache, tmp_path / "resumed.log", world=2), timeout=300) == [0, 0]
+        assert f"resumed from {run / 'checkpoints' / tag_for(1)}" in (tmp_path / "resumed.log").read_text()
+
+
+def test_a_rank_on_another_node_is_named_by_the_peer_address(monkeypatch):
+    here = socket.gethostname()
+    table = {"node7": frozenset({"10.0.0.7"}), "node8": frozenset({"10.0.0.8"})}
+    monkeypatch.setattr(lost_peer, "_addresses", lambda host: table.get(host, frozenset()))
+    processes = [(here, 1), ("node7", 2), ("node8", 3), ("node8", 4)]
+    assert lost_peer.lost_ranks(0, "10.0.0.7", processes) == "rank 1 on node7"
+    assert lost_peer.lost_ranks(0, "10.0.0.8", processes) == "one of ranks 2, 3 on node8"
+    everywhere = ", ".join(sorted({here, "node7", "node8"}))
+    assert lost_peer.lost_ranks(2, None, processes) == f"one of ranks 0, 1, 3 on {everywhere}"  # NCCL: no address
+    dead = subprocess.Popen(["true"])  # a process that has ended, and been reaped
+    dead.wait()
+    processes[3] = (here, dead.pid)
+    assert lost_peer.lost_ranks(0, None, processes) == f"rank 3 on {here} (process {dead.pid} has ended)"
+    also = subprocess.Popen(["true"])
+    also.wait()
+    processes[2] = (here, also.pid)
+    both = f"ranks 2, 3 on {here} (processes {also.pid}, {dead.pid} have ended)"  # was 'process A, B has ended'
+    assert lost_peer.lost_ranks(0, None, processes) == both
+
+
+def test_a_rank_whose_process_is_a_zombie_has_ended():
+    """A killed rank stays a zombie until its launcher collects it: it has ended, and is named so
+    (the launch test's rank is mostly collected already by the time the survivor looks)."""
+    import time
+
+    here = socket.gethostname()
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 30
+    while watchdog.process_state(zombie.pid)[0] != "Z":  # exited, not collected (no wait yet)
+        assert time.monotonic() < deadline, watchdog.process_state(zombie.pid)
+        time.sleep(0.01)
+    try:
+        assert lost_peer._has_ended(zombie.pid) and not lost_peer._has_ended(os.getpid())
+        processes = [(here, os.getpid()), (here, zombie.pid)]
+        assert lost_peer.lost_ranks(0, None, processes) == f"rank 1 on {here} (process {zombie.pid} has ended)"
+    finally:
+        zombie.wait()
+
+
+@pytest.mark.parametrize(
+    "message, lost, peer",
+    [
+        ("[pair.cc:553] Connection closed by peer [10.0.0.7]:29611. This is typically", True, "10.0.0.7"),
+        ("[pair.cc:537] Read error [127.0.0.1]:22739: Connection reset by peer. This is", True, "127.0.0.1"),
+        ("NCCL error: remote process exited or there was a network error", True, None),
+        ("CUDA error: an illegal memory access was encountered", False, None),
+    ],
+)
+def test_which_backend_errors_are_a_lost_peer(message, lost, peer):
+    assert lost_peer.lost_peer(RuntimeError(message)) == (lost, peer)
+    assert lost_peer.lost_peer(DistBackendError(message)) == (lost, peer)
+    assert lost_peer.lost_peer(CheckpointError(message)) == (False, None)  # the project's own, quoting one
+
+
+def test_the_resume_command_is_the_one_this_rank_ran_or_the_slurm_jobs(monkeypatch):
+    monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 3)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    train_py = Path(lost_peer.__file__).with_name("train.py")
+    monkeypatch.setattr(sys, "argv", [str(train_py), "--config", "configs/tiny.yaml", "train.run_dir=runs/a b"])
+    expected = "python -m pretrain.train --config configs/tiny.yaml 'train.run_dir=runs/a b' on rank 3"
+    assert lost_peer.resume_command() == f"start every rank again as before ({expected})"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert lost_peer.resume_command().startswith("scontrol requeue 4242 ")
+
+
+def test_checkpoints_a_resume_would_refuse_are_not_called_the_start(tmp_path, monkeypatch):
+    """Rank 0 killed between renaming its first checkpoint and writing `latest` (crash_launch's
+    'renamed' point) leaves checkpoints/step_00000001 without `latest`, which a resume refuses. The
+    survivor said 'The run resumes from the start (no checkpoint yet)': it now passes on the refusal,
+    which names the fix, as a resume would print it."""
+    monkeypatch.setattr(lost_peer, "rank_processes", lambda: [])
+    monkeypatch.setattr(lost_peer.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 1)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / "checkpoints" / tag_for(1)).mkdir(parents=True)
+    err = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:29611")
+    line = lost_peer.describe(tmp_path, 1, "after step 1", err, "127.0.0.1")
+    assert "from the start" not in line, line
+    refusal = "holds checkpoints (step_00000001) but no 'latest' file naming the one to resume from"
+    assert f"The run resumes only once its checkpoints are put right: {tmp_path / 'checkpoints'} {refusal}" in line
+    assert line.endswith(" on rank 1)")  # then the command, as when it resumes
