@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         )
 
     from pretrain.config import load_config
+    from pretrain.lost_peer import LostPeer
     from pretrain.profiling import format_report, profile_training
     from pretrain.train import REFUSALS
 
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     except (*REFUSALS, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except LostPeer as err:  # a rank of a multi-rank profile died: its output has the cause, this one a line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(format_report(report))
     return 0
 

@@ -18,7 +18,9 @@ from torch.distributed import DistBackendError
 
 from pretrain import lost_peer, watchdog
 from pretrain.checkpoint import CheckpointError, tag_for
-from tests.train.test_crash_consistency import launch, wait
+from pretrain.distributed import free_port
+from tests.crash_launch import start
+from tests.train.test_crash_consistency import launch, run_args, wait
 
 
 @pytest.mark.parametrize("dead", [1, 0])  # rank 0's process also serves the rendezvous store
@@ -93,6 +95,8 @@ def test_a_rank_whose_process_is_a_zombie_has_ended():
         ("[pair.cc:553] Connection closed by peer [10.0.0.7]:29611. This is typically", True, "10.0.0.7"),
         ("[pair.cc:537] Read error [127.0.0.1]:22739: Connection reset by peer. This is", True, "127.0.0.1"),
         ("NCCL error: remote process exited or there was a network error", True, None),
+        # the store, rank 0's process gone, while a process group is made (DistNetworkError)
+        ("Failed to recv, got 0 bytes. Connection was likely closed. Did the remote server shutdown", True, None),
         ("CUDA error: an illegal memory access was encountered", False, None),
     ],
 )
@@ -129,3 +133,56 @@ def test_checkpoints_a_resume_would_refuse_are_not_called_the_start(tmp_path, mo
     refusal = "holds checkpoints (step_00000001) but no 'latest' file naming the one to resume from"
     assert f"The run resumes only once its checkpoints are put right: {tmp_path / 'checkpoints'} {refusal}" in line
     assert line.endswith(" on rank 1)")  # then the command, as when it resumes
+
+
+@pytest.mark.parametrize(
+    "point, where",
+    [
+        ("config-shared", "while the ranks checked the config (gloo: "),
+        # gloo making DeepSpeed's group waited on the store for the dead rank, 720 s here (32 minutes by
+        # default), then failed with a timeout that named no rank: the survivor's watch ends it
+        ("deepspeed-initialize", "before this run's first step finished (gloo: no error, still waiting for it 20 s"),
+        ("final-barrier", "after this run ended at step 6 (gloo: "),
+    ],
+)
+def test_a_rank_lost_at_start_up_or_shutdown_is_named_in_one_line(tmp_path, data_cache, point, where):
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    children = launch(point, 0, run, data_cache, log, world=2, killed_rank=1)
+    codes = wait(children, timeout=300)
+    text = log.read_text()
+    assert codes == [1, -signal.SIGKILL], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
+    lost = f"lost rank 1 on {socket.gethostname()} (process {children[1].pid} has ended)"
+    assert line.startswith(f"error: rank 0 on {socket.gethostname()} {lost} {where}"), line
+    resumes = f"from {run / 'checkpoints' / tag_for(6)}" if point == "final-barrier" else "from the start"
+    assert f"The run resumes {resumes}" in line, line
+
+
+def test_a_multi_rank_profile_whose_peer_dies_ends_in_one_line(tmp_path, data_cache):
+    run, log = tmp_path / "run", tmp_path / "profile.log"
+    port = str(free_port())
+    args = ["--steps", "3", *run_args(run, data_cache)]
+    children = [
+        start(
+            "after-step" if rank == 1 else "none",
+            1,
+            "profile",
+            args,
+            log,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        for rank in range(2)
+    ]
+    codes = wait(children, timeout=300)
+    text = log.read_text()
+    assert codes == [1, -signal.SIGKILL], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: rank 0 on {socket.gethostname()} lost rank 1 on "), line
+    assert " at step 1 (gloo: " in line, line  # the last step or checkpoint finished
