@@ -154,12 +154,13 @@ def test_a_console_script_s_help_imports_no_torch(script):
         ("memlayers-perplexity", ["{run}", "--data", "{tmp}"], "memlayers-export {run} OUT"),
         ("memlayers-generate", ["{missing}", "--prompt", "a"], "no such export directory: {missing}"),
         ("memlayers-tfidf", ["--export", "{run}", "--text", "a"], "memlayers-export {run} OUT"),
+        ("memlayers-slot-report", ["--table", "{missing}", "--out", "{tmp}/r.png"], "slot table path {missing} does"),
     ],
 )
 def test_a_missing_or_wrong_folder_is_refused_before_torch_is_imported(script, args, message, tmp_path):
-    """The export tools refused a missing export, a training run given as one, or a missing run folder
-    only after importing torch (2.1-3.2 s on the loaded 2-core machine, 0.04-0.1 s without): through
-    pretrain.export's eager __init__, and --device's default parsed with torch. The reference is the
+    """The export tools refused a missing export, a training run given as one, a missing run folder or
+    slot table only after importing torch (2.1-3.2 s on the loaded 2-core machine, 0.04-0.1 s without): through
+    pretrain.export's (pretrain.slots') eager __init__, and --device's default parsed with torch. The reference is the
     refusal's message (exit status 2) and sys.modules of a fresh interpreter after it."""
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     names = {"missing": tmp_path / "nope", "run": tmp_path / "run", "tmp": tmp_path}
