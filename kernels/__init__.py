@@ -4,13 +4,17 @@ Knows nothing of training. `backend` picks the implementation: "auto" uses Trito
 CUDA tensors (when Triton is importable) and the PyTorch reference otherwise;
 "triton" and "torch" force one. All paths are differentiable. `kernels.ops` wraps both
 functions as `torch.library` custom ops (fake + autograd), the form torch.compile keeps whole.
+
+Importing this package loads no torch (it is imported on first use), so that its torch-free modules
+(`kernels.devices`: tools/gpu_report.py on the CPU machine) start in a fraction of a second.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from kernels import reference
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "triton", "torch")
 VALUE_GRADS = ("sorted", "atomic", "sparse")  # the bag's value-gradient forms (embedding_bag)
@@ -43,6 +47,8 @@ def pkm_topk(query, keys1, keys2, k: int, backend: str = "auto"):
         from kernels import pkm_triton
 
         return pkm_triton.pkm_topk(query, keys1, keys2, k)
+    from kernels import reference
+
     return reference.pkm_topk(query, keys1, keys2, k)
 
 
@@ -52,12 +58,16 @@ def pkm_topk_fp32(query, keys1, keys2, k: int, backend: str = "auto"):
     saves these: its backward w * (g - sum(g * w)) cancels a gradient common to the k
     slots only for weights that sum to 1, which bf16-rounded weights do not. Not meant
     for autograd (the op registers its own backward)."""
+    import torch
+
     acc = torch.promote_types(query.dtype, torch.float32)
     if _search_backend(query, keys1, keys2, k, backend) == "triton":
         from kernels import pkm_triton
 
         weights, indices = pkm_triton.pkm_topk_forward(query, keys1, keys2, k)
         return weights.to(acc), indices
+    from kernels import reference
+
     return reference.pkm_topk_fp32(query, keys1, keys2, k)
 
 
@@ -88,6 +98,8 @@ def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: s
         from kernels import bag_triton
 
         return bag_triton.embedding_bag(values, indices, weights, value_grad=value_grad)
+    from kernels import reference
+
     if value_grad == "sparse":
         return reference.embedding_bag_sparse(values, indices, weights)
     return reference.embedding_bag(values, indices, weights)

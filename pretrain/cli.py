@@ -173,6 +173,8 @@ def output_folder(text: str) -> str:
 def torch_device(text: str) -> str:
     """argparse type for --device: cpu, or cuda / cuda:N on a machine that has that GPU; refused at
     the parse (torch refused a misspelt name, and CUDA lacking, only after the model loaded)."""
+    if text == "cpu":  # the tools' default, which argparse passes through here too: no torch needed
+        return text
     import torch
 
     try:

@@ -53,7 +53,8 @@ def check_init_source(cfg: RunConfig, tokenizer_sha256: str | None, data_dir: Pa
     the same model settings (but for how it runs and CONTEXT_KEYS), the same tokenizer as the data's (not
     compared when `tokenizer_sha256` is None: the data is not prepared yet)."""
     from pretrain.export.errors import ExportError
-    from pretrain.export.loading import model_config_from_json, refuse_training_run
+    from pretrain.export.folders import refuse_training_run
+    from pretrain.export.loading import model_config_from_json
     from pretrain.export.safetensors_io import read_header
 
     source = Path(cfg.train.init_from)

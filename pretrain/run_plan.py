@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from pretrain.model.accounting import human_count
+from pretrain.model.accounting import config_parameters, flops_per_token, human_count
 
 # Beyond about 4 passes, repeated tokens are worth markedly less than fresh ones (Muennighoff
 # et al., "Scaling Data-Constrained Language Models", 2023).
@@ -42,10 +40,7 @@ class RunPlan:
 def training_plan(cfg, sources: list) -> RunPlan:
     """The plan of `cfg`'s whole run (train.max_steps) over `sources` (checked `Source`s; [] when
     the data is not prepared yet: no epochs then)."""
-    from pretrain.model import Transformer, count_parameters, flops_per_token
-
-    with torch.device("meta"):
-        counts = count_parameters(Transformer(cfg.model))
+    counts = config_parameters(cfg.model)
     t = cfg.train
     sequences = t.max_steps * t.global_batch
     total_weight = sum(s.weight for s in sources)

@@ -5,22 +5,24 @@ periodic action) -> `build` (pretrain/build.py: data, run directory, model + Dee
 `Optimizers`, loaders, slot counters, metrics, evaluation, in a `Trainer`; the checkpoint's items
 declared) -> `Trainer.resume` -> `Trainer.fit`, the loop (pretrain/trainer.py). Then the command
 line: `main` reports a refusal as one line (exit status 2), as it does a rank lost mid-run (exit
-status 1, pretrain/lost_peer.py); `cli` is the console script.
+status 1, pretrain/lost_peer.py); `cli` ends the process. The console script starts in
+pretrain/train_cli.py (stop handler, options, config), before this module's imports (torch, seconds).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 from pretrain.slurm import SlurmEnvError, StopSignal  # the standard library only
 
-# `python -m pretrain.train` (the sbatch templates): the stop handler is installed before the
-# heavy imports below (seconds), so a USR1/SIGTERM during start-up is recorded, not fatal;
-# train() takes it over. Ctrl-C too stops with a checkpoint (a second one aborts).
-_STARTUP_STOP = StopSignal(ctrl_c=True) if __name__ == "__main__" else None
+if __name__ == "__main__":
+    # `python -m pretrain.train` (the sbatch templates): the stop handler and the config's checks come
+    # before the heavy imports below (seconds); pretrain.train_cli then imports this file as a module
+    from pretrain.train_cli import cli
+
+    cli()  # ends the process
 
 import torch.distributed as dist  # noqa: E402
 
@@ -41,6 +43,7 @@ from pretrain.lost_peer import LocalPeerWatch, LostPeer, explain_lost_peer, lost
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
+from pretrain.train_cli import parse_args  # noqa: E402
 from pretrain.trainer import TrainingDiverged, TrainResult  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
 
@@ -120,15 +123,7 @@ def hang_watchdog(cfg: RunConfig, info: DistInfo) -> HangWatchdog:
     )
 
 
-# ---- the command line -------------------------------------------------------------------------
-def parse_args(argv=None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
-
-
+# ---- the command line (its start, before torch: pretrain/train_cli.py) -----------------------------
 def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> RunConfig:
     """`load_config`; in a run of several processes, its refusal on some (ConfigError, DataError)
     is raised on every one, naming the rank and its host (the process group is made for it, with
@@ -170,10 +165,12 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
 REFUSALS = (ConfigError, DataError, CheckpointError, SlurmEnvError, OutOfMemory, RendezvousTimeout)
 
 
-def main(argv=None, stop: StopSignal | None = None) -> int:
+def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None) -> int:
+    """`cfg`: the config of argv, where pretrain/train_cli.py read it already (in a process that runs alone)."""
     config_path, overrides = parse_args(argv)
     try:
-        cfg = load_config_on_every_rank(config_path, overrides)
+        if cfg is None:
+            cfg = load_config_on_every_rank(config_path, overrides)
         result = train(cfg, stop)
     except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
@@ -214,19 +211,16 @@ def main(argv=None, stop: StopSignal | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """`python -m pretrain.train` / `memlayers-train`: main(), then exit without interpreter teardown.
+def cli(stop: StopSignal | None = None, cfg: RunConfig | None = None) -> None:
+    """`python -m pretrain.train` / `memlayers-train` (through pretrain/train_cli.py, which installs `stop`
+    and reads `cfg` before torch is imported): main(), then exit without interpreter teardown.
 
     By then the process group is destroyed and every checkpoint, table and event file is
     closed; what teardown would still do is destroy C++ objects of gloo and DeepSpeed's
     shared-memory op, where a rank occasionally aborts ("terminate called without an
     active exception"), failing a finished job under srun.
     """
-    code = main(stop=_STARTUP_STOP or StopSignal(ctrl_c=True))  # memlayers-train: installed here
+    code = main(stop=stop, cfg=cfg)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    cli()

@@ -36,10 +36,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from pretrain.export import ExportError
-    from pretrain.export.averaging import average_exports
+    from pretrain.export.errors import ExportError
+    from pretrain.export.folders import check_export_dir
 
     try:
+        for export_dir in args.exports:  # a missing or wrong folder refused before torch is imported
+            check_export_dir(export_dir)
+        from pretrain.export.averaging import average_exports
+
         with plain_warnings():
             out = average_exports(
                 args.exports,

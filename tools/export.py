@@ -44,9 +44,13 @@ def main(argv=None) -> int:
     parser.add_argument("--report-memory", action="store_true", help="print peak RSS against the weights' size")
     args = parser.parse_args(argv)
 
-    from pretrain.export import ExportError, export_checkpoint
+    from pretrain.export.errors import ExportError
+    from pretrain.export.folders import resolve_checkpoint_dir
 
     try:
+        resolve_checkpoint_dir(args.source)  # a missing or wrong run folder refused before torch is imported
+        from pretrain.export import export_checkpoint
+
         out = export_checkpoint(
             args.source, args.out_dir, dtype=args.dtype, force=args.force, dataset_dir=args.dataset_dir
         )

@@ -156,12 +156,16 @@ def main(argv=None) -> int:
     max_new_tokens = MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
 
     from pretrain.data import DataError
-    from pretrain.export import ExportError, load
-    from pretrain.export.generation import answer_probes, check_length, check_sampling, generate
-    from pretrain.export.loading import export_probes, export_tokenizer, model_config_from_json
+    from pretrain.export.errors import ExportError
+    from pretrain.export.folders import export_tokenizer_path
 
     export_dir = Path(args.export_dir)
     try:
+        export_tokenizer_path(export_dir)  # a missing or wrong folder refused before torch is imported
+        from pretrain.export import load
+        from pretrain.export.generation import answer_probes, check_length, check_sampling, generate
+        from pretrain.export.loading import export_probes, export_tokenizer, model_config_from_json
+
         tokenizer = export_tokenizer(export_dir)
         # read as the export's Hugging Face tokenizer reads it: "</s>" is the document separator's id
         text_ids = tokenizer.encode_with_special_tokens(args.prompt or "")

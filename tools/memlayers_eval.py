@@ -99,17 +99,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     from pretrain.data import DataError
-    from pretrain.export import ExportError
-    from pretrain.export.lm_eval_tasks import check_task_dir, write_fact_tasks
-    from pretrain.export.loading import export_tokenizer_path
+    from pretrain.export.errors import ExportError
+    from pretrain.export.folders import check_export_dir, export_tokenizer_path
 
     export_dir = Path(args.export_dir).resolve()
     scratch = None
     try:
         try:
             export_tokenizer_path(export_dir)  # first: it tells a run directory or a missing folder apart
-            if not (export_dir / "config.json").is_file():
-                raise ExportError(f"{export_dir} has no config.json: is it an export directory (tools/export.py)?")
+            check_export_dir(export_dir, needed=("config.json",))
+            from pretrain.export.lm_eval_tasks import check_task_dir, write_fact_tasks  # torch (seconds)
+
             task_dir = Path(args.task_dir) if args.task_dir else None
             if args.write_tasks or (task_dir is None and "memlayers_facts" in args.tasks):
                 task_dir = Path(args.write_tasks) if args.write_tasks else Path(scratch := tempfile.mkdtemp("-tasks"))

@@ -38,12 +38,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from pretrain.data import DataError
-    from pretrain.export import ExportError
-    from pretrain.export.perplexity import dataset_loss
+    from pretrain.export.errors import ExportError
+    from pretrain.export.folders import check_export_dir
     from pretrain.files import atomic_write
     from pretrain.model.config import ConfigError
 
     try:
+        check_export_dir(args.export_dir)  # a missing or wrong folder refused before torch is imported
+        from pretrain.export.perplexity import dataset_loss
+
         result = dataset_loss(
             args.export_dir,
             args.data,

@@ -46,13 +46,19 @@ def main(argv=None) -> int:
             f"steps than are profiled (e.g. --steps {args.skip_steps + 3} --skip-steps {args.skip_steps})"
         )
 
-    from pretrain.config import load_config
+    from pretrain.config import ConfigError, load_config
+    from pretrain.data.errors import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, DataError) as err:  # refused before torch (seconds) is imported
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from pretrain.lost_peer import LostPeer
     from pretrain.profiling import format_report, profile_training
     from pretrain.train import REFUSALS
 
     try:
-        cfg = load_config(args.config, args.overrides)
         report = profile_training(cfg, args.steps, args.trace_dir, args.skip_steps)
     # the refusals the trainer's own main reports as errors (a run_dir that is a file, a broken Slurm step)
     except (*REFUSALS, ValueError) as err:

@@ -21,14 +21,18 @@ def main(argv=None) -> int:
     p.add_argument("--table", required=True, help="slot_frequencies.safetensors or a directory holding one")
     p.add_argument("--out", required=True, type=image_file("slot_report.png"), help="PNG file to write")
     args = p.parse_args(argv)
-    from pretrain.slots.report import render_report  # with torch (seconds): after --help and the options' checks
-    from pretrain.slots.table import load_table
+    from pretrain.slots.locate import find_table
 
     try:
+        find_table(args.table)  # a missing table refused before torch (seconds) is imported
+        from pretrain.slots.table import load_table
+
         table = load_table(args.table)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from pretrain.slots.report import render_report
+
     out = render_report(table, args.out)
     print(f"wrote {out} (table {table.path}, step {table.step})")
     return 0

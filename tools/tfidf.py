@@ -42,12 +42,15 @@ def main(argv=None) -> int:
         help="accept a --table counted in another training run (same config and tokenizer) than the export's",
     )
     args = p.parse_args(argv)
-    from pretrain.export import ExportError  # these import torch (seconds): after --help and the options' checks
-    from pretrain.slots import TableMismatchError, load_export_for_tfidf, memory_layer_names, rank_slots
+    from pretrain.export.errors import ExportError
+    from pretrain.export.folders import check_export_dir
 
     try:
+        check_export_dir(args.export)  # a missing or wrong folder refused before torch is imported
+        from pretrain.slots import load_export_for_tfidf, memory_layer_names, rank_slots  # torch (seconds)
+
         model, _cfg, table, tok_path = load_export_for_tfidf(args.export, args.table, args.allow_other_run)
-    except (TableMismatchError, ExportError, FileNotFoundError, ValueError) as err:
+    except (ExportError, FileNotFoundError, ValueError) as err:  # a TableMismatchError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not tok_path.is_file():

@@ -34,43 +34,33 @@ the dense state through DeepSpeed's universal checkpoint, the per-rank items by 
 One concern per module: `layout.py` (folder names, `latest`, pruning, CheckpointError),
 `checkpointer.py` (Checkpointer: save, verify, load), `verification.py` (every file a resume reads,
 checked before it loads), `compatibility.py` (what a resume may not change: model, ZeRO stage,
-precision). This package's namespace re-exports their public names, the import path callers use.
+precision). This package's namespace re-exports their public names, the import path callers use; they are
+imported on first use, so that the folder checks of layout.py (which memlayers-export refuses a missing run
+with) load no torch.
 """
 
-from pretrain.checkpoint.checkpointer import Checkpointer
-from pretrain.checkpoint.compatibility import (
-    ZERO_STAGES_INTERCHANGEABLE,
-    check_compatible,
-    check_dtype_change,
-    check_zero_stage_change,
-    model_fingerprint,
-)
-from pretrain.checkpoint.layout import (
-    TMP_PREFIX,
-    CheckpointError,
-    checkpoint_folders,
-    latest_checkpoint,
-    prune_checkpoints,
-    rank_file,
-    step_of,
-    tag_for,
-)
-from pretrain.checkpoint.verification import verify
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "Checkpointer",
-    "TMP_PREFIX",
-    "ZERO_STAGES_INTERCHANGEABLE",
-    "check_compatible",
-    "check_dtype_change",
-    "check_zero_stage_change",
-    "checkpoint_folders",
-    "latest_checkpoint",
-    "model_fingerprint",
-    "prune_checkpoints",
-    "rank_file",
-    "step_of",
-    "tag_for",
-    "verify",
-]
+from pretrain.lazy_names import lazy_names
+
+# name -> the module of this package that defines it
+_MODULE_OF = {
+    "Checkpointer": "checkpointer",
+    "ZERO_STAGES_INTERCHANGEABLE": "compatibility",
+    "check_compatible": "compatibility",
+    "check_dtype_change": "compatibility",
+    "check_zero_stage_change": "compatibility",
+    "model_fingerprint": "compatibility",
+    "TMP_PREFIX": "layout",
+    "CheckpointError": "layout",
+    "checkpoint_folders": "layout",
+    "latest_checkpoint": "layout",
+    "prune_checkpoints": "layout",
+    "rank_file": "layout",
+    "step_of": "layout",
+    "tag_for": "layout",
+    "verify": "verification",
+}
+
+__all__ = sorted(_MODULE_OF)
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

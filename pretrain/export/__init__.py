@@ -9,10 +9,23 @@ checkpoint), dense (ZeRO weights), safetensors_io (streamed files), writer, card
 errors; and what is done with an export: averaging (weighted mean of exports), perplexity (loss
 on a prepared split), generation (sampling, the fact-probe quiz), scoring (log-likelihoods
 through transformers) and lm_eval_tasks (lm-evaluation-harness tasks of the fact probes).
+
+The names below are imported from their modules on first use, so that a tool's refusal of a missing
+or wrong folder (pretrain.export.folders) comes before torch is imported.
 """
 
-from pretrain.export.errors import ExportError, IncompleteFileError
-from pretrain.export.loading import load
-from pretrain.export.writer import export_checkpoint, weight_specs
+from __future__ import annotations
 
-__all__ = ["ExportError", "IncompleteFileError", "export_checkpoint", "load", "weight_specs"]
+from pretrain.lazy_names import lazy_names
+
+# name -> the module of this package that defines it
+_MODULE_OF = {
+    "ExportError": "errors",
+    "IncompleteFileError": "errors",
+    "load": "loading",
+    "export_checkpoint": "writer",
+    "weight_specs": "writer",
+}
+
+__all__ = sorted(_MODULE_OF)
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

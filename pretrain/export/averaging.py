@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pretrain.config import model_differences
 from pretrain.export.errors import ExportError
-from pretrain.export.loading import refuse_training_run
+from pretrain.export.folders import check_export_dir
 from pretrain.export.safetensors_io import DTYPES, StreamWriter, read_header, read_rows
 from pretrain.export.writer import check_output_folder
 from pretrain.files import atomic_directory, file_sha256
@@ -58,12 +58,7 @@ class ExportInput:
 
 
 def _read_input(path: Path) -> ExportInput:
-    if not path.is_dir():
-        raise ExportError(f"no such export directory: {path} (memlayers-export writes one from a run)")
-    for name in REQUIRED:
-        if not (path / name).is_file():
-            refuse_training_run(path)
-            raise ExportError(f"{path} has no {name}: pass folders written by memlayers-export")
+    check_export_dir(path, REQUIRED)
     try:
         config = json.loads((path / "config.json").read_text())
         config["model"]

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from pretrain.config import config_to_dict
 from pretrain.export.errors import ExportError
+from pretrain.export.folders import check_export_dir, export_tokenizer_path
 from pretrain.export.safetensors_io import read_header
 from pretrain.model import Transformer
 from pretrain.model.config import ConfigError, MemoryConfig, ModelConfig
@@ -43,11 +44,7 @@ def model_config_from_json(path: Path) -> ModelConfig:
 
 def load(export_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
     """The exported model in eval mode on `device`, weights loaded strictly (in the file's dtype)."""
-    export_dir = Path(export_dir)
-    for name in ("config.json", "model.safetensors"):
-        if not (export_dir / name).is_file():
-            refuse_training_run(export_dir)
-            raise ExportError(f"{export_dir} has no {name}: is it an export directory (written by tools/export.py)?")
+    export_dir = check_export_dir(export_dir)
     cfg = model_config_from_json(export_dir / "config.json")
     if cfg.memory.kernel == "triton" and torch.device(device).type != "cuda":
         # the training run's GPU kernel choice, saved verbatim: off CUDA, "auto" picks the torch ops
@@ -94,33 +91,6 @@ def check_weights_match(path: Path, header: dict, expected: dict[str, torch.Tens
             f"{path} does not hold the tensors of the model its config.json describes ({'; '.join(problems)}): "
             "re-export the checkpoint with tools/export.py, or restore the config.json written with it"
         )
-
-
-def refuse_training_run(folder: Path) -> None:
-    """An ExportError where `folder` is a run directory or a checkpoint (what a tool given one
-    instead of an export meets first), naming the export command; nothing otherwise."""
-    if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
-        raise ExportError(
-            f"{folder} is a training run or checkpoint, not an export: export it first, "
-            f"memlayers-export {folder} OUT (tools/export.py), and pass OUT"
-        )
-
-
-def export_tokenizer_path(export_dir: str | Path) -> Path:
-    """The export's tokenizer.model, or an error saying how to get one (checked before any model loads)."""
-    folder = Path(export_dir)
-    path = folder / "tokenizer.model"
-    if not folder.is_dir():
-        raise ExportError(f"no such export directory: {folder} (tools/export.py writes one from a run)")
-    if not path.is_file():
-        refuse_training_run(folder)
-    if not path.is_file():
-        raise ExportError(
-            f"{export_dir} has no tokenizer.model, which generation and evaluation need: re-export "
-            "with tools/export.py (it copies the run's tokenizer), or copy the tokenizer.model the "
-            "model was trained with into the folder"
-        )
-    return path
 
 
 def export_probes(export_dir: str | Path, probes_dir: str | Path | None = None, other_fix: str = ""):

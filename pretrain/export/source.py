@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError, checkpoint_folders, latest_checkpoint, step_of
 from pretrain.config import RunConfig, validate
 from pretrain.export.errors import ExportError, IncompleteFileError
+from pretrain.export.folders import resolve_checkpoint_dir
 from pretrain.export.safetensors_io import read_header
 from pretrain.parallel import shard_files
 from pretrain.slots.table import TABLE_FILENAME
@@ -45,38 +45,6 @@ class CheckpointSource:
     @property
     def num_value_tables(self) -> int:
         return self.cfg.model.memory.num_value_tables
-
-
-def resolve_checkpoint_dir(source: str | Path) -> Path:
-    """The checkpoint folder a run directory, checkpoints root or checkpoint folder designates."""
-    path = Path(source)
-    if not path.exists():
-        kept = checkpoint_folders(path.parent) if step_of(path) is not None else []
-        if kept:  # a step the run pruned (it keeps its last train.keep_checkpoints) or never wrote
-            raise ExportError(
-                f"no such checkpoint: {path}; {path.parent} holds {', '.join(p.name for p in kept)} "
-                "(a run keeps its last train.keep_checkpoints): pass one of those"
-            )
-        raise ExportError(f"no such run directory or checkpoint: {path}")
-    if not path.is_dir():
-        raise ExportError(
-            f"{path} is a file: pass a run directory (holding checkpoints/latest) or a checkpoint "
-            "folder (checkpoints/step_XXXXXXXX)"
-        )
-    for root in (path / "checkpoints", path):
-        try:
-            newest = latest_checkpoint(root)
-        except CheckpointError as err:
-            raise ExportError(str(err)) from err
-        if newest is not None:
-            return newest
-    if (path / "config.yaml").is_file() or any(path.glob("*model_states.pt")):
-        return path
-    raise ExportError(
-        f"{path} is neither a run directory (with checkpoints/latest) nor a checkpoint folder "
-        "(with config.yaml and DeepSpeed model states): pass e.g. runs/tiny or "
-        "runs/tiny/checkpoints/step_00000100"
-    )
 
 
 def check_torch_zip(path: Path) -> None:

@@ -15,6 +15,7 @@ _MODULE_OF = {
     "ModelConfig": "config",
     "LayerKind": "accounting",
     "ParameterCount": "accounting",
+    "config_parameters": "accounting",
     "count_parameters": "accounting",
     "flops_per_token": "accounting",
     "layer_kinds": "accounting",

@@ -58,6 +58,30 @@ def _is_memory_param(model: nn.Module, name: str) -> bool:
     return layer_id in model.cfg.memory.layers
 
 
+def config_parameters(cfg: ModelConfig) -> ParameterCount:
+    """`count_parameters(Transformer(cfg))` from the config alone, without building the model (and
+    importing torch): the run plan that memlayers-submit prints. Mirrors the modules of
+    pretrain/model/transformer.py and memory.py; tests/model/test_accounting.py holds the two equal."""
+    m, d, L = cfg.memory, cfg.dim, cfg.n_layers
+    memory_layers = len(m.layers)
+    norms = 2 * d  # attention_norm, ffn_norm
+    dense = L * (_attention_params(cfg) + norms) + (L - memory_layers) * 3 * d * cfg.hidden_dim  # SwiGLU w1 w2 w3
+    dense += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + d  # embeddings, output layer, final norm
+    v, half = cfg.value_dim, m.k_dim // 2
+    per_memory_layer = d * m.heads * m.k_dim + (half if m.qk_norm else 0) + 2 * d * v  # query proj + norm, W1, W2
+    return ParameterCount(
+        dense=dense,
+        memory_values=m.num_value_tables * m.num_slots * v,
+        memory_keys=memory_layers * 2 * m.heads * m.n_keys * half,
+        memory_other=memory_layers * per_memory_layer,
+    )
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    """wq, wo, wk, wv of one attention layer."""
+    return cfg.dim * cfg.n_heads * cfg.head_dim * 2 + cfg.dim * cfg.kv_heads * cfg.head_dim * 2
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """One kind of sublayer: how many the model has and its training FLOPs per token each."""
@@ -72,8 +96,7 @@ def layer_kinds(cfg: ModelConfig, seq_len: int) -> list[LayerKind]:
     count x FLOPs sum to `flops_per_token`'s total; tools/bench_kernels.py --layer times each
     kind to say where a step's time goes."""
     m, d, L = cfg.memory, cfg.dim, cfg.n_layers
-    hd, kv = cfg.head_dim, cfg.kv_heads
-    attn_params = d * cfg.n_heads * hd * 2 + d * kv * hd * 2  # wq, wo, wk, wv
+    attn_params = _attention_params(cfg)
     kinds = [
         LayerKind("attention", L, 3.0 * (2 * attn_params + 2 * 2 * seq_len * d)),
         LayerKind("ffn", L - len(m.layers), 3.0 * 2 * 3 * d * cfg.hidden_dim),

@@ -5,59 +5,41 @@ Trainer use: `SlotStatistics.begin_step` before a step's micro-batches, `update`
 micro-batch with each memory layer's `last_indices`, the batch's doc ids and row streams,
 `discard_step` when the step's update is skipped; `reduce()` at log/checkpoint time;
 `save_table` next to every checkpoint. Format of the table: see pretrain/slots/table.py.
+
+The names below are imported from their modules on first use, so that finding a table (`locate`)
+loads no torch.
 """
 
-from pretrain.slots.counters import SlotStatistics
-from pretrain.slots.granularity import parse_granularity
-from pretrain.slots.matching import (
-    TableMismatchError,
-    check_table_matches,
-    load_export_for_tfidf,
-    load_model_for_tfidf,
-)
-from pretrain.slots.sample import SampleData, recompute_doc_freq
-from pretrain.slots.table import (
-    FORMAT_VERSION,
-    TABLE_FILENAME,
-    SlotTable,
-    find_table,
-    load_table,
-    model_config_hash,
-    save_table,
-    tokenizer_hash,
-)
-from pretrain.slots.tfidf import (
-    RankedSlot,
-    SlotRanking,
-    layer_slot_counts,
-    memory_layer_names,
-    rank_slots,
-    tfidf_scores,
-    top_tfidf_slots,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT_VERSION",
-    "RankedSlot",
-    "SampleData",
-    "SlotRanking",
-    "SlotStatistics",
-    "SlotTable",
-    "TABLE_FILENAME",
-    "TableMismatchError",
-    "check_table_matches",
-    "find_table",
-    "layer_slot_counts",
-    "load_export_for_tfidf",
-    "load_model_for_tfidf",
-    "load_table",
-    "memory_layer_names",
-    "model_config_hash",
-    "parse_granularity",
-    "rank_slots",
-    "recompute_doc_freq",
-    "save_table",
-    "tfidf_scores",
-    "tokenizer_hash",
-    "top_tfidf_slots",
-]
+from pretrain.lazy_names import lazy_names
+
+# name -> the module of this package that defines it
+_MODULE_OF = {
+    "SlotStatistics": "counters",
+    "parse_granularity": "granularity",
+    "TableMismatchError": "matching",
+    "check_table_matches": "matching",
+    "load_export_for_tfidf": "matching",
+    "load_model_for_tfidf": "matching",
+    "SampleData": "sample",
+    "recompute_doc_freq": "sample",
+    "TABLE_FILENAME": "locate",
+    "find_table": "locate",
+    "FORMAT_VERSION": "table",
+    "SlotTable": "table",
+    "load_table": "table",
+    "model_config_hash": "table",
+    "save_table": "table",
+    "tokenizer_hash": "table",
+    "RankedSlot": "tfidf",
+    "SlotRanking": "tfidf",
+    "layer_slot_counts": "tfidf",
+    "memory_layer_names": "tfidf",
+    "rank_slots": "tfidf",
+    "tfidf_scores": "tfidf",
+    "top_tfidf_slots": "tfidf",
+}
+
+__all__ = sorted(_MODULE_OF)
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

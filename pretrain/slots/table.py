@@ -37,13 +37,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pretrain.checkpoint import CheckpointError, latest_checkpoint
 from pretrain.files import atomic_write, file_sha256
 from pretrain.slots.granularity import parse_granularity
+from pretrain.slots.locate import TABLE_FILENAME, find_table
 from pretrain.slots.sample import SampleData
 
 FORMAT_VERSION = 1
-TABLE_FILENAME = "slot_frequencies.safetensors"
 # Execution choices that do not change the function the model computes.
 _HASH_EXCLUDED = {"memory": ("kernel", "parallel_size")}
 _RESERVED = ("format_version", "layers", "num_slots", "num_documents", "num_tokens", "granularity", "step")
@@ -121,28 +120,6 @@ def save_table(path: str | Path, stats_or_state, metadata: dict | None = None) -
             raise ValueError(f"table metadata key {key!r} is reserved (it is computed from the statistics)")
         header[key] = value if isinstance(value, str) else json.dumps(value)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
-
-
-def find_table(path: str | Path) -> Path:
-    """A table file, or the table inside a checkpoint/export directory (newest if several)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        try:
-            newest = latest_checkpoint(path)
-        except (FileNotFoundError, CheckpointError):  # a dangling `latest`: the newest table found
-            newest = None
-        if newest is not None and (newest / TABLE_FILENAME).is_file():
-            return newest / TABLE_FILENAME
-        found = sorted(path.rglob(TABLE_FILENAME), key=lambda p: p.stat().st_mtime)
-        if found:
-            return found[-1]
-        raise FileNotFoundError(
-            f"no {TABLE_FILENAME} under directory {path} (pass the table file or a "
-            f"checkpoint/export directory that holds one)"
-        )
-    raise FileNotFoundError(f"slot table path {path} does not exist")
 
 
 def load_table(path: str | Path) -> SlotTable:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import load_config
-from pretrain.model import Transformer, count_parameters, flops_per_token, language_model_loss
+from pretrain.model import Transformer, config_parameters, count_parameters, flops_per_token, language_model_loss
 
 
 def build_on_meta(path, overrides=()):
@@ -159,3 +161,28 @@ def test_each_layer_kind_matches_a_measured_count_of_its_sublayer(repo_root):
             run[kind.name]().sum().backward()
         expected = kind.flops_per_token - (bag if kind.name == "memory" else 0)
         assert counter.get_total_flops() / (B * S) == expected, kind.name
+
+
+CONFIGS = sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("*.yaml"))
+VARIANTS = [
+    ["model.tie_embeddings=true"],
+    ["model.n_kv_heads=2", "model.ffn_hidden=200"],
+    ["model.memory.qk_norm=false", "model.memory.v_dim=48", "model.memory.k_dim=32"],
+    ["model.memory.shared_values=false", "model.memory.layers=[0,3]", "model.memory.heads=2"],
+    ["model.memory.layers=[]"],
+]
+
+
+@pytest.mark.parametrize(
+    "config, variant",
+    [(c, []) for c in CONFIGS] + [(c, v) for c in ("tiny.yaml", "smf_tiny.yaml") for v in VARIANTS],
+    ids=lambda x: ",".join(o.split(".", 1)[1] for o in x) if isinstance(x, list) else x,
+)
+def test_the_config_s_parameter_count_equals_the_built_model_s(repo_root, config, variant):
+    """memlayers-submit's run plan built the model on the meta device (importing torch and triton, seconds)
+    only to count its parameters; config_parameters counts them from the config. The reference is the
+    built model: count_parameters' split, and the numel of its parameters (tied weights once)."""
+    cfg, model = build_on_meta(repo_root / "configs" / config, variant)
+    counted = config_parameters(cfg)
+    assert counted == count_parameters(model)
+    assert counted.total == sum(p.numel() for p in model.parameters())

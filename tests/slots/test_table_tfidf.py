@@ -314,7 +314,7 @@ def test_tfidf_tool_names_a_missing_export_or_table(export_dir, tmp_path, capsys
     missing = tmp_path / "no_such_export"
     assert tfidf_tool.main(["--export", str(missing), "--text", "where was ada born"]) == 2
     err = capsys.readouterr().err
-    assert f"{missing} has no config.json" in err and "slot_frequencies" not in err
+    assert f"no such export directory: {missing}" in err and "slot_frequencies" not in err
     out, *_ = export_dir
     (out / "slot_frequencies.safetensors").unlink()
     assert tfidf_tool.main(["--export", str(out), "--text", "where was ada born"]) == 2

@@ -952,6 +952,25 @@ def test_a_refusal_comes_before_torch_is_imported(refused):
     mistyped key or --time waited for torch (`--help` 3.8 s, a refusal 4.5 s on the loaded 2-core
     machine; 0.6 and 0.8 s now). pretrain.model's names now load on first use; the reference is
     sys.modules of a fresh interpreter after the tool's refusal (and after `import pretrain.config`)."""
+    done = submit_in_a_fresh_interpreter(["--config", TINY, "--dry-run", *refused])
+    assert done.stdout.splitlines() == ["False", "exit 2", "[]"], done.stdout + done.stderr
+    assert "memlayers-submit: error: " in done.stderr, done.stderr
+
+
+def test_a_dry_run_imports_no_torch(tmp_path):
+    """The dry run's plan counted the parameters on a model built on the meta device, importing torch and
+    triton (4.1 / 6.9 s, first run / median of the next two, on the loaded 2-core machine; 0.7 / 0.5 s now):
+    pretrain.model.accounting.config_parameters counts them from the config. The reference is the plan
+    printed (exit status 0) and sys.modules of a fresh interpreter after it."""
+    argv = ["--config", TINY, "--dry-run", "train.micro_batch=2", f"train.run_dir={tmp_path / 'run'}"]
+    done = submit_in_a_fresh_interpreter(argv)
+    assert done.stdout.splitlines()[-2:] == ["exit 0", "[]"], done.stdout[-3000:] + done.stderr
+    assert "active of 3M parameters" in done.stdout + done.stderr, done.stdout[-3000:] + done.stderr
+
+
+def submit_in_a_fresh_interpreter(argv: list[str]) -> subprocess.CompletedProcess:
+    """memlayers-submit's main(argv) in a fresh interpreter; stdout's lines: whether `import pretrain.config`
+    imported torch, ..., 'exit <status>', the heavy modules imported by then."""
     script = (
         "import sys\n"
         "import pretrain.config\n"
@@ -964,9 +983,6 @@ def test_a_refusal_comes_before_torch_is_imported(refused):
         "print('exit', code)\n"
         "print(sorted(m for m in ('torch', 'triton', 'deepspeed') if m in sys.modules))\n"
     )
-    argv = ["--config", TINY, "--dry-run", *refused]
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", script, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
-    assert done.stdout.splitlines() == ["False", "exit 2", "[]"], done.stdout + done.stderr
-    assert "memlayers-submit: error: " in done.stderr, done.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -152,6 +154,22 @@ def test_two_calls_make_one_record_with_the_floors_checked(two_calls, tmp_path, 
     assert "| 2 | layer | exit 0 after 90 s (limit 150 s) |" in readme
     assert "| 1 | not run | rerun with STAGES='layer' |" in readme
     assert "Cut short (their stage stopped at its limit; the rows measured are kept): bench_skew.json." in readme
+
+
+def test_recording_imports_no_torch(two_calls, tmp_path):
+    """The report runs on the CPU machine after a GPU session; it imported torch (2.4-7 s on the loaded
+    2-core machine, 0.1-0.3 s without) through kernels/__init__.py for kernels.devices.sku_for alone.
+    The reference is sys.modules of a fresh interpreter after the record is written."""
+    code = (
+        "import sys\n"
+        "from tools.gpu_report import main\n"
+        f"print(main([*{list(map(str, two_calls))!r}, '--out', {str(tmp_path / 'benchmarks')!r}]))\n"
+        "print(sorted(m for m in ('torch', 'triton', 'numpy') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines()[-2:] == ["0", "[]"], done.stdout + done.stderr
+    assert (tmp_path / "benchmarks" / "h100-sxm" / "abc1234" / "README.md").is_file()
 
 
 def test_a_record_is_not_overwritten_and_unsafe_archives_are_refused(two_calls, tmp_path, capsys):
