@@ -218,12 +218,32 @@ def sbatch(script_path: Path, sbatch_bin: str = "sbatch") -> str:
     )
     if result.returncode != 0:
         message = result.stderr.strip() or result.stdout.strip() or "(no output)"
-        raise SubmitError(f"sbatch refused the job (exit {result.returncode}): {message}")
+        raise SubmitError(f"sbatch refused the job (exit {result.returncode}): {message}{_sbatch_hint(message)}")
     # --parsable prints "<jobid>" or "<jobid>;<cluster>".
     job_id = result.stdout.strip().split(";")[0]
     if not job_id.isdigit():
         raise SubmitError(f"sbatch printed {result.stdout.strip()!r}, not a job id")
     return job_id
+
+
+# sbatch's words where the machine is no part of a working cluster (Slurm 22.05), and what they mean
+_NO_CLUSTER_HINTS = (
+    (
+        "could not establish a configuration source",
+        "sbatch finds no Slurm configuration on this machine (no slurm.conf, SLURM_CONF unset, no DNS SRV "
+        "record for slurmctld): submit from a login node of the cluster, or pass --dry-run to see the job script",
+    ),
+    (
+        "unable to contact slurm controller",
+        "the cluster's controller (slurmctld) does not answer: `scontrol ping` says whether it is up",
+    ),
+)
+
+
+def _sbatch_hint(message: str) -> str:
+    """What sbatch's own words mean, where they are those of a machine outside a working cluster."""
+    lowered = message.lower()
+    return "".join(f"\n({hint})" for words, hint in _NO_CLUSTER_HINTS if words in lowered)
 
 
 def submit(plan: PreparedRun, sbatch_bin: str = "sbatch") -> str:

@@ -266,6 +266,28 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
+def test_sbatch_on_a_machine_without_slurm_says_what_its_words_mean(capsys, tmp_path, monkeypatch):
+    """Debian's sbatch (Slurm 22.05) on a machine with no slurm.conf, as a new user's laptop or this one
+    without its test cluster, ends with 'fatal: Could not establish a configuration source', which
+    memlayers-submit passed on alone. It now adds what that means and --dry-run; nothing is left."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        "echo 'sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host' >&2\n"
+        "echo 'sbatch: error: fetch_config: DNS SRV lookup failed' >&2\n"
+        "echo 'sbatch: error: _establish_config_source: failed to fetch config' >&2\n"
+        "echo 'sbatch: fatal: Could not establish a configuration source' >&2\n"
+        "exit 1\n"
+    )
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu"])
+    assert rc == 2 and "sbatch: fatal: Could not establish a configuration source" in err
+    assert "sbatch finds no Slurm configuration on this machine" in err and "pass --dry-run" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
