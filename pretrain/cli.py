@@ -21,6 +21,12 @@ from pretrain.files import file_in_the_way
 from pretrain.slurm import STOP_SIGNALS
 
 
+def help_description(doc: str) -> str:
+    """A tool's --help description: the first paragraph of its docstring on one line (its first line
+    alone cut a sentence that runs on, as bench_attention's 'SDPA with the dense')."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def int_at_least(lowest: int, note: str = ""):
     """argparse type: an integer >= `lowest`; `note` (e.g. "0 = off") closes each message."""
     suffix = f" ({note})" if note else ""
@@ -251,9 +257,12 @@ def stop_signals_exit() -> Iterator[None]:
     `finally` blocks and the atomic writers remove what is unfinished on the way out, as Ctrl-C's
     KeyboardInterrupt does. Only the first stop, Ctrl-C's included: the later ones, of any of the three,
     are ignored until the block ends, so catch StoppedBySignal and KeyboardInterrupt and say why inside it.
-    The previous handlers are put back after."""
+    A Ctrl-C this process was started ignoring stays ignored, as Python leaves it: a shell runs `tool &`
+    from a script so, and the Ctrl-C that stops the script is not meant for it. The previous handlers are
+    put back after."""
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         yield
     finally:

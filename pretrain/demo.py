@@ -59,8 +59,11 @@ def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
             f"continue it with {continue_command(argv)} (a plain make demo starts afresh, deleting this run)",
         ]
     if head and tail:
+        # a resumed demo's losses are its own steps': the first ones are not the run's
+        first_step = result.step - len(result.step_times) + 1
+        since = "" if first_step == 1 else f" of this run, from step {first_step}"
         lines.append(
-            f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
+            f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps{since}) -> "
             f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)"
         )
     ev = result.eval
@@ -96,11 +99,13 @@ def main(argv=None) -> int:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / DEMO_MARK).write_text("made by `make demo` (pretrain/demo.py), which replaces this folder\n")
+    from pretrain.slurm import StopSignal
     from pretrain.train import train  # with torch and DeepSpeed (seconds): after --help and the refusals above
     from pretrain.trainer import TrainingDiverged
 
     try:
-        result = train(cfg)
+        with StopSignal(ctrl_c=True) as stop:  # Ctrl-C stops with a checkpoint, which --resume continues
+            result = train(cfg, stop=stop)
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1

@@ -146,12 +146,15 @@ def rank_processes(timeout_s: float = 10.0) -> list[tuple[str, int]] | None:
     if _store is None:
         return None
     world_size = dist.get_world_size()
+    waits = _store.timeout  # the process group's, restored: it reads the store while making groups
     try:
         _store.set_timeout(timedelta(seconds=timeout_s))
         hosts = _store.multi_get([f"{_ARRIVED}{r}" for r in range(world_size)])
         pids = _store.multi_get([f"{_PROCESS}{r}" for r in range(world_size)])
     except (RuntimeError, OSError):  # DistNetworkError, DistStoreError
         return []
+    finally:
+        _store.set_timeout(waits)
     return [(host.decode(), int(pid)) for host, pid in zip(hosts, pids)]
 
 

@@ -21,19 +21,24 @@ import re
 import shlex
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
 from pretrain.distributed import describe_ranks, rank_processes
 from pretrain.files import pid_alive
+from pretrain.watchdog import process_state
 
 _CLOSED = (
     "Connection closed by peer",  # gloo, in a read: "Connection closed by peer [127.0.0.1]:29611"
     "Connection reset by peer",  # gloo: "Read error [127.0.0.1]:22739: Connection reset by peer"
     "Broken pipe",  # gloo, in a write
     "remote process exited",  # NCCL: "remote process exited or there was a network error"
+    # the rendezvous store, whose server (rank 0's process) is gone, while a group is made (DistNetworkError)
+    "Connection was likely closed",  # "Failed to recv, got 0 bytes. Connection was likely closed. Did ..."
 )
 _ADDRESS = re.compile(r"\[([^\]]+)\]:\d+")  # gloo's "[10.0.0.7]:41235": the peer's address, port
 
@@ -75,13 +80,7 @@ def _runs_on(host: str, address: str) -> bool:
 
 def _has_ended(pid: int) -> bool:
     """Gone, or a zombie (ended; its parent, the launcher, has not collected it yet)."""
-    if not pid_alive(pid):
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].startswith("Z")  # the state follows the command name in parentheses
+    return not pid_alive(pid) or process_state(pid).startswith("Z")
 
 
 def _ended(ranks: list[int], pids: list[int], wait_s: float = 2.0) -> list[int]:
@@ -111,8 +110,9 @@ def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int]] | Non
     local = [r for r in others if processes[r][0] == here]
     dead = _ended(local, [processes[r][1] for r in local])
     if dead:
-        pids = ", ".join(str(processes[r][1]) for r in dead[:8])
-        return f"{describe_ranks(dead)} on {here} (process {pids} has ended)"
+        pids = ", ".join(str(processes[r][1]) for r in dead[:8]) + (", ..." if len(dead) > 8 else "")
+        ended = f"process {pids} has ended" if len(dead) == 1 else f"processes {pids} have ended"
+        return f"{describe_ranks(dead)} on {here} ({ended})"
     hosts = sorted({processes[r][0] for r in others})
     on = ", ".join(hosts[:4]) + (", ..." if len(hosts) > 4 else "")
     return f"rank {others[0]} on {on}" if len(others) == 1 else f"one of {describe_ranks(others)} on {on}"
@@ -131,17 +131,22 @@ def resume_command() -> str:
     return f"start every rank again as before ({shlex.join(argv)} on rank {dist.get_rank()})"
 
 
-def describe(run_dir: Path, rank: int, where: str, err: BaseException, peer: str | None) -> str:
+def describe(run_dir: Path, rank: int, where: str, err: BaseException | str, peer: str | None, processes=None) -> str:
+    """The one line; `err`: the backend's error, or what this rank was doing where it raised none;
+    `processes`: the ranks' (host, process id), read from the store where not given."""
     from pretrain.checkpoint import CheckpointError, latest_checkpoint
 
     try:
         latest = latest_checkpoint(Path(run_dir) / "checkpoints")
-    except CheckpointError:
-        latest = None
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    backend = re.sub(r"^\[[^\]]*\] ", "", first_line).split(". ")[0]  # gloo's source position, its chatty tail
-    lost = lost_ranks(rank, peer, rank_processes())
-    resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
+        resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
+    except CheckpointError as refusal:  # what a resume would refuse (no `latest` beside checkpoints), and its fix
+        resumes = f"only once its checkpoints are put right: {refusal}"
+    if isinstance(err, str):
+        backend = err
+    else:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        backend = re.sub(r"^\[[^\]]*\] ", "", first_line).split(". ")[0]  # gloo's source position, its chatty tail
+    lost = lost_ranks(rank, peer, rank_processes() if processes is None else processes)
     return (
         f"rank {rank} on {socket.gethostname()} lost {lost} {where} ({dist.get_backend()}: {backend}): that rank's own "
         f"output says why it ended (a traceback; nothing where it was killed: the out-of-memory killer, a time "
@@ -150,15 +155,73 @@ def describe(run_dir: Path, rank: int, where: str, err: BaseException, peer: str
 
 
 @contextlib.contextmanager
-def explain_lost_peer(cfg, info, watchdog):
-    """Turn the backend's error for a peer that went away inside into `LostPeer`, placed by the
-    watchdog's last progress (the step, evaluation or checkpoint this rank finished last)."""
+def explain_lost_peer(run_dir: str | Path, where: Callable[[], str]):
+    """Turn the backend's error for a peer that went away inside into `LostPeer`; `where()`: this
+    rank's position then ('after step 12', `since_progress`); the run resumes from `run_dir`'s
+    checkpoints."""
     try:
         yield
     except RuntimeError as err:
         lost, peer = lost_peer(err)
-        if not lost or info.world_size == 1:
+        if not lost or not dist.is_initialized() or dist.get_world_size() == 1:
             raise
-        last = watchdog.last_progress
-        where = f"after {last}" if last else "before this run's first step finished"
-        raise LostPeer(describe(cfg.train.run_dir, info.rank, where, err, peer)) from None
+        raise LostPeer(describe(run_dir, dist.get_rank(), where(), err, peer)) from None
+
+
+def since_progress(watchdog) -> Callable[[], str]:
+    """The position given by the hang watchdog's last progress (the step, evaluation or checkpoint
+    this rank finished last); `None`: no watchdog yet (start-up)."""
+
+    def where() -> str:
+        last = watchdog.last_progress if watchdog is not None else None
+        return f"after {last}" if last else "before this run's first step finished"
+
+    return where
+
+
+class LocalPeerWatch:
+    """Ends this rank (the one line, exit status 1) when another rank's process on this node has
+    ended and this rank has not stopped by itself `grace_s` later.
+
+    Where a rank dies before its peers have connected to it, no error comes: gloo, making a process
+    group (DeepSpeed's data-parallel group, in deepspeed.initialize), waits on the rendezvous store
+    for the dead rank's address for the process group's timeout (`train.startup_timeout_s` + 120 s:
+    32 minutes by default), then fails with a timeout that names no rank. A thread runs meanwhile
+    (the wait releases the interpreter lock) and sees the peer's process end. Ranks on other nodes
+    cannot be watched so: their death ends this one when srun's --kill-on-bad-exit or torchrun ends
+    the job step, else at that timeout."""
+
+    def __init__(self, run_dir: str | Path, where: Callable[[], str], poll_s: float = 0.5, grace_s: float = 20.0):
+        self.run_dir, self.where, self.poll_s, self.grace_s = run_dir, where, poll_s, grace_s
+        self._stopped = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> LocalPeerWatch:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            me, here = dist.get_rank(), socket.gethostname()
+            processes = rank_processes() or []
+            peers = [(r, pid) for r, (host, pid) in enumerate(processes) if host == here and r != me]
+            if peers:
+                args = (me, peers, processes)
+                self._thread = threading.Thread(target=self._watch, args=args, daemon=True, name="peer-watch")
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopped.set()
+
+    def _watch(self, me: int, peers: list[tuple[int, int]], processes: list[tuple[str, int]]) -> None:
+        while not self._stopped.wait(self.poll_s):
+            if any(_has_ended(pid) for _, pid in peers):
+                break
+        else:
+            return
+        if self._stopped.wait(self.grace_s):  # this rank met the loss itself (LostPeer), or finished
+            return
+        where = self.where()
+        waiting = f"no error, still waiting for it {self.grace_s:.0f} s after it ended"
+        # not read from the store again: the waiting main thread holds its client
+        line = describe(self.run_dir, me, where, waiting, None, processes)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)

@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -206,15 +207,29 @@ def distributed_env_from_slurm(environ: Mapping[str, str] | None = None) -> dict
     }
 
 
+# A SIGINT this soon after the first is the same press: torchrun passes the terminal's SIGINT on to its
+# ranks, which the terminal reached already (seen: the two arrive within milliseconds, or merge).
+CTRL_C_SAME_PRESS_S = 1.0
+CTRL_C_NOTE = (
+    b"Ctrl-C: stopping after this step with a checkpoint, as SIGTERM does; Ctrl-C again to abort at once "
+    b"(the steps since the last checkpoint are then lost)\n"
+)
+
+
 class StopSignal:
     """A flag set by SIGUSR1/SIGTERM, agreed on by all ranks at a step boundary.
 
-    The handler only sets the flag (no I/O, no locks), and calls a previously installed
-    Python handler after it. `close()` restores the previous handlers. Must be created in
+    The handler only sets the flag (no locks; one write(2) for Ctrl-C), and calls a previously
+    installed Python handler after it. `close()` restores the previous handlers. Must be created in
     the main thread (Python delivers signals there only).
+
+    `ctrl_c` (the training command line, the demo): the first SIGINT stops as SIGTERM does (a
+    checkpoint, no requeue), saying so on stderr; a second, a second or more later, raises KeyboardInterrupt
+    at once (one sooner is the same press, passed on by torchrun). Only where
+    SIGINT has Python's default handler: a shell's background job, which ignores it, keeps ignoring it.
     """
 
-    def __init__(self, signals=STOP_SIGNALS, group=None, check_every: int = 1):
+    def __init__(self, signals=STOP_SIGNALS, group=None, check_every: int = 1, ctrl_c: bool = False):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("StopSignal() must be created in the main thread (signal handlers live there)")
         if check_every < 1:
@@ -228,6 +243,28 @@ class StopSignal:
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._ctrl_c_pressed: float | None = None  # time.monotonic() of the first
+        if (
+            ctrl_c
+            and signal.SIGINT not in self._previous
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_ctrl_c)
+
+    def _handle_ctrl_c(self, signum, frame):
+        now = time.monotonic()
+        if self._ctrl_c_pressed is not None:
+            if now - self._ctrl_c_pressed >= CTRL_C_SAME_PRESS_S:
+                raise KeyboardInterrupt
+            return
+        self._ctrl_c_pressed = now
+        try:
+            os.write(2, CTRL_C_NOTE)
+        except OSError:
+            pass
+        if self.received is None:
+            self.received = signum
+        self._local_kind = max(self._local_kind, _EXIT)
 
     def _handle(self, signum, frame):
         if self.received is None:
@@ -291,7 +328,8 @@ class StopSignal:
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """In a helper process of a rank (a data-loader worker: `worker_init_fn`): ignore USR1 and SIGTERM.
+    """In a helper process of a rank (a data-loader worker: `worker_init_fn`): ignore USR1 and SIGTERM,
+    and Ctrl-C's SIGINT (the rank's Ctrl-C handler, inherited, said it would stop once per worker).
 
     Slurm sends them to every process of the job step (`scancel`, the time limit, preemption), the
     helpers too; a data-loader worker died of SIGTERM (torch's own handler), and its rank raised
@@ -300,7 +338,7 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     A helper started inside `stop_signals_blocked` has them blocked until here: one that came before
     waited, and is discarded as they become ignored.
     """
-    for sig in STOP_SIGNALS:
+    for sig in (*STOP_SIGNALS, signal.SIGINT):  # Ctrl-C reaches every process of the terminal's job too
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 

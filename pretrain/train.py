@@ -39,7 +39,7 @@ from pretrain.distributed import (  # noqa: E402
     rank0_value,
     share_refusal,
 )
-from pretrain.lost_peer import LostPeer, explain_lost_peer  # noqa: E402
+from pretrain.lost_peer import LocalPeerWatch, LostPeer, explain_lost_peer, lost_peer, since_progress  # noqa: E402
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
@@ -73,9 +73,13 @@ def train(
         memory = IntervalPeak(info.device)
         memory.reset("this run started")
         lock = RunDirLock(cfg.train.run_dir, info.is_main)
+        with explain_lost_peer(cfg.train.run_dir, since_progress(None)):  # rank 0's start time, a collective
+            watchdog = hang_watchdog(cfg, info)
+        where = since_progress(watchdog)
         with (
-            hang_watchdog(cfg, info) as watchdog,
-            explain_lost_peer(cfg, info, watchdog),
+            watchdog,
+            LocalPeerWatch(cfg.train.run_dir, where),
+            explain_lost_peer(cfg.train.run_dir, where),
             explain_out_of_memory(cfg, info, watchdog, memory),
         ):
             try:
@@ -144,7 +148,15 @@ def load_config_on_every_rank(config_path: str | None, overrides: list[str]) -> 
         if refusal is not None and err is not refusal:
             raise refusal from None  # this rank's own reason first (a launcher's environment may be wrong too)
         raise
-    share_refusal(refusal, (ConfigError, DataError))
+    if cfg is None:  # refused here: this rank's own reason, whether or not a peer is left to be told
+        try:
+            share_refusal(refusal, (ConfigError, DataError))
+        except RuntimeError as err:
+            if not lost_peer(err)[0]:
+                raise
+        raise refusal
+    with explain_lost_peer(cfg.train.run_dir, lambda: "while the ranks checked the config"):
+        share_refusal(refusal, (ConfigError, DataError))
     return cfg
 
 
@@ -172,7 +184,12 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
     if dist.is_initialized():
         # A clean shutdown: a rank that exits while the process group's threads still run
         # can abort in C++ ("terminate called without an active exception"), failing the job.
-        dist.barrier()
+        try:
+            with explain_lost_peer(cfg.train.run_dir, lambda: f"after this run ended at step {result.step}"):
+                dist.barrier()
+        except LostPeer as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         rank = dist.get_rank()
         dist.destroy_process_group()
     else:
@@ -203,7 +220,7 @@ def cli(stop: StopSignal | None = None, cfg: RunConfig | None = None) -> None:
     shared-memory op, where a rank occasionally aborts ("terminate called without an
     active exception"), failing a finished job under srun.
     """
-    code = main(stop=stop, cfg=cfg)
+    code = main(stop=stop or StopSignal(ctrl_c=True), cfg=cfg)  # installed here when called directly
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

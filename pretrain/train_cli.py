@@ -29,7 +29,7 @@ def launched_alone() -> bool:
 
 def cli() -> None:
     """The console script; ends the process (pretrain.train's `cli`)."""
-    stop = StopSignal()
+    stop = StopSignal(ctrl_c=True)  # Ctrl-C too stops with a checkpoint (a second one aborts)
     config_path, overrides = parse_args()
     cfg = None
     if launched_alone():

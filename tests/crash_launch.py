@@ -16,6 +16,12 @@ Points (`step`: the checkpoint step whose save is cut; ignored by the export poi
   written;
 - `export-written`: the export's files written but its README, the folder not yet renamed;
 - `export-replacing`: the finished export is replacing the old folder (`--force`), half way.
+
+Points outside a save (`step` ignored), where a peer waits in a collective of start-up or shutdown:
+- `config-shared`: the config loaded and the process group made, its refusals not yet shared;
+- `deepspeed-initialize`: in the middle of the start-up (DeepSpeed's engine about to be made);
+- `final-barrier`: training finished, the command line's last barrier not yet reached;
+- `after-step`: step `step` finished (also where no checkpoint is saved).
 """
 
 from __future__ import annotations
@@ -115,6 +121,35 @@ def arm(point: str, step: int) -> None:
             return original(tmp, path)
 
         files.replace_with = replace_with
+    elif point == "config-shared":
+        import pretrain.train as train
+
+        train.share_refusal = lambda *args: die()
+    elif point == "deepspeed-initialize":
+        import deepspeed
+
+        deepspeed.initialize = lambda *args, **kwargs: die()
+    elif point == "final-barrier":
+        import pretrain.train as train
+
+        original = train.train
+
+        def train_then_die(*args, **kwargs):
+            original(*args, **kwargs)
+            die()
+
+        train.train = train_then_die
+    elif point == "after-step":
+        import pretrain.watchdog as watchdog
+
+        original = watchdog.HangWatchdog.progress
+
+        def progress(self, what):
+            original(self, what)
+            if what == f"step {step}":
+                die()
+
+        watchdog.HangWatchdog.progress = progress
     elif point != "none":
         raise SystemExit(f"unknown kill point {point!r}")
 
@@ -131,16 +166,19 @@ def _child(point: str, step: int, program: str, args: list[str], env: dict, log:
 
         sys.argv = ["memlayers-train", *args]
         cli()  # exits the process
-    from tools.export import main as export
+    if program == "profile":
+        from tools.profile import main as tool
+    else:
+        from tools.export import main as tool
 
-    code = export(args)
+    code = tool(args)
     sys.stdout.flush()
     os._exit(code)
 
 
 def start(point: str, step: int, program: str, args: list[str], log: Path, **env: str):
     """A started child process running `program` ("train": pretrain.train's command line; "export":
-    tools/export.py's) with `args`, killed at `point` (see the module's docstring; "none": not
+    tools/export.py's; "profile": tools/profile.py's) with `args`, killed at `point` (see the module's docstring; "none": not
     killed there) of the save of checkpoint `step`; its output appended to `log`, `env` added to
     this environment. Forked from a server that imported torch, DeepSpeed and the trainer once."""
     import multiprocessing

@@ -176,6 +176,35 @@ def test_a_filesystem_without_fsync_is_written_to_and_a_failed_flush_is_raised(t
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
+def test_a_failed_flush_of_the_folder_after_the_rename_is_raised_with_the_new_version_in_place(tmp_path, monkeypatch):
+    """The folder that holds the new name is flushed after the rename: an EIO there fails the write (the
+    rename may not be on disk), but the new version is under the name already, and a folder's previous
+    version is kept under its temporary name, not deleted. README's node-crash passage said a failed
+    flush kept the old version, true only of the flushes before the rename."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    target, out = tmp_path / "state.json", tmp_path / "export"
+    target.write_text("old")
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, "new")
+    assert raised.value.errno == errno.EIO and target.read_text() == "new"
+    with pytest.raises(OSError) as raised:
+        with atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert raised.value.errno == errno.EIO and [p.name for p in out.iterdir()] == ["new.txt"]
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp-")]
+    assert (kept / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept.name, "export", "state.json"])
+
+
 def test_directory_needs_a_callback(tmp_path):
     with pytest.raises(TypeError, match="callable"):
         atomic_write(tmp_path / "d", b"bytes", directory=True)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
-from pretrain.cli import int_at_least, output_file, positive_int  # noqa: E402
+from pretrain.cli import help_description, int_at_least, output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
 from pretrain.model.document_attention import (  # noqa: E402
     document_block_mask,
@@ -70,7 +70,7 @@ def doc_lengths(text: str) -> list[float]:
 def parse_args(argv=None) -> argparse.Namespace:
     """The options (CUDA's defaults are larger), --kv-heads refused unless it divides --heads."""
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=help_description(__doc__))
     p.add_argument("--batch", type=positive_int, default=8 if cuda else 2)
     p.add_argument("--seq-len", type=positive_int, default=2048 if cuda else 256)
     p.add_argument("--heads", type=positive_int, default=16 if cuda else 4)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from kernels import benchmark as kb  # noqa: E402
 from pretrain import peak_memory  # noqa: E402
-from pretrain.cli import non_negative_number, output_file, positive_int  # noqa: E402
+from pretrain.cli import help_description, non_negative_number, output_file, positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
 from pretrain.model import training_objective  # noqa: E402
 from pretrain.parallel.compile import compile_objective  # noqa: E402
@@ -31,7 +31,7 @@ from pretrain.parallel.compile import compile_objective  # noqa: E402
 
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=help_description(__doc__))
     p.add_argument("--batch", type=positive_int, default=8 if cuda else 1)
     p.add_argument("--seq-len", type=positive_int, default=2048)
     p.add_argument("--vocab", type=positive_int, default=32000)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import output_folder, positive_int  # noqa: E402
+from pretrain.cli import help_description, output_folder, positive_int  # noqa: E402
 from pretrain.data.checks import shard_problems  # noqa: E402
 
 SHARD_BYTES = 1024 * (2048 + 1) * 2 + 1024 * 16  # a real shard's tokens and metadata, about 4 MiB
@@ -42,7 +42,7 @@ def make_dataset(root: Path, shards: int) -> SimpleNamespace:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=help_description(__doc__))
     ap.add_argument("--shards", type=positive_int, default=20000)
     ap.add_argument(
         "--dir",

@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from pretrain.cli import int_at_least, output_file, output_folder, positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
+from pretrain.process_tree import kill_tree  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- worker
@@ -179,22 +180,54 @@ def run_variant(v: dict, args, tmp: Path, round_index: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", str(out_file)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out_file.unlink(missing_ok=True)
+    log_file = tmp / "worker.log"
     started = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        late = wait_for_worker(proc, out_file)
     wall_s = time.monotonic() - started  # start-up, data, compilation and steps: what a GPU stage budgets
-    if proc.returncode != 0 or not out_file.is_file():
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    output = log_file.read_text(errors="replace")
+    if (proc.returncode != 0 and late is None) or not out_file.is_file():
+        lines = [line for line in output.splitlines() if line.strip()]
         return {
             "error": f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}",
-            "stderr": proc.stderr[-4000:],
+            "stderr": output[-4000:],
             "wall_s": wall_s,
         }
-    return {**json.loads(out_file.read_text()), "wall_s": wall_s}
+    return {**json.loads(out_file.read_text()), "wall_s": wall_s, **({"exit_note": late} if late else {})}
+
+
+EXIT_GRACE_S = 60.0
+
+
+def wait_for_worker(proc: subprocess.Popen, out_file: Path, grace_s: float = EXIT_GRACE_S) -> str | None:
+    """Wait for the worker to exit; once it has written its result, `grace_s` more at most, then
+    SIGKILL to it and its helpers: a hang at exit (torch 2.11's compile-worker sidecar waited
+    300 s; a communicator's teardown) would otherwise hold the result until the GPU stage's
+    limit ends the driver, and with it every variant still to run. Returns a note when it had to
+    kill. Ended by an exception (the stage's SIGTERM is SystemExit here), the worker ends too."""
+    written_at = None
+    try:
+        while True:
+            try:
+                proc.wait(timeout=1.0)
+                return None
+            except subprocess.TimeoutExpired:
+                if written_at is None and out_file.is_file():
+                    written_at = time.monotonic()
+                if written_at is not None and time.monotonic() - written_at > grace_s:
+                    kill_tree(proc.pid)
+                    proc.wait()
+                    return f"the worker had not exited {grace_s:.0f} s after writing its result: killed"
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.wait()
+        raise
 
 
 def end_the_worker_with_the_driver() -> None:
     """SIGTERM (tools/gpu_check.sh's stage time limit, a kill) ends the driver by SystemExit, so
-    that subprocess.run kills the variant's worker and waits for it. By default the driver died
+    that `wait_for_worker` kills the variant's worker and waits for it. By default the driver died
     at once and its worker went on: the trainer takes SIGTERM as 'stop after this step', which in
     a compiling first step is a minute away, on the GPU beside the next stage."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -224,6 +257,7 @@ def summarise(v: dict, runs: list[dict]) -> dict:
         "device": first["device"],
         "peak_flops": peak,
         "value_optimizer": first.get("value_optimizer"),  # as the trainer read it
+        "exit_notes": [r["exit_note"] for r in runs if r.get("exit_note")],
         "wall_s": sum(r["wall_s"] for r in runs),  # the worker processes' whole time, start-up included
     }
 
@@ -323,7 +357,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     args = parser.parse_args(argv)
     if args.worker:
-        Path(args.worker_out).write_text(json.dumps(run_worker(json.loads(args.worker))))
+        atomic_write(args.worker_out, json.dumps(run_worker(json.loads(args.worker))))  # whole or absent
         return 0
 
     end_the_worker_with_the_driver()
@@ -342,7 +376,8 @@ def main(argv=None) -> int:
                 else:
                     print(
                         f"{head}: median {statistics.median(r['step_times']) * 1e3:.1f} ms/step, "
-                        f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['wall_s']:.0f} s in all)",
+                        f"peak {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['wall_s']:.0f} s in all)"
+                        + (f"; {r['exit_note']}" if r.get("exit_note") else ""),
                         flush=True,
                     )
                 report(args, [summarise(w, runs[name_of(w)]) for w in todo if runs[name_of(w)]], final=False)

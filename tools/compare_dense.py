@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import output_file  # noqa: E402
+from pretrain.cli import help_description, output_file  # noqa: E402
 
 METRICS = ("val_loss", "fact_recall", "fact_recall_chance")
 
@@ -50,7 +50,7 @@ def summary(values: list[float]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--dense-config", default="configs/tiny_dense.yaml")
     parser.add_argument(

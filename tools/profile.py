@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as err:  # refused before torch (seconds) is imported
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from pretrain.lost_peer import LostPeer
     from pretrain.profiling import format_report, profile_training
     from pretrain.train import REFUSALS
 
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     except (*REFUSALS, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except LostPeer as err:  # a rank of a multi-rank profile died: its output has the cause, this one a line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(format_report(report))
     return 0
 

@@ -7,7 +7,8 @@ sparse: only the value rows of each batch's top-t TF-IDF slots (against the expo
 slot_frequencies.safetensors) change, by SGD. full: AdamW on every weight. lora: peft
 adapters on the attention/FFN projections, merged into the saved weights. After each
 epoch it prints the loss and, when the export has probes.jsonl, new- and old-fact
-recall (plus validation loss with --dataset-dir). Logic lives in pretrain.smf.
+recall (plus validation loss with --dataset-dir; for an export without probes.jsonl, a run on your
+own text, --dataset-dir gives the validation loss alone). Logic lives in pretrain.smf.
 """
 
 from __future__ import annotations
@@ -83,13 +84,13 @@ def load_and_check(args):
     """(model, slot table or None, finetuning set, evaluation or None), every input
     checked before the model trains: the output folder, the data files, --dataset-dir's use, the
     table against the export (sparse), --lora-rank against the model (lora)."""
-    from pretrain.data import DataError, Tokenizer
+    from pretrain.data import Tokenizer
     from pretrain.data.input_files import resolve_files
     from pretrain.export import load
     from pretrain.export.perplexity import trained_with_document_masking
     from pretrain.export.writer import check_output_folder
     from pretrain.slots import load_export_for_tfidf
-    from pretrain.smf import FinetuneSet, LearningForgettingEval
+    from pretrain.smf import FinetuneSet, LearningForgettingEval, ValidationLossEval
     from pretrain.smf.methods import check_lora_rank
 
     export = Path(args.export)
@@ -100,11 +101,6 @@ def load_and_check(args):
     check_output_folder(Path(args.out), args.force, sources=[args.table] if args.table else [], what="--table")
     if args.dataset_dir is not None:
         check_output_folder(Path(args.out), args.force, sources=[args.dataset_dir], what="--dataset-dir")
-    if args.dataset_dir is not None and export.is_dir() and not (export / "probes.jsonl").is_file():  # ignored
-        raise DataError(
-            f"--dataset-dir {args.dataset_dir}: the validation loss is measured with the per-epoch evaluation, "
-            f"which asks the fact probes, and {export} has no probes.jsonl: drop --dataset-dir"
-        )
     if args.method == "sparse":  # the model with its slot table, checked against each other
         model, _, table, _ = load_export_for_tfidf(export, args.table, args.allow_other_run)
         model = model.to(args.device)
@@ -118,11 +114,13 @@ def load_and_check(args):
     tokenizer = Tokenizer(export / "tokenizer.model")
     data = FinetuneSet(args.data, tokenizer, model.cfg.max_seq_len, fmt=args.format, text_field=args.text_field)
     evaluate = None
+    masking = trained_with_document_masking(export)
     if (export / "probes.jsonl").is_file():
-        masking = trained_with_document_masking(export)
         evaluate = LearningForgettingEval(
             export, tokenizer, model.cfg.max_seq_len, args.dataset_dir, document_masking=masking
         )
+    elif args.dataset_dir is not None:  # no fact probes: forgetting as the validation loss alone
+        evaluate = ValidationLossEval(args.dataset_dir, tokenizer, document_masking=masking)
     return model, table, data, evaluate
 
 

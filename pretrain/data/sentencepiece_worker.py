@@ -1,6 +1,6 @@
 """sentencepiece's trainer in a process of its own, which pretrain.data.tokenizer runs as a script:
 
-    python sentencepiece_worker.py OPTIONS_JSON MODEL_PATH CALLER_PID    (the sample on stdin, a sentence a line)
+    python sentencepiece_worker.py OPTIONS_JSON MODEL_PATH CALLER_PID    (the sample on stdin, each sentence and "\n")
 
 The trainer is native code: in the caller's process it held the main thread, and with it every Python
 signal handler, until it returned (minutes on a large sample). Here the caller can kill it at once.

@@ -261,6 +261,22 @@ _WORKER = Path(__file__).with_name("sentencepiece_worker.py")
 _CTRL_C_AND_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
+SEND_BATCH = 4096  # sentences written to the trainer at a time
+
+
+def _send_sentences(trainer: subprocess.Popen, sentences: list[str]) -> None:
+    """Each sentence and a line break (no sentence holds one) on the trainer's stdin, a batch at a time, so
+    that no second copy of the sample is made here (joined and encoded whole, it was made twice). A trainer
+    that ended early closed its end: its exit status, not the broken pipe, says why."""
+    try:
+        with trainer.stdin:
+            for start in range(0, len(sentences), SEND_BATCH):
+                batch = sentences[start : start + SEND_BATCH]
+                trainer.stdin.write(("\n".join(batch) + "\n").encode("utf-8"))
+    except BrokenPipeError:
+        pass
+
+
 def _trained_model(sentences: list[str], options: dict) -> bytes:
     """The model file sentencepiece trains on `sentences` with `options`, in a child process
     (sentencepiece_worker.py) that this one kills on its way out: a stop signal or Ctrl-C acts at once,
@@ -272,7 +288,8 @@ def _trained_model(sentences: list[str], options: dict) -> bytes:
         with stop_signals_blocked(_CTRL_C_AND_STOPS):  # it ignores them, then unblocks: none ends it as it starts
             trainer = subprocess.Popen(command, stdin=subprocess.PIPE)
         try:
-            trainer.communicate("\n".join(sentences).encode("utf-8"))  # no sentence holds a line break
+            _send_sentences(trainer, sentences)
+            trainer.wait()
         finally:
             if trainer.poll() is None:
                 trainer.kill()

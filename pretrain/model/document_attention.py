@@ -49,6 +49,9 @@ def document_mask(doc_ids: torch.Tensor, kind: str) -> torch.Tensor | BlockMask:
 def _compiled_flex_attention(q, k, v, block_mask, enable_gqa):
     global _compiled_flex
     if _compiled_flex is None:
+        from pretrain.compile_workers import end_compile_workers_at_exit
+
+        end_compile_workers_at_exit()
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 

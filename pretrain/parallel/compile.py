@@ -32,10 +32,14 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from pretrain.compile_workers import end_compile_workers_at_exit
+
 
 def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = False) -> int:
     """Compile each block of `model.layers` in place; return how many were compiled."""
     _keep_eager_steps()
+    if backend == "inductor":
+        end_compile_workers_at_exit()
     for i, block in enumerate(model.layers):
         if getattr(block, "_activation_checkpointed", False):
             raise ValueError(
@@ -50,6 +54,8 @@ def compile_objective(objective: Callable, *, backend: str = "inductor") -> Call
     upcast, the log-softmax and their backward into a few passes over the logits, which
     eager mode materialises in fp32 (2 GiB each at 8 x 2048 tokens and 32K vocabulary).
     Shapes are static: a micro-batch's shape does not change within a run."""
+    if backend == "inductor":
+        end_compile_workers_at_exit()
     return torch.compile(objective, backend=backend, dynamic=False)
 
 

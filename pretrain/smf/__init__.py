@@ -9,7 +9,7 @@ experiment (the sweep behind tools/smf_report.py) and frontier (its plot and ver
 """
 
 from pretrain.smf.dataset import FinetuneBatch, FinetuneSet
-from pretrain.smf.evaluation import LearningForgettingEval
+from pretrain.smf.evaluation import LearningForgettingEval, ValidationLossEval
 from pretrain.smf.export import save_finetuned_export
 from pretrain.smf.finetune import finetune
 from pretrain.smf.methods import (
@@ -27,6 +27,7 @@ __all__ = [
     "FinetuneSet",
     "FullFinetuning",
     "LearningForgettingEval",
+    "ValidationLossEval",
     "LoRAFinetuning",
     "SlotSelector",
     "SparseMemoryFinetuning",

@@ -4,7 +4,8 @@
   new facts   the probes of the held-out entities (`is_new_fact`), what finetuning teaches
   old facts   the probes of the pretraining entities, what finetuning should not forget
   validation  batches of the pretraining corpus's validation split (optional)
-and `__call__(model)` returns new_fact_recall, old_fact_recall and val_loss. The validation
+and `__call__(model)` returns new_fact_recall, old_fact_recall and val_loss. An export without
+probes (a run on prepared text) has `ValidationLossEval`, the validation loss alone. The validation
 loss is scored as the run trained: with attention within documents when `document_masking`
 (data.document_masking, recorded in the export's config.json: `trained_with_document_masking`).
 """
@@ -18,6 +19,38 @@ import torch
 
 from pretrain.data import ShardLoader, Tokenizer, load_probes
 from pretrain.evaluate import encode_probes, fact_recall, validation_loss
+
+
+def validation_batches(dataset_dir: str | Path, tokenizer: Tokenizer, val_batches: int, batch_size: int) -> list:
+    """The first `val_batches` batches of a prepared dataset's validation split (its tokenizer checked)."""
+    loader = ShardLoader(dataset_dir, "val", batch_size=batch_size, loop=False, tokenizer=tokenizer)
+    return list(itertools.islice(loader, val_batches))
+
+
+class ValidationLossEval:
+    """Forgetting without fact probes: the loss on batches of the pretraining corpus's validation split
+    (an export of a run on prepared text, `--dataset-dir` the dataset it trained on), scored as the run
+    trained (`document_masking`). `__call__(model)` returns val_loss."""
+
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        tokenizer: Tokenizer,
+        val_batches: int = 8,
+        batch_size: int = 16,
+        document_masking: bool = False,
+    ):
+        self.val = validation_batches(dataset_dir, tokenizer, val_batches, batch_size)
+        self.document_masking = document_masking
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        out = {"val_loss": validation_loss(model, self.val, device, self.document_masking)["val_loss"]}
+        model.train(was_training)
+        return out
 
 
 class LearningForgettingEval:
@@ -43,15 +76,16 @@ class LearningForgettingEval:
             )
         self.val, self.document_masking = [], document_masking
         if dataset_dir is not None:
-            loader = ShardLoader(dataset_dir, "val", batch_size=batch_size, loop=False, tokenizer=tokenizer)
-            self.val = list(itertools.islice(loader, val_batches))
+            self.val = validation_batches(dataset_dir, tokenizer, val_batches, batch_size)
 
-    def old_fact_guessing(self) -> dict:
-        """How many old-fact probes are asked and their mean chance level (a uniform guess among each
-        attribute's values): what the pretrained model's old-fact recall is told from guessing by."""
-        if self.old is None:
-            return {}
-        return {"old_fact_probes": int(self.old.tokens.shape[0]), "old_fact_chance": self.old.chance.mean().item()}
+    def guessing(self) -> dict:
+        """How many new- and old-fact probes are asked and their mean chance level (a uniform guess among
+        each attribute's values): what a recall is told from guessing by (the pretrained model's old-fact
+        recall, and the learning of full finetuning against the pretrained model's new-fact recall)."""
+        out = {"new_fact_probes": int(self.new.tokens.shape[0]), "new_fact_chance": self.new.chance.mean().item()}
+        if self.old is not None:
+            out.update(old_fact_probes=int(self.old.tokens.shape[0]), old_fact_chance=self.old.chance.mean().item())
+        return out
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict:

@@ -105,7 +105,13 @@ def check_data_config_for_export(export_dir: str | Path, data_cfg) -> None:
             )
         return
     if not (export_dir / "probes.jsonl").is_file():
-        return  # named by load_sweep_inputs, which needs the probes anyway
+        # an export of a run on prepared text (data.dir): the config's world would be built for nothing
+        raise DataError(
+            f"{export_dir} has no probes.jsonl: the report measures learning and forgetting with the embedded "
+            "fact world's probes, which an export carries when its run trained on that corpus (data.dir left "
+            "empty, as in configs/smf_tiny.yaml); give such an export, or leave --export out to pretrain one. "
+            "To finetune an export of your own text, use memlayers-smf-finetune"
+        )
     syn = data_cfg.synthetic
     world = build_fact_world(
         syn.num_entities, syn.docs_per_entity, syn.qa_docs_per_entity, syn.new_fact_fraction, syn.seed
@@ -186,7 +192,7 @@ def run_sweep(
         "finetune_rows": len(data),
         "finetune_tokens": data.num_tokens,
         "settings": asdict(settings),
-        "before": {**evaluate(load(export_dir)), **evaluate.old_fact_guessing()},
+        "before": {**evaluate(load(export_dir)), **evaluate.guessing()},
         "runs": [],
     }
     bar = tqdm(runs, desc="smf sweep", unit="run", disable=not show_progress)

@@ -256,6 +256,27 @@ def test_the_tokenizer_trainer_imports_the_standard_librarys_modules_not_the_pac
     assert tokenizer_mod._trained_model(["a sentence"], {}).decode() == inspect.__file__
 
 
+def _signalled_mid_tokenizing(tmp_path, tokenizer, monkeypatch, signum: int) -> list[str]:
+    """prepare_data's argv for a 400-document corpus whose tokenizing sends `signum` to this process after
+    300 documents (--workers 1: the main process tokenizes)."""
+    from pretrain.data import prepare as prepare_mod
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(400)))
+    tokenize = prepare_mod.tokenize_documents
+
+    def tokenize_then_signalled(*args, **kwargs):
+        for n, ids in enumerate(tokenize(*args, **kwargs)):
+            if n == 300:
+                os.kill(os.getpid(), signum)
+            yield ids
+
+    monkeypatch.setattr(prepare_mod, "tokenize_documents", tokenize_then_signalled)
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "data")]
+    return argv + ["--seq-len", "16", "--sequences-per-shard", "64", "--no-progress", "--workers", "1"]
+
+
 @pytest.mark.parametrize(
     "first, second",
     [
@@ -280,20 +301,9 @@ def test_a_second_signal_during_the_cleanup_still_removes_the_temporary(
     it with a KeyboardInterrupt traceback (exit 130); a Ctrl-C alone printed a traceback."""
     import shutil
 
-    from pretrain.data import prepare as prepare_mod
     from tools import prepare_data as prepare_cli
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(400)))
-    tokenize = prepare_mod.tokenize_documents
-
-    def tokenize_then_stopped(*args, **kwargs):
-        for n, ids in enumerate(tokenize(*args, **kwargs)):
-            if n == 300:
-                os.kill(os.getpid(), first)
-            yield ids
-
+    argv = _signalled_mid_tokenizing(tmp_path, tokenizer, monkeypatch, first)
     rmtree, removals = shutil.rmtree, []
 
     def rmtree_signalled_again(path, *args, **kwargs):
@@ -302,10 +312,7 @@ def test_a_second_signal_during_the_cleanup_still_removes_the_temporary(
             os.kill(os.getpid(), second)
         return rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(prepare_mod, "tokenize_documents", tokenize_then_stopped)
     monkeypatch.setattr(shutil, "rmtree", rmtree_signalled_again)
-    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "data")]
-    argv += ["--seq-len", "16", "--sequences-per-shard", "64", "--no-progress", "--workers", "1"]
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     assert prepare_cli.main(argv) == 128 + first
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back once it has stopped
@@ -315,6 +322,24 @@ def test_a_second_signal_during_the_cleanup_still_removes_the_temporary(
     assert said.startswith(f"error: stopped by {signal.Signals(first).name} ("), said
     assert f"the unfinished preparation was removed and {tmp_path / 'data'} is as it was before" in said
     assert said.count("error:") == 1 and "Traceback" not in said, said
+
+
+def test_a_ctrl_c_the_tool_was_started_ignoring_stays_ignored(tmp_path, tokenizer, monkeypatch):
+    """A shell runs `memlayers-prepare-data ... &` from a script with SIGINT ignored, so that the Ctrl-C
+    that stops the script (the terminal sends it to the whole process group) leaves the background job
+    alone; Python keeps an inherited SIG_IGN. Counting Ctrl-C as a stop (6b49dfe) replaced it with a
+    handler, and such a Ctrl-C stopped the preparation (exit status 130, nothing written). It now
+    runs to the end, and SIGINT is still ignored after it."""
+    from tools import prepare_data as prepare_cli
+
+    argv = _signalled_mid_tokenizing(tmp_path, tokenizer, monkeypatch, signal.SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert prepare_cli.main(argv) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["documents"] == 400
 
 
 def test_stop_signals_in_a_workers_start_up_leave_it_working(tmp_path, monkeypatch):

@@ -321,10 +321,11 @@ def test_finetune_tool_refuses_an_out_it_cannot_write_before_training(smf_export
     assert sorted(p.name for p in source.iterdir()) == files
 
 
-def test_finetune_tool_refuses_a_dataset_dir_it_would_not_read(smf_export, tmp_path, capsys):
-    """The validation loss (--dataset-dir) is measured by the per-epoch evaluation, which an export
-    without probes.jsonl does not run: the tool finetuned and wrote its export without the loss and
-    without a word. It is refused before the model loads; with the probes it is read."""
+def test_finetune_tool_measures_the_validation_loss_of_an_export_without_probes(smf_export, tmp_path, capsys):
+    """An export of a run on prepared text has no probes.jsonl. --dataset-dir was first ignored (no loss,
+    no word), then refused ('has no probes.jsonl: drop --dataset-dir'), so finetuning one's own model
+    could not measure what it forgets of its pretraining corpus. It now gets the validation loss alone,
+    before and after each evaluated epoch: the same loss the export with probes reports."""
     import shutil
 
     from tools.smf_finetune import main
@@ -333,11 +334,15 @@ def test_finetune_tool_refuses_a_dataset_dir_it_would_not_read(smf_export, tmp_p
     bare = tmp_path / "export"
     shutil.copytree(export, bare)
     (bare / "probes.jsonl").unlink()
-    out = tmp_path / "out"
-    args = ["--data", str(dataset / "new_facts.jsonl"), "--out", str(out), "--method", "full", "--epochs", "1"]
-    assert main(["--export", str(bare), *args, "--dataset-dir", str(dataset)]) == 2
-    err = capsys.readouterr().err
-    assert f"--dataset-dir {dataset}: the validation loss is measured with the per-epoch evaluation" in err
-    assert f"{bare} has no probes.jsonl: drop --dataset-dir" in err and not out.exists()
-    assert main(["--export", str(export), *args, "--dataset-dir", str(dataset)]) == 0
-    assert "val_loss" in json.loads((out / "config.json").read_text())["memlayers"]["finetune"]["history"][-1]
+    args = ["--data", str(dataset / "new_facts.jsonl"), "--method", "full", "--epochs", "1"]
+    records = {}
+    for name, source in (("bare", bare), ("with_probes", export)):
+        out = tmp_path / f"out_{name}"
+        assert main(["--export", str(source), *args, "--out", str(out), "--dataset-dir", str(dataset)]) == 0
+        records[name] = json.loads((out / "config.json").read_text())["memlayers"]["finetune"]
+    assert "before val_loss" in capsys.readouterr().out
+    bare_run, probed = records["bare"], records["with_probes"]
+    assert set(bare_run["before"]) == {"val_loss"} and "new_fact_recall" in probed["before"]
+    assert bare_run["before"]["val_loss"] == probed["before"]["val_loss"]
+    assert bare_run["history"][-1]["val_loss"] == pytest.approx(probed["history"][-1]["val_loss"], rel=1e-6)
+    assert "new_fact_recall" not in bare_run["history"][-1]

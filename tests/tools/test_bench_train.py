@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tools.bench_train import add_ratios, main, table
+from tools.bench_train import add_ratios, main, table, wait_for_worker
 
 
 def row(model, compile_on, ac, step_s, peak, flops=100.0):
@@ -177,3 +177,47 @@ def test_a_terminated_driver_ends_its_worker(tmp_path):
                 p.kill()
         if driver.poll() is None:
             driver.kill()
+
+
+def test_a_worker_that_does_not_exit_after_its_result_is_ended_and_its_result_kept(tmp_path):
+    """A worker that hangs at exit after writing its result (torch 2.11's compile-worker sidecar
+    held one for 300 s) is killed, with its own helper process, `grace_s` after the result; the
+    driver keeps the result instead of losing it, and every variant after it, at the stage's limit."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from pretrain.process_tree import children_of
+
+    out = tmp_path / "worker.json"
+    code = (
+        "import subprocess, sys, time, pathlib; "
+        "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"pathlib.Path({str(out)!r}).write_text('{{}}'); time.sleep(600)"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.is_file() and children_of(worker.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        helpers = [psutil.Process(pid) for pid in children_of(worker.pid)]
+        assert out.is_file() and helpers, "the stand-in worker did not start"
+        note = wait_for_worker(worker, out, grace_s=0.5)
+        assert note and "killed" in note
+        assert worker.returncode == -9
+        gone, alive = psutil.wait_procs(helpers, timeout=10)
+        assert not alive, "the worker's helper outlived it"
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_worker_that_exits_is_waited_for_without_a_note(tmp_path):
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert wait_for_worker(worker, tmp_path / "absent.json", grace_s=0.5) is None
+    assert worker.returncode == 0

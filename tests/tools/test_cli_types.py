@@ -349,3 +349,31 @@ def test_the_tools_with_long_output_end_quietly_when_the_reader_stops():
     for name in ("tfidf", "generate", "inspect_data", "submit"):
         main = importlib.import_module(f"tools.{name}").main
         assert main.__wrapped__.__module__ == f"tools.{name}", name
+
+
+def test_every_tools_help_description_is_its_whole_first_paragraph():
+    """A tool's --help took the first line of its docstring: four (bench_attention, bench_objective,
+    bench_shard_check, compare_dense) stopped mid-sentence ('... SDPA with the dense'). Those use
+    pretrain.cli.help_description; a tool that still takes the first line must have a one-line first
+    paragraph."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pretrain.cli import help_description
+
+    assert help_description("\nA first sentence that\nruns on.\n\nMore.\n") == "A first sentence that runs on."
+    root = Path(__file__).resolve().parents[2]
+    for tool in sorted((root / "tools").glob("*.py")):
+        source = tool.read_text()
+        doc = ast.get_docstring(ast.parse(source), clean=False)
+        if "__doc__.splitlines()[0]" in source:
+            assert doc.splitlines()[0].strip() == help_description(doc), f"{tool.name}: --help cuts its first sentence"
+    shown = subprocess.run(
+        [sys.executable, str(root / "tools" / "bench_attention.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "SDPA with the dense document mask, and FlexAttention with the block mask" in " ".join(shown.split())

@@ -63,8 +63,13 @@ def test_a_demo_stopped_early_says_so_and_how_to_continue(tmp_path, data_cache, 
     assert "=== demo stopped at step 2 of 6 (by train.stop_after) ===" in out
     printed = recipe_arguments(out.split("continue it with ")[1].split(" (a plain make demo")[0])
     assert printed[0] == "--resume" and f"train.run_dir={run_dir}" in printed
+    assert "(first 2 steps) -> " in out
     assert demo.main(printed) == 0  # the printed command's arguments, verbatim
-    assert "=== demo finished ===" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "=== demo finished ===" in out
+    # the resumed demo's losses are of steps 3-6: it called them the run's first steps (5.937 at the
+    # demo's step 1-10 became 4.824, steps 16-25 of a resumed 30-step demo)
+    assert "(first 4 steps of this run, from step 3) -> " in out and "(last 4 steps)" in out
 
 
 def test_the_printed_continue_command_keeps_the_runs_arguments(tmp_path, data_cache, capsys):

@@ -6,6 +6,7 @@ which named no rank (pretrain/lost_peer.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 from torch.distributed import DistBackendError
 
-from pretrain import lost_peer
+from pretrain import lost_peer, watchdog
 from pretrain.checkpoint import CheckpointError, tag_for
-from tests.train.test_crash_consistency import launch, wait
+from pretrain.distributed import free_port
+from tests.crash_launch import start
+from tests.train.test_crash_consistency import launch, run_args, wait
 
 
 @pytest.mark.parametrize("dead", [1, 0])  # rank 0's process also serves the rendezvous store
@@ -60,6 +63,30 @@ def test_a_rank_on_another_node_is_named_by_the_peer_address(monkeypatch):
     dead.wait()
     processes[3] = (here, dead.pid)
     assert lost_peer.lost_ranks(0, None, processes) == f"rank 3 on {here} (process {dead.pid} has ended)"
+    also = subprocess.Popen(["true"])
+    also.wait()
+    processes[2] = (here, also.pid)
+    both = f"ranks 2, 3 on {here} (processes {also.pid}, {dead.pid} have ended)"  # was 'process A, B has ended'
+    assert lost_peer.lost_ranks(0, None, processes) == both
+
+
+def test_a_rank_whose_process_is_a_zombie_has_ended():
+    """A killed rank stays a zombie until its launcher collects it: it has ended, and is named so
+    (the launch test's rank is mostly collected already by the time the survivor looks)."""
+    import time
+
+    here = socket.gethostname()
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 30
+    while watchdog.process_state(zombie.pid)[0] != "Z":  # exited, not collected (no wait yet)
+        assert time.monotonic() < deadline, watchdog.process_state(zombie.pid)
+        time.sleep(0.01)
+    try:
+        assert lost_peer._has_ended(zombie.pid) and not lost_peer._has_ended(os.getpid())
+        processes = [(here, os.getpid()), (here, zombie.pid)]
+        assert lost_peer.lost_ranks(0, None, processes) == f"rank 1 on {here} (process {zombie.pid} has ended)"
+    finally:
+        zombie.wait()
 
 
 @pytest.mark.parametrize(
@@ -68,6 +95,8 @@ def test_a_rank_on_another_node_is_named_by_the_peer_address(monkeypatch):
         ("[pair.cc:553] Connection closed by peer [10.0.0.7]:29611. This is typically", True, "10.0.0.7"),
         ("[pair.cc:537] Read error [127.0.0.1]:22739: Connection reset by peer. This is", True, "127.0.0.1"),
         ("NCCL error: remote process exited or there was a network error", True, None),
+        # the store, rank 0's process gone, while a process group is made (DistNetworkError)
+        ("Failed to recv, got 0 bytes. Connection was likely closed. Did the remote server shutdown", True, None),
         ("CUDA error: an illegal memory access was encountered", False, None),
     ],
 )
@@ -86,3 +115,74 @@ def test_the_resume_command_is_the_one_this_rank_ran_or_the_slurm_jobs(monkeypat
     assert lost_peer.resume_command() == f"start every rank again as before ({expected})"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert lost_peer.resume_command().startswith("scontrol requeue 4242 ")
+
+
+def test_checkpoints_a_resume_would_refuse_are_not_called_the_start(tmp_path, monkeypatch):
+    """Rank 0 killed between renaming its first checkpoint and writing `latest` (crash_launch's
+    'renamed' point) leaves checkpoints/step_00000001 without `latest`, which a resume refuses. The
+    survivor said 'The run resumes from the start (no checkpoint yet)': it now passes on the refusal,
+    which names the fix, as a resume would print it."""
+    monkeypatch.setattr(lost_peer, "rank_processes", lambda: [])
+    monkeypatch.setattr(lost_peer.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 1)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / "checkpoints" / tag_for(1)).mkdir(parents=True)
+    err = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:29611")
+    line = lost_peer.describe(tmp_path, 1, "after step 1", err, "127.0.0.1")
+    assert "from the start" not in line, line
+    refusal = "holds checkpoints (step_00000001) but no 'latest' file naming the one to resume from"
+    assert f"The run resumes only once its checkpoints are put right: {tmp_path / 'checkpoints'} {refusal}" in line
+    assert line.endswith(" on rank 1)")  # then the command, as when it resumes
+
+
+@pytest.mark.parametrize(
+    "point, where",
+    [
+        ("config-shared", "while the ranks checked the config (gloo: "),
+        # gloo making DeepSpeed's group waited on the store for the dead rank, 720 s here (32 minutes by
+        # default), then failed with a timeout that named no rank: the survivor's watch ends it
+        ("deepspeed-initialize", "before this run's first step finished (gloo: no error, still waiting for it 20 s"),
+        ("final-barrier", "after this run ended at step 6 (gloo: "),
+    ],
+)
+def test_a_rank_lost_at_start_up_or_shutdown_is_named_in_one_line(tmp_path, data_cache, point, where):
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    children = launch(point, 0, run, data_cache, log, world=2, killed_rank=1)
+    codes = wait(children, timeout=300)
+    text = log.read_text()
+    assert codes == [1, -signal.SIGKILL], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
+    lost = f"lost rank 1 on {socket.gethostname()} (process {children[1].pid} has ended)"
+    assert line.startswith(f"error: rank 0 on {socket.gethostname()} {lost} {where}"), line
+    resumes = f"from {run / 'checkpoints' / tag_for(6)}" if point == "final-barrier" else "from the start"
+    assert f"The run resumes {resumes}" in line, line
+
+
+def test_a_multi_rank_profile_whose_peer_dies_ends_in_one_line(tmp_path, data_cache):
+    run, log = tmp_path / "run", tmp_path / "profile.log"
+    port = str(free_port())
+    args = ["--steps", "3", *run_args(run, data_cache)]
+    children = [
+        start(
+            "after-step" if rank == 1 else "none",
+            1,
+            "profile",
+            args,
+            log,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        for rank in range(2)
+    ]
+    codes = wait(children, timeout=300)
+    text = log.read_text()
+    assert codes == [1, -signal.SIGKILL], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: rank 0 on {socket.gethostname()} lost rank 1 on "), line
+    assert " at step 1 (gloo: " in line, line  # the last step or checkpoint finished

@@ -1,0 +1,50 @@
+"""A process's children and descendants from Linux /proc, and their end by SIGKILL: for
+helpers that must not outlive the process waiting on them (a compile-worker sidecar's
+workers, a benchmark worker's own helpers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def children_of(pid: int) -> list[int]:
+    """The ids of the processes whose parent is `pid` ([] where there is no /proc)."""
+    proc = Path("/proc")
+    children = []
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def descendants_of(pid: int) -> list[int]:
+    """Children, their children, ... of `pid`, parents before their children."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def kill(pid: int) -> None:
+    """SIGKILL to `pid`; one that has ended already is no error."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to `pid` and every descendant (listed first, so none is re-parented unseen)."""
+    for child in [pid, *descendants_of(pid)]:
+        kill(child)

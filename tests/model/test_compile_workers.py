@@ -1,0 +1,93 @@
+"""pretrain.compile_workers: a process that compiled exits in seconds, not after torch's 300 s
+wait for a compile-worker sidecar that does not stop (torch 2.11 + Python 3.12, the GPU image;
+tools/check_torch211.sh runs this file there)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from pretrain.compile_workers import end_sidecar
+from pretrain.process_tree import children_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_process_whose_pool_got_no_job_yet_exits_and_leaves_no_sidecar(tmp_path):
+    """The cold start: the first CUDA compile makes the pool (its ready job sent), the process ends
+    before the sidecar has read it. Under torch 2.11 + Python 3.12 such an exit took 302 s (the
+    sidecar's workers never told to stop); torch's own API and exit path, as compile_fx drives them."""
+    pid_file = tmp_path / "sidecar.pid"
+    script = textwrap.dedent(
+        f"""
+        from pretrain.compile_workers import end_compile_workers_at_exit
+        from torch._inductor.async_compile import AsyncCompile
+        from torch._inductor.compile_worker.subproc_pool import SubprocPool
+
+        end_compile_workers_at_exit()
+        AsyncCompile.use_process_pool()  # what compile_fx's wakeup() does on the first CUDA compile
+        pool = AsyncCompile.process_pool()
+        if isinstance(pool, SubprocPool):
+            open({str(pid_file)!r}, "w").write(str(pool.process.pid))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_COMPILE_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr
+    if pid_file.exists():  # a torch whose pool has a sidecar
+        assert not _alive(int(pid_file.read_text())), "the compile-worker sidecar outlived its process"
+
+
+class _StuckPool:
+    """Stands in for torch's SubprocPool: `shutdown` waits 300 s for a sidecar that waits for ever on
+    its own child (as torch 2.11's sidecar joins compile workers that were never told to stop)."""
+
+    def __init__(self):
+        code = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(600)'])"
+        self.process = subprocess.Popen([sys.executable, "-c", code])
+        self.shutdown_calls = 0
+
+    def shutdown(self):
+        self.shutdown_calls += 1
+        self.process.wait(300)
+
+
+def test_a_sidecar_that_does_not_stop_is_ended_with_its_workers():
+    pool = _StuckPool()
+    try:
+        for _ in range(200):  # its child started
+            children = children_of(pool.process.pid)
+            if children:
+                break
+            subprocess.run(["sleep", "0.05"])
+        assert children, "the stand-in sidecar started no child"
+        end_sidecar(pool, pool.process, grace_s=0.5)
+        assert pool.shutdown_calls == 1
+        assert pool.process.returncode is not None
+        assert not any(_alive(pid) for pid in children)
+    finally:
+        pool.process.kill()
+        pool.process.wait()
+
+
+def test_a_sidecar_that_stops_is_not_killed():
+    """A sidecar that stops within the grace ends by itself (exit status 0, not SIGKILL)."""
+
+    class _Pool:
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+
+        def shutdown(self):
+            self.process.wait(300)
+
+    pool = _Pool()
+    end_sidecar(pool, pool.process, grace_s=5.0)
+    assert pool.process.returncode == 0
