@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pretrain.config import ConfigError, check_runtime, config_yaml, load_config
 from pretrain.data.errors import DataError
-from pretrain.files import atomic_directory, atomic_write
+from pretrain.files import atomic_directory, atomic_write, rename_on_disk
 from pretrain.resume_checks import (
     CONFIG_NAME,
     check_no_live_job,
@@ -176,7 +176,7 @@ def materialise(plan: PreparedRun) -> None:
             previous = plan.code_dir.with_name("code.previous")
             if previous.exists():  # left by a submission interrupted before it ended: nothing runs from it
                 shutil.rmtree(previous)
-            plan.code_dir.rename(previous)
+            rename_on_disk(plan.code_dir, previous)
             plan.replaced_code = previous
         plan.created_paths.append(plan.code_dir)
         _copy_code(plan.code_dir)
@@ -196,7 +196,8 @@ def rollback(plan: PreparedRun) -> None:
         else:
             path.unlink(missing_ok=True)
     if plan.replaced_code is not None and plan.replaced_code.exists():
-        plan.replaced_code.rename(plan.code_dir)
+        # on disk before the command returns: a job queued earlier runs from code/ (PYTHONSAFEPATH)
+        rename_on_disk(plan.replaced_code, plan.code_dir)
     if plan.replaced_config is not None:
         atomic_write(plan.config_path, plan.replaced_config)
 

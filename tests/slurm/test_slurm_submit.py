@@ -617,6 +617,27 @@ def test_resume_with_a_code_snapshot_replaces_a_stale_previous_snapshot(capsys, 
     assert not (run / "code.previous").exists()
 
 
+def test_a_snapshot_put_back_after_a_failed_submission_is_on_disk(capsys, tmp_path, monkeypatch):
+    """The rollback renamed code.previous back to code/ without flushing the run folder: after a
+    power cut a job queued earlier, which runs from code/, could find none. Also the rename aside."""
+    from pretrain.launch import materialise, plan_run
+    from tests.syscall_log import SyscallLog
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    materialise(plan_run(TINY, ["train.micro_batch=2", f"train.run_dir={run}"], SlurmOptions(cpu=True), snapshot=True))
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--cpu", "--snapshot-code"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    log = SyscallLog(monkeypatch)
+    rc, _, err = _submit(capsys, argv)
+    assert rc == 2 and "sbatch not found" in err, err
+    aside = log.events.index(("rename", str(run / "code"), str(run / "code.previous")))
+    back = log.rename_onto(run / "code")
+    assert log.events[back][1] == str(run / "code.previous") and aside < back
+    assert str(run) in log.synced(aside + 1, aside + 2)  # right after it, before the new snapshot is copied
+    assert str(run) in log.synced(back + 1, len(log.events)), "the snapshot put back, its name not flushed"
+
+
 def test_a_failed_rollback_is_reported_with_the_error_that_caused_it(tmp_path, monkeypatch):
     from pretrain import launch
 
