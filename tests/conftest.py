@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/memlayers/torch_extensions"))
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _LAUNCH_ENV_AT_START = {k: os.environ[k] for k in _LAUNCH_VARS if k in os.environ}
+# A suite started in the background (`make test &`, a CI runner's `nohup ... &`) inherits SIGINT
+# ignored, and Python keeps it so, in this process and the tools the tests start; the tests of Ctrl-C
+# play a user at a terminal's foreground job, so SIGINT is Python's default here, as it is there.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tests import triton_mode  # noqa: E402
 
