@@ -214,6 +214,33 @@ CTRL_C_NOTE = (
     b"Ctrl-C: stopping after this step with a checkpoint, as SIGTERM does; Ctrl-C again to abort at once "
     b"(the steps since the last checkpoint are then lost)\n"
 )
+CTRL_C_ABORTED = "error: aborted by a second Ctrl-C: the steps since the run's last checkpoint are lost"
+
+
+@contextmanager
+def ctrl_c_abort_in_one_line(resume: str) -> Iterator[None]:
+    """Around a run whose `StopSignal(ctrl_c=True)` aborts on a second Ctrl-C (KeyboardInterrupt from
+    wherever the run is): that KeyboardInterrupt, leaving the block, is reported in one line,
+    CTRL_C_ABORTED and `resume` (how to go on), not a traceback. Python still ends the process as on
+    any Ctrl-C: its exit functions, then killed by SIGINT (which tells a shell script running the
+    command to stop too). Left otherwise, the previous sys.excepthook is put back."""
+    report = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"{CTRL_C_ABORTED}; {resume}", file=sys.stderr, flush=True)
+        else:
+            report(kind, value, tb)
+
+    sys.excepthook = hook
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # the hook reports it, as the process ends
+    except BaseException:
+        sys.excepthook = report
+        raise
+    sys.excepthook = report
 
 
 class StopSignal:
