@@ -54,6 +54,9 @@ PORT_BASE = 10000
 PORT_SPAN = 20000
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# what a rank's helper processes ignore (`ignore_stop_signals`): those, and Ctrl-C's SIGINT, which reaches
+# every process of the terminal's job
+HELPER_IGNORED = (*STOP_SIGNALS, signal.SIGINT)
 
 # What the ranks agree on, ordered so that MAX picks the stronger request: SIGUSR1 is the
 # time-limit/preemption warning (checkpoint, requeue); any other stop signal is SIGTERM from
@@ -365,9 +368,9 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     A helper started inside `stop_signals_blocked` has them blocked until here: one that came before
     waited, and is discarded as they become ignored.
     """
-    for sig in (*STOP_SIGNALS, signal.SIGINT):  # Ctrl-C reaches every process of the terminal's job too
+    for sig in HELPER_IGNORED:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELPER_IGNORED)
 
 
 @contextmanager
