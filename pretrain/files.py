@@ -203,6 +203,13 @@ def replace_with(tmp: Path, path: str | Path) -> None:
     _fsync(path.parent)
 
 
+def rename_on_disk(src: str | Path, dst: str | Path) -> None:
+    """Rename `src` to `dst` (a name not in use, in the same filesystem), the folder holding the new
+    name flushed to disk after it (`replace_with`'s last step, for a move that commits nothing new)."""
+    os.replace(src, dst)
+    _fsync(Path(dst).parent)
+
+
 def discard(tmp: Path) -> None:
     """Remove an unfinished temporary file or folder, if it exists."""
     tmp = Path(tmp)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pretrain.config import ConfigError, check_runtime, config_yaml, load_config
 from pretrain.data.errors import DataError
-from pretrain.files import atomic_directory, atomic_write
+from pretrain.files import atomic_directory, atomic_write, rename_on_disk
 from pretrain.resume_checks import (
     CONFIG_NAME,
     check_no_live_job,
@@ -176,7 +176,7 @@ def materialise(plan: PreparedRun) -> None:
             previous = plan.code_dir.with_name("code.previous")
             if previous.exists():  # left by a submission interrupted before it ended: nothing runs from it
                 shutil.rmtree(previous)
-            plan.code_dir.rename(previous)
+            rename_on_disk(plan.code_dir, previous)
             plan.replaced_code = previous
         plan.created_paths.append(plan.code_dir)
         _copy_code(plan.code_dir)
@@ -196,7 +196,8 @@ def rollback(plan: PreparedRun) -> None:
         else:
             path.unlink(missing_ok=True)
     if plan.replaced_code is not None and plan.replaced_code.exists():
-        plan.replaced_code.rename(plan.code_dir)
+        # on disk before the command returns: a job queued earlier runs from code/ (PYTHONSAFEPATH)
+        rename_on_disk(plan.replaced_code, plan.code_dir)
     if plan.replaced_config is not None:
         atomic_write(plan.config_path, plan.replaced_config)
 
@@ -218,12 +219,32 @@ def sbatch(script_path: Path, sbatch_bin: str = "sbatch") -> str:
     )
     if result.returncode != 0:
         message = result.stderr.strip() or result.stdout.strip() or "(no output)"
-        raise SubmitError(f"sbatch refused the job (exit {result.returncode}): {message}")
+        raise SubmitError(f"sbatch refused the job (exit {result.returncode}): {message}{_sbatch_hint(message)}")
     # --parsable prints "<jobid>" or "<jobid>;<cluster>".
     job_id = result.stdout.strip().split(";")[0]
     if not job_id.isdigit():
         raise SubmitError(f"sbatch printed {result.stdout.strip()!r}, not a job id")
     return job_id
+
+
+# sbatch's words where the machine is no part of a working cluster (Slurm 22.05), and what they mean
+_NO_CLUSTER_HINTS = (
+    (
+        "could not establish a configuration source",
+        "sbatch finds no Slurm configuration on this machine (no slurm.conf, SLURM_CONF unset, no DNS SRV "
+        "record for slurmctld): submit from a login node of the cluster, or pass --dry-run to see the job script",
+    ),
+    (
+        "unable to contact slurm controller",
+        "the cluster's controller (slurmctld) does not answer: `scontrol ping` says whether it is up",
+    ),
+)
+
+
+def _sbatch_hint(message: str) -> str:
+    """What sbatch's own words mean, where they are those of a machine outside a working cluster."""
+    lowered = message.lower()
+    return "".join(f"\n({hint})" for words, hint in _NO_CLUSTER_HINTS if words in lowered)
 
 
 def submit(plan: PreparedRun, sbatch_bin: str = "sbatch") -> str:

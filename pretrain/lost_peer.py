@@ -146,7 +146,9 @@ def describe(run_dir: Path, rank: int, where: str, err: BaseException | str, pee
     else:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         backend = re.sub(r"^\[[^\]]*\] ", "", first_line).split(". ")[0]  # gloo's source position, its chatty tail
-    lost = lost_ranks(rank, peer, rank_processes() if processes is None else processes)
+    if processes is None:  # the store's own error: its server, rank 0's process, is gone (a read warns again)
+        processes = [] if isinstance(err, dist.DistNetworkError) else rank_processes()
+    lost = lost_ranks(rank, peer, processes)
     return (
         f"rank {rank} on {socket.gethostname()} lost {lost} {where} ({dist.get_backend()}: {backend}): that rank's own "
         f"output says why it ended (a traceback; nothing where it was killed: the out-of-memory killer, a time "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.files import flush_to_disk
+
 # Dense (not 2:4 sparse) bf16 tensor-core peaks, FLOP/s.
 PEAK_BF16_FLOPS = {
     "B200": 2250e12,
@@ -151,6 +153,15 @@ class MetricsLogger:
         if self.enabled:
             elapsed = time.time() - self.start
             print(f"[{elapsed:7.1f}s] {text}", flush=True)
+
+    def flush_to_disk(self) -> None:
+        """The events logged so far onto the disk; called before a checkpoint is written. After a
+        power cut the run resumes from the checkpoint and TensorBoard's log (which hides what was
+        logged past it, `resumed_at`) must hold every step up to it: the page cache that a crashed
+        node loses held the last ~30 s of events, while the checkpoint was flushed, a gap in the
+        log that no resume fills."""
+        if self.writer is not None:
+            self._write(lambda writer: (writer.flush(), flush_to_disk(self.log_dir)))
 
     def close(self) -> None:
         if self.writer is not None:

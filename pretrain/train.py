@@ -220,7 +220,7 @@ def cli(stop: StopSignal | None = None, cfg: RunConfig | None = None) -> None:
     shared-memory op, where a rank occasionally aborts ("terminate called without an
     active exception"), failing a finished job under srun.
     """
-    code = main(stop=stop, cfg=cfg)
+    code = main(stop=stop if stop is not None else StopSignal(ctrl_c=True), cfg=cfg)  # called directly: installed here
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

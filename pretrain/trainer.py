@@ -343,6 +343,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.save_checkpoints:
+            self.metrics.flush_to_disk()  # TensorBoard's log up to this step reaches the disk before the checkpoint
             self.checkpoint = self.checkpointer.save(self.state.step, self.cfg)
 
     def stop_requested(self) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.checkpoint import Checkpointer, latest_checkpoint  # noqa: E402
-from pretrain.cli import output_folder, positive_int  # noqa: E402
+from pretrain.cli import help_description, output_folder, positive_int  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
@@ -51,7 +51,7 @@ def timed_saves(config: Path | None, run_dir: Path, saves: int) -> tuple[list[fl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=help_description(__doc__))
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     p.add_argument("--saves", type=positive_int, default=8)
     p.add_argument(

@@ -131,7 +131,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
     if args.lm_eval:  # memlayers-eval refused a missing export or a run directory only after the timings
         from pretrain.data import DataError
         from pretrain.export import ExportError
-        from pretrain.export.loading import export_probes, export_tokenizer_path
+        from pretrain.export.folders import export_tokenizer_path
+        from pretrain.export.loading import export_probes
 
         try:
             export_tokenizer_path(args.lm_eval)

@@ -16,7 +16,8 @@ Layout under `<run_dir>/checkpoints/`:
 A checkpoint is written under `.tmp-<tag>` and renamed to `<tag>` only when every rank
 has finished; `latest` is replaced last. A crash mid-write leaves the previous
 checkpoint and `latest` untouched; stale temporary folders are removed at the next save. A
-write that fails on one rank (its disk, its quota) is raised on every rank, naming that rank.
+write that fails on one rank (its disk, its quota) is raised on every rank, naming that rank,
+and its unfinished folder is deleted at once (on a full disk, the room it held).
 Per-rank files hold tensors and plain Python values only, loaded with weights_only=True.
 
 Resume trusts no file of a checkpoint: before anything is loaded, `verify` checks that every

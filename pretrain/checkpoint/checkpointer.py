@@ -5,6 +5,7 @@ number of ranks or the data layout changed."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -195,6 +196,8 @@ class Checkpointer:
         if len(agreed.ranks) > 1:
             cause = f"rank {agreed.rank}: {cause}"
         renamed = committed is not None and committed.is_dir() and not tmp_dir.exists()
+        if self.rank == 0 and not renamed:  # every rank has stopped writing into it (this was a collective)
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # on a full disk, the room it held; what is left: next save
         message = self._write_failure(tag, tmp_dir, agreed.who(), cause, fix, renamed)
         raise CheckpointError(f"{message}. {detail}" if detail else message) from failure
 
@@ -238,7 +241,7 @@ class Checkpointer:
         )
         return (
             f"{who} could not write checkpoint {tag} in {self.root} ({cause}); nothing else was changed: {kept}, and "
-            f"the unfinished {tmp_dir.name} is removed at the next save. {fix}: the run resumes from "
+            f"the unfinished {tmp_dir.name} is deleted. {fix}: the run resumes from "
             f"{previous.name if previous else 'the start'}"
         )
 

@@ -266,6 +266,28 @@ def test_missing_sbatch_is_reported_and_run_dir_removed(capsys, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
+def test_sbatch_on_a_machine_without_slurm_says_what_its_words_mean(capsys, tmp_path, monkeypatch):
+    """Debian's sbatch (Slurm 22.05) on a machine with no slurm.conf, as a new user's laptop or this one
+    without its test cluster, ends with 'fatal: Could not establish a configuration source', which
+    memlayers-submit passed on alone. It now adds what that means and --dry-run; nothing is left."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        "echo 'sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host' >&2\n"
+        "echo 'sbatch: error: fetch_config: DNS SRV lookup failed' >&2\n"
+        "echo 'sbatch: error: _establish_config_source: failed to fetch config' >&2\n"
+        "echo 'sbatch: fatal: Could not establish a configuration source' >&2\n"
+        "exit 1\n"
+    )
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    rc, _, err = _submit(capsys, ["--config", TINY, "train.micro_batch=2", f"train.run_dir={tmp_path}/run", "--cpu"])
+    assert rc == 2 and "sbatch: fatal: Could not establish a configuration source" in err
+    assert "sbatch finds no Slurm configuration on this machine" in err and "pass --dry-run" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -593,6 +615,27 @@ def test_resume_with_a_code_snapshot_replaces_a_stale_previous_snapshot(capsys, 
     assert rc == 0 and "submitted job 4242" in out, err
     assert (run / "code" / "pretrain" / "launch.py").is_file() and not (run / "code" / "MARK").exists()
     assert not (run / "code.previous").exists()
+
+
+def test_a_snapshot_put_back_after_a_failed_submission_is_on_disk(capsys, tmp_path, monkeypatch):
+    """The rollback renamed code.previous back to code/ without flushing the run folder: after a
+    power cut a job queued earlier, which runs from code/, could find none. Also the rename aside."""
+    from pretrain.launch import materialise, plan_run
+    from tests.syscall_log import SyscallLog
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    materialise(plan_run(TINY, ["train.micro_batch=2", f"train.run_dir={run}"], SlurmOptions(cpu=True), snapshot=True))
+    argv = ["--config", TINY, "train.micro_batch=2", f"train.run_dir={run}", "--resume", "--cpu", "--snapshot-code"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    log = SyscallLog(monkeypatch)
+    rc, _, err = _submit(capsys, argv)
+    assert rc == 2 and "sbatch not found" in err, err
+    aside = log.events.index(("rename", str(run / "code"), str(run / "code.previous")))
+    back = log.rename_onto(run / "code")
+    assert log.events[back][1] == str(run / "code.previous") and aside < back
+    assert str(run) in log.synced(aside + 1, aside + 2)  # right after it, before the new snapshot is copied
+    assert str(run) in log.synced(back + 1, len(log.events)), "the snapshot put back, its name not flushed"
 
 
 def test_a_failed_rollback_is_reported_with_the_error_that_caused_it(tmp_path, monkeypatch):

@@ -71,3 +71,17 @@ def test_a_kill_while_deepspeed_copies_its_recovery_script_leaves_the_previous_c
     assert train(tiny_config(run, data_cache, *args[len(TINY) + 2 :])).step == 2  # resumed from step 1
     assert script.read_bytes() == shipped
     assert not [p.name for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]  # the kill's leftover removed
+
+
+def test_the_loss_log_reaches_the_disk_before_the_checkpoint_of_its_step(tmp_path, data_cache, monkeypatch):
+    """After a power cut the run resumes from the checkpoint, and TensorBoard hides what was logged
+    past it: the events up to it must be on disk too. They were never flushed to disk (the writer's
+    flush reaches the page cache), so a crashed node's log could end short of a checkpoint it kept,
+    a gap no resume fills."""
+    run = tmp_path / "run"
+    log = SyscallLog(monkeypatch)
+    train(tiny_config(run, data_cache, "train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=2"))
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    for step in (1, 2):
+        commit = log.rename_onto(run / "checkpoints" / tag_for(step))
+        assert str(events) in log.synced(0, commit), f"checkpoint {tag_for(step)} committed before the loss log"

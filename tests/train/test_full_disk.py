@@ -4,7 +4,8 @@ is allowed), which holds the first checkpoint of the tiny model (about 0.7 MiB) 
 
 Measured before the fix: `error: rank 0 could not write checkpoint step_00000002 ([enforce fail at
 inline_container.cc:672] . unexpected pos 247040 vs 246928; 0 MiB free on its filesystem); ...`:
-torch's C++ writer drops the errno, and its own text led the message."""
+torch's C++ writer drops the errno, and its own text led the message. The unfinished `.tmp-step_00000002`
+was then left on the full filesystem until the next save; it is deleted now."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ shift 2
 "$py" -m pretrain.train "$@"
 echo "exit status $?"
 echo "latest: $(cat "$mnt/run/checkpoints/latest")"
+echo "folders: $(ls -A "$mnt/run/checkpoints" | tr '\n' ' ')"
 """
 
 
@@ -68,6 +70,9 @@ def test_a_full_filesystem_reads_as_one_message_naming_the_folder_and_the_fix(tm
     )
     assert done.returncode == 0 and "exit status 2" in done.stdout, done.stdout + done.stderr
     assert "latest: step_00000001" in done.stdout  # the first checkpoint stays the one that resumes
+    # the unfinished second is deleted, not left holding room on the full disk until the next save
+    (folders,) = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("folders:")]
+    assert [f for f in folders if f.startswith(".tmp-")] == [] and "step_00000001" in folders, done.stdout
     assert "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, done.stderr
@@ -76,7 +81,7 @@ def test_a_full_filesystem_reads_as_one_message_naming_the_folder_and_the_fix(tm
     assert re.fullmatch(
         rf"error: rank 0 could not write checkpoint step_00000002 in {re.escape(str(root))} \(its filesystem is "
         rf"full: {size} free there\); nothing else was changed: {re.escape(str(root / 'latest'))} still names "
-        r"step_00000001, which is complete, and the unfinished \.tmp-step_00000002 is removed at the next save\. "
+        r"step_00000001, which is complete, and the unfinished \.tmp-step_00000002 is deleted\. "
         rf"Free space there \(it needs about {size}\), or give train\.run_dir a filesystem with room, then run "
         r"again: the run resumes from step_00000001(\. The writer's own words: .{1,160})?",
         errors[0],

@@ -230,3 +230,18 @@ def test_a_rank_in_another_pid_namespace_on_the_same_host_is_not_taken_for_ended
             rank.kill()
     assert "rank 0 watched to the end" in outputs[0], outputs[0][-3000:]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
+
+
+def test_rank_0_lost_while_a_group_is_made_is_named_without_a_second_store_warning(tmp_path, data_cache):
+    """Rank 0 dead in deepspeed.initialize: the survivor's store read fails (DistNetworkError), and torch
+    warns with ~50 lines of C++ frames. Asking the dead store who was lost warned a second time."""
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    children = launch("deepspeed-initialize", 0, run, data_cache, log, world=2, killed_rank=0)
+    codes = wait(children, timeout=300)
+    text = log.read_text()
+    assert codes == [-signal.SIGKILL, 1], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
+    lost = "lost rank 0 (its process, which serves the rendezvous store, no longer answers)"
+    assert line.startswith(f"error: rank 1 on {socket.gethostname()} {lost} before this run's first step"), line
+    assert text.count("TCPStore.cpp") <= 1, text[-6000:]  # torch's own, from the store read that failed
