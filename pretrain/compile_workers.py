@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from pretrain.process_tree import children_of, kill
 
@@ -61,7 +62,8 @@ def end_sidecar(pool, sidecar: subprocess.Popen, grace_s: float) -> None:
     """`pool.shutdown()` (torch's: tells the sidecar to stop, then waits up to 300 s), with an alarm:
     `grace_s` on, SIGKILL to the sidecar's children (the compile workers it waits for), and
     `grace_s` later to the sidecar itself; torch's wait then returns. An alarm, not a thread:
-    Python 3.12 starts no thread at exit. Off the main thread (no alarm there) torch's wait stands."""
+    Python 3.12 starts no thread at exit. An alarm set before is set again after, with the time it had
+    left. Off the main thread (no alarm there) torch's wait stands."""
     if threading.current_thread() is not threading.main_thread():
         pool.shutdown()
         return
@@ -73,9 +75,12 @@ def end_sidecar(pool, sidecar: subprocess.Popen, grace_s: float) -> None:
             signal.setitimer(signal.ITIMER_REAL, grace_s)
 
     previous = signal.signal(signal.SIGALRM, overdue)
-    signal.setitimer(signal.ITIMER_REAL, grace_s)
+    started = time.monotonic()
+    pending, interval = signal.setitimer(signal.ITIMER_REAL, grace_s)  # the process has one such timer
     try:
         pool.shutdown()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if pending:  # an alarm set before: again, with the time it had left (due meanwhile: at once)
+            signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - started), 1e-6), interval)

@@ -99,12 +99,13 @@ def main(argv=None) -> int:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / DEMO_MARK).write_text("made by `make demo` (pretrain/demo.py), which replaces this folder\n")
-    from pretrain.slurm import StopSignal
+    from pretrain.slurm import StopSignal, ctrl_c_abort_in_one_line
     from pretrain.train import train  # with torch and DeepSpeed (seconds): after --help and the refusals above
     from pretrain.trainer import TrainingDiverged
 
+    aborted = ctrl_c_abort_in_one_line(f"continue it with {continue_command(argv)}")  # the second Ctrl-C's line
     try:
-        with StopSignal(ctrl_c=True) as stop:  # Ctrl-C stops with a checkpoint, which --resume continues
+        with aborted, StopSignal(ctrl_c=True) as stop:  # Ctrl-C stops with a checkpoint, which --resume continues
             result = train(cfg, stop=stop)
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)

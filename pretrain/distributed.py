@@ -111,7 +111,7 @@ def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> 
     """Announce this rank in `store` and wait up to `timeout_s` for every other rank to; at the
     timeout raise RendezvousTimeout on each rank that came, naming the ranks missing (torch's own
     store said only 'Timed out after 601 seconds waiting for clients. 1/2 clients joined')."""
-    store.set(f"{_PROCESS}{rank}", str(os.getpid()))
+    store.set(f"{_PROCESS}{rank}", f"{os.getpid()} {pid_namespace()}")
     store.set(f"{_ARRIVED}{rank}", socket.gethostname())
     keys = [f"{_ARRIVED}{r}" for r in range(world_size)]
     try:
@@ -139,10 +139,20 @@ def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> 
     )
 
 
-def rank_processes(timeout_s: float = 10.0) -> list[tuple[str, int]] | None:
-    """(host, process id) of every rank, as each announced itself at the rendezvous; [] where the
-    store does not answer within `timeout_s` (rank 0's process, which serves it, has ended); None
-    where this process did not make it (a process group made by the caller)."""
+def pid_namespace() -> str:
+    """This process's PID namespace ('pid:[4026531836]'; '' without /proc): process ids compare within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def rank_processes(timeout_s: float = 10.0) -> list[tuple[str, int | None]] | None:
+    """(host, process id) of every rank, as each announced itself at the rendezvous; the id None where
+    that rank's process is in another PID namespace than this one (a container of its own on the same
+    host): there the id names no process, or another. [] where the store does not answer within
+    `timeout_s` (rank 0's process, which serves it, has ended); None where this process did not make
+    it (a process group made by the caller)."""
     if _store is None:
         return None
     world_size = dist.get_world_size()
@@ -155,7 +165,12 @@ def rank_processes(timeout_s: float = 10.0) -> list[tuple[str, int]] | None:
         return []
     finally:
         _store.set_timeout(waits)
-    return [(host.decode(), int(pid)) for host, pid in zip(hosts, pids)]
+    here = pid_namespace()
+    processes = []
+    for host, announced in zip(hosts, pids):
+        pid, _, namespace = announced.decode().partition(" ")
+        processes.append((host.decode(), int(pid) if namespace == here else None))
+    return processes
 
 
 def describe_ranks(ranks: list[int]) -> str:

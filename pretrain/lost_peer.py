@@ -94,7 +94,7 @@ def _ended(ranks: list[int], pids: list[int], wait_s: float = 2.0) -> list[int]:
         time.sleep(0.05)
 
 
-def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int]] | None) -> str:
+def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int | None]] | None) -> str:
     """Who rank `me` lost, as far as it can tell from the ranks' (host, process id)
     (`distributed.rank_processes`) and the peer's address: 'rank 1 on node3 (process 4242 has
     ended)' on this node, 'rank 5 on node7' or 'one of ranks 4, 5, 6 on node7' on another, 'rank 0'
@@ -107,7 +107,7 @@ def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int]] | Non
     others = [r for r in range(len(processes)) if r != me]
     if peer is not None:
         others = [r for r in others if _runs_on(processes[r][0], peer)] or others
-    local = [r for r in others if processes[r][0] == here]
+    local = [r for r in others if processes[r][0] == here and processes[r][1] is not None]  # None: not seen here
     dead = _ended(local, [processes[r][1] for r in local])
     if dead:
         pids = ", ".join(str(processes[r][1]) for r in dead[:8]) + (", ..." if len(dead) > 8 else "")
@@ -189,9 +189,10 @@ class LocalPeerWatch:
     group (DeepSpeed's data-parallel group, in deepspeed.initialize), waits on the rendezvous store
     for the dead rank's address for the process group's timeout (`train.startup_timeout_s` + 120 s:
     32 minutes by default), then fails with a timeout that names no rank. A thread runs meanwhile
-    (the wait releases the interpreter lock) and sees the peer's process end. Ranks on other nodes
-    cannot be watched so: their death ends this one when srun's --kill-on-bad-exit or torchrun ends
-    the job step, else at that timeout."""
+    (the wait releases the interpreter lock) and sees the peer's process end. Ranks on other nodes,
+    and those on this one in another PID namespace (`rank_processes` gives no id for them), cannot
+    be watched so: their death ends this one when srun's --kill-on-bad-exit or torchrun ends the job
+    step, else at that timeout."""
 
     def __init__(self, run_dir: str | Path, where: Callable[[], str], poll_s: float = 0.5, grace_s: float = 20.0):
         self.run_dir, self.where, self.poll_s, self.grace_s = run_dir, where, poll_s, grace_s
@@ -202,7 +203,10 @@ class LocalPeerWatch:
         if dist.is_initialized() and dist.get_world_size() > 1:
             me, here = dist.get_rank(), socket.gethostname()
             processes = rank_processes() or []
-            peers = [(r, pid) for r, (host, pid) in enumerate(processes) if host == here and r != me]
+            # a peer in another PID namespace (pid None) cannot be watched: its id names no process here
+            peers = [
+                (r, pid) for r, (host, pid) in enumerate(processes) if host == here and r != me and pid is not None
+            ]
             if peers:
                 args = (me, peers, processes)
                 self._thread = threading.Thread(target=self._watch, args=args, daemon=True, name="peer-watch")
@@ -212,7 +216,7 @@ class LocalPeerWatch:
     def __exit__(self, *exc) -> None:
         self._stopped.set()
 
-    def _watch(self, me: int, peers: list[tuple[int, int]], processes: list[tuple[str, int]]) -> None:
+    def _watch(self, me: int, peers: list[tuple[int, int]], processes: list[tuple[str, int | None]]) -> None:
         while not self._stopped.wait(self.poll_s):
             if any(_has_ended(pid) for _, pid in peers):
                 break

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -48,3 +49,10 @@ def kill_tree(pid: int) -> None:
     """SIGKILL to `pid` and every descendant (listed first, so none is re-parented unseen)."""
     for child in [pid, *descendants_of(pid)]:
         kill(child)
+
+
+def kill_child_tree(proc: subprocess.Popen) -> None:
+    """`kill_tree` for a child of this process, unless its exit has been collected already: its
+    process id is free from then on, and may be another process's."""
+    if proc.poll() is None:  # not collected: the id is still the child's (a zombie at worst)
+        kill_tree(proc.pid)

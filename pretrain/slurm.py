@@ -54,6 +54,9 @@ PORT_BASE = 10000
 PORT_SPAN = 20000
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# what a rank's helper processes ignore (`ignore_stop_signals`): those, and Ctrl-C's SIGINT, which reaches
+# every process of the terminal's job
+HELPER_IGNORED = (*STOP_SIGNALS, signal.SIGINT)
 
 # What the ranks agree on, ordered so that MAX picks the stronger request: SIGUSR1 is the
 # time-limit/preemption warning (checkpoint, requeue); any other stop signal is SIGTERM from
@@ -214,6 +217,33 @@ CTRL_C_NOTE = (
     b"Ctrl-C: stopping after this step with a checkpoint, as SIGTERM does; Ctrl-C again to abort at once "
     b"(the steps since the last checkpoint are then lost)\n"
 )
+CTRL_C_ABORTED = "error: aborted by a second Ctrl-C: the steps since the run's last checkpoint are lost"
+
+
+@contextmanager
+def ctrl_c_abort_in_one_line(resume: str) -> Iterator[None]:
+    """Around a run whose `StopSignal(ctrl_c=True)` aborts on a second Ctrl-C (KeyboardInterrupt from
+    wherever the run is): that KeyboardInterrupt, leaving the block, is reported in one line,
+    CTRL_C_ABORTED and `resume` (how to go on), not a traceback. Python still ends the process as on
+    any Ctrl-C: its exit functions, then killed by SIGINT (which tells a shell script running the
+    command to stop too). Left otherwise, the previous sys.excepthook is put back."""
+    report = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"{CTRL_C_ABORTED}; {resume}", file=sys.stderr, flush=True)
+        else:
+            report(kind, value, tb)
+
+    sys.excepthook = hook
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # the hook reports it, as the process ends
+    except BaseException:
+        sys.excepthook = report
+        raise
+    sys.excepthook = report
 
 
 class StopSignal:
@@ -338,9 +368,9 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
     A helper started inside `stop_signals_blocked` has them blocked until here: one that came before
     waited, and is discarded as they become ignored.
     """
-    for sig in (*STOP_SIGNALS, signal.SIGINT):  # Ctrl-C reaches every process of the terminal's job too
+    for sig in HELPER_IGNORED:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELPER_IGNORED)
 
 
 @contextmanager

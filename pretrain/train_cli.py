@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from pretrain.slurm import StopSignal, in_slurm_task  # the standard library only
+from pretrain.slurm import StopSignal, ctrl_c_abort_in_one_line, in_slurm_task  # the standard library only
 
 
 def parse_args(argv=None) -> tuple[str | None, list[str]]:
@@ -29,18 +29,19 @@ def launched_alone() -> bool:
 
 def cli() -> None:
     """The console script; ends the process (pretrain.train's `cli`)."""
-    stop = StopSignal(ctrl_c=True)  # Ctrl-C too stops with a checkpoint (a second one aborts)
-    config_path, overrides = parse_args()
-    cfg = None
-    if launched_alone():
-        from pretrain.config import ConfigError, load_config
-        from pretrain.data.errors import DataError
+    stop = StopSignal(ctrl_c=True)  # Ctrl-C too stops with a checkpoint (a second one aborts, in a line)
+    with ctrl_c_abort_in_one_line("the same command, started again, resumes from that checkpoint"):
+        config_path, overrides = parse_args()
+        cfg = None
+        if launched_alone():
+            from pretrain.config import ConfigError, load_config
+            from pretrain.data.errors import DataError
 
-        try:
-            cfg = load_config(config_path, overrides)
-        except (ConfigError, DataError) as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            os._exit(2)  # as pretrain.train's cli ends
-    from pretrain import train
+            try:
+                cfg = load_config(config_path, overrides)
+            except (ConfigError, DataError) as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                os._exit(2)  # as pretrain.train's cli ends
+        from pretrain import train
 
-    train.cli(stop, cfg)
+        train.cli(stop, cfg)

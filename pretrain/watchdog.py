@@ -44,12 +44,16 @@ import time
 from pathlib import Path
 
 from pretrain.files import atomic_write
+from pretrain.slurm import stop_signals_blocked  # the standard library only
 
 REPORTS = "hangs"
 SUMMARY = "summary.txt"
 REQUEUE_RECORD = "requeued_from.txt"
 DUMP_SIGNAL = signal.SIGUSR2  # faulthandler dumps the stacks on it; USR1 and TERM are the stop signals
 START_UP = "none yet (start-up)"
+# Ctrl-C and Slurm's stop signals, which reach the watcher too: it starts with them blocked, until its
+# own dispositions are set (an interpreter's start-up takes a while, and they ended it there)
+_WATCHER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _PROJECT_DIRS = ("pretrain", "kernels")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,9 +119,13 @@ class HangWatchdog:
         # before the watcher exists: SIGUSR2 would otherwise end the rank
         self._dump_pipe = os.fdopen(dump_write, "w")
         faulthandler.register(DUMP_SIGNAL, file=self._dump_pipe, all_threads=True, chain=False)
-        self._watcher = subprocess.Popen(
-            [sys.executable, "-m", "pretrain.watchdog", *args], stdin=subprocess.PIPE, pass_fds=(dump_read,), env=env
-        )
+        with stop_signals_blocked(_WATCHER_SIGNALS):  # inherited through exec, until _Cancelled unblocks them
+            self._watcher = subprocess.Popen(
+                [sys.executable, "-m", "pretrain.watchdog", *args],
+                stdin=subprocess.PIPE,
+                pass_fds=(dump_read,),
+                env=env,
+            )
         os.close(dump_read)
         os.set_blocking(self._watcher.stdin.fileno(), False)  # a dead watcher must never block a step
 
@@ -159,6 +167,7 @@ class _Cancelled:
         signal.signal(signal.SIGTERM, self._set)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WATCHER_SIGNALS)  # one that came meanwhile acts now
 
     def _set(self, *_):
         self.flag = True

@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from pretrain.cli import int_at_least, output_file, output_folder, positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
-from pretrain.process_tree import kill_tree  # noqa: E402
+from pretrain.process_tree import kill_child_tree  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- worker
@@ -216,11 +216,11 @@ def wait_for_worker(proc: subprocess.Popen, out_file: Path, grace_s: float = EXI
                 if written_at is None and out_file.is_file():
                     written_at = time.monotonic()
                 if written_at is not None and time.monotonic() - written_at > grace_s:
-                    kill_tree(proc.pid)
+                    kill_child_tree(proc)
                     proc.wait()
                     return f"the worker had not exited {grace_s:.0f} s after writing its result: killed"
     except BaseException:
-        kill_tree(proc.pid)
+        kill_child_tree(proc)
         proc.wait()
         raise
 

@@ -68,7 +68,7 @@ from pretrain.data.row_cursor import RowCursor
 from pretrain.data.shards import read_manifest, row_doc_ids
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.data.work_plan import ROWS, epoch_order, head_of, part_of, row_count, work_of
-from pretrain.slurm import end_stop_immune_workers_at_exit, ignore_stop_signals, stop_signals_blocked
+from pretrain.slurm import HELPER_IGNORED, end_stop_immune_workers_at_exit, ignore_stop_signals, stop_signals_blocked
 
 IGNORE_INDEX = -100
 
@@ -388,7 +388,7 @@ class ShardLoader:
                 generator=seeds,
                 worker_init_fn=ignore_stop_signals,  # Slurm's stop signals reach the workers too
             )
-            with stop_signals_blocked():  # the workers are forked here, and ignore them before unblocking
+            with stop_signals_blocked(HELPER_IGNORED):  # the workers are forked here, and ignore them before unblocking
                 batches = iter(dl)
             for item in naming_dead_workers(batches):
                 if "error" in item:

@@ -91,3 +91,32 @@ def test_a_sidecar_that_stops_is_not_killed():
     pool = _Pool()
     end_sidecar(pool, pool.process, grace_s=5.0)
     assert pool.process.returncode == 0
+
+
+def test_an_alarm_set_before_is_kept():
+    """The bounded end borrows the process's one real-time timer: an alarm another part of the
+    process had set (an exit-time limit, say) is set again after, with the time it had left."""
+    import signal
+
+    class _Pool:
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+
+        def shutdown(self):
+            self.process.wait(300)
+
+    fired = []
+
+    def handler(signum, frame):
+        fired.append(signum)
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        pool = _Pool()
+        end_sidecar(pool, pool.process, grace_s=5.0)
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 50.0 < left <= 100.0, left
+        assert signal.getsignal(signal.SIGALRM) is handler and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

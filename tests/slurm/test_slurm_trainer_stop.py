@@ -129,7 +129,7 @@ def _batches(path, seq_len: int, count: int) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_stop_signal_in_a_workers_start_up_leaves_it_reading(tmp_path, data_cache, sig, monkeypatch):
     """A stop signal between a worker's fork and its worker_init_fn (which ignores it) met the
     disposition the worker had then: SIGTERM torch's worker handler, which ended the worker with status
@@ -175,7 +175,9 @@ def test_a_stop_signal_in_a_workers_start_up_leaves_it_reading(tmp_path, data_ca
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
-    assert not {signal.SIGTERM, signal.SIGUSR1} & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again
+    assert not {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT} & signal.pthread_sigmask(
+        signal.SIG_BLOCK, []
+    )  # unblocked
 
 
 def test_a_stop_signal_after_the_last_step_does_not_kill_the_finished_run(tmp_path, data_cache):

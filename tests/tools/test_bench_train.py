@@ -221,3 +221,26 @@ def test_a_worker_that_exits_is_waited_for_without_a_note(tmp_path):
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     assert wait_for_worker(worker, tmp_path / "absent.json", grace_s=0.5) is None
     assert worker.returncode == 0
+
+
+def test_a_stop_just_after_the_worker_was_reaped_signals_no_process(tmp_path, monkeypatch):
+    """The stage's SIGTERM (SystemExit) arriving just after the worker's exit was collected: its
+    process id is free then, maybe another process's already, and must get no SIGKILL."""
+    import os
+    import subprocess
+    import sys
+
+    import pretrain.process_tree as process_tree
+
+    class StoppedAsItExits(subprocess.Popen):
+        def wait(self, timeout=None):
+            super().wait()  # the worker has exited and is reaped ...
+            raise SystemExit(143)  # ... when the stage's SIGTERM ends the driver
+
+    signalled = []
+    monkeypatch.setattr(process_tree.os, "kill", lambda pid, sig: signalled.append(pid))
+    worker = StoppedAsItExits([sys.executable, "-c", "pass"])
+    with pytest.raises(SystemExit):
+        wait_for_worker(worker, tmp_path / "absent.json", grace_s=0.5)
+    assert worker.pid not in signalled and os.getpid() not in signalled
+    assert signalled == []

@@ -87,3 +87,35 @@ def test_ctrl_c_on_the_training_command_checkpoints_and_stops(tmp_path, data_cac
     step = int(out.split("stopped at step ")[1].split()[0])
     assert 1 <= step < 500 and f"stopped at step {step} by signal" in out and "not requeued" in out
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+
+
+_PRESSED_TWICE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv = ["memlayers-train"]
+from pretrain import slurm, train_cli
+slurm.CTRL_C_SAME_PRESS_S = 0.0  # the second SIGINT below counts as a second press
+
+
+def pressed_twice(argv=None):  # in the start-up, as where a step runs: KeyboardInterrupt from the handler
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    raise AssertionError("the second Ctrl-C did not abort")
+
+
+train_cli.parse_args = pressed_twice
+train_cli.cli()
+"""
+
+
+def test_the_second_ctrl_c_aborts_in_one_line_as_a_ctrl_c_ends_a_process():
+    """The abort printed a KeyboardInterrupt traceback from wherever the run was (a page, through DeepSpeed
+    and torch mid-step); now one line says what was lost. The process still ends as Python ends one on
+    Ctrl-C, killed by SIGINT after its exit functions, so that a shell script running it stops too."""
+    script = _PRESSED_TWICE.format(root=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == CTRL_C_NOTE.decode().strip(), proc.stderr
+    assert lines[1].startswith("error: aborted by a second Ctrl-C") and len(lines) == 2, proc.stderr

@@ -188,6 +188,50 @@ def test_a_multi_rank_profile_whose_peer_dies_ends_in_one_line(tmp_path, data_ca
     assert " at step 1 (gloo: " in line, line  # the last step or checkpoint finished
 
 
+_WATCHING_RANK = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from pretrain.distributed import init_distributed
+from pretrain.lost_peer import LocalPeerWatch
+init_distributed(120, 120)
+if dist.get_rank() == 0:
+    with LocalPeerWatch({run!r}, lambda: "while watching", grace_s=1.0):
+        time.sleep(5)
+    print("rank 0 watched to the end", flush=True)
+dist.barrier()
+"""
+
+
+def test_a_rank_in_another_pid_namespace_on_the_same_host_is_not_taken_for_ended(tmp_path):
+    """Ranks on one host in containers of their own (one PID namespace each, the host's name and network):
+    a peer's process id means nothing in this rank's namespace, where it names no process, or another.
+    LocalPeerWatch took the live peer for ended and killed this healthy rank with a 'lost rank 1' line.
+    Here rank 0 runs in a PID namespace of its own (unshare), rank 1 in this one."""
+    if subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged PID namespaces here (unshare -Urpf)")
+    script = _WATCHING_RANK.format(root=str(Path(__file__).resolve().parents[2]), run=str(tmp_path / "run"))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    ranks = [
+        subprocess.Popen(
+            [*(["unshare", "-Urpf", "--mount-proc"] if rank == 0 else []), sys.executable, "-c", script],
+            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=240)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert "rank 0 watched to the end" in outputs[0], outputs[0][-3000:]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+
+
 def test_rank_0_lost_while_a_group_is_made_is_named_without_a_second_store_warning(tmp_path, data_cache):
     """Rank 0 dead in deepspeed.initialize: the survivor's store read fails (DistNetworkError), and torch
     warns with ~50 lines of C++ frames. Asking the dead store who was lost warned a second time."""

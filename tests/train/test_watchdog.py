@@ -227,3 +227,22 @@ def test_the_hung_rank_is_killed_even_when_the_requeue_decision_fails(tmp_path):
     assert rank.returncode == -signal.SIGKILL, stderr
     summary = (tmp_path / REPORTS / "attempt" / "summary.txt").read_text()
     assert "not requeued: the latest checkpoint cannot be read" in summary.splitlines()[-1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_as_the_watcher_starts_leaves_it_watching(tmp_path, sig):
+    """Ctrl-C reaches every process of the terminal's job, Slurm's stop signals every process of the job
+    step: one arriving while the watcher's interpreter starts, before it ignores them, ended it (a
+    KeyboardInterrupt traceback for Ctrl-C) and the rank went on unwatched. Here it arrives right after
+    the watcher's exec; the rank then hangs, and must still be reported and killed."""
+    body = f"""
+    import signal
+    os.kill(watchdog._watcher.pid, {int(sig)})
+    watchdog.progress("step 1")
+    time.sleep(30)
+    """
+    rank = rank_process(tmp_path, body, timeout=1.0)
+    _, stderr = rank.communicate(timeout=120)
+    assert rank.returncode == -signal.SIGKILL, stderr
+    assert "KeyboardInterrupt" not in stderr
+    assert "last progress: step 1" in report(tmp_path)
