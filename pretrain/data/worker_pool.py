@@ -30,27 +30,17 @@ from multiprocessing.connection import wait
 
 from pretrain.data.errors import DataError
 from pretrain.data.worker_exits import ended_by
+from pretrain.slurm import HELPER_IGNORED, end_stop_immune_workers_at_exit, ignore_stop_signals, stop_signals_blocked
 
 
 class WorkerDied(DataError):
     """A worker process ended while the preparation still needed it."""
 
 
-# what a worker ignores: Slurm's stop signals, and Ctrl-C's SIGINT, which the terminal sends to the
-# whole foreground group
-_IGNORED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-
-def _ignore_stop_signals() -> None:
-    for sig in _IGNORED:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _IGNORED)  # blocked since its start (ordered_map)
-
-
 def _serve(conn, fn, initializer, initargs) -> None:
     """A worker's life: take (index, item), send back (index, True, fn(item)) or (index, False,
     the error's traceback); None ends it."""
-    _ignore_stop_signals()
+    ignore_stop_signals()  # Slurm's stop signals and Ctrl-C's SIGINT, blocked since its start (ordered_map)
     if initializer is not None:
         initializer(*initargs)
     while (task := conn.recv()) is not None:
@@ -87,8 +77,6 @@ def ordered_map(
     ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads
     from multiprocessing import resource_tracker
 
-    from pretrain.slurm import end_stop_immune_workers_at_exit, stop_signals_blocked
-
     end_stop_immune_workers_at_exit()  # they ignore SIGTERM, which multiprocessing's exit would send them
     resource_tracker.ensure_running()  # its first start, in a spawn, would unblock SIGINT and SIGTERM below
     procs, conns = [], []
@@ -96,7 +84,7 @@ def ordered_map(
         for _ in range(workers):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=_serve, args=(theirs, fn, initializer, initargs), daemon=True)
-            with stop_signals_blocked(_IGNORED):  # the worker starts with them blocked, until it ignores them
+            with stop_signals_blocked(HELPER_IGNORED):  # the worker starts with them blocked, until it ignores them
                 proc.start()
             theirs.close()
             procs.append(proc)
