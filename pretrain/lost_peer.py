@@ -131,16 +131,34 @@ def resume_command() -> str:
     return f"start every rank again as before ({shlex.join(argv)} on rank {dist.get_rank()})"
 
 
-def describe(run_dir: Path, rank: int, where: str, err: BaseException | str, peer: str | None, processes=None) -> str:
-    """The one line; `err`: the backend's error, or what this rank was doing where it raised none;
-    `processes`: the ranks' (host, process id), read from the store where not given."""
+def _what_next(run_dir: Path, finished: bool) -> str:
+    """The line's end: the checkpoint the run resumes from and the command, or, where the run had
+    reached train.max_steps (`finished`), that nothing is left to train."""
     from pretrain.checkpoint import CheckpointError, latest_checkpoint
 
     try:
         latest = latest_checkpoint(Path(run_dir) / "checkpoints")
-        resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
     except CheckpointError as refusal:  # what a resume would refuse (no `latest` beside checkpoints), and its fix
-        resumes = f"only once its checkpoints are put right: {refusal}"
+        return f"The run resumes only once its checkpoints are put right: {refusal}: {resume_command()}"
+    if finished:  # a rerun would start from the last checkpoint and train nothing
+        last = f"; its last checkpoint is {latest}" if latest is not None else ""
+        return f"The run had finished (train.max_steps reached){last}: nothing is left to train"
+    resumes = f"from {latest}" if latest is not None else "from the start (no checkpoint yet)"
+    return f"The run resumes {resumes}: {resume_command()}"
+
+
+def describe(
+    run_dir: Path,
+    rank: int,
+    where: str,
+    err: BaseException | str,
+    peer: str | None,
+    processes=None,
+    finished: bool = False,
+) -> str:
+    """The one line; `err`: the backend's error, or what this rank was doing where it raised none;
+    `processes`: the ranks' (host, process id), read from the store where not given; `finished`: the
+    run had reached train.max_steps (a peer lost at the last barrier), so there is nothing to resume."""
     if isinstance(err, str):
         backend = err
     else:
@@ -152,22 +170,22 @@ def describe(run_dir: Path, rank: int, where: str, err: BaseException | str, pee
     return (
         f"rank {rank} on {socket.gethostname()} lost {lost} {where} ({dist.get_backend()}: {backend}): that rank's own "
         f"output says why it ended (a traceback; nothing where it was killed: the out-of-memory killer, a time "
-        f"limit, its node failing). This rank stops too. The run resumes {resumes}: {resume_command()}"
+        f"limit, its node failing). This rank stops too. {_what_next(run_dir, finished)}"
     )
 
 
 @contextlib.contextmanager
-def explain_lost_peer(run_dir: str | Path, where: Callable[[], str]):
+def explain_lost_peer(run_dir: str | Path, where: Callable[[], str], finished: bool = False):
     """Turn the backend's error for a peer that went away inside into `LostPeer`; `where()`: this
     rank's position then ('after step 12', `since_progress`); the run resumes from `run_dir`'s
-    checkpoints."""
+    checkpoints, unless it had `finished` (train.max_steps reached)."""
     try:
         yield
     except RuntimeError as err:
         lost, peer = lost_peer(err)
         if not lost or not dist.is_initialized() or dist.get_world_size() == 1:
             raise
-        raise LostPeer(describe(run_dir, dist.get_rank(), where(), err, peer)) from None
+        raise LostPeer(describe(run_dir, dist.get_rank(), where(), err, peer, finished=finished)) from None
 
 
 def since_progress(watchdog) -> Callable[[], str]:

@@ -185,7 +185,8 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
         # A clean shutdown: a rank that exits while the process group's threads still run
         # can abort in C++ ("terminate called without an active exception"), failing the job.
         try:
-            with explain_lost_peer(cfg.train.run_dir, lambda: f"after this run ended at step {result.step}"):
+            ended = f"after this run ended at step {result.step}"
+            with explain_lost_peer(cfg.train.run_dir, lambda: ended, finished=result.step >= cfg.train.max_steps):
                 dist.barrier()
         except LostPeer as err:
             print(f"error: {err}", file=sys.stderr)

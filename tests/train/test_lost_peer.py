@@ -135,6 +135,24 @@ def test_checkpoints_a_resume_would_refuse_are_not_called_the_start(tmp_path, mo
     assert line.endswith(" on rank 1)")  # then the command, as when it resumes
 
 
+def test_a_peer_lost_after_a_stop_before_max_steps_still_names_the_resume(tmp_path, monkeypatch):
+    """At the last barrier of a run stopped by train.stop_after or a signal the run is not finished:
+    the line names the checkpoint and command that go on; only a run at train.max_steps is told finished."""
+    monkeypatch.setattr(lost_peer.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 0)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    last = tmp_path / "checkpoints" / tag_for(3)
+    last.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text(tag_for(3))
+    err = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:29611")
+    stopped = lost_peer.describe(tmp_path, 0, "after this run ended at step 3", err, "127.0.0.1", [])
+    assert f"The run resumes from {last}: start every rank again as before (" in stopped, stopped
+    done = lost_peer.describe(tmp_path, 0, "after this run ended at step 3", err, "127.0.0.1", [], finished=True)
+    assert done.endswith(
+        f"The run had finished (train.max_steps reached); its last checkpoint is {last}: nothing is left to train"
+    ), done
+
+
 @pytest.mark.parametrize(
     "point, where",
     [
@@ -155,8 +173,14 @@ def test_a_rank_lost_at_start_up_or_shutdown_is_named_in_one_line(tmp_path, data
     (line,) = [line for line in text.splitlines() if line.startswith("error: ")]
     lost = f"lost rank 1 on {socket.gethostname()} (process {children[1].pid} has ended)"
     assert line.startswith(f"error: rank 0 on {socket.gethostname()} {lost} {where}"), line
-    resumes = f"from {run / 'checkpoints' / tag_for(6)}" if point == "final-barrier" else "from the start"
-    assert f"The run resumes {resumes}" in line, line
+    if point == "final-barrier":  # train.max_steps reached: it used to say the run resumes from step 6
+        last = run / "checkpoints" / tag_for(6)
+        assert line.endswith(
+            f"The run had finished (train.max_steps reached); its last checkpoint is {last}: nothing is left to train"
+        ), line
+        assert "resumes" not in line, line
+    else:
+        assert "The run resumes from the start" in line, line
 
 
 def test_a_multi_rank_profile_whose_peer_dies_ends_in_one_line(tmp_path, data_cache):
