@@ -8,13 +8,13 @@ slot_frequencies.safetensors) change, by SGD. full: AdamW on every weight. lora:
 adapters on the attention/FFN projections, merged into the saved weights. After each
 epoch it prints the loss and, when the export has probes.jsonl, new- and old-fact
 recall (plus validation loss with --dataset-dir; for an export without probes.jsonl, a run on your
-own text, --dataset-dir gives the validation loss alone). Logic lives in pretrain.smf.
+own text, --dataset-dir gives the validation loss alone). The new export's config.json keeps the
+settings and every epoch's record (memlayers.finetune). Logic lives in pretrain.smf.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -188,7 +188,6 @@ def main(argv=None) -> int:
     record = finetune_record(args, table, before, history)
     save_finetuned_export(Path(args.export), method.finished_model(), out, record, force=args.force)
     print(f"finetuned export written to {out}")
-    print(json.dumps(history[-1]))
     return 0
 
 

@@ -165,6 +165,8 @@ def test_finetune_tool_writes_an_export_and_refuses_bad_input(smf_export, tmp_pa
         )
         == 0
     )
+    # the epoch's record is its line and config.json's; a raw JSON copy of it no longer ends stdout
+    assert capsys.readouterr().out.splitlines()[-1] == f"finetuned export written to {out}"
     record = json.loads((out / "config.json").read_text())["memlayers"]["finetune"]
     assert record["method"] == "sparse" and record["top_t"] == 16 and "new_fact_recall" in record["history"][-1]
     assert record["table"] == str(export / "slot_frequencies.safetensors")  # the table it ranked against
