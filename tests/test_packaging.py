@@ -152,6 +152,10 @@ def test_a_console_script_s_help_imports_no_torch(script):
         ("memlayers-export", ["{missing}", "{tmp}/out"], "no such run directory or checkpoint: {missing}"),
         ("memlayers-average", ["{run}", "{missing}", "--output", "{tmp}/avg"], "memlayers-export {run} OUT"),
         ("memlayers-perplexity", ["{run}", "--data", "{tmp}"], "memlayers-export {run} OUT"),
+        # these three were refused only after torch was imported (2.3-2.7 s on the loaded 2-core machine)
+        ("memlayers-perplexity", ["{untokenized}", "--data", "{tmp}"], "{untokenized} has no tokenizer.model"),
+        ("memlayers-perplexity", ["{export}", "--data", "{missing}"], "dataset directory {missing} does not exist"),
+        ("memlayers-perplexity", ["{export}", "--data", "{tmp}"], "{tmp}/manifest.json is missing: {tmp} is not a"),
         ("memlayers-generate", ["{missing}", "--prompt", "a"], "no such export directory: {missing}"),
         ("memlayers-tfidf", ["--export", "{run}", "--text", "a"], "memlayers-export {run} OUT"),
         ("memlayers-slot-report", ["--table", "{missing}", "--out", "{tmp}/r.png"], "slot table path {missing} does"),
@@ -163,7 +167,12 @@ def test_a_missing_or_wrong_folder_is_refused_before_torch_is_imported(script, a
     pretrain.export's (pretrain.slots') eager __init__, and --device's default parsed with torch. The reference is the
     refusal's message (exit status 2) and sys.modules of a fresh interpreter after it."""
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for export, files in (("untokenized", ()), ("export", ("tokenizer.model",))):
+        (tmp_path / export).mkdir()
+        for name in ("config.json", "model.safetensors", *files):  # what the folder checks look for (empty:
+            (tmp_path / export / name).touch()  # nothing reads them before torch)
     names = {"missing": tmp_path / "nope", "run": tmp_path / "run", "tmp": tmp_path}
+    names.update(export=tmp_path / "export", untokenized=tmp_path / "untokenized")
     last, output = run_console_script(script, [a.format(**names) for a in args])
     assert message.format(**names) in output, output[-4000:]
     assert last == ["exit 2", "[]"], output[-4000:]

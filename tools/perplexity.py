@@ -37,14 +37,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from pretrain.data import DataError
+    from pretrain.data import DataError, read_manifest
     from pretrain.export.errors import ExportError
-    from pretrain.export.folders import check_export_dir
+    from pretrain.export.folders import check_export_dir, export_tokenizer_path
     from pretrain.files import atomic_write
     from pretrain.model.config import ConfigError
 
     try:
         check_export_dir(args.export_dir)  # a missing or wrong folder refused before torch is imported
+        export_tokenizer_path(args.export_dir)  # as are one without tokenizer.model,
+        read_manifest(args.data)  # a missing --data folder, and one that is no prepared dataset
         from pretrain.export.perplexity import dataset_loss
 
         result = dataset_loss(
