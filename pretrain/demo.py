@@ -46,9 +46,15 @@ def continue_command(argv: list[str]) -> str:
     return f"make demo {shlex.quote('ARGS=' + recipe_args)}"
 
 
+def loss_windows(losses: list[float], size: int = 10) -> tuple[list[float], list[float]]:
+    """The first and last `size` losses, each at most half of them, so that the two never share a
+    step (a demo shorter than 2 * `size` steps compares its halves; one step alone compares nothing)."""
+    n = min(size, len(losses) // 2)
+    return (losses[:n], losses[-n:]) if n else ([], [])
+
+
 def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
-    head = result.losses[:10]
-    tail = result.losses[-10:]
+    head, tail = loss_windows(result.losses)
     if result.step >= max_steps:
         lines = ["", "=== demo finished ==="]
     else:  # a stop signal or train.stop_after: a plain `make demo` would delete this run
@@ -62,9 +68,10 @@ def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
         # a resumed demo's losses are its own steps': the first ones are not the run's
         first_step = result.step - len(result.step_times) + 1
         since = "" if first_step == 1 else f" of this run, from step {first_step}"
+        steps = f"{len(head)} step" + ("s" if len(head) > 1 else "")
         lines.append(
-            f"train loss: {sum(head) / len(head):.3f} (first {len(head)} steps{since}) -> "
-            f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)"
+            f"train loss: {sum(head) / len(head):.3f} (first {steps}{since}) -> "
+            f"{sum(tail) / len(tail):.3f} (last {steps})"
         )
     ev = result.eval
     if "val_loss" in ev:

@@ -63,13 +63,24 @@ def test_a_demo_stopped_early_says_so_and_how_to_continue(tmp_path, data_cache, 
     assert "=== demo stopped at step 2 of 6 (by train.stop_after) ===" in out
     printed = recipe_arguments(out.split("continue it with ")[1].split(" (a plain make demo")[0])
     assert printed[0] == "--resume" and f"train.run_dir={run_dir}" in printed
-    assert "(first 2 steps) -> " in out
+    assert "(first 1 step) -> " in out and "(last 1 step)" in out  # was first 2 -> last 2: the same 2 steps
     assert demo.main(printed) == 0  # the printed command's arguments, verbatim
     out = capsys.readouterr().out
     assert "=== demo finished ===" in out
     # the resumed demo's losses are of steps 3-6: it called them the run's first steps (5.937 at the
     # demo's step 1-10 became 4.824, steps 16-25 of a resumed 30-step demo)
-    assert "(first 4 steps of this run, from step 3) -> " in out and "(last 4 steps)" in out
+    assert "(first 2 steps of this run, from step 3) -> " in out and "(last 2 steps)" in out  # halves of 4
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 5, 19, 20, 21, 40])
+def test_the_loss_windows_never_share_a_step(steps):
+    """A demo shorter than 20 steps compared the means of first 10 and last 10 losses, which
+    overlapped (12 steps: 8 of them in both) or were the same steps (10 or fewer)."""
+    losses = [float(i) for i in range(steps)]  # each loss is its step's index
+    head, tail = demo.loss_windows(losses)
+    expected = min(10, steps // 2)
+    assert head == losses[:expected] and tail == losses[steps - expected :]
+    assert not set(head) & set(tail)
 
 
 def test_the_printed_continue_command_keeps_the_runs_arguments(tmp_path, data_cache, capsys):
