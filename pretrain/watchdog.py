@@ -17,7 +17,8 @@ building, resuming, a universal-checkpoint conversion, compilation), the watcher
    writes every thread's Python stack into a second pipe;
 2. writes `<run_dir>/hangs/<attempt>/rank<r>.txt`: what the rank did last, its process state
    (from /proc: `T (stopped)` for a stopped process, which cannot answer), where its main
-   thread is (the innermost frame, and the innermost frame of this project), the stacks;
+   thread is (the innermost frame, and the innermost frame of this project outside its generic
+   collective helpers), the stacks;
 3. on rank 0: waits up to `grace` seconds for the other ranks' reports, writes and prints
    `summary.txt`, which names the ranks that wrote no report or did not answer (a frozen
    node, a stopped process: the likely culprits; the others usually wait in a collective
@@ -55,6 +56,9 @@ START_UP = "none yet (start-up)"
 # own dispositions are set (an interpreter's start-up takes a while, and they ended it there)
 _WATCHER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _PROJECT_DIRS = ("pretrain", "kernels")
+# the project's generic collective wrappers: a rank waiting in one is named by the caller that used it
+# (`global_sums` says nothing; `write_checksums`, in a checkpoint's save, does)
+_GENERIC_HELPERS = (os.sep + os.path.join("pretrain", "distributed.py"),)
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -248,7 +252,8 @@ def process_state(pid: int) -> str:
 
 def where(stacks: str, main_thread: int) -> str:
     """`file:line in function` of the main thread's innermost frame, and of the innermost frame
-    in this project when that is another; from faulthandler's dump (most recent call first)."""
+    in this project outside its generic helpers when that is another; from faulthandler's dump
+    (most recent call first)."""
     blocks = re.split(r"^(?=(?:Current thread|Thread) 0x)", stacks, flags=re.M)
     block = next((b for b in blocks if re.match(rf"(?:Current thread|Thread) 0x0*{main_thread:x}\b", b)), None)
     if block is None:
@@ -257,10 +262,14 @@ def where(stacks: str, main_thread: int) -> str:
     if not frames:
         return "?"
     text = _frame(*frames[0])
-    own = next((f for f in frames if any(f"{os.sep}{d}{os.sep}" in f[0] for d in _PROJECT_DIRS)), None)
+    own = next((f for f in frames if _is_project(f[0]) and not f[0].endswith(_GENERIC_HELPERS)), None)
     if own is not None and own is not frames[0]:
         text += f", called from {_frame(*own)}"
     return text
+
+
+def _is_project(filename: str) -> bool:
+    return any(f"{os.sep}{d}{os.sep}" in filename for d in _PROJECT_DIRS)
 
 
 def _frame(filename: str, line: str, function: str) -> str:

@@ -9,19 +9,21 @@ tests/slurm/test_slurm_cluster.py::test_stopped_rank_is_reported_and_the_job_req
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.watchdog import REPORTS, Report, report_name, requeue_after_hang, summarize
+from pretrain.watchdog import REPORTS, Report, report_name, requeue_after_hang, summarize, where
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -246,3 +248,31 @@ def test_a_stop_signal_as_the_watcher_starts_leaves_it_watching(tmp_path, sig):
     assert rank.returncode == -signal.SIGKILL, stderr
     assert "KeyboardInterrupt" not in stderr
     assert "last progress: step 1" in report(tmp_path)
+
+
+def test_where_names_the_caller_of_a_generic_collective_helper(tmp_path):
+    """A rank waiting in `global_sums` (pretrain/distributed.py) is named by the project frame that
+    called it, the checkpoint's `write_checksums`, not by the helper, which says nothing of where
+    in the run it waits. The stack is real, dumped by faulthandler from functions compiled under
+    those file names; the reference is the call chain written here."""
+    files = {
+        "c10d": tmp_path / "site-packages" / "torch" / "distributed" / "distributed_c10d.py",
+        "helper": tmp_path / "repo" / "pretrain" / "distributed.py",
+        "caller": tmp_path / "repo" / "pretrain" / "checksums.py",
+    }
+    dump = tmp_path / "dump.txt"
+    scope = {"faulthandler": faulthandler, "dump": dump}
+    sources = {
+        "c10d": "def all_reduce():\n    with open(dump, 'w') as fh:\n        faulthandler.dump_traceback(fh)\n",
+        "helper": "def global_sums():\n    all_reduce()\n",
+        "caller": "def write_checksums():\n    global_sums()\n",
+    }
+    for name, source in sources.items():
+        exec(compile(source, str(files[name]), "exec"), scope)
+    scope["write_checksums"]()
+
+    position = where(dump.read_text(), threading.get_ident())
+
+    assert position == (
+        "torch/distributed/distributed_c10d.py:3 in all_reduce, called from pretrain/checksums.py:2 in write_checksums"
+    )
