@@ -46,7 +46,10 @@ def main(argv=None) -> int:
     try:
         check_export_dir(args.export_dir)  # a missing or wrong folder refused before torch is imported
         export_tokenizer_path(args.export_dir)  # as are one without tokenizer.model,
-        read_manifest(args.data)  # a missing --data folder, and one that is no prepared dataset
+        splits = read_manifest(args.data)["splits"]  # a missing --data folder, one that is no prepared dataset,
+        if args.split not in splits:  # and a split it lacks
+            choices = " or ".join(f"--split {name}" for name in sorted(splits))
+            raise DataError(f"{args.data} has no split {args.split!r}: pass {choices}")
         from pretrain.export.perplexity import dataset_loss
 
         result = dataset_loss(
