@@ -161,6 +161,22 @@ def test_memory_parallel_size_must_divide_the_world_size(repo_root):
         check_runtime(cfg, world_size=3)
 
 
+@pytest.mark.parametrize("parallel, world, fits", [(2, 1, 1), (2, 3, 1), (4, 6, 3), (8, 4, 4)])
+def test_a_memory_parallel_size_that_does_not_divide_the_world_names_one_that_does(repo_root, parallel, world, fits):
+    """Resuming a parallel_size=2 run on one process said only `must divide the world size 1`; the
+    refusal now names the largest parallel_size up to the asked one that divides the world (the
+    checkpoint re-shards to it) and the launch that keeps the asked one."""
+    cfg = load_config(repo_root / "configs/tiny.yaml", [f"train.micro_batch={96 // world}", "train.global_batch=96"])
+    cfg.model.memory.parallel_size = parallel
+    with pytest.raises(ConfigError) as err:
+        check_runtime(cfg, world_size=world)
+    assert str(err.value) == (
+        f"model.memory.parallel_size={parallel} must divide the world size {world}: set "
+        f"model.memory.parallel_size={fits} (a checkpoint re-shards to any parallel_size), or launch a multiple "
+        f"of {parallel} ranks"
+    )
+
+
 @pytest.mark.parametrize(
     "key, value, allowed",
     [

@@ -46,9 +46,13 @@ def check_runtime(cfg: RunConfig, world_size: int | None = None, device_type: st
                 f"world size {world_size}: {keep}choose global_batch as a multiple of {per_step} (e.g. "
                 f"train.global_batch={nearest})"
             )
-        if world_size % cfg.model.memory.parallel_size:
+        parallel = cfg.model.memory.parallel_size
+        if world_size % parallel:
+            fits = max(p for p in range(1, min(parallel, world_size) + 1) if world_size % p == 0)
             raise ConfigError(
-                f"model.memory.parallel_size={cfg.model.memory.parallel_size} must divide the world size {world_size}"
+                f"model.memory.parallel_size={parallel} must divide the world size {world_size}: set "
+                f"model.memory.parallel_size={fits} (a checkpoint re-shards to any parallel_size), or launch a "
+                f"multiple of {parallel} ranks"
             )
         if cfg.data.dir or cfg.data.sources:  # the prepared datasets' rows go round ranks x workers
             from pretrain.data.checks import check_readers
