@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,7 +87,8 @@ _SERVER_GRACE_S = 10.0  # how much longer rank 0, whose process serves the store
 
 
 class RendezvousTimeout(RuntimeError):
-    """Some rank never reached the rendezvous: the message names the ranks missing and the fix."""
+    """The rendezvous failed: some rank never reached it (the message names the ranks missing and
+    the fix), or rank 0, which serves it, ended before every rank arrived."""
 
 
 def _rendezvous_store(rank: int, world_size: int, timeout_s: float):
@@ -114,10 +116,16 @@ def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> 
     store.set(f"{_PROCESS}{rank}", f"{os.getpid()} {pid_namespace()}")
     store.set(f"{_ARRIVED}{rank}", socket.gethostname())
     keys = [f"{_ARRIVED}{r}" for r in range(world_size)]
+    started = time.monotonic()
     try:
         # rank 0 serves the store: it gives up last, so that the others can still read who came
         store.wait(keys, timedelta(seconds=timeout_s + (_SERVER_GRACE_S if rank == 0 else 0)))
         return
+    except dist.DistNetworkError:  # not a timeout: rank 0's process, which serves the store, is gone
+        raise RendezvousTimeout(
+            f"rank {rank} lost the rendezvous after {time.monotonic() - started:.0f} s, before every rank "
+            "arrived: rank 0, whose process serves it, ended (it failed or was killed: look at its output first)"
+        ) from None
     except RuntimeError:  # DistStoreError: the wait timed out
         pass
     waited = f"rank {rank} waited {timeout_s + (_SERVER_GRACE_S if rank == 0 else 0):.0f} s at the rendezvous"

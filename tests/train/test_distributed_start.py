@@ -148,6 +148,26 @@ def test_a_rank_without_rank_0_names_the_address_it_could_not_reach():
     )
 
 
+def test_a_rank_whose_rendezvous_server_ends_says_so_at_once():
+    """Rank 0, whose process serves the rendezvous store, ending before every rank arrived (a crash, a
+    kill) made a waiting rank say at once that it had `waited 60 s ... and rank 0 gave up too` (seen
+    after 6 s in the Slurm test); it now says how long it waited and that rank 0 ended."""
+    port = free_port()
+    server = launch(0, 3, port, "store = d._rendezvous_store(0, 3, 60)\ntime.sleep(3)\nimport os\nos._exit(5)\n")
+    time.sleep(1)
+    ((rc, err),) = outcome([launch(1, 3, port, _rendezvous_only(60))])  # rank 2 never starts
+    assert server.wait(timeout=60) == 5
+    assert rc == 3, err[-2000:]
+    refusal = _refusal(err)
+    assert refusal.startswith("refused: rank 1 lost the rendezvous after "), refusal
+    waited = int(refusal.removeprefix("refused: rank 1 lost the rendezvous after ").split(" s")[0])
+    assert waited < 60  # it did not wait for the timeout it would have named
+    assert refusal.endswith(
+        " s, before every rank arrived: rank 0, whose process serves it, ended (it failed or was killed: look at "
+        "its output first)"
+    )
+
+
 def test_ranks_that_start_apart_within_the_timeout_still_meet():
     """Nodes of a multi-node job start up to a minute or more apart: a late rank joins."""
     port = free_port()
