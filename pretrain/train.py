@@ -197,10 +197,13 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
         rank = 0
     if rank == 0 and not result.not_trained:  # else train() has said why it trained nothing
         if result.stopped_by_signal:
-            print(
-                f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; "
-                f"{'requeued' if result.requeued else 'not requeued'}"
-            )
+            if result.requeued:
+                after = "requeued"
+            elif os.environ.get("SLURM_JOB_ID"):  # rank 0 has said why (SIGTERM, no scontrol, a refused requeue)
+                after = "not requeued"
+            else:
+                after = "not a Slurm job, so not requeued: run the same command again to resume from it"
+            print(f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; {after}")
         elif result.step < cfg.train.max_steps:  # train.stop_after: the run is not finished
             print(
                 f"stopped at step {result.step} of {cfg.train.max_steps} (train.stop_after); checkpoint "

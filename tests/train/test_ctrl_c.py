@@ -59,7 +59,7 @@ def test_ctrl_c_on_the_training_command_checkpoints_and_stops(tmp_path, data_cac
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")
     }
     env["PYTHONPATH"] = str(REPO_ROOT)
     command = [sys.executable, "-m", "pretrain.train", *TINY, "train.max_steps=500", "train.log_every=1"]
@@ -85,7 +85,12 @@ def test_ctrl_c_on_the_training_command_checkpoints_and_stops(tmp_path, data_cac
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err and err.count(CTRL_C_NOTE.decode()) == 1, err[-3000:]
     step = int(out.split("stopped at step ")[1].split()[0])
-    assert 1 <= step < 500 and f"stopped at step {step} by signal" in out and "not requeued" in out
+    assert 1 <= step < 500
+    # outside Slurm the last line says how to go on (it said only "not requeued" until 2026-12-07)
+    assert out.splitlines()[-1] == (
+        f"stopped at step {step} by signal; checkpoint {run / 'checkpoints' / f'step_{step:08d}'}; not a Slurm job, "
+        "so not requeued: run the same command again to resume from it"
+    ), out[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
 
 
