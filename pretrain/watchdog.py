@@ -23,7 +23,8 @@ building, resuming, a universal-checkpoint conversion, compilation), the watcher
    `summary.txt`, which names the ranks that wrote no report or did not answer (a frozen
    node, a stopped process: the likely culprits; the others usually wait in a collective
    for them), then requeues the Slurm job, at most once per checkpoint
-   (`requeue_after_hang`). Other ranks' watchers wait long enough for rank 0's to finish;
+   (`requeue_after_hang`). Other ranks' watchers wait until rank 0's has published its decision
+   (at most 2 x grace + 30 s), so that their kill, which ends the job step, comes after it;
 4. kills the rank (SIGKILL), which ends the job step (srun --kill-on-bad-exit, torchrun).
 
 `attempt` names the report folder and is the same on every rank (rank 0's start time).
@@ -55,6 +56,7 @@ START_UP = "none yet (start-up)"
 # Ctrl-C and Slurm's stop signals, which reach the watcher too: it starts with them blocked, until its
 # own dispositions are set (an interpreter's start-up takes a while, and they ended it there)
 _WATCHER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_DECISIONS = ("requeued", "not requeued")  # how requeue_after_hang's line, the summary's last, begins
 _PROJECT_DIRS = ("pretrain", "kernels")
 # the project's generic collective wrappers: a rank waiting in one is named by the caller that used it
 # (`global_sums` says nothing; `write_checksums`, in a checkpoint's save, does)
@@ -211,10 +213,26 @@ def watch(args: argparse.Namespace) -> int:
         if args.rank == 0:
             conclude(args, cancelled)
         else:
-            time.sleep(2 * args.grace + 30)  # rank 0's watcher summarises and requeues meanwhile
+            await_decision(args)
     finally:
-        kill(args.parent)
+        if os.getppid() == args.parent:  # else the rank is gone already (the launcher ended it), its pid free
+            kill(args.parent)
     return 0
+
+
+def await_decision(args: argparse.Namespace) -> None:
+    """A rank other than 0: killing it ends the job step (srun --kill-on-bad-exit, torchrun), rank 0's
+    watcher with it, so wait until that watcher has published its requeue decision (the summary's
+    last line), at most 2 x grace + 30 s, or until this rank is gone."""
+    summary = Path(args.report_dir) / SUMMARY
+    deadline = time.monotonic() + 2 * args.grace + 30
+    while time.monotonic() < deadline and os.getppid() == args.parent:
+        try:
+            if summary.read_text().rstrip("\n").rsplit("\n", 1)[-1].startswith(_DECISIONS):
+                return
+        except OSError:  # not written yet
+            pass
+        time.sleep(0.2)
 
 
 def request_stacks(args: argparse.Namespace) -> tuple[str, str]:

@@ -28,7 +28,9 @@ from pretrain.watchdog import REPORTS, Report, report_name, requeue_after_hang, 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def rank_process(tmp_path: Path, body: str, timeout: float, startup_timeout: float = 5) -> subprocess.Popen:
+def rank_process(
+    tmp_path: Path, body: str, timeout: float, startup_timeout: float = 5, rank: int = 0, world_size: int = 1
+) -> subprocess.Popen:
     """A stand-in rank: a Python process that starts a HangWatchdog and runs `body` inside it."""
     script = textwrap.dedent(
         f"""
@@ -36,7 +38,7 @@ def rank_process(tmp_path: Path, body: str, timeout: float, startup_timeout: flo
         sys.path.insert(0, {str(REPO_ROOT)!r})
         from pretrain.watchdog import HangWatchdog
 
-        with HangWatchdog({str(tmp_path)!r}, "attempt", rank=0, world_size=1, timeout={timeout},
+        with HangWatchdog({str(tmp_path)!r}, "attempt", rank={rank}, world_size={world_size}, timeout={timeout},
                           startup_timeout={startup_timeout}, requeue=True, grace=0.1) as watchdog:
         """
     ) + textwrap.indent(textwrap.dedent(body), "    ")
@@ -276,3 +278,22 @@ def test_where_names_the_caller_of_a_generic_collective_helper(tmp_path):
     assert position == (
         "torch/distributed/distributed_c10d.py:3 in all_reduce, called from pretrain/checksums.py:2 in write_checksums"
     )
+
+
+def test_another_ranks_watcher_kills_it_once_rank_0_has_decided(tmp_path):
+    """A rank other than 0 is killed only after rank 0's watcher has published its requeue decision
+    (killing it ends the job step, rank 0's watcher with it), but then at once: it used to sleep a
+    fixed 2 x grace + 30 s, which under torchrun kept the stopped rank alive until torchrun's own
+    30 s shutdown timeout SIGKILLed it (measured: the job ended 30 s after rank 0's kill)."""
+    proc = rank_process(tmp_path, "time.sleep(600)", timeout=1, startup_timeout=1, rank=1, world_size=2)
+    folder = tmp_path / REPORTS / "attempt"
+    deadline = time.monotonic() + 60
+    while not (folder / report_name(1)).is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (folder / report_name(1)).is_file(), proc.stderr.read() if proc.poll() is not None else ""
+    summary = "hang: no rank progressed for 1 s (train.hang_timeout_s).\nreports: ...\n  rank 1: last progress ..."
+    (folder / "summary.txt").write_text(summary + "\n")  # rank 0's summary before its decision
+    time.sleep(2)
+    assert proc.poll() is None  # still waiting for the decision
+    (folder / "summary.txt").write_text(f"{summary}\nnot requeued (not a Slurm job): restart the run to resume\n")
+    assert proc.wait(timeout=15) == -signal.SIGKILL  # within the 30 s it used to sleep
