@@ -50,6 +50,7 @@ _MODULE_OF = {
     "ZERO_STAGES_INTERCHANGEABLE": "compatibility",
     "check_compatible": "compatibility",
     "check_dtype_change": "compatibility",
+    "check_value_optimizer_change": "compatibility",
     "check_zero_stage_change": "compatibility",
     "model_fingerprint": "compatibility",
     "TMP_PREFIX": "layout",

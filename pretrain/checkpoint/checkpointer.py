@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from pretrain.checkpoint.compatibility import (
     check_compatible,
     check_dtype_change,
+    check_value_optimizer_change,
     check_zero_stage_change,
     model_fingerprint,
 )
@@ -267,6 +268,7 @@ class Checkpointer:
             self.saved_world = saved.dp_world_size
             check_zero_stage_change(saved.cfg.train.zero_stage, cfg.train.zero_stage, ckpt_dir)
             check_dtype_change(saved.cfg.train.dtype, cfg.train.dtype, ckpt_dir)
+            check_value_optimizer_change(saved.cfg.optim.value_optimizer, cfg.optim.value_optimizer, ckpt_dir)
             saved_config = ckpt_dir / "config.yaml"
             check_compatible(OmegaConf.to_container(OmegaConf.load(saved_config))["model"], cfg, ckpt_dir)
             self.schedule_change = check_resumed_schedule(saved.cfg, cfg, saved.step, ckpt_dir.name)

@@ -1,5 +1,6 @@
 """What a resume may not change from the checkpoint it reads: the model (its tensors would not
-fit), the ZeRO stage (but 1 <-> 2) and the training precision; each refused with a ConfigError
+fit), the ZeRO stage (but 1 <-> 2), the training precision and the value optimizer's second moment
+(element-wise or row-wise); each refused with a ConfigError
 naming the setting and the fix, before anything is loaded."""
 
 from __future__ import annotations
@@ -63,4 +64,22 @@ def check_dtype_change(saved: str, now: str, ckpt_dir: Path) -> None:
             f"{ckpt_dir.name} was saved at train.dtype={saved}; it resumes only at that precision, not at {now} "
             f"(DeepSpeed lays out each precision's optimizer state otherwise): set train.dtype={saved}, or start a "
             "new run in the new precision from this one's weights (memlayers-export, then train.init_from)"
+        )
+
+
+# the value optimizers by the second moment their checkpoints hold; a resume may switch only within one kind
+VALUE_OPTIMIZER_KINDS = {"element-wise": ("adamw", "sparse_adamw"), "row-wise": ("sparse_rowwise_adamw",)}
+
+
+def check_value_optimizer_change(saved: str, now: str, ckpt_dir: Path) -> None:
+    """Refuse (ConfigError) a resume whose optim.value_optimizer keeps the other kind of second
+    moment (row-wise vs element-wise), before anything is built: the value shards' load failed
+    after the model was built, with a traceback (ShardFileError) that did not say which optimizer
+    saved them."""
+    kind = next(k for k, names in VALUE_OPTIMIZER_KINDS.items() if saved in names)
+    if now not in VALUE_OPTIMIZER_KINDS[kind]:
+        raise ConfigError(
+            f"{ckpt_dir.name} was saved with optim.value_optimizer={saved}, whose {kind} second moment {now} "
+            f"cannot load: set optim.value_optimizer={' or '.join(VALUE_OPTIMIZER_KINDS[kind])}, or start a new "
+            "run (train.run_dir, or train.init_from to keep the weights) with the new optimizer"
         )

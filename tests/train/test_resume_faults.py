@@ -295,6 +295,21 @@ def test_a_precision_deepspeed_cannot_load_is_refused_before_loading(run_copy, d
     assert_nothing_lost(before, run_copy)
 
 
+def test_a_value_optimizer_with_the_other_second_moment_is_refused_before_building(run_copy, data_cache):
+    """Saved with adamw (element-wise second moment); resuming with sparse_rowwise_adamw failed in the
+    value shards' load, after the model was built, with a ShardFileError traceback that named no
+    optimizer. Now a ConfigError names both and the ones that load it, before anything is read."""
+    before = file_hashes(run_copy)
+    with pytest.raises(ConfigError) as err:
+        train(tiny_config(run_copy, data_cache, "train.max_steps=3", "optim.value_optimizer=sparse_rowwise_adamw"))
+    assert str(err.value) == (
+        "step_00000002 was saved with optim.value_optimizer=adamw, whose element-wise second moment "
+        "sparse_rowwise_adamw cannot load: set optim.value_optimizer=adamw or sparse_adamw, or start a new run "
+        "(train.run_dir, or train.init_from to keep the weights) with the new optimizer"
+    )
+    assert_nothing_lost(before, run_copy)
+
+
 def test_a_first_checkpoint_whose_latest_failed_names_the_fix_that_resumes(tmp_path, data_cache, monkeypatch):
     """`latest` written after the first checkpoint's folder was renamed failed (a full disk): the
     message said that nothing else was changed and the run would resume from the start, where a
