@@ -84,13 +84,17 @@ def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="CPU pretraining demo on the embedded fact corpus")
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--resume", action="store_true", help="continue the previous demo run")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser
+
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, ["train.run_dir=runs/demo", *args.overrides])
     except ConfigError as err:

@@ -43,7 +43,7 @@ from pretrain.lost_peer import LocalPeerWatch, LostPeer, explain_lost_peer, lost
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
-from pretrain.train_cli import parse_args  # noqa: E402
+from pretrain.train_cli import build_parser, parse_args  # noqa: E402, F401 (build_parser: the options of this command)
 from pretrain.trainer import TrainingDiverged, TrainResult  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
 

@@ -13,11 +13,15 @@ import sys
 from pretrain.slurm import StopSignal, ctrl_c_abort_in_one_line, in_slurm_task  # the standard library only
 
 
-def parse_args(argv=None) -> tuple[str | None, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train (or resume) a run: memlayers-train --config CONFIG key=value")
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> tuple[str | None, list[str]]:
+    args = build_parser().parse_args(argv)
     return args.config, args.overrides
 
 

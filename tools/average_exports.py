@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 from pretrain.cli import non_negative_number, plain_warnings  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("exports", nargs="+", help="export folders written by memlayers-export (the same model)")
     parser.add_argument("--output", required=True, help="export folder to create")
@@ -34,6 +34,11 @@ def main(argv=None) -> int:
         "the latest input's slot table is kept",
     )
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from pretrain.export.errors import ExportError

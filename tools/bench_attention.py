@@ -67,8 +67,7 @@ def doc_lengths(text: str) -> list[float]:
     return lengths
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The options (CUDA's defaults are larger), --kv-heads refused unless it divides --heads."""
+def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=help_description(__doc__))
     p.add_argument("--batch", type=positive_int, default=8 if cuda else 2)
@@ -90,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
     p.add_argument("--repeats", type=positive_int, default=20 if cuda else 3)
     p.add_argument("--json", type=output_file("bench_attention.json"), default=None)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options (CUDA's defaults are larger), --kv-heads refused unless it divides --heads."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.kv_heads and args.heads % args.kv_heads:
         p.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads} (grouped-query attention)")

@@ -50,13 +50,18 @@ def timed_saves(config: Path | None, run_dir: Path, saves: int) -> tuple[list[fl
     return seconds, sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=help_description(__doc__))
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     p.add_argument("--saves", type=positive_int, default=8)
     p.add_argument(
         "--dir", type=output_folder, default=None, help="where the runs are written (default: a temporary folder)"
     )
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     real_fsync = os.fsync
     variants = {"fsync": real_fsync, "no fsync": lambda fd: None, "fsync again": real_fsync}  # again: order effects

@@ -137,7 +137,7 @@ def training_step_times(cfg: RunConfig, batch: int, seq_len: int, steps: int) ->
     return times
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs/tiny.yaml"))
     ap.add_argument("--entities", type=positive_int, default=2000, help="fact-world size of the benchmark corpus")
@@ -151,6 +151,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--train-steps", type=positive_int, default=3)
     ap.add_argument("--json", type=output_file("bench_data.json"), default=None, help="also write the raw times here")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         train_cfg = load_config(args.config)  # its model's steps are timed last, after the data rounds

@@ -107,9 +107,7 @@ def time_lm_eval(export_dir: Path, probes: int) -> dict:
     }
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
-    """The options and the --batches sizes, refused before any model is built or timed (a bad
-    --batches, an --lm-eval export that memlayers-eval would refuse)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--prompt-tokens", type=positive_int, default=64)
@@ -120,6 +118,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
     parser.add_argument("--lm-eval", metavar="EXPORT_DIR", default=None, help="also time memlayers-eval on an export")
     parser.add_argument("--lm-eval-probes", type=positive_int, default=200)
     parser.add_argument("--json", type=output_file("generate.json"), default=None, help="also write the results here")
+    return parser
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[int]]:
+    """The options and the --batches sizes, refused before any model is built or timed (a bad
+    --batches, an --lm-eval export that memlayers-eval would refuse)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     # refused before any model is built or timed, not after the whole benchmark
     try:

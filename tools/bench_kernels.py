@@ -42,7 +42,7 @@ from pretrain.files import save_figure  # noqa: E402
 DTYPES = kb.DTYPES
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=positive_int, default=8 * 4096 if cuda else 256, help="T (paper: 8x4096)")
@@ -112,6 +112,11 @@ def parse_args(argv):
     )
     p.add_argument("--reruns", type=int_at_least(0), default=2, help="extra timings of a row whose p80/p20 > 1.15")
     p.add_argument("--plot", type=image_file("sweep.png"), default="bench_kernels_sweep.png", help="PNG for --sweep")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.layer is not None and not args.layer.is_file():
         p.error(f"--layer {args.layer}: no such config file (e.g. configs/memory_373m.yaml)")

@@ -29,7 +29,7 @@ from pretrain.model import training_objective  # noqa: E402
 from pretrain.parallel.compile import compile_objective  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=help_description(__doc__))
     p.add_argument("--batch", type=positive_int, default=8 if cuda else 1)
@@ -44,6 +44,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5)
     p.add_argument("--json", type=output_file("bench_objective.json"), default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    p = build_parser()
     args = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     g = torch.Generator(device=device).manual_seed(0)

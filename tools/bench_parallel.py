@@ -40,7 +40,7 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     spec = BenchSpec()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in ("n_keys", "v_dim", "dim", "n_layers", "heads", "k", "global_batch", "seq_len", "steps"):
@@ -50,8 +50,13 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--json", type=output_file("bench_parallel.json"), default=None, help="also write every rank's record here"
     )
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    spec = BenchSpec(**{f: getattr(args, f) for f in spec.__dataclass_fields__})
+    spec = BenchSpec(**{f: getattr(args, f) for f in BenchSpec.__dataclass_fields__})
     try:
         check_configs(spec, args.configs)
     except ValueError as err:

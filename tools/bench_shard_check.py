@@ -41,7 +41,7 @@ def make_dataset(root: Path, shards: int) -> SimpleNamespace:
     return SimpleNamespace(dir=root, manifest=manifest)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=help_description(__doc__))
     ap.add_argument("--shards", type=positive_int, default=20000)
     ap.add_argument(
@@ -51,6 +51,11 @@ def main(argv=None) -> int:
         help="folder to make the dataset in, created if missing (a temporary folder if unset)",
     )
     ap.add_argument("--repeats", type=positive_int, default=5)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.dir is not None:  # tempfile raised FileNotFoundError for a folder not made yet
         args.dir.mkdir(parents=True, exist_ok=True)

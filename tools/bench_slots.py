@@ -93,7 +93,7 @@ def granularity(text: str) -> str:
     return text
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per setting (each on and off)")
     p.add_argument("--warmup", type=int_at_least(0), default=2)
@@ -108,6 +108,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only")
     p.add_argument("--json", type=output_file("bench_slots.json"), default=None, help="also write every step time here")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "

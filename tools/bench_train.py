@@ -321,7 +321,7 @@ def table(rows: list[dict], ratios: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="the memory model's config")
     parser.add_argument("--dense-config", default=None, help="default: configs/<name>_dense.yaml")
@@ -355,6 +355,11 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
         atomic_write(args.worker_out, json.dumps(run_worker(json.loads(args.worker))))  # whole or absent

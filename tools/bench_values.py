@@ -46,7 +46,7 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     step, layer = StepSpec(), LayerSpec()
     p.add_argument("--n-keys", default=",".join(map(str, step.n_keys)), help="comma-separated n_keys (N = n_keys^2)")
@@ -89,6 +89,11 @@ def parse_args(argv):
         default=Path("bench_values.png"),
         help="the PNG; the JSON (device, date, commit, every record with its raw timings) beside it as .json",
     )
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     return p.parse_args(argv)
 
 

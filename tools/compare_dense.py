@@ -49,7 +49,7 @@ def summary(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {spread:.4f}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--dense-config", default="configs/tiny_dense.yaml")
@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", type=output_file("compare.json"), default=None)
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to both configs")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     # --seeds takes every word after it: overrides written after the seeds (as above) belong to `overrides`
     seeds = [w for w in args.seeds if "=" not in w]

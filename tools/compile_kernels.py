@@ -171,7 +171,7 @@ def compile_one(fn, pointers, constexprs, config, arch: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     kernels = sorted(lc.TUNERS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=positive_int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
@@ -186,6 +186,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--json", type=output_file("compile_kernels.json"), default=None, help="also write every launch's row here"
     )
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     rows, failed = [], 0
     print(f"triton {triton.__version__}, sm_{args.arch}, half-key dim {args.half_dim}")

@@ -30,7 +30,7 @@ def write_failure(err: OSError, out_dir: Path) -> str:
     return f"could not export to {out_dir} ({reason}): nothing was left there; {fix}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="run directory, its checkpoints/ folder, or one checkpoints/step_XXXXXXXX")
     parser.add_argument("out_dir", help="export folder to create")
@@ -42,6 +42,11 @@ def main(argv=None) -> int:
         help="the prepared dataset the run used (for tokenizer.model); default: from the run's config",
     )
     parser.add_argument("--report-memory", action="store_true", help="print peak RSS against the weights' size")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from pretrain.export.errors import ExportError

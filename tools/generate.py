@@ -39,8 +39,7 @@ non_negative_int = int_at_least(0, "0 = off")
 MAX_NEW_TOKENS = 32
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The options, with each combination that would change nothing refused (`_refuse_idle_options`)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
     parser.add_argument(
@@ -97,6 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute the whole sequence each step (slow; --prompt generation)"
     )
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with each combination that would change nothing refused (`_refuse_idle_options`)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     _refuse_idle_options(parser, args)
     return args

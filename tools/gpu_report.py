@@ -21,10 +21,15 @@ if __package__ in (None, ""):
 from pretrain.bench.gpu_report import write_report  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("calls", nargs="+", type=Path, help="each gpu_check call's folder of files, in the order they ran")
     p.add_argument("--out", type=Path, default=Path("benchmarks"), help="the records' root (default: benchmarks)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         dest = write_report(args.calls, args.out)

@@ -63,8 +63,7 @@ def plot_lengths(r, path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-@ends_quietly_when_the_reader_stops
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", type=Path, help="a dataset folder written by tools/prepare_data.py")
     p.add_argument("--split", default="train")
@@ -72,6 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int_at_least(0, "0: none"), default=20, help="most frequent tokens listed")
     p.add_argument("--json", type=output_file("inspect.json"), default=None)
     p.add_argument("--plot", type=image_file("lengths.png"), default=None, help="PNG of the document length histogram")
+    return p
+
+
+@ends_quietly_when_the_reader_stops
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     refuse_one_file_for_two_outputs(p, **{"--json": args.json, "--plot": args.plot})
     try:

@@ -59,9 +59,7 @@ def lm_eval_command(
     return cmd
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The options; the probe options (--probes-dir, --probes, --new-facts) refused where they would
-    choose nothing: beside --task-dir, or with no fact task in --tasks and no --write-tasks."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
     parser.add_argument("--tasks", default="memlayers_facts,memlayers_facts_mc")
@@ -81,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="lm_eval --output_path")
     parser.add_argument("--limit", type=positive_int, default=None, help="lm_eval --limit (examples per task, N >= 1)")
     parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; the probe options (--probes-dir, --probes, --new-facts) refused where they would
+    choose nothing: beside --task-dir, or with no fact task in --tasks and no --write-tasks."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     given = (("--probes-dir", args.probes_dir), ("--probes", args.probes), ("--new-facts", args.new_facts))
     chosen = [o for o, value in given if value]

@@ -62,12 +62,17 @@ def format_info(info: dict, cfg: RunConfig, title: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--seq-len", type=positive_int, default=None, help="for FLOPs (default: data.seq_len)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -17,7 +17,7 @@ if __package__ in (None, ""):
 from pretrain.cli import output_file, positive_int, torch_device  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by memlayers-export")
     parser.add_argument("--data", required=True, help="a dataset written by memlayers-prepare-data")
@@ -35,6 +35,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", type=torch_device, default="cpu")
     parser.add_argument("--json", type=output_file("loss.json"), help="also write the result to this file")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from pretrain.data import DataError, read_manifest

@@ -74,7 +74,7 @@ def plot_schedule(cfg: RunConfig, out: str | Path, title: str = "") -> Path:
     return save_figure(fig, out, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         type=image_file("lr_schedule.png"),
         help="the image to write (PNG; or a suffix matplotlib writes: .pdf, .svg...)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

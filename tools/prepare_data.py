@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 
 def _main(argv, parsed: dict) -> int:
     """The tool; `parsed` gets the --output of the parsed arguments (for the stop message)."""
-    ap = _parser()
+    ap = build_parser()
     args = ap.parse_args(argv)
     parsed["output"] = args.output
     _refuse_tokenizer_options_that_are_not_read(ap, args)
@@ -98,7 +98,7 @@ def _main(argv, parsed: dict) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--input",

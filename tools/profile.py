@@ -23,7 +23,7 @@ elif __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from pretrain.cli import int_at_least, output_folder, positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,6 +39,11 @@ def main(argv=None) -> int:
         "--trace-dir", type=output_folder, default=None, help="where to write the trace (default <run_dir>/profile)"
     )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.skip_steps >= args.steps:  # profile_training's own check names its arguments, not the options
         parser.error(

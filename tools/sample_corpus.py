@@ -18,10 +18,15 @@ from pretrain.data.bundled_text import PARTS, write_bundled_corpus  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, type=output_file("corpus.jsonl"), help="the .jsonl file to write")
     ap.add_argument("--part", nargs="+", default=list(PARTS), choices=PARTS, help="which texts (default: all)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         counts = write_bundled_corpus(args.output, args.part)

@@ -16,10 +16,15 @@ if __package__ in (None, ""):
 from pretrain.cli import image_file  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", required=True, help="slot_frequencies.safetensors or a directory holding one")
     p.add_argument("--out", required=True, type=image_file("slot_report.png"), help="PNG file to write")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     from pretrain.slots.locate import find_table
 

@@ -26,7 +26,7 @@ from pretrain.cli import add_corpus_reading_options, non_negative_number, positi
 DEFAULT_LR = {"sparse": 2.0, "full": 1e-4, "lora": 1e-3}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--export", required=True, help="export directory (tools/export.py)")
     p.add_argument("--data", required=True, nargs="+", help="finetuning text / JSONL files or directories")
@@ -64,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset-dir", default=None, help="pretraining dataset, for validation loss after each epoch")
     p.add_argument("--device", type=torch_device, default="cpu", help="cpu, or cuda / cuda:N")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.method != "sparse":
         for flag in ("table", "allow_other_run", "top_t", "max_grad_norm"):

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 from pretrain.cli import output_folder, positive_int  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/smf_tiny.yaml", help="pretraining config (when --export is not given)")
     p.add_argument("--out", default="reports/smf", type=output_folder, help="output folder")
@@ -42,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='JSON list of runs instead of the default grid, e.g. \'[{"method": "sparse", "lr": 10, "top_t": 500}]\'',
     )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the pretraining config")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     return p.parse_args(argv)
 
 

@@ -24,8 +24,7 @@ if __package__ in (None, ""):
 from pretrain.cli import ends_quietly_when_the_reader_stops, positive_int  # noqa: E402
 
 
-@ends_quietly_when_the_reader_stops
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--export",
@@ -41,6 +40,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="accept a --table counted in another training run (same config and tokenizer) than the export's",
     )
+    return p
+
+
+@ends_quietly_when_the_reader_stops
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     from pretrain.export.errors import ExportError
     from pretrain.export.folders import check_export_dir

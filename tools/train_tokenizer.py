@@ -30,7 +30,7 @@ from pretrain.data.corpus import check_record_files  # noqa: E402
 from pretrain.data.input_files import resolve_files  # noqa: E402
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--input",
@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--threads", type=positive_int, default=1, help="more is faster but may not be bit-reproducible (N >= 1)"
     )
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     started = time.monotonic()
     with stop_signals_exit():  # sentencepiece trains in a child process (minutes on a large sample)

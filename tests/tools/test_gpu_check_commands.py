@@ -14,20 +14,10 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from pretrain.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "tools" / "gpu_check.sh"
-
-
-class Parsed(Exception):
-    """Raised right after a tool's parser returns, carrying its namespace."""
-
-    def __init__(self, args: argparse.Namespace):
-        super().__init__()
-        self.namespace = args
 
 
 def stage_commands(work: Path) -> dict[str, list[str]]:
@@ -46,21 +36,12 @@ def stage_commands(work: Path) -> dict[str, list[str]]:
     return commands
 
 
-def parse_only(module, argv: list[str], monkeypatch) -> argparse.Namespace:
+def parse_only(module, argv: list[str]) -> argparse.Namespace:
     """The namespace `module.main(argv)` parses, without running the tool: through the tool's own
-    `parse_args` where it has one (so the checks it makes after argparse's run too)."""
+    `parse_args` where it has one (so the checks it makes after argparse's run too), else its parser."""
     if hasattr(module, "parse_args"):
         return module.parse_args(argv)
-    real = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(parser, args=None, namespace=None):
-        raise Parsed(real(parser, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    with pytest.raises(Parsed) as parsed:
-        module.main(argv)
-    monkeypatch.undo()
-    return parsed.value.namespace
+    return module.build_parser().parse_args(argv)
 
 
 def test_every_default_stage_exists():
@@ -69,7 +50,7 @@ def test_every_default_stage_exists():
     assert default and set(default) <= set(stage_commands(Path("/tmp")))
 
 
-def test_every_stage_command_parses_and_its_configs_load(tmp_path, monkeypatch):
+def test_every_stage_command_parses_and_its_configs_load(tmp_path):
     commands = stage_commands(tmp_path)
     assert {"bench", "train373", "layer", "profile", "train1p3b", "tests", "train"} <= set(commands)
     checked = []
@@ -84,7 +65,7 @@ def test_every_stage_command_parses_and_its_configs_load(tmp_path, monkeypatch):
             tool = Path(words[1])
             assert tool.parent.name == "tools" and (REPO_ROOT / tool).is_file(), f"{name}: {words[1]}"
             module = importlib.import_module(f"tools.{tool.stem}")
-            args = parse_only(module, words[2:], monkeypatch)
+            args = parse_only(module, words[2:])
             if tool.stem == "bench_train":  # every variant's config, with the stage's overrides
                 for variant in module.variants(args):
                     values = [f"optim.value_optimizer={variant['values']}"] if variant["values"] else []
@@ -97,14 +78,14 @@ def test_every_stage_command_parses_and_its_configs_load(tmp_path, monkeypatch):
     assert len(checked) == len(commands)
 
 
-def test_the_values_stage_pools_fit_the_smallest_gpu(tmp_path, monkeypatch):
+def test_the_values_stage_pools_fit_the_smallest_gpu(tmp_path):
     """The values stage builds every variant of one N side by side; each N's pools must fit the
     H100 the device tool lends first (about 78 GiB), with room for the step's temporaries
     (bench_values refuses the run otherwise, naming --n-keys and --variants)."""
     from pretrain.bench.values import StepSpec, pool_bytes
 
     module = importlib.import_module("tools.bench_values")
-    args = parse_only(module, stage_commands(tmp_path)["values"][2:], monkeypatch)
+    args = parse_only(module, stage_commands(tmp_path)["values"][2:])
     spec = StepSpec(v_dim=args.v_dim, dense_max_slots=args.dense_max_slots, variants=tuple(args.variants.split(",")))
     for n in (int(x) for x in args.n_keys.split(",")):
         assert pool_bytes(spec, n) < 70 * 2**30, f"--n-keys {n}: {pool_bytes(spec, n) / 2**30:.1f} GiB"
