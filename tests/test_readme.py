@@ -1,0 +1,363 @@
+"""README.md against the code, read from its text (tests/readme_names.py), never from a list of what it
+says: every command it shows exists (console scripts in pyproject's [project.scripts], tools/*.py,
+`python -m` modules, make targets); every option shown with a command is in that command's parser
+(its entry module's `build_parser()`, built without running the tool), with one of its choices where
+it has some; every --option named anywhere is one of this project's commands' or of another program
+the README shows; every dotted config key is in the schema (pretrain/config/schema.py), with an
+allowed choice where it sets a Literal; every default the README gives is the code's; every
+repository path, test name, Python name, "`name` in `file`" and project `Class.attribute` it names
+is there. A renamed option, key, file or function fails here until the README follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import re
+import typing
+from functools import cache
+
+import pytest
+import tomllib
+
+from pretrain.config.schema import RunConfig
+from tests.readme_names import (
+    PACKAGES,
+    REPO,
+    Command,
+    fenced_commands,
+    inline_spans,
+    option_names,
+    readme,
+    span_commands,
+    split_fences,
+)
+
+TEXT = readme()
+BLOCKS, PROSE = split_fences(TEXT)
+SPANS = inline_spans(PROSE)
+COMMANDS = fenced_commands(BLOCKS) + span_commands(SPANS)
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+# Options of other programs the README shows beside ours (only these may name an option no parser here has).
+OTHER_PROGRAMS_OPTIONS = {
+    "torchrun": {"--nproc-per-node"},
+    "sbatch / srun / squeue": {
+        "--array",
+        "--signal",
+        "--requeue",
+        "--open-mode",
+        "--gpus-per-task",
+        "--gpu-bind",
+        "--kill-on-bad-exit",
+        "--me",
+    },
+    "lm_eval": {"--model", "--model_args", "--tasks", "--include_path", "--batch_size", "--device"},
+    "pip": {"--no-deps", "--target"},
+    "pytest": {"--durations"},
+    "ruff format": {"--check"},
+    "huggingface-cli download": {"--local-dir"},
+    "tensorboard": {"--logdir"},
+}
+CONFIG_SECTIONS = tuple(field.name for field in dataclasses.fields(RunConfig))
+FILE_SUFFIXES = {"py", "safetensors", "png", "json", "jsonl", "yaml", "md", "txt", "pt", "model", "lock", "sh", "gz"}
+
+
+def command_id(command: Command) -> str:
+    return f"line{command.where.line}-{command.name}"
+
+
+def test_the_first_screen_opens_with_the_two_commands():
+    assert TEXT.startswith("# memlayers\n\n```bash\nmake demo\nmake test\n```\n")
+
+
+def entry_point(command: Command) -> tuple[str, str] | None:
+    """(module, function) that a command runs; None for another program's."""
+    if command.kind == "script":
+        module, function = SCRIPTS[command.name].split(":")
+        return module.replace("memlayers_tools", "tools", 1), function  # setup.py installs tools/ so
+    if command.kind == "file":
+        path = command.name if "/" in command.name else f"tools/{command.name}"
+        return path.removesuffix(".py").replace("/", "."), "main"
+    if command.kind == "module" and command.name.split(".")[0] in PACKAGES:
+        return command.name, "main"
+    return None
+
+
+def test_every_console_script_named_is_installed():
+    named = sorted(set(re.findall(r"(?<![\w/-])memlayers-[a-z][a-z-]*[a-z]", TEXT)))
+    assert named, "the README names no console script: the pattern no longer reads it"
+    assert [name for name in named if name not in SCRIPTS] == [], "not in pyproject's [project.scripts]"
+    for name in named:
+        module, function = entry_point(Command("script", name, None))
+        assert callable(getattr(importlib.import_module(module), function, None)), f"{name} = {SCRIPTS[name]}"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.kind in ("file", "module", "make")], ids=command_id)
+def test_every_command_shown_exists(command):
+    if command.kind == "file":
+        path = command.name if "/" in command.name else f"tools/{command.name}"
+        assert (REPO / path).is_file(), f"{command.where}: no {path}"
+    elif command.kind == "module":
+        package = command.name.split(".")[0]
+        if package in PACKAGES:
+            path = REPO / command.name.replace(".", "/")
+            assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), f"{command.where}"
+    else:
+        targets = re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.MULTILINE)
+        assert command.name in targets, f"{command.where}: no make target {command.name}"
+
+
+@cache
+def parser_actions(module: str) -> dict[str, argparse.Action]:
+    """Option string -> action of a command's parser: its entry module's build_parser(), not run."""
+    build = getattr(importlib.import_module(module), "build_parser", None)
+    assert build is not None, f"{module} has no build_parser(): add one returning its argparse parser"
+    return dict(build()._option_string_actions)
+
+
+def parser_options(module: str) -> set[str]:
+    return set(parser_actions(module))
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.options and entry_point(c)], ids=command_id)
+def test_every_option_shown_is_the_commands(command):
+    module, _ = entry_point(command)
+    unknown = sorted(set(command.options) - parser_options(module))
+    assert unknown == [], f"{command.where}: {command.name} has no {', '.join(unknown)}"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.values and entry_point(c)], ids=command_id)
+def test_every_option_value_shown_is_a_choice_it_takes(command):
+    """`--method sparse`, `--dtype bf16`, `--part licenses`: an option with choices is shown with one."""
+    actions = parser_actions(entry_point(command)[0])
+    wrong = []
+    for option, value in command.values.items():
+        choices = getattr(actions.get(option), "choices", None)
+        if choices and not re.search(r"[A-Z<.]{2,}|<", value) and value not in map(str, choices):
+            wrong.append(f"{option} {value} (choices: {', '.join(map(str, choices))})")
+    assert not wrong, f"{command.where}: " + "; ".join(wrong)
+
+
+def command_modules() -> list[str]:
+    """The entry modules of every console script and every tools/*.py."""
+    modules = {entry_point(Command("script", name, None))[0] for name in SCRIPTS}
+    modules |= {f"tools.{path.stem}" for path in (REPO / "tools").glob("*.py") if "def main" in path.read_text()}
+    return sorted(modules)
+
+
+def test_every_option_named_anywhere_is_some_commands():
+    """Options named in prose (`--signal-seconds`, "`--workdir`") belong to no command the test can see:
+    each must be an option of one of this project's commands, or of another program the README shows."""
+    ours = set().union(*(parser_options(module) for module in command_modules()))
+    others = set().union(*OTHER_PROGRAMS_OPTIONS.values())
+    unknown = {}
+    for number, line in enumerate(TEXT.splitlines(), 1):
+        for match in re.finditer(r"(?<![\w-])--(\[no-\])?[a-z][a-z0-9_-]*", line):
+            for option in option_names(match.group(0)):
+                if option not in ours and option not in others:
+                    unknown.setdefault(option, number)
+    assert unknown == {}, f"options no command has (option: README line): {unknown}"
+
+
+def config_keys() -> list[tuple[int, str, str | None]]:
+    """(line, dotted key, the value it is set to or None) for every config key the README names, in
+    prose, overrides and shell blocks; `memory.x` is `model.memory.x`. File names (`model.safetensors`,
+    `slots.png`) and Python calls are not keys. Python blocks are left out."""
+    python_lines = {number for language, lines in BLOCKS if language == "python" for number, _ in lines}
+    pattern = re.compile(
+        rf"(?<![\w./$-])((?:{'|'.join(CONFIG_SECTIONS)}|memory)(?:\.[a-z_][a-z0-9_]*)+)(\(|=[^\s,;`\"')]*)?"
+    )
+    keys = []
+    for number, line in enumerate(TEXT.splitlines(), 1):
+        if number in python_lines:
+            continue
+        for match in pattern.finditer(line):
+            key, after = match.group(1), match.group(2) or ""
+            if after == "(" or key.rsplit(".", 1)[1] in FILE_SUFFIXES:
+                continue
+            if key.startswith("memory."):
+                key = "model." + key
+            keys.append((number, key, after[1:] if after.startswith("=") else None))
+    return keys + abbreviated_keys()
+
+
+def abbreviated_keys() -> list[tuple[int, str, None]]:
+    """Keys of a list that names the section once: (`train.log_every`, `eval_every`, `checkpoint_every`)."""
+    keys = []
+    lead = rf"`((?:{'|'.join(CONFIG_SECTIONS)})(?:\.\w+)*)\.\w+`((?:,\s*(?:and\s+)?`[a-z_]+`)+)"
+    for match in re.finditer(lead, TEXT):
+        number = TEXT.count("\n", 0, match.start()) + 1
+        keys.extend((number, f"{match.group(1)}.{bare}", None) for bare in re.findall(r"`([a-z_]+)`", match.group(2)))
+    return keys
+
+
+def schema_type(key: str):
+    """The annotated type of a dotted key of RunConfig; KeyError naming the first part that is not there."""
+    node: typing.Any = RunConfig
+    for i, part in enumerate(key.split(".")):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            raise KeyError(f"{'.'.join(key.split('.')[:i])} has no fields")
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            raise KeyError(f"{node.__name__} has no field {part!r}")
+        node = hints[part]
+    return node
+
+
+def test_every_config_key_named_is_in_the_schema():
+    keys = config_keys()
+    assert len({key for _, key, _ in keys}) > 40, "the README's config keys are no longer read"
+    missing = []
+    for number, key, _ in keys:
+        try:
+            schema_type(key)
+        except KeyError as err:
+            missing.append(f"README.md:{number}: {key} ({err})")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_choice_set_is_one_the_key_allows():
+    """`optim.value_optimizer=sparse_adamw`, `train.activation_checkpointing=full`: a string choice
+    given a value must be one of its Literal's."""
+    wrong = []
+    for number, key, value in config_keys():
+        if value is None or not re.fullmatch(r"[\w.-]+", value):
+            continue
+        try:
+            kind = schema_type(key)
+        except KeyError:  # test_every_config_key_named_is_in_the_schema names it
+            continue
+        if typing.get_origin(kind) is typing.Literal and value not in typing.get_args(kind):
+            wrong.append(f"README.md:{number}: {key}={value} (choices {typing.get_args(kind)})")
+    assert not wrong, "\n".join(wrong)
+
+
+REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:\.ci|tools|pretrain|slurm|configs|benchmarks|kernels|tests|requirements)/[\w./*<>{}:-]*)"
+)
+
+
+def test_every_repository_path_named_exists():
+    """tools/..., configs/*.yaml, benchmarks/..., tests/x.py::test_name (the test defined there),
+    pretrain/model/lookups.LookupRecorder (the name defined in that module); a path is checked up to
+    its first placeholder (`benchmarks/<device>/...`), a glob must match something."""
+    missing = []
+    for number, line in enumerate(TEXT.splitlines(), 1):
+        for match in REPO_PATH.finditer(line):
+            named = match.group(1).rstrip(".,:")
+            path, _, test = named.partition("::")
+            path = re.split(r"[<{]", path)[0].rstrip(":")
+            path = re.sub(r":\d+$", "", path)  # file:line of a stack in an output block
+            if "*" in path:
+                found = bool(list(REPO.glob(path)))
+            elif (REPO / path).exists():
+                found = not test or re.search(rf"^\s*def {re.escape(test)}\(", (REPO / path).read_text(), re.MULTILINE)
+            else:  # module.Name
+                module, _, name = path.rpartition(".")
+                source = REPO / f"{module}.py"
+                found = (
+                    bool(name)
+                    and source.is_file()
+                    and re.search(
+                        rf"^(class|def) {re.escape(name)}\b|^{re.escape(name)} *[:=]", source.read_text(), re.MULTILINE
+                    )
+                )
+            if not found:
+                missing.append(f"README.md:{number}: {named}")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_python_name_named_exists():
+    """`pretrain.export.load`, `kernels.pkm_topk`, `pretrain.model.kv_cache.KVCache`: importable, then
+    each attribute after the module there."""
+    names = sorted(
+        {m for span in SPANS for m in re.findall(r"(?<![\w./-])(?:pretrain|kernels)(?:\.[A-Za-z_]\w*)+", span.text)}
+    )
+    assert names, "the README's Python names are no longer read"
+    missing = []
+    for name in names:
+        parts = name.split(".")
+        for split in range(len(parts), 0, -1):
+            try:
+                target = importlib.import_module(".".join(parts[:split]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attribute in parts[split:]:
+            target = getattr(target, attribute, None)
+        if target is None:
+            missing.append(name)
+    assert not missing, "\n".join(missing)
+
+
+def defines(source: str, name: str) -> bool:
+    """Whether Python source defines `name`: a def or class, a module constant, a field or attribute."""
+    name = re.escape(name)
+    return bool(re.search(rf"^\s*(async\s+)?(def|class) {name}\b|^\s*{name}\s*(:[^=\n]*)?=|^\s+{name}\s*:|self\.{name}\s*=",
+                          source, re.MULTILINE))  # fmt: skip
+
+
+def project_sources() -> dict[str, str]:
+    return {
+        str(path.relative_to(REPO)): path.read_text(encoding="utf-8")
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+    }
+
+
+def test_every_name_placed_in_a_file_is_defined_there():
+    """ "`TABLE_FILENAME` in `pretrain/slots/table.py`", "`barrier` in `pretrain/distributed.py`"."""
+    paragraphs = re.sub(r"(?<!\n)\n(?!\n)", " ", TEXT)
+    placed = re.findall(r"`([A-Za-z_][\w.]*)`(?: \([^)]*\))? in `((?:pretrain|kernels|tools)/[\w/]+\.py)`", paragraphs)
+    assert placed, "the README's `name` in `file` no longer read"
+    missing = [f"{name} in {path}" for name, path in placed
+               if not defines((REPO / path).read_text(encoding="utf-8"), name.split(".")[-1])]  # fmt: skip
+    assert not missing, "\n".join(missing)
+
+
+def test_every_attribute_of_a_project_class_named_exists():
+    """`Trainer.train_step`, `Optimizers.step(lr_multiplier, skip)`, `TrainResult.peak_memory_bytes`:
+    where the class is this project's, the attribute is defined in its file."""
+    sources = project_sources()
+    missing = []
+    for span in SPANS:
+        match = re.fullmatch(r"([A-Z]\w*[a-z]\w*)((?:\.\w+)+)(\(.*\))?", span.text)
+        if not match:
+            continue
+        holders = [source for source in sources.values() if re.search(rf"^class {match.group(1)}\b", source, re.M)]
+        for attribute in match.group(2).split(".")[1:]:
+            if holders and not any(defines(source, attribute) for source in holders):
+                missing.append(str(span))
+    assert not missing, "\n".join(missing)
+
+
+def schema_default(key: str):
+    node, value = RunConfig, None
+    for part in key.split("."):
+        field = {f.name: f for f in dataclasses.fields(node)}[part]
+        value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        node = typing.get_type_hints(node)[part]
+    return value
+
+
+def test_every_default_named_is_the_default():
+    """ "`--max-sentences` lines (default 200,000", "`train.hang_timeout_s` (default 600 s": the
+    option's (in some command that has it) or the config key's default."""
+    paragraphs = re.sub(r"(?<!\n)\n(?!\n)", " ", TEXT)
+    named = re.findall(
+        r"`((?:--|[a-z]+\.)[\w.-]+)`(?: [a-z]+)? ?[(,] ?(?:[^()`;]*; )?(?:[a-z]+, )?default:? (?:`([^`]+)`|(\d[\d,.]*\d|\d))",
+        paragraphs,
+    )
+    assert len(named) >= 8, "the README's defaults are no longer read"
+    wrong = []
+    for name, text, number in named:
+        if name.startswith("--"):
+            defaults = [parser_actions(m)[name].default for m in command_modules() if name in parser_actions(m)]
+        else:
+            defaults = [schema_default(name)] if name.split(".")[0] in CONFIG_SECTIONS else []
+        said = text or number.replace(",", "")
+        if not any(str(d) == said or (number and isinstance(d, (int, float)) and d == float(said)) for d in defaults):
+            wrong.append(f"{name}: the README says default {said}, the code has {defaults}")
+    assert not wrong, "\n".join(wrong)
