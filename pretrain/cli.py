@@ -19,6 +19,7 @@ from typing import Iterator
 
 from pretrain.files import file_in_the_way
 from pretrain.slurm import STOP_SIGNALS
+from pretrain.words import counted
 
 
 def help_description(doc: str) -> str:
@@ -192,7 +193,7 @@ def torch_device(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device torch can use: give cpu")
         if parsed.index is not None and parsed.index >= count:
             raise argparse.ArgumentTypeError(
-                f"{text}: this machine has {count} CUDA device{'s' if count > 1 else ''}: give cuda:0"
+                f"{text}: this machine has {counted(count, 'CUDA device')}: give cuda:0"
                 + (f" to cuda:{count - 1}" if count > 1 else "")
             )
     return "cpu" if parsed.type == "cpu" else text  # safetensors refuses "cpu:0"
