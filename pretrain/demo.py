@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
+from pretrain.words import counted
 
 DEFAULT_RUN_DIR = Path("runs/demo")
 DEMO_MARK = ".memlayers-demo"  # in a run folder the demo made: it may replace that folder
@@ -68,7 +69,7 @@ def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
         # a resumed demo's losses are its own steps': the first ones are not the run's
         first_step = result.step - len(result.step_times) + 1
         since = "" if first_step == 1 else f" of this run, from step {first_step}"
-        steps = f"{len(head)} step" + ("s" if len(head) > 1 else "")
+        steps = counted(len(head), "step")
         lines.append(
             f"train loss: {sum(head) / len(head):.3f} (first {steps}{since}) -> "
             f"{sum(tail) / len(tail):.3f} (last {steps})"

@@ -158,12 +158,13 @@ def _fsync(path: Path) -> None:
 
 def flush_to_disk(path: str | Path) -> None:
     """fsync `path`: a file, or a folder with every file and folder beneath it (the deepest
-    first, each folder after its contents). A symbolic link is not followed."""
+    first, each folder after its contents). A symbolic link is not followed. A folder that cannot be
+    listed (EACCES, EIO) fails the flush: its files would stay off the disk without a word."""
     path = Path(path)
     if path.is_symlink():
         return
     if path.is_dir():
-        for folder, subfolders, files in os.walk(path, topdown=False):
+        for folder, subfolders, files in os.walk(path, topdown=False, onerror=_raise):
             for name in files:
                 if not os.path.islink(os.path.join(folder, name)):
                     _fsync(Path(folder, name))
@@ -171,6 +172,10 @@ def flush_to_disk(path: str | Path) -> None:
                 if not os.path.islink(os.path.join(folder, name)):
                     _fsync(Path(folder, name))
     _fsync(path)
+
+
+def _raise(err: OSError) -> None:
+    raise err
 
 
 def replace_with(tmp: Path, path: str | Path) -> None:

@@ -35,6 +35,7 @@ from pretrain.sbatch_script import (
     render_script,
     world_size,
 )
+from pretrain.words import counted
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT_DIRS = ("pretrain", "kernels", "tools", "configs")
@@ -92,7 +93,7 @@ def plan_run(
         # size, fp16 on CPU) is refused now, not after hours in the queue.
         check_runtime(cfg, world_size=world_size(opts), device_type="cpu" if opts.cpu else "cuda")
     except ConfigError as err:
-        raise SubmitError(f"config {config} on {world_size(opts)} ranks: {err}") from None
+        raise SubmitError(f"config {config} on {counted(world_size(opts), 'rank')}: {err}") from None
     run_dir = (workdir / (run_dir if run_dir is not None else cfg.train.run_dir)).resolve()
     cfg.train.run_dir = str(run_dir)
     config_text = config_yaml(cfg)

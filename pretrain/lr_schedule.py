@@ -27,6 +27,7 @@ import math
 
 from pretrain.config import OptimConfig, RunConfig
 from pretrain.model.config import ConfigError
+from pretrain.words import counted
 
 DECAY_SHAPES = {
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
@@ -107,7 +108,7 @@ def check_resumed_schedule(old: RunConfig, new: RunConfig, steps_taken: int, whe
     if step is None:
         start = decay_start(new.optim, new.train.max_steps)
         begins = "no decay" if start is None else f"its decay begins at step {logged_step(start)}"
-        return f"schedule changed ({listed}); it agrees with the {steps_taken} steps taken, {begins}"
+        return f"schedule changed ({listed}); it agrees with the {counted(steps_taken, 'step')} taken, {begins}"
     (old_dense, old_value), (new_dense, new_value) = learning_rates(step, old), learning_rates(step, new)
     dense_changed = not math.isclose(old_dense, new_dense, rel_tol=1e-9, abs_tol=0.0)
     which, old_lr, new_lr = ("lr", old_dense, new_dense) if dense_changed else ("value lr", old_value, new_value)

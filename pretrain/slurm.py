@@ -220,18 +220,33 @@ CTRL_C_NOTE = (
 CTRL_C_ABORTED = "error: aborted by a second Ctrl-C: the steps since the run's last checkpoint are lost"
 
 
+def first_on_its_node(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is its node's local rank 0 (LOCAL_RANK from torchrun, SLURM_LOCALID in an
+    srun task; a process started alone is): the one that speaks for the node's ranks about a Ctrl-C,
+    which the terminal sends to every one of them. Read at the start, before pretrain.distributed
+    points LOCAL_RANK at a GPU index (0 in every task that sees one GPU)."""
+    environ = os.environ if environ is None else environ
+    local = environ.get("LOCAL_RANK")
+    if local is None and in_slurm_task(environ):
+        local = environ.get("SLURM_LOCALID")
+    return local in (None, "0")
+
+
 @contextmanager
 def ctrl_c_abort_in_one_line(resume: str) -> Iterator[None]:
     """Around a run whose `StopSignal(ctrl_c=True)` aborts on a second Ctrl-C (KeyboardInterrupt from
     wherever the run is): that KeyboardInterrupt, leaving the block, is reported in one line,
-    CTRL_C_ABORTED and `resume` (how to go on), not a traceback. Python still ends the process as on
+    CTRL_C_ABORTED and `resume` (how to go on), not a traceback, by the node's local rank 0 only (the
+    others end without a word, as they took the first press). Python still ends the process as on
     any Ctrl-C: its exit functions, then killed by SIGINT (which tells a shell script running the
     command to stop too). Left otherwise, the previous sys.excepthook is put back."""
     report = sys.excepthook
+    speaks = first_on_its_node()
 
     def hook(kind, value, tb):
         if issubclass(kind, KeyboardInterrupt):
-            print(f"{CTRL_C_ABORTED}; {resume}", file=sys.stderr, flush=True)
+            if speaks:  # the node's other ranks end silently, by the same SIGINT
+                print(f"{CTRL_C_ABORTED}; {resume}", file=sys.stderr, flush=True)
         else:
             report(kind, value, tb)
 
@@ -255,7 +270,8 @@ class StopSignal:
 
     `ctrl_c` (the training command line, the demo): the first SIGINT stops as SIGTERM does (a
     checkpoint, no requeue), saying so on stderr; a second, a second or more later, raises KeyboardInterrupt
-    at once (one sooner is the same press, passed on by torchrun). Only where
+    at once (one sooner is the same press, passed on by torchrun). Only the node's local rank 0 says
+    so (`first_on_its_node`): the terminal's press reaches every rank, which said it once each. Only where
     SIGINT has Python's default handler: a shell's background job, which ignores it, keeps ignoring it.
     """
 
@@ -274,6 +290,7 @@ class StopSignal:
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._ctrl_c_pressed: float | None = None  # time.monotonic() of the first
+        self._ctrl_c_note = CTRL_C_NOTE if first_on_its_node() else b""
         if (
             ctrl_c
             and signal.SIGINT not in self._previous
@@ -288,10 +305,11 @@ class StopSignal:
                 raise KeyboardInterrupt
             return
         self._ctrl_c_pressed = now
-        try:
-            os.write(2, CTRL_C_NOTE)
-        except OSError:
-            pass
+        if self._ctrl_c_note:
+            try:
+                os.write(2, self._ctrl_c_note)
+            except OSError:
+                pass
         if self.received is None:
             self.received = signum
         self._local_kind = max(self._local_kind, _EXIT)

@@ -1,8 +1,10 @@
 """The start of memlayers-train and `python -m pretrain.train`, before torch (seconds) is imported: the
 stop handler is installed first, so that a USR1/SIGTERM during start-up is recorded, not fatal (train()
 takes it over); then the options are parsed (--help) and, in a process that runs alone, the config is
-read and checked, a refusal reported in a line (exit status 2). Then pretrain.train trains. A process
-among several (torchrun, srun) reads its config there, where one rank's refusal is shared with all."""
+read and checked, a refusal reported in a line (exit status 2). So is it in each of several processes
+that all run on this node (torchrun, an srun step of one node), with the checks of the world size.
+Then pretrain.train trains. A process among several on more nodes reads its config there, where one
+rank's refusal is shared with all."""
 
 from __future__ import annotations
 
@@ -10,7 +12,13 @@ import argparse
 import os
 import sys
 
-from pretrain.slurm import StopSignal, ctrl_c_abort_in_one_line, in_slurm_task  # the standard library only
+from pretrain.slurm import (  # the standard library only
+    SlurmEnvError,
+    StopSignal,
+    ctrl_c_abort_in_one_line,
+    distributed_env_from_slurm,
+    in_slurm_task,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,18 +39,39 @@ def launched_alone() -> bool:
     return os.environ.get("WORLD_SIZE", "1") == "1" and not in_slurm_task()
 
 
+def world_on_this_node(environ=None) -> int | None:
+    """The launched world size where every rank runs on this node (torchrun's LOCAL_WORLD_SIZE equal to
+    its WORLD_SIZE; an srun step of one node), else None. Those ranks read the same files, so a refusal
+    of the config is every rank's, each can make it before torch, and none is left waiting for another
+    at the rendezvous (across nodes a node's own copy of a file may differ: pretrain.train shares the
+    refusal there)."""
+    environ = os.environ if environ is None else environ
+    if "WORLD_SIZE" in environ:  # torchrun, the deepspeed launcher (also inside an srun task)
+        world = environ["WORLD_SIZE"]
+        return int(world) if world.isdigit() and environ.get("LOCAL_WORLD_SIZE") == world else None
+    if in_slurm_task(environ) and environ.get("SLURM_STEP_NUM_NODES", environ.get("SLURM_NNODES")) == "1":
+        try:
+            return int(distributed_env_from_slurm(environ)["WORLD_SIZE"])
+        except SlurmEnvError:
+            return None  # pretrain.distributed says what is wrong with it
+    return None
+
+
 def cli() -> None:
     """The console script; ends the process (pretrain.train's `cli`)."""
     stop = StopSignal(ctrl_c=True)  # Ctrl-C too stops with a checkpoint (a second one aborts, in a line)
     with ctrl_c_abort_in_one_line("the same command, started again, resumes from that checkpoint"):
         config_path, overrides = parse_args()
         cfg = None
-        if launched_alone():
-            from pretrain.config import ConfigError, load_config
+        world = 1 if launched_alone() else world_on_this_node()
+        if world is not None:
+            from pretrain.config import ConfigError, check_world, load_config
             from pretrain.data.errors import DataError
 
             try:
                 cfg = load_config(config_path, overrides)
+                if world > 1:  # world 1's checks wait for the build, which sees the device too
+                    check_world(cfg, world)
             except (ConfigError, DataError) as err:
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 os._exit(2)  # as pretrain.train's cli ends

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.files import atomic_directory, atomic_path, atomic_write, file_sha256, save_figure, temp_path_beside
+from pretrain.files import (
+    atomic_directory,
+    atomic_path,
+    atomic_write,
+    file_sha256,
+    flush_to_disk,
+    save_figure,
+    temp_path_beside,
+)
 from tests.syscall_log import SyscallLog
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,3 +342,31 @@ def test_a_folder_write_removes_the_temporaries_killed_writers_left_on_this_host
     assert all(name in str(said[0].message) for name in killed)
     assert (out / "model.safetensors").read_bytes() == b"whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
+def test_a_folder_that_cannot_be_listed_fails_the_flush(tmp_path, monkeypatch, code):
+    """flush_to_disk's os.walk passed over a subfolder it could not list (os.walk's default): its
+    files were never flushed, and the commit renamed the folder in without a word. The reference is
+    the error and the old version, still whole."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("nested"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_scandir(path)
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(OSError) as raised:
+        with atomic_directory(out) as tmp:
+            (tmp / "nested").mkdir()
+            (tmp / "nested" / "x").write_text("new")
+    assert raised.value.errno == code and raised.value.filename.endswith("nested")
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and [p.name for p in tmp_path.iterdir()] == ["export"]
+    (out / "nested").mkdir()  # a folder flushed in place (TensorBoard's log before a checkpoint)
+    with pytest.raises(OSError) as raised:
+        flush_to_disk(out)
+    assert raised.value.errno == code and raised.value.filename == str(out / "nested")

@@ -19,6 +19,7 @@ from pretrain.cli import positive_int  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.model.accounting import count_parameters, flops_per_token, human_count  # noqa: E402
 from pretrain.model.config import ConfigError  # noqa: E402
+from pretrain.words import counted  # noqa: E402
 
 PARAMETER_ROWS = [
     ("dense", "everything outside the memory layers"),
@@ -46,10 +47,10 @@ def model_info(cfg: RunConfig, seq_len: int | None = None) -> dict:
 
 def format_info(info: dict, cfg: RunConfig, title: str) -> str:
     m, model = cfg.model.memory, cfg.model
-    shape = f"{model.n_layers} layers, dim {model.dim}, {model.n_heads} heads, vocab {model.vocab_size}"
+    shape = f"{counted(model.n_layers, 'layer')}, dim {model.dim}, {counted(model.n_heads, 'head')}, vocab {model.vocab_size}"
     if m.enabled:
         shape += (
-            f"; memory in layers {list(m.layers)}: {m.num_slots:,} slots, k={m.k}, {m.heads} heads, "
+            f"; memory in layers {list(m.layers)}: {m.num_slots:,} slots, k={m.k}, {counted(m.heads, 'head')}, "
             f"value dim {model.value_dim}, {'shared' if m.shared_values else 'per-layer'} values"
         )
     lines = [title, f"  {shape}", "parameters"]

@@ -32,6 +32,7 @@ from pretrain.cli import (  # noqa: E402
     stop_signals_exit,
 )
 from pretrain.data import DataError, prepare_corpus, prepare_embedded_dataset, read_manifest  # noqa: E402
+from pretrain.words import counted  # noqa: E402
 
 # of the tokenizer trained on the corpus when no --tokenizer is given
 DEFAULT_VOCAB_SIZE = inspect.signature(prepare_corpus).parameters["vocab_size"].default
@@ -276,7 +277,8 @@ def _prepare_corpus(ap: argparse.ArgumentParser, args) -> dict:
 def _summary(out, manifest: dict) -> str:
     """One line: each split's documents, tokens, sequences and shards, then the corpus statistics."""
     splits = "; ".join(
-        f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['sequences']} sequences, {len(v['shards'])} shards"
+        f"{s}: {counted(v['documents'], 'document')}, {counted(v['tokens'], 'token')}, "
+        f"{counted(v['sequences'], 'sequence')}, {counted(len(v['shards']), 'shard')}"
         for s, v in manifest["splits"].items()
     )
     return f"{out}: {splits}; stats {manifest['stats']}"

@@ -34,6 +34,7 @@ from pretrain.distributed import barrier, first_problem, refusal_shared
 from pretrain.files import TEMP_MARK, atomic_write, discard, flush_to_disk, replace_with, temp_path_beside
 from pretrain.lr_schedule import check_resumed_schedule
 from pretrain.refused_writes import describe, is_write_failure
+from pretrain.words import counted
 
 
 def _attempt(fn, *args) -> Exception | None:
@@ -320,7 +321,7 @@ class Checkpointer:
             return f"the data layout changed (data.num_workers, train.micro_batch or data.shuffle_buffer), re-planned: {merged}"
         dense = "DeepSpeed universal checkpoint" if dense_dir != ckpt_dir else "whole in the model states"
         return (
-            f"re-partitioned from {self.saved_world} ranks to {self.world_size}: dense state {dense}; "
+            f"re-partitioned from {counted(self.saved_world, 'rank')} to {self.world_size}: dense state {dense}; "
             f"value shards re-split; {merged}"
         )
 

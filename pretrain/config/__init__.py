@@ -10,7 +10,8 @@ Three kinds of checks, so that tools which only read a config need no environmen
   agree (reads their manifests; `load_config` runs it);
 - `check_runtime(cfg, world_size, device_type)`: what depends on where the run starts (world
   size, device, kernels available; a row for each of ranks x data.num_workers); the trainer
-  and tools/submit call it.
+  and tools/submit call it; `check_world(cfg, world_size)`, its part without the device, comes
+  before torch at a rank's start.
 
 One concern per module: `schema.py` (the dataclasses), `loading.py` (file and override layers,
 key checks, merging), `paths.py` (~, shell variables, absolute paths), `datasets.py` (values
@@ -23,7 +24,7 @@ from pretrain.config.datasets import DATASET_KEYS, check_datasets, follow_datase
 from pretrain.config.differences import MODEL_RUNTIME_KEYS, config_differences, model_differences
 from pretrain.config.loading import load_config, override_value
 from pretrain.config.paths import absolute_paths, expand_home
-from pretrain.config.runtime import check_runtime
+from pretrain.config.runtime import check_runtime, check_world
 from pretrain.config.saving import config_to_dict, config_yaml, save_config
 from pretrain.config.schema import (
     DataConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "absolute_paths",
     "check_datasets",
     "check_runtime",
+    "check_world",
     "config_differences",
     "config_to_dict",
     "config_yaml",

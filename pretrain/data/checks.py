@@ -11,6 +11,7 @@ import numpy as np
 
 from pretrain.data.errors import DataError
 from pretrain.data.shards import read_manifest
+from pretrain.words import counted
 
 
 def check_trainable(sources: list) -> None:
@@ -43,8 +44,8 @@ def check_readers(sources: list, world_size: int, num_workers: int) -> None:
         sequences = int(source.manifest["splits"]["train"]["sequences"])
         if sequences < readers:
             raise DataError(
-                f"the 'train' split of {source.dir} has {sequences} sequences but {world_size} ranks x {workers} "
-                f"data.num_workers = {readers} readers need at least one each: lower data.num_workers, train on "
+                f"the 'train' split of {source.dir} has {counted(sequences, 'sequence')} but {counted(world_size, 'rank')} "
+                f"x {workers} data.num_workers = {readers} readers need at least one each: lower data.num_workers, train on "
                 "fewer ranks, or add text"
             )
 

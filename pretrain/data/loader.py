@@ -69,6 +69,7 @@ from pretrain.data.shards import read_manifest, row_doc_ids
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.data.work_plan import ROWS, epoch_order, head_of, part_of, row_count, work_of
 from pretrain.slurm import HELPER_IGNORED, end_stop_immune_workers_at_exit, ignore_stop_signals, stop_signals_blocked
+from pretrain.words import counted
 
 IGNORE_INDEX = -100
 
@@ -150,8 +151,8 @@ class ShardLoader:
         self.sizes = [int(s["sequences"]) for s in self.shards]
         if sum(self.sizes) < consumers and rows is None:  # rows: evaluation, where a reader may get none
             raise DataError(
-                f"split {split!r} of {self.root} has {sum(self.sizes)} sequences but {world_size} ranks x "
-                f"{self.workers} workers = {consumers} readers need at least one each: lower data.num_workers "
+                f"split {split!r} of {self.root} has {counted(sum(self.sizes), 'sequence')} but {counted(world_size, 'rank')} "
+                f"x {counted(self.workers, 'worker')} = {consumers} readers need at least one each: lower data.num_workers "
                 "or the number of ranks, or add text"
             )
         self.split, self.batch_size, self.seq_len = split, batch_size, manifest["seq_len"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pretrain.config import RunConfig
+from pretrain.words import counted
 
 ROLES = {
     "tok_embeddings.weight": "token embeddings (vocab, dim)",
@@ -72,7 +73,7 @@ def render_card(
     m = cfg.model
     memory = (
         f"memory layers in blocks {list(m.memory.layers)}: {m.memory.n_keys}^2 = {m.memory.num_slots:,} slots, "
-        f"{m.memory.heads} heads x top-{m.memory.k}, value dim {m.value_dim}"
+        f"{counted(m.memory.heads, 'head')} x top-{m.memory.k}, value dim {m.value_dim}"
         if m.memory.enabled
         else "no memory layers (dense baseline)"
     )
@@ -84,7 +85,7 @@ memlayers training checkpoint.
 - training step: {step}
 - tokens seen: {tokens:,} (train.global_batch x data.seq_len positions per trained step, padding included)
 - data manifest sha256: `{manifest_hash}`
-- model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads, vocab {m.vocab_size}; {memory}
+- model: {counted(m.n_layers, "layer")}, dim {m.dim}, {counted(m.n_heads, "head")}, vocab {m.vocab_size}; {memory}
 - parameters: {params:,} ({nbytes / 2**20:.1f} MiB of {dtype} in model.safetensors)
 - context: {m.max_seq_len} tokens (max_seq_len; prompt + new tokens at most {m.max_seq_len + 1}, longer is refused)
 

@@ -245,6 +245,7 @@ def test_fewer_rows_than_readers_are_refused_before_the_model_is_built(tmp_path,
     shards, sequences = len(manifest["splits"]["train"]["shards"]), manifest["splits"]["train"]["sequences"]
     assert 2 <= shards <= 8
     cfg = own_config(tmp_path / "run", f"data.dir={data}", "train.global_batch=48", "train.micro_batch=2")
+    ranks = {1: "1 rank", 2: "2 ranks", 4: "4 ranks"}  # it said "1 ranks"
     for world, workers in ((1, 0), (2, 3), (4, 3), (1, sequences), (1, sequences + 1), (2, sequences // 2 + 1)):
         cfg.data.num_workers = workers
         try:
@@ -256,7 +257,7 @@ def test_fewer_rows_than_readers_are_refused_before_the_model_is_built(tmp_path,
         assert loader_refuses == (world * max(1, workers) > sequences)
         if loader_refuses:
             with pytest.raises(
-                ConfigError, match=rf"has {sequences} sequences but {world} ranks x {max(1, workers)} data.num_workers"
+                ConfigError, match=rf"has {sequences} sequences but {ranks[world]} x {max(1, workers)} data.num_workers"
             ):
                 check_runtime(cfg, world_size=world, device_type="cpu")
         else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -377,3 +379,23 @@ def test_every_tools_help_description_is_its_whole_first_paragraph():
         check=True,
     ).stdout
     assert "SDPA with the dense document mask, and FlexAttention with the block mask" in " ".join(shown.split())
+
+
+def test_a_png_name_is_checked_without_importing_matplotlib(tmp_path):
+    """image_file imported matplotlib (0.27 s) to check every name, so slot_report's refusal of a
+    missing table took 0.38 s instead of 0.1; a .png (or no suffix) is now checked without it. The
+    reference is sys.modules of a fresh interpreter after the tool's refusal; another suffix still
+    asks matplotlib."""
+    script = (
+        "import sys\n"
+        "from tools.slot_report import main\n"
+        "print('exit', main(sys.argv[1:]))\n"
+        "print('matplotlib' in sys.modules)\n"
+        "from pretrain.cli import image_file\n"
+        "image_file('x.png')(sys.argv[-1][:-4] + '.svg')\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    argv = ["--table", str(tmp_path / "missing"), "--out", str(tmp_path / "report.png")]
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=TOOLS.parent, capture_output=True, text=True)
+    assert done.stdout.splitlines() == ["exit 2", "False", "True"], done.stdout + done.stderr
+    assert f"slot table path {tmp_path / 'missing'} does not exist" in done.stderr

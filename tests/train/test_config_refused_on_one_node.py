@@ -50,3 +50,56 @@ def test_a_data_dir_missing_on_one_node_is_refused_on_every_rank(tmp_path, data_
     assert errors[0].startswith("error: rank 1 on ") and errors[0].endswith(errors[1][len("error: ") :])
     assert elapsed < 110  # waited 600 s at the rendezvous
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_world_of_ranks_that_all_run_on_this_node():
+    from pretrain.train_cli import world_on_this_node
+
+    task = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "n1",
+    }
+    assert world_on_this_node({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}) == 4  # torchrun on one node
+    assert world_on_this_node({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}) is None  # torchrun on 2 nodes
+    assert world_on_this_node({"WORLD_SIZE": "4"}) is None  # a launcher that does not say
+    assert world_on_this_node({**task, "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NUM_TASKS": "2"}) == 2
+    assert world_on_this_node({**task, "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NUM_TASKS": "2"}) is None
+    assert world_on_this_node({**task, "SLURM_STEP_NUM_NODES": "1"}) is None  # no task count: distributed says
+    assert world_on_this_node({}) is None
+
+
+# a rank of a one-node launch, where torch cannot be imported: the refusal must come before it
+_RANK_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None
+sys.argv = ["memlayers-train", *sys.argv[1:]]
+from pretrain import train_cli
+train_cli.cli()
+"""
+
+
+def test_ranks_on_one_node_refuse_the_world_size_before_torch(tmp_path):
+    """Under torchrun each rank imported torch, made the process group and began the build before
+    model.memory.parallel_size or train.global_batch was checked against the world size (9.0-9.6 s to
+    the refusal with 2 CPU ranks; 4.8-5.2 s now, 3.8 s of it torchrun's own start). The reference:
+    the message, exit status 2, in a rank that cannot import torch, and nothing written."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        **dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1"),
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    for override, message in (
+        ("model.memory.parallel_size=4", "error: model.memory.parallel_size=4 must divide the world size 2: set "
+         "model.memory.parallel_size=2"),
+        ("train.micro_batch=8", "error: train.global_batch=8 is not divisible by train.micro_batch=8 x world size 2"),
+    ):  # fmt: skip
+        args = [*TINY, f"train.run_dir={tmp_path / 'run'}", override]
+        done = subprocess.run(
+            [sys.executable, "-c", _RANK_WITHOUT_TORCH, *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2 and done.stderr.startswith(message), done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -41,6 +41,35 @@ def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd):
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_only_the_node_s_local_rank_0_says_what_ctrl_c_does(capfd, monkeypatch):
+    """Under torchrun the terminal's press reaches every rank, and every rank printed the note (seen:
+    2 notes with 2 CPU ranks). A rank other than its node's first stops as silently, and a second press
+    aborts it as it does rank 0, silently too."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with StopSignal(ctrl_c=True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.should_stop() and stop.cancelled and not stop.requeue
+        assert capfd.readouterr().err == ""
+        time.sleep(CTRL_C_SAME_PRESS_S)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with StopSignal(ctrl_c=True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.local_flag and capfd.readouterr().err == CTRL_C_NOTE.decode()
+
+
+def test_the_node_s_first_rank_is_read_from_torchrun_or_srun():
+    from pretrain.slurm import first_on_its_node
+
+    task = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3"}
+    assert first_on_its_node({}) and first_on_its_node({"LOCAL_RANK": "0", "RANK": "2"})
+    assert not first_on_its_node({"LOCAL_RANK": "1"})
+    assert first_on_its_node({**task, "SLURM_LOCALID": "0"}) and not first_on_its_node({**task, "SLURM_LOCALID": "3"})
+    assert first_on_its_node({"SLURM_LOCALID": "3"})  # the batch shell's own process, no srun task
+    assert first_on_its_node({**task, "SLURM_LOCALID": "1", "LOCAL_RANK": "0"})  # torchrun inside an srun task
+
+
 def test_a_process_that_ignores_ctrl_c_keeps_ignoring_it():
     """A shell's background job (`cmd &` in a script) starts with SIGINT ignored, as Python leaves it."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -124,3 +153,12 @@ def test_the_second_ctrl_c_aborts_in_one_line_as_a_ctrl_c_ends_a_process():
     lines = proc.stderr.splitlines()
     assert lines[0] == CTRL_C_NOTE.decode().strip(), proc.stderr
     assert lines[1].startswith("error: aborted by a second Ctrl-C") and len(lines) == 2, proc.stderr
+    # another rank of the node is aborted as silently as it took the first press
+    silent = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LOCAL_RANK": "1"},
+    )
+    assert silent.returncode == -signal.SIGINT and silent.stderr == "", silent.stderr
