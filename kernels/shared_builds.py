@@ -153,10 +153,36 @@ def load_shared_op(inputs: BuildInputs, root: Path | None = None, say: Callable[
         if loaded is not None:
             return loaded
         clear_stale_build_locks(root, say=say, ops=[inputs.name])  # a killed build's torch lock
-        staged = stage(inputs, build_dir)
-        from torch.utils.cpp_extension import load
+        loaded = _build(inputs, build_dir, stage(inputs, build_dir), say)
+        _record_finished(inputs.name, build_dir)
+        return loaded
 
-        loaded = load(
+
+# ninja's exit status when a signal (Ctrl-C's SIGINT, a SIGTERM) stopped its build
+NINJA_STOPPED = 2
+
+
+def _stopped_by_signal(err: BaseException | None) -> bool:
+    """Whether `err` is torch's failed build of an op whose ninja a signal stopped."""
+    import subprocess
+
+    while err is not None:
+        if isinstance(err, subprocess.CalledProcessError) and err.returncode == NINJA_STOPPED:
+            return True
+        err = err.__cause__
+    return False
+
+
+def _build(inputs: BuildInputs, build_dir: Path, staged: Path, say: Callable[[str], None]):
+    """torch's JIT build and load of the staged sources. A build a signal stopped runs once more: Ctrl-C
+    reaches the compiler, while the trainer takes the press as a stop after the step and still needs
+    the op. DeepSpeed then built its shm op its own way, from scratch, in a folder of its own (45 s on
+    2 cores before the run could stop), and the next start built the shared one again; the memlayers
+    CPU ops fell back to torch's slower path for the run."""
+    import torch.utils.cpp_extension as cpp
+
+    def build():
+        return cpp.load(
             name=inputs.name,
             sources=[str(staged / s) for s in inputs.sources],
             extra_include_paths=[str(staged / d) for d in inputs.include_dirs],
@@ -165,5 +191,16 @@ def load_shared_op(inputs: BuildInputs, root: Path | None = None, say: Callable[
             build_directory=str(build_dir),
             is_python_module=inputs.is_python_module,
         )
-        _record_finished(inputs.name, build_dir)
-        return loaded
+
+    try:
+        return build()
+    except Exception as err:
+        if not _stopped_by_signal(err):
+            raise
+    say(f"the build of {inputs.name} was stopped by a signal; building it again (ninja keeps what it compiled)")
+    # torch records a name's inputs at its first load in a process and skips the build of a name it has
+    # seen (the second load of the stopped build only tried to import a library never linked)
+    versioner = getattr(cpp, "JIT_EXTENSION_VERSIONER", None)
+    if versioner is not None:
+        versioner.entries.pop(inputs.name, None)
+    return build()

@@ -34,6 +34,7 @@ from pretrain.cli import output_file, positive_int, positive_number  # noqa: E40
 from pretrain.config import ConfigError, DataConfig, RunConfig, SyntheticConfig, load_config  # noqa: E402
 from pretrain.data import ShardLoader, Tokenizer, build_fact_world, prepare_embedded_dataset  # noqa: E402
 from pretrain.data.prepare import write_dataset  # noqa: E402
+from pretrain.words import counted  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
         f"{single / 1e6:.2f} vs {mixed / 1e6:.2f} M tokens/s ({mixed / single:.2f}x)"
     )
     print(
-        f"training step (tiny.yaml, fwd+bwd+AdamW, {threads} threads): {summary['train_tokens_per_s'] / 1e6:8.4f} M tokens/s"
+        f"training step (tiny.yaml, fwd+bwd+AdamW, {counted(threads, 'thread')}): {summary['train_tokens_per_s'] / 1e6:8.4f} M tokens/s"
     )
     ratio, loader = summary["loader_over_training"], summary["loader_tokens_per_s"]
     print(f"loader / training: {ratio:.0f}x (need >= 20x); loader >= 5M tokens/s: {loader >= 5e6}")

@@ -32,6 +32,7 @@ from pretrain.cli import int_at_least, output_file, positive_int
 from pretrain.config import load_config
 from pretrain.files import atomic_write
 from pretrain.model import Transformer
+from pretrain.words import counted
 
 
 def build_models(config: str, max_seq_len: int, seed: int = 0):
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     rows = time_cases(cases, args.rounds, args.new_tokens)
     print(
         f"\n{args.new_tokens} new tokens from a {args.prompt_tokens}-token prompt, {args.config} model, "
-        f"{torch.get_num_threads()} threads, median of {args.rounds}"
+        f"{counted(torch.get_num_threads(), 'thread')}, median of {args.rounds}"
     )
     print(f"{'case':34s} {'cached tok/s':>13s} {'uncached tok/s':>15s} {'speedup':>8s}   (wall | CPU time)")
     for row in rows:

@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from pretrain.cli import int_at_least, output_file, output_folder, positive_int  # noqa: E402
 from pretrain.files import atomic_write  # noqa: E402
 from pretrain.process_tree import kill_child_tree  # noqa: E402
+from pretrain.words import counted  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- worker
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
     good = [r for r in rows if "error" not in r]
     device = good[0]["device"] if good else "no variant ran"
     print(
-        f"\n{device}, dtype {args.dtype}, {args.steps} timed steps x {args.rounds} rounds, "
+        f"\n{device}, dtype {args.dtype}, {counted(args.steps, 'timed step')} x {counted(args.rounds, 'round')}, "
         f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}"
     )
     return 1 if len(good) < len(rows) else 0

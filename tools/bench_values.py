@@ -36,6 +36,7 @@ from pretrain.bench.values import (
 )
 from pretrain.cli import image_file, int_at_least, positive_int
 from pretrain.files import atomic_write, save_figure
+from pretrain.words import counted
 
 MIB = 2**20
 
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
         )
     print(
         f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
-        f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {torch_threads()} threads",
+        f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {counted(torch_threads(), 'thread')}",
         flush=True,
     )
     records = step_sweep(

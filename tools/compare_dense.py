@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.cli import help_description, output_file  # noqa: E402
+from pretrain.words import counted  # noqa: E402
 
 METRICS = ("val_loss", "fact_recall", "fact_recall_chance")
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     print(f"\n| model | {' | '.join(METRICS)} |\n|---|" + "---:|" * len(METRICS))
     for name, runs in results.items():
         print(f"| {name} | " + " | ".join(summary([r[m] for r in runs if m in r]) for m in METRICS) + " |")
-    print(f"({len(args.seeds)} seeds; same tokens per seed for both models)")
+    print(f"({counted(len(args.seeds), 'seed')}; same tokens per seed for both models)")
     if args.json:
         from pretrain.files import atomic_write
 

@@ -198,3 +198,38 @@ def test_a_failed_shm_op_build_still_raises_with_its_output(monkeypatch, capsys)
         ds_comm.build_shm_op()
     assert builder.name not in cache
     assert capsys.readouterr().out == "shm.cpp:1: error: expected ';'\n"
+
+
+def test_a_build_a_signal_stopped_is_built_again_in_the_same_process(tmp_path, monkeypatch):
+    """Ctrl-C reaches ninja while the trainer takes the press as a stop after the step and still needs
+    the op: the shared build failed, and DeepSpeed built its shm op its own way from scratch (45 s on 2
+    cores), the CPU ops fell back to torch's path. The build now runs again, once; torch's own record of
+    the name is dropped first, without which its second load only imported a library never linked
+    (ImportError, seen). The first ninja run here ends as a Ctrl-C ends it, status 2."""
+    import subprocess
+
+    import torch.utils.cpp_extension as cpp
+
+    from kernels.shared_builds import BuildInputs, load_shared_op
+
+    source, _ = checkout(tmp_path, "checkout", 77)
+    real_run, runs = subprocess.run, []
+
+    def ninja_stopped_once(command, *args, **kwargs):
+        if command[0] == "ninja" and "--version" not in command:
+            runs.append(command)
+            if len(runs) == 1:
+                raise subprocess.CalledProcessError(2, command, b"ninja: build stopped: interrupted by user.\n")
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(cpp.subprocess, "run", ninja_stopped_once)
+    said = []
+    inputs = BuildInputs("shared_build_test", [source])
+    library = load_shared_op(inputs, root=tmp_path / "ext", say=said.append)
+    assert len(runs) == 2 and said == [
+        f"the build of {inputs.name} was stopped by a signal; building it again (ninja keeps what it compiled)"
+    ]
+    import ctypes
+
+    assert ctypes.CDLL(library).memlayers_shared_build_test() == 77
+    assert (tmp_path / "ext" / inputs.name / f"{inputs.name}.so.built").is_file()  # the next start loads it

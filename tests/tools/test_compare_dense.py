@@ -63,3 +63,9 @@ def test_json_naming_a_folder_is_refused_before_any_run(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_dense.main(["--seeds", "0", "--json", str(tmp_path)])
     assert "is a folder" in capsys.readouterr().err and runs == []
+
+
+def test_one_seed_is_named_in_the_singular(runs, capsys):
+    """The table's note said "(1 seeds; ...)" after a run with one seed."""
+    assert compare_dense.main(["--seeds", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "(1 seed; same tokens per seed for both models)"
