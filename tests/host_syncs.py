@@ -9,7 +9,9 @@ calls still happen, so `HostSyncs` records them there, each with its call stack:
   * a TorchDispatchMode sees the aten ops (`_local_scalar_dense` is what every scalar read
     becomes; the data-dependent-shape ops by name);
   * a TorchFunctionMode sees `tolist`, `numpy`, `cpu` and `to("cpu")`, which on a CPU tensor
-    reach no aten op at all.
+    reach no aten op at all;
+  * a torch.library custom op (the memory kernels' `memlayers::*`) is one op to a dispatch mode,
+    its body unseen: the mode runs the body itself, under both modes.
 
 Tensors the host owns in a GPU run too (the loader's batches, before `.to(device)`) are no
 sync to read: `mark_host` names them, and an op whose tensor inputs are all host tensors makes
@@ -104,14 +106,24 @@ class _AtenSide(TorchDispatchMode):
         elif func is aten.repeat_interleave.Tensor and (kwargs or {}).get("output_size") is None:
             if not owner.on_host(inputs):
                 owner.record(str(func))
+        elif func in (aten._to_copy.default, aten.copy_.default) and _device_to_host(func, inputs, out):
+            owner.record(str(func))  # seen on a GPU only: on the CPU every tensor is the host's
         if inputs:
             host = owner.on_host(inputs)
             for t in _tensors(out, None):
                 owner.set_host(t, host)
-            if not host:  # an in-place op writing device data into a host tensor
-                for t in inputs:
-                    owner.set_host(t, False) if owner.is_host(t) and func._schema.is_mutable else None
+            if not host:  # an in-place op writing device data into a host tensor makes it the device's
+                for arg, value in zip(func._schema.arguments, args):
+                    if isinstance(value, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write:
+                        owner.set_host(value, False)
         return out
+
+
+def _device_to_host(func, inputs, out) -> bool:
+    """A copy from an accelerator into host memory (`.cpu()` and the like, inside C++ too)."""
+    source = inputs[1] if func is aten.copy_.default else inputs[0]
+    target = inputs[0] if func is aten.copy_.default else out
+    return source.device.type != "cpu" and target.device.type == "cpu"
 
 
 def _bool_index(func, inputs) -> bool:
@@ -176,9 +188,6 @@ class HostSyncs:
         finally:
             self.host_side = False
 
-    def is_host(self, t: torch.Tensor) -> bool:
-        return t in self._host
-
     def set_host(self, t: torch.Tensor, host: bool) -> None:
         if host:
             self._host[t] = True
@@ -190,9 +199,6 @@ class HostSyncs:
 
     def record(self, what: str) -> None:
         self.syncs.append(Sync(what, *_stack()))
-
-    def sites(self) -> list[str]:
-        return [s.site for s in self.syncs]
 
     def __enter__(self) -> HostSyncs:
         for mode in self._modes:
