@@ -83,12 +83,18 @@ def _search_backend(query, keys1, keys2, k: int, backend: str) -> str:
     return resolve_backend(backend, query)
 
 
-def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: str = "sorted"):
+def embedding_bag(
+    values, indices, weights, backend: str = "auto", value_grad: str = "sorted", check_indices: bool = True
+):
     """Weighted bag over value rows: values (N, d), indices/weights (T, H, k) -> (T, d).
 
     value_grad: "sorted" (deterministic, default), "atomic" (fp32 atomics; Triton only)
     or "sparse" (a coalesced sparse COO gradient of the touched rows, on either backend;
     the torch backend's dense gradient ignores sorted/atomic).
+    check_indices (Triton backend): refuse indices outside [0, N) with a ValueError before a
+    kernel reads out of bounds; a host read, which on a GPU waits for the queued work. The memory
+    layers pass False: their top-k indices are in range by construction. (The torch backend's
+    `F.embedding_bag` checks its indices itself.)
     """
     if indices.shape != weights.shape:
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
@@ -97,7 +103,7 @@ def embedding_bag(values, indices, weights, backend: str = "auto", value_grad: s
     if resolve_backend(backend, values) == "triton":
         from kernels import bag_triton
 
-        return bag_triton.embedding_bag(values, indices, weights, value_grad=value_grad)
+        return bag_triton.embedding_bag(values, indices, weights, value_grad=value_grad, check_indices=check_indices)
     from kernels import reference
 
     if value_grad == "sparse":

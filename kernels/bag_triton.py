@@ -246,7 +246,9 @@ def _flat(indices: torch.Tensor, weights: torch.Tensor):
     return indices.flatten(1).contiguous(), weights.flatten(1).contiguous()
 
 
-def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, check_indices: bool) -> None:
+    """Shapes, dtypes and devices; with `check_indices` also the indices' range, read on the host:
+    on a GPU that waits for every queued kernel (`embedding_bag`'s docstring says when to skip it)."""
     check_same_device(values=values, indices=indices, weights=weights)
     if values.dim() != 2 or values.stride(1) != 1:
         raise ValueError(
@@ -257,18 +259,20 @@ def _check(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -
         raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be (T, H, k)")
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
-    if indices.numel():
-        lo, hi = torch.aminmax(indices)
-        if lo.item() < 0 or hi.item() >= values.shape[0]:
+    if check_indices and indices.numel():
+        lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one read
+        if lo < 0 or hi >= values.shape[0]:
             raise ValueError(
-                f"indices span [{lo.item()}, {hi.item()}] outside the value table's "
+                f"indices span [{lo}, {hi}] outside the value table's "
                 f"{values.shape[0]} rows (check memory.n_keys against the value table)"
             )
 
 
-def bag_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out (T, d) in values.dtype; no autograd."""
-    _check(values, indices, weights)
+def bag_forward(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, check_indices: bool = True
+) -> torch.Tensor:
+    """out (T, d) in values.dtype; no autograd. `check_indices`: see `embedding_bag`."""
+    _check(values, indices, weights, check_indices)
     idx, w = _flat(indices, weights)
     T, M_T = idx.shape
     D = values.shape[1]
@@ -322,17 +326,20 @@ def bag_weight_grad(
 def _segments(indices: torch.Tensor, num_rows: int, every_row: bool):
     """Stable sort of the flat entries by row: (rows, segment offsets, entry order).
 
-    `num_rows` bounds the row ids (the value table's size, already checked by the
-    forward). With `every_row` each table row gets a (possibly empty) segment, offsets
-    (num_rows+1,) and rows None; without, only the U touched rows, ascending, offsets (U+1,).
+    `num_rows` bounds the row ids (the value table's size). With `every_row` each table row
+    gets a (possibly empty) segment, offsets (num_rows+1,) and rows None; without, only the U
+    touched rows, ascending, offsets (U+1,).
     """
     flat = indices.reshape(-1)
     # 32-bit keys sort about twice as fast; row ids fit (the packed top-k caps N below 2**31).
-    sorted_rows, perm = torch.sort(flat.to(torch.int32) if num_rows <= 2**31 else flat, stable=True)
+    sorted_rows, perm = torch.sort(flat.to(torch.int32) if num_rows < 2**31 else flat, stable=True)
     if every_row:
-        rows, counts = None, torch.bincount(sorted_rows, minlength=num_rows)
-    else:
-        rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+        # Row r's segment starts at the number of entries below r: a binary search per row. The
+        # offsets of bincount + cumsum, without bincount's host read of the largest id (it sizes
+        # its output on the host: a GPU->CPU wait per layer and micro-batch).
+        bounds = torch.arange(num_rows + 1, dtype=sorted_rows.dtype, device=flat.device)
+        return None, torch.searchsorted(sorted_rows, bounds), perm
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # U: a size the host must know
     seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(counts, 0, out=seg[1:])
     return rows, seg, perm
@@ -377,6 +384,42 @@ def _launch_sorted(g, w, table, perm, starts, ends, rows, out, dw_parts, M, M_T,
         )
 
 
+def _reduce_hot_rows(grad_out, w, table, perm, starts, ends, hot, rows, out_rows, dw_parts, M, M_T, need_dw):
+    """The hot rows' gradient rows into out_rows[row] (and their entries' dweight partials):
+    each hot row cut into chunks of ROW_CHUNK entries from its segment's start, one program per
+    chunk writing an fp32 partial row, then one program per hot row summing its chunks in order.
+
+    Sizes come from M alone: at most M // (ROW_CHUNK + 1) rows are hot, in at most
+    M // ROW_CHUNK + that many chunks (all full but each row's last). Spare chunk programs get
+    an empty segment (a zero partial row), spare sums go to out_rows' spare last row."""
+    P, D, dev, R = starts.numel(), grad_out.shape[1], grad_out.device, ROW_CHUNK
+    max_hot = M // (R + 1)
+    max_chunks = M // R + max_hot
+    n_chunks = torch.where(hot, (ends - starts + R - 1) // R, 0)
+    chunk_end = torch.cumsum(n_chunks, 0)  # per row: one past its last chunk
+    chunk_first = chunk_end - n_chunks
+    chunk = torch.arange(max_chunks, device=dev)
+    owner = torch.searchsorted(chunk_end, chunk, right=True)  # the row whose chunks hold it; P: spare
+    real = owner < P
+    owner = owner.clamp(max=P - 1)
+    c_starts = torch.where(real, starts[owner] + (chunk - chunk_first[owner]) * R, 0)
+    c_ends = torch.where(real, torch.minimum(c_starts + R, ends[owner]), 0)
+    c_rows = owner if rows is None else rows[owner].to(torch.int64)
+    parts = torch.empty(max_chunks, D, dtype=torch.float32, device=dev)
+    _launch_sorted(grad_out, w, table, perm, c_starts, c_ends, c_rows, parts, dw_parts, M, M_T, False, need_dw)
+    # The h-th hot row is the first with h + 1 hot rows up to it. Its chunk rows are summed in
+    # order: the same kernel over `parts` as the "grad_out", the identity as entry order, unit weights.
+    hot_row = torch.searchsorted(torch.cumsum(hot, 0), torch.arange(1, max_hot + 1, device=dev))
+    real = hot_row < P
+    hot_row_in = hot_row.clamp(max=P - 1)
+    first = torch.where(real, chunk_first[hot_row_in], 0)
+    last = torch.where(real, chunk_end[hot_row_in], 0)
+    sums = torch.empty(max_hot, D, dtype=out_rows.dtype, device=dev)
+    ones = torch.ones(max_chunks, device=dev)
+    _launch_sorted(parts, ones, parts, chunk, first, last, first, sums, dw_parts, max_chunks, 1, False, False)
+    out_rows.index_copy_(0, torch.where(real, hot_row, P), sums)  # the spare ones onto the spare row P
+
+
 def bag_backward_sorted(
     grad_out: torch.Tensor,
     indices: torch.Tensor,
@@ -402,13 +445,18 @@ def bag_backward_sorted(
     w = weights.reshape(-1).contiguous()
     table = values if need_dw else grad_out  # the kernel reads no value row without NEED_DW
     rows_arg = seg if rows is None else rows  # dense: program u is table row u
-    # Every row of `out` is written by its program (zeros where untouched): no separate fill.
-    out = torch.empty(programs, D, dtype=dtype, device=dev)
     n_cb = triton.cdiv(D, _sorted_block_d(D)) if D else 0
     dw_parts = torch.empty(max(n_cb, 1), M if need_dw else 1, dtype=torch.float32, device=dev)
     starts, ends = seg[:-1], seg[1:]
-    hot = (ends - starts) > ROW_CHUNK
-    any_hot = programs > 0 and bool(hot.any())
+    # A hot row has more than ROW_CHUNK entries: none can unless M does. Which rows are hot is
+    # not read on the host (a GPU->CPU wait per layer and micro-batch): `_reduce_hot_rows` runs
+    # launches of fixed sizes whose spare programs are empty.
+    may_be_hot = programs > 0 and M > ROW_CHUNK
+    hot = (ends - starts) > ROW_CHUNK if may_be_hot else None
+    # Every row of `out` is written by its program (zeros where untouched): no separate fill. A
+    # spare last row takes the spare hot-row sums and is cut off.
+    out_rows = torch.empty(programs + int(may_be_hot), D, dtype=dtype, device=dev)
+    out = out_rows[:programs]
     # Hot rows get an empty segment here (a placeholder row) and are done in chunks below.
     _launch_sorted(
         grad_out,
@@ -416,7 +464,7 @@ def bag_backward_sorted(
         table,
         perm,
         starts,
-        torch.where(hot, starts, ends) if any_hot else ends,
+        torch.where(hot, starts, ends) if may_be_hot else ends,
         rows_arg,
         out,
         dw_parts,
@@ -425,38 +473,8 @@ def bag_backward_sorted(
         dense,
         need_dw,
     )
-    if any_hot:
-        hot_ids = torch.nonzero(hot).flatten()
-        hot_rows = hot_ids if rows is None else rows[hot_ids].to(torch.int64)
-        n_chunks = (ends[hot_ids] - starts[hot_ids] + ROW_CHUNK - 1) // ROW_CHUNK
-        first = torch.cumsum(n_chunks, 0) - n_chunks
-        owner = torch.repeat_interleave(torch.arange(hot_ids.numel(), device=dev), n_chunks)
-        c_starts = starts[hot_ids][owner] + (torch.arange(owner.numel(), device=dev) - first[owner]) * ROW_CHUNK
-        c_ends = torch.minimum(c_starts + ROW_CHUNK, ends[hot_ids][owner])
-        parts = torch.empty(owner.numel(), D, dtype=torch.float32, device=dev)
-        _launch_sorted(
-            grad_out, w, table, perm, c_starts, c_ends, hot_rows[owner], parts, dw_parts, M, M_T, False, need_dw
-        )
-        # Sum each hot row's chunk rows in order: the same kernel over `parts` as the
-        # "grad_out", with the identity as entry order and unit weights.
-        chunk_ids = torch.arange(owner.numel(), device=dev)
-        sums = torch.empty(hot_ids.numel(), D, dtype=dtype, device=dev)
-        _launch_sorted(
-            parts,
-            torch.ones(owner.numel(), device=dev),
-            parts,
-            chunk_ids,
-            first,
-            first + n_chunks,
-            first,
-            sums,
-            dw_parts,
-            owner.numel(),
-            1,
-            False,
-            False,
-        )
-        out[hot_ids] = sums
+    if may_be_hot:
+        _reduce_hot_rows(grad_out, w, table, perm, starts, ends, hot, rows, out_rows, dw_parts, M, M_T, need_dw)
     dvalues = out if dense else (rows.to(torch.int64), out)
     if not need_dw:
         return dvalues, None
@@ -502,8 +520,8 @@ class EmbeddingBag(torch.autograd.Function):
     """Triton forward and backward; `value_grad` picks the value-gradient algorithm."""
 
     @staticmethod
-    def forward(ctx, values, indices, weights, value_grad):
-        out = bag_forward(values, indices, weights)
+    def forward(ctx, values, indices, weights, value_grad, check_indices=True):
+        out = bag_forward(values, indices, weights, check_indices)
         ctx.save_for_backward(values, indices, weights)
         ctx.value_grad = value_grad
         return out
@@ -527,14 +545,24 @@ class EmbeddingBag(torch.autograd.Function):
             grad_values = bag_value_grad_atomic(grad_out, indices, weights, values.shape[0], values.dtype)
         if need_dw and grad_weights is None:
             grad_weights = bag_weight_grad(grad_out, values, indices, weights.dtype)
-        return grad_values, None, grad_weights, None
+        return grad_values, None, grad_weights, None, None
 
 
 def embedding_bag(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, value_grad: str = "sorted"
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    value_grad: str = "sorted",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Differentiable weighted bag (T, d). value_grad: "sorted" (deterministic, default),
-    "atomic" (fp32 atomics) or "sparse" (a sparse COO gradient holding only touched rows)."""
+    "atomic" (fp32 atomics) or "sparse" (a sparse COO gradient holding only touched rows).
+
+    `check_indices` (default): refuse indices outside [0, N) with a ValueError naming their
+    range, before any kernel reads out of bounds. The check reads two numbers on the host,
+    which on a GPU waits for all queued work. Callers whose indices are in range by
+    construction pass False: the memory layers (product-key top-k gives i1 * n + i2 < n**2,
+    the table's rows), where it cost a GPU->CPU wait per layer and micro-batch."""
     if value_grad not in VALUE_GRADS:
         raise ValueError(f"value_grad={value_grad!r} must be one of {VALUE_GRADS}")
-    return EmbeddingBag.apply(values, indices, weights, value_grad)
+    return EmbeddingBag.apply(values, indices, weights, value_grad, check_indices)

@@ -106,6 +106,19 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> list[flo
     return times
 
 
+def time_once_ms(fn, device: torch.device):
+    """(fn's result, the wall-clock milliseconds of one call): the device is idle when the clock
+    starts (work queued before, such as the inputs' copies, is not counted in) and `fn`'s own
+    queued kernels have finished when it stops. Wall time, for work whose host side counts too."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, (time.perf_counter() - start) * 1e3
+
+
 UNSTEADY = 1.15  # p80 / p20 above this: bimodal or disturbed, the median should not be quoted alone
 
 

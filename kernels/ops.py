@@ -7,7 +7,7 @@ formulas, each lookup is one node that dynamo/inductor keep whole:
 
   memlayers::pkm_topk            (query, keys1, keys2, k, backend) -> (fp32 weights, indices)
   memlayers::pkm_topk_backward   -> (dquery, dkeys1, dkeys2)
-  memlayers::embedding_bag       (values, indices, weights, backend, value_grad) -> (T, d)
+  memlayers::embedding_bag       (values, indices, weights, backend, value_grad, check_indices) -> (T, d)
   memlayers::embedding_bag_backward -> (dvalues, dweights)
 
 The forward ops call the public dispatch in `kernels` (Triton on CUDA, the reference
@@ -218,12 +218,16 @@ _pkm_topk.register_autograd(_pkm_backward, setup_context=_pkm_setup)
 
 # ------------------------------------------------------------------ weighted embedding bag
 @torch.library.custom_op("memlayers::embedding_bag", mutates_args=())
-def _embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, backend: str, value_grad: str) -> Tensor:
-    return kernels.embedding_bag(values, indices, weights, backend=backend, value_grad=value_grad)
+def _embedding_bag(
+    values: Tensor, indices: Tensor, weights: Tensor, backend: str, value_grad: str, check_indices: bool
+) -> Tensor:
+    return kernels.embedding_bag(
+        values, indices, weights, backend=backend, value_grad=value_grad, check_indices=check_indices
+    )
 
 
 @_embedding_bag.register_fake
-def _embedding_bag_fake(values, indices, weights, backend, value_grad):
+def _embedding_bag_fake(values, indices, weights, backend, value_grad, check_indices):
     return values.new_empty(indices.shape[0], values.shape[1])
 
 
@@ -247,7 +251,7 @@ def _embedding_bag_backward(
             value_grad=value_grad,
             needs_input_grad=(need_values, False, need_weights, False),
         )
-        dv, _, dw, _ = bag_triton.EmbeddingBag.backward(ctx, grad_out)
+        dv, _, dw = bag_triton.EmbeddingBag.backward(ctx, grad_out)[:3]
     else:
         dv, dw = _embedding_bag_backward_aten(grad_out, values, indices, weights, need_values, need_weights)
     # an op returns tensors only: an unneeded gradient comes back empty and is dropped
@@ -263,7 +267,7 @@ def _embedding_bag_backward_fake(grad_out, values, indices, weights, backend, va
 
 
 def _bag_setup(ctx, inputs, output):
-    values, indices, weights, backend, value_grad = inputs
+    values, indices, weights, backend, value_grad, _ = inputs
     ctx.save_for_backward(values, indices, weights)
     ctx.backend, ctx.value_grad = backend, value_grad
 
@@ -274,7 +278,7 @@ def _bag_backward(ctx, grad_out):
     dv, dw = _embedding_bag_backward(
         grad_out.contiguous(), values, indices, weights, ctx.backend, ctx.value_grad, need_values, need_weights
     )
-    return (dv if need_values else None), None, (dw if need_weights else None), None, None
+    return (dv if need_values else None), None, (dw if need_weights else None), None, None, None
 
 
 _embedding_bag.register_autograd(_bag_backward, setup_context=_bag_setup)
@@ -326,20 +330,29 @@ def pkm_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int, backend: str =
 
 
 def embedding_bag(
-    values: Tensor, indices: Tensor, weights: Tensor, backend: str = "auto", value_grad: str = "sorted"
+    values: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    backend: str = "auto",
+    value_grad: str = "sorted",
+    check_indices: bool = True,
 ) -> Tensor:
-    """`kernels.embedding_bag` as one custom op; value_grad="sparse" keeps the plain path
-    (`sparse_embedding_bag`)."""
+    """`kernels.embedding_bag` as one custom op (`check_indices` as there); value_grad="sparse"
+    keeps the plain path (`sparse_embedding_bag`)."""
     kernels.resolve_backend(backend, values)
     if value_grad == "sparse":
-        return sparse_embedding_bag(values, indices, weights, backend)
-    return torch.ops.memlayers.embedding_bag(values, indices, weights, backend, value_grad)
+        return sparse_embedding_bag(values, indices, weights, backend, check_indices)
+    return torch.ops.memlayers.embedding_bag(values, indices, weights, backend, value_grad, check_indices)
 
 
-def sparse_embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, backend: str) -> Tensor:
+def sparse_embedding_bag(
+    values: Tensor, indices: Tensor, weights: Tensor, backend: str, check_indices: bool = True
+) -> Tensor:
     """The bag with value_grad="sparse": the plain `kernels.embedding_bag` path, no custom op
     (its gradient, a COO tensor of the rows read, has a data-dependent size and no fake).
     `pretrain.parallel.compile.apply_compile` has it run eagerly inside compiled blocks: dynamo
     tracing into the Triton path's autograd.Function and launches failed (interpreted on CPU:
     an InterpreterError at the first compiled forward)."""
-    return kernels.embedding_bag(values, indices, weights, backend=backend, value_grad="sparse")
+    return kernels.embedding_bag(
+        values, indices, weights, backend=backend, value_grad="sparse", check_indices=check_indices
+    )

@@ -37,6 +37,7 @@ from pretrain.optimizers import GradNorms, Optimizers
 from pretrain.peak_memory import IntervalPeak
 from pretrain.progress_log import log_progress, log_slot_statistics, tokens_seen_per_source
 from pretrain.slots.table import TABLE_FILENAME
+from pretrain.step_clock import StepClock
 from pretrain.train_state import TrainState
 from pretrain.watchdog import HangWatchdog
 
@@ -54,7 +55,8 @@ class TrainResult:
     tokens_seen: int
     skipped_steps: int
     losses: list[float] = field(default_factory=list)  # per step, in order, this run only
-    step_times: list[float] = field(default_factory=list)  # seconds per step (batch to update), this run
+    # seconds per step (batch to update), this run; on a GPU from CUDA events, the step's last kernel included
+    step_times: list[float] = field(default_factory=list)
     first_loss: float | None = None
     eval: dict = field(default_factory=dict)
     checkpoint: str | None = None
@@ -115,6 +117,7 @@ class Trainer:
     def __post_init__(self):
         if self.memory is None:
             self.memory = IntervalPeak(self.info.device)
+        self.clock = StepClock(self.info.device, self.step_times)  # fills step_times
         t = self.cfg.train
         self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
@@ -153,7 +156,7 @@ class Trainer:
     def train_step(self, batches) -> StepOutput:
         """One optimizer step over the step's micro-batches; the update is skipped if any
         rank's loss is not finite."""
-        start = time.perf_counter()
+        start, started = time.perf_counter(), self.clock.start()
         multiplier = lr_multiplier(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
         step_batches, unreadable = self.step_batches(batches)
         if self.stats is not None:
@@ -185,12 +188,15 @@ class Trainer:
             applied = self.optimizers.step(multiplier, skip=not (finite and norms.finite()))
         if self.stats is not None and not applied:
             self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
-        return StepOutput(loss, applied, norms, multiplier, start, time.perf_counter() - start, z_mean)
+        seconds = time.perf_counter() - start
+        self.clock.stop(started, seconds)
+        return StepOutput(loss, applied, norms, multiplier, start, seconds, z_mean)
 
     def leave_out_first_step(self) -> None:
         """This run's first step compiles, initialises lazily (DeepSpeed, the kernels) and starts the
         loader's workers: its time is logged on its own (perf/first_step_time_s) and the throughput
         clock (tokens/s, MFU, the data-wait share) starts after it."""
+        self.clock.settle()  # its queued kernels are its own, not the next interval's
         now = time.perf_counter()
         self.first_step_time = now - self.interval_start
         self.metrics.scalars({"perf/first_step_time_s": self.first_step_time}, self.state.step)
@@ -205,6 +211,8 @@ class Trainer:
         kept off the throughput clock: tokens/s, MFU and the data-wait share are of training."""
         for every, action in self.periodic:
             if every.due(self.state.step):
+                if action != self.log:
+                    self.clock.settle()  # the training work still queued is not the pause's
                 started = time.perf_counter()
                 action()
                 if action != self.log:  # the log restarts the interval itself
@@ -257,7 +265,6 @@ class Trainer:
         the data but not trained on: tokens_seen leaves them out, as the slot table does), and past
         the policy's limit a checkpoint is saved and TrainingDiverged raised."""
         t, state = self.cfg.train, self.state
-        self.step_times.append(out.seconds)
         state.step += 1
         if self.stats is not None:
             self.stats.end_step(state.step)  # steps completed, as in checkpoint tags
@@ -284,6 +291,7 @@ class Trainer:
 
     # ---- periodic work ---------------------------------------------------------------------
     def log(self) -> None:
+        self.clock.settle()  # the interval's queued kernels finish in it (a wait per log, not per step)
         out, now = self.last_step, time.perf_counter()
         elapsed = max(now - self.interval_start - self.interval_paused, 1e-9)  # training time only
         # none after an interval of the first step alone (left out; the same on every rank)
@@ -406,7 +414,7 @@ class Trainer:
             tokens_seen=s.tokens_seen,
             skipped_steps=s.skipped_steps,
             losses=self.losses,
-            step_times=self.step_times,
+            step_times=self.clock.settle(),
             first_loss=self.losses[0] if self.losses else None,
             eval=self.last_eval,
             checkpoint=str(self.checkpoint) if self.checkpoint is not None else None,
@@ -424,8 +432,9 @@ def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple
     micro-batches' means weighted by their scored targets over the step's (all ranks') total,
     so the sum is the mean over every scored target of the step.
 
-    One small all-reduce read on the host (the stop check and the Triton bag's index range
-    check synchronise too).
+    One small all-reduce read on the host, needed every step: the skip decision precedes the
+    update, and the logged loss is the same read (tests/train/test_host_syncs.py lists the step's
+    other host reads).
     """
     values = torch.stack([loss.float(), (~torch.isfinite(loss)).float(), z.float() if z is not None else loss * 0])
     if dist.is_available() and dist.is_initialized():

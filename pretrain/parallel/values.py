@@ -94,29 +94,28 @@ class PartitionedValueTable(nn.Module):
             raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must match")
         P = self.parallel_size
         if P == 1:
-            return kernels.ops.embedding_bag(
-                self.shard, indices, weights, backend=self.kernel, value_grad=self.value_grad
-            )
+            return self._bag(indices, weights)
         T = indices.shape[0]
         tape = recompute.current_tape()
         if tape is not None and tape.replaying:
             # leaves with the real forward's requires_grad, so that the ops after the lookup
             # save the same tensors as they did then (their gradients are never taken)
             all_idx, all_w, mine = (t.requires_grad_(flag) for t, flag in tape.replay())
-            kernels.ops.embedding_bag(
-                self.shard,
-                all_idx,
-                all_w,
-                backend=self.kernel,  # its saved tensors only
-                value_grad=self.value_grad,
-            )
+            self._bag(all_idx, all_w)  # its saved tensors only
             return mine.view(P, T, mine.shape[1]).permute(1, 0, 2).reshape(T, self.v_dim)
         counts, all_idx, all_w = self._gather_group_inputs(indices, weights)
-        part = kernels.ops.embedding_bag(self.shard, all_idx, all_w, backend=self.kernel, value_grad=self.value_grad)
+        part = self._bag(all_idx, all_w)
         mine = self._return_rows(part, counts, T)  # (P * T, v_dim / P)
         if tape is not None:
             tape.record(tuple((t.detach(), t.requires_grad) for t in (all_idx, all_w, mine)))
         return mine.view(P, T, mine.shape[1]).permute(1, 0, 2).reshape(T, self.v_dim)
+
+    def _bag(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The shard's bag. Top-k indices are i1 * n_keys + i2 < num_slots by construction: no range
+        check (a host read, on a GPU a wait for the queued work in every layer and micro-batch)."""
+        return kernels.ops.embedding_bag(
+            self.shard, indices, weights, backend=self.kernel, value_grad=self.value_grad, check_indices=False
+        )
 
     # The two collective steps of a lookup, as methods of their own so that
     # `pretrain.parallel.compile.apply_compile` can keep them out of compiled graphs.

@@ -128,3 +128,32 @@ def test_out_of_range_indices_are_refused(device):
         bag_triton.embedding_bag(values, indices, weights)
     with pytest.raises(ValueError, match="value_grad"):
         bag_triton.embedding_bag(values, indices.clamp(max=9), weights, value_grad="fast")
+
+
+def test_the_memory_layers_bag_reads_nothing_on_the_host(device, monkeypatch):
+    """The bag as the memory layers call it (the custom op, check_indices=False), forward and
+    backward with hot rows chunked: no host read of a device tensor (tests/host_syncs.py), which on
+    a GPU would wait for every queued kernel. It read the indices' range (2 numbers), sized a
+    bincount and asked whether any row was hot. The public default still reads the range: once."""
+    import kernels.ops
+    from tests.host_syncs import HostSyncs
+
+    monkeypatch.setattr(bag_triton, "ROW_CHUNK", 4)
+    values, indices, weights = _inputs(20, 37, 8, 3, 4, device, seed=4)
+    indices.view(-1)[::2] = 5  # 48 of the 96 entries: a hot row in 12 chunks
+
+    def lookup():
+        out = kernels.ops.embedding_bag(values, indices, weights, backend="triton", check_indices=False)
+        return torch.autograd.grad(out.sum(), [values, weights])
+
+    lookup()  # on a GPU the first call autotunes (timing reads on the host)
+    with HostSyncs() as syncs:
+        dv, dw = lookup()
+    assert not syncs.syncs, syncs.report()
+    probe = torch.ones(8, 37, dtype=torch.float64)
+    _, dv_ref, dw_ref = _reference(values, indices, weights, probe)
+    assert_close(dv, dv_ref, FP32_TOL, "value gradient, hot row chunked")
+    assert_close(dw, dw_ref, FP32_TOL, "weight gradient, hot row chunked")
+    with HostSyncs() as syncs:
+        kernels.ops.embedding_bag(values, indices, weights, backend="triton")
+    assert [s.site.rsplit(" in ", 1)[1] for s in syncs.syncs] == ["_check"]

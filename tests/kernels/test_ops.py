@@ -90,7 +90,7 @@ def test_opcheck_schema_fake_and_autograd():
     torch.library.opcheck(torch.ops.memlayers.pkm_topk, (q, k1, k2, k, "torch"))
     w, idx = ops.pkm_topk(q, k1, k2, k, "torch")
     torch.library.opcheck(
-        torch.ops.memlayers.embedding_bag, (values, idx, w.detach().requires_grad_(), "torch", "sorted")
+        torch.ops.memlayers.embedding_bag, (values, idx, w.detach().requires_grad_(), "torch", "sorted", True)
     )
 
 

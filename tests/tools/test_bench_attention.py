@@ -63,3 +63,31 @@ def test_rows_are_printed_and_written_as_they_are_measured(tmp_path, monkeypatch
     printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert printed == measured
     assert [r["name"] for r in json.loads(out.read_text())["rows"]] == measured
+
+
+def test_the_block_mask_build_is_timed_on_an_idle_device(tmp_path, monkeypatch):
+    """block_mask_build_ms is one build's wall time with the device idle before and after it: the
+    clock started while the ids' copy and the dense mask's kernels were still queued, and the
+    synchronize after the build waited for them too."""
+    import tools.bench_attention as bench
+    from kernels import benchmark as kb
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(kb.time, "perf_counter", lambda: events.append("clock") or float(len(events)))
+    out, ms = kb.time_once_ms(lambda: events.append("build") or "mask", torch.device("cuda"))
+    assert (out, events) == ("mask", ["sync", "clock", "build", "sync", "clock"])
+    assert ms == (5 - 2) * 1e3
+    monkeypatch.undo()
+
+    timed, real = [], kb.time_once_ms
+
+    def recording(fn, device):
+        out, ms = real(fn, device)
+        timed.append(type(out).__name__)
+        return out, ms
+
+    monkeypatch.setattr(kb, "time_once_ms", recording)
+    argv = ["--batch", "1", "--seq-len", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
+    assert bench.main([*argv, "--doc-lengths", "8", "--json", str(tmp_path / "a.json")]) == 0
+    assert timed == ["BlockMask"]
