@@ -125,10 +125,15 @@ def readable_as_umask_allows(tmp: Path) -> None:
 
     Some writers make their files private whatever the umask: safetensors' `save_file` writes
     0600, so a slot table or model file would be unreadable by the colleagues a 0644 checkpoint
-    folder is shared with. Only read bits are added, and only those the umask allows.
+    folder is shared with. Only read bits are added, and only those the umask allows. A subfolder
+    that cannot be listed (EACCES, EIO) raises, naming it, as in `flush_to_disk`: its files could
+    not be given their bits (Path.rglob passed over it without a word).
     """
     readable = 0o444 & ~_umask()
-    files = [tmp] if not tmp.is_dir() else [p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    files = [tmp]
+    if tmp.is_dir():
+        files = [Path(folder, name) for folder, _, names in os.walk(tmp, onerror=_raise) for name in names]
+        files = [p for p in files if p.is_file() and not p.is_symlink()]
     for file in files:
         mode = file.stat().st_mode
         if mode & readable != readable:

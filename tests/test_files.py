@@ -20,6 +20,7 @@ from pretrain.files import (
     atomic_write,
     file_sha256,
     flush_to_disk,
+    readable_as_umask_allows,
     save_figure,
     temp_path_beside,
 )
@@ -264,6 +265,26 @@ def test_a_writer_that_makes_its_file_private_gets_the_read_bits_of_the_umask(tm
     assert mode("plain") == 0o640
     assert mode("table.safetensors") == mode("export/model.safetensors") == 0o640
     assert mode("export/run.sh") == 0o740  # read bits added, nothing else changed
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
+def test_a_folder_that_cannot_be_listed_fails_the_read_bits(tmp_path, monkeypatch, code):
+    """readable_as_umask_allows went through Path.rglob, which passes over a subfolder it cannot
+    list: the private files in it kept mode 0600 without a word (seen as user nobody with a
+    subfolder of mode 0300). The reference is the error naming that folder, as flush_to_disk raises."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("nested"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_scandir(path)
+
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "model.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(OSError) as raised:
+        readable_as_umask_allows(tmp_path)
+    assert raised.value.errno == code and raised.value.filename == str(tmp_path / "nested")
 
 
 def test_save_figure_format_follows_the_suffix_and_a_folder_is_refused(tmp_path):
