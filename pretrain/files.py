@@ -83,11 +83,12 @@ def pid_alive(pid: int) -> bool:
 
 def remove_dead_temporaries(path: str | Path) -> list[Path]:
     """Remove the temporaries of `path` (see `temp_path_beside`) whose writer ran on this host and
-    is no longer running, warning with their names; return them. A temporary of another host, of
+    is no longer running, warning with their names; return them (those that could not be removed are
+    warned of apart, with the error). A temporary of another host, of
     a live process (a reused pid included: kept, to be safe) or named otherwise is left."""
     path = Path(path)
     prefix, host = f".{path.name}{TEMP_MARK}", _host()
-    removed = []
+    removed, kept = [], []
     try:
         siblings = list(path.parent.iterdir())
     except FileNotFoundError:
@@ -103,15 +104,38 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
         writer = _WRITER.fullmatch(name[len(prefix) : len(name) - len(path.suffix)])
         if writer is None or writer.group(2) != host or pid_alive(int(writer.group(1))):
             continue
-        discard(candidate)
-        removed.append(candidate)
+        error = _remove(candidate)
+        if error is None:
+            removed.append(candidate)
+        else:
+            kept.append(f"{name} ({error.strerror}: {error.filename})")
     if removed:
         warnings.warn(
             f"memlayers: removed {len(removed)} temporar{'y' if len(removed) == 1 else 'ies'} of {path} left by "
             f"killed writers on this host ({host}): {', '.join(p.name for p in removed)}",
             stacklevel=3,
         )
+    if kept:
+        warnings.warn(
+            f"memlayers: could not remove {len(kept)} temporar{'y' if len(kept) == 1 else 'ies'} of {path} left by "
+            f"killed writers on this host ({host}), remove them by hand: {', '.join(kept)}",
+            stacklevel=3,
+        )
     return removed
+
+
+def _remove(path: Path) -> OSError | None:
+    """Remove a file or folder; the error that stopped it (a subfolder that cannot be listed, say), if any."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:  # removed meanwhile
+        return None
+    except OSError as err:
+        return err
+    return None
 
 
 def _umask() -> int:

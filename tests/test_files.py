@@ -365,6 +365,29 @@ def test_a_folder_write_removes_the_temporaries_killed_writers_left_on_this_host
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
 
 
+def test_a_dead_writers_temporary_that_cannot_be_removed_is_not_called_removed(tmp_path, monkeypatch):
+    """remove_dead_temporaries removed with errors ignored and warned 'removed' whatever happened: run as
+    user nobody, a dead writer's temporary holding a subfolder of mode 0300 stayed, reported removed.
+    The reference is the folder, still on disk: warned of as left, with the error, and not returned."""
+    import shutil
+
+    import pretrain.files as files
+
+    dead = tmp_path / f".export.tmp-{2**22 + 1}@{files._host()}-0123abcd"  # above any pid_max: no such process
+    (dead / "nested").mkdir(parents=True)
+
+    def rmtree(path, ignore_errors=False, **kwargs):  # as the real one meets a subfolder it cannot list
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "nested")
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.warns(
+        UserWarning, match=r"could not remove 1 temporary .* by hand: \.export\.tmp-.* \(Permission denied: nested\)"
+    ):
+        assert files.remove_dead_temporaries(tmp_path / "export") == []
+    assert dead.is_dir()
+
+
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
 def test_a_folder_that_cannot_be_listed_fails_the_flush(tmp_path, monkeypatch, code):
     """flush_to_disk's os.walk passed over a subfolder it could not list (os.walk's default): its
