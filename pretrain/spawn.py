@@ -9,6 +9,7 @@ never named: each rank here records its error, and the error that is not a lost 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -26,6 +27,7 @@ from pretrain.distributed import free_port
 # another 2-5 s), and the variables those imports read.
 _PRELOAD = ["torch", "deepspeed", "pretrain.train", "torch._dynamo", "torch.utils.tensorboard"]
 _IMPORT_TIME_ENV = ("DS_ACCELERATOR", "TRITON_INTERPRET")  # DeepSpeed fixes its accelerator on import
+SURVIVOR_GRACE_S = 5.0  # how long the other ranks of a failed one have to end by themselves
 _server_env: list[tuple] = []  # _IMPORT_TIME_ENV's values when this process's fork server started
 
 
@@ -154,12 +156,22 @@ def run_gloo(fn, world_size: int, *args, deepspeed_comm: bool = False) -> None:
             join=False,
             start_method=_start_method(),
         )
+        # torch's log of the survivors it ends ("Terminating process N via signal SIGTERM"): the
+        # clean-up of a failure that RankFailed reports
+        torch_log = logging.getLogger("torch.multiprocessing.spawn")
+        torch_log.addFilter(_no_survivor_ends)
         try:
             # the grace lets the survivors of a failed rank end by themselves, recording their errors
-            while not context.join(grace_period=5.0):
+            while not context.join(grace_period=SURVIVOR_GRACE_S):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException):
             failure = _failure(world_size, report_dir, context.processes)
             if failure is None:
                 raise
             raise failure from None
+        finally:
+            torch_log.removeFilter(_no_survivor_ends)
+
+
+def _no_survivor_ends(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("Terminating process", "Unable to shutdown process"))
