@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 
-from pretrain.process_tree import children_of, kill
+from pretrain.process_tree import Process, kill_children
 
 GRACE_S = 5.0  # a sidecar that stops at all does so in ~1-3 s (2 busy cores)
 _registered = False
@@ -61,13 +61,17 @@ def end_compile_workers(grace_s: float = GRACE_S) -> None:
 def end_sidecar(pool, sidecar: subprocess.Popen, grace_s: float) -> None:
     """`pool.shutdown()` (torch's: tells the sidecar to stop, then waits up to 300 s), with an alarm:
     `grace_s` on, SIGKILL to the sidecar's children (the compile workers it waits for), and
-    `grace_s` later to the sidecar itself; torch's wait then returns. An alarm, not a thread:
+    `grace_s` later to the sidecar itself; torch's wait then returns. The kills go through pidfds
+    (`process_tree.Process`), so none reaches a process that got the id of a collected one. An alarm, not a thread:
     Python 3.12 starts no thread at exit. An alarm set before is set again after, with the time it had
     left. Off the main thread (no alarm there) torch's wait stands."""
     if threading.current_thread() is not threading.main_thread():
         pool.shutdown()
         return
-    steps = [lambda: [kill(pid) for pid in children_of(sidecar.pid)], lambda: kill(sidecar.pid)]
+    # opened before torch's wait, which alone collects the sidecar's exit: the alarm may come while that
+    # wait has collected it and not yet recorded it (poll() then says None), and its id may be reused
+    process = Process(sidecar.pid) if sidecar.poll() is None else None
+    steps = [lambda: kill_children(process), process.kill] if process is not None else []
 
     def overdue(signum, frame):
         if sidecar.poll() is None and steps:  # poll: None, not a block, while torch's wait polls
@@ -82,5 +86,7 @@ def end_sidecar(pool, sidecar: subprocess.Popen, grace_s: float) -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if process is not None:
+            process.close()
         if pending:  # an alarm set before: again, with the time it had left (due meanwhile: at once)
             signal.setitimer(signal.ITIMER_REAL, max(pending - (time.monotonic() - started), 1e-6), interval)

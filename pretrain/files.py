@@ -83,11 +83,12 @@ def pid_alive(pid: int) -> bool:
 
 def remove_dead_temporaries(path: str | Path) -> list[Path]:
     """Remove the temporaries of `path` (see `temp_path_beside`) whose writer ran on this host and
-    is no longer running, warning with their names; return them. A temporary of another host, of
+    is no longer running, warning with their names; return them (those that could not be removed are
+    warned of apart, with the error). A temporary of another host, of
     a live process (a reused pid included: kept, to be safe) or named otherwise is left."""
     path = Path(path)
     prefix, host = f".{path.name}{TEMP_MARK}", _host()
-    removed = []
+    removed, kept = [], []
     try:
         siblings = list(path.parent.iterdir())
     except FileNotFoundError:
@@ -103,15 +104,38 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
         writer = _WRITER.fullmatch(name[len(prefix) : len(name) - len(path.suffix)])
         if writer is None or writer.group(2) != host or pid_alive(int(writer.group(1))):
             continue
-        discard(candidate)
-        removed.append(candidate)
+        error = _remove(candidate)
+        if error is None:
+            removed.append(candidate)
+        else:
+            kept.append(f"{name} ({error.strerror}: {error.filename})")
     if removed:
         warnings.warn(
             f"memlayers: removed {len(removed)} temporar{'y' if len(removed) == 1 else 'ies'} of {path} left by "
             f"killed writers on this host ({host}): {', '.join(p.name for p in removed)}",
             stacklevel=3,
         )
+    if kept:
+        warnings.warn(
+            f"memlayers: could not remove {len(kept)} temporar{'y' if len(kept) == 1 else 'ies'} of {path} left by "
+            f"killed writers on this host ({host}), remove them by hand: {', '.join(kept)}",
+            stacklevel=3,
+        )
     return removed
+
+
+def _remove(path: Path) -> OSError | None:
+    """Remove a file or folder; the error that stopped it (a subfolder that cannot be listed, say), if any."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:  # removed meanwhile
+        return None
+    except OSError as err:
+        return err
+    return None
 
 
 def _umask() -> int:
@@ -125,10 +149,15 @@ def readable_as_umask_allows(tmp: Path) -> None:
 
     Some writers make their files private whatever the umask: safetensors' `save_file` writes
     0600, so a slot table or model file would be unreadable by the colleagues a 0644 checkpoint
-    folder is shared with. Only read bits are added, and only those the umask allows.
+    folder is shared with. Only read bits are added, and only those the umask allows. A subfolder
+    that cannot be listed (EACCES, EIO) raises, naming it, as in `flush_to_disk`: its files could
+    not be given their bits (Path.rglob passed over it without a word).
     """
     readable = 0o444 & ~_umask()
-    files = [tmp] if not tmp.is_dir() else [p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    files = [tmp]
+    if tmp.is_dir():
+        files = [Path(folder, name) for folder, _, names in os.walk(tmp, onerror=_raise) for name in names]
+        files = [p for p in files if p.is_file() and not p.is_symlink()]
     for file in files:
         mode = file.stat().st_mode
         if mode & readable != readable:

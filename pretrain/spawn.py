@@ -1,9 +1,22 @@
-"""Run a function on W local gloo ranks (127.0.0.1), for tests and CPU benchmarks."""
+"""Run a function on W local gloo ranks (127.0.0.1), for tests and CPU benchmarks.
+
+A failed run raises `RankFailed`, one line naming the rank that failed first and its error (its
+traceback as a note). torch.multiprocessing's own report names whichever process it joined
+first, often a survivor with gloo's `Connection closed by peer` while the rank that raised was
+never named: each rank here records its error, and the error that is not a lost peer is the cause.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
 import os
+import signal
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
@@ -14,6 +27,7 @@ from pretrain.distributed import free_port
 # another 2-5 s), and the variables those imports read.
 _PRELOAD = ["torch", "deepspeed", "pretrain.train", "torch._dynamo", "torch.utils.tensorboard"]
 _IMPORT_TIME_ENV = ("DS_ACCELERATOR", "TRITON_INTERPRET")  # DeepSpeed fixes its accelerator on import
+SURVIVOR_GRACE_S = 5.0  # how long the other ranks of a failed one have to end by themselves
 _server_env: list[tuple] = []  # _IMPORT_TIME_ENV's values when this process's fork server started
 
 
@@ -29,9 +43,42 @@ def _start_method() -> str:
     return "forkserver" if _server_env[0] == current else "spawn"
 
 
+class RankFailed(RuntimeError):
+    """A rank of `run_gloo` raised or was killed; the message names it and its error in one line."""
+
+
+def _report_error(report_dir: str, rank: int, err: Exception) -> None:
+    from pretrain.lost_peer import lost_peer
+
+    lines = str(err).strip().splitlines()
+    record = {
+        "error": f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__,
+        "lost_peer": lost_peer(err)[0],
+        "traceback": traceback.format_exc(),
+        "at": time.monotonic(),  # one clock for every process on the machine
+    }
+    Path(report_dir, f"rank{rank}.json").write_text(json.dumps(record))
+
+
 def _entry(
-    rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args: tuple, environ: dict | None = None
+    rank: int,
+    fn,
+    world_size: int,
+    port: int,
+    deepspeed_comm: bool,
+    args: tuple,
+    environ: dict | None = None,
+    report_dir: str | None = None,
 ) -> None:
+    try:
+        _run_rank(rank, fn, world_size, port, deepspeed_comm, args, environ)
+    except Exception as err:
+        if report_dir is not None:
+            _report_error(report_dir, rank, err)
+        raise
+
+
+def _run_rank(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args: tuple, environ) -> None:
     if environ is not None:  # a forked rank has the fork server's environment: take the caller's
         os.environ.clear()
         os.environ.update(environ)
@@ -64,15 +111,67 @@ def _entry(
         dist.destroy_process_group()
 
 
+def _failure(world_size: int, report_dir: str, processes) -> RankFailed | None:
+    """The cause of a failed run: the rank whose error came first of those that are not a lost peer,
+    else the first killed without a Python error (by a signal other than the SIGTERM torch sends the survivors),
+    else the first that lost its peer."""
+    reports = {}
+    for rank in range(world_size):
+        path = Path(report_dir, f"rank{rank}.json")
+        if path.is_file():
+            reports[rank] = json.loads(path.read_text())
+    for rank, report in sorted(reports.items(), key=lambda item: item[1]["at"]):
+        if not report["lost_peer"]:
+            return _rank_failed(rank, world_size, report)
+    for rank, process in enumerate(processes):
+        code = process.exitcode
+        if rank not in reports and code not in (None, 0, -signal.SIGTERM):
+            if code < 0:
+                how = f"was killed by {signal.Signals(-code).name} (the out-of-memory killer, or a signal from outside)"
+            else:  # before its function ran (spawn's start-up), or a SystemExit in it: its output has why
+                how = f"exited with code {code} without an error of its function (its output above says why)"
+            return RankFailed(f"rank {rank} of {world_size} {how}")
+    if reports:
+        rank = min(reports, key=lambda r: reports[r]["at"])
+        return _rank_failed(rank, world_size, reports[rank])
+    return None
+
+
+def _rank_failed(rank: int, world_size: int, report: dict) -> RankFailed:
+    err = RankFailed(f"rank {rank} of {world_size} failed: {report['error']}")
+    err.add_note(f"rank {rank}'s traceback:\n{report['traceback'].rstrip()}")
+    return err
+
+
 def run_gloo(fn, world_size: int, *args, deepspeed_comm: bool = False) -> None:
-    """Call fn(rank, world_size, *args) on world_size new processes; raise if any fails.
+    """Call fn(rank, world_size, *args) on world_size new processes; raise `RankFailed` if any fails.
 
     The processes fork from a server that imported torch, DeepSpeed and the trainer once; each
     starts with the caller's environment, sys.path and working directory, as a spawned one would."""
-    mp.start_processes(
-        _entry,
-        args=(fn, world_size, free_port(), deepspeed_comm, args, dict(os.environ)),
-        nprocs=world_size,
-        join=True,
-        start_method=_start_method(),
-    )
+    with tempfile.TemporaryDirectory(prefix="memlayers-ranks-") as report_dir:
+        context = mp.start_processes(
+            _entry,
+            args=(fn, world_size, free_port(), deepspeed_comm, args, dict(os.environ), report_dir),
+            nprocs=world_size,
+            join=False,
+            start_method=_start_method(),
+        )
+        # torch's log of the survivors it ends ("Terminating process N via signal SIGTERM"): the
+        # clean-up of a failure that RankFailed reports
+        torch_log = logging.getLogger("torch.multiprocessing.spawn")
+        torch_log.addFilter(_no_survivor_ends)
+        try:
+            # the grace lets the survivors of a failed rank end by themselves, recording their errors
+            while not context.join(grace_period=SURVIVOR_GRACE_S):
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            failure = _failure(world_size, report_dir, context.processes)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            torch_log.removeFilter(_no_survivor_ends)
+
+
+def _no_survivor_ends(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("Terminating process", "Unable to shutdown process"))

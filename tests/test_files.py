@@ -20,6 +20,7 @@ from pretrain.files import (
     atomic_write,
     file_sha256,
     flush_to_disk,
+    readable_as_umask_allows,
     save_figure,
     temp_path_beside,
 )
@@ -266,6 +267,26 @@ def test_a_writer_that_makes_its_file_private_gets_the_read_bits_of_the_umask(tm
     assert mode("export/run.sh") == 0o740  # read bits added, nothing else changed
 
 
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
+def test_a_folder_that_cannot_be_listed_fails_the_read_bits(tmp_path, monkeypatch, code):
+    """readable_as_umask_allows went through Path.rglob, which passes over a subfolder it cannot
+    list: the private files in it kept mode 0600 without a word (seen as user nobody with a
+    subfolder of mode 0300). The reference is the error naming that folder, as flush_to_disk raises."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("nested"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_scandir(path)
+
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "model.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(OSError) as raised:
+        readable_as_umask_allows(tmp_path)
+    assert raised.value.errno == code and raised.value.filename == str(tmp_path / "nested")
+
+
 def test_save_figure_format_follows_the_suffix_and_a_folder_is_refused(tmp_path):
     import matplotlib
 
@@ -342,6 +363,29 @@ def test_a_folder_write_removes_the_temporaries_killed_writers_left_on_this_host
     assert all(name in str(said[0].message) for name in killed)
     assert (out / "model.safetensors").read_bytes() == b"whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
+
+
+def test_a_dead_writers_temporary_that_cannot_be_removed_is_not_called_removed(tmp_path, monkeypatch):
+    """remove_dead_temporaries removed with errors ignored and warned 'removed' whatever happened: run as
+    user nobody, a dead writer's temporary holding a subfolder of mode 0300 stayed, reported removed.
+    The reference is the folder, still on disk: warned of as left, with the error, and not returned."""
+    import shutil
+
+    import pretrain.files as files
+
+    dead = tmp_path / f".export.tmp-{2**22 + 1}@{files._host()}-0123abcd"  # above any pid_max: no such process
+    (dead / "nested").mkdir(parents=True)
+
+    def rmtree(path, ignore_errors=False, **kwargs):  # as the real one meets a subfolder it cannot list
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "nested")
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.warns(
+        UserWarning, match=r"could not remove 1 temporary .* by hand: \.export\.tmp-.* \(Permission denied: nested\)"
+    ):
+        assert files.remove_dead_temporaries(tmp_path / "export") == []
+    assert dead.is_dir()
 
 
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])

@@ -4,10 +4,14 @@ start with the caller's environment of the moment, and DeepSpeed's accelerator o
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
+import pytest
+
 from pretrain import spawn
+from pretrain.bench.parallel import _worker as real_bench_worker
 
 
 def _environment(rank: int, world: int, out_dir: str) -> None:
@@ -50,3 +54,66 @@ def test_a_changed_accelerator_starts_fresh_interpreters(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.delenv("DS_ACCELERATOR")  # each rank sets cpu before importing DeepSpeed
     assert spawn._start_method() == "spawn"
+
+
+def _one_rank_fails(rank: int, world: int, how: str) -> None:
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    if rank == 1:
+        if how in ("raise", "survivor-busy"):
+            raise ValueError("rank one's own error: shapes (3, 4) and (4, 3)")
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "survivor-busy":  # never meets the lost peer: ended by torch after the grace
+        import time
+
+        time.sleep(60)
+    dist.all_reduce(torch.ones(2))  # the survivor meets the lost peer here
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("raise", "rank 1 of 2 failed: ValueError: rank one's own error: shapes (3, 4) and (4, 3)"),
+        ("kill", "rank 1 of 2 was killed by SIGKILL (the out-of-memory killer, or a signal from outside)"),
+        ("survivor-busy", "rank 1 of 2 failed: ValueError: rank one's own error: shapes (3, 4) and (4, 3)"),
+    ],
+)
+def test_a_failed_rank_is_named_in_one_line_with_its_own_error(how, said, monkeypatch):
+    """torch.multiprocessing reported the process it joined first, often the survivor with gloo's
+    `Connection closed by peer` (29 lines), while rank 1's ValueError appeared nowhere. The reference
+    is the error rank 1 was made to have. A survivor still busy after the grace is ended by torch,
+    which logged it ("Terminating process N via signal SIGTERM") above the line."""
+    monkeypatch.setattr(spawn, "SURVIVOR_GRACE_S", 0.5)
+    torch_log, logged = logging.getLogger("torch.multiprocessing.spawn"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    torch_log.addHandler(handler)
+    try:
+        with pytest.raises(spawn.RankFailed) as raised:
+            spawn.run_gloo(_one_rank_fails, 2, how)
+    finally:
+        torch_log.removeHandler(handler)
+    assert str(raised.value) == said
+    if how != "kill":  # its traceback rides along as a note, for tests and debugging
+        assert "in _one_rank_fails" in raised.value.__notes__[0]
+    assert logged == []
+
+
+def _bench_worker_rank_one_fails(rank: int, world: int, *args) -> None:
+    if rank == 1:
+        raise ValueError("rank one's own error in the benchmark")
+    real_bench_worker(rank, world, *args)  # rank 0 meets the lost peer in DeepSpeed's start or a step
+
+
+def test_bench_parallel_names_the_failed_rank_in_one_line(monkeypatch, capsys):
+    import pretrain.bench.parallel as bench
+    from tools import bench_parallel
+
+    monkeypatch.setattr(bench, "_worker", _bench_worker_rank_one_fails)
+    assert bench_parallel.main(["--n-keys", "32", "--steps", "1", "--configs", "2:1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: rank 1 of 2 failed: ValueError: rank one's own error in the benchmark"
+    assert not any("Traceback" in line for line in err)

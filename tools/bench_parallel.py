@@ -24,6 +24,7 @@ from pretrain.bench.parallel import (  # noqa: E402
     run_bench,
 )
 from pretrain.cli import output_file, positive_int  # noqa: E402
+from pretrain.spawn import RankFailed  # noqa: E402
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     spec = BenchSpec(**{f: getattr(args, f) for f in BenchSpec.__dataclass_fields__})
@@ -62,7 +63,11 @@ def main(argv=None) -> None:
     except ValueError as err:
         ap.error(str(err))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    records = run_bench(spec, args.configs)
+    try:
+        records = run_bench(spec, args.configs)
+    except RankFailed as err:  # one line: the rank that failed and its error
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(
         f"N={spec.n_keys**2} slots, v_dim={spec.v_dim}, global batch {spec.global_batch} x {spec.seq_len} "
         f"tokens, ZeRO {spec.zero_stage}"
@@ -71,7 +76,8 @@ def main(argv=None) -> None:
     if args.json:
         write_results(args.json, "cpu", vars(args), records=records, relative=relative_step_times(records))
         print(f"results written to {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

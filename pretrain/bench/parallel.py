@@ -112,7 +112,8 @@ def step_timing(times: list[float]) -> dict:
 
 
 def check_configs(spec: BenchSpec, configs: list[tuple[int, int]]) -> None:
-    """ValueError naming the first (world size, P) configuration `spec` cannot run."""
+    """ValueError naming the first (world size, P) configuration `spec` cannot run, or the model
+    setting it cannot build (a ConfigError)."""
     for world, P in configs:
         if world < 1 or P < 1 or world % P or spec.v_dim % P or spec.global_batch % world:
             raise ValueError(
@@ -121,6 +122,7 @@ def check_configs(spec: BenchSpec, configs: list[tuple[int, int]]) -> None:
             )
     if spec.steps < 1:
         raise ValueError(f"--steps {spec.steps}: time at least one step (after the warm-up step)")
+    spec.model_config()  # its ConfigError (--k above --n-keys, say) here, not in every spawned rank
 
 
 def run_bench(spec: BenchSpec, configs: list[tuple[int, int]], show_progress: bool = True) -> list[dict]:

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import math
-import tempfile
 from pathlib import Path
 
 from pretrain.data.errors import DataError
@@ -22,6 +21,7 @@ from pretrain.data.prepare import is_validation, write_dataset
 from pretrain.data.shards import FORMAT, read_manifest
 from pretrain.data.synthetic import build_fact_world, write_probes
 from pretrain.data.tokenizer import train_tokenizer
+from pretrain.files import discard, remove_dead_temporaries, temp_path_beside
 
 
 def embedded_parameters(data_cfg, seq_len: int) -> dict:
@@ -67,6 +67,9 @@ def prepare_embedded_dataset(data_cfg, seq_len: int, show_progress: bool = True)
     out = cache / f"embedded-{key}"
     with open(cache / f".embedded-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # every temporary of `out` is made under this lock, so a dead writer's can go (a build
+        # killed by SIGKILL or the OOM killer leaves its scratch folder, a live one holds the lock)
+        remove_dead_temporaries(out)
         if _matches(out, params):
             return out
         _build(data_cfg, seq_len, params, out, show_progress)
@@ -89,8 +92,11 @@ def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool)
     world = build_fact_world(
         syn.num_entities, syn.docs_per_entity, syn.qa_docs_per_entity, syn.new_fact_fraction, syn.seed
     )
-    with tempfile.TemporaryDirectory(prefix="embedded-", dir=out.parent) as tmp:
-        tmp = Path(tmp)
+    # the scratch folder is named as `out`'s temporaries are, so that the next build removes it
+    # if this process is killed (a name like `embedded-<random>` would pass for a dataset)
+    tmp = temp_path_beside(out)
+    tmp.mkdir()
+    try:
         # sentencepiece's normalization, as the corpus was always built: single-line prose loses nothing
         # to it, and a rebuilt cache keeps the tokenizer (and ids) that runs were trained with
         tok = train_tokenizer(
@@ -120,3 +126,5 @@ def _build(data_cfg, seq_len: int, params: dict, out: Path, show_progress: bool)
             show_progress=show_progress,
             overwrite=True,
         )
+    finally:
+        discard(tmp)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -849,6 +852,33 @@ def test_embedded_dataset_is_cached_and_probes_load(tmp_path):
     assert prepare_embedded_dataset(cfg, 64) == path
     with pytest.raises(DataError, match="seq_len=64, but data.seq_len=32"):
         prepare_embedded_dataset(cfg, 32)
+
+
+KILLED_EMBEDDED_BUILD = """
+import os, signal, sys
+from pretrain.config import DataConfig, SyntheticConfig
+from pretrain.data import embedded
+def killed(*args, **kwargs):  # the tokenizer is trained into the scratch folder by now
+    os.kill(os.getpid(), signal.SIGKILL)
+embedded.write_dataset = killed
+cfg = DataConfig(cache_dir=sys.argv[1], vocab_size=512, min_shards=4, synthetic=SyntheticConfig(num_entities=60))
+embedded.prepare_embedded_dataset(cfg, 64, show_progress=False)
+"""
+
+
+def test_a_killed_embedded_build_leaves_scratch_that_the_next_build_removes(tmp_path, repo_root):
+    """A build killed by SIGKILL left its tokenizer scratch as `embedded-<random>`, beside the
+    `embedded-<key>` datasets and never removed (2026-12-07); the next build now removes it."""
+    cfg = small_cfg(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_EMBEDDED_BUILD, cfg.cache_dir], cwd=repo_root, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    cache = Path(cfg.cache_dir)
+    left = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(left) == 1 and (left[0] / "tokenizer.model").is_file(), left
+    with pytest.warns(UserWarning, match=f"removed 1 temporary .* {re.escape(left[0].name)}"):
+        path = prepare_embedded_dataset(cfg, 64, show_progress=False)
+    assert [p for p in cache.iterdir() if p.is_dir()] == [path]
+    assert read_manifest(path)["creation"]["kind"] == "embedded-fact-world"
 
 
 @pytest.mark.parametrize("num_entities", [4, 10])

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+
+import pytest
 
 from pretrain.compile_workers import end_sidecar
 from pretrain.process_tree import children_of
@@ -61,7 +64,10 @@ class _StuckPool:
         self.process.wait(300)
 
 
-def test_a_sidecar_that_does_not_stop_is_ended_with_its_workers():
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_a_sidecar_that_does_not_stop_is_ended_with_its_workers(pidfds, monkeypatch):
+    if not pidfds:  # a system without them (Linux < 5.3): by process id, as before
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
     pool = _StuckPool()
     try:
         for _ in range(200):  # its child started
@@ -120,3 +126,55 @@ def test_an_alarm_set_before_is_kept():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _child_with_pid(pid: int) -> subprocess.Popen | None:
+    """A new child process given the id `pid` (the kernel's next id set by /proc/sys/kernel/ns_last_pid,
+    root only), or None where that cannot be done or another process takes the id first."""
+    for _ in range(50):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        child = subprocess.Popen(["sleep", "60"])
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    return None
+
+
+class _ReapedMidWait:
+    """torch's wait (Popen.wait) interrupted by the alarm after it collected the sidecar's exit and
+    before it recorded it (it holds Popen's wait lock there, so poll() says None); meanwhile a new
+    process got the sidecar's id."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(["sleep", "60"])
+        self.stranger = None
+
+    def shutdown(self):
+        with self.process._waitpid_lock:
+            self.process.terminate()
+            os.waitpid(self.process.pid, 0)
+            self.stranger = _child_with_pid(self.process.pid)
+            time.sleep(1.0)  # the alarm's two steps (grace 0.2 s) come in here
+        self.process.returncode = -15
+
+
+def test_a_process_given_the_collected_sidecars_id_is_not_killed():
+    """The alarm's SIGKILLs went by process id: a process that got the id of a sidecar whose exit was
+    collected was killed in its place (reproduced: the stranger ended by SIGKILL). The reference is the
+    stranger, alive after the sidecar's end."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfds in this Python")
+    pool = _ReapedMidWait()
+    try:
+        end_sidecar(pool, pool.process, grace_s=0.2)
+        if pool.stranger is None:
+            pytest.skip("could not give a new process the sidecar's id (needs root; another process took it)")
+        assert pool.stranger.poll() is None, f"the stranger ended with {pool.stranger.returncode}"
+    finally:
+        if pool.stranger is not None:
+            pool.stranger.kill()
+            pool.stranger.wait()

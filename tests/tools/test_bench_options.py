@@ -25,6 +25,8 @@ def no_work(*args, **kwargs):
         ("bench_parallel", "run_bench", ["--configs", "3:1"], "must divide --global-batch=8"),
         ("bench_parallel", "run_bench", ["--steps", "0"], "--steps"),
         ("bench_parallel", "run_bench", ["--zero-stage", "4"], "--zero-stage"),
+        # refused by each spawned rank after DeepSpeed's start, one ConfigError per rank
+        ("bench_parallel", "run_bench", ["--n-keys", "8"], "model.memory.k=16 exceeds model.memory.n_keys=8"),
         ("bench_slots", "bench", ["--steps", "0"], "--steps"),
         ("bench_slots", "bench", ["--n-keys", "-1"], "--n-keys"),
         ("bench_slots", "bench", ["--granularity", "chunk:0"], "chunk:<n_tokens>"),
