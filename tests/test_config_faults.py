@@ -148,3 +148,75 @@ def test_a_shell_variable_in_a_config_file_names_the_form_that_reads_the_environ
     assert "in a config file, write ${oc.env:MEMLAYERS_TEST_ROOT}" in str(err.value)
     path.write_text("train:\n  run_dir: ${oc.env:MEMLAYERS_TEST_ROOT}/run\n")  # the form it names
     assert load_config(path).train.run_dir == f"{tmp_path}/root/run"
+
+
+# Measured before each refusal below (`python -m pretrain.train --config configs/tiny.yaml <override>`):
+# an OverflowError traceback at start-up (timeouts of inf); a ValueError/OverflowError/RuntimeError
+# traceback after the model's build had begun and the run directory was made (integers beyond 64 bits);
+# the run trained on where the value made no sense (hang detection or clipping silently off, every norm's
+# output 0, checkpoints and the corpus written into the working directory); a DataError only after torch
+# and the process group (the embedded corpus's world settings); a non-finite loss at step 1 after a
+# checkpoint was written (init_std=inf).
+LATE_OR_NEVER = [
+    ("train.hang_timeout_s=inf", "train.hang_timeout_s=inf must be a number of seconds >= 0 (e.g. 600; 0 turns"),
+    ("train.hang_timeout_s=nan", "train.hang_timeout_s=nan must be a number of seconds >= 0"),
+    ("train.startup_timeout_s=inf", "train.startup_timeout_s=inf must be a number of seconds > 0 (e.g. 1800;"),
+    ("train.startup_timeout_s=nan", "train.startup_timeout_s=nan must be a number of seconds > 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0 and finite (the bound on the gradient norm, e.g. 1.0;"),
+    ("optim.grad_clip=nan", "optim.grad_clip=nan must be >= 0 and finite"),
+    ("optim.grad_clip=inf", "optim.grad_clip=inf must be >= 0 and finite"),
+    ("model.norm_eps=inf", "model.norm_eps=inf must be >= 0 and finite (e.g. 1e-05)"),
+    ("model.init_std=inf", "model.init_std=inf must be >= 0 and finite (e.g. 0.02)"),
+    ("data.val_fraction=nan", "data.val_fraction=nan and data.min_shards=8 must be positive for the embedded corpus"),
+    ("data.synthetic.num_entities=1", "data.synthetic.num_entities=1 must be >= 2 (e.g. 300 for the demo)"),
+    ("data.synthetic.new_fact_fraction=1", "data.synthetic.new_fact_fraction=1.0 must be in [0, 1)"),
+    ("data.synthetic.docs_per_entity=-1", "data.synthetic.docs_per_entity=-1 and qa_docs_per_entity=2 must be >= 0"),
+    ("train.run_dir=", "train.run_dir is empty: name the run's directory (e.g. train.run_dir=runs/tiny)"),
+    ("data.cache_dir=", "data.cache_dir is empty: name the folder the embedded corpus is built in"),
+    ("train.seed=18446744073709551616", "train.seed=18446744073709551616 is beyond the 64-bit integers torch"),
+    ("model.max_seq_len=10**20", "model.max_seq_len=100000000000000000000 is beyond the 64-bit integers"),
+    ("model.n_layers=10**20", "model.n_layers=100000000000000000000 is beyond the 64-bit integers"),
+    ("model.memory.n_keys=10**20", "model.memory.n_keys=100000000000000000000 is beyond the 64-bit integers"),
+    ("data.synthetic.num_entities=10**20", "data.synthetic.num_entities=100000000000000000000 is beyond the 64-bit"),
+    ("model.memory.layers=[-10**20]", "model.memory.layers=[-100000000000000000000] is beyond the 64-bit"),
+]
+
+
+@pytest.mark.parametrize("override, message", LATE_OR_NEVER)
+def test_a_value_refused_late_or_never_is_refused_when_the_config_loads(override, message):
+    override = override.replace("10**20", str(10**20))
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_the_limits_themselves_are_still_accepted():
+    """What the refusals above keep: 0 turns clipping and hang detection off; the largest 64-bit seed
+    seeds every generator the run draws from (torch's, numpy's modulo 2**32, the value tables')."""
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            "optim.grad_clip=0",
+            "train.hang_timeout_s=0",
+            f"train.seed={2**63 - 1}",
+            "model.norm_eps=0",
+            "train.run_dir=.",
+        ],
+    )
+    assert (cfg.optim.grad_clip, cfg.train.hang_timeout_s, cfg.train.seed) == (0.0, 0.0, 2**63 - 1)
+    from pretrain.rng import rng_state, seed_everything, set_rng_state
+
+    state = rng_state()
+    try:
+        seed_everything(cfg.train.seed)  # the call the 2**64 seed failed in, after the build had begun
+    finally:
+        set_rng_state(state)
+
+
+def test_the_64_bit_refusal_suggests_the_keys_default():
+    with pytest.raises(ConfigError, match=r"\(the default: train\.max_steps=300\)$"):
+        load_config(None, [f"train.max_steps={2**63}"])
+    with pytest.raises(ConfigError, match=r"set a realistic value$"):  # a list has no example to give
+        load_config(
+            None, [f"train.activation_checkpointing_layers=[{2**63}]", "train.activation_checkpointing=selective"]
+        )

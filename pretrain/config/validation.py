@@ -3,10 +3,13 @@ environment, no file system), each refusal naming the key and the fix. Export ca
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from pretrain.config.schema import DataConfig, OptimConfig, RunConfig, SlotsConfig, TrainConfig
 from pretrain.model.config import ConfigError, check_choices
+
+INT64_MAX = 2**63 - 1  # torch and numpy compute with 64-bit integers: a larger count, size or seed overflows there
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -15,6 +18,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     A pure function of the config: no environment, no file system (see `check_datasets`
     and `check_runtime` for those).
     """
+    check_integer_range(cfg)
     cfg.model.validate("model")
     check_choices(cfg)
     _check_precision_and_checkpointing(cfg)
@@ -25,6 +29,25 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_data(cfg)
     _check_slots(cfg.slots)
     return cfg
+
+
+def check_integer_range(section, prefix: str = "") -> None:
+    """Every integer key (and each integer of a list) fits a 64-bit integer: YAML reads any number of
+    digits, and such a value failed only after the model was built (torch.manual_seed, the rotary
+    table, an embedding's size: a traceback), or the start-up ran on without end (model.n_layers)."""
+    defaults = type(section)()
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            check_integer_range(value, key)
+            continue
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX for v in items):
+            example = getattr(defaults, f.name)
+            raise ConfigError(
+                f"{key}={value} is beyond the 64-bit integers torch and numpy compute with (at most 2**63 - 1 = "
+                f"{INT64_MAX}): set a realistic value" + (f" (the default: {key}={example})" if example != [] else "")
+            )
 
 
 def _check_precision_and_checkpointing(cfg: RunConfig) -> None:
@@ -52,6 +75,11 @@ def _check_precision_and_checkpointing(cfg: RunConfig) -> None:
 
 def _check_steps_and_batch(t: TrainConfig) -> None:
     """Step counts, the batch sizes and the seed (the world size is checked by `check_runtime`)."""
+    if not t.run_dir:  # "" trained into the directory the run started in: checkpoints/, config.yaml, tensorboard/
+        raise ConfigError(
+            "train.run_dir is empty: name the run's directory (e.g. train.run_dir=runs/tiny), where its checkpoints, "
+            "config and logs go ('.' for the directory the run starts in)"
+        )
     if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
         raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
     if t.global_batch % t.micro_batch:
@@ -77,10 +105,17 @@ def _check_steps_and_batch(t: TrainConfig) -> None:
 
 def _check_timing(t: TrainConfig) -> None:
     """The seconds the run waits before it calls a rank hung, and the peak its FLOP/s are measured against."""
-    if t.hang_timeout_s < 0 or t.startup_timeout_s <= 0:
+    # inf failed at start-up with an OverflowError traceback (the process group's timeout); NaN turned
+    # hang detection off without a word (no comparison with NaN is true)
+    if not (math.isfinite(t.hang_timeout_s) and t.hang_timeout_s >= 0):
         raise ConfigError(
-            f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns hang detection off) and "
-            f"train.startup_timeout_s={t.startup_timeout_s} > 0 (seconds)"
+            f"train.hang_timeout_s={t.hang_timeout_s} must be a number of seconds >= 0 (e.g. 600; 0 turns hang "
+            "detection off)"
+        )
+    if not (math.isfinite(t.startup_timeout_s) and t.startup_timeout_s > 0):
+        raise ConfigError(
+            f"train.startup_timeout_s={t.startup_timeout_s} must be a number of seconds > 0 (e.g. 1800; "
+            "train.hang_timeout_s=0 turns hang detection off)"
         )
     if not (math.isfinite(t.rendezvous_timeout_s) and t.rendezvous_timeout_s > 0):
         raise ConfigError(
@@ -125,7 +160,12 @@ def _check_slots(s: SlotsConfig) -> None:
 def _check_embedded(d: DataConfig) -> None:
     """The embedded corpus's settings (no data.dir or data.sources), which the job reads only
     when it builds the corpus."""
-    if d.val_fraction <= 0 or d.min_shards <= 0:
+    if not d.cache_dir:  # "" built the corpus into the directory the run started in
+        raise ConfigError(
+            "data.cache_dir is empty: name the folder the embedded corpus is built in (e.g. data.cache_dir=.cache/data; "
+            "'.' for the directory the run starts in), or set data.dir to a prepared dataset"
+        )
+    if not d.val_fraction > 0 or d.min_shards <= 0:  # `not >` refuses NaN too
         raise ConfigError(
             f"data.val_fraction={d.val_fraction} and data.min_shards={d.min_shards} "
             "must be positive for the embedded corpus"
@@ -140,6 +180,14 @@ def _check_embedded(d: DataConfig) -> None:
             f"data.sequences_per_shard={d.sequences_per_shard} must be positive for the embedded corpus "
             "(at most this many sequences per shard, e.g. 1024)"
         )
+    from pretrain.data.errors import DataError
+    from pretrain.data.synthetic import check_world_settings  # the standard library only
+
+    s = d.synthetic  # refused only when the job built the corpus, after torch and the process group
+    try:
+        check_world_settings(s.num_entities, s.docs_per_entity, s.qa_docs_per_entity, s.new_fact_fraction)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_optimizer(o: OptimConfig) -> None:
@@ -159,6 +207,11 @@ def _check_optimizer(o: OptimConfig) -> None:
     if not (math.isfinite(o.eps) and o.eps >= 0) or not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
         raise ConfigError(
             f"optim.eps={o.eps} and optim.weight_decay={o.weight_decay} must be >= 0 and finite (e.g. 1e-8 and 0.1)"
+        )
+    if not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):  # < 0 and NaN turned clipping off without a word
+        raise ConfigError(
+            f"optim.grad_clip={o.grad_clip} must be >= 0 and finite (the bound on the gradient norm, e.g. 1.0; "
+            "0: no clipping)"
         )
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0 (0: no warm-up)")

@@ -160,7 +160,10 @@ def _make_name(rng: random.Random) -> str:
     return f"{word(1, 2)} {word(2, 3)}"
 
 
-def _check(num_entities: int, docs_per_entity: int, qa_docs_per_entity: int, new_fact_fraction: float) -> None:
+def check_world_settings(
+    num_entities: int, docs_per_entity: int, qa_docs_per_entity: int, new_fact_fraction: float
+) -> None:
+    """Refuse, naming the data.synthetic key, settings that build no world (the config checks call it too)."""
     if num_entities < 2:
         raise DataError(f"data.synthetic.num_entities={num_entities} must be >= 2 (e.g. 300 for the demo)")
     if docs_per_entity < 0 or qa_docs_per_entity < 0 or docs_per_entity + qa_docs_per_entity == 0:
@@ -180,7 +183,7 @@ def build_fact_world(
     seed: int = 1234,
 ) -> FactWorld:
     """Generate the world deterministically from `seed` (same arguments -> same output)."""
-    _check(num_entities, docs_per_entity, qa_docs_per_entity, new_fact_fraction)
+    check_world_settings(num_entities, docs_per_entity, qa_docs_per_entity, new_fact_fraction)
     rng = random.Random(seed)
     names: list[str] = []
     seen: set[str] = set()

@@ -147,8 +147,12 @@ class ModelConfig:
                 f"{p}.rope_theta={self.rope_theta} must be a positive number (the rotary base, e.g. 10000.0)"
             )
         for key in ("norm_eps", "init_std"):
-            if not getattr(self, key) >= 0:  # also refuses NaN
-                raise ConfigError(f"{p}.{key}={getattr(self, key)} must be >= 0 (e.g. {getattr(ModelConfig, key)})")
+            # inf: norm_eps made every norm's output 0 (a model that trained on without learning), init_std
+            # non-finite weights (a non-finite loss at step 1, after the build and a checkpoint)
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ConfigError(
+                    f"{p}.{key}={getattr(self, key)} must be >= 0 and finite (e.g. {getattr(ModelConfig, key)})"
+                )
         if self.dim % self.n_heads:
             raise ConfigError(f"{p}.dim={self.dim} must be divisible by {p}.n_heads={self.n_heads}")
         if self.head_dim % 2:
