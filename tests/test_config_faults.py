@@ -220,3 +220,15 @@ def test_the_64_bit_refusal_suggests_the_keys_default():
         load_config(
             None, [f"train.activation_checkpointing_layers=[{2**63}]", "train.activation_checkpointing=selective"]
         )
+
+
+@pytest.mark.parametrize("key", ["data.dir", "data.sources", "data.eval_sources"])
+def test_a_path_the_system_cannot_look_up_is_refused_naming_the_key(key):
+    """A folder name over the system's limit (255 bytes here) raised a bare OSError from is_file()."""
+    name = "x" * 300
+    override = f"{key}={name}" if key == "data.dir" else f"{key}=[{{dir: {name}}}]"
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    where = key if key == "data.dir" else f"{key}[0]"
+    assert str(err.value).startswith(where), str(err.value)
+    assert "cannot be looked up (File name too long): name the folder of a prepared dataset" in str(err.value)

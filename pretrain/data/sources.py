@@ -79,7 +79,7 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
                 f"{label}: weight={weight} must be a positive number "
                 f"(set data.sources[{i}].weight, e.g. 1.0, or remove the source)"
             )
-        if not (directory / "manifest.json").is_file():
+        if not _has_manifest(directory, label):
             raise DataError(f"{label}: {_not_prepared(directory)}")
         manifest = read_manifest(directory)
         source = Source(name, directory, weight, manifest)
@@ -91,6 +91,18 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
         sources.append(source)
     _check_consistent(sources, many, seq_len)
     return sources
+
+
+def _has_manifest(directory: Path, label: str) -> bool:
+    """Whether `directory` holds a manifest.json; a path the system cannot look up at all (a name too long,
+    a folder it may not enter) is refused naming the key, where `is_file` raised a bare OSError."""
+    try:
+        return (directory / "manifest.json").is_file()
+    except OSError as err:
+        raise DataError(
+            f"{label}: {str(directory)[:200]}{'...' if len(str(directory)) > 200 else ''} cannot be looked up "
+            f"({err.strerror}): name the folder of a prepared dataset (tools/prepare_data.py writes one)"
+        ) from None
 
 
 def _not_prepared(directory: Path, options: str = "") -> str:
@@ -266,7 +278,7 @@ def resolve_eval_sources(data_cfg, train_sources: list[Source]) -> list[Source]:
         label = f"data.eval_sources[{i}] ({name})"
         if not str(get("dir") or ""):
             raise DataError(f"{label}: no dir given: set data.eval_sources[{i}].dir to a prepared dataset")
-        if not (directory / "manifest.json").is_file():
+        if not _has_manifest(directory, label):
             raise DataError(f"{label}: {_not_prepared(directory, ' --tokenizer <the training data tokenizer.model>')}")
         if name in trained or name in {s.name for s in out}:
             raise DataError(f"{label}: the name {name!r} is already used: set data.eval_sources[{i}].name")
