@@ -232,3 +232,20 @@ def test_a_path_the_system_cannot_look_up_is_refused_naming_the_key(key):
     where = key if key == "data.dir" else f"{key}[0]"
     assert str(err.value).startswith(where), str(err.value)
     assert "cannot be looked up (File name too long): name the folder of a prepared dataset" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, meant",
+    [
+        ("train.lr=1e-3", "optim.lr"),  # was: did you mean 'train'?
+        ("model.n_keys=64", "model.memory.n_keys"),  # was: 'model.n_heads'
+        ("train.vocab_size=64", "data.vocab_size"),
+        ("data.seed=3", "data.synthetic.seed"),  # a key of that name in the same section before train.seed
+        ("optim.max_steps=3", "train.max_steps"),
+        ("model.dimm=64", "model.dim"),  # a misspelling: the nearest spelling, as before
+    ],
+)
+def test_a_key_in_the_wrong_section_suggests_where_it_lives(override, meant):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).endswith(f"; did you mean '{meant}'?"), str(err.value)

@@ -23,7 +23,17 @@ from pretrain.model.config import ConfigError, choices_message, literal_fields
 
 
 def _nearest_key_message(bad_key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(bad_key, sorted(valid), n=1, cutoff=0.4)
+    """The key meant: one of the same name in another place first (`train.lr` -> optim.lr, where the
+    spelling alone suggested the section 'train'; within the same section where there are several),
+    else the nearest spelling."""
+    name, section = bad_key.rsplit(".", 1)[-1], bad_key.split(".")[0]
+
+    def likeness(key: str) -> tuple:
+        return key.split(".")[0] == section, difflib.SequenceMatcher(None, bad_key, key).ratio()
+
+    moved = [k for k in valid if k.rsplit(".", 1)[-1] == name]
+    close = [max(moved, key=likeness)] if moved else []
+    close = close or difflib.get_close_matches(bad_key, sorted(valid), n=1, cutoff=0.4)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config key '{bad_key}'{hint}"
 
