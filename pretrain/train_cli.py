@@ -69,9 +69,8 @@ def cli() -> None:
             from pretrain.data.errors import DataError
 
             try:
-                cfg = load_config(config_path, overrides)
-                if world > 1:  # world 1's checks wait for the build, which sees the device too
-                    check_world(cfg, world)
+                # world 1 too: model.memory.parallel_size=2 in a process alone was refused only in the build
+                cfg = check_world(load_config(config_path, overrides), world)
             except (ConfigError, DataError) as err:
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 os._exit(2)  # as pretrain.train's cli ends

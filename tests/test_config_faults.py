@@ -3,11 +3,17 @@ omegaconf traceback are refused when the config loads, naming the key and the fi
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pretrain.config import ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("key", ["train.log_every", "train.eval_every", "train.checkpoint_every", "slots.log_every"])
@@ -249,3 +255,34 @@ def test_a_key_in_the_wrong_section_suggests_where_it_lives(override, meant):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).endswith(f"; did you mean '{meant}'?"), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.memory.parallel_size=2", "error: model.memory.parallel_size=2 must divide the world size 1: set"),
+        ("data.synthetic.num_entities=1", "error: data.synthetic.num_entities=1 must be >= 2"),
+        ("train.hang_timeout_s=inf", "error: train.hang_timeout_s=inf must be a number of seconds"),
+    ],
+)
+def test_a_process_alone_refuses_these_before_torch_is_imported(override, message):
+    """Refused before, but only after torch (2-6 s on the loaded machine) and, for the first, the process
+    group: a process alone runs in a world of 1, known before torch. The reference is the exit status and
+    sys.modules of a fresh interpreter after the refusal (as tests/test_packaging.py checks model.dim)."""
+    argv = ["pretrain.train", "--config", "configs/tiny.yaml", override]
+    code = (
+        "import os, runpy, sys\n"
+        "os._exit = sys.exit\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        "    runpy.run_module('pretrain.train', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code)\n"
+        "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert message in done.stderr, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-2:] == ["exit 2", "[]"], done.stdout + done.stderr
