@@ -286,3 +286,60 @@ def test_a_process_alone_refuses_these_before_torch_is_imported(override, messag
     )
     assert message in done.stderr, done.stdout + done.stderr
     assert done.stdout.splitlines()[-2:] == ["exit 2", "[]"], done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # OmegaConf named these by the field alone: "invalid value for config key 'weight'"
+        ("data.sources=[{dir: a, weight: abc}]", "'data.sources[0].weight': Value 'abc' of type 'str' could not"),
+        ("data.sources=[{dir: a}, {dir: b, weight: [1]}]", "'data.sources[1].weight': Value '[1]' of type"),
+        ("data.eval_sources=[{dir: a, name: [1]}]", "'data.eval_sources[0].name': Cannot convert 'ListConfig'"),
+    ],
+)
+def test_a_bad_value_in_a_list_item_names_the_item(override, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(f"override {override!r}: invalid value for config key {message}"), str(err.value)
+    path = tmp_path / "run.yaml"  # the same list in a config file
+    key, _, value = override.partition("=")
+    path.write_text(f"data:\n  {key.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path}: invalid value for config key {message}")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, ending",
+    [
+        ("train.max_steps=abc", "could not be converted to Integer: e.g. train.max_steps=300"),
+        ("data.sources=[{dir: a, weight: abc}]", "could not be converted to Float: e.g. data.sources[0].weight=1.0"),
+        ("model.tie_embeddings=abc", "is not a valid bool (type str): e.g. model.tie_embeddings=false"),
+        ("model.memory.k=null", "for field of type 'int': e.g. model.memory.k=32"),
+        (
+            "model.memory.layers=[a]",
+            "'model.memory.layers[0]': Value 'a' of type 'str' could not be converted to Integer",
+        ),
+        ("train.peak_flops=abc", "'train.peak_flops': Value 'abc' of type 'str' could not be converted to Float"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_shown_its_keys_default(override, ending):
+    """A list of values and a default of null have none to show."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).endswith(ending), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [  # "model.memory.n_keys, heads and k must be positive" / "train.max_steps, train.micro_batch and ...":
+        # which one, and at what value, the reader had to find out
+        ("model.memory.heads=0", "model.memory.heads=0 must be positive (e.g. model.memory.heads=4)"),
+        ("model.memory.k=-1", "model.memory.k=-1 must be positive (e.g. model.memory.k=32)"),
+        ("train.micro_batch=0", "train.micro_batch=0 must be positive (e.g. train.micro_batch=16)"),
+        ("train.max_steps=-5", "train.max_steps=-5 must be positive (e.g. train.max_steps=300)"),
+    ],
+)
+def test_a_count_that_must_be_positive_names_its_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert str(err.value) == message

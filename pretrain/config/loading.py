@@ -228,6 +228,42 @@ def _check_tree(tree, cls: type, prefix: str, where: str) -> None:
             if dataclasses.is_dataclass(item):
                 for i, entry in enumerate(value):
                     _check_tree(entry, item, f"{full}[{i}]", where)
+                    _check_item_values(entry, item, f"{full}[{i}]", where)
+
+
+def _check_item_values(entry: dict, cls: type, key: str, where: str) -> None:
+    """A list item's values, merged on their own: merged with the list, OmegaConf names a bad one by its
+    field alone ('weight', not data.sources[0].weight)."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(cls), entry)
+    except ValidationError as err:
+        raise ConfigError(f"{where}: {_invalid_value_message(f'{key}.{err.full_key}', err)}") from None
+
+
+def _invalid_value_message(key: str, err: ValidationError) -> str:
+    """'invalid value for config key K: <OmegaConf's reason>: e.g. K=<the default>'."""
+    example = _default_of(key)
+    hint = f": e.g. {key}={example}" if example is not None else ""
+    return f"invalid value for config key '{key}': {str(err.msg).splitlines()[0]}{hint}"
+
+
+def _default_of(key: str):
+    """The schema's default of the scalar key `key` ('data.sources[0].weight' -> 1.0) as YAML writes it;
+    None where it has none to show (a list item, null, an empty string)."""
+    cls, value = RunConfig, None
+    for part in key.split("."):
+        name = part.split("[")[0]
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            return None
+        annotation = typing.get_type_hints(cls)[name]
+        if "[" in part:
+            cls = typing.get_args(annotation)[0]  # an item: of a list of sections, or of values (no default)
+            continue
+        cls, value = annotation, fields[name].default
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, (int, float)) or (isinstance(value, str) and value) else None
 
 
 def _merge(merged: DictConfig, layer: DictConfig, where: str) -> DictConfig:
@@ -240,7 +276,7 @@ def _merge(merged: DictConfig, layer: DictConfig, where: str) -> DictConfig:
         choices = _literal_choices(str(key))
         if choices is not None:
             raise ConfigError(f"{where}: {choices_message(str(key), err.value, choices)}") from None
-        raise ConfigError(f"{where}: invalid value for config key '{key}': {str(err.msg).splitlines()[0]}") from None
+        raise ConfigError(f"{where}: {_invalid_value_message(str(key), err)}") from None
 
 
 def _has_key(tree: dict, dotted: str) -> bool:

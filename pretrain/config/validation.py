@@ -80,8 +80,11 @@ def _check_steps_and_batch(t: TrainConfig) -> None:
             "train.run_dir is empty: name the run's directory (e.g. train.run_dir=runs/tiny), where its checkpoints, "
             "config and logs go ('.' for the directory the run starts in)"
         )
-    if t.max_steps <= 0 or t.micro_batch <= 0 or t.global_batch <= 0:
-        raise ConfigError("train.max_steps, train.micro_batch and train.global_batch must be positive")
+    for key in ("max_steps", "micro_batch", "global_batch"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(
+                f"train.{key}={getattr(t, key)} must be positive (e.g. train.{key}={getattr(TrainConfig, key)})"
+            )
     if t.global_batch % t.micro_batch:
         nearest = max(t.micro_batch, round(t.global_batch / t.micro_batch) * t.micro_batch)
         raise ConfigError(

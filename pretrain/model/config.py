@@ -169,8 +169,12 @@ class ModelConfig:
             raise ConfigError(f"{p}.memory.layers={list(m.layers)} lists a layer twice")
         if not m.enabled:
             return self
-        if m.n_keys <= 0 or m.heads <= 0 or m.k <= 0:
-            raise ConfigError(f"{p}.memory.n_keys, heads and k must be positive")
+        for key in ("n_keys", "heads", "k"):
+            if getattr(m, key) <= 0:
+                raise ConfigError(
+                    f"{p}.memory.{key}={getattr(m, key)} must be positive (e.g. {p}.memory.{key}="
+                    f"{getattr(MemoryConfig, key)})"
+                )
         if m.k > m.n_keys:
             raise ConfigError(
                 f"{p}.memory.k={m.k} exceeds {p}.memory.n_keys={m.n_keys}: top-k per half-key set "

@@ -50,7 +50,7 @@ def test_export_of_a_triton_run_loads_and_runs_on_cpu(tmp_path):
         ({"layers": [1], "new_setting": 1}, r"unknown model\.memory keys \['new_setting'\]"),
         (None, "model.memory"),
         ({"layers": [1], "n_keys": "8"}, "wrong type"),
-        ({"layers": [1], "k": -2}, r"heads and k must be positive"),  # a ConfigError: memlayers-eval traceback
+        ({"layers": [1], "k": -2}, r"model\.memory\.k=-2 must be positive"),  # a ConfigError: memlayers-eval traceback
     ],
 )
 def test_config_json_with_a_bad_memory_section_is_named(tmp_path, memory, match):
