@@ -161,8 +161,8 @@ def test_a_shell_variable_in_a_config_file_names_the_form_that_reads_the_environ
 # traceback after the model's build had begun and the run directory was made (integers beyond 64 bits);
 # the run trained on where the value made no sense (hang detection or clipping silently off, every norm's
 # output 0, checkpoints and the corpus written into the working directory); a DataError only after torch
-# and the process group (the embedded corpus's world settings); a non-finite loss at step 1 after a
-# checkpoint was written (init_std=inf).
+# and the process group (the embedded corpus's world settings; data.vocab_size below 260, named as
+# prepare_data's "vocab_size"); a non-finite loss at step 1 after a checkpoint was written (init_std=inf).
 LATE_OR_NEVER = [
     ("train.hang_timeout_s=inf", "train.hang_timeout_s=inf must be a number of seconds >= 0 (e.g. 600; 0 turns"),
     ("train.hang_timeout_s=nan", "train.hang_timeout_s=nan must be a number of seconds >= 0"),
@@ -177,6 +177,7 @@ LATE_OR_NEVER = [
     ("data.synthetic.num_entities=1", "data.synthetic.num_entities=1 must be >= 2 (e.g. 300 for the demo)"),
     ("data.synthetic.new_fact_fraction=1", "data.synthetic.new_fact_fraction=1.0 must be in [0, 1)"),
     ("data.synthetic.docs_per_entity=-1", "data.synthetic.docs_per_entity=-1 and qa_docs_per_entity=2 must be >= 0"),
+    ("data.vocab_size=64", "data.vocab_size=64 is too small for the embedded corpus's tokenizer: its byte fallback"),
     ("train.run_dir=", "train.run_dir is empty: name the run's directory (e.g. train.run_dir=runs/tiny)"),
     ("data.cache_dir=", "data.cache_dir is empty: name the folder the embedded corpus is built in"),
     ("train.seed=18446744073709551616", "train.seed=18446744073709551616 is beyond the 64-bit integers torch"),

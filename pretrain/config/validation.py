@@ -183,6 +183,13 @@ def _check_embedded(d: DataConfig) -> None:
             f"data.sequences_per_shard={d.sequences_per_shard} must be positive for the embedded corpus "
             "(at most this many sequences per shard, e.g. 1024)"
         )
+    from pretrain.data.tokenizer import MIN_VOCAB_SIZE  # numpy and sentencepiece, not torch
+
+    if d.vocab_size < MIN_VOCAB_SIZE:  # refused only by the tokenizer's training, after torch and the process group
+        raise ConfigError(
+            f"data.vocab_size={d.vocab_size} is too small for the embedded corpus's tokenizer: its byte fallback needs "
+            f">= {MIN_VOCAB_SIZE} pieces (256 bytes + 4 specials; e.g. data.vocab_size=512)"
+        )
     from pretrain.data.errors import DataError
     from pretrain.data.synthetic import check_world_settings  # the standard library only
 

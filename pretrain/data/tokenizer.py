@@ -41,6 +41,8 @@ from pretrain.data.worker_exits import ended_by
 from pretrain.files import atomic_write
 from pretrain.slurm import stop_signals_blocked
 
+MIN_VOCAB_SIZE = 260  # what a tokenizer with byte fallback holds at least: 256 byte pieces + 4 specials
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SENTENCE_BYTES = 4096
 # A document longer than this (characters) is encoded in pieces (Tokenizer.cut_document): sentencepiece
@@ -326,8 +328,10 @@ def train_tokenizer(
     """
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"model_type={model_type!r} must be 'bpe' or 'unigram'")
-    if vocab_size < 260:
-        raise DataError(f"vocab_size={vocab_size} is too small: byte fallback needs >= 260 (256 bytes + 4 specials)")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"vocab_size={vocab_size} is too small: byte fallback needs >= {MIN_VOCAB_SIZE} (256 bytes + 4 specials)"
+        )
     if max_sentences <= 0:
         raise DataError(f"max_sentences={max_sentences} must be positive (e.g. 200000)")
     if not 1 <= num_threads <= 1024:  # sentencepiece would refuse it only after the sample is read
