@@ -314,7 +314,7 @@ def test_a_bad_value_in_a_list_item_names_the_item(override, message, tmp_path):
     [
         ("train.max_steps=abc", "could not be converted to Integer: e.g. train.max_steps=300"),
         ("data.sources=[{dir: a, weight: abc}]", "could not be converted to Float: e.g. data.sources[0].weight=1.0"),
-        ("model.tie_embeddings=abc", "is not a valid bool (type str): e.g. model.tie_embeddings=false"),
+        ("model.tie_embeddings=1.5", "is not a valid bool (type float): e.g. model.tie_embeddings=false"),
         ("model.memory.k=null", "for field of type 'int': e.g. model.memory.k=32"),
         (
             "model.memory.layers=[a]",
@@ -344,3 +344,23 @@ def test_a_count_that_must_be_positive_names_its_key_and_value(override, message
     with pytest.raises(ConfigError) as err:
         load_config("configs/tiny.yaml", [override])
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("text", ["2", "-1", "'5'", "'x1'"])
+def test_a_boolean_key_refuses_a_number_or_text_that_is_not_one(text, tmp_path):
+    """OmegaConf read `train.compile: 2`, `-1` and the text '5' as true without a word."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train:\n  compile: {text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"config file {path}: train.compile=") and str(err.value).endswith(
+        "is not a boolean: write train.compile=true or train.compile=false"
+    ), str(err.value)
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("0", False), ("1", True), ("yes", True), ("'off'", False)])
+def test_a_boolean_key_still_reads_yamls_booleans_and_0_or_1(text, value, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train:\n  compile: {text}\n")
+    assert load_config(path).train.compile is value
+    assert load_config(None, [f"train.compile={text.strip(chr(39))}"]).train.compile is value

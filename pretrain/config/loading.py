@@ -216,6 +216,8 @@ def _check_tree(tree, cls: type, prefix: str, where: str) -> None:
                 valid = _all_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
             raise ConfigError(f"{where}: {_nearest_key_message(full, valid)}")
         annotation = hints[key]
+        if annotation is bool and not isinstance(value, bool) and not _reads_as_bool(value):
+            raise ConfigError(f"{where}: {full}={value!r} is not a boolean: write {full}=true or {full}=false")
         if dataclasses.is_dataclass(annotation):
             _check_tree(value, annotation, full, where)
         elif typing.get_origin(annotation) is list:
@@ -229,6 +231,16 @@ def _check_tree(tree, cls: type, prefix: str, where: str) -> None:
                 for i, entry in enumerate(value):
                     _check_tree(entry, item, f"{full}[{i}]", where)
                     _check_item_values(entry, item, f"{full}[{i}]", where)
+
+
+def _reads_as_bool(value) -> bool:
+    """What OmegaConf reads as a boolean and means as one: 0 and 1, and YAML's words for true and false.
+    It reads any other integer (2, -1) and any digit string ('5') as true as well, and those are typos."""
+    if isinstance(value, int):
+        return value in (0, 1)
+    if isinstance(value, str):
+        return value.lower() in ("true", "false", "yes", "no", "on", "off", "y", "n", "1", "0")
+    return True  # a list, a mapping, a float, null: OmegaConf refuses it, naming the key
 
 
 def _check_item_values(entry: dict, cls: type, key: str, where: str) -> None:
