@@ -89,6 +89,12 @@ def resolve_sources(data_cfg, seq_len: int | None = None) -> list[Source]:
                 "on a non-empty corpus (or a smaller --val-fraction), or remove the source"
             )
         sources.append(source)
+    if not math.isfinite(sum(s.weight for s in sources)):  # each row's source is drawn with weight / sum
+        raise DataError(
+            f"data.sources: the weights {[s.weight for s in sources]} sum to more than a float holds, so every "
+            "share would be 0 (the mixture drew only from the last source): only their ratios count, so scale "
+            "them down (e.g. 1.0 for each)"
+        )
     _check_consistent(sources, many, seq_len)
     return sources
 

@@ -51,6 +51,14 @@ def test_proportions_follow_the_weights(tmp_path, dataset, second_dataset):
     assert mix.tokens_per_source() == {k: c * SEQ_LEN for k, c in zip("abc", mix.sequences)}
 
 
+def test_weights_whose_sum_overflows_are_refused(dataset, second_dataset):
+    """Weights 1e308 and 1e308 summed to inf: shares 0 and 0, and every row came from the last source (a
+    run trained on B alone, without a word; the plan and the data log line showed 0 epochs, 0.000)."""
+    with pytest.raises(DataError, match=r"^data\.sources: the weights \[1e\+308, 1e\+308\] sum to more than a"):
+        resolve_sources(data_cfg((dataset, 1e308, "a"), (second_dataset, 1e308, "b")))
+    assert len(resolve_sources(data_cfg((dataset, 1e307, "a"), (second_dataset, 1e307, "b")))) == 2
+
+
 def test_rows_are_the_sources_own_sequences_in_order(dataset, second_dataset):
     """Each source's rows, concatenated in draw order, are exactly that source's ShardLoader stream."""
     sources = resolve_sources(data_cfg((dataset, 1.0, "a"), (second_dataset, 2.0, "b")))
