@@ -186,6 +186,7 @@ LATE_OR_NEVER = [
     ("model.memory.n_keys=10**20", "model.memory.n_keys=100000000000000000000 is beyond the 64-bit integers"),
     ("data.synthetic.num_entities=10**20", "data.synthetic.num_entities=100000000000000000000 is beyond the 64-bit"),
     ("model.memory.layers=[-10**20]", "model.memory.layers=[-100000000000000000000] is beyond the 64-bit"),
+    ("slots.granularity=chunk:10**20", "slots.granularity='chunk:100000000000000000000' must be document, sequence"),
 ]
 
 

@@ -156,8 +156,14 @@ def _check_slots(s: SlotsConfig) -> None:
     if s.sample_batches < 0:  # was a ValueError traceback once the model and engine were built
         raise ConfigError(f"slots.sample_batches={s.sample_batches} must be >= 0 (0: no background sample)")
     g = s.granularity  # a pattern, not a fixed set of choices: checked here, parsed by slots/granularity.py
-    if not (g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and int(g[6:]) > 0)):
-        raise ConfigError(f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64)")
+    # a chunk beyond 64 bits failed in the first step's unit ids (an OverflowError traceback after the build)
+    if not (
+        g in ("document", "sequence") or (g.startswith("chunk:") and g[6:].isdigit() and 0 < int(g[6:]) <= INT64_MAX)
+    ):
+        raise ConfigError(
+            f"slots.granularity={g!r} must be document, sequence or chunk:<n_tokens> (e.g. chunk:64; a chunk as "
+            "long as a sequence counts as sequence)"
+        )
 
 
 def _check_embedded(d: DataConfig) -> None:
