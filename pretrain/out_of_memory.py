@@ -27,6 +27,9 @@ def remedies(cfg, world_size: int) -> list[str]:
     """Overrides that lower this run's memory per rank, most effective first for activations."""
     t, memory = cfg.train, cfg.model.memory
     out = []
+    sample = _sample_bytes(cfg)
+    if sample >= GiB:  # its buffers come at the first step, all at once: slots.sample_batches=10**12 asked 8 TB
+        out.append(_no_sample(cfg, sample))
     smaller = [m for m in range(t.micro_batch - 1, 0, -1) if t.global_batch % (m * world_size) == 0]
     if smaller:
         m = smaller[0]
@@ -53,7 +56,28 @@ def remedies(cfg, world_size: int) -> list[str]:
                 f"model.memory.parallel_size={larger[0]} (now {memory.parallel_size}; each rank holds "
                 f"1/{larger[0]} of the value pool's columns and their optimizer state)"
             )
+    if 0 < sample < GiB:
+        out.append(_no_sample(cfg, sample))
     return out
+
+
+def _sample_bytes(cfg) -> int:
+    """Host memory of the background sample of slot indices (pretrain/slots/sample.py): for each of
+    slots.sample_batches micro-batches, int32 indices of each memory layer's heads x k per token and an
+    int64 document id per token."""
+    memory, s = cfg.model.memory, cfg.slots
+    if not (s.enabled and s.sample_batches > 0 and memory.layers):
+        return 0
+    tokens = cfg.train.micro_batch * cfg.data.seq_len
+    return s.sample_batches * tokens * (len(memory.layers) * memory.heads * memory.k * 4 + 8)
+
+
+def _no_sample(cfg, sample: int) -> str:
+    size = f"{sample / GiB:,.1f} GiB" if sample >= GiB else f"{sample / 2**20:,.1f} MiB"
+    return (
+        f"slots.sample_batches=0 (now {cfg.slots.sample_batches}; its background sample of slot indices "
+        f"holds about {size} of host memory)"
+    )
 
 
 def memory_in_use(device: torch.device, memory=None) -> str:

@@ -56,6 +56,30 @@ def test_a_run_at_its_limits_is_told_so():
     )
 
 
+def test_a_large_slot_sample_is_named_first():
+    """slots.sample_batches=10**12 ran out of host memory at the first step (8 TB asked) and was told to
+    lower train.micro_batch or recompute activations, not the setting that asked for it. The reference:
+    the bytes a BackgroundSample's buffers hold per entry once it is offered a micro-batch of this run's
+    shapes (B*S, heads, k slot ids per memory layer, (B, S) document ids)."""
+    from pretrain.slots.sample import BackgroundSample
+
+    cfg = settings("train.global_batch=4", "train.micro_batch=4")
+    memory, tokens = cfg.model.memory, cfg.train.micro_batch * cfg.data.seq_len
+    sample = BackgroundSample(capacity=3, layer_names=[f"layers.{i}" for i in memory.layers])
+    indices = [torch.zeros(tokens, memory.heads, memory.k, dtype=torch.int64) for _ in memory.layers]
+    sample.offer(0, indices, torch.zeros(cfg.train.micro_batch, cfg.data.seq_len, dtype=torch.int64))
+    buffers = [*sample.indices.values(), sample.doc_ids]
+    per_batch = sum(t.numel() * t.element_size() for t in buffers) // 3
+    assert not any(f.startswith("slots.") for f in remedies(cfg, 1))  # no sample by default
+    cfg.slots.sample_batches = 2**20 * 1024 // per_batch + 1  # a little over 1 GiB
+    assert remedies(cfg, 1)[0] == (
+        f"slots.sample_batches=0 (now {cfg.slots.sample_batches}; its background sample of slot indices holds "
+        "about 1.0 GiB of host memory)"
+    )
+    cfg.slots.sample_batches = 100  # small: named last, in MiB
+    assert remedies(cfg, 1)[-1].endswith(f"holds about {100 * per_batch / 2**20:,.1f} MiB of host memory)")
+
+
 def oom_at(call: int):
     """A Trainer.forward_backward that raises CUDA's out-of-memory error at its call-th call."""
     real, calls = Trainer.forward_backward, {"n": 0}
@@ -126,6 +150,7 @@ def test_remedies_read_only_the_config():
     cfg = SimpleNamespace(
         train=SimpleNamespace(micro_batch=2, global_batch=4, activation_checkpointing="memory", zero_stage=3),
         model=SimpleNamespace(memory=SimpleNamespace(layers=[], parallel_size=1), value_dim=8),
+        slots=SimpleNamespace(enabled=True, sample_batches=0),
     )
     assert [f.split(" ")[0] for f in remedies(cfg, 1)] == ["train.micro_batch=1", "train.activation_checkpointing=full"]
 
