@@ -78,7 +78,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # bound on the gradient norm (dense and values each); 0 or less: no clipping
     z_loss: float = 0.0  # weight of mean log(Z)^2 of the output softmax added to the loss (PaLM: 1e-4)
     # The schedule (pretrain/lr_schedule.py): linear warm-up, a stable phase, a decay to
     # lr * min_lr_ratio over the last decay_fraction of train.max_steps. decay_fraction=1

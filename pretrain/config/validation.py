@@ -224,10 +224,11 @@ def _check_optimizer(o: OptimConfig) -> None:
         raise ConfigError(
             f"optim.eps={o.eps} and optim.weight_decay={o.weight_decay} must be >= 0 and finite (e.g. 1e-8 and 0.1)"
         )
-    if not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):  # < 0 and NaN turned clipping off without a word
+    # NaN turned clipping off without a word (no comparison with it is true); <= 0 is off by design, as in
+    # DeepSpeed's gradient_clipping, and a run started with -1 must still resume with it
+    if math.isnan(o.grad_clip):
         raise ConfigError(
-            f"optim.grad_clip={o.grad_clip} must be >= 0 and finite (the bound on the gradient norm, e.g. 1.0; "
-            "0: no clipping)"
+            "optim.grad_clip=nan must be a number: the bound on the gradient norm (e.g. 1.0; 0 or less: no clipping)"
         )
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0 (0: no warm-up)")
