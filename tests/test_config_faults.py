@@ -231,14 +231,43 @@ def test_the_64_bit_refusal_suggests_the_keys_default():
 
 @pytest.mark.parametrize("key", ["data.dir", "data.sources", "data.eval_sources"])
 def test_a_path_the_system_cannot_look_up_is_refused_naming_the_key(key):
-    """A folder name over the system's limit (255 bytes here) raised a bare OSError from is_file()."""
+    """A folder name over the system's limit (255 bytes here) raised a bare OSError from is_file() in
+    resolve_sources (which tools and the loaders call too; load_config refuses the name first, below)."""
+    from types import SimpleNamespace
+
+    from pretrain.data.errors import DataError
+    from pretrain.data.sources import resolve_eval_sources, resolve_sources
+
     name = "x" * 300
-    override = f"{key}={name}" if key == "data.dir" else f"{key}=[{{dir: {name}}}]"
-    with pytest.raises(ConfigError) as err:
-        load_config("configs/tiny.yaml", [override])
+    data = SimpleNamespace(dir="", sources=[], eval_sources=[])
+    if key == "data.dir":
+        data.dir = name
+    else:
+        setattr(data, key.split(".")[1], [{"dir": name, "weight": 1.0, "name": ""}])
+    with pytest.raises(DataError) as err:
+        resolve_eval_sources(data, resolve_sources(data))
     where = key if key == "data.dir" else f"{key}[0]"
     assert str(err.value).startswith(where), str(err.value)
     assert "cannot be looked up (File name too long): name the folder of a prepared dataset" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["train.run_dir", "data.cache_dir", "train.init_from", "data.dir", "data.sources", "data.eval_sources"],
+)
+def test_a_path_name_no_file_system_holds_is_refused_when_the_config_loads(key, tmp_path):
+    """train.run_dir, data.cache_dir and train.init_from with a name over 255 bytes ended the job with an
+    OSError traceback ("File name too long") after torch; the datasets' dirs were refused as above."""
+    path = f"{tmp_path}/{'x' * 256}/run"
+    override = f"{key}=[{{dir: {path}}}]" if key.endswith("sources") else f"{key}={path}"
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    where = f"{key}[0].dir" if key.endswith("sources") else key
+    assert str(err.value).startswith(f"{where}='{tmp_path}"[:40]), str(err.value)
+    assert str(err.value).endswith(
+        "has 256 bytes, above the 255 a file system allows for one name: name a shorter path"
+    ), str(err.value)
+    assert load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path}/{'x' * 255}"])  # at the limit
 
 
 @pytest.mark.parametrize(

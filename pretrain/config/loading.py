@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pretrain.config.datasets import DATASET_KEYS, check_datasets, follow_dataset
-from pretrain.config.paths import absolute_paths, expand_home
+from pretrain.config.paths import absolute_paths, check_path_lengths, expand_home
 from pretrain.config.schema import RunConfig
 from pretrain.config.validation import validate
 from pretrain.model.config import ConfigError, choices_message, literal_fields
@@ -73,7 +73,7 @@ def load_config(
             f"config file {path}: {err.full_key}: {str(err).splitlines()[0]}: an interpolation must name an "
             "existing key (e.g. ${train.seed}); or write the value itself"
         ) from None
-    expand_home(cfg)
+    check_path_lengths(expand_home(cfg))
     if base_dir is not None:
         absolute_paths(cfg, Path(base_dir))
     explicit = {k for k in DATASET_KEYS if any(_has_key(tree, k) for _, tree, _ in layers)}

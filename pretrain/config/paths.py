@@ -1,6 +1,6 @@
 """The config's paths (train.run_dir, train.init_from, data.dir, data.cache_dir, each source's dir):
-`~` expanded, an unexpanded shell variable refused, relative paths made absolute against the
-directory the run starts in."""
+`~` expanded, an unexpanded shell variable refused, a name longer than file systems allow refused,
+relative paths made absolute against the directory the run starts in."""
 
 from __future__ import annotations
 
@@ -43,6 +43,27 @@ def expand_home(cfg: RunConfig) -> RunConfig:
             )
         if value.startswith("~"):
             setattr(section, name, os.path.expanduser(value))
+    return cfg
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: Linux's limits for one name and for a whole path (ext4, xfs, NFS, Lustre)
+
+
+def check_path_lengths(cfg: RunConfig) -> RunConfig:
+    """Refuse, naming the key, a path no file system here can hold: such a train.run_dir, data.cache_dir
+    or train.init_from ended the job with an OSError traceback ("File name too long") after torch."""
+    for section, name, key in _path_fields(cfg):
+        value = getattr(section, name)
+        names = [part for part in value.split("/") if len(part.encode()) > NAME_MAX]
+        if names or len(value.encode()) >= PATH_MAX:
+            shown = value if len(value) <= 80 else f"{value[:40]}...{value[-20:]}"
+            what = (
+                f"its name {names[0][:20]!r}... has {len(names[0].encode())} bytes, above the {NAME_MAX} a file system "
+                f"allows for one name"
+                if names
+                else f"it has {len(value.encode())} bytes, above the {PATH_MAX - 1} a path may have"
+            )
+            raise ConfigError(f"{key}={shown!r}: {what}: name a shorter path")
     return cfg
 
 
