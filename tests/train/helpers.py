@@ -202,10 +202,13 @@ def assert_same_tables(run_a: Path, run_b: Path) -> None:
         assert torch.equal(a.doc_freq[layer], b.doc_freq[layer]), layer
 
 
-def train_p2_variants(root: str, cache: str, stages: tuple, steps: int, variants: dict[str, str]) -> dict:
-    """{"z<stage>-<name>": losses} of one run per ZeRO stage and variant (its override): the tiny
-    config with memory parallelism P = 2, two micro-batches a step, `fixed_batches`; each run
-    under root/z<stage>-<name>. Run on every rank of a `world2_suite`."""
+def train_p2_variants(
+    root: str, cache: str, stages: tuple, steps: int, variants: dict[str, str], *extra: str, evals: dict | None = None
+) -> dict:
+    """{"z<stage>-<name>": losses} of one run per ZeRO stage and variant (its override, then `extra`):
+    the tiny config with memory parallelism P = 2, two micro-batches a step, `fixed_batches`; each run
+    under root/z<stage>-<name>; `evals`, if given, gets each run's final evaluation by the same key.
+    Run on every rank of a `world2_suite`."""
     from pretrain.train import train
 
     out = {}
@@ -219,8 +222,12 @@ def train_p2_variants(root: str, cache: str, stages: tuple, steps: int, variants
                 "train.micro_batch=2",  # 2 micro-batches per step
                 "model.memory.parallel_size=2",
                 override,
+                *extra,
             )
-            out[f"z{stage}-{name}"] = train(cfg, loaders=fixed_batches).losses
+            result = train(cfg, loaders=fixed_batches)
+            out[f"z{stage}-{name}"] = result.losses
+            if evals is not None:
+                evals[f"z{stage}-{name}"] = result.eval
     return out
 
 
