@@ -201,7 +201,7 @@ def since_progress(watchdog) -> Callable[[], str]:
 
 class LocalPeerWatch:
     """Ends this rank (the one line, exit status 1) when another rank's process on this node has
-    ended and this rank has not stopped by itself `grace_s` later.
+    ended and this rank has not stopped by itself `grace_s` later (`train.lost_peer_grace_s`).
 
     Where a rank dies before its peers have connected to it, no error comes: gloo, making a process
     group (DeepSpeed's data-parallel group, in deepspeed.initialize), waits on the rendezvous store
@@ -243,7 +243,7 @@ class LocalPeerWatch:
         if self._stopped.wait(self.grace_s):  # this rank met the loss itself (LostPeer), or finished
             return
         where = self.where()
-        waiting = f"no error, still waiting for it {self.grace_s:.0f} s after it ended"
+        waiting = f"no error, still waiting for it {self.grace_s:g} s after it ended"
         # not read from the store again: the waiting main thread holds its client
         line = describe(self.run_dir, me, where, waiting, None, processes)
         print(f"error: {line}", file=sys.stderr, flush=True)

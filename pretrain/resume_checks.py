@@ -55,6 +55,7 @@ RESUME_MAY_CHANGE = (
     "train.startup_timeout_s",
     "train.rendezvous_timeout_s",
     "train.requeue_on_hang",
+    "train.lost_peer_grace_s",
     *SCHEDULE_KEYS,
     "optim.allow_schedule_change",
     "train.init_from",  # read only by a run's start, never by a resume

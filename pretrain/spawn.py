@@ -24,8 +24,17 @@ from pretrain.distributed import free_port
 
 # What the fork server imports once for every rank it forks (each spawned rank took ~3 s of CPU
 # importing them, most of a small test's time; torch._dynamo, which building a model imports,
-# another 2-5 s), and the variables those imports read.
-_PRELOAD = ["torch", "deepspeed", "pretrain.train", "torch._dynamo", "torch.utils.tensorboard"]
+# another 2-5 s; DeepSpeed's Muon optimizer, which deepspeed.initialize imports under ZeRO 1-3 to
+# list it as supported, and with it inductor's compile_fx, 1-2.5 s more), and the variables those
+# imports read.
+_PRELOAD = [
+    "torch",
+    "deepspeed",
+    "pretrain.train",
+    "torch._dynamo",
+    "torch.utils.tensorboard",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+]
 _IMPORT_TIME_ENV = ("DS_ACCELERATOR", "TRITON_INTERPRET")  # DeepSpeed fixes its accelerator on import
 SURVIVOR_GRACE_S = 5.0  # how long the other ranks of a failed one have to end by themselves
 _server_env: list[tuple] = []  # _IMPORT_TIME_ENV's values when this process's fork server started
@@ -58,6 +67,13 @@ def _report_error(report_dir: str, rank: int, err: Exception) -> None:
         "at": time.monotonic(),  # one clock for every process on the machine
     }
     Path(report_dir, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def rank_context():
+    """The multiprocessing context `run_gloo` starts its ranks in, for callers that start their own
+    processes: the fork server's (a child has the server's environment: pass the caller's and apply
+    it first, as `_entry` does), else spawn's."""
+    return multiprocessing.get_context(_start_method())
 
 
 def _entry(

@@ -78,7 +78,7 @@ def train(
         where = since_progress(watchdog)
         with (
             watchdog,
-            LocalPeerWatch(cfg.train.run_dir, where),
+            LocalPeerWatch(cfg.train.run_dir, where, grace_s=cfg.train.lost_peer_grace_s),
             explain_lost_peer(cfg.train.run_dir, where),
             explain_out_of_memory(cfg, info, watchdog, memory),
         ):

@@ -162,21 +162,15 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
         for runner in runners.values():
             runner.step()  # warm-up: allocates the optimizer state
         walls, cpus, extras = ({v: [] for v in variants} for _ in range(3))
-        for _ in range(spec.repeats):
-            for variant, runner in runners.items():
-                gc.collect()
-                w0, c0 = time.perf_counter(), time.process_time()
-                runner.step()
-                if spec.device != "cpu":
-                    torch.cuda.synchronize()
-                walls[variant].append(time.perf_counter() - w0)
-                cpus[variant].append(time.process_time() - c0)
-                # memory on a step of its own: the heap trim that makes the RSS high-water
-                # mark see reused memory also makes the step fault in its temporaries, which
-                # a training loop (no trim) does not pay, so that step is not timed
-                before = peak_memory.start(spec.device)
-                runner.step()
-                extras[variant].append(max(peak_memory.peak(spec.device) - before, 0))
+        # what lives now (the models, the process's modules) is left out of the collections below:
+        # each then frees the previous steps' garbage alone, not also walks a heap that a large
+        # process (a test session) made take 0.5 s a collection
+        gc.collect()
+        gc.freeze()
+        try:
+            _measure(spec, runners, walls, cpus, extras)
+        finally:
+            gc.unfreeze()
         for variant, runner in runners.items():
             resident = runner.resident_bytes()
             extra = statistics.median(extras[variant])
@@ -201,6 +195,25 @@ def step_sweep(spec: StepSpec, progress=None) -> list[dict]:
         del runners
         gc.collect()
     return records
+
+
+def _measure(spec: StepSpec, runners: dict, walls: dict, cpus: dict, extras: dict) -> None:
+    """`spec.repeats` x (a timed step, then a memory step) of each runner, appended per variant."""
+    for _ in range(spec.repeats):
+        for variant, runner in runners.items():
+            gc.collect()
+            w0, c0 = time.perf_counter(), time.process_time()
+            runner.step()
+            if spec.device != "cpu":
+                torch.cuda.synchronize()
+            walls[variant].append(time.perf_counter() - w0)
+            cpus[variant].append(time.process_time() - c0)
+            # memory on a step of its own: the heap trim that makes the RSS high-water
+            # mark see reused memory also makes the step fault in its temporaries, which
+            # a training loop (no trim) does not pay, so that step is not timed
+            before = peak_memory.start(spec.device)
+            runner.step()
+            extras[variant].append(max(peak_memory.peak(spec.device) - before, 0))
 
 
 def _rows_read(runner: _StepRunner) -> int:

@@ -279,8 +279,11 @@ def _default_of(key: str):
 
 
 def _merge(merged: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    """`layer` merged into `merged` in place. `merged` is this load's own (a failed merge discards it)
+    and so is `layer`: OmegaConf.merge's deep copy of the growing config for each of a run's 20-30
+    overrides was 3/4 of the load's time."""
     try:
-        return OmegaConf.merge(merged, layer)
+        return OmegaConf.unsafe_merge(merged, layer)
     except (ConfigKeyError, ConfigAttributeError) as err:  # _check_tree names unknown keys first
         raise ConfigError(f"{where}: unknown config key '{getattr(err, 'full_key', None) or err}'") from None
     except ValidationError as err:

@@ -130,6 +130,9 @@ class TrainConfig:
     # a job's nodes take to start, which can be a minute or more apart
     rendezvous_timeout_s: float = 600.0
     requeue_on_hang: bool = True
+    # how long a rank waits, once another rank's process on its node has ended, for an error of its
+    # own before it stops with the lost-rank line (pretrain/lost_peer.py LocalPeerWatch)
+    lost_peer_grace_s: float = 20.0
 
 
 @dataclass

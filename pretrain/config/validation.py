@@ -125,6 +125,11 @@ def _check_timing(t: TrainConfig) -> None:
             f"train.rendezvous_timeout_s={t.rendezvous_timeout_s} must be > 0 (seconds the ranks wait for each "
             "other at the start; default 600)"
         )
+    if not (math.isfinite(t.lost_peer_grace_s) and t.lost_peer_grace_s > 0):
+        raise ConfigError(
+            f"train.lost_peer_grace_s={t.lost_peer_grace_s} must be > 0 (seconds a rank waits for an error of its "
+            "own after another rank's process on its node ended; default 20)"
+        )
     if t.peak_flops is not None and not (math.isfinite(t.peak_flops) and t.peak_flops > 0):
         raise ConfigError(
             f"train.peak_flops={t.peak_flops} must be a GPU's dense bf16 peak in FLOP/s (e.g. 9.89e14 for "

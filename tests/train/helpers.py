@@ -202,10 +202,13 @@ def assert_same_tables(run_a: Path, run_b: Path) -> None:
         assert torch.equal(a.doc_freq[layer], b.doc_freq[layer]), layer
 
 
-def train_p2_variants(root: str, cache: str, stages: tuple, steps: int, variants: dict[str, str]) -> dict:
-    """{"z<stage>-<name>": losses} of one run per ZeRO stage and variant (its override): the tiny
-    config with memory parallelism P = 2, two micro-batches a step, `fixed_batches`; each run
-    under root/z<stage>-<name>. Run on every rank of a `world2_suite`."""
+def train_p2_variants(
+    root: str, cache: str, stages: tuple, steps: int, variants: dict[str, str], *extra: str, evals: dict | None = None
+) -> dict:
+    """{"z<stage>-<name>": losses} of one run per ZeRO stage and variant (its override, then `extra`):
+    the tiny config with memory parallelism P = 2, two micro-batches a step, `fixed_batches`; each run
+    under root/z<stage>-<name>; `evals`, if given, gets each run's final evaluation by the same key.
+    Run on every rank of a `world2_suite`."""
     from pretrain.train import train
 
     out = {}
@@ -219,8 +222,12 @@ def train_p2_variants(root: str, cache: str, stages: tuple, steps: int, variants
                 "train.micro_batch=2",  # 2 micro-batches per step
                 "model.memory.parallel_size=2",
                 override,
+                *extra,
             )
-            out[f"z{stage}-{name}"] = train(cfg, loaders=fixed_batches).losses
+            result = train(cfg, loaders=fixed_batches)
+            out[f"z{stage}-{name}"] = result.losses
+            if evals is not None:
+                evals[f"z{stage}-{name}"] = result.eval
     return out
 
 
@@ -257,7 +264,7 @@ class FakeClock:
         return getattr(real_time, name)
 
 
-def _record_outcome(rank: int, world: int, port: int, fn, args: tuple, out_dir: str, done) -> None:
+def _record_outcome(rank: int, world: int, port: int, fn, args: tuple, out_dir: str, done, environ: dict) -> None:
     """One rank of `run_ranks_outcome`: fn's result or error and the seconds it took, recorded;
     then the process waits for `done`, as a failed rank under NCCL stays in the group until its
     job step ends (a gloo rank that exits breaks its peers' collectives at once, which would hide a hang)."""
@@ -265,6 +272,8 @@ def _record_outcome(rank: int, world: int, port: int, fn, args: tuple, out_dir: 
     import time
     import traceback
 
+    os.environ.clear()  # a forked rank has the fork server's environment: the caller's instead
+    os.environ.update(environ)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -286,17 +295,21 @@ def run_ranks_outcome(world: int, fn, args: tuple, out_dir: Path, timeout: float
     recording {"result"} or {"error", "message"} with its "seconds"; None for a rank still busy
     after `timeout` seconds (waiting in a collective for a peer that will never come). No rank
     leaves before all have recorded or the time is up."""
-    import multiprocessing
+    import os
     import time
 
     from pretrain.distributed import free_port
+    from pretrain.spawn import rank_context
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
+    # forked from run_gloo's server, which imported torch, DeepSpeed and the trainer once: a spawned
+    # rank took 3-5 s of CPU importing them, each
+    context = rank_context()
     done = context.Event()
     port = free_port()
+    environ = dict(os.environ)
     procs = [
-        context.Process(target=_record_outcome, args=(r, world, port, fn, args, str(out_dir), done))
+        context.Process(target=_record_outcome, args=(r, world, port, fn, args, str(out_dir), done, environ))
         for r in range(world)
     ]
     for p in procs:

@@ -154,18 +154,23 @@ def test_a_peer_lost_after_a_stop_before_max_steps_still_names_the_resume(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "point, where",
+    "point, where, extra",
     [
-        ("config-shared", "while the ranks checked the config (gloo: "),
+        ("config-shared", "while the ranks checked the config (gloo: ", ()),
         # gloo making DeepSpeed's group waited on the store for the dead rank, 720 s here (32 minutes by
-        # default), then failed with a timeout that named no rank: the survivor's watch ends it
-        ("deepspeed-initialize", "before this run's first step finished (gloo: no error, still waiting for it 20 s"),
-        ("final-barrier", "after this run ended at step 6 (gloo: "),
+        # default), then failed with a timeout that named no rank: the survivor's watch ends it, after
+        # train.lost_peer_grace_s (20 s by default; waiting those out was this test's 21 s)
+        (
+            "deepspeed-initialize",
+            "before this run's first step finished (gloo: no error, still waiting for it 3 s",
+            ("train.lost_peer_grace_s=3",),
+        ),
+        ("final-barrier", "after this run ended at step 6 (gloo: ", ()),
     ],
 )
-def test_a_rank_lost_at_start_up_or_shutdown_is_named_in_one_line(tmp_path, data_cache, point, where):
+def test_a_rank_lost_at_start_up_or_shutdown_is_named_in_one_line(tmp_path, data_cache, point, where, extra):
     run, log = tmp_path / "run", tmp_path / "train.log"
-    children = launch(point, 0, run, data_cache, log, world=2, killed_rank=1)
+    children = launch(point, 0, run, data_cache, log, world=2, killed_rank=1, extra=extra)
     codes = wait(children, timeout=300)
     text = log.read_text()
     assert codes == [1, -signal.SIGKILL], text[-3000:]
@@ -181,6 +186,15 @@ def test_a_rank_lost_at_start_up_or_shutdown_is_named_in_one_line(tmp_path, data
         assert "resumes" not in line, line
     else:
         assert "The run resumes from the start" in line, line
+
+
+@pytest.mark.parametrize("value", ["0", "-1", ".nan"])
+def test_a_lost_peer_grace_that_is_not_positive_is_refused_at_load(value):
+    from pretrain.config import ConfigError, load_config
+
+    assert load_config(None).train.lost_peer_grace_s == 20
+    with pytest.raises(ConfigError, match=r"train.lost_peer_grace_s=\S+ must be > 0"):
+        load_config(None, [f"train.lost_peer_grace_s={value}"])
 
 
 def test_a_multi_rank_profile_whose_peer_dies_ends_in_one_line(tmp_path, data_cache):
