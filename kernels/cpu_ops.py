@@ -6,6 +6,9 @@
 * `rowwise_adam_`: the row-wise lazy Adam update of `sparse_rowwise_adamw`, one pass over
   the rows read with the next rows prefetched, instead of three gathers and three
   scatters of random rows.
+* `count_document_slots_`: a micro-batch's slot counts and document frequencies
+  (pretrain/slots/counters.py) in one walk over the tokens, instead of sorting every
+  (slot, occurrence) pair.
 
 The library is built on first use with torch.utils.cpp_extension (~15 s with g++ and
 ninja, the toolchain DeepSpeed's CPU ops need as well) into TORCH_EXTENSIONS_DIR, under a
@@ -105,4 +108,18 @@ def rowwise_adam_(param, exp_avg, exp_avg_sq_row, rows, grad, grad_sq, lr, beta1
         eps,
         -lr / (1 - beta1**step),
     )
+    return True
+
+
+def count_document_slots_(counts, doc_freq, last_occurrence, indices, order, valid, occurrence, stream) -> bool:
+    """One micro-batch's slot counts, document frequencies and last occurrences, added in place as
+    `SlotStatistics` (document granularity) defines them: indices (T, reads) slot ids per token in
+    flat order, order (T,) the flat token at each stream-major position, valid (T,) per flat token,
+    occurrence and stream (T,) per stream-major position. Returns False (nothing done) when the
+    library is not available or a tensor is not on the CPU."""
+    tensors = (counts, doc_freq, last_occurrence, indices, order, valid, occurrence, stream)
+    if not (all(t.device.type == "cpu" for t in tensors) and available()):
+        return False
+    inputs = (indices.long(), order.long(), valid.bool(), occurrence.long(), stream.long())
+    torch.ops.memlayers_cpu.count_document_slots_(counts, doc_freq, last_occurrence, *(t.contiguous() for t in inputs))
     return True

@@ -7,7 +7,10 @@ Measured side by side in one run, alternating on/off steps so that drift hits bo
 equally, for configs/tiny.yaml's model and for the same model with a 1024^2-slot memory
 (`--n-keys 1024`). Prints median and minimum step times and their ratios (the minimum is the
 less noisy estimate on a shared machine) (goal: <= 1.05x tiny,
-<= 1.02x 1M slots). Pure timing: nothing is asserted. `--json PATH` also writes every step's
+<= 1.02x 1M slots). On the CPU at the document granularity a third setting, `sorted`, counts
+with the device path (sorted (slot, unit) pairs) instead of the compiled walk
+(kernels/csrc/slot_counts.cpp), alternated with the other two: its ratio to `on` is what the
+walk saves. Pure timing: nothing is asserted. `--json PATH` also writes every step's
 time (seconds, on and off) beside those numbers, with the device, date, commit and torch version.
 """
 
@@ -25,6 +28,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from kernels import cpu_ops  # noqa: E402
 from kernels.benchmark import write_results  # noqa: E402
 from pretrain.cli import int_at_least, output_file, positive_int, torch_device  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
@@ -38,7 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 def bench(
     n_keys: int | None, steps: int, warmup: int, granularity: str, device: str, with_optimizer: bool = True
 ) -> dict[str, list[float]]:
-    """Step times in seconds, {"off": [...], "on": [...]}, `steps` of each, alternating."""
+    """Step times in seconds, {"off": [...], "on": [...]} (and "sorted", see the module
+    docstring), `steps` of each, alternating; and the CPU seconds of the steps' `update` calls,
+    {"on_update": [...]} (and "sorted_update")."""
     overrides = [f"model.memory.n_keys={n_keys}"] if n_keys else []
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     torch.manual_seed(0)
@@ -50,37 +56,53 @@ def bench(
     tokens = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=gen).to(device)
     doc_ids = torch.cumsum(torch.rand(B, S, generator=gen) < 0.01, dim=1).add(torch.arange(B)[:, None] * S)
     doc_ids = doc_ids.to(device)
-    times = {"on": [], "off": []}
+    settings = ["on", "off"]
+    if device == "cpu" and parse_granularity(granularity).kind == "document" and cpu_ops.available():
+        settings.append("sorted")
+    times = {setting: [] for setting in settings}
+    times.update({f"{setting}_update": [] for setting in settings if setting != "off"})
+    compiled_walk = cpu_ops.count_document_slots_
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if with_optimizer else None
 
-    def step(on: bool) -> float:
+    def step(setting: str) -> float:
+        on = setting != "off"
+        cpu_ops.count_document_slots_ = (lambda *args: False) if setting == "sorted" else compiled_walk
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         sync()
         t0 = time.perf_counter()
         loss = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
         if on:
+            cpu_start = time.process_time()
             stats.update([m.last_indices for m in model.memory_layers()], doc_ids)
+            times[f"{setting}_update"].append(time.process_time() - cpu_start)  # CPU time: robust to load
         if optimizer is not None:
             optimizer.step()
         sync()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    for i in range(warmup):
-        step(i % 2 == 0)
-    for i in tqdm(range(2 * steps), desc=f"n_keys={cfg.model.memory.n_keys}", leave=False):
-        on = i % 2 == 0
-        times["on" if on else "off"].append(step(on))
+    try:
+        for i in range(warmup):
+            step(settings[i % len(settings)])
+        for i in tqdm(range(len(settings) * steps), desc=f"n_keys={cfg.model.memory.n_keys}", leave=False):
+            setting = settings[i % len(settings)]
+            times[setting].append(step(setting))
+    finally:
+        cpu_ops.count_document_slots_ = compiled_walk
     return times
 
 
 def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """The median and the minimum step time, off and on, and their ratio on/off."""
+    """The median and the minimum step time, off and on, and their ratio on/off; with a
+    `sorted` setting also its time and the ratio on/sorted."""
     summary = {}
     for stat, fn in (("median", statistics.median), ("min", min)):
         off, on = fn(times["off"]), fn(times["on"])
         summary[stat] = {"off_s": off, "on_s": on, "ratio": on / off}
+        if "sorted" in times:
+            sorted_pairs = fn(times["sorted"])
+            summary[stat].update(sorted_s=sorted_pairs, sorted_ratio=sorted_pairs / off, on_vs_sorted=on / sorted_pairs)
     return summary
 
 
@@ -119,7 +141,7 @@ def main(argv=None) -> int:
         f"granularity {args.granularity}, step = forward + backward"
         f"{'' if args.no_optimizer else ' + AdamW'}"
     )
-    print("slots\tstat\toff_ms\ton_ms\tratio")
+    print("slots\tstat\toff_ms\ton_ms\tratio\tsorted_ms\tsorted_ratio\ton/sorted")
     rows = []
     for n_keys in args.n_keys:
         times = bench(
@@ -128,8 +150,20 @@ def main(argv=None) -> int:
         slots = (n_keys or load_config(REPO / "configs/tiny.yaml").model.memory.n_keys) ** 2
         summary = summarize(times)
         for stat, row in summary.items():
-            print(f"{slots}\t{stat}\t{row['off_s'] * 1e3:.1f}\t{row['on_s'] * 1e3:.1f}\t{row['ratio']:.3f}x")
-        rows.append({"slots": slots, "off_step_s": times["off"], "on_step_s": times["on"], **summary})
+            line = f"{slots}\t{stat}\t{row['off_s'] * 1e3:.1f}\t{row['on_s'] * 1e3:.1f}\t{row['ratio']:.3f}x"
+            if "sorted_s" in row:
+                line += f"\t{row['sorted_s'] * 1e3:.1f}\t{row['sorted_ratio']:.3f}x\t{row['on_vs_sorted']:.3f}x"
+            print(line)
+        updates = {k: v for k, v in times.items() if k.endswith("_update")}
+        for k, v in updates.items():
+            print(
+                f"{slots}\t{k} CPU time per call: median {statistics.median(v) * 1e3:.2f} ms, min {min(v) * 1e3:.2f} ms"
+            )
+        if len(updates) == 2:
+            ratio = statistics.median(updates["on_update"]) / statistics.median(updates["sorted_update"])
+            print(f"{slots}\tupdate, compiled walk / sorted pairs (medians): {ratio:.3f}x")
+        steps_only = {f"{k}_step_s": v for k, v in times.items() if k not in updates}
+        rows.append({"slots": slots, **steps_only, **{f"{k}_cpu_s": v for k, v in updates.items()}, **summary})
     if args.json:
         write_results(args.json, args.device, vars(args), threads=torch.get_num_threads(), rows=rows)
         print(f"results written to {args.json}")

@@ -9,7 +9,8 @@ its layers' indices along the heads dimension under its own name) it keeps, on t
                granularity.py for why the unit matters) in which slot i was selected;
   num_documents, num_tokens  units, and input tokens read (padding excluded; the train state's
                tokens_seen counts positions, padding included).
-`update` uses only fixed-shape device ops (sort, index_add, scatter): no host sync.
+`update` uses only fixed-shape device ops (sort, index_add, scatter): no host sync. On the CPU
+the same numbers come from one compiled walk over the tokens (kernels/csrc/slot_counts.cpp).
 
 Documents are counted per read. The data arrives as contiguous streams (one per
 DataLoader worker of each data source); an occurrence is a maximal run of equal doc ids
@@ -45,6 +46,7 @@ import copy
 import torch
 import torch.distributed as dist
 
+from kernels import cpu_ops
 from pretrain.slots.granularity import parse_granularity, unit_ids
 from pretrain.slots.sample import BackgroundSample, SampleData
 from pretrain.slots.summary import distribution_summary
@@ -149,7 +151,7 @@ class SlotStatistics:
             self.totals[0] += occupied.sum()
         for name, idx in zip(self.layer_names, layer_indices):
             if self.granularity.kind == "document":
-                self._update_layer_documents(name, idx.to(self.device), valid, *occ)
+                self._count_documents(name, idx.to(self.device), valid, *occ)
             else:
                 self._update_layer(name, idx.to(self.device), unit, valid)
         if self.sample is not None:
@@ -167,9 +169,9 @@ class SlotStatistics:
             )
 
     def _occurrences(self, flat, streams, B: int, S: int):
-        """Per token (flat order): unit, the first position of its run (a run: equal doc ids
-        within one stream's segment), and per position of the stream-major order (rows stably
-        sorted by stream, the order units count in): occurrence id and stream. For the document
+        """Per position of the stream-major order (rows stably sorted by stream, the order units
+        count in): the flat token there (`perm`), its unit (the first position of its run; a run:
+        equal doc ids within one stream's segment), occurrence id and stream. For the document
         granularity; advances the streams' occurrence counters and tails."""
         T, dev = B * S, self.device
         order = torch.sort(streams, stable=True).indices
@@ -194,7 +196,7 @@ class SlotStatistics:
         last_pos = torch.zeros_like(self.stream_tail).scatter_reduce_(0, stream, pos, "amax")
         present = torch.zeros_like(self.stream_tail, dtype=torch.bool).scatter_(0, stream, True)
         self.stream_tail = torch.where(present, doc[last_pos], self.stream_tail)
-        return unit[perm.argsort()], occurrence, stream
+        return perm, unit, occurrence, stream
 
     def _units_per_batch(self, B: int, S: int) -> int:
         g = self.granularity
@@ -221,9 +223,26 @@ class SlotStatistics:
         _, first, slot_of = self._pairs(name, idx, unit, valid)
         self.doc_freq[name].index_add_(0, slot_of.clamp(max=self.num_slots - 1), first.long())
 
+    def _count_documents(self, name, idx, valid, perm, unit, occurrence, stream) -> None:
+        """One layer's counts and document frequencies: on the CPU in one walk over the tokens
+        (`kernels.cpu_ops.count_document_slots_`, the same numbers), else by sorting the pairs."""
+        T = valid.numel()
+        if not cpu_ops.count_document_slots_(
+            self.counts[name],
+            self.doc_freq[name],
+            self.last_occurrence[name],
+            idx.reshape(T, -1),
+            perm,
+            valid,
+            occurrence,
+            stream,
+        ):
+            self._update_layer_documents(name, idx, valid, unit[perm.argsort()], occurrence, stream)
+
     def _update_layer_documents(self, name, idx, valid, unit, occurrence, stream) -> None:
         """Document occurrences: a (slot, occurrence) pair counts unless the occurrence selected
-        the slot in an earlier micro-batch (it is then the slot's last one in its stream)."""
+        the slot in an earlier micro-batch (it is then the slot's last one in its stream).
+        `unit`: per token in flat order."""
         N, T = self.num_slots, valid.numel()
         s, first, slot_of = self._pairs(name, idx, unit, valid)
         at = (s % T).long()  # the unit: a position in stream-major order

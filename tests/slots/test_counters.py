@@ -11,6 +11,8 @@ import torch
 from pretrain.slots import SlotStatistics
 from slot_streams import brute_force, make_stream
 
+pytestmark = pytest.mark.usefixtures("counting_path")  # each test with both counting paths (conftest.py)
+
 N, H, K, B, S, LAYERS = 16, 2, 3, 3, 8, 2
 NAMES = ["layers.1", "layers.3"]
 

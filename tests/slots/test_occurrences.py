@@ -19,6 +19,8 @@ from pretrain.slots import SlotStatistics
 from pretrain.slots.sample import reservoir_slot
 from slot_streams import occurrence_brute_force
 
+pytestmark = pytest.mark.usefixtures("counting_path")  # each test with both counting paths (conftest.py)
+
 N, H, K, B, S, LAYERS = 32, 2, 2, 3, 5, 2
 NAMES = ["layers.0", "layers.2"]
 

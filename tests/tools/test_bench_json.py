@@ -18,7 +18,7 @@ def check_run_info(payload: dict, device: str = "cpu") -> None:
     assert payload["date"].endswith("Z") and len(payload["date"]) == len("2026-12-06T19:45:53Z")
 
 
-def test_bench_slots_json_holds_every_step_time(tmp_path, capsys):
+def test_bench_slots_json_holds_every_step_time(tmp_path, capsys, cpu_ops_built):
     from tools.bench_slots import main
 
     out = tmp_path / "slots.json"
@@ -29,12 +29,23 @@ def test_bench_slots_json_holds_every_step_time(tmp_path, capsys):
     check_run_info(payload)
     assert payload["settings"]["steps"] == "3" and payload["settings"]["no_optimizer"] == "True"
     (row,) = payload["rows"]
-    off, on = row["off_step_s"], row["on_step_s"]
-    assert len(off) == len(on) == 3 and all(t > 0 for t in off + on)
+    off, on, sorted_pairs = row["off_step_s"], row["on_step_s"], row["sorted_step_s"]  # sorted: CPU, document
+    assert len(off) == len(on) == len(sorted_pairs) == 3 and all(t > 0 for t in off + on + sorted_pairs)
+    assert len(row["on_update_cpu_s"]) == len(row["sorted_update_cpu_s"]) == 3  # the counting's CPU time per step
     for stat, fn in (("median", statistics.median), ("min", min)):
-        assert row[stat] == {"off_s": fn(off), "on_s": fn(on), "ratio": fn(on) / fn(off)}
+        assert row[stat] == {
+            "off_s": fn(off),
+            "on_s": fn(on),
+            "ratio": fn(on) / fn(off),
+            "sorted_s": fn(sorted_pairs),
+            "sorted_ratio": fn(sorted_pairs) / fn(off),
+            "on_vs_sorted": fn(on) / fn(sorted_pairs),
+        }
         line = f"{row['slots']}\t{stat}\t{fn(off) * 1e3:.1f}\t{fn(on) * 1e3:.1f}\t{fn(on) / fn(off):.3f}x"
+        line += f"\t{fn(sorted_pairs) * 1e3:.1f}\t{fn(sorted_pairs) / fn(off):.3f}x\t{fn(on) / fn(sorted_pairs):.3f}x"
         assert line in printed
+    walk, sort = (statistics.median(row[f"{k}_update_cpu_s"]) for k in ("on", "sorted"))
+    assert f"update, compiled walk / sorted pairs (medians): {walk / sort:.3f}x" in printed
 
 
 def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
