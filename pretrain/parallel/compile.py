@@ -23,6 +23,24 @@ all-reduce met the other's 2048-byte all-gather); eager, they are issued in prog
 order on every rank, as without compile. The value bag with a sparse gradient
 (`kernels.ops.sparse_embedding_bag`, the sparse value optimizers' read) runs eagerly too:
 it is no custom op, and dynamo tracing into the Triton path's launches failed.
+
+Under ZeRO-3 each compiled block is a DeepSpeed leaf module (`set_z3_leaf_module`): ZeRO-3
+gathers and releases all of the block's parameters in hooks on the block itself, which run
+around the compiled forward, not inside it (the unit FSDP2 gathers under torchtitan's
+per-block compile). Otherwise ZeRO-3 hooks every submodule (each Linear and norm); inside a
+compiled block each hook call broke the graph (`_pre_forward_module_hook` is
+`torch.compiler.disable`d) and dynamo recompiled the hooks and `nn.Linear.forward` once per
+module (`_pre_backward_module_hook` guards on the module's own autograd.Function class,
+`nn.Linear.forward` on each weight shape) until its recompile limit (8), after which those
+frames ran eagerly for good, silently.
+`model.values` is a leaf too, so that its tables, called inside the memory block, carry no
+ZeRO-3 hooks: they hold no module parameters (each keeps its shard outside nn.Module
+registration), so the hooks had nothing to gather, and still broke the memory block's graph.
+The tests' tiny model (2 blocks, one memory block), one rank, 4 steps and an evaluation
+(dynamo's counters): ZeRO-3 had 39 graphs, 61 graph breaks, 56 recompilations and 2 frames at
+the limit, ZeRO 0 and 1 5 graphs, no break and 3 recompilations (grad mode, block kind); with
+the leaves, ZeRO-3 has ZeRO 1's counts (tests/train/test_compile_zero3.py). The mark is read
+by ZeRO-3 alone.
 """
 
 from __future__ import annotations
@@ -36,7 +54,10 @@ from pretrain.compile_workers import end_compile_workers_at_exit
 
 
 def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = False) -> int:
-    """Compile each block of `model.layers` in place; return how many were compiled."""
+    """Compile each block of `model.layers` in place (each a ZeRO-3 leaf module); return how
+    many were compiled."""
+    from deepspeed.utils import set_z3_leaf_module
+
     _keep_eager_steps()
     if backend == "inductor":
         end_compile_workers_at_exit()
@@ -46,6 +67,8 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: boo
                 f"apply_compile must run before apply_activation_checkpointing (block {i} is already checkpointed)"
             )
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=fullgraph)
+        set_z3_leaf_module(block, True)
+    set_z3_leaf_module(model.values, True)
     return len(model.layers)
 
 
