@@ -134,8 +134,12 @@ def _failure(world_size: int, report_dir: str, processes) -> RankFailed | None:
     reports = {}
     for rank in range(world_size):
         path = Path(report_dir, f"rank{rank}.json")
-        if path.is_file():
+        try:
             reports[rank] = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            # none, or one cut short: torch's SIGTERM ended a survivor while it wrote its report
+            # (the file opened, not yet written); its exit code is what it left
+            pass
     for rank, report in sorted(reports.items(), key=lambda item: item[1]["at"]):
         if not report["lost_peer"]:
             return _rank_failed(rank, world_size, report)

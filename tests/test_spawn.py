@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -100,6 +102,18 @@ def test_a_failed_rank_is_named_in_one_line_with_its_own_error(how, said, monkey
     if how != "kill":  # its traceback rides along as a note, for tests and debugging
         assert "in _one_rank_fails" in raised.value.__notes__[0]
     assert logged == []
+
+
+def test_a_report_cut_short_by_the_survivors_sigterm_is_passed_over(tmp_path):
+    """A survivor still busy after the grace is ended by torch's SIGTERM, which can come while it
+    writes its report: the file opened, nothing in it yet. The failed rank is still the one named,
+    not a JSONDecodeError of the half-written report raised over it."""
+    cause = {"error": "ValueError: rank 0's own", "lost_peer": False, "traceback": "tb", "at": 1.0}
+    (tmp_path / "rank0.json").write_text(json.dumps(cause))
+    (tmp_path / "rank1.json").write_text("")
+    ended = [SimpleNamespace(exitcode=1), SimpleNamespace(exitcode=-signal.SIGTERM)]
+    failure = spawn._failure(2, str(tmp_path), ended)
+    assert str(failure) == "rank 0 of 2 failed: ValueError: rank 0's own"
 
 
 def _bench_worker_rank_one_fails(rank: int, world: int, *args) -> None:

@@ -109,6 +109,25 @@ def test_hot_rows_are_split_into_chunks(value_grad, d, device, monkeypatch):
     assert torch.equal(again[1], dv) and torch.equal(again[2], dw)
 
 
+@pytest.mark.parametrize("value_grad", ["sorted", "sparse"])
+def test_hot_row_launches_are_sized_for_the_most_chunks_the_entries_allow(
+    value_grad, device, monkeypatch, poison_empty
+):
+    """The hot-row launches are sized from the entry count M alone: at most M // (ROW_CHUNK + 1)
+    hot rows in at most M // ROW_CHUNK + that many chunks. Rows of ROW_CHUNK + 1 entries and
+    nothing else reach both bounds (3 hot rows of 5 entries, chunks of 4: 6 chunks for M = 15):
+    a launch one program short leaves a row's last chunk or its sum out of the gradient."""
+    monkeypatch.setattr(bag_triton, "ROW_CHUNK", 4)
+    poison_empty()
+    values, _, weights = _inputs(12, 37, 5, 1, 3, device, seed=6, zero_weights=False)
+    indices = torch.tensor([2, 6, 9] * 5).view(5, 1, 3).to(device)  # rows 2, 6 and 9 take 5 entries each
+    probe = torch.randn(5, 37, dtype=torch.float64)
+    out, dv, dw = _run(values, indices, weights, probe, value_grad)
+    _, dv_ref, dw_ref = _reference(values, indices, weights, probe)
+    assert_close(dv, dv_ref, FP32_TOL, "value gradient, every hot-row program used")
+    assert_close(dw, dw_ref, FP32_TOL, "weight gradient, every hot-row program used")
+
+
 def test_column_slice_of_the_pool_is_read_in_place(device):
     full, indices, weights = _inputs(30, 40, 5, 2, 3, device, seed=2)
     part = full[:, 8:29]
