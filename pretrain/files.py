@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pretrain.words import counted
+
 TEMP_MARK = ".tmp-"
 
 
@@ -111,13 +113,13 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
             kept.append(f"{name} ({error.strerror}: {error.filename})")
     if removed:
         warnings.warn(
-            f"memlayers: removed {len(removed)} temporar{'y' if len(removed) == 1 else 'ies'} of {path} left by "
+            f"memlayers: removed {counted(len(removed), 'temporary', 'temporaries')} of {path} left by "
             f"killed writers on this host ({host}): {', '.join(p.name for p in removed)}",
             stacklevel=3,
         )
     if kept:
         warnings.warn(
-            f"memlayers: could not remove {len(kept)} temporar{'y' if len(kept) == 1 else 'ies'} of {path} left by "
+            f"memlayers: could not remove {counted(len(kept), 'temporary', 'temporaries')} of {path} left by "
             f"killed writers on this host ({host}), remove them by hand: {', '.join(kept)}",
             stacklevel=3,
         )
