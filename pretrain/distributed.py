@@ -95,9 +95,12 @@ def _rendezvous_store(rank: int, world_size: int, timeout_s: float):
     """The TCPStore every rank meets at (rank 0 serves it); a rank that cannot reach rank 0's
     within `timeout_s` is refused, naming the address and what to look at."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    # under torchrun the store at MASTER_PORT is its agent's (node 0's torchrun serves it): rank 0's own
+    # server failed to bind there and torch printed '[E ...] The server socket on <port> has failed to bind'
+    serves = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
         return dist.TCPStore(
-            addr, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+            addr, port, world_size, is_master=serves, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
         )
     except (RuntimeError, OSError) as err:  # DistNetworkError / DistStoreError: rank 0 is not listening there
         if rank == 0:

@@ -119,7 +119,9 @@ def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int | None]
 
 
 def resume_command() -> str:
-    """How to start this run again: the Slurm job requeued, else this rank's own command line."""
+    """How to start this run again: the Slurm job requeued, torchrun started again on each of its nodes
+    (a rank's own command line, `python -m pretrain.train ...`, started alone trains on one rank), else this
+    rank's own command line."""
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         return f"scontrol requeue {job} (or the same memlayers-submit command with --resume)"
@@ -128,6 +130,10 @@ def resume_command() -> str:
         argv = ["python", "-m", "pretrain.train", *argv[1:]]
     else:
         argv[0] = Path(argv[0]).name
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: torchrun's agent holds the launch command
+        nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        where = "" if nodes == "1" else f" on each of its {nodes} nodes"
+        return f"start torchrun again as before{where} (its ranks run {shlex.join(argv)})"
     return f"start every rank again as before ({shlex.join(argv)} on rank {dist.get_rank()})"
 
 

@@ -211,7 +211,7 @@ def watch(args: argparse.Namespace) -> int:
         report = Report(args.rank, args.world_size, args.parent, waited, last, *request_stacks(args), args.main_thread)
         report.publish(Path(args.report_dir))
         if args.rank == 0:
-            conclude(args, cancelled)
+            conclude(args, cancelled, waited, last == START_UP)
         else:
             await_decision(args)
     finally:
@@ -343,9 +343,10 @@ class Report:
         )
 
 
-def summarize(report_dir: Path, world_size: int, timeout: float) -> str:
+def summarize(report_dir: Path, world_size: int, timeout: float, start_up: bool = False) -> str:
     """Rank 0's account of a hang from the reports in `report_dir`: each reporting rank's last
-    progress, state and position; first, the ranks that wrote no report or did not answer."""
+    progress, state and position; first, the ranks that wrote no report or did not answer.
+    `timeout`: what rank 0 waited, train.startup_timeout_s where it had no step yet (`start_up`)."""
     lines, suspects = [], []
     for rank in range(world_size):
         path = report_dir / report_name(rank)
@@ -359,20 +360,22 @@ def summarize(report_dir: Path, world_size: int, timeout: float) -> str:
             f"  rank {rank}: last progress {fields.get('last progress', '?')}; "
             f"process {fields.get('process state', '?')}; at {fields.get('where', '?')}"
         )
-    head = f"hang: no rank progressed for {timeout:g} s (train.hang_timeout_s)."
+    setting = "train.startup_timeout_s, before the first step" if start_up else "train.hang_timeout_s"
+    head = f"hang: no rank progressed for {timeout:g} s ({setting})."
     if suspects:
         head += f" Look first at rank {', '.join(suspects)}; the others usually wait for it in a collective."
     return "\n".join([head, f"reports: {report_dir}", *lines])
 
 
-def conclude(args: argparse.Namespace, cancelled: _Cancelled) -> None:
-    """Rank 0: wait for the others' reports, publish the summary, then decide on a requeue."""
+def conclude(args: argparse.Namespace, cancelled: _Cancelled, waited: float, start_up: bool) -> None:
+    """Rank 0: wait for the others' reports, publish the summary, then decide on a requeue. `waited`: the
+    allowance that ran out (the start-up one where the rank had no step yet, `start_up`)."""
     report_dir = Path(args.report_dir)
     others = [report_dir / report_name(r) for r in range(1, args.world_size)]
     deadline = time.monotonic() + args.grace
     while time.monotonic() < deadline and not all(p.is_file() for p in others):
         time.sleep(0.2)
-    summary = summarize(report_dir, args.world_size, args.timeout)
+    summary = summarize(report_dir, args.world_size, waited, start_up)
     _publish_summary(report_dir, summary)
     print(summary, file=sys.stderr, flush=True)
     decision = requeue_after_hang(args.run_dir, Path(args.run_dir) / "checkpoints", cancelled.flag, args.requeue)

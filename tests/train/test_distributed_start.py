@@ -18,7 +18,7 @@ from pretrain.distributed import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(rank: int, world_size: int, port: int, body: str) -> subprocess.Popen:
+def launch(rank: int, world_size: int, port: int, body: str, **extra_env: str) -> subprocess.Popen:
     script = textwrap.dedent(
         f"""
         import sys, time
@@ -36,6 +36,7 @@ def launch(rank: int, world_size: int, port: int, body: str) -> subprocess.Popen
         "MASTER_PORT": str(port),
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": "1",
+        **extra_env,
     }
     return subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
 
@@ -166,6 +167,25 @@ def test_a_rank_whose_rendezvous_server_ends_says_so_at_once():
         " s, before every rank arrived: rank 0, whose process serves it, ended (it failed or was killed: look at "
         "its output first)"
     )
+
+
+def test_under_torchrun_rank_0_meets_the_others_at_the_agents_store():
+    """torchrun's agent (node 0's torchrun) serves the store at MASTER_PORT and says so to its workers
+    (TORCHELASTIC_USE_AGENT_STORE=True). Rank 0 tried to serve one there too: every torchrun start, one
+    node or several, printed torch's '[E ...] The server socket on <port> has failed to bind.
+    TORCHELASTIC_USE_AGENT_STORE is enabled so ignoring the error.' Here a plain process stands in for
+    the agent."""
+    port = free_port()
+    agent = launch(0, 1, port, "store = dist.TCPStore('127.0.0.1', int(__import__('os').environ['MASTER_PORT']), is_master=True)\n"
+                   "print('serving', file=sys.stderr, flush=True)\ntime.sleep(120)\n")  # fmt: skip
+    try:
+        assert agent.stderr.readline() == "serving\n"
+        ranks = [launch(r, 2, port, _rendezvous_only(60), TORCHELASTIC_USE_AGENT_STORE="True") for r in range(2)]
+        for rc, err in outcome(ranks):
+            assert rc == 0 and "sum 2" in err, err[-2000:]
+            assert "failed to bind" not in err, err[-2000:]
+    finally:
+        agent.kill()
 
 
 def test_ranks_that_start_apart_within_the_timeout_still_meet():

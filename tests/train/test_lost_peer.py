@@ -109,12 +109,29 @@ def test_which_backend_errors_are_a_lost_peer(message, lost, peer):
 def test_the_resume_command_is_the_one_this_rank_ran_or_the_slurm_jobs(monkeypatch):
     monkeypatch.setattr(lost_peer.dist, "get_rank", lambda: 3)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     train_py = Path(lost_peer.__file__).with_name("train.py")
     monkeypatch.setattr(sys, "argv", [str(train_py), "--config", "configs/tiny.yaml", "train.run_dir=runs/a b"])
     expected = "python -m pretrain.train --config configs/tiny.yaml 'train.run_dir=runs/a b' on rank 3"
     assert lost_peer.resume_command() == f"start every rank again as before ({expected})"
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert lost_peer.resume_command().startswith("scontrol requeue 4242 ")
+
+
+def test_the_resume_command_of_a_torchrun_worker_is_torchrun_on_every_node(monkeypatch):
+    """Under `torchrun --nnodes=2` (two simulated nodes) the survivor said 'start every rank again as before
+    (python -m pretrain.train ... on rank 0)': that command, started alone, trains on one rank."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    train_py = Path(lost_peer.__file__).with_name("train.py")
+    monkeypatch.setattr(sys, "argv", [str(train_py), "--config", "configs/tiny.yaml"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets in its workers' environment
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert lost_peer.resume_command() == (
+        "start torchrun again as before on each of its 2 nodes (its ranks run python -m pretrain.train --config "
+        "configs/tiny.yaml)"
+    )
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    assert lost_peer.resume_command().startswith("start torchrun again as before (its ranks run python -m ")
 
 
 def test_checkpoints_a_resume_would_refuse_are_not_called_the_start(tmp_path, monkeypatch):

@@ -94,6 +94,18 @@ def test_stopped_rank_is_reported_as_stopped(tmp_path):
     assert "Look first at rank 0 (T (stopped), did not answer)" in summary
 
 
+def test_a_hang_at_start_up_is_summarized_with_the_start_up_allowance(tmp_path):
+    """A rank that never finished a step (a peer on another node died before the ranks connected,
+    and this one waits in gloo's group set-up) is ended after train.startup_timeout_s: the summary
+    said 'no rank progressed for 600 s (train.hang_timeout_s)' there, 40 s into a 2-node run."""
+    rank = rank_process(tmp_path, "time.sleep(120)\n", timeout=600, startup_timeout=0.5)
+    _, stderr = rank.communicate(timeout=120)
+    assert rank.returncode == -signal.SIGKILL, stderr
+    assert "rank 0: no progress for 0.5 s after none yet (start-up)" in stderr
+    summary = (tmp_path / REPORTS / "attempt" / "summary.txt").read_text()
+    assert summary.startswith("hang: no rank progressed for 0.5 s (train.startup_timeout_s, before the first step).")
+
+
 def test_progress_and_the_start_up_allowance_keep_it_quiet(tmp_path):
     body = """
     time.sleep(1.5)  # longer than the step timeout, within the start-up allowance
