@@ -393,3 +393,15 @@ def test_a_boolean_key_still_reads_yamls_booleans_and_0_or_1(text, value, tmp_pa
     path.write_text(f"train:\n  compile: {text}\n")
     assert load_config(path).train.compile is value
     assert load_config(None, [f"train.compile={text.strip(chr(39))}"]).train.compile is value
+
+
+@pytest.mark.parametrize("environment", ["true", "false"])
+def test_a_boolean_key_in_a_config_file_still_takes_an_interpolation(environment, tmp_path, monkeypatch):
+    """The boolean check read the unresolved text '${oc.env:...}' as a typo and refused the file."""
+    monkeypatch.setenv("MEMLAYERS_TEST_COMPILE", environment)
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_COMPILE}\nslots:\n  enabled: ${train.compile}\n")
+    cfg = load_config(path)
+    assert cfg.train.compile is cfg.slots.enabled is (environment == "true")
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_UNSET_VARIABLE,true}\n")
+    assert load_config(path).train.compile is True
