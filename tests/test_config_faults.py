@@ -393,3 +393,34 @@ def test_a_boolean_key_still_reads_yamls_booleans_and_0_or_1(text, value, tmp_pa
     path.write_text(f"train:\n  compile: {text}\n")
     assert load_config(path).train.compile is value
     assert load_config(None, [f"train.compile={text.strip(chr(39))}"]).train.compile is value
+
+
+@pytest.mark.parametrize("environment", ["true", "false"])
+def test_a_boolean_key_in_a_config_file_still_takes_an_interpolation(environment, tmp_path, monkeypatch):
+    """The boolean check read the unresolved text '${oc.env:...}' as a typo and refused the file."""
+    monkeypatch.setenv("MEMLAYERS_TEST_COMPILE", environment)
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_COMPILE}\nslots:\n  enabled: ${train.compile}\n")
+    cfg = load_config(path)
+    assert cfg.train.compile is cfg.slots.enabled is (environment == "true")
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_UNSET_VARIABLE,true}\n")
+    assert load_config(path).train.compile is True
+
+
+@pytest.mark.parametrize("key", ["train.run_dir", "data.cache_dir"])
+def test_a_run_saved_with_an_empty_path_before_it_was_refused_still_exports(key, tmp_path):
+    """A run started before a01ec3f with train.run_dir= or data.cache_dir= (the directory it started in)
+    saved "" in its config.yaml; re-validated for export and --resume, that config was refused."""
+    from pathlib import Path
+
+    from pretrain.config import config_yaml
+    from pretrain.export.source import load_run_config
+
+    cfg = load_config("configs/tiny.yaml")
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, "")  # as the older code saved it
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_yaml(cfg))
+    loaded = load_run_config(saved)
+    assert Path(getattr(getattr(loaded, section), name)) == Path("")  # the same directory it trained in
+    assert loaded.model == cfg.model

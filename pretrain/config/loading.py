@@ -239,6 +239,8 @@ def _reads_as_bool(value) -> bool:
     if isinstance(value, int):
         return value in (0, 1)
     if isinstance(value, str):
+        if "${" in value:  # an interpolation (a YAML file's ${oc.env:VAR}, ${train.compile}): read when resolved
+            return True
         return value.lower() in ("true", "false", "yes", "no", "on", "off", "y", "n", "1", "0")
     return True  # a list, a mapping, a float, null: OmegaConf refuses it, naming the key
 

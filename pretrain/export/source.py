@@ -79,6 +79,10 @@ def load_run_config(path: Path) -> RunConfig:
         cfg: RunConfig = OmegaConf.to_object(merged)
     except Exception as err:  # omegaconf raises assorted errors for bad YAML and unknown keys
         raise IncompleteFileError(f"cannot read the run config {path} ({err})") from None
+    # a run started before a01ec3f could train with an empty run_dir or cache_dir (the directory it started
+    # in), which a new config may no longer name; its saved config means '.'
+    cfg.train.run_dir = cfg.train.run_dir or "."
+    cfg.data.cache_dir = cfg.data.cache_dir or "."
     return validate(cfg)
 
 
