@@ -111,17 +111,19 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
             removed.append(candidate)
         else:
             kept.append(f"{name} ({error.strerror}: {error.filename})")
+    # stacklevel 2: the project's caller (atomic_path, the embedded build), so that a tool prints it as its own
+    # `warning: ...` line (pretrain.cli.plain_warnings); 3 was contextlib's __enter__ under atomic_directory
     if removed:
         warnings.warn(
             f"memlayers: removed {counted(len(removed), 'temporary', 'temporaries')} of {path} left by "
             f"killed writers on this host ({host}): {', '.join(p.name for p in removed)}",
-            stacklevel=3,
+            stacklevel=2,
         )
     if kept:
         warnings.warn(
             f"memlayers: could not remove {counted(len(kept), 'temporary', 'temporaries')} of {path} left by "
             f"killed writers on this host ({host}), remove them by hand: {', '.join(kept)}",
-            stacklevel=3,
+            stacklevel=2,
         )
     return removed
 

@@ -365,6 +365,31 @@ def test_a_folder_write_removes_the_temporaries_killed_writers_left_on_this_host
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *kept])
 
 
+def test_a_tools_warning_of_removed_temporaries_prints_as_one_plain_line(tmp_path):
+    """The warning named contextlib as its origin (stacklevel 3 from remove_dead_temporaries is
+    contextlib's __enter__ under atomic_directory), so plain_warnings kept Python's format: rerun after
+    `kill -9`, tools/prepare_data.py printed `.../contextlib.py:137: UserWarning: memlayers: removed 1
+    temporary ...` and then `  return next(self.gen)`. The reference is the tools' own form."""
+    import warnings
+
+    import pretrain.files as files
+    from pretrain.cli import plain_warnings
+
+    dead = tmp_path / f".data.tmp-{2**22 + 1}@{files._host()}-0123abcd"  # above any pid_max: no such process
+    dead.mkdir()
+    with warnings.catch_warnings(record=True) as said, plain_warnings():
+        warnings.simplefilter("always")
+        with files.atomic_directory(tmp_path / "data") as tmp:
+            (tmp / "manifest.json").write_text("{}")
+        (warned,) = said
+        shown = warnings.formatwarning(warned.message, warned.category, warned.filename, warned.lineno, warned.line)
+    assert shown == (
+        f"warning: memlayers: removed 1 temporary of {tmp_path / 'data'} left by killed writers on this host "
+        f"({files._host()}): {dead.name}\n"
+    )
+    assert not dead.exists()
+
+
 def test_a_dead_writers_temporary_that_cannot_be_removed_is_not_called_removed(tmp_path, monkeypatch):
     """remove_dead_temporaries removed with errors ignored and warned 'removed' whatever happened: run as
     user nobody, a dead writer's temporary holding a subfolder of mode 0300 stayed, reported removed.

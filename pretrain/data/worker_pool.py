@@ -39,16 +39,22 @@ class WorkerDied(DataError):
 
 def _serve(conn, fn, initializer, initargs) -> None:
     """A worker's life: take (index, item), send back (index, True, fn(item)) or (index, False,
-    the error's traceback); None ends it."""
+    the error's traceback); None ends it, and so does a main process gone (its end of the pipe closed:
+    SIGKILL, the out-of-memory killer), quietly: each worker printed two chained BrokenPipeError
+    tracebacks there, 50 lines after a `kill -9` that read as the framework's own failure."""
     ignore_stop_signals()  # Slurm's stop signals and Ctrl-C's SIGINT, blocked since its start (ordered_map)
     if initializer is not None:
         initializer(*initargs)
-    while (task := conn.recv()) is not None:
-        index, item = task
-        try:
-            conn.send((index, True, fn(item)))
-        except Exception:
-            conn.send((index, False, traceback.format_exc()))
+    try:
+        while (task := conn.recv()) is not None:
+            index, item = task
+            try:
+                result = (index, True, fn(item))
+            except Exception:
+                result = (index, False, traceback.format_exc())
+            conn.send(result)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # no one is left to take a result: the main process has ended
 
 
 def how_it_ended(exitcode: int | None) -> str:
