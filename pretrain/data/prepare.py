@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import warnings
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -368,7 +368,9 @@ def prepare_corpus(
     check_record_files(files, fmt, text_field)
     check_validation_possible(files, fmt, seed, val_fraction)
     total = input_bytes(files)
-    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+    # a folder for the tokenizer only where one is trained (a killed run leaves it behind)
+    scratch = tempfile.TemporaryDirectory(prefix="tokenizer-") if tokenizer_path is None else nullcontext()
+    with scratch as tmp:
         if tokenizer_path is None:
             with _reading("tokenizer sample", total, show_progress) as progress:
                 documents = iter_documents(inputs, fmt, text_field, files=files, progress=progress)

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -1258,3 +1259,33 @@ def test_the_conversion_named_for_a_json_document_runs_on_a_compressed_file(tmp_
         pytest.skip("jq or the decompressor is not installed: the command is not run")
     subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
     assert list(iter_documents([tmp_path / f"{stem}.jsonl"])) == ["one", "two"]
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["tokenizer-given", "tokenizer-trained"])
+def test_a_tokenizer_scratch_folder_is_made_only_to_train_one(tmp_path, tokenizer, documents, monkeypatch, given):
+    """prepare's `tokenizer-*` folder in the temporary directory is left behind by a killed run: it
+    is made only where a tokenizer is trained, never beside a given one (it used to be made always)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seen_while_writing = []
+    write = prepare_mod.write_dataset
+
+    def recording(*args, **kwargs):
+        seen_while_writing.extend(p.name for p in scratch.iterdir())
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "write_dataset", recording)
+    corpus = tmp_path / "c.jsonl"
+    write_jsonl(corpus, [{"text": text} for text in documents[:200]])
+    prepare_corpus(
+        [corpus],
+        tmp_path / "ds",
+        32,
+        tokenizer_path=tokenizer.path if given else None,
+        vocab_size=400,
+        val_fraction=0.0,
+        show_progress=False,
+    )
+    assert [name.startswith("tokenizer-") for name in seen_while_writing] == ([] if given else [True])
+    assert list(scratch.iterdir()) == []  # and a finished run leaves none
