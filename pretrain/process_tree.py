@@ -14,14 +14,21 @@ import subprocess
 from pathlib import Path
 
 
-def parent_of(pid: int) -> int | None:
-    """The id of `pid`'s parent, None where it has ended (or there is no /proc)."""
+def stat_fields(pid: int) -> list[str] | None:
+    """`/proc/<pid>/stat`'s fields after the command name (state, ppid, ...), None where the
+    process has ended (or there is no /proc)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
     except OSError:
         return None
     # pid (comm) state ppid ...: comm may hold spaces and parentheses
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def parent_of(pid: int) -> int | None:
+    """The id of `pid`'s parent, None where it has ended (or there is no /proc)."""
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
 
 
 def children_of(pid: int) -> list[int]:

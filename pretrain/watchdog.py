@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from pretrain.files import atomic_write
+from pretrain.process_tree import stat_fields
 from pretrain.slurm import stop_signals_blocked  # the standard library only
 
 REPORTS = "hangs"
@@ -260,11 +261,10 @@ def request_stacks(args: argparse.Namespace) -> tuple[str, str]:
 def process_state(pid: int) -> str:
     """`/proc/<pid>/stat`'s state with its meaning, e.g. `T (stopped)`; `?` where unknown."""
     meaning = {"R": "running", "S": "sleeping", "D": "uninterruptible I/O", "T": "stopped", "Z": "zombie"}
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = stat_fields(pid)
+    if not fields:
         return "?"
-    code = stat.rsplit(")", 1)[1].split()[0]
+    code = fields[0]
     return f"{code} ({meaning.get(code, 'see man 5 proc')})"
 
 
