@@ -82,7 +82,7 @@ def test_a_typo_inside_a_list_item_suggests_the_items_own_field(tmp_path):
     [
         ("model.memory.layers=[0,1", r"the value is not valid YAML \(did not find expected ',' or '\]'\): close every"),
         ("optim.lr=[1", r"the value is not valid YAML"),
-        # the README's quoted mixture override typed without quotes: the shell splits it at each space
+        # docs/own-corpus.md's quoted mixture override typed without quotes: the shell splits it at each space
         ("data.sources=[{dir:", r"the value stops at ':', where the shell split the override at a space: quote"),
         (
             "model.memory.layers=[0,",

@@ -188,7 +188,7 @@ def test_a_filesystem_without_fsync_is_written_to_and_a_failed_flush_is_raised(t
 def test_a_failed_flush_of_the_folder_after_the_rename_is_raised_with_the_new_version_in_place(tmp_path, monkeypatch):
     """The folder that holds the new name is flushed after the rename: an EIO there fails the write (the
     rename may not be on disk), but the new version is under the name already, and a folder's previous
-    version is kept under its temporary name, not deleted. README's node-crash passage said a failed
+    version is kept under its temporary name, not deleted. The node-crash passage (docs/faults.md) said a failed
     flush kept the old version, true only of the flushes before the rename."""
     real_fsync = os.fsync
 

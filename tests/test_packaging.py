@@ -70,7 +70,7 @@ def test_the_wheel_ships_the_cpu_op_sources_and_the_build_warns_of_nothing(wheel
 @pytest.mark.slow
 def test_wheel_installs_no_top_level_tools_package(wheel):
     top = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
-    # `kernels` stays a top-level name for now (the README's Packaging section says why).
+    # `kernels` stays a top-level name for now (docs/install-gpu.md says why).
     assert top == {"pretrain", "kernels", "memlayers_tools"}
     metadata = next(wheel.read(n).decode() for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
     assert "License-Expression: MIT" in metadata

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_number(),
         default=None,
         help=f"learning rate (default {DEFAULT_LR}; sparse: the paper's SGD lr. On configs/smf_tiny.yaml "
-        "100 with --max-grad-norm 0.05 learns best: see README, Sparse memory finetuning)",
+        "100 with --max-grad-norm 0.05 learns best: see docs/sparse-finetuning.md)",
     )
     p.add_argument(
         "--top-t", type=positive_int, default=None, help="sparse: value rows updated per batch (default 500)"

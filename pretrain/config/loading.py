@@ -180,7 +180,7 @@ def _key_annotation(key: str, where: str):
             listed = ".".join(parts[:i] if "[" not in part else [*parts[:i], name])
             raise ConfigError(
                 f"{where}: an override cannot set one item of the list {listed}: set the whole list "
-                f"({listed}=[...], see the README) or write it in the YAML file"
+                f"({listed}=[...], as in docs/own-corpus.md) or write it in the YAML file"
             )
         hints = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else {}
         if part not in hints:

@@ -182,7 +182,7 @@ def test_directory_input_skips_hidden_files_and_folders(tmp_path):
 
 
 def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
-    """The README recipe keeps corpus/tokenizer.model beside the corpus: --input corpus/ read the
+    """The own-text recipe (docs/own-corpus.md) keeps corpus/tokenizer.model beside the corpus: --input corpus/ read the
     model's protobuf bytes as a text document. A file named itself is refused
     (test_a_binary_file_named_itself_is_refused)."""
     import shutil
@@ -1029,7 +1029,7 @@ def test_tokenizer_sample_is_bounded_uniform_and_whole_when_small():
 
 def test_a_trained_tokenizer_keeps_the_text_as_written(tmp_path):
     """train_tokenizer left sentencepiece's default normalization on, which turns every run of
-    whitespace, newlines included, into one space: no document of the README corpus decoded to its
+    whitespace, newlines included, into one space: no document of the own-text recipe's corpus decoded to its
     text (0 of 93), code lost its lines and indentation, and a model could never write a newline.
     The reference is the text itself: decode(encode(text)) == text, on the bundled English corpus
     (prose, Python examples, license layout) and on text with tabs, blank lines and odd characters."""
