@@ -400,12 +400,19 @@ def share_refusal(refusal: Exception | None, kinds: tuple[type[Exception], ...])
     agreed = first_problem(note)
     if agreed is None:
         return
-    if refusal is not None:
-        raise refusal
-    kind, host, message = agreed.message.split("\n", 2)
-    where = f"rank {agreed.rank} on {host}"
-    who = where if len(agreed.ranks) == 1 else f"{agreed.who()}, first {where}"
-    raise kinds[int(kind)](f"{who}: {message}")
+    if refusal is None:
+        kind, host, message = agreed.message.split("\n", 2)
+        where = f"rank {agreed.rank} on {host}"
+        who = where if len(agreed.ranks) == 1 else f"{agreed.who()}, first {where}"
+        refusal = kinds[int(kind)](f"{who}: {message}")
+    refusal._shared_on_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    raise refusal
+
+
+def reports_refusal(err: BaseException) -> bool:
+    """Whether this process prints `err`: yes, unless `share_refusal` raised it on every rank and this
+    is not rank 0 (which prints it for all: N ranks printed N lines)."""
+    return getattr(err, "_shared_on_rank", 0) == 0
 
 
 def gather_floats(value: float) -> list[float]:

@@ -407,6 +407,27 @@ def test_a_boolean_key_in_a_config_file_still_takes_an_interpolation(environment
     assert load_config(path).train.compile is True
 
 
+@pytest.mark.parametrize("environment", ["2", "-1", "x1"])
+def test_a_boolean_key_refuses_an_interpolation_that_reads_a_number_or_text(environment, tmp_path, monkeypatch):
+    """`train.compile=2` on the command line was refused, but `${oc.env:VAR}` with VAR=2 (or -1) read as
+    true without a word. The resolved value is checked as a typed one is, naming the key and variable."""
+    monkeypatch.setenv("MEMLAYERS_TEST_COMPILE", environment)
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_COMPILE}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"config file {path}: train.compile=${{oc.env:MEMLAYERS_TEST_COMPILE}} reads {environment!r} from the "
+        "environment variable MEMLAYERS_TEST_COMPILE, which is not a boolean: set MEMLAYERS_TEST_COMPILE to "
+        "true or false (or 1, 0)"
+    )
+    path.write_text("train:\n  seed: 2\nslots:\n  enabled: ${train.seed}\n")  # another key's value
+    with pytest.raises(ConfigError, match=r"slots.enabled=\$\{train.seed\} reads 2 from the interpolation"):
+        load_config(path)
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_COMPILE}\n")
+    assert load_config(path, ["train.compile=true"]).train.compile is True  # the override replaces it
+
+
 @pytest.mark.parametrize("key", ["train.run_dir", "data.cache_dir"])
 def test_a_run_saved_with_an_empty_path_before_it_was_refused_still_exports(key, tmp_path):
     """A run started before a01ec3f with train.run_dir= or data.cache_dir= (the directory it started in)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,8 @@ def load_config(
     for where, tree, layer in layers:
         _check_tree(tree, RunConfig, "", where)
         merged = _merge(merged, layer, where)
+    if path is not None:
+        _check_interpolated_booleans(merged, layers[0][1], layers[0][0])
     try:
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # overrides hold no interpolation: one of the file's
@@ -243,6 +246,45 @@ def _reads_as_bool(value) -> bool:
             return True
         return value.lower() in ("true", "false", "yes", "no", "on", "off", "y", "n", "1", "0")
     return True  # a list, a mapping, a float, null: OmegaConf refuses it, naming the key
+
+
+def _check_interpolated_booleans(merged: DictConfig, file_tree: dict, where: str) -> None:
+    """The boolean keys the file sets by an interpolation that is still in the merged config, resolved
+    and checked as a value typed on the command line is: OmegaConf reads a resolved '2' or '-1' (say
+    from ${oc.env:VAR}) as true."""
+    keys = _interpolated_bool_keys(file_tree, RunConfig, "")
+    if not keys:
+        return
+    unresolved = OmegaConf.to_container(merged, resolve=False)
+    plain = OmegaConf.create(unresolved)  # untyped: an interpolation resolves to its own value, unconverted
+    for key in keys:
+        text = unresolved
+        for part in key.split("."):
+            text = text[part]
+        if not (isinstance(text, str) and "${" in text):
+            continue  # an override replaced it
+        try:
+            value = OmegaConf.select(plain, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:
+            continue  # OmegaConf.to_object names the failure
+        if not _reads_as_bool(value):
+            env = re.fullmatch(r"\$\{oc\.env:([^,}]+)(,[^}]*)?\}", text.strip())
+            source = f"the environment variable {env.group(1)}" if env else f"the interpolation {text}"
+            fix = f"set {env.group(1)} to true or false (or 1, 0)" if env else f"write {key}: true or false"
+            raise ConfigError(f"{where}: {key}={text} reads {value!r} from {source}, which is not a boolean: {fix}")
+
+
+def _interpolated_bool_keys(tree: dict, cls: type, prefix: str) -> list[str]:
+    """The dotted boolean keys of `tree` (checked by _check_tree) whose value holds an interpolation;
+    sections are searched, lists of sections (which hold no boolean) are not."""
+    hints, keys = typing.get_type_hints(cls), []
+    for key, value in tree.items():
+        full, annotation = f"{prefix}{key}", hints[key]
+        if annotation is bool and isinstance(value, str) and "${" in value:
+            keys.append(full)
+        elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            keys += _interpolated_bool_keys(value, annotation, f"{full}.")
+    return keys
 
 
 def _check_item_values(entry: dict, cls: type, key: str, where: str) -> None:
