@@ -97,10 +97,15 @@ def _rendezvous_store(rank: int, world_size: int, timeout_s: float):
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     # under torchrun the store at MASTER_PORT is its agent's (node 0's torchrun serves it): rank 0's own
     # server failed to bind there and torch printed '[E ...] The server socket on <port> has failed to bind'
-    serves = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    agents = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
-        return dist.TCPStore(
-            addr, port, world_size, is_master=serves, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        store = dist.TCPStore(
+            addr,
+            port,
+            world_size,
+            is_master=rank == 0 and not agents,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
         )
     except (RuntimeError, OSError) as err:  # DistNetworkError / DistStoreError: rank 0 is not listening there
         if rank == 0:
@@ -110,6 +115,16 @@ def _rendezvous_store(rank: int, world_size: int, timeout_s: float):
             f"within {timeout_s:.0f} s (train.rendezvous_timeout_s): rank 0 never started or failed before it "
             "(look at its output first), or listens elsewhere (MASTER_ADDR, MASTER_PORT)"
         ) from err
+    return dist.PrefixStore(_attempt_prefix(world_size), store) if agents else store
+
+
+def _attempt_prefix(world_size: int) -> str:
+    """The keys of this start in torchrun's agent store, which outlives its workers: a group restarted
+    by `torchrun --max-restarts` met the keys its previous start left there (every rank's arrival, at
+    once; gloo's addresses of the dead processes, `Connection refused` on every rank), and failed every
+    restart. torchrun numbers its restarts; the world size tells apart an elastic re-rendezvous that
+    added nodes without a restart."""
+    return f"memlayers/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-world-{world_size}/"
 
 
 def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> None:
