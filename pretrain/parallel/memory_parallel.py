@@ -43,21 +43,24 @@ class MemoryParallel:
         self,
         model: nn.Module,
         groups: MemoryGroups,
-        optim_cfg,
+        optim_cfg: OptimConfig,
         kernel: str = "auto",
         device: torch.device | str | None = None,
         seed: int | None = None,
     ):
         self.groups, self.optim_cfg = groups, optim_cfg
-        self.value_optimizer = getattr(optim_cfg, "value_optimizer", "adamw")
+        self.value_optimizer = optim_cfg.value_optimizer
         if self.value_optimizer not in VALUE_OPTIMIZERS:
             raise ConfigError(choices_message("optim.value_optimizer", self.value_optimizer, VALUE_OPTIMIZERS))
         self.sparse = self.value_optimizer != "adamw"
         self.tables: list[PartitionedValueTable] = parallelize_memory(
             model, groups, kernel=kernel, device=device, seed=seed, value_grad="sparse" if self.sparse else "sorted"
         )
-        self._step_bytes = 0
+        self._step_bytes = 0  # bytes received this step by the reductions (the lookups count their own)
+        self._replica_bytes = 0  # of them, by the sparse replica exchange and row-wise sums (measured)
         self._lookups: list[tuple[int, int, int, int]] = []  # (tokens, H*k, weight bytes, out bytes)
+        self.last_step_comm_bytes = 0  # set by `step`: the closed step's traffic and lookups
+        self.last_step_lookups: list[tuple[int, int, int, int]] = []
         if self.tables:
             # on the model, not on the tables: the tables run inside compiled blocks, where
             # dynamo would guard on this list's length and recompile the block every step
@@ -71,7 +74,7 @@ class MemoryParallel:
                 eps=optim_cfg.eps,
                 second_moment="row" if self.value_optimizer == "sparse_rowwise_adamw" else "element",
                 row_sq_mean=self._row_sq_mean,
-                momentum_dtype=getattr(torch, getattr(optim_cfg, "value_momentum_dtype", "float32")),
+                momentum_dtype=getattr(torch, optim_cfg.value_momentum_dtype),
             )
         elif self.tables:
             # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
@@ -116,7 +119,7 @@ class MemoryParallel:
             sq_sums = both[:-1].to(sq_sums.dtype)
             received = 2 * (P - 1) * 8 * (sq_sums.numel() + 1) // P  # ring all-reduce, float64
             self._step_bytes += received
-            self._replica_bytes = getattr(self, "_replica_bytes", 0) + received  # measured, as the replicas'
+            self._replica_bytes += received  # measured, as the replicas'
 
         return sq_sums / table.v_dim
 
@@ -220,10 +223,10 @@ class MemoryParallel:
         assert shard == expected, f"value shards hold {shard} bytes, expected N*d/P*elem = {expected}"
         state = self.optimizer.state if self.optimizer is not None else {}
         opt = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
-        lookups = getattr(self, "last_step_lookups", [])
+        lookups = self.last_step_lookups
         # the sparse replica exchange depends on the rows read: it is taken as measured
         replicas = (
-            accounting.step_reduction_bytes(0, P, 1) + getattr(self, "_replica_bytes", 0)
+            accounting.step_reduction_bytes(0, P, 1) + self._replica_bytes
             if self.sparse
             else accounting.step_reduction_bytes(shard, P, g.num_replicas)
         )
@@ -239,7 +242,7 @@ class MemoryParallel:
             "value_table_bytes_full": shard * P,
             "value_grad_bytes": self.grad_bytes(),
             "optimizer_state_bytes": opt,
-            "comm_bytes_last_step": getattr(self, "last_step_comm_bytes", 0),
+            "comm_bytes_last_step": self.last_step_comm_bytes,
             "comm_bytes_last_step_estimate": estimate if lookups else 0,
             "lookups_last_step": len(lookups),
         }
