@@ -247,36 +247,7 @@ class MemoryParallel:
             "lookups_last_step": len(lookups),
         }
 
-    # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        """This rank's shards and their AdamW state (in memory, for the same P)."""
-        return {
-            "parallel_size": self.groups.parallel_size,
-            "position": self.groups.position,
-            "shards": [p.detach().clone() for p in self.parameters()],
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd["parallel_size"] != self.groups.parallel_size or sd["position"] != self.groups.position:
-            raise ValueError(
-                f"state dict holds shard {sd['position']} of {sd['parallel_size']}, this rank holds shard "
-                f"{self.groups.position} of {self.groups.parallel_size}: use save/load to re-shard"
-            )
-        shards = sd["shards"]
-        if [tuple(s.shape) for s in shards] != [tuple(p.shape) for p in self.parameters()]:
-            raise ValueError("state dict shard shapes do not match this model's value tables")
-        with torch.no_grad():
-            for p, s in zip(self.parameters(), shards):
-                p.copy_(s)
-        if self.optimizer is not None and sd["optimizer"] is not None:
-            self.optimizer.load_state_dict(sd["optimizer"])  # casts every state tensor to its parameter's dtype
-            momentum_dtype = getattr(self.optimizer, "momentum_dtype", None)
-            if momentum_dtype is not None:  # ... which would undo a bfloat16 first moment
-                for state in self.optimizer.state.values():
-                    if "exp_avg" in state:
-                        state["exp_avg"] = state["exp_avg"].to(momentum_dtype)
-
+    # ----------------------------------------------------------------- checkpoints
     def save(self, checkpoint_dir: str | Path) -> list[Path]:
         """Write this rank's shard files (replica 0 only); return the paths written."""
         g = self.groups
