@@ -1,10 +1,11 @@
 """MemoryParallel: the value shards' optimizer, gradient reduction, clipping, checkpoints.
 
-The trainer builds the model, calls `MemoryParallel(model, groups, optim_cfg)` (which
-swaps the value tables for partitioned ones), then hands the remaining (dense)
-parameters to DeepSpeed. Per optimizer step: `zero_grad()`, forward/backward of
-every micro-batch, `reduce_gradients()`, `clip_grad_norm(max_norm)`,
-`step(lr_multiplier)`.
+`build_sharded_model` builds the model on the meta device and wraps it in
+`MemoryParallel(model, groups, optim_cfg)`, which swaps the value tables for partitioned
+ones; the remaining (dense) parameters go to DeepSpeed. Per optimizer step
+(`pretrain.optimizers.Optimizers` makes these calls): forward/backward of every
+micro-batch, `reduce_gradients()`, `clip_grad_norm(max_norm)`, `step(lr_multiplier)`,
+`zero_grad()`.
 
 `optim.value_optimizer` picks the update: `adamw` (default) keeps dense (N, v_dim / P)
 gradients and torch's fused AdamW over whole shards (the paper's semantics);
@@ -37,7 +38,8 @@ VALUE_OPTIMIZERS = literal_fields(OptimConfig)["value_optimizer"]  # the config'
 
 
 class MemoryParallel:
-    """The partitioned value tables of one model on this rank, and their AdamW optimizer."""
+    """The partitioned value tables of one model on this rank, and their optimizer (AdamW, or the
+    lazy `SparseAdamW` under a sparse optim.value_optimizer)."""
 
     def __init__(
         self,
@@ -190,8 +192,8 @@ class MemoryParallel:
         return norm
 
     def step(self, lr_multiplier: float = 1.0, skip: bool = False) -> None:
-        """AdamW step with lr = optim.value_lr * lr_multiplier (none if `skip`: a non-finite
-        loss); closes the step's traffic count either way."""
+        """The optimizer's step with lr = optim.value_lr * lr_multiplier (none if `skip`: a
+        non-finite loss or gradient norm); closes the step's traffic count either way."""
         if self.optimizer is not None and not skip:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.optim_cfg.value_lr * lr_multiplier
