@@ -98,6 +98,7 @@ class SlotStatistics:
         self.sample = BackgroundSample(sample_batches, self.layer_names, seed) if sample_batches else None
         self.reduced = False
         self._reduced_sample: SampleData | None = None
+        self._interval_summary: dict[str, dict] = {}  # a reduced copy's, per counter: taken by reduce()
         self._before_step: dict[str, torch.Tensor] | None = None  # begin_step's copy, for discard_step
 
     # ---- counting -------------------------------------------------------------------
@@ -383,7 +384,7 @@ class SlotStatistics:
         out.last_occurrence, out.sample = {}, None
         out.history = copy.deepcopy(self.history)
         out.reduced = True
-        out._interval_summary = {}  # per counter, the interval's distribution_summary once reduce() took it
+        out._interval_summary = {}  # reduce() fills it
         return out
 
     def sample_data(self) -> SampleData | None:
@@ -401,7 +402,7 @@ class SlotStatistics:
                 out[f"slots/{n}/{k}"] = v
             if interval:
                 # a reduced copy's counts are fixed: the distribution reduce() took for the history
-                cached = getattr(self, "_interval_summary", {}).get(n)
+                cached = self._interval_summary.get(n)
                 shape = cached or distribution_summary(self.counts[n] - self.interval_start[n])
                 for k, v in shape.items():
                     out[f"slots/{n}/interval/{k}"] = v
