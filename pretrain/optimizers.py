@@ -3,8 +3,9 @@ engine) and the memory value shards' (`pretrain.parallel.MemoryParallel`).
 
 The trainer calls `backward` once per micro-batch and `step` once per optimizer step;
 the learning rates are set and the skip of a non-finite step applied here only.
-Clipping keeps the two norms apart, as before this object existed: DeepSpeed clips the
-dense gradients (its `gradient_clipping`), `clip` the value gradients, both to optim.grad_clip.
+The two parameter sets are clipped by separate norms, each to optim.grad_clip: DeepSpeed clips
+the dense gradients (its `gradient_clipping`), `clip` the value gradients (their norm is that
+of the full tables, all-reduced over the memory group: `MemoryParallel.clip_grad_norm`).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class Optimizers:
         """Update both parameter sets with the schedule's `lr_multiplier`, or neither if `skip`;
         the gradients are cleared either way. Returns whether they were updated: not when
         skipped, nor when the dense gradients' global norm, which DeepSpeed's wrapper takes inside
-        its step (ZeRO 1-3, bf16/fp16), is not finite (DeepSpeed or `SkippableAdamW` then leaves the dense weights
-        alone, and the values are left alone here).
+        its step (ZeRO 1-3, bf16/fp16), is not finite (DeepSpeed or `SkippableAdamW` then leaves
+        the dense weights alone, and the values are left alone here).
 
         The schedule is applied here, not by a DeepSpeed scheduler: DeepSpeed does not advance
         its scheduler on steps it skips itself, which would shift the schedule."""

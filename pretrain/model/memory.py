@@ -128,7 +128,9 @@ class MemoryPlus(nn.Module):
         return kernels.ops.pkm_topk(q, keys1.to(q.dtype), keys2.to(q.dtype), self.k, backend=self.kernel)
 
     def forward(self, x: torch.Tensor, values: nn.Module) -> torch.Tensor:
-        if getattr(values, "v_dim", self.v_dim) != self.v_dim:
+        """x (B, S, dim) -> (B, S, dim). `values`: the value table this layer reads, a `ValueTable`
+        or pretrain/parallel's `PartitionedValueTable` (either: values(indices, weights) -> (T, v_dim))."""
+        if values.v_dim != self.v_dim:
             raise ConfigError(f"value table width {values.v_dim} does not match model.memory.v_dim={self.v_dim}")
         with torch.profiler.record_function(regions.SCORING):
             weights, indices = self.search(x)

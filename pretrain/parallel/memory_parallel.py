@@ -1,10 +1,11 @@
 """MemoryParallel: the value shards' optimizer, gradient reduction, clipping, checkpoints.
 
-The trainer builds the model, calls `MemoryParallel(model, groups, optim_cfg)` (which
-swaps the value tables for partitioned ones), then hands the remaining (dense)
-parameters to DeepSpeed. Per optimizer step: `zero_grad()`, forward/backward of
-every micro-batch, `reduce_gradients()`, `clip_grad_norm(max_norm)`,
-`step(lr_multiplier)`.
+`build_sharded_model` builds the model on the meta device and wraps it in
+`MemoryParallel(model, groups, optim_cfg)`, which swaps the value tables for partitioned
+ones; the remaining (dense) parameters go to DeepSpeed. Per optimizer step
+(`pretrain.optimizers.Optimizers` makes these calls): forward/backward of every
+micro-batch, `reduce_gradients()`, `clip_grad_norm(max_norm)`, `step(lr_multiplier)`,
+`zero_grad()`.
 
 `optim.value_optimizer` picks the update: `adamw` (default) keeps dense (N, v_dim / P)
 gradients and torch's fused AdamW over whole shards (the paper's semantics);
@@ -37,27 +38,31 @@ VALUE_OPTIMIZERS = literal_fields(OptimConfig)["value_optimizer"]  # the config'
 
 
 class MemoryParallel:
-    """The partitioned value tables of one model on this rank, and their AdamW optimizer."""
+    """The partitioned value tables of one model on this rank, and their optimizer (AdamW, or the
+    lazy `SparseAdamW` under a sparse optim.value_optimizer)."""
 
     def __init__(
         self,
         model: nn.Module,
         groups: MemoryGroups,
-        optim_cfg,
+        optim_cfg: OptimConfig,
         kernel: str = "auto",
         device: torch.device | str | None = None,
         seed: int | None = None,
     ):
         self.groups, self.optim_cfg = groups, optim_cfg
-        self.value_optimizer = getattr(optim_cfg, "value_optimizer", "adamw")
+        self.value_optimizer = optim_cfg.value_optimizer
         if self.value_optimizer not in VALUE_OPTIMIZERS:
             raise ConfigError(choices_message("optim.value_optimizer", self.value_optimizer, VALUE_OPTIMIZERS))
         self.sparse = self.value_optimizer != "adamw"
         self.tables: list[PartitionedValueTable] = parallelize_memory(
             model, groups, kernel=kernel, device=device, seed=seed, value_grad="sparse" if self.sparse else "sorted"
         )
-        self._step_bytes = 0
+        self._step_bytes = 0  # bytes received this step by the reductions (the lookups count their own)
+        self._replica_bytes = 0  # of them, by the sparse replica exchange and row-wise sums (measured)
         self._lookups: list[tuple[int, int, int, int]] = []  # (tokens, H*k, weight bytes, out bytes)
+        self.last_step_comm_bytes = 0  # set by `step`: the closed step's traffic and lookups
+        self.last_step_lookups: list[tuple[int, int, int, int]] = []
         if self.tables:
             # on the model, not on the tables: the tables run inside compiled blocks, where
             # dynamo would guard on this list's length and recompile the block every step
@@ -71,7 +76,7 @@ class MemoryParallel:
                 eps=optim_cfg.eps,
                 second_moment="row" if self.value_optimizer == "sparse_rowwise_adamw" else "element",
                 row_sq_mean=self._row_sq_mean,
-                momentum_dtype=getattr(torch, getattr(optim_cfg, "value_momentum_dtype", "float32")),
+                momentum_dtype=getattr(torch, optim_cfg.value_momentum_dtype),
             )
         elif self.tables:
             # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
@@ -116,7 +121,7 @@ class MemoryParallel:
             sq_sums = both[:-1].to(sq_sums.dtype)
             received = 2 * (P - 1) * 8 * (sq_sums.numel() + 1) // P  # ring all-reduce, float64
             self._step_bytes += received
-            self._replica_bytes = getattr(self, "_replica_bytes", 0) + received  # measured, as the replicas'
+            self._replica_bytes += received  # measured, as the replicas'
 
         return sq_sums / table.v_dim
 
@@ -187,8 +192,8 @@ class MemoryParallel:
         return norm
 
     def step(self, lr_multiplier: float = 1.0, skip: bool = False) -> None:
-        """AdamW step with lr = optim.value_lr * lr_multiplier (none if `skip`: a non-finite
-        loss); closes the step's traffic count either way."""
+        """The optimizer's step with lr = optim.value_lr * lr_multiplier (none if `skip`: a
+        non-finite loss or gradient norm); closes the step's traffic count either way."""
         if self.optimizer is not None and not skip:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.optim_cfg.value_lr * lr_multiplier
@@ -220,10 +225,10 @@ class MemoryParallel:
         assert shard == expected, f"value shards hold {shard} bytes, expected N*d/P*elem = {expected}"
         state = self.optimizer.state if self.optimizer is not None else {}
         opt = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
-        lookups = getattr(self, "last_step_lookups", [])
+        lookups = self.last_step_lookups
         # the sparse replica exchange depends on the rows read: it is taken as measured
         replicas = (
-            accounting.step_reduction_bytes(0, P, 1) + getattr(self, "_replica_bytes", 0)
+            accounting.step_reduction_bytes(0, P, 1) + self._replica_bytes
             if self.sparse
             else accounting.step_reduction_bytes(shard, P, g.num_replicas)
         )
@@ -239,41 +244,12 @@ class MemoryParallel:
             "value_table_bytes_full": shard * P,
             "value_grad_bytes": self.grad_bytes(),
             "optimizer_state_bytes": opt,
-            "comm_bytes_last_step": getattr(self, "last_step_comm_bytes", 0),
+            "comm_bytes_last_step": self.last_step_comm_bytes,
             "comm_bytes_last_step_estimate": estimate if lookups else 0,
             "lookups_last_step": len(lookups),
         }
 
-    # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        """This rank's shards and their AdamW state (in memory, for the same P)."""
-        return {
-            "parallel_size": self.groups.parallel_size,
-            "position": self.groups.position,
-            "shards": [p.detach().clone() for p in self.parameters()],
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd["parallel_size"] != self.groups.parallel_size or sd["position"] != self.groups.position:
-            raise ValueError(
-                f"state dict holds shard {sd['position']} of {sd['parallel_size']}, this rank holds shard "
-                f"{self.groups.position} of {self.groups.parallel_size}: use save/load to re-shard"
-            )
-        shards = sd["shards"]
-        if [tuple(s.shape) for s in shards] != [tuple(p.shape) for p in self.parameters()]:
-            raise ValueError("state dict shard shapes do not match this model's value tables")
-        with torch.no_grad():
-            for p, s in zip(self.parameters(), shards):
-                p.copy_(s)
-        if self.optimizer is not None and sd["optimizer"] is not None:
-            self.optimizer.load_state_dict(sd["optimizer"])  # casts every state tensor to its parameter's dtype
-            momentum_dtype = getattr(self.optimizer, "momentum_dtype", None)
-            if momentum_dtype is not None:  # ... which would undo a bfloat16 first moment
-                for state in self.optimizer.state.values():
-                    if "exp_avg" in state:
-                        state["exp_avg"] = state["exp_avg"].to(momentum_dtype)
-
+    # ----------------------------------------------------------------- checkpoints
     def save(self, checkpoint_dir: str | Path) -> list[Path]:
         """Write this rank's shard files (replica 0 only); return the paths written."""
         g = self.groups

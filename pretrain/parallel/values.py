@@ -146,21 +146,18 @@ def parallelize_memory(
     seed: int | None = None,
     value_grad: str = "sorted",
 ) -> list[PartitionedValueTable]:
-    """Replace every `model.values[i]` by its partitioned version; return the new tables.
+    """Replace every `model.values[i]` (a `ValueTable`) by its partitioned version; return the new tables.
 
     Table i is initialised with seed base + i, where base is `seed` or, when None, the
     seed of the model's first table (ValueTable's default is 0). value_grad="sparse"
     makes each shard's gradient a coalesced sparse COO tensor of the rows read.
     """
-    values = getattr(model, "values", None)
-    if values is None:
-        return []
-    base = seed if seed is not None else getattr(values[0], "seed", 0) if len(values) else 0
+    values = model.values  # empty in a model without memory layers
+    base = seed if seed is not None else values[0].seed if len(values) else 0
     tables = []
     for i, table in enumerate(values):
         if isinstance(table, PartitionedValueTable):
             raise ValueError(f"model.values[{i}] is already partitioned: call parallelize_memory once per model")
-        dtype = table.weight.dtype if hasattr(table, "weight") else torch.float32
         new = PartitionedValueTable(
             table.num_slots,
             table.v_dim,
@@ -168,7 +165,7 @@ def parallelize_memory(
             seed=base + i,
             kernel=kernel,
             device=device,
-            dtype=dtype,
+            dtype=table.weight.dtype,
             value_grad=value_grad,
         )
         values[i] = new

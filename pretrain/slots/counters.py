@@ -68,7 +68,6 @@ class SlotStatistics:
         sample_batches: int = 0,
         seed: int = 0,
         streams: int = 1,
-        sample_device="cpu",
     ):
         if num_slots <= 0 or not layer_names:
             raise ValueError(
@@ -96,11 +95,10 @@ class SlotStatistics:
         self.micro_batches, self.step = 0, 0
         self.first_step = 0  # steps up to it were not counted (a resume from a checkpoint without statistics)
         self.history: dict[str, list] = {"step": [], **{f"{n}.{k}": [] for n in self.layer_names for k in HISTORY}}
-        self.sample = (
-            BackgroundSample(sample_batches, self.layer_names, seed, sample_device) if sample_batches else None
-        )
+        self.sample = BackgroundSample(sample_batches, self.layer_names, seed) if sample_batches else None
         self.reduced = False
         self._reduced_sample: SampleData | None = None
+        self._interval_summary: dict[str, dict] = {}  # a reduced copy's, per counter: taken by reduce()
         self._before_step: dict[str, torch.Tensor] | None = None  # begin_step's copy, for discard_step
 
     # ---- counting -------------------------------------------------------------------
@@ -108,7 +106,7 @@ class SlotStatistics:
         self,
         layer_indices: list[torch.Tensor],
         doc_ids: torch.Tensor,
-        count_this_rank: bool = True,
+        *,
         streams: torch.Tensor | None = None,
     ) -> None:
         """Count one micro-batch: layer_indices[l] (B*S, H, k) slot ids, doc_ids (B, S), and
@@ -134,8 +132,6 @@ class SlotStatistics:
             self._check_streams(streams, B)
         item = self.micro_batches
         self.micro_batches += 1
-        if not count_this_rank:
-            return
         T = B * S
         flat = doc_ids.reshape(T).to(self.device, torch.int64)
         valid = flat >= 0
@@ -390,7 +386,7 @@ class SlotStatistics:
         out.last_occurrence, out.sample = {}, None
         out.history = copy.deepcopy(self.history)
         out.reduced = True
-        out._interval_summary = {}  # per counter, the interval's distribution_summary once reduce() took it
+        out._interval_summary = {}  # reduce() fills it
         return out
 
     def sample_data(self) -> SampleData | None:
@@ -408,7 +404,7 @@ class SlotStatistics:
                 out[f"slots/{n}/{k}"] = v
             if interval:
                 # a reduced copy's counts are fixed: the distribution reduce() took for the history
-                cached = getattr(self, "_interval_summary", {}).get(n)
+                cached = self._interval_summary.get(n)
                 shape = cached or distribution_summary(self.counts[n] - self.interval_start[n])
                 for k, v in shape.items():
                     out[f"slots/{n}/interval/{k}"] = v

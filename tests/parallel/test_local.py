@@ -164,19 +164,6 @@ def test_p1_checkpoint_resumed_at_p2_steps_like_p1(tmp_path):
         assert rel_err(resumed, p.detach()) < 1e-6, i
 
 
-def test_state_dict_round_trip():
-    cfg, optim, model, mp, tokens = trained_p1(None)
-    sd = mp.state_dict()
-    torch.manual_seed(0)
-    model2 = Transformer(cfg)
-    mp2 = MemoryParallel(model2, init_memory_groups(1), optim, kernel="torch")
-    mp2.load_state_dict(sd)
-    assert torch.equal(model2(tokens[:, :-1]), model(tokens[:, :-1]))
-    bad = dict(sd, parallel_size=2)
-    with pytest.raises(ValueError, match="re-shard"):
-        mp2.load_state_dict(bad)
-
-
 def test_missing_and_truncated_files_name_the_file(tmp_path):
     cfg, optim, model, mp, tokens = trained_p1(tmp_path, steps=1)
     mp.save(tmp_path)

@@ -62,15 +62,6 @@ def test_interleaved_worker_streams():
     check_against(stats, {"a": a, "b": b}, "document")
 
 
-def test_count_this_rank_false_contributes_nothing():
-    batches = make_stream(4, 2, B, S, H, K, N, LAYERS, first_doc_id=0, max_doc_len=10)
-    stats = SlotStatistics(N, NAMES)
-    for idx, doc_ids in batches:
-        stats.update(idx, doc_ids, count_this_rank=False)
-    assert stats.num_tokens == 0 and stats.num_documents == 0
-    assert all(int(stats.counts[n].sum()) == 0 and int(stats.doc_freq[n].sum()) == 0 for n in NAMES)
-
-
 def _roundtrip(sd: dict) -> dict:
     buf = io.BytesIO()
     torch.save(sd, buf)
