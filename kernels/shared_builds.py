@@ -153,6 +153,8 @@ def load_shared_op(inputs: BuildInputs, root: Path | None = None, say: Callable[
         if loaded is not None:
             return loaded
         clear_stale_build_locks(root, say=say, ops=[inputs.name])  # a killed build's torch lock
+        # the compiler prints nothing while it works: without this line a first start sat silent (2 min seen)
+        say(f"building {inputs.name} in {build_dir} (once for these sources and this torch; ~15-60 s)")
         loaded = _build(inputs, build_dir, stage(inputs, build_dir), say)
         _record_finished(inputs.name, build_dir)
         return loaded
