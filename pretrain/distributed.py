@@ -360,10 +360,8 @@ class RankProblem:
 
     def who(self) -> str:
         """'rank 3', or 'ranks 1, 3 (2 of 8)'."""
-        if len(self.ranks) == 1:
-            return f"rank {self.rank}"
-        shown = ", ".join(map(str, self.ranks[:8])) + (", ..." if len(self.ranks) > 8 else "")
-        return f"ranks {shown} ({len(self.ranks)} of {self.world_size})"
+        count = f" ({len(self.ranks)} of {self.world_size})" if len(self.ranks) > 1 else ""
+        return describe_ranks(list(self.ranks)) + count
 
 
 def first_problem(problem: str | None) -> RankProblem | None:

@@ -38,3 +38,11 @@ def test_every_rank_gets_the_sending_rank_s_exact_text(tmp_path):
         # rank 1 raises its own error; rank 0 the same kind, naming rank 1, its host and its message
         expected = "bad key 'ü'\non two lines" if rank == 1 else f"rank 1 on {host}: bad key 'ü'\non two lines"
         assert seen["refusal"] == expected
+
+
+def test_the_ranks_with_a_problem_are_named_as_the_rendezvous_names_them():
+    from pretrain.distributed import RankProblem
+
+    assert RankProblem((3,), 8, "m").who() == "rank 3"
+    assert RankProblem((1, 3), 8, "m").who() == "ranks 1, 3 (2 of 8)"
+    assert RankProblem(tuple(range(1, 11)), 16, "m").who() == "ranks 1, 2, 3, 4, 5, 6, 7, 8, ... (10 of 16)"
