@@ -20,7 +20,7 @@ from pretrain.config.datasets import DATASET_KEYS, check_datasets, follow_datase
 from pretrain.config.paths import absolute_paths, check_path_lengths, expand_home
 from pretrain.config.schema import RunConfig
 from pretrain.config.validation import validate
-from pretrain.model.config import ConfigError, choices_message, literal_fields
+from pretrain.model.config import ConfigError, choices_message, default_hint, literal_fields
 
 
 def _nearest_key_message(bad_key: str, valid: list[str]) -> str:
@@ -297,29 +297,24 @@ def _check_item_values(entry: dict, cls: type, key: str, where: str) -> None:
 
 
 def _invalid_value_message(key: str, err: ValidationError) -> str:
-    """'invalid value for config key K: <OmegaConf's reason>: e.g. K=<the default>'."""
-    example = _default_of(key)
-    hint = f": e.g. {key}={example}" if example is not None else ""
+    """'invalid value for config key K: <OmegaConf's reason> (the default: K=<the default>)'."""
+    section = _section_of(key)
+    hint = default_hint(key, section) if section is not None else ""
     return f"invalid value for config key '{key}': {str(err.msg).splitlines()[0]}{hint}"
 
 
-def _default_of(key: str):
-    """The schema's default of the scalar key `key` ('data.sources[0].weight' -> 1.0) as YAML writes it;
-    None where it has none to show (a list item, null, an empty string)."""
-    cls, value = RunConfig, None
-    for part in key.split("."):
+def _section_of(key: str) -> type | None:
+    """The schema's dataclass that holds the scalar key `key` ('data.sources[0].weight' -> SourceConfig);
+    None for a key it does not hold."""
+    cls = RunConfig
+    *sections, _ = key.split(".")
+    for part in sections:
         name = part.split("[")[0]
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if name not in fields:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if name not in hints:
             return None
-        annotation = typing.get_type_hints(cls)[name]
-        if "[" in part:
-            cls = typing.get_args(annotation)[0]  # an item: of a list of sections, or of values (no default)
-            continue
-        cls, value = annotation, fields[name].default
-    if isinstance(value, bool):
-        return str(value).lower()
-    return value if isinstance(value, (int, float)) or (isinstance(value, str) and value) else None
+        cls = typing.get_args(hints[name])[0] if "[" in part else hints[name]
+    return cls if dataclasses.is_dataclass(cls) else None
 
 
 def _merge(merged: DictConfig, layer: DictConfig, where: str) -> DictConfig:
