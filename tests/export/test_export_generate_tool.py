@@ -364,3 +364,36 @@ def test_perplexity_refuses_a_split_the_dataset_lacks_before_importing_torch(tmp
     done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
     assert f"error: {data} has no split 'vall': pass --split train or --split val" in done.stderr
+
+
+def test_perplexity_refuses_an_empty_split_before_importing_torch_naming_the_split_to_pass(tmp_path, repo_root):
+    """A held-out file prepared to be scored (one text file: `--val-fraction 0`, since a validation split
+    of one document would be refused) has an empty 'val', perplexity's default split: the loader refused
+    it after torch was imported (9.4 s on 2 loaded cores), advising to prepare again with
+    `--val-fraction > 0`, which prepare_data refuses for that file. The tool now refuses it from the
+    manifest, naming `--split train`. The reference is sys.modules in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    from pretrain.data.shards import FORMAT
+    from pretrain.export.folders import EXPORT_FILES
+
+    export = tmp_path / "export"  # nothing reads these files before the split is checked
+    export.mkdir()
+    for name in (*EXPORT_FILES, "tokenizer.model"):
+        (export / name).write_bytes(b"")
+    data = tmp_path / "data"
+    data.mkdir()
+    splits = {"train": {"sequences": 409, "shards": [{}]}, "val": {"sequences": 0, "shards": []}}
+    (data / "manifest.json").write_text(json.dumps({"format": FORMAT, "splits": splits}))
+    script = (
+        "import sys\n"
+        "from tools.perplexity import main\n"
+        f"print(main([{str(export)!r}, '--data', {str(data)!r}]))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert f"error: the 'val' split of {data} holds no sequences" in done.stderr
+    assert done.stderr.rstrip().endswith("pass --split train")
