@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=positive_int, default=None, help="lora: the adapters' rank (default 8)")
     p.add_argument("--epochs", type=positive_int, default=5)
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="documents per step")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="rows per step: a document each, or a window of one longer than the model's context",
+    )
     p.add_argument("--shuffle", action="store_true", help="reshuffle documents every epoch (default: file order)")
     p.add_argument("--seed", type=int, default=0)
     add_corpus_reading_options(p, "--data")
@@ -165,7 +170,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    print(f"{len(data)} rows, {data.num_tokens} tokens; method {args.method}, lr {args.lr}", flush=True)
+    steps = -(-len(data) // args.batch_size)
+    print(
+        f"{data.num_documents} documents in {len(data)} rows of up to {model.cfg.max_seq_len} tokens (a longer "
+        f"document is cut into windows), {data.num_tokens} tokens; {steps} steps of up to {args.batch_size} rows "
+        f"an epoch; method {args.method}, lr {args.lr}",
+        flush=True,
+    )
     before = evaluate(model) if evaluate else {}
     if before:
         print("before " + " ".join(f"{k} {v:.4g}" for k, v in before.items()), flush=True)

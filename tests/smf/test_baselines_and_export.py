@@ -348,3 +348,29 @@ def test_finetune_tool_measures_the_validation_loss_of_an_export_without_probes(
     assert bare_run["before"]["val_loss"] == probed["before"]["val_loss"]
     assert bare_run["history"][-1]["val_loss"] == pytest.approx(probed["history"][-1]["val_loss"], rel=1e-6)
     assert "new_fact_recall" not in bare_run["history"][-1]
+
+
+def test_finetune_tool_says_how_documents_became_rows_and_steps(smf_export, tmp_path, capsys):
+    """`--batch-size` counts rows, and a document longer than the context is several rows: the walk's 6
+    held-out man pages became 72 rows, so `--batch-size 6` ("documents per step", said the help) took 12
+    steps an epoch, and the tool's first line, '72 rows, 8768 tokens', did not say why. It now names the
+    documents, the rows they became and the steps of an epoch; the counts are checked against the
+    windows FinetuneSet cuts (a long document, cut, and a short one, whole)."""
+    from tools.smf_finetune import main
+
+    export, _ = smf_export
+    tok = Tokenizer(export / "tokenizer.model")
+    long_text = " ".join(["Ada was born in Aldmere."] * 60)
+    data = tmp_path / "ft.jsonl"
+    data.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "Hi."}) + "\n")
+    max_seq_len = json.loads((export / "config.json").read_text())["model"]["max_seq_len"]
+    long_ids = 1 + len(tok.encode(long_text))  # "<eos> tokens", windows overlapping by one
+    rows = -(-(long_ids - 1) // max_seq_len) + 1
+    tokens = long_ids - 1 + len(tok.encode("Hi."))
+    assert rows >= 3  # the long document is cut
+    args = ["--export", str(export), "--data", str(data), "--out", str(tmp_path / "out"), "--method", "full"]
+    assert main([*args, "--epochs", "1", "--batch-size", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"2 documents in {rows} rows of up to {max_seq_len} tokens (a longer document is cut into windows), "
+        f"{tokens} tokens; {-(-rows // 2)} steps of up to 2 rows an epoch; method full, lr 0.0001"
+    )
