@@ -100,7 +100,7 @@ def load_and_check(args):
     from pretrain.export.perplexity import trained_with_document_masking
     from pretrain.export.writer import check_output_folder
     from pretrain.slots import load_export_for_tfidf
-    from pretrain.smf import FinetuneSet, LearningForgettingEval, ValidationLossEval
+    from pretrain.smf import DataLossEval, FinetuneSet, LearningForgettingEval, ValidationLossEval, combined
     from pretrain.smf.methods import check_lora_rank
 
     export = Path(args.export)
@@ -129,8 +129,10 @@ def load_and_check(args):
         evaluate = LearningForgettingEval(
             export, tokenizer, model.cfg.max_seq_len, args.dataset_dir, document_masking=masking
         )
-    elif args.dataset_dir is not None:  # no fact probes: forgetting as the validation loss alone
-        evaluate = ValidationLossEval(args.dataset_dir, tokenizer, document_masking=masking)
+    else:  # no fact probes: learning as the loss on the --data text, forgetting as the validation loss
+        evaluate = DataLossEval(data)
+        if args.dataset_dir is not None:
+            evaluate = combined(evaluate, ValidationLossEval(args.dataset_dir, tokenizer, document_masking=masking))
     return model, table, data, evaluate
 
 
