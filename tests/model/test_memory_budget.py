@@ -1,0 +1,153 @@
+"""pretrain.model.memory_budget against the tensors a run really holds, on the CPU.
+
+Activations: the bytes autograd saves over one forward of the real model and objective,
+taken with saved_tensors_hooks (each storage once; parameters and the rotary table left out),
+for every train.activation_checkpointing mode, fp32 and bf16. The estimate must equal them
+exactly (device="cpu": the composite RMSNorm the CPU runs).
+Model states: DeepSpeed's engine built by the trainer's build_model (world 1), one step: the
+parameters, the optimizer's fp32 masters and moments after the step and the gradients each
+inner step read, against the estimate's parameters + gradients + fp32 master + moments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.model.memory_budget import activations, dense_states, estimate_memory, value_states
+from pretrain.model.objective import training_objective
+from pretrain.model.transformer import Transformer
+from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from tests.train.helpers import one_rank_results, tiny_config
+
+SMALL = [
+    "model.dim=32",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.max_seq_len=32",
+    "model.memory.layers=[1,2]",
+    "model.memory.n_keys=16",
+    "model.memory.heads=2",
+    "model.memory.k=4",
+    "model.memory.k_dim=16",
+    "model.memory.kernel=torch",
+    "model.vocab_size=384",
+    "data.vocab_size=384",
+    "data.seq_len=16",
+]
+B, S = 2, 16
+
+
+def saved_bytes(cfg) -> int:
+    """Bytes of the distinct storages autograd saves over one forward + objective of cfg's model."""
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    if cfg.train.dtype == "bf16":  # as DeepSpeed's bf16 cast; the value shards stay fp32 (pretrain/parallel)
+        model.bfloat16()
+        model.values.float()
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_layers)
+    model.rotary(S, torch.device("cpu"))
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip.add(model._freqs.untyped_storage().data_ptr())
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, S), generator=g)
+    targets = torch.randint(0, cfg.model.vocab_size, (B, S), generator=g)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        training_objective(model(tokens), targets)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "memory", "selective"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", [[], ["model.memory.qk_norm=false", "model.n_kv_heads=2", "model.memory.v_dim=48"]])
+def test_saved_activations_match_the_estimate_exactly(dtype, mode, variant):
+    cfg = load_config(None, [*SMALL, *variant, f"train.dtype={dtype}", f"train.activation_checkpointing={mode}"])
+    estimate = activations(cfg, B, S, device="cpu")
+    assert estimate["blocks"] + estimate["head_and_loss"] == saved_bytes(cfg)
+
+
+def test_checkpointing_keeps_less_and_the_cuda_norm_saves_less_than_the_cpu_one():
+    none = load_config(None, [*SMALL, "train.dtype=bf16"])
+    full = load_config(None, [*SMALL, "train.dtype=bf16", "train.activation_checkpointing=full"])
+    assert activations(full, B, S)["blocks"] == 4 * 2 * B * S * 32  # one bf16 (B, S, dim) input per block
+    assert activations(none, B, S)["blocks"] < activations(none, B, S, device="cpu")["blocks"]
+
+
+def _model_states(overrides: list[str], out: dict) -> None:
+    from pretrain.build import build_model
+    from pretrain.dense_optimizer import SkippableAdamW
+    from pretrain.distributed import DistInfo
+    from pretrain.model.objective import language_model_loss
+
+    cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
+    model, engine, optimizers = build_model(
+        cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    )
+    dense = list(model.parameters())
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    optimizers.backward(language_model_loss(engine(tokens[:, :-1]), tokens[:, 1:]), last_micro_batch=True)
+    grads: dict[int, int] = {}  # every gradient storage an inner step saw: the model's and the masters'
+    inner_optimizers = []
+    original = SkippableAdamW.step
+
+    def step(self, closure=None):
+        inner_optimizers.append(self)
+        for p in dense + [p for group in self.param_groups for p in group["params"]]:
+            if p.grad is not None:
+                grads[p.grad.untyped_storage().data_ptr()] = p.grad.untyped_storage().nbytes()
+        return original(self, closure)
+
+    SkippableAdamW.step = step
+    try:
+        optimizers.clip()
+        assert optimizers.step(1.0, skip=False)
+    finally:
+        SkippableAdamW.step = original
+    held = {}  # parameters, fp32 masters, moments (the per-tensor step counters left out: scalars)
+    inner = inner_optimizers[0]
+    masters = [p for group in inner.param_groups for p in group["params"]]
+    tensors = dense + masters + [v for p in masters for k, v in inner.state[p].items() if k != "step"]
+    for t in tensors:
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    accounting = optimizers.values.accounting()
+    out[" ".join(overrides)] = {
+        "trained": sum(p.numel() for p in dense),
+        "states": sum(held.values()) + sum(grads.values()),
+        "value_shard": accounting["value_shard_bytes"],
+        "value_moments": accounting["optimizer_state_bytes"],
+    }
+    engine.destroy()
+
+
+STATE_CASES = [["train.zero_stage=0"], ["train.zero_stage=0", "train.dtype=bf16"], ["train.zero_stage=1"]]
+STATE_CASES += [["train.zero_stage=1", "train.dtype=bf16"]]
+
+
+def _every_state_case(rank: int, world: int, out: dict) -> None:
+    for overrides in STATE_CASES:  # one spawned rank: its start-up is most of the time
+        _model_states(["train.global_batch=2", "train.micro_batch=2", *overrides], out)
+
+
+@pytest.fixture(scope="module")
+def measured_states() -> dict:
+    return one_rank_results(_every_state_case)
+
+
+@pytest.mark.parametrize("overrides", STATE_CASES, ids=lambda o: "-".join(o))
+def test_model_states_match_deepspeeds_tensors(measured_states, overrides):
+    measured = measured_states[" ".join(["train.global_batch=2", "train.micro_batch=2", *overrides])]
+    cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
+    dense = dense_states(measured["trained"], cfg.train.dtype, cfg.train.zero_stage, 1)
+    assert dense["parameters"] + dense["gradients"] + dense["fp32_master"] + dense["adam_moments"] == measured["states"]
+    values = value_states(cfg, 1, 2, cfg.data.seq_len, 1)
+    assert values["value_shards"] == measured["value_shard"]
+    assert values["value_moments"] == measured["value_moments"]
+    assert estimate_memory(cfg, 1, 2).dense["parameters"] == dense["parameters"]
