@@ -26,9 +26,10 @@ of N_s slots and width v, P = model.memory.parallel_size:
                optim.value_momentum_dtype=bfloat16; sparse_rowwise_adamw: m + 4 N_s
 Activations of one micro-batch (T = B S tokens): the bytes autograd saves for backward,
 op by op as pretrain/model runs them (tests/model/test_memory_budget.py measures them with
-saved_tensors_hooks, each storage once). `device` picks the two ops that differ: RMSNorm is
-one fused op on CUDA (saves its input and rstd), a composite of fp32 ops on the CPU (saves the
-fp32 input, rstd and the normalised fp32 rows). train.activation_checkpointing keeps only the
+saved_tensors_hooks, each storage once). `device` picks the op that differs: RMSNorm is one
+fused op on CUDA (saves its input and rstd), a composite of fp32 ops on the CPU (saves the fp32
+input, rstd and the normalised fp32 rows). Under P > 1 the bag saves the memory group's gathered
+(P T, H, k) indices and weights instead of this rank's. train.activation_checkpointing keeps only the
 (T, dim) input of each checkpointed block (P > 1 memory blocks also keep the lookup tape:
 gathered indices and weights (P T, H, k) and the exchanged (T, v) output).
 Backward transient: the bf16/fp32 logits (T, vocab) the trainer holds plus the fp32
@@ -130,7 +131,11 @@ def block_activations(cfg, e: int, device: str, memory: bool) -> int:
     query = e * heads * m.k_dim  # the scoring op's query
     if m.qk_norm:
         query += heads * 2 * _norm_saved(half, e, device)
-    slots = heads * m.k * (4 + 8 + (2 if e == 2 else 0))  # fp32 weights, int64 indices, the bag's bf16 weights
+    slots = heads * m.k * (4 + 8)  # the scoring's fp32 weights and int64 indices
+    if m.parallel_size > 1:  # the bag saves the memory group's gathered indices and weights
+        slots += m.parallel_size * heads * m.k * (8 + e)
+    elif e == 2:
+        slots += heads * m.k * 2  # the weights cast to bf16 for the bag
     return attention + ffn_input + query + slots + 4 * e * model.value_dim
 
 

@@ -4,6 +4,9 @@ Activations: the bytes autograd saves over one forward of the real model and obj
 taken with saved_tensors_hooks (each storage once; parameters and the rotary table left out),
 for every train.activation_checkpointing mode, fp32 and bf16. The estimate must equal them
 exactly (device="cpu": the composite RMSNorm the CPU runs).
+Memory parallelism (P = 2, two gloo ranks): the same, plus the lookup tape a checkpointed memory
+block keeps (measured where it records), and the value shard, gradient and moments of each value
+optimizer against MemoryParallel's tensors.
 Model states: DeepSpeed's engine built by the trainer's build_model (world 1), one step: the
 parameters, the optimizer's fp32 masters and moments after the step and the gradients each
 inner step read, against the estimate's parameters + gradients + fp32 master + moments."""
@@ -151,3 +154,130 @@ def test_model_states_match_deepspeeds_tensors(measured_states, overrides):
     assert values["value_shards"] == measured["value_shard"]
     assert values["value_moments"] == measured["value_moments"]
     assert estimate_memory(cfg, 1, 2).dense["parameters"] == dense["parameters"]
+
+
+def _memory_parallel_rank(rank: int, world: int, out: dict) -> None:
+    """P = 2: the activations (saved tensors + the lookup tape a checkpointed memory block keeps),
+    and the value shard, its gradient and optimizer state under each value optimizer."""
+    from pretrain.model import recompute
+    from pretrain.parallel import MemoryParallel, init_memory_groups
+
+    groups = init_memory_groups(2)
+    taped: dict[int, int] = {}
+    original_record = recompute.LookupTape.record
+
+    def record(self, entry):
+        for t, _ in entry:
+            taped[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return original_record(self, entry)
+
+    recompute.LookupTape.record = record
+    try:
+        for dtype in ("fp32", "bf16"):
+            for mode in ("none", "full", "memory", "selective"):
+                cfg = load_config(None, [*SMALL, "model.memory.parallel_size=2", f"train.dtype={dtype}"])
+                torch.manual_seed(0)
+                model = Transformer(cfg.model)
+                values = MemoryParallel(model, groups, cfg.optim, kernel="torch")
+                if dtype == "bf16":
+                    model.bfloat16()  # the shards are not module parameters: they stay fp32, as in a run
+                apply_activation_checkpointing(model, mode)
+                taped.clear()
+                out[f"{rank} {dtype} {mode}"] = _saved_over_forward(model, values.parameters(), rank) + sum(
+                    taped.values()
+                )
+    finally:
+        recompute.LookupTape.record = original_record
+    for optimizer, momentum in (
+        ("adamw", "float32"),
+        ("sparse_adamw", "bfloat16"),
+        ("sparse_rowwise_adamw", "bfloat16"),
+    ):
+        cfg = load_config(
+            None,
+            [*SMALL, "model.memory.parallel_size=2", f"optim.value_optimizer={optimizer}"]
+            + [f"optim.value_momentum_dtype={momentum}", "optim.weight_decay=0"],
+        )
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        values = MemoryParallel(model, groups, cfg.optim, kernel="torch")
+        for micro_batch in range(2):  # two micro-batches: the sparse entries of both accumulate
+            g = torch.Generator().manual_seed(10 * rank + micro_batch)
+            tokens = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=g)
+            training_objective(model(tokens[:, :-1]), tokens[:, 1:]).total.backward()
+        gradient = values.grad_bytes()
+        values.reduce_gradients(), values.clip_grad_norm(1.0), values.step(1.0)
+        accounting = values.accounting()
+        out[f"{rank} {optimizer}"] = {
+            "shard": accounting["value_shard_bytes"],
+            "gradient": gradient,
+            "moments": accounting["optimizer_state_bytes"],
+        }
+
+
+def _saved_over_forward(model, value_shards, rank: int) -> int:
+    model.rotary(S, torch.device("cpu"))
+    skip = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *value_shards]}
+    skip.add(model._freqs.untyped_storage().data_ptr())
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, S), generator=g)
+    targets = torch.randint(0, model.cfg.vocab_size, (B, S), generator=g)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        objective = training_objective(model(tokens), targets)
+    objective.total.backward()  # the group's collectives pair up: every rank runs the backward
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def memory_parallel() -> dict:
+    return spawned_results(2, _memory_parallel_rank)
+
+
+def spawned_results(world: int, fn) -> dict:
+    """fn(rank, world, out) on `world` spawned gloo ranks filling the shared dict `out`."""
+    import torch.multiprocessing as mp
+
+    from pretrain.spawn import run_gloo
+
+    out = mp.Manager().dict()
+    run_gloo(fn, world, out)
+    return dict(out)
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "memory", "selective"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_memory_parallel_activations_match_the_estimate_exactly(memory_parallel, dtype, mode):
+    cfg = load_config(
+        None, [*SMALL, "model.memory.parallel_size=2", f"train.dtype={dtype}", f"train.activation_checkpointing={mode}"]
+    )
+    estimate = activations(cfg, B, S, device="cpu")
+    for rank in range(2):
+        assert memory_parallel[f"{rank} {dtype} {mode}"] == estimate["blocks"] + estimate["head_and_loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sparse_adamw", "sparse_rowwise_adamw"])
+def test_memory_parallel_value_states_match_the_shards(memory_parallel, optimizer):
+    momentum = "float32" if optimizer == "adamw" else "bfloat16"
+    cfg = load_config(
+        None,
+        [*SMALL, "model.memory.parallel_size=2", f"optim.value_optimizer={optimizer}"]
+        + [f"optim.value_momentum_dtype={momentum}", "train.global_batch=4", "train.micro_batch=2"],
+    )
+    estimate = value_states(
+        cfg, 2, B, S, accumulation_steps=2
+    )  # world 2: global 4 = 2 micro-batches x 2 ranks... per rank
+    for rank in range(2):
+        measured = memory_parallel[f"{rank} {optimizer}"]
+        assert measured["shard"] == estimate["value_shards"] == 256 * 32 // 2 * 4  # 16^2 slots, v_dim 32 / P, fp32
+        assert measured["moments"] == estimate["value_moments"]
+        if optimizer == "adamw":
+            assert measured["gradient"] == estimate["value_gradients"]
+        else:  # the bound: every lookup of every micro-batch reads min(slots, P T H k) distinct rows
+            assert 0 < measured["gradient"] <= estimate["value_gradients"]
