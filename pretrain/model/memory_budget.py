@@ -18,10 +18,12 @@ tests/model/test_memory_budget.py):
 Value pool (pretrain/parallel: fp32 shards outside DeepSpeed, whatever train.dtype), per table
 of N_s slots and width v, P = model.memory.parallel_size:
   shard        4 N_s v / P
-  gradient     adamw: 4 N_s v / P (dense); sparse_*: the row-sparse entries autograd concatenates
-               over lookups and micro-batches before `MemoryParallel.reduce_gradients` merges
-               them: accumulation steps x lookups x min(N_s, P T H k) rows of (4 v / P + 8) bytes
-               (an upper bound: a lookup's rows are its distinct slots)
+  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes. On CUDA
+               autograd adds the lookups' and micro-batches' sparse gradients by concatenation
+               (torch's CUDA sparse add does not merge), so until `MemoryParallel.reduce_gradients`
+               merges them the shard's gradient holds accumulation steps x lookups x min(N_s, P T H k)
+               rows (an upper bound: a lookup's rows are its distinct slots); the CPU's add merges
+               them, at most N_s rows
   moments      adamw / sparse_adamw: (4 + 4) N_s v / P, the first moment 2 bytes under
                optim.value_momentum_dtype=bfloat16; sparse_rowwise_adamw: m + 4 N_s
 Activations of one micro-batch (T = B S tokens): the bytes autograd saves for backward,
@@ -35,6 +37,12 @@ gathered indices and weights (P T, H, k) and the exchanged (T, v) output).
 Backward transient: the bf16/fp32 logits (T, vocab) the trainer holds plus the fp32
 gradients of the log-probabilities and logits (8 T vocab bytes) while the loss backward runs,
 or one checkpointed block's recomputed activations, whichever is larger.
+train.compile: the compiled objective saves the logits themselves (e T vocab, the ones the
+trainer holds) and two fp32 values per token instead of fp32 log-probabilities, and its backward
+writes only the logits' gradient (e T vocab). Compiled blocks are counted as eager ones, an upper
+bound: inductor's partitioner recomputes pointwise ops instead of saving them (measured on the
+CPU at the test's shape, AC none: 0.63x the eager blocks' bytes in bf16, 0.78x in fp32; AC full is exact, the
+blocks keeping only their inputs either way).
 """
 
 from __future__ import annotations
@@ -91,7 +99,7 @@ def dense_states(trained: int, dtype: str, zero_stage: int, world_size: int) -> 
     }
 
 
-def value_states(cfg, world_size: int, micro_batch: int, seq_len: int, accumulation_steps: int) -> dict[str, int]:
+def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int, device: str = "cuda") -> dict[str, int]:
     """The value shards, their gradients and optimizer state on one GPU (pretrain/parallel)."""
     m, model = cfg.model.memory, cfg.model
     if not m.enabled:
@@ -103,9 +111,11 @@ def value_states(cfg, world_size: int, micro_batch: int, seq_len: int, accumulat
     if optimizer == "adamw":
         grads = tables * shard
     else:
-        lookups_per_table = len(m.layers) // tables
-        rows = min(slots, P * micro_batch * seq_len * m.heads * m.k)
-        grads = tables * accumulation_steps * lookups_per_table * rows * (4 * v // P + 8)
+        lookups = accumulation_steps * len(m.layers) // tables  # per table and step
+        per_lookup = min(slots, P * micro_batch * seq_len * m.heads * m.k)
+        # torch's CUDA sparse add concatenates the entries (no merge: no host sync); the CPU one merges
+        rows = lookups * per_lookup if device == "cuda" else min(slots, lookups * per_lookup)
+        grads = tables * rows * (4 * v // P + 8)
     first = (2 if cfg.optim.value_momentum_dtype == "bfloat16" and optimizer != "adamw" else 4) * slots * v // P
     second = 4 * slots if optimizer == "sparse_rowwise_adamw" else shard
     return {"value_shards": tables * shard, "value_gradients": grads, "value_moments": tables * (first + second + 4)}
@@ -185,8 +195,14 @@ def activations(cfg, micro_batch: int, seq_len: int, device: str = "cuda") -> di
         else:
             blocks += inside
     head = T * (_norm_saved(d, e, device) + e * d)  # final norm, the output layer's input
-    loss = T * (4 * V + 8 + 8) + 4  # fp32 log-probs, int64 targets and embedding ids, total_weight
-    loss_backward = e * T * V + 8 * T * V  # the logits held + fp32 gradients of log-probs and logits
+    if cfg.train.compile:  # pretrain/parallel/compile.py compile_objective: no fp32 copy of the logits
+        # the logits themselves (the ones the trainer holds), int64 targets and embedding ids, the
+        # fp32 row max and log-sum-exp, the mean's divisor; backward writes the logits' gradient
+        loss = T * (e * V + 8 + 8 + 8) + 4
+        loss_backward = e * T * V
+    else:
+        loss = T * (4 * V + 8 + 8) + 4  # fp32 log-probs, int64 targets and embedding ids, total_weight
+        loss_backward = e * T * V + 8 * T * V  # the logits held + fp32 gradients of log-probs and logits
     return {
         "blocks": blocks + tape,
         "head_and_loss": head + loss,
@@ -207,7 +223,7 @@ def estimate_memory(
     accumulation = max(1, t.global_batch // (micro_batch * world_size))
     return MemoryEstimate(
         dense=dense_states(trained, t.dtype, t.zero_stage, world_size),
-        values=value_states(cfg, world_size, micro_batch, seq_len, accumulation),
+        values=value_states(cfg, micro_batch, seq_len, accumulation, device),
         activations=activations(cfg, micro_batch, seq_len, device),
         settings={
             "world_size": world_size,

@@ -41,8 +41,8 @@ SMALL = [
 B, S = 2, 16
 
 
-def saved_bytes(cfg) -> int:
-    """Bytes of the distinct storages autograd saves over one forward + objective of cfg's model."""
+def saved_bytes(cfg, objective=training_objective) -> int:
+    """Bytes of the distinct storages autograd saves over one forward + `objective` of cfg's model."""
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     if cfg.train.dtype == "bf16":  # as DeepSpeed's bf16 cast; the value shards stay fp32 (pretrain/parallel)
@@ -64,7 +64,7 @@ def saved_bytes(cfg) -> int:
     tokens = torch.randint(0, cfg.model.vocab_size, (B, S), generator=g)
     targets = torch.randint(0, cfg.model.vocab_size, (B, S), generator=g)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        training_objective(model(tokens), targets)
+        objective(model(tokens), targets)
     return sum(seen.values())
 
 
@@ -75,6 +75,27 @@ def test_saved_activations_match_the_estimate_exactly(dtype, mode, variant):
     cfg = load_config(None, [*SMALL, *variant, f"train.dtype={dtype}", f"train.activation_checkpointing={mode}"])
     estimate = activations(cfg, B, S, device="cpu")
     assert estimate["blocks"] + estimate["head_and_loss"] == saved_bytes(cfg)
+
+
+@pytest.fixture(scope="module")
+def compiled_objective():
+    from pretrain.parallel.compile import compile_objective
+
+    return compile_objective(training_objective)
+
+
+@pytest.mark.parametrize("mode", ["none", "full"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_compiled_objective_matches_the_estimate_exactly(compiled_objective, dtype, mode):
+    """train.compile's objective saves the logits (not an fp32 copy of their log-softmax); the blocks
+    run eager here (the estimate counts compiled blocks as eager ones, an upper bound)."""
+    cfg = load_config(
+        None, [*SMALL, f"train.dtype={dtype}", f"train.activation_checkpointing={mode}", "train.compile=true"]
+    )
+    estimate = activations(cfg, B, S, device="cpu")
+    assert estimate["blocks"] + estimate["head_and_loss"] == saved_bytes(cfg, compiled_objective)
+    eager = activations(load_config(None, [*SMALL, f"train.dtype={dtype}"]), B, S, device="cpu")
+    assert estimate["backward_transient"] < eager["backward_transient"]
 
 
 def test_checkpointing_keeps_less_and_the_cuda_norm_saves_less_than_the_cpu_one():
@@ -150,7 +171,7 @@ def test_model_states_match_deepspeeds_tensors(measured_states, overrides):
     cfg = tiny_config("/tmp/unused-run", "/tmp/unused-cache", *overrides)
     dense = dense_states(measured["trained"], cfg.train.dtype, cfg.train.zero_stage, 1)
     assert dense["parameters"] + dense["gradients"] + dense["fp32_master"] + dense["adam_moments"] == measured["states"]
-    values = value_states(cfg, 1, 2, cfg.data.seq_len, 1)
+    values = value_states(cfg, 2, cfg.data.seq_len, 1)
     assert values["value_shards"] == measured["value_shard"]
     assert values["value_moments"] == measured["value_moments"]
     assert estimate_memory(cfg, 1, 2).dense["parameters"] == dense["parameters"]
@@ -270,9 +291,7 @@ def test_memory_parallel_value_states_match_the_shards(memory_parallel, optimize
         [*SMALL, "model.memory.parallel_size=2", f"optim.value_optimizer={optimizer}"]
         + [f"optim.value_momentum_dtype={momentum}", "train.global_batch=4", "train.micro_batch=2"],
     )
-    estimate = value_states(
-        cfg, 2, B, S, accumulation_steps=2
-    )  # world 2: global 4 = 2 micro-batches x 2 ranks... per rank
+    estimate = value_states(cfg, B, S, accumulation_steps=2, device="cpu")  # each rank ran 2 micro-batches
     for rank in range(2):
         measured = memory_parallel[f"{rank} {optimizer}"]
         assert measured["shard"] == estimate["value_shards"] == 256 * 32 // 2 * 4  # 16^2 slots, v_dim 32 / P, fp32
@@ -281,3 +300,32 @@ def test_memory_parallel_value_states_match_the_shards(memory_parallel, optimize
             assert measured["gradient"] == estimate["value_gradients"]
         else:  # the bound: every lookup of every micro-batch reads min(slots, P T H k) distinct rows
             assert 0 < measured["gradient"] <= estimate["value_gradients"]
+
+
+def test_a_shared_tables_sparse_gradient_rows_are_those_read():
+    """Row-sparse value gradients of a shared table over two lookups and two micro-batches: on the CPU
+    autograd's sparse add merges them into the distinct slots read (the union of the layers' indices);
+    the CUDA bound counts every lookup's rows (torch's CUDA sparse add concatenates)."""
+    from pretrain.parallel import MemoryParallel, init_memory_groups
+
+    cfg = load_config(
+        None,
+        [*SMALL, "model.memory.shared_values=true", "optim.value_optimizer=sparse_adamw", "optim.weight_decay=0"],
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    values = MemoryParallel(model, init_memory_groups(1), cfg.optim, kernel="torch")
+    read, per_lookup = [], 0
+    for micro_batch in range(2):
+        tokens = torch.randint(
+            0, cfg.model.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(micro_batch)
+        )
+        training_objective(model(tokens[:, :-1]), tokens[:, 1:]).total.backward()
+        read += [layer.last_indices.flatten() for layer in model.memory_layers()]
+        per_lookup += sum(layer.last_indices.unique().numel() for layer in model.memory_layers())
+    row_bytes = 4 * cfg.model.value_dim + 8
+    assert values.grad_bytes() == torch.cat(read).unique().numel() * row_bytes
+    cpu = value_states(cfg, B, S, accumulation_steps=2, device="cpu")["value_gradients"]
+    cuda = value_states(cfg, B, S, accumulation_steps=2)["value_gradients"]
+    assert values.grad_bytes() <= cpu == 256 * row_bytes  # at most the table's 16^2 rows
+    assert per_lookup * row_bytes <= cuda == 2 * 2 * min(256, B * S * 2 * 4) * row_bytes
