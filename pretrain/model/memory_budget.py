@@ -165,16 +165,15 @@ def key_norm_activations(cfg, e: int, device: str) -> int:
 
 
 def checkpointed_blocks(cfg) -> list[int]:
-    """The blocks train.activation_checkpointing recomputes (pretrain/parallel/activation_checkpointing)."""
-    t, model = cfg.train, cfg.model
-    n, mode = model.n_layers, t.activation_checkpointing
-    if mode == "none":
-        return []
-    if mode == "full":
-        return list(range(n))
-    if mode == "memory":
-        return [i for i in range(n) if i in model.memory.layers]
-    return sorted(set(t.activation_checkpointing_layers)) if t.activation_checkpointing_layers else list(range(0, n, 2))
+    """The blocks train.activation_checkpointing recomputes: the trainer's own choice
+    (pretrain/parallel/activation_checkpointing.checkpointed_layers) over stand-ins for the blocks."""
+    from types import SimpleNamespace
+
+    from pretrain.parallel.activation_checkpointing import checkpointed_layers
+
+    model, t = cfg.model, cfg.train
+    blocks = [SimpleNamespace(is_memory=i in model.memory.layers) for i in range(model.n_layers)]
+    return checkpointed_layers(blocks, t.activation_checkpointing, t.activation_checkpointing_layers)
 
 
 def activations(cfg, micro_batch: int, seq_len: int, device: str = "cuda") -> dict[str, int]:
