@@ -41,8 +41,8 @@ train.compile: the compiled objective saves the logits themselves (e T vocab, th
 trainer holds) and two fp32 values per token instead of fp32 log-probabilities, and its backward
 writes only the logits' gradient (e T vocab). Compiled blocks are counted as eager ones, an upper
 bound: inductor's partitioner recomputes pointwise ops instead of saving them (measured on the
-CPU at the test's shape, AC none: 0.63x the eager blocks' bytes in bf16, 0.78x in fp32; AC full is exact, the
-blocks keeping only their inputs either way).
+CPU at the test's shape, AC none: 0.63x the eager blocks' bytes in bf16, 0.78x in fp32; AC full
+is exact, the blocks keeping only their inputs either way).
 """
 
 from __future__ import annotations
