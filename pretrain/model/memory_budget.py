@@ -30,7 +30,9 @@ Activations of one micro-batch (T = B S tokens): the bytes autograd saves for ba
 op by op as pretrain/model runs them (tests/model/test_memory_budget.py measures them with
 saved_tensors_hooks, each storage once). `device` picks the op that differs: RMSNorm is one
 fused op on CUDA (saves its input and rstd), a composite of fp32 ops on the CPU (saves the fp32
-input, rstd and the normalised fp32 rows). Under P > 1 the bag saves the memory group's gathered
+input, rstd and the normalised fp32 rows): torch's rms_norm calls _fused_rms_norm whenever the
+weight's dtype is the input's (aten/src/ATen/native/layer_norm.cpp), which has a CUDA kernel and
+decomposes on the CPU. Under P > 1 the bag saves the memory group's gathered
 (P T, H, k) indices and weights instead of this rank's. train.activation_checkpointing keeps only the
 (T, dim) input of each checkpointed block (P > 1 memory blocks also keep the lookup tape:
 gathered indices and weights (P T, H, k) and the exchanged (T, v) output).
