@@ -68,6 +68,15 @@ def test_a_failing_variant_is_reported_and_the_others_measured(tmp_path, capsys)
         assert "error" not in r and r["steps_measured"] == 2
         assert r["tokens_per_s"] == pytest.approx(4 * 128 / r["median_step_s"])
         assert r["peak_memory_bytes"] > 0 and r["memory_kind"] == "peak_rss" and r["mfu"] is None
+    # the prediction beside the measurement: memlayers-model-info's estimate of the same run
+    from pretrain.config import load_config
+    from pretrain.model.memory_budget import estimate_memory
+
+    for ac in ("none", "full"):
+        cfg = load_config(
+            "configs/tiny.yaml", ["train.global_batch=4", "train.micro_batch=4", f"train.activation_checkpointing={ac}"]
+        )
+        assert rows[f"memory/eager/ac={ac}"]["estimated_memory_bytes"] == estimate_memory(cfg, world_size=1).total
     ratios = {q["ratio"]: q["value"] for q in payload["ratios"]}
     full, none = rows["memory/eager/ac=full"], rows["memory/eager/ac=none"]
     assert (
