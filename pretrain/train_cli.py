@@ -19,6 +19,7 @@ from pretrain.slurm import (  # the standard library only
     distributed_env_from_slurm,
     in_slurm_task,
 )
+from pretrain.torchrun_restarts import repeats_on_restart  # the standard library only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,9 @@ def cli() -> None:
                 cfg = check_world(load_config(config_path, overrides), world)
             except (ConfigError, DataError) as err:
                 print(f"error: {err}", file=sys.stderr, flush=True)
+                note = repeats_on_restart()  # torchrun --max-restarts would restart into it
+                if note:
+                    print(note, file=sys.stderr, flush=True)
                 os._exit(2)  # as pretrain.train's cli ends
         from pretrain import train
 
