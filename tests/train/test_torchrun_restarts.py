@@ -55,7 +55,18 @@ def torchrun(point: str, step: int, rank: int, args: list[str], cwd: Path) -> su
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
         f"--master-port={free_port()}", "-m", "tests.crash_launch", point, str(step), str(rank), *args,
     ]  # fmt: skip
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+    log = cwd / "torchrun.log"  # not a pipe: workers that outlive torchrun would hold it open
+    with (
+        open(log, "w") as out,
+        subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT) as agent,
+    ):
+        try:
+            agent.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            agent.terminate()  # torchrun ends its workers (each in a session of its own): SIGTERM, SIGKILL 30 s later
+            agent.wait(timeout=60)
+            pytest.fail(f"torchrun still ran after 180 s: {log.read_text()[-5000:]}")
+    return subprocess.CompletedProcess(command, agent.returncode, log.read_text(), "")
 
 
 @pytest.mark.slow
