@@ -151,6 +151,12 @@ def _what_next(run_dir: Path, finished: bool) -> str:
     try:
         latest = latest_checkpoint(Path(run_dir) / "checkpoints")
     except CheckpointError as refusal:  # what a resume would refuse (no `latest` beside checkpoints), and its fix
+        restarted = restarted_now()
+        if restarted:  # torchrun --max-restarts: its restart meets the same refusal
+            return (
+                f"The run resumes only once its checkpoints are put right: {refusal}; {restarted}, which refuses "
+                "them the same way: stop torchrun (Ctrl-C), put them right, then start torchrun again as before"
+            )
         return f"The run resumes only once its checkpoints are put right: {refusal}: {resume_command()}"
     if finished:  # a rerun would start from the last checkpoint and train nothing
         last = f"; its last checkpoint is {latest}" if latest is not None else ""

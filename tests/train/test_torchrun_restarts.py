@@ -182,3 +182,19 @@ def test_a_refusal_after_torch_is_imported_says_so_too(monkeypatch, capsys):
     error, note = capsys.readouterr().err.strip().splitlines()
     assert error.startswith("error: train.keep_checkpoints=0"), error
     assert note == repeats_on_restart(torchrun_env(0, 2)), note
+
+
+def test_the_survivor_does_not_promise_a_restart_that_will_refuse_the_checkpoints(tmp_path, monkeypatch):
+    """Rank 0 killed between renaming its first checkpoint and writing `latest` (crash_launch's 'renamed',
+    under torchrun --max-restarts=1): the survivor said '... no 'latest' file ...: torchrun restarts every
+    rank now', and the restart refused the checkpoints at once, as the survivor's own line had said it would."""
+    for key, value in torchrun_env(0, 1).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / "checkpoints" / tag_for(2)).mkdir(parents=True)
+    line = lost_peer._what_next(tmp_path, finished=False)
+    assert "but no 'latest' file naming the one to resume from" in line, line
+    assert line.endswith(
+        "; torchrun restarts every rank now (restart 1 of --max-restarts=1), which refuses them the same way: stop "
+        "torchrun (Ctrl-C), put them right, then start torchrun again as before"
+    ), line
