@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from pretrain.distributed import describe_ranks, rank_processes
 from pretrain.files import pid_alive
+from pretrain.torchrun_restarts import restarted_now, restarts_used
 from pretrain.watchdog import process_state
 
 _CLOSED = (
@@ -120,8 +121,8 @@ def lost_ranks(me: int, peer: str | None, processes: list[tuple[str, int | None]
 
 def resume_command() -> str:
     """How to start this run again: the Slurm job requeued, torchrun started again on each of its nodes
-    (a rank's own command line, `python -m pretrain.train ...`, started alone trains on one rank), else this
-    rank's own command line."""
+    (a rank's own command line, `python -m pretrain.train ...`, started alone trains on one rank) or, with a
+    restart of its --max-restarts left, nothing (torchrun restarts every rank), else this rank's own command line."""
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         return f"scontrol requeue {job} (or the same memlayers-submit command with --resume)"
@@ -131,9 +132,14 @@ def resume_command() -> str:
     else:
         argv[0] = Path(argv[0]).name
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: torchrun's agent holds the launch command
+        restarted = restarted_now()
+        if restarted:  # --max-restarts with one left: nothing to do by hand
+            return restarted
         nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
         where = "" if nodes == "1" else f" on each of its {nodes} nodes"
-        return f"start torchrun again as before{where} (its ranks run {shlex.join(argv)})"
+        used = restarts_used()
+        again = f"start torchrun again as before{where} (its ranks run {shlex.join(argv)})"
+        return f"{used}: {again}" if used else again
     return f"start every rank again as before ({shlex.join(argv)} on rank {dist.get_rank()})"
 
 
@@ -145,6 +151,12 @@ def _what_next(run_dir: Path, finished: bool) -> str:
     try:
         latest = latest_checkpoint(Path(run_dir) / "checkpoints")
     except CheckpointError as refusal:  # what a resume would refuse (no `latest` beside checkpoints), and its fix
+        restarted = restarted_now()
+        if restarted:  # torchrun --max-restarts: its restart meets the same refusal
+            return (
+                f"The run resumes only once its checkpoints are put right: {refusal}; {restarted}, which refuses "
+                "them the same way: stop torchrun (Ctrl-C), put them right, then start torchrun again as before"
+            )
         return f"The run resumes only once its checkpoints are put right: {refusal}: {resume_command()}"
     if finished:  # a rerun would start from the last checkpoint and train nothing
         last = f"; its last checkpoint is {latest}" if latest is not None else ""

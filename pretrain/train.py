@@ -44,6 +44,7 @@ from pretrain.lost_peer import LocalPeerWatch, LostPeer, explain_lost_peer, lost
 from pretrain.out_of_memory import OutOfMemory, explain_out_of_memory  # noqa: E402
 from pretrain.peak_memory import IntervalPeak  # noqa: E402
 from pretrain.run_lock import RunDirLock  # noqa: E402
+from pretrain.torchrun_restarts import repeats_on_restart  # noqa: E402
 from pretrain.train_cli import build_parser, parse_args  # noqa: E402, F401 (build_parser: the options of this command)
 from pretrain.trainer import TrainingDiverged, TrainResult  # noqa: E402
 from pretrain.watchdog import HangWatchdog  # noqa: E402
@@ -174,11 +175,14 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
             cfg = load_config_on_every_rank(config_path, overrides)
         result = train(cfg, stop)
     except REFUSALS as err:
-        if reports_refusal(err):  # a refusal shared with every rank: rank 0's line
+        if reports_refusal(err):  # a refusal shared with every rank: rank 0's line, and its note
             print(f"error: {err}", file=sys.stderr)
+            if not isinstance(err, RendezvousTimeout):  # a rank that did not come may come to a restart
+                say_a_restart_repeats_it()
         return 2
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)
+        say_a_restart_repeats_it()
         return 1
     except LostPeer as err:  # another rank's process ended: its output has the cause, this one a line
         print(f"error: {err}", file=sys.stderr)
@@ -215,6 +219,15 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
         else:
             print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0
+
+
+def say_a_restart_repeats_it() -> None:
+    """After a refusal under `torchrun --max-restarts` with restarts left: torchrun restarts every rank
+    into the same stop (a config refused 3 times in a second, a run that diverges at step N retraining
+    from its checkpoint each time); only torchrun's own summary said so, as a failure like any other."""
+    note = repeats_on_restart()
+    if note:
+        print(note, file=sys.stderr)
 
 
 def cli(stop: StopSignal | None = None, cfg: RunConfig | None = None) -> None:

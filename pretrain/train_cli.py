@@ -21,6 +21,7 @@ from pretrain.slurm import (  # the standard library only
     first_on_its_node,
     in_slurm_task,
 )
+from pretrain.torchrun_restarts import repeats_on_restart  # the standard library only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,9 @@ def cli() -> None:
             except (ConfigError, DataError) as err:
                 if first_on_its_node():  # every rank here refuses the same: one line, each rank exit status 2
                     print(f"error: {err}", file=sys.stderr, flush=True)
+                    note = repeats_on_restart()  # torchrun --max-restarts would restart into it
+                    if note:
+                        print(note, file=sys.stderr, flush=True)
                 os._exit(2)  # as pretrain.train's cli ends
         from pretrain import train
 

@@ -38,6 +38,7 @@ from pretrain.peak_memory import IntervalPeak
 from pretrain.progress_log import log_progress, log_slot_statistics, tokens_seen_per_source
 from pretrain.slots.table import TABLE_FILENAME
 from pretrain.step_clock import StepClock
+from pretrain.torchrun_restarts import this_attempt
 from pretrain.train_state import TrainState
 from pretrain.watchdog import HangWatchdog
 
@@ -391,10 +392,12 @@ class Trainer:
                 f"ignored the unfinished checkpoint {unfinished} (a run stopped while writing it); "
                 f"resuming from {self.resume_from.name if self.resume_from else 'the start'}, it is removed at the next save"
             )
+        restart = this_attempt()  # torchrun --max-restarts: which restart this is, said on the resume's line
         if self.resume_from is not None:
             resharded = self.checkpointer.load(self.resume_from)
             self.metrics.resumed_at(self.state.step)
-            self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}")
+            attempt = f" ({restart})" if restart else ""
+            self.metrics.line(f"resumed from {self.resume_from} at step {self.state.step}{attempt}")
             if self.save_checkpoints:  # the state's checkpoint until a step saves another (none: finished)
                 self.checkpoint = self.resume_from
             for note in (resharded, self.checkpointer.schedule_change, self.checkpointer.mixture_change):
@@ -406,6 +409,8 @@ class Trainer:
                     f"the checkpoint holds no slot statistics (slots.enabled was false): slot counting starts "
                     f"after step {self.state.step}, and the slot table counts the steps after it (first_step)"
                 )
+        elif restart:
+            self.metrics.line(f"{restart}: no checkpoint to resume from yet, training starts from step 0")
 
     def result(self) -> TrainResult:
         s = self.state

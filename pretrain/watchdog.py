@@ -48,6 +48,7 @@ from pathlib import Path
 from pretrain.files import atomic_write
 from pretrain.process_tree import stat_fields
 from pretrain.slurm import stop_signals_blocked  # the standard library only
+from pretrain.torchrun_restarts import restarted_now
 
 REPORTS = "hangs"
 SUMMARY = "summary.txt"
@@ -414,6 +415,9 @@ def requeue_after_hang(run_dir: str | Path, checkpoint_root: str | Path, cancell
                 "read the reports, then resubmit with --resume"
             )
         if "SLURM_JOB_ID" not in os.environ:
+            restarted = restarted_now()  # torchrun --max-restarts, one left
+            if restarted:
+                return f"not requeued (not a Slurm job): {restarted}, which resumes from {tag}"
             return f"not requeued (not a Slurm job): restart the run to resume from {tag}"
         atomic_write(record, tag + "\n")
     except OSError as err:  # without the record, a run that hangs again would be requeued in a loop

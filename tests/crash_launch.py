@@ -21,7 +21,12 @@ Points outside a save (`step` ignored), where a peer waits in a collective of st
 - `config-shared`: the config loaded and the process group made, its refusals not yet shared;
 - `deepspeed-initialize`: in the middle of the start-up (DeepSpeed's engine about to be made);
 - `final-barrier`: training finished, the command line's last barrier not yet reached;
-- `after-step`: step `step` finished (also where no checkpoint is saved).
+- `after-step`: step `step` finished (also where no checkpoint is saved);
+- `raise-after-step`: there, a Python exception (RuntimeError) instead of the kill: the rank ends with a
+  traceback and exit status 1, as a bug of its own would end it.
+
+Under torchrun, `python -m tests.crash_launch POINT STEP RANK TRAIN-ARGS...` is the worker: rank RANK is
+armed in torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT=0), so that a restart runs clean.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ def arm(point: str, step: int) -> None:
             die()
 
         train.train = train_then_die
-    elif point == "after-step":
+    elif point in ("after-step", "raise-after-step"):
         import pretrain.watchdog as watchdog
 
         original = watchdog.HangWatchdog.progress
@@ -147,6 +152,8 @@ def arm(point: str, step: int) -> None:
         def progress(self, what):
             original(self, what)
             if what == f"step {step}":
+                if point == "raise-after-step":
+                    raise RuntimeError(f"injected fault after step {step} (tests/crash_launch.py)")
                 die()
 
         watchdog.HangWatchdog.progress = progress
@@ -190,3 +197,19 @@ def start(point: str, step: int, program: str, args: list[str], log: Path, **env
     child = context.Process(target=_child, args=(point, step, program, args, {**os.environ, **env}, str(log)))
     child.start()
     return child
+
+
+def torchrun_worker(argv: list[str]) -> None:
+    """A worker of `torchrun ... -m tests.crash_launch POINT STEP RANK TRAIN-ARGS...`: the trainer's command
+    line, rank RANK armed at POINT of step STEP in torchrun's first attempt only."""
+    point, step, rank, *args = argv
+    if os.environ.get("RANK") == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        arm(point, int(step))
+    from pretrain.train_cli import cli
+
+    sys.argv = ["memlayers-train", *args]
+    cli()  # exits the process
+
+
+if __name__ == "__main__":
+    torchrun_worker(sys.argv[1:])

@@ -44,7 +44,15 @@ SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scrip
 
 # Options of other programs the documents show beside ours (only these may name an option no parser here has).
 OTHER_PROGRAMS_OPTIONS = {
-    "torchrun": {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"},
+    "torchrun": {
+        "--nproc-per-node",
+        "--nnodes",
+        "--node-rank",
+        "--master-addr",
+        "--master-port",
+        "--max-restarts",
+        "--rdzv-backend",
+    },
     "sbatch / srun / squeue": {
         "--array",
         "--signal",
