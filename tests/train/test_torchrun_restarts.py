@@ -154,19 +154,23 @@ def test_a_refusal_under_torchrun_says_a_restart_will_meet_it_again(tmp_path):
     """A config refused under torchrun --max-restarts=3 was refused 4 times within seconds, said each time
     as if for the first; a run that diverged retrained from its checkpoint into the same stop 3 times. The
     ranks cannot keep torchrun from restarting them: the refusal now says that a restart repeats it."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))},
-        **torchrun_env(0, 3),
-        "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO_ROOT),
-    }  # fmt: skip
     command = [sys.executable, "-m", "pretrain.train", "--config", str(REPO_ROOT / "configs" / "tiny.yaml")]
-    refused = subprocess.run(
-        [*command, "train.micro_batch=7", f"train.run_dir={tmp_path / 'run'}"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    error, note = refused.stderr.strip().splitlines()
+    port, said = str(free_port()), {}
+    for rank in ("0", "1"):  # the ranks of one node: each refuses, its local rank 0 alone says so
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))},
+            **torchrun_env(0, 3),
+            "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(REPO_ROOT),
+        }  # fmt: skip
+        refused = subprocess.run(
+            [*command, "train.micro_batch=7", f"train.run_dir={tmp_path / 'run'}"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        said[rank] = refused.stderr.strip()
+    assert said["1"] == "", said["1"]
+    error, note = said["0"].splitlines()
     assert error.startswith("error: train.global_batch=16 is not divisible by train.micro_batch=7"), error
     assert note == repeats_on_restart(torchrun_env(0, 3)), note
 
