@@ -184,10 +184,7 @@ class Transformer(nn.Module):
             if block.is_memory:
                 values = self.value_table_for(memory_index)
                 memory_index += 1
-            if cache is None and mask is None:
-                x = block(x, freqs, values)
-            else:
-                x = block(x, freqs, values, cache.layers[i] if cache is not None else None, mask)
+            x = block(x, freqs, values, cache.layers[i] if cache is not None else None, mask)
         if cache is not None:
             cache.length += S
         return self.output(self.norm(x))
