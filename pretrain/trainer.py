@@ -167,19 +167,19 @@ class Trainer:
         # accumulated gradient, and the logged loss, those of the mean over all N targets.
         scored = [int((batch.targets != IGNORE_INDEX).sum()) for batch in step_batches]
         # a rank whose data failed adds a large negative count: every rank learns of it in the
-        # all-reduce the step makes anyway, and all raise its DataError (it alone used to)
+        # all-reduce the step makes anyway, and all raise its DataError (raised on that rank alone,
+        # the others would wait for it in this all-reduce until the hang watchdog fired)
         total = global_sum(sum(scored) if unreadable is None else -(2**62))
         if total < 0:
             share_refusal(unreadable, (DataError,))
         scale = self.micro_batches * self.info.world_size
-        losses, z_terms = zip(
-            *(
-                self.forward_backward(
-                    batch, last_micro_batch=i == self.micro_batches - 1, scale=n * scale / total if total else 0.0
-                )
-                for i, (batch, n) in enumerate(zip(step_batches, scored))
+        losses, z_terms = [], []
+        for i, (batch, n) in enumerate(zip(step_batches, scored)):
+            micro_loss, micro_z = self.forward_backward(
+                batch, last_micro_batch=i == self.micro_batches - 1, scale=n * scale / total if total else 0.0
             )
-        )
+            losses.append(micro_loss)
+            z_terms.append(micro_z)
         loss = rank_share(losses, scored, total, self.info.device)
         z = rank_share(z_terms, scored, total, self.info.device) if self.cfg.optim.z_loss else None
         loss, finite, z_mean = global_step_loss(loss.float(), z)
@@ -443,7 +443,7 @@ def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple
     return value, nonfinite == 0, z_sum if z is not None else None
 
 
-def rank_share(means: tuple, scored: list[int], total: int, device: torch.device) -> torch.Tensor:
+def rank_share(means: list, scored: list[int], total: int, device: torch.device) -> torch.Tensor:
     """This rank's share of a step's mean over its `total` scored targets (all ranks): its
     micro-batches' `means`, each weighted by its `scored` targets / `total`. A micro-batch without
     a scored target (its mean NaN) adds nothing; a step without any gives NaN (skipped)."""
