@@ -151,7 +151,7 @@ class MemoryParallel:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=g.replica_group)
             if g.world_size > 1:  # x / 1 == x: skip a pass over the (N, d) gradient
                 p.grad.div_(g.world_size)
-        self._step_bytes += accounting.step_reduction_bytes(self.shard_bytes(), 1, g.num_replicas)
+        self._step_bytes += accounting.replica_reduction_bytes(self.shard_bytes(), g.num_replicas)
 
     def _reduce_row_gradients(self) -> None:
         """Sparse form of reduce_gradients: merge each shard's rows, sum them over replicas."""
@@ -183,7 +183,7 @@ class MemoryParallel:
         P = self.groups.parallel_size
         if P > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.memory_group)
-            self._step_bytes += accounting.step_reduction_bytes(0, P, 1)
+            self._step_bytes += accounting.norm_reduction_bytes(P)
         norm = sq.sqrt()
         if max_norm and max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -227,15 +227,10 @@ class MemoryParallel:
         opt = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
         lookups = self.last_step_lookups
         # the sparse replica exchange depends on the rows read: it is taken as measured
-        replicas = (
-            accounting.step_reduction_bytes(0, P, 1) + self._replica_bytes
-            if self.sparse
-            else accounting.step_reduction_bytes(shard, P, g.num_replicas)
-        )
-        estimate = (
-            sum(accounting.lookup_bytes(T, hk, 1, self.tables[0].v_dim, P, wb, ob) for T, hk, wb, ob in lookups)
-            + replicas
-        )  # assumes clip_grad_norm ran
+        replicas = self._replica_bytes if self.sparse else accounting.replica_reduction_bytes(shard, g.num_replicas)
+        v_dim = self.tables[0].v_dim if self.tables else 0
+        lookup_traffic = sum(accounting.lookup_bytes(T, hk, 1, v_dim, P, wb, ob) for T, hk, wb, ob in lookups)
+        estimate = lookup_traffic + replicas + accounting.norm_reduction_bytes(P)  # assumes clip_grad_norm ran
         return {
             "parallel_size": P,
             "num_replicas": g.num_replicas,
