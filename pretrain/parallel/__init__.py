@@ -41,8 +41,8 @@ the rows read (sparse COO, `row_grads`) and `sparse_adamw.SparseAdamW` (lazy Ada
 updates only those rows; the calls above are unchanged.
 
 Checkpoints: `MemoryParallel.save` writes one safetensors file per (table, shard)
-with the AdamW state; `load` re-shards to any P dividing v_dim; `consolidate`
-assembles full tables for export (`shard_files`).
+with the AdamW state; `load` re-shards to any P dividing v_dim (`shard_files`, whose
+`consolidate` assembles whole tables in memory).
 """
 
 from pretrain.parallel.groups import MemoryGroups, init_memory_groups

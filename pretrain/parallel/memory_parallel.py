@@ -314,11 +314,6 @@ class MemoryParallel:
             return ("exp_avg", "exp_avg_sq_row")
         return ("exp_avg", "exp_avg_sq")
 
-    @staticmethod
-    def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-        """Full value tables {"values.{i}.weight": (N, v_dim)} for export, streamed shard by shard."""
-        return shard_files.consolidate(checkpoint_dir)
-
 
 def build_sharded_model(
     cfg,

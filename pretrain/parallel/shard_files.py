@@ -7,7 +7,8 @@ and column range. The row-wise optimizer (sparse_rowwise_adamw) writes exp_avg_s
 (N,) instead of exp_avg_sq: one second moment per full row, the same in every shard.
 Files are streamed (no copy of the shard) to a temporary name and renamed. Reading a
 column range [c0, c1) streams the overlapping columns of whichever shards hold them, so
-a checkpoint saved with P shards loads into any P' that divides v_dim.
+a checkpoint saved with P shards loads into any P' that divides v_dim. `consolidate`
+assembles whole tables in memory.
 """
 
 from __future__ import annotations
@@ -152,12 +153,13 @@ def read_rows(checkpoint_dir: Path, table: int, saved_p: int, name: str) -> torc
         raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
 
 
-def consolidate(checkpoint_dir: str | Path, num_tables: int | None = None) -> dict[str, torch.Tensor]:
-    """Full value tables {"values.{i}.weight": (N, v_dim)}, filled shard by shard."""
+def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every full value table of a checkpoint in memory, {"values.{i}.weight": (N, v_dim)}, filled
+    shard by shard: to inspect or compare checkpoints (the export streams the shard files itself,
+    pretrain/export/source.py, without a whole table in memory)."""
     checkpoint_dir = Path(checkpoint_dir)
-    if num_tables is None:
-        names = [FILE_RE.match(e.name) for e in checkpoint_dir.iterdir()] if checkpoint_dir.is_dir() else []
-        num_tables = 1 + max((int(m.group(1)) for m in names if m), default=-1)
+    names = [FILE_RE.match(e.name) for e in checkpoint_dir.iterdir()] if checkpoint_dir.is_dir() else []
+    num_tables = 1 + max((int(m.group(1)) for m in names if m), default=-1)
     P = saved_parallel_size(checkpoint_dir, num_tables)
     out = {}
     for t in range(num_tables):
