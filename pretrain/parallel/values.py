@@ -29,7 +29,7 @@ from pretrain import profiler_regions as regions
 from pretrain.model import recompute
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
-from pretrain.parallel.comm import CommCounter, all_to_all_rows, exchange_counts, gather_tokens
+from pretrain.parallel.comm import CommCounter, all_gather_rows, all_to_all_rows, exchange_counts
 from pretrain.parallel.groups import MemoryGroups
 
 
@@ -126,8 +126,8 @@ class PartitionedValueTable(nn.Module):
             counts = exchange_counts(indices.shape[0], group, self.counter, indices.device)
             return (
                 counts,
-                gather_tokens(indices, counts, group, self.counter),
-                gather_tokens(weights, counts, group, self.counter),
+                all_gather_rows(indices, counts, group, self.counter),
+                all_gather_rows(weights, counts, group, self.counter),
             )
 
     def _return_rows(self, part: torch.Tensor, counts: list[int], tokens: int) -> torch.Tensor:
