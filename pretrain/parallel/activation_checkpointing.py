@@ -44,8 +44,8 @@ from pretrain.model.recompute import LookupTape
 MODES = ("none", "full", "memory", "selective")
 
 
-def checkpointed_layers(blocks, mode: str, layers: list[int] | None = None) -> list[int]:
-    """Indices of the blocks `mode` checkpoints."""
+def checkpointed_layers(blocks: nn.ModuleList, mode: str, layers: list[int] | None = None) -> list[int]:
+    """Indices of the transformer blocks (`Transformer.layers`) that `mode` checkpoints."""
     if mode not in MODES:
         raise ConfigError(f"train.activation_checkpointing={mode!r} must be one of {', '.join(MODES)}")
     n = len(blocks)
@@ -54,7 +54,7 @@ def checkpointed_layers(blocks, mode: str, layers: list[int] | None = None) -> l
     if mode == "full":
         return list(range(n))
     if mode == "memory":
-        return [i for i, block in enumerate(blocks) if getattr(block, "is_memory", False)]
+        return [i for i, block in enumerate(blocks) if block.is_memory]
     chosen = list(layers) if layers else list(range(0, n, 2))
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
