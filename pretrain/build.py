@@ -82,7 +82,7 @@ def build(
         writers.append(SlotTableWriter(stats, cfg.model, tokenizer.sha256, state, info.is_main))
     checkpointer.track(engine, optimizers.values, state, RankState(rank_items, optional=("slots",)), writers)
     lookups = None
-    if cfg.slots.enabled:
+    if stats is not None:
         from pretrain.model.lookups import LookupRecorder
 
         lookups = LookupRecorder(model.memory_layers())

@@ -93,7 +93,7 @@ class Trainer:
     optimizers: Optimizers
     train_loader: Any
     stats: Any  # SlotStatistics, or None when slot statistics are off
-    lookups: Any  # LookupRecorder handing each micro-batch's slot indices to `stats`
+    lookups: Any  # LookupRecorder handing each micro-batch's slot indices to `stats` (None with it)
     shared_table_stream: bool
     checkpointer: Checkpointer
     resume_from: Path | None
