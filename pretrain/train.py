@@ -29,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 from kernels.build_locks import clear_stale_build_locks  # noqa: E402
 from pretrain.build import LoaderFactory, NothingToTrain, build, build_loader  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
-from pretrain.config import ConfigError, RunConfig, load_config, validate  # noqa: E402
+from pretrain.config import ConfigError, RunConfig, TrainConfig, load_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.distributed import (  # noqa: E402
     DistInfo,
@@ -101,7 +101,7 @@ def train(
             stop.close()
 
 
-def process_group_timeout(t) -> float:
+def process_group_timeout(t: TrainConfig) -> float:
     """Seconds a collective may wait: longer than any allowance of the hang watchdog, so that a
     hang is reported by the watchdog (with stacks) and not by a collective's timeout error, and
     than a universal-checkpoint conversion the other ranks wait for at start-up."""
