@@ -1,9 +1,9 @@
 """The training loop: `Trainer.fit` over the parts pretrain/build.py made for a run.
 
 `fit`: `train_step` (micro-batches: forward, backward, count slot accesses; then clip and one
-`Optimizers.step`, skipped on a non-finite loss, and the step's slot accesses with it), `count`
-(the `TrainState`), the periodic work each due by its own `Every` cadence (log, slot statistics,
-evaluate, checkpoint), and the stop check. `resume` restores the checkpointed items before it;
+`Optimizers.step`, skipped on a non-finite loss, and the step's slot accesses with it),
+`record_step` (the `TrainState`), the periodic work each due by its own `Every` cadence (log,
+slot statistics, evaluate, checkpoint), and the stop check. `resume` restores the checkpointed items before it;
 `result` is what `train` (pretrain/train.py) returns. No callback framework. The log's lines are
 pretrain/progress_log.py's; the evaluation, pretrain/evaluate.py's.
 """
@@ -144,7 +144,7 @@ class Trainer:
         self.interval_start = time.perf_counter()  # after building and resuming
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
-            self.count(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
+            self.record_step(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
             if self.first_step_time is None:
                 self.leave_out_first_step()
             self.watchdog.progress(f"step {self.state.step}")
@@ -260,7 +260,7 @@ class Trainer:
             )
         return loss.detach(), z.detach() if z is not None else None
 
-    def count(self, out: StepOutput) -> None:
+    def record_step(self, out: StepOutput) -> None:
         """Advance the train state by the step; a skipped step is logged (its tokens are drawn from
         the data but not trained on: tokens_seen leaves them out, as the slot table does), and past
         the policy's limit a checkpoint is saved and TrainingDiverged raised."""
