@@ -20,7 +20,9 @@ interchangeable; the row-wise state loads only into the row-wise optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,11 +30,14 @@ import torch.nn as nn
 
 from pretrain.config import OptimConfig
 from pretrain.dense_optimizer import squared_norm
-from pretrain.model.config import ConfigError, choices_message, literal_fields
+from pretrain.model.config import ConfigError, ModelConfig, choices_message, literal_fields
 from pretrain.parallel import accounting, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.sparse_adamw import SparseAdamW
 from pretrain.parallel.values import PartitionedValueTable, parallelize_memory
+
+if TYPE_CHECKING:
+    from pretrain.model.transformer import Transformer
 
 VALUE_OPTIMIZERS = literal_fields(OptimConfig)["value_optimizer"]  # the config's Literal: one list of choices
 
@@ -316,15 +321,15 @@ class MemoryParallel:
 
 
 def build_sharded_model(
-    cfg,
+    cfg: ModelConfig,
     groups: MemoryGroups,
-    optim_cfg,
+    optim_cfg: OptimConfig,
     kernel: str = "auto",
-    device="cpu",
+    device: torch.device | str = "cpu",
     seed: int = 0,
     value_seed: int | None = None,
-    reseed=torch.manual_seed,
-):
+    reseed: Callable[[int], object] = torch.manual_seed,
+) -> tuple[Transformer, MemoryParallel]:
     """(model, MemoryParallel), the trainer's and the benchmarks': the `Transformer` on the meta
     device, its value tables swapped for this rank's column shards (table i drawn from seed
     `value_seed` + i; None: the model's own table seeds, 0 + i), then the dense part
