@@ -149,7 +149,7 @@ class SlotStatistics:
             if self.granularity.kind == "document":
                 self._count_documents(name, idx.to(self.device), valid, *occ)
             else:
-                self._update_layer(name, idx.to(self.device), unit, valid)
+                self._count_units(name, idx.to(self.device), unit, valid)
         if self.sample is not None:
             self.sample.offer(item, layer_indices, doc_ids)
 
@@ -199,7 +199,9 @@ class SlotStatistics:
         return B if g.kind == "sequence" else B * -(-S // g.chunk)
 
     def _pairs(self, name, idx, unit, valid):
-        """Sorted unique-able (slot, unit) keys of the micro-batch: counts added; (s, first, slot_of)."""
+        """Add the micro-batch's slot hits to `counts[name]` and return its (slot, unit) pairs as
+        sorted keys slot * T + unit (padding -1, first): (keys, whether each key is the first of
+        its run, i.e. a distinct pair; each key's slot, padding -> N)."""
         N, T = self.num_slots, valid.numel()
         key_dtype = torch.int32 if N * T <= 2**31 else torch.int64
         # slot-major keys: each slot's pairs are contiguous, its latest unit last; padding
@@ -214,8 +216,9 @@ class SlotStatistics:
         self.counts[name].index_add_(0, slot_of.clamp(max=N - 1), ok.long())
         return s, first, slot_of
 
-    def _update_layer(self, name, idx, unit, valid) -> None:
-        """Sequence and chunk units: every unit lies within the micro-batch."""
+    def _count_units(self, name, idx, unit, valid) -> None:
+        """One layer's counts and unit frequencies for sequence and chunk units: every unit lies
+        within the micro-batch, so nothing carries over to the next."""
         _, first, slot_of = self._pairs(name, idx, unit, valid)
         self.doc_freq[name].index_add_(0, slot_of.clamp(max=self.num_slots - 1), first.long())
 
@@ -233,12 +236,12 @@ class SlotStatistics:
             occurrence,
             stream,
         ):
-            self._update_layer_documents(name, idx, valid, unit[perm.argsort()], occurrence, stream)
+            self._count_documents_sorted(name, idx, valid, unit[perm.argsort()], occurrence, stream)
 
-    def _update_layer_documents(self, name, idx, valid, unit, occurrence, stream) -> None:
-        """Document occurrences: a (slot, occurrence) pair counts unless the occurrence selected
-        the slot in an earlier micro-batch (it is then the slot's last one in its stream).
-        `unit`: per token in flat order."""
+    def _count_documents_sorted(self, name, idx, valid, unit, occurrence, stream) -> None:
+        """`_count_documents` by sorting the (slot, unit) pairs: a (slot, occurrence) pair counts
+        unless the occurrence selected the slot in an earlier micro-batch (it is then the slot's
+        last one in its stream). `unit`: per token in flat order."""
         N, T = self.num_slots, valid.numel()
         s, first, slot_of = self._pairs(name, idx, unit, valid)
         at = (s % T).long()  # the unit: a position in stream-major order
