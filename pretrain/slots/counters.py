@@ -59,6 +59,10 @@ HISTORY = ("used", "interval_used", "interval_top1pct_share", "interval_kl_unifo
 
 
 class SlotStatistics:
+    """This rank's slot access counters, one set per name in `layer_names` (a memory layer, or a
+    shared table's joined stream): `update` once per micro-batch, `begin_step` / `discard_step`
+    around a step, `reduce` over ranks for logs and tables, `state_dict` per rank for checkpoints."""
+
     def __init__(
         self,
         num_slots: int,
