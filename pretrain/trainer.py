@@ -239,9 +239,7 @@ class Trainer:
         self.interval_data_wait += time.perf_counter() - start
         return batch
 
-    def forward_backward(
-        self, batch, last_micro_batch: bool, scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_backward(self, batch, last_micro_batch: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of one micro-batch: its cross-entropy and z-loss term (None when
         optim.z_loss is 0), means over its scored targets, detached; the gradient is of `scale` x
         (CE + optim.z_loss x the z term). `scale` 0 (no scored target, where the means are NaN):
