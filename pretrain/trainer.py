@@ -71,14 +71,14 @@ class TrainResult:
 class StepOutput:
     """What one optimizer step reports: the loss (its mean over the step's scored targets, all
     ranks), whether the update was applied (else it was skipped: a non-finite loss or gradient
-    norm), the gradient norms, the schedule's multiplier, its start and duration."""
+    norm), the gradient norms, the schedule's multiplier and the step's start (its duration is
+    the `StepClock`'s)."""
 
     loss: float
     applied: bool
     norms: GradNorms
     multiplier: float  # of the learning-rate schedule
-    start: float
-    seconds: float
+    start: float  # time.perf_counter() at the step's start
     z_loss: float | None = None  # the log(Z)^2 term (the same mean), when optim.z_loss > 0
 
 
@@ -188,9 +188,8 @@ class Trainer:
             applied = self.optimizers.step(multiplier, skip=not (finite and norms.finite()))
         if self.stats is not None and not applied:
             self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
-        seconds = time.perf_counter() - start
-        self.clock.stop(started, seconds)
-        return StepOutput(loss, applied, norms, multiplier, start, seconds, z_mean)
+        self.clock.stop(started, time.perf_counter() - start)
+        return StepOutput(loss, applied, norms, multiplier, start, z_mean)
 
     def leave_out_first_step(self) -> None:
         """This run's first step compiles, initialises lazily (DeepSpeed, the kernels) and starts the
