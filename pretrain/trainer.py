@@ -105,7 +105,6 @@ class Trainer:
     watchdog: HangWatchdog  # told of every step, evaluation and checkpoint
     objective: Callable[..., Objective]  # the model's loss: training_objective, compiled under train.compile
     losses: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
     checkpoint: Path | None = None
     stopped_by_signal: bool = False
@@ -117,7 +116,7 @@ class Trainer:
     def __post_init__(self):
         if self.memory is None:
             self.memory = IntervalPeak(self.info.device)
-        self.clock = StepClock(self.info.device, self.step_times)  # fills step_times
+        self.clock = StepClock(self.info.device)  # each step's seconds: TrainResult.step_times
         t = self.cfg.train
         self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
