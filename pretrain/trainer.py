@@ -94,7 +94,7 @@ class Trainer:
     train_loader: Any
     stats: Any  # SlotStatistics, or None when slot statistics are off
     lookups: Any  # LookupRecorder handing each micro-batch's slot indices to `stats` (None with it)
-    shared_table_stream: bool
+    shared_table_stream: bool  # `stats` also counts a shared value table, all its layers joined
     checkpointer: Checkpointer
     resume_from: Path | None
     metrics: MetricsLogger
