@@ -136,6 +136,8 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
+        """Train from the state's step to train.max_steps, or until `stop` (a StopSignal) is
+        signalled or train.stop_after is reached; what the run did."""
         self.stop = stop
         leave_dead_workers_to_the_loader()
         batches = iter(self.train_loader)
