@@ -73,8 +73,8 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=_tape_contexts, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, layers: list[int] | None = None) -> list[int]:
-    """Checkpoint the blocks `mode` selects in `model.layers`; return their indices.
+def apply_activation_checkpointing(model: nn.Module, mode: str, layers: list[int] | None = None) -> None:
+    """Checkpoint the blocks `mode` selects in `model.layers` (`checkpointed_layers` names them).
 
     Call after building the model (and after `apply_compile`, so that the compiled block
     runs inside the checkpoint); calling twice on one model is refused.
@@ -87,4 +87,3 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, layers: list[int
             raise ValueError(f"block {i} is already checkpointed: apply_activation_checkpointing once per model")
         block.forward = functools.partial(_checkpointed, block.forward)
         block._activation_checkpointed = True
-    return chosen
