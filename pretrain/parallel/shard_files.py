@@ -14,6 +14,8 @@ assembles whole tables in memory.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -101,23 +103,18 @@ def read_columns(
     steps, meta = set(), {}
     for s in range(saved_p):
         path = Path(checkpoint_dir) / shard_file_name(table, s, saved_p)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise ShardFileError(f"{path} is not a value-shard file (format {meta.get('format')!r})")
-                s0, s1 = int(meta["col_start"]), int(meta["col_end"])
-                lo, hi = max(s0, col_start), min(s1, col_end)
-                if lo >= hi:
-                    continue
-                for n in names:
-                    _require_tensor(f, path, n)
-                    parts[n].append(f.get_slice(n)[:, lo - s0 : hi - s0])
-                steps.add(float(f.get_tensor("step")[0]))
-        except ShardFileError:
-            raise
-        except Exception as err:  # safetensors reports truncation as assorted errors
-            raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+        with _open_shard(path) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ShardFileError(f"{path} is not a value-shard file (format {meta.get('format')!r})")
+            s0, s1 = int(meta["col_start"]), int(meta["col_end"])
+            lo, hi = max(s0, col_start), min(s1, col_end)
+            if lo >= hi:
+                continue
+            for n in names:
+                _require_tensor(f, path, n)
+                parts[n].append(f.get_slice(n)[:, lo - s0 : hi - s0])
+            steps.add(float(f.get_tensor("step")[0]))
     if len(steps) > 1:
         raise ShardFileError(f"value shards of table {table} in {checkpoint_dir} disagree on the AdamW step {steps}")
     out = {n: p[0] if len(p) == 1 else torch.cat(p, dim=1) for n, p in parts.items()}  # one part: no copy
@@ -128,6 +125,19 @@ def read_columns(
                 f"[{col_start}, {col_end}) for {n}"
             )
     return out, steps.pop() if steps else 0.0, meta
+
+
+@contextmanager
+def _open_shard(path: Path) -> Iterator:
+    """safe_open(path), any failure to read it (missing, truncated: safetensors reports truncation
+    as assorted errors) raised as a ShardFileError naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except ShardFileError:
+        raise
+    except Exception as err:
+        raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
 
 
 def _require_tensor(f, path: Path, name: str) -> None:
@@ -143,14 +153,9 @@ def _require_tensor(f, path: Path, name: str) -> None:
 def read_rows(checkpoint_dir: Path, table: int, saved_p: int, name: str) -> torch.Tensor:
     """A per-row tensor (N,) of one table; every column shard holds the same one, shard 0 is read."""
     path = Path(checkpoint_dir) / shard_file_name(table, 0, saved_p)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            _require_tensor(f, path, name)
-            return f.get_tensor(name)
-    except ShardFileError:
-        raise
-    except Exception as err:
-        raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+    with _open_shard(path) as f:
+        _require_tensor(f, path, name)
+        return f.get_tensor(name)
 
 
 def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -166,12 +171,9 @@ def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
         full = None
         for s in range(P):
             path = checkpoint_dir / shard_file_name(t, s, P)
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                    shard = f.get_tensor("weight")
-            except Exception as err:
-                raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+            with _open_shard(path) as f:
+                meta = f.metadata() or {}
+                shard = f.get_tensor("weight")
             if full is None:
                 full = torch.empty(shard.shape[0], int(meta["v_dim"]), dtype=shard.dtype)
             full[:, int(meta["col_start"]) : int(meta["col_end"])] = shard
