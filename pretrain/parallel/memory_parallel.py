@@ -285,17 +285,15 @@ class MemoryParallel:
         checkpoint_dir = Path(checkpoint_dir)
         saved_p = shard_files.saved_parallel_size(checkpoint_dir, len(self.tables))
         for i, t in enumerate(self.tables):
-            # one tensor at a time, so that at most one shard-sized copy is in flight
-            cols, step, meta = shard_files.read_columns(
-                checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=("weight",)
-            )
+            weight, step, meta = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end, "weight")
             if int(meta["num_slots"]) != t.num_slots or int(meta["v_dim"]) != t.v_dim:
                 raise shard_files.ShardFileError(
                     f"value table {i} in {checkpoint_dir} is {meta['num_slots']} x {meta['v_dim']}, the model's is "
                     f"{t.num_slots} x {t.v_dim} (model.memory.n_keys / v_dim differ from the checkpoint's)"
                 )
             with torch.no_grad():
-                t.shard.copy_(cols.pop("weight"))
+                t.shard.copy_(weight)
+            del weight  # before the moments are read: one shard-sized copy at a time
             if self.optimizer is None:
                 continue
             self.optimizer.state.pop(t.shard, None)
@@ -305,9 +303,7 @@ class MemoryParallel:
                     if name in shard_files.ROW_TENSORS:
                         moment = shard_files.read_rows(checkpoint_dir, i, saved_p, name)
                     else:
-                        moment = shard_files.read_columns(
-                            checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=(name,)
-                        )[0][name]
+                        moment = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end, name)[0]
                     dtype = getattr(self.optimizer, "momentum_dtype", None) if name == "exp_avg" else None
                     # a column range inside one saved shard is a strided view of it: torch's fused
                     # CPU AdamW reads non-contiguous state as if contiguous (wrong moments)

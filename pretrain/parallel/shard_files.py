@@ -25,7 +25,6 @@ from pretrain.export.safetensors_io import StreamWriter
 from pretrain.model.names import value_table_name
 
 FILE_RE = re.compile(r"^values\.t(\d+)\.s(\d+)-of-(\d+)\.safetensors$")
-TENSORS = ("weight", "exp_avg", "exp_avg_sq")
 ROW_TENSORS = ("exp_avg_sq_row",)  # (N,): one entry per row, identical in every column shard
 FORMAT = "memlayers-value-shard-1"
 ZERO_ROW_BLOCK = 1 << 20  # rows of zeros written at a time for missing moments
@@ -96,10 +95,12 @@ def saved_parallel_size(checkpoint_dir: Path, num_tables: int) -> int:
 
 
 def read_columns(
-    checkpoint_dir: Path, table: int, saved_p: int, col_start: int, col_end: int, names=TENSORS
-) -> tuple[dict[str, torch.Tensor], float, dict]:
-    """Columns [col_start, col_end) of `names` of one table, and the AdamW step."""
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    checkpoint_dir: Path, table: int, saved_p: int, col_start: int, col_end: int, name: str
+) -> tuple[torch.Tensor, float, dict]:
+    """Columns [col_start, col_end) of one table's tensor `name` (weight, exp_avg, exp_avg_sq), the
+    AdamW step and the metadata of the last shard file read. One tensor per call, so that a caller
+    holds at most one shard-sized copy at a time."""
+    parts: list[torch.Tensor] = []
     steps, meta = set(), {}
     for s in range(saved_p):
         path = Path(checkpoint_dir) / shard_file_name(table, s, saved_p)
@@ -111,19 +112,17 @@ def read_columns(
             lo, hi = max(s0, col_start), min(s1, col_end)
             if lo >= hi:
                 continue
-            for n in names:
-                _require_tensor(f, path, n)
-                parts[n].append(f.get_slice(n)[:, lo - s0 : hi - s0])
+            _require_tensor(f, path, name)
+            parts.append(f.get_slice(name)[:, lo - s0 : hi - s0])
             steps.add(float(f.get_tensor("step")[0]))
     if len(steps) > 1:
         raise ShardFileError(f"value shards of table {table} in {checkpoint_dir} disagree on the AdamW step {steps}")
-    out = {n: p[0] if len(p) == 1 else torch.cat(p, dim=1) for n, p in parts.items()}  # one part: no copy
-    for n, t in out.items():
-        if t.shape[1] != col_end - col_start:
-            raise ShardFileError(
-                f"value shards of table {table} in {checkpoint_dir} cover {t.shape[1]} of columns "
-                f"[{col_start}, {col_end}) for {n}"
-            )
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one part: no copy
+    if out.shape[1] != col_end - col_start:
+        raise ShardFileError(
+            f"value shards of table {table} in {checkpoint_dir} cover {out.shape[1]} of columns "
+            f"[{col_start}, {col_end}) for {name}"
+        )
     return out, steps.pop() if steps else 0.0, meta
 
 
