@@ -72,27 +72,25 @@ class MemoryParallel:
             # on the model, not on the tables: the tables run inside compiled blocks, where
             # dynamo would guard on this list's length and recompile the block every step
             model.register_forward_pre_hook(self._record_lookups)
-        self.optimizer = None
-        if self.tables and self.sparse:
-            self.optimizer = SparseAdamW(
+        self.optimizer = self._make_optimizer() if self.tables else None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """The shards' optimizer for optim.value_optimizer, without weight decay."""
+        o = self.optim_cfg
+        if self.sparse:
+            return SparseAdamW(
                 self.parameters(),
-                lr=optim_cfg.value_lr,
-                betas=(optim_cfg.beta1, optim_cfg.beta2),
-                eps=optim_cfg.eps,
+                lr=o.value_lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
                 second_moment="row" if self.value_optimizer == "sparse_rowwise_adamw" else "element",
                 row_sq_mean=self._row_sq_mean,
-                momentum_dtype=getattr(torch, optim_cfg.value_momentum_dtype),
+                momentum_dtype=getattr(torch, o.value_momentum_dtype),
             )
-        elif self.tables:
-            # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
-            self.optimizer = torch.optim.AdamW(
-                self.parameters(),
-                lr=optim_cfg.value_lr,
-                betas=(optim_cfg.beta1, optim_cfg.beta2),
-                eps=optim_cfg.eps,
-                weight_decay=0.0,
-                fused=True,
-            )
+        # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
+        return torch.optim.AdamW(
+            self.parameters(), lr=o.value_lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0, fused=True
+        )
 
     def _record_lookups(self, model, args) -> None:
         """One lookup per memory layer and model forward: (tokens, H*k, weight bytes, out
