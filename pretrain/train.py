@@ -196,23 +196,27 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
     else:
         rank = 0
     if rank == 0 and not result.not_trained:  # else train() has said why it trained nothing
-        if result.stopped_by_signal:
-            if result.requeued:
-                after = "requeued"
-            elif os.environ.get("SLURM_JOB_ID"):  # rank 0 has said why (SIGTERM, no scontrol, a refused requeue)
-                after = "not requeued"
-            else:
-                after = "not a Slurm job, so not requeued: run the same command again to resume from it"
-            print(f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; {after}")
-        elif result.step < cfg.train.max_steps:  # train.stop_after: the run is not finished
-            print(
-                f"stopped at step {result.step} of {cfg.train.max_steps} (train.stop_after); checkpoint "
-                f"{result.checkpoint}; to go on, run again with train.stop_after above {result.step} "
-                f"(or 0 to run to train.max_steps={cfg.train.max_steps})"
-            )
-        else:
-            print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+        print(ending_line(result, cfg.train.max_steps))
     return 0
+
+
+def ending_line(result: TrainResult, max_steps: int) -> str:
+    """Rank 0's last line: where the run stopped, its checkpoint, and how it goes on."""
+    if result.stopped_by_signal:
+        if result.requeued:
+            after = "requeued"
+        elif os.environ.get("SLURM_JOB_ID"):  # rank 0 has said why (SIGTERM, no scontrol, a refused requeue)
+            after = "not requeued"
+        else:
+            after = "not a Slurm job, so not requeued: run the same command again to resume from it"
+        return f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; {after}"
+    if result.step < max_steps:  # train.stop_after: the run is not finished
+        return (
+            f"stopped at step {result.step} of {max_steps} (train.stop_after); checkpoint "
+            f"{result.checkpoint}; to go on, run again with train.stop_after above {result.step} "
+            f"(or 0 to run to train.max_steps={max_steps})"
+        )
+    return f"finished at step {result.step}; checkpoint {result.checkpoint}"
 
 
 def cli(stop: StopSignal | None = None, cfg: RunConfig | None = None) -> None:
