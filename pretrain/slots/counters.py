@@ -500,9 +500,14 @@ class SlotStatistics:
         States of format 1 load too."""
         metas = [self._check_state(sd) for sd in states]
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        z = lambda t: torch.zeros_like(t, device=self.device)  # noqa: E731
-        total = lambda key: sum(sd[key].to(self.device) for sd in states)  # noqa: E731
-        take = total if rank == 0 else (lambda key: z(states[0][key]))
+
+        def summed(key: str) -> torch.Tensor:
+            return sum(sd[key].to(self.device) for sd in states)
+
+        def zeros(key: str) -> torch.Tensor:
+            return torch.zeros_like(states[0][key], device=self.device)
+
+        take = summed if rank == 0 else zeros
         self.totals, self.interval_start_totals = take("totals"), take("interval_totals")
         for n in self.layer_names:
             self.counts[n], self.doc_freq[n] = take(f"{n}.counts"), take(f"{n}.doc_freq")
