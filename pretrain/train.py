@@ -70,8 +70,8 @@ def train(
     try:
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train), cfg.train.rendezvous_timeout_s)
-        memory = IntervalPeak(info.device)
-        memory.reset("this run started")
+        device_memory = IntervalPeak(info.device)
+        device_memory.reset("this run started")
         lock = RunDirLock(cfg.train.run_dir, info.is_main)
         with explain_lost_peer(cfg.train.run_dir, since_progress(None)):  # rank 0's start time, a collective
             watchdog = hang_watchdog(cfg, info)
@@ -80,7 +80,7 @@ def train(
             watchdog,
             LocalPeerWatch(cfg.train.run_dir, where, grace_s=cfg.train.lost_peer_grace_s),
             explain_lost_peer(cfg.train.run_dir, where),
-            explain_out_of_memory(cfg, info, watchdog, memory),
+            explain_out_of_memory(cfg, info, watchdog, device_memory),
         ):
             try:
                 trainer = build(cfg, info, loaders or build_loader, watchdog, lock)
@@ -88,7 +88,7 @@ def train(
                 if info.is_main:
                     print(done.result.not_trained, flush=True)
                 return done.result
-            trainer.save_checkpoints, trainer.memory = save_checkpoints, memory
+            trainer.save_checkpoints, trainer.device_memory = save_checkpoints, device_memory
             try:
                 trainer.resume()
                 return trainer.fit(stop)

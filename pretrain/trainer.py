@@ -110,12 +110,12 @@ class Trainer:
     stopped_by_signal: bool = False
     requeued: bool = False
     save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
-    memory: IntervalPeak | None = None  # the peak memory per log interval and of the run (train() passes its own)
+    device_memory: IntervalPeak | None = None  # peak device memory per log interval and of the run (train()'s)
     stop: Any = None  # fit's StopSignal: the evaluation asks it between batches, the loop after each step
 
     def __post_init__(self):
-        if self.memory is None:
-            self.memory = IntervalPeak(self.info.device)
+        if self.device_memory is None:
+            self.device_memory = IntervalPeak(self.info.device)
         self.clock = StepClock(self.info.device)  # each step's seconds: TrainResult.step_times
         t = self.cfg.train
         self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
@@ -141,7 +141,7 @@ class Trainer:
         self.stop = stop
         leave_dead_workers_to_the_loader()
         batches = iter(self.train_loader)
-        self.memory.reset(f"training began at step {self.state.step}")  # the run's peak keeps start-up's
+        self.device_memory.reset(f"training began at step {self.state.step}")  # the run's peak keeps start-up's
         self.interval_start = time.perf_counter()  # after building and resuming
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
@@ -309,12 +309,12 @@ class Trainer:
             flops_per_token=self.flops_per_token,
             peak_flops=self.peak_flops,
             world_size=self.info.world_size,
-            memory_bytes=self.memory.read(),
+            memory_bytes=self.device_memory.read(),
             tokens_by_source=tokens_seen_per_source(self.train_loader),
             data_wait=data_wait,
             z_loss=out.z_loss,
         )
-        self.memory.reset(f"the log at step {self.state.step}")
+        self.device_memory.reset(f"the log at step {self.state.step}")
         self.interval_losses = []
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_data_wait = self.interval_paused = 0.0
@@ -419,7 +419,7 @@ class Trainer:
             slot_table=str(self.checkpoint / TABLE_FILENAME) if self.checkpoint and self.stats is not None else None,
             stopped_by_signal=self.stopped_by_signal,
             requeued=self.requeued,
-            peak_memory_bytes=max(self.memory.read(), self.memory.run_peak),  # with the last interval's
+            peak_memory_bytes=max(self.device_memory.read(), self.device_memory.run_peak),  # with the last interval's
         )
 
 
