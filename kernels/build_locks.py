@@ -22,12 +22,31 @@ import contextlib
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 MAX_AGE_S = 600.0  # ten times the longest build seen here (DeepSpeed's CPU comm op, ~40 s)
 TURNS_FILE = ".memlayers-clearing-build-locks"  # what the clearing processes flock to take turns
+# What each op JIT-built here is and how long its build takes (2 shared CPU cores, 2026-12), by the prefix
+# of its build folder's name, for the lines a process waiting for a build prints
+KNOWN_BUILDS = {
+    "memlayers_cpu": "memlayers' compiled CPU ops (kernels/csrc; usually 15-35 s)",
+    "deepspeed_shm_comm": "DeepSpeed's shared-memory comm op (usually 35-85 s)",
+}
+
+
+def build_described(name: str) -> str:
+    """The op whose build folder is `name`, as a person reads it: what it is and how long it usually
+    takes, from KNOWN_BUILDS; the name itself for another op."""
+    return next((text for prefix, text in KNOWN_BUILDS.items() if name.startswith(prefix)), name)
+
+
+def say_on_stderr(line: str) -> None:
+    """How the builds speak: one line on stderr, 'memlayers: <line>' (stdout is the trainer's log and
+    a tool's results; a UserWarning added a second line, the warning call's source)."""
+    print(f"memlayers: {line}", file=sys.stderr, flush=True)
 
 
 def extensions_root() -> Path:
@@ -48,7 +67,7 @@ def build_locks(root: Path) -> list[Path]:
 def clear_stale_build_locks(
     root: Path | None = None,
     max_age_s: float = MAX_AGE_S,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = say_on_stderr,
     poll_s: float = 1.0,
     ops: Collection[str] | None = None,
 ) -> list[Path]:
@@ -81,8 +100,8 @@ def clear_stale_build_locks(
             if lock not in waiting_said:
                 waiting_said.add(lock)
                 say(
-                    f"waiting for another process's build of {lock.parent.name} ({lock}, {age:.0f} s old; removed "
-                    f"as stale at {max_age_s:.0f} s)"
+                    f"waiting for another process's build of {build_described(lock.parent.name)} in {lock.parent} "
+                    f"(its lock is {age:.0f} s old; removed as stale at {max_age_s:.0f} s)"
                 )
         time.sleep(poll_s)
 

@@ -57,7 +57,7 @@ def available() -> bool:
             from kernels.shared_builds import load_shared_op
 
             # its own build only: another op's (DeepSpeed's, minutes under load) is not waited for
-            load_shared_op(_build_inputs(), say=lambda line: warnings.warn(f"memlayers: {line}", stacklevel=3))
+            load_shared_op(_build_inputs())
             _loaded = True
         except Exception as err:  # no compiler, no ninja, a read-only cache: fall back, say why
             warnings.warn(

@@ -118,9 +118,7 @@ def _load_shm_op_into_deepspeed() -> None:
         if builder.name not in loaded:
             from kernels.shared_builds import load_shared_op
 
-            loaded[builder.name] = load_shared_op(
-                shm_build_inputs(builder), say=lambda line: print(f"memlayers: {line}")
-            )
+            loaded[builder.name] = load_shared_op(shm_build_inputs(builder))
     except Exception as err:
         warnings.warn(
             f"memlayers: DeepSpeed's {builder.name} op could not be built in a folder shared by checkouts "

@@ -136,23 +136,34 @@ def _record_finished(name: str, build_dir: Path) -> None:
         atomic_write(build_dir / f"{library.name}{BUILT_SUFFIX}", f"{seen.st_size} {seen.st_mtime_ns}\n")
 
 
-def load_shared_op(inputs: BuildInputs, root: Path | None = None, say: Callable[[str], None] = print):
+def load_shared_op(inputs: BuildInputs, root: Path | None = None, say: Callable[[str], None] | None = None):
     """The op of `inputs` loaded from `<root>/<inputs.name>` (TORCH_EXTENSIONS_DIR by default), built
-    first when no finished build is there: a module (is_python_module) or the library's path."""
-    from kernels.build_locks import clear_stale_build_locks, extensions_root, taking_turns
+    first when no finished build is there: a module (is_python_module) or the library's path. A build
+    and a wait for another process's say so in a line (`say`; by default on stderr), naming the op
+    and how long its build usually takes."""
+    from kernels.build_locks import (
+        build_described,
+        clear_stale_build_locks,
+        extensions_root,
+        say_on_stderr,
+        taking_turns,
+    )
 
+    say = say if say is not None else say_on_stderr
     root = root if root is not None else extensions_root()
     build_dir = root / inputs.name
     loaded = load_finished(inputs.name, build_dir, inputs.is_python_module)
     if loaded is not None:
         return loaded
     build_dir.mkdir(parents=True, exist_ok=True)
-    waiting = lambda: say(f"waiting for another process's build of {inputs.name} ({build_dir})")  # noqa: E731
+    what = build_described(inputs.name)
+    waiting = lambda: say(f"waiting for another process's build of {what} in {build_dir}")  # noqa: E731
     with taking_turns(build_dir / TURN_FILE, on_wait=waiting):
         loaded = load_finished(inputs.name, build_dir, inputs.is_python_module)
         if loaded is not None:
             return loaded
         clear_stale_build_locks(root, say=say, ops=[inputs.name])  # a killed build's torch lock
+        say(f"building {what} in {build_dir}, once for every checkout of these sources")
         loaded = _build(inputs, build_dir, stage(inputs, build_dir), say)
         _record_finished(inputs.name, build_dir)
         return loaded

@@ -97,10 +97,15 @@ def _rendezvous_store(rank: int, world_size: int, timeout_s: float):
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     # under torchrun the store at MASTER_PORT is its agent's (node 0's torchrun serves it): rank 0's own
     # server failed to bind there and torch printed '[E ...] The server socket on <port> has failed to bind'
-    serves = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    agents = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
-        return dist.TCPStore(
-            addr, port, world_size, is_master=serves, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        store = dist.TCPStore(
+            addr,
+            port,
+            world_size,
+            is_master=rank == 0 and not agents,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
         )
     except (RuntimeError, OSError) as err:  # DistNetworkError / DistStoreError: rank 0 is not listening there
         if rank == 0:
@@ -110,6 +115,16 @@ def _rendezvous_store(rank: int, world_size: int, timeout_s: float):
             f"within {timeout_s:.0f} s (train.rendezvous_timeout_s): rank 0 never started or failed before it "
             "(look at its output first), or listens elsewhere (MASTER_ADDR, MASTER_PORT)"
         ) from err
+    return dist.PrefixStore(_attempt_prefix(world_size), store) if agents else store
+
+
+def _attempt_prefix(world_size: int) -> str:
+    """The keys of this start in torchrun's agent store, which outlives its workers: a group restarted
+    by `torchrun --max-restarts` met the keys its previous start left there (every rank's arrival, at
+    once; gloo's addresses of the dead processes, `Connection refused` on every rank), and failed every
+    restart. torchrun numbers its restarts; the world size tells apart an elastic re-rendezvous that
+    added nodes without a restart."""
+    return f"memlayers/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-world-{world_size}/"
 
 
 def wait_for_every_rank(store, rank: int, world_size: int, timeout_s: float) -> None:
@@ -304,21 +319,18 @@ def global_sums(values: list[int]) -> list[int]:
 
 
 def rank0_text(text: str) -> str:
-    """Rank 0's `text` on every rank (two broadcasts: its length, then its UTF-8 bytes)."""
+    """Rank 0's `text` on every rank (`text_from`)."""
     return text_from(0, text)
 
 
 def text_from(src: int, text: str) -> str:
-    """Rank `src`'s `text` on every rank (two broadcasts: its length, then its UTF-8 bytes)."""
+    """Rank `src`'s `text` on every rank: torch's broadcast_object_list (two broadcasts, its pickled
+    size, then the bytes; the ranks of one job trust each other's pickles, as all_gather_object does)."""
     if not (dist.is_available() and dist.is_initialized()):
         return text
-    data = text.encode()
-    size = _broadcast_value(len(data), src)
-    if size == 0:
-        return ""
-    tensor = _collective_tensor(list(data) if dist.get_rank() == src else [0] * size, torch.uint8)
-    dist.broadcast(tensor, src=src)
-    return tensor.cpu().numpy().tobytes().decode()
+    box = [text]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def rank0_value(value: int) -> int:
@@ -348,10 +360,8 @@ class RankProblem:
 
     def who(self) -> str:
         """'rank 3', or 'ranks 1, 3 (2 of 8)'."""
-        if len(self.ranks) == 1:
-            return f"rank {self.rank}"
-        shown = ", ".join(map(str, self.ranks[:8])) + (", ..." if len(self.ranks) > 8 else "")
-        return f"ranks {shown} ({len(self.ranks)} of {self.world_size})"
+        count = f" ({len(self.ranks)} of {self.world_size})" if len(self.ranks) > 1 else ""
+        return describe_ranks(list(self.ranks)) + count
 
 
 def first_problem(problem: str | None) -> RankProblem | None:
@@ -400,12 +410,19 @@ def share_refusal(refusal: Exception | None, kinds: tuple[type[Exception], ...])
     agreed = first_problem(note)
     if agreed is None:
         return
-    if refusal is not None:
-        raise refusal
-    kind, host, message = agreed.message.split("\n", 2)
-    where = f"rank {agreed.rank} on {host}"
-    who = where if len(agreed.ranks) == 1 else f"{agreed.who()}, first {where}"
-    raise kinds[int(kind)](f"{who}: {message}")
+    if refusal is None:
+        kind, host, message = agreed.message.split("\n", 2)
+        where = f"rank {agreed.rank} on {host}"
+        who = where if len(agreed.ranks) == 1 else f"{agreed.who()}, first {where}"
+        refusal = kinds[int(kind)](f"{who}: {message}")
+    refusal._shared_on_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    raise refusal
+
+
+def reports_refusal(err: BaseException) -> bool:
+    """Whether this process prints `err`: yes, unless `share_refusal` raised it on every rank and this
+    is not rank 0 (which prints it for all: N ranks printed N lines)."""
+    return getattr(err, "_shared_on_rank", 0) == 0
 
 
 def gather_floats(value: float) -> list[float]:

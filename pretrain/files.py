@@ -106,7 +106,7 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
         writer = _WRITER.fullmatch(name[len(prefix) : len(name) - len(path.suffix)])
         if writer is None or writer.group(2) != host or pid_alive(int(writer.group(1))):
             continue
-        error = _remove(candidate)
+        error = discard(candidate)
         if error is None:
             removed.append(candidate)
         else:
@@ -126,20 +126,6 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
             stacklevel=2,
         )
     return removed
-
-
-def _remove(path: Path) -> OSError | None:
-    """Remove a file or folder; the error that stopped it (a subfolder that cannot be listed, say), if any."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:  # removed meanwhile
-        return None
-    except OSError as err:
-        return err
-    return None
 
 
 def _umask() -> int:
@@ -248,13 +234,24 @@ def rename_on_disk(src: str | Path, dst: str | Path) -> None:
     _fsync(Path(dst).parent)
 
 
-def discard(tmp: Path) -> None:
-    """Remove an unfinished temporary file or folder, if it exists."""
+def discard(tmp: str | Path) -> OSError | None:
+    """Remove a temporary file or folder (unfinished, or a killed writer's) if it exists, as much of a
+    folder as can be; the first error that kept some of it (a subfolder that cannot be listed, say), else
+    None. It never raises one: in an error's cleanup, the error is the one to see."""
     tmp = Path(tmp)
-    if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.unlink(missing_ok=True)
+    folder = tmp.is_dir() and not tmp.is_symlink()
+    try:
+        if folder:
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink()
+    except FileNotFoundError:  # removed meanwhile
+        return None
+    except OSError as err:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)  # what can still go
+        return err
+    return None
 
 
 def file_in_the_way(path: str | Path) -> Path | None:

@@ -82,48 +82,50 @@ class Process:
             self.fd = None
 
 
-def kill_children(parent: Process) -> None:
-    """SIGKILL to each child of `parent`. With pidfds, a child is signalled only while it is one: once
-    the parent's exit has been collected its id may name another process, and its children too."""
+def _children_opened(parent: Process) -> list[Process]:
+    """`parent`'s children, each opened (`Process`) while it is one: with pidfds, one whose id names
+    another process by the time it is opened (the child's exit collected, the id given again) is
+    left out, as is every child where `parent` itself has ended (its id may name another process,
+    and its children too). The caller closes them."""
     children = [Process(pid) for pid in children_of(parent.pid)]
-    try:
-        # checked after the children's pidfds are open: still there now, it was there when they were listed
-        if not parent.exists():
-            return
-        for child in children:
-            if child.fd is None or parent_of(child.pid) == parent.pid:  # by pidfd: not a later holder of the id
-                child.kill()
-    finally:
-        for child in children:
+    # checked after the children's pidfds are open: still there now, it was there when they were listed
+    alive = parent.exists()
+    kept = [c for c in children if alive and (c.fd is None or parent_of(c.pid) == parent.pid)]
+    for child in children:
+        if child not in kept:
             child.close()
+    return kept
 
 
-def descendants_of(pid: int) -> list[int]:
-    """Children, their children, ... of `pid`, parents before their children."""
-    found, todo = [], [pid]
-    while todo:
-        kids = children_of(todo.pop())
-        found += kids
-        todo += kids
-    return found
-
-
-def kill(pid: int) -> None:
-    """SIGKILL to `pid`; one that has ended already is no error."""
+def _kill_all(processes: list[Process]) -> None:
+    """SIGKILL to each; each closed after, whatever happens."""
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        for process in processes:
+            process.kill()
+    finally:
+        for process in processes:
+            process.close()
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL to `pid` and every descendant (listed first, so none is re-parented unseen)."""
-    for child in [pid, *descendants_of(pid)]:
-        kill(child)
+def kill_children(parent: Process) -> None:
+    """SIGKILL to each child of `parent`, each only while it is one (`_children_opened`)."""
+    _kill_all(_children_opened(parent))
 
 
 def kill_child_tree(proc: subprocess.Popen) -> None:
-    """`kill_tree` for a child of this process, unless its exit has been collected already: its
-    process id is free from then on, and may be another process's."""
-    if proc.poll() is None:  # not collected: the id is still the child's (a zombie at worst)
-        kill_tree(proc.pid)
+    """SIGKILL to a child of this process and all its descendants, unless its exit has been collected
+    already (its id is free from then on, and may be another process's). Every descendant is opened
+    while it is one, parents before children, before any is killed, so none is re-parented unseen;
+    with pidfds, a descendant whose id was given to another process meanwhile is never signalled
+    (the ids alone were: listed, then killed, whatever they named by then)."""
+    if proc.poll() is not None:  # not collected: the id is still the child's (a zombie at worst)
+        return
+    tree = [Process(proc.pid)]
+    try:
+        for process in tree:  # the list grows as it is walked: parents before their children
+            tree += _children_opened(process)
+    except BaseException:
+        for process in tree:
+            process.close()
+        raise
+    _kill_all(tree)

@@ -37,6 +37,7 @@ from pretrain.distributed import (  # noqa: E402
     init_distributed,
     launched_world_size,
     rank0_value,
+    reports_refusal,
     share_refusal,
 )
 from pretrain.lost_peer import LocalPeerWatch, LostPeer, explain_lost_peer, lost_peer, since_progress  # noqa: E402
@@ -173,7 +174,8 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
             cfg = load_config_on_every_rank(config_path, overrides)
         result = train(cfg, stop)
     except REFUSALS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if reports_refusal(err):  # a refusal shared with every rank: rank 0's line
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"training stopped: {err}", file=sys.stderr)

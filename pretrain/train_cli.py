@@ -2,9 +2,10 @@
 stop handler is installed first, so that a USR1/SIGTERM during start-up is recorded, not fatal (train()
 takes it over); then the options are parsed (--help) and, in a process that runs alone, the config is
 read and checked, a refusal reported in a line (exit status 2). So is it in each of several processes
-that all run on this node (torchrun, an srun step of one node), with the checks of the world size.
-Then pretrain.train trains. A process among several on more nodes reads its config there, where one
-rank's refusal is shared with all."""
+that all run on this node (torchrun, an srun step of one node), with the checks of the world size: each
+exits with status 2, the node's local rank 0 alone prints the line. Then pretrain.train trains. A
+process among several on more nodes reads its config there, where one rank's refusal is shared with
+all (and printed by rank 0)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pretrain.slurm import (  # the standard library only
     StopSignal,
     ctrl_c_abort_in_one_line,
     distributed_env_from_slurm,
+    first_on_its_node,
     in_slurm_task,
 )
 
@@ -72,7 +74,8 @@ def cli() -> None:
                 # world 1 too: model.memory.parallel_size=2 in a process alone was refused only in the build
                 cfg = check_world(load_config(config_path, overrides), world)
             except (ConfigError, DataError) as err:
-                print(f"error: {err}", file=sys.stderr, flush=True)
+                if first_on_its_node():  # every rank here refuses the same: one line, each rank exit status 2
+                    print(f"error: {err}", file=sys.stderr, flush=True)
                 os._exit(2)  # as pretrain.train's cli ends
         from pretrain import train
 

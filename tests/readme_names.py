@@ -1,6 +1,7 @@
-"""What README.md names, read from its text: fenced blocks, inline code spans, the commands they
-show (console scripts, tools, modules, make targets) with the options given to each, dotted config
-keys and repository paths. tests/test_readme.py checks each against the code."""
+"""What the documentation (README.md and every docs/*.md) names, read from its text: fenced blocks,
+inline code spans, the commands they show (console scripts, tools, modules, make targets) with the
+options given to each, dotted config keys, repository paths and the links between the files.
+tests/test_readme.py checks each against the code."""
 
 from __future__ import annotations
 
@@ -22,16 +23,38 @@ PACKAGES = ("pretrain", "kernels", "tools")
 
 @dataclass
 class Where:
-    line: int  # 1-based line of README.md
+    path: str  # the document, relative to the repository root: README.md, docs/slurm.md
+    line: int  # 1-based line in it
     text: str  # the fenced line or the inline span
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}: {self.text.strip()[:120]}"
+        return f"{self.path}:{self.line}: {self.text.strip()[:120]}"
+
+
+@dataclass
+class Document:
+    """One documentation file and what it is cut into: fenced blocks, the prose around them, its spans."""
+
+    path: str
+    text: str
+    blocks: list[tuple[str, list[tuple[int, str]]]]
+    prose: list[tuple[int, str]]
+    spans: list[Where]
+
+    def numbered_lines(self) -> list[tuple[int, str]]:
+        return list(enumerate(self.text.splitlines(), 1))
+
+    def paragraphs(self) -> str:
+        """The text with the line breaks inside each paragraph made spaces (a phrase may run over one)."""
+        return re.sub(r"(?<!\n)\n(?!\n)", " ", self.text)
+
+    def line_of(self, offset: int) -> int:
+        return self.text.count("\n", 0, offset) + 1
 
 
 @dataclass
 class Command:
-    """One invocation the README shows: `kind` is "script" (memlayers-*), "file" (python tools/X.py,
+    """One invocation a document shows: `kind` is "script" (memlayers-*), "file" (python tools/X.py,
     or tools/X.py named with options), "module" (python -m M, torchrun -m M) or "make"."""
 
     kind: str
@@ -48,7 +71,7 @@ class Command:
             self.values[names[0]] = value.strip("[]()\"',")
 
 
-def split_fences(text: str) -> tuple[list[tuple[str, list[tuple[int, str]]]], list[tuple[int, str]]]:
+def split_fences(text: str, path: str) -> tuple[list[tuple[str, list[tuple[int, str]]]], list[tuple[int, str]]]:
     """(fenced blocks as (language, [(line number, line)]), the lines outside them)."""
     blocks, prose, current = [], [], None
     for number, line in enumerate(text.splitlines(), 1):
@@ -62,11 +85,11 @@ def split_fences(text: str) -> tuple[list[tuple[str, list[tuple[int, str]]]], li
             current[1].append((number, line))
         else:
             prose.append((number, line))
-    assert current is None, "README.md ends inside a fenced block"
+    assert current is None, f"{path} ends inside a fenced block"
     return blocks, prose
 
 
-def inline_spans(prose: list[tuple[int, str]]) -> list[Where]:
+def inline_spans(prose: list[tuple[int, str]], path: str) -> list[Where]:
     """Code spans of the text outside fences; a span may run over a line break (within a paragraph)."""
     spans = []
     paragraph: list[tuple[int, str]] = []
@@ -78,7 +101,7 @@ def inline_spans(prose: list[tuple[int, str]]) -> list[Where]:
             joined = "\n".join(text for _, text in paragraph)
             for match in SPAN.finditer(joined):
                 first = paragraph[0][0] + joined.count("\n", 0, match.start())
-                spans.append(Where(first, match.group(1).replace("\n", " ")))
+                spans.append(Where(path, first, match.group(1).replace("\n", " ")))
         paragraph = []
     return spans
 
@@ -152,7 +175,7 @@ def commands_in(
     return found
 
 
-def fenced_commands(blocks) -> list[Command]:
+def fenced_commands(blocks, path: str) -> list[Command]:
     """Every command of the shell blocks, with its options: a line's `\\`-continuations join it, and the
     options in a comment belong to the command it names (`# or: python tools/export.py ... --force`), or
     else to the block's last command (`#   (--temperature 0 ... --top-p and --seed are refused ...)`)."""
@@ -168,7 +191,7 @@ def fenced_commands(blocks) -> list[Command]:
             else:
                 joined.append((number, line))
         for number, line in joined:
-            where = Where(number, line)
+            where = Where(path, number, line)
             code, comment = split_comment(line)
             code_tokens = code.split()
             while code_tokens and ENV_ASSIGNMENT.match(code_tokens[0]):
@@ -195,3 +218,23 @@ def span_commands(spans: list[Where]) -> list[Command]:
 
 def readme() -> str:
     return (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def document_paths() -> list[str]:
+    """README.md, then every docs/*.md, relative to the repository root."""
+    return ["README.md", *(str(path.relative_to(REPO)) for path in sorted((REPO / "docs").glob("*.md")))]
+
+
+def read_document(path: str) -> Document:
+    text = (REPO / path).read_text(encoding="utf-8")
+    blocks, prose = split_fences(text, path)
+    return Document(path, text, blocks, prose, inline_spans(prose, path))
+
+
+def documents() -> list[Document]:
+    return [read_document(path) for path in document_paths()]
+
+
+def commands(document: Document) -> list[Command]:
+    """Every command a document shows, fenced or in an inline span, with its options."""
+    return fenced_commands(document.blocks, document.path) + span_commands(document.spans)

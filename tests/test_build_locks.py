@@ -43,7 +43,7 @@ def test_a_live_build_is_waited_for_not_broken(tmp_path):
     start = time.monotonic()
     assert clear_stale_build_locks(tmp_path, max_age_s=600, say=lines.append, poll_s=0.05) == []
     assert 0.4 < time.monotonic() - start < 5
-    assert len(lines) == 1 and "waiting for another process's build of memlayers_cpu" in lines[0]
+    assert len(lines) == 1 and "waiting for another process's build of memlayers' compiled CPU ops" in lines[0]
 
 
 def test_a_lock_that_outlives_the_limit_is_removed(tmp_path):
@@ -68,7 +68,7 @@ def test_the_trainer_clears_locks_before_it_starts(tmp_path, data_cache, monkeyp
     stale = lock_in(extensions, "a_killed_build", age_s=3600)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     assert train(tiny_config(tmp_path / "run", data_cache, "train.max_steps=1")).step == 1
-    assert not stale.exists() and "removed a stale build lock" in capsys.readouterr().out
+    assert not stale.exists() and "memlayers: removed a stale build lock" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
@@ -120,7 +120,7 @@ def test_a_lock_a_build_takes_meanwhile_is_never_removed(tmp_path, monkeypatch, 
         finished.join()
     assert fresh and held_until_release == [True], lines
     assert removed == [] and not any("removed a stale" in line for line in lines), lines
-    assert any("waiting for another process's build of memlayers_cpu" in line for line in lines), lines
+    assert any("waiting for another process's build of memlayers' compiled CPU ops" in line for line in lines), lines
     assert list(stale.parent.iterdir()) == []  # nothing set aside is left behind
 
 
@@ -226,4 +226,4 @@ def test_a_live_build_is_waited_for_on_a_node_whose_clock_runs_ahead(tmp_path, m
     lines = []
     assert clear_stale_build_locks(tmp_path, max_age_s=600, say=lines.append, poll_s=0.05) == []
     finished.join()
-    assert len(lines) == 1 and "waiting for another process's build of memlayers_cpu" in lines[0], lines
+    assert len(lines) == 1 and "waiting for another process's build of memlayers' compiled CPU ops" in lines[0], lines

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from pretrain.config import ConfigError, load_config
+from pretrain.config.schema import RunConfig, SourceConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +84,7 @@ def test_a_typo_inside_a_list_item_suggests_the_items_own_field(tmp_path):
     [
         ("model.memory.layers=[0,1", r"the value is not valid YAML \(did not find expected ',' or '\]'\): close every"),
         ("optim.lr=[1", r"the value is not valid YAML"),
-        # the README's quoted mixture override typed without quotes: the shell splits it at each space
+        # docs/own-corpus.md's quoted mixture override typed without quotes: the shell splits it at each space
         ("data.sources=[{dir:", r"the value stops at ':', where the shell split the override at a space: quote"),
         (
             "model.memory.layers=[0,",
@@ -164,13 +166,16 @@ def test_a_shell_variable_in_a_config_file_names_the_form_that_reads_the_environ
 # and the process group (the embedded corpus's world settings; data.vocab_size below 260, named as
 # prepare_data's "vocab_size"); a non-finite loss at step 1 after a checkpoint was written (init_std=inf).
 LATE_OR_NEVER = [
-    ("train.hang_timeout_s=inf", "train.hang_timeout_s=inf must be a number of seconds >= 0 (e.g. 600; 0 turns"),
+    ("train.hang_timeout_s=inf", "train.hang_timeout_s=inf must be a number of seconds >= 0, 0 turning hang"),
     ("train.hang_timeout_s=nan", "train.hang_timeout_s=nan must be a number of seconds >= 0"),
-    ("train.startup_timeout_s=inf", "train.startup_timeout_s=inf must be a number of seconds > 0 (e.g. 1800;"),
+    (
+        "train.startup_timeout_s=inf",
+        "train.startup_timeout_s=inf must be a number of seconds > 0 (train.hang_timeout_s=0",
+    ),
     ("train.startup_timeout_s=nan", "train.startup_timeout_s=nan must be a number of seconds > 0"),
     ("optim.grad_clip=nan", "optim.grad_clip=nan must be a number: the bound on the gradient norm (e.g. 1.0; 0 or"),
-    ("model.norm_eps=inf", "model.norm_eps=inf must be >= 0 and finite (e.g. 1e-05)"),
-    ("model.init_std=inf", "model.init_std=inf must be >= 0 and finite (e.g. 0.02)"),
+    ("model.norm_eps=inf", "model.norm_eps=inf must be >= 0 and finite (the default: model.norm_eps=1e-05)"),
+    ("model.init_std=inf", "model.init_std=inf must be >= 0 and finite (the default: model.init_std=0.02)"),
     ("data.val_fraction=nan", "data.val_fraction=nan and data.min_shards=8 must be positive for the embedded corpus"),
     ("data.synthetic.num_entities=1", "data.synthetic.num_entities=1 must be >= 2 (e.g. 300 for the demo)"),
     ("data.synthetic.new_fact_fraction=1", "data.synthetic.new_fact_fraction=1.0 must be in [0, 1)"),
@@ -341,10 +346,13 @@ def test_a_bad_value_in_a_list_item_names_the_item(override, message, tmp_path):
 @pytest.mark.parametrize(
     "override, ending",
     [
-        ("train.max_steps=abc", "could not be converted to Integer: e.g. train.max_steps=300"),
-        ("data.sources=[{dir: a, weight: abc}]", "could not be converted to Float: e.g. data.sources[0].weight=1.0"),
-        ("model.tie_embeddings=1.5", "is not a valid bool (type float): e.g. model.tie_embeddings=false"),
-        ("model.memory.k=null", "for field of type 'int': e.g. model.memory.k=32"),
+        ("train.max_steps=abc", "could not be converted to Integer (the default: train.max_steps=300)"),
+        (
+            "data.sources=[{dir: a, weight: abc}]",
+            "could not be converted to Float (the default: data.sources[0].weight=1.0)",
+        ),
+        ("model.tie_embeddings=1.5", "is not a valid bool (type float) (the default: model.tie_embeddings=false)"),
+        ("model.memory.k=null", "for field of type 'int' (the default: model.memory.k=32)"),
         (
             "model.memory.layers=[a]",
             "'model.memory.layers[0]': Value 'a' of type 'str' could not be converted to Integer",
@@ -363,16 +371,47 @@ def test_a_value_of_the_wrong_type_is_shown_its_keys_default(override, ending):
     "override, message",
     [  # "model.memory.n_keys, heads and k must be positive" / "train.max_steps, train.micro_batch and ...":
         # which one, and at what value, the reader had to find out
-        ("model.memory.heads=0", "model.memory.heads=0 must be positive (e.g. model.memory.heads=4)"),
-        ("model.memory.k=-1", "model.memory.k=-1 must be positive (e.g. model.memory.k=32)"),
-        ("train.micro_batch=0", "train.micro_batch=0 must be positive (e.g. train.micro_batch=16)"),
-        ("train.max_steps=-5", "train.max_steps=-5 must be positive (e.g. train.max_steps=300)"),
+        ("model.memory.heads=0", "model.memory.heads=0 must be positive (the default: model.memory.heads=4)"),
+        ("model.memory.k=-1", "model.memory.k=-1 must be positive (the default: model.memory.k=32)"),
+        ("train.micro_batch=0", "train.micro_batch=0 must be positive (the default: train.micro_batch=16)"),
+        ("train.max_steps=-5", "train.max_steps=-5 must be positive (the default: train.max_steps=300)"),
     ],
 )
 def test_a_count_that_must_be_positive_names_its_key_and_value(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("configs/tiny.yaml", [override])
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.max_steps=abc",  # OmegaConf's type check
+        "train.max_steps=99999999999999999999",  # beyond 64 bits
+        "train.max_steps=0",  # a count
+        "train.hang_timeout_s=inf",  # the timings
+        "train.startup_timeout_s=nan",
+        "train.rendezvous_timeout_s=0",
+        "train.lost_peer_grace_s=-1",
+        "model.norm_eps=inf",  # the model's own checks
+        "model.rope_theta=0",
+        "model.memory.k=0",
+        "data.sources=[{dir: a, weight: abc}]",  # an item of a list of sections
+    ],
+)
+def test_every_refusal_names_the_keys_default_in_one_form(override):
+    """Refusals named a key's default four ways: ': e.g. K=V', ' (e.g. K=V)', ' (e.g. V)', ' (the
+    default: K=V)', and as numbers typed into the message ('default 600'), which a changed default
+    would leave wrong. The reference: the schema's default, read back from the message as YAML."""
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])  # its memory layers: their checks run
+    key = override.partition("=")[0].replace("data.sources", "data.sources[0].weight")
+    shown = re.search(rf" \(the default: {re.escape(key)}=([^ )]+)\)$", str(err.value))
+    assert shown, str(err.value)
+    default = RunConfig()
+    for part in key.replace("[0]", "").split("."):
+        default = getattr(default, part) if part != "sources" else SourceConfig(dir="x")
+    assert OmegaConf.create(f"v: {shown.group(1)}").v == default  # as a config file reads it
 
 
 @pytest.mark.parametrize("text", ["2", "-1", "'5'", "'x1'"])
@@ -405,6 +444,27 @@ def test_a_boolean_key_in_a_config_file_still_takes_an_interpolation(environment
     assert cfg.train.compile is cfg.slots.enabled is (environment == "true")
     path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_UNSET_VARIABLE,true}\n")
     assert load_config(path).train.compile is True
+
+
+@pytest.mark.parametrize("environment", ["2", "-1", "x1"])
+def test_a_boolean_key_refuses_an_interpolation_that_reads_a_number_or_text(environment, tmp_path, monkeypatch):
+    """`train.compile=2` on the command line was refused, but `${oc.env:VAR}` with VAR=2 (or -1) read as
+    true without a word. The resolved value is checked as a typed one is, naming the key and variable."""
+    monkeypatch.setenv("MEMLAYERS_TEST_COMPILE", environment)
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_COMPILE}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"config file {path}: train.compile=${{oc.env:MEMLAYERS_TEST_COMPILE}} reads {environment!r} from the "
+        "environment variable MEMLAYERS_TEST_COMPILE, which is not a boolean: set MEMLAYERS_TEST_COMPILE to "
+        "true or false (or 1, 0)"
+    )
+    path.write_text("train:\n  seed: 2\nslots:\n  enabled: ${train.seed}\n")  # another key's value
+    with pytest.raises(ConfigError, match=r"slots.enabled=\$\{train.seed\} reads 2 from the interpolation"):
+        load_config(path)
+    path.write_text("train:\n  compile: ${oc.env:MEMLAYERS_TEST_COMPILE}\n")
+    assert load_config(path, ["train.compile=true"]).train.compile is True  # the override replaces it
 
 
 @pytest.mark.parametrize("key", ["train.run_dir", "data.cache_dir"])

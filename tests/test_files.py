@@ -188,7 +188,7 @@ def test_a_filesystem_without_fsync_is_written_to_and_a_failed_flush_is_raised(t
 def test_a_failed_flush_of_the_folder_after_the_rename_is_raised_with_the_new_version_in_place(tmp_path, monkeypatch):
     """The folder that holds the new name is flushed after the rename: an EIO there fails the write (the
     rename may not be on disk), but the new version is under the name already, and a folder's previous
-    version is kept under its temporary name, not deleted. README's node-crash passage said a failed
+    version is kept under its temporary name, not deleted. The node-crash passage (docs/faults.md) said a failed
     flush kept the old version, true only of the flushes before the rename."""
     real_fsync = os.fsync
 
@@ -439,3 +439,30 @@ def test_a_folder_that_cannot_be_listed_fails_the_flush(tmp_path, monkeypatch, c
     with pytest.raises(OSError) as raised:
         flush_to_disk(out)
     assert raised.value.errno == code and raised.value.filename == str(out / "nested")
+
+
+def test_a_failed_write_whose_temporary_cannot_be_removed_raises_its_own_error(tmp_path, monkeypatch):
+    """`discard` removed a temporary file with only a missing one ignored: where the cleanup's unlink was
+    refused (a folder made read-only meanwhile), its PermissionError replaced the write's own error.
+    It now returns that error, as it did for a folder; the reference is the writer's exception."""
+    import pretrain.files as files
+
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if files.TEMP_MARK in self.name:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_unlink(self, missing_ok)
+
+    def fill(tmp):
+        tmp.write_text("half")
+        raise ValueError("the writer's own error")
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(ValueError, match="the writer's own error"):
+        files.atomic_write(tmp_path / "out.txt", fill)
+    (left,) = tmp_path.iterdir()
+    assert files.discard(left).errno == errno.EACCES  # reported to a caller that asks (remove_dead_temporaries)
+    monkeypatch.undo()
+    assert files.discard(left) is None and not left.exists()
+    assert files.discard(left) is None  # gone already

@@ -70,7 +70,7 @@ def test_the_wheel_ships_the_cpu_op_sources_and_the_build_warns_of_nothing(wheel
 @pytest.mark.slow
 def test_wheel_installs_no_top_level_tools_package(wheel):
     top = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
-    # `kernels` stays a top-level name for now (the README's Packaging section says why).
+    # `kernels` stays a top-level name for now (docs/install-gpu.md says why).
     assert top == {"pretrain", "kernels", "memlayers_tools"}
     metadata = next(wheel.read(n).decode() for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
     assert "License-Expression: MIT" in metadata
@@ -203,3 +203,57 @@ def test_a_refused_config_comes_before_torch_is_imported(script):
         last, output = run_console_script(script, overrides)
     assert "error: model.dim must be positive, got -3" in output, output[-4000:]
     assert last == ["exit 2", "[]"], output[-4000:]
+
+
+def _third_party_imports(root: Path) -> dict[str, str]:
+    """{top-level module: a file importing it} for the absolute imports of the project's Python files
+    that are neither the standard library's nor the project's own, leaving out those inside a `try`
+    that catches ImportError (optional: the code says what to install when they are missing)."""
+    own = {"pretrain", "kernels", "tools", "memlayers_tools"}
+    found: dict[str, str] = {}
+    for path in sorted(p for folder in ("pretrain", "kernels", "tools") for p in (root / folder).rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        optional = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                "ImportError" in ast.unparse(h.type or ast.Name("BaseException"))
+                or "ModuleNotFoundError" in ast.unparse(h.type or ast.Name("BaseException"))
+                for h in node.handlers
+            ):
+                optional |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in own:
+                    found.setdefault(top, str(path.relative_to(root)))
+    return found
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A module the code imports is named in pyproject.toml (dependencies or an extra), not only reached
+    through another package's dependencies: PyYAML, imported by pretrain/config/loading.py, came only
+    with omegaconf, and an omegaconf release that dropped it would break config loading."""
+    import importlib.metadata
+    import re
+
+    def normal(requirement: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group(0)).lower()
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    declared = {normal(r) for r in project["dependencies"]}
+    declared |= {normal(r) for extra in project["optional-dependencies"].values() for r in extra}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = []
+    for module, where in sorted(_third_party_imports(REPO_ROOT).items()):
+        names = {normal(d) for d in distributions.get(module, [])}
+        if not names & declared:
+            undeclared.append(f"{module} ({where}; distribution: {', '.join(sorted(names)) or 'not installed'})")
+    assert not undeclared, "imported but not declared in pyproject.toml:\n" + "\n".join(undeclared)

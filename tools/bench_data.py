@@ -8,6 +8,13 @@ and core, (4) tokens/s a tiny-model CPU training step consumes (forward + backwa
 configs/tiny.yaml's model at micro_batch x seq_len), and the loader/training ratio.
 
   python tools/bench_data.py [--entities 2000] [--seconds 3] [--json bench_data.json]
+  python tools/bench_data.py --data data/english [data/code]    # the loader rounds on your datasets
+  python tools/bench_data.py --config my_run.yaml --config-data # on its data.dir or data.sources
+
+The loader rounds read the embedded corpus unless --data or --config-data names prepared datasets
+(tools/prepare_data.py's folders): then the first one is the single dataset, at its own seq_len, and
+the mixture round reads all of them with their weights (--data's equal; none with one dataset).
+Tokenization and preparation are timed on the embedded corpus either way.
 
 `--json` also writes the raw measurements (seconds of each timed part, tokens of each loader round,
 each training step's time) beside the rates computed from them, with the device, date, commit and
@@ -33,7 +40,9 @@ from kernels.benchmark import write_results  # noqa: E402
 from pretrain.cli import output_file, positive_int, positive_number  # noqa: E402
 from pretrain.config import ConfigError, DataConfig, RunConfig, SyntheticConfig, load_config  # noqa: E402
 from pretrain.data import ShardLoader, Tokenizer, build_fact_world, prepare_embedded_dataset  # noqa: E402
+from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.data.prepare import write_dataset  # noqa: E402
+from pretrain.data.sources import Source, resolve_sources  # noqa: E402
 from pretrain.words import counted  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,29 +54,21 @@ def loader_round(
     seq_len: int,
     seconds: float,
     shuffle_buffer: int,
-    mixture_with: Path | None = None,
+    mixture: list[Source] | None = None,
     readers: int = 1,
 ) -> dict:
     """Tokens a ShardLoader of `path` (`readers` of them, ranks of that world, taking batches in
-    turn; or with `mixture_with` a MixtureLoader of both, weights 3:1)
+    turn; or a MixtureLoader of the `mixture` sources instead)
     yields in about `seconds`, and the seconds it took: {"tokens", "seconds"}."""
-    if mixture_with is None:
+    if mixture is None:
         loaders = [
             ShardLoader(path, "train", batch, seq_len, r, readers, seed=0, shuffle_buffer=shuffle_buffer, loop=True)
             for r in range(readers)
         ]
     else:
         from pretrain.data.mixture import MixtureLoader
-        from pretrain.data.sources import resolve_sources
 
-        spec = SimpleNamespace(
-            dir="",
-            sources=[
-                {"dir": str(path), "weight": 3.0, "name": "a"},
-                {"dir": str(mixture_with), "weight": 1.0, "name": "b"},
-            ],
-        )
-        loaders = [MixtureLoader(resolve_sources(spec), batch, seed=0, shuffle_buffer=shuffle_buffer)]
+        loaders = [MixtureLoader(mixture, batch, seed=0, shuffle_buffer=shuffle_buffer)]
     its = [iter(loader) for loader in loaders]
     for it in its:
         for _ in range(5):
@@ -107,6 +108,24 @@ def folder_round(root: Path, documents: list[str], files: int, tokenizer: Tokeni
     return {"files": files, "tokens": tokens, "seconds": seconds, "resolve_seconds": resolve_s}
 
 
+def datasets(data_dirs: list[str] | None, config_data: bool, cfg: RunConfig, config_path: str) -> list[Source]:
+    """The prepared datasets the loader rounds read, checked as the trainer checks them: --data's folders
+    (equal weights), or --config's data.dir / data.sources (--config-data); [] for the embedded corpus."""
+    if config_data:
+        found = resolve_sources(cfg.data)
+        if not found:
+            raise DataError(
+                f"--config-data: {config_path} names no prepared dataset (its data.dir and data.sources are "
+                "empty: it trains on the embedded corpus, which the rounds read without the option)"
+            )
+        return found
+    if not data_dirs:
+        return []
+    if len(data_dirs) == 1:
+        return resolve_sources(SimpleNamespace(dir=data_dirs[0], sources=[]))
+    return resolve_sources(SimpleNamespace(dir="", sources=[{"dir": d, "weight": 1.0, "name": ""} for d in data_dirs]))
+
+
 def rate(measured: dict) -> float:
     """Tokens per second of a loader round."""
     return measured["tokens"] / measured["seconds"]
@@ -140,10 +159,22 @@ def training_step_times(cfg: RunConfig, batch: int, seq_len: int, steps: int) ->
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(REPO / "configs/tiny.yaml"))
+    ap.add_argument("--config", default=str(REPO / "configs/tiny.yaml"), help="the model whose training step is timed")
+    data = ap.add_mutually_exclusive_group()
+    data.add_argument(
+        "--data",
+        nargs="+",
+        metavar="DIR",
+        help="prepared dataset folder(s) the loader rounds read (tools/prepare_data.py)",
+    )
+    data.add_argument(
+        "--config-data", action="store_true", help="the loader rounds read --config's data.dir or data.sources"
+    )
     ap.add_argument("--entities", type=positive_int, default=2000, help="fact-world size of the benchmark corpus")
     ap.add_argument("--micro-batch", type=positive_int, default=16)
-    ap.add_argument("--seq-len", type=positive_int, default=128)
+    ap.add_argument(
+        "--seq-len", type=positive_int, default=128, help="of the embedded corpus (a prepared dataset's is its own)"
+    )
     ap.add_argument(
         "--seconds", type=positive_number("e.g. 3", what="number of seconds"), default=3.0, help="loader measuring time"
     )
@@ -160,7 +191,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         train_cfg = load_config(args.config)  # its model's steps are timed last, after the data rounds
-    except ConfigError as err:
+        sources = datasets(args.data, args.config_data, train_cfg, args.config)
+    except (ConfigError, DataError) as err:
         ap.error(str(err))
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,18 +217,24 @@ def main(argv=None) -> int:
         )
         prepare_s = time.perf_counter() - start
         folder = folder_round(tmp, docs, args.files, tok, args.seq_len)
+        if sources:
+            path, seq_len = sources[0].dir, int(sources[0].manifest["seq_len"])
+            mixture = sources if len(sources) > 1 else None
+        else:
+            seq_len, halves = args.seq_len, [(path, 3.0, "a"), (tmp / "again", 1.0, "b")]
+            mixture = resolve_sources(
+                SimpleNamespace(dir="", sources=[{"dir": str(d), "weight": w, "name": n} for d, w, n in halves])
+            )
 
         torch.set_num_threads(1)
-        plain = loader_round(path, args.micro_batch, args.seq_len, args.seconds, 0)
-        shuffled = loader_round(path, args.micro_batch, args.seq_len, args.seconds, 1024)
-        split = loader_round(path, args.micro_batch, args.seq_len, args.seconds, 0, readers=4)
+        plain = loader_round(path, args.micro_batch, seq_len, args.seconds, 0)
+        shuffled = loader_round(path, args.micro_batch, seq_len, args.seconds, 1024)
+        split = loader_round(path, args.micro_batch, seq_len, args.seconds, 0, readers=4)
         # Alternating short rounds, medians: a load change on a shared machine hits both sides alike.
         single_rounds, mixed_rounds = [], []
-        for _ in range(4):
-            single_rounds.append(loader_round(path, args.micro_batch, args.seq_len, args.seconds / 2, 0))
-            mixed_rounds.append(
-                loader_round(path, args.micro_batch, args.seq_len, args.seconds / 2, 0, mixture_with=tmp / "again")
-            )
+        for _ in range(4 if mixture else 0):
+            single_rounds.append(loader_round(path, args.micro_batch, seq_len, args.seconds / 2, 0))
+            mixed_rounds.append(loader_round(path, args.micro_batch, seq_len, args.seconds / 2, 0, mixture=mixture))
     torch.set_num_threads(threads)
     raw = {
         "corpus_tokens": n_tokens,
@@ -209,11 +247,15 @@ def main(argv=None) -> int:
         "loader_row_split_4_readers": split,
         "single_rounds": single_rounds,
         "mixture_rounds": mixed_rounds,
-        "train_step_s": training_step_times(train_cfg, args.micro_batch, args.seq_len, args.train_steps),
-        "train_tokens_per_step": args.micro_batch * args.seq_len,
+        "loader_datasets": [str(s.dir) for s in sources] or ["embedded"],
+        "train_step_s": training_step_times(train_cfg, args.micro_batch, seq_len, args.train_steps),
+        "train_tokens_per_step": args.micro_batch * seq_len,
     }
     summary = summarize(raw)
     print(f"corpus: {len(docs)} documents, {n_tokens} tokens (fact world, {args.entities} entities)")
+    if sources:
+        shown = ", ".join(f"{s.dir} ({s.train_sequences:,} training sequences, weight {s.weight:g})" for s in sources)
+        print(f"loader datasets (seq_len {seq_len}): {shown}")
     print(f"tokenization (sentencepiece encode, 1 process):    {summary['encode_tokens_per_s'] / 1e6:8.2f} M tokens/s")
     print(
         f"prepare_data (encode + pack + write shards):        {summary['prepare_tokens_per_s'] / 1e6:8.2f} M tokens/s"
@@ -222,7 +264,7 @@ def main(argv=None) -> int:
         f"prepare_data on a folder of {args.files} one-document files: {summary['folder_files_per_s']:8.0f} files/s "
         f"({folder['seconds']:.2f} s; listing and checking the folder once: {folder['resolve_seconds']:.2f} s)"
     )
-    batch = f"{args.micro_batch}x{args.seq_len}"
+    batch = f"{args.micro_batch}x{seq_len}"
     print(
         f"loader, 1 core, batch {batch}, no shuffle:      {summary['loader_plain_tokens_per_s'] / 1e6:8.2f} M tokens/s"
     )
@@ -234,12 +276,16 @@ def main(argv=None) -> int:
         f"{summary['loader_row_split_4_readers_tokens_per_s'] / 1e6:8.2f} M tokens/s"
     )
     single, mixed = summary["single_median_tokens_per_s"], summary["mixture_median_tokens_per_s"]
+    if mixture:
+        weights = ":".join(f"{s.weight:g}" for s in mixture)
+        print(
+            f"single dataset vs mixture ({counted(len(mixture), 'source')}, {weights}), alternating rounds, no "
+            f"shuffle: {single / 1e6:.2f} vs {mixed / 1e6:.2f} M tokens/s ({mixed / single:.2f}x)"
+        )
+    else:
+        print("single dataset vs mixture: not measured (one dataset given)")
     print(
-        f"single dataset vs mixture (2 sources, 3:1), alternating rounds, no shuffle: "
-        f"{single / 1e6:.2f} vs {mixed / 1e6:.2f} M tokens/s ({mixed / single:.2f}x)"
-    )
-    print(
-        f"training step (tiny.yaml, fwd+bwd+AdamW, {counted(threads, 'thread')}): {summary['train_tokens_per_s'] / 1e6:8.4f} M tokens/s"
+        f"training step ({Path(args.config).name}, fwd+bwd+AdamW, {counted(threads, 'thread')}): {summary['train_tokens_per_s'] / 1e6:8.4f} M tokens/s"
     )
     ratio, loader = summary["loader_over_training"], summary["loader_tokens_per_s"]
     print(f"loader / training: {ratio:.0f}x (need >= 20x); loader >= 5M tokens/s: {loader >= 5e6}")
@@ -263,8 +309,12 @@ def summarize(raw: dict) -> dict:
         "loader_plain_tokens_per_s": plain,
         "loader_shuffled_tokens_per_s": shuffled,
         "loader_row_split_4_readers_tokens_per_s": rate(raw["loader_row_split_4_readers"]),
-        "single_median_tokens_per_s": statistics.median(map(rate, raw["single_rounds"])),
-        "mixture_median_tokens_per_s": statistics.median(map(rate, raw["mixture_rounds"])),
+        "single_median_tokens_per_s": statistics.median(map(rate, raw["single_rounds"]))
+        if raw["single_rounds"]
+        else None,
+        "mixture_median_tokens_per_s": statistics.median(map(rate, raw["mixture_rounds"]))
+        if raw["mixture_rounds"]
+        else None,
         "train_tokens_per_s": train,
         "loader_tokens_per_s": loader,
         "loader_over_training": loader / train,

@@ -72,6 +72,7 @@ def run_worker(spec: dict) -> dict:
     from pretrain.config import load_config
     from pretrain.metrics import run_peak_flops
     from pretrain.model import flops_per_token
+    from pretrain.model.memory_budget import estimate_memory
     from pretrain.peak_memory import IntervalPeak
 
     rss_start = IntervalPeak(torch.device("cpu")).read()  # peak RSS so far
@@ -104,6 +105,9 @@ def run_worker(spec: dict) -> dict:
         "peak_flops": run_peak_flops(device, cfg.train.peak_flops)[0],
         "peak_memory_bytes": result.peak_memory_bytes,  # the run's: CUDA max allocated, or peak RSS
         "memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
+        # memlayers-model-info's prediction for the same run (pretrain/model/memory_budget.py), beside the
+        # measured peak; the compiled objective and blocks save less than the eager ops it counts
+        "estimated_memory_bytes": estimate_memory(cfg, world_size=1).total,
         "rss_at_start_bytes": rss_start,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "final_loss": result.losses[-1] if result.losses else None,
@@ -253,6 +257,7 @@ def summarise(v: dict, runs: list[dict]) -> dict:
         "mfu": first["flops_per_token"] * tokens_per_s / peak if peak else None,
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
         "memory_kind": first["memory_kind"],
+        "estimated_memory_bytes": first.get("estimated_memory_bytes"),
         "rss_at_start_bytes": first["rss_at_start_bytes"],
         "flops_per_token": first["flops_per_token"],
         "device": first["device"],

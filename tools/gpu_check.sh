@@ -100,7 +100,7 @@ want bench && stage bench "${BENCH_S:-100}" "$OUT/bench.log" \
     python3 tools/bench_kernels.py --json "$RESULTS/bench_kernels.json"
 # Training throughput at real sizes on one GPU (issue 16): memory model vs its dense baseline
 # of equal active parameters, bf16, Triton kernels, seq 2048, each variant in a fresh process
-# (tools/bench_train.py; README "Activation checkpointing and compile" says what to read).
+# (tools/bench_train.py; docs/training.md, "Activation checkpointing and compile", says what to read).
 # The memory model also with the row-sparse value update (the pool's cost follows the rows read).
 want train373 && stage train373 "${TRAIN373_S:-240}" "$OUT/trainbench.log" \
     python3 tools/bench_train.py --config configs/memory_373m.yaml --dtype bf16 --compile "${TRAIN373_COMPILE:-on}" --ac none \

@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--write-tasks", metavar="DIR", default=None, help="write the fact-probe task folder to DIR and stop"
     )
-    parser.add_argument("--task-dir", default=None, help="use an already written task folder")
+    parser.add_argument(
+        "--task-dir",
+        default=None,
+        help="a task folder to pass to lm_eval: one --write-tasks wrote, or your own task YAMLs (only fact tasks are checked)",
+    )
     parser.add_argument("--probes-dir", default=None, help="folder with probes.jsonl (default: the export)")
     parser.add_argument("--probes", type=positive_int, default=None, help="only the first N probes (N >= 1)")
     parser.add_argument(

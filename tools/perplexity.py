@@ -55,6 +55,12 @@ def main(argv=None) -> int:
         if args.split not in splits:  # and a split it lacks
             choices = " or ".join(f"--split {name}" for name in sorted(splits))
             raise DataError(f"{args.data} has no split {args.split!r}: pass {choices}")
+        if splits[args.split].get("sequences") == 0:  # as --val-fraction 0 leaves val: refused here, not after torch
+            others = " or ".join(f"--split {name}" for name, split in sorted(splits.items()) if split.get("sequences"))
+            raise DataError(
+                f"the {args.split!r} split of {args.data} holds no sequences (a dataset prepared with --val-fraction 0 "
+                f"has an empty 'val'): pass {others or 'a dataset with sequences'}"
+            )
         from pretrain.export.perplexity import dataset_loss
 
         result = dataset_loss(

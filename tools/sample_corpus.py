@@ -1,5 +1,5 @@
 """Write real English text that ships with the machine (CPython's documentation topics, the
-Debian license texts) as a JSONL corpus: the reproducible input of the README's recipe.
+Debian license texts) as a JSONL corpus: the reproducible input of the recipe in docs/own-corpus.md.
 
   python tools/sample_corpus.py --output corpus/english.jsonl
   python tools/sample_corpus.py --output corpus/pydocs.jsonl --part python-docs

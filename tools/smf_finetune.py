@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_number(),
         default=None,
         help=f"learning rate (default {DEFAULT_LR}; sparse: the paper's SGD lr. On configs/smf_tiny.yaml "
-        "100 with --max-grad-norm 0.05 learns best: see README, Sparse memory finetuning)",
+        "100 with --max-grad-norm 0.05 learns best: see docs/sparse-finetuning.md)",
     )
     p.add_argument(
         "--top-t", type=positive_int, default=None, help="sparse: value rows updated per batch (default 500)"
@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=positive_int, default=None, help="lora: the adapters' rank (default 8)")
     p.add_argument("--epochs", type=positive_int, default=5)
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="documents per step")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="rows per step: a document each, or a window of one longer than the model's context",
+    )
     p.add_argument("--shuffle", action="store_true", help="reshuffle documents every epoch (default: file order)")
     p.add_argument("--seed", type=int, default=0)
     add_corpus_reading_options(p, "--data")
@@ -95,7 +100,7 @@ def load_and_check(args):
     from pretrain.export.perplexity import trained_with_document_masking
     from pretrain.export.writer import check_output_folder
     from pretrain.slots import load_export_for_tfidf
-    from pretrain.smf import FinetuneSet, LearningForgettingEval, ValidationLossEval
+    from pretrain.smf import DataLossEval, FinetuneSet, LearningForgettingEval, ValidationLossEval, combined
     from pretrain.smf.methods import check_lora_rank
 
     export = Path(args.export)
@@ -124,8 +129,10 @@ def load_and_check(args):
         evaluate = LearningForgettingEval(
             export, tokenizer, model.cfg.max_seq_len, args.dataset_dir, document_masking=masking
         )
-    elif args.dataset_dir is not None:  # no fact probes: forgetting as the validation loss alone
-        evaluate = ValidationLossEval(args.dataset_dir, tokenizer, document_masking=masking)
+    else:  # no fact probes: learning as the loss on the --data text, forgetting as the validation loss
+        evaluate = DataLossEval(data)
+        if args.dataset_dir is not None:
+            evaluate = combined(evaluate, ValidationLossEval(args.dataset_dir, tokenizer, document_masking=masking))
     return model, table, data, evaluate
 
 
@@ -165,7 +172,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    print(f"{len(data)} rows, {data.num_tokens} tokens; method {args.method}, lr {args.lr}", flush=True)
+    steps = -(-len(data) // args.batch_size)
+    print(
+        f"{data.num_documents} documents in {len(data)} rows of up to {model.cfg.max_seq_len} tokens (a longer "
+        f"document is cut into windows), {data.num_tokens} tokens; {steps} steps of up to {args.batch_size} rows "
+        f"an epoch; method {args.method}, lr {args.lr}",
+        flush=True,
+    )
     before = evaluate(model) if evaluate else {}
     if before:
         print("before " + " ".join(f"{k} {v:.4g}" for k, v in before.items()), flush=True)

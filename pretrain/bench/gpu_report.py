@@ -212,17 +212,18 @@ def issue16_lines(results: dict) -> list[list[str]]:
         if "error" in r:
             out.append([what, *_check(f"failed: {r['error'][:120]}", "trains", False)])
         else:
-            out.append(
-                [
-                    what,
-                    *_check(
-                        f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, {r['median_step_s'] * 1e3:.1f} ms/step",
-                        "recorded",
-                        None,
-                    ),
-                ]
-            )
+            out.append([what, *_check(f"{_peak_memory(r)}, {r['median_step_s'] * 1e3:.1f} ms/step", "recorded", None)])
     return out
+
+
+def _peak_memory(r: dict) -> str:
+    """The measured peak, and beside it memlayers-model-info's prediction where the row carries one
+    (bench_train's estimated_memory_bytes: docs/training.md, "Memory per GPU")."""
+    text = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
+    estimate = r.get("estimated_memory_bytes")
+    if estimate:
+        text += f" (estimate {estimate / 2**30:.2f} GiB, measured / estimate {r['peak_memory_bytes'] / estimate:.2f})"
+    return text
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -26,7 +26,7 @@ per-rank files), `Checkpointer.verify` that no file differs from the size and CR
 written with, and DeepSpeed's own loads run under torch's weights-only unpickler, so a
 pickle payload planted in a checkpoint is refused, never executed. A damaged newest
 checkpoint is refused with a message naming the file and the newest checkpoint that passes
-the same checks (no silent fallback: the user decides; see the README's "Resuming").
+the same checks (no silent fallback: the user decides; see docs/faults.md, "Resuming").
 
 A checkpoint written by another number of ranks is re-partitioned on load (pretrain.resharding):
 the dense state through DeepSpeed's universal checkpoint, the per-rank items by their

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,7 @@ from pretrain.config.datasets import DATASET_KEYS, check_datasets, follow_datase
 from pretrain.config.paths import absolute_paths, check_path_lengths, expand_home
 from pretrain.config.schema import RunConfig
 from pretrain.config.validation import validate
-from pretrain.model.config import ConfigError, choices_message, literal_fields
+from pretrain.model.config import ConfigError, choices_message, default_hint, literal_fields
 
 
 def _nearest_key_message(bad_key: str, valid: list[str]) -> str:
@@ -66,6 +67,8 @@ def load_config(
     for where, tree, layer in layers:
         _check_tree(tree, RunConfig, "", where)
         merged = _merge(merged, layer, where)
+    if path is not None:
+        _check_interpolated_booleans(merged, layers[0][1], layers[0][0])
     try:
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # overrides hold no interpolation: one of the file's
@@ -180,7 +183,7 @@ def _key_annotation(key: str, where: str):
             listed = ".".join(parts[:i] if "[" not in part else [*parts[:i], name])
             raise ConfigError(
                 f"{where}: an override cannot set one item of the list {listed}: set the whole list "
-                f"({listed}=[...], see the README) or write it in the YAML file"
+                f"({listed}=[...], as in docs/own-corpus.md) or write it in the YAML file"
             )
         hints = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else {}
         if part not in hints:
@@ -245,6 +248,45 @@ def _reads_as_bool(value) -> bool:
     return True  # a list, a mapping, a float, null: OmegaConf refuses it, naming the key
 
 
+def _check_interpolated_booleans(merged: DictConfig, file_tree: dict, where: str) -> None:
+    """The boolean keys the file sets by an interpolation that is still in the merged config, resolved
+    and checked as a value typed on the command line is: OmegaConf reads a resolved '2' or '-1' (say
+    from ${oc.env:VAR}) as true."""
+    keys = _interpolated_bool_keys(file_tree, RunConfig, "")
+    if not keys:
+        return
+    unresolved = OmegaConf.to_container(merged, resolve=False)
+    plain = OmegaConf.create(unresolved)  # untyped: an interpolation resolves to its own value, unconverted
+    for key in keys:
+        text = unresolved
+        for part in key.split("."):
+            text = text[part]
+        if not (isinstance(text, str) and "${" in text):
+            continue  # an override replaced it
+        try:
+            value = OmegaConf.select(plain, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:
+            continue  # OmegaConf.to_object names the failure
+        if not _reads_as_bool(value):
+            env = re.fullmatch(r"\$\{oc\.env:([^,}]+)(,[^}]*)?\}", text.strip())
+            source = f"the environment variable {env.group(1)}" if env else f"the interpolation {text}"
+            fix = f"set {env.group(1)} to true or false (or 1, 0)" if env else f"write {key}: true or false"
+            raise ConfigError(f"{where}: {key}={text} reads {value!r} from {source}, which is not a boolean: {fix}")
+
+
+def _interpolated_bool_keys(tree: dict, cls: type, prefix: str) -> list[str]:
+    """The dotted boolean keys of `tree` (checked by _check_tree) whose value holds an interpolation;
+    sections are searched, lists of sections (which hold no boolean) are not."""
+    hints, keys = typing.get_type_hints(cls), []
+    for key, value in tree.items():
+        full, annotation = f"{prefix}{key}", hints[key]
+        if annotation is bool and isinstance(value, str) and "${" in value:
+            keys.append(full)
+        elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            keys += _interpolated_bool_keys(value, annotation, f"{full}.")
+    return keys
+
+
 def _check_item_values(entry: dict, cls: type, key: str, where: str) -> None:
     """A list item's values, merged on their own: merged with the list, OmegaConf names a bad one by its
     field alone ('weight', not data.sources[0].weight)."""
@@ -255,29 +297,24 @@ def _check_item_values(entry: dict, cls: type, key: str, where: str) -> None:
 
 
 def _invalid_value_message(key: str, err: ValidationError) -> str:
-    """'invalid value for config key K: <OmegaConf's reason>: e.g. K=<the default>'."""
-    example = _default_of(key)
-    hint = f": e.g. {key}={example}" if example is not None else ""
+    """'invalid value for config key K: <OmegaConf's reason> (the default: K=<the default>)'."""
+    section = _section_of(key)
+    hint = default_hint(key, section) if section is not None else ""
     return f"invalid value for config key '{key}': {str(err.msg).splitlines()[0]}{hint}"
 
 
-def _default_of(key: str):
-    """The schema's default of the scalar key `key` ('data.sources[0].weight' -> 1.0) as YAML writes it;
-    None where it has none to show (a list item, null, an empty string)."""
-    cls, value = RunConfig, None
-    for part in key.split("."):
+def _section_of(key: str) -> type | None:
+    """The schema's dataclass that holds the scalar key `key` ('data.sources[0].weight' -> SourceConfig);
+    None for a key it does not hold."""
+    cls = RunConfig
+    *sections, _ = key.split(".")
+    for part in sections:
         name = part.split("[")[0]
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if name not in fields:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if name not in hints:
             return None
-        annotation = typing.get_type_hints(cls)[name]
-        if "[" in part:
-            cls = typing.get_args(annotation)[0]  # an item: of a list of sections, or of values (no default)
-            continue
-        cls, value = annotation, fields[name].default
-    if isinstance(value, bool):
-        return str(value).lower()
-    return value if isinstance(value, (int, float)) or (isinstance(value, str) and value) else None
+        cls = typing.get_args(hints[name])[0] if "[" in part else hints[name]
+    return cls if dataclasses.is_dataclass(cls) else None
 
 
 def _merge(merged: DictConfig, layer: DictConfig, where: str) -> DictConfig:

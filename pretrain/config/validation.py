@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 from pretrain.config.schema import DataConfig, OptimConfig, RunConfig, SlotsConfig, TrainConfig
-from pretrain.model.config import ConfigError, check_choices
+from pretrain.model.config import ConfigError, check_choices, default_hint
 
 INT64_MAX = 2**63 - 1  # torch and numpy compute with 64-bit integers: a larger count, size or seed overflows there
 
@@ -35,7 +35,6 @@ def check_integer_range(section, prefix: str = "") -> None:
     """Every integer key (and each integer of a list) fits a 64-bit integer: YAML reads any number of
     digits, and such a value failed only after the model was built (torch.manual_seed, the rotary
     table, an embedding's size: a traceback), or the start-up ran on without end (model.n_layers)."""
-    defaults = type(section)()
     for f in dataclasses.fields(section):
         value, key = getattr(section, f.name), f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(value):
@@ -43,10 +42,9 @@ def check_integer_range(section, prefix: str = "") -> None:
             continue
         items = value if isinstance(value, list) else [value]
         if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX for v in items):
-            example = getattr(defaults, f.name)
             raise ConfigError(
                 f"{key}={value} is beyond the 64-bit integers torch and numpy compute with (at most 2**63 - 1 = "
-                f"{INT64_MAX}): set a realistic value" + (f" (the default: {key}={example})" if example != [] else "")
+                f"{INT64_MAX}): set a realistic value" + default_hint(key, type(section))
             )
 
 
@@ -83,7 +81,7 @@ def _check_steps_and_batch(t: TrainConfig) -> None:
     for key in ("max_steps", "micro_batch", "global_batch"):
         if getattr(t, key) <= 0:
             raise ConfigError(
-                f"train.{key}={getattr(t, key)} must be positive (e.g. train.{key}={getattr(TrainConfig, key)})"
+                f"train.{key}={getattr(t, key)} must be positive" + default_hint(f"train.{key}", TrainConfig)
             )
     if t.global_batch % t.micro_batch:
         nearest = max(t.micro_batch, round(t.global_batch / t.micro_batch) * t.micro_batch)
@@ -112,23 +110,24 @@ def _check_timing(t: TrainConfig) -> None:
     # hang detection off without a word (no comparison with NaN is true)
     if not (math.isfinite(t.hang_timeout_s) and t.hang_timeout_s >= 0):
         raise ConfigError(
-            f"train.hang_timeout_s={t.hang_timeout_s} must be a number of seconds >= 0 (e.g. 600; 0 turns hang "
-            "detection off)"
+            f"train.hang_timeout_s={t.hang_timeout_s} must be a number of seconds >= 0, 0 turning hang detection "
+            "off" + default_hint("train.hang_timeout_s", TrainConfig)
         )
     if not (math.isfinite(t.startup_timeout_s) and t.startup_timeout_s > 0):
         raise ConfigError(
-            f"train.startup_timeout_s={t.startup_timeout_s} must be a number of seconds > 0 (e.g. 1800; "
-            "train.hang_timeout_s=0 turns hang detection off)"
+            f"train.startup_timeout_s={t.startup_timeout_s} must be a number of seconds > 0 (train.hang_timeout_s=0 "
+            "turns hang detection off)" + default_hint("train.startup_timeout_s", TrainConfig)
         )
     if not (math.isfinite(t.rendezvous_timeout_s) and t.rendezvous_timeout_s > 0):
         raise ConfigError(
-            f"train.rendezvous_timeout_s={t.rendezvous_timeout_s} must be > 0 (seconds the ranks wait for each "
-            "other at the start; default 600)"
+            f"train.rendezvous_timeout_s={t.rendezvous_timeout_s} must be > 0, the seconds the ranks wait for each "
+            "other at the start" + default_hint("train.rendezvous_timeout_s", TrainConfig)
         )
     if not (math.isfinite(t.lost_peer_grace_s) and t.lost_peer_grace_s > 0):
         raise ConfigError(
-            f"train.lost_peer_grace_s={t.lost_peer_grace_s} must be > 0 (seconds a rank waits for an error of its "
-            "own after another rank's process on its node ended; default 20)"
+            f"train.lost_peer_grace_s={t.lost_peer_grace_s} must be > 0, the seconds a rank waits for an error of "
+            "its own after another rank's process on its node ended"
+            + default_hint("train.lost_peer_grace_s", TrainConfig)
         )
     if t.peak_flops is not None and not (math.isfinite(t.peak_flops) and t.peak_flops > 0):
         raise ConfigError(

@@ -223,7 +223,7 @@ def dataset_values(sources: list[Source]) -> dict[str, int]:
     }
 
 
-def _source_specs(data) -> dict[str, tuple[str, float]]:
+def source_specs(data) -> dict[str, tuple[str, float]]:
     """{name: (dir, weight)} of a data section (a dict or DataConfig): its data.sources, or
     data.dir as a mixture of one, named as `resolve_sources` names them; {} for the embedded corpus."""
     get = data.get if isinstance(data, dict) else lambda key: getattr(data, key)
@@ -246,7 +246,7 @@ def mixture_change(old, new) -> str | None:
     added one starts at its beginning, a removed one is left where it was
     (pretrain/data/mixture.py). Raises DataError for a source renamed over the same dir,
     which would read again what the run has already read."""
-    before, after = _source_specs(old), _source_specs(new)
+    before, after = source_specs(old), source_specs(new)
     if not before or not after:
         return None
     if before == after:

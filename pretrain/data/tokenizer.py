@@ -19,6 +19,7 @@ ids as their text, as that tokenizer's decode does.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -218,32 +219,57 @@ class Tokenizer:
         self.__init__(state["path"])
 
 
-def _lines(documents: Iterable[str], keep_whitespace: bool = True) -> Iterator[str]:
-    """Non-blank lines, cut to MAX_SENTENCE_BYTES; their indentation kept with `keep_whitespace`."""
+@dataclasses.dataclass
+class SampleSize:
+    """How much text a tokenizer's sample holds and was drawn from: non-blank lines and their UTF-8
+    bytes (as read, before a line is cut to MAX_SENTENCE_BYTES), and the documents read."""
+
+    lines: int = 0
+    bytes: int = 0
+    lines_read: int = 0
+    bytes_read: int = 0
+    documents_read: int = 0
+
+
+def _lines(documents: Iterable[str], keep_whitespace: bool = True, size: SampleSize | None = None) -> Iterator[str]:
+    """Non-blank lines, cut to MAX_SENTENCE_BYTES; their indentation kept with `keep_whitespace`. `size`
+    counts the documents, lines and bytes read."""
+    size = size if size is not None else SampleSize()
     for doc in documents:
+        size.documents_read += 1
         for line in doc.splitlines():
             line = line.rstrip() if keep_whitespace else line.strip()
             if line.strip():
-                yield line.encode("utf-8")[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
+                encoded = line.encode("utf-8")
+                size.lines_read += 1
+                size.bytes_read += len(encoded)
+                yield encoded[:MAX_SENTENCE_BYTES].decode("utf-8", errors="ignore")
 
 
 def sample_sentences(
-    documents: Iterable[str], max_sentences: int, seed: int = 0, keep_whitespace: bool = True
+    documents: Iterable[str],
+    max_sentences: int,
+    seed: int = 0,
+    keep_whitespace: bool = True,
+    size: SampleSize | None = None,
 ) -> list[str]:
-    """At most `max_sentences` non-blank lines, a uniform sample over the whole stream.
+    """At most `max_sentences` non-blank lines, a uniform sample over the whole stream; `size` (if
+    given) is filled in with the sample's size and what it was drawn from.
 
     Reservoir sampling (seeded, so reproducible): memory stays bounded by `max_sentences`
     lines however large the corpus; a corpus with fewer lines is kept whole and in order.
     """
+    size = size if size is not None else SampleSize()
     rng = random.Random(seed)
     reservoir: list[str] = []
-    for seen, line in enumerate(_lines(documents, keep_whitespace)):
+    for seen, line in enumerate(_lines(documents, keep_whitespace, size)):
         if seen < max_sentences:
             reservoir.append(line)
         else:
             slot = rng.randrange(seen + 1)
             if slot < max_sentences:
                 reservoir[slot] = line
+    size.lines, size.bytes = len(reservoir), sum(len(line.encode("utf-8")) for line in reservoir)
     return reservoir
 
 
@@ -315,6 +341,7 @@ def train_tokenizer(
     num_threads: int = 1,
     keep_whitespace: bool = True,
     character_coverage: float | None = None,
+    on_sample: Callable[[SampleSize], None] | None = None,
 ) -> Tokenizer:
     """Train on a seeded uniform sample of at most `max_sentences` lines of `documents`
     (all of them when fewer); write the model to `out_path`.
@@ -324,6 +351,8 @@ def train_tokenizer(
     `character_coverage`: the share of the sample's characters (by occurrence) that get a piece of
     their own, sentencepiece's option; the rarest of the rest are written as bytes. Default 1.0 for
     bpe (every character), 0.9995 for unigram.
+    `on_sample`: called with the sample's size once it is drawn, before the training (minutes on a
+    large sample).
     Deterministic for the same input (single-threaded by default, seeded sample).
     """
     if model_type not in ("bpe", "unigram"):
@@ -342,9 +371,12 @@ def train_tokenizer(
         raise DataError(
             f"character_coverage={character_coverage} must be in (0, 1] (--character-coverage; e.g. 0.9995)"
         )
-    sentences = sample_sentences(documents, max_sentences, keep_whitespace=keep_whitespace)
+    size = SampleSize()
+    sentences = sample_sentences(documents, max_sentences, keep_whitespace=keep_whitespace, size=size)
     if not sentences:
         raise DataError("the tokenizer corpus is empty: no non-blank line to train on")
+    if on_sample is not None:
+        on_sample(size)
     symbols = [NEWLINE] if keep_whitespace else []
     if model_type == "bpe":  # every covered character becomes a piece, beside 256 bytes + 4 specials
         reserved = 260 + len(symbols)

@@ -56,18 +56,30 @@ def slot_counts_line(header: dict[str, str] | None) -> str:
     )
 
 
+def data_line(manifests: list[tuple[str, float, str]]) -> str:
+    """The card's line on the training data: one dataset's manifest hash, or every source of a mixture."""
+    if len(manifests) == 1:
+        return f"data manifest sha256: `{manifests[0][2]}`"
+    total = sum(weight for _, weight, _ in manifests)
+    sources = "; ".join(
+        f"{name} (weight {weight / total:.3f}, manifest sha256 `{sha}`)" for name, weight, sha in manifests
+    )
+    return f"data: a mixture of {len(manifests)} sources, sequences drawn by weight: {sources}"
+
+
 def render_card(
     cfg: RunConfig,
     step: int,
     tokens: int,
-    manifest_hash: str,
+    manifests: list[tuple[str, float, str]],
     dtype: str,
     specs,
     nbytes: int,
     params: int,
     slot_table: dict[str, str] | None = None,
 ) -> str:
-    """The card; `params` counts each parameter once (a tied output head shares the embeddings,
+    """The card; `manifests`: (name, weight, manifest sha256) of each dataset trained on (one: its hash
+    alone; a mixture: each source's); `params` counts each parameter once (a tied output head shares the embeddings,
     while `specs` and model.safetensors list both names); `slot_table`: the header of the
     exported slot_frequencies.safetensors, None when the export has none."""
     m = cfg.model
@@ -84,7 +96,7 @@ memlayers training checkpoint.
 
 - training step: {step}
 - tokens seen: {tokens:,} (train.global_batch x data.seq_len positions per trained step, padding included)
-- data manifest sha256: `{manifest_hash}`
+- {data_line(manifests)}
 - model: {counted(m.n_layers, "layer")}, dim {m.dim}, {counted(m.n_heads, "head")}, vocab {m.vocab_size}; {memory}
 - parameters: {params:,} ({nbytes / 2**20:.1f} MiB of {dtype} in model.safetensors)
 - context: {m.max_seq_len} tokens (max_seq_len; prompt + new tokens at most {m.max_seq_len + 1}, longer is refused)

@@ -16,7 +16,7 @@ EOS, and the export's tokenizer turns that text into the EOS id. Probes whose qu
 answer do not fit the model's max_seq_len are left out (as fact_recall leaves them out), and
 so are the new facts held out of pretraining (`is_new_fact`), as the training run's fact recall
 leaves them out; `new_facts=True` asks those alone instead.
-`check_task_dir` validates a written folder before lm_eval runs.
+`check_task_dir` validates a written folder before lm_eval runs (the fact tasks in it; other tasks are lm_eval's).
 """
 
 from __future__ import annotations
@@ -97,7 +97,11 @@ def write_fact_tasks(
         )
     tokenizer = export_tokenizer(export_dir)
     max_seq_len = model_config_from_json(export_dir / "config.json").max_seq_len
-    all_probes = export_probes(export_dir, probes_dir, other_fix=", or evaluate other --tasks")
+    all_probes = export_probes(
+        export_dir,
+        probes_dir,
+        other_fix=", or evaluate other --tasks (hub tasks with --online, or your own task YAMLs with --task-dir)",
+    )
     _refuse_empty_answers(all_probes, tokenizer, Path(probes_dir or export_dir) / "probes.jsonl")
     asked = [p for p in all_probes if p.is_new_fact == new_facts]
     prefix = eos_piece(tokenizer.path)
@@ -213,8 +217,9 @@ def _write_choice_task(out_dir: Path, kept: list[dict], all_probes, text: str, c
 
 
 def check_task_dir(task_dir: str | Path) -> None:
-    """Every task YAML parses and its data file exists with question/answer records, or an error
-    naming the file (and line) and how to re-create it."""
+    """Every task YAML parses, and each fact task's (memlayers_facts*) data file exists with
+    question/answer records, or an error naming the file (and line) and how to re-create it. Other
+    tasks in the folder (a user's own, over their own text) are lm_eval's to read."""
     import yaml
 
     task_dir = Path(task_dir)
@@ -234,8 +239,8 @@ def check_task_dir(task_dir: str | Path) -> None:
             raise ExportError(f"{path} is not valid YAML ({err}): {fix}") from None
         if not isinstance(config, dict) or not ("task" in config or "group" in config):
             raise ExportError(f"{path} is not a task definition (no 'task' or 'group' key): {fix}")
-        if "group" in config:
-            continue
+        if "group" in config or not str(config["task"]).startswith(GROUP):
+            continue  # a group, or a task of the user's own beside them: lm_eval reads and checks it as written
         try:
             data = Path(config["dataset_kwargs"]["data_files"]["test"])
         except (KeyError, TypeError):

@@ -227,18 +227,31 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
+def data_manifests(src: CheckpointSource) -> list[tuple[str, float, str]]:
+    """(name, weight, sha256 of manifest.json) of each dataset the run trains on: every source of a
+    mixture (the card named the first source's alone), else the one folder (data.dir or the embedded corpus)."""
+    from pretrain.data.sources import source_specs
+
+    def sha(folder: Path) -> str:
+        manifest = folder / "manifest.json"
+        return file_sha256(manifest) if manifest.is_file() else "(no manifest.json)"
+
+    specs = source_specs(src.cfg.data) if src.cfg.data.sources else {}
+    if not specs:
+        return [("", 1.0, sha(src.dataset_dir))]
+    return [(name, weight, sha(Path(directory))) for name, (directory, weight) in specs.items()]
+
+
 def model_card(src: CheckpointSource, dtype: str, weights: Path) -> str:
     from pretrain.export.card import render_card
 
-    manifest = src.dataset_dir / "manifest.json"
-    manifest_hash = file_sha256(manifest) if manifest.is_file() else "(no manifest.json)"
     with torch.device("meta"):
         params = count_parameters(Transformer(src.cfg.model)).total  # tied embeddings once
     return render_card(
         src.cfg,
         src.step,
         src.tokens_seen,
-        manifest_hash,
+        data_manifests(src),
         dtype,
         weight_specs(src.cfg.model, DTYPES[dtype]),
         weights.stat().st_size,

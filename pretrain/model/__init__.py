@@ -18,6 +18,8 @@ _MODULE_OF = {
     "config_parameters": "accounting",
     "count_parameters": "accounting",
     "flops_per_token": "accounting",
+    "MemoryEstimate": "memory_budget",
+    "estimate_memory": "memory_budget",
     "layer_kinds": "accounting",
     "MemoryPlus": "memory",
     "ValueTable": "memory",

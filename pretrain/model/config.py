@@ -28,6 +28,20 @@ def choices_message(key: str, value, choices: tuple) -> str:
     return f"{key}={value!r} must be {allowed}"
 
 
+def default_hint(key: str, cls: type) -> str:
+    """How a refusal names a key's default: ' (the default: train.max_steps=300)', the default of the
+    field of dataclass `cls` that `key` ends in, written as YAML reads it (false, 1e-05); '' where there
+    is none to show (a list, null, an empty text)."""
+    name = key.rsplit(".", 1)[-1]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    value = fields[name].default if name in fields else None
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif not (isinstance(value, (int, float)) or (isinstance(value, str) and value)):
+        return ""
+    return f" (the default: {key}={value})"
+
+
 @functools.cache
 def literal_fields(cls: type) -> dict[str, tuple]:
     """The fields of dataclass `cls` typed `Literal[...]`, with their allowed values."""
@@ -144,14 +158,15 @@ class ModelConfig:
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
             # theta <= 0 makes the rotary table NaN, and attention then runs on without an error
             raise ConfigError(
-                f"{p}.rope_theta={self.rope_theta} must be a positive number (the rotary base, e.g. 10000.0)"
+                f"{p}.rope_theta={self.rope_theta} must be a positive number, the rotary base"
+                + default_hint(f"{p}.rope_theta", ModelConfig)
             )
         for key in ("norm_eps", "init_std"):
             # inf: norm_eps made every norm's output 0 (a model that trained on without learning), init_std
             # non-finite weights (a non-finite loss at step 1, after the build and a checkpoint)
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
                 raise ConfigError(
-                    f"{p}.{key}={getattr(self, key)} must be >= 0 and finite (e.g. {getattr(ModelConfig, key)})"
+                    f"{p}.{key}={getattr(self, key)} must be >= 0 and finite" + default_hint(f"{p}.{key}", ModelConfig)
                 )
         if self.dim % self.n_heads:
             raise ConfigError(f"{p}.dim={self.dim} must be divisible by {p}.n_heads={self.n_heads}")
@@ -172,8 +187,8 @@ class ModelConfig:
         for key in ("n_keys", "heads", "k"):
             if getattr(m, key) <= 0:
                 raise ConfigError(
-                    f"{p}.memory.{key}={getattr(m, key)} must be positive (e.g. {p}.memory.{key}="
-                    f"{getattr(MemoryConfig, key)})"
+                    f"{p}.memory.{key}={getattr(m, key)} must be positive"
+                    + default_hint(f"{p}.memory.{key}", MemoryConfig)
                 )
         if m.k > m.n_keys:
             raise ConfigError(

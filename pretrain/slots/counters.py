@@ -154,7 +154,7 @@ class SlotStatistics:
                 self._count_documents(name, idx.to(self.device), valid, *occ)
             else:
                 self._count_units(name, idx.to(self.device), unit, valid)
-        if self.sample is not None:
+        if self.sample is not None and T:  # an empty micro-batch has nothing to keep
             self.sample.offer(item, layer_indices, doc_ids)
 
     def _check_streams(self, streams: torch.Tensor, B: int) -> None:
@@ -191,11 +191,14 @@ class SlotStatistics:
         before = (taken - new.long())[seg_first]
         occurrence = self.next_occurrence[stream] + taken - before - 1
         unit = torch.where(run_start, pos, 0).cummax(0).values
-        # each stream present: its new occurrences counted, the doc id ending its segment kept
+        # each stream present: its new occurrences counted, the doc id ending its segment kept (the
+        # other positions write to a dummy last entry; a stream absent from the micro-batch, or an
+        # empty micro-batch, leaves its tail as it was)
         self.next_occurrence.index_add_(0, stream, new.long())
-        last_pos = torch.zeros_like(self.stream_tail).scatter_reduce_(0, stream, pos, "amax")
-        present = torch.zeros_like(self.stream_tail, dtype=torch.bool).scatter_(0, stream, True)
-        self.stream_tail = torch.where(present, doc[last_pos], self.stream_tail)
+        seg_end = torch.ones(T, dtype=torch.bool, device=dev)
+        seg_end[:-1] = stream[1:] != stream[:-1]
+        tail = torch.cat([self.stream_tail, self.stream_tail.new_full((1,), -1)])
+        self.stream_tail = tail.scatter_(0, torch.where(seg_end, stream, self.streams), doc)[: self.streams]
         return perm, unit, occurrence, stream
 
     def _units_per_batch(self, B: int, S: int) -> int:
@@ -210,7 +213,7 @@ class SlotStatistics:
         key_dtype = torch.int32 if N * T <= 2**31 else torch.int64
         # slot-major keys: each slot's pairs are contiguous, its latest unit last; padding
         # gets key -1 and sorts first
-        keys = idx.reshape(T, -1).to(key_dtype) * T + unit.to(key_dtype)[:, None]
+        keys = idx.flatten(1).to(key_dtype) * T + unit.to(key_dtype)[:, None]
         keys = torch.where(valid[:, None], keys, torch.full_like(keys, -1)).reshape(-1)
         s = keys.sort().values
         ok = s >= 0
@@ -229,12 +232,11 @@ class SlotStatistics:
     def _count_documents(self, name, idx, valid, perm, unit, occurrence, stream) -> None:
         """One layer's counts and document frequencies: on the CPU in one walk over the tokens
         (`kernels.cpu_ops.count_document_slots_`, the same numbers), else by sorting the pairs."""
-        T = valid.numel()
         if not cpu_ops.count_document_slots_(
             self.counts[name],
             self.doc_freq[name],
             self.last_occurrence[name],
-            idx.reshape(T, -1),
+            idx.flatten(1),  # (T, heads * k); reshape(T, -1) is ambiguous for T = 0
             perm,
             valid,
             occurrence,

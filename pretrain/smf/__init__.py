@@ -9,7 +9,7 @@ experiment (the sweep behind tools/smf_report.py) and frontier (its plot and ver
 """
 
 from pretrain.smf.dataset import FinetuneBatch, FinetuneSet
-from pretrain.smf.evaluation import LearningForgettingEval, ValidationLossEval
+from pretrain.smf.evaluation import DataLossEval, LearningForgettingEval, ValidationLossEval, combined
 from pretrain.smf.export import save_finetuned_export
 from pretrain.smf.finetune import finetune
 from pretrain.smf.methods import (
@@ -26,8 +26,10 @@ __all__ = [
     "FinetuneBatch",
     "FinetuneSet",
     "FullFinetuning",
+    "DataLossEval",
     "LearningForgettingEval",
     "ValidationLossEval",
+    "combined",
     "LoRAFinetuning",
     "SlotSelector",
     "SparseMemoryFinetuning",

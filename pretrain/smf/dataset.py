@@ -40,8 +40,11 @@ class FinetuneSet:
         text_field: str = "text",
     ):
         self.rows: list[list[int]] = []
+        self.num_documents = 0  # those with a token to predict; a longer one than the context gives several rows
         for text in iter_documents(list(paths), fmt=fmt, text_field=text_field):
-            self.rows += document_rows(text, tokenizer, max_seq_len)
+            rows = document_rows(text, tokenizer, max_seq_len)
+            self.rows += rows
+            self.num_documents += bool(rows)
         if not self.rows:
             raise DataError(
                 f"the finetuning set {[str(p) for p in paths]} holds no document with a token to "

@@ -5,7 +5,8 @@
   old facts   the probes of the pretraining entities, what finetuning should not forget
   validation  batches of the pretraining corpus's validation split (optional)
 and `__call__(model)` returns new_fact_recall, old_fact_recall and val_loss. An export without
-probes (a run on prepared text) has `ValidationLossEval`, the validation loss alone. The validation
+probes (a run on prepared text) has `DataLossEval`, the loss on the finetuning text itself (what it
+learns), with `ValidationLossEval`, the validation loss (what it forgets), joined by `combined`. The validation
 loss is scored as the run trained: with attention within documents when `document_masking`
 (data.document_masking, recorded in the export's config.json: `trained_with_document_masking`).
 """
@@ -51,6 +52,29 @@ class ValidationLossEval:
         out = {"val_loss": validation_loss(model, self.val, device, self.document_masking)["val_loss"]}
         model.train(was_training)
         return out
+
+
+class DataLossEval:
+    """Learning without fact probes: the loss on the finetuning set itself, every row once in file
+    order (padding not scored; each row is one document, or a window of one, so nothing to mask).
+    `__call__(model)` returns data_loss."""
+
+    def __init__(self, data, batch_size: int = 16):
+        self.batches = list(data.batches(batch_size))
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        out = {"data_loss": validation_loss(model, self.batches, device)["val_loss"]}
+        model.train(was_training)
+        return out
+
+
+def combined(*evaluators):
+    """One evaluation returning every evaluator's metrics."""
+    return lambda model: {name: value for evaluate in evaluators for name, value in evaluate(model).items()}
 
 
 class LearningForgettingEval:

@@ -409,7 +409,7 @@ def test_a_file_as_output_is_refused_when_the_arguments_are_parsed(tmp_path, cap
 def test_a_file_named_twice_in_the_inputs_is_refused(tmp_path, monkeypatch, inputs, capsys):
     """An input file reached through two --input arguments was read twice: its documents were
     trained on twice and, drawn by document index, could fall into both splits (measured on the
-    README corpus with --input english.jsonl licenses.jsonl: 3 of the 9 validation documents were
+    own-text recipe's corpus (docs/own-corpus.md) with --input english.jsonl licenses.jsonl: 3 of the 9 validation documents were
     also training documents)."""
     monkeypatch.chdir(tmp_path)
     corpus = _corpus_folder(tmp_path).relative_to(tmp_path)

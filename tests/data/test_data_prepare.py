@@ -182,7 +182,7 @@ def test_directory_input_skips_hidden_files_and_folders(tmp_path):
 
 
 def test_directory_input_skips_binary_files_with_a_warning(tmp_path, tokenizer):
-    """The README recipe keeps corpus/tokenizer.model beside the corpus: --input corpus/ read the
+    """The own-text recipe (docs/own-corpus.md) keeps corpus/tokenizer.model beside the corpus: --input corpus/ read the
     model's protobuf bytes as a text document. A file named itself is refused
     (test_a_binary_file_named_itself_is_refused)."""
     import shutil
@@ -1029,7 +1029,7 @@ def test_tokenizer_sample_is_bounded_uniform_and_whole_when_small():
 
 def test_a_trained_tokenizer_keeps_the_text_as_written(tmp_path):
     """train_tokenizer left sentencepiece's default normalization on, which turns every run of
-    whitespace, newlines included, into one space: no document of the README corpus decoded to its
+    whitespace, newlines included, into one space: no document of the own-text recipe's corpus decoded to its
     text (0 of 93), code lost its lines and indentation, and a model could never write a newline.
     The reference is the text itself: decode(encode(text)) == text, on the bundled English corpus
     (prose, Python examples, license layout) and on text with tabs, blank lines and odd characters."""
@@ -1289,3 +1289,31 @@ def test_a_tokenizer_scratch_folder_is_made_only_to_train_one(tmp_path, tokenize
     )
     assert [name.startswith("tokenizer-") for name in seen_while_writing] == ([] if given else [True])
     assert list(scratch.iterdir()) == []  # and a finished run leaves none
+
+
+def test_the_tokenizer_tool_says_how_much_text_it_sampled_and_from_where(tmp_path, capsys):
+    """train_tokenizer.py said only the model it wrote: a user with a 50 GB corpus could not tell that it
+    trained on --max-sentences lines of it. The reference: the corpus's lines, bytes and documents counted
+    here from the text written (blank lines are not lines of the sample; 'é' is 2 bytes)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "café", "epsilon"]
+    documents = [[" ".join(words[(d + i + j) % 6] for j in range(5)) for i in range(3)] for d in range(300)]
+    for name, part in (("a.txt", documents[:200]), ("b.txt", documents[200:])):
+        (corpus / name).write_text("\n\n".join("\n".join(lines) for lines in part) + "\n")
+    lines = [line for doc in documents for line in doc]
+    text_bytes = sum(len(line.encode()) for line in lines)
+    stored = sum(p.stat().st_size for p in corpus.iterdir())
+    argv = ["--input", str(corpus), "--format", "blocks", "--output", str(tmp_path / "t.model"), "--vocab-size", "300"]
+
+    assert tokenizer_cli.main([*argv, "--max-sentences", "7"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    sampled = re.fullmatch(
+        rf"tokenizer sample: 7 of {len(lines)} non-blank lines \(a seeded uniform sample; (\d+) KiB of "
+        rf"{round(text_bytes / 1024)} KiB of text\), from 300 documents in 2 files \({round(stored / 1024)} KiB as "
+        rf"stored\) of --input {re.escape(str(corpus))}",
+        first,
+    )
+    assert sampled, first
+    assert tokenizer_cli.main(argv) == 0  # every line
+    assert capsys.readouterr().out.startswith(f"tokenizer sample: {len(lines)} of {len(lines)} non-blank lines (all;")

@@ -1,6 +1,6 @@
 """The loader splits each epoch's rows, not whole shards, over ranks x workers: on 5 shards of
 unequal size, readers taking batches at one pace read every row once per pass (before, 5 shards
-over 4 readers left one reader two shards while the others re-read theirs: the README recipe's
+over 4 readers left one reader two shards while the others re-read theirs: the docs/own-corpus.md recipe's
 data/english at 2 ranks x 2 workers read 193 of 1267 rows twice and 196 never in one pass's worth
 of steps). Rows are counted against the shards read directly, not through the loader. States of
 versions 1 and 2 (whole shards per reader) resume that scheme, checked against a model of it."""

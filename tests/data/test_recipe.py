@@ -1,5 +1,5 @@
-"""The README's "Train on your own text" recipe, run command by command as written, on the real
-English text that ships with the machine; then the trained runs are checked."""
+"""The "Train on your own text" recipe (docs/own-corpus.md, between its recipe markers), run command by
+command as written, on the real English text that ships with the machine; then the trained runs are checked."""
 
 from __future__ import annotations
 
@@ -27,8 +27,12 @@ QUICK_TRAINING = [
 ]
 
 
+RECIPE = "docs/own-corpus.md"
+
+
 def recipe_commands() -> list[list[str]]:
-    text = (REPO_ROOT / "README.md").read_text()
+    text = (REPO_ROOT / RECIPE).read_text()
+    assert "<!-- recipe:begin -->" in text and "<!-- recipe:end -->" in text, f"{RECIPE} lost its recipe markers"
     block = text.split("<!-- recipe:begin -->", 1)[1].split("<!-- recipe:end -->", 1)[0]
     commands = [shlex.split(line) for line in block.splitlines() if line.startswith("python ")]
     assert len(commands) >= 8, "the recipe lost its commands"
@@ -57,7 +61,7 @@ def losses(log: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_readme_recipe_trains_exports_and_generates(tmp_path):
+def test_own_text_recipe_trains_exports_and_generates(tmp_path):
     for folder in ("tools", "configs"):  # the commands are written for the repository root
         (tmp_path / folder).symlink_to(REPO_ROOT / folder)
     outputs = []

@@ -170,7 +170,7 @@ def test_heldout_corpus_is_evaluated_not_trained_on(tmp_path, dataset, second_da
 @pytest.mark.parametrize("micro,eval_batches", [(4, 2), (7, 3), (4, 1000)])
 def test_validation_reads_each_row_at_most_once(tmp_path, dataset, monkeypatch, micro, eval_batches):
     """An evaluation reads the first train.eval_batches x micro_batch rows of a validation split,
-    each once, and a shorter split whole and once (before, the loader looped: the README recipe's
+    each once, and a shorter split whole and once (before, the loader looped: the docs/own-corpus.md recipe's
     data/pydocs, 81 validation rows, at 8 batches of 16 weighed 47 of them twice), and no batch past
     them is read and thrown away (zip(loader, range(n)) read n + 1). Counted against
     the split's shards read directly, at world 1 (tests/train/test_validation_split.py splits them

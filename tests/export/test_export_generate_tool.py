@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from pretrain.data import Tokenizer
 from tests.export.export_helpers import OracleModel
@@ -337,10 +338,10 @@ def test_generate_refuses_options_that_would_change_nothing(inference_export, tm
     assert main([*argv, "--seed", "3"]) == 0
 
 
-def test_perplexity_refuses_a_split_the_dataset_lacks_before_importing_torch(tmp_path, repo_root):
-    """`--split vall` was refused only by the data loader, after torch was imported (2.4 s measured),
-    in the loader's words (`split 'vall' is not in .../manifest.json`); the tool now refuses it from
-    the manifest, naming the splits to pass. The reference is sys.modules in a fresh interpreter."""
+def perplexity_before_torch(tmp_path: Path, repo_root: Path, splits: dict, *args: str):
+    """tools/perplexity.py run in a fresh interpreter on a stub export (nothing reads its files before the
+    split is checked) and a dataset of these manifest splits: (its exit status, whether torch was imported,
+    its stderr, the data folder)."""
     import json
     import subprocess
     import sys
@@ -348,19 +349,43 @@ def test_perplexity_refuses_a_split_the_dataset_lacks_before_importing_torch(tmp
     from pretrain.data.shards import FORMAT
     from pretrain.export.folders import EXPORT_FILES
 
-    export = tmp_path / "export"  # nothing reads these files before the split is checked
+    export = tmp_path / "export"
     export.mkdir()
     for name in (*EXPORT_FILES, "tokenizer.model"):
         (export / name).write_bytes(b"")
     data = tmp_path / "data"
     data.mkdir()
-    (data / "manifest.json").write_text(json.dumps({"format": FORMAT, "splits": {"train": {}, "val": {}}}))
+    (data / "manifest.json").write_text(json.dumps({"format": FORMAT, "splits": splits}))
     script = (
         "import sys\n"
         "from tools.perplexity import main\n"
-        f"print(main([{str(export)!r}, '--data', {str(data)!r}, '--split', 'vall']))\n"
+        f"print(main({[str(export), '--data', str(data), *args]!r}))\n"
         "print('torch' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
-    assert f"error: {data} has no split 'vall': pass --split train or --split val" in done.stderr
+    status, torch_imported = done.stdout.split()
+    return int(status), torch_imported == "True", done.stderr, data
+
+
+def test_perplexity_refuses_a_split_the_dataset_lacks_before_importing_torch(tmp_path, repo_root):
+    """`--split vall` was refused only by the data loader, after torch was imported (2.4 s measured),
+    in the loader's words (`split 'vall' is not in .../manifest.json`); the tool now refuses it from
+    the manifest, naming the splits to pass. The reference is sys.modules in a fresh interpreter."""
+    status, torch_imported, err, data = perplexity_before_torch(
+        tmp_path, repo_root, {"train": {}, "val": {}}, "--split", "vall"
+    )
+    assert (status, torch_imported) == (2, False), err
+    assert f"error: {data} has no split 'vall': pass --split train or --split val" in err
+
+
+def test_perplexity_refuses_an_empty_split_before_importing_torch_naming_the_split_to_pass(tmp_path, repo_root):
+    """A held-out file prepared to be scored (one text file: `--val-fraction 0`, since a validation split
+    of one document would be refused) has an empty 'val', perplexity's default split: the loader refused
+    it after torch was imported (9.4 s on 2 loaded cores), advising to prepare again with
+    `--val-fraction > 0`, which prepare_data refuses for that file. The tool now refuses it from the
+    manifest, naming `--split train`. The reference is sys.modules in a fresh interpreter."""
+    splits = {"train": {"sequences": 409, "shards": [{}]}, "val": {"sequences": 0, "shards": []}}
+    status, torch_imported, err, data = perplexity_before_torch(tmp_path, repo_root, splits)
+    assert (status, torch_imported) == (2, False), err
+    assert f"error: the 'val' split of {data} holds no sequences" in err
+    assert err.rstrip().endswith("pass --split train")

@@ -86,7 +86,7 @@ def test_hf_generate_left_padded_batch_equals_each_prompt_alone(hf_model, infere
 
 
 def test_hf_generate_keeps_the_leading_separator_without_an_attention_mask(hf_model, inference_export):
-    """A prompt starts with the EOS separator (README: "</s>Alice"). With config.json's pad_token_id
+    """A prompt starts with the EOS separator (docs/export-and-eval.md: "</s>Alice"). With config.json's pad_token_id
     equal to it, generate() given no attention_mask and a stop token other than EOS (eos_token_id=None,
     or a full stop) inferred the mask from the padding id and hid that separator: other logits and tokens."""
     from pretrain.data.tokenizer import Tokenizer

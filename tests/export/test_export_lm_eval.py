@@ -397,3 +397,47 @@ def test_fact_tasks_ask_the_trained_facts_as_the_runs_fact_recall(inference_expo
     with pytest.raises(SystemExit):
         memlayers_eval([str(inference_export), "--task-dir", str(tmp_path / "t"), "--new-facts"])
     assert "--new-facts and --task-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_memlayers_eval_runs_a_task_of_ones_own_from_a_task_dir(inference_export, tmp_path, monkeypatch):
+    """A run on one's own text has no fact probes; the offline way to score its export with lm-eval is a
+    task of one's own (a loglikelihood_rolling task over a local JSONL). `memlayers-eval --task-dir`
+    refused such a folder, checking every task's records for the fact probes' question/answer
+    (`record lacks ['answer', 'question']: re-write the folder with memlayers-eval EXPORT --write-tasks`).
+    Now only the fact tasks are checked, and lm_eval's bits per byte equals the training model's own
+    log-likelihood of the text after one separator (an independent implementation: pretrain.export.load
+    and the training tokenizer)."""
+    import math
+
+    text = "The list of the river and the town was long."
+    tasks = tmp_path / "own-tasks"
+    tasks.mkdir()
+    (tasks / "own_text.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (tasks / "own_text.yaml").write_text(
+        "task: own_text\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'own_text.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\n'
+        'doc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: bits_per_byte\n"
+    )
+    check_task_dir(tasks)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # the in-process training fixtures' (lm_eval would join their group)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = [str(inference_export), "--task-dir", str(tasks), "--tasks", "own_text", "--device", "cpu"]
+    assert memlayers_eval([*argv, "--output", str(out)]) == 0
+    got = json.loads(sorted(out.rglob("results*.json"))[-1].read_text())["results"]["own_text"]["bits_per_byte,none"]
+
+    tokenizer = Tokenizer(inference_export / "tokenizer.model")
+    ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)]])
+    model = load(inference_export).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids[:, :-1]).double(), dim=-1)
+    total = logprobs.gather(-1, ids[:, 1:, None]).sum().item()
+    assert got == pytest.approx(-total / math.log(2) / len(text.encode()), rel=1e-4)

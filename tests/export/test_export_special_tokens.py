@@ -104,7 +104,7 @@ def test_a_prompt_starting_with_the_separator_is_fed_as_the_hf_model_is_fed(
     tokenizer_dir, hf_tokenizer, monkeypatch, capsys
 ):
     """memlayers-generate put its start token before every prompt, so "</s>question" (the fact tasks'
-    prompt, README's way to start a new document) ran as [EOS, EOS, question]: an empty document
+    prompt, docs/export-and-eval.md's way to start a new document) ran as [EOS, EOS, question]: an empty document
     training never holds, and not what transformers' generate() or lm-eval feed for the same text
     (9 of 100 greedy fact answers differed on a 200-step fact-world export)."""
     import pretrain.export

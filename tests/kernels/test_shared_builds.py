@@ -94,6 +94,22 @@ def test_a_library_changed_after_its_build_is_not_loaded_unchecked(tmp_path):
     assert load_finished(inputs.name, build, False) is None
 
 
+def test_a_build_says_so_before_it_starts_and_a_finished_one_loads_in_silence(tmp_path):
+    """The compiler prints nothing while it works: a first start of the trainer sat silent for 2 min
+    (DeepSpeed's op, then memlayers' CPU ops, on 2 loaded cores) after DeepSpeed's accelerator line.
+    A build now says what it builds and where before it starts; a later load says nothing."""
+    from kernels.shared_builds import BuildInputs, load_shared_op
+
+    source, _ = checkout(tmp_path, "checkout", 5)
+    inputs = BuildInputs("shared_build_test", [source])
+    said = []
+    load_shared_op(inputs, root=tmp_path / "ext", say=said.append)
+    assert len(said) == 1 and said[0].startswith(f"building {inputs.name} in {tmp_path / 'ext' / inputs.name},")
+    said.clear()
+    load_shared_op(inputs, root=tmp_path / "ext", say=said.append)
+    assert said == [] and links(tmp_path / "ext" / inputs.name) == 1
+
+
 def test_deepspeed_loads_its_shm_op_from_the_shared_build(monkeypatch):
     """DeepSpeed's build_shm_op (run by init_distributed) gets the op from load_shared_op, under a
     name of its sources' digest, staged relative to their folder; DeepSpeed never builds it itself."""
@@ -227,9 +243,50 @@ def test_a_build_a_signal_stopped_is_built_again_in_the_same_process(tmp_path, m
     inputs = BuildInputs("shared_build_test", [source])
     library = load_shared_op(inputs, root=tmp_path / "ext", say=said.append)
     assert len(runs) == 2 and said == [
-        f"the build of {inputs.name} was stopped by a signal; building it again (ninja keeps what it compiled)"
+        f"building {inputs.name} in {tmp_path / 'ext' / inputs.name}, once for every checkout of these sources",
+        f"the build of {inputs.name} was stopped by a signal; building it again (ninja keeps what it compiled)",
     ]
     import ctypes
 
     assert ctypes.CDLL(library).memlayers_shared_build_test() == 77
     assert (tmp_path / "ext" / inputs.name / f"{inputs.name}.so.built").is_file()  # the next start loads it
+
+
+@pytest.mark.parametrize(
+    "prefix, what",
+    [
+        ("memlayers_cpu", "memlayers' compiled CPU ops (kernels/csrc; usually 15-35 s)"),
+        ("deepspeed_shm_comm", "DeepSpeed's shared-memory comm op (usually 35-85 s)"),
+    ],
+)
+def test_a_build_and_a_wait_for_one_are_each_said_in_one_line_on_stderr(tmp_path, capfd, prefix, what):
+    """Waiting for another process's build of DeepSpeed's shm op was printed on stdout, of the CPU ops as a
+    UserWarning on stderr (two lines, the second the warnings call's source), each naming only the build
+    folder; a build itself said nothing. Now both ops, by default, say on stderr in one line what is built
+    and how long that usually takes. A trivial op under each op's name; the other process's build is a
+    flock held on the build's turn file here."""
+    import fcntl
+    import threading
+    import time
+
+    from kernels.shared_builds import TURN_FILE, BuildInputs, load_shared_op
+
+    source, _ = checkout(tmp_path, "checkout", 5)
+    inputs = BuildInputs(prefix, [source])
+    build = tmp_path / "ext" / inputs.name
+    build.mkdir(parents=True)
+    turn = os.open(build / TURN_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(turn, fcntl.LOCK_EX)  # another process's build in progress
+    loading = threading.Thread(target=load_shared_op, args=(inputs, tmp_path / "ext"))
+    loading.start()
+    waited = f"memlayers: waiting for another process's build of {what} in {build}\n"
+    deadline = time.monotonic() + 60
+    err = ""
+    while waited not in err and time.monotonic() < deadline:
+        time.sleep(0.05)
+        err += capfd.readouterr().err
+    os.close(turn)  # that build ends (without a library: this process builds it)
+    loading.join(timeout=300)
+    out, rest = capfd.readouterr()
+    assert out == ""
+    assert err + rest == waited + f"memlayers: building {what} in {build}, once for every checkout of these sources\n"

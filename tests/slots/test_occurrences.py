@@ -62,7 +62,7 @@ def reread_batches(seed: int, num_batches: int, num_streams: int, per_row: bool,
 
 def feed(stats: SlotStatistics, batches, per_row: bool) -> None:
     for idx, doc_ids, streams in batches:
-        stats.update(idx, doc_ids, streams=torch.tensor(streams) if per_row else None)
+        stats.update(idx, doc_ids, streams=torch.tensor(streams, dtype=torch.int64) if per_row else None)
 
 
 def assert_matches(stats: SlotStatistics, batches) -> None:
@@ -235,3 +235,41 @@ def test_a_skipped_step_is_taken_back(num_streams, per_row, seed):
 def test_discard_step_needs_begin_step():
     with pytest.raises(RuntimeError, match="begin_step"):
         SlotStatistics(N, NAMES, "document").discard_step()
+
+
+def empty_batches(streams: int):
+    """Micro-batches without a token to count: no rows, rows of length 0, every token padding."""
+    no_picks = lambda T: [torch.zeros(T, H, K, dtype=torch.int64) for _ in range(LAYERS)]  # noqa: E731
+    rows = list(range(min(B, streams)))
+    return [
+        (no_picks(0), torch.zeros(0, S, dtype=torch.int64), []),
+        (no_picks(0), torch.zeros(len(rows), 0, dtype=torch.int64), rows),
+        (no_picks(len(rows) * S), torch.full((len(rows), S), -1), rows),
+    ]
+
+
+@pytest.mark.parametrize("granularity", ["document", "sequence"])
+def test_empty_micro_batches_change_nothing(granularity):
+    """A document read on both sides of an empty micro-batch (no rows, or rows of no tokens) is one
+    read; a micro-batch of padding only ends it, as padding within a row does."""
+    stats = SlotStatistics(4, ["a"], granularity, sample_batches=2)
+    picks = [torch.tensor([[[1]], [[2]]])]
+    stats.update(picks, torch.tensor([[5, 5]]))
+    for _, doc_ids, _ in empty_batches(1)[:2]:
+        stats.update([torch.zeros(0, 1, 1, dtype=torch.int64)], doc_ids)
+    stats.update(picks, torch.tensor([[5, 5]]))
+    assert (stats.num_documents, stats.num_tokens) == ((1 if granularity == "document" else 2), 4)
+    assert stats.counts["a"].tolist() == [0, 2, 2, 0]
+    assert stats.doc_freq["a"].tolist() == ([0, 1, 1, 0] if granularity == "document" else [0, 2, 2, 0])
+    assert stats.micro_batches == 4
+
+
+@pytest.mark.parametrize("num_streams", [1, 4])
+def test_rereads_with_empty_micro_batches_match_brute_force(num_streams):
+    batches = reread_batches(3, 24, num_streams, per_row=True)
+    for at in (20, 11, 0):
+        batches[at:at] = empty_batches(num_streams)
+    stats = SlotStatistics(N, NAMES, "document", streams=num_streams, sample_batches=3)
+    feed(stats, batches, per_row=True)
+    assert_matches(stats, batches)
+    assert stats.num_documents > 6

@@ -342,9 +342,77 @@ def test_finetune_tool_measures_the_validation_loss_of_an_export_without_probes(
         out = tmp_path / f"out_{name}"
         assert main(["--export", str(source), *args, "--out", str(out), "--dataset-dir", str(dataset)]) == 0
         records[name] = json.loads((out / "config.json").read_text())["memlayers"]["finetune"]
-    assert "before val_loss" in capsys.readouterr().out
+    before = [line for line in capsys.readouterr().out.splitlines() if line.startswith("before ")]
+    assert before[0].startswith("before data_loss ") and " val_loss " in before[0]  # the bare export's
     bare_run, probed = records["bare"], records["with_probes"]
-    assert set(bare_run["before"]) == {"val_loss"} and "new_fact_recall" in probed["before"]
+    assert set(bare_run["before"]) == {"data_loss", "val_loss"} and "new_fact_recall" in probed["before"]
     assert bare_run["before"]["val_loss"] == probed["before"]["val_loss"]
     assert bare_run["history"][-1]["val_loss"] == pytest.approx(probed["history"][-1]["val_loss"], rel=1e-6)
     assert "new_fact_recall" not in bare_run["history"][-1]
+
+
+def test_finetune_tool_says_how_documents_became_rows_and_steps(smf_export, tmp_path, capsys):
+    """`--batch-size` counts rows, and a document longer than the context is several rows: the walk's 6
+    held-out man pages became 72 rows, so `--batch-size 6` ("documents per step", said the help) took 12
+    steps an epoch, and the tool's first line, '72 rows, 8768 tokens', did not say why. It now names the
+    documents, the rows they became and the steps of an epoch; the counts are checked against the
+    windows FinetuneSet cuts (a long document, cut, and a short one, whole)."""
+    from tools.smf_finetune import main
+
+    export, _ = smf_export
+    tok = Tokenizer(export / "tokenizer.model")
+    long_text = " ".join(["Ada was born in Aldmere."] * 60)
+    data = tmp_path / "ft.jsonl"
+    data.write_text(json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "Hi."}) + "\n")
+    max_seq_len = json.loads((export / "config.json").read_text())["model"]["max_seq_len"]
+    long_ids = 1 + len(tok.encode(long_text))  # "<eos> tokens", windows overlapping by one
+    rows = -(-(long_ids - 1) // max_seq_len) + 1
+    tokens = long_ids - 1 + len(tok.encode("Hi."))
+    assert rows >= 3  # the long document is cut
+    args = ["--export", str(export), "--data", str(data), "--out", str(tmp_path / "out"), "--method", "full"]
+    assert main([*args, "--epochs", "1", "--batch-size", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"2 documents in {rows} rows of up to {max_seq_len} tokens (a longer document is cut into windows), "
+        f"{tokens} tokens; {-(-rows // 2)} steps of up to 2 rows an epoch; method full, lr 0.0001"
+    )
+
+
+def test_finetuning_an_export_without_probes_reports_the_loss_on_its_own_text(smf_export, tmp_path, capsys):
+    """An export of a run on one's own text has no probes, so nothing measured what finetuning learns: the
+    tool printed only the epochs' training means ('epoch 1 ... loss 5.873'), and no loss of the model before
+    finetuning or after, to compare. It reports `data_loss`, the --data text's loss (every row once),
+    before and after each evaluated epoch, with or without --dataset-dir. The reference scores the rows
+    itself, in float64, with the export before and the finetuned export after."""
+    import shutil
+
+    import torch.nn.functional as F
+
+    from tools.smf_finetune import main
+
+    export, dataset = smf_export
+    bare = tmp_path / "export"
+    shutil.copytree(export, bare)
+    (bare / "probes.jsonl").unlink()
+    text = dataset / "new_facts.jsonl"
+
+    def loss_of(folder) -> float:
+        model = load(folder).eval()
+        rows = FinetuneSet([text], Tokenizer(folder / "tokenizer.model"), model.cfg.max_seq_len).rows
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for row in rows:
+                logits = model(torch.tensor([row[:-1]])).double()[0]
+                total += F.cross_entropy(logits, torch.tensor(row[1:]), reduction="sum").item()
+                count += len(row) - 1
+        return total / count
+
+    out = tmp_path / "out"
+    assert (
+        main(["--export", str(bare), "--data", str(text), "--out", str(out), "--method", "full", "--epochs", "2"]) == 0
+    )
+    record = json.loads((out / "config.json").read_text())["memlayers"]["finetune"]
+    assert set(record["before"]) == {"data_loss"} and [set(r) >= {"data_loss"} for r in record["history"]] == [True] * 2
+    assert record["before"]["data_loss"] == pytest.approx(loss_of(bare), rel=1e-5)
+    assert record["history"][-1]["data_loss"] == pytest.approx(loss_of(out), rel=1e-5)
+    assert record["history"][-1]["data_loss"] < record["before"]["data_loss"]  # full finetuning learns its text
+    assert f"before data_loss {record['before']['data_loss']:.4g}" in capsys.readouterr().out

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def check_run_info(payload: dict, device: str = "cpu") -> None:
@@ -86,6 +89,60 @@ def test_bench_data_json_holds_the_raw_measurements(tmp_path, capsys):
     assert f"{raw['corpus_tokens']} tokens" in printed
     assert raw["folder_prepare"]["files"] == 12 and raw["folder_prepare"]["tokens"] > 12
     assert "prepare_data on a folder of 12 one-document files" in printed
+
+
+def test_bench_data_times_the_loader_on_a_users_prepared_datasets(tmp_path, capsys):
+    """bench_data read only the embedded corpus it builds: a user could not time the loader on their own
+    data (timed by hand through `loader_round`). --data takes prepared folders (the first is the single
+    dataset, all of them the mixture), --config-data those of a config; the rounds read their seq_len
+    (24 here, where --seq-len's default is 128). The reference: each folder's manifest."""
+    import yaml
+
+    from pretrain.data.prepare import prepare_corpus
+    from tools.bench_data import main
+
+    corpus = tmp_path / "corpus.txt"
+    words = ["memory", "layer", "slot", "token", "shard", "loader", "rank", "step"]
+    corpus.write_text("\n\n".join(" ".join(words[(d * 7 + i) % 8] for i in range(60)) for d in range(200)))
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    prepare_corpus([corpus], mine, 24, vocab_size=300, fmt="blocks", val_fraction=0.1, show_progress=False)
+    prepare_corpus(
+        [corpus],
+        other,
+        24,
+        tokenizer_path=mine / "tokenizer.model",
+        fmt="blocks",
+        val_fraction=0.1,
+        show_progress=False,
+    )
+    sequences = [json.loads((d / "manifest.json").read_text())["splits"]["train"]["sequences"] for d in (mine, other)]
+    argv = ["--entities", "30", "--seconds", "0.1", "--train-steps", "1", "--micro-batch", "2", "--files", "2"]
+
+    out = tmp_path / "data.json"
+    main([*argv, "--data", str(mine), str(other), "--json", str(out)])
+    printed = capsys.readouterr().out
+    raw = json.loads(out.read_text())["raw"]
+    assert raw["loader_datasets"] == [str(mine), str(other)] and raw["train_tokens_per_step"] == 2 * 24
+    assert (
+        f"loader datasets (seq_len 24): {mine} ({sequences[0]:,} training sequences, weight 1), "
+        f"{other} ({sequences[1]:,} training sequences, weight 1)"
+    ) in printed
+    assert "mixture (2 sources, 1:1)" in printed and "batch 2x24" in printed
+    rounds = [raw["loader_plain"], raw["loader_shuffled"], raw["loader_row_split_4_readers"], *raw["mixture_rounds"]]
+    assert len(raw["mixture_rounds"]) == 4 and all(r["tokens"] > 0 and r["tokens"] % (2 * 24) == 0 for r in rounds)
+
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["data"] = {"dir": str(mine)}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
+    main([*argv, "--config", str(tmp_path / "mine.yaml"), "--config-data", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["raw"]["loader_datasets"] == [str(mine)]
+    assert f"loader datasets (seq_len 24): {mine} ({sequences[0]:,} training sequences" in printed
+    assert "single dataset vs mixture: not measured (one dataset given)" in printed
+
+    with pytest.raises(SystemExit) as exit_:  # the embedded corpus's config: no dataset to time
+        main([*argv, "--config-data"])
+    assert exit_.value.code == 2 and "names no prepared dataset" in capsys.readouterr().err
 
 
 def test_bench_parallel_json_holds_every_ranks_step_times(tmp_path, monkeypatch, capsys):

@@ -68,6 +68,15 @@ def test_a_failing_variant_is_reported_and_the_others_measured(tmp_path, capsys)
         assert "error" not in r and r["steps_measured"] == 2
         assert r["tokens_per_s"] == pytest.approx(4 * 128 / r["median_step_s"])
         assert r["peak_memory_bytes"] > 0 and r["memory_kind"] == "peak_rss" and r["mfu"] is None
+    # the prediction beside the measurement: memlayers-model-info's estimate of the same run
+    from pretrain.config import load_config
+    from pretrain.model.memory_budget import estimate_memory
+
+    for ac in ("none", "full"):
+        cfg = load_config(
+            "configs/tiny.yaml", ["train.global_batch=4", "train.micro_batch=4", f"train.activation_checkpointing={ac}"]
+        )
+        assert rows[f"memory/eager/ac={ac}"]["estimated_memory_bytes"] == estimate_memory(cfg, world_size=1).total
     ratios = {q["ratio"]: q["value"] for q in payload["ratios"]}
     full, none = rows["memory/eager/ac=full"], rows["memory/eager/ac=none"]
     assert (
@@ -239,8 +248,55 @@ def test_a_stop_just_after_the_worker_was_reaped_signals_no_process(tmp_path, mo
 
     signalled = []
     monkeypatch.setattr(process_tree.os, "kill", lambda pid, sig: signalled.append(pid))
+    monkeypatch.setattr(process_tree.signal, "pidfd_send_signal", lambda fd, sig: signalled.append(fd), raising=False)
     worker = StoppedAsItExits([sys.executable, "-c", "pass"])
     with pytest.raises(SystemExit):
         wait_for_worker(worker, tmp_path / "absent.json", grace_s=0.5)
     assert worker.pid not in signalled and os.getpid() not in signalled
     assert signalled == []
+
+
+def test_a_helpers_id_given_to_another_process_before_the_kill_is_not_signalled(monkeypatch):
+    """kill_child_tree listed the worker's descendants by id, then SIGKILLed those ids: a helper that
+    exited and was collected in between left its id to the next process started, which got the SIGKILL.
+    Here the listing names a stranger (a process of the test's own, not the worker's) among the
+    worker's children, as a listing made just before the helper's id was given again would: the
+    stranger lives on; the worker and its real helper are killed. Needs pidfds (Linux >= 5.3)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    import pretrain.process_tree as process_tree
+
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        pytest.skip("no pidfds here: processes are signalled by id")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    worker = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, time; subprocess.Popen({sleeper!r}); time.sleep(600)"]
+    )
+    stranger = subprocess.Popen(sleeper)
+    try:
+        deadline = time.monotonic() + 60
+        while not process_tree.children_of(worker.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        helpers = [psutil.Process(pid) for pid in process_tree.children_of(worker.pid)]
+        assert helpers, "the stand-in worker did not start its helper"
+        listed = process_tree.children_of
+        monkeypatch.setattr(
+            process_tree, "children_of", lambda pid: listed(pid) + ([stranger.pid] if pid == worker.pid else [])
+        )
+        process_tree.kill_child_tree(worker)
+        assert worker.wait(timeout=10) == -9
+        gone, alive = psutil.wait_procs(helpers, timeout=10)
+        assert not alive, "the worker's helper outlived it"
+        time.sleep(0.2)
+        assert stranger.poll() is None, "the stranger holding a listed id was killed"
+    finally:
+        for process in (worker, stranger):
+            process.kill()
+            process.wait()

@@ -96,6 +96,20 @@ def two_calls(tmp_path):
             "bench_skew.json": json.dumps(skew),
             "bench_train_373m.json": json.dumps(train),
             "bench_train_373m.md": "| variant | ms/step |\n|---|---:|\n| memory/compiled/ac=none | 200.0 |",
+            "bench_train_1p3b.json": json.dumps(
+                {
+                    "rows": [
+                        {
+                            **train_row("memory/compiled/ac=full", "memory", 0.5, 30.0, 0.3),
+                            "estimated_memory_bytes": 40 * 2**30,
+                        },
+                        train_row(
+                            "memory/compiled/ac=none", "memory", 0.4, 45.0, 0.3
+                        ),  # a JSON from before the estimate
+                    ],
+                    "complete": True,
+                }
+            ),
         },
     )
     stages = ["bench: exit 0 after 70 s (limit 100 s) (10:01:10)", "layer: skipped: 20 s left of TOTAL_S (10:09:00)"]
@@ -128,6 +142,7 @@ def test_two_calls_make_one_record_with_the_floors_checked(two_calls, tmp_path, 
         "bench_layer.json",
         "bench_train_373m.json",
         "bench_train_373m.md",
+        "bench_train_1p3b.json",
     }
     log = (dest / "bench.log").read_text()
     assert log.index("==> call 1 of 2 <==") < log.index("first call") < log.index("==> call 2 of 2 <==")
@@ -149,6 +164,10 @@ def test_two_calls_make_one_record_with_the_floors_checked(two_calls, tmp_path, 
     assert "41.0% (dense-equivalent; counted: 30.0%)" in mfu and mfu.endswith("| yes |")
     assert "1.176" in lines["373M memory/dense step time (compiled, ac=none)"]
     assert "| memory/compiled/ac=none | 200.0 |" in readme  # bench_train's own table
+    # issue 16's 1.3B peak memory, beside memlayers-model-info's estimate where the row carries one
+    full, none = lines["1.3B memory/compiled/ac=full: peak memory"], lines["1.3B memory/compiled/ac=none: peak memory"]
+    assert "30.00 GiB (estimate 40.00 GiB, measured / estimate 0.75), 500.0 ms/step" in full
+    assert "45.00 GiB, 400.0 ms/step" in none and "estimate" not in none
     # the stages of both calls, the stage cut short, what was not run
     assert "| 1 | layer | skipped: 20 s left of TOTAL_S |" in readme
     assert "| 2 | layer | exit 0 after 90 s (limit 150 s) |" in readme

@@ -95,3 +95,26 @@ def test_a_refused_config_and_help_come_before_torch_is_imported(repo_root):
     done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines()[-3:] == ["exit 0", "exit 2", "[]"], done.stdout + done.stderr
     assert "did you mean 'model.memory.n_keys'" in done.stderr, done.stderr
+
+
+def test_memory_estimate_takes_the_options_and_overrides(repo_root, capsys):
+    from pretrain.model.memory_budget import GiB, estimate_memory
+
+    path = repo_root / "configs/smf_1p3b.yaml"
+    argv = ["--config", str(path), "train.activation_checkpointing=full", "--world-size", "8", "--micro-batch", "2"]
+    info = run_json(capsys, argv + ["--gpu-memory", "40"])
+    m = info["memory_per_gpu"]
+    cfg = load_config(path, ["train.activation_checkpointing=full"])
+    estimate = estimate_memory(cfg, 8, 2)
+    assert m["total"] == estimate.total and m["dense"] == estimate.dense and m["activations"] == estimate.activations
+    assert (m["world_size"], m["micro_batch"], m["zero_stage"], m["activation_checkpointing"]) == (8, 2, 2, "full")
+    assert m["fits"] == (estimate.total <= 40 * GiB)
+    best = m["largest_micro_batch"]
+    assert estimate_memory(cfg, 8, best).total <= 40 * GiB < estimate_memory(cfg, 8, best + 1).total
+
+
+def test_a_run_too_large_for_the_gpu_is_said_not_to_fit(repo_root, capsys):
+    assert model_info.main(["--config", str(repo_root / "configs/memory_373m.yaml"), "--gpu-memory", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit in 8 GiB" in out and "not even micro-batch 1 fits" in out
+    assert "not counted: the CUDA context" in out

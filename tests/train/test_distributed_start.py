@@ -188,6 +188,36 @@ def test_under_torchrun_rank_0_meets_the_others_at_the_agents_store():
         agent.kill()
 
 
+def test_a_group_torchrun_restarts_meets_afresh_at_the_agents_store():
+    """`torchrun --max-restarts=N` restarts every rank after one failed, and its agent's store outlives them:
+    the restarted ranks met the keys of the attempt before (each rank's arrival, read at once; gloo's
+    addresses of the dead processes: `Connection refused` on every rank, the run failed every restart).
+    Each attempt (TORCHELASTIC_RESTART_COUNT) now meets under keys of its own. A plain process stands in for
+    the agent, as above."""
+    port = free_port()
+    agent = launch(0, 1, port, "store = dist.TCPStore('127.0.0.1', int(__import__('os').environ['MASTER_PORT']), is_master=True)\n"
+                   "print('serving', file=sys.stderr, flush=True)\ntime.sleep(120)\n")  # fmt: skip
+
+    def attempt(count: int, ranks=(0, 1), timeout_s: float = 60):
+        env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": str(count)}
+        return outcome([launch(r, 2, port, _rendezvous_only(timeout_s), **env) for r in ranks])
+
+    try:
+        assert agent.stderr.readline() == "serving\n"
+        for rc, err in attempt(0):
+            assert rc == 0 and "sum 2" in err, err[-2000:]
+        # rank 0 of the restart late: rank 1 waits for it, where the first attempt's key said it had come
+        ((rc, err),) = attempt(1, ranks=(1,), timeout_s=2)
+        assert rc == 3, err[-2000:]
+        assert _refusal(err).startswith("refused: rank 1 waited 2 s at the rendezvous for rank 0 of 2, which never"), (
+            err
+        )
+        for rc, err in attempt(1):
+            assert rc == 0 and "sum 2" in err, err[-2000:]
+    finally:
+        agent.kill()
+
+
 def test_ranks_that_start_apart_within_the_timeout_still_meet():
     """Nodes of a multi-node job start up to a minute or more apart: a late rank joins."""
     port = free_port()

@@ -47,7 +47,7 @@ def test_stop_after_at_or_before_the_resumed_step_trains_nothing(tmp_path, data_
 
 def test_a_run_stopped_by_stop_after_is_not_called_finished(tmp_path, data_cache, monkeypatch, capsys):
     """The command line printed 'finished at step 4' for a run stopped by train.stop_after=4 of
-    train.max_steps=200 (the README's mixture recipe cut short so): it now names both steps and
+    train.max_steps=200 (docs/own-corpus.md's mixture recipe cut short so): it now names both steps and
     how to go on."""
     run = tmp_path / "run"
     args = [*TINY, f"train.run_dir={run}", f"data.cache_dir={data_cache}", "train.max_steps=4"]

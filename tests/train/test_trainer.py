@@ -403,7 +403,7 @@ def test_a_model_without_memory_layers_logs_no_value_scalars(tmp_path, data_cach
 
 
 def test_tensorboard_shows_the_resumed_run_after_a_rollback(tmp_path, data_cache):
-    """A run rolled back to its step-2 checkpoint (README: write an earlier tag into `latest`; a crash
+    """A run rolled back to its step-2 checkpoint (docs/training.md: write an earlier tag into `latest`; a crash
     after the last checkpoint is the same) logs steps 3-4 again. TensorBoard must show each step
     once, the resumed run's from step 3 on. Before, it showed both runs' steps 3-4: the loss curve
     ran to step 4 and jumped back to 3 with other values."""
