@@ -33,6 +33,7 @@ the bag's indices come from the tape anyway.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -44,8 +45,9 @@ from pretrain.model.recompute import LookupTape
 MODES = ("none", "full", "memory", "selective")
 
 
-def checkpointed_layers(blocks: nn.ModuleList, mode: str, layers: list[int] | None = None) -> list[int]:
-    """Indices of the transformer blocks (`Transformer.layers`) that `mode` checkpoints."""
+def checkpointed_layers(blocks: Sequence, mode: str, layers: list[int] | None = None) -> list[int]:
+    """Indices of the blocks that `mode` checkpoints: `Transformer.layers`, or stand-ins with each
+    block's `is_memory` (pretrain/model/memory_budget.py)."""
     if mode not in MODES:
         raise ConfigError(f"train.activation_checkpointing={mode!r} must be one of {', '.join(MODES)}")
     n = len(blocks)
