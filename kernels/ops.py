@@ -42,7 +42,7 @@ from kernels.reference import BagLayout, bag_layout, fp32_rows_read, score_chunk
 DENSE_KEY_GRAD_MAX_KEYS_PER_K = 16
 
 
-def dense_half_key_grads(n_keys: int, k: int, device: torch.device) -> bool:
+def use_dense_half_key_grads(n_keys: int, k: int, device: torch.device) -> bool:
     """Whether `_pkm_topk_backward_gathered` takes the dense formulation for this shape and device."""
     return torch.device(device).type == "cpu" and n_keys <= DENSE_KEY_GRAD_MAX_KEYS_PER_K * k
 
@@ -54,7 +54,7 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     the softmax backward gives d score, and per half d q_half and d keys_half are the
     selected rows' sums weighted by d score. Two formulations of the same sums (they differ
     in fp32 rounding only): `_half_key_grads_dense` on CPU for few keys per selected slot
-    (`dense_half_key_grads`), `_half_key_grads_sparse` otherwise.
+    (`use_dense_half_key_grads`), `_half_key_grads_sparse` otherwise.
     """
     H, n, half = keys1.shape
     T, _, k = indices.shape
@@ -62,7 +62,7 @@ def _pkm_topk_backward_gathered(grad_weights, query, keys1, keys2, weights, indi
     w, g = weights.to(acc), grad_weights.to(acc)
     dscore = w * (g - (g * w).sum(-1, keepdim=True))  # (T, H, k)
     halves = ((query[..., :half], keys1, indices // n), (query[..., half:], keys2, indices % n))
-    grad_fn = _half_key_grads_dense if dense_half_key_grads(n, k, query.device) else _half_key_grads_sparse
+    grad_fn = _half_key_grads_dense if use_dense_half_key_grads(n, k, query.device) else _half_key_grads_sparse
     (dq1, dk1), (dq2, dk2) = (grad_fn(part.to(acc), keys.to(acc), rows, dscore) for part, keys, rows in halves)
     return torch.cat([dq1, dq2], dim=-1).to(query.dtype), dk1.to(keys1.dtype), dk2.to(keys2.dtype)
 

@@ -63,17 +63,8 @@ def build(
     train_loader = loaders(cfg, sources, "train", info.rank, info.world_size, loop=True)
     stats = build_slot_statistics(cfg, info.device, len(sources))
     metrics = MetricsLogger(Path(cfg.train.run_dir) / "tensorboard", enabled=info.is_main)
-    metrics.line(describe_data(cfg, sources, tokenizer))
-    own_data = bool(cfg.data.dir or cfg.data.sources)
-    for line in describe_plan(training_plan(cfg, sources), note_repeats=own_data):
-        metrics.line(line)
     peak, unknown_peak = run_peak_flops(info.device, cfg.train.peak_flops)
-    if unknown_peak:
-        metrics.line(unknown_peak)
-    if init is not None:
-        metrics.line(init.describe())
-    elif cfg.train.init_from:
-        metrics.line(f"train.init_from is not read: the run resumes from its checkpoint {resume_from.name}")
+    log_run_description(metrics, cfg, sources, tokenizer, unknown_peak, init, resume_from)
     state = TrainState(run_id=new_run_id())
     rank_items = {"data": train_loader, "rng": RNGState(info.rank, cfg.train.seed)}
     writers = []
@@ -82,7 +73,7 @@ def build(
         writers.append(SlotTableWriter(stats, cfg.model, tokenizer.sha256, state, info.is_main))
     checkpointer.track(engine, optimizers.values, state, RankState(rank_items, optional=("slots",)), writers)
     lookups = None
-    if cfg.slots.enabled:
+    if stats is not None:
         from pretrain.model.lookups import LookupRecorder
 
         lookups = LookupRecorder(model.memory_layers())
@@ -114,6 +105,29 @@ def build(
         watchdog=watchdog,
         objective=compile_objective(training_objective) if cfg.train.compile else training_objective,
     )
+
+
+def log_run_description(
+    metrics: MetricsLogger,
+    cfg: RunConfig,
+    sources: list,
+    tokenizer,
+    unknown_peak: str | None,
+    init: InitSource | None,
+    resume_from: Path | None,
+) -> None:
+    """The training log's opening lines: the data, the training plan, a device whose peak FLOP/s
+    is unknown (no MFU), and where the weights start (train.init_from, unless resuming)."""
+    metrics.line(describe_data(cfg, sources, tokenizer))
+    own_data = bool(cfg.data.dir or cfg.data.sources)
+    for line in describe_plan(training_plan(cfg, sources), note_repeats=own_data):
+        metrics.line(line)
+    if unknown_peak:
+        metrics.line(unknown_peak)
+    if init is not None:
+        metrics.line(init.describe())
+    elif cfg.train.init_from:
+        metrics.line(f"train.init_from is not read: the run resumes from its checkpoint {resume_from.name}")
 
 
 def build_data(cfg: RunConfig, info: DistInfo) -> tuple[list, Any]:

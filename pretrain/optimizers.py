@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import record_function
@@ -20,6 +21,9 @@ from pretrain import profiler_regions as regions
 from pretrain.config import OptimConfig
 from pretrain.dense_optimizer import set_learning_rate, squared_norm
 from pretrain.lr_schedule import value_lr_multiplier
+
+if TYPE_CHECKING:
+    from pretrain.parallel import MemoryParallel
 
 
 @dataclass
@@ -36,12 +40,12 @@ class GradNorms:
 class Optimizers:
     """Backward, clip, step and zero_grad over the DeepSpeed engine and the value shards."""
 
-    def __init__(self, engine, dense_optimizer, values, cfg: OptimConfig):
+    def __init__(self, engine, dense_optimizer, values: MemoryParallel, cfg: OptimConfig):
         self.engine, self.dense_optimizer, self.values = engine, dense_optimizer, values
         self.cfg = cfg
         # ZeRO 0 in fp32: DeepSpeed steps this optimizer itself and takes no norm, so `clip` takes it.
         # A ZeRO or bf16/fp16 wrapper takes it inside its step (and skips a non-finite one): read there,
-        # not taken twice (at ZeRO 0 in bf16 both took it, two passes over the gradients per step)
+        # not taken again here (that would add a second pass over the gradients to every step)
         self.measures_dense = engine.optimizer is dense_optimizer
         if not self.measures_dense:  # the wrapper's norm of the step
             dense_optimizer.step_norm = lambda: getattr(engine.optimizer, "_global_grad_norm", None)

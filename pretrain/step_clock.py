@@ -17,10 +17,10 @@ import torch
 class StepClock:
     """The steps' seconds (`seconds`, in order, complete after `settle`)."""
 
-    def __init__(self, device: torch.device, seconds: list[float] | None = None):
+    def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.seconds = seconds if seconds is not None else []
+        self.seconds: list[float] = []
         self._pending: list = []  # (start, end) events of steps not read yet
 
     def start(self):

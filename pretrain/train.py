@@ -29,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 from kernels.build_locks import clear_stale_build_locks  # noqa: E402
 from pretrain.build import LoaderFactory, NothingToTrain, build, build_loader  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
-from pretrain.config import ConfigError, RunConfig, load_config, validate  # noqa: E402
+from pretrain.config import ConfigError, RunConfig, TrainConfig, load_config, validate  # noqa: E402
 from pretrain.data.errors import DataError  # noqa: E402
 from pretrain.distributed import (  # noqa: E402
     DistInfo,
@@ -72,8 +72,8 @@ def train(
     try:
         clear_stale_build_locks()  # a killed op build would hang the start below, silently
         info = init_distributed(process_group_timeout(validate(cfg).train), cfg.train.rendezvous_timeout_s)
-        memory = IntervalPeak(info.device)
-        memory.reset("this run started")
+        device_memory = IntervalPeak(info.device)
+        device_memory.reset("this run started")
         lock = RunDirLock(cfg.train.run_dir, info.is_main)
         with explain_lost_peer(cfg.train.run_dir, since_progress(None)):  # rank 0's start time, a collective
             watchdog = hang_watchdog(cfg, info)
@@ -82,7 +82,7 @@ def train(
             watchdog,
             LocalPeerWatch(cfg.train.run_dir, where, grace_s=cfg.train.lost_peer_grace_s),
             explain_lost_peer(cfg.train.run_dir, where),
-            explain_out_of_memory(cfg, info, watchdog, memory),
+            explain_out_of_memory(cfg, info, watchdog, device_memory),
         ):
             try:
                 trainer = build(cfg, info, loaders or build_loader, watchdog, lock)
@@ -90,7 +90,7 @@ def train(
                 if info.is_main:
                     print(done.result.not_trained, flush=True)
                 return done.result
-            trainer.save_checkpoints, trainer.memory = save_checkpoints, memory
+            trainer.save_checkpoints, trainer.device_memory = save_checkpoints, device_memory
             try:
                 trainer.resume()
                 return trainer.fit(stop)
@@ -103,7 +103,7 @@ def train(
             stop.close()
 
 
-def process_group_timeout(t) -> float:
+def process_group_timeout(t: TrainConfig) -> float:
     """Seconds a collective may wait: longer than any allowance of the hang watchdog, so that a
     hang is reported by the watchdog (with stacks) and not by a collective's timeout error, and
     than a universal-checkpoint conversion the other ranks wait for at start-up."""
@@ -202,22 +202,7 @@ def main(argv=None, stop: StopSignal | None = None, cfg: RunConfig | None = None
     else:
         rank = 0
     if rank == 0 and not result.not_trained:  # else train() has said why it trained nothing
-        if result.stopped_by_signal:
-            if result.requeued:
-                after = "requeued"
-            elif os.environ.get("SLURM_JOB_ID"):  # rank 0 has said why (SIGTERM, no scontrol, a refused requeue)
-                after = "not requeued"
-            else:
-                after = "not a Slurm job, so not requeued: run the same command again to resume from it"
-            print(f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; {after}")
-        elif result.step < cfg.train.max_steps:  # train.stop_after: the run is not finished
-            print(
-                f"stopped at step {result.step} of {cfg.train.max_steps} (train.stop_after); checkpoint "
-                f"{result.checkpoint}; to go on, run again with train.stop_after above {result.step} "
-                f"(or 0 to run to train.max_steps={cfg.train.max_steps})"
-            )
-        else:
-            print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+        print(ending_line(result, cfg.train.max_steps))
     return 0
 
 
@@ -228,6 +213,25 @@ def say_a_restart_repeats_it() -> None:
     note = repeats_on_restart()
     if note:
         print(note, file=sys.stderr)
+
+
+def ending_line(result: TrainResult, max_steps: int) -> str:
+    """Rank 0's last line: where the run stopped, its checkpoint, and how it goes on."""
+    if result.stopped_by_signal:
+        if result.requeued:
+            after = "requeued"
+        elif os.environ.get("SLURM_JOB_ID"):  # rank 0 has said why (SIGTERM, no scontrol, a refused requeue)
+            after = "not requeued"
+        else:
+            after = "not a Slurm job, so not requeued: run the same command again to resume from it"
+        return f"stopped at step {result.step} by signal; checkpoint {result.checkpoint}; {after}"
+    if result.step < max_steps:  # train.stop_after: the run is not finished
+        return (
+            f"stopped at step {result.step} of {max_steps} (train.stop_after); checkpoint "
+            f"{result.checkpoint}; to go on, run again with train.stop_after above {result.step} "
+            f"(or 0 to run to train.max_steps={max_steps})"
+        )
+    return f"finished at step {result.step}; checkpoint {result.checkpoint}"
 
 
 def cli(stop: StopSignal | None = None, cfg: RunConfig | None = None) -> None:

@@ -1,9 +1,9 @@
 """The training loop: `Trainer.fit` over the parts pretrain/build.py made for a run.
 
 `fit`: `train_step` (micro-batches: forward, backward, count slot accesses; then clip and one
-`Optimizers.step`, skipped on a non-finite loss, and the step's slot accesses with it), `count`
-(the `TrainState`), the periodic work each due by its own `Every` cadence (log, slot statistics,
-evaluate, checkpoint), and the stop check. `resume` restores the checkpointed items before it;
+`Optimizers.step`, skipped on a non-finite loss, and the step's slot accesses with it),
+`record_step` (the `TrainState`), the periodic work each due by its own `Every` cadence (log,
+slot statistics, evaluate, checkpoint), and the stop check. `resume` restores the checkpointed items before it;
 `result` is what `train` (pretrain/train.py) returns. No callback framework. The log's lines are
 pretrain/progress_log.py's; the evaluation, pretrain/evaluate.py's.
 """
@@ -72,14 +72,14 @@ class TrainResult:
 class StepOutput:
     """What one optimizer step reports: the loss (its mean over the step's scored targets, all
     ranks), whether the update was applied (else it was skipped: a non-finite loss or gradient
-    norm), the gradient norms, the schedule's multiplier, its start and duration."""
+    norm), the gradient norms, the schedule's multiplier and the step's start (its duration is
+    the `StepClock`'s)."""
 
     loss: float
     applied: bool
     norms: GradNorms
     multiplier: float  # of the learning-rate schedule
-    start: float
-    seconds: float
+    start: float  # time.perf_counter() at the step's start
     z_loss: float | None = None  # the log(Z)^2 term (the same mean), when optim.z_loss > 0
 
 
@@ -94,8 +94,8 @@ class Trainer:
     optimizers: Optimizers
     train_loader: Any
     stats: Any  # SlotStatistics, or None when slot statistics are off
-    lookups: Any  # LookupRecorder handing each micro-batch's slot indices to `stats`
-    shared_table_stream: bool
+    lookups: Any  # LookupRecorder handing each micro-batch's slot indices to `stats` (None with it)
+    shared_table_stream: bool  # `stats` also counts a shared value table, all its layers joined
     checkpointer: Checkpointer
     resume_from: Path | None
     metrics: MetricsLogger
@@ -106,19 +106,18 @@ class Trainer:
     watchdog: HangWatchdog  # told of every step, evaluation and checkpoint
     objective: Callable[..., Objective]  # the model's loss: training_objective, compiled under train.compile
     losses: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
     checkpoint: Path | None = None
     stopped_by_signal: bool = False
     requeued: bool = False
     save_checkpoints: bool = True  # False: save_checkpoint does nothing (train(save_checkpoints=...))
-    memory: IntervalPeak | None = None  # the peak memory per log interval and of the run (train() passes its own)
+    device_memory: IntervalPeak | None = None  # peak device memory per log interval and of the run (train()'s)
     stop: Any = None  # fit's StopSignal: the evaluation asks it between batches, the loop after each step
 
     def __post_init__(self):
-        if self.memory is None:
-            self.memory = IntervalPeak(self.info.device)
-        self.clock = StepClock(self.info.device, self.step_times)  # fills step_times
+        if self.device_memory is None:
+            self.device_memory = IntervalPeak(self.info.device)
+        self.clock = StepClock(self.info.device)  # each step's seconds: TrainResult.step_times
         t = self.cfg.train
         self.micro_batches = t.global_batch // (t.micro_batch * self.info.world_size)
         self.tokens_per_step = t.global_batch * self.cfg.data.seq_len
@@ -138,14 +137,16 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self, stop) -> TrainResult:
+        """Train from the state's step to train.max_steps, or until `stop` (a StopSignal) is
+        signalled or train.stop_after is reached; what the run did."""
         self.stop = stop
         leave_dead_workers_to_the_loader()
         batches = iter(self.train_loader)
-        self.memory.reset(f"training began at step {self.state.step}")  # the run's peak keeps start-up's
+        self.device_memory.reset(f"training began at step {self.state.step}")  # the run's peak keeps start-up's
         self.interval_start = time.perf_counter()  # after building and resuming
         while self.state.step < self.cfg.train.max_steps:
             self.last_step = self.train_step(batches)
-            self.count(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
+            self.record_step(self.last_step)  # a non-finite loss: skipped, or TrainingDiverged
             if self.first_step_time is None:
                 self.leave_out_first_step()
             self.watchdog.progress(f"step {self.state.step}")
@@ -168,19 +169,19 @@ class Trainer:
         # accumulated gradient, and the logged loss, those of the mean over all N targets.
         scored = [int((batch.targets != IGNORE_INDEX).sum()) for batch in step_batches]
         # a rank whose data failed adds a large negative count: every rank learns of it in the
-        # all-reduce the step makes anyway, and all raise its DataError (it alone used to)
+        # all-reduce the step makes anyway, and all raise its DataError (raised on that rank alone,
+        # the others would wait for it in this all-reduce until the hang watchdog fired)
         total = global_sum(sum(scored) if unreadable is None else -(2**62))
         if total < 0:
             share_refusal(unreadable, (DataError,))
         scale = self.micro_batches * self.info.world_size
-        losses, z_terms = zip(
-            *(
-                self.forward_backward(
-                    batch, last_micro_batch=i == self.micro_batches - 1, scale=n * scale / total if total else 0.0
-                )
-                for i, (batch, n) in enumerate(zip(step_batches, scored))
+        losses, z_terms = [], []
+        for i, (batch, n) in enumerate(zip(step_batches, scored)):
+            micro_loss, micro_z = self.forward_backward(
+                batch, last_micro_batch=i == self.micro_batches - 1, scale=n * scale / total if total else 0.0
             )
-        )
+            losses.append(micro_loss)
+            z_terms.append(micro_z)
         loss = rank_share(losses, scored, total, self.info.device)
         z = rank_share(z_terms, scored, total, self.info.device) if self.cfg.optim.z_loss else None
         loss, finite, z_mean = global_step_loss(loss.float(), z)
@@ -189,9 +190,8 @@ class Trainer:
             applied = self.optimizers.step(multiplier, skip=not (finite and norms.finite()))
         if self.stats is not None and not applied:
             self.stats.discard_step()  # the update is skipped: so are the step's slot accesses
-        seconds = time.perf_counter() - start
-        self.clock.stop(started, seconds)
-        return StepOutput(loss, applied, norms, multiplier, start, seconds, z_mean)
+        self.clock.stop(started, time.perf_counter() - start)
+        return StepOutput(loss, applied, norms, multiplier, start, z_mean)
 
     def leave_out_first_step(self) -> None:
         """This run's first step compiles, initialises lazily (DeepSpeed, the kernels) and starts the
@@ -240,9 +240,7 @@ class Trainer:
         self.interval_data_wait += time.perf_counter() - start
         return batch
 
-    def forward_backward(
-        self, batch, last_micro_batch: bool, scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_backward(self, batch, last_micro_batch: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of one micro-batch: its cross-entropy and z-loss term (None when
         optim.z_loss is 0), means over its scored targets, detached; the gradient is of `scale` x
         (CE + optim.z_loss x the z term). `scale` 0 (no scored target, where the means are NaN):
@@ -261,7 +259,7 @@ class Trainer:
             )
         return loss.detach(), z.detach() if z is not None else None
 
-    def count(self, out: StepOutput) -> None:
+    def record_step(self, out: StepOutput) -> None:
         """Advance the train state by the step; a skipped step is logged (its tokens are drawn from
         the data but not trained on: tokens_seen leaves them out, as the slot table does), and past
         the policy's limit a checkpoint is saved and TrainingDiverged raised."""
@@ -312,12 +310,12 @@ class Trainer:
             flops_per_token=self.flops_per_token,
             peak_flops=self.peak_flops,
             world_size=self.info.world_size,
-            memory_bytes=self.memory.read(),
+            memory_bytes=self.device_memory.read(),
             tokens_by_source=tokens_seen_per_source(self.train_loader),
             data_wait=data_wait,
             z_loss=out.z_loss,
         )
-        self.memory.reset(f"the log at step {self.state.step}")
+        self.device_memory.reset(f"the log at step {self.state.step}")
         self.interval_losses = []
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         self.interval_data_wait = self.interval_paused = 0.0
@@ -426,7 +424,7 @@ class Trainer:
             slot_table=str(self.checkpoint / TABLE_FILENAME) if self.checkpoint and self.stats is not None else None,
             stopped_by_signal=self.stopped_by_signal,
             requeued=self.requeued,
-            peak_memory_bytes=max(self.memory.read(), self.memory.run_peak),  # with the last interval's
+            peak_memory_bytes=max(self.device_memory.read(), self.device_memory.run_peak),  # with the last interval's
         )
 
 
@@ -448,7 +446,7 @@ def global_step_loss(loss: torch.Tensor, z: torch.Tensor | None = None) -> tuple
     return value, nonfinite == 0, z_sum if z is not None else None
 
 
-def rank_share(means: tuple, scored: list[int], total: int, device: torch.device) -> torch.Tensor:
+def rank_share(means: list, scored: list[int], total: int, device: torch.device) -> torch.Tensor:
     """This rank's share of a step's mean over its `total` scored targets (all ranks): its
     micro-batches' `means`, each weighted by its `scored` targets / `total`. A micro-batch without
     a scored target (its mean NaN) adds nothing; a step without any gives NaN (skipped)."""

@@ -7,7 +7,7 @@ by call so that a shared machine's load hits both alike, and prints each one's m
 
   scoring_backward  the scoring's backward (memlayers::pkm_topk_backward, torch backend): the
                     dense score-gradient matmuls against the per-row embedding-bag sums
-                    (kernels.ops.dense_half_key_grads picks one by shape)
+                    (kernels.ops.use_dense_half_key_grads picks one by shape)
   row_topk          the compiled half-key top-k (kernels/csrc/row_topk.cpp) on 1 thread and on
                     --threads (default 2, the demo's cores): wall time, the rows split over threads
   rotary            RoPE forward+backward (pretrain.model.transformer.apply_rotary, one complex
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         rows.append({"part": part, "shape": label, **extra, "median_ms": {a: ma, b: mb}, "times_s": times})
 
     for T, H, n, k, k_dim in args.shapes:
-        used = "dense" if ops.dense_half_key_grads(n, k, torch.device("cpu")) else "sparse"
+        used = "dense" if ops.use_dense_half_key_grads(n, k, torch.device("cpu")) else "sparse"
         report("scoring_backward", f"{T}:{H}:{n}:{k}:{k_dim}", scoring_backward_calls(T, H, n, k, k_dim), used=used)
     if cpu_ops.available():
         T, H, n, k, _ = args.shapes[0]

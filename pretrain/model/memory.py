@@ -99,7 +99,7 @@ class MemoryPlus(nn.Module):
         self.keys2 = nn.Parameter(torch.empty(m.heads, m.n_keys, half))
         self.gate_proj = nn.Linear(cfg.dim, self.v_dim, bias=False)  # W1
         self.out_proj = nn.Linear(self.v_dim, cfg.dim, bias=False)  # W2
-        self.last_indices: torch.Tensor | None = None  # (B*S, H, k), for slot statistics
+        self.last_indices: torch.Tensor | None = None  # (B*S, H, k), for interactive readers (see above)
         self.last_weights: torch.Tensor | None = None
         self._lookup_hooks: OrderedDict[int, LookupHook] = OrderedDict()
         kernels.ops.register_flop_formulas()  # so that a FlopCounterMode created later sees the scoring

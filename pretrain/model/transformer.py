@@ -45,6 +45,8 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """Causal multi-head attention with rotary positions and grouped KV heads (cfg.kv_heads)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -78,6 +80,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """The dense FFN: w2(silu(w1 x) * w3 x)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
@@ -89,6 +93,9 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: attention, then the FFN, a `MemoryPlus` layer where `is_memory`
+    (reading the value table the model passes in `values`, None for a dense block)."""
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -111,6 +118,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The language model: token embeddings, `cfg.n_layers` blocks, final norm and output
+    projection (tied to the embeddings under cfg.tie_embeddings), and the value tables
+    (`values`) its memory blocks read."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -184,10 +195,7 @@ class Transformer(nn.Module):
             if block.is_memory:
                 values = self.value_table_for(memory_index)
                 memory_index += 1
-            if cache is None and mask is None:
-                x = block(x, freqs, values)
-            else:
-                x = block(x, freqs, values, cache.layers[i] if cache is not None else None, mask)
+            x = block(x, freqs, values, cache.layers[i] if cache is not None else None, mask)
         if cache is not None:
             cache.length += S
         return self.output(self.norm(x))

@@ -6,8 +6,9 @@ memory group of P consecutive ranks, and only slot indices, weights and bag outp
 move (see `values.PartitionedValueTable`). Groups: `groups.init_memory_groups`.
 
 Why the value shards live outside the DeepSpeed engine, for every P (P = 1 included),
-with their own torch AdamW (lr = optim.value_lr x the trainer's schedule multiplier,
-no weight decay), gradient reduction and clipping (`MemoryParallel`):
+with their own optimizer (torch AdamW, or the lazy `SparseAdamW` below; lr = optim.value_lr x
+the schedule's multiplier, or fixed under optim.value_lr_schedule=constant; no weight decay),
+gradient reduction and clipping (`MemoryParallel`):
   * DeepSpeed broadcasts every module parameter from rank 0 at initialize; the
     shards of one group are different tensors and must not be overwritten.
   * ZeRO partitions and all-gathers module parameters; gathering the pool is exactly
@@ -41,8 +42,8 @@ the rows read (sparse COO, `row_grads`) and `sparse_adamw.SparseAdamW` (lazy Ada
 updates only those rows; the calls above are unchanged.
 
 Checkpoints: `MemoryParallel.save` writes one safetensors file per (table, shard)
-with the AdamW state; `load` re-shards to any P dividing v_dim; `consolidate`
-assembles full tables for export (`shard_files`).
+with the AdamW state; `load` re-shards to any P dividing v_dim (`shard_files`, whose
+`consolidate` assembles whole tables in memory).
 """
 
 from pretrain.parallel.groups import MemoryGroups, init_memory_groups

@@ -1,4 +1,4 @@
-"""Bytes of memory parallelism, from shapes: shard and optimizer memory, traffic per step.
+"""Traffic of memory parallelism, from shapes: the bytes a rank receives per lookup and per step.
 
 Traffic is counted as the bytes one rank receives from other ranks per optimizer
 step (sends are the same amount when the group's token counts are equal):
@@ -28,9 +28,13 @@ def lookup_bytes(
     return forward + backward
 
 
-def step_reduction_bytes(shard_bytes: int, parallel_size: int, num_replicas: int) -> int:
-    """Bytes received per rank by the per-step all-reduces (ring estimate)."""
-    R, P = num_replicas, parallel_size
-    replicas = 2 * (R - 1) * shard_bytes // R if R > 1 else 0
-    norm = 2 * (P - 1) * 4 // P if P > 1 else 0
-    return replicas + norm
+def replica_reduction_bytes(shard_bytes: int, num_replicas: int) -> int:
+    """Bytes received per rank by the all-reduce of the shard gradients over the replicas (ring)."""
+    R = num_replicas
+    return 2 * (R - 1) * shard_bytes // R if R > 1 else 0
+
+
+def norm_reduction_bytes(parallel_size: int) -> int:
+    """Bytes received per rank by the all-reduce of the 4-byte gradient norm over a memory group (ring)."""
+    P = parallel_size
+    return 2 * (P - 1) * 4 // P if P > 1 else 0

@@ -33,6 +33,7 @@ the bag's indices come from the tape anyway.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -44,8 +45,9 @@ from pretrain.model.recompute import LookupTape
 MODES = ("none", "full", "memory", "selective")
 
 
-def checkpointed_layers(blocks, mode: str, layers: list[int] | None = None) -> list[int]:
-    """Indices of the blocks `mode` checkpoints."""
+def checkpointed_layers(blocks: Sequence, mode: str, layers: list[int] | None = None) -> list[int]:
+    """Indices of the blocks that `mode` checkpoints: `Transformer.layers`, or stand-ins with each
+    block's `is_memory` (pretrain/model/memory_budget.py)."""
     if mode not in MODES:
         raise ConfigError(f"train.activation_checkpointing={mode!r} must be one of {', '.join(MODES)}")
     n = len(blocks)
@@ -54,7 +56,7 @@ def checkpointed_layers(blocks, mode: str, layers: list[int] | None = None) -> l
     if mode == "full":
         return list(range(n))
     if mode == "memory":
-        return [i for i, block in enumerate(blocks) if getattr(block, "is_memory", False)]
+        return [i for i, block in enumerate(blocks) if block.is_memory]
     chosen = list(layers) if layers else list(range(0, n, 2))
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
@@ -73,8 +75,8 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=_tape_contexts, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, layers: list[int] | None = None) -> list[int]:
-    """Checkpoint the blocks `mode` selects in `model.layers`; return their indices.
+def apply_activation_checkpointing(model: nn.Module, mode: str, layers: list[int] | None = None) -> None:
+    """Checkpoint the blocks `mode` selects in `model.layers` (`checkpointed_layers` names them).
 
     Call after building the model (and after `apply_compile`, so that the compiled block
     runs inside the checkpoint); calling twice on one model is refused.
@@ -87,4 +89,3 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, layers: list[int
             raise ValueError(f"block {i} is already checkpointed: apply_activation_checkpointing once per model")
         block.forward = functools.partial(_checkpointed, block.forward)
         block._activation_checkpointed = True
-    return chosen

@@ -1,6 +1,6 @@
 """Differentiable collectives over a memory group, with a count of the bytes received.
 
-`gather_tokens` concatenates every rank's rows (any row counts); its backward sends
+`all_gather_rows` concatenates every rank's rows (any row counts); its backward sends
 each rank the gradient of its own rows, summed over the group. `all_to_all_rows`
 exchanges row blocks; its backward is the reverse exchange. Both run the same
 collectives on every rank of the group, in the same order, in forward and backward.
@@ -62,11 +62,11 @@ def _exchange(x, in_splits, out_splits, group, counter: CommCounter) -> torch.Te
     out = x.new_empty(sum(out_splits), *x.shape[1:])
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     rank = dist.get_rank(group)
-    counter.add((sum(out_splits) - out_splits[rank]) * (out[0].numel() * out.element_size() if out.numel() else 0))
+    counter.add((sum(out_splits) - out_splits[rank]) * _row_bytes(out))
     return out
 
 
-class _GatherTokens(torch.autograd.Function):
+class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, group, counter):
         ctx.counts, ctx.group, ctx.counter = counts, group, counter
@@ -93,10 +93,10 @@ class _AllToAllRows(torch.autograd.Function):
         return _exchange(grad, out_splits, in_splits, ctx.group, ctx.counter), None, None, None, None
 
 
-def gather_tokens(x: torch.Tensor, counts: list[int], group, counter: CommCounter) -> torch.Tensor:
+def all_gather_rows(x: torch.Tensor, counts: list[int], group, counter: CommCounter) -> torch.Tensor:
     """Concatenate every group rank's x (counts[r] rows each); differentiable when x requires grad."""
     if x.requires_grad:
-        return _GatherTokens.apply(x, counts, group, counter)
+        return _AllGatherRows.apply(x, counts, group, counter)
     return _gather(x, counts, group, counter)
 
 

@@ -53,9 +53,8 @@ import torch.nn as nn
 from pretrain.compile_workers import end_compile_workers_at_exit
 
 
-def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = False) -> int:
-    """Compile each block of `model.layers` in place (each a ZeRO-3 leaf module); return how
-    many were compiled."""
+def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = False) -> None:
+    """Compile each block of `model.layers` in place (each a ZeRO-3 leaf module)."""
     set_z3_leaf_module = _z3_leaf_marker()
     _keep_eager_steps()
     if backend == "inductor":
@@ -68,7 +67,6 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: boo
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=fullgraph)
         set_z3_leaf_module(block, True)
     set_z3_leaf_module(model.values, True)
-    return len(model.layers)
 
 
 def _z3_leaf_marker() -> Callable[[nn.Module, bool], object]:

@@ -20,7 +20,9 @@ interchangeable; the row-wise state loads only into the row-wise optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,11 +30,14 @@ import torch.nn as nn
 
 from pretrain.config import OptimConfig
 from pretrain.dense_optimizer import squared_norm
-from pretrain.model.config import ConfigError, choices_message, literal_fields
+from pretrain.model.config import ConfigError, ModelConfig, choices_message, literal_fields
 from pretrain.parallel import accounting, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.sparse_adamw import SparseAdamW
 from pretrain.parallel.values import PartitionedValueTable, parallelize_memory
+
+if TYPE_CHECKING:
+    from pretrain.model.transformer import Transformer
 
 VALUE_OPTIMIZERS = literal_fields(OptimConfig)["value_optimizer"]  # the config's Literal: one list of choices
 
@@ -67,27 +72,25 @@ class MemoryParallel:
             # on the model, not on the tables: the tables run inside compiled blocks, where
             # dynamo would guard on this list's length and recompile the block every step
             model.register_forward_pre_hook(self._record_lookups)
-        self.optimizer = None
-        if self.tables and self.sparse:
-            self.optimizer = SparseAdamW(
+        self.optimizer = self._make_optimizer() if self.tables else None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """The shards' optimizer for optim.value_optimizer, without weight decay."""
+        o = self.optim_cfg
+        if self.sparse:
+            return SparseAdamW(
                 self.parameters(),
-                lr=optim_cfg.value_lr,
-                betas=(optim_cfg.beta1, optim_cfg.beta2),
-                eps=optim_cfg.eps,
+                lr=o.value_lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
                 second_moment="row" if self.value_optimizer == "sparse_rowwise_adamw" else "element",
                 row_sq_mean=self._row_sq_mean,
-                momentum_dtype=getattr(torch, optim_cfg.value_momentum_dtype),
+                momentum_dtype=getattr(torch, o.value_momentum_dtype),
             )
-        elif self.tables:
-            # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
-            self.optimizer = torch.optim.AdamW(
-                self.parameters(),
-                lr=optim_cfg.value_lr,
-                betas=(optim_cfg.beta1, optim_cfg.beta2),
-                eps=optim_cfg.eps,
-                weight_decay=0.0,
-                fused=True,
-            )
+        # fused: one kernel over the whole shard (12x faster than foreach on CPU at 16K x 128)
+        return torch.optim.AdamW(
+            self.parameters(), lr=o.value_lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0, fused=True
+        )
 
     def _record_lookups(self, model, args) -> None:
         """One lookup per memory layer and model forward: (tokens, H*k, weight bytes, out
@@ -151,7 +154,7 @@ class MemoryParallel:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=g.replica_group)
             if g.world_size > 1:  # x / 1 == x: skip a pass over the (N, d) gradient
                 p.grad.div_(g.world_size)
-        self._step_bytes += accounting.step_reduction_bytes(self.shard_bytes(), 1, g.num_replicas)
+        self._step_bytes += accounting.replica_reduction_bytes(self.shard_bytes(), g.num_replicas)
 
     def _reduce_row_gradients(self) -> None:
         """Sparse form of reduce_gradients: merge each shard's rows, sum them over replicas."""
@@ -183,7 +186,7 @@ class MemoryParallel:
         P = self.groups.parallel_size
         if P > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.memory_group)
-            self._step_bytes += accounting.step_reduction_bytes(0, P, 1)
+            self._step_bytes += accounting.norm_reduction_bytes(P)
         norm = sq.sqrt()
         if max_norm and max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -227,15 +230,10 @@ class MemoryParallel:
         opt = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
         lookups = self.last_step_lookups
         # the sparse replica exchange depends on the rows read: it is taken as measured
-        replicas = (
-            accounting.step_reduction_bytes(0, P, 1) + self._replica_bytes
-            if self.sparse
-            else accounting.step_reduction_bytes(shard, P, g.num_replicas)
-        )
-        estimate = (
-            sum(accounting.lookup_bytes(T, hk, 1, self.tables[0].v_dim, P, wb, ob) for T, hk, wb, ob in lookups)
-            + replicas
-        )  # assumes clip_grad_norm ran
+        replicas = self._replica_bytes if self.sparse else accounting.replica_reduction_bytes(shard, g.num_replicas)
+        v_dim = self.tables[0].v_dim if self.tables else 0
+        lookup_traffic = sum(accounting.lookup_bytes(T, hk, 1, v_dim, P, wb, ob) for T, hk, wb, ob in lookups)
+        estimate = lookup_traffic + replicas + accounting.norm_reduction_bytes(P)  # assumes clip_grad_norm ran
         return {
             "parallel_size": P,
             "num_replicas": g.num_replicas,
@@ -285,17 +283,15 @@ class MemoryParallel:
         checkpoint_dir = Path(checkpoint_dir)
         saved_p = shard_files.saved_parallel_size(checkpoint_dir, len(self.tables))
         for i, t in enumerate(self.tables):
-            # one tensor at a time, so that at most one shard-sized copy is in flight
-            cols, step, meta = shard_files.read_columns(
-                checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=("weight",)
-            )
+            weight, step, meta = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end, "weight")
             if int(meta["num_slots"]) != t.num_slots or int(meta["v_dim"]) != t.v_dim:
                 raise shard_files.ShardFileError(
                     f"value table {i} in {checkpoint_dir} is {meta['num_slots']} x {meta['v_dim']}, the model's is "
                     f"{t.num_slots} x {t.v_dim} (model.memory.n_keys / v_dim differ from the checkpoint's)"
                 )
             with torch.no_grad():
-                t.shard.copy_(cols.pop("weight"))
+                t.shard.copy_(weight)
+            del weight  # before the moments are read: one shard-sized copy at a time
             if self.optimizer is None:
                 continue
             self.optimizer.state.pop(t.shard, None)
@@ -305,9 +301,7 @@ class MemoryParallel:
                     if name in shard_files.ROW_TENSORS:
                         moment = shard_files.read_rows(checkpoint_dir, i, saved_p, name)
                     else:
-                        moment = shard_files.read_columns(
-                            checkpoint_dir, i, saved_p, t.col_start, t.col_end, names=(name,)
-                        )[0][name]
+                        moment = shard_files.read_columns(checkpoint_dir, i, saved_p, t.col_start, t.col_end, name)[0]
                     dtype = getattr(self.optimizer, "momentum_dtype", None) if name == "exp_avg" else None
                     # a column range inside one saved shard is a strided view of it: torch's fused
                     # CPU AdamW reads non-contiguous state as if contiguous (wrong moments)
@@ -319,22 +313,17 @@ class MemoryParallel:
             return ("exp_avg", "exp_avg_sq_row")
         return ("exp_avg", "exp_avg_sq")
 
-    @staticmethod
-    def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-        """Full value tables {"values.{i}.weight": (N, v_dim)} for export, streamed shard by shard."""
-        return shard_files.consolidate(checkpoint_dir)
-
 
 def build_sharded_model(
-    cfg,
+    cfg: ModelConfig,
     groups: MemoryGroups,
-    optim_cfg,
+    optim_cfg: OptimConfig,
     kernel: str = "auto",
-    device="cpu",
+    device: torch.device | str = "cpu",
     seed: int = 0,
     value_seed: int | None = None,
-    reseed=torch.manual_seed,
-):
+    reseed: Callable[[int], object] = torch.manual_seed,
+) -> tuple[Transformer, MemoryParallel]:
     """(model, MemoryParallel), the trainer's and the benchmarks': the `Transformer` on the meta
     device, its value tables swapped for this rank's column shards (table i drawn from seed
     `value_seed` + i; None: the model's own table seeds, 0 + i), then the dense part

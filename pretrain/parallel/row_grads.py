@@ -16,10 +16,9 @@ same bits (the sum a dense all-reduce would give, up to fp32 addition order).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from kernels.reference import sorted_segment_sum
-from pretrain.parallel.comm import all_gather_single
+from pretrain.parallel.comm import CommCounter, all_gather_rows, exchange_counts
 
 
 def rows_of(grad: torch.Tensor | None, num_cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,21 +49,13 @@ def as_sparse(rows: torch.Tensor, grad_rows: torch.Tensor, shape) -> torch.Tenso
 
 
 def reduce_over_replicas(rows: torch.Tensor, grad_rows: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sum the row gradients of every rank in `group`; return (rows, summed rows, bytes received)."""
-    size = dist.get_world_size(group)
-    counts = torch.empty(size, dtype=torch.int64, device=rows.device)
-    all_gather_single(counts, torch.tensor([rows.numel()], dtype=torch.int64, device=rows.device), group=group)
-    counts = counts.tolist()
-    longest, width = max(counts), grad_rows.shape[1]
-    pad = longest - rows.numel()
-    padded_rows = torch.cat([rows, rows.new_zeros(pad)])
-    padded_grads = torch.cat([grad_rows, grad_rows.new_zeros(pad, width)])
-    all_rows = rows.new_empty(size * longest)
-    all_grads = grad_rows.new_empty(size * longest, width)
-    all_gather_single(all_rows, padded_rows, group=group)
-    all_gather_single(all_grads, padded_grads, group=group)
-    keep = [slice(r * longest, r * longest + c) for r, c in enumerate(counts)]
-    merged = merge(torch.cat([all_rows[s] for s in keep]), torch.cat([all_grads[s] for s in keep]))
-    # padded to the longest replica's row count: the bytes all_gather moves, not the useful ones
-    received = (size - 1) * (8 + longest * (8 + width * grad_rows.element_size()))
-    return merged[0], merged[1], received
+    """Sum the row gradients of every rank in `group`; return (rows, summed rows, bytes received).
+
+    Gathered padded to the longest replica's row count: the bytes counted are those all_gather
+    moves, not the useful ones."""
+    counter = CommCounter()
+    counts = exchange_counts(rows.numel(), group, counter, rows.device)
+    all_rows = all_gather_rows(rows, counts, group, counter)
+    all_grads = all_gather_rows(grad_rows, counts, group, counter)
+    merged_rows, merged_grads = merge(all_rows, all_grads)
+    return merged_rows, merged_grads, counter.take()

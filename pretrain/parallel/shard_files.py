@@ -7,12 +7,15 @@ and column range. The row-wise optimizer (sparse_rowwise_adamw) writes exp_avg_s
 (N,) instead of exp_avg_sq: one second moment per full row, the same in every shard.
 Files are streamed (no copy of the shard) to a temporary name and renamed. Reading a
 column range [c0, c1) streams the overlapping columns of whichever shards hold them, so
-a checkpoint saved with P shards loads into any P' that divides v_dim.
+a checkpoint saved with P shards loads into any P' that divides v_dim. `consolidate`
+assembles whole tables in memory.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +25,6 @@ from pretrain.export.safetensors_io import StreamWriter
 from pretrain.model.names import value_table_name
 
 FILE_RE = re.compile(r"^values\.t(\d+)\.s(\d+)-of-(\d+)\.safetensors$")
-TENSORS = ("weight", "exp_avg", "exp_avg_sq")
 ROW_TENSORS = ("exp_avg_sq_row",)  # (N,): one entry per row, identical in every column shard
 FORMAT = "memlayers-value-shard-1"
 ZERO_ROW_BLOCK = 1 << 20  # rows of zeros written at a time for missing moments
@@ -93,40 +95,48 @@ def saved_parallel_size(checkpoint_dir: Path, num_tables: int) -> int:
 
 
 def read_columns(
-    checkpoint_dir: Path, table: int, saved_p: int, col_start: int, col_end: int, names=TENSORS
-) -> tuple[dict[str, torch.Tensor], float, dict]:
-    """Columns [col_start, col_end) of `names` of one table, and the AdamW step."""
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    checkpoint_dir: Path, table: int, saved_p: int, col_start: int, col_end: int, name: str
+) -> tuple[torch.Tensor, float, dict]:
+    """Columns [col_start, col_end) of one table's tensor `name` (weight, exp_avg, exp_avg_sq), the
+    AdamW step and the metadata of the last shard file read. One tensor per call, so that a caller
+    holds at most one shard-sized copy at a time."""
+    parts: list[torch.Tensor] = []
     steps, meta = set(), {}
     for s in range(saved_p):
         path = Path(checkpoint_dir) / shard_file_name(table, s, saved_p)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise ShardFileError(f"{path} is not a value-shard file (format {meta.get('format')!r})")
-                s0, s1 = int(meta["col_start"]), int(meta["col_end"])
-                lo, hi = max(s0, col_start), min(s1, col_end)
-                if lo >= hi:
-                    continue
-                for n in names:
-                    _require_tensor(f, path, n)
-                    parts[n].append(f.get_slice(n)[:, lo - s0 : hi - s0])
-                steps.add(float(f.get_tensor("step")[0]))
-        except ShardFileError:
-            raise
-        except Exception as err:  # safetensors reports truncation as assorted errors
-            raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+        with _open_shard(path) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ShardFileError(f"{path} is not a value-shard file (format {meta.get('format')!r})")
+            s0, s1 = int(meta["col_start"]), int(meta["col_end"])
+            lo, hi = max(s0, col_start), min(s1, col_end)
+            if lo >= hi:
+                continue
+            _require_tensor(f, path, name)
+            parts.append(f.get_slice(name)[:, lo - s0 : hi - s0])
+            steps.add(float(f.get_tensor("step")[0]))
     if len(steps) > 1:
         raise ShardFileError(f"value shards of table {table} in {checkpoint_dir} disagree on the AdamW step {steps}")
-    out = {n: p[0] if len(p) == 1 else torch.cat(p, dim=1) for n, p in parts.items()}  # one part: no copy
-    for n, t in out.items():
-        if t.shape[1] != col_end - col_start:
-            raise ShardFileError(
-                f"value shards of table {table} in {checkpoint_dir} cover {t.shape[1]} of columns "
-                f"[{col_start}, {col_end}) for {n}"
-            )
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one part: no copy
+    if out.shape[1] != col_end - col_start:
+        raise ShardFileError(
+            f"value shards of table {table} in {checkpoint_dir} cover {out.shape[1]} of columns "
+            f"[{col_start}, {col_end}) for {name}"
+        )
     return out, steps.pop() if steps else 0.0, meta
+
+
+@contextmanager
+def _open_shard(path: Path) -> Iterator:
+    """safe_open(path), any failure to read it (missing, truncated: safetensors reports truncation
+    as assorted errors) raised as a ShardFileError naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except ShardFileError:
+        raise
+    except Exception as err:
+        raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
 
 
 def _require_tensor(f, path: Path, name: str) -> None:
@@ -142,34 +152,27 @@ def _require_tensor(f, path: Path, name: str) -> None:
 def read_rows(checkpoint_dir: Path, table: int, saved_p: int, name: str) -> torch.Tensor:
     """A per-row tensor (N,) of one table; every column shard holds the same one, shard 0 is read."""
     path = Path(checkpoint_dir) / shard_file_name(table, 0, saved_p)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            _require_tensor(f, path, name)
-            return f.get_tensor(name)
-    except ShardFileError:
-        raise
-    except Exception as err:
-        raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+    with _open_shard(path) as f:
+        _require_tensor(f, path, name)
+        return f.get_tensor(name)
 
 
-def consolidate(checkpoint_dir: str | Path, num_tables: int | None = None) -> dict[str, torch.Tensor]:
-    """Full value tables {"values.{i}.weight": (N, v_dim)}, filled shard by shard."""
+def consolidate(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every full value table of a checkpoint in memory, {"values.{i}.weight": (N, v_dim)}, filled
+    shard by shard: to inspect or compare checkpoints (the export streams the shard files itself,
+    pretrain/export/source.py, without a whole table in memory)."""
     checkpoint_dir = Path(checkpoint_dir)
-    if num_tables is None:
-        names = [FILE_RE.match(e.name) for e in checkpoint_dir.iterdir()] if checkpoint_dir.is_dir() else []
-        num_tables = 1 + max((int(m.group(1)) for m in names if m), default=-1)
+    names = [FILE_RE.match(e.name) for e in checkpoint_dir.iterdir()] if checkpoint_dir.is_dir() else []
+    num_tables = 1 + max((int(m.group(1)) for m in names if m), default=-1)
     P = saved_parallel_size(checkpoint_dir, num_tables)
     out = {}
     for t in range(num_tables):
         full = None
         for s in range(P):
             path = checkpoint_dir / shard_file_name(t, s, P)
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                    shard = f.get_tensor("weight")
-            except Exception as err:
-                raise ShardFileError(f"cannot read value-shard file {path} (missing or truncated?): {err}") from err
+            with _open_shard(path) as f:
+                meta = f.metadata() or {}
+                shard = f.get_tensor("weight")
             if full is None:
                 full = torch.empty(shard.shape[0], int(meta["v_dim"]), dtype=shard.dtype)
             full[:, int(meta["col_start"]) : int(meta["col_end"])] = shard

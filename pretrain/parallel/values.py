@@ -29,7 +29,7 @@ from pretrain import profiler_regions as regions
 from pretrain.model import recompute
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
-from pretrain.parallel.comm import CommCounter, all_to_all_rows, exchange_counts, gather_tokens
+from pretrain.parallel.comm import CommCounter, all_gather_rows, all_to_all_rows, exchange_counts
 from pretrain.parallel.groups import MemoryGroups
 
 
@@ -102,13 +102,18 @@ class PartitionedValueTable(nn.Module):
             # save the same tensors as they did then (their gradients are never taken)
             all_idx, all_w, mine = (t.requires_grad_(flag) for t, flag in tape.replay())
             self._bag(all_idx, all_w)  # its saved tensors only
-            return mine.view(P, T, mine.shape[1]).permute(1, 0, 2).reshape(T, self.v_dim)
+            return self._join_columns(mine, T)
         counts, all_idx, all_w = self._gather_group_inputs(indices, weights)
         part = self._bag(all_idx, all_w)
         mine = self._return_rows(part, counts, T)  # (P * T, v_dim / P)
         if tape is not None:
             tape.record(tuple((t.detach(), t.requires_grad) for t in (all_idx, all_w, mine)))
-        return mine.view(P, T, mine.shape[1]).permute(1, 0, 2).reshape(T, self.v_dim)
+        return self._join_columns(mine, T)
+
+    def _join_columns(self, mine: torch.Tensor, tokens: int) -> torch.Tensor:
+        """This rank's tokens' bag slices from every shard, (P * T, v_dim / P) in shard order, as
+        (T, v_dim): shard r's slice fills columns [r * v_dim / P, (r + 1) * v_dim / P)."""
+        return mine.view(self.parallel_size, tokens, mine.shape[1]).permute(1, 0, 2).reshape(tokens, self.v_dim)
 
     def _bag(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The shard's bag. Top-k indices are i1 * n_keys + i2 < num_slots by construction: no range
@@ -126,8 +131,8 @@ class PartitionedValueTable(nn.Module):
             counts = exchange_counts(indices.shape[0], group, self.counter, indices.device)
             return (
                 counts,
-                gather_tokens(indices, counts, group, self.counter),
-                gather_tokens(weights, counts, group, self.counter),
+                all_gather_rows(indices, counts, group, self.counter),
+                all_gather_rows(weights, counts, group, self.counter),
             )
 
     def _return_rows(self, part: torch.Tensor, counts: list[int], tokens: int) -> torch.Tensor:

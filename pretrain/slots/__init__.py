@@ -2,7 +2,8 @@
 a table belongs to an export (`matching`).
 
 Trainer use: `SlotStatistics.begin_step` before a step's micro-batches, `update` once per
-micro-batch with each memory layer's `last_indices`, the batch's doc ids and row streams,
+micro-batch with each memory layer's slot indices (handed over by the layer's lookup hook:
+`pretrain.model.lookups.LookupRecorder`), the batch's doc ids and row streams,
 `discard_step` when the step's update is skipped; `reduce()` at log/checkpoint time;
 `save_table` next to every checkpoint. Format of the table: see pretrain/slots/table.py.
 

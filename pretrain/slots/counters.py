@@ -59,6 +59,10 @@ HISTORY = ("used", "interval_used", "interval_top1pct_share", "interval_kl_unifo
 
 
 class SlotStatistics:
+    """This rank's slot access counters, one set per name in `layer_names` (a memory layer, or a
+    shared table's joined stream): `update` once per micro-batch, `begin_step` / `discard_step`
+    around a step, `reduce` over ranks for logs and tables, `state_dict` per rank for checkpoints."""
+
     def __init__(
         self,
         num_slots: int,
@@ -149,7 +153,7 @@ class SlotStatistics:
             if self.granularity.kind == "document":
                 self._count_documents(name, idx.to(self.device), valid, *occ)
             else:
-                self._update_layer(name, idx.to(self.device), unit, valid)
+                self._count_units(name, idx.to(self.device), unit, valid)
         if self.sample is not None and T:  # an empty micro-batch has nothing to keep
             self.sample.offer(item, layer_indices, doc_ids)
 
@@ -202,7 +206,9 @@ class SlotStatistics:
         return B if g.kind == "sequence" else B * -(-S // g.chunk)
 
     def _pairs(self, name, idx, unit, valid):
-        """Sorted unique-able (slot, unit) keys of the micro-batch: counts added; (s, first, slot_of)."""
+        """Add the micro-batch's slot hits to `counts[name]` and return its (slot, unit) pairs as
+        sorted keys slot * T + unit (padding -1, first): (keys, whether each key is the first of
+        its run, i.e. a distinct pair; each key's slot, padding -> N)."""
         N, T = self.num_slots, valid.numel()
         key_dtype = torch.int32 if N * T <= 2**31 else torch.int64
         # slot-major keys: each slot's pairs are contiguous, its latest unit last; padding
@@ -217,8 +223,9 @@ class SlotStatistics:
         self.counts[name].index_add_(0, slot_of.clamp(max=N - 1), ok.long())
         return s, first, slot_of
 
-    def _update_layer(self, name, idx, unit, valid) -> None:
-        """Sequence and chunk units: every unit lies within the micro-batch."""
+    def _count_units(self, name, idx, unit, valid) -> None:
+        """One layer's counts and unit frequencies for sequence and chunk units: every unit lies
+        within the micro-batch, so nothing carries over to the next."""
         _, first, slot_of = self._pairs(name, idx, unit, valid)
         self.doc_freq[name].index_add_(0, slot_of.clamp(max=self.num_slots - 1), first.long())
 
@@ -235,12 +242,12 @@ class SlotStatistics:
             occurrence,
             stream,
         ):
-            self._update_layer_documents(name, idx, valid, unit[perm.argsort()], occurrence, stream)
+            self._count_documents_sorted(name, idx, valid, unit[perm.argsort()], occurrence, stream)
 
-    def _update_layer_documents(self, name, idx, valid, unit, occurrence, stream) -> None:
-        """Document occurrences: a (slot, occurrence) pair counts unless the occurrence selected
-        the slot in an earlier micro-batch (it is then the slot's last one in its stream).
-        `unit`: per token in flat order."""
+    def _count_documents_sorted(self, name, idx, valid, unit, occurrence, stream) -> None:
+        """`_count_documents` by sorting the (slot, unit) pairs: a (slot, occurrence) pair counts
+        unless the occurrence selected the slot in an earlier micro-batch (it is then the slot's
+        last one in its stream). `unit`: per token in flat order."""
         N, T = self.num_slots, valid.numel()
         s, first, slot_of = self._pairs(name, idx, unit, valid)
         at = (s % T).long()  # the unit: a position in stream-major order
@@ -495,9 +502,14 @@ class SlotStatistics:
         States of format 1 load too."""
         metas = [self._check_state(sd) for sd in states]
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        z = lambda t: torch.zeros_like(t, device=self.device)  # noqa: E731
-        total = lambda key: sum(sd[key].to(self.device) for sd in states)  # noqa: E731
-        take = total if rank == 0 else (lambda key: z(states[0][key]))
+
+        def summed(key: str) -> torch.Tensor:
+            return sum(sd[key].to(self.device) for sd in states)
+
+        def zeros(key: str) -> torch.Tensor:
+            return torch.zeros_like(states[0][key], device=self.device)
+
+        take = summed if rank == 0 else zeros
         self.totals, self.interval_start_totals = take("totals"), take("interval_totals")
         for n in self.layer_names:
             self.counts[n], self.doc_freq[n] = take(f"{n}.counts"), take(f"{n}.doc_freq")

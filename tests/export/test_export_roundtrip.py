@@ -91,15 +91,15 @@ def test_export_contents_and_names(trained, tmp_path):
 
 
 def test_value_pool_is_the_concatenation_of_its_shards(trained_p2, tmp_path):
-    """The consolidated pool equals MemoryParallel.consolidate (an independent assembly)."""
-    from pretrain.parallel import MemoryParallel
+    """The consolidated pool equals shard_files.consolidate (an independent assembly)."""
+    from pretrain.parallel import shard_files
 
     run = trained_p2[3]
     out = export_checkpoint(run, tmp_path / "export", show_progress=False)
     ckpt = next((run / "checkpoints").glob("step_*"))
     assert torch.equal(
         load_file(str(out / "model.safetensors"))["values.0.weight"],
-        MemoryParallel.consolidate(ckpt)["values.0.weight"],
+        shard_files.consolidate(ckpt)["values.0.weight"],
     )
 
 

@@ -79,10 +79,10 @@ def test_the_demo_scoring_backward_takes_the_dense_formulation():
     """configs/tiny.yaml (128 keys, k 16) on CPU: the dense formulation (3.7x faster there on CPU,
     tools/bench_cpu_paths.py); the paper's 1024 keys at k 32 keep the sparse one."""
     cpu = torch.device("cpu")
-    assert ops.dense_half_key_grads(128, 16, cpu) and ops.dense_half_key_grads(512, 32, cpu)
-    assert not ops.dense_half_key_grads(1024, 32, cpu) and not ops.dense_half_key_grads(4096, 16, cpu)
+    assert ops.use_dense_half_key_grads(128, 16, cpu) and ops.use_dense_half_key_grads(512, 32, cpu)
+    assert not ops.use_dense_half_key_grads(1024, 32, cpu) and not ops.use_dense_half_key_grads(4096, 16, cpu)
     # an accelerator keeps the sorted sums: a dense scatter there adds with atomics (not reproducible)
-    assert not ops.dense_half_key_grads(128, 16, torch.device("cuda"))
+    assert not ops.use_dense_half_key_grads(128, 16, torch.device("cuda"))
 
 
 def test_opcheck_schema_fake_and_autograd():

@@ -12,7 +12,7 @@ from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
 from pretrain.model.objective import language_model_loss
 from pretrain.model.transformer import Transformer
-from pretrain.parallel import MemoryParallel, PartitionedValueTable, ShardFileError, init_memory_groups
+from pretrain.parallel import MemoryParallel, PartitionedValueTable, ShardFileError, init_memory_groups, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.shard_files import shard_file_name
 
@@ -118,7 +118,7 @@ def test_save_load_consolidate_round_trip(tmp_path):
     written = mp.save(tmp_path)
     assert [p.name for p in written] == [shard_file_name(0, 0, 1), shard_file_name(1, 0, 1)]
     assert not list(tmp_path.glob("*.tmp"))
-    full = MemoryParallel.consolidate(tmp_path)
+    full = shard_files.consolidate(tmp_path)
     assert set(full) == {"values.0.weight", "values.1.weight"}
     for i, p in enumerate(mp.parameters()):
         assert torch.equal(full[f"values.{i}.weight"], p.detach())

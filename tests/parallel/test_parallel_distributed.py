@@ -27,7 +27,7 @@ from parallel_helpers import (
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
 from pretrain.model.objective import language_model_loss
-from pretrain.parallel import MemoryParallel, init_memory_groups
+from pretrain.parallel import init_memory_groups, shard_files
 from pretrain.spawn import run_gloo
 
 STAGES = (1, 2, 3)
@@ -216,7 +216,7 @@ def test_resharding_round_trips_give_identical_outputs(world2, world4, dirs):
 
 def test_consolidate_p2_checkpoint_matches_p1_equivalent(dirs, world2):
     root, p1_dir, p2_dir, _ = dirs
-    full2, full1 = MemoryParallel.consolidate(p2_dir), MemoryParallel.consolidate(p1_dir)
+    full2, full1 = shard_files.consolidate(p2_dir), shard_files.consolidate(p1_dir)
     assert set(full2) == {"values.0.weight", "values.1.weight"}
     for k in full2:
         assert full2[k].shape == (256, 32) and rel_err(full2[k], full1[k]) < 1e-5

@@ -20,7 +20,7 @@ def counting_path(request, monkeypatch):
         def unexpected(*args, **kwargs):
             raise AssertionError("the sorted-pairs path ran although the compiled walk is available on the CPU")
 
-        monkeypatch.setattr(SlotStatistics, "_update_layer_documents", unexpected)
+        monkeypatch.setattr(SlotStatistics, "_count_documents_sorted", unexpected)
     else:
         monkeypatch.setattr(cpu_ops, "count_document_slots_", lambda *args: False)
     return request.param

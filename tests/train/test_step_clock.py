@@ -38,8 +38,8 @@ class FakeDevice:
 
 
 class CountingClock(StepClock):
-    def __init__(self, device, seconds=None):
-        super().__init__(device, seconds)
+    def __init__(self, device):
+        super().__init__(device)
         self.cuda = True  # the GPU path, on the fake device
 
     def stop(self, started, host_seconds):

@@ -76,10 +76,10 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from pretrain.checkpoint import latest_checkpoint
     from pretrain.export.dense import dense_state_dict
     from pretrain.export.source import inspect
-    from pretrain.parallel import MemoryParallel
+    from pretrain.parallel import shard_files
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    return {**dense_state_dict(inspect(ckpt)), **MemoryParallel.consolidate(ckpt)}
+    return {**dense_state_dict(inspect(ckpt)), **shard_files.consolidate(ckpt)}
 
 
 def _max_diff(a: dict, b: dict) -> float:
