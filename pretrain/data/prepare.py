@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from pretrain.data.corpus import CorpusStats, check_record_files, input_bytes, iter_documents, most_documents
 from pretrain.data.errors import DataError
@@ -27,6 +26,7 @@ from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_man
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 from pretrain.data.worker_pool import ordered_map
 from pretrain.files import atomic_directory
+from pretrain.progress_bars import progress_bar
 
 _MASK64 = (1 << 64) - 1
 # Characters sent to the tokenizer at once (see tokenize_documents): the bar of input read moves by about
@@ -266,7 +266,7 @@ def _write_documents(
     """Route each non-empty document to its split's writer; return (documents written, empty ones).
     `written`: called after each document, empty ones (no tokens) too."""
     documents = empty = 0
-    with tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress) as bar:
+    with progress_bar(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress) as bar:
         for ids in token_docs:
             if written is not None:
                 written()
@@ -409,7 +409,7 @@ def _reading(desc: str, total: int, show: bool) -> Iterator[Callable[..., None]]
     that moves it to a number of bytes read, `move(read)`, or, within a document read by then, to the
     `share` of the way from the last whole document to it, `move(read, share)` (a 60 MiB document is
     ~50 s of tokenizing); fills it at the end (empty documents after the last)."""
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, desc=desc, disable=not show) as bar:
         whole = 0  # the input read by the last whole document
 
         def move(read: int, share: float = 1.0) -> None:
