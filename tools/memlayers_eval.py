@@ -104,6 +104,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _explain_failure(status: int, args: argparse.Namespace, task_dir: Path | None, local_tasks: dict) -> None:
+    """The line after lm_eval's own error (often a long traceback): where the failing task's data comes from.
+    A task of the user's own (--task-dir) reads its files as its YAML says; a hub task, offline, only the
+    Hugging Face cache."""
+    asked = [t for t in (t.strip() for t in args.tasks.split(",")) if t and not t.startswith("memlayers_facts")]
+    own = [t for t in asked if t in local_tasks]
+    hub_tasks = [t for t in asked if t not in local_tasks]
+    if own and args.task_dir:
+        files = ", ".join(f"{t} ({local_tasks[t].name})" for t in own)
+        print(
+            f"error: lm_eval exited with status {status}. {files} {'is a task' if len(own) == 1 else 'are tasks'} "
+            f"of --task-dir {task_dir}: lm_eval's error above concerns {'its' if len(own) == 1 else 'their'} "
+            "YAML or the data files it names",
+            file=sys.stderr,
+        )
+    if hub_tasks and not args.online:  # lm_eval's own error is a datasets traceback
+        print(
+            f"error: lm_eval exited with status {status}. memlayers-eval runs it offline unless --online, so "
+            f"the data of {', '.join(hub_tasks)} is read only from the Hugging Face cache: on a machine that "
+            "reaches the hub, pass --online",
+            file=sys.stderr,
+        )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
@@ -138,8 +162,7 @@ def main(argv=None) -> int:
                 )
                 if args.write_tasks:
                     return 0
-            if task_dir is not None:
-                check_task_dir(task_dir)
+            local_tasks = check_task_dir(task_dir) if task_dir is not None else {}
         except (ExportError, DataError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -157,14 +180,8 @@ def main(argv=None) -> int:
             env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         print("+ " + shlex.join(cmd), file=sys.stderr)
         status = subprocess.run(cmd, env=env, check=False).returncode
-        hub_tasks = [t for t in (t.strip() for t in args.tasks.split(",")) if t and not t.startswith("memlayers_facts")]
-        if status != 0 and hub_tasks and not args.online:  # lm_eval's own error is a datasets traceback
-            print(
-                f"error: lm_eval exited with status {status}. memlayers-eval runs it offline unless --online, so "
-                f"the data of {', '.join(hub_tasks)} is read only from the Hugging Face cache: on a machine that "
-                "reaches the hub, pass --online",
-                file=sys.stderr,
-            )
+        if status != 0:
+            _explain_failure(status, args, task_dir, local_tasks)
         return status
     finally:  # the scratch task folder goes also when writing or checking it failed
         if scratch:
