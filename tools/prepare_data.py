@@ -271,6 +271,7 @@ def _prepare_corpus(ap: argparse.ArgumentParser, args) -> dict:
         workers=args.workers,
         show_progress=not args.no_progress,
         overwrite=args.overwrite,
+        on_sample=lambda line: print(line, flush=True),  # as train_tokenizer.py says it
     )
 
 

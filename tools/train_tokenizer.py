@@ -26,11 +26,9 @@ from pretrain.cli import (  # noqa: E402
     stop_signals_exit,
 )
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
-from pretrain.data.corpus import check_record_files, input_bytes  # noqa: E402
+from pretrain.data.corpus import check_record_files  # noqa: E402
 from pretrain.data.input_files import resolve_files  # noqa: E402
-from pretrain.data.tokenizer import SampleSize  # noqa: E402
-from pretrain.refused_writes import mib  # noqa: E402
-from pretrain.words import counted  # noqa: E402
+from pretrain.data.tokenizer import sample_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,16 +78,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-
-
-def sample_line(size: SampleSize, files: list[Path], inputs: list[str]) -> str:
-    """What the tokenizer is trained on, and drawn from: a 50 GB corpus gives it --max-sentences lines."""
-    share = "all" if size.lines == size.lines_read else "a seeded uniform sample"
-    return (
-        f"tokenizer sample: {size.lines:,} of {size.lines_read:,} non-blank lines ({share}; {mib(size.bytes)} of "
-        f"{mib(size.bytes_read)} of text), from {size.documents_read:,} document{'s' * (size.documents_read != 1)} in "
-        f"{counted(len(files), 'file')} ({mib(input_bytes(files))} as stored) of --input {' '.join(inputs)}"
-    )
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1349,3 +1349,27 @@ def test_progress_in_a_log_comes_as_plain_lines(tmp_path, tokenizer):
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     written = sum(split["tokens"] for split in manifest["splits"].values())
     assert tokens[-1].startswith(f"prepare: {progress_bars.tqdm.format_sizeof(written)}tok "), (tokens[-1], written)
+
+
+def test_prepare_data_training_a_tokenizer_says_how_much_text_it_sampled(tmp_path, capsys):
+    """prepare_data.py without --tokenizer trains one and said nothing of its sample, where
+    train_tokenizer.py prints `tokenizer sample: ...`. It prints the same line (the same code,
+    pretrain.data.tokenizer.sample_line); the reference counts the lines and bytes of the text written."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "café", "epsilon"]
+    documents = [[" ".join(words[(d + i + j) % 6] for j in range(5)) for i in range(3)] for d in range(300)]
+    (corpus / "a.txt").write_text("\n\n".join("\n".join(lines) for lines in documents) + "\n")
+    lines = [line for doc in documents for line in doc]
+    text_bytes = sum(len(line.encode()) for line in lines)
+    stored = (corpus / "a.txt").stat().st_size
+    argv = ["--input", str(corpus), "--format", "blocks", "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
+    assert prepare_cli.main([*argv, "--seq-len", "16", "--val-fraction", "0.1", "--no-progress"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == (
+        f"tokenizer sample: {len(lines)} of {len(lines)} non-blank lines (all; {round(text_bytes / 1024)} KiB of "
+        f"{round(text_bytes / 1024)} KiB of text), from 300 documents in 1 file ({round(stored / 1024)} KiB as "
+        f"stored) of --input {corpus}"
+    ), said
+    assert tokenizer_cli.main([*argv[:4], "--output", str(tmp_path / "t.model"), "--vocab-size", "300"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == said[0]  # the tokenizer tool's line, word for word
