@@ -137,7 +137,9 @@ def load_and_check(args):
 
 
 def finetune_record(args, table, before: dict, history: list) -> dict:
-    """What the new export records of its finetuning: the method, its settings, data and history."""
+    """What the new export records of its finetuning: the method, its settings, data and history. Paths are
+    absolute: the record is read from the new export's folder, where one relative to the tool's folder
+    names nothing."""
     record = {
         "method": args.method,
         "lr": args.lr,
@@ -145,13 +147,13 @@ def finetune_record(args, table, before: dict, history: list) -> dict:
         "batch_size": args.batch_size,
         "shuffle": args.shuffle,
         "seed": args.seed,
-        "data": [str(p) for p in args.data],
+        "data": [str(Path(p).resolve()) for p in args.data],  # as given (a file, folder or pattern), made absolute
         "before": before,
         "history": history,
     }
     if args.method == "sparse":
         # the table ranked against (--table may name another than the export's, which the new export copies)
-        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm, table=str(table.path))
+        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm, table=str(Path(table.path).resolve()))
     if args.method == "lora":
         record["lora_rank"] = args.lora_rank
     return record
