@@ -62,7 +62,11 @@ def lm_eval_command(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
-    parser.add_argument("--tasks", default="memlayers_facts,memlayers_facts_mc")
+    parser.add_argument(
+        "--tasks",
+        default="memlayers_facts,memlayers_facts_mc",
+        help="comma-separated lm_eval tasks (default: the fact-probe tasks memlayers_facts,memlayers_facts_mc)",
+    )
     parser.add_argument(
         "--write-tasks", metavar="DIR", default=None, help="write the fact-probe task folder to DIR and stop"
     )
@@ -78,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask the new facts (held out of pretraining) instead of the trained ones the run's fact recall asks",
     )
-    parser.add_argument("--batch-size", default="8")
-    parser.add_argument("--device", type=torch_device, default="cpu")
+    parser.add_argument("--batch-size", default="8", help="lm_eval --batch_size: a number, or auto")
+    parser.add_argument(
+        "--device", type=torch_device, default="cpu", help="torch device for lm_eval's model, e.g. cpu, cuda, cuda:1"
+    )
     parser.add_argument("--output", default=None, help="lm_eval --output_path")
     parser.add_argument("--limit", type=positive_int, default=None, help="lm_eval --limit (examples per task, N >= 1)")
     parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")

@@ -40,8 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst/.bz2/.xz compressed)",
     )
     ap.add_argument("--output", required=True, type=output_file("tokenizer.model"), help="the .model file to write")
-    ap.add_argument("--vocab-size", type=positive_int, default=32000)
-    ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    ap.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=32000,
+        help="pieces in the tokenizer, at most (fewer when the sample holds no more)",
+    )
+    ap.add_argument(
+        "--model-type",
+        default="bpe",
+        choices=["bpe", "unigram"],
+        help="sentencepiece's algorithm: bpe (default) or unigram",
+    )
     ap.add_argument(
         "--character-coverage",
         type=fraction("1: a piece for every character"),
