@@ -27,12 +27,24 @@ import hashlib
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 SOURCE_SUFFIXES = {".c", ".cc", ".cpp", ".cxx", ".h", ".hh", ".hpp", ".hxx", ".inl", ".ipp", ".tcc"}
 BUILT_SUFFIX = ".built"  # <build>/<name>.so.built: the finished library's "size mtime_ns"
 TURN_FILE = ".memlayers-build-turn"  # what the builders of one folder flock to take turns
+
+# this process's loads that found no finished build: (op name, time.perf_counter() at the start, seconds
+# spent building it or waiting for another process's build), for whoever times work around them
+_UNFINISHED_LOADS: list[tuple[str, float, float]] = []
+
+
+def builds_since(start: float) -> list[tuple[str, float]]:
+    """The ops this process built, or waited for another process to build, since `start` (a
+    time.perf_counter() reading), each with its seconds: a first training step that loaded an op
+    spent them building it."""
+    return [(name, seconds) for name, began, seconds in _UNFINISHED_LOADS if began >= start]
 
 
 class BuildInputs:
@@ -155,18 +167,22 @@ def load_shared_op(inputs: BuildInputs, root: Path | None = None, say: Callable[
     loaded = load_finished(inputs.name, build_dir, inputs.is_python_module)
     if loaded is not None:
         return loaded
-    build_dir.mkdir(parents=True, exist_ok=True)
-    what = build_described(inputs.name)
-    waiting = lambda: say(f"waiting for another process's build of {what} in {build_dir}")  # noqa: E731
-    with taking_turns(build_dir / TURN_FILE, on_wait=waiting):
-        loaded = load_finished(inputs.name, build_dir, inputs.is_python_module)
-        if loaded is not None:
+    began = time.perf_counter()
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        what = build_described(inputs.name)
+        waiting = lambda: say(f"waiting for another process's build of {what} in {build_dir}")  # noqa: E731
+        with taking_turns(build_dir / TURN_FILE, on_wait=waiting):
+            loaded = load_finished(inputs.name, build_dir, inputs.is_python_module)
+            if loaded is not None:
+                return loaded
+            clear_stale_build_locks(root, say=say, ops=[inputs.name])  # a killed build's torch lock
+            say(f"building {what} in {build_dir}, once for every checkout of these sources")
+            loaded = _build(inputs, build_dir, stage(inputs, build_dir), say)
+            _record_finished(inputs.name, build_dir)
             return loaded
-        clear_stale_build_locks(root, say=say, ops=[inputs.name])  # a killed build's torch lock
-        say(f"building {what} in {build_dir}, once for every checkout of these sources")
-        loaded = _build(inputs, build_dir, stage(inputs, build_dir), say)
-        _record_finished(inputs.name, build_dir)
-        return loaded
+    finally:
+        _UNFINISHED_LOADS.append((inputs.name, began, time.perf_counter() - began))
 
 
 # ninja's exit status when a signal (Ctrl-C's SIGINT, a SIGTERM) stopped its build

@@ -77,6 +77,18 @@ def build(
         from pretrain.model.lookups import LookupRecorder
 
         lookups = LookupRecorder(model.memory_layers())
+    evaluator = Evaluator(
+        cfg,
+        sources,
+        load_seen_probes(cfg, sources, tokenizer, metrics),
+        loaders,
+        info.device,
+        resolve_eval_sources(cfg.data, sources),
+        info.rank,
+        info.world_size,
+    )
+    if cfg.train.eval_every > 0:
+        metrics.line(evaluator.scope_line())
     return Trainer(
         cfg=cfg,
         info=info,
@@ -89,16 +101,7 @@ def build(
         checkpointer=checkpointer,
         resume_from=resume_from,
         metrics=metrics,
-        evaluator=Evaluator(
-            cfg,
-            sources,
-            load_seen_probes(cfg, sources, tokenizer, metrics),
-            loaders,
-            info.device,
-            resolve_eval_sources(cfg.data, sources),
-            info.rank,
-            info.world_size,
-        ),
+        evaluator=evaluator,
         state=state,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["total"],
         peak_flops=peak,

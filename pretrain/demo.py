@@ -87,7 +87,7 @@ def summarise(result, run_dir: Path, max_steps: int, argv: list[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="CPU pretraining demo on the embedded fact corpus")
-    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="the run config the demo trains")
     parser.add_argument("--resume", action="store_true", help="continue the previous demo run")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return parser

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from kernels.shared_builds import builds_since
 from pretrain import profiler_regions as regions
 from pretrain.cadence import Every
 from pretrain.checkpoint import Checkpointer
@@ -45,6 +46,19 @@ from pretrain.watchdog import HangWatchdog
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss under nan_policy=stop (or too many skipped steps); a checkpoint was saved."""
+
+
+def first_step_line(step: int, seconds: float, builds: list[tuple[str, float]]) -> str:
+    """The log line of this run's first step: its time, and the op builds in it (`builds`, op name and
+    seconds; each also said in a `memlayers: building ...` line), which are no compilation of the step."""
+    work = "compilation, start-up"
+    if builds:
+        spent = "; ".join(f"{seconds_built:.1f} s on the build of {name}" for name, seconds_built in builds)
+        work = f"{spent}; the rest {work}"
+    return (
+        f"step {step}: this run's first step took {seconds:.2f} s ({work}), left out of tokens/s, MFU and the "
+        "data-wait share"
+    )
 
 
 @dataclass
@@ -201,10 +215,7 @@ class Trainer:
         now = time.perf_counter()
         self.first_step_time = now - self.interval_start
         self.metrics.scalars({"perf/first_step_time_s": self.first_step_time}, self.state.step)
-        self.metrics.line(
-            f"step {self.state.step}: this run's first step took {self.first_step_time:.2f} s (compilation, "
-            "start-up), left out of tokens/s, MFU and the data-wait share"
-        )
+        self.metrics.line(first_step_line(self.state.step, self.first_step_time, builds_since(self.interval_start)))
         self.interval_start, self.interval_steps, self.interval_data_wait = now, 0, 0.0
 
     def run_periodic(self) -> None:

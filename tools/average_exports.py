@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="average exports of different training runs (a model soup of runs begun from one export); "
         "the latest input's slot table is kept",
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar on stderr (where stderr is not a terminal, the bar is a plain line every 30 s)",
+    )
     return parser
 
 

@@ -71,25 +71,30 @@ def doc_lengths(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=help_description(__doc__))
-    p.add_argument("--batch", type=positive_int, default=8 if cuda else 2)
-    p.add_argument("--seq-len", type=positive_int, default=2048 if cuda else 256)
-    p.add_argument("--heads", type=positive_int, default=16 if cuda else 4)
+    p.add_argument("--batch", type=positive_int, default=8 if cuda else 2, help="sequences per batch")
+    p.add_argument("--seq-len", type=positive_int, default=2048 if cuda else 256, help="tokens per sequence")
+    p.add_argument("--heads", type=positive_int, default=16 if cuda else 4, help="query heads")
     p.add_argument(
         "--kv-heads",
         type=int_at_least(0, "0 = as --heads"),
         default=0,
         help="0: as --heads (no grouped-query attention)",
     )
-    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--head-dim", type=positive_int, default=64, help="dimension of each head")
     p.add_argument(
         "--doc-lengths",
         type=doc_lengths,
         default="128,512,2048" if cuda else "32,128",
         help="mean document lengths, comma-separated",
     )
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
-    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 3)
-    p.add_argument("--json", type=output_file("bench_attention.json"), default=None)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32", help="dtype of q, k and v")
+    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 3, help="timed calls per case")
+    p.add_argument(
+        "--json",
+        type=output_file("bench_attention.json"),
+        default=None,
+        help="also write the results to this JSON file",
+    )
     return p
 
 

@@ -52,8 +52,13 @@ def timed_saves(config: Path | None, run_dir: Path, saves: int) -> tuple[list[fl
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=help_description(__doc__))
-    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-    p.add_argument("--saves", type=positive_int, default=8)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+        help="the run config whose model and optimizer state are saved",
+    )
+    p.add_argument("--saves", type=positive_int, default=8, help="timed saves per variant")
     p.add_argument(
         "--dir", type=output_folder, default=None, help="where the runs are written (default: a temporary folder)"
     )

@@ -134,10 +134,21 @@ def rotary_shape(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", type=shape, nargs="+", default=[shape(s) for s in DEFAULT_SHAPES])
-    p.add_argument("--rotary-shape", type=rotary_shape, default=rotary_shape("16:128:4:32"))
+    p.add_argument(
+        "--shapes",
+        type=shape,
+        nargs="+",
+        default=[shape(s) for s in DEFAULT_SHAPES],
+        help="scoring shapes to time, each T:H:n_keys:k:k_dim",
+    )
+    p.add_argument(
+        "--rotary-shape",
+        type=rotary_shape,
+        default=rotary_shape("16:128:4:32"),
+        help="rotary embedding shape to time, B:S:H:head_dim",
+    )
     p.add_argument("--threads", type=positive_int, default=2, help="row_topk's threads beside 1")
-    p.add_argument("--rounds", type=positive_int, default=11)
+    p.add_argument("--rounds", type=positive_int, default=11, help="timed rounds per call (the median is reported)")
     p.add_argument("--json", type=output_file("cpu_paths.json"), default=None, help="also write every call's time")
     return p
 

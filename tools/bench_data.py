@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config-data", action="store_true", help="the loader rounds read --config's data.dir or data.sources"
     )
     ap.add_argument("--entities", type=positive_int, default=2000, help="fact-world size of the benchmark corpus")
-    ap.add_argument("--micro-batch", type=positive_int, default=16)
+    ap.add_argument(
+        "--micro-batch", type=positive_int, default=16, help="rows per loader batch and per training micro-batch"
+    )
     ap.add_argument(
         "--seq-len", type=positive_int, default=128, help="of the embedded corpus (a prepared dataset's is its own)"
     )
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--files", type=positive_int, default=5000, help="one-document files of the folder prepare_data reads"
     )
-    ap.add_argument("--train-steps", type=positive_int, default=3)
+    ap.add_argument("--train-steps", type=positive_int, default=3, help="training steps timed beside the loader")
     ap.add_argument("--json", type=output_file("bench_data.json"), default=None, help="also write the raw times here")
     return ap
 

@@ -110,14 +110,18 @@ def time_lm_eval(export_dir: Path, probes: int) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--prompt-tokens", type=positive_int, default=64)
-    parser.add_argument("--new-tokens", type=positive_int, default=256)
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument(
+        "--config", default="configs/tiny.yaml", help="the run config whose model generates (random weights)"
+    )
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64, help="tokens in each prompt")
+    parser.add_argument("--new-tokens", type=positive_int, default=256, help="tokens generated per prompt")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes to time")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="timed rounds per batch size")
     parser.add_argument("--threads", type=int_at_least(0, "0: torch's default"), default=1, help="torch threads")
     parser.add_argument("--lm-eval", metavar="EXPORT_DIR", default=None, help="also time memlayers-eval on an export")
-    parser.add_argument("--lm-eval-probes", type=positive_int, default=200)
+    parser.add_argument(
+        "--lm-eval-probes", type=positive_int, default=200, help="fact probes the --lm-eval timing asks"
+    )
     parser.add_argument("--json", type=output_file("generate.json"), default=None, help="also write the results here")
     return parser
 

@@ -46,16 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=positive_int, default=8 * 4096 if cuda else 256, help="T (paper: 8x4096)")
-    p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--k", type=positive_int, default=32)
-    p.add_argument("--n-keys", type=positive_int, default=1024 if cuda else 256)
-    p.add_argument("--k-dim", type=positive_int, default=256)
-    p.add_argument("--v-dims", type=positive_int, nargs="+", default=[1024, 2048])
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5)
+    p.add_argument("--heads", type=positive_int, default=4, help="memory heads (H)")
+    p.add_argument("--k", type=positive_int, default=32, help="slots each head reads per token (k)")
+    p.add_argument(
+        "--n-keys", type=positive_int, default=1024 if cuda else 256, help="sub-keys per half (N = n_keys^2 slots)"
+    )
+    p.add_argument("--k-dim", type=positive_int, default=256, help="key dimension (k_dim)")
+    p.add_argument("--v-dims", type=positive_int, nargs="+", default=[1024, 2048], help="value dimensions to time")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the tensors")
+    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5, help="timed calls per case")
     p.add_argument("--json", type=output_file("bench_kernels.json"), default=None, help="write all results here")
     p.add_argument("--sweep", action="store_true", help="scale n_keys 64..1024: product-key vs brute force")
-    p.add_argument("--sweep-tokens", type=positive_int, default=256 if cuda else 64)
+    p.add_argument("--sweep-tokens", type=positive_int, default=256 if cuda else 64, help="tokens (T) of the --sweep")
     p.add_argument(
         "--index-skew",
         type=non_negative_number("0 = the scoring's"),

@@ -32,18 +32,23 @@ from pretrain.parallel.compile import compile_objective  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=help_description(__doc__))
-    p.add_argument("--batch", type=positive_int, default=8 if cuda else 1)
-    p.add_argument("--seq-len", type=positive_int, default=2048)
-    p.add_argument("--vocab", type=positive_int, default=32000)
-    p.add_argument("--dtype", choices=sorted(kb.DTYPES), default="bf16")
+    p.add_argument("--batch", type=positive_int, default=8 if cuda else 1, help="sequences per batch")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence")
+    p.add_argument("--vocab", type=positive_int, default=32000, help="vocabulary size (logits per token)")
+    p.add_argument("--dtype", choices=sorted(kb.DTYPES), default="bf16", help="dtype of the logits")
     p.add_argument(
         "--z-loss",
         type=non_negative_number("0: cross-entropy only"),
         default=0.0,
         help="the z term's weight (optim.z_loss); 0: cross-entropy only",
     )
-    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5)
-    p.add_argument("--json", type=output_file("bench_objective.json"), default=None)
+    p.add_argument("--repeats", type=positive_int, default=20 if cuda else 5, help="timed calls per case")
+    p.add_argument(
+        "--json",
+        type=output_file("bench_objective.json"),
+        default=None,
+        help="also write the results to this JSON file",
+    )
     return p
 
 

@@ -44,9 +44,26 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
 def build_parser() -> argparse.ArgumentParser:
     spec = BenchSpec()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in ("n_keys", "v_dim", "dim", "n_layers", "heads", "k", "global_batch", "seq_len", "steps"):
-        ap.add_argument("--" + field.replace("_", "-"), type=positive_int, default=getattr(spec, field))
-    ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=spec.zero_stage)
+    helps = {
+        "n_keys": "sub-keys per half of the memory (N = n_keys^2 slots)",
+        "v_dim": "memory value dimension",
+        "dim": "model dimension",
+        "n_layers": "transformer layers",
+        "heads": "memory heads",
+        "k": "slots each head reads per token",
+        "global_batch": "sequences per step over all ranks",
+        "seq_len": "tokens per sequence",
+        "steps": "timed steps per configuration",
+    }
+    for field, text in helps.items():
+        ap.add_argument("--" + field.replace("_", "-"), type=positive_int, default=getattr(spec, field), help=text)
+    ap.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=spec.zero_stage,
+        help="DeepSpeed ZeRO stage of the dense weights",
+    )
     ap.add_argument("--configs", type=parse_configs, default="2:1,2:2", help="world size:P pairs, comma separated")
     ap.add_argument(
         "--json", type=output_file("bench_parallel.json"), default=None, help="also write every rank's record here"

@@ -43,14 +43,14 @@ def make_dataset(root: Path, shards: int) -> SimpleNamespace:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=help_description(__doc__))
-    ap.add_argument("--shards", type=positive_int, default=20000)
+    ap.add_argument("--shards", type=positive_int, default=20000, help="shards in the dataset made to check")
     ap.add_argument(
         "--dir",
         type=lambda text: Path(output_folder(text)),
         default=None,
         help="folder to make the dataset in, created if missing (a temporary folder if unset)",
     )
-    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--repeats", type=positive_int, default=5, help="timed checks after the first")
     return ap
 
 

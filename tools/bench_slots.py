@@ -118,9 +118,14 @@ def granularity(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per setting (each on and off)")
-    p.add_argument("--warmup", type=int_at_least(0), default=2)
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed first steps per setting")
     p.add_argument("--granularity", type=granularity, default="document", help="document, sequence or chunk:<n>")
-    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        type=torch_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device, e.g. cpu, cuda",
+    )
     p.add_argument(
         "--n-keys",
         type=int_at_least(0, "0 = the config's n_keys"),

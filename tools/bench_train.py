@@ -337,12 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated optim.value_optimizer values, one memory variant each (default: the config's)",
     )
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--compile", default="off", choices=["off", "on", "both"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="training dtype")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "on", "both"],
+        help="torch.compile the model: off, on, or both (one run each)",
+    )
     parser.add_argument("--ac", default="none", help="comma-separated train.activation_checkpointing modes")
     parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed first steps per run (compilation)")
-    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="rounds of every variant (alternated, so that drifts in the machine's speed spread over all)",
+    )
     parser.add_argument(
         "--data-cache",
         type=lambda t: Path(output_folder(t)),  # a file failed every variant, each after its start-up

@@ -51,8 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     step, layer = StepSpec(), LayerSpec()
     p.add_argument("--n-keys", default=",".join(map(str, step.n_keys)), help="comma-separated n_keys (N = n_keys^2)")
-    for name in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats"):
-        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(step, name))
+    helps = {
+        "v_dim": "memory value dimension",
+        "dim": "model dimension",
+        "heads": "memory heads",
+        "k": "slots each head reads per token",
+        "k_dim": "key dimension",
+        "batch": "sequences per step",
+        "seq_len": "tokens per sequence",
+        "repeats": "timed steps per case",
+    }
+    for name, text in helps.items():
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(step, name), help=text)
     p.add_argument(
         "--dense-max-slots",
         type=int_at_least(0),
@@ -71,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=layer.n_keys,
         help="pool of the layer comparison; 0 skips it",
     )
-    p.add_argument("--layer-dim", type=positive_int, default=layer.dim)
+    p.add_argument("--layer-dim", type=positive_int, default=layer.dim, help="model dimension of the layer comparison")
     p.add_argument(
         "--device",
         default="cpu",

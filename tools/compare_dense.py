@@ -52,12 +52,14 @@ def summary(values: list[float]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=help_description(__doc__))
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--dense-config", default="configs/tiny_dense.yaml")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="the memory model's run config")
+    parser.add_argument("--dense-config", default="configs/tiny_dense.yaml", help="the dense baseline's run config")
     parser.add_argument(
         "--seeds", nargs="+", default=["0", "1", "2"], help="integers; key=value overrides may follow them"
     )
-    parser.add_argument("--json", type=output_file("compare.json"), default=None)
+    parser.add_argument(
+        "--json", type=output_file("compare.json"), default=None, help="also write the results to this JSON file"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to both configs")
     return parser
 

@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernels = sorted(lc.TUNERS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=positive_int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
-    p.add_argument("--kernels", nargs="+", choices=kernels, default=kernels)
+    p.add_argument(
+        "--kernels", nargs="+", choices=kernels, default=kernels, help="the autotuned kernels to compile (default: all)"
+    )
     p.add_argument(
         "--half-dim",
         type=int,

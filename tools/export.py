@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="run directory, its checkpoints/ folder, or one checkpoints/step_XXXXXXXX")
     parser.add_argument("out_dir", help="export folder to create")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="dtype of the written weights: fp32 (default) or bf16 (half the size)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing out_dir")
     parser.add_argument(
         "--dataset-dir",

@@ -66,10 +66,12 @@ def plot_lengths(r, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", type=Path, help="a dataset folder written by tools/prepare_data.py")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="the split to inspect: train (default) or val")
     p.add_argument("--rows", type=int_at_least(0, "0: none"), default=2, help="rows decoded (0: none)")
     p.add_argument("--top", type=int_at_least(0, "0: none"), default=20, help="most frequent tokens listed")
-    p.add_argument("--json", type=output_file("inspect.json"), default=None)
+    p.add_argument(
+        "--json", type=output_file("inspect.json"), default=None, help="also write the statistics to this JSON file"
+    )
     p.add_argument("--plot", type=image_file("lengths.png"), default=None, help="PNG of the document length histogram")
     return p
 

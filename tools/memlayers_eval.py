@@ -62,7 +62,11 @@ def lm_eval_command(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by tools/export.py")
-    parser.add_argument("--tasks", default="memlayers_facts,memlayers_facts_mc")
+    parser.add_argument(
+        "--tasks",
+        default="memlayers_facts,memlayers_facts_mc",
+        help="comma-separated lm_eval tasks (default: the fact-probe tasks memlayers_facts,memlayers_facts_mc)",
+    )
     parser.add_argument(
         "--write-tasks", metavar="DIR", default=None, help="write the fact-probe task folder to DIR and stop"
     )
@@ -78,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask the new facts (held out of pretraining) instead of the trained ones the run's fact recall asks",
     )
-    parser.add_argument("--batch-size", default="8")
-    parser.add_argument("--device", type=torch_device, default="cpu")
+    parser.add_argument("--batch-size", default="8", help="lm_eval --batch_size: a number, or auto")
+    parser.add_argument(
+        "--device", type=torch_device, default="cpu", help="torch device for lm_eval's model, e.g. cpu, cuda, cuda:1"
+    )
     parser.add_argument("--output", default=None, help="lm_eval --output_path")
     parser.add_argument("--limit", type=positive_int, default=None, help="lm_eval --limit (examples per task, N >= 1)")
     parser.add_argument("--online", action="store_true", help="allow hub downloads (standard tasks)")
@@ -102,6 +108,30 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"and --tasks {args.tasks} has neither: add one to --tasks or drop {', '.join(chosen)}"
         )
     return args
+
+
+def _explain_failure(status: int, args: argparse.Namespace, task_dir: Path | None, local_tasks: dict) -> None:
+    """The line after lm_eval's own error (often a long traceback): where the failing task's data comes from.
+    A task of the user's own (--task-dir) reads its files as its YAML says; a hub task, offline, only the
+    Hugging Face cache."""
+    asked = [t for t in (t.strip() for t in args.tasks.split(",")) if t and not t.startswith("memlayers_facts")]
+    own = [t for t in asked if t in local_tasks]
+    hub_tasks = [t for t in asked if t not in local_tasks]
+    if own and args.task_dir:
+        files = ", ".join(f"{t} ({local_tasks[t].name})" for t in own)
+        print(
+            f"error: lm_eval exited with status {status}. {files} {'is a task' if len(own) == 1 else 'are tasks'} "
+            f"of --task-dir {task_dir}: lm_eval's error above concerns {'its' if len(own) == 1 else 'their'} "
+            "YAML or the data files it names",
+            file=sys.stderr,
+        )
+    if hub_tasks and not args.online:  # lm_eval's own error is a datasets traceback
+        print(
+            f"error: lm_eval exited with status {status}. memlayers-eval runs it offline unless --online, so "
+            f"the data of {', '.join(hub_tasks)} is read only from the Hugging Face cache: on a machine that "
+            "reaches the hub, pass --online",
+            file=sys.stderr,
+        )
 
 
 def main(argv=None) -> int:
@@ -138,8 +168,7 @@ def main(argv=None) -> int:
                 )
                 if args.write_tasks:
                     return 0
-            if task_dir is not None:
-                check_task_dir(task_dir)
+            local_tasks = check_task_dir(task_dir) if task_dir is not None else {}
         except (ExportError, DataError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -157,14 +186,8 @@ def main(argv=None) -> int:
             env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         print("+ " + shlex.join(cmd), file=sys.stderr)
         status = subprocess.run(cmd, env=env, check=False).returncode
-        hub_tasks = [t for t in (t.strip() for t in args.tasks.split(",")) if t and not t.startswith("memlayers_facts")]
-        if status != 0 and hub_tasks and not args.online:  # lm_eval's own error is a datasets traceback
-            print(
-                f"error: lm_eval exited with status {status}. memlayers-eval runs it offline unless --online, so "
-                f"the data of {', '.join(hub_tasks)} is read only from the Hugging Face cache: on a machine that "
-                "reaches the hub, pass --online",
-                file=sys.stderr,
-            )
+        if status != 0:
+            _explain_failure(status, args, task_dir, local_tasks)
         return status
     finally:  # the scratch task folder goes also when writing or checking it failed
         if scratch:

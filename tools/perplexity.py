@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export_dir", help="a folder written by memlayers-export")
     parser.add_argument("--data", required=True, help="a dataset written by memlayers-prepare-data")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--split", default="val", help="the dataset split to score, whole: val (default) or train")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     parser.add_argument(
         "--max-batches", type=positive_int, default=None, help="at most N batches (default: the whole split)"
     )
@@ -32,9 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="attention within each document (default: as the run trained, data.document_masking)",
     )
-    parser.add_argument("--device", type=torch_device, default="cpu")
+    parser.add_argument(
+        "--device", type=torch_device, default="cpu", help="torch device to run the model on, e.g. cpu, cuda, cuda:1"
+    )
     parser.add_argument("--json", type=output_file("loss.json"), help="also write the result to this file")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar on stderr (where stderr is not a terminal, the bar is a plain line every 30 s)",
+    )
     return parser
 
 

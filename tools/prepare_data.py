@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst/.bz2/.xz compressed)",
     )
     ap.add_argument("--output", type=output_folder, help="dataset directory to create")
-    ap.add_argument("--seq-len", type=positive_int, default=1024)
+    ap.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=1024,
+        help="tokens per training sequence; must be <= the model's model.max_seq_len",
+    )
     ap.add_argument("--tokenizer", help="an existing sentencepiece model; default: train one on the corpus")
     ap.add_argument(
         "--vocab-size",
@@ -123,16 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1.0; as tools/train_tokenizer.py; refused with --tokenizer or --embedded)",
     )
     add_corpus_reading_options(ap)
-    ap.add_argument("--val-fraction", type=non_negative_number("below 1; 0: no validation split"), default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sequences-per-shard", type=positive_int, default=4096)
+    ap.add_argument(
+        "--val-fraction",
+        type=non_negative_number("below 1; 0: no validation split"),
+        default=0.01,
+        help="share of the documents held out for the val split (by a seeded hash of each document's index; 0: no val split)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the documents' draw into train and val")
+    ap.add_argument("--sequences-per-shard", type=positive_int, default=4096, help="sequences per shard file")
     ap.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
     ap.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --output when it is a prepared dataset (any other folder: refused)",
     )
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars on stderr (where stderr is not a terminal, each bar is a plain line every 30 s)",
+    )
     ap.add_argument(
         "--slice",
         help="i/N: tokenize only slice i of N (contiguous ranges of the sorted input files) "
@@ -140,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--merge", action="store_true", help="combine all slices of OUTPUT.slices/ into OUTPUT")
     ap.add_argument("--embedded", action="store_true", help="build the embedded fact corpus of --config")
-    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--config", default="configs/tiny.yaml", help="the run config whose data section --embedded builds")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (with --embedded)")
     return ap
 
@@ -271,6 +285,7 @@ def _prepare_corpus(ap: argparse.ArgumentParser, args) -> dict:
         workers=args.workers,
         show_progress=not args.no_progress,
         overwrite=args.overwrite,
+        on_sample=lambda line: print(line, flush=True),  # as train_tokenizer.py says it
     )
 
 

@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", required=True, help="export directory (tools/export.py)")
     p.add_argument("--data", required=True, nargs="+", help="finetuning text / JSONL files or directories")
     p.add_argument("--out", required=True, help="folder for the finetuned export")
-    p.add_argument("--method", choices=["sparse", "full", "lora"], default="sparse")
+    p.add_argument(
+        "--method",
+        choices=["sparse", "full", "lora"],
+        default="sparse",
+        help="sparse: only the memory value rows the batch reads most specifically (TF-IDF against the slot table); full: every weight; lora: low-rank adapters",
+    )
     p.add_argument(
         "--lr",
         type=positive_number(),
@@ -49,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sparse: clip the norm of the selected rows' gradient per step (0 = off, the default)",
     )
     p.add_argument("--lora-rank", type=positive_int, default=None, help="lora: the adapters' rank (default 8)")
-    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--epochs", type=positive_int, default=5, help="passes over the --data rows")
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument(
         "--batch-size",
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows per step: a document each, or a window of one longer than the model's context",
     )
     p.add_argument("--shuffle", action="store_true", help="reshuffle documents every epoch (default: file order)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the row order (--shuffle) and of torch's random state")
     add_corpus_reading_options(p, "--data")
     p.add_argument("--table", default=None, help="slot table to rank against instead of the export's")
     p.add_argument(
@@ -137,7 +142,9 @@ def load_and_check(args):
 
 
 def finetune_record(args, table, before: dict, history: list) -> dict:
-    """What the new export records of its finetuning: the method, its settings, data and history."""
+    """What the new export records of its finetuning: the method, its settings, data and history. Paths are
+    absolute: the record is read from the new export's folder, where one relative to the tool's folder
+    names nothing."""
     record = {
         "method": args.method,
         "lr": args.lr,
@@ -145,13 +152,13 @@ def finetune_record(args, table, before: dict, history: list) -> dict:
         "batch_size": args.batch_size,
         "shuffle": args.shuffle,
         "seed": args.seed,
-        "data": [str(p) for p in args.data],
+        "data": [str(Path(p).resolve()) for p in args.data],  # as given (a file, folder or pattern), made absolute
         "before": before,
         "history": history,
     }
     if args.method == "sparse":
         # the table ranked against (--table may name another than the export's, which the new export copies)
-        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm, table=str(table.path))
+        record.update(top_t=args.top_t, max_grad_norm=args.max_grad_norm, table=str(Path(table.path).resolve()))
     if args.method == "lora":
         record["lora_rank"] = args.lora_rank
     return record

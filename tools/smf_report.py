@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the export's embedded dataset (new_facts.jsonl, val split); default: the config's",
     )
-    p.add_argument("--epochs", type=positive_int, default=None)
-    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs of every run (default: the sweep's, 10)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="rows per step of every run (default: the sweep's, 6)"
+    )
     p.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N epochs (and after the last)")
     p.add_argument(
         "--runs",

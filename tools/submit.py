@@ -33,16 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--nodes", type=positive_int, default=1, help="Slurm nodes (#SBATCH --nodes)")
     p.add_argument("--gpus-per-node", type=positive_int, default=8, help="one task per GPU")
     p.add_argument("--cpu", action="store_true", help="CPU-only variant (gloo, DS_ACCELERATOR=cpu), for testing")
     p.add_argument("--tasks-per-node", type=positive_int, default=None, help="tasks per node for --cpu (default 1)")
     p.add_argument("--cpus-per-task", type=positive_int, default=None, help="default 8 (1 with --cpu)")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
+    p.add_argument("--partition", help="Slurm partition (#SBATCH --partition; default: the cluster's)")
+    p.add_argument("--account", help="Slurm account to charge (#SBATCH --account)")
+    p.add_argument("--qos", help="Slurm quality of service (#SBATCH --qos)")
+    p.add_argument("--constraint", help="Slurm node features required (#SBATCH --constraint), e.g. h100")
     p.add_argument(
         "--job-name",
         help="Slurm job name (default memlayers-<run dir name>); spaces allowed, not quotes, backslashes or newlines",

@@ -1,6 +1,7 @@
 """Rank memory slots for a text by TF-IDF against the export's slot-frequency table.
 
-`memlayers-tfidf --export DIR --text "Where was Ada born?" --top 500` prints, per memory
+`memlayers-tfidf --export DIR --text "Where was Ada born?" --top 500` (or `--file PATH`, `-` for
+stdin) prints, per memory
 layer (or --layer), the top slots, their scores and the tokens that selected them (only slots
 scoring above 0: one read in every table unit has idf 0, no sign of being specific). The text
 is read as memlayers-smf-finetune reads a document (pretrain.smf.dataset.document_rows: a leading
@@ -31,8 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="export directory (model.safetensors, config.json, tokenizer.model, slot_frequencies.safetensors)",
     )
-    p.add_argument("--text", required=True, help="text whose memory accesses are ranked")
-    p.add_argument("--top", type=positive_int, default=500)
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="text whose memory accesses are ranked")
+    text.add_argument(
+        "--file",
+        metavar="PATH",
+        help="read the text from a UTF-8 file, read whole as one document (- for stdin), instead of --text",
+    )
+    p.add_argument("--top", type=positive_int, default=500, help="list at most this many slots per layer")
     p.add_argument("--layer", default=None, help="memory layer name, e.g. layers.2 (default: all)")
     p.add_argument("--table", default=None, help="slot table to use instead of the export's")
     p.add_argument(
@@ -43,10 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_text(path: str) -> str:
+    """The text of --file: a UTF-8 file read whole (a document, as memlayers-smf-finetune reads a file), or
+    stdin for `-`. Read before the export is loaded, so an unreadable file is named before any work."""
+    if path == "-":
+        return sys.stdin.buffer.read().decode("utf-8")
+    return Path(path).read_text(encoding="utf-8")
+
+
 @ends_quietly_when_the_reader_stops
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.file is not None:
+        try:
+            args.text = read_text(args.file)
+        except UnicodeDecodeError as err:
+            print(f"error: --file {args.file} is not UTF-8 text (byte {err.start}: {err.reason})", file=sys.stderr)
+            return 2
+        except OSError as err:
+            print(f"error: --file {args.file}: {err.strerror}", file=sys.stderr)
+            return 2
     from pretrain.export.errors import ExportError
     from pretrain.export.folders import check_export_dir
 
@@ -59,7 +83,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not tok_path.is_file():
-        print(f"error: {tok_path} missing: the export needs its tokenizer to encode --text", file=sys.stderr)
+        print(f"error: {tok_path} missing: the export needs its tokenizer to encode the text", file=sys.stderr)
         return 2
     from pretrain.data import DataError, Tokenizer
     from pretrain.smf.dataset import collate, document_rows
@@ -74,7 +98,7 @@ def main(argv=None) -> int:
     # memlayers-smf-finetune picks for it in one batch
     rows = document_rows(args.text, tokenizer, model.cfg.max_seq_len)
     if not rows:
-        print("error: --text encodes to no tokens", file=sys.stderr)
+        print(f"error: {'--file ' + args.file if args.file else '--text'} encodes to no tokens", file=sys.stderr)
         return 2
     batch = collate(rows)
     span, num_tokens = model.cfg.max_seq_len, int(batch.keep.sum())

@@ -26,11 +26,9 @@ from pretrain.cli import (  # noqa: E402
     stop_signals_exit,
 )
 from pretrain.data import DataError, iter_documents, train_tokenizer  # noqa: E402
-from pretrain.data.corpus import check_record_files, input_bytes  # noqa: E402
+from pretrain.data.corpus import check_record_files  # noqa: E402
 from pretrain.data.input_files import resolve_files  # noqa: E402
-from pretrain.data.tokenizer import SampleSize  # noqa: E402
-from pretrain.refused_writes import mib  # noqa: E402
-from pretrain.words import counted  # noqa: E402
+from pretrain.data.tokenizer import sample_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="files, directories or glob patterns (text, .jsonl, .parquet; .gz/.zst/.bz2/.xz compressed)",
     )
     ap.add_argument("--output", required=True, type=output_file("tokenizer.model"), help="the .model file to write")
-    ap.add_argument("--vocab-size", type=positive_int, default=32000)
-    ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    ap.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=32000,
+        help="pieces in the tokenizer, at most (fewer when the sample holds no more)",
+    )
+    ap.add_argument(
+        "--model-type",
+        default="bpe",
+        choices=["bpe", "unigram"],
+        help="sentencepiece's algorithm: bpe (default) or unigram",
+    )
     ap.add_argument(
         "--character-coverage",
         type=fraction("1: a piece for every character"),
@@ -80,16 +88,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-
-
-def sample_line(size: SampleSize, files: list[Path], inputs: list[str]) -> str:
-    """What the tokenizer is trained on, and drawn from: a 50 GB corpus gives it --max-sentences lines."""
-    share = "all" if size.lines == size.lines_read else "a seeded uniform sample"
-    return (
-        f"tokenizer sample: {size.lines:,} of {size.lines_read:,} non-blank lines ({share}; {mib(size.bytes)} of "
-        f"{mib(size.bytes_read)} of text), from {size.documents_read:,} document{'s' * (size.documents_read != 1)} in "
-        f"{counted(len(files), 'file')} ({mib(input_bytes(files))} as stored) of --input {' '.join(inputs)}"
-    )
 
 
 def _train(args: argparse.Namespace) -> int:

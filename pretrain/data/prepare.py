@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from pretrain.data.corpus import CorpusStats, check_record_files, input_bytes, iter_documents, most_documents
 from pretrain.data.errors import DataError
 from pretrain.data.input_files import resolve_files
 from pretrain.data.shards import FORMAT, ShardWriter, token_dtype_for, write_manifest
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.tokenizer import SampleSize, Tokenizer, sample_line, train_tokenizer
 from pretrain.data.worker_pool import ordered_map
 from pretrain.files import atomic_directory
+from pretrain.progress_bars import progress_bar
 
 _MASK64 = (1 << 64) - 1
 # Characters sent to the tokenizer at once (see tokenize_documents): the bar of input read moves by about
@@ -266,7 +266,7 @@ def _write_documents(
     """Route each non-empty document to its split's writer; return (documents written, empty ones).
     `written`: called after each document, empty ones (no tokens) too."""
     documents = empty = 0
-    with tqdm(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress) as bar:
+    with progress_bar(total=None, unit="tok", unit_scale=True, desc="prepare", disable=not show_progress) as bar:
         for ids in token_docs:
             if written is not None:
                 written()
@@ -353,9 +353,12 @@ def prepare_corpus(
     workers: int = 1,
     show_progress: bool = True,
     overwrite: bool = False,
+    on_sample: Callable[[str], None] | None = None,
 ) -> dict:
     """Real corpus -> dataset. Trains a tokenizer on a sample when `tokenizer_path` is None
-    (`vocab_size`, `character_coverage`: as train_tokenizer's)."""
+    (`vocab_size`, `character_coverage`: as train_tokenizer's); `on_sample` is then given the line that
+    says what the sample holds (pretrain.data.tokenizer.sample_line, as train_tokenizer.py prints it),
+    once the sample is drawn and before the training."""
     check_settings(seq_len, val_fraction, sequences_per_shard)
     files = resolve_files(inputs, fmt=fmt)  # once for every pass: missing inputs fail here, before any work
     check_output_dir(out_dir, inputs, overwrite, files=files)
@@ -374,8 +377,18 @@ def prepare_corpus(
         if tokenizer_path is None:
             with _reading("tokenizer sample", total, show_progress) as progress:
                 documents = iter_documents(inputs, fmt, text_field, files=files, progress=progress)
+
+                def drawn(size: SampleSize) -> None:
+                    progress.finish()  # the bar's last line before the sample's (the training takes minutes)
+                    if on_sample is not None:
+                        on_sample(sample_line(size, files, inputs))
+
                 tokenizer = train_tokenizer(
-                    documents, Path(tmp) / "tokenizer.model", vocab_size, character_coverage=character_coverage
+                    documents,
+                    Path(tmp) / "tokenizer.model",
+                    vocab_size,
+                    character_coverage=character_coverage,
+                    on_sample=drawn,
                 )
         else:
             tokenizer = Tokenizer(tokenizer_path)
@@ -402,21 +415,35 @@ def prepare_corpus(
             )
 
 
-@contextmanager
-def _reading(desc: str, total: int, show: bool) -> Iterator[Callable[..., None]]:
+class _ReadingBar:
     """A bar of the input bytes read (the token count alone, before, gave no sense of how far a
-    preparation was: a 100 MB corpus ran 2 min 24 s showing 'prepare: 28.1Mtok'); yields the callback
-    that moves it to a number of bytes read, `move(read)`, or, within a document read by then, to the
-    `share` of the way from the last whole document to it, `move(read, share)` (a 60 MiB document is
-    ~50 s of tokenizing); fills it at the end (empty documents after the last)."""
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show) as bar:
-        whole = 0  # the input read by the last whole document
+    preparation was: a 100 MB corpus ran 2 min 24 s showing 'prepare: 28.1Mtok'). Called as `bar(read)`
+    it moves to a number of bytes read, as `bar(read, share)`, within a document read by then, to the
+    `share` of the way from the last whole document to it (a 60 MiB document is ~50 s of tokenizing);
+    `finish()` fills and closes it (empty documents after the last)."""
 
-        def move(read: int, share: float = 1.0) -> None:
-            nonlocal whole
-            bar.update(max(whole + int((read - whole) * share) - bar.n, 0))
-            if share == 1.0:
-                whole = max(whole, read)
+    def __init__(self, desc: str, total: int, show: bool):
+        self.bar = progress_bar(total=total, unit="B", unit_scale=True, desc=desc, disable=not show)
+        self.total = total
+        self.whole = 0  # the input read by the last whole document
 
-        yield move
-        bar.update(total - bar.n)
+    def __call__(self, read: int, share: float = 1.0) -> None:
+        self.bar.update(max(self.whole + int((read - self.whole) * share) - self.bar.n, 0))
+        if share == 1.0:
+            self.whole = max(self.whole, read)
+
+    def finish(self) -> None:
+        if not self.bar.disable:
+            self.bar.update(self.total - self.bar.n)
+        self.bar.close()
+
+
+@contextmanager
+def _reading(desc: str, total: int, show: bool) -> Iterator[_ReadingBar]:
+    """A `_ReadingBar`, filled and closed at the end (or earlier by its `finish()`)."""
+    bar = _ReadingBar(desc, total, show)
+    try:
+        yield bar
+        bar.finish()
+    finally:
+        bar.bar.close()

@@ -5,8 +5,10 @@
 The trainer is native code: in the caller's process it held the main thread, and with it every Python
 signal handler, until it returned (minutes on a large sample). Here the caller can kill it at once.
 It ignores the stop signals and Ctrl-C, which Slurm and the terminal send to every process of the
-step or group: the caller decides the stop. The model goes to MODEL_PATH.tmp, renamed to MODEL_PATH
-when complete. On Linux it dies with its caller (a kill -9 of the tool, the OOM killer), where it
+step or group: the caller decides the stop. MODEL_PATH lies in a temporary folder of the caller's own
+(tempfile.TemporaryDirectory), never beside the tool's output, so concurrent runs do not share it; the
+caller moves the model to its output with pretrain.files.atomic_write. The model goes to MODEL_PATH.tmp,
+renamed to MODEL_PATH when complete. On Linux it dies with its caller (a kill -9 of the tool, the OOM killer), where it
 would train on for minutes, its model unread. Only the standard library and sentencepiece are imported: it starts in a blink.
 """
 

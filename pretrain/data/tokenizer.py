@@ -231,6 +231,21 @@ class SampleSize:
     documents_read: int = 0
 
 
+def sample_line(size: SampleSize, files: list[Path], inputs: list[str]) -> str:
+    """The line train_tokenizer and prepare_data print once the sample is drawn: what the tokenizer is
+    trained on, and drawn from (a 50 GB corpus gives it --max-sentences lines)."""
+    from pretrain.data.corpus import input_bytes
+    from pretrain.refused_writes import mib
+    from pretrain.words import counted
+
+    share = "all" if size.lines == size.lines_read else "a seeded uniform sample"
+    return (
+        f"tokenizer sample: {size.lines:,} of {size.lines_read:,} non-blank lines ({share}; {mib(size.bytes)} of "
+        f"{mib(size.bytes_read)} of text), from {size.documents_read:,} document{'s' * (size.documents_read != 1)} in "
+        f"{counted(len(files), 'file')} ({mib(input_bytes(files))} as stored) of --input {' '.join(map(str, inputs))}"
+    )
+
+
 def _lines(documents: Iterable[str], keep_whitespace: bool = True, size: SampleSize | None = None) -> Iterator[str]:
     """Non-blank lines, cut to MAX_SENTENCE_BYTES; their indentation kept with `keep_whitespace`. `size`
     counts the documents, lines and bytes read."""

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pretrain.config import model_differences
 from pretrain.export.errors import ExportError
@@ -33,6 +32,7 @@ from pretrain.export.folders import check_export_dir
 from pretrain.export.safetensors_io import DTYPES, StreamWriter, read_header, read_rows
 from pretrain.export.writer import check_output_folder
 from pretrain.files import atomic_directory, file_sha256
+from pretrain.progress_bars import progress_bar
 
 WEIGHTS = "model.safetensors"
 REQUIRED = ("config.json", WEIGHTS, "tokenizer.model")
@@ -170,7 +170,7 @@ def average_exports(
     }
     nbytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in latest.tensors.values())
     with atomic_directory(out_dir) as tmp:
-        bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc="average", disable=not show_progress)
+        bar = progress_bar(total=nbytes, unit="B", unit_scale=True, desc="average", disable=not show_progress)
         with bar, StreamWriter(tmp / WEIGHTS, specs, metadata=metadata) as writer:
             for name, shape, dtype in specs:
                 for block in _mean_row_blocks(inputs, share, name, shape):

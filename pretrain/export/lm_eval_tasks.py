@@ -216,10 +216,11 @@ def _write_choice_task(out_dir: Path, kept: list[dict], all_probes, text: str, c
     return mc_skipped
 
 
-def check_task_dir(task_dir: str | Path) -> None:
+def check_task_dir(task_dir: str | Path) -> dict[str, Path]:
     """Every task YAML parses, and each fact task's (memlayers_facts*) data file exists with
     question/answer records, or an error naming the file (and line) and how to re-create it. Other
-    tasks in the folder (a user's own, over their own text) are lm_eval's to read."""
+    tasks in the folder (a user's own, over their own text) are lm_eval's to read. Returns the task
+    and group names the folder defines, each with its YAML file."""
     import yaml
 
     task_dir = Path(task_dir)
@@ -232,6 +233,7 @@ def check_task_dir(task_dir: str | Path) -> None:
     for path in files:  # lm_eval would load a killed writer's temporary as a task too
         if TEMP_MARK in path.name:
             raise ExportError(f"{path} is the temporary of an interrupted write: delete it, or {fix}")
+    defined: dict[str, Path] = {}
     for path in files:
         try:
             config = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -239,6 +241,9 @@ def check_task_dir(task_dir: str | Path) -> None:
             raise ExportError(f"{path} is not valid YAML ({err}): {fix}") from None
         if not isinstance(config, dict) or not ("task" in config or "group" in config):
             raise ExportError(f"{path} is not a task definition (no 'task' or 'group' key): {fix}")
+        name = config["group"] if "group" in config else config["task"]
+        if isinstance(name, str):
+            defined[name] = path
         if "group" in config or not str(config["task"]).startswith(GROUP):
             continue  # a group, or a task of the user's own beside them: lm_eval reads and checks it as written
         try:
@@ -255,3 +260,4 @@ def check_task_dir(task_dir: str | Path) -> None:
             missing = DATA_KEYS - set(record) if isinstance(record, dict) else DATA_KEYS
             if missing:
                 raise ExportError(f"{data}:{lineno}: record lacks {sorted(missing)}: {fix}")
+    return defined

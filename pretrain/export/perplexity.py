@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pretrain.data import ShardLoader, read_manifest
 from pretrain.data.loader import IGNORE_INDEX
 from pretrain.export.loading import export_tokenizer
+from pretrain.progress_bars import progress_bar
 
 
 @torch.no_grad()
@@ -59,7 +59,7 @@ def dataset_loss(
     if max_batches > 0:
         total_batches = min(total_batches, max_batches)
     nll, tokens, sequences = 0.0, 0, 0
-    bar = tqdm(total=total_batches, unit="batch", desc=f"loss on {split}", disable=not show_progress)
+    bar = progress_bar(total=total_batches, unit="batch", desc=f"loss on {split}", disable=not show_progress)
     for i, batch in enumerate(loader):
         if max_batches > 0 and i >= max_batches:
             break

@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pretrain.checksums import checksum_problem
 from pretrain.export.dense import dense_state_dict
@@ -33,6 +32,7 @@ from pretrain.export.source import SLOT_TABLE, CheckpointSource, inspect
 from pretrain.files import atomic_directory, file_in_the_way, file_sha256
 from pretrain.model import Transformer, count_parameters
 from pretrain.model.config import ModelConfig
+from pretrain.progress_bars import progress_bar
 
 WEIGHTS = "model.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -179,7 +179,7 @@ def write_weights(src: CheckpointSource, path: Path, dtype: torch.dtype, show_pr
             f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
         )
     total = sum(_nbytes(shape, dtype) for _, shape, _ in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not show_progress)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="export", disable=not show_progress)
     with bar, StreamWriter(path, specs, metadata={"format": "pt", "step": src.step}) as writer:
         for name, shape, _ in specs:
             if name.startswith("values."):

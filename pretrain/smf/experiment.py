@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pretrain.data import Tokenizer
 from pretrain.export import load
 from pretrain.export.perplexity import trained_with_document_masking
 from pretrain.files import atomic_write
+from pretrain.progress_bars import progress_bar
 from pretrain.slots import SlotTable, load_export_for_tfidf
 from pretrain.smf.dataset import FinetuneSet
 from pretrain.smf.evaluation import LearningForgettingEval
@@ -195,7 +195,7 @@ def run_sweep(
         "before": {**evaluate(load(export_dir)), **evaluate.guessing()},
         "runs": [],
     }
-    bar = tqdm(runs, desc="smf sweep", unit="run", disable=not show_progress)
+    bar = progress_bar(runs, desc="smf sweep", unit="run", disable=not show_progress)
     for spec in bar:
         bar.set_postfix_str(spec.label)
         torch.manual_seed(settings.seed)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from data_helpers import SEQ_LEN, write_jsonl  # noqa: E402
+from pretrain import progress_bars
 from pretrain.config import DataConfig, SyntheticConfig
 from pretrain.data import (
     CorpusStats,
@@ -45,7 +46,7 @@ def recorded_bars(monkeypatch) -> dict[str, list[int]]:
     """prepare's progress bars, each one's positions after every update, by their descriptions."""
     bars: dict[str, list[int]] = {}
 
-    class Recorded(prepare_mod.tqdm):
+    class Recorded(progress_bars.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars[kwargs["desc"]] = self.positions = []
@@ -54,7 +55,7 @@ def recorded_bars(monkeypatch) -> dict[str, list[int]]:
             super().update(n)
             self.positions.append(self.n)
 
-    monkeypatch.setattr(prepare_mod, "tqdm", Recorded)
+    monkeypatch.setattr(progress_bars, "tqdm", Recorded)
     return bars
 
 
@@ -857,6 +858,7 @@ def test_embedded_dataset_is_cached_and_probes_load(tmp_path):
 
 KILLED_EMBEDDED_BUILD = """
 import os, signal, sys
+from pretrain import progress_bars
 from pretrain.config import DataConfig, SyntheticConfig
 from pretrain.data import embedded
 def killed(*args, **kwargs):  # the tokenizer is trained into the scratch folder by now
@@ -1317,3 +1319,57 @@ def test_the_tokenizer_tool_says_how_much_text_it_sampled_and_from_where(tmp_pat
     assert sampled, first
     assert tokenizer_cli.main(argv) == 0  # every line
     assert capsys.readouterr().out.startswith(f"tokenizer sample: {len(lines)} of {len(lines)} non-blank lines (all;")
+
+
+def test_progress_in_a_log_comes_as_plain_lines(tmp_path, tokenizer):
+    """With stderr a pipe (a Slurm log, `2> log`), prepare_data wrote tqdm's in-place redraws: carriage
+    returns, a log of `\\r`-joined redraws on one line. It now writes plain lines (pretrain.progress_bars):
+    a bounded few per bar, the last saying how far the work got."""
+    corpus = tmp_path / "a.jsonl"
+    corpus.write_text("".join(f'{{"text": "document {i} of the progress corpus"}}\n' for i in range(400)))
+    argv = ["--input", str(corpus), "--tokenizer", str(tokenizer.path), "--output", "ds", "--seq-len", "16"]
+    tool = Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py"
+    # bytes: text=True would read each carriage return as a line break
+    done = subprocess.run(
+        [sys.executable, str(tool), *argv, "--val-fraction", "0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=120,
+    )
+    log = done.stderr.decode()
+    assert done.returncode == 0, log
+    assert "\r" not in log and "\x1b" not in log, repr(log)
+    read = [line for line in log.split("\n") if line.startswith("read:")]
+    tokens = [line for line in log.split("\n") if line.startswith("prepare:")]
+    # the start and the end of each bar in a run of seconds (one more per LOG_INTERVAL_S on a long one)
+    assert 1 <= len(read) <= 3 and 1 <= len(tokens) <= 3, log
+    size = progress_bars.tqdm.format_sizeof(corpus.stat().st_size)  # as tqdm writes a count: 3 digits and a unit
+    assert "100%" in read[-1] and f"{size}/{size}" in read[-1], read[-1]
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    written = sum(split["tokens"] for split in manifest["splits"].values())
+    assert tokens[-1].startswith(f"prepare: {progress_bars.tqdm.format_sizeof(written)}tok "), (tokens[-1], written)
+
+
+def test_prepare_data_training_a_tokenizer_says_how_much_text_it_sampled(tmp_path, capsys):
+    """prepare_data.py without --tokenizer trains one and said nothing of its sample, where
+    train_tokenizer.py prints `tokenizer sample: ...`. It prints the same line (the same code,
+    pretrain.data.tokenizer.sample_line); the reference counts the lines and bytes of the text written."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "café", "epsilon"]
+    documents = [[" ".join(words[(d + i + j) % 6] for j in range(5)) for i in range(3)] for d in range(300)]
+    (corpus / "a.txt").write_text("\n\n".join("\n".join(lines) for lines in documents) + "\n")
+    lines = [line for doc in documents for line in doc]
+    text_bytes = sum(len(line.encode()) for line in lines)
+    stored = (corpus / "a.txt").stat().st_size
+    argv = ["--input", str(corpus), "--format", "blocks", "--output", str(tmp_path / "ds"), "--vocab-size", "300"]
+    assert prepare_cli.main([*argv, "--seq-len", "16", "--val-fraction", "0.1", "--no-progress"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == (
+        f"tokenizer sample: {len(lines)} of {len(lines)} non-blank lines (all; {round(text_bytes / 1024)} KiB of "
+        f"{round(text_bytes / 1024)} KiB of text), from 300 documents in 1 file ({round(stored / 1024)} KiB as "
+        f"stored) of --input {corpus}"
+    ), said
+    assert tokenizer_cli.main([*argv[:4], "--output", str(tmp_path / "t.model"), "--vocab-size", "300"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == said[0]  # the tokenizer tool's line, word for word

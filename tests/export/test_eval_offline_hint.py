@@ -48,3 +48,28 @@ def test_a_hub_task_failing_offline_names_online(export_stub, monkeypatch, capsy
         )
     else:
         assert "--online" not in err.splitlines()[-1]
+
+
+def test_a_failing_task_of_ones_own_names_its_task_folder_not_the_hub(export_stub, tmp_path, monkeypatch, capsys):
+    """A task of one's own (--task-dir) that failed in lm_eval (its data file moved, say) was blamed on the
+    Hugging Face cache and --online, which it never reads. The last line now names the task, its YAML and
+    the folder; a hub task asked beside it is still named with --online."""
+    tasks = tmp_path / "own-tasks"
+    tasks.mkdir()
+    (tasks / "own_text.yaml").write_text(
+        "task: own_text\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'moved.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\n"
+    )
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env=None, **_: subprocess.CompletedProcess(cmd, 1))
+    argv = [str(export_stub), "--task-dir", str(tasks), "--tasks", "own_text"]
+    assert memlayers_eval_tool.main(argv) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        f"error: lm_eval exited with status 1. own_text (own_text.yaml) is a task of --task-dir {tasks}: "
+        "lm_eval's error above concerns its YAML or the data files it names"
+    )
+    assert memlayers_eval_tool.main([*argv[:-1], "own_text,hellaswag"]) == 1
+    said = capsys.readouterr().err.splitlines()[-2:]
+    assert said[0].startswith("error: lm_eval exited with status 1. own_text (own_text.yaml) is a task of")
+    assert "the data of hellaswag is read only from the Hugging Face cache" in said[1]

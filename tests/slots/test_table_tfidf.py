@@ -546,3 +546,25 @@ def test_top_tfidf_slots_never_picks_a_slot_without_signal():
             assert top_tfidf_slots(counts, doc_freq, units, top).tolist() == signal[:top]
     # every slot the batch reads is in every unit: nothing to update
     assert top_tfidf_slots(torch.tensor([2, 0, 1]), torch.tensor([4, 4, 4]), 4, 3).tolist() == []
+
+
+def test_tfidf_tool_reads_the_text_from_a_file_or_stdin(export_dir, tmp_path, monkeypatch, capsys):
+    """--text alone took the text on the command line (a paragraph had to be quoted into it); --file reads
+    a file whole, `-` stdin, and ranks as --text of the same text does. A file that cannot be read is named."""
+    out, *_ = export_dir
+    text = "where was ada born\nthe cat sat on the mat\n"
+    assert tfidf_tool.main(["--export", str(out), "--text", text, "--top", "7"]) == 0
+    want = capsys.readouterr().out
+    (tmp_path / "q.txt").write_text(text, encoding="utf-8")
+    assert tfidf_tool.main(["--export", str(out), "--file", str(tmp_path / "q.txt"), "--top", "7"]) == 0
+    assert capsys.readouterr().out == want
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    assert tfidf_tool.main(["--export", str(out), "--file", "-", "--top", "7"]) == 0
+    assert capsys.readouterr().out == want
+    assert tfidf_tool.main(["--export", str(out), "--file", str(tmp_path / "absent.txt")]) == 2
+    assert capsys.readouterr().err == f"error: --file {tmp_path / 'absent.txt'}: No such file or directory\n"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert tfidf_tool.main(["--export", str(out), "--file", str(tmp_path / "latin1.txt")]) == 2
+    assert "is not UTF-8 text (byte 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one text or the other
+        tfidf_tool.main(["--export", str(out), "--text", text, "--file", str(tmp_path / "q.txt")])

@@ -1,6 +1,7 @@
 """Full finetuning and LoRA baselines, the finetuned export, and the finetuning set."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -416,3 +417,19 @@ def test_finetuning_an_export_without_probes_reports_the_loss_on_its_own_text(sm
     assert record["history"][-1]["data_loss"] == pytest.approx(loss_of(out), rel=1e-5)
     assert record["history"][-1]["data_loss"] < record["before"]["data_loss"]  # full finetuning learns its text
     assert f"before data_loss {record['before']['data_loss']:.4g}" in capsys.readouterr().out
+
+
+def test_the_finetune_record_names_the_table_and_data_by_absolute_paths(smf_export, tmp_path, monkeypatch, capsys):
+    """Run from the folder above the export with relative paths, the record stored the table relative
+    (`export/slot_frequencies.safetensors`) beside the --data as given; read from the new export's folder, a
+    relative path names nothing there. Both are now absolute, resolved."""
+    from tools.smf_finetune import main
+
+    export, dataset = smf_export
+    monkeypatch.chdir(export.parent)
+    data = os.path.relpath(dataset / "new_facts.jsonl", export.parent)
+    argv = ["--export", export.name, "--data", data, "--out", str(tmp_path / "out"), "--method", "sparse"]
+    assert main([*argv, "--epochs", "1", "--top-t", "16"]) == 0
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["memlayers"]["finetune"]
+    assert record["table"] == str((export / "slot_frequencies.safetensors").resolve())
+    assert record["data"] == [str((dataset / "new_facts.jsonl").resolve())]

@@ -55,3 +55,28 @@ def test_no_source_with_probes_says_fact_recall_is_not_evaluated(tmp_path):
     metrics = Lines()
     assert load_seen_probes(cfg, [_source("a", tmp_path, probes=False)], CharTokenizer(), metrics) is None
     assert metrics.lines == ["data: no probes.jsonl in the data: fact recall is not evaluated (validation loss is)"]
+
+
+def test_the_evaluation_says_which_rows_its_losses_cover():
+    """val_loss is over the first train.eval_batches x train.micro_batch rows of each split, and
+    memlayers-perplexity's over the whole split: a walk read 5.516 in the training log against 5.602 from
+    the tool, with nothing in the log saying they cover other rows. A start-up line now says it."""
+    from pretrain.evaluate import Evaluator
+
+    def source(name, val, train=1000):
+        splits = {"train": {"sequences": train}, **({"val": {"sequences": val}} if val else {})}
+        return SimpleNamespace(name=name, has_validation=bool(val), manifest={"splits": splits})
+
+    cfg = SimpleNamespace(train=SimpleNamespace(eval_batches=8, micro_batch=8))
+    one = Evaluator(cfg, [source("english", 406)], None, None, "cpu")
+    assert one.scope_line() == (
+        "eval: val_loss over the first 64 of 406 val sequences of english (train.eval_batches x "
+        "train.micro_batch = 8 x 8 rows; memlayers-perplexity scores a whole split)"
+    )
+    mixture = Evaluator(
+        cfg, [source("pydocs", 81), source("licenses", 40)], None, None, "cpu", heldout=[source("web", None, 500)]
+    )
+    assert mixture.scope_line().startswith(
+        "eval: val_loss/pydocs over the first 64 of 81 val sequences of pydocs, val_loss/licenses over all 40 val "
+        "sequences of licenses, heldout_loss/web over the first 64 of 500 train sequences of web ("
+    )
