@@ -34,7 +34,8 @@ def replica_reduction_bytes(shard_bytes: int, num_replicas: int) -> int:
     return 2 * (R - 1) * shard_bytes // R if R > 1 else 0
 
 
-def norm_reduction_bytes(parallel_size: int) -> int:
-    """Bytes received per rank by the all-reduce of the 4-byte gradient norm over a memory group (ring)."""
+def norm_reduction_bytes(parallel_size: int, element_size: int = 8) -> int:
+    """Bytes received per rank by the all-reduce of the squared gradient norm (one float64,
+    pretrain.dense_optimizer.squared_norm) over a memory group (ring)."""
     P = parallel_size
-    return 2 * (P - 1) * 4 // P if P > 1 else 0
+    return 2 * (P - 1) * element_size // P if P > 1 else 0

@@ -186,7 +186,7 @@ class MemoryParallel:
         P = self.groups.parallel_size
         if P > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.memory_group)
-            self._step_bytes += accounting.norm_reduction_bytes(P)
+            self._step_bytes += accounting.norm_reduction_bytes(P, sq.element_size())
         norm = sq.sqrt()
         if max_norm and max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)

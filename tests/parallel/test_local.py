@@ -188,3 +188,16 @@ def test_bad_configuration_messages(without_process_group):
         init_memory_groups(0)
     with pytest.raises(ConfigError, match="parallel_size=3 does not divide the value dim 32"):
         PartitionedValueTable(16, 32, fake_groups(3, 0))
+
+
+@pytest.mark.parametrize("P", [2, 4, 8])
+def test_the_norm_all_reduce_is_counted_at_the_size_of_the_tensor_it_sends(P):
+    """clip_grad_norm all-reduces squared_norm's float64 scalar over the memory group; the traffic count
+    took it as 4 bytes (half of what a ring all-reduce of it receives per rank)."""
+    from pretrain.dense_optimizer import squared_norm
+    from pretrain.parallel import accounting
+
+    sq = squared_norm([torch.ones(3, 4)])
+    ring = 2 * (P - 1) * sq.numel() * sq.element_size() // P
+    assert accounting.norm_reduction_bytes(P, sq.element_size()) == ring
+    assert accounting.norm_reduction_bytes(P) == ring  # the estimate's default: what clip_grad_norm sends
