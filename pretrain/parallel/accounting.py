@@ -8,7 +8,7 @@ step (sends are the same amount when the group's token counts are equal):
               outputs (P-1)*T*(d/P)*e
     backward: output grads (P-1)*T*(d/P)*e, weight grads (P-1)*T*H*k*e_w
   per step: the replica all-reduce of the shard gradients (ring: 2*(R-1)/R of the
-  shard bytes, R replicas) and the 4-byte gradient-norm all-reduce (ring, P ranks).
+  shard bytes, R replicas) and the float64 gradient-norm all-reduce (ring, P ranks).
 With P = 1 no lookup traffic exists.
 """
 
