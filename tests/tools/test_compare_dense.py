@@ -69,3 +69,61 @@ def test_one_seed_is_named_in_the_singular(runs, capsys):
     """The table's note said "(1 seeds; ...)" after a run with one seed."""
     assert compare_dense.main(["--seeds", "3"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "(1 seed; same tokens per seed for both models)"
+
+
+def test_run_dir_keeps_each_run_in_its_own_folder(runs, monkeypatch, tmp_path, capsys):
+    """The runs went to a temporary folder deleted at the end: their TensorBoard curves and slot
+    tables were lost, and compare_dense could not be pointed at a user's runs."""
+    kept = []
+
+    def writing_run(config, seed, run_dir, overrides):
+        (run_dir / "tensorboard").mkdir(parents=True)
+        kept.append(run_dir)
+        return {"val_loss": 2.0, "fact_recall": 0.5, "fact_recall_chance": 0.05}
+
+    monkeypatch.setattr(compare_dense, "run_one", writing_run)
+    assert compare_dense.main(["--seeds", "0", "1", "--run-dir", str(tmp_path / "cmp")]) == 0
+    expected = [tmp_path / "cmp" / name / f"seed={seed}" for seed in (0, 1) for name in ("memory", "dense")]
+    assert kept == expected and all((d / "tensorboard").is_dir() for d in expected)
+    assert f"tensorboard --logdir {tmp_path / 'cmp'}" in capsys.readouterr().out
+
+
+def finished_run(tmp_path, overrides, step, evals):
+    """A run folder as the trainer leaves it at `step`: config.yaml, checkpoints/latest naming
+    step_<step>, and eval/* scalars in its TensorBoard events ({step: {metric: value}})."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pretrain.checkpoint.layout import tag_for
+    from pretrain.config import load_config
+    from pretrain.config.saving import save_config
+
+    run_dir = tmp_path / "cmp" / "memory" / "seed=0"
+    cfg = load_config("configs/tiny.yaml", ["train.seed=0", f"train.run_dir={run_dir}", *overrides])
+    (run_dir / "checkpoints" / tag_for(step)).mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text(tag_for(step))
+    save_config(cfg, run_dir / "config.yaml")
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    for at, metrics in evals.items():
+        for name, value in metrics.items():
+            writer.add_scalar(f"eval/{name}", value, at)
+    writer.close()
+    return run_dir
+
+
+def test_a_finished_run_is_read_back_not_trained(tmp_path, monkeypatch):
+    """Resuming a finished run trains and evaluates nothing (its result has no evaluation): the
+    final step's evaluation comes from its TensorBoard events, not an earlier one."""
+    import pretrain.train
+
+    monkeypatch.setattr(pretrain.train, "train", lambda cfg: pytest.fail("a finished run was trained again"))
+    overrides = ["train.max_steps=6", "train.eval_every=3"]
+    final = {"val_loss": 1.25, "fact_recall": 0.375, "fact_recall_chance": 0.0625}
+    run_dir = finished_run(tmp_path, overrides, 6, {3: {"val_loss": 9.0, "fact_recall": 0.0}, 6: final})
+    assert compare_dense.run_one("configs/tiny.yaml", 0, run_dir, overrides) == final
+
+
+def test_a_finished_run_of_another_config_is_refused(tmp_path):
+    run_dir = finished_run(tmp_path, ["train.max_steps=6", "optim.lr=1e-3"], 6, {6: {"val_loss": 1.0}})
+    with pytest.raises(SystemExit) as refused:
+        compare_dense.run_one("configs/tiny.yaml", 0, run_dir, ["train.max_steps=6"])
+    assert "differs in optim.lr" in str(refused.value) and "--run-dir" in str(refused.value)
