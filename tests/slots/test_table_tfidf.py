@@ -546,3 +546,17 @@ def test_top_tfidf_slots_never_picks_a_slot_without_signal():
             assert top_tfidf_slots(counts, doc_freq, units, top).tolist() == signal[:top]
     # every slot the batch reads is in every unit: nothing to update
     assert top_tfidf_slots(torch.tensor([2, 0, 1]), torch.tensor([4, 4, 4]), 4, 3).tolist() == []
+
+
+def test_slot_report_title_names_the_run_the_table_is_from(tmp_path, monkeypatch):
+    """Every table is slot_frequencies.safetensors: the title named only that, so the reports of
+    three seeds' runs read the same. It names the checkpoint folder now, counts with separators."""
+    import pretrain.slots.report as report
+
+    folder = tmp_path / "runs" / "seed=1" / "checkpoints" / "step_00000004"
+    table = load_table(save_table(folder / "slot_frequencies.safetensors", small_stats(), {}))
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig) or Path(out))
+    report.render_report(table, tmp_path / "r.png")
+    title = figures[0]._suptitle.get_text()
+    assert title.startswith(f"{folder}: {table.num_slots:,} slots, {table.num_tokens:,} tokens")
