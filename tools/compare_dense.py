@@ -12,8 +12,9 @@ its chance level) as mean +- standard deviation over seeds, side by side:
 Each run is the real trainer (the demo's 1000 steps of tiny take ~3 min on 2 cores). The runs are
 deleted at the end unless `--run-dir DIR` keeps them, as DIR/memory/seed=S and DIR/dense/seed=S
 (`tensorboard --logdir DIR` shows their curves side by side; their checkpoints hold the slot tables).
-A run already finished there with the same resolved config is not trained again: its final
-evaluation is read back from its TensorBoard events; an unfinished one resumes.
+A run already finished there with the same resolved config (train.run_dir aside: a run folder may be
+moved or linked there) is not trained again: its final evaluation is read back from its TensorBoard
+events; an unfinished one resumes.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def finished_evaluation(cfg, run_dir: Path) -> dict | None:
     from omegaconf import OmegaConf
 
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    changed = sorted(config_differences(saved, config_to_dict(cfg)))
+    # where the run lies is no part of what it trained: a folder moved or linked into the layout is read
+    changed = sorted(set(config_differences(saved, config_to_dict(cfg))) - {"train.run_dir"})
     if changed:
         raise SystemExit(
             f"error: {run_dir} holds a finished run of another config (it differs in {', '.join(changed)}): "

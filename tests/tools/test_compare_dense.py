@@ -88,7 +88,7 @@ def test_run_dir_keeps_each_run_in_its_own_folder(runs, monkeypatch, tmp_path, c
     assert f"tensorboard --logdir {tmp_path / 'cmp'}" in capsys.readouterr().out
 
 
-def finished_run(tmp_path, overrides, step, evals):
+def finished_run(tmp_path, overrides, step, evals, trained_in=None):
     """A run folder as the trainer leaves it at `step`: config.yaml, checkpoints/latest naming
     step_<step>, and eval/* scalars in its TensorBoard events ({step: {metric: value}})."""
     from torch.utils.tensorboard import SummaryWriter
@@ -98,7 +98,7 @@ def finished_run(tmp_path, overrides, step, evals):
     from pretrain.config.saving import save_config
 
     run_dir = tmp_path / "cmp" / "memory" / "seed=0"
-    cfg = load_config("configs/tiny.yaml", ["train.seed=0", f"train.run_dir={run_dir}", *overrides])
+    cfg = load_config("configs/tiny.yaml", ["train.seed=0", f"train.run_dir={trained_in or run_dir}", *overrides])
     (run_dir / "checkpoints" / tag_for(step)).mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_text(tag_for(step))
     save_config(cfg, run_dir / "config.yaml")
@@ -127,3 +127,13 @@ def test_a_finished_run_of_another_config_is_refused(tmp_path):
     with pytest.raises(SystemExit) as refused:
         compare_dense.run_one("configs/tiny.yaml", 0, run_dir, ["train.max_steps=6"])
     assert "differs in optim.lr" in str(refused.value) and "--run-dir" in str(refused.value)
+
+
+def test_a_finished_run_moved_into_the_layout_is_read(tmp_path, monkeypatch):
+    """Runs trained by hand elsewhere (runs/man/mem/seed=0), moved or linked into --run-dir's layout:
+    their saved train.run_dir differs, nothing they trained does."""
+    import pretrain.train
+
+    monkeypatch.setattr(pretrain.train, "train", lambda cfg: pytest.fail("a finished run was trained again"))
+    run_dir = finished_run(tmp_path, ["train.max_steps=6"], 6, {6: {"val_loss": 1.5}}, trained_in="runs/man/mem/seed=0")
+    assert compare_dense.run_one("configs/tiny.yaml", 0, run_dir, ["train.max_steps=6"]) == {"val_loss": 1.5}
