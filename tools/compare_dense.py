@@ -2,7 +2,8 @@
 trained on the same tokens (same data order per seed), several seeds each.
 
 Prints validation loss and fact recall (greedy exact match on the synthetic probes, with
-its chance level) as mean +- standard deviation over seeds, side by side:
+its chance level) as mean +- standard deviation over seeds, side by side, and the mean +- sd of the
+per-seed difference memory - dense (both models of a seed read the same tokens):
 
     python tools/compare_dense.py --seeds 0 1 2 --json compare.json
     python tools/compare_dense.py --config configs/tiny.yaml --dense-config configs/tiny_dense.yaml \
@@ -92,6 +93,11 @@ def finished_evaluation(cfg, run_dir: Path) -> dict | None:
     return found
 
 
+def paired_differences(memory: list[dict], dense: list[dict], metric: str) -> list[float]:
+    """memory - dense of `metric` for each seed where both runs report it."""
+    return [m[metric] - d[metric] for m, d in zip(memory, dense) if metric in m and metric in d]
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -151,13 +157,19 @@ def main(argv=None) -> int:
     print(f"\n| model | {' | '.join(METRICS)} |\n|---|" + "---:|" * len(METRICS))
     for name, runs in results.items():
         print(f"| {name} | " + " | ".join(summary([r[m] for r in runs if m in r]) for m in METRICS) + " |")
+    # both models of a seed read the same tokens: the per-seed difference leaves out what the seed
+    # moves in both (data order), which the spread of each row above keeps
+    paired = [paired_differences(results["memory"], results["dense"], m) for m in METRICS]
+    print("| memory - dense, per seed | " + " | ".join(summary(d) for d in paired) + " |")
     print(f"({counted(len(args.seeds), 'seed')}; same tokens per seed for both models)")
     if args.run_dir is not None:
         print(f"runs kept in {args.run_dir}: tensorboard --logdir {args.run_dir}")
     if args.json:
         from pretrain.files import atomic_write
 
-        atomic_write(args.json, json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+        differences = {m: d for m, d in zip(METRICS, paired) if d}
+        record = {"seeds": args.seeds, "results": results, "memory_minus_dense": differences}
+        atomic_write(args.json, json.dumps(record, indent=2))
     return 0
 
 

@@ -137,3 +137,23 @@ def test_a_finished_run_moved_into_the_layout_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain.train, "train", lambda cfg: pytest.fail("a finished run was trained again"))
     run_dir = finished_run(tmp_path, ["train.max_steps=6"], 6, {6: {"val_loss": 1.5}}, trained_in="runs/man/mem/seed=0")
     assert compare_dense.run_one("configs/tiny.yaml", 0, run_dir, ["train.max_steps=6"]) == {"val_loss": 1.5}
+
+
+def test_the_per_seed_difference_is_printed_beside_the_spreads(monkeypatch, tmp_path, capsys):
+    """Both models of a seed read the same tokens, so the seed moves both: on /usr/share/man pages
+    (3 seeds, 300 steps) memory 5.0967 +- 0.1509 against dense 5.1203 +- 0.1289 hid that memory was
+    lower by 0.055 and 0.021 on two seeds and higher by 0.006 on the third."""
+    val = {("memory", 0): 4.9273, ("dense", 0): 4.9827, ("memory", 1): 5.2170, ("dense", 1): 5.2382}
+    val |= {("memory", 2): 5.1459, ("dense", 2): 5.1401}
+
+    def measured(config, seed, run_dir, overrides):
+        return {"val_loss": val["dense" if "dense" in config else "memory", seed]}
+
+    monkeypatch.setattr(compare_dense, "run_one", measured)
+    assert compare_dense.main(["--seeds", "0", "1", "2", "--json", str(tmp_path / "c.json")]) == 0
+    differences = [4.9273 - 4.9827, 5.2170 - 5.2382, 5.1459 - 5.1401]
+    mean, sd = sum(differences) / 3, (sum((d - sum(differences) / 3) ** 2 for d in differences) / 2) ** 0.5
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| memory - dense")]
+    assert row == [f"| memory - dense, per seed | {mean:.4f} +- {sd:.4f} | n/a | n/a |"]
+    written = json.loads((tmp_path / "c.json").read_text())["memory_minus_dense"]
+    assert written == {"val_loss": pytest.approx(differences)}
