@@ -58,7 +58,7 @@ def finished_evaluation(cfg, run_dir: Path) -> dict | None:
     its TensorBoard events, since resuming a finished run trains and evaluates nothing; None where
     the run is not there or not finished. A finished run of another config is refused, naming the keys."""
     from pretrain.checkpoint import latest_checkpoint, step_of
-    from pretrain.config import config_differences
+    from pretrain.config import absolute_paths, config_differences
     from pretrain.config.saving import config_to_dict
 
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
@@ -67,9 +67,13 @@ def finished_evaluation(cfg, run_dir: Path) -> dict | None:
         return None
     from omegaconf import OmegaConf
 
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    # memlayers-submit saves the paths absolute (data.dir, data.cache_dir, ...): both sides are, here
+    saved, here = (
+        OmegaConf.to_container(absolute_paths(OmegaConf.create(tree), Path.cwd()), resolve=True)
+        for tree in (OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")), config_to_dict(cfg))
+    )
     # where the run lies is no part of what it trained: a folder moved or linked into the layout is read
-    changed = sorted(set(config_differences(saved, config_to_dict(cfg))) - {"train.run_dir"})
+    changed = sorted(set(config_differences(saved, here)) - {"train.run_dir"})
     if changed:
         raise SystemExit(
             f"error: {run_dir} holds a finished run of another config (it differs in {', '.join(changed)}): "

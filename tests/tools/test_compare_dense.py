@@ -4,6 +4,7 @@ mistakes are named before the first run, and --json is written whole, its folder
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,16 @@ def test_the_per_seed_difference_is_printed_beside_the_spreads(monkeypatch, tmp_
     assert row == [f"| memory - dense, per seed | {mean:.4f} +- {sd:.4f} | n/a | n/a |"]
     written = json.loads((tmp_path / "c.json").read_text())["memory_minus_dense"]
     assert written == {"val_loss": pytest.approx(differences)}
+
+
+def test_a_finished_run_of_a_submitted_sweep_is_read(tmp_path, monkeypatch):
+    """memlayers-submit --sweep train.seed=0,1,2 with train.run_dir=DIR/memory makes DIR/memory/seed=0, ...,
+    compare_dense's layout, and saves the config's paths absolute: data.cache_dir=/abs/.cache/data
+    against this command's relative .cache/data read as another config."""
+    import pretrain.train
+
+    monkeypatch.setattr(pretrain.train, "train", lambda cfg: pytest.fail("a finished run was trained again"))
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the repository: configs/ and the relative default
+    submitted = [f"data.cache_dir={Path.cwd() / '.cache' / 'data'}", "train.max_steps=6"]
+    run_dir = finished_run(tmp_path, submitted, 6, {6: {"val_loss": 1.75}})
+    assert compare_dense.run_one("configs/tiny.yaml", 0, run_dir, ["train.max_steps=6"]) == {"val_loss": 1.75}
