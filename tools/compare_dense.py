@@ -105,8 +105,9 @@ def paired_differences(memory: list[dict], dense: list[dict], metric: str) -> li
 def summary(values: list[float]) -> str:
     if not values:
         return "n/a"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} +- {spread:.4f}"
+    if len(values) == 1:  # one value has no spread to show: '+- 0.0000' read as a certain result
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,9 +67,12 @@ def test_json_naming_a_folder_is_refused_before_any_run(runs, tmp_path, capsys):
 
 
 def test_one_seed_is_named_in_the_singular(runs, capsys):
-    """The table's note said "(1 seeds; ...)" after a run with one seed."""
+    """The table's note said "(1 seeds; ...)" after a run with one seed, and each cell '5.0000 +- 0.0000',
+    a spread of 0 where none is known."""
     assert compare_dense.main(["--seeds", "3"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "(1 seed; same tokens per seed for both models)"
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "(1 seed; same tokens per seed for both models)"
+    assert "| memory | 5.0000 | 0.5000 | 0.0500 |" in out and "+-" not in "".join(out)
 
 
 def test_run_dir_keeps_each_run_in_its_own_folder(runs, monkeypatch, tmp_path, capsys):
