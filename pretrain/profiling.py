@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class ProfileReport:
     # the memory/* regions (REGIONS) recorded at all: a compiled block runs without its
     # record_function regions, so under train.compile scoring and bag_forward have none
     regions_seen: frozenset[str] | None = None
+    memory_layers: int | None = None  # the profiled model's (None: not known, a summary of events alone)
 
     def share(self, part: str) -> float:
         return self.memory_time_s[part] / self.step_time_s if self.step_time_s else 0.0
@@ -160,7 +161,8 @@ def profile_training(cfg, steps: int = 3, trace_dir: str | Path | None = None, s
     trace_dir.mkdir(parents=True, exist_ok=True)
     trace = trace_dir / f"{socket.gethostname()}_{os.getpid()}.pt.trace.json"
     atomic_write(trace, lambda tmp: prof.export_chrome_trace(str(tmp)))
-    return summarize(prof.events(), trace, skip_steps=skip_steps)
+    report = summarize(prof.events(), trace, skip_steps=skip_steps)
+    return replace(report, memory_layers=len(cfg.model.memory.layers))
 
 
 def format_report(report: ProfileReport) -> str:
@@ -173,6 +175,13 @@ def format_report(report: ProfileReport) -> str:
             f"device busy {report.device_busy_s:.3f} s of the steps' {report.step_time_s:.3f} s "
             f"({100 * report.device_busy_s / report.step_time_s:.1f}%; the rest it waited for the host)",
         ]
+    if report.memory_layers == 0:  # a dense baseline: its rows all read "not seen", as if compiled
+        lines += [
+            "",
+            f"memory layers: none in this model (model.memory.layers is empty); {report.step_time_s:.3f} s in "
+            "train/forward+backward+step",
+        ]
+        return "\n".join(lines)
     lines += ["", f"memory layers, share of the step time ({report.step_time_s:.3f} s in train/forward+backward+step):"]
     # P = 1 has no communication region, and none is due: it stays 0 s
     unseen = (

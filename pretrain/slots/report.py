@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.files import save_figure
+from pretrain.slots.locate import TABLE_FILENAME
 from pretrain.slots.table import SlotTable
 
 
@@ -64,9 +65,11 @@ def render_report(table: SlotTable, out: str | Path) -> Path:
     kl_lines, kl_labels = ax_kl.get_legend_handles_labels()
     if top_lines or kl_lines:
         ax_kl.legend(top_lines + kl_lines, top_labels + kl_labels, fontsize=8)
+    # every table has the same file name: the folder holding it names the run (and checkpoint)
+    source = table.path.parent if table.path.name == TABLE_FILENAME else table.path
     fig.suptitle(
-        f"{table.path.name}: {table.num_slots} slots, {table.num_tokens} tokens, "
-        f"{table.num_documents} {table.granularity} units"
+        f"{source}: {table.num_slots:,} slots, {table.num_tokens:,} tokens, "
+        f"{table.num_documents:,} {table.granularity} units"
     )
     fig.tight_layout()
     return save_figure(fig, out, dpi=110)

@@ -568,3 +568,17 @@ def test_tfidf_tool_reads_the_text_from_a_file_or_stdin(export_dir, tmp_path, mo
     assert "is not UTF-8 text (byte 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one text or the other
         tfidf_tool.main(["--export", str(out), "--text", text, "--file", str(tmp_path / "q.txt")])
+
+
+def test_slot_report_title_names_the_run_the_table_is_from(tmp_path, monkeypatch):
+    """Every table is slot_frequencies.safetensors: the title named only that, so the reports of
+    three seeds' runs read the same. It names the checkpoint folder now, counts with separators."""
+    import pretrain.slots.report as report
+
+    folder = tmp_path / "runs" / "seed=1" / "checkpoints" / "step_00000004"
+    table = load_table(save_table(folder / "slot_frequencies.safetensors", small_stats(), {}))
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig) or Path(out))
+    report.render_report(table, tmp_path / "r.png")
+    title = figures[0]._suptitle.get_text()
+    assert title.startswith(f"{folder}: {table.num_slots:,} slots, {table.num_tokens:,} tokens")

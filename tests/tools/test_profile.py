@@ -247,3 +247,18 @@ def test_a_memory_region_never_recorded_is_not_reported_as_no_time():
     text = format_report(summarize(eager, Path("t.json")))
     assert re.search(r"^\s+scoring\s+0.0001 s\s+10.00%$", text, re.M) and "not seen:" not in text
     assert re.search(r"^\s+communication\s+0.0000 s\s+0.00%$", text, re.M)  # P = 1: no collectives, none due
+
+
+def test_a_dense_model_s_profile_says_it_has_no_memory_layers(tmp_path, monkeypatch, capsys):
+    """Profiling configs/tiny_dense.yaml (the baseline one profiles beside the memory model) printed
+    the memory table with scoring and bag_forward 'not seen' and the note that a compiled block drops
+    its regions: a model with no memory layer, run eagerly, read as one whose memory time was hidden."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from tools.profile import main
+
+    dense = [o for o in TINY if not o.startswith("model.memory.")] + ["model.memory.layers=[]"]
+    run = ["--steps", "2", *dense, f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'data'}"]
+    assert main(["--config", "configs/tiny_dense.yaml", *run]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^memory layers: none in this model \(model.memory.layers is empty\); [\d.]+ s in ", out, re.M)
+    assert "not seen" not in out and "compiled block" not in out and "scoring" not in out
