@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import positive_int  # noqa: E402
+from pretrain.cli import positive_int, positive_number  # noqa: E402
 from pretrain.config import RunConfig, load_config  # noqa: E402
 from pretrain.model.accounting import count_parameters, flops_per_token, human_count  # noqa: E402
 from pretrain.model.config import ConfigError  # noqa: E402
@@ -114,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=positive_int, default=None, help="for FLOPs (default: data.seq_len)")
     parser.add_argument("--world-size", type=positive_int, default=1, help="GPUs of the run (memory estimate)")
     parser.add_argument("--micro-batch", type=positive_int, default=None, help="default: train.micro_batch")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for fits / largest micro-batch")
+    parser.add_argument(
+        "--gpu-memory",
+        type=positive_number(what="number of GiB"),
+        default=80.0,
+        help="GiB per GPU for fits / largest micro-batch",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -126,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    if args.gpu_memory <= 0:
-        parser.error(f"--gpu-memory {args.gpu_memory} must be positive (GiB per GPU)")
     try:
         info = model_info(cfg, args.seq_len, args.world_size, args.micro_batch, args.gpu_memory)
     except ConfigError as err:
