@@ -386,6 +386,11 @@ class ShardLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 persistent_workers=False,
+                # forked from this process whatever the default start method: under a fork server's
+                # (a process it started; Python 3.14's default) the workers' parent was a fork server
+                # they kept alive, so torch's worker watchdog, which ends a worker whose parent has
+                # gone, never fired and a killed rank's workers lived on
+                multiprocessing_context="fork",
                 generator=seeds,
                 worker_init_fn=ignore_stop_signals,  # Slurm's stop signals reach the workers too
             )

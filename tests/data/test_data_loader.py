@@ -289,3 +289,75 @@ def test_missing_dataset_dir(tmp_path):
         ShardLoader(tmp_path / "nope", "train")
     with pytest.raises(DataError, match="manifest.json is missing"):
         ShardLoader(tmp_path, "train")
+
+
+KILLED_WITH_A_LIVE_ITERATOR = """
+import multiprocessing, os, sys, time
+
+
+def rank(path, seq_len, pids_file):
+    from pretrain.data import ShardLoader
+
+    loader = ShardLoader(path, "train", batch_size=4, seq_len=seq_len, seed=0, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    workers = [child.pid for child in multiprocessing.active_children()]
+    with open(pids_file + ".tmp", "w") as f:
+        f.write(" ".join(map(str, workers)))
+    os.rename(pids_file + ".tmp", pids_file)
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    # as the test harness starts ranks (pretrain.spawn.rank_context), and as Python 3.14 starts any process
+    process = multiprocessing.get_context("forkserver").Process(target=rank, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    process.start()
+    while not os.path.exists(sys.argv[3]) and process.is_alive():
+        time.sleep(0.1)
+    process.kill()  # a rank SIGKILLed (the out-of-memory killer, a harness's kill): no teardown of its loader
+    process.join()
+"""
+
+
+def test_a_killed_processs_loader_workers_end_with_it_whatever_its_start_method(dataset, repo_root, tmp_path):
+    """A rank started from a fork server (the test harness's ranks; every process under Python 3.14's
+    default) made its DataLoader's workers with the fork server method too: their parent was a fork
+    server of the rank's own, which they kept alive, so torch's worker watchdog (it ends a worker whose
+    parent has gone) never fired, and a killed rank left its workers polling for ever (found after a CI
+    run: a worker of tests/train/test_loader_faults.py alive 10 minutes after the suite). The loader's
+    workers are forked from the rank itself, and end within seconds of it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    script = tmp_path / "kill_a_rank.py"  # a file: a fork server's child imports its function from it
+    script.write_text(KILLED_WITH_A_LIVE_ITERATOR)
+    with open(tmp_path / "log", "w") as log:  # not a pipe: a worker left alive would hold it open
+        result = subprocess.run(
+            [sys.executable, str(script), str(dataset), str(SEQ_LEN), str(tmp_path / "pids")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+    output = (tmp_path / "log").read_text()
+    assert result.returncode == 0, output[-2000:]
+    workers = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    assert len(workers) == 2, output[-2000:]
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30  # torch's worker watchdog looks every 5 s
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, f"loader workers {left} outlived their killed process by 30 s"
