@@ -18,12 +18,16 @@ tests/model/test_memory_budget.py):
 Value pool (pretrain/parallel: fp32 shards outside DeepSpeed, whatever train.dtype), per table
 of N_s slots and width v, P = model.memory.parallel_size:
   shard        4 N_s v / P
-  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes. On CUDA
-               autograd adds the lookups' and micro-batches' sparse gradients by concatenation
-               (torch's CUDA sparse add does not merge), so until `MemoryParallel.reduce_gradients`
-               merges them the shard's gradient holds accumulation steps x lookups x min(N_s, P T H k)
-               rows (an upper bound: a lookup's rows are its distinct slots); the CPU's add merges
-               them, at most N_s rows
+  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes, the
+               distinct rows read this step, each once, on any device: each lookup's rows are added
+               into the held gradient as its backward ends (pretrain/parallel/row_grads.py
+               add_rows; torch's CUDA sparse add would concatenate them), so at most
+               min(N_s, accumulation steps x lookups x min(N_s, P T H k)) rows (a lookup's rows are
+               its distinct slots, at most P T H k)
+  gradient add (transient, one table at a time, in backward) sparse_*: the lookup's own gradient
+               (min(N_s, P T H k) rows) and the union of held and new rows (at most the held bound
+               plus those rows, at most N_s), 24 bytes per held + new entry for the row ids (cat,
+               unique, inverse); none when the held rows cover the new ones (added in place)
   moments      adamw / sparse_adamw: (4 + 4) N_s v / P, the first moment 2 bytes under
                optim.value_momentum_dtype=bfloat16; sparse_rowwise_adamw: m + 4 N_s
 Activations of one micro-batch (T = B S tokens): the bytes autograd saves for backward,
@@ -101,7 +105,7 @@ def dense_states(trained: int, dtype: str, zero_stage: int, world_size: int) -> 
     }
 
 
-def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int, device: str = "cuda") -> dict[str, int]:
+def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int) -> dict[str, int]:
     """The value shards, their gradients and optimizer state on one GPU (pretrain/parallel)."""
     m, model = cfg.model.memory, cfg.model
     if not m.enabled:
@@ -110,17 +114,25 @@ def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int, d
     tables = m.num_value_tables
     shard = 4 * slots * v // P
     optimizer = cfg.optim.value_optimizer
+    adding = 0
     if optimizer == "adamw":
         grads = tables * shard
     else:
+        row = 4 * v // P + 8  # the gradient row and its int64 row id
         lookups = accumulation_steps * len(m.layers) // tables  # per table and step
         per_lookup = min(slots, P * micro_batch * seq_len * m.heads * m.k)
-        # torch's CUDA sparse add concatenates the entries (no merge: no host sync); the CPU one merges
-        rows = lookups * per_lookup if device == "cuda" else min(slots, lookups * per_lookup)
-        grads = tables * rows * (4 * v // P + 8)
+        held = min(slots, lookups * per_lookup)  # each row read once (row_grads.add_rows)
+        grads = tables * held * row
+        if lookups > 1:  # the first lookup's gradient is kept as it is
+            adding = (per_lookup + min(slots, held + per_lookup)) * row + 24 * (held + per_lookup)
     first = (2 if cfg.optim.value_momentum_dtype == "bfloat16" and optimizer != "adamw" else 4) * slots * v // P
     second = 4 * slots if optimizer == "sparse_rowwise_adamw" else shard
-    return {"value_shards": tables * shard, "value_gradients": grads, "value_moments": tables * (first + second + 4)}
+    return {
+        "value_shards": tables * shard,
+        "value_gradients": grads,
+        "value_gradient_add": adding,
+        "value_moments": tables * (first + second + 4),
+    }
 
 
 def _norm_saved(width: int, e: int, device: str, weight: bool = True) -> int:
@@ -224,7 +236,7 @@ def estimate_memory(
     accumulation = max(1, t.global_batch // (micro_batch * world_size))
     return MemoryEstimate(
         dense=dense_states(trained, t.dtype, t.zero_stage, world_size),
-        values=value_states(cfg, micro_batch, seq_len, accumulation, device),
+        values=value_states(cfg, micro_batch, seq_len, accumulation),
         activations=activations(cfg, micro_batch, seq_len, device),
         settings={
             "world_size": world_size,
