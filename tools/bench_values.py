@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     step, layer = StepSpec(), LayerSpec()
     p.add_argument("--n-keys", default=",".join(map(str, step.n_keys)), help="comma-separated n_keys (N = n_keys^2)")
-    for name in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats"):
+    for name in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "micro_batches", "repeats"):
         p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=getattr(step, name))
     p.add_argument(
         "--dense-max-slots",
@@ -186,7 +186,19 @@ def main(argv=None) -> int:
         variants=variants,
         **{
             k: getattr(args, k)
-            for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots", "device")
+            for k in (
+                "v_dim",
+                "dim",
+                "heads",
+                "k",
+                "k_dim",
+                "batch",
+                "seq_len",
+                "micro_batches",
+                "repeats",
+                "dense_max_slots",
+                "device",
+            )
         },
     )
     free = available_bytes(spec.device)
@@ -201,7 +213,8 @@ def main(argv=None) -> int:
             f"(adamw is left out above --dense-max-slots)"
         )
     print(
-        f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
+        f"full training step: {counted(spec.micro_batches, 'micro-batch', 'micro-batches')} of {spec.batch} x {spec.seq_len} "
+        f"tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
         f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {counted(torch_threads(), 'thread')}",
         flush=True,
     )
