@@ -18,16 +18,15 @@ tests/model/test_memory_budget.py):
 Value pool (pretrain/parallel: fp32 shards outside DeepSpeed, whatever train.dtype), per table
 of N_s slots and width v, P = model.memory.parallel_size:
   shard        4 N_s v / P
-  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes, the
-               distinct rows read this step, each once, on any device: each lookup's rows are added
-               into the held gradient as its backward ends (pretrain/parallel/row_grads.py
-               add_rows; torch's CUDA sparse add would concatenate them), so at most
-               min(N_s, accumulation steps x lookups x min(N_s, P T H k)) rows (a lookup's rows are
-               its distinct slots, at most P T H k)
-  gradient add (transient, one table at a time, in backward) sparse_*: the lookup's own gradient
-               (min(N_s, P T H k) rows) and the union of held and new rows (at most the held bound
-               plus those rows, at most N_s), 24 bytes per held + new entry for the row ids (cat,
-               unique, inverse); none when the held rows cover the new ones (added in place)
+  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes and an (N_s,)
+               int64 map, on any device: each lookup's rows are added into a buffer that holds each row
+               read once (pretrain/parallel/held_rows.py; torch's CUDA sparse add would concatenate
+               every lookup's rows), with room for half as many again: at most
+               min(N_s, 1.5 D) rows, D = min(N_s, accumulation steps x lookups x min(N_s, P T H k))
+               the distinct rows a step can read (a lookup's rows are its distinct slots)
+  gradient add (transient, in backward, one table at a time) sparse_*: the lookup's own gradient
+               (min(N_s, P T H k) rows, 25 bytes of row ids and masks each) and, from the second
+               lookup of a step on, a growth of the buffer (a new one of at most the bound above)
   moments      adamw / sparse_adamw: (4 + 4) N_s v / P, the first moment 2 bytes under
                optim.value_momentum_dtype=bfloat16; sparse_rowwise_adamw: m + 4 N_s
 Activations of one micro-batch (T = B S tokens): the bytes autograd saves for backward,
@@ -121,10 +120,10 @@ def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int) -
         row = 4 * v // P + 8  # the gradient row and its int64 row id
         lookups = accumulation_steps * len(m.layers) // tables  # per table and step
         per_lookup = min(slots, P * micro_batch * seq_len * m.heads * m.k)
-        held = min(slots, lookups * per_lookup)  # each row read once (row_grads.add_rows)
-        grads = tables * held * row
-        if lookups > 1:  # the first lookup's gradient is kept as it is
-            adding = (per_lookup + min(slots, held + per_lookup)) * row + 24 * (held + per_lookup)
+        distinct = min(slots, lookups * per_lookup)
+        capacity = min(slots, distinct + distinct // 2)  # held_rows.HeldRows._reserve
+        grads = tables * (capacity * row + 8 * slots)
+        adding = per_lookup * (row + 25) + (capacity * row if lookups > 1 else 0)
     first = (2 if cfg.optim.value_momentum_dtype == "bfloat16" and optimizer != "adamw" else 4) * slots * v // P
     second = 4 * slots if optimizer == "sparse_rowwise_adamw" else shard
     return {

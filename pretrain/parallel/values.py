@@ -29,7 +29,7 @@ from pretrain import profiler_regions as regions
 from pretrain.model import recompute
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
-from pretrain.parallel import row_grads
+from pretrain.parallel import held_rows
 from pretrain.parallel.comm import CommCounter, all_to_all_rows, exchange_counts, gather_tokens
 from pretrain.parallel.groups import MemoryGroups
 
@@ -121,10 +121,10 @@ class PartitionedValueTable(nn.Module):
         )
 
     def _sparse_bag(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The bag with a row-sparse gradient, merged into shard.grad lookup by lookup (`row_grads.accumulating`);
+        """The bag with a row-sparse gradient, merged into shard.grad lookup by lookup (`held_rows.accumulating`);
         eager under train.compile (`pretrain.parallel.compile`)."""
         return kernels.ops.embedding_bag(
-            row_grads.accumulating(self.shard),
+            held_rows.accumulating(self.shard),
             indices,
             weights,
             backend=self.kernel,
