@@ -18,15 +18,16 @@ tests/model/test_memory_budget.py):
 Value pool (pretrain/parallel: fp32 shards outside DeepSpeed, whatever train.dtype), per table
 of N_s slots and width v, P = model.memory.parallel_size:
   shard        4 N_s v / P
-  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes and an (N_s,)
-               int64 map, on any device: each lookup's rows are added into a buffer that holds each row
-               read once (pretrain/parallel/held_rows.py; torch's CUDA sparse add would concatenate
-               every lookup's rows), with room for half as many again: at most
-               min(N_s, 1.5 D) rows, D = min(N_s, accumulation steps x lookups x min(N_s, P T H k))
-               the distinct rows a step can read (a lookup's rows are its distinct slots)
-  gradient add (transient, in backward, one table at a time) sparse_*: the lookup's own gradient
-               (min(N_s, P T H k) rows, 25 bytes of row ids and masks each) and, from the second
-               lookup of a step on, a growth of the buffer (a new one of at most the bound above)
+  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes, on any
+               device: one lookup per table and step keeps the bag's gradient, min(N_s, P T H k)
+               rows (a lookup's rows are its distinct slots); with more, each lookup's rows are added
+               into a buffer that holds each row read once (pretrain/parallel/held_rows.py; torch's
+               CUDA sparse add would concatenate every lookup's rows), with room for half as many
+               again, and an (N_s,) int64 row map: min(N_s, 1.5 D) rows + 8 N_s bytes,
+               D = min(N_s, accumulation steps x lookups x min(N_s, P T H k)) the rows a step can read
+  gradient add (transient, in backward, one table at a time; none with one lookup) sparse_*: the
+               lookup's own gradient (min(N_s, P T H k) rows, 25 bytes of row ids and masks each)
+               and a growth of the buffer (a new one of at most the bound above)
   moments      adamw / sparse_adamw: (4 + 4) N_s v / P, the first moment 2 bytes under
                optim.value_momentum_dtype=bfloat16; sparse_rowwise_adamw: m + 4 N_s
 Activations of one micro-batch (T = B S tokens): the bytes autograd saves for backward,
@@ -122,8 +123,11 @@ def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int) -
         per_lookup = min(slots, P * micro_batch * seq_len * m.heads * m.k)
         distinct = min(slots, lookups * per_lookup)
         capacity = min(slots, distinct + distinct // 2)  # held_rows.HeldRows._reserve
-        grads = tables * (capacity * row + 8 * slots)
-        adding = per_lookup * (row + 25) + (capacity * row if lookups > 1 else 0)
+        if lookups > 1:  # a buffer with its row map from the second lookup on
+            grads = tables * (capacity * row + 8 * slots)
+            adding = per_lookup * (row + 25) + capacity * row
+        else:  # the one lookup's gradient as the bag made it
+            grads = tables * per_lookup * row
     first = (2 if cfg.optim.value_momentum_dtype == "bfloat16" and optimizer != "adamw" else 4) * slots * v // P
     second = 4 * slots if optimizer == "sparse_rowwise_adamw" else shard
     return {

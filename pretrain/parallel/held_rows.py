@@ -14,8 +14,9 @@ table's N rows), with an (N,) int64 map from row to its place: a row not held ye
 zeroed place at the end, then the lookup's gradient rows are added at their places (0 + g
 or held + g, one add per row: the same bits on every run and on every rank that reads the
 same rows). Each add touches only the lookup's rows, never the whole held gradient (but
-a growth of the buffer copies the held rows once). `shard.grad` is a sparse COO view of the buffer's filled part, flagged
-uncoalesced (the rows are unique but not ascending): `row_grads.rows_of` sorts them at the
+a growth of the buffer copies the held rows once). The step's first lookup's gradient is kept as the bag made it (a step of
+one lookup costs nothing more); from the second on, `shard.grad` is a sparse COO view of
+the buffer's filled part, flagged uncoalesced (the rows are unique but not ascending): `row_grads.rows_of` sorts them at the
 step.
 """
 
@@ -49,14 +50,16 @@ class HeldRows:
     """The rows a shard's gradient holds (arrival order), their gradient rows, and each row's place."""
 
     def __init__(self, shard: torch.Tensor):
-        self.place = torch.full((shard.shape[0],), -1, dtype=torch.int64, device=shard.device)
+        self.num_rows = shard.shape[0]
+        self.place: torch.Tensor | None = None  # made by the first add: a step of one lookup needs none
         self.rows = torch.empty(0, dtype=torch.int64, device=shard.device)
         self.grads = shard.new_empty(0, shard.shape[1])
         self.count = 0
         self.grad: torch.Tensor | None = None  # the sparse view last handed to shard.grad
 
     def clear(self) -> None:
-        self.place[self.rows[: self.count]] = -1
+        if self.count:
+            self.place[self.rows[: self.count]] = -1
         self.count = 0
 
     def release(self) -> None:
@@ -68,7 +71,7 @@ class HeldRows:
         """Room for `needed` rows: half as many again, at most the table's rows (a growth copies the held ones)."""
         if needed <= self.rows.numel():
             return
-        capacity = min(self.place.numel(), needed + needed // 2)
+        capacity = min(self.num_rows, needed + needed // 2)
         rows, grads = self.rows.new_empty(capacity), self.grads.new_empty(capacity, self.grads.shape[1])
         rows[: self.count], grads[: self.count] = self.rows[: self.count], self.grads[: self.count]
         self.rows, self.grads = rows, grads
@@ -76,6 +79,8 @@ class HeldRows:
     def add(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """Add unique `rows`' gradient rows: a row not held yet gets a zeroed place at the end first, so
         one index_add covers them all (unique targets: no two adds meet)."""
+        if self.place is None:
+            self.place = torch.full((self.num_rows,), -1, dtype=torch.int64, device=rows.device)
         fresh = rows[self.place[rows] < 0]
         new = fresh.numel()  # host read: the buffer's size
         if new:
@@ -94,18 +99,21 @@ class HeldRows:
 
 
 def add_rows(shard: torch.Tensor, grad: torch.Tensor) -> None:
-    """shard.grad += grad (row-sparse), each row held once."""
+    """shard.grad += grad (row-sparse), each row held once. The step's first lookup's gradient is kept
+    as the bag made it (no copy: a step of one lookup costs nothing more); the buffer starts at the second."""
     held = getattr(shard, "_held_rows", None)
     if held is None:
         held = HeldRows(shard)
         shard._held_rows = held
     if shard.grad is not held.grad:  # cleared (zero_grad) or replaced (reduce_gradients) since the last add
         held.clear()
-        if shard.grad is not None:
-            rows, grad_rows = rows_of(shard.grad, shard.shape[1], shard)
-            held.add(rows, grad_rows.clone())  # it may view this buffer
-    rows, grad_rows = rows_of(grad, shard.shape[1], shard)  # the bag's: unique, ascending
-    held.add(rows, grad_rows)
+        held.grad = None
+        if shard.grad is None:
+            shard.grad = held.grad = grad
+            return
+    if held.count == 0:  # the first lookup's gradient, or one set from outside: into the buffer first
+        held.add(*rows_of(shard.grad, shard.shape[1], shard))
+    held.add(*rows_of(grad, shard.shape[1], shard))  # the bag's: unique, ascending
     shard.grad = held.as_grad(shard.shape)
 
 
