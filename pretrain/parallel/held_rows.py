@@ -105,7 +105,7 @@ def add_rows(shard: torch.Tensor, grad: torch.Tensor) -> None:
     if held is None:
         held = HeldRows(shard)
         shard._held_rows = held
-    if shard.grad is not held.grad:  # cleared (zero_grad) or replaced (reduce_gradients) since the last add
+    if shard.grad is None or shard.grad is not held.grad:  # cleared (zero_grad) or replaced since the last add
         held.clear()
         held.grad = None
         if shard.grad is None:
