@@ -17,7 +17,8 @@ same rows). Each add touches only the lookup's rows, never the whole held gradie
 a growth of the buffer copies the held rows once). The step's first lookup's gradient is kept as the bag made it (a step of
 one lookup costs nothing more); from the second on, `shard.grad` is a sparse COO view of
 the buffer's filled part, flagged uncoalesced (the rows are unique but not ascending): `row_grads.rows_of` sorts them at the
-step.
+step. The gradient reaches shard.grad only, through backward(): torch.autograd.grad with
+respect to the shard finds it unused.
 """
 
 from __future__ import annotations
