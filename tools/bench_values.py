@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "k_dim": "key dimension",
         "batch": "sequences per step",
         "seq_len": "tokens per sequence",
+        "micro_batches": "backward passes accumulated per step",
         "repeats": "timed steps per case",
     }
     for name, text in helps.items():
@@ -196,7 +197,19 @@ def main(argv=None) -> int:
         variants=variants,
         **{
             k: getattr(args, k)
-            for k in ("v_dim", "dim", "heads", "k", "k_dim", "batch", "seq_len", "repeats", "dense_max_slots", "device")
+            for k in (
+                "v_dim",
+                "dim",
+                "heads",
+                "k",
+                "k_dim",
+                "batch",
+                "seq_len",
+                "micro_batches",
+                "repeats",
+                "dense_max_slots",
+                "device",
+            )
         },
     )
     free = available_bytes(spec.device)
@@ -211,7 +224,8 @@ def main(argv=None) -> int:
             f"(adamw is left out above --dense-max-slots)"
         )
     print(
-        f"full training step: batch {spec.batch} x {spec.seq_len} tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
+        f"full training step: {counted(spec.micro_batches, 'micro-batch', 'micro-batches')} of {spec.batch} x {spec.seq_len} "
+        f"tokens, dim {spec.dim}, v_dim {spec.v_dim}, "
         f"{spec.heads} heads x k={spec.k}, median of {spec.repeats}, {counted(torch_threads(), 'thread')}",
         flush=True,
     )

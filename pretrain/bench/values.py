@@ -57,6 +57,7 @@ class StepSpec:
     k_dim: int = 64
     batch: int = 4
     seq_len: int = 256
+    micro_batches: int = 1  # backward passes accumulated per step (rows_read: the last one's)
     repeats: int = 3
     dense_max_slots: int = 1 << 20  # the dense path needs another N x v_dim gradient: skip it above this
     variants: tuple[str, ...] = VARIANTS
@@ -91,7 +92,8 @@ class _StepRunner:
         )
         self.dense = build_dense_optimizer(self.model, self.optim)  # the trainer's (fused AdamW)
         gen = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, cfg.vocab_size, (spec.batch, spec.seq_len + 1), generator=gen).to(spec.device)
+        shape = (spec.micro_batches, spec.batch, spec.seq_len + 1)
+        self.tokens = torch.randint(0, cfg.vocab_size, shape, generator=gen).to(spec.device)
 
     def resident_bytes(self) -> int:
         """Weights, value shards and both optimizers' states: what stays allocated between steps."""
@@ -101,8 +103,8 @@ class _StepRunner:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def step(self) -> None:
-        loss = language_model_loss(self.model(self.tokens[:, :-1]), self.tokens[:, 1:])
-        loss.backward()
+        for tokens in self.tokens:  # the sparse paths add each micro-batch's rows to the held ones
+            language_model_loss(self.model(tokens[:, :-1]), tokens[:, 1:]).backward()
         self.values.reduce_gradients()
         self.values.clip_grad_norm(self.optim.grad_clip)
         self.dense.step()

@@ -18,12 +18,16 @@ tests/model/test_memory_budget.py):
 Value pool (pretrain/parallel: fp32 shards outside DeepSpeed, whatever train.dtype), per table
 of N_s slots and width v, P = model.memory.parallel_size:
   shard        4 N_s v / P
-  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes. On CUDA
-               autograd adds the lookups' and micro-batches' sparse gradients by concatenation
-               (torch's CUDA sparse add does not merge), so until `MemoryParallel.reduce_gradients`
-               merges them the shard's gradient holds accumulation steps x lookups x min(N_s, P T H k)
-               rows (an upper bound: a lookup's rows are its distinct slots); the CPU's add merges
-               them, at most N_s rows
+  gradient     adamw: 4 N_s v / P (dense); sparse_*: row entries of (4 v / P + 8) bytes, on any
+               device: one lookup per table and step keeps the bag's gradient, min(N_s, P T H k)
+               rows (a lookup's rows are its distinct slots); with more, each lookup's rows are added
+               into a buffer that holds each row read once (pretrain/parallel/held_rows.py; torch's
+               CUDA sparse add would concatenate every lookup's rows), with room for half as many
+               again, and an (N_s,) int64 row map: min(N_s, 1.5 D) rows + 8 N_s bytes,
+               D = min(N_s, accumulation steps x lookups x min(N_s, P T H k)) the rows a step can read
+  gradient add (transient, in backward, one table at a time; none with one lookup) sparse_*: the
+               lookup's own gradient (min(N_s, P T H k) rows, 25 bytes of row ids and masks each)
+               and a growth of the buffer (a new one of at most the bound above)
   moments      adamw / sparse_adamw: (4 + 4) N_s v / P, the first moment 2 bytes under
                optim.value_momentum_dtype=bfloat16; sparse_rowwise_adamw: m + 4 N_s
 Activations of one micro-batch (T = B S tokens): the bytes autograd saves for backward,
@@ -101,7 +105,7 @@ def dense_states(trained: int, dtype: str, zero_stage: int, world_size: int) -> 
     }
 
 
-def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int, device: str = "cuda") -> dict[str, int]:
+def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int) -> dict[str, int]:
     """The value shards, their gradients and optimizer state on one GPU (pretrain/parallel)."""
     m, model = cfg.model.memory, cfg.model
     if not m.enabled:
@@ -110,17 +114,28 @@ def value_states(cfg, micro_batch: int, seq_len: int, accumulation_steps: int, d
     tables = m.num_value_tables
     shard = 4 * slots * v // P
     optimizer = cfg.optim.value_optimizer
+    adding = 0
     if optimizer == "adamw":
         grads = tables * shard
     else:
+        row = 4 * v // P + 8  # the gradient row and its int64 row id
         lookups = accumulation_steps * len(m.layers) // tables  # per table and step
         per_lookup = min(slots, P * micro_batch * seq_len * m.heads * m.k)
-        # torch's CUDA sparse add concatenates the entries (no merge: no host sync); the CPU one merges
-        rows = lookups * per_lookup if device == "cuda" else min(slots, lookups * per_lookup)
-        grads = tables * rows * (4 * v // P + 8)
+        distinct = min(slots, lookups * per_lookup)
+        capacity = min(slots, distinct + distinct // 2)  # held_rows.HeldRows._reserve
+        if lookups > 1:  # a buffer with its row map from the second lookup on
+            grads = tables * (capacity * row + 8 * slots)
+            adding = per_lookup * (row + 25) + capacity * row
+        else:  # the one lookup's gradient as the bag made it
+            grads = tables * per_lookup * row
     first = (2 if cfg.optim.value_momentum_dtype == "bfloat16" and optimizer != "adamw" else 4) * slots * v // P
     second = 4 * slots if optimizer == "sparse_rowwise_adamw" else shard
-    return {"value_shards": tables * shard, "value_gradients": grads, "value_moments": tables * (first + second + 4)}
+    return {
+        "value_shards": tables * shard,
+        "value_gradients": grads,
+        "value_gradient_add": adding,
+        "value_moments": tables * (first + second + 4),
+    }
 
 
 def _norm_saved(width: int, e: int, device: str, weight: bool = True) -> int:
@@ -224,7 +239,7 @@ def estimate_memory(
     accumulation = max(1, t.global_batch // (micro_batch * world_size))
     return MemoryEstimate(
         dense=dense_states(trained, t.dtype, t.zero_stage, world_size),
-        values=value_states(cfg, micro_batch, seq_len, accumulation, device),
+        values=value_states(cfg, micro_batch, seq_len, accumulation),
         activations=activations(cfg, micro_batch, seq_len, device),
         settings={
             "world_size": world_size,

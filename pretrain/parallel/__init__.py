@@ -38,7 +38,8 @@ training exactly. Clipping uses the norm of the full logical tables (all-reduced
 the memory group) with optim.grad_clip, separately from the dense parameters' norm.
 
 Row-sparse updates: with optim.value_optimizer=sparse_adamw the shards' gradients are
-the rows read (sparse COO, `row_grads`) and `sparse_adamw.SparseAdamW` (lazy Adam)
+the rows read (sparse COO, added lookup by lookup into one buffer by `held_rows`, merged and
+reduced by `row_grads`) and `sparse_adamw.SparseAdamW` (lazy Adam)
 updates only those rows; the calls above are unchanged.
 
 Checkpoints: `MemoryParallel.save` writes one safetensors file per (table, shard)

@@ -99,6 +99,7 @@ def _keep_eager_steps() -> None:
         (PartitionedValueTable, "_gather_group_inputs"),
         (PartitionedValueTable, "_return_rows"),
         (kernels.ops, "sparse_embedding_bag"),
+        (PartitionedValueTable, "_sparse_bag"),
     ):
         step = getattr(owner, name)
         if not getattr(step, "_memlayers_eager", False):

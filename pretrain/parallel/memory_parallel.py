@@ -31,7 +31,7 @@ import torch.nn as nn
 from pretrain.config import OptimConfig
 from pretrain.dense_optimizer import squared_norm
 from pretrain.model.config import ConfigError, ModelConfig, choices_message, literal_fields
-from pretrain.parallel import accounting, row_grads, shard_files
+from pretrain.parallel import accounting, held_rows, row_grads, shard_files
 from pretrain.parallel.groups import MemoryGroups
 from pretrain.parallel.sparse_adamw import SparseAdamW
 from pretrain.parallel.values import PartitionedValueTable, parallelize_memory
@@ -161,7 +161,9 @@ class MemoryParallel:
         g = self.groups
         self._replica_bytes = 0
         for p in self.parameters():
-            rows, grad_rows = row_grads.rows_of(p.grad, p.shape[1], p)  # merges micro-batches and layers
+            rows, grad_rows = row_grads.rows_of(p.grad, p.shape[1], p)  # each row once, ascending
+            p.grad = None
+            held_rows.release(p)  # the buffer the lookups added into: `rows_of` copied it (or views it)
             if g.replica_group is not None:
                 rows, grad_rows, received = row_grads.reduce_over_replicas(rows, grad_rows, g.replica_group)
                 self._replica_bytes += received

@@ -2,9 +2,8 @@
 
 With `optim.value_optimizer=sparse_adamw` the embedding bag's backward hands each value
 shard a coalesced sparse COO gradient: the U unique rows read by one lookup and their
-(U, v_dim / P) gradient rows. Autograd adds the gradients of several lookups (several
-memory layers on a shared table, gradient-accumulation micro-batches) by concatenating
-their entries; `merge` sums rows that repeat, in a fixed order, so that the result is
+(U, v_dim / P) gradient rows, added up over lookups and micro-batches by `held_rows` (each
+row held once). `merge` sums rows that repeat, in a fixed order, so that the result is
 bitwise reproducible and identical on every rank that merges the same entries.
 
 The data-parallel replicas of a shard read different rows, so their sum is not an

@@ -29,6 +29,7 @@ from pretrain import profiler_regions as regions
 from pretrain.model import recompute
 from pretrain.model.config import ConfigError
 from pretrain.model.memory import ValueTable
+from pretrain.parallel import held_rows
 from pretrain.parallel.comm import CommCounter, all_gather_rows, all_to_all_rows, exchange_counts
 from pretrain.parallel.groups import MemoryGroups
 
@@ -118,8 +119,22 @@ class PartitionedValueTable(nn.Module):
     def _bag(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The shard's bag. Top-k indices are i1 * n_keys + i2 < num_slots by construction: no range
         check (a host read, on a GPU a wait for the queued work in every layer and micro-batch)."""
+        if self.value_grad == "sparse":
+            return self._sparse_bag(indices, weights)
         return kernels.ops.embedding_bag(
             self.shard, indices, weights, backend=self.kernel, value_grad=self.value_grad, check_indices=False
+        )
+
+    def _sparse_bag(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The bag with a row-sparse gradient, merged into shard.grad lookup by lookup (`held_rows.accumulating`);
+        eager under train.compile (`pretrain.parallel.compile`)."""
+        return kernels.ops.embedding_bag(
+            held_rows.accumulating(self.shard),
+            indices,
+            weights,
+            backend=self.kernel,
+            value_grad="sparse",
+            check_indices=False,
         )
 
     # The two collective steps of a lookup, as methods of their own so that

@@ -17,6 +17,7 @@ from pretrain.model.config import ConfigError
 from pretrain.model.objective import language_model_loss
 from pretrain.model.transformer import Transformer
 from pretrain.parallel import MemoryParallel, init_memory_groups
+from pretrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from pretrain.parallel.sparse_adamw import SparseAdamW
 
 SPARSE = dataclasses.replace(OPTIM, value_optimizer="sparse_adamw")
@@ -273,6 +274,74 @@ def test_sparse_gradients_equal_dense_nonzero_rows_with_accumulation(shared):
 
 def read_rows(model) -> list[torch.Tensor]:
     return [layer.last_indices.reshape(-1) for layer in model.memory_layers()]
+
+
+@pytest.fixture
+def concatenating_sparse_add(monkeypatch):
+    """torch's CUDA sparse add on the CPU: it concatenates the operands' entries (add_out_sparse_cuda
+    never merges), while the CPU's merges two sorted operands, unless an operand's values are not
+    contiguous (add_out_sparse_non_contiguous concatenates). The bag's gradient rows are handed over
+    column-major, so that every add autograd does on them concatenates, as on a GPU."""
+    segment_sum = kernels.reference.sorted_segment_sum
+
+    def column_major(*args, **kwargs):
+        rows, grad_rows = segment_sum(*args, **kwargs)
+        return rows, grad_rows.t().contiguous().t()
+
+    monkeypatch.setattr(kernels.reference, "sorted_segment_sum", column_major)
+    leaf = torch.zeros(64, 4, requires_grad=True)  # the emulation works: two lookups of a plain leaf concatenate
+    idx, w = torch.randint(0, 64, (9, 2, 4), generator=torch.Generator().manual_seed(0)), torch.rand(9, 2, 4)
+    (kernels.embedding_bag(leaf, idx, w, value_grad="sparse").sum() * 2).backward()
+    (kernels.embedding_bag(leaf, idx, w, value_grad="sparse").sum()).backward()
+    assert leaf.grad._nnz() == 2 * idx.unique().numel()
+
+
+def shared_table_gradients(data, checkpointing: str = "none") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows held, their gradient) of a table read by two memory layers after each micro-batch's
+    backward, each checked to be the distinct rows read so far."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(shared=True))
+    mp = MemoryParallel(model, init_memory_groups(1), SPARSE, kernel="torch")
+    apply_activation_checkpointing(model, checkpointing)
+    (p,) = mp.parameters()
+    read, held = [], []
+    for tokens in data:
+        language_model_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        read += read_rows(model)
+        assert torch.equal(p.grad._indices()[0].sort().values, torch.cat(read).unique())  # each row read, once
+        held.append((p.grad._indices()[0].clone(), p.grad._values().clone()))
+    return held
+
+
+def rereading_micro_batches() -> torch.Tensor:
+    """Three micro-batches, the third reading the first's rows again (added in place)."""
+    data = micro_batches(2, seed=5)
+    return torch.cat([data, data[:1]])
+
+
+@pytest.mark.parametrize("micro_batch_count", [1, 3])
+def test_shared_table_gradient_holds_each_row_read_once_after_every_micro_batch(
+    concatenating_sparse_add, micro_batch_count
+):
+    """Two memory layers on one table, accumulated over micro-batches with autograd's sparse add
+    concatenating as on CUDA: after each backward the shard's gradient holds the distinct rows read so
+    far, each once (before, it held every lookup's rows: 2 lookups per micro-batch), equal to the dense
+    path's gradient and bitwise the same in a second run."""
+    data = rereading_micro_batches()[:micro_batch_count]
+    held = shared_table_gradients(data)
+    rows, grads = held[-1]
+    (dense,) = accumulated_gradients(tiny_cfg(shared=True), OPTIM, data).parameters()
+    torch.testing.assert_close(grads, dense.grad[rows], rtol=0, atol=1e-6)
+    for (r1, g1), (r2, g2) in zip(shared_table_gradients(data), held):
+        assert torch.equal(r1, r2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("checkpointing", ["full", "memory"])
+def test_checkpointed_shared_table_gradient_adds_each_lookup_once(concatenating_sparse_add, checkpointing):
+    """A recomputed forward reads the table again but adds no gradient: the same bits as without."""
+    data = rereading_micro_batches()
+    for (r1, g1), (r2, g2) in zip(shared_table_gradients(data, checkpointing), shared_table_gradients(data)):
+        assert torch.equal(r1, r2) and torch.equal(g1, g2)
 
 
 def test_values_after_three_steps_equal_float64_lazy_adam_and_unread_rows_keep_their_bits():

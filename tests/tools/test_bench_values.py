@@ -29,6 +29,8 @@ def test_bench_values_runs_every_variant_and_plots(tmp_path, capsys):
         "1",
         "--seq-len",
         "8",
+        "--micro-batches",
+        "2",  # the sparse variants add the second micro-batch's rows to the first's
         "--repeats",
         "3",
         "--threads",
@@ -63,6 +65,7 @@ def test_bench_values_runs_every_variant_and_plots(tmp_path, capsys):
     by = {(r["slots"], r["variant"]): r["resident"] for r in records}
     assert by[256, "sparse_rowwise_adamw:bf16"] < by[256, "sparse_rowwise_adamw"] < by[256, "sparse_adamw"]
     out = capsys.readouterr().out
+    assert "2 micro-batches of 1 x 8 tokens" in out
     assert out.count("/adamw step time") == 2 * len(SPARSE_VARIANTS)  # one ratio line per N and sparse variant
 
 
