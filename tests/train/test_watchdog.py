@@ -207,7 +207,10 @@ def test_requeue_after_hang_once_per_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override, refusal",
     [
-        ("train.hang_timeout_s=-1", r"train\.hang_timeout_s=-1\.0 must be a number of seconds >= 0, 0 turning hang detection off "),
+        (
+            "train.hang_timeout_s=-1",
+            r"train\.hang_timeout_s=-1\.0 must be a number of seconds >= 0, 0 turning hang detection off ",
+        ),
         ("train.startup_timeout_s=0", r"train\.startup_timeout_s=0\.0 must be a number of seconds > 0 "),
         ("train.startup_timeout_s=-5", r"train\.startup_timeout_s=-5\.0 must be a number of seconds > 0 "),
     ],
